@@ -1,0 +1,2 @@
+//! Routing-decision benchmark (filled in by the policy engine work).
+fn main() {}

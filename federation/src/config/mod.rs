@@ -1,0 +1,603 @@
+//! Configuration: the federation file (regions, routing rules, data
+//! synchronization) and the node section (this controller's region, listen
+//! address, data directory, peer overrides, timers), layered with the `config`
+//! crate: file, then optional node file, then `FEDERATION__…` environment
+//! variables.
+//!
+//! This module owns parsing and shape checks only (types, unknown fields,
+//! durations). What the rules *mean* — CEL, region references, tags — is
+//! validated by [`crate::policy`], which gets the [`SourceMap`] to name
+//! positions. Nothing here touches the network or the store.
+
+mod duration;
+mod source_map;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub use duration::parse_duration;
+pub use source_map::{Position, SourceMap};
+
+/// Prefix of the environment variables that override the files, with `__`
+/// between path segments: `FEDERATION__NODE__LISTEN=127.0.0.1:7000`.
+pub const ENV_PREFIX: &str = "FEDERATION";
+
+/// The whole configuration file: the federation, and optionally this node.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// The federation, shared by every controller.
+    pub federation: FederationSpec,
+    /// This controller's own settings; may come from a separate node file.
+    #[serde(default)]
+    pub node: NodeSpec,
+}
+
+/// The federation: regions, routing rules, replication.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FederationSpec {
+    /// A name for humans; also part of certificate identities.
+    pub name: String,
+    /// Every region of the federation.
+    pub regions: Vec<RegionSpec>,
+    /// Routing rules, first match wins, in file order.
+    #[serde(default)]
+    pub routing_rules: Vec<RuleSpec>,
+    /// Requirements that apply on top of whichever rule matches, for example
+    /// "pii of EU customers needs GDPR".
+    #[serde(default)]
+    pub data_class_requirements: Vec<DataClassRequirementSpec>,
+    /// Snapshot replication between regions.
+    #[serde(default)]
+    pub data_synchronization: SyncSpec,
+}
+
+/// One region.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegionSpec {
+    /// Unique region name, used in rules.
+    pub name: String,
+    /// The region controller's gRPC endpoint.
+    pub endpoint: String,
+    /// Informational ordering (lower is preferred in displays).
+    #[serde(default)]
+    pub priority: Option<i64>,
+    /// Compliance tags the region holds (GDPR, SOX, …).
+    #[serde(default)]
+    pub compliance: Vec<String>,
+}
+
+/// One routing rule.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleSpec {
+    /// Optional name for reports; defaults to `rule N`.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// CEL condition over the task's attributes. Omitted only on the default rule.
+    #[serde(default)]
+    pub condition: Option<String>,
+    /// Marks the catch-all rule (no condition); it must be last.
+    #[serde(default)]
+    pub default: bool,
+    /// Where matching tasks go first.
+    pub primary_region: String,
+    /// One backup (the user's form).
+    #[serde(default)]
+    pub backup_region: Option<String>,
+    /// Ordered backups.
+    #[serde(default)]
+    pub backup_regions: Option<Vec<String>>,
+    /// Compliance tags every chosen region must hold.
+    #[serde(default)]
+    pub requires: Vec<String>,
+    /// Send to a full region anyway (it queues) rather than failing over.
+    #[serde(default)]
+    pub allow_overflow: bool,
+}
+
+/// Extra tag requirements selected by a condition, applied to every decision.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataClassRequirementSpec {
+    /// Optional name for reports.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// CEL condition selecting the data.
+    pub condition: String,
+    /// Tags the chosen region must hold.
+    pub requires: Vec<String>,
+}
+
+/// Snapshot replication settings (the user's `data_synchronization`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncSpec {
+    /// Replicate at all.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// How often to snapshot: seconds (`300`) or a human form (`5m`).
+    #[serde(default = "default_sync_interval", with = "duration::serde_secs")]
+    pub sync_interval: Duration,
+    /// Encryption algorithm; only `AES-256` (AES-256-GCM) is supported.
+    #[serde(default = "default_encryption")]
+    pub encryption: String,
+    /// Compress with zstd before encrypting.
+    #[serde(default = "default_true")]
+    pub compression: bool,
+    /// zstd level.
+    #[serde(default = "default_compression_level")]
+    pub compression_level: i32,
+}
+
+impl Default for SyncSpec {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            sync_interval: default_sync_interval(),
+            encryption: default_encryption(),
+            compression: true,
+            compression_level: default_compression_level(),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_sync_interval() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_encryption() -> String {
+    "AES-256".to_string()
+}
+fn default_compression_level() -> i32 {
+    3
+}
+
+/// This controller's own settings.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSpec {
+    /// The region this controller serves (or `--region`).
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Address to listen on for gRPC; defaults to the region's endpoint port.
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
+    /// Where the task store and the decision log live.
+    #[serde(default)]
+    pub data_dir: Option<PathBuf>,
+    /// Peer endpoint overrides by region name, for local runs.
+    #[serde(default)]
+    pub peers: BTreeMap<String, String>,
+    /// Timers.
+    #[serde(default)]
+    pub timers: Timers,
+    /// Input limits.
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+/// Timers of one controller. Every field accepts seconds or a human form.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timers {
+    /// How often to advertise to peers.
+    #[serde(with = "duration::serde_secs")]
+    pub heartbeat_interval: Duration,
+    /// Phi above which a peer is suspect.
+    pub phi_suspect: f64,
+    /// Phi above which a peer is dead.
+    pub phi_dead: f64,
+    /// Silence after which a peer is dead whatever phi says.
+    #[serde(with = "duration::serde_secs")]
+    pub dead_after: Duration,
+    /// Deadline of a forward to a peer.
+    #[serde(with = "duration::serde_secs")]
+    pub forward_timeout: Duration,
+    /// How long an agent's lease lasts unless renewed.
+    #[serde(with = "duration::serde_secs")]
+    pub lease_ttl: Duration,
+    /// Silence after which an agent no longer counts as capacity.
+    #[serde(with = "duration::serde_secs")]
+    pub agent_timeout: Duration,
+    /// Leases before a task fails for good.
+    pub max_attempts: u32,
+    /// How long to wait for in-flight calls on shutdown.
+    #[serde(with = "duration::serde_secs")]
+    pub shutdown_grace: Duration,
+    /// How long a region that came back must stay alive before new tasks go
+    /// back to it (failback hold-down).
+    #[serde(with = "duration::serde_secs")]
+    pub failback_hold_down: Duration,
+    /// How long a region must be dead before its backup takes over its tasks.
+    #[serde(with = "duration::serde_secs")]
+    pub takeover_grace: Duration,
+}
+
+impl Default for Timers {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval: Duration::from_secs(1),
+            phi_suspect: 5.0,
+            phi_dead: 8.0,
+            dead_after: Duration::from_secs(3),
+            forward_timeout: Duration::from_secs(2),
+            lease_ttl: Duration::from_secs(30),
+            agent_timeout: Duration::from_secs(10),
+            max_attempts: 3,
+            shutdown_grace: Duration::from_secs(10),
+            failback_hold_down: Duration::from_secs(0),
+            takeover_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Limits on input from the network.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest gRPC message, bytes.
+    pub max_message_bytes: usize,
+    /// Largest task payload, bytes.
+    pub max_payload_bytes: usize,
+    /// Most attributes on one task.
+    pub max_attributes: usize,
+    /// Longest attribute key or string value, bytes.
+    pub max_attribute_len: usize,
+    /// Largest captured result, bytes.
+    pub max_result_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 8 << 20,
+            max_payload_bytes: 4 << 20,
+            max_attributes: 64,
+            max_attribute_len: 1024,
+            max_result_bytes: 1 << 20,
+        }
+    }
+}
+
+/// Where the configuration comes from.
+#[derive(Debug, Clone, Default)]
+pub struct Sources {
+    /// The federation file (YAML, TOML or JSON, by extension; YAML otherwise).
+    pub federation_file: PathBuf,
+    /// Optional node file (same formats), layered over the federation file.
+    pub node_file: Option<PathBuf>,
+    /// Environment to read `FEDERATION__…` from; `None` reads the process's.
+    pub env: Option<std::collections::HashMap<String, String>>,
+}
+
+/// A loaded configuration and where its values came from.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    /// The typed configuration.
+    pub file: ConfigFile,
+    /// Positions in the federation file.
+    pub source_map: SourceMap,
+    /// The federation file's raw text (hashed into the policy hash).
+    pub text: String,
+}
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not well-formed YAML/JSON/TOML.
+    #[error("{position}: syntax error: {message}")]
+    Syntax {
+        /// Where.
+        position: Position,
+        /// What the parser said.
+        message: String,
+    },
+    /// A field has the wrong type, is missing, or is unknown.
+    #[error("{location}: field `{path}`: {message}")]
+    Field {
+        /// `file:line:column`, or the file alone when the position is unknown.
+        location: String,
+        /// Dotted path of the field.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// Anything else the `config` crate reported.
+    #[error("{file}: {message}")]
+    Other {
+        /// The file.
+        file: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl ConfigError {
+    /// The position of the error, when known.
+    pub fn position(&self) -> Option<&Position> {
+        match self {
+            ConfigError::Syntax { position, .. } => Some(position),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Format {
+    Yaml,
+    Json,
+    Toml,
+}
+
+fn format_of(path: &Path) -> Format {
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("json") => Format::Json,
+        Some("toml") => Format::Toml,
+        _ => Format::Yaml,
+    }
+}
+
+fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn index(path: &Path, text: &str) -> Result<SourceMap, ConfigError> {
+    match format_of(path) {
+        Format::Yaml | Format::Json => {
+            SourceMap::from_yaml(path, text).map_err(|e| ConfigError::Syntax {
+                position: e.position,
+                message: e.message,
+            })
+        }
+        Format::Toml => {
+            toml_syntax_check(path, text)?;
+            Ok(SourceMap::empty(path))
+        }
+    }
+}
+
+fn toml_syntax_check(path: &Path, text: &str) -> Result<(), ConfigError> {
+    let source = config::File::from_str(text, config::FileFormat::Toml);
+    config::Config::builder()
+        .add_source(source)
+        .build()
+        .map(|_| ())
+        .map_err(|e| ConfigError::Other {
+            file: path.to_path_buf(),
+            message: e.to_string(),
+        })
+}
+
+fn file_source(text: &str, path: &Path) -> config::File<config::FileSourceString, config::FileFormat> {
+    let format = match format_of(path) {
+        Format::Yaml => config::FileFormat::Yaml,
+        Format::Json => config::FileFormat::Json,
+        Format::Toml => config::FileFormat::Toml,
+    };
+    config::File::from_str(text, format)
+}
+
+/// Loads and layers the configuration: federation file, node file, environment.
+pub fn load(sources: &Sources) -> Result<Loaded, ConfigError> {
+    let path = &sources.federation_file;
+    let text = read(path)?;
+    let source_map = index(path, &text)?;
+
+    let mut builder = config::Config::builder().add_source(file_source(&text, path));
+    let mut node_map = None;
+    if let Some(node_path) = &sources.node_file {
+        let node_text = read(node_path)?;
+        node_map = Some(index(node_path, &node_text)?);
+        builder = builder.add_source(file_source(&node_text, node_path));
+    }
+    let env = config::Environment::with_prefix(ENV_PREFIX)
+        .prefix_separator("__")
+        .separator("__")
+        .try_parsing(false)
+        .source(sources.env.clone());
+    builder = builder.add_source(env);
+
+    let merged = builder.build().map_err(|e| ConfigError::Other {
+        file: path.clone(),
+        message: e.to_string(),
+    })?;
+
+    let file: ConfigFile = serde_path_to_error::deserialize(merged).map_err(|e| {
+        let field_path = e.path().to_string();
+        let message = clean_message(&e.inner().to_string());
+        // A node-section error may come from the node file.
+        let location = node_map
+            .as_ref()
+            .filter(|_| field_path.starts_with("node"))
+            .and_then(|m| m.locate_key(&field_path))
+            .or_else(|| source_map.locate_key(&field_path))
+            .map(|p| p.to_string())
+            .unwrap_or_else(|| path.display().to_string());
+        ConfigError::Field {
+            location,
+            path: field_path,
+            message,
+        }
+    })?;
+
+    Ok(Loaded {
+        file,
+        source_map,
+        text,
+    })
+}
+
+/// Loads a federation file from text, for policy reloads over the admin API.
+pub fn load_from_text(path: &Path, text: &str) -> Result<Loaded, ConfigError> {
+    let source_map = index(path, text)?;
+    let merged = config::Config::builder()
+        .add_source(file_source(text, path))
+        .build()
+        .map_err(|e| ConfigError::Other {
+            file: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+    let file: ConfigFile = serde_path_to_error::deserialize(merged).map_err(|e| {
+        let field_path = e.path().to_string();
+        ConfigError::Field {
+            location: source_map
+                .locate_key(&field_path)
+                .map(|p| p.to_string())
+                .unwrap_or_else(|| path.display().to_string()),
+            path: field_path,
+            message: clean_message(&e.inner().to_string()),
+        }
+    })?;
+    Ok(Loaded {
+        file,
+        source_map,
+        text: text.to_string(),
+    })
+}
+
+/// The `config` crate appends its own (key-less) location; ours is better.
+fn clean_message(message: &str) -> String {
+    message
+        .split(" for key ")
+        .next()
+        .unwrap_or(message)
+        .trim()
+        .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use std::io::Write;
+
+    fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> PathBuf {
+        let path = dir.path().join(name);
+        let mut f = std::fs::File::create(&path).expect("create");
+        f.write_all(text.as_bytes()).expect("write");
+        path
+    }
+
+    fn sources(path: PathBuf, env: &[(&str, &str)]) -> Sources {
+        Sources {
+            federation_file: path,
+            node_file: None,
+            env: Some(
+                env.iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect::<HashMap<_, _>>(),
+            ),
+        }
+    }
+
+    fn seed() -> String {
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../policies/seed-federation.yaml"))
+            .expect("seed example present")
+    }
+
+    #[test]
+    fn user_example_loads_unchanged() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = write(&dir, "seed.yaml", &seed());
+        let loaded = load(&sources(path, &[])).expect("loads");
+        let f = &loaded.file.federation;
+        assert_eq!(f.name, "Global Enterprise Federation");
+        assert_eq!(f.regions.len(), 3);
+        assert_eq!(f.routing_rules.len(), 2);
+        assert_eq!(f.routing_rules[1].backup_region.as_deref(), Some("north_america"));
+        assert_eq!(f.data_synchronization.sync_interval, Duration::from_secs(300));
+        assert!(f.data_synchronization.compression);
+    }
+
+    #[test]
+    fn environment_overrides_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = write(&dir, "seed.yaml", &seed());
+        let loaded = load(&sources(
+            path,
+            &[
+                ("FEDERATION__NODE__LISTEN", "127.0.0.1:7100"),
+                ("FEDERATION__NODE__REGION", "europe"),
+                ("FEDERATION__NODE__TIMERS__HEARTBEAT_INTERVAL", "250ms"),
+                ("FEDERATION__FEDERATION__DATA_SYNCHRONIZATION__SYNC_INTERVAL", "5m"),
+            ],
+        ))
+        .expect("loads");
+        let node = &loaded.file.node;
+        assert_eq!(node.listen, Some("127.0.0.1:7100".parse().expect("addr")));
+        assert_eq!(node.region.as_deref(), Some("europe"));
+        assert_eq!(node.timers.heartbeat_interval, Duration::from_millis(250));
+        assert_eq!(
+            loaded.file.federation.data_synchronization.sync_interval,
+            Duration::from_secs(300)
+        );
+    }
+
+    #[test]
+    fn node_file_layers_over_federation_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = write(&dir, "seed.yaml", &seed());
+        let node = write(
+            &dir,
+            "node.toml",
+            "[node]\nregion = \"asia_pacific\"\n[node.peers]\neurope = \"http://127.0.0.1:9\"\n",
+        );
+        let mut s = sources(path, &[]);
+        s.node_file = Some(node);
+        let loaded = load(&s).expect("loads");
+        assert_eq!(loaded.file.node.region.as_deref(), Some("asia_pacific"));
+        assert_eq!(loaded.file.node.peers["europe"], "http://127.0.0.1:9");
+    }
+
+    #[test]
+    fn unknown_field_names_its_path_and_position() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let text = seed().replace("      priority: 2\n", "      priority: 2\n      colour: blue\n");
+        let path = write(&dir, "bad.yaml", &text);
+        let err = load(&sources(path, &[])).expect_err("unknown field");
+        let msg = err.to_string();
+        assert!(msg.contains("federation.regions[1]"), "{msg}");
+        assert!(msg.contains("colour"), "{msg}");
+        assert!(msg.contains("bad.yaml:"), "{msg}");
+    }
+
+    #[test]
+    fn wrong_type_names_field() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let text = seed().replace("sync_interval: 300", "sync_interval: soon");
+        let path = write(&dir, "bad.yaml", &text);
+        let err = load(&sources(path, &[])).expect_err("bad duration");
+        let msg = err.to_string();
+        assert!(msg.contains("sync_interval"), "{msg}");
+        assert!(msg.contains("soon"), "{msg}");
+    }
+
+    #[test]
+    fn broken_yaml_has_line_and_column() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = write(&dir, "bad.yaml", "federation:\n  name: [unclosed\n  regions: []\n");
+        let err = load(&sources(path, &[])).expect_err("syntax");
+        let pos = err.position().expect("has position");
+        assert!(pos.line >= 2, "{err}");
+    }
+}

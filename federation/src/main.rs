@@ -1,0 +1,2 @@
+//! `federation` binary: the controller and its command-line tools.
+fn main() {}

@@ -1,0 +1,2 @@
+//! `region-agent` binary.
+fn main() {}
