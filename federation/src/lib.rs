@@ -3,4 +3,6 @@
 //! tamper-evident decision log. See `ARCHITECTURE.md` for the map.
 #![forbid(unsafe_code)]
 
+pub mod cli;
 pub mod config;
+pub mod policy;

@@ -1,2 +1,6 @@
 //! `federation` binary: the controller and its command-line tools.
-fn main() {}
+#![forbid(unsafe_code)]
+
+fn main() -> std::process::ExitCode {
+    federation::cli::main()
+}

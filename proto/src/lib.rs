@@ -13,4 +13,5 @@ pub mod v1 {
 pub use v1::*;
 
 /// The encoded file descriptor set of `federation.v1`, for gRPC reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("federation_v1_descriptor");
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    tonic::include_file_descriptor_set!("federation_v1_descriptor");

@@ -17,7 +17,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 
 fn secs_to_duration(secs: f64) -> Result<Duration, String> {
     if !secs.is_finite() || secs < 0.0 {
-        return Err(format!("invalid duration `{secs}`: must be a non-negative number of seconds"));
+        return Err(format!(
+            "invalid duration `{secs}`: must be a non-negative number of seconds"
+        ));
     }
     Duration::try_from_secs_f64(secs).map_err(|e| format!("invalid duration `{secs}`: {e}"))
 }
@@ -75,7 +77,11 @@ mod tests {
 
     #[test]
     fn rejects_garbage_and_negatives() {
-        assert!(parse_duration("soon").expect_err("garbage").contains("soon"));
+        assert!(
+            parse_duration("soon")
+                .expect_err("garbage")
+                .contains("soon")
+        );
         assert!(parse_duration("-1").is_err());
         assert!(parse_duration("NaN").is_err());
     }

@@ -388,7 +388,10 @@ fn toml_syntax_check(path: &Path, text: &str) -> Result<(), ConfigError> {
         })
 }
 
-fn file_source(text: &str, path: &Path) -> config::File<config::FileSourceString, config::FileFormat> {
+fn file_source(
+    text: &str,
+    path: &Path,
+) -> config::File<config::FileSourceString, config::FileFormat> {
     let format = match format_of(path) {
         Format::Yaml => config::FileFormat::Yaml,
         Format::Json => config::FileFormat::Json,
@@ -511,8 +514,11 @@ mod tests {
     }
 
     fn seed() -> String {
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../policies/seed-federation.yaml"))
-            .expect("seed example present")
+        std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../policies/seed-federation.yaml"
+        ))
+        .expect("seed example present")
     }
 
     #[test]
@@ -524,8 +530,14 @@ mod tests {
         assert_eq!(f.name, "Global Enterprise Federation");
         assert_eq!(f.regions.len(), 3);
         assert_eq!(f.routing_rules.len(), 2);
-        assert_eq!(f.routing_rules[1].backup_region.as_deref(), Some("north_america"));
-        assert_eq!(f.data_synchronization.sync_interval, Duration::from_secs(300));
+        assert_eq!(
+            f.routing_rules[1].backup_region.as_deref(),
+            Some("north_america")
+        );
+        assert_eq!(
+            f.data_synchronization.sync_interval,
+            Duration::from_secs(300)
+        );
         assert!(f.data_synchronization.compression);
     }
 
@@ -539,7 +551,10 @@ mod tests {
                 ("FEDERATION__NODE__LISTEN", "127.0.0.1:7100"),
                 ("FEDERATION__NODE__REGION", "europe"),
                 ("FEDERATION__NODE__TIMERS__HEARTBEAT_INTERVAL", "250ms"),
-                ("FEDERATION__FEDERATION__DATA_SYNCHRONIZATION__SYNC_INTERVAL", "5m"),
+                (
+                    "FEDERATION__FEDERATION__DATA_SYNCHRONIZATION__SYNC_INTERVAL",
+                    "5m",
+                ),
             ],
         ))
         .expect("loads");
@@ -572,7 +587,10 @@ mod tests {
     #[test]
     fn unknown_field_names_its_path_and_position() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let text = seed().replace("      priority: 2\n", "      priority: 2\n      colour: blue\n");
+        let text = seed().replace(
+            "      priority: 2\n",
+            "      priority: 2\n      colour: blue\n",
+        );
         let path = write(&dir, "bad.yaml", &text);
         let err = load(&sources(path, &[])).expect_err("unknown field");
         let msg = err.to_string();
@@ -595,7 +613,11 @@ mod tests {
     #[test]
     fn broken_yaml_has_line_and_column() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let path = write(&dir, "bad.yaml", "federation:\n  name: [unclosed\n  regions: []\n");
+        let path = write(
+            &dir,
+            "bad.yaml",
+            "federation:\n  name: [unclosed\n  regions: []\n",
+        );
         let err = load(&sources(path, &[])).expect_err("syntax");
         let pos = err.position().expect("has position");
         assert!(pos.line >= 2, "{err}");

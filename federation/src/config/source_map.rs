@@ -65,16 +65,14 @@ impl SourceMap {
             stack: Vec::new(),
         };
         let mut parser = Parser::new_from_str(text);
-        parser
-            .load(&mut builder, false)
-            .map_err(|e| SyntaxError {
-                position: Position {
-                    file: file.to_path_buf(),
-                    line: e.marker().line(),
-                    column: e.marker().col() + 1,
-                },
-                message: e.info().to_string(),
-            })?;
+        parser.load(&mut builder, false).map_err(|e| SyntaxError {
+            position: Position {
+                file: file.to_path_buf(),
+                line: e.marker().line(),
+                column: e.marker().col() + 1,
+            },
+            message: e.info().to_string(),
+        })?;
         Ok(builder.map)
     }
 
@@ -223,21 +221,30 @@ mod tests {
     #[test]
     fn locates_values_keys_and_scalar_offsets() {
         let map = SourceMap::from_yaml(Path::new("f.yaml"), DOC).expect("valid yaml");
-        let p = map.locate("federation.routing_rules[0].primary_region").expect("found");
+        let p = map
+            .locate("federation.routing_rules[0].primary_region")
+            .expect("found");
         assert_eq!((p.line, p.column), (5, 23));
-        let k = map.locate_key("federation.routing_rules[1].condition").expect("found");
+        let k = map
+            .locate_key("federation.routing_rules[1].condition")
+            .expect("found");
         assert_eq!((k.line, k.column), (6, 7));
         // Offset 5 inside the quoted condition "a == 'b'" points at the quote before b.
-        let c = map.locate_in_scalar("federation.routing_rules[0].condition", 5).expect("found");
+        let c = map
+            .locate_in_scalar("federation.routing_rules[0].condition", 5)
+            .expect("found");
         assert_eq!((c.line, c.column), (4, 24));
         // Unknown leaves fall back to the nearest ancestor.
-        let a = map.locate("federation.routing_rules[1].nope").expect("ancestor");
+        let a = map
+            .locate("federation.routing_rules[1].nope")
+            .expect("ancestor");
         assert_eq!(a.line, 6);
     }
 
     #[test]
     fn syntax_errors_have_positions() {
-        let err = SourceMap::from_yaml(Path::new("f.yaml"), "a: [1, 2\nb: c\n").expect_err("broken");
+        let err =
+            SourceMap::from_yaml(Path::new("f.yaml"), "a: [1, 2\nb: c\n").expect_err("broken");
         assert_eq!(err.position.file, Path::new("f.yaml"));
         assert!(err.position.line >= 1);
     }

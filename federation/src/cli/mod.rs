@@ -1,0 +1,88 @@
+//! The `federation` command line: one subcommand per job, each in its own
+//! module. Parsing lives here; each module's `run` does the work and returns
+//! the process exit code.
+
+pub mod audit;
+pub mod client;
+pub mod demo;
+pub mod policy;
+pub mod serve;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Residency-aware federation controller and its tools.
+#[derive(Debug, Parser)]
+#[command(name = "federation", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Log format for commands that log (serve, agent, demo).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Output format of reporting commands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
+pub enum OutputFormat {
+    /// Human-readable text.
+    #[default]
+    Text,
+    /// JSON.
+    Json,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run one region's controller.
+    Serve(serve::ServeArgs),
+    /// Start a local multi-region federation, submit tasks, show where they went and why.
+    Demo(demo::DemoArgs),
+    /// Audit, explain and compare routing policies (no controller needed).
+    #[command(subcommand)]
+    Policy(policy::PolicyCommand),
+    /// Verify and query the hash-chained decision log.
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
+    /// Submit a task to a controller.
+    Submit(client::SubmitArgs),
+    /// Show a task.
+    Get(client::GetArgs),
+    /// Show the federation as one controller sees it.
+    Status(client::StatusArgs),
+    /// Run a region agent (the same as the `region-agent` binary).
+    Agent(region_agent::AgentArgs),
+}
+
+/// Parses the command line and runs the command.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Policy(cmd) => policy::run(cmd),
+        Command::Audit(cmd) => audit::run(cmd),
+        Command::Serve(args) => serve::run(args, cli.log_format),
+        Command::Demo(args) => demo::run(args, cli.log_format),
+        Command::Submit(args) => client::submit(args),
+        Command::Get(args) => client::get(args),
+        Command::Status(args) => client::status(args),
+        Command::Agent(args) => region_agent::main_with(args),
+    }
+}
+
+/// Prints an error chain the way every command does and returns `code`.
+pub fn fail(err: &anyhow::Error, code: u8) -> ExitCode {
+    eprintln!("error: {err:#}");
+    ExitCode::from(code)
+}

@@ -1,0 +1,1 @@
+//! Static audit of a policy (`federation policy check`).

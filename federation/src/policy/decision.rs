@@ -1,0 +1,468 @@
+//! The routing decision: which rule matched, each candidate region's verdict,
+//! and the outcome. Pure: it reads a [`FederationView`] and never does I/O, so
+//! the CLI's `policy explain`, the `ExplainRoute` RPC and the live router all
+//! make the same decision from the same inputs.
+
+use std::collections::BTreeSet;
+
+use serde::Serialize;
+
+use super::{Attributes, Policy, RuleMatch};
+
+/// Liveness of a region as the membership sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Health {
+    /// Advertising on time (or this controller's own region).
+    Alive,
+    /// Late: still tried, but noted.
+    Suspect,
+    /// Missed advertisements past the failure threshold: skipped.
+    Dead,
+    /// Never heard from: skipped like a dead region.
+    Unknown,
+}
+
+/// What routing needs to know of one region right now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegionView {
+    /// Liveness.
+    pub health: Health,
+    /// Draining: takes no new tasks.
+    pub draining: bool,
+    /// Queue at its limit.
+    pub full: bool,
+    /// Came back recently and is still in its failback hold-down.
+    pub held_down: bool,
+    /// The tags the region may be trusted to hold (attested when TLS is on).
+    pub tags: BTreeSet<String>,
+}
+
+/// The federation as routing sees it.
+pub trait FederationView {
+    /// The region's current view; `None` for a region this controller does
+    /// not know (it is refused, never guessed).
+    fn region(&self, name: &str) -> Option<RegionView>;
+}
+
+/// A view where every configured region is alive with its configured tags:
+/// the static audit's and `policy explain`'s starting point.
+#[derive(Debug, Clone, Default)]
+pub struct StaticView {
+    /// Regions to treat as dead.
+    pub down: BTreeSet<String>,
+    /// Regions to treat as full.
+    pub full: BTreeSet<String>,
+    /// Regions to treat as draining.
+    pub draining: BTreeSet<String>,
+}
+
+/// [`StaticView`] bound to a policy's regions.
+#[derive(Debug)]
+pub struct BoundStaticView<'a> {
+    policy: &'a Policy,
+    view: &'a StaticView,
+}
+
+impl StaticView {
+    /// Binds the what-if sets to a policy's configured regions and tags.
+    pub fn bind<'a>(&'a self, policy: &'a Policy) -> BoundStaticView<'a> {
+        BoundStaticView { policy, view: self }
+    }
+}
+
+impl FederationView for BoundStaticView<'_> {
+    fn region(&self, name: &str) -> Option<RegionView> {
+        let region = self.policy.region(name)?;
+        Some(RegionView {
+            health: if self.view.down.contains(name) {
+                Health::Dead
+            } else {
+                Health::Alive
+            },
+            draining: self.view.draining.contains(name),
+            full: self.view.full.contains(name),
+            held_down: false,
+            tags: region.tags.clone(),
+        })
+    }
+}
+
+/// A candidate's role in its rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// The rule's primary region.
+    Primary,
+    /// One of the rule's ordered backups.
+    Backup,
+}
+
+/// Why a candidate was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Refusal {
+    /// Missed advertisements past the threshold.
+    Dead,
+    /// Never heard from.
+    Unknown,
+    /// Draining for maintenance.
+    Draining,
+    /// Queue at its limit and the rule does not allow overflow.
+    Full,
+    /// Lacks a tag the rule or a data-class requirement requires.
+    MissingTags,
+    /// In failback hold-down after coming back.
+    HoldDown,
+    /// Not a region of this federation.
+    UnknownRegion,
+    /// The forward to it failed (set by the router, not by `decide`).
+    ForwardFailed,
+}
+
+impl Refusal {
+    /// The machine-readable name used in the API and the decision log.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::Dead => "dead",
+            Refusal::Unknown => "unknown",
+            Refusal::Draining => "draining",
+            Refusal::Full => "full",
+            Refusal::MissingTags => "missing_tags",
+            Refusal::HoldDown => "hold_down",
+            Refusal::UnknownRegion => "unknown_region",
+            Refusal::ForwardFailed => "forward_failed",
+        }
+    }
+
+    /// True when the refusal is about availability (down, full, draining),
+    /// not about compliance: a rejection made only of these is `UNAVAILABLE`.
+    pub fn is_availability(self) -> bool {
+        !matches!(self, Refusal::MissingTags | Refusal::UnknownRegion)
+    }
+}
+
+/// One candidate's verdict.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Candidate {
+    /// The region.
+    pub region: String,
+    /// Primary or backup.
+    pub role: Role,
+    /// `None` when acceptable, else why not.
+    pub refusal: Option<Refusal>,
+    /// Human-readable detail ("lacks GDPR", "suspect: phi 6.1").
+    pub detail: String,
+}
+
+impl Candidate {
+    /// True when the candidate may receive the task.
+    pub fn accepted(&self) -> bool {
+        self.refusal.is_none()
+    }
+}
+
+/// Why a task was rejected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Rejection {
+    /// No rule matched the attributes (fail closed). `FAILED_PRECONDITION`.
+    NoRule,
+    /// Some candidate lacks a required tag and none is acceptable.
+    /// `FAILED_PRECONDITION`.
+    NoCompliantRegion,
+    /// Every compliant candidate is down, full or draining. `UNAVAILABLE`.
+    Unavailable,
+}
+
+/// The outcome of a decision.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Outcome {
+    /// Sent to the rule's primary.
+    Routed {
+        /// The region.
+        region: String,
+    },
+    /// Sent to a backup because the primary (and earlier backups) were refused.
+    Failover {
+        /// The region.
+        region: String,
+    },
+    /// Not sent anywhere.
+    Rejected {
+        /// Why.
+        rejection: Rejection,
+    },
+}
+
+impl Outcome {
+    /// The chosen region, if any.
+    pub fn region(&self) -> Option<&str> {
+        match self {
+            Outcome::Routed { region } | Outcome::Failover { region } => Some(region),
+            Outcome::Rejected { .. } => None,
+        }
+    }
+
+    /// "routed", "failover" or "rejected".
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Outcome::Routed { .. } => "routed",
+            Outcome::Failover { .. } => "failover",
+            Outcome::Rejected { .. } => "rejected",
+        }
+    }
+}
+
+/// A routing decision.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Decision {
+    /// The outcome (first, so JSON readers see it at once).
+    pub outcome: Outcome,
+    /// Index (file order, 0-based) of the matched rule.
+    pub rule_index: Option<usize>,
+    /// The matched rule's label: its name, or `rule N: <condition>`.
+    pub rule: Option<String>,
+    /// Tags every chosen region must hold (rule plus data-class requirements).
+    pub required_tags: BTreeSet<String>,
+    /// Candidates in order: primary, then backups.
+    pub candidates: Vec<Candidate>,
+    /// One sentence naming the rule and each candidate's verdict.
+    pub reason: String,
+    /// Hash of the policy that decided.
+    pub policy_hash: String,
+    /// Audit notes (for example a failover that drops a tag the primary holds).
+    pub warnings: Vec<String>,
+    /// Rules whose condition could not be evaluated on these attributes
+    /// (missing attribute, type error), with the error; they did not match.
+    pub evaluation_errors: Vec<String>,
+}
+
+impl Decision {
+    /// Recomputes the outcome and reason after the router changed a verdict
+    /// (for example a failed forward).
+    pub fn refuse(&mut self, region: &str, refusal: Refusal, detail: impl Into<String>) {
+        if let Some(c) = self.candidates.iter_mut().find(|c| c.region == region) {
+            c.refusal = Some(refusal);
+            c.detail = detail.into();
+        }
+        self.settle();
+    }
+
+    /// Sets outcome, reason and warnings from the candidates' verdicts.
+    pub(crate) fn settle(&mut self) {
+        let Some(rule) = self.rule.clone() else {
+            self.outcome = Outcome::Rejected {
+                rejection: Rejection::NoRule,
+            };
+            return;
+        };
+        let verdicts = self
+            .candidates
+            .iter()
+            .map(|c| {
+                let role = match c.role {
+                    Role::Primary => "primary",
+                    Role::Backup => "backup",
+                };
+                match c.refusal {
+                    None => format!("{} ({role}): ok", c.region),
+                    Some(r) => format!("{} ({role}): {} — {}", c.region, r.as_str(), c.detail),
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
+        match self.candidates.iter().find(|c| c.accepted()) {
+            Some(c) if c.role == Role::Primary => {
+                self.outcome = Outcome::Routed {
+                    region: c.region.clone(),
+                };
+                self.reason = format!("{rule} matched; routed to primary {}", c.region);
+            }
+            Some(c) => {
+                self.outcome = Outcome::Failover {
+                    region: c.region.clone(),
+                };
+                self.reason = format!(
+                    "{rule} matched; failed over to backup {} [{verdicts}]",
+                    c.region
+                );
+            }
+            None => {
+                let all_availability = self
+                    .candidates
+                    .iter()
+                    .all(|c| c.refusal.is_some_and(Refusal::is_availability));
+                let any_compliant = self
+                    .candidates
+                    .iter()
+                    .any(|c| c.refusal.is_some_and(Refusal::is_availability));
+                let rejection = if all_availability || any_compliant {
+                    Rejection::Unavailable
+                } else {
+                    Rejection::NoCompliantRegion
+                };
+                let what = match rejection {
+                    Rejection::Unavailable => "every compliant region is unavailable",
+                    _ => "no region of the rule is compliant",
+                };
+                self.outcome = Outcome::Rejected { rejection };
+                self.reason = format!("{rule} matched; rejected: {what} [{verdicts}]");
+            }
+        }
+    }
+}
+
+/// Makes the decision for `attrs` against `view`. Never routes outside the
+/// matched rule's primary and backups.
+pub fn decide(policy: &Policy, attrs: &Attributes, view: &dyn FederationView) -> Decision {
+    let matched = policy.match_rule(attrs);
+    let evaluation_errors = matched.errors.clone();
+    let Some(index) = matched.rule else {
+        let reason = if evaluation_errors.is_empty() {
+            "no routing rule matches these attributes (fail closed)".to_string()
+        } else {
+            format!(
+                "no routing rule matches these attributes (fail closed); not evaluable: {}",
+                evaluation_errors.join("; ")
+            )
+        };
+        return Decision {
+            outcome: Outcome::Rejected {
+                rejection: Rejection::NoRule,
+            },
+            rule_index: None,
+            rule: None,
+            required_tags: BTreeSet::new(),
+            candidates: Vec::new(),
+            reason,
+            policy_hash: policy.hash.clone(),
+            warnings: Vec::new(),
+            evaluation_errors,
+        };
+    };
+    let rule = &policy.rules[index];
+    let mut required = rule.requires.clone();
+    required.extend(policy.data_class_requirements(attrs));
+
+    let mut warnings = Vec::new();
+    let primary_tags = policy
+        .region(&rule.primary)
+        .map(|r| r.tags.clone())
+        .unwrap_or_default();
+
+    let candidates = std::iter::once((&rule.primary, Role::Primary))
+        .chain(rule.backups.iter().map(|b| (b, Role::Backup)))
+        .map(|(region, role)| {
+            let (refusal, detail) = verdict(region, &required, rule.allow_overflow, view);
+            Candidate {
+                region: region.clone(),
+                role,
+                refusal,
+                detail,
+            }
+        })
+        .collect::<Vec<_>>();
+    let candidates = release_hold_down(candidates);
+
+    let mut decision = Decision {
+        outcome: Outcome::Rejected {
+            rejection: Rejection::NoRule,
+        },
+        rule_index: Some(index),
+        rule: Some(rule.label()),
+        required_tags: required,
+        candidates,
+        reason: String::new(),
+        policy_hash: policy.hash.clone(),
+        warnings: Vec::new(),
+        evaluation_errors,
+    };
+    decision.settle();
+    if let Outcome::Failover { region } = &decision.outcome {
+        if let Some(backup) = policy.region(region) {
+            let dropped: Vec<_> = primary_tags.difference(&backup.tags).cloned().collect();
+            if !dropped.is_empty() {
+                warnings.push(format!(
+                    "failover to {region} drops compliance tag(s) held by primary {}: {}",
+                    rule.primary,
+                    dropped.join(", ")
+                ));
+            }
+        }
+    }
+    decision.warnings = warnings;
+    decision
+}
+
+/// Hold-down only defers traffic: when no candidate is acceptable but some
+/// are refused only for hold-down, the first of those takes the task.
+fn release_hold_down(mut candidates: Vec<Candidate>) -> Vec<Candidate> {
+    if candidates.iter().any(Candidate::accepted) {
+        return candidates;
+    }
+    if let Some(c) = candidates
+        .iter_mut()
+        .find(|c| c.refusal == Some(Refusal::HoldDown))
+    {
+        c.refusal = None;
+        c.detail = "in failback hold-down, but no other candidate is available".into();
+    }
+    candidates
+}
+
+fn verdict(
+    region: &str,
+    required: &BTreeSet<String>,
+    allow_overflow: bool,
+    view: &dyn FederationView,
+) -> (Option<Refusal>, String) {
+    let Some(v) = view.region(region) else {
+        return (
+            Some(Refusal::UnknownRegion),
+            format!("{region} is not a known region"),
+        );
+    };
+    let missing: Vec<_> = required.difference(&v.tags).cloned().collect();
+    if !missing.is_empty() {
+        return (
+            Some(Refusal::MissingTags),
+            format!("lacks {}", missing.join(", ")),
+        );
+    }
+    match v.health {
+        Health::Dead => return (Some(Refusal::Dead), "missed advertisements: dead".into()),
+        Health::Unknown => return (Some(Refusal::Unknown), "never heard from".into()),
+        Health::Alive | Health::Suspect => {}
+    }
+    if v.draining {
+        return (Some(Refusal::Draining), "draining".into());
+    }
+    if v.full && !allow_overflow {
+        return (Some(Refusal::Full), "queue at its limit".into());
+    }
+    if v.held_down {
+        return (
+            Some(Refusal::HoldDown),
+            "recently returned: failback hold-down".into(),
+        );
+    }
+    let detail = if v.health == Health::Suspect {
+        "suspect (late advertisements), tried".to_string()
+    } else {
+        String::new()
+    };
+    (None, detail)
+}
+
+/// Helper for [`Policy::match_rule`] results.
+impl RuleMatch {
+    /// A match of rule `index`.
+    pub fn of(index: usize) -> Self {
+        Self {
+            rule: Some(index),
+            errors: Vec::new(),
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! Route changes between two policies (`federation policy diff`).
