@@ -3,6 +3,11 @@
 //! tamper-evident decision log. See `ARCHITECTURE.md` for the map.
 #![forbid(unsafe_code)]
 
+pub mod agents;
 pub mod cli;
 pub mod config;
+pub mod error;
+pub mod membership;
 pub mod policy;
+pub mod transport;
+pub mod wire;

@@ -254,6 +254,8 @@ pub struct Limits {
     pub max_attribute_len: usize,
     /// Largest captured result, bytes.
     pub max_result_bytes: usize,
+    /// Queue depth at which this region reports itself full.
+    pub max_queue_depth: u32,
 }
 
 impl Default for Limits {
@@ -264,6 +266,7 @@ impl Default for Limits {
             max_attributes: 64,
             max_attribute_len: 1024,
             max_result_bytes: 1 << 20,
+            max_queue_depth: 100_000,
         }
     }
 }

@@ -242,12 +242,43 @@ pub struct Decision {
 impl Decision {
     /// Recomputes the outcome and reason after the router changed a verdict
     /// (for example a failed forward).
-    pub fn refuse(&mut self, region: &str, refusal: Refusal, detail: impl Into<String>) {
+    pub fn refuse(
+        &mut self,
+        policy: &Policy,
+        region: &str,
+        refusal: Refusal,
+        detail: impl Into<String>,
+    ) {
         if let Some(c) = self.candidates.iter_mut().find(|c| c.region == region) {
             c.refusal = Some(refusal);
             c.detail = detail.into();
         }
         self.settle();
+        self.annotate(policy);
+    }
+
+    /// Sets the audit warnings for the current outcome: a failover that drops
+    /// a compliance tag the rule's primary holds.
+    pub(crate) fn annotate(&mut self, policy: &Policy) {
+        self.warnings.clear();
+        let Outcome::Failover { region } = &self.outcome else {
+            return;
+        };
+        let Some(rule) = self.rule_index.and_then(|i| policy.rules.get(i)) else {
+            return;
+        };
+        let (Some(primary), Some(backup)) = (policy.region(&rule.primary), policy.region(region))
+        else {
+            return;
+        };
+        let dropped: Vec<_> = primary.tags.difference(&backup.tags).cloned().collect();
+        if !dropped.is_empty() {
+            self.warnings.push(format!(
+                "failover to {region} drops compliance tag(s) held by primary {}: {}",
+                rule.primary,
+                dropped.join(", ")
+            ));
+        }
     }
 
     /// Sets outcome, reason and warnings from the candidates' verdicts.
@@ -346,12 +377,6 @@ pub fn decide(policy: &Policy, attrs: &Attributes, view: &dyn FederationView) ->
     let mut required = rule.requires.clone();
     required.extend(policy.data_class_requirements(attrs));
 
-    let mut warnings = Vec::new();
-    let primary_tags = policy
-        .region(&rule.primary)
-        .map(|r| r.tags.clone())
-        .unwrap_or_default();
-
     let candidates = std::iter::once((&rule.primary, Role::Primary))
         .chain(rule.backups.iter().map(|b| (b, Role::Backup)))
         .map(|(region, role)| {
@@ -380,19 +405,7 @@ pub fn decide(policy: &Policy, attrs: &Attributes, view: &dyn FederationView) ->
         evaluation_errors,
     };
     decision.settle();
-    if let Outcome::Failover { region } = &decision.outcome {
-        if let Some(backup) = policy.region(region) {
-            let dropped: Vec<_> = primary_tags.difference(&backup.tags).cloned().collect();
-            if !dropped.is_empty() {
-                warnings.push(format!(
-                    "failover to {region} drops compliance tag(s) held by primary {}: {}",
-                    rule.primary,
-                    dropped.join(", ")
-                ));
-            }
-        }
-    }
-    decision.warnings = warnings;
+    decision.annotate(policy);
     decision
 }
 

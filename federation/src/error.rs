@@ -1,0 +1,111 @@
+//! The controller's one error type and its mapping to gRPC status codes.
+//! Handlers return [`Error`]; this is the only place a `tonic::Status` is built
+//! from an internal error.
+
+use tonic::{Code, Status};
+
+/// Everything a controller call can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A request field is malformed: `INVALID_ARGUMENT`.
+    #[error("invalid {field}: {why}")]
+    Invalid {
+        /// The field, as the API names it.
+        field: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// A request exceeds a configured limit: `RESOURCE_EXHAUSTED`.
+    #[error("{field} over limit: {why}")]
+    Limit {
+        /// The field.
+        field: String,
+        /// Which limit.
+        why: String,
+    },
+    /// No such task (or agent): `NOT_FOUND`.
+    #[error("{what} not found: {id}")]
+    NotFound {
+        /// "task" or "agent".
+        what: &'static str,
+        /// The id.
+        id: String,
+    },
+    /// No rule matched, or no region of the rule is compliant:
+    /// `FAILED_PRECONDITION`. The message names the rule and each candidate.
+    #[error("{0}")]
+    NotRoutable(String),
+    /// Every compliant region is down, full or draining: `UNAVAILABLE`.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The caller may not do this (wrong region, not the lease holder):
+    /// `FAILED_PRECONDITION`.
+    #[error("{0}")]
+    Precondition(String),
+    /// The caller's identity does not allow it: `PERMISSION_DENIED`.
+    #[error("{0}")]
+    Denied(String),
+    /// A peer could not be reached in time: `UNAVAILABLE`.
+    #[error("peer {region}: {why}")]
+    Peer {
+        /// The peer region.
+        region: String,
+        /// What happened.
+        why: String,
+    },
+    /// Storage failed: `INTERNAL` (the request had no effect or is durable;
+    /// never acknowledged half-done).
+    #[error("storage: {0}")]
+    Storage(String),
+    /// Shutting down: `UNAVAILABLE`.
+    #[error("controller is shutting down")]
+    ShuttingDown,
+}
+
+impl Error {
+    /// `INVALID_ARGUMENT` naming `field`.
+    pub fn invalid(field: &str, why: impl Into<String>) -> Self {
+        Error::Invalid {
+            field: field.to_string(),
+            why: why.into(),
+        }
+    }
+
+    /// `RESOURCE_EXHAUSTED` naming `field`.
+    pub fn limit(field: &str, why: impl Into<String>) -> Self {
+        Error::Limit {
+            field: field.to_string(),
+            why: why.into(),
+        }
+    }
+
+    /// `NOT_FOUND` for a task.
+    pub fn task_not_found(id: &str) -> Self {
+        Error::NotFound {
+            what: "task",
+            id: id.to_string(),
+        }
+    }
+
+    /// The gRPC code of this error.
+    pub fn code(&self) -> Code {
+        match self {
+            Error::Invalid { .. } => Code::InvalidArgument,
+            Error::Limit { .. } => Code::ResourceExhausted,
+            Error::NotFound { .. } => Code::NotFound,
+            Error::NotRoutable(_) | Error::Precondition(_) => Code::FailedPrecondition,
+            Error::Denied(_) => Code::PermissionDenied,
+            Error::Unavailable(_) | Error::Peer { .. } | Error::ShuttingDown => Code::Unavailable,
+            Error::Storage(_) => Code::Internal,
+        }
+    }
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Self {
+        Status::new(e.code(), e.to_string())
+    }
+}
+
+/// Result of a handler.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

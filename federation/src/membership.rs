@@ -1,0 +1,410 @@
+//! Membership: what this controller knows of every region, from
+//! advertisements (direct or gossiped), and how alive each one is.
+//!
+//! Liveness uses a phi-accrual failure detector (Hayashibara et al.; the one
+//! Cassandra and Akka use) over the arrival times of *fresh* information about
+//! a region — a higher (epoch, sequence) than known, however it arrived — so a
+//! broken link between two regions does not hide a third that is alive. A hard
+//! `dead_after` silence bound caps detection time whatever phi says.
+//!
+//! This module owns the peer table and the phi computation. It does not send
+//! anything (the advertiser in `controller` does) and never decides routes: it
+//! only answers [`FederationView`] questions.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use federation_api::{Capacity, RegionAdvertisement};
+
+use crate::config::Timers;
+use crate::policy::{FederationView, Health, Policy, RegionView};
+
+/// Arrival intervals kept per region for phi.
+const WINDOW: usize = 100;
+
+/// One region as known to this controller.
+#[derive(Debug, Clone)]
+struct Peer {
+    /// Freshest advertisement known.
+    ad: Option<RegionAdvertisement>,
+    /// When fresh information last arrived.
+    last_fresh: Option<Instant>,
+    /// Intervals between fresh arrivals, seconds.
+    intervals: VecDeque<f64>,
+    /// When the region last went from not-alive to alive.
+    alive_since: Option<Instant>,
+    /// The last health we computed (for transition logs and hold-down).
+    last_health: Health,
+}
+
+impl Peer {
+    fn new() -> Self {
+        Self {
+            ad: None,
+            last_fresh: None,
+            intervals: VecDeque::with_capacity(WINDOW),
+            alive_since: None,
+            last_health: Health::Unknown,
+        }
+    }
+}
+
+/// A snapshot of one region's membership row, for status.
+#[derive(Debug, Clone)]
+pub struct PeerStatus {
+    /// Region name.
+    pub region: String,
+    /// Liveness.
+    pub health: Health,
+    /// Suspicion level.
+    pub phi: f64,
+    /// Freshest advertisement.
+    pub ad: Option<RegionAdvertisement>,
+    /// Time since fresh information arrived.
+    pub age: Option<Duration>,
+}
+
+/// The peer table.
+#[derive(Debug)]
+pub struct Membership {
+    self_region: String,
+    timers: Timers,
+    peers: Mutex<BTreeMap<String, Peer>>,
+}
+
+/// The suspicion level for a silence of `elapsed` seconds given past
+/// intervals: `-log10(P(interval > elapsed))` under a normal distribution of
+/// intervals (mean and deviation from the window, floors for both from the
+/// heartbeat interval so a perfectly regular history does not make phi jump).
+pub fn phi(intervals: &VecDeque<f64>, elapsed: f64, heartbeat: f64) -> f64 {
+    let (mean, std) = if intervals.is_empty() {
+        (heartbeat, heartbeat / 4.0)
+    } else {
+        let n = intervals.len() as f64;
+        let mean = intervals.iter().sum::<f64>() / n;
+        let var = intervals.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n;
+        (mean, var.sqrt())
+    };
+    // Acceptable pause: half a heartbeat of scheduling jitter is normal on a
+    // busy machine and must not raise suspicion.
+    let mean = mean.max(heartbeat) + heartbeat / 2.0;
+    let std = std.max(heartbeat / 4.0);
+    let z = (elapsed - mean) / std;
+    // Logistic approximation of the normal CDF tail (as in Akka).
+    let e = (-z * (1.5976 + 0.070566 * z * z)).exp();
+    let p_later = if elapsed > mean {
+        e / (1.0 + e)
+    } else {
+        1.0 - 1.0 / (1.0 + e)
+    };
+    -p_later.max(f64::MIN_POSITIVE).log10()
+}
+
+impl Membership {
+    /// A table for `self_region` with the configured regions, none heard from yet.
+    pub fn new(self_region: &str, policy: &Policy, timers: Timers) -> Self {
+        let peers = policy
+            .regions
+            .iter()
+            .filter(|r| r.name != self_region)
+            .map(|r| (r.name.clone(), Peer::new()))
+            .collect();
+        Self {
+            self_region: self_region.to_string(),
+            timers,
+            peers: Mutex::new(peers),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Peer>> {
+        self.peers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Adds rows for regions a reloaded policy introduced (rows for removed
+    /// regions are kept until restart; routing only asks about configured ones).
+    pub fn sync_regions(&self, policy: &Policy) {
+        let mut peers = self.lock();
+        for r in &policy.regions {
+            if r.name != self.self_region {
+                peers.entry(r.name.clone()).or_insert_with(Peer::new);
+            }
+        }
+    }
+
+    /// Merges an advertisement, direct or gossiped. Returns true when it was
+    /// fresher than what we knew. Advertisements about ourselves, about
+    /// unknown regions, or older than known are ignored.
+    pub fn observe(&self, ad: &RegionAdvertisement, now: Instant) -> bool {
+        if ad.region == self.self_region {
+            return false;
+        }
+        let mut peers = self.lock();
+        let Some(peer) = peers.get_mut(&ad.region) else {
+            return false;
+        };
+        let fresher = match &peer.ad {
+            None => true,
+            Some(known) => (ad.epoch, ad.sequence) > (known.epoch, known.sequence),
+        };
+        if !fresher {
+            return false;
+        }
+        if let Some(last) = peer.last_fresh {
+            let interval = now.saturating_duration_since(last).as_secs_f64();
+            if peer.intervals.len() == WINDOW {
+                peer.intervals.pop_front();
+            }
+            peer.intervals.push_back(interval);
+        }
+        let restarted = peer.ad.as_ref().is_some_and(|k| k.epoch != ad.epoch);
+        if restarted {
+            // A new epoch is a new process: its history says nothing of it.
+            peer.intervals.clear();
+            tracing::info!(region = %ad.region, epoch = ad.epoch, "peer restarted with a new epoch");
+        }
+        peer.ad = Some(ad.clone());
+        peer.last_fresh = Some(now);
+        true
+    }
+
+    /// Every advertisement we hold, for gossip.
+    pub fn known(&self) -> Vec<RegionAdvertisement> {
+        self.lock().values().filter_map(|p| p.ad.clone()).collect()
+    }
+
+    /// The freshest advertisement of `region`.
+    pub fn advertisement(&self, region: &str) -> Option<RegionAdvertisement> {
+        self.lock().get(region).and_then(|p| p.ad.clone())
+    }
+
+    fn health_of(&self, peer: &Peer, now: Instant) -> (Health, f64) {
+        let Some(last) = peer.last_fresh else {
+            return (Health::Unknown, f64::INFINITY);
+        };
+        let elapsed = now.saturating_duration_since(last);
+        let hb = self.timers.heartbeat_interval.as_secs_f64().max(0.001);
+        let phi = phi(&peer.intervals, elapsed.as_secs_f64(), hb);
+        let health = if elapsed >= self.timers.dead_after || phi >= self.timers.phi_dead {
+            Health::Dead
+        } else if phi >= self.timers.phi_suspect {
+            Health::Suspect
+        } else {
+            Health::Alive
+        };
+        (health, phi)
+    }
+
+    /// Recomputes every region's health, logs transitions, and tracks when
+    /// each came back (for failback hold-down). Returns the transitions.
+    pub fn tick(&self, now: Instant) -> Vec<(String, Health, Health)> {
+        let mut changes = Vec::new();
+        let mut peers = self.lock();
+        let regions: Vec<String> = peers.keys().cloned().collect();
+        for region in regions {
+            let Some(peer) = peers.get(&region) else {
+                continue;
+            };
+            let (health, phi) = self.health_of(peer, now);
+            let before = peer.last_health;
+            if let Some(peer) = peers.get_mut(&region) {
+                if health != before {
+                    match health {
+                        Health::Dead => {
+                            tracing::warn!(%region, phi, "peer declared dead");
+                        }
+                        Health::Suspect => tracing::warn!(%region, phi, "peer suspected"),
+                        Health::Alive => tracing::info!(%region, "peer alive"),
+                        Health::Unknown => {}
+                    }
+                    if health == Health::Alive && matches!(before, Health::Dead | Health::Unknown) {
+                        peer.alive_since = Some(now);
+                    }
+                    if health == Health::Dead {
+                        peer.alive_since = None;
+                    }
+                    peer.last_health = health;
+                    changes.push((region.clone(), before, health));
+                }
+            }
+        }
+        changes
+    }
+
+    /// Status rows for every known region except ourselves.
+    pub fn status(&self, now: Instant) -> Vec<PeerStatus> {
+        let peers = self.lock();
+        peers
+            .iter()
+            .map(|(region, peer)| {
+                let (health, phi) = self.health_of(peer, now);
+                PeerStatus {
+                    region: region.clone(),
+                    health,
+                    phi,
+                    ad: peer.ad.clone(),
+                    age: peer.last_fresh.map(|t| now.saturating_duration_since(t)),
+                }
+            })
+            .collect()
+    }
+
+    /// The routing view of peer `region` (not ourselves; see [`LiveView`]).
+    fn peer_view(&self, region: &str, now: Instant) -> Option<RegionView> {
+        let peers = self.lock();
+        let peer = peers.get(region)?;
+        let (health, _) = self.health_of(peer, now);
+        let ad = peer.ad.as_ref();
+        let held_down = !self.timers.failback_hold_down.is_zero()
+            && peer
+                .alive_since
+                .is_some_and(|t| now.saturating_duration_since(t) < self.timers.failback_hold_down)
+            && peer.intervals.len() > 1;
+        Some(RegionView {
+            health,
+            draining: ad.is_some_and(|a| a.draining),
+            full: ad.and_then(|a| a.capacity.as_ref()).is_some_and(is_full),
+            held_down,
+            tags: ad
+                .map(|a| a.compliance_tags.iter().cloned().collect())
+                .unwrap_or_default(),
+        })
+    }
+}
+
+/// A region is full when its queue is at its advertised limit.
+pub fn is_full(c: &Capacity) -> bool {
+    c.queue_limit > 0 && c.queue_depth >= c.queue_limit
+}
+
+/// The live federation as routing sees it: peers from [`Membership`], this
+/// region from its own state. Tags are the *intersection* of what the region
+/// advertises and what the policy grants it: a region can never gain a tag by
+/// claiming it, and a policy tag it does not advertise is not trusted either.
+#[derive(Debug)]
+pub struct LiveView<'a> {
+    /// The peer table.
+    pub membership: &'a Membership,
+    /// The policy in force.
+    pub policy: &'a Policy,
+    /// This controller's region.
+    pub self_region: &'a str,
+    /// This controller's own state.
+    pub self_view: RegionView,
+    /// When the view is taken.
+    pub now: Instant,
+}
+
+impl FederationView for LiveView<'_> {
+    fn region(&self, name: &str) -> Option<RegionView> {
+        let granted = &self.policy.region(name)?.tags;
+        if name == self.self_region {
+            return Some(self.self_view.clone());
+        }
+        let mut view = self.membership.peer_view(name, self.now)?;
+        view.tags = view
+            .tags
+            .intersection(granted)
+            .cloned()
+            .collect::<BTreeSet<_>>();
+        Some(view)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> Policy {
+        Policy::load_file(std::path::Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../policies/seed-federation.yaml"
+        )))
+        .expect("seed policy loads")
+    }
+
+    fn ad(region: &str, epoch: u64, sequence: u64) -> RegionAdvertisement {
+        RegionAdvertisement {
+            region: region.into(),
+            epoch,
+            sequence,
+            compliance_tags: vec!["GDPR".into(), "SOX".into(), "MADE_UP".into()],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn phi_grows_with_silence() {
+        let hist: VecDeque<f64> = std::iter::repeat_n(1.0, 20).collect();
+        let low = phi(&hist, 0.5, 1.0);
+        let mid = phi(&hist, 2.0, 1.0);
+        let high = phi(&hist, 3.0, 1.0);
+        assert!(low < 1.0, "{low}");
+        assert!(mid > low && high > mid, "{low} {mid} {high}");
+        assert!(high > 8.0, "{high}");
+    }
+
+    #[test]
+    fn fresh_information_only_and_health_follows_silence() {
+        let p = policy();
+        let m = Membership::new("north_america", &p, Timers::default());
+        let t0 = Instant::now();
+        assert!(m.observe(&ad("europe", 1, 1), t0));
+        assert!(!m.observe(&ad("europe", 1, 1), t0), "duplicate ignored");
+        assert!(!m.observe(&ad("north_america", 1, 5), t0), "self ignored");
+        assert!(!m.observe(&ad("mars", 1, 5), t0), "unknown region ignored");
+        for s in 2..10 {
+            assert!(m.observe(&ad("europe", 1, s), t0 + Duration::from_secs(s - 1)));
+        }
+        let last = t0 + Duration::from_secs(8);
+        let v = m.peer_view("europe", last).expect("row");
+        assert_eq!(v.health, Health::Alive);
+        let v = m
+            .peer_view("europe", last + Duration::from_secs(10))
+            .expect("row");
+        assert_eq!(v.health, Health::Dead);
+        assert_eq!(
+            m.peer_view("asia_pacific", last).expect("row").health,
+            Health::Unknown
+        );
+        let changes = m.tick(last + Duration::from_secs(10));
+        assert!(
+            changes
+                .iter()
+                .any(|(r, _, h)| r == "europe" && *h == Health::Dead)
+        );
+    }
+
+    #[test]
+    fn live_view_trusts_only_granted_tags() {
+        let p = policy();
+        let m = Membership::new("north_america", &p, Timers::default());
+        let now = Instant::now();
+        m.observe(&ad("europe", 1, 1), now);
+        m.observe(&ad("asia_pacific", 1, 1), now);
+        let view = LiveView {
+            membership: &m,
+            policy: &p,
+            self_region: "north_america",
+            self_view: RegionView {
+                health: Health::Alive,
+                draining: false,
+                full: false,
+                held_down: false,
+                tags: BTreeSet::new(),
+            },
+            now,
+        };
+        let eu = view.region("europe").expect("europe");
+        assert_eq!(
+            eu.tags,
+            ["GDPR", "SOX"].iter().map(|s| s.to_string()).collect()
+        );
+        // asia_pacific claims GDPR but the policy grants it only PDPA, which it
+        // did not advertise: it is trusted with nothing.
+        assert!(view.region("asia_pacific").expect("ap").tags.is_empty());
+        assert!(view.region("mars").is_none());
+    }
+}
