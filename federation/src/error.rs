@@ -109,3 +109,16 @@ impl From<Error> for Status {
 
 /// Result of a handler.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl From<crate::tasks::StoreError> for Error {
+    fn from(e: crate::tasks::StoreError) -> Self {
+        use crate::tasks::StoreError as S;
+        match e {
+            S::NotFound(id) => Error::task_not_found(&id),
+            S::NotLeaseHolder { .. } | S::Terminal { .. } => Error::Precondition(e.to_string()),
+            S::Invalid(why) => Error::invalid("task", why),
+            S::Closed => Error::ShuttingDown,
+            S::Corrupt { .. } | S::Db(_) => Error::Storage(e.to_string()),
+        }
+    }
+}

@@ -11,3 +11,7 @@ pub mod membership;
 pub mod policy;
 pub mod transport;
 pub mod wire;
+pub mod controller;
+pub mod routing;
+pub mod service;
+pub mod sandbox;

@@ -1,15 +1,342 @@
-//! `federation demo`: a local federation of the user's example, end to end.
+//! `federation demo`: the user's example federation, end to end, on loopback.
+//!
+//! Starts one controller per region of `policies/seed-federation.yaml` (as
+//! child processes of this binary) with two agents each, submits tasks for
+//! US, CA, DE, UK and JP and prints where each went and why; then kills
+//! europe's controller and shows UK/DE failing over to north_america (flagged:
+//! it lacks GDPR) under the file as written, and refused under a variant whose
+//! EU rule `requires: [GDPR]`; US is unaffected throughout. Finally europe
+//! restarts and takes EU traffic again. Every child is killed when the demo
+//! ends, also on Ctrl-C or failure; the demo checks what it shows and exits 1
+//! if the federation did not behave as described.
 
+use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use federation_api as api;
 
 use super::LogFormat;
+use crate::policy::AttrValue;
+use crate::sandbox::{connect, Sandbox, SandboxBuilder};
+
+/// The user's example, embedded so the demo runs from any directory.
+pub const SEED_POLICY: &str = include_str!("../../../policies/seed-federation.yaml");
 
 /// Arguments of `demo`.
 #[derive(Debug, clap::Args)]
-pub struct DemoArgs {}
+pub struct DemoArgs {
+    /// Keep the demo's data directories (decision logs, stores) and print where.
+    #[arg(long)]
+    pub keep: bool,
+    /// Show the controllers' and agents' logs.
+    #[arg(long)]
+    pub verbose: bool,
+}
+
+/// The variant of the seed whose EU rule requires GDPR.
+pub fn requires_gdpr_variant(seed: &str) -> String {
+    seed.replace(
+        "      backup_region: \"north_america\"\n",
+        "      backup_region: \"north_america\"\n      requires: [\"GDPR\"]\n",
+    )
+}
+
+struct Row {
+    task: String,
+    customer: String,
+    rule: String,
+    region: String,
+    outcome: String,
+    why: String,
+}
+
+async fn submit(entry: SocketAddr, customer: &str) -> anyhow::Result<(Row, Option<String>)> {
+    let mut client = api::federation_client_client::FederationClientClient::new(connect(entry).await?);
+    let mut attrs = crate::policy::Attributes::new();
+    attrs.insert("customer_region".into(), AttrValue::Str(customer.into()));
+    attrs.insert("data_class".into(), AttrValue::Str("pii".into()));
+    let req = api::SubmitTaskRequest {
+        attributes: crate::wire::attributes_to_wire(&attrs),
+        payload: format!("order for a {customer} customer").into_bytes(),
+        ..Default::default()
+    };
+    Ok(match client.submit_task(req).await {
+        Ok(r) => {
+            let r = r.into_inner();
+            let d = r.decision.unwrap_or_default();
+            let mut why = if d.outcome == "routed" {
+                "primary is alive and compliant".to_string()
+            } else {
+                d.candidates
+                    .iter()
+                    .filter(|c| !c.accepted)
+                    .map(|c| format!("{} {}", c.region, c.reason))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            for w in &d.warnings {
+                why.push_str(&format!("; WARNING {w}"));
+            }
+            (
+                Row {
+                    task: r.task_id[..8.min(r.task_id.len())].to_string(),
+                    customer: customer.into(),
+                    rule: format!("{}", d.rule_index + 1),
+                    region: r.region,
+                    outcome: d.outcome,
+                    why,
+                },
+                Some(r.task_id),
+            )
+        }
+        Err(s) => {
+            let rule = s
+                .message()
+                .split(':')
+                .next()
+                .filter(|p| p.starts_with("rule "))
+                .map(|p| p.trim_start_matches("rule ").split(' ').next().unwrap_or("-").to_string())
+                .unwrap_or_else(|| "-".into());
+            (
+                Row {
+                    task: "-".into(),
+                    customer: customer.into(),
+                    rule,
+                    region: "-".into(),
+                    outcome: format!("rejected ({:?})", s.code()),
+                    why: s.message().to_string(),
+                },
+                None,
+            )
+        }
+    })
+}
+
+fn print_table(title: &str, rows: &[Row]) {
+    println!("\n== {title}");
+    println!("{:<9} {:<16} {:<5} {:<14} {:<26} WHY", "TASK", "CUSTOMER_REGION", "RULE", "REGION", "OUTCOME");
+    for r in rows {
+        println!(
+            "{:<9} {:<16} {:<5} {:<14} {:<26} {}",
+            r.task, r.customer, r.rule, r.region, r.outcome, r.why
+        );
+    }
+}
+
+async fn round(title: &str, entries: &[(SocketAddr, &str)]) -> anyhow::Result<Vec<(Row, Option<String>)>> {
+    let mut out = Vec::new();
+    for (entry, customer) in entries {
+        out.push(submit(*entry, customer).await?);
+    }
+    let rows: Vec<Row> = out
+        .iter()
+        .map(|(r, _)| Row {
+            task: r.task.clone(),
+            customer: r.customer.clone(),
+            rule: r.rule.clone(),
+            region: r.region.clone(),
+            outcome: r.outcome.clone(),
+            why: r.why.clone(),
+        })
+        .collect();
+    print_table(title, &rows);
+    Ok(out)
+}
+
+fn expect(rows: &[(Row, Option<String>)], customer: &str, region: &str, outcome_prefix: &str) -> anyhow::Result<()> {
+    for (r, _) in rows.iter().filter(|(r, _)| r.customer == customer) {
+        if r.region != region || !r.outcome.starts_with(outcome_prefix) {
+            bail!(
+                "demo check failed: {customer} went to {} ({}), expected {region} ({outcome_prefix})",
+                r.region,
+                r.outcome
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn wait_done(entry: SocketAddr, ids: &[String], patience: Duration) -> anyhow::Result<Vec<api::Task>> {
+    let mut client = api::federation_client_client::FederationClientClient::new(connect(entry).await?);
+    let until = Instant::now() + patience;
+    let mut done = Vec::new();
+    for id in ids {
+        loop {
+            let t = client
+                .get_task(api::GetTaskRequest { task_id: id.clone() })
+                .await
+                .with_context(|| format!("reading task {id}"))?
+                .into_inner()
+                .task
+                .unwrap_or_default();
+            let terminal = t.state >= api::TaskState::Succeeded as i32;
+            if terminal || Instant::now() >= until {
+                done.push(t);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    Ok(done)
+}
+
+async fn reload_all(demo: &Sandbox, names: &[&str], source: &str) -> anyhow::Result<String> {
+    let mut hash = String::new();
+    for name in names {
+        let mut admin = demo.admin(name).await?;
+        let r = admin
+            .reload_policy(api::ReloadPolicyRequest {
+                policy_source: source.to_string(),
+                format: "yaml".into(),
+            })
+            .await?
+            .into_inner();
+        if !r.applied {
+            bail!("{name} refused the policy: {}", r.error);
+        }
+        hash = r.policy_hash;
+    }
+    Ok(hash)
+}
+
+async fn scenario(demo: &mut Sandbox) -> anyhow::Result<()> {
+    for name in demo.region_names() {
+        println!(
+            "  {:<14} controller http://{}  (2 agents x 2 slots)  data {}",
+            name,
+            demo.addr(&name)?,
+            demo.data_dir(&name)?.display()
+        );
+    }
+    let na = demo.addr("north_america")?;
+    let eu = demo.addr("europe")?;
+    let ap = demo.addr("asia_pacific")?;
+    let patience = Duration::from_secs(20);
+    demo.wait_all_alive(patience).await?;
+
+    // 1. Everything up. Entries vary, to show forwarding.
+    let rows = round(
+        "1. all regions up (US via north_america, CA via asia_pacific, DE via north_america, UK via europe, JP via europe)",
+        &[(na, "US"), (ap, "CA"), (na, "DE"), (eu, "UK"), (eu, "JP")],
+    )
+    .await?;
+    expect(&rows, "US", "north_america", "routed")?;
+    expect(&rows, "CA", "north_america", "routed")?;
+    expect(&rows, "DE", "europe", "routed")?;
+    expect(&rows, "UK", "europe", "routed")?;
+    expect(&rows, "JP", "-", "rejected (FailedPrecondition)")?;
+    let ids: Vec<String> = rows.iter().filter_map(|(_, id)| id.clone()).collect();
+    let tasks = wait_done(ap, &ids, Duration::from_secs(20)).await?;
+    println!("   results (read through asia_pacific, relayed to each owner):");
+    for t in &tasks {
+        println!(
+            "   {:<9} {:<10} {}",
+            &t.task_id[..8.min(t.task_id.len())],
+            super::client::state_name(t.state),
+            String::from_utf8_lossy(&t.result)
+        );
+    }
+    if tasks.iter().any(|t| t.state != api::TaskState::Succeeded as i32) {
+        bail!("demo check failed: not every task succeeded");
+    }
+
+    // 2. Europe dies; the file as written fails EU customers over to north_america.
+    println!("\n-- killing europe's controller (SIGKILL) and waiting for the federation to declare it dead");
+    let killed = Instant::now();
+    demo.kill_controller("europe")?;
+    demo.wait_for_states("north_america", &[("europe", "dead")], patience).await?;
+    println!("   europe declared dead by north_america after {:.1}s", killed.elapsed().as_secs_f64());
+    let rows = round(
+        "2. europe down, policy as written (EU backup is north_america, which lacks GDPR)",
+        &[(na, "UK"), (ap, "DE"), (na, "US")],
+    )
+    .await?;
+    expect(&rows, "UK", "north_america", "failover")?;
+    expect(&rows, "DE", "north_america", "failover")?;
+    expect(&rows, "US", "north_america", "routed")?;
+    println!("   the auditor's view of this file: `federation policy check policies/seed-federation.yaml` flags the same failover");
+
+    // 3. The variant: the EU rule requires GDPR.
+    let variant = requires_gdpr_variant(SEED_POLICY);
+    let hash = reload_all(demo, &["north_america", "asia_pacific"], &variant).await?;
+    println!(
+        "\n-- reloaded north_america and asia_pacific with the variant whose EU rule says `requires: [\"GDPR\"]` (policy {})",
+        &hash[..8.min(hash.len())]
+    );
+    let rows = round("3. europe down, EU rule requires GDPR", &[(na, "UK"), (ap, "DE"), (na, "US")]).await?;
+    expect(&rows, "UK", "-", "rejected (Unavailable)")?;
+    expect(&rows, "DE", "-", "rejected (Unavailable)")?;
+    expect(&rows, "US", "north_america", "routed")?;
+    println!("   UK/DE were refused, never sent to north_america; US is unaffected");
+
+    // 4. Europe returns.
+    let original = reload_all(demo, &["north_america", "asia_pacific"], SEED_POLICY).await?;
+    println!("\n-- restored the original policy ({}) and restarted europe", &original[..8.min(original.len())]);
+    demo.start_controller("europe")?;
+    demo.wait_for_states("north_america", &[("europe", "alive")], patience).await?;
+    let rows = round("4. europe back", &[(na, "DE"), (ap, "UK"), (eu, "US")]).await?;
+    expect(&rows, "DE", "europe", "routed")?;
+    expect(&rows, "UK", "europe", "routed")?;
+    expect(&rows, "US", "north_america", "routed")?;
+
+    println!("\n== decision logs (hash-chained; `federation audit verify DIR`)");
+    for name in demo.region_names() {
+        match crate::audit::verify(&demo.data_dir(&name)?.join("decisions.jsonl")) {
+            Ok(report) => println!("   {name:<14} {report}"),
+            Err(e) => bail!("{name}: decision log does not verify: {e}"),
+        }
+    }
+    Ok(())
+}
 
 /// Runs the demo.
 pub fn run(args: DemoArgs, log: LogFormat) -> ExitCode {
-    let _ = (args, log);
-    super::fail(&anyhow::anyhow!("demo is not built yet"), 2)
+    if args.verbose {
+        super::serve::init_tracing(log);
+    }
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => return super::fail(&anyhow::Error::new(e), 1),
+    };
+    let exe = match std::env::current_exe().context("locating the federation binary") {
+        Ok(e) => e,
+        Err(e) => return super::fail(&e, 1),
+    };
+    println!("federation demo: the user's example (policies/seed-federation.yaml), one controller per region on loopback");
+    let started = Instant::now();
+    let sandbox = SandboxBuilder::new(exe, SEED_POLICY)
+        .env("FEDERATION__NODE__TIMERS__HEARTBEAT_INTERVAL", "500ms")
+        .env("FEDERATION__NODE__TIMERS__DEAD_AFTER", "2s")
+        .agents(2, 2)
+        .exec("printf 'processed a %s customer' \"$FEDERATION_ATTR_CUSTOMER_REGION\"")
+        .verbose(args.verbose)
+        .keep(args.keep)
+        .start();
+    let mut sandbox = match sandbox {
+        Ok(s) => s,
+        Err(e) => return super::fail(&e, 1),
+    };
+    let result = rt.block_on(async {
+        tokio::select! {
+            r = scenario(&mut sandbox) => r,
+            _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+        }
+    });
+    if args.keep {
+        println!("kept the demo's data in {}", sandbox.dir().display());
+    }
+    // Dropping the sandbox kills every child and removes its folder.
+    drop(sandbox);
+    match result {
+        Ok(()) => {
+            println!(
+                "\ndemo finished in {:.1}s; every process it started has been stopped",
+                started.elapsed().as_secs_f64()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => super::fail(&e, 1),
+    }
 }

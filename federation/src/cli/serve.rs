@@ -1,26 +1,186 @@
-//! `federation serve`: runs one region's controller.
+//! `federation serve`: runs one region's controller until SIGTERM/SIGINT;
+//! SIGHUP reloads the policy from the federation file.
+//!
+//! Start-up order: logging, configuration (exit 64 when unusable), bind,
+//! serve. The library ([`crate::controller`]) takes the bound listener and a
+//! shutdown future; only this binary touches signals and addresses.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context as _;
+
 use super::LogFormat;
+use crate::config;
+use crate::controller::{self, Settings};
+use crate::policy::Policy;
+
+/// Exit status for an unusable configuration (EX_USAGE).
+const EXIT_CONFIG: u8 = 64;
 
 /// Arguments of `serve`.
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
-    /// The federation file.
+    /// The federation file (YAML, TOML or JSON).
     #[arg(long)]
     pub config: PathBuf,
-    /// Optional node file layered over it.
+    /// Optional node file layered over it (`node:` section).
     #[arg(long)]
     pub node_config: Option<PathBuf>,
     /// The region to serve (overrides node.region).
     #[arg(long)]
     pub region: Option<String>,
+    /// Address to listen on (overrides node.listen).
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Data directory (overrides node.data_dir).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Peer endpoint override, REGION=URL (repeatable; overrides node.peers).
+    #[arg(long = "peer", value_parser = parse_peer)]
+    pub peers: Vec<(String, String)>,
+}
+
+fn parse_peer(s: &str) -> Result<(String, String), String> {
+    let (region, url) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}`: expected REGION=URL"))?;
+    Ok((region.to_string(), url.to_string()))
+}
+
+/// Installs the tracing subscriber (RUST_LOG filters; default info).
+pub fn init_tracing(log: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match log {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+/// Builds controller settings from the configuration and flags.
+pub fn settings(args: &ServeArgs) -> anyhow::Result<(Settings, SocketAddr)> {
+    let loaded = config::load(&config::Sources {
+        federation_file: args.config.clone(),
+        node_file: args.node_config.clone(),
+        env: None,
+    })?;
+    let policy = Policy::from_loaded(&loaded)?;
+    let node = loaded.file.node;
+    let region = args
+        .region
+        .clone()
+        .or(node.region.clone())
+        .context("no region: pass --region or set node.region")?;
+    let Some(spec) = policy.region(&region) else {
+        anyhow::bail!(
+            "region `{region}` is not in {} (regions: {})",
+            args.config.display(),
+            policy.regions.iter().map(|r| r.name.as_str()).collect::<Vec<_>>().join(", ")
+        );
+    };
+    let listen = match args.listen.or(node.listen) {
+        Some(a) => a,
+        None => default_listen(&spec.endpoint)
+            .with_context(|| format!("no listen address: set node.listen or --listen (endpoint `{}` has no port)", spec.endpoint))?,
+    };
+    let advertise_endpoint = if listen.ip().is_unspecified() {
+        spec.endpoint.clone()
+    } else {
+        format!("http://{listen}")
+    };
+    let mut peers = node.peers.clone();
+    for (r, url) in &args.peers {
+        if policy.region(r).is_none() {
+            anyhow::bail!("--peer {r}=…: `{r}` is not a region of the federation");
+        }
+        peers.insert(r.clone(), url.clone());
+    }
+    let data_dir = args
+        .data_dir
+        .clone()
+        .or(node.data_dir.clone())
+        .unwrap_or_else(|| PathBuf::from("data").join(&region));
+    Ok((
+        Settings {
+            region,
+            policy,
+            data_dir,
+            peers,
+            advertise_endpoint,
+            timers: node.timers,
+            limits: node.limits,
+            config_path: args.config.clone(),
+        },
+        listen,
+    ))
+}
+
+fn default_listen(endpoint: &str) -> Option<SocketAddr> {
+    let rest = endpoint.split_once("://").map(|(_, r)| r).unwrap_or(endpoint);
+    let port = rest.split('/').next()?.rsplit_once(':')?.1.parse::<u16>().ok()?;
+    Some(SocketAddr::from(([0, 0, 0, 0], port)))
 }
 
 /// Runs the controller until SIGTERM/SIGINT.
 pub fn run(args: ServeArgs, log: LogFormat) -> ExitCode {
-    let _ = (args, log);
-    super::fail(&anyhow::anyhow!("serve is not built yet"), 2)
+    init_tracing(log);
+    let (settings, listen) = match settings(&args) {
+        Ok(s) => s,
+        Err(e) => return super::fail(&e, EXIT_CONFIG),
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => return super::fail(&anyhow::Error::new(e).context("starting the runtime"), 1),
+    };
+    match runtime.block_on(serve(settings, listen)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => super::fail(&e, 1),
+    }
+}
+
+async fn serve(settings: Settings, listen: SocketAddr) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding {listen}"))?;
+    let node = controller::open(settings).await?;
+    // Print the bound address for scripts and harnesses (port 0 resolves here).
+    println!("listening on {}", listener.local_addr()?);
+    let reload_node = node.clone();
+    tokio::spawn(async move {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            let r = crate::service::reload(&reload_node, "", "").await;
+            if r.applied {
+                tracing::info!(policy_hash = %r.policy_hash, "SIGHUP: policy reloaded");
+            } else {
+                tracing::warn!(error = %r.error, "SIGHUP: policy reload refused; old policy kept");
+            }
+        }
+    });
+    controller::serve(node, listener, shutdown_signal()).await
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+                _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
 }

@@ -1,0 +1,439 @@
+//! Wiring: builds one region's controller (store, decision log, membership,
+//! agent registry, policy) into a [`Node`], runs the background loops
+//! (advertiser, lease reaper) and serves the four gRPC services on an
+//! already-bound listener until the shutdown future resolves.
+//!
+//! Entry point: [`run`]. Binaries bind addresses and install signal handlers;
+//! tests bind `127.0.0.1:0` and pass the listener in.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use federation_api as api;
+use tokio::net::TcpListener;
+
+use crate::agents::AgentRegistry;
+use crate::audit::DecisionLog;
+use crate::config::{Limits, Timers};
+use crate::membership::{LiveView, Membership};
+use crate::policy::{Health, Policy, RegionView};
+use crate::tasks::TaskStore;
+use crate::transport::{self, Channels};
+
+/// Everything needed to start a controller.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The region this controller serves.
+    pub region: String,
+    /// The validated policy.
+    pub policy: Policy,
+    /// Where the store and the decision log live.
+    pub data_dir: PathBuf,
+    /// Peer endpoint overrides by region.
+    pub peers: BTreeMap<String, String>,
+    /// The endpoint peers should use to reach us (advertised).
+    pub advertise_endpoint: String,
+    /// Timers.
+    pub timers: Timers,
+    /// Input limits.
+    pub limits: Limits,
+    /// The federation file, re-read by a reload without content.
+    pub config_path: PathBuf,
+}
+
+/// One region's controller state, shared by every handler and loop.
+#[derive(Debug)]
+pub struct Node {
+    /// This controller's region.
+    pub region: String,
+    /// Chosen anew at each start, strictly increasing across restarts.
+    pub epoch: u64,
+    policy: RwLock<Arc<Policy>>,
+    /// The peer table.
+    pub membership: Membership,
+    /// Durable tasks.
+    pub store: TaskStore,
+    /// The hash-chained decision log.
+    pub log: DecisionLog,
+    /// Registered agents.
+    pub agents: AgentRegistry,
+    /// Channels to peers.
+    pub channels: Channels,
+    /// Timers.
+    pub timers: Timers,
+    /// Limits.
+    pub limits: Limits,
+    /// The federation file.
+    pub config_path: PathBuf,
+    sequence: AtomicU64,
+    draining: AtomicBool,
+    peers: BTreeMap<String, String>,
+    advertise_endpoint: String,
+}
+
+impl Node {
+    /// The policy in force.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Replaces the policy (already validated).
+    pub fn set_policy(&self, policy: Policy) {
+        self.membership.sync_regions(&policy);
+        *self
+            .policy
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(policy);
+    }
+
+    /// True while draining.
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Starts or stops draining.
+    pub fn set_draining(&self, on: bool) {
+        self.draining.store(on, Ordering::SeqCst);
+    }
+
+    /// The capacity this region advertises.
+    pub fn capacity(&self) -> api::Capacity {
+        let (total, free) = self.agents.capacity();
+        let counts = self.store.counts();
+        api::Capacity {
+            total_slots: total,
+            free_slots: free,
+            queue_depth: counts.queued,
+            queue_limit: self.limits.max_queue_depth,
+        }
+    }
+
+    /// How this region sees itself for routing.
+    pub fn self_view(&self, policy: &Policy) -> RegionView {
+        RegionView {
+            health: Health::Alive,
+            draining: self.draining(),
+            full: crate::membership::is_full(&self.capacity()),
+            held_down: false,
+            tags: policy
+                .region(&self.region)
+                .map(|r| r.tags.clone())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// The live routing view.
+    pub fn view<'a>(&'a self, policy: &'a Policy) -> LiveView<'a> {
+        LiveView {
+            membership: &self.membership,
+            policy,
+            self_region: &self.region,
+            self_view: self.self_view(policy),
+            now: Instant::now(),
+        }
+    }
+
+    /// Our advertisement; `bump` starts a new sequence number (the advertiser
+    /// does, answers to peers do not).
+    pub fn advertisement(&self, bump: bool) -> api::RegionAdvertisement {
+        let sequence = if bump {
+            self.sequence.fetch_add(1, Ordering::SeqCst) + 1
+        } else {
+            self.sequence.load(Ordering::SeqCst)
+        };
+        let policy = self.policy();
+        api::RegionAdvertisement {
+            region: self.region.clone(),
+            compliance_tags: policy
+                .region(&self.region)
+                .map(|r| r.tags.iter().cloned().collect())
+                .unwrap_or_default(),
+            capacity: Some(self.capacity()),
+            policy_hash: policy.hash.clone(),
+            epoch: self.epoch,
+            sequence,
+            endpoint: self.advertise_endpoint.clone(),
+            draining: self.draining(),
+            sent_unix_ms: now_ms(),
+            takeovers: Vec::new(),
+        }
+    }
+
+    /// The endpoint used to reach `region`: the node's override, else what the
+    /// region advertises, else the federation file's endpoint.
+    pub fn endpoint_of(&self, region: &str) -> Option<String> {
+        if let Some(e) = self.peers.get(region) {
+            return Some(e.clone());
+        }
+        if let Some(ad) = self.membership.advertisement(region) {
+            if !ad.endpoint.is_empty() {
+                return Some(ad.endpoint);
+            }
+        }
+        self.policy().region(region).map(|r| r.endpoint.clone())
+    }
+
+    /// A peer client for `region`.
+    pub fn peer(
+        &self,
+        region: &str,
+    ) -> Result<
+        api::federation_peer_client::FederationPeerClient<tonic::transport::Channel>,
+        crate::error::Error,
+    > {
+        let endpoint = self
+            .endpoint_of(region)
+            .ok_or_else(|| crate::error::Error::Peer {
+                region: region.to_string(),
+                why: "no endpoint known".into(),
+            })?;
+        let channel = self
+            .channels
+            .get(&endpoint)
+            .map_err(|e| crate::error::Error::Peer {
+                region: region.to_string(),
+                why: e.to_string(),
+            })?;
+        Ok(
+            api::federation_peer_client::FederationPeerClient::new(channel)
+                .max_decoding_message_size(self.limits.max_message_bytes)
+                .max_encoding_message_size(self.limits.max_message_bytes),
+        )
+    }
+
+    /// Peers to advertise to: every configured region but ourselves.
+    pub fn peer_regions(&self) -> Vec<String> {
+        self.policy()
+            .regions
+            .iter()
+            .map(|r| r.name.clone())
+            .filter(|r| *r != self.region)
+            .collect()
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}
+
+/// A new epoch, strictly greater than any earlier one in `data_dir`: the
+/// wall clock in milliseconds, or the last epoch plus one if the clock went
+/// back. Persisted before use.
+fn next_epoch(data_dir: &Path) -> anyhow::Result<u64> {
+    let path = data_dir.join("epoch");
+    let last = match std::fs::read_to_string(&path) {
+        Ok(text) => text.trim().parse::<u64>().with_context(|| {
+            format!("{}: not an epoch number", path.display())
+        })?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let epoch = (now_ms().max(0) as u64).max(last + 1);
+    let tmp = data_dir.join("epoch.tmp");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        f.write_all(epoch.to_string().as_bytes())?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, &path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(epoch)
+}
+
+/// Opens the node's state.
+pub async fn open(settings: Settings) -> anyhow::Result<Arc<Node>> {
+    std::fs::create_dir_all(&settings.data_dir)
+        .with_context(|| format!("creating data directory {}", settings.data_dir.display()))?;
+    if settings.policy.region(&settings.region).is_none() {
+        anyhow::bail!(
+            "region `{}` is not in the federation file (regions: {})",
+            settings.region,
+            settings
+                .policy
+                .regions
+                .iter()
+                .map(|r| r.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    let epoch = next_epoch(&settings.data_dir)?;
+    let store = TaskStore::open(&settings.data_dir)
+        .with_context(|| format!("opening task store in {}", settings.data_dir.display()))?;
+    let log = DecisionLog::open(&settings.data_dir, &settings.region)
+        .with_context(|| format!("opening decision log in {}", settings.data_dir.display()))?;
+    let membership = Membership::new(&settings.region, &settings.policy, settings.timers.clone());
+    Ok(Arc::new(Node {
+        region: settings.region,
+        epoch,
+        policy: RwLock::new(Arc::new(settings.policy)),
+        membership,
+        store,
+        log,
+        agents: AgentRegistry::default(),
+        channels: Channels::new(settings.timers.forward_timeout),
+        timers: settings.timers,
+        limits: settings.limits,
+        config_path: settings.config_path,
+        sequence: AtomicU64::new(0),
+        draining: AtomicBool::new(false),
+        peers: settings.peers,
+        advertise_endpoint: settings.advertise_endpoint,
+    }))
+}
+
+/// Runs a controller on `listener` until `shutdown` resolves, then stops
+/// accepting, finishes in-flight calls (up to the shutdown grace), flushes the
+/// store and the log, and returns.
+pub async fn run(
+    settings: Settings,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let node = open(settings).await?;
+    serve(node, listener, shutdown).await
+}
+
+/// Serves an opened node (see [`run`]).
+pub async fn serve(
+    node: Arc<Node>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let addr = listener.local_addr().ok();
+    tracing::info!(region = %node.region, epoch = node.epoch, addr = ?addr, "controller serving");
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let advertiser = tokio::spawn(advertise_loop(node.clone(), stop_rx.clone()));
+    let reaper = tokio::spawn(reap_loop(node.clone(), stop_rx.clone()));
+
+    let grace = node.timers.shutdown_grace;
+    let (signal_tx, signal_rx) = tokio::sync::oneshot::channel::<()>();
+    let stop_for_server = stop_tx.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_for_server.send(true);
+        let _ = signal_tx.send(());
+    });
+
+    let server = crate::service::router(node.clone())
+        .serve_with_incoming_shutdown(transport::incoming(listener), async move {
+            let _ = signal_rx.await;
+        });
+    let mut stop_watch = stop_rx.clone();
+    tokio::pin!(server);
+    let served = tokio::select! {
+        r = &mut server => r,
+        _ = async {
+            // Once shutdown starts, in-flight calls get `grace` to finish.
+            let _ = stop_watch.wait_for(|s| *s).await;
+            tokio::time::sleep(grace).await;
+        } => {
+            tracing::warn!(grace = ?grace, "in-flight calls did not finish within the grace period");
+            Ok(())
+        }
+    };
+    let _ = stop_tx.send(true);
+    let _ = advertiser.await;
+    let _ = reaper.await;
+    node.store.flush().await.context("flushing task store")?;
+    node.log.flush().await.context("flushing decision log")?;
+    tracing::info!(region = %node.region, "controller stopped");
+    served.context("gRPC server failed")
+}
+
+/// Every heartbeat: advertise to every peer (each call bounded by a
+/// deadline, so a hung peer delays nobody) and recompute peer health.
+async fn advertise_loop(node: Arc<Node>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let interval = node.timers.heartbeat_interval.max(Duration::from_millis(10));
+    let deadline = interval.min(node.timers.forward_timeout).max(Duration::from_millis(50));
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stop.changed() => return,
+        }
+        if *stop.borrow() {
+            return;
+        }
+        node.membership.tick(Instant::now());
+        let request = api::AdvertiseRequest {
+            origin: Some(node.advertisement(true)),
+            known: node.membership.known(),
+        };
+        for region in node.peer_regions() {
+            let node = node.clone();
+            let request = request.clone();
+            tokio::spawn(async move {
+                let Ok(mut client) = node.peer(&region) else {
+                    return;
+                };
+                let call = client.advertise(transport::with_deadline(request, deadline));
+                match tokio::time::timeout(deadline, call).await {
+                    Ok(Ok(resp)) => {
+                        let resp = resp.into_inner();
+                        let now = Instant::now();
+                        if let Some(origin) = &resp.origin {
+                            if origin.region != region {
+                                tracing::warn!(%region, claimed = %origin.region, "peer answered as another region; ignored");
+                                return;
+                            }
+                            node.membership.observe(origin, now);
+                        }
+                        for ad in &resp.known {
+                            node.membership.observe(ad, now);
+                        }
+                    }
+                    Ok(Err(status)) => {
+                        tracing::debug!(%region, code = ?status.code(), "advertise failed");
+                    }
+                    Err(_) => tracing::debug!(%region, "advertise timed out"),
+                }
+            });
+        }
+    }
+}
+
+/// Returns expired leases to the queue and forgets silent agents.
+async fn reap_loop(node: Arc<Node>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let period = (node.timers.lease_ttl / 4).clamp(Duration::from_millis(100), Duration::from_secs(2));
+    let mut ticker = tokio::time::interval(period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stop.changed() => return,
+        }
+        if *stop.borrow() {
+            return;
+        }
+        match node.store.expire_leases(node.timers.max_attempts).await {
+            Ok(changed) => {
+                for t in changed {
+                    tracing::warn!(task_id = %t.task_id, attempts = t.attempts, state = ?t.state(), "lease expired");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "expiring leases failed"),
+        }
+        for agent in node.agents.reap(node.timers.agent_timeout, Instant::now()) {
+            tracing::warn!(agent_id = %agent.id, name = %agent.name, "agent silent past timeout; its leases return to the queue");
+            if let Err(e) = node.store.requeue_agent(&agent.id).await {
+                tracing::error!(error = %e, agent_id = %agent.id, "requeueing agent's tasks failed");
+            }
+        }
+    }
+}

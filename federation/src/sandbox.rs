@@ -1,0 +1,493 @@
+//! A local federation on loopback for the demo and the integration tests:
+//! one controller process per region (`federation serve`) and agent
+//! processes (`federation agent`), on free 127.0.0.1 ports, each in its own
+//! data directory under a temporary folder. Every process is killed when the
+//! sandbox is dropped, also when a test fails or the demo is interrupted.
+//!
+//! Processes, not tasks: tests can SIGKILL, SIGSTOP and restart a region
+//! exactly as an operator's incident would.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use federation_api as api;
+use tonic::transport::Channel;
+
+/// A child process killed (SIGKILL) and reaped when dropped.
+#[derive(Debug)]
+pub struct ChildGuard {
+    child: Option<std::process::Child>,
+    /// What it is, for messages.
+    pub name: String,
+}
+
+impl ChildGuard {
+    /// Spawns `cmd`.
+    pub fn spawn(name: &str, cmd: &mut Command) -> anyhow::Result<Self> {
+        let child = cmd.spawn().with_context(|| format!("starting {name}"))?;
+        Ok(Self {
+            child: Some(child),
+            name: name.to_string(),
+        })
+    }
+
+    /// The process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(std::process::Child::id)
+    }
+
+    /// Sends a signal by name (`STOP`, `CONT`, `TERM`) with `kill(1)`.
+    pub fn signal(&self, sig: &str) -> anyhow::Result<()> {
+        let pid = self.pid().context("process not running")?;
+        let status = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(pid.to_string())
+            .status()
+            .context("running kill")?;
+        if !status.success() {
+            bail!("kill -{sig} {pid} failed");
+        }
+        Ok(())
+    }
+
+    /// Waits (bounded) for the process to exit by itself; returns its status.
+    pub fn wait_timeout(&mut self, patience: Duration) -> Option<std::process::ExitStatus> {
+        let until = Instant::now() + patience;
+        while Instant::now() < until {
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    self.child = None;
+                    return Some(status);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Kills and reaps the child now.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A free loopback port (bound then released; the tiny race is acceptable
+/// on loopback for tests).
+pub fn free_port() -> anyhow::Result<SocketAddr> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free loopback port")?;
+    Ok(l.local_addr()?)
+}
+
+/// How to build a sandbox.
+#[derive(Debug, Clone)]
+pub struct SandboxBuilder {
+    exe: PathBuf,
+    policy: String,
+    env: Vec<(String, String)>,
+    agents: usize,
+    slots: u32,
+    exec: String,
+    verbose: bool,
+    keep: bool,
+}
+
+impl SandboxBuilder {
+    /// A sandbox running `exe` (the `federation` binary) with `policy` (the
+    /// federation file's text). Timers default to fast test values.
+    pub fn new(exe: impl Into<PathBuf>, policy: impl Into<String>) -> Self {
+        Self {
+            exe: exe.into(),
+            policy: policy.into(),
+            env: vec![
+                ("FEDERATION__NODE__TIMERS__HEARTBEAT_INTERVAL".into(), "250ms".into()),
+                ("FEDERATION__NODE__TIMERS__DEAD_AFTER".into(), "1500ms".into()),
+                ("FEDERATION__NODE__TIMERS__FORWARD_TIMEOUT".into(), "1s".into()),
+                ("FEDERATION__NODE__TIMERS__LEASE_TTL".into(), "3s".into()),
+                ("FEDERATION__NODE__TIMERS__AGENT_TIMEOUT".into(), "3s".into()),
+                ("FEDERATION__NODE__TIMERS__SHUTDOWN_GRACE".into(), "3s".into()),
+            ],
+            agents: 1,
+            slots: 2,
+            exec: "cat".into(),
+            verbose: false,
+            keep: false,
+        }
+    }
+
+    /// Sets an environment variable for every controller (`FEDERATION__…`).
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// Agents per region (0 for none) and slots per agent.
+    pub fn agents(mut self, per_region: usize, slots: u32) -> Self {
+        self.agents = per_region;
+        self.slots = slots;
+        self
+    }
+
+    /// The agents' command (run with `sh -c`).
+    pub fn exec(mut self, cmd: &str) -> Self {
+        self.exec = cmd.to_string();
+        self
+    }
+
+    /// Show children's logs on stderr.
+    pub fn verbose(mut self, on: bool) -> Self {
+        self.verbose = on;
+        self
+    }
+
+    /// Keep the data directories after drop.
+    pub fn keep(mut self, on: bool) -> Self {
+        self.keep = on;
+        self
+    }
+
+    /// Starts every region's controller and agents.
+    pub fn start(self) -> anyhow::Result<Sandbox> {
+        let dir = std::env::temp_dir().join(format!(
+            "federation-sandbox-{}-{}",
+            std::process::id(),
+            uuid::Uuid::new_v4().simple()
+        ));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let config = dir.join("federation.yaml");
+        std::fs::write(&config, &self.policy).context("writing the sandbox policy")?;
+        let policy = crate::policy::Policy::load_file(&config).context("the sandbox policy")?;
+        let mut regions = BTreeMap::new();
+        for r in &policy.regions {
+            regions.insert(
+                r.name.clone(),
+                SandboxRegion {
+                    addr: free_port()?,
+                    data_dir: dir.join(&r.name),
+                    controller: None,
+                    agents: Vec::new(),
+                },
+            );
+        }
+        let mut sandbox = Sandbox {
+            builder: self,
+            dir,
+            config,
+            regions,
+        };
+        let names: Vec<String> = sandbox.regions.keys().cloned().collect();
+        for name in &names {
+            sandbox.start_controller(name)?;
+        }
+        for name in &names {
+            for _ in 0..sandbox.builder.agents {
+                sandbox.start_agent(name)?;
+            }
+        }
+        Ok(sandbox)
+    }
+}
+
+/// One region of a sandbox.
+#[derive(Debug)]
+pub struct SandboxRegion {
+    /// The controller's address.
+    pub addr: SocketAddr,
+    /// Its data directory.
+    pub data_dir: PathBuf,
+    controller: Option<ChildGuard>,
+    agents: Vec<ChildGuard>,
+}
+
+/// A running local federation.
+#[derive(Debug)]
+pub struct Sandbox {
+    builder: SandboxBuilder,
+    dir: PathBuf,
+    config: PathBuf,
+    regions: BTreeMap<String, SandboxRegion>,
+}
+
+impl Sandbox {
+    /// The sandbox's folder.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The federation file the controllers were started with.
+    pub fn config_path(&self) -> &Path {
+        &self.config
+    }
+
+    /// Region names.
+    pub fn region_names(&self) -> Vec<String> {
+        self.regions.keys().cloned().collect()
+    }
+
+    fn region(&self, name: &str) -> anyhow::Result<&SandboxRegion> {
+        self.regions
+            .get(name)
+            .with_context(|| format!("no region `{name}` in the sandbox"))
+    }
+
+    fn region_mut(&mut self, name: &str) -> anyhow::Result<&mut SandboxRegion> {
+        self.regions
+            .get_mut(name)
+            .with_context(|| format!("no region `{name}` in the sandbox"))
+    }
+
+    /// The controller address of `name`.
+    pub fn addr(&self, name: &str) -> anyhow::Result<SocketAddr> {
+        Ok(self.region(name)?.addr)
+    }
+
+    /// The data directory of `name`.
+    pub fn data_dir(&self, name: &str) -> anyhow::Result<PathBuf> {
+        Ok(self.region(name)?.data_dir.clone())
+    }
+
+    fn stdio(&self) -> Stdio {
+        if self.builder.verbose {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        }
+    }
+
+    /// Starts (or restarts, same port and data) the controller of `name`.
+    pub fn start_controller(&mut self, name: &str) -> anyhow::Result<()> {
+        let peers: Vec<String> = self
+            .regions
+            .iter()
+            .filter(|(n, _)| n.as_str() != name)
+            .map(|(n, r)| format!("{n}=http://{}", r.addr))
+            .collect();
+        let region = self.region(name)?;
+        let mut cmd = Command::new(&self.builder.exe);
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--region")
+            .arg(name)
+            .arg("--listen")
+            .arg(region.addr.to_string())
+            .arg("--data-dir")
+            .arg(&region.data_dir)
+            .stdout(Stdio::null())
+            .stderr(self.stdio());
+        for (k, v) in &self.builder.env {
+            cmd.env(k, v);
+        }
+        for p in peers {
+            cmd.arg("--peer").arg(p);
+        }
+        let guard = ChildGuard::spawn(&format!("{name} controller"), &mut cmd)?;
+        self.region_mut(name)?.controller = Some(guard);
+        Ok(())
+    }
+
+    /// Starts one more agent for `name`; returns its index.
+    pub fn start_agent(&mut self, name: &str) -> anyhow::Result<usize> {
+        self.start_agent_with(name, &self.builder.exec.clone(), self.builder.slots)
+    }
+
+    /// Starts an agent for `name` running `exec` with `slots`.
+    pub fn start_agent_with(&mut self, name: &str, exec: &str, slots: u32) -> anyhow::Result<usize> {
+        let addr = self.region(name)?.addr;
+        let index = self.region(name)?.agents.len();
+        let mut cmd = Command::new(&self.builder.exe);
+        cmd.arg("agent")
+            .arg("--controller")
+            .arg(format!("http://{addr}"))
+            .arg("--region")
+            .arg(name)
+            .arg("--name")
+            .arg(format!("{name}-agent-{index}"))
+            .arg("--slots")
+            .arg(slots.to_string())
+            .arg("--exec")
+            .arg(exec)
+            .stdout(Stdio::null())
+            .stderr(self.stdio());
+        let guard = ChildGuard::spawn(&format!("{name} agent {index}"), &mut cmd)?;
+        self.region_mut(name)?.agents.push(guard);
+        Ok(index)
+    }
+
+    /// SIGKILLs an agent.
+    pub fn kill_agent(&mut self, name: &str, index: usize) -> anyhow::Result<()> {
+        let agent = self
+            .region_mut(name)?
+            .agents
+            .get_mut(index)
+            .with_context(|| format!("no agent {index} in {name}"))?;
+        agent.kill();
+        Ok(())
+    }
+
+    /// SIGKILLs the controller of `name`.
+    pub fn kill_controller(&mut self, name: &str) -> anyhow::Result<()> {
+        if let Some(mut c) = self.region_mut(name)?.controller.take() {
+            c.kill();
+        }
+        Ok(())
+    }
+
+    /// The controller process of `name`, for signals (SIGSTOP/SIGCONT/SIGTERM).
+    pub fn controller(&mut self, name: &str) -> anyhow::Result<&mut ChildGuard> {
+        self.region_mut(name)?
+            .controller
+            .as_mut()
+            .with_context(|| format!("{name}'s controller is not running"))
+    }
+
+    /// A channel to `name`'s controller.
+    pub async fn channel(&self, name: &str) -> anyhow::Result<Channel> {
+        connect(self.addr(name)?).await
+    }
+
+    /// A client-service stub for `name`.
+    pub async fn client(
+        &self,
+        name: &str,
+    ) -> anyhow::Result<api::federation_client_client::FederationClientClient<Channel>> {
+        Ok(api::federation_client_client::FederationClientClient::new(self.channel(name).await?))
+    }
+
+    /// An admin-service stub for `name`.
+    pub async fn admin(
+        &self,
+        name: &str,
+    ) -> anyhow::Result<api::federation_admin_client::FederationAdminClient<Channel>> {
+        Ok(api::federation_admin_client::FederationAdminClient::new(self.channel(name).await?))
+    }
+
+    /// Waits (bounded) until `viewer` sees each listed region in the listed
+    /// state ("alive", "suspect", "dead").
+    pub async fn wait_for_states(
+        &self,
+        viewer: &str,
+        expect: &[(&str, &str)],
+        patience: Duration,
+    ) -> anyhow::Result<()> {
+        let addr = self.addr(viewer)?;
+        let until = Instant::now() + patience;
+        let mut last = String::from("no answer");
+        while Instant::now() < until {
+            if let Ok(ch) = connect(addr).await {
+                let mut admin = api::federation_admin_client::FederationAdminClient::new(ch);
+                if let Ok(s) = admin.federation_status(api::FederationStatusRequest {}).await {
+                    let states: BTreeMap<_, _> = s
+                        .into_inner()
+                        .regions
+                        .into_iter()
+                        .map(|r| (r.region, r.state))
+                        .collect();
+                    if expect
+                        .iter()
+                        .all(|(r, st)| states.get(*r).map(String::as_str) == Some(*st))
+                    {
+                        return Ok(());
+                    }
+                    last = format!("{states:?}");
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!("timed out after {patience:?} waiting for {expect:?} as seen from {viewer}; last seen {last}")
+    }
+
+    /// Waits until every controller sees every other region alive.
+    pub async fn wait_all_alive(&self, patience: Duration) -> anyhow::Result<()> {
+        let names = self.region_names();
+        for viewer in &names {
+            let expect: Vec<(&str, &str)> = names
+                .iter()
+                .filter(|n| *n != viewer)
+                .map(|n| (n.as_str(), "alive"))
+                .collect();
+            self.wait_for_states(viewer, &expect, patience).await?;
+        }
+        Ok(())
+    }
+
+    /// Waits (bounded) until the task is terminal; returns it as last read.
+    pub async fn wait_terminal(
+        &self,
+        entry: &str,
+        task_id: &str,
+        patience: Duration,
+    ) -> anyhow::Result<api::Task> {
+        let mut client = self.client(entry).await?;
+        let until = Instant::now() + patience;
+        loop {
+            let t = client
+                .get_task(api::GetTaskRequest {
+                    task_id: task_id.to_string(),
+                })
+                .await
+                .with_context(|| format!("reading task {task_id}"))?
+                .into_inner()
+                .task
+                .unwrap_or_default();
+            if t.state >= api::TaskState::Succeeded as i32 {
+                return Ok(t);
+            }
+            if Instant::now() >= until {
+                bail!("task {task_id} still {:?} after {patience:?}", t.state());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        // Kill every child before removing their directories.
+        for r in self.regions.values_mut() {
+            r.agents.clear();
+            r.controller = None;
+        }
+        if !self.builder.keep {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Connects to a controller (bounded).
+pub async fn connect(addr: SocketAddr) -> anyhow::Result<Channel> {
+    Ok(tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(10))
+        .tcp_nodelay(true)
+        .connect()
+        .await?)
+}
+
+/// Submit attributes helper: `[("customer_region", "DE")]` as string attributes.
+pub fn string_attrs(pairs: &[(&str, &str)]) -> std::collections::HashMap<String, api::AttributeValue> {
+    pairs
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.to_string(),
+                api::AttributeValue {
+                    kind: Some(api::attribute_value::Kind::StringValue(v.to_string())),
+                },
+            )
+        })
+        .collect()
+}

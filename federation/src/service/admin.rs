@@ -1,0 +1,190 @@
+//! `FederationAdmin`: federation status, policy reload, drain.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use federation_api as api;
+use tonic::{Request, Response, Status};
+
+use crate::controller::Node;
+use crate::error::Error;
+use crate::policy::{Health, Policy};
+
+/// The admin service.
+#[derive(Debug)]
+pub struct AdminService {
+    node: Arc<Node>,
+}
+
+impl AdminService {
+    /// A service over `node`.
+    pub fn new(node: Arc<Node>) -> Self {
+        Self { node }
+    }
+}
+
+fn health_name(h: Health) -> &'static str {
+    match h {
+        Health::Alive => "alive",
+        Health::Suspect => "suspect",
+        Health::Dead => "dead",
+        Health::Unknown => "unknown",
+    }
+}
+
+/// The status as this controller sees it (also used by the status page).
+pub fn status(node: &Node) -> api::FederationStatusResponse {
+    let policy = node.policy();
+    let now = Instant::now();
+    let mut rows = Vec::new();
+    let own = node.advertisement(false);
+    for region in &policy.regions {
+        if region.name == node.region {
+            rows.push(api::RegionStatus {
+                region: region.name.clone(),
+                state: "self".into(),
+                compliance_tags: own.compliance_tags.clone(),
+                capacity: own.capacity,
+                epoch: own.epoch,
+                sequence: own.sequence,
+                policy_hash: own.policy_hash.clone(),
+                policy_mismatch: false,
+                last_advertisement_age_ms: 0,
+                draining: own.draining,
+                endpoint: own.endpoint.clone(),
+                phi: 0.0,
+            });
+            continue;
+        }
+        let row = node
+            .membership
+            .status(now)
+            .into_iter()
+            .find(|p| p.region == region.name);
+        let Some(p) = row else { continue };
+        let ad = p.ad.clone().unwrap_or_default();
+        // Only tags the policy grants and the region claims are trusted.
+        let tags: Vec<String> = ad
+            .compliance_tags
+            .iter()
+            .filter(|t| region.tags.contains(*t))
+            .cloned()
+            .collect();
+        rows.push(api::RegionStatus {
+            region: region.name.clone(),
+            state: health_name(p.health).into(),
+            compliance_tags: tags,
+            capacity: ad.capacity,
+            epoch: ad.epoch,
+            sequence: ad.sequence,
+            policy_mismatch: p.ad.is_some() && ad.policy_hash != policy.hash,
+            policy_hash: ad.policy_hash,
+            last_advertisement_age_ms: p.age.map(|a| a.as_millis() as i64).unwrap_or(-1),
+            draining: ad.draining,
+            endpoint: node.endpoint_of(&region.name).unwrap_or_default(),
+            phi: if p.phi.is_finite() { p.phi } else { -1.0 },
+        });
+    }
+    api::FederationStatusResponse {
+        self_region: node.region.clone(),
+        federation: policy.federation.clone(),
+        regions: rows,
+        policy_hash: policy.hash.clone(),
+        epoch: node.epoch,
+    }
+}
+
+/// Validates and applies a new policy; the old one stays on any error.
+pub async fn reload(node: &Node, source: &str, format: &str) -> api::ReloadPolicyResponse {
+    let old = node.policy();
+    let loaded = if source.is_empty() {
+        crate::config::load(&crate::config::Sources {
+            federation_file: node.config_path.clone(),
+            node_file: None,
+            env: None,
+        })
+    } else {
+        let ext = match format {
+            "" | "yaml" | "yml" => "yaml",
+            "json" => "json",
+            "toml" => "toml",
+            other => {
+                return refused(&old, format!("unknown format `{other}` (yaml, json or toml)"));
+            }
+        };
+        crate::config::load_from_text(std::path::Path::new(&format!("reload.{ext}")), source)
+    };
+    let policy = match loaded.map_err(crate::policy::LoadError::from).and_then(|l| Policy::from_loaded(&l)) {
+        Ok(p) => p,
+        Err(e) => return refused(&old, e.to_string()),
+    };
+    if policy.region(&node.region).is_none() {
+        return refused(&old, format!("the new policy does not contain this region `{}`", node.region));
+    }
+    let hash = policy.hash.clone();
+    node.set_policy(policy);
+    tracing::info!(old = %old.hash, new = %hash, "policy reloaded");
+    let entry = crate::audit::DecisionEntry {
+        kind: "policy_reload".into(),
+        region: node.region.clone(),
+        policy_hash: Some(hash.clone()),
+        note: Some(format!("policy {} replaced {}", hash, old.hash)),
+        ..Default::default()
+    };
+    if let Err(e) = node.log.append(entry).await {
+        tracing::error!(error = %e, "appending to the decision log failed");
+    }
+    api::ReloadPolicyResponse {
+        applied: true,
+        policy_hash: hash,
+        findings: Vec::new(),
+        error: String::new(),
+    }
+}
+
+fn refused(old: &Policy, error: String) -> api::ReloadPolicyResponse {
+    tracing::warn!(%error, "policy reload refused; the old policy stays in force");
+    api::ReloadPolicyResponse {
+        applied: false,
+        policy_hash: old.hash.clone(),
+        findings: Vec::new(),
+        error,
+    }
+}
+
+#[tonic::async_trait]
+impl api::federation_admin_server::FederationAdmin for AdminService {
+    async fn federation_status(
+        &self,
+        _request: Request<api::FederationStatusRequest>,
+    ) -> Result<Response<api::FederationStatusResponse>, Status> {
+        Ok(Response::new(status(&self.node)))
+    }
+
+    async fn reload_policy(
+        &self,
+        request: Request<api::ReloadPolicyRequest>,
+    ) -> Result<Response<api::ReloadPolicyResponse>, Status> {
+        let req = request.into_inner();
+        if req.policy_source.len() > self.node.limits.max_message_bytes {
+            return Err(Error::limit("policy_source", "larger than the message limit").into());
+        }
+        Ok(Response::new(reload(&self.node, &req.policy_source, &req.format).await))
+    }
+
+    async fn drain(
+        &self,
+        request: Request<api::DrainRequest>,
+    ) -> Result<Response<api::DrainResponse>, Status> {
+        let req = request.into_inner();
+        self.node.set_draining(req.drain);
+        tracing::info!(draining = req.drain, "drain state changed");
+        let counts = self.node.store.counts();
+        Ok(Response::new(api::DrainResponse {
+            draining: req.drain,
+            queued: counts.queued,
+            leased: counts.leased,
+            empty: req.drain && counts.queued == 0 && counts.leased == 0,
+        }))
+    }
+}

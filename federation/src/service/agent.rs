@@ -1,0 +1,175 @@
+//! `RegionAgentApi`: agents of this region register, heartbeat, lease tasks,
+//! renew leases and report results.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use federation_api as api;
+use tonic::{Request, Response, Status};
+
+use crate::controller::Node;
+use crate::error::Error;
+
+/// Longest long-poll an agent may ask for.
+const MAX_LEASE_WAIT: Duration = Duration::from_secs(30);
+/// Most slots one agent may claim.
+const MAX_SLOTS: u32 = 10_000;
+
+/// The agent service.
+#[derive(Debug)]
+pub struct AgentService {
+    node: Arc<Node>,
+}
+
+impl AgentService {
+    /// A service over `node`.
+    pub fn new(node: Arc<Node>) -> Self {
+        Self { node }
+    }
+
+    fn known(&self, agent_id: &str) -> Result<(), Status> {
+        if self.node.agents.contains(agent_id) {
+            Ok(())
+        } else {
+            Err(Error::NotFound {
+                what: "agent",
+                id: agent_id.to_string(),
+            }
+            .into())
+        }
+    }
+}
+
+fn ms(d: Duration) -> u32 {
+    u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
+}
+
+#[tonic::async_trait]
+impl api::region_agent_api_server::RegionAgentApi for AgentService {
+    async fn register(
+        &self,
+        request: Request<api::RegisterRequest>,
+    ) -> Result<Response<api::RegisterResponse>, Status> {
+        let req = request.into_inner();
+        if !req.region.is_empty() && req.region != self.node.region {
+            return Err(Error::Precondition(format!(
+                "agent is for region `{}` but this controller serves `{}`",
+                crate::wire::truncate(&req.region, 64),
+                self.node.region
+            ))
+            .into());
+        }
+        if req.slots == 0 || req.slots > MAX_SLOTS {
+            return Err(Error::invalid("slots", format!("must be 1 to {MAX_SLOTS}")).into());
+        }
+        let name = crate::wire::truncate(&req.name, 128);
+        let agent_id = self.node.agents.register(&name, req.slots, Instant::now());
+        tracing::info!(%agent_id, %name, slots = req.slots, "agent registered");
+        let interval = (self.node.timers.agent_timeout / 3).max(Duration::from_millis(100));
+        Ok(Response::new(api::RegisterResponse {
+            agent_id,
+            heartbeat_interval_ms: ms(interval),
+            lease_ttl_ms: ms(self.node.timers.lease_ttl),
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<api::HeartbeatRequest>,
+    ) -> Result<Response<api::HeartbeatResponse>, Status> {
+        let req = request.into_inner();
+        let free = req.capacity.map(|c| c.free_slots);
+        if !self.node.agents.heartbeat(&req.agent_id, free, Instant::now()) {
+            return Err(Error::NotFound {
+                what: "agent",
+                id: req.agent_id,
+            }
+            .into());
+        }
+        Ok(Response::new(api::HeartbeatResponse {
+            draining: self.node.draining(),
+            revoked_task_ids: Vec::new(),
+        }))
+    }
+
+    async fn lease_tasks(
+        &self,
+        request: Request<api::LeaseTasksRequest>,
+    ) -> Result<Response<api::LeaseTasksResponse>, Status> {
+        let req = request.into_inner();
+        self.known(&req.agent_id)?;
+        self.node.agents.heartbeat(&req.agent_id, None, Instant::now());
+        if self.node.draining() {
+            return Ok(Response::new(api::LeaseTasksResponse { tasks: Vec::new() }));
+        }
+        let slots = self.node.agents.slots(&req.agent_id).unwrap_or(1);
+        let max = req.max_tasks.clamp(1, slots) as usize;
+        let wait = Duration::from_millis(u64::from(req.wait_ms)).min(MAX_LEASE_WAIT);
+        let until = Instant::now() + wait;
+        // Bounded: each round either leases, or waits for a queue change or
+        // the deadline.
+        for _ in 0..1000 {
+            let tasks = self
+                .node
+                .store
+                .lease(&req.agent_id, max, self.node.timers.lease_ttl)
+                .await
+                .map_err(Error::from)?;
+            if !tasks.is_empty() {
+                for t in &tasks {
+                    tracing::info!(task_id = %t.task_id, agent_id = %req.agent_id, attempt = t.attempts, "task leased");
+                }
+                return Ok(Response::new(api::LeaseTasksResponse { tasks }));
+            }
+            let now = Instant::now();
+            if now >= until || self.node.draining() {
+                break;
+            }
+            self.node.store.wait_for_queued(until - now).await;
+        }
+        Ok(Response::new(api::LeaseTasksResponse { tasks: Vec::new() }))
+    }
+
+    async fn renew_lease(
+        &self,
+        request: Request<api::RenewLeaseRequest>,
+    ) -> Result<Response<api::RenewLeaseResponse>, Status> {
+        let req = request.into_inner();
+        self.known(&req.agent_id)?;
+        crate::wire::check_task_id(&req.task_id)?;
+        let task = self
+            .node
+            .store
+            .renew(&req.agent_id, &req.task_id, self.node.timers.lease_ttl)
+            .await
+            .map_err(Error::from)?;
+        Ok(Response::new(api::RenewLeaseResponse {
+            lease_deadline_unix_ms: task.lease_deadline_unix_ms,
+        }))
+    }
+
+    async fn complete_task(
+        &self,
+        request: Request<api::CompleteTaskRequest>,
+    ) -> Result<Response<api::CompleteTaskResponse>, Status> {
+        let req = request.into_inner();
+        self.known(&req.agent_id)?;
+        crate::wire::check_task_id(&req.task_id)?;
+        if req.result.len() > self.node.limits.max_result_bytes {
+            return Err(Error::limit(
+                "result",
+                format!("{} bytes exceeds the limit of {}", req.result.len(), self.node.limits.max_result_bytes),
+            )
+            .into());
+        }
+        let error = crate::wire::truncate(&req.error, 4096);
+        let task = self
+            .node
+            .store
+            .complete(&req.agent_id, &req.task_id, req.success, req.result, error)
+            .await
+            .map_err(Error::from)?;
+        tracing::info!(task_id = %task.task_id, success = req.success, "task completed");
+        Ok(Response::new(api::CompleteTaskResponse { task: Some(task) }))
+    }
+}

@@ -1,0 +1,45 @@
+//! The gRPC services: thin handlers that validate input, call into
+//! [`crate::routing`], [`crate::tasks`] and [`crate::membership`], and turn
+//! [`crate::error::Error`] into a status. No business logic lives here.
+
+mod admin;
+mod agent;
+mod client;
+mod peer;
+
+pub use admin::{reload, status};
+
+use std::sync::Arc;
+
+use federation_api as api;
+use tonic::transport::server::Router;
+
+use crate::controller::Node;
+
+/// The tonic router with every service of a controller.
+pub fn router(node: Arc<Node>) -> Router {
+    let max = node.limits.max_message_bytes;
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .max_concurrent_streams(Some(1024))
+        .add_service(
+            api::federation_client_server::FederationClientServer::new(client::ClientService::new(node.clone()))
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        )
+        .add_service(
+            api::federation_peer_server::FederationPeerServer::new(peer::PeerService::new(node.clone()))
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        )
+        .add_service(
+            api::region_agent_api_server::RegionAgentApiServer::new(agent::AgentService::new(node.clone()))
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        )
+        .add_service(
+            api::federation_admin_server::FederationAdminServer::new(admin::AdminService::new(node))
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        )
+}

@@ -1,0 +1,114 @@
+//! `FederationPeer`: what controllers call on one another — advertisements
+//! (gossip both ways), forwarded tasks, relayed get/watch/cancel. Snapshot
+//! pushes are refused until replication is enabled by its own module.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use federation_api as api;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::client::{local_cancel, local_get, local_watch, EventStream};
+use crate::controller::Node;
+use crate::error::Error;
+use crate::{routing, wire};
+
+/// The peer service.
+#[derive(Debug)]
+pub struct PeerService {
+    node: Arc<Node>,
+}
+
+impl PeerService {
+    /// A service over `node`.
+    pub fn new(node: Arc<Node>) -> Self {
+        Self { node }
+    }
+
+    fn owned(&self, task_id: &str) -> Result<(), Status> {
+        wire::check_task_id(task_id)?;
+        if wire::owner_of(task_id) != Some(self.node.region.as_str()) {
+            return Err(Error::task_not_found(task_id).into());
+        }
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl api::federation_peer_server::FederationPeer for PeerService {
+    async fn advertise(
+        &self,
+        request: Request<api::AdvertiseRequest>,
+    ) -> Result<Response<api::AdvertiseResponse>, Status> {
+        let req = request.into_inner();
+        let now = Instant::now();
+        let origin = req
+            .origin
+            .ok_or_else(|| Status::from(Error::invalid("origin", "missing")))?;
+        if self.node.policy().region(&origin.region).is_none() {
+            return Err(Error::invalid(
+                "origin.region",
+                format!("`{}` is not a region of this federation", wire::truncate(&origin.region, 64)),
+            )
+            .into());
+        }
+        if req.known.len() > 1024 {
+            return Err(Error::limit("known", "more than 1024 advertisements").into());
+        }
+        self.node.membership.observe(&origin, now);
+        for ad in &req.known {
+            self.node.membership.observe(ad, now);
+        }
+        Ok(Response::new(api::AdvertiseResponse {
+            origin: Some(self.node.advertisement(false)),
+            known: self.node.membership.known(),
+        }))
+    }
+
+    async fn forward_task(
+        &self,
+        request: Request<api::ForwardTaskRequest>,
+    ) -> Result<Response<api::ForwardTaskResponse>, Status> {
+        Ok(Response::new(routing::accept_forward(&self.node, request.into_inner()).await?))
+    }
+
+    async fn relay_get_task(
+        &self,
+        request: Request<api::GetTaskRequest>,
+    ) -> Result<Response<api::GetTaskResponse>, Status> {
+        let req = request.into_inner();
+        self.owned(&req.task_id)?;
+        Ok(Response::new(api::GetTaskResponse {
+            task: Some(local_get(&self.node, &req.task_id)?),
+        }))
+    }
+
+    type RelayWatchTaskStream = EventStream;
+
+    async fn relay_watch_task(
+        &self,
+        request: Request<api::WatchTaskRequest>,
+    ) -> Result<Response<Self::RelayWatchTaskStream>, Status> {
+        let req = request.into_inner();
+        self.owned(&req.task_id)?;
+        Ok(Response::new(local_watch(&self.node, &req.task_id)?))
+    }
+
+    async fn relay_cancel_task(
+        &self,
+        request: Request<api::CancelTaskRequest>,
+    ) -> Result<Response<api::CancelTaskResponse>, Status> {
+        let req = request.into_inner();
+        self.owned(&req.task_id)?;
+        Ok(Response::new(local_cancel(&self.node, &req.task_id, &req.reason).await?))
+    }
+
+    async fn push_snapshot(
+        &self,
+        _request: Request<Streaming<api::SnapshotChunk>>,
+    ) -> Result<Response<api::PushSnapshotResponse>, Status> {
+        Err(Status::unimplemented(
+            "snapshot replication is not enabled in this build",
+        ))
+    }
+}

@@ -1,0 +1,113 @@
+//! No acknowledged task is lost: an agent killed mid-task (its lease expires
+//! and the task runs again), and a controller killed with SIGKILL and
+//! restarted (every acknowledged task is still there).
+
+mod support;
+
+use std::time::Duration;
+
+use federation::sandbox::string_attrs;
+use federation_api as api;
+use support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_killed_mid_task_is_released_and_completes_elsewhere() {
+    // The first agent runs a command that hangs; we kill the agent while it
+    // holds the lease. A second agent that completes quickly picks it up
+    // after the lease TTL.
+    let mut sandbox = seed_sandbox()
+        .agents(0, 1)
+        .env("FEDERATION__NODE__TIMERS__LEASE_TTL", "1500ms")
+        .start()
+        .expect("sandbox starts");
+    sandbox.wait_all_alive(PATIENCE).await.expect("federation forms");
+    let slow = sandbox.start_agent_with("europe", "sleep 600", 1).expect("slow agent");
+    let mut client = sandbox.client("europe").await.expect("client");
+    let resp = client
+        .submit_task(api::SubmitTaskRequest {
+            attributes: string_attrs(&[("customer_region", "DE")]),
+            payload: b"work".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .expect("accepted")
+        .into_inner();
+    let id = resp.task_id.clone();
+    eventually("the slow agent leases the task", PATIENCE, || {
+        let mut c = client.clone();
+        let id = id.clone();
+        async move {
+            let t = c.get_task(api::GetTaskRequest { task_id: id }).await.ok()?.into_inner().task?;
+            (t.state() == api::TaskState::Leased).then_some(())
+        }
+    })
+    .await;
+    sandbox.kill_agent("europe", slow).expect("kill agent");
+    sandbox.start_agent_with("europe", "cat", 1).expect("fast agent");
+    let t = sandbox.wait_terminal("europe", &id, PATIENCE).await.expect("completes");
+    assert_eq!(t.state(), api::TaskState::Succeeded, "{t:?}");
+    assert_eq!(t.attempts, 2, "leased once by the killed agent, once by the new one");
+    assert_eq!(t.result, b"work");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_killed_and_restarted_keeps_every_acknowledged_task() {
+    let mut sandbox = seed_sandbox().agents(0, 1).start().expect("sandbox starts");
+    sandbox.wait_all_alive(PATIENCE).await.expect("federation forms");
+    let mut client = sandbox.client("europe").await.expect("client");
+    // Submit concurrently, remember every acknowledged id, kill mid-stream.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut workers = Vec::new();
+    for w in 0..8 {
+        let mut c = client.clone();
+        let tx = tx.clone();
+        workers.push(tokio::spawn(async move {
+            for i in 0..10_000 {
+                let req = api::SubmitTaskRequest {
+                    attributes: string_attrs(&[("customer_region", "DE")]),
+                    idempotency_key: format!("w{w}-{i}"),
+                    ..Default::default()
+                };
+                match c.submit_task(req).await {
+                    Ok(r) => {
+                        if tx.send(r.into_inner().task_id).is_err() {
+                            return;
+                        }
+                    }
+                    Err(_) => return,
+                }
+            }
+        }));
+    }
+    drop(tx);
+    // Let some acknowledgements through, then SIGKILL.
+    let mut acked = Vec::new();
+    while acked.len() < 200 {
+        match tokio::time::timeout(PATIENCE, rx.recv()).await {
+            Ok(Some(id)) => acked.push(id),
+            _ => panic!("submissions stalled after {} acks", acked.len()),
+        }
+    }
+    sandbox.kill_controller("europe").expect("kill");
+    while let Ok(Some(id)) = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
+        acked.push(id);
+    }
+    for w in workers {
+        let _ = w.await;
+    }
+    eprintln!("{} tasks acknowledged before SIGKILL", acked.len());
+    sandbox.start_controller("europe").expect("restart");
+    client = eventually("europe restarts", PATIENCE, || {
+        let s = &sandbox;
+        async move { s.client("europe").await.ok() }
+    })
+    .await;
+    let mut missing = Vec::new();
+    for id in &acked {
+        match client.get_task(api::GetTaskRequest { task_id: id.clone() }).await {
+            Ok(_) => {}
+            Err(s) => missing.push(format!("{id}: {:?}", s.code())),
+        }
+    }
+    assert!(missing.is_empty(), "{} acknowledged tasks lost: {:?}", missing.len(), &missing[..missing.len().min(5)]);
+}

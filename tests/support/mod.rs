@@ -1,0 +1,58 @@
+//! Shared helpers for the integration tests: locating the `federation`
+//! binary that `cargo test --workspace` builds, the user's policy, and
+//! bounded waiting.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use federation::sandbox::SandboxBuilder;
+
+/// The user's example, unchanged.
+pub const SEED: &str = include_str!("../../policies/seed-federation.yaml");
+
+/// How long any single wait in a test may take before the test fails.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+/// The `federation` binary built by cargo next to the test executable
+/// (`target/<profile>/federation`).
+pub fn federation_exe() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>/deps layout");
+    let bin = profile_dir.join("federation");
+    assert!(
+        bin.exists(),
+        "{} is missing: run the tests with `cargo test --workspace`, which builds it",
+        bin.display()
+    );
+    bin
+}
+
+/// A sandbox of the user's federation.
+pub fn seed_sandbox() -> SandboxBuilder {
+    SandboxBuilder::new(federation_exe(), SEED)
+}
+
+/// The seed with the EU rule requiring GDPR.
+pub fn seed_requires_gdpr() -> String {
+    federation::cli::demo::requires_gdpr_variant(SEED)
+}
+
+/// Polls `check` until it returns `Some`, at most `patience`.
+pub async fn eventually<T, F, Fut>(what: &str, patience: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let until = Instant::now() + patience;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < until, "timed out after {patience:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
