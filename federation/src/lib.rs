@@ -3,6 +3,8 @@
 //! tamper-evident decision log. See `ARCHITECTURE.md` for the map.
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod policy;
+pub mod tasks;
