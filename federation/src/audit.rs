@@ -1,1 +1,0 @@
-//! Decision log (in progress).
