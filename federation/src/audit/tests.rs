@@ -406,3 +406,49 @@ fn verify_of_a_missing_file_is_an_io_error() {
         Err(AuditError::Io { .. })
     ));
 }
+
+/// The Python recipe in the module doc verifies a real log (skipped when
+/// `python3` is not installed).
+#[tokio::test]
+async fn documented_python_recipe_verifies_the_log() {
+    let source = include_str!("mod.rs");
+    let script: String = source
+        .lines()
+        .skip_while(|l| !l.contains("```python"))
+        .skip(1)
+        .take_while(|l| !l.contains("```"))
+        .map(|l| {
+            let l = l.strip_prefix("//!").unwrap_or(l);
+            format!("{}\n", l.strip_prefix(' ').unwrap_or(l))
+        })
+        .collect();
+    assert!(script.contains("hashlib"), "recipe not found");
+    let dir = write_log(7).await;
+    let log = dir.path().join(FILE_NAME);
+    let run = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(&script)
+        .arg(&log)
+        .output();
+    let Ok(out) = run else {
+        eprintln!("python3 not available; skipping");
+        return;
+    };
+    let last = verify(dir.path()).expect("verify").last_hash;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(stdout.trim(), format!("ok: 7 records, last hash {last}"));
+
+    // And it catches an edit.
+    let mut l = lines(dir.path());
+    l[4] = l[4].replace("task-4", "task-X");
+    rewrite(dir.path(), &l);
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(&script)
+        .arg(&log)
+        .output()
+        .expect("python3 ran before");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("line 5: hash mismatch"));
+}

@@ -133,7 +133,7 @@ enum Op {
 }
 
 enum Reply {
-    Insert(InsertOutcome),
+    Insert(Box<InsertOutcome>),
     One(Box<Task>),
     Cancel(Box<Task>, bool),
     Many(Vec<Task>),
@@ -247,7 +247,7 @@ impl TaskStore {
     /// kept as given (a takeover restores tasks through this call).
     pub async fn insert(&self, task: Task) -> Result<InsertOutcome, StoreError> {
         match self.call(Op::Insert(Box::new(task))).await? {
-            Reply::Insert(o) => Ok(o),
+            Reply::Insert(o) => Ok(*o),
             other => Err(unexpected(other)),
         }
     }
@@ -626,7 +626,9 @@ impl Tables<'_> {
 
     fn apply(&mut self, op: Op, now: i64, changes: &mut Vec<Change>) -> Result<Reply, StoreError> {
         match op {
-            Op::Insert(task) => self.insert(*task, now, changes).map(Reply::Insert),
+            Op::Insert(task) => self
+                .insert(*task, now, changes)
+                .map(|o| Reply::Insert(Box::new(o))),
             Op::Lease { agent, max, ttl_ms } => self
                 .lease(&agent, max, now.saturating_add(ttl_ms), now, changes)
                 .map(Reply::Many),
