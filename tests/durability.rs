@@ -20,8 +20,13 @@ async fn agent_killed_mid_task_is_released_and_completes_elsewhere() {
         .env("FEDERATION__NODE__TIMERS__LEASE_TTL", "1500ms")
         .start()
         .expect("sandbox starts");
-    sandbox.wait_all_alive(PATIENCE).await.expect("federation forms");
-    let slow = sandbox.start_agent_with("europe", "sleep 600", 1).expect("slow agent");
+    sandbox
+        .wait_all_alive(PATIENCE)
+        .await
+        .expect("federation forms");
+    let slow = sandbox
+        .start_agent_with("europe", "sleep 600", 1)
+        .expect("slow agent");
     let mut client = sandbox.client("europe").await.expect("client");
     let resp = client
         .submit_task(api::SubmitTaskRequest {
@@ -37,23 +42,39 @@ async fn agent_killed_mid_task_is_released_and_completes_elsewhere() {
         let mut c = client.clone();
         let id = id.clone();
         async move {
-            let t = c.get_task(api::GetTaskRequest { task_id: id }).await.ok()?.into_inner().task?;
+            let t = c
+                .get_task(api::GetTaskRequest { task_id: id })
+                .await
+                .ok()?
+                .into_inner()
+                .task?;
             (t.state() == api::TaskState::Leased).then_some(())
         }
     })
     .await;
     sandbox.kill_agent("europe", slow).expect("kill agent");
-    sandbox.start_agent_with("europe", "cat", 1).expect("fast agent");
-    let t = sandbox.wait_terminal("europe", &id, PATIENCE).await.expect("completes");
+    sandbox
+        .start_agent_with("europe", "cat", 1)
+        .expect("fast agent");
+    let t = sandbox
+        .wait_terminal("europe", &id, PATIENCE)
+        .await
+        .expect("completes");
     assert_eq!(t.state(), api::TaskState::Succeeded, "{t:?}");
-    assert_eq!(t.attempts, 2, "leased once by the killed agent, once by the new one");
+    assert_eq!(
+        t.attempts, 2,
+        "leased once by the killed agent, once by the new one"
+    );
     assert_eq!(t.result, b"work");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn controller_killed_and_restarted_keeps_every_acknowledged_task() {
     let mut sandbox = seed_sandbox().agents(0, 1).start().expect("sandbox starts");
-    sandbox.wait_all_alive(PATIENCE).await.expect("federation forms");
+    sandbox
+        .wait_all_alive(PATIENCE)
+        .await
+        .expect("federation forms");
     let mut client = sandbox.client("europe").await.expect("client");
     // Submit concurrently, remember every acknowledged id, kill mid-stream.
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -104,10 +125,20 @@ async fn controller_killed_and_restarted_keeps_every_acknowledged_task() {
     .await;
     let mut missing = Vec::new();
     for id in &acked {
-        match client.get_task(api::GetTaskRequest { task_id: id.clone() }).await {
+        match client
+            .get_task(api::GetTaskRequest {
+                task_id: id.clone(),
+            })
+            .await
+        {
             Ok(_) => {}
             Err(s) => missing.push(format!("{id}: {:?}", s.code())),
         }
     }
-    assert!(missing.is_empty(), "{} acknowledged tasks lost: {:?}", missing.len(), &missing[..missing.len().min(5)]);
+    assert!(
+        missing.is_empty(),
+        "{} acknowledged tasks lost: {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
 }

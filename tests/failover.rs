@@ -8,7 +8,7 @@ mod support;
 use std::time::Duration;
 
 use federation::policy::Policy;
-use federation::sandbox::{string_attrs, SandboxBuilder};
+use federation::sandbox::{SandboxBuilder, string_attrs};
 use federation_api as api;
 use support::*;
 use tonic::Code;
@@ -23,22 +23,41 @@ fn submit(customer: &str) -> api::SubmitTaskRequest {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn primary_killed_fails_over_to_backup_and_flags_the_dropped_tag() {
     let mut sandbox = seed_sandbox().agents(0, 1).start().expect("sandbox starts");
-    sandbox.wait_all_alive(PATIENCE).await.expect("federation forms");
+    sandbox
+        .wait_all_alive(PATIENCE)
+        .await
+        .expect("federation forms");
     sandbox.kill_controller("europe").expect("kill");
     sandbox
         .wait_for_states("north_america", &[("europe", "dead")], PATIENCE)
         .await
         .expect("europe declared dead");
     let mut client = sandbox.client("north_america").await.expect("client");
-    let resp = client.submit_task(submit("DE")).await.expect("fails over").into_inner();
+    let resp = client
+        .submit_task(submit("DE"))
+        .await
+        .expect("fails over")
+        .into_inner();
     assert_eq!(resp.region, "north_america");
     let d = resp.decision.expect("decision");
     assert_eq!(d.outcome, "failover");
-    let eu = d.candidates.iter().find(|c| c.region == "europe").expect("europe candidate");
+    let eu = d
+        .candidates
+        .iter()
+        .find(|c| c.region == "europe")
+        .expect("europe candidate");
     assert_eq!(eu.reason, "dead");
-    assert!(d.warnings.iter().any(|w| w.contains("GDPR")), "{:?}", d.warnings);
+    assert!(
+        d.warnings.iter().any(|w| w.contains("GDPR")),
+        "{:?}",
+        d.warnings
+    );
     // US is unaffected.
-    let us = client.submit_task(submit("US")).await.expect("US").into_inner();
+    let us = client
+        .submit_task(submit("US"))
+        .await
+        .expect("US")
+        .into_inner();
     assert_eq!(us.decision.expect("decision").outcome, "routed");
 }
 
@@ -48,7 +67,10 @@ async fn requires_gdpr_refuses_instead_of_failing_over() {
         .agents(0, 1)
         .start()
         .expect("sandbox starts");
-    sandbox.wait_all_alive(PATIENCE).await.expect("federation forms");
+    sandbox
+        .wait_all_alive(PATIENCE)
+        .await
+        .expect("federation forms");
     sandbox.kill_controller("europe").expect("kill");
     sandbox
         .wait_for_states("asia_pacific", &[("europe", "dead")], PATIENCE)
@@ -60,25 +82,47 @@ async fn requires_gdpr_refuses_instead_of_failing_over() {
     let msg = err.message();
     assert!(msg.contains("rule 2"), "{msg}");
     assert!(msg.contains("europe") && msg.contains("dead"), "{msg}");
-    assert!(msg.contains("north_america") && msg.contains("GDPR"), "{msg}");
-    let us = client.submit_task(submit("US")).await.expect("US").into_inner();
+    assert!(
+        msg.contains("north_america") && msg.contains("GDPR"),
+        "{msg}"
+    );
+    let us = client
+        .submit_task(submit("US"))
+        .await
+        .expect("US")
+        .into_inner();
     assert_eq!(us.region, "north_america");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hung_primary_fails_over_after_the_forward_deadline() {
     let mut sandbox = seed_sandbox().agents(0, 1).start().expect("sandbox starts");
-    sandbox.wait_all_alive(PATIENCE).await.expect("federation forms");
+    sandbox
+        .wait_all_alive(PATIENCE)
+        .await
+        .expect("federation forms");
     // SIGSTOP: the socket stays open, nothing answers.
-    sandbox.controller("north_america").expect("running").signal("STOP").expect("stop");
+    sandbox
+        .controller("north_america")
+        .expect("running")
+        .signal("STOP")
+        .expect("stop");
     let mut client = sandbox.client("europe").await.expect("client");
     // Immediately (not yet suspected): the forward times out and the router
     // falls through to the backup.
-    let resp = client.submit_task(submit("US")).await.expect("fails over").into_inner();
+    let resp = client
+        .submit_task(submit("US"))
+        .await
+        .expect("fails over")
+        .into_inner();
     assert_eq!(resp.region, "europe");
     let d = resp.decision.expect("decision");
     assert_eq!(d.outcome, "failover");
-    let na = d.candidates.iter().find(|c| c.region == "north_america").expect("primary");
+    let na = d
+        .candidates
+        .iter()
+        .find(|c| c.region == "north_america")
+        .expect("primary");
     assert!(
         na.reason == "forward_failed" || na.reason == "dead",
         "{na:?}"
@@ -88,14 +132,26 @@ async fn hung_primary_fails_over_after_the_forward_deadline() {
         .wait_for_states("europe", &[("north_america", "dead")], PATIENCE)
         .await
         .expect("hung region declared dead");
-    let resp = client.submit_task(submit("CA")).await.expect("fails over").into_inner();
+    let resp = client
+        .submit_task(submit("CA"))
+        .await
+        .expect("fails over")
+        .into_inner();
     assert_eq!(resp.region, "europe");
-    sandbox.controller("north_america").expect("running").signal("CONT").expect("cont");
+    sandbox
+        .controller("north_america")
+        .expect("running")
+        .signal("CONT")
+        .expect("cont");
     sandbox
         .wait_for_states("europe", &[("north_america", "alive")], PATIENCE)
         .await
         .expect("resumed region alive again");
-    let resp = client.submit_task(submit("US")).await.expect("routed").into_inner();
+    let resp = client
+        .submit_task(submit("US"))
+        .await
+        .expect("routed")
+        .into_inner();
     assert_eq!(resp.region, "north_america");
 }
 
@@ -120,11 +176,17 @@ async fn randomized_failures_never_break_residency() {
         .agents(0, 1)
         .start()
         .expect("sandbox starts");
-    sandbox.wait_all_alive(PATIENCE).await.expect("federation forms");
+    sandbox
+        .wait_all_alive(PATIENCE)
+        .await
+        .expect("federation forms");
     let policy = Policy::load_file(sandbox.config_path()).expect("policy");
     let regions = ["north_america", "europe", "asia_pacific"];
     let customers = ["US", "CA", "DE", "UK", "FR", "JP", "BR"];
-    let seed = std::env::var("RANDOMIZED_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5eed_f00d_u64);
+    let seed = std::env::var("RANDOMIZED_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x5eed_f00d_u64);
     eprintln!("randomized run seed {seed} (set RANDOMIZED_SEED to reproduce)");
     let mut rng = Rng(seed);
     let mut down: Vec<&str> = Vec::new();
@@ -175,7 +237,10 @@ async fn randomized_failures_never_break_residency() {
                         resp.region,
                         rule.requires
                     );
-                    assert!(!down.contains(&resp.region.as_str()), "step {step}: placed in a killed region");
+                    assert!(
+                        !down.contains(&resp.region.as_str()),
+                        "step {step}: placed in a killed region"
+                    );
                 }
                 Err(status) => {
                     rejected += 1;
@@ -192,6 +257,8 @@ async fn randomized_failures_never_break_residency() {
             }
         }
     }
-    eprintln!("randomized run: {placed} placed, {rejected} rejected, all within their rule's candidates");
+    eprintln!(
+        "randomized run: {placed} placed, {rejected} rejected, all within their rule's candidates"
+    );
     assert!(placed > 0, "the run must place some tasks to mean anything");
 }

@@ -20,13 +20,21 @@ fn submit(attrs: &[(&str, &str)]) -> api::SubmitTaskRequest {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routes_by_rule_from_any_entry_and_rejects_with_reasons() {
     let sandbox = seed_sandbox().agents(1, 2).start().expect("sandbox starts");
-    sandbox.wait_all_alive(PATIENCE).await.expect("federation forms");
+    sandbox
+        .wait_all_alive(PATIENCE)
+        .await
+        .expect("federation forms");
 
     // Rule 1 and rule 2, entered at every region: the owner is always the
     // rule's primary, whichever controller the client called.
     for entry in ["north_america", "europe", "asia_pacific"] {
         let mut client = sandbox.client(entry).await.expect("client");
-        for (customer, owner, rule) in [("US", "north_america", 0), ("CA", "north_america", 0), ("DE", "europe", 1), ("FR", "europe", 1)] {
+        for (customer, owner, rule) in [
+            ("US", "north_america", 0),
+            ("CA", "north_america", 0),
+            ("DE", "europe", 1),
+            ("FR", "europe", 1),
+        ] {
             let resp = client
                 .submit_task(submit(&[("customer_region", customer)]))
                 .await
@@ -36,9 +44,16 @@ async fn routes_by_rule_from_any_entry_and_rejects_with_reasons() {
             let d = resp.decision.expect("decision");
             assert_eq!(d.outcome, "routed");
             assert_eq!(d.rule_index, rule);
-            assert!(resp.task_id.ends_with(&format!(".{owner}")), "{}", resp.task_id);
+            assert!(
+                resp.task_id.ends_with(&format!(".{owner}")),
+                "{}",
+                resp.task_id
+            );
             // Readable from the entry (relayed) and it runs to completion.
-            let t = sandbox.wait_terminal(entry, &resp.task_id, PATIENCE).await.expect("terminal");
+            let t = sandbox
+                .wait_terminal(entry, &resp.task_id, PATIENCE)
+                .await
+                .expect("terminal");
             assert_eq!(t.state(), api::TaskState::Succeeded, "{t:?}");
             assert_eq!(t.owner_region, owner);
             assert_eq!(t.result, b"hello", "cat echoes the payload");
@@ -52,7 +67,11 @@ async fn routes_by_rule_from_any_entry_and_rejects_with_reasons() {
         .await
         .expect_err("JP matches no rule");
     assert_eq!(err.code(), Code::FailedPrecondition);
-    assert!(err.message().contains("no routing rule matches"), "{}", err.message());
+    assert!(
+        err.message().contains("no routing rule matches"),
+        "{}",
+        err.message()
+    );
 
     // Missing attribute: the rules cannot match, rejected the same way.
     let err = client
@@ -75,27 +94,44 @@ async fn routes_by_rule_from_any_entry_and_rejects_with_reasons() {
         .expect("decision");
     assert_eq!(explained.outcome, "failover");
     assert_eq!(explained.region, "north_america");
-    assert!(explained.warnings.iter().any(|w| w.contains("GDPR")), "{explained:?}");
+    assert!(
+        explained.warnings.iter().any(|w| w.contains("GDPR")),
+        "{explained:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idempotent_resubmission_and_bad_requests() {
     let sandbox = seed_sandbox().agents(0, 1).start().expect("sandbox starts");
-    sandbox.wait_all_alive(PATIENCE).await.expect("federation forms");
+    sandbox
+        .wait_all_alive(PATIENCE)
+        .await
+        .expect("federation forms");
     let mut na = sandbox.client("north_america").await.expect("client");
     let mut eu = sandbox.client("europe").await.expect("client");
 
     // Same key, different entry controllers: one task.
     let mut req = submit(&[("customer_region", "DE")]);
     req.idempotency_key = "order-42".into();
-    let first = na.submit_task(req.clone()).await.expect("first").into_inner();
-    let again = eu.submit_task(req.clone()).await.expect("retry").into_inner();
+    let first = na
+        .submit_task(req.clone())
+        .await
+        .expect("first")
+        .into_inner();
+    let again = eu
+        .submit_task(req.clone())
+        .await
+        .expect("retry")
+        .into_inner();
     assert_eq!(first.task_id, again.task_id);
     assert!(!first.deduplicated);
     assert!(again.deduplicated);
 
     // Malformed requests: clear codes naming the field, nothing created.
-    let err = na.submit_task(api::SubmitTaskRequest::default()).await.expect_err("no attributes");
+    let err = na
+        .submit_task(api::SubmitTaskRequest::default())
+        .await
+        .expect_err("no attributes");
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("attributes"), "{}", err.message());
 
@@ -103,7 +139,11 @@ async fn idempotent_resubmission_and_bad_requests() {
     bad_key.idempotency_key = "has spaces".into();
     let err = na.submit_task(bad_key).await.expect_err("bad key");
     assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().contains("idempotency_key"), "{}", err.message());
+    assert!(
+        err.message().contains("idempotency_key"),
+        "{}",
+        err.message()
+    );
 
     let mut big = submit(&[("customer_region", "US")]);
     big.payload = vec![0u8; 5 << 20];
@@ -116,7 +156,9 @@ async fn idempotent_resubmission_and_bad_requests() {
     );
 
     let err = na
-        .get_task(api::GetTaskRequest { task_id: "not-a-task".into() })
+        .get_task(api::GetTaskRequest {
+            task_id: "not-a-task".into(),
+        })
         .await
         .expect_err("malformed id");
     assert_eq!(err.code(), Code::InvalidArgument);
@@ -131,7 +173,9 @@ async fn idempotent_resubmission_and_bad_requests() {
 
     // The good task is still there and unchanged.
     let t = eu
-        .get_task(api::GetTaskRequest { task_id: first.task_id.clone() })
+        .get_task(api::GetTaskRequest {
+            task_id: first.task_id.clone(),
+        })
         .await
         .expect("still there")
         .into_inner()
@@ -144,7 +188,10 @@ async fn idempotent_resubmission_and_bad_requests() {
     let channel = sandbox.channel("europe").await.expect("channel");
     let mut peer = api::federation_peer_client::FederationPeerClient::new(channel);
     let err = peer
-        .advertise(api::AdvertiseRequest { origin: None, known: vec![] })
+        .advertise(api::AdvertiseRequest {
+            origin: None,
+            known: vec![],
+        })
         .await
         .expect_err("no origin");
     assert_eq!(err.code(), Code::InvalidArgument);
@@ -157,13 +204,20 @@ async fn idempotent_resubmission_and_bad_requests() {
         .expect_err("garbage forward");
     assert_eq!(err.code(), Code::InvalidArgument);
     // Still serving.
-    eu.get_task(api::GetTaskRequest { task_id: first.task_id }).await.expect("alive");
+    eu.get_task(api::GetTaskRequest {
+        task_id: first.task_id,
+    })
+    .await
+    .expect("alive");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarded_task_is_refused_by_a_region_the_rule_does_not_allow() {
     let sandbox = seed_sandbox().agents(0, 1).start().expect("sandbox starts");
-    sandbox.wait_all_alive(PATIENCE).await.expect("federation forms");
+    sandbox
+        .wait_all_alive(PATIENCE)
+        .await
+        .expect("federation forms");
     // A (buggy or malicious) peer forwards a DE task to asia_pacific, which no
     // rule allows: asia_pacific re-checks residency and refuses.
     let channel = sandbox.channel("asia_pacific").await.expect("channel");
@@ -179,4 +233,72 @@ async fn forwarded_task_is_refused_by_a_region_the_rule_does_not_allow() {
         .expect_err("residency violation refused");
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(err.message().contains("residency"), "{}", err.message());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_and_cancel_are_relayed_to_the_owner() {
+    let sandbox = seed_sandbox().agents(0, 1).start().expect("sandbox starts");
+    sandbox
+        .wait_all_alive(PATIENCE)
+        .await
+        .expect("federation forms");
+    let mut na = sandbox.client("north_america").await.expect("client");
+    let mut ap = sandbox.client("asia_pacific").await.expect("client");
+    // No agents: the task stays queued in europe.
+    let id = na
+        .submit_task(submit(&[("customer_region", "UK")]))
+        .await
+        .expect("accepted")
+        .into_inner()
+        .task_id;
+    let mut stream = ap
+        .watch_task(api::WatchTaskRequest {
+            task_id: id.clone(),
+        })
+        .await
+        .expect("watch through asia_pacific")
+        .into_inner();
+    let first = stream
+        .message()
+        .await
+        .expect("event")
+        .expect("first event")
+        .task
+        .expect("task");
+    assert_eq!(first.state(), api::TaskState::Queued);
+    assert_eq!(first.owner_region, "europe");
+
+    let cancelled = na
+        .cancel_task(api::CancelTaskRequest {
+            task_id: id.clone(),
+            reason: "customer withdrew".into(),
+        })
+        .await
+        .expect("cancel through north_america")
+        .into_inner();
+    assert!(cancelled.cancelled);
+    let mut last = None;
+    for _ in 0..10 {
+        match tokio::time::timeout(PATIENCE, stream.message())
+            .await
+            .expect("watch event in time")
+        {
+            Ok(Some(ev)) => last = ev.task,
+            Ok(None) => break,
+            Err(s) => panic!("watch failed: {s}"),
+        }
+    }
+    let last = last.expect("a change after the first event");
+    assert_eq!(last.state(), api::TaskState::Cancelled);
+    assert!(last.error.contains("customer withdrew"), "{last:?}");
+    // Cancelling again is not an error, and says it did nothing.
+    let again = ap
+        .cancel_task(api::CancelTaskRequest {
+            task_id: id,
+            reason: String::new(),
+        })
+        .await
+        .expect("second cancel")
+        .into_inner();
+    assert!(!again.cancelled);
 }

@@ -19,7 +19,10 @@ fn alive(pid: u32) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sandbox_forms_a_federation_and_cleans_up() {
     let mut sandbox = seed_sandbox().agents(1, 1).start().expect("sandbox starts");
-    sandbox.wait_all_alive(PATIENCE).await.expect("federation forms");
+    sandbox
+        .wait_all_alive(PATIENCE)
+        .await
+        .expect("federation forms");
     let mut admin = sandbox.admin("north_america").await.expect("admin");
     let status = admin
         .federation_status(api::FederationStatusRequest {})
@@ -29,23 +32,38 @@ async fn sandbox_forms_a_federation_and_cleans_up() {
     assert_eq!(status.federation, "Global Enterprise Federation");
     assert_eq!(status.self_region, "north_america");
     assert_eq!(status.regions.len(), 3);
-    let eu = status.regions.iter().find(|r| r.region == "europe").expect("europe row");
+    let eu = status
+        .regions
+        .iter()
+        .find(|r| r.region == "europe")
+        .expect("europe row");
     assert_eq!(eu.state, "alive");
-    assert_eq!(eu.compliance_tags, vec!["GDPR".to_string(), "SOX".to_string()]);
+    assert_eq!(
+        eu.compliance_tags,
+        vec!["GDPR".to_string(), "SOX".to_string()]
+    );
     assert_eq!(eu.policy_hash, status.policy_hash, "same file, same hash");
     assert!(!eu.policy_mismatch);
     // Capacity is advertised once the agent has registered.
     let _ = eventually("europe advertises its agent's slot", PATIENCE, || {
         let mut a = admin.clone();
         async move {
-            let s = a.federation_status(api::FederationStatusRequest {}).await.ok()?.into_inner();
+            let s = a
+                .federation_status(api::FederationStatusRequest {})
+                .await
+                .ok()?
+                .into_inner();
             let eu = s.regions.into_iter().find(|r| r.region == "europe")?;
             (eu.capacity?.total_slots == 1).then_some(())
         }
     })
     .await;
 
-    let pid = sandbox.controller("asia_pacific").expect("running").pid().expect("pid");
+    let pid = sandbox
+        .controller("asia_pacific")
+        .expect("running")
+        .pid()
+        .expect("pid");
     assert!(alive(pid));
     let dir = sandbox.dir().to_path_buf();
     drop(sandbox);
@@ -53,16 +71,24 @@ async fn sandbox_forms_a_federation_and_cleans_up() {
         std::thread::sleep(Duration::from_millis(20));
         !alive(pid)
     });
-    assert!(gone, "controller {pid} still running after the sandbox was dropped");
+    assert!(
+        gone,
+        "controller {pid} still running after the sandbox was dropped"
+    );
     assert!(!dir.exists(), "sandbox folder removed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_a_controller_gracefully() {
     let mut sandbox = seed_sandbox().agents(0, 1).start().expect("sandbox starts");
-    sandbox.wait_all_alive(PATIENCE).await.expect("federation forms");
+    sandbox
+        .wait_all_alive(PATIENCE)
+        .await
+        .expect("federation forms");
     let c = sandbox.controller("europe").expect("running");
     c.signal("TERM").expect("sigterm");
-    let status = c.wait_timeout(PATIENCE).expect("exits within the grace period");
+    let status = c
+        .wait_timeout(PATIENCE)
+        .expect("exits within the grace period");
     assert!(status.success(), "{status:?}");
 }

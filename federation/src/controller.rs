@@ -234,9 +234,10 @@ pub fn now_ms() -> i64 {
 fn next_epoch(data_dir: &Path) -> anyhow::Result<u64> {
     let path = data_dir.join("epoch");
     let last = match std::fs::read_to_string(&path) {
-        Ok(text) => text.trim().parse::<u64>().with_context(|| {
-            format!("{}: not an epoch number", path.display())
-        })?,
+        Ok(text) => text
+            .trim()
+            .parse::<u64>()
+            .with_context(|| format!("{}: not an epoch number", path.display()))?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     };
@@ -244,8 +245,8 @@ fn next_epoch(data_dir: &Path) -> anyhow::Result<u64> {
     let tmp = data_dir.join("epoch.tmp");
     {
         use std::io::Write;
-        let mut f = std::fs::File::create(&tmp)
-            .with_context(|| format!("writing {}", tmp.display()))?;
+        let mut f =
+            std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
         f.write_all(epoch.to_string().as_bytes())?;
         f.sync_all()?;
     }
@@ -329,10 +330,12 @@ pub async fn serve(
         let _ = signal_tx.send(());
     });
 
-    let server = crate::service::router(node.clone())
-        .serve_with_incoming_shutdown(transport::incoming(listener), async move {
+    let server = crate::service::router(node.clone()).serve_with_incoming_shutdown(
+        transport::incoming(listener),
+        async move {
             let _ = signal_rx.await;
-        });
+        },
+    );
     let mut stop_watch = stop_rx.clone();
     tokio::pin!(server);
     let served = tokio::select! {
@@ -358,8 +361,13 @@ pub async fn serve(
 /// Every heartbeat: advertise to every peer (each call bounded by a
 /// deadline, so a hung peer delays nobody) and recompute peer health.
 async fn advertise_loop(node: Arc<Node>, mut stop: tokio::sync::watch::Receiver<bool>) {
-    let interval = node.timers.heartbeat_interval.max(Duration::from_millis(10));
-    let deadline = interval.min(node.timers.forward_timeout).max(Duration::from_millis(50));
+    let interval = node
+        .timers
+        .heartbeat_interval
+        .max(Duration::from_millis(10));
+    let deadline = interval
+        .min(node.timers.forward_timeout)
+        .max(Duration::from_millis(50));
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -410,7 +418,8 @@ async fn advertise_loop(node: Arc<Node>, mut stop: tokio::sync::watch::Receiver<
 
 /// Returns expired leases to the queue and forgets silent agents.
 async fn reap_loop(node: Arc<Node>, mut stop: tokio::sync::watch::Receiver<bool>) {
-    let period = (node.timers.lease_ttl / 4).clamp(Duration::from_millis(100), Duration::from_secs(2));
+    let period =
+        (node.timers.lease_ttl / 4).clamp(Duration::from_millis(100), Duration::from_secs(2));
     let mut ticker = tokio::time::interval(period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

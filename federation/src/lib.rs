@@ -4,14 +4,16 @@
 #![forbid(unsafe_code)]
 
 pub mod agents;
+pub mod audit;
 pub mod cli;
 pub mod config;
+pub mod controller;
 pub mod error;
 pub mod membership;
 pub mod policy;
+pub mod routing;
+pub mod sandbox;
+pub mod service;
+pub mod tasks;
 pub mod transport;
 pub mod wire;
-pub mod controller;
-pub mod routing;
-pub mod service;
-pub mod sandbox;

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use federation_api as api;
 
 use crate::audit::DecisionEntry;
-use crate::controller::{now_ms, Node};
+use crate::controller::{Node, now_ms};
 use crate::error::{Error, Result};
 use crate::policy::{Attributes, Decision, Outcome, Refusal, Rejection};
 use crate::tasks::InsertOutcome;
@@ -39,7 +39,10 @@ pub fn validate_submit(node: &Node, req: &api::SubmitTaskRequest) -> Result<Attr
 }
 
 /// Routes and stores a client's task.
-pub async fn submit(node: &Arc<Node>, req: api::SubmitTaskRequest) -> Result<api::SubmitTaskResponse> {
+pub async fn submit(
+    node: &Arc<Node>,
+    req: api::SubmitTaskRequest,
+) -> Result<api::SubmitTaskResponse> {
     let attrs = validate_submit(node, &req)?;
     let policy = node.policy();
     let mut decision = policy.decide(&attrs, &node.view(&policy));
@@ -68,7 +71,15 @@ pub async fn submit(node: &Arc<Node>, req: api::SubmitTaskRequest) -> Result<api
     }
 
     let task_id = placed.as_ref().map(|(id, _)| id.clone());
-    record(node, "route", task_id.as_deref(), &attrs, &decision, None).await;
+    record(
+        node,
+        crate::audit::kind::ROUTE,
+        task_id.as_deref(),
+        &attrs,
+        &decision,
+        None,
+    )
+    .await;
     log_decision(&decision, task_id.as_deref());
 
     match placed {
@@ -94,7 +105,12 @@ pub fn rejection_error(decision: &Decision) -> Error {
 
 fn log_decision(decision: &Decision, task_id: Option<&str>) {
     let rule = decision.rule.as_deref().unwrap_or("none");
-    let span = tracing::info_span!("route", task_id = task_id.unwrap_or(""), rule, region = decision.outcome.region().unwrap_or(""));
+    let span = tracing::info_span!(
+        "route",
+        task_id = task_id.unwrap_or(""),
+        rule,
+        region = decision.outcome.region().unwrap_or("")
+    );
     let _guard = span.enter();
     match &decision.outcome {
         Outcome::Rejected { .. } => tracing::info!(reason = %decision.reason, "task rejected"),
@@ -168,7 +184,10 @@ async fn forward(
 
 /// Stores a task another controller routed here, after re-checking that this
 /// region may hold it under our own policy and tags.
-pub async fn accept_forward(node: &Arc<Node>, req: api::ForwardTaskRequest) -> Result<api::ForwardTaskResponse> {
+pub async fn accept_forward(
+    node: &Arc<Node>,
+    req: api::ForwardTaskRequest,
+) -> Result<api::ForwardTaskResponse> {
     wire::check_task_id(&req.task_id)?;
     if wire::owner_of(&req.task_id) != Some(node.region.as_str()) {
         return Err(Error::invalid(
@@ -214,7 +233,15 @@ pub async fn accept_forward(node: &Arc<Node>, req: api::ForwardTaskRequest) -> R
     let entry = req.entry_region.clone();
     let (task_id, deduplicated) = store_local(node, &req.task_id, &submit, &decision).await?;
     decision.reason = format!("accepted forward from {entry}: {}", decision.reason);
-    record(node, "accepted", Some(&task_id), &attrs, &decision, Some(format!("entry region {entry}"))).await;
+    record(
+        node,
+        crate::audit::kind::FORWARDED_IN,
+        Some(&task_id),
+        &attrs,
+        &decision,
+        Some(format!("entry region {entry}")),
+    )
+    .await;
     Ok(api::ForwardTaskResponse {
         task_id,
         deduplicated,
@@ -227,7 +254,10 @@ pub fn explain(node: &Node, req: &api::ExplainRouteRequest) -> Result<api::Expla
     let policy = node.policy();
     for r in req.assume_down.iter().chain(req.assume_full.iter()) {
         if policy.region(r).is_none() {
-            return Err(Error::invalid("assume_down/assume_full", format!("unknown region `{r}`")));
+            return Err(Error::invalid(
+                "assume_down/assume_full",
+                format!("unknown region `{r}`"),
+            ));
         }
     }
     let live = node.view(&policy);
@@ -271,16 +301,12 @@ pub async fn record(
     decision: &Decision,
     note: Option<String>,
 ) {
-    let entry = DecisionEntry {
-        kind: kind.to_string(),
-        region: node.region.clone(),
-        task_id: task_id.map(str::to_string),
-        attributes: Some(attrs.clone()),
-        policy_hash: Some(decision.policy_hash.clone()),
-        decision: Some(decision.clone()),
-        note,
-        ..Default::default()
-    };
+    let mut entry = DecisionEntry::from_decision(kind, attrs, decision);
+    entry.task_id = task_id.map(str::to_string);
+    entry.note = note;
+    if kind == crate::audit::kind::ROUTE {
+        entry.entry_region = Some(node.region.clone());
+    }
     if let Err(e) = node.log.append(entry).await {
         tracing::error!(error = %e, "appending to the decision log failed");
     }

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context as _};
+use anyhow::{Context as _, bail};
 use federation_api as api;
 use tonic::transport::Channel;
 
@@ -112,12 +112,27 @@ impl SandboxBuilder {
             exe: exe.into(),
             policy: policy.into(),
             env: vec![
-                ("FEDERATION__NODE__TIMERS__HEARTBEAT_INTERVAL".into(), "250ms".into()),
-                ("FEDERATION__NODE__TIMERS__DEAD_AFTER".into(), "1500ms".into()),
-                ("FEDERATION__NODE__TIMERS__FORWARD_TIMEOUT".into(), "1s".into()),
+                (
+                    "FEDERATION__NODE__TIMERS__HEARTBEAT_INTERVAL".into(),
+                    "250ms".into(),
+                ),
+                (
+                    "FEDERATION__NODE__TIMERS__DEAD_AFTER".into(),
+                    "1500ms".into(),
+                ),
+                (
+                    "FEDERATION__NODE__TIMERS__FORWARD_TIMEOUT".into(),
+                    "1s".into(),
+                ),
                 ("FEDERATION__NODE__TIMERS__LEASE_TTL".into(), "3s".into()),
-                ("FEDERATION__NODE__TIMERS__AGENT_TIMEOUT".into(), "3s".into()),
-                ("FEDERATION__NODE__TIMERS__SHUTDOWN_GRACE".into(), "3s".into()),
+                (
+                    "FEDERATION__NODE__TIMERS__AGENT_TIMEOUT".into(),
+                    "3s".into(),
+                ),
+                (
+                    "FEDERATION__NODE__TIMERS__SHUTDOWN_GRACE".into(),
+                    "3s".into(),
+                ),
             ],
             agents: 1,
             slots: 2,
@@ -305,7 +320,12 @@ impl Sandbox {
     }
 
     /// Starts an agent for `name` running `exec` with `slots`.
-    pub fn start_agent_with(&mut self, name: &str, exec: &str, slots: u32) -> anyhow::Result<usize> {
+    pub fn start_agent_with(
+        &mut self,
+        name: &str,
+        exec: &str,
+        slots: u32,
+    ) -> anyhow::Result<usize> {
         let addr = self.region(name)?.addr;
         let index = self.region(name)?.agents.len();
         let mut cmd = Command::new(&self.builder.exe);
@@ -364,7 +384,9 @@ impl Sandbox {
         &self,
         name: &str,
     ) -> anyhow::Result<api::federation_client_client::FederationClientClient<Channel>> {
-        Ok(api::federation_client_client::FederationClientClient::new(self.channel(name).await?))
+        Ok(api::federation_client_client::FederationClientClient::new(
+            self.channel(name).await?,
+        ))
     }
 
     /// An admin-service stub for `name`.
@@ -372,7 +394,9 @@ impl Sandbox {
         &self,
         name: &str,
     ) -> anyhow::Result<api::federation_admin_client::FederationAdminClient<Channel>> {
-        Ok(api::federation_admin_client::FederationAdminClient::new(self.channel(name).await?))
+        Ok(api::federation_admin_client::FederationAdminClient::new(
+            self.channel(name).await?,
+        ))
     }
 
     /// Waits (bounded) until `viewer` sees each listed region in the listed
@@ -389,7 +413,10 @@ impl Sandbox {
         while Instant::now() < until {
             if let Ok(ch) = connect(addr).await {
                 let mut admin = api::federation_admin_client::FederationAdminClient::new(ch);
-                if let Ok(s) = admin.federation_status(api::FederationStatusRequest {}).await {
+                if let Ok(s) = admin
+                    .federation_status(api::FederationStatusRequest {})
+                    .await
+                {
                     let states: BTreeMap<_, _> = s
                         .into_inner()
                         .regions
@@ -407,7 +434,9 @@ impl Sandbox {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        bail!("timed out after {patience:?} waiting for {expect:?} as seen from {viewer}; last seen {last}")
+        bail!(
+            "timed out after {patience:?} waiting for {expect:?} as seen from {viewer}; last seen {last}"
+        )
     }
 
     /// Waits until every controller sees every other region alive.
@@ -469,16 +498,20 @@ impl Drop for Sandbox {
 
 /// Connects to a controller (bounded).
 pub async fn connect(addr: SocketAddr) -> anyhow::Result<Channel> {
-    Ok(tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(10))
-        .tcp_nodelay(true)
-        .connect()
-        .await?)
+    Ok(
+        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(10))
+            .tcp_nodelay(true)
+            .connect()
+            .await?,
+    )
 }
 
 /// Submit attributes helper: `[("customer_region", "DE")]` as string attributes.
-pub fn string_attrs(pairs: &[(&str, &str)]) -> std::collections::HashMap<String, api::AttributeValue> {
+pub fn string_attrs(
+    pairs: &[(&str, &str)],
+) -> std::collections::HashMap<String, api::AttributeValue> {
     pairs
         .iter()
         .map(|(k, v)| {

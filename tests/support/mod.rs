@@ -52,7 +52,10 @@ where
         if let Some(v) = check().await {
             return v;
         }
-        assert!(Instant::now() < until, "timed out after {patience:?} waiting for {what}");
+        assert!(
+            Instant::now() < until,
+            "timed out after {patience:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

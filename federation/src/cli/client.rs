@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use federation_api as api;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
 use super::OutputFormat;
 use crate::policy::{AttrValue, Attributes};
@@ -75,8 +75,12 @@ pub struct StatusArgs {
 /// Parses `k=v` (string) or `k:=JSON` (typed).
 pub fn parse_attr(s: &str) -> Result<(String, AttrValue), String> {
     if let Some((k, json)) = s.split_once(":=") {
-        let v: Value = serde_json::from_str(json).map_err(|e| format!("`{s}`: bad JSON value: {e}"))?;
-        return Ok((k.to_string(), json_to_attr(&v).map_err(|e| format!("`{s}`: {e}"))?));
+        let v: Value =
+            serde_json::from_str(json).map_err(|e| format!("`{s}`: bad JSON value: {e}"))?;
+        return Ok((
+            k.to_string(),
+            json_to_attr(&v).map_err(|e| format!("`{s}`: {e}"))?,
+        ));
     }
     let (k, v) = s
         .split_once('=')
@@ -96,8 +100,14 @@ fn json_to_attr(v: &Value) -> Result<AttrValue, String> {
             .map(AttrValue::Int)
             .or_else(|| n.as_f64().map(AttrValue::Double))
             .ok_or_else(|| format!("number {n} out of range")),
-        Value::Array(items) => items.iter().map(json_to_attr).collect::<Result<_, _>>().map(AttrValue::List),
-        Value::Null | Value::Object(_) => Err("only strings, numbers, booleans and lists are attributes".into()),
+        Value::Array(items) => items
+            .iter()
+            .map(json_to_attr)
+            .collect::<Result<_, _>>()
+            .map(AttrValue::List),
+        Value::Null | Value::Object(_) => {
+            Err("only strings, numbers, booleans and lists are attributes".into())
+        }
     }
 }
 
@@ -186,7 +196,10 @@ fn print_task(t: &api::Task) {
     println!("rule      {}", t.rule_index + 1);
     println!("attempts  {}", t.attempts);
     if !t.result.is_empty() {
-        println!("result    {}", String::from_utf8_lossy(&t.result).trim_end());
+        println!(
+            "result    {}",
+            String::from_utf8_lossy(&t.result).trim_end()
+        );
     }
     if !t.error.is_empty() {
         println!("error     {}", t.error);
@@ -347,7 +360,10 @@ pub fn status(args: StatusArgs) -> ExitCode {
             Err(e) => return super::fail(&e, 2),
         };
         let mut client = api::federation_admin_client::FederationAdminClient::new(channel);
-        let s = match client.federation_status(api::FederationStatusRequest {}).await {
+        let s = match client
+            .federation_status(api::FederationStatusRequest {})
+            .await
+        {
             Ok(r) => r.into_inner(),
             Err(s) => {
                 eprintln!("error ({:?}): {}", s.code(), s.message());
@@ -384,7 +400,13 @@ pub fn status_json(s: &api::FederationStatusResponse) -> Value {
 pub fn status_table(s: &api::FederationStatusResponse) -> String {
     use std::fmt::Write;
     let mut out = String::new();
-    let _ = writeln!(out, "federation {} as seen from {} (policy {})", s.federation, s.self_region, short(&s.policy_hash));
+    let _ = writeln!(
+        out,
+        "federation {} as seen from {} (policy {})",
+        s.federation,
+        s.self_region,
+        short(&s.policy_hash)
+    );
     let _ = writeln!(
         out,
         "{:<14} {:<8} {:<14} {:>9} {:>6} {:<15} {:<9} {:>8}",
@@ -392,7 +414,11 @@ pub fn status_table(s: &api::FederationStatusResponse) -> String {
     );
     for r in &s.regions {
         let c = r.capacity.unwrap_or_default();
-        let age = if r.last_advertisement_age_ms < 0 { "never".to_string() } else { format!("{:.1}s", r.last_advertisement_age_ms as f64 / 1000.0) };
+        let age = if r.last_advertisement_age_ms < 0 {
+            "never".to_string()
+        } else {
+            format!("{:.1}s", r.last_advertisement_age_ms as f64 / 1000.0)
+        };
         let policy = if r.policy_hash.is_empty() {
             "-".to_string()
         } else if r.policy_mismatch {
@@ -400,7 +426,11 @@ pub fn status_table(s: &api::FederationStatusResponse) -> String {
         } else {
             short(&r.policy_hash).to_string()
         };
-        let state = if r.draining { format!("{}/drain", r.state) } else { r.state.clone() };
+        let state = if r.draining {
+            format!("{}/drain", r.state)
+        } else {
+            r.state.clone()
+        };
         let _ = writeln!(
             out,
             "{:<14} {:<8} {:<14} {:>9} {:>6} {:<15} {:<9} {:>8}",
@@ -430,12 +460,21 @@ mod tests {
 
     #[test]
     fn attrs_parse_as_strings_or_typed_json() {
-        assert_eq!(parse_attr("customer_region=DE"), Ok(("customer_region".into(), AttrValue::Str("DE".into()))));
+        assert_eq!(
+            parse_attr("customer_region=DE"),
+            Ok(("customer_region".into(), AttrValue::Str("DE".into())))
+        );
         assert_eq!(parse_attr("n:=5"), Ok(("n".into(), AttrValue::Int(5))));
-        assert_eq!(parse_attr("ok:=true"), Ok(("ok".into(), AttrValue::Bool(true))));
+        assert_eq!(
+            parse_attr("ok:=true"),
+            Ok(("ok".into(), AttrValue::Bool(true)))
+        );
         assert_eq!(
             parse_attr("l:=[\"a\",1]"),
-            Ok(("l".into(), AttrValue::List(vec![AttrValue::Str("a".into()), AttrValue::Int(1)])))
+            Ok((
+                "l".into(),
+                AttrValue::List(vec![AttrValue::Str("a".into()), AttrValue::Int(1)])
+            ))
         );
         assert!(parse_attr("novalue").is_err());
         assert!(parse_attr("x:={}").is_err());

@@ -14,12 +14,12 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context as _};
+use anyhow::{Context as _, bail};
 use federation_api as api;
 
 use super::LogFormat;
 use crate::policy::AttrValue;
-use crate::sandbox::{connect, Sandbox, SandboxBuilder};
+use crate::sandbox::{Sandbox, SandboxBuilder, connect};
 
 /// The user's example, embedded so the demo runs from any directory.
 pub const SEED_POLICY: &str = include_str!("../../../policies/seed-federation.yaml");
@@ -53,7 +53,8 @@ struct Row {
 }
 
 async fn submit(entry: SocketAddr, customer: &str) -> anyhow::Result<(Row, Option<String>)> {
-    let mut client = api::federation_client_client::FederationClientClient::new(connect(entry).await?);
+    let mut client =
+        api::federation_client_client::FederationClientClient::new(connect(entry).await?);
     let mut attrs = crate::policy::Attributes::new();
     attrs.insert("customer_region".into(), AttrValue::Str(customer.into()));
     attrs.insert("data_class".into(), AttrValue::Str("pii".into()));
@@ -97,7 +98,13 @@ async fn submit(entry: SocketAddr, customer: &str) -> anyhow::Result<(Row, Optio
                 .split(':')
                 .next()
                 .filter(|p| p.starts_with("rule "))
-                .map(|p| p.trim_start_matches("rule ").split(' ').next().unwrap_or("-").to_string())
+                .map(|p| {
+                    p.trim_start_matches("rule ")
+                        .split(' ')
+                        .next()
+                        .unwrap_or("-")
+                        .to_string()
+                })
                 .unwrap_or_else(|| "-".into());
             (
                 Row {
@@ -116,7 +123,10 @@ async fn submit(entry: SocketAddr, customer: &str) -> anyhow::Result<(Row, Optio
 
 fn print_table(title: &str, rows: &[Row]) {
     println!("\n== {title}");
-    println!("{:<9} {:<16} {:<5} {:<14} {:<26} WHY", "TASK", "CUSTOMER_REGION", "RULE", "REGION", "OUTCOME");
+    println!(
+        "{:<9} {:<16} {:<5} {:<14} {:<26} WHY",
+        "TASK", "CUSTOMER_REGION", "RULE", "REGION", "OUTCOME"
+    );
     for r in rows {
         println!(
             "{:<9} {:<16} {:<5} {:<14} {:<26} {}",
@@ -125,7 +135,10 @@ fn print_table(title: &str, rows: &[Row]) {
     }
 }
 
-async fn round(title: &str, entries: &[(SocketAddr, &str)]) -> anyhow::Result<Vec<(Row, Option<String>)>> {
+async fn round(
+    title: &str,
+    entries: &[(SocketAddr, &str)],
+) -> anyhow::Result<Vec<(Row, Option<String>)>> {
     let mut out = Vec::new();
     for (entry, customer) in entries {
         out.push(submit(*entry, customer).await?);
@@ -145,7 +158,12 @@ async fn round(title: &str, entries: &[(SocketAddr, &str)]) -> anyhow::Result<Ve
     Ok(out)
 }
 
-fn expect(rows: &[(Row, Option<String>)], customer: &str, region: &str, outcome_prefix: &str) -> anyhow::Result<()> {
+fn expect(
+    rows: &[(Row, Option<String>)],
+    customer: &str,
+    region: &str,
+    outcome_prefix: &str,
+) -> anyhow::Result<()> {
     for (r, _) in rows.iter().filter(|(r, _)| r.customer == customer) {
         if r.region != region || !r.outcome.starts_with(outcome_prefix) {
             bail!(
@@ -158,14 +176,21 @@ fn expect(rows: &[(Row, Option<String>)], customer: &str, region: &str, outcome_
     Ok(())
 }
 
-async fn wait_done(entry: SocketAddr, ids: &[String], patience: Duration) -> anyhow::Result<Vec<api::Task>> {
-    let mut client = api::federation_client_client::FederationClientClient::new(connect(entry).await?);
+async fn wait_done(
+    entry: SocketAddr,
+    ids: &[String],
+    patience: Duration,
+) -> anyhow::Result<Vec<api::Task>> {
+    let mut client =
+        api::federation_client_client::FederationClientClient::new(connect(entry).await?);
     let until = Instant::now() + patience;
     let mut done = Vec::new();
     for id in ids {
         loop {
             let t = client
-                .get_task(api::GetTaskRequest { task_id: id.clone() })
+                .get_task(api::GetTaskRequest {
+                    task_id: id.clone(),
+                })
                 .await
                 .with_context(|| format!("reading task {id}"))?
                 .into_inner()
@@ -238,16 +263,25 @@ async fn scenario(demo: &mut Sandbox) -> anyhow::Result<()> {
             String::from_utf8_lossy(&t.result)
         );
     }
-    if tasks.iter().any(|t| t.state != api::TaskState::Succeeded as i32) {
+    if tasks
+        .iter()
+        .any(|t| t.state != api::TaskState::Succeeded as i32)
+    {
         bail!("demo check failed: not every task succeeded");
     }
 
     // 2. Europe dies; the file as written fails EU customers over to north_america.
-    println!("\n-- killing europe's controller (SIGKILL) and waiting for the federation to declare it dead");
+    println!(
+        "\n-- killing europe's controller (SIGKILL) and waiting for the federation to declare it dead"
+    );
     let killed = Instant::now();
     demo.kill_controller("europe")?;
-    demo.wait_for_states("north_america", &[("europe", "dead")], patience).await?;
-    println!("   europe declared dead by north_america after {:.1}s", killed.elapsed().as_secs_f64());
+    demo.wait_for_states("north_america", &[("europe", "dead")], patience)
+        .await?;
+    println!(
+        "   europe declared dead by north_america after {:.1}s",
+        killed.elapsed().as_secs_f64()
+    );
     let rows = round(
         "2. europe down, policy as written (EU backup is north_america, which lacks GDPR)",
         &[(na, "UK"), (ap, "DE"), (na, "US")],
@@ -256,7 +290,9 @@ async fn scenario(demo: &mut Sandbox) -> anyhow::Result<()> {
     expect(&rows, "UK", "north_america", "failover")?;
     expect(&rows, "DE", "north_america", "failover")?;
     expect(&rows, "US", "north_america", "routed")?;
-    println!("   the auditor's view of this file: `federation policy check policies/seed-federation.yaml` flags the same failover");
+    println!(
+        "   the auditor's view of this file: `federation policy check policies/seed-federation.yaml` flags the same failover"
+    );
 
     // 3. The variant: the EU rule requires GDPR.
     let variant = requires_gdpr_variant(SEED_POLICY);
@@ -265,7 +301,11 @@ async fn scenario(demo: &mut Sandbox) -> anyhow::Result<()> {
         "\n-- reloaded north_america and asia_pacific with the variant whose EU rule says `requires: [\"GDPR\"]` (policy {})",
         &hash[..8.min(hash.len())]
     );
-    let rows = round("3. europe down, EU rule requires GDPR", &[(na, "UK"), (ap, "DE"), (na, "US")]).await?;
+    let rows = round(
+        "3. europe down, EU rule requires GDPR",
+        &[(na, "UK"), (ap, "DE"), (na, "US")],
+    )
+    .await?;
     expect(&rows, "UK", "-", "rejected (Unavailable)")?;
     expect(&rows, "DE", "-", "rejected (Unavailable)")?;
     expect(&rows, "US", "north_america", "routed")?;
@@ -273,9 +313,13 @@ async fn scenario(demo: &mut Sandbox) -> anyhow::Result<()> {
 
     // 4. Europe returns.
     let original = reload_all(demo, &["north_america", "asia_pacific"], SEED_POLICY).await?;
-    println!("\n-- restored the original policy ({}) and restarted europe", &original[..8.min(original.len())]);
+    println!(
+        "\n-- restored the original policy ({}) and restarted europe",
+        &original[..8.min(original.len())]
+    );
     demo.start_controller("europe")?;
-    demo.wait_for_states("north_america", &[("europe", "alive")], patience).await?;
+    demo.wait_for_states("north_america", &[("europe", "alive")], patience)
+        .await?;
     let rows = round("4. europe back", &[(na, "DE"), (ap, "UK"), (eu, "US")]).await?;
     expect(&rows, "DE", "europe", "routed")?;
     expect(&rows, "UK", "europe", "routed")?;
@@ -284,7 +328,12 @@ async fn scenario(demo: &mut Sandbox) -> anyhow::Result<()> {
     println!("\n== decision logs (hash-chained; `federation audit verify DIR`)");
     for name in demo.region_names() {
         match crate::audit::verify(&demo.data_dir(&name)?.join("decisions.jsonl")) {
-            Ok(report) => println!("   {name:<14} {report}"),
+            Ok(report) if report.is_intact() => println!(
+                "   {name:<14} {} records, chain intact, last hash {}",
+                report.records,
+                &report.last_hash[..16.min(report.last_hash.len())]
+            ),
+            Ok(report) => bail!("{name}: decision log broken: {:?}", report.first_broken),
             Err(e) => bail!("{name}: decision log does not verify: {e}"),
         }
     }
@@ -304,7 +353,9 @@ pub fn run(args: DemoArgs, log: LogFormat) -> ExitCode {
         Ok(e) => e,
         Err(e) => return super::fail(&e, 1),
     };
-    println!("federation demo: the user's example (policies/seed-federation.yaml), one controller per region on loopback");
+    println!(
+        "federation demo: the user's example (policies/seed-federation.yaml), one controller per region on loopback"
+    );
     let started = Instant::now();
     let sandbox = SandboxBuilder::new(exe, SEED_POLICY)
         .env("FEDERATION__NODE__TIMERS__HEARTBEAT_INTERVAL", "500ms")

@@ -80,13 +80,22 @@ pub fn settings(args: &ServeArgs) -> anyhow::Result<(Settings, SocketAddr)> {
         anyhow::bail!(
             "region `{region}` is not in {} (regions: {})",
             args.config.display(),
-            policy.regions.iter().map(|r| r.name.as_str()).collect::<Vec<_>>().join(", ")
+            policy
+                .regions
+                .iter()
+                .map(|r| r.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     };
     let listen = match args.listen.or(node.listen) {
         Some(a) => a,
-        None => default_listen(&spec.endpoint)
-            .with_context(|| format!("no listen address: set node.listen or --listen (endpoint `{}` has no port)", spec.endpoint))?,
+        None => default_listen(&spec.endpoint).with_context(|| {
+            format!(
+                "no listen address: set node.listen or --listen (endpoint `{}` has no port)",
+                spec.endpoint
+            )
+        })?,
     };
     let advertise_endpoint = if listen.ip().is_unspecified() {
         spec.endpoint.clone()
@@ -121,8 +130,17 @@ pub fn settings(args: &ServeArgs) -> anyhow::Result<(Settings, SocketAddr)> {
 }
 
 fn default_listen(endpoint: &str) -> Option<SocketAddr> {
-    let rest = endpoint.split_once("://").map(|(_, r)| r).unwrap_or(endpoint);
-    let port = rest.split('/').next()?.rsplit_once(':')?.1.parse::<u16>().ok()?;
+    let rest = endpoint
+        .split_once("://")
+        .map(|(_, r)| r)
+        .unwrap_or(endpoint);
+    let port = rest
+        .split('/')
+        .next()?
+        .rsplit_once(':')?
+        .1
+        .parse::<u16>()
+        .ok()?;
     Some(SocketAddr::from(([0, 0, 0, 0], port)))
 }
 
@@ -152,7 +170,8 @@ async fn serve(settings: Settings, listen: SocketAddr) -> anyhow::Result<()> {
     println!("listening on {}", listener.local_addr()?);
     let reload_node = node.clone();
     tokio::spawn(async move {
-        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
             return;
         };
         while hup.recv().await.is_some() {
@@ -169,7 +188,7 @@ async fn serve(settings: Settings, listen: SocketAddr) -> anyhow::Result<()> {
 
 /// Resolves on SIGTERM or SIGINT.
 pub async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
+    use tokio::signal::unix::{SignalKind, signal};
     let term = signal(SignalKind::terminate());
     let int = signal(SignalKind::interrupt());
     match (term, int) {

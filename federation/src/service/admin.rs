@@ -109,28 +109,36 @@ pub async fn reload(node: &Node, source: &str, format: &str) -> api::ReloadPolic
             "json" => "json",
             "toml" => "toml",
             other => {
-                return refused(&old, format!("unknown format `{other}` (yaml, json or toml)"));
+                return refused(
+                    &old,
+                    format!("unknown format `{other}` (yaml, json or toml)"),
+                );
             }
         };
         crate::config::load_from_text(std::path::Path::new(&format!("reload.{ext}")), source)
     };
-    let policy = match loaded.map_err(crate::policy::LoadError::from).and_then(|l| Policy::from_loaded(&l)) {
+    let policy = match loaded
+        .map_err(crate::policy::LoadError::from)
+        .and_then(|l| Policy::from_loaded(&l))
+    {
         Ok(p) => p,
         Err(e) => return refused(&old, e.to_string()),
     };
     if policy.region(&node.region).is_none() {
-        return refused(&old, format!("the new policy does not contain this region `{}`", node.region));
+        return refused(
+            &old,
+            format!(
+                "the new policy does not contain this region `{}`",
+                node.region
+            ),
+        );
     }
     let hash = policy.hash.clone();
     node.set_policy(policy);
     tracing::info!(old = %old.hash, new = %hash, "policy reloaded");
-    let entry = crate::audit::DecisionEntry {
-        kind: "policy_reload".into(),
-        region: node.region.clone(),
-        policy_hash: Some(hash.clone()),
-        note: Some(format!("policy {} replaced {}", hash, old.hash)),
-        ..Default::default()
-    };
+    let mut entry = crate::audit::DecisionEntry::new(crate::audit::kind::POLICY_RELOAD)
+        .note(format!("applied: policy {} replaced {}", hash, old.hash));
+    entry.policy_hash = Some(hash.clone());
     if let Err(e) = node.log.append(entry).await {
         tracing::error!(error = %e, "appending to the decision log failed");
     }
@@ -169,7 +177,9 @@ impl api::federation_admin_server::FederationAdmin for AdminService {
         if req.policy_source.len() > self.node.limits.max_message_bytes {
             return Err(Error::limit("policy_source", "larger than the message limit").into());
         }
-        Ok(Response::new(reload(&self.node, &req.policy_source, &req.format).await))
+        Ok(Response::new(
+            reload(&self.node, &req.policy_source, &req.format).await,
+        ))
     }
 
     async fn drain(

@@ -79,7 +79,11 @@ impl api::region_agent_api_server::RegionAgentApi for AgentService {
     ) -> Result<Response<api::HeartbeatResponse>, Status> {
         let req = request.into_inner();
         let free = req.capacity.map(|c| c.free_slots);
-        if !self.node.agents.heartbeat(&req.agent_id, free, Instant::now()) {
+        if !self
+            .node
+            .agents
+            .heartbeat(&req.agent_id, free, Instant::now())
+        {
             return Err(Error::NotFound {
                 what: "agent",
                 id: req.agent_id,
@@ -98,7 +102,9 @@ impl api::region_agent_api_server::RegionAgentApi for AgentService {
     ) -> Result<Response<api::LeaseTasksResponse>, Status> {
         let req = request.into_inner();
         self.known(&req.agent_id)?;
-        self.node.agents.heartbeat(&req.agent_id, None, Instant::now());
+        self.node
+            .agents
+            .heartbeat(&req.agent_id, None, Instant::now());
         if self.node.draining() {
             return Ok(Response::new(api::LeaseTasksResponse { tasks: Vec::new() }));
         }
@@ -158,7 +164,11 @@ impl api::region_agent_api_server::RegionAgentApi for AgentService {
         if req.result.len() > self.node.limits.max_result_bytes {
             return Err(Error::limit(
                 "result",
-                format!("{} bytes exceeds the limit of {}", req.result.len(), self.node.limits.max_result_bytes),
+                format!(
+                    "{} bytes exceeds the limit of {}",
+                    req.result.len(),
+                    self.node.limits.max_result_bytes
+                ),
             )
             .into());
         }
@@ -170,6 +180,8 @@ impl api::region_agent_api_server::RegionAgentApi for AgentService {
             .await
             .map_err(Error::from)?;
         tracing::info!(task_id = %task.task_id, success = req.success, "task completed");
-        Ok(Response::new(api::CompleteTaskResponse { task: Some(task) }))
+        Ok(Response::new(api::CompleteTaskResponse {
+            task: Some(task),
+        }))
     }
 }

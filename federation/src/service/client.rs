@@ -93,9 +93,21 @@ pub fn local_watch(node: &Arc<Node>, task_id: &str) -> Result<EventStream> {
 }
 
 /// Cancels a task this region owns.
-pub async fn local_cancel(node: &Node, task_id: &str, reason: &str) -> Result<api::CancelTaskResponse> {
-    let reason = if reason.is_empty() { "cancelled by client" } else { reason };
-    let (task, cancelled) = node.store.cancel(task_id, reason).await.map_err(Error::from)?;
+pub async fn local_cancel(
+    node: &Node,
+    task_id: &str,
+    reason: &str,
+) -> Result<api::CancelTaskResponse> {
+    let reason = if reason.is_empty() {
+        "cancelled by client"
+    } else {
+        reason
+    };
+    let (task, cancelled) = node
+        .store
+        .cancel(task_id, reason)
+        .await
+        .map_err(Error::from)?;
     Ok(api::CancelTaskResponse {
         task: Some(task),
         cancelled,
@@ -113,7 +125,9 @@ fn owner(node: &Node, task_id: &str) -> Result<String> {
 
 fn relay_error(region: &str, status: Status) -> Status {
     match status.code() {
-        tonic::Code::NotFound | tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition => status,
+        tonic::Code::NotFound | tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition => {
+            status
+        }
         code => Status::new(code, format!("relayed to {region}: {}", status.message())),
     }
 }
@@ -125,7 +139,9 @@ impl api::federation_client_server::FederationClient for ClientService {
         &self,
         request: Request<api::SubmitTaskRequest>,
     ) -> Result<Response<api::SubmitTaskResponse>, Status> {
-        Ok(Response::new(routing::submit(&self.node, request.into_inner()).await?))
+        Ok(Response::new(
+            routing::submit(&self.node, request.into_inner()).await?,
+        ))
     }
 
     async fn get_task(
@@ -141,9 +157,18 @@ impl api::federation_client_server::FederationClient for ClientService {
         }
         let mut client = self.node.peer(&owner)?;
         let deadline = self.node.timers.forward_timeout;
-        match tokio::time::timeout(deadline, client.relay_get_task(transport::with_deadline(req, deadline))).await {
+        match tokio::time::timeout(
+            deadline,
+            client.relay_get_task(transport::with_deadline(req, deadline)),
+        )
+        .await
+        {
             Ok(r) => r.map_err(|s| relay_error(&owner, s)),
-            Err(_) => Err(Error::Peer { region: owner, why: "relay timed out".into() }.into()),
+            Err(_) => Err(Error::Peer {
+                region: owner,
+                why: "relay timed out".into(),
+            }
+            .into()),
         }
     }
 
@@ -162,7 +187,13 @@ impl api::federation_client_server::FederationClient for ClientService {
         let deadline = self.node.timers.forward_timeout;
         let upstream = match tokio::time::timeout(deadline, client.relay_watch_task(req)).await {
             Ok(r) => r.map_err(|s| relay_error(&owner, s))?.into_inner(),
-            Err(_) => return Err(Error::Peer { region: owner, why: "relay timed out".into() }.into()),
+            Err(_) => {
+                return Err(Error::Peer {
+                    region: owner,
+                    why: "relay timed out".into(),
+                }
+                .into());
+            }
         };
         Ok(Response::new(Box::pin(upstream)))
     }
@@ -177,13 +208,24 @@ impl api::federation_client_server::FederationClient for ClientService {
             return Err(Error::limit("reason", "longer than 1024 bytes").into());
         }
         if owner == self.node.region {
-            return Ok(Response::new(local_cancel(&self.node, &req.task_id, &req.reason).await?));
+            return Ok(Response::new(
+                local_cancel(&self.node, &req.task_id, &req.reason).await?,
+            ));
         }
         let mut client = self.node.peer(&owner)?;
         let deadline = self.node.timers.forward_timeout;
-        match tokio::time::timeout(deadline, client.relay_cancel_task(transport::with_deadline(req, deadline))).await {
+        match tokio::time::timeout(
+            deadline,
+            client.relay_cancel_task(transport::with_deadline(req, deadline)),
+        )
+        .await
+        {
             Ok(r) => r.map_err(|s| relay_error(&owner, s)),
-            Err(_) => Err(Error::Peer { region: owner, why: "relay timed out".into() }.into()),
+            Err(_) => Err(Error::Peer {
+                region: owner,
+                why: "relay timed out".into(),
+            }
+            .into()),
         }
     }
 
@@ -191,6 +233,9 @@ impl api::federation_client_server::FederationClient for ClientService {
         &self,
         request: Request<api::ExplainRouteRequest>,
     ) -> Result<Response<api::ExplainRouteResponse>, Status> {
-        Ok(Response::new(routing::explain(&self.node, request.get_ref())?))
+        Ok(Response::new(routing::explain(
+            &self.node,
+            request.get_ref(),
+        )?))
     }
 }

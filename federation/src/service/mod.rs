@@ -23,23 +23,31 @@ pub fn router(node: Arc<Node>) -> Router {
         .tcp_nodelay(true)
         .max_concurrent_streams(Some(1024))
         .add_service(
-            api::federation_client_server::FederationClientServer::new(client::ClientService::new(node.clone()))
-                .max_decoding_message_size(max)
-                .max_encoding_message_size(max),
+            api::federation_client_server::FederationClientServer::new(client::ClientService::new(
+                node.clone(),
+            ))
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max),
         )
         .add_service(
-            api::federation_peer_server::FederationPeerServer::new(peer::PeerService::new(node.clone()))
-                .max_decoding_message_size(max)
-                .max_encoding_message_size(max),
+            api::federation_peer_server::FederationPeerServer::new(peer::PeerService::new(
+                node.clone(),
+            ))
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max),
         )
         .add_service(
-            api::region_agent_api_server::RegionAgentApiServer::new(agent::AgentService::new(node.clone()))
-                .max_decoding_message_size(max)
-                .max_encoding_message_size(max),
+            api::region_agent_api_server::RegionAgentApiServer::new(agent::AgentService::new(
+                node.clone(),
+            ))
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max),
         )
         .add_service(
-            api::federation_admin_server::FederationAdminServer::new(admin::AdminService::new(node))
-                .max_decoding_message_size(max)
-                .max_encoding_message_size(max),
+            api::federation_admin_server::FederationAdminServer::new(admin::AdminService::new(
+                node,
+            ))
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max),
         )
 }

@@ -8,7 +8,7 @@ use std::time::Instant;
 use federation_api as api;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::client::{local_cancel, local_get, local_watch, EventStream};
+use super::client::{EventStream, local_cancel, local_get, local_watch};
 use crate::controller::Node;
 use crate::error::Error;
 use crate::{routing, wire};
@@ -48,7 +48,10 @@ impl api::federation_peer_server::FederationPeer for PeerService {
         if self.node.policy().region(&origin.region).is_none() {
             return Err(Error::invalid(
                 "origin.region",
-                format!("`{}` is not a region of this federation", wire::truncate(&origin.region, 64)),
+                format!(
+                    "`{}` is not a region of this federation",
+                    wire::truncate(&origin.region, 64)
+                ),
             )
             .into());
         }
@@ -69,7 +72,9 @@ impl api::federation_peer_server::FederationPeer for PeerService {
         &self,
         request: Request<api::ForwardTaskRequest>,
     ) -> Result<Response<api::ForwardTaskResponse>, Status> {
-        Ok(Response::new(routing::accept_forward(&self.node, request.into_inner()).await?))
+        Ok(Response::new(
+            routing::accept_forward(&self.node, request.into_inner()).await?,
+        ))
     }
 
     async fn relay_get_task(
@@ -100,7 +105,9 @@ impl api::federation_peer_server::FederationPeer for PeerService {
     ) -> Result<Response<api::CancelTaskResponse>, Status> {
         let req = request.into_inner();
         self.owned(&req.task_id)?;
-        Ok(Response::new(local_cancel(&self.node, &req.task_id, &req.reason).await?))
+        Ok(Response::new(
+            local_cancel(&self.node, &req.task_id, &req.reason).await?,
+        ))
     }
 
     async fn push_snapshot(

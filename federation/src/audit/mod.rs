@@ -1,0 +1,918 @@
+//! The decision log: a tamper-evident, hash-chained JSON-lines file,
+//! `<data_dir>/decisions.jsonl`, with one record per routing decision (and
+//! per policy reload, takeover, …), plus the readers auditors use
+//! ([`verify`], [`show`]).
+//!
+//! What it owns: that file, its format and its hash chain. What it must not
+//! touch: routing itself (it records [`Decision`]s made elsewhere), the task
+//! store, the network.
+//!
+//! # Record format
+//!
+//! Each line is one JSON object terminated by `\n`:
+//!
+//! ```text
+//! {"attributes":{…},"decision":{…},"entry_region":"europe","kind":"route","note":…,
+//!  "outcome":"routed","policy_hash":"…","prev_hash":"<64 hex>","region":"europe",
+//!  "chosen_region":"europe","rule_index":1,"seq":7,"task_id":"…",
+//!  "time":"2025-01-01T12:00:00.123Z","unix_ms":1735732800123,"hash":"<64 hex>"}
+//! ```
+//!
+//! * `seq` starts at 1 and increases by exactly 1 per line (line N has seq N).
+//! * `time` (RFC 3339, UTC, milliseconds) and `unix_ms` are the append time.
+//! * `region` is the region of the controller that recorded the line.
+//! * `kind` is one of [`kind`]'s constants; the optional fields (`task_id`,
+//!   `entry_region`, `attributes`, `policy_hash`, `rule_index` (0-based, file
+//!   order), `outcome` (`routed` | `failover` | `rejected`), `chosen_region`,
+//!   `decision` (a serialized [`Decision`]), `note`) are absent when unset.
+//! * `prev_hash` is the previous line's `hash`; the first line's is 64 zeros.
+//!
+//! # The hash, precisely
+//!
+//! The *body* of a record is its canonical JSON without `hash`: every object's
+//! keys sorted by code point (recursively), no whitespace, strings escaped as
+//! `serde_json` does (`"`, `\` and control characters only; non-ASCII as
+//! UTF-8). The line written is the body with its closing `}` replaced by
+//! `,"hash":"<hex>"}`, where `<hex>` is the lower-case hex SHA-256 of the
+//! body's UTF-8 bytes. So the hashed bytes are exactly the line up to
+//! `,"hash":"` followed by `}` — an auditor never has to re-serialize JSON
+//! (which is also why the hash is the last key, out of sorted order). For
+//! records without floating-point attributes the body equals Python's
+//! `json.dumps(rec, sort_keys=True, separators=(",", ":"), ensure_ascii=False)`.
+//!
+//! An auditor's check, independent of this code:
+//!
+//! ```python
+//! import hashlib, json, sys
+//! prev, n = "0" * 64, 0
+//! for n, raw in enumerate(open(sys.argv[1], "rb"), 1):
+//!     line = raw.rstrip(b"\n")
+//!     rec = json.loads(line)                       # bad JSON raises here
+//!     body, sep, tail = line.rpartition(b',"hash":"')
+//!     digest = hashlib.sha256(body + b"}").hexdigest()
+//!     assert sep and tail == digest.encode() + b'"}', f"line {n}: hash mismatch"
+//!     assert rec["hash"] == digest and rec["seq"] == n, f"line {n}: seq/hash"
+//!     assert rec["prev_hash"] == prev, f"line {n}: chain broken"
+//!     prev = digest
+//! print(f"ok: {n} records, last hash {prev}")
+//! ```
+//!
+//! The chain proves that no line was edited, deleted, inserted or reordered
+//! *before* the last line an auditor trusts; anchor the last hash (printed by
+//! `federation audit verify`) elsewhere to make truncation of the tail
+//! evident too.
+//!
+//! # Durability and recovery
+//!
+//! Appends go through one writer thread: it takes every waiting entry, writes
+//! them in one `write`, calls `fdatasync` once, then answers each caller
+//! (group commit). A crash can leave only an unacknowledged, partial last line
+//! (no trailing newline); [`DecisionLog::open`] truncates it and logs a
+//! warning. Any other damage makes `open` refuse, naming the line.
+
+#[cfg(test)]
+mod tests;
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::policy::{Attributes, Decision};
+
+/// The log's file name inside a data directory.
+pub const FILE_NAME: &str = "decisions.jsonl";
+/// `prev_hash` of the first record.
+pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+/// The most entries one write + fdatasync carries.
+const MAX_BATCH: usize = 1024;
+/// The separator before the hash, which is always the last key of a line.
+const HASH_SEP: &str = ",\"hash\":\"";
+
+/// Record kinds.
+pub mod kind {
+    /// A routing decision made by this (entry) controller.
+    pub const ROUTE: &str = "route";
+    /// A task forwarded in by another controller, re-checked here.
+    pub const FORWARDED_IN: &str = "forwarded_in";
+    /// A policy reload (accepted or refused: see `note`).
+    pub const POLICY_RELOAD: &str = "policy_reload";
+    /// Tasks taken over from a dead region.
+    pub const TAKEOVER: &str = "takeover";
+    /// A snapshot sent to or refused for a peer.
+    pub const SNAPSHOT: &str = "snapshot";
+}
+
+/// Errors of the decision log.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    /// The file could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The hash chain is broken.
+    #[error("{} is broken at line {line} (seq {}): {reason}", path.display(), seq_text(*seq))]
+    Broken {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line number.
+        line: u64,
+        /// The record's seq, when it could be read.
+        seq: Option<u64>,
+        /// What is wrong.
+        reason: String,
+    },
+    /// An append failed (the batch's write or fdatasync).
+    #[error("appending to the decision log: {0}")]
+    Write(String),
+    /// An entry could not be serialized.
+    #[error("serializing a decision log entry: {0}")]
+    Serialize(String),
+    /// The writer thread is gone.
+    #[error("the decision log is closed")]
+    Closed,
+}
+
+fn seq_text(seq: Option<u64>) -> String {
+    seq.map_or_else(|| "?".to_string(), |s| s.to_string())
+}
+
+/// A record without the fields the log fills in (seq, time, region, hashes).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DecisionEntry {
+    /// What happened: one of [`kind`]'s constants.
+    pub kind: String,
+    /// The task concerned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_id: Option<String>,
+    /// The region the client called.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entry_region: Option<String>,
+    /// The attributes the decision read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attributes: Option<Value>,
+    /// Hash of the policy that decided (or was loaded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_hash: Option<String>,
+    /// The matched rule, 0-based in file order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule_index: Option<u32>,
+    /// `routed`, `failover` or `rejected`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<String>,
+    /// The region the task went to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chosen_region: Option<String>,
+    /// The full decision (a serialized [`Decision`]): candidates and reasons.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decision: Option<Value>,
+    /// Free text (for example why a reload was refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+impl DecisionEntry {
+    /// An entry of `kind` with nothing else set.
+    pub fn new(kind: &str) -> Self {
+        Self {
+            kind: kind.to_string(),
+            ..Self::default()
+        }
+    }
+
+    /// An entry recording `decision` for `attributes`, with the summary fields
+    /// (`policy_hash`, `rule_index`, `outcome`, `chosen_region`) filled in.
+    pub fn from_decision(kind: &str, attributes: &Attributes, decision: &Decision) -> Self {
+        Self {
+            kind: kind.to_string(),
+            attributes: serde_json::to_value(attributes).ok(),
+            policy_hash: Some(decision.policy_hash.clone()),
+            rule_index: decision.rule_index.and_then(|i| u32::try_from(i).ok()),
+            outcome: Some(decision.outcome.kind().to_string()),
+            chosen_region: decision.outcome.region().map(str::to_string),
+            decision: serde_json::to_value(decision).ok(),
+            ..Self::default()
+        }
+    }
+
+    /// Sets the task id.
+    pub fn task(mut self, task_id: impl Into<String>) -> Self {
+        self.task_id = Some(task_id.into());
+        self
+    }
+
+    /// Sets the entry region.
+    pub fn entry_region(mut self, region: impl Into<String>) -> Self {
+        self.entry_region = Some(region.into());
+        self
+    }
+
+    /// Sets the note.
+    pub fn note(mut self, note: impl Into<String>) -> Self {
+        self.note = Some(note.into());
+        self
+    }
+}
+
+/// The body of a record: everything but `hash`.
+#[derive(Serialize)]
+struct Body<'a> {
+    seq: u64,
+    time: &'a str,
+    unix_ms: i64,
+    region: &'a str,
+    #[serde(flatten)]
+    entry: &'a DecisionEntry,
+    prev_hash: &'a str,
+}
+
+/// One line of the log, as read back.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    /// Position in the chain, from 1.
+    pub seq: u64,
+    /// Append time, RFC 3339 UTC.
+    pub time: String,
+    /// Append time, milliseconds since the Unix epoch.
+    pub unix_ms: i64,
+    /// The recording controller's region.
+    pub region: String,
+    /// The entry.
+    #[serde(flatten)]
+    pub entry: DecisionEntry,
+    /// The previous record's hash.
+    pub prev_hash: String,
+    /// This record's hash.
+    pub hash: String,
+}
+
+impl Record {
+    /// The matched rule (0-based), from the summary or the decision.
+    pub fn rule_index(&self) -> Option<u64> {
+        self.entry.rule_index.map(u64::from).or_else(|| {
+            self.entry
+                .decision
+                .as_ref()
+                .and_then(|d| d.get("rule_index"))
+                .and_then(Value::as_u64)
+        })
+    }
+
+    /// `routed`, `failover` or `rejected`, from the summary or the decision.
+    pub fn outcome(&self) -> Option<&str> {
+        self.entry.outcome.as_deref().or_else(|| {
+            self.entry
+                .decision
+                .as_ref()
+                .and_then(|d| d.get("outcome"))
+                .and_then(|o| o.get("kind"))
+                .and_then(Value::as_str)
+        })
+    }
+
+    /// The chosen region, from the summary or the decision.
+    pub fn chosen_region(&self) -> Option<&str> {
+        self.entry.chosen_region.as_deref().or_else(|| {
+            self.entry
+                .decision
+                .as_ref()
+                .and_then(|d| d.get("outcome"))
+                .and_then(|o| o.get("region"))
+                .and_then(Value::as_str)
+        })
+    }
+
+    /// The decision's one-sentence reason, else the note.
+    pub fn reason(&self) -> Option<&str> {
+        self.entry
+            .decision
+            .as_ref()
+            .and_then(|d| d.get("reason"))
+            .and_then(Value::as_str)
+            .or(self.entry.note.as_deref())
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Canonical form and hashing
+// ---------------------------------------------------------------------------
+
+/// Writes `v` as canonical JSON: keys sorted, no whitespace.
+fn canonical(v: &Value, out: &mut String) {
+    match v {
+        Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort();
+            out.push('{');
+            for (i, k) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                push_json_string(k, out);
+                out.push(':');
+                if let Some(v) = map.get(k) {
+                    canonical(v, out);
+                }
+            }
+            out.push('}');
+        }
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                canonical(item, out);
+            }
+            out.push(']');
+        }
+        Value::String(s) => push_json_string(s, out),
+        other => out.push_str(&other.to_string()),
+    }
+}
+
+fn push_json_string(s: &str, out: &mut String) {
+    // serde_json's string escaping cannot fail for a &str.
+    out.push_str(&Value::String(s.to_string()).to_string());
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// Builds one line (without `\n`) and its hash.
+fn seal(body: &Body<'_>) -> Result<(String, String), AuditError> {
+    let value = serde_json::to_value(body).map_err(|e| AuditError::Serialize(e.to_string()))?;
+    let mut text = String::with_capacity(512);
+    canonical(&value, &mut text);
+    let hash = sha256_hex(text.as_bytes());
+    // The body is an object, so it ends with '}'.
+    text.pop();
+    text.push_str(HASH_SEP);
+    text.push_str(&hash);
+    text.push_str("\"}");
+    Ok((text, hash))
+}
+
+/// Checks one line on its own: JSON, layout, hash. Returns the record.
+fn check_line(line: &[u8]) -> Result<Record, (Option<u64>, String)> {
+    let record: Record = match serde_json::from_slice(line) {
+        Ok(r) => r,
+        Err(e) => {
+            let seq = serde_json::from_slice::<Value>(line)
+                .ok()
+                .and_then(|v| v.get("seq").and_then(Value::as_u64));
+            let reason = if line.is_empty() {
+                "bad JSON: empty line".to_string()
+            } else {
+                format!("bad JSON: {e}")
+            };
+            return Err((seq, reason));
+        }
+    };
+    let seq = Some(record.seq);
+    let suffix = format!("{HASH_SEP}{}\"}}", record.hash);
+    let valid_hex = record.hash.len() == 64
+        && record
+            .hash
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    if !valid_hex || !line.ends_with(suffix.as_bytes()) {
+        return Err((
+            seq,
+            "malformed record: \"hash\" must be the last key and 64 lower-case hex digits".into(),
+        ));
+    }
+    let mut body = line[..line.len() - suffix.len()].to_vec();
+    body.push(b'}');
+    let computed = sha256_hex(&body);
+    if computed != record.hash {
+        return Err((
+            seq,
+            format!(
+                "hash mismatch: the record was altered (stored {}, computed {})",
+                short(&record.hash),
+                short(&computed)
+            ),
+        ));
+    }
+    Ok(record)
+}
+
+fn short(h: &str) -> &str {
+    h.get(..12).unwrap_or(h)
+}
+
+/// Where the chain stands after a record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Tip {
+    seq: u64,
+    hash: String,
+}
+
+impl Tip {
+    fn genesis() -> Self {
+        Self {
+            seq: 0,
+            hash: GENESIS_HASH.to_string(),
+        }
+    }
+}
+
+/// Checks that `record` follows `tip`.
+fn check_link(tip: &Tip, record: &Record) -> Result<(), String> {
+    let expected = tip.seq + 1;
+    if record.seq != expected {
+        let what = if record.seq > expected {
+            "records are missing before it (deleted) or out of order"
+        } else {
+            "it repeats or goes back (inserted or reordered)"
+        };
+        return Err(format!(
+            "seq {} where {expected} was expected: {what}",
+            record.seq
+        ));
+    }
+    if record.prev_hash != tip.hash {
+        return Err(format!(
+            "prev_hash {} does not match the previous record's hash {}: a record was inserted, \
+             deleted or replaced",
+            short(&record.prev_hash),
+            short(&tip.hash)
+        ));
+    }
+    Ok(())
+}
+
+/// Where the chain breaks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Broken {
+    /// 1-based line number.
+    pub line: u64,
+    /// The record's seq, when it could be read.
+    pub seq: Option<u64>,
+    /// What is wrong.
+    pub reason: String,
+}
+
+/// The result of [`verify`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VerifyReport {
+    /// Records that verified (before the first broken one).
+    pub records: u64,
+    /// The first broken record, if any.
+    pub first_broken: Option<Broken>,
+    /// The hash of the last good record (64 zeros for an empty log).
+    pub last_hash: String,
+    /// Line number of an incomplete last line (no newline: a write torn by a
+    /// crash, never acknowledged); it is not part of the chain.
+    pub torn_tail_line: Option<u64>,
+}
+
+impl VerifyReport {
+    /// True when the chain is intact.
+    pub fn is_intact(&self) -> bool {
+        self.first_broken.is_none()
+    }
+}
+
+/// What a scan of the file found.
+struct Scan {
+    report: VerifyReport,
+    tip: Tip,
+    /// Byte length of the complete, verified lines.
+    good_len: u64,
+    /// A torn last line that is nonetheless a complete, valid next record.
+    tail_record_ok: bool,
+}
+
+fn scan(bytes: &[u8]) -> Scan {
+    let mut tip = Tip::genesis();
+    let mut offset = 0usize;
+    let mut line_no = 0u64;
+    let mut report = VerifyReport {
+        records: 0,
+        first_broken: None,
+        last_hash: GENESIS_HASH.to_string(),
+        torn_tail_line: None,
+    };
+    let mut tail_record_ok = false;
+    // Each iteration consumes one line, so the loop is bounded by the file.
+    while offset < bytes.len() {
+        line_no += 1;
+        let rest = &bytes[offset..];
+        let (line, complete) = match rest.iter().position(|&b| b == b'\n') {
+            Some(end) => (&rest[..end], true),
+            None => (rest, false),
+        };
+        if !complete {
+            report.torn_tail_line = Some(line_no);
+            tail_record_ok = check_line(line)
+                .ok()
+                .is_some_and(|r| check_link(&tip, &r).is_ok());
+            break;
+        }
+        let checked = check_line(line).and_then(|record| {
+            check_link(&tip, &record)
+                .map(|()| record.clone())
+                .map_err(|reason| (Some(record.seq), reason))
+        });
+        match checked {
+            Ok(record) => {
+                tip = Tip {
+                    seq: record.seq,
+                    hash: record.hash,
+                };
+                report.records += 1;
+                offset += line.len() + 1;
+            }
+            Err((seq, reason)) => {
+                report.first_broken = Some(Broken {
+                    line: line_no,
+                    seq,
+                    reason,
+                });
+                break;
+            }
+        }
+    }
+    report.last_hash = tip.hash.clone();
+    Scan {
+        report,
+        tip,
+        good_len: offset as u64,
+        tail_record_ok,
+    }
+}
+
+/// The log file for `path`: the path itself, or `path/decisions.jsonl` when
+/// it is a directory.
+pub fn log_path(path: &Path) -> PathBuf {
+    if path.is_dir() {
+        path.join(FILE_NAME)
+    } else {
+        path.to_path_buf()
+    }
+}
+
+fn read_all(path: &Path) -> Result<Vec<u8>, AuditError> {
+    std::fs::read(path).map_err(|source| AuditError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Verifies the chain of the log at `path` (a data directory or the file).
+/// Errors only when the file cannot be read; a broken chain is reported in
+/// [`VerifyReport::first_broken`].
+pub fn verify(path: &Path) -> Result<VerifyReport, AuditError> {
+    let path = log_path(path);
+    Ok(scan(&read_all(&path)?).report)
+}
+
+/// Which records [`show`] returns; `None` fields match everything.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    /// Only this task.
+    pub task_id: Option<String>,
+    /// Only this rule, 1-based as shown to humans (`rule_index + 1`).
+    pub rule: Option<u64>,
+    /// Only decisions that chose this region.
+    pub region: Option<String>,
+    /// Only this outcome: `routed`, `failover` or `rejected`.
+    pub outcome: Option<String>,
+}
+
+impl Filter {
+    /// True when `r` passes every set criterion.
+    pub fn matches(&self, r: &Record) -> bool {
+        self.task_id
+            .as_deref()
+            .is_none_or(|t| r.entry.task_id.as_deref() == Some(t))
+            && self
+                .rule
+                .is_none_or(|n| r.rule_index().map(|i| i + 1) == Some(n))
+            && self
+                .region
+                .as_deref()
+                .is_none_or(|g| r.chosen_region() == Some(g))
+            && self
+                .outcome
+                .as_deref()
+                .is_none_or(|o| r.outcome() == Some(o))
+    }
+}
+
+/// The records of the log at `path` (a data directory or the file) that
+/// match `filter`, in order. Does not verify hashes (use [`verify`]); a line
+/// that is not a record is an error naming it. A torn last line is skipped.
+pub fn show(path: &Path, filter: &Filter) -> Result<Vec<Record>, AuditError> {
+    let path = log_path(path);
+    let bytes = read_all(&path)?;
+    let mut out = Vec::new();
+    let complete = match bytes.iter().rposition(|&b| b == b'\n') {
+        Some(end) => &bytes[..end],
+        None => &bytes[..0],
+    };
+    if complete.is_empty() {
+        return Ok(out);
+    }
+    for (i, line) in complete.split(|&b| b == b'\n').enumerate() {
+        let record: Record = serde_json::from_slice(line).map_err(|e| AuditError::Broken {
+            path: path.clone(),
+            line: i as u64 + 1,
+            seq: None,
+            reason: format!("bad JSON: {e}"),
+        })?;
+        if filter.matches(&record) {
+            out.push(record);
+        }
+    }
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------
+// The writer
+// ---------------------------------------------------------------------------
+
+/// Appends to the decision log of one controller. Cheap to clone; the file
+/// closes when the last clone is dropped.
+#[derive(Clone)]
+pub struct DecisionLog {
+    inner: Arc<LogInner>,
+}
+
+impl std::fmt::Debug for DecisionLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DecisionLog")
+            .field("path", &self.inner.path)
+            .field("region", &self.inner.region)
+            .finish()
+    }
+}
+
+struct LogInner {
+    path: PathBuf,
+    region: String,
+    tip: Arc<Mutex<Tip>>,
+    tx: Option<mpsc::UnboundedSender<Append>>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Drop for LogInner {
+    fn drop(&mut self) {
+        self.tx.take();
+        let handle = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(h) = handle {
+            if h.join().is_err() {
+                tracing::error!(path = %self.path.display(), "decision log writer panicked");
+            }
+        }
+    }
+}
+
+enum Append {
+    Entry(Box<DecisionEntry>, oneshot::Sender<Result<u64, AuditError>>),
+    Flush(oneshot::Sender<Result<u64, AuditError>>),
+}
+
+fn lock(tip: &Mutex<Tip>) -> MutexGuard<'_, Tip> {
+    tip.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl DecisionLog {
+    /// Opens (creating if needed) `<dir>/decisions.jsonl` for `region`,
+    /// verifying the whole chain and continuing it. A torn last line (a
+    /// partial write from a crash) is truncated with a warning; any other
+    /// damage refuses to open with [`AuditError::Broken`] naming the line.
+    pub fn open(dir: &Path, region: &str) -> Result<Self, AuditError> {
+        std::fs::create_dir_all(dir).map_err(|source| AuditError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let path = dir.join(FILE_NAME);
+        let io = |source| AuditError::Io {
+            path: path.clone(),
+            source,
+        };
+        let mut file = OpenOptions::new()
+            .create(true)
+            .read(true)
+            .append(true)
+            .open(&path)
+            .map_err(io)?;
+        let bytes = read_all(&path)?;
+        let scan = scan(&bytes);
+        if let Some(b) = scan.report.first_broken {
+            return Err(AuditError::Broken {
+                path,
+                line: b.line,
+                seq: b.seq,
+                reason: b.reason,
+            });
+        }
+        let mut tip = scan.tip;
+        if let Some(line) = scan.report.torn_tail_line {
+            if scan.tail_record_ok {
+                // The record is whole; only its newline is missing.
+                file.write_all(b"\n").map_err(io)?;
+                let rest = &bytes[usize::try_from(scan.good_len).unwrap_or(bytes.len())..];
+                if let Ok(r) = check_line(rest) {
+                    tip = Tip {
+                        seq: r.seq,
+                        hash: r.hash,
+                    };
+                }
+                tracing::warn!(path = %path.display(), line, "decision log: completed a record whose newline was lost in a crash");
+            } else {
+                file.set_len(scan.good_len).map_err(io)?;
+                tracing::warn!(
+                    path = %path.display(),
+                    line,
+                    bytes = bytes.len() as u64 - scan.good_len,
+                    "decision log: truncated a torn last line (a write interrupted by a crash, never acknowledged)"
+                );
+            }
+            file.sync_all().map_err(io)?;
+        }
+        let tip = Arc::new(Mutex::new(tip));
+        let (tx, rx) = mpsc::unbounded_channel();
+        let writer = {
+            let tip = Arc::clone(&tip);
+            let path = path.clone();
+            let region = region.to_string();
+            std::thread::Builder::new()
+                .name("decision-log-writer".into())
+                .spawn(move || writer_loop(file, &path, &region, &tip, rx))
+                .map_err(io)?
+        };
+        Ok(Self {
+            inner: Arc::new(LogInner {
+                path,
+                region: region.to_string(),
+                tip,
+                tx: Some(tx),
+                writer: Mutex::new(Some(writer)),
+            }),
+        })
+    }
+
+    /// The log file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Seq and hash of the last record written (0 and 64 zeros when empty).
+    pub fn last(&self) -> (u64, String) {
+        let tip = lock(&self.inner.tip);
+        (tip.seq, tip.hash.clone())
+    }
+
+    async fn send(
+        &self,
+        msg: impl FnOnce(oneshot::Sender<Result<u64, AuditError>>) -> Append,
+    ) -> Result<u64, AuditError> {
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .tx
+            .as_ref()
+            .ok_or(AuditError::Closed)?
+            .send(msg(tx))
+            .map_err(|_| AuditError::Closed)?;
+        rx.await.map_err(|_| AuditError::Closed)?
+    }
+
+    /// Appends one record; returns its seq once it is written and
+    /// fdatasync'd. Entries appended concurrently share one write and sync.
+    pub async fn append(&self, entry: DecisionEntry) -> Result<u64, AuditError> {
+        self.send(|tx| Append::Entry(Box::new(entry), tx)).await
+    }
+
+    /// Returns when everything appended before it is on disk (every
+    /// acknowledged append already is: this is the shutdown barrier).
+    pub async fn flush(&self) -> Result<(), AuditError> {
+        self.send(Append::Flush).await.map(|_| ())
+    }
+}
+
+fn now_rfc3339() -> (String, i64) {
+    let now = SystemTime::now();
+    let ms = now
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0);
+    // Millisecond precision, so `time` and `unix_ms` agree.
+    let at = UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+    (humantime::format_rfc3339_millis(at).to_string(), ms)
+}
+
+fn writer_loop(
+    mut file: File,
+    path: &Path,
+    region: &str,
+    tip: &Mutex<Tip>,
+    mut rx: mpsc::UnboundedReceiver<Append>,
+) {
+    // After a failed write that could not be undone the file may hold a
+    // partial line; appending after it would break the chain, so stop.
+    let mut poisoned: Option<String> = None;
+    while let Some(first) = rx.blocking_recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(_) => break,
+            }
+        }
+        if let Some(why) = &poisoned {
+            for m in batch {
+                let reply = match m {
+                    Append::Entry(_, r) | Append::Flush(r) => r,
+                };
+                let _ = reply.send(Err(AuditError::Write(why.clone())));
+            }
+            continue;
+        }
+        let start = lock(tip).clone();
+        let mut next = start.clone();
+        let mut buf = String::new();
+        let mut pending = Vec::with_capacity(batch.len());
+        let (time, unix_ms) = now_rfc3339();
+        for m in batch {
+            match m {
+                Append::Flush(r) => pending.push((r, None)),
+                Append::Entry(entry, r) => {
+                    let body = Body {
+                        seq: next.seq + 1,
+                        time: &time,
+                        unix_ms,
+                        region,
+                        entry: &entry,
+                        prev_hash: &next.hash,
+                    };
+                    match seal(&body) {
+                        Ok((line, hash)) => {
+                            buf.push_str(&line);
+                            buf.push('\n');
+                            next = Tip {
+                                seq: next.seq + 1,
+                                hash,
+                            };
+                            pending.push((r, Some(next.seq)));
+                        }
+                        Err(e) => {
+                            let _ = r.send(Err(e));
+                        }
+                    }
+                }
+            }
+        }
+        let written = if buf.is_empty() {
+            Ok(())
+        } else {
+            let len_before = file.metadata().map(|m| m.len());
+            let res = file
+                .write_all(buf.as_bytes())
+                .and_then(|()| file.sync_data());
+            if let Err(e) = &res {
+                // Undo a partial write so the chain stays intact.
+                let undone =
+                    len_before.and_then(|len| file.set_len(len).and_then(|()| file.sync_data()));
+                if let Err(u) = undone {
+                    let why = format!(
+                        "{}: write failed ({e}) and could not be undone ({u}); reopen the log",
+                        path.display()
+                    );
+                    tracing::error!("{why}");
+                    poisoned = Some(why);
+                }
+            }
+            res
+        };
+        match written {
+            Ok(()) => {
+                *lock(tip) = next.clone();
+                for (r, seq) in pending {
+                    let _ = r.send(Ok(seq.unwrap_or(next.seq)));
+                }
+            }
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "decision log append failed");
+                for (r, _) in pending {
+                    let _ = r.send(Err(AuditError::Write(e.to_string())));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,454 @@
+//! Tests of the decision log: chain, tamper detection, recovery, filters.
+
+use std::collections::BTreeSet;
+
+use crate::policy::{AttrValue, Attributes, Candidate, Decision, Outcome, Refusal, Role};
+
+use super::*;
+
+fn decision(rule_index: usize, outcome: Outcome) -> Decision {
+    Decision {
+        outcome,
+        rule_index: Some(rule_index),
+        rule: Some(format!("rule {}", rule_index + 1)),
+        required_tags: BTreeSet::from(["GDPR".to_string()]),
+        candidates: vec![
+            Candidate {
+                region: "europe".into(),
+                role: Role::Primary,
+                refusal: Some(Refusal::Dead),
+                detail: "missed advertisements: dead".into(),
+            },
+            Candidate {
+                region: "europe_west".into(),
+                role: Role::Backup,
+                refusal: None,
+                detail: String::new(),
+            },
+        ],
+        reason: "rule matched; failed over — ünïcode \"quoted\" \n newline".into(),
+        policy_hash: "abc123".into(),
+        warnings: vec![],
+        evaluation_errors: vec![],
+    }
+}
+
+fn attrs(region: &str) -> Attributes {
+    let mut a = Attributes::new();
+    a.insert("customer_region".into(), AttrValue::Str(region.into()));
+    a.insert("size".into(), AttrValue::Int(3));
+    a.insert("ratio".into(), AttrValue::Double(0.25));
+    a
+}
+
+/// Writes a log of `n` records alternating outcomes and returns its dir.
+async fn write_log(n: usize) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = DecisionLog::open(dir.path(), "europe").expect("open");
+    for i in 0..n {
+        let (rule, outcome) = match i % 3 {
+            0 => (
+                0,
+                Outcome::Routed {
+                    region: "north_america".into(),
+                },
+            ),
+            1 => (
+                1,
+                Outcome::Failover {
+                    region: "europe_west".into(),
+                },
+            ),
+            _ => (
+                1,
+                Outcome::Rejected {
+                    rejection: crate::policy::Rejection::Unavailable,
+                },
+            ),
+        };
+        let entry =
+            DecisionEntry::from_decision(kind::ROUTE, &attrs("DE"), &decision(rule, outcome))
+                .task(format!("task-{i}"))
+                .entry_region("europe");
+        let seq = log.append(entry).await.expect("append");
+        assert_eq!(seq, i as u64 + 1);
+    }
+    log.flush().await.expect("flush");
+    dir
+}
+
+fn lines(dir: &Path) -> Vec<String> {
+    std::fs::read_to_string(dir.join(FILE_NAME))
+        .expect("read")
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+fn rewrite(dir: &Path, lines: &[String]) {
+    let mut text = lines.join("\n");
+    text.push('\n');
+    std::fs::write(dir.join(FILE_NAME), text).expect("write");
+}
+
+fn broken(dir: &Path) -> Broken {
+    let report = verify(dir).expect("verify");
+    report.first_broken.expect("chain should be broken")
+}
+
+#[tokio::test]
+async fn chain_verifies_and_hash_is_over_the_line_bytes() {
+    let dir = write_log(6).await;
+    let report = verify(dir.path()).expect("verify");
+    assert!(report.is_intact(), "{report:?}");
+    assert_eq!(report.records, 6);
+    let lines = lines(dir.path());
+    let mut prev = GENESIS_HASH.to_string();
+    for (i, line) in lines.iter().enumerate() {
+        let rec: Record = serde_json::from_str(line).expect("json");
+        assert_eq!(rec.seq, i as u64 + 1);
+        assert_eq!(rec.prev_hash, prev);
+        assert_eq!(rec.region, "europe");
+        // The documented recipe: hash the line up to `,"hash":"`, plus `}`.
+        let cut = line.rfind(HASH_SEP).expect("hash last");
+        let body = format!("{}}}", &line[..cut]);
+        assert_eq!(sha256_hex(body.as_bytes()), rec.hash);
+        // The body is canonical: re-canonicalizing it changes nothing.
+        let v: Value = serde_json::from_str(&body).expect("body json");
+        let mut again = String::new();
+        canonical(&v, &mut again);
+        assert_eq!(again, body);
+        prev = rec.hash;
+    }
+    assert_eq!(report.last_hash, prev);
+    // The same file, given by path instead of directory.
+    assert_eq!(
+        verify(&dir.path().join(FILE_NAME)).expect("verify file"),
+        report
+    );
+}
+
+#[tokio::test]
+async fn empty_log_verifies() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    drop(DecisionLog::open(dir.path(), "europe").expect("open"));
+    let report = verify(dir.path()).expect("verify");
+    assert_eq!(report.records, 0);
+    assert_eq!(report.last_hash, GENESIS_HASH);
+    assert!(report.is_intact());
+}
+
+#[tokio::test]
+async fn edited_field_is_detected_at_its_line() {
+    let dir = write_log(5).await;
+    let mut l = lines(dir.path());
+    l[2] = l[2].replace("\"customer_region\":\"DE\"", "\"customer_region\":\"US\"");
+    rewrite(dir.path(), &l);
+    let b = broken(dir.path());
+    assert_eq!((b.line, b.seq), (3, Some(3)));
+    assert!(b.reason.contains("hash mismatch"), "{}", b.reason);
+}
+
+#[tokio::test]
+async fn edited_and_rehashed_record_breaks_the_next_link() {
+    let dir = write_log(5).await;
+    let mut l = lines(dir.path());
+    // The forger recomputes the edited record's own hash…
+    let edited = l[1].replace("europe_west", "asia_pacific");
+    let cut = edited.rfind(HASH_SEP).expect("hash");
+    let body = format!("{}}}", &edited[..cut]);
+    let hash = sha256_hex(body.as_bytes());
+    l[1] = format!("{}{HASH_SEP}{hash}\"}}", &edited[..cut]);
+    rewrite(dir.path(), &l);
+    // …but the next record still points at the original.
+    let b = broken(dir.path());
+    assert_eq!((b.line, b.seq), (3, Some(3)));
+    assert!(b.reason.contains("prev_hash"), "{}", b.reason);
+}
+
+#[tokio::test]
+async fn deleted_line_is_detected() {
+    let dir = write_log(5).await;
+    let mut l = lines(dir.path());
+    l.remove(1);
+    rewrite(dir.path(), &l);
+    let b = broken(dir.path());
+    assert_eq!((b.line, b.seq), (2, Some(3)));
+    assert!(b.reason.contains("missing"), "{}", b.reason);
+}
+
+#[tokio::test]
+async fn reordered_lines_are_detected() {
+    let dir = write_log(5).await;
+    let mut l = lines(dir.path());
+    l.swap(2, 3);
+    rewrite(dir.path(), &l);
+    let b = broken(dir.path());
+    assert_eq!((b.line, b.seq), (3, Some(4)));
+}
+
+#[tokio::test]
+async fn inserted_line_is_detected() {
+    let dir = write_log(5).await;
+    let mut l = lines(dir.path());
+    let copy = l[0].clone();
+    l.insert(3, copy);
+    rewrite(dir.path(), &l);
+    let b = broken(dir.path());
+    assert_eq!((b.line, b.seq), (4, Some(1)));
+    assert!(b.reason.contains("inserted"), "{}", b.reason);
+}
+
+#[tokio::test]
+async fn bad_json_is_detected() {
+    let dir = write_log(4).await;
+    let mut l = lines(dir.path());
+    l[1] = l[1][..l[1].len() / 2].to_string();
+    rewrite(dir.path(), &l);
+    let b = broken(dir.path());
+    assert_eq!(b.line, 2);
+    assert!(b.reason.starts_with("bad JSON"), "{}", b.reason);
+    // And a blank line in the middle.
+    let dir = write_log(3).await;
+    let mut l = lines(dir.path());
+    l.insert(1, String::new());
+    rewrite(dir.path(), &l);
+    let b = broken(dir.path());
+    assert_eq!((b.line, b.seq), (2, None));
+}
+
+#[tokio::test]
+async fn open_refuses_a_broken_chain_naming_the_line() {
+    let dir = write_log(4).await;
+    let mut l = lines(dir.path());
+    l.remove(2);
+    rewrite(dir.path(), &l);
+    let err = DecisionLog::open(dir.path(), "europe").expect_err("broken");
+    match err {
+        AuditError::Broken { line, seq, .. } => assert_eq!((line, seq), (3, Some(4))),
+        other => panic!("unexpected {other}"),
+    }
+}
+
+#[tokio::test]
+async fn torn_tail_is_truncated_and_the_chain_continues() {
+    let dir = write_log(3).await;
+    let path = dir.path().join(FILE_NAME);
+    let intact = std::fs::read(&path).expect("read");
+    let mut torn = intact.clone();
+    torn.extend_from_slice(b"{\"seq\":4,\"time\":\"2025-");
+    std::fs::write(&path, &torn).expect("write");
+    let report = verify(dir.path()).expect("verify");
+    assert!(report.is_intact());
+    assert_eq!((report.records, report.torn_tail_line), (3, Some(4)));
+
+    let log = DecisionLog::open(dir.path(), "europe").expect("open torn");
+    assert_eq!(std::fs::read(&path).expect("read"), intact);
+    assert_eq!(log.last().0, 3);
+    let seq = log
+        .append(DecisionEntry::new(kind::POLICY_RELOAD).note("reloaded"))
+        .await
+        .expect("append");
+    assert_eq!(seq, 4);
+    drop(log);
+    let report = verify(dir.path()).expect("verify");
+    assert!(report.is_intact());
+    assert_eq!((report.records, report.torn_tail_line), (4, None));
+}
+
+#[tokio::test]
+async fn whole_record_missing_only_its_newline_is_kept() {
+    let dir = write_log(3).await;
+    let path = dir.path().join(FILE_NAME);
+    let mut bytes = std::fs::read(&path).expect("read");
+    bytes.pop();
+    std::fs::write(&path, &bytes).expect("write");
+    let log = DecisionLog::open(dir.path(), "europe").expect("open");
+    assert_eq!(log.last().0, 3);
+    log.append(DecisionEntry::new(kind::TAKEOVER))
+        .await
+        .expect("append");
+    drop(log);
+    assert_eq!(verify(dir.path()).expect("verify").records, 4);
+}
+
+#[tokio::test]
+async fn reopen_continues_the_chain() {
+    let dir = write_log(3).await;
+    let before = verify(dir.path()).expect("verify").last_hash;
+    let log = DecisionLog::open(dir.path(), "europe").expect("reopen");
+    assert_eq!(log.last(), (3, before.clone()));
+    let seq = log
+        .append(DecisionEntry::new(kind::POLICY_RELOAD).note("new policy"))
+        .await
+        .expect("append");
+    assert_eq!(seq, 4);
+    drop(log);
+    let l = lines(dir.path());
+    let rec: Record = serde_json::from_str(&l[3]).expect("json");
+    assert_eq!(rec.prev_hash, before);
+    assert!(verify(dir.path()).expect("verify").is_intact());
+}
+
+#[tokio::test]
+async fn concurrent_appends_get_distinct_seqs_and_a_valid_chain() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = DecisionLog::open(dir.path(), "asia_pacific").expect("open");
+    let mut handles = Vec::new();
+    for i in 0..100 {
+        let log = log.clone();
+        handles.push(tokio::spawn(async move {
+            log.append(DecisionEntry::new(kind::ROUTE).task(format!("t{i}")))
+                .await
+                .expect("append")
+        }));
+    }
+    let mut seqs = Vec::new();
+    for h in handles {
+        seqs.push(h.await.expect("join"));
+    }
+    seqs.sort_unstable();
+    assert_eq!(seqs, (1..=100).collect::<Vec<u64>>());
+    drop(log);
+    let report = verify(dir.path()).expect("verify");
+    assert_eq!((report.records, report.is_intact()), (100, true));
+}
+
+#[tokio::test]
+async fn show_filters() {
+    let dir = write_log(9).await;
+    let all = show(dir.path(), &Filter::default()).expect("show");
+    assert_eq!(all.len(), 9);
+
+    let by_task = Filter {
+        task_id: Some("task-4".into()),
+        ..Filter::default()
+    };
+    let got = show(dir.path(), &by_task).expect("show");
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].seq, 5);
+
+    let rule1 = Filter {
+        rule: Some(1),
+        ..Filter::default()
+    };
+    assert_eq!(show(dir.path(), &rule1).expect("show").len(), 3);
+    let rule2 = Filter {
+        rule: Some(2),
+        ..Filter::default()
+    };
+    assert_eq!(show(dir.path(), &rule2).expect("show").len(), 6);
+
+    let failover = Filter {
+        outcome: Some("failover".into()),
+        ..Filter::default()
+    };
+    let got = show(dir.path(), &failover).expect("show");
+    assert_eq!(got.len(), 3);
+    assert!(got.iter().all(|r| r.chosen_region() == Some("europe_west")));
+
+    let region_and_rule = Filter {
+        region: Some("europe_west".into()),
+        rule: Some(1),
+        ..Filter::default()
+    };
+    assert!(show(dir.path(), &region_and_rule).expect("show").is_empty());
+
+    let rejected = Filter {
+        outcome: Some("rejected".into()),
+        ..Filter::default()
+    };
+    let got = show(dir.path(), &rejected).expect("show");
+    assert_eq!(got.len(), 3);
+    assert!(got.iter().all(|r| r.chosen_region().is_none()));
+}
+
+#[test]
+fn filter_reads_the_decision_when_summary_fields_are_absent() {
+    let d = decision(
+        2,
+        Outcome::Routed {
+            region: "europe".into(),
+        },
+    );
+    let rec = Record {
+        seq: 1,
+        time: String::new(),
+        unix_ms: 0,
+        region: "europe".into(),
+        entry: DecisionEntry {
+            kind: kind::FORWARDED_IN.into(),
+            decision: serde_json::to_value(&d).ok(),
+            ..DecisionEntry::default()
+        },
+        prev_hash: GENESIS_HASH.into(),
+        hash: GENESIS_HASH.into(),
+    };
+    assert_eq!(rec.rule_index(), Some(2));
+    assert_eq!(rec.outcome(), Some("routed"));
+    assert_eq!(rec.chosen_region(), Some("europe"));
+    assert!(
+        Filter {
+            rule: Some(3),
+            region: Some("europe".into()),
+            outcome: Some("routed".into()),
+            task_id: None
+        }
+        .matches(&rec)
+    );
+}
+
+#[test]
+fn verify_of_a_missing_file_is_an_io_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    assert!(matches!(
+        verify(&dir.path().join("nope.jsonl")),
+        Err(AuditError::Io { .. })
+    ));
+}
+
+/// The Python recipe in the module doc verifies a real log (skipped when
+/// `python3` is not installed).
+#[tokio::test]
+async fn documented_python_recipe_verifies_the_log() {
+    let source = include_str!("mod.rs");
+    let script: String = source
+        .lines()
+        .skip_while(|l| !l.contains("```python"))
+        .skip(1)
+        .take_while(|l| !l.contains("```"))
+        .map(|l| {
+            let l = l.strip_prefix("//!").unwrap_or(l);
+            format!("{}\n", l.strip_prefix(' ').unwrap_or(l))
+        })
+        .collect();
+    assert!(script.contains("hashlib"), "recipe not found");
+    let dir = write_log(7).await;
+    let log = dir.path().join(FILE_NAME);
+    let run = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(&script)
+        .arg(&log)
+        .output();
+    let Ok(out) = run else {
+        eprintln!("python3 not available; skipping");
+        return;
+    };
+    let last = verify(dir.path()).expect("verify").last_hash;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(stdout.trim(), format!("ok: 7 records, last hash {last}"));
+
+    // And it catches an edit.
+    let mut l = lines(dir.path());
+    l[4] = l[4].replace("task-4", "task-X");
+    rewrite(dir.path(), &l);
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(&script)
+        .arg(&log)
+        .output()
+        .expect("python3 ran before");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("line 5: hash mismatch"));
+}

@@ -1,0 +1,995 @@
+//! [`TaskStore`]: the redb database, its single writer thread (group commit)
+//! and the read paths. See the parent module for the guarantees.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use federation_api::{Takeover, Task, TaskState};
+use prost::Message;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use tokio::sync::{Notify, broadcast, mpsc, oneshot};
+
+use super::{Clock, Counts, InsertOutcome, StoreError, SystemClock, is_terminal, state_name};
+
+/// The most requests one write transaction applies (one fsync).
+pub const MAX_BATCH: usize = 1024;
+/// The most tasks one `lease` call hands out.
+pub const MAX_LEASE_BATCH: usize = 1000;
+/// The most expired leases one `expire_leases` call handles.
+const MAX_EXPIRE_BATCH: usize = 10_000;
+/// Capacity of the change feed; a slow subscriber sees `Lagged`.
+const EVENT_CAPACITY: usize = 4096;
+
+const TASKS: TableDefinition<&str, &[u8]> = TableDefinition::new("tasks");
+const IDEMPOTENCY: TableDefinition<&str, &str> = TableDefinition::new("idempotency");
+/// QUEUED tasks by (−priority, created ms, id): iteration order is lease order.
+const QUEUE: TableDefinition<(i64, i64, &str), ()> = TableDefinition::new("queue");
+/// LEASED tasks by (deadline ms, id) → agent id.
+const LEASES: TableDefinition<(i64, &str), &str> = TableDefinition::new("leases");
+
+/// How a store is opened.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// Source of wall-clock time (leases, timestamps).
+    pub clock: Arc<dyn Clock>,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            clock: Arc::new(SystemClock),
+        }
+    }
+}
+
+/// The durable task store of one region. Cheap to clone (an `Arc` inside);
+/// the database closes when the last clone is dropped.
+#[derive(Clone)]
+pub struct TaskStore {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for TaskStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TaskStore")
+            .field("path", &self.inner.path)
+            .field("counts", &self.counts())
+            .finish()
+    }
+}
+
+struct Inner {
+    path: PathBuf,
+    db: Arc<Database>,
+    tx: Option<mpsc::UnboundedSender<Request>>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    shared: Arc<Shared>,
+}
+
+/// State shared by the callers and the writer thread.
+struct Shared {
+    counts: Mutex<Counts>,
+    events: broadcast::Sender<Task>,
+    queued: Notify,
+    clock: Arc<dyn Clock>,
+}
+
+impl Shared {
+    fn counts(&self) -> MutexGuard<'_, Counts> {
+        self.counts.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Closing the channel lets the writer finish what it holds and exit;
+        // joining it releases the database file before we return.
+        self.tx.take();
+        let handle = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(h) = handle {
+            if h.join().is_err() {
+                tracing::error!(path = %self.path.display(), "task store writer thread panicked");
+            }
+        }
+    }
+}
+
+enum Op {
+    Insert(Box<Task>),
+    Lease {
+        agent: String,
+        max: usize,
+        ttl_ms: i64,
+    },
+    Renew {
+        agent: String,
+        id: String,
+        ttl_ms: i64,
+    },
+    Complete {
+        agent: String,
+        id: String,
+        success: bool,
+        result: Vec<u8>,
+        error: String,
+    },
+    Cancel {
+        id: String,
+        reason: String,
+    },
+    Expire {
+        max_attempts: u32,
+    },
+    RequeueAgent {
+        agent: String,
+    },
+    Fence {
+        ids: Vec<String>,
+        takeover: Takeover,
+    },
+    Flush,
+}
+
+enum Reply {
+    Insert(Box<InsertOutcome>),
+    One(Box<Task>),
+    Cancel(Box<Task>, bool),
+    Many(Vec<Task>),
+    Unit,
+}
+
+struct Request {
+    op: Op,
+    reply: oneshot::Sender<Result<Reply, StoreError>>,
+}
+
+trait DbResult<T> {
+    fn db(self) -> Result<T, StoreError>;
+}
+
+impl<T, E: std::fmt::Display> DbResult<T> for Result<T, E> {
+    fn db(self) -> Result<T, StoreError> {
+        self.map_err(|e| StoreError::Db(e.to_string()))
+    }
+}
+
+fn ttl_ms(ttl: Duration) -> i64 {
+    i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX / 4)
+}
+
+fn unexpected(reply: Reply) -> StoreError {
+    let what = match reply {
+        Reply::Insert(_) => "insert",
+        Reply::One(_) => "task",
+        Reply::Cancel(..) => "cancel",
+        Reply::Many(_) => "tasks",
+        Reply::Unit => "unit",
+    };
+    StoreError::Db(format!("internal: unexpected {what} reply from the writer"))
+}
+
+impl TaskStore {
+    /// Opens (creating if needed) `<dir>/tasks.redb`, recovering it after a
+    /// crash, and rebuilds the counters. Fails if another process holds it.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        Self::open_with(dir, StoreOptions::default())
+    }
+
+    /// [`TaskStore::open`] with options (an injected clock).
+    pub fn open_with(dir: &Path, options: StoreOptions) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| StoreError::Db(format!("creating {}: {e}", dir.display())))?;
+        let path = dir.join("tasks.redb");
+        let db = Database::create(&path)
+            .map_err(|e| StoreError::Db(format!("opening {}: {e}", path.display())))?;
+        // Create the tables so that readers always find them.
+        let txn = db.begin_write().db()?;
+        {
+            txn.open_table(TASKS).db()?;
+            txn.open_table(IDEMPOTENCY).db()?;
+            txn.open_table(QUEUE).db()?;
+            txn.open_table(LEASES).db()?;
+        }
+        txn.commit().db()?;
+        let counts = rebuild_counts(&db)?;
+        let (events, _) = broadcast::channel(EVENT_CAPACITY);
+        let shared = Arc::new(Shared {
+            counts: Mutex::new(counts),
+            events,
+            queued: Notify::new(),
+            clock: options.clock,
+        });
+        let db = Arc::new(db);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let writer = {
+            let db = Arc::clone(&db);
+            let shared = Arc::clone(&shared);
+            std::thread::Builder::new()
+                .name("task-store-writer".into())
+                .spawn(move || writer_loop(&db, &shared, rx))
+                .map_err(|e| StoreError::Db(format!("starting the writer thread: {e}")))?
+        };
+        Ok(Self {
+            inner: Arc::new(Inner {
+                path,
+                db,
+                tx: Some(tx),
+                writer: Mutex::new(Some(writer)),
+                shared,
+            }),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    async fn call(&self, op: Op) -> Result<Reply, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.inner
+            .tx
+            .as_ref()
+            .ok_or(StoreError::Closed)?
+            .send(Request { op, reply })
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Stores a new task, durably (committed with fsync) before it returns.
+    /// If `task.idempotency_key` is non-empty and a task with that key exists,
+    /// or a task with the same `task_id` exists, returns
+    /// [`InsertOutcome::Deduplicated`] with it and stores nothing. Sets state
+    /// QUEUED, version 1, clears any lease, and sets `created_unix_ms` /
+    /// `updated_unix_ms` when zero. `attempts`, `taken_over` and the rest are
+    /// kept as given (a takeover restores tasks through this call).
+    pub async fn insert(&self, task: Task) -> Result<InsertOutcome, StoreError> {
+        match self.call(Op::Insert(Box::new(task))).await? {
+            Reply::Insert(o) => Ok(*o),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Reads a task.
+    pub fn get(&self, task_id: &str) -> Result<Option<Task>, StoreError> {
+        let txn = self.inner.db.begin_read().db()?;
+        let table = txn.open_table(TASKS).db()?;
+        let bytes = table.get(task_id).db()?;
+        bytes.map(|b| decode(task_id, b.value())).transpose()
+    }
+
+    /// Leases up to `max` (at most [`MAX_LEASE_BATCH`]) QUEUED tasks, highest
+    /// priority first, then oldest, to `agent_id` with deadline now + `ttl`;
+    /// each one's `attempts` is incremented and its state becomes LEASED.
+    pub async fn lease(
+        &self,
+        agent_id: &str,
+        max: usize,
+        ttl: Duration,
+    ) -> Result<Vec<Task>, StoreError> {
+        if agent_id.is_empty() {
+            return Err(StoreError::Invalid("agent id is empty".into()));
+        }
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let op = Op::Lease {
+            agent: agent_id.to_string(),
+            max: max.min(MAX_LEASE_BATCH),
+            ttl_ms: ttl_ms(ttl),
+        };
+        match self.call(op).await? {
+            Reply::Many(t) => Ok(t),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Extends the lease of `task_id` to now + `ttl`. Only the holder may.
+    pub async fn renew(
+        &self,
+        agent_id: &str,
+        task_id: &str,
+        ttl: Duration,
+    ) -> Result<Task, StoreError> {
+        let op = Op::Renew {
+            agent: agent_id.to_string(),
+            id: task_id.to_string(),
+            ttl_ms: ttl_ms(ttl),
+        };
+        match self.call(op).await? {
+            Reply::One(t) => Ok(*t),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Finishes a leased task: SUCCEEDED or FAILED with its result and error.
+    /// Only the holder may; a terminal task gives [`StoreError::Terminal`].
+    pub async fn complete(
+        &self,
+        agent_id: &str,
+        task_id: &str,
+        success: bool,
+        result: Vec<u8>,
+        error: String,
+    ) -> Result<Task, StoreError> {
+        let op = Op::Complete {
+            agent: agent_id.to_string(),
+            id: task_id.to_string(),
+            success,
+            result,
+            error,
+        };
+        match self.call(op).await? {
+            Reply::One(t) => Ok(*t),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Cancels a task that has not finished. Returns the task and whether it
+    /// was cancelled now (false when it was already terminal, not an error).
+    /// The reason (or "cancelled") goes to the task's `error`.
+    pub async fn cancel(&self, task_id: &str, reason: &str) -> Result<(Task, bool), StoreError> {
+        let op = Op::Cancel {
+            id: task_id.to_string(),
+            reason: reason.to_string(),
+        };
+        match self.call(op).await? {
+            Reply::Cancel(t, c) => Ok((*t, c)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Takes back leases past their deadline: the task is QUEUED again
+    /// (attempts kept) or, when `attempts >= max_attempts`, FAILED with error
+    /// "lease expired N times (agent lost)". Returns the changed tasks.
+    pub async fn expire_leases(&self, max_attempts: u32) -> Result<Vec<Task>, StoreError> {
+        match self.call(Op::Expire { max_attempts }).await? {
+            Reply::Many(t) => Ok(t),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Queues again every task currently LEASED by `agent_id` (the agent was
+    /// declared dead). Attempts are kept. Returns the requeued tasks.
+    pub async fn requeue_agent(&self, agent_id: &str) -> Result<Vec<Task>, StoreError> {
+        let op = Op::RequeueAgent {
+            agent: agent_id.to_string(),
+        };
+        match self.call(op).await? {
+            Reply::Many(t) => Ok(t),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Fencing for a returning primary: marks each listed task that is not
+    /// terminal as CANCELLED with `taken_over` set and error "taken over by
+    /// region R (epoch E)", so this region never runs it again. Unknown ids
+    /// are skipped. Returns the changed tasks.
+    pub async fn mark_taken_over(
+        &self,
+        task_ids: Vec<String>,
+        takeover: Takeover,
+    ) -> Result<Vec<Task>, StoreError> {
+        match self
+            .call(Op::Fence {
+                ids: task_ids,
+                takeover,
+            })
+            .await?
+        {
+            Reply::Many(t) => Ok(t),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Task counts by state (in memory; rebuilt at open).
+    pub fn counts(&self) -> Counts {
+        *self.inner.shared.counts()
+    }
+
+    /// Every QUEUED task in lease order, then every LEASED task by deadline.
+    pub fn pending(&self) -> Result<Vec<Task>, StoreError> {
+        let txn = self.inner.db.begin_read().db()?;
+        let tasks = txn.open_table(TASKS).db()?;
+        let queue = txn.open_table(QUEUE).db()?;
+        let leases = txn.open_table(LEASES).db()?;
+        let mut ids = Vec::new();
+        for entry in queue.iter().db()? {
+            let (k, _) = entry.db()?;
+            ids.push(k.value().2.to_string());
+        }
+        for entry in leases.iter().db()? {
+            let (k, _) = entry.db()?;
+            ids.push(k.value().1.to_string());
+        }
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(b) = tasks.get(id.as_str()).db()? {
+                out.push(decode(&id, b.value())?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every state change, after its commit. A subscriber that falls more
+    /// than a few thousand changes behind receives `Lagged`.
+    pub fn subscribe(&self) -> broadcast::Receiver<Task> {
+        self.inner.shared.events.subscribe()
+    }
+
+    /// Long-poll helper: returns true at once when a task is QUEUED, else
+    /// waits until a task becomes QUEUED (true) or `timeout` passes (false).
+    /// A true result is a hint: another agent may lease the task first.
+    pub async fn wait_for_queued(&self, timeout: Duration) -> bool {
+        let notified = self.inner.shared.queued.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if self.counts().queued > 0 {
+            return true;
+        }
+        tokio::time::timeout(timeout, notified).await.is_ok()
+    }
+
+    /// Returns when every request sent before it is committed. Every
+    /// acknowledged mutation already is; this is the shutdown barrier.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        match self.call(Op::Flush).await? {
+            Reply::Unit => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+}
+
+fn decode(id: &str, bytes: &[u8]) -> Result<Task, StoreError> {
+    let task = Task::decode(bytes).map_err(|e| StoreError::Corrupt {
+        task_id: id.to_string(),
+        reason: e.to_string(),
+    })?;
+    if TaskState::try_from(task.state).is_err() {
+        return Err(StoreError::Corrupt {
+            task_id: id.to_string(),
+            reason: format!("unknown state {}", task.state),
+        });
+    }
+    Ok(task)
+}
+
+fn rebuild_counts(db: &Database) -> Result<Counts, StoreError> {
+    let txn = db.begin_read().db()?;
+    let table = txn.open_table(TASKS).db()?;
+    let mut counts = Counts::default();
+    for entry in table.iter().db()? {
+        let (k, v) = entry.db()?;
+        match decode(k.value(), v.value()) {
+            Ok(t) => counts.add(t.state(), 1),
+            Err(e) => tracing::error!(error = %e, "skipping a corrupted task record"),
+        }
+    }
+    Ok(counts)
+}
+
+// ---------------------------------------------------------------------------
+// The writer thread
+// ---------------------------------------------------------------------------
+
+fn writer_loop(db: &Database, shared: &Shared, mut rx: mpsc::UnboundedReceiver<Request>) {
+    // Ends when every sender is gone (the last TaskStore clone dropped).
+    while let Some(first) = rx.blocking_recv() {
+        let mut batch = Vec::with_capacity(16);
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        run_batch(db, shared, batch);
+    }
+}
+
+/// A task's change within a batch: its state before (None when new) and after.
+struct Change {
+    before: Option<TaskState>,
+    after: Task,
+}
+
+fn run_batch(db: &Database, shared: &Shared, batch: Vec<Request>) {
+    let now = shared.clock.now_ms();
+    let mutating = batch.iter().any(|r| !matches!(r.op, Op::Flush));
+    if !mutating {
+        for r in batch {
+            let _ = r.reply.send(Ok(Reply::Unit));
+        }
+        return;
+    }
+    let mut changes = Vec::new();
+    let mut replies: Vec<(oneshot::Sender<_>, Result<Reply, StoreError>)> =
+        Vec::with_capacity(batch.len());
+    let outcome = (|| -> Result<(), StoreError> {
+        let txn = db.begin_write().db()?;
+        {
+            let mut t = Tables {
+                tasks: txn.open_table(TASKS).db()?,
+                idem: txn.open_table(IDEMPOTENCY).db()?,
+                queue: txn.open_table(QUEUE).db()?,
+                leases: txn.open_table(LEASES).db()?,
+            };
+            for req in batch {
+                let result = t.apply(req.op, now, &mut changes);
+                if let Err(StoreError::Db(e)) = &result {
+                    // The transaction may hold part of this request: abort it
+                    // all; every caller of the batch gets the error.
+                    let err = StoreError::Db(e.clone());
+                    for (reply, _) in replies.drain(..) {
+                        let _ = reply.send(Err(err.clone()));
+                    }
+                    let _ = req.reply.send(Err(err.clone()));
+                    return Err(err);
+                }
+                replies.push((req.reply, result));
+            }
+        }
+        txn.commit().db()
+    })();
+    match outcome {
+        Ok(()) => {
+            let mut any_queued = false;
+            {
+                let mut counts = shared.counts();
+                for c in &changes {
+                    if let Some(b) = c.before {
+                        counts.add(b, -1);
+                    }
+                    counts.add(c.after.state(), 1);
+                    any_queued |= c.after.state() == TaskState::Queued;
+                }
+            }
+            for c in changes {
+                let _ = shared.events.send(c.after);
+            }
+            for (reply, result) in replies {
+                let _ = reply.send(result);
+            }
+            if any_queued {
+                shared.queued.notify_waiters();
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "task store commit failed");
+            for (reply, _) in replies {
+                let _ = reply.send(Err(e.clone()));
+            }
+        }
+    }
+}
+
+struct Tables<'t> {
+    tasks: redb::Table<'t, &'static str, &'static [u8]>,
+    idem: redb::Table<'t, &'static str, &'static str>,
+    queue: redb::Table<'t, (i64, i64, &'static str), ()>,
+    leases: redb::Table<'t, (i64, &'static str), &'static str>,
+}
+
+fn queue_key(t: &Task) -> (i64, i64, &str) {
+    (
+        -i64::from(t.priority),
+        t.created_unix_ms,
+        t.task_id.as_str(),
+    )
+}
+
+fn touch(t: &mut Task, now: i64) {
+    t.version = t.version.saturating_add(1);
+    t.updated_unix_ms = now;
+}
+
+fn clear_lease(t: &mut Task) {
+    t.agent_id.clear();
+    t.lease_deadline_unix_ms = 0;
+}
+
+impl Tables<'_> {
+    fn read(&self, id: &str) -> Result<Option<Task>, StoreError> {
+        let bytes = self.tasks.get(id).db()?;
+        bytes.map(|b| decode(id, b.value())).transpose()
+    }
+
+    fn must_read(&self, id: &str) -> Result<Task, StoreError> {
+        self.read(id)?
+            .ok_or_else(|| StoreError::NotFound(id.to_string()))
+    }
+
+    fn write(&mut self, t: &Task) -> Result<(), StoreError> {
+        self.tasks
+            .insert(t.task_id.as_str(), t.encode_to_vec().as_slice())
+            .db()?;
+        Ok(())
+    }
+
+    /// Removes the task from whichever index its state puts it in.
+    fn unindex(&mut self, t: &Task) -> Result<(), StoreError> {
+        match t.state() {
+            TaskState::Queued => {
+                self.queue.remove(queue_key(t)).db()?;
+            }
+            TaskState::Leased => {
+                self.leases
+                    .remove((t.lease_deadline_unix_ms, t.task_id.as_str()))
+                    .db()?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, op: Op, now: i64, changes: &mut Vec<Change>) -> Result<Reply, StoreError> {
+        match op {
+            Op::Insert(task) => self
+                .insert(*task, now, changes)
+                .map(|o| Reply::Insert(Box::new(o))),
+            Op::Lease { agent, max, ttl_ms } => self
+                .lease(&agent, max, now.saturating_add(ttl_ms), now, changes)
+                .map(Reply::Many),
+            Op::Renew { agent, id, ttl_ms } => self
+                .renew(&agent, &id, now.saturating_add(ttl_ms), now, changes)
+                .map(|t| Reply::One(Box::new(t))),
+            Op::Complete {
+                agent,
+                id,
+                success,
+                result,
+                error,
+            } => self
+                .complete(&agent, &id, success, result, error, now, changes)
+                .map(|t| Reply::One(Box::new(t))),
+            Op::Cancel { id, reason } => self
+                .cancel(&id, &reason, now, changes)
+                .map(|(t, c)| Reply::Cancel(Box::new(t), c)),
+            Op::Expire { max_attempts } => self.expire(max_attempts, now, changes).map(Reply::Many),
+            Op::RequeueAgent { agent } => self.requeue_agent(&agent, now, changes).map(Reply::Many),
+            Op::Fence { ids, takeover } => {
+                self.fence(&ids, &takeover, now, changes).map(Reply::Many)
+            }
+            Op::Flush => Ok(Reply::Unit),
+        }
+    }
+
+    fn insert(
+        &mut self,
+        mut task: Task,
+        now: i64,
+        changes: &mut Vec<Change>,
+    ) -> Result<InsertOutcome, StoreError> {
+        if task.task_id.is_empty() {
+            return Err(StoreError::Invalid("task id is empty".into()));
+        }
+        if !task.idempotency_key.is_empty() {
+            let existing = self
+                .idem
+                .get(task.idempotency_key.as_str())
+                .db()?
+                .map(|v| v.value().to_string());
+            if let Some(id) = existing {
+                if let Some(t) = self.read(&id)? {
+                    return Ok(InsertOutcome::Deduplicated(t));
+                }
+            }
+        }
+        if let Some(t) = self.read(&task.task_id)? {
+            return Ok(InsertOutcome::Deduplicated(t));
+        }
+        task.set_state(TaskState::Queued);
+        task.version = 1;
+        clear_lease(&mut task);
+        if task.created_unix_ms == 0 {
+            task.created_unix_ms = now;
+        }
+        if task.updated_unix_ms == 0 {
+            task.updated_unix_ms = now;
+        }
+        self.write(&task)?;
+        if !task.idempotency_key.is_empty() {
+            self.idem
+                .insert(task.idempotency_key.as_str(), task.task_id.as_str())
+                .db()?;
+        }
+        self.queue.insert(queue_key(&task), ()).db()?;
+        changes.push(Change {
+            before: None,
+            after: task.clone(),
+        });
+        Ok(InsertOutcome::Created(task))
+    }
+
+    fn lease(
+        &mut self,
+        agent: &str,
+        max: usize,
+        deadline: i64,
+        now: i64,
+        changes: &mut Vec<Change>,
+    ) -> Result<Vec<Task>, StoreError> {
+        let mut keys = Vec::with_capacity(max);
+        for entry in self.queue.iter().db()?.take(max) {
+            let (k, _) = entry.db()?;
+            let (p, c, id) = k.value();
+            keys.push((p, c, id.to_string()));
+        }
+        let mut out = Vec::with_capacity(keys.len());
+        for (p, c, id) in keys {
+            self.queue.remove((p, c, id.as_str())).db()?;
+            let mut task = match self.read(&id) {
+                Ok(Some(t)) if t.state() == TaskState::Queued => t,
+                Ok(_) => {
+                    tracing::warn!(task_id = %id, "dropping a stale queue entry");
+                    continue;
+                }
+                Err(StoreError::Db(e)) => return Err(StoreError::Db(e)),
+                Err(e) => {
+                    tracing::error!(error = %e, "dropping a corrupted task from the queue");
+                    continue;
+                }
+            };
+            task.set_state(TaskState::Leased);
+            task.agent_id = agent.to_string();
+            task.lease_deadline_unix_ms = deadline;
+            task.attempts = task.attempts.saturating_add(1);
+            touch(&mut task, now);
+            self.write(&task)?;
+            self.leases.insert((deadline, id.as_str()), agent).db()?;
+            changes.push(Change {
+                before: Some(TaskState::Queued),
+                after: task.clone(),
+            });
+            out.push(task);
+        }
+        Ok(out)
+    }
+
+    /// The task, if `agent` holds its lease; else the right refusal.
+    fn held(&self, agent: &str, id: &str) -> Result<Task, StoreError> {
+        let task = self.must_read(id)?;
+        if is_terminal(task.state()) {
+            return Err(StoreError::Terminal {
+                task_id: id.to_string(),
+                state: state_name(task.state()),
+            });
+        }
+        if task.state() != TaskState::Leased || task.agent_id != agent || agent.is_empty() {
+            let holder = if task.state() == TaskState::Leased {
+                task.agent_id.clone()
+            } else {
+                String::new()
+            };
+            return Err(StoreError::NotLeaseHolder {
+                task_id: id.to_string(),
+                holder,
+            });
+        }
+        Ok(task)
+    }
+
+    fn renew(
+        &mut self,
+        agent: &str,
+        id: &str,
+        deadline: i64,
+        now: i64,
+        changes: &mut Vec<Change>,
+    ) -> Result<Task, StoreError> {
+        let mut task = self.held(agent, id)?;
+        self.unindex(&task)?;
+        task.lease_deadline_unix_ms = deadline;
+        touch(&mut task, now);
+        self.write(&task)?;
+        self.leases.insert((deadline, id), agent).db()?;
+        changes.push(Change {
+            before: Some(TaskState::Leased),
+            after: task.clone(),
+        });
+        Ok(task)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn complete(
+        &mut self,
+        agent: &str,
+        id: &str,
+        success: bool,
+        result: Vec<u8>,
+        error: String,
+        now: i64,
+        changes: &mut Vec<Change>,
+    ) -> Result<Task, StoreError> {
+        let mut task = self.held(agent, id)?;
+        self.unindex(&task)?;
+        task.set_state(if success {
+            TaskState::Succeeded
+        } else {
+            TaskState::Failed
+        });
+        clear_lease(&mut task);
+        task.result = result;
+        task.error = error;
+        touch(&mut task, now);
+        self.write(&task)?;
+        changes.push(Change {
+            before: Some(TaskState::Leased),
+            after: task.clone(),
+        });
+        Ok(task)
+    }
+
+    fn cancel(
+        &mut self,
+        id: &str,
+        reason: &str,
+        now: i64,
+        changes: &mut Vec<Change>,
+    ) -> Result<(Task, bool), StoreError> {
+        let mut task = self.must_read(id)?;
+        if is_terminal(task.state()) {
+            return Ok((task, false));
+        }
+        let before = task.state();
+        self.unindex(&task)?;
+        task.set_state(TaskState::Cancelled);
+        clear_lease(&mut task);
+        task.error = if reason.is_empty() {
+            "cancelled".to_string()
+        } else {
+            reason.to_string()
+        };
+        touch(&mut task, now);
+        self.write(&task)?;
+        changes.push(Change {
+            before: Some(before),
+            after: task.clone(),
+        });
+        Ok((task, true))
+    }
+
+    /// Moves a LEASED task back to QUEUED (attempts kept).
+    fn requeue(
+        &mut self,
+        mut task: Task,
+        now: i64,
+        changes: &mut Vec<Change>,
+    ) -> Result<Task, StoreError> {
+        self.unindex(&task)?;
+        task.set_state(TaskState::Queued);
+        clear_lease(&mut task);
+        touch(&mut task, now);
+        self.write(&task)?;
+        self.queue.insert(queue_key(&task), ()).db()?;
+        changes.push(Change {
+            before: Some(TaskState::Leased),
+            after: task.clone(),
+        });
+        Ok(task)
+    }
+
+    /// Removes the lease index entries and returns the tasks behind them that
+    /// are really LEASED with that deadline (stale entries are dropped).
+    fn take_leased(&mut self, keys: Vec<(i64, String)>) -> Result<Vec<Task>, StoreError> {
+        let mut out = Vec::with_capacity(keys.len());
+        for (deadline, id) in keys {
+            match self.read(&id) {
+                Ok(Some(t))
+                    if t.state() == TaskState::Leased && t.lease_deadline_unix_ms == deadline =>
+                {
+                    out.push(t);
+                }
+                Ok(_) => {
+                    tracing::warn!(task_id = %id, "dropping a stale lease entry");
+                    self.leases.remove((deadline, id.as_str())).db()?;
+                }
+                Err(StoreError::Db(e)) => return Err(StoreError::Db(e)),
+                Err(e) => {
+                    tracing::error!(error = %e, "dropping the lease of a corrupted task");
+                    self.leases.remove((deadline, id.as_str())).db()?;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn expire(
+        &mut self,
+        max_attempts: u32,
+        now: i64,
+        changes: &mut Vec<Change>,
+    ) -> Result<Vec<Task>, StoreError> {
+        let mut keys = Vec::new();
+        for entry in self.leases.iter().db()?.take(MAX_EXPIRE_BATCH) {
+            let (k, _) = entry.db()?;
+            let (deadline, id) = k.value();
+            if deadline >= now {
+                break;
+            }
+            keys.push((deadline, id.to_string()));
+        }
+        let mut out = Vec::with_capacity(keys.len());
+        for mut task in self.take_leased(keys)? {
+            if task.attempts >= max_attempts {
+                self.unindex(&task)?;
+                task.set_state(TaskState::Failed);
+                clear_lease(&mut task);
+                task.error = format!("lease expired {} times (agent lost)", task.attempts);
+                touch(&mut task, now);
+                self.write(&task)?;
+                changes.push(Change {
+                    before: Some(TaskState::Leased),
+                    after: task.clone(),
+                });
+                out.push(task);
+            } else {
+                out.push(self.requeue(task, now, changes)?);
+            }
+        }
+        Ok(out)
+    }
+
+    fn requeue_agent(
+        &mut self,
+        agent: &str,
+        now: i64,
+        changes: &mut Vec<Change>,
+    ) -> Result<Vec<Task>, StoreError> {
+        // The lease table holds only in-flight leases (bounded by the agents'
+        // slots), so a scan is cheap.
+        let mut keys = Vec::new();
+        for entry in self.leases.iter().db()? {
+            let (k, v) = entry.db()?;
+            if v.value() == agent {
+                let (deadline, id) = k.value();
+                keys.push((deadline, id.to_string()));
+            }
+        }
+        let mut out = Vec::with_capacity(keys.len());
+        for task in self.take_leased(keys)? {
+            out.push(self.requeue(task, now, changes)?);
+        }
+        Ok(out)
+    }
+
+    fn fence(
+        &mut self,
+        ids: &[String],
+        takeover: &Takeover,
+        now: i64,
+        changes: &mut Vec<Change>,
+    ) -> Result<Vec<Task>, StoreError> {
+        let mut out = Vec::new();
+        for id in ids {
+            let mut task = match self.read(id) {
+                Ok(Some(t)) if !is_terminal(t.state()) => t,
+                Ok(_) => continue,
+                Err(StoreError::Db(e)) => return Err(StoreError::Db(e)),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot fence a corrupted task");
+                    continue;
+                }
+            };
+            let before = task.state();
+            self.unindex(&task)?;
+            task.set_state(TaskState::Cancelled);
+            clear_lease(&mut task);
+            task.error = format!(
+                "taken over by region {} (epoch {} of {})",
+                takeover.to_region, takeover.from_epoch, takeover.from_region
+            );
+            task.taken_over = Some(takeover.clone());
+            touch(&mut task, now);
+            self.write(&task)?;
+            changes.push(Change {
+                before: Some(before),
+                after: task.clone(),
+            });
+            out.push(task);
+        }
+        Ok(out)
+    }
+}

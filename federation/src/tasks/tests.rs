@@ -1,0 +1,583 @@
+//! Tests of the task store, including a SIGKILL crash test that re-executes
+//! this test binary as a child process.
+
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use federation_api::{Takeover, Task, TaskState};
+
+use super::*;
+
+const TTL: Duration = Duration::from_secs(30);
+
+fn task(id: &str) -> Task {
+    Task {
+        task_id: id.to_string(),
+        payload: b"echo".to_vec(),
+        owner_region: "europe".into(),
+        ..Task::default()
+    }
+}
+
+fn open_manual(dir: &std::path::Path, clock: &ManualClock) -> TaskStore {
+    TaskStore::open_with(
+        dir,
+        StoreOptions {
+            clock: Arc::new(clock.clone()),
+        },
+    )
+    .expect("open store")
+}
+
+#[tokio::test]
+async fn insert_sets_state_version_and_times() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = ManualClock::new(1_000);
+    let store = open_manual(dir.path(), &clock);
+    let out = store.insert(task("a")).await.expect("insert");
+    let t = out.task();
+    assert!(!out.is_deduplicated());
+    assert_eq!(t.state(), TaskState::Queued);
+    assert_eq!(t.version, 1);
+    assert_eq!(t.created_unix_ms, 1_000);
+    assert_eq!(t.updated_unix_ms, 1_000);
+    assert_eq!(store.get("a").expect("get").as_ref(), Some(t));
+    assert_eq!(store.get("missing").expect("get"), None);
+    assert!(matches!(
+        store.insert(task("")).await,
+        Err(StoreError::Invalid(_))
+    ));
+}
+
+#[tokio::test]
+async fn idempotency_key_and_task_id_deduplicate() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = TaskStore::open(dir.path()).expect("open");
+    let mut a = task("a");
+    a.idempotency_key = "k1".into();
+    let first = store.insert(a).await.expect("insert");
+    let mut b = task("b");
+    b.idempotency_key = "k1".into();
+    let second = store.insert(b).await.expect("insert");
+    assert!(second.is_deduplicated());
+    assert_eq!(second.task().task_id, "a");
+    assert_eq!(store.get("b").expect("get"), None);
+    // Same id again (a retried forward): the stored task, unchanged.
+    let again = store.insert(task("a")).await.expect("insert");
+    assert!(again.is_deduplicated());
+    assert_eq!(again.task(), first.task());
+    assert_eq!(store.counts().queued, 1);
+}
+
+#[tokio::test]
+async fn idempotency_within_one_batch() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = TaskStore::open(dir.path()).expect("open");
+    let mut handles = Vec::new();
+    for i in 0..20 {
+        let store = store.clone();
+        handles.push(tokio::spawn(async move {
+            let mut t = task(&format!("t{i}"));
+            t.idempotency_key = "same".into();
+            store.insert(t).await.expect("insert")
+        }));
+    }
+    let mut created = 0;
+    let mut ids = HashSet::new();
+    for h in handles {
+        let out = h.await.expect("join");
+        if !out.is_deduplicated() {
+            created += 1;
+        }
+        ids.insert(out.task().task_id.clone());
+    }
+    assert_eq!(created, 1);
+    assert_eq!(ids.len(), 1);
+    assert_eq!(store.counts().queued, 1);
+}
+
+#[tokio::test]
+async fn lease_order_is_priority_then_age() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = ManualClock::new(10_000);
+    let store = open_manual(dir.path(), &clock);
+    for (id, prio) in [("low-old", 0), ("high", 5), ("low-new", 0), ("neg", -3)] {
+        let mut t = task(id);
+        t.priority = prio;
+        store.insert(t).await.expect("insert");
+        clock.advance(1);
+    }
+    let got = store.lease("agent-1", 3, TTL).await.expect("lease");
+    let ids: Vec<_> = got.iter().map(|t| t.task_id.as_str()).collect();
+    assert_eq!(ids, ["high", "low-old", "low-new"]);
+    for t in &got {
+        assert_eq!(t.state(), TaskState::Leased);
+        assert_eq!(t.agent_id, "agent-1");
+        assert_eq!(t.attempts, 1);
+        assert_eq!(t.version, 2);
+        assert_eq!(t.lease_deadline_unix_ms, clock.now_ms() + 30_000);
+    }
+    let rest = store.lease("agent-2", 10, TTL).await.expect("lease");
+    assert_eq!(rest.len(), 1);
+    assert_eq!(rest[0].task_id, "neg");
+    assert!(
+        store
+            .lease("agent-2", 10, TTL)
+            .await
+            .expect("lease")
+            .is_empty()
+    );
+    let c = store.counts();
+    assert_eq!((c.queued, c.leased), (0, 4));
+}
+
+#[tokio::test]
+async fn only_the_holder_renews_and_completes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = ManualClock::new(5_000);
+    let store = open_manual(dir.path(), &clock);
+    store.insert(task("a")).await.expect("insert");
+    store.insert(task("q")).await.expect("insert");
+    let leased = store.lease("agent-1", 1, TTL).await.expect("lease");
+    assert_eq!(leased[0].task_id, "a");
+
+    let err = store.renew("agent-2", "a", TTL).await.expect_err("renew");
+    assert_eq!(
+        err,
+        StoreError::NotLeaseHolder {
+            task_id: "a".into(),
+            holder: "agent-1".into()
+        }
+    );
+    let err = store
+        .complete("agent-2", "a", true, vec![], String::new())
+        .await
+        .expect_err("complete");
+    assert!(matches!(err, StoreError::NotLeaseHolder { .. }));
+    // A queued task has no holder.
+    let err = store.renew("agent-1", "q", TTL).await.expect_err("renew");
+    assert_eq!(
+        err,
+        StoreError::NotLeaseHolder {
+            task_id: "q".into(),
+            holder: String::new()
+        }
+    );
+    assert_eq!(
+        store.renew("agent-1", "nope", TTL).await,
+        Err(StoreError::NotFound("nope".into()))
+    );
+
+    clock.advance(1_000);
+    let renewed = store.renew("agent-1", "a", TTL).await.expect("renew");
+    assert_eq!(renewed.lease_deadline_unix_ms, 6_000 + 30_000);
+    assert_eq!(renewed.version, 3);
+
+    let done = store
+        .complete("agent-1", "a", true, b"out".to_vec(), String::new())
+        .await
+        .expect("complete");
+    assert_eq!(done.state(), TaskState::Succeeded);
+    assert_eq!(done.result, b"out");
+    assert!(done.agent_id.is_empty());
+    let err = store
+        .complete("agent-1", "a", false, vec![], "late".into())
+        .await
+        .expect_err("complete twice");
+    assert_eq!(
+        err,
+        StoreError::Terminal {
+            task_id: "a".into(),
+            state: "SUCCEEDED".into()
+        }
+    );
+    // The expired-lease sweep no longer sees it.
+    clock.advance(1_000_000);
+    assert!(store.expire_leases(3).await.expect("expire").is_empty());
+    let c = store.counts();
+    assert_eq!((c.queued, c.leased, c.succeeded), (1, 0, 1));
+}
+
+#[tokio::test]
+async fn expired_leases_requeue_then_fail() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = ManualClock::new(1_000);
+    let store = open_manual(dir.path(), &clock);
+    store.insert(task("a")).await.expect("insert");
+    let ttl = Duration::from_millis(100);
+    for attempt in 1..=3u32 {
+        let got = store.lease("agent-x", 1, ttl).await.expect("lease");
+        assert_eq!(got.len(), 1, "attempt {attempt}");
+        assert_eq!(got[0].attempts, attempt);
+        // Not yet expired.
+        assert!(store.expire_leases(3).await.expect("expire").is_empty());
+        clock.advance(101);
+        let changed = store.expire_leases(3).await.expect("expire");
+        assert_eq!(changed.len(), 1);
+        let t = &changed[0];
+        if attempt < 3 {
+            assert_eq!(t.state(), TaskState::Queued);
+            assert_eq!(t.attempts, attempt);
+            assert!(t.agent_id.is_empty());
+        } else {
+            assert_eq!(t.state(), TaskState::Failed);
+            assert_eq!(t.error, "lease expired 3 times (agent lost)");
+        }
+    }
+    // The old holder's late completion is refused.
+    let err = store
+        .complete("agent-x", "a", true, vec![], String::new())
+        .await
+        .expect_err("late");
+    assert!(matches!(err, StoreError::Terminal { .. }));
+    let c = store.counts();
+    assert_eq!((c.queued, c.leased, c.failed), (0, 0, 1));
+}
+
+#[tokio::test]
+async fn requeue_agent_returns_only_its_tasks() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = TaskStore::open(dir.path()).expect("open");
+    for id in ["a", "b", "c"] {
+        store.insert(task(id)).await.expect("insert");
+    }
+    let mine = store.lease("dead", 2, TTL).await.expect("lease");
+    store.lease("alive", 1, TTL).await.expect("lease");
+    let requeued = store.requeue_agent("dead").await.expect("requeue");
+    let mut got: Vec<_> = requeued.iter().map(|t| t.task_id.clone()).collect();
+    let mut want: Vec<_> = mine.iter().map(|t| t.task_id.clone()).collect();
+    got.sort();
+    want.sort();
+    assert_eq!(got, want);
+    assert!(
+        requeued
+            .iter()
+            .all(|t| t.state() == TaskState::Queued && t.attempts == 1)
+    );
+    let c = store.counts();
+    assert_eq!((c.queued, c.leased), (2, 1));
+    // The dead agent's late renew is refused.
+    let err = store.renew("dead", &want[0], TTL).await.expect_err("renew");
+    assert!(matches!(err, StoreError::NotLeaseHolder { .. }));
+}
+
+#[tokio::test]
+async fn cancel_queued_leased_and_terminal() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = TaskStore::open(dir.path()).expect("open");
+    for id in ["q", "l", "done"] {
+        store.insert(task(id)).await.expect("insert");
+    }
+    // Lease "q", "l", "done" in order (same priority, created order may tie:
+    // lease all three then finish one).
+    let leased = store.lease("ag", 3, TTL).await.expect("lease");
+    assert_eq!(leased.len(), 3);
+    store
+        .complete("ag", "done", true, vec![], String::new())
+        .await
+        .expect("complete");
+    store.requeue_agent("ag").await.expect("requeue");
+    store.lease("ag", 1, TTL).await.expect("lease");
+
+    let (t, cancelled) = store.cancel("done", "no").await.expect("cancel");
+    assert!(!cancelled);
+    assert_eq!(t.state(), TaskState::Succeeded);
+
+    for id in ["q", "l"] {
+        let (t, cancelled) = store.cancel(id, "").await.expect("cancel");
+        assert!(cancelled);
+        assert_eq!(t.state(), TaskState::Cancelled);
+        assert_eq!(t.error, "cancelled");
+    }
+    let (_, again) = store.cancel("q", "x").await.expect("cancel");
+    assert!(!again);
+    assert_eq!(
+        store.cancel("zzz", "").await,
+        Err(StoreError::NotFound("zzz".into()))
+    );
+    let c = store.counts();
+    assert_eq!((c.queued, c.leased, c.succeeded, c.cancelled), (0, 0, 1, 2));
+    assert!(store.pending().expect("pending").is_empty());
+    assert!(store.lease("ag", 5, TTL).await.expect("lease").is_empty());
+    // A cancelled leased task: its holder's complete is refused.
+    let err = store
+        .complete("ag", "l", true, vec![], String::new())
+        .await
+        .expect_err("complete");
+    assert!(matches!(err, StoreError::Terminal { .. }));
+}
+
+#[tokio::test]
+async fn mark_taken_over_fences_pending_tasks() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = TaskStore::open(dir.path()).expect("open");
+    for id in ["a", "b", "c"] {
+        store.insert(task(id)).await.expect("insert");
+    }
+    store.lease("ag", 1, TTL).await.expect("lease");
+    let takeover = Takeover {
+        from_region: "europe".into(),
+        from_epoch: 7,
+        to_region: "asia_pacific".into(),
+        at_unix_ms: 1,
+    };
+    let fenced = store
+        .mark_taken_over(
+            vec!["a".into(), "b".into(), "unknown".into()],
+            takeover.clone(),
+        )
+        .await
+        .expect("fence");
+    assert_eq!(fenced.len(), 2);
+    for t in &fenced {
+        assert_eq!(t.state(), TaskState::Cancelled);
+        assert_eq!(t.taken_over.as_ref(), Some(&takeover));
+    }
+    let pending: Vec<_> = store
+        .pending()
+        .expect("pending")
+        .into_iter()
+        .map(|t| t.task_id)
+        .collect();
+    assert_eq!(pending, ["c"]);
+}
+
+#[tokio::test]
+async fn concurrent_inserts_are_durable_and_distinct() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = TaskStore::open(dir.path()).expect("open");
+    let mut handles = Vec::new();
+    for i in 0..200 {
+        let store = store.clone();
+        handles.push(tokio::spawn(async move {
+            let mut t = task(&format!("task-{i:03}"));
+            t.priority = i % 7;
+            store.insert(t).await.expect("insert")
+        }));
+    }
+    let mut ids = HashSet::new();
+    for h in handles {
+        let out = h.await.expect("join");
+        assert!(!out.is_deduplicated());
+        ids.insert(out.into_task().task_id);
+    }
+    assert_eq!(ids.len(), 200);
+    assert_eq!(store.counts().queued, 200);
+    drop(store);
+    let store = TaskStore::open(dir.path()).expect("reopen");
+    for id in &ids {
+        assert!(store.get(id).expect("get").is_some(), "{id} lost");
+    }
+    assert_eq!(store.counts().queued, 200);
+    assert_eq!(store.pending().expect("pending").len(), 200);
+}
+
+#[tokio::test]
+async fn reopen_keeps_everything_and_counts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = ManualClock::new(1_000);
+    let before;
+    {
+        let store = open_manual(dir.path(), &clock);
+        for id in ["a", "b", "c", "d", "e"] {
+            let mut t = task(id);
+            t.idempotency_key = format!("key-{id}");
+            store.insert(t).await.expect("insert");
+            clock.advance(1);
+        }
+        store.lease("ag", 4, TTL).await.expect("lease");
+        store
+            .complete("ag", "a", true, vec![1], String::new())
+            .await
+            .expect("ok");
+        store
+            .complete("ag", "b", false, vec![], "boom".into())
+            .await
+            .expect("fail");
+        store.cancel("c", "user").await.expect("cancel");
+        store.flush().await.expect("flush");
+        before = store.counts();
+    }
+    let store = open_manual(dir.path(), &clock);
+    assert_eq!(store.counts(), before);
+    assert_eq!(
+        before,
+        Counts {
+            queued: 1,
+            leased: 1,
+            succeeded: 1,
+            failed: 1,
+            cancelled: 1
+        }
+    );
+    assert_eq!(
+        store.get("b").expect("get").map(|t| t.error),
+        Some("boom".into())
+    );
+    // Indexes survive: idempotency, queue and leases.
+    let mut dup = task("zzz");
+    dup.idempotency_key = "key-e".into();
+    assert!(store.insert(dup).await.expect("insert").is_deduplicated());
+    let leased = store.lease("ag2", 10, TTL).await.expect("lease");
+    assert_eq!(leased.len(), 1);
+    assert_eq!(leased[0].task_id, "e");
+    clock.advance(60_000);
+    let expired = store.expire_leases(5).await.expect("expire");
+    assert_eq!(expired.len(), 2);
+}
+
+#[tokio::test]
+async fn corrupted_record_is_an_error_not_a_panic() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let store = TaskStore::open(dir.path()).expect("open");
+        store.insert(task("good")).await.expect("insert");
+    }
+    {
+        let db = redb::Database::create(dir.path().join("tasks.redb")).expect("db");
+        let txn = db.begin_write().expect("txn");
+        {
+            let def: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("tasks");
+            let mut t = txn.open_table(def).expect("table");
+            t.insert("bad", &[0xff_u8, 0xff, 0xff][..]).expect("insert");
+        }
+        txn.commit().expect("commit");
+    }
+    let store = TaskStore::open(dir.path()).expect("open with a corrupted record");
+    assert!(matches!(
+        store.get("bad"),
+        Err(StoreError::Corrupt { ref task_id, .. }) if task_id == "bad"
+    ));
+    assert!(matches!(
+        store.cancel("bad", "").await,
+        Err(StoreError::Corrupt { .. })
+    ));
+    // The rest of the batch machinery still works.
+    assert!(store.get("good").expect("get").is_some());
+    assert_eq!(store.counts().queued, 1);
+}
+
+#[tokio::test]
+async fn subscribe_and_wait_for_queued() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = TaskStore::open(dir.path()).expect("open");
+    let mut events = store.subscribe();
+    assert!(!store.wait_for_queued(Duration::from_millis(10)).await);
+    let waiter = {
+        let store = store.clone();
+        tokio::spawn(async move { store.wait_for_queued(Duration::from_secs(60)).await })
+    };
+    tokio::task::yield_now().await;
+    store.insert(task("a")).await.expect("insert");
+    assert!(waiter.await.expect("join"));
+    let ev = events.recv().await.expect("event");
+    assert_eq!((ev.task_id.as_str(), ev.version), ("a", 1));
+    store.lease("ag", 1, TTL).await.expect("lease");
+    let ev = events.recv().await.expect("event");
+    assert_eq!(ev.state(), TaskState::Leased);
+    store.flush().await.expect("flush");
+}
+
+#[test]
+fn second_open_in_another_handle_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _a = TaskStore::open(dir.path()).expect("open");
+    assert!(matches!(
+        TaskStore::open(dir.path()),
+        Err(StoreError::Db(_))
+    ));
+}
+
+// ---------------------------------------------------------------------------
+// Crash safety: SIGKILL a child mid-stream; every acknowledged id survives.
+// ---------------------------------------------------------------------------
+
+const CHILD_ENV: &str = "FEDERATION_TASKS_CRASH_CHILD_DIR";
+const CHILD_TEST: &str = "tasks::tests::crash_child";
+
+/// Not a test on its own: when the parent test sets [`CHILD_ENV`], it inserts
+/// tasks from 16 concurrent writers forever (bounded) and prints `ACK <id>`
+/// after each acknowledgement.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_child() {
+    let Ok(dir) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    let store = TaskStore::open(std::path::Path::new(&dir)).expect("child open");
+    let mut handles = Vec::new();
+    for w in 0..16 {
+        let store = store.clone();
+        handles.push(tokio::spawn(async move {
+            for i in 0..100_000 {
+                let id = format!("w{w}-{i}");
+                let mut t = task(&id);
+                t.payload = vec![7; 256];
+                store.insert(t).await.expect("child insert");
+                let mut out = std::io::stdout().lock();
+                writeln!(out, "ACK {id}").expect("stdout");
+                out.flush().expect("stdout");
+            }
+        }));
+    }
+    for h in handles {
+        h.await.expect("join");
+    }
+}
+
+#[test]
+fn acknowledged_inserts_survive_sigkill() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let exe = std::env::current_exe().expect("current exe");
+    let mut child = Command::new(exe)
+        .args([CHILD_TEST, "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn child");
+    let stdout = child.stdout.take().expect("child stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let mut acked = Vec::new();
+    // Read acknowledgements until enough arrived, then kill mid-stream.
+    for line in lines.by_ref() {
+        let line = line.expect("read child");
+        if let Some(id) = line.strip_prefix("ACK ") {
+            acked.push(id.to_string());
+            if acked.len() >= 500 {
+                break;
+            }
+        }
+    }
+    child.kill().expect("SIGKILL child");
+    // Whatever the child printed before it died is an acknowledged insert too.
+    for line in lines {
+        let Ok(line) = line else { break };
+        if let Some(id) = line.strip_prefix("ACK ") {
+            acked.push(id.to_string());
+        }
+    }
+    let status = child.wait().expect("wait child");
+    assert!(!status.success(), "the child was killed, not finished");
+    assert!(
+        acked.len() >= 500,
+        "child acknowledged only {}",
+        acked.len()
+    );
+
+    let store = TaskStore::open(dir.path()).expect("reopen after SIGKILL");
+    let missing: Vec<_> = acked
+        .iter()
+        .filter(|id| !matches!(store.get(id), Ok(Some(_))))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} acknowledged tasks lost: {:?}",
+        missing.len(),
+        acked.len(),
+        &missing[..missing.len().min(10)]
+    );
+    assert!(store.counts().queued as usize >= acked.len());
+}

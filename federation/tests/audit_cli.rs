@@ -1,0 +1,166 @@
+//! `federation audit verify|show` against logs written by `DecisionLog`.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use federation::audit::{DecisionEntry, DecisionLog, FILE_NAME, kind};
+use serde_json::json;
+
+fn entry(i: usize) -> DecisionEntry {
+    let (rule_index, outcome, region) = match i % 3 {
+        0 => (0, "routed", Some("north_america")),
+        1 => (1, "failover", Some("europe_west")),
+        _ => (1, "rejected", None),
+    };
+    DecisionEntry {
+        kind: kind::ROUTE.into(),
+        task_id: Some(format!("task-{i}")),
+        entry_region: Some("europe".into()),
+        attributes: Some(json!({"customer_region": "DE", "data_class": "pii"})),
+        policy_hash: Some("feedface".into()),
+        rule_index: Some(rule_index),
+        outcome: Some(outcome.into()),
+        chosen_region: region.map(str::to_string),
+        decision: Some(json!({
+            "outcome": {"kind": outcome},
+            "rule_index": rule_index,
+            "reason": format!("rule {} matched; {outcome}", rule_index + 1),
+        })),
+        note: None,
+    }
+}
+
+fn write_log(dir: &Path, n: usize) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let log = DecisionLog::open(dir, "europe").expect("open");
+        for i in 0..n {
+            log.append(entry(i)).await.expect("append");
+        }
+        log.flush().await.expect("flush");
+    });
+}
+
+fn federation(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_federation"))
+        .args(args)
+        .output()
+        .expect("run federation")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn arg(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+#[test]
+fn verify_intact_log_by_dir_and_by_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_log(dir.path(), 5);
+    for target in [dir.path().to_path_buf(), dir.path().join(FILE_NAME)] {
+        let out = federation(&["audit", "verify", arg(&target)]);
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        let text = stdout(&out);
+        assert!(
+            text.starts_with("ok: 5 records, chain intact, last hash "),
+            "{text}"
+        );
+    }
+    let out = federation(&["audit", "verify", arg(dir.path()), "--format", "json"]);
+    assert_eq!(out.status.code(), Some(0));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(report["records"], 5);
+    assert!(report["first_broken"].is_null());
+}
+
+#[test]
+fn verify_names_the_broken_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_log(dir.path(), 5);
+    let path = dir.path().join(FILE_NAME);
+    let text = std::fs::read_to_string(&path).expect("read");
+    let tampered = text.replacen(
+        "\"customer_region\":\"DE\"",
+        "\"customer_region\":\"US\"",
+        2,
+    );
+    // Restore the first occurrence so that only record 2 is edited.
+    let first = tampered.replacen(
+        "\"customer_region\":\"US\"",
+        "\"customer_region\":\"DE\"",
+        1,
+    );
+    std::fs::write(&path, first).expect("write");
+    let out = federation(&["audit", "verify", arg(dir.path())]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let text = stdout(&out);
+    assert!(
+        text.starts_with("broken at line 2 (seq 2): hash mismatch"),
+        "{text}"
+    );
+}
+
+#[test]
+fn verify_of_an_unreadable_log_exits_2() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = federation(&["audit", "verify", arg(dir.path())]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read the decision log"));
+}
+
+#[test]
+fn show_filters_in_text_and_json() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_log(dir.path(), 6);
+    let d = arg(dir.path());
+
+    let out = federation(&["audit", "show", d]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(stdout(&out).lines().count(), 6);
+
+    let out = federation(&["audit", "show", d, "--task", "task-4"]);
+    let text = stdout(&out);
+    assert_eq!(text.lines().count(), 1, "{text}");
+    let line = text.lines().next().expect("one line");
+    for part in [
+        "task=task-4",
+        "customer_region=DE,data_class=pii",
+        "rule=2",
+        "region=europe_west",
+        "failover",
+        "rule 2 matched; failover",
+    ] {
+        assert!(line.contains(part), "{part} missing from {line}");
+    }
+
+    let out = federation(&["audit", "show", d, "--rule", "2", "--outcome", "rejected"]);
+    assert_eq!(stdout(&out).lines().count(), 2);
+
+    let out = federation(&[
+        "audit",
+        "show",
+        d,
+        "--region",
+        "north_america",
+        "--format",
+        "json",
+    ]);
+    let records: Vec<serde_json::Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect();
+    assert_eq!(records.len(), 2);
+    assert!(
+        records
+            .iter()
+            .all(|r| r["chosen_region"] == "north_america" && r["hash"].is_string())
+    );
+
+    let out = federation(&["audit", "show", d, "--outcome", "sideways"]);
+    assert_eq!(out.status.code(), Some(2), "clap rejects unknown outcomes");
+}
