@@ -1,9 +1,22 @@
-//! `federation policy check|explain|diff`: the auditor's tools.
+//! `federation policy check|explain|diff`: the auditor's tools. This module
+//! owns argument parsing and output; the logic is in [`crate::policy`].
+//!
+//! Exit status: `check` 0 no error findings, 1 error findings; `explain` 0
+//! routed or failed over, 1 rejected; `diff` 0 no route changes, 1 changes;
+//! all of them 2 when a file cannot be used or an argument is bad.
 
-use std::path::PathBuf;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use anyhow::{Context as _, anyhow, bail};
+
 use super::OutputFormat;
+use crate::policy::analysis::{self, Severity};
+use crate::policy::diff::{self, DiffReport};
+use crate::policy::{
+    AttrValue, Attributes, Decision, Outcome, Policy, StaticView, format_attributes,
+};
 
 /// Policy subcommands.
 #[derive(Debug, clap::Subcommand)]
@@ -16,10 +29,358 @@ pub enum PolicyCommand {
         #[arg(long, value_enum, default_value_t)]
         format: OutputFormat,
     },
+    /// Show how one task would be routed: exit 0 routed or failover, 1 rejected, 2 bad input.
+    Explain {
+        /// The federation file.
+        file: PathBuf,
+        /// A task attribute: `key=value` (a string) or `key:=JSON` (number, bool, list).
+        #[arg(long = "attr", value_name = "KEY=VALUE")]
+        attrs: Vec<String>,
+        /// Treat this region as down (repeatable).
+        #[arg(long, value_name = "REGION")]
+        down: Vec<String>,
+        /// Treat this region as full (repeatable).
+        #[arg(long, value_name = "REGION")]
+        full: Vec<String>,
+        /// Treat this region as draining (repeatable).
+        #[arg(long, value_name = "REGION")]
+        draining: Vec<String>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t)]
+        format: OutputFormat,
+    },
+    /// Show the inputs whose route changes between two policies: exit 0 none, 1 some, 2 unusable file.
+    Diff {
+        /// The policy in force.
+        old: PathBuf,
+        /// The proposed policy.
+        new: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t)]
+        format: OutputFormat,
+    },
 }
 
 /// Runs a policy subcommand.
 pub fn run(cmd: PolicyCommand) -> ExitCode {
-    let _ = cmd;
-    super::fail(&anyhow::anyhow!("policy commands are not built yet"), 2)
+    let result = match cmd {
+        PolicyCommand::Check { file, format } => check(&file, format),
+        PolicyCommand::Explain {
+            file,
+            attrs,
+            down,
+            full,
+            draining,
+            format,
+        } => explain(&file, &attrs, &down, &full, &draining, format),
+        PolicyCommand::Diff { old, new, format } => diff_cmd(&old, &new, format),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => super::fail(&e, 2),
+    }
+}
+
+fn load(path: &Path) -> anyhow::Result<Policy> {
+    Policy::load_file(path).map_err(|e| anyhow!("{}: policy cannot be used:\n{e}", path.display()))
+}
+
+fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).context("serializing the report")?
+    );
+    Ok(())
+}
+
+fn check(file: &Path, format: OutputFormat) -> anyhow::Result<u8> {
+    let policy = load(file)?;
+    let report = analysis::check(&policy);
+    let (errors, warnings, info) = (
+        report.count(Severity::Error),
+        report.count(Severity::Warning),
+        report.count(Severity::Info),
+    );
+    match format {
+        OutputFormat::Json => print_json(&serde_json::json!({
+            "file": file,
+            "policy_hash": policy.hash,
+            "summary": { "errors": errors, "warnings": warnings, "info": info },
+            "exhaustive": report.exhaustive,
+            "inputs_examined": report.inputs_examined,
+            "attributes": report.attributes,
+            "findings": report.findings,
+        }))?,
+        OutputFormat::Text => {
+            println!(
+                "{}: {} rules, {} regions; {} inputs examined{}",
+                file.display(),
+                policy.rules.len(),
+                policy.regions.len(),
+                report.inputs_examined,
+                if report.exhaustive {
+                    " (exhaustive)"
+                } else {
+                    " (partial: see info findings)"
+                }
+            );
+            for f in &report.findings {
+                match &f.rule {
+                    Some(rule) => println!("{}: [{}] {rule}: {}", f.severity.as_str(), f.kind, f.message),
+                    None => println!("{}: [{}] {}", f.severity.as_str(), f.kind, f.message),
+                }
+                if let Some(ex) = &f.example {
+                    println!("    example: {}", example(ex, &report.attributes));
+                }
+            }
+            println!("summary: {errors} error(s), {warnings} warning(s), {info} info");
+        }
+    }
+    Ok(u8::from(report.has_errors()))
+}
+
+/// `k='v', other absent` — absent attributes are named so the example is complete.
+fn example(
+    attrs: &Attributes,
+    axes: &std::collections::BTreeMap<String, Vec<Option<AttrValue>>>,
+) -> String {
+    let mut s = if attrs.is_empty() {
+        "(no attributes)".to_string()
+    } else {
+        format_attributes(attrs)
+    };
+    let absent: Vec<&str> = axes
+        .keys()
+        .filter(|k| !attrs.contains_key(*k))
+        .map(String::as_str)
+        .collect();
+    if !absent.is_empty() && !attrs.is_empty() {
+        s.push_str(&format!("; absent: {}", absent.join(", ")));
+    } else if !absent.is_empty() {
+        s = format!("absent: {}", absent.join(", "));
+    }
+    s
+}
+
+/// Parses `key=value` (string) or `key:=JSON` (typed).
+pub fn parse_attr(arg: &str) -> anyhow::Result<(String, AttrValue)> {
+    let Some(eq) = arg.find('=') else {
+        bail!("--attr `{arg}`: expected KEY=VALUE or KEY:=JSON");
+    };
+    let (key, value, typed) = if eq > 0 && arg.as_bytes()[eq - 1] == b':' {
+        (&arg[..eq - 1], &arg[eq + 1..], true)
+    } else {
+        (&arg[..eq], &arg[eq + 1..], false)
+    };
+    if key.is_empty() {
+        bail!("--attr `{arg}`: empty attribute name");
+    }
+    if !typed {
+        return Ok((key.to_string(), AttrValue::Str(value.to_string())));
+    }
+    let json: serde_json::Value = serde_json::from_str(value)
+        .with_context(|| format!("--attr `{arg}`: `{value}` is not JSON"))?;
+    let v = from_json(&json).with_context(|| format!("--attr `{arg}`"))?;
+    Ok((key.to_string(), v))
+}
+
+fn from_json(v: &serde_json::Value) -> anyhow::Result<AttrValue> {
+    Ok(match v {
+        serde_json::Value::String(s) => AttrValue::Str(s.clone()),
+        serde_json::Value::Bool(b) => AttrValue::Bool(*b),
+        serde_json::Value::Number(n) => match n.as_i64() {
+            Some(i) => AttrValue::Int(i),
+            None => AttrValue::Double(
+                n.as_f64()
+                    .ok_or_else(|| anyhow!("number {n} out of range"))?,
+            ),
+        },
+        serde_json::Value::Array(items) => {
+            AttrValue::List(items.iter().map(from_json).collect::<anyhow::Result<_>>()?)
+        }
+        serde_json::Value::Null => bail!("null is not an attribute value"),
+        serde_json::Value::Object(_) => bail!("objects are not attribute values"),
+    })
+}
+
+fn region_set(policy: &Policy, flag: &str, names: &[String]) -> anyhow::Result<BTreeSet<String>> {
+    for n in names {
+        if policy.region(n).is_none() {
+            bail!(
+                "--{flag} {n}: unknown region (regions: {})",
+                policy
+                    .regions
+                    .iter()
+                    .map(|r| r.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+    }
+    Ok(names.iter().cloned().collect())
+}
+
+fn explain(
+    file: &Path,
+    attr_args: &[String],
+    down: &[String],
+    full: &[String],
+    draining: &[String],
+    format: OutputFormat,
+) -> anyhow::Result<u8> {
+    let policy = load(file)?;
+    let mut attrs = Attributes::new();
+    for a in attr_args {
+        let (k, v) = parse_attr(a)?;
+        attrs.insert(k, v);
+    }
+    let view = StaticView {
+        down: region_set(&policy, "down", down)?,
+        full: region_set(&policy, "full", full)?,
+        draining: region_set(&policy, "draining", draining)?,
+    };
+    let decision = policy.decide(&attrs, &view.bind(&policy));
+    match format {
+        OutputFormat::Json => print_json(&decision)?,
+        OutputFormat::Text => print_decision(&attrs, &decision),
+    }
+    Ok(match decision.outcome {
+        Outcome::Routed { .. } | Outcome::Failover { .. } => 0,
+        Outcome::Rejected { .. } => 1,
+    })
+}
+
+fn print_decision(attrs: &Attributes, d: &Decision) {
+    println!(
+        "input: {}",
+        if attrs.is_empty() {
+            "(no attributes)".to_string()
+        } else {
+            format_attributes(attrs)
+        }
+    );
+    println!("rule: {}", d.rule.as_deref().unwrap_or("(none matched)"));
+    if !d.required_tags.is_empty() {
+        println!(
+            "required tags: {}",
+            d.required_tags.iter().cloned().collect::<Vec<_>>().join(", ")
+        );
+    }
+    if !d.candidates.is_empty() {
+        println!("candidates:");
+        for c in &d.candidates {
+            let role = match c.role {
+                crate::policy::Role::Primary => "primary",
+                crate::policy::Role::Backup => "backup",
+            };
+            match c.refusal {
+                None if c.detail.is_empty() => println!("  {} ({role}): accepted", c.region),
+                None => println!("  {} ({role}): accepted — {}", c.region, c.detail),
+                Some(r) => println!(
+                    "  {} ({role}): refused: {} — {}",
+                    c.region,
+                    r.as_str(),
+                    c.detail
+                ),
+            }
+        }
+    }
+    match &d.outcome {
+        Outcome::Routed { region } => println!("outcome: routed to {region}"),
+        Outcome::Failover { region } => println!("outcome: failover to {region}"),
+        Outcome::Rejected { rejection } => println!(
+            "outcome: rejected ({})",
+            serde_json::to_value(rejection)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default()
+        ),
+    }
+    println!("reason: {}", d.reason);
+    for w in &d.warnings {
+        println!("warning: {w}");
+    }
+    for e in &d.evaluation_errors {
+        println!("not evaluable: {e}");
+    }
+}
+
+fn diff_cmd(old: &Path, new: &Path, format: OutputFormat) -> anyhow::Result<u8> {
+    let a = load(old)?;
+    let b = load(new)?;
+    let report: DiffReport = diff::diff(&a, &b);
+    match format {
+        OutputFormat::Json => print_json(&report)?,
+        OutputFormat::Text => {
+            println!(
+                "{} -> {}: {} inputs examined{}",
+                old.display(),
+                new.display(),
+                report.inputs_examined,
+                if report.exhaustive {
+                    " (exhaustive)"
+                } else {
+                    " (partial)"
+                }
+            );
+            if report.changes.is_empty() {
+                println!("no route changes");
+            }
+            for c in &report.changes {
+                println!(
+                    "changed ({} input{}): e.g. {}",
+                    c.inputs,
+                    if c.inputs == 1 { "" } else { "s" },
+                    if c.example.is_empty() {
+                        "(no attributes)".to_string()
+                    } else {
+                        format_attributes(&c.example)
+                    }
+                );
+                println!("    old: {}", c.old);
+                println!("    new: {}", c.new);
+            }
+            for n in &report.notes {
+                println!("note: {n}");
+            }
+        }
+    }
+    Ok(u8::from(report.changed()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attr_forms() {
+        assert_eq!(
+            parse_attr("customer_region=DE").expect("ok"),
+            ("customer_region".into(), AttrValue::Str("DE".into()))
+        );
+        assert_eq!(
+            parse_attr("n:=3").expect("ok"),
+            ("n".into(), AttrValue::Int(3))
+        );
+        assert_eq!(
+            parse_attr("x:=1.5").expect("ok"),
+            ("x".into(), AttrValue::Double(1.5))
+        );
+        assert_eq!(
+            parse_attr("tags:=[\"a\", true]").expect("ok"),
+            (
+                "tags".into(),
+                AttrValue::List(vec![AttrValue::Str("a".into()), AttrValue::Bool(true)])
+            )
+        );
+        assert_eq!(
+            parse_attr("eq=a=b").expect("ok"),
+            ("eq".into(), AttrValue::Str("a=b".into()))
+        );
+        assert!(parse_attr("novalue").is_err());
+        assert!(parse_attr("=x").is_err());
+        assert!(parse_attr("x:=nope").is_err());
+        assert!(parse_attr("x:=null").is_err());
+        assert!(parse_attr("x:={}").is_err());
+    }
 }

@@ -508,3 +508,6 @@ fn policy_hash(spec: &FederationSpec) -> String {
     let canonical = serde_json::to_vec(spec).unwrap_or_default();
     hex::encode(Sha256::digest(&canonical))
 }
+
+#[cfg(test)]
+mod tests;
