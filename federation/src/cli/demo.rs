@@ -82,7 +82,7 @@ async fn submit(entry: SocketAddr, customer: &str) -> anyhow::Result<(Row, Optio
             }
             (
                 Row {
-                    task: r.task_id[..8.min(r.task_id.len())].to_string(),
+                    task: short_id(&r.task_id),
                     customer: customer.into(),
                     rule: format!("{}", d.rule_index + 1),
                     region: r.region,
@@ -119,6 +119,16 @@ async fn submit(entry: SocketAddr, customer: &str) -> anyhow::Result<(Row, Optio
             )
         }
     })
+}
+
+/// The random tail of a task's UUIDv7 (its head is the timestamp, shared by
+/// tasks submitted close together).
+fn short_id(id: &str) -> String {
+    id.split('.')
+        .next()
+        .and_then(|uuid| uuid.get(uuid.len().saturating_sub(8)..))
+        .unwrap_or(id)
+        .to_string()
 }
 
 fn print_table(title: &str, rows: &[Row]) {
@@ -258,7 +268,7 @@ async fn scenario(demo: &mut Sandbox) -> anyhow::Result<()> {
     for t in &tasks {
         println!(
             "   {:<9} {:<10} {}",
-            &t.task_id[..8.min(t.task_id.len())],
+            short_id(&t.task_id),
             super::client::state_name(t.state),
             String::from_utf8_lossy(&t.result)
         );

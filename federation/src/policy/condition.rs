@@ -330,8 +330,18 @@ fn static_root_check(expr: &Expression) -> Result<(), CompileError> {
         Expr::Call(c)
             if matches!(
                 c.func_name.as_str(),
-                "_+_" | "_-_" | "_*_" | "_/_" | "_%_" | "-_" | "size" | "int" | "uint" | "double"
-                    | "string" | "bytes"
+                "_+_"
+                    | "_-_"
+                    | "_*_"
+                    | "_/_"
+                    | "_%_"
+                    | "-_"
+                    | "size"
+                    | "int"
+                    | "uint"
+                    | "double"
+                    | "string"
+                    | "bytes"
             ) =>
         {
             "a number or string"
@@ -395,7 +405,12 @@ fn type_of(
     offset_of: &dyn Fn(u64) -> usize,
 ) -> Result<Ty, CompileError> {
     let args: Vec<&Expression> = match &expr.expr {
-        Expr::Call(c) => c.target.iter().map(|t| t.as_ref()).chain(c.args.iter()).collect(),
+        Expr::Call(c) => c
+            .target
+            .iter()
+            .map(|t| t.as_ref())
+            .chain(c.args.iter())
+            .collect(),
         Expr::List(l) => l.elements.iter().collect(),
         _ => Vec::new(),
     };
@@ -408,7 +423,10 @@ fn type_of(
         if matches!(t, Ty::Bool | Ty::Dyn) {
             Ok(())
         } else {
-            Err(at(e, format!("operand of `{op}` is {}, not a boolean", t.name())))
+            Err(at(
+                e,
+                format!("operand of `{op}` is {}, not a boolean", t.name()),
+            ))
         }
     };
     Ok(match node {
@@ -421,7 +439,11 @@ fn type_of(
             Ty::List
         }
         Node::And(a, b) | Node::Or(a, b) => {
-            let op = if matches!(node, Node::And(..)) { "&&" } else { "||" };
+            let op = if matches!(node, Node::And(..)) {
+                "&&"
+            } else {
+                "||"
+            };
             want_bool(type_of(a, arg(0), offset_of)?, arg(0), op)?;
             want_bool(type_of(b, arg(1), offset_of)?, arg(1), op)?;
             Ty::Bool
@@ -442,7 +464,11 @@ fn type_of(
             if incompatible(ta, tb) {
                 return Err(at(
                     expr,
-                    format!("comparison of {} with {} is always false", ta.name(), tb.name()),
+                    format!(
+                        "comparison of {} with {} is always false",
+                        ta.name(),
+                        tb.name()
+                    ),
                 ));
             }
             Ty::Bool
@@ -481,10 +507,7 @@ fn type_of(
             for (i, n) in [a, b].into_iter().enumerate() {
                 let t = type_of(n, arg(i), offset_of)?;
                 if !matches!(t, Ty::Str | Ty::Dyn) {
-                    return Err(at(
-                        arg(i),
-                        format!("{f:?} needs strings, got {}", t.name()),
-                    ));
+                    return Err(at(arg(i), format!("{f:?} needs strings, got {}", t.name())));
                 }
             }
             Ty::Bool
@@ -519,7 +542,11 @@ fn lower(expr: &Expression) -> Result<Node, Unsupported> {
             if !list.optional_indices.is_empty() {
                 return Err(Unsupported);
             }
-            let items = list.elements.iter().map(lower).collect::<Result<Vec<_>, _>>()?;
+            let items = list
+                .elements
+                .iter()
+                .map(lower)
+                .collect::<Result<Vec<_>, _>>()?;
             let consts: Option<Vec<Const>> = items
                 .iter()
                 .map(|n| match n {
@@ -552,14 +579,10 @@ fn lower(expr: &Expression) -> Result<Node, Unsupported> {
                         _ => return Err(Unsupported),
                     })
                 }
-                (None, [c, a, x]) if name == op::CONDITIONAL => {
-                    Ok(Node::Cond(b(c)?, b(a)?, b(x)?))
-                }
+                (None, [c, a, x]) if name == op::CONDITIONAL => Ok(Node::Cond(b(c)?, b(a)?, b(x)?)),
                 (None, [a]) if name == op::LOGICAL_NOT => Ok(Node::Not(b(a)?)),
                 (None, [a]) if name == "size" => Ok(Node::Size(b(a)?)),
-                (Some(t), []) if name == "size" && !is_qualified_ident(t) => {
-                    Ok(Node::Size(b(t)?))
-                }
+                (Some(t), []) if name == "size" && !is_qualified_ident(t) => Ok(Node::Size(b(t)?)),
                 (Some(t), [a]) if !is_qualified_ident(t) => {
                     let f = match name {
                         "startsWith" => StrFn::StartsWith,
@@ -695,7 +718,10 @@ impl std::fmt::Display for Fault<'_> {
         match self {
             Fault::Undeclared(name) => write!(f, "Undeclared reference to '{name}'"),
             Fault::NoOverload(op, a, b) => {
-                write!(f, "No such overload for {op} with argument types ({a}, {b})")
+                write!(
+                    f,
+                    "No such overload for {op} with argument types ({a}, {b})"
+                )
             }
             Fault::NotBool(got) => write!(f, "Unexpected type: got '{got}', want 'bool'"),
         }

@@ -351,11 +351,23 @@ pub fn decide(policy: &Policy, attrs: &Attributes, view: &dyn FederationView) ->
     let matched = policy.match_rule(attrs);
     let evaluation_errors = matched.errors.clone();
     let Some(index) = matched.rule else {
+        let shown = super::format_attributes(attrs);
+        let shown = if shown.len() > 200 {
+            format!(
+                "{}…",
+                &shown[..shown
+                    .char_indices()
+                    .nth(200)
+                    .map_or(shown.len(), |(i, _)| i)]
+            )
+        } else {
+            shown
+        };
         let reason = if evaluation_errors.is_empty() {
-            "no routing rule matches these attributes (fail closed)".to_string()
+            format!("no routing rule matches these attributes ({shown}): rejected (fail closed)")
         } else {
             format!(
-                "no routing rule matches these attributes (fail closed); not evaluable: {}",
+                "no routing rule matches these attributes ({shown}): rejected (fail closed); not evaluable: {}",
                 evaluation_errors.join("; ")
             )
         };
