@@ -2,6 +2,7 @@
 //! and the read paths. See the parent module for the guarantees.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -74,6 +75,7 @@ struct Shared {
     events: broadcast::Sender<Task>,
     queued: Notify,
     clock: Arc<dyn Clock>,
+    commits: AtomicU64,
 }
 
 impl Shared {
@@ -200,6 +202,7 @@ impl TaskStore {
             events,
             queued: Notify::new(),
             clock: options.clock,
+            commits: AtomicU64::new(0),
         });
         let db = Arc::new(db);
         let (tx, rx) = mpsc::unbounded_channel();
@@ -389,6 +392,12 @@ impl TaskStore {
         *self.inner.shared.counts()
     }
 
+    /// Write transactions committed since open (each one fsync). With group
+    /// commit this grows slower than the number of mutations under load.
+    pub fn commits(&self) -> u64 {
+        self.inner.shared.commits.load(Ordering::Relaxed)
+    }
+
     /// Every QUEUED task in lease order, then every LEASED task by deadline.
     pub fn pending(&self) -> Result<Vec<Task>, StoreError> {
         let txn = self.inner.db.begin_read().db()?;
@@ -535,6 +544,7 @@ fn run_batch(db: &Database, shared: &Shared, batch: Vec<Request>) {
     })();
     match outcome {
         Ok(()) => {
+            shared.commits.fetch_add(1, Ordering::Relaxed);
             let mut any_queued = false;
             {
                 let mut counts = shared.counts();

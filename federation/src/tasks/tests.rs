@@ -581,3 +581,39 @@ fn acknowledged_inserts_survive_sigkill() {
     );
     assert!(store.counts().queued as usize >= acked.len());
 }
+
+/// Prints insert throughput at 1 and 64 requests in flight and how many
+/// commits (fsyncs) they took. A report, not a test (no thresholds):
+/// `cargo test -p federation --release tasks::tests::insert_throughput -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "prints a measurement"]
+async fn insert_throughput() {
+    for in_flight in [1usize, 64] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = TaskStore::open(dir.path()).expect("open");
+        let per_worker = 4_000 / in_flight;
+        let start = std::time::Instant::now();
+        let mut handles = Vec::new();
+        for w in 0..in_flight {
+            let store = store.clone();
+            handles.push(tokio::spawn(async move {
+                for i in 0..per_worker {
+                    let mut t = task(&format!("w{w}-{i}"));
+                    t.payload = vec![1; 256];
+                    store.insert(t).await.expect("insert");
+                }
+            }));
+        }
+        for h in handles {
+            h.await.expect("join");
+        }
+        let n = per_worker * in_flight;
+        let secs = start.elapsed().as_secs_f64();
+        println!(
+            "in flight {in_flight:>3}: {n} inserts in {secs:.3}s = {:.0}/s, {} commits ({:.1} inserts per fsync)",
+            n as f64 / secs,
+            store.commits(),
+            n as f64 / store.commits().max(1) as f64
+        );
+    }
+}
