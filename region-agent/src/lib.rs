@@ -324,18 +324,10 @@ pub fn main_with(args: AgentArgs) -> ExitCode {
             result = run(config, shutdown) => {
                 abort_signals.abort();
                 match result {
-                    Ok(report) => {
-                        tracing::info!(
-                            succeeded = report.succeeded,
-                            failed = report.failed,
-                            lost = report.lost,
-                            unreported = report.unreported,
-                            "agent stopped"
-                        );
+                    Ok(_report) => {
                         ExitCode::SUCCESS
                     }
                     Err(err) => {
-                        tracing::error!(error = %err, "agent failed");
                         eprintln!("error: {err}");
                         ExitCode::from(1)
                     }
