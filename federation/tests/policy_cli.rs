@@ -38,7 +38,10 @@ fn broken(name: &str, from: &str, to: &str) -> (tempfile::TempDir, String) {
 fn check_user_example() {
     let (code, out, err) = run(&["policy", "check", &p("seed-federation.yaml")]);
     assert_eq!(code, 0, "{out}{err}");
-    assert!(out.contains("warning: [failover-drops-tag] rule 2"), "{out}");
+    assert!(
+        out.contains("warning: [failover-drops-tag] rule 2"),
+        "{out}"
+    );
     assert!(out.contains("drops compliance tag(s) GDPR"), "{out}");
     assert!(out.contains("asia_pacific"), "{out}");
     assert!(out.contains("customer_region='JP'"), "{out}");
@@ -47,26 +50,43 @@ fn check_user_example() {
 
 #[test]
 fn check_user_example_json() {
-    let (code, out, _) = run(&["policy", "check", &p("seed-federation.yaml"), "--format", "json"]);
+    let (code, out, _) = run(&[
+        "policy",
+        "check",
+        &p("seed-federation.yaml"),
+        "--format",
+        "json",
+    ]);
     assert_eq!(code, 0);
     let v: serde_json::Value = serde_json::from_str(&out).expect("json");
     assert_eq!(v["summary"]["errors"], 0);
     let findings = v["findings"].as_array().expect("findings");
-    assert!(findings.iter().any(|f| f["kind"] == "unreachable-region"
-        && f["message"].as_str().is_some_and(|m| m.contains("asia_pacific"))));
-    assert!(findings
-        .iter()
-        .any(|f| f["kind"] == "unmatched-input" && f["example"]["customer_region"] == "JP"));
-    assert!(findings
-        .iter()
-        .any(|f| f["kind"] == "failover-drops-tag" && f["severity"] == "warning"));
+    assert!(findings.iter().any(|f| {
+        f["kind"] == "unreachable-region"
+            && f["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("asia_pacific"))
+    }));
+    assert!(
+        findings
+            .iter()
+            .any(|f| f["kind"] == "unmatched-input" && f["example"]["customer_region"] == "JP")
+    );
+    assert!(
+        findings
+            .iter()
+            .any(|f| f["kind"] == "failover-drops-tag" && f["severity"] == "warning")
+    );
 }
 
 #[test]
 fn check_requires_variant_is_an_error() {
     let (code, out, _) = run(&["policy", "check", &p("seed-requires-gdpr.yaml")]);
     assert_eq!(code, 1, "{out}");
-    assert!(out.contains("error: [failover-lacks-required-tag] rule 2"), "{out}");
+    assert!(
+        out.contains("error: [failover-lacks-required-tag] rule 2"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -112,7 +132,10 @@ fn explain_de_with_europe_down_fails_over_with_gdpr_warning() {
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("outcome: failover to north_america"), "{out}");
     assert!(out.contains("europe (primary): refused: dead"), "{out}");
-    assert!(out.contains("warning: failover to north_america drops"), "{out}");
+    assert!(
+        out.contains("warning: failover to north_america drops"),
+        "{out}"
+    );
     assert!(out.contains("GDPR"), "{out}");
 }
 
@@ -149,7 +172,10 @@ fn explain_requires_variant_rejects() {
     ]);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("outcome: rejected"), "{out}");
-    assert!(out.contains("north_america (backup): refused: missing_tags — lacks GDPR"), "{out}");
+    assert!(
+        out.contains("north_america (backup): refused: missing_tags — lacks GDPR"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -228,18 +254,49 @@ fn diff_exit_codes() {
 #[test]
 fn broken_files_exit_2_with_positions() {
     let cases = [
-        ("bad-cel.yaml", "customer_region in ['UK', 'DE', 'FR']", "customer_region in 'UK'", ":21:38:"),
-        ("bad-syntax.yaml", "customer_region == 'US' ||", "customer_region == = 'US' ||", ":18:38:"),
-        ("unknown-region.yaml", "primary_region: \"europe\"", "primary_region: \"eu\"", ":22:23:"),
+        (
+            "bad-cel.yaml",
+            "customer_region in ['UK', 'DE', 'FR']",
+            "customer_region in 'UK'",
+            ":21:38:",
+        ),
+        (
+            "bad-syntax.yaml",
+            "customer_region == 'US' ||",
+            "customer_region == = 'US' ||",
+            ":18:38:",
+        ),
+        (
+            "unknown-region.yaml",
+            "primary_region: \"europe\"",
+            "primary_region: \"eu\"",
+            ":22:23:",
+        ),
         ("wrong-type.yaml", "priority: 2", "priority: high", ":11:"),
-        ("unknown-field.yaml", "priority: 2\n", "priority: 2\n      colour: blue\n", ":12:7:"),
-        ("broken.yaml", "  routing_rules:\n", "  routing_rules: [\n", "broken.yaml:"),
+        (
+            "unknown-field.yaml",
+            "priority: 2\n",
+            "priority: 2\n      colour: blue\n",
+            ":12:7:",
+        ),
+        (
+            "broken.yaml",
+            "  routing_rules:\n",
+            "  routing_rules: [\n",
+            "broken.yaml:",
+        ),
     ];
     for (name, from, to, want) in cases {
         let (_dir, path) = broken(name, from, to);
         for cmd in [
             vec!["policy", "check", path.as_str()],
-            vec!["policy", "explain", path.as_str(), "--attr", "customer_region=DE"],
+            vec![
+                "policy",
+                "explain",
+                path.as_str(),
+                "--attr",
+                "customer_region=DE",
+            ],
             vec!["policy", "diff", path.as_str(), path.as_str()],
         ] {
             let (code, out, err) = run(&cmd);

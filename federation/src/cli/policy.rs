@@ -126,7 +126,12 @@ fn check(file: &Path, format: OutputFormat) -> anyhow::Result<u8> {
             );
             for f in &report.findings {
                 match &f.rule {
-                    Some(rule) => println!("{}: [{}] {rule}: {}", f.severity.as_str(), f.kind, f.message),
+                    Some(rule) => println!(
+                        "{}: [{}] {rule}: {}",
+                        f.severity.as_str(),
+                        f.kind,
+                        f.message
+                    ),
                     None => println!("{}: [{}] {}", f.severity.as_str(), f.kind, f.message),
                 }
                 if let Some(ex) = &f.example {
@@ -263,7 +268,11 @@ fn print_decision(attrs: &Attributes, d: &Decision) {
     if !d.required_tags.is_empty() {
         println!(
             "required tags: {}",
-            d.required_tags.iter().cloned().collect::<Vec<_>>().join(", ")
+            d.required_tags
+                .iter()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     }
     if !d.candidates.is_empty() {

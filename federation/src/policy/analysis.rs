@@ -108,10 +108,13 @@ pub fn in_fragment(node: &Node) -> bool {
     }
     match node {
         Node::Const(Const::Bool(_)) => true,
+        Node::AttrEqStr(..) | Node::AttrNeStr(..) | Node::AttrInStrs(..) => true,
         Node::And(a, b) | Node::Or(a, b) => in_fragment(a) && in_fragment(b),
         Node::Not(a) => in_fragment(a),
         Node::Eq(a, b) | Node::Ne(a, b) => {
-            operand(a) && operand(b) && !(matches!(**a, Node::Attr(_)) && matches!(**b, Node::Attr(_)))
+            operand(a)
+                && operand(b)
+                && !(matches!(**a, Node::Attr(_)) && matches!(**b, Node::Attr(_)))
         }
         Node::In(a, b) => operand(a) && str_list(b),
         _ => false,
@@ -149,7 +152,19 @@ fn collect(node: &Node, out: &mut BTreeMap<String, BTreeSet<String>>) {
         Node::Attr(name) => {
             out.entry(name.clone()).or_default();
         }
-        Node::Eq(a, b) | Node::Ne(a, b) | Node::In(a, b) | Node::Cmp(_, a, b) | Node::Str(_, a, b) => {
+        Node::AttrEqStr(name, c) | Node::AttrNeStr(name, c) => {
+            out.entry(name.clone()).or_default().insert(c.clone());
+        }
+        Node::AttrInStrs(name, list) => {
+            out.entry(name.clone())
+                .or_default()
+                .extend(list.iter().cloned());
+        }
+        Node::Eq(a, b)
+        | Node::Ne(a, b)
+        | Node::In(a, b)
+        | Node::Cmp(_, a, b)
+        | Node::Str(_, a, b) => {
             for (x, y) in [(a, b), (b, a)] {
                 if let Node::Attr(name) = &**x {
                     out.entry(name.clone()).or_default().extend(consts(y));
@@ -450,13 +465,13 @@ pub fn check(policy: &Policy) -> Report {
                 }
                 let rule = &rules[i];
                 if let Some(tags) = required_tags(policy, rule, &attrs) {
-                    let ok = rule.candidates().any(|c| {
-                        policy
-                            .region(c)
-                            .is_some_and(|r| tags.is_subset(&r.tags))
-                    });
+                    let ok = rule
+                        .candidates()
+                        .any(|c| policy.region(c).is_some_and(|r| tags.is_subset(&r.tags)));
                     if !ok {
-                        no_compliant.entry(i).or_insert_with(|| (attrs.clone(), tags));
+                        no_compliant
+                            .entry(i)
+                            .or_insert_with(|| (attrs.clone(), tags));
                     }
                 }
                 for (qi, q) in policy.requirements.iter().enumerate() {
@@ -495,7 +510,8 @@ pub fn check(policy: &Policy) -> Report {
             let Some(backup) = policy.region(b) else {
                 continue;
             };
-            let dropped: BTreeSet<String> = primary.tags.difference(&backup.tags).cloned().collect();
+            let dropped: BTreeSet<String> =
+                primary.tags.difference(&backup.tags).cloned().collect();
             if dropped.is_empty() {
                 continue;
             }
@@ -643,7 +659,9 @@ pub fn check(policy: &Policy) -> Report {
                 && r.candidates().any(|c| *c == region.name)
         });
         if !routed {
-            let named = rules.iter().any(|r| r.candidates().any(|c| *c == region.name));
+            let named = rules
+                .iter()
+                .any(|r| r.candidates().any(|c| *c == region.name));
             findings.push(Finding {
                 severity: Severity::Warning,
                 kind: "unreachable-region",
@@ -704,7 +722,11 @@ pub fn check(policy: &Policy) -> Report {
 }
 
 /// What decides where an input goes under rule `i`: candidates and required tags.
-fn route_key(policy: &Policy, i: usize, attrs: &Attributes) -> (Vec<String>, Option<BTreeSet<String>>) {
+fn route_key(
+    policy: &Policy,
+    i: usize,
+    attrs: &Attributes,
+) -> (Vec<String>, Option<BTreeSet<String>>) {
     let rule = &policy.rules[i];
     (
         rule.candidates().cloned().collect(),

@@ -97,6 +97,12 @@ pub enum Node {
     Size(Box<Node>),
     /// `a.startsWith(b)` and friends.
     Str(StrFn, Box<Node>, Box<Node>),
+    /// `attr == 'c'` or `'c' == attr` (the fast path of the common case).
+    AttrEqStr(String, String),
+    /// `attr != 'c'` or `'c' != attr`.
+    AttrNeStr(String, String),
+    /// `attr in ['a', 'b']` with string constants only.
+    AttrInStrs(String, Vec<String>),
 }
 
 /// A compiled condition.
@@ -330,8 +336,18 @@ fn static_root_check(expr: &Expression) -> Result<(), CompileError> {
         Expr::Call(c)
             if matches!(
                 c.func_name.as_str(),
-                "_+_" | "_-_" | "_*_" | "_/_" | "_%_" | "-_" | "size" | "int" | "uint" | "double"
-                    | "string" | "bytes"
+                "_+_"
+                    | "_-_"
+                    | "_*_"
+                    | "_/_"
+                    | "_%_"
+                    | "-_"
+                    | "size"
+                    | "int"
+                    | "uint"
+                    | "double"
+                    | "string"
+                    | "bytes"
             ) =>
         {
             "a number or string"
@@ -395,7 +411,12 @@ fn type_of(
     offset_of: &dyn Fn(u64) -> usize,
 ) -> Result<Ty, CompileError> {
     let args: Vec<&Expression> = match &expr.expr {
-        Expr::Call(c) => c.target.iter().map(|t| t.as_ref()).chain(c.args.iter()).collect(),
+        Expr::Call(c) => c
+            .target
+            .iter()
+            .map(|t| t.as_ref())
+            .chain(c.args.iter())
+            .collect(),
         Expr::List(l) => l.elements.iter().collect(),
         _ => Vec::new(),
     };
@@ -408,12 +429,16 @@ fn type_of(
         if matches!(t, Ty::Bool | Ty::Dyn) {
             Ok(())
         } else {
-            Err(at(e, format!("operand of `{op}` is {}, not a boolean", t.name())))
+            Err(at(
+                e,
+                format!("operand of `{op}` is {}, not a boolean", t.name()),
+            ))
         }
     };
     Ok(match node {
         Node::Const(c) => Ty::of_const(c),
         Node::Attr(_) => Ty::Dyn,
+        Node::AttrEqStr(..) | Node::AttrNeStr(..) | Node::AttrInStrs(..) => Ty::Bool,
         Node::List(items) => {
             for (i, n) in items.iter().enumerate() {
                 type_of(n, arg(i), offset_of)?;
@@ -421,7 +446,11 @@ fn type_of(
             Ty::List
         }
         Node::And(a, b) | Node::Or(a, b) => {
-            let op = if matches!(node, Node::And(..)) { "&&" } else { "||" };
+            let op = if matches!(node, Node::And(..)) {
+                "&&"
+            } else {
+                "||"
+            };
             want_bool(type_of(a, arg(0), offset_of)?, arg(0), op)?;
             want_bool(type_of(b, arg(1), offset_of)?, arg(1), op)?;
             Ty::Bool
@@ -442,7 +471,11 @@ fn type_of(
             if incompatible(ta, tb) {
                 return Err(at(
                     expr,
-                    format!("comparison of {} with {} is always false", ta.name(), tb.name()),
+                    format!(
+                        "comparison of {} with {} is always false",
+                        ta.name(),
+                        tb.name()
+                    ),
                 ));
             }
             Ty::Bool
@@ -481,10 +514,7 @@ fn type_of(
             for (i, n) in [a, b].into_iter().enumerate() {
                 let t = type_of(n, arg(i), offset_of)?;
                 if !matches!(t, Ty::Str | Ty::Dyn) {
-                    return Err(at(
-                        arg(i),
-                        format!("{f:?} needs strings, got {}", t.name()),
-                    ));
+                    return Err(at(arg(i), format!("{f:?} needs strings, got {}", t.name())));
                 }
             }
             Ty::Bool
@@ -519,7 +549,11 @@ fn lower(expr: &Expression) -> Result<Node, Unsupported> {
             if !list.optional_indices.is_empty() {
                 return Err(Unsupported);
             }
-            let items = list.elements.iter().map(lower).collect::<Result<Vec<_>, _>>()?;
+            let items = list
+                .elements
+                .iter()
+                .map(lower)
+                .collect::<Result<Vec<_>, _>>()?;
             let consts: Option<Vec<Const>> = items
                 .iter()
                 .map(|n| match n {
@@ -539,6 +573,9 @@ fn lower(expr: &Expression) -> Result<Node, Unsupported> {
             match (&call.target, call.args.as_slice()) {
                 (None, [a, x]) => {
                     let (a, x) = (b(a)?, b(x)?);
+                    if let Some(fast) = specialize(name, &a, &x) {
+                        return Ok(fast);
+                    }
                     Ok(match name {
                         op::LOGICAL_AND => Node::And(a, x),
                         op::LOGICAL_OR => Node::Or(a, x),
@@ -552,14 +589,10 @@ fn lower(expr: &Expression) -> Result<Node, Unsupported> {
                         _ => return Err(Unsupported),
                     })
                 }
-                (None, [c, a, x]) if name == op::CONDITIONAL => {
-                    Ok(Node::Cond(b(c)?, b(a)?, b(x)?))
-                }
+                (None, [c, a, x]) if name == op::CONDITIONAL => Ok(Node::Cond(b(c)?, b(a)?, b(x)?)),
                 (None, [a]) if name == op::LOGICAL_NOT => Ok(Node::Not(b(a)?)),
                 (None, [a]) if name == "size" => Ok(Node::Size(b(a)?)),
-                (Some(t), []) if name == "size" && !is_qualified_ident(t) => {
-                    Ok(Node::Size(b(t)?))
-                }
+                (Some(t), []) if name == "size" && !is_qualified_ident(t) => Ok(Node::Size(b(t)?)),
                 (Some(t), [a]) if !is_qualified_ident(t) => {
                     let f = match name {
                         "startsWith" => StrFn::StartsWith,
@@ -573,6 +606,32 @@ fn lower(expr: &Expression) -> Result<Node, Unsupported> {
             }
         }
         _ => Err(Unsupported),
+    }
+}
+
+/// The fast forms of comparisons between an attribute and string constants.
+fn specialize(name: &str, a: &Node, x: &Node) -> Option<Node> {
+    use cel::common::ast::operators as op;
+    let attr_str = || match (a, x) {
+        (Node::Attr(n), Node::Const(Const::Str(c)))
+        | (Node::Const(Const::Str(c)), Node::Attr(n)) => Some((n.clone(), c.clone())),
+        _ => None,
+    };
+    match name {
+        op::EQUALS => attr_str().map(|(n, c)| Node::AttrEqStr(n, c)),
+        op::NOT_EQUALS => attr_str().map(|(n, c)| Node::AttrNeStr(n, c)),
+        op::IN => match (a, x) {
+            (Node::Attr(n), Node::Const(Const::List(items))) => items
+                .iter()
+                .map(|c| match c {
+                    Const::Str(s) => Some(s.clone()),
+                    _ => None,
+                })
+                .collect::<Option<Vec<_>>>()
+                .map(|strs| Node::AttrInStrs(n.clone(), strs)),
+            _ => None,
+        },
+        _ => None,
     }
 }
 
@@ -695,7 +754,10 @@ impl std::fmt::Display for Fault<'_> {
         match self {
             Fault::Undeclared(name) => write!(f, "Undeclared reference to '{name}'"),
             Fault::NoOverload(op, a, b) => {
-                write!(f, "No such overload for {op} with argument types ({a}, {b})")
+                write!(
+                    f,
+                    "No such overload for {op} with argument types ({a}, {b})"
+                )
             }
             Fault::NotBool(got) => write!(f, "Unexpected type: got '{got}', want 'bool'"),
         }
@@ -714,6 +776,19 @@ fn eval<'a>(node: &'a Node, attrs: &'a Attributes) -> Result<V<'a>, Fault<'a>> {
         Node::Const(c) => V::of_const(c),
         Node::Attr(name) => match attrs.get(name.as_str()) {
             Some(v) => V::of_attr(v),
+            None => return Err(Fault::Undeclared(name)),
+        },
+        Node::AttrEqStr(name, c) | Node::AttrNeStr(name, c) => {
+            let eq = match attrs.get(name.as_str()) {
+                Some(AttrValue::Str(s)) => s == c,
+                Some(_) => false,
+                None => return Err(Fault::Undeclared(name)),
+            };
+            V::Bool(eq == matches!(node, Node::AttrEqStr(..)))
+        }
+        Node::AttrInStrs(name, list) => match attrs.get(name.as_str()) {
+            Some(AttrValue::Str(s)) => V::Bool(list.iter().any(|c| c == s)),
+            Some(_) => V::Bool(false),
             None => return Err(Fault::Undeclared(name)),
         },
         Node::List(items) => V::DList(

@@ -41,7 +41,11 @@ fn one(text: &str) -> PolicyError {
 fn seed_loads() {
     let p = load(&seed()).expect("loads");
     assert_eq!(p.rules.len(), 2);
-    assert!(p.rules.iter().all(|r| r.condition.as_ref().is_some_and(|c| c.ir().is_some())));
+    assert!(
+        p.rules
+            .iter()
+            .all(|r| r.condition.as_ref().is_some_and(|c| c.ir().is_some()))
+    );
 }
 
 #[test]
@@ -156,8 +160,11 @@ fn unknown_function_has_position() {
 
 #[test]
 fn every_error_is_reported() {
-    let text = edit("primary_region: \"europe\"", "primary_region: \"eu\"")
-        .replacen("backup_region: \"europe\"", "backup_region: \"north_america\"", 1);
+    let text = edit("primary_region: \"europe\"", "primary_region: \"eu\"").replacen(
+        "backup_region: \"europe\"",
+        "backup_region: \"north_america\"",
+        1,
+    );
     assert_eq!(errors(&text).len(), 2);
 }
 
@@ -173,7 +180,12 @@ fn decisions_on_the_user_example() {
     let p = load(&seed()).expect("loads");
     let none = StaticView::default();
     let d = p.decide(&attrs(&[("customer_region", "DE")]), &none.bind(&p));
-    assert_eq!(d.outcome, Outcome::Routed { region: "europe".into() });
+    assert_eq!(
+        d.outcome,
+        Outcome::Routed {
+            region: "europe".into()
+        }
+    );
     assert!(d.warnings.is_empty());
 
     let down = StaticView {

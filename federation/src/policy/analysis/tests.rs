@@ -41,7 +41,11 @@ fn user_example_findings() {
         .expect("GDPR drop reported");
     assert_eq!(gdpr.severity, Severity::Warning);
     assert!(gdpr.message.contains("north_america"));
-    assert!(gdpr.rule.as_deref().is_some_and(|l| l.starts_with("rule 2")));
+    assert!(
+        gdpr.rule
+            .as_deref()
+            .is_some_and(|l| l.starts_with("rule 2"))
+    );
     assert_eq!(
         gdpr.example.as_ref().and_then(|e| e.get("customer_region")),
         Some(&s("DE"))
@@ -52,7 +56,10 @@ fn user_example_findings() {
     let unmatched = find(&r, "unmatched-input");
     assert_eq!(unmatched.len(), 1);
     assert_eq!(
-        unmatched[0].example.as_ref().and_then(|e| e.get("customer_region")),
+        unmatched[0]
+            .example
+            .as_ref()
+            .and_then(|e| e.get("customer_region")),
         Some(&s("JP"))
     );
     assert_eq!(find(&r, "unmatched-missing-attribute").len(), 1);
@@ -70,7 +77,12 @@ fn rule_one_failover_drops_hipaa() {
         .filter(|f| f.message.contains("HIPAA"))
         .collect();
     assert_eq!(hipaa.len(), 1, "{:#?}", r.findings);
-    assert!(hipaa[0].rule.as_deref().is_some_and(|l| l.starts_with("rule 1")));
+    assert!(
+        hipaa[0]
+            .rule
+            .as_deref()
+            .is_some_and(|l| l.starts_with("rule 1"))
+    );
 }
 
 #[test]
@@ -103,9 +115,16 @@ fn data_class_requirement_that_cannot_apply_stays_a_warning() {
         env!("CARGO_MANIFEST_DIR")
     ))
     .expect("read")
-    .replace("customer_region in ['UK', 'DE', 'FR']", "customer_region == 'US'");
+    .replace(
+        "customer_region in ['UK', 'DE', 'FR']",
+        "customer_region == 'US'",
+    );
     let r = check(&policy_text(&text));
-    assert!(find(&r, "failover-lacks-required-tag").is_empty(), "{:#?}", r.findings);
+    assert!(
+        find(&r, "failover-lacks-required-tag").is_empty(),
+        "{:#?}",
+        r.findings
+    );
     assert_eq!(find(&r, "failover-drops-tag").len(), 2);
 }
 
@@ -123,14 +142,25 @@ fn shadowed_and_overlapping_rules() {
     assert_eq!(sh.len(), 1, "{:#?}", r.findings);
     assert!(sh[0].rule.as_deref().is_some_and(|l| l.contains("germany")));
     assert_eq!(
-        sh[0].example.as_ref().and_then(|e| e.get("customer_region")),
+        sh[0]
+            .example
+            .as_ref()
+            .and_then(|e| e.get("customer_region")),
         Some(&s("DE"))
     );
     let ov = find(&r, "overlapping-rules");
     assert_eq!(ov.len(), 1, "{:#?}", r.findings);
-    assert!(ov[0].rule.as_deref().is_some_and(|l| l.starts_with("rule 3")));
+    assert!(
+        ov[0]
+            .rule
+            .as_deref()
+            .is_some_and(|l| l.starts_with("rule 3"))
+    );
     assert_eq!(
-        ov[0].example.as_ref().and_then(|e| e.get("customer_region")),
+        ov[0]
+            .example
+            .as_ref()
+            .and_then(|e| e.get("customer_region")),
         Some(&s("FR"))
     );
     // A default rule is not an overlap, and with it nothing is unmatched.
@@ -182,7 +212,11 @@ fn too_many_inputs_is_reported_not_guessed() {
         cond.join(" && ")
     )));
     assert_eq!(r.inputs_examined, 0);
-    assert!(find(&r, "not-analysed").iter().any(|f| f.message.contains("cap")));
+    assert!(
+        find(&r, "not-analysed")
+            .iter()
+            .any(|f| f.message.contains("cap"))
+    );
     assert!(find(&r, "unmatched-input").is_empty());
 }
 

@@ -44,7 +44,10 @@ fn user_conditions_compile_to_the_ir() {
 #[test]
 fn evaluates_the_user_rules() {
     let de = attrs(&[("customer_region", s("DE"))]);
-    assert_eq!(agree("customer_region in ['UK', 'DE', 'FR']", &de), Ok(true));
+    assert_eq!(
+        agree("customer_region in ['UK', 'DE', 'FR']", &de),
+        Ok(true)
+    );
     assert_eq!(
         agree("customer_region == 'US' || customer_region == 'CA'", &de),
         Ok(false)
