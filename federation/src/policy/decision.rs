@@ -242,12 +242,49 @@ pub struct Decision {
 impl Decision {
     /// Recomputes the outcome and reason after the router changed a verdict
     /// (for example a failed forward).
+    ///
+    /// A failover warning that no longer matches the outcome is dropped; call
+    /// [`Decision::refresh_warnings`] to add the one for a new failover.
     pub fn refuse(&mut self, region: &str, refusal: Refusal, detail: impl Into<String>) {
         if let Some(c) = self.candidates.iter_mut().find(|c| c.region == region) {
             c.refusal = Some(refusal);
             c.detail = detail.into();
         }
         self.settle();
+        let current = match &self.outcome {
+            Outcome::Failover { region } => Some(format!("failover to {region} ")),
+            _ => None,
+        };
+        self.warnings.retain(|w| {
+            !w.starts_with(FAILOVER_WARNING) || current.as_deref().is_some_and(|c| w.starts_with(c))
+        });
+    }
+
+    /// Recomputes the audit warnings that depend on the outcome (a failover
+    /// that drops a compliance tag held by the primary) against `policy`.
+    pub fn refresh_warnings(&mut self, policy: &Policy) {
+        self.warnings.retain(|w| !w.starts_with(FAILOVER_WARNING));
+        let Outcome::Failover { region } = &self.outcome else {
+            return;
+        };
+        let Some(primary) = self
+            .candidates
+            .iter()
+            .find(|c| c.role == Role::Primary)
+            .and_then(|c| policy.region(&c.region))
+        else {
+            return;
+        };
+        if let Some(backup) = policy.region(region) {
+            let dropped: Vec<_> = primary.tags.difference(&backup.tags).cloned().collect();
+            if !dropped.is_empty() {
+                self.warnings.push(format!(
+                    "{FAILOVER_WARNING}{region} drops compliance tag(s) held by primary {}: {}",
+                    primary.name,
+                    dropped.join(", ")
+                ));
+            }
+        }
     }
 
     /// Sets outcome, reason and warnings from the candidates' verdicts.
@@ -346,12 +383,6 @@ pub fn decide(policy: &Policy, attrs: &Attributes, view: &dyn FederationView) ->
     let mut required = rule.requires.clone();
     required.extend(policy.data_class_requirements(attrs));
 
-    let mut warnings = Vec::new();
-    let primary_tags = policy
-        .region(&rule.primary)
-        .map(|r| r.tags.clone())
-        .unwrap_or_default();
-
     let candidates = std::iter::once((&rule.primary, Role::Primary))
         .chain(rule.backups.iter().map(|b| (b, Role::Backup)))
         .map(|(region, role)| {
@@ -380,21 +411,12 @@ pub fn decide(policy: &Policy, attrs: &Attributes, view: &dyn FederationView) ->
         evaluation_errors,
     };
     decision.settle();
-    if let Outcome::Failover { region } = &decision.outcome {
-        if let Some(backup) = policy.region(region) {
-            let dropped: Vec<_> = primary_tags.difference(&backup.tags).cloned().collect();
-            if !dropped.is_empty() {
-                warnings.push(format!(
-                    "failover to {region} drops compliance tag(s) held by primary {}: {}",
-                    rule.primary,
-                    dropped.join(", ")
-                ));
-            }
-        }
-    }
-    decision.warnings = warnings;
+    decision.refresh_warnings(policy);
     decision
 }
+
+/// How failover warnings start (followed by the region).
+const FAILOVER_WARNING: &str = "failover to ";
 
 /// Hold-down only defers traffic: when no candidate is acceptable but some
 /// are refused only for hold-down, the first of those takes the task.

@@ -205,7 +205,7 @@ impl Policy {
             node_file: None,
             env: Some(Default::default()),
         })?;
-        Ok(Self::from_loaded(&loaded)?)
+        Self::from_loaded(&loaded)
     }
 
     /// Validates a loaded configuration into a policy.

@@ -222,10 +222,8 @@ fn too_many_inputs_is_reported_not_guessed() {
 
 #[test]
 fn no_compliant_region_is_an_error() {
-    let text = format!(
-        "federation:\n  name: t\n  regions:\n    - name: a\n      endpoint: x\n      compliance: [SOX]\n    - name: b\n      endpoint: y\n  routing_rules:\n    - condition: \"r == 'DE'\"\n      primary_region: a\n      backup_region: b\n  data_class_requirements:\n    - condition: \"d == 'pii'\"\n      requires: [GDPR]\n"
-    );
-    let r = check(&policy_text(&text));
+    let text = "federation:\n  name: t\n  regions:\n    - name: a\n      endpoint: x\n      compliance: [SOX]\n    - name: b\n      endpoint: y\n  routing_rules:\n    - condition: \"r == 'DE'\"\n      primary_region: a\n      backup_region: b\n  data_class_requirements:\n    - condition: \"d == 'pii'\"\n      requires: [GDPR]\n";
+    let r = check(&policy_text(text));
     let f = find(&r, "no-compliant-region");
     assert_eq!(f.len(), 1, "{:#?}", r.findings);
     assert!(r.has_errors());
