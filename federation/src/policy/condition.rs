@@ -131,7 +131,7 @@ impl Condition {
             program
                 .source_info()
                 .offset_for(id)
-                .map(|(start, _)| byte_or_char_to_char(source, start as usize))
+                .map(|(start, _)| byte_to_char(source, start as usize))
                 .unwrap_or(0)
         };
         check_functions(program.expression(), &offset_of)?;
@@ -227,9 +227,12 @@ fn line_col_to_offset(source: &str, line: isize, column: isize) -> usize {
     before + column - 1
 }
 
-/// AST offsets count chars for ASCII; clamp to the source length.
-fn byte_or_char_to_char(source: &str, start: usize) -> usize {
-    start.min(source.chars().count())
+/// AST offsets are byte offsets; errors report characters.
+fn byte_to_char(source: &str, start: usize) -> usize {
+    source
+        .char_indices()
+        .take_while(|(i, _)| *i < start)
+        .count()
 }
 
 // ---------------------------------------------------------------------------
