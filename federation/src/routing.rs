@@ -65,7 +65,8 @@ pub async fn submit(
             // walk continues, exactly like a failed forward.
             Err(e) => {
                 tracing::warn!(%region, error = %e, "placing task failed; trying next candidate");
-                decision.refuse(&policy, &region, Refusal::ForwardFailed, e.to_string());
+                decision.refuse(&region, Refusal::ForwardFailed, e.to_string());
+                decision.refresh_warnings(&policy);
             }
         }
     }

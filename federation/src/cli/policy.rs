@@ -81,12 +81,37 @@ pub fn run(cmd: PolicyCommand) -> ExitCode {
     }
 }
 
+/// Appends a line to the output buffer (written at the end, so that a closed
+/// pipe such as `| head` never panics).
+macro_rules! outln {
+    ($buf:expr, $($arg:tt)*) => {{
+        use std::fmt::Write as _;
+        let _ = writeln!($buf, $($arg)*);
+    }};
+}
+
+/// Writes the buffered output; a reader that went away is not an error.
+fn emit(out: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(out.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(e).context("writing to standard output")
+        }
+        _ => Ok(()),
+    }
+}
+
 fn load(path: &Path) -> anyhow::Result<Policy> {
     Policy::load_file(path).map_err(|e| anyhow!("{}: policy cannot be used:\n{e}", path.display()))
 }
 
-fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
-    println!(
+fn print_json(out: &mut String, value: &impl serde::Serialize) -> anyhow::Result<()> {
+    outln!(
+        out,
         "{}",
         serde_json::to_string_pretty(value).context("serializing the report")?
     );
@@ -96,23 +121,28 @@ fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
 fn check(file: &Path, format: OutputFormat) -> anyhow::Result<u8> {
     let policy = load(file)?;
     let report = analysis::check(&policy);
+    let mut out = String::new();
     let (errors, warnings, info) = (
         report.count(Severity::Error),
         report.count(Severity::Warning),
         report.count(Severity::Info),
     );
     match format {
-        OutputFormat::Json => print_json(&serde_json::json!({
-            "file": file,
-            "policy_hash": policy.hash,
-            "summary": { "errors": errors, "warnings": warnings, "info": info },
-            "exhaustive": report.exhaustive,
-            "inputs_examined": report.inputs_examined,
-            "attributes": report.attributes,
-            "findings": report.findings,
-        }))?,
+        OutputFormat::Json => print_json(
+            &mut out,
+            &serde_json::json!({
+                "file": file,
+                "policy_hash": policy.hash,
+                "summary": { "errors": errors, "warnings": warnings, "info": info },
+                "exhaustive": report.exhaustive,
+                "inputs_examined": report.inputs_examined,
+                "attributes": report.attributes,
+                "findings": report.findings,
+            }),
+        )?,
         OutputFormat::Text => {
-            println!(
+            outln!(
+                out,
                 "{}: {} rules, {} regions; {} inputs examined{}",
                 file.display(),
                 policy.rules.len(),
@@ -126,21 +156,26 @@ fn check(file: &Path, format: OutputFormat) -> anyhow::Result<u8> {
             );
             for f in &report.findings {
                 match &f.rule {
-                    Some(rule) => println!(
+                    Some(rule) => outln!(
+                        out,
                         "{}: [{}] {rule}: {}",
                         f.severity.as_str(),
                         f.kind,
                         f.message
                     ),
-                    None => println!("{}: [{}] {}", f.severity.as_str(), f.kind, f.message),
+                    None => outln!(out, "{}: [{}] {}", f.severity.as_str(), f.kind, f.message),
                 }
                 if let Some(ex) = &f.example {
-                    println!("    example: {}", example(ex, &report.attributes));
+                    outln!(out, "    example: {}", example(ex, &report.attributes));
                 }
             }
-            println!("summary: {errors} error(s), {warnings} warning(s), {info} info");
+            outln!(
+                out,
+                "summary: {errors} error(s), {warnings} warning(s), {info} info"
+            );
         }
     }
+    emit(&out)?;
     Ok(u8::from(report.has_errors()))
 }
 
@@ -245,18 +280,21 @@ fn explain(
         draining: region_set(&policy, "draining", draining)?,
     };
     let decision = policy.decide(&attrs, &view.bind(&policy));
+    let mut out = String::new();
     match format {
-        OutputFormat::Json => print_json(&decision)?,
-        OutputFormat::Text => print_decision(&attrs, &decision),
+        OutputFormat::Json => print_json(&mut out, &decision)?,
+        OutputFormat::Text => print_decision(&mut out, &attrs, &decision),
     }
+    emit(&out)?;
     Ok(match decision.outcome {
         Outcome::Routed { .. } | Outcome::Failover { .. } => 0,
         Outcome::Rejected { .. } => 1,
     })
 }
 
-fn print_decision(attrs: &Attributes, d: &Decision) {
-    println!(
+fn print_decision(out: &mut String, attrs: &Attributes, d: &Decision) {
+    outln!(
+        out,
         "input: {}",
         if attrs.is_empty() {
             "(no attributes)".to_string()
@@ -264,9 +302,14 @@ fn print_decision(attrs: &Attributes, d: &Decision) {
             format_attributes(attrs)
         }
     );
-    println!("rule: {}", d.rule.as_deref().unwrap_or("(none matched)"));
+    outln!(
+        out,
+        "rule: {}",
+        d.rule.as_deref().unwrap_or("(none matched)")
+    );
     if !d.required_tags.is_empty() {
-        println!(
+        outln!(
+            out,
             "required tags: {}",
             d.required_tags
                 .iter()
@@ -276,16 +319,17 @@ fn print_decision(attrs: &Attributes, d: &Decision) {
         );
     }
     if !d.candidates.is_empty() {
-        println!("candidates:");
+        outln!(out, "candidates:");
         for c in &d.candidates {
             let role = match c.role {
                 crate::policy::Role::Primary => "primary",
                 crate::policy::Role::Backup => "backup",
             };
             match c.refusal {
-                None if c.detail.is_empty() => println!("  {} ({role}): accepted", c.region),
-                None => println!("  {} ({role}): accepted — {}", c.region, c.detail),
-                Some(r) => println!(
+                None if c.detail.is_empty() => outln!(out, "  {} ({role}): accepted", c.region),
+                None => outln!(out, "  {} ({role}): accepted — {}", c.region, c.detail),
+                Some(r) => outln!(
+                    out,
                     "  {} ({role}): refused: {} — {}",
                     c.region,
                     r.as_str(),
@@ -295,9 +339,10 @@ fn print_decision(attrs: &Attributes, d: &Decision) {
         }
     }
     match &d.outcome {
-        Outcome::Routed { region } => println!("outcome: routed to {region}"),
-        Outcome::Failover { region } => println!("outcome: failover to {region}"),
-        Outcome::Rejected { rejection } => println!(
+        Outcome::Routed { region } => outln!(out, "outcome: routed to {region}"),
+        Outcome::Failover { region } => outln!(out, "outcome: failover to {region}"),
+        Outcome::Rejected { rejection } => outln!(
+            out,
             "outcome: rejected ({})",
             serde_json::to_value(rejection)
                 .ok()
@@ -305,12 +350,12 @@ fn print_decision(attrs: &Attributes, d: &Decision) {
                 .unwrap_or_default()
         ),
     }
-    println!("reason: {}", d.reason);
+    outln!(out, "reason: {}", d.reason);
     for w in &d.warnings {
-        println!("warning: {w}");
+        outln!(out, "warning: {w}");
     }
     for e in &d.evaluation_errors {
-        println!("not evaluable: {e}");
+        outln!(out, "not evaluable: {e}");
     }
 }
 
@@ -318,10 +363,12 @@ fn diff_cmd(old: &Path, new: &Path, format: OutputFormat) -> anyhow::Result<u8> 
     let a = load(old)?;
     let b = load(new)?;
     let report: DiffReport = diff::diff(&a, &b);
+    let mut out = String::new();
     match format {
-        OutputFormat::Json => print_json(&report)?,
+        OutputFormat::Json => print_json(&mut out, &report)?,
         OutputFormat::Text => {
-            println!(
+            outln!(
+                out,
                 "{} -> {}: {} inputs examined{}",
                 old.display(),
                 new.display(),
@@ -333,10 +380,11 @@ fn diff_cmd(old: &Path, new: &Path, format: OutputFormat) -> anyhow::Result<u8> 
                 }
             );
             if report.changes.is_empty() {
-                println!("no route changes");
+                outln!(out, "no route changes");
             }
             for c in &report.changes {
-                println!(
+                outln!(
+                    out,
                     "changed ({} input{}): e.g. {}",
                     c.inputs,
                     if c.inputs == 1 { "" } else { "s" },
@@ -346,14 +394,15 @@ fn diff_cmd(old: &Path, new: &Path, format: OutputFormat) -> anyhow::Result<u8> 
                         format_attributes(&c.example)
                     }
                 );
-                println!("    old: {}", c.old);
-                println!("    new: {}", c.new);
+                outln!(out, "    old: {}", c.old);
+                outln!(out, "    new: {}", c.new);
             }
             for n in &report.notes {
-                println!("note: {n}");
+                outln!(out, "note: {n}");
             }
         }
     }
+    emit(&out)?;
     Ok(u8::from(report.changed()))
 }
 

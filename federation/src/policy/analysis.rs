@@ -108,6 +108,7 @@ pub fn in_fragment(node: &Node) -> bool {
     }
     match node {
         Node::Const(Const::Bool(_)) => true,
+        Node::AttrEqStr(..) | Node::AttrNeStr(..) | Node::AttrInStrs(..) => true,
         Node::And(a, b) | Node::Or(a, b) => in_fragment(a) && in_fragment(b),
         Node::Not(a) => in_fragment(a),
         Node::Eq(a, b) | Node::Ne(a, b) => {
@@ -150,6 +151,14 @@ fn collect(node: &Node, out: &mut BTreeMap<String, BTreeSet<String>>) {
     match node {
         Node::Attr(name) => {
             out.entry(name.clone()).or_default();
+        }
+        Node::AttrEqStr(name, c) | Node::AttrNeStr(name, c) => {
+            out.entry(name.clone()).or_default().insert(c.clone());
+        }
+        Node::AttrInStrs(name, list) => {
+            out.entry(name.clone())
+                .or_default()
+                .extend(list.iter().cloned());
         }
         Node::Eq(a, b)
         | Node::Ne(a, b)

@@ -97,6 +97,12 @@ pub enum Node {
     Size(Box<Node>),
     /// `a.startsWith(b)` and friends.
     Str(StrFn, Box<Node>, Box<Node>),
+    /// `attr == 'c'` or `'c' == attr` (the fast path of the common case).
+    AttrEqStr(String, String),
+    /// `attr != 'c'` or `'c' != attr`.
+    AttrNeStr(String, String),
+    /// `attr in ['a', 'b']` with string constants only.
+    AttrInStrs(String, Vec<String>),
 }
 
 /// A compiled condition.
@@ -125,7 +131,7 @@ impl Condition {
             program
                 .source_info()
                 .offset_for(id)
-                .map(|(start, _)| byte_or_char_to_char(source, start as usize))
+                .map(|(start, _)| byte_to_char(source, start as usize))
                 .unwrap_or(0)
         };
         check_functions(program.expression(), &offset_of)?;
@@ -221,9 +227,12 @@ fn line_col_to_offset(source: &str, line: isize, column: isize) -> usize {
     before + column - 1
 }
 
-/// AST offsets count chars for ASCII; clamp to the source length.
-fn byte_or_char_to_char(source: &str, start: usize) -> usize {
-    start.min(source.chars().count())
+/// AST offsets are byte offsets; errors report characters.
+fn byte_to_char(source: &str, start: usize) -> usize {
+    source
+        .char_indices()
+        .take_while(|(i, _)| *i < start)
+        .count()
 }
 
 // ---------------------------------------------------------------------------
@@ -432,6 +441,7 @@ fn type_of(
     Ok(match node {
         Node::Const(c) => Ty::of_const(c),
         Node::Attr(_) => Ty::Dyn,
+        Node::AttrEqStr(..) | Node::AttrNeStr(..) | Node::AttrInStrs(..) => Ty::Bool,
         Node::List(items) => {
             for (i, n) in items.iter().enumerate() {
                 type_of(n, arg(i), offset_of)?;
@@ -566,6 +576,9 @@ fn lower(expr: &Expression) -> Result<Node, Unsupported> {
             match (&call.target, call.args.as_slice()) {
                 (None, [a, x]) => {
                     let (a, x) = (b(a)?, b(x)?);
+                    if let Some(fast) = specialize(name, &a, &x) {
+                        return Ok(fast);
+                    }
                     Ok(match name {
                         op::LOGICAL_AND => Node::And(a, x),
                         op::LOGICAL_OR => Node::Or(a, x),
@@ -596,6 +609,32 @@ fn lower(expr: &Expression) -> Result<Node, Unsupported> {
             }
         }
         _ => Err(Unsupported),
+    }
+}
+
+/// The fast forms of comparisons between an attribute and string constants.
+fn specialize(name: &str, a: &Node, x: &Node) -> Option<Node> {
+    use cel::common::ast::operators as op;
+    let attr_str = || match (a, x) {
+        (Node::Attr(n), Node::Const(Const::Str(c)))
+        | (Node::Const(Const::Str(c)), Node::Attr(n)) => Some((n.clone(), c.clone())),
+        _ => None,
+    };
+    match name {
+        op::EQUALS => attr_str().map(|(n, c)| Node::AttrEqStr(n, c)),
+        op::NOT_EQUALS => attr_str().map(|(n, c)| Node::AttrNeStr(n, c)),
+        op::IN => match (a, x) {
+            (Node::Attr(n), Node::Const(Const::List(items))) => items
+                .iter()
+                .map(|c| match c {
+                    Const::Str(s) => Some(s.clone()),
+                    _ => None,
+                })
+                .collect::<Option<Vec<_>>>()
+                .map(|strs| Node::AttrInStrs(n.clone(), strs)),
+            _ => None,
+        },
+        _ => None,
     }
 }
 
@@ -740,6 +779,19 @@ fn eval<'a>(node: &'a Node, attrs: &'a Attributes) -> Result<V<'a>, Fault<'a>> {
         Node::Const(c) => V::of_const(c),
         Node::Attr(name) => match attrs.get(name.as_str()) {
             Some(v) => V::of_attr(v),
+            None => return Err(Fault::Undeclared(name)),
+        },
+        Node::AttrEqStr(name, c) | Node::AttrNeStr(name, c) => {
+            let eq = match attrs.get(name.as_str()) {
+                Some(AttrValue::Str(s)) => s == c,
+                Some(_) => false,
+                None => return Err(Fault::Undeclared(name)),
+            };
+            V::Bool(eq == matches!(node, Node::AttrEqStr(..)))
+        }
+        Node::AttrInStrs(name, list) => match attrs.get(name.as_str()) {
+            Some(AttrValue::Str(s)) => V::Bool(list.iter().any(|c| c == s)),
+            Some(_) => V::Bool(false),
             None => return Err(Fault::Undeclared(name)),
         },
         Node::List(items) => V::DList(

@@ -242,42 +242,48 @@ pub struct Decision {
 impl Decision {
     /// Recomputes the outcome and reason after the router changed a verdict
     /// (for example a failed forward).
-    pub fn refuse(
-        &mut self,
-        policy: &Policy,
-        region: &str,
-        refusal: Refusal,
-        detail: impl Into<String>,
-    ) {
+    ///
+    /// A failover warning that no longer matches the outcome is dropped; call
+    /// [`Decision::refresh_warnings`] to add the one for a new failover.
+    pub fn refuse(&mut self, region: &str, refusal: Refusal, detail: impl Into<String>) {
         if let Some(c) = self.candidates.iter_mut().find(|c| c.region == region) {
             c.refusal = Some(refusal);
             c.detail = detail.into();
         }
         self.settle();
-        self.annotate(policy);
+        let current = match &self.outcome {
+            Outcome::Failover { region } => Some(format!("failover to {region} ")),
+            _ => None,
+        };
+        self.warnings.retain(|w| {
+            !w.starts_with(FAILOVER_WARNING) || current.as_deref().is_some_and(|c| w.starts_with(c))
+        });
     }
 
-    /// Sets the audit warnings for the current outcome: a failover that drops
-    /// a compliance tag the rule's primary holds.
-    pub(crate) fn annotate(&mut self, policy: &Policy) {
-        self.warnings.clear();
+    /// Recomputes the audit warnings that depend on the outcome (a failover
+    /// that drops a compliance tag held by the primary) against `policy`.
+    pub fn refresh_warnings(&mut self, policy: &Policy) {
+        self.warnings.retain(|w| !w.starts_with(FAILOVER_WARNING));
         let Outcome::Failover { region } = &self.outcome else {
             return;
         };
-        let Some(rule) = self.rule_index.and_then(|i| policy.rules.get(i)) else {
-            return;
-        };
-        let (Some(primary), Some(backup)) = (policy.region(&rule.primary), policy.region(region))
+        let Some(primary) = self
+            .candidates
+            .iter()
+            .find(|c| c.role == Role::Primary)
+            .and_then(|c| policy.region(&c.region))
         else {
             return;
         };
-        let dropped: Vec<_> = primary.tags.difference(&backup.tags).cloned().collect();
-        if !dropped.is_empty() {
-            self.warnings.push(format!(
-                "failover to {region} drops compliance tag(s) held by primary {}: {}",
-                rule.primary,
-                dropped.join(", ")
-            ));
+        if let Some(backup) = policy.region(region) {
+            let dropped: Vec<_> = primary.tags.difference(&backup.tags).cloned().collect();
+            if !dropped.is_empty() {
+                self.warnings.push(format!(
+                    "{FAILOVER_WARNING}{region} drops compliance tag(s) held by primary {}: {}",
+                    primary.name,
+                    dropped.join(", ")
+                ));
+            }
         }
     }
 
@@ -351,18 +357,7 @@ pub fn decide(policy: &Policy, attrs: &Attributes, view: &dyn FederationView) ->
     let matched = policy.match_rule(attrs);
     let evaluation_errors = matched.errors.clone();
     let Some(index) = matched.rule else {
-        let shown = super::format_attributes(attrs);
-        let shown = if shown.len() > 200 {
-            format!(
-                "{}…",
-                &shown[..shown
-                    .char_indices()
-                    .nth(200)
-                    .map_or(shown.len(), |(i, _)| i)]
-            )
-        } else {
-            shown
-        };
+        let shown = crate::wire::truncate(&super::format_attributes(attrs), 200);
         let reason = if evaluation_errors.is_empty() {
             format!("no routing rule matches these attributes ({shown}): rejected (fail closed)")
         } else {
@@ -417,9 +412,12 @@ pub fn decide(policy: &Policy, attrs: &Attributes, view: &dyn FederationView) ->
         evaluation_errors,
     };
     decision.settle();
-    decision.annotate(policy);
+    decision.refresh_warnings(policy);
     decision
 }
+
+/// How failover warnings start (followed by the region).
+const FAILOVER_WARNING: &str = "failover to ";
 
 /// Hold-down only defers traffic: when no candidate is acceptable but some
 /// are refused only for hold-down, the first of those takes the task.

@@ -34,9 +34,12 @@ pub enum Route {
     },
 }
 
+/// The parts of a route that the comparison looks at.
+type RouteKey<'a> = (&'a str, &'a [String], &'a Option<BTreeSet<String>>);
+
 impl Route {
     /// What matters for the comparison (not the rule's label or position).
-    fn key(&self) -> Option<(&str, &[String], &Option<BTreeSet<String>>)> {
+    fn key(&self) -> Option<RouteKey<'_>> {
         match self {
             Route::Rejected => None,
             Route::Routed {

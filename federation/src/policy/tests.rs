@@ -243,3 +243,28 @@ fn first_match_wins_and_errors_do_not_match() {
     assert_eq!(m.errors.len(), 1);
     assert!(m.errors[0].starts_with("rule 1:"), "{m:?}");
 }
+
+#[test]
+fn refuse_keeps_failover_warnings_consistent() {
+    let p = load(&seed()).expect("loads");
+    let none = StaticView::default();
+    let de = attrs(&[("customer_region", "DE")]);
+    let mut d = p.decide(&de, &none.bind(&p));
+    d.refuse("europe", Refusal::ForwardFailed, "connection refused");
+    assert_eq!(
+        d.outcome,
+        Outcome::Failover {
+            region: "north_america".into()
+        }
+    );
+    d.refresh_warnings(&p);
+    assert!(d.warnings.iter().any(|w| w.contains("GDPR")), "{d:?}");
+    // A further refusal rejects the task: the failover warning goes away.
+    d.refuse(
+        "north_america",
+        Refusal::ForwardFailed,
+        "connection refused",
+    );
+    assert!(matches!(d.outcome, Outcome::Rejected { .. }));
+    assert!(d.warnings.is_empty(), "{d:?}");
+}

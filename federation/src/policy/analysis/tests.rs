@@ -222,10 +222,8 @@ fn too_many_inputs_is_reported_not_guessed() {
 
 #[test]
 fn no_compliant_region_is_an_error() {
-    let text = format!(
-        "federation:\n  name: t\n  regions:\n    - name: a\n      endpoint: x\n      compliance: [SOX]\n    - name: b\n      endpoint: y\n  routing_rules:\n    - condition: \"r == 'DE'\"\n      primary_region: a\n      backup_region: b\n  data_class_requirements:\n    - condition: \"d == 'pii'\"\n      requires: [GDPR]\n"
-    );
-    let r = check(&policy_text(&text));
+    let text = "federation:\n  name: t\n  regions:\n    - name: a\n      endpoint: x\n      compliance: [SOX]\n    - name: b\n      endpoint: y\n  routing_rules:\n    - condition: \"r == 'DE'\"\n      primary_region: a\n      backup_region: b\n  data_class_requirements:\n    - condition: \"d == 'pii'\"\n      requires: [GDPR]\n";
+    let r = check(&policy_text(text));
     let f = find(&r, "no-compliant-region");
     assert_eq!(f.len(), 1, "{:#?}", r.findings);
     assert!(r.has_errors());
@@ -245,4 +243,115 @@ fn fragment_membership() {
     assert!(!frag("a == 1"));
     assert!(!frag("a in b"));
     assert!(!frag("a < 'x'"));
+}
+
+// ---------------------------------------------------------------------------
+// Property tests: on the fragment, the audit's claims hold on random inputs.
+
+mod props {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn atom() -> impl Strategy<Value = String> {
+        let attr = prop_oneof![Just("a"), Just("b")];
+        let lit = prop_oneof![Just("x"), Just("y"), Just("z")];
+        prop_oneof![
+            (attr.clone(), lit.clone()).prop_map(|(a, l)| format!("{a} == '{l}'")),
+            (attr.clone(), lit.clone()).prop_map(|(a, l)| format!("{a} != '{l}'")),
+            (attr, lit.clone(), lit).prop_map(|(a, l, m)| format!("{a} in ['{l}', '{m}']")),
+        ]
+    }
+
+    fn cond() -> impl Strategy<Value = String> {
+        atom().prop_recursive(3, 8, 2, |inner| {
+            prop_oneof![
+                (inner.clone(), inner.clone()).prop_map(|(l, r)| format!("({l} && {r})")),
+                (inner.clone(), inner.clone()).prop_map(|(l, r)| format!("({l} || {r})")),
+                inner.prop_map(|x| format!("!({x})")),
+            ]
+        })
+    }
+
+    fn policy_of(conds: &[(String, bool)]) -> Policy {
+        let mut text = String::from(
+            "federation:\n  name: t\n  regions:\n    - name: p\n      endpoint: x\n    - name: q\n      endpoint: y\n  routing_rules:\n",
+        );
+        for (c, to_p) in conds {
+            let (pr, bk) = if *to_p { ("p", "q") } else { ("q", "p") };
+            text.push_str(&format!(
+                "    - condition: \"{c}\"\n      primary_region: {pr}\n      backup_region: {bk}\n"
+            ));
+        }
+        policy_text(&text)
+    }
+
+    fn input() -> impl Strategy<Value = Attributes> {
+        let v = prop::option::of(prop_oneof![
+            Just("x"),
+            Just("y"),
+            Just("z"),
+            Just("w"),
+            Just("JP")
+        ]);
+        (v.clone(), v).prop_map(|(a, b)| {
+            let mut m = Attributes::new();
+            if let Some(a) = a {
+                m.insert("a".into(), AttrValue::Str(a.into()));
+            }
+            if let Some(b) = b {
+                m.insert("b".into(), AttrValue::Str(b.into()));
+            }
+            m
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        #[test]
+        fn audit_claims_hold(
+            conds in prop::collection::vec((cond(), any::<bool>()), 1..5),
+            inputs in prop::collection::vec(input(), 20),
+        ) {
+            let p = policy_of(&conds);
+            let r = check(&p);
+            prop_assert!(r.exhaustive);
+            for f in &r.findings {
+                match f.kind {
+                    "unmatched-input" | "unmatched-missing-attribute" => {
+                        let ex = f.example.as_ref().expect("example");
+                        prop_assert_eq!(p.match_rule(ex).rule, None);
+                    }
+                    "shadowed-rule" | "never-matches" => {
+                        let i = p.rules.iter().position(|x| Some(x.label()) == f.rule).expect("rule");
+                        for a in &inputs {
+                            prop_assert_ne!(p.match_rule(a).rule, Some(i), "{:?}", a);
+                        }
+                    }
+                    "overlapping-rules" => {
+                        let ex = f.example.as_ref().expect("example");
+                        let j = p.rules.iter().position(|x| Some(x.label()) == f.rule).expect("rule");
+                        let cond = p.rules[j].condition.as_ref().expect("condition");
+                        prop_assert_eq!(cond.evaluate(ex), Ok(true));
+                        prop_assert!(p.match_rule(ex).rule.is_some_and(|i| i < j));
+                    }
+                    _ => {}
+                }
+            }
+            let unmatched = r.findings.iter().any(|f| f.kind.starts_with("unmatched"));
+            if !unmatched {
+                for a in &inputs {
+                    prop_assert!(p.match_rule(a).rule.is_some(), "{:?} unmatched", a);
+                }
+            }
+            // Every rule that some random input reaches first is not reported dead.
+            for a in &inputs {
+                if let Some(i) = p.match_rule(a).rule {
+                    let label = p.rules[i].label();
+                    prop_assert!(!r.findings.iter().any(|f| (f.kind == "shadowed-rule" || f.kind == "never-matches") && f.rule.as_deref() == Some(label.as_str())));
+                }
+            }
+        }
+    }
 }

@@ -258,3 +258,12 @@ proptest! {
         prop_assert_eq!(compiled, reference, "{:?} on {:?}", srcs, attrs);
     }
 }
+
+#[test]
+fn offsets_count_characters_not_bytes() {
+    // 'é' is two bytes; the offset of 'US' is in characters.
+    let e = Condition::compile("r == 'é' && r in 'US'").expect_err("not a list");
+    assert_eq!(e.offset, 17, "{e:?}");
+    let e = Condition::compile("r == 'é' && r == = 'US'").expect_err("syntax");
+    assert_eq!(e.offset, 17, "{e:?}");
+}
