@@ -11,7 +11,7 @@ use support::*;
 fn alive(pid: u32) -> bool {
     // /proc/<pid>/stat exists and is not a zombie.
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat.split(' ').nth(2).is_some_and(|s| s == "Z"),
+        Ok(stat) => stat.split(' ').nth(2).is_none_or(|s| s != "Z"),
         Err(_) => false,
     }
 }
