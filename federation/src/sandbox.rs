@@ -102,6 +102,7 @@ pub struct SandboxBuilder {
     exec: String,
     verbose: bool,
     keep: bool,
+    blocked: Vec<(String, String)>,
 }
 
 impl SandboxBuilder {
@@ -139,7 +140,16 @@ impl SandboxBuilder {
             exec: "cat".into(),
             verbose: false,
             keep: false,
+            blocked: Vec::new(),
         }
+    }
+
+    /// Breaks the direct link between regions `a` and `b` (both directions):
+    /// each is given an unreachable endpoint for the other, so they can only
+    /// learn of each other through a third region's gossip.
+    pub fn block_link(mut self, a: &str, b: &str) -> Self {
+        self.blocked.push((a.to_string(), b.to_string()));
+        self
     }
 
     /// Sets an environment variable for every controller (`FEDERATION__…`).
@@ -288,7 +298,19 @@ impl Sandbox {
             .regions
             .iter()
             .filter(|(n, _)| n.as_str() != name)
-            .map(|(n, r)| format!("{n}=http://{}", r.addr))
+            .map(|(n, r)| {
+                let blocked = self
+                    .builder
+                    .blocked
+                    .iter()
+                    .any(|(a, b)| (a == name && b == n) || (b == name && a == n));
+                if blocked {
+                    // Port 1 on loopback: nothing listens, connections are refused.
+                    format!("{n}=http://127.0.0.1:1")
+                } else {
+                    format!("{n}=http://{}", r.addr)
+                }
+            })
             .collect();
         let region = self.region(name)?;
         let mut cmd = Command::new(&self.builder.exe);
