@@ -85,7 +85,7 @@ async fn a_full_region_is_skipped_for_its_backup() {
         let r = na.submit_task(de()).await.expect("accepted").into_inner();
         assert_eq!(r.region, "europe");
     }
-    let mut admin = sandbox.admin("north_america").await.expect("admin");
+    let admin = sandbox.admin("north_america").await.expect("admin");
     eventually("north_america sees europe full", PATIENCE, || {
         let mut a = admin.clone();
         async move {
