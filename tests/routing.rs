@@ -98,6 +98,46 @@ async fn routes_by_rule_from_any_entry_and_rejects_with_reasons() {
         explained.warnings.iter().any(|w| w.contains("GDPR")),
         "{explained:?}"
     );
+
+    // Every decision is in the entry region's hash-chained log: four routed
+    // tasks per entry, plus europe's two rejections; owners log forwards in.
+    for region in ["north_america", "europe", "asia_pacific"] {
+        let log = sandbox
+            .data_dir(region)
+            .expect("dir")
+            .join("decisions.jsonl");
+        let report = federation::audit::verify(&log).expect("verifies");
+        assert!(report.is_intact(), "{region}: {report:?}");
+        let routed = federation::audit::show(
+            &log,
+            &federation::audit::Filter {
+                outcome: Some("routed".into()),
+                ..Default::default()
+            },
+        )
+        .expect("show")
+        .into_iter()
+        .filter(|r| r.entry.kind == federation::audit::kind::ROUTE)
+        .count();
+        assert_eq!(routed, 4, "{region}: one route record per task it routed");
+    }
+    let eu_log = sandbox
+        .data_dir("europe")
+        .expect("dir")
+        .join("decisions.jsonl");
+    let rejected = federation::audit::show(
+        &eu_log,
+        &federation::audit::Filter {
+            outcome: Some("rejected".into()),
+            ..Default::default()
+        },
+    )
+    .expect("show");
+    assert_eq!(
+        rejected.len(),
+        2,
+        "JP and the attribute-less task: {rejected:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -48,12 +48,43 @@ pub async fn submit(
     let mut decision = policy.decide(&attrs, &node.view(&policy));
 
     let mut placed: Option<(String, bool)> = None;
+    // The decision record of the attempt that placed the task, when it was
+    // appended concurrently with the placement (see below).
+    let mut logged_with: Option<String> = None;
+    let mut superseded: Vec<String> = Vec::new();
     while let Some(region) = decision.outcome.region().map(str::to_string) {
         let task_id = wire::new_task_id(&region);
-        let attempt = if region == node.region {
-            store_local(node, &task_id, &req, &decision).await
+        let place = async {
+            if region == node.region {
+                store_local(node, &task_id, &req, &decision).await
+            } else {
+                forward(node, &region, &task_id, &req, &decision).await
+            }
+        };
+        // Without an idempotency key the task id is known before placement,
+        // so the decision record is appended *while* the task is committed:
+        // the client waits for one group commit instead of two in series.
+        // Both complete before the client hears back. If the placement fails,
+        // the final record names the superseded one.
+        let attempt = if req.idempotency_key.is_empty() {
+            let (attempt, ()) = tokio::join!(
+                place,
+                record(
+                    node,
+                    crate::audit::kind::ROUTE,
+                    Some(&task_id),
+                    &attrs,
+                    &decision,
+                    None
+                )
+            );
+            match &attempt {
+                Ok(_) => logged_with = Some(task_id.clone()),
+                Err(_) => superseded.push(task_id.clone()),
+            }
+            attempt
         } else {
-            forward(node, &region, &task_id, &req, &decision).await
+            place.await
         };
         match attempt {
             Ok((id, dedup)) => {
@@ -72,15 +103,23 @@ pub async fn submit(
     }
 
     let task_id = placed.as_ref().map(|(id, _)| id.clone());
-    record(
-        node,
-        crate::audit::kind::ROUTE,
-        task_id.as_deref(),
-        &attrs,
-        &decision,
-        None,
-    )
-    .await;
+    if logged_with.is_none() {
+        let note = (!superseded.is_empty()).then(|| {
+            format!(
+                "supersedes the record(s) of unplaced task id(s) {}",
+                superseded.join(", ")
+            )
+        });
+        record(
+            node,
+            crate::audit::kind::ROUTE,
+            task_id.as_deref(),
+            &attrs,
+            &decision,
+            note,
+        )
+        .await;
+    }
     log_decision(&decision, task_id.as_deref());
 
     match placed {
@@ -232,17 +271,44 @@ pub async fn accept_forward(
     // Our own decision, for our log: the entry region's view may differ.
     let mut decision = policy.decide(&attrs, &node.view(&policy));
     let entry = req.entry_region.clone();
-    let (task_id, deduplicated) = store_local(node, &req.task_id, &submit, &decision).await?;
     decision.reason = format!("accepted forward from {entry}: {}", decision.reason);
-    record(
-        node,
-        crate::audit::kind::FORWARDED_IN,
-        Some(&task_id),
-        &attrs,
-        &decision,
-        Some(format!("entry region {entry}")),
-    )
-    .await;
+    let note = format!("entry region {entry}");
+    let log = |id: String, note: String| {
+        let decision = decision.clone();
+        let attrs = attrs.clone();
+        async move {
+            record(
+                node,
+                crate::audit::kind::FORWARDED_IN,
+                Some(&id),
+                &attrs,
+                &decision,
+                Some(note),
+            )
+            .await;
+        }
+    };
+    // As in `submit`: without an idempotency key the id is final, so the
+    // record is appended concurrently with the commit; a failed commit gets
+    // a correcting record.
+    let (task_id, deduplicated) = if submit.idempotency_key.is_empty() {
+        let (stored, ()) = tokio::join!(
+            store_local(node, &req.task_id, &submit, &decision),
+            log(req.task_id.clone(), note)
+        );
+        if let Err(e) = &stored {
+            log(
+                req.task_id.clone(),
+                format!("not stored, supersedes the record above: {e}"),
+            )
+            .await;
+        }
+        stored?
+    } else {
+        let stored = store_local(node, &req.task_id, &submit, &decision).await?;
+        log(stored.0.clone(), note).await;
+        stored
+    };
     Ok(api::ForwardTaskResponse {
         task_id,
         deduplicated,
