@@ -330,7 +330,17 @@ pub async fn serve(
         let _ = signal_tx.send(());
     });
 
-    let server = crate::service::router(node.clone()).serve_with_incoming_shutdown(
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    let readiness = tokio::spawn(readiness_loop(
+        node.clone(),
+        health.clone(),
+        stop_rx.clone(),
+    ));
+
+    let server = crate::service::router(node.clone(), health_service).serve_with_incoming_shutdown(
         transport::incoming(listener),
         async move {
             let _ = signal_rx.await;
@@ -350,6 +360,7 @@ pub async fn serve(
         }
     };
     let _ = stop_tx.send(true);
+    let _ = readiness.await;
     let _ = advertiser.await;
     let _ = reaper.await;
     node.store.flush().await.context("flushing task store")?;
@@ -413,6 +424,55 @@ async fn advertise_loop(node: Arc<Node>, mut stop: tokio::sync::watch::Receiver<
                 }
             });
         }
+    }
+}
+
+/// Reports `grpc.health.v1` SERVING once the controller can do its job: the
+/// store and the decision log are open and the policy loaded (all true once
+/// `serve` runs), and it has heard from a peer or waited out start-up (one
+/// `dead_after`, the time after which silence means a peer is dead anyway).
+/// Reports NOT_SERVING again when shutdown begins.
+async fn readiness_loop(
+    node: Arc<Node>,
+    health: tonic_health::server::HealthReporter,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let started = Instant::now();
+    let mut ticker = tokio::time::interval(Duration::from_millis(100));
+    let mut serving = false;
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stop.changed() => {}
+        }
+        if *stop.borrow() {
+            set_health(&health, tonic_health::ServingStatus::NotServing).await;
+            return;
+        }
+        if serving {
+            continue;
+        }
+        let heard = node
+            .membership
+            .status(Instant::now())
+            .iter()
+            .any(|p| p.age.is_some());
+        let single = node.peer_regions().is_empty();
+        if heard || single || started.elapsed() >= node.timers.dead_after {
+            set_health(&health, tonic_health::ServingStatus::Serving).await;
+            tracing::info!(heard_from_peers = heard, "health: serving");
+            serving = true;
+        }
+    }
+}
+
+async fn set_health(
+    health: &tonic_health::server::HealthReporter,
+    status: tonic_health::ServingStatus,
+) {
+    health.set_service_status("", status).await;
+    for name in crate::service::SERVICE_NAMES {
+        health.set_service_status(name, status).await;
     }
 }
 

@@ -16,12 +16,46 @@ use tonic::transport::server::Router;
 
 use crate::controller::Node;
 
-/// The tonic router with every service of a controller.
-pub fn router(node: Arc<Node>) -> Router {
+/// The gRPC service names this controller serves (for health reporting).
+pub const SERVICE_NAMES: [&str; 4] = [
+    "federation.v1.FederationClient",
+    "federation.v1.FederationPeer",
+    "federation.v1.RegionAgentApi",
+    "federation.v1.FederationAdmin",
+];
+
+/// The tonic router with every service of a controller, plus the standard
+/// `grpc.health.v1` service (fed by `health`) and gRPC server reflection, so
+/// off-the-shelf tools (grpcurl, grpc_health_probe, Kubernetes gRPC probes)
+/// work against a controller.
+pub fn router(
+    node: Arc<Node>,
+    health: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+) -> Router {
     let max = node.limits.max_message_bytes;
+    // Both reflection versions: grpcurl speaks v1, many clients (grpcio's
+    // Python helpers among them) still speak v1alpha.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(api::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection()
+        .build_v1()
+        .map_err(|e| tracing::error!(error = %e, "gRPC reflection v1 unavailable"))
+        .ok();
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .map_err(|e| tracing::error!(error = %e, "gRPC reflection v1alpha unavailable"))
+        .ok();
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .max_concurrent_streams(Some(1024))
+        .add_service(health)
+        .add_optional_service(reflection_v1)
+        .add_optional_service(reflection_v1alpha)
         .add_service(
             api::federation_client_server::FederationClientServer::new(client::ClientService::new(
                 node.clone(),
