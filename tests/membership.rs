@@ -45,23 +45,16 @@ async fn gossip_keeps_a_region_alive_across_a_broken_link_and_flags_policy_misma
         .expect("reload")
         .into_inner();
     assert!(r.applied, "{}", r.error);
-    eventually(
-        "north_america flags asia_pacific's policy hash",
-        PATIENCE,
-        || {
-            let mut a = admin.clone();
-            async move {
-                let s = a
-                    .federation_status(api::FederationStatusRequest {})
-                    .await
-                    .ok()?
-                    .into_inner();
-                let ap = s.regions.into_iter().find(|r| r.region == "asia_pacific")?;
-                ap.policy_mismatch.then_some(())
-            }
-        },
-    )
-    .await;
+    sandbox
+        .wait_for_row(
+            "north_america",
+            "asia_pacific",
+            "flagged for its policy hash",
+            PATIENCE,
+            |r| r.policy_mismatch,
+        )
+        .await
+        .expect("mismatch flagged");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -85,21 +78,12 @@ async fn a_full_region_is_skipped_for_its_backup() {
         let r = na.submit_task(de()).await.expect("accepted").into_inner();
         assert_eq!(r.region, "europe");
     }
-    let admin = sandbox.admin("north_america").await.expect("admin");
-    eventually("north_america sees europe full", PATIENCE, || {
-        let mut a = admin.clone();
-        async move {
-            let s = a
-                .federation_status(api::FederationStatusRequest {})
-                .await
-                .ok()?
-                .into_inner();
-            let eu = s.regions.into_iter().find(|r| r.region == "europe")?;
-            let c = eu.capacity?;
-            (c.queue_depth >= c.queue_limit).then_some(())
-        }
-    })
-    .await;
+    sandbox
+        .wait_for_row("north_america", "europe", "full", PATIENCE, |r| {
+            r.capacity.is_some_and(|c| c.queue_depth >= c.queue_limit)
+        })
+        .await
+        .expect("europe seen full");
     let r = na.submit_task(de()).await.expect("fails over").into_inner();
     assert_eq!(r.region, "north_america");
     let d = r.decision.expect("decision");

@@ -45,19 +45,16 @@ async fn sandbox_forms_a_federation_and_cleans_up() {
     assert_eq!(eu.policy_hash, status.policy_hash, "same file, same hash");
     assert!(!eu.policy_mismatch);
     // Capacity is advertised once the agent has registered.
-    let _ = eventually("europe advertises its agent's slot", PATIENCE, || {
-        let mut a = admin.clone();
-        async move {
-            let s = a
-                .federation_status(api::FederationStatusRequest {})
-                .await
-                .ok()?
-                .into_inner();
-            let eu = s.regions.into_iter().find(|r| r.region == "europe")?;
-            (eu.capacity?.total_slots == 1).then_some(())
-        }
-    })
-    .await;
+    sandbox
+        .wait_for_row(
+            "north_america",
+            "europe",
+            "advertising its agent's slot",
+            PATIENCE,
+            |r| r.capacity.is_some_and(|c| c.total_slots == 1),
+        )
+        .await
+        .expect("capacity advertised");
 
     let pid = sandbox
         .controller("asia_pacific")

@@ -461,6 +461,46 @@ impl Sandbox {
         )
     }
 
+    /// Waits (bounded) until `viewer`'s status row for `region` satisfies
+    /// `check`; returns that row.
+    pub async fn wait_for_row(
+        &self,
+        viewer: &str,
+        region: &str,
+        what: &str,
+        patience: Duration,
+        check: impl Fn(&api::RegionStatus) -> bool,
+    ) -> anyhow::Result<api::RegionStatus> {
+        let addr = self.addr(viewer)?;
+        let until = Instant::now() + patience;
+        let mut last = None;
+        while Instant::now() < until {
+            if let Ok(ch) = connect(addr).await {
+                let mut admin = api::federation_admin_client::FederationAdminClient::new(ch);
+                if let Ok(s) = admin
+                    .federation_status(api::FederationStatusRequest {})
+                    .await
+                {
+                    let row = s
+                        .into_inner()
+                        .regions
+                        .into_iter()
+                        .find(|r| r.region == region);
+                    if let Some(row) = row {
+                        if check(&row) {
+                            return Ok(row);
+                        }
+                        last = Some(row);
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!(
+            "timed out after {patience:?} waiting for {viewer} to see {region} {what}; last row {last:?}"
+        )
+    }
+
     /// Waits until every controller sees every other region alive.
     pub async fn wait_all_alive(&self, patience: Duration) -> anyhow::Result<()> {
         let names = self.region_names();
