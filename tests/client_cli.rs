@@ -102,3 +102,138 @@ async fn submit_get_and_status_from_the_command_line() {
     .expect("join");
     assert_eq!(code, 2, "unreachable controller exits 2: {err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_sends_new_work_elsewhere_and_reload_refuses_a_bad_policy() {
+    let mut sandbox = seed_sandbox().agents(0, 1).start().expect("sandbox starts");
+    sandbox
+        .wait_all_alive(PATIENCE)
+        .await
+        .expect("federation forms");
+    let eu = sandbox.addr("europe").expect("addr").to_string();
+    let na = sandbox.addr("north_america").expect("addr").to_string();
+    // A task that runs for a while holds a lease in europe.
+    sandbox
+        .start_agent_with("europe", "sleep 2; cat", 1)
+        .expect("agent");
+    let mut client = sandbox.client("north_america").await.expect("client");
+    let req = || federation_api::SubmitTaskRequest {
+        attributes: federation::sandbox::string_attrs(&[("customer_region", "DE")]),
+        ..Default::default()
+    };
+    let first = client
+        .submit_task(req())
+        .await
+        .expect("accepted")
+        .into_inner();
+    assert_eq!(first.region, "europe");
+    let id = first.task_id.clone();
+    eventually("the task is leased", PATIENCE, || {
+        let mut c = client.clone();
+        let id = id.clone();
+        async move {
+            let t = c
+                .get_task(federation_api::GetTaskRequest { task_id: id })
+                .await
+                .ok()?
+                .into_inner()
+                .task?;
+            (t.state() == federation_api::TaskState::Leased).then_some(())
+        }
+    })
+    .await;
+
+    // drain --wait returns once the leased task has finished.
+    let (code, out, err) = tokio::task::spawn_blocking({
+        let eu = eu.clone();
+        move || {
+            run(&[
+                "drain",
+                "--controller",
+                &eu,
+                "--wait",
+                "--wait-timeout",
+                "30s",
+            ])
+        }
+    })
+    .await
+    .expect("join");
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("draining") && out.lines().last().is_some_and(|l| l.contains("empty")),
+        "{out}"
+    );
+    let t = sandbox
+        .wait_terminal("north_america", &first.task_id, PATIENCE)
+        .await
+        .expect("finished");
+    assert_eq!(t.state(), federation_api::TaskState::Succeeded);
+
+    // New EU work goes to the backup while europe drains.
+    sandbox
+        .wait_for_row("north_america", "europe", "draining", PATIENCE, |r| {
+            r.draining
+        })
+        .await
+        .expect("drain advertised");
+    let second = client
+        .submit_task(req())
+        .await
+        .expect("fails over")
+        .into_inner();
+    assert_eq!(second.region, "north_america");
+    let d = second.decision.expect("decision");
+    assert!(
+        d.candidates
+            .iter()
+            .any(|c| c.region == "europe" && c.reason == "draining"),
+        "{d:?}"
+    );
+
+    let (code, out, _) = tokio::task::spawn_blocking({
+        let eu = eu.clone();
+        move || run(&["undrain", "--controller", &eu])
+    })
+    .await
+    .expect("join");
+    assert_eq!(code, 0);
+    assert!(out.contains("taking new tasks"), "{out}");
+
+    // A broken policy is refused and the old one keeps routing.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        SEED.replace("primary_region: \"europe\"", "primary_region: \"eu\""),
+    )
+    .expect("write");
+    let (code, _, err) = tokio::task::spawn_blocking({
+        let na = na.clone();
+        let bad = bad.display().to_string();
+        move || run(&["reload", "--controller", &na, "--file", &bad])
+    })
+    .await
+    .expect("join");
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("refused") && err.contains("unknown region `eu`"),
+        "{err}"
+    );
+    sandbox
+        .wait_for_row(
+            "north_america",
+            "europe",
+            "taking tasks again",
+            PATIENCE,
+            |r| !r.draining,
+        )
+        .await
+        .expect("undrain advertised");
+    let third = client
+        .submit_task(req())
+        .await
+        .expect("old policy still routes")
+        .into_inner();
+    assert_eq!(third.region, "europe");
+}

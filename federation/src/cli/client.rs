@@ -72,6 +72,29 @@ pub struct StatusArgs {
     format: OutputFormat,
 }
 
+/// Arguments of `drain` and `undrain`.
+#[derive(Debug, clap::Args)]
+pub struct DrainArgs {
+    #[command(flatten)]
+    connect: Connect,
+    /// Wait until the region holds no queued or leased task (drain only).
+    #[arg(long)]
+    wait: bool,
+    /// Give up waiting after this long.
+    #[arg(long, default_value = "10m", value_parser = crate::config::parse_duration)]
+    wait_timeout: Duration,
+}
+
+/// Arguments of `reload`.
+#[derive(Debug, clap::Args)]
+pub struct ReloadArgs {
+    #[command(flatten)]
+    connect: Connect,
+    /// A federation file to send; without it the controller re-reads its own.
+    #[arg(long)]
+    file: Option<PathBuf>,
+}
+
 /// Parses `k=v` (string) or `k:=JSON` (typed).
 pub fn parse_attr(s: &str) -> Result<(String, AttrValue), String> {
     if let Some((k, json)) = s.split_once(":=") {
@@ -376,6 +399,108 @@ pub fn status(args: StatusArgs) -> ExitCode {
             print!("{}", status_table(&s));
         }
         ExitCode::SUCCESS
+    })
+}
+
+/// `drain` (`on = true`) and `undrain`: stop or resume taking new tasks in
+/// the controller's region; with `--wait`, report when it is empty.
+pub fn drain(args: DrainArgs, on: bool) -> ExitCode {
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => return super::fail(&e, 2),
+    };
+    rt.block_on(async move {
+        let channel = match channel(&args.connect).await {
+            Ok(c) => c,
+            Err(e) => return super::fail(&e, 2),
+        };
+        let mut admin = api::federation_admin_client::FederationAdminClient::new(channel);
+        let until = std::time::Instant::now() + args.wait_timeout;
+        loop {
+            let r = match admin.drain(api::DrainRequest { drain: on }).await {
+                Ok(r) => r.into_inner(),
+                Err(s) => {
+                    eprintln!("error ({:?}): {}", s.code(), s.message());
+                    return ExitCode::from(2);
+                }
+            };
+            let state = if r.draining {
+                "draining"
+            } else {
+                "taking new tasks"
+            };
+            println!(
+                "{state}: {} queued, {} leased{}",
+                r.queued,
+                r.leased,
+                if r.empty { ", empty" } else { "" }
+            );
+            if !on || !args.wait || r.empty {
+                return ExitCode::SUCCESS;
+            }
+            if std::time::Instant::now() >= until {
+                eprintln!("still not empty after {:?}", args.wait_timeout);
+                return ExitCode::from(1);
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    })
+}
+
+/// `reload`: validate and apply a policy on a running controller.
+pub fn reload(args: ReloadArgs) -> ExitCode {
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => return super::fail(&e, 2),
+    };
+    rt.block_on(async move {
+        let (source, format) = match &args.file {
+            Some(p) => match std::fs::read_to_string(p) {
+                Ok(text) => {
+                    let format = match p.extension().and_then(|e| e.to_str()) {
+                        Some("json") => "json",
+                        Some("toml") => "toml",
+                        _ => "yaml",
+                    };
+                    (text, format.to_string())
+                }
+                Err(e) => return super::fail(&anyhow::anyhow!("reading {}: {e}", p.display()), 2),
+            },
+            None => (String::new(), String::new()),
+        };
+        let channel = match channel(&args.connect).await {
+            Ok(c) => c,
+            Err(e) => return super::fail(&e, 2),
+        };
+        let mut admin = api::federation_admin_client::FederationAdminClient::new(channel);
+        match admin
+            .reload_policy(api::ReloadPolicyRequest {
+                policy_source: source,
+                format,
+            })
+            .await
+        {
+            Ok(r) => {
+                let r = r.into_inner();
+                for f in &r.findings {
+                    println!("finding: {f}");
+                }
+                if r.applied {
+                    println!("applied: policy {}", r.policy_hash);
+                    ExitCode::SUCCESS
+                } else {
+                    eprintln!(
+                        "refused, policy {} stays in force: {}",
+                        r.policy_hash, r.error
+                    );
+                    ExitCode::from(1)
+                }
+            }
+            Err(s) => {
+                eprintln!("error ({:?}): {}", s.code(), s.message());
+                ExitCode::from(2)
+            }
+        }
     })
 }
 

@@ -62,6 +62,12 @@ pub enum Command {
     Get(client::GetArgs),
     /// Show the federation as one controller sees it.
     Status(client::StatusArgs),
+    /// Stop a region taking new tasks (rolling upgrades); `--wait` until empty.
+    Drain(client::DrainArgs),
+    /// Resume taking new tasks after a drain.
+    Undrain(client::DrainArgs),
+    /// Validate and apply a policy on a running controller (the old one stays on error).
+    Reload(client::ReloadArgs),
     /// Run a region agent (the same as the `region-agent` binary).
     Agent(region_agent::AgentArgs),
 }
@@ -77,6 +83,9 @@ pub fn main() -> ExitCode {
         Command::Submit(args) => client::submit(args),
         Command::Get(args) => client::get(args),
         Command::Status(args) => client::status(args),
+        Command::Drain(args) => client::drain(args, true),
+        Command::Undrain(args) => client::drain(args, false),
+        Command::Reload(args) => client::reload(args),
         Command::Agent(args) => region_agent::main_with(args),
     }
 }

@@ -194,7 +194,7 @@ impl api::federation_admin_server::FederationAdmin for AdminService {
             draining: req.drain,
             queued: counts.queued,
             leased: counts.leased,
-            empty: req.drain && counts.queued == 0 && counts.leased == 0,
+            empty: req.drain && counts.leased == 0,
         }))
     }
 }
