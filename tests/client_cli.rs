@@ -220,6 +220,37 @@ async fn drain_sends_new_work_elsewhere_and_reload_refuses_a_bad_policy() {
         err.contains("refused") && err.contains("unknown region `eu`"),
         "{err}"
     );
+    // A valid reload returns the audit's findings and is applied.
+    let good = dir.path().join("requires.yaml");
+    std::fs::write(&good, seed_requires_gdpr()).expect("write");
+    let (code, out, err) = tokio::task::spawn_blocking({
+        let na = na.clone();
+        let good = good.display().to_string();
+        move || run(&["reload", "--controller", &na, "--file", &good])
+    })
+    .await
+    .expect("join");
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("applied") && out.contains("finding: error: [failover-lacks-required-tag]"),
+        "{out}"
+    );
+    // Both reloads are in the decision log.
+    let log = sandbox
+        .data_dir("north_america")
+        .expect("dir")
+        .join("decisions.jsonl");
+    let notes: Vec<String> = federation::audit::show(&log, &Default::default())
+        .expect("show")
+        .into_iter()
+        .filter(|r| r.entry.kind == federation::audit::kind::POLICY_RELOAD)
+        .filter_map(|r| r.entry.note)
+        .collect();
+    assert_eq!(notes.len(), 2, "{notes:?}");
+    assert!(
+        notes[0].starts_with("refused") && notes[1].starts_with("applied"),
+        "{notes:?}"
+    );
     sandbox
         .wait_for_row(
             "north_america",

@@ -96,7 +96,24 @@ pub fn status(node: &Node) -> api::FederationStatusResponse {
 
 /// Validates and applies a new policy; the old one stays on any error.
 pub async fn reload(node: &Node, source: &str, format: &str) -> api::ReloadPolicyResponse {
+    let response = try_reload(node, source, format).await;
+    if !response.applied {
+        let mut entry =
+            crate::audit::DecisionEntry::new(crate::audit::kind::POLICY_RELOAD).note(format!(
+                "refused, policy {} stays in force: {}",
+                response.policy_hash, response.error
+            ));
+        entry.policy_hash = Some(response.policy_hash.clone());
+        if let Err(e) = node.log.append(entry).await {
+            tracing::error!(error = %e, "appending to the decision log failed");
+        }
+    }
+    response
+}
+
+async fn try_reload(node: &Node, source: &str, format: &str) -> api::ReloadPolicyResponse {
     let old = node.policy();
+    let refused = refused_response;
     let loaded = if source.is_empty() {
         crate::config::load(&crate::config::Sources {
             federation_file: node.config_path.clone(),
@@ -133,11 +150,38 @@ pub async fn reload(node: &Node, source: &str, format: &str) -> api::ReloadPolic
             ),
         );
     }
+    // Audit before applying: the findings are returned and logged. Only a
+    // policy that fails validation is refused; audit *errors* (for example a
+    // backup that can never be used because the rule requires a tag it
+    // lacks) describe a stricter policy, not a broken one.
+    let report = crate::policy::analysis::check(&policy);
+    let findings: Vec<String> = report
+        .findings
+        .iter()
+        .map(|f| match &f.rule {
+            Some(rule) => format!(
+                "{}: [{}] {rule}: {}",
+                f.severity.as_str(),
+                f.kind,
+                f.message
+            ),
+            None => format!("{}: [{}] {}", f.severity.as_str(), f.kind, f.message),
+        })
+        .collect();
     let hash = policy.hash.clone();
     node.set_policy(policy);
-    tracing::info!(old = %old.hash, new = %hash, "policy reloaded");
-    let mut entry = crate::audit::DecisionEntry::new(crate::audit::kind::POLICY_RELOAD)
-        .note(format!("applied: policy {} replaced {}", hash, old.hash));
+    tracing::info!(old = %old.hash, new = %hash, findings = findings.len(), "policy reloaded");
+    let mut entry =
+        crate::audit::DecisionEntry::new(crate::audit::kind::POLICY_RELOAD).note(format!(
+            "applied: policy {} replaced {}; audit: {}",
+            hash,
+            old.hash,
+            if findings.is_empty() {
+                "no findings".to_string()
+            } else {
+                findings.join(" | ")
+            }
+        ));
     entry.policy_hash = Some(hash.clone());
     if let Err(e) = node.log.append(entry).await {
         tracing::error!(error = %e, "appending to the decision log failed");
@@ -145,12 +189,12 @@ pub async fn reload(node: &Node, source: &str, format: &str) -> api::ReloadPolic
     api::ReloadPolicyResponse {
         applied: true,
         policy_hash: hash,
-        findings: Vec::new(),
+        findings,
         error: String::new(),
     }
 }
 
-fn refused(old: &Policy, error: String) -> api::ReloadPolicyResponse {
+fn refused_response(old: &Policy, error: String) -> api::ReloadPolicyResponse {
     tracing::warn!(%error, "policy reload refused; the old policy stays in force");
     api::ReloadPolicyResponse {
         applied: false,
