@@ -60,6 +60,8 @@ pub struct Node {
     pub store: TaskStore,
     /// The hash-chained decision log.
     pub log: DecisionLog,
+    /// Prometheus metrics.
+    pub metrics: crate::metrics::Metrics,
     /// Registered agents.
     pub agents: AgentRegistry,
     /// Channels to peers.
@@ -284,6 +286,7 @@ pub async fn open(settings: Settings) -> anyhow::Result<Arc<Node>> {
         membership,
         store,
         log,
+        metrics: crate::metrics::Metrics::new(),
         agents: AgentRegistry::default(),
         channels: Channels::new(settings.timers.forward_timeout),
         timers: settings.timers,
@@ -492,6 +495,7 @@ async fn reap_loop(node: Arc<Node>, mut stop: tokio::sync::watch::Receiver<bool>
         }
         match node.store.expire_leases(node.timers.max_attempts).await {
             Ok(changed) => {
+                node.metrics.lease_expired(changed.len() as u64);
                 for t in changed {
                     tracing::warn!(task_id = %t.task_id, attempts = t.attempts, state = ?t.state(), "lease expired");
                 }

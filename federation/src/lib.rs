@@ -3,6 +3,7 @@
 //! tamper-evident decision log. See `ARCHITECTURE.md` for the map.
 #![forbid(unsafe_code)]
 
+pub mod admin_http;
 pub mod agents;
 pub mod audit;
 pub mod cli;
@@ -10,6 +11,7 @@ pub mod config;
 pub mod controller;
 pub mod error;
 pub mod membership;
+pub mod metrics;
 pub mod policy;
 pub mod routing;
 pub mod sandbox;

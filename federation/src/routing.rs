@@ -121,6 +121,11 @@ pub async fn submit(
         .await;
     }
     log_decision(&decision, task_id.as_deref());
+    node.metrics.decision(
+        decision.rule_index,
+        decision.outcome.kind(),
+        decision.outcome.region(),
+    );
 
     match placed {
         Some((task_id, deduplicated)) => Ok(api::SubmitTaskResponse {
@@ -205,8 +210,12 @@ async fn forward(
         decision: Some(wire::decision_to_wire(decision)),
     };
     let deadline = node.timers.forward_timeout;
+    let started = std::time::Instant::now();
     let call = client.forward_task(transport::with_deadline(message, deadline));
-    match tokio::time::timeout(deadline, call).await {
+    let result = tokio::time::timeout(deadline, call).await;
+    node.metrics
+        .forward(region, started.elapsed().as_secs_f64());
+    match result {
         Ok(Ok(resp)) => {
             let resp = resp.into_inner();
             Ok((resp.task_id, resp.deduplicated))

@@ -201,6 +201,7 @@ impl SandboxBuilder {
                 r.name.clone(),
                 SandboxRegion {
                     addr: free_port()?,
+                    admin_addr: free_port()?,
                     data_dir: dir.join(&r.name),
                     controller: None,
                     agents: Vec::new(),
@@ -231,6 +232,8 @@ impl SandboxBuilder {
 pub struct SandboxRegion {
     /// The controller's address.
     pub addr: SocketAddr,
+    /// The controller's admin HTTP address (`/metrics`, status page).
+    pub admin_addr: SocketAddr,
     /// Its data directory.
     pub data_dir: PathBuf,
     controller: Option<ChildGuard>,
@@ -279,6 +282,11 @@ impl Sandbox {
         Ok(self.region(name)?.addr)
     }
 
+    /// The admin HTTP address of `name`.
+    pub fn admin_http_addr(&self, name: &str) -> anyhow::Result<SocketAddr> {
+        Ok(self.region(name)?.admin_addr)
+    }
+
     /// The data directory of `name`.
     pub fn data_dir(&self, name: &str) -> anyhow::Result<PathBuf> {
         Ok(self.region(name)?.data_dir.clone())
@@ -323,6 +331,8 @@ impl Sandbox {
             .arg(region.addr.to_string())
             .arg("--data-dir")
             .arg(&region.data_dir)
+            .arg("--admin-listen")
+            .arg(region.admin_addr.to_string())
             .stdout(Stdio::null())
             .stderr(self.stdio());
         for (k, v) in &self.builder.env {

@@ -34,6 +34,9 @@ pub struct ServeArgs {
     /// Address to listen on (overrides node.listen).
     #[arg(long)]
     pub listen: Option<SocketAddr>,
+    /// Admin HTTP address for /metrics and the status page (overrides node.admin_listen).
+    #[arg(long)]
+    pub admin_listen: Option<SocketAddr>,
     /// Data directory (overrides node.data_dir).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
@@ -63,7 +66,7 @@ pub fn init_tracing(log: LogFormat) {
 }
 
 /// Builds controller settings from the configuration and flags.
-pub fn settings(args: &ServeArgs) -> anyhow::Result<(Settings, SocketAddr)> {
+pub fn settings(args: &ServeArgs) -> anyhow::Result<(Settings, SocketAddr, Option<SocketAddr>)> {
     let loaded = config::load(&config::Sources {
         federation_file: args.config.clone(),
         node_file: args.node_config.clone(),
@@ -102,6 +105,7 @@ pub fn settings(args: &ServeArgs) -> anyhow::Result<(Settings, SocketAddr)> {
     } else {
         format!("http://{listen}")
     };
+    let admin_listen = args.admin_listen.or(node.admin_listen);
     let mut peers = node.peers.clone();
     for (r, url) in &args.peers {
         if policy.region(r).is_none() {
@@ -126,6 +130,7 @@ pub fn settings(args: &ServeArgs) -> anyhow::Result<(Settings, SocketAddr)> {
             config_path: args.config.clone(),
         },
         listen,
+        admin_listen,
     ))
 }
 
@@ -147,7 +152,7 @@ fn default_listen(endpoint: &str) -> Option<SocketAddr> {
 /// Runs the controller until SIGTERM/SIGINT.
 pub fn run(args: ServeArgs, log: LogFormat) -> ExitCode {
     init_tracing(log);
-    let (settings, listen) = match settings(&args) {
+    let (settings, listen, admin_listen) = match settings(&args) {
         Ok(s) => s,
         Err(e) => return super::fail(&e, EXIT_CONFIG),
     };
@@ -155,17 +160,38 @@ pub fn run(args: ServeArgs, log: LogFormat) -> ExitCode {
         Ok(r) => r,
         Err(e) => return super::fail(&anyhow::Error::new(e).context("starting the runtime"), 1),
     };
-    match runtime.block_on(serve(settings, listen)) {
+    match runtime.block_on(serve(settings, listen, admin_listen)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => super::fail(&e, 1),
     }
 }
 
-async fn serve(settings: Settings, listen: SocketAddr) -> anyhow::Result<()> {
+async fn serve(
+    settings: Settings,
+    listen: SocketAddr,
+    admin_listen: Option<SocketAddr>,
+) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding {listen}"))?;
+    let admin = match admin_listen {
+        Some(a) => Some(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("binding admin address {a}"))?,
+        ),
+        None => None,
+    };
     let node = controller::open(settings).await?;
+    if let Some(admin) = admin {
+        tracing::info!(addr = ?admin.local_addr().ok(), "admin HTTP serving /metrics and the status page");
+        let admin_node = node.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::admin_http::serve(admin_node, admin, shutdown_signal()).await {
+                tracing::error!(error = %e, "admin HTTP server failed");
+            }
+        });
+    }
     // Print the bound address for scripts and harnesses (port 0 resolves here).
     println!("listening on {}", listener.local_addr()?);
     let reload_node = node.clone();

@@ -174,6 +174,9 @@ pub struct NodeSpec {
     /// Where the task store and the decision log live.
     #[serde(default)]
     pub data_dir: Option<PathBuf>,
+    /// Admin HTTP address (`/metrics`, status page); off when unset.
+    #[serde(default)]
+    pub admin_listen: Option<SocketAddr>,
     /// Peer endpoint overrides by region name, for local runs.
     #[serde(default)]
     pub peers: BTreeMap<String, String>,

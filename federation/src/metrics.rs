@@ -1,0 +1,264 @@
+//! Prometheus metrics of one controller (`prometheus-client`, the official
+//! Rust client), served as OpenMetrics text at `/metrics` on the admin port.
+//!
+//! Counters and histograms are updated where things happen (routing, the
+//! lease reaper); gauges that mirror state (peer states, advertisement age,
+//! queue depth) are refreshed from the node when scraped, so they are never
+//! stale. This module owns the metric families only; it reads node state but
+//! changes nothing.
+
+use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Labels of a routing decision.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    /// 1-based rule number, or "none".
+    pub rule: String,
+    /// routed, failover or rejected.
+    pub outcome: String,
+}
+
+/// Labels naming a region.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RegionLabels {
+    /// The region.
+    pub region: String,
+}
+
+/// Labels of a peer's state.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerStateLabels {
+    /// The region.
+    pub region: String,
+    /// alive, suspect, dead or unknown.
+    pub state: String,
+}
+
+/// Labels of a rejected snapshot.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// Why.
+    pub reason: String,
+}
+
+/// Every metric family of a controller.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    decisions: Family<DecisionLabels, Counter>,
+    failovers: Family<RegionLabels, Counter>,
+    forward_seconds: Family<RegionLabels, Histogram>,
+    peer_state: Family<PeerStateLabels, Gauge>,
+    advertisement_age_seconds: Family<RegionLabels, Gauge<f64, AtomicU64>>,
+    queue_depth: Gauge,
+    leased: Gauge,
+    lease_expiries: Counter,
+    snapshot_bytes: Family<RegionLabels, Gauge>,
+    snapshot_compression_ratio: Family<RegionLabels, Gauge<f64, AtomicU64>>,
+    snapshot_age_seconds: Family<RegionLabels, Gauge<f64, AtomicU64>>,
+    snapshots_rejected: Family<ReasonLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every family.
+    pub fn new() -> Self {
+        let m = Self {
+            registry: Mutex::new(Registry::with_prefix("federation")),
+            decisions: Family::default(),
+            failovers: Family::default(),
+            forward_seconds: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.0002, 2.0, 14))
+            }),
+            peer_state: Family::default(),
+            advertisement_age_seconds: Family::default(),
+            queue_depth: Gauge::default(),
+            leased: Gauge::default(),
+            lease_expiries: Counter::default(),
+            snapshot_bytes: Family::default(),
+            snapshot_compression_ratio: Family::default(),
+            snapshot_age_seconds: Family::default(),
+            snapshots_rejected: Family::default(),
+        };
+        {
+            let mut r = m.lock();
+            r.register(
+                "decisions",
+                "Routing decisions by rule and outcome",
+                m.decisions.clone(),
+            );
+            r.register(
+                "failovers",
+                "Tasks placed in a backup region, by region",
+                m.failovers.clone(),
+            );
+            r.register(
+                "forward_seconds",
+                "Latency of forwarding a task to its owner region",
+                m.forward_seconds.clone(),
+            );
+            r.register(
+                "peer_state",
+                "1 for each peer's current state",
+                m.peer_state.clone(),
+            );
+            r.register(
+                "advertisement_age_seconds",
+                "Time since fresh information about a peer arrived",
+                m.advertisement_age_seconds.clone(),
+            );
+            r.register(
+                "queue_depth",
+                "Tasks queued in this region",
+                m.queue_depth.clone(),
+            );
+            r.register(
+                "leased_tasks",
+                "Tasks leased to agents in this region",
+                m.leased.clone(),
+            );
+            r.register(
+                "lease_expiries",
+                "Leases that expired (agent lost)",
+                m.lease_expiries.clone(),
+            );
+            r.register(
+                "snapshot_bytes",
+                "Size of the last snapshot sent, by peer",
+                m.snapshot_bytes.clone(),
+            );
+            r.register(
+                "snapshot_compression_ratio",
+                "Plaintext over compressed size of the last snapshot, by peer",
+                m.snapshot_compression_ratio.clone(),
+            );
+            r.register(
+                "snapshot_age_seconds",
+                "Age of the newest snapshot held, by source region",
+                m.snapshot_age_seconds.clone(),
+            );
+            r.register(
+                "snapshots_rejected",
+                "Snapshots refused, by reason",
+                m.snapshots_rejected.clone(),
+            );
+        }
+        m
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Registry> {
+        self.registry
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Counts a routing decision.
+    pub fn decision(&self, rule_index: Option<usize>, outcome: &str, region: Option<&str>) {
+        let rule = rule_index.map_or_else(|| "none".to_string(), |i| (i + 1).to_string());
+        self.decisions
+            .get_or_create(&DecisionLabels {
+                rule,
+                outcome: outcome.to_string(),
+            })
+            .inc();
+        if outcome == "failover" {
+            if let Some(region) = region {
+                self.failovers
+                    .get_or_create(&RegionLabels {
+                        region: region.to_string(),
+                    })
+                    .inc();
+            }
+        }
+    }
+
+    /// Records a forward's latency.
+    pub fn forward(&self, region: &str, seconds: f64) {
+        self.forward_seconds
+            .get_or_create(&RegionLabels {
+                region: region.to_string(),
+            })
+            .observe(seconds);
+    }
+
+    /// Counts expired leases.
+    pub fn lease_expired(&self, n: u64) {
+        self.lease_expiries.inc_by(n);
+    }
+
+    /// Records a snapshot sent to `peer`.
+    pub fn snapshot_sent(&self, peer: &str, bytes: u64, ratio: f64) {
+        let labels = RegionLabels {
+            region: peer.to_string(),
+        };
+        self.snapshot_bytes
+            .get_or_create(&labels)
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        self.snapshot_compression_ratio
+            .get_or_create(&labels)
+            .set(ratio);
+    }
+
+    /// Records the age of the newest snapshot held from `source`.
+    pub fn snapshot_age(&self, source: &str, seconds: f64) {
+        self.snapshot_age_seconds
+            .get_or_create(&RegionLabels {
+                region: source.to_string(),
+            })
+            .set(seconds);
+    }
+
+    /// Counts a rejected snapshot.
+    pub fn snapshot_rejected(&self, reason: &str) {
+        self.snapshots_rejected
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    /// Refreshes the state gauges from `node` and renders OpenMetrics text.
+    pub fn render(&self, node: &crate::controller::Node) -> String {
+        let status = crate::service::status(node);
+        self.peer_state.clear();
+        for row in &status.regions {
+            if row.state == "self" {
+                continue;
+            }
+            self.peer_state
+                .get_or_create(&PeerStateLabels {
+                    region: row.region.clone(),
+                    state: row.state.clone(),
+                })
+                .set(1);
+            if row.last_advertisement_age_ms >= 0 {
+                self.advertisement_age_seconds
+                    .get_or_create(&RegionLabels {
+                        region: row.region.clone(),
+                    })
+                    .set(row.last_advertisement_age_ms as f64 / 1000.0);
+            }
+        }
+        let counts = node.store.counts();
+        self.queue_depth.set(i64::from(counts.queued));
+        self.leased.set(i64::from(counts.leased));
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.lock()) {
+            tracing::error!(error = %e, "encoding metrics failed");
+        }
+        out
+    }
+}

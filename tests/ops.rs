@@ -1,0 +1,116 @@
+//! Operations surface: Prometheus metrics and the status page on the admin
+//! HTTP port. The page is rendered by headless Chromium (Debian's `chromium`
+//! package, installed by `.ci/run`), and the test asserts on the rendered DOM.
+
+mod support;
+
+use std::process::Command;
+
+use federation::sandbox::string_attrs;
+use federation_api as api;
+use support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_status_page() {
+    let mut sandbox = seed_sandbox().agents(0, 1).start().expect("sandbox starts");
+    sandbox
+        .wait_all_alive(PATIENCE)
+        .await
+        .expect("federation forms");
+    let mut client = sandbox.client("north_america").await.expect("client");
+    for customer in ["DE", "US", "JP"] {
+        let _ = client
+            .submit_task(api::SubmitTaskRequest {
+                attributes: string_attrs(&[("customer_region", customer)]),
+                ..Default::default()
+            })
+            .await;
+    }
+    sandbox.kill_controller("asia_pacific").expect("kill");
+    sandbox
+        .wait_for_states("north_america", &[("asia_pacific", "dead")], PATIENCE)
+        .await
+        .expect("dead");
+
+    let admin = sandbox
+        .admin_http_addr("north_america")
+        .expect("admin addr");
+    let metrics = tokio::task::spawn_blocking(move || http_get(admin, "/metrics"))
+        .await
+        .expect("join");
+    for needle in [
+        "federation_decisions_total{rule=\"2\",outcome=\"routed\"} 1",
+        "federation_decisions_total{rule=\"1\",outcome=\"routed\"} 1",
+        "federation_decisions_total{rule=\"none\",outcome=\"rejected\"} 1",
+        "federation_peer_state{region=\"asia_pacific\",state=\"dead\"} 1",
+        "federation_peer_state{region=\"europe\",state=\"alive\"} 1",
+        "federation_forward_seconds_count{region=\"europe\"} 1",
+        "federation_queue_depth 1",
+        "federation_advertisement_age_seconds{region=\"europe\"}",
+    ] {
+        assert!(
+            metrics.contains(needle),
+            "missing `{needle}` in:\n{metrics}"
+        );
+    }
+
+    // The status page, as a browser renders it.
+    let chromium = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("chromium is installed (`.ci/run` installs Debian's chromium package)");
+    let out_dir =
+        std::env::temp_dir().join(format!("federation-status-page-{}", std::process::id()));
+    std::fs::create_dir_all(&out_dir).expect("out dir");
+    let url = format!("http://{admin}/");
+    let common = |cmd: &mut Command| {
+        cmd.args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+        ])
+        .arg(format!(
+            "--user-data-dir={}",
+            out_dir.join("profile").display()
+        ));
+    };
+    let dom = {
+        let mut cmd = Command::new(chromium);
+        common(&mut cmd);
+        cmd.arg("--dump-dom").arg(&url);
+        tokio::task::spawn_blocking(move || cmd.output())
+            .await
+            .expect("join")
+            .expect("chromium runs")
+    };
+    let dom = String::from_utf8_lossy(&dom.stdout).into_owned();
+    let shot = out_dir.join("status-page.png");
+    {
+        let mut cmd = Command::new(chromium);
+        common(&mut cmd);
+        cmd.arg(format!("--screenshot={}", shot.display()))
+            .arg("--window-size=1200,800")
+            .arg(&url);
+        let _ = tokio::task::spawn_blocking(move || cmd.output()).await;
+    }
+    eprintln!("status page screenshot: {}", shot.display());
+    for needle in [
+        "Global Enterprise Federation",
+        "<b id=\"self\">north_america</b>",
+        "<td class=\"alive\">alive</td>",
+        "<td class=\"dead\">dead</td>",
+        "GDPR, SOX",
+        "rule 2: customer_region in ['UK', 'DE', 'FR'] matched; routed to primary europe",
+        "no routing rule matches these attributes",
+    ] {
+        assert!(
+            dom.contains(needle),
+            "rendered page lacks `{needle}`:\n{dom}"
+        );
+    }
+}
