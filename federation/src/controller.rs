@@ -75,6 +75,7 @@ pub struct Node {
     sequence: AtomicU64,
     draining: AtomicBool,
     peers: BTreeMap<String, String>,
+    discovered: RwLock<BTreeMap<String, String>>,
     advertise_endpoint: String,
 }
 
@@ -169,10 +170,19 @@ impl Node {
         }
     }
 
-    /// The endpoint used to reach `region`: the node's override, else what the
-    /// region advertises, else the federation file's endpoint.
+    /// The endpoint used to reach `region`: the node's static override, else
+    /// what DNS SRV discovery found, else what the region advertises, else the
+    /// federation file's endpoint.
     pub fn endpoint_of(&self, region: &str) -> Option<String> {
         if let Some(e) = self.peers.get(region) {
+            return Some(e.clone());
+        }
+        if let Some(e) = self
+            .discovered
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(region)
+        {
             return Some(e.clone());
         }
         if let Some(ad) = self.membership.advertisement(region) {
@@ -295,6 +305,7 @@ pub async fn open(settings: Settings) -> anyhow::Result<Arc<Node>> {
         sequence: AtomicU64::new(0),
         draining: AtomicBool::new(false),
         peers: settings.peers,
+        discovered: RwLock::new(BTreeMap::new()),
         advertise_endpoint: settings.advertise_endpoint,
     }))
 }
@@ -476,6 +487,36 @@ async fn set_health(
     health.set_service_status("", status).await;
     for name in crate::service::SERVICE_NAMES {
         health.set_service_status(name, status).await;
+    }
+}
+
+/// Re-resolves DNS SRV peers every interval and merges them (static peers
+/// keep precedence, see [`Node::endpoint_of`]). Runs until the process ends.
+pub async fn discovery_loop(node: Arc<Node>, discoverer: crate::discovery::Discoverer) {
+    let mut ticker = tokio::time::interval(discoverer.interval().max(Duration::from_millis(100)));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let policy = node.policy();
+        let own = node.region.clone();
+        match discoverer
+            .resolve(|r| r != own && policy.region(r).is_some())
+            .await
+        {
+            Ok(found) => {
+                let mut map = node
+                    .discovered
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if *map != found {
+                    tracing::info!(peers = ?found, "dns srv discovery updated peers");
+                    *map = found;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "dns srv discovery failed; keeping the last result")
+            }
+        }
     }
 }
 

@@ -9,6 +9,7 @@ pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod controller;
+pub mod discovery;
 pub mod error;
 pub mod membership;
 pub mod metrics;

@@ -65,8 +65,16 @@ pub fn init_tracing(log: LogFormat) {
     };
 }
 
+/// Settings, listen address, admin address and DNS SRV discovery.
+pub type Resolved = (
+    Settings,
+    SocketAddr,
+    Option<SocketAddr>,
+    Option<config::DiscoverySpec>,
+);
+
 /// Builds controller settings from the configuration and flags.
-pub fn settings(args: &ServeArgs) -> anyhow::Result<(Settings, SocketAddr, Option<SocketAddr>)> {
+pub fn settings(args: &ServeArgs) -> anyhow::Result<Resolved> {
     let loaded = config::load(&config::Sources {
         federation_file: args.config.clone(),
         node_file: args.node_config.clone(),
@@ -131,6 +139,7 @@ pub fn settings(args: &ServeArgs) -> anyhow::Result<(Settings, SocketAddr, Optio
         },
         listen,
         admin_listen,
+        node.discovery.clone(),
     ))
 }
 
@@ -152,7 +161,7 @@ fn default_listen(endpoint: &str) -> Option<SocketAddr> {
 /// Runs the controller until SIGTERM/SIGINT.
 pub fn run(args: ServeArgs, log: LogFormat) -> ExitCode {
     init_tracing(log);
-    let (settings, listen, admin_listen) = match settings(&args) {
+    let (settings, listen, admin_listen, discovery) = match settings(&args) {
         Ok(s) => s,
         Err(e) => return super::fail(&e, EXIT_CONFIG),
     };
@@ -160,7 +169,7 @@ pub fn run(args: ServeArgs, log: LogFormat) -> ExitCode {
         Ok(r) => r,
         Err(e) => return super::fail(&anyhow::Error::new(e).context("starting the runtime"), 1),
     };
-    match runtime.block_on(serve(settings, listen, admin_listen)) {
+    match runtime.block_on(serve(settings, listen, admin_listen, discovery)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => super::fail(&e, 1),
     }
@@ -170,6 +179,7 @@ async fn serve(
     settings: Settings,
     listen: SocketAddr,
     admin_listen: Option<SocketAddr>,
+    discovery: Option<config::DiscoverySpec>,
 ) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -183,6 +193,12 @@ async fn serve(
         None => None,
     };
     let node = controller::open(settings).await?;
+    if let Some(spec) = discovery {
+        let name = spec.dns_srv.clone();
+        let discoverer = crate::discovery::Discoverer::new(spec)
+            .with_context(|| format!("dns srv discovery of {name}"))?;
+        tokio::spawn(controller::discovery_loop(node.clone(), discoverer));
+    }
     if let Some(admin) = admin {
         tracing::info!(addr = ?admin.local_addr().ok(), "admin HTTP serving /metrics and the status page");
         let admin_node = node.clone();

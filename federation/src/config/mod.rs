@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use duration::parse_duration;
+pub use duration::{parse_duration, serde_secs};
 pub use source_map::{Position, SourceMap};
 
 /// Prefix of the environment variables that override the files, with `__`
@@ -177,6 +177,9 @@ pub struct NodeSpec {
     /// Admin HTTP address (`/metrics`, status page); off when unset.
     #[serde(default)]
     pub admin_listen: Option<SocketAddr>,
+    /// Peer discovery by DNS SRV, merged with `peers`.
+    #[serde(default)]
+    pub discovery: Option<DiscoverySpec>,
     /// Peer endpoint overrides by region name, for local runs.
     #[serde(default)]
     pub peers: BTreeMap<String, String>,
@@ -186,6 +189,24 @@ pub struct NodeSpec {
     /// Input limits.
     #[serde(default)]
     pub limits: Limits,
+}
+
+/// The `node.discovery` section: peers from DNS SRV records.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiscoverySpec {
+    /// The SRV name to resolve, e.g. `_federation._tcp.example.internal`.
+    pub dns_srv: String,
+    /// The DNS server to ask (`ip:port`); the system's resolver when unset.
+    #[serde(default)]
+    pub resolver: Option<SocketAddr>,
+    /// How often to re-resolve.
+    #[serde(default = "default_discovery_interval", with = "duration::serde_secs")]
+    pub interval: Duration,
+}
+
+fn default_discovery_interval() -> Duration {
+    Duration::from_secs(10)
 }
 
 /// Timers of one controller. Every field accepts seconds or a human form.

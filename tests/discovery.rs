@@ -1,0 +1,131 @@
+//! Peer discovery by DNS SRV against a real DNS server on loopback (dnsmasq,
+//! installed by `.ci/run`): north_america is given no endpoint for europe but
+//! an SRV name; it finds europe through DNS and forwards to it.
+
+mod support;
+
+use std::process::{Command, Stdio};
+
+use federation::sandbox::{ChildGuard, free_port, string_attrs};
+use federation_api as api;
+use support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_found_by_dns_srv() {
+    let dnsmasq = ["/usr/sbin/dnsmasq", "/usr/bin/dnsmasq"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("dnsmasq is installed (`.ci/run` installs Debian's dnsmasq-base)");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (na, eu, dns) = (
+        free_port().expect("port"),
+        free_port().expect("port"),
+        free_port().expect("port"),
+    );
+    let mut dns_cmd = Command::new(dnsmasq);
+    dns_cmd
+        .args([
+            "--no-daemon",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            "--listen-address=127.0.0.1",
+        ])
+        .arg(format!("--port={}", dns.port()))
+        .arg(format!(
+            "--srv-host=_federation._tcp.example.internal,europe.example.internal,{}",
+            eu.port()
+        ))
+        .arg("--host-record=europe.example.internal,127.0.0.1")
+        .arg(format!(
+            "--pid-file={}",
+            dir.path().join("dnsmasq.pid").display()
+        ))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let _dns = ChildGuard::spawn("dnsmasq", &mut dns_cmd).expect("dnsmasq starts");
+
+    let config = dir.path().join("federation.yaml");
+    std::fs::write(&config, SEED).expect("policy");
+    let start =
+        |region: &str, listen: std::net::SocketAddr, extra: &[String], env: &[(&str, String)]| {
+            let mut cmd = Command::new(federation_exe());
+            cmd.arg("serve")
+                .arg("--config")
+                .arg(&config)
+                .args([
+                    "--region",
+                    region,
+                    "--listen",
+                    &listen.to_string(),
+                    "--data-dir",
+                ])
+                .arg(dir.path().join(region))
+                .args(extra)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            for (k, v) in env {
+                cmd.env(k, v);
+            }
+            ChildGuard::spawn(region, &mut cmd).expect("controller starts")
+        };
+    let _eu = start(
+        "europe",
+        eu,
+        &[format!("--peer=north_america=http://{na}")],
+        &[],
+    );
+    let _na = start(
+        "north_america",
+        na,
+        &[],
+        &[
+            (
+                "FEDERATION__NODE__DISCOVERY__DNS_SRV",
+                "_federation._tcp.example.internal".into(),
+            ),
+            ("FEDERATION__NODE__DISCOVERY__RESOLVER", dns.to_string()),
+            ("FEDERATION__NODE__DISCOVERY__INTERVAL", "200ms".into()),
+            (
+                "FEDERATION__NODE__TIMERS__HEARTBEAT_INTERVAL",
+                "200ms".into(),
+            ),
+        ],
+    );
+    // north_america's only way to reach europe is the SRV record: a DE task
+    // forwarded there proves it.
+    let placed = eventually(
+        "north_america forwards to the discovered europe",
+        PATIENCE,
+        || async move {
+            let mut c = api::federation_client_client::FederationClientClient::new(
+                federation::sandbox::connect(na).await.ok()?,
+            );
+            let r = c
+                .submit_task(api::SubmitTaskRequest {
+                    attributes: string_attrs(&[("customer_region", "DE")]),
+                    ..Default::default()
+                })
+                .await
+                .ok()?
+                .into_inner();
+            (r.region == "europe").then_some(r)
+        },
+    )
+    .await;
+    assert!(placed.task_id.ends_with(".europe"));
+    let mut admin = api::federation_admin_client::FederationAdminClient::new(
+        federation::sandbox::connect(na).await.expect("connect"),
+    );
+    let s = admin
+        .federation_status(api::FederationStatusRequest {})
+        .await
+        .expect("status")
+        .into_inner();
+    let row = s
+        .regions
+        .iter()
+        .find(|r| r.region == "europe")
+        .expect("europe row");
+    assert_eq!(row.endpoint, format!("http://{eu}"), "endpoint from DNS");
+}
