@@ -11,6 +11,7 @@ pub mod controller;
 pub mod error;
 pub mod membership;
 pub mod policy;
+pub mod replication;
 pub mod routing;
 pub mod sandbox;
 pub mod service;

@@ -219,7 +219,9 @@ impl Membership {
                         Health::Alive => tracing::info!(%region, "peer alive"),
                         Health::Unknown => {}
                     }
-                    if health == Health::Alive && matches!(before, Health::Dead | Health::Unknown) {
+                    // Hold-down starts on a return from dead, not on the
+                    // first contact after our own start.
+                    if health == Health::Alive && before == Health::Dead {
                         peer.alive_since = Some(now);
                     }
                     if health == Health::Dead {

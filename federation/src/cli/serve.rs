@@ -109,6 +109,14 @@ pub fn settings(args: &ServeArgs) -> anyhow::Result<(Settings, SocketAddr)> {
         }
         peers.insert(r.clone(), url.clone());
     }
+    let keys = crate::replication::KeyRing::load(node.keys.file.as_deref())?;
+    if policy.sync.enabled && keys.is_none() {
+        anyhow::bail!(
+            "{}: data_synchronization is enabled but there is no key ring: set node.keys.file or {} (lines `id:base64-32-byte-key`), or set enabled: false",
+            args.config.display(),
+            crate::replication::keyring::KEYS_ENV
+        );
+    }
     let data_dir = args
         .data_dir
         .clone()
@@ -124,6 +132,7 @@ pub fn settings(args: &ServeArgs) -> anyhow::Result<(Settings, SocketAddr)> {
             timers: node.timers,
             limits: node.limits,
             config_path: args.config.clone(),
+            keys,
         },
         listen,
     ))

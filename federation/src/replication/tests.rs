@@ -1,0 +1,2 @@
+//! Receiver rejection cases, in process: each one is refused with its
+//! counter, and the previous good snapshot stays.
