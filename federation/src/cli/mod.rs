@@ -7,6 +7,7 @@ pub mod client;
 pub mod demo;
 pub mod policy;
 pub mod serve;
+pub mod snapshot;
 
 use std::process::ExitCode;
 
@@ -64,6 +65,9 @@ pub enum Command {
     Status(client::StatusArgs),
     /// Run a region agent (the same as the `region-agent` binary).
     Agent(region_agent::AgentArgs),
+    /// Inspect stored snapshots (decrypts with a key ring).
+    #[command(subcommand)]
+    Snapshot(snapshot::SnapshotCommand),
 }
 
 /// Parses the command line and runs the command.
@@ -78,6 +82,7 @@ pub fn main() -> ExitCode {
         Command::Get(args) => client::get(args),
         Command::Status(args) => client::status(args),
         Command::Agent(args) => region_agent::main_with(args),
+        Command::Snapshot(cmd) => snapshot::run(cmd),
     }
 }
 
