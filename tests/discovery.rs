@@ -62,6 +62,7 @@ async fn peers_found_by_dns_srv() {
                 ])
                 .arg(dir.path().join(region))
                 .args(extra)
+                .env("FEDERATION_KEYS", TEST_KEYS)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null());
             for (k, v) in env {

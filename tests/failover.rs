@@ -147,6 +147,23 @@ async fn hung_primary_fails_over_after_the_forward_deadline() {
         .wait_for_states("europe", &[("north_america", "alive")], PATIENCE)
         .await
         .expect("resumed region alive again");
+    // The failback hold-down (1s in the sandbox) defers it a little longer.
+    eventually("failback hold-down over", PATIENCE, || {
+        let mut c = client.clone();
+        async move {
+            let d = c
+                .explain_route(api::ExplainRouteRequest {
+                    attributes: submit("US").attributes,
+                    ..Default::default()
+                })
+                .await
+                .ok()?
+                .into_inner()
+                .decision?;
+            (d.region == "north_america").then_some(())
+        }
+    })
+    .await;
     let resp = client
         .submit_task(submit("US"))
         .await

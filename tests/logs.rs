@@ -28,6 +28,7 @@ async fn json_logs_carry_routing_fields() {
         ])
         .arg(dir.path().join("europe"))
         .env("RUST_LOG", "info,federation=debug")
+        .env("FEDERATION_KEYS", TEST_KEYS)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).expect("log file"));
     let mut controller = ChildGuard::spawn("europe", &mut cmd).expect("starts");

@@ -107,6 +107,7 @@ async fn controller(
         timers: Timers::default(),
         limits: Limits::default(),
         config_path: config,
+        keys: None,
     };
     tokio::spawn(async move {
         controller::run(settings, listener, std::future::pending())

@@ -44,6 +44,8 @@ pub struct Settings {
     pub limits: Limits,
     /// The federation file, re-read by a reload without content.
     pub config_path: PathBuf,
+    /// The snapshot key ring; without one, replication is off.
+    pub keys: Option<crate::replication::KeyRing>,
 }
 
 /// One region's controller state, shared by every handler and loop.
@@ -72,6 +74,8 @@ pub struct Node {
     pub limits: Limits,
     /// The federation file.
     pub config_path: PathBuf,
+    /// Snapshot replication, takeover and its counters.
+    pub replication: crate::replication::Replication,
     sequence: AtomicU64,
     draining: AtomicBool,
     peers: BTreeMap<String, String>,
@@ -166,7 +170,7 @@ impl Node {
             endpoint: self.advertise_endpoint.clone(),
             draining: self.draining(),
             sent_unix_ms: now_ms(),
-            takeovers: Vec::new(),
+            takeovers: self.replication.takeover.notices(),
         }
     }
 
@@ -289,6 +293,14 @@ pub async fn open(settings: Settings) -> anyhow::Result<Arc<Node>> {
     let log = DecisionLog::open(&settings.data_dir, &settings.region)
         .with_context(|| format!("opening decision log in {}", settings.data_dir.display()))?;
     let membership = Membership::new(&settings.region, &settings.policy, settings.timers.clone());
+    let replication = crate::replication::Replication::open(
+        &settings.region,
+        &settings.data_dir,
+        &settings.policy,
+        settings.keys.clone(),
+        &store,
+        settings.timers.startup_fence,
+    );
     Ok(Arc::new(Node {
         region: settings.region,
         epoch,
@@ -302,6 +314,7 @@ pub async fn open(settings: Settings) -> anyhow::Result<Arc<Node>> {
         timers: settings.timers,
         limits: settings.limits,
         config_path: settings.config_path,
+        replication,
         sequence: AtomicU64::new(0),
         draining: AtomicBool::new(false),
         peers: settings.peers,
@@ -334,6 +347,7 @@ pub async fn serve(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let advertiser = tokio::spawn(advertise_loop(node.clone(), stop_rx.clone()));
     let reaper = tokio::spawn(reap_loop(node.clone(), stop_rx.clone()));
+    let replicator = tokio::spawn(crate::replication::run(node.clone(), stop_rx.clone()));
 
     let grace = node.timers.shutdown_grace;
     let (signal_tx, signal_rx) = tokio::sync::oneshot::channel::<()>();
@@ -377,6 +391,7 @@ pub async fn serve(
     let _ = readiness.await;
     let _ = advertiser.await;
     let _ = reaper.await;
+    let _ = replicator.await;
     node.store.flush().await.context("flushing task store")?;
     node.log.flush().await.context("flushing decision log")?;
     tracing::info!(region = %node.region, "controller stopped");
@@ -426,9 +441,13 @@ async fn advertise_loop(node: Arc<Node>, mut stop: tokio::sync::watch::Receiver<
                                 return;
                             }
                             node.membership.observe(origin, now);
+                            crate::replication::takeover::on_advertisement(&node, origin).await;
                         }
                         for ad in &resp.known {
                             node.membership.observe(ad, now);
+                            if !ad.takeovers.is_empty() {
+                                crate::replication::takeover::on_advertisement(&node, ad).await;
+                            }
                         }
                     }
                     Ok(Err(status)) => {

@@ -14,6 +14,7 @@ pub mod error;
 pub mod membership;
 pub mod metrics;
 pub mod policy;
+pub mod replication;
 pub mod routing;
 pub mod sandbox;
 pub mod service;

@@ -219,7 +219,9 @@ impl Membership {
                         Health::Alive => tracing::info!(%region, "peer alive"),
                         Health::Unknown => {}
                     }
-                    if health == Health::Alive && matches!(before, Health::Dead | Health::Unknown) {
+                    // Hold-down starts on a return from dead, not on the
+                    // first contact after our own start.
+                    if health == Health::Alive && before == Health::Dead {
                         peer.alive_since = Some(now);
                     }
                     if health == Health::Dead {
@@ -257,11 +259,14 @@ impl Membership {
         let peer = peers.get(region)?;
         let (health, _) = self.health_of(peer, now);
         let ad = peer.ad.as_ref();
+        // Held down from the moment it is alive again after being dead (also
+        // before the next tick records when), for `failback_hold_down`.
         let held_down = !self.timers.failback_hold_down.is_zero()
-            && peer
-                .alive_since
-                .is_some_and(|t| now.saturating_duration_since(t) < self.timers.failback_hold_down)
-            && peer.intervals.len() > 1;
+            && health == Health::Alive
+            && (peer.last_health == Health::Dead
+                || peer.alive_since.is_some_and(|t| {
+                    now.saturating_duration_since(t) < self.timers.failback_hold_down
+                }));
         Some(RegionView {
             health,
             draining: ad.is_some_and(|a| a.draining),

@@ -134,6 +134,10 @@ impl SandboxBuilder {
                     "FEDERATION__NODE__TIMERS__SHUTDOWN_GRACE".into(),
                     "3s".into(),
                 ),
+                (
+                    "FEDERATION__NODE__TIMERS__FAILBACK_HOLD_DOWN".into(),
+                    "1s".into(),
+                ),
             ],
             agents: 1,
             slots: 2,
@@ -194,6 +198,14 @@ impl SandboxBuilder {
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let config = dir.join("federation.yaml");
         std::fs::write(&config, &self.policy).context("writing the sandbox policy")?;
+        // A fresh snapshot key ring for the sandbox's controllers.
+        let keys = dir.join("snapshot.keys");
+        let key: [u8; 32] = rand::random();
+        std::fs::write(
+            &keys,
+            format!("{}\n", crate::replication::KeyRing::line("sandbox-1", &key)),
+        )
+        .context("writing the sandbox key ring")?;
         let policy = crate::policy::Policy::load_file(&config).context("the sandbox policy")?;
         let mut regions = BTreeMap::new();
         for r in &policy.regions {
@@ -208,8 +220,19 @@ impl SandboxBuilder {
                 },
             );
         }
+        let mut builder = self;
+        if !builder
+            .env
+            .iter()
+            .any(|(k, _)| k == "FEDERATION__NODE__KEYS__FILE")
+        {
+            builder.env.push((
+                "FEDERATION__NODE__KEYS__FILE".into(),
+                keys.display().to_string(),
+            ));
+        }
         let mut sandbox = Sandbox {
-            builder: self,
+            builder,
             dir,
             config,
             regions,
@@ -258,6 +281,17 @@ impl Sandbox {
     /// The federation file the controllers were started with.
     pub fn config_path(&self) -> &Path {
         &self.config
+    }
+
+    /// The snapshot key ring the controllers were started with (unless the
+    /// builder set `FEDERATION__NODE__KEYS__FILE`).
+    pub fn keys_path(&self) -> PathBuf {
+        self.builder
+            .env
+            .iter()
+            .find(|(k, _)| k == "FEDERATION__NODE__KEYS__FILE")
+            .map(|(_, v)| PathBuf::from(v))
+            .unwrap_or_else(|| self.dir.join("snapshot.keys"))
     }
 
     /// Region names.

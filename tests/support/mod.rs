@@ -11,6 +11,9 @@ use federation::sandbox::SandboxBuilder;
 /// The user's example, unchanged.
 pub const SEED: &str = include_str!("../../policies/seed-federation.yaml");
 
+/// A snapshot key ring for controllers started by hand (one 32-byte key).
+pub const TEST_KEYS: &str = "test-key-1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+
 /// How long any single wait in a test may take before the test fails.
 pub const PATIENCE: Duration = Duration::from_secs(30);
 

@@ -8,7 +8,8 @@
 //! EU rule `requires: [GDPR]`; US is unaffected throughout. Finally europe
 //! restarts and takes EU traffic again. Every child is killed when the demo
 //! ends, also on Ctrl-C or failure; the demo checks what it shows and exits 1
-//! if the federation did not behave as described.
+//! if the federation did not behave as described. Europe gets EU traffic back
+//! only after the failback hold-down (short in the demo), which it waits out.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -330,6 +331,11 @@ async fn scenario(demo: &mut Sandbox) -> anyhow::Result<()> {
     demo.start_controller("europe")?;
     demo.wait_for_states("north_america", &[("europe", "alive")], patience)
         .await?;
+    println!(
+        "   europe is alive again; waiting out the failback hold-down ({FAILBACK_HOLD_DOWN}) before EU traffic goes back to it"
+    );
+    wait_failback(na, "DE", "europe", patience).await?;
+    wait_failback(ap, "UK", "europe", patience).await?;
     let rows = round("4. europe back", &[(na, "DE"), (ap, "UK"), (eu, "US")]).await?;
     expect(&rows, "DE", "europe", "routed")?;
     expect(&rows, "UK", "europe", "routed")?;
@@ -348,6 +354,46 @@ async fn scenario(demo: &mut Sandbox) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The demo's failback hold-down (short, so the demo stays quick).
+const FAILBACK_HOLD_DOWN: &str = "2s";
+
+/// Waits (bounded) until `entry` would route `customer` to `region` again
+/// (the returning region's failback hold-down is over).
+async fn wait_failback(
+    entry: SocketAddr,
+    customer: &str,
+    region: &str,
+    patience: Duration,
+) -> anyhow::Result<()> {
+    let mut client =
+        api::federation_client_client::FederationClientClient::new(connect(entry).await?);
+    let mut attrs = crate::policy::Attributes::new();
+    attrs.insert("customer_region".into(), AttrValue::Str(customer.into()));
+    let request = api::ExplainRouteRequest {
+        attributes: crate::wire::attributes_to_wire(&attrs),
+        ..Default::default()
+    };
+    let until = Instant::now() + patience;
+    loop {
+        let d = client
+            .explain_route(request.clone())
+            .await?
+            .into_inner()
+            .decision
+            .unwrap_or_default();
+        if d.region == region {
+            return Ok(());
+        }
+        if Instant::now() >= until {
+            bail!(
+                "{customer} still routed to `{}` after {patience:?}",
+                d.region
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Runs the demo.
@@ -370,6 +416,10 @@ pub fn run(args: DemoArgs, log: LogFormat) -> ExitCode {
     let sandbox = SandboxBuilder::new(exe, SEED_POLICY)
         .env("FEDERATION__NODE__TIMERS__HEARTBEAT_INTERVAL", "500ms")
         .env("FEDERATION__NODE__TIMERS__DEAD_AFTER", "2s")
+        .env(
+            "FEDERATION__NODE__TIMERS__FAILBACK_HOLD_DOWN",
+            FAILBACK_HOLD_DOWN,
+        )
         .agents(2, 2)
         .exec("printf 'processed a %s customer' \"$FEDERATION_ATTR_CUSTOMER_REGION\"")
         .verbose(args.verbose)

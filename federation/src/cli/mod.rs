@@ -7,6 +7,7 @@ pub mod client;
 pub mod demo;
 pub mod policy;
 pub mod serve;
+pub mod snapshot;
 
 use std::process::ExitCode;
 
@@ -70,6 +71,9 @@ pub enum Command {
     Reload(client::ReloadArgs),
     /// Run a region agent (the same as the `region-agent` binary).
     Agent(region_agent::AgentArgs),
+    /// Inspect stored snapshots (decrypts with a key ring).
+    #[command(subcommand)]
+    Snapshot(snapshot::SnapshotCommand),
 }
 
 /// Parses the command line and runs the command.
@@ -87,6 +91,7 @@ pub fn main() -> ExitCode {
         Command::Undrain(args) => client::drain(args, false),
         Command::Reload(args) => client::reload(args),
         Command::Agent(args) => region_agent::main_with(args),
+        Command::Snapshot(cmd) => snapshot::run(cmd),
     }
 }
 

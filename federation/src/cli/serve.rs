@@ -121,6 +121,14 @@ pub fn settings(args: &ServeArgs) -> anyhow::Result<Resolved> {
         }
         peers.insert(r.clone(), url.clone());
     }
+    let keys = crate::replication::KeyRing::load(node.keys.file.as_deref())?;
+    if policy.sync.enabled && keys.is_none() {
+        anyhow::bail!(
+            "{}: data_synchronization is enabled but there is no key ring: set node.keys.file or {} (lines `id:base64-32-byte-key`), or set enabled: false",
+            args.config.display(),
+            crate::replication::keyring::KEYS_ENV
+        );
+    }
     let data_dir = args
         .data_dir
         .clone()
@@ -136,6 +144,7 @@ pub fn settings(args: &ServeArgs) -> anyhow::Result<Resolved> {
             timers: node.timers,
             limits: node.limits,
             config_path: args.config.clone(),
+            keys,
         },
         listen,
         admin_listen,

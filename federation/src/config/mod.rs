@@ -189,6 +189,18 @@ pub struct NodeSpec {
     /// Input limits.
     #[serde(default)]
     pub limits: Limits,
+    /// The snapshot key ring (else the `FEDERATION_KEYS` environment variable).
+    #[serde(default)]
+    pub keys: KeysSpec,
+}
+
+/// Where the snapshot key ring comes from.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeysSpec {
+    /// A file of `id:base64-key` lines (see `replication::keyring`).
+    #[serde(default)]
+    pub file: Option<PathBuf>,
 }
 
 /// The `node.discovery` section: peers from DNS SRV records.
@@ -244,6 +256,10 @@ pub struct Timers {
     /// How long a region must be dead before its backup takes over its tasks.
     #[serde(with = "duration::serde_secs")]
     pub takeover_grace: Duration,
+    /// After a restart, how long tasks from before the restart wait for the
+    /// backups' takeover notices before they may be leased anyway.
+    #[serde(with = "duration::serde_secs")]
+    pub startup_fence: Duration,
 }
 
 impl Default for Timers {
@@ -258,8 +274,9 @@ impl Default for Timers {
             agent_timeout: Duration::from_secs(10),
             max_attempts: 3,
             shutdown_grace: Duration::from_secs(10),
-            failback_hold_down: Duration::from_secs(0),
+            failback_hold_down: Duration::from_secs(30),
             takeover_grace: Duration::from_secs(30),
+            startup_fence: Duration::from_secs(10),
         }
     }
 }

@@ -115,10 +115,14 @@ impl api::region_agent_api_server::RegionAgentApi for AgentService {
         // Bounded: each round either leases, or waits for a queue change or
         // the deadline.
         for _ in 0..1000 {
+            // The start-up fence: tasks from before a restart wait until the
+            // backups could tell us which of them they took over.
+            let skip = self.node.replication.takeover.lease_skip();
+            let fenced = skip.is_some();
             let tasks = self
                 .node
                 .store
-                .lease(&req.agent_id, max, self.node.timers.lease_ttl)
+                .lease_except(&req.agent_id, max, self.node.timers.lease_ttl, skip)
                 .await
                 .map_err(Error::from)?;
             if !tasks.is_empty() {
@@ -131,7 +135,12 @@ impl api::region_agent_api_server::RegionAgentApi for AgentService {
             if now >= until || self.node.draining() {
                 break;
             }
-            self.node.store.wait_for_queued(until - now).await;
+            if fenced {
+                // Queued tasks may all be fenced: poll instead of spinning.
+                tokio::time::sleep((until - now).min(Duration::from_millis(100))).await;
+            } else {
+                self.node.store.wait_for_queued(until - now).await;
+            }
         }
         Ok(Response::new(api::LeaseTasksResponse { tasks: Vec::new() }))
     }

@@ -114,13 +114,17 @@ pub async fn local_cancel(
     })
 }
 
-fn owner(node: &Node, task_id: &str) -> Result<String> {
+/// The region holding the live copy of the task: its owner, or the backup
+/// that took it over (see `replication::takeover::locate`).
+async fn owner(node: &Node, task_id: &str) -> Result<String> {
     wire::check_task_id(task_id)?;
     let owner = wire::owner_of(task_id).unwrap_or_default().to_string();
     if owner != node.region && node.policy().region(&owner).is_none() {
         return Err(Error::task_not_found(task_id));
     }
-    Ok(owner)
+    Ok(crate::replication::takeover::locate(node, task_id)
+        .await?
+        .unwrap_or_else(|| node.region.clone()))
 }
 
 fn relay_error(region: &str, status: Status) -> Status {
@@ -149,7 +153,7 @@ impl api::federation_client_server::FederationClient for ClientService {
         request: Request<api::GetTaskRequest>,
     ) -> Result<Response<api::GetTaskResponse>, Status> {
         let req = request.into_inner();
-        let owner = owner(&self.node, &req.task_id)?;
+        let owner = owner(&self.node, &req.task_id).await?;
         if owner == self.node.region {
             return Ok(Response::new(api::GetTaskResponse {
                 task: Some(local_get(&self.node, &req.task_id)?),
@@ -179,7 +183,7 @@ impl api::federation_client_server::FederationClient for ClientService {
         request: Request<api::WatchTaskRequest>,
     ) -> Result<Response<Self::WatchTaskStream>, Status> {
         let req = request.into_inner();
-        let owner = owner(&self.node, &req.task_id)?;
+        let owner = owner(&self.node, &req.task_id).await?;
         if owner == self.node.region {
             return Ok(Response::new(local_watch(&self.node, &req.task_id)?));
         }
@@ -203,7 +207,7 @@ impl api::federation_client_server::FederationClient for ClientService {
         request: Request<api::CancelTaskRequest>,
     ) -> Result<Response<api::CancelTaskResponse>, Status> {
         let req = request.into_inner();
-        let owner = owner(&self.node, &req.task_id)?;
+        let owner = owner(&self.node, &req.task_id).await?;
         if req.reason.len() > 1024 {
             return Err(Error::limit("reason", "longer than 1024 bytes").into());
         }

@@ -1,6 +1,7 @@
 //! `FederationPeer`: what controllers call on one another — advertisements
-//! (gossip both ways), forwarded tasks, relayed get/watch/cancel. Snapshot
-//! pushes are refused until replication is enabled by its own module.
+//! (gossip both ways), forwarded tasks, relayed get/watch/cancel (of tasks we
+//! own or hold after a takeover), and snapshot pushes (verified and stored by
+//! `replication::receiver`).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -27,7 +28,8 @@ impl PeerService {
 
     fn owned(&self, task_id: &str) -> Result<(), Status> {
         wire::check_task_id(task_id)?;
-        if wire::owner_of(task_id) != Some(self.node.region.as_str()) {
+        let held = matches!(self.node.store.get(task_id), Ok(Some(_)));
+        if !held && wire::owner_of(task_id) != Some(self.node.region.as_str()) {
             return Err(Error::task_not_found(task_id).into());
         }
         Ok(())
@@ -59,8 +61,12 @@ impl api::federation_peer_server::FederationPeer for PeerService {
             return Err(Error::limit("known", "more than 1024 advertisements").into());
         }
         self.node.membership.observe(&origin, now);
+        crate::replication::takeover::on_advertisement(&self.node, &origin).await;
         for ad in &req.known {
             self.node.membership.observe(ad, now);
+            if !ad.takeovers.is_empty() {
+                crate::replication::takeover::on_advertisement(&self.node, ad).await;
+            }
         }
         Ok(Response::new(api::AdvertiseResponse {
             origin: Some(self.node.advertisement(false)),
@@ -112,10 +118,33 @@ impl api::federation_peer_server::FederationPeer for PeerService {
 
     async fn push_snapshot(
         &self,
-        _request: Request<Streaming<api::SnapshotChunk>>,
+        request: Request<Streaming<api::SnapshotChunk>>,
     ) -> Result<Response<api::PushSnapshotResponse>, Status> {
-        Err(Status::unimplemented(
-            "snapshot replication is not enabled in this build",
-        ))
+        let repl = &self.node.replication;
+        if !repl.enabled() {
+            return Err(Error::Precondition(format!(
+                "snapshot replication is off in {} (disabled or no key ring)",
+                self.node.region
+            ))
+            .into());
+        }
+        let chunks = crate::replication::receiver::collect(
+            request.into_inner(),
+            repl.receiver.limits(),
+            repl.counters(),
+        )
+        .await?;
+        let policy = self.node.policy();
+        let outcome = repl.receiver.receive(&policy, &chunks, repl.counters());
+        Ok(Response::new(match outcome {
+            Ok(_) => api::PushSnapshotResponse {
+                accepted: true,
+                reason: String::new(),
+            },
+            Err(r) => api::PushSnapshotResponse {
+                accepted: false,
+                reason: r.to_string(),
+            },
+        }))
     }
 }

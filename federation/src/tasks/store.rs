@@ -104,6 +104,7 @@ enum Op {
         agent: String,
         max: usize,
         ttl_ms: i64,
+        skip: Option<Arc<std::collections::HashSet<String>>>,
     },
     Renew {
         agent: String,
@@ -278,10 +279,30 @@ impl TaskStore {
         if max == 0 {
             return Ok(Vec::new());
         }
+        self.lease_except(agent_id, max, ttl, None).await
+    }
+
+    /// [`TaskStore::lease`], leaving the QUEUED tasks whose ids are in `skip`
+    /// in the queue (the start-up fence of replication: tasks that a backup
+    /// may have taken over are not leased until the backups were heard).
+    pub async fn lease_except(
+        &self,
+        agent_id: &str,
+        max: usize,
+        ttl: Duration,
+        skip: Option<Arc<std::collections::HashSet<String>>>,
+    ) -> Result<Vec<Task>, StoreError> {
+        if agent_id.is_empty() {
+            return Err(StoreError::Invalid("agent id is empty".into()));
+        }
+        if max == 0 {
+            return Ok(Vec::new());
+        }
         let op = Op::Lease {
             agent: agent_id.to_string(),
             max: max.min(MAX_LEASE_BATCH),
             ttl_ms: ttl_ms(ttl),
+            skip,
         };
         match self.call(op).await? {
             Reply::Many(t) => Ok(t),
@@ -639,8 +660,20 @@ impl Tables<'_> {
             Op::Insert(task) => self
                 .insert(*task, now, changes)
                 .map(|o| Reply::Insert(Box::new(o))),
-            Op::Lease { agent, max, ttl_ms } => self
-                .lease(&agent, max, now.saturating_add(ttl_ms), now, changes)
+            Op::Lease {
+                agent,
+                max,
+                ttl_ms,
+                skip,
+            } => self
+                .lease(
+                    &agent,
+                    max,
+                    skip.as_deref(),
+                    now.saturating_add(ttl_ms),
+                    now,
+                    changes,
+                )
                 .map(Reply::Many),
             Op::Renew { agent, id, ttl_ms } => self
                 .renew(&agent, &id, now.saturating_add(ttl_ms), now, changes)
@@ -717,15 +750,24 @@ impl Tables<'_> {
         &mut self,
         agent: &str,
         max: usize,
+        skip: Option<&std::collections::HashSet<String>>,
         deadline: i64,
         now: i64,
         changes: &mut Vec<Change>,
     ) -> Result<Vec<Task>, StoreError> {
         let mut keys = Vec::with_capacity(max);
-        for entry in self.queue.iter().db()?.take(max) {
+        // Bounded: at most `max` taken plus every skipped id passed over.
+        let budget = max.saturating_add(skip.map_or(0, |s| s.len()));
+        for entry in self.queue.iter().db()?.take(budget) {
             let (k, _) = entry.db()?;
             let (p, c, id) = k.value();
+            if skip.is_some_and(|s| s.contains(id)) {
+                continue;
+            }
             keys.push((p, c, id.to_string()));
+            if keys.len() == max {
+                break;
+            }
         }
         let mut out = Vec::with_capacity(keys.len());
         for (p, c, id) in keys {

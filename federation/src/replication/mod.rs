@@ -1,0 +1,319 @@
+//! Snapshot replication and takeover: every `sync_interval` each controller
+//! seals its pending tasks (zstd, AES-256-GCM, chunked) and pushes to each
+//! peer exactly the part that peer may hold ([`snapshot`]); receivers verify
+//! everything before storing ([`receiver`]); when a region stays dead past
+//! `takeover_grace` its backup queues that region's pending tasks from the
+//! newest snapshot and tells the returning region ([`takeover`]).
+//!
+//! Owns: the key ring and nonces, `<data_dir>/snapshots/`,
+//! `<data_dir>/takeovers.json`, the sync loop, the start-up lease fence and the
+//! replication counters ([`Replication::stats`]). Must not touch routing
+//! decisions or agents; it uses the task store only through its public API.
+
+pub mod envelope;
+pub mod keyring;
+pub mod receiver;
+pub mod snapshot;
+pub mod takeover;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use federation_api as api;
+use prost::Message as _;
+
+use crate::audit::{DecisionEntry, kind};
+use crate::config::SyncSpec;
+use crate::controller::{Node, now_ms};
+use crate::policy::{FederationView as _, Health, Policy};
+use crate::tasks::TaskStore;
+use crate::transport;
+
+pub use envelope::{EnvelopeError, Limits, NonceSource};
+pub use keyring::{Key, KeyError, KeyRing};
+pub use receiver::{Receiver, Rejection, Stats, StatsSnapshot};
+pub use snapshot::SnapshotBody;
+
+/// Recent results kept for snapshots.
+const MAX_RECENT_RESULTS: usize = 1000;
+/// Compressed bytes per chunk.
+pub const CHUNK_SIZE: usize = 256 << 10;
+
+/// The replication state of one controller.
+#[derive(Debug)]
+pub struct Replication {
+    enabled: bool,
+    sync: SyncSpec,
+    ring: Option<KeyRing>,
+    nonces: NonceSource,
+    sequence: AtomicU64,
+    stats: Arc<Stats>,
+    /// Verified snapshots from peers.
+    pub receiver: Receiver,
+    /// Takeovers done and the start-up fence.
+    pub takeover: takeover::TakeoverState,
+    recent: Mutex<VecDeque<api::Task>>,
+    last_summary: Mutex<BTreeMap<String, String>>,
+}
+
+impl Replication {
+    /// Opens the replication state for `region` in `data_dir`. Replication is
+    /// on when the federation file enables it and a key ring is present.
+    pub fn open(
+        region: &str,
+        data_dir: &Path,
+        policy: &Policy,
+        ring: Option<KeyRing>,
+        store: &TaskStore,
+        fence_for: Duration,
+    ) -> Self {
+        let sync = policy.sync.clone();
+        let enabled = sync.enabled && ring.as_ref().is_some_and(|r| r.current().is_some());
+        if sync.enabled && !enabled {
+            tracing::warn!(%region, "data_synchronization is enabled but no key ring is configured; snapshots are neither sent nor accepted");
+        }
+        let takeover = takeover::TakeoverState::open(region, data_dir, policy, store, fence_for);
+        Self {
+            enabled,
+            receiver: Receiver::open(region, data_dir, ring.clone(), Limits::default()),
+            sync,
+            ring,
+            nonces: NonceSource::new(),
+            sequence: AtomicU64::new(0),
+            stats: Arc::new(Stats::default()),
+            takeover,
+            recent: Mutex::new(VecDeque::new()),
+            last_summary: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// True when snapshots are sent and accepted.
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.stats.snapshot()
+    }
+
+    /// The live counters.
+    pub fn counters(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// The key ring, when configured.
+    pub fn ring(&self) -> Option<&KeyRing> {
+        self.ring.as_ref()
+    }
+
+    fn remember_result(&self, task: api::Task) {
+        let mut recent = self
+            .recent
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        recent.retain(|t| t.task_id != task.task_id);
+        recent.push_back(task);
+        while recent.len() > MAX_RECENT_RESULTS {
+            recent.pop_front();
+        }
+    }
+
+    fn recent(&self) -> Vec<api::Task> {
+        self.recent
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    /// Seals a snapshot of `tasks`/`results` for one recipient.
+    pub fn seal_body(
+        &self,
+        body: &SnapshotBody,
+        rule_indexes: Vec<u32>,
+    ) -> Result<Vec<api::SnapshotChunk>, EnvelopeError> {
+        let key = self
+            .ring
+            .as_ref()
+            .and_then(KeyRing::current)
+            .ok_or_else(|| EnvelopeError::UnknownKey("no current key".into()))?;
+        let params = envelope::SealParams {
+            source: body.source_region.clone(),
+            epoch: body.epoch,
+            sequence: body.sequence,
+            rule_indexes,
+            policy_hash: body.policy_hash.clone(),
+            compression: self.sync.compression.then_some(self.sync.compression_level),
+            chunk_size: CHUNK_SIZE,
+        };
+        envelope::seal(&body.encode_to_vec(), &params, key, &self.nonces)
+    }
+}
+
+/// One round: snapshot and push to every permitted peer. Also pushes an
+/// empty snapshot to a peer whose scope is empty, so it drops stale tasks.
+pub async fn sync_once(node: &Arc<Node>) {
+    let repl = &node.replication;
+    if !repl.enabled {
+        return;
+    }
+    let policy = node.policy();
+    let tasks: Vec<api::Task> = match node.store.pending() {
+        Ok(t) => t
+            .into_iter()
+            .filter(|t| crate::wire::owner_of(&t.task_id) == Some(node.region.as_str()))
+            .collect(),
+        Err(e) => {
+            tracing::error!(error = %e, "reading pending tasks for a snapshot failed");
+            return;
+        }
+    };
+    let results = repl.recent();
+    let view = node.view(&policy);
+    let now = Instant::now();
+    let health: BTreeMap<String, Health> = node
+        .membership
+        .status(now)
+        .into_iter()
+        .map(|s| (s.region, s.health))
+        .collect();
+    for recipient in snapshot::recipients(&policy, &node.region) {
+        if health.get(&recipient) == Some(&Health::Dead) {
+            continue;
+        }
+        let tags = view.region(&recipient).map(|v| v.tags).unwrap_or_default();
+        let (scoped, withheld) =
+            snapshot::scope_for(&policy, &node.region, &recipient, &tags, &tasks);
+        let (scoped_results, _) =
+            snapshot::scope_for(&policy, &node.region, &recipient, &tags, &results);
+        let rules = snapshot::rule_indexes(&scoped);
+        let sequence = repl.sequence.fetch_add(1, Ordering::SeqCst) + 1;
+        let body = SnapshotBody {
+            source_region: node.region.clone(),
+            epoch: node.epoch,
+            sequence,
+            policy_hash: policy.hash.clone(),
+            taken_unix_ms: now_ms(),
+            tasks: scoped,
+            results: scoped_results,
+        };
+        let count = body.tasks.len();
+        let chunks = match repl.seal_body(&body, rules.clone()) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(%recipient, error = %e, "sealing a snapshot failed");
+                continue;
+            }
+        };
+        repl.stats
+            .withheld_tasks
+            .fetch_add(withheld as u64, Ordering::Relaxed);
+        audit_summary(node, &recipient, &rules, count, withheld).await;
+        let node = node.clone();
+        tokio::spawn(async move { push(&node, &recipient, chunks, sequence, count).await });
+    }
+}
+
+/// Appends a decision-log record when what a peer receives changes (its
+/// rules, or whether residency withholds tasks from it).
+async fn audit_summary(node: &Node, recipient: &str, rules: &[u32], count: usize, withheld: usize) {
+    let summary = format!("rules {rules:?}, withheld {}", withheld > 0);
+    let changed = {
+        let mut last = node
+            .replication
+            .last_summary
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        last.insert(recipient.to_string(), summary.clone()) != Some(summary)
+    };
+    if changed {
+        let entry = DecisionEntry::new(kind::SNAPSHOT)
+            .note(format!(
+                "snapshot scope for {recipient}: {count} tasks of rules {rules:?}; {withheld} tasks withheld by residency"
+            ));
+        if let Err(e) = node.log.append(entry).await {
+            tracing::error!(error = %e, "appending a snapshot record failed");
+        }
+    }
+}
+
+async fn push(
+    node: &Node,
+    recipient: &str,
+    chunks: Vec<api::SnapshotChunk>,
+    sequence: u64,
+    count: usize,
+) {
+    let repl = &node.replication;
+    let deadline = node.timers.forward_timeout.max(Duration::from_secs(5));
+    let Ok(mut client) = node.peer(recipient) else {
+        Stats::bump(&repl.stats.send_failed);
+        return;
+    };
+    let request = transport::with_deadline(tokio_stream::iter(chunks), deadline);
+    match tokio::time::timeout(deadline, client.push_snapshot(request)).await {
+        Ok(Ok(resp)) if resp.get_ref().accepted => {
+            Stats::bump(&repl.stats.sent);
+            tracing::debug!(%recipient, sequence, tasks = count, "snapshot pushed");
+        }
+        Ok(Ok(resp)) => {
+            Stats::bump(&repl.stats.send_failed);
+            tracing::warn!(%recipient, sequence, reason = %resp.get_ref().reason, "peer rejected our snapshot");
+        }
+        Ok(Err(status)) => {
+            Stats::bump(&repl.stats.send_failed);
+            tracing::debug!(%recipient, code = ?status.code(), message = %status.message(), "snapshot push failed");
+        }
+        Err(_) => {
+            Stats::bump(&repl.stats.send_failed);
+            tracing::debug!(%recipient, "snapshot push timed out");
+        }
+    }
+}
+
+/// The sync loop: every `sync_interval` a snapshot round; every heartbeat a
+/// takeover check; keeps the recent results.
+pub async fn run(node: Arc<Node>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    if !node.replication.enabled {
+        return;
+    }
+    let interval = node
+        .replication
+        .sync
+        .sync_interval
+        .max(Duration::from_millis(50));
+    let check = node
+        .timers
+        .heartbeat_interval
+        .max(Duration::from_millis(50));
+    let mut sync_tick = tokio::time::interval(interval);
+    sync_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut check_tick = tokio::time::interval(check);
+    check_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut changes = node.store.subscribe();
+    loop {
+        tokio::select! {
+            _ = sync_tick.tick() => sync_once(&node).await,
+            _ = check_tick.tick() => takeover::check(&node).await,
+            change = changes.recv() => {
+                if let Ok(task) = change {
+                    if crate::tasks::is_terminal(task.state()) && task.taken_over.is_none() {
+                        node.replication.remember_result(task);
+                    }
+                }
+            }
+            _ = stop.changed() => return,
+        }
+        if *stop.borrow() {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,476 @@
+//! The receiving side: verify a pushed snapshot completely, then store it.
+//!
+//! Order of checks: header present → the claimed source may send to us at
+//! all (our policy) → AES-256-GCM of every chunk in order (key id, tag,
+//! associated data) → zstd within the announced size → newer (epoch,
+//! sequence) than the last accepted from that source → the body agrees with
+//! the header → every task may be held here (rule lists us as backup, the
+//! source is a region of the rule, we hold every required tag). Only then is
+//! the snapshot written, encrypted as received, to
+//! `<data_dir>/snapshots/<source>.snap` (temp file, fsync, rename, fsync of
+//! the directory). Any failure leaves the previous good snapshot in place,
+//! logs one line naming the source and the reason, and counts it.
+//!
+//! Owns the `snapshots/` directory. Does not touch the task store.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use federation_api as api;
+use prost::Message as _;
+
+use super::envelope::{self, EnvelopeError, Limits};
+use super::keyring::KeyRing;
+use super::snapshot::{self, SnapshotBody};
+use crate::policy::Policy;
+use crate::wire;
+
+/// Replication counters (sender, receiver and takeover).
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Snapshots pushed and accepted by the peer.
+    pub sent: AtomicU64,
+    /// Pushes that failed or were refused by the peer.
+    pub send_failed: AtomicU64,
+    /// Tasks withheld from a peer by residency.
+    pub withheld_tasks: AtomicU64,
+    /// Snapshots verified and stored.
+    pub accepted: AtomicU64,
+    /// Rejected: authentication failed (wrong key, flipped byte, altered header).
+    pub rejected_auth: AtomicU64,
+    /// Rejected: key id not in our ring.
+    pub rejected_unknown_key: AtomicU64,
+    /// Rejected: fewer chunks than announced.
+    pub rejected_truncated: AtomicU64,
+    /// Rejected: chunks out of order.
+    pub rejected_out_of_order: AtomicU64,
+    /// Rejected: replayed or older (epoch, sequence).
+    pub rejected_replay: AtomicU64,
+    /// Rejected: the source may not send to us.
+    pub rejected_not_permitted: AtomicU64,
+    /// Rejected: a task we may not hold.
+    pub rejected_residency: AtomicU64,
+    /// Rejected: a limit (chunk size, count, total bytes).
+    pub rejected_limit: AtomicU64,
+    /// Rejected: malformed (no header, bad nonce, decompression, decode).
+    pub rejected_malformed: AtomicU64,
+    /// Takeovers performed.
+    pub takeovers: AtomicU64,
+    /// Tasks queued by takeovers.
+    pub tasks_taken_over: AtomicU64,
+    /// Our tasks cancelled because a backup took them over.
+    pub fenced_tasks: AtomicU64,
+}
+
+/// A point-in-time copy of [`Stats`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct StatsSnapshot {
+    /// See [`Stats`].
+    pub sent: u64,
+    /// See [`Stats`].
+    pub send_failed: u64,
+    /// See [`Stats`].
+    pub withheld_tasks: u64,
+    /// See [`Stats`].
+    pub accepted: u64,
+    /// See [`Stats`].
+    pub rejected_auth: u64,
+    /// See [`Stats`].
+    pub rejected_unknown_key: u64,
+    /// See [`Stats`].
+    pub rejected_truncated: u64,
+    /// See [`Stats`].
+    pub rejected_out_of_order: u64,
+    /// See [`Stats`].
+    pub rejected_replay: u64,
+    /// See [`Stats`].
+    pub rejected_not_permitted: u64,
+    /// See [`Stats`].
+    pub rejected_residency: u64,
+    /// See [`Stats`].
+    pub rejected_limit: u64,
+    /// See [`Stats`].
+    pub rejected_malformed: u64,
+    /// See [`Stats`].
+    pub takeovers: u64,
+    /// See [`Stats`].
+    pub tasks_taken_over: u64,
+    /// See [`Stats`].
+    pub fenced_tasks: u64,
+}
+
+impl Stats {
+    /// Adds one to `counter`.
+    pub fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A copy of every counter.
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        StatsSnapshot {
+            sent: g(&self.sent),
+            send_failed: g(&self.send_failed),
+            withheld_tasks: g(&self.withheld_tasks),
+            accepted: g(&self.accepted),
+            rejected_auth: g(&self.rejected_auth),
+            rejected_unknown_key: g(&self.rejected_unknown_key),
+            rejected_truncated: g(&self.rejected_truncated),
+            rejected_out_of_order: g(&self.rejected_out_of_order),
+            rejected_replay: g(&self.rejected_replay),
+            rejected_not_permitted: g(&self.rejected_not_permitted),
+            rejected_residency: g(&self.rejected_residency),
+            rejected_limit: g(&self.rejected_limit),
+            rejected_malformed: g(&self.rejected_malformed),
+            takeovers: g(&self.takeovers),
+            tasks_taken_over: g(&self.tasks_taken_over),
+            fenced_tasks: g(&self.fenced_tasks),
+        }
+    }
+}
+
+/// Why a snapshot was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Rejection {
+    /// The envelope did not verify (or a limit was hit).
+    #[error("{0}")]
+    Envelope(#[from] EnvelopeError),
+    /// Not newer than the last accepted snapshot from the source.
+    #[error(
+        "replayed or older snapshot: epoch {epoch} sequence {sequence}, last accepted epoch {last_epoch} sequence {last_sequence}"
+    )]
+    Replay {
+        /// Offered epoch.
+        epoch: u64,
+        /// Offered sequence.
+        sequence: u64,
+        /// Last accepted epoch.
+        last_epoch: u64,
+        /// Last accepted sequence.
+        last_sequence: u64,
+    },
+    /// The source may not send us snapshots.
+    #[error("{0}")]
+    NotPermitted(String),
+    /// The snapshot holds a task we may not hold.
+    #[error("residency: {0}")]
+    Residency(String),
+    /// The body does not decode or disagrees with the header.
+    #[error("malformed body: {0}")]
+    Body(String),
+    /// Writing the snapshot failed.
+    #[error("storing: {0}")]
+    Storage(String),
+}
+
+/// What was accepted.
+#[derive(Debug, Clone)]
+pub struct Accepted {
+    /// The header.
+    pub header: api::SnapshotHeader,
+    /// Tasks in it.
+    pub tasks: usize,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Latest {
+    epoch: u64,
+    sequence: u64,
+}
+
+/// Receives, verifies and stores snapshots for one region.
+#[derive(Debug)]
+pub struct Receiver {
+    region: String,
+    dir: PathBuf,
+    ring: Option<KeyRing>,
+    limits: Limits,
+    latest: Mutex<BTreeMap<String, Latest>>,
+}
+
+/// The stored snapshot file of `source` in `data_dir`.
+pub fn snapshot_path(data_dir: &Path, source: &str) -> PathBuf {
+    data_dir.join("snapshots").join(format!("{source}.snap"))
+}
+
+/// Reads a stored snapshot file (length-delimited chunks, as received).
+pub fn read_file(path: &Path) -> Result<Vec<api::SnapshotChunk>, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut buf = bytes.as_slice();
+    let mut chunks = Vec::new();
+    while !buf.is_empty() {
+        if chunks.len() > 1_000_000 {
+            return Err(format!("{}: too many chunks", path.display()));
+        }
+        let c = api::SnapshotChunk::decode_length_delimited(&mut buf)
+            .map_err(|e| format!("{}: chunk {}: {e}", path.display(), chunks.len()))?;
+        chunks.push(c);
+    }
+    Ok(chunks)
+}
+
+/// Writes chunks atomically: temp file, fsync, rename, fsync of the directory.
+pub fn write_file(path: &Path, chunks: &[api::SnapshotChunk]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let tmp = path.with_extension("snap.tmp");
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        let mut out = Vec::new();
+        for c in chunks {
+            c.encode_length_delimited(&mut out)
+                .map_err(std::io::Error::other)?;
+        }
+        f.write_all(&out)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
+/// Decrypts and decodes a stored snapshot file.
+pub fn open_file(
+    path: &Path,
+    ring: &KeyRing,
+) -> Result<(api::SnapshotHeader, SnapshotBody), String> {
+    let chunks = read_file(path)?;
+    let (header, plain) = envelope::open(&chunks, ring, &Limits::default())
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let body = SnapshotBody::decode(plain.as_slice())
+        .map_err(|e| format!("{}: body: {e}", path.display()))?;
+    Ok((header, body))
+}
+
+impl Receiver {
+    /// A receiver for `region` storing under `data_dir`; learns the last
+    /// accepted (epoch, sequence) per source from the stored files.
+    pub fn open(region: &str, data_dir: &Path, ring: Option<KeyRing>, limits: Limits) -> Self {
+        let dir = data_dir.join("snapshots");
+        let mut latest = BTreeMap::new();
+        if let (Some(ring), Ok(entries)) = (&ring, std::fs::read_dir(&dir)) {
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if path.extension().and_then(|e| e.to_str()) != Some("snap") {
+                    continue;
+                }
+                match open_file(&path, ring) {
+                    Ok((h, _)) => {
+                        latest.insert(
+                            h.source_region.clone(),
+                            Latest {
+                                epoch: h.epoch,
+                                sequence: h.sequence,
+                            },
+                        );
+                    }
+                    Err(e) => tracing::warn!(error = %e, "stored snapshot unreadable; ignored"),
+                }
+            }
+        }
+        Self {
+            region: region.to_string(),
+            dir,
+            ring,
+            limits,
+            latest: Mutex::new(latest),
+        }
+    }
+
+    /// The receiving limits.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    fn latest(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Latest>> {
+        self.latest
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Sources we hold a snapshot of.
+    pub fn sources(&self) -> Vec<String> {
+        self.latest().keys().cloned().collect()
+    }
+
+    /// The newest stored snapshot of `source`, decrypted.
+    pub fn stored(&self, source: &str) -> Option<(api::SnapshotHeader, SnapshotBody)> {
+        let ring = self.ring.as_ref()?;
+        let path = self.dir.join(format!("{source}.snap"));
+        if !path.exists() {
+            return None;
+        }
+        match open_file(&path, ring) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                tracing::error!(%source, error = %e, "stored snapshot unreadable");
+                None
+            }
+        }
+    }
+
+    /// Verifies and stores a snapshot; on any failure the previous one stays.
+    pub fn receive(
+        &self,
+        policy: &Policy,
+        chunks: &[api::SnapshotChunk],
+        stats: &Stats,
+    ) -> Result<Accepted, Rejection> {
+        let result = self.verify_and_store(policy, chunks);
+        let claimed = envelope::header_of(chunks)
+            .map(|h| wire::truncate(&h.source_region, 64))
+            .unwrap_or_else(|_| "?".into());
+        match &result {
+            Ok(a) => {
+                Stats::bump(&stats.accepted);
+                tracing::debug!(source = %claimed, epoch = a.header.epoch, sequence = a.header.sequence, tasks = a.tasks, "snapshot stored");
+            }
+            Err(r) => {
+                let counter = match r {
+                    Rejection::Envelope(EnvelopeError::Auth(_)) => &stats.rejected_auth,
+                    Rejection::Envelope(EnvelopeError::UnknownKey(_)) => {
+                        &stats.rejected_unknown_key
+                    }
+                    Rejection::Envelope(EnvelopeError::Truncated { .. }) => {
+                        &stats.rejected_truncated
+                    }
+                    Rejection::Envelope(EnvelopeError::OutOfOrder { .. }) => {
+                        &stats.rejected_out_of_order
+                    }
+                    Rejection::Envelope(EnvelopeError::Limit { .. }) => &stats.rejected_limit,
+                    Rejection::Replay { .. } => &stats.rejected_replay,
+                    Rejection::NotPermitted(_) => &stats.rejected_not_permitted,
+                    Rejection::Residency(_) => &stats.rejected_residency,
+                    _ => &stats.rejected_malformed,
+                };
+                Stats::bump(counter);
+                tracing::warn!(source = %claimed, reason = %r, "snapshot rejected; previous snapshot kept");
+            }
+        }
+        result
+    }
+
+    fn verify_and_store(
+        &self,
+        policy: &Policy,
+        chunks: &[api::SnapshotChunk],
+    ) -> Result<Accepted, Rejection> {
+        let claimed = envelope::header_of(chunks)?;
+        let source = claimed.source_region.clone();
+        if source == self.region || policy.region(&source).is_none() {
+            return Err(Rejection::NotPermitted(format!(
+                "`{}` is not another region of this federation",
+                wire::truncate(&source, 64)
+            )));
+        }
+        if !snapshot::may_send(policy, &source, &self.region) {
+            return Err(Rejection::NotPermitted(format!(
+                "{source} may not send snapshots to {}: no rule names {source} as a region and {} as its backup",
+                self.region, self.region
+            )));
+        }
+        let Some(ring) = &self.ring else {
+            return Err(Rejection::NotPermitted(
+                "this region has no key ring".into(),
+            ));
+        };
+        let (header, plain) = envelope::open(chunks, ring, &self.limits)?;
+        if let Some(last) = self.latest().get(&source) {
+            if (header.epoch, header.sequence) <= (last.epoch, last.sequence) {
+                return Err(Rejection::Replay {
+                    epoch: header.epoch,
+                    sequence: header.sequence,
+                    last_epoch: last.epoch,
+                    last_sequence: last.sequence,
+                });
+            }
+        }
+        let body =
+            SnapshotBody::decode(plain.as_slice()).map_err(|e| Rejection::Body(e.to_string()))?;
+        if body.source_region != header.source_region
+            || body.epoch != header.epoch
+            || body.sequence != header.sequence
+        {
+            return Err(Rejection::Body(
+                "body's source, epoch or sequence differs from the header".into(),
+            ));
+        }
+        let tags = policy
+            .region(&self.region)
+            .map(|r| r.tags.clone())
+            .unwrap_or_default();
+        for t in body.tasks.iter().chain(&body.results) {
+            if wire::owner_of(&t.task_id) != Some(source.as_str()) {
+                return Err(Rejection::Residency(format!(
+                    "task {} is not owned by {source}",
+                    wire::truncate(&t.task_id, 80)
+                )));
+            }
+            snapshot::may_hold(policy, &source, &self.region, &tags, t)
+                .map_err(Rejection::Residency)?;
+        }
+        let path = self.dir.join(format!("{source}.snap"));
+        // Serialise writers of the same source through the latest map lock.
+        let mut latest = self.latest();
+        if let Some(last) = latest.get(&source) {
+            if (header.epoch, header.sequence) <= (last.epoch, last.sequence) {
+                return Err(Rejection::Replay {
+                    epoch: header.epoch,
+                    sequence: header.sequence,
+                    last_epoch: last.epoch,
+                    last_sequence: last.sequence,
+                });
+            }
+        }
+        write_file(&path, chunks)
+            .map_err(|e| Rejection::Storage(format!("{}: {e}", path.display())))?;
+        latest.insert(
+            source,
+            Latest {
+                epoch: header.epoch,
+                sequence: header.sequence,
+            },
+        );
+        Ok(Accepted {
+            tasks: body.tasks.len(),
+            header,
+        })
+    }
+}
+
+/// Reads a pushed stream into chunks, enforcing the limits as chunks arrive:
+/// a limit gives `RESOURCE_EXHAUSTED` naming it, and is counted.
+pub async fn collect<S>(
+    mut stream: S,
+    limits: Limits,
+    stats: &Stats,
+) -> Result<Vec<api::SnapshotChunk>, crate::error::Error>
+where
+    S: futures::Stream<Item = Result<api::SnapshotChunk, tonic::Status>> + Unpin,
+{
+    use futures::StreamExt as _;
+    let mut collector = envelope::Collector::new(limits);
+    while let Some(item) = stream.next().await {
+        let chunk = item.map_err(|s| {
+            Stats::bump(&stats.rejected_truncated);
+            tracing::warn!(code = ?s.code(), "snapshot stream broke off; previous snapshot kept");
+            crate::error::Error::invalid("snapshot", format!("stream broke off: {}", s.message()))
+        })?;
+        if let Err(e) = collector.push(chunk) {
+            Stats::bump(&stats.rejected_limit);
+            tracing::warn!(reason = %e, "snapshot rejected; previous snapshot kept");
+            let limit = match &e {
+                EnvelopeError::Limit { limit, .. } => *limit,
+                _ => "snapshot",
+            };
+            return Err(crate::error::Error::limit(
+                &format!("snapshot ({limit})"),
+                e.to_string(),
+            ));
+        }
+    }
+    Ok(collector.into_chunks())
+}

@@ -1,0 +1,402 @@
+//! Takeover of a dead region's pending tasks, the notices that tell it, the
+//! start-up lease fence, and where a taken-over task lives now.
+//!
+//! * **Takeover** ([`check`]): when a region we hold a snapshot of has been
+//!   dead (or never heard since our start) for `timers.takeover_grace`, we
+//!   queue the pending tasks of its newest snapshot that we may hold (rule
+//!   lists us as backup, we hold the required tags) under their original ids,
+//!   `attempts` kept, `taken_over` = {from, epoch, to us, now}; one
+//!   `takeover` record per task goes to the decision log. Once per (region,
+//!   epoch).
+//! * **Notices**: every advertisement we send carries the ids we took over
+//!   (persisted in `<data_dir>/takeovers.json`, kept for [`NOTICE_TTL_MS`]).
+//!   A region that sees notices about itself cancels those tasks
+//!   (`mark_taken_over`) and does not run them again.
+//! * **Fence**: at start, pending tasks owned by us whose rule has backups are
+//!   not leased until we have received an advertisement (carrying its
+//!   notices) from every such backup since we started, or
+//!   `timers.startup_fence` has passed.
+//!
+//! Owns `takeovers.json` and the fence; uses the task store's public API.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use federation_api as api;
+use serde::{Deserialize, Serialize};
+
+use super::snapshot;
+use crate::audit::{DecisionEntry, kind};
+use crate::controller::{Node, now_ms};
+use crate::error::{Error, Result};
+use crate::policy::{Health, Policy};
+use crate::tasks::{InsertOutcome, TaskStore};
+use crate::{transport, wire};
+
+/// How long a takeover notice is advertised.
+pub const NOTICE_TTL_MS: i64 = 24 * 3600 * 1000;
+/// Most task ids advertised in notices.
+const MAX_NOTICE_IDS: usize = 20_000;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Notice {
+    from_region: String,
+    from_epoch: u64,
+    at_unix_ms: i64,
+    task_ids: Vec<String>,
+}
+
+#[derive(Debug)]
+struct Fence {
+    ids: Arc<HashSet<String>>,
+    waiting_for: BTreeSet<String>,
+    until: Instant,
+}
+
+/// Takeover bookkeeping of one controller.
+#[derive(Debug)]
+pub struct TakeoverState {
+    path: PathBuf,
+    notices: Mutex<Vec<Notice>>,
+    dead_since: Mutex<BTreeMap<String, Instant>>,
+    started: Instant,
+    applied: Mutex<HashSet<String>>,
+    fence: Mutex<Option<Fence>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl TakeoverState {
+    /// Loads notices and sets up the start-up fence over the store's pending
+    /// tasks.
+    pub fn open(
+        region: &str,
+        data_dir: &Path,
+        policy: &Policy,
+        store: &TaskStore,
+        fence_for: Duration,
+    ) -> Self {
+        let path = data_dir.join("takeovers.json");
+        let notices: Vec<Notice> = match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                tracing::error!(path = %path.display(), error = %e, "takeover notices unreadable; starting empty");
+                Vec::new()
+            }),
+            Err(_) => Vec::new(),
+        };
+        let mut ids = HashSet::new();
+        let mut waiting_for = BTreeSet::new();
+        match store.pending() {
+            Ok(tasks) => {
+                for t in tasks {
+                    if wire::owner_of(&t.task_id) != Some(region) {
+                        continue;
+                    }
+                    let Some(rule) = policy.rules.get(t.rule_index as usize) else {
+                        continue;
+                    };
+                    let backups: Vec<&String> =
+                        rule.backups.iter().filter(|b| *b != region).collect();
+                    if backups.is_empty() {
+                        continue;
+                    }
+                    waiting_for.extend(backups.into_iter().cloned());
+                    ids.insert(t.task_id);
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "reading pending tasks for the fence failed"),
+        }
+        let fence = (!ids.is_empty()).then(|| {
+            tracing::info!(tasks = ids.len(), backups = ?waiting_for, "start-up fence: tasks from before the restart wait for the backups' notices");
+            Fence {
+                ids: Arc::new(ids),
+                waiting_for,
+                until: Instant::now() + fence_for,
+            }
+        });
+        Self {
+            path,
+            notices: Mutex::new(notices),
+            dead_since: Mutex::new(BTreeMap::new()),
+            started: Instant::now(),
+            applied: Mutex::new(HashSet::new()),
+            fence: Mutex::new(fence),
+        }
+    }
+
+    /// Task ids not to lease yet (the fence), or `None` once lifted.
+    pub fn lease_skip(&self) -> Option<Arc<HashSet<String>>> {
+        let mut fence = lock(&self.fence);
+        let lift = fence
+            .as_ref()
+            .is_some_and(|f| f.waiting_for.is_empty() || Instant::now() >= f.until);
+        if lift {
+            if let Some(f) = fence.take() {
+                tracing::info!(waited_for = ?f.waiting_for, "start-up fence lifted");
+            }
+        }
+        fence.as_ref().map(|f| f.ids.clone())
+    }
+
+    /// The notices to advertise.
+    pub fn notices(&self) -> Vec<api::TakeoverNotice> {
+        let cutoff = now_ms() - NOTICE_TTL_MS;
+        lock(&self.notices)
+            .iter()
+            .filter(|n| n.at_unix_ms >= cutoff)
+            .map(|n| api::TakeoverNotice {
+                from_region: n.from_region.clone(),
+                from_epoch: n.from_epoch,
+                task_ids: n.task_ids.clone(),
+            })
+            .collect()
+    }
+
+    fn record(&self, notice: Notice) {
+        let mut notices = lock(&self.notices);
+        let cutoff = now_ms() - NOTICE_TTL_MS;
+        notices.retain(|n| n.at_unix_ms >= cutoff);
+        notices.push(notice);
+        let mut total: usize = notices.iter().map(|n| n.task_ids.len()).sum();
+        while total > MAX_NOTICE_IDS && notices.len() > 1 {
+            total -= notices.remove(0).task_ids.len();
+        }
+        let tmp = self.path.with_extension("json.tmp");
+        let written = serde_json::to_vec(&*notices)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| {
+                use std::io::Write as _;
+                let mut f = std::fs::File::create(&tmp)?;
+                f.write_all(&bytes)?;
+                f.sync_all()
+            })
+            .and_then(|()| std::fs::rename(&tmp, &self.path));
+        if let Err(e) = written {
+            tracing::error!(path = %self.path.display(), error = %e, "persisting takeover notices failed");
+        }
+    }
+}
+
+/// Applies the notices in an advertisement from `ad.region` (direct or
+/// gossiped): our tasks a backup took over are cancelled here (marked
+/// `taken_over`). Then, if the advertisement is the backup's own, the fence
+/// stops waiting for it.
+pub async fn on_advertisement(node: &Node, ad: &api::RegionAdvertisement) {
+    let state = &node.replication.takeover;
+    for notice in &ad.takeovers {
+        if notice.from_region != node.region {
+            continue;
+        }
+        let fresh: Vec<String> = {
+            let applied = lock(&state.applied);
+            notice
+                .task_ids
+                .iter()
+                .filter(|id| !applied.contains(*id))
+                .take(MAX_NOTICE_IDS)
+                .cloned()
+                .collect()
+        };
+        if fresh.is_empty() {
+            continue;
+        }
+        let takeover = api::Takeover {
+            from_region: node.region.clone(),
+            from_epoch: notice.from_epoch,
+            to_region: ad.region.clone(),
+            at_unix_ms: now_ms(),
+        };
+        match node.store.mark_taken_over(fresh.clone(), takeover).await {
+            Ok(changed) => {
+                if !changed.is_empty() {
+                    node.replication
+                        .counters()
+                        .fenced_tasks
+                        .fetch_add(changed.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                    tracing::warn!(by = %ad.region, tasks = changed.len(), "tasks taken over by a backup while we were dead; they will not run here");
+                }
+                lock(&state.applied).extend(fresh);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "applying takeover notices failed");
+                return;
+            }
+        }
+    }
+    if let Some(f) = lock(&state.fence).as_mut() {
+        f.waiting_for.remove(&ad.region);
+    }
+}
+
+/// Takes over the pending tasks of every region we hold a snapshot of that
+/// has been dead for `takeover_grace`.
+pub async fn check(node: &Arc<Node>) {
+    let repl = &node.replication;
+    let state = &repl.takeover;
+    let now = Instant::now();
+    let health: BTreeMap<String, Health> = node
+        .membership
+        .status(now)
+        .into_iter()
+        .map(|s| (s.region, s.health))
+        .collect();
+    for source in repl.receiver.sources() {
+        let h = health.get(&source).copied().unwrap_or(Health::Unknown);
+        let since = {
+            let mut dead = lock(&state.dead_since);
+            match h {
+                Health::Dead => *dead.entry(source.clone()).or_insert(now),
+                Health::Unknown => *dead.entry(source.clone()).or_insert(state.started),
+                _ => {
+                    dead.remove(&source);
+                    continue;
+                }
+            }
+        };
+        if now.saturating_duration_since(since) < node.timers.takeover_grace {
+            continue;
+        }
+        let Some((header, body)) = repl.receiver.stored(&source) else {
+            continue;
+        };
+        let done = lock(&state.notices)
+            .iter()
+            .any(|n| n.from_region == source && n.from_epoch == header.epoch);
+        if done {
+            continue;
+        }
+        take_over(node, &source, header.epoch, body.tasks).await;
+    }
+}
+
+async fn take_over(node: &Arc<Node>, source: &str, epoch: u64, tasks: Vec<api::Task>) {
+    let policy = node.policy();
+    let tags = policy
+        .region(&node.region)
+        .map(|r| r.tags.clone())
+        .unwrap_or_default();
+    let at = now_ms();
+    let mut ids = Vec::new();
+    let mut refused = 0usize;
+    for mut task in tasks {
+        if let Err(why) = snapshot::may_hold(&policy, source, &node.region, &tags, &task) {
+            refused += 1;
+            tracing::warn!(task_id = %task.task_id, %why, "not taking over a task we may not hold");
+            continue;
+        }
+        task.taken_over = Some(api::Takeover {
+            from_region: source.to_string(),
+            from_epoch: epoch,
+            to_region: node.region.clone(),
+            at_unix_ms: at,
+        });
+        task.owner_region = source.to_string();
+        let id = task.task_id.clone();
+        match node.store.insert(task).await {
+            Ok(InsertOutcome::Created(t)) => {
+                let entry = DecisionEntry::new(kind::TAKEOVER)
+                    .task(&t.task_id)
+                    .note(format!(
+                        "taken over from {source} (epoch {epoch}) by {}: {source} dead for more than {:?}; rule {}",
+                        node.region,
+                        node.timers.takeover_grace,
+                        t.rule_index + 1
+                    ));
+                let entry = DecisionEntry {
+                    rule_index: Some(t.rule_index),
+                    policy_hash: Some(policy.hash.clone()),
+                    chosen_region: Some(node.region.clone()),
+                    outcome: Some("takeover".into()),
+                    ..entry
+                };
+                if let Err(e) = node.log.append(entry).await {
+                    tracing::error!(error = %e, "appending a takeover record failed");
+                }
+                ids.push(id);
+            }
+            Ok(InsertOutcome::Deduplicated(_)) => ids.push(id),
+            Err(e) => {
+                tracing::error!(task_id = %id, error = %e, "storing a taken-over task failed")
+            }
+        }
+    }
+    let stats = node.replication.counters();
+    super::Stats::bump(&stats.takeovers);
+    stats
+        .tasks_taken_over
+        .fetch_add(ids.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    tracing::warn!(from = %source, epoch, tasks = ids.len(), refused, "took over a dead region's pending tasks");
+    node.replication.takeover.record(Notice {
+        from_region: source.to_string(),
+        from_epoch: epoch,
+        at_unix_ms: at,
+        task_ids: ids,
+    });
+}
+
+/// Where the live copy of a task is: `None` for here, else the region.
+///
+/// Here when our store holds it (unless we cancelled it because a backup
+/// took it over: then that backup). Otherwise we ask its owner, and when the
+/// owner is dead or does not answer, the owner's backups; an answer that says
+/// "taken over by B" leads to B.
+pub async fn locate(node: &Node, task_id: &str) -> Result<Option<String>> {
+    wire::check_task_id(task_id)?;
+    if let Some(t) = node.store.get(task_id).map_err(Error::from)? {
+        return Ok(moved_to(node, &t));
+    }
+    let owner = wire::owner_of(task_id).unwrap_or_default().to_string();
+    if owner == node.region {
+        return Ok(None);
+    }
+    let policy = node.policy();
+    if policy.region(&owner).is_none() {
+        return Err(Error::task_not_found(task_id));
+    }
+    let owner_dead = node
+        .membership
+        .status(Instant::now())
+        .iter()
+        .any(|s| s.region == owner && s.health == Health::Dead);
+    let mut order: Vec<String> = snapshot::recipients(&policy, &owner)
+        .into_iter()
+        .filter(|r| *r != node.region)
+        .collect();
+    if owner_dead {
+        order.push(owner.clone());
+    } else {
+        order.insert(0, owner.clone());
+    }
+    let deadline = node.timers.forward_timeout;
+    for region in order.into_iter().take(8) {
+        let Ok(mut client) = node.peer(&region) else {
+            continue;
+        };
+        let req = api::GetTaskRequest {
+            task_id: task_id.to_string(),
+        };
+        let call = client.relay_get_task(transport::with_deadline(req, deadline));
+        if let Ok(Ok(resp)) = tokio::time::timeout(deadline, call).await {
+            if let Some(t) = resp.into_inner().task {
+                return Ok(match t.taken_over.as_ref() {
+                    Some(to) if !to.to_region.is_empty() && to.to_region != region => {
+                        (to.to_region != node.region).then(|| to.to_region.clone())
+                    }
+                    _ => Some(region),
+                });
+            }
+        }
+    }
+    Ok(Some(owner))
+}
+
+fn moved_to(node: &Node, t: &api::Task) -> Option<String> {
+    t.taken_over
+        .as_ref()
+        .filter(|to| !to.to_region.is_empty() && to.to_region != node.region)
+        .map(|to| to.to_region.clone())
+}

@@ -1,0 +1,280 @@
+//! Receiver rejection cases, in process: each one is refused with its
+//! counter, and the previous good snapshot stays.
+
+use federation_api as api;
+use prost::Message as _;
+
+use super::envelope::{self, Limits, NonceSource, SealParams};
+use super::receiver::{Receiver, Rejection, Stats, collect, snapshot_path};
+use super::snapshot::SnapshotBody;
+use super::{EnvelopeError, Key, KeyRing};
+use crate::policy::Policy;
+
+fn seed() -> String {
+    std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../policies/seed-federation.yaml"
+    ))
+    .expect("seed")
+}
+
+fn policy(text: &str) -> Policy {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("f.yaml");
+    std::fs::write(&path, text).expect("write");
+    Policy::load_file(&path).expect("policy")
+}
+
+fn task(source: &str, rule: u32, customer: &str) -> api::Task {
+    api::Task {
+        task_id: format!("{}.{source}", uuid::Uuid::now_v7()),
+        rule_index: rule,
+        owner_region: source.into(),
+        payload: b"payload".to_vec(),
+        attributes: crate::sandbox::string_attrs(&[("customer_region", customer)]),
+        ..Default::default()
+    }
+}
+
+struct Sender {
+    key: Key,
+    nonces: NonceSource,
+}
+
+impl Sender {
+    fn new(key: Key) -> Self {
+        Self {
+            key,
+            nonces: NonceSource::new(),
+        }
+    }
+
+    fn seal(
+        &self,
+        source: &str,
+        epoch: u64,
+        sequence: u64,
+        tasks: Vec<api::Task>,
+    ) -> Vec<api::SnapshotChunk> {
+        let body = SnapshotBody {
+            source_region: source.into(),
+            epoch,
+            sequence,
+            tasks,
+            ..Default::default()
+        };
+        let params = SealParams {
+            source: source.into(),
+            epoch,
+            sequence,
+            rule_indexes: vec![0],
+            policy_hash: String::new(),
+            compression: Some(3),
+            chunk_size: 64,
+        };
+        envelope::seal(&body.encode_to_vec(), &params, &self.key, &self.nonces).expect("seal")
+    }
+}
+
+fn ring() -> (Key, KeyRing) {
+    let k = Key::new("k1", [42u8; 32]);
+    (k.clone(), KeyRing::from_keys(vec![k], None))
+}
+
+fn many_tasks(n: usize) -> Vec<api::Task> {
+    (0..n).map(|_| task("north_america", 0, "US")).collect()
+}
+
+#[test]
+fn every_rejection_is_counted_and_keeps_the_previous_snapshot() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = policy(&seed());
+    let (key, ring) = ring();
+    let stats = Stats::default();
+    let rx = Receiver::open("europe", dir.path(), Some(ring.clone()), Limits::default());
+    let tx = Sender::new(key);
+
+    let good = tx.seal("north_america", 5, 1, many_tasks(20));
+    assert!(good.len() > 3, "several chunks: {}", good.len());
+    rx.receive(&p, &good, &stats).expect("accepted");
+    let path = snapshot_path(dir.path(), "north_america");
+    let stored = std::fs::read(&path).expect("stored");
+
+    // Wrong key (same id, other bytes).
+    let wrong = Sender::new(Key::new("k1", [1u8; 32])).seal("north_america", 5, 2, many_tasks(1));
+    assert!(matches!(
+        rx.receive(&p, &wrong, &stats),
+        Err(Rejection::Envelope(EnvelopeError::Auth(0)))
+    ));
+    // Unknown key id.
+    let unknown =
+        Sender::new(Key::new("k9", [42u8; 32])).seal("north_america", 5, 2, many_tasks(1));
+    assert!(matches!(
+        rx.receive(&p, &unknown, &stats),
+        Err(Rejection::Envelope(EnvelopeError::UnknownKey(_)))
+    ));
+    // A flipped byte.
+    let mut flipped = tx.seal("north_america", 5, 3, many_tasks(20));
+    flipped[2].ciphertext[5] ^= 0x01;
+    assert!(matches!(
+        rx.receive(&p, &flipped, &stats),
+        Err(Rejection::Envelope(EnvelopeError::Auth(2)))
+    ));
+    // Truncated.
+    let mut truncated = tx.seal("north_america", 5, 4, many_tasks(20));
+    truncated.pop();
+    assert!(matches!(
+        rx.receive(&p, &truncated, &stats),
+        Err(Rejection::Envelope(EnvelopeError::Truncated { .. }))
+    ));
+    // Reordered.
+    let mut reordered = tx.seal("north_america", 5, 5, many_tasks(20));
+    reordered.swap(1, 2);
+    assert!(matches!(
+        rx.receive(&p, &reordered, &stats),
+        Err(Rejection::Envelope(EnvelopeError::OutOfOrder { .. }))
+    ));
+    // Replayed, and older.
+    assert!(matches!(
+        rx.receive(&p, &good, &stats),
+        Err(Rejection::Replay { .. })
+    ));
+    let older = tx.seal("north_america", 4, 99, many_tasks(1));
+    assert!(matches!(
+        rx.receive(&p, &older, &stats),
+        Err(Rejection::Replay { .. })
+    ));
+    // A region that may not send to europe (asia_pacific is in no rule).
+    let ap = tx.seal("asia_pacific", 5, 1, vec![]);
+    assert!(matches!(
+        rx.receive(&p, &ap, &stats),
+        Err(Rejection::NotPermitted(_))
+    ));
+    // A task europe may not hold under the GDPR variant (europe's own rule
+    // lists north_america as backup: north_america receiving DE data).
+    let strict = policy(&crate::cli::demo::requires_gdpr_variant(&seed()));
+    let na_dir = tempfile::tempdir().expect("tempdir");
+    let na = Receiver::open(
+        "north_america",
+        na_dir.path(),
+        Some(ring.clone()),
+        Limits::default(),
+    );
+    let de = tx.seal("europe", 5, 1, vec![task("europe", 1, "DE")]);
+    let why = na.receive(&strict, &de, &stats).expect_err("residency");
+    assert!(matches!(why, Rejection::Residency(_)), "{why}");
+    assert!(why.to_string().contains("GDPR"), "{why}");
+    assert!(!snapshot_path(na_dir.path(), "europe").exists());
+    // The same under the file as written is accepted.
+    na.receive(&p, &de, &stats)
+        .expect("as written, north_america backs europe up");
+
+    let s = stats.snapshot();
+    assert_eq!(
+        (
+            s.accepted,
+            s.rejected_auth,
+            s.rejected_unknown_key,
+            s.rejected_truncated,
+            s.rejected_out_of_order,
+            s.rejected_replay,
+            s.rejected_not_permitted,
+            s.rejected_residency
+        ),
+        (2, 2, 1, 1, 1, 2, 1, 1),
+        "{s:?}"
+    );
+    assert_eq!(
+        std::fs::read(&path).expect("still there"),
+        stored,
+        "previous snapshot kept"
+    );
+    // A newer good one replaces it, and survives a reopen.
+    rx.receive(&p, &tx.seal("north_america", 5, 6, many_tasks(2)), &stats)
+        .expect("newer");
+    let reopened = Receiver::open("europe", dir.path(), Some(ring), Limits::default());
+    let (h, body) = reopened.stored("north_america").expect("stored");
+    assert_eq!((h.epoch, h.sequence, body.tasks.len()), (5, 6, 2));
+    assert!(matches!(
+        reopened.receive(&p, &good, &stats),
+        Err(Rejection::Replay { .. })
+    ));
+}
+
+#[tokio::test]
+async fn limits_give_resource_exhausted_naming_the_limit() {
+    let (key, _) = ring();
+    let tx = Sender::new(key);
+    let chunks = tx.seal("north_america", 1, 1, many_tasks(40));
+    let stats = Stats::default();
+    let cases = [
+        (
+            Limits {
+                max_chunk_bytes: 16,
+                ..Limits::default()
+            },
+            "max_chunk_bytes",
+        ),
+        (
+            Limits {
+                max_chunks: 2,
+                ..Limits::default()
+            },
+            "max_chunks",
+        ),
+        (
+            Limits {
+                max_total_bytes: 100,
+                ..Limits::default()
+            },
+            "max_total_bytes",
+        ),
+    ];
+    for (limits, name) in cases {
+        let stream = futures::stream::iter(chunks.clone().into_iter().map(Ok));
+        let err = collect(stream, limits, &stats).await.expect_err(name);
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err}");
+        assert!(err.to_string().contains(name), "{err}");
+    }
+    assert_eq!(stats.snapshot().rejected_limit, 3);
+    let stream = futures::stream::iter(chunks.clone().into_iter().map(Ok));
+    assert_eq!(
+        collect(stream, Limits::default(), &stats)
+            .await
+            .expect("fits")
+            .len(),
+        chunks.len()
+    );
+}
+
+#[test]
+fn no_key_material_in_errors_or_logs() {
+    let (key, ring) = ring();
+    let secret_b64 = KeyRing::line("k1", &[42u8; 32]);
+    let secret = &secret_b64[3..];
+    let tx = Sender::new(key);
+    let mut bad = tx.seal("north_america", 1, 1, many_tasks(3));
+    bad[0].ciphertext[0] ^= 1;
+    let err = envelope::open(&bad, &ring, &Limits::default()).expect_err("tampered");
+    let shown = format!("{err} {err:?} {ring:?}");
+    assert!(!shown.contains(secret), "{shown}");
+    assert!(!shown.contains("42, 42"), "{shown}");
+}
+
+#[test]
+fn unsupported_encryption_is_a_load_time_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("f.yaml");
+    std::fs::write(
+        &path,
+        seed().replace("encryption: \"AES-256\"", "encryption: \"DES\""),
+    )
+    .expect("write");
+    let err = Policy::load_file(&path)
+        .expect_err("DES refused")
+        .to_string();
+    assert!(
+        err.contains("data_synchronization.encryption") && err.contains("DES"),
+        "{err}"
+    );
+}

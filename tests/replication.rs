@@ -1,0 +1,307 @@
+//! Snapshot replication and takeover, end to end on real controller and
+//! agent processes: what each peer actually receives (residency), a dead
+//! primary's tasks run once by its backup, failback hold-down, and the loss
+//! bound when a primary is destroyed with its disk.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use federation::replication::{KeyRing, receiver};
+use federation::sandbox::{Sandbox, SandboxBuilder, string_attrs};
+use federation_api as api;
+use support::*;
+
+const SYNC: &str = "300ms";
+
+fn builder(policy: &str) -> SandboxBuilder {
+    SandboxBuilder::new(federation_exe(), policy.to_string())
+        .agents(0, 1)
+        .env(
+            "FEDERATION__FEDERATION__DATA_SYNCHRONIZATION__SYNC_INTERVAL",
+            SYNC,
+        )
+        .env("FEDERATION__NODE__TIMERS__TAKEOVER_GRACE", "1s")
+}
+
+fn submit(customer: &str, priority: i32) -> api::SubmitTaskRequest {
+    api::SubmitTaskRequest {
+        attributes: string_attrs(&[("customer_region", customer), ("data_class", "pii")]),
+        payload: b"work".to_vec(),
+        priority,
+        ..Default::default()
+    }
+}
+
+async fn submit_many(sb: &Sandbox, entry: &str, customer: &str, n: usize) -> Vec<String> {
+    let mut client = sb.client(entry).await.expect("client");
+    let mut ids = Vec::new();
+    for _ in 0..n {
+        let r = client
+            .submit_task(submit(customer, 0))
+            .await
+            .expect("accepted")
+            .into_inner();
+        ids.push(r.task_id);
+    }
+    ids
+}
+
+/// The stored snapshot `holder` has of `source`: (sequence, pending task ids).
+fn stored(sb: &Sandbox, holder: &str, source: &str) -> Option<(u64, BTreeSet<String>)> {
+    let ring = KeyRing::load_file(&sb.keys_path()).expect("sandbox ring");
+    let path = receiver::snapshot_path(&sb.data_dir(holder).expect("dir"), source);
+    if !path.exists() {
+        return None;
+    }
+    let (h, body) = receiver::open_file(&path, &ring).ok()?;
+    Some((
+        h.sequence,
+        body.tasks.into_iter().map(|t| t.task_id).collect(),
+    ))
+}
+
+async fn wait_holds(sb: &Sandbox, holder: &str, source: &str, ids: &[String]) {
+    eventually(
+        &format!("{holder} holding {source}'s tasks"),
+        PATIENCE,
+        || async {
+            let (_, held) = stored(sb, holder, source)?;
+            ids.iter().all(|i| held.contains(i)).then_some(())
+        },
+    )
+    .await;
+}
+
+fn ran(file: &Path) -> Vec<String> {
+    std::fs::read_to_string(file)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+fn exec_into(file: &Path) -> String {
+    format!(
+        "printf '%s\\n' \"$FEDERATION_TASK_ID\" >> '{}'",
+        file.display()
+    )
+}
+
+/// Starts a sandbox of `policy`, queues US tasks in north_america and DE
+/// tasks in europe (no agents: they stay pending), and returns what
+/// north_america ends up holding of europe's after two more sync rounds.
+async fn eu_tasks_reaching_north_america(policy: &str) -> (usize, usize) {
+    let sb = builder(policy).start().expect("sandbox starts");
+    sb.wait_all_alive(PATIENCE).await.expect("federation forms");
+    let us = submit_many(&sb, "north_america", "US", 3).await;
+    let de = submit_many(&sb, "europe", "DE", 3).await;
+    // north_america's US tasks reach their backup, europe.
+    wait_holds(&sb, "europe", "north_america", &us).await;
+    // Two more rounds from europe to north_america after the DE tasks were
+    // acknowledged: anything allowed would be there by then.
+    let before = stored(&sb, "north_america", "europe").map_or(0, |s| s.0);
+    let (_, held) = eventually("two more snapshots from europe", PATIENCE, || async {
+        stored(&sb, "north_america", "europe").filter(|(seq, _)| *seq >= before + 2)
+    })
+    .await;
+    // asia_pacific backs nobody up: it holds nothing.
+    let ap = sb.data_dir("asia_pacific").expect("dir").join("snapshots");
+    let ap_files = std::fs::read_dir(&ap).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(ap_files, 0, "asia_pacific received snapshots");
+    let reached = de.iter().filter(|i| held.contains(*i)).count();
+    eprintln!(
+        "policy variant: {reached} of {} DE tasks reached north_america",
+        de.len()
+    );
+    (reached, de.len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_go_only_where_residency_allows() {
+    // As written: the EU rule's backup is north_america, no tag required.
+    let (reached, total) = eu_tasks_reaching_north_america(SEED).await;
+    assert_eq!(reached, total, "as written, north_america backs europe up");
+    // The EU rule requires GDPR: north_america lacks it and gets none.
+    let (reached, _) = eu_tasks_reaching_north_america(&seed_requires_gdpr()).await;
+    assert_eq!(reached, 0, "GDPR data reached a region without GDPR");
+    // A data-class requirement (pii of EU customers needs GDPR) does the same.
+    let data_class = include_str!("../policies/seed-data-class-gdpr.yaml");
+    let (reached, _) = eu_tasks_reaching_north_america(data_class).await;
+    assert_eq!(reached, 0, "EU pii reached a region without GDPR");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_takes_over_a_dead_primary_which_does_not_run_them_again() {
+    let mut sb = builder(SEED)
+        .env("FEDERATION__NODE__TIMERS__FAILBACK_HOLD_DOWN", "3s")
+        .env("FEDERATION__NODE__TIMERS__STARTUP_FENCE", "60s")
+        .start()
+        .expect("sandbox starts");
+    sb.wait_all_alive(PATIENCE).await.expect("federation forms");
+    let eu_file = sb.dir().join("ran-europe");
+    let na_file = sb.dir().join("ran-north_america");
+    sb.start_agent_with("europe", &exec_into(&eu_file), 2)
+        .expect("europe agent");
+
+    // north_america has no agent: its US tasks stay queued.
+    let ids = submit_many(&sb, "north_america", "US", 5).await;
+    wait_holds(&sb, "europe", "north_america", &ids).await;
+    sb.kill_controller("north_america").expect("kill");
+
+    // After the grace, europe runs them.
+    eventually("europe running the taken-over tasks", PATIENCE, || async {
+        let done = ran(&eu_file);
+        ids.iter().all(|i| done.contains(i)).then_some(())
+    })
+    .await;
+    // Reading one through a third region finds it at europe, marked.
+    let t = sb
+        .wait_terminal("asia_pacific", &ids[0], PATIENCE)
+        .await
+        .expect("readable");
+    assert_eq!(t.state(), api::TaskState::Succeeded);
+    let to = t.taken_over.expect("marked taken over");
+    assert_eq!(
+        (to.from_region.as_str(), to.to_region.as_str()),
+        ("north_america", "europe")
+    );
+
+    // north_america returns with an agent of its own.
+    sb.start_controller("north_america").expect("restart");
+    sb.start_agent_with("north_america", &exec_into(&na_file), 2)
+        .expect("na agent");
+    sb.wait_for_states("europe", &[("north_america", "alive")], PATIENCE)
+        .await
+        .expect("back");
+    // Failback hold-down: new US tasks still go to europe for a while.
+    let mut eu = sb.client("europe").await.expect("client");
+    let first = eu
+        .submit_task(submit("US", 0))
+        .await
+        .expect("placed")
+        .into_inner();
+    let d = first.decision.expect("decision");
+    let na = d
+        .candidates
+        .iter()
+        .find(|c| c.region == "north_america")
+        .expect("primary");
+    assert_eq!(
+        (first.region.as_str(), na.reason.as_str()),
+        ("europe", "hold_down"),
+        "{d:?}"
+    );
+    eventually("hold-down over", PATIENCE, || {
+        let mut c = eu.clone();
+        async move {
+            let d = c
+                .explain_route(api::ExplainRouteRequest {
+                    attributes: submit("US", 0).attributes,
+                    ..Default::default()
+                })
+                .await
+                .ok()?
+                .into_inner()
+                .decision?;
+            (d.region == "north_america").then_some(())
+        }
+    })
+    .await;
+    // north_america has heard europe (its notices, and the fence lifted).
+    // A low-priority task queued now is leased after any old task that was
+    // still runnable there: once it ran, none of the old ones did.
+    sb.wait_for_states("north_america", &[("europe", "alive")], PATIENCE)
+        .await
+        .expect("heard europe");
+    let mut na_client = sb.client("north_america").await.expect("client");
+    let probe = na_client
+        .submit_task(submit("US", -1))
+        .await
+        .expect("accepted")
+        .into_inner();
+    assert_eq!(probe.region, "north_america");
+    eventually(
+        "the probe task running in north_america",
+        PATIENCE,
+        || async { ran(&na_file).contains(&probe.task_id).then_some(()) },
+    )
+    .await;
+    let na_ran = ran(&na_file);
+    let eu_ran = ran(&eu_file);
+    let twice: Vec<&String> = ids.iter().filter(|i| na_ran.contains(*i)).collect();
+    eprintln!(
+        "executions: europe ran {} of the {} taken-over tasks, north_america ran {} of them again",
+        ids.iter().filter(|i| eu_ran.contains(*i)).count(),
+        ids.len(),
+        twice.len()
+    );
+    assert!(
+        twice.is_empty(),
+        "ran again by the returning primary: {twice:?}"
+    );
+    // Each ran exactly once at europe.
+    for id in &ids {
+        assert_eq!(eu_ran.iter().filter(|r| *r == id).count(), 1, "{id}");
+    }
+    // The returning primary now reports them through europe.
+    let t = sb
+        .wait_terminal("north_america", &ids[1], PATIENCE)
+        .await
+        .expect("readable");
+    assert_eq!(t.state(), api::TaskState::Succeeded);
+    // The takeover is in europe's decision log.
+    let log = std::fs::read_to_string(sb.data_dir("europe").expect("dir").join("decisions.jsonl"))
+        .expect("log");
+    let takeovers = log
+        .lines()
+        .filter(|l| l.contains("\"kind\":\"takeover\""))
+        .count();
+    assert_eq!(takeovers, ids.len(), "one takeover record per task");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destroying_a_primary_loses_at_most_what_it_accepted_since_its_last_sync() {
+    let mut sb = builder(SEED).start().expect("sandbox starts");
+    sb.wait_all_alive(PATIENCE).await.expect("federation forms");
+    let eu_file = sb.dir().join("ran-europe");
+    let synced = submit_many(&sb, "north_america", "US", 10).await;
+    wait_holds(&sb, "europe", "north_america", &synced).await;
+    // Accepted after that sync; then the primary is destroyed at once.
+    let unsynced = submit_many(&sb, "north_america", "US", 5).await;
+    sb.kill_controller("north_america").expect("kill");
+    let na_dir: PathBuf = sb.data_dir("north_america").expect("dir");
+    std::fs::remove_dir_all(&na_dir).expect("destroy the primary's disk");
+    sb.start_agent_with("europe", &exec_into(&eu_file), 2)
+        .expect("europe agent");
+
+    // europe takes over what its newest snapshot holds and runs it.
+    let (_, in_snapshot) = stored(&sb, "europe", "north_america").expect("snapshot");
+    eventually(
+        "europe running every task of its snapshot",
+        PATIENCE,
+        || async {
+            let done = ran(&eu_file);
+            in_snapshot.iter().all(|i| done.contains(i)).then_some(())
+        },
+    )
+    .await;
+    let done = ran(&eu_file);
+    let acked: Vec<&String> = synced.iter().chain(&unsynced).collect();
+    let lost: Vec<&&String> = acked.iter().filter(|i| !done.contains(**i)).collect();
+    eprintln!(
+        "loss bound: {} acknowledged, {} synced before the crash, {} accepted since the last sync; {} ran at europe, {} never ran anywhere",
+        acked.len(),
+        synced.len(),
+        unsynced.len(),
+        acked.len() - lost.len(),
+        lost.len()
+    );
+    assert!(
+        synced.iter().all(|i| done.contains(i)),
+        "a synced task was lost"
+    );
+    assert!(lost.len() <= unsynced.len());
+    assert!(lost.iter().all(|i| unsynced.contains(**i)));
+}
