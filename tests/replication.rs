@@ -19,7 +19,10 @@ const SYNC: &str = "300ms";
 fn builder(policy: &str) -> SandboxBuilder {
     SandboxBuilder::new(federation_exe(), policy.to_string())
         .agents(0, 1)
-        .env("FEDERATION__FEDERATION__DATA_SYNCHRONIZATION__SYNC_INTERVAL", SYNC)
+        .env(
+            "FEDERATION__FEDERATION__DATA_SYNCHRONIZATION__SYNC_INTERVAL",
+            SYNC,
+        )
         .env("FEDERATION__NODE__TIMERS__TAKEOVER_GRACE", "1s")
 }
 
@@ -36,7 +39,11 @@ async fn submit_many(sb: &Sandbox, entry: &str, customer: &str, n: usize) -> Vec
     let mut client = sb.client(entry).await.expect("client");
     let mut ids = Vec::new();
     for _ in 0..n {
-        let r = client.submit_task(submit(customer, 0)).await.expect("accepted").into_inner();
+        let r = client
+            .submit_task(submit(customer, 0))
+            .await
+            .expect("accepted")
+            .into_inner();
         ids.push(r.task_id);
     }
     ids
@@ -50,14 +57,21 @@ fn stored(sb: &Sandbox, holder: &str, source: &str) -> Option<(u64, BTreeSet<Str
         return None;
     }
     let (h, body) = receiver::open_file(&path, &ring).ok()?;
-    Some((h.sequence, body.tasks.into_iter().map(|t| t.task_id).collect()))
+    Some((
+        h.sequence,
+        body.tasks.into_iter().map(|t| t.task_id).collect(),
+    ))
 }
 
 async fn wait_holds(sb: &Sandbox, holder: &str, source: &str, ids: &[String]) {
-    eventually(&format!("{holder} holding {source}'s tasks"), PATIENCE, || async {
-        let (_, held) = stored(sb, holder, source)?;
-        ids.iter().all(|i| held.contains(i)).then_some(())
-    })
+    eventually(
+        &format!("{holder} holding {source}'s tasks"),
+        PATIENCE,
+        || async {
+            let (_, held) = stored(sb, holder, source)?;
+            ids.iter().all(|i| held.contains(i)).then_some(())
+        },
+    )
     .await;
 }
 
@@ -70,7 +84,10 @@ fn ran(file: &Path) -> Vec<String> {
 }
 
 fn exec_into(file: &Path) -> String {
-    format!("printf '%s\\n' \"$FEDERATION_TASK_ID\" >> '{}'", file.display())
+    format!(
+        "printf '%s\\n' \"$FEDERATION_TASK_ID\" >> '{}'",
+        file.display()
+    )
 }
 
 /// Starts a sandbox of `policy`, queues US tasks in north_america and DE
@@ -95,7 +112,10 @@ async fn eu_tasks_reaching_north_america(policy: &str) -> (usize, usize) {
     let ap_files = std::fs::read_dir(&ap).map(|d| d.count()).unwrap_or(0);
     assert_eq!(ap_files, 0, "asia_pacific received snapshots");
     let reached = de.iter().filter(|i| held.contains(*i)).count();
-    eprintln!("policy variant: {reached} of {} DE tasks reached north_america", de.len());
+    eprintln!(
+        "policy variant: {reached} of {} DE tasks reached north_america",
+        de.len()
+    );
     (reached, de.len())
 }
 
@@ -123,7 +143,8 @@ async fn backup_takes_over_a_dead_primary_which_does_not_run_them_again() {
     sb.wait_all_alive(PATIENCE).await.expect("federation forms");
     let eu_file = sb.dir().join("ran-europe");
     let na_file = sb.dir().join("ran-north_america");
-    sb.start_agent_with("europe", &exec_into(&eu_file), 2).expect("europe agent");
+    sb.start_agent_with("europe", &exec_into(&eu_file), 2)
+        .expect("europe agent");
 
     // north_america has no agent: its US tasks stay queued.
     let ids = submit_many(&sb, "north_america", "US", 5).await;
@@ -137,23 +158,42 @@ async fn backup_takes_over_a_dead_primary_which_does_not_run_them_again() {
     })
     .await;
     // Reading one through a third region finds it at europe, marked.
-    let t = sb.wait_terminal("asia_pacific", &ids[0], PATIENCE).await.expect("readable");
+    let t = sb
+        .wait_terminal("asia_pacific", &ids[0], PATIENCE)
+        .await
+        .expect("readable");
     assert_eq!(t.state(), api::TaskState::Succeeded);
     let to = t.taken_over.expect("marked taken over");
-    assert_eq!((to.from_region.as_str(), to.to_region.as_str()), ("north_america", "europe"));
+    assert_eq!(
+        (to.from_region.as_str(), to.to_region.as_str()),
+        ("north_america", "europe")
+    );
 
     // north_america returns with an agent of its own.
     sb.start_controller("north_america").expect("restart");
-    sb.start_agent_with("north_america", &exec_into(&na_file), 2).expect("na agent");
+    sb.start_agent_with("north_america", &exec_into(&na_file), 2)
+        .expect("na agent");
     sb.wait_for_states("europe", &[("north_america", "alive")], PATIENCE)
         .await
         .expect("back");
     // Failback hold-down: new US tasks still go to europe for a while.
     let mut eu = sb.client("europe").await.expect("client");
-    let first = eu.submit_task(submit("US", 0)).await.expect("placed").into_inner();
+    let first = eu
+        .submit_task(submit("US", 0))
+        .await
+        .expect("placed")
+        .into_inner();
     let d = first.decision.expect("decision");
-    let na = d.candidates.iter().find(|c| c.region == "north_america").expect("primary");
-    assert_eq!((first.region.as_str(), na.reason.as_str()), ("europe", "hold_down"), "{d:?}");
+    let na = d
+        .candidates
+        .iter()
+        .find(|c| c.region == "north_america")
+        .expect("primary");
+    assert_eq!(
+        (first.region.as_str(), na.reason.as_str()),
+        ("europe", "hold_down"),
+        "{d:?}"
+    );
     eventually("hold-down over", PATIENCE, || {
         let mut c = eu.clone();
         async move {
@@ -177,11 +217,17 @@ async fn backup_takes_over_a_dead_primary_which_does_not_run_them_again() {
         .await
         .expect("heard europe");
     let mut na_client = sb.client("north_america").await.expect("client");
-    let probe = na_client.submit_task(submit("US", -1)).await.expect("accepted").into_inner();
+    let probe = na_client
+        .submit_task(submit("US", -1))
+        .await
+        .expect("accepted")
+        .into_inner();
     assert_eq!(probe.region, "north_america");
-    eventually("the probe task running in north_america", PATIENCE, || async {
-        ran(&na_file).contains(&probe.task_id).then_some(())
-    })
+    eventually(
+        "the probe task running in north_america",
+        PATIENCE,
+        || async { ran(&na_file).contains(&probe.task_id).then_some(()) },
+    )
     .await;
     let na_ran = ran(&na_file);
     let eu_ran = ran(&eu_file);
@@ -192,18 +238,27 @@ async fn backup_takes_over_a_dead_primary_which_does_not_run_them_again() {
         ids.len(),
         twice.len()
     );
-    assert!(twice.is_empty(), "ran again by the returning primary: {twice:?}");
+    assert!(
+        twice.is_empty(),
+        "ran again by the returning primary: {twice:?}"
+    );
     // Each ran exactly once at europe.
     for id in &ids {
         assert_eq!(eu_ran.iter().filter(|r| *r == id).count(), 1, "{id}");
     }
     // The returning primary now reports them through europe.
-    let t = sb.wait_terminal("north_america", &ids[1], PATIENCE).await.expect("readable");
+    let t = sb
+        .wait_terminal("north_america", &ids[1], PATIENCE)
+        .await
+        .expect("readable");
     assert_eq!(t.state(), api::TaskState::Succeeded);
     // The takeover is in europe's decision log.
     let log = std::fs::read_to_string(sb.data_dir("europe").expect("dir").join("decisions.jsonl"))
         .expect("log");
-    let takeovers = log.lines().filter(|l| l.contains("\"kind\":\"takeover\"")).count();
+    let takeovers = log
+        .lines()
+        .filter(|l| l.contains("\"kind\":\"takeover\""))
+        .count();
     assert_eq!(takeovers, ids.len(), "one takeover record per task");
 }
 
@@ -219,14 +274,19 @@ async fn destroying_a_primary_loses_at_most_what_it_accepted_since_its_last_sync
     sb.kill_controller("north_america").expect("kill");
     let na_dir: PathBuf = sb.data_dir("north_america").expect("dir");
     std::fs::remove_dir_all(&na_dir).expect("destroy the primary's disk");
-    sb.start_agent_with("europe", &exec_into(&eu_file), 2).expect("europe agent");
+    sb.start_agent_with("europe", &exec_into(&eu_file), 2)
+        .expect("europe agent");
 
     // europe takes over what its newest snapshot holds and runs it.
     let (_, in_snapshot) = stored(&sb, "europe", "north_america").expect("snapshot");
-    eventually("europe running every task of its snapshot", PATIENCE, || async {
-        let done = ran(&eu_file);
-        in_snapshot.iter().all(|i| done.contains(i)).then_some(())
-    })
+    eventually(
+        "europe running every task of its snapshot",
+        PATIENCE,
+        || async {
+            let done = ran(&eu_file);
+            in_snapshot.iter().all(|i| done.contains(i)).then_some(())
+        },
+    )
     .await;
     let done = ran(&eu_file);
     let acked: Vec<&String> = synced.iter().chain(&unsynced).collect();
@@ -239,7 +299,10 @@ async fn destroying_a_primary_loses_at_most_what_it_accepted_since_its_last_sync
         acked.len() - lost.len(),
         lost.len()
     );
-    assert!(synced.iter().all(|i| done.contains(i)), "a synced task was lost");
+    assert!(
+        synced.iter().all(|i| done.contains(i)),
+        "a synced task was lost"
+    );
     assert!(lost.len() <= unsynced.len());
     assert!(lost.iter().all(|i| unsynced.contains(**i)));
 }

@@ -387,7 +387,10 @@ async fn wait_failback(
             return Ok(());
         }
         if Instant::now() >= until {
-            bail!("{customer} still routed to `{}` after {patience:?}", d.region);
+            bail!(
+                "{customer} still routed to `{}` after {patience:?}",
+                d.region
+            );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

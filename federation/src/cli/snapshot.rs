@@ -136,7 +136,10 @@ pub fn run(cmd: SnapshotCommand) -> ExitCode {
                 s.rule_indexes.iter().map(|r| r + 1).collect::<Vec<_>>()
             );
             println!("  policy hash  {}", s.policy_hash);
-            println!("  tasks        {} pending, {} recent results", s.tasks, s.results);
+            println!(
+                "  tasks        {} pending, {} recent results",
+                s.tasks, s.results
+            );
             for (rule, states) in &s.tasks_by_rule {
                 let parts: Vec<String> = states.iter().map(|(k, v)| format!("{v} {k}")).collect();
                 println!("    {rule}: {}", parts.join(", "));

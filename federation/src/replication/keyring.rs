@@ -291,7 +291,10 @@ mod tests {
                 .to_string()
                 .contains("twice")
         );
-        assert!(matches!(KeyRing::parse("f", "# none\n"), Err(KeyError::Empty(_))));
+        assert!(matches!(
+            KeyRing::parse("f", "# none\n"),
+            Err(KeyError::Empty(_))
+        ));
         let missing = KeyRing::load_file(Path::new("/nonexistent/ring.keys"))
             .expect_err("missing")
             .to_string();

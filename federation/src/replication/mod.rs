@@ -242,7 +242,13 @@ async fn audit_summary(node: &Node, recipient: &str, rules: &[u32], count: usize
     }
 }
 
-async fn push(node: &Node, recipient: &str, chunks: Vec<api::SnapshotChunk>, sequence: u64, count: usize) {
+async fn push(
+    node: &Node,
+    recipient: &str,
+    chunks: Vec<api::SnapshotChunk>,
+    sequence: u64,
+    count: usize,
+) {
     let repl = &node.replication;
     let deadline = node.timers.forward_timeout.max(Duration::from_secs(5));
     let Ok(mut client) = node.peer(recipient) else {

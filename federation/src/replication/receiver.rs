@@ -373,7 +373,9 @@ impl Receiver {
             )));
         }
         let Some(ring) = &self.ring else {
-            return Err(Rejection::NotPermitted("this region has no key ring".into()));
+            return Err(Rejection::NotPermitted(
+                "this region has no key ring".into(),
+            ));
         };
         let (header, plain) = envelope::open(chunks, ring, &self.limits)?;
         if let Some(last) = self.latest().get(&source) {

@@ -319,7 +319,9 @@ async fn take_over(node: &Arc<Node>, source: &str, epoch: u64, tasks: Vec<api::T
                 ids.push(id);
             }
             Ok(InsertOutcome::Deduplicated(_)) => ids.push(id),
-            Err(e) => tracing::error!(task_id = %id, error = %e, "storing a taken-over task failed"),
+            Err(e) => {
+                tracing::error!(task_id = %id, error = %e, "storing a taken-over task failed")
+            }
         }
     }
     let stats = node.replication.counters();

@@ -49,7 +49,13 @@ impl Sender {
         }
     }
 
-    fn seal(&self, source: &str, epoch: u64, sequence: u64, tasks: Vec<api::Task>) -> Vec<api::SnapshotChunk> {
+    fn seal(
+        &self,
+        source: &str,
+        epoch: u64,
+        sequence: u64,
+        tasks: Vec<api::Task>,
+    ) -> Vec<api::SnapshotChunk> {
         let body = SnapshotBody {
             source_region: source.into(),
             epoch,
@@ -96,55 +102,103 @@ fn every_rejection_is_counted_and_keeps_the_previous_snapshot() {
 
     // Wrong key (same id, other bytes).
     let wrong = Sender::new(Key::new("k1", [1u8; 32])).seal("north_america", 5, 2, many_tasks(1));
-    assert!(matches!(rx.receive(&p, &wrong, &stats), Err(Rejection::Envelope(EnvelopeError::Auth(0)))));
+    assert!(matches!(
+        rx.receive(&p, &wrong, &stats),
+        Err(Rejection::Envelope(EnvelopeError::Auth(0)))
+    ));
     // Unknown key id.
-    let unknown = Sender::new(Key::new("k9", [42u8; 32])).seal("north_america", 5, 2, many_tasks(1));
-    assert!(matches!(rx.receive(&p, &unknown, &stats), Err(Rejection::Envelope(EnvelopeError::UnknownKey(_)))));
+    let unknown =
+        Sender::new(Key::new("k9", [42u8; 32])).seal("north_america", 5, 2, many_tasks(1));
+    assert!(matches!(
+        rx.receive(&p, &unknown, &stats),
+        Err(Rejection::Envelope(EnvelopeError::UnknownKey(_)))
+    ));
     // A flipped byte.
     let mut flipped = tx.seal("north_america", 5, 3, many_tasks(20));
     flipped[2].ciphertext[5] ^= 0x01;
-    assert!(matches!(rx.receive(&p, &flipped, &stats), Err(Rejection::Envelope(EnvelopeError::Auth(2)))));
+    assert!(matches!(
+        rx.receive(&p, &flipped, &stats),
+        Err(Rejection::Envelope(EnvelopeError::Auth(2)))
+    ));
     // Truncated.
     let mut truncated = tx.seal("north_america", 5, 4, many_tasks(20));
     truncated.pop();
-    assert!(matches!(rx.receive(&p, &truncated, &stats), Err(Rejection::Envelope(EnvelopeError::Truncated { .. }))));
+    assert!(matches!(
+        rx.receive(&p, &truncated, &stats),
+        Err(Rejection::Envelope(EnvelopeError::Truncated { .. }))
+    ));
     // Reordered.
     let mut reordered = tx.seal("north_america", 5, 5, many_tasks(20));
     reordered.swap(1, 2);
-    assert!(matches!(rx.receive(&p, &reordered, &stats), Err(Rejection::Envelope(EnvelopeError::OutOfOrder { .. }))));
+    assert!(matches!(
+        rx.receive(&p, &reordered, &stats),
+        Err(Rejection::Envelope(EnvelopeError::OutOfOrder { .. }))
+    ));
     // Replayed, and older.
-    assert!(matches!(rx.receive(&p, &good, &stats), Err(Rejection::Replay { .. })));
+    assert!(matches!(
+        rx.receive(&p, &good, &stats),
+        Err(Rejection::Replay { .. })
+    ));
     let older = tx.seal("north_america", 4, 99, many_tasks(1));
-    assert!(matches!(rx.receive(&p, &older, &stats), Err(Rejection::Replay { .. })));
+    assert!(matches!(
+        rx.receive(&p, &older, &stats),
+        Err(Rejection::Replay { .. })
+    ));
     // A region that may not send to europe (asia_pacific is in no rule).
     let ap = tx.seal("asia_pacific", 5, 1, vec![]);
-    assert!(matches!(rx.receive(&p, &ap, &stats), Err(Rejection::NotPermitted(_))));
+    assert!(matches!(
+        rx.receive(&p, &ap, &stats),
+        Err(Rejection::NotPermitted(_))
+    ));
     // A task europe may not hold under the GDPR variant (europe's own rule
     // lists north_america as backup: north_america receiving DE data).
     let strict = policy(&crate::cli::demo::requires_gdpr_variant(&seed()));
     let na_dir = tempfile::tempdir().expect("tempdir");
-    let na = Receiver::open("north_america", na_dir.path(), Some(ring.clone()), Limits::default());
+    let na = Receiver::open(
+        "north_america",
+        na_dir.path(),
+        Some(ring.clone()),
+        Limits::default(),
+    );
     let de = tx.seal("europe", 5, 1, vec![task("europe", 1, "DE")]);
     let why = na.receive(&strict, &de, &stats).expect_err("residency");
     assert!(matches!(why, Rejection::Residency(_)), "{why}");
     assert!(why.to_string().contains("GDPR"), "{why}");
     assert!(!snapshot_path(na_dir.path(), "europe").exists());
     // The same under the file as written is accepted.
-    na.receive(&p, &de, &stats).expect("as written, north_america backs europe up");
+    na.receive(&p, &de, &stats)
+        .expect("as written, north_america backs europe up");
 
     let s = stats.snapshot();
     assert_eq!(
-        (s.accepted, s.rejected_auth, s.rejected_unknown_key, s.rejected_truncated, s.rejected_out_of_order, s.rejected_replay, s.rejected_not_permitted, s.rejected_residency),
+        (
+            s.accepted,
+            s.rejected_auth,
+            s.rejected_unknown_key,
+            s.rejected_truncated,
+            s.rejected_out_of_order,
+            s.rejected_replay,
+            s.rejected_not_permitted,
+            s.rejected_residency
+        ),
         (2, 2, 1, 1, 1, 2, 1, 1),
         "{s:?}"
     );
-    assert_eq!(std::fs::read(&path).expect("still there"), stored, "previous snapshot kept");
+    assert_eq!(
+        std::fs::read(&path).expect("still there"),
+        stored,
+        "previous snapshot kept"
+    );
     // A newer good one replaces it, and survives a reopen.
-    rx.receive(&p, &tx.seal("north_america", 5, 6, many_tasks(2)), &stats).expect("newer");
+    rx.receive(&p, &tx.seal("north_america", 5, 6, many_tasks(2)), &stats)
+        .expect("newer");
     let reopened = Receiver::open("europe", dir.path(), Some(ring), Limits::default());
     let (h, body) = reopened.stored("north_america").expect("stored");
     assert_eq!((h.epoch, h.sequence, body.tasks.len()), (5, 6, 2));
-    assert!(matches!(reopened.receive(&p, &good, &stats), Err(Rejection::Replay { .. })));
+    assert!(matches!(
+        reopened.receive(&p, &good, &stats),
+        Err(Rejection::Replay { .. })
+    ));
 }
 
 #[tokio::test]
@@ -154,9 +208,27 @@ async fn limits_give_resource_exhausted_naming_the_limit() {
     let chunks = tx.seal("north_america", 1, 1, many_tasks(40));
     let stats = Stats::default();
     let cases = [
-        (Limits { max_chunk_bytes: 16, ..Limits::default() }, "max_chunk_bytes"),
-        (Limits { max_chunks: 2, ..Limits::default() }, "max_chunks"),
-        (Limits { max_total_bytes: 100, ..Limits::default() }, "max_total_bytes"),
+        (
+            Limits {
+                max_chunk_bytes: 16,
+                ..Limits::default()
+            },
+            "max_chunk_bytes",
+        ),
+        (
+            Limits {
+                max_chunks: 2,
+                ..Limits::default()
+            },
+            "max_chunks",
+        ),
+        (
+            Limits {
+                max_total_bytes: 100,
+                ..Limits::default()
+            },
+            "max_total_bytes",
+        ),
     ];
     for (limits, name) in cases {
         let stream = futures::stream::iter(chunks.clone().into_iter().map(Ok));
@@ -166,7 +238,13 @@ async fn limits_give_resource_exhausted_naming_the_limit() {
     }
     assert_eq!(stats.snapshot().rejected_limit, 3);
     let stream = futures::stream::iter(chunks.clone().into_iter().map(Ok));
-    assert_eq!(collect(stream, Limits::default(), &stats).await.expect("fits").len(), chunks.len());
+    assert_eq!(
+        collect(stream, Limits::default(), &stats)
+            .await
+            .expect("fits")
+            .len(),
+        chunks.len()
+    );
 }
 
 #[test]
@@ -187,7 +265,16 @@ fn no_key_material_in_errors_or_logs() {
 fn unsupported_encryption_is_a_load_time_error() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("f.yaml");
-    std::fs::write(&path, seed().replace("encryption: \"AES-256\"", "encryption: \"DES\"")).expect("write");
-    let err = Policy::load_file(&path).expect_err("DES refused").to_string();
-    assert!(err.contains("data_synchronization.encryption") && err.contains("DES"), "{err}");
+    std::fs::write(
+        &path,
+        seed().replace("encryption: \"AES-256\"", "encryption: \"DES\""),
+    )
+    .expect("write");
+    let err = Policy::load_file(&path)
+        .expect_err("DES refused")
+        .to_string();
+    assert!(
+        err.contains("data_synchronization.encryption") && err.contains("DES"),
+        "{err}"
+    );
 }
