@@ -7,7 +7,6 @@ mod support;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use federation::replication::{KeyRing, receiver};
 use federation::sandbox::{Sandbox, SandboxBuilder, string_attrs};
