@@ -14,7 +14,6 @@
 //!
 //! Owns the byte format only: no policy, no files, no network.
 
-use std::io::Read as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use aes_gcm::aead::{Aead, KeyInit, Payload};
@@ -187,6 +186,18 @@ pub fn seal(
             .map_err(|e| EnvelopeError::Invalid(format!("zstd: {e}")))?,
         None => plaintext.to_vec(),
     };
+    seal_prepared(&body, plaintext.len() as u64, params, key, nonces)
+}
+
+/// Seals bytes already compressed as `params.compression` says (or plain),
+/// whose plaintext is `plaintext_bytes` long.
+pub fn seal_prepared(
+    body: &[u8],
+    plaintext_bytes: u64,
+    params: &SealParams,
+    key: &Key,
+    nonces: &NonceSource,
+) -> Result<Vec<api::SnapshotChunk>, EnvelopeError> {
     let chunk_size = params.chunk_size.max(1);
     let pieces: Vec<&[u8]> = if body.is_empty() {
         vec![&[][..]]
@@ -209,7 +220,7 @@ pub fn seal(
         .to_string(),
         rule_indexes: params.rule_indexes.clone(),
         policy_hash: params.policy_hash.clone(),
-        plaintext_bytes: plaintext.len() as u64,
+        plaintext_bytes,
     };
     let cipher = Aes256Gcm::new(key.bytes().into());
     let mut out = Vec::with_capacity(pieces.len());
@@ -381,16 +392,11 @@ pub fn open(
         body.extend_from_slice(&piece);
     }
     let plaintext = match header.compression.as_str() {
-        "zstd" => {
-            let decoder = zstd::stream::read::Decoder::new(body.as_slice())
-                .map_err(|e| EnvelopeError::Decompress(e.to_string()))?;
-            let mut out = Vec::with_capacity(header.plaintext_bytes.min(64 << 20) as usize);
-            decoder
-                .take(header.plaintext_bytes.saturating_add(1))
-                .read_to_end(&mut out)
-                .map_err(|e| EnvelopeError::Decompress(e.to_string()))?;
-            out
-        }
+        // The header is authenticated by now (every chunk's tag covers it),
+        // and its size is within the limit: decompress in one call into a
+        // buffer of exactly that size (more output is an error).
+        "zstd" => zstd::bulk::decompress(&body, header.plaintext_bytes as usize)
+            .map_err(|e| EnvelopeError::Decompress(e.to_string()))?,
         "none" => body,
         other => {
             return Err(EnvelopeError::Invalid(format!(
@@ -438,7 +444,8 @@ mod tests {
             let chunks = seal(&data, &params(chunk, zstd.then_some(3)), &k, &NonceSource::new())
                 .expect("seals");
             prop_assert!(!chunks.is_empty());
-            let (header, back) = open(&chunks, &ring, &Limits::default()).expect("opens");
+            let limits = Limits { max_chunks: 1 << 20, ..Limits::default() };
+            let (header, back) = open(&chunks, &ring, &limits).expect("opens");
             prop_assert_eq!(back, data);
             prop_assert_eq!(header.chunk_count as usize, chunks.len());
         }
