@@ -107,6 +107,8 @@ async fn controller(
         timers: Timers::default(),
         limits: Limits::default(),
         config_path: config,
+        tls: None,
+        tokens: Default::default(),
     };
     tokio::spawn(async move {
         controller::run(settings, listener, std::future::pending())

@@ -5,6 +5,7 @@
 
 pub mod agents;
 pub mod audit;
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod controller;

@@ -40,6 +40,10 @@ pub struct ServeArgs {
     /// Peer endpoint override, REGION=URL (repeatable; overrides node.peers).
     #[arg(long = "peer", value_parser = parse_peer)]
     pub peers: Vec<(String, String)>,
+    /// Serve plaintext gRPC without authentication (development only; logs
+    /// a warning). Without it, `node.tls` (ca, cert, key) is required.
+    #[arg(long)]
+    pub insecure: bool,
 }
 
 fn parse_peer(s: &str) -> Result<(String, String), String> {
@@ -99,8 +103,10 @@ pub fn settings(args: &ServeArgs) -> anyhow::Result<(Settings, SocketAddr)> {
     };
     let advertise_endpoint = if listen.ip().is_unspecified() {
         spec.endpoint.clone()
-    } else {
+    } else if args.insecure {
         format!("http://{listen}")
+    } else {
+        format!("https://{listen}")
     };
     let mut peers = node.peers.clone();
     for (r, url) in &args.peers {
@@ -109,6 +115,29 @@ pub fn settings(args: &ServeArgs) -> anyhow::Result<(Settings, SocketAddr)> {
         }
         peers.insert(r.clone(), url.clone());
     }
+    let tls = if args.insecure {
+        tracing::warn!(
+            "--insecure: serving plaintext gRPC; anyone who can connect can act as a peer, agent, client or operator"
+        );
+        None
+    } else {
+        let t = &node.tls;
+        let (Some(ca), Some(cert), Some(key)) = (t.ca.clone(), t.cert.clone(), t.key.clone())
+        else {
+            anyhow::bail!(
+                "tls is required: set node.tls.ca, node.tls.cert and node.tls.key (or FEDERATION__NODE__TLS__CA/…), or pass --insecure for plaintext"
+            );
+        };
+        Some(controller::TlsSettings {
+            files: federation_tls::TlsFiles { ca, cert, key },
+            federation: federation_tls::identity::slug(&loaded.file.federation.name),
+            attest_tags: t.attest_tags,
+        })
+    };
+    let tokens = match &node.tls.tokens_file {
+        Some(path) => crate::auth::Tokens::load(path)?,
+        None => crate::auth::Tokens::default(),
+    };
     let data_dir = args
         .data_dir
         .clone()
@@ -124,6 +153,8 @@ pub fn settings(args: &ServeArgs) -> anyhow::Result<(Settings, SocketAddr)> {
             timers: node.timers,
             limits: node.limits,
             config_path: args.config.clone(),
+            tls,
+            tokens,
         },
         listen,
     ))

@@ -1,6 +1,10 @@
 //! `FederationPeer`: what controllers call on one another — advertisements
 //! (gossip both ways), forwarded tasks, relayed get/watch/cancel. Snapshot
 //! pushes are refused until replication is enabled by its own module.
+//!
+//! With TLS, the caller's certificate must name the region a message claims
+//! to come from (Advertise `origin`, ForwardTask `entry_region`); the auth
+//! layer has already checked it is a peer.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -9,6 +13,7 @@ use federation_api as api;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::client::{EventStream, local_cancel, local_get, local_watch};
+use crate::auth::Caller;
 use crate::controller::Node;
 use crate::error::Error;
 use crate::{routing, wire};
@@ -23,6 +28,31 @@ impl PeerService {
     /// A service over `node`.
     pub fn new(node: Arc<Node>) -> Self {
         Self { node }
+    }
+
+    /// Checks that the calling peer's certificate names `claimed`
+    /// (`field` for the message); records the tags it attests. Plaintext
+    /// mode has no caller and checks nothing.
+    fn check_caller<T>(
+        &self,
+        request: &Request<T>,
+        field: &str,
+        claimed: &str,
+    ) -> Result<(), Status> {
+        let Some(Caller(id)) = request.extensions().get::<Caller>() else {
+            return Ok(());
+        };
+        let region = id.region.as_deref().unwrap_or("");
+        if region != claimed {
+            tracing::warn!(certificate = %id, claimed = %wire::truncate(claimed, 64), %field, "peer claims another region than its certificate; refused");
+            return Err(Error::Denied(format!(
+                "{field} `{}` does not match the caller's certificate ({id})",
+                wire::truncate(claimed, 64)
+            ))
+            .into());
+        }
+        self.node.membership.attest(region, &id.tags);
+        Ok(())
     }
 
     fn owned(&self, task_id: &str) -> Result<(), Status> {
@@ -40,6 +70,13 @@ impl api::federation_peer_server::FederationPeer for PeerService {
         &self,
         request: Request<api::AdvertiseRequest>,
     ) -> Result<Response<api::AdvertiseResponse>, Status> {
+        let claimed = request
+            .get_ref()
+            .origin
+            .as_ref()
+            .map(|o| o.region.clone())
+            .unwrap_or_default();
+        self.check_caller(&request, "origin.region", &claimed)?;
         let req = request.into_inner();
         let now = Instant::now();
         let origin = req
@@ -55,8 +92,13 @@ impl api::federation_peer_server::FederationPeer for PeerService {
             )
             .into());
         }
-        if req.known.len() > 1024 {
-            return Err(Error::limit("known", "more than 1024 advertisements").into());
+        let max_known = self.node.limits.max_known_advertisements;
+        if req.known.len() > max_known {
+            return Err(Error::limit(
+                "known",
+                format!("more than max_known_advertisements ({max_known}) advertisements"),
+            )
+            .into());
         }
         self.node.membership.observe(&origin, now);
         for ad in &req.known {
@@ -72,6 +114,8 @@ impl api::federation_peer_server::FederationPeer for PeerService {
         &self,
         request: Request<api::ForwardTaskRequest>,
     ) -> Result<Response<api::ForwardTaskResponse>, Status> {
+        let entry = request.get_ref().entry_region.clone();
+        self.check_caller(&request, "entry_region", &entry)?;
         Ok(Response::new(
             routing::accept_forward(&self.node, request.into_inner()).await?,
         ))
