@@ -159,9 +159,21 @@ fn segment_ok(s: &str) -> bool {
 }
 
 /// Builds the identity from a certificate's URI SANs, for federation `fed`
-/// (a [`slug`]). Other URIs (other schemes) are ignored.
+/// (a [`slug`]; empty: whichever federation the first identity URI names,
+/// for command-line clients that trust the CA alone). Other URIs (other
+/// schemes) are ignored.
 pub fn from_uris<S: AsRef<str>>(fed: &str, uris: &[S]) -> Result<Identity, IdentityError> {
     let prefix = "spiffe://";
+    let first_domain = uris.iter().find_map(|u| {
+        u.as_ref()
+            .strip_prefix(prefix)
+            .map(|r| r.split('/').next().unwrap_or("").to_string())
+    });
+    let fed = if fed.is_empty() {
+        first_domain.as_deref().unwrap_or("")
+    } else {
+        fed
+    };
     let mut identity: Option<Identity> = None;
     let mut tags: Vec<(String, String)> = Vec::new();
     for uri in uris {

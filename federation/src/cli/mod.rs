@@ -3,6 +3,7 @@
 //! the process exit code.
 
 pub mod audit;
+pub mod certs;
 pub mod client;
 pub mod demo;
 pub mod policy;
@@ -62,6 +63,9 @@ pub enum Command {
     Get(client::GetArgs),
     /// Show the federation as one controller sees it.
     Status(client::StatusArgs),
+    /// Development certificates (mutual TLS).
+    #[command(subcommand)]
+    Certs(certs::CertsCommand),
     /// Run a region agent (the same as the `region-agent` binary).
     Agent(region_agent::AgentArgs),
 }
@@ -78,6 +82,7 @@ pub fn main() -> ExitCode {
         Command::Get(args) => client::get(args),
         Command::Status(args) => client::status(args),
         Command::Agent(args) => region_agent::main_with(args),
+        Command::Certs(cmd) => certs::run(cmd),
     }
 }
 
