@@ -236,18 +236,46 @@ impl Auth {
     }
 }
 
-/// A gRPC service behind the auth check.
+/// A gRPC service behind the auth check. It also turns tonic's
+/// "message too large" (`OUT_OF_RANGE`) into `RESOURCE_EXHAUSTED` naming the
+/// `max_message_bytes` limit, like every other limit.
 #[derive(Debug, Clone)]
 pub struct Authed<S> {
     inner: S,
     auth: Arc<Auth>,
+    max_message_bytes: usize,
 }
 
 impl<S> Authed<S> {
     /// Wraps `inner`.
-    pub fn new(inner: S, auth: Arc<Auth>) -> Self {
-        Self { inner, auth }
+    pub fn new(inner: S, auth: Arc<Auth>, max_message_bytes: usize) -> Self {
+        Self {
+            inner,
+            auth,
+            max_message_bytes,
+        }
     }
+}
+
+/// Rewrites a trailers-only `OUT_OF_RANGE` "message length too large" answer.
+fn name_message_limit(resp: http::Response<Body>, max: usize) -> http::Response<Body> {
+    let headers = resp.headers();
+    let out_of_range = headers
+        .get("grpc-status")
+        .is_some_and(|v| v.as_bytes() == b"11");
+    let too_large = headers
+        .get("grpc-message")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|m| m.contains("too%20large") || m.contains("too large"));
+    if out_of_range && too_large {
+        let status: tonic::Status = Error::limit(
+            "message",
+            format!("request larger than max_message_bytes ({max} bytes)"),
+        )
+        .into();
+        return status.into_http();
+    }
+    resp
 }
 
 impl<S: NamedService> NamedService for Authed<S> {
@@ -283,7 +311,11 @@ where
                 // The clone is ready-less; swap so the polled one is used.
                 let clone = self.inner.clone();
                 let mut inner = std::mem::replace(&mut self.inner, clone);
-                Box::pin(inner.call(req))
+                let max = self.max_message_bytes;
+                Box::pin(async move {
+                    let resp = inner.call(req).await?;
+                    Ok(name_message_limit(resp, max))
+                })
             }
             Err(e) => {
                 let remote = req

@@ -33,6 +33,7 @@ pub fn router(node: Arc<Node>) -> Router {
             .max_decoding_message_size(max)
             .max_encoding_message_size(max),
             auth.clone(),
+            max,
         ))
         .add_service(crate::auth::Authed::new(
             api::federation_peer_server::FederationPeerServer::new(peer::PeerService::new(
@@ -41,6 +42,7 @@ pub fn router(node: Arc<Node>) -> Router {
             .max_decoding_message_size(max)
             .max_encoding_message_size(max),
             auth.clone(),
+            max,
         ))
         .add_service(crate::auth::Authed::new(
             api::region_agent_api_server::RegionAgentApiServer::new(agent::AgentService::new(
@@ -49,6 +51,7 @@ pub fn router(node: Arc<Node>) -> Router {
             .max_decoding_message_size(max)
             .max_encoding_message_size(max),
             auth.clone(),
+            max,
         ))
         .add_service(crate::auth::Authed::new(
             api::federation_admin_server::FederationAdminServer::new(admin::AdminService::new(
@@ -57,5 +60,6 @@ pub fn router(node: Arc<Node>) -> Router {
             .max_decoding_message_size(max)
             .max_encoding_message_size(max),
             auth.clone(),
+            max,
         ))
 }

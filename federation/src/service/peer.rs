@@ -75,7 +75,7 @@ impl api::federation_peer_server::FederationPeer for PeerService {
             .origin
             .as_ref()
             .map(|o| o.region.clone())
-            .unwrap_or_default();
+            .ok_or_else(|| Status::from(Error::invalid("origin", "missing")))?;
         self.check_caller(&request, "origin.region", &claimed)?;
         let req = request.into_inner();
         let now = Instant::now();
@@ -115,6 +115,9 @@ impl api::federation_peer_server::FederationPeer for PeerService {
         request: Request<api::ForwardTaskRequest>,
     ) -> Result<Response<api::ForwardTaskResponse>, Status> {
         let entry = request.get_ref().entry_region.clone();
+        if entry.is_empty() {
+            return Err(Error::invalid("entry_region", "missing").into());
+        }
         self.check_caller(&request, "entry_region", &entry)?;
         Ok(Response::new(
             routing::accept_forward(&self.node, request.into_inner()).await?,
