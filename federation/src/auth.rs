@@ -179,7 +179,7 @@ impl Auth {
             .and_then(|c| c.identity.clone());
         let identity = match from_cert {
             Some(id) => Some(id),
-            None => self.from_token(headers)?,
+            None => self.token_identity(headers)?,
         };
         let Some(id) = identity else {
             if self.insecure {
@@ -217,7 +217,7 @@ impl Auth {
         Ok(Some(Caller(id)))
     }
 
-    fn from_token(&self, headers: &http::HeaderMap) -> Result<Option<Identity>, Error> {
+    fn token_identity(&self, headers: &http::HeaderMap) -> Result<Option<Identity>, Error> {
         let Some(value) = headers.get(http::header::AUTHORIZATION) else {
             return Ok(None);
         };

@@ -264,9 +264,8 @@ impl ServerCertVerifier for ControllerVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let parsed = ParsedCertificate::try_from(end_entity).map_err(|e| {
+        let parsed = ParsedCertificate::try_from(end_entity).inspect_err(|e| {
             let _ = self.refuse(&e.to_string());
-            e
         })?;
         if let Err(e) = verify_server_cert_signed_by_trust_anchor(
             &parsed,
