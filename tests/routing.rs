@@ -225,7 +225,10 @@ async fn idempotent_resubmission_and_bad_requests() {
     assert_eq!(t.idempotency_key, "order-42");
 
     // A peer sending garbage does not crash a controller.
-    let channel = sandbox.channel("europe").await.expect("channel");
+    let channel = sandbox
+        .peer_channel("europe", "asia_pacific")
+        .await
+        .expect("channel");
     let mut peer = api::federation_peer_client::FederationPeerClient::new(channel);
     let err = peer
         .advertise(api::AdvertiseRequest {
@@ -260,7 +263,10 @@ async fn forwarded_task_is_refused_by_a_region_the_rule_does_not_allow() {
         .expect("federation forms");
     // A (buggy or malicious) peer forwards a DE task to asia_pacific, which no
     // rule allows: asia_pacific re-checks residency and refuses.
-    let channel = sandbox.channel("asia_pacific").await.expect("channel");
+    let channel = sandbox
+        .peer_channel("asia_pacific", "north_america")
+        .await
+        .expect("channel");
     let mut peer = api::federation_peer_client::FederationPeerClient::new(channel);
     let err = peer
         .forward_task(api::ForwardTaskRequest {

@@ -108,6 +108,8 @@ async fn controller(
         limits: Limits::default(),
         config_path: config,
         keys: None,
+        tls: None,
+        tokens: Default::default(),
     };
     tokio::spawn(async move {
         controller::run(settings, listener, std::future::pending())

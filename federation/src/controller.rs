@@ -25,6 +25,9 @@ use crate::policy::{Health, Policy, RegionView};
 use crate::tasks::TaskStore;
 use crate::transport::{self, Channels};
 
+/// Longest a TLS handshake may take before the connection is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Everything needed to start a controller.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -46,6 +49,30 @@ pub struct Settings {
     pub config_path: PathBuf,
     /// The snapshot key ring; without one, replication is off.
     pub keys: Option<crate::replication::KeyRing>,
+    /// Mutual TLS; `None` only with `--insecure` (plaintext).
+    pub tls: Option<TlsSettings>,
+    /// Bearer tokens (file `node.tls.tokens_file`).
+    pub tokens: crate::auth::Tokens,
+}
+
+/// TLS of one controller (from `node.tls`).
+#[derive(Debug, Clone)]
+pub struct TlsSettings {
+    /// CA, certificate and key files.
+    pub files: federation_tls::TlsFiles,
+    /// The federation's trust domain ([`federation_tls::identity::slug`] of its name).
+    pub federation: String,
+    /// Keep only advertised tags the peer's certificate attests.
+    pub attest_tags: bool,
+}
+
+/// Loaded TLS material of a running controller.
+#[derive(Debug)]
+pub struct NodeTls {
+    /// Serving side.
+    pub server: federation_tls::ServerTls,
+    /// Calling peers.
+    pub client: federation_tls::ClientTls,
 }
 
 /// One region's controller state, shared by every handler and loop.
@@ -76,6 +103,10 @@ pub struct Node {
     pub config_path: PathBuf,
     /// Snapshot replication, takeover and its counters.
     pub replication: crate::replication::Replication,
+    /// TLS material (`None` in plaintext `--insecure` mode).
+    pub tls: Option<NodeTls>,
+    /// Who may call what.
+    pub auth: Arc<crate::auth::Auth>,
     sequence: AtomicU64,
     draining: AtomicBool,
     peers: BTreeMap<String, String>,
@@ -211,13 +242,24 @@ impl Node {
                 region: region.to_string(),
                 why: "no endpoint known".into(),
             })?;
-        let channel = self
-            .channels
-            .get(&endpoint)
-            .map_err(|e| crate::error::Error::Peer {
-                region: region.to_string(),
-                why: e.to_string(),
-            })?;
+        let channel = match &self.tls {
+            None => self.channels.get(&endpoint),
+            Some(tls) => {
+                let membership = self.membership.clone_handle();
+                let on_verified: federation_tls::OnVerified =
+                    Arc::new(move |id: &federation_tls::Identity| {
+                        if let Some(r) = &id.region {
+                            membership.attest(r, &id.tags);
+                        }
+                    });
+                self.channels
+                    .get_tls(&endpoint, region, &tls.client, on_verified)
+            }
+        }
+        .map_err(|e| crate::error::Error::Peer {
+            region: region.to_string(),
+            why: e.to_string(),
+        })?;
         Ok(
             api::federation_peer_client::FederationPeerClient::new(channel)
                 .max_decoding_message_size(self.limits.max_message_bytes)
@@ -301,6 +343,35 @@ pub async fn open(settings: Settings) -> anyhow::Result<Arc<Node>> {
         &store,
         settings.timers.startup_fence,
     );
+    let tls = match &settings.tls {
+        None => {
+            tracing::warn!(region = %settings.region, "tls is off (--insecure): peers, agents and clients are not authenticated");
+            None
+        }
+        Some(t) => {
+            let server = federation_tls::ServerTls::load(&t.files, &t.federation)
+                .context("loading node.tls")?;
+            let own = server.identity.region.clone().unwrap_or_default();
+            if server.identity.role != federation_tls::Role::Peer || own != settings.region {
+                anyhow::bail!(
+                    "{}: certificate names {} but this controller serves region `{}`",
+                    t.files.cert.display(),
+                    server.identity,
+                    settings.region
+                );
+            }
+            let client = federation_tls::ClientTls::from_files(&t.files, &t.federation)
+                .context("loading node.tls")?;
+            membership.set_attestation(t.attest_tags);
+            tracing::info!(region = %settings.region, attest_tags = t.attest_tags, tags = ?server.identity.tags, "mutual tls on");
+            Some(NodeTls { server, client })
+        }
+    };
+    let auth = Arc::new(crate::auth::Auth {
+        region: settings.region.clone(),
+        tokens: settings.tokens.clone(),
+        insecure: tls.is_none(),
+    });
     Ok(Arc::new(Node {
         region: settings.region,
         epoch,
@@ -315,6 +386,8 @@ pub async fn open(settings: Settings) -> anyhow::Result<Arc<Node>> {
         limits: settings.limits,
         config_path: settings.config_path,
         replication,
+        tls,
+        auth,
         sequence: AtomicU64::new(0),
         draining: AtomicBool::new(false),
         peers: settings.peers,
@@ -368,12 +441,21 @@ pub async fn serve(
         stop_rx.clone(),
     ));
 
-    let server = crate::service::router(node.clone(), health_service).serve_with_incoming_shutdown(
-        transport::incoming(listener),
-        async move {
-            let _ = signal_rx.await;
-        },
-    );
+    let stop_signal = async move {
+        let _ = signal_rx.await;
+    };
+    let router = crate::service::router(node.clone(), health_service);
+    let server: std::pin::Pin<
+        Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>,
+    > = match &node.tls {
+        Some(tls) => Box::pin(router.serve_with_incoming_shutdown(
+            tls.server.incoming(listener, HANDSHAKE_TIMEOUT),
+            stop_signal,
+        )),
+        None => Box::pin(
+            router.serve_with_incoming_shutdown(transport::incoming(listener), stop_signal),
+        ),
+    };
     let mut stop_watch = stop_rx.clone();
     tokio::pin!(server);
     let served = tokio::select! {

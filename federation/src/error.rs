@@ -45,6 +45,9 @@ pub enum Error {
     /// The caller's identity does not allow it: `PERMISSION_DENIED`.
     #[error("{0}")]
     Denied(String),
+    /// No (valid) credentials: `UNAUTHENTICATED`.
+    #[error("{0}")]
+    Unauthenticated(String),
     /// A peer could not be reached in time: `UNAVAILABLE`.
     #[error("peer {region}: {why}")]
     Peer {
@@ -95,6 +98,7 @@ impl Error {
             Error::NotFound { .. } => Code::NotFound,
             Error::NotRoutable(_) | Error::Precondition(_) => Code::FailedPrecondition,
             Error::Denied(_) => Code::PermissionDenied,
+            Error::Unauthenticated(_) => Code::Unauthenticated,
             Error::Unavailable(_) | Error::Peer { .. } | Error::ShuttingDown => Code::Unavailable,
             Error::Storage(_) => Code::Internal,
         }

@@ -6,6 +6,7 @@
 pub mod admin_http;
 pub mod agents;
 pub mod audit;
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod controller;

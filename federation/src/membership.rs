@@ -10,9 +10,15 @@
 //! This module owns the peer table and the phi computation. It does not send
 //! anything (the advertiser in `controller` does) and never decides routes: it
 //! only answers [`FederationView`] questions.
+//!
+//! With TLS and `attest_tags` on, a region's advertised compliance tags are
+//! cut down, as each advertisement arrives, to those its certificate attests
+//! ([`Attestations`], fed by the TLS handshakes in both directions); dropped
+//! tags are logged, and routing, status and gossip see only attested ones.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use federation_api::{Capacity, RegionAdvertisement};
@@ -36,6 +42,45 @@ struct Peer {
     alive_since: Option<Instant>,
     /// The last health we computed (for transition logs and hold-down).
     last_health: Health,
+    /// Tags last dropped as unattested (logged when this changes).
+    dropped: Vec<String>,
+}
+
+/// Compliance tags attested by regions' certificates, learned from verified
+/// TLS handshakes (shared with the TLS verifiers).
+#[derive(Debug, Clone, Default)]
+pub struct Attestations {
+    by_region: Arc<Mutex<BTreeMap<String, BTreeSet<String>>>>,
+    enabled: Arc<AtomicBool>,
+}
+
+impl Attestations {
+    /// Records what `region`'s verified certificate attests.
+    pub fn attest(&self, region: &str, tags: &BTreeSet<String>) {
+        let mut map = self
+            .by_region
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if map.get(region) != Some(tags) {
+            tracing::info!(%region, tags = ?tags, "certificate attests tags");
+            map.insert(region.to_string(), tags.clone());
+        }
+    }
+
+    /// The tags attested for `region` (empty when never verified).
+    pub fn of(&self, region: &str) -> BTreeSet<String> {
+        self.by_region
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(region)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// True when advertised tags must be attested.
+    pub fn enabled(&self) -> bool {
+        self.enabled.load(Ordering::SeqCst)
+    }
 }
 
 impl Peer {
@@ -46,6 +91,7 @@ impl Peer {
             intervals: VecDeque::with_capacity(WINDOW),
             alive_since: None,
             last_health: Health::Unknown,
+            dropped: Vec::new(),
         }
     }
 }
@@ -71,6 +117,7 @@ pub struct Membership {
     self_region: String,
     timers: Timers,
     peers: Mutex<BTreeMap<String, Peer>>,
+    attestations: Attestations,
 }
 
 /// The suspicion level for a silence of `elapsed` seconds given past
@@ -114,6 +161,7 @@ impl Membership {
             self_region: self_region.to_string(),
             timers,
             peers: Mutex::new(peers),
+            attestations: Attestations::default(),
         }
     }
 
@@ -165,9 +213,39 @@ impl Membership {
             peer.intervals.clear();
             tracing::info!(region = %ad.region, epoch = ad.epoch, "peer restarted with a new epoch");
         }
-        peer.ad = Some(ad.clone());
+        let mut ad = ad.clone();
+        if self.attestations.enabled() {
+            let attested = self.attestations.of(&ad.region);
+            let (kept, dropped): (Vec<String>, Vec<String>) =
+                std::mem::take(&mut ad.compliance_tags)
+                    .into_iter()
+                    .partition(|t| attested.contains(t));
+            if dropped != peer.dropped {
+                if !dropped.is_empty() {
+                    tracing::warn!(region = %ad.region, dropped = ?dropped, attested = ?attested, "advertised tags not attested by the region's certificate; dropped");
+                }
+                peer.dropped = dropped;
+            }
+            ad.compliance_tags = kept;
+        }
+        peer.ad = Some(ad);
         peer.last_fresh = Some(now);
         true
+    }
+
+    /// The attested-tags table (shared with TLS verifiers).
+    pub fn clone_handle(&self) -> Attestations {
+        self.attestations.clone()
+    }
+
+    /// Turns tag attestation on or off.
+    pub fn set_attestation(&self, on: bool) {
+        self.attestations.enabled.store(on, Ordering::SeqCst);
+    }
+
+    /// Records the tags `region`'s verified certificate attests.
+    pub fn attest(&self, region: &str, tags: &BTreeSet<String>) {
+        self.attestations.attest(region, tags);
     }
 
     /// Every advertisement we hold, for gossip.

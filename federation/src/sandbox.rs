@@ -6,6 +6,13 @@
 //!
 //! Processes, not tasks: tests can SIGKILL, SIGSTOP and restart a region
 //! exactly as an operator's incident would.
+//!
+//! Everything runs on mutual TLS by default: the sandbox makes a development
+//! CA and certificates in `<dir>/certs` ([`federation_tls::dev`]); each
+//! region's certificate attests the tags the policy grants it (or those set
+//! with [`SandboxBuilder::attested_tags`]). [`Sandbox::channel`] connects as
+//! the operator; [`Sandbox::channel_as`] as any other identity.
+//! [`SandboxBuilder::insecure`] runs plaintext instead.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -103,6 +110,9 @@ pub struct SandboxBuilder {
     verbose: bool,
     keep: bool,
     blocked: Vec<(String, String)>,
+    insecure: bool,
+    attested: BTreeMap<String, Vec<String>>,
+    tokens: Option<String>,
 }
 
 impl SandboxBuilder {
@@ -145,6 +155,9 @@ impl SandboxBuilder {
             verbose: false,
             keep: false,
             blocked: Vec::new(),
+            insecure: false,
+            attested: BTreeMap::new(),
+            tokens: None,
         }
     }
 
@@ -153,6 +166,27 @@ impl SandboxBuilder {
     /// learn of each other through a third region's gossip.
     pub fn block_link(mut self, a: &str, b: &str) -> Self {
         self.blocked.push((a.to_string(), b.to_string()));
+        self
+    }
+
+    /// Plaintext without authentication (`serve --insecure`).
+    pub fn insecure(mut self, on: bool) -> Self {
+        self.insecure = on;
+        self
+    }
+
+    /// The tags `region`'s certificate attests (default: what the policy grants).
+    pub fn attested_tags(mut self, region: &str, tags: &[&str]) -> Self {
+        self.attested.insert(
+            region.to_string(),
+            tags.iter().map(|t| t.to_string()).collect(),
+        );
+        self
+    }
+
+    /// A token file's text (`token role [region]` lines) for every controller.
+    pub fn tokens(mut self, text: &str) -> Self {
+        self.tokens = Some(text.to_string());
         self
     }
 
@@ -231,11 +265,51 @@ impl SandboxBuilder {
                 keys.display().to_string(),
             ));
         }
+        let tls = if builder.insecure {
+            None
+        } else {
+            let ca = federation_tls::dev::DevCa::new(&policy.federation)
+                .context("making the sandbox CA")?;
+            let certs = dir.join("certs");
+            std::fs::create_dir_all(&certs)
+                .with_context(|| format!("creating {}", certs.display()))?;
+            federation_tls::dev::write_file(&certs.join("ca.pem"), &ca.ca_pem(), false)?;
+            for r in &policy.regions {
+                let tags: Vec<String> = builder
+                    .attested
+                    .get(&r.name)
+                    .cloned()
+                    .unwrap_or_else(|| r.tags.iter().cloned().collect());
+                let issued = ca.region(&r.name, &tags, federation_tls::dev::Validity::Normal)?;
+                federation_tls::dev::write_pair(&certs, &format!("region-{}", r.name), &issued)?;
+                let agent = ca.agent(&r.name, &format!("{}-agent", r.name))?;
+                federation_tls::dev::write_pair(&certs, &format!("agent-{}", r.name), &agent)?;
+            }
+            for role in [
+                federation_tls::Role::Client,
+                federation_tls::Role::Operator,
+                federation_tls::Role::Auditor,
+            ] {
+                federation_tls::dev::write_pair(
+                    &certs,
+                    role.as_str(),
+                    &ca.role(role, role.as_str())?,
+                )?;
+            }
+            if let Some(text) = &builder.tokens {
+                federation_tls::dev::write_file(&certs.join("tokens"), text, true)?;
+            }
+            Some(SandboxTls {
+                ca,
+                layout: federation_tls::dev::Layout { dir: certs },
+            })
+        };
         let mut sandbox = Sandbox {
             builder,
             dir,
             config,
             regions,
+            tls,
         };
         let names: Vec<String> = sandbox.regions.keys().cloned().collect();
         for name in &names {
@@ -263,6 +337,16 @@ pub struct SandboxRegion {
     agents: Vec<ChildGuard>,
 }
 
+/// The sandbox's CA (in memory, to issue more certificates in tests) and
+/// where its files are.
+#[derive(Debug)]
+pub struct SandboxTls {
+    /// The development CA.
+    pub ca: federation_tls::dev::DevCa,
+    /// The certificate folder.
+    pub layout: federation_tls::dev::Layout,
+}
+
 /// A running local federation.
 #[derive(Debug)]
 pub struct Sandbox {
@@ -270,12 +354,61 @@ pub struct Sandbox {
     dir: PathBuf,
     config: PathBuf,
     regions: BTreeMap<String, SandboxRegion>,
+    tls: Option<SandboxTls>,
 }
 
 impl Sandbox {
     /// The sandbox's folder.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The CA and certificate files (`None` when insecure).
+    pub fn tls(&self) -> Option<&SandboxTls> {
+        self.tls.as_ref()
+    }
+
+    /// The controller URL of `name` (`https://` with TLS).
+    pub fn url(&self, name: &str) -> anyhow::Result<String> {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        Ok(format!("{scheme}://{}", self.addr(name)?))
+    }
+
+    /// Client TLS for the identity whose files are `<stem>.pem/.key` in the
+    /// certificate folder (`operator`, `client`, `auditor`, `region-<r>`,
+    /// `agent-<r>`), or `None` for no client certificate.
+    pub fn client_tls(&self, stem: Option<&str>) -> anyhow::Result<federation_tls::ClientTls> {
+        let tls = self.tls.as_ref().context("the sandbox runs without tls")?;
+        let layout = &tls.layout;
+        let pair = stem.map(|s| layout.pair(s));
+        Ok(federation_tls::ClientTls::load(
+            &layout.ca(),
+            pair.as_ref().map(|(c, k)| (c.as_path(), k.as_path())),
+            tls.ca.federation(),
+        )?)
+    }
+
+    /// A channel to `name`'s controller as the identity `stem` (see
+    /// [`Sandbox::client_tls`]); plaintext when the sandbox is insecure.
+    pub async fn channel_as(&self, name: &str, stem: Option<&str>) -> anyhow::Result<Channel> {
+        if self.tls.is_none() {
+            return connect(self.addr(name)?).await;
+        }
+        let tls = self.client_tls(stem)?;
+        Ok(tls
+            .connect(
+                &self.url(name)?,
+                federation_tls::Expect::Region(name.to_string()),
+                Duration::from_secs(10),
+            )
+            .await?)
+    }
+
+    /// A channel to `to`'s controller as region `as_region`'s controller
+    /// (its peer certificate).
+    pub async fn peer_channel(&self, to: &str, as_region: &str) -> anyhow::Result<Channel> {
+        self.channel_as(to, Some(&format!("region-{as_region}")))
+            .await
     }
 
     /// The federation file the controllers were started with.
@@ -341,6 +474,7 @@ impl Sandbox {
             .iter()
             .filter(|(n, _)| n.as_str() != name)
             .map(|(n, r)| {
+                let scheme = if self.tls.is_some() { "https" } else { "http" };
                 let blocked = self
                     .builder
                     .blocked
@@ -348,9 +482,9 @@ impl Sandbox {
                     .any(|(a, b)| (a == name && b == n) || (b == name && a == n));
                 if blocked {
                     // Port 1 on loopback: nothing listens, connections are refused.
-                    format!("{n}=http://127.0.0.1:1")
+                    format!("{n}={scheme}://127.0.0.1:1")
                 } else {
-                    format!("{n}=http://{}", r.addr)
+                    format!("{n}={scheme}://{}", r.addr)
                 }
             })
             .collect();
@@ -375,6 +509,23 @@ impl Sandbox {
         for p in peers {
             cmd.arg("--peer").arg(p);
         }
+        match &self.tls {
+            None => {
+                cmd.arg("--insecure");
+            }
+            Some(tls) => {
+                let (cert, key) = tls.layout.region(name);
+                cmd.env("FEDERATION__NODE__TLS__CA", tls.layout.ca())
+                    .env("FEDERATION__NODE__TLS__CERT", cert)
+                    .env("FEDERATION__NODE__TLS__KEY", key);
+                if self.builder.tokens.is_some() {
+                    cmd.env(
+                        "FEDERATION__NODE__TLS__TOKENS_FILE",
+                        tls.layout.dir.join("tokens"),
+                    );
+                }
+            }
+        }
         let guard = ChildGuard::spawn(&format!("{name} controller"), &mut cmd)?;
         self.region_mut(name)?.controller = Some(guard);
         Ok(())
@@ -395,9 +546,10 @@ impl Sandbox {
         let addr = self.region(name)?.addr;
         let index = self.region(name)?.agents.len();
         let mut cmd = Command::new(&self.builder.exe);
+        let _ = addr;
         cmd.arg("agent")
             .arg("--controller")
-            .arg(format!("http://{addr}"))
+            .arg(self.url(name)?)
             .arg("--region")
             .arg(name)
             .arg("--name")
@@ -408,6 +560,20 @@ impl Sandbox {
             .arg(exec)
             .stdout(Stdio::null())
             .stderr(self.stdio());
+        match &self.tls {
+            None => {
+                cmd.arg("--insecure");
+            }
+            Some(tls) => {
+                let (cert, key) = tls.layout.agent(name);
+                cmd.arg("--ca")
+                    .arg(tls.layout.ca())
+                    .arg("--cert")
+                    .arg(cert)
+                    .arg("--key")
+                    .arg(key);
+            }
+        }
         let guard = ChildGuard::spawn(&format!("{name} agent {index}"), &mut cmd)?;
         self.region_mut(name)?.agents.push(guard);
         Ok(index)
@@ -440,9 +606,10 @@ impl Sandbox {
             .with_context(|| format!("{name}'s controller is not running"))
     }
 
-    /// A channel to `name`'s controller.
+    /// A channel to `name`'s controller, as the operator (who may call the
+    /// client and admin services).
     pub async fn channel(&self, name: &str) -> anyhow::Result<Channel> {
-        connect(self.addr(name)?).await
+        self.channel_as(name, Some("operator")).await
     }
 
     /// A client-service stub for `name`.
@@ -473,11 +640,10 @@ impl Sandbox {
         expect: &[(&str, &str)],
         patience: Duration,
     ) -> anyhow::Result<()> {
-        let addr = self.addr(viewer)?;
         let until = Instant::now() + patience;
         let mut last = String::from("no answer");
         while Instant::now() < until {
-            if let Ok(ch) = connect(addr).await {
+            if let Ok(ch) = self.channel(viewer).await {
                 let mut admin = api::federation_admin_client::FederationAdminClient::new(ch);
                 if let Ok(s) = admin
                     .federation_status(api::FederationStatusRequest {})
@@ -602,7 +768,8 @@ impl Drop for Sandbox {
     }
 }
 
-/// Connects to a controller (bounded).
+/// Connects to a controller over plaintext (bounded); for `--insecure`
+/// federations (a TLS controller refuses it).
 pub async fn connect(addr: SocketAddr) -> anyhow::Result<Channel> {
     Ok(
         tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?

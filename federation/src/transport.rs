@@ -1,7 +1,9 @@
 //! Network plumbing: serving gRPC on an already-bound listener (with
 //! TCP_NODELAY: without it Nagle plus delayed ACK costs ~40 ms a call) and a
 //! cache of client channels to peer controllers, each call bounded by a
-//! deadline. Knows nothing of routing or tasks.
+//! deadline. With TLS, a peer channel is bound to the region it is meant to
+//! reach: the handshake refuses a certificate naming another region.
+//! Knows nothing of routing or tasks.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -62,6 +64,46 @@ impl Channels {
             .keep_alive_timeout(Duration::from_secs(5))
             .connect_lazy();
         cache.insert(endpoint.to_string(), channel.clone());
+        Ok(channel)
+    }
+
+    /// The mutual-TLS channel to `region` at `endpoint`, created on first
+    /// use; the server's certificate must name `region` (else the handshake
+    /// fails and the refusal is logged). `on_verified` learns each verified
+    /// certificate's identity.
+    pub fn get_tls(
+        &self,
+        endpoint: &str,
+        region: &str,
+        tls: &federation_tls::ClientTls,
+        on_verified: federation_tls::OnVerified,
+    ) -> Result<Channel, EndpointError> {
+        let key = format!("{region}|{endpoint}");
+        let mut cache = self
+            .cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(c) = cache.get(&key) {
+            return Ok(c.clone());
+        }
+        let connect_timeout = self.connect_timeout;
+        let channel = tls
+            .channel(
+                endpoint,
+                federation_tls::Expect::Region(region.to_string()),
+                Some(on_verified),
+                |ep| {
+                    ep.connect_timeout(connect_timeout)
+                        .tcp_nodelay(true)
+                        .http2_keep_alive_interval(Duration::from_secs(10))
+                        .keep_alive_timeout(Duration::from_secs(5))
+                },
+            )
+            .map_err(|e| EndpointError {
+                endpoint: endpoint.to_string(),
+                why: e.to_string(),
+            })?;
+        cache.insert(key, channel.clone());
         Ok(channel)
     }
 

@@ -23,7 +23,7 @@ use tracing::{Instrument, debug, error, info, warn};
 use crate::exec::{self, CancelReason, ExecStatus, Report};
 use crate::{AgentConfig, AgentError, AgentReport};
 
-type Client = RegionAgentApiClient<Channel>;
+type Client = RegionAgentApiClient<federation_tls::AuthChannel>;
 type CancelSender = Arc<watch::Sender<Option<CancelReason>>>;
 
 /// Used when the controller sends 0 for a timer.
@@ -159,23 +159,53 @@ async fn sleep_unless(delay: Duration, stop: &mut watch::Receiver<bool>) -> bool
     }
 }
 
+/// The channel to the controller: mutual TLS when a CA is configured (the
+/// controller's certificate must name our region), plaintext otherwise.
+fn channel(config: &AgentConfig) -> Result<Channel, AgentError> {
+    let connect_timeout = config.rpc_timeout.min(Duration::from_secs(5));
+    let Some(ca) = &config.tls.ca else {
+        let endpoint = Endpoint::from_shared(config.controller.clone()).map_err(|source| {
+            AgentError::Address {
+                address: config.controller.clone(),
+                source,
+            }
+        })?;
+        return Ok(endpoint
+            .connect_timeout(connect_timeout)
+            .tcp_nodelay(true)
+            .connect_lazy());
+    };
+    let tls = federation_tls::ClientTls::load(
+        ca,
+        config
+            .tls
+            .cert_key
+            .as_ref()
+            .map(|(c, k)| (c.as_path(), k.as_path())),
+        "",
+    )
+    .map_err(|e| AgentError::Config(e.to_string()))?;
+    let expect = match &config.region {
+        Some(r) => federation_tls::Expect::Region(r.clone()),
+        None => federation_tls::Expect::AnyController,
+    };
+    tls.channel(&config.controller, expect, None, |ep| {
+        ep.connect_timeout(connect_timeout).tcp_nodelay(true)
+    })
+    .map_err(|e| AgentError::Config(e.to_string()))
+}
+
 pub(crate) async fn run(
     config: AgentConfig,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<AgentReport, AgentError> {
     config.validate()?;
-    let endpoint =
-        Endpoint::from_shared(config.controller.clone()).map_err(|source| AgentError::Address {
-            address: config.controller.clone(),
-            source,
-        })?;
-    let channel = endpoint
-        .connect_timeout(config.rpc_timeout.min(Duration::from_secs(5)))
-        .tcp_nodelay(true)
-        .connect_lazy();
+    let channel = channel(&config)?;
+    let bearer = federation_tls::Bearer::new(config.tls.token.as_deref())
+        .map_err(|e| AgentError::Config(format!("--token: {e}")))?;
     let slots = usize::try_from(config.slots).unwrap_or(usize::MAX);
     let agent = Arc::new(Agent {
-        client: RegionAgentApiClient::new(channel),
+        client: RegionAgentApiClient::with_interceptor(channel, bearer),
         slots: Arc::new(Semaphore::new(slots)),
         running: Mutex::new(HashMap::new()),
         next_token: AtomicU64::new(0),

@@ -96,6 +96,33 @@ pub struct AgentArgs {
     /// On SIGTERM/SIGINT, how long running tasks may take to finish.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
+    /// The federation CA (PEM): talk mutual TLS to the controller, whose
+    /// certificate must name `--region` (any region when not given).
+    #[arg(long)]
+    pub ca: Option<std::path::PathBuf>,
+    /// The agent's certificate (`spiffe://<fed>/agent/<region>/<name>`).
+    #[arg(long, requires = "key")]
+    pub cert: Option<std::path::PathBuf>,
+    /// The agent certificate's private key.
+    #[arg(long, requires = "cert")]
+    pub key: Option<std::path::PathBuf>,
+    /// A bearer token (role agent) instead of a certificate.
+    #[arg(long, env = "FEDERATION_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Plaintext without authentication (development only).
+    #[arg(long, conflicts_with = "ca")]
+    pub insecure: bool,
+}
+
+/// How the agent authenticates to its controller.
+#[derive(Debug, Clone, Default)]
+pub struct AgentTls {
+    /// The federation CA; `None` means plaintext (`--insecure`).
+    pub ca: Option<std::path::PathBuf>,
+    /// Certificate and key.
+    pub cert_key: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    /// Bearer token.
+    pub token: Option<String>,
 }
 
 /// Everything an agent needs to run; build one from [`AgentArgs`] or with
@@ -129,6 +156,8 @@ pub struct AgentConfig {
     /// Deadline of one unary call (Register, Heartbeat, RenewLease,
     /// CompleteTask); LeaseTasks gets `lease_wait` on top.
     pub rpc_timeout: Duration,
+    /// TLS and credentials (default: plaintext, no credentials).
+    pub tls: AgentTls,
 }
 
 impl AgentConfig {
@@ -147,6 +176,7 @@ impl AgentConfig {
             max_backoff: Duration::from_secs(5),
             complete_retry_for: Duration::from_secs(60),
             rpc_timeout: Duration::from_secs(10),
+            tls: AgentTls::default(),
         }
     }
 
@@ -187,6 +217,11 @@ impl From<AgentArgs> for AgentConfig {
         config.limits.max_output = args.max_output;
         config.lease_wait = args.lease_wait;
         config.shutdown_grace = args.shutdown_grace;
+        config.tls = AgentTls {
+            ca: args.ca,
+            cert_key: args.cert.zip(args.key),
+            token: args.token,
+        };
         config
     }
 }
@@ -282,6 +317,15 @@ pub async fn run(
 /// stops at once, killing running tasks.
 pub fn main_with(args: AgentArgs) -> ExitCode {
     init_tracing();
+    if args.ca.is_none() && !args.insecure {
+        eprintln!(
+            "error: tls is required: pass --ca (with --cert/--key or --token), or --insecure for plaintext"
+        );
+        return ExitCode::from(2);
+    }
+    if args.insecure {
+        tracing::warn!("--insecure: talking plaintext gRPC to the controller, without credentials");
+    }
     let config = AgentConfig::from(args);
     if let Err(err) = config.validate() {
         eprintln!("error: {err}");

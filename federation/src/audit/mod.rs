@@ -581,6 +581,12 @@ pub fn verify(path: &Path) -> Result<VerifyReport, AuditError> {
     Ok(scan(&read_all(&path)?).report)
 }
 
+/// Verifies the chain of a log held in memory (what [`verify`] does after
+/// reading the file; the fuzz target drives this).
+pub fn verify_bytes(bytes: &[u8]) -> VerifyReport {
+    scan(bytes).report
+}
+
 /// Which records [`show`] returns; `None` fields match everything.
 #[derive(Debug, Clone, Default)]
 pub struct Filter {

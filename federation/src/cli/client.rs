@@ -23,6 +23,22 @@ pub struct Connect {
     /// Give up on the call after this long.
     #[arg(long, default_value = "10s", value_parser = crate::config::parse_duration)]
     pub timeout: Duration,
+    /// The federation CA (PEM): mutual TLS; the controller must present a
+    /// region certificate of this CA.
+    #[arg(long, env = "FEDERATION_CA")]
+    pub ca: Option<PathBuf>,
+    /// Our certificate (client, operator or auditor identity).
+    #[arg(long, env = "FEDERATION_CERT", requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// Its private key.
+    #[arg(long, env = "FEDERATION_KEY", requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// A bearer token instead of a certificate.
+    #[arg(long, env = "FEDERATION_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Plaintext without authentication (development only).
+    #[arg(long, conflicts_with = "ca")]
+    pub insecure: bool,
 }
 
 /// Arguments of `submit`.
@@ -142,7 +158,32 @@ fn endpoint(addr: &str) -> String {
     }
 }
 
-async fn channel(c: &Connect) -> anyhow::Result<tonic::transport::Channel> {
+/// A channel to the controller: mutual TLS (or a token over TLS) unless
+/// `--insecure`.
+pub async fn channel(c: &Connect) -> anyhow::Result<federation_tls::AuthChannel> {
+    let bearer = federation_tls::Bearer::new(c.token.as_deref())?;
+    let channel = match &c.ca {
+        Some(ca) => {
+            let tls =
+                federation_tls::ClientTls::load(ca, c.cert.as_deref().zip(c.key.as_deref()), "")?;
+            tls.connect(
+                &c.controller,
+                federation_tls::Expect::AnyController,
+                c.timeout,
+            )
+            .await?
+        }
+        None if c.insecure => plain_channel(c).await?,
+        None => anyhow::bail!(
+            "tls is required: pass --ca with --cert/--key or --token (or FEDERATION_CA…), or --insecure for plaintext"
+        ),
+    };
+    Ok(tonic::service::interceptor::InterceptedService::new(
+        channel, bearer,
+    ))
+}
+
+async fn plain_channel(c: &Connect) -> anyhow::Result<tonic::transport::Channel> {
     let url = endpoint(&c.controller);
     tonic::transport::Endpoint::from_shared(url.clone())
         .with_context(|| format!("bad controller address `{}`", c.controller))?
@@ -319,7 +360,7 @@ pub fn submit(args: SubmitArgs) -> ExitCode {
 }
 
 async fn wait(
-    client: &mut api::federation_client_client::FederationClientClient<tonic::transport::Channel>,
+    client: &mut api::federation_client_client::FederationClientClient<federation_tls::AuthChannel>,
     task_id: &str,
 ) -> anyhow::Result<api::Task> {
     let mut stream = client

@@ -20,7 +20,24 @@ use federation_api as api;
 
 use super::LogFormat;
 use crate::policy::AttrValue;
-use crate::sandbox::{Sandbox, SandboxBuilder, connect};
+use crate::sandbox::{Sandbox, SandboxBuilder};
+
+/// The operator's client TLS of the demo's sandbox (set once per run): the
+/// demo's federation runs on mutual TLS like a real one.
+static TLS: std::sync::OnceLock<federation_tls::ClientTls> = std::sync::OnceLock::new();
+
+async fn connect(addr: SocketAddr) -> anyhow::Result<tonic::transport::Channel> {
+    match TLS.get() {
+        Some(tls) => Ok(tls
+            .connect(
+                &format!("https://{addr}"),
+                federation_tls::Expect::AnyController,
+                Duration::from_secs(10),
+            )
+            .await?),
+        None => crate::sandbox::connect(addr).await,
+    }
+}
 
 /// The user's example, embedded so the demo runs from any directory.
 pub const SEED_POLICY: &str = include_str!("../../../policies/seed-federation.yaml");
@@ -238,11 +255,18 @@ async fn reload_all(demo: &Sandbox, names: &[&str], source: &str) -> anyhow::Res
 }
 
 async fn scenario(demo: &mut Sandbox) -> anyhow::Result<()> {
+    let _ = TLS.set(demo.client_tls(Some("operator"))?);
+    if let Some(tls) = demo.tls() {
+        println!(
+            "  mutual tls: CA and certificates in {}",
+            tls.layout.dir.display()
+        );
+    }
     for name in demo.region_names() {
         println!(
-            "  {:<14} controller http://{}  (2 agents x 2 slots)  data {}",
+            "  {:<14} controller {}  (2 agents x 2 slots)  data {}",
             name,
-            demo.addr(&name)?,
+            demo.url(&name)?,
             demo.data_dir(&name)?.display()
         );
     }

@@ -3,6 +3,7 @@
 //! the process exit code.
 
 pub mod audit;
+pub mod certs;
 pub mod client;
 pub mod demo;
 pub mod policy;
@@ -69,6 +70,9 @@ pub enum Command {
     Undrain(client::DrainArgs),
     /// Validate and apply a policy on a running controller (the old one stays on error).
     Reload(client::ReloadArgs),
+    /// Development certificates (mutual TLS).
+    #[command(subcommand)]
+    Certs(certs::CertsCommand),
     /// Run a region agent (the same as the `region-agent` binary).
     Agent(region_agent::AgentArgs),
     /// Inspect stored snapshots (decrypts with a key ring).
@@ -92,6 +96,7 @@ pub fn main() -> ExitCode {
         Command::Reload(args) => client::reload(args),
         Command::Agent(args) => region_agent::main_with(args),
         Command::Snapshot(cmd) => snapshot::run(cmd),
+        Command::Certs(cmd) => certs::run(cmd),
     }
 }
 

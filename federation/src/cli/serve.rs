@@ -43,6 +43,10 @@ pub struct ServeArgs {
     /// Peer endpoint override, REGION=URL (repeatable; overrides node.peers).
     #[arg(long = "peer", value_parser = parse_peer)]
     pub peers: Vec<(String, String)>,
+    /// Serve plaintext gRPC without authentication (development only; logs
+    /// a warning). Without it, `node.tls` (ca, cert, key) is required.
+    #[arg(long)]
+    pub insecure: bool,
 }
 
 fn parse_peer(s: &str) -> Result<(String, String), String> {
@@ -110,8 +114,10 @@ pub fn settings(args: &ServeArgs) -> anyhow::Result<Resolved> {
     };
     let advertise_endpoint = if listen.ip().is_unspecified() {
         spec.endpoint.clone()
-    } else {
+    } else if args.insecure {
         format!("http://{listen}")
+    } else {
+        format!("https://{listen}")
     };
     let admin_listen = args.admin_listen.or(node.admin_listen);
     let mut peers = node.peers.clone();
@@ -129,6 +135,29 @@ pub fn settings(args: &ServeArgs) -> anyhow::Result<Resolved> {
             crate::replication::keyring::KEYS_ENV
         );
     }
+    let tls = if args.insecure {
+        tracing::warn!(
+            "--insecure: serving plaintext gRPC; anyone who can connect can act as a peer, agent, client or operator"
+        );
+        None
+    } else {
+        let t = &node.tls;
+        let (Some(ca), Some(cert), Some(key)) = (t.ca.clone(), t.cert.clone(), t.key.clone())
+        else {
+            anyhow::bail!(
+                "tls is required: set node.tls.ca, node.tls.cert and node.tls.key (or FEDERATION__NODE__TLS__CA/…), or pass --insecure for plaintext"
+            );
+        };
+        Some(controller::TlsSettings {
+            files: federation_tls::TlsFiles { ca, cert, key },
+            federation: federation_tls::identity::slug(&loaded.file.federation.name),
+            attest_tags: t.attest_tags,
+        })
+    };
+    let tokens = match &node.tls.tokens_file {
+        Some(path) => crate::auth::Tokens::load(path)?,
+        None => crate::auth::Tokens::default(),
+    };
     let data_dir = args
         .data_dir
         .clone()
@@ -145,6 +174,8 @@ pub fn settings(args: &ServeArgs) -> anyhow::Result<Resolved> {
             limits: node.limits,
             config_path: args.config.clone(),
             keys,
+            tls,
+            tokens,
         },
         listen,
         admin_listen,

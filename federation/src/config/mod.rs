@@ -192,6 +192,9 @@ pub struct NodeSpec {
     /// The snapshot key ring (else the `FEDERATION_KEYS` environment variable).
     #[serde(default)]
     pub keys: KeysSpec,
+    /// Mutual TLS and credentials (`node.tls`).
+    #[serde(default)]
+    pub tls: TlsSpec,
 }
 
 /// Where the snapshot key ring comes from.
@@ -219,6 +222,36 @@ pub struct DiscoverySpec {
 
 fn default_discovery_interval() -> Duration {
     Duration::from_secs(10)
+}
+
+/// The `node.tls` section: this controller's certificate, the federation CA,
+/// whether advertised tags must be attested by the peer's certificate, and
+/// an optional bearer-token file (`token role [region]` lines).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsSpec {
+    /// The federation CA certificate (PEM).
+    pub ca: Option<PathBuf>,
+    /// This controller's certificate (PEM), naming `spiffe://<fed>/region/<region>`.
+    pub cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    pub key: Option<PathBuf>,
+    /// Keep only the advertised tags a peer's certificate attests.
+    pub attest_tags: bool,
+    /// Bearer tokens: one `token role [region]` per line.
+    pub tokens_file: Option<PathBuf>,
+}
+
+impl Default for TlsSpec {
+    fn default() -> Self {
+        Self {
+            ca: None,
+            cert: None,
+            key: None,
+            attest_tags: true,
+            tokens_file: None,
+        }
+    }
 }
 
 /// Timers of one controller. Every field accepts seconds or a human form.
@@ -297,6 +330,14 @@ pub struct Limits {
     pub max_result_bytes: usize,
     /// Queue depth at which this region reports itself full.
     pub max_queue_depth: u32,
+    /// Concurrent HTTP/2 streams (calls) per connection, also per peer.
+    pub max_concurrent_streams: u32,
+    /// Largest snapshot chunk, bytes (for the replication service).
+    pub max_snapshot_chunk_bytes: usize,
+    /// Most chunks in one snapshot (for the replication service).
+    pub max_snapshot_chunks: usize,
+    /// Most advertisements gossiped in one Advertise call.
+    pub max_known_advertisements: usize,
 }
 
 impl Default for Limits {
@@ -308,6 +349,10 @@ impl Default for Limits {
             max_attribute_len: 1024,
             max_result_bytes: 1 << 20,
             max_queue_depth: 100_000,
+            max_concurrent_streams: 256,
+            max_snapshot_chunk_bytes: 4 << 20,
+            max_snapshot_chunks: 4096,
+            max_known_advertisements: 1024,
         }
     }
 }

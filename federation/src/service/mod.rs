@@ -1,6 +1,7 @@
 //! The gRPC services: thin handlers that validate input, call into
 //! [`crate::routing`], [`crate::tasks`] and [`crate::membership`], and turn
 //! [`crate::error::Error`] into a status. No business logic lives here.
+//! Each service is wrapped in [`crate::auth::Authed`] (who may call what).
 
 mod admin;
 mod agent;
@@ -50,38 +51,51 @@ pub fn router(
         .build_v1alpha()
         .map_err(|e| tracing::error!(error = %e, "gRPC reflection v1alpha unavailable"))
         .ok();
+    let auth = node.auth.clone();
+    let streams = node.limits.max_concurrent_streams.max(1);
+    // Health and reflection carry no data and need no role: probes and
+    // off-the-shelf tools call them without credentials.
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
-        .max_concurrent_streams(Some(1024))
+        .max_concurrent_streams(Some(streams))
+        .concurrency_limit_per_connection(streams as usize)
         .add_service(health)
         .add_optional_service(reflection_v1)
         .add_optional_service(reflection_v1alpha)
-        .add_service(
+        .add_service(crate::auth::Authed::new(
             api::federation_client_server::FederationClientServer::new(client::ClientService::new(
                 node.clone(),
             ))
             .max_decoding_message_size(max)
             .max_encoding_message_size(max),
-        )
-        .add_service(
+            auth.clone(),
+            max,
+        ))
+        .add_service(crate::auth::Authed::new(
             api::federation_peer_server::FederationPeerServer::new(peer::PeerService::new(
                 node.clone(),
             ))
             .max_decoding_message_size(max)
             .max_encoding_message_size(max),
-        )
-        .add_service(
+            auth.clone(),
+            max,
+        ))
+        .add_service(crate::auth::Authed::new(
             api::region_agent_api_server::RegionAgentApiServer::new(agent::AgentService::new(
                 node.clone(),
             ))
             .max_decoding_message_size(max)
             .max_encoding_message_size(max),
-        )
-        .add_service(
+            auth.clone(),
+            max,
+        ))
+        .add_service(crate::auth::Authed::new(
             api::federation_admin_server::FederationAdminServer::new(admin::AdminService::new(
                 node,
             ))
             .max_decoding_message_size(max)
             .max_encoding_message_size(max),
-        )
+            auth.clone(),
+            max,
+        ))
 }

@@ -2,6 +2,10 @@
 //! (gossip both ways), forwarded tasks, relayed get/watch/cancel (of tasks we
 //! own or hold after a takeover), and snapshot pushes (verified and stored by
 //! `replication::receiver`).
+//!
+//! With TLS, the caller's certificate must name the region a message claims
+//! to come from (Advertise `origin`, ForwardTask `entry_region`, a snapshot's
+//! source); the auth layer has already checked it is a peer.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -10,6 +14,7 @@ use federation_api as api;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::client::{EventStream, local_cancel, local_get, local_watch};
+use crate::auth::Caller;
 use crate::controller::Node;
 use crate::error::Error;
 use crate::{routing, wire};
@@ -24,6 +29,40 @@ impl PeerService {
     /// A service over `node`.
     pub fn new(node: Arc<Node>) -> Self {
         Self { node }
+    }
+
+    /// Checks that the calling peer's certificate names `claimed`
+    /// (`field` for the message); records the tags it attests. Plaintext
+    /// mode has no caller and checks nothing.
+    fn check_caller<T>(
+        &self,
+        request: &Request<T>,
+        field: &str,
+        claimed: &str,
+    ) -> Result<(), Status> {
+        self.check_caller_identity(request.extensions().get::<Caller>(), field, claimed)
+    }
+
+    fn check_caller_identity(
+        &self,
+        caller: Option<&Caller>,
+        field: &str,
+        claimed: &str,
+    ) -> Result<(), Status> {
+        let Some(Caller(id)) = caller else {
+            return Ok(());
+        };
+        let region = id.region.as_deref().unwrap_or("");
+        if region != claimed {
+            tracing::warn!(certificate = %id, claimed = %wire::truncate(claimed, 64), %field, "peer claims another region than its certificate; refused");
+            return Err(Error::Denied(format!(
+                "{field} `{}` does not match the caller's certificate ({id})",
+                wire::truncate(claimed, 64)
+            ))
+            .into());
+        }
+        self.node.membership.attest(region, &id.tags);
+        Ok(())
     }
 
     fn owned(&self, task_id: &str) -> Result<(), Status> {
@@ -42,6 +81,13 @@ impl api::federation_peer_server::FederationPeer for PeerService {
         &self,
         request: Request<api::AdvertiseRequest>,
     ) -> Result<Response<api::AdvertiseResponse>, Status> {
+        let claimed = request
+            .get_ref()
+            .origin
+            .as_ref()
+            .map(|o| o.region.clone())
+            .ok_or_else(|| Status::from(Error::invalid("origin", "missing")))?;
+        self.check_caller(&request, "origin.region", &claimed)?;
         let req = request.into_inner();
         let now = Instant::now();
         let origin = req
@@ -57,8 +103,13 @@ impl api::federation_peer_server::FederationPeer for PeerService {
             )
             .into());
         }
-        if req.known.len() > 1024 {
-            return Err(Error::limit("known", "more than 1024 advertisements").into());
+        let max_known = self.node.limits.max_known_advertisements;
+        if req.known.len() > max_known {
+            return Err(Error::limit(
+                "known",
+                format!("more than max_known_advertisements ({max_known}) advertisements"),
+            )
+            .into());
         }
         self.node.membership.observe(&origin, now);
         crate::replication::takeover::on_advertisement(&self.node, &origin).await;
@@ -78,6 +129,11 @@ impl api::federation_peer_server::FederationPeer for PeerService {
         &self,
         request: Request<api::ForwardTaskRequest>,
     ) -> Result<Response<api::ForwardTaskResponse>, Status> {
+        let entry = request.get_ref().entry_region.clone();
+        if entry.is_empty() {
+            return Err(Error::invalid("entry_region", "missing").into());
+        }
+        self.check_caller(&request, "entry_region", &entry)?;
         Ok(Response::new(
             routing::accept_forward(&self.node, request.into_inner()).await?,
         ))
@@ -128,12 +184,25 @@ impl api::federation_peer_server::FederationPeer for PeerService {
             ))
             .into());
         }
+        let caller = request.extensions().get::<Caller>().cloned();
         let chunks = crate::replication::receiver::collect(
             request.into_inner(),
             repl.receiver.limits(),
             repl.counters(),
         )
         .await?;
+        // With TLS the sender must be the region whose state it pushes.
+        let source = chunks
+            .first()
+            .and_then(|c| c.header.as_ref())
+            .map(|h| h.source_region.clone())
+            .unwrap_or_default();
+        if let Err(status) =
+            self.check_caller_identity(caller.as_ref(), "snapshot source_region", &source)
+        {
+            crate::replication::receiver::Stats::bump(&repl.counters().rejected_not_permitted);
+            return Err(status);
+        }
         let policy = self.node.policy();
         let outcome = repl.receiver.receive(&policy, &chunks, repl.counters());
         Ok(Response::new(match outcome {
