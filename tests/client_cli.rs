@@ -6,8 +6,10 @@ use std::process::Command;
 
 use support::*;
 
-fn run(args: &[&str]) -> (i32, String, String) {
+/// Runs the CLI with `env` (the sandbox's credentials, see `Sandbox::cli_env`).
+fn run(env: &[(String, String)], args: &[&str]) -> (i32, String, String) {
     let out = Command::new(federation_exe())
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .args(args)
         .output()
         .expect("runs");
@@ -21,6 +23,9 @@ fn run(args: &[&str]) -> (i32, String, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn submit_get_and_status_from_the_command_line() {
     let sandbox = seed_sandbox().agents(1, 1).start().expect("sandbox starts");
+    // Leaked so the blocking closures below can share it ('static).
+    let env: &'static [(String, String)] =
+        Vec::leak(sandbox.cli_env("operator").expect("credentials"));
     sandbox
         .wait_all_alive(PATIENCE)
         .await
@@ -34,18 +39,21 @@ async fn submit_get_and_status_from_the_command_line() {
         let na = na.clone();
         let payload = payload.display().to_string();
         move || {
-            run(&[
-                "submit",
-                "--controller",
-                &na,
-                "--attr",
-                "customer_region=DE",
-                "--payload-file",
-                &payload,
-                "--wait",
-                "--format",
-                "json",
-            ])
+            run(
+                env,
+                &[
+                    "submit",
+                    "--controller",
+                    &na,
+                    "--attr",
+                    "customer_region=DE",
+                    "--payload-file",
+                    &payload,
+                    "--wait",
+                    "--format",
+                    "json",
+                ],
+            )
         }
     })
     .await
@@ -60,7 +68,7 @@ async fn submit_get_and_status_from_the_command_line() {
 
     let (code, out, _) = tokio::task::spawn_blocking({
         let na = na.clone();
-        move || run(&["get", "--controller", &na, &id])
+        move || run(env, &["get", "--controller", &na, &id])
     })
     .await
     .expect("join");
@@ -70,13 +78,16 @@ async fn submit_get_and_status_from_the_command_line() {
     let (code, out, err) = tokio::task::spawn_blocking({
         let na = na.clone();
         move || {
-            run(&[
-                "submit",
-                "--controller",
-                &na,
-                "--attr",
-                "customer_region=JP",
-            ])
+            run(
+                env,
+                &[
+                    "submit",
+                    "--controller",
+                    &na,
+                    "--attr",
+                    "customer_region=JP",
+                ],
+            )
         }
     })
     .await
@@ -87,16 +98,20 @@ async fn submit_get_and_status_from_the_command_line() {
         "{err}"
     );
 
-    let (code, out, _) = tokio::task::spawn_blocking(move || run(&["status", "--controller", &na]))
-        .await
-        .expect("join");
+    let (code, out, _) =
+        tokio::task::spawn_blocking(move || run(env, &["status", "--controller", &na]))
+            .await
+            .expect("join");
     assert_eq!(code, 0);
     for needle in ["north_america", "europe", "asia_pacific", "alive", "GDPR"] {
         assert!(out.contains(needle), "missing {needle}: {out}");
     }
 
     let (code, _, err) = tokio::task::spawn_blocking(|| {
-        run(&["status", "--controller", "127.0.0.1:1", "--timeout", "1s"])
+        run(
+            env,
+            &["status", "--controller", "127.0.0.1:1", "--timeout", "1s"],
+        )
     })
     .await
     .expect("join");
@@ -106,6 +121,9 @@ async fn submit_get_and_status_from_the_command_line() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_sends_new_work_elsewhere_and_reload_refuses_a_bad_policy() {
     let mut sandbox = seed_sandbox().agents(0, 1).start().expect("sandbox starts");
+    // Leaked so the blocking closures below can share it ('static).
+    let env: &'static [(String, String)] =
+        Vec::leak(sandbox.cli_env("operator").expect("credentials"));
     sandbox
         .wait_all_alive(PATIENCE)
         .await
@@ -147,14 +165,17 @@ async fn drain_sends_new_work_elsewhere_and_reload_refuses_a_bad_policy() {
     let (code, out, err) = tokio::task::spawn_blocking({
         let eu = eu.clone();
         move || {
-            run(&[
-                "drain",
-                "--controller",
-                &eu,
-                "--wait",
-                "--wait-timeout",
-                "30s",
-            ])
+            run(
+                env,
+                &[
+                    "drain",
+                    "--controller",
+                    &eu,
+                    "--wait",
+                    "--wait-timeout",
+                    "30s",
+                ],
+            )
         }
     })
     .await
@@ -193,7 +214,7 @@ async fn drain_sends_new_work_elsewhere_and_reload_refuses_a_bad_policy() {
 
     let (code, out, _) = tokio::task::spawn_blocking({
         let eu = eu.clone();
-        move || run(&["undrain", "--controller", &eu])
+        move || run(env, &["undrain", "--controller", &eu])
     })
     .await
     .expect("join");
@@ -211,7 +232,7 @@ async fn drain_sends_new_work_elsewhere_and_reload_refuses_a_bad_policy() {
     let (code, _, err) = tokio::task::spawn_blocking({
         let na = na.clone();
         let bad = bad.display().to_string();
-        move || run(&["reload", "--controller", &na, "--file", &bad])
+        move || run(env, &["reload", "--controller", &na, "--file", &bad])
     })
     .await
     .expect("join");
@@ -226,7 +247,7 @@ async fn drain_sends_new_work_elsewhere_and_reload_refuses_a_bad_policy() {
     let (code, out, err) = tokio::task::spawn_blocking({
         let na = na.clone();
         let good = good.display().to_string();
-        move || run(&["reload", "--controller", &na, "--file", &good])
+        move || run(env, &["reload", "--controller", &na, "--file", &good])
     })
     .await
     .expect("join");

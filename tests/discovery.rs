@@ -47,6 +47,17 @@ async fn peers_found_by_dns_srv() {
 
     let config = dir.path().join("federation.yaml");
     std::fs::write(&config, SEED).expect("policy");
+    // Mutual TLS as in production: certificates from `federation certs init`.
+    let certs = dir.path().join("certs");
+    let made = Command::new(federation_exe())
+        .args(["certs", "init", "--out"])
+        .arg(&certs)
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .expect("certs init runs");
+    assert!(made.status.success(), "certs init: {made:?}");
+    let layout = federation_tls::dev::Layout { dir: certs };
     let start =
         |region: &str, listen: std::net::SocketAddr, extra: &[String], env: &[(&str, String)]| {
             let mut cmd = Command::new(federation_exe());
@@ -63,6 +74,9 @@ async fn peers_found_by_dns_srv() {
                 .arg(dir.path().join(region))
                 .args(extra)
                 .env("FEDERATION_KEYS", TEST_KEYS)
+                .env("FEDERATION__NODE__TLS__CA", layout.ca())
+                .env("FEDERATION__NODE__TLS__CERT", layout.region(region).0)
+                .env("FEDERATION__NODE__TLS__KEY", layout.region(region).1)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null());
             for (k, v) in env {
@@ -92,13 +106,24 @@ async fn peers_found_by_dns_srv() {
     );
     // north_america's only way to reach europe is the SRV record: a DE task
     // forwarded there proves it.
+    let (cert, key) = layout.pair("operator");
+    let operator = federation_tls::ClientTls::load(&layout.ca(), Some((&cert, &key)), "")
+        .expect("operator credentials");
+    let channel = || async {
+        operator
+            .connect(
+                &format!("https://{na}"),
+                federation_tls::Expect::Region("north_america".into()),
+                std::time::Duration::from_secs(5),
+            )
+            .await
+    };
     let placed = eventually(
         "north_america forwards to the discovered europe",
         PATIENCE,
-        || async move {
-            let mut c = api::federation_client_client::FederationClientClient::new(
-                federation::sandbox::connect(na).await.ok()?,
-            );
+        || async {
+            let mut c =
+                api::federation_client_client::FederationClientClient::new(channel().await.ok()?);
             let r = c
                 .submit_task(api::SubmitTaskRequest {
                     attributes: string_attrs(&[("customer_region", "DE")]),
@@ -112,9 +137,8 @@ async fn peers_found_by_dns_srv() {
     )
     .await;
     assert!(placed.task_id.ends_with(".europe"));
-    let mut admin = api::federation_admin_client::FederationAdminClient::new(
-        federation::sandbox::connect(na).await.expect("connect"),
-    );
+    let mut admin =
+        api::federation_admin_client::FederationAdminClient::new(channel().await.expect("connect"));
     let s = admin
         .federation_status(api::FederationStatusRequest {})
         .await
@@ -125,5 +149,6 @@ async fn peers_found_by_dns_srv() {
         .iter()
         .find(|r| r.region == "europe")
         .expect("europe row");
-    assert_eq!(row.endpoint, format!("http://{eu}"), "endpoint from DNS");
+    assert_eq!(row.endpoint, format!("https://{eu}"), "endpoint from DNS");
+    assert_eq!(row.state, "alive", "reached over mutual TLS: {row:?}");
 }

@@ -17,7 +17,7 @@ async fn json_logs_carry_routing_fields() {
     let log = dir.path().join("europe.log");
     let addr = free_port().expect("port");
     let mut cmd = Command::new(federation_exe());
-    cmd.args(["--log-format", "json", "serve", "--config"])
+    cmd.args(["--log-format", "json", "serve", "--insecure", "--config"])
         .arg(&config)
         .args([
             "--region",
@@ -84,4 +84,11 @@ async fn json_logs_carry_routing_fields() {
         .find(|l| l["fields"]["message"] == "task rejected")
         .unwrap_or_else(|| panic!("no `task rejected` event in:\n{text}"));
     assert_eq!(rejected["span"]["rule"], "none", "{rejected}");
+    assert!(
+        lines.iter().any(|l| l["level"] == "WARN"
+            && l["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("--insecure"))),
+        "plaintext mode is announced with a warning:\n{text}"
+    );
 }

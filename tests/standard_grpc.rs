@@ -57,11 +57,15 @@ async fn health_and_reflection_work_with_python_grpcio() {
         .expect("federation forms");
     let addr = sandbox.addr("europe").expect("addr").to_string();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/grpc_probe.py");
-    let out =
-        tokio::task::spawn_blocking(move || Command::new(python).arg(script).arg(addr).output())
-            .await
-            .expect("join")
-            .expect("python runs");
+    // Over the controller's TLS (as the federation runs by default), trusting
+    // the federation CA and presenting no client certificate.
+    let ca = sandbox.tls().expect("tls on").layout.ca();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(python).arg(script).arg(addr).arg(ca).output()
+    })
+    .await
+    .expect("join")
+    .expect("python runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stdout}{stderr}");

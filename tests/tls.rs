@@ -202,6 +202,21 @@ async fn certificates_are_checked_both_ways() {
         .await
         .expect_err("expired peer refused");
     }
+
+    // Every refusal above is logged by europe with its reason.
+    let log = sandbox.controller_log_text("europe").to_lowercase();
+    for needle in [
+        "client certificate refused",
+        // The foreign CA shares the sandbox CA's name: its signature fails.
+        "reason=invalid peer certificate: badsignature",
+        "reason=invalid peer certificate: certificate expired",
+        "peer claims another region than its certificate",
+    ] {
+        assert!(
+            log.contains(needle),
+            "europe's log lacks `{needle}`:\n{log}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -369,6 +384,31 @@ async fn unattested_tag_is_dropped_and_routing_refuses() {
         .expect_err("no attested GDPR region");
     assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
     assert!(err.message().contains("GDPR"), "{}", err.message());
+
+    // The drop is logged, and the auditor's record of the refusal shows
+    // europe judged on its attested tags only.
+    let log = sandbox.controller_log_text("north_america");
+    assert!(
+        log.contains("advertised tags not attested by the region's certificate; dropped")
+            && log.contains("GDPR"),
+        "north_america's log:\n{log}"
+    );
+    let decisions = std::fs::read_to_string(
+        sandbox
+            .data_dir("north_america")
+            .expect("data dir")
+            .join("decisions.jsonl"),
+    )
+    .expect("decision log");
+    let refused = decisions
+        .lines()
+        .rev()
+        .find(|l| l.contains("\"DE\""))
+        .expect("the DE decision is logged");
+    assert!(
+        refused.contains("europe") && refused.contains("lacks GDPR"),
+        "{refused}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -380,6 +420,8 @@ async fn limits_over_the_wire() {
         .env("FEDERATION__NODE__LIMITS__MAX_ATTRIBUTES", "4")
         .env("FEDERATION__NODE__LIMITS__MAX_ATTRIBUTE_LEN", "32")
         .env("FEDERATION__NODE__LIMITS__MAX_KNOWN_ADVERTISEMENTS", "2")
+        .env("FEDERATION__NODE__LIMITS__MAX_SNAPSHOT_CHUNKS", "2")
+        .env("FEDERATION__NODE__LIMITS__MAX_SNAPSHOT_CHUNK_BYTES", "1024")
         .start()
         .expect("sandbox starts");
     sandbox
@@ -454,6 +496,33 @@ async fn limits_over_the_wire() {
         "{}",
         err.message()
     );
+
+    // Snapshot pushes from a genuine peer: too many chunks, a chunk too big.
+    let chunk = |index: u32, bytes: usize| api::SnapshotChunk {
+        header: (index == 0).then(|| api::SnapshotHeader {
+            source_region: "asia_pacific".into(),
+            epoch: 1,
+            sequence: 1,
+            key_id: "k".into(),
+            chunk_count: 3,
+            compression: "zstd".into(),
+            ..Default::default()
+        }),
+        index,
+        ciphertext: vec![7; bytes],
+        nonce: vec![0; 12],
+    };
+    for (chunks, limit) in [
+        (vec![chunk(0, 16), chunk(1, 16), chunk(2, 16)], "max_chunks"),
+        (vec![chunk(0, 4096)], "max_chunk_bytes"),
+    ] {
+        let err = peer
+            .push_snapshot(futures::stream::iter(chunks))
+            .await
+            .expect_err("over the snapshot limit");
+        assert_eq!(err.code(), Code::ResourceExhausted, "{err}");
+        assert!(err.message().contains(limit), "{limit}: {}", err.message());
+    }
 
     // Malformed: a task id that is not one.
     let err = client

@@ -342,6 +342,11 @@ pub async fn open(settings: Settings) -> anyhow::Result<Arc<Node>> {
         settings.keys.clone(),
         &store,
         settings.timers.startup_fence,
+        crate::replication::envelope::Limits {
+            max_chunk_bytes: settings.limits.max_snapshot_chunk_bytes,
+            max_chunks: u32::try_from(settings.limits.max_snapshot_chunks).unwrap_or(u32::MAX),
+            ..Default::default()
+        },
     );
     let tls = match &settings.tls {
         None => {
@@ -604,7 +609,15 @@ pub async fn discovery_loop(node: Arc<Node>, discoverer: crate::discovery::Disco
             .resolve(|r| r != own && policy.region(r).is_some())
             .await
         {
-            Ok(found) => {
+            Ok(mut found) => {
+                if node.tls.is_some() {
+                    // The peer channel is TLS whatever the scheme says; show it.
+                    for endpoint in found.values_mut() {
+                        if let Some(rest) = endpoint.strip_prefix("http://") {
+                            *endpoint = format!("https://{rest}");
+                        }
+                    }
+                }
                 let mut map = node
                     .discovered
                     .write()

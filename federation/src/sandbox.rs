@@ -76,6 +76,11 @@ impl ChildGuard {
         None
     }
 
+    /// Takes the child's piped stdout (when spawned with `Stdio::piped()`).
+    pub fn stdout(&mut self) -> Option<std::process::ChildStdout> {
+        self.child.as_mut().and_then(|c| c.stdout.take())
+    }
+
     /// Kills and reaps the child now.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -388,6 +393,24 @@ impl Sandbox {
         )?)
     }
 
+    /// Environment for the `federation` client commands to act as identity
+    /// `stem` (`client`, `operator`, `auditor`): `FEDERATION_CA`/`_CERT`/`_KEY`;
+    /// empty when the sandbox is insecure (pass `--insecure` then).
+    pub fn cli_env(&self, stem: &str) -> anyhow::Result<Vec<(String, String)>> {
+        let Some(tls) = &self.tls else {
+            return Ok(Vec::new());
+        };
+        let (cert, key) = tls.layout.pair(stem);
+        Ok(vec![
+            (
+                "FEDERATION_CA".into(),
+                tls.layout.ca().display().to_string(),
+            ),
+            ("FEDERATION_CERT".into(), cert.display().to_string()),
+            ("FEDERATION_KEY".into(), key.display().to_string()),
+        ])
+    }
+
     /// A channel to `name`'s controller as the identity `stem` (see
     /// [`Sandbox::client_tls`]); plaintext when the sandbox is insecure.
     pub async fn channel_as(&self, name: &str, stem: Option<&str>) -> anyhow::Result<Channel> {
@@ -467,6 +490,30 @@ impl Sandbox {
         }
     }
 
+    /// Where `name`'s controller writes its log (appended across restarts),
+    /// unless the sandbox is verbose (then it goes to our stderr).
+    pub fn controller_log(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.controller.log"))
+    }
+
+    /// The text `name`'s controller has logged so far (empty if verbose).
+    pub fn controller_log_text(&self, name: &str) -> String {
+        std::fs::read_to_string(self.controller_log(name)).unwrap_or_default()
+    }
+
+    fn log_stdio(&self, name: &str) -> anyhow::Result<Stdio> {
+        if self.builder.verbose {
+            return Ok(Stdio::inherit());
+        }
+        let path = self.controller_log(name);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        Ok(Stdio::from(file))
+    }
+
     /// Starts (or restarts, same port and data) the controller of `name`.
     pub fn start_controller(&mut self, name: &str) -> anyhow::Result<()> {
         let peers: Vec<String> = self
@@ -502,7 +549,7 @@ impl Sandbox {
             .arg("--admin-listen")
             .arg(region.admin_addr.to_string())
             .stdout(Stdio::null())
-            .stderr(self.stdio());
+            .stderr(self.log_stdio(name)?);
         for (k, v) in &self.builder.env {
             cmd.env(k, v);
         }
@@ -681,11 +728,10 @@ impl Sandbox {
         patience: Duration,
         check: impl Fn(&api::RegionStatus) -> bool,
     ) -> anyhow::Result<api::RegionStatus> {
-        let addr = self.addr(viewer)?;
         let until = Instant::now() + patience;
         let mut last = None;
         while Instant::now() < until {
-            if let Ok(ch) = connect(addr).await {
+            if let Ok(ch) = self.channel(viewer).await {
                 let mut admin = api::federation_admin_client::FederationAdminClient::new(ch);
                 if let Ok(s) = admin
                     .federation_status(api::FederationStatusRequest {})

@@ -107,12 +107,14 @@ impl Channels {
         Ok(channel)
     }
 
-    /// Drops the cached channel for `endpoint` (after an endpoint change).
+    /// Drops the cached channels for `endpoint`, plaintext and TLS (after
+    /// an endpoint change).
     pub fn forget(&self, endpoint: &str) {
+        let suffix = format!("|{endpoint}");
         self.cache
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(endpoint);
+            .retain(|key, _| key != endpoint && !key.ends_with(&suffix));
     }
 }
 

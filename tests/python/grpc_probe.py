@@ -1,7 +1,9 @@
 """Probe a controller with off-the-shelf gRPC tooling (not ours): the standard
 health service and server reflection, through grpcio's own helpers.
 
-Usage: grpc_probe.py HOST:PORT   — prints one line per finding; exit 0."""
+Usage: grpc_probe.py HOST:PORT [CA.pem]   — prints one line per finding; exit 0.
+With CA.pem the channel is TLS (server verified against that CA, no client
+certificate: health and reflection need no credentials)."""
 import sys
 
 import grpc
@@ -11,7 +13,13 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 
 target = sys.argv[1]
-with grpc.insecure_channel(target) as channel:
+if len(sys.argv) > 2:
+    with open(sys.argv[2], "rb") as f:
+        credentials = grpc.ssl_channel_credentials(root_certificates=f.read())
+    channel = grpc.secure_channel(target, credentials)
+else:
+    channel = grpc.insecure_channel(target)
+with channel:
     health = health_pb2_grpc.HealthStub(channel)
     for service in ["", "federation.v1.FederationClient", "federation.v1.RegionAgentApi"]:
         reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)

@@ -332,9 +332,9 @@ pub struct Limits {
     pub max_queue_depth: u32,
     /// Concurrent HTTP/2 streams (calls) per connection, also per peer.
     pub max_concurrent_streams: u32,
-    /// Largest snapshot chunk, bytes (for the replication service).
+    /// Largest snapshot chunk a peer may push, ciphertext bytes.
     pub max_snapshot_chunk_bytes: usize,
-    /// Most chunks in one snapshot (for the replication service).
+    /// Most chunks in one pushed snapshot.
     pub max_snapshot_chunks: usize,
     /// Most advertisements gossiped in one Advertise call.
     pub max_known_advertisements: usize,
@@ -350,7 +350,7 @@ impl Default for Limits {
             max_result_bytes: 1 << 20,
             max_queue_depth: 100_000,
             max_concurrent_streams: 256,
-            max_snapshot_chunk_bytes: 4 << 20,
+            max_snapshot_chunk_bytes: 1 << 20,
             max_snapshot_chunks: 4096,
             max_known_advertisements: 1024,
         }

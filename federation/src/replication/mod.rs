@@ -69,6 +69,7 @@ impl Replication {
         ring: Option<KeyRing>,
         store: &TaskStore,
         fence_for: Duration,
+        limits: Limits,
     ) -> Self {
         let sync = policy.sync.clone();
         let enabled = sync.enabled && ring.as_ref().is_some_and(|r| r.current().is_some());
@@ -78,7 +79,7 @@ impl Replication {
         let takeover = takeover::TakeoverState::open(region, data_dir, policy, store, fence_for);
         Self {
             enabled,
-            receiver: Receiver::open(region, data_dir, ring.clone(), Limits::default()),
+            receiver: Receiver::open(region, data_dir, ring.clone(), limits),
             sync,
             ring,
             nonces: NonceSource::new(),
