@@ -60,6 +60,7 @@ async fn health_and_reflection_work_with_python_grpcio() {
     // Over the controller's TLS (as the federation runs by default), trusting
     // the federation CA and presenting no client certificate.
     let ca = sandbox.tls().expect("tls on").layout.ca();
+    let python_again = python.clone();
     let out = tokio::task::spawn_blocking(move || {
         Command::new(python).arg(script).arg(addr).arg(ca).output()
     })
@@ -81,6 +82,32 @@ async fn health_and_reflection_work_with_python_grpcio() {
         "reflection service grpc.health.v1.Health",
         "reflection file federation/v1/federation.proto",
     ] {
+        assert!(
+            stdout.lines().any(|l| l == line),
+            "missing `{line}` in:\n{stdout}{stderr}"
+        );
+    }
+
+    // The plaintext health-only port (for Kubernetes gRPC probes, which
+    // cannot speak TLS): health answers, nothing else is there.
+    let health = sandbox
+        .health_addr("europe")
+        .expect("health addr")
+        .to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(python_again)
+            .arg(script)
+            .arg(health)
+            .arg("--health-only")
+            .output()
+    })
+    .await
+    .expect("join")
+    .expect("python runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    for line in ["health <server> SERVING", "reflection UNIMPLEMENTED"] {
         assert!(
             stdout.lines().any(|l| l == line),
             "missing `{line}` in:\n{stdout}{stderr}"

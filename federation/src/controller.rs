@@ -103,6 +103,10 @@ pub struct Node {
     pub config_path: PathBuf,
     /// Snapshot replication, takeover and its counters.
     pub replication: crate::replication::Replication,
+    /// The `grpc.health.v1` statuses (NOT_SERVING until ready, see
+    /// `readiness_loop`), served on the main port and the optional
+    /// plaintext health port.
+    pub health: tonic_health::server::HealthReporter,
     /// TLS material (`None` in plaintext `--insecure` mode).
     pub tls: Option<NodeTls>,
     /// Who may call what.
@@ -372,6 +376,10 @@ pub async fn open(settings: Settings) -> anyhow::Result<Arc<Node>> {
             Some(NodeTls { server, client })
         }
     };
+    let health = tonic_health::server::HealthReporter::new();
+    health
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
     let auth = Arc::new(crate::auth::Auth {
         region: settings.region.clone(),
         tokens: settings.tokens.clone(),
@@ -391,6 +399,7 @@ pub async fn open(settings: Settings) -> anyhow::Result<Arc<Node>> {
         limits: settings.limits,
         config_path: settings.config_path,
         replication,
+        health,
         tls,
         auth,
         sequence: AtomicU64::new(0),
@@ -436,10 +445,8 @@ pub async fn serve(
         let _ = signal_tx.send(());
     });
 
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_service_status("", tonic_health::ServingStatus::NotServing)
-        .await;
+    let health = node.health.clone();
+    let health_service = health_server(&node);
     let readiness = tokio::spawn(readiness_loop(
         node.clone(),
         health.clone(),
@@ -483,6 +490,35 @@ pub async fn serve(
     node.log.flush().await.context("flushing decision log")?;
     tracing::info!(region = %node.region, "controller stopped");
     served.context("gRPC server failed")
+}
+
+/// The `grpc.health.v1` service over this node's statuses.
+pub fn health_server(
+    node: &Node,
+) -> tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService> {
+    tonic_health::pb::health_server::HealthServer::new(
+        tonic_health::server::HealthService::from_health_reporter(node.health.clone()),
+    )
+}
+
+/// Serves only `grpc.health.v1`, in plaintext, on `listener` until
+/// `shutdown`: for probes that cannot speak TLS (Kubernetes gRPC probes).
+/// It reveals readiness and nothing else; every other service answers
+/// UNIMPLEMENTED there.
+pub async fn serve_health_only(
+    node: Arc<Node>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    let served = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .max_concurrent_streams(Some(64))
+        .add_service(health_server(&node))
+        .serve_with_incoming_shutdown(transport::incoming(listener), shutdown)
+        .await;
+    if let Err(e) = served {
+        tracing::error!(error = %e, "plaintext health server failed");
+    }
 }
 
 /// Every heartbeat: advertise to every peer (each call bounded by a

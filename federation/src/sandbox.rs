@@ -253,6 +253,7 @@ impl SandboxBuilder {
                 SandboxRegion {
                     addr: free_port()?,
                     admin_addr: free_port()?,
+                    health_addr: free_port()?,
                     data_dir: dir.join(&r.name),
                     controller: None,
                     agents: Vec::new(),
@@ -336,6 +337,8 @@ pub struct SandboxRegion {
     pub addr: SocketAddr,
     /// The controller's admin HTTP address (`/metrics`, status page).
     pub admin_addr: SocketAddr,
+    /// The controller's plaintext health-only gRPC address (probes).
+    pub health_addr: SocketAddr,
     /// Its data directory.
     pub data_dir: PathBuf,
     controller: Option<ChildGuard>,
@@ -477,6 +480,12 @@ impl Sandbox {
         Ok(self.region(name)?.admin_addr)
     }
 
+    /// The plaintext health-only gRPC address of `name` (what a Kubernetes
+    /// gRPC probe calls).
+    pub fn health_addr(&self, name: &str) -> anyhow::Result<SocketAddr> {
+        Ok(self.region(name)?.health_addr)
+    }
+
     /// The data directory of `name`.
     pub fn data_dir(&self, name: &str) -> anyhow::Result<PathBuf> {
         Ok(self.region(name)?.data_dir.clone())
@@ -548,6 +557,8 @@ impl Sandbox {
             .arg(&region.data_dir)
             .arg("--admin-listen")
             .arg(region.admin_addr.to_string())
+            .arg("--health-listen")
+            .arg(region.health_addr.to_string())
             .stdout(Stdio::null())
             .stderr(self.log_stdio(name)?);
         for (k, v) in &self.builder.env {

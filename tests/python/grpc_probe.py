@@ -1,9 +1,12 @@
 """Probe a controller with off-the-shelf gRPC tooling (not ours): the standard
 health service and server reflection, through grpcio's own helpers.
 
-Usage: grpc_probe.py HOST:PORT [CA.pem]   — prints one line per finding; exit 0.
+Usage: grpc_probe.py HOST:PORT [CA.pem | --health-only]
+Prints one line per finding; exit 0.
 With CA.pem the channel is TLS (server verified against that CA, no client
-certificate: health and reflection need no credentials)."""
+certificate: health and reflection need no credentials). With --health-only
+the channel is plaintext (as a Kubernetes gRPC probe's) and only the overall
+health and the absence of everything else are checked."""
 import sys
 
 import grpc
@@ -13,6 +16,17 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 
 target = sys.argv[1]
+if sys.argv[2:] == ["--health-only"]:
+    with grpc.insecure_channel(target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+        print(f"health <server> {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}")
+        try:
+            list(ProtoReflectionDescriptorDatabase(channel).get_services())
+            print("reflection unexpectedly answered")
+        except grpc.RpcError as e:
+            print(f"reflection {e.code().name}")
+    sys.exit(0)
 if len(sys.argv) > 2:
     with open(sys.argv[2], "rb") as f:
         credentials = grpc.ssl_channel_credentials(root_certificates=f.read())

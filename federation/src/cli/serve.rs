@@ -37,6 +37,10 @@ pub struct ServeArgs {
     /// Admin HTTP address for /metrics and the status page (overrides node.admin_listen).
     #[arg(long)]
     pub admin_listen: Option<SocketAddr>,
+    /// Plaintext gRPC health-only address for probes that cannot speak TLS
+    /// (overrides node.health_listen).
+    #[arg(long)]
+    pub health_listen: Option<SocketAddr>,
     /// Data directory (overrides node.data_dir).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
@@ -72,13 +76,21 @@ pub fn init_tracing(log: LogFormat) {
     };
 }
 
-/// Settings, listen address, admin address and DNS SRV discovery.
-pub type Resolved = (
-    Settings,
-    SocketAddr,
-    Option<SocketAddr>,
-    Option<config::DiscoverySpec>,
-);
+/// Everything `serve` needs: controller settings, the addresses to bind and
+/// DNS SRV discovery.
+#[derive(Debug)]
+pub struct Resolved {
+    /// The controller's settings.
+    pub settings: Settings,
+    /// The gRPC address (TLS unless `--insecure`).
+    pub listen: SocketAddr,
+    /// The admin HTTP address (`/metrics`, status page).
+    pub admin_listen: Option<SocketAddr>,
+    /// The plaintext health-only gRPC address (probes).
+    pub health_listen: Option<SocketAddr>,
+    /// DNS SRV discovery.
+    pub discovery: Option<config::DiscoverySpec>,
+}
 
 /// Builds controller settings from the configuration and flags.
 pub fn settings(args: &ServeArgs) -> anyhow::Result<Resolved> {
@@ -123,6 +135,7 @@ pub fn settings(args: &ServeArgs) -> anyhow::Result<Resolved> {
         format!("https://{listen}")
     };
     let admin_listen = args.admin_listen.or(node.admin_listen);
+    let health_listen = args.health_listen.or(node.health_listen);
     let mut peers = node.peers.clone();
     for (r, url) in &args.peers {
         if policy.region(r).is_none() {
@@ -166,8 +179,8 @@ pub fn settings(args: &ServeArgs) -> anyhow::Result<Resolved> {
         .clone()
         .or(node.data_dir.clone())
         .unwrap_or_else(|| PathBuf::from("data").join(&region));
-    Ok((
-        Settings {
+    Ok(Resolved {
+        settings: Settings {
             region,
             policy,
             data_dir,
@@ -182,8 +195,9 @@ pub fn settings(args: &ServeArgs) -> anyhow::Result<Resolved> {
         },
         listen,
         admin_listen,
-        node.discovery.clone(),
-    ))
+        health_listen,
+        discovery: node.discovery.clone(),
+    })
 }
 
 fn default_listen(endpoint: &str) -> Option<SocketAddr> {
@@ -204,7 +218,7 @@ fn default_listen(endpoint: &str) -> Option<SocketAddr> {
 /// Runs the controller until SIGTERM/SIGINT.
 pub fn run(args: ServeArgs, log: LogFormat) -> ExitCode {
     init_tracing(log);
-    let (settings, listen, admin_listen, discovery) = match settings(&args) {
+    let resolved = match settings(&args) {
         Ok(s) => s,
         Err(e) => return super::fail(&e, EXIT_CONFIG),
     };
@@ -212,18 +226,20 @@ pub fn run(args: ServeArgs, log: LogFormat) -> ExitCode {
         Ok(r) => r,
         Err(e) => return super::fail(&anyhow::Error::new(e).context("starting the runtime"), 1),
     };
-    match runtime.block_on(serve(settings, listen, admin_listen, discovery)) {
+    match runtime.block_on(serve(resolved)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => super::fail(&e, 1),
     }
 }
 
-async fn serve(
-    settings: Settings,
-    listen: SocketAddr,
-    admin_listen: Option<SocketAddr>,
-    discovery: Option<config::DiscoverySpec>,
-) -> anyhow::Result<()> {
+async fn serve(resolved: Resolved) -> anyhow::Result<()> {
+    let Resolved {
+        settings,
+        listen,
+        admin_listen,
+        health_listen,
+        discovery,
+    } = resolved;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding {listen}"))?;
@@ -235,7 +251,23 @@ async fn serve(
         ),
         None => None,
     };
+    let health = match health_listen {
+        Some(a) => Some(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("binding health address {a}"))?,
+        ),
+        None => None,
+    };
     let node = controller::open(settings).await?;
+    if let Some(health) = health {
+        tracing::info!(addr = ?health.local_addr().ok(), "plaintext gRPC health (probes only) serving");
+        tokio::spawn(controller::serve_health_only(
+            node.clone(),
+            health,
+            shutdown_signal(),
+        ));
+    }
     if let Some(spec) = discovery {
         let name = spec.dns_srv.clone();
         let discoverer = crate::discovery::Discoverer::new(spec)

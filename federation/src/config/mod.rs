@@ -177,6 +177,10 @@ pub struct NodeSpec {
     /// Admin HTTP address (`/metrics`, status page); off when unset.
     #[serde(default)]
     pub admin_listen: Option<SocketAddr>,
+    /// Plaintext gRPC address serving only `grpc.health.v1`, for probes that
+    /// cannot speak TLS (Kubernetes gRPC probes); off when unset.
+    #[serde(default)]
+    pub health_listen: Option<SocketAddr>,
     /// Peer discovery by DNS SRV, merged with `peers`.
     #[serde(default)]
     pub discovery: Option<DiscoverySpec>,

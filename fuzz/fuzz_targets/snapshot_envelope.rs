@@ -1,0 +1,134 @@
+//! Snapshot envelope decoding, as a receiver meets it: bytes → a stream of
+//! `SnapshotChunk` messages → `Collector` (limits, order) → `open` (AEAD,
+//! decompression bounds) → `SnapshotBody` decode. Two modes, by first byte:
+//!
+//! - raw: the rest is length-delimited protobuf chunks, decoded and opened
+//!   with a fixed key ring (wrong keys, garbage, bad headers);
+//! - tamper: the rest is a plaintext that is sealed with the ring's key and
+//!   then damaged as the tail bytes say (flip a byte, drop, duplicate or
+//!   swap a chunk, change a header field). An undamaged seal must open to the
+//!   same plaintext; a damaged one must be refused. Never a panic.
+#![no_main]
+
+use federation::replication::envelope::{self, Limits, NonceSource, SealParams};
+use federation::replication::{Key, KeyRing, SnapshotBody};
+use federation_api as api;
+use libfuzzer_sys::fuzz_target;
+use prost::Message as _;
+
+fn ring() -> KeyRing {
+    KeyRing::from_keys(vec![Key::new("fuzz-key", [7; 32])], Some("fuzz-key"))
+}
+
+fn limits() -> Limits {
+    Limits {
+        max_chunk_bytes: 4096,
+        max_chunks: 64,
+        max_total_bytes: 1 << 18,
+        max_plaintext_bytes: 1 << 20,
+    }
+}
+
+fn receive(chunks: Vec<api::SnapshotChunk>) -> Option<Vec<u8>> {
+    let mut collector = envelope::Collector::new(limits());
+    for c in chunks {
+        collector.push(c).ok()?;
+    }
+    let (_, plain) = envelope::open(&collector.into_chunks(), &ring(), &limits()).ok()?;
+    let _ = SnapshotBody::decode(plain.as_slice());
+    Some(plain)
+}
+
+fn raw(mut data: &[u8]) {
+    let mut chunks = Vec::new();
+    while !data.is_empty() && chunks.len() < 128 {
+        match api::SnapshotChunk::decode_length_delimited(&mut data) {
+            Ok(c) => chunks.push(c),
+            Err(_) => break,
+        }
+    }
+    let _ = receive(chunks);
+}
+
+fn tamper(data: &[u8]) {
+    // Last 8 bytes (if any) drive the damage; the rest is the plaintext.
+    let (plain, ops) = data.split_at(data.len().saturating_sub(8));
+    let params = SealParams {
+        source: "europe".into(),
+        epoch: 1,
+        sequence: 1,
+        rule_indexes: vec![1],
+        policy_hash: "p".into(),
+        compression: if ops.first().is_some_and(|b| b & 1 == 1) {
+            Some(1)
+        } else {
+            None
+        },
+        chunk_size: 64 + usize::from(ops.get(1).copied().unwrap_or(0)) * 8,
+    };
+    let ring = ring();
+    let Some(key) = ring.current() else { return };
+    let Ok(mut chunks) = envelope::seal(plain, &params, key, &NonceSource::new()) else {
+        return;
+    };
+    let n = chunks.len();
+    let at = usize::from(ops.get(3).copied().unwrap_or(0)) % n;
+    let damaged = match ops.get(2).copied().unwrap_or(0) % 8 {
+        0 => false,
+        1 => {
+            let pos = usize::from(ops.get(4).copied().unwrap_or(0));
+            let c = &mut chunks[at].ciphertext;
+            if c.is_empty() {
+                false
+            } else {
+                let i = pos % c.len();
+                c[i] ^= ops.get(5).copied().unwrap_or(1) | 1;
+                true
+            }
+        }
+        2 => {
+            chunks.remove(at);
+            true
+        }
+        3 => {
+            let c = chunks[at].clone();
+            chunks.insert(at, c);
+            true
+        }
+        4 if n > 1 => {
+            chunks.swap(at, (at + 1) % n);
+            true
+        }
+        5 => {
+            if let Some(h) = chunks[0].header.as_mut() {
+                h.sequence ^= 1 + u64::from(ops.get(4).copied().unwrap_or(0));
+            }
+            true
+        }
+        6 => {
+            if let Some(h) = chunks[0].header.as_mut() {
+                h.source_region.push('x');
+            }
+            true
+        }
+        7 => {
+            chunks[at].nonce[0] ^= 1;
+            true
+        }
+        _ => false,
+    };
+    let opened = receive(chunks);
+    if damaged {
+        assert!(opened.is_none(), "a damaged snapshot was accepted");
+    } else if plain.len() as u64 <= limits().max_plaintext_bytes && n <= 64 {
+        assert_eq!(opened.as_deref(), Some(plain), "an intact snapshot did not round-trip");
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    match data.split_first() {
+        Some((mode, rest)) if mode & 1 == 1 => tamper(rest),
+        Some((_, rest)) => raw(rest),
+        None => {}
+    }
+});
