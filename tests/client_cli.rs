@@ -68,6 +68,7 @@ async fn submit_get_and_status_from_the_command_line() {
 
     let (code, out, _) = tokio::task::spawn_blocking({
         let na = na.clone();
+        let id = id.clone();
         move || run(env, &["get", "--controller", &na, &id])
     })
     .await
@@ -97,6 +98,60 @@ async fn submit_get_and_status_from_the_command_line() {
         err.contains("FailedPrecondition") && err.contains("no routing rule"),
         "{err}"
     );
+
+    // An auditor reads north_america's decision log over gRPC: the DE task
+    // it forwarded and the JP task it refused, with an intact chain.
+    let auditor: &'static [(String, String)] =
+        Vec::leak(sandbox.cli_env("auditor").expect("credentials"));
+    let (code, out, err) = tokio::task::spawn_blocking({
+        let na = na.clone();
+        move || {
+            run(
+                auditor,
+                &["decisions", "--controller", &na, "--format", "json"],
+            )
+        }
+    })
+    .await
+    .expect("join");
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(err.contains("chain intact"), "{err}");
+    let records: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON record per line"))
+        .collect();
+    assert!(
+        records.iter().any(|r| r["task_id"] == id.as_str()),
+        "the DE task's decision is listed: {out}"
+    );
+    let (code, out, err) = tokio::task::spawn_blocking({
+        let na = na.clone();
+        move || {
+            run(
+                auditor,
+                &["decisions", "--controller", &na, "--outcome", "rejected"],
+            )
+        }
+    })
+    .await
+    .expect("join");
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("customer_region=JP") && out.contains("rejected"),
+        "{out}"
+    );
+    assert!(!out.contains("customer_region=DE"), "filtered: {out}");
+    // A client may not read the log.
+    let client_env: &'static [(String, String)] =
+        Vec::leak(sandbox.cli_env("client").expect("credentials"));
+    let (code, _, err) = tokio::task::spawn_blocking({
+        let na = na.clone();
+        move || run(client_env, &["decisions", "--controller", &na])
+    })
+    .await
+    .expect("join");
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("PermissionDenied"), "{err}");
 
     let (code, out, _) =
         tokio::task::spawn_blocking(move || run(env, &["status", "--controller", &na]))

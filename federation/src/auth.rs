@@ -148,7 +148,9 @@ pub fn roles_for(path: &str) -> Option<&'static [Role]> {
         ("federation.v1.FederationClient", _) => &[Client, Operator],
         ("federation.v1.FederationPeer", _) => &[Peer],
         ("federation.v1.RegionAgentApi", _) => &[Agent],
-        ("federation.v1.FederationAdmin", "FederationStatus") => &[Operator, Auditor],
+        ("federation.v1.FederationAdmin", "FederationStatus" | "ListDecisions") => {
+            &[Operator, Auditor]
+        }
         ("federation.v1.FederationAdmin", _) => &[Operator],
         _ => return None,
     })

@@ -45,6 +45,99 @@ pub enum AuditCommand {
     },
 }
 
+/// Arguments of `decisions`: the decision log of a running controller, over
+/// gRPC (auditor or operator credentials).
+#[derive(Debug, clap::Args)]
+pub struct DecisionsArgs {
+    #[command(flatten)]
+    connect: super::client::Connect,
+    /// Only this task id.
+    #[arg(long)]
+    task: Option<String>,
+    /// Only this rule, numbered from 1 in file order.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    rule: Option<u32>,
+    /// Only decisions that chose this region.
+    #[arg(long)]
+    region: Option<String>,
+    /// Only this outcome.
+    #[arg(long, value_parser = ["routed", "failover", "rejected"])]
+    outcome: Option<String>,
+    /// The most recent this many matches (at most 1000).
+    #[arg(long, default_value_t = 100)]
+    limit: u32,
+    /// Output format: one line per record, or JSON lines.
+    #[arg(long, value_enum, default_value_t)]
+    format: OutputFormat,
+}
+
+/// `federation decisions`: prints the matching records of a controller's
+/// decision log. Exit 0 with an intact chain, 1 when the controller reports
+/// it broken, 2 when the call fails.
+pub fn decisions(args: DecisionsArgs) -> ExitCode {
+    let rt = match super::client::runtime() {
+        Ok(rt) => rt,
+        Err(e) => return super::fail(&e, 2),
+    };
+    rt.block_on(async move {
+        let channel = match super::client::channel(&args.connect).await {
+            Ok(c) => c,
+            Err(e) => return super::fail(&e, 2),
+        };
+        let mut admin =
+            federation_api::federation_admin_client::FederationAdminClient::new(channel);
+        let reply = admin
+            .list_decisions(federation_api::ListDecisionsRequest {
+                task_id: args.task.unwrap_or_default(),
+                rule: args.rule.unwrap_or(0),
+                region: args.region.unwrap_or_default(),
+                outcome: args.outcome.unwrap_or_default(),
+                limit: args.limit,
+            })
+            .await;
+        let reply = match reply {
+            Ok(r) => r.into_inner(),
+            Err(s) => {
+                eprintln!("error ({:?}): {}", s.code(), s.message());
+                return ExitCode::from(2);
+            }
+        };
+        let mut out = String::new();
+        for line in &reply.records {
+            match args.format {
+                OutputFormat::Json => out.push_str(line),
+                OutputFormat::Text => match serde_json::from_str::<Record>(line) {
+                    Ok(r) => out.push_str(&text_line(&r)),
+                    Err(e) => {
+                        let e =
+                            anyhow::anyhow!("the controller sent a record that is not one: {e}");
+                        return super::fail(&e, 2);
+                    }
+                },
+            }
+            out.push('\n');
+        }
+        print!("{out}");
+        eprintln!(
+            "{} of {} matching records; log has {} records, chain {}, last hash {}",
+            reply.records.len(),
+            reply.matched,
+            reply.total_records,
+            if reply.chain_intact {
+                "intact".to_string()
+            } else {
+                format!("BROKEN ({})", reply.chain_error)
+            },
+            reply.last_hash
+        );
+        if reply.chain_intact {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        }
+    })
+}
+
 /// Runs an audit subcommand.
 pub fn run(cmd: AuditCommand) -> ExitCode {
     match cmd {

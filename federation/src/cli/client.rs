@@ -195,7 +195,7 @@ async fn plain_channel(c: &Connect) -> anyhow::Result<tonic::transport::Channel>
         .with_context(|| format!("cannot reach controller {url}"))
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

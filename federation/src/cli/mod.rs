@@ -64,6 +64,8 @@ pub enum Command {
     Get(client::GetArgs),
     /// Show the federation as one controller sees it.
     Status(client::StatusArgs),
+    /// Read a running controller's decision log (auditor or operator).
+    Decisions(audit::DecisionsArgs),
     /// Stop a region taking new tasks (rolling upgrades); `--wait` until empty.
     Drain(client::DrainArgs),
     /// Resume taking new tasks after a drain.
@@ -91,6 +93,7 @@ pub fn main() -> ExitCode {
         Command::Submit(args) => client::submit(args),
         Command::Get(args) => client::get(args),
         Command::Status(args) => client::status(args),
+        Command::Decisions(args) => audit::decisions(args),
         Command::Drain(args) => client::drain(args, true),
         Command::Undrain(args) => client::drain(args, false),
         Command::Reload(args) => client::reload(args),

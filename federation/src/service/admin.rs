@@ -241,4 +241,83 @@ impl api::federation_admin_server::FederationAdmin for AdminService {
             empty: req.drain && counts.leased == 0,
         }))
     }
+
+    async fn list_decisions(
+        &self,
+        request: Request<api::ListDecisionsRequest>,
+    ) -> Result<Response<api::ListDecisionsResponse>, Status> {
+        let req = request.into_inner();
+        let filter = decisions_filter(&req)?;
+        let limit = match req.limit {
+            0 => 100,
+            n if n > MAX_DECISIONS => {
+                return Err(Error::limit(
+                    "limit",
+                    format!("at most {MAX_DECISIONS} records per call"),
+                )
+                .into());
+            }
+            n => n as usize,
+        };
+        let path = self.node.log.path().to_path_buf();
+        // Reading and hashing the log is file I/O: off the async workers.
+        let read = tokio::task::spawn_blocking(move || {
+            let report = crate::audit::verify(&path)?;
+            let records = crate::audit::show(&path, &filter)?;
+            Ok::<_, crate::audit::AuditError>((report, records))
+        })
+        .await
+        .map_err(|e| Status::internal(format!("reading the decision log: {e}")))?;
+        let (report, records) =
+            read.map_err(|e| Status::internal(format!("reading the decision log: {e}")))?;
+        let matched = records.len() as u64;
+        let skip = records.len().saturating_sub(limit);
+        let records = records[skip..]
+            .iter()
+            .map(serde_json::to_string)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Status::internal(format!("encoding a record: {e}")))?;
+        Ok(Response::new(api::ListDecisionsResponse {
+            records,
+            matched,
+            chain_intact: report.is_intact(),
+            chain_error: report
+                .first_broken
+                .map(|b| format!("line {}: {}", b.line, b.reason))
+                .unwrap_or_default(),
+            total_records: report.records,
+            last_hash: report.last_hash,
+        }))
+    }
+}
+
+/// Most records one `ListDecisions` call returns.
+const MAX_DECISIONS: u32 = 1000;
+
+/// The audit filter of a `ListDecisions` request, validated.
+fn decisions_filter(req: &api::ListDecisionsRequest) -> Result<crate::audit::Filter, Status> {
+    let outcome = match req.outcome.as_str() {
+        "" => None,
+        o @ ("routed" | "failover" | "rejected") => Some(o.to_string()),
+        other => {
+            return Err(Error::invalid(
+                "outcome",
+                format!(
+                    "`{}`: expected routed, failover or rejected",
+                    crate::wire::truncate(other, 32)
+                ),
+            )
+            .into());
+        }
+    };
+    if !req.task_id.is_empty() {
+        crate::wire::check_task_id(&req.task_id)?;
+    }
+    let nonempty = |s: &str| (!s.is_empty()).then(|| s.to_string());
+    Ok(crate::audit::Filter {
+        task_id: nonempty(&req.task_id),
+        rule: (req.rule > 0).then_some(u64::from(req.rule)),
+        region: nonempty(&req.region),
+        outcome,
+    })
 }
