@@ -55,38 +55,28 @@ async fn health_and_reflection_work_with_python_grpcio() {
         .wait_all_alive(PATIENCE)
         .await
         .expect("federation forms");
-    let addr = sandbox.addr("europe").expect("addr").to_string();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/grpc_probe.py");
     // Over the controller's TLS (as the federation runs by default), trusting
     // the federation CA and presenting no client certificate.
+    let addr = sandbox.addr("europe").expect("addr").to_string();
     let ca = sandbox.tls().expect("tls on").layout.ca();
-    let python_again = python.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(python).arg(script).arg(addr).arg(ca).output()
-    })
-    .await
-    .expect("join")
-    .expect("python runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stdout}{stderr}");
-    for line in [
-        "health <server> SERVING",
-        "health federation.v1.FederationClient SERVING",
-        "health federation.v1.RegionAgentApi SERVING",
-        "health no.such.Service NOT_FOUND",
-        "reflection service federation.v1.FederationClient",
-        "reflection service federation.v1.FederationPeer",
-        "reflection service federation.v1.RegionAgentApi",
-        "reflection service federation.v1.FederationAdmin",
-        "reflection service grpc.health.v1.Health",
-        "reflection file federation/v1/federation.proto",
-    ] {
-        assert!(
-            stdout.lines().any(|l| l == line),
-            "missing `{line}` in:\n{stdout}{stderr}"
-        );
-    }
+    let ca = ca.to_str().expect("utf-8 path");
+    probe(
+        &python,
+        &[&addr, ca],
+        &[
+            "health <server> SERVING",
+            "health federation.v1.FederationClient SERVING",
+            "health federation.v1.RegionAgentApi SERVING",
+            "health no.such.Service NOT_FOUND",
+            "reflection service federation.v1.FederationClient",
+            "reflection service federation.v1.FederationPeer",
+            "reflection service federation.v1.RegionAgentApi",
+            "reflection service federation.v1.FederationAdmin",
+            "reflection service grpc.health.v1.Health",
+            "reflection file federation/v1/federation.proto",
+        ],
+    )
+    .await;
 
     // The plaintext health-only port (for Kubernetes gRPC probes, which
     // cannot speak TLS): health answers, nothing else is there.
@@ -94,22 +84,30 @@ async fn health_and_reflection_work_with_python_grpcio() {
         .health_addr("europe")
         .expect("health addr")
         .to_string();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(python_again)
-            .arg(script)
-            .arg(health)
-            .arg("--health-only")
-            .output()
-    })
-    .await
-    .expect("join")
-    .expect("python runs");
+    probe(
+        &python,
+        &[&health, "--health-only"],
+        &["health <server> SERVING", "reflection UNIMPLEMENTED"],
+    )
+    .await;
+}
+
+/// Runs `tests/python/grpc_probe.py ARGS` and asserts it succeeds and prints
+/// every expected line.
+async fn probe(python: &std::path::Path, args: &[&str], expect: &[&str]) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/grpc_probe.py");
+    let mut cmd = Command::new(python);
+    cmd.arg(script).args(args);
+    let out = tokio::task::spawn_blocking(move || cmd.output())
+        .await
+        .expect("join")
+        .expect("python runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stdout}{stderr}");
-    for line in ["health <server> SERVING", "reflection UNIMPLEMENTED"] {
+    for line in expect {
         assert!(
-            stdout.lines().any(|l| l == line),
+            stdout.lines().any(|l| l == *line),
             "missing `{line}` in:\n{stdout}{stderr}"
         );
     }
