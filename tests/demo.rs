@@ -33,7 +33,9 @@ async fn demo_runs_on_mutual_tls_and_cleans_up() {
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
-    let mut demo = ChildGuard::spawn("demo", &mut cmd).expect("demo starts");
+    // Its own process group: if this test fails midway, dropping the guard
+    // kills the demo's controllers and agents too.
+    let mut demo = ChildGuard::spawn_group("demo", &mut cmd).expect("demo starts");
     let stdout = demo.stdout().expect("piped stdout");
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     std::thread::spawn(move || {

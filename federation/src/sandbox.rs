@@ -24,10 +24,12 @@ use anyhow::{Context as _, bail};
 use federation_api as api;
 use tonic::transport::Channel;
 
-/// A child process killed (SIGKILL) and reaped when dropped.
+/// A child process killed (SIGKILL) and reaped when dropped; with
+/// [`ChildGuard::spawn_group`], its whole process group.
 #[derive(Debug)]
 pub struct ChildGuard {
     child: Option<std::process::Child>,
+    group: bool,
     /// What it is, for messages.
     pub name: String,
 }
@@ -38,8 +40,20 @@ impl ChildGuard {
         let child = cmd.spawn().with_context(|| format!("starting {name}"))?;
         Ok(Self {
             child: Some(child),
+            group: false,
             name: name.to_string(),
         })
+    }
+
+    /// Spawns `cmd` as the leader of a new process group; dropping the guard
+    /// kills the whole group, so the processes it started die with it even
+    /// when it cannot clean up itself (SIGKILL).
+    pub fn spawn_group(name: &str, cmd: &mut Command) -> anyhow::Result<Self> {
+        use std::os::unix::process::CommandExt as _;
+        cmd.process_group(0);
+        let mut guard = Self::spawn(name, cmd)?;
+        guard.group = true;
+        Ok(guard)
     }
 
     /// The process id, while running.
@@ -81,9 +95,16 @@ impl ChildGuard {
         self.child.as_mut().and_then(|c| c.stdout.take())
     }
 
-    /// Kills and reaps the child now.
+    /// Kills and reaps the child now (and its process group, if it leads one).
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
+            if self.group {
+                let _ = Command::new("kill")
+                    .arg("-KILL")
+                    .arg(format!("-{}", c.id()))
+                    .stderr(Stdio::null())
+                    .status();
+            }
             let _ = c.kill();
             let _ = c.wait();
         }
