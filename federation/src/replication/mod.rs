@@ -23,7 +23,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use federation_api as api;
-use prost::Message as _;
 
 use crate::audit::{DecisionEntry, kind};
 use crate::config::SyncSpec;
@@ -150,9 +149,23 @@ impl Replication {
             policy_hash: body.policy_hash.clone(),
             compression: self.sync.compression.then_some(self.sync.compression_level),
             chunk_size: CHUNK_SIZE,
+            pipeline: true,
         };
-        envelope::seal(&body.encode_to_vec(), &params, key, &self.nonces)
+        seal_snapshot(body, &params, key, &self.nonces)
     }
+}
+
+/// Serializes `body` and seals it (the write path of every snapshot): the
+/// body is streamed into the envelope task by task, so compression starts
+/// before serialization ends and no whole-plaintext buffer is made. Blocks;
+/// call it off the async runtime.
+pub fn seal_snapshot(
+    body: &SnapshotBody,
+    params: &envelope::SealParams,
+    key: &Key,
+    nonces: &NonceSource,
+) -> Result<Vec<api::SnapshotChunk>, EnvelopeError> {
+    envelope::seal_streamed(params, key, nonces, |sink| body.encode_into(sink))
 }
 
 /// One round: snapshot and push to every permitted peer. Also pushes an
@@ -203,10 +216,21 @@ pub async fn sync_once(node: &Arc<Node>) {
             results: scoped_results,
         };
         let count = body.tasks.len();
-        let chunks = match repl.seal_body(&body, rules.clone()) {
-            Ok(c) => c,
-            Err(e) => {
+        // Serializing, compressing and encrypting take milliseconds for
+        // thousands of tasks: off the async workers.
+        let sealing = {
+            let node = node.clone();
+            let rules = rules.clone();
+            tokio::task::spawn_blocking(move || node.replication.seal_body(&body, rules))
+        };
+        let chunks = match sealing.await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
                 tracing::error!(%recipient, error = %e, "sealing a snapshot failed");
+                continue;
+            }
+            Err(e) => {
+                tracing::error!(%recipient, error = %e, "the sealing task failed");
                 continue;
             }
         };
