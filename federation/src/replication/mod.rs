@@ -104,6 +104,11 @@ impl Replication {
         &self.stats
     }
 
+    /// The live counters, shared (for the metrics collector).
+    pub fn shared_stats(&self) -> Arc<Stats> {
+        self.stats.clone()
+    }
+
     /// The key ring, when configured.
     pub fn ring(&self) -> Option<&KeyRing> {
         self.ring.as_ref()
@@ -274,13 +279,19 @@ async fn push(
     count: usize,
 ) {
     let repl = &node.replication;
+    let (bytes, ratio) = size_and_ratio(&chunks);
     let deadline = node.timers.forward_timeout.max(Duration::from_secs(5));
     let Ok(mut client) = node.peer(recipient) else {
         Stats::bump(&repl.stats.send_failed);
         return;
     };
     let request = transport::with_deadline(tokio_stream::iter(chunks), deadline);
-    match tokio::time::timeout(deadline, client.push_snapshot(request)).await {
+    let outcome = tokio::time::timeout(deadline, client.push_snapshot(request)).await;
+    if let Ok(Ok(_)) = &outcome {
+        // The peer received all of it (whatever it answered).
+        node.metrics.snapshot_sent(recipient, bytes, ratio);
+    }
+    match outcome {
         Ok(Ok(resp)) if resp.get_ref().accepted => {
             Stats::bump(&repl.stats.sent);
             tracing::debug!(%recipient, sequence, tasks = count, "snapshot pushed");
@@ -298,6 +309,23 @@ async fn push(
             tracing::debug!(%recipient, "snapshot push timed out");
         }
     }
+}
+
+/// Bytes on the wire of `chunks`, and plaintext bytes over sealed
+/// (compressed) bytes.
+fn size_and_ratio(chunks: &[api::SnapshotChunk]) -> (u64, f64) {
+    let wire: usize = chunks.iter().map(prost::Message::encoded_len).sum();
+    let plaintext = envelope::header_of(chunks).map_or(0, |h| h.plaintext_bytes);
+    let sealed: usize = chunks
+        .iter()
+        .map(|c| c.ciphertext.len().saturating_sub(envelope::TAG_LEN))
+        .sum();
+    let ratio = if sealed == 0 {
+        1.0
+    } else {
+        plaintext as f64 / sealed as f64
+    };
+    (wire as u64, ratio)
 }
 
 /// The sync loop: every `sync_interval` a snapshot round; every heartbeat a
