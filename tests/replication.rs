@@ -9,7 +9,7 @@ mod support;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use federation::replication::envelope::{NonceSource, SealParams};
+use federation::replication::envelope::{NonceSource, Pipeline, SealParams};
 use federation::replication::{Key, KeyRing, SnapshotBody, receiver, seal_snapshot};
 use federation::sandbox::{Sandbox, SandboxBuilder, string_attrs};
 use federation_api as api;
@@ -351,10 +351,12 @@ async fn snapshot_metrics_show_pushes_ages_and_rejections_by_reason() {
         policy_hash: String::new(),
         compression: Some(3),
         chunk_size: 16,
-        pipeline: false,
     };
-    let wrong_key = seal_snapshot(&body, &params, &wrong, &NonceSource::new()).expect("seal");
-    let mut truncated = seal_snapshot(&body, &params, key, &NonceSource::new()).expect("seal");
+    let seal = |key: &Key| {
+        seal_snapshot(&body, &params, key, &NonceSource::new(), Pipeline::Off).expect("seal")
+    };
+    let wrong_key = seal(&wrong);
+    let mut truncated = seal(key);
     assert!(truncated.len() > 1, "several chunks");
     truncated.pop();
     let channel = sb

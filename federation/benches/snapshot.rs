@@ -16,7 +16,7 @@
 use std::hint::black_box;
 use std::time::Instant;
 
-use federation::replication::envelope::{self, Limits, NonceSource, SealParams};
+use federation::replication::envelope::{self, Limits, NonceSource, Pipeline, SealParams};
 use federation::replication::{Key, KeyRing, SnapshotBody, seal_snapshot};
 use federation_api as api;
 use prost::Message as _;
@@ -131,11 +131,6 @@ fn main() {
             policy_hash: body.policy_hash.clone(),
             compression: Some(LEVEL),
             chunk_size: federation::replication::CHUNK_SIZE,
-            pipeline: true,
-        };
-        let one_thread = SealParams {
-            pipeline: false,
-            ..params.clone()
         };
         // The baseline compresses exactly these bytes, already serialized.
         let plain = body.encode_to_vec();
@@ -143,8 +138,8 @@ fn main() {
         let n_rounds = 15;
         // What the controller does (`Replication::seal_body`): serialize,
         // compress, encrypt.
-        let write = |p: &SealParams| {
-            black_box(seal_snapshot(black_box(&body), p, &key, &nonces).expect("seal"));
+        let write = |p: Pipeline| {
+            black_box(seal_snapshot(black_box(&body), &params, &key, &nonces, p).expect("seal"));
         };
         let base_write = || {
             black_box(zstd::bulk::compress(black_box(&plain), LEVEL).expect("zstd"));
@@ -152,12 +147,14 @@ fn main() {
         let w = rounds(
             n_rounds,
             iters,
-            &mut [&mut { base_write }, &mut || write(&params), &mut || {
-                write(&one_thread)
-            }],
+            &mut [
+                &mut { base_write },
+                &mut || write(Pipeline::On),
+                &mut || write(Pipeline::Off),
+            ],
         );
         let compressed = zstd::bulk::compress(&plain, LEVEL).expect("zstd");
-        let sealed = seal_snapshot(&body, &params, &key, &nonces).expect("seal");
+        let sealed = seal_snapshot(&body, &params, &key, &nonces, Pipeline::On).expect("seal");
         let r = rounds(
             n_rounds,
             iters,
@@ -185,7 +182,7 @@ fn main() {
             ],
         );
         let cpu_base = cpu_per_call(1.0, base_write);
-        let cpu_write = cpu_per_call(1.0, || write(&params));
+        let cpu_write = cpu_per_call(1.0, || write(Pipeline::On));
         let sealed_bytes: usize = sealed.iter().map(|c| c.encoded_len()).sum();
         let mb = plain.len() as f64 / 1e6;
         let (bw, wr, wr1) = (

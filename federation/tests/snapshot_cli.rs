@@ -33,7 +33,6 @@ fn inspect_summarises_and_refuses_a_wrong_key() {
         policy_hash: "h".into(),
         compression: Some(3),
         chunk_size: 1024,
-        pipeline: false,
     };
     let chunks =
         envelope::seal(&body.encode_to_vec(), &params, &key, &NonceSource::new()).expect("seal");

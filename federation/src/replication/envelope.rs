@@ -14,9 +14,9 @@
 //! * **Cost.** The plaintext can be streamed in ([`seal_streamed`]): the
 //!   caller serializes record by record into a [`Sink`], and once more than
 //!   one block ([`BLOCK_SIZE`]) has been written a helper thread compresses
-//!   blocks while the caller serializes the next ones (with
-//!   [`SealParams::pipeline`]; otherwise blocks are compressed on the calling
-//!   thread as they fill). Compressed bytes go straight into chunk-sized
+//!   blocks while the caller serializes the next ones ([`Pipeline::On`];
+//!   with [`Pipeline::Off`] blocks are compressed on the calling thread as
+//!   they fill). Compressed bytes go straight into chunk-sized
 //!   buffers with room for the tag, and each is encrypted in place (`ring`'s
 //!   AES-256-GCM, which uses AES-NI/VAES and carry-less multiplication where
 //!   the CPU has them). Encryption waits for the end of compression: the chunk
@@ -121,11 +121,18 @@ pub struct SealParams {
     pub compression: Option<i32>,
     /// Plaintext (compressed) bytes per chunk.
     pub chunk_size: usize,
-    /// For [`seal_streamed`]: compress on a helper thread, overlapped with
-    /// serialization, once the plaintext exceeds one block. Same bytes of
-    /// work either way; wall time drops by up to the serialization time, CPU
-    /// time rises by the hand-over (one thread start, channel messages).
-    pub pipeline: bool,
+}
+
+/// Where [`seal_streamed`] compresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pipeline {
+    /// On the calling thread, block by block as the blocks fill.
+    Off,
+    /// On a helper thread, overlapped with serialization, once the plaintext
+    /// exceeds one block. The same work either way: the wall time drops by
+    /// up to the serialization time, the CPU time rises by the hand-over
+    /// (one thread start, a channel message per block).
+    On,
 }
 
 /// Why an envelope could not be sealed or opened. Never holds key material.
@@ -321,7 +328,7 @@ pub struct Sink {
     total: u64,
     compression: Option<i32>,
     chunk_size: usize,
-    pipeline: bool,
+    pipeline: Pipeline,
     stage: Stage,
 }
 
@@ -345,7 +352,7 @@ enum Stage {
 }
 
 impl Sink {
-    fn new(params: &SealParams, block_size: usize) -> Self {
+    fn new(params: &SealParams, pipeline: Pipeline, block_size: usize) -> Self {
         let block_size = block_size.max(1);
         Self {
             block: Vec::with_capacity(block_size + block_size / 8),
@@ -353,7 +360,7 @@ impl Sink {
             total: 0,
             compression: params.compression,
             chunk_size: params.chunk_size.max(1),
-            pipeline: params.pipeline,
+            pipeline,
             stage: Stage::First,
         }
     }
@@ -405,7 +412,7 @@ impl Sink {
             Ok(p) => Stage::Here(p),
             Err(e) => Stage::Failed(e),
         };
-        if !self.pipeline || self.compression.is_none() {
+        if self.pipeline == Pipeline::Off || self.compression.is_none() {
             return here();
         }
         let (blocks, incoming) = mpsc::sync_channel::<Vec<u8>>(BLOCKS_IN_FLIGHT);
@@ -496,19 +503,21 @@ pub fn seal_streamed(
     params: &SealParams,
     key: &Key,
     nonces: &NonceSource,
+    pipeline: Pipeline,
     produce: impl FnOnce(&mut Sink) -> Result<(), EnvelopeError>,
 ) -> Result<Vec<api::SnapshotChunk>, EnvelopeError> {
-    seal_streamed_in_blocks(params, key, nonces, BLOCK_SIZE, produce)
+    seal_streamed_in_blocks(params, key, nonces, pipeline, BLOCK_SIZE, produce)
 }
 
 fn seal_streamed_in_blocks(
     params: &SealParams,
     key: &Key,
     nonces: &NonceSource,
+    pipeline: Pipeline,
     block_size: usize,
     produce: impl FnOnce(&mut Sink) -> Result<(), EnvelopeError>,
 ) -> Result<Vec<api::SnapshotChunk>, EnvelopeError> {
-    let mut sink = Sink::new(params, block_size);
+    let mut sink = Sink::new(params, pipeline, block_size);
     let produced = produce(&mut sink);
     // Always finish (joins the helper thread); its error is the cause when
     // the producer only saw the thread stop.
@@ -772,7 +781,6 @@ mod tests {
             policy_hash: "abc".into(),
             compression,
             chunk_size,
-            pipeline: false,
         }
     }
 
@@ -782,9 +790,10 @@ mod tests {
         record: usize,
         block: usize,
         params: &SealParams,
+        pipeline: Pipeline,
         key: &Key,
     ) -> Result<Vec<api::SnapshotChunk>, EnvelopeError> {
-        seal_streamed_in_blocks(params, key, &NonceSource::new(), block, |sink| {
+        seal_streamed_in_blocks(params, key, &NonceSource::new(), pipeline, block, |sink| {
             for r in data.chunks(record.max(1)) {
                 sink.buf().extend_from_slice(r);
                 sink.flush_if_full()?;
@@ -857,8 +866,9 @@ mod tests {
                                 pipeline in any::<bool>()) {
             let k = key("k1", 1);
             let ring = KeyRing::from_keys(vec![k.clone()], None);
-            let p = SealParams { pipeline, ..params(chunk, zstd.then_some(3)) };
-            let chunks = seal_records(&data, record, block, &p, &k).expect("seals");
+            let p = params(chunk, zstd.then_some(3));
+            let pipeline = if pipeline { Pipeline::On } else { Pipeline::Off };
+            let chunks = seal_records(&data, record, block, &p, pipeline, &k).expect("seals");
             prop_assert!(!chunks.is_empty());
             prop_assert!(chunks.iter().all(|c| c.ciphertext.len() <= chunk + TAG_LEN));
             let limits = Limits { max_chunks: 1 << 20, ..Limits::default() };
@@ -902,27 +912,21 @@ mod tests {
         let data: Vec<u8> = (0..100_000u32)
             .flat_map(|i| format!("record {i:08} {}\n", i.wrapping_mul(2_654_435_761)).into_bytes())
             .collect();
-        for pipeline in [true, false] {
-            let p = SealParams {
-                pipeline,
-                ..params(64 << 10, Some(3))
-            };
-            let chunks = seal_records(&data, 300, BLOCK_SIZE, &p, &k).expect("seals");
+        for pipeline in [Pipeline::On, Pipeline::Off] {
+            let p = params(64 << 10, Some(3));
+            let chunks = seal_records(&data, 300, BLOCK_SIZE, &p, pipeline, &k).expect("seals");
             assert!(chunks.len() > 2, "{} chunks", chunks.len());
             let (header, back) = open(&chunks, &ring, &Limits::default()).expect("opens");
             assert_eq!(header.plaintext_bytes, data.len() as u64);
-            assert!(back == data, "round trip (pipeline {pipeline})");
+            assert!(back == data, "round trip ({pipeline:?})");
         }
     }
 
     #[test]
     fn a_producer_error_is_returned_and_the_helper_stops() {
         let k = key("k1", 3);
-        let p = SealParams {
-            pipeline: true,
-            ..params(1024, Some(3))
-        };
-        let err = seal_streamed_in_blocks(&p, &k, &NonceSource::new(), 16, |sink| {
+        let p = params(1024, Some(3));
+        let err = seal_streamed_in_blocks(&p, &k, &NonceSource::new(), Pipeline::On, 16, |sink| {
             for _ in 0..100 {
                 sink.buf().extend_from_slice(&[7u8; 10]);
                 sink.flush_if_full()?;

@@ -154,23 +154,23 @@ impl Replication {
             policy_hash: body.policy_hash.clone(),
             compression: self.sync.compression.then_some(self.sync.compression_level),
             chunk_size: CHUNK_SIZE,
-            pipeline: true,
         };
-        seal_snapshot(body, &params, key, &self.nonces)
+        seal_snapshot(body, &params, key, &self.nonces, envelope::Pipeline::On)
     }
 }
 
-/// Serializes `body` and seals it (the write path of every snapshot): the
-/// body is streamed into the envelope task by task, so compression starts
-/// before serialization ends and no whole-plaintext buffer is made. Blocks;
-/// call it off the async runtime.
+/// Serializes `body` and seals it (the write path of every snapshot, with
+/// [`envelope::Pipeline::On`]): the body is streamed into the envelope task
+/// by task, so compression starts before serialization ends and no
+/// whole-plaintext buffer is made. Blocks; call it off the async runtime.
 pub fn seal_snapshot(
     body: &SnapshotBody,
     params: &envelope::SealParams,
     key: &Key,
     nonces: &NonceSource,
+    pipeline: envelope::Pipeline,
 ) -> Result<Vec<api::SnapshotChunk>, EnvelopeError> {
-    envelope::seal_streamed(params, key, nonces, |sink| body.encode_into(sink))
+    envelope::seal_streamed(params, key, nonces, pipeline, |sink| body.encode_into(sink))
 }
 
 /// One round: snapshot and push to every permitted peer. Also pushes an

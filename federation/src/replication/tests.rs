@@ -4,7 +4,7 @@
 use federation_api as api;
 use prost::Message as _;
 
-use super::envelope::{self, Limits, NonceSource, SealParams};
+use super::envelope::{self, Limits, NonceSource, Pipeline, SealParams};
 use super::receiver::{Receiver, Rejection, Stats, collect, snapshot_path};
 use super::snapshot::SnapshotBody;
 use super::{EnvelopeError, Key, KeyRing};
@@ -71,9 +71,8 @@ impl Sender {
             policy_hash: String::new(),
             compression: Some(3),
             chunk_size: 64,
-            pipeline: false,
         };
-        super::seal_snapshot(&body, &params, &self.key, &self.nonces).expect("seal")
+        super::seal_snapshot(&body, &params, &self.key, &self.nonces, Pipeline::Off).expect("seal")
     }
 }
 
@@ -236,7 +235,11 @@ fn streamed_body_is_the_prost_encoding() {
     ];
     for body in &bodies {
         let expected = body.encode_to_vec();
-        for (compression, pipeline) in [(None, false), (Some(3), false), (Some(3), true)] {
+        for (compression, pipeline) in [
+            (None, Pipeline::Off),
+            (Some(3), Pipeline::Off),
+            (Some(3), Pipeline::On),
+        ] {
             let params = SealParams {
                 source: body.source_region.clone(),
                 epoch: body.epoch,
@@ -245,15 +248,14 @@ fn streamed_body_is_the_prost_encoding() {
                 policy_hash: body.policy_hash.clone(),
                 compression,
                 chunk_size: super::CHUNK_SIZE,
-                pipeline,
             };
-            let chunks =
-                super::seal_snapshot(body, &params, &key, &NonceSource::new()).expect("seal");
+            let chunks = super::seal_snapshot(body, &params, &key, &NonceSource::new(), pipeline)
+                .expect("seal");
             let (header, plain) = envelope::open(&chunks, &ring, &Limits::default()).expect("open");
             assert_eq!(header.plaintext_bytes, expected.len() as u64);
             assert!(
                 plain == expected,
-                "{} tasks, {compression:?}, pipeline {pipeline}",
+                "{} tasks, {compression:?}, {pipeline:?}",
                 body.tasks.len()
             );
         }
