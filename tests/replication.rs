@@ -1,14 +1,16 @@
 //! Snapshot replication and takeover, end to end on real controller and
 //! agent processes: what each peer actually receives (residency), a dead
-//! primary's tasks run once by its backup, failback hold-down, and the loss
-//! bound when a primary is destroyed with its disk.
+//! primary's tasks run once by its backup, failback hold-down, the loss
+//! bound when a primary is destroyed with its disk, and the snapshot metrics
+//! on the admin port.
 
 mod support;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use federation::replication::{KeyRing, receiver};
+use federation::replication::envelope::{NonceSource, Pipeline, SealParams};
+use federation::replication::{Key, KeyRing, SnapshotBody, receiver, seal_snapshot};
 use federation::sandbox::{Sandbox, SandboxBuilder, string_attrs};
 use federation_api as api;
 use support::*;
@@ -304,4 +306,112 @@ async fn destroying_a_primary_loses_at_most_what_it_accepted_since_its_last_sync
     );
     assert!(lost.len() <= unsynced.len());
     assert!(lost.iter().all(|i| unsynced.contains(**i)));
+}
+
+/// `/metrics` of `region`.
+async fn scrape(sb: &Sandbox, region: &str) -> String {
+    let admin = sb.admin_http_addr(region).expect("admin addr");
+    tokio::task::spawn_blocking(move || http_get(admin, "/metrics"))
+        .await
+        .expect("join")
+}
+
+/// The value of the sample `series` (name and labels, as exposed).
+fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics.lines().find_map(|l| {
+        let value = l.strip_prefix(series)?.strip_prefix(' ')?;
+        value.split_whitespace().next()?.parse().ok()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_metrics_show_pushes_ages_and_rejections_by_reason() {
+    let sb = builder(SEED).start().expect("sandbox starts");
+    sb.wait_all_alive(PATIENCE).await.expect("federation forms");
+    let ids = submit_many(&sb, "north_america", "US", 3).await;
+    wait_holds(&sb, "europe", "north_america", &ids).await;
+
+    // Two pushes europe must refuse, sent over north_america's own peer
+    // identity: one sealed under other key bytes with the ring's key id, and
+    // one missing its last chunk.
+    let ring = KeyRing::load_file(&sb.keys_path()).expect("sandbox ring");
+    let key = ring.current().expect("current key");
+    let wrong = Key::new(key.id(), rand::random());
+    let body = SnapshotBody {
+        source_region: "north_america".into(),
+        epoch: 1,
+        sequence: u64::MAX,
+        ..Default::default()
+    };
+    let params = SealParams {
+        source: "north_america".into(),
+        epoch: 1,
+        sequence: u64::MAX,
+        rule_indexes: vec![0],
+        policy_hash: String::new(),
+        compression: Some(3),
+        chunk_size: 16,
+    };
+    let seal = |key: &Key| {
+        seal_snapshot(&body, &params, key, &NonceSource::new(), Pipeline::Off).expect("seal")
+    };
+    let wrong_key = seal(&wrong);
+    let mut truncated = seal(key);
+    assert!(truncated.len() > 1, "several chunks");
+    truncated.pop();
+    let channel = sb
+        .peer_channel("europe", "north_america")
+        .await
+        .expect("peer channel");
+    let mut peer = api::federation_peer_client::FederationPeerClient::new(channel);
+    for (chunks, why) in [
+        (wrong_key, "authentication failed"),
+        (truncated, "truncated"),
+    ] {
+        let resp = peer
+            .push_snapshot(tokio_stream::iter(chunks))
+            .await
+            .expect("answered")
+            .into_inner();
+        assert!(!resp.accepted && resp.reason.contains(why), "{resp:?}");
+    }
+
+    // europe: the rejections by reason (every reason exposed), the snapshots
+    // it accepted, and the age of the one it holds from north_america.
+    let eu = scrape(&sb, "europe").await;
+    for reason in receiver::REJECTION_REASONS {
+        let series = format!("federation_snapshots_rejected_total{{reason=\"{reason}\"}}");
+        let n = sample(&eu, &series).unwrap_or_else(|| panic!("no `{series}` in:\n{eu}"));
+        if matches!(reason, "auth" | "truncated") {
+            assert_eq!(n, 1.0, "{series}");
+        }
+    }
+    assert!(
+        sample(&eu, "federation_snapshots_accepted_total").is_some_and(|n| n >= 1.0),
+        "{eu}"
+    );
+    let age = sample(
+        &eu,
+        "federation_snapshot_age_seconds{region=\"north_america\"}",
+    );
+    assert!(age.is_some_and(|a| a >= 0.0 && a.is_finite()), "{eu}");
+
+    // north_america: what its pushes to europe weighed, once one has been
+    // answered (the answer may trail the stored file).
+    let na = eventually("north_america's push metrics", PATIENCE, || async {
+        let na = scrape(&sb, "north_america").await;
+        sample(&na, "federation_snapshots_sent_total")
+            .is_some_and(|n| n >= 1.0)
+            .then_some(na)
+    })
+    .await;
+    for series in [
+        "federation_snapshot_bytes{region=\"europe\"}",
+        "federation_snapshot_compression_ratio{region=\"europe\"}",
+    ] {
+        assert!(
+            sample(&na, series).is_some_and(|v| v > 0.0),
+            "no positive `{series}` in:\n{na}"
+        );
+    }
 }

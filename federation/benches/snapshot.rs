@@ -3,14 +3,21 @@
 //! ratio against raw zstd at the same level on the same bytes, measured in
 //! the same run; and snapshot bytes per 1,000 tasks.
 //!
+//! The write measured is the controller's (`Replication::seal_body`): the
+//! body is streamed into the envelope, and past one 128 KiB block zstd runs
+//! on a helper thread while serialization continues (two threads; the
+//! baseline is one). The same write on one thread, and the CPU time of the
+//! pipelined write against the baseline's, are printed next to it.
+//!
 //! Run: `cargo bench -p federation --bench snapshot`
-//! (release build; prints one line per figure; the median of several rounds).
+//! (release build; prints one line per figure; baseline and measured calls
+//! alternate round by round, and ratios are the median of per-round ratios).
 
 use std::hint::black_box;
 use std::time::Instant;
 
-use federation::replication::envelope::{self, Limits, NonceSource, SealParams};
-use federation::replication::{Key, KeyRing, SnapshotBody};
+use federation::replication::envelope::{self, Limits, NonceSource, Pipeline, SealParams};
+use federation::replication::{Key, KeyRing, SnapshotBody, seal_snapshot};
 use federation_api as api;
 use prost::Message as _;
 
@@ -50,18 +57,56 @@ fn tasks(n: usize) -> Vec<api::Task> {
         .collect()
 }
 
-/// Median seconds per call of `f` over `rounds` rounds of `iters` calls.
-fn time(rounds: usize, iters: usize, mut f: impl FnMut()) -> f64 {
-    let mut per = Vec::with_capacity(rounds);
+/// Seconds per call of each of `fs`, per round: every round runs each
+/// function `iters` times, in turn, so machine noise hits all of them alike.
+fn rounds(rounds: usize, iters: usize, fs: &mut [&mut dyn FnMut()]) -> Vec<Vec<f64>> {
+    let mut per = vec![Vec::with_capacity(rounds); fs.len()];
     for _ in 0..rounds {
-        let t = Instant::now();
-        for _ in 0..iters {
-            f();
+        for (f, out) in fs.iter_mut().zip(&mut per) {
+            let t = Instant::now();
+            for _ in 0..iters {
+                f();
+            }
+            out.push(t.elapsed().as_secs_f64() / iters as f64);
         }
-        per.push(t.elapsed().as_secs_f64() / iters as f64);
     }
-    per.sort_by(f64::total_cmp);
-    per[per.len() / 2]
+    per
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Median, min and max over rounds of `base[i] / measured[i]` (a ratio
+/// above 1 would mean faster than the baseline).
+fn ratio(base: &[f64], measured: &[f64]) -> (f64, f64, f64) {
+    let r: Vec<f64> = base.iter().zip(measured).map(|(b, m)| b / m).collect();
+    let min = r.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = r.iter().copied().fold(0.0, f64::max);
+    (median(r), min, max)
+}
+
+/// CPU time of this process (every thread, including finished ones), from
+/// `/proc/self/stat` (clock ticks of 10 ms); `None` off Linux.
+fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which is in parentheses).
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
+/// CPU seconds per call of `f`, over at least `wall` seconds of calls.
+fn cpu_per_call(wall: f64, mut f: impl FnMut()) -> Option<f64> {
+    let (t, c0) = (Instant::now(), cpu_seconds()?);
+    let mut calls = 0u64;
+    while t.elapsed().as_secs_f64() < wall {
+        f();
+        calls += 1;
+    }
+    Some((cpu_seconds()? - c0) / calls as f64)
 }
 
 fn main() {
@@ -87,51 +132,93 @@ fn main() {
             compression: Some(LEVEL),
             chunk_size: federation::replication::CHUNK_SIZE,
         };
+        // The baseline compresses exactly these bytes, already serialized.
         let plain = body.encode_to_vec();
         let iters = (20_000 / n).max(2);
-        let rounds = 9;
-        // Interleave baseline and measured so machine noise hits both.
-        let base_write = time(rounds, iters, || {
+        let n_rounds = 15;
+        // What the controller does (`Replication::seal_body`): serialize,
+        // compress, encrypt.
+        let write = |p: Pipeline| {
+            black_box(seal_snapshot(black_box(&body), &params, &key, &nonces, p).expect("seal"));
+        };
+        let base_write = || {
             black_box(zstd::bulk::compress(black_box(&plain), LEVEL).expect("zstd"));
-        });
-        // What the controller does (`Replication::seal_body`).
-        let write = time(rounds, iters, || {
-            let bytes = black_box(&body).encode_to_vec();
-            black_box(envelope::seal(&bytes, &params, &key, &nonces).expect("seal"));
-        });
+        };
+        let w = rounds(
+            n_rounds,
+            iters,
+            &mut [
+                &mut { base_write },
+                &mut || write(Pipeline::On),
+                &mut || write(Pipeline::Off),
+            ],
+        );
         let compressed = zstd::bulk::compress(&plain, LEVEL).expect("zstd");
-        let sealed = envelope::seal(&plain, &params, &key, &nonces).expect("seal");
-        let base_restore = time(rounds, iters, || {
-            black_box(zstd::bulk::decompress(black_box(&compressed), plain.len()).expect("unzstd"));
-        });
-        let restore = time(rounds, iters, || {
-            black_box(envelope::open(black_box(&sealed), &ring, &Limits::default()).expect("open"));
-        });
-        let restore_decode = time(rounds, iters, || {
-            let (_, bytes) =
-                envelope::open(black_box(&sealed), &ring, &Limits::default()).expect("open");
-            black_box(SnapshotBody::decode(bytes.as_slice()).expect("decode"));
-        });
-        let encode_only = time(rounds, iters, || {
-            black_box(black_box(&body).encode_to_vec());
-        });
+        let sealed = seal_snapshot(&body, &params, &key, &nonces, Pipeline::On).expect("seal");
+        let r = rounds(
+            n_rounds,
+            iters,
+            &mut [
+                &mut || {
+                    black_box(
+                        zstd::bulk::decompress(black_box(&compressed), plain.len())
+                            .expect("unzstd"),
+                    );
+                },
+                &mut || {
+                    black_box(
+                        envelope::open(black_box(&sealed), &ring, &Limits::default())
+                            .expect("open"),
+                    );
+                },
+                &mut || {
+                    let (_, bytes) = envelope::open(black_box(&sealed), &ring, &Limits::default())
+                        .expect("open");
+                    black_box(SnapshotBody::decode(bytes.as_slice()).expect("decode"));
+                },
+                &mut || {
+                    black_box(black_box(&body).encode_to_vec());
+                },
+            ],
+        );
+        let cpu_base = cpu_per_call(1.0, base_write);
+        let cpu_write = cpu_per_call(1.0, || write(Pipeline::On));
         let sealed_bytes: usize = sealed.iter().map(|c| c.encoded_len()).sum();
         let mb = plain.len() as f64 / 1e6;
+        let (bw, wr, wr1) = (
+            median(w[0].clone()),
+            median(w[1].clone()),
+            median(w[2].clone()),
+        );
+        let (br, rs, rd, enc) = (
+            median(r[0].clone()),
+            median(r[1].clone()),
+            median(r[2].clone()),
+            median(r[3].clone()),
+        );
+        let (w_med, w_min, w_max) = ratio(&w[0], &w[1]);
+        let (r_med, r_min, r_max) = ratio(&r[0], &r[1]);
         println!(
-            "{n} tasks ({:.2} MB plaintext): write {:.0} MB/s vs raw zstd-{LEVEL} {:.0} MB/s, ratio {:.2}x; restore {:.0} MB/s vs raw unzstd {:.0} MB/s, ratio {:.2}x",
-            mb,
-            mb / write,
-            mb / base_write,
-            base_write / write,
-            mb / restore,
-            mb / base_restore,
-            base_restore / restore,
+            "{n} tasks ({mb:.2} MB plaintext): write {:.0} MB/s vs raw zstd-{LEVEL} {:.0} MB/s, ratio {w_med:.2}x (rounds {w_min:.2}-{w_max:.2}); restore {:.0} MB/s vs raw unzstd {:.0} MB/s, ratio {r_med:.2}x (rounds {r_min:.2}-{r_max:.2})",
+            mb / wr,
+            mb / bw,
+            mb / rs,
+            mb / br,
+        );
+        let cpu = match (cpu_base, cpu_write) {
+            (Some(b), Some(w)) => format!("{:.2}x", b / w),
+            _ => "n/a".into(),
+        };
+        println!(
+            "{n} tasks: write on one thread {:.0} MB/s, ratio {:.2}x; CPU time of the (pipelined) write vs raw zstd {cpu}",
+            mb / wr1,
+            ratio(&w[0], &w[2]).0,
         );
         println!(
             "{n} tasks: serialize alone {:.0} MB/s; restore including protobuf decode {:.0} MB/s, ratio {:.2}x vs raw unzstd",
-            mb / encode_only,
-            mb / restore_decode,
-            base_restore / restore_decode,
+            mb / enc,
+            mb / rd,
+            br / rd,
         );
         println!(
             "{n} tasks: snapshot {} bytes ({} bytes per 1,000 tasks; raw zstd {} bytes, plaintext {} bytes)",

@@ -385,6 +385,8 @@ pub async fn open(settings: Settings) -> anyhow::Result<Arc<Node>> {
         tokens: settings.tokens.clone(),
         insecure: tls.is_none(),
     });
+    let metrics = crate::metrics::Metrics::new();
+    metrics.register_replication(replication.shared_stats());
     Ok(Arc::new(Node {
         region: settings.region,
         epoch,
@@ -392,7 +394,7 @@ pub async fn open(settings: Settings) -> anyhow::Result<Arc<Node>> {
         membership,
         store,
         log,
-        metrics: crate::metrics::Metrics::new(),
+        metrics,
         agents: AgentRegistry::default(),
         channels: Channels::new(settings.timers.forward_timeout),
         timers: settings.timers,

@@ -2,20 +2,27 @@
 //! Rust client), served as OpenMetrics text at `/metrics` on the admin port.
 //!
 //! Counters and histograms are updated where things happen (routing, the
-//! lease reaper); gauges that mirror state (peer states, advertisement age,
-//! queue depth) are refreshed from the node when scraped, so they are never
-//! stale. This module owns the metric families only; it reads node state but
-//! changes nothing.
+//! lease reaper, a snapshot push); gauges that mirror state (peer states,
+//! advertisement age, queue depth, age of the snapshots held) are refreshed
+//! from the node when scraped, so they are never stale. The replication
+//! counters (snapshots sent, accepted, rejected by reason, takeovers) are
+//! replication's own [`Stats`], read at scrape time by a collector: one
+//! source of truth for `/metrics` and `status`. This module owns the metric
+//! families only; it reads node state but changes nothing.
 
-use std::sync::Mutex;
 use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
 
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+
+use crate::replication::Stats;
 
 /// Labels of a routing decision.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -49,6 +56,75 @@ pub struct ReasonLabels {
     pub reason: String,
 }
 
+/// Replication's [`Stats`] as counters, read when scraped.
+#[derive(Debug)]
+struct ReplicationCounters(Arc<Stats>);
+
+impl Collector for ReplicationCounters {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let s = self.0.snapshot();
+        let counters = [
+            (
+                "snapshots_sent",
+                "Snapshots pushed to a peer and accepted by it",
+                s.sent,
+            ),
+            (
+                "snapshot_send_failures",
+                "Snapshot pushes that failed or that the peer refused",
+                s.send_failed,
+            ),
+            (
+                "snapshot_withheld_tasks",
+                "Tasks left out of a peer's snapshot by residency",
+                s.withheld_tasks,
+            ),
+            (
+                "snapshots_accepted",
+                "Snapshots received, verified and stored",
+                s.accepted,
+            ),
+            (
+                "takeovers",
+                "Takeovers of a dead region performed",
+                s.takeovers,
+            ),
+            (
+                "tasks_taken_over",
+                "Tasks queued here by takeovers",
+                s.tasks_taken_over,
+            ),
+            (
+                "fenced_tasks",
+                "Tasks of ours cancelled because a backup took them over",
+                s.fenced_tasks,
+            ),
+        ];
+        for (name, help, value) in counters {
+            let counter = ConstCounter::new(value);
+            counter.encode(encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                counter.metric_type(),
+            )?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "snapshots_rejected",
+            "Snapshots refused, by reason (auth: wrong key or altered; unknown_key; truncated; out_of_order; replay: not newer than the last accepted; not_permitted; residency; limit; malformed)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (reason, n) in self.0.rejections() {
+            let labels = ReasonLabels {
+                reason: reason.to_string(),
+            };
+            ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
 /// Every metric family of a controller.
 #[derive(Debug)]
 pub struct Metrics {
@@ -64,7 +140,6 @@ pub struct Metrics {
     snapshot_bytes: Family<RegionLabels, Gauge>,
     snapshot_compression_ratio: Family<RegionLabels, Gauge<f64, AtomicU64>>,
     snapshot_age_seconds: Family<RegionLabels, Gauge<f64, AtomicU64>>,
-    snapshots_rejected: Family<ReasonLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -91,7 +166,6 @@ impl Metrics {
             snapshot_bytes: Family::default(),
             snapshot_compression_ratio: Family::default(),
             snapshot_age_seconds: Family::default(),
-            snapshots_rejected: Family::default(),
         };
         {
             let mut r = m.lock();
@@ -137,7 +211,7 @@ impl Metrics {
             );
             r.register(
                 "snapshot_bytes",
-                "Size of the last snapshot sent, by peer",
+                "Size on the wire of the last snapshot a peer received from us, by peer",
                 m.snapshot_bytes.clone(),
             );
             r.register(
@@ -147,16 +221,17 @@ impl Metrics {
             );
             r.register(
                 "snapshot_age_seconds",
-                "Age of the newest snapshot held, by source region",
+                "Age of the newest snapshot held, by source region (since the source took it, by its clock)",
                 m.snapshot_age_seconds.clone(),
-            );
-            r.register(
-                "snapshots_rejected",
-                "Snapshots refused, by reason",
-                m.snapshots_rejected.clone(),
             );
         }
         m
+    }
+
+    /// Exposes replication's counters (read at each scrape).
+    pub fn register_replication(&self, stats: Arc<Stats>) {
+        self.lock()
+            .register_collector(Box::new(ReplicationCounters(stats)));
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Registry> {
@@ -221,15 +296,6 @@ impl Metrics {
             .set(seconds);
     }
 
-    /// Counts a rejected snapshot.
-    pub fn snapshot_rejected(&self, reason: &str) {
-        self.snapshots_rejected
-            .get_or_create(&ReasonLabels {
-                reason: reason.to_string(),
-            })
-            .inc();
-    }
-
     /// Refreshes the state gauges from `node` and renders OpenMetrics text.
     pub fn render(&self, node: &crate::controller::Node) -> String {
         let status = crate::service::status(node);
@@ -251,6 +317,12 @@ impl Metrics {
                     })
                     .set(row.last_advertisement_age_ms as f64 / 1000.0);
             }
+        }
+        let now = crate::controller::now_ms();
+        for (source, taken) in node.replication.receiver.newest_taken() {
+            // Clamped: the source's clock may run ahead of ours.
+            let age = now.saturating_sub(taken).max(0) as f64 / 1000.0;
+            self.snapshot_age(&source, age);
         }
         let counts = node.store.counts();
         self.queue_depth.set(i64::from(counts.queued));

@@ -23,7 +23,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use federation_api as api;
-use prost::Message as _;
 
 use crate::audit::{DecisionEntry, kind};
 use crate::config::SyncSpec;
@@ -106,6 +105,11 @@ impl Replication {
         &self.stats
     }
 
+    /// The live counters, shared (for the metrics collector).
+    pub fn shared_stats(&self) -> Arc<Stats> {
+        self.stats.clone()
+    }
+
     /// The key ring, when configured.
     pub fn ring(&self) -> Option<&KeyRing> {
         self.ring.as_ref()
@@ -152,8 +156,22 @@ impl Replication {
             compression: self.sync.compression.then_some(self.sync.compression_level),
             chunk_size: CHUNK_SIZE,
         };
-        envelope::seal(&body.encode_to_vec(), &params, key, &self.nonces)
+        seal_snapshot(body, &params, key, &self.nonces, envelope::Pipeline::On)
     }
+}
+
+/// Serializes `body` and seals it (the write path of every snapshot, with
+/// [`envelope::Pipeline::On`]): the body is streamed into the envelope task
+/// by task, so compression starts before serialization ends and no
+/// whole-plaintext buffer is made. Blocks; call it off the async runtime.
+pub fn seal_snapshot(
+    body: &SnapshotBody,
+    params: &envelope::SealParams,
+    key: &Key,
+    nonces: &NonceSource,
+    pipeline: envelope::Pipeline,
+) -> Result<Vec<api::SnapshotChunk>, EnvelopeError> {
+    envelope::seal_streamed(params, key, nonces, pipeline, |sink| body.encode_into(sink))
 }
 
 /// One round: snapshot and push to every permitted peer. Also pushes an
@@ -204,10 +222,21 @@ pub async fn sync_once(node: &Arc<Node>) {
             results: scoped_results,
         };
         let count = body.tasks.len();
-        let chunks = match repl.seal_body(&body, rules.clone()) {
-            Ok(c) => c,
-            Err(e) => {
+        // Serializing, compressing and encrypting take milliseconds for
+        // thousands of tasks: off the async workers.
+        let sealing = {
+            let node = node.clone();
+            let rules = rules.clone();
+            tokio::task::spawn_blocking(move || node.replication.seal_body(&body, rules))
+        };
+        let chunks = match sealing.await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
                 tracing::error!(%recipient, error = %e, "sealing a snapshot failed");
+                continue;
+            }
+            Err(e) => {
+                tracing::error!(%recipient, error = %e, "the sealing task failed");
                 continue;
             }
         };
@@ -251,13 +280,19 @@ async fn push(
     count: usize,
 ) {
     let repl = &node.replication;
+    let (bytes, ratio) = size_and_ratio(&chunks);
     let deadline = node.timers.forward_timeout.max(Duration::from_secs(5));
     let Ok(mut client) = node.peer(recipient) else {
         Stats::bump(&repl.stats.send_failed);
         return;
     };
     let request = transport::with_deadline(tokio_stream::iter(chunks), deadline);
-    match tokio::time::timeout(deadline, client.push_snapshot(request)).await {
+    let outcome = tokio::time::timeout(deadline, client.push_snapshot(request)).await;
+    if let Ok(Ok(_)) = &outcome {
+        // The peer received all of it (whatever it answered).
+        node.metrics.snapshot_sent(recipient, bytes, ratio);
+    }
+    match outcome {
         Ok(Ok(resp)) if resp.get_ref().accepted => {
             Stats::bump(&repl.stats.sent);
             tracing::debug!(%recipient, sequence, tasks = count, "snapshot pushed");
@@ -275,6 +310,23 @@ async fn push(
             tracing::debug!(%recipient, "snapshot push timed out");
         }
     }
+}
+
+/// Bytes on the wire of `chunks`, and plaintext bytes over sealed
+/// (compressed) bytes.
+fn size_and_ratio(chunks: &[api::SnapshotChunk]) -> (u64, f64) {
+    let wire: usize = chunks.iter().map(prost::Message::encoded_len).sum();
+    let plaintext = envelope::header_of(chunks).map_or(0, |h| h.plaintext_bytes);
+    let sealed: usize = chunks
+        .iter()
+        .map(|c| c.ciphertext.len().saturating_sub(envelope::TAG_LEN))
+        .sum();
+    let ratio = if sealed == 0 {
+        1.0
+    } else {
+        plaintext as f64 / sealed as f64
+    };
+    (wire as u64, ratio)
 }
 
 /// The sync loop: every `sync_interval` a snapshot round; every heartbeat a

@@ -102,7 +102,37 @@ pub struct StatsSnapshot {
     pub fenced_tasks: u64,
 }
 
+/// The `reason` label of each rejection counter, in [`Stats`] order.
+pub const REJECTION_REASONS: [&str; 9] = [
+    "auth",
+    "unknown_key",
+    "truncated",
+    "out_of_order",
+    "replay",
+    "not_permitted",
+    "residency",
+    "limit",
+    "malformed",
+];
+
 impl Stats {
+    /// Each rejection counter with its reason label ([`REJECTION_REASONS`]).
+    pub fn rejections(&self) -> [(&'static str, u64); 9] {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let counts = [
+            g(&self.rejected_auth),
+            g(&self.rejected_unknown_key),
+            g(&self.rejected_truncated),
+            g(&self.rejected_out_of_order),
+            g(&self.rejected_replay),
+            g(&self.rejected_not_permitted),
+            g(&self.rejected_residency),
+            g(&self.rejected_limit),
+            g(&self.rejected_malformed),
+        ];
+        std::array::from_fn(|i| (REJECTION_REASONS[i], counts[i]))
+    }
+
     /// Adds one to `counter`.
     pub fn bump(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
@@ -179,6 +209,8 @@ pub struct Accepted {
 struct Latest {
     epoch: u64,
     sequence: u64,
+    /// When the source took it (its clock), ms since the Unix epoch.
+    taken_unix_ms: i64,
 }
 
 /// Receives, verifies and stores snapshots for one region.
@@ -258,12 +290,13 @@ impl Receiver {
                     continue;
                 }
                 match open_file(&path, ring) {
-                    Ok((h, _)) => {
+                    Ok((h, body)) => {
                         latest.insert(
                             h.source_region.clone(),
                             Latest {
                                 epoch: h.epoch,
                                 sequence: h.sequence,
+                                taken_unix_ms: body.taken_unix_ms,
                             },
                         );
                     }
@@ -294,6 +327,15 @@ impl Receiver {
     /// Sources we hold a snapshot of.
     pub fn sources(&self) -> Vec<String> {
         self.latest().keys().cloned().collect()
+    }
+
+    /// For each source we hold a snapshot of, when the newest was taken (the
+    /// source's clock, ms since the Unix epoch).
+    pub fn newest_taken(&self) -> Vec<(String, i64)> {
+        self.latest()
+            .iter()
+            .map(|(source, l)| (source.clone(), l.taken_unix_ms))
+            .collect()
     }
 
     /// The newest stored snapshot of `source`, decrypted.
@@ -432,6 +474,7 @@ impl Receiver {
             Latest {
                 epoch: header.epoch,
                 sequence: header.sequence,
+                taken_unix_ms: body.taken_unix_ms,
             },
         );
         Ok(Accepted {

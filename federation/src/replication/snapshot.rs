@@ -10,11 +10,17 @@
 //! its own policy.
 //!
 //! Pure functions: no I/O, no keys.
+//!
+//! The body is encoded with prost; the fields are tagged so that
+//! [`SnapshotBody::encode_into`] can stream it (tasks one at a time) into the
+//! envelope with the same bytes `encode` gives.
 
 use std::collections::BTreeSet;
 
 use federation_api as api;
+use prost::Message as _;
 
+use super::envelope::{EnvelopeError, Sink};
 use crate::policy::Policy;
 use crate::wire;
 
@@ -42,6 +48,32 @@ pub struct SnapshotBody {
     /// Recently finished tasks.
     #[prost(message, repeated, tag = "7")]
     pub results: Vec<api::Task>,
+}
+
+impl SnapshotBody {
+    /// Serializes into `sink` exactly as [`prost::Message::encode`] would
+    /// (fields in tag order), task by task, so that a large body is
+    /// compressed while the rest is still being serialized.
+    pub fn encode_into(&self, sink: &mut Sink) -> Result<(), EnvelopeError> {
+        let head = SnapshotBody {
+            source_region: self.source_region.clone(),
+            epoch: self.epoch,
+            sequence: self.sequence,
+            policy_hash: self.policy_hash.clone(),
+            taken_unix_ms: self.taken_unix_ms,
+            tasks: Vec::new(),
+            results: Vec::new(),
+        };
+        head.encode(sink.buf())
+            .map_err(|e| EnvelopeError::Invalid(format!("encoding: {e}")))?;
+        for (tag, list) in [(6, &self.tasks), (7, &self.results)] {
+            for task in list {
+                prost::encoding::message::encode(tag, task, sink.buf());
+                sink.flush_if_full()?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The tags a task requires: its rule's `requires` plus the data-class

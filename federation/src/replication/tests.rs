@@ -4,7 +4,7 @@
 use federation_api as api;
 use prost::Message as _;
 
-use super::envelope::{self, Limits, NonceSource, SealParams};
+use super::envelope::{self, Limits, NonceSource, Pipeline, SealParams};
 use super::receiver::{Receiver, Rejection, Stats, collect, snapshot_path};
 use super::snapshot::SnapshotBody;
 use super::{EnvelopeError, Key, KeyRing};
@@ -72,7 +72,7 @@ impl Sender {
             compression: Some(3),
             chunk_size: 64,
         };
-        envelope::seal(&body.encode_to_vec(), &params, &self.key, &self.nonces).expect("seal")
+        super::seal_snapshot(&body, &params, &self.key, &self.nonces, Pipeline::Off).expect("seal")
     }
 }
 
@@ -199,6 +199,67 @@ fn every_rejection_is_counted_and_keeps_the_previous_snapshot() {
         reopened.receive(&p, &good, &stats),
         Err(Rejection::Replay { .. })
     ));
+}
+
+/// The controller's write path (body streamed into the envelope, compressed
+/// on a helper thread past one block) carries exactly prost's encoding.
+#[test]
+fn streamed_body_is_the_prost_encoding() {
+    let (key, ring) = ring();
+    let mut results = many_tasks(3);
+    for r in &mut results {
+        r.state = api::TaskState::Succeeded as i32;
+        r.result = b"done".to_vec();
+    }
+    let mut big = many_tasks(2000);
+    for (i, t) in big.iter_mut().enumerate() {
+        t.payload = format!("{{\"n\":{i},\"pad\":\"{}\"}}", "x".repeat(i % 200)).into_bytes();
+    }
+    let bodies = [
+        SnapshotBody::default(),
+        SnapshotBody {
+            source_region: "north_america".into(),
+            epoch: 3,
+            sequence: 9,
+            policy_hash: "h".into(),
+            taken_unix_ms: -5,
+            tasks: many_tasks(5),
+            results,
+        },
+        SnapshotBody {
+            source_region: "north_america".into(),
+            epoch: 1,
+            tasks: big,
+            ..Default::default()
+        },
+    ];
+    for body in &bodies {
+        let expected = body.encode_to_vec();
+        for (compression, pipeline) in [
+            (None, Pipeline::Off),
+            (Some(3), Pipeline::Off),
+            (Some(3), Pipeline::On),
+        ] {
+            let params = SealParams {
+                source: body.source_region.clone(),
+                epoch: body.epoch,
+                sequence: body.sequence,
+                rule_indexes: vec![0],
+                policy_hash: body.policy_hash.clone(),
+                compression,
+                chunk_size: super::CHUNK_SIZE,
+            };
+            let chunks = super::seal_snapshot(body, &params, &key, &NonceSource::new(), pipeline)
+                .expect("seal");
+            let (header, plain) = envelope::open(&chunks, &ring, &Limits::default()).expect("open");
+            assert_eq!(header.plaintext_bytes, expected.len() as u64);
+            assert!(
+                plain == expected,
+                "{} tasks, {compression:?}, {pipeline:?}",
+                body.tasks.len()
+            );
+        }
+    }
 }
 
 #[tokio::test]
