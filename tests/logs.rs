@@ -17,7 +17,7 @@ async fn json_logs_carry_routing_fields() {
     let log = dir.path().join("europe.log");
     let addr = free_port().expect("port");
     let mut cmd = Command::new(federation_exe());
-    cmd.args(["--log-format", "json", "serve", "--config"])
+    cmd.args(["--log-format", "json", "serve", "--insecure", "--config"])
         .arg(&config)
         .args([
             "--region",
