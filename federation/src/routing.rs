@@ -12,11 +12,11 @@ use std::sync::Arc;
 
 use federation_api as api;
 
-use crate::audit::DecisionEntry;
+use crate::audit::{DecisionRef, PendingRecord};
 use crate::controller::{Node, now_ms};
 use crate::error::{Error, Result};
 use crate::policy::{Attributes, Decision, Outcome, Refusal, Rejection};
-use crate::tasks::InsertOutcome;
+use crate::tasks::{InsertOutcome, RecordState};
 use crate::transport;
 use crate::wire;
 
@@ -48,46 +48,43 @@ pub async fn submit(
     let mut decision = policy.decide(&attrs, &node.view(&policy));
 
     let mut placed: Option<(String, bool)> = None;
-    // The decision record of the attempt that placed the task, when it was
-    // appended concurrently with the placement (see below).
-    let mut logged_with: Option<String> = None;
+    // Whether the record appended with the placing attempt names the task.
+    let mut logged = false;
     let mut superseded: Vec<String> = Vec::new();
     while let Some(region) = decision.outcome.region().map(str::to_string) {
         let task_id = wire::new_task_id(&region);
-        let place = async {
-            if region == node.region {
-                store_local(node, &task_id, &req, &decision).await
-            } else {
-                forward(node, &region, &task_id, &req, &decision).await
-            }
-        };
-        // Without an idempotency key the task id is known before placement,
-        // so the decision record is appended *while* the task is committed:
-        // the client waits for one group commit instead of two in series.
-        // Both complete before the client hears back. If the placement fails,
-        // the final record names the superseded one.
-        let attempt = if req.idempotency_key.is_empty() {
-            let (attempt, ()) = tokio::join!(
-                place,
-                record(
-                    node,
-                    crate::audit::kind::ROUTE,
-                    Some(&task_id),
-                    &attrs,
-                    &decision,
-                    None
-                )
-            );
-            match &attempt {
-                Ok(_) => logged_with = Some(task_id.clone()),
-                Err(_) => superseded.push(task_id.clone()),
-            }
-            attempt
+        // The decision record is rendered now and appended *while* the task
+        // is committed (in the store's own batch, naming the task the store
+        // produced) or forwarded: the client waits for the slower of the two,
+        // not for both in series, and both are durable before it hears back.
+        // When the attempt fails, or the owner answers with another task (its
+        // idempotency key was known there), the final record names the
+        // superseded one.
+        let pending = decision_record(
+            node,
+            crate::audit::kind::ROUTE,
+            &task_id,
+            &attrs,
+            &decision,
+            None,
+        );
+        let local = region == node.region;
+        let (attempt, record) = if local {
+            store_local(node, &task_id, &req, &decision, pending).await
         } else {
-            place.await
+            let logged = node.log.append_pending(pending);
+            let (attempt, logged) =
+                tokio::join!(forward(node, &region, &task_id, &req, &decision), logged);
+            (attempt, record_state(logged))
         };
+        let appended = record != RecordState::NotWritten;
         match attempt {
             Ok((id, dedup)) => {
+                if appended && (local || id == task_id) {
+                    logged = true;
+                } else if appended {
+                    superseded.push(task_id);
+                }
                 placed = Some((id, dedup));
                 break;
             }
@@ -95,6 +92,9 @@ pub async fn submit(
             // data elsewhere silently: it is recorded as a refusal and the
             // walk continues, exactly like a failed forward.
             Err(e) => {
+                if appended {
+                    superseded.push(task_id);
+                }
                 tracing::warn!(%region, error = %e, "placing task failed; trying next candidate");
                 decision.refuse(&region, Refusal::ForwardFailed, e.to_string());
                 decision.refresh_warnings(&policy);
@@ -103,20 +103,27 @@ pub async fn submit(
     }
 
     let task_id = placed.as_ref().map(|(id, _)| id.clone());
-    if logged_with.is_none() {
-        let note = (!superseded.is_empty()).then(|| {
-            format!(
+    if !logged {
+        let mut note = Vec::new();
+        if let Some((id, true)) = &placed {
+            note.push(format!(
+                "deduplicated: the idempotency key already names task {id}"
+            ));
+        }
+        if !superseded.is_empty() {
+            note.push(format!(
                 "supersedes the record(s) of unplaced task id(s) {}",
                 superseded.join(", ")
-            )
-        });
+            ));
+        }
+        let note = (!note.is_empty()).then(|| note.join("; "));
         record(
             node,
             crate::audit::kind::ROUTE,
             task_id.as_deref(),
             &attrs,
             &decision,
-            note,
+            note.as_deref(),
         )
         .await;
     }
@@ -166,14 +173,20 @@ fn log_decision(decision: &Decision, task_id: Option<&str>) {
     }
 }
 
+/// Stores the task here, appending `record` (renamed to the task the store
+/// produced) in the same batch.
 async fn store_local(
     node: &Node,
     task_id: &str,
     req: &api::SubmitTaskRequest,
     decision: &Decision,
-) -> Result<(String, bool)> {
+    record: PendingRecord,
+) -> (Result<(String, bool)>, RecordState) {
     if node.draining() {
-        return Err(Error::Unavailable(format!("{} is draining", node.region)));
+        return (
+            Err(Error::Unavailable(format!("{} is draining", node.region))),
+            RecordState::NotWritten,
+        );
     }
     let now = now_ms();
     let task = api::Task {
@@ -189,9 +202,25 @@ async fn store_local(
         updated_unix_ms: now,
         ..Default::default()
     };
-    match node.store.insert(task).await.map_err(Error::from)? {
-        InsertOutcome::Created(t) => Ok((t.task_id, false)),
-        InsertOutcome::Deduplicated(t) => Ok((t.task_id, true)),
+    let stored = node.store.insert_recorded(task, &node.log, record).await;
+    if let RecordState::Failed(e) = &stored.record {
+        tracing::error!(error = %e, "appending to the decision log failed");
+    }
+    let outcome = match stored.outcome {
+        Ok(InsertOutcome::Created(t)) => Ok((t.task_id, false)),
+        Ok(InsertOutcome::Deduplicated(t)) => Ok((t.task_id, true)),
+        Err(e) => Err(Error::from(e)),
+    };
+    (outcome, stored.record)
+}
+
+fn record_state(logged: std::result::Result<u64, crate::audit::AuditError>) -> RecordState {
+    match logged {
+        Ok(_) => RecordState::Written,
+        Err(e) => {
+            tracing::error!(error = %e, "appending to the decision log failed");
+            RecordState::Failed(e.to_string())
+        }
     }
 }
 
@@ -249,8 +278,10 @@ pub async fn accept_forward(
         .ok_or_else(|| Error::invalid("submit", "missing"))?;
     let attrs = validate_submit(node, &submit)?;
     let policy = node.policy();
-    let matched = policy.match_rule(&attrs);
-    let Some(index) = matched.rule else {
+    // Our own decision, for the checks and our log: the entry region's view
+    // may differ. One evaluation of the rules serves both.
+    let mut decision = policy.decide(&attrs, &node.view(&policy));
+    let Some(index) = decision.rule_index else {
         return Err(Error::NotRoutable(format!(
             "{} refuses the task: no rule of its policy matches {}",
             node.region,
@@ -265,10 +296,14 @@ pub async fn accept_forward(
             rule.label()
         )));
     }
-    let mut required = rule.requires.clone();
-    required.extend(policy.data_class_requirements(&attrs));
-    let own = node.self_view(&policy).tags;
-    let missing: Vec<_> = required.difference(&own).cloned().collect();
+    // `decide` requires the rule's tags plus the data-class requirements.
+    let own = policy.region(&node.region).map(|r| &r.tags);
+    let missing: Vec<_> = decision
+        .required_tags
+        .iter()
+        .filter(|t| !own.is_some_and(|own| own.contains(*t)))
+        .cloned()
+        .collect();
     if !missing.is_empty() {
         return Err(Error::Precondition(format!(
             "residency: {} lacks required tag(s) {} for {}",
@@ -277,47 +312,33 @@ pub async fn accept_forward(
             rule.label()
         )));
     }
-    // Our own decision, for our log: the entry region's view may differ.
-    let mut decision = policy.decide(&attrs, &node.view(&policy));
-    let entry = req.entry_region.clone();
+    let entry = &req.entry_region;
     decision.reason = format!("accepted forward from {entry}: {}", decision.reason);
     let note = format!("entry region {entry}");
-    let log = |id: String, note: String| {
-        let decision = decision.clone();
-        let attrs = attrs.clone();
-        async move {
-            record(
-                node,
-                crate::audit::kind::FORWARDED_IN,
-                Some(&id),
-                &attrs,
-                &decision,
-                Some(note),
-            )
-            .await;
-        }
-    };
-    // As in `submit`: without an idempotency key the id is final, so the
-    // record is appended concurrently with the commit; a failed commit gets
-    // a correcting record.
-    let (task_id, deduplicated) = if submit.idempotency_key.is_empty() {
-        let (stored, ()) = tokio::join!(
-            store_local(node, &req.task_id, &submit, &decision),
-            log(req.task_id.clone(), note)
-        );
-        if let Err(e) = &stored {
-            log(
-                req.task_id.clone(),
-                format!("not stored, supersedes the record above: {e}"),
-            )
-            .await;
-        }
-        stored?
-    } else {
-        let stored = store_local(node, &req.task_id, &submit, &decision).await?;
-        log(stored.0.clone(), note).await;
-        stored
-    };
+    // As in `submit`: the record is appended in the store's batch, naming
+    // the task the store produced (the stored one when deduplicated); a
+    // commit that fails after it was appended gets a correcting record.
+    let pending = decision_record(
+        node,
+        crate::audit::kind::FORWARDED_IN,
+        &req.task_id,
+        &attrs,
+        &decision,
+        Some(&note),
+    );
+    let (stored, appended) = store_local(node, &req.task_id, &submit, &decision, pending).await;
+    if let (Err(e), RecordState::Written | RecordState::Failed(_)) = (&stored, appended) {
+        record(
+            node,
+            crate::audit::kind::FORWARDED_IN,
+            Some(&req.task_id),
+            &attrs,
+            &decision,
+            Some(&format!("not stored, supersedes the record above: {e}")),
+        )
+        .await;
+    }
+    let (task_id, deduplicated) = stored?;
     Ok(api::ForwardTaskResponse {
         task_id,
         deduplicated,
@@ -367,23 +388,49 @@ impl crate::policy::FederationView for WhatIf<'_> {
     }
 }
 
+/// Renders the record of `decision` for `task_id` (a route record names
+/// this controller as the entry region).
+fn decision_record(
+    node: &Node,
+    kind: &str,
+    task_id: &str,
+    attrs: &Attributes,
+    decision: &Decision,
+    note: Option<&str>,
+) -> PendingRecord {
+    PendingRecord::new(DecisionRef {
+        kind,
+        task_id: Some(task_id),
+        entry_region: (kind == crate::audit::kind::ROUTE).then_some(node.region.as_str()),
+        attributes: attrs,
+        decision,
+        note,
+    })
+}
+
 /// Appends a decision to the log. A log failure is reported loudly but does
 /// not undo a stored task (the task is durable; the log error is an alert).
-pub async fn record(
+/// The record is rendered and queued when this is called; the future waits
+/// for its sync.
+pub fn record(
     node: &Node,
     kind: &str,
     task_id: Option<&str>,
     attrs: &Attributes,
     decision: &Decision,
-    note: Option<String>,
-) {
-    let mut entry = DecisionEntry::from_decision(kind, attrs, decision);
-    entry.task_id = task_id.map(str::to_string);
-    entry.note = note;
-    if kind == crate::audit::kind::ROUTE {
-        entry.entry_region = Some(node.region.clone());
-    }
-    if let Err(e) = node.log.append(entry).await {
-        tracing::error!(error = %e, "appending to the decision log failed");
+    note: Option<&str>,
+) -> impl std::future::Future<Output = ()> + Send + use<> {
+    let appended = node.log.append_decision(DecisionRef {
+        kind,
+        task_id,
+        entry_region: (kind == crate::audit::kind::ROUTE).then_some(node.region.as_str()),
+        attributes: attrs,
+        decision,
+        note,
+    });
+    async move {
+        if let Err(e) = appended.await {
+            tracing::error!(error = %e, "appending to the decision log failed");
+        }
     }
 }

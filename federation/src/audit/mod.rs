@@ -64,11 +64,17 @@
 //!
 //! # Durability and recovery
 //!
-//! Appends go through one writer thread: it takes every waiting entry, writes
-//! them in one `write`, calls `fdatasync` once, then answers each caller
-//! (group commit). A crash can leave only an unacknowledged, partial last line
-//! (no trailing newline); [`DecisionLog::open`] truncates it and logs a
-//! warning. Any other damage makes `open` refuse, naming the line.
+//! Records are rendered to their canonical bytes on the caller's thread
+//! (straight from the typed decision, never through `serde_json::Value`),
+//! with the SHA-256 state over everything that sorts before `prev_hash`.
+//! Appends go through one writer thread: it takes every waiting entry (and
+//! the batches the task store hands over, see
+//! [`crate::tasks::TaskStore::insert_recorded`]), adds the chained fields,
+//! finishes each hash, writes them in one `write`, calls `fdatasync` once,
+//! then answers each caller (group commit). A crash can leave only an
+//! unacknowledged, partial last line (no trailing newline);
+//! [`DecisionLog::open`] truncates it and logs a warning. Any other damage
+//! makes `open` refuse, naming the line.
 
 #[cfg(test)]
 mod tests;
@@ -85,7 +91,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::policy::{Attributes, Decision};
+use crate::policy::{AttrValue, Attributes, Decision, Outcome, Refusal, Rejection, Role};
 
 /// The log's file name inside a data directory.
 pub const FILE_NAME: &str = "decisions.jsonl";
@@ -225,16 +231,73 @@ impl DecisionEntry {
     }
 }
 
-/// The body of a record: everything but `hash`.
-#[derive(Serialize)]
-struct Body<'a> {
-    seq: u64,
-    time: &'a str,
-    unix_ms: i64,
-    region: &'a str,
-    #[serde(flatten)]
-    entry: &'a DecisionEntry,
-    prev_hash: &'a str,
+/// A routing decision to append, borrowed: [`DecisionLog::append_decision`]
+/// renders it to its canonical line on the caller's thread, with the same
+/// bytes as [`DecisionEntry::from_decision`] plus the given fields, without
+/// building `serde_json::Value`s.
+#[derive(Debug, Clone, Copy)]
+pub struct DecisionRef<'a> {
+    /// One of [`kind`]'s constants.
+    pub kind: &'a str,
+    /// The task concerned.
+    pub task_id: Option<&'a str>,
+    /// The region the client called.
+    pub entry_region: Option<&'a str>,
+    /// The attributes the decision read.
+    pub attributes: &'a Attributes,
+    /// The decision.
+    pub decision: &'a Decision,
+    /// Free text.
+    pub note: Option<&'a str>,
+}
+
+/// A record rendered on the caller's thread and not yet appended: handed to
+/// [`DecisionLog::append_pending`], or carried into the task store's batch
+/// ([`crate::tasks::TaskStore::insert_recorded`]), which names the task the
+/// insert really produced before appending it with [`DecisionLog::append_batch`].
+pub struct PendingRecord(Box<Prepared>);
+
+impl std::fmt::Debug for PendingRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingRecord")
+            .field("task_id", &self.0.task_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PendingRecord {
+    /// Renders `record` (the same bytes [`DecisionLog::append_decision`]
+    /// would write).
+    pub fn new(record: DecisionRef<'_>) -> Self {
+        Self(Box::new(Prepared::from_decision(&record)))
+    }
+
+    /// The task the record names.
+    pub fn task_id(&self) -> Option<&str> {
+        self.0.task_id.as_deref()
+    }
+
+    /// Names another task (the `task_id` field is rendered when the record
+    /// is sealed, so this costs nothing).
+    pub fn set_task_id(&mut self, task_id: &str) {
+        if self.0.task_id.as_deref() != Some(task_id) {
+            self.0.task_id = Some(task_id.to_string());
+        }
+    }
+}
+
+/// A batch handed to the writer by [`DecisionLog::append_batch`]; wait for
+/// it (from a thread outside the async runtime) with [`BatchReceipt::wait`].
+#[derive(Debug)]
+pub struct BatchReceipt(Result<oneshot::Receiver<Result<u64, AuditError>>, AuditError>);
+
+impl BatchReceipt {
+    /// Blocks until every record of the batch is written and fdatasync'd;
+    /// returns the last one's seq. Must not be called on an async runtime
+    /// thread (the task store's writer thread calls it).
+    pub fn wait(self) -> Result<u64, AuditError> {
+        self.0?.blocking_recv().map_err(|_| AuditError::Closed)?
+    }
 }
 
 /// One line of the log, as read back.
@@ -307,62 +370,377 @@ impl Record {
 // ---------------------------------------------------------------------------
 // Canonical form and hashing
 // ---------------------------------------------------------------------------
+//
+// Records are rendered straight to canonical bytes (no `serde_json::Value`
+// in between on the routing path): every writer below emits an object's keys
+// in sorted order by construction. `canonical` handles free-form `Value`s
+// (entries built by hand, and the tests' oracle).
 
 /// Writes `v` as canonical JSON: keys sorted, no whitespace.
-fn canonical(v: &Value, out: &mut String) {
+fn canonical(v: &Value, out: &mut Vec<u8>) {
     match v {
         Value::Object(map) => {
             let mut keys: Vec<&String> = map.keys().collect();
             keys.sort();
-            out.push('{');
-            for (i, k) in keys.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                push_json_string(k, out);
-                out.push(':');
+            let mut obj = Obj::open(out);
+            for k in keys {
                 if let Some(v) = map.get(k) {
-                    canonical(v, out);
+                    canonical(v, obj.key(k));
                 }
             }
-            out.push('}');
+            obj.close();
         }
         Value::Array(items) => {
-            out.push('[');
+            out.push(b'[');
             for (i, item) in items.iter().enumerate() {
                 if i > 0 {
-                    out.push(',');
+                    out.push(b',');
                 }
                 canonical(item, out);
             }
-            out.push(']');
+            out.push(b']');
         }
         Value::String(s) => push_json_string(s, out),
-        other => out.push_str(&other.to_string()),
+        Value::Number(n) => push_display(n, out),
+        Value::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
+        Value::Null => out.extend_from_slice(b"null"),
     }
 }
 
-fn push_json_string(s: &str, out: &mut String) {
-    // serde_json's string escaping cannot fail for a &str.
-    out.push_str(&Value::String(s.to_string()).to_string());
+/// Writes `s` as a JSON string, escaped exactly as `serde_json` does: `"`,
+/// `\` and control characters only (`\b \f \n \r \t`, else `\u00XX`).
+fn push_json_string(s: &str, out: &mut Vec<u8>) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.reserve(s.len() + 2);
+    out.push(b'"');
+    let bytes = s.as_bytes();
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let short = match b {
+            b'"' => b'"',
+            b'\\' => b'\\',
+            0x08 => b'b',
+            0x0c => b'f',
+            b'\n' => b'n',
+            b'\r' => b'r',
+            b'\t' => b't',
+            0..=0x1f => 0,
+            _ => continue,
+        };
+        out.extend_from_slice(&bytes[start..i]);
+        if short == 0 {
+            out.extend_from_slice(b"\\u00");
+            out.push(HEX[usize::from(b >> 4)]);
+            out.push(HEX[usize::from(b & 0xf)]);
+        } else {
+            out.push(b'\\');
+            out.push(short);
+        }
+        start = i + 1;
+    }
+    out.extend_from_slice(&bytes[start..]);
+    out.push(b'"');
+}
+
+fn push_display(v: impl std::fmt::Display, out: &mut Vec<u8>) {
+    // Writing to a Vec cannot fail.
+    let _ = write!(out, "{v}");
+}
+
+fn push_opt_str(s: Option<&str>, out: &mut Vec<u8>) {
+    match s {
+        Some(s) => push_json_string(s, out),
+        None => out.extend_from_slice(b"null"),
+    }
+}
+
+fn push_str_array<'s>(items: impl IntoIterator<Item = &'s String>, out: &mut Vec<u8>) {
+    out.push(b'[');
+    for (i, s) in items.into_iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        push_json_string(s, out);
+    }
+    out.push(b']');
+}
+
+/// An object being written: keys must be given in sorted order.
+struct Obj<'o> {
+    out: &'o mut Vec<u8>,
+    first: bool,
+}
+
+impl<'o> Obj<'o> {
+    fn open(out: &'o mut Vec<u8>) -> Self {
+        out.push(b'{');
+        Self { out, first: true }
+    }
+
+    /// Writes `"key":` and returns the buffer for the value.
+    fn key(&mut self, key: &str) -> &mut Vec<u8> {
+        if !self.first {
+            self.out.push(b',');
+        }
+        self.first = false;
+        push_json_string(key, self.out);
+        self.out.push(b':');
+        self.out
+    }
+
+    fn str(&mut self, key: &str, value: &str) {
+        push_json_string(value, self.key(key));
+    }
+
+    fn close(self) {
+        self.out.push(b'}');
+    }
+}
+
+/// Attributes as `serde_json` serializes them (`AttrValue` is untagged),
+/// in canonical form. `Attributes` is a `BTreeMap`, so keys come sorted.
+fn push_attributes(attrs: &Attributes, out: &mut Vec<u8>) {
+    let mut obj = Obj::open(out);
+    for (k, v) in attrs {
+        push_attr_value(v, obj.key(k));
+    }
+    obj.close();
+}
+
+fn push_attr_value(v: &AttrValue, out: &mut Vec<u8>) {
+    match v {
+        AttrValue::Str(s) => push_json_string(s, out),
+        AttrValue::Int(i) => push_display(i, out),
+        AttrValue::Double(d) => match serde_json::Number::from_f64(*d) {
+            Some(n) => push_display(n, out),
+            None => out.extend_from_slice(b"null"),
+        },
+        AttrValue::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
+        AttrValue::List(items) => {
+            out.push(b'[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                push_attr_value(item, out);
+            }
+            out.push(b']');
+        }
+    }
+}
+
+/// A [`Decision`] as its `Serialize` derive writes it, in canonical form.
+fn push_decision(d: &Decision, out: &mut Vec<u8>) {
+    let mut obj = Obj::open(out);
+    {
+        let out = obj.key("candidates");
+        out.push(b'[');
+        for (i, c) in d.candidates.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            let mut cand = Obj::open(out);
+            cand.str("detail", &c.detail);
+            push_opt_str(c.refusal.map(Refusal::as_str), cand.key("refusal"));
+            cand.str("region", &c.region);
+            cand.str(
+                "role",
+                match c.role {
+                    Role::Primary => "primary",
+                    Role::Backup => "backup",
+                },
+            );
+            cand.close();
+        }
+        out.push(b']');
+    }
+    push_str_array(&d.evaluation_errors, obj.key("evaluation_errors"));
+    {
+        let mut outcome = Obj::open(obj.key("outcome"));
+        outcome.str("kind", d.outcome.kind());
+        match &d.outcome {
+            Outcome::Routed { region } | Outcome::Failover { region } => {
+                outcome.str("region", region);
+            }
+            Outcome::Rejected { rejection } => outcome.str(
+                "rejection",
+                match rejection {
+                    Rejection::NoRule => "no_rule",
+                    Rejection::NoCompliantRegion => "no_compliant_region",
+                    Rejection::Unavailable => "unavailable",
+                },
+            ),
+        }
+        outcome.close();
+    }
+    obj.str("policy_hash", &d.policy_hash);
+    obj.str("reason", &d.reason);
+    push_str_array(&d.required_tags, obj.key("required_tags"));
+    push_opt_str(d.rule.as_deref(), obj.key("rule"));
+    match d.rule_index {
+        Some(i) => push_display(i, obj.key("rule_index")),
+        None => obj.key("rule_index").extend_from_slice(b"null"),
+    }
+    push_str_array(&d.warnings, obj.key("warnings"));
+    obj.close();
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
-/// Builds one line (without `\n`) and its hash.
-fn seal(body: &Body<'_>) -> Result<(String, String), AuditError> {
-    let value = serde_json::to_value(body).map_err(|e| AuditError::Serialize(e.to_string()))?;
-    let mut text = String::with_capacity(512);
-    canonical(&value, &mut text);
-    let hash = sha256_hex(text.as_bytes());
-    // The body is an object, so it ends with '}'.
-    text.pop();
-    text.push_str(HASH_SEP);
-    text.push_str(&hash);
-    text.push_str("\"}");
-    Ok((text, hash))
+/// An entry ready for the writer: the canonical JSON of every field that
+/// sorts before `prev_hash` (rendered on the caller's thread), the SHA-256
+/// state over those bytes, and the two entry fields that sort after it.
+/// The writer only adds the chained fields and finishes the hash.
+struct Prepared {
+    head: Vec<u8>,
+    hasher: Sha256,
+    rule_index: Option<u32>,
+    task_id: Option<String>,
+}
+
+/// The body's fields that sort before `prev_hash`, borrowed from either an
+/// entry or a typed decision.
+struct Head<'a> {
+    attributes: Option<Fragment<'a>>,
+    chosen_region: Option<&'a str>,
+    decision: Option<Fragment<'a>>,
+    entry_region: Option<&'a str>,
+    kind: &'a str,
+    note: Option<&'a str>,
+    outcome: Option<&'a str>,
+    policy_hash: Option<&'a str>,
+}
+
+enum Fragment<'a> {
+    Value(&'a Value),
+    Attributes(&'a Attributes),
+    Decision(&'a Decision),
+}
+
+impl Fragment<'_> {
+    fn write(&self, out: &mut Vec<u8>) {
+        match self {
+            Fragment::Value(v) => canonical(v, out),
+            Fragment::Attributes(a) => push_attributes(a, out),
+            Fragment::Decision(d) => push_decision(d, out),
+        }
+    }
+}
+
+impl Prepared {
+    fn new(head: &Head<'_>, rule_index: Option<u32>, task_id: Option<String>) -> Self {
+        let mut out = Vec::with_capacity(1280);
+        let mut obj = Obj::open(&mut out);
+        if let Some(a) = &head.attributes {
+            a.write(obj.key("attributes"));
+        }
+        if let Some(r) = head.chosen_region {
+            obj.str("chosen_region", r);
+        }
+        if let Some(d) = &head.decision {
+            d.write(obj.key("decision"));
+        }
+        if let Some(r) = head.entry_region {
+            obj.str("entry_region", r);
+        }
+        obj.str("kind", head.kind);
+        if let Some(n) = head.note {
+            obj.str("note", n);
+        }
+        if let Some(o) = head.outcome {
+            obj.str("outcome", o);
+        }
+        if let Some(h) = head.policy_hash {
+            obj.str("policy_hash", h);
+        }
+        // Left open: the writer continues with `,"prev_hash":…`.
+        let hasher = Sha256::new_with_prefix(&out);
+        Self {
+            head: out,
+            hasher,
+            rule_index,
+            task_id,
+        }
+    }
+
+    fn from_entry(e: &DecisionEntry) -> Self {
+        let head = Head {
+            attributes: e.attributes.as_ref().map(Fragment::Value),
+            chosen_region: e.chosen_region.as_deref(),
+            decision: e.decision.as_ref().map(Fragment::Value),
+            entry_region: e.entry_region.as_deref(),
+            kind: &e.kind,
+            note: e.note.as_deref(),
+            outcome: e.outcome.as_deref(),
+            policy_hash: e.policy_hash.as_deref(),
+        };
+        Self::new(&head, e.rule_index, e.task_id.clone())
+    }
+
+    fn from_decision(r: &DecisionRef<'_>) -> Self {
+        let d = r.decision;
+        let head = Head {
+            attributes: Some(Fragment::Attributes(r.attributes)),
+            chosen_region: d.outcome.region(),
+            decision: Some(Fragment::Decision(d)),
+            entry_region: r.entry_region,
+            kind: r.kind,
+            note: r.note,
+            outcome: Some(d.outcome.kind()),
+            policy_hash: Some(&d.policy_hash),
+        };
+        let rule_index = d.rule_index.and_then(|i| u32::try_from(i).ok());
+        Self::new(&head, rule_index, r.task_id.map(str::to_string))
+    }
+
+    /// Appends the finished line (with `\n`) to `buf` and returns its hash:
+    /// the body is the head plus the chained fields, in sorted key order.
+    fn seal_into(
+        self,
+        buf: &mut Vec<u8>,
+        seq: u64,
+        time: &str,
+        unix_ms: i64,
+        region: &str,
+        prev_hash: &str,
+    ) -> String {
+        let Prepared {
+            head,
+            mut hasher,
+            rule_index,
+            task_id,
+        } = self;
+        buf.extend_from_slice(&head);
+        let tail_start = buf.len();
+        {
+            // Continues the object `head` left open (it holds `kind`).
+            let mut obj = Obj {
+                out: &mut *buf,
+                first: false,
+            };
+            obj.str("prev_hash", prev_hash);
+            obj.str("region", region);
+            if let Some(i) = rule_index {
+                push_display(i, obj.key("rule_index"));
+            }
+            push_display(seq, obj.key("seq"));
+            if let Some(t) = &task_id {
+                obj.str("task_id", t);
+            }
+            obj.str("time", time);
+            push_display(unix_ms, obj.key("unix_ms"));
+        }
+        hasher.update(&buf[tail_start..]);
+        hasher.update(b"}");
+        let hash = hex::encode(hasher.finalize());
+        // The body ends with '}'; the line puts the hash before it.
+        buf.extend_from_slice(HASH_SEP.as_bytes());
+        buf.extend_from_slice(hash.as_bytes());
+        buf.extend_from_slice(b"\"}\n");
+        hash
+    }
 }
 
 /// Checks one line on its own: JSON, layout, hash. Returns the record.
@@ -689,7 +1067,8 @@ impl Drop for LogInner {
 }
 
 enum Append {
-    Entry(Box<DecisionEntry>, oneshot::Sender<Result<u64, AuditError>>),
+    Entry(Box<Prepared>, oneshot::Sender<Result<u64, AuditError>>),
+    Batch(Vec<Prepared>, oneshot::Sender<Result<u64, AuditError>>),
     Flush(oneshot::Sender<Result<u64, AuditError>>),
 }
 
@@ -785,30 +1164,82 @@ impl DecisionLog {
         (tip.seq, tip.hash.clone())
     }
 
-    async fn send(
+    /// Queues `msg` at once; the returned future waits for its answer on
+    /// `rx`.
+    fn queue(
         &self,
-        msg: impl FnOnce(oneshot::Sender<Result<u64, AuditError>>) -> Append,
-    ) -> Result<u64, AuditError> {
-        let (tx, rx) = oneshot::channel();
-        self.inner
-            .tx
-            .as_ref()
-            .ok_or(AuditError::Closed)?
-            .send(msg(tx))
-            .map_err(|_| AuditError::Closed)?;
-        rx.await.map_err(|_| AuditError::Closed)?
+        msg: Append,
+        rx: oneshot::Receiver<Result<u64, AuditError>>,
+    ) -> impl std::future::Future<Output = Result<u64, AuditError>> + Send + use<> {
+        let sent = match self.inner.tx.as_ref() {
+            Some(sender) => sender.send(msg).map_err(|_| AuditError::Closed),
+            None => Err(AuditError::Closed),
+        };
+        async move {
+            sent?;
+            rx.await.map_err(|_| AuditError::Closed)?
+        }
     }
 
     /// Appends one record; returns its seq once it is written and
     /// fdatasync'd. Entries appended concurrently share one write and sync.
-    pub async fn append(&self, entry: DecisionEntry) -> Result<u64, AuditError> {
-        self.send(|tx| Append::Entry(Box::new(entry), tx)).await
+    /// The record is rendered and queued when this is called (its place in
+    /// the chain is fixed then); the future waits for the sync.
+    pub fn append(
+        &self,
+        entry: DecisionEntry,
+    ) -> impl std::future::Future<Output = Result<u64, AuditError>> + Send + use<> {
+        let (tx, rx) = oneshot::channel();
+        let prepared = Box::new(Prepared::from_entry(&entry));
+        self.queue(Append::Entry(prepared, tx), rx)
+    }
+
+    /// [`DecisionLog::append`] for a routing decision, rendered straight from
+    /// the typed decision (the routing path's fast way to the same line).
+    pub fn append_decision(
+        &self,
+        record: DecisionRef<'_>,
+    ) -> impl std::future::Future<Output = Result<u64, AuditError>> + Send + use<> {
+        let (tx, rx) = oneshot::channel();
+        let prepared = Box::new(Prepared::from_decision(&record));
+        self.queue(Append::Entry(prepared, tx), rx)
+    }
+
+    /// [`DecisionLog::append`] for a record rendered earlier.
+    pub fn append_pending(
+        &self,
+        record: PendingRecord,
+    ) -> impl std::future::Future<Output = Result<u64, AuditError>> + Send + use<> {
+        let (tx, rx) = oneshot::channel();
+        self.queue(Append::Entry(record.0, tx), rx)
+    }
+
+    /// Queues `records` as consecutive lines of one write (and one sync);
+    /// the receipt tells when they are durable. For the task store's writer
+    /// thread, which appends the records of a batch while it commits it.
+    pub fn append_batch(&self, records: Vec<PendingRecord>) -> BatchReceipt {
+        let (tx, rx) = oneshot::channel();
+        let batch = records.into_iter().map(|r| *r.0).collect();
+        let sent = match self.inner.tx.as_ref() {
+            Some(sender) => sender
+                .send(Append::Batch(batch, tx))
+                .map(|()| rx)
+                .map_err(|_| AuditError::Closed),
+            None => Err(AuditError::Closed),
+        };
+        BatchReceipt(sent)
+    }
+
+    /// True when `self` and `other` are handles to the same log.
+    pub fn same_log(&self, other: &DecisionLog) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
     }
 
     /// Returns when everything appended before it is on disk (every
     /// acknowledged append already is: this is the shutdown barrier).
     pub async fn flush(&self) -> Result<(), AuditError> {
-        self.send(Append::Flush).await.map(|_| ())
+        let (tx, rx) = oneshot::channel();
+        self.queue(Append::Flush(tx), rx).await.map(|_| ())
     }
 }
 
@@ -833,6 +1264,8 @@ fn writer_loop(
     // After a failed write that could not be undone the file may hold a
     // partial line; appending after it would break the chain, so stop.
     let mut poisoned: Option<String> = None;
+    // One buffer for every batch's lines.
+    let mut buf: Vec<u8> = Vec::new();
     while let Some(first) = rx.blocking_recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -844,43 +1277,35 @@ fn writer_loop(
         if let Some(why) = &poisoned {
             for m in batch {
                 let reply = match m {
-                    Append::Entry(_, r) | Append::Flush(r) => r,
+                    Append::Entry(_, r) | Append::Batch(_, r) | Append::Flush(r) => r,
                 };
                 let _ = reply.send(Err(AuditError::Write(why.clone())));
             }
             continue;
         }
-        let start = lock(tip).clone();
-        let mut next = start.clone();
-        let mut buf = String::new();
+        let mut next = lock(tip).clone();
+        buf.clear();
         let mut pending = Vec::with_capacity(batch.len());
         let (time, unix_ms) = now_rfc3339();
         for m in batch {
             match m {
                 Append::Flush(r) => pending.push((r, None)),
                 Append::Entry(entry, r) => {
-                    let body = Body {
-                        seq: next.seq + 1,
-                        time: &time,
-                        unix_ms,
-                        region,
-                        entry: &entry,
-                        prev_hash: &next.hash,
-                    };
-                    match seal(&body) {
-                        Ok((line, hash)) => {
-                            buf.push_str(&line);
-                            buf.push('\n');
-                            next = Tip {
-                                seq: next.seq + 1,
-                                hash,
-                            };
-                            pending.push((r, Some(next.seq)));
-                        }
-                        Err(e) => {
-                            let _ = r.send(Err(e));
-                        }
+                    let seq = next.seq + 1;
+                    let hash = entry.seal_into(&mut buf, seq, &time, unix_ms, region, &next.hash);
+                    next = Tip { seq, hash };
+                    pending.push((r, Some(seq)));
+                }
+                Append::Batch(entries, r) => {
+                    let mut last = None;
+                    for entry in entries {
+                        let seq = next.seq + 1;
+                        let hash =
+                            entry.seal_into(&mut buf, seq, &time, unix_ms, region, &next.hash);
+                        next = Tip { seq, hash };
+                        last = Some(seq);
                     }
+                    pending.push((r, last));
                 }
             }
         }
@@ -888,9 +1313,7 @@ fn writer_loop(
             Ok(())
         } else {
             let len_before = file.metadata().map(|m| m.len());
-            let res = file
-                .write_all(buf.as_bytes())
-                .and_then(|()| file.sync_data());
+            let res = file.write_all(&buf).and_then(|()| file.sync_data());
             if let Err(e) = &res {
                 // Undo a partial write so the chain stays intact.
                 let undone =

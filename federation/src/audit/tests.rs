@@ -115,9 +115,9 @@ async fn chain_verifies_and_hash_is_over_the_line_bytes() {
         assert_eq!(sha256_hex(body.as_bytes()), rec.hash);
         // The body is canonical: re-canonicalizing it changes nothing.
         let v: Value = serde_json::from_str(&body).expect("body json");
-        let mut again = String::new();
+        let mut again = Vec::new();
         canonical(&v, &mut again);
-        assert_eq!(again, body);
+        assert_eq!(String::from_utf8(again).expect("utf-8"), body);
         prev = rec.hash;
     }
     assert_eq!(report.last_hash, prev);
@@ -125,6 +125,140 @@ async fn chain_verifies_and_hash_is_over_the_line_bytes() {
     assert_eq!(
         verify(&dir.path().join(FILE_NAME)).expect("verify file"),
         report
+    );
+}
+
+/// The old way to a line: through `serde_json::Value`, keys sorted.
+fn via_value(entry: &DecisionEntry, seq: u64, prev: &str) -> String {
+    let mut v = serde_json::to_value(entry).expect("entry");
+    let obj = v.as_object_mut().expect("object");
+    obj.insert("seq".into(), seq.into());
+    obj.insert("time".into(), "2025-01-01T00:00:00.000Z".into());
+    obj.insert("unix_ms".into(), 1_735_689_600_000_i64.into());
+    obj.insert("region".into(), "europe".into());
+    obj.insert("prev_hash".into(), prev.into());
+    let mut body = Vec::new();
+    canonical(&v, &mut body);
+    let body = String::from_utf8(body).expect("utf-8");
+    let hash = sha256_hex(body.as_bytes());
+    format!("{}{HASH_SEP}{hash}\"}}\n", &body[..body.len() - 1])
+}
+
+fn sealed(p: Prepared, seq: u64, prev: &str) -> String {
+    let mut buf = Vec::new();
+    p.seal_into(
+        &mut buf,
+        seq,
+        "2025-01-01T00:00:00.000Z",
+        1_735_689_600_000,
+        "europe",
+        prev,
+    );
+    String::from_utf8(buf).expect("utf-8")
+}
+
+#[test]
+fn direct_rendering_matches_canonical_json_of_the_value() {
+    let mut odd = attrs("D\"E\\\u{1}\u{7f}\t\u{8}\u{c}\r\nü€😀");
+    odd.insert(
+        "list".into(),
+        AttrValue::List(vec![
+            AttrValue::Double(1.0),
+            AttrValue::Double(-0.0),
+            AttrValue::Double(1e300),
+            AttrValue::Double(f64::NAN),
+            AttrValue::Bool(false),
+            AttrValue::List(vec![AttrValue::Int(i64::MIN)]),
+        ]),
+    );
+    let mut warned = decision(
+        1,
+        Outcome::Failover {
+            region: "europe_west".into(),
+        },
+    );
+    warned.warnings = vec!["failover to europe_west drops GDPR".into()];
+    warned.evaluation_errors = vec!["rule 1: no attribute `x`".into()];
+    let mut no_rule = decision(
+        0,
+        Outcome::Rejected {
+            rejection: crate::policy::Rejection::NoRule,
+        },
+    );
+    no_rule.rule_index = None;
+    no_rule.rule = None;
+    no_rule.candidates.clear();
+    let decisions = [
+        decision(
+            0,
+            Outcome::Routed {
+                region: "north_america".into(),
+            },
+        ),
+        warned,
+        no_rule,
+        decision(
+            2,
+            Outcome::Rejected {
+                rejection: crate::policy::Rejection::NoCompliantRegion,
+            },
+        ),
+    ];
+    for (i, d) in decisions.iter().enumerate() {
+        for a in [attrs("DE"), odd.clone(), Attributes::new()] {
+            for (task, entry_region, note) in [
+                (None, None, None),
+                (
+                    Some("t-1.europe"),
+                    Some("north_america"),
+                    Some("a \"note\""),
+                ),
+            ] {
+                let mut entry = DecisionEntry::from_decision(kind::ROUTE, &a, d);
+                entry.task_id = task.map(str::to_string);
+                entry.entry_region = entry_region.map(str::to_string);
+                entry.note = note.map(str::to_string);
+                let seq = i as u64 + 7;
+                let expected = via_value(&entry, seq, GENESIS_HASH);
+                assert_eq!(
+                    sealed(Prepared::from_entry(&entry), seq, GENESIS_HASH),
+                    expected
+                );
+                let direct = DecisionRef {
+                    kind: kind::ROUTE,
+                    task_id: task,
+                    entry_region,
+                    attributes: &a,
+                    decision: d,
+                    note,
+                };
+                assert_eq!(
+                    sealed(Prepared::from_decision(&direct), seq, GENESIS_HASH),
+                    expected
+                );
+                assert!(check_line(expected.trim_end().as_bytes()).is_ok());
+            }
+        }
+    }
+    // Entries without a decision (reloads, takeovers) too.
+    let bare = DecisionEntry::new(kind::POLICY_RELOAD).note("reloaded");
+    assert_eq!(
+        sealed(Prepared::from_entry(&bare), 1, GENESIS_HASH),
+        via_value(&bare, 1, GENESIS_HASH)
+    );
+}
+
+#[test]
+fn strings_are_escaped_as_serde_json_does() {
+    let all: String = (0u32..0x80)
+        .chain([0xe9, 0x2028, 0x1f600])
+        .filter_map(char::from_u32)
+        .collect();
+    let mut out = Vec::new();
+    push_json_string(&all, &mut out);
+    assert_eq!(
+        String::from_utf8(out).expect("utf-8"),
+        serde_json::to_string(&all).expect("json")
     );
 }
 

@@ -19,6 +19,13 @@
 //!   one write transaction in arrival order, commits once, then answers each
 //!   caller. Under load many callers share one fsync; at one request in flight
 //!   the cost is one fsync per request, as before.
+//! * **Decision records in the same batch.** [`TaskStore::insert_recorded`]
+//!   carries the routing decision's log record with the insert: the writer
+//!   renames it to the task the insert produced (the stored one when the key
+//!   was known), hands the batch's records to the decision log in one append
+//!   while the transaction commits, and answers once both are durable. One
+//!   wait, one wake-up per caller. The store never builds records; it only
+//!   names the task in them.
 //! * **Idempotency.** A non-empty `idempotency_key` that is already known, or a
 //!   `task_id` that is already stored (a retried `ForwardTask`), returns
 //!   [`InsertOutcome::Deduplicated`] with the stored task and stores nothing.
@@ -41,9 +48,14 @@
 //! | table        | key                                   | value                  |
 //! |--------------|---------------------------------------|------------------------|
 //! | `tasks`      | task id                               | prost-encoded `Task`   |
-//! | `idempotency`| idempotency key                       | task id                |
 //! | `queue`      | (−priority, created ms, task id)      | `()` — QUEUED tasks    |
 //! | `leases`     | (lease deadline ms, task id)          | agent id — LEASED tasks|
+//!
+//! Idempotency keys are indexed in memory (key → task id), rebuilt at open
+//! from the task records, which carry their key: it is derived data, so it is
+//! never written, and an insert costs one B-tree insert fewer (random keys
+//! touch a different page each). A store written by an earlier version has
+//! an `idempotency` table; it is read once at open, then dropped.
 //!
 //! Leasing walks `queue` from its start (highest priority, then oldest), so it
 //! costs O(k log n) for k tasks; expiring walks `leases` up to now.
@@ -91,6 +103,29 @@ impl InsertOutcome {
     pub fn is_deduplicated(&self) -> bool {
         matches!(self, InsertOutcome::Deduplicated(_))
     }
+}
+
+/// What became of the decision-log record given to
+/// [`TaskStore::insert_recorded`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RecordState {
+    /// Never handed to the log (the insert was refused, or its batch failed
+    /// before the records were appended).
+    NotWritten,
+    /// Appended and synced, naming the task the insert produced.
+    Written,
+    /// Handed to the log, whose write failed (the log keeps its chain intact
+    /// and reports the error).
+    Failed(String),
+}
+
+/// The answer of [`TaskStore::insert_recorded`].
+#[derive(Debug)]
+pub struct RecordedInsert {
+    /// What the insert did; durable when `Ok`.
+    pub outcome: Result<InsertOutcome, StoreError>,
+    /// What became of the record.
+    pub record: RecordState,
 }
 
 /// Errors of the task store.

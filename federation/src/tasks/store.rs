@@ -1,6 +1,7 @@
 //! [`TaskStore`]: the redb database, its single writer thread (group commit)
 //! and the read paths. See the parent module for the guarantees.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -12,7 +13,11 @@ use prost::Message;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::{Notify, broadcast, mpsc, oneshot};
 
-use super::{Clock, Counts, InsertOutcome, StoreError, SystemClock, is_terminal, state_name};
+use super::{
+    Clock, Counts, InsertOutcome, RecordState, RecordedInsert, StoreError, SystemClock,
+    is_terminal, state_name,
+};
+use crate::audit::{DecisionLog, PendingRecord};
 
 /// The most requests one write transaction applies (one fsync).
 pub const MAX_BATCH: usize = 1024;
@@ -24,7 +29,9 @@ const MAX_EXPIRE_BATCH: usize = 10_000;
 const EVENT_CAPACITY: usize = 4096;
 
 const TASKS: TableDefinition<&str, &[u8]> = TableDefinition::new("tasks");
-const IDEMPOTENCY: TableDefinition<&str, &str> = TableDefinition::new("idempotency");
+/// Idempotency keys of earlier versions, which kept them on disk; read once
+/// at open into the in-memory index, then dropped.
+const LEGACY_IDEMPOTENCY: TableDefinition<&str, &str> = TableDefinition::new("idempotency");
 /// QUEUED tasks by (−priority, created ms, id): iteration order is lease order.
 const QUEUE: TableDefinition<(i64, i64, &str), ()> = TableDefinition::new("queue");
 /// LEASED tasks by (deadline ms, id) → agent id.
@@ -145,7 +152,14 @@ enum Reply {
 
 struct Request {
     op: Op,
-    reply: oneshot::Sender<Result<Reply, StoreError>>,
+    /// A decision-log record to append in the same batch (inserts only).
+    record: Option<(DecisionLog, PendingRecord)>,
+    reply: oneshot::Sender<Answer>,
+}
+
+struct Answer {
+    result: Result<Reply, StoreError>,
+    record: RecordState,
 }
 
 trait DbResult<T> {
@@ -191,12 +205,11 @@ impl TaskStore {
         let txn = db.begin_write().db()?;
         {
             txn.open_table(TASKS).db()?;
-            txn.open_table(IDEMPOTENCY).db()?;
             txn.open_table(QUEUE).db()?;
             txn.open_table(LEASES).db()?;
         }
         txn.commit().db()?;
-        let counts = rebuild_counts(&db)?;
+        let (counts, idem) = rebuild(&db)?;
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
         let shared = Arc::new(Shared {
             counts: Mutex::new(counts),
@@ -212,7 +225,7 @@ impl TaskStore {
             let shared = Arc::clone(&shared);
             std::thread::Builder::new()
                 .name("task-store-writer".into())
-                .spawn(move || writer_loop(&db, &shared, rx))
+                .spawn(move || writer_loop(&db, &shared, idem, rx))
                 .map_err(|e| StoreError::Db(format!("starting the writer thread: {e}")))?
         };
         Ok(Self {
@@ -232,14 +245,22 @@ impl TaskStore {
     }
 
     async fn call(&self, op: Op) -> Result<Reply, StoreError> {
+        self.call_recorded(op, None).await.result
+    }
+
+    async fn call_recorded(&self, op: Op, record: Option<(DecisionLog, PendingRecord)>) -> Answer {
+        let closed = || Answer {
+            result: Err(StoreError::Closed),
+            record: RecordState::NotWritten,
+        };
         let (reply, rx) = oneshot::channel();
-        self.inner
-            .tx
-            .as_ref()
-            .ok_or(StoreError::Closed)?
-            .send(Request { op, reply })
-            .map_err(|_| StoreError::Closed)?;
-        rx.await.map_err(|_| StoreError::Closed)?
+        let Some(tx) = self.inner.tx.as_ref() else {
+            return closed();
+        };
+        if tx.send(Request { op, record, reply }).is_err() {
+            return closed();
+        }
+        rx.await.unwrap_or_else(|_| closed())
     }
 
     /// Stores a new task, durably (committed with fsync) before it returns.
@@ -253,6 +274,32 @@ impl TaskStore {
         match self.call(Op::Insert(Box::new(task))).await? {
             Reply::Insert(o) => Ok(*o),
             other => Err(unexpected(other)),
+        }
+    }
+
+    /// [`TaskStore::insert`] that also appends `record` to `log` in the same
+    /// batch: the record is renamed to the task the insert produced (the
+    /// stored one when deduplicated) and appended while the batch commits,
+    /// and the call returns once both are durable. Nothing is appended when
+    /// the insert itself is refused; when the commit fails after the record
+    /// was appended, [`RecordedInsert::record`] says so (the caller then
+    /// appends a correcting record).
+    pub async fn insert_recorded(
+        &self,
+        task: Task,
+        log: &DecisionLog,
+        record: PendingRecord,
+    ) -> RecordedInsert {
+        let answer = self
+            .call_recorded(Op::Insert(Box::new(task)), Some((log.clone(), record)))
+            .await;
+        RecordedInsert {
+            outcome: match answer.result {
+                Ok(Reply::Insert(o)) => Ok(*o),
+                Ok(other) => Err(unexpected(other)),
+                Err(e) => Err(e),
+            },
+            record: answer.record,
         }
     }
 
@@ -486,25 +533,107 @@ fn decode(id: &str, bytes: &[u8]) -> Result<Task, StoreError> {
     Ok(task)
 }
 
-fn rebuild_counts(db: &Database) -> Result<Counts, StoreError> {
+/// Rebuilds the counters and the idempotency index from the `tasks` table
+/// (every task carries its key), after taking over the index an earlier
+/// version kept on disk, if any.
+fn rebuild(db: &Database) -> Result<(Counts, IdemIndex), StoreError> {
+    let mut idem = IdemIndex::default();
+    let legacy = {
+        let txn = db.begin_read().db()?;
+        match txn.open_table(LEGACY_IDEMPOTENCY) {
+            Ok(table) => {
+                for entry in table.iter().db()? {
+                    let (k, v) = entry.db()?;
+                    idem.committed.insert(k.value().into(), v.value().into());
+                }
+                true
+            }
+            Err(redb::TableError::TableDoesNotExist(_)) => false,
+            Err(e) => return Err(StoreError::Db(e.to_string())),
+        }
+    };
     let txn = db.begin_read().db()?;
     let table = txn.open_table(TASKS).db()?;
     let mut counts = Counts::default();
+    // Keys are unique by construction (an insert with a known key stores
+    // nothing); should two tasks ever share one, the oldest keeps it.
+    let mut first: HashMap<Box<str>, (i64, Box<str>)> = HashMap::new();
     for entry in table.iter().db()? {
         let (k, v) = entry.db()?;
         match decode(k.value(), v.value()) {
-            Ok(t) => counts.add(t.state(), 1),
+            Ok(t) => {
+                counts.add(t.state(), 1);
+                if !t.idempotency_key.is_empty()
+                    && !idem.committed.contains_key(t.idempotency_key.as_str())
+                {
+                    let id: Box<str> = t.task_id.into();
+                    let candidate = (t.created_unix_ms, id);
+                    first
+                        .entry(t.idempotency_key.into())
+                        .and_modify(|held| {
+                            if candidate < *held {
+                                *held = candidate.clone();
+                            }
+                        })
+                        .or_insert_with(|| candidate.clone());
+                }
+            }
             Err(e) => tracing::error!(error = %e, "skipping a corrupted task record"),
         }
     }
-    Ok(counts)
+    drop(table);
+    drop(txn);
+    idem.committed
+        .extend(first.into_iter().map(|(k, (_, id))| (k, id)));
+    if legacy {
+        let txn = db.begin_write().db()?;
+        txn.delete_table(LEGACY_IDEMPOTENCY).db()?;
+        txn.commit().db()?;
+    }
+    Ok((counts, idem))
+}
+
+/// Idempotency key → task id, in memory. Derived data: every task record
+/// carries its key, so the index is rebuilt at open and never written. The
+/// changes of a batch are staged and become visible to later batches only
+/// once its transaction has committed.
+#[derive(Default)]
+struct IdemIndex {
+    committed: HashMap<Box<str>, Box<str>>,
+    staged: HashMap<Box<str>, Box<str>>,
+}
+
+impl IdemIndex {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.staged
+            .get(key)
+            .or_else(|| self.committed.get(key))
+            .map(|id| &**id)
+    }
+
+    fn stage(&mut self, key: &str, id: &str) {
+        self.staged.insert(key.into(), id.into());
+    }
+
+    fn commit(&mut self) {
+        self.committed.extend(self.staged.drain());
+    }
+
+    fn abort(&mut self) {
+        self.staged.clear();
+    }
 }
 
 // ---------------------------------------------------------------------------
 // The writer thread
 // ---------------------------------------------------------------------------
 
-fn writer_loop(db: &Database, shared: &Shared, mut rx: mpsc::UnboundedReceiver<Request>) {
+fn writer_loop(
+    db: &Database,
+    shared: &Shared,
+    mut idem: IdemIndex,
+    mut rx: mpsc::UnboundedReceiver<Request>,
+) {
     // Ends when every sender is gone (the last TaskStore clone dropped).
     while let Some(first) = rx.blocking_recv() {
         let mut batch = Vec::with_capacity(16);
@@ -515,92 +644,173 @@ fn writer_loop(db: &Database, shared: &Shared, mut rx: mpsc::UnboundedReceiver<R
                 Err(_) => break,
             }
         }
-        run_batch(db, shared, batch);
+        run_batch(db, shared, &mut idem, batch);
     }
 }
 
-/// A task's change within a batch: its state before (None when new) and after.
+/// A task's change within a batch: its state before (None when new) and
+/// after, and the task for subscribers (left out of inserts when nobody is
+/// subscribed: no watch can follow a task that did not exist yet).
 struct Change {
     before: Option<TaskState>,
-    after: Task,
+    after: TaskState,
+    task: Option<Task>,
 }
 
-fn run_batch(db: &Database, shared: &Shared, batch: Vec<Request>) {
+impl Change {
+    fn of(before: Option<TaskState>, task: &Task) -> Self {
+        Self {
+            before,
+            after: task.state(),
+            task: Some(task.clone()),
+        }
+    }
+}
+
+/// The records a batch appends to one decision log, and the replies they
+/// belong to.
+struct LogBatch {
+    log: DecisionLog,
+    records: Vec<PendingRecord>,
+    owners: Vec<usize>,
+}
+
+fn run_batch(db: &Database, shared: &Shared, idem: &mut IdemIndex, batch: Vec<Request>) {
     let now = shared.clock.now_ms();
     let mutating = batch.iter().any(|r| !matches!(r.op, Op::Flush));
     if !mutating {
         for r in batch {
-            let _ = r.reply.send(Ok(Reply::Unit));
+            let _ = r.reply.send(Answer {
+                result: Ok(Reply::Unit),
+                record: RecordState::NotWritten,
+            });
         }
         return;
     }
+    let watched = shared.events.receiver_count() > 0;
     let mut changes = Vec::new();
-    let mut replies: Vec<(oneshot::Sender<_>, Result<Reply, StoreError>)> =
+    let mut replies: Vec<(oneshot::Sender<Answer>, Result<Reply, StoreError>)> =
         Vec::with_capacity(batch.len());
+    let mut logs: Vec<LogBatch> = Vec::new();
     let outcome = (|| -> Result<(), StoreError> {
         let txn = db.begin_write().db()?;
         {
             let mut t = Tables {
                 tasks: txn.open_table(TASKS).db()?,
-                idem: txn.open_table(IDEMPOTENCY).db()?,
+                idem: &mut *idem,
                 queue: txn.open_table(QUEUE).db()?,
                 leases: txn.open_table(LEASES).db()?,
+                watched,
             };
             for req in batch {
                 let result = t.apply(req.op, now, &mut changes);
                 if let Err(StoreError::Db(e)) = &result {
                     // The transaction may hold part of this request: abort it
-                    // all; every caller of the batch gets the error.
+                    // all; every caller of the batch gets the error, and no
+                    // record of the batch has been appended.
                     let err = StoreError::Db(e.clone());
                     for (reply, _) in replies.drain(..) {
-                        let _ = reply.send(Err(err.clone()));
+                        let _ = reply.send(Answer {
+                            result: Err(err.clone()),
+                            record: RecordState::NotWritten,
+                        });
                     }
-                    let _ = req.reply.send(Err(err.clone()));
+                    let _ = req.reply.send(Answer {
+                        result: Err(err.clone()),
+                        record: RecordState::NotWritten,
+                    });
                     return Err(err);
+                }
+                if let (Some((log, mut record)), Ok(Reply::Insert(o))) = (req.record, &result) {
+                    record.set_task_id(&o.task().task_id);
+                    let at = match logs.iter().position(|b| b.log.same_log(&log)) {
+                        Some(i) => i,
+                        None => {
+                            logs.push(LogBatch {
+                                log,
+                                records: Vec::new(),
+                                owners: Vec::new(),
+                            });
+                            logs.len() - 1
+                        }
+                    };
+                    logs[at].records.push(record);
+                    logs[at].owners.push(replies.len());
                 }
                 replies.push((req.reply, result));
             }
         }
-        txn.commit().db()
-    })();
-    match outcome {
-        Ok(()) => {
-            shared.commits.fetch_add(1, Ordering::Relaxed);
-            let mut any_queued = false;
-            {
-                let mut counts = shared.counts();
-                for c in &changes {
-                    if let Some(b) = c.before {
-                        counts.add(b, -1);
-                    }
-                    counts.add(c.after.state(), 1);
-                    any_queued |= c.after.state() == TaskState::Queued;
+        // The decision records are written and synced by the log's writer
+        // while this transaction commits; both are durable before anyone
+        // hears back.
+        let receipts: Vec<_> = logs
+            .iter_mut()
+            .map(|b| b.log.append_batch(std::mem::take(&mut b.records)))
+            .collect();
+        let committed = txn.commit().db();
+        let mut states = vec![RecordState::NotWritten; replies.len()];
+        for (b, receipt) in logs.iter().zip(receipts) {
+            let state = match receipt.wait() {
+                Ok(_) => RecordState::Written,
+                Err(e) => {
+                    tracing::error!(error = %e, "appending decision records failed");
+                    RecordState::Failed(e.to_string())
                 }
-            }
-            for c in changes {
-                let _ = shared.events.send(c.after);
-            }
-            for (reply, result) in replies {
-                let _ = reply.send(result);
-            }
-            if any_queued {
-                shared.queued.notify_waiters();
+            };
+            for &i in &b.owners {
+                states[i] = state.clone();
             }
         }
-        Err(e) => {
-            tracing::error!(error = %e, "task store commit failed");
-            for (reply, _) in replies {
-                let _ = reply.send(Err(e.clone()));
+        match committed {
+            Ok(()) => {
+                shared.commits.fetch_add(1, Ordering::Relaxed);
+                idem.commit();
+                let mut any_queued = false;
+                {
+                    let mut counts = shared.counts();
+                    for c in &changes {
+                        if let Some(b) = c.before {
+                            counts.add(b, -1);
+                        }
+                        counts.add(c.after, 1);
+                        any_queued |= c.after == TaskState::Queued;
+                    }
+                }
+                for task in changes.into_iter().filter_map(|c| c.task) {
+                    let _ = shared.events.send(task);
+                }
+                for ((reply, result), record) in replies.drain(..).zip(states) {
+                    let _ = reply.send(Answer { result, record });
+                }
+                if any_queued {
+                    shared.queued.notify_waiters();
+                }
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "task store commit failed");
+                for ((reply, _), record) in replies.drain(..).zip(states) {
+                    let _ = reply.send(Answer {
+                        result: Err(e.clone()),
+                        record,
+                    });
+                }
+                Err(e)
             }
         }
+    })();
+    if outcome.is_err() {
+        idem.abort();
     }
 }
 
 struct Tables<'t> {
     tasks: redb::Table<'t, &'static str, &'static [u8]>,
-    idem: redb::Table<'t, &'static str, &'static str>,
+    idem: &'t mut IdemIndex,
     queue: redb::Table<'t, (i64, i64, &'static str), ()>,
     leases: redb::Table<'t, (i64, &'static str), &'static str>,
+    /// Someone is subscribed to the change feed.
+    watched: bool,
 }
 
 fn queue_key(t: &Task) -> (i64, i64, &str) {
@@ -709,19 +919,12 @@ impl Tables<'_> {
             return Err(StoreError::Invalid("task id is empty".into()));
         }
         if !task.idempotency_key.is_empty() {
-            let existing = self
-                .idem
-                .get(task.idempotency_key.as_str())
-                .db()?
-                .map(|v| v.value().to_string());
+            let existing = self.idem.get(&task.idempotency_key).map(str::to_string);
             if let Some(id) = existing {
                 if let Some(t) = self.read(&id)? {
                     return Ok(InsertOutcome::Deduplicated(t));
                 }
             }
-        }
-        if let Some(t) = self.read(&task.task_id)? {
-            return Ok(InsertOutcome::Deduplicated(t));
         }
         task.set_state(TaskState::Queued);
         task.version = 1;
@@ -732,16 +935,27 @@ impl Tables<'_> {
         if task.updated_unix_ms == 0 {
             task.updated_unix_ms = now;
         }
-        self.write(&task)?;
-        if !task.idempotency_key.is_empty() {
-            self.idem
-                .insert(task.idempotency_key.as_str(), task.task_id.as_str())
+        // One lookup: the insert returns what the id held, which is put back
+        // when the id was taken (a retried forward).
+        let previous = self
+            .tasks
+            .insert(task.task_id.as_str(), task.encode_to_vec().as_slice())
+            .db()?
+            .map(|old| old.value().to_vec());
+        if let Some(old) = previous {
+            self.tasks
+                .insert(task.task_id.as_str(), old.as_slice())
                 .db()?;
+            return Ok(InsertOutcome::Deduplicated(decode(&task.task_id, &old)?));
+        }
+        if !task.idempotency_key.is_empty() {
+            self.idem.stage(&task.idempotency_key, &task.task_id);
         }
         self.queue.insert(queue_key(&task), ()).db()?;
         changes.push(Change {
             before: None,
-            after: task.clone(),
+            after: TaskState::Queued,
+            task: self.watched.then(|| task.clone()),
         });
         Ok(InsertOutcome::Created(task))
     }
@@ -791,10 +1005,7 @@ impl Tables<'_> {
             touch(&mut task, now);
             self.write(&task)?;
             self.leases.insert((deadline, id.as_str()), agent).db()?;
-            changes.push(Change {
-                before: Some(TaskState::Queued),
-                after: task.clone(),
-            });
+            changes.push(Change::of(Some(TaskState::Queued), &task));
             out.push(task);
         }
         Ok(out)
@@ -837,10 +1048,7 @@ impl Tables<'_> {
         touch(&mut task, now);
         self.write(&task)?;
         self.leases.insert((deadline, id), agent).db()?;
-        changes.push(Change {
-            before: Some(TaskState::Leased),
-            after: task.clone(),
-        });
+        changes.push(Change::of(Some(TaskState::Leased), &task));
         Ok(task)
     }
 
@@ -867,10 +1075,7 @@ impl Tables<'_> {
         task.error = error;
         touch(&mut task, now);
         self.write(&task)?;
-        changes.push(Change {
-            before: Some(TaskState::Leased),
-            after: task.clone(),
-        });
+        changes.push(Change::of(Some(TaskState::Leased), &task));
         Ok(task)
     }
 
@@ -896,10 +1101,7 @@ impl Tables<'_> {
         };
         touch(&mut task, now);
         self.write(&task)?;
-        changes.push(Change {
-            before: Some(before),
-            after: task.clone(),
-        });
+        changes.push(Change::of(Some(before), &task));
         Ok((task, true))
     }
 
@@ -916,10 +1118,7 @@ impl Tables<'_> {
         touch(&mut task, now);
         self.write(&task)?;
         self.queue.insert(queue_key(&task), ()).db()?;
-        changes.push(Change {
-            before: Some(TaskState::Leased),
-            after: task.clone(),
-        });
+        changes.push(Change::of(Some(TaskState::Leased), &task));
         Ok(task)
     }
 
@@ -972,10 +1171,7 @@ impl Tables<'_> {
                 task.error = format!("lease expired {} times (agent lost)", task.attempts);
                 touch(&mut task, now);
                 self.write(&task)?;
-                changes.push(Change {
-                    before: Some(TaskState::Leased),
-                    after: task.clone(),
-                });
+                changes.push(Change::of(Some(TaskState::Leased), &task));
                 out.push(task);
             } else {
                 out.push(self.requeue(task, now, changes)?);
@@ -1036,10 +1232,7 @@ impl Tables<'_> {
             task.taken_over = Some(takeover.clone());
             touch(&mut task, now);
             self.write(&task)?;
-            changes.push(Change {
-                before: Some(before),
-                after: task.clone(),
-            });
+            changes.push(Change::of(Some(before), &task));
             out.push(task);
         }
         Ok(out)

@@ -73,6 +73,123 @@ async fn idempotency_key_and_task_id_deduplicate() {
 }
 
 #[tokio::test]
+async fn idempotency_keys_survive_a_reopen() {
+    // The key index lives in memory and is rebuilt from the task records.
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let store = TaskStore::open(dir.path()).expect("open");
+        let mut a = task("a");
+        a.idempotency_key = "k1".into();
+        store.insert(a).await.expect("insert");
+    }
+    let store = TaskStore::open(dir.path()).expect("reopen");
+    let mut b = task("b");
+    b.idempotency_key = "k1".into();
+    let out = store.insert(b).await.expect("insert");
+    assert!(out.is_deduplicated());
+    assert_eq!(out.task().task_id, "a");
+    assert_eq!(store.get("b").expect("get"), None);
+}
+
+#[tokio::test]
+async fn keys_of_the_former_on_disk_index_are_kept() {
+    // A store written by an earlier version kept keys in an `idempotency`
+    // table: it is read at open (then dropped) and still deduplicates.
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let store = TaskStore::open(dir.path()).expect("open");
+        store.insert(task("a")).await.expect("insert");
+    }
+    {
+        let db = redb::Database::create(dir.path().join("tasks.redb")).expect("db");
+        let txn = db.begin_write().expect("txn");
+        {
+            let def: redb::TableDefinition<&str, &str> = redb::TableDefinition::new("idempotency");
+            let mut t = txn.open_table(def).expect("table");
+            t.insert("legacy-key", "a").expect("insert");
+        }
+        txn.commit().expect("commit");
+    }
+    let store = TaskStore::open(dir.path()).expect("open");
+    let mut b = task("b");
+    b.idempotency_key = "legacy-key".into();
+    let out = store.insert(b).await.expect("insert");
+    assert!(out.is_deduplicated());
+    assert_eq!(out.task().task_id, "a");
+}
+
+#[tokio::test]
+async fn a_record_goes_in_the_same_batch_and_names_the_stored_task() {
+    use crate::audit::{DecisionLog, DecisionRef, PendingRecord, kind};
+    use crate::policy::{AttrValue, Attributes, Decision, Outcome};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = TaskStore::open(&dir.path().join("store")).expect("open");
+    let log = DecisionLog::open(&dir.path().join("log"), "europe").expect("log");
+    let attrs: Attributes = [("customer_region".to_string(), AttrValue::Str("DE".into()))].into();
+    let decision = Decision {
+        outcome: Outcome::Routed {
+            region: "europe".into(),
+        },
+        rule_index: Some(0),
+        rule: Some("rule 1".into()),
+        required_tags: Default::default(),
+        candidates: vec![],
+        reason: "rule 1 matched".into(),
+        policy_hash: "h".into(),
+        warnings: vec![],
+        evaluation_errors: vec![],
+    };
+    let record = |id: &str| {
+        PendingRecord::new(DecisionRef {
+            kind: kind::ROUTE,
+            task_id: Some(id),
+            entry_region: Some("europe"),
+            attributes: &attrs,
+            decision: &decision,
+            note: None,
+        })
+    };
+    let mut a = task("a");
+    a.idempotency_key = "k1".into();
+    let first = store.insert_recorded(a, &log, record("a")).await;
+    assert!(!first.outcome.expect("insert").is_deduplicated());
+    assert_eq!(first.record, RecordState::Written);
+    // Known key: the record names the stored task, not the id offered.
+    let mut b = task("b");
+    b.idempotency_key = "k1".into();
+    let second = store.insert_recorded(b, &log, record("b")).await;
+    assert_eq!(second.outcome.expect("insert").task().task_id, "a");
+    assert_eq!(second.record, RecordState::Written);
+    // A refused insert appends nothing.
+    let refused = store.insert_recorded(task(""), &log, record("")).await;
+    assert!(matches!(refused.outcome, Err(StoreError::Invalid(_))));
+    assert_eq!(refused.record, RecordState::NotWritten);
+    // Concurrent recorded inserts share batches; the chain stays intact.
+    let mut handles = Vec::new();
+    for i in 0..50 {
+        let (store, log, r) = (store.clone(), log.clone(), record(&format!("c{i}")));
+        handles.push(tokio::spawn(async move {
+            store
+                .insert_recorded(task(&format!("c{i}")), &log, r)
+                .await
+                .record
+        }));
+    }
+    for h in handles {
+        assert_eq!(h.await.expect("join"), RecordState::Written);
+    }
+    let report = crate::audit::verify(&dir.path().join("log")).expect("verify");
+    assert!(report.is_intact(), "{report:?}");
+    assert_eq!(report.records, 52);
+    let named: Vec<_> = crate::audit::show(&dir.path().join("log"), &Default::default())
+        .expect("show")
+        .into_iter()
+        .filter_map(|r| r.entry.task_id)
+        .collect();
+    assert_eq!(&named[..2], ["a", "a"]);
+}
+
+#[tokio::test]
 async fn idempotency_within_one_batch() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = TaskStore::open(dir.path()).expect("open");
