@@ -16,7 +16,10 @@
 //!   one block ([`BLOCK_SIZE`]) has been written a helper thread compresses
 //!   blocks while the caller serializes the next ones ([`Pipeline::On`];
 //!   with [`Pipeline::Off`] blocks are compressed on the calling thread as
-//!   they fill). Compressed bytes go straight into chunk-sized
+//!   they fill). Helper threads stay alive between snapshots (at most two
+//!   idle), and every thread keeps its zstd context: a snapshot pays neither
+//!   for a thread start nor for allocating and faulting in zstd's tables and
+//!   window again. Compressed bytes go straight into chunk-sized
 //!   buffers with room for the tag, and each is encrypted in place (`ring`'s
 //!   AES-256-GCM, which uses AES-NI/VAES and carry-less multiplication where
 //!   the CPU has them). Encryption waits for the end of compression: the chunk
@@ -264,10 +267,20 @@ impl std::io::Write for Pieces {
     }
 }
 
+/// A zstd compressor writing into chunk-sized pieces.
+type ZstdWriter = zstd::stream::zio::Writer<Pieces, zstd::stream::raw::Encoder<'static>>;
+
+thread_local! {
+    /// This thread's zstd context, kept between snapshots: a fresh one would
+    /// allocate its tables and window buffer again, and fault them in again.
+    static ZSTD_CONTEXT: std::cell::RefCell<Option<zstd::stream::raw::Encoder<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
 /// Compresses (or not) into chunk-sized pieces.
 enum Packer {
     Plain(Pieces),
-    Zstd(zstd::stream::write::Encoder<'static, Pieces>),
+    Zstd(Box<ZstdWriter>),
 }
 
 impl std::fmt::Debug for Packer {
@@ -291,16 +304,24 @@ impl Packer {
         chunk_size: usize,
         size: Option<u64>,
     ) -> Result<Self, EnvelopeError> {
-        Ok(match compression {
-            None => Self::Plain(Pieces::new(chunk_size, size)),
-            Some(level) => {
-                let mut enc =
-                    zstd::stream::write::Encoder::new(Pieces::new(chunk_size, size), level)
-                        .map_err(zstd_error)?;
-                enc.set_pledged_src_size(size).map_err(zstd_error)?;
-                Self::Zstd(enc)
+        use zstd::stream::raw::{CParameter, Encoder, Operation as _};
+        let Some(level) = compression else {
+            return Ok(Self::Plain(Pieces::new(chunk_size, size)));
+        };
+        let mut encoder = match ZSTD_CONTEXT.with(|c| c.borrow_mut().take()) {
+            Some(mut e) => {
+                e.reinit().map_err(zstd_error)?;
+                e.set_parameter(CParameter::CompressionLevel(level))
+                    .map_err(zstd_error)?;
+                e
             }
-        })
+            None => Encoder::new(level).map_err(zstd_error)?,
+        };
+        encoder.set_pledged_src_size(size).map_err(zstd_error)?;
+        Ok(Self::Zstd(Box::new(zstd::stream::zio::Writer::new(
+            Pieces::new(chunk_size, size),
+            encoder,
+        ))))
     }
 
     fn write(&mut self, data: &[u8]) -> Result<(), EnvelopeError> {
@@ -312,11 +333,74 @@ impl Packer {
     }
 
     fn finish(self) -> Result<Vec<Vec<u8>>, EnvelopeError> {
-        Ok(match self {
-            Self::Plain(p) => p.pieces,
-            Self::Zstd(z) => z.finish().map_err(zstd_error)?.pieces,
-        })
+        match self {
+            Self::Plain(p) => Ok(p.pieces),
+            Self::Zstd(mut z) => {
+                z.finish().map_err(zstd_error)?;
+                let (pieces, encoder) = z.into_inner();
+                // Only a context that finished its frame is kept.
+                ZSTD_CONTEXT.with(|c| *c.borrow_mut() = Some(encoder));
+                Ok(pieces.pieces)
+            }
+        }
     }
+}
+
+/// What a helper thread compresses: the blocks of one snapshot.
+struct Job {
+    compression: Option<i32>,
+    chunk_size: usize,
+    blocks: mpsc::Receiver<Vec<u8>>,
+    /// Emptied blocks go back to the serializer.
+    recycle: mpsc::Sender<Vec<u8>>,
+    done: mpsc::SyncSender<Result<Vec<Vec<u8>>, EnvelopeError>>,
+}
+
+/// Idle helper threads, kept between snapshots (each with its zstd context)
+/// so that a snapshot pays neither for a thread start nor for a fresh
+/// context. At most [`MAX_IDLE_HELPERS`] are kept; more exit when released.
+static IDLE_HELPERS: std::sync::Mutex<Vec<mpsc::Sender<Job>>> = std::sync::Mutex::new(Vec::new());
+const MAX_IDLE_HELPERS: usize = 2;
+
+fn idle_helpers() -> std::sync::MutexGuard<'static, Vec<mpsc::Sender<Job>>> {
+    IDLE_HELPERS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// An idle helper thread, or a new one.
+fn helper() -> std::io::Result<mpsc::Sender<Job>> {
+    if let Some(h) = idle_helpers().pop() {
+        return Ok(h);
+    }
+    let (jobs, incoming) = mpsc::channel::<Job>();
+    std::thread::Builder::new()
+        .name("snapshot-zstd".into())
+        .spawn(move || {
+            // Ends when every sender is gone (not kept idle, or process exit).
+            for job in incoming {
+                let result = compress_blocks(&job);
+                let _ = job.done.send(result);
+            }
+        })?;
+    Ok(jobs)
+}
+
+fn release(helper: mpsc::Sender<Job>) {
+    let mut idle = idle_helpers();
+    if idle.len() < MAX_IDLE_HELPERS {
+        idle.push(helper);
+    }
+}
+
+fn compress_blocks(job: &Job) -> Result<Vec<Vec<u8>>, EnvelopeError> {
+    let mut packer = Packer::new(job.compression, job.chunk_size, None)?;
+    for mut block in &job.blocks {
+        packer.write(&block)?;
+        block.clear();
+        let _ = job.recycle.send(block);
+    }
+    packer.finish()
 }
 
 /// Where [`seal_streamed`]'s caller writes the plaintext: append to
@@ -343,12 +427,37 @@ enum Stage {
     Piped {
         blocks: mpsc::SyncSender<Vec<u8>>,
         spare: mpsc::Receiver<Vec<u8>>,
-        worker: std::thread::JoinHandle<Result<Vec<Vec<u8>>, EnvelopeError>>,
+        helper: Helper,
     },
-    /// The helper thread stopped (its error is reported by `finish`).
-    Stopped(std::thread::JoinHandle<Result<Vec<Vec<u8>>, EnvelopeError>>),
+    /// The helper stopped early (its error is reported by `finish`).
+    Stopped(Helper),
     /// No compressor could be made.
     Failed(EnvelopeError),
+}
+
+/// A helper thread at work on our job.
+#[derive(Debug)]
+struct Helper {
+    jobs: mpsc::Sender<Job>,
+    done: mpsc::Receiver<Result<Vec<Vec<u8>>, EnvelopeError>>,
+}
+
+impl Helper {
+    /// Waits for the result; the helper goes back to the idle list.
+    fn join(self) -> Result<Vec<Vec<u8>>, EnvelopeError> {
+        let result = self
+            .done
+            .recv()
+            .map_err(|_| EnvelopeError::Invalid("the compression thread stopped".into()))?;
+        release(self.jobs);
+        result
+    }
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Job")
+    }
 }
 
 impl Sink {
@@ -395,18 +504,18 @@ impl Sink {
                 if blocks.send(full).is_ok() {
                     return Ok(());
                 }
-                if let Stage::Piped { worker, .. } =
+                if let Stage::Piped { helper, .. } =
                     std::mem::replace(&mut self.stage, Stage::First)
                 {
-                    self.stage = Stage::Stopped(worker);
+                    self.stage = Stage::Stopped(helper);
                 }
                 Err(stopped())
             }
         }
     }
 
-    /// Leaves the first block: starts the helper thread (or, without
-    /// pipelining or when no thread can be started, compresses here).
+    /// Leaves the first block: hands the rest to a helper thread (or,
+    /// without pipelining or when no thread can be had, compresses here).
     fn start(&self) -> Stage {
         let here = || match Packer::new(self.compression, self.chunk_size, None) {
             Ok(p) => Stage::Here(p),
@@ -415,30 +524,31 @@ impl Sink {
         if self.pipeline == Pipeline::Off || self.compression.is_none() {
             return here();
         }
-        let (blocks, incoming) = mpsc::sync_channel::<Vec<u8>>(BLOCKS_IN_FLIGHT);
-        let (recycle, spare) = mpsc::channel::<Vec<u8>>();
-        let (compression, chunk_size) = (self.compression, self.chunk_size);
-        let spawned = std::thread::Builder::new()
-            .name("snapshot-zstd".into())
-            .spawn(move || {
-                let mut packer = Packer::new(compression, chunk_size, None)?;
-                for mut block in incoming {
-                    packer.write(&block)?;
-                    block.clear();
-                    let _ = recycle.send(block);
-                }
-                packer.finish()
-            });
-        match spawned {
-            Ok(worker) => Stage::Piped {
-                blocks,
-                spare,
-                worker,
-            },
+        let jobs = match helper() {
+            Ok(jobs) => jobs,
             Err(e) => {
                 tracing::debug!(error = %e, "no compression thread; compressing inline");
-                here()
+                return here();
             }
+        };
+        let (blocks, incoming) = mpsc::sync_channel(BLOCKS_IN_FLIGHT);
+        let (recycle, spare) = mpsc::channel();
+        let (done_tx, done) = mpsc::sync_channel(1);
+        let job = Job {
+            compression: self.compression,
+            chunk_size: self.chunk_size,
+            blocks: incoming,
+            recycle,
+            done: done_tx,
+        };
+        if jobs.send(job).is_err() {
+            // That helper had exited; do without.
+            return here();
+        }
+        Stage::Piped {
+            blocks,
+            spare,
+            helper: Helper { jobs, done },
         }
     }
 
@@ -455,15 +565,15 @@ impl Sink {
                 packer.write(&self.block)?;
                 packer.finish()?
             }
-            Stage::Piped { blocks, worker, .. } => {
-                // A send fails only when the worker stopped; join reports why.
+            Stage::Piped { blocks, helper, .. } => {
+                // A send fails only when the helper stopped; join reports why.
                 if !self.block.is_empty() {
                     let _ = blocks.send(std::mem::take(&mut self.block));
                 }
                 drop(blocks);
-                join(worker)?
+                helper.join()?
             }
-            Stage::Stopped(worker) => join(worker)?,
+            Stage::Stopped(helper) => helper.join()?,
             Stage::Failed(e) => return Err(e),
         };
         Ok((pieces, self.total))
@@ -472,14 +582,6 @@ impl Sink {
 
 fn stopped() -> EnvelopeError {
     EnvelopeError::Invalid("the compression thread stopped".into())
-}
-
-fn join(
-    worker: std::thread::JoinHandle<Result<Vec<Vec<u8>>, EnvelopeError>>,
-) -> Result<Vec<Vec<u8>>, EnvelopeError> {
-    worker
-        .join()
-        .map_err(|_| EnvelopeError::Invalid("the compression thread panicked".into()))?
 }
 
 /// Compresses (if asked) and seals `plaintext` into chunks; the first chunk
@@ -498,7 +600,9 @@ pub fn seal(
 
 /// Seals the plaintext `produce` writes into the [`Sink`] (for example a
 /// snapshot body, record by record), compressing as it comes (see the
-/// module notes). The result is the same envelope [`seal`] makes.
+/// module notes). The envelope has [`seal`]'s format; the zstd frame may
+/// differ in its bytes (a frame compressed in a stream does not announce its
+/// size, and zstd then picks its parameters for an input of unknown size).
 pub fn seal_streamed(
     params: &SealParams,
     key: &Key,
@@ -935,6 +1039,14 @@ mod tests {
         })
         .expect_err("fails");
         assert_eq!(err, EnvelopeError::Invalid("producer gave up".into()));
+        // The helper went back to the idle list and serves the next one.
+        let ring = KeyRing::from_keys(vec![k.clone()], None);
+        let data: Vec<u8> = (0..50_000u32).flat_map(|i| i.to_le_bytes()).collect();
+        for _ in 0..3 {
+            let chunks = seal_records(&data, 100, 1000, &p, Pipeline::On, &k).expect("seals");
+            let (_, back) = open(&chunks, &ring, &Limits::default()).expect("opens");
+            assert!(back == data);
+        }
     }
 
     proptest! {
