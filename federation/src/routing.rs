@@ -73,8 +73,10 @@ pub async fn submit(
             store_local(node, &task_id, &req, &decision, pending).await
         } else {
             let logged = node.log.append_pending(pending);
-            let (attempt, logged) =
-                tokio::join!(forward(node, &region, &task_id, &req, &decision), logged);
+            // Boxed: the client call's state is large, and keeping it out of
+            // this future keeps local submits' futures small.
+            let forwarded = Box::pin(forward(node, &region, &task_id, &req, &decision));
+            let (attempt, logged) = tokio::join!(forwarded, logged);
             (attempt, record_state(logged))
         };
         let appended = record != RecordState::NotWritten;
@@ -138,7 +140,7 @@ pub async fn submit(
         Some((task_id, deduplicated)) => Ok(api::SubmitTaskResponse {
             region: decision.outcome.region().unwrap_or_default().to_string(),
             task_id,
-            decision: Some(wire::decision_to_wire(&decision)),
+            decision: Some(wire::decision_into_wire(decision)),
             deduplicated,
         }),
         None => Err(rejection_error(&decision)),
@@ -156,6 +158,13 @@ pub fn rejection_error(decision: &Decision) -> Error {
 }
 
 fn log_decision(decision: &Decision, task_id: Option<&str>) {
+    // A routed task is a debug event: skip building its span when debug is
+    // off (the usual case), as the event would be dropped anyway.
+    if matches!(decision.outcome, Outcome::Routed { .. })
+        && !tracing::enabled!(tracing::Level::DEBUG)
+    {
+        return;
+    }
     let rule = decision.rule.as_deref().unwrap_or("none");
     let span = tracing::info_span!(
         "route",

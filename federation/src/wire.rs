@@ -157,14 +157,44 @@ pub fn decision_to_wire(d: &Decision) -> api::RouteDecision {
     }
 }
 
+/// [`decision_to_wire`] that moves the strings instead of copying them.
+pub fn decision_into_wire(d: Decision) -> api::RouteDecision {
+    let region = d.outcome.region().unwrap_or_default().to_string();
+    api::RouteDecision {
+        matched: d.rule_index.is_some(),
+        rule_index: d.rule_index.map(|i| i as u32).unwrap_or_default(),
+        outcome: d.outcome.kind().to_string(),
+        rule: d.rule.unwrap_or_default(),
+        required_tags: d.required_tags.into_iter().collect(),
+        candidates: d
+            .candidates
+            .into_iter()
+            .map(|c| api::CandidateVerdict {
+                role: role_name(c.role).to_string(),
+                accepted: c.accepted(),
+                reason: c.refusal.map(|r| r.as_str()).unwrap_or("ok").to_string(),
+                region: c.region,
+                detail: c.detail,
+            })
+            .collect(),
+        region,
+        reason: d.reason,
+        policy_hash: d.policy_hash,
+        warnings: d.warnings,
+    }
+}
+
+fn role_name(role: Role) -> &'static str {
+    match role {
+        Role::Primary => "primary",
+        Role::Backup => "backup",
+    }
+}
+
 fn candidate_to_wire(c: &Candidate) -> api::CandidateVerdict {
     api::CandidateVerdict {
         region: c.region.clone(),
-        role: match c.role {
-            Role::Primary => "primary",
-            Role::Backup => "backup",
-        }
-        .to_string(),
+        role: role_name(c.role).to_string(),
         accepted: c.accepted(),
         reason: c.refusal.map(|r| r.as_str()).unwrap_or("ok").to_string(),
         detail: c.detail.clone(),
@@ -265,6 +295,36 @@ mod tests {
         let mut empty = HashMap::new();
         empty.insert("k".to_string(), api::AttributeValue { kind: None });
         assert!(attributes_from_wire(&empty, &limits).is_err());
+    }
+
+    #[test]
+    fn decision_into_wire_matches_decision_to_wire() {
+        use crate::policy::{Outcome, Refusal};
+        let d = Decision {
+            outcome: Outcome::Failover { region: "b".into() },
+            rule_index: Some(1),
+            rule: Some("rule 2".into()),
+            required_tags: ["GDPR".to_string()].into(),
+            candidates: vec![
+                Candidate {
+                    region: "a".into(),
+                    role: Role::Primary,
+                    refusal: Some(Refusal::Dead),
+                    detail: "dead".into(),
+                },
+                Candidate {
+                    region: "b".into(),
+                    role: Role::Backup,
+                    refusal: None,
+                    detail: String::new(),
+                },
+            ],
+            reason: "why".into(),
+            policy_hash: "h".into(),
+            warnings: vec!["w".into()],
+            evaluation_errors: vec![],
+        };
+        assert_eq!(decision_into_wire(d.clone()), decision_to_wire(&d));
     }
 
     #[test]

@@ -138,7 +138,7 @@ fn relay_error(region: &str, status: Status) -> Status {
 
 #[tonic::async_trait]
 impl api::federation_client_server::FederationClient for ClientService {
-    #[tracing::instrument(skip_all, fields(region = %self.node.region))]
+    #[tracing::instrument(level = "debug", skip_all, fields(region = %self.node.region))]
     async fn submit_task(
         &self,
         request: Request<api::SubmitTaskRequest>,
