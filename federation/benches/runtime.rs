@@ -119,6 +119,7 @@ async fn controller(
 }
 
 struct Figures {
+    cpu_us: f64,
     calls_per_sec: f64,
     p50_us: f64,
     p99_us: f64,
@@ -153,6 +154,7 @@ async fn measure(
     let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut workers = Vec::new();
     let started = Instant::now();
+    let cpu0 = cpu_time();
     for w in 0..in_flight {
         let mut c = client.clone();
         let payload = payload.clone();
@@ -182,14 +184,30 @@ async fn measure(
         all.extend(w.await.expect("worker"));
     }
     let elapsed = started.elapsed().as_secs_f64();
+    let cpu = cpu_time() - cpu0;
     all.sort();
     let pct =
         |p: f64| all[((all.len() as f64 * p) as usize).min(all.len() - 1)].as_secs_f64() * 1e6;
     Figures {
+        cpu_us: cpu * 1e6 / all.len() as f64,
         calls_per_sec: all.len() as f64 / elapsed,
         p50_us: pct(0.50),
         p99_us: pct(0.99),
     }
+}
+
+fn cpu_time() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 (ticks of 1/100 s); `rest`
+    // starts at field 3.
+    let field = |i: usize| {
+        f.get(i - 3)
+            .and_then(|x| x.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (field(14) + field(15)) / 100.0
 }
 
 fn req(customer: &str, payload: &[u8], key: &str) -> api::SubmitTaskRequest {
@@ -203,13 +221,14 @@ fn req(customer: &str, payload: &[u8], key: &str) -> api::SubmitTaskRequest {
 
 fn line(name: &str, f: &Figures, base: &Figures) {
     println!(
-        "{name:<34} {:>9.0} calls/s ({:>5.2}x echo)  p50 {:>7.0} µs ({:>5.2}x)  p99 {:>7.0} µs ({:>5.2}x)",
+        "{name:<34} {:>9.0} calls/s ({:>5.2}x echo)  p50 {:>7.0} µs ({:>5.2}x)  p99 {:>7.0} µs ({:>5.2}x)  cpu {:>5.1} µs/call",
         f.calls_per_sec,
         f.calls_per_sec / base.calls_per_sec,
         f.p50_us,
         f.p50_us / base.p50_us,
         f.p99_us,
-        f.p99_us / base.p99_us
+        f.p99_us / base.p99_us,
+        f.cpu_us
     );
 }
 

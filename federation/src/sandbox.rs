@@ -117,9 +117,39 @@ impl Drop for ChildGuard {
     }
 }
 
-/// A free loopback port (bound then released; the tiny race is acceptable
-/// on loopback for tests).
+/// A free loopback port for a child process to bind.
+///
+/// The port is probed (bound, then released) and the child binds it later,
+/// so it must not be taken in between. Ports the kernel hands out by itself
+/// (`bind(0)`, and the source port of every outgoing connection, which tests
+/// running side by side make by the thousand) come from
+/// `ip_local_port_range`; this picks ports *below* that range, where the
+/// kernel never allocates, and never hands the same port out twice in one
+/// process. Where the range leaves no room below it, it falls back to
+/// `bind(0)`.
 pub fn free_port() -> anyhow::Result<SocketAddr> {
+    use std::sync::Mutex;
+    static GIVEN: Mutex<Option<std::collections::HashSet<u16>>> = Mutex::new(None);
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    const SPAN: u16 = 12_000;
+    if low > SPAN + 1024 {
+        let first = low - SPAN;
+        let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+        let given = given.get_or_insert_with(Default::default);
+        for _ in 0..200 {
+            let port = first + rand::random_range(0..SPAN);
+            if given.contains(&port) {
+                continue;
+            }
+            if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+                given.insert(port);
+                return Ok(l.local_addr()?);
+            }
+        }
+    }
     let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free loopback port")?;
     Ok(l.local_addr()?)
 }
@@ -746,8 +776,26 @@ impl Sandbox {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         bail!(
-            "timed out after {patience:?} waiting for {expect:?} as seen from {viewer}; last seen {last}"
+            "timed out after {patience:?} waiting for {expect:?} as seen from {viewer}; last seen {last}{}",
+            self.log_tails(expect.iter().map(|(r, _)| *r).chain([viewer]))
         )
+    }
+
+    /// The last lines each named controller logged, for a timeout's message.
+    fn log_tails<'a>(&self, names: impl Iterator<Item = &'a str>) -> String {
+        let mut out = String::new();
+        let mut seen = std::collections::BTreeSet::new();
+        for name in names.filter(|n| seen.insert(*n)) {
+            let text = self.controller_log_text(name);
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(6)..];
+            out.push_str(&format!("\n--- {name}'s controller log, last lines:"));
+            for l in tail {
+                out.push_str("\n  ");
+                out.push_str(l);
+            }
+        }
+        out
     }
 
     /// Waits (bounded) until `viewer`'s status row for `region` satisfies
