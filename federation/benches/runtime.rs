@@ -364,6 +364,11 @@ async fn failure_detection() {
     );
 }
 
+/// The controller binary's allocator, so that the controllers measured here
+/// (in this process, beside the echo baseline) run as `federation serve` does.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
@@ -387,6 +392,18 @@ fn main() {
         // Let advertisements flow so europe is alive for north_america.
         tokio::time::sleep(Duration::from_secs(3)).await;
 
+        // `RUNTIME_BENCH_PROFILE=local|forwarded|echo`: run only that
+        // measurement at 64 in flight (for `perf record`), then stop.
+        if let Ok(what) = std::env::var("RUNTIME_BENCH_PROFILE") {
+            let (addr, customer) = match what.as_str() {
+                "echo" => (echo, "US"),
+                "forwarded" => (na_addr, "DE"),
+                _ => (na_addr, "US"),
+            };
+            let f = measure(addr, customer, 64, secs).await;
+            line(&format!("{what} (profile run)"), &f, &f);
+            return;
+        }
         println!("runtime benchmark: 256-byte payload, loopback, {secs} s per measurement");
         for in_flight in [1usize, 64] {
             let base = measure(echo, "US", in_flight, secs).await;
