@@ -364,11 +364,6 @@ async fn failure_detection() {
     );
 }
 
-/// The controller binary's allocator, so that the controllers measured here
-/// (in this process, beside the echo baseline) run as `federation serve` does.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
