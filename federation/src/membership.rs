@@ -44,6 +44,11 @@ struct Peer {
     last_health: Health,
     /// Tags last dropped as unattested (logged when this changes).
     dropped: Vec<String>,
+    /// The freshest advertisement as the region sent it, before our tag
+    /// attestation: what we pass on in gossip, so that every receiver
+    /// judges the region's claims against its own view of the certificate
+    /// (and logs what it drops) rather than against ours.
+    as_sent: Option<RegionAdvertisement>,
 }
 
 /// Compliance tags attested by regions' certificates, learned from verified
@@ -92,6 +97,7 @@ impl Peer {
             alive_since: None,
             last_health: Health::Unknown,
             dropped: Vec::new(),
+            as_sent: None,
         }
     }
 }
@@ -213,6 +219,7 @@ impl Membership {
             peer.intervals.clear();
             tracing::info!(region = %ad.region, epoch = ad.epoch, "peer restarted with a new epoch");
         }
+        peer.as_sent = Some(ad.clone());
         let mut ad = ad.clone();
         if self.attestations.enabled() {
             let attested = self.attestations.of(&ad.region);
@@ -248,9 +255,12 @@ impl Membership {
         self.attestations.attest(region, tags);
     }
 
-    /// Every advertisement we hold, for gossip.
+    /// Every advertisement we hold as its region sent it, for gossip.
     pub fn known(&self) -> Vec<RegionAdvertisement> {
-        self.lock().values().filter_map(|p| p.ad.clone()).collect()
+        self.lock()
+            .values()
+            .filter_map(|p| p.as_sent.clone())
+            .collect()
     }
 
     /// The freshest advertisement of `region`.
@@ -427,6 +437,25 @@ mod tests {
         assert!(low < 1.0, "{low}");
         assert!(mid > low && high > mid, "{low} {mid} {high}");
         assert!(high > 8.0, "{high}");
+    }
+
+    #[test]
+    fn unattested_tags_are_dropped_here_but_passed_on_as_sent() {
+        let p = policy();
+        let m = Membership::new("north_america", &p, Timers::default());
+        m.set_attestation(true);
+        m.attest("europe", &BTreeSet::from(["SOX".to_string()]));
+        assert!(m.observe(&ad("europe", 1, 1), Instant::now()));
+        let ours = m.advertisement("europe").expect("held");
+        assert_eq!(ours.compliance_tags, vec!["SOX".to_string()]);
+        // Gossip carries the claims unchanged: each receiver applies its
+        // own attestation (and logs what it drops).
+        let gossip = m.known();
+        let eu = gossip
+            .iter()
+            .find(|a| a.region == "europe")
+            .expect("gossip");
+        assert_eq!(eu.compliance_tags, ad("europe", 1, 1).compliance_tags);
     }
 
     #[test]
