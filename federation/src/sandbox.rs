@@ -129,7 +129,8 @@ impl Drop for ChildGuard {
 /// `bind(0)`.
 pub fn free_port() -> anyhow::Result<SocketAddr> {
     use std::sync::Mutex;
-    static GIVEN: Mutex<Option<std::collections::HashSet<u16>>> = Mutex::new(None);
+    static GIVEN: Mutex<std::collections::BTreeSet<u16>> =
+        Mutex::new(std::collections::BTreeSet::new());
     let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
@@ -138,7 +139,6 @@ pub fn free_port() -> anyhow::Result<SocketAddr> {
     if low > SPAN + 1024 {
         let first = low - SPAN;
         let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
-        let given = given.get_or_insert_with(Default::default);
         for _ in 0..200 {
             let port = first + rand::random_range(0..SPAN);
             if given.contains(&port) {
