@@ -2,16 +2,17 @@
 
 mod support;
 
-use std::process::Command;
-
 use support::*;
 
 /// Runs the CLI with `env` (the sandbox's credentials, see `Sandbox::cli_env`).
-fn run(env: &[(String, String)], args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(federation_exe())
+/// Runs the `federation` CLI; returns its exit code, stdout and stderr.
+async fn run(env: &[(String, String)], args: &[&str]) -> (i32, String, String) {
+    let out = tokio::process::Command::new(federation_exe())
         .envs(env.iter().map(|(k, v)| (k, v)))
         .args(args)
+        .kill_on_drop(true)
         .output()
+        .await
         .expect("runs");
     (
         out.status.code().unwrap_or(-1),
@@ -23,9 +24,7 @@ fn run(env: &[(String, String)], args: &[&str]) -> (i32, String, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn submit_get_and_status_from_the_command_line() {
     let sandbox = seed_sandbox().agents(1, 1).start().expect("sandbox starts");
-    // Leaked so the blocking closures below can share it ('static).
-    let env: &'static [(String, String)] =
-        Vec::leak(sandbox.cli_env("operator").expect("credentials"));
+    let env: &[(String, String)] = &sandbox.cli_env("operator").expect("credentials");
     sandbox
         .wait_all_alive(PATIENCE)
         .await
@@ -35,29 +34,22 @@ async fn submit_get_and_status_from_the_command_line() {
     let payload = dir.path().join("payload");
     std::fs::write(&payload, "order 42").expect("payload");
 
-    let (code, out, err) = tokio::task::spawn_blocking({
-        let na = na.clone();
-        let payload = payload.display().to_string();
-        move || {
-            run(
-                env,
-                &[
-                    "submit",
-                    "--controller",
-                    &na,
-                    "--attr",
-                    "customer_region=DE",
-                    "--payload-file",
-                    &payload,
-                    "--wait",
-                    "--format",
-                    "json",
-                ],
-            )
-        }
-    })
-    .await
-    .expect("join");
+    let (code, out, err) = run(
+        env,
+        &[
+            "submit",
+            "--controller",
+            &na,
+            "--attr",
+            "customer_region=DE",
+            "--payload-file",
+            &payload.display().to_string(),
+            "--wait",
+            "--format",
+            "json",
+        ],
+    )
+    .await;
     assert_eq!(code, 0, "{out}{err}");
     let v: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
     assert_eq!(v["region"], "europe");
@@ -66,33 +58,21 @@ async fn submit_get_and_status_from_the_command_line() {
     assert_eq!(v["task"]["result"], "order 42");
     let id = v["task_id"].as_str().expect("id").to_string();
 
-    let (code, out, _) = tokio::task::spawn_blocking({
-        let na = na.clone();
-        let id = id.clone();
-        move || run(env, &["get", "--controller", &na, &id])
-    })
-    .await
-    .expect("join");
+    let (code, out, _) = run(env, &["get", "--controller", &na, &id]).await;
     assert_eq!(code, 0);
     assert!(out.contains("succeeded") && out.contains("europe"), "{out}");
 
-    let (code, out, err) = tokio::task::spawn_blocking({
-        let na = na.clone();
-        move || {
-            run(
-                env,
-                &[
-                    "submit",
-                    "--controller",
-                    &na,
-                    "--attr",
-                    "customer_region=JP",
-                ],
-            )
-        }
-    })
-    .await
-    .expect("join");
+    let (code, out, err) = run(
+        env,
+        &[
+            "submit",
+            "--controller",
+            &na,
+            "--attr",
+            "customer_region=JP",
+        ],
+    )
+    .await;
     assert_eq!(code, 1, "rejected tasks exit 1: {out}{err}");
     assert!(
         err.contains("FailedPrecondition") && err.contains("no routing rule"),
@@ -101,19 +81,12 @@ async fn submit_get_and_status_from_the_command_line() {
 
     // An auditor reads north_america's decision log over gRPC: the DE task
     // it forwarded and the JP task it refused, with an intact chain.
-    let auditor: &'static [(String, String)] =
-        Vec::leak(sandbox.cli_env("auditor").expect("credentials"));
-    let (code, out, err) = tokio::task::spawn_blocking({
-        let na = na.clone();
-        move || {
-            run(
-                auditor,
-                &["decisions", "--controller", &na, "--format", "json"],
-            )
-        }
-    })
-    .await
-    .expect("join");
+    let auditor: &[(String, String)] = &sandbox.cli_env("auditor").expect("credentials");
+    let (code, out, err) = run(
+        auditor,
+        &["decisions", "--controller", &na, "--format", "json"],
+    )
+    .await;
     assert_eq!(code, 0, "{out}{err}");
     assert!(err.contains("chain intact"), "{err}");
     let records: Vec<serde_json::Value> = out
@@ -124,17 +97,11 @@ async fn submit_get_and_status_from_the_command_line() {
         records.iter().any(|r| r["task_id"] == id.as_str()),
         "the DE task's decision is listed: {out}"
     );
-    let (code, out, err) = tokio::task::spawn_blocking({
-        let na = na.clone();
-        move || {
-            run(
-                auditor,
-                &["decisions", "--controller", &na, "--outcome", "rejected"],
-            )
-        }
-    })
-    .await
-    .expect("join");
+    let (code, out, err) = run(
+        auditor,
+        &["decisions", "--controller", &na, "--outcome", "rejected"],
+    )
+    .await;
     assert_eq!(code, 0, "{out}{err}");
     assert!(
         out.contains("customer_region=JP") && out.contains("rejected"),
@@ -142,43 +109,29 @@ async fn submit_get_and_status_from_the_command_line() {
     );
     assert!(!out.contains("customer_region=DE"), "filtered: {out}");
     // A client may not read the log.
-    let client_env: &'static [(String, String)] =
-        Vec::leak(sandbox.cli_env("client").expect("credentials"));
-    let (code, _, err) = tokio::task::spawn_blocking({
-        let na = na.clone();
-        move || run(client_env, &["decisions", "--controller", &na])
-    })
-    .await
-    .expect("join");
+    let client_env: &[(String, String)] = &sandbox.cli_env("client").expect("credentials");
+    let (code, _, err) = run(client_env, &["decisions", "--controller", &na]).await;
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("PermissionDenied"), "{err}");
 
-    let (code, out, _) =
-        tokio::task::spawn_blocking(move || run(env, &["status", "--controller", &na]))
-            .await
-            .expect("join");
+    let (code, out, _) = run(env, &["status", "--controller", &na]).await;
     assert_eq!(code, 0);
     for needle in ["north_america", "europe", "asia_pacific", "alive", "GDPR"] {
         assert!(out.contains(needle), "missing {needle}: {out}");
     }
 
-    let (code, _, err) = tokio::task::spawn_blocking(|| {
-        run(
-            env,
-            &["status", "--controller", "127.0.0.1:1", "--timeout", "1s"],
-        )
-    })
-    .await
-    .expect("join");
+    let (code, _, err) = run(
+        env,
+        &["status", "--controller", "127.0.0.1:1", "--timeout", "1s"],
+    )
+    .await;
     assert_eq!(code, 2, "unreachable controller exits 2: {err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_sends_new_work_elsewhere_and_reload_refuses_a_bad_policy() {
     let mut sandbox = seed_sandbox().agents(0, 1).start().expect("sandbox starts");
-    // Leaked so the blocking closures below can share it ('static).
-    let env: &'static [(String, String)] =
-        Vec::leak(sandbox.cli_env("operator").expect("credentials"));
+    let env: &[(String, String)] = &sandbox.cli_env("operator").expect("credentials");
     sandbox
         .wait_all_alive(PATIENCE)
         .await
@@ -217,24 +170,18 @@ async fn drain_sends_new_work_elsewhere_and_reload_refuses_a_bad_policy() {
     .await;
 
     // drain --wait returns once the leased task has finished.
-    let (code, out, err) = tokio::task::spawn_blocking({
-        let eu = eu.clone();
-        move || {
-            run(
-                env,
-                &[
-                    "drain",
-                    "--controller",
-                    &eu,
-                    "--wait",
-                    "--wait-timeout",
-                    "30s",
-                ],
-            )
-        }
-    })
-    .await
-    .expect("join");
+    let (code, out, err) = run(
+        env,
+        &[
+            "drain",
+            "--controller",
+            &eu,
+            "--wait",
+            "--wait-timeout",
+            "30s",
+        ],
+    )
+    .await;
     assert_eq!(code, 0, "{out}{err}");
     assert!(
         out.contains("draining") && out.lines().last().is_some_and(|l| l.contains("empty")),
@@ -267,12 +214,7 @@ async fn drain_sends_new_work_elsewhere_and_reload_refuses_a_bad_policy() {
         "{d:?}"
     );
 
-    let (code, out, _) = tokio::task::spawn_blocking({
-        let eu = eu.clone();
-        move || run(env, &["undrain", "--controller", &eu])
-    })
-    .await
-    .expect("join");
+    let (code, out, _) = run(env, &["undrain", "--controller", &eu]).await;
     assert_eq!(code, 0);
     assert!(out.contains("taking new tasks"), "{out}");
 
@@ -284,13 +226,17 @@ async fn drain_sends_new_work_elsewhere_and_reload_refuses_a_bad_policy() {
         SEED.replace("primary_region: \"europe\"", "primary_region: \"eu\""),
     )
     .expect("write");
-    let (code, _, err) = tokio::task::spawn_blocking({
-        let na = na.clone();
-        let bad = bad.display().to_string();
-        move || run(env, &["reload", "--controller", &na, "--file", &bad])
-    })
-    .await
-    .expect("join");
+    let (code, _, err) = run(
+        env,
+        &[
+            "reload",
+            "--controller",
+            &na,
+            "--file",
+            &bad.display().to_string(),
+        ],
+    )
+    .await;
     assert_eq!(code, 1, "{err}");
     assert!(
         err.contains("refused") && err.contains("unknown region `eu`"),
@@ -299,13 +245,17 @@ async fn drain_sends_new_work_elsewhere_and_reload_refuses_a_bad_policy() {
     // A valid reload returns the audit's findings and is applied.
     let good = dir.path().join("requires.yaml");
     std::fs::write(&good, seed_requires_gdpr()).expect("write");
-    let (code, out, err) = tokio::task::spawn_blocking({
-        let na = na.clone();
-        let good = good.display().to_string();
-        move || run(env, &["reload", "--controller", &na, "--file", &good])
-    })
-    .await
-    .expect("join");
+    let (code, out, err) = run(
+        env,
+        &[
+            "reload",
+            "--controller",
+            &na,
+            "--file",
+            &good.display().to_string(),
+        ],
+    )
+    .await;
     assert_eq!(code, 0, "{out}{err}");
     assert!(
         out.contains("applied") && out.contains("finding: error: [failover-lacks-required-tag]"),
