@@ -19,16 +19,9 @@ async fn gossip_keeps_a_region_alive_across_a_broken_link_and_flags_policy_misma
         .wait_all_alive(PATIENCE)
         .await
         .expect("every region sees every other alive through gossip");
-    let mut admin = sandbox.admin("north_america").await.expect("admin");
-    let s = admin
-        .federation_status(api::FederationStatusRequest {})
+    let eu = sandbox
+        .status_row("north_america", "europe")
         .await
-        .expect("status")
-        .into_inner();
-    let eu = s
-        .regions
-        .iter()
-        .find(|r| r.region == "europe")
         .expect("europe row");
     assert_eq!(eu.state, "alive");
     assert!(eu.epoch > 0 && eu.sequence > 0, "{eu:?}");

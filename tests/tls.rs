@@ -359,18 +359,9 @@ async fn unattested_tag_is_dropped_and_routing_refuses() {
         .wait_all_alive(PATIENCE)
         .await
         .expect("federation forms");
-    let mut admin = api::federation_admin_client::FederationAdminClient::new(
-        sandbox.channel("north_america").await.expect("channel"),
-    );
-    let status = admin
-        .federation_status(api::FederationStatusRequest {})
+    let eu = sandbox
+        .status_row("north_america", "europe")
         .await
-        .expect("status")
-        .into_inner();
-    let eu = status
-        .regions
-        .iter()
-        .find(|r| r.region == "europe")
         .expect("europe row");
     assert!(
         !eu.compliance_tags.iter().any(|t| t == "GDPR"),

@@ -798,6 +798,24 @@ impl Sandbox {
         out
     }
 
+    /// `viewer`'s status row for `region`, now.
+    pub async fn status_row(
+        &self,
+        viewer: &str,
+        region: &str,
+    ) -> anyhow::Result<api::RegionStatus> {
+        let mut admin = self.admin(viewer).await?;
+        admin
+            .federation_status(api::FederationStatusRequest {})
+            .await
+            .with_context(|| format!("status of {viewer}"))?
+            .into_inner()
+            .regions
+            .into_iter()
+            .find(|r| r.region == region)
+            .with_context(|| format!("{viewer} has no status row for {region}"))
+    }
+
     /// Waits (bounded) until `viewer`'s status row for `region` satisfies
     /// `check`; returns that row.
     pub async fn wait_for_row(
