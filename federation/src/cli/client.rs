@@ -202,6 +202,14 @@ pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the runtime")
 }
 
+/// Runs a command's body on a current-thread runtime (exit 2 if none starts).
+fn run_command(body: impl std::future::Future<Output = ExitCode>) -> ExitCode {
+    match runtime() {
+        Ok(rt) => rt.block_on(body),
+        Err(e) => super::fail(&e, 2),
+    }
+}
+
 /// JSON form of a decision.
 pub fn decision_json(d: &api::RouteDecision) -> Value {
     json!({
@@ -279,11 +287,7 @@ fn status_exit(e: &tonic::Status) -> u8 {
 
 /// `submit`.
 pub fn submit(args: SubmitArgs) -> ExitCode {
-    let rt = match runtime() {
-        Ok(rt) => rt,
-        Err(e) => return super::fail(&e, 2),
-    };
-    rt.block_on(async move {
+    run_command(async move {
         let payload = match &args.payload_file {
             Some(p) => match std::fs::read(p) {
                 Ok(b) => b,
@@ -307,7 +311,10 @@ pub fn submit(args: SubmitArgs) -> ExitCode {
             Ok(r) => r.into_inner(),
             Err(s) => {
                 if args.format == OutputFormat::Json {
-                    println!("{}", json!({"outcome": "rejected", "code": format!("{:?}", s.code()), "message": s.message()}));
+                    println!(
+                        "{}",
+                        json!({"outcome": "rejected", "code": format!("{:?}", s.code()), "message": s.message()})
+                    );
                 } else {
                     eprintln!("rejected ({:?}): {}", s.code(), s.message());
                 }
@@ -340,12 +347,17 @@ pub fn submit(args: SubmitArgs) -> ExitCode {
                 println!("warning   {w}");
             }
             if resp.deduplicated {
-                println!("note      idempotency key matched an existing task; nothing new was created");
+                println!(
+                    "note      idempotency key matched an existing task; nothing new was created"
+                );
             }
             if let Some(t) = &final_task {
                 println!("state     {}", state_name(t.state));
                 if !t.result.is_empty() {
-                    println!("result    {}", String::from_utf8_lossy(&t.result).trim_end());
+                    println!(
+                        "result    {}",
+                        String::from_utf8_lossy(&t.result).trim_end()
+                    );
                 }
                 if !t.error.is_empty() {
                     println!("error     {}", t.error);
@@ -379,11 +391,7 @@ async fn wait(
 
 /// `get`.
 pub fn get(args: GetArgs) -> ExitCode {
-    let rt = match runtime() {
-        Ok(rt) => rt,
-        Err(e) => return super::fail(&e, 2),
-    };
-    rt.block_on(async move {
+    run_command(async move {
         let channel = match channel(&args.connect).await {
             Ok(c) => c,
             Err(e) => return super::fail(&e, 2),
@@ -414,11 +422,7 @@ pub fn get(args: GetArgs) -> ExitCode {
 
 /// `status`.
 pub fn status(args: StatusArgs) -> ExitCode {
-    let rt = match runtime() {
-        Ok(rt) => rt,
-        Err(e) => return super::fail(&e, 2),
-    };
-    rt.block_on(async move {
+    run_command(async move {
         let channel = match channel(&args.connect).await {
             Ok(c) => c,
             Err(e) => return super::fail(&e, 2),
@@ -446,11 +450,7 @@ pub fn status(args: StatusArgs) -> ExitCode {
 /// `drain` (`on = true`) and `undrain`: stop or resume taking new tasks in
 /// the controller's region; with `--wait`, report when it is empty.
 pub fn drain(args: DrainArgs, on: bool) -> ExitCode {
-    let rt = match runtime() {
-        Ok(rt) => rt,
-        Err(e) => return super::fail(&e, 2),
-    };
-    rt.block_on(async move {
+    run_command(async move {
         let channel = match channel(&args.connect).await {
             Ok(c) => c,
             Err(e) => return super::fail(&e, 2),
@@ -490,11 +490,7 @@ pub fn drain(args: DrainArgs, on: bool) -> ExitCode {
 
 /// `reload`: validate and apply a policy on a running controller.
 pub fn reload(args: ReloadArgs) -> ExitCode {
-    let rt = match runtime() {
-        Ok(rt) => rt,
-        Err(e) => return super::fail(&e, 2),
-    };
-    rt.block_on(async move {
+    run_command(async move {
         let (source, format) = match &args.file {
             Some(p) => match std::fs::read_to_string(p) {
                 Ok(text) => {
