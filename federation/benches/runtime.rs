@@ -9,6 +9,13 @@
 //! 3. failure detection time after SIGKILL with the default timers, and
 //!    false suspicions while both cores are busy.
 //!
+//! Two floors are measured beside the echo: the *durable echo* persists each
+//! request (one `write` + one `fdatasync` per gathered batch, the same group
+//! commit as the task store) before answering, and the *relayed durable echo*
+//! reaches it through one more gRPC hop. Nothing that stores a task durably
+//! before answering can beat the first; no forwarded submit can beat the
+//! second. They show how much of each target this machine's disk leaves.
+//!
 //! Run: `cargo bench -p federation --bench runtime` (release build; takes
 //! about a minute). `RUNTIME_BENCH_SECS` sets the seconds per measurement.
 
@@ -70,13 +77,144 @@ impl api::federation_client_server::FederationClient for Echo {
     }
 }
 
-async fn echo_server() -> std::net::SocketAddr {
+/// The floor of "durable before the answer": the echo, except that each
+/// request's bytes are appended to a file and the file fdatasync'd before the
+/// answer, with group commit (one write and one fdatasync per gathered batch,
+/// gathered as the task store gathers). No store, no policy, no log: any
+/// submit that persists before it answers costs at least this much.
+struct DurableEcho {
+    tx: tokio::sync::mpsc::UnboundedSender<(Vec<u8>, tokio::sync::oneshot::Sender<()>)>,
+}
+
+impl DurableEcho {
+    fn new(path: std::path::PathBuf) -> Self {
+        use std::io::Write;
+        let (tx, rx) =
+            tokio::sync::mpsc::unbounded_channel::<(Vec<u8>, tokio::sync::oneshot::Sender<()>)>();
+        std::thread::spawn(move || {
+            let mut file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .expect("durable echo file");
+            let mut batches =
+                federation::group_commit::Gatherer::new(rx, federation::tasks::MAX_BATCH);
+            let mut buf = Vec::new();
+            while let Some(batch) = batches.next_batch() {
+                buf.clear();
+                for (bytes, _) in &batch {
+                    buf.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+                    buf.extend_from_slice(bytes);
+                }
+                file.write_all(&buf).expect("write");
+                file.sync_data().expect("fdatasync");
+                for (_, reply) in batch {
+                    let _ = reply.send(());
+                }
+            }
+        });
+        Self { tx }
+    }
+}
+
+#[tonic::async_trait]
+impl api::federation_client_server::FederationClient for DurableEcho {
+    async fn submit_task(
+        &self,
+        request: Request<api::SubmitTaskRequest>,
+    ) -> Result<Response<api::SubmitTaskResponse>, Status> {
+        use prost::Message;
+        let r = request.into_inner();
+        let (done, wait) = tokio::sync::oneshot::channel();
+        self.tx
+            .send((r.encode_to_vec(), done))
+            .map_err(|_| Status::internal("writer gone"))?;
+        wait.await.map_err(|_| Status::internal("writer gone"))?;
+        Ok(Response::new(api::SubmitTaskResponse {
+            task_id: r.idempotency_key,
+            region: "echo".into(),
+            decision: None,
+            deduplicated: false,
+        }))
+    }
+    async fn get_task(
+        &self,
+        _: Request<api::GetTaskRequest>,
+    ) -> Result<Response<api::GetTaskResponse>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
+    type WatchTaskStream = futures::stream::Empty<Result<api::TaskEvent, Status>>;
+    async fn watch_task(
+        &self,
+        _: Request<api::WatchTaskRequest>,
+    ) -> Result<Response<Self::WatchTaskStream>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
+    async fn cancel_task(
+        &self,
+        _: Request<api::CancelTaskRequest>,
+    ) -> Result<Response<api::CancelTaskResponse>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
+    async fn explain_route(
+        &self,
+        _: Request<api::ExplainRouteRequest>,
+    ) -> Result<Response<api::ExplainRouteResponse>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
+}
+
+/// The floor of a forwarded submit: an echo that relays each request over
+/// gRPC to the durable echo (the owner) and answers with its reply.
+struct RelayEcho {
+    owner: api::federation_client_client::FederationClientClient<tonic::transport::Channel>,
+}
+
+#[tonic::async_trait]
+impl api::federation_client_server::FederationClient for RelayEcho {
+    async fn submit_task(
+        &self,
+        request: Request<api::SubmitTaskRequest>,
+    ) -> Result<Response<api::SubmitTaskResponse>, Status> {
+        self.owner.clone().submit_task(request.into_inner()).await
+    }
+    async fn get_task(
+        &self,
+        _: Request<api::GetTaskRequest>,
+    ) -> Result<Response<api::GetTaskResponse>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
+    type WatchTaskStream = futures::stream::Empty<Result<api::TaskEvent, Status>>;
+    async fn watch_task(
+        &self,
+        _: Request<api::WatchTaskRequest>,
+    ) -> Result<Response<Self::WatchTaskStream>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
+    async fn cancel_task(
+        &self,
+        _: Request<api::CancelTaskRequest>,
+    ) -> Result<Response<api::CancelTaskResponse>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
+    async fn explain_route(
+        &self,
+        _: Request<api::ExplainRouteRequest>,
+    ) -> Result<Response<api::ExplainRouteResponse>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
+}
+
+async fn serve<S>(service: S) -> std::net::SocketAddr
+where
+    S: api::federation_client_server::FederationClient,
+{
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {
         tonic::transport::Server::builder()
             .add_service(api::federation_client_server::FederationClientServer::new(
-                Echo,
+                service,
             ))
             .serve_with_incoming(federation::transport::incoming(listener))
             .await
@@ -375,7 +513,17 @@ fn main() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async move {
         let dir = tempfile::tempdir().expect("tempdir");
-        let echo = echo_server().await;
+        let echo = serve(Echo).await;
+        let durable_echo = serve(DurableEcho::new(dir.path().join("durable-echo.bin"))).await;
+        let relay_echo = serve(RelayEcho {
+            owner: api::federation_client_client::FederationClientClient::new(
+                tonic::transport::Endpoint::from_shared(format!("http://{durable_echo}"))
+                    .expect("endpoint")
+                    .tcp_nodelay(true)
+                    .connect_lazy(),
+            ),
+        })
+        .await;
         let na = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let eu = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let (na_addr, eu_addr) = (
@@ -392,6 +540,8 @@ fn main() {
         if let Ok(what) = std::env::var("RUNTIME_BENCH_PROFILE") {
             let (addr, customer) = match what.as_str() {
                 "echo" => (echo, "US"),
+                "durable-echo" => (durable_echo, "US"),
+                "relay-echo" => (relay_echo, "US"),
                 "forwarded" => (na_addr, "DE"),
                 _ => (na_addr, "US"),
             };
@@ -402,16 +552,40 @@ fn main() {
         println!("runtime benchmark: 256-byte payload, loopback, {secs} s per measurement");
         for in_flight in [1usize, 64] {
             let base = measure(echo, "US", in_flight, secs).await;
+            let durable = measure(durable_echo, "US", in_flight, secs).await;
+            let relayed = measure(relay_echo, "US", in_flight, secs).await;
             let local = measure(na_addr, "US", in_flight, secs).await;
             let forwarded = measure(na_addr, "DE", in_flight, secs).await;
             println!("-- {in_flight} in flight");
             line("raw tonic echo (baseline)", &base, &base);
+            line("durable echo (fdatasync, floor)", &durable, &base);
+            line("relayed durable echo (floor)", &relayed, &base);
             line("local submit (durable)", &local, &base);
             line("forwarded submit (na -> eu)", &forwarded, &base);
             println!(
                 "{:<34} forwarded p50 / local p50 = {:.2}x",
                 "",
                 forwarded.p50_us / local.p50_us
+            );
+            // The targets, and where the floors put them on this machine.
+            let verdict = |met: bool| if met { "met" } else { "NOT met" };
+            let local_ratio = local.calls_per_sec / base.calls_per_sec;
+            let forwarded_ratio = forwarded.p50_us / base.p50_us;
+            println!(
+                "{:<34} local throughput {:.2}x echo (target >= 0.8x: {}; the durable floor reaches {:.2}x, local is {:.2}x of it)",
+                "",
+                local_ratio,
+                verdict(local_ratio >= 0.8),
+                durable.calls_per_sec / base.calls_per_sec,
+                local.calls_per_sec / durable.calls_per_sec,
+            );
+            println!(
+                "{:<34} forwarded p50 {:.2}x echo (target <= 2.2x: {}; the relayed floor is {:.2}x, forwarded is {:.2}x of it)",
+                "",
+                forwarded_ratio,
+                verdict(forwarded_ratio <= 2.2),
+                relayed.p50_us / base.p50_us,
+                forwarded.p50_us / relayed.p50_us,
             );
         }
         failure_detection().await;

@@ -12,6 +12,7 @@ pub mod config;
 pub mod controller;
 pub mod discovery;
 pub mod error;
+pub mod group_commit;
 pub mod membership;
 pub mod metrics;
 pub mod policy;

@@ -71,7 +71,8 @@
 //! the batches the task store hands over, see
 //! [`crate::tasks::TaskStore::insert_recorded`]), adds the chained fields,
 //! finishes each hash, writes them in one `write`, calls `fdatasync` once,
-//! then answers each caller (group commit). A crash can leave only an
+//! then answers each caller (group commit, gathered as in
+//! [`crate::group_commit`]). A crash can leave only an
 //! unacknowledged, partial last line (no trailing newline);
 //! [`DecisionLog::open`] truncates it and logs a warning. Any other damage
 //! makes `open` refuse, naming the line.
@@ -1271,21 +1272,15 @@ fn writer_loop(
     path: &Path,
     region: &str,
     tip: &Mutex<Tip>,
-    mut rx: mpsc::UnboundedReceiver<Append>,
+    rx: mpsc::UnboundedReceiver<Append>,
 ) {
     // After a failed write that could not be undone the file may hold a
     // partial line; appending after it would break the chain, so stop.
     let mut poisoned: Option<String> = None;
     // One buffer for every batch's lines.
     let mut buf: Vec<u8> = Vec::new();
-    while let Some(first) = rx.blocking_recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(m) => batch.push(m),
-                Err(_) => break,
-            }
-        }
+    let mut appends = crate::group_commit::Gatherer::new(rx, MAX_BATCH);
+    while let Some(batch) = appends.next_batch() {
         if let Some(why) = &poisoned {
             for m in batch {
                 let reply = match m {

@@ -17,8 +17,10 @@
 //! * **Group commit.** All mutations go through one writer thread. It takes
 //!   every request waiting in its queue (up to [`MAX_BATCH`]), applies them in
 //!   one write transaction in arrival order, commits once, then answers each
-//!   caller. Under load many callers share one fsync; at one request in flight
-//!   the cost is one fsync per request, as before.
+//!   caller. Under load many callers share one fsync, and the writer lingers
+//!   up to half a millisecond for requests still arriving
+//!   ([`crate::group_commit`]); at one request in flight the cost is one
+//!   fsync per request and no wait.
 //! * **Decision records in the same batch.** [`TaskStore::insert_recorded`]
 //!   carries the routing decision's log record with the insert: the writer
 //!   renames it to the task the insert produced (the stored one when the key

@@ -632,18 +632,11 @@ fn writer_loop(
     db: &Database,
     shared: &Shared,
     mut idem: IdemIndex,
-    mut rx: mpsc::UnboundedReceiver<Request>,
+    rx: mpsc::UnboundedReceiver<Request>,
 ) {
+    let mut requests = crate::group_commit::Gatherer::new(rx, MAX_BATCH);
     // Ends when every sender is gone (the last TaskStore clone dropped).
-    while let Some(first) = rx.blocking_recv() {
-        let mut batch = Vec::with_capacity(16);
-        batch.push(first);
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(r) => batch.push(r),
-                Err(_) => break,
-            }
-        }
+    while let Some(batch) = requests.next_batch() {
         run_batch(db, shared, &mut idem, batch);
     }
 }
