@@ -32,50 +32,60 @@ use tonic::{Request, Response, Status};
 
 const SEED: &str = include_str!("../../policies/seed-federation.yaml");
 
+/// A baseline service: `SubmitTask` as given, every other method unimplemented.
+macro_rules! baseline_service {
+    ($ty:ty, |$this:ident, $request:ident| $submit:block) => {
+        #[tonic::async_trait]
+        impl api::federation_client_server::FederationClient for $ty {
+            async fn submit_task(
+                &self,
+                $request: Request<api::SubmitTaskRequest>,
+            ) -> Result<Response<api::SubmitTaskResponse>, Status> {
+                let $this = self;
+                $submit
+            }
+            async fn get_task(
+                &self,
+                _: Request<api::GetTaskRequest>,
+            ) -> Result<Response<api::GetTaskResponse>, Status> {
+                Err(Status::unimplemented("echo"))
+            }
+            type WatchTaskStream = futures::stream::Empty<Result<api::TaskEvent, Status>>;
+            async fn watch_task(
+                &self,
+                _: Request<api::WatchTaskRequest>,
+            ) -> Result<Response<Self::WatchTaskStream>, Status> {
+                Err(Status::unimplemented("echo"))
+            }
+            async fn cancel_task(
+                &self,
+                _: Request<api::CancelTaskRequest>,
+            ) -> Result<Response<api::CancelTaskResponse>, Status> {
+                Err(Status::unimplemented("echo"))
+            }
+            async fn explain_route(
+                &self,
+                _: Request<api::ExplainRouteRequest>,
+            ) -> Result<Response<api::ExplainRouteResponse>, Status> {
+                Err(Status::unimplemented("echo"))
+            }
+        }
+    };
+}
+
 /// The baseline: the same service and messages, answering at once.
 #[derive(Debug, Default)]
 struct Echo;
 
-#[tonic::async_trait]
-impl api::federation_client_server::FederationClient for Echo {
-    async fn submit_task(
-        &self,
-        request: Request<api::SubmitTaskRequest>,
-    ) -> Result<Response<api::SubmitTaskResponse>, Status> {
-        let r = request.into_inner();
-        Ok(Response::new(api::SubmitTaskResponse {
-            task_id: r.idempotency_key,
-            region: "echo".into(),
-            decision: None,
-            deduplicated: false,
-        }))
-    }
-    async fn get_task(
-        &self,
-        _: Request<api::GetTaskRequest>,
-    ) -> Result<Response<api::GetTaskResponse>, Status> {
-        Err(Status::unimplemented("echo"))
-    }
-    type WatchTaskStream = futures::stream::Empty<Result<api::TaskEvent, Status>>;
-    async fn watch_task(
-        &self,
-        _: Request<api::WatchTaskRequest>,
-    ) -> Result<Response<Self::WatchTaskStream>, Status> {
-        Err(Status::unimplemented("echo"))
-    }
-    async fn cancel_task(
-        &self,
-        _: Request<api::CancelTaskRequest>,
-    ) -> Result<Response<api::CancelTaskResponse>, Status> {
-        Err(Status::unimplemented("echo"))
-    }
-    async fn explain_route(
-        &self,
-        _: Request<api::ExplainRouteRequest>,
-    ) -> Result<Response<api::ExplainRouteResponse>, Status> {
-        Err(Status::unimplemented("echo"))
-    }
-}
+baseline_service!(Echo, |_this, request| {
+    let r = request.into_inner();
+    Ok(Response::new(api::SubmitTaskResponse {
+        task_id: r.idempotency_key,
+        region: "echo".into(),
+        decision: None,
+        deduplicated: false,
+    }))
+});
 
 /// The floor of "durable before the answer": the echo, except that each
 /// request's bytes are appended to a file and the file fdatasync'd before the
@@ -117,52 +127,21 @@ impl DurableEcho {
     }
 }
 
-#[tonic::async_trait]
-impl api::federation_client_server::FederationClient for DurableEcho {
-    async fn submit_task(
-        &self,
-        request: Request<api::SubmitTaskRequest>,
-    ) -> Result<Response<api::SubmitTaskResponse>, Status> {
-        use prost::Message;
-        let r = request.into_inner();
-        let (done, wait) = tokio::sync::oneshot::channel();
-        self.tx
-            .send((r.encode_to_vec(), done))
-            .map_err(|_| Status::internal("writer gone"))?;
-        wait.await.map_err(|_| Status::internal("writer gone"))?;
-        Ok(Response::new(api::SubmitTaskResponse {
-            task_id: r.idempotency_key,
-            region: "echo".into(),
-            decision: None,
-            deduplicated: false,
-        }))
-    }
-    async fn get_task(
-        &self,
-        _: Request<api::GetTaskRequest>,
-    ) -> Result<Response<api::GetTaskResponse>, Status> {
-        Err(Status::unimplemented("echo"))
-    }
-    type WatchTaskStream = futures::stream::Empty<Result<api::TaskEvent, Status>>;
-    async fn watch_task(
-        &self,
-        _: Request<api::WatchTaskRequest>,
-    ) -> Result<Response<Self::WatchTaskStream>, Status> {
-        Err(Status::unimplemented("echo"))
-    }
-    async fn cancel_task(
-        &self,
-        _: Request<api::CancelTaskRequest>,
-    ) -> Result<Response<api::CancelTaskResponse>, Status> {
-        Err(Status::unimplemented("echo"))
-    }
-    async fn explain_route(
-        &self,
-        _: Request<api::ExplainRouteRequest>,
-    ) -> Result<Response<api::ExplainRouteResponse>, Status> {
-        Err(Status::unimplemented("echo"))
-    }
-}
+baseline_service!(DurableEcho, |this, request| {
+    use prost::Message;
+    let r = request.into_inner();
+    let (done, wait) = tokio::sync::oneshot::channel();
+    this.tx
+        .send((r.encode_to_vec(), done))
+        .map_err(|_| Status::internal("writer gone"))?;
+    wait.await.map_err(|_| Status::internal("writer gone"))?;
+    Ok(Response::new(api::SubmitTaskResponse {
+        task_id: r.idempotency_key,
+        region: "echo".into(),
+        decision: None,
+        deduplicated: false,
+    }))
+});
 
 /// The floor of a forwarded submit: an echo that relays each request over
 /// gRPC to the durable echo (the owner) and answers with its reply.
@@ -170,40 +149,9 @@ struct RelayEcho {
     owner: api::federation_client_client::FederationClientClient<tonic::transport::Channel>,
 }
 
-#[tonic::async_trait]
-impl api::federation_client_server::FederationClient for RelayEcho {
-    async fn submit_task(
-        &self,
-        request: Request<api::SubmitTaskRequest>,
-    ) -> Result<Response<api::SubmitTaskResponse>, Status> {
-        self.owner.clone().submit_task(request.into_inner()).await
-    }
-    async fn get_task(
-        &self,
-        _: Request<api::GetTaskRequest>,
-    ) -> Result<Response<api::GetTaskResponse>, Status> {
-        Err(Status::unimplemented("echo"))
-    }
-    type WatchTaskStream = futures::stream::Empty<Result<api::TaskEvent, Status>>;
-    async fn watch_task(
-        &self,
-        _: Request<api::WatchTaskRequest>,
-    ) -> Result<Response<Self::WatchTaskStream>, Status> {
-        Err(Status::unimplemented("echo"))
-    }
-    async fn cancel_task(
-        &self,
-        _: Request<api::CancelTaskRequest>,
-    ) -> Result<Response<api::CancelTaskResponse>, Status> {
-        Err(Status::unimplemented("echo"))
-    }
-    async fn explain_route(
-        &self,
-        _: Request<api::ExplainRouteRequest>,
-    ) -> Result<Response<api::ExplainRouteResponse>, Status> {
-        Err(Status::unimplemented("echo"))
-    }
-}
+baseline_service!(RelayEcho, |this, request| {
+    this.owner.clone().submit_task(request.into_inner()).await
+});
 
 async fn serve<S>(service: S) -> std::net::SocketAddr
 where
