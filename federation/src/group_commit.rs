@@ -5,8 +5,9 @@
 //! *lingers*: after the last batch carried more than one request, it waits in
 //! steps of 100 µs (at most 500 µs) for the requests still being prepared on
 //! the runtime's workers, as long as each step brings some. Each fsync then carries more
-//! requests, so the disk and CPU cost of a commit is shared by more callers,
-//! while a lone caller (the last batch held one request) never waits.
+//! requests, so the disk and CPU cost of a commit is shared by more callers.
+//! A caller alone after a batch of one never waits; the first batch after a
+//! burst waits one step (100 µs) and, finding nothing new, commits.
 //!
 //! This module owns only the gathering; what a batch means is the writer's.
 
