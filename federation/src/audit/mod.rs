@@ -1202,9 +1202,7 @@ impl DecisionLog {
         &self,
         entry: DecisionEntry,
     ) -> impl std::future::Future<Output = Result<u64, AuditError>> + Send + use<> {
-        let (tx, rx) = oneshot::channel();
-        let prepared = Box::new(Prepared::from_entry(&entry));
-        self.queue(Append::Entry(prepared, tx), rx)
+        self.append_prepared(Box::new(Prepared::from_entry(&entry)))
     }
 
     /// [`DecisionLog::append`] for a routing decision, rendered straight from
@@ -1213,9 +1211,7 @@ impl DecisionLog {
         &self,
         record: DecisionRef<'_>,
     ) -> impl std::future::Future<Output = Result<u64, AuditError>> + Send + use<> {
-        let (tx, rx) = oneshot::channel();
-        let prepared = Box::new(Prepared::from_decision(&record));
-        self.queue(Append::Entry(prepared, tx), rx)
+        self.append_prepared(Box::new(Prepared::from_decision(&record)))
     }
 
     /// [`DecisionLog::append`] for a record rendered earlier.
@@ -1223,8 +1219,15 @@ impl DecisionLog {
         &self,
         record: PendingRecord,
     ) -> impl std::future::Future<Output = Result<u64, AuditError>> + Send + use<> {
+        self.append_prepared(record.0)
+    }
+
+    fn append_prepared(
+        &self,
+        prepared: Box<Prepared>,
+    ) -> impl std::future::Future<Output = Result<u64, AuditError>> + Send + use<> {
         let (tx, rx) = oneshot::channel();
-        self.queue(Append::Entry(record.0, tx), rx)
+        self.queue(Append::Entry(prepared, tx), rx)
     }
 
     /// Queues `records` as consecutive lines of one write (and one sync);

@@ -232,6 +232,18 @@ pub fn run(args: ServeArgs, log: LogFormat) -> ExitCode {
     }
 }
 
+/// Binds an optional extra listener (`what`: admin, health).
+async fn bind_optional(
+    addr: Option<SocketAddr>,
+    what: &str,
+) -> anyhow::Result<Option<tokio::net::TcpListener>> {
+    let Some(a) = addr else { return Ok(None) };
+    let listener = tokio::net::TcpListener::bind(a)
+        .await
+        .with_context(|| format!("binding {what} address {a}"))?;
+    Ok(Some(listener))
+}
+
 async fn serve(resolved: Resolved) -> anyhow::Result<()> {
     let Resolved {
         settings,
@@ -243,22 +255,8 @@ async fn serve(resolved: Resolved) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding {listen}"))?;
-    let admin = match admin_listen {
-        Some(a) => Some(
-            tokio::net::TcpListener::bind(a)
-                .await
-                .with_context(|| format!("binding admin address {a}"))?,
-        ),
-        None => None,
-    };
-    let health = match health_listen {
-        Some(a) => Some(
-            tokio::net::TcpListener::bind(a)
-                .await
-                .with_context(|| format!("binding health address {a}"))?,
-        ),
-        None => None,
-    };
+    let admin = bind_optional(admin_listen, "admin").await?;
+    let health = bind_optional(health_listen, "health").await?;
     let node = controller::open(settings).await?;
     if let Some(health) = health {
         tracing::info!(addr = ?health.local_addr().ok(), "plaintext gRPC health (probes only) serving");
