@@ -49,6 +49,11 @@ struct Peer {
     /// judges the region's claims against its own view of the certificate
     /// (and logs what it drops) rather than against ours.
     as_sent: Option<RegionAdvertisement>,
+    /// The attested tags `ad` was cut down with (None: not cut down). When
+    /// the region's attestation changes later (its certificate seen after
+    /// its advertisement was gossiped to us), `ad` is cut again from
+    /// `as_sent`.
+    attested_with: Option<BTreeSet<String>>,
 }
 
 /// Compliance tags attested by regions' certificates, learned from verified
@@ -98,6 +103,7 @@ impl Peer {
             last_health: Health::Unknown,
             dropped: Vec::new(),
             as_sent: None,
+            attested_with: None,
         }
     }
 }
@@ -204,6 +210,9 @@ impl Membership {
             Some(known) => (ad.epoch, ad.sequence) > (known.epoch, known.sequence),
         };
         if !fresher {
+            // Not news, but the region's certificate may have been seen
+            // since the stored copy was cut down (gossip arrived first).
+            self.reattest(peer);
             return false;
         }
         if let Some(last) = peer.last_fresh {
@@ -220,24 +229,48 @@ impl Membership {
             tracing::info!(region = %ad.region, epoch = ad.epoch, "peer restarted with a new epoch");
         }
         peer.as_sent = Some(ad.clone());
-        let mut ad = ad.clone();
-        if self.attestations.enabled() {
-            let attested = self.attestations.of(&ad.region);
-            let (kept, dropped): (Vec<String>, Vec<String>) =
-                std::mem::take(&mut ad.compliance_tags)
-                    .into_iter()
-                    .partition(|t| attested.contains(t));
-            if dropped != peer.dropped {
-                if !dropped.is_empty() {
-                    tracing::warn!(region = %ad.region, dropped = ?dropped, attested = ?attested, "advertised tags not attested by the region's certificate; dropped");
-                }
-                peer.dropped = dropped;
-            }
-            ad.compliance_tags = kept;
-        }
-        peer.ad = Some(ad);
+        self.cut_to_attested(peer);
         peer.last_fresh = Some(now);
         true
+    }
+
+    /// Sets `peer.ad` from `peer.as_sent`, cut down to the tags the region's
+    /// certificate attests when attestation is on; logs newly dropped tags.
+    fn cut_to_attested(&self, peer: &mut Peer) {
+        let Some(mut ad) = peer.as_sent.clone() else {
+            return;
+        };
+        if !self.attestations.enabled() {
+            peer.attested_with = None;
+            peer.ad = Some(ad);
+            return;
+        }
+        let attested = self.attestations.of(&ad.region);
+        let (kept, dropped): (Vec<String>, Vec<String>) = std::mem::take(&mut ad.compliance_tags)
+            .into_iter()
+            .partition(|t| attested.contains(t));
+        if dropped != peer.dropped {
+            if !dropped.is_empty() {
+                tracing::warn!(region = %ad.region, dropped = ?dropped, attested = ?attested, "advertised tags not attested by the region's certificate; dropped");
+            }
+            peer.dropped = dropped;
+        }
+        ad.compliance_tags = kept;
+        peer.attested_with = Some(attested);
+        peer.ad = Some(ad);
+    }
+
+    /// Cuts the stored advertisement again when the region's attestation
+    /// changed since it was cut.
+    fn reattest(&self, peer: &mut Peer) {
+        let Some(region) = peer.as_sent.as_ref().map(|a| a.region.clone()) else {
+            return;
+        };
+        if self.attestations.enabled()
+            && peer.attested_with.as_ref() != Some(&self.attestations.of(&region))
+        {
+            self.cut_to_attested(peer);
+        }
     }
 
     /// The attested-tags table (shared with TLS verifiers).
@@ -253,6 +286,9 @@ impl Membership {
     /// Records the tags `region`'s verified certificate attests.
     pub fn attest(&self, region: &str, tags: &BTreeSet<String>) {
         self.attestations.attest(region, tags);
+        if let Some(peer) = self.lock().get_mut(region) {
+            self.reattest(peer);
+        }
     }
 
     /// Every advertisement we hold as its region sent it, for gossip.
@@ -456,6 +492,38 @@ mod tests {
             .find(|a| a.region == "europe")
             .expect("gossip");
         assert_eq!(eu.compliance_tags, ad("europe", 1, 1).compliance_tags);
+    }
+
+    #[test]
+    fn a_certificate_seen_after_the_advertisement_restores_its_attested_tags() {
+        let p = policy();
+        let m = Membership::new("asia_pacific", &p, Timers::default());
+        m.set_attestation(true);
+        // europe's advertisement arrives by gossip before any handshake with
+        // europe: nothing is attested yet, so every tag is dropped.
+        assert!(m.observe(&ad("europe", 1, 1), Instant::now()));
+        assert!(
+            m.advertisement("europe")
+                .expect("held")
+                .compliance_tags
+                .is_empty()
+        );
+        // The TLS verifier records the certificate through the shared
+        // handle; the same advertisement gossiped again (not fresher) is cut
+        // again with it.
+        let gdpr_sox = BTreeSet::from(["GDPR".to_string(), "SOX".to_string()]);
+        m.clone_handle().attest("europe", &gdpr_sox);
+        assert!(!m.observe(&ad("europe", 1, 1), Instant::now()));
+        assert_eq!(
+            m.advertisement("europe").expect("held").compliance_tags,
+            vec!["GDPR".to_string(), "SOX".to_string()]
+        );
+        // Through `Membership::attest` the stored copy is cut at once.
+        m.attest("europe", &BTreeSet::from(["SOX".to_string()]));
+        assert_eq!(
+            m.advertisement("europe").expect("held").compliance_tags,
+            vec!["SOX".to_string()]
+        );
     }
 
     #[test]
