@@ -89,6 +89,8 @@ pub struct Node {
     pub store: TaskStore,
     /// The hash-chained decision log.
     pub log: DecisionLog,
+    /// Heads of peers' decision logs heard from the peers themselves.
+    pub witnesses: crate::audit::anchor::Witnesses,
     /// Prometheus metrics.
     pub metrics: crate::metrics::Metrics,
     /// Registered agents.
@@ -206,6 +208,10 @@ impl Node {
             draining: self.draining(),
             sent_unix_ms: now_ms(),
             takeovers: self.replication.takeover.notices(),
+            log_head: Some({
+                let (seq, hash) = self.log.last();
+                api::LogHead { seq, hash }
+            }),
         }
     }
 
@@ -338,6 +344,8 @@ pub async fn open(settings: Settings) -> anyhow::Result<Arc<Node>> {
         .with_context(|| format!("opening task store in {}", settings.data_dir.display()))?;
     let log = DecisionLog::open(&settings.data_dir, &settings.region)
         .with_context(|| format!("opening decision log in {}", settings.data_dir.display()))?;
+    check_own_log(&store, &log)?;
+    let witnesses = crate::audit::anchor::Witnesses::open(&settings.data_dir);
     let membership = Membership::new(&settings.region, &settings.policy, settings.timers.clone());
     let replication = crate::replication::Replication::open(
         &settings.region,
@@ -394,6 +402,7 @@ pub async fn open(settings: Settings) -> anyhow::Result<Arc<Node>> {
         membership,
         store,
         log,
+        witnesses,
         metrics,
         agents: AgentRegistry::default(),
         channels: Channels::new(settings.timers.forward_timeout),
@@ -490,6 +499,8 @@ pub async fn serve(
     let _ = replicator.await;
     node.store.flush().await.context("flushing task store")?;
     node.log.flush().await.context("flushing decision log")?;
+    let mut recorded = None;
+    persist_anchors(&node, &mut recorded).await;
     tracing::info!(region = %node.region, "controller stopped");
     served.context("gRPC server failed")
 }
@@ -535,6 +546,7 @@ async fn advertise_loop(node: Arc<Node>, mut stop: tokio::sync::watch::Receiver<
         .max(Duration::from_millis(50));
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut recorded = node.store.log_head().ok().flatten();
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
@@ -544,6 +556,7 @@ async fn advertise_loop(node: Arc<Node>, mut stop: tokio::sync::watch::Receiver<
             return;
         }
         node.membership.tick(Instant::now());
+        persist_anchors(&node, &mut recorded).await;
         let request = api::AdvertiseRequest {
             origin: Some(node.advertisement(true)),
             known: node.membership.known(),
@@ -559,21 +572,12 @@ async fn advertise_loop(node: Arc<Node>, mut stop: tokio::sync::watch::Receiver<
                 match tokio::time::timeout(deadline, call).await {
                     Ok(Ok(resp)) => {
                         let resp = resp.into_inner();
-                        let now = Instant::now();
-                        if let Some(origin) = &resp.origin {
-                            if origin.region != region {
-                                tracing::warn!(%region, claimed = %origin.region, "peer answered as another region; ignored");
-                                return;
-                            }
-                            node.membership.observe(origin, now);
-                            crate::replication::takeover::on_advertisement(&node, origin).await;
+                        let Some(origin) = &resp.origin else { return };
+                        if origin.region != region {
+                            tracing::warn!(%region, claimed = %origin.region, "peer answered as another region; ignored");
+                            return;
                         }
-                        for ad in &resp.known {
-                            node.membership.observe(ad, now);
-                            if !ad.takeovers.is_empty() {
-                                crate::replication::takeover::on_advertisement(&node, ad).await;
-                            }
-                        }
+                        merge_gossip(&node, origin, &resp.known, Instant::now()).await;
                     }
                     Ok(Err(status)) => {
                         tracing::debug!(%region, code = ?status.code(), "advertise failed");
@@ -583,6 +587,100 @@ async fn advertise_loop(node: Arc<Node>, mut stop: tokio::sync::watch::Receiver<
             });
         }
     }
+}
+
+/// Takes in what a peer sent, both ways of the Advertise exchange: its own
+/// advertisement `origin` (already checked to come from that region) and the
+/// advertisements it relays (`known`). Membership sees all of them; the
+/// origin's decision-log head is witnessed (relayed heads are not: a relay
+/// cannot vouch for another region's log); takeover notices are applied.
+pub async fn merge_gossip(
+    node: &Node,
+    origin: &api::RegionAdvertisement,
+    known: &[api::RegionAdvertisement],
+    now: Instant,
+) {
+    node.membership.observe(origin, now);
+    if let Some(head) = &origin.log_head {
+        let head = crate::audit::anchor::LogHead {
+            seq: head.seq,
+            hash: head.hash.clone(),
+        };
+        let seen = node
+            .witnesses
+            .observe(&origin.region, origin.epoch, &head, now_ms());
+        if matches!(
+            seen,
+            crate::audit::anchor::Observation::Regressed { .. }
+                | crate::audit::anchor::Observation::Forked { .. }
+        ) {
+            node.metrics.log_head_anomaly(&origin.region);
+        }
+    }
+    crate::replication::takeover::on_advertisement(node, origin).await;
+    for ad in known {
+        node.membership.observe(ad, now);
+        if !ad.takeovers.is_empty() {
+            crate::replication::takeover::on_advertisement(node, ad).await;
+        }
+    }
+}
+
+/// Keeps the log's anchors on disk, once per heartbeat and only when they
+/// changed: our own head in the task store, and the heads witnessed of peers.
+async fn persist_anchors(node: &Arc<Node>, recorded: &mut Option<(u64, String)>) {
+    let head = node.log.last();
+    let store = (recorded.as_ref() != Some(&head)).then(|| node.store.clone());
+    let node2 = node.clone();
+    let head2 = head.clone();
+    let done = tokio::task::spawn_blocking(move || {
+        let own = store.map(|s| s.record_log_head(head2.0, &head2.1));
+        let witnesses = node2.witnesses.flush();
+        (own, witnesses)
+    })
+    .await;
+    match done {
+        Ok((own, witnesses)) => {
+            match own {
+                Some(Ok(())) => *recorded = Some(head),
+                Some(Err(e)) => {
+                    tracing::error!(error = %e, "recording the decision log head in the task store failed")
+                }
+                None => {}
+            }
+            if let Err(e) = witnesses {
+                tracing::error!(error = %e, "writing witnessed log heads failed");
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "persisting log anchors panicked"),
+    }
+}
+
+/// Refuses a decision log that lacks the head its task store recorded: its
+/// end was cut, or it was emptied or replaced, while the controller was
+/// stopped.
+fn check_own_log(store: &TaskStore, log: &DecisionLog) -> anyhow::Result<()> {
+    let Some((seq, hash)) = store.log_head().with_context(|| {
+        format!(
+            "reading the log head recorded in {}",
+            store.path().display()
+        )
+    })?
+    else {
+        return Ok(());
+    };
+    let head = crate::audit::anchor::LogHead { seq, hash };
+    let check = crate::audit::anchor::check_file(log.path(), &head)?;
+    if check != crate::audit::anchor::HeadCheck::Holds {
+        anyhow::bail!(
+            "decision log {} {}; refusing to start. Restore the log from a backup (or a peer's \
+             copy of its records), then check it with `federation audit verify {} --witness <peer>`",
+            log.path().display(),
+            check.describe(&head, &format!("the task store {}", store.path().display())),
+            log.path().parent().unwrap_or(Path::new(".")).display(),
+        );
+    }
+    Ok(())
 }
 
 /// Reports `grpc.health.v1` SERVING once the controller can do its job: the

@@ -111,7 +111,7 @@ impl Collector for ReplicationCounters {
         }
         let mut family = encoder.encode_descriptor(
             "snapshots_rejected",
-            "Snapshots refused, by reason (auth: wrong key or altered; unknown_key; truncated; out_of_order; replay: not newer than the last accepted; not_permitted; residency; limit; malformed)",
+            "Snapshots refused, by reason (auth: wrong key or altered; unknown_key; truncated; out_of_order; replay: not newer than the last accepted; not_permitted; residency; limit; malformed; and for the stored copy, found at start or when read: stored_unreadable, stored_wrong_source: the file holds another region's snapshot, stored_missing: gone although one was accepted)",
             None,
             MetricType::Counter,
         )?;
@@ -140,6 +140,7 @@ pub struct Metrics {
     snapshot_bytes: Family<RegionLabels, Gauge>,
     snapshot_compression_ratio: Family<RegionLabels, Gauge<f64, AtomicU64>>,
     snapshot_age_seconds: Family<RegionLabels, Gauge<f64, AtomicU64>>,
+    log_head_anomalies: Family<RegionLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -166,6 +167,7 @@ impl Metrics {
             snapshot_bytes: Family::default(),
             snapshot_compression_ratio: Family::default(),
             snapshot_age_seconds: Family::default(),
+            log_head_anomalies: Family::default(),
         };
         {
             let mut r = m.lock();
@@ -224,6 +226,11 @@ impl Metrics {
                 "Age of the newest snapshot held, by source region (since the source took it, by its clock)",
                 m.snapshot_age_seconds.clone(),
             );
+            r.register(
+                "log_head_anomalies",
+                "Advertisements whose decision-log head went back or changed from what this controller witnessed, by region",
+                m.log_head_anomalies.clone(),
+            );
         }
         m
     }
@@ -267,6 +274,16 @@ impl Metrics {
                 region: region.to_string(),
             })
             .observe(seconds);
+    }
+
+    /// Counts an advertised log head of `region` that contradicts the
+    /// witnessed one.
+    pub fn log_head_anomaly(&self, region: &str) {
+        self.log_head_anomalies
+            .get_or_create(&RegionLabels {
+                region: region.to_string(),
+            })
+            .inc();
     }
 
     /// Counts expired leases.

@@ -77,6 +77,7 @@
 //! [`DecisionLog::open`] truncates it and logs a warning. Any other damage
 //! makes `open` refuse, naming the line.
 
+pub mod anchor;
 #[cfg(test)]
 mod tests;
 

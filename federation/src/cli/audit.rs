@@ -9,16 +9,35 @@ use anyhow::Context;
 use serde_json::Value;
 
 use super::OutputFormat;
+use crate::audit::anchor::{self, HeadCheck, LogHead};
 use crate::audit::{self, AuditError, Filter, Record};
 
 /// Audit subcommands.
 #[derive(Debug, clap::Subcommand)]
 pub enum AuditCommand {
-    /// Check the hash chain; names the first broken record. Exit 0 when
-    /// intact, 1 when broken, 2 when the log cannot be read.
+    /// Check the hash chain (names the first broken record) and the log's
+    /// anchors: the head recorded in the data directory's task store and,
+    /// with `--witness`, the heads peers heard the region advertise; a log
+    /// shorter than or different from an anchor (deleted tail records, an
+    /// emptied or replaced file) fails. Exit 0 when intact, 1 when broken or
+    /// contradicted by an anchor, 2 when the log or a witness cannot be read.
     Verify {
         /// The controller's data directory (or the log file).
         dir: PathBuf,
+        /// A peer's witness of this region's log head: the peer's data
+        /// directory (its `witnesses.json`), that file itself, or a running
+        /// controller's address (asked over gRPC with the FEDERATION_CA /
+        /// FEDERATION_CERT / FEDERATION_KEY / FEDERATION_TOKEN credentials;
+        /// an auditor or operator identity). Repeatable.
+        #[arg(long = "witness", value_name = "DIR|FILE|ADDR")]
+        witnesses: Vec<String>,
+        /// The log's region, for matching witnesses when the log itself is
+        /// empty (otherwise read from its records).
+        #[arg(long)]
+        region: Option<String>,
+        /// Ask witness controllers in plaintext (development only).
+        #[arg(long)]
+        insecure: bool,
         /// Output format.
         #[arg(long, value_enum, default_value_t)]
         format: OutputFormat,
@@ -141,7 +160,13 @@ pub fn decisions(args: DecisionsArgs) -> ExitCode {
 /// Runs an audit subcommand.
 pub fn run(cmd: AuditCommand) -> ExitCode {
     match cmd {
-        AuditCommand::Verify { dir, format } => verify(&dir, format),
+        AuditCommand::Verify {
+            dir,
+            witnesses,
+            region,
+            insecure,
+            format,
+        } => verify(&dir, &witnesses, region, insecure, format),
         AuditCommand::Show {
             dir,
             task,
@@ -161,19 +186,180 @@ pub fn run(cmd: AuditCommand) -> ExitCode {
     }
 }
 
-fn verify(dir: &Path, format: OutputFormat) -> ExitCode {
+/// One anchor the log was checked against.
+#[derive(Debug, serde::Serialize)]
+struct AnchorResult {
+    /// Where the head came from.
+    source: String,
+    /// The anchored head, when one was found.
+    seq: Option<u64>,
+    hash: Option<String>,
+    /// `holds`, `shorter`, `different`, or `unchecked` (see `detail`).
+    result: &'static str,
+    detail: String,
+}
+
+impl AnchorResult {
+    fn checked(source: String, bytes: &[u8], head: &LogHead) -> Self {
+        let check = anchor::check_bytes(bytes, head);
+        Self {
+            result: match check {
+                HeadCheck::Holds => "holds",
+                HeadCheck::Shorter { .. } => "shorter",
+                HeadCheck::Different { .. } => "different",
+            },
+            detail: format!("the log {}", check.describe(head, &source)),
+            source,
+            seq: Some(head.seq),
+            hash: Some(head.hash.clone()),
+        }
+    }
+
+    fn unchecked(source: String, detail: String) -> Self {
+        Self {
+            source,
+            seq: None,
+            hash: None,
+            result: "unchecked",
+            detail,
+        }
+    }
+
+    fn contradicts(&self) -> bool {
+        matches!(self.result, "shorter" | "different")
+    }
+}
+
+#[derive(Debug, serde::Serialize)]
+struct VerifyOutput<'a> {
+    #[serde(flatten)]
+    report: &'a audit::VerifyReport,
+    region: Option<String>,
+    anchors: Vec<AnchorResult>,
+}
+
+/// The region whose log `bytes` is, from its first whole record.
+fn region_of(bytes: &[u8]) -> Option<String> {
+    let line = bytes.split(|b| *b == b'\n').next()?;
+    serde_json::from_slice::<Record>(line)
+        .ok()
+        .map(|r| r.region)
+}
+
+/// The head `region` had as the witness `spec` saw it.
+fn witnessed_head(spec: &str, region: &str, insecure: bool) -> anyhow::Result<Option<LogHead>> {
+    let path = Path::new(spec);
+    if path.exists() {
+        let regions = if path.is_dir() {
+            anchor::read_witnesses(path)?
+        } else {
+            anchor::parse_witnesses(
+                path,
+                &std::fs::read(path).with_context(|| format!("reading {spec}"))?,
+            )?
+        };
+        return Ok(regions.get(region).map(anchor::Witnessed::head));
+    }
+    let env = |k: &str| std::env::var_os(k).map(PathBuf::from);
+    let connect = super::client::Connect {
+        controller: spec.to_string(),
+        timeout: std::time::Duration::from_secs(10),
+        ca: env("FEDERATION_CA"),
+        cert: env("FEDERATION_CERT"),
+        key: env("FEDERATION_KEY"),
+        token: std::env::var("FEDERATION_TOKEN").ok(),
+        insecure,
+    };
+    let rt = super::client::runtime()?;
+    rt.block_on(async {
+        let channel = super::client::channel(&connect)
+            .await
+            .with_context(|| format!("witness {spec}: not a file or directory, and no controller answers there"))?;
+        let mut admin =
+            federation_api::federation_admin_client::FederationAdminClient::new(channel);
+        let status = admin
+            .federation_status(federation_api::FederationStatusRequest {})
+            .await
+            .map_err(|s| anyhow::anyhow!("witness {spec}: {} ({:?})", s.message(), s.code()))?
+            .into_inner();
+        if status.self_region == region {
+            anyhow::bail!("witness {spec} is {region}'s own controller, not a peer: it cannot witness its own log");
+        }
+        Ok(status
+            .regions
+            .into_iter()
+            .find(|r| r.region == region)
+            .and_then(|r| r.log_head)
+            .map(|h| LogHead {
+                seq: h.seq,
+                hash: h.hash,
+            }))
+    })
+}
+
+fn verify(
+    dir: &Path,
+    witnesses: &[String],
+    region: Option<String>,
+    insecure: bool,
+    format: OutputFormat,
+) -> ExitCode {
     let path = audit::log_path(dir);
-    let report = match audit::verify(&path)
+    let bytes = match std::fs::read(&path)
         .with_context(|| format!("cannot read the decision log {}", path.display()))
     {
-        Ok(r) => r,
+        Ok(b) => b,
         Err(e) => return super::fail(&e, 2),
     };
+    let report = audit::verify_bytes(&bytes);
+    let region = region.or_else(|| region_of(&bytes));
+    let mut anchors = Vec::new();
+    if dir.is_dir() {
+        let store = dir.join("tasks.redb");
+        match crate::tasks::read_log_head(dir) {
+            Ok(Some((seq, hash))) => anchors.push(AnchorResult::checked(
+                format!("the task store {}", store.display()),
+                &bytes,
+                &LogHead { seq, hash },
+            )),
+            Ok(None) => anchors.push(AnchorResult::unchecked(
+                format!("the task store {}", store.display()),
+                "no head recorded there (no store, or written by a version without anchors)".into(),
+            )),
+            Err(e) => anchors.push(AnchorResult::unchecked(
+                format!("the task store {}", store.display()),
+                format!("not read: {e} (a running controller holds it; use --witness)"),
+            )),
+        }
+    }
+    for spec in witnesses {
+        let source = format!("witness {spec}");
+        let Some(region) = region.as_deref() else {
+            let e = anyhow::anyhow!(
+                "the log has no records to tell its region: name it with --region to check it against witnesses"
+            );
+            return super::fail(&e, 2);
+        };
+        match witnessed_head(spec, region, insecure) {
+            Ok(Some(head)) => anchors.push(AnchorResult::checked(source, &bytes, &head)),
+            Ok(None) => anchors.push(AnchorResult::unchecked(
+                source,
+                format!("it holds no head of {region}"),
+            )),
+            Err(e) => return super::fail(&e, 2),
+        }
+    }
     if format == OutputFormat::Json {
-        match serde_json::to_string(&report) {
+        let out = VerifyOutput {
+            report: &report,
+            region: region.clone(),
+            anchors,
+        };
+        match serde_json::to_string(&out) {
             Ok(s) => println!("{s}"),
             Err(e) => return super::fail(&e.into(), 2),
         }
+        return verdict(&report, out.anchors.iter().any(AnchorResult::contradicts));
     }
     if let Some(line) = report.torn_tail_line {
         eprintln!(
@@ -182,25 +368,31 @@ fn verify(dir: &Path, format: OutputFormat) -> ExitCode {
         );
     }
     match &report.first_broken {
-        None => {
-            if format == OutputFormat::Text {
-                println!(
-                    "ok: {} records, chain intact, last hash {}",
-                    report.records, report.last_hash
-                );
-            }
-            ExitCode::SUCCESS
-        }
+        None => println!(
+            "ok: {} records, chain intact, last hash {}",
+            report.records, report.last_hash
+        ),
         Some(b) => {
             let seq = b.seq.map_or_else(|| "?".to_string(), |s| s.to_string());
-            let msg = format!("broken at line {} (seq {seq}): {}", b.line, b.reason);
-            if format == OutputFormat::Text {
-                println!("{msg}");
-            } else {
-                eprintln!("{msg}");
-            }
-            ExitCode::from(1)
+            println!("broken at line {} (seq {seq}): {}", b.line, b.reason);
         }
+    }
+    for a in &anchors {
+        let mark = match a.result {
+            "holds" => "ok",
+            "unchecked" => "note",
+            _ => "CONTRADICTED",
+        };
+        println!("{mark}: {}: {}", a.source, a.detail);
+    }
+    verdict(&report, anchors.iter().any(AnchorResult::contradicts))
+}
+
+fn verdict(report: &audit::VerifyReport, contradicted: bool) -> ExitCode {
+    if report.first_broken.is_some() || contradicted {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
     }
 }
 

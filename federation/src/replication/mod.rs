@@ -76,14 +76,15 @@ impl Replication {
             tracing::warn!(%region, "data_synchronization is enabled but no key ring is configured; snapshots are neither sent nor accepted");
         }
         let takeover = takeover::TakeoverState::open(region, data_dir, policy, store, fence_for);
+        let receiver = Receiver::open(region, data_dir, ring.clone(), limits);
         Self {
             enabled,
-            receiver: Receiver::open(region, data_dir, ring.clone(), limits),
+            stats: receiver.shared_stats(),
+            receiver,
             sync,
             ring,
             nonces: NonceSource::new(),
             sequence: AtomicU64::new(0),
-            stats: Arc::new(Stats::default()),
             takeover,
             recent: Mutex::new(VecDeque::new()),
             last_summary: Mutex::new(BTreeMap::new()),
@@ -352,7 +353,12 @@ pub async fn run(node: Arc<Node>, mut stop: tokio::sync::watch::Receiver<bool>) 
     loop {
         tokio::select! {
             _ = sync_tick.tick() => sync_once(&node).await,
-            _ = check_tick.tick() => takeover::check(&node).await,
+            _ = check_tick.tick() => {
+                let n = node.clone();
+                // A stat per stored file; a changed file is decrypted again.
+                let _ = tokio::task::spawn_blocking(move || n.replication.receiver.check_stored()).await;
+                takeover::check(&node).await;
+            }
             change = changes.recv() => {
                 if let Ok(task) = change {
                     if crate::tasks::is_terminal(task.state()) && task.taken_over.is_none() {

@@ -57,6 +57,12 @@ pub struct Stats {
     pub rejected_limit: AtomicU64,
     /// Rejected: malformed (no header, bad nonce, decompression, decode).
     pub rejected_malformed: AtomicU64,
+    /// A stored snapshot that does not decrypt or decode.
+    pub stored_unreadable: AtomicU64,
+    /// A stored snapshot file that holds another region's snapshot.
+    pub stored_wrong_source: AtomicU64,
+    /// A stored snapshot gone although one was accepted before.
+    pub stored_missing: AtomicU64,
     /// Takeovers performed.
     pub takeovers: AtomicU64,
     /// Tasks queued by takeovers.
@@ -95,6 +101,12 @@ pub struct StatsSnapshot {
     /// See [`Stats`].
     pub rejected_malformed: u64,
     /// See [`Stats`].
+    pub stored_unreadable: u64,
+    /// See [`Stats`].
+    pub stored_wrong_source: u64,
+    /// See [`Stats`].
+    pub stored_missing: u64,
+    /// See [`Stats`].
     pub takeovers: u64,
     /// See [`Stats`].
     pub tasks_taken_over: u64,
@@ -103,7 +115,7 @@ pub struct StatsSnapshot {
 }
 
 /// The `reason` label of each rejection counter, in [`Stats`] order.
-pub const REJECTION_REASONS: [&str; 9] = [
+pub const REJECTION_REASONS: [&str; 12] = [
     "auth",
     "unknown_key",
     "truncated",
@@ -113,11 +125,14 @@ pub const REJECTION_REASONS: [&str; 9] = [
     "residency",
     "limit",
     "malformed",
+    "stored_unreadable",
+    "stored_wrong_source",
+    "stored_missing",
 ];
 
 impl Stats {
     /// Each rejection counter with its reason label ([`REJECTION_REASONS`]).
-    pub fn rejections(&self) -> [(&'static str, u64); 9] {
+    pub fn rejections(&self) -> [(&'static str, u64); 12] {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let counts = [
             g(&self.rejected_auth),
@@ -129,6 +144,9 @@ impl Stats {
             g(&self.rejected_residency),
             g(&self.rejected_limit),
             g(&self.rejected_malformed),
+            g(&self.stored_unreadable),
+            g(&self.stored_wrong_source),
+            g(&self.stored_missing),
         ];
         std::array::from_fn(|i| (REJECTION_REASONS[i], counts[i]))
     }
@@ -155,6 +173,9 @@ impl Stats {
             rejected_residency: g(&self.rejected_residency),
             rejected_limit: g(&self.rejected_limit),
             rejected_malformed: g(&self.rejected_malformed),
+            stored_unreadable: g(&self.stored_unreadable),
+            stored_wrong_source: g(&self.stored_wrong_source),
+            stored_missing: g(&self.stored_missing),
             takeovers: g(&self.takeovers),
             tasks_taken_over: g(&self.tasks_taken_over),
             fenced_tasks: g(&self.fenced_tasks),
@@ -205,13 +226,27 @@ pub struct Accepted {
     pub tasks: usize,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct Latest {
     epoch: u64,
     sequence: u64,
     /// When the source took it (its clock), ms since the Unix epoch.
     taken_unix_ms: i64,
 }
+
+/// What is wrong with the stored snapshot of one source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Problem {
+    /// `unreadable`, `wrong_source` or `missing`.
+    reason: &'static str,
+    detail: String,
+}
+
+/// The manifest of accepted snapshots, `<data_dir>/snapshots/accepted.json`:
+/// what was accepted from each source, kept apart from the snapshot files so
+/// that a deleted or replaced file is evident and replay protection survives
+/// it.
+const MANIFEST: &str = "accepted.json";
 
 /// Receives, verifies and stores snapshots for one region.
 #[derive(Debug)]
@@ -221,6 +256,21 @@ pub struct Receiver {
     ring: Option<KeyRing>,
     limits: Limits,
     latest: Mutex<BTreeMap<String, Latest>>,
+    /// Per source: what is wrong with its stored file (reported once).
+    problems: Mutex<BTreeMap<String, Problem>>,
+    /// Per source: (length, modification time) of the file as we wrote or
+    /// last read it, to notice a file changed behind our back cheaply.
+    files: Mutex<BTreeMap<String, (u64, Option<std::time::SystemTime>)>>,
+    stats: std::sync::Arc<Stats>,
+}
+
+fn file_stamp(path: &Path) -> Option<(u64, Option<std::time::SystemTime>)> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.len(), m.modified().ok()))
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The stored snapshot file of `source` in `data_dir`.
@@ -279,37 +329,131 @@ pub fn open_file(
 
 impl Receiver {
     /// A receiver for `region` storing under `data_dir`; learns the last
-    /// accepted (epoch, sequence) per source from the stored files.
+    /// accepted (epoch, sequence) per source from the manifest and the stored
+    /// files, and reports (log line, counter, [`Receiver::problem`]) every
+    /// stored file that is unreadable, holds another region's snapshot, or is
+    /// missing although the manifest says one was accepted.
     pub fn open(region: &str, data_dir: &Path, ring: Option<KeyRing>, limits: Limits) -> Self {
         let dir = data_dir.join("snapshots");
-        let mut latest = BTreeMap::new();
-        if let (Some(ring), Ok(entries)) = (&ring, std::fs::read_dir(&dir)) {
+        let manifest = read_manifest(&dir);
+        let rx = Self {
+            region: region.to_string(),
+            dir,
+            ring,
+            limits,
+            latest: Mutex::new(BTreeMap::new()),
+            problems: Mutex::new(BTreeMap::new()),
+            files: Mutex::new(BTreeMap::new()),
+            stats: std::sync::Arc::new(Stats::default()),
+        };
+        let mut latest = manifest.clone();
+        if let (Some(ring), Ok(entries)) = (&rx.ring, std::fs::read_dir(&rx.dir)) {
             for entry in entries.flatten() {
                 let path = entry.path();
                 if path.extension().and_then(|e| e.to_str()) != Some("snap") {
                     continue;
                 }
+                let Some(name) = path.file_stem().and_then(|s| s.to_str()) else {
+                    continue;
+                };
                 match open_file(&path, ring) {
+                    Ok((h, _)) if h.source_region != name => rx.report(
+                        name,
+                        "wrong_source",
+                        format!(
+                            "{} holds a snapshot of `{}`, not of {name}; ignored",
+                            path.display(),
+                            wire::truncate(&h.source_region, 64)
+                        ),
+                    ),
                     Ok((h, body)) => {
-                        latest.insert(
-                            h.source_region.clone(),
-                            Latest {
-                                epoch: h.epoch,
-                                sequence: h.sequence,
-                                taken_unix_ms: body.taken_unix_ms,
-                            },
-                        );
+                        lock(&rx.files)
+                            .insert(name.to_string(), file_stamp(&path).unwrap_or_default());
+                        let file = Latest {
+                            epoch: h.epoch,
+                            sequence: h.sequence,
+                            taken_unix_ms: body.taken_unix_ms,
+                        };
+                        let held = latest.entry(name.to_string()).or_insert(file);
+                        if (file.epoch, file.sequence) > (held.epoch, held.sequence) {
+                            *held = file;
+                        }
                     }
-                    Err(e) => tracing::warn!(error = %e, "stored snapshot unreadable; ignored"),
+                    Err(e) => rx.report(name, "unreadable", e),
                 }
             }
         }
-        Self {
-            region: region.to_string(),
-            dir,
-            ring,
-            limits,
-            latest: Mutex::new(latest),
+        for (source, accepted) in &manifest {
+            if !snapshot_path(data_dir, source).exists() {
+                rx.report(
+                    source,
+                    "missing",
+                    format!(
+                        "{}: gone, although epoch {} sequence {} was accepted",
+                        snapshot_path(data_dir, source).display(),
+                        accepted.epoch,
+                        accepted.sequence
+                    ),
+                );
+            }
+        }
+        *lock(&rx.latest) = latest;
+        rx
+    }
+
+    /// The receiver's counters, shared with the metrics collector.
+    pub fn shared_stats(&self) -> std::sync::Arc<Stats> {
+        self.stats.clone()
+    }
+
+    /// Records what is wrong with `source`'s stored file: logged and counted
+    /// once per (source, reason) until a new snapshot of it is accepted.
+    fn report(&self, source: &str, reason: &'static str, detail: String) {
+        let mut problems = lock(&self.problems);
+        if problems.get(source).is_some_and(|p| p.reason == reason) {
+            return;
+        }
+        let counter = match reason {
+            "wrong_source" => &self.stats.stored_wrong_source,
+            "missing" => &self.stats.stored_missing,
+            _ => &self.stats.stored_unreadable,
+        };
+        Stats::bump(counter);
+        tracing::error!(%source, reason, detail = %detail, "stored snapshot anomaly; takeover of this source has no usable copy until a new snapshot arrives");
+        problems.insert(source.to_string(), Problem { reason, detail });
+    }
+
+    /// What is wrong with the stored snapshot of `source`, as one line for
+    /// operators (`reason: detail`); `None` when nothing is.
+    pub fn problem(&self, source: &str) -> Option<String> {
+        lock(&self.problems)
+            .get(source)
+            .map(|p| format!("{}: {}", p.reason, p.detail))
+    }
+
+    /// Looks at every stored file cheaply (a stat each): one that vanished is
+    /// reported missing, one changed behind our back is opened again and
+    /// reported if it no longer holds its source's snapshot. For the
+    /// replication loop, once per heartbeat.
+    pub fn check_stored(&self) {
+        let sources: Vec<String> = lock(&self.latest).keys().cloned().collect();
+        for source in sources {
+            let path = self.dir.join(format!("{source}.snap"));
+            let Some(stamp) = file_stamp(&path) else {
+                self.report(
+                    &source,
+                    "missing",
+                    format!("{}: gone, although a snapshot was accepted", path.display()),
+                );
+                continue;
+            };
+            if lock(&self.files).get(&source) == Some(&stamp) {
+                continue;
+            }
+            // Changed (or never read): open it once; `stored` reports.
+            if self.stored(&source).is_some() {
+                lock(&self.files).insert(source, stamp);
+            }
         }
     }
 
@@ -338,17 +482,38 @@ impl Receiver {
             .collect()
     }
 
-    /// The newest stored snapshot of `source`, decrypted.
+    /// The newest stored snapshot of `source`, decrypted. `None` (and the
+    /// anomaly reported, see [`Receiver::problem`]) when the file is gone
+    /// although one was accepted, unreadable, or holds another region's.
     pub fn stored(&self, source: &str) -> Option<(api::SnapshotHeader, SnapshotBody)> {
         let ring = self.ring.as_ref()?;
         let path = self.dir.join(format!("{source}.snap"));
         if !path.exists() {
+            if lock(&self.latest).contains_key(source) {
+                self.report(
+                    source,
+                    "missing",
+                    format!("{}: gone, although a snapshot was accepted", path.display()),
+                );
+            }
             return None;
         }
         match open_file(&path, ring) {
+            Ok((h, _)) if h.source_region != source => {
+                self.report(
+                    source,
+                    "wrong_source",
+                    format!(
+                        "{} holds a snapshot of `{}`, not of {source}; ignored",
+                        path.display(),
+                        wire::truncate(&h.source_region, 64)
+                    ),
+                );
+                None
+            }
             Ok(v) => Some(v),
             Err(e) => {
-                tracing::error!(%source, error = %e, "stored snapshot unreadable");
+                self.report(source, "unreadable", e);
                 None
             }
         }
@@ -470,18 +635,56 @@ impl Receiver {
         write_file(&path, chunks)
             .map_err(|e| Rejection::Storage(format!("{}: {e}", path.display())))?;
         latest.insert(
-            source,
+            source.clone(),
             Latest {
                 epoch: header.epoch,
                 sequence: header.sequence,
                 taken_unix_ms: body.taken_unix_ms,
             },
         );
+        write_manifest(&self.dir, &latest).map_err(|e| {
+            Rejection::Storage(format!("{}: {e}", self.dir.join(MANIFEST).display()))
+        })?;
+        lock(&self.files).insert(source.clone(), file_stamp(&path).unwrap_or_default());
+        lock(&self.problems).remove(&source);
         Ok(Accepted {
             tasks: body.tasks.len(),
             header,
         })
     }
+}
+
+fn read_manifest(dir: &Path) -> BTreeMap<String, Latest> {
+    let path = dir.join(MANIFEST);
+    match std::fs::read(&path) {
+        Ok(bytes) => match serde_json::from_slice(&bytes) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::error!(path = %path.display(), line = e.line(), column = e.column(), error = %e, "snapshot manifest unreadable; missing snapshots cannot be told from never received ones");
+                BTreeMap::new()
+            }
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+        Err(e) => {
+            tracing::error!(path = %path.display(), error = %e, "snapshot manifest unreadable");
+            BTreeMap::new()
+        }
+    }
+}
+
+/// Writes the manifest atomically (temp file, fsync, rename, fsync of the
+/// directory).
+fn write_manifest(dir: &Path, latest: &BTreeMap<String, Latest>) -> std::io::Result<()> {
+    let path = dir.join(MANIFEST);
+    let tmp = dir.join(format!("{MANIFEST}.tmp"));
+    let bytes = serde_json::to_vec_pretty(latest).map_err(std::io::Error::other)?;
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, &path)?;
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// Reads a pushed stream into chunks, enforcing the limits as chunks arrive:

@@ -339,3 +339,82 @@ fn unsupported_encryption_is_a_load_time_error() {
         "{err}"
     );
 }
+
+#[test]
+fn every_stored_snapshot_anomaly_is_reported_once_counted_and_shown() {
+    let p = policy(&seed());
+    let (key, ring) = ring();
+    let tx = Sender::new(key);
+    let eu = tempfile::tempdir().expect("tempdir");
+    let na = tempfile::tempdir().expect("tempdir");
+    let limits = Limits::default();
+    let rx = Receiver::open("europe", eu.path(), Some(ring.clone()), limits);
+    let good = tx.seal("north_america", 5, 1, many_tasks(3));
+    rx.receive(&p, &good, &rx.shared_stats()).expect("accepted");
+    assert_eq!(rx.problem("north_america"), None);
+    let path = snapshot_path(eu.path(), "north_america");
+    let original = std::fs::read(&path).expect("stored");
+
+    // Deleted while running: the heartbeat check reports it once.
+    std::fs::remove_file(&path).expect("rm");
+    rx.check_stored();
+    rx.check_stored();
+    assert!(rx.stored("north_america").is_none());
+    let s = rx.shared_stats().snapshot();
+    assert_eq!(s.stored_missing, 1, "{s:?}");
+    assert!(
+        rx.problem("north_america")
+            .is_some_and(|p| p.starts_with("missing: ")),
+        "{:?}",
+        rx.problem("north_america")
+    );
+
+    // Deleted while stopped: found at open from the manifest, and replay
+    // protection survives the loss of the file.
+    let reopened = Receiver::open("europe", eu.path(), Some(ring.clone()), limits);
+    assert_eq!(reopened.shared_stats().snapshot().stored_missing, 1);
+    assert!(matches!(
+        reopened.receive(&p, &good, &reopened.shared_stats()),
+        Err(Rejection::Replay { .. })
+    ));
+
+    // Replaced by another region's snapshot (europe's, as north_america
+    // holds it): never taken for north_america's.
+    let na_rx = Receiver::open("north_america", na.path(), Some(ring.clone()), limits);
+    na_rx
+        .receive(
+            &p,
+            &tx.seal("europe", 7, 1, vec![task("europe", 1, "DE")]),
+            &na_rx.shared_stats(),
+        )
+        .expect("accepted");
+    std::fs::copy(snapshot_path(na.path(), "europe"), &path).expect("copy");
+    let reopened = Receiver::open("europe", eu.path(), Some(ring.clone()), limits);
+    assert!(reopened.stored("north_america").is_none());
+    let s = reopened.shared_stats().snapshot();
+    assert_eq!((s.stored_wrong_source, s.stored_missing), (1, 0), "{s:?}");
+    assert!(
+        reopened
+            .problem("north_america")
+            .is_some_and(|p| p.contains("holds a snapshot of `europe`")),
+        "{:?}",
+        reopened.problem("north_america")
+    );
+
+    // Unreadable (a flipped byte), found at open; counted in the same
+    // rejection family as refused pushes.
+    let mut flipped = original.clone();
+    let mid = flipped.len() / 2;
+    flipped[mid] ^= 0x55;
+    std::fs::write(&path, &flipped).expect("write");
+    let reopened = Receiver::open("europe", eu.path(), Some(ring.clone()), limits);
+    let stats = reopened.shared_stats();
+    assert_eq!(stats.snapshot().stored_unreadable, 1);
+    assert!(stats.rejections().contains(&("stored_unreadable", 1)));
+    // A good newer snapshot clears the problem.
+    reopened
+        .receive(&p, &tx.seal("north_america", 5, 2, many_tasks(1)), &stats)
+        .expect("newer");
+    assert_eq!(reopened.problem("north_america"), None);
+    assert!(reopened.stored("north_america").is_some());
+}

@@ -53,6 +53,14 @@ pub fn status(node: &Node) -> api::FederationStatusResponse {
                 draining: own.draining,
                 endpoint: own.endpoint.clone(),
                 phi: 0.0,
+                log_head: node
+                    .store
+                    .log_head()
+                    .ok()
+                    .flatten()
+                    .map(|(seq, hash)| api::LogHead { seq, hash }),
+                log_head_problem: String::new(),
+                snapshot_problem: String::new(),
             });
             continue;
         }
@@ -83,6 +91,16 @@ pub fn status(node: &Node) -> api::FederationStatusResponse {
             draining: ad.draining,
             endpoint: node.endpoint_of(&region.name).unwrap_or_default(),
             phi: if p.phi.is_finite() { p.phi } else { -1.0 },
+            log_head: node.witnesses.of(&region.name).map(|w| api::LogHead {
+                seq: w.seq,
+                hash: w.hash,
+            }),
+            log_head_problem: node.witnesses.problem(&region.name).unwrap_or_default(),
+            snapshot_problem: node
+                .replication
+                .receiver
+                .problem(&region.name)
+                .unwrap_or_default(),
         });
     }
     api::FederationStatusResponse {

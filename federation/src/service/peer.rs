@@ -111,14 +111,7 @@ impl api::federation_peer_server::FederationPeer for PeerService {
             )
             .into());
         }
-        self.node.membership.observe(&origin, now);
-        crate::replication::takeover::on_advertisement(&self.node, &origin).await;
-        for ad in &req.known {
-            self.node.membership.observe(ad, now);
-            if !ad.takeovers.is_empty() {
-                crate::replication::takeover::on_advertisement(&self.node, ad).await;
-            }
-        }
+        crate::controller::merge_gossip(&self.node, &origin, &req.known, now).await;
         Ok(Response::new(api::AdvertiseResponse {
             origin: Some(self.node.advertisement(false)),
             known: self.node.membership.known(),

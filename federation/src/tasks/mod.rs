@@ -72,7 +72,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-pub use store::{MAX_BATCH, MAX_LEASE_BATCH, StoreOptions, TaskStore};
+pub use store::{MAX_BATCH, MAX_LEASE_BATCH, StoreOptions, TaskStore, read_log_head};
 
 use federation_api::{Task, TaskState};
 

@@ -36,6 +36,10 @@ const LEGACY_IDEMPOTENCY: TableDefinition<&str, &str> = TableDefinition::new("id
 const QUEUE: TableDefinition<(i64, i64, &str), ()> = TableDefinition::new("queue");
 /// LEASED tasks by (deadline ms, id) → agent id.
 const LEASES: TableDefinition<(i64, &str), &str> = TableDefinition::new("leases");
+/// Small named values kept beside the tasks (the decision log's head).
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+/// [`META`] key of the decision log's head, `<seq> <hash>`.
+const META_LOG_HEAD: &str = "log_head";
 
 /// How a store is opened.
 #[derive(Debug, Clone)]
@@ -301,6 +305,24 @@ impl TaskStore {
             },
             record: answer.record,
         }
+    }
+
+    /// Records the decision log's head (its last durable record) in the
+    /// store, committed with fsync, as the log's anchor outside its own file
+    /// (see [`crate::audit::anchor`]). Blocking: call off the async workers.
+    pub fn record_log_head(&self, seq: u64, hash: &str) -> Result<(), StoreError> {
+        let txn = self.inner.db.begin_write().db()?;
+        {
+            let mut meta = txn.open_table(META).db()?;
+            meta.insert(META_LOG_HEAD, format!("{seq} {hash}").as_bytes())
+                .db()?;
+        }
+        txn.commit().db()
+    }
+
+    /// The decision log's head last recorded by [`TaskStore::record_log_head`].
+    pub fn log_head(&self) -> Result<Option<(u64, String)>, StoreError> {
+        log_head_in(&*self.inner.db)
     }
 
     /// Reads a task.
@@ -622,6 +644,65 @@ impl IdemIndex {
     fn abort(&mut self) {
         self.staged.clear();
     }
+}
+
+/// The decision log's head recorded in `db` (see [`TaskStore::log_head`]).
+fn log_head_in(db: &impl ReadableDatabase) -> Result<Option<(u64, String)>, StoreError> {
+    let txn = db.begin_read().db()?;
+    let meta = match txn.open_table(META) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+        Err(e) => return Err(StoreError::Db(e.to_string())),
+    };
+    let Some(v) = meta.get(META_LOG_HEAD).db()? else {
+        return Ok(None);
+    };
+    let text = String::from_utf8_lossy(v.value()).into_owned();
+    let parsed = text
+        .split_once(' ')
+        .and_then(|(seq, hash)| Some((seq.parse::<u64>().ok()?, hash.to_string())));
+    parsed
+        .map(Some)
+        .ok_or_else(|| StoreError::Db(format!("recorded log head is malformed: `{text}`")))
+}
+
+/// The decision log's head recorded in the store of `dir`, read without
+/// opening the store for writing (for `federation audit verify`). Fails when
+/// a running controller holds the store, or the file is damaged (a panic of
+/// the storage engine becomes an error).
+pub fn read_log_head(dir: &Path) -> Result<Option<(u64, String)>, StoreError> {
+    let path = dir.join("tasks.redb");
+    if !path.exists() {
+        return Ok(None);
+    }
+    let read = std::panic::catch_unwind(|| {
+        match redb::ReadOnlyDatabase::open(&path) {
+            Ok(db) => log_head_in(&db),
+            // Not closed cleanly (a crash, or a controller running): redb
+            // must repair it before reading, which a read-only open cannot.
+            // Repair a private copy instead; the original stays untouched.
+            Err(first) => {
+                let copy_dir = tempfile::tempdir()
+                    .map_err(|e| StoreError::Db(format!("temporary directory: {e}")))?;
+                let copy = copy_dir.path().join("tasks.redb");
+                std::fs::copy(&path, &copy)
+                    .map_err(|e| StoreError::Db(format!("copying {}: {e}", path.display())))?;
+                let db = Database::create(&copy).map_err(|e| {
+                    StoreError::Db(format!(
+                        "opening {}: {first}; a repaired copy failed too: {e}",
+                        path.display()
+                    ))
+                })?;
+                log_head_in(&db)
+            }
+        }
+    });
+    read.unwrap_or_else(|_| {
+        Err(StoreError::Db(format!(
+            "{}: the storage engine failed reading it (damaged file?)",
+            path.display()
+        )))
+    })
 }
 
 // ---------------------------------------------------------------------------
