@@ -1,9 +1,11 @@
-//! `--log-format json`: every line is a JSON object, and routing events carry
-//! the `task_id`, `region` and `rule` fields of their span.
+//! `--log-format json`: every line is a JSON object whose fields are values
+//! (no Rust debug text), routing events carry the `task_id`, `region` and
+//! `rule` fields of their span, stdout stays empty (only logs, on stderr),
+//! and a SIGTERM is announced once.
 
 mod support;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use federation::sandbox::{ChildGuard, free_port, string_attrs};
 use federation_api as api;
@@ -15,6 +17,7 @@ async fn json_logs_carry_routing_fields() {
     let config = dir.path().join("federation.yaml");
     std::fs::write(&config, SEED).expect("policy");
     let log = dir.path().join("europe.log");
+    let stdout = dir.path().join("europe.stdout");
     let addr = free_port().expect("port");
     let mut cmd = Command::new(federation_exe());
     cmd.args(["--log-format", "json", "serve", "--insecure", "--config"])
@@ -27,9 +30,10 @@ async fn json_logs_carry_routing_fields() {
             "--data-dir",
         ])
         .arg(dir.path().join("europe"))
+        .args(["--admin-listen", &free_port().expect("port").to_string()])
         .env("RUST_LOG", "info,federation=debug")
         .env("FEDERATION_KEYS", TEST_KEYS)
-        .stdout(Stdio::null())
+        .stdout(std::fs::File::create(&stdout).expect("stdout file"))
         .stderr(std::fs::File::create(&log).expect("log file"));
     let mut controller = ChildGuard::spawn("europe", &mut cmd).expect("starts");
     let mut client = eventually("europe listens", PATIENCE, || async move {
@@ -84,6 +88,46 @@ async fn json_logs_carry_routing_fields() {
         .find(|l| l["fields"]["message"] == "task rejected")
         .unwrap_or_else(|| panic!("no `task rejected` event in:\n{text}"));
     assert_eq!(rejected["span"]["rule"], "none", "{rejected}");
+    assert_eq!(
+        std::fs::read_to_string(&stdout).expect("stdout"),
+        "",
+        "nothing but logs, and those on stderr"
+    );
+    let serving = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "controller serving")
+        .unwrap_or_else(|| panic!("no `controller serving` event in:\n{text}"));
+    assert_eq!(serving["fields"]["addr"], addr.to_string(), "{serving}");
+    let listening = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "listening")
+        .unwrap_or_else(|| panic!("no `listening` event in:\n{text}"));
+    assert_eq!(listening["fields"]["addr"], addr.to_string(), "{listening}");
+    for l in &lines {
+        for (k, v) in l["fields"].as_object().into_iter().flatten() {
+            let v = v.as_str().unwrap_or_default();
+            assert!(
+                !(v.starts_with("Some(")
+                    || v.starts_with('{')
+                    || v.starts_with('[')
+                    || v.contains("\"")),
+                "field `{k}` holds Rust debug text: {l}"
+            );
+        }
+    }
+    let shutdown: Vec<_> = lines
+        .iter()
+        .filter(|l| {
+            l["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("shutting down"))
+        })
+        .collect();
+    assert_eq!(shutdown.len(), 1, "one shutdown line: {shutdown:?}");
+    assert!(
+        !text.contains('\u{1b}'),
+        "no ANSI colours when stderr is not a terminal"
+    );
     assert!(
         lines.iter().any(|l| l["level"] == "WARN"
             && l["fields"]["message"]

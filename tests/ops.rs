@@ -53,6 +53,78 @@ async fn metrics_and_status_page() {
             "missing `{needle}` in:\n{metrics}"
         );
     }
+    // Standard shapes: the plain scrape is the Prometheus text format and
+    // passes promtool; OpenMetrics when asked for it.
+    for needle in [
+        "# TYPE federation_decisions_total counter",
+        "federation_build_info{version=\"",
+        "# TYPE process_cpu_seconds_total counter",
+        "process_resident_memory_bytes ",
+        "process_open_fds ",
+        "federation_grpc_server_handled_total{service=\"federation.v1.FederationClient\",method=\"SubmitTask\",code=\"OK\"} 2",
+        "federation_grpc_server_handled_total{service=\"federation.v1.FederationClient\",method=\"SubmitTask\",code=\"FailedPrecondition\"} 1",
+        "federation_grpc_server_handling_seconds_count{service=\"federation.v1.FederationPeer\",method=\"Advertise\"}",
+        "federation_store_commit_seconds_count ",
+        "federation_decision_log_append_seconds_count ",
+        "federation_registered_agents 0",
+        "federation_certificate_expiry_timestamp_seconds ",
+    ] {
+        assert!(
+            metrics.contains(needle),
+            "missing `{needle}` in:\n{metrics}"
+        );
+    }
+    assert!(!metrics.contains("# EOF"), "{metrics}");
+    let promtool = std::path::Path::new("/usr/bin/promtool");
+    assert!(
+        promtool.exists(),
+        "promtool is installed (`.ci/run` installs Debian's prometheus package)"
+    );
+    let checked = {
+        use std::io::Write as _;
+        let mut child = Command::new(promtool)
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("promtool runs");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(metrics.as_bytes())
+            .expect("feed promtool");
+        child.wait_with_output().expect("promtool ends")
+    };
+    assert!(
+        checked.status.success() && checked.stdout.is_empty() && checked.stderr.is_empty(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    let (head, openmetrics) = tokio::task::spawn_blocking(move || {
+        http_get_with(
+            admin,
+            "/metrics",
+            &[(
+                "Accept",
+                "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5",
+            )],
+        )
+    })
+    .await
+    .expect("join");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: application/openmetrics-text"),
+        "{head}"
+    );
+    assert!(
+        openmetrics.contains("# TYPE federation_decisions counter")
+            && openmetrics.trim_end().ends_with("# EOF"),
+        "{openmetrics}"
+    );
 
     // The status page, as a browser renders it.
     let chromium = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]

@@ -33,14 +33,26 @@ pub async fn serve(
         .await
 }
 
-async fn metrics(State(node): State<Arc<Node>>) -> impl IntoResponse {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        node.metrics.render(&node),
-    )
+/// `/metrics`: OpenMetrics when the scraper asks for it (Prometheus does),
+/// else the Prometheus text format (`promtool`, `curl`).
+async fn metrics(
+    State(node): State<Arc<Node>>,
+    headers: axum::http::HeaderMap,
+) -> impl IntoResponse {
+    use crate::metrics::exposition;
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    let openmetrics = node.metrics.render(&node);
+    if exposition::wants_openmetrics(accept) {
+        (
+            [(header::CONTENT_TYPE, exposition::OPENMETRICS)],
+            openmetrics,
+        )
+    } else {
+        (
+            [(header::CONTENT_TYPE, exposition::PROMETHEUS_TEXT)],
+            exposition::to_prometheus_text(&openmetrics),
+        )
+    }
 }
 
 /// Escapes text for HTML.

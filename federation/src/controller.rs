@@ -380,7 +380,7 @@ pub async fn open(settings: Settings) -> anyhow::Result<Arc<Node>> {
             let client = federation_tls::ClientTls::from_files(&t.files, &t.federation)
                 .context("loading node.tls")?;
             membership.set_attestation(t.attest_tags);
-            tracing::info!(region = %settings.region, attest_tags = t.attest_tags, tags = ?server.identity.tags, "mutual tls on");
+            tracing::info!(region = %settings.region, attest_tags = t.attest_tags, tags = %crate::logfields::list(&server.identity.tags), "mutual tls on");
             Some(NodeTls { server, client })
         }
     };
@@ -395,6 +395,16 @@ pub async fn open(settings: Settings) -> anyhow::Result<Arc<Node>> {
     });
     let metrics = crate::metrics::Metrics::new();
     metrics.register_replication(replication.shared_stats());
+    let not_after = settings
+        .tls
+        .as_ref()
+        .and_then(|t| federation_tls::not_after_of_file(&t.files.cert).ok());
+    metrics.register_components(
+        &settings.region,
+        store.commit_seconds(),
+        log.append_seconds(),
+        not_after,
+    );
     Ok(Arc::new(Node {
         region: settings.region,
         epoch,
@@ -440,7 +450,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr().ok();
-    tracing::info!(region = %node.region, epoch = node.epoch, addr = ?addr, "controller serving");
+    tracing::info!(region = %node.region, epoch = node.epoch, addr = %crate::logfields::list(addr), "controller serving");
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let advertiser = tokio::spawn(advertise_loop(node.clone(), stop_rx.clone()));
@@ -488,7 +498,7 @@ pub async fn serve(
             let _ = stop_watch.wait_for(|s| *s).await;
             tokio::time::sleep(grace).await;
         } => {
-            tracing::warn!(grace = ?grace, "in-flight calls did not finish within the grace period");
+            tracing::warn!(grace = %humantime::format_duration(grace), "in-flight calls did not finish within the grace period");
             Ok(())
         }
     };
@@ -759,7 +769,7 @@ pub async fn discovery_loop(node: Arc<Node>, discoverer: crate::discovery::Disco
                     .write()
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
                 if *map != found {
-                    tracing::info!(peers = ?found, "dns srv discovery updated peers");
+                    tracing::info!(peers = %crate::logfields::list(found.iter().map(|(r, e)| format!("{r}={e}"))), "dns srv discovery updated peers");
                     *map = found;
                 }
             }
@@ -788,7 +798,7 @@ async fn reap_loop(node: Arc<Node>, mut stop: tokio::sync::watch::Receiver<bool>
             Ok(changed) => {
                 node.metrics.lease_expired(changed.len() as u64);
                 for t in changed {
-                    tracing::warn!(task_id = %t.task_id, attempts = t.attempts, state = ?t.state(), "lease expired");
+                    tracing::warn!(task_id = %t.task_id, attempts = t.attempts, state = t.state().as_str_name(), "lease expired");
                 }
             }
             Err(e) => tracing::error!(error = %e, "expiring leases failed"),

@@ -13,6 +13,7 @@ pub mod controller;
 pub mod discovery;
 pub mod error;
 pub mod group_commit;
+pub mod logfields;
 pub mod membership;
 pub mod metrics;
 pub mod policy;

@@ -72,7 +72,7 @@ impl Attestations {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if map.get(region) != Some(tags) {
-            tracing::info!(%region, tags = ?tags, "certificate attests tags");
+            tracing::info!(%region, tags = %crate::logfields::list(tags), "certificate attests tags");
             map.insert(region.to_string(), tags.clone());
         }
     }
@@ -251,7 +251,7 @@ impl Membership {
             .partition(|t| attested.contains(t));
         if dropped != peer.dropped {
             if !dropped.is_empty() {
-                tracing::warn!(region = %ad.region, dropped = ?dropped, attested = ?attested, "advertised tags not attested by the region's certificate; dropped");
+                tracing::warn!(region = %ad.region, dropped = %crate::logfields::list(&dropped), attested = %crate::logfields::list(&attested), "advertised tags not attested by the region's certificate; dropped");
             }
             peer.dropped = dropped;
         }

@@ -131,7 +131,7 @@ pub async fn submit(
     }
     log_decision(&decision, task_id.as_deref());
     node.metrics.decision(
-        decision.rule_index,
+        crate::metrics::rule_label(&policy, decision.rule_index),
         decision.outcome.kind(),
         decision.outcome.region(),
     );
@@ -176,7 +176,7 @@ fn log_decision(decision: &Decision, task_id: Option<&str>) {
     match &decision.outcome {
         Outcome::Rejected { .. } => tracing::info!(reason = %decision.reason, "task rejected"),
         Outcome::Failover { .. } => {
-            tracing::warn!(reason = %decision.reason, warnings = ?decision.warnings, "task failed over")
+            tracing::warn!(reason = %decision.reason, warnings = %decision.warnings.join("; "), "task failed over")
         }
         Outcome::Routed { .. } => tracing::debug!("task routed"),
     }

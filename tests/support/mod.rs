@@ -65,19 +65,33 @@ where
 
 /// A plain HTTP/1.1 GET on loopback (bounded by timeouts); returns the body.
 pub fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    http_get_with(addr, path, &[]).1
+}
+
+/// [`http_get`] with extra request headers; returns the response head and
+/// the body.
+pub fn http_get_with(
+    addr: std::net::SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (String, String) {
     use std::io::{Read, Write};
     let mut s =
         std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
+    let extra: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}Connection: close\r\n\r\n"
     )
     .expect("request");
     let mut raw = String::new();
     s.read_to_string(&mut raw).expect("response");
     let (head, body) = raw.split_once("\r\n\r\n").expect("http response");
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    body.to_string()
+    (head.to_string(), body.to_string())
 }

@@ -250,6 +250,15 @@ pub fn uris_of(der: &[u8]) -> Result<Vec<String>, IdentityError> {
     Ok(uris)
 }
 
+/// When a DER certificate stops being valid (`notAfter`), in seconds since
+/// the Unix epoch.
+pub fn not_after_of(der: &[u8]) -> Result<i64, IdentityError> {
+    use x509_parser::prelude::*;
+    let (_, cert) =
+        X509Certificate::from_der(der).map_err(|e| IdentityError::Unparsable(e.to_string()))?;
+    Ok(cert.validity().not_after.timestamp())
+}
+
 /// The identity of a DER certificate for federation `fed`.
 pub fn from_der(fed: &str, der: &[u8]) -> Result<Identity, IdentityError> {
     from_uris(fed, &uris_of(der)?)

@@ -158,6 +158,20 @@ pub fn load_roots(path: &Path) -> Result<Arc<RootCertStore>, TlsError> {
     Ok(Arc::new(roots))
 }
 
+/// `notAfter` of the first certificate in the PEM file `path`, in seconds
+/// since the Unix epoch.
+pub fn not_after_of_file(path: &Path) -> Result<i64, TlsError> {
+    let certs = load_certs(path)?;
+    let first = certs.first().ok_or_else(|| TlsError::File {
+        path: path.to_path_buf(),
+        why: "no certificate".into(),
+    })?;
+    identity::not_after_of(first.as_ref()).map_err(|source| TlsError::Identity {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
 /// The identity named by the first certificate of `path`.
 pub fn identity_of_file(fed: &str, path: &Path) -> Result<Identity, TlsError> {
     let certs = load_certs(path)?;

@@ -1066,6 +1066,8 @@ struct LogInner {
     tip: Arc<Mutex<Tip>>,
     tx: Option<mpsc::UnboundedSender<Append>>,
     writer: Mutex<Option<JoinHandle<()>>>,
+    /// Seconds per batch write + fdatasync, for metrics.
+    append_seconds: prometheus_client::metrics::histogram::Histogram,
 }
 
 impl Drop for LogInner {
@@ -1147,13 +1149,15 @@ impl DecisionLog {
         }
         let tip = Arc::new(Mutex::new(tip));
         let (tx, rx) = mpsc::unbounded_channel();
+        let append_seconds = crate::metrics::latency_histogram();
         let writer = {
             let tip = Arc::clone(&tip);
             let path = path.clone();
             let region = region.to_string();
+            let seconds = append_seconds.clone();
             std::thread::Builder::new()
                 .name("decision-log-writer".into())
-                .spawn(move || writer_loop(file, &path, &region, &tip, rx))
+                .spawn(move || writer_loop(file, &path, &region, &tip, rx, &seconds))
                 .map_err(io)?
         };
         Ok(Self {
@@ -1163,8 +1167,14 @@ impl DecisionLog {
                 tip,
                 tx: Some(tx),
                 writer: Mutex::new(Some(writer)),
+                append_seconds,
             }),
         })
+    }
+
+    /// Seconds per batch write + fdatasync, for metrics.
+    pub fn append_seconds(&self) -> prometheus_client::metrics::histogram::Histogram {
+        self.inner.append_seconds.clone()
     }
 
     /// The log file.
@@ -1277,6 +1287,7 @@ fn writer_loop(
     region: &str,
     tip: &Mutex<Tip>,
     rx: mpsc::UnboundedReceiver<Append>,
+    append_seconds: &prometheus_client::metrics::histogram::Histogram,
 ) {
     // After a failed write that could not be undone the file may hold a
     // partial line; appending after it would break the chain, so stop.
@@ -1324,7 +1335,9 @@ fn writer_loop(
             Ok(())
         } else {
             let len_before = file.metadata().map(|m| m.len());
+            let started = std::time::Instant::now();
             let res = file.write_all(&buf).and_then(|()| file.sync_data());
+            append_seconds.observe(started.elapsed().as_secs_f64());
             if let Err(e) = &res {
                 // Undo a partial write so the chain stays intact.
                 let undone =

@@ -258,12 +258,24 @@ async fn serve(resolved: Resolved) -> anyhow::Result<()> {
     let admin = bind_optional(admin_listen, "admin").await?;
     let health = bind_optional(health_listen, "health").await?;
     let node = controller::open(settings).await?;
+    // One listener for the signals; every server stops on the same word.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
     if let Some(health) = health {
-        tracing::info!(addr = ?health.local_addr().ok(), "plaintext gRPC health (probes only) serving");
+        tracing::info!(addr = %crate::logfields::list(health.local_addr().ok()), "plaintext gRPC health (probes only) serving");
         tokio::spawn(controller::serve_health_only(
             node.clone(),
             health,
-            shutdown_signal(),
+            stopped(),
         ));
     }
     if let Some(spec) = discovery {
@@ -273,16 +285,18 @@ async fn serve(resolved: Resolved) -> anyhow::Result<()> {
         tokio::spawn(controller::discovery_loop(node.clone(), discoverer));
     }
     if let Some(admin) = admin {
-        tracing::info!(addr = ?admin.local_addr().ok(), "admin HTTP serving /metrics and the status page");
+        tracing::info!(addr = %crate::logfields::list(admin.local_addr().ok()), "admin HTTP serving /metrics and the status page");
         let admin_node = node.clone();
+        let admin_stop = stopped();
         tokio::spawn(async move {
-            if let Err(e) = crate::admin_http::serve(admin_node, admin, shutdown_signal()).await {
+            if let Err(e) = crate::admin_http::serve(admin_node, admin, admin_stop).await {
                 tracing::error!(error = %e, "admin HTTP server failed");
             }
         });
     }
-    // Print the bound address for scripts and harnesses (port 0 resolves here).
-    println!("listening on {}", listener.local_addr()?);
+    // The bound address for scripts and harnesses (port 0 resolves here), as
+    // a log line: stdout stays empty, so log collectors see only logs.
+    tracing::info!(addr = %listener.local_addr()?, "listening");
     let reload_node = node.clone();
     tokio::spawn(async move {
         let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
@@ -298,7 +312,7 @@ async fn serve(resolved: Resolved) -> anyhow::Result<()> {
             }
         }
     });
-    controller::serve(node, listener, shutdown_signal()).await
+    controller::serve(node, listener, stopped()).await
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -111,7 +111,7 @@ impl TakeoverState {
             Err(e) => tracing::error!(error = %e, "reading pending tasks for the fence failed"),
         }
         let fence = (!ids.is_empty()).then(|| {
-            tracing::info!(tasks = ids.len(), backups = ?waiting_for, "start-up fence: tasks from before the restart wait for the backups' notices");
+            tracing::info!(tasks = ids.len(), backups = %crate::logfields::list(&waiting_for), "start-up fence: tasks from before the restart wait for the backups' notices");
             Fence {
                 ids: Arc::new(ids),
                 waiting_for,
@@ -136,7 +136,7 @@ impl TakeoverState {
             .is_some_and(|f| f.waiting_for.is_empty() || Instant::now() >= f.until);
         if lift {
             if let Some(f) = fence.take() {
-                tracing::info!(waited_for = ?f.waiting_for, "start-up fence lifted");
+                tracing::info!(waited_for = %crate::logfields::list(&f.waiting_for), "start-up fence lifted");
             }
         }
         fence.as_ref().map(|f| f.ids.clone())

@@ -25,6 +25,11 @@ pub const SERVICE_NAMES: [&str; 4] = [
     "federation.v1.FederationAdmin",
 ];
 
+/// The router [`router`] builds: every service behind the gRPC metrics layer.
+pub type Services = Router<
+    tower::layer::util::Stack<crate::metrics::grpc::GrpcMetricsLayer, tower::layer::util::Identity>,
+>;
+
 /// The tonic router with every service of a controller, plus the standard
 /// `grpc.health.v1` service (fed by `health`) and gRPC server reflection, so
 /// off-the-shelf tools (grpcurl, grpc_health_probe, Kubernetes gRPC probes)
@@ -34,7 +39,7 @@ pub fn router(
     health: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
     >,
-) -> Router {
+) -> Services {
     let max = node.limits.max_message_bytes;
     // Both reflection versions: grpcurl speaks v1, many clients (grpcio's
     // Python helpers among them) still speak v1alpha.
@@ -59,6 +64,7 @@ pub fn router(
         .tcp_nodelay(true)
         .max_concurrent_streams(Some(streams))
         .concurrency_limit_per_connection(streams as usize)
+        .layer(node.metrics.grpc_layer())
         .add_service(health)
         .add_optional_service(reflection_v1)
         .add_optional_service(reflection_v1alpha)

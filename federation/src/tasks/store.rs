@@ -87,6 +87,8 @@ struct Shared {
     queued: Notify,
     clock: Arc<dyn Clock>,
     commits: AtomicU64,
+    /// Seconds per write-transaction commit (with its fsync), for metrics.
+    commit_seconds: prometheus_client::metrics::histogram::Histogram,
 }
 
 impl Shared {
@@ -221,6 +223,7 @@ impl TaskStore {
             queued: Notify::new(),
             clock: options.clock,
             commits: AtomicU64::new(0),
+            commit_seconds: crate::metrics::latency_histogram(),
         });
         let db = Arc::new(db);
         let (tx, rx) = mpsc::unbounded_channel();
@@ -486,6 +489,11 @@ impl TaskStore {
     /// commit this grows slower than the number of mutations under load.
     pub fn commits(&self) -> u64 {
         self.inner.shared.commits.load(Ordering::Relaxed)
+    }
+
+    /// Seconds per write-transaction commit (fsync included), for metrics.
+    pub fn commit_seconds(&self) -> prometheus_client::metrics::histogram::Histogram {
+        self.inner.shared.commit_seconds.clone()
     }
 
     /// Every QUEUED task in lease order, then every LEASED task by deadline.
@@ -821,7 +829,11 @@ fn run_batch(db: &Database, shared: &Shared, idem: &mut IdemIndex, batch: Vec<Re
             .iter_mut()
             .map(|b| b.log.append_batch(std::mem::take(&mut b.records)))
             .collect();
+        let commit_started = std::time::Instant::now();
         let committed = txn.commit().db();
+        shared
+            .commit_seconds
+            .observe(commit_started.elapsed().as_secs_f64());
         let mut states = vec![RecordState::NotWritten; replies.len()];
         for (b, receipt) in logs.iter().zip(receipts) {
             let state = match receipt.wait() {

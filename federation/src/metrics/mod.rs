@@ -1,5 +1,7 @@
 //! Prometheus metrics of one controller (`prometheus-client`, the official
-//! Rust client), served as OpenMetrics text at `/metrics` on the admin port.
+//! Rust client), served at `/metrics` on the admin port as OpenMetrics or
+//! Prometheus text ([`exposition`]), with the standard `process_*` families
+//! ([`process`]) and gRPC server metrics per method and code ([`grpc`]).
 //!
 //! Counters and histograms are updated where things happen (routing, the
 //! lease reaper, a snapshot push); gauges that mirror state (peer states,
@@ -23,6 +25,22 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::replication::Stats;
+
+pub mod exposition;
+pub mod grpc;
+pub mod process;
+
+/// The buckets of every latency histogram (100 µs to ~13 s).
+pub fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0001, 2.0, 18))
+}
+
+/// Labels of the build.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: String,
+    region: String,
+}
 
 /// Labels of a routing decision.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -141,6 +159,9 @@ pub struct Metrics {
     snapshot_compression_ratio: Family<RegionLabels, Gauge<f64, AtomicU64>>,
     snapshot_age_seconds: Family<RegionLabels, Gauge<f64, AtomicU64>>,
     log_head_anomalies: Family<RegionLabels, Counter>,
+    registered_agents: Gauge,
+    certificate_expiry: Gauge,
+    grpc: Arc<grpc::GrpcMetrics>,
 }
 
 impl Default for Metrics {
@@ -149,11 +170,24 @@ impl Default for Metrics {
     }
 }
 
+/// The decisions label of a rule: its `name` from the file when it has one,
+/// else its 1-based position; `none` when no rule matched.
+pub fn rule_label(policy: &crate::policy::Policy, rule_index: Option<usize>) -> String {
+    match rule_index {
+        None => "none".into(),
+        Some(i) => policy
+            .rules
+            .get(i)
+            .and_then(|r| r.name.clone())
+            .unwrap_or_else(|| (i + 1).to_string()),
+    }
+}
+
 impl Metrics {
     /// Creates and registers every family.
     pub fn new() -> Self {
         let m = Self {
-            registry: Mutex::new(Registry::with_prefix("federation")),
+            registry: Mutex::new(Registry::default()),
             decisions: Family::default(),
             failovers: Family::default(),
             forward_seconds: Family::new_with_constructor(|| {
@@ -168,9 +202,14 @@ impl Metrics {
             snapshot_compression_ratio: Family::default(),
             snapshot_age_seconds: Family::default(),
             log_head_anomalies: Family::default(),
+            registered_agents: Gauge::default(),
+            certificate_expiry: Gauge::default(),
+            grpc: Arc::new(grpc::GrpcMetrics::default()),
         };
         {
-            let mut r = m.lock();
+            let mut root = m.lock();
+            root.register_collector(Box::new(process::ProcessCollector));
+            let r = root.sub_registry_with_prefix("federation");
             r.register(
                 "decisions",
                 "Routing decisions by rule and outcome",
@@ -231,6 +270,26 @@ impl Metrics {
                 "Advertisements whose decision-log head went back or changed from what this controller witnessed, by region",
                 m.log_head_anomalies.clone(),
             );
+            r.register(
+                "registered_agents",
+                "Region agents registered with this controller",
+                m.registered_agents.clone(),
+            );
+            r.register(
+                "certificate_expiry_timestamp_seconds",
+                "When this controller's TLS certificate expires (notAfter, seconds since the Unix epoch; absent without TLS)",
+                m.certificate_expiry.clone(),
+            );
+            r.register(
+                "grpc_server_handled",
+                "gRPC calls served, by service, method and status code",
+                m.grpc.handled.clone(),
+            );
+            r.register(
+                "grpc_server_handling_seconds",
+                "Time from a gRPC request to the end of its response (streams whole), by service and method",
+                m.grpc.seconds.clone(),
+            );
         }
         m
     }
@@ -238,7 +297,45 @@ impl Metrics {
     /// Exposes replication's counters (read at each scrape).
     pub fn register_replication(&self, stats: Arc<Stats>) {
         self.lock()
+            .sub_registry_with_prefix("federation")
             .register_collector(Box::new(ReplicationCounters(stats)));
+    }
+
+    /// Exposes what the controller's components measure themselves: the
+    /// store's commit and the decision log's append latency, the build, and
+    /// the certificate's expiry (`None` without TLS).
+    pub fn register_components(
+        &self,
+        region: &str,
+        store_commit: Histogram,
+        log_append: Histogram,
+        certificate_not_after: Option<i64>,
+    ) {
+        let mut root = self.lock();
+        let r = root.sub_registry_with_prefix("federation");
+        r.register(
+            "store_commit_seconds",
+            "Task store write-transaction commit time, fsync included",
+            store_commit,
+        );
+        r.register(
+            "decision_log_append_seconds",
+            "Decision log batch write + fdatasync time",
+            log_append,
+        );
+        let build = prometheus_client::metrics::info::Info::new(BuildLabels {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            region: region.to_string(),
+        });
+        r.register("build", "The controller's version and region", build);
+        if let Some(t) = certificate_not_after {
+            self.certificate_expiry.set(t);
+        }
+    }
+
+    /// The tower layer that counts and times every gRPC call.
+    pub fn grpc_layer(&self) -> grpc::GrpcMetricsLayer {
+        grpc::GrpcMetricsLayer(self.grpc.clone())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Registry> {
@@ -247,9 +344,8 @@ impl Metrics {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Counts a routing decision.
-    pub fn decision(&self, rule_index: Option<usize>, outcome: &str, region: Option<&str>) {
-        let rule = rule_index.map_or_else(|| "none".to_string(), |i| (i + 1).to_string());
+    /// Counts a routing decision; `rule` from [`rule_label`].
+    pub fn decision(&self, rule: String, outcome: &str, region: Option<&str>) {
         self.decisions
             .get_or_create(&DecisionLabels {
                 rule,
@@ -313,8 +409,11 @@ impl Metrics {
             .set(seconds);
     }
 
-    /// Refreshes the state gauges from `node` and renders OpenMetrics text.
+    /// Refreshes the state gauges from `node` and renders OpenMetrics text
+    /// (see [`exposition::to_prometheus_text`] for the other format).
     pub fn render(&self, node: &crate::controller::Node) -> String {
+        self.registered_agents
+            .set(i64::try_from(node.agents.len()).unwrap_or(i64::MAX));
         let status = crate::service::status(node);
         self.peer_state.clear();
         for row in &status.regions {
