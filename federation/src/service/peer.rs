@@ -197,7 +197,15 @@ impl api::federation_peer_server::FederationPeer for PeerService {
             return Err(status);
         }
         let policy = self.node.policy();
-        let outcome = repl.receiver.receive(&policy, &chunks, repl.counters());
+        // AES-GCM, zstd, decoding and an fsync'd write of up to the snapshot
+        // limit: on the blocking pool, as the sender seals, not on a worker.
+        let node = self.node.clone();
+        let outcome = tokio::task::spawn_blocking(move || {
+            let repl = &node.replication;
+            repl.receiver.receive(&policy, &chunks, repl.counters())
+        })
+        .await
+        .map_err(|e| Error::Storage(format!("snapshot receiver task failed: {e}")))?;
         Ok(Response::new(match outcome {
             Ok(_) => api::PushSnapshotResponse {
                 accepted: true,
