@@ -30,11 +30,6 @@ pub mod exposition;
 pub mod grpc;
 pub mod process;
 
-/// The buckets of every latency histogram (100 µs to ~13 s).
-pub fn latency_histogram() -> Histogram {
-    Histogram::new(exponential_buckets(0.0001, 2.0, 18))
-}
-
 /// Labels of the build.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {

@@ -223,7 +223,10 @@ impl TaskStore {
             queued: Notify::new(),
             clock: options.clock,
             commits: AtomicU64::new(0),
-            commit_seconds: crate::metrics::latency_histogram(),
+            // 100 µs to ~13 s; exposed by the metrics module.
+            commit_seconds: prometheus_client::metrics::histogram::Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 18),
+            ),
         });
         let db = Arc::new(db);
         let (tx, rx) = mpsc::unbounded_channel();
