@@ -387,6 +387,7 @@ pub async fn open(settings: Settings) -> anyhow::Result<Arc<Node>> {
     });
     let metrics = crate::metrics::Metrics::new();
     metrics.register_replication(replication.shared_stats());
+    metrics.register_self_stalls(membership.self_stalls());
     Ok(Arc::new(Node {
         region: settings.region,
         epoch,
