@@ -950,3 +950,27 @@ pub fn string_attrs(
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_timers_drops_the_fast_test_timers_and_keeps_the_rest() {
+        let b = SandboxBuilder::new("federation", "")
+            .env("FEDERATION__NODE__LIMITS__MAX_QUEUE_DEPTH", "7")
+            .default_timers();
+        assert!(
+            !b.env
+                .iter()
+                .any(|(k, _)| k.starts_with("FEDERATION__NODE__TIMERS__")),
+            "{:?}",
+            b.env
+        );
+        assert!(
+            b.env
+                .iter()
+                .any(|(k, v)| k == "FEDERATION__NODE__LIMITS__MAX_QUEUE_DEPTH" && v == "7")
+        );
+    }
+}
