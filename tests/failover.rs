@@ -1,5 +1,6 @@
 //! Failover: the primary killed (SIGKILL) or hung (SIGSTOP, socket open),
-//! the requires-GDPR variant refusing instead of failing over, and a
+//! the requires-GDPR variant refusing instead of failing over, the entry
+//! controller's own stall (SIGSTOP) not counting as its peers' failure, and a
 //! randomized run of failures and recoveries in which every decision must
 //! stay inside the matched rule's candidates with the required tags.
 
@@ -170,6 +171,87 @@ async fn hung_primary_fails_over_after_the_forward_deadline() {
         .expect("routed")
         .into_inner();
     assert_eq!(resp.region, "north_america");
+}
+
+/// Issue 12, point 1: with the default timers, the entry controller
+/// north_america is paused (SIGSTOP) for 5 s while europe stays healthy.
+/// Having missed europe's advertisements only because it was itself stopped,
+/// north_america must not judge europe dead nor hold it down as "recently
+/// returned" when it wakes: every DE task submitted through it in the 40 s
+/// after (every 200 ms, longer than the 30 s failback hold-down) goes to
+/// europe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entry_controllers_own_stall_does_not_fail_its_peers_over() {
+    let mut sandbox = seed_sandbox()
+        .default_timers()
+        .agents(0, 1)
+        .start()
+        .expect("sandbox starts");
+    sandbox
+        .wait_all_alive(PATIENCE)
+        .await
+        .expect("federation forms");
+    let mut client = sandbox.client("north_america").await.expect("client");
+    let before = client
+        .submit_task(submit("DE"))
+        .await
+        .expect("DE before the stall")
+        .into_inner();
+    assert_eq!(before.region, "europe");
+
+    let entry = sandbox.controller("north_america").expect("running");
+    entry.signal("STOP").expect("stop");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    entry.signal("CONT").expect("cont");
+
+    let (mut placed, mut elsewhere, mut failed) = (0, Vec::new(), Vec::new());
+    let until = std::time::Instant::now() + Duration::from_secs(40);
+    let mut ticker = tokio::time::interval(Duration::from_millis(200));
+    // Bounded in count as well as time: 40 s at one submit per 200 ms.
+    for i in 0..200 {
+        if std::time::Instant::now() >= until {
+            break;
+        }
+        ticker.tick().await;
+        let call = client.submit_task(submit("DE"));
+        match tokio::time::timeout(PATIENCE, call).await {
+            Ok(Ok(resp)) => {
+                let resp = resp.into_inner();
+                placed += 1;
+                if resp.region != "europe" {
+                    let d = resp.decision.unwrap_or_default();
+                    elsewhere.push(format!("#{i}: {} ({})", resp.region, d.reason));
+                }
+            }
+            Ok(Err(status)) => {
+                failed.push(format!("#{i}: {:?} {}", status.code(), status.message()))
+            }
+            Err(_) => failed.push(format!("#{i}: no answer within {PATIENCE:?}")),
+        }
+    }
+    eprintln!(
+        "after a 5 s stall: {placed} DE tasks placed, {} outside europe, {} failed",
+        elsewhere.len(),
+        failed.len()
+    );
+    assert!(
+        elsewhere.is_empty(),
+        "{} of {placed} DE tasks placed outside europe after north_america's own stall, first: {:#?}",
+        elsewhere.len(),
+        &elsewhere[..elsewhere.len().min(3)]
+    );
+    assert!(
+        failed.is_empty(),
+        "{} submits failed, first: {:#?}",
+        failed.len(),
+        &failed[..failed.len().min(3)]
+    );
+    assert!(placed > 0, "the run must place tasks to mean anything");
+    let log = sandbox.controller_log_text("north_america");
+    assert!(
+        log.contains("own stall detected"),
+        "north_america logged no stall of its own"
+    );
 }
 
 /// Deterministic pseudo-random sequence (xorshift), so a failure reproduces.

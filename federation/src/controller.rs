@@ -405,6 +405,7 @@ pub async fn open(settings: Settings) -> anyhow::Result<Arc<Node>> {
         log.append_seconds(),
         not_after,
     );
+    metrics.register_self_stalls(membership.self_stalls());
     Ok(Arc::new(Node {
         region: settings.region,
         epoch,

@@ -7,9 +7,23 @@
 //! broken link between two regions does not hide a third that is alive. A hard
 //! `dead_after` silence bound caps detection time whatever phi says.
 //!
+//! **A controller's own stall is not its peers' failure.** Every entry point
+//! that takes the time (`tick`, `observe`, `status`, the routing view) first
+//! compares it with the last instant any of them ran. A gap longer than two
+//! heartbeats means this process did not run (paused, VM frozen, a long
+//! scheduler stall), so it could not read the advertisements of that gap:
+//! each peer's silence clock is moved on by the gap less the one heartbeat
+//! expected in it ([`Membership::self_stalls`] counts these). No peer becomes
+//! suspect, dead or held down for that silence; the next advertisements say
+//! how the peers are. Whichever path notices the gap first (the advertiser's
+//! tick, an incoming advertisement, a submit) does so for all of them.
+//! Failback hold-down applies only to a region that was really unavailable:
+//! declared dead while this controller ran normally, or back with a new epoch.
+//!
 //! This module owns the peer table and the phi computation. It does not send
 //! anything (the advertiser in `controller` does) and never decides routes: it
-//! only answers [`FederationView`] questions.
+//! only answers [`FederationView`] questions. Its clock is injected (`now`
+//! parameters), so its timing logic is tested without sleeping.
 //!
 //! With TLS and `attest_tags` on, a region's advertised compliance tags are
 //! cut down, as each advertisement arrives, to those its certificate attests
@@ -17,7 +31,7 @@
 //! tags are logged, and routing, status and gossip see only attested ones.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -128,8 +142,19 @@ pub struct PeerStatus {
 pub struct Membership {
     self_region: String,
     timers: Timers,
-    peers: Mutex<BTreeMap<String, Peer>>,
+    table: Mutex<Table>,
     attestations: Attestations,
+    stalls: Arc<AtomicU64>,
+}
+
+/// The peers and this controller's own clock, under one lock so that every
+/// path sees (and credits) a stall once.
+#[derive(Debug)]
+struct Table {
+    peers: BTreeMap<String, Peer>,
+    /// The latest instant any time-taking entry point ran: a gap longer than
+    /// [`Membership::stall_after`] since then is our own stall.
+    last_run: Option<Instant>,
 }
 
 /// The suspicion level for a silence of `elapsed` seconds given past
@@ -172,24 +197,79 @@ impl Membership {
         Self {
             self_region: self_region.to_string(),
             timers,
-            peers: Mutex::new(peers),
+            table: Mutex::new(Table {
+                peers,
+                last_run: None,
+            }),
             attestations: Attestations::default(),
+            stalls: Arc::new(AtomicU64::new(0)),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Peer>> {
-        self.peers
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.table
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn heartbeat(&self) -> Duration {
+        self.timers
+            .heartbeat_interval
+            .max(Duration::from_millis(10))
+    }
+
+    /// The gap in this controller's own activity that counts as its stall:
+    /// two heartbeats (the advertiser ticks every heartbeat).
+    pub fn stall_after(&self) -> Duration {
+        2 * self.heartbeat()
+    }
+
+    /// How many of its own stalls this controller has detected (shared
+    /// with the metrics collector).
+    pub fn self_stalls(&self) -> Arc<AtomicU64> {
+        self.stalls.clone()
+    }
+
+    /// Records that this controller runs at `now`; when nothing ran for
+    /// longer than [`Membership::stall_after`] before, that gap was our own
+    /// stall: every peer's silence clock moves on by the gap less the one
+    /// heartbeat we expected to run in it, so the advertisements we could
+    /// not read count against nobody. Returns the gap of a detected stall.
+    fn notice_stall(&self, table: &mut Table, now: Instant) -> Option<Duration> {
+        let last = table.last_run.replace(now);
+        let gap = match last {
+            Some(last) if now > last => now - last,
+            Some(last) => {
+                // Taken before a later caller's instant: keep the latest.
+                table.last_run = Some(last);
+                return None;
+            }
+            None => return None,
+        };
+        if gap <= self.stall_after() {
+            return None;
+        }
+        let credit = gap - self.heartbeat();
+        for peer in table.peers.values_mut() {
+            if let Some(t) = peer.last_fresh.as_mut() {
+                *t += credit;
+            }
+        }
+        self.stalls.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            gap_ms = u64::try_from(gap.as_millis()).unwrap_or(u64::MAX),
+            "own stall detected; peers' silence during it ignored"
+        );
+        Some(gap)
     }
 
     /// Adds rows for regions a reloaded policy introduced (rows for removed
     /// regions are kept until restart; routing only asks about configured ones).
     pub fn sync_regions(&self, policy: &Policy) {
-        let mut peers = self.lock();
+        let mut table = self.lock();
         for r in &policy.regions {
             if r.name != self.self_region {
-                peers.entry(r.name.clone()).or_insert_with(Peer::new);
+                table.peers.entry(r.name.clone()).or_insert_with(Peer::new);
             }
         }
     }
@@ -201,8 +281,9 @@ impl Membership {
         if ad.region == self.self_region {
             return false;
         }
-        let mut peers = self.lock();
-        let Some(peer) = peers.get_mut(&ad.region) else {
+        let mut table = self.lock();
+        self.notice_stall(&mut table, now);
+        let Some(peer) = table.peers.get_mut(&ad.region) else {
             return false;
         };
         let fresher = match &peer.ad {
@@ -224,8 +305,11 @@ impl Membership {
         }
         let restarted = peer.ad.as_ref().is_some_and(|k| k.epoch != ad.epoch);
         if restarted {
-            // A new epoch is a new process: its history says nothing of it.
+            // A new epoch is a new process: its history says nothing of it,
+            // and it was unavailable while it restarted, however briefly:
+            // its failback hold-down starts now.
             peer.intervals.clear();
+            peer.alive_since = Some(now);
             tracing::info!(region = %ad.region, epoch = ad.epoch, "peer restarted with a new epoch");
         }
         peer.as_sent = Some(ad.clone());
@@ -286,7 +370,7 @@ impl Membership {
     /// Records the tags `region`'s verified certificate attests.
     pub fn attest(&self, region: &str, tags: &BTreeSet<String>) {
         self.attestations.attest(region, tags);
-        if let Some(peer) = self.lock().get_mut(region) {
+        if let Some(peer) = self.lock().peers.get_mut(region) {
             self.reattest(peer);
         }
     }
@@ -294,6 +378,7 @@ impl Membership {
     /// Every advertisement we hold as its region sent it, for gossip.
     pub fn known(&self) -> Vec<RegionAdvertisement> {
         self.lock()
+            .peers
             .values()
             .filter_map(|p| p.as_sent.clone())
             .collect()
@@ -301,7 +386,7 @@ impl Membership {
 
     /// The freshest advertisement of `region`.
     pub fn advertisement(&self, region: &str) -> Option<RegionAdvertisement> {
-        self.lock().get(region).and_then(|p| p.ad.clone())
+        self.lock().peers.get(region).and_then(|p| p.ad.clone())
     }
 
     fn health_of(&self, peer: &Peer, now: Instant) -> (Health, f64) {
@@ -323,9 +408,12 @@ impl Membership {
 
     /// Recomputes every region's health, logs transitions, and tracks when
     /// each came back (for failback hold-down). Returns the transitions.
+    /// Called every heartbeat: a late call is this controller's own stall.
     pub fn tick(&self, now: Instant) -> Vec<(String, Health, Health)> {
         let mut changes = Vec::new();
-        let mut peers = self.lock();
+        let mut table = self.lock();
+        self.notice_stall(&mut table, now);
+        let peers = &mut table.peers;
         let regions: Vec<String> = peers.keys().cloned().collect();
         for region in regions {
             let Some(peer) = peers.get(&region) else {
@@ -361,8 +449,10 @@ impl Membership {
 
     /// Status rows for every known region except ourselves.
     pub fn status(&self, now: Instant) -> Vec<PeerStatus> {
-        let peers = self.lock();
-        peers
+        let mut table = self.lock();
+        self.notice_stall(&mut table, now);
+        table
+            .peers
             .iter()
             .map(|(region, peer)| {
                 let (health, phi) = self.health_of(peer, now);
@@ -379,8 +469,9 @@ impl Membership {
 
     /// The routing view of peer `region` (not ourselves; see [`LiveView`]).
     fn peer_view(&self, region: &str, now: Instant) -> Option<RegionView> {
-        let peers = self.lock();
-        let peer = peers.get(region)?;
+        let mut table = self.lock();
+        self.notice_stall(&mut table, now);
+        let peer = table.peers.get(region)?;
         let (health, _) = self.health_of(peer, now);
         let ad = peer.ad.as_ref();
         // Held down from the moment it is alive again after being dead (also
@@ -541,20 +632,205 @@ mod tests {
         let last = t0 + Duration::from_secs(8);
         let v = m.peer_view("europe", last).expect("row");
         assert_eq!(v.health, Health::Alive);
-        let v = m
-            .peer_view("europe", last + Duration::from_secs(10))
-            .expect("row");
-        assert_eq!(v.health, Health::Dead);
         assert_eq!(
             m.peer_view("asia_pacific", last).expect("row").health,
             Health::Unknown
         );
-        let changes = m.tick(last + Duration::from_secs(10));
+        // This controller keeps running (ticking every heartbeat) while
+        // europe is silent: europe is declared dead.
+        let mut changes = Vec::new();
+        for s in 1..=10 {
+            changes.extend(m.tick(last + Duration::from_secs(s)));
+        }
+        let v = m
+            .peer_view("europe", last + Duration::from_secs(10))
+            .expect("row");
+        assert_eq!(v.health, Health::Dead);
         assert!(
             changes
                 .iter()
                 .any(|(r, _, h)| r == "europe" && *h == Health::Dead)
         );
+        assert_eq!(m.self_stalls().load(Ordering::Relaxed), 0);
+    }
+
+    /// A controller on an injected clock: ticks every heartbeat (1 s, the
+    /// default timers) and hears each advertising peer just after each tick.
+    struct Sim {
+        m: Membership,
+        now: Instant,
+        sequence: u64,
+        epochs: BTreeMap<String, u64>,
+        changes: Vec<(String, Health, Health)>,
+    }
+
+    impl Sim {
+        fn new() -> Self {
+            Self {
+                m: Membership::new("north_america", &policy(), Timers::default()),
+                now: Instant::now(),
+                sequence: 0,
+                epochs: BTreeMap::new(),
+                changes: Vec::new(),
+            }
+        }
+
+        fn hear(&mut self, region: &str) {
+            self.sequence += 1;
+            let epoch = self.epochs.get(region).copied().unwrap_or(1);
+            self.m.observe(&ad(region, epoch, self.sequence), self.now);
+        }
+
+        /// Runs normally for `secs` heartbeats, hearing from `advertising`.
+        fn run(&mut self, secs: u64, advertising: &[&str]) {
+            for _ in 0..secs {
+                self.now += Duration::from_secs(1);
+                let changes = self.m.tick(self.now);
+                self.changes.extend(changes);
+                self.now += Duration::from_millis(10);
+                for r in advertising {
+                    self.hear(r);
+                }
+            }
+        }
+
+        /// This process does not run for `secs` (SIGSTOP, frozen VM): no
+        /// tick, no advertisement read.
+        fn stall(&mut self, secs: u64) {
+            self.now += Duration::from_secs(secs);
+        }
+
+        fn view(&self, region: &str) -> RegionView {
+            self.m.peer_view(region, self.now).expect("row")
+        }
+
+        fn went(&self, region: &str, to: Health) -> bool {
+            self.changes.iter().any(|(r, _, h)| r == region && *h == to)
+        }
+
+        fn stalls(&self) -> u64 {
+            self.m.self_stalls().load(Ordering::Relaxed)
+        }
+    }
+
+    const BOTH: &[&str] = &["europe", "asia_pacific"];
+
+    /// How the controller first runs again after its stall: the advertiser's
+    /// tick, an incoming advertisement, a submit's routing view, a status
+    /// read. Whichever comes first, the outcome is the same.
+    #[derive(Debug, Clone, Copy)]
+    enum Wake {
+        Tick,
+        Advertisement,
+        Route,
+        Status,
+    }
+
+    #[test]
+    fn own_stall_is_not_the_peers_failure_whichever_path_notices_it() {
+        for wake in [Wake::Tick, Wake::Advertisement, Wake::Route, Wake::Status] {
+            let mut sim = Sim::new();
+            sim.run(10, BOTH);
+            assert_eq!(sim.view("europe").health, Health::Alive, "{wake:?}");
+            sim.stall(5);
+            match wake {
+                Wake::Tick => sim.changes.extend(sim.m.tick(sim.now)),
+                Wake::Advertisement => sim.hear("asia_pacific"),
+                Wake::Route => {
+                    let v = sim.view("europe");
+                    assert_eq!(v.health, Health::Alive, "{wake:?}: {v:?}");
+                    assert!(!v.held_down, "{wake:?}: {v:?}");
+                }
+                Wake::Status => {
+                    let rows = sim.m.status(sim.now);
+                    let eu = rows.iter().find(|r| r.region == "europe").expect("row");
+                    assert_eq!(eu.health, Health::Alive, "{wake:?}: {:?}", eu.phi);
+                }
+            }
+            // europe's advertisements of the stall were never read, and the
+            // advertiser's late tick (if it comes second) must not count
+            // them either.
+            sim.changes.extend(sim.m.tick(sim.now));
+            let v = sim.view("europe");
+            assert_eq!(v.health, Health::Alive, "{wake:?}: {v:?}");
+            assert!(!v.held_down, "{wake:?}: {v:?}");
+            assert_eq!(sim.stalls(), 1, "{wake:?}: one stall, counted once");
+            // The next advertisements are heard; for the whole hold-down
+            // time and beyond, europe is never suspected nor held down.
+            for _ in 0..40 {
+                sim.run(1, BOTH);
+                let v = sim.view("europe");
+                assert!(v.health == Health::Alive && !v.held_down, "{wake:?}: {v:?}");
+            }
+            for r in BOTH {
+                assert!(
+                    !sim.went(r, Health::Dead) && !sim.went(r, Health::Suspect),
+                    "{wake:?}: {:?}",
+                    sim.changes
+                );
+            }
+            assert_eq!(sim.stalls(), 1, "{wake:?}");
+        }
+    }
+
+    #[test]
+    fn an_outage_while_running_normally_is_still_held_down() {
+        let mut sim = Sim::new();
+        sim.run(10, BOTH);
+        // europe is silent while this controller runs normally.
+        sim.run(5, &["asia_pacific"]);
+        assert!(sim.went("europe", Health::Dead), "{:?}", sim.changes);
+        assert_eq!(sim.stalls(), 0);
+        sim.run(1, BOTH);
+        assert!(sim.view("europe").held_down);
+        sim.run(28, BOTH);
+        assert!(sim.view("europe").held_down, "within failback_hold_down");
+        sim.run(3, BOTH);
+        assert!(!sim.view("europe").held_down, "hold-down over");
+    }
+
+    #[test]
+    fn a_peer_back_with_a_new_epoch_is_held_down_even_if_never_declared_dead() {
+        let mut sim = Sim::new();
+        sim.run(10, BOTH);
+        // europe restarts faster than the failure detector notices.
+        sim.epochs.insert("europe".into(), 2);
+        sim.run(1, BOTH);
+        assert!(!sim.went("europe", Health::Dead), "{:?}", sim.changes);
+        let v = sim.view("europe");
+        assert!(v.health == Health::Alive && v.held_down, "{v:?}");
+        sim.run(31, BOTH);
+        assert!(!sim.view("europe").held_down, "hold-down over");
+    }
+
+    #[test]
+    fn a_peer_that_died_during_our_stall_is_still_declared_dead() {
+        let mut sim = Sim::new();
+        sim.run(10, BOTH);
+        // europe dies; we stall; after waking only asia_pacific advertises.
+        sim.stall(5);
+        sim.run(5, &["asia_pacific"]);
+        assert_eq!(sim.stalls(), 1);
+        assert!(sim.went("europe", Health::Dead), "{:?}", sim.changes);
+        assert!(!sim.went("asia_pacific", Health::Dead), "{:?}", sim.changes);
+        // It was unavailable while we ran: its return is held down.
+        sim.run(1, BOTH);
+        assert!(sim.view("europe").held_down);
+    }
+
+    #[test]
+    fn a_controller_that_keeps_stalling_still_declares_a_silent_peer_dead() {
+        let mut sim = Sim::new();
+        sim.run(10, BOTH);
+        // Every tick three heartbeats late, europe silent: each gap is a
+        // stall, but each still counts one heartbeat of europe's silence.
+        for _ in 0..10 {
+            sim.stall(2);
+            sim.run(1, &["asia_pacific"]);
+        }
+        assert!(sim.stalls() >= 10);
+        assert!(sim.went("europe", Health::Dead), "{:?}", sim.changes);
+        assert!(!sim.went("asia_pacific", Health::Dead), "{:?}", sim.changes);
     }
 
     #[test]

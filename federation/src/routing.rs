@@ -2,8 +2,11 @@
 //! the residency rules allow. Evaluate the policy against the live view, walk
 //! the candidates (primary, then backups) in order, store locally or forward
 //! with a deadline, and fall through to the next candidate when a forward
-//! fails. Never routes outside the matched rule's candidates; every decision
-//! is written to the decision log before the client hears the outcome.
+//! fails; when every other candidate failed, a region in failback hold-down
+//! is tried as the last resort before the task is rejected
+//! ([`Decision::refuse`] re-settles the outcome). Never routes outside the
+//! matched rule's candidates; every decision is written to the decision log
+//! before the client hears the outcome.
 //!
 //! A controller that receives a forwarded task re-checks residency with its
 //! own policy and its own tags before storing it ([`accept_forward`]).
@@ -160,7 +163,9 @@ pub fn rejection_error(decision: &Decision) -> Error {
 fn log_decision(decision: &Decision, task_id: Option<&str>) {
     // A routed task is a debug event: skip building its span when debug is
     // off (the usual case), as the event would be dropped anyway.
+    let last_resort = decision.candidates.iter().any(|c| c.last_resort());
     if matches!(decision.outcome, Outcome::Routed { .. })
+        && !last_resort
         && !tracing::enabled!(tracing::Level::DEBUG)
     {
         return;
@@ -177,6 +182,9 @@ fn log_decision(decision: &Decision, task_id: Option<&str>) {
         Outcome::Rejected { .. } => tracing::info!(reason = %decision.reason, "task rejected"),
         Outcome::Failover { .. } => {
             tracing::warn!(reason = %decision.reason, warnings = %decision.warnings.join("; "), "task failed over")
+        }
+        Outcome::Routed { .. } if last_resort => {
+            tracing::warn!(reason = %decision.reason, "task routed to a region in failback hold-down as the last resort")
         }
         Outcome::Routed { .. } => tracing::debug!("task routed"),
     }

@@ -217,6 +217,15 @@ impl SandboxBuilder {
         }
     }
 
+    /// Runs the controllers with the product's default timers (1 s heartbeat,
+    /// 3 s `dead_after`, 30 s failback hold-down, …) instead of the fast test
+    /// values: for scenarios whose point is the default behaviour.
+    pub fn default_timers(mut self) -> Self {
+        self.env
+            .retain(|(k, _)| !k.starts_with("FEDERATION__NODE__TIMERS__"));
+        self
+    }
+
     /// Breaks the direct link between regions `a` and `b` (both directions):
     /// each is given an unreachable endpoint for the other, so they can only
     /// learn of each other through a third region's gossip.
@@ -940,4 +949,28 @@ pub fn string_attrs(
             )
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_timers_drops_the_fast_test_timers_and_keeps_the_rest() {
+        let b = SandboxBuilder::new("federation", "")
+            .env("FEDERATION__NODE__LIMITS__MAX_QUEUE_DEPTH", "7")
+            .default_timers();
+        assert!(
+            !b.env
+                .iter()
+                .any(|(k, _)| k.starts_with("FEDERATION__NODE__TIMERS__")),
+            "{:?}",
+            b.env
+        );
+        assert!(
+            b.env
+                .iter()
+                .any(|(k, v)| k == "FEDERATION__NODE__LIMITS__MAX_QUEUE_DEPTH" && v == "7")
+        );
+    }
 }

@@ -138,6 +138,23 @@ impl Collector for ReplicationCounters {
     }
 }
 
+/// The count of this controller's own stalls (membership's counter), read
+/// when scraped.
+#[derive(Debug)]
+struct SelfStalls(Arc<AtomicU64>);
+
+impl Collector for SelfStalls {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let counter = ConstCounter::new(self.0.load(std::sync::atomic::Ordering::Relaxed));
+        counter.encode(encoder.encode_descriptor(
+            "self_stalls",
+            "Stalls of this controller itself (a gap of more than two heartbeats in its own activity) during which peers' silence was ignored",
+            None,
+            counter.metric_type(),
+        )?)
+    }
+}
+
 /// Every metric family of a controller.
 #[derive(Debug)]
 pub struct Metrics {
@@ -333,6 +350,13 @@ impl Metrics {
         grpc::GrpcMetricsLayer(self.grpc.clone())
     }
 
+    /// Exposes membership's count of this controller's own stalls.
+    pub fn register_self_stalls(&self, stalls: Arc<AtomicU64>) {
+        self.lock()
+            .sub_registry_with_prefix("federation")
+            .register_collector(Box::new(SelfStalls(stalls)));
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Registry> {
         self.registry
             .lock()
@@ -443,5 +467,24 @@ impl Metrics {
             tracing::error!(error = %e, "encoding metrics failed");
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn self_stalls_are_read_from_membership_when_scraped() {
+        let m = Metrics::new();
+        let stalls = Arc::new(AtomicU64::new(0));
+        m.register_self_stalls(stalls.clone());
+        stalls.fetch_add(2, std::sync::atomic::Ordering::Relaxed);
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &m.lock()).expect("encodes");
+        assert!(
+            out.lines().any(|l| l == "federation_self_stalls_total 2"),
+            "{out}"
+        );
     }
 }

@@ -160,7 +160,17 @@ impl Candidate {
     pub fn accepted(&self) -> bool {
         self.refusal.is_none()
     }
+
+    /// True when the candidate is accepted only as the last resort: it is in
+    /// failback hold-down and no other candidate is available.
+    pub fn last_resort(&self) -> bool {
+        self.accepted() && self.detail == LAST_RESORT
+    }
 }
+
+/// The detail of a candidate in hold-down accepted as the last resort.
+const LAST_RESORT: &str =
+    "in failback hold-down; tried as the last resort: no other candidate is available";
 
 /// Why a task was rejected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -245,10 +255,19 @@ impl Decision {
     ///
     /// A failover warning that no longer matches the outcome is dropped; call
     /// [`Decision::refresh_warnings`] to add the one for a new failover.
+    ///
+    /// When every candidate is then refused, one refused only for failback
+    /// hold-down is accepted as the last resort (see [`Decision::settle`]);
+    /// if that one fails too, its detail still says it was.
     pub fn refuse(&mut self, region: &str, refusal: Refusal, detail: impl Into<String>) {
         if let Some(c) = self.candidates.iter_mut().find(|c| c.region == region) {
+            let detail = detail.into();
+            c.detail = if c.last_resort() {
+                format!("{detail} (tried as the last resort while in failback hold-down)")
+            } else {
+                detail
+            };
             c.refusal = Some(refusal);
-            c.detail = detail.into();
         }
         self.settle();
         let current = match &self.outcome {
@@ -288,6 +307,12 @@ impl Decision {
     }
 
     /// Sets outcome, reason and warnings from the candidates' verdicts.
+    ///
+    /// Hold-down only defers traffic: when no candidate is acceptable (as
+    /// decided, or after the router refused the others because their
+    /// forwards failed) but some are refused only for hold-down, the first
+    /// of those is accepted as the last resort before the task is rejected,
+    /// and the reason says so.
     pub(crate) fn settle(&mut self) {
         let Some(rule) = self.rule.clone() else {
             self.outcome = Outcome::Rejected {
@@ -295,6 +320,16 @@ impl Decision {
             };
             return;
         };
+        if !self.candidates.iter().any(Candidate::accepted) {
+            if let Some(c) = self
+                .candidates
+                .iter_mut()
+                .find(|c| c.refusal == Some(Refusal::HoldDown))
+            {
+                c.refusal = None;
+                c.detail = LAST_RESORT.into();
+            }
+        }
         let verdicts = self
             .candidates
             .iter()
@@ -304,6 +339,9 @@ impl Decision {
                     Role::Backup => "backup",
                 };
                 match c.refusal {
+                    None if c.last_resort() => {
+                        format!("{} ({role}): ok — {}", c.region, c.detail)
+                    }
                     None => format!("{} ({role}): ok", c.region),
                     Some(r) => format!("{} ({role}): {} — {}", c.region, r.as_str(), c.detail),
                 }
@@ -311,6 +349,15 @@ impl Decision {
             .collect::<Vec<_>>()
             .join("; ");
         match self.candidates.iter().find(|c| c.accepted()) {
+            Some(c) if c.role == Role::Primary && c.last_resort() => {
+                self.outcome = Outcome::Routed {
+                    region: c.region.clone(),
+                };
+                self.reason = format!(
+                    "{rule} matched; routed to primary {} as the last resort, in failback hold-down [{verdicts}]",
+                    c.region
+                );
+            }
             Some(c) if c.role == Role::Primary => {
                 self.outcome = Outcome::Routed {
                     region: c.region.clone(),
@@ -321,8 +368,13 @@ impl Decision {
                 self.outcome = Outcome::Failover {
                     region: c.region.clone(),
                 };
+                let how = if c.last_resort() {
+                    " as the last resort, in failback hold-down"
+                } else {
+                    ""
+                };
                 self.reason = format!(
-                    "{rule} matched; failed over to backup {} [{verdicts}]",
+                    "{rule} matched; failed over to backup {}{how} [{verdicts}]",
                     c.region
                 );
             }
@@ -396,7 +448,6 @@ pub fn decide(policy: &Policy, attrs: &Attributes, view: &dyn FederationView) ->
             }
         })
         .collect::<Vec<_>>();
-    let candidates = release_hold_down(candidates);
 
     let mut decision = Decision {
         outcome: Outcome::Rejected {
@@ -418,22 +469,6 @@ pub fn decide(policy: &Policy, attrs: &Attributes, view: &dyn FederationView) ->
 
 /// How failover warnings start (followed by the region).
 const FAILOVER_WARNING: &str = "failover to ";
-
-/// Hold-down only defers traffic: when no candidate is acceptable but some
-/// are refused only for hold-down, the first of those takes the task.
-fn release_hold_down(mut candidates: Vec<Candidate>) -> Vec<Candidate> {
-    if candidates.iter().any(Candidate::accepted) {
-        return candidates;
-    }
-    if let Some(c) = candidates
-        .iter_mut()
-        .find(|c| c.refusal == Some(Refusal::HoldDown))
-    {
-        c.refusal = None;
-        c.detail = "in failback hold-down, but no other candidate is available".into();
-    }
-    candidates
-}
 
 fn verdict(
     region: &str,

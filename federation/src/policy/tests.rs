@@ -268,3 +268,121 @@ fn refuse_keeps_failover_warnings_consistent() {
     assert!(matches!(d.outcome, Outcome::Rejected { .. }));
     assert!(d.warnings.is_empty(), "{d:?}");
 }
+
+/// The user's federation as routing sees it, with some regions in failback
+/// hold-down.
+struct HeldDown<'a> {
+    view: BoundStaticView<'a>,
+    held: &'a [&'a str],
+}
+
+impl FederationView for HeldDown<'_> {
+    fn region(&self, name: &str) -> Option<RegionView> {
+        let mut v = self.view.region(name)?;
+        v.held_down = self.held.contains(&name);
+        Some(v)
+    }
+}
+
+#[test]
+fn a_held_down_region_is_the_last_resort_after_every_other_candidate_failed() {
+    // Observed: US tasks rejected UNAVAILABLE with "north_america (primary):
+    // hold_down; europe (backup): forward_failed".
+    let p = load(&seed()).expect("loads");
+    let none = StaticView::default();
+    let view = HeldDown {
+        view: none.bind(&p),
+        held: &["north_america"],
+    };
+    let us = attrs(&[("customer_region", "US")]);
+    let mut d = p.decide(&us, &view);
+    // While another candidate is available, hold-down defers the task.
+    assert_eq!(
+        d.outcome,
+        Outcome::Failover {
+            region: "europe".into()
+        }
+    );
+    assert_eq!(d.candidates[0].refusal, Some(Refusal::HoldDown));
+    // The backup's forward fails: the held-down primary is tried next,
+    // before rejecting, and the decision says why.
+    d.refuse(
+        "europe",
+        Refusal::ForwardFailed,
+        "forward timed out after 2s",
+    );
+    assert_eq!(
+        d.outcome,
+        Outcome::Routed {
+            region: "north_america".into()
+        },
+        "{d:?}"
+    );
+    let na = &d.candidates[0];
+    assert!(na.accepted() && na.last_resort(), "{na:?}");
+    assert!(
+        na.detail.contains("hold-down") && na.detail.contains("last resort"),
+        "{na:?}"
+    );
+    assert!(
+        d.reason
+            .contains("north_america as the last resort, in failback hold-down"),
+        "{}",
+        d.reason
+    );
+    assert!(
+        d.reason.contains("europe (backup): forward_failed"),
+        "{}",
+        d.reason
+    );
+    // If the last resort fails too, the task is rejected UNAVAILABLE, and
+    // the reason still says the primary was in hold-down and tried last.
+    d.refuse(
+        "north_america",
+        Refusal::ForwardFailed,
+        "connection refused",
+    );
+    assert_eq!(
+        d.outcome,
+        Outcome::Rejected {
+            rejection: Rejection::Unavailable
+        }
+    );
+    assert!(
+        d.reason
+            .contains("connection refused (tried as the last resort while in failback hold-down)"),
+        "{}",
+        d.reason
+    );
+}
+
+#[test]
+fn a_held_down_backup_is_the_last_resort_when_the_primary_is_dead() {
+    let p = load(&seed()).expect("loads");
+    let down = StaticView {
+        down: ["europe".to_string()].into(),
+        ..Default::default()
+    };
+    let view = HeldDown {
+        view: down.bind(&p),
+        held: &["north_america"],
+    };
+    let d = p.decide(&attrs(&[("customer_region", "DE")]), &view);
+    assert_eq!(
+        d.outcome,
+        Outcome::Failover {
+            region: "north_america".into()
+        },
+        "{d:?}"
+    );
+    assert!(d.candidates[1].last_resort(), "{d:?}");
+    assert!(
+        d.reason.contains(
+            "failed over to backup north_america as the last resort, in failback hold-down"
+        ),
+        "{}",
+        d.reason
+    );
+    // The failover still flags the tag it drops.
+    assert!(d.warnings.iter().any(|w| w.contains("GDPR")), "{d:?}");
+}
