@@ -47,16 +47,24 @@ async fn submit_de(sandbox: &federation::sandbox::Sandbox, n: usize) {
     }
 }
 
-/// Waits until europe recorded its head in its store and north_america
-/// witnessed that same head; returns it.
+/// Waits until europe recorded its head in its store, at least as far as
+/// its log file reaches now, and north_america witnessed that same head;
+/// returns it.
 async fn witnessed(sandbox: &federation::sandbox::Sandbox) -> api::LogHead {
+    let log = sandbox
+        .data_dir("europe")
+        .expect("dir")
+        .join("decisions.jsonl");
+    let written = std::fs::read(&log)
+        .map(|b| b.iter().filter(|c| **c == b'\n').count() as u64)
+        .unwrap_or(0);
     let until = Instant::now() + PATIENCE;
     loop {
         let own = sandbox.status_row("europe", "europe").await.ok();
         let seen = sandbox.status_row("north_america", "europe").await.ok();
         if let (Some(own), Some(seen)) = (own, seen) {
             if let (Some(a), Some(b)) = (own.log_head, seen.log_head) {
-                if a.seq > 0 && a == b {
+                if a.seq >= written.max(1) && a == b {
                     return a;
                 }
             }
@@ -131,6 +139,26 @@ async fn a_log_cut_short_emptied_or_rolled_back_is_detected() {
 
     // The last record deleted while europe is stopped.
     sandbox.kill_controller("europe").expect("kill");
+    // north_america writes what it witnessed to disk once per heartbeat.
+    let seen = sandbox
+        .status_row("north_america", "europe")
+        .await
+        .expect("row")
+        .log_head
+        .expect("witnessed");
+    eventually(
+        "north_america's witnesses.json holds europe's head",
+        PATIENCE,
+        || {
+            let na_dir = na_dir.clone();
+            let seq = seen.seq;
+            async move {
+                let w = federation::audit::anchor::read_witnesses(&na_dir).ok()?;
+                (w.get("europe")?.seq >= seq).then_some(())
+            }
+        },
+    )
+    .await;
     let original = std::fs::read(&eu_log).expect("log");
     drop_last_record(&eu_log);
     let cut = audit_verify(
