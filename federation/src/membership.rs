@@ -42,6 +42,8 @@ struct Peer {
     alive_since: Option<Instant>,
     /// The last health we computed (for transition logs and hold-down).
     last_health: Health,
+    /// When `last_health` last changed (None: not since our start).
+    health_since: Option<Instant>,
     /// Tags last dropped as unattested (logged when this changes).
     dropped: Vec<String>,
     /// The freshest advertisement as the region sent it, before our tag
@@ -101,6 +103,7 @@ impl Peer {
             intervals: VecDeque::with_capacity(WINDOW),
             alive_since: None,
             last_health: Health::Unknown,
+            health_since: None,
             dropped: Vec::new(),
             as_sent: None,
             attested_with: None,
@@ -121,6 +124,11 @@ pub struct PeerStatus {
     pub ad: Option<RegionAdvertisement>,
     /// Time since fresh information arrived.
     pub age: Option<Duration>,
+    /// Time since the health last changed (None: not since our start).
+    pub health_age: Option<Duration>,
+    /// How much longer the region is held down after coming back from dead
+    /// (`failback_hold_down`); None when it is not held down.
+    pub hold_down_left: Option<Duration>,
 }
 
 /// The peer table.
@@ -352,6 +360,7 @@ impl Membership {
                         peer.alive_since = None;
                     }
                     peer.last_health = health;
+                    peer.health_since = Some(now);
                     changes.push((region.clone(), before, health));
                 }
             }
@@ -372,9 +381,24 @@ impl Membership {
                     phi,
                     ad: peer.ad.clone(),
                     age: peer.last_fresh.map(|t| now.saturating_duration_since(t)),
+                    health_age: peer.health_since.map(|t| now.saturating_duration_since(t)),
+                    hold_down_left: self.hold_down_left(peer, health, now),
                 }
             })
             .collect()
+    }
+
+    /// What is left of `peer`'s failback hold-down (see `peer_view`).
+    fn hold_down_left(&self, peer: &Peer, health: Health, now: Instant) -> Option<Duration> {
+        let hold = self.timers.failback_hold_down;
+        if hold.is_zero() || health != Health::Alive {
+            return None;
+        }
+        if peer.last_health == Health::Dead {
+            return Some(hold);
+        }
+        let left = hold.checked_sub(now.saturating_duration_since(peer.alive_since?))?;
+        (!left.is_zero()).then_some(left)
     }
 
     /// The routing view of peer `region` (not ourselves; see [`LiveView`]).

@@ -69,8 +69,9 @@ pub use exec::{CancelReason, ExecLimits, ExecStatus, Execution};
 /// `federation agent`).
 #[derive(Debug, Clone, clap::Args)]
 pub struct AgentArgs {
-    /// The controller's gRPC address, for example http://127.0.0.1:7000.
-    #[arg(long)]
+    /// The controller's gRPC address: host:port (a http:// or https://
+    /// scheme is allowed; TLS follows --ca / --insecure).
+    #[arg(long, env = "FEDERATION_ADDR", value_name = "ADDR")]
     pub controller: String,
     /// The region this agent serves; the controller refuses a mismatch.
     #[arg(long)]
@@ -98,13 +99,13 @@ pub struct AgentArgs {
     pub shutdown_grace: Duration,
     /// The federation CA (PEM): talk mutual TLS to the controller, whose
     /// certificate must name `--region` (any region when not given).
-    #[arg(long)]
+    #[arg(long, env = "FEDERATION_CA")]
     pub ca: Option<std::path::PathBuf>,
     /// The agent's certificate (`spiffe://<fed>/agent/<region>/<name>`).
-    #[arg(long, requires = "key")]
+    #[arg(long, env = "FEDERATION_CERT", requires = "key")]
     pub cert: Option<std::path::PathBuf>,
     /// The agent certificate's private key.
-    #[arg(long, requires = "cert")]
+    #[arg(long, env = "FEDERATION_KEY", requires = "cert")]
     pub key: Option<std::path::PathBuf>,
     /// A bearer token (role agent) instead of a certificate.
     #[arg(long, env = "FEDERATION_TOKEN", hide_env_values = true)]
@@ -195,9 +196,11 @@ impl AgentConfig {
         if self.rpc_timeout.is_zero() || self.max_backoff.is_zero() {
             return bad("rpc_timeout and max_backoff must be positive");
         }
-        if !(self.controller.starts_with("http://") || self.controller.starts_with("https://")) {
+        let address = federation_tls::Address::parse(&self.controller)
+            .map_err(|e| AgentError::Config(format!("--controller {e}")))?;
+        if self.tls.ca.is_none() && address.scheme() == Some("https") {
             return Err(AgentError::Config(format!(
-                "--controller {:?} must start with http:// or https://",
+                "--controller {}: https:// asks for TLS, but no --ca was given (plaintext)",
                 self.controller
             )));
         }

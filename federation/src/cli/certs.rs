@@ -99,13 +99,13 @@ fn init(args: &InitArgs) -> anyhow::Result<()> {
     let list: Vec<(String, Vec<String>)> = regions.into_iter().collect();
     let layout = federation_tls::dev::init(&args.out, &federation, &list)?;
     let fed = federation_tls::identity::slug(&federation);
-    println!(
+    super::output::say!(
         "development CA and certificates in {}",
         layout.dir.display()
     );
-    println!("  ca.pem (ca.key: keep it private)");
+    super::output::say!("  ca.pem (ca.key: keep it private)");
     for (region, tags) in &list {
-        println!(
+        super::output::say!(
             "  region-{region}.pem   {}{}",
             federation_tls::identity::region_uri(&fed, region),
             if tags.is_empty() {
@@ -114,13 +114,13 @@ fn init(args: &InitArgs) -> anyhow::Result<()> {
                 format!("  attests {}", tags.join(", "))
             }
         );
-        println!(
+        super::output::say!(
             "  agent-{region}.pem    {}",
             federation_tls::identity::agent_uri(&fed, region, &format!("{region}-agent"))
         );
     }
     for role in ["client", "operator", "auditor"] {
-        println!("  {role}.pem  spiffe://{fed}/{role}/{role}");
+        super::output::say!("  {role}.pem  spiffe://{fed}/{role}/{role}");
     }
     Ok(())
 }

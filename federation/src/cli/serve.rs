@@ -290,7 +290,7 @@ async fn serve(resolved: Resolved) -> anyhow::Result<()> {
             return;
         };
         while hup.recv().await.is_some() {
-            let r = crate::service::reload(&reload_node, "", "").await;
+            let r = crate::service::reload(&reload_node, "", "", "").await;
             if r.applied {
                 tracing::info!(policy_hash = %r.policy_hash, "SIGHUP: policy reloaded");
             } else {
