@@ -141,7 +141,11 @@ fn show_filters_in_text_and_json() {
     let text = stdout(&out);
     assert_eq!(text.lines().count(), 2, "{text}");
     let line = text.lines().nth(1).expect("one row");
-    let cells: Vec<&str> = line.split("  ").map(str::trim).filter(|c| !c.is_empty()).collect();
+    let cells: Vec<&str> = line
+        .split("  ")
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .collect();
     for part in [
         "task-4",
         "customer_region=DE,data_class=pii",

@@ -35,6 +35,11 @@ pub struct InitArgs {
     /// A federation file for default regions, tags and name.
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Replace a CA already in `--out`. Every certificate it issued stops
+    /// working: running controllers keep trusting the old CA and refuse
+    /// clients and peers with certificates of the new one.
+    #[arg(long)]
+    pub force: bool,
 }
 
 fn parse_tags(s: &str) -> Result<(String, Vec<String>), String> {
@@ -61,6 +66,24 @@ pub fn run(cmd: CertsCommand) -> ExitCode {
 }
 
 fn init(args: &InitArgs) -> anyhow::Result<()> {
+    let existing: Vec<PathBuf> = ["ca.pem", "ca.key"]
+        .iter()
+        .map(|f| args.out.join(f))
+        .filter(|p| p.exists())
+        .collect();
+    if !existing.is_empty() && !args.force {
+        anyhow::bail!(
+            "{} already holds a CA ({}): refusing to replace it, since controllers that trust it \
+             would refuse every certificate of a new one; pass --force to replace it anyway, or \
+             choose another --out",
+            args.out.display(),
+            existing
+                .iter()
+                .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     let policy = match &args.config {
         Some(path) => Some(crate::policy::Policy::load_file(path)?),
         None => None,

@@ -176,7 +176,11 @@ mod tests {
         assert_eq!(col(lines[0], "STATE"), col(lines[1], "alive"), "{text}");
         assert_eq!(col(lines[0], "STATE"), col(lines[2], "dead"), "{text}");
         assert!(lines[0].starts_with("REGION"), "{text}");
-        assert_eq!(lines[0].rfind(" N").map(|i| i + 1), lines[2].find("12345"), "{text}");
+        assert_eq!(
+            lines[0].rfind(" N").map(|i| i + 1),
+            lines[2].find("12345"),
+            "{text}"
+        );
         assert!(text.lines().all(|l| l == l.trim_end()), "{text:?}");
     }
 
