@@ -34,8 +34,8 @@ pub struct Connect {
     /// A bearer token instead of a certificate.
     #[arg(long, env = "FEDERATION_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
-    /// Plaintext without authentication (development only); the CA,
-    /// certificate and token are then not used.
+    /// Plaintext without authentication (development only); the CA and
+    /// certificate (say from FEDERATION_CA…) are then not used.
     #[arg(long)]
     pub insecure: bool,
 }
@@ -86,7 +86,7 @@ pub fn channel(c: &Connect) -> anyhow::Result<federation_tls::AuthChannel> {
             .map_err(|e| anyhow::anyhow!("bad controller address `{addr}`: {e}"))?;
         (
             configure(ep).connect_lazy(),
-            federation_tls::Bearer::new(None)?,
+            federation_tls::Bearer::new(c.token.as_deref())?,
         )
     } else {
         let Some(ca) = &c.ca else {
