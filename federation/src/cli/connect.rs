@@ -306,14 +306,38 @@ pub async fn describe(status: &tonic::Status, c: &Connect) -> String {
         || (failure.is_none()
             && status.code() == tonic::Code::Cancelled
             && StdError::source(status).is_some());
-    if closed && c.tls() {
-        if let Some(probed) = probe_tls(c).await {
+    if closed || (c.insecure && failure.is_none() && StdError::source(status).is_some()) {
+        let probed = if c.tls() {
+            probe_tls(c).await
+        } else {
+            probe_plaintext(c).await
+        };
+        if let Some(probed) = probed {
             failure = Some(probed);
         }
     }
     match failure {
         Some(f) => format!("error: {}", explain(&f, c)),
         None => format!("error ({:?}): {}", status.code(), status.message()),
+    }
+}
+
+/// Sends the HTTP/2 preface in plaintext and reads the answer: a TLS server
+/// answers bytes that are not a TLS record with a TLS alert record (content
+/// type 21, version 3.x).
+async fn probe_plaintext(c: &Connect) -> Option<Failure> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let addr = c.controller.as_ref()?;
+    let probe = async {
+        let mut tcp = tokio::net::TcpStream::connect(addr.authority()).await?;
+        tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await?;
+        let mut buf = [0u8; 2];
+        tcp.read_exact(&mut buf).await?;
+        Ok::<_, std::io::Error>(buf)
+    };
+    match tokio::time::timeout(c.timeout, probe).await {
+        Ok(Ok([21, 3])) => Some(Failure::ServerSpeaksTls),
+        _ => None,
     }
 }
 
@@ -367,6 +391,95 @@ pub fn is_transport(status: &tonic::Status) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    fn connect(addr: std::net::SocketAddr, ca: Option<PathBuf>, insecure: bool) -> Connect {
+        Connect {
+            controller: Some(Address::parse(&addr.to_string()).expect("address")),
+            timeout: Duration::from_secs(10),
+            ca,
+            cert: None,
+            key: None,
+            token: None,
+            insecure,
+        }
+    }
+
+    async fn status_call(c: &Connect) -> tonic::Status {
+        let mut admin = federation_api::federation_admin_client::FederationAdminClient::new(
+            channel(c).expect("channel"),
+        );
+        admin
+            .federation_status(federation_api::FederationStatusRequest {})
+            .await
+            .expect_err("no controller answers")
+    }
+
+    /// Real listeners: a rustls server with a development region
+    /// certificate, a plaintext server that answers HTTP/1.1, and a closed
+    /// port.
+    #[tokio::test]
+    async fn transport_failures_against_real_listeners() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let layout = federation_tls::dev::init(dir.path(), "fed", &[("europe".into(), vec![])])
+            .expect("certs");
+        let (cert, key) = layout.region("europe");
+        let server = federation_tls::ServerTls::load(
+            &federation_tls::TlsFiles {
+                ca: layout.ca(),
+                cert,
+                key,
+            },
+            "fed",
+        )
+        .expect("server tls");
+        let tls_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let tls_addr = tls_listener.local_addr().expect("addr");
+        let mut incoming = server.incoming(tls_listener, Duration::from_secs(5));
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Some(conn) = tokio_stream::StreamExt::next(&mut incoming).await {
+                held.push(conn);
+            }
+        });
+        let plain_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let plain_addr = plain_listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = plain_listener.accept().await {
+                let mut buf = [0u8; 512];
+                let _ = tcp.read(&mut buf).await;
+                let _ = tcp.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").await;
+            }
+        });
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            l.local_addr().expect("addr")
+        };
+
+        let c = connect(tls_addr, None, true);
+        assert_eq!(probe_plaintext(&c).await, Some(Failure::ServerSpeaksTls));
+        let said = describe(&status_call(&c).await, &c).await;
+        assert!(
+            said.contains("speaks TLS") && said.contains("drop --insecure"),
+            "{said}"
+        );
+
+        let c = connect(plain_addr, Some(layout.ca()), false);
+        let said = describe(&status_call(&c).await, &c).await;
+        assert!(said.contains("does not speak TLS"), "{said}");
+
+        let c = connect(closed, Some(layout.ca()), false);
+        let said = describe(&status_call(&c).await, &c).await;
+        assert!(
+            said.contains(&format!("nothing listening at {closed}")),
+            "{said}"
+        );
+        assert_eq!(said.matches("refused").count(), 1, "{said}");
+    }
 
     #[test]
     fn refused_connect_is_nothing_listening() {
