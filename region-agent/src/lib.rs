@@ -111,7 +111,8 @@ pub struct AgentArgs {
     #[arg(long, env = "FEDERATION_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
     /// Plaintext without authentication (development only).
-    #[arg(long, conflicts_with = "ca")]
+    /// The CA and certificate (say from FEDERATION_CA…) are then not used.
+    #[arg(long)]
     pub insecure: bool,
 }
 
@@ -220,10 +221,20 @@ impl From<AgentArgs> for AgentConfig {
         config.limits.max_output = args.max_output;
         config.lease_wait = args.lease_wait;
         config.shutdown_grace = args.shutdown_grace;
-        config.tls = AgentTls {
-            ca: args.ca,
-            cert_key: args.cert.zip(args.key),
-            token: args.token,
+        // --insecure wins over credentials exported for the client
+        // commands (FEDERATION_CA…): plaintext, a token only.
+        config.tls = if args.insecure {
+            AgentTls {
+                ca: None,
+                cert_key: None,
+                token: args.token,
+            }
+        } else {
+            AgentTls {
+                ca: args.ca,
+                cert_key: args.cert.zip(args.key),
+                token: args.token,
+            }
         };
         config
     }
