@@ -131,6 +131,9 @@ pub enum Failure {
     NotAController,
     /// The server refused our client certificate (the TLS alert it sent).
     ClientCertificateRefused(String),
+    /// The server ended the TLS handshake with another alert (no common
+    /// protocol version or cipher suite, …).
+    HandshakeRefused(String),
     /// The connection dropped before an answer.
     ConnectionClosed,
 }
@@ -218,7 +221,7 @@ fn classify_rustls(e: &rustls::Error) -> Failure {
             | A::UnsupportedCertificate
             | A::DecryptError
             | A::AccessDenied => Failure::ClientCertificateRefused(format!("{alert:?}")),
-            other => Failure::ClientCertificateRefused(format!("{other:?}")),
+            other => Failure::HandshakeRefused(format!("{other:?}")),
         },
         rustls::Error::InvalidMessage(_) => Failure::ServerSpeaksPlaintext,
         other => Failure::ServerCertificate(other.to_string()),
@@ -269,6 +272,9 @@ pub fn explain(failure: &Failure, c: &Connect) -> String {
              the CA the controller trusts, or is expired; check that it comes from the same \
              `certs init` as the controller's"
         ),
+        Failure::HandshakeRefused(alert) => format!(
+            "TLS: {addr} ended the handshake (alert {alert}): see the controller's log for why"
+        ),
         Failure::ConnectionClosed => {
             if c.tls() {
                 format!(
@@ -301,6 +307,10 @@ pub async fn describe(status: &tonic::Status, c: &Connect) -> String {
         // Plaintext against TLS without a usable source (h2 reading a TLS
         // record).
         failure = Some(Failure::ServerSpeaksTls);
+    }
+    if c.tls() && failure == Some(Failure::ServerSpeaksTls) {
+        // An HTTP/2 protocol error over TLS is the server's own answer.
+        failure = None;
     }
     let closed = matches!(failure, Some(Failure::ConnectionClosed))
         || (failure.is_none()
