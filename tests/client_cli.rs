@@ -350,6 +350,28 @@ async fn client_commands_against_one_federation() {
     )
     .await;
     assert_eq!(ids_of(&out), std::slice::from_ref(&doomed));
+    // The RPC refuses what it cannot honour, naming the field.
+    let mut eu_client = sandbox.client("europe").await.expect("client");
+    for (req, field) in [
+        (
+            federation_api::ListTasksRequest {
+                page_size: 5000,
+                ..Default::default()
+            },
+            "page_size",
+        ),
+        (
+            federation_api::ListTasksRequest {
+                states: vec![42],
+                ..Default::default()
+            },
+            "states",
+        ),
+    ] {
+        let e = eu_client.list_tasks(req).await.expect_err("refused");
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains(field), "{e:?}");
+    }
     let (code, out, _) = run(&eu_env, &["tasks"]).await;
     assert_eq!(code, 0);
     assert_aligned(

@@ -582,6 +582,51 @@ mod tests {
     }
 
     #[test]
+    fn status_rows_say_since_when_and_the_hold_down_left() {
+        let p = policy();
+        let timers = Timers::default();
+        let hold = timers.failback_hold_down;
+        let m = Membership::new("north_america", &p, timers);
+        let t0 = Instant::now();
+        let row = |at: Instant| {
+            m.status(at)
+                .into_iter()
+                .find(|r| r.region == "europe")
+                .expect("europe row")
+        };
+        for s in 0..5 {
+            m.observe(&ad("europe", 1, s + 1), t0 + Duration::from_secs(s));
+        }
+        let alive_at = t0 + Duration::from_secs(4);
+        m.tick(alive_at);
+        let r = row(alive_at + Duration::from_millis(500));
+        assert_eq!(r.health, Health::Alive);
+        assert_eq!(r.health_age, Some(Duration::from_millis(500)));
+        assert_eq!(r.hold_down_left, None, "first contact is not a return");
+        // Silent: dead; then back: held down for failback_hold_down.
+        let dead_at = alive_at + Duration::from_secs(20);
+        m.tick(dead_at);
+        assert_eq!(row(dead_at).health, Health::Dead);
+        assert_eq!(
+            row(dead_at + Duration::from_secs(1)).health_age,
+            Some(Duration::from_secs(1))
+        );
+        let back = dead_at + Duration::from_secs(5);
+        m.observe(&ad("europe", 2, 1), back);
+        assert_eq!(row(back).hold_down_left, Some(hold), "before the next tick");
+        m.tick(back);
+        let later = back + Duration::from_secs(10);
+        m.observe(&ad("europe", 2, 2), later);
+        assert_eq!(
+            row(later).hold_down_left,
+            Some(hold - Duration::from_secs(10))
+        );
+        let over = back + hold;
+        m.observe(&ad("europe", 2, 3), over);
+        assert_eq!(row(over).hold_down_left, None);
+    }
+
+    #[test]
     fn live_view_trusts_only_granted_tags() {
         let p = policy();
         let m = Membership::new("north_america", &p, Timers::default());
