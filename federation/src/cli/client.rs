@@ -653,7 +653,7 @@ pub fn tasks(args: TasksArgs) -> ExitCode {
         }
         if more {
             eprintln!(
-                "{} task(s) shown; more match: pass --page-token {token}",
+                "{} task(s) shown; more may match: pass --page-token {token}",
                 tasks.len()
             );
         } else {

@@ -53,8 +53,11 @@ pub fn list_tasks(node: &Node, req: &api::ListTasksRequest) -> Result<api::ListT
         n @ 1..=1000 => n as usize,
         _ => return Err(Error::invalid("page_size", "at most 1000")),
     };
-    if req.max_age_ms < 0 || req.min_age_ms < 0 {
-        return Err(Error::invalid("max_age_ms", "ages are not negative"));
+    if req.max_age_ms < 0 {
+        return Err(Error::invalid("max_age_ms", "negative"));
+    }
+    if req.min_age_ms < 0 {
+        return Err(Error::invalid("min_age_ms", "negative"));
     }
     let mut states = Vec::with_capacity(req.states.len());
     for s in &req.states {
