@@ -40,6 +40,9 @@ pub struct InitArgs {
     /// clients and peers with certificates of the new one.
     #[arg(long)]
     pub force: bool,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t)]
+    pub format: super::OutputFormat,
 }
 
 fn parse_tags(s: &str) -> Result<(String, Vec<String>), String> {
@@ -122,28 +125,62 @@ fn init(args: &InitArgs) -> anyhow::Result<()> {
     let list: Vec<(String, Vec<String>)> = regions.into_iter().collect();
     let layout = federation_tls::dev::init(&args.out, &federation, &list)?;
     let fed = federation_tls::identity::slug(&federation);
+    // (file stem, identity, attested tags) of every certificate written.
+    let mut issued: Vec<(String, String, Vec<String>)> = Vec::new();
+    for (region, tags) in &list {
+        issued.push((
+            format!("region-{region}"),
+            federation_tls::identity::region_uri(&fed, region),
+            tags.clone(),
+        ));
+        issued.push((
+            format!("agent-{region}"),
+            federation_tls::identity::agent_uri(&fed, region, &format!("{region}-agent")),
+            Vec::new(),
+        ));
+    }
+    for role in ["client", "operator", "auditor"] {
+        issued.push((
+            role.to_string(),
+            format!("spiffe://{fed}/{role}/{role}"),
+            Vec::new(),
+        ));
+    }
+    if args.format == super::OutputFormat::Json {
+        let certificates: Vec<serde_json::Value> = issued
+            .iter()
+            .map(|(stem, id, tags)| {
+                serde_json::json!({
+                    "cert": layout.dir.join(format!("{stem}.pem")),
+                    "key": layout.dir.join(format!("{stem}.key")),
+                    "identity": id,
+                    "attested_tags": tags,
+                })
+            })
+            .collect();
+        super::output::say!(
+            "{}",
+            serde_json::json!({
+                "dir": layout.dir, "federation": federation, "ca": layout.ca(),
+                "certificates": certificates,
+            })
+        );
+        return Ok(());
+    }
     super::output::say!(
         "development CA and certificates in {}",
         layout.dir.display()
     );
     super::output::say!("  ca.pem (ca.key: keep it private)");
-    for (region, tags) in &list {
+    for (stem, id, tags) in &issued {
         super::output::say!(
-            "  region-{region}.pem   {}{}",
-            federation_tls::identity::region_uri(&fed, region),
+            "  {stem}.pem  {id}{}",
             if tags.is_empty() {
                 String::new()
             } else {
                 format!("  attests {}", tags.join(", "))
             }
         );
-        super::output::say!(
-            "  agent-{region}.pem    {}",
-            federation_tls::identity::agent_uri(&fed, region, &format!("{region}-agent"))
-        );
-    }
-    for role in ["client", "operator", "auditor"] {
-        super::output::say!("  {role}.pem  spiffe://{fed}/{role}/{role}");
     }
     Ok(())
 }
