@@ -117,3 +117,46 @@ fn a_closed_stdout_ends_quietly() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert!(out.stderr.is_empty(), "{}", text(&out.stderr));
 }
+
+#[test]
+fn serve_names_the_environment_variable_that_is_wrong() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let seed = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../policies/seed-federation.yaml"
+    );
+    let data = dir.path().join("data").display().to_string();
+    for (var, value, says) in [
+        (
+            "FEDERATION__NODE__TIMERS__HEARTBEAT_INTERVAL",
+            "banana",
+            "field `node.timers.heartbeat_interval`: invalid duration `banana`",
+        ),
+        (
+            "FEDERATION__NODE__TIMERS__HEARTBEET",
+            "1s",
+            "field `node.timers.heartbeet`: unknown field `heartbeet`",
+        ),
+        (
+            "FEDERATION__NODE__REGION",
+            "nowhere",
+            "region `nowhere` is not in",
+        ),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_federation"))
+            .args(["serve", "--insecure", "--config", seed, "--data-dir", &data])
+            .env(var, value)
+            .output()
+            .expect("runs");
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{var}: {err}");
+        assert!(
+            err.contains(&format!("error: environment variable {var}: ")) && err.contains(says),
+            "{var}: {err}"
+        );
+        assert!(
+            !err.contains("seed-federation.yaml:"),
+            "not the file's fault: {err}"
+        );
+    }
+}
