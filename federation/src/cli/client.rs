@@ -991,13 +991,47 @@ pub fn status_table(s: &api::FederationStatusResponse) -> String {
     out
 }
 
+/// The first 8 characters of a hash (the whole string when shorter, or
+/// when byte 8 is inside a character: the hash came from the network).
 fn short(hash: &str) -> &str {
-    &hash[..hash.len().min(8)]
+    hash.get(..8).unwrap_or(hash)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn submit_prints_a_decision_as_policy_explain_and_the_log_do() {
+        let policy = crate::policy::Policy::load_file(std::path::Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../policies/seed-federation.yaml"
+        )))
+        .expect("seed loads");
+        let attrs: Attributes = [("customer_region".to_string(), AttrValue::Str("DE".into()))]
+            .into_iter()
+            .collect();
+        for down in [vec![], vec!["europe".to_string()]] {
+            let view = crate::policy::StaticView {
+                down: down.into_iter().collect(),
+                ..Default::default()
+            };
+            let d = policy.decide(&attrs, &view.bind(&policy));
+            let logged = serde_json::to_value(&d).expect("serializes");
+            assert_eq!(
+                decision_json(&crate::wire::decision_to_wire(&d)),
+                logged,
+                "one shape"
+            );
+        }
+    }
+
+    #[test]
+    fn short_hashes_never_split_a_character() {
+        assert_eq!(short("23de659d1234"), "23de659d");
+        assert_eq!(short("abc"), "abc");
+        assert_eq!(short("1234567é9"), "1234567é9");
+    }
 
     #[test]
     fn attrs_parse_as_strings_or_typed_json() {
