@@ -33,6 +33,7 @@ async fn gossip_keeps_a_region_alive_across_a_broken_link_and_flags_policy_misma
         .reload_policy(api::ReloadPolicyRequest {
             policy_source: variant,
             format: "yaml".into(),
+            ..Default::default()
         })
         .await
         .expect("reload")

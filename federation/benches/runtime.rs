@@ -69,6 +69,12 @@ macro_rules! baseline_service {
             ) -> Result<Response<api::ExplainRouteResponse>, Status> {
                 Err(Status::unimplemented("echo"))
             }
+            async fn list_tasks(
+                &self,
+                _: Request<api::ListTasksRequest>,
+            ) -> Result<Response<api::ListTasksResponse>, Status> {
+                Err(Status::unimplemented("echo"))
+            }
         }
     };
 }

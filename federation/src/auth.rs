@@ -8,7 +8,7 @@
 //!
 //! | Role | May call |
 //! |---|---|
-//! | client | SubmitTask, GetTask, WatchTask, CancelTask, ExplainRoute |
+//! | client | SubmitTask, GetTask, WatchTask, CancelTask, ExplainRoute, ListTasks |
 //! | agent | the agent service, in its own region only |
 //! | operator | everything a client may, and the admin service |
 //! | auditor | FederationStatus, ExplainRoute, GetTask |

@@ -56,6 +56,8 @@ struct Peer {
     alive_since: Option<Instant>,
     /// The last health we computed (for transition logs and hold-down).
     last_health: Health,
+    /// When `last_health` last changed (None: not since our start).
+    health_since: Option<Instant>,
     /// Tags last dropped as unattested (logged when this changes).
     dropped: Vec<String>,
     /// The freshest advertisement as the region sent it, before our tag
@@ -115,6 +117,7 @@ impl Peer {
             intervals: VecDeque::with_capacity(WINDOW),
             alive_since: None,
             last_health: Health::Unknown,
+            health_since: None,
             dropped: Vec::new(),
             as_sent: None,
             attested_with: None,
@@ -135,6 +138,11 @@ pub struct PeerStatus {
     pub ad: Option<RegionAdvertisement>,
     /// Time since fresh information arrived.
     pub age: Option<Duration>,
+    /// Time since the health last changed (None: not since our start).
+    pub health_age: Option<Duration>,
+    /// How much longer the region is held down after coming back from dead
+    /// (`failback_hold_down`); None when it is not held down.
+    pub hold_down_left: Option<Duration>,
 }
 
 /// The peer table.
@@ -440,6 +448,7 @@ impl Membership {
                         peer.alive_since = None;
                     }
                     peer.last_health = health;
+                    peer.health_since = Some(now);
                     changes.push((region.clone(), before, health));
                 }
             }
@@ -462,9 +471,24 @@ impl Membership {
                     phi,
                     ad: peer.ad.clone(),
                     age: peer.last_fresh.map(|t| now.saturating_duration_since(t)),
+                    health_age: peer.health_since.map(|t| now.saturating_duration_since(t)),
+                    hold_down_left: self.hold_down_left(peer, health, now),
                 }
             })
             .collect()
+    }
+
+    /// What is left of `peer`'s failback hold-down (see `peer_view`).
+    fn hold_down_left(&self, peer: &Peer, health: Health, now: Instant) -> Option<Duration> {
+        let hold = self.timers.failback_hold_down;
+        if hold.is_zero() || health != Health::Alive {
+            return None;
+        }
+        if peer.last_health == Health::Dead {
+            return Some(hold);
+        }
+        let left = hold.checked_sub(now.saturating_duration_since(peer.alive_since?))?;
+        (!left.is_zero()).then_some(left)
     }
 
     /// The routing view of peer `region` (not ourselves; see [`LiveView`]).
@@ -831,6 +855,51 @@ mod tests {
         assert!(sim.stalls() >= 10);
         assert!(sim.went("europe", Health::Dead), "{:?}", sim.changes);
         assert!(!sim.went("asia_pacific", Health::Dead), "{:?}", sim.changes);
+    }
+
+    #[test]
+    fn status_rows_say_since_when_and_the_hold_down_left() {
+        let p = policy();
+        let timers = Timers::default();
+        let hold = timers.failback_hold_down;
+        let m = Membership::new("north_america", &p, timers);
+        let t0 = Instant::now();
+        let row = |at: Instant| {
+            m.status(at)
+                .into_iter()
+                .find(|r| r.region == "europe")
+                .expect("europe row")
+        };
+        for s in 0..5 {
+            m.observe(&ad("europe", 1, s + 1), t0 + Duration::from_secs(s));
+        }
+        let alive_at = t0 + Duration::from_secs(4);
+        m.tick(alive_at);
+        let r = row(alive_at + Duration::from_millis(500));
+        assert_eq!(r.health, Health::Alive);
+        assert_eq!(r.health_age, Some(Duration::from_millis(500)));
+        assert_eq!(r.hold_down_left, None, "first contact is not a return");
+        // Silent: dead; then back: held down for failback_hold_down.
+        let dead_at = alive_at + Duration::from_secs(20);
+        m.tick(dead_at);
+        assert_eq!(row(dead_at).health, Health::Dead);
+        assert_eq!(
+            row(dead_at + Duration::from_secs(1)).health_age,
+            Some(Duration::from_secs(1))
+        );
+        let back = dead_at + Duration::from_secs(5);
+        m.observe(&ad("europe", 2, 1), back);
+        assert_eq!(row(back).hold_down_left, Some(hold), "before the next tick");
+        m.tick(back);
+        let later = back + Duration::from_secs(10);
+        m.observe(&ad("europe", 2, 2), later);
+        assert_eq!(
+            row(later).hold_down_left,
+            Some(hold - Duration::from_secs(10))
+        );
+        let over = back + hold;
+        m.observe(&ad("europe", 2, 3), over);
+        assert_eq!(row(over).hold_down_left, None);
     }
 
     #[test]

@@ -119,27 +119,46 @@ fn show_filters_in_text_and_json() {
     write_log(dir.path(), 6);
     let d = arg(dir.path());
 
+    // A table by default: a header, then one row per record.
     let out = federation(&["audit", "show", d]);
     assert_eq!(out.status.code(), Some(0), "{out:?}");
-    assert_eq!(stdout(&out).lines().count(), 6);
+    let text = stdout(&out);
+    assert_eq!(text.lines().count(), 7, "{text}");
+    let header = text.lines().next().expect("header");
+    assert!(header.starts_with("TIME"), "{text}");
+    // Every row's RULE and REGION cells start under their headers.
+    for column in ["TASK", "RULE", "REGION", "OUTCOME"] {
+        let at = header.find(column).expect("column");
+        for row in text.lines().skip(1) {
+            assert!(
+                row.as_bytes()[at - 1] == b' ' && row.as_bytes()[at] != b' ',
+                "{column} misaligned in {row:?}:\n{text}"
+            );
+        }
+    }
 
     let out = federation(&["audit", "show", d, "--task", "task-4"]);
     let text = stdout(&out);
-    assert_eq!(text.lines().count(), 1, "{text}");
-    let line = text.lines().next().expect("one line");
+    assert_eq!(text.lines().count(), 2, "{text}");
+    let line = text.lines().nth(1).expect("one row");
+    let cells: Vec<&str> = line
+        .split("  ")
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .collect();
     for part in [
-        "task=task-4",
+        "task-4",
         "customer_region=DE,data_class=pii",
-        "rule=2",
-        "region=europe_west",
+        "2",
+        "europe_west",
         "failover",
-        "rule 2 matched; failover",
     ] {
-        assert!(line.contains(part), "{part} missing from {line}");
+        assert!(cells.contains(&part), "{part} missing from {line}");
     }
+    assert!(line.contains("rule 2 matched; failover"), "{line}");
 
     let out = federation(&["audit", "show", d, "--rule", "2", "--outcome", "rejected"]);
-    assert_eq!(stdout(&out).lines().count(), 2);
+    assert_eq!(stdout(&out).lines().count(), 3);
 
     let out = federation(&[
         "audit",

@@ -164,11 +164,12 @@ async fn sleep_unless(delay: Duration, stop: &mut watch::Receiver<bool>) -> bool
 fn channel(config: &AgentConfig) -> Result<Channel, AgentError> {
     let connect_timeout = config.rpc_timeout.min(Duration::from_secs(5));
     let Some(ca) = &config.tls.ca else {
-        let endpoint = Endpoint::from_shared(config.controller.clone()).map_err(|source| {
-            AgentError::Address {
-                address: config.controller.clone(),
-                source,
-            }
+        let uri = federation_tls::Address::parse(&config.controller)
+            .map(|a| a.uri())
+            .unwrap_or_else(|_| config.controller.clone());
+        let endpoint = Endpoint::from_shared(uri).map_err(|source| AgentError::Address {
+            address: config.controller.clone(),
+            source,
         })?;
         return Ok(endpoint
             .connect_timeout(connect_timeout)

@@ -69,8 +69,9 @@ pub use exec::{CancelReason, ExecLimits, ExecStatus, Execution};
 /// `federation agent`).
 #[derive(Debug, Clone, clap::Args)]
 pub struct AgentArgs {
-    /// The controller's gRPC address, for example http://127.0.0.1:7000.
-    #[arg(long)]
+    /// The controller's gRPC address: host:port (a http:// or https://
+    /// scheme is allowed; TLS follows --ca / --insecure).
+    #[arg(long, env = "FEDERATION_ADDR", value_name = "ADDR")]
     pub controller: String,
     /// The region this agent serves; the controller refuses a mismatch.
     #[arg(long)]
@@ -98,19 +99,20 @@ pub struct AgentArgs {
     pub shutdown_grace: Duration,
     /// The federation CA (PEM): talk mutual TLS to the controller, whose
     /// certificate must name `--region` (any region when not given).
-    #[arg(long)]
+    #[arg(long, env = "FEDERATION_CA")]
     pub ca: Option<std::path::PathBuf>,
     /// The agent's certificate (`spiffe://<fed>/agent/<region>/<name>`).
-    #[arg(long, requires = "key")]
+    #[arg(long, env = "FEDERATION_CERT", requires = "key")]
     pub cert: Option<std::path::PathBuf>,
     /// The agent certificate's private key.
-    #[arg(long, requires = "cert")]
+    #[arg(long, env = "FEDERATION_KEY", requires = "cert")]
     pub key: Option<std::path::PathBuf>,
     /// A bearer token (role agent) instead of a certificate.
     #[arg(long, env = "FEDERATION_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
     /// Plaintext without authentication (development only).
-    #[arg(long, conflicts_with = "ca")]
+    /// The CA and certificate (say from FEDERATION_CA…) are then not used.
+    #[arg(long)]
     pub insecure: bool,
 }
 
@@ -195,9 +197,11 @@ impl AgentConfig {
         if self.rpc_timeout.is_zero() || self.max_backoff.is_zero() {
             return bad("rpc_timeout and max_backoff must be positive");
         }
-        if !(self.controller.starts_with("http://") || self.controller.starts_with("https://")) {
+        let address = federation_tls::Address::parse(&self.controller)
+            .map_err(|e| AgentError::Config(format!("--controller {e}")))?;
+        if self.tls.ca.is_none() && address.scheme() == Some("https") {
             return Err(AgentError::Config(format!(
-                "--controller {:?} must start with http:// or https://",
+                "--controller {}: https:// asks for TLS, but no --ca was given (plaintext)",
                 self.controller
             )));
         }
@@ -217,10 +221,20 @@ impl From<AgentArgs> for AgentConfig {
         config.limits.max_output = args.max_output;
         config.lease_wait = args.lease_wait;
         config.shutdown_grace = args.shutdown_grace;
-        config.tls = AgentTls {
-            ca: args.ca,
-            cert_key: args.cert.zip(args.key),
-            token: args.token,
+        // --insecure wins over credentials exported for the client
+        // commands (FEDERATION_CA…): plaintext, a token only.
+        config.tls = if args.insecure {
+            AgentTls {
+                ca: None,
+                cert_key: None,
+                token: args.token,
+            }
+        } else {
+            AgentTls {
+                ca: args.ca,
+                cert_key: args.cert.zip(args.key),
+                token: args.token,
+            }
         };
         config
     }

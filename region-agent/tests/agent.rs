@@ -18,7 +18,18 @@ fn closed_address() -> String {
 
 #[tokio::test]
 async fn invalid_configuration_is_refused() {
-    let config = AgentConfig::new("127.0.0.1:1", "true");
+    // One address syntax: host:port with or without http(s)://; anything
+    // else is refused before connecting.
+    for good in ["127.0.0.1:7000", "http://127.0.0.1:7000", "[::1]:7000"] {
+        let config = AgentConfig::new(good, "true");
+        assert!(config.validate().is_ok(), "{good}: {:?}", config.validate());
+    }
+    let config = AgentConfig::new("https://127.0.0.1:7000", "true");
+    assert!(
+        matches!(config.validate(), Err(AgentError::Config(m)) if m.contains("https://")),
+        "https:// without a CA is refused"
+    );
+    let config = AgentConfig::new("grpc://127.0.0.1:1", "true");
     let result = tokio::time::timeout(TEST_BOUND, region_agent::run(config, async {}))
         .await
         .expect("bounded");

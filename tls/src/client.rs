@@ -165,6 +165,81 @@ pub fn source_chain(e: &dyn std::error::Error) -> String {
     out
 }
 
+/// A controller address as every command line takes it (`--controller`,
+/// `FEDERATION_ADDR`): `host:port`, optionally with an `http://` or
+/// `https://` scheme. Whether TLS is spoken is decided by the credentials
+/// (a CA, or `--insecure`), not by the scheme; `https://` together with
+/// plaintext is refused by the caller ([`Address::scheme`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Address {
+    scheme: Option<&'static str>,
+    authority: String,
+}
+
+impl Address {
+    /// Parses `host:port`, `http://host:port` or `https://host:port` (a
+    /// trailing `/` is allowed; a path, a query or another scheme is not).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let (scheme, rest) = if let Some(rest) = s.strip_prefix("https://") {
+            (Some("https"), rest)
+        } else if let Some(rest) = s.strip_prefix("http://") {
+            (Some("http"), rest)
+        } else if let Some((scheme, _)) = s.split_once("://") {
+            return Err(format!(
+                "`{s}`: unknown scheme `{scheme}` (expected host:port, http://host:port or https://host:port)"
+            ));
+        } else {
+            (None, s)
+        };
+        let authority = rest.strip_suffix('/').unwrap_or(rest);
+        if authority.contains(['/', '?', '#', '@']) || authority.chars().any(char::is_whitespace) {
+            return Err(format!(
+                "`{s}`: expected host:port (no path, user or spaces)"
+            ));
+        }
+        let Some((host, port)) = authority.rsplit_once(':') else {
+            return Err(format!("`{s}`: missing port (expected host:port)"));
+        };
+        let bracketed = host.starts_with('[') && host.ends_with(']');
+        if host.is_empty() || (host.contains(':') && !bracketed) {
+            return Err(format!(
+                "`{s}`: bad host (an IPv6 address goes in brackets: [::1]:7000)"
+            ));
+        }
+        match port.parse::<u16>() {
+            Ok(p) if p > 0 => {}
+            _ => return Err(format!("`{s}`: bad port `{port}` (1 to 65535)")),
+        }
+        Ok(Self {
+            scheme,
+            authority: authority.to_string(),
+        })
+    }
+
+    /// The scheme that was written, if any.
+    pub fn scheme(&self) -> Option<&'static str> {
+        self.scheme
+    }
+
+    /// `host:port`.
+    pub fn authority(&self) -> &str {
+        &self.authority
+    }
+
+    /// `http://host:port`, the form tonic's endpoints take (TLS, when used,
+    /// is done by our connector).
+    pub fn uri(&self) -> String {
+        format!("http://{}", self.authority)
+    }
+}
+
+impl std::fmt::Display for Address {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.authority)
+    }
+}
+
 /// `https://h:p` → `http://h:p` (TLS is done by our connector), bare `h:p` →
 /// `http://h:p`.
 pub fn plain_uri(endpoint: &str) -> String {
@@ -328,5 +403,41 @@ impl ServerCertVerifier for ControllerVerifier {
         self.provider
             .signature_verification_algorithms
             .supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod address_tests {
+    use super::Address;
+
+    #[test]
+    fn one_syntax_with_or_without_a_scheme() {
+        for (input, scheme) in [
+            ("127.0.0.1:7000", None),
+            ("http://127.0.0.1:7000", Some("http")),
+            ("https://127.0.0.1:7000/", Some("https")),
+            ("[::1]:7000", None),
+            ("controller.example:443", None),
+        ] {
+            let a = Address::parse(input).unwrap_or_else(|e| panic!("{input}: {e}"));
+            assert_eq!(a.scheme(), scheme, "{input}");
+            assert!(a.uri().starts_with("http://"), "{input}");
+        }
+        assert_eq!(
+            Address::parse("https://h:1").map(|a| a.uri()),
+            Ok("http://h:1".to_string())
+        );
+        for bad in [
+            "127.0.0.1",
+            "grpc://h:1",
+            "h:port",
+            "h:0",
+            "http://h:1/path",
+            ":7000",
+            "::1:7000",
+            "",
+        ] {
+            assert!(Address::parse(bad).is_err(), "{bad} should be refused");
+        }
     }
 }

@@ -26,7 +26,7 @@ use rustls::crypto::CryptoProvider;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
-pub use client::{ClientTls, Expect, OnVerified};
+pub use client::{Address, ClientTls, Expect, OnVerified};
 pub use identity::{Identity, IdentityError, Role};
 pub use server::{ConnInfo, ServerTls, TlsConn};
 

@@ -69,7 +69,7 @@ pub enum AuditCommand {
 #[derive(Debug, clap::Args)]
 pub struct DecisionsArgs {
     #[command(flatten)]
-    connect: super::client::Connect,
+    connect: super::connect::Connect,
     /// Only this task id.
     #[arg(long)]
     task: Option<String>,
@@ -94,12 +94,8 @@ pub struct DecisionsArgs {
 /// decision log. Exit 0 with an intact chain, 1 when the controller reports
 /// it broken, 2 when the call fails.
 pub fn decisions(args: DecisionsArgs) -> ExitCode {
-    let rt = match super::client::runtime() {
-        Ok(rt) => rt,
-        Err(e) => return super::fail(&e, 2),
-    };
-    rt.block_on(async move {
-        let channel = match super::client::channel(&args.connect).await {
+    super::client::run_command(async move {
+        let channel = match super::connect::channel(&args.connect) {
             Ok(c) => c,
             Err(e) => return super::fail(&e, 2),
         };
@@ -117,26 +113,36 @@ pub fn decisions(args: DecisionsArgs) -> ExitCode {
         let reply = match reply {
             Ok(r) => r.into_inner(),
             Err(s) => {
-                eprintln!("error ({:?}): {}", s.code(), s.message());
+                eprintln!("{}", super::connect::describe(&s, &args.connect).await);
                 return ExitCode::from(2);
             }
         };
-        let mut out = String::new();
-        for line in &reply.records {
-            match args.format {
-                OutputFormat::Json => out.push_str(line),
-                OutputFormat::Text => match serde_json::from_str::<Record>(line) {
-                    Ok(r) => out.push_str(&text_line(&r)),
-                    Err(e) => {
-                        let e =
-                            anyhow::anyhow!("the controller sent a record that is not one: {e}");
-                        return super::fail(&e, 2);
-                    }
-                },
+        let out = match args.format {
+            OutputFormat::Json => {
+                let mut out = String::new();
+                for line in &reply.records {
+                    out.push_str(line);
+                    out.push('\n');
+                }
+                out
             }
-            out.push('\n');
-        }
-        print!("{out}");
+            OutputFormat::Text => {
+                let mut records = Vec::with_capacity(reply.records.len());
+                for line in &reply.records {
+                    match serde_json::from_str::<Record>(line) {
+                        Ok(r) => records.push(r),
+                        Err(e) => {
+                            let e = anyhow::anyhow!(
+                                "the controller sent a record that is not one: {e}"
+                            );
+                            return super::fail(&e, 2);
+                        }
+                    }
+                }
+                records_table(&records)
+            }
+        };
+        super::output::emit(&out);
         eprintln!(
             "{} of {} matching records; log has {} records, chain {}, last hash {}",
             reply.records.len(),
@@ -261,8 +267,11 @@ fn witnessed_head(spec: &str, region: &str, insecure: bool) -> anyhow::Result<Op
         return Ok(regions.get(region).map(anchor::Witnessed::head));
     }
     let env = |k: &str| std::env::var_os(k).map(PathBuf::from);
-    let connect = super::client::Connect {
-        controller: spec.to_string(),
+    let address = super::connect::parse_address(spec).map_err(|e| {
+        anyhow::anyhow!("witness {spec}: not a file or directory, nor a controller address: {e}")
+    })?;
+    let connect = super::connect::Connect {
+        controller: Some(address),
         timeout: std::time::Duration::from_secs(10),
         ca: env("FEDERATION_CA"),
         cert: env("FEDERATION_CERT"),
@@ -272,9 +281,8 @@ fn witnessed_head(spec: &str, region: &str, insecure: bool) -> anyhow::Result<Op
     };
     let rt = super::client::runtime()?;
     rt.block_on(async {
-        let channel = super::client::channel(&connect)
-            .await
-            .with_context(|| format!("witness {spec}: not a file or directory, and no controller answers there"))?;
+        let channel = super::connect::channel(&connect)
+            .with_context(|| format!("witness {spec}: no controller answers there"))?;
         let mut admin =
             federation_api::federation_admin_client::FederationAdminClient::new(channel);
         let status = admin
@@ -356,7 +364,7 @@ fn verify(
             anchors,
         };
         match serde_json::to_string(&out) {
-            Ok(s) => println!("{s}"),
+            Ok(s) => super::output::say!("{s}"),
             Err(e) => return super::fail(&e.into(), 2),
         }
         return verdict(&report, out.anchors.iter().any(AnchorResult::contradicts));
@@ -368,13 +376,14 @@ fn verify(
         );
     }
     match &report.first_broken {
-        None => println!(
+        None => super::output::say!(
             "ok: {} records, chain intact, last hash {}",
-            report.records, report.last_hash
+            report.records,
+            report.last_hash
         ),
         Some(b) => {
             let seq = b.seq.map_or_else(|| "?".to_string(), |s| s.to_string());
-            println!("broken at line {} (seq {seq}): {}", b.line, b.reason);
+            super::output::say!("broken at line {} (seq {seq}): {}", b.line, b.reason);
         }
     }
     for a in &anchors {
@@ -383,7 +392,7 @@ fn verify(
             "unchecked" => "note",
             _ => "CONTRADICTED",
         };
-        println!("{mark}: {}: {}", a.source, a.detail);
+        super::output::say!("{mark}: {}: {}", a.source, a.detail);
     }
     verdict(&report, anchors.iter().any(AnchorResult::contradicts))
 }
@@ -410,54 +419,70 @@ fn show(dir: &Path, filter: &Filter, format: OutputFormat) -> ExitCode {
             return super::fail(&e, 2);
         }
     };
-    let mut out = String::new();
-    for r in &records {
-        match format {
-            OutputFormat::Json => match serde_json::to_string(r) {
-                Ok(s) => out.push_str(&s),
-                Err(e) => return super::fail(&e.into(), 2),
-            },
-            OutputFormat::Text => out.push_str(&text_line(r)),
+    let out = match format {
+        OutputFormat::Json => {
+            let mut out = String::new();
+            for r in &records {
+                match serde_json::to_string(r) {
+                    Ok(s) => out.push_str(&s),
+                    Err(e) => return super::fail(&e.into(), 2),
+                }
+                out.push('\n');
+            }
+            out
         }
-        out.push('\n');
-    }
-    print!("{out}");
+        OutputFormat::Text => records_table(&records),
+    };
+    super::output::emit(&out);
     ExitCode::SUCCESS
 }
 
-/// `time  task  attributes  rule  region  outcome  reason`, one line.
-fn text_line(r: &Record) -> String {
-    let attributes = match &r.entry.attributes {
-        Some(Value::Object(map)) => map
-            .iter()
-            .map(|(k, v)| match v {
-                Value::String(s) => format!("{k}={s}"),
-                other => format!("{k}={other}"),
-            })
-            .collect::<Vec<_>>()
-            .join(","),
-        Some(other) => other.to_string(),
-        None => "-".to_string(),
-    };
-    let rule = r
-        .rule_index()
-        .map_or_else(|| "-".to_string(), |i| format!("rule={}", i + 1));
-    let outcome = r.outcome().unwrap_or(r.entry.kind.as_str());
-    let reason = r.reason().unwrap_or("").replace('\n', " ");
-    format!(
-        "{}  seq={}  {}  task={}  {}  {}  region={}  {}  {}",
-        r.time,
-        r.seq,
-        r.entry.kind,
-        r.entry.task_id.as_deref().unwrap_or("-"),
-        if attributes.is_empty() {
-            "-"
-        } else {
-            &attributes
-        },
-        rule,
-        r.chosen_region().unwrap_or("-"),
-        outcome,
-        reason
-    )
+/// The records as a table: time, seq, kind, task, attributes, rule, chosen
+/// region, outcome, reason (one line each; newlines in reasons become
+/// spaces).
+fn records_table(records: &[Record]) -> String {
+    let mut t = super::output::table(&[
+        "TIME",
+        "SEQ",
+        "KIND",
+        "TASK",
+        "ATTRIBUTES",
+        "RULE",
+        "REGION",
+        "OUTCOME",
+        "REASON",
+    ]);
+    for r in records {
+        let attributes = match &r.entry.attributes {
+            Some(Value::Object(map)) if !map.is_empty() => map
+                .iter()
+                .map(|(k, v)| match v {
+                    Value::String(s) => format!("{k}={s}"),
+                    other => format!("{k}={other}"),
+                })
+                .collect::<Vec<_>>()
+                .join(","),
+            Some(Value::Object(_)) | None => "-".to_string(),
+            Some(other) => other.to_string(),
+        };
+        let outcome = r.outcome().unwrap_or("-");
+        let reason = r
+            .reason()
+            .or(r.entry.note.as_deref())
+            .unwrap_or("")
+            .replace('\n', " ");
+        t.add_row(vec![
+            r.time.clone(),
+            r.seq.to_string(),
+            r.entry.kind.clone(),
+            r.entry.task_id.clone().unwrap_or_else(|| "-".to_string()),
+            attributes,
+            r.rule_index()
+                .map_or_else(|| "-".to_string(), |i| (i + 1).to_string()),
+            r.chosen_region().unwrap_or("-").to_string(),
+            outcome.to_string(),
+            reason,
+        ]);
+    }
+    super::output::render(&t)
 }

@@ -35,6 +35,14 @@ pub struct InitArgs {
     /// A federation file for default regions, tags and name.
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Replace a CA already in `--out`. Every certificate it issued stops
+    /// working: running controllers keep trusting the old CA and refuse
+    /// clients and peers with certificates of the new one.
+    #[arg(long)]
+    pub force: bool,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t)]
+    pub format: super::OutputFormat,
 }
 
 fn parse_tags(s: &str) -> Result<(String, Vec<String>), String> {
@@ -61,6 +69,24 @@ pub fn run(cmd: CertsCommand) -> ExitCode {
 }
 
 fn init(args: &InitArgs) -> anyhow::Result<()> {
+    let existing: Vec<PathBuf> = ["ca.pem", "ca.key"]
+        .iter()
+        .map(|f| args.out.join(f))
+        .filter(|p| p.exists())
+        .collect();
+    if !existing.is_empty() && !args.force {
+        anyhow::bail!(
+            "{} already holds a CA ({}): refusing to replace it, since controllers that trust it \
+             would refuse every certificate of a new one; pass --force to replace it anyway, or \
+             choose another --out",
+            args.out.display(),
+            existing
+                .iter()
+                .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     let policy = match &args.config {
         Some(path) => Some(crate::policy::Policy::load_file(path)?),
         None => None,
@@ -99,28 +125,62 @@ fn init(args: &InitArgs) -> anyhow::Result<()> {
     let list: Vec<(String, Vec<String>)> = regions.into_iter().collect();
     let layout = federation_tls::dev::init(&args.out, &federation, &list)?;
     let fed = federation_tls::identity::slug(&federation);
-    println!(
+    // (file stem, identity, attested tags) of every certificate written.
+    let mut issued: Vec<(String, String, Vec<String>)> = Vec::new();
+    for (region, tags) in &list {
+        issued.push((
+            format!("region-{region}"),
+            federation_tls::identity::region_uri(&fed, region),
+            tags.clone(),
+        ));
+        issued.push((
+            format!("agent-{region}"),
+            federation_tls::identity::agent_uri(&fed, region, &format!("{region}-agent")),
+            Vec::new(),
+        ));
+    }
+    for role in ["client", "operator", "auditor"] {
+        issued.push((
+            role.to_string(),
+            format!("spiffe://{fed}/{role}/{role}"),
+            Vec::new(),
+        ));
+    }
+    if args.format == super::OutputFormat::Json {
+        let certificates: Vec<serde_json::Value> = issued
+            .iter()
+            .map(|(stem, id, tags)| {
+                serde_json::json!({
+                    "cert": layout.dir.join(format!("{stem}.pem")),
+                    "key": layout.dir.join(format!("{stem}.key")),
+                    "identity": id,
+                    "attested_tags": tags,
+                })
+            })
+            .collect();
+        super::output::say!(
+            "{}",
+            serde_json::json!({
+                "dir": layout.dir, "federation": federation, "ca": layout.ca(),
+                "certificates": certificates,
+            })
+        );
+        return Ok(());
+    }
+    super::output::say!(
         "development CA and certificates in {}",
         layout.dir.display()
     );
-    println!("  ca.pem (ca.key: keep it private)");
-    for (region, tags) in &list {
-        println!(
-            "  region-{region}.pem   {}{}",
-            federation_tls::identity::region_uri(&fed, region),
+    super::output::say!("  ca.pem (ca.key: keep it private)");
+    for (stem, id, tags) in &issued {
+        super::output::say!(
+            "  {stem}.pem  {id}{}",
             if tags.is_empty() {
                 String::new()
             } else {
                 format!("  attests {}", tags.join(", "))
             }
         );
-        println!(
-            "  agent-{region}.pem    {}",
-            federation_tls::identity::agent_uri(&fed, region, &format!("{region}-agent"))
-        );
-    }
-    for role in ["client", "operator", "auditor"] {
-        println!("  {role}.pem  spiffe://{fed}/{role}/{role}");
     }
     Ok(())
 }

@@ -150,15 +150,24 @@ fn short_id(id: &str) -> String {
 }
 
 fn print_table(title: &str, rows: &[Row]) {
-    println!("\n== {title}");
-    println!(
+    super::output::say!("\n== {title}");
+    super::output::say!(
         "{:<9} {:<16} {:<5} {:<14} {:<26} WHY",
-        "TASK", "CUSTOMER_REGION", "RULE", "REGION", "OUTCOME"
+        "TASK",
+        "CUSTOMER_REGION",
+        "RULE",
+        "REGION",
+        "OUTCOME"
     );
     for r in rows {
-        println!(
+        super::output::say!(
             "{:<9} {:<16} {:<5} {:<14} {:<26} {}",
-            r.task, r.customer, r.rule, r.region, r.outcome, r.why
+            r.task,
+            r.customer,
+            r.rule,
+            r.region,
+            r.outcome,
+            r.why
         );
     }
 }
@@ -243,6 +252,7 @@ async fn reload_all(demo: &Sandbox, names: &[&str], source: &str) -> anyhow::Res
             .reload_policy(api::ReloadPolicyRequest {
                 policy_source: source.to_string(),
                 format: "yaml".into(),
+                source_name: String::new(),
             })
             .await?
             .into_inner();
@@ -257,13 +267,13 @@ async fn reload_all(demo: &Sandbox, names: &[&str], source: &str) -> anyhow::Res
 async fn scenario(demo: &mut Sandbox) -> anyhow::Result<()> {
     let _ = TLS.set(demo.client_tls(Some("operator"))?);
     if let Some(tls) = demo.tls() {
-        println!(
+        super::output::say!(
             "  mutual tls: CA and certificates in {}",
             tls.layout.dir.display()
         );
     }
     for name in demo.region_names() {
-        println!(
+        super::output::say!(
             "  {:<14} controller {}  (2 agents x 2 slots)  data {}",
             name,
             demo.url(&name)?,
@@ -289,9 +299,9 @@ async fn scenario(demo: &mut Sandbox) -> anyhow::Result<()> {
     expect(&rows, "JP", "-", "rejected (FailedPrecondition)")?;
     let ids: Vec<String> = rows.iter().filter_map(|(_, id)| id.clone()).collect();
     let tasks = wait_done(ap, &ids, Duration::from_secs(20)).await?;
-    println!("   results (read through asia_pacific, relayed to each owner):");
+    super::output::say!("   results (read through asia_pacific, relayed to each owner):");
     for t in &tasks {
-        println!(
+        super::output::say!(
             "   {:<9} {:<10} {}",
             short_id(&t.task_id),
             super::client::state_name(t.state),
@@ -306,14 +316,14 @@ async fn scenario(demo: &mut Sandbox) -> anyhow::Result<()> {
     }
 
     // 2. Europe dies; the file as written fails EU customers over to north_america.
-    println!(
+    super::output::say!(
         "\n-- killing europe's controller (SIGKILL) and waiting for the federation to declare it dead"
     );
     let killed = Instant::now();
     demo.kill_controller("europe")?;
     demo.wait_for_states("north_america", &[("europe", "dead")], patience)
         .await?;
-    println!(
+    super::output::say!(
         "   europe declared dead by north_america after {:.1}s",
         killed.elapsed().as_secs_f64()
     );
@@ -325,14 +335,14 @@ async fn scenario(demo: &mut Sandbox) -> anyhow::Result<()> {
     expect(&rows, "UK", "north_america", "failover")?;
     expect(&rows, "DE", "north_america", "failover")?;
     expect(&rows, "US", "north_america", "routed")?;
-    println!(
+    super::output::say!(
         "   the auditor's view of this file: `federation policy check policies/seed-federation.yaml` flags the same failover"
     );
 
     // 3. The variant: the EU rule requires GDPR.
     let variant = requires_gdpr_variant(SEED_POLICY);
     let hash = reload_all(demo, &["north_america", "asia_pacific"], &variant).await?;
-    println!(
+    super::output::say!(
         "\n-- reloaded north_america and asia_pacific with the variant whose EU rule says `requires: [\"GDPR\"]` (policy {})",
         &hash[..8.min(hash.len())]
     );
@@ -344,18 +354,18 @@ async fn scenario(demo: &mut Sandbox) -> anyhow::Result<()> {
     expect(&rows, "UK", "-", "rejected (Unavailable)")?;
     expect(&rows, "DE", "-", "rejected (Unavailable)")?;
     expect(&rows, "US", "north_america", "routed")?;
-    println!("   UK/DE were refused, never sent to north_america; US is unaffected");
+    super::output::say!("   UK/DE were refused, never sent to north_america; US is unaffected");
 
     // 4. Europe returns.
     let original = reload_all(demo, &["north_america", "asia_pacific"], SEED_POLICY).await?;
-    println!(
+    super::output::say!(
         "\n-- restored the original policy ({}) and restarted europe",
         &original[..8.min(original.len())]
     );
     demo.start_controller("europe")?;
     demo.wait_for_states("north_america", &[("europe", "alive")], patience)
         .await?;
-    println!(
+    super::output::say!(
         "   europe is alive again; waiting out the failback hold-down ({FAILBACK_HOLD_DOWN}) before EU traffic goes back to it"
     );
     wait_failback(na, "DE", "europe", patience).await?;
@@ -365,10 +375,10 @@ async fn scenario(demo: &mut Sandbox) -> anyhow::Result<()> {
     expect(&rows, "UK", "europe", "routed")?;
     expect(&rows, "US", "north_america", "routed")?;
 
-    println!("\n== decision logs (hash-chained; `federation audit verify DIR`)");
+    super::output::say!("\n== decision logs (hash-chained; `federation audit verify DIR`)");
     for name in demo.region_names() {
         match crate::audit::verify(&demo.data_dir(&name)?.join("decisions.jsonl")) {
-            Ok(report) if report.is_intact() => println!(
+            Ok(report) if report.is_intact() => super::output::say!(
                 "   {name:<14} {} records, chain intact, last hash {}",
                 report.records,
                 &report.last_hash[..16.min(report.last_hash.len())]
@@ -433,7 +443,7 @@ pub fn run(args: DemoArgs, log: LogFormat) -> ExitCode {
         Ok(e) => e,
         Err(e) => return super::fail(&e, 1),
     };
-    println!(
+    super::output::say!(
         "federation demo: the user's example (policies/seed-federation.yaml), one controller per region on loopback"
     );
     let started = Instant::now();
@@ -460,13 +470,13 @@ pub fn run(args: DemoArgs, log: LogFormat) -> ExitCode {
         }
     });
     if args.keep {
-        println!("kept the demo's data in {}", sandbox.dir().display());
+        super::output::say!("kept the demo's data in {}", sandbox.dir().display());
     }
     // Dropping the sandbox kills every child and removes its folder.
     drop(sandbox);
     match result {
         Ok(()) => {
-            println!(
+            super::output::say!(
                 "\ndemo finished in {:.1}s; every process it started has been stopped",
                 started.elapsed().as_secs_f64()
             );

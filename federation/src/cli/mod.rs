@@ -5,7 +5,10 @@
 pub mod audit;
 pub mod certs;
 pub mod client;
+pub mod completions;
+pub mod connect;
 pub mod demo;
+pub mod output;
 pub mod policy;
 pub mod serve;
 pub mod snapshot;
@@ -18,8 +21,9 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "federation", version, about, propagate_version = true)]
 pub struct Cli {
-    /// Log format for commands that log (serve, agent, demo).
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    /// Log format of the commands that log (serve, agent, demo); given
+    /// before the command: `federation --log-format json serve …`.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
     /// The command.
     #[command(subcommand)]
@@ -60,8 +64,12 @@ pub enum Command {
     Audit(audit::AuditCommand),
     /// Submit a task to a controller.
     Submit(client::SubmitArgs),
-    /// Show a task.
+    /// Show a task; `--watch` streams its state changes.
     Get(client::GetArgs),
+    /// Cancel a task that has not finished.
+    Cancel(client::CancelArgs),
+    /// List a controller's own tasks (filter by state, rule, age; paged).
+    Tasks(client::TasksArgs),
     /// Show the federation as one controller sees it.
     Status(client::StatusArgs),
     /// Read a running controller's decision log (auditor or operator).
@@ -69,7 +77,7 @@ pub enum Command {
     /// Stop a region taking new tasks (rolling upgrades); `--wait` until empty.
     Drain(client::DrainArgs),
     /// Resume taking new tasks after a drain.
-    Undrain(client::DrainArgs),
+    Undrain(client::UndrainArgs),
     /// Validate and apply a policy on a running controller (the old one stays on error).
     Reload(client::ReloadArgs),
     /// Development certificates (mutual TLS).
@@ -80,6 +88,10 @@ pub enum Command {
     /// Inspect stored snapshots (decrypts with a key ring).
     #[command(subcommand)]
     Snapshot(snapshot::SnapshotCommand),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions(completions::CompletionsArgs),
+    /// Write man pages for every command (roff) into a folder.
+    Man(completions::ManArgs),
 }
 
 /// Parses the command line and runs the command.
@@ -92,14 +104,18 @@ pub fn main() -> ExitCode {
         Command::Demo(args) => demo::run(args, cli.log_format),
         Command::Submit(args) => client::submit(args),
         Command::Get(args) => client::get(args),
+        Command::Cancel(args) => client::cancel(args),
+        Command::Tasks(args) => client::tasks(args),
         Command::Status(args) => client::status(args),
         Command::Decisions(args) => audit::decisions(args),
-        Command::Drain(args) => client::drain(args, true),
-        Command::Undrain(args) => client::drain(args, false),
+        Command::Drain(args) => client::drain(args),
+        Command::Undrain(args) => client::undrain(args),
         Command::Reload(args) => client::reload(args),
         Command::Agent(args) => region_agent::main_with(args),
         Command::Snapshot(cmd) => snapshot::run(cmd),
         Command::Certs(cmd) => certs::run(cmd),
+        Command::Completions(args) => completions::completions(&args),
+        Command::Man(args) => completions::man(&args),
     }
 }
 

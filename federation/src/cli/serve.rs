@@ -107,8 +107,19 @@ pub fn settings(args: &ServeArgs) -> anyhow::Result<Resolved> {
         .or(node.region.clone())
         .context("no region: pass --region or set node.region")?;
     let Some(spec) = policy.region(&region) else {
+        // Say where the name came from: the flag, the variable, or a file.
+        let from = if args.region.is_some() {
+            "--region".to_string()
+        } else if std::env::var_os("FEDERATION__NODE__REGION").is_some() {
+            "environment variable FEDERATION__NODE__REGION".to_string()
+        } else {
+            format!(
+                "node.region of {}",
+                args.node_config.as_ref().unwrap_or(&args.config).display()
+            )
+        };
         anyhow::bail!(
-            "region `{region}` is not in {} (regions: {})",
+            "{from}: region `{region}` is not in {} (regions: {})",
             args.config.display(),
             policy
                 .regions
@@ -304,7 +315,7 @@ async fn serve(resolved: Resolved) -> anyhow::Result<()> {
             return;
         };
         while hup.recv().await.is_some() {
-            let r = crate::service::reload(&reload_node, "", "").await;
+            let r = crate::service::reload(&reload_node, "", "", "").await;
             if r.applied {
                 tracing::info!(policy_hash = %r.policy_hash, "SIGHUP: policy reloaded");
             } else {

@@ -118,31 +118,34 @@ pub fn run(cmd: SnapshotCommand) -> ExitCode {
     let s = summarize(&header, &body);
     match format {
         OutputFormat::Json => match serde_json::to_string_pretty(&s) {
-            Ok(text) => println!("{text}"),
+            Ok(text) => super::output::say!("{text}"),
             Err(e) => return super::fail(&anyhow::Error::new(e), 2),
         },
         OutputFormat::Text => {
-            println!("snapshot {}", file.display());
-            println!("  source       {}", s.source);
-            println!("  epoch        {}", s.epoch);
-            println!("  sequence     {}", s.sequence);
-            println!("  key id       {}", s.key_id);
-            println!(
+            super::output::say!("snapshot {}", file.display());
+            super::output::say!("  source       {}", s.source);
+            super::output::say!("  epoch        {}", s.epoch);
+            super::output::say!("  sequence     {}", s.sequence);
+            super::output::say!("  key id       {}", s.key_id);
+            super::output::say!(
                 "  compression  {} ({} chunks, {} plaintext bytes)",
-                s.compression, s.chunks, s.plaintext_bytes
+                s.compression,
+                s.chunks,
+                s.plaintext_bytes
             );
-            println!(
+            super::output::say!(
                 "  scope        rules {:?}",
                 s.rule_indexes.iter().map(|r| r + 1).collect::<Vec<_>>()
             );
-            println!("  policy hash  {}", s.policy_hash);
-            println!(
+            super::output::say!("  policy hash  {}", s.policy_hash);
+            super::output::say!(
                 "  tasks        {} pending, {} recent results",
-                s.tasks, s.results
+                s.tasks,
+                s.results
             );
             for (rule, states) in &s.tasks_by_rule {
                 let parts: Vec<String> = states.iter().map(|(k, v)| format!("{v} {k}")).collect();
-                println!("    {rule}: {}", parts.join(", "));
+                super::output::say!("    {rule}: {}", parts.join(", "));
             }
         }
     }

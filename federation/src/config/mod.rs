@@ -506,6 +506,7 @@ pub fn load(sources: &Sources) -> Result<Loaded, ConfigError> {
         node_map = Some(index(node_path, &node_text)?);
         builder = builder.add_source(file_source(&node_text, node_path));
     }
+    let env_vars = env_overrides(sources.env.as_ref());
     let env = config::Environment::with_prefix(ENV_PREFIX)
         .prefix_separator("__")
         .separator("__")
@@ -521,7 +522,21 @@ pub fn load(sources: &Sources) -> Result<Loaded, ConfigError> {
     let file: ConfigFile = serde_path_to_error::deserialize(merged).map_err(|e| {
         let field_path = e.path().to_string();
         let message = clean_message(&e.inner().to_string());
-        // A node-section error may come from the node file.
+        // A value set by an environment variable (or a variable naming a
+        // field that does not exist) is that variable's error; a
+        // node-section error may come from the node file.
+        let from_env = env_vars.iter().find(|(_, p)| {
+            *p == field_path
+                || p.strip_prefix(field_path.as_str())
+                    .is_some_and(|rest| rest.starts_with('.'))
+        });
+        if let Some((var, _)) = from_env {
+            return ConfigError::Field {
+                location: format!("environment variable {var}"),
+                path: field_path,
+                message,
+            };
+        }
         let location = node_map
             .as_ref()
             .filter(|_| field_path.starts_with("node"))
@@ -541,6 +556,36 @@ pub fn load(sources: &Sources) -> Result<Loaded, ConfigError> {
         source_map,
         text,
     })
+}
+
+/// The `FEDERATION__…` variables of `env` (the process's when `None`), each
+/// with the dotted field path it sets (`FEDERATION__NODE__LISTEN` →
+/// `node.listen`), sorted by name.
+fn env_overrides(env: Option<&std::collections::HashMap<String, String>>) -> Vec<(String, String)> {
+    let prefix = format!("{ENV_PREFIX}__");
+    let names: Vec<String> = match env {
+        Some(map) => map.keys().cloned().collect(),
+        None => std::env::vars_os()
+            .filter_map(|(k, _)| k.into_string().ok())
+            .collect(),
+    };
+    let mut out: Vec<(String, String)> = names
+        .into_iter()
+        .filter_map(|name| {
+            let rest = name
+                .get(..prefix.len())
+                .filter(|p| p.eq_ignore_ascii_case(&prefix))
+                .map(|_| &name[prefix.len()..])?;
+            let path = rest
+                .split("__")
+                .map(str::to_lowercase)
+                .collect::<Vec<_>>()
+                .join(".");
+            Some((name, path))
+        })
+        .collect();
+    out.sort();
+    out
 }
 
 /// Loads a federation file from text, for policy reloads over the admin API.
@@ -701,6 +746,51 @@ mod tests {
         let msg = err.to_string();
         assert!(msg.contains("sync_interval"), "{msg}");
         assert!(msg.contains("soon"), "{msg}");
+    }
+
+    #[test]
+    fn a_bad_environment_value_names_its_variable() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = write(&dir, "seed.yaml", &seed());
+        let var = "FEDERATION__NODE__TIMERS__HEARTBEAT_INTERVAL";
+        let err = load(&sources(path, &[(var, "banana")])).expect_err("bad duration");
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with(&format!(
+                "environment variable {var}: field `node.timers.heartbeat_interval`"
+            )),
+            "{msg}"
+        );
+        assert!(msg.contains("banana"), "{msg}");
+        assert!(!msg.contains("seed.yaml"), "not the file's fault: {msg}");
+    }
+
+    #[test]
+    fn a_misspelt_environment_variable_is_reported() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = write(&dir, "seed.yaml", &seed());
+        for (var, field) in [
+            (
+                "FEDERATION__NODE__TIMERS__HEARTBEET",
+                "node.timers.heartbeet",
+            ),
+            ("FEDERATION__NODE__TIMER__HEARTBEAT_INTERVAL", "node.timer"),
+            ("FEDERATION__NODEE", "nodee"),
+        ] {
+            let err = load(&sources(path.clone(), &[(var, "1s")])).expect_err("unknown field");
+            let msg = err.to_string();
+            assert!(
+                msg.starts_with(&format!("environment variable {var}: field `{field}`"))
+                    && msg.contains("unknown field"),
+                "{var}: {msg}"
+            );
+        }
+        // An error in the file is still the file's, whatever else is set.
+        let text = seed().replace("sync_interval: 300", "sync_interval: soon");
+        let bad = write(&dir, "bad.yaml", &text);
+        let err =
+            load(&sources(bad, &[("FEDERATION__NODE__REGION", "europe")])).expect_err("bad file");
+        assert!(err.to_string().contains("bad.yaml"), "{err}");
     }
 
     #[test]

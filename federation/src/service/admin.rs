@@ -53,6 +53,8 @@ pub fn status(node: &Node) -> api::FederationStatusResponse {
                 draining: own.draining,
                 endpoint: own.endpoint.clone(),
                 phi: 0.0,
+                state_age_ms: -1,
+                hold_down_remaining_ms: 0,
                 log_head: node
                     .store
                     .log_head()
@@ -91,6 +93,8 @@ pub fn status(node: &Node) -> api::FederationStatusResponse {
             draining: ad.draining,
             endpoint: node.endpoint_of(&region.name).unwrap_or_default(),
             phi: if p.phi.is_finite() { p.phi } else { -1.0 },
+            state_age_ms: p.health_age.map_or(-1, |a| a.as_millis() as i64),
+            hold_down_remaining_ms: p.hold_down_left.map_or(0, |a| a.as_millis() as i64),
             log_head: node.witnesses.of(&region.name).map(|w| api::LogHead {
                 seq: w.seq,
                 hash: w.hash,
@@ -113,8 +117,13 @@ pub fn status(node: &Node) -> api::FederationStatusResponse {
 }
 
 /// Validates and applies a new policy; the old one stays on any error.
-pub async fn reload(node: &Node, source: &str, format: &str) -> api::ReloadPolicyResponse {
-    let response = try_reload(node, source, format).await;
+pub async fn reload(
+    node: &Node,
+    source: &str,
+    format: &str,
+    name: &str,
+) -> api::ReloadPolicyResponse {
+    let response = try_reload(node, source, format, name).await;
     if !response.applied {
         let mut entry =
             crate::audit::DecisionEntry::new(crate::audit::kind::POLICY_RELOAD).note(format!(
@@ -129,7 +138,12 @@ pub async fn reload(node: &Node, source: &str, format: &str) -> api::ReloadPolic
     response
 }
 
-async fn try_reload(node: &Node, source: &str, format: &str) -> api::ReloadPolicyResponse {
+async fn try_reload(
+    node: &Node,
+    source: &str,
+    format: &str,
+    name: &str,
+) -> api::ReloadPolicyResponse {
     let old = node.policy();
     let refused = refused_response;
     let loaded = if source.is_empty() {
@@ -150,7 +164,8 @@ async fn try_reload(node: &Node, source: &str, format: &str) -> api::ReloadPolic
                 );
             }
         };
-        crate::config::load_from_text(std::path::Path::new(&format!("reload.{ext}")), source)
+        let name = reload_name(name, ext);
+        crate::config::load_from_text(std::path::Path::new(&name), source)
     };
     let policy = match loaded
         .map_err(crate::policy::LoadError::from)
@@ -212,6 +227,31 @@ async fn try_reload(node: &Node, source: &str, format: &str) -> api::ReloadPolic
     }
 }
 
+/// The name reload errors are reported against: the client's file name
+/// (printable, at most 256 bytes, its extension naming the format), else
+/// `reload.<ext>`.
+fn reload_name(name: &str, ext: &str) -> String {
+    // The loader picks the syntax by extension: keep the name only when it
+    // picks the format the client said.
+    let by_extension = match std::path::Path::new(name)
+        .extension()
+        .and_then(|e| e.to_str())
+    {
+        Some("json") => "json",
+        Some("toml") => "toml",
+        _ => "yaml",
+    };
+    let ok = !name.is_empty()
+        && name.len() <= 256
+        && !name.chars().any(char::is_control)
+        && by_extension == ext;
+    if ok {
+        name.to_string()
+    } else {
+        format!("reload.{ext}")
+    }
+}
+
 fn refused_response(old: &Policy, error: String) -> api::ReloadPolicyResponse {
     tracing::warn!(%error, "policy reload refused; the old policy stays in force");
     api::ReloadPolicyResponse {
@@ -240,7 +280,13 @@ impl api::federation_admin_server::FederationAdmin for AdminService {
             return Err(Error::limit("policy_source", "larger than the message limit").into());
         }
         Ok(Response::new(
-            reload(&self.node, &req.policy_source, &req.format).await,
+            reload(
+                &self.node,
+                &req.policy_source,
+                &req.format,
+                &req.source_name,
+            )
+            .await,
         ))
     }
 

@@ -43,6 +43,58 @@ pub fn local_get(node: &Node, task_id: &str) -> Result<api::Task> {
         .ok_or_else(|| Error::task_not_found(task_id))
 }
 
+/// Records one ListTasks call reads at most, whatever it keeps.
+const LIST_MAX_SCAN: usize = 10_000;
+
+/// One page of this controller's own tasks (see `ListTasks` in the proto).
+pub fn list_tasks(node: &Node, req: &api::ListTasksRequest) -> Result<api::ListTasksResponse> {
+    let page_size = match req.page_size {
+        0 => 100,
+        n @ 1..=1000 => n as usize,
+        _ => return Err(Error::invalid("page_size", "at most 1000")),
+    };
+    if req.max_age_ms < 0 {
+        return Err(Error::invalid("max_age_ms", "negative"));
+    }
+    if req.min_age_ms < 0 {
+        return Err(Error::invalid("min_age_ms", "negative"));
+    }
+    let mut states = Vec::with_capacity(req.states.len());
+    for s in &req.states {
+        match api::TaskState::try_from(*s) {
+            Ok(api::TaskState::Unspecified) | Err(_) => {
+                return Err(Error::invalid("states", format!("unknown task state {s}")));
+            }
+            Ok(state) => states.push(state as i32),
+        }
+    }
+    if req.page_token.len() > 256 {
+        return Err(Error::invalid(
+            "page_token",
+            "not a token this controller gave",
+        ));
+    }
+    let now = crate::tasks::now_unix_ms();
+    let keep = |t: &api::Task| {
+        (states.is_empty() || states.contains(&t.state))
+            && (req.rule == 0 || t.rule_index + 1 == req.rule)
+            && (req.max_age_ms == 0 || now.saturating_sub(t.created_unix_ms) <= req.max_age_ms)
+            && (req.min_age_ms == 0 || now.saturating_sub(t.created_unix_ms) >= req.min_age_ms)
+    };
+    let after = (!req.page_token.is_empty()).then_some(req.page_token.as_str());
+    let (mut tasks, next) = node
+        .store
+        .scan(after, page_size, LIST_MAX_SCAN, keep)
+        .map_err(Error::from)?;
+    for t in &mut tasks {
+        t.payload.clear();
+    }
+    Ok(api::ListTasksResponse {
+        tasks,
+        next_page_token: next.unwrap_or_default(),
+    })
+}
+
 /// Watches a task this region owns: the current state first, then every
 /// change, ending after a terminal state.
 pub fn local_watch(node: &Arc<Node>, task_id: &str) -> Result<EventStream> {
@@ -231,6 +283,13 @@ impl api::federation_client_server::FederationClient for ClientService {
             }
             .into()),
         }
+    }
+
+    async fn list_tasks(
+        &self,
+        request: Request<api::ListTasksRequest>,
+    ) -> Result<Response<api::ListTasksResponse>, Status> {
+        Ok(Response::new(list_tasks(&self.node, request.get_ref())?))
     }
 
     async fn explain_route(

@@ -523,6 +523,43 @@ impl TaskStore {
         Ok(out)
     }
 
+    /// Reads tasks in id order (oldest first: ids are UUIDv7) after the id
+    /// `after` (exclusive), keeping those `keep` accepts, until `limit` are
+    /// kept or `max_scan` records were read. Returns the kept tasks and the
+    /// id to resume after when records remain (read-only; one read
+    /// transaction).
+    pub fn scan(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        max_scan: usize,
+        mut keep: impl FnMut(&Task) -> bool,
+    ) -> Result<(Vec<Task>, Option<String>), StoreError> {
+        use std::ops::Bound;
+        let txn = self.inner.db.begin_read().db()?;
+        let table = txn.open_table(TASKS).db()?;
+        let range = match after {
+            Some(id) => table.range::<&str>((Bound::Excluded(id), Bound::Unbounded)),
+            None => table.range::<&str>(..),
+        }
+        .db()?;
+        let mut kept = Vec::new();
+        let mut last = None;
+        for (scanned, entry) in range.enumerate() {
+            if kept.len() >= limit || scanned >= max_scan {
+                return Ok((kept, last));
+            }
+            let (k, v) = entry.db()?;
+            let id = k.value().to_string();
+            let task = decode(&id, v.value())?;
+            if keep(&task) {
+                kept.push(task);
+            }
+            last = Some(id);
+        }
+        Ok((kept, None))
+    }
+
     /// Every state change, after its commit. A subscriber that falls more
     /// than a few thousand changes behind receives `Lagged`.
     pub fn subscribe(&self) -> broadcast::Receiver<Task> {
