@@ -114,6 +114,20 @@ pub struct AgentArgs {
     /// The CA and certificate (say from FEDERATION_CA…) are then not used.
     #[arg(long)]
     pub insecure: bool,
+    /// Log format on stderr: text (colours only on a terminal) or JSON
+    /// lines whose fields are plain values.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// How the agent writes its log lines (to stderr).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable text.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// How the agent authenticates to its controller.
@@ -330,7 +344,7 @@ pub async fn run(
 /// Runs the agent from parsed arguments until SIGTERM/SIGINT; a second signal
 /// stops at once, killing running tasks.
 pub fn main_with(args: AgentArgs) -> ExitCode {
-    init_tracing();
+    init_tracing(args.log_format);
     if args.ca.is_none() && !args.insecure {
         eprintln!(
             "error: tls is required: pass --ca (with --cert/--key or --token), or --insecure for plaintext"
@@ -415,13 +429,19 @@ async fn wait_for_signal() -> std::io::Result<&'static str> {
     })
 }
 
-fn init_tracing() {
+fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only for a terminal: log files and journald get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr);
     // Another subscriber may already be installed (tests, an embedding
     // binary); keep it.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    let _ = match format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
 }

@@ -111,7 +111,12 @@ pub fn main() -> ExitCode {
         Command::Drain(args) => client::drain(args),
         Command::Undrain(args) => client::undrain(args),
         Command::Reload(args) => client::reload(args),
-        Command::Agent(args) => region_agent::main_with(args),
+        Command::Agent(mut args) => {
+            if cli.log_format == LogFormat::Json {
+                args.log_format = region_agent::LogFormat::Json;
+            }
+            region_agent::main_with(args)
+        }
         Command::Snapshot(cmd) => snapshot::run(cmd),
         Command::Certs(cmd) => certs::run(cmd),
         Command::Completions(args) => completions::completions(&args),
