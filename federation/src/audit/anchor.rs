@@ -63,6 +63,9 @@ impl HeadCheck {
     /// came from ("the task store", "europe's witness", …).
     pub fn describe(&self, head: &LogHead, who: &str) -> String {
         match self {
+            HeadCheck::Holds if head.seq == 0 => {
+                format!("has nothing to hold yet: {who} recorded an empty log")
+            }
             HeadCheck::Holds => format!(
                 "holds seq {} hash {} as {who} recorded",
                 head.seq,
