@@ -11,7 +11,7 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use federation_api as api;
@@ -288,13 +288,8 @@ impl Node {
     }
 }
 
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or_default()
-}
+/// Milliseconds since the Unix epoch (one definition, in `tasks`).
+pub use crate::tasks::now_unix_ms as now_ms;
 
 /// A new epoch, strictly greater than any earlier one in `data_dir`: the
 /// wall clock in milliseconds, or the last epoch plus one if the clock went

@@ -295,13 +295,6 @@ pub fn state_name(state: i32) -> &'static str {
     }
 }
 
-fn is_terminal(state: i32) -> bool {
-    matches!(
-        api::TaskState::try_from(state),
-        Ok(api::TaskState::Succeeded | api::TaskState::Failed | api::TaskState::Cancelled)
-    )
-}
-
 /// JSON form of a task.
 pub fn task_json(t: &api::Task) -> Value {
     let attrs: Attributes = crate::wire::attributes_lossy(&t.attributes);
@@ -456,7 +449,10 @@ async fn wait(client: &mut Client, task_id: &str) -> Result<api::Task, tonic::St
         let (state, attempts) = last
             .as_ref()
             .map_or(("submitted", 0), |t| (state_name(t.state), t.attempts));
-        if last.as_ref().is_some_and(|t| is_terminal(t.state)) {
+        if last
+            .as_ref()
+            .is_some_and(|t| crate::tasks::is_terminal(t.state()))
+        {
             break;
         }
         let what = if attempts > 0 {
@@ -545,7 +541,7 @@ async fn watch(client: &mut Client, args: &GetArgs) -> ExitCode {
                 line.push_str(&format!("  error: {}", task.error));
             }
             say!("{line}");
-            if is_terminal(task.state) && !task.result.is_empty() {
+            if crate::tasks::is_terminal(task.state()) && !task.result.is_empty() {
                 say!(
                     "result    {}",
                     String::from_utf8_lossy(&task.result).trim_end()

@@ -28,13 +28,6 @@ impl ClientService {
     }
 }
 
-fn is_terminal(state: i32) -> bool {
-    matches!(
-        api::TaskState::try_from(state),
-        Ok(api::TaskState::Succeeded | api::TaskState::Failed | api::TaskState::Cancelled)
-    )
-}
-
 /// Reads a task this region owns.
 pub fn local_get(node: &Node, task_id: &str) -> Result<api::Task> {
     node.store
@@ -105,7 +98,7 @@ pub fn local_watch(node: &Arc<Node>, task_id: &str) -> Result<EventStream> {
     let node = node.clone();
     let stream = async_stream::stream! {
         let mut version = current.version;
-        let done = is_terminal(current.state);
+        let done = crate::tasks::is_terminal(current.state());
         yield Ok(api::TaskEvent { task: Some(current) });
         if done {
             return;
@@ -114,7 +107,7 @@ pub fn local_watch(node: &Arc<Node>, task_id: &str) -> Result<EventStream> {
             match changes.recv().await {
                 Ok(task) if task.task_id == id && task.version > version => {
                     version = task.version;
-                    let done = is_terminal(task.state);
+                    let done = crate::tasks::is_terminal(task.state());
                     yield Ok(api::TaskEvent { task: Some(task) });
                     if done {
                         return;
@@ -126,7 +119,7 @@ pub fn local_watch(node: &Arc<Node>, task_id: &str) -> Result<EventStream> {
                     if let Ok(task) = local_get(&node, &id) {
                         if task.version > version {
                             version = task.version;
-                            let done = is_terminal(task.state);
+                            let done = crate::tasks::is_terminal(task.state());
                             yield Ok(api::TaskEvent { task: Some(task) });
                             if done {
                                 return;
