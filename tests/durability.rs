@@ -142,3 +142,75 @@ async fn controller_killed_and_restarted_keeps_every_acknowledged_task() {
         &missing[..missing.len().min(5)]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_running_across_a_controller_restart_run_exactly_once() {
+    // Each task appends its id to a file when it starts, sleeps well under
+    // the lease TTL, and succeeds. The controller is SIGKILLed while the
+    // agent runs four of them and restarted on the same data and port: the
+    // agent keeps its leases and reports them, so no task starts twice.
+    let mut sandbox = seed_sandbox()
+        .agents(0, 1)
+        .env("FEDERATION__NODE__TIMERS__LEASE_TTL", "20s")
+        .start()
+        .expect("sandbox starts");
+    sandbox
+        .wait_all_alive(PATIENCE)
+        .await
+        .expect("federation forms");
+    let runs = sandbox.dir().join("runs.txt");
+    let exec = format!(
+        "echo \"$FEDERATION_TASK_ID\" >> '{}'; sleep 2; cat",
+        runs.display()
+    );
+    sandbox
+        .start_agent_with("europe", &exec, 4)
+        .expect("agent starts");
+    let mut client = sandbox.client("europe").await.expect("client");
+    let mut ids = Vec::new();
+    for i in 0..8 {
+        let resp = client
+            .submit_task(api::SubmitTaskRequest {
+                attributes: string_attrs(&[("customer_region", "DE")]),
+                payload: format!("work {i}").into_bytes(),
+                ..Default::default()
+            })
+            .await
+            .expect("accepted")
+            .into_inner();
+        ids.push(resp.task_id);
+    }
+    let started = |path: &std::path::Path| -> Vec<String> {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    };
+    eventually("four tasks are running on the agent", PATIENCE, || {
+        let n = started(&runs).len();
+        async move { (n >= 4).then_some(()) }
+    })
+    .await;
+    sandbox.kill_controller("europe").expect("kill");
+    sandbox.start_controller("europe").expect("restart");
+    eventually("europe restarts", PATIENCE, || {
+        let s = &sandbox;
+        async move { s.status_row("europe", "europe").await.ok() }
+    })
+    .await;
+    for id in &ids {
+        let t = sandbox
+            .wait_terminal("europe", id, PATIENCE)
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}\n{}", sandbox.controller_log_text("europe")));
+        assert_eq!(t.state(), api::TaskState::Succeeded, "{t:?}");
+        assert_eq!(t.attempts, 1, "leased once: {t:?}");
+    }
+    let lines = started(&runs);
+    for id in &ids {
+        let n = lines.iter().filter(|l| *l == id).count();
+        assert_eq!(n, 1, "task {id} started {n} times; runs: {lines:?}");
+    }
+    assert_eq!(lines.len(), ids.len(), "{lines:?}");
+}

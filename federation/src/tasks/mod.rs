@@ -40,6 +40,13 @@
 //!   tolerate it. Only the current lease holder may renew or complete.
 //!   Cancelling a leased task makes the holder's next renew or complete fail
 //!   with [`StoreError::Terminal`], which tells the agent to stop.
+//! * **Leases survive a restart.** Leases are keyed by agent id, and the
+//!   agents' registrations ([`AgentRecord`]) are stored with them: forgetting
+//!   an agent ([`TaskStore::forget_agent`]) removes its record and queues its
+//!   leased tasks again in one transaction, so a lease is never held by an
+//!   agent the store does not know. After a restart the controller calls
+//!   [`TaskStore::extend_leases`]: the time it was down does not count
+//!   against a lease.
 //! * **Every mutation** bumps `version` and sets `updated_unix_ms`, and is
 //!   published on [`TaskStore::subscribe`] after its commit.
 //! * **Corruption is an error, never a panic**: a record that does not decode
@@ -52,6 +59,7 @@
 //! | `tasks`      | task id                               | prost-encoded `Task`   |
 //! | `queue`      | (−priority, created ms, task id)      | `()` — QUEUED tasks    |
 //! | `leases`     | (lease deadline ms, task id)          | agent id — LEASED tasks|
+//! | `agents`     | agent id                              | JSON [`AgentRecord`]   |
 //!
 //! Idempotency keys are indexed in memory (key → task id), rebuilt at open
 //! from the task records, which carry their key: it is derived data, so it is
@@ -75,6 +83,26 @@ use std::time::{SystemTime, UNIX_EPOCH};
 pub use store::{MAX_BATCH, MAX_LEASE_BATCH, StoreOptions, TaskStore};
 
 use federation_api::{Task, TaskState};
+
+/// A registered agent as the store keeps it (table `agents`), so that an
+/// agent's registration, and with it its leases, survive a controller
+/// restart. Heartbeat times are not stored: a controller that opens the
+/// store counts every known agent as just seen.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AgentRecord {
+    /// The id the controller gave (`agent-<uuid>`); the table's key.
+    #[serde(skip)]
+    pub id: String,
+    /// The authenticated identity that registered it (`agent europe/worker`),
+    /// empty without TLS. Only that identity may use the id.
+    pub owner: String,
+    /// Name for logs.
+    pub name: String,
+    /// Slots.
+    pub slots: u32,
+    /// When it first registered, milliseconds since the Unix epoch.
+    pub registered_unix_ms: i64,
+}
 
 /// What [`TaskStore::insert`] did.
 #[derive(Debug, Clone, PartialEq)]

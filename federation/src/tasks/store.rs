@@ -14,8 +14,8 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::{Notify, broadcast, mpsc, oneshot};
 
 use super::{
-    Clock, Counts, InsertOutcome, RecordState, RecordedInsert, StoreError, SystemClock,
-    is_terminal, state_name,
+    AgentRecord, Clock, Counts, InsertOutcome, RecordState, RecordedInsert, StoreError,
+    SystemClock, is_terminal, state_name,
 };
 use crate::audit::{DecisionLog, PendingRecord};
 
@@ -36,6 +36,8 @@ const LEGACY_IDEMPOTENCY: TableDefinition<&str, &str> = TableDefinition::new("id
 const QUEUE: TableDefinition<(i64, i64, &str), ()> = TableDefinition::new("queue");
 /// LEASED tasks by (deadline ms, id) → agent id.
 const LEASES: TableDefinition<(i64, &str), &str> = TableDefinition::new("leases");
+/// Registered agents: id → JSON [`AgentRecord`].
+const AGENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("agents");
 
 /// How a store is opened.
 #[derive(Debug, Clone)]
@@ -135,6 +137,13 @@ enum Op {
     RequeueAgent {
         agent: String,
     },
+    PutAgent(Box<AgentRecord>),
+    ForgetAgent {
+        agent: String,
+    },
+    ExtendLeases {
+        ttl_ms: i64,
+    },
     Fence {
         ids: Vec<String>,
         takeover: Takeover,
@@ -207,6 +216,7 @@ impl TaskStore {
             txn.open_table(TASKS).db()?;
             txn.open_table(QUEUE).db()?;
             txn.open_table(LEASES).db()?;
+            txn.open_table(AGENTS).db()?;
         }
         txn.commit().db()?;
         let (counts, idem) = rebuild(&db)?;
@@ -430,6 +440,65 @@ impl TaskStore {
         };
         match self.call(op).await? {
             Reply::Many(t) => Ok(t),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Records (or updates) a registered agent, durably.
+    pub async fn put_agent(&self, record: AgentRecord) -> Result<(), StoreError> {
+        if record.id.is_empty() {
+            return Err(StoreError::Invalid("agent id is empty".into()));
+        }
+        match self.call(Op::PutAgent(Box::new(record))).await? {
+            Reply::Unit => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Forgets an agent (declared dead): removes its record and queues again
+    /// every task it holds, in one transaction. Returns the requeued tasks.
+    pub async fn forget_agent(&self, agent_id: &str) -> Result<Vec<Task>, StoreError> {
+        let op = Op::ForgetAgent {
+            agent: agent_id.to_string(),
+        };
+        match self.call(op).await? {
+            Reply::Many(t) => Ok(t),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Every registered agent, by id. A record that does not decode is
+    /// skipped and logged (its leases expire as usual).
+    pub fn agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
+        let txn = self.inner.db.begin_read().db()?;
+        let table = txn.open_table(AGENTS).db()?;
+        let mut out = Vec::new();
+        for entry in table.iter().db()? {
+            let (k, v) = entry.db()?;
+            match serde_json::from_slice::<AgentRecord>(v.value()) {
+                Ok(mut record) => {
+                    record.id = k.value().to_string();
+                    out.push(record);
+                }
+                Err(e) => {
+                    tracing::error!(agent_id = %k.value(), error = %e, "skipping an undecodable agent record");
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Gives every lease at least `ttl` from now (the controller was down,
+    /// so its agents could not renew). Called once at start-up, before
+    /// leases are expired. Returns how many leases were extended.
+    pub async fn extend_leases(&self, ttl: Duration) -> Result<usize, StoreError> {
+        match self
+            .call(Op::ExtendLeases {
+                ttl_ms: ttl_ms(ttl),
+            })
+            .await?
+        {
+            Reply::Many(t) => Ok(t.len()),
             other => Err(unexpected(other)),
         }
     }
@@ -689,6 +758,7 @@ fn run_batch(db: &Database, shared: &Shared, idem: &mut IdemIndex, batch: Vec<Re
         let txn = db.begin_write().db()?;
         {
             let mut t = Tables {
+                txn: &txn,
                 tasks: txn.open_table(TASKS).db()?,
                 idem: &mut *idem,
                 queue: txn.open_table(QUEUE).db()?,
@@ -798,6 +868,8 @@ fn run_batch(db: &Database, shared: &Shared, idem: &mut IdemIndex, batch: Vec<Re
 }
 
 struct Tables<'t> {
+    /// For the tables only some requests touch (opened on demand).
+    txn: &'t redb::WriteTransaction,
     tasks: redb::Table<'t, &'static str, &'static [u8]>,
     idem: &'t mut IdemIndex,
     queue: redb::Table<'t, (i64, i64, &'static str), ()>,
@@ -895,6 +967,19 @@ impl Tables<'_> {
                 .map(|(t, c)| Reply::Cancel(Box::new(t), c)),
             Op::Expire { max_attempts } => self.expire(max_attempts, now, changes).map(Reply::Many),
             Op::RequeueAgent { agent } => self.requeue_agent(&agent, now, changes).map(Reply::Many),
+            Op::PutAgent(record) => self.put_agent(&record).map(|()| Reply::Unit),
+            Op::ForgetAgent { agent } => {
+                let requeued = self.requeue_agent(&agent, now, changes)?;
+                self.txn
+                    .open_table(AGENTS)
+                    .db()?
+                    .remove(agent.as_str())
+                    .db()?;
+                Ok(Reply::Many(requeued))
+            }
+            Op::ExtendLeases { ttl_ms } => self
+                .extend_leases(now.saturating_add(ttl_ms), now, changes)
+                .map(Reply::Many),
             Op::Fence { ids, takeover } => {
                 self.fence(&ids, &takeover, now, changes).map(Reply::Many)
             }
@@ -1192,6 +1277,48 @@ impl Tables<'_> {
         let mut out = Vec::with_capacity(keys.len());
         for task in self.take_leased(keys)? {
             out.push(self.requeue(task, now, changes)?);
+        }
+        Ok(out)
+    }
+
+    fn put_agent(&mut self, record: &AgentRecord) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(record)
+            .map_err(|e| StoreError::Invalid(format!("agent record: {e}")))?;
+        self.txn
+            .open_table(AGENTS)
+            .db()?
+            .insert(record.id.as_str(), bytes.as_slice())
+            .db()?;
+        Ok(())
+    }
+
+    /// Moves every lease due before `deadline` to `deadline`.
+    fn extend_leases(
+        &mut self,
+        deadline: i64,
+        now: i64,
+        changes: &mut Vec<Change>,
+    ) -> Result<Vec<Task>, StoreError> {
+        let mut keys = Vec::new();
+        for entry in self.leases.iter().db()? {
+            let (k, _) = entry.db()?;
+            let (due, id) = k.value();
+            if due >= deadline {
+                break;
+            }
+            keys.push((due, id.to_string()));
+        }
+        let mut out = Vec::with_capacity(keys.len());
+        for mut task in self.take_leased(keys)? {
+            self.unindex(&task)?;
+            task.lease_deadline_unix_ms = deadline;
+            touch(&mut task, now);
+            self.write(&task)?;
+            self.leases
+                .insert((deadline, task.task_id.as_str()), task.agent_id.as_str())
+                .db()?;
+            changes.push(Change::of(Some(TaskState::Leased), &task));
+            out.push(task);
         }
         Ok(out)
     }

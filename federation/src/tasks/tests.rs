@@ -382,6 +382,60 @@ async fn requeue_agent_returns_only_its_tasks() {
 }
 
 #[tokio::test]
+async fn agents_and_their_leases_survive_a_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = ManualClock::new(1_000);
+    let record = |id: &str| AgentRecord {
+        id: id.into(),
+        owner: "agent europe/worker".into(),
+        name: "w".into(),
+        slots: 2,
+        registered_unix_ms: 1_000,
+    };
+    {
+        let store = open_manual(dir.path(), &clock);
+        store.put_agent(record("agent-1")).await.expect("put");
+        store.put_agent(record("agent-2")).await.expect("put");
+        for id in ["a", "b", "c"] {
+            store.insert(task(id)).await.expect("insert");
+        }
+        store.lease("agent-1", 2, TTL).await.expect("lease");
+        store.lease("agent-2", 1, TTL).await.expect("lease");
+    }
+    // Down for longer than the TTL: on reopen the leases are given a TTL
+    // from now instead of expiring at once.
+    clock.advance(TTL.as_millis() as i64 * 3);
+    let store = open_manual(dir.path(), &clock);
+    let agents = store.agents().expect("agents");
+    assert_eq!(agents, vec![record("agent-1"), record("agent-2")]);
+    assert_eq!(store.extend_leases(TTL).await.expect("extend"), 3);
+    assert!(store.expire_leases(3).await.expect("expire").is_empty());
+    let held: Vec<Task> = store.pending().expect("pending");
+    assert!(held.iter().all(|t| t.state() == TaskState::Leased
+        && t.lease_deadline_unix_ms == clock.now_ms() + TTL.as_millis() as i64));
+    let mine = held
+        .iter()
+        .find(|t| t.agent_id == "agent-1")
+        .expect("agent-1's");
+    store
+        .complete(
+            "agent-1",
+            &mine.task_id,
+            true,
+            b"ok".to_vec(),
+            String::new(),
+        )
+        .await
+        .expect("the holder still completes after the reopen");
+    // Forgetting an agent drops its record and requeues its leases together.
+    let requeued = store.forget_agent("agent-2").await.expect("forget");
+    assert_eq!(requeued.len(), 1);
+    assert_eq!(store.agents().expect("agents"), vec![record("agent-1")]);
+    let c = store.counts();
+    assert_eq!((c.queued, c.leased, c.succeeded), (1, 1, 1));
+}
+
+#[tokio::test]
 async fn cancel_queued_leased_and_terminal() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = TaskStore::open(dir.path()).expect("open");
