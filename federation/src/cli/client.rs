@@ -553,6 +553,8 @@ pub fn status_json(s: &api::FederationStatusResponse) -> Value {
                 "epoch": r.epoch, "sequence": r.sequence, "policy_hash": r.policy_hash,
                 "policy_mismatch": r.policy_mismatch, "last_advertisement_age_ms": r.last_advertisement_age_ms,
                 "draining": r.draining, "endpoint": r.endpoint, "phi": r.phi,
+                "store_undecodable_records": r.store_undecodable_records,
+                "store_undecodable": r.store_undecodable,
             })
         }).collect::<Vec<_>>(),
     })
@@ -608,6 +610,15 @@ pub fn status_table(s: &api::FederationStatusResponse) -> String {
     }
     if s.regions.iter().any(|r| r.policy_mismatch) {
         let _ = writeln!(out, "! = region advertises a different policy hash");
+    }
+    for r in s.regions.iter().filter(|r| r.store_undecodable_records > 0) {
+        let _ = writeln!(
+            out,
+            "{}: {} undecodable task records in its store (skipped): {}",
+            r.region,
+            r.store_undecodable_records,
+            r.store_undecodable.join("; ")
+        );
     }
     out
 }

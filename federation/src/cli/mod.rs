@@ -9,6 +9,7 @@ pub mod demo;
 pub mod policy;
 pub mod serve;
 pub mod snapshot;
+pub mod store;
 
 use std::process::ExitCode;
 
@@ -80,6 +81,9 @@ pub enum Command {
     /// Inspect stored snapshots (decrypts with a key ring).
     #[command(subcommand)]
     Snapshot(snapshot::SnapshotCommand),
+    /// Check, accept or rebuild a stopped controller's task store.
+    #[command(subcommand)]
+    Store(store::StoreCommand),
 }
 
 /// Parses the command line and runs the command.
@@ -99,6 +103,7 @@ pub fn main() -> ExitCode {
         Command::Reload(args) => client::reload(args),
         Command::Agent(args) => region_agent::main_with(args),
         Command::Snapshot(cmd) => snapshot::run(cmd),
+        Command::Store(cmd) => store::run(cmd),
         Command::Certs(cmd) => certs::run(cmd),
     }
 }

@@ -38,6 +38,7 @@ pub fn status(node: &Node) -> api::FederationStatusResponse {
     let now = Instant::now();
     let mut rows = Vec::new();
     let own = node.advertisement(false);
+    let (undecodable, undecodable_ids) = node.store.undecodable();
     for region in &policy.regions {
         if region.name == node.region {
             rows.push(api::RegionStatus {
@@ -53,6 +54,11 @@ pub fn status(node: &Node) -> api::FederationStatusResponse {
                 draining: own.draining,
                 endpoint: own.endpoint.clone(),
                 phi: 0.0,
+                store_undecodable_records: undecodable as u64,
+                store_undecodable: undecodable_ids
+                    .iter()
+                    .map(|(id, why)| format!("{id}: {why}"))
+                    .collect(),
             });
             continue;
         }
@@ -83,6 +89,7 @@ pub fn status(node: &Node) -> api::FederationStatusResponse {
             draining: ad.draining,
             endpoint: node.endpoint_of(&region.name).unwrap_or_default(),
             phi: if p.phi.is_finite() { p.phi } else { -1.0 },
+            ..Default::default()
         });
     }
     api::FederationStatusResponse {

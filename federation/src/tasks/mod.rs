@@ -49,8 +49,17 @@
 //!   against a lease.
 //! * **Every mutation** bumps `version` and sets `updated_unix_ms`, and is
 //!   published on [`TaskStore::subscribe`] after its commit.
-//! * **Corruption is an error, never a panic**: a record that does not decode
-//!   is reported as [`StoreError::Corrupt`].
+//! * **A damaged store never panics and never loses silently.** The file is
+//!   opened with redb's integrity check (every page checksum) inside a panic
+//!   guard: damage is [`StoreError::Damaged`] naming the file. The store's
+//!   marks ([`witness::Mark`]: commits, tasks created) are kept in `meta` in
+//!   the same transaction as the work, and copied after each commit to the
+//!   witness file `tasks.hwm` ([`witness`]); a store below its witness lost
+//!   acknowledged work and is refused with [`StoreError::Lost`] (unless
+//!   [`StoreOptions::accept_loss`]). A record that does not decode is
+//!   [`StoreError::Corrupt`] when asked for by id, and skipped and reported
+//!   ([`TaskStore::undecodable`]) by every scan: open, leasing, expiry,
+//!   snapshots. [`check`] verifies a stopped store offline, on a copy.
 //!
 //! # Layout
 //!
@@ -60,6 +69,7 @@
 //! | `queue`      | (−priority, created ms, task id)      | `()` — QUEUED tasks    |
 //! | `leases`     | (lease deadline ms, task id)          | agent id — LEASED tasks|
 //! | `agents`     | agent id                              | JSON [`AgentRecord`]   |
+//! | `meta`       | `commit`, `created`                   | u64 — the store's marks|
 //!
 //! Idempotency keys are indexed in memory (key → task id), rebuilt at open
 //! from the task records, which carry their key: it is derived data, so it is
@@ -72,15 +82,18 @@
 //!
 //! [redb]: https://docs.rs/redb
 
+mod check;
 mod store;
 #[cfg(test)]
 mod tests;
+pub mod witness;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-pub use store::{MAX_BATCH, MAX_LEASE_BATCH, StoreOptions, TaskStore};
+pub use check::{CheckReport, check};
+pub use store::{FILE, MAX_BATCH, MAX_LEASE_BATCH, StoreOptions, TaskStore};
 
 use federation_api::{Task, TaskState};
 
@@ -198,6 +211,28 @@ pub enum StoreError {
     /// The writer thread is gone (the store is shutting down or crashed).
     #[error("task store is closed")]
     Closed,
+    /// The database file (or its witness) cannot be opened as a sound store:
+    /// damaged pages, not a store at all, or a panic of the storage engine.
+    #[error("{path}: the task store is damaged: {what}; {hint}")]
+    Damaged {
+        /// The file.
+        path: String,
+        /// What was found.
+        what: String,
+        /// What to do.
+        hint: String,
+    },
+    /// The store opens but holds less than its witness says was
+    /// acknowledged: committed work was lost.
+    #[error(
+        "{path}: the task store lost acknowledged work: {detail}; the controller refuses to start on it. Rebuild it from a peer's snapshot (`federation store recover`), or accept the loss (`federation store accept DATA_DIR`); see README, Operations: a lost or damaged disk"
+    )]
+    Lost {
+        /// The file.
+        path: String,
+        /// What is missing.
+        detail: String,
+    },
 }
 
 /// Task counts by state. Kept in memory, rebuilt at open.
