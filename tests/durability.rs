@@ -214,3 +214,140 @@ async fn tasks_running_across_a_controller_restart_run_exactly_once() {
     }
     assert_eq!(lines.len(), ids.len(), "{lines:?}");
 }
+
+/// Submits `n` DE tasks to europe; returns their ids.
+async fn submit_de(sandbox: &federation::sandbox::Sandbox, n: usize) -> Vec<String> {
+    let mut client = sandbox.client("europe").await.expect("client");
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let resp = client
+            .submit_task(api::SubmitTaskRequest {
+                attributes: string_attrs(&[("customer_region", "DE")]),
+                payload: format!("work {i}").into_bytes(),
+                ..Default::default()
+            })
+            .await
+            .expect("accepted")
+            .into_inner();
+        ids.push(resp.task_id);
+    }
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_refuses_to_start_on_a_damaged_store() {
+    let mut sandbox = seed_sandbox().agents(0, 1).start().expect("sandbox starts");
+    sandbox
+        .wait_all_alive(PATIENCE)
+        .await
+        .expect("federation forms");
+    submit_de(&sandbox, 30).await;
+    sandbox.kill_controller("europe").expect("kill");
+    // Damage the middle of every page after the header.
+    let path = sandbox.data_dir("europe").expect("dir").join("tasks.redb");
+    let mut bytes = std::fs::read(&path).expect("read");
+    for page in (4096..bytes.len()).step_by(4096) {
+        bytes[page + 2048] ^= 0xff;
+    }
+    std::fs::write(&path, &bytes).expect("write");
+    let before = sandbox.controller_log_text("europe").len();
+    sandbox.start_controller("europe").expect("restart");
+    let status = sandbox
+        .controller("europe")
+        .expect("controller")
+        .wait_timeout(PATIENCE)
+        .expect("exits instead of serving");
+    let log = sandbox.controller_log_text("europe")[before..].to_string();
+    assert_eq!(status.code(), Some(65), "{log}");
+    assert!(
+        log.contains(&path.display().to_string())
+            && log.contains("the task store is damaged")
+            && log.contains("federation store check"),
+        "{log}"
+    );
+    assert!(!log.contains("panicked"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_disk_is_rebuilt_from_the_snapshot_a_peer_holds() {
+    // The runbook: europe's data directory is lost; north_america (the
+    // backup of the EU rule) holds europe's snapshot; `federation store
+    // recover` rebuilds europe's store from it, and europe runs the tasks.
+    let mut sandbox = seed_sandbox()
+        .agents(0, 1)
+        .env(
+            "FEDERATION__FEDERATION__DATA_SYNCHRONIZATION__SYNC_INTERVAL",
+            "300ms",
+        )
+        .start()
+        .expect("sandbox starts");
+    sandbox
+        .wait_all_alive(PATIENCE)
+        .await
+        .expect("federation forms");
+    let ids = submit_de(&sandbox, 12).await;
+    let held = sandbox
+        .data_dir("north_america")
+        .expect("dir")
+        .join("snapshots")
+        .join("europe.snap");
+    let keys = sandbox.keys_path();
+    let inspect = |file: &std::path::Path| {
+        std::process::Command::new(federation_exe())
+            .args(["snapshot", "inspect"])
+            .arg(file)
+            .arg("--keys")
+            .arg(&keys)
+            .args(["--format", "json"])
+            .output()
+            .expect("runs")
+    };
+    eventually(
+        "north_america holds all of europe's tasks",
+        PATIENCE,
+        || {
+            let out = inspect(&held);
+            let v: Option<serde_json::Value> = serde_json::from_slice(&out.stdout).ok();
+            let n = v.and_then(|v| v["tasks"].as_u64()).unwrap_or(0);
+            let want = ids.len();
+            async move { (n as usize == want).then_some(()) }
+        },
+    )
+    .await;
+    sandbox.kill_controller("europe").expect("kill");
+    // The copy an operator would take from the peer.
+    let copy = sandbox.dir().join("europe-from-north_america.snap");
+    std::fs::copy(&held, &copy).expect("copy");
+    let europe = sandbox.data_dir("europe").expect("dir");
+    std::fs::remove_dir_all(&europe).expect("lose the disk");
+    std::fs::create_dir_all(&europe).expect("new disk");
+    let out = std::process::Command::new(federation_exe())
+        .args(["store", "recover"])
+        .arg(&europe)
+        .args(["--region", "europe", "--snapshot"])
+        .arg(&copy)
+        .arg("--keys")
+        .arg(&keys)
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    sandbox.start_controller("europe").expect("restart");
+    eventually("europe restarts", PATIENCE, || {
+        let s = &sandbox;
+        async move { s.status_row("europe", "europe").await.ok() }
+    })
+    .await;
+    sandbox.start_agent("europe").expect("agent");
+    for id in &ids {
+        let t = sandbox
+            .wait_terminal("europe", id, PATIENCE)
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}\n{}", sandbox.controller_log_text("europe")));
+        assert_eq!(t.state(), api::TaskState::Succeeded, "{t:?}");
+    }
+}
