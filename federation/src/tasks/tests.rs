@@ -923,7 +923,14 @@ async fn a_damaged_witness_is_refused_naming_it() {
     }
     let hwm = dir.path().join(witness::FILE);
     let text = std::fs::read_to_string(&hwm).expect("witness");
-    std::fs::write(&hwm, text.replace("created=1", "created=9")).expect("alter");
+    std::fs::write(
+        &hwm,
+        text.replace(
+            "created=00000000000000000001",
+            "created=00000000000000000009",
+        ),
+    )
+    .expect("alter");
     let err = TaskStore::open(dir.path()).expect_err("refused");
     assert!(matches!(err, StoreError::Damaged { .. }), "{err}");
     assert!(err.to_string().contains(witness::FILE), "{err}");
@@ -1045,4 +1052,65 @@ async fn check_passes_a_sound_store_and_restore_rebuilds_one() {
     let r = store.get("running").expect("get").expect("there");
     assert_eq!((r.state(), r.agent_id.as_str()), (TaskState::Queued, ""));
     assert_eq!(store.lease("ag", 10, TTL).await.expect("lease").len(), 2);
+}
+
+#[tokio::test]
+#[ignore = "writes the fuzz corpus"]
+async fn write_fuzz_corpus() {
+    let Ok(out) = std::env::var("STORE_CORPUS_DIR") else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bytes = thirty_tasks(dir.path()).await;
+    std::fs::write(std::path::Path::new(&out).join("thirty-tasks.redb"), bytes).expect("write");
+    std::fs::copy(
+        dir.path().join(witness::FILE),
+        std::path::Path::new(&out).join("witness.hwm"),
+    )
+    .expect("copy");
+}
+
+/// Prints how long opening a store of 20,000 tasks takes with redb's
+/// integrity check (what `TaskStore::open` does) and without it. A report,
+/// not a test (no thresholds):
+/// `cargo test -p federation --release tasks::tests::open_time -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "prints a measurement"]
+async fn open_time() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let store = TaskStore::open(dir.path()).expect("open");
+        let mut handles = Vec::new();
+        for w in 0..64 {
+            let store = store.clone();
+            handles.push(tokio::spawn(async move {
+                for i in 0..(20_000 / 64) {
+                    let mut t = task(&format!("w{w}-{i}"));
+                    t.payload = vec![1; 256];
+                    store.insert(t).await.expect("insert");
+                }
+            }));
+        }
+        for h in handles {
+            h.await.expect("join");
+        }
+    }
+    let size = std::fs::metadata(dir.path().join(FILE))
+        .expect("size")
+        .len();
+    for check in [false, true] {
+        let start = std::time::Instant::now();
+        let mut builder = redb::Builder::new();
+        builder.set_check_integrity_on_open(check);
+        drop(builder.create(dir.path().join(FILE)).expect("open"));
+        let raw = start.elapsed();
+        eprintln!("redb open, integrity check {check}: {raw:?} ({size} bytes)");
+    }
+    let start = std::time::Instant::now();
+    let store = TaskStore::open(dir.path()).expect("open");
+    eprintln!(
+        "TaskStore::open (check, rebuild, witness) of {} tasks: {:?}",
+        store.counts().queued,
+        start.elapsed()
+    );
 }
