@@ -351,3 +351,110 @@ async fn a_lost_disk_is_rebuilt_from_the_snapshot_a_peer_holds() {
         assert_eq!(t.state(), api::TaskState::Succeeded, "{t:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_record_is_reported_and_replication_and_leasing_go_on() {
+    let mut sandbox = seed_sandbox()
+        .agents(0, 1)
+        .env(
+            "FEDERATION__FEDERATION__DATA_SYNCHRONIZATION__SYNC_INTERVAL",
+            "300ms",
+        )
+        .start()
+        .expect("sandbox starts");
+    sandbox
+        .wait_all_alive(PATIENCE)
+        .await
+        .expect("federation forms");
+    let ids = submit_de(&sandbox, 6).await;
+    sandbox.kill_controller("europe").expect("kill");
+    // One record that does not decode, queued first.
+    {
+        let path = sandbox.data_dir("europe").expect("dir").join("tasks.redb");
+        let db = redb::Database::create(&path).expect("db");
+        let txn = db.begin_write().expect("txn");
+        {
+            let tasks: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("tasks");
+            let queue: redb::TableDefinition<(i64, i64, &str), ()> =
+                redb::TableDefinition::new("queue");
+            txn.open_table(tasks)
+                .expect("tasks")
+                .insert("bad.europe", &[0xff_u8, 0xff, 0xff][..])
+                .expect("insert");
+            txn.open_table(queue)
+                .expect("queue")
+                .insert((i64::MIN, 0, "bad.europe"), ())
+                .expect("queue entry");
+        }
+        txn.commit().expect("commit");
+    }
+    let held = sandbox
+        .data_dir("north_america")
+        .expect("dir")
+        .join("snapshots")
+        .join("europe.snap");
+    let keys = sandbox.keys_path();
+    let snapshot_sequence = || -> (u64, u64) {
+        let out = std::process::Command::new(federation_exe())
+            .args(["snapshot", "inspect"])
+            .arg(&held)
+            .arg("--keys")
+            .arg(&keys)
+            .args(["--format", "json"])
+            .output()
+            .expect("runs");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        (
+            v["epoch"].as_u64().unwrap_or(0),
+            v["tasks"].as_u64().unwrap_or(0),
+        )
+    };
+    let (epoch_before, _) = snapshot_sequence();
+    sandbox.start_controller("europe").expect("restart");
+    // Status: the own row lists it.
+    let row = sandbox
+        .wait_for_row("europe", "europe", "report the record", PATIENCE, |r| {
+            r.store_undecodable_records == 1
+        })
+        .await
+        .expect("status row");
+    assert!(
+        row.store_undecodable[0].starts_with("bad.europe: "),
+        "{row:?}"
+    );
+    // Metrics.
+    let admin = sandbox.admin_http_addr("europe").expect("admin");
+    let metrics = tokio::task::spawn_blocking(move || http_get(admin, "/metrics"))
+        .await
+        .expect("join");
+    assert!(
+        metrics.contains("federation_store_undecodable_records 1"),
+        "{metrics}"
+    );
+    // Replication of the rest goes on: the restarted europe's snapshots (a
+    // new epoch) reach north_america with every good task.
+    eventually("a snapshot from the restarted europe", PATIENCE, || {
+        let (epoch, tasks) = snapshot_sequence();
+        let want = ids.len() as u64;
+        async move { (epoch > epoch_before && tasks == want).then_some(()) }
+    })
+    .await;
+    // Leasing walks past it: an agent runs every good task.
+    sandbox.start_agent("europe").expect("agent");
+    for id in &ids {
+        let t = sandbox
+            .wait_terminal("europe", id, PATIENCE)
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}\n{}", sandbox.controller_log_text("europe")));
+        assert_eq!(t.state(), api::TaskState::Succeeded, "{t:?}");
+    }
+    let log = sandbox.controller_log_text("europe");
+    assert!(
+        log.contains("skipping an undecodable task record") && log.contains("bad.europe"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("reading pending tasks for a snapshot failed"),
+        "{log}"
+    );
+}
