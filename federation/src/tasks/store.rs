@@ -786,11 +786,20 @@ fn check_witness(
         commit: 0,
         created: records,
     });
-    let found = witness::read(dir).map_err(|e| StoreError::Damaged {
-        path: dir.join(witness::FILE).display().to_string(),
-        what: format!("the store's witness cannot be read ({e})"),
-        hint: "check the store with `federation store check DATA_DIR`; if it is sound, `federation store accept DATA_DIR` writes a new witness".into(),
-    })?;
+    let found = match witness::read(dir) {
+        Ok(found) => found,
+        Err(e) if accept_loss => {
+            tracing::warn!(error = %e, "the task store's witness cannot be read; accepted, a new one is written");
+            None
+        }
+        Err(e) => {
+            return Err(StoreError::Damaged {
+                path: dir.join(witness::FILE).display().to_string(),
+                what: format!("the store's witness cannot be read ({e})"),
+                hint: "check the store with `federation store check DATA_DIR`; if it is sound, `federation store accept DATA_DIR` writes a new witness".into(),
+            });
+        }
+    };
     let Some(loss) = witness::compare(mark, records, found) else {
         if found.is_none() {
             witness::write(dir, mark).map_err(|e| StoreError::Db(e.to_string()))?;

@@ -935,6 +935,18 @@ async fn a_damaged_witness_is_refused_naming_it() {
     assert!(matches!(err, StoreError::Damaged { .. }), "{err}");
     assert!(err.to_string().contains(witness::FILE), "{err}");
     assert!(err.to_string().contains("checksum mismatch"), "{err}");
+    // `federation store accept` writes a new one.
+    drop(
+        TaskStore::open_with(
+            dir.path(),
+            StoreOptions {
+                accept_loss: true,
+                ..StoreOptions::default()
+            },
+        )
+        .expect("accepted"),
+    );
+    TaskStore::open(dir.path()).expect("opens with the new witness");
 }
 
 #[tokio::test]
