@@ -458,3 +458,99 @@ async fn an_undecodable_record_is_reported_and_replication_and_leasing_go_on() {
         "{log}"
     );
 }
+
+/// Stops europe's controller with SIGTERM (a clean stop) and waits for it.
+fn stop_europe(sandbox: &mut federation::sandbox::Sandbox) {
+    let c = sandbox.controller("europe").expect("running");
+    c.signal("TERM").expect("SIGTERM");
+    let status = c.wait_timeout(PATIENCE).expect("stops");
+    assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_lost_acknowledged_tasks_is_refused_and_the_lost_ids_listed() {
+    // europe's store comes back older than what it acknowledged (a disk
+    // image rolled back): the controller refuses to start, `store check`
+    // lists the tasks the decision log says were stored, and after `store
+    // accept` it serves again.
+    let mut sandbox = seed_sandbox().agents(0, 1).start().expect("sandbox starts");
+    sandbox
+        .wait_all_alive(PATIENCE)
+        .await
+        .expect("federation forms");
+    let kept = submit_de(&sandbox, 5).await;
+    stop_europe(&mut sandbox);
+    let dir = sandbox.data_dir("europe").expect("dir");
+    let older = std::fs::read(dir.join("tasks.redb")).expect("read");
+    sandbox.start_controller("europe").expect("restart");
+    let lost = eventually("europe takes tasks again", PATIENCE, || {
+        let s = &sandbox;
+        async move {
+            s.status_row("europe", "europe").await.ok()?;
+            Some(submit_de(s, 5).await)
+        }
+    })
+    .await;
+    stop_europe(&mut sandbox);
+    std::fs::write(dir.join("tasks.redb"), &older).expect("roll back");
+
+    let before = sandbox.controller_log_text("europe").len();
+    sandbox.start_controller("europe").expect("restart");
+    let status = sandbox
+        .controller("europe")
+        .expect("controller")
+        .wait_timeout(PATIENCE)
+        .expect("refuses instead of serving");
+    let log = sandbox.controller_log_text("europe")[before..].to_string();
+    assert_eq!(status.code(), Some(65), "{log}");
+    assert!(
+        log.contains("lost acknowledged work") && log.contains("5 tasks lost"),
+        "{log}"
+    );
+
+    let out = std::process::Command::new(federation_exe())
+        .args(["store", "check", "--format", "json"])
+        .arg(&dir)
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let mut listed: Vec<String> = v["missing_ids"]
+        .as_array()
+        .expect("ids")
+        .iter()
+        .filter_map(|x| x.as_str().map(str::to_string))
+        .collect();
+    let mut want = lost.clone();
+    listed.sort();
+    want.sort();
+    assert_eq!(listed, want, "{v}");
+
+    let out = std::process::Command::new(federation_exe())
+        .args(["store", "accept"])
+        .arg(&dir)
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    sandbox.start_controller("europe").expect("restart");
+    let mut client = eventually("europe serves again", PATIENCE, || {
+        let s = &sandbox;
+        async move {
+            s.status_row("europe", "europe").await.ok()?;
+            s.client("europe").await.ok()
+        }
+    })
+    .await;
+    for id in &kept {
+        client
+            .get_task(api::GetTaskRequest {
+                task_id: id.clone(),
+            })
+            .await
+            .expect("a task from before the rollback is there");
+    }
+}

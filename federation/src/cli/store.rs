@@ -96,6 +96,15 @@ fn check(dir: &Path, format: OutputFormat) -> ExitCode {
             for p in &report.problems {
                 println!("  problem: {p}");
             }
+            if !report.missing_ids.is_empty() {
+                println!(
+                    "  lost tasks (per the decision log, {} in all):",
+                    report.missing_from_log
+                );
+                for id in &report.missing_ids {
+                    println!("    {id}");
+                }
+            }
             if !report.ok {
                 println!(
                     "  to rebuild it from a peer's snapshot: federation store recover {} --region REGION --keys KEYRING --snapshot PEER_DATA_DIR/snapshots/REGION.snap --replace",

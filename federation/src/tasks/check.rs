@@ -2,9 +2,11 @@
 //! check DATA_DIR`): opens a *copy* of `tasks.redb` with redb's integrity
 //! check (so the original is never repaired or rolled back by looking at
 //! it), decodes every record, and compares the store's marks with its
-//! witness `tasks.hwm`. Never panics on a damaged file.
+//! witness `tasks.hwm`; when the data directory holds the region's decision
+//! log, it also lists the tasks the log records as stored here that the
+//! store does not hold (what was lost). Never panics on a damaged file.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
 
 use federation_api::Task;
@@ -36,7 +38,15 @@ pub struct CheckReport {
     pub store_mark: Option<Mark>,
     /// The witness's marks, when there is one.
     pub witness_mark: Option<Mark>,
+    /// Tasks the decision log records as stored in this region that the
+    /// store does not hold: how many, and the first 100 ids.
+    pub missing_from_log: u64,
+    /// The first of them.
+    pub missing_ids: Vec<String>,
 }
+
+/// How many missing ids the report lists.
+const MAX_LISTED: usize = 100;
 
 const TASKS: TableDefinition<&str, &[u8]> = TableDefinition::new("tasks");
 const AGENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("agents");
@@ -97,8 +107,10 @@ pub fn check(dir: &Path) -> Result<CheckReport, StoreError> {
         file: path.display().to_string(),
         ..Default::default()
     };
-    match guarded(&path, || scan(&copy, &mut report)) {
-        Ok(()) => {}
+    let mut ids = HashSet::new();
+    let scanned = guarded(&path, || scan(&copy, &mut report, &mut ids));
+    match scanned {
+        Ok(()) => cross_check(dir, &ids, &mut report),
         Err(StoreError::Damaged { what, .. }) => {
             report
                 .problems
@@ -143,7 +155,64 @@ pub fn check(dir: &Path) -> Result<CheckReport, StoreError> {
     Ok(report)
 }
 
-fn scan(copy: &Path, report: &mut CheckReport) -> Result<(), StoreError> {
+/// Tasks the decision log (`decisions.jsonl` in `dir`) says were stored in
+/// its region, minus those a later record says were not, minus what the
+/// store holds.
+fn cross_check(dir: &Path, held: &HashSet<String>, report: &mut CheckReport) {
+    if !dir.join("decisions.jsonl").is_file() {
+        return;
+    }
+    let records = match crate::audit::show(dir, &crate::audit::Filter::default()) {
+        Ok(r) => r,
+        Err(e) => {
+            report.problems.push(format!(
+                "the decision log cannot be read to list lost tasks: {e}"
+            ));
+            return;
+        }
+    };
+    let mut stored: BTreeSet<String> = BTreeSet::new();
+    for r in &records {
+        let e = &r.entry;
+        let kind_stores =
+            e.kind == crate::audit::kind::ROUTE || e.kind == crate::audit::kind::FORWARDED_IN;
+        let Some(id) = e.task_id.as_ref() else {
+            continue;
+        };
+        if !kind_stores || e.chosen_region.as_deref() != Some(r.region.as_str()) {
+            continue;
+        }
+        if e.note
+            .as_deref()
+            .is_some_and(|n| n.starts_with("not stored"))
+        {
+            stored.remove(id);
+        } else {
+            stored.insert(id.clone());
+        }
+    }
+    let missing: Vec<String> = stored.into_iter().filter(|id| !held.contains(id)).collect();
+    if !missing.is_empty() {
+        report.problems.push(format!(
+            "{} tasks the decision log records as stored here are not in the store (first: {})",
+            missing.len(),
+            missing
+                .iter()
+                .take(5)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    report.missing_from_log = missing.len() as u64;
+    report.missing_ids = missing.into_iter().take(MAX_LISTED).collect();
+}
+
+fn scan(
+    copy: &Path,
+    report: &mut CheckReport,
+    ids: &mut HashSet<String>,
+) -> Result<(), StoreError> {
     let db = open_checked(copy).map_err(|e| match e {
         StoreError::Damaged { what, .. } => damaged(Path::new(&report.file), what),
         other => other,
@@ -156,6 +225,7 @@ fn scan(copy: &Path, report: &mut CheckReport) -> Result<(), StoreError> {
                 let (k, v) = entry.map_err(|e| db_err(&e))?;
                 report.records += 1;
                 let id = k.value().to_string();
+                ids.insert(id.clone());
                 match Task::decode(v.value()) {
                     Ok(t) if federation_api::TaskState::try_from(t.state).is_ok() => {
                         *report
