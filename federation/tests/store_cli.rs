@@ -248,4 +248,16 @@ fn recover_rebuilds_a_store_from_a_peer_snapshot() {
                 .starts_with("tasks.redb.damaged-")
         });
     assert!(moved, "the replaced store is kept aside");
+    // Never from under a running controller (it holds the file's lock).
+    let rt = runtime();
+    let running = rt.block_on(async { TaskStore::open(fresh.path()).expect("open") });
+    let out = recover(fresh.path(), &["--region", "europe", "--replace"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("in use"),
+        "{}",
+        text(&out)
+    );
+    assert!(fresh.path().join("tasks.redb").exists());
+    drop(running);
 }

@@ -180,6 +180,9 @@ fn recover(
                 2,
             );
         }
+        if let Err(e) = tasks::refuse_in_use(&db) {
+            return super::fail(&anyhow::Error::new(e), 2);
+        }
         let stamp = tasks::now_unix_ms();
         for name in [tasks::FILE, tasks::witness::FILE] {
             let from = dir.join(name);

@@ -61,6 +61,22 @@ impl Drop for Scratch {
     }
 }
 
+/// `Err` when a process (a controller) holds the store at `path` open.
+/// Anything else wrong with the file is left for the caller to find.
+pub fn refuse_in_use(path: &Path) -> Result<(), StoreError> {
+    let probe = guarded(path, || match redb::Builder::new().open_read_only(path) {
+        Err(redb::DatabaseError::DatabaseAlreadyOpen) => Err(StoreError::Db(format!(
+            "{}: in use by another process; stop its controller first",
+            path.display()
+        ))),
+        _ => Ok(()),
+    });
+    match probe {
+        Err(e @ StoreError::Db(_)) => Err(e),
+        _ => Ok(()),
+    }
+}
+
 /// Checks the store in `dir`. `Err` only when the check itself cannot run
 /// (no store there, the store is in use, the copy fails); a damaged store
 /// is an `Ok` report with problems.
@@ -74,19 +90,7 @@ pub fn check(dir: &Path) -> Result<CheckReport, StoreError> {
     }
     // A running controller holds the file's lock; a copy of a file being
     // written would be torn, so refuse.
-    let probe = guarded(&path, || {
-        match redb::Builder::new().open_read_only(&path) {
-            Err(redb::DatabaseError::DatabaseAlreadyOpen) => Err(StoreError::Db(format!(
-                "{}: in use by another process; stop the controller before checking its store",
-                path.display()
-            ))),
-            // Anything else is for the real check below to find.
-            _ => Ok(()),
-        }
-    });
-    if let Err(StoreError::Db(e)) = probe {
-        return Err(StoreError::Db(e));
-    }
+    refuse_in_use(&path)?;
     let scratch = Scratch(std::env::temp_dir().join(format!(
         "federation-store-check-{}-{}",
         std::process::id(),

@@ -92,7 +92,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-pub use check::{CheckReport, check};
+pub use check::{CheckReport, check, refuse_in_use};
 pub use store::{FILE, MAX_BATCH, MAX_LEASE_BATCH, StoreOptions, TaskStore};
 
 use federation_api::{Task, TaskState};
