@@ -431,6 +431,13 @@ async fn an_undecodable_record_is_reported_and_replication_and_leasing_go_on() {
         metrics.contains("federation_store_undecodable_records 1"),
         "{metrics}"
     );
+    let page = tokio::task::spawn_blocking(move || http_get(admin, "/"))
+        .await
+        .expect("join");
+    assert!(
+        page.contains("store-undecodable") && page.contains("bad.europe"),
+        "{page}"
+    );
     // Replication of the rest goes on: the restarted europe's snapshots (a
     // new epoch) reach north_america with every good task.
     eventually("a snapshot from the restarted europe", PATIENCE, || {
