@@ -50,7 +50,7 @@ const MAX_LISTED: usize = 100;
 
 const TASKS: TableDefinition<&str, &[u8]> = TableDefinition::new("tasks");
 const AGENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("agents");
-const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const MARKS: TableDefinition<&str, u64> = TableDefinition::new("marks");
 
 /// Removes the scratch copy when dropped.
 struct Scratch(PathBuf);
@@ -262,7 +262,7 @@ fn scan(
         Err(redb::TableError::TableDoesNotExist(_)) => {}
         Err(e) => return Err(db_err(&e)),
     }
-    match txn.open_table(META) {
+    match txn.open_table(MARKS) {
         Ok(table) => {
             let commit = table
                 .get("commit")

@@ -52,7 +52,7 @@
 //! * **A damaged store never panics and never loses silently.** The file is
 //!   opened with redb's integrity check (every page checksum) inside a panic
 //!   guard: damage is [`StoreError::Damaged`] naming the file. The store's
-//!   marks ([`witness::Mark`]: commits, tasks created) are kept in `meta` in
+//!   marks ([`witness::Mark`]: commits, tasks created) are kept in `marks` in
 //!   the same transaction as the work, and copied after each commit to the
 //!   witness file `tasks.hwm` ([`witness`]); a store below its witness lost
 //!   acknowledged work and is refused with [`StoreError::Lost`] (unless
@@ -69,7 +69,7 @@
 //! | `queue`      | (−priority, created ms, task id)      | `()` — QUEUED tasks    |
 //! | `leases`     | (lease deadline ms, task id)          | agent id — LEASED tasks|
 //! | `agents`     | agent id                              | JSON [`AgentRecord`]   |
-//! | `meta`       | `commit`, `created`                   | u64 — the store's marks|
+//! | `marks`      | `commit`, `created`                   | u64 — the store's marks|
 //!
 //! Idempotency keys are indexed in memory (key → task id), rebuilt at open
 //! from the task records, which carry their key: it is derived data, so it is

@@ -40,7 +40,7 @@ const LEASES: TableDefinition<(i64, &str), &str> = TableDefinition::new("leases"
 /// Registered agents: id → JSON [`AgentRecord`].
 const AGENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("agents");
 /// The store's own marks (`commit`, `created`), compared with the witness.
-const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const MARKS: TableDefinition<&str, u64> = TableDefinition::new("marks");
 /// How many undecodable task ids the status lists.
 const MAX_LISTED_UNDECODABLE: usize = 100;
 
@@ -96,7 +96,7 @@ struct Shared {
     queued: Notify,
     clock: Arc<dyn Clock>,
     commits: AtomicU64,
-    /// The store's marks as of the last commit (written in `meta` too).
+    /// The store's marks as of the last commit (written in `marks` too).
     mark: Mutex<Mark>,
     /// Keeps `tasks.hwm` up to date; dropped (final write) with the store.
     witness: witness::Writer,
@@ -248,7 +248,7 @@ impl TaskStore {
                 txn.open_table(QUEUE).db()?;
                 txn.open_table(LEASES).db()?;
                 txn.open_table(AGENTS).db()?;
-                txn.open_table(META).db()?;
+                txn.open_table(MARKS).db()?;
             }
             txn.commit().db()?;
             let rebuilt = rebuild(&db)?;
@@ -824,7 +824,7 @@ fn check_witness(
 
 fn read_mark(db: &Database) -> Result<Option<Mark>, StoreError> {
     let txn = db.begin_read().db()?;
-    let table = match txn.open_table(META) {
+    let table = match txn.open_table(MARKS) {
         Ok(t) => t,
         Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
         Err(e) => return Err(StoreError::Db(e.to_string())),
@@ -838,7 +838,7 @@ fn read_mark(db: &Database) -> Result<Option<Mark>, StoreError> {
 }
 
 fn write_mark(txn: &redb::WriteTransaction, mark: Mark) -> Result<(), StoreError> {
-    let mut table = txn.open_table(META).db()?;
+    let mut table = txn.open_table(MARKS).db()?;
     table.insert("commit", mark.commit).db()?;
     table.insert("created", mark.created).db()?;
     Ok(())
@@ -850,7 +850,7 @@ struct Rebuilt {
     idem: IdemIndex,
     /// Task records, decodable or not.
     records: u64,
-    /// The marks kept in `meta`, if any.
+    /// The marks kept in `marks`, if any.
     stored: Option<Mark>,
     /// The records that do not decode.
     undecodable: Vec<StoreError>,
