@@ -223,9 +223,12 @@ async fn certificates_are_checked_both_ways() {
 async fn roles_and_credentials() {
     let token_client = "client-token-0123456789";
     let token_auditor = "auditor-token-0123456789";
+    let token_agent = "agent-token-0123456789";
     let sandbox = seed_sandbox()
         .agents(0, 1)
-        .tokens(&format!("{token_client} client\n{token_auditor} auditor\n"))
+        .tokens(&format!(
+            "{token_client} client\n{token_auditor} auditor\n{token_agent} agent europe\n"
+        ))
         .start()
         .expect("sandbox starts");
     sandbox
@@ -323,14 +326,62 @@ async fn roles_and_credentials() {
         .await
         .expect("agent");
     let mut agent = api::region_agent_api_client::RegionAgentApiClient::new(ch);
-    agent
+    let id = agent
         .register(api::RegisterRequest {
             name: "x".into(),
             slots: 1,
             ..Default::default()
         })
         .await
-        .expect("own region's agent registers");
+        .expect("own region's agent registers")
+        .into_inner()
+        .agent_id;
+    // Registering again with that id keeps it (an agent whose controller
+    // restarted keeps its leases)…
+    let again = agent
+        .register(api::RegisterRequest {
+            name: "x".into(),
+            slots: 1,
+            agent_id: id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("registers again")
+        .into_inner()
+        .agent_id;
+    assert_eq!(again, id);
+    // …but the id belongs to that identity: another agent of the region (a
+    // token) cannot heartbeat under it, nor take it by registering.
+    let ch = sandbox
+        .channel_as("europe", None)
+        .await
+        .expect("tls without cert");
+    let bearer = federation_tls::Bearer::new(Some(token_agent)).expect("header");
+    let mut other =
+        api::region_agent_api_client::RegionAgentApiClient::with_interceptor(ch, bearer);
+    let err = other
+        .heartbeat(api::HeartbeatRequest {
+            agent_id: id.clone(),
+            capacity: None,
+        })
+        .await
+        .expect_err("another identity's agent id");
+    assert_eq!(err.code(), Code::NotFound, "{err}");
+    let taken = other
+        .register(api::RegisterRequest {
+            name: "y".into(),
+            slots: 1,
+            agent_id: id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("token agent registers")
+        .into_inner()
+        .agent_id;
+    assert_ne!(
+        taken, id,
+        "an id registered to another identity is not handed over"
+    );
 
     // The operator may not call the peer service.
     let ch = sandbox.channel("europe").await.expect("operator");

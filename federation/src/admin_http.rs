@@ -115,8 +115,24 @@ async fn status_page(State(node): State<Arc<Node>>) -> Html<String> {
             if r.policy_mismatch { "differs" } else { "same" }
         );
     }
+    h.push_str("</table>");
+    for r in status
+        .regions
+        .iter()
+        .filter(|r| r.store_undecodable_records > 0)
+    {
+        let _ = write!(
+            h,
+            "<h2>Task store</h2><p id=\"store-undecodable\" class=\"dead\">{} task records do not decode (skipped by leasing, snapshots and status; see <code>federation store check</code>):</p><ul>",
+            r.store_undecodable_records
+        );
+        for line in &r.store_undecodable {
+            let _ = write!(h, "<li><code>{}</code></li>", esc(line));
+        }
+        h.push_str("</ul>");
+    }
     h.push_str(
-        "</table><h2>Recent decisions</h2><table id=\"decisions\"><tr><th>time</th><th>kind</th>\
+        "<h2>Recent decisions</h2><table id=\"decisions\"><tr><th>time</th><th>kind</th>\
          <th>task</th><th>outcome</th><th>region</th><th>reason</th></tr>",
     );
     for r in recent.iter().rev().take(RECENT_DECISIONS) {

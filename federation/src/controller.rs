@@ -337,6 +337,26 @@ pub async fn open(settings: Settings) -> anyhow::Result<Arc<Node>> {
     let epoch = next_epoch(&settings.data_dir)?;
     let store = TaskStore::open(&settings.data_dir)
         .with_context(|| format!("opening task store in {}", settings.data_dir.display()))?;
+    // Registrations and leases survive a restart: the agents this store
+    // knows keep their ids, and the time we were down does not count
+    // against their leases.
+    let agents = AgentRegistry::load(
+        store
+            .agents()
+            .with_context(|| format!("reading agents from {}", store.path().display()))?,
+        Instant::now(),
+    );
+    let extended = store
+        .extend_leases(settings.timers.lease_ttl)
+        .await
+        .with_context(|| format!("extending leases in {}", store.path().display()))?;
+    if !agents.is_empty() || extended > 0 {
+        tracing::info!(
+            agents = agents.len(),
+            leases_extended = extended,
+            "agents and leases restored"
+        );
+    }
     let log = DecisionLog::open(&settings.data_dir, &settings.region)
         .with_context(|| format!("opening decision log in {}", settings.data_dir.display()))?;
     check_own_log(&store, &log)?;
@@ -410,7 +430,7 @@ pub async fn open(settings: Settings) -> anyhow::Result<Arc<Node>> {
         log,
         witnesses,
         metrics,
-        agents: AgentRegistry::default(),
+        agents,
         channels: Channels::new(settings.timers.forward_timeout),
         timers: settings.timers,
         limits: settings.limits,
@@ -801,7 +821,7 @@ async fn reap_loop(node: Arc<Node>, mut stop: tokio::sync::watch::Receiver<bool>
         }
         for agent in node.agents.reap(node.timers.agent_timeout, Instant::now()) {
             tracing::warn!(agent_id = %agent.id, name = %agent.name, "agent silent past timeout; its leases return to the queue");
-            if let Err(e) = node.store.requeue_agent(&agent.id).await {
+            if let Err(e) = node.store.forget_agent(&agent.id).await {
                 tracing::error!(error = %e, agent_id = %agent.id, "requeueing agent's tasks failed");
             }
         }

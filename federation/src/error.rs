@@ -122,7 +122,9 @@ impl From<crate::tasks::StoreError> for Error {
             S::NotLeaseHolder { .. } | S::Terminal { .. } => Error::Precondition(e.to_string()),
             S::Invalid(why) => Error::invalid("task", why),
             S::Closed => Error::ShuttingDown,
-            S::Corrupt { .. } | S::Db(_) => Error::Storage(e.to_string()),
+            S::Corrupt { .. } | S::Db(_) | S::Damaged { .. } | S::Lost { .. } => {
+                Error::Storage(e.to_string())
+            }
         }
     }
 }

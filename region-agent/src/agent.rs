@@ -80,6 +80,9 @@ struct Agent {
     counters: Counters,
     draining: watch::Sender<bool>,
     stopping: watch::Sender<bool>,
+    /// The id of the last registration, sent again when registering anew so
+    /// that the controller keeps this agent's leases under it.
+    agent_id: Mutex<String>,
 }
 
 /// Exponential backoff with jitter, capped.
@@ -213,6 +216,7 @@ pub(crate) async fn run(
         counters: Counters::default(),
         draining: watch::Sender::new(false),
         stopping: watch::Sender::new(false),
+        agent_id: Mutex::new(String::new()),
         config,
     });
     let controller = agent.config.controller.clone();
@@ -337,6 +341,13 @@ impl Agent {
         self.running.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    fn last_agent_id(&self) -> String {
+        self.agent_id
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
     fn running_count(&self) -> u32 {
         u32::try_from(self.running().len()).unwrap_or(u32::MAX)
     }
@@ -401,6 +412,7 @@ impl Agent {
                 name: self.config.name.clone(),
                 region: self.config.region.clone().unwrap_or_default(),
                 slots: self.config.slots,
+                agent_id: self.last_agent_id(),
             };
             let mut client = self.client.clone();
             let last_error =
@@ -474,6 +486,19 @@ impl Agent {
             agent_id: response.agent_id,
         };
         bump(&self.counters.registrations);
+        let previous = std::mem::replace(
+            &mut *self.agent_id.lock().unwrap_or_else(PoisonError::into_inner),
+            session.agent_id.clone(),
+        );
+        if !previous.is_empty() && previous != session.agent_id {
+            warn!(
+                controller = %self.config.controller,
+                previous = %previous,
+                agent_id = %session.agent_id,
+                running = self.running_count(),
+                "controller gave a new agent id; tasks leased under the previous one will be refused"
+            );
+        }
         info!(
             controller = %self.config.controller,
             agent_id = %session.agent_id,

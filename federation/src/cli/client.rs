@@ -4,6 +4,7 @@
 //! Exit 0 on success, 1 when the federation refused or the task failed, 2
 //! on bad arguments or an unreachable controller.
 
+use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -883,6 +884,8 @@ pub fn status_json(s: &api::FederationStatusResponse) -> Value {
                 "policy_mismatch": r.policy_mismatch, "last_advertisement_age_ms": r.last_advertisement_age_ms,
                 "state_age_ms": r.state_age_ms, "hold_down_remaining_ms": r.hold_down_remaining_ms,
                 "draining": r.draining, "endpoint": r.endpoint, "phi": r.phi,
+                "store_undecodable_records": r.store_undecodable_records,
+                "store_undecodable": r.store_undecodable,
             })
         }).collect::<Vec<_>>(),
     })
@@ -983,6 +986,15 @@ pub fn status_table(s: &api::FederationStatusResponse) -> String {
     }
     if stale {
         out.push_str("(n) = last advertised before the region went silent, not current\n");
+    }
+    for r in s.regions.iter().filter(|r| r.store_undecodable_records > 0) {
+        let _ = writeln!(
+            out,
+            "{}: {} undecodable task records in its store (skipped): {}",
+            r.region,
+            r.store_undecodable_records,
+            r.store_undecodable.join("; ")
+        );
     }
     out
 }

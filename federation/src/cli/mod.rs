@@ -12,6 +12,7 @@ pub mod output;
 pub mod policy;
 pub mod serve;
 pub mod snapshot;
+pub mod store;
 
 use std::process::ExitCode;
 
@@ -92,6 +93,9 @@ pub enum Command {
     Completions(completions::CompletionsArgs),
     /// Write man pages for every command (roff) into a folder.
     Man(completions::ManArgs),
+    /// Check, accept or rebuild a stopped controller's task store.
+    #[command(subcommand)]
+    Store(store::StoreCommand),
 }
 
 /// Parses the command line and runs the command.
@@ -118,6 +122,7 @@ pub fn main() -> ExitCode {
             region_agent::main_with(args)
         }
         Command::Snapshot(cmd) => snapshot::run(cmd),
+        Command::Store(cmd) => store::run(cmd),
         Command::Certs(cmd) => certs::run(cmd),
         Command::Completions(args) => completions::completions(&args),
         Command::Man(args) => completions::man(&args),

@@ -2,6 +2,8 @@
 //! SIGHUP reloads the policy from the federation file.
 //!
 //! Start-up order: logging, configuration (exit 64 when unusable), bind,
+//! open the state (exit 65 when the task store is damaged or lost
+//! acknowledged work),
 //! serve. The library ([`crate::controller`]) takes the bound listener and a
 //! shutdown future; only this binary touches signals and addresses.
 
@@ -18,6 +20,8 @@ use crate::policy::Policy;
 
 /// Exit status for an unusable configuration (EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
+/// The task store is damaged or lost acknowledged work (EX_DATAERR).
+pub const EXIT_STORE: u8 = 65;
 
 /// Arguments of `serve`.
 #[derive(Debug, clap::Args)]
@@ -239,7 +243,18 @@ pub fn run(args: ServeArgs, log: LogFormat) -> ExitCode {
     };
     match runtime.block_on(serve(resolved)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => super::fail(&e, 1),
+        Err(e) => {
+            let store = e.chain().any(|c| {
+                matches!(
+                    c.downcast_ref::<crate::tasks::StoreError>(),
+                    Some(
+                        crate::tasks::StoreError::Damaged { .. }
+                            | crate::tasks::StoreError::Lost { .. }
+                    )
+                )
+            });
+            super::fail(&e, if store { EXIT_STORE } else { 1 })
+        }
     }
 }
 

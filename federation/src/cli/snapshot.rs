@@ -5,7 +5,7 @@
 //! does not (wrong key, tampered), 2 when a file cannot be read.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use federation_api as api;
@@ -89,31 +89,32 @@ pub fn summarize(header: &api::SnapshotHeader, body: &SnapshotBody) -> Summary {
     }
 }
 
+/// Reads, decrypts and decodes a stored snapshot. The error carries the
+/// exit code: 2 when a file cannot be read, 1 when the snapshot does not
+/// decrypt or decode.
+pub fn open_file(
+    file: &Path,
+    keys: &Path,
+) -> Result<(api::SnapshotHeader, SnapshotBody), (u8, anyhow::Error)> {
+    let ring = KeyRing::load_file(keys).map_err(|e| (2, anyhow::Error::new(e)))?;
+    let chunks = receiver::read_file(file).map_err(|e| (2, anyhow::anyhow!(e)))?;
+    let (header, plain) = envelope::open(&chunks, &ring, &Limits::default()).map_err(|e| {
+        (
+            1,
+            anyhow::anyhow!("{}: cannot decrypt: {e}", file.display()),
+        )
+    })?;
+    let body = <SnapshotBody as prost::Message>::decode(plain.as_slice())
+        .map_err(|e| (1, anyhow::anyhow!("{}: body: {e}", file.display())))?;
+    Ok((header, body))
+}
+
 /// Runs a snapshot subcommand.
 pub fn run(cmd: SnapshotCommand) -> ExitCode {
     let SnapshotCommand::Inspect { file, keys, format } = cmd;
-    let ring = match KeyRing::load_file(&keys) {
-        Ok(r) => r,
-        Err(e) => return super::fail(&anyhow::Error::new(e), 2),
-    };
-    let chunks = match receiver::read_file(&file) {
-        Ok(c) => c,
-        Err(e) => return super::fail(&anyhow::anyhow!(e), 2),
-    };
-    let (header, plain) = match envelope::open(&chunks, &ring, &Limits::default()) {
+    let (header, body) = match open_file(&file, &keys) {
         Ok(v) => v,
-        Err(e) => {
-            return super::fail(
-                &anyhow::anyhow!("{}: cannot decrypt: {e}", file.display()),
-                1,
-            );
-        }
-    };
-    let body = match <SnapshotBody as prost::Message>::decode(plain.as_slice()) {
-        Ok(b) => b,
-        Err(e) => {
-            return super::fail(&anyhow::anyhow!("{}: body: {e}", file.display()), 1);
-        }
+        Err((code, e)) => return super::fail(&e, code),
     };
     let s = summarize(&header, &body);
     match format {

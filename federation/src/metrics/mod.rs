@@ -166,6 +166,7 @@ pub struct Metrics {
     advertisement_age_seconds: Family<RegionLabels, Gauge<f64, AtomicU64>>,
     queue_depth: Gauge,
     leased: Gauge,
+    store_undecodable: Gauge,
     lease_expiries: Counter,
     snapshot_bytes: Family<RegionLabels, Gauge>,
     snapshot_compression_ratio: Family<RegionLabels, Gauge<f64, AtomicU64>>,
@@ -209,6 +210,7 @@ impl Metrics {
             advertisement_age_seconds: Family::default(),
             queue_depth: Gauge::default(),
             leased: Gauge::default(),
+            store_undecodable: Gauge::default(),
             lease_expiries: Counter::default(),
             snapshot_bytes: Family::default(),
             snapshot_compression_ratio: Family::default(),
@@ -256,6 +258,11 @@ impl Metrics {
                 "leased_tasks",
                 "Tasks leased to agents in this region",
                 m.leased.clone(),
+            );
+            r.register(
+                "store_undecodable_records",
+                "Task records in this region's store that do not decode (skipped by every scan; ids in the status)",
+                m.store_undecodable.clone(),
             );
             r.register(
                 "lease_expiries",
@@ -462,6 +469,8 @@ impl Metrics {
         let counts = node.store.counts();
         self.queue_depth.set(i64::from(counts.queued));
         self.leased.set(i64::from(counts.leased));
+        self.store_undecodable
+            .set(i64::try_from(node.store.undecodable().0).unwrap_or(i64::MAX));
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.lock()) {
             tracing::error!(error = %e, "encoding metrics failed");

@@ -38,6 +38,7 @@ pub fn status(node: &Node) -> api::FederationStatusResponse {
     let now = Instant::now();
     let mut rows = Vec::new();
     let own = node.advertisement(false);
+    let (undecodable, undecodable_ids) = node.store.undecodable();
     for region in &policy.regions {
         if region.name == node.region {
             rows.push(api::RegionStatus {
@@ -63,6 +64,11 @@ pub fn status(node: &Node) -> api::FederationStatusResponse {
                     .map(|(seq, hash)| api::LogHead { seq, hash }),
                 log_head_problem: String::new(),
                 snapshot_problem: String::new(),
+                store_undecodable_records: undecodable as u64,
+                store_undecodable: undecodable_ids
+                    .iter()
+                    .map(|(id, why)| format!("{id}: {why}"))
+                    .collect(),
             });
             continue;
         }
@@ -105,6 +111,7 @@ pub fn status(node: &Node) -> api::FederationStatusResponse {
                 .receiver
                 .problem(&region.name)
                 .unwrap_or_default(),
+            ..Default::default()
         });
     }
     api::FederationStatusResponse {

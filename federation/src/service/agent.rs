@@ -27,8 +27,11 @@ impl AgentService {
         Self { node }
     }
 
-    fn known(&self, agent_id: &str) -> Result<(), Status> {
-        if self.node.agents.contains(agent_id) {
+    /// The agent is registered, to the identity calling. An id registered
+    /// to another identity is answered like an unknown one: the caller
+    /// registers again and gets an id of its own.
+    fn known(&self, agent_id: &str, owner: &str) -> Result<(), Status> {
+        if self.node.agents.is_owned_by(agent_id, owner) {
             Ok(())
         } else {
             Err(Error::NotFound {
@@ -38,6 +41,16 @@ impl AgentService {
             .into())
         }
     }
+}
+
+/// The authenticated identity of the caller, as agent records keep it
+/// (empty without TLS or token).
+fn owner<T>(request: &Request<T>) -> String {
+    request
+        .extensions()
+        .get::<crate::auth::Caller>()
+        .map(|c| c.0.to_string())
+        .unwrap_or_default()
 }
 
 fn ms(d: Duration) -> u32 {
@@ -50,6 +63,7 @@ impl api::region_agent_api_server::RegionAgentApi for AgentService {
         &self,
         request: Request<api::RegisterRequest>,
     ) -> Result<Response<api::RegisterResponse>, Status> {
+        let owner = owner(&request);
         let req = request.into_inner();
         if !req.region.is_empty() && req.region != self.node.region {
             return Err(Error::Precondition(format!(
@@ -63,8 +77,27 @@ impl api::region_agent_api_server::RegionAgentApi for AgentService {
             return Err(Error::invalid("slots", format!("must be 1 to {MAX_SLOTS}")).into());
         }
         let name = crate::wire::truncate(&req.name, 128);
-        let agent_id = self.node.agents.register(&name, req.slots, Instant::now());
-        tracing::info!(%agent_id, %name, slots = req.slots, "agent registered");
+        let assigned = self.node.agents.assign(&req.agent_id, &owner);
+        if !req.agent_id.is_empty() && !assigned.resumed {
+            tracing::warn!(previous = %crate::wire::truncate(&req.agent_id, 64), agent_id = %assigned.id, %owner, "agent asked to keep an id it cannot have, giving a new one");
+        }
+        let record = crate::tasks::AgentRecord {
+            id: assigned.id.clone(),
+            owner,
+            name,
+            slots: req.slots,
+            registered_unix_ms: crate::tasks::now_unix_ms(),
+        };
+        // Durable before the agent can lease under the id: after a restart
+        // the controller still knows whose leases these are.
+        self.node
+            .store
+            .put_agent(record.clone())
+            .await
+            .map_err(Error::from)?;
+        self.node.agents.insert(&record, Instant::now());
+        let agent_id = assigned.id;
+        tracing::info!(%agent_id, name = %record.name, owner = %record.owner, slots = req.slots, resumed = assigned.resumed, "agent registered");
         let interval = (self.node.timers.agent_timeout / 3).max(Duration::from_millis(100));
         Ok(Response::new(api::RegisterResponse {
             agent_id,
@@ -77,7 +110,9 @@ impl api::region_agent_api_server::RegionAgentApi for AgentService {
         &self,
         request: Request<api::HeartbeatRequest>,
     ) -> Result<Response<api::HeartbeatResponse>, Status> {
+        let owner = owner(&request);
         let req = request.into_inner();
+        self.known(&req.agent_id, &owner)?;
         let free = req.capacity.map(|c| c.free_slots);
         if !self
             .node
@@ -100,8 +135,9 @@ impl api::region_agent_api_server::RegionAgentApi for AgentService {
         &self,
         request: Request<api::LeaseTasksRequest>,
     ) -> Result<Response<api::LeaseTasksResponse>, Status> {
+        let owner = owner(&request);
         let req = request.into_inner();
-        self.known(&req.agent_id)?;
+        self.known(&req.agent_id, &owner)?;
         self.node
             .agents
             .heartbeat(&req.agent_id, None, Instant::now());
@@ -149,8 +185,9 @@ impl api::region_agent_api_server::RegionAgentApi for AgentService {
         &self,
         request: Request<api::RenewLeaseRequest>,
     ) -> Result<Response<api::RenewLeaseResponse>, Status> {
+        let owner = owner(&request);
         let req = request.into_inner();
-        self.known(&req.agent_id)?;
+        self.known(&req.agent_id, &owner)?;
         crate::wire::check_task_id(&req.task_id)?;
         let task = self
             .node
@@ -167,8 +204,9 @@ impl api::region_agent_api_server::RegionAgentApi for AgentService {
         &self,
         request: Request<api::CompleteTaskRequest>,
     ) -> Result<Response<api::CompleteTaskResponse>, Status> {
+        let owner = owner(&request);
         let req = request.into_inner();
-        self.known(&req.agent_id)?;
+        self.known(&req.agent_id, &owner)?;
         crate::wire::check_task_id(&req.task_id)?;
         if req.result.len() > self.node.limits.max_result_bytes {
             return Err(Error::limit(

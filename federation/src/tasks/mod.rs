@@ -40,10 +40,26 @@
 //!   tolerate it. Only the current lease holder may renew or complete.
 //!   Cancelling a leased task makes the holder's next renew or complete fail
 //!   with [`StoreError::Terminal`], which tells the agent to stop.
+//! * **Leases survive a restart.** Leases are keyed by agent id, and the
+//!   agents' registrations ([`AgentRecord`]) are stored with them: forgetting
+//!   an agent ([`TaskStore::forget_agent`]) removes its record and queues its
+//!   leased tasks again in one transaction, so a lease is never held by an
+//!   agent the store does not know. After a restart the controller calls
+//!   [`TaskStore::extend_leases`]: the time it was down does not count
+//!   against a lease.
 //! * **Every mutation** bumps `version` and sets `updated_unix_ms`, and is
 //!   published on [`TaskStore::subscribe`] after its commit.
-//! * **Corruption is an error, never a panic**: a record that does not decode
-//!   is reported as [`StoreError::Corrupt`].
+//! * **A damaged store never panics and never loses silently.** The file is
+//!   opened with redb's integrity check (every page checksum) inside a panic
+//!   guard: damage is [`StoreError::Damaged`] naming the file. The store's
+//!   marks ([`witness::Mark`]: commits, tasks created) are kept in `marks` in
+//!   the same transaction as the work, and copied after each commit to the
+//!   witness file `tasks.hwm` ([`witness`]); a store below its witness lost
+//!   acknowledged work and is refused with [`StoreError::Lost`] (unless
+//!   [`StoreOptions::accept_loss`]). A record that does not decode is
+//!   [`StoreError::Corrupt`] when asked for by id, and skipped and reported
+//!   ([`TaskStore::undecodable`]) by every scan: open, leasing, expiry,
+//!   snapshots. [`check`] verifies a stopped store offline, on a copy.
 //!
 //! # Layout
 //!
@@ -52,6 +68,8 @@
 //! | `tasks`      | task id                               | prost-encoded `Task`   |
 //! | `queue`      | (−priority, created ms, task id)      | `()` — QUEUED tasks    |
 //! | `leases`     | (lease deadline ms, task id)          | agent id — LEASED tasks|
+//! | `agents`     | agent id                              | JSON [`AgentRecord`]   |
+//! | `marks`      | `commit`, `created`                   | u64 — the store's marks|
 //!
 //! Idempotency keys are indexed in memory (key → task id), rebuilt at open
 //! from the task records, which carry their key: it is derived data, so it is
@@ -64,17 +82,40 @@
 //!
 //! [redb]: https://docs.rs/redb
 
+mod check;
 mod store;
 #[cfg(test)]
 mod tests;
+pub mod witness;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-pub use store::{MAX_BATCH, MAX_LEASE_BATCH, StoreOptions, TaskStore, read_log_head};
+pub use check::{CheckReport, check, refuse_in_use};
+pub use store::{FILE, MAX_BATCH, MAX_LEASE_BATCH, StoreOptions, TaskStore, read_log_head};
 
 use federation_api::{Task, TaskState};
+
+/// A registered agent as the store keeps it (table `agents`), so that an
+/// agent's registration, and with it its leases, survive a controller
+/// restart. Heartbeat times are not stored: a controller that opens the
+/// store counts every known agent as just seen.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AgentRecord {
+    /// The id the controller gave (`agent-<uuid>`); the table's key.
+    #[serde(skip)]
+    pub id: String,
+    /// The authenticated identity that registered it (`agent europe/worker`),
+    /// empty without TLS. Only that identity may use the id.
+    pub owner: String,
+    /// Name for logs.
+    pub name: String,
+    /// Slots.
+    pub slots: u32,
+    /// When it first registered, milliseconds since the Unix epoch.
+    pub registered_unix_ms: i64,
+}
 
 /// What [`TaskStore::insert`] did.
 #[derive(Debug, Clone, PartialEq)]
@@ -170,6 +211,28 @@ pub enum StoreError {
     /// The writer thread is gone (the store is shutting down or crashed).
     #[error("task store is closed")]
     Closed,
+    /// The database file (or its witness) cannot be opened as a sound store:
+    /// damaged pages, not a store at all, or a panic of the storage engine.
+    #[error("{path}: the task store is damaged: {what}; {hint}")]
+    Damaged {
+        /// The file.
+        path: String,
+        /// What was found.
+        what: String,
+        /// What to do.
+        hint: String,
+    },
+    /// The store opens but holds less than its witness says was
+    /// acknowledged: committed work was lost.
+    #[error(
+        "{path}: the task store lost acknowledged work: {detail}; the controller refuses to start on it. Rebuild it from a peer's snapshot (`federation store recover`), or accept the loss (`federation store accept DATA_DIR`); see README, Operations: a lost or damaged disk"
+    )]
+    Lost {
+        /// The file.
+        path: String,
+        /// What is missing.
+        detail: String,
+    },
 }
 
 /// Task counts by state. Kept in memory, rebuilt at open.

@@ -13,9 +13,10 @@ use prost::Message;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::{Notify, broadcast, mpsc, oneshot};
 
+use super::witness::{self, Mark};
 use super::{
-    Clock, Counts, InsertOutcome, RecordState, RecordedInsert, StoreError, SystemClock,
-    is_terminal, state_name,
+    AgentRecord, Clock, Counts, InsertOutcome, RecordState, RecordedInsert, StoreError,
+    SystemClock, is_terminal, state_name,
 };
 use crate::audit::{DecisionLog, PendingRecord};
 
@@ -40,18 +41,30 @@ const LEASES: TableDefinition<(i64, &str), &str> = TableDefinition::new("leases"
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 /// [`META`] key of the decision log's head, `<seq> <hash>`.
 const META_LOG_HEAD: &str = "log_head";
+/// Registered agents: id → JSON [`AgentRecord`].
+const AGENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("agents");
+/// The store's own marks (`commit`, `created`), compared with the witness.
+const MARKS: TableDefinition<&str, u64> = TableDefinition::new("marks");
+/// How many undecodable task ids the status lists.
+const MAX_LISTED_UNDECODABLE: usize = 100;
 
 /// How a store is opened.
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
     /// Source of wall-clock time (leases, timestamps).
     pub clock: Arc<dyn Clock>,
+    /// Open a store that lost acknowledged work (its witness says more was
+    /// acknowledged than it holds) instead of refusing with
+    /// [`StoreError::Lost`]: the loss is logged and the witness reset to
+    /// what the store holds (`federation store accept`).
+    pub accept_loss: bool,
 }
 
 impl Default for StoreOptions {
     fn default() -> Self {
         Self {
             clock: Arc::new(SystemClock),
+            accept_loss: false,
         }
     }
 }
@@ -89,11 +102,30 @@ struct Shared {
     commits: AtomicU64,
     /// Seconds per write-transaction commit (with its fsync), for metrics.
     commit_seconds: prometheus_client::metrics::histogram::Histogram,
+    /// The store's marks as of the last commit (written in `marks` too).
+    mark: Mutex<Mark>,
+    /// Keeps `tasks.hwm` up to date; dropped (final write) with the store.
+    witness: witness::Writer,
+    /// Task records found undecodable by any scan: id → why.
+    undecodable: Mutex<std::collections::BTreeMap<String, String>>,
 }
 
 impl Shared {
     fn counts(&self) -> MutexGuard<'_, Counts> {
         self.counts.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Reports an undecodable record (once per id): it is skipped by every
+    /// scan, listed in the status and counted in the metrics.
+    fn undecodable(&self, err: &StoreError) {
+        let StoreError::Corrupt { task_id, reason } = err else {
+            return;
+        };
+        let mut known = self.undecodable.lock().unwrap_or_else(|e| e.into_inner());
+        if !known.contains_key(task_id) {
+            tracing::error!(task_id = %task_id, reason = %reason, "skipping an undecodable task record");
+            known.insert(task_id.clone(), reason.clone());
+        }
     }
 }
 
@@ -141,10 +173,18 @@ enum Op {
     RequeueAgent {
         agent: String,
     },
+    PutAgent(Box<AgentRecord>),
+    ForgetAgent {
+        agent: String,
+    },
+    ExtendLeases {
+        ttl_ms: i64,
+    },
     Fence {
         ids: Vec<String>,
         takeover: Takeover,
     },
+    Restore(Box<Task>),
     Flush,
 }
 
@@ -204,18 +244,39 @@ impl TaskStore {
     pub fn open_with(dir: &Path, options: StoreOptions) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| StoreError::Db(format!("creating {}: {e}", dir.display())))?;
-        let path = dir.join("tasks.redb");
-        let db = Database::create(&path)
-            .map_err(|e| StoreError::Db(format!("opening {}: {e}", path.display())))?;
-        // Create the tables so that readers always find them.
-        let txn = db.begin_write().db()?;
-        {
-            txn.open_table(TASKS).db()?;
-            txn.open_table(QUEUE).db()?;
-            txn.open_table(LEASES).db()?;
+        let path = dir.join(FILE);
+        let opened = guarded(&path, || -> Result<_, StoreError> {
+            let db = open_checked(&path)?;
+            // Create the tables so that readers always find them.
+            let txn = db.begin_write().db()?;
+            {
+                txn.open_table(TASKS).db()?;
+                txn.open_table(QUEUE).db()?;
+                txn.open_table(LEASES).db()?;
+                txn.open_table(AGENTS).db()?;
+                txn.open_table(MARKS).db()?;
+            }
+            txn.commit().db()?;
+            let rebuilt = rebuild(&db)?;
+            Ok((db, rebuilt))
+        })?;
+        let (db, rebuilt) = opened;
+        let Rebuilt {
+            counts,
+            idem,
+            records,
+            stored,
+            undecodable,
+        } = rebuilt;
+        let mark = check_witness(dir, &path, stored, records, options.accept_loss)?;
+        if stored != Some(mark) {
+            // A store from before the marks were kept: they start here.
+            let txn = db.begin_write().db()?;
+            write_mark(&txn, mark)?;
+            txn.commit().db()?;
         }
-        txn.commit().db()?;
-        let (counts, idem) = rebuild(&db)?;
+        let witness = witness::Writer::start(dir, mark)
+            .map_err(|e| StoreError::Db(format!("starting the witness thread: {e}")))?;
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
         let shared = Arc::new(Shared {
             counts: Mutex::new(counts),
@@ -227,7 +288,13 @@ impl TaskStore {
             commit_seconds: prometheus_client::metrics::histogram::Histogram::new(
                 prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 18),
             ),
+            mark: Mutex::new(mark),
+            witness,
+            undecodable: Mutex::new(Default::default()),
         });
+        for e in &undecodable {
+            shared.undecodable(e);
+        }
         let db = Arc::new(db);
         let (tx, rx) = mpsc::unbounded_channel();
         let writer = {
@@ -331,12 +398,56 @@ impl TaskStore {
         log_head_in(&*self.inner.db)
     }
 
-    /// Reads a task.
+    /// Reads a task. An undecodable record is [`StoreError::Corrupt`] (and
+    /// reported, see [`TaskStore::undecodable`]).
     pub fn get(&self, task_id: &str) -> Result<Option<Task>, StoreError> {
         let txn = self.inner.db.begin_read().db()?;
         let table = txn.open_table(TASKS).db()?;
         let bytes = table.get(task_id).db()?;
-        bytes.map(|b| decode(task_id, b.value())).transpose()
+        let task = bytes.map(|b| decode(task_id, b.value())).transpose();
+        if let Err(e) = &task {
+            self.inner.shared.undecodable(e);
+        }
+        task
+    }
+
+    /// Task records found undecodable so far (at open or by any scan since):
+    /// how many, and the first ids with the decoder's complaint. They are
+    /// skipped by leasing, snapshots and status; nothing else stops on them.
+    pub fn undecodable(&self) -> (usize, Vec<(String, String)>) {
+        let known = self
+            .inner
+            .shared
+            .undecodable
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let listed = known
+            .iter()
+            .take(MAX_LISTED_UNDECODABLE)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        (known.len(), listed)
+    }
+
+    /// The store's marks (commits, tasks created) as of the last commit.
+    pub fn mark(&self) -> Mark {
+        *self
+            .inner
+            .shared
+            .mark
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Stores a task as it was elsewhere (rebuilding a store from a
+    /// snapshot): a terminal task keeps its state and result, a pending one
+    /// is QUEUED with its lease cleared. An id already stored is left alone
+    /// (returns false).
+    pub async fn restore(&self, task: Task) -> Result<bool, StoreError> {
+        match self.call(Op::Restore(Box::new(task))).await? {
+            Reply::Cancel(_, stored) => Ok(stored),
+            other => Err(unexpected(other)),
+        }
     }
 
     /// Leases up to `max` (at most [`MAX_LEASE_BATCH`]) QUEUED tasks, highest
@@ -462,6 +573,65 @@ impl TaskStore {
         }
     }
 
+    /// Records (or updates) a registered agent, durably.
+    pub async fn put_agent(&self, record: AgentRecord) -> Result<(), StoreError> {
+        if record.id.is_empty() {
+            return Err(StoreError::Invalid("agent id is empty".into()));
+        }
+        match self.call(Op::PutAgent(Box::new(record))).await? {
+            Reply::Unit => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Forgets an agent (declared dead): removes its record and queues again
+    /// every task it holds, in one transaction. Returns the requeued tasks.
+    pub async fn forget_agent(&self, agent_id: &str) -> Result<Vec<Task>, StoreError> {
+        let op = Op::ForgetAgent {
+            agent: agent_id.to_string(),
+        };
+        match self.call(op).await? {
+            Reply::Many(t) => Ok(t),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Every registered agent, by id. A record that does not decode is
+    /// skipped and logged (its leases expire as usual).
+    pub fn agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
+        let txn = self.inner.db.begin_read().db()?;
+        let table = txn.open_table(AGENTS).db()?;
+        let mut out = Vec::new();
+        for entry in table.iter().db()? {
+            let (k, v) = entry.db()?;
+            match serde_json::from_slice::<AgentRecord>(v.value()) {
+                Ok(mut record) => {
+                    record.id = k.value().to_string();
+                    out.push(record);
+                }
+                Err(e) => {
+                    tracing::error!(agent_id = %k.value(), error = %e, "skipping an undecodable agent record");
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Gives every lease at least `ttl` from now (the controller was down,
+    /// so its agents could not renew). Called once at start-up, before
+    /// leases are expired. Returns how many leases were extended.
+    pub async fn extend_leases(&self, ttl: Duration) -> Result<usize, StoreError> {
+        match self
+            .call(Op::ExtendLeases {
+                ttl_ms: ttl_ms(ttl),
+            })
+            .await?
+        {
+            Reply::Many(t) => Ok(t.len()),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Fencing for a returning primary: marks each listed task that is not
     /// terminal as CANCELLED with `taken_over` set and error "taken over by
     /// region R (epoch E)", so this region never runs it again. Unknown ids
@@ -517,7 +687,12 @@ impl TaskStore {
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
             if let Some(b) = tasks.get(id.as_str()).db()? {
-                out.push(decode(&id, b.value())?);
+                // One bad record is reported and skipped: it never stops a
+                // snapshot of the rest.
+                match decode(&id, b.value()) {
+                    Ok(t) => out.push(t),
+                    Err(e) => self.inner.shared.undecodable(&e),
+                }
             }
         }
         Ok(out)
@@ -551,9 +726,11 @@ impl TaskStore {
             }
             let (k, v) = entry.db()?;
             let id = k.value().to_string();
-            let task = decode(&id, v.value())?;
-            if keep(&task) {
-                kept.push(task);
+            // An undecodable record is skipped and reported, as by every scan.
+            match decode(&id, v.value()) {
+                Ok(task) if keep(&task) => kept.push(task),
+                Ok(_) => {}
+                Err(e) => self.inner.shared.undecodable(&e),
             }
             last = Some(id);
         }
@@ -603,10 +780,158 @@ fn decode(id: &str, bytes: &[u8]) -> Result<Task, StoreError> {
     Ok(task)
 }
 
+/// The task store's file in its data directory.
+pub const FILE: &str = "tasks.redb";
+
+/// What to tell an operator whose store is damaged.
+const DAMAGED_HINT: &str = "run `federation store check DATA_DIR` for a report; to rebuild the store from the newest snapshot a peer holds of this region, see `federation store recover` (README, Operations: a lost or damaged disk)";
+
+/// Runs `f` (which reads the database file at `path`), turning a panic of
+/// the storage engine into [`StoreError::Damaged`].
+pub(crate) fn guarded<T>(
+    path: &Path,
+    f: impl FnOnce() -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(damaged(
+                path,
+                format!("the storage engine panicked reading it ({msg})"),
+            ))
+        }
+    }
+}
+
+pub(crate) fn damaged(path: &Path, what: impl Into<String>) -> StoreError {
+    StoreError::Damaged {
+        path: path.display().to_string(),
+        what: what.into(),
+        hint: DAMAGED_HINT.into(),
+    }
+}
+
+/// Opens the database with redb's integrity check (every page checksum of
+/// the committed trees verified), so a file altered outside redb is an
+/// error rather than trusted; maps redb's errors to ours.
+pub(crate) fn open_checked(path: &Path) -> Result<Database, StoreError> {
+    let mut builder = redb::Builder::new();
+    builder.set_check_integrity_on_open(true);
+    builder.create(path).map_err(|e| open_error(path, e))
+}
+
+fn open_error(path: &Path, e: redb::DatabaseError) -> StoreError {
+    use redb::{DatabaseError as D, StorageError as S};
+    match e {
+        D::DatabaseAlreadyOpen => StoreError::Db(format!(
+            "{}: in use by another process (is a controller running on this data directory?)",
+            path.display()
+        )),
+        D::Storage(S::Corrupted(why)) => damaged(path, format!("corrupted ({why})")),
+        D::Storage(S::Io(io)) if io.kind() == std::io::ErrorKind::InvalidData => {
+            damaged(path, format!("not a readable task store ({io})"))
+        }
+        D::UpgradeRequired(v) => damaged(
+            path,
+            format!("written in storage format {v}, which this version cannot read"),
+        ),
+        other => StoreError::Db(format!("opening {}: {other}", path.display())),
+    }
+}
+
+/// Compares the store's marks with its witness file; returns the marks the
+/// store continues from.
+fn check_witness(
+    dir: &Path,
+    path: &Path,
+    stored: Option<Mark>,
+    records: u64,
+    accept_loss: bool,
+) -> Result<Mark, StoreError> {
+    // A store from before the marks were kept counts what it holds.
+    let mark = stored.unwrap_or(Mark {
+        commit: 0,
+        created: records,
+    });
+    let found = match witness::read(dir) {
+        Ok(found) => found,
+        Err(e) if accept_loss => {
+            tracing::warn!(error = %e, "the task store's witness cannot be read; accepted, a new one is written");
+            None
+        }
+        Err(e) => {
+            return Err(StoreError::Damaged {
+                path: dir.join(witness::FILE).display().to_string(),
+                what: format!("the store's witness cannot be read ({e})"),
+                hint: "check the store with `federation store check DATA_DIR`; if it is sound, `federation store accept DATA_DIR` writes a new witness".into(),
+            });
+        }
+    };
+    let Some(loss) = witness::compare(mark, records, found) else {
+        if found.is_none() {
+            witness::write(dir, mark).map_err(|e| StoreError::Db(e.to_string()))?;
+            tracing::info!(path = %dir.join(witness::FILE).display(), commit = mark.commit, created = mark.created, "task store witness started");
+        }
+        return Ok(mark);
+    };
+    if accept_loss {
+        tracing::warn!(path = %path.display(), loss = %loss, "task store lost acknowledged work; accepted, the witness restarts from what the store holds");
+        let mark = Mark {
+            commit: mark.commit.max(loss.witness.commit),
+            created: records,
+        };
+        witness::write(dir, mark).map_err(|e| StoreError::Db(e.to_string()))?;
+        return Ok(mark);
+    }
+    Err(StoreError::Lost {
+        path: path.display().to_string(),
+        detail: loss.to_string(),
+    })
+}
+
+fn read_mark(db: &Database) -> Result<Option<Mark>, StoreError> {
+    let txn = db.begin_read().db()?;
+    let table = match txn.open_table(MARKS) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+        Err(e) => return Err(StoreError::Db(e.to_string())),
+    };
+    let commit = table.get("commit").db()?.map(|v| v.value());
+    let created = table.get("created").db()?.map(|v| v.value());
+    Ok(match (commit, created) {
+        (Some(commit), Some(created)) => Some(Mark { commit, created }),
+        _ => None,
+    })
+}
+
+fn write_mark(txn: &redb::WriteTransaction, mark: Mark) -> Result<(), StoreError> {
+    let mut table = txn.open_table(MARKS).db()?;
+    table.insert("commit", mark.commit).db()?;
+    table.insert("created", mark.created).db()?;
+    Ok(())
+}
+
+/// What [`rebuild`] finds.
+struct Rebuilt {
+    counts: Counts,
+    idem: IdemIndex,
+    /// Task records, decodable or not.
+    records: u64,
+    /// The marks kept in `marks`, if any.
+    stored: Option<Mark>,
+    /// The records that do not decode.
+    undecodable: Vec<StoreError>,
+}
+
 /// Rebuilds the counters and the idempotency index from the `tasks` table
 /// (every task carries its key), after taking over the index an earlier
-/// version kept on disk, if any.
-fn rebuild(db: &Database) -> Result<(Counts, IdemIndex), StoreError> {
+/// version kept on disk, if any; counts the records and reads the marks.
+fn rebuild(db: &Database) -> Result<Rebuilt, StoreError> {
     let mut idem = IdemIndex::default();
     let legacy = {
         let txn = db.begin_read().db()?;
@@ -628,8 +953,11 @@ fn rebuild(db: &Database) -> Result<(Counts, IdemIndex), StoreError> {
     // Keys are unique by construction (an insert with a known key stores
     // nothing); should two tasks ever share one, the oldest keeps it.
     let mut first: HashMap<Box<str>, (i64, Box<str>)> = HashMap::new();
+    let mut records = 0u64;
+    let mut undecodable = Vec::new();
     for entry in table.iter().db()? {
         let (k, v) = entry.db()?;
+        records += 1;
         match decode(k.value(), v.value()) {
             Ok(t) => {
                 counts.add(t.state(), 1);
@@ -648,7 +976,7 @@ fn rebuild(db: &Database) -> Result<(Counts, IdemIndex), StoreError> {
                         .or_insert_with(|| candidate.clone());
                 }
             }
-            Err(e) => tracing::error!(error = %e, "skipping a corrupted task record"),
+            Err(e) => undecodable.push(e),
         }
     }
     drop(table);
@@ -660,7 +988,13 @@ fn rebuild(db: &Database) -> Result<(Counts, IdemIndex), StoreError> {
         txn.delete_table(LEGACY_IDEMPOTENCY).db()?;
         txn.commit().db()?;
     }
-    Ok((counts, idem))
+    Ok(Rebuilt {
+        counts,
+        idem,
+        records,
+        stored: read_mark(db)?,
+        undecodable,
+    })
 }
 
 /// Idempotency key → task id, in memory. Derived data: every task record
@@ -818,6 +1152,8 @@ fn run_batch(db: &Database, shared: &Shared, idem: &mut IdemIndex, batch: Vec<Re
         let txn = db.begin_write().db()?;
         {
             let mut t = Tables {
+                shared,
+                txn: &txn,
                 tasks: txn.open_table(TASKS).db()?,
                 idem: &mut *idem,
                 queue: txn.open_table(QUEUE).db()?,
@@ -862,6 +1198,22 @@ fn run_batch(db: &Database, shared: &Shared, idem: &mut IdemIndex, batch: Vec<Re
                 replies.push((req.reply, result));
             }
         }
+        // The marks move in the same transaction as the work they count.
+        let created = changes.iter().filter(|c| c.before.is_none()).count() as u64;
+        let before = *shared.mark.lock().unwrap_or_else(|e| e.into_inner());
+        let mark = Mark {
+            commit: before.commit.saturating_add(1),
+            created: before.created.saturating_add(created),
+        };
+        if let Err(e) = write_mark(&txn, mark) {
+            for (reply, _) in replies.drain(..) {
+                let _ = reply.send(Answer {
+                    result: Err(e.clone()),
+                    record: RecordState::NotWritten,
+                });
+            }
+            return Err(e);
+        }
         // The decision records are written and synced by the log's writer
         // while this transaction commits; both are durable before anyone
         // hears back.
@@ -890,6 +1242,8 @@ fn run_batch(db: &Database, shared: &Shared, idem: &mut IdemIndex, batch: Vec<Re
         match committed {
             Ok(()) => {
                 shared.commits.fetch_add(1, Ordering::Relaxed);
+                *shared.mark.lock().unwrap_or_else(|e| e.into_inner()) = mark;
+                shared.witness.advance(mark);
                 idem.commit();
                 let mut any_queued = false;
                 {
@@ -931,6 +1285,10 @@ fn run_batch(db: &Database, shared: &Shared, idem: &mut IdemIndex, batch: Vec<Re
 }
 
 struct Tables<'t> {
+    /// For reporting undecodable records.
+    shared: &'t Shared,
+    /// For the tables only some requests touch (opened on demand).
+    txn: &'t redb::WriteTransaction,
     tasks: redb::Table<'t, &'static str, &'static [u8]>,
     idem: &'t mut IdemIndex,
     queue: redb::Table<'t, (i64, i64, &'static str), ()>,
@@ -1028,9 +1386,25 @@ impl Tables<'_> {
                 .map(|(t, c)| Reply::Cancel(Box::new(t), c)),
             Op::Expire { max_attempts } => self.expire(max_attempts, now, changes).map(Reply::Many),
             Op::RequeueAgent { agent } => self.requeue_agent(&agent, now, changes).map(Reply::Many),
+            Op::PutAgent(record) => self.put_agent(&record).map(|()| Reply::Unit),
+            Op::ForgetAgent { agent } => {
+                let requeued = self.requeue_agent(&agent, now, changes)?;
+                self.txn
+                    .open_table(AGENTS)
+                    .db()?
+                    .remove(agent.as_str())
+                    .db()?;
+                Ok(Reply::Many(requeued))
+            }
+            Op::ExtendLeases { ttl_ms } => self
+                .extend_leases(now.saturating_add(ttl_ms), now, changes)
+                .map(Reply::Many),
             Op::Fence { ids, takeover } => {
                 self.fence(&ids, &takeover, now, changes).map(Reply::Many)
             }
+            Op::Restore(task) => self
+                .restore(*task, now, changes)
+                .map(|(t, stored)| Reply::Cancel(Box::new(t), stored)),
             Op::Flush => Ok(Reply::Unit),
         }
     }
@@ -1120,7 +1494,8 @@ impl Tables<'_> {
                 }
                 Err(StoreError::Db(e)) => return Err(StoreError::Db(e)),
                 Err(e) => {
-                    tracing::error!(error = %e, "dropping a corrupted task from the queue");
+                    // Out of the queue, so leasing never trips on it again.
+                    self.shared.undecodable(&e);
                     continue;
                 }
             };
@@ -1265,7 +1640,7 @@ impl Tables<'_> {
                 }
                 Err(StoreError::Db(e)) => return Err(StoreError::Db(e)),
                 Err(e) => {
-                    tracing::error!(error = %e, "dropping the lease of a corrupted task");
+                    self.shared.undecodable(&e);
                     self.leases.remove((deadline, id.as_str())).db()?;
                 }
             }
@@ -1329,6 +1704,91 @@ impl Tables<'_> {
         Ok(out)
     }
 
+    fn restore(
+        &mut self,
+        mut task: Task,
+        now: i64,
+        changes: &mut Vec<Change>,
+    ) -> Result<(Task, bool), StoreError> {
+        if task.task_id.is_empty() {
+            return Err(StoreError::Invalid("task id is empty".into()));
+        }
+        if self.tasks.get(task.task_id.as_str()).db()?.is_some() {
+            return Ok((task, false));
+        }
+        if TaskState::try_from(task.state).is_err() {
+            return Err(StoreError::Invalid(format!(
+                "task {}: unknown state {}",
+                task.task_id, task.state
+            )));
+        }
+        if !is_terminal(task.state()) {
+            task.set_state(TaskState::Queued);
+            clear_lease(&mut task);
+        }
+        if task.updated_unix_ms == 0 {
+            task.updated_unix_ms = now;
+        }
+        if task.created_unix_ms == 0 {
+            task.created_unix_ms = now;
+        }
+        self.write(&task)?;
+        if task.state() == TaskState::Queued {
+            self.queue.insert(queue_key(&task), ()).db()?;
+        }
+        if !task.idempotency_key.is_empty() && self.idem.get(&task.idempotency_key).is_none() {
+            self.idem.stage(&task.idempotency_key, &task.task_id);
+        }
+        changes.push(Change {
+            before: None,
+            after: task.state(),
+            task: self.watched.then(|| task.clone()),
+        });
+        Ok((task, true))
+    }
+
+    fn put_agent(&mut self, record: &AgentRecord) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(record)
+            .map_err(|e| StoreError::Invalid(format!("agent record: {e}")))?;
+        self.txn
+            .open_table(AGENTS)
+            .db()?
+            .insert(record.id.as_str(), bytes.as_slice())
+            .db()?;
+        Ok(())
+    }
+
+    /// Moves every lease due before `deadline` to `deadline`.
+    fn extend_leases(
+        &mut self,
+        deadline: i64,
+        now: i64,
+        changes: &mut Vec<Change>,
+    ) -> Result<Vec<Task>, StoreError> {
+        let mut keys = Vec::new();
+        for entry in self.leases.iter().db()? {
+            let (k, _) = entry.db()?;
+            let (due, id) = k.value();
+            if due >= deadline {
+                break;
+            }
+            keys.push((due, id.to_string()));
+        }
+        let mut out = Vec::with_capacity(keys.len());
+        for mut task in self.take_leased(keys)? {
+            self.unindex(&task)?;
+            task.lease_deadline_unix_ms = deadline;
+            touch(&mut task, now);
+            self.write(&task)?;
+            self.leases
+                .insert((deadline, task.task_id.as_str()), task.agent_id.as_str())
+                .db()?;
+            changes.push(Change::of(Some(TaskState::Leased), &task));
+            out.push(task);
+        }
+        Ok(out)
+    }
+
     fn fence(
         &mut self,
         ids: &[String],
@@ -1343,7 +1803,7 @@ impl Tables<'_> {
                 Ok(_) => continue,
                 Err(StoreError::Db(e)) => return Err(StoreError::Db(e)),
                 Err(e) => {
-                    tracing::error!(error = %e, "cannot fence a corrupted task");
+                    self.shared.undecodable(&e);
                     continue;
                 }
             };
