@@ -1,13 +1,14 @@
 //! Snapshot replication and takeover, end to end on real controller and
 //! agent processes: what each peer actually receives (residency), a dead
-//! primary's tasks run once by its backup, failback hold-down, the loss
-//! bound when a primary is destroyed with its disk, and the snapshot metrics
-//! on the admin port.
+//! primary's tasks run once by its backup, failback hold-down, the change
+//! stream between snapshots (no finished work run again, and the loss bound
+//! when a primary is destroyed with its disk, with the seed's 300 s
+//! `sync_interval`), and the snapshot metrics on the admin port.
 
 mod support;
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use federation::replication::envelope::{NonceSource, Pipeline, SealParams};
 use federation::replication::{Key, KeyRing, SnapshotBody, receiver, seal_snapshot};
@@ -263,51 +264,6 @@ async fn backup_takes_over_a_dead_primary_which_does_not_run_them_again() {
     assert_eq!(takeovers, ids.len(), "one takeover record per task");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn destroying_a_primary_loses_at_most_what_it_accepted_since_its_last_sync() {
-    let mut sb = builder(SEED).start().expect("sandbox starts");
-    sb.wait_all_alive(PATIENCE).await.expect("federation forms");
-    let eu_file = sb.dir().join("ran-europe");
-    let synced = submit_many(&sb, "north_america", "US", 10).await;
-    wait_holds(&sb, "europe", "north_america", &synced).await;
-    // Accepted after that sync; then the primary is destroyed at once.
-    let unsynced = submit_many(&sb, "north_america", "US", 5).await;
-    sb.kill_controller("north_america").expect("kill");
-    let na_dir: PathBuf = sb.data_dir("north_america").expect("dir");
-    std::fs::remove_dir_all(&na_dir).expect("destroy the primary's disk");
-    sb.start_agent_with("europe", &exec_into(&eu_file), 2)
-        .expect("europe agent");
-
-    // europe takes over what its newest snapshot holds and runs it.
-    let (_, in_snapshot) = stored(&sb, "europe", "north_america").expect("snapshot");
-    eventually(
-        "europe running every task of its snapshot",
-        PATIENCE,
-        || async {
-            let done = ran(&eu_file);
-            in_snapshot.iter().all(|i| done.contains(i)).then_some(())
-        },
-    )
-    .await;
-    let done = ran(&eu_file);
-    let acked: Vec<&String> = synced.iter().chain(&unsynced).collect();
-    let lost: Vec<&&String> = acked.iter().filter(|i| !done.contains(**i)).collect();
-    eprintln!(
-        "loss bound: {} acknowledged, {} synced before the crash, {} accepted since the last sync; {} ran at europe, {} never ran anywhere",
-        acked.len(),
-        synced.len(),
-        unsynced.len(),
-        acked.len() - lost.len(),
-        lost.len()
-    );
-    assert!(
-        synced.iter().all(|i| done.contains(i)),
-        "a synced task was lost"
-    );
-    assert!(lost.len() <= unsynced.len());
-    assert!(lost.iter().all(|i| unsynced.contains(**i)));
-}
-
 /// `/metrics` of `region`.
 async fn scrape(sb: &Sandbox, region: &str) -> String {
     let admin = sb.admin_http_addr(region).expect("admin addr");
@@ -414,4 +370,108 @@ async fn snapshot_metrics_show_pushes_ages_and_rejections_by_reason() {
             "no positive `{series}` in:\n{na}"
         );
     }
+}
+
+/// The stream between snapshots, measured with the seed's own
+/// `sync_interval` (300 s): north_america is restarted once so that europe
+/// holds a snapshot (taken at that start) listing tasks as queued; they
+/// then run and finish at north_america, more tasks are accepted, and
+/// north_america is destroyed with its disk. Only the change stream can
+/// tell europe that the first tasks finished and that the later ones exist.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_change_stream_bounds_rerun_and_loss_to_two_heartbeats() {
+    const HEARTBEAT: std::time::Duration = std::time::Duration::from_millis(250);
+    let mut sb = SandboxBuilder::new(federation_exe(), SEED)
+        .agents(0, 1)
+        .env("FEDERATION__NODE__TIMERS__HEARTBEAT_INTERVAL", "250ms")
+        .env("FEDERATION__NODE__TIMERS__TAKEOVER_GRACE", "5s")
+        .start()
+        .expect("sandbox starts");
+    sb.wait_all_alive(PATIENCE).await.expect("federation forms");
+    let na_file = sb.dir().join("ran-north_america");
+    let eu_file = sb.dir().join("ran-europe");
+
+    // Queued at north_america (no agent yet), then north_america restarts:
+    // its start-up snapshot reaches europe with these tasks queued.
+    let finished = submit_many(&sb, "north_america", "US", 8).await;
+    sb.kill_controller("north_america").expect("kill");
+    sb.start_controller("north_america").expect("restart");
+    wait_holds(&sb, "europe", "north_america", &finished).await;
+    let (snapshot_sequence, _) = stored(&sb, "europe", "north_america").expect("snapshot");
+
+    // They run and finish at north_america.
+    sb.start_agent_with("north_america", &exec_into(&na_file), 4)
+        .expect("na agent");
+    for id in &finished {
+        let t = sb
+            .wait_terminal("north_america", id, PATIENCE)
+            .await
+            .expect("finishes");
+        assert_eq!(t.state(), api::TaskState::Succeeded);
+    }
+    let finished_at = std::time::Instant::now();
+    sb.kill_agent("north_america", 0).expect("agent stops");
+    // Accepted well before the end, and in the last moments.
+    let early = submit_many(&sb, "north_america", "US", 5).await;
+    let early_at = std::time::Instant::now();
+    tokio::time::sleep(HEARTBEAT * 4).await;
+    let late = submit_many(&sb, "north_america", "US", 5).await;
+    let killed_at = std::time::Instant::now();
+    sb.kill_controller("north_america").expect("kill");
+    std::fs::remove_dir_all(sb.data_dir("north_america").expect("dir"))
+        .expect("destroy the primary's disk");
+
+    // What europe holds of north_america now (snapshot plus changes).
+    let ring = KeyRing::load_file(&sb.keys_path()).expect("ring");
+    let eu_dir = sb.data_dir("europe").expect("dir");
+    let copy = receiver::Receiver::open(
+        "europe",
+        &eu_dir,
+        Some(ring),
+        federation::replication::Limits::default(),
+    );
+    let (_, held) = copy.pending_of("north_america").expect("a copy");
+    let held: BTreeSet<String> = held.into_iter().map(|t| t.task_id).collect();
+    sb.start_agent_with("europe", &exec_into(&eu_file), 4)
+        .expect("europe agent");
+    eventually(
+        "europe running every task of its copy",
+        PATIENCE,
+        || async {
+            let done = ran(&eu_file);
+            held.iter().all(|i| done.contains(i)).then_some(())
+        },
+    )
+    .await;
+    let eu_ran = ran(&eu_file);
+    let rerun: Vec<&String> = finished.iter().filter(|i| eu_ran.contains(*i)).collect();
+    let lost_early: Vec<&String> = early.iter().filter(|i| !eu_ran.contains(*i)).collect();
+    let lost_late = late.iter().filter(|i| !eu_ran.contains(*i)).count();
+    let (sequence_now, _) = stored(&sb, "europe", "north_america").expect("snapshot");
+    eprintln!(
+        "change stream (heartbeat {HEARTBEAT:?}, sync_interval 300 s): {} tasks finished {:?} before the kill, {} of them run again by europe; \
+         {} accepted {:?} before the kill, {} lost; {} accepted in the last {:?}, {} lost; europe's snapshot of north_america: sequence {snapshot_sequence} then {sequence_now}",
+        finished.len(),
+        killed_at - finished_at,
+        rerun.len(),
+        early.len(),
+        killed_at - early_at,
+        lost_early.len(),
+        late.len(),
+        killed_at.saturating_duration_since(early_at + HEARTBEAT * 4),
+        lost_late,
+    );
+    assert_eq!(
+        sequence_now, snapshot_sequence,
+        "no snapshot since the restart"
+    );
+    assert!(rerun.is_empty(), "finished work run again: {rerun:?}");
+    assert!(
+        lost_early.is_empty(),
+        "acknowledged tasks lost: {lost_early:?}"
+    );
+    assert!(lost_late <= late.len());
+    // asia_pacific backs nobody up: it received neither snapshots nor changes.
+    let ap = sb.data_dir("asia_pacific").expect("dir").join("snapshots");
+    assert_eq!(std::fs::read_dir(&ap).map(|d| d.count()).unwrap_or(0), 0);
 }

@@ -85,6 +85,21 @@ impl Collector for ReplicationCounters {
                 s.accepted,
             ),
             (
+                "change_batches_sent",
+                "Change batches (between snapshots) pushed to a peer and accepted by it",
+                s.changes_sent,
+            ),
+            (
+                "change_batch_send_failures",
+                "Change batch pushes that failed or that the peer refused",
+                s.changes_send_failed,
+            ),
+            (
+                "change_batches_accepted",
+                "Change batches received, verified, stored and folded into our copy",
+                s.changes_accepted,
+            ),
+            (
                 "takeovers",
                 "Takeovers of a dead region performed",
                 s.takeovers,
@@ -111,7 +126,7 @@ impl Collector for ReplicationCounters {
         }
         let mut family = encoder.encode_descriptor(
             "snapshots_rejected",
-            "Snapshots refused, by reason (auth: wrong key or altered; unknown_key; truncated; out_of_order; replay: not newer than the last accepted; not_permitted; residency; limit; malformed)",
+            "Snapshots and change batches refused, by reason (auth: wrong key or altered; unknown_key; truncated; out_of_order; replay: not newer than the last accepted; not_permitted; residency; limit; malformed)",
             None,
             MetricType::Counter,
         )?;
@@ -221,7 +236,7 @@ impl Metrics {
             );
             r.register(
                 "snapshot_age_seconds",
-                "Age of the newest snapshot held, by source region (since the source took it, by its clock)",
+                "Age of the copy held of each source region: since the source took the snapshot or sealed the change batch folded in last (by its clock)",
                 m.snapshot_age_seconds.clone(),
             );
         }

@@ -3,7 +3,8 @@
 //!
 //! * **Takeover** ([`check`]): when a region we hold a snapshot of has been
 //!   dead (or never heard since our start) for `timers.takeover_grace`, we
-//!   queue the pending tasks of its newest snapshot that we may hold (rule
+//!   queue the pending tasks of our copy of it (newest snapshot plus the
+//!   change batches since, [`super::copy`]) that we may hold (rule
 //!   lists us as backup, we hold the required tags) under their original ids,
 //!   `attempts` kept, `taken_over` = {from, epoch, to us, now}; one
 //!   `takeover` record per task goes to the decision log. Once per (region,
@@ -232,8 +233,8 @@ pub async fn on_advertisement(node: &Node, ad: &api::RegionAdvertisement) {
     }
 }
 
-/// Takes over the pending tasks of every region we hold a snapshot of that
-/// has been dead for `takeover_grace`.
+/// Takes over the pending tasks of every region we hold a copy of that has
+/// been dead for `takeover_grace`.
 pub async fn check(node: &Arc<Node>) {
     let repl = &node.replication;
     let state = &repl.takeover;
@@ -260,16 +261,16 @@ pub async fn check(node: &Arc<Node>) {
         if now.saturating_duration_since(since) < node.timers.takeover_grace {
             continue;
         }
-        let Some((header, body)) = repl.receiver.stored(&source) else {
+        let Some((epoch, tasks)) = repl.receiver.pending_of(&source) else {
             continue;
         };
         let done = lock(&state.notices)
             .iter()
-            .any(|n| n.from_region == source && n.from_epoch == header.epoch);
+            .any(|n| n.from_region == source && n.from_epoch == epoch);
         if done {
             continue;
         }
-        take_over(node, &source, header.epoch, body.tasks).await;
+        take_over(node, &source, epoch, tasks).await;
     }
 }
 

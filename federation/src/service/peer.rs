@@ -176,6 +176,56 @@ impl api::federation_peer_server::FederationPeer for PeerService {
         &self,
         request: Request<Streaming<api::SnapshotChunk>>,
     ) -> Result<Response<api::PushSnapshotResponse>, Status> {
+        let outcome = self.received(request, Pushed::Snapshot).await?;
+        Ok(Response::new(match outcome {
+            Ok(_) => api::PushSnapshotResponse {
+                accepted: true,
+                reason: String::new(),
+            },
+            Err(r) => api::PushSnapshotResponse {
+                accepted: false,
+                reason: r.to_string(),
+            },
+        }))
+    }
+
+    async fn push_changes(
+        &self,
+        request: Request<Streaming<api::SnapshotChunk>>,
+    ) -> Result<Response<api::PushChangesResponse>, Status> {
+        let outcome = self.received(request, Pushed::Changes).await?;
+        Ok(Response::new(match outcome {
+            Ok(a) => api::PushChangesResponse {
+                accepted: true,
+                reason: String::new(),
+                snapshot_wanted: a.snapshot_wanted,
+            },
+            Err(r) => api::PushChangesResponse {
+                accepted: false,
+                reason: r.to_string(),
+                snapshot_wanted: true,
+            },
+        }))
+    }
+}
+
+/// What a push carries.
+#[derive(Debug, Clone, Copy)]
+enum Pushed {
+    Snapshot,
+    Changes,
+}
+
+impl PeerService {
+    /// Collects a pushed stream within the limits, checks the caller is its
+    /// source, then verifies, stores and folds it in (off the async workers:
+    /// it syncs files).
+    async fn received(
+        &self,
+        request: Request<Streaming<api::SnapshotChunk>>,
+        what: Pushed,
+    ) -> Result<Result<crate::replication::receiver::Accepted, crate::replication::Rejection>, Status>
+    {
         let repl = &self.node.replication;
         if !repl.enabled() {
             return Err(Error::Precondition(format!(
@@ -203,17 +253,18 @@ impl api::federation_peer_server::FederationPeer for PeerService {
             crate::replication::receiver::Stats::bump(&repl.counters().rejected_not_permitted);
             return Err(status);
         }
-        let policy = self.node.policy();
-        let outcome = repl.receiver.receive(&policy, &chunks, repl.counters());
-        Ok(Response::new(match outcome {
-            Ok(_) => api::PushSnapshotResponse {
-                accepted: true,
-                reason: String::new(),
-            },
-            Err(r) => api::PushSnapshotResponse {
-                accepted: false,
-                reason: r.to_string(),
-            },
-        }))
+        let node = self.node.clone();
+        tokio::task::spawn_blocking(move || {
+            let repl = &node.replication;
+            let policy = node.policy();
+            match what {
+                Pushed::Snapshot => repl.receiver.receive(&policy, &chunks, repl.counters()),
+                Pushed::Changes => repl
+                    .receiver
+                    .receive_changes(&policy, &chunks, repl.counters()),
+            }
+        })
+        .await
+        .map_err(|e| Status::from(Error::Storage(format!("receiving: {e}"))))
     }
 }

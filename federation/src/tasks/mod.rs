@@ -271,6 +271,18 @@ pub fn now_unix_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// What differs between a stored task and a request reusing its
+/// idempotency key, given whether the attributes and the payload are the
+/// same: `None` when both are.
+pub fn what_differs(same_attributes: bool, same_payload: bool) -> Option<&'static str> {
+    match (same_attributes, same_payload) {
+        (true, true) => None,
+        (false, true) => Some("attributes"),
+        (true, false) => Some("payload"),
+        (false, false) => Some("attributes and payload"),
+    }
+}
+
 /// The state's proto name without prefix, for messages: `SUCCEEDED`.
 pub fn state_name(state: TaskState) -> String {
     state
