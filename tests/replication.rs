@@ -424,7 +424,7 @@ async fn the_change_stream_bounds_rerun_and_loss_to_two_heartbeats() {
     // What europe holds of north_america now (snapshot plus changes).
     let ring = KeyRing::load_file(&sb.keys_path()).expect("ring");
     let eu_dir = sb.data_dir("europe").expect("dir");
-    let copy = receiver::Receiver::open(
+    let copy = receiver::Receiver::open_read_only(
         "europe",
         &eu_dir,
         Some(ring),
@@ -474,4 +474,277 @@ async fn the_change_stream_bounds_rerun_and_loss_to_two_heartbeats() {
     // asia_pacific backs nobody up: it received neither snapshots nor changes.
     let ap = sb.data_dir("asia_pacific").expect("dir").join("snapshots");
     assert_eq!(std::fs::read_dir(&ap).map(|d| d.count()).unwrap_or(0), 0);
+}
+
+/// What `holder`'s copy of `source` knows of idempotency key `key`.
+fn copy_knows(sb: &Sandbox, holder: &str, source: &str, key: &str) -> Option<String> {
+    let ring = KeyRing::load_file(&sb.keys_path()).expect("ring");
+    let rx = receiver::Receiver::open_read_only(
+        holder,
+        &sb.data_dir(holder).expect("dir"),
+        Some(ring),
+        federation::replication::Limits::default(),
+    );
+    rx.with_copy(source, |c| c.key(key).map(|k| k.task_id))
+        .flatten()
+}
+
+fn keyed(customer: &str, key: &str, payload: &[u8]) -> api::SubmitTaskRequest {
+    api::SubmitTaskRequest {
+        idempotency_key: key.into(),
+        payload: payload.to_vec(),
+        ..submit(customer, 0)
+    }
+}
+
+/// Stops europe and waits until north_america has declared it dead, so that
+/// nothing north_america accepts next reaches europe.
+async fn cut_off_europe(sb: &mut Sandbox) {
+    sb.controller("europe")
+        .expect("running")
+        .signal("STOP")
+        .expect("stop");
+    sb.wait_for_states("north_america", &[("europe", "dead")], PATIENCE)
+        .await
+        .expect("europe dead to north_america");
+}
+
+/// A client of `region` once its controller answers (after a restart).
+async fn answering(
+    sb: &Sandbox,
+    region: &str,
+) -> api::federation_client_client::FederationClientClient<tonic::transport::Channel> {
+    eventually(&format!("{region} answering"), PATIENCE, || async {
+        let mut c = sb.client(region).await.ok()?;
+        c.explain_route(api::ExplainRouteRequest {
+            attributes: submit("US", 0).attributes,
+            ..Default::default()
+        })
+        .await
+        .ok()?;
+        Some(c)
+    })
+    .await
+}
+
+fn decisions(sb: &Sandbox, region: &str) -> Vec<String> {
+    std::fs::read_to_string(sb.data_dir(region).expect("dir").join("decisions.jsonl"))
+        .expect("log")
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// One idempotency key, one task, across the primary's death and return:
+/// the backup answers a retry with the original task from its replicated
+/// copy, refuses the key for other content (as the primary does), and
+/// resolves the pairs it could not prevent once the primary is back: the
+/// later one cancelled when neither started, recorded and counted when both
+/// ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_idempotency_key_one_task_across_failover() {
+    let mut sb = SandboxBuilder::new(federation_exe(), SEED)
+        .agents(0, 1)
+        .env("FEDERATION__NODE__TIMERS__TAKEOVER_GRACE", "120s")
+        .env("FEDERATION__NODE__TIMERS__STARTUP_FENCE", "1s")
+        .start()
+        .expect("sandbox starts");
+    sb.wait_all_alive(PATIENCE).await.expect("federation forms");
+    let mut na = sb.client("north_america").await.expect("client");
+
+    // K1 at the primary; reusing it for other content is refused there.
+    let t1 = na
+        .submit_task(keyed("US", "K1", b"work"))
+        .await
+        .expect("accepted")
+        .into_inner();
+    assert_eq!(t1.region, "north_america");
+    for (req, differs) in [
+        (keyed("US", "K1", b"other"), "payload"),
+        (keyed("CA", "K1", b"work"), "attributes"),
+    ] {
+        let err = na.submit_task(req).await.expect_err("refused");
+        assert_eq!(err.code(), tonic::Code::AlreadyExists, "{}", err.message());
+        assert!(
+            err.message().contains("`K1`") && err.message().contains(differs),
+            "{}",
+            err.message()
+        );
+    }
+    eventually("europe's copy knowing K1", PATIENCE, || async {
+        copy_knows(&sb, "europe", "north_america", "K1").filter(|id| *id == t1.task_id)
+    })
+    .await;
+
+    // The primary dies; the retry through the backup is the original task.
+    sb.kill_controller("north_america").expect("kill");
+    sb.wait_for_states("europe", &[("north_america", "dead")], PATIENCE)
+        .await
+        .expect("dead");
+    let mut eu = sb.client("europe").await.expect("client");
+    let retry = eu
+        .submit_task(keyed("US", "K1", b"work"))
+        .await
+        .expect("answered")
+        .into_inner();
+    assert_eq!(
+        (
+            retry.task_id.as_str(),
+            retry.deduplicated,
+            retry.region.as_str(),
+            retry.state()
+        ),
+        (
+            t1.task_id.as_str(),
+            true,
+            "north_america",
+            api::TaskState::Queued
+        ),
+        "{retry:?}"
+    );
+    for (req, differs) in [
+        (keyed("US", "K1", b"other"), "payload"),
+        (keyed("CA", "K1", b"other"), "attributes and payload"),
+    ] {
+        let err = eu.submit_task(req).await.expect_err("refused");
+        assert_eq!(err.code(), tonic::Code::AlreadyExists, "{}", err.message());
+        let msg = err.message();
+        assert!(
+            msg.contains("`K1`") && msg.contains(differs) && msg.contains(&t1.task_id),
+            "{msg}"
+        );
+    }
+
+    // K2 accepted by the primary while europe could not hear of it, then the
+    // primary dies: europe creates a second task, and its record says why.
+    sb.start_controller("north_america").expect("restart");
+    sb.wait_for_states("europe", &[("north_america", "alive")], PATIENCE)
+        .await
+        .expect("back");
+    cut_off_europe(&mut sb).await;
+    let mut na = answering(&sb, "north_america").await;
+    let first = na
+        .submit_task(keyed("US", "K2", b"work"))
+        .await
+        .expect("accepted")
+        .into_inner();
+    sb.kill_controller("north_america").expect("kill");
+    sb.controller("europe")
+        .expect("running")
+        .signal("CONT")
+        .expect("cont");
+    sb.wait_for_states("europe", &[("north_america", "dead")], PATIENCE)
+        .await
+        .expect("dead");
+    let second = eu
+        .submit_task(keyed("US", "K2", b"work"))
+        .await
+        .expect("placed")
+        .into_inner();
+    assert_eq!(
+        (second.region.as_str(), second.deduplicated),
+        ("europe", false)
+    );
+    assert_ne!(second.task_id, first.task_id);
+    let record = decisions(&sb, "europe")
+        .into_iter()
+        .find(|l| l.contains(&second.task_id) && l.contains("\"kind\":\"route\""))
+        .expect("route record");
+    assert!(record.contains("could not be known"), "{record}");
+    // The primary returns (no agent anywhere: neither task started): the
+    // later one, europe's, is cancelled with a reason naming the other.
+    sb.start_controller("north_america").expect("restart");
+    let cancelled = sb
+        .wait_terminal("europe", &second.task_id, PATIENCE)
+        .await
+        .expect("resolved");
+    assert_eq!(cancelled.state(), api::TaskState::Cancelled);
+    assert!(
+        cancelled.error.contains("duplicate") && cancelled.error.contains(&first.task_id),
+        "{}",
+        cancelled.error
+    );
+    let mut na = answering(&sb, "north_america").await;
+    let kept = na
+        .get_task(api::GetTaskRequest {
+            task_id: first.task_id.clone(),
+        })
+        .await
+        .expect("read")
+        .into_inner()
+        .task
+        .expect("task");
+    assert_eq!(kept.state(), api::TaskState::Queued, "{kept:?}");
+
+    // K3: the same, but europe's task runs, and the primary's runs too
+    // before europe can hear of it: the pair is recorded and counted.
+    cut_off_europe(&mut sb).await;
+    let theirs = na
+        .submit_task(keyed("US", "K3", b"work"))
+        .await
+        .expect("accepted")
+        .into_inner();
+    sb.kill_controller("north_america").expect("kill");
+    sb.controller("europe")
+        .expect("running")
+        .signal("CONT")
+        .expect("cont");
+    sb.wait_for_states("europe", &[("north_america", "dead")], PATIENCE)
+        .await
+        .expect("dead");
+    sb.start_agent("europe").expect("europe agent");
+    let ours = eu
+        .submit_task(keyed("US", "K3", b"work"))
+        .await
+        .expect("placed")
+        .into_inner();
+    assert_eq!(ours.region, "europe");
+    let done = sb
+        .wait_terminal("europe", &ours.task_id, PATIENCE)
+        .await
+        .expect("runs");
+    assert_eq!(done.state(), api::TaskState::Succeeded);
+    sb.controller("europe")
+        .expect("running")
+        .signal("STOP")
+        .expect("stop");
+    sb.start_controller("north_america").expect("restart");
+    sb.start_agent("north_america").expect("na agent");
+    answering(&sb, "north_america").await;
+    let ran = sb
+        .wait_terminal("north_america", &theirs.task_id, PATIENCE)
+        .await
+        .expect("runs");
+    assert_eq!(ran.state(), api::TaskState::Succeeded);
+    sb.controller("europe")
+        .expect("running")
+        .signal("CONT")
+        .expect("cont");
+    let metrics = eventually("the pair counted at europe", PATIENCE, || async {
+        let m = scrape(&sb, "europe").await;
+        sample(&m, "federation_duplicate_tasks_total")
+            .is_some_and(|n| n >= 1.0)
+            .then_some(m)
+    })
+    .await;
+    let both = sample(&metrics, "federation_duplicate_tasks_total");
+    let cancelled = sample(&metrics, "federation_duplicate_tasks_cancelled_total");
+    eprintln!("duplicate pairs at europe: {both:?} both ran, {cancelled:?} resolved by a cancel");
+    assert_eq!((both, cancelled), (Some(1.0), Some(1.0)));
+    let log = decisions(&sb, "europe");
+    let ran_record = log
+        .iter()
+        .find(|l| l.contains("\"kind\":\"duplicate\"") && l.contains("duplicate_ran"))
+        .expect("a duplicate_ran record");
+    assert!(
+        ran_record.contains("`K3`")
+            && ran_record.contains(&ours.task_id)
+            && ran_record.contains(&theirs.task_id),
+        "{ran_record}"
+    );
+    assert!(
+        log.iter()
+            .any(|l| l.contains("duplicate_cancelled") && l.contains("`K2`")),
+        "no duplicate_cancelled record for K2"
+    );
 }

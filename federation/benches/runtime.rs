@@ -84,6 +84,7 @@ baseline_service!(Echo, |_this, request| {
         region: "echo".into(),
         decision: None,
         deduplicated: false,
+        state: api::TaskState::Queued as i32,
     }))
 });
 
@@ -140,6 +141,7 @@ baseline_service!(DurableEcho, |this, request| {
         region: "echo".into(),
         decision: None,
         deduplicated: false,
+        state: api::TaskState::Queued as i32,
     }))
 });
 

@@ -100,6 +100,16 @@ impl Collector for ReplicationCounters {
                 s.changes_accepted,
             ),
             (
+                "duplicate_tasks",
+                "Pairs of tasks under one idempotency key that both ran (each recorded in the decision log)",
+                s.duplicate_tasks,
+            ),
+            (
+                "duplicate_tasks_cancelled",
+                "Pairs of tasks under one idempotency key resolved by cancelling one",
+                s.duplicates_cancelled,
+            ),
+            (
                 "takeovers",
                 "Takeovers of a dead region performed",
                 s.takeovers,

@@ -16,13 +16,19 @@
 //! receiver's version rule ([`copy`]) makes any older change a later batch
 //! repeats harmless.
 //!
+//! Idempotency across failover (a backup answering a key from its copy,
+//! duplicate pairs resolved when the primary's state arrives) is
+//! [`duplicates`].
+//!
 //! Owns: the key ring and nonces, `<data_dir>/snapshots/`,
+//! `<data_dir>/unverified_keys.json`,
 //! `<data_dir>/takeovers.json`, the sync loop, the start-up lease fence and the
 //! replication counters ([`Replication::stats`]). Must not touch routing
 //! decisions or agents; it uses the task store only through its public API.
 
 pub mod changes;
 pub mod copy;
+pub mod duplicates;
 pub mod envelope;
 pub mod keyring;
 pub mod receiver;
@@ -67,6 +73,8 @@ pub struct Replication {
     pub receiver: Receiver,
     /// Takeovers done and the start-up fence.
     pub takeover: takeover::TakeoverState,
+    /// Idempotency keys used here that the primary's copy did not know.
+    pub duplicates: duplicates::Duplicates,
     recent: Mutex<VecDeque<api::Task>>,
     last_summary: Mutex<BTreeMap<String, String>>,
     /// Changes not yet acknowledged by each peer.
@@ -105,6 +113,7 @@ impl Replication {
             sequence: AtomicU64::new(0),
             stats: Arc::new(Stats::default()),
             takeover,
+            duplicates: duplicates::Duplicates::open(data_dir),
             recent: Mutex::new(VecDeque::new()),
             last_summary: Mutex::new(BTreeMap::new()),
             outbox: Mutex::new(changes::Outbox::default()),

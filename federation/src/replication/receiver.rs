@@ -77,6 +77,10 @@ pub struct Stats {
     pub changes_send_failed: AtomicU64,
     /// Change batches verified, stored and folded into our copy.
     pub changes_accepted: AtomicU64,
+    /// Duplicate pairs (one idempotency key, two tasks) that both ran.
+    pub duplicate_tasks: AtomicU64,
+    /// Duplicate pairs resolved by cancelling one of the two.
+    pub duplicates_cancelled: AtomicU64,
 }
 
 /// A point-in-time copy of [`Stats`].
@@ -120,6 +124,10 @@ pub struct StatsSnapshot {
     pub changes_send_failed: u64,
     /// See [`Stats`].
     pub changes_accepted: u64,
+    /// See [`Stats`].
+    pub duplicate_tasks: u64,
+    /// See [`Stats`].
+    pub duplicates_cancelled: u64,
 }
 
 /// The `reason` label of each rejection counter, in [`Stats`] order.
@@ -181,6 +189,8 @@ impl Stats {
             changes_sent: g(&self.changes_sent),
             changes_send_failed: g(&self.changes_send_failed),
             changes_accepted: g(&self.changes_accepted),
+            duplicate_tasks: g(&self.duplicate_tasks),
+            duplicates_cancelled: g(&self.duplicates_cancelled),
         }
     }
 }
@@ -429,6 +439,28 @@ impl Receiver {
     /// of each source from its stored snapshot and change log (a torn last
     /// append is cut off).
     pub fn open(region: &str, data_dir: &Path, ring: Option<KeyRing>, limits: Limits) -> Self {
+        Self::open_with(region, data_dir, ring, limits, true)
+    }
+
+    /// [`Receiver::open`] that writes nothing (a torn change log is read up
+    /// to its good prefix but left as it is): for inspecting the copies of a
+    /// running controller.
+    pub fn open_read_only(
+        region: &str,
+        data_dir: &Path,
+        ring: Option<KeyRing>,
+        limits: Limits,
+    ) -> Self {
+        Self::open_with(region, data_dir, ring, limits, false)
+    }
+
+    fn open_with(
+        region: &str,
+        data_dir: &Path,
+        ring: Option<KeyRing>,
+        limits: Limits,
+        cut_torn: bool,
+    ) -> Self {
         let dir = data_dir.join("snapshots");
         let mut held: BTreeMap<String, Held> = BTreeMap::new();
         if let (Some(ring), Ok(entries)) = (&ring, std::fs::read_dir(&dir)) {
@@ -458,7 +490,7 @@ impl Receiver {
                     continue;
                 };
                 let (batches, good, len) = read_changes(&path, ring);
-                if good < len {
+                if cut_torn && good < len {
                     let cut = std::fs::OpenOptions::new()
                         .write(true)
                         .open(&path)

@@ -254,7 +254,7 @@ impl PeerService {
             return Err(status);
         }
         let node = self.node.clone();
-        tokio::task::spawn_blocking(move || {
+        let outcome = tokio::task::spawn_blocking(move || {
             let repl = &node.replication;
             let policy = node.policy();
             match what {
@@ -265,6 +265,14 @@ impl PeerService {
             }
         })
         .await
-        .map_err(|e| Status::from(Error::Storage(format!("receiving: {e}"))))
+        .map_err(|e| Status::from(Error::Storage(format!("receiving: {e}"))))?;
+        if outcome.is_ok() {
+            // Keys we used without being able to know them may now be known.
+            tokio::spawn(crate::replication::duplicates::on_copy_updated(
+                self.node.clone(),
+                source,
+            ));
+        }
+        Ok(outcome)
     }
 }

@@ -30,7 +30,9 @@
 //!   names the task in them.
 //! * **Idempotency.** A non-empty `idempotency_key` that is already known, or a
 //!   `task_id` that is already stored (a retried `ForwardTask`), returns
-//!   [`InsertOutcome::Deduplicated`] with the stored task and stores nothing.
+//!   [`InsertOutcome::Deduplicated`] with the stored task and stores nothing;
+//!   a known key with other attributes or another payload is refused
+//!   ([`StoreError::KeyReused`], naming what differs).
 //! * **At-least-once execution with leases.** An agent leases queued tasks for
 //!   a TTL and must renew before the deadline. A lease past its deadline is
 //!   taken back by [`TaskStore::expire_leases`] (the task is queued again, its
@@ -152,6 +154,19 @@ pub enum StoreError {
         task_id: String,
         /// Its terminal state, for example `SUCCEEDED`.
         state: String,
+    },
+    /// The idempotency key already names a task whose attributes or
+    /// payload differ from the request's.
+    #[error(
+        "idempotency key `{key}` already names task {task_id}, whose {differs} differ from this request's"
+    )]
+    KeyReused {
+        /// The key.
+        key: String,
+        /// The task it names.
+        task_id: String,
+        /// "attributes", "payload" or "attributes and payload".
+        differs: &'static str,
     },
     /// The request itself is invalid (for example an empty task id).
     #[error("invalid request: {0}")]
