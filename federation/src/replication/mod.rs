@@ -274,20 +274,14 @@ pub async fn sync_once(node: &Arc<Node>) {
     }
     let policy = node.policy();
     let health = health_now(node);
-    let mut rounds = Vec::new();
     for recipient in snapshot::recipients(&policy, &node.region) {
         if health.get(&recipient) == Some(&Health::Dead) {
             continue;
         }
+        // Not waited for: a slow peer must not hold up the heartbeat's
+        // batches to the others (its own link lock orders its pushes).
         let node = node.clone();
-        rounds.push(tokio::spawn(async move {
-            snapshot_to(&node, &recipient).await;
-        }));
-    }
-    // Sealing is done by the time the pushes are under way; the pushes
-    // themselves are not waited for beyond their own deadline.
-    for r in rounds {
-        let _ = r.await;
+        tokio::spawn(async move { snapshot_to(&node, &recipient).await });
     }
 }
 
