@@ -546,7 +546,7 @@ async fn one_idempotency_key_one_task_across_failover() {
     let mut sb = SandboxBuilder::new(federation_exe(), SEED)
         .agents(0, 1)
         .env("FEDERATION__NODE__TIMERS__TAKEOVER_GRACE", "120s")
-        .env("FEDERATION__NODE__TIMERS__STARTUP_FENCE", "1s")
+        .env("FEDERATION__NODE__TIMERS__STARTUP_FENCE", "5s")
         .start()
         .expect("sandbox starts");
     sb.wait_all_alive(PATIENCE).await.expect("federation forms");
@@ -677,7 +677,9 @@ async fn one_idempotency_key_one_task_across_failover() {
     assert_eq!(kept.state(), api::TaskState::Queued, "{kept:?}");
 
     // K3: the same, but europe's task runs, and the primary's runs too
-    // before europe can hear of it: the pair is recorded and counted.
+    // before europe can hear of it (europe stopped while north_america
+    // returns: its start-up fence waits `startup_fence`, then leases): the
+    // pair is recorded and counted.
     cut_off_europe(&mut sb).await;
     let theirs = na
         .submit_task(keyed("US", "K3", b"work"))
@@ -709,7 +711,7 @@ async fn one_idempotency_key_one_task_across_failover() {
         .signal("STOP")
         .expect("stop");
     sb.start_controller("north_america").expect("restart");
-    sb.start_agent("north_america").expect("na agent");
+    let na_agent = sb.start_agent("north_america").expect("na agent");
     answering(&sb, "north_america").await;
     let ran = sb
         .wait_terminal("north_america", &theirs.task_id, PATIENCE)
@@ -727,10 +729,65 @@ async fn one_idempotency_key_one_task_across_failover() {
             .then_some(m)
     })
     .await;
+    assert_eq!(
+        sample(&metrics, "federation_duplicate_tasks_total"),
+        Some(1.0)
+    );
+
+    // K4: europe's task ran while north_america was dead, and north_america
+    // returns with an agent, europe reachable: its start-up fence waits for
+    // europe's answer to its first snapshot, and europe cancels the
+    // primary's copy before answering. Exactly one runs.
+    sb.kill_agent("north_america", na_agent)
+        .expect("agent stops");
+    cut_off_europe(&mut sb).await;
+    let mut na = answering(&sb, "north_america").await;
+    let theirs4 = na
+        .submit_task(keyed("US", "K4", b"work"))
+        .await
+        .expect("accepted")
+        .into_inner();
+    sb.kill_controller("north_america").expect("kill");
+    sb.controller("europe")
+        .expect("running")
+        .signal("CONT")
+        .expect("cont");
+    sb.wait_for_states("europe", &[("north_america", "dead")], PATIENCE)
+        .await
+        .expect("dead");
+    let ours4 = eu
+        .submit_task(keyed("US", "K4", b"work"))
+        .await
+        .expect("placed")
+        .into_inner();
+    assert_eq!(ours4.region, "europe");
+    let done = sb
+        .wait_terminal("europe", &ours4.task_id, PATIENCE)
+        .await
+        .expect("runs");
+    assert_eq!(done.state(), api::TaskState::Succeeded);
+    sb.start_controller("north_america").expect("restart");
+    sb.start_agent("north_america").expect("na agent");
+    answering(&sb, "north_america").await;
+    let fenced = sb
+        .wait_terminal("north_america", &theirs4.task_id, PATIENCE)
+        .await
+        .expect("resolved");
+    assert_eq!(
+        (fenced.state(), fenced.attempts),
+        (api::TaskState::Cancelled, 0),
+        "{fenced:?}"
+    );
+    assert!(
+        fenced.error.contains("duplicate") && fenced.error.contains(&ours4.task_id),
+        "{}",
+        fenced.error
+    );
+    let metrics = scrape(&sb, "europe").await;
     let both = sample(&metrics, "federation_duplicate_tasks_total");
     let cancelled = sample(&metrics, "federation_duplicate_tasks_cancelled_total");
     eprintln!("duplicate pairs at europe: {both:?} both ran, {cancelled:?} resolved by a cancel");
-    assert_eq!((both, cancelled), (Some(1.0), Some(1.0)));
+    assert_eq!((both, cancelled), (Some(1.0), Some(2.0)));
     let log = decisions(&sb, "europe");
     let ran_record = log
         .iter()

@@ -216,11 +216,17 @@ fn started(state: api::TaskState, attempts: u32) -> bool {
 
 /// After our copy of `source` changed: looks every unverified key of
 /// `source` up again and resolves the duplicate pairs found.
-pub async fn on_copy_updated(node: Arc<Node>, source: String) {
+/// With `wait`, waits for a pass already running; else skips (the next
+/// update starts another).
+pub async fn on_copy_updated(node: Arc<Node>, source: String, wait: bool) {
     let dups = &node.replication.duplicates;
-    let Ok(_one) = dups.resolving.try_lock() else {
-        // A pass is running; the next update starts another.
-        return;
+    let _one = if wait {
+        dups.resolving.lock().await
+    } else {
+        match dups.resolving.try_lock() {
+            Ok(g) => g,
+            Err(_) => return,
+        }
     };
     let pending: Vec<Unverified> = lock(&dups.keys)
         .iter()

@@ -103,7 +103,8 @@ impl Replication {
         if sync.enabled && !enabled {
             tracing::warn!(%region, "data_synchronization is enabled but no key ring is configured; snapshots are neither sent nor accepted");
         }
-        let takeover = takeover::TakeoverState::open(region, data_dir, policy, store, fence_for);
+        let takeover =
+            takeover::TakeoverState::open(region, data_dir, policy, store, fence_for, enabled);
         Self {
             enabled,
             receiver: Receiver::open(region, data_dir, ring.clone(), limits),
@@ -531,6 +532,7 @@ async fn push(
     if let Ok(Ok(_)) = &outcome {
         // The peer received all of it (whatever it answered).
         node.metrics.snapshot_sent(recipient, bytes, ratio);
+        repl.takeover.snapshot_answered(recipient);
     }
     match outcome {
         Ok(Ok(resp)) if resp.get_ref().accepted => {

@@ -15,7 +15,9 @@
 //!   (`mark_taken_over`) and does not run them again.
 //! * **Fence**: at start, pending tasks owned by us whose rule has backups are
 //!   not leased until we have received an advertisement (carrying its
-//!   notices) from every such backup since we started, or
+//!   notices) from every such backup since we started and, with replication
+//!   on, every such backup has answered our first snapshot (it resolves
+//!   duplicate idempotency keys before answering, [`super::duplicates`]), or
 //!   `timers.startup_fence` has passed.
 //!
 //! Owns `takeovers.json` and the fence; uses the task store's public API.
@@ -52,7 +54,11 @@ struct Notice {
 #[derive(Debug)]
 struct Fence {
     ids: Arc<HashSet<String>>,
+    /// Backups not yet heard (their advertisement carries the notices).
     waiting_for: BTreeSet<String>,
+    /// Backups that have not yet answered our first snapshot (their
+    /// duplicate check runs before they answer).
+    unsynced: BTreeSet<String>,
     until: Instant,
 }
 
@@ -80,6 +86,7 @@ impl TakeoverState {
         policy: &Policy,
         store: &TaskStore,
         fence_for: Duration,
+        replicating: bool,
     ) -> Self {
         let path = data_dir.join("takeovers.json");
         let notices: Vec<Notice> = match std::fs::read(&path) {
@@ -115,6 +122,11 @@ impl TakeoverState {
             tracing::info!(tasks = ids.len(), backups = ?waiting_for, "start-up fence: tasks from before the restart wait for the backups' notices");
             Fence {
                 ids: Arc::new(ids),
+                unsynced: if replicating {
+                    waiting_for.clone()
+                } else {
+                    BTreeSet::new()
+                },
                 waiting_for,
                 until: Instant::now() + fence_for,
             }
@@ -132,15 +144,23 @@ impl TakeoverState {
     /// Task ids not to lease yet (the fence), or `None` once lifted.
     pub fn lease_skip(&self) -> Option<Arc<HashSet<String>>> {
         let mut fence = lock(&self.fence);
-        let lift = fence
-            .as_ref()
-            .is_some_and(|f| f.waiting_for.is_empty() || Instant::now() >= f.until);
+        let lift = fence.as_ref().is_some_and(|f| {
+            (f.waiting_for.is_empty() && f.unsynced.is_empty()) || Instant::now() >= f.until
+        });
         if lift {
             if let Some(f) = fence.take() {
-                tracing::info!(waited_for = ?f.waiting_for, "start-up fence lifted");
+                tracing::info!(not_heard = ?f.waiting_for, not_synced = ?f.unsynced, "start-up fence lifted");
             }
         }
         fence.as_ref().map(|f| f.ids.clone())
+    }
+
+    /// `backup` answered our first snapshot since start: its duplicate check
+    /// of our tasks has run, so the fence stops waiting for that.
+    pub fn snapshot_answered(&self, backup: &str) {
+        if let Some(f) = lock(&self.fence).as_mut() {
+            f.unsynced.remove(backup);
+        }
     }
 
     /// The notices to advertise.

@@ -268,10 +268,20 @@ impl PeerService {
         .map_err(|e| Status::from(Error::Storage(format!("receiving: {e}"))))?;
         if outcome.is_ok() {
             // Keys we used without being able to know them may now be known.
-            tokio::spawn(crate::replication::duplicates::on_copy_updated(
+            // A snapshot is answered only after the check (a restarted
+            // source's start-up fence waits for that answer); batches do not
+            // wait for it.
+            let check = crate::replication::duplicates::on_copy_updated(
                 self.node.clone(),
                 source,
-            ));
+                matches!(what, Pushed::Snapshot),
+            );
+            match what {
+                Pushed::Snapshot => check.await,
+                Pushed::Changes => {
+                    tokio::spawn(check);
+                }
+            }
         }
         Ok(outcome)
     }
