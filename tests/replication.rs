@@ -113,7 +113,32 @@ async fn eu_tasks_reaching_north_america(policy: &str) -> (usize, usize) {
     let ap = sb.data_dir("asia_pacific").expect("dir").join("snapshots");
     let ap_files = std::fs::read_dir(&ap).map(|d| d.count()).unwrap_or(0);
     assert_eq!(ap_files, 0, "asia_pacific received snapshots");
+    // The change stream too: north_america's copy (snapshot plus batches)
+    // holds exactly what its snapshots may, and europe never sent it a task
+    // it may not hold (a refused one would count as `residency`).
+    let ring = KeyRing::load_file(&sb.keys_path()).expect("ring");
+    let copy = receiver::Receiver::open_read_only(
+        "north_america",
+        &sb.data_dir("north_america").expect("dir"),
+        Some(ring),
+        federation::replication::Limits::default(),
+    );
+    let in_copy: BTreeSet<String> = copy
+        .pending_of("europe")
+        .map(|(_, t)| t.into_iter().map(|t| t.task_id).collect())
+        .unwrap_or_default();
+    let reached_copy = de.iter().filter(|i| in_copy.contains(*i)).count();
+    let na_metrics = scrape(&sb, "north_america").await;
+    assert_eq!(
+        sample(
+            &na_metrics,
+            "federation_snapshots_rejected_total{reason=\"residency\"}"
+        ),
+        Some(0.0),
+        "europe sent north_america a task it may not hold"
+    );
     let reached = de.iter().filter(|i| held.contains(*i)).count();
+    assert_eq!(reached_copy, reached, "the copy and the snapshot disagree");
     eprintln!(
         "policy variant: {reached} of {} DE tasks reached north_america",
         de.len()

@@ -499,9 +499,13 @@ impl Receiver {
                         tracing::error!(path = %path.display(), error = %e, "cutting off a torn change log failed");
                     }
                 }
-                let h = held.entry(source).or_default();
+                let h = held.entry(source.clone()).or_default();
                 h.log_bytes = good;
                 for b in batches {
+                    if b.source_region != source {
+                        tracing::warn!(path = %path.display(), claimed = %wire::truncate(&b.source_region, 64), "stored change batch of another source; skipped");
+                        continue;
+                    }
                     let c = &h.copy;
                     if (b.epoch, b.sequence) > (c.epoch, c.sequence) {
                         h.copy
