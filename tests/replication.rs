@@ -1,13 +1,14 @@
 //! Snapshot replication and takeover, end to end on real controller and
 //! agent processes: what each peer actually receives (residency), a dead
-//! primary's tasks run once by its backup, failback hold-down, the loss
-//! bound when a primary is destroyed with its disk, and the snapshot metrics
-//! on the admin port.
+//! primary's tasks run once by its backup, failback hold-down, the change
+//! stream between snapshots (no finished work run again, and the loss bound
+//! when a primary is destroyed with its disk, with the seed's 300 s
+//! `sync_interval`), and the snapshot metrics on the admin port.
 
 mod support;
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use federation::replication::envelope::{NonceSource, Pipeline, SealParams};
 use federation::replication::{Key, KeyRing, SnapshotBody, receiver, seal_snapshot};
@@ -112,7 +113,32 @@ async fn eu_tasks_reaching_north_america(policy: &str) -> (usize, usize) {
     let ap = sb.data_dir("asia_pacific").expect("dir").join("snapshots");
     let ap_files = std::fs::read_dir(&ap).map(|d| d.count()).unwrap_or(0);
     assert_eq!(ap_files, 0, "asia_pacific received snapshots");
+    // The change stream too: north_america's copy (snapshot plus batches)
+    // holds exactly what its snapshots may, and europe never sent it a task
+    // it may not hold (a refused one would count as `residency`).
+    let ring = KeyRing::load_file(&sb.keys_path()).expect("ring");
+    let copy = receiver::Receiver::open_read_only(
+        "north_america",
+        &sb.data_dir("north_america").expect("dir"),
+        Some(ring),
+        federation::replication::Limits::default(),
+    );
+    let in_copy: BTreeSet<String> = copy
+        .pending_of("europe")
+        .map(|(_, t)| t.into_iter().map(|t| t.task_id).collect())
+        .unwrap_or_default();
+    let reached_copy = de.iter().filter(|i| in_copy.contains(*i)).count();
+    let na_metrics = scrape(&sb, "north_america").await;
+    assert_eq!(
+        sample(
+            &na_metrics,
+            "federation_snapshots_rejected_total{reason=\"residency\"}"
+        ),
+        Some(0.0),
+        "europe sent north_america a task it may not hold"
+    );
     let reached = de.iter().filter(|i| held.contains(*i)).count();
+    assert_eq!(reached_copy, reached, "the copy and the snapshot disagree");
     eprintln!(
         "policy variant: {reached} of {} DE tasks reached north_america",
         de.len()
@@ -263,51 +289,6 @@ async fn backup_takes_over_a_dead_primary_which_does_not_run_them_again() {
     assert_eq!(takeovers, ids.len(), "one takeover record per task");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn destroying_a_primary_loses_at_most_what_it_accepted_since_its_last_sync() {
-    let mut sb = builder(SEED).start().expect("sandbox starts");
-    sb.wait_all_alive(PATIENCE).await.expect("federation forms");
-    let eu_file = sb.dir().join("ran-europe");
-    let synced = submit_many(&sb, "north_america", "US", 10).await;
-    wait_holds(&sb, "europe", "north_america", &synced).await;
-    // Accepted after that sync; then the primary is destroyed at once.
-    let unsynced = submit_many(&sb, "north_america", "US", 5).await;
-    sb.kill_controller("north_america").expect("kill");
-    let na_dir: PathBuf = sb.data_dir("north_america").expect("dir");
-    std::fs::remove_dir_all(&na_dir).expect("destroy the primary's disk");
-    sb.start_agent_with("europe", &exec_into(&eu_file), 2)
-        .expect("europe agent");
-
-    // europe takes over what its newest snapshot holds and runs it.
-    let (_, in_snapshot) = stored(&sb, "europe", "north_america").expect("snapshot");
-    eventually(
-        "europe running every task of its snapshot",
-        PATIENCE,
-        || async {
-            let done = ran(&eu_file);
-            in_snapshot.iter().all(|i| done.contains(i)).then_some(())
-        },
-    )
-    .await;
-    let done = ran(&eu_file);
-    let acked: Vec<&String> = synced.iter().chain(&unsynced).collect();
-    let lost: Vec<&&String> = acked.iter().filter(|i| !done.contains(**i)).collect();
-    eprintln!(
-        "loss bound: {} acknowledged, {} synced before the crash, {} accepted since the last sync; {} ran at europe, {} never ran anywhere",
-        acked.len(),
-        synced.len(),
-        unsynced.len(),
-        acked.len() - lost.len(),
-        lost.len()
-    );
-    assert!(
-        synced.iter().all(|i| done.contains(i)),
-        "a synced task was lost"
-    );
-    assert!(lost.len() <= unsynced.len());
-    assert!(lost.iter().all(|i| unsynced.contains(**i)));
-}
-
 /// `/metrics` of `region`.
 async fn scrape(sb: &Sandbox, region: &str) -> String {
     let admin = sb.admin_http_addr(region).expect("admin addr");
@@ -414,4 +395,438 @@ async fn snapshot_metrics_show_pushes_ages_and_rejections_by_reason() {
             "no positive `{series}` in:\n{na}"
         );
     }
+}
+
+/// The stream between snapshots, measured with the seed's own
+/// `sync_interval` (300 s): north_america is restarted once so that europe
+/// holds a snapshot (taken at that start) listing tasks as queued; they
+/// then run and finish at north_america, more tasks are accepted, and
+/// north_america is destroyed with its disk. Only the change stream can
+/// tell europe that the first tasks finished and that the later ones exist.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_change_stream_bounds_rerun_and_loss_to_two_heartbeats() {
+    const HEARTBEAT: std::time::Duration = std::time::Duration::from_millis(250);
+    let mut sb = SandboxBuilder::new(federation_exe(), SEED)
+        .agents(0, 1)
+        .env("FEDERATION__NODE__TIMERS__HEARTBEAT_INTERVAL", "250ms")
+        .env("FEDERATION__NODE__TIMERS__TAKEOVER_GRACE", "5s")
+        .start()
+        .expect("sandbox starts");
+    sb.wait_all_alive(PATIENCE).await.expect("federation forms");
+    let na_file = sb.dir().join("ran-north_america");
+    let eu_file = sb.dir().join("ran-europe");
+
+    // Queued at north_america (no agent yet), then north_america restarts:
+    // its start-up snapshot reaches europe with these tasks queued.
+    let finished = submit_many(&sb, "north_america", "US", 8).await;
+    sb.kill_controller("north_america").expect("kill");
+    sb.start_controller("north_america").expect("restart");
+    wait_holds(&sb, "europe", "north_america", &finished).await;
+    let (snapshot_sequence, _) = stored(&sb, "europe", "north_america").expect("snapshot");
+
+    // They run and finish at north_america.
+    sb.start_agent_with("north_america", &exec_into(&na_file), 4)
+        .expect("na agent");
+    for id in &finished {
+        let t = sb
+            .wait_terminal("north_america", id, PATIENCE)
+            .await
+            .expect("finishes");
+        assert_eq!(t.state(), api::TaskState::Succeeded);
+    }
+    let finished_at = std::time::Instant::now();
+    sb.kill_agent("north_america", 0).expect("agent stops");
+    // Accepted well before the end, and in the last moments.
+    let early = submit_many(&sb, "north_america", "US", 5).await;
+    let early_at = std::time::Instant::now();
+    tokio::time::sleep(HEARTBEAT * 4).await;
+    let late = submit_many(&sb, "north_america", "US", 5).await;
+    let killed_at = std::time::Instant::now();
+    sb.kill_controller("north_america").expect("kill");
+    std::fs::remove_dir_all(sb.data_dir("north_america").expect("dir"))
+        .expect("destroy the primary's disk");
+
+    // What europe holds of north_america now (snapshot plus changes).
+    let ring = KeyRing::load_file(&sb.keys_path()).expect("ring");
+    let eu_dir = sb.data_dir("europe").expect("dir");
+    let copy = receiver::Receiver::open_read_only(
+        "europe",
+        &eu_dir,
+        Some(ring),
+        federation::replication::Limits::default(),
+    );
+    let (_, held) = copy.pending_of("north_america").expect("a copy");
+    let held: BTreeSet<String> = held.into_iter().map(|t| t.task_id).collect();
+    sb.start_agent_with("europe", &exec_into(&eu_file), 4)
+        .expect("europe agent");
+    eventually(
+        "europe running every task of its copy",
+        PATIENCE,
+        || async {
+            let done = ran(&eu_file);
+            held.iter().all(|i| done.contains(i)).then_some(())
+        },
+    )
+    .await;
+    let eu_ran = ran(&eu_file);
+    let rerun: Vec<&String> = finished.iter().filter(|i| eu_ran.contains(*i)).collect();
+    let lost_early: Vec<&String> = early.iter().filter(|i| !eu_ran.contains(*i)).collect();
+    let lost_late = late.iter().filter(|i| !eu_ran.contains(*i)).count();
+    let (sequence_now, _) = stored(&sb, "europe", "north_america").expect("snapshot");
+    eprintln!(
+        "change stream (heartbeat {HEARTBEAT:?}, sync_interval 300 s): {} tasks finished {:?} before the kill, {} of them run again by europe; \
+         {} accepted {:?} before the kill, {} lost; {} accepted in the last {:?}, {} lost; europe's snapshot of north_america: sequence {snapshot_sequence} then {sequence_now}",
+        finished.len(),
+        killed_at - finished_at,
+        rerun.len(),
+        early.len(),
+        killed_at - early_at,
+        lost_early.len(),
+        late.len(),
+        killed_at.saturating_duration_since(early_at + HEARTBEAT * 4),
+        lost_late,
+    );
+    assert_eq!(
+        sequence_now, snapshot_sequence,
+        "no snapshot since the restart"
+    );
+    assert!(rerun.is_empty(), "finished work run again: {rerun:?}");
+    assert!(
+        lost_early.is_empty(),
+        "acknowledged tasks lost: {lost_early:?}"
+    );
+    assert!(lost_late <= late.len());
+    // asia_pacific backs nobody up: it received neither snapshots nor changes.
+    let ap = sb.data_dir("asia_pacific").expect("dir").join("snapshots");
+    assert_eq!(std::fs::read_dir(&ap).map(|d| d.count()).unwrap_or(0), 0);
+}
+
+/// What `holder`'s copy of `source` knows of idempotency key `key`.
+fn copy_knows(sb: &Sandbox, holder: &str, source: &str, key: &str) -> Option<String> {
+    let ring = KeyRing::load_file(&sb.keys_path()).expect("ring");
+    let rx = receiver::Receiver::open_read_only(
+        holder,
+        &sb.data_dir(holder).expect("dir"),
+        Some(ring),
+        federation::replication::Limits::default(),
+    );
+    rx.with_copy(source, |c| c.key(key).map(|k| k.task_id))
+        .flatten()
+}
+
+fn keyed(customer: &str, key: &str, payload: &[u8]) -> api::SubmitTaskRequest {
+    api::SubmitTaskRequest {
+        idempotency_key: key.into(),
+        payload: payload.to_vec(),
+        ..submit(customer, 0)
+    }
+}
+
+/// Stops europe and waits until north_america has declared it dead, so that
+/// nothing north_america accepts next reaches europe.
+async fn cut_off_europe(sb: &mut Sandbox) {
+    sb.controller("europe")
+        .expect("running")
+        .signal("STOP")
+        .expect("stop");
+    sb.wait_for_states("north_america", &[("europe", "dead")], PATIENCE)
+        .await
+        .expect("europe dead to north_america");
+}
+
+/// A client of `region` once its controller answers (after a restart).
+async fn answering(
+    sb: &Sandbox,
+    region: &str,
+) -> api::federation_client_client::FederationClientClient<tonic::transport::Channel> {
+    eventually(&format!("{region} answering"), PATIENCE, || async {
+        let mut c = sb.client(region).await.ok()?;
+        c.explain_route(api::ExplainRouteRequest {
+            attributes: submit("US", 0).attributes,
+            ..Default::default()
+        })
+        .await
+        .ok()?;
+        Some(c)
+    })
+    .await
+}
+
+fn decisions(sb: &Sandbox, region: &str) -> Vec<String> {
+    std::fs::read_to_string(sb.data_dir(region).expect("dir").join("decisions.jsonl"))
+        .expect("log")
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// One idempotency key, one task, across the primary's death and return:
+/// the backup answers a retry with the original task from its replicated
+/// copy, refuses the key for other content (as the primary does), and
+/// resolves the pairs it could not prevent once the primary is back: the
+/// later one cancelled when neither started, recorded and counted when both
+/// ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_idempotency_key_one_task_across_failover() {
+    let mut sb = SandboxBuilder::new(federation_exe(), SEED)
+        .agents(0, 1)
+        .env("FEDERATION__NODE__TIMERS__TAKEOVER_GRACE", "120s")
+        .env("FEDERATION__NODE__TIMERS__STARTUP_FENCE", "5s")
+        .start()
+        .expect("sandbox starts");
+    sb.wait_all_alive(PATIENCE).await.expect("federation forms");
+    let mut na = sb.client("north_america").await.expect("client");
+
+    // K1 at the primary; reusing it for other content is refused there.
+    let t1 = na
+        .submit_task(keyed("US", "K1", b"work"))
+        .await
+        .expect("accepted")
+        .into_inner();
+    assert_eq!(t1.region, "north_america");
+    for (req, differs) in [
+        (keyed("US", "K1", b"other"), "payload"),
+        (keyed("CA", "K1", b"work"), "attributes"),
+    ] {
+        let err = na.submit_task(req).await.expect_err("refused");
+        assert_eq!(err.code(), tonic::Code::AlreadyExists, "{}", err.message());
+        assert!(
+            err.message().contains("`K1`") && err.message().contains(differs),
+            "{}",
+            err.message()
+        );
+    }
+    eventually("europe's copy knowing K1", PATIENCE, || async {
+        copy_knows(&sb, "europe", "north_america", "K1").filter(|id| *id == t1.task_id)
+    })
+    .await;
+
+    // The primary dies; the retry through the backup is the original task.
+    sb.kill_controller("north_america").expect("kill");
+    sb.wait_for_states("europe", &[("north_america", "dead")], PATIENCE)
+        .await
+        .expect("dead");
+    let mut eu = sb.client("europe").await.expect("client");
+    let retry = eu
+        .submit_task(keyed("US", "K1", b"work"))
+        .await
+        .expect("answered")
+        .into_inner();
+    assert_eq!(
+        (
+            retry.task_id.as_str(),
+            retry.deduplicated,
+            retry.region.as_str(),
+            retry.state()
+        ),
+        (
+            t1.task_id.as_str(),
+            true,
+            "north_america",
+            api::TaskState::Queued
+        ),
+        "{retry:?}"
+    );
+    for (req, differs) in [
+        (keyed("US", "K1", b"other"), "payload"),
+        (keyed("CA", "K1", b"other"), "attributes and payload"),
+    ] {
+        let err = eu.submit_task(req).await.expect_err("refused");
+        assert_eq!(err.code(), tonic::Code::AlreadyExists, "{}", err.message());
+        let msg = err.message();
+        assert!(
+            msg.contains("`K1`") && msg.contains(differs) && msg.contains(&t1.task_id),
+            "{msg}"
+        );
+    }
+
+    // K2 accepted by the primary while europe could not hear of it, then the
+    // primary dies: europe creates a second task, and its record says why.
+    sb.start_controller("north_america").expect("restart");
+    sb.wait_for_states("europe", &[("north_america", "alive")], PATIENCE)
+        .await
+        .expect("back");
+    cut_off_europe(&mut sb).await;
+    let mut na = answering(&sb, "north_america").await;
+    let first = na
+        .submit_task(keyed("US", "K2", b"work"))
+        .await
+        .expect("accepted")
+        .into_inner();
+    sb.kill_controller("north_america").expect("kill");
+    sb.controller("europe")
+        .expect("running")
+        .signal("CONT")
+        .expect("cont");
+    sb.wait_for_states("europe", &[("north_america", "dead")], PATIENCE)
+        .await
+        .expect("dead");
+    let second = eu
+        .submit_task(keyed("US", "K2", b"work"))
+        .await
+        .expect("placed")
+        .into_inner();
+    assert_eq!(
+        (second.region.as_str(), second.deduplicated),
+        ("europe", false)
+    );
+    assert_ne!(second.task_id, first.task_id);
+    let record = decisions(&sb, "europe")
+        .into_iter()
+        .find(|l| l.contains(&second.task_id) && l.contains("\"kind\":\"route\""))
+        .expect("route record");
+    assert!(record.contains("could not be known"), "{record}");
+    // The primary returns (no agent anywhere: neither task started): the
+    // later one, europe's, is cancelled with a reason naming the other.
+    sb.start_controller("north_america").expect("restart");
+    let cancelled = sb
+        .wait_terminal("europe", &second.task_id, PATIENCE)
+        .await
+        .expect("resolved");
+    assert_eq!(cancelled.state(), api::TaskState::Cancelled);
+    assert!(
+        cancelled.error.contains("duplicate") && cancelled.error.contains(&first.task_id),
+        "{}",
+        cancelled.error
+    );
+    let mut na = answering(&sb, "north_america").await;
+    let kept = na
+        .get_task(api::GetTaskRequest {
+            task_id: first.task_id.clone(),
+        })
+        .await
+        .expect("read")
+        .into_inner()
+        .task
+        .expect("task");
+    assert_eq!(kept.state(), api::TaskState::Queued, "{kept:?}");
+
+    // K3: the same, but europe's task runs, and the primary's runs too
+    // before europe can hear of it (europe stopped while north_america
+    // returns: its start-up fence waits `startup_fence`, then leases): the
+    // pair is recorded and counted.
+    cut_off_europe(&mut sb).await;
+    let theirs = na
+        .submit_task(keyed("US", "K3", b"work"))
+        .await
+        .expect("accepted")
+        .into_inner();
+    sb.kill_controller("north_america").expect("kill");
+    sb.controller("europe")
+        .expect("running")
+        .signal("CONT")
+        .expect("cont");
+    sb.wait_for_states("europe", &[("north_america", "dead")], PATIENCE)
+        .await
+        .expect("dead");
+    sb.start_agent("europe").expect("europe agent");
+    let ours = eu
+        .submit_task(keyed("US", "K3", b"work"))
+        .await
+        .expect("placed")
+        .into_inner();
+    assert_eq!(ours.region, "europe");
+    let done = sb
+        .wait_terminal("europe", &ours.task_id, PATIENCE)
+        .await
+        .expect("runs");
+    assert_eq!(done.state(), api::TaskState::Succeeded);
+    sb.controller("europe")
+        .expect("running")
+        .signal("STOP")
+        .expect("stop");
+    sb.start_controller("north_america").expect("restart");
+    let na_agent = sb.start_agent("north_america").expect("na agent");
+    answering(&sb, "north_america").await;
+    let ran = sb
+        .wait_terminal("north_america", &theirs.task_id, PATIENCE)
+        .await
+        .expect("runs");
+    assert_eq!(ran.state(), api::TaskState::Succeeded);
+    sb.controller("europe")
+        .expect("running")
+        .signal("CONT")
+        .expect("cont");
+    let metrics = eventually("the pair counted at europe", PATIENCE, || async {
+        let m = scrape(&sb, "europe").await;
+        sample(&m, "federation_duplicate_tasks_total")
+            .is_some_and(|n| n >= 1.0)
+            .then_some(m)
+    })
+    .await;
+    assert_eq!(
+        sample(&metrics, "federation_duplicate_tasks_total"),
+        Some(1.0)
+    );
+
+    // K4: europe's task ran while north_america was dead, and north_america
+    // returns with an agent, europe reachable: its start-up fence waits for
+    // europe's answer to its first snapshot, and europe cancels the
+    // primary's copy before answering. Exactly one runs.
+    sb.kill_agent("north_america", na_agent)
+        .expect("agent stops");
+    cut_off_europe(&mut sb).await;
+    let mut na = answering(&sb, "north_america").await;
+    let theirs4 = na
+        .submit_task(keyed("US", "K4", b"work"))
+        .await
+        .expect("accepted")
+        .into_inner();
+    sb.kill_controller("north_america").expect("kill");
+    sb.controller("europe")
+        .expect("running")
+        .signal("CONT")
+        .expect("cont");
+    sb.wait_for_states("europe", &[("north_america", "dead")], PATIENCE)
+        .await
+        .expect("dead");
+    let ours4 = eu
+        .submit_task(keyed("US", "K4", b"work"))
+        .await
+        .expect("placed")
+        .into_inner();
+    assert_eq!(ours4.region, "europe");
+    let done = sb
+        .wait_terminal("europe", &ours4.task_id, PATIENCE)
+        .await
+        .expect("runs");
+    assert_eq!(done.state(), api::TaskState::Succeeded);
+    sb.start_controller("north_america").expect("restart");
+    sb.start_agent("north_america").expect("na agent");
+    answering(&sb, "north_america").await;
+    let fenced = sb
+        .wait_terminal("north_america", &theirs4.task_id, PATIENCE)
+        .await
+        .expect("resolved");
+    assert_eq!(
+        (fenced.state(), fenced.attempts),
+        (api::TaskState::Cancelled, 0),
+        "{fenced:?}"
+    );
+    assert!(
+        fenced.error.contains("duplicate") && fenced.error.contains(&ours4.task_id),
+        "{}",
+        fenced.error
+    );
+    let metrics = scrape(&sb, "europe").await;
+    let both = sample(&metrics, "federation_duplicate_tasks_total");
+    let cancelled = sample(&metrics, "federation_duplicate_tasks_cancelled_total");
+    eprintln!("duplicate pairs at europe: {both:?} both ran, {cancelled:?} resolved by a cancel");
+    assert_eq!((both, cancelled), (Some(1.0), Some(2.0)));
+    let log = decisions(&sb, "europe");
+    let ran_record = log
+        .iter()
+        .find(|l| l.contains("\"kind\":\"duplicate\"") && l.contains("duplicate_ran"))
+        .expect("a duplicate_ran record");
+    assert!(
+        ran_record.contains("`K3`")
+            && ran_record.contains(&ours.task_id)
+            && ran_record.contains(&theirs.task_id),
+        "{ran_record}"
+    );
+    assert!(
+        log.iter()
+            .any(|l| l.contains("duplicate_cancelled") && l.contains("`K2`")),
+        "no duplicate_cancelled record for K2"
+    );
 }

@@ -90,6 +90,7 @@ baseline_service!(Echo, |_this, request| {
         region: "echo".into(),
         decision: None,
         deduplicated: false,
+        state: api::TaskState::Queued as i32,
     }))
 });
 
@@ -146,6 +147,7 @@ baseline_service!(DurableEcho, |this, request| {
         region: "echo".into(),
         decision: None,
         deduplicated: false,
+        state: api::TaskState::Queued as i32,
     }))
 });
 

@@ -60,6 +60,10 @@ pub enum Error {
     /// never acknowledged half-done).
     #[error("storage: {0}")]
     Storage(String),
+    /// An idempotency key reused for other content: `ALREADY_EXISTS`. The
+    /// message names the key, the task it names and what differs.
+    #[error("{0}")]
+    AlreadyExists(String),
     /// Shutting down: `UNAVAILABLE`.
     #[error("controller is shutting down")]
     ShuttingDown,
@@ -101,6 +105,7 @@ impl Error {
             Error::Unauthenticated(_) => Code::Unauthenticated,
             Error::Unavailable(_) | Error::Peer { .. } | Error::ShuttingDown => Code::Unavailable,
             Error::Storage(_) => Code::Internal,
+            Error::AlreadyExists(_) => Code::AlreadyExists,
         }
     }
 }
@@ -121,6 +126,7 @@ impl From<crate::tasks::StoreError> for Error {
             S::NotFound(id) => Error::task_not_found(&id),
             S::NotLeaseHolder { .. } | S::Terminal { .. } => Error::Precondition(e.to_string()),
             S::Invalid(why) => Error::invalid("task", why),
+            S::KeyReused { .. } => Error::AlreadyExists(e.to_string()),
             S::Closed => Error::ShuttingDown,
             S::Corrupt { .. } | S::Db(_) | S::Damaged { .. } | S::Lost { .. } => {
                 Error::Storage(e.to_string())

@@ -19,6 +19,7 @@ use crate::audit::{DecisionRef, PendingRecord};
 use crate::controller::{Node, now_ms};
 use crate::error::{Error, Result};
 use crate::policy::{Attributes, Decision, Outcome, Refusal, Rejection};
+use crate::replication::duplicates::{self, KeyCheck};
 use crate::tasks::{InsertOutcome, RecordState};
 use crate::transport;
 use crate::wire;
@@ -50,7 +51,9 @@ pub async fn submit(
     let policy = node.policy();
     let mut decision = policy.decide(&attrs, &node.view(&policy));
 
-    let mut placed: Option<(String, bool)> = None;
+    let mut placed: Option<Placed> = None;
+    // A refusal that ends the walk (a key reused for other content).
+    let mut refused: Option<Error> = None;
     // Whether the record appended with the placing attempt names the task.
     let mut logged = false;
     let mut superseded: Vec<String> = Vec::new();
@@ -63,18 +66,28 @@ pub async fn submit(
         // When the attempt fails, or the owner answers with another task (its
         // idempotency key was known there), the final record names the
         // superseded one.
-        let pending = decision_record(
-            node,
-            crate::audit::kind::ROUTE,
-            &task_id,
-            &attrs,
-            &decision,
-            None,
-        );
         let local = region == node.region;
         let (attempt, record) = if local {
-            store_local(node, &task_id, &req, &decision, pending).await
+            let render = |note: Option<&str>| {
+                decision_record(
+                    node,
+                    crate::audit::kind::ROUTE,
+                    &task_id,
+                    &attrs,
+                    &decision,
+                    note,
+                )
+            };
+            store_local(node, &task_id, &req, &decision, render).await
         } else {
+            let pending = decision_record(
+                node,
+                crate::audit::kind::ROUTE,
+                &task_id,
+                &attrs,
+                &decision,
+                None,
+            );
             let logged = node.log.append_pending(pending);
             // Boxed: the client call's state is large, and keeping it out of
             // this future keeps local submits' futures small.
@@ -84,13 +97,24 @@ pub async fn submit(
         };
         let appended = record != RecordState::NotWritten;
         match attempt {
-            Ok((id, dedup)) => {
-                if appended && (local || id == task_id) {
+            Ok(p) => {
+                if appended && (local || p.task_id == task_id) {
                     logged = true;
                 } else if appended {
                     superseded.push(task_id);
                 }
-                placed = Some((id, dedup));
+                placed = Some(p);
+                break;
+            }
+            // Not a placement failure: the same answer would come from any
+            // candidate, and falling through would create the second task
+            // the refusal prevents.
+            Err(e @ Error::AlreadyExists(_)) => {
+                if appended {
+                    superseded.push(task_id);
+                }
+                tracing::info!(%region, error = %e, "idempotency key reused for other content; refused");
+                refused = Some(e);
                 break;
             }
             // Storage trouble in our own region is not a reason to send the
@@ -107,13 +131,18 @@ pub async fn submit(
         }
     }
 
-    let task_id = placed.as_ref().map(|(id, _)| id.clone());
+    let task_id = placed.as_ref().map(|p| p.task_id.clone());
     if !logged {
         let mut note = Vec::new();
-        if let Some((id, true)) = &placed {
+        if let Some(p) = placed.as_ref().filter(|p| p.deduplicated) {
             note.push(format!(
-                "deduplicated: the idempotency key already names task {id}"
+                "deduplicated: the idempotency key already names task {} ({})",
+                p.task_id,
+                crate::tasks::state_name(p.state)
             ));
+        }
+        if let Some(e) = &refused {
+            note.push(format!("refused: {e}"));
         }
         if !superseded.is_empty() {
             note.push(format!(
@@ -140,14 +169,30 @@ pub async fn submit(
     );
 
     match placed {
-        Some((task_id, deduplicated)) => Ok(api::SubmitTaskResponse {
-            region: decision.outcome.region().unwrap_or_default().to_string(),
-            task_id,
+        Some(p) => Ok(api::SubmitTaskResponse {
+            // A deduplicated task lives where its id says (a backup may
+            // answer with the original task of its primary).
+            region: if p.deduplicated {
+                wire::owner_of(&p.task_id).unwrap_or_default().to_string()
+            } else {
+                decision.outcome.region().unwrap_or_default().to_string()
+            },
             decision: Some(wire::decision_into_wire(decision)),
-            deduplicated,
+            deduplicated: p.deduplicated,
+            state: p.state as i32,
+            task_id: p.task_id,
         }),
-        None => Err(rejection_error(&decision)),
+        None => Err(refused.unwrap_or_else(|| rejection_error(&decision))),
     }
+}
+
+/// Where a task was placed: its id (the existing one when deduplicated) and
+/// its state as known.
+#[derive(Debug, Clone)]
+struct Placed {
+    task_id: String,
+    deduplicated: bool,
+    state: api::TaskState,
 }
 
 /// The error a rejected decision maps to.
@@ -190,21 +235,54 @@ fn log_decision(decision: &Decision, task_id: Option<&str>) {
     }
 }
 
-/// Stores the task here, appending `record` (renamed to the task the store
-/// produced) in the same batch.
+/// Stores the task here, appending the record `render` makes (renamed to
+/// the task the store produced) in the same batch.
+///
+/// When regions come before us in the rule (a failover), the key is first
+/// looked up in our copies of them ([`duplicates::check_key`]): known, it
+/// names the original task (the answer, nothing stored) or, for other
+/// content, a refusal; unknown, the record says it could not be known and
+/// the key is remembered for duplicate detection.
 async fn store_local(
     node: &Node,
     task_id: &str,
     req: &api::SubmitTaskRequest,
     decision: &Decision,
-    record: PendingRecord,
-) -> (Result<(String, bool)>, RecordState) {
+    render: impl FnOnce(Option<&str>) -> PendingRecord,
+) -> (Result<Placed>, RecordState) {
     if node.draining() {
         return (
             Err(Error::Unavailable(format!("{} is draining", node.region))),
             RecordState::NotWritten,
         );
     }
+    let policy = node.policy();
+    let mut unverified = None;
+    let note = match duplicates::check_key(node, &policy, decision.rule_index, &req.idempotency_key)
+    {
+        KeyCheck::Known { region, known } => {
+            let answer = match known.differs(&req.attributes, &req.payload) {
+                Some(differs) => Err(duplicates::refusal(
+                    &region,
+                    &req.idempotency_key,
+                    &known,
+                    differs,
+                )),
+                None => Ok(Placed {
+                    task_id: known.task_id,
+                    deduplicated: true,
+                    state: known.state,
+                }),
+            };
+            return (answer, RecordState::NotWritten);
+        }
+        KeyCheck::Unknown { regions, note } => {
+            unverified = Some(regions);
+            Some(note)
+        }
+        KeyCheck::NotApplicable => None,
+    };
+    let record = render(note.as_deref());
     let now = now_ms();
     let task = api::Task {
         task_id: task_id.to_string(),
@@ -224,8 +302,23 @@ async fn store_local(
         tracing::error!(error = %e, "appending to the decision log failed");
     }
     let outcome = match stored.outcome {
-        Ok(InsertOutcome::Created(t)) => Ok((t.task_id, false)),
-        Ok(InsertOutcome::Deduplicated(t)) => Ok((t.task_id, true)),
+        Ok(InsertOutcome::Created(t)) => {
+            if let Some(regions) = unverified {
+                node.replication
+                    .duplicates
+                    .remember(&t.idempotency_key, &t.task_id, regions);
+            }
+            Ok(Placed {
+                task_id: t.task_id,
+                deduplicated: false,
+                state: api::TaskState::Queued,
+            })
+        }
+        Ok(InsertOutcome::Deduplicated(t)) => Ok(Placed {
+            state: t.state(),
+            task_id: t.task_id,
+            deduplicated: true,
+        }),
         Err(e) => Err(Error::from(e)),
     };
     (outcome, stored.record)
@@ -247,7 +340,7 @@ async fn forward(
     task_id: &str,
     req: &api::SubmitTaskRequest,
     decision: &Decision,
-) -> Result<(String, bool)> {
+) -> Result<Placed> {
     let mut client = node.peer(region)?;
     let message = api::ForwardTaskRequest {
         task_id: task_id.to_string(),
@@ -264,8 +357,15 @@ async fn forward(
     match result {
         Ok(Ok(resp)) => {
             let resp = resp.into_inner();
-            Ok((resp.task_id, resp.deduplicated))
+            Ok(Placed {
+                state: resp.state(),
+                task_id: resp.task_id,
+                deduplicated: resp.deduplicated,
+            })
         }
+        Ok(Err(status)) if status.code() == tonic::Code::AlreadyExists => Err(
+            Error::AlreadyExists(format!("{region}: {}", status.message())),
+        ),
         Ok(Err(status)) => Err(Error::Peer {
             region: region.to_string(),
             why: format!("{:?}: {}", status.code(), status.message()),
@@ -335,15 +435,21 @@ pub async fn accept_forward(
     // As in `submit`: the record is appended in the store's batch, naming
     // the task the store produced (the stored one when deduplicated); a
     // commit that fails after it was appended gets a correcting record.
-    let pending = decision_record(
-        node,
-        crate::audit::kind::FORWARDED_IN,
-        &req.task_id,
-        &attrs,
-        &decision,
-        Some(&note),
-    );
-    let (stored, appended) = store_local(node, &req.task_id, &submit, &decision, pending).await;
+    let render = |extra: Option<&str>| {
+        let note = match extra {
+            Some(extra) => format!("{note}; {extra}"),
+            None => note.clone(),
+        };
+        decision_record(
+            node,
+            crate::audit::kind::FORWARDED_IN,
+            &req.task_id,
+            &attrs,
+            &decision,
+            Some(&note),
+        )
+    };
+    let (stored, appended) = store_local(node, &req.task_id, &submit, &decision, render).await;
     if let (Err(e), RecordState::Written | RecordState::Failed(_)) = (&stored, appended) {
         record(
             node,
@@ -355,10 +461,11 @@ pub async fn accept_forward(
         )
         .await;
     }
-    let (task_id, deduplicated) = stored?;
+    let placed = stored?;
     Ok(api::ForwardTaskResponse {
-        task_id,
-        deduplicated,
+        task_id: placed.task_id,
+        deduplicated: placed.deduplicated,
+        state: placed.state as i32,
     })
 }
 

@@ -116,6 +116,9 @@ pub mod kind {
     pub const TAKEOVER: &str = "takeover";
     /// A snapshot sent to or refused for a peer.
     pub const SNAPSHOT: &str = "snapshot";
+    /// Two tasks found under one idempotency key (after a failover), and
+    /// what was done: one cancelled, or both ran.
+    pub const DUPLICATE: &str = "duplicate";
 }
 
 /// Errors of the decision log.

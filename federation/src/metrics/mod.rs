@@ -98,6 +98,31 @@ impl Collector for ReplicationCounters {
                 s.accepted,
             ),
             (
+                "change_batches_sent",
+                "Change batches (between snapshots) pushed to a peer and accepted by it",
+                s.changes_sent,
+            ),
+            (
+                "change_batch_send_failures",
+                "Change batch pushes that failed or that the peer refused",
+                s.changes_send_failed,
+            ),
+            (
+                "change_batches_accepted",
+                "Change batches received, verified, stored and folded into our copy",
+                s.changes_accepted,
+            ),
+            (
+                "duplicate_tasks",
+                "Pairs of tasks under one idempotency key that both ran (each recorded in the decision log)",
+                s.duplicate_tasks,
+            ),
+            (
+                "duplicate_tasks_cancelled",
+                "Pairs of tasks under one idempotency key resolved by cancelling one",
+                s.duplicates_cancelled,
+            ),
+            (
                 "takeovers",
                 "Takeovers of a dead region performed",
                 s.takeovers,
@@ -124,7 +149,7 @@ impl Collector for ReplicationCounters {
         }
         let mut family = encoder.encode_descriptor(
             "snapshots_rejected",
-            "Snapshots refused, by reason (auth: wrong key or altered; unknown_key; truncated; out_of_order; replay: not newer than the last accepted; not_permitted; residency; limit; malformed; and for the stored copy, found at start or when read: stored_unreadable, stored_wrong_source: the file holds another region's snapshot, stored_missing: gone although one was accepted)",
+            "Snapshots and change batches refused, by reason (auth: wrong key or altered; unknown_key; truncated; out_of_order; replay: not newer than the last accepted; not_permitted; residency; limit; malformed; and for the stored copy, found at start or when read: stored_unreadable, stored_wrong_source: the file holds another region's snapshot, stored_missing: gone although one was accepted)",
             None,
             MetricType::Counter,
         )?;
@@ -281,7 +306,7 @@ impl Metrics {
             );
             r.register(
                 "snapshot_age_seconds",
-                "Age of the newest snapshot held, by source region (since the source took it, by its clock)",
+                "Age of the copy held of each source region: since the source took the snapshot or sealed the change batch folded in last (by its clock)",
                 m.snapshot_age_seconds.clone(),
             );
             r.register(

@@ -9,8 +9,10 @@
 //!   sealed message distinct. The counter refuses to wrap.
 //! * **Associated data** of chunk `i` binds the whole header (source region,
 //!   epoch, sequence, key id, chunk count, compression, plaintext size, rule
-//!   indexes, policy hash) and `i`: a chunk moved to another position,
-//!   another snapshot or another source fails authentication.
+//!   indexes, policy hash) and `i`, after a [`Domain`] tag: a chunk moved to
+//!   another position, another snapshot or another source fails
+//!   authentication, and so does a change batch offered as a snapshot or
+//!   the reverse.
 //! * **Cost.** The plaintext can be streamed in ([`seal_streamed`]): the
 //!   caller serializes record by record into a [`Sink`], and once more than
 //!   one block ([`BLOCK_SIZE`]) has been written a helper thread compresses
@@ -40,6 +42,8 @@ use super::keyring::{Key, KeyRing};
 
 /// Domain separation for the associated data.
 const AAD_TAG: &[u8] = b"federation.v1.snapshot\0";
+/// Domain separation for change batches.
+const CHANGES_AAD_TAG: &[u8] = b"federation.v1.changes\0";
 /// AES-GCM tag length.
 pub const TAG_LEN: usize = 16;
 /// AES-GCM nonce length.
@@ -196,10 +200,34 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(s.as_bytes());
 }
 
-/// The associated data of chunk `index` under `header`.
+/// What a sealed stream is: its associated data starts with the domain's
+/// tag, so a change batch never opens as a snapshot nor the reverse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Domain {
+    /// A full snapshot (`PushSnapshot`).
+    Snapshot,
+    /// A batch of changes between snapshots (`PushChanges`).
+    Changes,
+}
+
+impl Domain {
+    fn tag(self) -> &'static [u8] {
+        match self {
+            Domain::Snapshot => AAD_TAG,
+            Domain::Changes => CHANGES_AAD_TAG,
+        }
+    }
+}
+
+/// The associated data of chunk `index` under `header` (a snapshot).
 pub fn associated_data(header: &api::SnapshotHeader, index: u32) -> Vec<u8> {
+    associated_data_in(Domain::Snapshot, header, index)
+}
+
+/// The associated data of chunk `index` under `header` in `domain`.
+pub fn associated_data_in(domain: Domain, header: &api::SnapshotHeader, index: u32) -> Vec<u8> {
     let mut out = Vec::with_capacity(128);
-    out.extend_from_slice(AAD_TAG);
+    out.extend_from_slice(domain.tag());
     put_str(&mut out, &header.source_region);
     out.extend_from_slice(&header.epoch.to_be_bytes());
     out.extend_from_slice(&header.sequence.to_be_bytes());
@@ -608,10 +636,21 @@ pub fn seal(
     key: &Key,
     nonces: &NonceSource,
 ) -> Result<Vec<api::SnapshotChunk>, EnvelopeError> {
+    seal_in(Domain::Snapshot, plaintext, params, key, nonces)
+}
+
+/// [`seal`] in `domain`.
+pub fn seal_in(
+    domain: Domain,
+    plaintext: &[u8],
+    params: &SealParams,
+    key: &Key,
+    nonces: &NonceSource,
+) -> Result<Vec<api::SnapshotChunk>, EnvelopeError> {
     let size = plaintext.len() as u64;
     let mut packer = Packer::new(params.compression, params.chunk_size, Some(size))?;
     packer.write(plaintext)?;
-    seal_pieces(packer.finish()?, size, params, key, nonces)
+    seal_pieces(domain, packer.finish()?, size, params, key, nonces)
 }
 
 /// Seals the plaintext `produce` writes into the [`Sink`] (for example a
@@ -646,13 +685,14 @@ fn seal_streamed_in_blocks(
         (_, Err(e)) | (Err(e), Ok(_)) => return Err(e),
         (Ok(()), Ok(v)) => v,
     };
-    seal_pieces(pieces, size, params, key, nonces)
+    seal_pieces(Domain::Snapshot, pieces, size, params, key, nonces)
 }
 
 /// Seals pieces already compressed as `params.compression` says (or
 /// plain), each at most `params.chunk_size` bytes, whose plaintext is
 /// `plaintext_bytes` long: encrypts each in place and appends its tag.
 fn seal_pieces(
+    domain: Domain,
     mut pieces: Vec<Vec<u8>>,
     plaintext_bytes: u64,
     params: &SealParams,
@@ -685,7 +725,7 @@ fn seal_pieces(
     for (i, mut piece) in pieces.into_iter().enumerate() {
         let index = i as u32;
         let nonce = nonces.next()?;
-        let aad = associated_data(&header, index);
+        let aad = associated_data_in(domain, &header, index);
         let tag = cipher
             .seal_in_place_separate_tag(
                 aead::Nonce::assume_unique_for_key(nonce),
@@ -782,6 +822,17 @@ pub fn open(
     ring: &KeyRing,
     limits: &Limits,
 ) -> Result<(api::SnapshotHeader, Vec<u8>), EnvelopeError> {
+    open_in(Domain::Snapshot, chunks, ring, limits)
+}
+
+/// [`open`] in `domain`: a stream sealed in another domain fails
+/// authentication.
+pub fn open_in(
+    domain: Domain,
+    chunks: &[api::SnapshotChunk],
+    ring: &KeyRing,
+    limits: &Limits,
+) -> Result<(api::SnapshotHeader, Vec<u8>), EnvelopeError> {
     let header = header_of(chunks)?.clone();
     if header.chunk_count > limits.max_chunks {
         return Err(EnvelopeError::Limit {
@@ -847,7 +898,7 @@ pub fn open(
         };
         let (ciphertext, tag) = chunk.ciphertext.split_at(split);
         let tag = aead::Tag::try_from(tag).map_err(|_| EnvelopeError::Auth(chunk.index))?;
-        let aad = associated_data(&header, chunk.index);
+        let aad = associated_data_in(domain, &header, chunk.index);
         let start = body.len();
         body.extend_from_slice(ciphertext);
         cipher

@@ -1,15 +1,34 @@
-//! Snapshot replication and takeover: every `sync_interval` each controller
-//! seals its pending tasks (zstd, AES-256-GCM, chunked) and pushes to each
-//! peer exactly the part that peer may hold ([`snapshot`]); receivers verify
-//! everything before storing ([`receiver`]); when a region stays dead past
-//! `takeover_grace` its backup queues that region's pending tasks from the
-//! newest snapshot and tells the returning region ([`takeover`]).
+//! Snapshot replication, the change stream and takeover: every
+//! `sync_interval` each controller seals its pending tasks (zstd,
+//! AES-256-GCM, chunked) and pushes to each peer exactly the part that peer
+//! may hold ([`snapshot`]); between snapshots, every heartbeat, it pushes
+//! each peer one batch of the changes since ([`changes`]), sealed and scoped
+//! the same way, so a backup's copy lags about a heartbeat (plus one push)
+//! behind. Receivers verify everything before storing and fold both into
+//! their copy of the source ([`receiver`], [`copy`]); when a region stays
+//! dead past `takeover_grace` its backup queues that region's pending tasks
+//! from that copy and tells the returning region ([`takeover`]).
+//!
+//! Snapshots and batches to one peer share one sequence counter and are
+//! sent one at a time, in sequence order, under that peer's link lock; a
+//! snapshot reads the store under it. So every batch with a lower sequence
+//! than a snapshot holds only changes the snapshot reflects, and the
+//! receiver's version rule ([`copy`]) makes any older change a later batch
+//! repeats harmless.
+//!
+//! Idempotency across failover (a backup answering a key from its copy,
+//! duplicate pairs resolved when the primary's state arrives) is
+//! [`duplicates`].
 //!
 //! Owns: the key ring and nonces, `<data_dir>/snapshots/`,
+//! `<data_dir>/unverified_keys.json`,
 //! `<data_dir>/takeovers.json`, the sync loop, the start-up lease fence and the
 //! replication counters ([`Replication::stats`]). Must not touch routing
 //! decisions or agents; it uses the task store only through its public API.
 
+pub mod changes;
+pub mod copy;
+pub mod duplicates;
 pub mod envelope;
 pub mod keyring;
 pub mod receiver;
@@ -54,8 +73,17 @@ pub struct Replication {
     pub receiver: Receiver,
     /// Takeovers done and the start-up fence.
     pub takeover: takeover::TakeoverState,
+    /// Idempotency keys used here that the primary's copy did not know.
+    pub duplicates: duplicates::Duplicates,
     recent: Mutex<VecDeque<api::Task>>,
     last_summary: Mutex<BTreeMap<String, String>>,
+    /// Changes not yet acknowledged by each peer.
+    outbox: Mutex<changes::Outbox>,
+    /// Per peer: held while a snapshot or batch is sequenced, sealed and
+    /// pushed, so a peer receives them in sequence order.
+    links: Mutex<BTreeMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Per peer: when a snapshot was last pushed because it was wanted.
+    wanted_at: Mutex<BTreeMap<String, Instant>>,
 }
 
 impl Replication {
@@ -75,7 +103,8 @@ impl Replication {
         if sync.enabled && !enabled {
             tracing::warn!(%region, "data_synchronization is enabled but no key ring is configured; snapshots are neither sent nor accepted");
         }
-        let takeover = takeover::TakeoverState::open(region, data_dir, policy, store, fence_for);
+        let takeover =
+            takeover::TakeoverState::open(region, data_dir, policy, store, fence_for, enabled);
         let receiver = Receiver::open(region, data_dir, ring.clone(), limits);
         Self {
             enabled,
@@ -86,9 +115,63 @@ impl Replication {
             nonces: NonceSource::new(),
             sequence: AtomicU64::new(0),
             takeover,
+            duplicates: duplicates::Duplicates::open(data_dir),
             recent: Mutex::new(VecDeque::new()),
             last_summary: Mutex::new(BTreeMap::new()),
+            outbox: Mutex::new(changes::Outbox::default()),
+            links: Mutex::new(BTreeMap::new()),
+            wanted_at: Mutex::new(BTreeMap::new()),
         }
+    }
+
+    fn outbox(&self) -> std::sync::MutexGuard<'_, changes::Outbox> {
+        self.outbox
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The link lock of `peer`.
+    fn link(&self, peer: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.links
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(peer.to_string())
+            .or_default()
+            .clone()
+    }
+
+    fn next_sequence(&self) -> u64 {
+        self.sequence.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// Seals a change batch for one recipient.
+    pub fn seal_changes(
+        &self,
+        body: &changes::ChangeBody,
+        rule_indexes: Vec<u32>,
+    ) -> Result<Vec<api::SnapshotChunk>, EnvelopeError> {
+        let key = self
+            .ring
+            .as_ref()
+            .and_then(KeyRing::current)
+            .ok_or_else(|| EnvelopeError::UnknownKey("no current key".into()))?;
+        let params = envelope::SealParams {
+            source: body.source_region.clone(),
+            epoch: body.epoch,
+            sequence: body.sequence,
+            rule_indexes,
+            policy_hash: body.policy_hash.clone(),
+            compression: self.sync.compression.then_some(self.sync.compression_level),
+            chunk_size: CHUNK_SIZE,
+        };
+        let plain = prost::Message::encode_to_vec(body);
+        envelope::seal_in(
+            envelope::Domain::Changes,
+            &plain,
+            &params,
+            key,
+            &self.nonces,
+        )
     }
 
     /// True when snapshots are sent and accepted.
@@ -175,13 +258,41 @@ pub fn seal_snapshot(
     envelope::seal_streamed(params, key, nonces, pipeline, |sink| body.encode_into(sink))
 }
 
-/// One round: snapshot and push to every permitted peer. Also pushes an
-/// empty snapshot to a peer whose scope is empty, so it drops stale tasks.
+/// Health of every region as membership sees it now.
+fn health_now(node: &Node) -> BTreeMap<String, Health> {
+    node.membership
+        .status(Instant::now())
+        .into_iter()
+        .map(|s| (s.region, s.health))
+        .collect()
+}
+
+/// One round: snapshot and push to every permitted peer that is not dead.
+/// Also pushes an empty snapshot to a peer whose scope is empty, so it
+/// drops stale tasks.
 pub async fn sync_once(node: &Arc<Node>) {
-    let repl = &node.replication;
-    if !repl.enabled {
+    if !node.replication.enabled {
         return;
     }
+    let policy = node.policy();
+    let health = health_now(node);
+    for recipient in snapshot::recipients(&policy, &node.region) {
+        if health.get(&recipient) == Some(&Health::Dead) {
+            continue;
+        }
+        // Not waited for: a slow peer must not hold up the heartbeat's
+        // batches to the others (its own link lock orders its pushes).
+        let node = node.clone();
+        tokio::spawn(async move { snapshot_to(&node, &recipient).await });
+    }
+}
+
+/// Reads, seals and pushes one snapshot to `recipient`, under its link
+/// lock (see the module notes).
+async fn snapshot_to(node: &Arc<Node>, recipient: &str) {
+    let repl = &node.replication;
+    let link = repl.link(recipient);
+    let _link = link.lock().await;
     let policy = node.policy();
     let tasks: Vec<api::Task> = match node.store.pending() {
         Ok(t) => t
@@ -194,59 +305,188 @@ pub async fn sync_once(node: &Arc<Node>) {
         }
     };
     let results = repl.recent();
-    let view = node.view(&policy);
-    let now = Instant::now();
-    let health: BTreeMap<String, Health> = node
-        .membership
-        .status(now)
-        .into_iter()
-        .map(|s| (s.region, s.health))
+    let tags = node
+        .view(&policy)
+        .region(recipient)
+        .map(|v| v.tags)
+        .unwrap_or_default();
+    let (scoped, withheld) = snapshot::scope_for(&policy, &node.region, recipient, &tags, &tasks);
+    let (scoped_results, _) =
+        snapshot::scope_for(&policy, &node.region, recipient, &tags, &results);
+    let rules = snapshot::rule_indexes(&scoped);
+    let sequence = repl.next_sequence();
+    let body = SnapshotBody {
+        source_region: node.region.clone(),
+        epoch: node.epoch,
+        sequence,
+        policy_hash: policy.hash.clone(),
+        taken_unix_ms: now_ms(),
+        tasks: scoped,
+        results: scoped_results,
+    };
+    let count = body.tasks.len();
+    // Serializing, compressing and encrypting take milliseconds for
+    // thousands of tasks: off the async workers.
+    let sealing = {
+        let node = node.clone();
+        let rules = rules.clone();
+        tokio::task::spawn_blocking(move || node.replication.seal_body(&body, rules))
+    };
+    let chunks = match sealing.await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            tracing::error!(%recipient, error = %e, "sealing a snapshot failed");
+            return;
+        }
+        Err(e) => {
+            tracing::error!(%recipient, error = %e, "the sealing task failed");
+            return;
+        }
+    };
+    repl.stats
+        .withheld_tasks
+        .fetch_add(withheld as u64, Ordering::Relaxed);
+    audit_summary(node, recipient, &rules, count, withheld).await;
+    if !push(node, recipient, chunks, sequence, count).await {
+        repl.outbox().want_snapshot(recipient);
+    }
+}
+
+/// Every heartbeat: one batch of changes to each permitted, not dead peer
+/// with changes waiting (none while its previous batch is in flight), and a
+/// snapshot to each peer that wants one (at most one per peer every ten
+/// heartbeats).
+pub async fn flush_changes(node: &Arc<Node>) {
+    let repl = &node.replication;
+    if !repl.enabled {
+        return;
+    }
+    let policy = node.policy();
+    let recipients = snapshot::recipients(&policy, &node.region);
+    let health = health_now(node);
+    let ready: std::collections::BTreeSet<String> = recipients
+        .iter()
+        .filter(|r| health.get(*r) != Some(&Health::Dead))
+        .cloned()
         .collect();
-    for recipient in snapshot::recipients(&policy, &node.region) {
-        if health.get(&recipient) == Some(&Health::Dead) {
+    let (batches, wanted) = {
+        let mut outbox = repl.outbox();
+        let batches = outbox.take_batches(&recipients, &ready);
+        (batches, outbox.take_snapshot_wanted())
+    };
+    for (recipient, tasks) in batches {
+        let node = node.clone();
+        tokio::spawn(async move { push_changes(&node, &recipient, tasks).await });
+    }
+    let spacing = node.timers.heartbeat_interval * 10;
+    for recipient in wanted {
+        let due = {
+            let mut at = repl
+                .wanted_at
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let due = at.get(&recipient).is_none_or(|t| t.elapsed() >= spacing);
+            if due {
+                at.insert(recipient.clone(), Instant::now());
+            }
+            due
+        };
+        if !due || !ready.contains(&recipient) {
+            repl.outbox().want_snapshot(&recipient);
             continue;
         }
-        let tags = view.region(&recipient).map(|v| v.tags).unwrap_or_default();
-        let (scoped, withheld) =
-            snapshot::scope_for(&policy, &node.region, &recipient, &tags, &tasks);
-        let (scoped_results, _) =
-            snapshot::scope_for(&policy, &node.region, &recipient, &tags, &results);
-        let rules = snapshot::rule_indexes(&scoped);
-        let sequence = repl.sequence.fetch_add(1, Ordering::SeqCst) + 1;
-        let body = SnapshotBody {
-            source_region: node.region.clone(),
-            epoch: node.epoch,
-            sequence,
-            policy_hash: policy.hash.clone(),
-            taken_unix_ms: now_ms(),
-            tasks: scoped,
-            results: scoped_results,
-        };
-        let count = body.tasks.len();
-        // Serializing, compressing and encrypting take milliseconds for
-        // thousands of tasks: off the async workers.
-        let sealing = {
-            let node = node.clone();
-            let rules = rules.clone();
-            tokio::task::spawn_blocking(move || node.replication.seal_body(&body, rules))
-        };
-        let chunks = match sealing.await {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => {
-                tracing::error!(%recipient, error = %e, "sealing a snapshot failed");
-                continue;
-            }
-            Err(e) => {
-                tracing::error!(%recipient, error = %e, "the sealing task failed");
-                continue;
-            }
-        };
-        repl.stats
-            .withheld_tasks
-            .fetch_add(withheld as u64, Ordering::Relaxed);
-        audit_summary(node, &recipient, &rules, count, withheld).await;
+        tracing::debug!(%recipient, "snapshot wanted between rounds");
         let node = node.clone();
-        tokio::spawn(async move { push(&node, &recipient, chunks, sequence, count).await });
+        tokio::spawn(async move { snapshot_to(&node, &recipient).await });
+    }
+}
+
+/// Scopes, seals and pushes one batch to `recipient` under its link lock.
+async fn push_changes(node: &Arc<Node>, recipient: &str, tasks: Vec<api::Task>) {
+    let repl = &node.replication;
+    let link = repl.link(recipient);
+    let _link = link.lock().await;
+    let policy = node.policy();
+    let tags = node
+        .view(&policy)
+        .region(recipient)
+        .map(|v| v.tags)
+        .unwrap_or_default();
+    let (scoped, withheld) = snapshot::scope_for(&policy, &node.region, recipient, &tags, &tasks);
+    repl.stats
+        .withheld_tasks
+        .fetch_add(withheld as u64, Ordering::Relaxed);
+    if scoped.is_empty() {
+        repl.outbox().finished(recipient, None, false);
+        return;
+    }
+    let rules = snapshot::rule_indexes(&scoped);
+    let sequence = repl.next_sequence();
+    let count = scoped.len();
+    let body = changes::ChangeBody {
+        source_region: node.region.clone(),
+        epoch: node.epoch,
+        sequence,
+        policy_hash: policy.hash.clone(),
+        sent_unix_ms: now_ms(),
+        tasks: scoped,
+    };
+    // A heartbeat's changes are usually a few tasks: sealed here; a large
+    // backlog off the async workers.
+    let sealed = if count <= 64 {
+        repl.seal_changes(&body, rules).map(|c| (c, body))
+    } else {
+        let node = node.clone();
+        match tokio::task::spawn_blocking(move || {
+            node.replication
+                .seal_changes(&body, rules)
+                .map(|c| (c, body))
+        })
+        .await
+        {
+            Ok(r) => r,
+            Err(e) => Err(EnvelopeError::Invalid(format!("sealing task: {e}"))),
+        }
+    };
+    let (chunks, body) = match sealed {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::error!(%recipient, error = %e, "sealing a change batch failed");
+            Stats::bump(&repl.stats.changes_send_failed);
+            repl.outbox().finished(recipient, None, true);
+            return;
+        }
+    };
+    let deadline = node.timers.forward_timeout.max(Duration::from_secs(2));
+    let outcome = match node.peer(recipient) {
+        Ok(mut client) => {
+            let request = transport::with_deadline(tokio_stream::iter(chunks), deadline);
+            tokio::time::timeout(deadline, client.push_changes(request))
+                .await
+                .map_err(|_| "timed out".to_string())
+                .and_then(|r| r.map_err(|s| format!("{:?}: {}", s.code(), s.message())))
+        }
+        Err(e) => Err(e.to_string()),
+    };
+    match outcome {
+        Ok(resp) if resp.get_ref().accepted => {
+            Stats::bump(&repl.stats.changes_sent);
+            tracing::trace!(%recipient, sequence, tasks = count, "change batch pushed");
+            repl.outbox()
+                .finished(recipient, None, resp.get_ref().snapshot_wanted);
+        }
+        Ok(resp) => {
+            // Refused (scope, replay, key): resending the same would be
+            // refused again; a snapshot brings the peer up to date.
+            Stats::bump(&repl.stats.changes_send_failed);
+            tracing::warn!(%recipient, sequence, reason = %resp.get_ref().reason, "peer rejected our change batch; a snapshot follows");
+            repl.outbox().finished(recipient, None, true);
+        }
+        Err(why) => {
+            Stats::bump(&repl.stats.changes_send_failed);
+            tracing::debug!(%recipient, %why, "change batch push failed; kept for the next");
+            repl.outbox().finished(recipient, Some(body.tasks), false);
+        }
     }
 }
 
@@ -273,42 +513,48 @@ async fn audit_summary(node: &Node, recipient: &str, rules: &[u32], count: usize
     }
 }
 
+/// Pushes a sealed snapshot; true when the peer accepted it.
 async fn push(
     node: &Node,
     recipient: &str,
     chunks: Vec<api::SnapshotChunk>,
     sequence: u64,
     count: usize,
-) {
+) -> bool {
     let repl = &node.replication;
     let (bytes, ratio) = size_and_ratio(&chunks);
     let deadline = node.timers.forward_timeout.max(Duration::from_secs(5));
     let Ok(mut client) = node.peer(recipient) else {
         Stats::bump(&repl.stats.send_failed);
-        return;
+        return false;
     };
     let request = transport::with_deadline(tokio_stream::iter(chunks), deadline);
     let outcome = tokio::time::timeout(deadline, client.push_snapshot(request)).await;
     if let Ok(Ok(_)) = &outcome {
         // The peer received all of it (whatever it answered).
         node.metrics.snapshot_sent(recipient, bytes, ratio);
+        repl.takeover.snapshot_answered(recipient);
     }
     match outcome {
         Ok(Ok(resp)) if resp.get_ref().accepted => {
             Stats::bump(&repl.stats.sent);
             tracing::debug!(%recipient, sequence, tasks = count, "snapshot pushed");
+            true
         }
         Ok(Ok(resp)) => {
             Stats::bump(&repl.stats.send_failed);
             tracing::warn!(%recipient, sequence, reason = %resp.get_ref().reason, "peer rejected our snapshot");
+            false
         }
         Ok(Err(status)) => {
             Stats::bump(&repl.stats.send_failed);
             tracing::debug!(%recipient, code = ?status.code(), message = %status.message(), "snapshot push failed");
+            false
         }
         Err(_) => {
             Stats::bump(&repl.stats.send_failed);
             tracing::debug!(%recipient, "snapshot push timed out");
+            false
         }
     }
 }
@@ -331,7 +577,8 @@ fn size_and_ratio(chunks: &[api::SnapshotChunk]) -> (u64, f64) {
 }
 
 /// The sync loop: every `sync_interval` a snapshot round; every heartbeat a
-/// takeover check; keeps the recent results.
+/// takeover check and a batch of changes to each peer; records the store's
+/// changes (and keeps the recent results).
 pub async fn run(node: Arc<Node>, mut stop: tokio::sync::watch::Receiver<bool>) {
     if !node.replication.enabled {
         return;
@@ -358,19 +605,35 @@ pub async fn run(node: Arc<Node>, mut stop: tokio::sync::watch::Receiver<bool>) 
                 // A stat per stored file; a changed file is decrypted again.
                 let _ = tokio::task::spawn_blocking(move || n.replication.receiver.check_stored()).await;
                 takeover::check(&node).await;
+                flush_changes(&node).await;
             }
-            change = changes.recv() => {
-                if let Ok(task) = change {
-                    if crate::tasks::is_terminal(task.state()) && task.taken_over.is_none() {
-                        node.replication.remember_result(task);
-                    }
+            change = changes.recv() => match change {
+                Ok(task) => node.replication.on_change(&node.region, task),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!(missed = n, "replication fell behind the store's changes; peers get full snapshots");
+                    node.replication.outbox().lost();
                 }
-            }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            },
             _ = stop.changed() => return,
         }
         if *stop.borrow() {
             return;
         }
+    }
+}
+
+impl Replication {
+    /// Records one change of the store: our own tasks go to the outbox; a
+    /// finished one is kept for snapshots' results.
+    fn on_change(&self, region: &str, task: api::Task) {
+        if crate::wire::owner_of(&task.task_id) != Some(region) {
+            return;
+        }
+        if crate::tasks::is_terminal(task.state()) && task.taken_over.is_none() {
+            self.remember_result(task.clone());
+        }
+        self.outbox().record(task);
     }
 }
 

@@ -1,15 +1,21 @@
-//! The receiving side: verify a pushed snapshot completely, then store it.
+//! The receiving side: verify a pushed snapshot or change batch completely,
+//! then store it and fold it into our copy of the source.
 //!
 //! Order of checks: header present → the claimed source may send to us at
 //! all (our policy) → AES-256-GCM of every chunk in order (key id, tag,
-//! associated data) → zstd within the announced size → newer (epoch,
-//! sequence) than the last accepted from that source → the body agrees with
-//! the header → every task may be held here (rule lists us as backup, the
-//! source is a region of the rule, we hold every required tag). Only then is
-//! the snapshot written, encrypted as received, to
-//! `<data_dir>/snapshots/<source>.snap` (temp file, fsync, rename, fsync of
-//! the directory). Any failure leaves the previous good snapshot in place,
-//! logs one line naming the source and the reason, and counts it.
+//! associated data, domain: snapshot or changes) → zstd within the announced
+//! size → newer (epoch, sequence) than the last snapshot *or batch* accepted
+//! from that source → the body agrees with the header → every task may be
+//! held here (rule lists us as backup, the source is a region of the rule,
+//! we hold every required tag). Only then is a snapshot written, encrypted as
+//! received, to `<data_dir>/snapshots/<source>.snap` (temp file, fsync,
+//! rename, fsync of the directory; the change log is then removed), or a
+//! batch appended, encrypted as received, to
+//! `<data_dir>/snapshots/<source>.changes` (fsync), and folded into the
+//! in-memory copy ([`HeldCopy`]) that takeover and idempotency lookups read.
+//! At start the copy is rebuilt from both files (a torn last append is cut
+//! off). Any failure leaves the copy as it was, logs one line naming the
+//! source and the reason, and counts it.
 //!
 //! Owns the `snapshots/` directory. Does not touch the task store.
 
@@ -22,7 +28,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use federation_api as api;
 use prost::Message as _;
 
-use super::envelope::{self, EnvelopeError, Limits};
+use super::changes::ChangeBody;
+use super::copy::HeldCopy;
+use super::envelope::{self, Domain, EnvelopeError, Limits};
 use super::keyring::KeyRing;
 use super::snapshot::{self, SnapshotBody};
 use crate::policy::Policy;
@@ -69,6 +77,16 @@ pub struct Stats {
     pub tasks_taken_over: AtomicU64,
     /// Our tasks cancelled because a backup took them over.
     pub fenced_tasks: AtomicU64,
+    /// Change batches pushed and accepted by the peer.
+    pub changes_sent: AtomicU64,
+    /// Change batch pushes that failed or that the peer refused.
+    pub changes_send_failed: AtomicU64,
+    /// Change batches verified, stored and folded into our copy.
+    pub changes_accepted: AtomicU64,
+    /// Duplicate pairs (one idempotency key, two tasks) that both ran.
+    pub duplicate_tasks: AtomicU64,
+    /// Duplicate pairs resolved by cancelling one of the two.
+    pub duplicates_cancelled: AtomicU64,
 }
 
 /// A point-in-time copy of [`Stats`].
@@ -112,6 +130,16 @@ pub struct StatsSnapshot {
     pub tasks_taken_over: u64,
     /// See [`Stats`].
     pub fenced_tasks: u64,
+    /// See [`Stats`].
+    pub changes_sent: u64,
+    /// See [`Stats`].
+    pub changes_send_failed: u64,
+    /// See [`Stats`].
+    pub changes_accepted: u64,
+    /// See [`Stats`].
+    pub duplicate_tasks: u64,
+    /// See [`Stats`].
+    pub duplicates_cancelled: u64,
 }
 
 /// The `reason` label of each rejection counter, in [`Stats`] order.
@@ -179,6 +207,11 @@ impl Stats {
             takeovers: g(&self.takeovers),
             tasks_taken_over: g(&self.tasks_taken_over),
             fenced_tasks: g(&self.fenced_tasks),
+            changes_sent: g(&self.changes_sent),
+            changes_send_failed: g(&self.changes_send_failed),
+            changes_accepted: g(&self.changes_accepted),
+            duplicate_tasks: g(&self.duplicate_tasks),
+            duplicates_cancelled: g(&self.duplicates_cancelled),
         }
     }
 }
@@ -224,8 +257,32 @@ pub struct Accepted {
     pub header: api::SnapshotHeader,
     /// Tasks in it.
     pub tasks: usize,
+    /// True when we want a full snapshot of the source soon (we hold none,
+    /// or the changes since the last one have grown large).
+    pub snapshot_wanted: bool,
 }
 
+/// Change-log size past which the receiver asks for a snapshot.
+pub const MAX_CHANGE_LOG_BYTES: u64 = 32 << 20;
+/// Batches since the last snapshot past which the receiver asks for one.
+pub const MAX_CHANGE_BATCHES: u64 = 4096;
+
+/// One source's copy and the size of its change log.
+#[derive(Debug, Default)]
+struct Held {
+    copy: HeldCopy,
+    log_bytes: u64,
+}
+
+impl Held {
+    fn snapshot_wanted(&self) -> bool {
+        !self.copy.has_snapshot
+            || self.log_bytes > MAX_CHANGE_LOG_BYTES
+            || self.copy.batches_since_snapshot > MAX_CHANGE_BATCHES
+    }
+}
+
+/// What was accepted last from a source, kept in the manifest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct Latest {
     epoch: u64,
@@ -248,14 +305,17 @@ struct Problem {
 /// it.
 const MANIFEST: &str = "accepted.json";
 
-/// Receives, verifies and stores snapshots for one region.
+/// Receives, verifies and stores snapshots and change batches for one
+/// region, and keeps the copy of each source they fold into.
 #[derive(Debug)]
 pub struct Receiver {
     region: String,
     dir: PathBuf,
     ring: Option<KeyRing>,
     limits: Limits,
-    latest: Mutex<BTreeMap<String, Latest>>,
+    held: Mutex<BTreeMap<String, Held>>,
+    /// The manifest: the last snapshot accepted per source.
+    accepted: Mutex<BTreeMap<String, Latest>>,
     /// Per source: what is wrong with its stored file (reported once).
     problems: Mutex<BTreeMap<String, Problem>>,
     /// Per source: (length, modification time) of the file as we wrote or
@@ -278,20 +338,44 @@ pub fn snapshot_path(data_dir: &Path, source: &str) -> PathBuf {
     data_dir.join("snapshots").join(format!("{source}.snap"))
 }
 
+/// The change log of `source` in `data_dir`: the batches accepted since its
+/// snapshot, as received (length-delimited chunks, one batch after another).
+pub fn changes_path(data_dir: &Path, source: &str) -> PathBuf {
+    data_dir.join("snapshots").join(format!("{source}.changes"))
+}
+
+/// Reads length-delimited chunks from `bytes`; stops at the first that does
+/// not decode and returns how many bytes were good.
+fn decode_chunks(bytes: &[u8], max: usize) -> (Vec<api::SnapshotChunk>, usize, Option<String>) {
+    let mut buf = bytes;
+    let mut chunks = Vec::new();
+    while !buf.is_empty() {
+        if chunks.len() >= max {
+            return (
+                chunks,
+                bytes.len() - buf.len(),
+                Some("too many chunks".into()),
+            );
+        }
+        let before = buf;
+        match api::SnapshotChunk::decode_length_delimited(&mut buf) {
+            Ok(c) => chunks.push(c),
+            Err(e) => {
+                let why = format!("chunk {}: {e}", chunks.len());
+                return (chunks, bytes.len() - before.len(), Some(why));
+            }
+        }
+    }
+    (chunks, bytes.len(), None)
+}
+
 /// Reads a stored snapshot file (length-delimited chunks, as received).
 pub fn read_file(path: &Path) -> Result<Vec<api::SnapshotChunk>, String> {
     let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let mut buf = bytes.as_slice();
-    let mut chunks = Vec::new();
-    while !buf.is_empty() {
-        if chunks.len() > 1_000_000 {
-            return Err(format!("{}: too many chunks", path.display()));
-        }
-        let c = api::SnapshotChunk::decode_length_delimited(&mut buf)
-            .map_err(|e| format!("{}: chunk {}: {e}", path.display(), chunks.len()))?;
-        chunks.push(c);
+    match decode_chunks(&bytes, 1_000_000) {
+        (chunks, _, None) => Ok(chunks),
+        (_, _, Some(e)) => Err(format!("{}: {e}", path.display())),
     }
-    Ok(chunks)
 }
 
 /// Writes chunks atomically: temp file, fsync, rename, fsync of the directory.
@@ -301,17 +385,40 @@ pub fn write_file(path: &Path, chunks: &[api::SnapshotChunk]) -> std::io::Result
     let tmp = path.with_extension("snap.tmp");
     {
         let mut f = std::fs::File::create(&tmp)?;
-        let mut out = Vec::new();
-        for c in chunks {
-            c.encode_length_delimited(&mut out)
-                .map_err(std::io::Error::other)?;
-        }
-        f.write_all(&out)?;
+        f.write_all(&encode_chunks(chunks)?)?;
         f.sync_all()?;
     }
     std::fs::rename(&tmp, path)?;
     std::fs::File::open(dir)?.sync_all()?;
     Ok(())
+}
+
+fn encode_chunks(chunks: &[api::SnapshotChunk]) -> std::io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    for c in chunks {
+        c.encode_length_delimited(&mut out)
+            .map_err(std::io::Error::other)?;
+    }
+    Ok(out)
+}
+
+/// Appends one batch to a change log and syncs it; a new file's directory
+/// entry is synced too.
+fn append_batch(path: &Path, chunks: &[api::SnapshotChunk]) -> std::io::Result<u64> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let existed = path.exists();
+    let bytes = encode_chunks(chunks)?;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    f.write_all(&bytes)?;
+    f.sync_data()?;
+    if !existed {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(bytes.len() as u64)
 }
 
 /// Decrypts and decodes a stored snapshot file.
@@ -327,59 +434,177 @@ pub fn open_file(
     Ok((header, body))
 }
 
+/// Decrypts and decodes one change batch.
+fn open_batch(
+    chunks: &[api::SnapshotChunk],
+    ring: &KeyRing,
+    limits: &Limits,
+) -> Result<(api::SnapshotHeader, ChangeBody), Rejection> {
+    let (header, plain) = envelope::open_in(Domain::Changes, chunks, ring, limits)?;
+    let body = ChangeBody::decode(plain.as_slice()).map_err(|e| Rejection::Body(e.to_string()))?;
+    if body.source_region != header.source_region
+        || body.epoch != header.epoch
+        || body.sequence != header.sequence
+    {
+        return Err(Rejection::Body(
+            "body's source, epoch or sequence differs from the header".into(),
+        ));
+    }
+    Ok((header, body))
+}
+
+/// Reads a change log: its batches, decrypted, and the length of its good
+/// prefix (a torn last append is cut off there).
+fn read_changes(path: &Path, ring: &KeyRing) -> (Vec<ChangeBody>, u64, u64) {
+    let Ok(bytes) = std::fs::read(path) else {
+        return (Vec::new(), 0, 0);
+    };
+    let (chunks, good, error) = decode_chunks(&bytes, usize::MAX);
+    let mut batches = Vec::new();
+    let mut at = 0usize;
+    let mut good_bytes = 0u64;
+    let mut consumed = 0u64;
+    while at < chunks.len() {
+        let count = chunks[at]
+            .header
+            .as_ref()
+            .map_or(0, |h| h.chunk_count as usize);
+        if count == 0 || at + count > chunks.len() {
+            break;
+        }
+        let batch = &chunks[at..at + count];
+        consumed += batch
+            .iter()
+            .map(|c| {
+                let n = c.encoded_len();
+                (prost::length_delimiter_len(n) + n) as u64
+            })
+            .sum::<u64>();
+        match open_batch(batch, ring, &Limits::default()) {
+            Ok((_, body)) => batches.push(body),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "stored change batch unreadable; skipped");
+            }
+        }
+        good_bytes = consumed;
+        at += count;
+    }
+    if let Some(e) = error {
+        tracing::warn!(path = %path.display(), error = %e, good_bytes = good, "change log ends in a torn or damaged record; cut off there");
+    }
+    (batches, good_bytes, bytes.len() as u64)
+}
+
 impl Receiver {
-    /// A receiver for `region` storing under `data_dir`; learns the last
-    /// accepted (epoch, sequence) per source from the manifest and the stored
-    /// files, and reports (log line, counter, [`Receiver::problem`]) every
-    /// stored file that is unreadable, holds another region's snapshot, or is
-    /// missing although the manifest says one was accepted.
+    /// A receiver for `region` storing under `data_dir`; rebuilds the copy
+    /// of each source from its stored snapshot and change log (a torn last
+    /// append is cut off), and reports (log line, counter,
+    /// [`Receiver::problem`]) every stored snapshot that is unreadable, holds
+    /// another region's, or is missing although the manifest says one was
+    /// accepted.
     pub fn open(region: &str, data_dir: &Path, ring: Option<KeyRing>, limits: Limits) -> Self {
+        Self::open_with(region, data_dir, ring, limits, true)
+    }
+
+    /// [`Receiver::open`] that writes nothing (a torn change log is read up
+    /// to its good prefix but left as it is): for inspecting the copies of a
+    /// running controller.
+    pub fn open_read_only(
+        region: &str,
+        data_dir: &Path,
+        ring: Option<KeyRing>,
+        limits: Limits,
+    ) -> Self {
+        Self::open_with(region, data_dir, ring, limits, false)
+    }
+
+    fn open_with(
+        region: &str,
+        data_dir: &Path,
+        ring: Option<KeyRing>,
+        limits: Limits,
+        cut_torn: bool,
+    ) -> Self {
         let dir = data_dir.join("snapshots");
         let manifest = read_manifest(&dir);
         let rx = Self {
             region: region.to_string(),
-            dir,
-            ring,
+            dir: dir.clone(),
+            ring: ring.clone(),
             limits,
-            latest: Mutex::new(BTreeMap::new()),
+            held: Mutex::new(BTreeMap::new()),
+            accepted: Mutex::new(manifest.clone()),
             problems: Mutex::new(BTreeMap::new()),
             files: Mutex::new(BTreeMap::new()),
             stats: std::sync::Arc::new(Stats::default()),
         };
-        let mut latest = manifest.clone();
-        if let (Some(ring), Ok(entries)) = (&rx.ring, std::fs::read_dir(&rx.dir)) {
+        let mut held: BTreeMap<String, Held> = BTreeMap::new();
+        if let (Some(ring), Ok(entries)) = (&ring, std::fs::read_dir(&dir)) {
+            let mut logs = Vec::new();
             for entry in entries.flatten() {
                 let path = entry.path();
-                if path.extension().and_then(|e| e.to_str()) != Some("snap") {
-                    continue;
-                }
-                let Some(name) = path.file_stem().and_then(|s| s.to_str()) else {
-                    continue;
-                };
-                match open_file(&path, ring) {
-                    Ok((h, _)) if h.source_region != name => rx.report(
-                        name,
-                        "wrong_source",
-                        format!(
-                            "{} holds a snapshot of `{}`, not of {name}; ignored",
-                            path.display(),
-                            wire::truncate(&h.source_region, 64)
-                        ),
-                    ),
-                    Ok((h, body)) => {
-                        lock(&rx.files)
-                            .insert(name.to_string(), file_stamp(&path).unwrap_or_default());
-                        let file = Latest {
-                            epoch: h.epoch,
-                            sequence: h.sequence,
-                            taken_unix_ms: body.taken_unix_ms,
+                match path.extension().and_then(|e| e.to_str()) {
+                    Some("snap") => {
+                        let Some(name) = path.file_stem().and_then(|s| s.to_str()) else {
+                            continue;
                         };
-                        let held = latest.entry(name.to_string()).or_insert(file);
-                        if (file.epoch, file.sequence) > (held.epoch, held.sequence) {
-                            *held = file;
+                        match open_file(&path, ring) {
+                            Ok((h, _)) if h.source_region != name => rx.report(
+                                name,
+                                "wrong_source",
+                                format!(
+                                    "{} holds a snapshot of `{}`, not of {name}; ignored",
+                                    path.display(),
+                                    wire::truncate(&h.source_region, 64)
+                                ),
+                            ),
+                            Ok((_, body)) => {
+                                lock(&rx.files).insert(
+                                    name.to_string(),
+                                    file_stamp(&path).unwrap_or_default(),
+                                );
+                                held.entry(name.to_string())
+                                    .or_default()
+                                    .copy
+                                    .fold_snapshot(body);
+                            }
+                            Err(e) => rx.report(name, "unreadable", e),
                         }
                     }
-                    Err(e) => rx.report(name, "unreadable", e),
+                    Some("changes") => logs.push(path),
+                    _ => {}
+                }
+            }
+            for path in logs {
+                let Some(source) = path
+                    .file_stem()
+                    .and_then(|s| s.to_str())
+                    .map(str::to_string)
+                else {
+                    continue;
+                };
+                let (batches, good, len) = read_changes(&path, ring);
+                if cut_torn && good < len {
+                    let cut = std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(&path)
+                        .and_then(|f| f.set_len(good).and_then(|()| f.sync_all()));
+                    if let Err(e) = cut {
+                        tracing::error!(path = %path.display(), error = %e, "cutting off a torn change log failed");
+                    }
+                }
+                let h = held.entry(source.clone()).or_default();
+                h.log_bytes = good;
+                for b in batches {
+                    if b.source_region != source {
+                        tracing::warn!(path = %path.display(), claimed = %wire::truncate(&b.source_region, 64), "stored change batch of another source; skipped");
+                        continue;
+                    }
+                    let c = &h.copy;
+                    if (b.epoch, b.sequence) > (c.epoch, c.sequence) {
+                        h.copy
+                            .fold_batch(b.epoch, b.sequence, b.sent_unix_ms, b.tasks);
+                    }
                 }
             }
         }
@@ -397,7 +622,7 @@ impl Receiver {
                 );
             }
         }
-        *lock(&rx.latest) = latest;
+        *lock(&rx.held) = held;
         rx
     }
 
@@ -419,7 +644,7 @@ impl Receiver {
             _ => &self.stats.stored_unreadable,
         };
         Stats::bump(counter);
-        tracing::error!(%source, reason, detail = %detail, "stored snapshot anomaly; takeover of this source has no usable copy until a new snapshot arrives");
+        tracing::error!(%source, reason, detail = %detail, "stored snapshot anomaly; a takeover after a restart has no usable snapshot of this source until a new one arrives");
         problems.insert(source.to_string(), Problem { reason, detail });
     }
 
@@ -431,12 +656,12 @@ impl Receiver {
             .map(|p| format!("{}: {}", p.reason, p.detail))
     }
 
-    /// Looks at every stored file cheaply (a stat each): one that vanished is
-    /// reported missing, one changed behind our back is opened again and
-    /// reported if it no longer holds its source's snapshot. For the
-    /// replication loop, once per heartbeat.
+    /// Looks at every stored snapshot cheaply (a stat each): one that
+    /// vanished is reported missing, one changed behind our back is opened
+    /// again and reported if it no longer holds its source's snapshot. For
+    /// the replication loop, once per heartbeat.
     pub fn check_stored(&self) {
-        let sources: Vec<String> = lock(&self.latest).keys().cloned().collect();
+        let sources: Vec<String> = lock(&self.accepted).keys().cloned().collect();
         for source in sources {
             let path = self.dir.join(format!("{source}.snap"));
             let Some(stamp) = file_stamp(&path) else {
@@ -457,39 +682,71 @@ impl Receiver {
         }
     }
 
+    /// Refuses `(epoch, sequence)` unless newer than the manifest's last
+    /// accepted snapshot of `source` (replay protection that survives the
+    /// loss of the stored files).
+    fn check_manifest(&self, source: &str, header: &api::SnapshotHeader) -> Result<(), Rejection> {
+        if let Some(last) = lock(&self.accepted).get(source) {
+            if (header.epoch, header.sequence) <= (last.epoch, last.sequence) {
+                return Err(Rejection::Replay {
+                    epoch: header.epoch,
+                    sequence: header.sequence,
+                    last_epoch: last.epoch,
+                    last_sequence: last.sequence,
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// The receiving limits.
     pub fn limits(&self) -> Limits {
         self.limits
     }
 
-    fn latest(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Latest>> {
-        self.latest
+    fn held(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Held>> {
+        self.held
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Sources we hold a snapshot of.
+    /// Sources we hold a copy of.
     pub fn sources(&self) -> Vec<String> {
-        self.latest().keys().cloned().collect()
+        self.held().keys().cloned().collect()
     }
 
-    /// For each source we hold a snapshot of, when the newest was taken (the
-    /// source's clock, ms since the Unix epoch).
+    /// For each source we hold a copy of, how fresh it is: when the source
+    /// took the snapshot or sealed the batch folded in last (its clock, ms
+    /// since the Unix epoch).
     pub fn newest_taken(&self) -> Vec<(String, i64)> {
-        self.latest()
+        self.held()
             .iter()
-            .map(|(source, l)| (source.clone(), l.taken_unix_ms))
+            .map(|(source, h)| (source.clone(), h.copy.as_of_unix_ms))
             .collect()
     }
 
-    /// The newest stored snapshot of `source`, decrypted. `None` (and the
-    /// anomaly reported, see [`Receiver::problem`]) when the file is gone
-    /// although one was accepted, unreadable, or holds another region's.
+    /// Our copy of `source`: its epoch and pending tasks (snapshot plus the
+    /// changes since).
+    pub fn pending_of(&self, source: &str) -> Option<(u64, Vec<api::Task>)> {
+        let held = self.held();
+        let h = held.get(source)?;
+        Some((h.copy.epoch, h.copy.pending().cloned().collect()))
+    }
+
+    /// Runs `f` on our copy of `source`, if we hold one.
+    pub fn with_copy<T>(&self, source: &str, f: impl FnOnce(&HeldCopy) -> T) -> Option<T> {
+        self.held().get(source).map(|h| f(&h.copy))
+    }
+
+    /// The newest stored snapshot of `source`, decrypted (without the
+    /// changes since; see [`Receiver::pending_of`]). `None` (and the anomaly
+    /// reported, see [`Receiver::problem`]) when the file is gone although
+    /// one was accepted, unreadable, or holds another region's.
     pub fn stored(&self, source: &str) -> Option<(api::SnapshotHeader, SnapshotBody)> {
         let ring = self.ring.as_ref()?;
         let path = self.dir.join(format!("{source}.snap"));
         if !path.exists() {
-            if lock(&self.latest).contains_key(source) {
+            if lock(&self.accepted).contains_key(source) {
                 self.report(
                     source,
                     "missing",
@@ -527,13 +784,43 @@ impl Receiver {
         stats: &Stats,
     ) -> Result<Accepted, Rejection> {
         let result = self.verify_and_store(policy, chunks);
+        Self::count(chunks, &result, stats, &stats.accepted, "snapshot");
+        result
+    }
+
+    /// Verifies, stores and folds in a change batch; on any failure our copy
+    /// stays as it was.
+    pub fn receive_changes(
+        &self,
+        policy: &Policy,
+        chunks: &[api::SnapshotChunk],
+        stats: &Stats,
+    ) -> Result<Accepted, Rejection> {
+        let result = self.verify_and_fold(policy, chunks);
+        Self::count(
+            chunks,
+            &result,
+            stats,
+            &stats.changes_accepted,
+            "change batch",
+        );
+        result
+    }
+
+    fn count(
+        chunks: &[api::SnapshotChunk],
+        result: &Result<Accepted, Rejection>,
+        stats: &Stats,
+        accepted: &AtomicU64,
+        what: &str,
+    ) {
         let claimed = envelope::header_of(chunks)
             .map(|h| wire::truncate(&h.source_region, 64))
             .unwrap_or_else(|_| "?".into());
-        match &result {
+        match result {
             Ok(a) => {
-                Stats::bump(&stats.accepted);
-                tracing::debug!(source = %claimed, epoch = a.header.epoch, sequence = a.header.sequence, tasks = a.tasks, "snapshot stored");
+                Stats::bump(accepted);
+                tracing::debug!(source = %claimed, epoch = a.header.epoch, sequence = a.header.sequence, tasks = a.tasks, %what, "stored");
             }
             Err(r) => {
                 let counter = match r {
@@ -554,17 +841,17 @@ impl Receiver {
                     _ => &stats.rejected_malformed,
                 };
                 Stats::bump(counter);
-                tracing::warn!(source = %claimed, reason = %r, "snapshot rejected; previous snapshot kept");
+                tracing::warn!(source = %claimed, reason = %r, %what, "rejected; the copy held is kept");
             }
         }
-        result
     }
 
-    fn verify_and_store(
-        &self,
+    /// The checks before decryption: the claimed source may send to us.
+    fn permitted<'a>(
+        &'a self,
         policy: &Policy,
         chunks: &[api::SnapshotChunk],
-    ) -> Result<Accepted, Rejection> {
+    ) -> Result<(String, &'a KeyRing), Rejection> {
         let claimed = envelope::header_of(chunks)?;
         let source = claimed.source_region.clone();
         if source == self.region || policy.region(&source).is_none() {
@@ -584,8 +871,17 @@ impl Receiver {
                 "this region has no key ring".into(),
             ));
         };
-        let (header, plain) = envelope::open(chunks, ring, &self.limits)?;
-        if let Some(last) = self.latest().get(&source) {
+        Ok((source, ring))
+    }
+
+    /// Refuses `(epoch, sequence)` unless newer than what `source`'s copy
+    /// has folded in.
+    fn check_newer(
+        held: &BTreeMap<String, Held>,
+        source: &str,
+        header: &api::SnapshotHeader,
+    ) -> Result<(), Rejection> {
+        if let Some(last) = held.get(source).map(|h| &h.copy) {
             if (header.epoch, header.sequence) <= (last.epoch, last.sequence) {
                 return Err(Rejection::Replay {
                     epoch: header.epoch,
@@ -595,6 +891,42 @@ impl Receiver {
                 });
             }
         }
+        Ok(())
+    }
+
+    /// Every task is `source`'s and may be held here.
+    fn check_scope<'t>(
+        &self,
+        policy: &Policy,
+        source: &str,
+        tasks: impl Iterator<Item = &'t api::Task>,
+    ) -> Result<(), Rejection> {
+        let tags = policy
+            .region(&self.region)
+            .map(|r| r.tags.clone())
+            .unwrap_or_default();
+        for t in tasks {
+            if wire::owner_of(&t.task_id) != Some(source) {
+                return Err(Rejection::Residency(format!(
+                    "task {} is not owned by {source}",
+                    wire::truncate(&t.task_id, 80)
+                )));
+            }
+            snapshot::may_hold(policy, source, &self.region, &tags, t)
+                .map_err(Rejection::Residency)?;
+        }
+        Ok(())
+    }
+
+    fn verify_and_store(
+        &self,
+        policy: &Policy,
+        chunks: &[api::SnapshotChunk],
+    ) -> Result<Accepted, Rejection> {
+        let (source, ring) = self.permitted(policy, chunks)?;
+        let (header, plain) = envelope::open(chunks, ring, &self.limits)?;
+        Self::check_newer(&self.held(), &source, &header)?;
+        self.check_manifest(&source, &header)?;
         let body =
             SnapshotBody::decode(plain.as_slice()).map_err(|e| Rejection::Body(e.to_string()))?;
         if body.source_region != header.source_region
@@ -605,51 +937,72 @@ impl Receiver {
                 "body's source, epoch or sequence differs from the header".into(),
             ));
         }
-        let tags = policy
-            .region(&self.region)
-            .map(|r| r.tags.clone())
-            .unwrap_or_default();
-        for t in body.tasks.iter().chain(&body.results) {
-            if wire::owner_of(&t.task_id) != Some(source.as_str()) {
-                return Err(Rejection::Residency(format!(
-                    "task {} is not owned by {source}",
-                    wire::truncate(&t.task_id, 80)
-                )));
-            }
-            snapshot::may_hold(policy, &source, &self.region, &tags, t)
-                .map_err(Rejection::Residency)?;
-        }
+        self.check_scope(policy, &source, body.tasks.iter().chain(&body.results))?;
         let path = self.dir.join(format!("{source}.snap"));
-        // Serialise writers of the same source through the latest map lock.
-        let mut latest = self.latest();
-        if let Some(last) = latest.get(&source) {
-            if (header.epoch, header.sequence) <= (last.epoch, last.sequence) {
-                return Err(Rejection::Replay {
-                    epoch: header.epoch,
-                    sequence: header.sequence,
-                    last_epoch: last.epoch,
-                    last_sequence: last.sequence,
-                });
-            }
-        }
+        // Serialise writers of the same source through the map's lock.
+        let mut held = self.held();
+        Self::check_newer(&held, &source, &header)?;
         write_file(&path, chunks)
             .map_err(|e| Rejection::Storage(format!("{}: {e}", path.display())))?;
-        latest.insert(
-            source.clone(),
-            Latest {
-                epoch: header.epoch,
-                sequence: header.sequence,
-                taken_unix_ms: body.taken_unix_ms,
-            },
-        );
-        write_manifest(&self.dir, &latest).map_err(|e| {
-            Rejection::Storage(format!("{}: {e}", self.dir.join(MANIFEST).display()))
-        })?;
+        // The snapshot supersedes the change log (a log left behind by a
+        // crash here holds only older batches, skipped when read).
+        let log = self.dir.join(format!("{source}.changes"));
+        if log.exists() {
+            if let Err(e) = std::fs::remove_file(&log) {
+                tracing::error!(path = %log.display(), error = %e, "removing a folded change log failed");
+            }
+        }
+        {
+            let mut accepted = lock(&self.accepted);
+            accepted.insert(
+                source.clone(),
+                Latest {
+                    epoch: header.epoch,
+                    sequence: header.sequence,
+                    taken_unix_ms: body.taken_unix_ms,
+                },
+            );
+            write_manifest(&self.dir, &accepted).map_err(|e| {
+                Rejection::Storage(format!("{}: {e}", self.dir.join(MANIFEST).display()))
+            })?;
+        }
         lock(&self.files).insert(source.clone(), file_stamp(&path).unwrap_or_default());
         lock(&self.problems).remove(&source);
+        let tasks = body.tasks.len();
+        let h = held.entry(source).or_default();
+        h.copy.fold_snapshot(body);
+        h.log_bytes = 0;
         Ok(Accepted {
-            tasks: body.tasks.len(),
+            tasks,
             header,
+            snapshot_wanted: false,
+        })
+    }
+
+    fn verify_and_fold(
+        &self,
+        policy: &Policy,
+        chunks: &[api::SnapshotChunk],
+    ) -> Result<Accepted, Rejection> {
+        let (source, ring) = self.permitted(policy, chunks)?;
+        let (header, body) = open_batch(chunks, ring, &self.limits)?;
+        Self::check_newer(&self.held(), &source, &header)?;
+        self.check_manifest(&source, &header)?;
+        self.check_scope(policy, &source, body.tasks.iter())?;
+        let path = self.dir.join(format!("{source}.changes"));
+        let mut held = self.held();
+        Self::check_newer(&held, &source, &header)?;
+        let bytes = append_batch(&path, chunks)
+            .map_err(|e| Rejection::Storage(format!("{}: {e}", path.display())))?;
+        let tasks = body.tasks.len();
+        let h = held.entry(source).or_default();
+        h.log_bytes += bytes;
+        h.copy
+            .fold_batch(body.epoch, body.sequence, body.sent_unix_ms, body.tasks);
+        Ok(Accepted {
+            tasks,
+            header,
+            snapshot_wanted: h.snapshot_wanted(),
         })
     }
 }

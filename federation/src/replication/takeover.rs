@@ -3,7 +3,8 @@
 //!
 //! * **Takeover** ([`check`]): when a region we hold a snapshot of has been
 //!   dead (or never heard since our start) for `timers.takeover_grace`, we
-//!   queue the pending tasks of its newest snapshot that we may hold (rule
+//!   queue the pending tasks of our copy of it (newest snapshot plus the
+//!   change batches since, [`super::copy`]) that we may hold (rule
 //!   lists us as backup, we hold the required tags) under their original ids,
 //!   `attempts` kept, `taken_over` = {from, epoch, to us, now}; one
 //!   `takeover` record per task goes to the decision log. Once per (region,
@@ -14,7 +15,9 @@
 //!   (`mark_taken_over`) and does not run them again.
 //! * **Fence**: at start, pending tasks owned by us whose rule has backups are
 //!   not leased until we have received an advertisement (carrying its
-//!   notices) from every such backup since we started, or
+//!   notices) from every such backup since we started and, with replication
+//!   on, every such backup has answered our first snapshot (it resolves
+//!   duplicate idempotency keys before answering, [`super::duplicates`]), or
 //!   `timers.startup_fence` has passed.
 //!
 //! Owns `takeovers.json` and the fence; uses the task store's public API.
@@ -51,7 +54,11 @@ struct Notice {
 #[derive(Debug)]
 struct Fence {
     ids: Arc<HashSet<String>>,
+    /// Backups not yet heard (their advertisement carries the notices).
     waiting_for: BTreeSet<String>,
+    /// Backups that have not yet answered our first snapshot (their
+    /// duplicate check runs before they answer).
+    unsynced: BTreeSet<String>,
     until: Instant,
 }
 
@@ -79,6 +86,7 @@ impl TakeoverState {
         policy: &Policy,
         store: &TaskStore,
         fence_for: Duration,
+        replicating: bool,
     ) -> Self {
         let path = data_dir.join("takeovers.json");
         let notices: Vec<Notice> = match std::fs::read(&path) {
@@ -114,6 +122,11 @@ impl TakeoverState {
             tracing::info!(tasks = ids.len(), backups = %crate::logfields::list(&waiting_for), "start-up fence: tasks from before the restart wait for the backups' notices");
             Fence {
                 ids: Arc::new(ids),
+                unsynced: if replicating {
+                    waiting_for.clone()
+                } else {
+                    BTreeSet::new()
+                },
                 waiting_for,
                 until: Instant::now() + fence_for,
             }
@@ -131,15 +144,23 @@ impl TakeoverState {
     /// Task ids not to lease yet (the fence), or `None` once lifted.
     pub fn lease_skip(&self) -> Option<Arc<HashSet<String>>> {
         let mut fence = lock(&self.fence);
-        let lift = fence
-            .as_ref()
-            .is_some_and(|f| f.waiting_for.is_empty() || Instant::now() >= f.until);
+        let lift = fence.as_ref().is_some_and(|f| {
+            (f.waiting_for.is_empty() && f.unsynced.is_empty()) || Instant::now() >= f.until
+        });
         if lift {
             if let Some(f) = fence.take() {
-                tracing::info!(waited_for = %crate::logfields::list(&f.waiting_for), "start-up fence lifted");
+                tracing::info!(not_heard = %crate::logfields::list(&f.waiting_for), not_synced = %crate::logfields::list(&f.unsynced), "start-up fence lifted");
             }
         }
         fence.as_ref().map(|f| f.ids.clone())
+    }
+
+    /// `backup` answered our first snapshot since start: its duplicate check
+    /// of our tasks has run, so the fence stops waiting for that.
+    pub fn snapshot_answered(&self, backup: &str) {
+        if let Some(f) = lock(&self.fence).as_mut() {
+            f.unsynced.remove(backup);
+        }
     }
 
     /// The notices to advertise.
@@ -232,8 +253,8 @@ pub async fn on_advertisement(node: &Node, ad: &api::RegionAdvertisement) {
     }
 }
 
-/// Takes over the pending tasks of every region we hold a snapshot of that
-/// has been dead for `takeover_grace`.
+/// Takes over the pending tasks of every region we hold a copy of that has
+/// been dead for `takeover_grace`.
 pub async fn check(node: &Arc<Node>) {
     let repl = &node.replication;
     let state = &repl.takeover;
@@ -260,16 +281,16 @@ pub async fn check(node: &Arc<Node>) {
         if now.saturating_duration_since(since) < node.timers.takeover_grace {
             continue;
         }
-        let Some((header, body)) = repl.receiver.stored(&source) else {
+        let Some((epoch, tasks)) = repl.receiver.pending_of(&source) else {
             continue;
         };
         let done = lock(&state.notices)
             .iter()
-            .any(|n| n.from_region == source && n.from_epoch == header.epoch);
+            .any(|n| n.from_region == source && n.from_epoch == epoch);
         if done {
             continue;
         }
-        take_over(node, &source, header.epoch, body.tasks).await;
+        take_over(node, &source, epoch, tasks).await;
     }
 }
 

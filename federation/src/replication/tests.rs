@@ -340,6 +340,209 @@ fn unsupported_encryption_is_a_load_time_error() {
     );
 }
 
+impl Sender {
+    /// Seals a change batch as the controller does.
+    fn seal_changes(
+        &self,
+        source: &str,
+        epoch: u64,
+        sequence: u64,
+        tasks: Vec<api::Task>,
+    ) -> Vec<api::SnapshotChunk> {
+        let body = super::changes::ChangeBody {
+            source_region: source.into(),
+            epoch,
+            sequence,
+            sent_unix_ms: 1000 + sequence as i64,
+            tasks,
+            ..Default::default()
+        };
+        let params = SealParams {
+            source: source.into(),
+            epoch,
+            sequence,
+            rule_indexes: vec![0],
+            policy_hash: String::new(),
+            compression: Some(3),
+            chunk_size: 64,
+        };
+        envelope::seal_in(
+            envelope::Domain::Changes,
+            &body.encode_to_vec(),
+            &params,
+            &self.key,
+            &self.nonces,
+        )
+        .expect("seal")
+    }
+}
+
+fn with_state(mut t: api::Task, state: api::TaskState, version: u64) -> api::Task {
+    t.set_state(state);
+    t.version = version;
+    t
+}
+
+fn pending_ids(rx: &Receiver, source: &str) -> Vec<String> {
+    let mut ids: Vec<String> = rx
+        .pending_of(source)
+        .map(|(_, t)| t.into_iter().map(|t| t.task_id).collect())
+        .unwrap_or_default();
+    ids.sort();
+    ids
+}
+
+/// Change batches: folded onto the snapshot in order and durable across a
+/// reopen; a tampered, replayed, older or cross-domain batch is refused and
+/// the copy kept; a batch with a task the receiver may not hold is refused.
+#[test]
+fn change_batches_fold_in_and_bad_ones_change_nothing() {
+    use api::TaskState::*;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = policy(&seed());
+    let (key, ring) = ring();
+    let stats = Stats::default();
+    let rx = Receiver::open("europe", dir.path(), Some(ring.clone()), Limits::default());
+    let tx = Sender::new(key);
+    let a = with_state(task("north_america", 0, "US"), Queued, 1);
+    let b = with_state(task("north_america", 0, "US"), Queued, 1);
+    rx.receive(&p, &tx.seal("north_america", 5, 1, vec![a.clone()]), &stats)
+        .expect("snapshot");
+    // A batch: b accepted, a leased.
+    let first = tx.seal_changes(
+        "north_america",
+        5,
+        2,
+        vec![b.clone(), with_state(a.clone(), Leased, 2)],
+    );
+    let got = rx.receive_changes(&p, &first, &stats).expect("batch");
+    assert!(!got.snapshot_wanted);
+    let mut both = vec![a.task_id.clone(), b.task_id.clone()];
+    both.sort();
+    assert_eq!(pending_ids(&rx, "north_america"), both);
+    // a completes: it leaves the pending set.
+    let done = tx.seal_changes(
+        "north_america",
+        5,
+        3,
+        vec![with_state(a.clone(), Succeeded, 3)],
+    );
+    rx.receive_changes(&p, &done, &stats).expect("batch");
+    assert_eq!(pending_ids(&rx, "north_america"), vec![b.task_id.clone()]);
+    let held = pending_ids(&rx, "north_america");
+
+    // Tampered (a flipped byte): refused, copy kept.
+    let mut flipped = tx.seal_changes(
+        "north_america",
+        5,
+        4,
+        vec![with_state(b.clone(), Succeeded, 3)],
+    );
+    let last = flipped.len() - 1;
+    flipped[last].ciphertext[0] ^= 1;
+    assert!(matches!(
+        rx.receive_changes(&p, &flipped, &stats),
+        Err(Rejection::Envelope(EnvelopeError::Auth(_)))
+    ));
+    // Replayed, and older (a lower epoch): refused.
+    assert!(matches!(
+        rx.receive_changes(&p, &first, &stats),
+        Err(Rejection::Replay { .. })
+    ));
+    let older = tx.seal_changes(
+        "north_america",
+        4,
+        50,
+        vec![with_state(b.clone(), Succeeded, 9)],
+    );
+    assert!(matches!(
+        rx.receive_changes(&p, &older, &stats),
+        Err(Rejection::Replay { .. })
+    ));
+    // A snapshot offered as a batch, and a batch offered as a snapshot: the
+    // domains differ, authentication fails.
+    let snap = tx.seal("north_america", 5, 7, vec![]);
+    assert!(matches!(
+        rx.receive_changes(&p, &snap, &stats),
+        Err(Rejection::Envelope(EnvelopeError::Auth(_)))
+    ));
+    let batch = tx.seal_changes("north_america", 5, 8, vec![]);
+    assert!(matches!(
+        rx.receive(&p, &batch, &stats),
+        Err(Rejection::Envelope(EnvelopeError::Auth(_)))
+    ));
+    assert_eq!(pending_ids(&rx, "north_america"), held, "copy kept");
+
+    // Residency: under the GDPR variant north_america may not hold europe's
+    // DE task; a batch carrying one is refused and nothing is stored.
+    let strict = policy(&crate::cli::demo::requires_gdpr_variant(&seed()));
+    let na_dir = tempfile::tempdir().expect("tempdir");
+    let na = Receiver::open(
+        "north_america",
+        na_dir.path(),
+        Some(ring.clone()),
+        Limits::default(),
+    );
+    let de = tx.seal_changes("europe", 5, 1, vec![task("europe", 1, "DE")]);
+    let why = na
+        .receive_changes(&strict, &de, &stats)
+        .expect_err("residency");
+    assert!(why.to_string().contains("GDPR"), "{why}");
+    assert!(!super::receiver::changes_path(na_dir.path(), "europe").exists());
+    assert!(na.pending_of("europe").is_none());
+    // A region in no rule may send nothing.
+    let ap = tx.seal_changes("asia_pacific", 5, 1, vec![]);
+    assert!(matches!(
+        rx.receive_changes(&p, &ap, &stats),
+        Err(Rejection::NotPermitted(_))
+    ));
+
+    // Durable: a reopened receiver rebuilds the same copy from the snapshot
+    // and the change log, and still refuses the replay.
+    let reopened = Receiver::open("europe", dir.path(), Some(ring.clone()), Limits::default());
+    assert_eq!(pending_ids(&reopened, "north_america"), held);
+    assert!(matches!(
+        reopened.receive_changes(&p, &done, &stats),
+        Err(Rejection::Replay { .. })
+    ));
+    // A torn last append is cut off at reopen; what came before stays.
+    let log = super::receiver::changes_path(dir.path(), "north_america");
+    let good_len = std::fs::metadata(&log).expect("log").len();
+    {
+        use std::io::Write as _;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&log)
+            .expect("open");
+        f.write_all(&[0x80, 0x80, 0x80]).expect("torn");
+    }
+    let reopened = Receiver::open("europe", dir.path(), Some(ring.clone()), Limits::default());
+    assert_eq!(pending_ids(&reopened, "north_america"), held);
+    assert_eq!(std::fs::metadata(&log).expect("log").len(), good_len);
+    // A newer snapshot folds the log away.
+    reopened
+        .receive(&p, &tx.seal("north_america", 5, 9, vec![b.clone()]), &stats)
+        .expect("snapshot");
+    assert!(!log.exists());
+    assert_eq!(
+        pending_ids(&reopened, "north_america"),
+        vec![b.task_id.clone()]
+    );
+
+    // No snapshot held yet: the batch is folded in and a snapshot asked for.
+    let fresh = tempfile::tempdir().expect("tempdir");
+    let rx2 = Receiver::open("europe", fresh.path(), Some(ring), Limits::default());
+    let got = rx2
+        .receive_changes(
+            &p,
+            &tx.seal_changes("north_america", 6, 1, vec![b.clone()]),
+            &stats,
+        )
+        .expect("batch");
+    assert!(got.snapshot_wanted);
+    assert_eq!(pending_ids(&rx2, "north_america"), [b.task_id]);
+}
+
 #[test]
 fn every_stored_snapshot_anomaly_is_reported_once_counted_and_shown() {
     let p = policy(&seed());

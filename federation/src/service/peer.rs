@@ -169,6 +169,56 @@ impl api::federation_peer_server::FederationPeer for PeerService {
         &self,
         request: Request<Streaming<api::SnapshotChunk>>,
     ) -> Result<Response<api::PushSnapshotResponse>, Status> {
+        let outcome = self.received(request, Pushed::Snapshot).await?;
+        Ok(Response::new(match outcome {
+            Ok(_) => api::PushSnapshotResponse {
+                accepted: true,
+                reason: String::new(),
+            },
+            Err(r) => api::PushSnapshotResponse {
+                accepted: false,
+                reason: r.to_string(),
+            },
+        }))
+    }
+
+    async fn push_changes(
+        &self,
+        request: Request<Streaming<api::SnapshotChunk>>,
+    ) -> Result<Response<api::PushChangesResponse>, Status> {
+        let outcome = self.received(request, Pushed::Changes).await?;
+        Ok(Response::new(match outcome {
+            Ok(a) => api::PushChangesResponse {
+                accepted: true,
+                reason: String::new(),
+                snapshot_wanted: a.snapshot_wanted,
+            },
+            Err(r) => api::PushChangesResponse {
+                accepted: false,
+                reason: r.to_string(),
+                snapshot_wanted: true,
+            },
+        }))
+    }
+}
+
+/// What a push carries.
+#[derive(Debug, Clone, Copy)]
+enum Pushed {
+    Snapshot,
+    Changes,
+}
+
+impl PeerService {
+    /// Collects a pushed stream within the limits, checks the caller is its
+    /// source, then verifies, stores and folds it in (off the async workers:
+    /// it syncs files).
+    async fn received(
+        &self,
+        request: Request<Streaming<api::SnapshotChunk>>,
+        what: Pushed,
+    ) -> Result<Result<crate::replication::receiver::Accepted, crate::replication::Rejection>, Status>
+    {
         let repl = &self.node.replication;
         if !repl.enabled() {
             return Err(Error::Precondition(format!(
@@ -196,25 +246,36 @@ impl api::federation_peer_server::FederationPeer for PeerService {
             crate::replication::receiver::Stats::bump(&repl.counters().rejected_not_permitted);
             return Err(status);
         }
-        let policy = self.node.policy();
-        // AES-GCM, zstd, decoding and an fsync'd write of up to the snapshot
-        // limit: on the blocking pool, as the sender seals, not on a worker.
         let node = self.node.clone();
         let outcome = tokio::task::spawn_blocking(move || {
             let repl = &node.replication;
-            repl.receiver.receive(&policy, &chunks, repl.counters())
+            let policy = node.policy();
+            match what {
+                Pushed::Snapshot => repl.receiver.receive(&policy, &chunks, repl.counters()),
+                Pushed::Changes => repl
+                    .receiver
+                    .receive_changes(&policy, &chunks, repl.counters()),
+            }
         })
         .await
-        .map_err(|e| Error::Storage(format!("snapshot receiver task failed: {e}")))?;
-        Ok(Response::new(match outcome {
-            Ok(_) => api::PushSnapshotResponse {
-                accepted: true,
-                reason: String::new(),
-            },
-            Err(r) => api::PushSnapshotResponse {
-                accepted: false,
-                reason: r.to_string(),
-            },
-        }))
+        .map_err(|e| Status::from(Error::Storage(format!("receiving: {e}"))))?;
+        if outcome.is_ok() {
+            // Keys we used without being able to know them may now be known.
+            // A snapshot is answered only after the check (a restarted
+            // source's start-up fence waits for that answer); batches do not
+            // wait for it.
+            let check = crate::replication::duplicates::on_copy_updated(
+                self.node.clone(),
+                source,
+                matches!(what, Pushed::Snapshot),
+            );
+            match what {
+                Pushed::Snapshot => check.await,
+                Pushed::Changes => {
+                    tokio::spawn(check);
+                }
+            }
+        }
+        Ok(outcome)
     }
 }

@@ -30,7 +30,9 @@
 //!   names the task in them.
 //! * **Idempotency.** A non-empty `idempotency_key` that is already known, or a
 //!   `task_id` that is already stored (a retried `ForwardTask`), returns
-//!   [`InsertOutcome::Deduplicated`] with the stored task and stores nothing.
+//!   [`InsertOutcome::Deduplicated`] with the stored task and stores nothing;
+//!   a known key with other attributes or another payload is refused
+//!   ([`StoreError::KeyReused`], naming what differs).
 //! * **At-least-once execution with leases.** An agent leases queued tasks for
 //!   a TTL and must renew before the deadline. A lease past its deadline is
 //!   taken back by [`TaskStore::expire_leases`] (the task is queued again, its
@@ -194,6 +196,19 @@ pub enum StoreError {
         /// Its terminal state, for example `SUCCEEDED`.
         state: String,
     },
+    /// The idempotency key already names a task whose attributes or
+    /// payload differ from the request's.
+    #[error(
+        "idempotency key `{key}` already names task {task_id}, whose {differs} differ from this request's"
+    )]
+    KeyReused {
+        /// The key.
+        key: String,
+        /// The task it names.
+        task_id: String,
+        /// "attributes", "payload" or "attributes and payload".
+        differs: &'static str,
+    },
     /// The request itself is invalid (for example an empty task id).
     #[error("invalid request: {0}")]
     Invalid(String),
@@ -332,6 +347,18 @@ pub fn now_unix_ms() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
         .unwrap_or(0)
+}
+
+/// What differs between a stored task and a request reusing its
+/// idempotency key, given whether the attributes and the payload are the
+/// same: `None` when both are.
+pub fn what_differs(same_attributes: bool, same_payload: bool) -> Option<&'static str> {
+    match (same_attributes, same_payload) {
+        (true, true) => None,
+        (false, true) => Some("attributes"),
+        (true, false) => Some("payload"),
+        (false, false) => Some("attributes and payload"),
+    }
 }
 
 /// The state's proto name without prefix, for messages: `SUCCEEDED`.

@@ -1422,6 +1422,19 @@ impl Tables<'_> {
             let existing = self.idem.get(&task.idempotency_key).map(str::to_string);
             if let Some(id) = existing {
                 if let Some(t) = self.read(&id)? {
+                    // A key reused for other content is refused, not
+                    // answered with the other task.
+                    let differs = super::what_differs(
+                        t.attributes == task.attributes,
+                        t.payload == task.payload,
+                    );
+                    if let Some(differs) = differs {
+                        return Err(StoreError::KeyReused {
+                            key: task.idempotency_key,
+                            task_id: t.task_id,
+                            differs,
+                        });
+                    }
                     return Ok(InsertOutcome::Deduplicated(t));
                 }
             }

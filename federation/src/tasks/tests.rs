@@ -74,6 +74,45 @@ async fn idempotency_key_and_task_id_deduplicate() {
 }
 
 #[tokio::test]
+async fn a_key_reused_for_other_content_is_refused_naming_what_differs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = TaskStore::open(dir.path()).expect("open");
+    let with = |id: &str, customer: &str, payload: &[u8]| {
+        let mut t = task(id);
+        t.idempotency_key = "k1".into();
+        t.attributes = crate::sandbox::string_attrs(&[("customer_region", customer)]);
+        t.payload = payload.to_vec();
+        t
+    };
+    store.insert(with("a", "US", b"p")).await.expect("insert");
+    for (customer, payload, differs) in [
+        ("CA", &b"p"[..], "attributes"),
+        ("US", &b"q"[..], "payload"),
+        ("CA", &b"q"[..], "attributes and payload"),
+    ] {
+        let err = store
+            .insert(with("b", customer, payload))
+            .await
+            .expect_err("refused");
+        assert_eq!(
+            err,
+            StoreError::KeyReused {
+                key: "k1".into(),
+                task_id: "a".into(),
+                differs
+            }
+        );
+        let shown = err.to_string();
+        assert!(shown.contains("`k1`") && shown.contains(differs), "{shown}");
+    }
+    assert_eq!(store.get("b").expect("get"), None);
+    // The same content is still the original task.
+    let again = store.insert(with("c", "US", b"p")).await.expect("insert");
+    assert!(again.is_deduplicated());
+    assert_eq!(again.task().task_id, "a");
+}
+
+#[tokio::test]
 async fn idempotency_keys_survive_a_reopen() {
     // The key index lives in memory and is rebuilt from the task records.
     let dir = tempfile::tempdir().expect("tempdir");
