@@ -16,6 +16,7 @@ pub mod group_commit;
 pub mod membership;
 pub mod metrics;
 pub mod policy;
+pub mod private_files;
 pub mod replication;
 pub mod routing;
 pub mod sandbox;

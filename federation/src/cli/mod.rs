@@ -7,6 +7,7 @@ pub mod certs;
 pub mod client;
 pub mod demo;
 pub mod policy;
+pub mod sd_notify;
 pub mod serve;
 pub mod snapshot;
 
