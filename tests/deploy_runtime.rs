@@ -73,12 +73,23 @@ async fn serve_tells_systemd_when_it_is_ready_and_when_it_stops() {
         !got.iter().any(|m| m.contains("STOPPING=1")),
         "stopping before ready: {got:?}"
     );
-    // READY=1 means serving: the health service says so too.
-    let channel = federation::sandbox::connect(sandbox.health_addr("solo").expect("addr"))
-        .await
-        .expect("health port");
-    let status = tonic_health_check(channel).await;
-    assert_eq!(status, "SERVING");
+    // READY=1 means serving: `federation health` (the image's HEALTHCHECK)
+    // says so too, and fails on a port where nothing answers.
+    let health = |addr: std::net::SocketAddr| {
+        std::process::Command::new(federation_exe())
+            .args(["health", "--addr", &addr.to_string()])
+            .output()
+            .expect("federation health runs")
+    };
+    let out = health(sandbox.health_addr("solo").expect("addr"));
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "SERVING");
+    let out = health(federation::sandbox::free_port().expect("port"));
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("connecting to"),
+        "{out:?}"
+    );
     sandbox
         .controller("solo")
         .expect("controller")
@@ -93,19 +104,6 @@ async fn serve_tells_systemd_when_it_is_ready_and_when_it_stops() {
         .wait_timeout(PATIENCE)
         .expect("exits after SIGTERM");
     assert!(exit.success(), "{exit:?}");
-}
-
-/// The overall status from `grpc.health.v1.Health/Check`, by name.
-async fn tonic_health_check(channel: tonic::transport::Channel) -> String {
-    let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
-    let resp = client
-        .check(tonic_health::pb::HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .expect("health check")
-        .into_inner();
-    resp.status().as_str_name().to_string()
 }
 
 /// Every folder under `dir` (and `dir`) 0700, every file without group or

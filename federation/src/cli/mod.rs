@@ -6,6 +6,7 @@ pub mod audit;
 pub mod certs;
 pub mod client;
 pub mod demo;
+pub mod health;
 pub mod policy;
 pub mod sd_notify;
 pub mod serve;
@@ -73,6 +74,8 @@ pub enum Command {
     Undrain(client::DrainArgs),
     /// Validate and apply a policy on a running controller (the old one stays on error).
     Reload(client::ReloadArgs),
+    /// Ask a controller's plaintext health port whether it is SERVING (exit 0) or not.
+    Health(health::HealthArgs),
     /// Development certificates (mutual TLS).
     #[command(subcommand)]
     Certs(certs::CertsCommand),
@@ -98,6 +101,7 @@ pub fn main() -> ExitCode {
         Command::Drain(args) => client::drain(args, true),
         Command::Undrain(args) => client::drain(args, false),
         Command::Reload(args) => client::reload(args),
+        Command::Health(args) => health::run(args),
         Command::Agent(args) => region_agent::main_with(args),
         Command::Snapshot(cmd) => snapshot::run(cmd),
         Command::Certs(cmd) => certs::run(cmd),
