@@ -246,13 +246,27 @@ async fn a_changed_federation_file_is_reloaded_when_polling() {
             .map(|r| r.into_inner().policy_hash)
     };
     let first = eventually("a status", PATIENCE, || hash_now(admin.clone())).await;
-    // Replace the file the way the kubelet updates a ConfigMap volume: write
-    // a new file, then rename it over the old one.
+    // Update the file the way the kubelet updates a ConfigMap volume: the
+    // key is a symlink through `..data`, itself a symlink to a timestamped
+    // folder; an update writes a new folder and renames a new `..data` over
+    // the old one.
     let config = sandbox.config_path().to_path_buf();
+    let volume = config.parent().expect("sandbox dir").to_path_buf();
+    let version = std::cell::Cell::new(0u32);
     let replace = |text: &str| {
-        let tmp = config.with_extension("new");
-        std::fs::write(&tmp, text).expect("write");
-        std::fs::rename(&tmp, &config).expect("rename");
+        let n = version.get() + 1;
+        version.set(n);
+        let folder = format!("..2026_12_01_{n:04}");
+        std::fs::create_dir(volume.join(&folder)).expect("mkdir");
+        std::fs::write(volume.join(&folder).join("federation.yaml"), text).expect("write");
+        let tmp = volume.join("..data_tmp");
+        std::os::unix::fs::symlink(&folder, &tmp).expect("symlink");
+        std::fs::rename(&tmp, volume.join("..data")).expect("swap ..data");
+        if n == 1 {
+            let link = volume.join("federation.yaml.link");
+            std::os::unix::fs::symlink("..data/federation.yaml", &link).expect("symlink");
+            std::fs::rename(&link, &config).expect("the key becomes a symlink");
+        }
     };
     replace(&SOLO.replace("Solo Federation\"", "Solo Federation\"\n  # v2"));
     replace(&SOLO.replace("compliance: [\"GDPR\"]", "compliance: [\"GDPR\", \"SOX\"]"));
