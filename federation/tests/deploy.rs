@@ -7,11 +7,12 @@
 //!   headless Service, probes on the health port, a policy mount that
 //!   updates and is reloaded, a released image tag, a ServiceMonitor, and the
 //!   ConfigMap's policy loading with this build's schema.
-//! - systemd: `systemd-analyze verify` passes and `systemd-analyze security`
-//!   rates the unit at most 3.
+//! - systemd: `systemd-analyze verify` passes, `systemd-analyze security`
+//!   rates the unit at most 3, and the controller traced with `strace` from
+//!   start to SIGTERM makes only system calls the unit's filter allows.
 //! - Docker: the image opens and checks the health port the manifests probe.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -696,4 +697,168 @@ fn dockerfile_opens_and_checks_the_health_port_the_manifests_probe() {
     for entry in ["target", ".git"] {
         assert!(ignore.lines().any(|l| l == entry), ".dockerignore: {entry}");
     }
+}
+
+/// The unit's `SystemCallFilter=` lines: (allowed, denied), groups expanded
+/// by `systemd-analyze syscall-filter`.
+fn unit_syscall_filter(unit: &str) -> (BTreeSet<String>, BTreeSet<String>) {
+    fn expand(item: &str, into: &mut BTreeSet<String>, depth: usize) {
+        assert!(depth < 10, "syscall groups nest too deep at {item}");
+        if !item.starts_with('@') {
+            into.insert(item.to_string());
+            return;
+        }
+        let out = output(
+            Command::new("systemd-analyze").args(["syscall-filter", "--no-pager", item]),
+            "systemd-analyze",
+        );
+        assert!(
+            out.status.success(),
+            "systemd-analyze syscall-filter {item}"
+        );
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        for line in text.lines().skip(1) {
+            let entry = line.trim();
+            if entry.is_empty() || entry.starts_with('#') {
+                continue;
+            }
+            expand(entry, into, depth + 1);
+        }
+    }
+    let mut allowed = BTreeSet::new();
+    let mut denied = BTreeSet::new();
+    for line in unit.lines() {
+        let Some(rest) = line.strip_prefix("SystemCallFilter=") else {
+            continue;
+        };
+        let (set, items) = match rest.strip_prefix('~') {
+            Some(items) => (&mut denied, items),
+            None => (&mut allowed, rest),
+        };
+        for item in items.split_whitespace() {
+            expand(item, set, 0);
+        }
+    }
+    (allowed, denied)
+}
+
+/// The controller, traced with `strace -f -c` from start to SIGTERM (ready,
+/// a task submitted and stored, a health check), makes only system calls the
+/// unit's filter allows: the filter will not kill (or EPERM) it in service.
+#[test]
+fn controller_system_calls_pass_the_units_filter() {
+    let unit = std::fs::read_to_string(repo().join("deploy/systemd/federation.service"))
+        .expect("unit present");
+    let (allowed, denied) = unit_syscall_filter(&unit);
+    assert!(allowed.contains("read") && denied.contains("reboot"));
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let policy = dir.path().join("federation.yaml");
+    std::fs::write(
+        &policy,
+        r#"
+federation:
+  name: "Solo Federation"
+  regions:
+    - name: "solo"
+      endpoint: "http://127.0.0.1:7000"
+      compliance: ["GDPR"]
+  routing_rules:
+    - name: "everyone"
+      default: true
+      primary_region: "solo"
+  data_synchronization:
+    enabled: false
+"#,
+    )
+    .expect("write policy");
+    let notify = dir.path().join("notify");
+    let socket = std::os::unix::net::UnixDatagram::bind(&notify).expect("bind notify");
+    socket
+        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .expect("timeout");
+    let summary = dir.path().join("strace.txt");
+    let mut cmd = Command::new("strace");
+    cmd.args(["-f", "-c", "-o"])
+        .arg(&summary)
+        .arg("--")
+        .arg(env!("CARGO_BIN_EXE_federation"))
+        .args(["serve", "--insecure", "--region", "solo"])
+        .arg("--config")
+        .arg(&policy)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .args(["--health-listen", "127.0.0.1:0"])
+        .env("NOTIFY_SOCKET", &notify)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    let mut strace = federation::sandbox::ChildGuard::spawn_group("strace federation", &mut cmd)
+        .unwrap_or_else(|e| panic!("strace (Debian package strace) could not be run: {e:#}"));
+    let stdout = strace.stdout().expect("stdout");
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)
+        .expect("the controller prints its address");
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line `{line}`"))
+        .to_string();
+    let mut buf = [0u8; 256];
+    let mut ready = false;
+    for _ in 0..10 {
+        let n = socket.recv(&mut buf).expect("a notification within 30 s");
+        if String::from_utf8_lossy(&buf[..n])
+            .lines()
+            .any(|l| l == "READY=1")
+        {
+            ready = true;
+            break;
+        }
+    }
+    assert!(ready, "READY=1");
+    let out = output(
+        Command::new(env!("CARGO_BIN_EXE_federation"))
+            .args(["submit", "--insecure", "--controller", &addr])
+            .args(["--attr", "customer_region=DE"]),
+        "federation",
+    );
+    assert!(out.status.success(), "submit: {out:?}");
+    // SIGTERM to the controller (strace's child), then strace writes the summary.
+    let strace_pid = strace.pid().expect("pid");
+    let children =
+        std::fs::read_to_string(format!("/proc/{strace_pid}/task/{strace_pid}/children"))
+            .expect("strace's children");
+    let controller = children
+        .split_whitespace()
+        .next()
+        .expect("the controller runs under strace");
+    let status = Command::new("kill")
+        .args(["-TERM", controller])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let exit = strace
+        .wait_timeout(std::time::Duration::from_secs(60))
+        .expect("the controller stops on SIGTERM");
+    assert!(exit.success(), "{exit:?}");
+    let text = std::fs::read_to_string(&summary).expect("strace summary");
+    let used: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with('%') && !l.starts_with('-'))
+        .filter_map(|l| l.split_whitespace().last())
+        .filter(|s| *s != "total")
+        .collect();
+    assert!(
+        used.contains(&"fsync") || used.contains(&"fdatasync"),
+        "{text}"
+    );
+    let refused: Vec<&&str> = used
+        .iter()
+        .filter(|s| !allowed.contains(**s) || denied.contains(**s))
+        .collect();
+    assert!(
+        refused.is_empty(),
+        "system calls the unit's filter refuses: {refused:?}\n{text}"
+    );
 }
