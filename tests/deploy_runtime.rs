@@ -287,3 +287,39 @@ async fn a_changed_federation_file_is_reloaded_when_polling() {
     assert_eq!(still, second, "a refused file changed the policy");
     let _ = &mut admin;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loose_modes_left_in_a_data_dir_are_tightened_with_a_warning() {
+    let mut sandbox = solo().start().expect("sandbox starts");
+    let dir = sandbox.data_dir("solo").expect("dir");
+    let store = dir.join("tasks.redb");
+    eventually("the controller serves", PATIENCE, || {
+        let text = sandbox.controller_log_text("solo");
+        async move { text.contains("health: serving").then_some(()) }
+    })
+    .await;
+    sandbox.kill_controller("solo").expect("stop");
+    // What an older version (umask 022) left behind.
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    std::fs::set_permissions(&store, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    sandbox.start_controller("solo").expect("restart");
+    let line = eventually("the warning about tasks.redb", PATIENCE, || {
+        let text = sandbox.controller_log_text("solo");
+        async move {
+            text.lines()
+                .find(|l| l.contains("made owner-only") && l.contains("tasks.redb"))
+                .map(str::to_string)
+        }
+    })
+    .await;
+    assert!(line.contains("0644"), "names the old mode: {line}");
+    eventually("the restarted controller serves", PATIENCE, || {
+        let n = sandbox
+            .controller_log_text("solo")
+            .matches("health: serving")
+            .count();
+        async move { (n >= 2).then_some(()) }
+    })
+    .await;
+    assert_owner_only(&dir);
+}
