@@ -5,8 +5,9 @@
 //! and STOPPING=1 when shutdown begins.
 //!
 //! Start-up order: logging, umask 0077 (everything created is owner-only),
-//! configuration (exit 64 when unusable), bind, serve. The library ([`crate::controller`]) takes the bound listener and a
-//! shutdown future; only this binary touches signals and addresses.
+//! configuration (exit 64 when unusable), bind, serve. The library
+//! ([`crate::controller`]) takes the bound listener and a shutdown future;
+//! only this binary touches signals and addresses.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
