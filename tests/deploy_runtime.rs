@@ -246,6 +246,12 @@ async fn a_changed_federation_file_is_reloaded_when_polling() {
             .map(|r| r.into_inner().policy_hash)
     };
     let first = eventually("a status", PATIENCE, || hash_now(admin.clone())).await;
+    assert!(
+        !sandbox
+            .controller_log_text("solo")
+            .contains("federation file changed"),
+        "reloaded an unchanged file"
+    );
     // Update the file the way the kubelet updates a ConfigMap volume: the
     // key is a symlink through `..data`, itself a symlink to a timestamped
     // folder; an update writes a new folder and renames a new `..data` over

@@ -351,10 +351,26 @@ async fn notify_when_serving(node: Arc<Node>) {
 async fn poll_policy(node: Arc<Node>, every: std::time::Duration) {
     let path = node.config_path.clone();
     let mut seen = tokio::fs::read(&path).await.ok();
+    // The file may have changed between the start-up load and that read:
+    // compare what it holds now with the policy in force, once.
+    let on_disk = config::load(&config::Sources {
+        federation_file: path.clone(),
+        node_file: None,
+        env: None,
+    })
+    .map_err(crate::policy::LoadError::from)
+    .and_then(|l| Policy::from_loaded(&l));
+    let mut changed = match on_disk {
+        Ok(p) => p.hash != node.policy().hash,
+        Err(_) => false,
+    };
     let mut ticker = tokio::time::interval(every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await;
     loop {
+        if std::mem::take(&mut changed) {
+            reload_changed(&node, &path).await;
+        }
         ticker.tick().await;
         let now = match tokio::fs::read(&path).await {
             Ok(bytes) => bytes,
@@ -367,12 +383,16 @@ async fn poll_policy(node: Arc<Node>, every: std::time::Duration) {
             continue;
         }
         seen = Some(now);
-        let r = crate::service::reload(&node, "", "").await;
-        if r.applied {
-            tracing::info!(path = %path.display(), policy_hash = %r.policy_hash, "federation file changed: policy reloaded");
-        } else {
-            tracing::warn!(path = %path.display(), error = %r.error, "federation file changed: reload refused; old policy kept");
-        }
+        changed = true;
+    }
+}
+
+async fn reload_changed(node: &Node, path: &std::path::Path) {
+    let r = crate::service::reload(node, "", "").await;
+    if r.applied {
+        tracing::info!(path = %path.display(), policy_hash = %r.policy_hash, "federation file changed: policy reloaded");
+    } else {
+        tracing::warn!(path = %path.display(), error = %r.error, "federation file changed: reload refused; old policy kept");
     }
 }
 
