@@ -319,7 +319,7 @@ fn next_epoch(data_dir: &Path) -> anyhow::Result<u64> {
 
 /// Opens the node's state.
 pub async fn open(settings: Settings) -> anyhow::Result<Arc<Node>> {
-    std::fs::create_dir_all(&settings.data_dir)
+    crate::private_files::prepare_data_dir(&settings.data_dir)
         .with_context(|| format!("creating data directory {}", settings.data_dir.display()))?;
     if settings.policy.region(&settings.region).is_none() {
         anyhow::bail!(

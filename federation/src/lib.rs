@@ -17,6 +17,7 @@ pub mod logfields;
 pub mod membership;
 pub mod metrics;
 pub mod policy;
+pub mod private_files;
 pub mod replication;
 pub mod routing;
 pub mod sandbox;

@@ -300,9 +300,10 @@ impl SandboxBuilder {
         // A fresh snapshot key ring for the sandbox's controllers.
         let keys = dir.join("snapshot.keys");
         let key: [u8; 32] = rand::random();
-        std::fs::write(
+        federation_tls::dev::write_file(
             &keys,
-            format!("{}\n", crate::replication::KeyRing::line("sandbox-1", &key)),
+            &format!("{}\n", crate::replication::KeyRing::line("sandbox-1", &key)),
+            true,
         )
         .context("writing the sandbox key ring")?;
         let policy = crate::policy::Policy::load_file(&config).context("the sandbox policy")?;

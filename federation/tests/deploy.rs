@@ -1,64 +1,864 @@
-//! The packaging stays honest: the Kubernetes manifests parse and the policy
-//! their ConfigMap carries loads with this build's schema.
+//! The packaging stays honest.
+//!
+//! - Kubernetes: `kubectl kustomize deploy/kubernetes` renders every region;
+//!   the result passes the Kubernetes schemas (`kubernetes-validate --strict`
+//!   from PyPI, installed into a virtualenv under `target/` on first use) and
+//!   the checks below: Pod Security "restricted", NetworkPolicy, PDB,
+//!   headless Service, probes on the health port, a policy mount that
+//!   updates and is reloaded, a released image tag, a ServiceMonitor, and the
+//!   ConfigMap's policy loading with this build's schema.
+//! - systemd: `systemd-analyze verify` passes, `systemd-analyze security`
+//!   rates the unit at most 3, and the controller traced with `strace` from
+//!   start to SIGTERM makes only system calls the unit's filter allows.
+//! - Docker: the image opens and checks the health port the manifests probe.
 
-use yaml_rust2::YamlLoader;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use yaml_rust2::{Yaml, YamlLoader};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+/// Runs `cmd`, failing the test with a clear message when `tool` is missing
+/// (`.ci/run` and the machine image provide them).
+fn output(cmd: &mut Command, tool: &str) -> std::process::Output {
+    cmd.output().unwrap_or_else(|e| {
+        panic!("{tool} is needed by this test and could not be run ({e}); .ci/run installs it")
+    })
+}
+
+// ---------------------------------------------------------------- Kubernetes
+
+/// The rendered manifests (every region), as text and parsed.
+fn render() -> (String, Vec<Yaml>) {
+    let out = output(
+        Command::new("kubectl")
+            .arg("kustomize")
+            .arg(repo().join("deploy/kubernetes")),
+        "kubectl (with its built-in kustomize)",
+    );
+    assert!(
+        out.status.success(),
+        "kubectl kustomize deploy/kubernetes failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).expect("utf-8");
+    let docs = YamlLoader::load_from_str(&text).expect("rendered manifests are YAML");
+    (text, docs)
+}
+
+fn kind<'a>(docs: &'a [Yaml], k: &str) -> Vec<&'a Yaml> {
+    docs.iter()
+        .filter(|d| d["kind"].as_str() == Some(k))
+        .collect()
+}
+
+fn name(doc: &Yaml) -> &str {
+    doc["metadata"]["name"].as_str().expect("metadata.name")
+}
+
+fn labels(y: &Yaml) -> BTreeMap<String, String> {
+    y.as_hash()
+        .map(|h| {
+            h.iter()
+                .filter_map(|(k, v)| Some((k.as_str()?.to_string(), v.as_str()?.to_string())))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Whether a `matchLabels`-style selector (non-empty) selects `target`.
+fn selects(selector: &Yaml, target: &BTreeMap<String, String>) -> bool {
+    let sel = labels(selector);
+    !sel.is_empty() && sel.iter().all(|(k, v)| target.get(k) == Some(v))
+}
+
+fn strings(y: &Yaml) -> Vec<&str> {
+    y.as_vec()
+        .map(|v| v.iter().filter_map(Yaml::as_str).collect())
+        .unwrap_or_default()
+}
+
+fn flag<'a>(args: &[&'a str], name: &str) -> Option<&'a str> {
+    args.windows(2).find(|w| w[0] == name).map(|w| w[1])
+}
+
+fn port_of(addr: &str) -> i64 {
+    addr.rsplit_once(':')
+        .and_then(|(_, p)| p.parse().ok())
+        .unwrap_or_else(|| panic!("`{addr}` has no port"))
+}
+
+/// A virtualenv with `kubernetes-validate` (Kubernetes JSON schemas
+/// bundled), created once per target dir.
+fn kubernetes_validate() -> PathBuf {
+    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("kubernetes-validate-venv");
+    let exe = venv.join("bin").join("kubernetes-validate");
+    let ready = venv.join(".installed-1.37.0");
+    if !ready.exists() {
+        let status = output(
+            Command::new("python3").args(["-m", "venv"]).arg(&venv),
+            "python3",
+        )
+        .status;
+        assert!(status.success(), "creating {}", venv.display());
+        let out = output(
+            Command::new(venv.join("bin").join("python")).args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "kubernetes-validate==1.37.0",
+            ]),
+            "pip",
+        );
+        assert!(
+            out.status.success(),
+            "pip install kubernetes-validate failed (PyPI unreachable?): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::write(&ready, "ok").expect("marker");
+    }
+    exe
+}
 
 #[test]
-fn kubernetes_manifests_parse_and_carry_a_valid_policy() {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../deploy/kubernetes/federation.yaml"
+fn kubernetes_manifests_pass_the_schemas() {
+    let (text, docs) = render();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("rendered.yaml");
+    std::fs::write(&file, &text).expect("write");
+    let exe = kubernetes_validate();
+    // The newest schemas bundled, and the oldest Kubernetes we support.
+    for version in [None, Some("1.29.0")] {
+        let mut cmd = Command::new(&exe);
+        cmd.arg("--strict");
+        if let Some(v) = version {
+            cmd.args(["-k", v]);
+        }
+        let out = output(cmd.arg(&file), "kubernetes-validate");
+        let report = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success() && !report.contains("ERROR"),
+            "schema check ({version:?}) failed:\n{report}"
+        );
+        // Every built-in object was checked against a schema; only the
+        // ServiceMonitor (a CRD, checked by hand below) has none.
+        let passed = report.matches(" passed for resource ").count();
+        let custom = kind(&docs, "ServiceMonitor").len();
+        assert_eq!(passed + custom, docs.len(), "{report}");
+    }
+}
+
+#[test]
+fn kubernetes_manifests_run_every_region_safely() {
+    let (_, docs) = render();
+    // The namespace enforces Pod Security "restricted"; everything is in it.
+    let ns = kind(&docs, "Namespace");
+    assert_eq!(ns.len(), 1);
+    let namespace = name(ns[0]);
+    assert_eq!(
+        ns[0]["metadata"]["labels"]["pod-security.kubernetes.io/enforce"].as_str(),
+        Some("restricted")
     );
-    let text = std::fs::read_to_string(path).expect("manifest present");
-    let docs = YamlLoader::load_from_str(&text).expect("manifests are valid YAML");
-    let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
-    assert_eq!(kinds, ["ConfigMap", "Service", "StatefulSet"]);
-    let policy = docs[0]["data"]["federation.yaml"]
+    for d in &docs {
+        if d["kind"].as_str() != Some("Namespace") {
+            assert_eq!(
+                d["metadata"]["namespace"].as_str(),
+                Some(namespace),
+                "{} {} outside the namespace",
+                d["kind"].as_str().unwrap_or("?"),
+                name(d)
+            );
+        }
+    }
+
+    // The policy in the ConfigMap loads with this build's schema.
+    let maps = kind(&docs, "ConfigMap");
+    assert_eq!(maps.len(), 1, "one policy for the federation");
+    let policy_map = name(maps[0]);
+    let policy_text = maps[0]["data"]["federation.yaml"]
         .as_str()
         .expect("policy in the ConfigMap");
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("federation.yaml");
-    std::fs::write(&file, policy).expect("write");
+    std::fs::write(&file, policy_text).expect("write");
     let policy =
         federation::policy::Policy::load_file(&file).expect("the ConfigMap's policy loads");
-    assert_eq!(policy.regions.len(), 3);
-    // The probes use the standard gRPC health service on the plaintext
-    // health-only port the container opens (the gRPC port is mutual TLS,
-    // which Kubernetes gRPC probes cannot speak).
-    let container = &docs[2]["spec"]["template"]["spec"]["containers"][0];
-    let args: Vec<&str> = container["args"]
-        .as_vec()
-        .expect("args")
+
+    let statefulsets = kind(&docs, "StatefulSet");
+    let services = kind(&docs, "Service");
+    assert_eq!(
+        statefulsets.len(),
+        policy.regions.len(),
+        "one StatefulSet per region of the policy"
+    );
+    let pod_labels: Vec<BTreeMap<String, String>> = statefulsets
         .iter()
-        .filter_map(|a| a.as_str())
+        .map(|s| labels(&s["spec"]["template"]["metadata"]["labels"]))
         .collect();
-    let health_port = args
-        .windows(2)
-        .find(|w| w[0] == "--health-listen")
-        .and_then(|w| w[1].rsplit_once(':'))
-        .and_then(|(_, p)| p.parse::<i64>().ok())
-        .expect("--health-listen HOST:PORT in the container args");
-    for probe in ["readinessProbe", "livenessProbe"] {
+    let only_pods_of = |selector: &Yaml, index: usize| {
+        pod_labels
+            .iter()
+            .enumerate()
+            .all(|(i, l)| selects(selector, l) == (i == index))
+    };
+
+    for region in &policy.regions {
+        let (index, sts) = statefulsets
+            .iter()
+            .enumerate()
+            .find(|(_, s)| {
+                s["spec"]["template"]["spec"]["containers"][0]["env"]
+                    .as_vec()
+                    .into_iter()
+                    .flatten()
+                    .any(|e| {
+                        e["name"].as_str() == Some("FEDERATION__NODE__REGION")
+                            && e["value"].as_str() == Some(region.name.as_str())
+                    })
+            })
+            .unwrap_or_else(|| panic!("no StatefulSet serves region {}", region.name));
+        let what = format!("{} ({})", name(sts), region.name);
+        let spec = &sts["spec"];
+        assert_eq!(spec["replicas"].as_i64(), Some(1), "{what}");
+        assert!(
+            selects(&spec["selector"]["matchLabels"], &pod_labels[index]),
+            "{what}: selector"
+        );
+        let pod = &spec["template"]["spec"];
+        let containers = pod["containers"].as_vec().expect("containers");
+        assert_eq!(containers.len(), 1, "{what}");
+        let c = &containers[0];
+
+        // The region's endpoint in the policy is its client Service.
+        let rest = region
+            .endpoint
+            .split_once("://")
+            .map(|(_, r)| r)
+            .expect("endpoint URL");
+        let (host, port) = rest.rsplit_once(':').expect("endpoint with a port");
+        let port: i64 = port.parse().expect("port");
+        let svc = services
+            .iter()
+            .find(|s| name(s) == host)
+            .unwrap_or_else(|| panic!("{what}: no Service `{host}` for its endpoint"));
+        assert!(
+            only_pods_of(&svc["spec"]["selector"], index),
+            "{what}: Service {host} selects exactly its pods"
+        );
+        assert!(
+            svc["spec"]["ports"]
+                .as_vec()
+                .expect("ports")
+                .iter()
+                .any(|p| p["port"].as_i64() == Some(port)),
+            "{what}: Service {host} has port {port}"
+        );
+
+        // The headless Service governs the StatefulSet.
+        let governing = spec["serviceName"].as_str().expect("serviceName");
+        let headless = services
+            .iter()
+            .find(|s| name(s) == governing)
+            .unwrap_or_else(|| panic!("{what}: no Service `{governing}`"));
         assert_eq!(
-            container[probe]["grpc"]["port"].as_i64(),
-            Some(health_port),
-            "{probe}"
+            headless["spec"]["clusterIP"].as_str(),
+            Some("None"),
+            "{what}: headless"
+        );
+        assert!(only_pods_of(&headless["spec"]["selector"], index), "{what}");
+
+        // Pod Security "restricted".
+        let psc = &pod["securityContext"];
+        let csc = &c["securityContext"];
+        let either = |key: &str| {
+            if csc[key].is_badvalue() {
+                &psc[key]
+            } else {
+                &csc[key]
+            }
+        };
+        assert_eq!(either("runAsNonRoot").as_bool(), Some(true), "{what}");
+        assert_ne!(either("runAsUser").as_i64(), Some(0), "{what}");
+        assert_eq!(
+            either("seccompProfile")["type"].as_str(),
+            Some("RuntimeDefault"),
+            "{what}"
+        );
+        assert_eq!(
+            csc["allowPrivilegeEscalation"].as_bool(),
+            Some(false),
+            "{what}"
+        );
+        assert_ne!(csc["privileged"].as_bool(), Some(true), "{what}");
+        assert_eq!(strings(&csc["capabilities"]["drop"]), ["ALL"], "{what}");
+        assert!(csc["capabilities"]["add"].is_badvalue(), "{what}");
+        assert_eq!(
+            csc["readOnlyRootFilesystem"].as_bool(),
+            Some(true),
+            "{what}"
+        );
+        for host in ["hostNetwork", "hostPID", "hostIPC"] {
+            assert_ne!(pod[host].as_bool(), Some(true), "{what}: {host}");
+        }
+        let volumes = pod["volumes"].as_vec().expect("volumes");
+        for v in volumes {
+            let allowed = [
+                "configMap",
+                "secret",
+                "emptyDir",
+                "persistentVolumeClaim",
+                "projected",
+                "downwardAPI",
+                "csi",
+                "ephemeral",
+            ];
+            let types: Vec<&str> = v
+                .as_hash()
+                .expect("volume")
+                .keys()
+                .filter_map(Yaml::as_str)
+                .filter(|k| *k != "name")
+                .collect();
+            assert!(
+                types.iter().all(|t| allowed.contains(t)),
+                "{what}: volume {types:?}"
+            );
+        }
+        for p in c["ports"].as_vec().expect("ports") {
+            assert!(p["hostPort"].is_badvalue(), "{what}: hostPort");
+        }
+
+        // Probes: startup, readiness and liveness on the plaintext health port.
+        let args = strings(&c["args"]);
+        let health_port = port_of(flag(&args, "--health-listen").expect("--health-listen"));
+        for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
+            assert_eq!(
+                c[probe]["grpc"]["port"].as_i64(),
+                Some(health_port),
+                "{what}: {probe}"
+            );
+        }
+        assert_eq!(
+            port_of(flag(&args, "--listen").expect("--listen")),
+            port,
+            "{what}: listens on its endpoint's port"
+        );
+        assert!(
+            !args.contains(&"--insecure"),
+            "{what}: production runs on TLS"
+        );
+
+        // Mounts: where each path the container uses comes from.
+        let mounts = c["volumeMounts"].as_vec().expect("volumeMounts");
+        let volume_of = |path: &str| {
+            let m = mounts
+                .iter()
+                .filter(|m| {
+                    let at = m["mountPath"].as_str().unwrap_or("");
+                    Path::new(path).starts_with(at)
+                })
+                .max_by_key(|m| m["mountPath"].as_str().unwrap_or("").len())
+                .unwrap_or_else(|| panic!("{what}: nothing mounted at {path}"));
+            let vname = m["name"].as_str().expect("mount name");
+            let v = volumes
+                .iter()
+                .find(|v| v["name"].as_str() == Some(vname))
+                .cloned();
+            (m.clone(), vname.to_string(), v)
+        };
+
+        // The policy: the ConfigMap as a directory (no subPath, which never
+        // updates), re-read by the controller.
+        let config = flag(&args, "--config").expect("--config");
+        let (m, _, v) = volume_of(config);
+        assert!(m["subPath"].is_badvalue(), "{what}: subPath never updates");
+        let v = v.expect("policy volume");
+        assert_eq!(v["configMap"]["name"].as_str(), Some(policy_map), "{what}");
+        assert_eq!(
+            Path::new(m["mountPath"].as_str().expect("path")).join("federation.yaml"),
+            Path::new(config),
+            "{what}: --config is the ConfigMap's key"
+        );
+        let env: BTreeMap<&str, &str> = c["env"]
+            .as_vec()
+            .expect("env")
+            .iter()
+            .filter_map(|e| Some((e["name"].as_str()?, e["value"].as_str()?)))
+            .collect();
+        let poll = env
+            .get("FEDERATION__NODE__TIMERS__POLICY_POLL")
+            .expect("policy_poll set: a ConfigMap update is reloaded");
+        let poll = federation::config::parse_duration(poll).expect("a duration");
+        assert!(!poll.is_zero(), "{what}: policy_poll on");
+
+        // State on the claim; the root filesystem is read-only.
+        let data = flag(&args, "--data-dir").expect("--data-dir");
+        let (_, vname, v) = volume_of(data);
+        assert!(v.is_none(), "{what}: data on a volume claim");
+        assert!(
+            spec["volumeClaimTemplates"]
+                .as_vec()
+                .expect("volumeClaimTemplates")
+                .iter()
+                .any(|t| t["metadata"]["name"].as_str() == Some(&vname)),
+            "{what}: data volume is a claim"
+        );
+        let (_, _, tmp) = volume_of("/tmp/x");
+        assert!(
+            !tmp.expect("/tmp volume")["emptyDir"].is_badvalue(),
+            "{what}: /tmp"
+        );
+
+        // TLS and the key ring come from the region's secrets.
+        for var in [
+            "FEDERATION__NODE__TLS__CA",
+            "FEDERATION__NODE__TLS__CERT",
+            "FEDERATION__NODE__TLS__KEY",
+            "FEDERATION__NODE__KEYS__FILE",
+        ] {
+            let path = env.get(var).unwrap_or_else(|| panic!("{what}: {var}"));
+            let (_, _, v) = volume_of(path);
+            assert!(
+                !v.expect("volume")["secret"].is_badvalue(),
+                "{what}: {var} from a secret"
+            );
+        }
+        let (_, _, tls) = volume_of(env["FEDERATION__NODE__TLS__KEY"]);
+        let secret = tls.expect("tls volume")["secret"]["secretName"]
+            .as_str()
+            .expect("secretName")
+            .to_string();
+        assert!(
+            secret.contains(&host.replace("federation-", "")),
+            "{what}: its own TLS secret, not another region's ({secret})"
+        );
+
+        // A released image, never a moving tag.
+        let image = c["image"].as_str().expect("image");
+        let (_, tag) = image
+            .rsplit_once(':')
+            .unwrap_or_else(|| panic!("{what}: `{image}` has no tag"));
+        assert!(!["dev", "latest"].contains(&tag), "{what}: {image}");
+        assert_eq!(tag, env!("CARGO_PKG_VERSION"), "{what}: {image}");
+
+        // A PodDisruptionBudget for exactly this region's pods.
+        let pdbs: Vec<_> = kind(&docs, "PodDisruptionBudget")
+            .into_iter()
+            .filter(|p| only_pods_of(&p["spec"]["selector"]["matchLabels"], index))
+            .collect();
+        assert_eq!(pdbs.len(), 1, "{what}: one PDB");
+    }
+
+    // NetworkPolicy: peers and clients to the gRPC port, monitoring only to
+    // the admin port, nothing else.
+    let c0 = &statefulsets[0]["spec"]["template"]["spec"]["containers"][0];
+    let named: BTreeMap<String, i64> = c0["ports"]
+        .as_vec()
+        .expect("ports")
+        .iter()
+        .filter_map(|p| {
+            Some((
+                p["name"].as_str()?.to_string(),
+                p["containerPort"].as_i64()?,
+            ))
+        })
+        .collect();
+    let resolve = |p: &Yaml| -> i64 {
+        p.as_i64()
+            .or_else(|| p.as_str().and_then(|n| named.get(n).copied()))
+            .unwrap_or_else(|| panic!("unknown port {p:?}"))
+    };
+    let netpols = kind(&docs, "NetworkPolicy");
+    assert_eq!(netpols.len(), 1);
+    let np = &netpols[0]["spec"];
+    for l in &pod_labels {
+        assert!(
+            selects(&np["podSelector"]["matchLabels"], l),
+            "the NetworkPolicy covers every controller"
         );
     }
-    // TLS and the key ring come from mounted secrets.
-    let env: Vec<&str> = container["env"]
-        .as_vec()
-        .expect("env")
-        .iter()
-        .filter_map(|e| e["name"].as_str())
-        .collect();
-    for var in [
-        "FEDERATION__NODE__TLS__CA",
-        "FEDERATION__NODE__TLS__CERT",
-        "FEDERATION__NODE__TLS__KEY",
-        "FEDERATION__NODE__KEYS__FILE",
-    ] {
-        assert!(env.contains(&var), "{var} not set");
+    assert!(strings(&np["policyTypes"]).contains(&"Ingress"));
+    let grpc = named["grpc"];
+    let admin = named["admin"];
+    let mut grpc_seen = false;
+    let mut admin_seen = false;
+    for rule in np["ingress"].as_vec().expect("ingress rules") {
+        let ports: Vec<i64> = rule["ports"]
+            .as_vec()
+            .expect("every rule names its ports")
+            .iter()
+            .map(|p| resolve(&p["port"]))
+            .collect();
+        let from = rule["from"].as_vec().expect("every rule names its peers");
+        assert!(!from.is_empty(), "a rule open to everyone");
+        for p in &ports {
+            if *p == grpc {
+                grpc_seen = true;
+                assert!(
+                    from.iter().any(|f| f["namespaceSelector"].is_badvalue()
+                        && pod_labels
+                            .iter()
+                            .all(|l| selects(&f["podSelector"]["matchLabels"], l))),
+                    "peers (the controllers) reach the gRPC port"
+                );
+            } else if *p == admin {
+                admin_seen = true;
+                assert_eq!(ports, [admin], "the admin port has a rule of its own");
+                for f in from {
+                    assert_eq!(
+                        f["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+                            .as_str(),
+                        Some("monitoring"),
+                        "only monitoring reaches the admin port"
+                    );
+                }
+            } else {
+                panic!("port {p} opened by the NetworkPolicy");
+            }
+        }
     }
-    assert!(!args.contains(&"--insecure"), "production runs on TLS");
+    assert!(grpc_seen && admin_seen, "gRPC and admin rules");
+
+    // ServiceMonitor: scrapes the admin port through the headless Services.
+    let monitors = kind(&docs, "ServiceMonitor");
+    assert_eq!(monitors.len(), 1);
+    let sm = &monitors[0];
+    assert_eq!(sm["apiVersion"].as_str(), Some("monitoring.coreos.com/v1"));
+    let selected: Vec<&&Yaml> = services
+        .iter()
+        .filter(|s| {
+            selects(
+                &sm["spec"]["selector"]["matchLabels"],
+                &labels(&s["metadata"]["labels"]),
+            )
+        })
+        .collect();
+    assert_eq!(
+        selected.len(),
+        statefulsets.len(),
+        "one scraped Service per region"
+    );
+    let endpoints = sm["spec"]["endpoints"].as_vec().expect("endpoints");
+    assert_eq!(endpoints.len(), 1);
+    let port_name = endpoints[0]["port"].as_str().expect("endpoint port name");
+    assert_eq!(endpoints[0]["path"].as_str(), Some("/metrics"));
+    for s in selected {
+        let p = s["spec"]["ports"]
+            .as_vec()
+            .expect("ports")
+            .iter()
+            .find(|p| p["name"].as_str() == Some(port_name))
+            .unwrap_or_else(|| panic!("{} has no port `{port_name}`", name(s)));
+        assert_eq!(p["port"].as_i64(), Some(admin), "{}", name(s));
+    }
+}
+
+// ------------------------------------------------------------------- systemd
+
+#[test]
+fn systemd_unit_verifies_and_is_hardened() {
+    let unit = std::fs::read_to_string(repo().join("deploy/systemd/federation.service"))
+        .expect("unit present");
+    for line in [
+        "Type=notify",
+        "UMask=0077",
+        "DynamicUser=yes",
+        "CapabilityBoundingSet=",
+        "PrivateDevices=yes",
+        "PrivateTmp=yes",
+        "NoNewPrivileges=yes",
+        "StateDirectoryMode=0700",
+    ] {
+        assert!(unit.lines().any(|l| l == line), "missing `{line}`");
+    }
+    assert!(
+        unit.lines()
+            .any(|l| l.starts_with("SystemCallFilter=@system-service")),
+        "a system call filter"
+    );
+    let exec = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .expect("ExecStart");
+    let args: Vec<&str> = exec.split_whitespace().collect();
+    assert_eq!(
+        flag(&args, "--data-dir"),
+        Some("/var/lib/federation"),
+        "the data dir is the StateDirectory"
+    );
+    assert!(!args.contains(&"--insecure"));
+    // `verify` checks that ExecStart exists: point it at this build.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("federation.service");
+    std::fs::write(
+        &path,
+        unit.replace(
+            "/usr/local/bin/federation",
+            env!("CARGO_BIN_EXE_federation"),
+        ),
+    )
+    .expect("write");
+    let out = output(
+        Command::new("systemd-analyze").arg("verify").arg(&path),
+        "systemd-analyze (Debian package systemd)",
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && !stderr.contains("federation.service"),
+        "systemd-analyze verify: {stderr}"
+    );
+    let out = output(
+        Command::new("systemd-analyze")
+            .args(["security", "--offline=true", "--no-pager"])
+            .arg(&path),
+        "systemd-analyze",
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let score: f64 = text
+        .lines()
+        .find_map(|l| {
+            l.split("Overall exposure level for federation.service: ")
+                .nth(1)
+        })
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "no exposure score in systemd-analyze security: {text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    assert!(score <= 3.0, "exposure {score} > 3:\n{text}");
+}
+
+// -------------------------------------------------------------------- Docker
+
+#[test]
+fn dockerfile_opens_and_checks_the_health_port_the_manifests_probe() {
+    let dockerfile =
+        std::fs::read_to_string(repo().join("deploy/Dockerfile")).expect("Dockerfile present");
+    let exposed: Vec<i64> = dockerfile
+        .lines()
+        .filter_map(|l| l.strip_prefix("EXPOSE "))
+        .flat_map(|l| l.split_whitespace().filter_map(|p| p.parse().ok()))
+        .collect();
+    let cmd = dockerfile
+        .lines()
+        .find_map(|l| l.strip_prefix("CMD "))
+        .expect("CMD");
+    let cmd: Vec<&str> = cmd
+        .trim_matches(|c| c == '[' || c == ']')
+        .split(',')
+        .map(|a| a.trim().trim_matches('"'))
+        .collect();
+    let health = port_of(flag(&cmd, "--health-listen").expect("CMD sets --health-listen"));
+    let listen = port_of(flag(&cmd, "--listen").expect("--listen"));
+    let admin = port_of(flag(&cmd, "--admin-listen").expect("--admin-listen"));
+    for p in [health, listen, admin] {
+        assert!(exposed.contains(&p), "port {p} not EXPOSEd ({exposed:?})");
+    }
+    // The manifests probe the same port.
+    let (_, docs) = render();
+    for sts in kind(&docs, "StatefulSet") {
+        let c = &sts["spec"]["template"]["spec"]["containers"][0];
+        assert_eq!(c["readinessProbe"]["grpc"]["port"].as_i64(), Some(health));
+    }
+    // HEALTHCHECK runs `federation health` against it; the subcommand exists.
+    let check = dockerfile
+        .split("HEALTHCHECK")
+        .nth(1)
+        .and_then(|rest| rest.split("CMD").nth(1))
+        .and_then(|rest| rest.lines().next())
+        .expect("a HEALTHCHECK with a CMD");
+    assert!(
+        check.contains("\"health\"") && check.contains(&format!("127.0.0.1:{health}")),
+        "HEALTHCHECK asks the health port: {check}"
+    );
+    let out = output(
+        Command::new(env!("CARGO_BIN_EXE_federation")).args(["health", "--help"]),
+        "federation",
+    );
+    assert!(out.status.success(), "`federation health` exists");
+    // The build context leaves build output and history out.
+    let ignore =
+        std::fs::read_to_string(repo().join(".dockerignore")).expect(".dockerignore present");
+    for entry in ["target", ".git"] {
+        assert!(ignore.lines().any(|l| l == entry), ".dockerignore: {entry}");
+    }
+}
+
+/// The unit's `SystemCallFilter=` lines: (allowed, denied), groups expanded
+/// by `systemd-analyze syscall-filter`.
+fn unit_syscall_filter(unit: &str) -> (BTreeSet<String>, BTreeSet<String>) {
+    fn expand(item: &str, into: &mut BTreeSet<String>, depth: usize) {
+        assert!(depth < 10, "syscall groups nest too deep at {item}");
+        if !item.starts_with('@') {
+            into.insert(item.to_string());
+            return;
+        }
+        let out = output(
+            Command::new("systemd-analyze").args(["syscall-filter", "--no-pager", item]),
+            "systemd-analyze",
+        );
+        assert!(
+            out.status.success(),
+            "systemd-analyze syscall-filter {item}"
+        );
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        for line in text.lines().skip(1) {
+            let entry = line.trim();
+            if entry.is_empty() || entry.starts_with('#') {
+                continue;
+            }
+            expand(entry, into, depth + 1);
+        }
+    }
+    let mut allowed = BTreeSet::new();
+    let mut denied = BTreeSet::new();
+    for line in unit.lines() {
+        let Some(rest) = line.strip_prefix("SystemCallFilter=") else {
+            continue;
+        };
+        let (set, items) = match rest.strip_prefix('~') {
+            Some(items) => (&mut denied, items),
+            None => (&mut allowed, rest),
+        };
+        for item in items.split_whitespace() {
+            expand(item, set, 0);
+        }
+    }
+    (allowed, denied)
+}
+
+/// The controller, traced with `strace -f -c` from start to SIGTERM (ready,
+/// a task submitted and stored, a health check), makes only system calls the
+/// unit's filter allows: the filter will not kill (or EPERM) it in service.
+#[test]
+fn controller_system_calls_pass_the_units_filter() {
+    let unit = std::fs::read_to_string(repo().join("deploy/systemd/federation.service"))
+        .expect("unit present");
+    let (allowed, denied) = unit_syscall_filter(&unit);
+    assert!(allowed.contains("read") && denied.contains("reboot"));
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let policy = dir.path().join("federation.yaml");
+    std::fs::write(
+        &policy,
+        r#"
+federation:
+  name: "Solo Federation"
+  regions:
+    - name: "solo"
+      endpoint: "http://127.0.0.1:7000"
+      compliance: ["GDPR"]
+  routing_rules:
+    - name: "everyone"
+      default: true
+      primary_region: "solo"
+  data_synchronization:
+    enabled: false
+"#,
+    )
+    .expect("write policy");
+    let notify = dir.path().join("notify");
+    let socket = std::os::unix::net::UnixDatagram::bind(&notify).expect("bind notify");
+    socket
+        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .expect("timeout");
+    let summary = dir.path().join("strace.txt");
+    let mut cmd = Command::new("strace");
+    cmd.args(["-f", "-c", "-o"])
+        .arg(&summary)
+        .arg("--")
+        .arg(env!("CARGO_BIN_EXE_federation"))
+        .args(["serve", "--insecure", "--region", "solo"])
+        .arg("--config")
+        .arg(&policy)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .args(["--health-listen", "127.0.0.1:0"])
+        .env("NOTIFY_SOCKET", &notify)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    let mut strace = federation::sandbox::ChildGuard::spawn_group("strace federation", &mut cmd)
+        .unwrap_or_else(|e| panic!("strace (Debian package strace) could not be run: {e:#}"));
+    let stdout = strace.stdout().expect("stdout");
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)
+        .expect("the controller prints its address");
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line `{line}`"))
+        .to_string();
+    let mut buf = [0u8; 256];
+    let mut ready = false;
+    for _ in 0..10 {
+        let n = socket.recv(&mut buf).expect("a notification within 30 s");
+        if String::from_utf8_lossy(&buf[..n])
+            .lines()
+            .any(|l| l == "READY=1")
+        {
+            ready = true;
+            break;
+        }
+    }
+    assert!(ready, "READY=1");
+    let out = output(
+        Command::new(env!("CARGO_BIN_EXE_federation"))
+            .args(["submit", "--insecure", "--controller", &addr])
+            .args(["--attr", "customer_region=DE"]),
+        "federation",
+    );
+    assert!(out.status.success(), "submit: {out:?}");
+    // SIGTERM to the controller (strace's child), then strace writes the summary.
+    let strace_pid = strace.pid().expect("pid");
+    let children =
+        std::fs::read_to_string(format!("/proc/{strace_pid}/task/{strace_pid}/children"))
+            .expect("strace's children");
+    let controller = children
+        .split_whitespace()
+        .next()
+        .expect("the controller runs under strace");
+    let status = Command::new("kill")
+        .args(["-TERM", controller])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let exit = strace
+        .wait_timeout(std::time::Duration::from_secs(60))
+        .expect("the controller stops on SIGTERM");
+    assert!(exit.success(), "{exit:?}");
+    let text = std::fs::read_to_string(&summary).expect("strace summary");
+    let used: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with('%') && !l.starts_with('-'))
+        .filter_map(|l| l.split_whitespace().last())
+        .filter(|s| *s != "total")
+        .collect();
+    assert!(
+        used.contains(&"fsync") || used.contains(&"fdatasync"),
+        "{text}"
+    );
+    let refused: Vec<&&str> = used
+        .iter()
+        .filter(|s| !allowed.contains(**s) || denied.contains(**s))
+        .collect();
+    assert!(
+        refused.is_empty(),
+        "system calls the unit's filter refuses: {refused:?}\n{text}"
+    );
 }

@@ -8,8 +8,10 @@ pub mod client;
 pub mod completions;
 pub mod connect;
 pub mod demo;
+pub mod health;
 pub mod output;
 pub mod policy;
+pub mod sd_notify;
 pub mod serve;
 pub mod snapshot;
 pub mod store;
@@ -81,6 +83,8 @@ pub enum Command {
     Undrain(client::UndrainArgs),
     /// Validate and apply a policy on a running controller (the old one stays on error).
     Reload(client::ReloadArgs),
+    /// Ask a controller's plaintext health port whether it is SERVING (exit 0) or not.
+    Health(health::HealthArgs),
     /// Development certificates (mutual TLS).
     #[command(subcommand)]
     Certs(certs::CertsCommand),
@@ -115,6 +119,7 @@ pub fn main() -> ExitCode {
         Command::Drain(args) => client::drain(args),
         Command::Undrain(args) => client::undrain(args),
         Command::Reload(args) => client::reload(args),
+        Command::Health(args) => health::run(args),
         Command::Agent(mut args) => {
             if cli.log_format == LogFormat::Json {
                 args.log_format = region_agent::LogFormat::Json;

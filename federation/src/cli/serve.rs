@@ -1,21 +1,25 @@
 //! `federation serve`: runs one region's controller until SIGTERM/SIGINT;
-//! SIGHUP reloads the policy from the federation file.
+//! SIGHUP (or, with `node.timers.policy_poll`, a change of the file's
+//! content) reloads the policy from the federation file. Under systemd
+//! (`Type=notify`) it reports READY=1 when the health status turns SERVING
+//! and STOPPING=1 when shutdown begins.
 //!
-//! Start-up order: logging, configuration (exit 64 when unusable), bind,
-//! open the state (exit 65 when the task store is damaged or lost
-//! acknowledged work),
-//! serve. The library ([`crate::controller`]) takes the bound listener and a
-//! shutdown future; only this binary touches signals and addresses.
+//! Start-up order: logging, umask 0077 (everything created is owner-only),
+//! configuration (exit 64 when unusable), bind, open the state (exit 65 when
+//! the task store is damaged or lost acknowledged work), serve. The library
+//! ([`crate::controller`]) takes the bound listener and a shutdown future;
+//! only this binary touches signals and addresses.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context as _;
 
 use super::LogFormat;
 use crate::config;
-use crate::controller::{self, Settings};
+use crate::controller::{self, Node, Settings};
 use crate::policy::Policy;
 
 /// Exit status for an unusable configuration (EX_USAGE).
@@ -185,8 +189,14 @@ pub fn settings(args: &ServeArgs) -> anyhow::Result<Resolved> {
             attest_tags: t.attest_tags,
         })
     };
+    if let Some(key) = &node.tls.key {
+        crate::private_files::warn_if_exposed(key, "tls private key file");
+    }
     let tokens = match &node.tls.tokens_file {
-        Some(path) => crate::auth::Tokens::load(path)?,
+        Some(path) => {
+            crate::private_files::warn_if_exposed(path, "token file");
+            crate::auth::Tokens::load(path)?
+        }
         None => crate::auth::Tokens::default(),
     };
     let data_dir = args
@@ -233,6 +243,7 @@ fn default_listen(endpoint: &str) -> Option<SocketAddr> {
 /// Runs the controller until SIGTERM/SIGINT.
 pub fn run(args: ServeArgs, log: LogFormat) -> ExitCode {
     init_tracing(log);
+    crate::private_files::restrict_umask();
     let resolved = match settings(&args) {
         Ok(s) => s,
         Err(e) => return super::fail(&e, EXIT_CONFIG),
@@ -338,7 +349,91 @@ async fn serve(resolved: Resolved) -> anyhow::Result<()> {
             }
         }
     });
-    controller::serve(node, listener, stopped()).await
+    tokio::spawn(notify_when_serving(node.clone()));
+    let poll = node.timers.policy_poll;
+    if !poll.is_zero() {
+        tokio::spawn(poll_policy(node.clone(), poll));
+    }
+    let stop = stopped();
+    let shutdown = async move {
+        stop.await;
+        super::sd_notify::notify_logged("STOPPING=1");
+    };
+    controller::serve(node, listener, shutdown).await
+}
+
+/// Sends systemd READY=1 the first time the health status (`grpc.health.v1`,
+/// overall service) turns SERVING: what the probes and `Type=notify` wait for.
+async fn notify_when_serving(node: Arc<Node>) {
+    use tokio_stream::StreamExt as _;
+    use tonic_health::pb::health_server::Health as _;
+    let service = tonic_health::server::HealthService::from_health_reporter(node.health.clone());
+    let request = tonic::Request::new(tonic_health::pb::HealthCheckRequest {
+        service: String::new(),
+    });
+    let Ok(response) = service.watch(request).await else {
+        return;
+    };
+    let mut statuses = response.into_inner();
+    let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+    while let Some(Ok(update)) = statuses.next().await {
+        if update.status == serving {
+            super::sd_notify::notify_logged("READY=1\nSTATUS=serving");
+            return;
+        }
+    }
+}
+
+/// Re-reads the federation file every `every` and reloads the policy when
+/// its bytes changed (a mounted ConfigMap is replaced atomically, so a read
+/// sees the old or the new file whole). A refused policy is logged once per
+/// content; the old one keeps routing.
+async fn poll_policy(node: Arc<Node>, every: std::time::Duration) {
+    let path = node.config_path.clone();
+    let mut seen = tokio::fs::read(&path).await.ok();
+    // The file may have changed between the start-up load and that read:
+    // compare what it holds now with the policy in force, once.
+    let on_disk = config::load(&config::Sources {
+        federation_file: path.clone(),
+        node_file: None,
+        env: None,
+    })
+    .map_err(crate::policy::LoadError::from)
+    .and_then(|l| Policy::from_loaded(&l));
+    let mut changed = match on_disk {
+        Ok(p) => p.hash != node.policy().hash,
+        Err(_) => false,
+    };
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await;
+    loop {
+        if std::mem::take(&mut changed) {
+            reload_changed(&node, &path).await;
+        }
+        ticker.tick().await;
+        let now = match tokio::fs::read(&path).await {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                tracing::debug!(path = %path.display(), error = %e, "policy poll: file unreadable; keeping the policy");
+                continue;
+            }
+        };
+        if seen.as_deref() == Some(now.as_slice()) {
+            continue;
+        }
+        seen = Some(now);
+        changed = true;
+    }
+}
+
+async fn reload_changed(node: &Node, path: &std::path::Path) {
+    let r = crate::service::reload(node, "", "", "").await;
+    if r.applied {
+        tracing::info!(path = %path.display(), policy_hash = %r.policy_hash, "federation file changed: policy reloaded");
+    } else {
+        tracing::warn!(path = %path.display(), error = %r.error, "federation file changed: reload refused; old policy kept");
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.

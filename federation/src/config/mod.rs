@@ -297,6 +297,11 @@ pub struct Timers {
     /// backups' takeover notices before they may be leased anyway.
     #[serde(with = "duration::serde_secs")]
     pub startup_fence: Duration,
+    /// How often `serve` re-reads the federation file and reloads the policy
+    /// when its content changed (a Kubernetes ConfigMap update); 0 = never
+    /// (reload with SIGHUP or `federation reload`).
+    #[serde(with = "duration::serde_secs")]
+    pub policy_poll: Duration,
 }
 
 impl Default for Timers {
@@ -314,6 +319,7 @@ impl Default for Timers {
             failback_hold_down: Duration::from_secs(30),
             takeover_grace: Duration::from_secs(30),
             startup_fence: Duration::from_secs(10),
+            policy_poll: Duration::ZERO,
         }
     }
 }

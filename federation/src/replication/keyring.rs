@@ -195,8 +195,9 @@ impl KeyRing {
         })
     }
 
-    /// Reads a ring from a file.
+    /// Reads a ring from a file (warning when others can read it).
     pub fn load_file(path: &Path) -> Result<Self, KeyError> {
+        crate::private_files::warn_if_exposed(path, "snapshot key file");
         let text = std::fs::read_to_string(path).map_err(|source| KeyError::Read {
             path: path.to_path_buf(),
             source,
