@@ -778,6 +778,10 @@ federation:
         .set_read_timeout(Some(std::time::Duration::from_secs(30)))
         .expect("timeout");
     let summary = dir.path().join("strace.txt");
+    // The controller's stdout stays empty (logs go to stderr): give it a port.
+    let addr = federation::sandbox::free_port()
+        .expect("a free port")
+        .to_string();
     let mut cmd = Command::new("strace");
     cmd.args(["-f", "-c", "-o"])
         .arg(&summary)
@@ -788,22 +792,15 @@ federation:
         .arg(&policy)
         .arg("--data-dir")
         .arg(dir.path().join("data"))
-        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .arg("--listen")
+        .arg(&addr)
+        .args(["--admin-listen", "127.0.0.1:0"])
         .args(["--health-listen", "127.0.0.1:0"])
         .env("NOTIFY_SOCKET", &notify)
-        .stdout(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
     let mut strace = federation::sandbox::ChildGuard::spawn_group("strace federation", &mut cmd)
         .unwrap_or_else(|e| panic!("strace (Debian package strace) could not be run: {e:#}"));
-    let stdout = strace.stdout().expect("stdout");
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)
-        .expect("the controller prints its address");
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line `{line}`"))
-        .to_string();
     let mut buf = [0u8; 256];
     let mut ready = false;
     for _ in 0..10 {
