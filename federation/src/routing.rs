@@ -11,6 +11,8 @@
 use std::sync::Arc;
 
 use federation_api as api;
+use federation_trace::TraceParent;
+use tracing::Instrument as _;
 
 use crate::audit::{DecisionRef, PendingRecord};
 use crate::controller::{Node, now_ms};
@@ -38,10 +40,13 @@ pub fn validate_submit(node: &Node, req: &api::SubmitTaskRequest) -> Result<Attr
     wire::attributes_from_wire(&req.attributes, &node.limits)
 }
 
-/// Routes and stores a client's task.
+/// Routes and stores a client's task. `received` is the trace context the
+/// client sent, passed on unchanged when this controller does not export
+/// spans (when it does, the current span's context goes on instead).
 pub async fn submit(
     node: &Arc<Node>,
     req: api::SubmitTaskRequest,
+    received: Option<&TraceParent>,
 ) -> Result<api::SubmitTaskResponse> {
     let attrs = validate_submit(node, &req)?;
     let policy = node.policy();
@@ -70,12 +75,29 @@ pub async fn submit(
         );
         let local = region == node.region;
         let (attempt, record) = if local {
-            store_local(node, &task_id, &req, &decision, pending).await
+            store_local(node, &task_id, &req, &decision, pending, received).await
         } else {
-            let logged = node.log.append_pending(pending);
+            let logged = node
+                .log
+                .append_pending(pending)
+                .instrument(tracing::info_span!(
+                    target: federation_trace::TARGET,
+                    "decision_log.append",
+                    kind = crate::audit::kind::ROUTE,
+                    task_id = %task_id,
+                ));
+            let span = tracing::info_span!(
+                target: federation_trace::TARGET,
+                "forward",
+                otel.kind = "client",
+                peer.region = %region,
+                task_id = %task_id,
+            );
             // Boxed: the client call's state is large, and keeping it out of
             // this future keeps local submits' futures small.
-            let forwarded = Box::pin(forward(node, &region, &task_id, &req, &decision));
+            let forwarded = Box::pin(
+                forward(node, &region, &task_id, &req, &decision, received).instrument(span),
+            );
             let (attempt, logged) = tokio::join!(forwarded, logged);
             (attempt, record_state(logged))
         };
@@ -183,13 +205,15 @@ fn log_decision(decision: &Decision, task_id: Option<&str>) {
 }
 
 /// Stores the task here, appending `record` (renamed to the task the store
-/// produced) in the same batch.
+/// produced) in the same batch. The task carries the trace context of the
+/// span accepting it (or `received`, when this controller does not export).
 async fn store_local(
     node: &Node,
     task_id: &str,
     req: &api::SubmitTaskRequest,
     decision: &Decision,
     record: PendingRecord,
+    received: Option<&TraceParent>,
 ) -> (Result<(String, bool)>, RecordState) {
     if node.draining() {
         return (
@@ -209,9 +233,31 @@ async fn store_local(
         rule_index: decision.rule_index.unwrap_or_default() as u32,
         created_unix_ms: now,
         updated_unix_ms: now,
+        traceparent: federation_trace::outgoing(&tracing::Span::current(), received)
+            .map(|t| t.to_string())
+            .unwrap_or_default(),
         ..Default::default()
     };
-    let stored = node.store.insert_recorded(task, &node.log, record).await;
+    // The decision record rides in the commit's batch: its append is
+    // inside the commit's span, as long as it.
+    let commit = tracing::info_span!(
+        target: federation_trace::TARGET,
+        "store.commit",
+        op = "insert",
+        task_id = %task_id,
+    );
+    let append = tracing::info_span!(
+        target: federation_trace::TARGET,
+        parent: &commit,
+        "decision_log.append",
+        task_id = %task_id,
+    );
+    let stored = node
+        .store
+        .insert_recorded(task, &node.log, record)
+        .instrument(append)
+        .instrument(commit)
+        .await;
     if let RecordState::Failed(e) = &stored.record {
         tracing::error!(error = %e, "appending to the decision log failed");
     }
@@ -239,6 +285,7 @@ async fn forward(
     task_id: &str,
     req: &api::SubmitTaskRequest,
     decision: &Decision,
+    received: Option<&TraceParent>,
 ) -> Result<(String, bool)> {
     let mut client = node.peer(region)?;
     let message = api::ForwardTaskRequest {
@@ -249,7 +296,12 @@ async fn forward(
     };
     let deadline = node.timers.forward_timeout;
     let started = std::time::Instant::now();
-    let call = client.forward_task(transport::with_deadline(message, deadline));
+    let mut request = transport::with_deadline(message, deadline);
+    // The owner's spans are children of this forward's.
+    if let Some(tp) = federation_trace::outgoing(&tracing::Span::current(), received) {
+        federation_trace::to_metadata(request.metadata_mut(), &tp);
+    }
+    let call = client.forward_task(request);
     let result = tokio::time::timeout(deadline, call).await;
     node.metrics
         .forward(region, started.elapsed().as_secs_f64());
@@ -274,6 +326,7 @@ async fn forward(
 pub async fn accept_forward(
     node: &Arc<Node>,
     req: api::ForwardTaskRequest,
+    received: Option<&TraceParent>,
 ) -> Result<api::ForwardTaskResponse> {
     wire::check_task_id(&req.task_id)?;
     if wire::owner_of(&req.task_id) != Some(node.region.as_str()) {
@@ -335,7 +388,8 @@ pub async fn accept_forward(
         &decision,
         Some(&note),
     );
-    let (stored, appended) = store_local(node, &req.task_id, &submit, &decision, pending).await;
+    let (stored, appended) =
+        store_local(node, &req.task_id, &submit, &decision, pending, received).await;
     if let (Err(e), RecordState::Written | RecordState::Failed(_)) = (&stored, appended) {
         record(
             node,

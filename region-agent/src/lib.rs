@@ -12,6 +12,11 @@
 //!   * `FEDERATION_TASK_ID`: the task's id.
 //!   * `FEDERATION_ATTEMPT`: how many times the task has been leased so far
 //!     (1 on the first run; higher means an earlier run may have happened).
+//!   * `TRACEPARENT`: the W3C trace context of the task's run (the agent's
+//!     `run_task` span when the agent exports spans, else the task's own
+//!     context from the controller), when the task has one; the agent's own
+//!     `TRACEPARENT` and `TRACESTATE` are removed. A command that traces
+//!     makes its spans children of it.
 //!   * `FEDERATION_ATTR_<KEY>` for each attribute: the key uppercased, every
 //!     character other than an ASCII letter or digit replaced by `_`
 //!     (`customer_region` → `FEDERATION_ATTR_CUSTOMER_REGION`). Strings are
@@ -112,6 +117,10 @@ pub struct AgentArgs {
     /// Plaintext without authentication (development only).
     #[arg(long, conflicts_with = "ca")]
     pub insecure: bool,
+    /// Export the agent's spans (lease, run, report) to this OTLP/gRPC
+    /// collector, `http://host:port`; off when unset.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
 }
 
 /// How the agent authenticates to its controller.
@@ -316,7 +325,54 @@ pub async fn run(
 /// Runs the agent from parsed arguments until SIGTERM/SIGINT; a second signal
 /// stops at once, killing running tasks.
 pub fn main_with(args: AgentArgs) -> ExitCode {
-    init_tracing();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::from(1);
+        }
+    };
+    let otlp = args
+        .otlp_endpoint
+        .as_ref()
+        .filter(|e| !e.is_empty())
+        .map(|endpoint| federation_trace::Otlp {
+            endpoint: endpoint.clone(),
+            service: "region-agent".to_owned(),
+            attributes: args
+                .region
+                .iter()
+                .map(|r| ("federation.region".to_owned(), r.clone()))
+                .chain(
+                    args.name
+                        .iter()
+                        .map(|n| ("agent.name".to_owned(), n.clone())),
+                )
+                .collect(),
+        });
+    let exporter = {
+        // The exporter's channel lives on the runtime.
+        let _context = runtime.enter();
+        match init_tracing(otlp.as_ref()) {
+            Ok(exporter) => exporter,
+            Err(err) => {
+                eprintln!("error: --otlp-endpoint: {err}");
+                return ExitCode::from(2);
+            }
+        }
+    };
+    let code = run_main(args, &runtime);
+    // Outside the workers, while the runtime still carries the channel.
+    if let Some(exporter) = exporter {
+        exporter.shutdown();
+    }
+    code
+}
+
+fn run_main(args: AgentArgs, runtime: &tokio::runtime::Runtime) -> ExitCode {
     if args.ca.is_none() && !args.insecure {
         eprintln!(
             "error: tls is required: pass --ca (with --cert/--key or --token), or --insecure for plaintext"
@@ -331,16 +387,6 @@ pub fn main_with(args: AgentArgs) -> ExitCode {
         eprintln!("error: {err}");
         return ExitCode::from(2);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("error: cannot start the async runtime: {err}");
-            return ExitCode::from(1);
-        }
-    };
     runtime.block_on(async move {
         let (first_tx, first_rx) = tokio::sync::oneshot::channel::<()>();
         let signals = tokio::spawn(async move {
@@ -401,13 +447,12 @@ async fn wait_for_signal() -> std::io::Result<&'static str> {
     })
 }
 
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Another subscriber may already be installed (tests, an embedding
-    // binary); keep it.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+/// Logs on stderr (`RUST_LOG`, default info), spans to `otlp` when given.
+/// Another subscriber may already be installed (tests, an embedding
+/// binary); it is kept.
+fn init_tracing(
+    otlp: Option<&federation_trace::Otlp>,
+) -> Result<Option<federation_trace::Exporter>, federation_trace::TraceError> {
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    federation_trace::init(federation_trace::LogFormat::Text { ansi }, otlp)
 }

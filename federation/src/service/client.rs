@@ -143,8 +143,20 @@ impl api::federation_client_server::FederationClient for ClientService {
         &self,
         request: Request<api::SubmitTaskRequest>,
     ) -> Result<Response<api::SubmitTaskResponse>, Status> {
+        use tracing::Instrument as _;
+        // The client's trace continues here (or one starts).
+        let parent = federation_trace::from_metadata(request.metadata());
+        let span = tracing::info_span!(
+            target: federation_trace::TARGET,
+            "submit_task",
+            otel.kind = "server",
+            region = %self.node.region,
+        );
+        federation_trace::set_parent(&span, parent.as_ref());
         Ok(Response::new(
-            routing::submit(&self.node, request.into_inner()).await?,
+            routing::submit(&self.node, request.into_inner(), parent.as_ref())
+                .instrument(span)
+                .await?,
         ))
     }
 

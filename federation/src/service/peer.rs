@@ -127,8 +127,21 @@ impl api::federation_peer_server::FederationPeer for PeerService {
             return Err(Error::invalid("entry_region", "missing").into());
         }
         self.check_caller(&request, "entry_region", &entry)?;
+        use tracing::Instrument as _;
+        // A child of the entry's forward span.
+        let parent = federation_trace::from_metadata(request.metadata());
+        let span = tracing::info_span!(
+            target: federation_trace::TARGET,
+            "forward_task",
+            otel.kind = "server",
+            region = %self.node.region,
+            entry_region = %entry,
+        );
+        federation_trace::set_parent(&span, parent.as_ref());
         Ok(Response::new(
-            routing::accept_forward(&self.node, request.into_inner()).await?,
+            routing::accept_forward(&self.node, request.into_inner(), parent.as_ref())
+                .instrument(span)
+                .await?,
         ))
     }
 
