@@ -147,9 +147,14 @@ pub fn init(format: LogFormat, otlp: Option<&Otlp>) -> Result<Option<Exporter>, 
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // The exported spans are not log context: refused here, they cost
     // nothing when no exporter takes them either.
+    // The filter keeps RUST_LOG's level hint, so disabled levels stay a
+    // static check (a bare `filter_fn` has no hint, which would lift it).
+    let hint = tracing_subscriber::Layer::<tracing_subscriber::Registry>::max_level_hint(&filter)
+        .unwrap_or(tracing_subscriber::filter::LevelFilter::TRACE);
     let logs_filter = tracing_subscriber::filter::FilterExt::and(
         filter,
-        tracing_subscriber::filter::filter_fn(|m| !(m.is_span() && m.target() == TARGET)),
+        tracing_subscriber::filter::filter_fn(|m| !(m.is_span() && m.target() == TARGET))
+            .with_max_level_hint(hint),
     );
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let logs: Boxed = match format {
@@ -212,13 +217,15 @@ fn otel_layer(
         .build();
     let tracer = provider.tracer(otlp.service.clone());
     // Our spans, and warnings and errors inside them (as span events).
+    // Our spans are INFO: the hint keeps debug and trace callsites off.
     let only_ours = tracing_subscriber::filter::filter_fn(|m| {
         if m.is_span() {
-            m.target() == TARGET
+            m.target() == TARGET && *m.level() <= tracing::Level::INFO
         } else {
             *m.level() <= tracing::Level::WARN
         }
-    });
+    })
+    .with_max_level_hint(tracing_subscriber::filter::LevelFilter::INFO);
     let layer = tracing_opentelemetry::layer()
         .with_tracer(tracer)
         .with_filter(only_ours)
@@ -393,6 +400,17 @@ mod tests {
         assert!(!exporting());
         // Off at the callsite: not built, not recorded, not sent.
         let span = tracing::info_span!(target: TARGET, "store.commit");
+        // And the level hint is RUST_LOG's, as without tracing: levels it
+        // disables stay a static check.
+        assert_eq!(
+            tracing::level_filters::LevelFilter::current(),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .ok()
+                .and_then(|f| {
+                    tracing_subscriber::Layer::<tracing_subscriber::Registry>::max_level_hint(&f)
+                })
+                .unwrap_or(tracing::level_filters::LevelFilter::INFO)
+        );
         assert!(span.is_disabled());
         assert!(TraceParent::of_context(&span.context()).is_none());
     }
