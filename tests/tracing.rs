@@ -29,7 +29,12 @@ struct Got {
     trace_id: String,
     span_id: String,
     parent: String,
+    /// The status description when the span's status is ERROR.
+    error: Option<String>,
 }
+
+/// OTLP's `STATUS_CODE_ERROR`.
+const STATUS_ERROR: i32 = 2;
 
 #[derive(Debug, Default, Clone)]
 struct Receiver {
@@ -69,6 +74,11 @@ impl TraceService for Receiver {
                     trace_id: hex(&span.trace_id),
                     span_id: hex(&span.span_id),
                     parent: hex(&span.parent_span_id),
+                    error: span
+                        .status
+                        .as_ref()
+                        .filter(|s| s.code == STATUS_ERROR)
+                        .map(|s| s.message.clone()),
                 });
             }
         }
@@ -216,9 +226,10 @@ async fn one_trace_follows_a_forwarded_task_to_the_agent_and_its_command() {
     })
     .await;
 
-    // One trace: the client's.
+    // One trace: the client's; nothing failed.
     for s in &spans {
         assert_eq!(s.trace_id, CLIENT_TRACE, "a span outside the trace: {s:#?}");
+        assert_eq!(s.error, None, "{s:#?}");
     }
     let t = CLIENT_TRACE;
     let submit = one(&spans, t, "federation", "north_america", "submit_task");
@@ -337,6 +348,25 @@ async fn without_a_client_trace_the_entry_starts_one_that_crosses_to_the_owner()
         format!("00-{t}-{}-01", accept.span_id),
         "the task carries the accepting span's context"
     );
+
+    // A refused task's span says why.
+    let refused = client
+        .submit_task(api::SubmitTaskRequest {
+            attributes: string_attrs(&[("customer_region", "JP")]),
+            ..Default::default()
+        })
+        .await
+        .expect_err("JP matches no rule");
+    let failed = eventually("the refused submit's span", PATIENCE, || {
+        let failed = receiver
+            .snapshot()
+            .into_iter()
+            .find(|s| s.name == "submit_task" && s.error.is_some());
+        async move { failed }
+    })
+    .await;
+    let why = failed.error.unwrap_or_default();
+    assert!(why.contains(refused.message()), "{why:?} vs {refused:?}");
 }
 
 #[test]

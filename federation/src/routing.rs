@@ -90,14 +90,20 @@ pub async fn submit(
                 target: federation_trace::TARGET,
                 "forward",
                 otel.kind = "client",
+                otel.status_description = tracing::field::Empty,
                 peer.region = %region,
                 task_id = %task_id,
             );
+            let call = forward(node, &region, &task_id, &req, &decision, received);
             // Boxed: the client call's state is large, and keeping it out of
             // this future keeps local submits' futures small.
-            let forwarded = Box::pin(
-                forward(node, &region, &task_id, &req, &decision, received).instrument(span),
-            );
+            let forwarded = Box::pin(async move {
+                let forwarded = call.instrument(span.clone()).await;
+                if let Err(e) = &forwarded {
+                    federation_trace::fail(&span, e);
+                }
+                forwarded
+            });
             let (attempt, logged) = tokio::join!(forwarded, logged);
             (attempt, record_state(logged))
         };

@@ -710,10 +710,12 @@ impl Agent {
         let run_span = tracing::info_span!(
             target: federation_trace::TARGET,
             "run_task",
+            otel.status_description = tracing::field::Empty,
             task_id = %task.task_id,
             attempt = task.attempts,
             agent = %self.config.name,
         );
+        let run = run_span.clone();
         let received = federation_trace::TraceParent::parse(&task.traceparent);
         federation_trace::set_parent(&run_span, received.as_ref());
         task.traceparent = federation_trace::outgoing(&run_span, received.as_ref())
@@ -775,6 +777,7 @@ impl Agent {
                         info!(elapsed_ms, "task succeeded");
                     } else {
                         info!(elapsed_ms, error = %report.error, "task failed");
+                        federation_trace::fail(&run, &report.error);
                     }
                     let traced = federation_trace::TraceParent::parse(&task.traceparent);
                     self.complete(&session, &task.task_id, report, traced.as_ref())

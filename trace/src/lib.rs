@@ -331,6 +331,15 @@ pub fn set_parent(span: &tracing::Span, parent: Option<&TraceParent>) {
     }
 }
 
+/// Marks `span` failed, with `why` as its OpenTelemetry status
+/// description. The span must declare `otel.status_description =
+/// tracing::field::Empty`. Nothing when not exporting.
+pub fn fail(span: &tracing::Span, why: &dyn std::fmt::Display) {
+    if exporting() {
+        span.record("otel.status_description", tracing::field::display(why));
+    }
+}
+
 /// The traceparent to send on from within `span`: the span's own context
 /// when this process exports (so the receiver's spans are its children),
 /// else `received` unchanged, so the trace passes through.

@@ -187,6 +187,7 @@ impl api::region_agent_api_server::RegionAgentApi for AgentService {
                 target: federation_trace::TARGET,
                 "complete_task",
                 otel.kind = "server",
+                otel.status_description = tracing::field::Empty,
                 region = %self.node.region,
                 task_id = %request.get_ref().task_id,
             );
@@ -196,7 +197,14 @@ impl api::region_agent_api_server::RegionAgentApi for AgentService {
         } else {
             tracing::Span::none()
         };
-        self.complete(request.into_inner()).instrument(span).await
+        let completed = self
+            .complete(request.into_inner())
+            .instrument(span.clone())
+            .await;
+        if let Err(status) = &completed {
+            federation_trace::fail(&span, &status.message());
+        }
+        completed
     }
 }
 

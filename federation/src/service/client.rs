@@ -150,14 +150,17 @@ impl api::federation_client_server::FederationClient for ClientService {
             target: federation_trace::TARGET,
             "submit_task",
             otel.kind = "server",
+            otel.status_description = tracing::field::Empty,
             region = %self.node.region,
         );
         federation_trace::set_parent(&span, parent.as_ref());
-        Ok(Response::new(
-            routing::submit(&self.node, request.into_inner(), parent.as_ref())
-                .instrument(span)
-                .await?,
-        ))
+        let submitted = routing::submit(&self.node, request.into_inner(), parent.as_ref())
+            .instrument(span.clone())
+            .await;
+        if let Err(e) = &submitted {
+            federation_trace::fail(&span, e);
+        }
+        Ok(Response::new(submitted?))
     }
 
     async fn get_task(

@@ -134,15 +134,18 @@ impl api::federation_peer_server::FederationPeer for PeerService {
             target: federation_trace::TARGET,
             "forward_task",
             otel.kind = "server",
+            otel.status_description = tracing::field::Empty,
             region = %self.node.region,
             entry_region = %entry,
         );
         federation_trace::set_parent(&span, parent.as_ref());
-        Ok(Response::new(
-            routing::accept_forward(&self.node, request.into_inner(), parent.as_ref())
-                .instrument(span)
-                .await?,
-        ))
+        let accepted = routing::accept_forward(&self.node, request.into_inner(), parent.as_ref())
+            .instrument(span.clone())
+            .await;
+        if let Err(e) = &accepted {
+            federation_trace::fail(&span, e);
+        }
+        Ok(Response::new(accepted?))
     }
 
     async fn relay_get_task(
