@@ -398,3 +398,51 @@ fn a_bad_otlp_endpoint_is_a_configuration_error_naming_the_key() {
         assert!(out.stdout.is_empty(), "stdout stays empty");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_flushes_the_spans_still_buffered() {
+    let (receiver, endpoint) = start_receiver().await;
+    // Batches are due only after ten minutes: what arrives, the shutdown sent.
+    let mut sandbox = federation::sandbox::SandboxBuilder::new(federation_exe(), two_regions())
+        .env("FEDERATION__NODE__TRACING__OTLP_ENDPOINT", &endpoint)
+        .env("OTEL_BSP_SCHEDULE_DELAY", "600000")
+        .agents(0, 1)
+        .start()
+        .expect("sandbox starts");
+    sandbox
+        .wait_all_alive(PATIENCE)
+        .await
+        .expect("federation forms");
+    let mut client = sandbox.client("north_america").await.expect("client");
+    client
+        .submit_task(api::SubmitTaskRequest {
+            attributes: string_attrs(&[("customer_region", "DE")]),
+            ..Default::default()
+        })
+        .await
+        .expect("submit");
+    assert!(
+        receiver.snapshot().is_empty(),
+        "nothing sent before its time"
+    );
+    for region in ["north_america", "europe"] {
+        let controller = sandbox.controller(region).expect("running");
+        controller.signal("TERM").expect("SIGTERM");
+        let status = controller
+            .wait_timeout(PATIENCE)
+            .unwrap_or_else(|| panic!("{region} did not stop"));
+        assert!(status.success(), "{region}: {status:?}");
+    }
+    let spans = receiver.snapshot();
+    for (region, name) in [
+        ("north_america", "submit_task"),
+        ("north_america", "forward"),
+        ("europe", "forward_task"),
+        ("europe", "store.commit"),
+    ] {
+        assert!(
+            spans.iter().any(|s| s.region == region && s.name == name),
+            "{region} `{name}` not flushed: {spans:#?}"
+        );
+    }
+}
