@@ -14,6 +14,8 @@
 use std::sync::Arc;
 
 use federation_api as api;
+use federation_trace::TraceParent;
+use tracing::Instrument as _;
 
 use crate::audit::{DecisionRef, PendingRecord};
 use crate::controller::{Node, now_ms};
@@ -42,10 +44,13 @@ pub fn validate_submit(node: &Node, req: &api::SubmitTaskRequest) -> Result<Attr
     wire::attributes_from_wire(&req.attributes, &node.limits)
 }
 
-/// Routes and stores a client's task.
+/// Routes and stores a client's task. `received` is the trace context the
+/// client sent, passed on unchanged when this controller does not export
+/// spans (when it does, the current span's context goes on instead).
 pub async fn submit(
     node: &Arc<Node>,
     req: api::SubmitTaskRequest,
+    received: Option<&TraceParent>,
 ) -> Result<api::SubmitTaskResponse> {
     let attrs = validate_submit(node, &req)?;
     let policy = node.policy();
@@ -78,7 +83,7 @@ pub async fn submit(
                     note,
                 )
             };
-            store_local(node, &task_id, &req, &decision, render).await
+            store_local(node, &task_id, &req, &decision, render, received).await
         } else {
             let pending = decision_record(
                 node,
@@ -88,10 +93,33 @@ pub async fn submit(
                 &decision,
                 None,
             );
-            let logged = node.log.append_pending(pending);
+            let logged = node
+                .log
+                .append_pending(pending)
+                .instrument(tracing::info_span!(
+                    target: federation_trace::TARGET,
+                    "decision_log.append",
+                    kind = crate::audit::kind::ROUTE,
+                    task_id = %task_id,
+                ));
+            let span = tracing::info_span!(
+                target: federation_trace::TARGET,
+                "forward",
+                otel.kind = "client",
+                otel.status_description = tracing::field::Empty,
+                peer.region = %region,
+                task_id = %task_id,
+            );
+            let call = forward(node, &region, &task_id, &req, &decision, received);
             // Boxed: the client call's state is large, and keeping it out of
             // this future keeps local submits' futures small.
-            let forwarded = Box::pin(forward(node, &region, &task_id, &req, &decision));
+            let forwarded = Box::pin(async move {
+                let forwarded = call.instrument(span.clone()).await;
+                if let Err(e) = &forwarded {
+                    federation_trace::fail(&span, e);
+                }
+                forwarded
+            });
             let (attempt, logged) = tokio::join!(forwarded, logged);
             (attempt, record_state(logged))
         };
@@ -243,12 +271,16 @@ fn log_decision(decision: &Decision, task_id: Option<&str>) {
 /// names the original task (the answer, nothing stored) or, for other
 /// content, a refusal; unknown, the record says it could not be known and
 /// the key is remembered for duplicate detection.
+///
+/// The task carries the trace context of the span accepting it (or
+/// `received`, when this controller does not export).
 async fn store_local(
     node: &Node,
     task_id: &str,
     req: &api::SubmitTaskRequest,
     decision: &Decision,
     render: impl FnOnce(Option<&str>) -> PendingRecord,
+    received: Option<&TraceParent>,
 ) -> (Result<Placed>, RecordState) {
     if node.draining() {
         return (
@@ -295,9 +327,31 @@ async fn store_local(
         rule_index: decision.rule_index.unwrap_or_default() as u32,
         created_unix_ms: now,
         updated_unix_ms: now,
+        traceparent: federation_trace::outgoing(&tracing::Span::current(), received)
+            .map(|t| t.to_string())
+            .unwrap_or_default(),
         ..Default::default()
     };
-    let stored = node.store.insert_recorded(task, &node.log, record).await;
+    // The decision record rides in the commit's batch: its append is
+    // inside the commit's span, as long as it.
+    let commit = tracing::info_span!(
+        target: federation_trace::TARGET,
+        "store.commit",
+        op = "insert",
+        task_id = %task_id,
+    );
+    let append = tracing::info_span!(
+        target: federation_trace::TARGET,
+        parent: &commit,
+        "decision_log.append",
+        task_id = %task_id,
+    );
+    let stored = node
+        .store
+        .insert_recorded(task, &node.log, record)
+        .instrument(append)
+        .instrument(commit)
+        .await;
     if let RecordState::Failed(e) = &stored.record {
         tracing::error!(error = %e, "appending to the decision log failed");
     }
@@ -340,6 +394,7 @@ async fn forward(
     task_id: &str,
     req: &api::SubmitTaskRequest,
     decision: &Decision,
+    received: Option<&TraceParent>,
 ) -> Result<Placed> {
     let mut client = node.peer(region)?;
     let message = api::ForwardTaskRequest {
@@ -350,7 +405,12 @@ async fn forward(
     };
     let deadline = node.timers.forward_timeout;
     let started = std::time::Instant::now();
-    let call = client.forward_task(transport::with_deadline(message, deadline));
+    let mut request = transport::with_deadline(message, deadline);
+    // The owner's spans are children of this forward's.
+    if let Some(tp) = federation_trace::outgoing(&tracing::Span::current(), received) {
+        federation_trace::to_metadata(request.metadata_mut(), &tp);
+    }
+    let call = client.forward_task(request);
     let result = tokio::time::timeout(deadline, call).await;
     node.metrics
         .forward(region, started.elapsed().as_secs_f64());
@@ -382,6 +442,7 @@ async fn forward(
 pub async fn accept_forward(
     node: &Arc<Node>,
     req: api::ForwardTaskRequest,
+    received: Option<&TraceParent>,
 ) -> Result<api::ForwardTaskResponse> {
     wire::check_task_id(&req.task_id)?;
     if wire::owner_of(&req.task_id) != Some(node.region.as_str()) {
@@ -449,7 +510,8 @@ pub async fn accept_forward(
             Some(&note),
         )
     };
-    let (stored, appended) = store_local(node, &req.task_id, &submit, &decision, render).await;
+    let (stored, appended) =
+        store_local(node, &req.task_id, &submit, &decision, render, received).await;
     if let (Err(e), RecordState::Written | RecordState::Failed(_)) = (&stored, appended) {
         record(
             node,

@@ -160,6 +160,7 @@ pub struct SandboxBuilder {
     exe: PathBuf,
     policy: String,
     env: Vec<(String, String)>,
+    agent_env: Vec<(String, String)>,
     agents: usize,
     slots: u32,
     exec: String,
@@ -205,6 +206,7 @@ impl SandboxBuilder {
                     "1s".into(),
                 ),
             ],
+            agent_env: Vec::new(),
             agents: 1,
             slots: 2,
             exec: "cat".into(),
@@ -259,6 +261,15 @@ impl SandboxBuilder {
     pub fn env(mut self, key: &str, value: &str) -> Self {
         self.env.retain(|(k, _)| k != key);
         self.env.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// Sets an environment variable for every agent (for example
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`, which agents otherwise never inherit
+    /// from the test's environment).
+    pub fn agent_env(mut self, key: &str, value: &str) -> Self {
+        self.agent_env.retain(|(k, _)| k != key);
+        self.agent_env.push((key.to_string(), value.to_string()));
         self
     }
 
@@ -678,7 +689,11 @@ impl Sandbox {
             .arg("--exec")
             .arg(exec)
             .stdout(Stdio::null())
-            .stderr(self.stdio());
+            .stderr(self.stdio())
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT");
+        for (k, v) in &self.builder.agent_env {
+            cmd.env(k, v);
+        }
         match &self.tls {
             None => {
                 cmd.arg("--insecure");

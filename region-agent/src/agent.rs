@@ -722,7 +722,7 @@ impl Agent {
     async fn run_task(
         self: Arc<Self>,
         session: Arc<Session>,
-        task: Task,
+        mut task: Task,
         permit: Option<OwnedSemaphorePermit>,
     ) {
         let span = tracing::info_span!(
@@ -730,6 +730,23 @@ impl Agent {
             task_id = %task.task_id,
             attempt = task.attempts,
         );
+        // The exported span of this run, a child of the span that accepted
+        // the task; the command gets the run's context (or, when the agent
+        // does not export, the task's own).
+        let run_span = tracing::info_span!(
+            target: federation_trace::TARGET,
+            "run_task",
+            otel.status_description = tracing::field::Empty,
+            task_id = %task.task_id,
+            attempt = task.attempts,
+            agent = %self.config.name,
+        );
+        let run = run_span.clone();
+        let received = federation_trace::TraceParent::parse(&task.traceparent);
+        federation_trace::set_parent(&run_span, received.as_ref());
+        task.traceparent = federation_trace::outgoing(&run_span, received.as_ref())
+            .map(|t| t.to_string())
+            .unwrap_or_default();
         async move {
             let (cancel_tx, mut cancel_rx) = watch::channel(None::<CancelReason>);
             let cancel_tx: CancelSender = Arc::new(cancel_tx);
@@ -751,7 +768,8 @@ impl Agent {
                 }
             };
             let execution =
-                exec::execute(&self.config.command, &task, &self.config.limits, cancelled);
+                exec::execute(&self.config.command, &task, &self.config.limits, cancelled)
+                    .instrument(tracing::info_span!(target: federation_trace::TARGET, "exec"));
             tokio::pin!(execution);
             let execution = tokio::select! {
                 execution = &mut execution => execution,
@@ -785,12 +803,21 @@ impl Agent {
                         info!(elapsed_ms, "task succeeded");
                     } else {
                         info!(elapsed_ms, error = %report.error, "task failed");
+                        federation_trace::fail(&run, &report.error);
                     }
-                    self.complete(&session, &task.task_id, report).await;
+                    let traced = federation_trace::TraceParent::parse(&task.traceparent);
+                    self.complete(&session, &task.task_id, report, traced.as_ref())
+                        .instrument(tracing::info_span!(
+                            target: federation_trace::TARGET,
+                            "complete_task",
+                            otel.kind = "client",
+                        ))
+                        .await;
                 }
             }
         }
         .instrument(span)
+        .instrument(run_span)
         .await;
     }
 
@@ -839,7 +866,17 @@ impl Agent {
 
     /// Reports an outcome, retrying transient failures for
     /// `complete_retry_for`.
-    async fn complete(&self, session: &Session, task_id: &str, report: Report) {
+    /// `received` is the run's trace context, sent on when the agent does
+    /// not export (else the report span's own goes, so the controller's
+    /// completion span is its child).
+    async fn complete(
+        &self,
+        session: &Session,
+        task_id: &str,
+        report: Report,
+        received: Option<&federation_trace::TraceParent>,
+    ) {
+        let traceparent = federation_trace::outgoing(&tracing::Span::current(), received);
         let controller = &self.config.controller;
         let request = CompleteTaskRequest {
             agent_id: session.agent_id.clone(),
@@ -855,51 +892,53 @@ impl Agent {
         loop {
             attempt += 1;
             let mut client = self.client.clone();
-            let error = match tokio::time::timeout(
-                self.config.rpc_timeout,
-                client.complete_task(request.clone()),
-            )
-            .await
-            {
-                Ok(Ok(_)) => {
-                    bump(if request.success {
-                        &self.counters.succeeded
-                    } else {
-                        &self.counters.failed
-                    });
-                    info!(
-                        controller = %controller,
-                        success = request.success,
-                        exit_code = request.exit_code,
-                        attempts = attempt,
-                        "task reported"
-                    );
-                    return;
-                }
-                Ok(Err(status)) if lease_gone(&status) => {
-                    bump(&self.counters.lost);
-                    warn!(
-                        controller = %controller,
-                        error = %status_text(&status),
-                        "controller refused the result (lease lost), dropped"
-                    );
-                    return;
-                }
-                Ok(Err(status)) if !transient(&status) => {
-                    bump(&self.counters.unreported);
-                    error!(
-                        controller = %controller,
-                        error = %status_text(&status),
-                        "controller rejected the result"
-                    );
-                    return;
-                }
-                Ok(Err(status)) => status_text(&status),
-                Err(_) => format!(
-                    "no answer within {}",
-                    humantime::format_duration(self.config.rpc_timeout)
-                ),
-            };
+            let mut call = tonic::Request::new(request.clone());
+            if let Some(tp) = &traceparent {
+                federation_trace::to_metadata(call.metadata_mut(), tp);
+            }
+            let error =
+                match tokio::time::timeout(self.config.rpc_timeout, client.complete_task(call))
+                    .await
+                {
+                    Ok(Ok(_)) => {
+                        bump(if request.success {
+                            &self.counters.succeeded
+                        } else {
+                            &self.counters.failed
+                        });
+                        info!(
+                            controller = %controller,
+                            success = request.success,
+                            exit_code = request.exit_code,
+                            attempts = attempt,
+                            "task reported"
+                        );
+                        return;
+                    }
+                    Ok(Err(status)) if lease_gone(&status) => {
+                        bump(&self.counters.lost);
+                        warn!(
+                            controller = %controller,
+                            error = %status_text(&status),
+                            "controller refused the result (lease lost), dropped"
+                        );
+                        return;
+                    }
+                    Ok(Err(status)) if !transient(&status) => {
+                        bump(&self.counters.unreported);
+                        error!(
+                            controller = %controller,
+                            error = %status_text(&status),
+                            "controller rejected the result"
+                        );
+                        return;
+                    }
+                    Ok(Err(status)) => status_text(&status),
+                    Err(_) => format!(
+                        "no answer within {}",
+                        humantime::format_duration(self.config.rpc_timeout)
+                    ),
+                };
             let delay = backoff.next_delay();
             if started.elapsed() + delay > self.config.complete_retry_for {
                 bump(&self.counters.unreported);

@@ -236,6 +236,10 @@ fn task_env(task: &Task) -> Vec<(String, String)> {
         task.task_id.chars().filter(|&c| c != '\0').collect(),
     ));
     env.push((ATTEMPT_ENV.to_owned(), task.attempts.to_string()));
+    // Only a well-formed trace context; anything else is dropped.
+    if let Some(tp) = federation_trace::TraceParent::parse(&task.traceparent) {
+        env.push((federation_trace::ENV.to_owned(), tp.to_string()));
+    }
     env
 }
 
@@ -257,6 +261,9 @@ pub async fn execute(
         .kill_on_drop(true)
         .process_group(0);
     // The task sees only its own FEDERATION_* variables, not the agent's.
+    // Nor the agent's own trace context: a task has its own, or none.
+    cmd.env_remove(federation_trace::ENV)
+        .env_remove("TRACESTATE");
     for (key, _) in std::env::vars_os() {
         if key.to_string_lossy().starts_with("FEDERATION_") {
             cmd.env_remove(key);

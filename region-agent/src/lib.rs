@@ -12,6 +12,11 @@
 //!   * `FEDERATION_TASK_ID`: the task's id.
 //!   * `FEDERATION_ATTEMPT`: how many times the task has been leased so far
 //!     (1 on the first run; higher means an earlier run may have happened).
+//!   * `TRACEPARENT`: the W3C trace context of the task's run (the agent's
+//!     `run_task` span when the agent exports spans, else the task's own
+//!     context from the controller), when the task has one; the agent's own
+//!     `TRACEPARENT` and `TRACESTATE` are removed. A command that traces
+//!     makes its spans children of it.
 //!   * `FEDERATION_ATTR_<KEY>` for each attribute: the key uppercased, every
 //!     character other than an ASCII letter or digit replaced by `_`
 //!     (`customer_region` → `FEDERATION_ATTR_CUSTOMER_REGION`). Strings are
@@ -114,6 +119,10 @@ pub struct AgentArgs {
     /// The CA and certificate (say from FEDERATION_CA…) are then not used.
     #[arg(long)]
     pub insecure: bool,
+    /// Export the agent's spans (lease, run, report) to this OTLP/gRPC
+    /// collector, `http://host:port`; off when unset.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
     /// Log format on stderr: text (colours only on a terminal) or JSON
     /// lines whose fields are plain values.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
@@ -344,7 +353,54 @@ pub async fn run(
 /// Runs the agent from parsed arguments until SIGTERM/SIGINT; a second signal
 /// stops at once, killing running tasks.
 pub fn main_with(args: AgentArgs) -> ExitCode {
-    init_tracing(args.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::from(1);
+        }
+    };
+    let otlp = args
+        .otlp_endpoint
+        .as_ref()
+        .filter(|e| !e.is_empty())
+        .map(|endpoint| federation_trace::Otlp {
+            endpoint: endpoint.clone(),
+            service: "region-agent".to_owned(),
+            attributes: args
+                .region
+                .iter()
+                .map(|r| ("federation.region".to_owned(), r.clone()))
+                .chain(
+                    args.name
+                        .iter()
+                        .map(|n| ("agent.name".to_owned(), n.clone())),
+                )
+                .collect(),
+        });
+    let exporter = {
+        // The exporter's channel lives on the runtime.
+        let _context = runtime.enter();
+        match init_tracing(args.log_format, otlp.as_ref()) {
+            Ok(exporter) => exporter,
+            Err(err) => {
+                eprintln!("error: --otlp-endpoint: {err}");
+                return ExitCode::from(2);
+            }
+        }
+    };
+    let code = run_main(args, &runtime);
+    // Outside the workers, while the runtime still carries the channel.
+    if let Some(exporter) = exporter {
+        exporter.shutdown();
+    }
+    code
+}
+
+fn run_main(args: AgentArgs, runtime: &tokio::runtime::Runtime) -> ExitCode {
     if args.ca.is_none() && !args.insecure {
         eprintln!(
             "error: tls is required: pass --ca (with --cert/--key or --token), or --insecure for plaintext"
@@ -359,16 +415,6 @@ pub fn main_with(args: AgentArgs) -> ExitCode {
         eprintln!("error: {err}");
         return ExitCode::from(2);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("error: cannot start the async runtime: {err}");
-            return ExitCode::from(1);
-        }
-    };
     runtime.block_on(async move {
         let (first_tx, first_rx) = tokio::sync::oneshot::channel::<()>();
         let signals = tokio::spawn(async move {
@@ -429,19 +475,19 @@ async fn wait_for_signal() -> std::io::Result<&'static str> {
     })
 }
 
-fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Colours only for a terminal: log files and journald get plain text.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr);
-    // Another subscriber may already be installed (tests, an embedding
-    // binary); keep it.
-    let _ = match format {
-        LogFormat::Json => builder.json().try_init(),
-        LogFormat::Text => builder.try_init(),
+/// Logs on stderr (`RUST_LOG`, default info) as `format`, spans to `otlp`
+/// when given. Another subscriber may already be installed (tests, an
+/// embedding binary); it is kept.
+fn init_tracing(
+    format: LogFormat,
+    otlp: Option<&federation_trace::Otlp>,
+) -> Result<Option<federation_trace::Exporter>, federation_trace::TraceError> {
+    let format = match format {
+        LogFormat::Json => federation_trace::LogFormat::Json,
+        // Colours only for a terminal: log files and journald get plain text.
+        LogFormat::Text => federation_trace::LogFormat::Text {
+            ansi: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        },
     };
+    federation_trace::init(format, otlp)
 }

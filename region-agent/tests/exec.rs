@@ -127,6 +127,28 @@ async fn attributes_and_task_identity_reach_the_environment() {
     );
 }
 
+#[tokio::test]
+async fn a_valid_traceparent_reaches_the_command_and_an_invalid_one_does_not() {
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let command = r#"printf '[%s]' "${TRACEPARENT-unset}""#;
+    let mut t = task(b"");
+    t.traceparent = tp.to_owned();
+    let execution = run(command, &t, &limits(), never()).await;
+    assert_eq!(
+        String::from_utf8_lossy(&execution.output),
+        format!("[{tp}]")
+    );
+    for bad in ["", "00-zz-00f067aa0ba902b7-01", "x\ny"] {
+        t.traceparent = bad.to_owned();
+        let execution = run(command, &t, &limits(), never()).await;
+        assert_eq!(
+            String::from_utf8_lossy(&execution.output),
+            "[unset]",
+            "{bad:?}"
+        );
+    }
+}
+
 #[test]
 fn attribute_names_and_values() {
     assert_eq!(

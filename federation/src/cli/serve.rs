@@ -4,9 +4,10 @@
 //! (`Type=notify`) it reports READY=1 when the health status turns SERVING
 //! and STOPPING=1 when shutdown begins.
 //!
-//! Start-up order: logging, umask 0077 (everything created is owner-only),
-//! configuration (exit 64 when unusable), bind, open the state (exit 65 when
-//! the task store is damaged or lost acknowledged work), serve. The library
+//! Start-up order: umask 0077 (everything created is owner-only),
+//! configuration read (exit 64 when unusable), logging and span export
+//! (`node.tracing`), settings, bind, open the state (exit 65 when the task
+//! store is damaged or lost acknowledged work), serve. The library
 //! ([`crate::controller`]) takes the bound listener and a shutdown future;
 //! only this binary touches signals and addresses.
 
@@ -68,20 +69,39 @@ fn parse_peer(s: &str) -> Result<(String, String), String> {
     Ok((region.to_string(), url.to_string()))
 }
 
-/// Installs the tracing subscriber (RUST_LOG filters; default info).
+/// Installs the tracing subscriber (RUST_LOG filters; default info) without
+/// span export.
 pub fn init_tracing(log: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = init_tracing_with(log, None);
+}
+
+/// Installs the tracing subscriber, exporting spans to `otlp` when given
+/// (call inside the runtime's context then: the exporter's channel lives on
+/// it).
+pub fn init_tracing_with(
+    log: LogFormat,
+    otlp: Option<&federation_trace::Otlp>,
+) -> Result<Option<federation_trace::Exporter>, federation_trace::TraceError> {
     // Colours only for a terminal: log files and journald get plain text.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr);
-    let _ = match log {
-        LogFormat::Json => builder.json().try_init(),
-        LogFormat::Text => builder.try_init(),
+    let format = match log {
+        LogFormat::Json => federation_trace::LogFormat::Json,
+        LogFormat::Text => federation_trace::LogFormat::Text {
+            ansi: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        },
     };
+    federation_trace::init(format, otlp)
+}
+
+/// The span exporter `node.tracing` asks for (none when unset).
+pub fn otlp_of(loaded: &config::Loaded, region: Option<&str>) -> Option<federation_trace::Otlp> {
+    let endpoint = loaded.file.node.tracing.otlp_endpoint.clone()?;
+    Some(federation_trace::Otlp {
+        endpoint,
+        service: "federation".to_string(),
+        attributes: region
+            .map(|r| vec![("federation.region".to_string(), r.to_string())])
+            .unwrap_or_default(),
+    })
 }
 
 /// Everything `serve` needs: controller settings, the addresses to bind and
@@ -100,13 +120,22 @@ pub struct Resolved {
     pub discovery: Option<config::DiscoverySpec>,
 }
 
-/// Builds controller settings from the configuration and flags.
-pub fn settings(args: &ServeArgs) -> anyhow::Result<Resolved> {
-    let loaded = config::load(&config::Sources {
+/// Reads the configuration files and environment that `serve` uses.
+pub fn load(args: &ServeArgs) -> anyhow::Result<config::Loaded> {
+    Ok(config::load(&config::Sources {
         federation_file: args.config.clone(),
         node_file: args.node_config.clone(),
         env: None,
-    })?;
+    })?)
+}
+
+/// Builds controller settings from the configuration and flags.
+pub fn settings(args: &ServeArgs) -> anyhow::Result<Resolved> {
+    settings_from(args, load(args)?)
+}
+
+/// Builds controller settings from a loaded configuration and the flags.
+pub fn settings_from(args: &ServeArgs, loaded: config::Loaded) -> anyhow::Result<Resolved> {
     let policy = Policy::from_loaded(&loaded)?;
     let node = loaded.file.node;
     let region = args
@@ -241,32 +270,62 @@ fn default_listen(endpoint: &str) -> Option<SocketAddr> {
 }
 
 /// Runs the controller until SIGTERM/SIGINT.
+///
+/// The configuration is read before the subscriber is installed, because
+/// `node.tracing` decides whether spans are exported; reading it logs
+/// nothing, and its errors (like every later one) are printed on stderr.
 pub fn run(args: ServeArgs, log: LogFormat) -> ExitCode {
-    init_tracing(log);
     crate::private_files::restrict_umask();
-    let resolved = match settings(&args) {
-        Ok(s) => s,
-        Err(e) => return super::fail(&e, EXIT_CONFIG),
-    };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => return super::fail(&anyhow::Error::new(e).context("starting the runtime"), 1),
     };
-    match runtime.block_on(serve(resolved)) {
-        Ok(()) => ExitCode::SUCCESS,
+    let loaded = match load(&args) {
+        Ok(l) => l,
         Err(e) => {
-            let store = e.chain().any(|c| {
-                matches!(
-                    c.downcast_ref::<crate::tasks::StoreError>(),
-                    Some(
-                        crate::tasks::StoreError::Damaged { .. }
-                            | crate::tasks::StoreError::Lost { .. }
-                    )
-                )
-            });
-            super::fail(&e, if store { EXIT_STORE } else { 1 })
+            init_tracing(log);
+            return super::fail(&e, EXIT_CONFIG);
         }
+    };
+    let region = args.region.clone().or(loaded.file.node.region.clone());
+    let otlp = otlp_of(&loaded, region.as_deref());
+    let exporter = {
+        let _context = runtime.enter();
+        match init_tracing_with(log, otlp.as_ref()) {
+            Ok(e) => e,
+            Err(e) => {
+                init_tracing(log);
+                let e = anyhow::Error::new(e).context("node.tracing.otlp_endpoint");
+                return super::fail(&e, EXIT_CONFIG);
+            }
+        }
+    };
+    if let Some(o) = &otlp {
+        tracing::info!(endpoint = %o.endpoint, "exporting trace spans over otlp");
     }
+    let code = match settings_from(&args, loaded) {
+        Ok(resolved) => match runtime.block_on(serve(resolved)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                let store = e.chain().any(|c| {
+                    matches!(
+                        c.downcast_ref::<crate::tasks::StoreError>(),
+                        Some(
+                            crate::tasks::StoreError::Damaged { .. }
+                                | crate::tasks::StoreError::Lost { .. }
+                        )
+                    )
+                });
+                super::fail(&e, if store { EXIT_STORE } else { 1 })
+            }
+        },
+        Err(e) => super::fail(&e, EXIT_CONFIG),
+    };
+    // Outside the workers, while the runtime that carries its channel runs.
+    if let Some(e) = exporter {
+        e.shutdown();
+    }
+    code
 }
 
 /// Binds an optional extra listener (`what`: admin, health).

@@ -199,6 +199,18 @@ pub struct NodeSpec {
     /// Mutual TLS and credentials (`node.tls`).
     #[serde(default)]
     pub tls: TlsSpec,
+    /// Distributed tracing (`node.tracing`); off by default.
+    #[serde(default)]
+    pub tracing: TracingSpec,
+}
+
+/// The `node.tracing` section: where to export spans (OpenTelemetry OTLP
+/// over gRPC). Unset: no exporter is installed and no span is recorded.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TracingSpec {
+    /// The OTLP/gRPC collector, `http://host:port`.
+    pub otlp_endpoint: Option<String>,
 }
 
 /// Where the snapshot key ring comes from.
@@ -797,6 +809,35 @@ mod tests {
         let err =
             load(&sources(bad, &[("FEDERATION__NODE__REGION", "europe")])).expect_err("bad file");
         assert!(err.to_string().contains("bad.yaml"), "{err}");
+    }
+
+    #[test]
+    fn tracing_is_off_by_default_and_set_by_file_or_environment() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = write(&dir, "seed.yaml", &seed());
+        let loaded = load(&sources(path.clone(), &[])).expect("loads");
+        assert_eq!(loaded.file.node.tracing, TracingSpec::default());
+        assert_eq!(loaded.file.node.tracing.otlp_endpoint, None);
+        let loaded = load(&sources(
+            path,
+            &[(
+                "FEDERATION__NODE__TRACING__OTLP_ENDPOINT",
+                "http://127.0.0.1:4317",
+            )],
+        ))
+        .expect("loads");
+        assert_eq!(
+            loaded.file.node.tracing.otlp_endpoint.as_deref(),
+            Some("http://127.0.0.1:4317")
+        );
+        let text = format!(
+            "{}node:\n  tracing:\n    otlp_endpoint: http://127.0.0.1:4317\n    sample: 1\n",
+            seed()
+        );
+        let bad = write(&dir, "bad.yaml", &text);
+        let msg = load(&sources(bad, &[])).expect_err("unknown").to_string();
+        assert!(msg.contains("node.tracing"), "{msg}");
+        assert!(msg.contains("sample"), "{msg}");
     }
 
     #[test]

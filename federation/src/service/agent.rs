@@ -164,6 +164,19 @@ impl api::region_agent_api_server::RegionAgentApi for AgentService {
             if !tasks.is_empty() {
                 for t in &tasks {
                     tracing::info!(task_id = %t.task_id, agent_id = %req.agent_id, attempt = t.attempts, "task leased");
+                    if federation_trace::exporting() {
+                        // A mark in the task's trace: leased, to whom.
+                        let span = tracing::info_span!(
+                            target: federation_trace::TARGET,
+                            "lease_task",
+                            region = %self.node.region,
+                            task_id = %t.task_id,
+                            agent_id = %req.agent_id,
+                            attempt = t.attempts,
+                        );
+                        let parent = federation_trace::TraceParent::parse(&t.traceparent);
+                        federation_trace::set_parent(&span, parent.as_ref());
+                    }
                 }
                 return Ok(Response::new(api::LeaseTasksResponse { tasks }));
             }
@@ -204,9 +217,43 @@ impl api::region_agent_api_server::RegionAgentApi for AgentService {
         &self,
         request: Request<api::CompleteTaskRequest>,
     ) -> Result<Response<api::CompleteTaskResponse>, Status> {
+        use tracing::Instrument as _;
+        // A child of the agent's report span (it sends its traceparent).
+        let span = if federation_trace::exporting() {
+            let span = tracing::info_span!(
+                target: federation_trace::TARGET,
+                "complete_task",
+                otel.kind = "server",
+                otel.status_description = tracing::field::Empty,
+                region = %self.node.region,
+                task_id = %request.get_ref().task_id,
+            );
+            let parent = federation_trace::from_metadata(request.metadata());
+            federation_trace::set_parent(&span, parent.as_ref());
+            span
+        } else {
+            tracing::Span::none()
+        };
         let owner = owner(&request);
-        let req = request.into_inner();
-        self.known(&req.agent_id, &owner)?;
+        let completed = self
+            .complete(request.into_inner(), &owner)
+            .instrument(span.clone())
+            .await;
+        if let Err(status) = &completed {
+            federation_trace::fail(&span, &status.message());
+        }
+        completed
+    }
+}
+
+impl AgentService {
+    async fn complete(
+        &self,
+        req: api::CompleteTaskRequest,
+        owner: &str,
+    ) -> Result<Response<api::CompleteTaskResponse>, Status> {
+        use tracing::Instrument as _;
+        self.known(&req.agent_id, owner)?;
         crate::wire::check_task_id(&req.task_id)?;
         if req.result.len() > self.node.limits.max_result_bytes {
             return Err(Error::limit(
@@ -224,6 +271,11 @@ impl api::region_agent_api_server::RegionAgentApi for AgentService {
             .node
             .store
             .complete(&req.agent_id, &req.task_id, req.success, req.result, error)
+            .instrument(tracing::info_span!(
+                target: federation_trace::TARGET,
+                "store.commit",
+                op = "complete"
+            ))
             .await
             .map_err(Error::from)?;
         tracing::info!(task_id = %task.task_id, success = req.success, "task completed");

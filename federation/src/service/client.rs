@@ -188,9 +188,24 @@ impl api::federation_client_server::FederationClient for ClientService {
         &self,
         request: Request<api::SubmitTaskRequest>,
     ) -> Result<Response<api::SubmitTaskResponse>, Status> {
-        Ok(Response::new(
-            routing::submit(&self.node, request.into_inner()).await?,
-        ))
+        use tracing::Instrument as _;
+        // The client's trace continues here (or one starts).
+        let parent = federation_trace::from_metadata(request.metadata());
+        let span = tracing::info_span!(
+            target: federation_trace::TARGET,
+            "submit_task",
+            otel.kind = "server",
+            otel.status_description = tracing::field::Empty,
+            region = %self.node.region,
+        );
+        federation_trace::set_parent(&span, parent.as_ref());
+        let submitted = routing::submit(&self.node, request.into_inner(), parent.as_ref())
+            .instrument(span.clone())
+            .await;
+        if let Err(e) = &submitted {
+            federation_trace::fail(&span, e);
+        }
+        Ok(Response::new(submitted?))
     }
 
     async fn get_task(

@@ -127,9 +127,25 @@ impl api::federation_peer_server::FederationPeer for PeerService {
             return Err(Error::invalid("entry_region", "missing").into());
         }
         self.check_caller(&request, "entry_region", &entry)?;
-        Ok(Response::new(
-            routing::accept_forward(&self.node, request.into_inner()).await?,
-        ))
+        use tracing::Instrument as _;
+        // A child of the entry's forward span.
+        let parent = federation_trace::from_metadata(request.metadata());
+        let span = tracing::info_span!(
+            target: federation_trace::TARGET,
+            "forward_task",
+            otel.kind = "server",
+            otel.status_description = tracing::field::Empty,
+            region = %self.node.region,
+            entry_region = %entry,
+        );
+        federation_trace::set_parent(&span, parent.as_ref());
+        let accepted = routing::accept_forward(&self.node, request.into_inner(), parent.as_ref())
+            .instrument(span.clone())
+            .await;
+        if let Err(e) = &accepted {
+            federation_trace::fail(&span, e);
+        }
+        Ok(Response::new(accepted?))
     }
 
     async fn relay_get_task(
