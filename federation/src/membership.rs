@@ -510,11 +510,21 @@ impl Membership {
             health,
             draining: ad.is_some_and(|a| a.draining),
             full: ad.and_then(|a| a.capacity.as_ref()).is_some_and(is_full),
+            load: ad.and_then(|a| a.capacity.as_ref()).map(load_of),
             held_down,
             tags: ad
                 .map(|a| a.compliance_tags.iter().cloned().collect())
                 .unwrap_or_default(),
         })
+    }
+}
+
+/// The load balancing reads from an advertised capacity.
+pub fn load_of(c: &Capacity) -> crate::policy::Load {
+    crate::policy::Load {
+        total_slots: c.total_slots,
+        free_slots: c.free_slots.min(c.total_slots),
+        queue_depth: c.queue_depth,
     }
 }
 
@@ -919,6 +929,7 @@ mod tests {
                 full: false,
                 held_down: false,
                 tags: BTreeSet::new(),
+                load: None,
             },
             now,
         };

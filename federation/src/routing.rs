@@ -1,6 +1,7 @@
 //! Routing at run time: turns a `SubmitTask` into a durable task in a region
 //! the residency rules allow. Evaluate the policy against the live view, walk
-//! the candidates (primary, then backups) in order, store locally or forward
+//! the candidates (primary — for a set of primaries its available members in
+//! balance order — then backups) in order, store locally or forward
 //! with a deadline, and fall through to the next candidate when a forward
 //! fails; when every other candidate failed, a region in failback hold-down
 //! is tried as the last resort before the task is rejected
@@ -48,7 +49,9 @@ pub async fn submit(
 ) -> Result<api::SubmitTaskResponse> {
     let attrs = validate_submit(node, &req)?;
     let policy = node.policy();
-    let mut decision = policy.decide(&attrs, &node.view(&policy));
+    // A fresh draw per task balances a set of primaries (see
+    // `policy::balance`); the decision records it.
+    let mut decision = policy.decide_with(&attrs, &node.view(&policy), rand::random());
 
     let mut placed: Option<(String, bool)> = None;
     // Whether the record appended with the placing attempt names the task.
@@ -306,6 +309,8 @@ pub async fn accept_forward(
         )));
     };
     let rule = &policy.rules[index];
+    // Any member of a set of primaries, or any backup: the entry's view of
+    // the loads may differ from ours, residency does not.
     if !rule.candidates().any(|r| *r == node.region) {
         return Err(Error::Precondition(format!(
             "residency: {} is not a candidate of {} here",
