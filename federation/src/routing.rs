@@ -410,6 +410,32 @@ impl crate::policy::FederationView for WhatIf<'_> {
     }
 }
 
+/// The attributes a record written here may hold: all of them, except
+/// that the value of the rule's affinity attribute (a conversation or
+/// customer id: personal data) is replaced by its digest unless this
+/// controller's region holds the task. The decision itself never holds it.
+fn attributes_for_log<'a>(
+    node: &Node,
+    attrs: &'a Attributes,
+    decision: &Decision,
+) -> std::borrow::Cow<'a, Attributes> {
+    let Some(balance) = &decision.balance else {
+        return std::borrow::Cow::Borrowed(attrs);
+    };
+    let (Some(attr), Some(digest)) = (&balance.affinity, &balance.affinity_digest) else {
+        return std::borrow::Cow::Borrowed(attrs);
+    };
+    if decision.outcome.region() == Some(node.region.as_str()) || !attrs.contains_key(attr) {
+        return std::borrow::Cow::Borrowed(attrs);
+    }
+    let mut redacted = attrs.clone();
+    redacted.insert(
+        attr.clone(),
+        crate::policy::AttrValue::Str(format!("affinity-digest:{digest}")),
+    );
+    std::borrow::Cow::Owned(redacted)
+}
+
 /// Renders the record of `decision` for `task_id` (a route record names
 /// this controller as the entry region).
 fn decision_record(
@@ -424,7 +450,7 @@ fn decision_record(
         kind,
         task_id: Some(task_id),
         entry_region: (kind == crate::audit::kind::ROUTE).then_some(node.region.as_str()),
-        attributes: attrs,
+        attributes: &attributes_for_log(node, attrs, decision),
         decision,
         note,
     })
@@ -446,7 +472,7 @@ pub fn record(
         kind,
         task_id,
         entry_region: (kind == crate::audit::kind::ROUTE).then_some(node.region.as_str()),
-        attributes: attrs,
+        attributes: &attributes_for_log(node, attrs, decision),
         decision,
         note,
     });

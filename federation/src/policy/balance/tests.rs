@@ -489,3 +489,52 @@ fn policy_check_warns_where_priorities_cannot_matter() {
     let report = analysis::check(&load(&text).expect("loads"));
     assert!(report.findings.iter().any(|f| f.kind == "set-priority-tie"));
 }
+
+#[test]
+fn with_three_members_a_dying_member_moves_only_its_own_keys() {
+    let text = EU_SET
+        .replacen(
+            "    - name: \"north_america\"\n",
+            "    - name: \"europe_north\"\n      endpoint: \"https://eu-north.example.com\"\n      priority: 3\n      compliance: [\"GDPR\"]\n    - name: \"north_america\"\n",
+            1,
+        )
+        .replacen(
+            "[\"europe_west\", \"europe_central\"]",
+            "[\"europe_west\", \"europe_central\", \"europe_north\"]",
+            1,
+        );
+    let p = load(&text).expect("loads");
+    let place = |view: &StaticView, conv: &str| {
+        let a = attrs(&[("customer_region", "UK"), ("conversation_id", conv)]);
+        decide_with(&p, &a, &view.bind(&p), 99)
+            .outcome
+            .region()
+            .map(str::to_string)
+            .unwrap_or_default()
+    };
+    let all = StaticView::default();
+    let keys: Vec<String> = (0..300).map(|i| format!("k{i}")).collect();
+    let before: Vec<String> = keys.iter().map(|k| place(&all, k)).collect();
+    for member in ["europe_west", "europe_central", "europe_north"] {
+        let n = before.iter().filter(|r| *r == member).count();
+        assert!((60..=140).contains(&n), "{member} holds {n} of 300");
+    }
+    let central_down = StaticView {
+        down: ["europe_central".to_string()].into(),
+        ..Default::default()
+    };
+    let mut moved = 0;
+    for (k, b) in keys.iter().zip(&before) {
+        let now = place(&central_down, k);
+        if b == "europe_central" {
+            assert_ne!(now, "europe_central");
+            moved += 1;
+        } else {
+            assert_eq!(&now, b, "{k} moved though its member lives");
+        }
+    }
+    assert!(moved > 0);
+    // Back again: every key is home.
+    let back: Vec<String> = keys.iter().map(|k| place(&all, k)).collect();
+    assert_eq!(back, before);
+}
