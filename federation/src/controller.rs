@@ -171,7 +171,7 @@ impl Node {
             held_down: false,
             tags: policy
                 .region(&self.region)
-                .map(|r| r.tags.clone())
+                .map(|r| r.shared_tags.clone())
                 .unwrap_or_default(),
         }
     }

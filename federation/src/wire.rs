@@ -161,7 +161,7 @@ pub fn decision_to_wire(d: &Decision) -> api::RouteDecision {
         balance_mode: d
             .balance
             .as_ref()
-            .map(|b| b.mode.clone())
+            .map(|b| b.mode.to_string())
             .unwrap_or_default(),
         balance: d
             .balance
@@ -181,7 +181,7 @@ fn load_to_wire(
     region: &str,
     balance: Option<&crate::policy::BalanceNote>,
 ) -> (Option<api::Capacity>, u32) {
-    let Some(seen) = balance.and_then(|b| b.loads.iter().find(|l| l.region == region)) else {
+    let Some(seen) = balance.and_then(|b| b.loads.iter().find(|l| &*l.region == region)) else {
         return (None, 0);
     };
     let load = seen.advertised.then_some(api::Capacity {
@@ -223,7 +223,10 @@ pub fn decision_into_wire(d: Decision) -> api::RouteDecision {
         reason: d.reason,
         policy_hash: d.policy_hash,
         warnings: d.warnings,
-        balance_mode: balance.as_ref().map(|b| b.mode.clone()).unwrap_or_default(),
+        balance_mode: balance
+            .as_ref()
+            .map(|b| b.mode.to_string())
+            .unwrap_or_default(),
         affinity_digest: balance
             .as_ref()
             .and_then(|b| b.affinity_digest.clone())
@@ -382,7 +385,7 @@ mod tests {
         assert_eq!(decision_into_wire(d.clone()), decision_to_wire(&d));
         let mut set = d.clone();
         set.balance = Some(crate::policy::BalanceNote {
-            mode: "least_loaded".into(),
+            mode: "least_loaded",
             affinity: None,
             affinity_digest: Some("ab".into()),
             draw_ppm: Some(5),

@@ -631,7 +631,7 @@ fn push_balance(b: &crate::policy::BalanceNote, out: &mut Vec<u8>) {
         }
         out.push(b']');
     }
-    obj.str("mode", &b.mode);
+    obj.str("mode", b.mode);
     obj.str("why", &b.why);
     obj.close();
 }

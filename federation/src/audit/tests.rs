@@ -196,7 +196,7 @@ fn direct_rendering_matches_canonical_json_of_the_value() {
         },
     );
     balanced.balance = Some(crate::policy::BalanceNote {
-        mode: "affinity".into(),
+        mode: "affinity",
         affinity: Some("conversation_id".into()),
         affinity_digest: Some("00ff".into()),
         draw_ppm: Some(123_456),

@@ -28,32 +28,37 @@
 use sha2::{Digest, Sha256};
 
 use super::decision::{BalanceNote, Load, LoadSeen};
-use super::{AttrValue, Attributes, Balance, Policy, Rule};
+use super::{AttrValue, Attributes, Balance, Rule};
 
 /// One eligible member (alive, compliant, not full, not held down).
-pub(crate) struct Member<'a> {
-    pub(crate) region: &'a str,
+pub(crate) struct Member {
+    /// Its position in the rule's `primaries`.
+    pub(crate) index: usize,
+    /// Its advertised load.
     pub(crate) load: Option<Load>,
 }
 
 /// The eligible members in the order they are to be tried (the chosen one
-/// first), and the note that explains it.
-pub(crate) fn order<'a>(
-    policy: &Policy,
+/// first), as positions in the rule's `primaries`, and the note that
+/// explains it.
+pub(crate) fn order(
     rule: &Rule,
     attrs: &Attributes,
-    members: Vec<Member<'a>>,
+    members: &[Member],
     draw: u64,
-) -> (Vec<&'a str>, BalanceNote) {
+) -> (Vec<usize>, BalanceNote) {
+    let name = |i: usize| rule.primaries[i].as_str();
+    // (priority, name): the tie order.
+    let key = |i: usize| (rule.primary_priorities[i], name(i));
     let mut note = BalanceNote {
-        mode: rule.balance.as_str().to_string(),
+        mode: rule.balance.as_str(),
         affinity: None,
         affinity_digest: None,
         draw_ppm: None,
         loads: members
             .iter()
             .map(|m| LoadSeen {
-                region: m.region.to_string(),
+                region: rule.shared_primaries[m.index].clone(),
                 advertised: m.load.is_some(),
                 total_slots: m.load.map_or(0, |l| l.total_slots),
                 free_slots: m.load.map_or(0, |l| l.free_slots),
@@ -63,7 +68,6 @@ pub(crate) fn order<'a>(
             .collect(),
         why: String::new(),
     };
-    let by_priority = |a: &&str, b: &&str| policy.priority_of(a).cmp(&policy.priority_of(b));
     if members.is_empty() {
         note.why = "no member of the set is available".into();
         return (Vec::new(), note);
@@ -73,96 +77,95 @@ pub(crate) fn order<'a>(
         note.affinity = Some(attr.clone());
         if let Some(value) = attrs.get(attr) {
             let digest = affinity_digest(attr, value);
-            let mut scored: Vec<(u64, &str)> = members
+            let mut scored: Vec<(u64, usize)> = members
                 .iter()
-                .map(|m| (rendezvous(&digest, m.region), m.region))
+                .map(|m| (rendezvous(&digest, name(m.index)), m.index))
                 .collect();
             // Highest score first; equal scores (never in practice) by name.
-            scored.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(b.1)));
-            let out: Vec<&str> = scored.into_iter().map(|(_, r)| r).collect();
-            note.mode = "affinity".into();
+            scored.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(name(a.1).cmp(name(b.1))));
+            let out: Vec<usize> = scored.into_iter().map(|(_, i)| i).collect();
+            let short = hex::encode(&digest[..16]);
+            note.mode = "affinity";
             note.why = format!(
                 "affinity on `{attr}` (digest {}): {} ranks first among the available members by rendezvous hashing",
-                hex::encode(&digest[..8]),
-                out[0]
+                &short[..16],
+                name(out[0])
             );
-            note.affinity_digest = Some(hex::encode(&digest[..16]));
+            note.affinity_digest = Some(short);
             return (out, note);
         }
         note.why = format!("affinity attribute `{attr}` absent; ");
     }
 
-    let weights: Vec<f64> = match rule.balance {
-        Balance::Priority => {
-            let mut out: Vec<&str> = members.iter().map(|m| m.region).collect();
-            out.sort_by(by_priority);
-            note.why.push_str(&format!(
-                "priority: {} has the lowest priority among the available members",
-                out[0]
-            ));
-            return (out, note);
-        }
-        Balance::Weighted => members
-            .iter()
-            .map(|m| f64::from(rule.weights.get(m.region).copied().unwrap_or(0)))
-            .collect(),
-        Balance::LeastLoaded => members
-            .iter()
-            .map(|m| m.load.map_or(0.0, |l| l.weight()))
-            .collect(),
-    };
-    let total: f64 = weights.iter().sum();
-    // Members in tie order: by weight (descending), then priority, name.
-    let mut ranked: Vec<(f64, &str)> = weights
-        .iter()
-        .zip(&members)
-        .map(|(w, m)| (*w, m.region))
-        .collect();
-    ranked.sort_by(|a, b| {
-        b.0.total_cmp(&a.0)
-            .then_with(|| policy.priority_of(a.1).cmp(&policy.priority_of(b.1)))
-    });
-    let mut out: Vec<&str> = ranked.iter().map(|(_, r)| *r).collect();
-    if total <= 0.0 || !total.is_finite() {
-        out.sort_by(by_priority);
-        note.why.push_str(&format!(
-            "{}: no available member has a share ({}), so by priority: {}",
-            rule.balance.as_str(),
-            if rule.balance == Balance::Weighted {
-                "weights 0"
-            } else {
-                "no free capacity advertised"
-            },
-            out[0]
-        ));
+    if rule.balance == Balance::Priority {
+        let mut out: Vec<usize> = members.iter().map(|m| m.index).collect();
+        out.sort_unstable_by(|a, b| key(*a).cmp(&key(*b)));
+        note.why.push_str("priority: ");
+        note.why.push_str(name(out[0]));
+        note.why
+            .push_str(" has the lowest priority among the available members");
         return (out, note);
     }
-    for (seen, w) in note.loads.iter_mut().zip(&weights) {
-        seen.share_ppm = ((w / total) * 1e6).round() as u32;
+    // (weight, member position in `members`, primaries index)
+    let mut ranked: Vec<(f64, usize, usize)> = members
+        .iter()
+        .enumerate()
+        .map(|(pos, m)| {
+            let w = match rule.balance {
+                Balance::Weighted => {
+                    f64::from(rule.weights.get(name(m.index)).copied().unwrap_or(0))
+                }
+                _ => m.load.map_or(0.0, |l| l.weight()),
+            };
+            (w, pos, m.index)
+        })
+        .collect();
+    let total: f64 = ranked.iter().map(|r| r.0).sum();
+    if total <= 0.0 || !total.is_finite() {
+        let mut out: Vec<usize> = ranked.into_iter().map(|r| r.2).collect();
+        out.sort_unstable_by(|a, b| key(*a).cmp(&key(*b)));
+        note.why.push_str(rule.balance.as_str());
+        note.why.push_str(if rule.balance == Balance::Weighted {
+            ": no available member has a weight, so by priority: "
+        } else {
+            ": no available member advertises free capacity, so by priority: "
+        });
+        note.why.push_str(name(out[0]));
+        return (out, note);
     }
+    for (w, pos, _) in &ranked {
+        note.loads[*pos].share_ppm = ((w / total) * 1e6).round() as u32;
+    }
+    // Tie order: weight (descending), then priority, then name.
+    ranked.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(key(a.2).cmp(&key(b.2))));
     // A point in [0, total): the member whose interval holds it is chosen.
     let fraction = (draw >> 11) as f64 / (1u64 << 53) as f64;
-    note.draw_ppm = Some((fraction * 1e6) as u32);
+    let draw_ppm = (fraction * 1e6) as u32;
+    note.draw_ppm = Some(draw_ppm);
     let point = fraction * total;
     let mut acc = 0.0;
-    let mut chosen = ranked.len() - 1;
-    for (i, (w, _)) in ranked.iter().enumerate() {
+    let mut chosen = 0;
+    for (i, (w, _, _)) in ranked.iter().enumerate() {
+        if *w <= 0.0 {
+            break;
+        }
+        chosen = i;
         acc += w;
-        if point < acc && *w > 0.0 {
-            chosen = i;
+        if point < acc {
             break;
         }
     }
+    let share_permille = (ranked[chosen].0 / total * 1000.0).round() as u32;
+    let mut out: Vec<usize> = ranked.into_iter().map(|r| r.2).collect();
     let winner = out.remove(chosen);
     out.insert(0, winner);
-    let shares = ranked
-        .iter()
-        .map(|(w, r)| format!("{r} {:.0}%", w / total * 100.0))
-        .collect::<Vec<_>>()
-        .join(", ");
     note.why.push_str(&format!(
-        "{}: drew {fraction:.3} over the shares ({shares}): {winner}",
-        rule.balance.as_str()
+        "{}: draw {draw_ppm} ppm fell in {}'s share ({}.{}% of {} available members)",
+        rule.balance.as_str(),
+        name(winner),
+        share_permille / 10,
+        share_permille % 10,
+        out.len()
     ));
     (out, note)
 }

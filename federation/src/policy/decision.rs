@@ -35,7 +35,7 @@ pub struct RegionView {
     /// Came back recently and is still in its failback hold-down.
     pub held_down: bool,
     /// The tags the region may be trusted to hold (attested when TLS is on).
-    pub tags: BTreeSet<String>,
+    pub tags: std::sync::Arc<BTreeSet<String>>,
     /// Its advertised capacity (at most about two heartbeats old for a
     /// peer); `None` when it advertised none.
     pub load: Option<Load>,
@@ -122,7 +122,7 @@ impl FederationView for BoundStaticView<'_> {
             draining: self.view.draining.contains(name),
             full: self.view.full.contains(name),
             held_down: false,
-            tags: region.tags.clone(),
+            tags: region.shared_tags.clone(),
             load: self.view.loads.get(name).copied(),
         })
     }
@@ -301,7 +301,7 @@ pub struct Decision {
 pub struct BalanceNote {
     /// `least_loaded`, `priority`, `weighted`, or `affinity` when the
     /// affinity attribute decided.
-    pub mode: String,
+    pub mode: &'static str,
     /// The affinity attribute's name, when the rule has one.
     pub affinity: Option<String>,
     /// Hex of the first 16 bytes of the SHA-256 of the affinity attribute's
@@ -320,7 +320,7 @@ pub struct BalanceNote {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct LoadSeen {
     /// The region.
-    pub region: String,
+    pub region: std::sync::Arc<str>,
     /// False when it advertised no capacity (the counts are then 0).
     pub advertised: bool,
     /// Its slots.
@@ -425,32 +425,35 @@ impl Decision {
                 c.detail = LAST_RESORT.into();
             }
         }
-        let verdicts = self
-            .candidates
-            .iter()
-            .map(|c| {
-                let role = match c.role {
-                    Role::Primary => "primary",
-                    Role::Backup => "backup",
-                };
-                match c.refusal {
-                    None if c.last_resort() => {
-                        format!("{} ({role}): ok — {}", c.region, c.detail)
+        // Rendered only for the reasons that list them.
+        let verdicts = |candidates: &[Candidate]| {
+            candidates
+                .iter()
+                .map(|c| {
+                    let role = match c.role {
+                        Role::Primary => "primary",
+                        Role::Backup => "backup",
+                    };
+                    match c.refusal {
+                        None if c.last_resort() => {
+                            format!("{} ({role}): ok — {}", c.region, c.detail)
+                        }
+                        None => format!("{} ({role}): ok", c.region),
+                        Some(r) => format!("{} ({role}): {} — {}", c.region, r.as_str(), c.detail),
                     }
-                    None => format!("{} ({role}): ok", c.region),
-                    Some(r) => format!("{} ({role}): {} — {}", c.region, r.as_str(), c.detail),
-                }
-            })
-            .collect::<Vec<_>>()
-            .join("; ");
+                })
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
         match self.candidates.iter().find(|c| c.accepted()) {
             Some(c) if c.role == Role::Primary && c.last_resort() => {
                 self.outcome = Outcome::Routed {
                     region: c.region.clone(),
                 };
                 self.reason = format!(
-                    "{rule} matched; routed to primary {} as the last resort, in failback hold-down [{verdicts}]",
-                    c.region
+                    "{rule} matched; routed to primary {} as the last resort, in failback hold-down [{}]",
+                    c.region,
+                    verdicts(&self.candidates)
                 );
             }
             Some(c) if c.role == Role::Primary && self.balance.is_some() => {
@@ -458,10 +461,22 @@ impl Decision {
                     region: c.region.clone(),
                 };
                 let why = self.balance.as_ref().map_or("", |b| b.why.as_str());
-                self.reason = format!(
-                    "{rule} matched; routed to primary {} of the set ({why}) [{verdicts}]",
-                    c.region
-                );
+                let first = self
+                    .candidates
+                    .first()
+                    .is_some_and(|f| f.region == c.region);
+                self.reason = if first {
+                    format!(
+                        "{rule} matched; routed to primary {} of the set ({why})",
+                        c.region
+                    )
+                } else {
+                    format!(
+                        "{rule} matched; routed to primary {} of the set ({why}) [{}]",
+                        c.region,
+                        verdicts(&self.candidates)
+                    )
+                };
             }
             Some(c) if c.role == Role::Primary => {
                 self.outcome = Outcome::Routed {
@@ -479,8 +494,9 @@ impl Decision {
                     ""
                 };
                 self.reason = format!(
-                    "{rule} matched; failed over to backup {}{how} [{verdicts}]",
-                    c.region
+                    "{rule} matched; failed over to backup {}{how} [{}]",
+                    c.region,
+                    verdicts(&self.candidates)
                 );
             }
             None => {
@@ -502,7 +518,10 @@ impl Decision {
                     _ => "no region of the rule is compliant",
                 };
                 self.outcome = Outcome::Rejected { rejection };
-                self.reason = format!("{rule} matched; rejected: {what} [{verdicts}]");
+                self.reason = format!(
+                    "{rule} matched; rejected: {what} [{}]",
+                    verdicts(&self.candidates)
+                );
             }
         }
     }
@@ -560,16 +579,13 @@ pub fn decide_with(
     let mut note = None;
     if rule.is_set() {
         let mut refused = Vec::new();
-        let mut members = Vec::new();
-        let mut details = std::collections::BTreeMap::new();
-        for region in &rule.primaries {
+        let mut members = Vec::with_capacity(rule.primaries.len());
+        let mut details: Vec<String> = vec![String::new(); rule.primaries.len()];
+        for (index, region) in rule.primaries.iter().enumerate() {
             let (refusal, detail, load) = verdict(region, &required, rule.allow_overflow, view);
             if refusal.is_none() {
-                members.push(balance::Member {
-                    region: region.as_str(),
-                    load,
-                });
-                details.insert(region.as_str(), (detail, load));
+                members.push(balance::Member { index, load });
+                details[index] = detail;
             } else {
                 refused.push(Candidate {
                     region: region.clone(),
@@ -579,25 +595,15 @@ pub fn decide_with(
                 });
             }
         }
-        let (ordered, balanced) = balance::order(policy, rule, attrs, members, draw);
-        for region in ordered {
-            let (detail, load) = details.remove(region).unwrap_or_default();
-            let load = match load {
-                Some(l) => format!(
-                    "load {}/{} slots free, {} queued",
-                    l.free_slots, l.total_slots, l.queue_depth
-                ),
-                None => "no capacity advertised".to_string(),
-            };
+        // The loads seen are in the balance note (and on the wire per
+        // candidate), not repeated in each detail.
+        let (ordered, balanced) = balance::order(rule, attrs, &members, draw);
+        for index in ordered {
             candidates.push(Candidate {
-                region: region.to_string(),
+                region: rule.primaries[index].clone(),
                 role: Role::Primary,
                 refusal: None,
-                detail: if detail.is_empty() {
-                    load
-                } else {
-                    format!("{detail}; {load}")
-                },
+                detail: std::mem::take(&mut details[index]),
             });
         }
         candidates.extend(refused);
@@ -667,8 +673,9 @@ fn verdict_of(
     required: &BTreeSet<String>,
     allow_overflow: bool,
 ) -> (Option<Refusal>, String) {
-    let missing: Vec<_> = required.difference(&v.tags).cloned().collect();
-    if !missing.is_empty() {
+    // The usual case (every tag held) without building the missing list.
+    if !required.iter().all(|t| v.tags.contains(t)) {
+        let missing: Vec<_> = required.difference(&v.tags).cloned().collect();
         return (
             Some(Refusal::MissingTags),
             format!("lacks {}", missing.join(", ")),

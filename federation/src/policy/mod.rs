@@ -90,6 +90,10 @@ pub struct Region {
     pub priority: Option<i64>,
     /// Compliance tags from the federation file.
     pub tags: BTreeSet<String>,
+    /// The same tags, shared: what a [`RegionView`] of this region holds
+    /// (cloning a view costs a reference count, not a set).
+    #[serde(skip)]
+    pub shared_tags: std::sync::Arc<BTreeSet<String>>,
 }
 
 /// A compiled routing rule.
@@ -106,6 +110,11 @@ pub struct Rule {
     /// The primary region, or the set of equally preferred primaries
     /// (`primary_regions`), in file order; never empty.
     pub primaries: Vec<String>,
+    /// The primaries' names, shared (the decision's load notes hold them).
+    pub shared_primaries: Vec<std::sync::Arc<str>>,
+    /// The primaries' `priority` (unset: `i64::MAX`), aligned with
+    /// `primaries`.
+    pub primary_priorities: Vec<i64>,
     /// How a member of the set is chosen (meaningful for a set).
     pub balance: Balance,
     /// Static shares for [`Balance::Weighted`]; members without one take no
@@ -294,6 +303,7 @@ impl Policy {
                 endpoint: r.endpoint.clone(),
                 priority: r.priority,
                 tags: r.compliance.iter().cloned().collect(),
+                shared_tags: std::sync::Arc::new(r.compliance.iter().cloned().collect()),
             });
         }
         if spec.regions.is_empty() {
@@ -550,6 +560,11 @@ impl Policy {
                 name: r.name.clone(),
                 source: r.condition.clone().filter(|_| !r.default),
                 condition,
+                shared_primaries: primaries.iter().map(|p| p.as_str().into()).collect(),
+                primary_priorities: primaries
+                    .iter()
+                    .map(|p| known(p).and_then(|r| r.priority).unwrap_or(i64::MAX))
+                    .collect(),
                 primaries,
                 balance,
                 weights,
