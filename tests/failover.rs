@@ -270,7 +270,34 @@ impl Rng {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn randomized_failures_never_break_residency() {
-    let policy_text = seed_requires_gdpr();
+    randomized(
+        seed_requires_gdpr(),
+        &["north_america", "europe", "asia_pacific"],
+        &["US", "CA", "DE", "UK", "FR", "JP", "BR"],
+    )
+    .await;
+}
+
+/// The same run over sets of primaries (`policies/sets-randomized.yaml`):
+/// EU customers share two GDPR regions with a non-GDPR backup, the
+/// Americas share two regions by priority; tasks carry conversation ids
+/// (affinity). Every placement must stay within the rule's candidates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn randomized_failures_never_break_residency_with_sets() {
+    randomized(
+        include_str!("../policies/sets-randomized.yaml").to_string(),
+        &[
+            "europe_west",
+            "europe_central",
+            "north_america",
+            "asia_pacific",
+        ],
+        &["US", "CA", "DE", "UK", "FR", "JP", "BR"],
+    )
+    .await;
+}
+
+async fn randomized(policy_text: String, regions: &[&str], customers: &[&str]) {
     let mut sandbox = SandboxBuilder::new(federation_exe(), policy_text.clone())
         .agents(0, 1)
         .start()
@@ -280,8 +307,6 @@ async fn randomized_failures_never_break_residency() {
         .await
         .expect("federation forms");
     let policy = Policy::load_file(sandbox.config_path()).expect("policy");
-    let regions = ["north_america", "europe", "asia_pacific"];
-    let customers = ["US", "CA", "DE", "UK", "FR", "JP", "BR"];
     let seed = std::env::var("RANDOMIZED_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -292,7 +317,7 @@ async fn randomized_failures_never_break_residency() {
     let (mut placed, mut rejected) = (0, 0);
     for step in 0..12 {
         // Fail or recover one region (keep at least one up to submit through).
-        let r = rng.pick(&regions);
+        let r = rng.pick(regions);
         if down.contains(&r) {
             sandbox.start_controller(r).expect("restart");
             down.retain(|d| *d != r);
@@ -303,12 +328,13 @@ async fn randomized_failures_never_break_residency() {
         tokio::time::sleep(Duration::from_millis(300 + rng.next() % 1200)).await;
         for _ in 0..6 {
             let entry = loop {
-                let e = rng.pick(&regions);
+                let e = rng.pick(regions);
                 if !down.contains(&e) {
                     break e;
                 }
             };
-            let customer = rng.pick(&customers);
+            let customer = rng.pick(customers);
+            let conversation = format!("conversation-{}", rng.next() % 4);
             let mut client = match sandbox.client(entry).await {
                 Ok(c) => c,
                 Err(_) => continue, // just restarted, not listening yet
@@ -318,7 +344,10 @@ async fn randomized_failures_never_break_residency() {
                 federation::policy::AttrValue::Str(customer.to_string()),
             )]);
             let matched = policy.match_rule(&attrs).rule;
-            match client.submit_task(submit(customer)).await {
+            let mut req = submit(customer);
+            req.attributes
+                .extend(string_attrs(&[("conversation_id", conversation.as_str())]));
+            match client.submit_task(req).await {
                 Ok(resp) => {
                     placed += 1;
                     let resp = resp.into_inner();

@@ -8,6 +8,11 @@
 //! interpreter: M ns/decision, ratio Rx`), then criterion's measurements.
 //! `cargo bench -p federation --bench policy -- --ratios-only` prints only the
 //! ratio lines.
+//!
+//! It also compares a decision over a set of 10 primaries (`least_loaded`,
+//! every member advertising capacity) with a single-primary decision on the
+//! same shape of policy (`set of 10 vs single primary: … ratio Rx`; the
+//! target is within 2x).
 
 use std::hint::black_box;
 use std::path::Path;
@@ -15,7 +20,9 @@ use std::time::{Duration, Instant};
 
 use criterion::Criterion;
 use federation::config;
-use federation::policy::{AttrValue, Attributes, Policy, StaticView, condition::to_cel};
+use federation::policy::{
+    AttrValue, Attributes, Load, Policy, StaticView, condition::to_cel, decide_with,
+};
 
 fn load(text: &str) -> Policy {
     let loaded =
@@ -97,6 +104,72 @@ fn ns_per_call(budget: Duration, mut f: impl FnMut()) -> f64 {
     }
 }
 
+/// Ten GDPR regions; rule 1 sends EU customers to a set of all ten
+/// (`least_loaded`), rule 2 (the baseline) sends the others to one primary
+/// with one backup.
+fn sets(members: usize) -> (Policy, StaticView) {
+    let mut s = String::from("federation:\n  name: bench\n  regions:\n");
+    let mut view = StaticView::default();
+    for i in 0..members {
+        s.push_str(&format!(
+            "    - name: r{i}\n      endpoint: e{i}\n      priority: {i}\n      compliance: [GDPR]\n"
+        ));
+        view.loads.insert(
+            format!("r{i}"),
+            Load {
+                total_slots: 8,
+                free_slots: (i % 8) as u32,
+                queue_depth: (i % 3) as u32,
+            },
+        );
+    }
+    let set = (0..members)
+        .map(|i| format!("r{i}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let backups = (1..members)
+        .map(|i| format!("r{i}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    s.push_str(&format!(
+        "  routing_rules:\n    - condition: \"customer_region in ['DE', 'FR']\"\n      primary_regions: [{set}]\n      requires: [GDPR]\n    - condition: \"customer_region in ['UK', 'IE']\"\n      primary_region: r0\n      backup_region: r1\n      requires: [GDPR]\n    - condition: \"customer_region in ['ES', 'PT']\"\n      primary_region: r0\n      backup_regions: [{backups}]\n      requires: [GDPR]\n"
+    ));
+    (load(&s), view)
+}
+
+fn set_ratio(budget: Duration) {
+    let (p, view) = sets(10);
+    let bound = view.bind(&p);
+    let set_attrs = attrs(&[("customer_region", "FR")]);
+    let single_attrs = attrs(&[("customer_region", "IE")]);
+    assert_eq!(p.match_rule(&set_attrs).rule, Some(0));
+    assert_eq!(p.match_rule(&single_attrs).rule, Some(1));
+    let mut draw = 0x9e37_79b9_7f4a_7c15u64;
+    let single = ns_per_call(budget, || {
+        draw = draw.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+        black_box(decide_with(&p, black_box(&single_attrs), &bound, draw));
+    });
+    let ten_attrs = attrs(&[("customer_region", "ES")]);
+    assert_eq!(p.match_rule(&ten_attrs).rule, Some(2));
+    let ten = ns_per_call(budget, || {
+        draw = draw.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+        black_box(decide_with(&p, black_box(&ten_attrs), &bound, draw));
+    });
+    let set = ns_per_call(budget, || {
+        draw = draw.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+        black_box(decide_with(&p, black_box(&set_attrs), &bound, draw));
+    });
+    println!("set of 10 primaries (least_loaded) vs single primary + backup:");
+    println!(
+        "  decide      set of 10: {set:.0} ns/decision, single primary: {single:.0} ns/decision, ratio {:.2}x (target <= 2x)",
+        set / single
+    );
+    println!(
+        "  decide      set of 10: {set:.0} ns/decision, primary + 9 backups (10 verdicts, no balancing): {ten:.0} ns/decision, ratio {:.2}x",
+        set / ten
+    );
+}
+
 struct Case {
     name: &'static str,
     policy: Policy,
@@ -155,6 +228,7 @@ fn ratios() {
             interpreted / decide
         );
     }
+    set_ratio(budget);
 }
 
 fn criterion_benches(c: &mut Criterion) {
@@ -174,12 +248,39 @@ fn criterion_benches(c: &mut Criterion) {
         });
         g.finish();
     }
+    let (p, view) = sets(10);
+    let bound = view.bind(&p);
+    let mut g = c.benchmark_group("set of 10 primaries vs single primary");
+    for (name, a) in [
+        (
+            "decide, set of 10 (least_loaded)",
+            attrs(&[("customer_region", "FR")]),
+        ),
+        (
+            "decide, single primary + backup",
+            attrs(&[("customer_region", "IE")]),
+        ),
+    ] {
+        let mut draw = 1u64;
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                draw = draw.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                decide_with(&p, black_box(&a), &bound, draw)
+            })
+        });
+    }
+    g.finish();
 }
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     // `cargo test --benches` passes no `--bench`: keep that run short.
     let benchmarking = args.iter().any(|a| a == "--bench");
+    // `-- --set-only`: only the set-of-10 ratio (for profiling).
+    if benchmarking && args.iter().any(|a| a == "--set-only") {
+        set_ratio(Duration::from_secs(3));
+        return;
+    }
     if args.iter().any(|a| a == "--ratios-only") || !benchmarking {
         if benchmarking {
             ratios();

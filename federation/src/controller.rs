@@ -162,14 +162,16 @@ impl Node {
 
     /// How this region sees itself for routing.
     pub fn self_view(&self, policy: &Policy) -> RegionView {
+        let capacity = self.capacity();
         RegionView {
             health: Health::Alive,
             draining: self.draining(),
-            full: crate::membership::is_full(&self.capacity()),
+            full: crate::membership::is_full(&capacity),
+            load: Some(crate::membership::load_of(&capacity)),
             held_down: false,
             tags: policy
                 .region(&self.region)
-                .map(|r| r.tags.clone())
+                .map(|r| r.shared_tags.clone())
                 .unwrap_or_default(),
         }
     }

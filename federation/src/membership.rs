@@ -510,11 +510,22 @@ impl Membership {
             health,
             draining: ad.is_some_and(|a| a.draining),
             full: ad.and_then(|a| a.capacity.as_ref()).is_some_and(is_full),
+            load: ad.and_then(|a| a.capacity.as_ref()).map(load_of),
             held_down,
-            tags: ad
-                .map(|a| a.compliance_tags.iter().cloned().collect())
-                .unwrap_or_default(),
+            tags: std::sync::Arc::new(
+                ad.map(|a| a.compliance_tags.iter().cloned().collect())
+                    .unwrap_or_default(),
+            ),
         })
+    }
+}
+
+/// The load balancing reads from an advertised capacity.
+pub fn load_of(c: &Capacity) -> crate::policy::Load {
+    crate::policy::Load {
+        total_slots: c.total_slots,
+        free_slots: c.free_slots.min(c.total_slots),
+        queue_depth: c.queue_depth,
     }
 }
 
@@ -548,11 +559,12 @@ impl FederationView for LiveView<'_> {
             return Some(self.self_view.clone());
         }
         let mut view = self.membership.peer_view(name, self.now)?;
-        view.tags = view
-            .tags
-            .intersection(granted)
-            .cloned()
-            .collect::<BTreeSet<_>>();
+        view.tags = std::sync::Arc::new(
+            view.tags
+                .intersection(granted)
+                .cloned()
+                .collect::<BTreeSet<_>>(),
+        );
         Some(view)
     }
 }
@@ -935,14 +947,18 @@ mod tests {
                 draining: false,
                 full: false,
                 held_down: false,
-                tags: BTreeSet::new(),
+                tags: Default::default(),
+                load: None,
             },
             now,
         };
         let eu = view.region("europe").expect("europe");
         assert_eq!(
-            eu.tags,
-            ["GDPR", "SOX"].iter().map(|s| s.to_string()).collect()
+            *eu.tags,
+            ["GDPR", "SOX"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<BTreeSet<_>>()
         );
         // asia_pacific claims GDPR but the policy grants it only PDPA, which it
         // did not advertise: it is trusted with nothing.

@@ -1,6 +1,7 @@
 //! Routing at run time: turns a `SubmitTask` into a durable task in a region
 //! the residency rules allow. Evaluate the policy against the live view, walk
-//! the candidates (primary, then backups) in order, store locally or forward
+//! the candidates (primary — for a set of primaries its available members in
+//! balance order — then backups) in order, store locally or forward
 //! with a deadline, and fall through to the next candidate when a forward
 //! fails; when every other candidate failed, a region in failback hold-down
 //! is tried as the last resort before the task is rejected
@@ -54,7 +55,9 @@ pub async fn submit(
 ) -> Result<api::SubmitTaskResponse> {
     let attrs = validate_submit(node, &req)?;
     let policy = node.policy();
-    let mut decision = policy.decide(&attrs, &node.view(&policy));
+    // A fresh draw per task balances a set of primaries (see
+    // `policy::balance`); the decision records it.
+    let mut decision = policy.decide_with(&attrs, &node.view(&policy), rand::random());
 
     let mut placed: Option<Placed> = None;
     // A refusal that ends the walk (a key reused for other content).
@@ -467,6 +470,8 @@ pub async fn accept_forward(
         )));
     };
     let rule = &policy.rules[index];
+    // Any member of a set of primaries, or any backup: the entry's view of
+    // the loads may differ from ours, residency does not.
     if !rule.candidates().any(|r| *r == node.region) {
         return Err(Error::Precondition(format!(
             "residency: {} is not a candidate of {} here",
@@ -574,6 +579,32 @@ impl crate::policy::FederationView for WhatIf<'_> {
     }
 }
 
+/// The attributes a record written here may hold: all of them, except
+/// that the value of the rule's affinity attribute (a conversation or
+/// customer id: personal data) is replaced by its digest unless this
+/// controller's region holds the task. The decision itself never holds it.
+fn attributes_for_log<'a>(
+    node: &Node,
+    attrs: &'a Attributes,
+    decision: &Decision,
+) -> std::borrow::Cow<'a, Attributes> {
+    let Some(balance) = &decision.balance else {
+        return std::borrow::Cow::Borrowed(attrs);
+    };
+    let (Some(attr), Some(digest)) = (&balance.affinity, &balance.affinity_digest) else {
+        return std::borrow::Cow::Borrowed(attrs);
+    };
+    if decision.outcome.region() == Some(node.region.as_str()) || !attrs.contains_key(attr) {
+        return std::borrow::Cow::Borrowed(attrs);
+    }
+    let mut redacted = attrs.clone();
+    redacted.insert(
+        attr.clone(),
+        crate::policy::AttrValue::Str(format!("affinity-digest:{digest}")),
+    );
+    std::borrow::Cow::Owned(redacted)
+}
+
 /// Renders the record of `decision` for `task_id` (a route record names
 /// this controller as the entry region).
 fn decision_record(
@@ -588,7 +619,7 @@ fn decision_record(
         kind,
         task_id: Some(task_id),
         entry_region: (kind == crate::audit::kind::ROUTE).then_some(node.region.as_str()),
-        attributes: attrs,
+        attributes: &attributes_for_log(node, attrs, decision),
         decision,
         note,
     })
@@ -610,7 +641,7 @@ pub fn record(
         kind,
         task_id,
         entry_region: (kind == crate::audit::kind::ROUTE).then_some(node.region.as_str()),
-        attributes: attrs,
+        attributes: &attributes_for_log(node, attrs, decision),
         decision,
         note,
     });

@@ -148,18 +148,55 @@ pub fn decision_to_wire(d: &Decision) -> api::RouteDecision {
         rule_index: d.rule_index.map(|i| i as u32).unwrap_or_default(),
         rule: d.rule.clone().unwrap_or_default(),
         required_tags: d.required_tags.iter().cloned().collect(),
-        candidates: d.candidates.iter().map(candidate_to_wire).collect(),
+        candidates: d
+            .candidates
+            .iter()
+            .map(|c| candidate_to_wire(c, d.balance.as_ref()))
+            .collect(),
         region: d.outcome.region().unwrap_or_default().to_string(),
         outcome: d.outcome.kind().to_string(),
         reason: d.reason.clone(),
         policy_hash: d.policy_hash.clone(),
         warnings: d.warnings.clone(),
+        balance_mode: d
+            .balance
+            .as_ref()
+            .map(|b| b.mode.to_string())
+            .unwrap_or_default(),
+        balance: d
+            .balance
+            .as_ref()
+            .map(|b| b.why.clone())
+            .unwrap_or_default(),
+        affinity_digest: d
+            .balance
+            .as_ref()
+            .and_then(|b| b.affinity_digest.clone())
+            .unwrap_or_default(),
     }
+}
+
+/// The load a set member was seen with, and its share of the draw.
+fn load_to_wire(
+    region: &str,
+    balance: Option<&crate::policy::BalanceNote>,
+) -> (Option<api::Capacity>, u32) {
+    let Some(seen) = balance.and_then(|b| b.loads.iter().find(|l| &*l.region == region)) else {
+        return (None, 0);
+    };
+    let load = seen.advertised.then_some(api::Capacity {
+        total_slots: seen.total_slots,
+        free_slots: seen.free_slots,
+        queue_depth: seen.queue_depth,
+        queue_limit: 0,
+    });
+    (load, seen.share_ppm)
 }
 
 /// [`decision_to_wire`] that moves the strings instead of copying them.
 pub fn decision_into_wire(d: Decision) -> api::RouteDecision {
     let region = d.outcome.region().unwrap_or_default().to_string();
+    let balance = d.balance;
     api::RouteDecision {
         matched: d.rule_index.is_some(),
         rule_index: d.rule_index.map(|i| i as u32).unwrap_or_default(),
@@ -169,18 +206,32 @@ pub fn decision_into_wire(d: Decision) -> api::RouteDecision {
         candidates: d
             .candidates
             .into_iter()
-            .map(|c| api::CandidateVerdict {
-                role: role_name(c.role).to_string(),
-                accepted: c.accepted(),
-                reason: c.refusal.map(|r| r.as_str()).unwrap_or("ok").to_string(),
-                region: c.region,
-                detail: c.detail,
+            .map(|c| {
+                let (load, share_ppm) = load_to_wire(&c.region, balance.as_ref());
+                api::CandidateVerdict {
+                    role: role_name(c.role).to_string(),
+                    accepted: c.accepted(),
+                    reason: c.refusal.map(|r| r.as_str()).unwrap_or("ok").to_string(),
+                    region: c.region,
+                    detail: c.detail,
+                    load,
+                    share_ppm,
+                }
             })
             .collect(),
         region,
         reason: d.reason,
         policy_hash: d.policy_hash,
         warnings: d.warnings,
+        balance_mode: balance
+            .as_ref()
+            .map(|b| b.mode.to_string())
+            .unwrap_or_default(),
+        affinity_digest: balance
+            .as_ref()
+            .and_then(|b| b.affinity_digest.clone())
+            .unwrap_or_default(),
+        balance: balance.map(|b| b.why).unwrap_or_default(),
     }
 }
 
@@ -191,13 +242,19 @@ fn role_name(role: Role) -> &'static str {
     }
 }
 
-fn candidate_to_wire(c: &Candidate) -> api::CandidateVerdict {
+fn candidate_to_wire(
+    c: &Candidate,
+    balance: Option<&crate::policy::BalanceNote>,
+) -> api::CandidateVerdict {
+    let (load, share_ppm) = load_to_wire(&c.region, balance);
     api::CandidateVerdict {
         region: c.region.clone(),
         role: role_name(c.role).to_string(),
         accepted: c.accepted(),
         reason: c.refusal.map(|r| r.as_str()).unwrap_or("ok").to_string(),
         detail: c.detail.clone(),
+        load,
+        share_ppm,
     }
 }
 
@@ -323,8 +380,30 @@ mod tests {
             policy_hash: "h".into(),
             warnings: vec!["w".into()],
             evaluation_errors: vec![],
+            balance: None,
         };
         assert_eq!(decision_into_wire(d.clone()), decision_to_wire(&d));
+        let mut set = d.clone();
+        set.balance = Some(crate::policy::BalanceNote {
+            mode: "least_loaded",
+            affinity: None,
+            affinity_digest: Some("ab".into()),
+            draw_ppm: Some(5),
+            loads: vec![crate::policy::LoadSeen {
+                region: "a".into(),
+                advertised: true,
+                total_slots: 4,
+                free_slots: 1,
+                queue_depth: 2,
+                share_ppm: 10,
+            }],
+            why: "drew".into(),
+        });
+        let wire = decision_to_wire(&set);
+        assert_eq!(decision_into_wire(set), wire);
+        assert_eq!(wire.candidates[0].load.map(|l| l.free_slots), Some(1));
+        assert_eq!(wire.candidates[0].share_ppm, 10);
+        assert_eq!(wire.affinity_digest, "ab");
     }
 
     #[test]

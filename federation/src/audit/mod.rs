@@ -549,6 +549,9 @@ fn push_attr_value(v: &AttrValue, out: &mut Vec<u8>) {
 /// A [`Decision`] as its `Serialize` derive writes it, in canonical form.
 fn push_decision(d: &Decision, out: &mut Vec<u8>) {
     let mut obj = Obj::open(out);
+    if let Some(b) = &d.balance {
+        push_balance(b, obj.key("balance"));
+    }
     {
         let out = obj.key("candidates");
         out.push(b'[');
@@ -599,6 +602,40 @@ fn push_decision(d: &Decision, out: &mut Vec<u8>) {
         None => obj.key("rule_index").extend_from_slice(b"null"),
     }
     push_str_array(&d.warnings, obj.key("warnings"));
+    obj.close();
+}
+
+/// A [`crate::policy::BalanceNote`] as its `Serialize` derive writes it,
+/// in canonical form (keys sorted).
+fn push_balance(b: &crate::policy::BalanceNote, out: &mut Vec<u8>) {
+    let mut obj = Obj::open(out);
+    push_opt_str(b.affinity.as_deref(), obj.key("affinity"));
+    push_opt_str(b.affinity_digest.as_deref(), obj.key("affinity_digest"));
+    match b.draw_ppm {
+        Some(v) => push_display(v, obj.key("draw_ppm")),
+        None => obj.key("draw_ppm").extend_from_slice(b"null"),
+    }
+    {
+        let out = obj.key("loads");
+        out.push(b'[');
+        for (i, l) in b.loads.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            let mut o = Obj::open(out);
+            o.key("advertised")
+                .extend_from_slice(if l.advertised { b"true" } else { b"false" });
+            push_display(l.free_slots, o.key("free_slots"));
+            push_display(l.queue_depth, o.key("queue_depth"));
+            o.str("region", &l.region);
+            push_display(l.share_ppm, o.key("share_ppm"));
+            push_display(l.total_slots, o.key("total_slots"));
+            o.close();
+        }
+        out.push(b']');
+    }
+    obj.str("mode", b.mode);
+    obj.str("why", &b.why);
     obj.close();
 }
 

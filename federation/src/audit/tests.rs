@@ -30,6 +30,7 @@ fn decision(rule_index: usize, outcome: Outcome) -> Decision {
         policy_hash: "abc123".into(),
         warnings: vec![],
         evaluation_errors: vec![],
+        balance: None,
     }
 }
 
@@ -188,7 +189,37 @@ fn direct_rendering_matches_canonical_json_of_the_value() {
     no_rule.rule_index = None;
     no_rule.rule = None;
     no_rule.candidates.clear();
+    let mut balanced = decision(
+        3,
+        Outcome::Routed {
+            region: "europe_west".into(),
+        },
+    );
+    balanced.balance = Some(crate::policy::BalanceNote {
+        mode: "affinity",
+        affinity: Some("conversation_id".into()),
+        affinity_digest: Some("00ff".into()),
+        draw_ppm: Some(123_456),
+        loads: vec![crate::policy::LoadSeen {
+            region: "europe_west".into(),
+            advertised: true,
+            total_slots: 8,
+            free_slots: 6,
+            queue_depth: 1,
+            share_ppm: 750_000,
+        }],
+        why: "affinity on \"conversation_id\"".into(),
+    });
+    let mut drawn = balanced.clone();
+    if let Some(b) = drawn.balance.as_mut() {
+        b.affinity = None;
+        b.affinity_digest = None;
+        b.draw_ppm = None;
+        b.loads[0].advertised = false;
+    }
     let decisions = [
+        balanced,
+        drawn,
         decision(
             0,
             Outcome::Routed {

@@ -45,6 +45,10 @@ pub enum PolicyCommand {
         /// Treat this region as draining (repeatable).
         #[arg(long, value_name = "REGION")]
         draining: Vec<String>,
+        /// Assume this region advertises FREE of TOTAL slots free and QUEUED
+        /// tasks queued (repeatable): `--load europe_west=6/8,0`.
+        #[arg(long, value_name = "REGION=FREE/TOTAL[,QUEUED]")]
+        load: Vec<String>,
         /// Output format.
         #[arg(long, value_enum, default_value_t)]
         format: OutputFormat,
@@ -71,8 +75,9 @@ pub fn run(cmd: PolicyCommand) -> ExitCode {
             down,
             full,
             draining,
+            load,
             format,
-        } => explain(&file, &attrs, &down, &full, &draining, format),
+        } => explain(&file, &attrs, &down, &full, &draining, &load, format),
         PolicyCommand::Diff { old, new, format } => diff_cmd(&old, &new, format),
     };
     match result {
@@ -154,6 +159,43 @@ fn check(file: &Path, format: OutputFormat) -> anyhow::Result<u8> {
                     " (partial: see info findings)"
                 }
             );
+            let regions = policy
+                .regions_by_priority()
+                .iter()
+                .map(|r| match r.priority {
+                    Some(p) => format!("{} ({p})", r.name),
+                    None => format!("{} (no priority)", r.name),
+                })
+                .collect::<Vec<_>>()
+                .join(", ");
+            outln!(out, "regions by priority: {regions}");
+            for rule in policy.rules.iter().filter(|r| r.is_set()) {
+                let mut members: Vec<&str> = rule.primaries.iter().map(String::as_str).collect();
+                members.sort_by(|a, b| policy.priority_of(a).cmp(&policy.priority_of(b)));
+                let how = match rule.balance {
+                    crate::policy::Balance::Weighted => format!(
+                        "weighted ({})",
+                        members
+                            .iter()
+                            .map(|m| format!("{m}: {}", rule.weights.get(*m).copied().unwrap_or(0)))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                    b => b.as_str().to_string(),
+                };
+                let affinity = rule
+                    .affinity
+                    .as_deref()
+                    .map(|a| format!(", affinity on `{a}`"))
+                    .unwrap_or_default();
+                outln!(
+                    out,
+                    "set: {}: primaries {} balanced {how}{affinity}; ties by priority: {}",
+                    rule.label(),
+                    rule.primaries_label(),
+                    members.join(" < ")
+                );
+            }
             for f in &report.findings {
                 match &f.rule {
                     Some(rule) => outln!(
@@ -260,12 +302,46 @@ fn region_set(policy: &Policy, flag: &str, names: &[String]) -> anyhow::Result<B
     Ok(names.iter().cloned().collect())
 }
 
+/// `--load region=free/total[,queued]` flags.
+fn parse_loads(
+    policy: &Policy,
+    args: &[String],
+) -> anyhow::Result<std::collections::BTreeMap<String, crate::policy::Load>> {
+    let mut out = std::collections::BTreeMap::new();
+    for a in args {
+        let bad = || {
+            anyhow::anyhow!(
+                "--load {a}: expected REGION=FREE/TOTAL[,QUEUED], for example europe_west=6/8,0"
+            )
+        };
+        let (region, spec) = a.split_once('=').ok_or_else(bad)?;
+        region_set(policy, "load", &[region.to_string()])?;
+        let (slots, queued) = spec.split_once(',').unwrap_or((spec, "0"));
+        let (free, total) = slots.split_once('/').ok_or_else(bad)?;
+        let num = |s: &str| s.trim().parse::<u32>().map_err(|_| bad());
+        let (free, total, queue_depth) = (num(free)?, num(total)?, num(queued)?);
+        if free > total {
+            bail!("--load {a}: {free} free slots of {total}");
+        }
+        out.insert(
+            region.to_string(),
+            crate::policy::Load {
+                total_slots: total,
+                free_slots: free,
+                queue_depth,
+            },
+        );
+    }
+    Ok(out)
+}
+
 fn explain(
     file: &Path,
     attr_args: &[String],
     down: &[String],
     full: &[String],
     draining: &[String],
+    loads: &[String],
     format: OutputFormat,
 ) -> anyhow::Result<u8> {
     let policy = load(file)?;
@@ -278,6 +354,7 @@ fn explain(
         down: region_set(&policy, "down", down)?,
         full: region_set(&policy, "full", full)?,
         draining: region_set(&policy, "draining", draining)?,
+        loads: parse_loads(&policy, loads)?,
     };
     let decision = policy.decide(&attrs, &view.bind(&policy));
     let mut out = String::new();
@@ -349,6 +426,25 @@ fn print_decision(out: &mut String, attrs: &Attributes, d: &Decision) {
                 .and_then(|v| v.as_str().map(str::to_string))
                 .unwrap_or_default()
         ),
+    }
+    if let Some(b) = &d.balance {
+        outln!(out, "balance: {}", b.why);
+        for l in &b.loads {
+            let seen = if l.advertised {
+                format!(
+                    "{}/{} slots free, {} queued",
+                    l.free_slots, l.total_slots, l.queue_depth
+                )
+            } else {
+                "no capacity advertised".to_string()
+            };
+            outln!(
+                out,
+                "  {}: {seen}, share {:.1}%",
+                l.region,
+                f64::from(l.share_ppm) / 1e4
+            );
+        }
     }
     outln!(out, "reason: {}", d.reason);
     for w in &d.warnings {

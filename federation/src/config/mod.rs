@@ -65,7 +65,9 @@ pub struct RegionSpec {
     pub name: String,
     /// The region controller's gRPC endpoint.
     pub endpoint: String,
-    /// Informational ordering (lower is preferred in displays).
+    /// Preference among equals, lower first: breaks ties between members of
+    /// a rule's set of primaries, and orders regions in `policy check` and
+    /// on the status page.
     #[serde(default)]
     pub priority: Option<i64>,
     /// Compliance tags the region holds (GDPR, SOX, …).
@@ -86,8 +88,23 @@ pub struct RuleSpec {
     /// Marks the catch-all rule (no condition); it must be last.
     #[serde(default)]
     pub default: bool,
-    /// Where matching tasks go first.
-    pub primary_region: String,
+    /// Where matching tasks go first (give this or `primary_regions`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary_region: Option<String>,
+    /// A set of equally preferred regions, balanced by `balance`; the
+    /// backups follow only when the whole set is unavailable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary_regions: Option<Vec<String>>,
+    /// How a set's member is chosen (default `least_loaded`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balance: Option<Balance>,
+    /// Static shares of the set's members for `balance: weighted`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights: Option<BTreeMap<String, u32>>,
+    /// An attribute whose value keeps tasks in one member of the set
+    /// (rendezvous hashing) while that member is available.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<String>,
     /// One backup (the user's form).
     #[serde(default)]
     pub backup_region: Option<String>,
@@ -100,6 +117,30 @@ pub struct RuleSpec {
     /// Send to a full region anyway (it queues) rather than failing over.
     #[serde(default)]
     pub allow_overflow: bool,
+}
+
+/// How a rule's set of primary regions (`primary_regions`) shares its tasks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    /// By advertised free capacity, drawn in proportion to it (the default).
+    #[default]
+    LeastLoaded,
+    /// In order of the regions' `priority` (lower first), then name.
+    Priority,
+    /// In proportion to the rule's static `weights`.
+    Weighted,
+}
+
+impl Balance {
+    /// The name used in the file and in reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Balance::LeastLoaded => "least_loaded",
+            Balance::Priority => "priority",
+            Balance::Weighted => "weighted",
+        }
+    }
 }
 
 /// Extra tag requirements selected by a condition, applied to every decision.

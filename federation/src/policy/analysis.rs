@@ -500,18 +500,74 @@ pub fn check(policy: &Policy) -> Report {
         }
     }
 
-    // Failover that drops a tag the primary holds.
+    // Sets of primaries: where their members' `priority` cannot matter or
+    // cannot break a tie.
+    for rule in rules.iter().filter(|r| r.is_set()) {
+        let members = rule.primaries_label();
+        let prio = |r: &String| policy.region(r).and_then(|x| x.priority);
+        if rule.balance == super::Balance::Weighted
+            && rule.primaries.iter().all(|m| rule.weights.contains_key(m))
+        {
+            findings.push(Finding {
+                severity: Severity::Warning,
+                kind: "set-priority-unused",
+                rule: Some(rule.label()),
+                message: format!(
+                    "`balance: weighted` gives every member of {members} a weight: the regions' `priority` values cannot change which member is chosen (they only order the retries after a failed forward)"
+                ),
+                example: None,
+            });
+        } else {
+            let mut seen: BTreeMap<Option<i64>, Vec<&str>> = BTreeMap::new();
+            for m in &rule.primaries {
+                seen.entry(prio(m)).or_default().push(m);
+            }
+            for (p, names) in seen.iter().filter(|(_, n)| n.len() > 1) {
+                let what = match p {
+                    Some(p) => format!("share priority {p}"),
+                    None => "have no priority".to_string(),
+                };
+                findings.push(Finding {
+                    severity: Severity::Info,
+                    kind: "set-priority-tie",
+                    rule: Some(rule.label()),
+                    message: format!(
+                        "members {} of {members} {what}: ties between them go by name",
+                        names.join(", ")
+                    ),
+                    example: None,
+                });
+            }
+        }
+    }
+
+    // Failover that drops a tag the primary (every member of a set) holds.
     for rule in rules {
-        let Some(primary) = policy.region(&rule.primary) else {
+        let mut held: Option<BTreeSet<String>> = None;
+        for p in &rule.primaries {
+            let Some(region) = policy.region(p) else {
+                continue;
+            };
+            held = Some(match held {
+                None => region.tags.clone(),
+                Some(h) => h.intersection(&region.tags).cloned().collect(),
+            });
+        }
+        let Some(held) = held else {
             continue;
+        };
+        let primary = rule.primaries_label();
+        let primary = if rule.is_set() {
+            format!("every member of {primary}")
+        } else {
+            primary
         };
         let example = first_example[rule.index].clone();
         for b in &rule.backups {
             let Some(backup) = policy.region(b) else {
                 continue;
             };
-            let dropped: BTreeSet<String> =
-                primary.tags.difference(&backup.tags).cloned().collect();
+            let dropped: BTreeSet<String> = held.difference(&backup.tags).cloned().collect();
             if dropped.is_empty() {
                 continue;
             }
@@ -525,7 +581,7 @@ pub fn check(policy: &Policy) -> Report {
                     message: format!(
                         "the rule requires {} but its backup `{b}` lacks it: when `{}` is down every matching task is rejected, the failover can never be used",
                         join(&required),
-                        rule.primary
+                        primary
                     ),
                     example: example.clone(),
                 });
@@ -551,7 +607,7 @@ pub fn check(policy: &Policy) -> Report {
                             "data-class requirement `{}` requires {} for some inputs of this rule, but backup `{b}` lacks it: those tasks are rejected when `{}` is down",
                             q.name.as_deref().unwrap_or(&q.source),
                             join(&tags),
-                            rule.primary
+                            primary
                         ),
                         example: (!input.is_empty()).then_some(input),
                     });
@@ -565,7 +621,7 @@ pub fn check(policy: &Policy) -> Report {
                     rule: Some(rule.label()),
                     message: format!(
                         "failover from `{}` to `{b}` drops compliance tag(s) {dropped_list} held by the primary: when `{}` is down, matching tasks run in a region without {dropped_list}; add `requires: [{dropped_list}]` to refuse such a failover, or choose a backup that holds {dropped_list}",
-                        rule.primary, rule.primary
+                        primary, primary
                     ),
                     example: example.clone(),
                 });
@@ -736,7 +792,15 @@ fn route_key(
 
 fn describe_route(policy: &Policy, i: usize, attrs: &Attributes) -> String {
     let rule = &policy.rules[i];
-    let mut s = format!("primary {}", rule.primary);
+    let mut s = if rule.is_set() {
+        format!(
+            "primaries {} ({})",
+            rule.primaries_label(),
+            rule.balance.as_str()
+        )
+    } else {
+        format!("primary {}", rule.primaries_label())
+    };
     if !rule.backups.is_empty() {
         s.push_str(&format!(", backups {}", rule.backups.join(", ")));
     }

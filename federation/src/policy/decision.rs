@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 
 use serde::Serialize;
 
-use super::{Attributes, Policy, RuleMatch};
+use super::{Attributes, Policy, RuleMatch, balance};
 
 /// Liveness of a region as the membership sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -35,7 +35,44 @@ pub struct RegionView {
     /// Came back recently and is still in its failback hold-down.
     pub held_down: bool,
     /// The tags the region may be trusted to hold (attested when TLS is on).
-    pub tags: BTreeSet<String>,
+    pub tags: std::sync::Arc<BTreeSet<String>>,
+    /// Its advertised capacity (at most about two heartbeats old for a
+    /// peer); `None` when it advertised none.
+    pub load: Option<Load>,
+}
+
+/// A region's advertised capacity, as balancing reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct Load {
+    /// Task slots of its live agents.
+    pub total_slots: u32,
+    /// Slots not running a task.
+    pub free_slots: u32,
+    /// Tasks queued, waiting for a slot.
+    pub queue_depth: u32,
+}
+
+impl Load {
+    /// Busy slots plus queued tasks per slot: 0 idle, 1 every slot busy,
+    /// above 1 a queue; infinite without slots.
+    pub fn utilisation(&self) -> f64 {
+        if self.total_slots == 0 {
+            return f64::INFINITY;
+        }
+        let busy = self.total_slots.saturating_sub(self.free_slots) as f64;
+        (busy + self.queue_depth as f64) / self.total_slots as f64
+    }
+
+    /// The share `least_loaded` gives the region: its slots discounted by
+    /// how loaded they are, `total / (1 + utilisation)`. An idle region of 8
+    /// slots weighs 8, the same region with every slot busy 4, with a queue
+    /// of 8 more 2.67; a region without slots 0.
+    pub fn weight(&self) -> f64 {
+        if self.total_slots == 0 {
+            return 0.0;
+        }
+        self.total_slots as f64 / (1.0 + self.utilisation())
+    }
 }
 
 /// The federation as routing sees it.
@@ -55,6 +92,8 @@ pub struct StaticView {
     pub full: BTreeSet<String>,
     /// Regions to treat as draining.
     pub draining: BTreeSet<String>,
+    /// Capacities to assume (regions not listed advertise none).
+    pub loads: std::collections::BTreeMap<String, Load>,
 }
 
 /// [`StaticView`] bound to a policy's regions.
@@ -83,7 +122,8 @@ impl FederationView for BoundStaticView<'_> {
             draining: self.view.draining.contains(name),
             full: self.view.full.contains(name),
             held_down: false,
-            tags: region.tags.clone(),
+            tags: region.shared_tags.clone(),
+            load: self.view.loads.get(name).copied(),
         })
     }
 }
@@ -236,7 +276,9 @@ pub struct Decision {
     pub rule: Option<String>,
     /// Tags every chosen region must hold (rule plus data-class requirements).
     pub required_tags: BTreeSet<String>,
-    /// Candidates in order: primary, then backups.
+    /// Candidates in the order they are tried: the primary (for a set, the
+    /// available members in balance order, then the refused ones), then the
+    /// backups.
     pub candidates: Vec<Candidate>,
     /// One sentence naming the rule and each candidate's verdict.
     pub reason: String,
@@ -247,6 +289,48 @@ pub struct Decision {
     /// Rules whose condition could not be evaluated on these attributes
     /// (missing attribute, type error), with the error; they did not match.
     pub evaluation_errors: Vec<String>,
+    /// How a member of the rule's set of primaries was chosen: the loads
+    /// seen, the draw, the affinity key's digest (never its value). `None`
+    /// for a rule with a single primary.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub balance: Option<BalanceNote>,
+}
+
+/// How a member of a set of primaries was chosen.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BalanceNote {
+    /// `least_loaded`, `priority`, `weighted`, or `affinity` when the
+    /// affinity attribute decided.
+    pub mode: &'static str,
+    /// The affinity attribute's name, when the rule has one.
+    pub affinity: Option<String>,
+    /// Hex of the first 16 bytes of the SHA-256 of the affinity attribute's
+    /// name and value, when present: records can be correlated by key
+    /// without holding the value.
+    pub affinity_digest: Option<String>,
+    /// The draw, in millionths of the total share, when one was made.
+    pub draw_ppm: Option<u32>,
+    /// The available members' loads as seen, with their shares.
+    pub loads: Vec<LoadSeen>,
+    /// One sentence: why the first member won.
+    pub why: String,
+}
+
+/// One available member's advertised load at decision time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LoadSeen {
+    /// The region.
+    pub region: std::sync::Arc<str>,
+    /// False when it advertised no capacity (the counts are then 0).
+    pub advertised: bool,
+    /// Its slots.
+    pub total_slots: u32,
+    /// Its free slots.
+    pub free_slots: u32,
+    /// Its queue.
+    pub queue_depth: u32,
+    /// Its share of the draw, in millionths (0 when no draw was made).
+    pub share_ppm: u32,
 }
 
 impl Decision {
@@ -286,20 +370,31 @@ impl Decision {
         let Outcome::Failover { region } = &self.outcome else {
             return;
         };
-        let Some(primary) = self
+        // Tags every primary holds (for a set: its common tags).
+        let mut primaries = self
             .candidates
             .iter()
-            .find(|c| c.role == Role::Primary)
-            .and_then(|c| policy.region(&c.region))
-        else {
+            .filter(|c| c.role == Role::Primary)
+            .filter_map(|c| policy.region(&c.region));
+        let Some(first) = primaries.next() else {
             return;
         };
+        let mut names = vec![first.name.as_str()];
+        let mut held = first.tags.clone();
+        for p in primaries {
+            names.push(p.name.as_str());
+            held.retain(|t| p.tags.contains(t));
+        }
         if let Some(backup) = policy.region(region) {
-            let dropped: Vec<_> = primary.tags.difference(&backup.tags).cloned().collect();
+            let dropped: Vec<_> = held.difference(&backup.tags).cloned().collect();
             if !dropped.is_empty() {
+                let whose = if names.len() > 1 {
+                    format!("every primary of the set {{{}}}", names.join(", "))
+                } else {
+                    format!("primary {}", names[0])
+                };
                 self.warnings.push(format!(
-                    "{FAILOVER_WARNING}{region} drops compliance tag(s) held by primary {}: {}",
-                    primary.name,
+                    "{FAILOVER_WARNING}{region} drops compliance tag(s) held by {whose}: {}",
                     dropped.join(", ")
                 ));
             }
@@ -330,33 +425,58 @@ impl Decision {
                 c.detail = LAST_RESORT.into();
             }
         }
-        let verdicts = self
-            .candidates
-            .iter()
-            .map(|c| {
-                let role = match c.role {
-                    Role::Primary => "primary",
-                    Role::Backup => "backup",
-                };
-                match c.refusal {
-                    None if c.last_resort() => {
-                        format!("{} ({role}): ok — {}", c.region, c.detail)
+        // Rendered only for the reasons that list them.
+        let verdicts = |candidates: &[Candidate]| {
+            candidates
+                .iter()
+                .map(|c| {
+                    let role = match c.role {
+                        Role::Primary => "primary",
+                        Role::Backup => "backup",
+                    };
+                    match c.refusal {
+                        None if c.last_resort() => {
+                            format!("{} ({role}): ok — {}", c.region, c.detail)
+                        }
+                        None => format!("{} ({role}): ok", c.region),
+                        Some(r) => format!("{} ({role}): {} — {}", c.region, r.as_str(), c.detail),
                     }
-                    None => format!("{} ({role}): ok", c.region),
-                    Some(r) => format!("{} ({role}): {} — {}", c.region, r.as_str(), c.detail),
-                }
-            })
-            .collect::<Vec<_>>()
-            .join("; ");
+                })
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
         match self.candidates.iter().find(|c| c.accepted()) {
             Some(c) if c.role == Role::Primary && c.last_resort() => {
                 self.outcome = Outcome::Routed {
                     region: c.region.clone(),
                 };
                 self.reason = format!(
-                    "{rule} matched; routed to primary {} as the last resort, in failback hold-down [{verdicts}]",
-                    c.region
+                    "{rule} matched; routed to primary {} as the last resort, in failback hold-down [{}]",
+                    c.region,
+                    verdicts(&self.candidates)
                 );
+            }
+            Some(c) if c.role == Role::Primary && self.balance.is_some() => {
+                self.outcome = Outcome::Routed {
+                    region: c.region.clone(),
+                };
+                let why = self.balance.as_ref().map_or("", |b| b.why.as_str());
+                let first = self
+                    .candidates
+                    .first()
+                    .is_some_and(|f| f.region == c.region);
+                self.reason = if first {
+                    format!(
+                        "{rule} matched; routed to primary {} of the set ({why})",
+                        c.region
+                    )
+                } else {
+                    format!(
+                        "{rule} matched; routed to primary {} of the set ({why}) [{}]",
+                        c.region,
+                        verdicts(&self.candidates)
+                    )
+                };
             }
             Some(c) if c.role == Role::Primary => {
                 self.outcome = Outcome::Routed {
@@ -374,8 +494,9 @@ impl Decision {
                     ""
                 };
                 self.reason = format!(
-                    "{rule} matched; failed over to backup {}{how} [{verdicts}]",
-                    c.region
+                    "{rule} matched; failed over to backup {}{how} [{}]",
+                    c.region,
+                    verdicts(&self.candidates)
                 );
             }
             None => {
@@ -397,15 +518,32 @@ impl Decision {
                     _ => "no region of the rule is compliant",
                 };
                 self.outcome = Outcome::Rejected { rejection };
-                self.reason = format!("{rule} matched; rejected: {what} [{verdicts}]");
+                self.reason = format!(
+                    "{rule} matched; rejected: {what} [{}]",
+                    verdicts(&self.candidates)
+                );
             }
         }
     }
 }
 
 /// Makes the decision for `attrs` against `view`. Never routes outside the
-/// matched rule's primary and backups.
+/// matched rule's primaries and backups. A set of primaries is balanced
+/// with a draw derived from the attributes (the same attributes, the same
+/// draw): what `policy explain` and the audit use; the live router passes
+/// a fresh random draw to [`decide_with`].
 pub fn decide(policy: &Policy, attrs: &Attributes, view: &dyn FederationView) -> Decision {
+    decide_with(policy, attrs, view, balance::attributes_draw(attrs))
+}
+
+/// [`decide`] with the draw that balances a set of primaries (any `u64`;
+/// uniform draws give shares proportional to the members' weights).
+pub fn decide_with(
+    policy: &Policy,
+    attrs: &Attributes,
+    view: &dyn FederationView,
+    draw: u64,
+) -> Decision {
     let matched = policy.match_rule(attrs);
     let evaluation_errors = matched.errors.clone();
     let Some(index) = matched.rule else {
@@ -430,24 +568,66 @@ pub fn decide(policy: &Policy, attrs: &Attributes, view: &dyn FederationView) ->
             policy_hash: policy.hash.clone(),
             warnings: Vec::new(),
             evaluation_errors,
+            balance: None,
         };
     };
     let rule = &policy.rules[index];
     let mut required = rule.requires.clone();
     required.extend(policy.data_class_requirements(attrs));
 
-    let candidates = std::iter::once((&rule.primary, Role::Primary))
-        .chain(rule.backups.iter().map(|b| (b, Role::Backup)))
-        .map(|(region, role)| {
-            let (refusal, detail) = verdict(region, &required, rule.allow_overflow, view);
-            Candidate {
+    let mut candidates = Vec::with_capacity(rule.primaries.len() + rule.backups.len());
+    let mut note = None;
+    if rule.is_set() {
+        let mut refused = Vec::new();
+        let mut members = Vec::with_capacity(rule.primaries.len());
+        let mut details: Vec<String> = vec![String::new(); rule.primaries.len()];
+        for (index, region) in rule.primaries.iter().enumerate() {
+            let (refusal, detail, load) = verdict(region, &required, rule.allow_overflow, view);
+            if refusal.is_none() {
+                members.push(balance::Member { index, load });
+                details[index] = detail;
+            } else {
+                refused.push(Candidate {
+                    region: region.clone(),
+                    role: Role::Primary,
+                    refusal,
+                    detail,
+                });
+            }
+        }
+        // The loads seen are in the balance note (and on the wire per
+        // candidate), not repeated in each detail.
+        let (ordered, balanced) = balance::order(rule, attrs, &members, draw);
+        for index in ordered {
+            candidates.push(Candidate {
+                region: rule.primaries[index].clone(),
+                role: Role::Primary,
+                refusal: None,
+                detail: std::mem::take(&mut details[index]),
+            });
+        }
+        candidates.extend(refused);
+        note = Some(balanced);
+    } else {
+        for region in &rule.primaries {
+            let (refusal, detail, _) = verdict(region, &required, rule.allow_overflow, view);
+            candidates.push(Candidate {
                 region: region.clone(),
-                role,
+                role: Role::Primary,
                 refusal,
                 detail,
-            }
-        })
-        .collect::<Vec<_>>();
+            });
+        }
+    }
+    for region in &rule.backups {
+        let (refusal, detail, _) = verdict(region, &required, rule.allow_overflow, view);
+        candidates.push(Candidate {
+            region: region.clone(),
+            role: Role::Backup,
+            refusal,
+            detail,
+        });
+    }
 
     let mut decision = Decision {
         outcome: Outcome::Rejected {
@@ -461,6 +641,7 @@ pub fn decide(policy: &Policy, attrs: &Attributes, view: &dyn FederationView) ->
         policy_hash: policy.hash.clone(),
         warnings: Vec::new(),
         evaluation_errors,
+        balance: note,
     };
     decision.settle();
     decision.refresh_warnings(policy);
@@ -475,15 +656,26 @@ fn verdict(
     required: &BTreeSet<String>,
     allow_overflow: bool,
     view: &dyn FederationView,
-) -> (Option<Refusal>, String) {
+) -> (Option<Refusal>, String, Option<Load>) {
     let Some(v) = view.region(region) else {
         return (
             Some(Refusal::UnknownRegion),
             format!("{region} is not a known region"),
+            None,
         );
     };
-    let missing: Vec<_> = required.difference(&v.tags).cloned().collect();
-    if !missing.is_empty() {
+    let (refusal, detail) = verdict_of(&v, required, allow_overflow);
+    (refusal, detail, v.load)
+}
+
+fn verdict_of(
+    v: &RegionView,
+    required: &BTreeSet<String>,
+    allow_overflow: bool,
+) -> (Option<Refusal>, String) {
+    // The usual case (every tag held) without building the missing list.
+    if !required.iter().all(|t| v.tags.contains(t)) {
+        let missing: Vec<_> = required.difference(&v.tags).cloned().collect();
         return (
             Some(Refusal::MissingTags),
             format!("lacks {}", missing.join(", ")),

@@ -1,6 +1,8 @@
 //! `federation policy diff`: which inputs change route between two policies.
 //!
-//! A route is the matched rule's primary, its ordered backups and the tags
+//! A route is the matched rule's primary (or its set of primaries: a region
+//! joining or leaving the set is a residency change, their balance is not),
+//! its ordered backups and the tags
 //! the chosen region must hold (rule plus data-class requirements), or a
 //! rejection when no rule matches. Inputs are enumerated with
 //! [`InputSpace`] over the union of both policies' constants, so the result
@@ -24,8 +26,10 @@ pub enum Route {
     Routed {
         /// The matched rule's label.
         rule: String,
-        /// Its primary.
+        /// Its primary, or its set as `{a, b}` (names sorted).
         primary: String,
+        /// The primary, or the set's members sorted by name.
+        primaries: Vec<String>,
         /// Its ordered backups.
         backups: Vec<String>,
         /// Tags the chosen region must hold; `None` when a data-class
@@ -35,7 +39,7 @@ pub enum Route {
 }
 
 /// The parts of a route that the comparison looks at.
-type RouteKey<'a> = (&'a str, &'a [String], &'a Option<BTreeSet<String>>);
+type RouteKey<'a> = (&'a [String], &'a [String], &'a Option<BTreeSet<String>>);
 
 impl Route {
     /// What matters for the comparison (not the rule's label or position).
@@ -43,11 +47,11 @@ impl Route {
         match self {
             Route::Rejected => None,
             Route::Routed {
-                primary,
+                primaries,
                 backups,
                 required_tags,
                 ..
-            } => Some((primary.as_str(), backups.as_slice(), required_tags)),
+            } => Some((primaries.as_slice(), backups.as_slice(), required_tags)),
         }
     }
 }
@@ -61,6 +65,7 @@ impl std::fmt::Display for Route {
                 primary,
                 backups,
                 required_tags,
+                ..
             } => {
                 write!(f, "{primary}")?;
                 if !backups.is_empty() {
@@ -122,9 +127,17 @@ fn route(policy: &Policy, at: Reach, attrs: &Attributes) -> Option<Route> {
         Reach::Unknown(_) => None,
         Reach::Rule(i) => {
             let rule = &policy.rules[i];
+            let mut primaries = rule.primaries.clone();
+            primaries.sort();
+            let primary = if rule.is_set() {
+                format!("{{{}}}", primaries.join(", "))
+            } else {
+                primaries.join(", ")
+            };
             Some(Route::Routed {
                 rule: rule.label(),
-                primary: rule.primary.clone(),
+                primary,
+                primaries,
                 backups: rule.backups.clone(),
                 required_tags: required_tags(policy, rule, attrs),
             })

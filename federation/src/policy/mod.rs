@@ -8,6 +8,7 @@
 //! live membership: callers pass a [`FederationView`].
 
 pub mod analysis;
+mod balance;
 pub mod condition;
 mod decision;
 pub mod diff;
@@ -19,11 +20,12 @@ use std::path::Path;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
+pub use crate::config::Balance;
 use crate::config::{self, FederationSpec, Position, SourceMap, SyncSpec};
 pub use condition::Condition;
 pub use decision::{
-    BoundStaticView, Candidate, Decision, FederationView, Health, Outcome, Refusal, RegionView,
-    Rejection, Role, StaticView, decide,
+    BalanceNote, BoundStaticView, Candidate, Decision, FederationView, Health, Load, LoadSeen,
+    Outcome, Refusal, RegionView, Rejection, Role, StaticView, decide, decide_with,
 };
 
 /// One attribute value of a task, as CEL sees it.
@@ -82,10 +84,16 @@ pub struct Region {
     pub name: String,
     /// gRPC endpoint from the federation file.
     pub endpoint: String,
-    /// Display priority.
+    /// Preference among equals, lower first (unset sorts last): the
+    /// tie-breaker between members of a set of primaries, and the order of
+    /// regions in `policy check` and on the status page.
     pub priority: Option<i64>,
     /// Compliance tags from the federation file.
     pub tags: BTreeSet<String>,
+    /// The same tags, shared: what a [`RegionView`] of this region holds
+    /// (cloning a view costs a reference count, not a set).
+    #[serde(skip)]
+    pub shared_tags: std::sync::Arc<BTreeSet<String>>,
 }
 
 /// A compiled routing rule.
@@ -99,8 +107,21 @@ pub struct Rule {
     pub source: Option<String>,
     /// The compiled condition; `None` for the default rule (always matches).
     pub condition: Option<Condition>,
-    /// Primary region.
-    pub primary: String,
+    /// The primary region, or the set of equally preferred primaries
+    /// (`primary_regions`), in file order; never empty.
+    pub primaries: Vec<String>,
+    /// The primaries' names, shared (the decision's load notes hold them).
+    pub shared_primaries: Vec<std::sync::Arc<str>>,
+    /// The primaries' `priority` (unset: `i64::MAX`), aligned with
+    /// `primaries`.
+    pub primary_priorities: Vec<i64>,
+    /// How a member of the set is chosen (meaningful for a set).
+    pub balance: Balance,
+    /// Static shares for [`Balance::Weighted`]; members without one take no
+    /// share and come after the weighted ones, in priority order.
+    pub weights: BTreeMap<String, u32>,
+    /// The attribute whose value keeps tasks in one member of the set.
+    pub affinity: Option<String>,
     /// Ordered backups.
     pub backups: Vec<String>,
     /// Tags every chosen region must hold.
@@ -121,9 +142,39 @@ impl Rule {
         }
     }
 
-    /// Primary then backups.
+    /// Primaries (the set, in file order) then backups.
     pub fn candidates(&self) -> impl Iterator<Item = &String> {
-        std::iter::once(&self.primary).chain(self.backups.iter())
+        self.primaries.iter().chain(self.backups.iter())
+    }
+
+    /// True when the rule names a set of more than one primary.
+    pub fn is_set(&self) -> bool {
+        self.primaries.len() > 1
+    }
+
+    /// True when `region` is one of the rule's primaries.
+    pub fn is_primary(&self, region: &str) -> bool {
+        self.primaries.iter().any(|p| p == region)
+    }
+
+    /// `europe` or `{europe_west, europe_central}` — how reports name the
+    /// rule's primaries.
+    pub fn primaries_label(&self) -> String {
+        if self.is_set() {
+            format!("{{{}}}", self.primaries.join(", "))
+        } else {
+            self.primaries.join(", ")
+        }
+    }
+
+    /// Regions besides `source` that may hold a task of this rule placed in
+    /// `source`: the backups, and, for a set, the set's other members (any
+    /// of them could have been chosen instead).
+    pub fn peers_of<'a>(&'a self, source: &'a str) -> impl Iterator<Item = &'a String> + 'a {
+        let set: &[String] = if self.is_set() { &self.primaries } else { &[] };
+        set.iter()
+            .chain(self.backups.iter())
+            .filter(move |r| r.as_str() != source)
     }
 }
 
@@ -252,6 +303,7 @@ impl Policy {
                 endpoint: r.endpoint.clone(),
                 priority: r.priority,
                 tags: r.compliance.iter().cloned().collect(),
+                shared_tags: std::sync::Arc::new(r.compliance.iter().cloned().collect()),
             });
         }
         if spec.regions.is_empty() {
@@ -320,13 +372,122 @@ impl Policy {
                 },
             };
 
-            let primary = r.primary_region.clone();
-            if known(&primary).is_none() {
-                err(
+            let (primaries_field, listed_primaries): (&str, Vec<String>) =
+                match (&r.primary_region, &r.primary_regions) {
+                    (Some(_), Some(_)) => {
+                        err(
+                            &mut errors,
+                            format!("{base}.primary_regions"),
+                            "give either `primary_region` or `primary_regions`, not both".into(),
+                        );
+                        ("primary_regions", Vec::new())
+                    }
+                    (Some(p), None) => ("primary_region", vec![p.clone()]),
+                    (None, Some(list)) => {
+                        if list.is_empty() {
+                            err(
+                                &mut errors,
+                                format!("{base}.primary_regions"),
+                                "the set of primary regions is empty: name at least one region"
+                                    .into(),
+                            );
+                        }
+                        ("primary_regions", list.clone())
+                    }
+                    (None, None) => {
+                        err(
+                            &mut errors,
+                            base.clone(),
+                            "missing `primary_region` (or a set, `primary_regions`)".into(),
+                        );
+                        ("primary_region", Vec::new())
+                    }
+                };
+            let mut primaries: Vec<String> = Vec::new();
+            for (j, p) in listed_primaries.into_iter().enumerate() {
+                let path = if primaries_field == "primary_region" {
+                    format!("{base}.primary_region")
+                } else {
+                    format!("{base}.primary_regions[{j}]")
+                };
+                if known(&p).is_none() {
+                    err(
+                        &mut errors,
+                        path,
+                        format!("unknown region `{p}` (regions: {})", region_names()),
+                    );
+                } else if primaries.contains(&p) {
+                    err(
+                        &mut errors,
+                        path,
+                        format!("region `{p}` is listed twice in `primary_regions`"),
+                    );
+                } else {
+                    primaries.push(p);
+                }
+            }
+            let is_set = primaries_field == "primary_regions";
+            if !is_set {
+                for (field, given) in [
+                    ("balance", r.balance.is_some()),
+                    ("weights", r.weights.is_some()),
+                    ("affinity", r.affinity.is_some()),
+                ] {
+                    if given {
+                        err(
+                            &mut errors,
+                            format!("{base}.{field}"),
+                            format!(
+                                "`{field}` applies to a set of primaries: use `primary_regions: [..]`"
+                            ),
+                        );
+                    }
+                }
+            }
+            let balance = r.balance.unwrap_or_default();
+            let weights = r.weights.clone().unwrap_or_default();
+            match (balance, r.weights.as_ref()) {
+                (Balance::Weighted, None) => err(
                     &mut errors,
-                    format!("{base}.primary_region"),
-                    format!("unknown region `{primary}` (regions: {})", region_names()),
-                );
+                    format!("{base}.balance"),
+                    "`balance: weighted` needs `weights` (for example `weights: {a: 3, b: 1}`)"
+                        .into(),
+                ),
+                (Balance::Weighted, Some(w)) if w.values().all(|v| *v == 0) => err(
+                    &mut errors,
+                    format!("{base}.weights"),
+                    "every weight is 0: at least one member needs a positive weight".into(),
+                ),
+                (Balance::LeastLoaded | Balance::Priority, Some(_)) if is_set => err(
+                    &mut errors,
+                    format!("{base}.weights"),
+                    format!(
+                        "`weights` are used only with `balance: weighted` (this rule balances `{}`)",
+                        balance.as_str()
+                    ),
+                ),
+                _ => {}
+            }
+            for name in weights.keys() {
+                if is_set && !primaries.contains(name) {
+                    err(
+                        &mut errors,
+                        format!("{base}.weights.{name}"),
+                        format!(
+                            "weight for `{name}`, which is not a member of `primary_regions` ({})",
+                            primaries.join(", ")
+                        ),
+                    );
+                }
+            }
+            if let Some(a) = &r.affinity {
+                if a.trim().is_empty() {
+                    err(
+                        &mut errors,
+                        format!("{base}.affinity"),
+                        "the affinity attribute name is empty".into(),
+                    );
+                }
             }
             let mut backups = Vec::new();
             let (backup_field, listed): (&str, Vec<String>) =
@@ -355,11 +516,17 @@ impl Policy {
                         path,
                         format!("unknown region `{b}` (regions: {})", region_names()),
                     );
-                } else if b == primary {
+                } else if primaries.contains(&b) && !is_set {
                     err(
                         &mut errors,
                         path,
                         format!("backup `{b}` is the rule's primary region"),
+                    );
+                } else if primaries.contains(&b) {
+                    err(
+                        &mut errors,
+                        path,
+                        format!("backup `{b}` is a member of the rule's `primary_regions`"),
                     );
                 } else if backups.contains(&b) {
                     err(&mut errors, path, format!("backup `{b}` is listed twice"));
@@ -368,14 +535,20 @@ impl Policy {
                 }
             }
             let requires: BTreeSet<String> = r.requires.iter().cloned().collect();
-            if let Some(p) = known(&primary) {
-                let missing: Vec<_> = requires.difference(&p.tags).cloned().collect();
+            for p in &primaries {
+                let Some(region) = known(p) else { continue };
+                let missing: Vec<_> = requires.difference(&region.tags).cloned().collect();
                 if !missing.is_empty() {
+                    let what = if is_set {
+                        format!("its primary set's member `{p}`")
+                    } else {
+                        format!("its primary `{p}`")
+                    };
                     err(
                         &mut errors,
                         format!("{base}.requires"),
                         format!(
-                            "the rule requires {} but its primary `{primary}` lacks {}",
+                            "the rule requires {} but {what} lacks {}",
                             requires.iter().cloned().collect::<Vec<_>>().join(", "),
                             missing.join(", ")
                         ),
@@ -387,7 +560,15 @@ impl Policy {
                 name: r.name.clone(),
                 source: r.condition.clone().filter(|_| !r.default),
                 condition,
-                primary,
+                shared_primaries: primaries.iter().map(|p| p.as_str().into()).collect(),
+                primary_priorities: primaries
+                    .iter()
+                    .map(|p| known(p).and_then(|r| r.priority).unwrap_or(i64::MAX))
+                    .collect(),
+                primaries,
+                balance,
+                weights,
+                affinity: r.affinity.clone(),
                 backups,
                 requires,
                 allow_overflow: r.allow_overflow,
@@ -459,6 +640,24 @@ impl Policy {
         self.regions.iter().find(|r| r.name == name)
     }
 
+    /// The regions in display order: by `priority` (lower first, unset
+    /// last), then by name.
+    pub fn regions_by_priority(&self) -> Vec<&Region> {
+        let mut out: Vec<&Region> = self.regions.iter().collect();
+        out.sort_by(|a, b| priority_key(a).cmp(&priority_key(b)));
+        out
+    }
+
+    /// The sort key of region `name` by priority then name (unknown last).
+    pub fn priority_of<'a>(&self, name: &'a str) -> (i64, &'a str) {
+        (
+            self.region(name)
+                .and_then(|r| r.priority)
+                .unwrap_or(i64::MAX),
+            name,
+        )
+    }
+
     /// The first rule whose condition holds. A condition that cannot be
     /// evaluated (missing attribute, type error) does not match; the error is
     /// reported so that the decision log shows it.
@@ -500,6 +699,20 @@ impl Policy {
     pub fn decide(&self, attrs: &Attributes, view: &dyn FederationView) -> Decision {
         decide(self, attrs, view)
     }
+
+    /// The routing decision with the draw that balances a set of primaries.
+    pub fn decide_with(
+        &self,
+        attrs: &Attributes,
+        view: &dyn FederationView,
+        draw: u64,
+    ) -> Decision {
+        decide_with(self, attrs, view, draw)
+    }
+}
+
+fn priority_key(r: &Region) -> (i64, &str) {
+    (r.priority.unwrap_or(i64::MAX), r.name.as_str())
 }
 
 fn policy_hash(spec: &FederationSpec) -> String {

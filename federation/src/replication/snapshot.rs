@@ -4,7 +4,8 @@
 //! pending tasks (queued and leased, with attributes and payloads), its
 //! recent results, epoch, sequence and policy hash. Each recipient gets its
 //! own body holding exactly the tasks it may hold: the recipient must be a
-//! backup of the task's rule, and hold every tag the rule requires plus the
+//! backup of the task's rule (or, for a rule with a set of primaries,
+//! another member of the set: it could have been chosen instead), and hold every tag the rule requires plus the
 //! tags the data-class requirements add for the task's attributes — the same
 //! test routing applies. The sender and the receiver both apply it, each with
 //! its own policy.
@@ -87,15 +88,16 @@ pub fn required_tags(policy: &Policy, task: &api::Task) -> Option<BTreeSet<Strin
     Some(tags)
 }
 
-/// Regions that may receive snapshots from `source`: the backups of every
-/// rule naming `source` as primary or backup (never `source` itself).
+/// Regions that may receive snapshots from `source`: for every rule naming
+/// `source` as primary or backup, its backups and, when the rule has a set
+/// of primaries, the set's other members ([`crate::policy::Rule::peers_of`];
+/// never `source` itself).
 pub fn recipients(policy: &Policy, source: &str) -> BTreeSet<String> {
     policy
         .rules
         .iter()
         .filter(|r| r.candidates().any(|c| c == source))
-        .flat_map(|r| r.backups.iter().cloned())
-        .filter(|b| b != source)
+        .flat_map(|r| r.peers_of(source).cloned())
         .collect()
 }
 
@@ -126,9 +128,9 @@ pub fn may_hold(
             rule.label()
         ));
     }
-    if recipient == source || !rule.backups.iter().any(|b| b == recipient) {
+    if recipient == source || !rule.peers_of(source).any(|b| b == recipient) {
         return Err(format!(
-            "task {}: {recipient} is not a backup of {}",
+            "task {}: {recipient} is not a backup of {} (nor another member of its set of primaries)",
             task.task_id,
             rule.label()
         ));
@@ -244,6 +246,32 @@ mod tests {
         );
         assert!(sent.is_empty());
         assert_eq!(withheld, 2);
+    }
+
+    #[test]
+    fn a_set_members_tasks_may_go_to_the_other_members_and_nowhere_else() {
+        let p = policy(include_str!("../../../policies/eu-set.yaml"));
+        let one = |r: &str| BTreeSet::from([r.to_string()]);
+        assert_eq!(recipients(&p, "europe_west"), one("europe_central"));
+        assert_eq!(recipients(&p, "europe_central"), one("europe_west"));
+        assert_eq!(recipients(&p, "north_america"), one("europe_west"));
+        let de = task(0, "DE");
+        let central = tags(&p, "europe_central");
+        let west = tags(&p, "europe_west");
+        assert!(may_hold(&p, "europe_west", "europe_central", &central, &de).is_ok());
+        assert!(may_hold(&p, "europe_central", "europe_west", &west, &de).is_ok());
+        // Not a region of the rule, and lacking GDPR besides.
+        let na = tags(&p, "north_america");
+        assert!(may_hold(&p, "europe_west", "north_america", &na, &de).is_err());
+        // A member that lost its GDPR tag may not hold it either.
+        let why = may_hold(&p, "europe_west", "europe_central", &BTreeSet::new(), &de)
+            .expect_err("lacks GDPR");
+        assert!(why.contains("GDPR"), "{why}");
+        // A US task in its backup europe_west goes nowhere else: central is
+        // no region of the US rule.
+        let us = task(1, "US");
+        assert!(may_hold(&p, "europe_west", "europe_central", &central, &us).is_err());
+        assert!(may_hold(&p, "north_america", "europe_west", &west, &us).is_ok());
     }
 
     #[test]

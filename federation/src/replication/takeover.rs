@@ -4,8 +4,9 @@
 //! * **Takeover** ([`check`]): when a region we hold a snapshot of has been
 //!   dead (or never heard since our start) for `timers.takeover_grace`, we
 //!   queue the pending tasks of our copy of it (newest snapshot plus the
-//!   change batches since, [`super::copy`]) that we may hold (rule
-//!   lists us as backup, we hold the required tags) under their original ids,
+//!   change batches since, [`super::copy`]) that we may hold (rule lists us
+//!   as backup or as another member of its set of primaries, we hold the
+//!   required tags) under their original ids,
 //!   `attempts` kept, `taken_over` = {from, epoch, to us, now}; one
 //!   `takeover` record per task goes to the decision log. Once per (region,
 //!   epoch).
@@ -107,8 +108,7 @@ impl TakeoverState {
                     let Some(rule) = policy.rules.get(t.rule_index as usize) else {
                         continue;
                     };
-                    let backups: Vec<&String> =
-                        rule.backups.iter().filter(|b| *b != region).collect();
+                    let backups: Vec<&String> = rule.peers_of(region).collect();
                     if backups.is_empty() {
                         continue;
                     }

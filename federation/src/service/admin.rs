@@ -32,14 +32,16 @@ fn health_name(h: Health) -> &'static str {
     }
 }
 
-/// The status as this controller sees it (also used by the status page).
+/// The status as this controller sees it (also used by the status page),
+/// one row per region in `priority` order.
 pub fn status(node: &Node) -> api::FederationStatusResponse {
     let policy = node.policy();
     let now = Instant::now();
     let mut rows = Vec::new();
     let own = node.advertisement(false);
     let (undecodable, undecodable_ids) = node.store.undecodable();
-    for region in &policy.regions {
+    // Regions in priority order (lower first, unset last), then by name.
+    for region in policy.regions_by_priority() {
         if region.name == node.region {
             rows.push(api::RegionStatus {
                 region: region.name.clone(),

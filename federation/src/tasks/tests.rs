@@ -178,6 +178,7 @@ async fn a_record_goes_in_the_same_batch_and_names_the_stored_task() {
         policy_hash: "h".into(),
         warnings: vec![],
         evaluation_errors: vec![],
+        balance: None,
     };
     let record = |id: &str| {
         PendingRecord::new(DecisionRef {
