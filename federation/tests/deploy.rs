@@ -859,3 +859,148 @@ federation:
         "system calls the unit's filter refuses: {refused:?}\n{text}"
     );
 }
+
+/// The agents' autoscaling example (`deploy/kubernetes/agents/europe`): it
+/// renders, its built-in objects pass the schemas, the KEDA ScaledObject
+/// scales the agents' Deployment, and its query names metrics a real
+/// controller exports, selected by the label the ServiceMonitor adds.
+#[test]
+fn agent_autoscaling_is_wired_to_metrics_the_controller_exports() {
+    let dir_arg = repo().join("deploy/kubernetes/agents/europe");
+    let out = output(
+        Command::new("kubectl").arg("kustomize").arg(&dir_arg),
+        "kubectl (with its built-in kustomize)",
+    );
+    assert!(
+        out.status.success(),
+        "kubectl kustomize agents/europe failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).expect("utf-8");
+    let docs = YamlLoader::load_from_str(&text).expect("YAML");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let file = tmp.path().join("agents.yaml");
+    std::fs::write(&file, &text).expect("write");
+    let report = output(
+        Command::new(kubernetes_validate())
+            .arg("--strict")
+            .arg(&file),
+        "kubernetes-validate",
+    );
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&report.stdout),
+        String::from_utf8_lossy(&report.stderr)
+    );
+    assert!(!report.contains("ERROR"), "{report}");
+    let scaled = kind(&docs, "ScaledObject");
+    assert_eq!(
+        report.matches(" passed for resource ").count() + scaled.len(),
+        docs.len(),
+        "{report}"
+    );
+
+    let deployments = kind(&docs, "Deployment");
+    assert_eq!((deployments.len(), scaled.len()), (1, 1));
+    let deployment = deployments[0];
+    let so = scaled[0];
+    assert_eq!(
+        so["spec"]["scaleTargetRef"]["name"].as_str(),
+        Some(name(deployment)),
+        "the ScaledObject scales the agents"
+    );
+    let pod = &deployment["spec"]["template"]["spec"];
+    let args = strings(&pod["containers"][0]["args"]);
+    assert_eq!(flag(&args, "--region"), Some("europe"));
+    assert!(args.contains(&"agent"), "{args:?}");
+    let c = &pod["containers"][0]["securityContext"];
+    assert_eq!(c["allowPrivilegeEscalation"].as_bool(), Some(false));
+    assert_eq!(c["readOnlyRootFilesystem"].as_bool(), Some(true));
+    assert_eq!(strings(&c["capabilities"]["drop"]), ["ALL"]);
+    assert!(
+        so["spec"]["minReplicaCount"].as_i64() >= Some(0)
+            && so["spec"]["maxReplicaCount"].as_i64() > so["spec"]["minReplicaCount"].as_i64()
+    );
+    let trigger = &so["spec"]["triggers"][0];
+    assert_eq!(trigger["type"].as_str(), Some("prometheus"));
+    let threshold: f64 = trigger["metadata"]["threshold"]
+        .as_str()
+        .and_then(|t| t.parse().ok())
+        .expect("a numeric threshold");
+    assert!(threshold > 0.0);
+    let query = trigger["metadata"]["query"].as_str().expect("query");
+    let used: BTreeSet<&str> = query
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("federation_") && !w.starts_with("federation_io_"))
+        .collect();
+    assert!(!used.is_empty(), "{query}");
+    assert!(
+        query.contains("federation_io_region=\"europe\""),
+        "selects europe by the scraped pod label: {query}"
+    );
+    // The ServiceMonitor puts that label on every series.
+    let (_, fed) = render();
+    let monitors = kind(&fed, "ServiceMonitor");
+    assert!(
+        strings(&monitors[0]["spec"]["podTargetLabels"]).contains(&"federation.io/region"),
+        "the ServiceMonitor must copy the pod's region label"
+    );
+
+    // A real controller exports every metric the query names.
+    let policy = tmp.path().join("federation.yaml");
+    std::fs::write(
+        &policy,
+        "federation:\n  name: Solo\n  regions:\n    - name: europe\n      endpoint: http://127.0.0.1:7000\n  routing_rules:\n    - default: true\n      primary_region: europe\n  data_synchronization:\n    enabled: false\n",
+    )
+    .expect("policy");
+    let admin = federation::sandbox::free_port().expect("port");
+    let grpc = federation::sandbox::free_port().expect("port");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_federation"));
+    cmd.args(["serve", "--insecure", "--region", "europe", "--config"])
+        .arg(&policy)
+        .arg("--data-dir")
+        .arg(tmp.path().join("data"))
+        .arg("--listen")
+        .arg(grpc.to_string())
+        .arg("--admin-listen")
+        .arg(admin.to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let _controller =
+        federation::sandbox::ChildGuard::spawn("europe", &mut cmd).expect("controller starts");
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let scrape = loop {
+        let got = (|| {
+            use std::io::{Read, Write};
+            let mut s =
+                std::net::TcpStream::connect_timeout(&admin, std::time::Duration::from_secs(2))
+                    .ok()?;
+            s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+                .ok()?;
+            write!(
+                s,
+                "GET /metrics HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n"
+            )
+            .ok()?;
+            let mut raw = String::new();
+            s.read_to_string(&mut raw).ok()?;
+            raw.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
+        })();
+        if let Some(body) = got {
+            break body;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "the controller's /metrics never answered"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    for metric in used {
+        assert!(
+            scrape
+                .lines()
+                .any(|l| l.split(['{', ' ']).next() == Some(metric)),
+            "the query names `{metric}`, which the controller does not export:\n{scrape}"
+        );
+    }
+}
