@@ -187,14 +187,19 @@ impl Node {
         }
     }
 
-    /// Our advertisement; `bump` starts a new sequence number (the advertiser
-    /// does, answers to peers do not).
-    pub fn advertisement(&self, bump: bool) -> api::RegionAdvertisement {
-        let sequence = if bump {
-            self.sequence.fetch_add(1, Ordering::SeqCst) + 1
-        } else {
-            self.sequence.load(Ordering::SeqCst)
-        };
+    /// A fresh advertisement with the next sequence number: what the
+    /// advertiser sends each heartbeat.
+    pub fn next_advertisement(&self) -> api::RegionAdvertisement {
+        self.advertisement_with(self.sequence.fetch_add(1, Ordering::SeqCst) + 1)
+    }
+
+    /// Our advertisement under the sequence number last sent: what answers to
+    /// peers and the status carry (they are no new information).
+    pub fn current_advertisement(&self) -> api::RegionAdvertisement {
+        self.advertisement_with(self.sequence.load(Ordering::SeqCst))
+    }
+
+    fn advertisement_with(&self, sequence: u64) -> api::RegionAdvertisement {
         let policy = self.policy();
         api::RegionAdvertisement {
             region: self.region.clone(),
@@ -586,7 +591,7 @@ async fn advertise_loop(node: Arc<Node>, mut stop: tokio::sync::watch::Receiver<
         node.membership.tick(Instant::now());
         persist_anchors(&node, &mut recorded).await;
         let request = api::AdvertiseRequest {
-            origin: Some(node.advertisement(true)),
+            origin: Some(node.next_advertisement()),
             known: node.membership.known(),
         };
         for region in node.peer_regions() {

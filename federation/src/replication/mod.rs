@@ -604,7 +604,7 @@ pub async fn run(node: Arc<Node>, mut stop: tokio::sync::watch::Receiver<bool>) 
                 let n = node.clone();
                 // A stat per stored file; a changed file is decrypted again.
                 let _ = tokio::task::spawn_blocking(move || n.replication.receiver.check_stored()).await;
-                takeover::check(&node).await;
+                takeover::take_over_dead_regions(&node).await;
                 flush_changes(&node).await;
             }
             change = changes.recv() => match change {

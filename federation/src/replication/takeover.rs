@@ -254,8 +254,8 @@ pub async fn on_advertisement(node: &Node, ad: &api::RegionAdvertisement) {
 }
 
 /// Takes over the pending tasks of every region we hold a copy of that has
-/// been dead for `takeover_grace`.
-pub async fn check(node: &Arc<Node>) {
+/// been dead for `takeover_grace` (run once per heartbeat).
+pub async fn take_over_dead_regions(node: &Arc<Node>) {
     let repl = &node.replication;
     let state = &repl.takeover;
     let now = Instant::now();

@@ -38,7 +38,7 @@ pub fn status(node: &Node) -> api::FederationStatusResponse {
     let policy = node.policy();
     let now = Instant::now();
     let mut rows = Vec::new();
-    let own = node.advertisement(false);
+    let own = node.current_advertisement();
     let (undecodable, undecodable_ids) = node.store.undecodable();
     // Regions in priority order (lower first, unset last), then by name.
     for region in policy.regions_by_priority() {

@@ -113,7 +113,7 @@ impl api::federation_peer_server::FederationPeer for PeerService {
         }
         crate::controller::merge_gossip(&self.node, &origin, &req.known, now).await;
         Ok(Response::new(api::AdvertiseResponse {
-            origin: Some(self.node.advertisement(false)),
+            origin: Some(self.node.current_advertisement()),
             known: self.node.membership.known(),
         }))
     }
