@@ -150,20 +150,13 @@ impl Replication {
         body: &changes::ChangeBody,
         rule_indexes: Vec<u32>,
     ) -> Result<Vec<api::SnapshotChunk>, EnvelopeError> {
-        let key = self
-            .ring
-            .as_ref()
-            .and_then(KeyRing::current)
-            .ok_or_else(|| EnvelopeError::UnknownKey("no current key".into()))?;
-        let params = envelope::SealParams {
-            source: body.source_region.clone(),
-            epoch: body.epoch,
-            sequence: body.sequence,
+        let (key, params) = self.seal_params(
+            &body.source_region,
+            body.epoch,
+            body.sequence,
             rule_indexes,
-            policy_hash: body.policy_hash.clone(),
-            compression: self.sync.compression.then_some(self.sync.compression_level),
-            chunk_size: CHUNK_SIZE,
-        };
+            &body.policy_hash,
+        )?;
         let plain = prost::Message::encode_to_vec(body);
         envelope::seal_in(
             envelope::Domain::Changes,
@@ -226,21 +219,43 @@ impl Replication {
         body: &SnapshotBody,
         rule_indexes: Vec<u32>,
     ) -> Result<Vec<api::SnapshotChunk>, EnvelopeError> {
+        let (key, params) = self.seal_params(
+            &body.source_region,
+            body.epoch,
+            body.sequence,
+            rule_indexes,
+            &body.policy_hash,
+        )?;
+        seal_snapshot(body, &params, key, &self.nonces, envelope::Pipeline::On)
+    }
+
+    /// The current key and the sealing parameters of a snapshot or change
+    /// batch of `source` at (`epoch`, `sequence`) for one recipient.
+    fn seal_params(
+        &self,
+        source: &str,
+        epoch: u64,
+        sequence: u64,
+        rule_indexes: Vec<u32>,
+        policy_hash: &str,
+    ) -> Result<(&Key, envelope::SealParams), EnvelopeError> {
         let key = self
             .ring
             .as_ref()
             .and_then(KeyRing::current)
             .ok_or_else(|| EnvelopeError::UnknownKey("no current key".into()))?;
-        let params = envelope::SealParams {
-            source: body.source_region.clone(),
-            epoch: body.epoch,
-            sequence: body.sequence,
-            rule_indexes,
-            policy_hash: body.policy_hash.clone(),
-            compression: self.sync.compression.then_some(self.sync.compression_level),
-            chunk_size: CHUNK_SIZE,
-        };
-        seal_snapshot(body, &params, key, &self.nonces, envelope::Pipeline::On)
+        Ok((
+            key,
+            envelope::SealParams {
+                source: source.to_string(),
+                epoch,
+                sequence,
+                rule_indexes,
+                policy_hash: policy_hash.to_string(),
+                compression: self.sync.compression.then_some(self.sync.compression_level),
+                chunk_size: CHUNK_SIZE,
+            },
+        ))
     }
 }
 
