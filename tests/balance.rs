@@ -39,14 +39,7 @@ async fn wait_for_slots(sandbox: &federation::sandbox::Sandbox, region: &str, sl
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_region_with_more_free_capacity_gets_the_larger_share() {
-    let mut sandbox = SandboxBuilder::new(federation_exe(), EU_SET)
-        .agents(0, 1)
-        .start()
-        .expect("sandbox starts");
-    sandbox
-        .wait_all_alive(PATIENCE)
-        .await
-        .expect("federation forms");
+    let mut sandbox = formed(SandboxBuilder::new(federation_exe(), EU_SET).agents(0, 1)).await;
     // Skewed capacity: west 1 slot, central 6; tasks hold their slot.
     sandbox
         .start_agent_with("europe_west", "sleep 3", 1)
@@ -98,14 +91,7 @@ async fn the_region_with_more_free_capacity_gets_the_larger_share() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn affinity_keeps_a_conversation_in_one_region_and_moves_only_the_dead_regions() {
-    let mut sandbox = SandboxBuilder::new(federation_exe(), EU_SET)
-        .agents(1, 4)
-        .start()
-        .expect("sandbox starts");
-    sandbox
-        .wait_all_alive(PATIENCE)
-        .await
-        .expect("federation forms");
+    let mut sandbox = formed(SandboxBuilder::new(federation_exe(), EU_SET).agents(1, 4)).await;
     let conversations: Vec<String> = (0..16).map(|i| format!("conv-7f3a-{i:02}")).collect();
     let mut home: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for round in 0..4 {

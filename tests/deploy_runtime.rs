@@ -136,18 +136,11 @@ fn assert_owner_only(dir: &Path) -> Vec<String> {
 async fn a_controller_on_an_empty_dir_creates_only_owner_only_files() {
     // The seed federation with replication: the store, the log, the epoch,
     // witnesses and the snapshots other regions push.
-    let sandbox = seed_sandbox()
-        .agents(1, 1)
-        .env(
-            "FEDERATION__FEDERATION__DATA_SYNCHRONIZATION__SYNC_INTERVAL",
-            "1",
-        )
-        .start()
-        .expect("sandbox starts");
-    sandbox
-        .wait_all_alive(PATIENCE)
-        .await
-        .expect("federation forms");
+    let sandbox = formed(seed_sandbox().agents(1, 1).env(
+        "FEDERATION__FEDERATION__DATA_SYNCHRONIZATION__SYNC_INTERVAL",
+        "1",
+    ))
+    .await;
     let mut client = sandbox.client("europe").await.expect("client");
     let id = client
         .submit_task(api::SubmitTaskRequest {

@@ -15,15 +15,12 @@ async fn agent_killed_mid_task_is_released_and_completes_elsewhere() {
     // The first agent runs a command that hangs; we kill the agent while it
     // holds the lease. A second agent that completes quickly picks it up
     // after the lease TTL.
-    let mut sandbox = seed_sandbox()
-        .agents(0, 1)
-        .env("FEDERATION__NODE__TIMERS__LEASE_TTL", "1500ms")
-        .start()
-        .expect("sandbox starts");
-    sandbox
-        .wait_all_alive(PATIENCE)
-        .await
-        .expect("federation forms");
+    let mut sandbox = formed(
+        seed_sandbox()
+            .agents(0, 1)
+            .env("FEDERATION__NODE__TIMERS__LEASE_TTL", "1500ms"),
+    )
+    .await;
     let slow = sandbox
         .start_agent_with("europe", "sleep 600", 1)
         .expect("slow agent");
@@ -70,11 +67,7 @@ async fn agent_killed_mid_task_is_released_and_completes_elsewhere() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn controller_killed_and_restarted_keeps_every_acknowledged_task() {
-    let mut sandbox = seed_sandbox().agents(0, 1).start().expect("sandbox starts");
-    sandbox
-        .wait_all_alive(PATIENCE)
-        .await
-        .expect("federation forms");
+    let mut sandbox = formed(seed_sandbox().agents(0, 1)).await;
     let mut client = sandbox.client("europe").await.expect("client");
     // Submit concurrently, remember every acknowledged id, kill mid-stream.
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -149,15 +142,12 @@ async fn tasks_running_across_a_controller_restart_run_exactly_once() {
     // the lease TTL, and succeeds. The controller is SIGKILLed while the
     // agent runs four of them and restarted on the same data and port: the
     // agent keeps its leases and reports them, so no task starts twice.
-    let mut sandbox = seed_sandbox()
-        .agents(0, 1)
-        .env("FEDERATION__NODE__TIMERS__LEASE_TTL", "20s")
-        .start()
-        .expect("sandbox starts");
-    sandbox
-        .wait_all_alive(PATIENCE)
-        .await
-        .expect("federation forms");
+    let mut sandbox = formed(
+        seed_sandbox()
+            .agents(0, 1)
+            .env("FEDERATION__NODE__TIMERS__LEASE_TTL", "20s"),
+    )
+    .await;
     let runs = sandbox.dir().join("runs.txt");
     let exec = format!(
         "echo \"$FEDERATION_TASK_ID\" >> '{}'; sleep 2; cat",
@@ -236,11 +226,7 @@ async fn submit_de(sandbox: &federation::sandbox::Sandbox, n: usize) -> Vec<Stri
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_controller_refuses_to_start_on_a_damaged_store() {
-    let mut sandbox = seed_sandbox().agents(0, 1).start().expect("sandbox starts");
-    sandbox
-        .wait_all_alive(PATIENCE)
-        .await
-        .expect("federation forms");
+    let mut sandbox = formed(seed_sandbox().agents(0, 1)).await;
     submit_de(&sandbox, 30).await;
     sandbox.kill_controller("europe").expect("kill");
     // Damage the middle of every page after the header.
@@ -273,18 +259,11 @@ async fn a_lost_disk_is_rebuilt_from_the_snapshot_a_peer_holds() {
     // The runbook: europe's data directory is lost; north_america (the
     // backup of the EU rule) holds europe's snapshot; `federation store
     // recover` rebuilds europe's store from it, and europe runs the tasks.
-    let mut sandbox = seed_sandbox()
-        .agents(0, 1)
-        .env(
-            "FEDERATION__FEDERATION__DATA_SYNCHRONIZATION__SYNC_INTERVAL",
-            "300ms",
-        )
-        .start()
-        .expect("sandbox starts");
-    sandbox
-        .wait_all_alive(PATIENCE)
-        .await
-        .expect("federation forms");
+    let mut sandbox = formed(seed_sandbox().agents(0, 1).env(
+        "FEDERATION__FEDERATION__DATA_SYNCHRONIZATION__SYNC_INTERVAL",
+        "300ms",
+    ))
+    .await;
     let ids = submit_de(&sandbox, 12).await;
     let held = sandbox
         .data_dir("north_america")
@@ -354,18 +333,11 @@ async fn a_lost_disk_is_rebuilt_from_the_snapshot_a_peer_holds() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_undecodable_record_is_reported_and_replication_and_leasing_go_on() {
-    let mut sandbox = seed_sandbox()
-        .agents(0, 1)
-        .env(
-            "FEDERATION__FEDERATION__DATA_SYNCHRONIZATION__SYNC_INTERVAL",
-            "300ms",
-        )
-        .start()
-        .expect("sandbox starts");
-    sandbox
-        .wait_all_alive(PATIENCE)
-        .await
-        .expect("federation forms");
+    let mut sandbox = formed(seed_sandbox().agents(0, 1).env(
+        "FEDERATION__FEDERATION__DATA_SYNCHRONIZATION__SYNC_INTERVAL",
+        "300ms",
+    ))
+    .await;
     let ids = submit_de(&sandbox, 6).await;
     sandbox.kill_controller("europe").expect("kill");
     // One record that does not decode, queued first.
@@ -480,11 +452,7 @@ async fn a_store_that_lost_acknowledged_tasks_is_refused_and_the_lost_ids_listed
     // image rolled back): the controller refuses to start, `store check`
     // lists the tasks the decision log says were stored, and after `store
     // accept` it serves again.
-    let mut sandbox = seed_sandbox().agents(0, 1).start().expect("sandbox starts");
-    sandbox
-        .wait_all_alive(PATIENCE)
-        .await
-        .expect("federation forms");
+    let mut sandbox = formed(seed_sandbox().agents(0, 1)).await;
     let kept = submit_de(&sandbox, 5).await;
     stop_europe(&mut sandbox);
     let dir = sandbox.data_dir("europe").expect("dir");

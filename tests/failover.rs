@@ -23,11 +23,7 @@ fn submit(customer: &str) -> api::SubmitTaskRequest {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn primary_killed_fails_over_to_backup_and_flags_the_dropped_tag() {
-    let mut sandbox = seed_sandbox().agents(0, 1).start().expect("sandbox starts");
-    sandbox
-        .wait_all_alive(PATIENCE)
-        .await
-        .expect("federation forms");
+    let mut sandbox = formed(seed_sandbox().agents(0, 1)).await;
     sandbox.kill_controller("europe").expect("kill");
     sandbox
         .wait_for_states("north_america", &[("europe", "dead")], PATIENCE)
@@ -64,14 +60,8 @@ async fn primary_killed_fails_over_to_backup_and_flags_the_dropped_tag() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requires_gdpr_refuses_instead_of_failing_over() {
-    let mut sandbox = SandboxBuilder::new(federation_exe(), seed_requires_gdpr())
-        .agents(0, 1)
-        .start()
-        .expect("sandbox starts");
-    sandbox
-        .wait_all_alive(PATIENCE)
-        .await
-        .expect("federation forms");
+    let mut sandbox =
+        formed(SandboxBuilder::new(federation_exe(), seed_requires_gdpr()).agents(0, 1)).await;
     sandbox.kill_controller("europe").expect("kill");
     sandbox
         .wait_for_states("asia_pacific", &[("europe", "dead")], PATIENCE)
@@ -97,11 +87,7 @@ async fn requires_gdpr_refuses_instead_of_failing_over() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hung_primary_fails_over_after_the_forward_deadline() {
-    let mut sandbox = seed_sandbox().agents(0, 1).start().expect("sandbox starts");
-    sandbox
-        .wait_all_alive(PATIENCE)
-        .await
-        .expect("federation forms");
+    let mut sandbox = formed(seed_sandbox().agents(0, 1)).await;
     // SIGSTOP: the socket stays open, nothing answers.
     sandbox
         .controller("north_america")
@@ -182,15 +168,7 @@ async fn hung_primary_fails_over_after_the_forward_deadline() {
 /// europe.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn entry_controllers_own_stall_does_not_fail_its_peers_over() {
-    let mut sandbox = seed_sandbox()
-        .default_timers()
-        .agents(0, 1)
-        .start()
-        .expect("sandbox starts");
-    sandbox
-        .wait_all_alive(PATIENCE)
-        .await
-        .expect("federation forms");
+    let mut sandbox = formed(seed_sandbox().default_timers().agents(0, 1)).await;
     let mut client = sandbox.client("north_america").await.expect("client");
     let before = client
         .submit_task(submit("DE"))
@@ -298,14 +276,8 @@ async fn randomized_failures_never_break_residency_with_sets() {
 }
 
 async fn randomized(policy_text: String, regions: &[&str], customers: &[&str]) {
-    let mut sandbox = SandboxBuilder::new(federation_exe(), policy_text.clone())
-        .agents(0, 1)
-        .start()
-        .expect("sandbox starts");
-    sandbox
-        .wait_all_alive(PATIENCE)
-        .await
-        .expect("federation forms");
+    let mut sandbox =
+        formed(SandboxBuilder::new(federation_exe(), policy_text.clone()).agents(0, 1)).await;
     let policy = Policy::load_file(sandbox.config_path()).expect("policy");
     let seed = std::env::var("RANDOMIZED_SEED")
         .ok()

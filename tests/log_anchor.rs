@@ -101,11 +101,7 @@ fn copy_dir(from: &Path, to: &Path) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_log_cut_short_emptied_or_rolled_back_is_detected() {
-    let mut sandbox = seed_sandbox().start().expect("sandbox starts");
-    sandbox
-        .wait_all_alive(PATIENCE)
-        .await
-        .expect("federation forms");
+    let mut sandbox = formed(seed_sandbox()).await;
     let auditor = sandbox.cli_env("auditor").expect("credentials");
     let eu_dir = sandbox.data_dir("europe").expect("dir");
     let na_dir = sandbox.data_dir("north_america").expect("dir");

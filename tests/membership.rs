@@ -54,15 +54,12 @@ async fn gossip_keeps_a_region_alive_across_a_broken_link_and_flags_policy_misma
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_region_is_skipped_for_its_backup() {
     // No agents and a queue limit of 2: europe fills up after two EU tasks.
-    let sandbox = seed_sandbox()
-        .agents(0, 1)
-        .env("FEDERATION__NODE__LIMITS__MAX_QUEUE_DEPTH", "2")
-        .start()
-        .expect("sandbox starts");
-    sandbox
-        .wait_all_alive(PATIENCE)
-        .await
-        .expect("federation forms");
+    let sandbox = formed(
+        seed_sandbox()
+            .agents(0, 1)
+            .env("FEDERATION__NODE__LIMITS__MAX_QUEUE_DEPTH", "2"),
+    )
+    .await;
     let mut na = sandbox.client("north_america").await.expect("client");
     let de = || api::SubmitTaskRequest {
         attributes: string_attrs(&[("customer_region", "DE")]),

@@ -12,11 +12,7 @@ use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_and_status_page() {
-    let mut sandbox = seed_sandbox().agents(0, 1).start().expect("sandbox starts");
-    sandbox
-        .wait_all_alive(PATIENCE)
-        .await
-        .expect("federation forms");
+    let mut sandbox = formed(seed_sandbox().agents(0, 1)).await;
     let mut client = sandbox.client("north_america").await.expect("client");
     for customer in ["DE", "US", "JP"] {
         let _ = client

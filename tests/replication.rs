@@ -96,8 +96,7 @@ fn exec_into(file: &Path) -> String {
 /// tasks in europe (no agents: they stay pending), and returns what
 /// north_america ends up holding of europe's after two more sync rounds.
 async fn eu_tasks_reaching_north_america(policy: &str) -> (usize, usize) {
-    let sb = builder(policy).start().expect("sandbox starts");
-    sb.wait_all_alive(PATIENCE).await.expect("federation forms");
+    let sb = formed(builder(policy)).await;
     let us = submit_many(&sb, "north_america", "US", 3).await;
     let de = submit_many(&sb, "europe", "DE", 3).await;
     // north_america's US tasks reach their backup, europe.
@@ -162,12 +161,12 @@ async fn snapshots_go_only_where_residency_allows() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backup_takes_over_a_dead_primary_which_does_not_run_them_again() {
-    let mut sb = builder(SEED)
-        .env("FEDERATION__NODE__TIMERS__FAILBACK_HOLD_DOWN", "3s")
-        .env("FEDERATION__NODE__TIMERS__STARTUP_FENCE", "60s")
-        .start()
-        .expect("sandbox starts");
-    sb.wait_all_alive(PATIENCE).await.expect("federation forms");
+    let mut sb = formed(
+        builder(SEED)
+            .env("FEDERATION__NODE__TIMERS__FAILBACK_HOLD_DOWN", "3s")
+            .env("FEDERATION__NODE__TIMERS__STARTUP_FENCE", "60s"),
+    )
+    .await;
     let eu_file = sb.dir().join("ran-europe");
     let na_file = sb.dir().join("ran-north_america");
     sb.start_agent_with("europe", &exec_into(&eu_file), 2)
@@ -307,8 +306,7 @@ fn sample(metrics: &str, series: &str) -> Option<f64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_metrics_show_pushes_ages_and_rejections_by_reason() {
-    let sb = builder(SEED).start().expect("sandbox starts");
-    sb.wait_all_alive(PATIENCE).await.expect("federation forms");
+    let sb = formed(builder(SEED)).await;
     let ids = submit_many(&sb, "north_america", "US", 3).await;
     wait_holds(&sb, "europe", "north_america", &ids).await;
 
@@ -406,13 +404,13 @@ async fn snapshot_metrics_show_pushes_ages_and_rejections_by_reason() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_change_stream_bounds_rerun_and_loss_to_two_heartbeats() {
     const HEARTBEAT: std::time::Duration = std::time::Duration::from_millis(250);
-    let mut sb = SandboxBuilder::new(federation_exe(), SEED)
-        .agents(0, 1)
-        .env("FEDERATION__NODE__TIMERS__HEARTBEAT_INTERVAL", "250ms")
-        .env("FEDERATION__NODE__TIMERS__TAKEOVER_GRACE", "5s")
-        .start()
-        .expect("sandbox starts");
-    sb.wait_all_alive(PATIENCE).await.expect("federation forms");
+    let mut sb = formed(
+        SandboxBuilder::new(federation_exe(), SEED)
+            .agents(0, 1)
+            .env("FEDERATION__NODE__TIMERS__HEARTBEAT_INTERVAL", "250ms")
+            .env("FEDERATION__NODE__TIMERS__TAKEOVER_GRACE", "5s"),
+    )
+    .await;
     let na_file = sb.dir().join("ran-north_america");
     let eu_file = sb.dir().join("ran-europe");
 
@@ -535,6 +533,27 @@ async fn cut_off_europe(sb: &mut Sandbox) {
 }
 
 /// A client of `region` once its controller answers (after a restart).
+/// north_america accepts a task under `key` while europe cannot hear of it
+/// (stopped), then dies; returns once europe, resumed, has seen it dead.
+async fn primary_accepts_unheard_then_dies(sb: &mut Sandbox, key: &str) -> api::SubmitTaskResponse {
+    cut_off_europe(sb).await;
+    let mut na = answering(sb, "north_america").await;
+    let accepted = na
+        .submit_task(keyed("US", key, b"work"))
+        .await
+        .expect("accepted")
+        .into_inner();
+    sb.kill_controller("north_america").expect("kill");
+    sb.controller("europe")
+        .expect("running")
+        .signal("CONT")
+        .expect("cont");
+    sb.wait_for_states("europe", &[("north_america", "dead")], PATIENCE)
+        .await
+        .expect("dead");
+    accepted
+}
+
 async fn answering(
     sb: &Sandbox,
     region: &str,
@@ -568,13 +587,13 @@ fn decisions(sb: &Sandbox, region: &str) -> Vec<String> {
 /// ran.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_idempotency_key_one_task_across_failover() {
-    let mut sb = SandboxBuilder::new(federation_exe(), SEED)
-        .agents(0, 1)
-        .env("FEDERATION__NODE__TIMERS__TAKEOVER_GRACE", "120s")
-        .env("FEDERATION__NODE__TIMERS__STARTUP_FENCE", "5s")
-        .start()
-        .expect("sandbox starts");
-    sb.wait_all_alive(PATIENCE).await.expect("federation forms");
+    let mut sb = formed(
+        SandboxBuilder::new(federation_exe(), SEED)
+            .agents(0, 1)
+            .env("FEDERATION__NODE__TIMERS__TAKEOVER_GRACE", "120s")
+            .env("FEDERATION__NODE__TIMERS__STARTUP_FENCE", "5s"),
+    )
+    .await;
     let mut na = sb.client("north_america").await.expect("client");
 
     // K1 at the primary; reusing it for other content is refused there.
@@ -646,21 +665,7 @@ async fn one_idempotency_key_one_task_across_failover() {
     sb.wait_for_states("europe", &[("north_america", "alive")], PATIENCE)
         .await
         .expect("back");
-    cut_off_europe(&mut sb).await;
-    let mut na = answering(&sb, "north_america").await;
-    let first = na
-        .submit_task(keyed("US", "K2", b"work"))
-        .await
-        .expect("accepted")
-        .into_inner();
-    sb.kill_controller("north_america").expect("kill");
-    sb.controller("europe")
-        .expect("running")
-        .signal("CONT")
-        .expect("cont");
-    sb.wait_for_states("europe", &[("north_america", "dead")], PATIENCE)
-        .await
-        .expect("dead");
+    let first = primary_accepts_unheard_then_dies(&mut sb, "K2").await;
     let second = eu
         .submit_task(keyed("US", "K2", b"work"))
         .await
@@ -705,20 +710,7 @@ async fn one_idempotency_key_one_task_across_failover() {
     // before europe can hear of it (europe stopped while north_america
     // returns: its start-up fence waits `startup_fence`, then leases): the
     // pair is recorded and counted.
-    cut_off_europe(&mut sb).await;
-    let theirs = na
-        .submit_task(keyed("US", "K3", b"work"))
-        .await
-        .expect("accepted")
-        .into_inner();
-    sb.kill_controller("north_america").expect("kill");
-    sb.controller("europe")
-        .expect("running")
-        .signal("CONT")
-        .expect("cont");
-    sb.wait_for_states("europe", &[("north_america", "dead")], PATIENCE)
-        .await
-        .expect("dead");
+    let theirs = primary_accepts_unheard_then_dies(&mut sb, "K3").await;
     sb.start_agent("europe").expect("europe agent");
     let ours = eu
         .submit_task(keyed("US", "K3", b"work"))
@@ -765,21 +757,7 @@ async fn one_idempotency_key_one_task_across_failover() {
     // primary's copy before answering. Exactly one runs.
     sb.kill_agent("north_america", na_agent)
         .expect("agent stops");
-    cut_off_europe(&mut sb).await;
-    let mut na = answering(&sb, "north_america").await;
-    let theirs4 = na
-        .submit_task(keyed("US", "K4", b"work"))
-        .await
-        .expect("accepted")
-        .into_inner();
-    sb.kill_controller("north_america").expect("kill");
-    sb.controller("europe")
-        .expect("running")
-        .signal("CONT")
-        .expect("cont");
-    sb.wait_for_states("europe", &[("north_america", "dead")], PATIENCE)
-        .await
-        .expect("dead");
+    let theirs4 = primary_accepts_unheard_then_dies(&mut sb, "K4").await;
     let ours4 = eu
         .submit_task(keyed("US", "K4", b"work"))
         .await

@@ -19,11 +19,7 @@ fn submit(attrs: &[(&str, &str)]) -> api::SubmitTaskRequest {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routes_by_rule_from_any_entry_and_rejects_with_reasons() {
-    let sandbox = seed_sandbox().agents(1, 2).start().expect("sandbox starts");
-    sandbox
-        .wait_all_alive(PATIENCE)
-        .await
-        .expect("federation forms");
+    let sandbox = formed(seed_sandbox().agents(1, 2)).await;
 
     // Rule 1 and rule 2, entered at every region: the owner is always the
     // rule's primary, whichever controller the client called.
@@ -142,11 +138,7 @@ async fn routes_by_rule_from_any_entry_and_rejects_with_reasons() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idempotent_resubmission_and_bad_requests() {
-    let sandbox = seed_sandbox().agents(0, 1).start().expect("sandbox starts");
-    sandbox
-        .wait_all_alive(PATIENCE)
-        .await
-        .expect("federation forms");
+    let sandbox = formed(seed_sandbox().agents(0, 1)).await;
     let mut na = sandbox.client("north_america").await.expect("client");
     let mut eu = sandbox.client("europe").await.expect("client");
 
@@ -256,11 +248,7 @@ async fn idempotent_resubmission_and_bad_requests() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarded_task_is_refused_by_a_region_the_rule_does_not_allow() {
-    let sandbox = seed_sandbox().agents(0, 1).start().expect("sandbox starts");
-    sandbox
-        .wait_all_alive(PATIENCE)
-        .await
-        .expect("federation forms");
+    let sandbox = formed(seed_sandbox().agents(0, 1)).await;
     // A (buggy or malicious) peer forwards a DE task to asia_pacific, which no
     // rule allows: asia_pacific re-checks residency and refuses.
     let channel = sandbox
@@ -283,11 +271,7 @@ async fn forwarded_task_is_refused_by_a_region_the_rule_does_not_allow() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_and_cancel_are_relayed_to_the_owner() {
-    let sandbox = seed_sandbox().agents(0, 1).start().expect("sandbox starts");
-    sandbox
-        .wait_all_alive(PATIENCE)
-        .await
-        .expect("federation forms");
+    let sandbox = formed(seed_sandbox().agents(0, 1)).await;
     let mut na = sandbox.client("north_america").await.expect("client");
     let mut ap = sandbox.client("asia_pacific").await.expect("client");
     // No agents: the task stays queued in europe.

@@ -18,11 +18,7 @@ fn alive(pid: u32) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sandbox_forms_a_federation_and_cleans_up() {
-    let mut sandbox = seed_sandbox().agents(1, 1).start().expect("sandbox starts");
-    sandbox
-        .wait_all_alive(PATIENCE)
-        .await
-        .expect("federation forms");
+    let mut sandbox = formed(seed_sandbox().agents(1, 1)).await;
     let mut admin = sandbox.admin("north_america").await.expect("admin");
     let status = admin
         .federation_status(api::FederationStatusRequest {})
@@ -77,11 +73,7 @@ async fn sandbox_forms_a_federation_and_cleans_up() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_a_controller_gracefully() {
-    let mut sandbox = seed_sandbox().agents(0, 1).start().expect("sandbox starts");
-    sandbox
-        .wait_all_alive(PATIENCE)
-        .await
-        .expect("federation forms");
+    let mut sandbox = formed(seed_sandbox().agents(0, 1)).await;
     let c = sandbox.controller("europe").expect("running");
     c.signal("TERM").expect("sigterm");
     let status = c

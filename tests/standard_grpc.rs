@@ -50,11 +50,7 @@ async fn health_and_reflection_work_with_python_grpcio() {
     let python = tokio::task::spawn_blocking(python_with_grpc)
         .await
         .expect("venv");
-    let sandbox = seed_sandbox().agents(0, 1).start().expect("sandbox starts");
-    sandbox
-        .wait_all_alive(PATIENCE)
-        .await
-        .expect("federation forms");
+    let sandbox = formed(seed_sandbox().agents(0, 1)).await;
     // Over the controller's TLS (as the federation runs by default), trusting
     // the federation CA and presenting no client certificate.
     let addr = sandbox.addr("europe").expect("addr").to_string();

@@ -10,7 +10,7 @@ use federation::sandbox::{Sandbox, string_attrs};
 use federation_api as api;
 use federation_tls::dev::{DevCa, Validity, write_pair};
 use federation_tls::{ClientTls, Expect, Role};
-use support::{PATIENCE, seed_requires_gdpr, seed_sandbox};
+use support::{PATIENCE, formed, seed_requires_gdpr, seed_sandbox};
 use tonic::Code;
 
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -224,17 +224,10 @@ async fn roles_and_credentials() {
     let token_client = "client-token-0123456789";
     let token_auditor = "auditor-token-0123456789";
     let token_agent = "agent-token-0123456789";
-    let sandbox = seed_sandbox()
-        .agents(0, 1)
-        .tokens(&format!(
-            "{token_client} client\n{token_auditor} auditor\n{token_agent} agent europe\n"
-        ))
-        .start()
-        .expect("sandbox starts");
-    sandbox
-        .wait_all_alive(PATIENCE)
-        .await
-        .expect("federation forms");
+    let sandbox = formed(seed_sandbox().agents(0, 1).tokens(&format!(
+        "{token_client} client\n{token_auditor} auditor\n{token_agent} agent europe\n"
+    )))
+    .await;
 
     // No credentials at all: UNAUTHENTICATED.
     let ch = sandbox
@@ -455,21 +448,18 @@ async fn unattested_tag_is_dropped_and_routing_refuses() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limits_over_the_wire() {
-    let sandbox = seed_sandbox()
-        .agents(0, 1)
-        .env("FEDERATION__NODE__LIMITS__MAX_MESSAGE_BYTES", "65536")
-        .env("FEDERATION__NODE__LIMITS__MAX_PAYLOAD_BYTES", "1024")
-        .env("FEDERATION__NODE__LIMITS__MAX_ATTRIBUTES", "4")
-        .env("FEDERATION__NODE__LIMITS__MAX_ATTRIBUTE_LEN", "32")
-        .env("FEDERATION__NODE__LIMITS__MAX_KNOWN_ADVERTISEMENTS", "2")
-        .env("FEDERATION__NODE__LIMITS__MAX_SNAPSHOT_CHUNKS", "2")
-        .env("FEDERATION__NODE__LIMITS__MAX_SNAPSHOT_CHUNK_BYTES", "1024")
-        .start()
-        .expect("sandbox starts");
-    sandbox
-        .wait_all_alive(PATIENCE)
-        .await
-        .expect("federation forms");
+    let sandbox = formed(
+        seed_sandbox()
+            .agents(0, 1)
+            .env("FEDERATION__NODE__LIMITS__MAX_MESSAGE_BYTES", "65536")
+            .env("FEDERATION__NODE__LIMITS__MAX_PAYLOAD_BYTES", "1024")
+            .env("FEDERATION__NODE__LIMITS__MAX_ATTRIBUTES", "4")
+            .env("FEDERATION__NODE__LIMITS__MAX_ATTRIBUTE_LEN", "32")
+            .env("FEDERATION__NODE__LIMITS__MAX_KNOWN_ADVERTISEMENTS", "2")
+            .env("FEDERATION__NODE__LIMITS__MAX_SNAPSHOT_CHUNKS", "2")
+            .env("FEDERATION__NODE__LIMITS__MAX_SNAPSHOT_CHUNK_BYTES", "1024"),
+    )
+    .await;
     let mut client = sandbox.client("europe").await.expect("client");
 
     let mut big = submit(&[("customer_region", "DE")]);

@@ -152,19 +152,16 @@ async fn one_trace_follows_a_forwarded_task_to_the_agent_and_its_command() {
         "printf %s \"$TRACEPARENT\" > {}/$FEDERATION_TASK_ID.tp; cat",
         out.path().display()
     );
-    let sandbox = federation::sandbox::SandboxBuilder::new(federation_exe(), two_regions())
-        .env("FEDERATION__NODE__TRACING__OTLP_ENDPOINT", &endpoint)
-        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
-        .agent_env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
-        .agent_env("OTEL_BSP_SCHEDULE_DELAY", "100")
-        .exec(&exec)
-        .agents(1, 1)
-        .start()
-        .expect("sandbox starts");
-    sandbox
-        .wait_all_alive(PATIENCE)
-        .await
-        .expect("federation forms");
+    let sandbox = formed(
+        federation::sandbox::SandboxBuilder::new(federation_exe(), two_regions())
+            .env("FEDERATION__NODE__TRACING__OTLP_ENDPOINT", &endpoint)
+            .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+            .agent_env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
+            .agent_env("OTEL_BSP_SCHEDULE_DELAY", "100")
+            .exec(&exec)
+            .agents(1, 1),
+    )
+    .await;
 
     // A DE task entered at north_america, with the client's own trace.
     let mut client = sandbox.client("north_america").await.expect("client");
@@ -294,16 +291,13 @@ async fn one_trace_follows_a_forwarded_task_to_the_agent_and_its_command() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_client_trace_the_entry_starts_one_that_crosses_to_the_owner() {
     let (receiver, endpoint) = start_receiver().await;
-    let sandbox = federation::sandbox::SandboxBuilder::new(federation_exe(), two_regions())
-        .env("FEDERATION__NODE__TRACING__OTLP_ENDPOINT", &endpoint)
-        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
-        .agents(0, 1)
-        .start()
-        .expect("sandbox starts");
-    sandbox
-        .wait_all_alive(PATIENCE)
-        .await
-        .expect("federation forms");
+    let sandbox = formed(
+        federation::sandbox::SandboxBuilder::new(federation_exe(), two_regions())
+            .env("FEDERATION__NODE__TRACING__OTLP_ENDPOINT", &endpoint)
+            .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+            .agents(0, 1),
+    )
+    .await;
     let mut client = sandbox.client("north_america").await.expect("client");
     let resp = client
         .submit_task(api::SubmitTaskRequest {
@@ -403,16 +397,13 @@ fn a_bad_otlp_endpoint_is_a_configuration_error_naming_the_key() {
 async fn sigterm_flushes_the_spans_still_buffered() {
     let (receiver, endpoint) = start_receiver().await;
     // Batches are due only after ten minutes: what arrives, the shutdown sent.
-    let mut sandbox = federation::sandbox::SandboxBuilder::new(federation_exe(), two_regions())
-        .env("FEDERATION__NODE__TRACING__OTLP_ENDPOINT", &endpoint)
-        .env("OTEL_BSP_SCHEDULE_DELAY", "600000")
-        .agents(0, 1)
-        .start()
-        .expect("sandbox starts");
-    sandbox
-        .wait_all_alive(PATIENCE)
-        .await
-        .expect("federation forms");
+    let mut sandbox = formed(
+        federation::sandbox::SandboxBuilder::new(federation_exe(), two_regions())
+            .env("FEDERATION__NODE__TRACING__OTLP_ENDPOINT", &endpoint)
+            .env("OTEL_BSP_SCHEDULE_DELAY", "600000")
+            .agents(0, 1),
+    )
+    .await;
     let mut client = sandbox.client("north_america").await.expect("client");
     client
         .submit_task(api::SubmitTaskRequest {

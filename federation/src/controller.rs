@@ -664,6 +664,10 @@ pub async fn merge_gossip(
 async fn persist_anchors(node: &Arc<Node>, recorded: &mut Option<(u64, String)>) {
     let head = node.log.last();
     let store = (recorded.as_ref() != Some(&head)).then(|| node.store.clone());
+    if store.is_none() && !node.witnesses.needs_flush() {
+        // Nothing changed since the last heartbeat: no trip to the pool.
+        return;
+    }
     let node2 = node.clone();
     let head2 = head.clone();
     let done = tokio::task::spawn_blocking(move || {

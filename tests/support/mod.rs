@@ -39,6 +39,17 @@ pub fn seed_sandbox() -> SandboxBuilder {
     SandboxBuilder::new(federation_exe(), SEED)
 }
 
+/// Starts the sandbox `builder` describes and waits (bounded) until every
+/// controller sees every other region alive.
+pub async fn formed(builder: SandboxBuilder) -> federation::sandbox::Sandbox {
+    let sandbox = builder.start().expect("sandbox starts");
+    sandbox
+        .wait_all_alive(PATIENCE)
+        .await
+        .expect("federation forms");
+    sandbox
+}
+
 /// The seed with the EU rule requiring GDPR.
 pub fn seed_requires_gdpr() -> String {
     federation::cli::demo::requires_gdpr_variant(SEED)

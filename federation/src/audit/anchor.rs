@@ -347,6 +347,11 @@ impl Witnesses {
         lock(&self.state).problems.get(region).cloned()
     }
 
+    /// True when [`Witnesses::flush`] has something to write.
+    pub fn needs_flush(&self) -> bool {
+        lock(&self.state).dirty
+    }
+
     /// Writes the file if anything changed since the last write (temp file,
     /// fsync, rename, fsync of the directory). Blocking: call off the async
     /// workers.
