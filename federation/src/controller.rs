@@ -312,15 +312,8 @@ fn next_epoch(data_dir: &Path) -> anyhow::Result<u64> {
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     };
     let epoch = (now_ms().max(0) as u64).max(last + 1);
-    let tmp = data_dir.join("epoch.tmp");
-    {
-        use std::io::Write;
-        let mut f =
-            std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
-        f.write_all(epoch.to_string().as_bytes())?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, &path).with_context(|| format!("renaming to {}", path.display()))?;
+    crate::atomic_file::write(&path, epoch.to_string().as_bytes())
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(epoch)
 }
 

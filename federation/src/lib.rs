@@ -5,6 +5,7 @@
 
 pub mod admin_http;
 pub mod agents;
+pub mod atomic_file;
 pub mod audit;
 pub mod auth;
 pub mod cli;

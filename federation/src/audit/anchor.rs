@@ -7,7 +7,6 @@
 //! task store: callers pass heads in and out.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -373,15 +372,7 @@ impl Witnesses {
             source,
         };
         let bytes = bytes.map_err(|e| io(std::io::Error::other(e)))?;
-        let dir = self.path.parent().unwrap_or(Path::new("."));
-        let tmp = self.path.with_extension("json.tmp");
-        let written = (|| {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&bytes)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &self.path)?;
-            std::fs::File::open(dir)?.sync_all()
-        })();
+        let written = crate::atomic_file::write(&self.path, &bytes);
         if let Err(e) = written {
             lock(&self.state).dirty = true;
             return Err(io(e));

@@ -174,16 +174,9 @@ impl Duplicates {
             let excess = keys.len() - MAX_UNVERIFIED;
             keys.drain(..excess);
         }
-        let tmp = self.path.with_extension("json.tmp");
         let written = serde_json::to_vec(&*keys)
             .map_err(std::io::Error::other)
-            .and_then(|bytes| {
-                use std::io::Write as _;
-                let mut f = std::fs::File::create(&tmp)?;
-                f.write_all(&bytes)?;
-                f.sync_all()
-            })
-            .and_then(|()| std::fs::rename(&tmp, &self.path));
+            .and_then(|bytes| crate::atomic_file::write(&self.path, &bytes));
         if let Err(e) = written {
             tracing::error!(path = %self.path.display(), error = %e, "persisting unverified idempotency keys failed");
         }

@@ -380,17 +380,7 @@ pub fn read_file(path: &Path) -> Result<Vec<api::SnapshotChunk>, String> {
 
 /// Writes chunks atomically: temp file, fsync, rename, fsync of the directory.
 pub fn write_file(path: &Path, chunks: &[api::SnapshotChunk]) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let tmp = path.with_extension("snap.tmp");
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&encode_chunks(chunks)?)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(dir)?.sync_all()?;
-    Ok(())
+    crate::atomic_file::write(path, &encode_chunks(chunks)?)
 }
 
 fn encode_chunks(chunks: &[api::SnapshotChunk]) -> std::io::Result<Vec<u8>> {
@@ -1028,16 +1018,8 @@ fn read_manifest(dir: &Path) -> BTreeMap<String, Latest> {
 /// Writes the manifest atomically (temp file, fsync, rename, fsync of the
 /// directory).
 fn write_manifest(dir: &Path, latest: &BTreeMap<String, Latest>) -> std::io::Result<()> {
-    let path = dir.join(MANIFEST);
-    let tmp = dir.join(format!("{MANIFEST}.tmp"));
     let bytes = serde_json::to_vec_pretty(latest).map_err(std::io::Error::other)?;
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, &path)?;
-    std::fs::File::open(dir)?.sync_all()
+    crate::atomic_file::write(&dir.join(MANIFEST), &bytes)
 }
 
 /// Reads a pushed stream into chunks, enforcing the limits as chunks arrive:

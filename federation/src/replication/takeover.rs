@@ -186,16 +186,9 @@ impl TakeoverState {
         while total > MAX_NOTICE_IDS && notices.len() > 1 {
             total -= notices.remove(0).task_ids.len();
         }
-        let tmp = self.path.with_extension("json.tmp");
         let written = serde_json::to_vec(&*notices)
             .map_err(std::io::Error::other)
-            .and_then(|bytes| {
-                use std::io::Write as _;
-                let mut f = std::fs::File::create(&tmp)?;
-                f.write_all(&bytes)?;
-                f.sync_all()
-            })
-            .and_then(|()| std::fs::rename(&tmp, &self.path));
+            .and_then(|bytes| crate::atomic_file::write(&self.path, &bytes));
         if let Err(e) = written {
             tracing::error!(path = %self.path.display(), error = %e, "persisting takeover notices failed");
         }
