@@ -97,7 +97,15 @@ fn port_of(addr: &str) -> i64 {
 
 /// A virtualenv with `kubernetes-validate` (Kubernetes JSON schemas
 /// bundled), created once per target dir.
+/// The kubernetes-validate executable, installed once per target directory.
+/// Tests run in parallel: the first caller installs it while the others wait
+/// (two pip installs into one venv corrupt its schema files).
 fn kubernetes_validate() -> PathBuf {
+    static INSTALLED: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    INSTALLED.get_or_init(install_kubernetes_validate).clone()
+}
+
+fn install_kubernetes_validate() -> PathBuf {
     let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("kubernetes-validate-venv");
     let exe = venv.join("bin").join("kubernetes-validate");
     let ready = venv.join(".installed-1.37.0");
