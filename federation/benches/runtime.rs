@@ -204,6 +204,8 @@ async fn controller(
         keys: None,
         tls: None,
         tokens: Default::default(),
+        store: Default::default(),
+        replica: region.into(),
     };
     tokio::spawn(async move {
         controller::run(settings, listener, std::future::pending())

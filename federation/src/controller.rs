@@ -53,6 +53,11 @@ pub struct Settings {
     pub tls: Option<TlsSettings>,
     /// Bearer tokens (file `node.tls.tokens_file`).
     pub tokens: crate::auth::Tokens,
+    /// Where the task store and the decision log live (`node.store`): the
+    /// data directory's files, or the region's PostgreSQL database.
+    pub store: crate::config::StoreSpec,
+    /// This controller's name within its region (`node.replica`).
+    pub replica: String,
 }
 
 /// TLS of one controller (from `node.tls`).
@@ -335,8 +340,7 @@ pub async fn open(settings: Settings) -> anyhow::Result<Arc<Node>> {
         );
     }
     let epoch = next_epoch(&settings.data_dir)?;
-    let store = TaskStore::open(&settings.data_dir)
-        .with_context(|| format!("opening task store in {}", settings.data_dir.display()))?;
+    let (store, log) = open_store(&settings)?;
     // Registrations and leases survive a restart: the agents this store
     // knows keep their ids, and the time we were down does not count
     // against their leases.
@@ -357,9 +361,6 @@ pub async fn open(settings: Settings) -> anyhow::Result<Arc<Node>> {
             "agents and leases restored"
         );
     }
-    let log = DecisionLog::open(&settings.data_dir, &settings.region)
-        .with_context(|| format!("opening decision log in {}", settings.data_dir.display()))?;
-    check_own_log(&store, &log)?;
     let witnesses = crate::audit::anchor::Witnesses::open(&settings.data_dir);
     let membership = Membership::new(&settings.region, &settings.policy, settings.timers.clone());
     let replication = crate::replication::Replication::open(
@@ -683,6 +684,42 @@ async fn persist_anchors(node: &Arc<Node>, recorded: &mut Option<(u64, String)>)
             }
         }
         Err(e) => tracing::error!(error = %e, "persisting log anchors panicked"),
+    }
+}
+
+/// Opens the task store and the decision log `settings.store` names: the
+/// files of the data directory (the log checked against the head its store
+/// recorded), or the region's rows in its PostgreSQL database (connected and
+/// migrated first; there the log's records are committed with their tasks,
+/// so the log has no separate anchor to check).
+fn open_store(settings: &Settings) -> anyhow::Result<(TaskStore, DecisionLog)> {
+    match settings.store.backend {
+        crate::config::StoreBackend::Redb => {
+            let store = TaskStore::open(&settings.data_dir).with_context(|| {
+                format!("opening task store in {}", settings.data_dir.display())
+            })?;
+            let log =
+                DecisionLog::open(&settings.data_dir, &settings.region).with_context(|| {
+                    format!("opening decision log in {}", settings.data_dir.display())
+                })?;
+            check_own_log(&store, &log)?;
+            Ok((store, log))
+        }
+        crate::config::StoreBackend::Postgres => {
+            let url = settings.store.url.as_deref().ok_or_else(|| {
+                crate::pg::PgError::Url(
+                    "node.store.backend is postgres, but no database is named: set node.store.url (or FEDERATION__NODE__STORE__URL)".into(),
+                )
+            })?;
+            let name = format!("federation/{}/{}", settings.region, settings.replica);
+            let pg = crate::pg::Pg::connect(url, settings.store.pool_size, &name)?;
+            tracing::info!(target = %pg.target(), region = %settings.region, replica = %settings.replica, schema = crate::pg::known_version(), "task store in postgresql");
+            let store = TaskStore::open_postgres(&pg, &settings.region, Default::default())
+                .with_context(|| format!("opening the task store in {}", pg.target()))?;
+            let log = DecisionLog::open_postgres(&pg, &settings.region)
+                .with_context(|| format!("opening the decision log in {}", pg.target()))?;
+            Ok((store, log))
+        }
     }
 }
 

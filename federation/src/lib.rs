@@ -17,6 +17,8 @@ pub mod group_commit;
 pub mod logfields;
 pub mod membership;
 pub mod metrics;
+pub mod pg;
+pub mod pg_sandbox;
 pub mod policy;
 pub mod private_files;
 pub mod replication;

@@ -78,6 +78,7 @@
 //! makes `open` refuse, naming the line.
 
 pub mod anchor;
+pub mod postgres;
 #[cfg(test)]
 mod tests;
 
@@ -1058,6 +1059,13 @@ impl Filter {
 pub fn show(path: &Path, filter: &Filter) -> Result<Vec<Record>, AuditError> {
     let path = log_path(path);
     let bytes = read_all(&path)?;
+    show_bytes(&path, &bytes, filter)
+}
+
+/// [`show`] of a log held in memory (`path` names it in errors): what
+/// `audit show` does with a log exported from the database.
+pub fn show_bytes(path: &Path, bytes: &[u8], filter: &Filter) -> Result<Vec<Record>, AuditError> {
+    let path = path.to_path_buf();
     let mut out = Vec::new();
     let complete = match bytes.iter().rposition(|&b| b == b'\n') {
         Some(end) => &bytes[..end],
@@ -1103,6 +1111,8 @@ impl std::fmt::Debug for DecisionLog {
 struct LogInner {
     path: PathBuf,
     region: String,
+    /// Kept in the region's database (`audit::postgres`), not in a file.
+    in_database: bool,
     tip: Arc<Mutex<Tip>>,
     tx: Option<mpsc::UnboundedSender<Append>>,
     writer: Mutex<Option<JoinHandle<()>>>,
@@ -1208,6 +1218,7 @@ impl DecisionLog {
             inner: Arc::new(LogInner {
                 path,
                 region: region.to_string(),
+                in_database: false,
                 tip,
                 tx: Some(tx),
                 writer: Mutex::new(Some(writer)),
@@ -1216,12 +1227,106 @@ impl DecisionLog {
         })
     }
 
+    /// Opens `region`'s decision log in the database (`node.store.backend:
+    /// postgres`): continues the chain from the head the database holds,
+    /// after checking that the last record is that head.
+    pub fn open_postgres(pg: &crate::pg::Pg, region: &str) -> Result<Self, AuditError> {
+        let pg2 = pg.clone();
+        let region2 = region.to_string();
+        let tip = pg
+            .block(async move {
+                let client = pg2.client().await?;
+                postgres::ensure_head(&client, &region2)
+                    .await
+                    .map_err(|e| pg2.db(&e))?;
+                let row = client
+                    .query_one(
+                        "SELECT h.seq, h.hash, (SELECT d.hash FROM decisions d \
+                         WHERE d.region = h.region AND d.seq = h.seq) \
+                         FROM decision_heads h WHERE h.region = $1",
+                        &[&region2],
+                    )
+                    .await
+                    .map_err(|e| pg2.db(&e))?;
+                Ok((
+                    row.get::<_, i64>(0),
+                    row.get::<_, String>(1),
+                    row.get::<_, Option<String>>(2),
+                ))
+            })
+            .map_err(|e| AuditError::Write(e.to_string()))?;
+        let (seq, hash, last) = tip;
+        if seq > 0 && last.as_deref() != Some(hash.as_str()) {
+            return Err(AuditError::Write(format!(
+                "{}: the decision log's head (seq {seq}) names a record the table does not hold; \
+                 refusing to continue the chain (check it with `federation audit verify`)",
+                pg.target()
+            )));
+        }
+        let tip = Arc::new(Mutex::new(Tip {
+            seq: u64::try_from(seq).unwrap_or(0),
+            hash,
+        }));
+        let (tx, rx) = mpsc::unbounded_channel();
+        let append_seconds = prometheus_client::metrics::histogram::Histogram::new(
+            prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 18),
+        );
+        let path = PathBuf::from(format!("postgres://{}#decisions", pg.target()));
+        let writer = {
+            let tip = Arc::clone(&tip);
+            let pg = pg.clone();
+            let region = region.to_string();
+            let seconds = append_seconds.clone();
+            std::thread::Builder::new()
+                .name("decision-log-writer".into())
+                .spawn(move || postgres::writer_loop(&pg, &region, &tip, rx, &seconds))
+                .map_err(|source| AuditError::Io {
+                    path: path.clone(),
+                    source,
+                })?
+        };
+        Ok(Self {
+            inner: Arc::new(LogInner {
+                path,
+                region: region.to_string(),
+                in_database: true,
+                tip,
+                tx: Some(tx),
+                writer: Mutex::new(Some(writer)),
+                append_seconds,
+            }),
+        })
+    }
+
+    /// True when the log is kept in the region's database, not in a file.
+    pub fn in_database(&self) -> bool {
+        self.inner.in_database
+    }
+
+    /// The region whose records this log appends.
+    pub fn region(&self) -> &str {
+        &self.inner.region
+    }
+
+    /// Moves the tip on to a head written by someone else in the database
+    /// (the task store's transaction); never backwards.
+    pub(crate) fn advance(&self, seq: u64, hash: &str) {
+        let mut tip = lock(&self.inner.tip);
+        if seq > tip.seq {
+            *tip = Tip {
+                seq,
+                hash: hash.to_string(),
+            };
+        }
+    }
+
     /// Seconds per batch write + fdatasync, for metrics.
     pub fn append_seconds(&self) -> prometheus_client::metrics::histogram::Histogram {
         self.inner.append_seconds.clone()
     }
 
-    /// The log file.
+    /// The log file (for a log in the database, `postgres://host:port/db#decisions`,
+    /// for messages).
     pub fn path(&self) -> &Path {
         &self.inner.path
     }

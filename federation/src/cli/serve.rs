@@ -246,12 +246,20 @@ pub fn settings_from(args: &ServeArgs, loaded: config::Loaded) -> anyhow::Result
             keys,
             tls,
             tokens,
+            store: node.store.clone(),
+            replica: node.replica.clone().unwrap_or_else(default_replica),
         },
         listen,
         admin_listen,
         health_listen,
         discovery: node.discovery.clone(),
     })
+}
+
+/// `node.replica` when unset: the host name.
+fn default_replica() -> String {
+    let name = rustix::system::uname();
+    name.nodename().to_string_lossy().into_owned()
 }
 
 fn default_listen(endpoint: &str) -> Option<SocketAddr> {
@@ -307,6 +315,15 @@ pub fn run(args: ServeArgs, log: LogFormat) -> ExitCode {
         Ok(resolved) => match runtime.block_on(serve(resolved)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
+                // The database's URL, server, credentials or schema version
+                // are configuration.
+                let config = e.chain().any(|c| {
+                    c.downcast_ref::<crate::pg::PgError>()
+                        .is_some_and(crate::pg::PgError::is_config)
+                });
+                if config {
+                    return super::fail(&e, EXIT_CONFIG);
+                }
                 let store = e.chain().any(|c| {
                     matches!(
                         c.downcast_ref::<crate::tasks::StoreError>(),

@@ -243,6 +243,48 @@ pub struct NodeSpec {
     /// Distributed tracing (`node.tracing`); off by default.
     #[serde(default)]
     pub tracing: TracingSpec,
+    /// Where the task store lives (`node.store`): the embedded file
+    /// (default) or the region's PostgreSQL database.
+    #[serde(default)]
+    pub store: StoreSpec,
+    /// This controller's name within its region (default: the host name),
+    /// unique per region: the replicas of one region share its database.
+    #[serde(default)]
+    pub replica: Option<String>,
+}
+
+/// The `node.store` section.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreSpec {
+    /// `redb` (the embedded file in the data directory) or `postgres`.
+    pub backend: StoreBackend,
+    /// The database (backend `postgres`): a libpq URL,
+    /// `postgres://federation@db.eu.internal:5432/federation`.
+    pub url: Option<String>,
+    /// Connections to the database this controller keeps at most.
+    pub pool_size: usize,
+}
+
+impl Default for StoreSpec {
+    fn default() -> Self {
+        Self {
+            backend: StoreBackend::Redb,
+            url: None,
+            pool_size: 8,
+        }
+    }
+}
+
+/// Which task store a controller uses (`node.store.backend`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    /// `<data_dir>/tasks.redb` and `<data_dir>/decisions.jsonl`.
+    #[default]
+    Redb,
+    /// The region's PostgreSQL database (`node.store.url`).
+    Postgres,
 }
 
 /// The `node.tracing` section: where to export spans (OpenTelemetry OTLP
@@ -879,6 +921,50 @@ mod tests {
         let msg = load(&sources(bad, &[])).expect_err("unknown").to_string();
         assert!(msg.contains("node.tracing"), "{msg}");
         assert!(msg.contains("sample"), "{msg}");
+    }
+
+    #[test]
+    fn the_store_is_redb_by_default_and_postgres_by_file_or_environment() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = write(&dir, "seed.yaml", &seed());
+        let loaded = load(&sources(path.clone(), &[])).expect("loads");
+        assert_eq!(loaded.file.node.store, StoreSpec::default());
+        assert_eq!(loaded.file.node.store.backend, StoreBackend::Redb);
+        assert_eq!(loaded.file.node.replica, None);
+        let loaded = load(&sources(
+            path.clone(),
+            &[
+                ("FEDERATION__NODE__STORE__BACKEND", "postgres"),
+                (
+                    "FEDERATION__NODE__STORE__URL",
+                    "postgres://federation@127.0.0.1:5432/federation",
+                ),
+                ("FEDERATION__NODE__STORE__POOL_SIZE", "3"),
+                ("FEDERATION__NODE__REPLICA", "eu-1"),
+            ],
+        ))
+        .expect("loads");
+        let node = &loaded.file.node;
+        assert_eq!(node.store.backend, StoreBackend::Postgres);
+        assert_eq!(
+            node.store.url.as_deref(),
+            Some("postgres://federation@127.0.0.1:5432/federation")
+        );
+        assert_eq!(node.store.pool_size, 3);
+        assert_eq!(node.replica.as_deref(), Some("eu-1"));
+        let text = format!("{}node:\n  store:\n    backend: sqlite\n", seed());
+        let bad = write(&dir, "bad.yaml", &text);
+        let msg = load(&sources(bad, &[])).expect_err("unknown").to_string();
+        assert!(msg.contains("node.store.backend"), "{msg}");
+        assert!(msg.contains("sqlite"), "{msg}");
+        let var = "FEDERATION__NODE__STORE__POOL_SIZE";
+        let msg = load(&sources(path, &[(var, "many")]))
+            .expect_err("not a number")
+            .to_string();
+        assert!(
+            msg.starts_with(&format!("environment variable {var}")),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -85,6 +85,9 @@
 //! [redb]: https://docs.rs/redb
 
 mod check;
+#[cfg(test)]
+mod contract;
+pub mod postgres;
 mod store;
 #[cfg(test)]
 mod tests;
@@ -95,7 +98,256 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use check::{CheckReport, check, refuse_in_use};
-pub use store::{FILE, MAX_BATCH, MAX_LEASE_BATCH, StoreOptions, TaskStore, read_log_head};
+pub use postgres::PgStore;
+pub use store::{FILE, MAX_BATCH, MAX_LEASE_BATCH, RedbStore, StoreOptions, read_log_head};
+
+/// The task store seam: the embedded redb file ([`RedbStore`], the default)
+/// or the region's PostgreSQL database ([`PgStore`], `node.store.backend:
+/// postgres`), with one behaviour contract (the guarantees above; the
+/// contract tests run against both). Cheap to clone.
+#[derive(Debug, Clone)]
+pub enum TaskStore {
+    /// `<data_dir>/tasks.redb`.
+    Redb(RedbStore),
+    /// The region's rows in its PostgreSQL database.
+    Postgres(PgStore),
+}
+
+/// Calls the same method on whichever backend `$store` is.
+macro_rules! each {
+    ($store:expr, $s:ident => $e:expr) => {
+        match $store {
+            TaskStore::Redb($s) => $e,
+            TaskStore::Postgres($s) => $e,
+        }
+    };
+}
+
+impl TaskStore {
+    /// Opens (creating if needed) the embedded store `<dir>/tasks.redb`
+    /// ([`RedbStore::open`]).
+    pub fn open(dir: &std::path::Path) -> Result<Self, StoreError> {
+        RedbStore::open(dir).map(TaskStore::Redb)
+    }
+
+    /// [`TaskStore::open`] with options ([`RedbStore::open_with`]).
+    pub fn open_with(dir: &std::path::Path, options: StoreOptions) -> Result<Self, StoreError> {
+        RedbStore::open_with(dir, options).map(TaskStore::Redb)
+    }
+
+    /// Opens `region`'s store in the database `pg` ([`PgStore::open`]).
+    pub fn open_postgres(
+        pg: &crate::pg::Pg,
+        region: &str,
+        options: StoreOptions,
+    ) -> Result<Self, StoreError> {
+        PgStore::open(pg, region, options.clock).map(TaskStore::Postgres)
+    }
+
+    /// The database file (for the PostgreSQL backend, a
+    /// `postgres://host:port/db#tasks` name for messages).
+    pub fn path(&self) -> &std::path::Path {
+        each!(self, s => s.path())
+    }
+
+    /// True for the PostgreSQL backend.
+    pub fn is_postgres(&self) -> bool {
+        matches!(self, TaskStore::Postgres(_))
+    }
+
+    /// Stores a new task, durably before it returns. If
+    /// `task.idempotency_key` is non-empty and a task with that key exists,
+    /// or a task with the same `task_id` exists, returns
+    /// [`InsertOutcome::Deduplicated`] with it and stores nothing (a known
+    /// key with other attributes or payload is [`StoreError::KeyReused`]).
+    /// Sets state QUEUED, version 1, clears any lease, and sets
+    /// `created_unix_ms` / `updated_unix_ms` when zero.
+    pub async fn insert(&self, task: Task) -> Result<InsertOutcome, StoreError> {
+        each!(self, s => s.insert(task).await)
+    }
+
+    /// [`TaskStore::insert`] that also appends `record` to `log`, durable
+    /// when the call returns: in the same batch as the insert (redb; the
+    /// log's file is synced while the transaction commits) or in the same
+    /// transaction (PostgreSQL).
+    pub async fn insert_recorded(
+        &self,
+        task: Task,
+        log: &crate::audit::DecisionLog,
+        record: crate::audit::PendingRecord,
+    ) -> RecordedInsert {
+        each!(self, s => s.insert_recorded(task, log, record).await)
+    }
+
+    /// Records the decision log's head in the store (its anchor). Blocking.
+    pub fn record_log_head(&self, seq: u64, hash: &str) -> Result<(), StoreError> {
+        each!(self, s => s.record_log_head(seq, hash))
+    }
+
+    /// The decision log's head last recorded.
+    pub fn log_head(&self) -> Result<Option<(u64, String)>, StoreError> {
+        each!(self, s => s.log_head())
+    }
+
+    /// Reads a task. An undecodable record is [`StoreError::Corrupt`].
+    pub fn get(&self, task_id: &str) -> Result<Option<Task>, StoreError> {
+        each!(self, s => s.get(task_id))
+    }
+
+    /// Undecodable task records found so far: how many, and the first ids.
+    pub fn undecodable(&self) -> (usize, Vec<(String, String)>) {
+        each!(self, s => s.undecodable())
+    }
+
+    /// The store's marks (commits, tasks created).
+    pub fn mark(&self) -> witness::Mark {
+        each!(self, s => s.mark())
+    }
+
+    /// Stores a task as it was elsewhere (rebuilding from a snapshot); an
+    /// id already stored is left alone (false).
+    pub async fn restore(&self, task: Task) -> Result<bool, StoreError> {
+        each!(self, s => s.restore(task).await)
+    }
+
+    /// Leases up to `max` (at most [`MAX_LEASE_BATCH`]) QUEUED tasks, highest
+    /// priority first, then oldest, to `agent_id` with deadline now + `ttl`.
+    pub async fn lease(
+        &self,
+        agent_id: &str,
+        max: usize,
+        ttl: std::time::Duration,
+    ) -> Result<Vec<Task>, StoreError> {
+        self.lease_except(agent_id, max, ttl, None).await
+    }
+
+    /// [`TaskStore::lease`], leaving the QUEUED tasks whose ids are in `skip`.
+    pub async fn lease_except(
+        &self,
+        agent_id: &str,
+        max: usize,
+        ttl: std::time::Duration,
+        skip: Option<Arc<std::collections::HashSet<String>>>,
+    ) -> Result<Vec<Task>, StoreError> {
+        each!(self, s => s.lease_except(agent_id, max, ttl, skip).await)
+    }
+
+    /// Extends the lease of `task_id` to now + `ttl`. Only the holder may.
+    pub async fn renew(
+        &self,
+        agent_id: &str,
+        task_id: &str,
+        ttl: std::time::Duration,
+    ) -> Result<Task, StoreError> {
+        each!(self, s => s.renew(agent_id, task_id, ttl).await)
+    }
+
+    /// Finishes a leased task: SUCCEEDED or FAILED. Only the holder may.
+    pub async fn complete(
+        &self,
+        agent_id: &str,
+        task_id: &str,
+        success: bool,
+        result: Vec<u8>,
+        error: String,
+    ) -> Result<Task, StoreError> {
+        each!(self, s => s.complete(agent_id, task_id, success, result, error).await)
+    }
+
+    /// Cancels a task that has not finished; false when already terminal.
+    pub async fn cancel(&self, task_id: &str, reason: &str) -> Result<(Task, bool), StoreError> {
+        each!(self, s => s.cancel(task_id, reason).await)
+    }
+
+    /// Takes back leases past their deadline (queued again, or FAILED at
+    /// `max_attempts`). Returns the changed tasks.
+    pub async fn expire_leases(&self, max_attempts: u32) -> Result<Vec<Task>, StoreError> {
+        each!(self, s => s.expire_leases(max_attempts).await)
+    }
+
+    /// Queues again every task LEASED by `agent_id`.
+    pub async fn requeue_agent(&self, agent_id: &str) -> Result<Vec<Task>, StoreError> {
+        each!(self, s => s.requeue_agent(agent_id).await)
+    }
+
+    /// Records (or updates) a registered agent, durably.
+    pub async fn put_agent(&self, record: AgentRecord) -> Result<(), StoreError> {
+        each!(self, s => s.put_agent(record).await)
+    }
+
+    /// Forgets an agent and queues again every task it holds.
+    pub async fn forget_agent(&self, agent_id: &str) -> Result<Vec<Task>, StoreError> {
+        each!(self, s => s.forget_agent(agent_id).await)
+    }
+
+    /// Every registered agent, by id.
+    pub fn agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
+        each!(self, s => s.agents())
+    }
+
+    /// Gives every lease at least `ttl` from now (after a restart).
+    pub async fn extend_leases(&self, ttl: std::time::Duration) -> Result<usize, StoreError> {
+        each!(self, s => s.extend_leases(ttl).await)
+    }
+
+    /// Fencing for a returning primary: cancels the listed pending tasks as
+    /// taken over.
+    pub async fn mark_taken_over(
+        &self,
+        task_ids: Vec<String>,
+        takeover: federation_api::Takeover,
+    ) -> Result<Vec<Task>, StoreError> {
+        each!(self, s => s.mark_taken_over(task_ids, takeover).await)
+    }
+
+    /// Task counts by state (in memory).
+    pub fn counts(&self) -> Counts {
+        each!(self, s => s.counts())
+    }
+
+    /// Write transactions committed since open.
+    pub fn commits(&self) -> u64 {
+        each!(self, s => s.commits())
+    }
+
+    /// Seconds per commit, for metrics.
+    pub fn commit_seconds(&self) -> prometheus_client::metrics::histogram::Histogram {
+        each!(self, s => s.commit_seconds())
+    }
+
+    /// Every QUEUED task in lease order, then every LEASED task by deadline.
+    pub fn pending(&self) -> Result<Vec<Task>, StoreError> {
+        each!(self, s => s.pending())
+    }
+
+    /// Reads tasks in id order after `after`, keeping those `keep` accepts,
+    /// until `limit` are kept or `max_scan` read; returns them and where to
+    /// resume when records remain.
+    pub fn scan(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        max_scan: usize,
+        keep: impl FnMut(&Task) -> bool,
+    ) -> Result<(Vec<Task>, Option<String>), StoreError> {
+        each!(self, s => s.scan(after, limit, max_scan, keep))
+    }
+
+    /// Every state change, after its commit.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Task> {
+        each!(self, s => s.subscribe())
+    }
+
+    /// Long-poll helper: true at once when a task is QUEUED, else waits.
+    pub async fn wait_for_queued(&self, timeout: std::time::Duration) -> bool {
+        each!(self, s => s.wait_for_queued(timeout).await)
+    }
+
+    /// Returns when every request sent before it is committed.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        each!(self, s => s.flush().await)
+    }
+}
 
 use federation_api::{Task, TaskState};
 

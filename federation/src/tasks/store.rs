@@ -25,9 +25,9 @@ pub const MAX_BATCH: usize = 1024;
 /// The most tasks one `lease` call hands out.
 pub const MAX_LEASE_BATCH: usize = 1000;
 /// The most expired leases one `expire_leases` call handles.
-const MAX_EXPIRE_BATCH: usize = 10_000;
+pub(super) const MAX_EXPIRE_BATCH: usize = 10_000;
 /// Capacity of the change feed; a slow subscriber sees `Lagged`.
-const EVENT_CAPACITY: usize = 4096;
+pub(super) const EVENT_CAPACITY: usize = 4096;
 
 const TASKS: TableDefinition<&str, &[u8]> = TableDefinition::new("tasks");
 /// Idempotency keys of earlier versions, which kept them on disk; read once
@@ -46,7 +46,7 @@ const AGENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("agents");
 /// The store's own marks (`commit`, `created`), compared with the witness.
 const MARKS: TableDefinition<&str, u64> = TableDefinition::new("marks");
 /// How many undecodable task ids the status lists.
-const MAX_LISTED_UNDECODABLE: usize = 100;
+pub(super) const MAX_LISTED_UNDECODABLE: usize = 100;
 
 /// How a store is opened.
 #[derive(Debug, Clone)]
@@ -72,13 +72,13 @@ impl Default for StoreOptions {
 /// The durable task store of one region. Cheap to clone (an `Arc` inside);
 /// the database closes when the last clone is dropped.
 #[derive(Clone)]
-pub struct TaskStore {
+pub struct RedbStore {
     inner: Arc<Inner>,
 }
 
-impl std::fmt::Debug for TaskStore {
+impl std::fmt::Debug for RedbStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TaskStore")
+        f.debug_struct("RedbStore")
             .field("path", &self.inner.path)
             .field("counts", &self.counts())
             .finish()
@@ -143,7 +143,7 @@ impl Drop for Inner {
     }
 }
 
-enum Op {
+pub(super) enum Op {
     Insert(Box<Task>),
     Lease {
         agent: String,
@@ -188,7 +188,7 @@ enum Op {
     Flush,
 }
 
-enum Reply {
+pub(super) enum Reply {
     Insert(Box<InsertOutcome>),
     One(Box<Task>),
     Cancel(Box<Task>, bool),
@@ -196,16 +196,16 @@ enum Reply {
     Unit,
 }
 
-struct Request {
-    op: Op,
+pub(super) struct Request {
+    pub(super) op: Op,
     /// A decision-log record to append in the same batch (inserts only).
-    record: Option<(DecisionLog, PendingRecord)>,
-    reply: oneshot::Sender<Answer>,
+    pub(super) record: Option<(DecisionLog, PendingRecord)>,
+    pub(super) reply: oneshot::Sender<Answer>,
 }
 
-struct Answer {
-    result: Result<Reply, StoreError>,
-    record: RecordState,
+pub(super) struct Answer {
+    pub(super) result: Result<Reply, StoreError>,
+    pub(super) record: RecordState,
 }
 
 trait DbResult<T> {
@@ -218,11 +218,11 @@ impl<T, E: std::fmt::Display> DbResult<T> for Result<T, E> {
     }
 }
 
-fn ttl_ms(ttl: Duration) -> i64 {
+pub(super) fn ttl_ms(ttl: Duration) -> i64 {
     i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX / 4)
 }
 
-fn unexpected(reply: Reply) -> StoreError {
+pub(super) fn unexpected(reply: Reply) -> StoreError {
     let what = match reply {
         Reply::Insert(_) => "insert",
         Reply::One(_) => "task",
@@ -233,7 +233,7 @@ fn unexpected(reply: Reply) -> StoreError {
     StoreError::Db(format!("internal: unexpected {what} reply from the writer"))
 }
 
-impl TaskStore {
+impl RedbStore {
     /// Opens (creating if needed) `<dir>/tasks.redb`, recovering it after a
     /// crash, and rebuilds the counters. Fails if another process holds it.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
@@ -766,7 +766,7 @@ impl TaskStore {
     }
 }
 
-fn decode(id: &str, bytes: &[u8]) -> Result<Task, StoreError> {
+pub(super) fn decode(id: &str, bytes: &[u8]) -> Result<Task, StoreError> {
     let task = Task::decode(bytes).map_err(|e| StoreError::Corrupt {
         task_id: id.to_string(),
         reason: e.to_string(),
@@ -1305,12 +1305,12 @@ fn queue_key(t: &Task) -> (i64, i64, &str) {
     )
 }
 
-fn touch(t: &mut Task, now: i64) {
+pub(super) fn touch(t: &mut Task, now: i64) {
     t.version = t.version.saturating_add(1);
     t.updated_unix_ms = now;
 }
 
-fn clear_lease(t: &mut Task) {
+pub(super) fn clear_lease(t: &mut Task) {
     t.agent_id.clear();
     t.lease_deadline_unix_ms = 0;
 }

@@ -1,0 +1,230 @@
+//! The decision log in a region's PostgreSQL database: table `decisions`
+//! (one row per record: region, seq, hash, task id, and the record's line
+//! exactly as the file would hold it) and `decision_heads` (the chain's head
+//! per region). Append-only: a trigger refuses UPDATE, DELETE and TRUNCATE
+//! on `decisions`, also for the table's owner.
+//!
+//! One chain per region, whichever replica appends: an append locks the
+//! region's head row (`SELECT … FOR UPDATE`) inside the transaction that
+//! carries the records (and, for a task insert, the task), continues the
+//! chain from it and moves it, so concurrent appends are ordered by the
+//! database and the chain holds exactly the committed records. The line's
+//! bytes are the file format's ([`super`]), so `audit export` writes the
+//! JSONL an auditor's tooling already checks.
+
+use std::sync::Mutex;
+
+use super::{AuditError, GENESIS_HASH, PendingRecord, Prepared, Tip, lock};
+use crate::pg::{Pg, PgError};
+
+/// Makes sure `region` has a head row (seq 0, the genesis hash).
+pub(crate) async fn ensure_head(
+    client: &tokio_postgres::Client,
+    region: &str,
+) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute(
+            "INSERT INTO decision_heads (region, seq, hash) VALUES ($1, 0, $2) \
+             ON CONFLICT (region) DO NOTHING",
+            &[&region, &GENESIS_HASH],
+        )
+        .await
+        .map(|_| ())
+}
+
+/// Appends `records` (in order) to `region`'s chain inside `txn`: locks the
+/// head, seals each record after it, inserts the rows and moves the head.
+/// Returns the new head (`None` when `records` is empty). Durable only when
+/// the caller's transaction commits.
+async fn append_in(
+    txn: &tokio_postgres::Transaction<'_>,
+    region: &str,
+    records: Vec<Prepared>,
+) -> Result<Option<(u64, String)>, tokio_postgres::Error> {
+    if records.is_empty() {
+        return Ok(None);
+    }
+    let row = txn
+        .query_opt(
+            "SELECT seq, hash FROM decision_heads WHERE region = $1 FOR UPDATE",
+            &[&region],
+        )
+        .await?;
+    let (mut seq, mut hash) = match row {
+        Some(r) => (r.get::<_, i64>(0), r.get::<_, String>(1)),
+        None => {
+            txn.execute(
+                "INSERT INTO decision_heads (region, seq, hash) VALUES ($1, 0, $2)",
+                &[&region, &GENESIS_HASH],
+            )
+            .await?;
+            (0, GENESIS_HASH.to_string())
+        }
+    };
+    let (time, unix_ms) = super::now_rfc3339();
+    let mut seqs = Vec::with_capacity(records.len());
+    let mut hashes = Vec::with_capacity(records.len());
+    let mut task_ids: Vec<Option<String>> = Vec::with_capacity(records.len());
+    let mut lines = Vec::with_capacity(records.len());
+    let mut buf = Vec::with_capacity(1536);
+    for record in records {
+        seq += 1;
+        task_ids.push(record.task_id.clone());
+        buf.clear();
+        hash = record.seal_into(
+            &mut buf,
+            u64::try_from(seq).unwrap_or(0),
+            &time,
+            unix_ms,
+            region,
+            &hash,
+        );
+        // The sealed line ends with its newline; the row holds the line.
+        buf.pop();
+        lines.push(String::from_utf8_lossy(&buf).into_owned());
+        seqs.push(seq);
+        hashes.push(hash.clone());
+    }
+    txn.execute(
+        "INSERT INTO decisions (region, seq, hash, task_id, line) \
+         SELECT $1, s, h, t, l FROM unnest($2::bigint[], $3::text[], $4::text[], $5::text[]) AS u(s, h, t, l)",
+        &[&region, &seqs, &hashes, &task_ids, &lines],
+    )
+    .await?;
+    txn.execute(
+        "UPDATE decision_heads SET seq = $2, hash = $3 WHERE region = $1",
+        &[&region, &seq, &hash],
+    )
+    .await?;
+    Ok(Some((u64::try_from(seq).unwrap_or(0), hash)))
+}
+
+/// The chain's head of `region` as the database holds it.
+pub async fn head(pg: &Pg, region: &str) -> Result<Option<(u64, String)>, PgError> {
+    let client = pg.client().await?;
+    let row = client
+        .query_opt(
+            "SELECT seq, hash FROM decision_heads WHERE region = $1",
+            &[&region],
+        )
+        .await
+        .map_err(|e| pg.db(&e))?;
+    Ok(row.map(|r| {
+        (
+            u64::try_from(r.get::<_, i64>(0)).unwrap_or(0),
+            r.get::<_, String>(1),
+        )
+    }))
+}
+
+/// Every record of `region`'s chain in seq order, as the JSON-lines file
+/// would hold them (each line ends with `\n`): what `audit export` writes
+/// and what `audit verify` and `audit show` read.
+pub async fn export(pg: &Pg, region: &str) -> Result<Vec<u8>, PgError> {
+    let client = pg.client().await?;
+    let rows = client
+        .query(
+            "SELECT line FROM decisions WHERE region = $1 ORDER BY seq",
+            &[&region],
+        )
+        .await
+        .map_err(|e| pg.db(&e))?;
+    let mut out = Vec::new();
+    for r in rows {
+        out.extend_from_slice(r.get::<_, &str>(0).as_bytes());
+        out.push(b'\n');
+    }
+    Ok(out)
+}
+
+/// The regions that have a chain in the database.
+pub async fn regions(pg: &Pg) -> Result<Vec<String>, PgError> {
+    let client = pg.client().await?;
+    let rows = client
+        .query("SELECT region FROM decision_heads ORDER BY region", &[])
+        .await
+        .map_err(|e| pg.db(&e))?;
+    Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect())
+}
+
+/// The writer of a decision log kept in the database: each batch of
+/// appends is one transaction (group commit, as the file's writer).
+pub(super) fn writer_loop(
+    pg: &Pg,
+    region: &str,
+    tip: &Mutex<Tip>,
+    rx: tokio::sync::mpsc::UnboundedReceiver<super::Append>,
+    append_seconds: &prometheus_client::metrics::histogram::Histogram,
+) {
+    use super::Append;
+    let mut appends = crate::group_commit::Gatherer::new(rx, super::MAX_BATCH);
+    while let Some(batch) = appends.next_batch() {
+        let mut records = Vec::new();
+        // Each reply with the count of records before its last one.
+        let mut replies = Vec::with_capacity(batch.len());
+        for m in batch {
+            match m {
+                Append::Flush(r) => replies.push((r, None)),
+                Append::Entry(e, r) => {
+                    records.push(*e);
+                    replies.push((r, Some(records.len())));
+                }
+                Append::Batch(es, r) => {
+                    records.extend(es);
+                    replies.push((r, Some(records.len())));
+                }
+            }
+        }
+        let started = std::time::Instant::now();
+        let pg2 = pg.clone();
+        let region2 = region.to_string();
+        let done = pg.handle().block_on(async move {
+            let mut client = pg2.client().await?;
+            let txn = client.transaction().await.map_err(|e| pg2.db(&e))?;
+            let head = append_in(&txn, &region2, records)
+                .await
+                .map_err(|e| pg2.db(&e))?;
+            txn.commit().await.map_err(|e| pg2.db(&e))?;
+            Ok::<_, PgError>(head)
+        });
+        append_seconds.observe(started.elapsed().as_secs_f64());
+        match done {
+            Ok(head) => {
+                let mut t = lock(tip);
+                if let Some((seq, hash)) = &head {
+                    if *seq > t.seq {
+                        *t = Tip {
+                            seq: *seq,
+                            hash: hash.clone(),
+                        };
+                    }
+                }
+                let last = head.as_ref().map_or(t.seq, |h| h.0);
+                let first = last.saturating_sub(
+                    replies.iter().filter_map(|(_, n)| *n).max().unwrap_or(0) as u64,
+                );
+                drop(t);
+                for (r, n) in replies {
+                    let seq = n.map_or(last, |n| first + n as u64);
+                    let _ = r.send(Ok(seq));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "decision log append failed");
+                for (r, _) in replies {
+                    let _ = r.send(Err(AuditError::Write(e.to_string())));
+                }
+            }
+        }
+    }
+}
+
+/// [`append_in`] for the records the task store's inserts carry: appended
+/// in the transaction of their tasks.
+pub(crate) async fn append_records(
+    txn: &tokio_postgres::Transaction<'_>,
+    region: &str,
+    records: Vec<PendingRecord>,
+) -> Result<Option<(u64, String)>, tokio_postgres::Error> {
+    append_in(txn, region, records.into_iter().map(|r| *r.0).collect()).await
+}

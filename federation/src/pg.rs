@@ -1,0 +1,586 @@
+//! The connection to a region's PostgreSQL database (`node.store.backend:
+//! postgres`): a runtime of its own, the pool, the versioned schema the
+//! controller migrates at start, and what the database's errors mean.
+//!
+//! What it owns: connecting (the pool of `node.store.pool_size` connections,
+//! recycled when the server closed one), the schema (the [`MIGRATIONS`], run
+//! under an advisory lock so that several replicas starting at once apply
+//! each exactly once; a database of a newer version than this build knows
+//! is refused), and classifying errors: configuration errors (unreachable
+//! server, wrong credentials, missing database, newer schema) versus a store
+//! that is unavailable now. What it must not know: tasks, decisions (the
+//! SQL of those lives in `tasks::postgres` and `audit::postgres`).
+//!
+//! Why a runtime of its own: the stores' read paths are synchronous (the
+//! embedded store reads its file in place), and a synchronous call must be
+//! able to wait for the database from any thread, also from a
+//! single-threaded runtime's. The pool's connections are driven by two
+//! threads of this runtime; callers hand work over and wait for the answer
+//! ([`Pg::run`], [`Pg::block`]).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::runtime::{Handle, Runtime};
+
+/// The schema versions this build knows, in order: version, SQL. Each runs
+/// in the one transaction that holds the migration lock and records it.
+pub const MIGRATIONS: &[(i32, &str)] = &[(1, SCHEMA_V1)];
+
+/// The newest schema version this build knows.
+pub fn known_version() -> i32 {
+    MIGRATIONS.last().map_or(0, |m| m.0)
+}
+
+/// The advisory lock key of migrations (`pg_advisory_xact_lock`): a
+/// constant of this program ("fedstore" in ASCII).
+const MIGRATION_LOCK: i64 = 0x6665_6473_746f_7265;
+
+/// How long connecting to the database may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a caller waits for a connection of the pool.
+const WAIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Version 1: tasks (with their queue and lease indexes), agents, small
+/// named values, and the decision log (append-only by trigger, one hash
+/// chain per region, its head in `decision_heads`).
+const SCHEMA_V1: &str = r#"
+CREATE TABLE tasks (
+    region text NOT NULL,
+    task_id text NOT NULL,
+    state smallint NOT NULL,
+    priority integer NOT NULL,
+    created_ms bigint NOT NULL,
+    lease_deadline_ms bigint NOT NULL,
+    agent_id text NOT NULL,
+    idempotency_key text,
+    body bytea NOT NULL,
+    PRIMARY KEY (region, task_id)
+);
+CREATE UNIQUE INDEX tasks_idempotency ON tasks (region, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+CREATE INDEX tasks_queue ON tasks (region, priority DESC, created_ms, task_id)
+    WHERE state = 1;
+CREATE INDEX tasks_leases ON tasks (region, lease_deadline_ms, task_id)
+    WHERE state = 2;
+CREATE TABLE agents (
+    region text NOT NULL,
+    agent_id text NOT NULL,
+    record bytea NOT NULL,
+    PRIMARY KEY (region, agent_id)
+);
+CREATE TABLE store_meta (
+    region text NOT NULL,
+    key text NOT NULL,
+    value text NOT NULL,
+    PRIMARY KEY (region, key)
+);
+CREATE TABLE decisions (
+    region text NOT NULL,
+    seq bigint NOT NULL,
+    hash text NOT NULL,
+    task_id text,
+    line text NOT NULL,
+    PRIMARY KEY (region, seq)
+);
+CREATE TABLE decision_heads (
+    region text PRIMARY KEY,
+    seq bigint NOT NULL,
+    hash text NOT NULL
+);
+CREATE FUNCTION decisions_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'the decision log is append-only: % on decisions refused', TG_OP;
+END
+$$;
+CREATE TRIGGER decisions_no_update_or_delete BEFORE UPDATE OR DELETE ON decisions
+    FOR EACH ROW EXECUTE FUNCTION decisions_append_only();
+CREATE TRIGGER decisions_no_truncate BEFORE TRUNCATE ON decisions
+    FOR EACH STATEMENT EXECUTE FUNCTION decisions_append_only();
+"#;
+
+/// Errors of the database connection.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PgError {
+    /// `node.store.url` does not parse, or is missing.
+    #[error("node.store.url: {0}")]
+    Url(String),
+    /// The server cannot be reached (refused, timed out, name unknown).
+    #[error("PostgreSQL at {target}: cannot connect: {detail}")]
+    Unreachable {
+        /// Host, port and database (no password).
+        target: String,
+        /// What the client saw.
+        detail: String,
+    },
+    /// The server refused the credentials.
+    #[error("PostgreSQL at {target}: authentication failed for user `{user}`: {detail}")]
+    Auth {
+        /// Host, port and database.
+        target: String,
+        /// The user.
+        user: String,
+        /// What the server said.
+        detail: String,
+    },
+    /// The database named by the URL does not exist.
+    #[error(
+        "PostgreSQL at {target}: database `{database}` does not exist (create it, or fix node.store.url)"
+    )]
+    MissingDatabase {
+        /// Host and port.
+        target: String,
+        /// The database.
+        database: String,
+    },
+    /// The database's schema is newer than this build.
+    #[error(
+        "PostgreSQL at {target}: the schema is at version {found}, newer than this build knows ({known}); \
+         refusing to start on it: run a controller of the version that migrated it (or newer)"
+    )]
+    NewerSchema {
+        /// Host, port and database.
+        target: String,
+        /// The version found.
+        found: i32,
+        /// The newest version this build knows.
+        known: i32,
+    },
+    /// Any other failure of the database (a query, a lost connection).
+    #[error("PostgreSQL at {target}: {detail}")]
+    Db {
+        /// Host, port and database.
+        target: String,
+        /// What failed.
+        detail: String,
+    },
+}
+
+impl PgError {
+    /// True for errors of the configuration (exit 64 at start): the URL,
+    /// the server, the credentials, the database, the schema's version.
+    pub fn is_config(&self) -> bool {
+        !matches!(self, PgError::Db { .. })
+    }
+}
+
+/// A region's database: the pool and the runtime that drives it. Cheap to
+/// clone; the runtime stops when the last clone is dropped.
+#[derive(Clone)]
+pub struct Pg {
+    inner: Arc<PgInner>,
+}
+
+struct PgInner {
+    runtime: Option<Runtime>,
+    handle: Handle,
+    pool: deadpool_postgres::Pool,
+    target: String,
+}
+
+impl Drop for PgInner {
+    fn drop(&mut self) {
+        self.pool.close();
+        if let Some(rt) = self.runtime.take() {
+            // Never blocks, so it may run on an async worker too.
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl std::fmt::Debug for Pg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pg")
+            .field("target", &self.inner.target)
+            .finish()
+    }
+}
+
+/// `host:port/database` of a configuration, for messages (never the
+/// password).
+fn target_of(config: &tokio_postgres::Config) -> String {
+    let host = config
+        .get_hosts()
+        .first()
+        .map(|h| match h {
+            tokio_postgres::config::Host::Tcp(name) => name.clone(),
+            tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
+        })
+        .unwrap_or_else(|| "localhost".into());
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let db = config
+        .get_dbname()
+        .or(config.get_user())
+        .unwrap_or("postgres");
+    format!("{host}:{port}/{db}")
+}
+
+/// The whole chain of an error's causes, `a: b: c`.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
+impl Pg {
+    /// Connects to `url` with at most `pool_size` connections and migrates
+    /// the schema. Errors name what is wrong; [`PgError::is_config`] tells
+    /// the configuration's from the database's.
+    pub fn connect(url: &str, pool_size: usize, application: &str) -> Result<Self, PgError> {
+        let mut config: tokio_postgres::Config =
+            url.parse().map_err(|e: tokio_postgres::Error| {
+                PgError::Url(format!("not a PostgreSQL URL: {}", chain(&e)))
+            })?;
+        config.connect_timeout(CONNECT_TIMEOUT);
+        if config.get_application_name().is_none() {
+            config.application_name(application);
+        }
+        let target = target_of(&config);
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("postgres")
+            .enable_all()
+            .build()
+            .map_err(|e| PgError::Db {
+                target: target.clone(),
+                detail: format!("starting the database runtime: {e}"),
+            })?;
+        let handle = runtime.handle().clone();
+        let manager = deadpool_postgres::Manager::from_config(
+            config.clone(),
+            tokio_postgres::NoTls,
+            deadpool_postgres::ManagerConfig {
+                recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+            },
+        );
+        let pool = deadpool_postgres::Pool::builder(manager)
+            .max_size(pool_size.max(2))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .create_timeout(Some(CONNECT_TIMEOUT))
+            .wait_timeout(Some(WAIT_TIMEOUT))
+            .build()
+            .map_err(|e| PgError::Url(e.to_string()))?;
+        let pg = Pg {
+            inner: Arc::new(PgInner {
+                runtime: Some(runtime),
+                handle,
+                pool,
+                target,
+            }),
+        };
+        let user = config.get_user().unwrap_or("").to_string();
+        let database = config.get_dbname().unwrap_or(&user).to_string();
+        let this = pg.clone();
+        pg.block(async move {
+            let client = this.client_classified(&user, &database).await?;
+            migrate(&client, &this.inner.target).await
+        })?;
+        Ok(pg)
+    }
+
+    /// `host:port/database`, for messages.
+    pub fn target(&self) -> &str {
+        &self.inner.target
+    }
+
+    /// The runtime that drives the connections.
+    pub fn handle(&self) -> &Handle {
+        &self.inner.handle
+    }
+
+    /// A connection of the pool.
+    pub async fn client(&self) -> Result<deadpool_postgres::Client, PgError> {
+        self.inner.pool.get().await.map_err(|e| self.pool_error(e))
+    }
+
+    async fn client_classified(
+        &self,
+        user: &str,
+        database: &str,
+    ) -> Result<deadpool_postgres::Client, PgError> {
+        match self.inner.pool.get().await {
+            Ok(c) => Ok(c),
+            Err(deadpool_postgres::PoolError::Backend(e)) => {
+                Err(classify_connect(&e, &self.inner.target, user, database))
+            }
+            Err(deadpool_postgres::PoolError::Timeout(_)) => Err(PgError::Unreachable {
+                target: self.inner.target.clone(),
+                detail: format!("no connection within {}s", CONNECT_TIMEOUT.as_secs()),
+            }),
+            Err(e) => Err(self.pool_error(e)),
+        }
+    }
+
+    fn pool_error(&self, e: deadpool_postgres::PoolError) -> PgError {
+        PgError::Db {
+            target: self.inner.target.clone(),
+            detail: format!("no connection: {}", chain(&e)),
+        }
+    }
+
+    /// Wraps a database error of a query.
+    pub fn db(&self, e: &tokio_postgres::Error) -> PgError {
+        PgError::Db {
+            target: self.inner.target.clone(),
+            detail: chain(e),
+        }
+    }
+
+    /// Runs `fut` on the database runtime and awaits its answer (from any
+    /// runtime).
+    pub async fn run<T: Send + 'static>(
+        &self,
+        fut: impl Future<Output = Result<T, PgError>> + Send + 'static,
+    ) -> Result<T, PgError> {
+        match self.inner.handle.spawn(fut).await {
+            Ok(r) => r,
+            Err(e) => Err(PgError::Db {
+                target: self.inner.target.clone(),
+                detail: format!("database task failed: {e}"),
+            }),
+        }
+    }
+
+    /// Runs `fut` on the database runtime and blocks this thread until it
+    /// answers (the synchronous read paths; like a read of the embedded
+    /// file, it holds the calling thread for the round trip).
+    pub fn block<T: Send + 'static>(
+        &self,
+        fut: impl Future<Output = Result<T, PgError>> + Send + 'static,
+    ) -> Result<T, PgError> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.inner.handle.spawn(async move {
+            let _ = tx.send(fut.await);
+        });
+        rx.recv().unwrap_or_else(|_| {
+            Err(PgError::Db {
+                target: self.inner.target.clone(),
+                detail: "database task failed".into(),
+            })
+        })
+    }
+}
+
+/// What a failure to connect means.
+fn classify_connect(e: &tokio_postgres::Error, target: &str, user: &str, db: &str) -> PgError {
+    use tokio_postgres::error::SqlState;
+    match e.code() {
+        Some(c)
+            if *c == SqlState::INVALID_PASSWORD
+                || *c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION =>
+        {
+            PgError::Auth {
+                target: target.to_string(),
+                user: user.to_string(),
+                detail: e
+                    .as_db_error()
+                    .map_or_else(|| chain(e), |d| d.message().to_string()),
+            }
+        }
+        Some(c) if *c == SqlState::INVALID_CATALOG_NAME => PgError::MissingDatabase {
+            target: target.rsplit_once('/').map_or(target, |t| t.0).to_string(),
+            database: db.to_string(),
+        },
+        Some(_) => PgError::Db {
+            target: target.to_string(),
+            detail: chain(e),
+        },
+        None => PgError::Unreachable {
+            target: target.to_string(),
+            detail: chain(e),
+        },
+    }
+}
+
+/// Creates or migrates the schema: in one transaction holding the
+/// migration lock, reads the version, refuses a newer one, applies each
+/// missing migration and records it. Replicas starting at once wait for
+/// the lock; the second finds the schema current.
+async fn migrate(client: &deadpool_postgres::Client, target: &str) -> Result<i32, PgError> {
+    let db = |e: tokio_postgres::Error| PgError::Db {
+        target: target.to_string(),
+        detail: format!("migrating the schema: {}", chain(&e)),
+    };
+    let txn_client: &tokio_postgres::Client = client;
+    txn_client.batch_execute("BEGIN").await.map_err(db)?;
+    let result = async {
+        txn_client
+            .execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+            .await
+            .map_err(db)?;
+        txn_client
+            .batch_execute(
+                "CREATE TABLE IF NOT EXISTS federation_schema (
+                     version integer PRIMARY KEY,
+                     applied_unix_ms bigint NOT NULL
+                 )",
+            )
+            .await
+            .map_err(db)?;
+        let row = txn_client
+            .query_one(
+                "SELECT coalesce(max(version), 0) FROM federation_schema",
+                &[],
+            )
+            .await
+            .map_err(db)?;
+        let found: i32 = row.get(0);
+        let known = known_version();
+        if found > known {
+            return Err(PgError::NewerSchema {
+                target: target.to_string(),
+                found,
+                known,
+            });
+        }
+        for (version, sql) in MIGRATIONS.iter().filter(|m| m.0 > found) {
+            txn_client.batch_execute(sql).await.map_err(db)?;
+            txn_client
+                .execute(
+                    "INSERT INTO federation_schema (version, applied_unix_ms) VALUES ($1, $2)",
+                    &[version, &crate::tasks::now_unix_ms()],
+                )
+                .await
+                .map_err(db)?;
+            tracing::info!(target = %target, version, "database schema migrated");
+        }
+        Ok(known)
+    }
+    .await;
+    match result {
+        Ok(v) => {
+            txn_client.batch_execute("COMMIT").await.map_err(db)?;
+            Ok(v)
+        }
+        Err(e) => {
+            let _ = txn_client.batch_execute("ROLLBACK").await;
+            Err(e)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pg_sandbox;
+
+    fn server() -> &'static pg_sandbox::PgServer {
+        pg_sandbox::shared().expect("the test PostgreSQL server (is PostgreSQL installed?)")
+    }
+
+    #[test]
+    fn replicas_starting_at_once_migrate_once() {
+        let url = server().create_database("migrate").expect("database");
+        let started: Vec<_> = (0..4)
+            .map(|_| {
+                let url = url.clone();
+                std::thread::spawn(move || Pg::connect(&url, 2, "test").map(|_| ()))
+            })
+            .collect();
+        for s in started {
+            s.join().expect("join").expect("connect and migrate");
+        }
+        let pg = Pg::connect(&url, 2, "test").expect("again");
+        let pg2 = pg.clone();
+        let versions: Vec<i32> = pg
+            .block(async move {
+                let c = pg2.client().await?;
+                let rows = c
+                    .query(
+                        "SELECT version FROM federation_schema ORDER BY version",
+                        &[],
+                    )
+                    .await
+                    .map_err(|e| pg2.db(&e))?;
+                Ok(rows.iter().map(|r| r.get(0)).collect())
+            })
+            .expect("versions");
+        let want: Vec<i32> = MIGRATIONS.iter().map(|m| m.0).collect();
+        assert_eq!(versions, want);
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused_naming_both_versions() {
+        let url = server().create_database("newer").expect("database");
+        Pg::connect(&url, 2, "test").expect("first start migrates");
+        let db = url.rsplit('/').next().expect("db name");
+        server()
+            .execute(
+                db,
+                "INSERT INTO federation_schema (version, applied_unix_ms) VALUES (999, 0)",
+            )
+            .expect("a newer version");
+        let err = Pg::connect(&url, 2, "test").expect_err("refused");
+        assert!(
+            matches!(err, PgError::NewerSchema { found: 999, .. }),
+            "{err}"
+        );
+        assert!(err.is_config());
+        let msg = err.to_string();
+        assert!(
+            msg.contains("999") && msg.contains(&known_version().to_string()),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn configuration_errors_name_what_is_wrong() {
+        let pg = server();
+        // Wrong password.
+        let url = format!(
+            "postgres://{}:wrong@127.0.0.1:{}/postgres",
+            pg_sandbox::USER,
+            pg.port()
+        );
+        let err = Pg::connect(&url, 2, "test").expect_err("wrong password");
+        assert!(matches!(err, PgError::Auth { .. }), "{err}");
+        assert!(
+            err.is_config() && err.to_string().contains("authentication failed"),
+            "{err}"
+        );
+        // Missing database.
+        let err = Pg::connect(&pg.url("no_such_db"), 2, "test").expect_err("missing");
+        assert!(
+            matches!(err, PgError::MissingDatabase { ref database, .. } if database == "no_such_db"),
+            "{err}"
+        );
+        assert!(err.is_config());
+        // Nothing listens on port 1.
+        let err = Pg::connect("postgres://u:p@127.0.0.1:1/x", 2, "test").expect_err("unreachable");
+        assert!(matches!(err, PgError::Unreachable { .. }), "{err}");
+        assert!(err.to_string().contains("127.0.0.1:1"), "{err}");
+        // Not a URL.
+        let err = Pg::connect("postgres://u@127.0.0.1:notaport/x", 2, "test").expect_err("bad url");
+        assert!(matches!(err, PgError::Url(_)), "{err}");
+    }
+
+    #[test]
+    fn the_decision_table_refuses_update_delete_and_truncate() {
+        let url = server().create_database("append_only").expect("database");
+        Pg::connect(&url, 2, "test").expect("migrate");
+        let db = url.rsplit('/').next().expect("db name");
+        server()
+            .execute(
+                db,
+                "INSERT INTO decisions (region, seq, hash, line) VALUES ('europe', 1, 'h', '{}')",
+            )
+            .expect("insert is allowed");
+        for sql in [
+            "UPDATE decisions SET line = 'x'",
+            "DELETE FROM decisions",
+            "TRUNCATE decisions",
+        ] {
+            let err = server().execute(db, sql).expect_err(sql);
+            assert!(format!("{err:#}").contains("append-only"), "{sql}: {err:#}");
+        }
+    }
+}

@@ -1,0 +1,284 @@
+//! A throwaway PostgreSQL server for the tests (and local runs): Debian's
+//! `initdb` and `postgres` (the newest `/usr/lib/postgresql/*/bin`, or
+//! `FEDERATION_PG_BIN`), a data directory in a temporary directory,
+//! listening on a free loopback port with its socket in that directory,
+//! stopped when dropped, and also when the process that started it dies
+//! (a watchdog shell stops it when its stdin, held by this process, closes).
+//!
+//! PostgreSQL refuses to run as root: when this process is root (CI), the
+//! server runs as the `postgres` user (`setpriv`), and its directory is
+//! handed to that user. The superuser is `federation`, password
+//! [`PASSWORD`], checked over TCP (scram-sha-256), so a test can also try
+//! wrong credentials.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+
+/// The superuser's password.
+pub const PASSWORD: &str = "federation-test";
+/// The superuser.
+pub const USER: &str = "federation";
+
+/// The PostgreSQL binaries: `FEDERATION_PG_BIN`, else the newest
+/// `/usr/lib/postgresql/<version>/bin` holding `initdb`.
+pub fn bin_dir() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("FEDERATION_PG_BIN") {
+        let dir = PathBuf::from(dir);
+        return dir.join("initdb").exists().then_some(dir);
+    }
+    let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let version = e.file_name().to_str()?.parse::<u32>().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("initdb").exists().then_some((version, bin))
+        })
+        .collect();
+    found.sort();
+    found.pop().map(|(_, bin)| bin)
+}
+
+/// A running PostgreSQL server.
+#[derive(Debug)]
+pub struct PgServer {
+    dir: tempfile::TempDir,
+    port: u16,
+    version: String,
+    child: Option<Child>,
+    /// Held open; the watchdog stops the server when it closes.
+    stdin: Option<ChildStdin>,
+}
+
+fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+/// Runs `cmd` as the `postgres` user when this process is root.
+fn as_server_user(program: &Path) -> Command {
+    if is_root() {
+        let mut cmd = Command::new("setpriv");
+        cmd.args([
+            "--reuid=postgres",
+            "--regid=postgres",
+            "--init-groups",
+            "--",
+        ])
+        .arg(program);
+        cmd
+    } else {
+        Command::new(program)
+    }
+}
+
+impl PgServer {
+    /// Starts a server (bounded: 60 s for initdb and start-up).
+    pub fn start() -> anyhow::Result<Self> {
+        let bin = bin_dir().context(
+            "PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb; apt-get install postgresql, or set FEDERATION_PG_BIN)",
+        )?;
+        let dir = tempfile::Builder::new()
+            .prefix("federation-pg-")
+            .tempdir()
+            .context("temporary directory")?;
+        let pwfile = dir.path().join("pwfile");
+        std::fs::write(&pwfile, PASSWORD).context("writing the password file")?;
+        if is_root() {
+            let status = Command::new("chown")
+                .arg("-R")
+                .arg("postgres:postgres")
+                .arg(dir.path())
+                .status()
+                .context("chown of the server's directory")?;
+            if !status.success() {
+                bail!("chown postgres {} failed", dir.path().display());
+            }
+        }
+        let data = dir.path().join("data");
+        let out = as_server_user(&bin.join("initdb"))
+            .arg("-D")
+            .arg(&data)
+            .args([
+                "-U",
+                USER,
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+            ])
+            .arg(format!("--pwfile={}", pwfile.display()))
+            .args(["-E", "UTF8", "--locale=C", "--no-sync"])
+            .output()
+            .context("running initdb")?;
+        if !out.status.success() {
+            bail!(
+                "initdb failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let version = std::fs::read_to_string(data.join("PG_VERSION"))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_default();
+        let port = crate::sandbox::free_port()?.port();
+        let log = std::fs::File::create(dir.path().join("server.log")).context("server log")?;
+        let mut server = as_server_user(&bin.join("postgres"));
+        server
+            .arg("-D")
+            .arg(&data)
+            .args(["-p", &port.to_string()])
+            .arg("-k")
+            .arg(dir.path())
+            .args([
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "max_connections=200",
+            ]);
+        // The watchdog: runs the server, and stops it (immediate shutdown)
+        // when stdin closes, i.e. when this process drops the guard or dies.
+        // It also removes the directory then: a server of `shared()` is
+        // never dropped.
+        let script = "\"$@\" & pid=$!\nread -r _ || true\nkill -QUIT \"$pid\" 2>/dev/null\nwait \"$pid\"\nrm -rf \"$FEDERATION_PG_DIR\"\n";
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(script)
+            .arg("sh")
+            .arg(server.get_program())
+            .args(server.get_args())
+            .env("FEDERATION_PG_DIR", dir.path())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(log);
+        let mut child = cmd.spawn().context("starting postgres")?;
+        let stdin = child.stdin.take();
+        let mut pg = Self {
+            dir,
+            port,
+            version,
+            child: Some(child),
+            stdin,
+        };
+        pg.wait_ready(&bin)?;
+        Ok(pg)
+    }
+
+    fn wait_ready(&mut self, bin: &Path) -> anyhow::Result<()> {
+        let until = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < until {
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    bail!("postgres exited ({status}): {}", self.log_text());
+                }
+            }
+            let ready = Command::new(bin.join("pg_isready"))
+                .args(["-q", "-h", "127.0.0.1", "-p", &self.port.to_string()])
+                .status()
+                .is_ok_and(|s| s.success());
+            if ready {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!("postgres did not become ready: {}", self.log_text())
+    }
+
+    /// The server's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    /// The server's major version (`15`).
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// Its port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The URL of database `db` as the superuser.
+    pub fn url(&self, db: &str) -> String {
+        format!("postgres://{USER}:{PASSWORD}@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// Creates a new, empty database with a unique name; returns its URL.
+    pub fn create_database(&self, stem: &str) -> anyhow::Result<String> {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let name: String = format!(
+            "{stem}_{}_{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        )
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+        self.execute("postgres", &format!("CREATE DATABASE \"{name}\""))?;
+        Ok(self.url(&name))
+    }
+
+    /// Runs `sql` in database `db` as the superuser (on a thread of its
+    /// own, so it may be called from anywhere).
+    pub fn execute(&self, db: &str, sql: &str) -> anyhow::Result<()> {
+        let url = self.url(db);
+        let sql = sql.to_string();
+        std::thread::spawn(move || -> anyhow::Result<()> {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async move {
+                let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+                let driver = tokio::spawn(conn);
+                let r = client.batch_execute(&sql).await;
+                drop(client);
+                let _ = driver.await;
+                r.map_err(anyhow::Error::from)
+            })
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("the sql thread panicked"))?
+        .with_context(|| format!("executing in {db}"))
+    }
+
+    /// Stops the server (immediate shutdown) and waits for it.
+    pub fn stop(&mut self) {
+        self.stdin.take();
+        if let Some(mut c) = self.child.take() {
+            let until = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < until {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The one server of this test binary, started on first use. It is stopped
+/// when the binary exits (the watchdog sees its stdin close).
+pub fn shared() -> anyhow::Result<&'static PgServer> {
+    static SERVER: OnceLock<Result<PgServer, String>> = OnceLock::new();
+    SERVER
+        .get_or_init(|| PgServer::start().map_err(|e| format!("{e:#}")))
+        .as_ref()
+        .map_err(|e| anyhow::anyhow!("{e}"))
+}

@@ -1,0 +1,718 @@
+//! The task store's behaviour contract: every test body here runs against
+//! both backends (`redb::…` on a temporary data directory, `postgres::…` on
+//! a fresh database of this binary's one PostgreSQL server,
+//! [`crate::pg_sandbox::shared`]).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use federation_api::{Takeover, Task, TaskState};
+
+use super::*;
+use crate::audit::DecisionLog;
+
+const TTL: Duration = Duration::from_secs(30);
+
+fn task(id: &str) -> Task {
+    Task {
+        task_id: id.to_string(),
+        payload: b"echo".to_vec(),
+        owner_region: "europe".into(),
+        ..Task::default()
+    }
+}
+
+/// Which backend a contract test runs on.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Kind {
+    Redb,
+    Postgres,
+}
+
+/// One test's store: a data directory, or a database of its own.
+pub(crate) struct Fixture {
+    kind: Kind,
+    dir: tempfile::TempDir,
+    url: Option<String>,
+}
+
+impl Fixture {
+    pub(crate) fn new(kind: Kind) -> Self {
+        let url = match kind {
+            Kind::Redb => None,
+            Kind::Postgres => Some(
+                crate::pg_sandbox::shared()
+                    .and_then(|pg| pg.create_database("contract"))
+                    .expect("a database of the test server (is PostgreSQL installed?)"),
+            ),
+        };
+        Self {
+            kind,
+            dir: tempfile::tempdir().expect("tempdir"),
+            url,
+        }
+    }
+
+    fn pg(&self) -> crate::pg::Pg {
+        let url = self.url.as_deref().expect("a postgres fixture");
+        crate::pg::Pg::connect(url, 4, "contract-test").expect("connect")
+    }
+
+    fn open_with(&self, options: StoreOptions) -> TaskStore {
+        match self.kind {
+            Kind::Redb => TaskStore::open_with(self.dir.path(), options).expect("open store"),
+            Kind::Postgres => {
+                TaskStore::open_postgres(&self.pg(), "europe", options).expect("open store")
+            }
+        }
+    }
+
+    /// Opens the store (again: a reopen after the last one was dropped).
+    pub(crate) fn open(&self) -> TaskStore {
+        self.open_with(StoreOptions::default())
+    }
+
+    /// Opens the store with a manual clock.
+    pub(crate) fn open_manual(&self, clock: &ManualClock) -> TaskStore {
+        self.open_with(StoreOptions {
+            clock: Arc::new(clock.clone()),
+            ..StoreOptions::default()
+        })
+    }
+
+    /// The decision log beside the store.
+    pub(crate) fn log(&self, region: &str) -> DecisionLog {
+        match self.kind {
+            Kind::Redb => DecisionLog::open(&self.dir.path().join("log"), region).expect("log"),
+            Kind::Postgres => DecisionLog::open_postgres(&self.pg(), region).expect("log"),
+        }
+    }
+
+    /// The log's records as the JSON-lines file holds them (for
+    /// PostgreSQL, what `audit export` writes).
+    pub(crate) fn log_bytes(&self, log: &DecisionLog, region: &str) -> Vec<u8> {
+        match self.kind {
+            Kind::Redb => std::fs::read(log.path()).expect("read log"),
+            Kind::Postgres => {
+                let pg = self.pg();
+                let pg2 = pg.clone();
+                let region = region.to_string();
+                pg.block(async move { crate::audit::postgres::export(&pg2, &region).await })
+                    .expect("export")
+            }
+        }
+    }
+}
+
+/// Runs each named contract test on both backends.
+macro_rules! contract {
+    ($($name:ident),* $(,)?) => {
+        mod redb {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Fixture::new(super::Kind::Redb)).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Fixture::new(super::Kind::Postgres)).await;
+                }
+            )*
+        }
+    };
+}
+
+contract!(
+    insert_sets_state_version_and_times,
+    idempotency_key_and_task_id_deduplicate,
+    a_key_reused_for_other_content_is_refused_naming_what_differs,
+    idempotency_keys_survive_a_reopen,
+    a_record_goes_in_the_same_batch_and_names_the_stored_task,
+    idempotency_within_one_batch,
+    lease_order_is_priority_then_age,
+    only_the_holder_renews_and_completes,
+    expired_leases_requeue_then_fail,
+    requeue_agent_returns_only_its_tasks,
+    agents_and_their_leases_survive_a_reopen,
+    cancel_queued_leased_and_terminal,
+    mark_taken_over_fences_pending_tasks,
+    concurrent_inserts_are_durable_and_distinct,
+    reopen_keeps_everything_and_counts,
+    subscribe_and_wait_for_queued,
+);
+
+async fn insert_sets_state_version_and_times(fx: Fixture) {
+    let clock = ManualClock::new(1_000);
+    let store = fx.open_manual(&clock);
+    let out = store.insert(task("a")).await.expect("insert");
+    let t = out.task();
+    assert!(!out.is_deduplicated());
+    assert_eq!(t.state(), TaskState::Queued);
+    assert_eq!(t.version, 1);
+    assert_eq!(t.created_unix_ms, 1_000);
+    assert_eq!(t.updated_unix_ms, 1_000);
+    assert_eq!(store.get("a").expect("get").as_ref(), Some(t));
+    assert_eq!(store.get("missing").expect("get"), None);
+    assert!(matches!(
+        store.insert(task("")).await,
+        Err(StoreError::Invalid(_))
+    ));
+}
+
+async fn idempotency_key_and_task_id_deduplicate(fx: Fixture) {
+    let store = fx.open();
+    let mut a = task("a");
+    a.idempotency_key = "k1".into();
+    let first = store.insert(a).await.expect("insert");
+    let mut b = task("b");
+    b.idempotency_key = "k1".into();
+    let second = store.insert(b).await.expect("insert");
+    assert!(second.is_deduplicated());
+    assert_eq!(second.task().task_id, "a");
+    assert_eq!(store.get("b").expect("get"), None);
+    // Same id again (a retried forward): the stored task, unchanged.
+    let again = store.insert(task("a")).await.expect("insert");
+    assert!(again.is_deduplicated());
+    assert_eq!(again.task(), first.task());
+    assert_eq!(store.counts().queued, 1);
+}
+
+async fn a_key_reused_for_other_content_is_refused_naming_what_differs(fx: Fixture) {
+    let store = fx.open();
+    let with = |id: &str, customer: &str, payload: &[u8]| {
+        let mut t = task(id);
+        t.idempotency_key = "k1".into();
+        t.attributes = crate::sandbox::string_attrs(&[("customer_region", customer)]);
+        t.payload = payload.to_vec();
+        t
+    };
+    store.insert(with("a", "US", b"p")).await.expect("insert");
+    for (customer, payload, differs) in [
+        ("CA", &b"p"[..], "attributes"),
+        ("US", &b"q"[..], "payload"),
+        ("CA", &b"q"[..], "attributes and payload"),
+    ] {
+        let err = store
+            .insert(with("b", customer, payload))
+            .await
+            .expect_err("refused");
+        assert_eq!(
+            err,
+            StoreError::KeyReused {
+                key: "k1".into(),
+                task_id: "a".into(),
+                differs
+            }
+        );
+        let shown = err.to_string();
+        assert!(shown.contains("`k1`") && shown.contains(differs), "{shown}");
+    }
+    assert_eq!(store.get("b").expect("get"), None);
+    // The same content is still the original task.
+    let again = store.insert(with("c", "US", b"p")).await.expect("insert");
+    assert!(again.is_deduplicated());
+    assert_eq!(again.task().task_id, "a");
+}
+
+async fn idempotency_keys_survive_a_reopen(fx: Fixture) {
+    // The key index lives in memory and is rebuilt from the task records.
+    {
+        let store = fx.open();
+        let mut a = task("a");
+        a.idempotency_key = "k1".into();
+        store.insert(a).await.expect("insert");
+    }
+    let store = fx.open();
+    let mut b = task("b");
+    b.idempotency_key = "k1".into();
+    let out = store.insert(b).await.expect("insert");
+    assert!(out.is_deduplicated());
+    assert_eq!(out.task().task_id, "a");
+    assert_eq!(store.get("b").expect("get"), None);
+}
+
+async fn a_record_goes_in_the_same_batch_and_names_the_stored_task(fx: Fixture) {
+    use crate::audit::{DecisionRef, PendingRecord, kind};
+    use crate::policy::{AttrValue, Attributes, Decision, Outcome};
+    let store = fx.open();
+    let log = fx.log("europe");
+    let attrs: Attributes = [("customer_region".to_string(), AttrValue::Str("DE".into()))].into();
+    let decision = Decision {
+        outcome: Outcome::Routed {
+            region: "europe".into(),
+        },
+        rule_index: Some(0),
+        rule: Some("rule 1".into()),
+        required_tags: Default::default(),
+        candidates: vec![],
+        reason: "rule 1 matched".into(),
+        policy_hash: "h".into(),
+        warnings: vec![],
+        evaluation_errors: vec![],
+        balance: None,
+    };
+    let record = |id: &str| {
+        PendingRecord::new(DecisionRef {
+            kind: kind::ROUTE,
+            task_id: Some(id),
+            entry_region: Some("europe"),
+            attributes: &attrs,
+            decision: &decision,
+            note: None,
+        })
+    };
+    let mut a = task("a");
+    a.idempotency_key = "k1".into();
+    let first = store.insert_recorded(a, &log, record("a")).await;
+    assert!(!first.outcome.expect("insert").is_deduplicated());
+    assert_eq!(first.record, RecordState::Written);
+    // Known key: the record names the stored task, not the id offered.
+    let mut b = task("b");
+    b.idempotency_key = "k1".into();
+    let second = store.insert_recorded(b, &log, record("b")).await;
+    assert_eq!(second.outcome.expect("insert").task().task_id, "a");
+    assert_eq!(second.record, RecordState::Written);
+    // A refused insert appends nothing.
+    let refused = store.insert_recorded(task(""), &log, record("")).await;
+    assert!(matches!(refused.outcome, Err(StoreError::Invalid(_))));
+    assert_eq!(refused.record, RecordState::NotWritten);
+    // Concurrent recorded inserts share batches; the chain stays intact.
+    let mut handles = Vec::new();
+    for i in 0..50 {
+        let (store, log, r) = (store.clone(), log.clone(), record(&format!("c{i}")));
+        handles.push(tokio::spawn(async move {
+            store
+                .insert_recorded(task(&format!("c{i}")), &log, r)
+                .await
+                .record
+        }));
+    }
+    for h in handles {
+        assert_eq!(h.await.expect("join"), RecordState::Written);
+    }
+    let bytes = fx.log_bytes(&log, "europe");
+    let report = crate::audit::verify_bytes(&bytes);
+    assert!(report.is_intact(), "{report:?}");
+    assert_eq!(report.records, 52);
+    let named: Vec<_> = crate::audit::show_bytes(log.path(), &bytes, &Default::default())
+        .expect("show")
+        .into_iter()
+        .filter_map(|r| r.entry.task_id)
+        .collect();
+    assert_eq!(&named[..2], ["a", "a"]);
+}
+
+async fn idempotency_within_one_batch(fx: Fixture) {
+    let store = fx.open();
+    let mut handles = Vec::new();
+    for i in 0..20 {
+        let store = store.clone();
+        handles.push(tokio::spawn(async move {
+            let mut t = task(&format!("t{i}"));
+            t.idempotency_key = "same".into();
+            store.insert(t).await.expect("insert")
+        }));
+    }
+    let mut created = 0;
+    let mut ids = HashSet::new();
+    for h in handles {
+        let out = h.await.expect("join");
+        if !out.is_deduplicated() {
+            created += 1;
+        }
+        ids.insert(out.task().task_id.clone());
+    }
+    assert_eq!(created, 1);
+    assert_eq!(ids.len(), 1);
+    assert_eq!(store.counts().queued, 1);
+}
+
+async fn lease_order_is_priority_then_age(fx: Fixture) {
+    let clock = ManualClock::new(10_000);
+    let store = fx.open_manual(&clock);
+    for (id, prio) in [("low-old", 0), ("high", 5), ("low-new", 0), ("neg", -3)] {
+        let mut t = task(id);
+        t.priority = prio;
+        store.insert(t).await.expect("insert");
+        clock.advance(1);
+    }
+    let got = store.lease("agent-1", 3, TTL).await.expect("lease");
+    let ids: Vec<_> = got.iter().map(|t| t.task_id.as_str()).collect();
+    assert_eq!(ids, ["high", "low-old", "low-new"]);
+    for t in &got {
+        assert_eq!(t.state(), TaskState::Leased);
+        assert_eq!(t.agent_id, "agent-1");
+        assert_eq!(t.attempts, 1);
+        assert_eq!(t.version, 2);
+        assert_eq!(t.lease_deadline_unix_ms, clock.now_ms() + 30_000);
+    }
+    let rest = store.lease("agent-2", 10, TTL).await.expect("lease");
+    assert_eq!(rest.len(), 1);
+    assert_eq!(rest[0].task_id, "neg");
+    assert!(
+        store
+            .lease("agent-2", 10, TTL)
+            .await
+            .expect("lease")
+            .is_empty()
+    );
+    let c = store.counts();
+    assert_eq!((c.queued, c.leased), (0, 4));
+}
+
+async fn only_the_holder_renews_and_completes(fx: Fixture) {
+    let clock = ManualClock::new(5_000);
+    let store = fx.open_manual(&clock);
+    store.insert(task("a")).await.expect("insert");
+    store.insert(task("q")).await.expect("insert");
+    let leased = store.lease("agent-1", 1, TTL).await.expect("lease");
+    assert_eq!(leased[0].task_id, "a");
+
+    let err = store.renew("agent-2", "a", TTL).await.expect_err("renew");
+    assert_eq!(
+        err,
+        StoreError::NotLeaseHolder {
+            task_id: "a".into(),
+            holder: "agent-1".into()
+        }
+    );
+    let err = store
+        .complete("agent-2", "a", true, vec![], String::new())
+        .await
+        .expect_err("complete");
+    assert!(matches!(err, StoreError::NotLeaseHolder { .. }));
+    // A queued task has no holder.
+    let err = store.renew("agent-1", "q", TTL).await.expect_err("renew");
+    assert_eq!(
+        err,
+        StoreError::NotLeaseHolder {
+            task_id: "q".into(),
+            holder: String::new()
+        }
+    );
+    assert_eq!(
+        store.renew("agent-1", "nope", TTL).await,
+        Err(StoreError::NotFound("nope".into()))
+    );
+
+    clock.advance(1_000);
+    let renewed = store.renew("agent-1", "a", TTL).await.expect("renew");
+    assert_eq!(renewed.lease_deadline_unix_ms, 6_000 + 30_000);
+    assert_eq!(renewed.version, 3);
+
+    let done = store
+        .complete("agent-1", "a", true, b"out".to_vec(), String::new())
+        .await
+        .expect("complete");
+    assert_eq!(done.state(), TaskState::Succeeded);
+    assert_eq!(done.result, b"out");
+    assert!(done.agent_id.is_empty());
+    let err = store
+        .complete("agent-1", "a", false, vec![], "late".into())
+        .await
+        .expect_err("complete twice");
+    assert_eq!(
+        err,
+        StoreError::Terminal {
+            task_id: "a".into(),
+            state: "SUCCEEDED".into()
+        }
+    );
+    // The expired-lease sweep no longer sees it.
+    clock.advance(1_000_000);
+    assert!(store.expire_leases(3).await.expect("expire").is_empty());
+    let c = store.counts();
+    assert_eq!((c.queued, c.leased, c.succeeded), (1, 0, 1));
+}
+
+async fn expired_leases_requeue_then_fail(fx: Fixture) {
+    let clock = ManualClock::new(1_000);
+    let store = fx.open_manual(&clock);
+    store.insert(task("a")).await.expect("insert");
+    let ttl = Duration::from_millis(100);
+    for attempt in 1..=3u32 {
+        let got = store.lease("agent-x", 1, ttl).await.expect("lease");
+        assert_eq!(got.len(), 1, "attempt {attempt}");
+        assert_eq!(got[0].attempts, attempt);
+        // Not yet expired.
+        assert!(store.expire_leases(3).await.expect("expire").is_empty());
+        clock.advance(101);
+        let changed = store.expire_leases(3).await.expect("expire");
+        assert_eq!(changed.len(), 1);
+        let t = &changed[0];
+        if attempt < 3 {
+            assert_eq!(t.state(), TaskState::Queued);
+            assert_eq!(t.attempts, attempt);
+            assert!(t.agent_id.is_empty());
+        } else {
+            assert_eq!(t.state(), TaskState::Failed);
+            assert_eq!(t.error, "lease expired 3 times (agent lost)");
+        }
+    }
+    // The old holder's late completion is refused.
+    let err = store
+        .complete("agent-x", "a", true, vec![], String::new())
+        .await
+        .expect_err("late");
+    assert!(matches!(err, StoreError::Terminal { .. }));
+    let c = store.counts();
+    assert_eq!((c.queued, c.leased, c.failed), (0, 0, 1));
+}
+
+async fn requeue_agent_returns_only_its_tasks(fx: Fixture) {
+    let store = fx.open();
+    for id in ["a", "b", "c"] {
+        store.insert(task(id)).await.expect("insert");
+    }
+    let mine = store.lease("dead", 2, TTL).await.expect("lease");
+    store.lease("alive", 1, TTL).await.expect("lease");
+    let requeued = store.requeue_agent("dead").await.expect("requeue");
+    let mut got: Vec<_> = requeued.iter().map(|t| t.task_id.clone()).collect();
+    let mut want: Vec<_> = mine.iter().map(|t| t.task_id.clone()).collect();
+    got.sort();
+    want.sort();
+    assert_eq!(got, want);
+    assert!(
+        requeued
+            .iter()
+            .all(|t| t.state() == TaskState::Queued && t.attempts == 1)
+    );
+    let c = store.counts();
+    assert_eq!((c.queued, c.leased), (2, 1));
+    // The dead agent's late renew is refused.
+    let err = store.renew("dead", &want[0], TTL).await.expect_err("renew");
+    assert!(matches!(err, StoreError::NotLeaseHolder { .. }));
+}
+
+async fn agents_and_their_leases_survive_a_reopen(fx: Fixture) {
+    let clock = ManualClock::new(1_000);
+    let record = |id: &str| AgentRecord {
+        id: id.into(),
+        owner: "agent europe/worker".into(),
+        name: "w".into(),
+        slots: 2,
+        registered_unix_ms: 1_000,
+    };
+    {
+        let store = fx.open_manual(&clock);
+        store.put_agent(record("agent-1")).await.expect("put");
+        store.put_agent(record("agent-2")).await.expect("put");
+        for id in ["a", "b", "c"] {
+            store.insert(task(id)).await.expect("insert");
+        }
+        store.lease("agent-1", 2, TTL).await.expect("lease");
+        store.lease("agent-2", 1, TTL).await.expect("lease");
+    }
+    // Down for longer than the TTL: on reopen the leases are given a TTL
+    // from now instead of expiring at once.
+    clock.advance(TTL.as_millis() as i64 * 3);
+    let store = fx.open_manual(&clock);
+    let agents = store.agents().expect("agents");
+    assert_eq!(agents, vec![record("agent-1"), record("agent-2")]);
+    assert_eq!(store.extend_leases(TTL).await.expect("extend"), 3);
+    assert!(store.expire_leases(3).await.expect("expire").is_empty());
+    let held: Vec<Task> = store.pending().expect("pending");
+    assert!(held.iter().all(|t| t.state() == TaskState::Leased
+        && t.lease_deadline_unix_ms == clock.now_ms() + TTL.as_millis() as i64));
+    let mine = held
+        .iter()
+        .find(|t| t.agent_id == "agent-1")
+        .expect("agent-1's");
+    store
+        .complete(
+            "agent-1",
+            &mine.task_id,
+            true,
+            b"ok".to_vec(),
+            String::new(),
+        )
+        .await
+        .expect("the holder still completes after the reopen");
+    // Forgetting an agent drops its record and requeues its leases together.
+    let requeued = store.forget_agent("agent-2").await.expect("forget");
+    assert_eq!(requeued.len(), 1);
+    assert_eq!(store.agents().expect("agents"), vec![record("agent-1")]);
+    let c = store.counts();
+    assert_eq!((c.queued, c.leased, c.succeeded), (1, 1, 1));
+}
+
+async fn cancel_queued_leased_and_terminal(fx: Fixture) {
+    let store = fx.open();
+    for id in ["q", "l", "done"] {
+        store.insert(task(id)).await.expect("insert");
+    }
+    // Lease "q", "l", "done" in order (same priority, created order may tie:
+    // lease all three then finish one).
+    let leased = store.lease("ag", 3, TTL).await.expect("lease");
+    assert_eq!(leased.len(), 3);
+    store
+        .complete("ag", "done", true, vec![], String::new())
+        .await
+        .expect("complete");
+    store.requeue_agent("ag").await.expect("requeue");
+    store.lease("ag", 1, TTL).await.expect("lease");
+
+    let (t, cancelled) = store.cancel("done", "no").await.expect("cancel");
+    assert!(!cancelled);
+    assert_eq!(t.state(), TaskState::Succeeded);
+
+    for id in ["q", "l"] {
+        let (t, cancelled) = store.cancel(id, "").await.expect("cancel");
+        assert!(cancelled);
+        assert_eq!(t.state(), TaskState::Cancelled);
+        assert_eq!(t.error, "cancelled");
+    }
+    let (_, again) = store.cancel("q", "x").await.expect("cancel");
+    assert!(!again);
+    assert_eq!(
+        store.cancel("zzz", "").await,
+        Err(StoreError::NotFound("zzz".into()))
+    );
+    let c = store.counts();
+    assert_eq!((c.queued, c.leased, c.succeeded, c.cancelled), (0, 0, 1, 2));
+    assert!(store.pending().expect("pending").is_empty());
+    assert!(store.lease("ag", 5, TTL).await.expect("lease").is_empty());
+    // A cancelled leased task: its holder's complete is refused.
+    let err = store
+        .complete("ag", "l", true, vec![], String::new())
+        .await
+        .expect_err("complete");
+    assert!(matches!(err, StoreError::Terminal { .. }));
+}
+
+async fn mark_taken_over_fences_pending_tasks(fx: Fixture) {
+    let store = fx.open();
+    for id in ["a", "b", "c"] {
+        store.insert(task(id)).await.expect("insert");
+    }
+    store.lease("ag", 1, TTL).await.expect("lease");
+    let takeover = Takeover {
+        from_region: "europe".into(),
+        from_epoch: 7,
+        to_region: "asia_pacific".into(),
+        at_unix_ms: 1,
+    };
+    let fenced = store
+        .mark_taken_over(
+            vec!["a".into(), "b".into(), "unknown".into()],
+            takeover.clone(),
+        )
+        .await
+        .expect("fence");
+    assert_eq!(fenced.len(), 2);
+    for t in &fenced {
+        assert_eq!(t.state(), TaskState::Cancelled);
+        assert_eq!(t.taken_over.as_ref(), Some(&takeover));
+    }
+    let pending: Vec<_> = store
+        .pending()
+        .expect("pending")
+        .into_iter()
+        .map(|t| t.task_id)
+        .collect();
+    assert_eq!(pending, ["c"]);
+}
+
+async fn concurrent_inserts_are_durable_and_distinct(fx: Fixture) {
+    let store = fx.open();
+    let mut handles = Vec::new();
+    for i in 0..200 {
+        let store = store.clone();
+        handles.push(tokio::spawn(async move {
+            let mut t = task(&format!("task-{i:03}"));
+            t.priority = i % 7;
+            store.insert(t).await.expect("insert")
+        }));
+    }
+    let mut ids = HashSet::new();
+    for h in handles {
+        let out = h.await.expect("join");
+        assert!(!out.is_deduplicated());
+        ids.insert(out.into_task().task_id);
+    }
+    assert_eq!(ids.len(), 200);
+    assert_eq!(store.counts().queued, 200);
+    drop(store);
+    let store = fx.open();
+    for id in &ids {
+        assert!(store.get(id).expect("get").is_some(), "{id} lost");
+    }
+    assert_eq!(store.counts().queued, 200);
+    assert_eq!(store.pending().expect("pending").len(), 200);
+}
+
+async fn reopen_keeps_everything_and_counts(fx: Fixture) {
+    let clock = ManualClock::new(1_000);
+    let before;
+    {
+        let store = fx.open_manual(&clock);
+        for id in ["a", "b", "c", "d", "e"] {
+            let mut t = task(id);
+            t.idempotency_key = format!("key-{id}");
+            store.insert(t).await.expect("insert");
+            clock.advance(1);
+        }
+        store.lease("ag", 4, TTL).await.expect("lease");
+        store
+            .complete("ag", "a", true, vec![1], String::new())
+            .await
+            .expect("ok");
+        store
+            .complete("ag", "b", false, vec![], "boom".into())
+            .await
+            .expect("fail");
+        store.cancel("c", "user").await.expect("cancel");
+        store.flush().await.expect("flush");
+        before = store.counts();
+    }
+    let store = fx.open_manual(&clock);
+    assert_eq!(store.counts(), before);
+    assert_eq!(
+        before,
+        Counts {
+            queued: 1,
+            leased: 1,
+            succeeded: 1,
+            failed: 1,
+            cancelled: 1
+        }
+    );
+    assert_eq!(
+        store.get("b").expect("get").map(|t| t.error),
+        Some("boom".into())
+    );
+    // Indexes survive: idempotency, queue and leases.
+    let mut dup = task("zzz");
+    dup.idempotency_key = "key-e".into();
+    assert!(store.insert(dup).await.expect("insert").is_deduplicated());
+    let leased = store.lease("ag2", 10, TTL).await.expect("lease");
+    assert_eq!(leased.len(), 1);
+    assert_eq!(leased[0].task_id, "e");
+    clock.advance(60_000);
+    let expired = store.expire_leases(5).await.expect("expire");
+    assert_eq!(expired.len(), 2);
+}
+
+async fn subscribe_and_wait_for_queued(fx: Fixture) {
+    let store = fx.open();
+    let mut events = store.subscribe();
+    assert!(!store.wait_for_queued(Duration::from_millis(10)).await);
+    let waiter = {
+        let store = store.clone();
+        tokio::spawn(async move { store.wait_for_queued(Duration::from_secs(60)).await })
+    };
+    tokio::task::yield_now().await;
+    store.insert(task("a")).await.expect("insert");
+    assert!(waiter.await.expect("join"));
+    let ev = events.recv().await.expect("event");
+    assert_eq!((ev.task_id.as_str(), ev.version), ("a", 1));
+    store.lease("ag", 1, TTL).await.expect("lease");
+    let ev = events.recv().await.expect("event");
+    assert_eq!(ev.state(), TaskState::Leased);
+    store.flush().await.expect("flush");
+}

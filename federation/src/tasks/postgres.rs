@@ -1,0 +1,1346 @@
+//! [`PgStore`]: the task store in a region's PostgreSQL database
+//! (`node.store.backend: postgres`), with the same behaviour contract as the
+//! embedded store (the store's contract tests run against both).
+//!
+//! Every mutation goes through one writer thread per controller, as in the
+//! embedded store: it takes the waiting requests, applies them in one
+//! transaction in arrival order and commits once (synchronous commit), then
+//! answers each caller. The decision records that inserts carry are
+//! appended to the region's chain in that same transaction
+//! ([`crate::audit::postgres::append_in`]): a task and the record naming it
+//! are committed together or not at all. Rows a mutation changes are locked
+//! (`FOR UPDATE`; leasing and expiry skip rows another transaction holds),
+//! and idempotency keys are unique per region in the database (a partial
+//! unique index), not in memory. Reads go to the database through the pool.
+//!
+//! Table layout (schema in [`crate::pg`]): `tasks` (one row per task: the
+//! prost-encoded task in `body`, with its state, priority, creation time,
+//! lease deadline, agent and idempotency key as columns for the indexes),
+//! `agents`, `store_meta`.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use federation_api::{Takeover, Task, TaskState};
+use prost::Message;
+use tokio::sync::{Notify, broadcast, mpsc, oneshot};
+use tokio_postgres::Transaction;
+
+use super::store::{
+    Answer, EVENT_CAPACITY, MAX_EXPIRE_BATCH, MAX_LISTED_UNDECODABLE, Op, Reply, Request,
+    clear_lease, decode, touch, ttl_ms, unexpected,
+};
+use super::witness::Mark;
+use super::{
+    AgentRecord, Clock, Counts, InsertOutcome, MAX_BATCH, MAX_LEASE_BATCH, RecordState,
+    RecordedInsert, StoreError, is_terminal, state_name,
+};
+use crate::audit::{DecisionLog, PendingRecord};
+use crate::pg::{Pg, PgError};
+
+/// [`store_meta`](crate::pg) key of the decision log's head.
+const META_LOG_HEAD: &str = "log_head";
+
+impl From<PgError> for StoreError {
+    fn from(e: PgError) -> Self {
+        StoreError::Db(e.to_string())
+    }
+}
+
+/// The task store of one region in its PostgreSQL database. Cheap to clone.
+#[derive(Clone)]
+pub struct PgStore {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore")
+            .field("target", &self.inner.pg.target())
+            .field("region", &self.inner.region)
+            .finish()
+    }
+}
+
+struct Inner {
+    pg: Pg,
+    region: String,
+    path: PathBuf,
+    tx: Option<mpsc::UnboundedSender<Request>>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    shared: Arc<Shared>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.tx.take();
+        let handle = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(h) = handle {
+            if h.join().is_err() {
+                tracing::error!(target = %self.pg.target(), "task store writer thread panicked");
+            }
+        }
+    }
+}
+
+struct Shared {
+    counts: Mutex<Counts>,
+    events: broadcast::Sender<Task>,
+    queued: Notify,
+    clock: Arc<dyn Clock>,
+    commits: AtomicU64,
+    created: AtomicU64,
+    commit_seconds: prometheus_client::metrics::histogram::Histogram,
+    undecodable: Mutex<BTreeMap<String, String>>,
+}
+
+impl Shared {
+    fn undecodable(&self, err: &StoreError) {
+        let StoreError::Corrupt { task_id, reason } = err else {
+            return;
+        };
+        let mut known = self.undecodable.lock().unwrap_or_else(|e| e.into_inner());
+        if !known.contains_key(task_id) {
+            tracing::error!(task_id = %task_id, reason = %reason, "skipping an undecodable task record");
+            known.insert(task_id.clone(), reason.clone());
+        }
+    }
+}
+
+/// A task's row values besides its body.
+fn state_code(t: &Task) -> i16 {
+    i16::try_from(t.state).unwrap_or(0)
+}
+
+fn key_of(t: &Task) -> Option<&str> {
+    (!t.idempotency_key.is_empty()).then_some(t.idempotency_key.as_str())
+}
+
+impl PgStore {
+    /// Opens `region`'s task store in `pg` (schema already migrated by
+    /// [`Pg::connect`]) and counts its tasks.
+    pub fn open(pg: &Pg, region: &str, clock: Arc<dyn Clock>) -> Result<Self, StoreError> {
+        let pg2 = pg.clone();
+        let region2 = region.to_string();
+        let (counts, created) = pg.block(async move {
+            let client = pg2.client().await?;
+            let rows = client
+                .query(
+                    "SELECT state, count(*) FROM tasks WHERE region = $1 GROUP BY state",
+                    &[&region2],
+                )
+                .await
+                .map_err(|e| pg2.db(&e))?;
+            let mut counts = Counts::default();
+            let mut created = 0u64;
+            for r in rows {
+                let state: i16 = r.get(0);
+                let n: i64 = r.get(1);
+                created += u64::try_from(n).unwrap_or(0);
+                if let Ok(s) = TaskState::try_from(i32::from(state)) {
+                    counts.add(s, n);
+                }
+            }
+            Ok((counts, created))
+        })?;
+        let (events, _) = broadcast::channel(EVENT_CAPACITY);
+        let shared = Arc::new(Shared {
+            counts: Mutex::new(counts),
+            events,
+            queued: Notify::new(),
+            clock,
+            commits: AtomicU64::new(0),
+            created: AtomicU64::new(created),
+            commit_seconds: prometheus_client::metrics::histogram::Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 18),
+            ),
+            undecodable: Mutex::new(BTreeMap::new()),
+        });
+        let (tx, rx) = mpsc::unbounded_channel();
+        let writer = {
+            let pg = pg.clone();
+            let shared = Arc::clone(&shared);
+            let region = region.to_string();
+            std::thread::Builder::new()
+                .name("task-store-writer".into())
+                .spawn(move || writer_loop(&pg, &region, &shared, rx))
+                .map_err(|e| StoreError::Db(format!("starting the writer thread: {e}")))?
+        };
+        Ok(Self {
+            inner: Arc::new(Inner {
+                pg: pg.clone(),
+                region: region.to_string(),
+                path: PathBuf::from(format!("postgres://{}#tasks", pg.target())),
+                tx: Some(tx),
+                writer: Mutex::new(Some(writer)),
+                shared,
+            }),
+        })
+    }
+
+    /// `postgres://host:port/db#tasks`, for messages.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    async fn call(&self, op: Op) -> Result<Reply, StoreError> {
+        self.call_recorded(op, None).await.result
+    }
+
+    async fn call_recorded(&self, op: Op, record: Option<(DecisionLog, PendingRecord)>) -> Answer {
+        let closed = || Answer {
+            result: Err(StoreError::Closed),
+            record: RecordState::NotWritten,
+        };
+        let (reply, rx) = oneshot::channel();
+        let Some(tx) = self.inner.tx.as_ref() else {
+            return closed();
+        };
+        if tx.send(Request { op, record, reply }).is_err() {
+            return closed();
+        }
+        rx.await.unwrap_or_else(|_| closed())
+    }
+
+    /// See [`super::TaskStore::insert`].
+    pub async fn insert(&self, task: Task) -> Result<InsertOutcome, StoreError> {
+        match self.call(Op::Insert(Box::new(task))).await? {
+            Reply::Insert(o) => Ok(*o),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// See [`super::TaskStore::insert_recorded`]: here the record is
+    /// committed in the task's own transaction.
+    pub async fn insert_recorded(
+        &self,
+        task: Task,
+        log: &DecisionLog,
+        record: PendingRecord,
+    ) -> RecordedInsert {
+        let answer = self
+            .call_recorded(Op::Insert(Box::new(task)), Some((log.clone(), record)))
+            .await;
+        RecordedInsert {
+            outcome: match answer.result {
+                Ok(Reply::Insert(o)) => Ok(*o),
+                Ok(other) => Err(unexpected(other)),
+                Err(e) => Err(e),
+            },
+            record: answer.record,
+        }
+    }
+
+    /// Records the decision log's head in `store_meta`.
+    pub fn record_log_head(&self, seq: u64, hash: &str) -> Result<(), StoreError> {
+        let pg = self.inner.pg.clone();
+        let region = self.inner.region.clone();
+        let value = format!("{seq} {hash}");
+        Ok(self.inner.pg.block(async move {
+            let client = pg.client().await?;
+            client
+                .execute(
+                    "INSERT INTO store_meta (region, key, value) VALUES ($1, $2, $3) \
+                     ON CONFLICT (region, key) DO UPDATE SET value = EXCLUDED.value",
+                    &[&region, &META_LOG_HEAD, &value],
+                )
+                .await
+                .map_err(|e| pg.db(&e))?;
+            Ok(())
+        })?)
+    }
+
+    /// The head last recorded by [`PgStore::record_log_head`].
+    pub fn log_head(&self) -> Result<Option<(u64, String)>, StoreError> {
+        let pg = self.inner.pg.clone();
+        let region = self.inner.region.clone();
+        let text = self.inner.pg.block(async move {
+            let client = pg.client().await?;
+            let row = client
+                .query_opt(
+                    "SELECT value FROM store_meta WHERE region = $1 AND key = $2",
+                    &[&region, &META_LOG_HEAD],
+                )
+                .await
+                .map_err(|e| pg.db(&e))?;
+            Ok(row.map(|r| r.get::<_, String>(0)))
+        })?;
+        let Some(text) = text else { return Ok(None) };
+        text.split_once(' ')
+            .and_then(|(seq, hash)| Some((seq.parse::<u64>().ok()?, hash.to_string())))
+            .map(Some)
+            .ok_or_else(|| StoreError::Db(format!("recorded log head is malformed: `{text}`")))
+    }
+
+    /// Reads a task.
+    pub fn get(&self, task_id: &str) -> Result<Option<Task>, StoreError> {
+        let pg = self.inner.pg.clone();
+        let region = self.inner.region.clone();
+        let id = task_id.to_string();
+        let bytes = self.inner.pg.block(async move {
+            let client = pg.client().await?;
+            let row = client
+                .query_opt(
+                    "SELECT body FROM tasks WHERE region = $1 AND task_id = $2",
+                    &[&region, &id],
+                )
+                .await
+                .map_err(|e| pg.db(&e))?;
+            Ok(row.map(|r| r.get::<_, Vec<u8>>(0)))
+        })?;
+        let task = bytes.map(|b| decode(task_id, &b)).transpose();
+        if let Err(e) = &task {
+            self.inner.shared.undecodable(e);
+        }
+        task
+    }
+
+    /// Undecodable records found by scans so far.
+    pub fn undecodable(&self) -> (usize, Vec<(String, String)>) {
+        let known = self
+            .inner
+            .shared
+            .undecodable
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let listed = known
+            .iter()
+            .take(MAX_LISTED_UNDECODABLE)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        (known.len(), listed)
+    }
+
+    /// Commits since open, and tasks created (counted from the database at
+    /// open, then by this controller).
+    pub fn mark(&self) -> Mark {
+        Mark {
+            commit: self.inner.shared.commits.load(Ordering::Relaxed),
+            created: self.inner.shared.created.load(Ordering::Relaxed),
+        }
+    }
+
+    /// See [`super::TaskStore::restore`].
+    pub async fn restore(&self, task: Task) -> Result<bool, StoreError> {
+        match self.call(Op::Restore(Box::new(task))).await? {
+            Reply::Cancel(_, stored) => Ok(stored),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// See [`super::TaskStore::lease_except`].
+    pub async fn lease_except(
+        &self,
+        agent_id: &str,
+        max: usize,
+        ttl: Duration,
+        skip: Option<Arc<HashSet<String>>>,
+    ) -> Result<Vec<Task>, StoreError> {
+        if agent_id.is_empty() {
+            return Err(StoreError::Invalid("agent id is empty".into()));
+        }
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let op = Op::Lease {
+            agent: agent_id.to_string(),
+            max: max.min(MAX_LEASE_BATCH),
+            ttl_ms: ttl_ms(ttl),
+            skip,
+        };
+        match self.call(op).await? {
+            Reply::Many(t) => Ok(t),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Sends `op` and expects one task back.
+    async fn one(&self, op: Op) -> Result<Task, StoreError> {
+        match self.call(op).await? {
+            Reply::One(t) => Ok(*t),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Sends `op` and expects tasks back.
+    async fn many(&self, op: Op) -> Result<Vec<Task>, StoreError> {
+        match self.call(op).await? {
+            Reply::Many(t) => Ok(t),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// See [`super::TaskStore::renew`].
+    pub async fn renew(
+        &self,
+        agent_id: &str,
+        task_id: &str,
+        ttl: Duration,
+    ) -> Result<Task, StoreError> {
+        self.one(Op::Renew {
+            agent: agent_id.to_string(),
+            id: task_id.to_string(),
+            ttl_ms: ttl_ms(ttl),
+        })
+        .await
+    }
+
+    /// See [`super::TaskStore::complete`].
+    pub async fn complete(
+        &self,
+        agent_id: &str,
+        task_id: &str,
+        success: bool,
+        result: Vec<u8>,
+        error: String,
+    ) -> Result<Task, StoreError> {
+        self.one(Op::Complete {
+            agent: agent_id.to_string(),
+            id: task_id.to_string(),
+            success,
+            result,
+            error,
+        })
+        .await
+    }
+
+    /// See [`super::TaskStore::cancel`].
+    pub async fn cancel(&self, task_id: &str, reason: &str) -> Result<(Task, bool), StoreError> {
+        let op = Op::Cancel {
+            id: task_id.to_string(),
+            reason: reason.to_string(),
+        };
+        match self.call(op).await? {
+            Reply::Cancel(t, c) => Ok((*t, c)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// See [`super::TaskStore::expire_leases`].
+    pub async fn expire_leases(&self, max_attempts: u32) -> Result<Vec<Task>, StoreError> {
+        self.many(Op::Expire { max_attempts }).await
+    }
+
+    /// See [`super::TaskStore::requeue_agent`].
+    pub async fn requeue_agent(&self, agent_id: &str) -> Result<Vec<Task>, StoreError> {
+        self.many(Op::RequeueAgent {
+            agent: agent_id.to_string(),
+        })
+        .await
+    }
+
+    /// See [`super::TaskStore::put_agent`].
+    pub async fn put_agent(&self, record: AgentRecord) -> Result<(), StoreError> {
+        if record.id.is_empty() {
+            return Err(StoreError::Invalid("agent id is empty".into()));
+        }
+        match self.call(Op::PutAgent(Box::new(record))).await? {
+            Reply::Unit => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// See [`super::TaskStore::forget_agent`].
+    pub async fn forget_agent(&self, agent_id: &str) -> Result<Vec<Task>, StoreError> {
+        self.many(Op::ForgetAgent {
+            agent: agent_id.to_string(),
+        })
+        .await
+    }
+
+    /// Every registered agent of the region, by id.
+    pub fn agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
+        let pg = self.inner.pg.clone();
+        let region = self.inner.region.clone();
+        let rows = self.inner.pg.block(async move {
+            let client = pg.client().await?;
+            let rows = client
+                .query(
+                    "SELECT agent_id, record FROM agents WHERE region = $1 ORDER BY agent_id",
+                    &[&region],
+                )
+                .await
+                .map_err(|e| pg.db(&e))?;
+            Ok(rows
+                .iter()
+                .map(|r| (r.get::<_, String>(0), r.get::<_, Vec<u8>>(1)))
+                .collect::<Vec<_>>())
+        })?;
+        let mut out = Vec::new();
+        for (id, bytes) in rows {
+            match serde_json::from_slice::<AgentRecord>(&bytes) {
+                Ok(mut record) => {
+                    record.id = id;
+                    out.push(record);
+                }
+                Err(e) => {
+                    tracing::error!(agent_id = %id, error = %e, "skipping an undecodable agent record");
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// See [`super::TaskStore::extend_leases`].
+    pub async fn extend_leases(&self, ttl: Duration) -> Result<usize, StoreError> {
+        Ok(self
+            .many(Op::ExtendLeases {
+                ttl_ms: ttl_ms(ttl),
+            })
+            .await?
+            .len())
+    }
+
+    /// See [`super::TaskStore::mark_taken_over`].
+    pub async fn mark_taken_over(
+        &self,
+        task_ids: Vec<String>,
+        takeover: Takeover,
+    ) -> Result<Vec<Task>, StoreError> {
+        self.many(Op::Fence {
+            ids: task_ids,
+            takeover,
+        })
+        .await
+    }
+
+    /// Task counts by state: counted at open, then moved by this
+    /// controller's changes.
+    pub fn counts(&self) -> Counts {
+        *self
+            .inner
+            .shared
+            .counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Transactions committed since open.
+    pub fn commits(&self) -> u64 {
+        self.inner.shared.commits.load(Ordering::Relaxed)
+    }
+
+    /// Seconds per commit, for metrics.
+    pub fn commit_seconds(&self) -> prometheus_client::metrics::histogram::Histogram {
+        self.inner.shared.commit_seconds.clone()
+    }
+
+    /// Every QUEUED task in lease order, then every LEASED task by deadline.
+    pub fn pending(&self) -> Result<Vec<Task>, StoreError> {
+        let pg = self.inner.pg.clone();
+        let region = self.inner.region.clone();
+        let rows = self.inner.pg.block(async move {
+            let client = pg.client().await?;
+            let mut rows = client
+                .query(
+                    "SELECT task_id, body FROM tasks WHERE region = $1 AND state = 1 \
+                     ORDER BY priority DESC, created_ms, task_id",
+                    &[&region],
+                )
+                .await
+                .map_err(|e| pg.db(&e))?;
+            rows.extend(
+                client
+                    .query(
+                        "SELECT task_id, body FROM tasks WHERE region = $1 AND state = 2 \
+                         ORDER BY lease_deadline_ms, task_id",
+                        &[&region],
+                    )
+                    .await
+                    .map_err(|e| pg.db(&e))?,
+            );
+            Ok(rows
+                .iter()
+                .map(|r| (r.get::<_, String>(0), r.get::<_, Vec<u8>>(1)))
+                .collect::<Vec<_>>())
+        })?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (id, body) in rows {
+            match decode(&id, &body) {
+                Ok(t) => out.push(t),
+                Err(e) => self.inner.shared.undecodable(&e),
+            }
+        }
+        Ok(out)
+    }
+
+    /// See [`super::TaskStore::scan`].
+    pub fn scan(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        max_scan: usize,
+        mut keep: impl FnMut(&Task) -> bool,
+    ) -> Result<(Vec<Task>, Option<String>), StoreError> {
+        let pg = self.inner.pg.clone();
+        let region = self.inner.region.clone();
+        let after = after.unwrap_or("").to_string();
+        // One row past the budget tells whether records remain.
+        let fetch = i64::try_from(max_scan.saturating_add(1)).unwrap_or(i64::MAX);
+        let rows = self.inner.pg.block(async move {
+            let client = pg.client().await?;
+            let rows = client
+                .query(
+                    "SELECT task_id, body FROM tasks WHERE region = $1 AND task_id > $2 \
+                     ORDER BY task_id LIMIT $3",
+                    &[&region, &after, &fetch],
+                )
+                .await
+                .map_err(|e| pg.db(&e))?;
+            Ok(rows
+                .iter()
+                .map(|r| (r.get::<_, String>(0), r.get::<_, Vec<u8>>(1)))
+                .collect::<Vec<_>>())
+        })?;
+        let mut kept = Vec::new();
+        let mut last = None;
+        for (scanned, (id, body)) in rows.into_iter().enumerate() {
+            if kept.len() >= limit || scanned >= max_scan {
+                return Ok((kept, last));
+            }
+            match decode(&id, &body) {
+                Ok(task) if keep(&task) => kept.push(task),
+                Ok(_) => {}
+                Err(e) => self.inner.shared.undecodable(&e),
+            }
+            last = Some(id);
+        }
+        Ok((kept, None))
+    }
+
+    /// Every state change made through this controller, after its commit.
+    pub fn subscribe(&self) -> broadcast::Receiver<Task> {
+        self.inner.shared.events.subscribe()
+    }
+
+    /// See [`super::TaskStore::wait_for_queued`].
+    pub async fn wait_for_queued(&self, timeout: Duration) -> bool {
+        let notified = self.inner.shared.queued.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if self.counts().queued > 0 {
+            return true;
+        }
+        tokio::time::timeout(timeout, notified).await.is_ok()
+    }
+
+    /// Returns when every request sent before it is committed.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        match self.call(Op::Flush).await? {
+            Reply::Unit => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The writer thread
+// ---------------------------------------------------------------------------
+
+fn writer_loop(pg: &Pg, region: &str, shared: &Arc<Shared>, rx: mpsc::UnboundedReceiver<Request>) {
+    let mut requests = crate::group_commit::Gatherer::new(rx, MAX_BATCH);
+    while let Some(batch) = requests.next_batch() {
+        let pg2 = pg.clone();
+        let region = region.to_string();
+        let shared = Arc::clone(shared);
+        pg.handle()
+            .block_on(async move { run_batch(&pg2, &region, &shared, batch).await });
+    }
+}
+
+/// A task's change within a batch: its state before (None when new), after,
+/// and the task for subscribers.
+struct Change {
+    before: Option<TaskState>,
+    after: TaskState,
+    task: Task,
+}
+
+/// The records a batch appends to one decision log and the replies they
+/// belong to.
+struct LogBatch {
+    log: DecisionLog,
+    records: Vec<PendingRecord>,
+    owners: Vec<usize>,
+}
+
+/// Mutations of one batch, inside its transaction.
+struct Tx<'a, 't> {
+    txn: &'a Transaction<'t>,
+    pg: &'a Pg,
+    region: &'a str,
+    shared: &'a Shared,
+}
+
+async fn run_batch(pg: &Pg, region: &str, shared: &Shared, batch: Vec<Request>) {
+    if batch.iter().all(|r| matches!(r.op, Op::Flush)) {
+        for r in batch {
+            let _ = r.reply.send(Answer {
+                result: Ok(Reply::Unit),
+                record: RecordState::NotWritten,
+            });
+        }
+        return;
+    }
+    let now = shared.clock.now_ms();
+    let mut changes = Vec::new();
+    let mut replies: Vec<(oneshot::Sender<Answer>, Result<Reply, StoreError>)> =
+        Vec::with_capacity(batch.len());
+    let mut logs: Vec<LogBatch> = Vec::new();
+    let fail_all = |replies: &mut Vec<(oneshot::Sender<Answer>, Result<Reply, StoreError>)>,
+                    rest: Vec<oneshot::Sender<Answer>>,
+                    err: StoreError| {
+        for (reply, _) in replies.drain(..) {
+            let _ = reply.send(Answer {
+                result: Err(err.clone()),
+                record: RecordState::NotWritten,
+            });
+        }
+        for reply in rest {
+            let _ = reply.send(Answer {
+                result: Err(err.clone()),
+                record: RecordState::NotWritten,
+            });
+        }
+    };
+    let mut client = match pg.client().await {
+        Ok(c) => c,
+        Err(e) => {
+            let rest = batch.into_iter().map(|r| r.reply).collect();
+            fail_all(&mut replies, rest, StoreError::Db(e.to_string()));
+            return;
+        }
+    };
+    let txn = match client.transaction().await {
+        Ok(t) => t,
+        Err(e) => {
+            let rest = batch.into_iter().map(|r| r.reply).collect();
+            fail_all(&mut replies, rest, StoreError::Db(pg.db(&e).to_string()));
+            return;
+        }
+    };
+    // Acknowledged means committed on the server's disk, whatever the
+    // database's default is.
+    if let Err(e) = txn.batch_execute("SET LOCAL synchronous_commit = on").await {
+        let rest = batch.into_iter().map(|r| r.reply).collect();
+        fail_all(&mut replies, rest, StoreError::Db(pg.db(&e).to_string()));
+        return;
+    }
+    let t = Tx {
+        txn: &txn,
+        pg,
+        region,
+        shared,
+    };
+    let mut requests = batch.into_iter();
+    while let Some(req) = requests.next() {
+        let result = t.apply(req.op, now, &mut changes).await;
+        if let Err(StoreError::Db(e)) = &result {
+            let mut rest = vec![req.reply];
+            rest.extend(requests.map(|r| r.reply));
+            fail_all(&mut replies, rest, StoreError::Db(e.clone()));
+            return;
+        }
+        if let (Some((log, mut record)), Ok(Reply::Insert(o))) = (req.record, &result) {
+            record.set_task_id(&o.task().task_id);
+            let at = match logs.iter().position(|b| b.log.same_log(&log)) {
+                Some(i) => i,
+                None => {
+                    logs.push(LogBatch {
+                        log,
+                        records: Vec::new(),
+                        owners: Vec::new(),
+                    });
+                    logs.len() - 1
+                }
+            };
+            logs[at].records.push(record);
+            logs[at].owners.push(replies.len());
+        }
+        replies.push((req.reply, result));
+    }
+    // The records go into the chain in the transaction of their tasks.
+    let mut heads = Vec::with_capacity(logs.len());
+    for b in &mut logs {
+        let records = std::mem::take(&mut b.records);
+        match crate::audit::postgres::append_records(&txn, b.log.region(), records).await {
+            Ok(h) => heads.push(h),
+            Err(e) => {
+                fail_all(
+                    &mut replies,
+                    Vec::new(),
+                    StoreError::Db(pg.db(&e).to_string()),
+                );
+                return;
+            }
+        }
+    }
+    let started = std::time::Instant::now();
+    let committed = txn.commit().await;
+    shared
+        .commit_seconds
+        .observe(started.elapsed().as_secs_f64());
+    if let Err(e) = committed {
+        let err = StoreError::Db(pg.db(&e).to_string());
+        tracing::error!(error = %err, "task store commit failed");
+        fail_all(&mut replies, Vec::new(), err);
+        return;
+    }
+    shared.commits.fetch_add(1, Ordering::Relaxed);
+    let created = changes.iter().filter(|c| c.before.is_none()).count() as u64;
+    shared.created.fetch_add(created, Ordering::Relaxed);
+    let mut states = vec![RecordState::NotWritten; replies.len()];
+    for (b, head) in logs.iter().zip(heads) {
+        if let Some((seq, hash)) = head {
+            b.log.advance(seq, &hash);
+        }
+        for &i in &b.owners {
+            states[i] = RecordState::Written;
+        }
+    }
+    let mut any_queued = false;
+    {
+        let mut counts = shared.counts.lock().unwrap_or_else(|e| e.into_inner());
+        for c in &changes {
+            if let Some(b) = c.before {
+                counts.add(b, -1);
+            }
+            counts.add(c.after, 1);
+            any_queued |= c.after == TaskState::Queued;
+        }
+    }
+    for c in changes {
+        let _ = shared.events.send(c.task);
+    }
+    for ((reply, result), record) in replies.into_iter().zip(states) {
+        let _ = reply.send(Answer { result, record });
+    }
+    if any_queued {
+        shared.queued.notify_waiters();
+    }
+}
+
+impl Tx<'_, '_> {
+    fn db(&self, e: &tokio_postgres::Error) -> StoreError {
+        StoreError::Db(self.pg.db(e).to_string())
+    }
+
+    /// Reads a task and locks its row for this transaction.
+    async fn read(&self, id: &str) -> Result<Option<Task>, StoreError> {
+        let row = self
+            .txn
+            .query_opt(
+                "SELECT body FROM tasks WHERE region = $1 AND task_id = $2 FOR UPDATE",
+                &[&self.region, &id],
+            )
+            .await
+            .map_err(|e| self.db(&e))?;
+        row.map(|r| decode(id, r.get::<_, &[u8]>(0))).transpose()
+    }
+
+    async fn must_read(&self, id: &str) -> Result<Task, StoreError> {
+        self.read(id)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(id.to_string()))
+    }
+
+    /// Rewrites a stored task's row.
+    async fn write(&self, t: &Task) -> Result<(), StoreError> {
+        self.txn
+            .execute(
+                "UPDATE tasks SET state = $3, priority = $4, created_ms = $5, \
+                 lease_deadline_ms = $6, agent_id = $7, body = $8 \
+                 WHERE region = $1 AND task_id = $2",
+                &[
+                    &self.region,
+                    &t.task_id,
+                    &state_code(t),
+                    &t.priority,
+                    &t.created_unix_ms,
+                    &t.lease_deadline_unix_ms,
+                    &t.agent_id,
+                    &t.encode_to_vec(),
+                ],
+            )
+            .await
+            .map_err(|e| self.db(&e))?;
+        Ok(())
+    }
+
+    /// Inserts a new row; false when the id or the key is taken.
+    async fn create(&self, t: &Task) -> Result<bool, StoreError> {
+        let n = self
+            .txn
+            .execute(
+                "INSERT INTO tasks (region, task_id, state, priority, created_ms, \
+                 lease_deadline_ms, agent_id, idempotency_key, body) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING",
+                &[
+                    &self.region,
+                    &t.task_id,
+                    &state_code(t),
+                    &t.priority,
+                    &t.created_unix_ms,
+                    &t.lease_deadline_unix_ms,
+                    &t.agent_id,
+                    &key_of(t),
+                    &t.encode_to_vec(),
+                ],
+            )
+            .await
+            .map_err(|e| self.db(&e))?;
+        Ok(n == 1)
+    }
+
+    /// The tasks of a query returning `task_id, body` (locked rows),
+    /// undecodable ones reported and skipped.
+    async fn tasks(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<Task>, StoreError> {
+        let rows = self.txn.query(sql, params).await.map_err(|e| self.db(&e))?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            let id: &str = r.get(0);
+            match decode(id, r.get::<_, &[u8]>(1)) {
+                Ok(t) => out.push(t),
+                Err(e) => self.shared.undecodable(&e),
+            }
+        }
+        Ok(out)
+    }
+
+    async fn by_key(&self, key: &str) -> Result<Option<Task>, StoreError> {
+        let row = self
+            .txn
+            .query_opt(
+                "SELECT task_id, body FROM tasks WHERE region = $1 AND idempotency_key = $2",
+                &[&self.region, &key],
+            )
+            .await
+            .map_err(|e| self.db(&e))?;
+        row.map(|r| decode(r.get::<_, &str>(0), r.get::<_, &[u8]>(1)))
+            .transpose()
+    }
+
+    /// The answer to a request whose key names `stored`.
+    fn known_key(task: &Task, stored: Task) -> Result<InsertOutcome, StoreError> {
+        let differs = super::what_differs(
+            stored.attributes == task.attributes,
+            stored.payload == task.payload,
+        );
+        match differs {
+            Some(differs) => Err(StoreError::KeyReused {
+                key: task.idempotency_key.clone(),
+                task_id: stored.task_id,
+                differs,
+            }),
+            None => Ok(InsertOutcome::Deduplicated(stored)),
+        }
+    }
+
+    async fn apply(
+        &self,
+        op: Op,
+        now: i64,
+        changes: &mut Vec<Change>,
+    ) -> Result<Reply, StoreError> {
+        match op {
+            Op::Insert(task) => self
+                .insert(*task, now, changes)
+                .await
+                .map(|o| Reply::Insert(Box::new(o))),
+            Op::Lease {
+                agent,
+                max,
+                ttl_ms,
+                skip,
+            } => self
+                .lease(
+                    &agent,
+                    max,
+                    skip.as_deref(),
+                    now.saturating_add(ttl_ms),
+                    now,
+                    changes,
+                )
+                .await
+                .map(Reply::Many),
+            Op::Renew { agent, id, ttl_ms } => {
+                let mut task = self.held(&agent, &id).await?;
+                task.lease_deadline_unix_ms = now.saturating_add(ttl_ms);
+                touch(&mut task, now);
+                self.write(&task).await?;
+                changes.push(Change::of(Some(TaskState::Leased), &task));
+                Ok(Reply::One(Box::new(task)))
+            }
+            Op::Complete {
+                agent,
+                id,
+                success,
+                result,
+                error,
+            } => {
+                let mut task = self.held(&agent, &id).await?;
+                task.set_state(if success {
+                    TaskState::Succeeded
+                } else {
+                    TaskState::Failed
+                });
+                clear_lease(&mut task);
+                task.result = result;
+                task.error = error;
+                touch(&mut task, now);
+                self.write(&task).await?;
+                changes.push(Change::of(Some(TaskState::Leased), &task));
+                Ok(Reply::One(Box::new(task)))
+            }
+            Op::Cancel { id, reason } => {
+                let mut task = self.must_read(&id).await?;
+                if is_terminal(task.state()) {
+                    return Ok(Reply::Cancel(Box::new(task), false));
+                }
+                let before = task.state();
+                task.set_state(TaskState::Cancelled);
+                clear_lease(&mut task);
+                task.error = if reason.is_empty() {
+                    "cancelled".to_string()
+                } else {
+                    reason
+                };
+                touch(&mut task, now);
+                self.write(&task).await?;
+                changes.push(Change::of(Some(before), &task));
+                Ok(Reply::Cancel(Box::new(task), true))
+            }
+            Op::Expire { max_attempts } => {
+                let limit = i64::try_from(MAX_EXPIRE_BATCH).unwrap_or(i64::MAX);
+                let due = self
+                    .tasks(
+                        "SELECT task_id, body FROM tasks WHERE region = $1 AND state = 2 \
+                         AND lease_deadline_ms < $2 ORDER BY lease_deadline_ms, task_id \
+                         LIMIT $3 FOR UPDATE SKIP LOCKED",
+                        &[&self.region, &now, &limit],
+                    )
+                    .await?;
+                let mut out = Vec::with_capacity(due.len());
+                for mut task in due {
+                    if task.attempts >= max_attempts {
+                        task.set_state(TaskState::Failed);
+                        clear_lease(&mut task);
+                        task.error = format!("lease expired {} times (agent lost)", task.attempts);
+                        touch(&mut task, now);
+                        self.write(&task).await?;
+                        changes.push(Change::of(Some(TaskState::Leased), &task));
+                        out.push(task);
+                    } else {
+                        out.push(self.requeue(task, now, changes).await?);
+                    }
+                }
+                Ok(Reply::Many(out))
+            }
+            Op::RequeueAgent { agent } => self
+                .requeue_agent(&agent, now, changes)
+                .await
+                .map(Reply::Many),
+            Op::PutAgent(record) => {
+                let bytes = serde_json::to_vec(&*record)
+                    .map_err(|e| StoreError::Invalid(format!("agent record: {e}")))?;
+                self.txn
+                    .execute(
+                        "INSERT INTO agents (region, agent_id, record) VALUES ($1, $2, $3) \
+                         ON CONFLICT (region, agent_id) DO UPDATE SET record = EXCLUDED.record",
+                        &[&self.region, &record.id, &bytes],
+                    )
+                    .await
+                    .map_err(|e| self.db(&e))?;
+                Ok(Reply::Unit)
+            }
+            Op::ForgetAgent { agent } => {
+                let requeued = self.requeue_agent(&agent, now, changes).await?;
+                self.txn
+                    .execute(
+                        "DELETE FROM agents WHERE region = $1 AND agent_id = $2",
+                        &[&self.region, &agent],
+                    )
+                    .await
+                    .map_err(|e| self.db(&e))?;
+                Ok(Reply::Many(requeued))
+            }
+            Op::ExtendLeases { ttl_ms } => {
+                let deadline = now.saturating_add(ttl_ms);
+                let due = self
+                    .tasks(
+                        "SELECT task_id, body FROM tasks WHERE region = $1 AND state = 2 \
+                         AND lease_deadline_ms < $2 ORDER BY lease_deadline_ms, task_id FOR UPDATE",
+                        &[&self.region, &deadline],
+                    )
+                    .await?;
+                let mut out = Vec::with_capacity(due.len());
+                for mut task in due {
+                    task.lease_deadline_unix_ms = deadline;
+                    touch(&mut task, now);
+                    self.write(&task).await?;
+                    changes.push(Change::of(Some(TaskState::Leased), &task));
+                    out.push(task);
+                }
+                Ok(Reply::Many(out))
+            }
+            Op::Fence { ids, takeover } => {
+                let mut out = Vec::new();
+                for id in &ids {
+                    let mut task = match self.read(id).await {
+                        Ok(Some(t)) if !is_terminal(t.state()) => t,
+                        Ok(_) => continue,
+                        Err(StoreError::Db(e)) => return Err(StoreError::Db(e)),
+                        Err(e) => {
+                            self.shared.undecodable(&e);
+                            continue;
+                        }
+                    };
+                    let before = task.state();
+                    task.set_state(TaskState::Cancelled);
+                    clear_lease(&mut task);
+                    task.error = format!(
+                        "taken over by region {} (epoch {} of {})",
+                        takeover.to_region, takeover.from_epoch, takeover.from_region
+                    );
+                    task.taken_over = Some(takeover.clone());
+                    touch(&mut task, now);
+                    self.write(&task).await?;
+                    changes.push(Change::of(Some(before), &task));
+                    out.push(task);
+                }
+                Ok(Reply::Many(out))
+            }
+            Op::Restore(task) => self
+                .restore(*task, now, changes)
+                .await
+                .map(|(t, stored)| Reply::Cancel(Box::new(t), stored)),
+            Op::Flush => Ok(Reply::Unit),
+        }
+    }
+
+    async fn insert(
+        &self,
+        mut task: Task,
+        now: i64,
+        changes: &mut Vec<Change>,
+    ) -> Result<InsertOutcome, StoreError> {
+        if task.task_id.is_empty() {
+            return Err(StoreError::Invalid("task id is empty".into()));
+        }
+        if !task.idempotency_key.is_empty() {
+            if let Some(stored) = self.by_key(&task.idempotency_key).await? {
+                return Self::known_key(&task, stored);
+            }
+        }
+        task.set_state(TaskState::Queued);
+        task.version = 1;
+        clear_lease(&mut task);
+        if task.created_unix_ms == 0 {
+            task.created_unix_ms = now;
+        }
+        if task.updated_unix_ms == 0 {
+            task.updated_unix_ms = now;
+        }
+        if self.create(&task).await? {
+            changes.push(Change {
+                before: None,
+                after: TaskState::Queued,
+                task: task.clone(),
+            });
+            return Ok(InsertOutcome::Created(task));
+        }
+        // The id is stored (a retried forward), or another replica
+        // committed the key meanwhile.
+        if let Some(stored) = self.read(&task.task_id).await? {
+            return Ok(InsertOutcome::Deduplicated(stored));
+        }
+        match self.by_key(&task.idempotency_key).await? {
+            Some(stored) => Self::known_key(&task, stored),
+            None => Err(StoreError::Db(format!(
+                "task {}: the insert conflicted with a row that is not there",
+                task.task_id
+            ))),
+        }
+    }
+
+    async fn lease(
+        &self,
+        agent: &str,
+        max: usize,
+        skip: Option<&HashSet<String>>,
+        deadline: i64,
+        now: i64,
+        changes: &mut Vec<Change>,
+    ) -> Result<Vec<Task>, StoreError> {
+        let skipped: Vec<String> = skip
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default();
+        let limit = i64::try_from(max).unwrap_or(i64::MAX);
+        let queued = self
+            .tasks(
+                "SELECT task_id, body FROM tasks WHERE region = $1 AND state = 1 \
+                 AND task_id <> ALL($2::text[]) \
+                 ORDER BY priority DESC, created_ms, task_id LIMIT $3 FOR UPDATE SKIP LOCKED",
+                &[&self.region, &skipped, &limit],
+            )
+            .await?;
+        let mut out = Vec::with_capacity(queued.len());
+        for mut task in queued {
+            if task.state() != TaskState::Queued {
+                tracing::warn!(task_id = %task.task_id, "a queued row holds a task in another state; skipped");
+                continue;
+            }
+            task.set_state(TaskState::Leased);
+            task.agent_id = agent.to_string();
+            task.lease_deadline_unix_ms = deadline;
+            task.attempts = task.attempts.saturating_add(1);
+            touch(&mut task, now);
+            self.write(&task).await?;
+            changes.push(Change::of(Some(TaskState::Queued), &task));
+            out.push(task);
+        }
+        Ok(out)
+    }
+
+    /// The task, if `agent` holds its lease; else the right refusal.
+    async fn held(&self, agent: &str, id: &str) -> Result<Task, StoreError> {
+        let task = self.must_read(id).await?;
+        if is_terminal(task.state()) {
+            return Err(StoreError::Terminal {
+                task_id: id.to_string(),
+                state: state_name(task.state()),
+            });
+        }
+        if task.state() != TaskState::Leased || task.agent_id != agent || agent.is_empty() {
+            let holder = if task.state() == TaskState::Leased {
+                task.agent_id.clone()
+            } else {
+                String::new()
+            };
+            return Err(StoreError::NotLeaseHolder {
+                task_id: id.to_string(),
+                holder,
+            });
+        }
+        Ok(task)
+    }
+
+    async fn requeue(
+        &self,
+        mut task: Task,
+        now: i64,
+        changes: &mut Vec<Change>,
+    ) -> Result<Task, StoreError> {
+        task.set_state(TaskState::Queued);
+        clear_lease(&mut task);
+        touch(&mut task, now);
+        self.write(&task).await?;
+        changes.push(Change::of(Some(TaskState::Leased), &task));
+        Ok(task)
+    }
+
+    async fn requeue_agent(
+        &self,
+        agent: &str,
+        now: i64,
+        changes: &mut Vec<Change>,
+    ) -> Result<Vec<Task>, StoreError> {
+        let leased = self
+            .tasks(
+                "SELECT task_id, body FROM tasks WHERE region = $1 AND state = 2 \
+                 AND agent_id = $2 ORDER BY lease_deadline_ms, task_id FOR UPDATE",
+                &[&self.region, &agent],
+            )
+            .await?;
+        let mut out = Vec::with_capacity(leased.len());
+        for task in leased {
+            out.push(self.requeue(task, now, changes).await?);
+        }
+        Ok(out)
+    }
+
+    async fn restore(
+        &self,
+        mut task: Task,
+        now: i64,
+        changes: &mut Vec<Change>,
+    ) -> Result<(Task, bool), StoreError> {
+        if task.task_id.is_empty() {
+            return Err(StoreError::Invalid("task id is empty".into()));
+        }
+        if TaskState::try_from(task.state).is_err() {
+            return Err(StoreError::Invalid(format!(
+                "task {}: unknown state {}",
+                task.task_id, task.state
+            )));
+        }
+        if !is_terminal(task.state()) {
+            task.set_state(TaskState::Queued);
+            clear_lease(&mut task);
+        }
+        if task.updated_unix_ms == 0 {
+            task.updated_unix_ms = now;
+        }
+        if task.created_unix_ms == 0 {
+            task.created_unix_ms = now;
+        }
+        // A key another task holds stays with it (as in the embedded
+        // store, whose index keeps the first); this one is stored keyless
+        // in the index but keeps the key in its record.
+        let key_taken = match key_of(&task) {
+            Some(k) => self.by_key(k).await?.is_some(),
+            None => false,
+        };
+        let created = if key_taken {
+            let n = self
+                .txn
+                .execute(
+                    "INSERT INTO tasks (region, task_id, state, priority, created_ms, \
+                     lease_deadline_ms, agent_id, idempotency_key, body) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, NULL, $8) ON CONFLICT DO NOTHING",
+                    &[
+                        &self.region,
+                        &task.task_id,
+                        &state_code(&task),
+                        &task.priority,
+                        &task.created_unix_ms,
+                        &task.lease_deadline_unix_ms,
+                        &task.agent_id,
+                        &task.encode_to_vec(),
+                    ],
+                )
+                .await
+                .map_err(|e| self.db(&e))?;
+            n == 1
+        } else {
+            self.create(&task).await?
+        };
+        if !created {
+            return Ok((task, false));
+        }
+        changes.push(Change {
+            before: None,
+            after: task.state(),
+            task: task.clone(),
+        });
+        Ok((task, true))
+    }
+}
+
+impl Change {
+    fn of(before: Option<TaskState>, task: &Task) -> Self {
+        Self {
+            before,
+            after: task.state(),
+            task: task.clone(),
+        }
+    }
+}
