@@ -89,6 +89,9 @@ pub struct Node {
     pub store: TaskStore,
     /// The hash-chained decision log.
     pub log: DecisionLog,
+    /// The key of the digests records keep instead of values they may not
+    /// hold (`audit::key`); `None` without a key ring.
+    pub audit_key: Option<crate::audit::key::AuditKey>,
     /// Heads of peers' decision logs heard from the peers themselves.
     pub witnesses: crate::audit::anchor::Witnesses,
     /// Prometheus metrics.
@@ -361,6 +364,16 @@ pub async fn open(settings: Settings) -> anyhow::Result<Arc<Node>> {
         .with_context(|| format!("opening decision log in {}", settings.data_dir.display()))?;
     check_own_log(&store, &log)?;
     let witnesses = crate::audit::anchor::Witnesses::open(&settings.data_dir);
+    let audit_key = settings
+        .keys
+        .as_ref()
+        .and_then(crate::audit::key::AuditKey::of_ring);
+    match &audit_key {
+        Some(k) => tracing::info!(key = %k.id(), "audit digests keyed"),
+        None => tracing::warn!(
+            "no key ring: records outside a task's region keep attribute names without digests"
+        ),
+    }
     let membership = Membership::new(&settings.region, &settings.policy, settings.timers.clone());
     let replication = crate::replication::Replication::open(
         &settings.region,
@@ -428,6 +441,7 @@ pub async fn open(settings: Settings) -> anyhow::Result<Arc<Node>> {
         membership,
         store,
         log,
+        audit_key,
         witnesses,
         metrics,
         agents,
