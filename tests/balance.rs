@@ -127,7 +127,7 @@ async fn affinity_keeps_a_conversation_in_one_region_and_moves_only_the_dead_reg
     );
 
     // The entry region north_america never holds these tasks: its log keeps
-    // the key's digest, never the conversation id.
+    // the key's keyed digest, never the conversation id.
     let na_log = std::fs::read_to_string(
         sandbox
             .data_dir("north_america")
@@ -140,7 +140,7 @@ async fn affinity_keeps_a_conversation_in_one_region_and_moves_only_the_dead_reg
         "raw affinity value in north_america's log"
     );
     assert!(
-        na_log.contains("affinity-digest:"),
+        na_log.contains("\"attributes_withheld\":{\"conversation_id\":\""),
         "the digest is recorded"
     );
 

@@ -94,6 +94,9 @@ pub struct Node {
     pub store: TaskStore,
     /// The hash-chained decision log.
     pub log: DecisionLog,
+    /// The key of the digests records keep instead of values they may not
+    /// hold (`audit::key`); `None` without a key ring.
+    pub audit_key: Option<crate::audit::key::AuditKey>,
     /// Heads of peers' decision logs heard from the peers themselves.
     pub witnesses: crate::audit::anchor::Witnesses,
     /// Prometheus metrics.
@@ -362,6 +365,16 @@ pub async fn open(settings: Settings) -> anyhow::Result<Arc<Node>> {
         );
     }
     let witnesses = crate::audit::anchor::Witnesses::open(&settings.data_dir);
+    let audit_key = settings
+        .keys
+        .as_ref()
+        .and_then(crate::audit::key::AuditKey::of_ring);
+    match &audit_key {
+        Some(k) => tracing::info!(key = %k.id(), "audit digests keyed"),
+        None => tracing::warn!(
+            "no key ring: records outside a task's region keep attribute names without digests"
+        ),
+    }
     let membership = Membership::new(&settings.region, &settings.policy, settings.timers.clone());
     let replication = crate::replication::Replication::open(
         &settings.region,
@@ -429,6 +442,7 @@ pub async fn open(settings: Settings) -> anyhow::Result<Arc<Node>> {
         membership,
         store,
         log,
+        audit_key,
         witnesses,
         metrics,
         agents,

@@ -18,7 +18,8 @@ use federation_api as api;
 use federation_trace::TraceParent;
 use tracing::Instrument as _;
 
-use crate::audit::{DecisionRef, PendingRecord};
+use crate::audit::PendingRecord;
+use crate::audit::minimise::Kept;
 use crate::controller::{Node, now_ms};
 use crate::error::{Error, Result};
 use crate::policy::{Attributes, Decision, Outcome, Refusal, Rejection};
@@ -57,7 +58,11 @@ pub async fn submit(
     let policy = node.policy();
     // A fresh draw per task balances a set of primaries (see
     // `policy::balance`); the decision records it.
-    let mut decision = policy.decide_with(&attrs, &node.view(&policy), rand::random());
+    let (mut decision, view) = {
+        let live = node.view(&policy);
+        let decision = policy.decide_with(&attrs, &live, rand::random());
+        (decision, view_states(&policy, &live))
+    };
 
     let mut placed: Option<Placed> = None;
     // A refusal that ends the walk (a key reused for other content).
@@ -84,6 +89,7 @@ pub async fn submit(
                     &attrs,
                     &decision,
                     note,
+                    Some(&view),
                 )
             };
             store_local(node, &task_id, &req, &decision, render, received).await
@@ -95,6 +101,7 @@ pub async fn submit(
                 &attrs,
                 &decision,
                 None,
+                Some(&view),
             );
             let logged = node
                 .log
@@ -144,7 +151,10 @@ pub async fn submit(
                 if appended {
                     superseded.push(task_id);
                 }
-                tracing::info!(%region, error = %e, "idempotency key reused for other content; refused");
+                let error = kept(node, false, &attrs, &decision, None)
+                    .scrub(&e.to_string())
+                    .into_owned();
+                tracing::info!(%region, %error, "idempotency key reused for other content; refused");
                 refused = Some(e);
                 break;
             }
@@ -155,7 +165,10 @@ pub async fn submit(
                 if appended {
                     superseded.push(task_id);
                 }
-                tracing::warn!(%region, error = %e, "placing task failed; trying next candidate");
+                let error = kept(node, false, &attrs, &decision, None)
+                    .scrub(&e.to_string())
+                    .into_owned();
+                tracing::warn!(%region, %error, "placing task failed; trying next candidate");
                 decision.refuse(&region, Refusal::ForwardFailed, e.to_string());
                 decision.refresh_warnings(&policy);
             }
@@ -189,10 +202,22 @@ pub async fn submit(
             &attrs,
             &decision,
             note.as_deref(),
+            Seen {
+                held_here: placed.is_some()
+                    && decision.outcome.region() == Some(node.region.as_str()),
+                view: Some(&view),
+            },
         )
         .await;
     }
-    log_decision(&decision, task_id.as_deref());
+    {
+        // The log line keeps what the record keeps.
+        let held = placed.is_some() && decision.outcome.region() == Some(node.region.as_str());
+        log_decision(
+            &kept(node, held, &attrs, &decision, None).decision,
+            task_id.as_deref(),
+        );
+    }
     node.metrics.decision(
         crate::metrics::rule_label(&policy, decision.rule_index),
         decision.outcome.kind(),
@@ -513,6 +538,7 @@ pub async fn accept_forward(
             &attrs,
             &decision,
             Some(&note),
+            None,
         )
     };
     let (stored, appended) =
@@ -525,6 +551,10 @@ pub async fn accept_forward(
             &attrs,
             &decision,
             Some(&format!("not stored, supersedes the record above: {e}")),
+            Seen {
+                held_here: false,
+                view: None,
+            },
         )
         .await;
     }
@@ -579,30 +609,45 @@ impl crate::policy::FederationView for WhatIf<'_> {
     }
 }
 
-/// The attributes a record written here may hold: all of them, except
-/// that the value of the rule's affinity attribute (a conversation or
-/// customer id: personal data) is replaced by its digest unless this
-/// controller's region holds the task. The decision itself never holds it.
-fn attributes_for_log<'a>(
+/// Every region of `policy` as `view` shows it now: what the record keeps
+/// of the federation the decision saw (`policy replay` re-decides with it).
+pub fn view_states(
+    policy: &crate::policy::Policy,
+    view: &dyn crate::policy::FederationView,
+) -> Vec<(String, crate::policy::RegionView)> {
+    policy
+        .regions
+        .iter()
+        .filter_map(|r| view.region(&r.name).map(|v| (r.name.clone(), v)))
+        .collect()
+}
+
+/// What a record written here keeps of the task: everything when this
+/// region holds it, else names, the values the policy lets every region
+/// keep and keyed digests ([`crate::audit::minimise`]).
+fn kept<'a>(
     node: &Node,
+    held_here: bool,
     attrs: &'a Attributes,
-    decision: &Decision,
-) -> std::borrow::Cow<'a, Attributes> {
-    let Some(balance) = &decision.balance else {
-        return std::borrow::Cow::Borrowed(attrs);
-    };
-    let (Some(attr), Some(digest)) = (&balance.affinity, &balance.affinity_digest) else {
-        return std::borrow::Cow::Borrowed(attrs);
-    };
-    if decision.outcome.region() == Some(node.region.as_str()) || !attrs.contains_key(attr) {
-        return std::borrow::Cow::Borrowed(attrs);
-    }
-    let mut redacted = attrs.clone();
-    redacted.insert(
-        attr.clone(),
-        crate::policy::AttrValue::Str(format!("affinity-digest:{digest}")),
-    );
-    std::borrow::Cow::Owned(redacted)
+    decision: &'a Decision,
+    note: Option<&'a str>,
+) -> Kept<'a> {
+    Kept::new(
+        &node.policy(),
+        node.audit_key.as_ref(),
+        held_here,
+        attrs,
+        decision,
+        note,
+    )
+}
+
+/// True when the record of `decision` (of `kind`) is written where the
+/// task is held: the region it was placed in, or the owner accepting a
+/// forward.
+fn held_here(node: &Node, kind: &str, decision: &Decision) -> bool {
+    kind == crate::audit::kind::FORWARDED_IN
+        || decision.outcome.region() == Some(node.region.as_str())
 }
 
 /// Renders the record of `decision` for `task_id` (a route record names
@@ -614,15 +659,25 @@ fn decision_record(
     attrs: &Attributes,
     decision: &Decision,
     note: Option<&str>,
+    view: Option<&[(String, crate::policy::RegionView)]>,
 ) -> PendingRecord {
-    PendingRecord::new(DecisionRef {
+    let kept = kept(node, held_here(node, kind, decision), attrs, decision, note);
+    PendingRecord::kept(
         kind,
-        task_id: Some(task_id),
-        entry_region: (kind == crate::audit::kind::ROUTE).then_some(node.region.as_str()),
-        attributes: &attributes_for_log(node, attrs, decision),
-        decision,
-        note,
-    })
+        Some(task_id),
+        (kind == crate::audit::kind::ROUTE).then_some(node.region.as_str()),
+        &kept,
+        view,
+    )
+}
+
+/// Where a record is written, as [`record`] needs it.
+#[derive(Debug, Clone, Copy)]
+pub struct Seen<'v> {
+    /// This region holds the task (the record keeps every value).
+    pub held_here: bool,
+    /// Every region as the decision saw it.
+    pub view: Option<&'v [(String, crate::policy::RegionView)]>,
 }
 
 /// Appends a decision to the log. A log failure is reported loudly but does
@@ -636,15 +691,17 @@ pub fn record(
     attrs: &Attributes,
     decision: &Decision,
     note: Option<&str>,
+    seen: Seen<'_>,
 ) -> impl std::future::Future<Output = ()> + Send + use<> {
-    let appended = node.log.append_decision(DecisionRef {
+    let Seen { held_here, view } = seen;
+    let kept = kept(node, held_here, attrs, decision, note);
+    let appended = node.log.append_pending(PendingRecord::kept(
         kind,
         task_id,
-        entry_region: (kind == crate::audit::kind::ROUTE).then_some(node.region.as_str()),
-        attributes: &attributes_for_log(node, attrs, decision),
-        decision,
-        note,
-    });
+        (kind == crate::audit::kind::ROUTE).then_some(node.region.as_str()),
+        &kept,
+        view,
+    ));
     async move {
         if let Err(e) = appended.await {
             tracing::error!(error = %e, "appending to the decision log failed");

@@ -27,6 +27,7 @@ fn entry(i: usize) -> DecisionEntry {
             "reason": format!("rule {} matched; {outcome}", rule_index + 1),
         })),
         note: None,
+        ..DecisionEntry::default()
     }
 }
 

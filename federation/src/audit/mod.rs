@@ -26,6 +26,22 @@
 //!   order), `outcome` (`routed` | `failover` | `rejected`), `chosen_region`,
 //!   `decision` (a serialized [`Decision`]), `note`) are absent when unset.
 //! * `prev_hash` is the previous line's `hash`; the first line's is 64 zeros.
+//! * **Residency of the record itself** ([`minimise`]): a route or
+//!   forwarded-in record written where the task is held keeps every value in
+//!   `attributes`. Any other (an entry region that forwarded the task, a
+//!   region that refused it, a rejection) keeps in `attributes` only the
+//!   values the policy lets every region keep (`federation.audit.record_values`,
+//!   else the attributes the decision's conditions read) and names each other
+//!   attribute in `attributes_withheld` with the keyed digest of its value
+//!   (`null` without an audit key, see [`key`]); its reason, details, warnings
+//!   and note are scrubbed of those values (`<withheld:NAME>`).
+//!   `attributes_digest` (`{"input": hex, "key": id}`) is the keyed digest of
+//!   all attributes, on both kinds of record: equal digests under one key
+//!   are the same input. Records written before these fields existed simply
+//!   lack them; the chain and this recipe are unchanged.
+//! * `federation_view` (route records): every region as the decision saw it,
+//!   `{"<region>": {"draining", "full", "health", "held_down", "load"?, "tags"}}`,
+//!   so that `federation policy replay` re-decides with the same states.
 //!
 //! # The hash, precisely
 //!
@@ -78,6 +94,8 @@
 //! makes `open` refuse, naming the line.
 
 pub mod anchor;
+pub mod key;
+pub mod minimise;
 pub mod postgres;
 #[cfg(test)]
 mod tests;
@@ -94,7 +112,9 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::policy::{AttrValue, Attributes, Decision, Outcome, Refusal, Rejection, Role};
+use crate::policy::{
+    AttrValue, Attributes, Decision, Health, Outcome, Refusal, RegionView, Rejection, Role,
+};
 
 /// The log's file name inside a data directory.
 pub const FILE_NAME: &str = "decisions.jsonl";
@@ -171,9 +191,22 @@ pub struct DecisionEntry {
     /// The region the client called.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entry_region: Option<String>,
-    /// The attributes the decision read.
+    /// The attributes the decision read (outside the region holding the
+    /// task, only the values [`minimise`] keeps).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attributes: Option<Value>,
+    /// `{"input": hex, "key": id}`: the keyed digest of every attribute
+    /// ([`key::AuditKey::input_digest`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attributes_digest: Option<Value>,
+    /// Attributes whose values this record does not keep, each with its
+    /// keyed digest (`null` without an audit key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attributes_withheld: Option<Value>,
+    /// Every region's state as the decision saw it: health, draining,
+    /// full, hold-down, trusted tags, advertised load (for `policy replay`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub federation_view: Option<Value>,
     /// Hash of the policy that decided (or was loaded).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy_hash: Option<String>,
@@ -276,6 +309,32 @@ impl PendingRecord {
     /// would write).
     pub fn new(record: DecisionRef<'_>) -> Self {
         Self(Box::new(Prepared::from_decision(&record)))
+    }
+
+    /// Renders the record of a decision as [`minimise::Kept`] has it (the
+    /// values, digests and scrubbed text this region may keep), with the
+    /// federation as the decision saw it.
+    pub fn kept(
+        kind: &str,
+        task_id: Option<&str>,
+        entry_region: Option<&str>,
+        kept: &minimise::Kept<'_>,
+        view: Option<&[(String, RegionView)]>,
+    ) -> Self {
+        let record = DecisionRef {
+            kind,
+            task_id,
+            entry_region,
+            attributes: &kept.attributes,
+            decision: &kept.decision,
+            note: kept.note.as_deref(),
+        };
+        Self(Box::new(Prepared::from_parts(
+            &record,
+            kept.digest.as_ref(),
+            Some(&kept.withheld),
+            view,
+        )))
     }
 
     /// The task the record names.
@@ -659,9 +718,12 @@ struct Prepared {
 /// entry or a typed decision.
 struct Head<'a> {
     attributes: Option<Fragment<'a>>,
+    attributes_digest: Option<Fragment<'a>>,
+    attributes_withheld: Option<Fragment<'a>>,
     chosen_region: Option<&'a str>,
     decision: Option<Fragment<'a>>,
     entry_region: Option<&'a str>,
+    federation_view: Option<Fragment<'a>>,
     kind: &'a str,
     note: Option<&'a str>,
     outcome: Option<&'a str>,
@@ -672,6 +734,9 @@ enum Fragment<'a> {
     Value(&'a Value),
     Attributes(&'a Attributes),
     Decision(&'a Decision),
+    Digest(&'a minimise::InputDigest),
+    Withheld(&'a std::collections::BTreeMap<String, Option<String>>),
+    View(&'a [(String, RegionView)]),
 }
 
 impl Fragment<'_> {
@@ -680,8 +745,59 @@ impl Fragment<'_> {
             Fragment::Value(v) => canonical(v, out),
             Fragment::Attributes(a) => push_attributes(a, out),
             Fragment::Decision(d) => push_decision(d, out),
+            Fragment::Digest(d) => {
+                let mut obj = Obj::open(out);
+                obj.str("input", &d.input);
+                obj.str("key", &d.key);
+                obj.close();
+            }
+            Fragment::Withheld(w) => {
+                let mut obj = Obj::open(out);
+                for (name, digest) in w.iter() {
+                    push_opt_str(digest.as_deref(), obj.key(name));
+                }
+                obj.close();
+            }
+            Fragment::View(regions) => push_view(regions, out),
         }
     }
+}
+
+/// The name of a [`Health`] in records.
+pub fn health_name(h: Health) -> &'static str {
+    match h {
+        Health::Alive => "alive",
+        Health::Suspect => "suspect",
+        Health::Dead => "dead",
+        Health::Unknown => "unknown",
+    }
+}
+
+/// `{"region": {"draining":…,"full":…,"health":…,"held_down":…,"load":…,"tags":[…]}}`,
+/// keys sorted (`load` only when advertised).
+fn push_view(regions: &[(String, RegionView)], out: &mut Vec<u8>) {
+    let mut sorted: Vec<&(String, RegionView)> = regions.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    sorted.dedup_by(|a, b| a.0 == b.0);
+    let mut obj = Obj::open(out);
+    for (name, v) in sorted {
+        let mut r = Obj::open(obj.key(name));
+        let flag = |b: bool| -> &'static [u8] { if b { b"true" } else { b"false" } };
+        r.key("draining").extend_from_slice(flag(v.draining));
+        r.key("full").extend_from_slice(flag(v.full));
+        r.str("health", health_name(v.health));
+        r.key("held_down").extend_from_slice(flag(v.held_down));
+        if let Some(l) = v.load {
+            let mut o = Obj::open(r.key("load"));
+            push_display(l.free_slots, o.key("free_slots"));
+            push_display(l.queue_depth, o.key("queue_depth"));
+            push_display(l.total_slots, o.key("total_slots"));
+            o.close();
+        }
+        push_str_array(v.tags.iter(), r.key("tags"));
+        r.close();
+    }
+    obj.close();
 }
 
 impl Prepared {
@@ -691,6 +807,12 @@ impl Prepared {
         if let Some(a) = &head.attributes {
             a.write(obj.key("attributes"));
         }
+        if let Some(a) = &head.attributes_digest {
+            a.write(obj.key("attributes_digest"));
+        }
+        if let Some(a) = &head.attributes_withheld {
+            a.write(obj.key("attributes_withheld"));
+        }
         if let Some(r) = head.chosen_region {
             obj.str("chosen_region", r);
         }
@@ -699,6 +821,9 @@ impl Prepared {
         }
         if let Some(r) = head.entry_region {
             obj.str("entry_region", r);
+        }
+        if let Some(v) = &head.federation_view {
+            v.write(obj.key("federation_view"));
         }
         obj.str("kind", head.kind);
         if let Some(n) = head.note {
@@ -723,9 +848,12 @@ impl Prepared {
     fn from_entry(e: &DecisionEntry) -> Self {
         let head = Head {
             attributes: e.attributes.as_ref().map(Fragment::Value),
+            attributes_digest: e.attributes_digest.as_ref().map(Fragment::Value),
+            attributes_withheld: e.attributes_withheld.as_ref().map(Fragment::Value),
             chosen_region: e.chosen_region.as_deref(),
             decision: e.decision.as_ref().map(Fragment::Value),
             entry_region: e.entry_region.as_deref(),
+            federation_view: e.federation_view.as_ref().map(Fragment::Value),
             kind: &e.kind,
             note: e.note.as_deref(),
             outcome: e.outcome.as_deref(),
@@ -735,12 +863,24 @@ impl Prepared {
     }
 
     fn from_decision(r: &DecisionRef<'_>) -> Self {
+        Self::from_parts(r, None, None, None)
+    }
+
+    fn from_parts(
+        r: &DecisionRef<'_>,
+        digest: Option<&minimise::InputDigest>,
+        withheld: Option<&std::collections::BTreeMap<String, Option<String>>>,
+        view: Option<&[(String, RegionView)]>,
+    ) -> Self {
         let d = r.decision;
         let head = Head {
             attributes: Some(Fragment::Attributes(r.attributes)),
+            attributes_digest: digest.map(Fragment::Digest),
+            attributes_withheld: withheld.filter(|w| !w.is_empty()).map(Fragment::Withheld),
             chosen_region: d.outcome.region(),
             decision: Some(Fragment::Decision(d)),
             entry_region: r.entry_region,
+            federation_view: view.map(Fragment::View),
             kind: r.kind,
             note: r.note,
             outcome: Some(d.outcome.kind()),

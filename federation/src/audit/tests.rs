@@ -617,3 +617,125 @@ async fn documented_python_recipe_verifies_the_log() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("line 5: hash mismatch"));
 }
+
+/// The documented recipe (the first Python block of `mod.rs`) as a script.
+fn recipe() -> String {
+    include_str!("mod.rs")
+        .lines()
+        .skip_while(|l| !l.contains("```python"))
+        .skip(1)
+        .take_while(|l| !l.contains("```"))
+        .map(|l| {
+            let l = l.strip_prefix("//!").unwrap_or(l);
+            format!("{}\n", l.strip_prefix(' ').unwrap_or(l))
+        })
+        .collect()
+}
+
+/// Records kept for a region that does not hold the task (values withheld,
+/// digests, the federation view) chain and verify like any other, with this
+/// code and with the documented recipe, next to older records without them.
+#[tokio::test]
+async fn minimised_records_verify_with_the_code_and_the_recipe() {
+    use crate::audit::key::AuditKey;
+    use crate::audit::minimise::Kept;
+    use crate::policy::{Health, RegionView, StaticView};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("f.yaml");
+    std::fs::write(
+        &path,
+        include_str!("../../../policies/seed-federation.yaml"),
+    )
+    .expect("write");
+    let policy = crate::policy::Policy::load_file(&path).expect("policy");
+    let log = DecisionLog::open(dir.path(), "north_america").expect("open");
+    // An older record first.
+    log.append(DecisionEntry::from_decision(
+        kind::ROUTE,
+        &attrs("DE"),
+        &decision(
+            1,
+            Outcome::Routed {
+                region: "europe".into(),
+            },
+        ),
+    ))
+    .await
+    .expect("append");
+    let mut a = attrs("DE");
+    a.insert("email".into(), AttrValue::Str("jane@example.eu".into()));
+    let d = policy.decide(&a, &StaticView::default().bind(&policy));
+    let key = AuditKey::new("a1", &[3u8; 32]);
+    let kept = Kept::new(
+        &policy,
+        Some(&key),
+        false,
+        &a,
+        &d,
+        Some("forwarded jane@example.eu"),
+    );
+    let view = vec![(
+        "europe".to_string(),
+        RegionView {
+            health: Health::Dead,
+            draining: false,
+            full: false,
+            held_down: false,
+            tags: std::sync::Arc::new(BTreeSet::from(["GDPR".to_string()])),
+            load: None,
+        },
+    )];
+    log.append_pending(PendingRecord::kept(
+        kind::ROUTE,
+        Some("t1.europe"),
+        Some("north_america"),
+        &kept,
+        Some(&view),
+    ))
+    .await
+    .expect("append");
+    let text = std::fs::read_to_string(dir.path().join(FILE_NAME)).expect("read");
+    assert!(!text.contains("jane@"), "{text}");
+    let report = verify(dir.path()).expect("verify");
+    assert!(report.is_intact(), "{report:?}");
+    let records = show(dir.path(), &Filter::default()).expect("show");
+    let r = &records[1];
+    assert_eq!(
+        r.entry
+            .attributes_withheld
+            .as_ref()
+            .and_then(|w| w.get("email")),
+        Some(&Value::String(key.attribute_digest("email", &a["email"])))
+    );
+    assert_eq!(
+        r.entry
+            .attributes_digest
+            .as_ref()
+            .and_then(|d| d.get("input"))
+            .and_then(Value::as_str),
+        Some(key.input_digest(&a).as_str())
+    );
+    assert_eq!(
+        r.entry
+            .federation_view
+            .as_ref()
+            .and_then(|v| v.pointer("/europe/health"))
+            .and_then(Value::as_str),
+        Some("dead")
+    );
+    assert_eq!(r.entry.note.as_deref(), Some("forwarded <withheld:email>"));
+    let Ok(out) = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(recipe())
+        .arg(dir.path().join(FILE_NAME))
+        .output()
+    else {
+        eprintln!("python3 not available; skipping the recipe");
+        return;
+    };
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("ok: 2 records, last hash {}", report.last_hash)
+    );
+}

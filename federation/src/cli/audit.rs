@@ -62,6 +62,37 @@ pub enum AuditCommand {
         #[arg(long, value_enum, default_value_t)]
         format: OutputFormat,
     },
+    /// Compute the keyed digest of a candidate attribute value, and with
+    /// `--log` find the records whose withheld value it is (records written
+    /// outside the region holding a task keep digests, not values). Exit 0
+    /// when a record matches (or no log is given), 1 when none does, 2 on
+    /// bad input.
+    Digest {
+        /// The audit key as given to auditors: a file with its
+        /// `id:base64-key[:audit]` line.
+        #[arg(long = "audit-key", value_name = "FILE", conflicts_with = "keys")]
+        audit_key: Option<PathBuf>,
+        /// A whole snapshot key ring: its `:audit` line, else the key derived
+        /// from its current snapshot key.
+        #[arg(long, value_name = "FILE", required_unless_present = "audit_key")]
+        keys: Option<PathBuf>,
+        /// The attribute's name.
+        #[arg(long)]
+        attribute: String,
+        /// The candidate value: a string, or with `--json` a JSON number,
+        /// boolean or list (`--value 42 --json`).
+        #[arg(long)]
+        value: String,
+        /// Read `--value` as JSON.
+        #[arg(long)]
+        json: bool,
+        /// A decision log to search: a data directory or the file (repeatable).
+        #[arg(long = "log", value_name = "DIR|FILE")]
+        logs: Vec<PathBuf>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t)]
+        format: OutputFormat,
+    },
 }
 
 /// Arguments of `decisions`: the decision log of a running controller, over
@@ -189,7 +220,140 @@ pub fn run(cmd: AuditCommand) -> ExitCode {
             };
             show(&dir, &filter, format)
         }
+        AuditCommand::Digest {
+            audit_key,
+            keys,
+            attribute,
+            value,
+            json,
+            logs,
+            format,
+        } => match digest(
+            audit_key.as_deref(),
+            keys.as_deref(),
+            &attribute,
+            &value,
+            json,
+            &logs,
+            format,
+        ) {
+            Ok(code) => ExitCode::from(code),
+            Err(e) => super::fail(&e, 2),
+        },
     }
+}
+
+/// One record that concerns the candidate value.
+#[derive(Debug, serde::Serialize)]
+struct DigestMatch {
+    log: String,
+    seq: u64,
+    kind: String,
+    region: String,
+    task_id: Option<String>,
+    /// `digest` (withheld, the digest matches) or `value` (kept as is).
+    how: &'static str,
+}
+
+fn digest(
+    audit_key: Option<&Path>,
+    keys: Option<&Path>,
+    attribute: &str,
+    value: &str,
+    json: bool,
+    logs: &[PathBuf],
+    format: OutputFormat,
+) -> anyhow::Result<u8> {
+    use crate::audit::key::AuditKey;
+    let key = match (audit_key, keys) {
+        (Some(path), _) => AuditKey::load_file(path)?,
+        (None, Some(path)) => {
+            let ring = crate::replication::KeyRing::load_file(path)?;
+            AuditKey::of_ring(&ring)
+                .ok_or_else(|| anyhow::anyhow!("{}: no key in the ring", path.display()))?
+        }
+        (None, None) => anyhow::bail!("give --audit-key FILE or --keys FILE"),
+    };
+    let candidate = if json {
+        super::policy::parse_attr(&format!("{attribute}:={value}"))?.1
+    } else {
+        crate::policy::AttrValue::Str(value.to_string())
+    };
+    let digest = key.attribute_digest(attribute, &candidate);
+    let as_json = serde_json::to_value(&candidate).unwrap_or(Value::Null);
+    let mut matches = Vec::new();
+    for log in logs {
+        let records = audit::show(log, &Filter::default())
+            .with_context(|| format!("reading {}", log.display()))?;
+        for r in records {
+            let withheld = r
+                .entry
+                .attributes_withheld
+                .as_ref()
+                .and_then(|w| w.get(attribute))
+                .and_then(Value::as_str);
+            let kept = r.entry.attributes.as_ref().and_then(|a| a.get(attribute));
+            let how = if withheld == Some(digest.as_str()) {
+                "digest"
+            } else if kept == Some(&as_json) {
+                "value"
+            } else {
+                continue;
+            };
+            matches.push(DigestMatch {
+                log: log.display().to_string(),
+                seq: r.seq,
+                kind: r.entry.kind.clone(),
+                region: r.region.clone(),
+                task_id: r.entry.task_id.clone(),
+                how,
+            });
+        }
+    }
+    let mut out = String::new();
+    match format {
+        OutputFormat::Json => {
+            let report = serde_json::json!({
+                "key": key.id(),
+                "attribute": attribute,
+                "digest": digest,
+                "matches": matches,
+            });
+            out.push_str(&serde_json::to_string_pretty(&report)?);
+            out.push('\n');
+        }
+        OutputFormat::Text => {
+            out.push_str(&format!(
+                "{attribute}: hmac-sha256 {digest} (key {})\n",
+                key.id()
+            ));
+            if !logs.is_empty() {
+                let mut t =
+                    super::output::table(&["LOG", "SEQ", "KIND", "REGION", "TASK", "MATCH"]);
+                for m in &matches {
+                    t.add_row(vec![
+                        m.log.clone(),
+                        m.seq.to_string(),
+                        m.kind.clone(),
+                        m.region.clone(),
+                        m.task_id.clone().unwrap_or_else(|| "-".into()),
+                        m.how.to_string(),
+                    ]);
+                }
+                if matches.is_empty() {
+                    out.push_str("no record concerns this value\n");
+                } else {
+                    out.push_str(&super::output::render(&t));
+                }
+            }
+        }
+    }
+    super::output::emit(&out);
+    Ok(if logs.is_empty() || !matches.is_empty() {
+        0
+    } else {
+        1
+    })
 }
 
 /// One anchor the log was checked against.
@@ -454,14 +618,29 @@ fn records_table(records: &[Record]) -> String {
     ]);
     for r in records {
         let attributes = match &r.entry.attributes {
-            Some(Value::Object(map)) if !map.is_empty() => map
-                .iter()
-                .map(|(k, v)| match v {
-                    Value::String(s) => format!("{k}={s}"),
-                    other => format!("{k}={other}"),
-                })
-                .collect::<Vec<_>>()
-                .join(","),
+            Some(Value::Object(map))
+                if !map.is_empty() || r.entry.attributes_withheld.is_some() =>
+            {
+                let withheld = r
+                    .entry
+                    .attributes_withheld
+                    .as_ref()
+                    .and_then(Value::as_object)
+                    .map(|w| {
+                        w.keys()
+                            .map(|k| format!("{k}=<withheld>"))
+                            .collect::<Vec<_>>()
+                    })
+                    .unwrap_or_default();
+                map.iter()
+                    .map(|(k, v)| match v {
+                        Value::String(s) => format!("{k}={s}"),
+                        other => format!("{k}={other}"),
+                    })
+                    .chain(withheld)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            }
             Some(Value::Object(_)) | None => "-".to_string(),
             Some(other) => other.to_string(),
         };

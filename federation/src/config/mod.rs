@@ -55,6 +55,22 @@ pub struct FederationSpec {
     /// Snapshot replication between regions.
     #[serde(default)]
     pub data_synchronization: SyncSpec,
+    /// What records written outside a task's region keep of its attributes
+    /// (see `audit::minimise`). Absent from the policy hash when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit: Option<AuditSpec>,
+}
+
+/// The `federation.audit` section.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditSpec {
+    /// Attributes whose values are routing metadata, safe to keep in every
+    /// region's records. Unset: the attributes the decision's conditions
+    /// read. Every other attribute is kept only as a keyed digest outside
+    /// the region holding the task.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record_values: Option<Vec<String>>,
 }
 
 /// One region.

@@ -165,6 +165,16 @@ impl Condition {
         self.compiled.as_deref()
     }
 
+    /// The attributes (variables) the condition reads.
+    pub fn reads(&self) -> std::collections::BTreeSet<String> {
+        self.program
+            .references()
+            .variables()
+            .into_iter()
+            .map(str::to_string)
+            .collect()
+    }
+
     /// The `cel` program (the reference semantics).
     pub fn program(&self) -> &cel::Program {
         &self.program

@@ -12,6 +12,7 @@ mod balance;
 pub mod condition;
 mod decision;
 pub mod diff;
+pub mod record_values;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -214,6 +215,9 @@ pub struct Policy {
     pub requirements: Vec<DataClassRequirement>,
     /// Replication settings.
     pub sync: SyncSpec,
+    /// Which attribute values records may keep outside the region holding
+    /// a task (`federation.audit`).
+    pub record_values: record_values::RecordValues,
     /// Hex SHA-256 of the canonical form of the federation section: equal
     /// policies have equal hashes whatever their formatting.
     pub hash: String,
@@ -622,6 +626,13 @@ impl Policy {
             );
         }
 
+        let record_values = record_values::RecordValues::new(
+            spec.audit.as_ref(),
+            &rules,
+            &requirements,
+            &mut |path, message| err(&mut errors, path, message),
+        );
+
         if !errors.is_empty() {
             return Err(errors);
         }
@@ -631,6 +642,7 @@ impl Policy {
             rules,
             requirements,
             sync: spec.data_synchronization.clone(),
+            record_values,
             hash: policy_hash(spec),
         })
     }

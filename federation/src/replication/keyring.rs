@@ -6,7 +6,9 @@
 //! variable, `;` also separates entries). The current key (used to encrypt)
 //! is the one marked `:current`, else the last one listed (the newest):
 //! rotation appends a new key, and the old ones keep decrypting what was
-//! sealed with them.
+//! sealed with them. One line may be marked `:audit` instead: the
+//! federation's audit key ([`crate::audit::key`]), which never seals or
+//! opens a snapshot.
 //!
 //! Owns parsing and holding key bytes. Key bytes never appear in a `Debug`
 //! output, a log line or an error message: errors name the file and line only.
@@ -63,6 +65,7 @@ pub struct KeyRing {
     keys: BTreeMap<String, Key>,
     current: Option<String>,
     origin: String,
+    audit: Option<Key>,
 }
 
 impl std::fmt::Debug for KeyRing {
@@ -71,6 +74,7 @@ impl std::fmt::Debug for KeyRing {
             .field("origin", &self.origin)
             .field("ids", &self.keys.keys().collect::<Vec<_>>())
             .field("current", &self.current)
+            .field("audit", &self.audit.as_ref().map(Key::id))
             .finish()
     }
 }
@@ -111,6 +115,7 @@ impl KeyRing {
             keys: keys.into_iter().map(|k| (k.id.clone(), k)).collect(),
             current,
             origin: "memory".into(),
+            audit: None,
         }
     }
 
@@ -124,6 +129,7 @@ impl KeyRing {
         let mut keys = BTreeMap::new();
         let mut current = None;
         let mut last = None;
+        let mut audit: Option<Key> = None;
         let entries = text.split(['\n', ';']);
         for (n, raw) in entries.enumerate() {
             let line = n + 1;
@@ -173,12 +179,25 @@ impl KeyRing {
                     }
                     current = Some(id.to_string());
                 }
+                Some("audit") => {
+                    if audit.is_some() {
+                        return Err(line_err(line, "more than one key marked audit".into()));
+                    }
+                    if keys.contains_key(id) {
+                        return Err(line_err(line, format!("key id `{id}` listed twice")));
+                    }
+                    audit = Some(Key::new(id, arr));
+                    continue;
+                }
                 Some(other) => {
                     return Err(line_err(
                         line,
-                        format!("unknown marker `{other}` (expected `current`)"),
+                        format!("unknown marker `{other}` (expected `current` or `audit`)"),
                     ));
                 }
+            }
+            if audit.as_ref().is_some_and(|a| a.id() == id) {
+                return Err(line_err(line, format!("key id `{id}` listed twice")));
             }
             if keys.insert(id.to_string(), Key::new(id, arr)).is_some() {
                 return Err(line_err(line, format!("key id `{id}` listed twice")));
@@ -192,6 +211,7 @@ impl KeyRing {
             keys,
             current: current.or(last),
             origin: origin.to_string(),
+            audit,
         })
     }
 
@@ -220,6 +240,11 @@ impl KeyRing {
     /// The key that encrypts.
     pub fn current(&self) -> Option<&Key> {
         self.current.as_ref().and_then(|id| self.keys.get(id))
+    }
+
+    /// The key marked `:audit`, if any (never a snapshot key).
+    pub fn audit(&self) -> Option<&Key> {
+        self.audit.as_ref()
     }
 
     /// A key by id.
@@ -300,6 +325,23 @@ mod tests {
             .expect_err("missing")
             .to_string();
         assert!(missing.contains("/nonexistent/ring.keys"), "{missing}");
+    }
+
+    #[test]
+    fn an_audit_key_is_held_apart_from_the_snapshot_keys() {
+        let text = format!(
+            "{}\n{}:audit\n",
+            KeyRing::line("k1", &K1),
+            KeyRing::line("a1", &K2)
+        );
+        let ring = KeyRing::parse("f", &text).expect("parses");
+        assert_eq!(ring.ids(), vec!["k1"]);
+        assert_eq!(ring.current().expect("current").id(), "k1");
+        assert_eq!(ring.audit().expect("audit").id(), "a1");
+        assert!(ring.get("a1").is_none(), "never opens a snapshot");
+        let two = format!("{text}{}:audit\n", KeyRing::line("a2", &K2));
+        let err = KeyRing::parse("f", &two).expect_err("two").to_string();
+        assert!(err.starts_with("f:3:") && err.contains("audit"), "{err}");
     }
 
     #[test]
