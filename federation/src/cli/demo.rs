@@ -252,7 +252,7 @@ async fn reload_all(demo: &Sandbox, names: &[&str], source: &str) -> anyhow::Res
             .reload_policy(api::ReloadPolicyRequest {
                 policy_source: source.to_string(),
                 format: "yaml".into(),
-                source_name: String::new(),
+                ..Default::default()
             })
             .await?
             .into_inner();

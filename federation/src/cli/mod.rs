@@ -3,6 +3,7 @@
 //! the process exit code.
 
 pub mod audit;
+pub mod bundle;
 pub mod certs;
 pub mod client;
 pub mod completions;
