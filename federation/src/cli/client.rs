@@ -373,6 +373,7 @@ pub fn submit(args: SubmitArgs) -> ExitCode {
             payload,
             idempotency_key: args.idempotency_key.clone().unwrap_or_default(),
             priority: args.priority,
+            ..Default::default()
         };
         let resp = match client.submit_task(req).await {
             Ok(r) => r.into_inner(),
