@@ -312,6 +312,7 @@ fn req(customer: &str, payload: &[u8], key: &str) -> api::SubmitTaskRequest {
         payload: payload.to_vec(),
         idempotency_key: key.to_string(),
         priority: 0,
+        ..Default::default()
     }
 }
 

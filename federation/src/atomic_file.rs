@@ -8,7 +8,11 @@ use std::path::Path;
 /// Replaces `path` with `bytes` durably (see the module doc). The temporary
 /// file is `<path>.tmp`; the directory is created if needed.
 pub fn write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
+    // `f.json` has the parent `` (the current directory).
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
     std::fs::create_dir_all(dir)?;
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");

@@ -5,6 +5,7 @@
 
 pub mod admin_http;
 pub mod agents;
+pub mod approvals;
 pub mod atomic_file;
 pub mod audit;
 pub mod auth;

@@ -28,6 +28,9 @@ use crate::tasks::{InsertOutcome, RecordState};
 use crate::transport;
 use crate::wire;
 
+/// The note of a drill probe's decision records (`SubmitTaskRequest.probe`).
+pub const PROBE_NOTE: &str = "drill probe: routed and recorded, never stored or run";
+
 /// Checks the parts of a submit request that do not need the policy.
 pub fn validate_submit(node: &Node, req: &api::SubmitTaskRequest) -> Result<Attributes> {
     if req.payload.len() > node.limits.max_payload_bytes {
@@ -100,7 +103,7 @@ pub async fn submit(
                 &task_id,
                 &attrs,
                 &decision,
-                None,
+                req.probe.then_some(PROBE_NOTE),
                 Some(&view),
             );
             let logged = node
@@ -194,6 +197,9 @@ pub async fn submit(
                 superseded.join(", ")
             ));
         }
+        if req.probe {
+            note.push(PROBE_NOTE.to_string());
+        }
         let note = (!note.is_empty()).then(|| note.join("; "));
         record(
             node,
@@ -218,11 +224,13 @@ pub async fn submit(
             task_id.as_deref(),
         );
     }
-    node.metrics.decision(
-        crate::metrics::rule_label(&policy, decision.rule_index),
-        decision.outcome.kind(),
-        decision.outcome.region(),
-    );
+    if !req.probe {
+        node.metrics.decision(
+            crate::metrics::rule_label(&policy, decision.rule_index),
+            decision.outcome.kind(),
+            decision.outcome.region(),
+        );
+    }
 
     match placed {
         Some(p) => Ok(api::SubmitTaskResponse {
@@ -314,6 +322,19 @@ async fn store_local(
         return (
             Err(Error::Unavailable(format!("{} is draining", node.region))),
             RecordState::NotWritten,
+        );
+    }
+    if req.probe {
+        // A drill's probe: the placement is decided and recorded, nothing
+        // is stored (so nothing can be leased, run or replicated).
+        let logged = node.log.append_pending(render(Some(PROBE_NOTE))).await;
+        return (
+            Ok(Placed {
+                task_id: task_id.to_string(),
+                deduplicated: false,
+                state: api::TaskState::Cancelled,
+            }),
+            record_state(logged),
         );
     }
     let policy = node.policy();

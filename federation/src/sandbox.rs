@@ -170,6 +170,7 @@ pub struct SandboxBuilder {
     insecure: bool,
     attested: BTreeMap<String, Vec<String>>,
     tokens: Option<String>,
+    files: Vec<(String, String)>,
 }
 
 impl SandboxBuilder {
@@ -216,7 +217,15 @@ impl SandboxBuilder {
             insecure: false,
             attested: BTreeMap::new(),
             tokens: None,
+            files: Vec::new(),
         }
+    }
+
+    /// Writes a file into the sandbox directory before anything starts
+    /// (beside `federation.yaml`, for example `federation.yaml.approvals`).
+    pub fn file(mut self, name: &str, text: &str) -> Self {
+        self.files.push((name.to_string(), text.to_string()));
+        self
     }
 
     /// Runs the controllers with the product's default timers (1 s heartbeat,
@@ -308,6 +317,9 @@ impl SandboxBuilder {
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let config = dir.join("federation.yaml");
         std::fs::write(&config, &self.policy).context("writing the sandbox policy")?;
+        for (name, text) in &self.files {
+            std::fs::write(dir.join(name), text).with_context(|| format!("writing {name}"))?;
+        }
         // A fresh snapshot key ring for the sandbox's controllers.
         let keys = dir.join("snapshot.keys");
         let key: [u8; 32] = rand::random();

@@ -133,6 +133,10 @@ pub mod kind {
     pub const FORWARDED_IN: &str = "forwarded_in";
     /// A policy reload (accepted or refused: see `note`).
     pub const POLICY_RELOAD: &str = "policy_reload";
+    /// A policy put in force (at start or by a reload) with its approvals:
+    /// `policy_hash`, and in `note` the file's SHA-256, the quorum, who
+    /// signed and who did not (see `crate::approvals`).
+    pub const POLICY_APPROVED: &str = "policy_approved";
     /// Tasks taken over from a dead region.
     pub const TAKEOVER: &str = "takeover";
     /// A snapshot sent to or refused for a peer.

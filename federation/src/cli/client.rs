@@ -177,6 +177,7 @@ pub struct ReloadArgs {
     #[command(flatten)]
     connect: Connect,
     /// A federation file to send; without it the controller re-reads its own.
+    /// Its approvals (`FILE.approvals`, `federation policy sign`) go with it.
     #[arg(long)]
     file: Option<PathBuf>,
     /// Output format.
@@ -372,6 +373,7 @@ pub fn submit(args: SubmitArgs) -> ExitCode {
             payload,
             idempotency_key: args.idempotency_key.clone().unwrap_or_default(),
             priority: args.priority,
+            ..Default::default()
         };
         let resp = match client.submit_task(req).await {
             Ok(r) => r.into_inner(),
@@ -810,6 +812,14 @@ pub fn undrain(args: UndrainArgs) -> ExitCode {
 /// `reload`: validate and apply a policy on a running controller.
 pub fn reload(args: ReloadArgs) -> ExitCode {
     run_command(async move {
+        let approvals = match args.file.as_deref().map(crate::approvals::approvals_path) {
+            Some(p) => match std::fs::read_to_string(&p) {
+                Ok(text) => text,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+                Err(e) => return super::fail(&anyhow::anyhow!("reading {}: {e}", p.display()), 2),
+            },
+            None => String::new(),
+        };
         let (source, format, name) = match &args.file {
             Some(p) => match std::fs::read_to_string(p) {
                 Ok(text) => {
@@ -834,6 +844,7 @@ pub fn reload(args: ReloadArgs) -> ExitCode {
                 policy_source: source,
                 format,
                 source_name: name,
+                approvals,
             })
             .await
         {

@@ -10,6 +10,8 @@
 //! ends, also on Ctrl-C or failure; the demo checks what it shows and exits 1
 //! if the federation did not behave as described. Europe gets EU traffic back
 //! only after the failback hold-down (short in the demo), which it waits out.
+//! With `--drill` it then runs a failover drill of europe ([`super::drill`],
+//! stopping and restarting its controller) and prints where the report is.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -51,6 +53,11 @@ pub struct DemoArgs {
     /// Show the controllers' and agents' logs.
     #[arg(long)]
     pub verbose: bool,
+    /// After the walkthrough, run a failover drill (`federation drill`) that
+    /// stops and restarts europe's controller, and write its HTML report
+    /// (about 15 s more).
+    #[arg(long)]
+    pub drill: bool,
 }
 
 /// The variant of the seed whose EU rule requires GDPR.
@@ -252,7 +259,7 @@ async fn reload_all(demo: &Sandbox, names: &[&str], source: &str) -> anyhow::Res
             .reload_policy(api::ReloadPolicyRequest {
                 policy_source: source.to_string(),
                 format: "yaml".into(),
-                source_name: String::new(),
+                ..Default::default()
             })
             .await?
             .into_inner();
@@ -390,6 +397,58 @@ async fn scenario(demo: &mut Sandbox) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A drill of europe through north_america, stopping and restarting
+/// europe's controller; prints the summary and where the report is.
+async fn demo_drill(demo: &mut Sandbox) -> anyhow::Result<()> {
+    super::output::say!(
+        "\n== failover drill: stop europe's controller, probe every rule, restart it, wait out the hold-down"
+    );
+    let env: std::collections::BTreeMap<String, String> =
+        demo.cli_env("operator")?.into_iter().collect();
+    let connect = super::connect::Connect {
+        controller: Some(
+            super::connect::parse_address(&demo.addr("north_america")?.to_string())
+                .map_err(anyhow::Error::msg)?,
+        ),
+        timeout: Duration::from_secs(10),
+        ca: env.get("FEDERATION_CA").map(Into::into),
+        cert: env.get("FEDERATION_CERT").map(Into::into),
+        key: env.get("FEDERATION_KEY").map(Into::into),
+        token: None,
+        insecure: env.is_empty(),
+    };
+    let policy = demo.config_path().to_path_buf();
+    let report_path =
+        std::env::temp_dir().join(format!("federation-demo-drill-{}.html", std::process::id()));
+    let mut stop_start = |stop: bool| {
+        if stop {
+            demo.kill_controller("europe")
+        } else {
+            demo.start_controller("europe")
+        }
+    };
+    let report = super::drill::drill(
+        &connect,
+        "europe",
+        Duration::from_secs(1),
+        &policy,
+        None,
+        Duration::from_secs(60),
+        super::drill::Disruption::Kill(&mut stop_start),
+    )
+    .await?;
+    super::drill::write_report(&report, &report_path)?;
+    super::output::emit(&super::drill::summary(&report));
+    super::output::say!("   drill report: {}", report_path.display());
+    if !report.passed {
+        bail!(
+            "the drill found differences: {}",
+            report.differences.join("; ")
+        );
+    }
+    Ok(())
+}
+
 /// The demo's failback hold-down (short, so the demo stays quick).
 const FAILBACK_HOLD_DOWN: &str = "2s";
 
@@ -465,7 +524,13 @@ pub fn run(args: DemoArgs, log: LogFormat) -> ExitCode {
     };
     let result = rt.block_on(async {
         tokio::select! {
-            r = scenario(&mut sandbox) => r,
+            r = async {
+                scenario(&mut sandbox).await?;
+                if args.drill {
+                    demo_drill(&mut sandbox).await?;
+                }
+                Ok(())
+            } => r,
             _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
         }
     });

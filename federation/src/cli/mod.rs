@@ -3,11 +3,14 @@
 //! the process exit code.
 
 pub mod audit;
+pub mod bundle;
 pub mod certs;
 pub mod client;
 pub mod completions;
 pub mod connect;
 pub mod demo;
+pub mod drill;
+pub mod drill_report;
 pub mod health;
 pub mod output;
 pub mod policy;
@@ -83,6 +86,8 @@ pub enum Command {
     Undrain(client::UndrainArgs),
     /// Validate and apply a policy on a running controller (the old one stays on error).
     Reload(client::ReloadArgs),
+    /// Failover drill: drain a region, probe every rule and data class, restore, report.
+    Drill(Box<drill::DrillArgs>),
     /// Ask a controller's plaintext health port whether it is SERVING (exit 0) or not.
     Health(health::HealthArgs),
     /// Development certificates (mutual TLS).
@@ -119,6 +124,7 @@ pub fn main() -> ExitCode {
         Command::Drain(args) => client::drain(args),
         Command::Undrain(args) => client::undrain(args),
         Command::Reload(args) => client::reload(args),
+        Command::Drill(args) => drill::run(*args),
         Command::Health(args) => health::run(args),
         Command::Agent(mut args) => {
             if cli.log_format == LogFormat::Json {

@@ -1,7 +1,9 @@
-//! `federation policy check|explain|diff`: the auditor's tools. This module
+//! `federation policy check|explain|diff|sign|keygen`: the auditor's tools
+//! (`sign` and `keygen` are in [`super::bundle`]). This module
 //! owns argument parsing and output; the logic is in [`crate::policy`].
 //!
-//! Exit status: `check` 0 no error findings, 1 error findings; `explain` 0
+//! Exit status: `check` 0 no error findings, 1 error findings (or approvals
+//! required and not met); `explain` 0
 //! routed or failed over, 1 rejected; `diff` 0 no route changes, 1 changes;
 //! all of them 2 when a file cannot be used or an argument is bad.
 
@@ -21,7 +23,7 @@ use crate::policy::{
 /// Policy subcommands.
 #[derive(Debug, clap::Subcommand)]
 pub enum PolicyCommand {
-    /// Statically audit a policy: exit 0 no errors, 1 error findings, 2 unusable file.
+    /// Statically audit a policy (and show its approvals): exit 0 no errors, 1 error findings or required approvals missing, 2 unusable file.
     Check {
         /// The federation file.
         file: PathBuf,
@@ -63,6 +65,25 @@ pub enum PolicyCommand {
         #[arg(long, value_enum, default_value_t)]
         format: OutputFormat,
     },
+    /// Approve a policy: add this key's Ed25519 signature of FILE's exact bytes to FILE.approvals.
+    Sign {
+        /// The federation file.
+        file: PathBuf,
+        /// The approver's private key (PKCS#8 PEM, from `policy keygen`).
+        #[arg(long)]
+        key: PathBuf,
+        /// The approver's name in the approval (default: the name the file gives this key).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Make an approver's key pair: DIR/NAME.key (private) and DIR/NAME.pub.
+    Keygen {
+        /// The approver's name.
+        name: String,
+        /// Where to write the two files.
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+    },
 }
 
 /// Runs a policy subcommand.
@@ -79,6 +100,12 @@ pub fn run(cmd: PolicyCommand) -> ExitCode {
             format,
         } => explain(&file, &attrs, &down, &full, &draining, &load, format),
         PolicyCommand::Diff { old, new, format } => diff_cmd(&old, &new, format),
+        PolicyCommand::Sign { file, key, name } => {
+            super::bundle::sign(&file, &key, name.as_deref()).and_then(|out| emit(&out).map(|()| 0))
+        }
+        PolicyCommand::Keygen { name, out } => {
+            super::bundle::keygen(&name, &out).and_then(|text| emit(&text).map(|()| 0))
+        }
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -126,6 +153,8 @@ fn print_json(out: &mut String, value: &impl serde::Serialize) -> anyhow::Result
 fn check(file: &Path, format: OutputFormat) -> anyhow::Result<u8> {
     let policy = load(file)?;
     let report = analysis::check(&policy);
+    let approvals = super::bundle::verdict(file, &policy)?;
+    let unapproved = policy.approvers.required && approvals.as_ref().is_some_and(|v| !v.met());
     let mut out = String::new();
     let (errors, warnings, info) = (
         report.count(Severity::Error),
@@ -143,6 +172,11 @@ fn check(file: &Path, format: OutputFormat) -> anyhow::Result<u8> {
                 "inputs_examined": report.inputs_examined,
                 "attributes": report.attributes,
                 "findings": report.findings,
+                "approvals": approvals.as_ref().map(|v| serde_json::json!({
+                    "required": policy.approvers.required,
+                    "met": v.met(),
+                    "verdict": v,
+                })),
             }),
         )?,
         OutputFormat::Text => {
@@ -211,6 +245,11 @@ fn check(file: &Path, format: OutputFormat) -> anyhow::Result<u8> {
                     outln!(out, "    example: {}", example(ex, &report.attributes));
                 }
             }
+            if let Some(v) = &approvals {
+                for line in super::bundle::lines(file, &policy, v) {
+                    outln!(out, "{line}");
+                }
+            }
             outln!(
                 out,
                 "summary: {errors} error(s), {warnings} warning(s), {info} info"
@@ -218,7 +257,7 @@ fn check(file: &Path, format: OutputFormat) -> anyhow::Result<u8> {
         }
     }
     emit(&out)?;
-    Ok(u8::from(report.has_errors()))
+    Ok(u8::from(report.has_errors() || unapproved))
 }
 
 /// `k='v', other absent` — absent attributes are named so the example is complete.

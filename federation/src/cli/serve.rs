@@ -118,6 +118,8 @@ pub struct Resolved {
     pub health_listen: Option<SocketAddr>,
     /// DNS SRV discovery.
     pub discovery: Option<config::DiscoverySpec>,
+    /// The approvals of the policy, when it names approvers.
+    pub approval: Option<crate::approvals::Verdict>,
 }
 
 /// Reads the configuration files and environment that `serve` uses.
@@ -137,6 +139,8 @@ pub fn settings(args: &ServeArgs) -> anyhow::Result<Resolved> {
 /// Builds controller settings from a loaded configuration and the flags.
 pub fn settings_from(args: &ServeArgs, loaded: config::Loaded) -> anyhow::Result<Resolved> {
     let policy = Policy::from_loaded(&loaded)?;
+    let approval = crate::approvals::check_loaded(None, &policy, &loaded, None)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", args.config.display()))?;
     let node = loaded.file.node;
     let region = args
         .region
@@ -253,6 +257,7 @@ pub fn settings_from(args: &ServeArgs, loaded: config::Loaded) -> anyhow::Result
         admin_listen,
         health_listen,
         discovery: node.discovery.clone(),
+        approval,
     })
 }
 
@@ -364,6 +369,7 @@ async fn serve(resolved: Resolved) -> anyhow::Result<()> {
         admin_listen,
         health_listen,
         discovery,
+        approval,
     } = resolved;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -371,6 +377,14 @@ async fn serve(resolved: Resolved) -> anyhow::Result<()> {
     let admin = bind_optional(admin_listen, "admin").await?;
     let health = bind_optional(health_listen, "health").await?;
     let node = controller::open(settings).await?;
+    if let Some(v) = &approval {
+        let hash = node.policy().hash.clone();
+        tracing::info!(policy_hash = %hash, signed = %v.signed.join(","), missing = %v.missing.join(","), "policy approvals verified");
+        node.log
+            .append(crate::approvals::record(&hash, v, "at start"))
+            .await
+            .context("recording the policy's approvals in the decision log")?;
+    }
     // One listener for the signals; every server stops on the same word.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {

@@ -59,6 +59,10 @@ pub struct FederationSpec {
     /// (see `audit::minimise`). Absent from the policy hash when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub audit: Option<AuditSpec>,
+    /// Who must approve this file (signed policy bundles, see
+    /// `crate::approvals`). Absent from the policy hash when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<PolicyApprovalSpec>,
 }
 
 /// The `federation.audit` section.
@@ -71,6 +75,23 @@ pub struct AuditSpec {
     /// the region holding the task.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub record_values: Option<Vec<String>>,
+}
+
+/// The `federation.policy` section: the approvers' Ed25519 public keys
+/// (`ed25519:<base64 of 32 bytes>`, by approver name), how many must sign,
+/// and whether `serve` and reloads refuse a file without that quorum.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyApprovalSpec {
+    /// Approver name → public key.
+    #[serde(default)]
+    pub approvers: BTreeMap<String, String>,
+    /// Distinct approvers needed; every approver when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quorum: Option<usize>,
+    /// Refuse a policy without a quorum of valid approvals.
+    #[serde(default)]
+    pub require_approvals: bool,
 }
 
 /// One region.

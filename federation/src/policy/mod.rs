@@ -221,6 +221,8 @@ pub struct Policy {
     /// Hex SHA-256 of the canonical form of the federation section: equal
     /// policies have equal hashes whatever their formatting.
     pub hash: String,
+    /// Who approves this policy (`federation.policy`); empty when unset.
+    pub approvers: crate::approvals::Approvers,
 }
 
 /// A policy error with its position.
@@ -632,11 +634,13 @@ impl Policy {
             &requirements,
             &mut |path, message| err(&mut errors, path, message),
         );
+        let approvers = approvers_of(spec, |path, message| err(&mut errors, path, message));
 
         if !errors.is_empty() {
             return Err(errors);
         }
         Ok(Policy {
+            approvers,
             federation: spec.name.clone(),
             regions,
             rules,
@@ -725,6 +729,50 @@ impl Policy {
 
 fn priority_key(r: &Region) -> (i64, &str) {
     (r.priority.unwrap_or(i64::MAX), r.name.as_str())
+}
+
+/// Validates `federation.policy` (keys, quorum), reporting through `err`.
+fn approvers_of(
+    spec: &FederationSpec,
+    mut err: impl FnMut(String, String),
+) -> crate::approvals::Approvers {
+    let Some(p) = &spec.policy else {
+        return Default::default();
+    };
+    let mut keys = BTreeMap::new();
+    for (name, text) in &p.approvers {
+        let path = format!("federation.policy.approvers.{name}");
+        match crate::approvals::PublicKey::parse(text) {
+            Ok(key) => {
+                if let Some((other, _)) = keys.iter().find(|(_, k)| **k == key) {
+                    err(path, format!("the same key as approver `{other}`"));
+                }
+                keys.insert(name.clone(), key);
+            }
+            Err(e) => err(path, e),
+        }
+    }
+    let quorum = p.quorum.unwrap_or(p.approvers.len());
+    if p.require_approvals && p.approvers.is_empty() {
+        err(
+            "federation.policy.require_approvals".into(),
+            "approvals are required but no approvers are named (federation.policy.approvers)"
+                .into(),
+        );
+    } else if !p.approvers.is_empty() && (quorum == 0 || quorum > p.approvers.len()) {
+        err(
+            "federation.policy.quorum".into(),
+            format!(
+                "quorum {quorum} must be between 1 and the number of approvers ({})",
+                p.approvers.len()
+            ),
+        );
+    }
+    crate::approvals::Approvers {
+        keys,
+        quorum,
+        required: p.require_approvals,
+    }
 }
 
 fn policy_hash(spec: &FederationSpec) -> String {

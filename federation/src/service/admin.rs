@@ -132,7 +132,19 @@ pub async fn reload(
     format: &str,
     name: &str,
 ) -> api::ReloadPolicyResponse {
-    let response = try_reload(node, source, format, name).await;
+    reload_with(node, source, format, name, "").await
+}
+
+/// [`reload`] with the approvals of `source` (an approvals file's text;
+/// ignored when `source` is empty: the file's own are read beside it).
+pub async fn reload_with(
+    node: &Node,
+    source: &str,
+    format: &str,
+    name: &str,
+    approvals: &str,
+) -> api::ReloadPolicyResponse {
+    let response = try_reload(node, source, format, name, approvals).await;
     if !response.applied {
         let mut entry =
             crate::audit::DecisionEntry::new(crate::audit::kind::POLICY_RELOAD).note(format!(
@@ -152,8 +164,10 @@ async fn try_reload(
     source: &str,
     format: &str,
     name: &str,
+    approvals: &str,
 ) -> api::ReloadPolicyResponse {
     let old = node.policy();
+    let approvals = (!source.is_empty()).then_some(approvals);
     let refused = refused_response;
     let loaded = if source.is_empty() {
         crate::config::load(&crate::config::Sources {
@@ -176,12 +190,17 @@ async fn try_reload(
         let name = reload_name(name, ext);
         crate::config::load_from_text(std::path::Path::new(&name), source)
     };
-    let policy = match loaded
-        .map_err(crate::policy::LoadError::from)
-        .and_then(|l| Policy::from_loaded(&l))
-    {
+    let loaded = match loaded {
+        Ok(l) => l,
+        Err(e) => return refused(&old, e.to_string()),
+    };
+    let policy = match Policy::from_loaded(&loaded) {
         Ok(p) => p,
         Err(e) => return refused(&old, e.to_string()),
+    };
+    let verdict = match crate::approvals::check_loaded(Some(&old), &policy, &loaded, approvals) {
+        Ok(v) => v,
+        Err(e) => return refused(&old, e),
     };
     if policy.region(&node.region).is_none() {
         return refused(
@@ -227,6 +246,16 @@ async fn try_reload(
     entry.policy_hash = Some(hash.clone());
     if let Err(e) = node.log.append(entry).await {
         tracing::error!(error = %e, "appending to the decision log failed");
+    }
+    if let Some(v) = &verdict {
+        tracing::info!(policy_hash = %hash, signed = %v.signed.join(","), missing = %v.missing.join(","), "policy approvals verified");
+        if let Err(e) = node
+            .log
+            .append(crate::approvals::record(&hash, v, "by reload"))
+            .await
+        {
+            tracing::error!(error = %e, "appending to the decision log failed");
+        }
     }
     api::ReloadPolicyResponse {
         applied: true,
@@ -285,15 +314,16 @@ impl api::federation_admin_server::FederationAdmin for AdminService {
         request: Request<api::ReloadPolicyRequest>,
     ) -> Result<Response<api::ReloadPolicyResponse>, Status> {
         let req = request.into_inner();
-        if req.policy_source.len() > self.node.limits.max_message_bytes {
+        if req.policy_source.len() + req.approvals.len() > self.node.limits.max_message_bytes {
             return Err(Error::limit("policy_source", "larger than the message limit").into());
         }
         Ok(Response::new(
-            reload(
+            reload_with(
                 &self.node,
                 &req.policy_source,
                 &req.format,
                 &req.source_name,
+                &req.approvals,
             )
             .await,
         ))
