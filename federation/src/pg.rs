@@ -341,14 +341,22 @@ impl Pg {
     }
 
     fn pool_error(&self, e: deadpool_postgres::PoolError) -> PgError {
-        PgError::Db {
+        PgError::Unreachable {
             target: self.inner.target.clone(),
             detail: format!("no connection: {}", chain(&e)),
         }
     }
 
-    /// Wraps a database error of a query.
+    /// Wraps a database error of a query: [`PgError::Unreachable`] when the
+    /// connection failed or was lost (no answer of the server), else
+    /// [`PgError::Db`].
     pub fn db(&self, e: &tokio_postgres::Error) -> PgError {
+        if e.as_db_error().is_none() && (e.is_closed() || std::error::Error::source(e).is_some()) {
+            return PgError::Unreachable {
+                target: self.inner.target.clone(),
+                detail: chain(e),
+            };
+        }
         PgError::Db {
             target: self.inner.target.clone(),
             detail: chain(e),

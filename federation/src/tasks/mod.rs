@@ -475,6 +475,10 @@ pub enum StoreError {
     /// The database failed (I/O, full disk, lock held by another process…).
     #[error("task store: {0}")]
     Db(String),
+    /// The database cannot be reached now (PostgreSQL backend: connection
+    /// refused or lost); nothing of the request was committed.
+    #[error("task store unavailable: {0}")]
+    Unavailable(String),
     /// The writer thread is gone (the store is shutting down or crashed).
     #[error("task store is closed")]
     Closed,
