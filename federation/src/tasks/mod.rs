@@ -347,6 +347,15 @@ impl TaskStore {
     pub async fn flush(&self) -> Result<(), StoreError> {
         each!(self, s => s.flush().await)
     }
+
+    /// Checks that the store can be reached: always for the embedded file;
+    /// a round trip within `patience` for the database.
+    pub async fn ping(&self, patience: std::time::Duration) -> Result<(), StoreError> {
+        match self {
+            TaskStore::Redb(_) => Ok(()),
+            TaskStore::Postgres(s) => s.ping(patience).await,
+        }
+    }
 }
 
 use federation_api::{Task, TaskState};

@@ -631,6 +631,26 @@ impl PgStore {
         tokio::time::timeout(timeout, notified).await.is_ok()
     }
 
+    /// Checks that the database answers (a `SELECT 1` within `patience`).
+    pub async fn ping(&self, patience: Duration) -> Result<(), StoreError> {
+        let pg = self.inner.pg.clone();
+        let asked = self.inner.pg.run(async move {
+            let client = pg.client().await?;
+            client
+                .query_one("SELECT 1", &[])
+                .await
+                .map_err(|e| pg.db(&e))?;
+            Ok(())
+        });
+        match tokio::time::timeout(patience, asked).await {
+            Ok(r) => r.map_err(StoreError::from),
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "PostgreSQL at {}: no answer within {patience:?}",
+                self.inner.pg.target()
+            ))),
+        }
+    }
+
     /// Returns when every request sent before it is committed.
     pub async fn flush(&self) -> Result<(), StoreError> {
         match self.call(Op::Flush).await? {
