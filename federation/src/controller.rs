@@ -777,6 +777,12 @@ async fn readiness_loop(
     let started = Instant::now();
     let mut ticker = tokio::time::interval(Duration::from_millis(100));
     let mut serving = false;
+    // A store in the database is asked every second once serving: while it
+    // does not answer, the controller reports NOT_SERVING (so a load
+    // balancer or Kubernetes stops sending it traffic).
+    let probe_store = node.store.is_postgres();
+    let mut store_down = false;
+    let mut ticks = 0u64;
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
@@ -786,7 +792,24 @@ async fn readiness_loop(
             set_health(&health, tonic_health::ServingStatus::NotServing).await;
             return;
         }
+        ticks += 1;
         if serving {
+            if !probe_store || ticks % 10 != 0 {
+                continue;
+            }
+            match node.store.ping(Duration::from_secs(2)).await {
+                Err(e) if !store_down => {
+                    tracing::warn!(error = %e, "health: not serving, the task store does not answer");
+                    set_health(&health, tonic_health::ServingStatus::NotServing).await;
+                    store_down = true;
+                }
+                Ok(()) if store_down => {
+                    tracing::info!("health: serving, the task store answers again");
+                    set_health(&health, tonic_health::ServingStatus::Serving).await;
+                    store_down = false;
+                }
+                _ => {}
+            }
             continue;
         }
         let heard = node

@@ -236,6 +236,22 @@ impl Pg {
     /// the schema. Errors name what is wrong; [`PgError::is_config`] tells
     /// the configuration's from the database's.
     pub fn connect(url: &str, pool_size: usize, application: &str) -> Result<Self, PgError> {
+        Self::connect_with(url, pool_size, application, true)
+    }
+
+    /// Connects to a database a controller migrated, without changing it
+    /// (the auditors' commands: an auditor's role may only read). Refuses a
+    /// database without the schema, or with a newer one.
+    pub fn connect_read_only(url: &str, application: &str) -> Result<Self, PgError> {
+        Self::connect_with(url, 2, application, false)
+    }
+
+    fn connect_with(
+        url: &str,
+        pool_size: usize,
+        application: &str,
+        migrating: bool,
+    ) -> Result<Self, PgError> {
         let mut config: tokio_postgres::Config =
             url.parse().map_err(|e: tokio_postgres::Error| {
                 PgError::Url(format!("not a PostgreSQL URL: {}", chain(&e)))
@@ -282,7 +298,11 @@ impl Pg {
         let this = pg.clone();
         pg.block(async move {
             let client = this.client_classified(&user, &database).await?;
-            migrate(&client, &this.inner.target).await
+            if migrating {
+                migrate(&client, &this.inner.target).await
+            } else {
+                schema_version(&client, &this.inner.target).await
+            }
         })?;
         Ok(pg)
     }
@@ -321,14 +341,22 @@ impl Pg {
     }
 
     fn pool_error(&self, e: deadpool_postgres::PoolError) -> PgError {
-        PgError::Db {
+        PgError::Unreachable {
             target: self.inner.target.clone(),
             detail: format!("no connection: {}", chain(&e)),
         }
     }
 
-    /// Wraps a database error of a query.
+    /// Wraps a database error of a query: [`PgError::Unreachable`] when the
+    /// connection failed or was lost (no answer of the server), else
+    /// [`PgError::Db`].
     pub fn db(&self, e: &tokio_postgres::Error) -> PgError {
+        if e.as_db_error().is_none() && (e.is_closed() || std::error::Error::source(e).is_some()) {
+            return PgError::Unreachable {
+                target: self.inner.target.clone(),
+                detail: chain(e),
+            };
+        }
         PgError::Db {
             target: self.inner.target.clone(),
             detail: chain(e),
@@ -401,6 +429,41 @@ fn classify_connect(e: &tokio_postgres::Error, target: &str, user: &str, db: &st
     }
 }
 
+/// The schema's version, refusing a database without one or with a newer
+/// one than this build knows.
+async fn schema_version(client: &tokio_postgres::Client, target: &str) -> Result<i32, PgError> {
+    let db = |e: tokio_postgres::Error| PgError::Db {
+        target: target.to_string(),
+        detail: format!("reading the schema version: {}", chain(&e)),
+    };
+    let exists: bool = client
+        .query_one("SELECT to_regclass('federation_schema') IS NOT NULL", &[])
+        .await
+        .map_err(db)?
+        .get(0);
+    if !exists {
+        return Err(PgError::Url(format!(
+            "{target} holds no federation schema (no controller has used this database)"
+        )));
+    }
+    let found: i32 = client
+        .query_one(
+            "SELECT coalesce(max(version), 0) FROM federation_schema",
+            &[],
+        )
+        .await
+        .map_err(db)?
+        .get(0);
+    if found > known_version() {
+        return Err(PgError::NewerSchema {
+            target: target.to_string(),
+            found,
+            known: known_version(),
+        });
+    }
+    Ok(found)
+}
+
 /// Creates or migrates the schema: in one transaction holding the
 /// migration lock, reads the version, refuses a newer one, applies each
 /// missing migration and records it. Replicas starting at once wait for
@@ -412,6 +475,11 @@ async fn migrate(client: &deadpool_postgres::Client, target: &str) -> Result<i32
     };
     let txn_client: &tokio_postgres::Client = client;
     txn_client.batch_execute("BEGIN").await.map_err(db)?;
+    // No NOTICE for the schema table that already exists.
+    txn_client
+        .batch_execute("SET LOCAL client_min_messages = warning")
+        .await
+        .map_err(db)?;
     let result = async {
         txn_client
             .execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])

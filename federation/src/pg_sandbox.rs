@@ -138,11 +138,19 @@ impl PgServer {
                 "-c",
                 "max_connections=200",
             ]);
-        // The watchdog: runs the server, and stops it (immediate shutdown)
-        // when stdin closes, i.e. when this process drops the guard or dies.
-        // It also removes the directory then: a server of `shared()` is
-        // never dropped.
-        let script = "\"$@\" & pid=$!\nread -r _ || true\nkill -QUIT \"$pid\" 2>/dev/null\nwait \"$pid\"\nrm -rf \"$FEDERATION_PG_DIR\"\n";
+        // The watchdog: runs the server; on a line `stop` on its stdin it
+        // stops it (immediate shutdown: a crash, recovered at the next
+        // start), on `start` it starts it again; when stdin closes (this
+        // process dropped the guard, or died) it stops the server and
+        // removes the directory (a server of `shared()` is never dropped).
+        let script = r#""$@" & pid=$!; running=1
+while read -r cmd; do
+  if [ "$cmd" = stop ] && [ $running = 1 ]; then kill -QUIT "$pid" 2>/dev/null; wait "$pid"; running=0; fi
+  if [ "$cmd" = start ] && [ $running = 0 ]; then "$@" & pid=$!; running=1; fi
+done
+if [ $running = 1 ]; then kill -QUIT "$pid" 2>/dev/null; wait "$pid"; fi
+rm -rf "$FEDERATION_PG_DIR"
+"#;
         let mut cmd = Command::new("sh");
         cmd.arg("-c")
             .arg(script)
@@ -184,6 +192,35 @@ impl PgServer {
             std::thread::sleep(Duration::from_millis(100));
         }
         bail!("postgres did not become ready: {}", self.log_text())
+    }
+
+    /// Stops the server as a crash would (immediate shutdown), keeping its
+    /// data; [`PgServer::start_again`] brings it back on the same port.
+    pub fn crash(&mut self) -> anyhow::Result<()> {
+        self.tell("stop")?;
+        let until = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < until {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("postgres did not stop")
+    }
+
+    /// Starts the server again after [`PgServer::crash`] (crash recovery
+    /// runs), waiting until it accepts connections.
+    pub fn start_again(&mut self) -> anyhow::Result<()> {
+        self.tell("start")?;
+        let bin = bin_dir().context("PostgreSQL binaries")?;
+        self.wait_ready(&bin)
+    }
+
+    fn tell(&mut self, word: &str) -> anyhow::Result<()> {
+        use std::io::Write as _;
+        let stdin = self.stdin.as_mut().context("the server was stopped")?;
+        writeln!(stdin, "{word}").context("telling the watchdog")?;
+        stdin.flush().context("telling the watchdog")
     }
 
     /// The server's log so far.

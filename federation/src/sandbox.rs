@@ -95,6 +95,11 @@ impl ChildGuard {
         self.child.as_mut().and_then(|c| c.stdout.take())
     }
 
+    /// Takes the child's piped stderr (when spawned with `Stdio::piped()`).
+    pub fn stderr(&mut self) -> Option<std::process::ChildStderr> {
+        self.child.as_mut().and_then(|c| c.stderr.take())
+    }
+
     /// Kills and reaps the child now (and its process group, if it leads one).
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -171,6 +176,8 @@ pub struct SandboxBuilder {
     attested: BTreeMap<String, Vec<String>>,
     tokens: Option<String>,
     files: Vec<(String, String)>,
+    /// Variables for one region's controller only: (region, key, value).
+    region_env: Vec<(String, String, String)>,
 }
 
 impl SandboxBuilder {
@@ -218,6 +225,7 @@ impl SandboxBuilder {
             attested: BTreeMap::new(),
             tokens: None,
             files: Vec::new(),
+            region_env: Vec::new(),
         }
     }
 
@@ -225,6 +233,17 @@ impl SandboxBuilder {
     /// (beside `federation.yaml`, for example `federation.yaml.approvals`).
     pub fn file(mut self, name: &str, text: &str) -> Self {
         self.files.push((name.to_string(), text.to_string()));
+        self
+    }
+
+    /// Sets an environment variable for one region's controller only (after
+    /// the ones of [`SandboxBuilder::env`]), for example its
+    /// `FEDERATION__NODE__STORE__…`.
+    pub fn region_env(mut self, region: &str, key: &str, value: &str) -> Self {
+        self.region_env
+            .retain(|(r, k, _)| !(r == region && k == key));
+        self.region_env
+            .push((region.to_string(), key.to_string(), value.to_string()));
         self
     }
 
@@ -646,6 +665,9 @@ impl Sandbox {
             .stdout(Stdio::null())
             .stderr(self.log_stdio(name)?);
         for (k, v) in &self.builder.env {
+            cmd.env(k, v);
+        }
+        for (_, k, v) in self.builder.region_env.iter().filter(|(r, ..)| r == name) {
             cmd.env(k, v);
         }
         for p in peers {

@@ -1,6 +1,9 @@
-//! `federation audit verify|show`: the decision log for auditors. Reads the
-//! log only (never opens it for writing, so it is safe next to a running
-//! controller); the format and the hash recipe are in [`crate::audit`].
+//! `federation audit verify|show|export`: the decision log for auditors.
+//! Reads the log only (never opens it for writing, so it is safe next to a
+//! running controller), from a data directory's file or, given a
+//! `postgres://` URL, from the region's database (`node.store.backend:
+//! postgres`), whose records `export` writes in the file's JSON-lines
+//! format; the format and the hash recipe are in [`crate::audit`].
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -22,7 +25,9 @@ pub enum AuditCommand {
     /// emptied or replaced file) fails. Exit 0 when intact, 1 when broken or
     /// contradicted by an anchor, 2 when the log or a witness cannot be read.
     Verify {
-        /// The controller's data directory (or the log file).
+        /// The controller's data directory (or the log file), or the
+        /// region's database: a `postgres://` URL (then `--region` names the
+        /// log's region when the database holds several).
         dir: PathBuf,
         /// A peer's witness of this region's log head: the peer's data
         /// directory (its `witnesses.json`), that file itself, or a running
@@ -44,8 +49,12 @@ pub enum AuditCommand {
     },
     /// Print the decisions that match every given filter.
     Show {
-        /// The controller's data directory (or the log file).
+        /// The controller's data directory (or the log file), or the
+        /// region's database: a `postgres://` URL.
         dir: PathBuf,
+        /// With a database: the log's region, when it holds several.
+        #[arg(long)]
+        log_region: Option<String>,
         /// Only this task id.
         #[arg(long)]
         task: Option<String>,
@@ -93,6 +102,102 @@ pub enum AuditCommand {
         #[arg(long, value_enum, default_value_t)]
         format: OutputFormat,
     },
+    /// Write a region's decision log from its database (a `postgres://`
+    /// URL) as the JSON-lines file a file-backed controller writes, byte for
+    /// byte the records' lines: `audit verify FILE` and an auditor's own
+    /// checker read it as they read `decisions.jsonl`. Exit 0 when written,
+    /// 2 when the database cannot be read.
+    Export {
+        /// The region's database, a `postgres://` URL.
+        url: String,
+        /// The log's region, when the database holds several.
+        #[arg(long)]
+        region: Option<String>,
+        /// Where to write (stdout when unset).
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
+}
+
+/// True when `source` names a database rather than a file.
+fn is_database(source: &Path) -> bool {
+    let s = source.to_string_lossy();
+    s.starts_with("postgres://") || s.starts_with("postgresql://")
+}
+
+/// A region's log read from its database: the JSON-lines bytes, the region
+/// and the chain head the database holds.
+struct FromDatabase {
+    bytes: Vec<u8>,
+    region: String,
+    head: Option<(u64, String)>,
+    target: String,
+}
+
+/// Reads `region`'s log (the only one, when `None`) from the database at
+/// `url`, without changing anything there.
+fn read_database(url: &str, region: Option<&str>) -> anyhow::Result<FromDatabase> {
+    let pg = crate::pg::Pg::connect_read_only(url, "federation-audit")?;
+    let target = pg.target().to_string();
+    let pg2 = pg.clone();
+    let wanted = region.map(str::to_string);
+    let (bytes, region, head) = pg.block(async move {
+        let region = match wanted {
+            Some(r) => r,
+            None => {
+                let regions = audit::postgres::regions(&pg2).await?;
+                match regions.as_slice() {
+                    [one] => one.clone(),
+                    [] => {
+                        return Err(crate::pg::PgError::Url(format!(
+                            "{} holds no decision log yet",
+                            pg2.target()
+                        )));
+                    }
+                    many => {
+                        return Err(crate::pg::PgError::Url(format!(
+                            "{} holds the logs of {}: name one with --region",
+                            pg2.target(),
+                            many.join(", ")
+                        )));
+                    }
+                }
+            }
+        };
+        let bytes = audit::postgres::export(&pg2, &region).await?;
+        let head = audit::postgres::head(&pg2, &region).await?;
+        Ok((bytes, region, head))
+    })?;
+    Ok(FromDatabase {
+        bytes,
+        region,
+        head,
+        target,
+    })
+}
+
+fn export(url: &str, region: Option<&str>, output: Option<&Path>) -> ExitCode {
+    let db = match read_database(url, region) {
+        Ok(d) => d,
+        Err(e) => return super::fail(&e.context("cannot read the decision log"), 2),
+    };
+    match output {
+        Some(path) => {
+            if let Err(e) = std::fs::write(path, &db.bytes) {
+                let e = anyhow::Error::new(e).context(format!("writing {}", path.display()));
+                return super::fail(&e, 2);
+            }
+            let records = db.bytes.iter().filter(|&&b| b == b'\n').count();
+            eprintln!(
+                "{records} records of {} from {} written to {}",
+                db.region,
+                db.target,
+                path.display()
+            );
+        }
+        None => super::output::emit(&String::from_utf8_lossy(&db.bytes)),
+    }
+    ExitCode::SUCCESS
 }
 
 /// Arguments of `decisions`: the decision log of a running controller, over
@@ -204,8 +309,14 @@ pub fn run(cmd: AuditCommand) -> ExitCode {
             insecure,
             format,
         } => verify(&dir, &witnesses, region, insecure, format),
+        AuditCommand::Export {
+            url,
+            region,
+            output,
+        } => export(&url, region.as_deref(), output.as_deref()),
         AuditCommand::Show {
             dir,
+            log_region,
             task,
             rule,
             region,
@@ -218,7 +329,7 @@ pub fn run(cmd: AuditCommand) -> ExitCode {
                 region,
                 outcome,
             };
-            show(&dir, &filter, format)
+            show(&dir, log_region.as_deref(), &filter, format)
         }
         AuditCommand::Digest {
             audit_key,
@@ -476,16 +587,39 @@ fn verify(
     insecure: bool,
     format: OutputFormat,
 ) -> ExitCode {
-    let path = audit::log_path(dir);
-    let bytes = match std::fs::read(&path)
-        .with_context(|| format!("cannot read the decision log {}", path.display()))
-    {
-        Ok(b) => b,
-        Err(e) => return super::fail(&e, 2),
+    let mut anchors = Vec::new();
+    let (bytes, region) = if is_database(dir) {
+        let db = match read_database(&dir.to_string_lossy(), region.as_deref()) {
+            Ok(d) => d,
+            Err(e) => return super::fail(&e.context("cannot read the decision log"), 2),
+        };
+        // The database's own head row is the chain's anchor there: the
+        // records and the head move in one transaction.
+        let source = format!("the chain head in {} (decision_heads)", db.target);
+        match &db.head {
+            Some((seq, hash)) => anchors.push(AnchorResult::checked(
+                source,
+                &db.bytes,
+                &LogHead {
+                    seq: *seq,
+                    hash: hash.clone(),
+                },
+            )),
+            None => anchors.push(AnchorResult::unchecked(source, "no head row".into())),
+        }
+        (db.bytes, Some(db.region))
+    } else {
+        let path = audit::log_path(dir);
+        let bytes = match std::fs::read(&path)
+            .with_context(|| format!("cannot read the decision log {}", path.display()))
+        {
+            Ok(b) => b,
+            Err(e) => return super::fail(&e, 2),
+        };
+        let region = region.or_else(|| region_of(&bytes));
+        (bytes, region)
     };
     let report = audit::verify_bytes(&bytes);
-    let region = region.or_else(|| region_of(&bytes));
-    let mut anchors = Vec::new();
     if dir.is_dir() {
         let store = dir.join("tasks.redb");
         match crate::tasks::read_log_head(dir) {
@@ -569,9 +703,16 @@ fn verdict(report: &audit::VerifyReport, contradicted: bool) -> ExitCode {
     }
 }
 
-fn show(dir: &Path, filter: &Filter, format: OutputFormat) -> ExitCode {
-    let path = audit::log_path(dir);
-    let records = match audit::show(&path, filter) {
+fn show(dir: &Path, log_region: Option<&str>, filter: &Filter, format: OutputFormat) -> ExitCode {
+    let shown = if is_database(dir) {
+        match read_database(&dir.to_string_lossy(), log_region) {
+            Ok(db) => audit::show_bytes(Path::new(&db.target), &db.bytes, filter),
+            Err(e) => return super::fail(&e.context("cannot read the decision log"), 2),
+        }
+    } else {
+        audit::show(&audit::log_path(dir), filter)
+    };
+    let records = match shown {
         Ok(r) => r,
         Err(e @ AuditError::Broken { .. }) => {
             let e = anyhow::Error::new(e)

@@ -716,3 +716,161 @@ async fn subscribe_and_wait_for_queued(fx: Fixture) {
     assert_eq!(ev.state(), TaskState::Leased);
     store.flush().await.expect("flush");
 }
+
+// ---------------------------------------------------------------------------
+// Several controllers of one region on one database (PostgreSQL only): each
+// store handle below is what one replica opens.
+// ---------------------------------------------------------------------------
+
+mod replicas {
+    use super::*;
+
+    /// Two replicas' stores on one fresh database.
+    fn two() -> (Fixture, TaskStore, TaskStore) {
+        let fx = Fixture::new(Kind::Postgres);
+        let a = fx.open();
+        let b = fx.open();
+        (fx, a, b)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_idempotency_key_names_one_task_across_replicas() {
+        let (_fx, a, b) = two();
+        let mut handles = Vec::new();
+        for i in 0..40 {
+            let store = if i % 2 == 0 { a.clone() } else { b.clone() };
+            handles.push(tokio::spawn(async move {
+                let mut t = task(&format!("t{i}"));
+                t.idempotency_key = "same".into();
+                store.insert(t).await.expect("insert")
+            }));
+        }
+        let mut ids = HashSet::new();
+        let mut created = 0;
+        for h in handles {
+            let out = h.await.expect("join");
+            created += usize::from(!out.is_deduplicated());
+            ids.insert(out.into_task().task_id);
+        }
+        assert_eq!((created, ids.len()), (1, 1), "{ids:?}");
+        // The other content under the key is refused through either replica.
+        let mut other = task("x");
+        other.idempotency_key = "same".into();
+        other.payload = b"other".to_vec();
+        for store in [&a, &b] {
+            assert!(matches!(
+                store.insert(other.clone()).await,
+                Err(StoreError::KeyReused { .. })
+            ));
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_task_is_leased_to_one_agent_across_replicas() {
+        let (_fx, a, b) = two();
+        for i in 0..60 {
+            a.insert(task(&format!("t{i:02}"))).await.expect("insert");
+        }
+        // Agents of both replicas lease at once, in small bites.
+        let mut handles = Vec::new();
+        for (n, store) in [a.clone(), b.clone(), a.clone(), b.clone()]
+            .into_iter()
+            .enumerate()
+        {
+            handles.push(tokio::spawn(async move {
+                let mut got = Vec::new();
+                for _ in 0..40 {
+                    got.extend(
+                        store
+                            .lease(&format!("agent-{n}"), 2, TTL)
+                            .await
+                            .expect("lease")
+                            .into_iter()
+                            .map(|t| t.task_id),
+                    );
+                }
+                got
+            }));
+        }
+        let mut all = Vec::new();
+        for h in handles {
+            all.extend(h.await.expect("join"));
+        }
+        let distinct: HashSet<_> = all.iter().collect();
+        assert_eq!(all.len(), 60, "every task leased once");
+        assert_eq!(distinct.len(), 60, "no task leased twice: {all:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_agent_renews_and_completes_through_another_replica() {
+        let (_fx, a, b) = two();
+        a.insert(task("t")).await.expect("insert");
+        let leased = a.lease("agent-1", 1, TTL).await.expect("lease");
+        assert_eq!(leased.len(), 1);
+        // Replica a dies; the agent goes on through b, keeping its lease.
+        drop(a);
+        let renewed = b.renew("agent-1", "t", TTL).await.expect("renew via b");
+        assert_eq!(renewed.agent_id, "agent-1");
+        assert!(matches!(
+            b.renew("agent-2", "t", TTL).await,
+            Err(StoreError::NotLeaseHolder { .. })
+        ));
+        let done = b
+            .complete("agent-1", "t", true, b"ok".to_vec(), String::new())
+            .await
+            .expect("complete via b");
+        assert_eq!(done.state(), TaskState::Succeeded);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_decision_chain_stays_one_across_replicas() {
+        use crate::audit::{DecisionEntry, kind};
+        let fx = Fixture::new(Kind::Postgres);
+        let (a, b) = (fx.open(), fx.open());
+        let (log_a, log_b) = (fx.log("europe"), fx.log("europe"));
+        let mut handles = Vec::new();
+        for i in 0..40 {
+            let (store, log) = if i % 2 == 0 {
+                (a.clone(), log_a.clone())
+            } else {
+                (b.clone(), log_b.clone())
+            };
+            handles.push(tokio::spawn(async move {
+                let id = format!("t{i}");
+                let record = crate::audit::PendingRecord::new(crate::audit::DecisionRef {
+                    kind: kind::ROUTE,
+                    task_id: Some(&id),
+                    entry_region: Some("europe"),
+                    attributes: &Default::default(),
+                    decision: &crate::policy::Decision {
+                        outcome: crate::policy::Outcome::Routed {
+                            region: "europe".into(),
+                        },
+                        rule_index: Some(0),
+                        rule: None,
+                        required_tags: Default::default(),
+                        candidates: vec![],
+                        reason: "r".into(),
+                        policy_hash: "h".into(),
+                        warnings: vec![],
+                        evaluation_errors: vec![],
+                        balance: None,
+                    },
+                    note: None,
+                });
+                let r = store.insert_recorded(task(&id), &log, record).await;
+                assert_eq!(r.record, RecordState::Written);
+                log.append(DecisionEntry::new(kind::POLICY_RELOAD).note(format!("n{i}")))
+                    .await
+                    .expect("append");
+            }));
+        }
+        for h in handles {
+            h.await.expect("join");
+        }
+        let bytes = fx.log_bytes(&log_a, "europe");
+        let report = crate::audit::verify_bytes(&bytes);
+        assert!(report.is_intact(), "{report:?}");
+        assert_eq!(report.records, 80);
+    }
+}

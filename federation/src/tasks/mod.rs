@@ -347,6 +347,15 @@ impl TaskStore {
     pub async fn flush(&self) -> Result<(), StoreError> {
         each!(self, s => s.flush().await)
     }
+
+    /// Checks that the store can be reached: always for the embedded file;
+    /// a round trip within `patience` for the database.
+    pub async fn ping(&self, patience: std::time::Duration) -> Result<(), StoreError> {
+        match self {
+            TaskStore::Redb(_) => Ok(()),
+            TaskStore::Postgres(s) => s.ping(patience).await,
+        }
+    }
 }
 
 use federation_api::{Task, TaskState};
@@ -475,6 +484,10 @@ pub enum StoreError {
     /// The database failed (I/O, full disk, lock held by another process…).
     #[error("task store: {0}")]
     Db(String),
+    /// The database cannot be reached now (PostgreSQL backend: connection
+    /// refused or lost); nothing of the request was committed.
+    #[error("task store unavailable: {0}")]
+    Unavailable(String),
     /// The writer thread is gone (the store is shutting down or crashed).
     #[error("task store is closed")]
     Closed,

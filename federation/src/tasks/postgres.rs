@@ -47,7 +47,10 @@ const META_LOG_HEAD: &str = "log_head";
 
 impl From<PgError> for StoreError {
     fn from(e: PgError) -> Self {
-        StoreError::Db(e.to_string())
+        match e {
+            PgError::Unreachable { .. } => StoreError::Unavailable(e.to_string()),
+            other => StoreError::Db(other.to_string()),
+        }
     }
 }
 
@@ -628,6 +631,26 @@ impl PgStore {
         tokio::time::timeout(timeout, notified).await.is_ok()
     }
 
+    /// Checks that the database answers (a `SELECT 1` within `patience`).
+    pub async fn ping(&self, patience: Duration) -> Result<(), StoreError> {
+        let pg = self.inner.pg.clone();
+        let asked = self.inner.pg.run(async move {
+            let client = pg.client().await?;
+            client
+                .query_one("SELECT 1", &[])
+                .await
+                .map_err(|e| pg.db(&e))?;
+            Ok(())
+        });
+        match tokio::time::timeout(patience, asked).await {
+            Ok(r) => r.map_err(StoreError::from),
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "PostgreSQL at {}: no answer within {patience:?}",
+                self.inner.pg.target()
+            ))),
+        }
+    }
+
     /// Returns when every request sent before it is committed.
     pub async fn flush(&self) -> Result<(), StoreError> {
         match self.call(Op::Flush).await? {
@@ -711,7 +734,7 @@ async fn run_batch(pg: &Pg, region: &str, shared: &Shared, batch: Vec<Request>) 
         Ok(c) => c,
         Err(e) => {
             let rest = batch.into_iter().map(|r| r.reply).collect();
-            fail_all(&mut replies, rest, StoreError::Db(e.to_string()));
+            fail_all(&mut replies, rest, StoreError::from(e));
             return;
         }
     };
@@ -719,7 +742,7 @@ async fn run_batch(pg: &Pg, region: &str, shared: &Shared, batch: Vec<Request>) 
         Ok(t) => t,
         Err(e) => {
             let rest = batch.into_iter().map(|r| r.reply).collect();
-            fail_all(&mut replies, rest, StoreError::Db(pg.db(&e).to_string()));
+            fail_all(&mut replies, rest, StoreError::from(pg.db(&e)));
             return;
         }
     };
@@ -727,7 +750,7 @@ async fn run_batch(pg: &Pg, region: &str, shared: &Shared, batch: Vec<Request>) 
     // database's default is.
     if let Err(e) = txn.batch_execute("SET LOCAL synchronous_commit = on").await {
         let rest = batch.into_iter().map(|r| r.reply).collect();
-        fail_all(&mut replies, rest, StoreError::Db(pg.db(&e).to_string()));
+        fail_all(&mut replies, rest, StoreError::from(pg.db(&e)));
         return;
     }
     let t = Tx {
@@ -739,10 +762,12 @@ async fn run_batch(pg: &Pg, region: &str, shared: &Shared, batch: Vec<Request>) 
     let mut requests = batch.into_iter();
     while let Some(req) = requests.next() {
         let result = t.apply(req.op, now, &mut changes).await;
-        if let Err(StoreError::Db(e)) = &result {
+        if let Err(e @ (StoreError::Db(_) | StoreError::Unavailable(_))) = &result {
+            // The transaction is unusable: every caller of the batch hears
+            // the error, nothing of it is committed.
             let mut rest = vec![req.reply];
             rest.extend(requests.map(|r| r.reply));
-            fail_all(&mut replies, rest, StoreError::Db(e.clone()));
+            fail_all(&mut replies, rest, e.clone());
             return;
         }
         if let (Some((log, mut record)), Ok(Reply::Insert(o))) = (req.record, &result) {
@@ -770,11 +795,7 @@ async fn run_batch(pg: &Pg, region: &str, shared: &Shared, batch: Vec<Request>) 
         match crate::audit::postgres::append_records(&txn, b.log.region(), records).await {
             Ok(h) => heads.push(h),
             Err(e) => {
-                fail_all(
-                    &mut replies,
-                    Vec::new(),
-                    StoreError::Db(pg.db(&e).to_string()),
-                );
+                fail_all(&mut replies, Vec::new(), StoreError::from(pg.db(&e)));
                 return;
             }
         }
@@ -785,7 +806,7 @@ async fn run_batch(pg: &Pg, region: &str, shared: &Shared, batch: Vec<Request>) 
         .commit_seconds
         .observe(started.elapsed().as_secs_f64());
     if let Err(e) = committed {
-        let err = StoreError::Db(pg.db(&e).to_string());
+        let err = StoreError::from(pg.db(&e));
         tracing::error!(error = %err, "task store commit failed");
         fail_all(&mut replies, Vec::new(), err);
         return;
@@ -826,7 +847,7 @@ async fn run_batch(pg: &Pg, region: &str, shared: &Shared, batch: Vec<Request>) 
 
 impl Tx<'_, '_> {
     fn db(&self, e: &tokio_postgres::Error) -> StoreError {
-        StoreError::Db(self.pg.db(e).to_string())
+        StoreError::from(self.pg.db(e))
     }
 
     /// Reads a task and locks its row for this transaction.
@@ -1097,7 +1118,9 @@ impl Tx<'_, '_> {
                     let mut task = match self.read(id).await {
                         Ok(Some(t)) if !is_terminal(t.state()) => t,
                         Ok(_) => continue,
-                        Err(StoreError::Db(e)) => return Err(StoreError::Db(e)),
+                        Err(e @ (StoreError::Db(_) | StoreError::Unavailable(_))) => {
+                            return Err(e);
+                        }
                         Err(e) => {
                             self.shared.undecodable(&e);
                             continue;

@@ -1,0 +1,314 @@
+//! A region whose task store is a real PostgreSQL database
+//! (`node.store.backend: postgres`): it serves submits from every entry
+//! region end to end, a SIGKILL of its controller loses no acknowledged
+//! task, its agents run tasks through it, the decision log in the database
+//! verifies and exports as today's JSON lines, and a bad store
+//! configuration stops `serve` with exit 64 naming what is wrong.
+//!
+//! One PostgreSQL server per test binary (`federation::pg_sandbox::shared`),
+//! a database per test.
+
+mod support;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use federation::pg_sandbox;
+use federation::sandbox::string_attrs;
+use federation_api as api;
+use support::*;
+
+fn server() -> &'static pg_sandbox::PgServer {
+    pg_sandbox::shared().expect("the test PostgreSQL server (is PostgreSQL installed?)")
+}
+
+/// The user's federation with europe's store in the database at `url`.
+fn europe_on_postgres(url: &str) -> federation::sandbox::SandboxBuilder {
+    seed_sandbox()
+        .region_env("europe", "FEDERATION__NODE__STORE__BACKEND", "postgres")
+        .region_env("europe", "FEDERATION__NODE__STORE__URL", url)
+        .region_env("europe", "FEDERATION__NODE__STORE__POOL_SIZE", "4")
+        .region_env("europe", "FEDERATION__NODE__REPLICA", "europe-1")
+}
+
+/// Runs `federation audit ARGS`; returns exit code, stdout, stderr.
+fn audit(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(federation_exe())
+        .arg("audit")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("federation audit runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_region_on_postgres_serves_every_entry_and_keeps_every_acknowledged_task_across_a_sigkill()
+ {
+    let url = server().create_database("region").expect("database");
+    let mut sandbox = formed(europe_on_postgres(&url).agents(0, 1)).await;
+    assert!(
+        sandbox
+            .controller_log_text("europe")
+            .contains("task store in postgresql"),
+        "europe runs on the database: {}",
+        sandbox.controller_log_text("europe")
+    );
+    // An EU task from each entry region is placed in europe, in the
+    // database.
+    let mut routed = Vec::new();
+    for entry in ["europe", "north_america", "asia_pacific"] {
+        let mut c = sandbox.client(entry).await.expect("client");
+        let r = c
+            .submit_task(api::SubmitTaskRequest {
+                attributes: string_attrs(&[("customer_region", "DE")]),
+                payload: format!("from {entry}").into_bytes(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|s| panic!("submit via {entry}: {s:?}"))
+            .into_inner();
+        assert_eq!(r.region, "europe", "via {entry}: {r:?}");
+        routed.push(r.task_id);
+    }
+    // Concurrent submits (with idempotency keys), SIGKILL in mid-stream.
+    let client = sandbox.client("europe").await.expect("client");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut workers = Vec::new();
+    for w in 0..8 {
+        let mut c = client.clone();
+        let tx = tx.clone();
+        workers.push(tokio::spawn(async move {
+            for i in 0..10_000 {
+                let req = api::SubmitTaskRequest {
+                    attributes: string_attrs(&[("customer_region", "DE")]),
+                    idempotency_key: format!("w{w}-{i}"),
+                    ..Default::default()
+                };
+                match c.submit_task(req).await {
+                    Ok(r) => {
+                        if tx.send(r.into_inner().task_id).is_err() {
+                            return;
+                        }
+                    }
+                    Err(_) => return,
+                }
+            }
+        }));
+    }
+    drop(tx);
+    let mut acked = routed.clone();
+    while acked.len() < 200 {
+        match tokio::time::timeout(PATIENCE, rx.recv()).await {
+            Ok(Some(id)) => acked.push(id),
+            _ => panic!(
+                "submissions stalled after {} acks: {}",
+                acked.len(),
+                sandbox.controller_log_text("europe")
+            ),
+        }
+    }
+    sandbox.kill_controller("europe").expect("kill");
+    while let Ok(Some(id)) = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
+        acked.push(id);
+    }
+    for w in workers {
+        let _ = w.await;
+    }
+    eprintln!("{} tasks acknowledged before SIGKILL", acked.len());
+    sandbox.start_controller("europe").expect("restart");
+    let mut client = eventually("europe restarts", PATIENCE, || {
+        let s = &sandbox;
+        async move { s.client("europe").await.ok() }
+    })
+    .await;
+    let mut missing = Vec::new();
+    for id in &acked {
+        match client
+            .get_task(api::GetTaskRequest {
+                task_id: id.clone(),
+            })
+            .await
+        {
+            Ok(r) if r.get_ref().task.is_some() => {}
+            Ok(_) => missing.push(format!("{id}: no task")),
+            Err(s) => missing.push(format!("{id}: {:?}", s.code())),
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "{} acknowledged tasks lost: {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
+    // A key acknowledged before the kill still deduplicates after it.
+    let again = client
+        .submit_task(api::SubmitTaskRequest {
+            attributes: string_attrs(&[("customer_region", "DE")]),
+            idempotency_key: "w0-0".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("a known key")
+        .into_inner();
+    assert!(acked.contains(&again.task_id), "{again:?}");
+    // An agent runs a task through the database-backed controller.
+    sandbox.start_agent("europe").expect("agent");
+    let done = sandbox
+        .wait_terminal("europe", &routed[1], PATIENCE)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", sandbox.controller_log_text("europe")));
+    assert_eq!(done.state(), api::TaskState::Succeeded, "{done:?}");
+    assert_eq!(done.result, b"from north_america");
+
+    // The decision log in the database: one intact chain, exported as the
+    // JSON lines of a file-backed controller, naming the tasks.
+    let (code, out, err) = audit(&["verify", &url, "--region", "europe"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.starts_with("ok: ") && out.contains("chain intact"),
+        "{out}"
+    );
+    assert!(out.contains("ok: the chain head in"), "{out}");
+    let file = sandbox.dir().join("exported.jsonl");
+    let (code, out, err) = audit(&["export", &url, "--output", &file.to_string_lossy()]);
+    assert_eq!(code, 0, "{out}{err}");
+    let report = federation::audit::verify(&file).expect("read the export");
+    assert!(report.is_intact(), "{report:?}");
+    let records = federation::audit::show(&file, &Default::default()).expect("show");
+    assert_eq!(records.len() as u64, report.records);
+    for id in &routed {
+        assert!(
+            records
+                .iter()
+                .any(|r| r.entry.task_id.as_deref() == Some(id.as_str()) && r.region == "europe"),
+            "no record of {id} in the exported log"
+        );
+    }
+    let (code, out, err) = audit(&["show", &url, "--task", &routed[0], "--format", "json"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains(&routed[0]), "{out}");
+    // The file-backed regions still keep their files.
+    let na = sandbox.data_dir("north_america").expect("dir");
+    assert!(na.join("tasks.redb").exists() && na.join("decisions.jsonl").exists());
+    assert!(
+        !sandbox
+            .data_dir("europe")
+            .expect("dir")
+            .join("tasks.redb")
+            .exists(),
+        "europe keeps no task file"
+    );
+}
+
+/// Runs `federation serve` for europe on the postgres backend with `env`;
+/// returns its exit code and stderr (bounded: it must exit by itself).
+fn serve_with(dir: &std::path::Path, env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let config = dir.join("federation.yaml");
+    std::fs::write(&config, SEED).expect("policy");
+    let listen = federation::sandbox::free_port().expect("port");
+    let mut cmd = Command::new(federation_exe());
+    cmd.arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .args(["--region", "europe", "--insecure"])
+        .arg("--listen")
+        .arg(listen.to_string())
+        .arg("--data-dir")
+        .arg(dir.join("europe"))
+        .env("FEDERATION__NODE__STORE__BACKEND", "postgres")
+        .env("FEDERATION_KEYS", TEST_KEYS)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child =
+        federation::sandbox::ChildGuard::spawn("europe controller", &mut cmd).expect("spawn");
+    let mut stderr = child.stderr().expect("stderr");
+    let status = child.wait_timeout(PATIENCE);
+    let mut text = String::new();
+    if status.is_some() {
+        use std::io::Read as _;
+        let _ = stderr.read_to_string(&mut text);
+    }
+    (status.and_then(|s| s.code()), text)
+}
+
+/// What is wrong, the variables that make it so, what stderr must say.
+type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, &'a str);
+
+#[test]
+fn a_bad_store_configuration_exits_64_naming_what_is_wrong() {
+    let pg = server();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let newer = pg.create_database("newer").expect("database");
+    // A database a newer build migrated.
+    let db = newer.rsplit('/').next().expect("name").to_string();
+    pg.execute(
+        &db,
+        "CREATE TABLE federation_schema (version integer PRIMARY KEY, applied_unix_ms bigint NOT NULL); \
+         INSERT INTO federation_schema VALUES (999, 0)",
+    )
+    .expect("a newer schema");
+    let wrong_password = format!(
+        "postgres://{}:wrong@127.0.0.1:{}/postgres",
+        pg_sandbox::USER,
+        pg.port()
+    );
+    let missing = pg.url("no_such_database");
+    let unreachable = "postgres://federation:x@127.0.0.1:1/federation".to_string();
+    // TLS to the database is not built: asking for it is refused at start.
+    let tls = format!("{}?sslmode=require", pg.url("postgres"));
+    let cases: Vec<Case<'_>> = vec![
+        ("no url", vec![], "node.store.url"),
+        (
+            "wrong password",
+            vec![("FEDERATION__NODE__STORE__URL", wrong_password.as_str())],
+            "authentication failed for user `federation`",
+        ),
+        (
+            "missing database",
+            vec![("FEDERATION__NODE__STORE__URL", missing.as_str())],
+            "database `no_such_database` does not exist",
+        ),
+        (
+            "unreachable",
+            vec![("FEDERATION__NODE__STORE__URL", unreachable.as_str())],
+            "127.0.0.1:1/federation: cannot connect",
+        ),
+        (
+            "tls required",
+            vec![("FEDERATION__NODE__STORE__URL", tls.as_str())],
+            "cannot connect",
+        ),
+        (
+            "newer schema",
+            vec![("FEDERATION__NODE__STORE__URL", newer.as_str())],
+            "schema is at version 999, newer than this build knows",
+        ),
+        (
+            "unknown backend",
+            vec![("FEDERATION__NODE__STORE__BACKEND", "sqlite")],
+            "node.store.backend",
+        ),
+    ];
+    for (what, env, says) in cases {
+        let (code, stderr) = serve_with(dir.path(), &env);
+        eprintln!("{what}: exit {code:?}: {}", stderr.trim());
+        assert_eq!(code, Some(64), "{what}: {stderr}");
+        assert!(
+            stderr.contains(says),
+            "{what}: wanted `{says}` in: {stderr}"
+        );
+        assert!(
+            !stderr.contains("federation-test") && !stderr.contains(":wrong@"),
+            "{what}: the password is never printed: {stderr}"
+        );
+    }
+}
