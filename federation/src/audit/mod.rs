@@ -96,6 +96,7 @@
 pub mod anchor;
 pub mod key;
 pub mod minimise;
+pub mod replay;
 #[cfg(test)]
 mod tests;
 

@@ -11,6 +11,7 @@ pub mod demo;
 pub mod health;
 pub mod output;
 pub mod policy;
+pub mod replay;
 pub mod sd_notify;
 pub mod serve;
 pub mod snapshot;

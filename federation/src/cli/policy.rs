@@ -1,4 +1,5 @@
-//! `federation policy check|explain|diff`: the auditor's tools. This module
+//! `federation policy check|explain|diff|replay`: the auditor's tools
+//! (`replay` lives in [`super::replay`]). This module
 //! owns argument parsing and output; the logic is in [`crate::policy`].
 //!
 //! Exit status: `check` 0 no error findings, 1 error findings; `explain` 0
@@ -63,6 +64,8 @@ pub enum PolicyCommand {
         #[arg(long, value_enum, default_value_t)]
         format: OutputFormat,
     },
+    /// Re-decide recorded route decisions under a proposed policy: exit 0 none would change, 1 some would (or could not be replayed), 2 unusable log or file.
+    Replay(super::replay::ReplayArgs),
 }
 
 /// Runs a policy subcommand.
@@ -79,6 +82,7 @@ pub fn run(cmd: PolicyCommand) -> ExitCode {
             format,
         } => explain(&file, &attrs, &down, &full, &draining, &load, format),
         PolicyCommand::Diff { old, new, format } => diff_cmd(&old, &new, format),
+        PolicyCommand::Replay(args) => return super::replay::run(args),
     };
     match result {
         Ok(code) => ExitCode::from(code),
