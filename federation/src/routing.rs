@@ -19,7 +19,7 @@ use federation_trace::TraceParent;
 use tracing::Instrument as _;
 
 use crate::audit::PendingRecord;
-use crate::audit::minimise::Kept;
+use crate::audit::minimise::{Kept, Scrubber};
 use crate::controller::{Node, now_ms};
 use crate::error::{Error, Result};
 use crate::policy::{Attributes, Decision, Outcome, Refusal, Rejection};
@@ -124,12 +124,20 @@ pub async fn submit(
                 task_id = %task_id,
             );
             let call = forward(node, &region, &task_id, &req, &decision, received);
+            let policy_now = policy.clone();
+            let rule_index = decision.rule_index;
+            let attrs_ref = &attrs;
             // Boxed: the client call's state is large, and keeping it out of
             // this future keeps local submits' futures small.
             let forwarded = Box::pin(async move {
                 let forwarded = call.instrument(span.clone()).await;
                 if let Err(e) = &forwarded {
-                    federation_trace::fail(&span, e);
+                    // The span's status is exported: it keeps what the
+                    // entry's record keeps.
+                    let scrubbed = Scrubber::new(&policy_now, false, attrs_ref, rule_index)
+                        .scrub(&e.to_string())
+                        .into_owned();
+                    federation_trace::fail(&span, &scrubbed);
                 }
                 forwarded
             });
@@ -154,7 +162,7 @@ pub async fn submit(
                 if appended {
                     superseded.push(task_id);
                 }
-                let error = kept(node, false, &attrs, &decision, None)
+                let error = Scrubber::new(&policy, false, &attrs, decision.rule_index)
                     .scrub(&e.to_string())
                     .into_owned();
                 tracing::info!(%region, %error, "idempotency key reused for other content; refused");
@@ -168,7 +176,7 @@ pub async fn submit(
                 if appended {
                     superseded.push(task_id);
                 }
-                let error = kept(node, false, &attrs, &decision, None)
+                let error = Scrubber::new(&policy, false, &attrs, decision.rule_index)
                     .scrub(&e.to_string())
                     .into_owned();
                 tracing::warn!(%region, %error, "placing task failed; trying next candidate");
@@ -628,6 +636,20 @@ impl crate::policy::FederationView for WhatIf<'_> {
         }
         Some(v)
     }
+}
+
+/// `error` as an exported span's status may show it for a task with
+/// `attributes` that this region does not hold: with the values its
+/// records would withhold replaced (see [`crate::audit::minimise`]).
+pub fn scrubbed_error(
+    node: &Node,
+    attributes: &std::collections::HashMap<String, api::AttributeValue>,
+    error: &Error,
+) -> String {
+    let attrs = wire::attributes_lossy(attributes);
+    Scrubber::new(&node.policy(), false, &attrs, None)
+        .scrub(&error.to_string())
+        .into_owned()
 }
 
 /// Every region of `policy` as `view` shows it now: what the record keeps

@@ -28,6 +28,51 @@ pub struct InputDigest {
     pub input: String,
 }
 
+/// Replaces withheld values in free text: what [`Kept::scrub`] does,
+/// without the decision (for log lines and span statuses of errors).
+#[derive(Debug, Clone, Default)]
+pub struct Scrubber {
+    /// `(value as written in text, replacement)`, longest first.
+    hidden: Vec<(String, String)>,
+}
+
+impl Scrubber {
+    /// The scrubber of a record of a decision that matched `rule_index`
+    /// for `attrs` (nothing to hide when `held_here`).
+    pub fn new(
+        policy: &Policy,
+        held_here: bool,
+        attrs: &Attributes,
+        rule_index: Option<usize>,
+    ) -> Self {
+        let mut hidden = Vec::new();
+        if !held_here {
+            for (name, value) in attrs {
+                if !policy.record_values.keeps(name, rule_index) {
+                    push_needles(value, &format!("<withheld:{name}>"), &mut hidden);
+                }
+            }
+        }
+        // Longest first, so a value containing another is replaced whole.
+        hidden.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.0.cmp(&b.0)));
+        Self { hidden }
+    }
+
+    /// `text` with every withheld value replaced by `<withheld:NAME>`.
+    pub fn scrub<'t>(&self, text: &'t str) -> Cow<'t, str> {
+        if !self.hidden.iter().any(|(v, _)| text.contains(v.as_str())) {
+            return Cow::Borrowed(text);
+        }
+        let mut out = text.to_string();
+        for (value, replacement) in &self.hidden {
+            if out.contains(value.as_str()) {
+                out = out.replace(value.as_str(), replacement);
+            }
+        }
+        Cow::Owned(out)
+    }
+}
+
 /// A record's view of one task's attributes and decision.
 #[derive(Debug, Clone)]
 pub struct Kept<'a> {
@@ -42,8 +87,8 @@ pub struct Kept<'a> {
     pub note: Option<Cow<'a, str>>,
     /// The input's digest (with an audit key).
     pub digest: Option<InputDigest>,
-    /// `(value as written in text, replacement)` for [`Kept::scrub`].
-    hidden: Vec<(String, String)>,
+    /// What [`Kept::scrub`] replaces.
+    scrubber: Scrubber,
 }
 
 impl<'a> Kept<'a> {
@@ -69,30 +114,25 @@ impl<'a> Kept<'a> {
                 decision: Cow::Borrowed(decision),
                 note: note.map(Cow::Borrowed),
                 digest,
-                hidden: Vec::new(),
+                scrubber: Scrubber::default(),
             };
         }
         let mut kept = Attributes::new();
         let mut withheld = BTreeMap::new();
-        let mut hidden = Vec::new();
         for (name, value) in attrs {
             if keeps(name) {
                 kept.insert(name.clone(), value.clone());
                 continue;
             }
             withheld.insert(name.clone(), key.map(|k| k.attribute_digest(name, value)));
-            let replacement = format!("<withheld:{name}>");
-            push_needles(value, &replacement, &mut hidden);
         }
-        // Longest first, so a value containing another is replaced whole.
-        hidden.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.0.cmp(&b.0)));
         let mut this = Self {
             attributes: Cow::Owned(kept),
             withheld,
             decision: Cow::Borrowed(decision),
             note: None,
             digest,
-            hidden,
+            scrubber: Scrubber::new(policy, held_here, attrs, decision.rule_index),
         };
         let mut d = decision.clone();
         // A rejection without a rule lists the attributes (truncated, which
@@ -136,16 +176,7 @@ impl<'a> Kept<'a> {
     /// `text` with every withheld value replaced by `<withheld:NAME>`: for
     /// free text that may quote the task (an error from a peer, a reason).
     pub fn scrub<'t>(&self, text: &'t str) -> Cow<'t, str> {
-        if !self.hidden.iter().any(|(v, _)| text.contains(v.as_str())) {
-            return Cow::Borrowed(text);
-        }
-        let mut out = text.to_string();
-        for (value, replacement) in &self.hidden {
-            if out.contains(value.as_str()) {
-                out = out.replace(value.as_str(), replacement);
-            }
-        }
-        Cow::Owned(out)
+        self.scrubber.scrub(text)
     }
 }
 

@@ -97,6 +97,7 @@ pub mod anchor;
 pub mod key;
 pub mod minimise;
 pub mod postgres;
+pub mod replay;
 #[cfg(test)]
 mod tests;
 

@@ -14,6 +14,7 @@ pub mod drill_report;
 pub mod health;
 pub mod output;
 pub mod policy;
+pub mod replay;
 pub mod sd_notify;
 pub mod serve;
 pub mod snapshot;

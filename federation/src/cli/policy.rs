@@ -1,5 +1,6 @@
-//! `federation policy check|explain|diff|sign|keygen`: the auditor's tools
-//! (`sign` and `keygen` are in [`super::bundle`]). This module
+//! `federation policy check|explain|diff|sign|keygen|replay`: the auditor's
+//! tools (`sign` and `keygen` are in [`super::bundle`], `replay` in
+//! [`super::replay`]). This module
 //! owns argument parsing and output; the logic is in [`crate::policy`].
 //!
 //! Exit status: `check` 0 no error findings, 1 error findings (or approvals
@@ -84,6 +85,8 @@ pub enum PolicyCommand {
         #[arg(long, default_value = ".")]
         out: PathBuf,
     },
+    /// Re-decide recorded route decisions under a proposed policy: exit 0 none would change, 1 some would (or could not be replayed), 2 unusable log or file.
+    Replay(super::replay::ReplayArgs),
 }
 
 /// Runs a policy subcommand.
@@ -106,6 +109,7 @@ pub fn run(cmd: PolicyCommand) -> ExitCode {
         PolicyCommand::Keygen { name, out } => {
             super::bundle::keygen(&name, &out).and_then(|text| emit(&text).map(|()| 0))
         }
+        PolicyCommand::Replay(args) => return super::replay::run(args),
     };
     match result {
         Ok(code) => ExitCode::from(code),

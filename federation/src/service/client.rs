@@ -199,11 +199,15 @@ impl api::federation_client_server::FederationClient for ClientService {
             region = %self.node.region,
         );
         federation_trace::set_parent(&span, parent.as_ref());
+        // An exported span keeps what the records keep (a rejection's
+        // message may list the attributes).
+        let attributes =
+            federation_trace::exporting().then(|| request.get_ref().attributes.clone());
         let submitted = routing::submit(&self.node, request.into_inner(), parent.as_ref())
             .instrument(span.clone())
             .await;
-        if let Err(e) = &submitted {
-            federation_trace::fail(&span, e);
+        if let (Err(e), Some(attributes)) = (&submitted, &attributes) {
+            federation_trace::fail(&span, &routing::scrubbed_error(&self.node, attributes, e));
         }
         Ok(Response::new(submitted?))
     }

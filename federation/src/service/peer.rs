@@ -139,11 +139,22 @@ impl api::federation_peer_server::FederationPeer for PeerService {
             entry_region = %entry,
         );
         federation_trace::set_parent(&span, parent.as_ref());
+        // Refused, the task is not held here: the exported span keeps what
+        // the records keep.
+        let attributes = federation_trace::exporting()
+            .then(|| {
+                request
+                    .get_ref()
+                    .submit
+                    .as_ref()
+                    .map(|s| s.attributes.clone())
+            })
+            .flatten();
         let accepted = routing::accept_forward(&self.node, request.into_inner(), parent.as_ref())
             .instrument(span.clone())
             .await;
-        if let Err(e) = &accepted {
-            federation_trace::fail(&span, e);
+        if let (Err(e), Some(attributes)) = (&accepted, &attributes) {
+            federation_trace::fail(&span, &routing::scrubbed_error(&self.node, attributes, e));
         }
         Ok(Response::new(accepted?))
     }
