@@ -675,6 +675,62 @@ pub async fn drill(
     })
 }
 
+/// A drill of `region` in a sandbox, through `entry`'s controller with the
+/// sandbox's operator credentials: drains it, or with `kill` stops and
+/// restarts its controller.
+pub async fn sandbox_drill(
+    sandbox: &mut crate::sandbox::Sandbox,
+    entry: &str,
+    region: &str,
+    duration: Duration,
+    kill: bool,
+) -> anyhow::Result<Report> {
+    let env: BTreeMap<String, String> = sandbox.cli_env("operator")?.into_iter().collect();
+    let connect = Connect {
+        controller: Some(
+            connect::parse_address(&sandbox.addr(entry)?.to_string())
+                .map_err(anyhow::Error::msg)?,
+        ),
+        timeout: Duration::from_secs(10),
+        ca: env.get("FEDERATION_CA").map(Into::into),
+        cert: env.get("FEDERATION_CERT").map(Into::into),
+        key: env.get("FEDERATION_KEY").map(Into::into),
+        token: None,
+        insecure: env.is_empty(),
+    };
+    let policy = sandbox.config_path().to_path_buf();
+    let patience = Duration::from_secs(60);
+    if !kill {
+        return drill(
+            &connect,
+            region,
+            duration,
+            &policy,
+            None,
+            patience,
+            Disruption::Drain,
+        )
+        .await;
+    }
+    let mut stop_start = |stop: bool| {
+        if stop {
+            sandbox.kill_controller(region)
+        } else {
+            sandbox.start_controller(region)
+        }
+    };
+    drill(
+        &connect,
+        region,
+        duration,
+        &policy,
+        None,
+        patience,
+        Disruption::Kill(&mut stop_start),
+    )
+    .await
+}
+
 /// Writes `report` to `path` (`.json`, else HTML).
 pub fn write_report(report: &Report, path: &Path) -> anyhow::Result<()> {
     let text = if path.extension().and_then(|e| e.to_str()) == Some("json") {
