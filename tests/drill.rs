@@ -188,3 +188,45 @@ async fn a_drill_that_stops_europe_waits_out_the_hold_down() {
     assert_eq!(during.expected.outcome, "failover");
     assert!(report.traffic_returned);
 }
+
+/// Interrupted (Ctrl-C) while europe is drained, the drill undrains it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_drill_undrains_the_region() {
+    let sandbox = formed(SandboxBuilder::new(federation_exe(), SEED).agents(0, 1)).await;
+    let mut cmd = Command::new(federation_exe());
+    cmd.arg("drill")
+        .arg("--controller")
+        .arg(sandbox.addr("north_america").expect("addr").to_string())
+        .args(["--region", "europe", "--duration", "10m"])
+        .arg("--policy")
+        .arg(sandbox.config_path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    for (k, v) in sandbox.cli_env("operator").expect("env") {
+        cmd.env(k, v);
+    }
+    let mut child = federation::sandbox::ChildGuard::spawn("drill", &mut cmd).expect("drill");
+    sandbox
+        .wait_for_row(
+            "north_america",
+            "europe",
+            "europe draining",
+            support::PATIENCE,
+            |r| r.draining,
+        )
+        .await
+        .expect("europe drained by the drill");
+    child.signal("INT").expect("interrupt");
+    let status = child.wait_timeout(support::PATIENCE).expect("drill exits");
+    assert_eq!(status.code(), Some(2));
+    sandbox
+        .wait_for_row(
+            "north_america",
+            "europe",
+            "europe not draining",
+            support::PATIENCE,
+            |r| !r.draining,
+        )
+        .await
+        .expect("europe undrained");
+}

@@ -9,7 +9,8 @@
 //! entry controller's decision-log range with its chain verification.
 //!
 //! Exit status: 0 every placement agreed, traffic returned and the log
-//! verifies; 1 otherwise; 2 when the drill could not run.
+//! verifies; 1 otherwise; 2 when the drill could not run (interrupted with
+//! Ctrl-C, it undrains R first).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -785,19 +786,56 @@ pub fn summary(report: &Report) -> String {
     out
 }
 
+/// Undrains `region` after an interrupted drill (best effort, logged).
+async fn undrain(c: &Connect, region: &str, region_controller: Option<&str>) {
+    let addr = match region_controller {
+        Some(a) => Some(a.to_string()),
+        None => match connect::channel(c) {
+            Ok(ch) => status(&mut Admin::new(ch)).await.ok().and_then(|s| {
+                s.regions
+                    .into_iter()
+                    .find(|r| r.region == region)
+                    .map(|r| r.endpoint)
+            }),
+            Err(_) => None,
+        },
+    };
+    let mut rc = c.clone();
+    rc.controller = addr.as_deref().and_then(|a| connect::parse_address(a).ok());
+    let undrained = match connect::channel(&rc) {
+        Ok(ch) => Admin::new(ch)
+            .drain(api::DrainRequest { drain: false })
+            .await
+            .is_ok(),
+        Err(_) => false,
+    };
+    if undrained {
+        eprintln!("interrupted: undrained {region}");
+    } else {
+        eprintln!(
+            "interrupted: could not undrain {region}: run `federation undrain` on its controller"
+        );
+    }
+}
+
 /// `federation drill`.
 pub fn run(args: DrillArgs) -> ExitCode {
     super::client::run_command(async move {
-        let report = drill(
-            &args.connect,
-            &args.region,
-            args.duration,
-            &args.policy,
-            args.region_controller.as_deref(),
-            args.patience,
-            Disruption::Drain,
-        )
-        .await;
+        let report = tokio::select! {
+            r = drill(
+                &args.connect,
+                &args.region,
+                args.duration,
+                &args.policy,
+                args.region_controller.as_deref(),
+                args.patience,
+                Disruption::Drain,
+            ) => r,
+            _ = tokio::signal::ctrl_c() => {
+                undrain(&args.connect, &args.region, args.region_controller.as_deref()).await;
+                return ExitCode::from(2);
+            }
+        };
         let report = match report {
             Ok(r) => r,
             Err(e) => return super::fail(&e, 2),
