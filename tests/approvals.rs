@@ -310,3 +310,63 @@ async fn a_quorum_of_approvals_is_required_to_start_and_to_reload() {
     // The log, with its new record kind, still verifies.
     audit_verify(&sandbox.data_dir("europe").expect("dir"));
 }
+
+/// The policy poll (a mounted ConfigMap): the file changes first and is
+/// refused while its approvals are of the old content; approvals arriving
+/// later put it in force without another change of the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_policy_poll_applies_a_change_once_its_approvals_arrive() {
+    let k = keys();
+    let text = with_approvers(SEED, &k);
+    let content = text.as_bytes();
+    let sandbox = formed(
+        SandboxBuilder::new(federation_exe(), text.clone())
+            .agents(0, 1)
+            .env("FEDERATION__NODE__TIMERS__POLICY_POLL", "200ms")
+            .file(
+                "federation.yaml.approvals",
+                &bundle(vec![
+                    approvals::sign(&k.alice, "alice", content),
+                    approvals::sign(&k.bob, "bob", content),
+                ]),
+            ),
+    )
+    .await;
+    let before = policy_hash(&sandbox).await;
+    let variant = with_approvers(&support::seed_requires_gdpr(), &k);
+    let config = sandbox.config_path().to_path_buf();
+    std::fs::write(&config, &variant).expect("change the file");
+    let refusal = eventually("the poll's refusal", PATIENCE, || async {
+        records(&sandbox, "europe", "policy_reload")
+            .last()
+            .and_then(|r| r["note"].as_str().map(str::to_string))
+    })
+    .await;
+    assert!(
+        refusal.starts_with("refused") && refusal.contains("approves other content"),
+        "{refusal}"
+    );
+    assert_eq!(policy_hash(&sandbox).await, before);
+    let new = variant.as_bytes();
+    std::fs::write(
+        approvals::approvals_path(&config),
+        bundle(vec![
+            approvals::sign(&k.bob, "bob", new),
+            approvals::sign(&k.carol, "carol", new),
+        ]),
+    )
+    .expect("approvals");
+    eventually("the approved change in force", PATIENCE, || async {
+        (policy_hash(&sandbox).await != before).then_some(())
+    })
+    .await;
+    let approved = records(&sandbox, "europe", "policy_approved");
+    let note = approved
+        .last()
+        .and_then(|r| r["note"].as_str())
+        .expect("record");
+    assert!(
+        note.contains("by reload") && note.contains("signed by bob, carol"),
+        "{note}"
+    );
+}

@@ -141,3 +141,92 @@ async fn a_drill_of_europe_agrees_with_the_users_policy() {
 async fn a_drill_of_europe_agrees_with_the_gdpr_variant() {
     run_drill(seed_requires_gdpr(), None).await;
 }
+
+/// The sandbox's `--kill` form: europe's controller is stopped (north_america
+/// sees it dead), EU fails over, and after the restart the drill waits out
+/// the failback hold-down before checking that EU traffic returned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drill_that_stops_europe_waits_out_the_hold_down() {
+    // A hold-down long enough that the drill's polling (every 100 ms) sees it.
+    let mut sandbox = formed(
+        SandboxBuilder::new(federation_exe(), SEED)
+            .agents(0, 1)
+            .env("FEDERATION__NODE__TIMERS__FAILBACK_HOLD_DOWN", "5s"),
+    )
+    .await;
+    let report = federation::cli::drill::sandbox_drill(
+        &mut sandbox,
+        "north_america",
+        "europe",
+        std::time::Duration::from_secs(1),
+        true,
+    )
+    .await
+    .expect("drill runs");
+    assert!(report.passed, "{:#?}", report.differences);
+    assert_eq!(report.disruption, "kill");
+    let timeline: Vec<&str> = report.timeline.iter().map(|e| e.what.as_str()).collect();
+    let at = |what: &str| {
+        timeline
+            .iter()
+            .position(|t| t.contains(what))
+            .unwrap_or_else(|| panic!("no `{what}` in {timeline:#?}"))
+    };
+    assert!(at("stopped europe") < at("sees europe dead"));
+    assert!(at("sees europe dead") < at("restarted europe"));
+    assert!(
+        at("restarted europe") < at("failback hold-down"),
+        "{timeline:#?}"
+    );
+    assert!(at("failback hold-down") < at("probes sent after the return"));
+    let during = report
+        .probes
+        .iter()
+        .find(|p| p.phase == "during" && p.name.starts_with("rule 2:"))
+        .expect("EU probe");
+    assert_eq!(during.observed.region.as_deref(), Some("north_america"));
+    assert_eq!(during.expected.outcome, "failover");
+    assert!(report.traffic_returned);
+}
+
+/// Interrupted (Ctrl-C) while europe is drained, the drill undrains it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_drill_undrains_the_region() {
+    let sandbox = formed(SandboxBuilder::new(federation_exe(), SEED).agents(0, 1)).await;
+    let mut cmd = Command::new(federation_exe());
+    cmd.arg("drill")
+        .arg("--controller")
+        .arg(sandbox.addr("north_america").expect("addr").to_string())
+        .args(["--region", "europe", "--duration", "10m"])
+        .arg("--policy")
+        .arg(sandbox.config_path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    for (k, v) in sandbox.cli_env("operator").expect("env") {
+        cmd.env(k, v);
+    }
+    let mut child = federation::sandbox::ChildGuard::spawn("drill", &mut cmd).expect("drill");
+    sandbox
+        .wait_for_row(
+            "north_america",
+            "europe",
+            "europe draining",
+            support::PATIENCE,
+            |r| r.draining,
+        )
+        .await
+        .expect("europe drained by the drill");
+    child.signal("INT").expect("interrupt");
+    let status = child.wait_timeout(support::PATIENCE).expect("drill exits");
+    assert_eq!(status.code(), Some(2));
+    sandbox
+        .wait_for_row(
+            "north_america",
+            "europe",
+            "europe not draining",
+            support::PATIENCE,
+            |r| !r.draining,
+        )
+        .await
+        .expect("europe undrained");
+}

@@ -741,4 +741,48 @@ mod tests {
         assert_eq!(a.approvers, Approvers::default());
         assert_ne!(a.hash, b.hash, "a policy section is part of the policy");
     }
+
+    #[test]
+    fn an_override_of_the_signed_federation_section_is_refused() {
+        let (a, b) = (signer("alice"), signer("bob"));
+        let seed = include_str!("../../policies/seed-federation.yaml");
+        let text = seed.replace(
+            "  data_synchronization:",
+            &format!(
+                "  policy:\n    approvers:\n      alice: \"{}\"\n      bob: \"{}\"\n    require_approvals: true\n  data_synchronization:",
+                public_key_of(&a.pair),
+                public_key_of(&b.pair)
+            ),
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("f.yaml");
+        std::fs::write(&path, &text).expect("write");
+        let file = bundle(vec![
+            sign(&a.pair, "alice", text.as_bytes()),
+            sign(&b.pair, "bob", text.as_bytes()),
+        ]);
+        write_file(&path, &file).expect("approvals");
+        let load = |env: &[(&str, &str)]| {
+            let loaded = crate::config::load(&crate::config::Sources {
+                federation_file: path.clone(),
+                node_file: None,
+                env: Some(
+                    env.iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                ),
+            })
+            .expect("loads");
+            let policy = crate::policy::Policy::from_loaded(&loaded).expect("valid");
+            check_loaded(None, &policy, &loaded, None)
+        };
+        let v = load(&[("FEDERATION__NODE__REGION", "europe")]).expect("node overrides are fine");
+        assert_eq!(v.expect("verdict").signed, ["alice", "bob"]);
+        let err = load(&[(
+            "FEDERATION__FEDERATION__DATA_SYNCHRONIZATION__COMPRESSION_LEVEL",
+            "9",
+        )])
+        .expect_err("a policy override");
+        assert!(err.contains("would differ from the signed file"), "{err}");
+    }
 }

@@ -403,38 +403,14 @@ async fn demo_drill(demo: &mut Sandbox) -> anyhow::Result<()> {
     super::output::say!(
         "\n== failover drill: stop europe's controller, probe every rule, restart it, wait out the hold-down"
     );
-    let env: std::collections::BTreeMap<String, String> =
-        demo.cli_env("operator")?.into_iter().collect();
-    let connect = super::connect::Connect {
-        controller: Some(
-            super::connect::parse_address(&demo.addr("north_america")?.to_string())
-                .map_err(anyhow::Error::msg)?,
-        ),
-        timeout: Duration::from_secs(10),
-        ca: env.get("FEDERATION_CA").map(Into::into),
-        cert: env.get("FEDERATION_CERT").map(Into::into),
-        key: env.get("FEDERATION_KEY").map(Into::into),
-        token: None,
-        insecure: env.is_empty(),
-    };
-    let policy = demo.config_path().to_path_buf();
     let report_path =
         std::env::temp_dir().join(format!("federation-demo-drill-{}.html", std::process::id()));
-    let mut stop_start = |stop: bool| {
-        if stop {
-            demo.kill_controller("europe")
-        } else {
-            demo.start_controller("europe")
-        }
-    };
-    let report = super::drill::drill(
-        &connect,
+    let report = super::drill::sandbox_drill(
+        demo,
+        "north_america",
         "europe",
         Duration::from_secs(1),
-        &policy,
-        None,
-        Duration::from_secs(60),
-        super::drill::Disruption::Kill(&mut stop_start),
+        true,
     )
     .await?;
     super::drill::write_report(&report, &report_path)?;

@@ -9,7 +9,8 @@
 //! entry controller's decision-log range with its chain verification.
 //!
 //! Exit status: 0 every placement agreed, traffic returned and the log
-//! verifies; 1 otherwise; 2 when the drill could not run.
+//! verifies; 1 otherwise; 2 when the drill could not run (interrupted with
+//! Ctrl-C, it undrains R first).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -675,6 +676,62 @@ pub async fn drill(
     })
 }
 
+/// A drill of `region` in a sandbox, through `entry`'s controller with the
+/// sandbox's operator credentials: drains it, or with `kill` stops and
+/// restarts its controller.
+pub async fn sandbox_drill(
+    sandbox: &mut crate::sandbox::Sandbox,
+    entry: &str,
+    region: &str,
+    duration: Duration,
+    kill: bool,
+) -> anyhow::Result<Report> {
+    let env: BTreeMap<String, String> = sandbox.cli_env("operator")?.into_iter().collect();
+    let connect = Connect {
+        controller: Some(
+            connect::parse_address(&sandbox.addr(entry)?.to_string())
+                .map_err(anyhow::Error::msg)?,
+        ),
+        timeout: Duration::from_secs(10),
+        ca: env.get("FEDERATION_CA").map(Into::into),
+        cert: env.get("FEDERATION_CERT").map(Into::into),
+        key: env.get("FEDERATION_KEY").map(Into::into),
+        token: None,
+        insecure: env.is_empty(),
+    };
+    let policy = sandbox.config_path().to_path_buf();
+    let patience = Duration::from_secs(60);
+    if !kill {
+        return drill(
+            &connect,
+            region,
+            duration,
+            &policy,
+            None,
+            patience,
+            Disruption::Drain,
+        )
+        .await;
+    }
+    let mut stop_start = |stop: bool| {
+        if stop {
+            sandbox.kill_controller(region)
+        } else {
+            sandbox.start_controller(region)
+        }
+    };
+    drill(
+        &connect,
+        region,
+        duration,
+        &policy,
+        None,
+        patience,
+        Disruption::Kill(&mut stop_start),
+    )
+    .await
+}
+
 /// Writes `report` to `path` (`.json`, else HTML).
 pub fn write_report(report: &Report, path: &Path) -> anyhow::Result<()> {
     let text = if path.extension().and_then(|e| e.to_str()) == Some("json") {
@@ -729,19 +786,56 @@ pub fn summary(report: &Report) -> String {
     out
 }
 
+/// Undrains `region` after an interrupted drill (best effort, logged).
+async fn undrain(c: &Connect, region: &str, region_controller: Option<&str>) {
+    let addr = match region_controller {
+        Some(a) => Some(a.to_string()),
+        None => match connect::channel(c) {
+            Ok(ch) => status(&mut Admin::new(ch)).await.ok().and_then(|s| {
+                s.regions
+                    .into_iter()
+                    .find(|r| r.region == region)
+                    .map(|r| r.endpoint)
+            }),
+            Err(_) => None,
+        },
+    };
+    let mut rc = c.clone();
+    rc.controller = addr.as_deref().and_then(|a| connect::parse_address(a).ok());
+    let undrained = match connect::channel(&rc) {
+        Ok(ch) => Admin::new(ch)
+            .drain(api::DrainRequest { drain: false })
+            .await
+            .is_ok(),
+        Err(_) => false,
+    };
+    if undrained {
+        eprintln!("interrupted: undrained {region}");
+    } else {
+        eprintln!(
+            "interrupted: could not undrain {region}: run `federation undrain` on its controller"
+        );
+    }
+}
+
 /// `federation drill`.
 pub fn run(args: DrillArgs) -> ExitCode {
     super::client::run_command(async move {
-        let report = drill(
-            &args.connect,
-            &args.region,
-            args.duration,
-            &args.policy,
-            args.region_controller.as_deref(),
-            args.patience,
-            Disruption::Drain,
-        )
-        .await;
+        let report = tokio::select! {
+            r = drill(
+                &args.connect,
+                &args.region,
+                args.duration,
+                &args.policy,
+                args.region_controller.as_deref(),
+                args.patience,
+                Disruption::Drain,
+            ) => r,
+            _ = tokio::signal::ctrl_c() => {
+                undrain(&args.connect, &args.region, args.region_controller.as_deref()).await;
+                return ExitCode::from(2);
+            }
+        };
         let report = match report {
             Ok(r) => r,
             Err(e) => return super::fail(&e, 2),

@@ -474,12 +474,16 @@ async fn notify_when_serving(node: Arc<Node>) {
     }
 }
 
-/// Re-reads the federation file every `every` and reloads the policy when
-/// its bytes changed (a mounted ConfigMap is replaced atomically, so a read
+/// Re-reads the federation file (and its approvals file) every `every` and
+/// reloads the policy when their bytes changed (a mounted ConfigMap is replaced atomically, so a read
 /// sees the old or the new file whole). A refused policy is logged once per
 /// content; the old one keeps routing.
 async fn poll_policy(node: Arc<Node>, every: std::time::Duration) {
     let path = node.config_path.clone();
+    // The approvals file too: approvals added after the file changed (the
+    // usual order) must trigger the reload the file change could not.
+    let approvals = crate::approvals::approvals_path(&path);
+    let mut seen_approvals = tokio::fs::read(&approvals).await.ok();
     let mut seen = tokio::fs::read(&path).await.ok();
     // The file may have changed between the start-up load and that read:
     // compare what it holds now with the policy in force, once.
@@ -509,10 +513,12 @@ async fn poll_policy(node: Arc<Node>, every: std::time::Duration) {
                 continue;
             }
         };
-        if seen.as_deref() == Some(now.as_slice()) {
+        let now_approvals = tokio::fs::read(&approvals).await.ok();
+        if seen.as_deref() == Some(now.as_slice()) && seen_approvals == now_approvals {
             continue;
         }
         seen = Some(now);
+        seen_approvals = now_approvals;
         changed = true;
     }
 }
