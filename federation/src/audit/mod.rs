@@ -78,6 +78,7 @@
 //! makes `open` refuse, naming the line.
 
 pub mod anchor;
+pub mod tail;
 #[cfg(test)]
 mod tests;
 

@@ -13,7 +13,7 @@ use std::time::Instant;
 use federation_api as api;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::client::{EventStream, local_cancel, local_get, local_watch};
+use super::client::{EventStream, local_cancel, local_get_with_decision, local_watch};
 use crate::auth::Caller;
 use crate::controller::Node;
 use crate::error::Error;
@@ -154,9 +154,9 @@ impl api::federation_peer_server::FederationPeer for PeerService {
     ) -> Result<Response<api::GetTaskResponse>, Status> {
         let req = request.into_inner();
         self.owned(&req.task_id)?;
-        Ok(Response::new(api::GetTaskResponse {
-            task: Some(local_get(&self.node, &req.task_id)?),
-        }))
+        Ok(Response::new(
+            local_get_with_decision(&self.node, &req.task_id).await?,
+        ))
     }
 
     type RelayWatchTaskStream = EventStream;
