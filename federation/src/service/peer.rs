@@ -216,6 +216,16 @@ impl api::federation_peer_server::FederationPeer for PeerService {
             },
         }))
     }
+
+    async fn recent_decisions(
+        &self,
+        request: Request<api::ListDecisionsRequest>,
+    ) -> Result<Response<api::ListDecisionsResponse>, Status> {
+        let req = request.into_inner();
+        Ok(Response::new(
+            crate::status_view::remote::answer(&self.node, &req).await?,
+        ))
+    }
 }
 
 /// What a push carries.
