@@ -1,5 +1,5 @@
 //! The routing decision of one task, for `GetTask`: the owner's decision-log
-//! record that placed it (`route` when the client called the owner,
+//! record that placed it (its first) (`route` when the client called the owner,
 //! `forwarded_in` when another region forwarded it), read from the end of
 //! the log ([`crate::audit::tail`]) and turned back into the wire's
 //! `RouteDecision` (the record's `decision` is a serialized
@@ -15,9 +15,12 @@ use serde_json::Value;
 
 use crate::audit::{Record, kind, tail};
 
-/// How far before a task's creation its decision record may lie (the record
-/// is appended when the task is stored; the margin covers clock steps).
-const MARGIN_MS: i64 = 10 * 60 * 1000;
+/// How long before a task's creation time its decision record may have been
+/// appended (the record is appended when the task is stored, after its
+/// creation time is taken: the margin covers a clock stepped back).
+const BEFORE_MS: i64 = 5_000;
+/// How long after (a slow commit; a clock stepped forward).
+const AFTER_MS: i64 = 10 * 60 * 1000;
 
 /// True for a record that placed a task (not a correction saying it was not
 /// stored after all).
@@ -32,13 +35,20 @@ fn placed(r: &Record) -> bool {
 }
 
 /// The decision that placed `task_id` (created at `created_unix_ms`) as the
-/// log at `log` holds it; `None` when it holds none.
+/// log at `log` holds it: the task's first placing record (a retry under the
+/// same idempotency key logs another, later); `None` when it holds none.
 pub fn find(
     log: &Path,
     task_id: &str,
     created_unix_ms: i64,
 ) -> Result<Option<api::RouteDecision>, crate::audit::AuditError> {
-    let found = tail::last_of_task(log, task_id, created_unix_ms - MARGIN_MS, placed)?;
+    let found = tail::first_of_task(
+        log,
+        task_id,
+        created_unix_ms.saturating_sub(BEFORE_MS),
+        created_unix_ms.saturating_add(AFTER_MS),
+        placed,
+    )?;
     Ok(found
         .and_then(|r| r.entry.decision)
         .map(|d| from_record(&d)))

@@ -1,11 +1,13 @@
-//! Reading the decision log from its end: the newest records that match, or
-//! the newest record of one task, without reading (or parsing) the whole
-//! file. For the status page (every few seconds) and `GetTask`, whose cost
-//! must not grow with the log.
+//! Reading part of the decision log without reading (or parsing) the whole
+//! file: the newest records that match ([`recent`], read backwards from the
+//! end in blocks of [`BLOCK`] bytes), and the record of one task near a time
+//! ([`first_of_task`], found by bisecting the file on `unix_ms`). For the
+//! status page (every few seconds) and `GetTask`, whose cost must not grow
+//! with the log.
 //!
-//! Reads blocks of [`BLOCK`] bytes backwards; a torn last line (no newline)
-//! is skipped as [`super::show`] skips it; a line that does not parse is
-//! skipped here (display only: `audit verify` is what judges the chain).
+//! A torn last line (no newline) is skipped as [`super::show`] skips it; a
+//! line that does not parse is skipped here (display only: `audit verify`
+//! is what judges the chain).
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
@@ -92,36 +94,85 @@ pub fn recent(
     Ok(out)
 }
 
-/// The newest record of `task_id` that `keep` accepts, searching back from
-/// the end of the log no further than records older than `not_before_unix_ms`
-/// (pass the task's creation time less a margin: its decision was appended
-/// when it was stored).
-pub fn last_of_task(
+/// The first record of `task_id` that `keep` accepts among the records
+/// appended from `from_unix_ms` to `to_unix_ms` (for a task's decision: from
+/// a little before its creation, since the record is appended when the task
+/// is stored). The log is in append order, so the window's start is found by
+/// bisecting the file on `unix_ms`, and it is read forwards until the record
+/// or the window's end: a few seeks plus the records appended between
+/// `from_unix_ms` and the record, whatever the log's size. A record outside
+/// the window (a clock stepped further) is not found.
+pub fn first_of_task(
     path: &Path,
     task_id: &str,
-    not_before_unix_ms: i64,
+    from_unix_ms: i64,
+    to_unix_ms: i64,
     mut keep: impl FnMut(&Record) -> bool,
 ) -> Result<Option<Record>, AuditError> {
-    let mut found = None;
-    // The task id must appear in the line: skip parsing every other line.
+    let path = log_path(path);
+    let io = |source| AuditError::Io {
+        path: path.clone(),
+        source,
+    };
+    let mut file = match File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io(e)),
+    };
+    let len = file.seek(SeekFrom::End(0)).map_err(io)?;
+    let (from, to) = (from_unix_ms, to_unix_ms);
+    // Bisect: `lo` stays at or before the first line appended at `from` or
+    // later (a line start, or the start of a line's tail that is skipped).
+    let (mut lo, mut hi) = (0u64, len);
+    while hi - lo > BLOCK {
+        let mid = lo + (hi - lo) / 2;
+        match first_line_time(&mut file, mid, hi).map_err(io)? {
+            Some(ms) if ms < from => lo = mid,
+            _ => hi = mid,
+        }
+    }
+    // Read forwards from `lo` to the window's end.
+    file.seek(SeekFrom::Start(lo)).map_err(io)?;
+    let mut reader = std::io::BufReader::new(file);
     let needle = format!("\"task_id\":\"{task_id}\"");
-    each_line_backwards(path, u64::MAX, |line| {
-        let text = String::from_utf8_lossy(line);
+    let mut line = Vec::new();
+    let mut first = lo > 0;
+    loop {
+        line.clear();
+        let n = std::io::BufRead::read_until(&mut reader, b'\n', &mut line).map_err(io)?;
+        if n == 0 || line.last() != Some(&b'\n') {
+            break; // the end, or a torn last line
+        }
+        if std::mem::take(&mut first) {
+            continue; // the tail of a line that began before `lo`
+        }
+        let text = String::from_utf8_lossy(&line);
+        if unix_ms_of(&text).is_some_and(|ms| ms > to) {
+            break;
+        }
         if text.contains(&needle) {
             if let Ok(r) = serde_json::from_str::<Record>(&text) {
                 if r.entry.task_id.as_deref() == Some(task_id) && keep(&r) {
-                    found = Some(r);
-                    return false;
+                    return Ok(Some(r));
                 }
             }
-        } else if let Some(ms) = unix_ms_of(&text) {
-            if ms < not_before_unix_ms {
-                return false;
-            }
         }
-        true
-    })?;
-    Ok(found)
+    }
+    Ok(None)
+}
+
+/// The `unix_ms` of the first line that starts after `at` (and before
+/// `end`); `None` when there is none.
+fn first_line_time(file: &mut File, at: u64, end: u64) -> std::io::Result<Option<i64>> {
+    file.seek(SeekFrom::Start(at))?;
+    let mut reader = std::io::BufReader::new(file.take(end.saturating_sub(at)));
+    let mut skipped = Vec::new();
+    if std::io::BufRead::read_until(&mut reader, b'\n', &mut skipped)? == 0 {
+        return Ok(None);
+    }
+    let mut line = Vec::new();
+    std::io::BufRead::read_until(&mut reader, b'\n', &mut line)?;
+    Ok(unix_ms_of(&String::from_utf8_lossy(&line)))
 }
 
 /// The `unix_ms` field of a line, without parsing the rest of it.
@@ -171,16 +222,13 @@ mod tests {
         );
         assert_eq!(bounded.last(), all.last());
 
-        let found = last_of_task(dir.path(), "t12", 0, |_| true).expect("read");
+        let window = |r: &Record| (r.unix_ms - 5_000, r.unix_ms + 60_000);
+        let (from, to) = window(&all[12]);
+        let found = first_of_task(dir.path(), "t12", from, to, |_| true).expect("read");
         assert_eq!(found.as_ref(), Some(&all[12]));
-        // Not found past the time bound.
-        let future = all[12].unix_ms + 1_000_000;
+        let (from, to) = window(&all[1]);
         assert_eq!(
-            last_of_task(dir.path(), "t12", future, |_| true).expect("read"),
-            None
-        );
-        assert_eq!(
-            last_of_task(dir.path(), "t1", 0, |_| true)
+            first_of_task(dir.path(), "t1", from, to, |_| true)
                 .expect("read")
                 .map(|r| r.seq),
             Some(2),
@@ -198,6 +246,57 @@ mod tests {
             recent(&dir.path().join("nope"), &Filter::default(), 3, u64::MAX)
                 .expect("missing file")
                 .is_empty()
+        );
+    }
+
+    /// A log of `n` records one second apart (synthetic lines: the reader
+    /// does not check hashes), each about 1.5 KiB.
+    fn spread_log(dir: &Path, n: i64) {
+        let mut text = String::new();
+        for i in 0..n {
+            let r = Record {
+                seq: i as u64 + 1,
+                time: String::new(),
+                unix_ms: 1_000_000 + i * 1000,
+                region: "europe".into(),
+                entry: DecisionEntry::new(kind::ROUTE)
+                    .task(format!("t{i}"))
+                    .note("y".repeat(1500)),
+                prev_hash: String::new(),
+                hash: String::new(),
+            };
+            text.push_str(&serde_json::to_string(&r).expect("json"));
+            text.push('\n');
+        }
+        std::fs::write(dir.join(crate::audit::FILE_NAME), text).expect("write");
+    }
+
+    #[test]
+    fn a_tasks_record_is_found_by_time_without_reading_the_log() {
+        let dir = tempfile::tempdir().expect("tmp");
+        spread_log(dir.path(), 5000); // ~7.5 MiB, ~115 blocks
+        for i in [0, 1, 777, 2500, 4999] {
+            let at = 1_000_000 + i * 1000;
+            let found = first_of_task(dir.path(), &format!("t{i}"), at - 2_000, at + 2_000, |_| {
+                true
+            })
+            .expect("read")
+            .unwrap_or_else(|| panic!("t{i} found"));
+            assert_eq!(found.unix_ms, at);
+        }
+        // Outside the window: not found (and not searched for).
+        assert_eq!(
+            first_of_task(dir.path(), "t777", 3_000_000, 3_100_000, |_| true).expect("read"),
+            None
+        );
+        // `keep` chooses among the task's records.
+        assert_eq!(
+            first_of_task(dir.path(), "t10", 1_005_000, 1_015_000, |_| false).expect("read"),
+            None
+        );
+        assert_eq!(
+            first_of_task(&dir.path().join("none"), "t1", 0, 1, |_| true).expect("missing"),
+            None
         );
     }
 }
