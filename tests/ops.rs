@@ -182,6 +182,54 @@ async fn metrics_and_status_page() {
         "{openmetrics}"
     );
 
+    // europe drains: the open page shows it, and the failover it causes is
+    // highlighted with europe's refusal.
+    sandbox
+        .admin("europe")
+        .await
+        .expect("admin")
+        .drain(api::DrainRequest { drain: true })
+        .await
+        .expect("drain");
+    let until = Instant::now() + PATIENCE;
+    while browser.eval_string(
+        "(document.querySelector('#map-europe') || {getAttribute: () => ''}).getAttribute('class')",
+    ) != "node alive draining"
+    {
+        assert!(
+            Instant::now() < until,
+            "the open page did not show europe draining"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let failover = client
+        .submit_task(api::SubmitTaskRequest {
+            attributes: string_attrs(&[("customer_region", "FR")]),
+            ..Default::default()
+        })
+        .await
+        .expect("a failover to north_america")
+        .into_inner();
+    assert_eq!(failover.region, "north_america");
+    let until = Instant::now() + PATIENCE;
+    let refused = loop {
+        let text = browser.eval_string(
+            "Array.from(document.querySelectorAll('#decisions tr.failover')).map(r => r.innerText).join('\\n')",
+        );
+        if text.contains(&failover.task_id) {
+            break text;
+        }
+        assert!(
+            Instant::now() < until,
+            "the open page did not list the failover"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        refused.contains("europe: draining") && refused.contains("failover"),
+        "{refused}"
+    );
+
     // The rendered page: regions, the map, the audit's warnings, decisions
     // of every region with failovers and refusals, per-rule counters.
     let dom = browser.eval_string("document.documentElement.outerHTML");
@@ -189,10 +237,10 @@ async fn metrics_and_status_page() {
         "Global Enterprise Federation",
         "<b id=\"self\">north_america</b>",
         "<b id=\"viewer\">operator</b>",
-        "<td class=\"alive\">alive</td>",
+        "<td class=\"alive\">alive (draining)</td>",
         "<td class=\"dead\">dead</td>",
         "GDPR, SOX",
-        "id=\"map-europe\" class=\"node alive\"",
+        "id=\"map-europe\" class=\"node alive draining\"",
         "id=\"link-liveness-north_america-asia_pacific\" class=\"liveness dead\"",
         "id=\"link-failover-europe-north_america\" class=\"failover drops-tag\"",
         "failover-drops-tag",

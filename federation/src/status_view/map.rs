@@ -16,7 +16,7 @@ use crate::policy::Policy;
 /// Width of the SVG's user space.
 pub const WIDTH: i32 = 960;
 /// Height of the SVG's user space.
-pub const HEIGHT: i32 = 560;
+pub const HEIGHT: i32 = 520;
 /// Radius of the circle the regions sit on.
 const RADIUS: f64 = 190.0;
 /// How far a failover link bends away from the straight line.
@@ -55,7 +55,7 @@ pub struct Map {
 /// Places `regions` (sets their `x`, `y`) and computes the links.
 pub fn layout(policy: &Policy, here: &str, regions: &mut [RegionRow]) -> Map {
     let n = regions.len().max(1) as f64;
-    let (cx, cy) = (f64::from(WIDTH) / 2.0, f64::from(HEIGHT) / 2.0 - 20.0);
+    let (cx, cy) = (f64::from(WIDTH) / 2.0, f64::from(HEIGHT) / 2.0 - 30.0);
     // This region first (on top), the others clockwise in listing order.
     let start = regions.iter().position(|r| r.name == here).unwrap_or(0);
     let count = regions.len();
@@ -164,12 +164,12 @@ fn rank(class: &str) -> u8 {
 }
 
 /// A quadratic curve from `a` to `b` bent to its left, stopping short of the
-/// region circles (radius ~34) so that the arrow head shows.
+/// region circles (radius 30) so that the arrow head shows.
 fn bent(a: (f64, f64), b: (f64, f64)) -> String {
     let (dx, dy) = (b.0 - a.0, b.1 - a.1);
     let len = (dx * dx + dy * dy).sqrt().max(1.0);
     let (ux, uy) = (dx / len, dy / len);
-    let short = 40.0;
+    let short = 36.0;
     let a2 = (a.0 + ux * short, a.1 + uy * short);
     let b2 = (b.0 - ux * short, b.1 - uy * short);
     let mid = ((a.0 + b.0) / 2.0 - uy * BEND, (a.1 + b.1) / 2.0 + ux * BEND);
