@@ -364,6 +364,49 @@ async fn metrics_and_status_page() {
         );
     }
 
+    // What a peer gets for its page: north_america's records without values.
+    let mut as_europe = api::federation_peer_client::FederationPeerClient::new(
+        sandbox
+            .peer_channel("north_america", "europe")
+            .await
+            .expect("peer channel"),
+    );
+    let sent = as_europe
+        .recent_decisions(api::ListDecisionsRequest::default())
+        .await
+        .expect("recent decisions")
+        .into_inner();
+    let records: Vec<serde_json::Value> = sent
+        .records
+        .iter()
+        .map(|r| serde_json::from_str(r).expect("a record"))
+        .collect();
+    let us = records
+        .iter()
+        .find(|r| r["attributes"].get("label").is_some())
+        .unwrap_or_else(|| panic!("the US task's record: {records:?}"));
+    assert_eq!(
+        us["attributes"],
+        serde_json::json!({"customer_region": null, "label": null})
+    );
+    let everything = sent.records.join("\n");
+    assert!(
+        !everything.contains("pwned") && !everything.contains("customer_region='JP'"),
+        "{everything}"
+    );
+    assert!(
+        everything.contains("these attributes (customer_region=…)"),
+        "{everything}"
+    );
+    let mut as_operator = api::federation_peer_client::FederationPeerClient::new(
+        sandbox.channel("north_america").await.expect("channel"),
+    );
+    let refused = as_operator
+        .recent_decisions(api::ListDecisionsRequest::default())
+        .await
+        .expect_err("peers only");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+
     // `/login` asks a browser for a token (HTTP Basic) until it has a known one.
     let basic = |token: &str| {
         use base64::Engine as _;
