@@ -153,7 +153,23 @@ async fn client_commands_against_one_federation() {
         let (code, out, err) = run(&with_addr(env, &addr), &["get", &id]).await;
         assert_eq!(code, 0, "{addr}: {out}{err}");
         assert!(out.contains("succeeded") && out.contains("europe"), "{out}");
+        // The decision that placed it, from the owner's log (relayed).
+        assert!(
+            out.contains("decision  routed to europe")
+                && out.contains("accepted forward from north_america"),
+            "{out}"
+        );
     }
+    let (code, out, err) = run(&with_addr(env, &na), &["get", &id, "--format", "json"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let got: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(got["task_id"], id.as_str(), "{got}");
+    assert_eq!(keys(&got["decision"]), keys(&explained), "{got}");
+    assert_eq!(got["decision"]["outcome"], explained["outcome"], "{got}");
+    assert_eq!(
+        got["decision"]["rule_index"], explained["rule_index"],
+        "{got}"
+    );
     let (code, _, err) = run(env, &["get", &id]).await;
     assert_eq!(code, 2, "no address at all is a usage error: {err}");
     assert!(

@@ -1,22 +1,61 @@
-//! The admin HTTP port: Prometheus metrics at `/metrics` and a status page at
-//! `/` (plain HTML, no external assets: regions with state, tags, capacity
-//! and advertisement age; the most recent decisions with their reasons).
-//! Read-only: nothing served here changes the controller.
+//! The admin HTTP port: Prometheus metrics at `/metrics` and the live
+//! federation view ([`crate::status_view`]): `/` the page (askama templates
+//! in `federation/templates/`, HTML auto-escaped, no external assets), `/view`
+//! the page's body, which the page's inline script fetches again every
+//! heartbeat or two and swaps in (no reload), `/view.json` the same view as
+//! JSON, `/login` an HTTP Basic challenge (the token as the password) for
+//! browsers. Read-only: nothing served here changes the controller.
 
-use std::fmt::Write as _;
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
+use askama::Template;
 use axum::extract::State;
-use axum::http::header;
-use axum::response::{Html, IntoResponse};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tokio::net::TcpListener;
 
 use crate::controller::Node;
+use crate::status_view::{self, View, Viewer};
 
-/// How many recent decisions the status page shows.
-const RECENT_DECISIONS: usize = 25;
+/// The page's only script: fetch `/view` every `data-refresh-ms` and swap
+/// it in; say so when it fails. It never builds HTML from data: the server
+/// renders (and escapes) every byte it inserts.
+const SCRIPT: &str = "(function(){var view=document.getElementById('view'),badge=document.getElementById('refresh');\
+var every=Number(document.body.dataset.refreshMs)||2000;\
+function tick(){fetch('view',{cache:'no-store',credentials:'same-origin'})\
+.then(function(r){if(!r.ok){throw new Error('HTTP '+r.status);}return r.text();})\
+.then(function(t){view.innerHTML=t;badge.textContent='live, updated '+new Date().toLocaleTimeString();badge.className='ok';})\
+.catch(function(e){badge.textContent='not updating: '+e.message;badge.className='dead';})\
+.then(function(){setTimeout(tick,every);});}\
+setTimeout(tick,every);})();";
+
+/// The status page.
+#[derive(Template)]
+#[template(path = "status.html")]
+struct Page<'a> {
+    v: &'a View,
+    refresh_ms: u64,
+    script: &'a str,
+}
+
+/// The page's body, as `/view` serves it.
+#[derive(Template)]
+#[template(path = "status_body.html")]
+struct Body<'a> {
+    v: &'a View,
+}
+
+/// What the handlers share.
+struct App {
+    node: Arc<Node>,
+    remote: status_view::remote::RemoteDecisions,
+    audit: status_view::AuditCache,
+    refresh: Duration,
+    csp: String,
+}
 
 /// Serves the admin HTTP port on `listener` until `shutdown` resolves.
 pub async fn serve(
@@ -24,24 +63,49 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = axum::Router::new()
-        .route("/", get(status_page))
+    let refresh = node
+        .timers
+        .heartbeat_interval
+        .clamp(Duration::from_millis(500), Duration::from_secs(5));
+    let app = Arc::new(App {
+        remote: status_view::remote::RemoteDecisions::new(refresh),
+        audit: status_view::AuditCache::default(),
+        refresh,
+        csp: content_security_policy(),
+        node,
+    });
+    let router = axum::Router::new()
+        .route("/", get(page))
+        .route("/view", get(body))
+        .route("/view.json", get(json))
+        .route("/login", get(login))
         .route("/metrics", get(metrics))
-        .with_state(node);
-    axum::serve(listener, app)
+        .with_state(app);
+    axum::serve(listener, router)
         .with_graceful_shutdown(shutdown)
         .await
 }
 
+/// Only the page's own script runs, styles are inline, fetches go to this
+/// origin: an injected script would not run even if escaping failed.
+fn content_security_policy() -> String {
+    use base64::Engine as _;
+    use sha2::Digest as _;
+    let hash = base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(SCRIPT));
+    format!(
+        "default-src 'none'; script-src 'sha256-{hash}'; style-src 'unsafe-inline'; \
+         connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; \
+         frame-ancestors 'none'"
+    )
+}
+
 /// `/metrics`: OpenMetrics when the scraper asks for it (Prometheus does),
 /// else the Prometheus text format (`promtool`, `curl`).
-async fn metrics(
-    State(node): State<Arc<Node>>,
-    headers: axum::http::HeaderMap,
-) -> impl IntoResponse {
+async fn metrics(State(app): State<Arc<App>>, headers: HeaderMap) -> impl IntoResponse {
     use crate::metrics::exposition;
+    let node = &app.node;
     let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
-    let openmetrics = node.metrics.render(&node);
+    let openmetrics = node.metrics.render(node);
     if exposition::wants_openmetrics(accept) {
         (
             [(header::CONTENT_TYPE, exposition::OPENMETRICS)],
@@ -55,98 +119,90 @@ async fn metrics(
     }
 }
 
-/// Escapes text for HTML.
-fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
+/// The view for the viewer of `headers`, with peers' decisions refreshed.
+async fn view(app: &App, headers: &HeaderMap) -> View {
+    let viewer = Viewer::from_headers(&app.node.auth, headers);
+    app.remote.refresh(&app.node).await;
+    let warnings = app.audit.findings(app.node.policy()).await;
+    status_view::build(&app.node, &viewer, warnings, &app.remote).await
 }
 
-async fn status_page(State(node): State<Arc<Node>>) -> Html<String> {
-    let status = crate::service::status(&node);
-    let log_path = node.log.path().to_path_buf();
-    let recent = tokio::task::spawn_blocking(move || {
-        crate::audit::show(&log_path, &crate::audit::Filter::default())
-    })
-    .await
-    .ok()
-    .and_then(Result::ok)
-    .unwrap_or_default();
-
-    let mut h = String::new();
-    let _ = write!(
-        h,
-        "<!doctype html><html><head><meta charset=\"utf-8\"><title>{fed} — {region}</title>\
-         <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}\
-         td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}\
-         .alive,.self{{color:#070}}.suspect{{color:#a60}}.dead,.unknown{{color:#b00}}</style></head><body>\
-         <h1>{fed}</h1><p>seen from <b id=\"self\">{region}</b>, epoch {epoch}, policy <code>{hash}</code></p>\
-         <h2>Regions</h2><table id=\"regions\"><tr><th>region</th><th>state</th><th>tags</th>\
-         <th>slots free/total</th><th>queue</th><th>advertisement age</th><th>policy</th></tr>",
-        fed = esc(&status.federation),
-        region = esc(&status.self_region),
-        epoch = status.epoch,
-        hash = esc(&status.policy_hash[..status.policy_hash.len().min(12)]),
-    );
-    for r in &status.regions {
-        let c = r.capacity.unwrap_or_default();
-        let age = if r.last_advertisement_age_ms < 0 {
-            "never".to_string()
-        } else {
-            format!("{:.1} s", r.last_advertisement_age_ms as f64 / 1000.0)
-        };
-        let state = if r.draining {
-            format!("{} (draining)", r.state)
-        } else {
-            r.state.clone()
-        };
-        let _ = write!(
-            h,
-            "<tr><td>{}</td><td class=\"{}\">{}</td><td>{}</td><td>{}/{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-            esc(&r.region),
-            esc(&r.state),
-            esc(&state),
-            esc(&r.compliance_tags.join(", ")),
-            c.free_slots,
-            c.total_slots,
-            c.queue_depth,
-            age,
-            if r.policy_mismatch { "differs" } else { "same" }
-        );
-    }
-    h.push_str("</table>");
-    for r in status
-        .regions
-        .iter()
-        .filter(|r| r.store_undecodable_records > 0)
-    {
-        let _ = write!(
-            h,
-            "<h2>Task store</h2><p id=\"store-undecodable\" class=\"dead\">{} task records do not decode (skipped by leasing, snapshots and status; see <code>federation store check</code>):</p><ul>",
-            r.store_undecodable_records
-        );
-        for line in &r.store_undecodable {
-            let _ = write!(h, "<li><code>{}</code></li>", esc(line));
+fn html(app: &App, rendered: Result<String, askama::Error>) -> Response {
+    match rendered {
+        Ok(text) => {
+            let mut resp = (
+                [
+                    (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+                    (header::CACHE_CONTROL, "no-store"),
+                ],
+                text,
+            )
+                .into_response();
+            if let Ok(v) = HeaderValue::from_str(&app.csp) {
+                resp.headers_mut()
+                    .insert(header::CONTENT_SECURITY_POLICY, v);
+            }
+            resp
         }
-        h.push_str("</ul>");
+        Err(e) => {
+            tracing::error!(error = %e, "rendering the status page failed");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("rendering the status page failed: {e}"),
+            )
+                .into_response()
+        }
     }
-    h.push_str(
-        "<h2>Recent decisions</h2><table id=\"decisions\"><tr><th>time</th><th>kind</th>\
-         <th>task</th><th>outcome</th><th>region</th><th>reason</th></tr>",
-    );
-    for r in recent.iter().rev().take(RECENT_DECISIONS) {
-        let _ = write!(
-            h,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-            esc(&r.time),
-            esc(&r.entry.kind),
-            esc(r.entry.task_id.as_deref().unwrap_or("")),
-            esc(r.outcome().unwrap_or("")),
-            esc(r.chosen_region().unwrap_or("")),
-            esc(r.reason().or(r.entry.note.as_deref()).unwrap_or("")),
-        );
+}
+
+async fn page(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    let v = view(&app, &headers).await;
+    let page = Page {
+        v: &v,
+        refresh_ms: app.refresh.as_millis() as u64,
+        script: SCRIPT,
+    };
+    html(&app, page.render())
+}
+
+async fn body(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    let v = view(&app, &headers).await;
+    html(&app, Body { v: &v }.render())
+}
+
+async fn json(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    let v = view(&app, &headers).await;
+    match serde_json::to_string(&v) {
+        Ok(text) => (
+            [
+                (header::CONTENT_TYPE, "application/json"),
+                (header::CACHE_CONTROL, "no-store"),
+            ],
+            text,
+        )
+            .into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("encoding the view: {e}"),
+        )
+            .into_response(),
     }
-    h.push_str("</table></body></html>");
-    Html(h)
+}
+
+/// `/login`: asks a browser for credentials (HTTP Basic, the token as the
+/// password) until it presents a known token, then sends it back to `/`.
+async fn login(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    let viewer = Viewer::from_headers(&app.node.auth, &headers);
+    if viewer.role.is_some() {
+        return (StatusCode::SEE_OTHER, [(header::LOCATION, "./")]).into_response();
+    }
+    (
+        StatusCode::UNAUTHORIZED,
+        [(
+            header::WWW_AUTHENTICATE,
+            "Basic realm=\"federation status\", charset=\"UTF-8\"",
+        )],
+        "a token of the controller's token file is needed (any user name, the token as the password)\n",
+    )
+        .into_response()
 }

@@ -131,7 +131,8 @@ impl Tokens {
         Self::parse(path, &text)
     }
 
-    fn lookup(&self, token: &str) -> Option<&Identity> {
+    /// The identity of a token, when the file lists it.
+    pub fn lookup(&self, token: &str) -> Option<&Identity> {
         self.by_hash.get(&digest(token))
     }
 }

@@ -26,6 +26,8 @@ pub mod replication;
 pub mod routing;
 pub mod sandbox;
 pub mod service;
+pub mod status_view;
+pub mod task_decision;
 pub mod tasks;
 pub mod transport;
 pub mod wire;

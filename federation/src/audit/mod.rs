@@ -98,6 +98,7 @@ pub mod key;
 pub mod minimise;
 pub mod postgres;
 pub mod replay;
+pub mod tail;
 #[cfg(test)]
 mod tests;
 

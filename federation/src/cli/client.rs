@@ -348,6 +348,27 @@ fn print_outcome(t: &api::Task) {
     }
 }
 
+/// The decision that placed a task, after `print_task` (`get`).
+fn print_decision(d: Option<&api::RouteDecision>) {
+    let Some(d) = d else {
+        say!("decision  not in the owner's decision log (for example a task taken over)");
+        return;
+    };
+    say!("decision  {} to {}", d.outcome, d.region);
+    say!("rule      {}", d.rule);
+    say!("why       {}", d.reason);
+    for c in d.candidates.iter().filter(|c| !c.accepted) {
+        if c.detail.is_empty() {
+            say!("refused   {}: {}", c.region, c.reason);
+        } else {
+            say!("refused   {}: {} ({})", c.region, c.reason, c.detail);
+        }
+    }
+    for w in &d.warnings {
+        say!("warning   {w}");
+    }
+}
+
 fn print_json(v: &Value) {
     say!("{v}");
 }
@@ -493,11 +514,15 @@ pub fn get(args: GetArgs) -> ExitCode {
             .await
         {
             Ok(r) => {
-                let task = r.into_inner().task.unwrap_or_default();
+                let r = r.into_inner();
+                let task = r.task.unwrap_or_default();
                 if args.format == OutputFormat::Json {
-                    print_json(&task_json(&task));
+                    let mut v = task_json(&task);
+                    v["decision"] = r.decision.as_ref().map_or(Value::Null, decision_json);
+                    print_json(&v);
                 } else {
                     print_task(&task);
+                    print_decision(r.decision.as_ref());
                 }
                 ExitCode::SUCCESS
             }

@@ -200,6 +200,9 @@ pub struct Metrics {
     registered_agents: Gauge,
     certificate_expiry: Gauge,
     grpc: Arc<grpc::GrpcMetrics>,
+    /// The decisions counters again, readable (the status page's per-rule
+    /// counters): (rule label, outcome) → count.
+    decision_counts: Mutex<std::collections::BTreeMap<(String, String), u64>>,
 }
 
 impl Default for Metrics {
@@ -227,6 +230,7 @@ impl Metrics {
         let m = Self {
             registry: Mutex::new(Registry::default()),
             decisions: Family::default(),
+            decision_counts: Mutex::default(),
             failovers: Family::default(),
             forward_seconds: Family::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(0.0002, 2.0, 14))
@@ -397,6 +401,12 @@ impl Metrics {
 
     /// Counts a routing decision; `rule` from [`rule_label`].
     pub fn decision(&self, rule: String, outcome: &str, region: Option<&str>) {
+        *self
+            .decision_counts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry((rule.clone(), outcome.to_string()))
+            .or_insert(0) += 1;
         self.decisions
             .get_or_create(&DecisionLabels {
                 rule,
@@ -412,6 +422,14 @@ impl Metrics {
                     .inc();
             }
         }
+    }
+
+    /// The decisions counted so far: (rule label, outcome) → count.
+    pub fn decision_counts(&self) -> std::collections::BTreeMap<(String, String), u64> {
+        self.decision_counts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Records a forward's latency.

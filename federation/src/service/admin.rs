@@ -398,7 +398,9 @@ impl api::federation_admin_server::FederationAdmin for AdminService {
 const MAX_DECISIONS: u32 = 1000;
 
 /// The audit filter of a `ListDecisions` request, validated.
-fn decisions_filter(req: &api::ListDecisionsRequest) -> Result<crate::audit::Filter, Status> {
+pub(crate) fn decisions_filter(
+    req: &api::ListDecisionsRequest,
+) -> Result<crate::audit::Filter, Status> {
     let outcome = match req.outcome.as_str() {
         "" => None,
         o @ ("routed" | "failover" | "rejected") => Some(o.to_string()),

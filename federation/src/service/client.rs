@@ -36,6 +36,17 @@ pub fn local_get(node: &Node, task_id: &str) -> Result<api::Task> {
         .ok_or_else(|| Error::task_not_found(task_id))
 }
 
+/// A task this region owns with the decision that placed it (from this
+/// region's decision log, see [`crate::task_decision`]).
+pub async fn local_get_with_decision(node: &Node, task_id: &str) -> Result<api::GetTaskResponse> {
+    let task = local_get(node, task_id)?;
+    let decision = crate::task_decision::of_local_task(node.log.path(), &task).await;
+    Ok(api::GetTaskResponse {
+        task: Some(task),
+        decision,
+    })
+}
+
 /// Records one ListTasks call reads at most, whatever it keeps.
 const LIST_MAX_SCAN: usize = 10_000;
 
@@ -219,9 +230,9 @@ impl api::federation_client_server::FederationClient for ClientService {
         let req = request.into_inner();
         let owner = owner(&self.node, &req.task_id).await?;
         if owner == self.node.region {
-            return Ok(Response::new(api::GetTaskResponse {
-                task: Some(local_get(&self.node, &req.task_id)?),
-            }));
+            return Ok(Response::new(
+                local_get_with_decision(&self.node, &req.task_id).await?,
+            ));
         }
         let mut client = self.node.peer(&owner)?;
         let deadline = self.node.timers.forward_timeout;

@@ -3,7 +3,7 @@
 //! [`crate::error::Error`] into a status. No business logic lives here.
 //! Each service is wrapped in [`crate::auth::Authed`] (who may call what).
 
-mod admin;
+pub(crate) mod admin;
 mod agent;
 mod client;
 mod peer;

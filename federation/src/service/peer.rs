@@ -13,7 +13,7 @@ use std::time::Instant;
 use federation_api as api;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::client::{EventStream, local_cancel, local_get, local_watch};
+use super::client::{EventStream, local_cancel, local_get_with_decision, local_watch};
 use crate::auth::Caller;
 use crate::controller::Node;
 use crate::error::Error;
@@ -165,9 +165,9 @@ impl api::federation_peer_server::FederationPeer for PeerService {
     ) -> Result<Response<api::GetTaskResponse>, Status> {
         let req = request.into_inner();
         self.owned(&req.task_id)?;
-        Ok(Response::new(api::GetTaskResponse {
-            task: Some(local_get(&self.node, &req.task_id)?),
-        }))
+        Ok(Response::new(
+            local_get_with_decision(&self.node, &req.task_id).await?,
+        ))
     }
 
     type RelayWatchTaskStream = EventStream;
@@ -226,6 +226,16 @@ impl api::federation_peer_server::FederationPeer for PeerService {
                 snapshot_wanted: true,
             },
         }))
+    }
+
+    async fn recent_decisions(
+        &self,
+        request: Request<api::ListDecisionsRequest>,
+    ) -> Result<Response<api::ListDecisionsResponse>, Status> {
+        let req = request.into_inner();
+        Ok(Response::new(
+            crate::status_view::remote::answer(&self.node, &req).await?,
+        ))
     }
 }
 
