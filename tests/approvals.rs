@@ -303,7 +303,12 @@ async fn a_quorum_of_approvals_is_required_to_start_and_to_reload() {
         (policy_hash(&sandbox).await == before).then_some(())
     })
     .await;
-    let approved = records(&sandbox, "europe", "policy_approved");
+    // The record is appended beside the swap, not before it: wait for it.
+    let approved = eventually("the reload's policy_approved record", PATIENCE, || async {
+        let approved = records(&sandbox, "europe", "policy_approved");
+        (approved.len() >= 3).then_some(approved)
+    })
+    .await;
     assert_eq!(approved.len(), 3, "{approved:?}");
     assert_eq!(approved[2]["policy_hash"], before.as_str());
 
