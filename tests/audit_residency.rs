@@ -1,5 +1,5 @@
 //! The audit trail respects residency (issue 15, point 1): a DE `pii` task
-//! entered through north_america and held in europe leaves its personal
+//! entered through north_america (and asia_pacific) and held in europe leaves its personal
 //! attribute's value only in europe. Every file under the other regions'
 //! data directories, every line their controllers logged (at debug level)
 //! and their status pages and metrics are searched for the value; europe's
@@ -104,6 +104,16 @@ async fn check(policy: &str, refused_at_entry: bool) {
         .await
         .expect("terminal");
     assert_eq!(task.state(), api::TaskState::Succeeded, "{task:?}");
+    // Entered through asia_pacific too.
+    let via_ap = sandbox
+        .client("asia_pacific")
+        .await
+        .expect("client")
+        .submit_task(pii_task())
+        .await
+        .expect("accepted via asia_pacific")
+        .into_inner();
+    assert_eq!(via_ap.region, "europe");
 
     if refused_at_entry {
         // europe down: the entry refuses the task (no GDPR elsewhere) and
