@@ -4,7 +4,9 @@
 //! data directories, every line their controllers logged (at debug level)
 //! and their status pages and metrics are searched for the value; europe's
 //! own record must still hold it, and the entry's record must still let an
-//! auditor holding the key match it (`federation audit digest`).
+//! auditor holding the key match it (`federation audit digest`). A task no
+//! rule matches (held nowhere) leaves its e-mail in no record, log line or
+//! status page either.
 
 mod support;
 
@@ -131,6 +133,28 @@ async fn check(policy: &str, refused_at_entry: bool) {
         .await;
         assert!(err.message().contains("lacks GDPR"), "{}", err.message());
     }
+
+    // A task no rule matches is held nowhere: the entry's record, log line
+    // and status page (which shows the rejection's reason) keep its routing
+    // attribute, not its e-mail.
+    let mut na = sandbox.client("north_america").await.expect("client");
+    let err = na
+        .submit_task(api::SubmitTaskRequest {
+            attributes: string_attrs(&[("customer_region", "JP"), ("email", EMAIL)]),
+            payload: b"hello".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("JP matches no rule");
+    assert!(err.message().contains("no routing rule"), "{err:?}");
+    let page = http_get(
+        sandbox.admin_http_addr("north_america").expect("admin"),
+        "/",
+    );
+    assert!(
+        page.contains("no routing rule") && page.contains("withheld"),
+        "the page shows the rejection, the e-mail withheld: {page}"
+    );
 
     // Let replication (change batches every heartbeat) reach the backups.
     tokio::time::sleep(std::time::Duration::from_secs(3)).await;
