@@ -1,10 +1,12 @@
 //! The audit trail respects residency (issue 15, point 1): a DE `pii` task
-//! entered through north_america and held in europe leaves its personal
+//! entered through north_america (and asia_pacific) and held in europe leaves its personal
 //! attribute's value only in europe. Every file under the other regions'
 //! data directories, every line their controllers logged (at debug level)
 //! and their status pages and metrics are searched for the value; europe's
 //! own record must still hold it, and the entry's record must still let an
-//! auditor holding the key match it (`federation audit digest`).
+//! auditor holding the key match it (`federation audit digest`). A task no
+//! rule matches (held nowhere) leaves its e-mail in no record, log line or
+//! status page either.
 
 mod support;
 
@@ -104,6 +106,16 @@ async fn check(policy: &str, refused_at_entry: bool) {
         .await
         .expect("terminal");
     assert_eq!(task.state(), api::TaskState::Succeeded, "{task:?}");
+    // Entered through asia_pacific too.
+    let via_ap = sandbox
+        .client("asia_pacific")
+        .await
+        .expect("client")
+        .submit_task(pii_task())
+        .await
+        .expect("accepted via asia_pacific")
+        .into_inner();
+    assert_eq!(via_ap.region, "europe");
 
     if refused_at_entry {
         // europe down: the entry refuses the task (no GDPR elsewhere) and
@@ -121,6 +133,28 @@ async fn check(policy: &str, refused_at_entry: bool) {
         .await;
         assert!(err.message().contains("lacks GDPR"), "{}", err.message());
     }
+
+    // A task no rule matches is held nowhere: the entry's record, log line
+    // and status page (which shows the rejection's reason) keep its routing
+    // attribute, not its e-mail.
+    let mut na = sandbox.client("north_america").await.expect("client");
+    let err = na
+        .submit_task(api::SubmitTaskRequest {
+            attributes: string_attrs(&[("customer_region", "JP"), ("email", EMAIL)]),
+            payload: b"hello".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("JP matches no rule");
+    assert!(err.message().contains("no routing rule"), "{err:?}");
+    let page = http_get(
+        sandbox.admin_http_addr("north_america").expect("admin"),
+        "/",
+    );
+    assert!(
+        page.contains("no routing rule") && page.contains("withheld"),
+        "the page shows the rejection, the e-mail withheld: {page}"
+    );
 
     // Let replication (change batches every heartbeat) reach the backups.
     tokio::time::sleep(std::time::Duration::from_secs(3)).await;

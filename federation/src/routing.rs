@@ -224,7 +224,7 @@ pub async fn submit(
         )
         .await;
     }
-    {
+    if log_wanted(&decision) {
         // The log line keeps what the record keeps.
         let held = placed.is_some() && decision.outcome.region() == Some(node.region.as_str());
         log_decision(
@@ -277,16 +277,18 @@ pub fn rejection_error(decision: &Decision) -> Error {
     }
 }
 
-fn log_decision(decision: &Decision, task_id: Option<&str>) {
-    // A routed task is a debug event: skip building its span when debug is
-    // off (the usual case), as the event would be dropped anyway.
+/// False when [`log_decision`] would log nothing: a routed task is a debug
+/// event, so its span (and the record's view of it) is skipped when debug
+/// is off (the usual case), as the event would be dropped anyway.
+fn log_wanted(decision: &Decision) -> bool {
     let last_resort = decision.candidates.iter().any(|c| c.last_resort());
-    if matches!(decision.outcome, Outcome::Routed { .. })
-        && !last_resort
-        && !tracing::enabled!(tracing::Level::DEBUG)
-    {
-        return;
-    }
+    !matches!(decision.outcome, Outcome::Routed { .. })
+        || last_resort
+        || tracing::enabled!(tracing::Level::DEBUG)
+}
+
+fn log_decision(decision: &Decision, task_id: Option<&str>) {
+    let last_resort = decision.candidates.iter().any(|c| c.last_resort());
     let rule = decision.rule.as_deref().unwrap_or("none");
     let span = tracing::info_span!(
         "route",

@@ -184,3 +184,82 @@ fn show_filters_in_text_and_json() {
     let out = federation(&["audit", "show", d, "--outcome", "sideways"]);
     assert_eq!(out.status.code(), Some(2), "clap rejects unknown outcomes");
 }
+
+/// `audit digest` with the auditor's one-line key file: the digest of a
+/// candidate value, typed values with `--json`, the records it matches, and
+/// exit 2 for a key file that cannot be used (naming it, never the key).
+#[test]
+fn digest_with_the_auditors_key_file() {
+    use federation::audit::key::AuditKey;
+    use federation::policy::AttrValue;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key_file = dir.path().join("audit.key");
+    let line = federation::replication::KeyRing::line("audit-1", &[6u8; 32]);
+    std::fs::write(&key_file, format!("{line}:audit\n")).expect("write");
+    let key = AuditKey::load_file(&key_file).expect("key");
+    let out = federation(&[
+        "audit",
+        "digest",
+        "--audit-key",
+        arg(&key_file),
+        "--attribute",
+        "age",
+        "--value",
+        "42",
+        "--json",
+        "--format",
+        "json",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(report["key"], "audit-1");
+    assert_eq!(
+        report["digest"],
+        key.attribute_digest("age", &AttrValue::Int(42)).as_str()
+    );
+    // The log of `entry` keeps `data_class` as a value: matched as such.
+    write_log(dir.path(), 2);
+    let out = federation(&[
+        "audit",
+        "digest",
+        "--audit-key",
+        arg(&key_file),
+        "--attribute",
+        "data_class",
+        "--value",
+        "pii",
+        "--log",
+        arg(dir.path()),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(stdout(&out).contains("value"), "{}", stdout(&out));
+    let out = federation(&[
+        "audit",
+        "digest",
+        "--audit-key",
+        arg(&key_file),
+        "--attribute",
+        "data_class",
+        "--value",
+        "public",
+        "--log",
+        arg(dir.path()),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    // A short key: exit 2, the file and line named, the key not shown.
+    std::fs::write(&key_file, format!("# k\n{}\n", &line[..line.len() - 8])).expect("write");
+    let out = federation(&[
+        "audit",
+        "digest",
+        "--audit-key",
+        arg(&key_file),
+        "--attribute",
+        "a",
+        "--value",
+        "b",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("audit.key:2:"), "{err}");
+    assert!(!err.contains(&line[8..20]), "{err}");
+}

@@ -705,4 +705,38 @@ mod tests {
         let later = replay(&records, &seed, Some(i64::MAX));
         assert_eq!(later.decisions, 0);
     }
+
+    /// A record written before `federation_view` existed: the candidates'
+    /// verdicts give the states (europe dead), a region they do not name is
+    /// assumed alive and counted.
+    #[tokio::test]
+    async fn records_without_a_view_replay_from_their_verdicts() {
+        let seed = policy(SEED);
+        let dir = tempfile::tempdir().expect("tmp");
+        let log = DecisionLog::open(dir.path(), "north_america").expect("open");
+        let a = attrs(&[("customer_region", "DE")]);
+        let sv = StaticView {
+            down: ["europe".to_string()].into(),
+            ..StaticView::default()
+        };
+        let d = decide(&seed, &a, &sv.bind(&seed));
+        log.append(crate::audit::DecisionEntry::from_decision(kind::ROUTE, &a, &d).task("old"))
+            .await
+            .expect("append");
+        let records = read(dir.path());
+        assert!(records[0].record.entry.federation_view.is_none());
+        let same = replay(&records, &seed, None);
+        assert_eq!(
+            (same.replayed, same.changed, same.assumed_states),
+            (1, 0, 0),
+            "{same:?}"
+        );
+        let to_ap = SEED.replace(
+            "      primary_region: \"europe\"\n      backup_region: \"north_america\"",
+            "      primary_region: \"europe\"\n      backup_region: \"asia_pacific\"",
+        );
+        let r = replay(&records, &policy(&to_ap), None);
+        assert_eq!((r.changed, r.assumed_states), (1, 1), "{r:?}");
+        assert_eq!(r.groups[0].new_destination, "asia_pacific");
+    }
 }

@@ -337,7 +337,8 @@ pub struct TracingSpec {
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeysSpec {
-    /// A file of `id:base64-key` lines (see `replication::keyring`).
+    /// A file of `id:base64-key` lines (see `replication::keyring`); a
+    /// line marked `:audit` is the audit key (`audit::key`).
     #[serde(default)]
     pub file: Option<PathBuf>,
 }
