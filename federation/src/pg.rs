@@ -177,6 +177,7 @@ struct PgInner {
     handle: Handle,
     pool: deadpool_postgres::Pool,
     target: String,
+    config: tokio_postgres::Config,
 }
 
 impl Drop for PgInner {
@@ -291,6 +292,7 @@ impl Pg {
                 handle,
                 pool,
                 target,
+                config: config.clone(),
             }),
         };
         let user = config.get_user().unwrap_or("").to_string();
@@ -315,6 +317,17 @@ impl Pg {
     /// The runtime that drives the connections.
     pub fn handle(&self) -> &Handle {
         &self.inner.handle
+    }
+
+    /// The connection settings (for a dedicated connection: LISTEN).
+    pub fn config(&self) -> &tokio_postgres::Config {
+        &self.inner.config
+    }
+
+    /// The pool itself, for work that must not keep the runtime alive (a
+    /// task of this runtime holding a [`Pg`] would own its own runtime).
+    pub fn pool(&self) -> deadpool_postgres::Pool {
+        self.inner.pool.clone()
     }
 
     /// A connection of the pool.

@@ -823,6 +823,50 @@ mod replicas {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_watch_through_one_replica_sees_changes_made_through_another() {
+        let (_fx, a, b) = two();
+        let patience = Duration::from_secs(30);
+        let mut events = b.subscribe();
+        let waiter = {
+            let b = b.clone();
+            tokio::spawn(async move { b.wait_for_queued(patience).await })
+        };
+        // The listener may still be connecting: insert until b hears one.
+        let mut first = None;
+        for i in 0..300 {
+            a.insert(task(&format!("w{i}"))).await.expect("insert");
+            if let Ok(Ok(ev)) =
+                tokio::time::timeout(Duration::from_millis(100), events.recv()).await
+            {
+                first = Some(ev);
+                break;
+            }
+        }
+        let first = first.expect("b's watch heard a change made through a");
+        assert_eq!(first.state(), TaskState::Queued);
+        assert!(waiter.await.expect("join"), "b's long poll woke");
+        // A lease and a completion through a reach b's watch, in order.
+        let leased = a.lease("agent", 1, TTL).await.expect("lease");
+        let id = leased[0].task_id.clone();
+        a.complete("agent", &id, true, vec![], String::new())
+            .await
+            .expect("complete");
+        let mut seen = Vec::new();
+        while !seen.contains(&TaskState::Succeeded) {
+            let ev = tokio::time::timeout(patience, events.recv())
+                .await
+                .expect("within patience")
+                .expect("event");
+            if ev.task_id == id {
+                seen.push(ev.state());
+            }
+        }
+        assert!(seen.ends_with(&[TaskState::Succeeded]), "{seen:?}");
+        // b's counts follow a's changes.
+        assert_eq!(b.counts().succeeded, 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_decision_chain_stays_one_across_replicas() {
         use crate::audit::{DecisionEntry, kind};
         let fx = Fixture::new(Kind::Postgres);

@@ -13,6 +13,15 @@
 //! and idempotency keys are unique per region in the database (a partial
 //! unique index), not in memory. Reads go to the database through the pool.
 //!
+//! **Watches across replicas.** Each commit also sends `NOTIFY
+//! federation_tasks` with the ids it changed (delivered by the server at
+//! commit); every store keeps one connection that LISTENs, reads the tasks
+//! another replica changed and publishes them on [`PgStore::subscribe`] (and
+//! wakes [`PgStore::wait_for_queued`]). The delay is one notification plus
+//! one read, after the other replica's commit; a listener whose connection
+//! breaks reconnects every second, and changes notified meanwhile are not
+//! replayed (a watch then sees the task's next change).
+//!
 //! Table layout (schema in [`crate::pg`]): `tasks` (one row per task: the
 //! prost-encoded task in `body`, with its state, priority, creation time,
 //! lease deadline, agent and idempotency key as columns for the indexes),
@@ -76,6 +85,8 @@ struct Inner {
     tx: Option<mpsc::UnboundedSender<Request>>,
     writer: Mutex<Option<JoinHandle<()>>>,
     shared: Arc<Shared>,
+    /// Dropped with the store: the listener stops.
+    _listener: oneshot::Sender<()>,
 }
 
 impl Drop for Inner {
@@ -99,7 +110,15 @@ struct Shared {
     created: AtomicU64,
     commit_seconds: prometheus_client::metrics::histogram::Histogram,
     undecodable: Mutex<BTreeMap<String, String>>,
+    /// This store's name in notifications (its own are not read back).
+    instance: String,
 }
+
+/// The channel of change notifications.
+const CHANNEL: &str = "federation_tasks";
+/// The most bytes of task ids one notification carries (the server's
+/// limit is 8000).
+const NOTIFY_BYTES: usize = 7000;
 
 impl Shared {
     fn undecodable(&self, err: &StoreError) {
@@ -162,7 +181,17 @@ impl PgStore {
                 prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 18),
             ),
             undecodable: Mutex::new(BTreeMap::new()),
+            instance: uuid::Uuid::new_v4().simple().to_string(),
         });
+        let (stop, stopped) = oneshot::channel();
+        pg.handle().spawn(listen(
+            pg.config().clone(),
+            pg.pool(),
+            pg.target().to_string(),
+            region.to_string(),
+            Arc::clone(&shared),
+            stopped,
+        ));
         let (tx, rx) = mpsc::unbounded_channel();
         let writer = {
             let pg = pg.clone();
@@ -181,6 +210,7 @@ impl PgStore {
                 tx: Some(tx),
                 writer: Mutex::new(Some(writer)),
                 shared,
+                _listener: stop,
             }),
         })
     }
@@ -800,6 +830,11 @@ async fn run_batch(pg: &Pg, region: &str, shared: &Shared, batch: Vec<Request>) 
             }
         }
     }
+    // Other replicas hear of the changes when this commits.
+    if let Err(e) = notify(&txn, region, &shared.instance, &changes).await {
+        fail_all(&mut replies, Vec::new(), StoreError::from(pg.db(&e)));
+        return;
+    }
     let started = std::time::Instant::now();
     let committed = txn.commit().await;
     shared
@@ -843,6 +878,146 @@ async fn run_batch(pg: &Pg, region: &str, shared: &Shared, batch: Vec<Request>) 
     if any_queued {
         shared.queued.notify_waiters();
     }
+}
+
+/// Queues the notifications of a batch's changes (sent at commit):
+/// `<instance> <region> <id> <id> …`, split to stay under the limit.
+async fn notify(
+    txn: &Transaction<'_>,
+    region: &str,
+    instance: &str,
+    changes: &[Change],
+) -> Result<(), tokio_postgres::Error> {
+    if changes.is_empty() {
+        return Ok(());
+    }
+    let mut payloads = Vec::new();
+    let head = format!("{instance} {region}");
+    let mut current = head.clone();
+    for c in changes {
+        if current.len() + c.task.task_id.len() + 1 > NOTIFY_BYTES && current.len() > head.len() {
+            payloads.push(std::mem::replace(&mut current, head.clone()));
+        }
+        current.push(' ');
+        current.push_str(&c.task.task_id);
+    }
+    payloads.push(current);
+    txn.execute(
+        "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p",
+        &[&CHANNEL, &payloads],
+    )
+    .await
+    .map(|_| ())
+}
+
+/// Listens for other replicas' changes of `region` until `stop` fires:
+/// reads each notified task and publishes it, and recounts the tasks.
+/// Reconnects every second while the database cannot be reached.
+async fn listen(
+    config: tokio_postgres::Config,
+    pool: deadpool_postgres::Pool,
+    target: String,
+    region: String,
+    shared: Arc<Shared>,
+    mut stop: oneshot::Receiver<()>,
+) {
+    use futures::StreamExt as _;
+    loop {
+        let session = async {
+            let (client, mut connection) = config
+                .connect(tokio_postgres::NoTls)
+                .await
+                .map_err(|e| e.to_string())?;
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            tokio::spawn(async move {
+                let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+                while let Some(Ok(m)) = messages.next().await {
+                    if let tokio_postgres::AsyncMessage::Notification(n) = m {
+                        if tx.send(n.payload().to_string()).is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+            client
+                .batch_execute(&format!("LISTEN {CHANNEL}"))
+                .await
+                .map_err(|e| e.to_string())?;
+            tracing::debug!(target = %target, region = %region, "listening for other replicas' changes");
+            while let Some(payload) = rx.recv().await {
+                let mut words = payload.split(' ');
+                let (Some(from), Some(of)) = (words.next(), words.next()) else {
+                    continue;
+                };
+                if from == shared.instance || of != region {
+                    continue;
+                }
+                let ids: Vec<String> = words.map(str::to_string).collect();
+                if let Err(e) = publish(&pool, &region, &shared, &ids).await {
+                    tracing::warn!(target = %target, error = %e, "reading tasks another replica changed failed");
+                }
+            }
+            Err::<(), String>("the listening connection closed".into())
+        };
+        tokio::select! {
+            _ = &mut stop => return,
+            ended = session => {
+                if let Err(e) = ended {
+                    tracing::debug!(target = %target, error = %e, "change listener stopped; reconnecting");
+                }
+            }
+        }
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+/// Reads the tasks `ids` and publishes them; recounts the region's tasks.
+async fn publish(
+    pool: &deadpool_postgres::Pool,
+    region: &str,
+    shared: &Shared,
+    ids: &[String],
+) -> Result<(), String> {
+    let client = pool.get().await.map_err(|e| e.to_string())?;
+    let rows = client
+        .query(
+            "SELECT task_id, body FROM tasks WHERE region = $1 AND task_id = ANY($2)",
+            &[&region, &ids],
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let counted = client
+        .query(
+            "SELECT state, count(*) FROM tasks WHERE region = $1 GROUP BY state",
+            &[&region],
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut counts = Counts::default();
+    for r in counted {
+        if let Ok(s) = TaskState::try_from(i32::from(r.get::<_, i16>(0))) {
+            counts.add(s, r.get::<_, i64>(1));
+        }
+    }
+    *shared.counts.lock().unwrap_or_else(|e| e.into_inner()) = counts;
+    let mut any_queued = false;
+    for r in rows {
+        let id: &str = r.get(0);
+        match decode(id, r.get::<_, &[u8]>(1)) {
+            Ok(t) => {
+                any_queued |= t.state() == TaskState::Queued;
+                let _ = shared.events.send(t);
+            }
+            Err(e) => shared.undecodable(&e),
+        }
+    }
+    if any_queued {
+        shared.queued.notify_waiters();
+    }
+    Ok(())
 }
 
 impl Tx<'_, '_> {
