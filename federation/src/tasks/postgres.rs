@@ -455,7 +455,113 @@ impl PgStore {
 
     /// See [`super::TaskStore::expire_leases`].
     pub async fn expire_leases(&self, max_attempts: u32) -> Result<Vec<Task>, StoreError> {
-        self.many(Op::Expire { max_attempts }).await
+        self.many(Op::Expire {
+            max_attempts,
+            fence: None,
+        })
+        .await
+    }
+
+    /// See [`super::TaskStore::expire_leases_as_leader`].
+    pub async fn expire_leases_as_leader(
+        &self,
+        max_attempts: u32,
+        token: i64,
+    ) -> Result<Vec<Task>, StoreError> {
+        self.many(Op::Expire {
+            max_attempts,
+            fence: Some(token),
+        })
+        .await
+    }
+
+    /// See [`super::TaskStore::lead`]: one statement on the database's
+    /// clock; a new leader's token is the previous one plus one.
+    pub async fn lead(&self, replica: &str, ttl: Duration) -> Result<Option<i64>, StoreError> {
+        let pg = self.inner.pg.clone();
+        let region = self.inner.region.clone();
+        let replica = replica.to_string();
+        let instance = self.inner.shared.instance.clone();
+        let ms = ttl_ms(ttl);
+        Ok(self
+            .inner
+            .pg
+            .run(async move {
+                let client = pg.client().await?;
+                let row = client
+                    .query_opt(
+                        "INSERT INTO region_leaders AS l (region, replica, instance, token, expires_at) \
+                         VALUES ($1, $2, $3, 1, now() + $4 * interval '1 millisecond') \
+                         ON CONFLICT (region) DO UPDATE SET replica = EXCLUDED.replica, \
+                           instance = EXCLUDED.instance, expires_at = EXCLUDED.expires_at, \
+                           token = CASE WHEN l.instance = EXCLUDED.instance THEN l.token ELSE l.token + 1 END \
+                         WHERE l.instance = EXCLUDED.instance OR l.expires_at < now() \
+                         RETURNING token",
+                        &[&region, &replica, &instance, &(ms as f64)],
+                    )
+                    .await
+                    .map_err(|e| pg.db(&e))?;
+                Ok(row.map(|r| r.get::<_, i64>(0)))
+            })
+            .await?)
+    }
+
+    /// Claims `replica` as this store's name in the region: refused
+    /// ([`StoreError::ReplicaInUse`]) while another running controller
+    /// keeps the name fresh. A name last refreshed more than `stale` ago is
+    /// taken over (a replica that restarted waits at most that long).
+    /// Bounded: gives up after twice `stale`.
+    pub async fn claim_replica(&self, replica: &str, stale: Duration) -> Result<(), StoreError> {
+        let until = std::time::Instant::now() + stale * 2;
+        loop {
+            if self.refresh_replica(replica, stale).await? {
+                return Ok(());
+            }
+            if std::time::Instant::now() >= until {
+                return Err(StoreError::ReplicaInUse(format!(
+                    "node.replica `{replica}` is in use by another running controller of region {} \
+                     (it refreshed the name within the last {stale:?}); give each replica of a region \
+                     its own name",
+                    self.inner.region
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Keeps `replica` this store's name (refreshes it); false when another
+    /// instance refreshed it within `stale`.
+    pub async fn refresh_replica(
+        &self,
+        replica: &str,
+        stale: Duration,
+    ) -> Result<bool, StoreError> {
+        let pg = self.inner.pg.clone();
+        let region = self.inner.region.clone();
+        let replica = replica.to_string();
+        let instance = self.inner.shared.instance.clone();
+        let ms = ttl_ms(stale) as f64;
+        Ok(self
+            .inner
+            .pg
+            .run(async move {
+                let client = pg.client().await?;
+                let row = client
+                    .query_opt(
+                        "INSERT INTO replicas AS r (region, replica, instance, seen_at) \
+                         VALUES ($1, $2, $3, now()) \
+                         ON CONFLICT (region, replica) DO UPDATE SET instance = EXCLUDED.instance, \
+                           seen_at = now() \
+                         WHERE r.instance = EXCLUDED.instance \
+                            OR r.seen_at < now() - $4 * interval '1 millisecond' \
+                         RETURNING 1",
+                        &[&region, &replica, &instance, &ms],
+                    )
+                    .await
+                    .map_err(|e| pg.db(&e))?;
+                Ok(row.is_some())
+            })
+            .await?)
     }
 
     /// See [`super::TaskStore::requeue_agent`].
@@ -1025,6 +1131,28 @@ impl Tx<'_, '_> {
         StoreError::from(self.pg.db(e))
     }
 
+    /// Refuses the transaction unless this store holds the region's
+    /// leadership with `token` now; the row stays locked (shared) until the
+    /// commit, so no other replica takes the leadership meanwhile.
+    async fn fenced(&self, token: i64) -> Result<(), StoreError> {
+        let row = self
+            .txn
+            .query_opt(
+                "SELECT 1 FROM region_leaders WHERE region = $1 AND instance = $2 \
+                 AND token = $3 AND expires_at > now() FOR SHARE",
+                &[&self.region, &self.shared.instance, &token],
+            )
+            .await
+            .map_err(|e| self.db(&e))?;
+        match row {
+            Some(_) => Ok(()),
+            None => Err(StoreError::NotLeader(format!(
+                "region {}: fencing token {token} is not the current leader's",
+                self.region
+            ))),
+        }
+    }
+
     /// Reads a task and locks its row for this transaction.
     async fn read(&self, id: &str) -> Result<Option<Task>, StoreError> {
         let row = self
@@ -1214,7 +1342,13 @@ impl Tx<'_, '_> {
                 changes.push(Change::of(Some(before), &task));
                 Ok(Reply::Cancel(Box::new(task), true))
             }
-            Op::Expire { max_attempts } => {
+            Op::Expire {
+                max_attempts,
+                fence,
+            } => {
+                if let Some(token) = fence {
+                    self.fenced(token).await?;
+                }
                 let limit = i64::try_from(MAX_EXPIRE_BATCH).unwrap_or(i64::MAX);
                 let due = self
                     .tasks(
