@@ -192,6 +192,30 @@ async fn a_region_on_postgres_serves_every_entry_and_keeps_every_acknowledged_ta
     let (code, out, err) = audit(&["show", &url, "--task", &routed[0], "--format", "json"]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains(&routed[0]), "{out}");
+    // europe's one replica leads its region (lease expiry runs there).
+    assert!(
+        sandbox
+            .controller_log_text("europe")
+            .contains("this replica leads its region"),
+        "{}",
+        sandbox.controller_log_text("europe")
+    );
+    // A second controller of europe under the same replica name is refused.
+    let second = tempfile::tempdir().expect("tempdir");
+    let (code, stderr) = serve_with(
+        second.path(),
+        &[
+            ("FEDERATION__NODE__STORE__URL", url.as_str()),
+            ("FEDERATION__NODE__REPLICA", "europe-1"),
+        ],
+    );
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(
+        stderr.contains(
+            "node.replica `europe-1` is in use by another running controller of region europe"
+        ),
+        "{stderr}"
+    );
     // The file-backed regions still keep their files.
     let na = sandbox.data_dir("north_america").expect("dir");
     assert!(na.join("tasks.redb").exists() && na.join("decisions.jsonl").exists());
@@ -311,4 +335,60 @@ fn a_bad_store_configuration_exits_64_naming_what_is_wrong() {
             "{what}: the password is never printed: {stderr}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_expires_the_lease_of_a_killed_agent() {
+    // Lease expiry is the region leader's work, fenced in the database: a
+    // task whose agent died is leased again and completes.
+    let url = server().create_database("expiry").expect("database");
+    let mut sandbox = formed(
+        europe_on_postgres(&url)
+            .agents(0, 1)
+            .env("FEDERATION__NODE__TIMERS__LEASE_TTL", "1500ms"),
+    )
+    .await;
+    let slow = sandbox
+        .start_agent_with("europe", "sleep 600", 1)
+        .expect("slow agent");
+    let mut client = sandbox.client("europe").await.expect("client");
+    let id = client
+        .submit_task(api::SubmitTaskRequest {
+            attributes: string_attrs(&[("customer_region", "DE")]),
+            payload: b"work".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .expect("accepted")
+        .into_inner()
+        .task_id;
+    eventually("the slow agent leases the task", PATIENCE, || {
+        let mut c = client.clone();
+        let id = id.clone();
+        async move {
+            let t = c
+                .get_task(api::GetTaskRequest { task_id: id })
+                .await
+                .ok()?
+                .into_inner()
+                .task?;
+            (t.state() == api::TaskState::Leased).then_some(())
+        }
+    })
+    .await;
+    sandbox.kill_agent("europe", slow).expect("kill agent");
+    sandbox
+        .start_agent_with("europe", "cat", 1)
+        .expect("fast agent");
+    let t = sandbox
+        .wait_terminal("europe", &id, PATIENCE)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", sandbox.controller_log_text("europe")));
+    assert_eq!(t.state(), api::TaskState::Succeeded, "{t:?}");
+    assert_eq!(t.attempts, 2, "the expired lease was taken back: {t:?}");
+    let log = sandbox.controller_log_text("europe");
+    assert!(
+        log.contains("lease expired") && log.contains(&id),
+        "expired by the leader's reaper: {log}"
+    );
 }

@@ -121,6 +121,12 @@ pub struct Node {
     pub tls: Option<NodeTls>,
     /// Who may call what.
     pub auth: Arc<crate::auth::Auth>,
+    /// This controller's name within its region (`node.replica`).
+    pub replica: String,
+    /// The fencing token while this controller leads its region (the
+    /// database backend elects one; the embedded store's controller always
+    /// leads), -1 while another replica does.
+    leader: std::sync::atomic::AtomicI64,
     sequence: AtomicU64,
     draining: AtomicBool,
     peers: BTreeMap<String, String>,
@@ -128,7 +134,19 @@ pub struct Node {
     advertise_endpoint: String,
 }
 
+/// How long a replica's name stays claimed without a refresh (it is
+/// refreshed every heartbeat).
+fn replica_stale(timers: &Timers) -> Duration {
+    timers.dead_after.max(timers.heartbeat_interval * 3)
+}
+
 impl Node {
+    /// The fencing token while this controller leads its region.
+    pub fn leader_token(&self) -> Option<i64> {
+        let t = self.leader.load(Ordering::SeqCst);
+        (t >= 0).then_some(t)
+    }
+
     /// The policy in force.
     pub fn policy(&self) -> Arc<Policy> {
         self.policy
@@ -344,6 +362,13 @@ pub async fn open(settings: Settings) -> anyhow::Result<Arc<Node>> {
     }
     let epoch = next_epoch(&settings.data_dir)?;
     let (store, log) = open_store(&settings)?;
+    let store_is_postgres = store.is_postgres();
+    if let TaskStore::Postgres(s) = &store {
+        // Two running controllers of a region may not share a name.
+        s.claim_replica(&settings.replica, replica_stale(&settings.timers))
+            .await
+            .map_err(anyhow::Error::new)?;
+    }
     // Registrations and leases survive a restart: the agents this store
     // knows keep their ids, and the time we were down does not count
     // against their leases.
@@ -454,6 +479,8 @@ pub async fn open(settings: Settings) -> anyhow::Result<Arc<Node>> {
         health,
         tls,
         auth,
+        replica: settings.replica,
+        leader: std::sync::atomic::AtomicI64::new(if store_is_postgres { -1 } else { 0 }),
         sequence: AtomicU64::new(0),
         draining: AtomicBool::new(false),
         peers: settings.peers,
@@ -486,6 +513,9 @@ pub async fn serve(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let advertiser = tokio::spawn(advertise_loop(node.clone(), stop_rx.clone()));
     let reaper = tokio::spawn(reap_loop(node.clone(), stop_rx.clone()));
+    if node.store.is_postgres() {
+        tokio::spawn(leader_loop(node.clone(), stop_rx.clone()));
+    }
     let replicator = tokio::spawn(crate::replication::run(node.clone(), stop_rx.clone()));
 
     let grace = node.timers.shutdown_grace;
@@ -874,6 +904,58 @@ pub async fn discovery_loop(node: Arc<Node>, discoverer: crate::discovery::Disco
     }
 }
 
+/// With the store in the database: every heartbeat, keeps this replica's
+/// name claimed and takes or renews the region's leadership for
+/// `dead_after` (so a new leader is elected within about `dead_after` of
+/// the leader's death); the region's singleton work (lease expiry) runs
+/// only while it leads, fenced by its token in the database.
+async fn leader_loop(node: Arc<Node>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut ticker = tokio::time::interval(
+        node.timers
+            .heartbeat_interval
+            .max(Duration::from_millis(10)),
+    );
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let stale = replica_stale(&node.timers);
+    let TaskStore::Postgres(store) = &node.store else {
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stop.changed() => return,
+        }
+        if *stop.borrow() {
+            return;
+        }
+        match store.refresh_replica(&node.replica, stale).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::error!(replica = %node.replica, "another controller took this replica's name")
+            }
+            Err(e) => tracing::warn!(error = %e, "refreshing the replica's name failed"),
+        }
+        let was = node.leader_token();
+        let now = match store.lead(&node.replica, node.timers.dead_after).await {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(error = %e, "renewing the region's leadership failed");
+                None
+            }
+        };
+        node.leader.store(now.unwrap_or(-1), Ordering::SeqCst);
+        match (was, now) {
+            (None, Some(token)) => {
+                tracing::info!(region = %node.region, replica = %node.replica, token, "this replica leads its region")
+            }
+            (Some(token), None) => {
+                tracing::warn!(region = %node.region, replica = %node.replica, token, "this replica no longer leads its region")
+            }
+            _ => {}
+        }
+    }
+}
+
 /// Returns expired leases to the queue and forgets silent agents.
 async fn reap_loop(node: Arc<Node>, mut stop: tokio::sync::watch::Receiver<bool>) {
     let period =
@@ -888,7 +970,20 @@ async fn reap_loop(node: Arc<Node>, mut stop: tokio::sync::watch::Receiver<bool>
         if *stop.borrow() {
             return;
         }
-        match node.store.expire_leases(node.timers.max_attempts).await {
+        let expired = if node.store.is_postgres() {
+            // Lease expiry is the leader's, fenced by its token.
+            match node.leader_token() {
+                Some(token) => {
+                    node.store
+                        .expire_leases_as_leader(node.timers.max_attempts, token)
+                        .await
+                }
+                None => Ok(Vec::new()),
+            }
+        } else {
+            node.store.expire_leases(node.timers.max_attempts).await
+        };
+        match expired {
             Ok(changed) => {
                 node.metrics.lease_expired(changed.len() as u64);
                 for t in changed {

@@ -128,7 +128,8 @@ impl From<crate::tasks::StoreError> for Error {
             S::Invalid(why) => Error::invalid("task", why),
             S::KeyReused { .. } => Error::AlreadyExists(e.to_string()),
             S::Closed => Error::ShuttingDown,
-            S::Unavailable(_) => Error::Unavailable(e.to_string()),
+            S::Unavailable(_) | S::NotLeader(_) => Error::Unavailable(e.to_string()),
+            S::ReplicaInUse(_) => Error::Precondition(e.to_string()),
             S::Corrupt { .. } | S::Db(_) | S::Damaged { .. } | S::Lost { .. } => {
                 Error::Storage(e.to_string())
             }

@@ -26,7 +26,7 @@ use tokio::runtime::{Handle, Runtime};
 
 /// The schema versions this build knows, in order: version, SQL. Each runs
 /// in the one transaction that holds the migration lock and records it.
-pub const MIGRATIONS: &[(i32, &str)] = &[(1, SCHEMA_V1)];
+pub const MIGRATIONS: &[(i32, &str)] = &[(1, SCHEMA_V1), (2, SCHEMA_V2)];
 
 /// The newest schema version this build knows.
 pub fn known_version() -> i32 {
@@ -98,6 +98,25 @@ CREATE TRIGGER decisions_no_update_or_delete BEFORE UPDATE OR DELETE ON decision
     FOR EACH ROW EXECUTE FUNCTION decisions_append_only();
 CREATE TRIGGER decisions_no_truncate BEFORE TRUNCATE ON decisions
     FOR EACH STATEMENT EXECUTE FUNCTION decisions_append_only();
+"#;
+
+/// Version 2: the region's leader (a lease with a fencing token, times on
+/// the database's clock) and the replicas' names in use.
+const SCHEMA_V2: &str = r#"
+CREATE TABLE region_leaders (
+    region text PRIMARY KEY,
+    replica text NOT NULL,
+    instance text NOT NULL,
+    token bigint NOT NULL,
+    expires_at timestamptz NOT NULL
+);
+CREATE TABLE replicas (
+    region text NOT NULL,
+    replica text NOT NULL,
+    instance text NOT NULL,
+    seen_at timestamptz NOT NULL,
+    PRIMARY KEY (region, replica)
+);
 "#;
 
 /// Errors of the database connection.
@@ -177,6 +196,7 @@ struct PgInner {
     handle: Handle,
     pool: deadpool_postgres::Pool,
     target: String,
+    config: tokio_postgres::Config,
 }
 
 impl Drop for PgInner {
@@ -291,6 +311,7 @@ impl Pg {
                 handle,
                 pool,
                 target,
+                config: config.clone(),
             }),
         };
         let user = config.get_user().unwrap_or("").to_string();
@@ -315,6 +336,17 @@ impl Pg {
     /// The runtime that drives the connections.
     pub fn handle(&self) -> &Handle {
         &self.inner.handle
+    }
+
+    /// The connection settings (for a dedicated connection: LISTEN).
+    pub fn config(&self) -> &tokio_postgres::Config {
+        &self.inner.config
+    }
+
+    /// The pool itself, for work that must not keep the runtime alive (a
+    /// task of this runtime holding a [`Pg`] would own its own runtime).
+    pub fn pool(&self) -> deadpool_postgres::Pool {
+        self.inner.pool.clone()
     }
 
     /// A connection of the pool.

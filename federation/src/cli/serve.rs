@@ -325,6 +325,10 @@ pub fn run(args: ServeArgs, log: LogFormat) -> ExitCode {
                 let config = e.chain().any(|c| {
                     c.downcast_ref::<crate::pg::PgError>()
                         .is_some_and(crate::pg::PgError::is_config)
+                        || matches!(
+                            c.downcast_ref::<crate::tasks::StoreError>(),
+                            Some(crate::tasks::StoreError::ReplicaInUse(_))
+                        )
                 });
                 if config {
                     return super::fail(&e, EXIT_CONFIG);

@@ -823,6 +823,131 @@ mod replicas {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_watch_through_one_replica_sees_changes_made_through_another() {
+        let (_fx, a, b) = two();
+        let patience = Duration::from_secs(30);
+        let mut events = b.subscribe();
+        let waiter = {
+            let b = b.clone();
+            tokio::spawn(async move { b.wait_for_queued(patience).await })
+        };
+        // The listener may still be connecting: insert until b hears one.
+        let mut first = None;
+        for i in 0..300 {
+            a.insert(task(&format!("w{i}"))).await.expect("insert");
+            if let Ok(Ok(ev)) =
+                tokio::time::timeout(Duration::from_millis(100), events.recv()).await
+            {
+                first = Some(ev);
+                break;
+            }
+        }
+        let first = first.expect("b's watch heard a change made through a");
+        assert_eq!(first.state(), TaskState::Queued);
+        assert!(waiter.await.expect("join"), "b's long poll woke");
+        // A lease and a completion through a reach b's watch, in order.
+        let leased = a.lease("agent", 1, TTL).await.expect("lease");
+        let id = leased[0].task_id.clone();
+        a.complete("agent", &id, true, vec![], String::new())
+            .await
+            .expect("complete");
+        let mut seen = Vec::new();
+        while !seen.contains(&TaskState::Succeeded) {
+            let ev = tokio::time::timeout(patience, events.recv())
+                .await
+                .expect("within patience")
+                .expect("event");
+            if ev.task_id == id {
+                seen.push(ev.state());
+            }
+        }
+        assert!(seen.ends_with(&[TaskState::Succeeded]), "{seen:?}");
+        // b's counts follow a's changes.
+        assert_eq!(b.counts().succeeded, 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_replica_leads_and_a_deposed_leaders_fenced_write_is_refused() {
+        let (_fx, a, b) = two();
+        // Long enough that a noisy machine does not expire it between the
+        // calls below; the takeover waits it out.
+        let short = Duration::from_secs(3);
+        let token = a.lead("eu-a", short).await.expect("lead").expect("a leads");
+        assert_eq!(
+            b.lead("eu-b", short).await.expect("lead"),
+            None,
+            "one leader"
+        );
+        // Renewing keeps the token.
+        assert_eq!(a.lead("eu-a", short).await.expect("lead"), Some(token));
+        // Only the leader's fenced expiry runs.
+        a.expire_leases_as_leader(3, token)
+            .await
+            .expect("the leader expires");
+        assert!(matches!(
+            b.expire_leases_as_leader(3, token).await,
+            Err(StoreError::NotLeader(_))
+        ));
+        // a stops renewing (killed, paused): b takes over with a new token.
+        let taken = {
+            let until = std::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                if let Some(t) = b.lead("eu-b", Duration::from_secs(30)).await.expect("lead") {
+                    break t;
+                }
+                assert!(std::time::Instant::now() < until, "b never took over");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        assert_eq!(taken, token + 1);
+        // The deposed leader's write is refused by the database.
+        assert!(matches!(
+            a.expire_leases_as_leader(3, token).await,
+            Err(StoreError::NotLeader(_))
+        ));
+        assert_eq!(a.lead("eu-a", short).await.expect("lead"), None);
+        b.expire_leases_as_leader(3, taken)
+            .await
+            .expect("the new leader expires");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_replica_name_in_use_is_refused_and_a_stale_one_taken_over() {
+        let (_fx, a, b) = two();
+        let (TaskStore::Postgres(a), TaskStore::Postgres(b)) = (a, b) else {
+            panic!("postgres stores");
+        };
+        let stale = Duration::from_secs(2);
+        a.claim_replica("eu-1", stale).await.expect("a claims eu-1");
+        b.claim_replica("eu-2", stale)
+            .await
+            .expect("another name is free");
+        // a keeps eu-1 fresh while b tries to claim it: refused.
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let keep = {
+            let (a, done) = (a.clone(), done.clone());
+            tokio::spawn(async move {
+                while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                    assert!(a.refresh_replica("eu-1", stale).await.expect("refresh"));
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            })
+        };
+        let err = b.claim_replica("eu-1", stale).await.expect_err("in use");
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(
+            matches!(&err, StoreError::ReplicaInUse(m) if m.contains("`eu-1`") && m.contains("europe")),
+            "{err}"
+        );
+        keep.await.expect("join");
+        // a stops refreshing (it died): the name is taken over once stale.
+        b.claim_replica("eu-1", stale)
+            .await
+            .expect("a stale name is taken over");
+        assert!(!a.refresh_replica("eu-1", stale).await.expect("refresh"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_decision_chain_stays_one_across_replicas() {
         use crate::audit::{DecisionEntry, kind};
         let fx = Fixture::new(Kind::Postgres);

@@ -265,6 +265,37 @@ impl TaskStore {
         each!(self, s => s.expire_leases(max_attempts).await)
     }
 
+    /// [`TaskStore::expire_leases`] as the region's leader holding
+    /// `token` ([`TaskStore::lead`]): the database refuses it
+    /// ([`StoreError::NotLeader`]) in the same transaction when another
+    /// replica has taken the leadership since. The embedded store has one
+    /// controller, always the leader.
+    pub async fn expire_leases_as_leader(
+        &self,
+        max_attempts: u32,
+        token: i64,
+    ) -> Result<Vec<Task>, StoreError> {
+        match self {
+            TaskStore::Redb(s) => s.expire_leases(max_attempts).await,
+            TaskStore::Postgres(s) => s.expire_leases_as_leader(max_attempts, token).await,
+        }
+    }
+
+    /// Takes or keeps the region's leadership for `ttl` (renewing it when
+    /// held): the fencing token while this controller leads, `None` while
+    /// another one does. The embedded store's controller always leads
+    /// (token 0).
+    pub async fn lead(
+        &self,
+        replica: &str,
+        ttl: std::time::Duration,
+    ) -> Result<Option<i64>, StoreError> {
+        match self {
+            TaskStore::Redb(_) => Ok(Some(0)),
+            TaskStore::Postgres(s) => s.lead(replica, ttl).await,
+        }
+    }
+
     /// Queues again every task LEASED by `agent_id`.
     pub async fn requeue_agent(&self, agent_id: &str) -> Result<Vec<Task>, StoreError> {
         each!(self, s => s.requeue_agent(agent_id).await)
@@ -488,6 +519,13 @@ pub enum StoreError {
     /// refused or lost); nothing of the request was committed.
     #[error("task store unavailable: {0}")]
     Unavailable(String),
+    /// A write only the region's leader may make, from a controller that is
+    /// not (or no longer) the leader: refused in the write's transaction.
+    #[error("not the region's leader: {0}")]
+    NotLeader(String),
+    /// Another running controller of the region uses this `node.replica`.
+    #[error("{0}")]
+    ReplicaInUse(String),
     /// The writer thread is gone (the store is shutting down or crashed).
     #[error("task store is closed")]
     Closed,

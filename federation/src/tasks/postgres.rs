@@ -13,6 +13,15 @@
 //! and idempotency keys are unique per region in the database (a partial
 //! unique index), not in memory. Reads go to the database through the pool.
 //!
+//! **Watches across replicas.** Each commit also sends `NOTIFY
+//! federation_tasks` with the ids it changed (delivered by the server at
+//! commit); every store keeps one connection that LISTENs, reads the tasks
+//! another replica changed and publishes them on [`PgStore::subscribe`] (and
+//! wakes [`PgStore::wait_for_queued`]). The delay is one notification plus
+//! one read, after the other replica's commit; a listener whose connection
+//! breaks reconnects every second, and changes notified meanwhile are not
+//! replayed (a watch then sees the task's next change).
+//!
 //! Table layout (schema in [`crate::pg`]): `tasks` (one row per task: the
 //! prost-encoded task in `body`, with its state, priority, creation time,
 //! lease deadline, agent and idempotency key as columns for the indexes),
@@ -76,6 +85,8 @@ struct Inner {
     tx: Option<mpsc::UnboundedSender<Request>>,
     writer: Mutex<Option<JoinHandle<()>>>,
     shared: Arc<Shared>,
+    /// Dropped with the store: the listener stops.
+    _listener: oneshot::Sender<()>,
 }
 
 impl Drop for Inner {
@@ -99,7 +110,15 @@ struct Shared {
     created: AtomicU64,
     commit_seconds: prometheus_client::metrics::histogram::Histogram,
     undecodable: Mutex<BTreeMap<String, String>>,
+    /// This store's name in notifications (its own are not read back).
+    instance: String,
 }
+
+/// The channel of change notifications.
+const CHANNEL: &str = "federation_tasks";
+/// The most bytes of task ids one notification carries (the server's
+/// limit is 8000).
+const NOTIFY_BYTES: usize = 7000;
 
 impl Shared {
     fn undecodable(&self, err: &StoreError) {
@@ -162,7 +181,17 @@ impl PgStore {
                 prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 18),
             ),
             undecodable: Mutex::new(BTreeMap::new()),
+            instance: uuid::Uuid::new_v4().simple().to_string(),
         });
+        let (stop, stopped) = oneshot::channel();
+        pg.handle().spawn(listen(
+            pg.config().clone(),
+            pg.pool(),
+            pg.target().to_string(),
+            region.to_string(),
+            Arc::clone(&shared),
+            stopped,
+        ));
         let (tx, rx) = mpsc::unbounded_channel();
         let writer = {
             let pg = pg.clone();
@@ -181,6 +210,7 @@ impl PgStore {
                 tx: Some(tx),
                 writer: Mutex::new(Some(writer)),
                 shared,
+                _listener: stop,
             }),
         })
     }
@@ -425,7 +455,113 @@ impl PgStore {
 
     /// See [`super::TaskStore::expire_leases`].
     pub async fn expire_leases(&self, max_attempts: u32) -> Result<Vec<Task>, StoreError> {
-        self.many(Op::Expire { max_attempts }).await
+        self.many(Op::Expire {
+            max_attempts,
+            fence: None,
+        })
+        .await
+    }
+
+    /// See [`super::TaskStore::expire_leases_as_leader`].
+    pub async fn expire_leases_as_leader(
+        &self,
+        max_attempts: u32,
+        token: i64,
+    ) -> Result<Vec<Task>, StoreError> {
+        self.many(Op::Expire {
+            max_attempts,
+            fence: Some(token),
+        })
+        .await
+    }
+
+    /// See [`super::TaskStore::lead`]: one statement on the database's
+    /// clock; a new leader's token is the previous one plus one.
+    pub async fn lead(&self, replica: &str, ttl: Duration) -> Result<Option<i64>, StoreError> {
+        let pg = self.inner.pg.clone();
+        let region = self.inner.region.clone();
+        let replica = replica.to_string();
+        let instance = self.inner.shared.instance.clone();
+        let ms = ttl_ms(ttl);
+        Ok(self
+            .inner
+            .pg
+            .run(async move {
+                let client = pg.client().await?;
+                let row = client
+                    .query_opt(
+                        "INSERT INTO region_leaders AS l (region, replica, instance, token, expires_at) \
+                         VALUES ($1, $2, $3, 1, now() + $4 * interval '1 millisecond') \
+                         ON CONFLICT (region) DO UPDATE SET replica = EXCLUDED.replica, \
+                           instance = EXCLUDED.instance, expires_at = EXCLUDED.expires_at, \
+                           token = CASE WHEN l.instance = EXCLUDED.instance THEN l.token ELSE l.token + 1 END \
+                         WHERE l.instance = EXCLUDED.instance OR l.expires_at < now() \
+                         RETURNING token",
+                        &[&region, &replica, &instance, &(ms as f64)],
+                    )
+                    .await
+                    .map_err(|e| pg.db(&e))?;
+                Ok(row.map(|r| r.get::<_, i64>(0)))
+            })
+            .await?)
+    }
+
+    /// Claims `replica` as this store's name in the region: refused
+    /// ([`StoreError::ReplicaInUse`]) while another running controller
+    /// keeps the name fresh. A name last refreshed more than `stale` ago is
+    /// taken over (a replica that restarted waits at most that long).
+    /// Bounded: gives up after twice `stale`.
+    pub async fn claim_replica(&self, replica: &str, stale: Duration) -> Result<(), StoreError> {
+        let until = std::time::Instant::now() + stale * 2;
+        loop {
+            if self.refresh_replica(replica, stale).await? {
+                return Ok(());
+            }
+            if std::time::Instant::now() >= until {
+                return Err(StoreError::ReplicaInUse(format!(
+                    "node.replica `{replica}` is in use by another running controller of region {} \
+                     (it refreshed the name within the last {stale:?}); give each replica of a region \
+                     its own name",
+                    self.inner.region
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Keeps `replica` this store's name (refreshes it); false when another
+    /// instance refreshed it within `stale`.
+    pub async fn refresh_replica(
+        &self,
+        replica: &str,
+        stale: Duration,
+    ) -> Result<bool, StoreError> {
+        let pg = self.inner.pg.clone();
+        let region = self.inner.region.clone();
+        let replica = replica.to_string();
+        let instance = self.inner.shared.instance.clone();
+        let ms = ttl_ms(stale) as f64;
+        Ok(self
+            .inner
+            .pg
+            .run(async move {
+                let client = pg.client().await?;
+                let row = client
+                    .query_opt(
+                        "INSERT INTO replicas AS r (region, replica, instance, seen_at) \
+                         VALUES ($1, $2, $3, now()) \
+                         ON CONFLICT (region, replica) DO UPDATE SET instance = EXCLUDED.instance, \
+                           seen_at = now() \
+                         WHERE r.instance = EXCLUDED.instance \
+                            OR r.seen_at < now() - $4 * interval '1 millisecond' \
+                         RETURNING 1",
+                        &[&region, &replica, &instance, &ms],
+                    )
+                    .await
+                    .map_err(|e| pg.db(&e))?;
+                Ok(row.is_some())
+            })
+            .await?)
     }
 
     /// See [`super::TaskStore::requeue_agent`].
@@ -800,6 +936,11 @@ async fn run_batch(pg: &Pg, region: &str, shared: &Shared, batch: Vec<Request>) 
             }
         }
     }
+    // Other replicas hear of the changes when this commits.
+    if let Err(e) = notify(&txn, region, &shared.instance, &changes).await {
+        fail_all(&mut replies, Vec::new(), StoreError::from(pg.db(&e)));
+        return;
+    }
     let started = std::time::Instant::now();
     let committed = txn.commit().await;
     shared
@@ -845,9 +986,171 @@ async fn run_batch(pg: &Pg, region: &str, shared: &Shared, batch: Vec<Request>) 
     }
 }
 
+/// Queues the notifications of a batch's changes (sent at commit):
+/// `<instance> <region> <id> <id> …`, split to stay under the limit.
+async fn notify(
+    txn: &Transaction<'_>,
+    region: &str,
+    instance: &str,
+    changes: &[Change],
+) -> Result<(), tokio_postgres::Error> {
+    if changes.is_empty() {
+        return Ok(());
+    }
+    let mut payloads = Vec::new();
+    let head = format!("{instance} {region}");
+    let mut current = head.clone();
+    for c in changes {
+        if current.len() + c.task.task_id.len() + 1 > NOTIFY_BYTES && current.len() > head.len() {
+            payloads.push(std::mem::replace(&mut current, head.clone()));
+        }
+        current.push(' ');
+        current.push_str(&c.task.task_id);
+    }
+    payloads.push(current);
+    txn.execute(
+        "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p",
+        &[&CHANNEL, &payloads],
+    )
+    .await
+    .map(|_| ())
+}
+
+/// Listens for other replicas' changes of `region` until `stop` fires:
+/// reads each notified task and publishes it, and recounts the tasks.
+/// Reconnects every second while the database cannot be reached.
+async fn listen(
+    config: tokio_postgres::Config,
+    pool: deadpool_postgres::Pool,
+    target: String,
+    region: String,
+    shared: Arc<Shared>,
+    mut stop: oneshot::Receiver<()>,
+) {
+    use futures::StreamExt as _;
+    loop {
+        let session = async {
+            let (client, mut connection) = config
+                .connect(tokio_postgres::NoTls)
+                .await
+                .map_err(|e| e.to_string())?;
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            tokio::spawn(async move {
+                let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+                while let Some(Ok(m)) = messages.next().await {
+                    if let tokio_postgres::AsyncMessage::Notification(n) = m {
+                        if tx.send(n.payload().to_string()).is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+            client
+                .batch_execute(&format!("LISTEN {CHANNEL}"))
+                .await
+                .map_err(|e| e.to_string())?;
+            tracing::debug!(target = %target, region = %region, "listening for other replicas' changes");
+            while let Some(payload) = rx.recv().await {
+                let mut words = payload.split(' ');
+                let (Some(from), Some(of)) = (words.next(), words.next()) else {
+                    continue;
+                };
+                if from == shared.instance || of != region {
+                    continue;
+                }
+                let ids: Vec<String> = words.map(str::to_string).collect();
+                if let Err(e) = publish(&pool, &region, &shared, &ids).await {
+                    tracing::warn!(target = %target, error = %e, "reading tasks another replica changed failed");
+                }
+            }
+            Err::<(), String>("the listening connection closed".into())
+        };
+        tokio::select! {
+            _ = &mut stop => return,
+            ended = session => {
+                if let Err(e) = ended {
+                    tracing::debug!(target = %target, error = %e, "change listener stopped; reconnecting");
+                }
+            }
+        }
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+/// Reads the tasks `ids` and publishes them; recounts the region's tasks.
+async fn publish(
+    pool: &deadpool_postgres::Pool,
+    region: &str,
+    shared: &Shared,
+    ids: &[String],
+) -> Result<(), String> {
+    let client = pool.get().await.map_err(|e| e.to_string())?;
+    let rows = client
+        .query(
+            "SELECT task_id, body FROM tasks WHERE region = $1 AND task_id = ANY($2)",
+            &[&region, &ids],
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let counted = client
+        .query(
+            "SELECT state, count(*) FROM tasks WHERE region = $1 GROUP BY state",
+            &[&region],
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut counts = Counts::default();
+    for r in counted {
+        if let Ok(s) = TaskState::try_from(i32::from(r.get::<_, i16>(0))) {
+            counts.add(s, r.get::<_, i64>(1));
+        }
+    }
+    *shared.counts.lock().unwrap_or_else(|e| e.into_inner()) = counts;
+    let mut any_queued = false;
+    for r in rows {
+        let id: &str = r.get(0);
+        match decode(id, r.get::<_, &[u8]>(1)) {
+            Ok(t) => {
+                any_queued |= t.state() == TaskState::Queued;
+                let _ = shared.events.send(t);
+            }
+            Err(e) => shared.undecodable(&e),
+        }
+    }
+    if any_queued {
+        shared.queued.notify_waiters();
+    }
+    Ok(())
+}
+
 impl Tx<'_, '_> {
     fn db(&self, e: &tokio_postgres::Error) -> StoreError {
         StoreError::from(self.pg.db(e))
+    }
+
+    /// Refuses the transaction unless this store holds the region's
+    /// leadership with `token` now; the row stays locked (shared) until the
+    /// commit, so no other replica takes the leadership meanwhile.
+    async fn fenced(&self, token: i64) -> Result<(), StoreError> {
+        let row = self
+            .txn
+            .query_opt(
+                "SELECT 1 FROM region_leaders WHERE region = $1 AND instance = $2 \
+                 AND token = $3 AND expires_at > now() FOR SHARE",
+                &[&self.region, &self.shared.instance, &token],
+            )
+            .await
+            .map_err(|e| self.db(&e))?;
+        match row {
+            Some(_) => Ok(()),
+            None => Err(StoreError::NotLeader(format!(
+                "region {}: fencing token {token} is not the current leader's",
+                self.region
+            ))),
+        }
     }
 
     /// Reads a task and locks its row for this transaction.
@@ -1039,7 +1342,13 @@ impl Tx<'_, '_> {
                 changes.push(Change::of(Some(before), &task));
                 Ok(Reply::Cancel(Box::new(task), true))
             }
-            Op::Expire { max_attempts } => {
+            Op::Expire {
+                max_attempts,
+                fence,
+            } => {
+                if let Some(token) = fence {
+                    self.fenced(token).await?;
+                }
                 let limit = i64::try_from(MAX_EXPIRE_BATCH).unwrap_or(i64::MAX);
                 let due = self
                     .tasks(

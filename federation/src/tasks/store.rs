@@ -169,6 +169,8 @@ pub(super) enum Op {
     },
     Expire {
         max_attempts: u32,
+        /// The leader's fencing token (database backend; none: unfenced).
+        fence: Option<i64>,
     },
     RequeueAgent {
         agent: String,
@@ -555,7 +557,13 @@ impl RedbStore {
     /// (attempts kept) or, when `attempts >= max_attempts`, FAILED with error
     /// "lease expired N times (agent lost)". Returns the changed tasks.
     pub async fn expire_leases(&self, max_attempts: u32) -> Result<Vec<Task>, StoreError> {
-        match self.call(Op::Expire { max_attempts }).await? {
+        match self
+            .call(Op::Expire {
+                max_attempts,
+                fence: None,
+            })
+            .await?
+        {
             Reply::Many(t) => Ok(t),
             other => Err(unexpected(other)),
         }
@@ -1384,7 +1392,9 @@ impl Tables<'_> {
             Op::Cancel { id, reason } => self
                 .cancel(&id, &reason, now, changes)
                 .map(|(t, c)| Reply::Cancel(Box::new(t), c)),
-            Op::Expire { max_attempts } => self.expire(max_attempts, now, changes).map(Reply::Many),
+            Op::Expire { max_attempts, .. } => {
+                self.expire(max_attempts, now, changes).map(Reply::Many)
+            }
             Op::RequeueAgent { agent } => self.requeue_agent(&agent, now, changes).map(Reply::Many),
             Op::PutAgent(record) => self.put_agent(&record).map(|()| Reply::Unit),
             Op::ForgetAgent { agent } => {
