@@ -303,8 +303,12 @@ async fn a_quorum_of_approvals_is_required_to_start_and_to_reload() {
         (policy_hash(&sandbox).await == before).then_some(())
     })
     .await;
-    let approved = records(&sandbox, "europe", "policy_approved");
-    assert_eq!(approved.len(), 3, "{approved:?}");
+    // The records follow the switch (appended right after it).
+    let approved = eventually("the SIGHUP reload's record", PATIENCE, || async {
+        let r = records(&sandbox, "europe", "policy_approved");
+        (r.len() == 3).then_some(r)
+    })
+    .await;
     assert_eq!(approved[2]["policy_hash"], before.as_str());
 
     // The log, with its new record kind, still verifies.
@@ -360,7 +364,11 @@ async fn the_policy_poll_applies_a_change_once_its_approvals_arrive() {
         (policy_hash(&sandbox).await != before).then_some(())
     })
     .await;
-    let approved = records(&sandbox, "europe", "policy_approved");
+    let approved = eventually("its record", PATIENCE, || async {
+        let r = records(&sandbox, "europe", "policy_approved");
+        (r.len() == 2).then_some(r)
+    })
+    .await;
     let note = approved
         .last()
         .and_then(|r| r["note"].as_str())
