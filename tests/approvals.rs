@@ -61,6 +61,14 @@ fn bundle(approvals: Vec<Approval>) -> String {
     .expect("json")
 }
 
+/// Replaces a file the way a ConfigMap update does (rename), so that a poll
+/// never reads half of it.
+fn replace(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).expect("write");
+    std::fs::rename(&tmp, path).expect("rename");
+}
+
 fn records(sandbox: &Sandbox, region: &str, kind: &str) -> Vec<serde_json::Value> {
     let path = sandbox
         .data_dir(region)
@@ -303,13 +311,12 @@ async fn a_quorum_of_approvals_is_required_to_start_and_to_reload() {
         (policy_hash(&sandbox).await == before).then_some(())
     })
     .await;
-    // The record is appended beside the swap, not before it: wait for it.
-    let approved = eventually("the reload's policy_approved record", PATIENCE, || async {
-        let approved = records(&sandbox, "europe", "policy_approved");
-        (approved.len() >= 3).then_some(approved)
+    // The records follow the switch (appended right after it).
+    let approved = eventually("the SIGHUP reload's record", PATIENCE, || async {
+        let r = records(&sandbox, "europe", "policy_approved");
+        (r.len() == 3).then_some(r)
     })
     .await;
-    assert_eq!(approved.len(), 3, "{approved:?}");
     assert_eq!(approved[2]["policy_hash"], before.as_str());
 
     // The log, with its new record kind, still verifies.
@@ -340,7 +347,7 @@ async fn the_policy_poll_applies_a_change_once_its_approvals_arrive() {
     let before = policy_hash(&sandbox).await;
     let variant = with_approvers(&support::seed_requires_gdpr(), &k);
     let config = sandbox.config_path().to_path_buf();
-    std::fs::write(&config, &variant).expect("change the file");
+    replace(&config, &variant);
     let refusal = eventually("the poll's refusal", PATIENCE, || async {
         records(&sandbox, "europe", "policy_reload")
             .last()
@@ -353,19 +360,22 @@ async fn the_policy_poll_applies_a_change_once_its_approvals_arrive() {
     );
     assert_eq!(policy_hash(&sandbox).await, before);
     let new = variant.as_bytes();
-    std::fs::write(
-        approvals::approvals_path(&config),
-        bundle(vec![
+    replace(
+        &approvals::approvals_path(&config),
+        &bundle(vec![
             approvals::sign(&k.bob, "bob", new),
             approvals::sign(&k.carol, "carol", new),
         ]),
-    )
-    .expect("approvals");
+    );
     eventually("the approved change in force", PATIENCE, || async {
         (policy_hash(&sandbox).await != before).then_some(())
     })
     .await;
-    let approved = records(&sandbox, "europe", "policy_approved");
+    let approved = eventually("its record", PATIENCE, || async {
+        let r = records(&sandbox, "europe", "policy_approved");
+        (r.len() == 2).then_some(r)
+    })
+    .await;
     let note = approved
         .last()
         .and_then(|r| r["note"].as_str())

@@ -587,7 +587,9 @@ pub async fn drill(
             if r.hold_down_remaining_ms > 0 {
                 held = true;
             }
-            r.state == "alive" && !r.draining && r.hold_down_remaining_ms == 0
+            (r.state == "alive" || r.state == "self")
+                && !r.draining
+                && r.hold_down_remaining_ms == 0
         },
     )
     .await;
