@@ -12,6 +12,7 @@ mod balance;
 pub mod condition;
 mod decision;
 pub mod diff;
+pub mod map;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
