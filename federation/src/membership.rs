@@ -495,6 +495,20 @@ impl Membership {
     fn peer_view(&self, region: &str, now: Instant) -> Option<RegionView> {
         let mut table = self.lock();
         self.notice_stall(&mut table, now);
+        self.peer_view_in(&table, region, now, None)
+    }
+
+    /// [`Membership::peer_view`] under a lock already held. With `granted`
+    /// (the region as the policy configures it) the tags are those the
+    /// policy grants that the region also advertises, sharing the policy's
+    /// set when it advertises all of them (the usual case: no allocation).
+    fn peer_view_in(
+        &self,
+        table: &Table,
+        region: &str,
+        now: Instant,
+        granted: Option<&crate::policy::Region>,
+    ) -> Option<RegionView> {
         let peer = table.peers.get(region)?;
         let (health, _) = self.health_of(peer, now);
         let ad = peer.ad.as_ref();
@@ -512,10 +526,27 @@ impl Membership {
             full: ad.and_then(|a| a.capacity.as_ref()).is_some_and(is_full),
             load: ad.and_then(|a| a.capacity.as_ref()).map(load_of),
             held_down,
-            tags: std::sync::Arc::new(
-                ad.map(|a| a.compliance_tags.iter().cloned().collect())
-                    .unwrap_or_default(),
-            ),
+            tags: match granted {
+                None => std::sync::Arc::new(
+                    ad.map(|a| a.compliance_tags.iter().cloned().collect())
+                        .unwrap_or_default(),
+                ),
+                Some(granted) => {
+                    let advertised = |t: &String| ad.is_some_and(|a| a.compliance_tags.contains(t));
+                    if granted.tags.iter().all(advertised) {
+                        granted.shared_tags.clone()
+                    } else {
+                        std::sync::Arc::new(
+                            granted
+                                .tags
+                                .iter()
+                                .filter(|t| advertised(t))
+                                .cloned()
+                                .collect(),
+                        )
+                    }
+                }
+            },
         })
     }
 }
@@ -566,6 +597,43 @@ impl FederationView for LiveView<'_> {
                 .collect::<BTreeSet<_>>(),
         );
         Some(view)
+    }
+
+    /// The same views as [`LiveView::region`], under one lock of the peer
+    /// table, with the policy's regions found by position.
+    fn visit_regions(
+        &self,
+        policy: &Policy,
+        ids: &[usize],
+        f: &mut dyn FnMut(Option<&RegionView>),
+    ) {
+        let mut table = self.membership.lock();
+        self.membership.notice_stall(&mut table, self.now);
+        let same = std::ptr::eq(policy, self.policy);
+        for &id in ids {
+            let Some(named) = policy.regions.get(id) else {
+                f(None);
+                continue;
+            };
+            // Tags are granted by the policy in force (`self.policy`).
+            let granted = if same {
+                Some(named)
+            } else {
+                self.policy.region(&named.name)
+            };
+            let Some(granted) = granted else {
+                f(None);
+                continue;
+            };
+            if named.name == self.self_region {
+                f(Some(&self.self_view));
+                continue;
+            }
+            let v = self
+                .membership
+                .peer_view_in(&table, &named.name, self.now, Some(granted));
+            f(v.as_ref());
+        }
     }
 }
 
@@ -688,6 +756,59 @@ mod tests {
                 .any(|(r, _, h)| r == "europe" && *h == Health::Dead)
         );
         assert_eq!(m.self_stalls().load(Ordering::Relaxed), 0);
+    }
+
+    /// The batch lookup `decide` uses gives exactly the by-name views:
+    /// tags granted and advertised (the policy's set shared when all are),
+    /// fewer when the region advertises fewer, none for a silent region,
+    /// this region's own view for itself.
+    #[test]
+    fn live_view_by_position_matches_by_name() {
+        let p = policy();
+        let m = Membership::new("north_america", &p, Timers::default());
+        let now = Instant::now();
+        let mut europe = ad("europe", 1, 1);
+        europe.compliance_tags = vec!["SOX".into(), "MADE_UP".into()];
+        assert!(m.observe(&europe, now));
+        let live = LiveView {
+            membership: &m,
+            policy: &p,
+            self_region: "north_america",
+            self_view: RegionView {
+                health: Health::Alive,
+                draining: true,
+                full: false,
+                held_down: false,
+                tags: Arc::new(BTreeSet::from(["SELF".to_string()])),
+                load: None,
+            },
+            now,
+        };
+        let ids: Vec<usize> = (0..p.regions.len()).collect();
+        let mut batch = Vec::new();
+        live.visit_regions(&p, &ids, &mut |v| batch.push(v.cloned()));
+        let by_name: Vec<_> = p.regions.iter().map(|r| live.region(&r.name)).collect();
+        assert_eq!(batch, by_name);
+        let eu = p
+            .regions
+            .iter()
+            .position(|r| r.name == "europe")
+            .expect("europe");
+        let granted = &p.regions[eu].tags;
+        let seen = batch[eu].as_ref().expect("europe heard").tags.clone();
+        assert!(
+            seen.iter().all(|t| granted.contains(t) && t != "MADE_UP"),
+            "{seen:?}"
+        );
+        // A region advertising every granted tag shares the policy's set.
+        let mut all = ad("europe", 1, 2);
+        all.compliance_tags = granted.iter().cloned().chain(["MADE_UP".into()]).collect();
+        assert!(m.observe(&all, now));
+        let mut again = Vec::new();
+        live.visit_regions(&p, &[eu], &mut |v| again.push(v.cloned()));
+        let tags = &again[0].as_ref().expect("europe").tags;
+        assert!(Arc::ptr_eq(tags, &p.regions[eu].shared_tags));
+        assert_eq!(again[0], live.region("europe"));
     }
 
     /// A controller on an injected clock: ticks every heartbeat (1 s, the

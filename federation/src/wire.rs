@@ -212,7 +212,7 @@ pub fn decision_into_wire(d: Decision) -> api::RouteDecision {
                     role: role_name(c.role).to_string(),
                     accepted: c.accepted(),
                     reason: c.refusal.map(|r| r.as_str()).unwrap_or("ok").to_string(),
-                    region: c.region,
+                    region: c.region.to_string(),
                     detail: c.detail,
                     load,
                     share_ppm,
@@ -248,7 +248,7 @@ fn candidate_to_wire(
 ) -> api::CandidateVerdict {
     let (load, share_ppm) = load_to_wire(&c.region, balance);
     api::CandidateVerdict {
-        region: c.region.clone(),
+        region: c.region.to_string(),
         role: role_name(c.role).to_string(),
         accepted: c.accepted(),
         reason: c.refusal.map(|r| r.as_str()).unwrap_or("ok").to_string(),

@@ -437,7 +437,7 @@ pub fn replay(records: &[Sourced], policy: &Policy, since_ms: Option<i64>) -> Re
         // as good an outcome as the one this replay's draw picked.
         if matches!(new.outcome, Outcome::Routed { .. })
             && new.candidates.iter().any(|c| {
-                c.accepted() && c.role == crate::policy::Role::Primary && c.region == old_dest
+                c.accepted() && c.role == crate::policy::Role::Primary && *c.region == *old_dest
             })
         {
             new_dest = old_dest.clone();

@@ -258,7 +258,7 @@ pub fn agrees(policy: &Policy, expected: &Decision, observed: Option<&str>) -> b
                 && expected
                     .candidates
                     .iter()
-                    .any(|c| c.region == o && c.accepted())
+                    .any(|c| &*c.region == o && c.accepted())
         }),
         _ => false,
     }

@@ -1,12 +1,12 @@
-//! `federation policy check|explain|diff|sign|keygen|replay`: the auditor's
-//! tools (`sign` and `keygen` are in [`super::bundle`], `replay` in
+//! `federation policy check|explain|diff|map|sign|keygen|replay`: the
+//! auditor's tools (`sign` and `keygen` are in [`super::bundle`], `replay` in
 //! [`super::replay`]). This module
 //! owns argument parsing and output; the logic is in [`crate::policy`].
 //!
 //! Exit status: `check` 0 no error findings, 1 error findings (or approvals
 //! required and not met); `explain` 0
 //! routed or failed over, 1 rejected; `diff` 0 no route changes, 1 changes;
-//! all of them 2 when a file cannot be used or an argument is bad.
+//! `map` 0; all of them 2 when a file cannot be used or an argument is bad.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -17,6 +17,7 @@ use anyhow::{Context as _, anyhow, bail};
 use super::OutputFormat;
 use crate::policy::analysis::{self, Severity};
 use crate::policy::diff::{self, DiffReport};
+use crate::policy::map;
 use crate::policy::{
     AttrValue, Attributes, Decision, Outcome, Policy, StaticView, format_attributes,
 };
@@ -28,9 +29,18 @@ pub enum PolicyCommand {
     Check {
         /// The federation file.
         file: PathBuf,
+        /// Output format: `html` is a self-contained page with the
+        /// residency map (the same as `policy map --format html`).
+        #[arg(long, value_enum, default_value_t)]
+        format: CheckFormat,
+    },
+    /// Draw the residency map: for each rule, the regions it reaches normally and on each failover step, warning edges, uncovered inputs.
+    Map {
+        /// The federation file.
+        file: PathBuf,
         /// Output format.
         #[arg(long, value_enum, default_value_t)]
-        format: OutputFormat,
+        format: MapFormat,
     },
     /// Show how one task would be routed: exit 0 routed or failover, 1 rejected, 2 bad input.
     Explain {
@@ -89,10 +99,35 @@ pub enum PolicyCommand {
     Replay(super::replay::ReplayArgs),
 }
 
+/// Output format of `policy check`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
+pub enum CheckFormat {
+    /// Human-readable text.
+    #[default]
+    Text,
+    /// JSON.
+    Json,
+    /// A self-contained HTML page: the residency map and every finding.
+    Html,
+}
+
+/// Output format of `policy map`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
+pub enum MapFormat {
+    /// A standalone SVG picture.
+    #[default]
+    Svg,
+    /// Graphviz DOT (`| dot -Tpdf`).
+    Dot,
+    /// A self-contained HTML page (the map, tables, every finding).
+    Html,
+}
+
 /// Runs a policy subcommand.
 pub fn run(cmd: PolicyCommand) -> ExitCode {
     let result = match cmd {
         PolicyCommand::Check { file, format } => check(&file, format),
+        PolicyCommand::Map { file, format } => map_cmd(&file, format),
         PolicyCommand::Explain {
             file,
             attrs,
@@ -154,7 +189,7 @@ fn print_json(out: &mut String, value: &impl serde::Serialize) -> anyhow::Result
     Ok(())
 }
 
-fn check(file: &Path, format: OutputFormat) -> anyhow::Result<u8> {
+fn check(file: &Path, format: CheckFormat) -> anyhow::Result<u8> {
     let policy = load(file)?;
     let report = analysis::check(&policy);
     let approvals = super::bundle::verdict(file, &policy)?;
@@ -166,7 +201,8 @@ fn check(file: &Path, format: OutputFormat) -> anyhow::Result<u8> {
         report.count(Severity::Info),
     );
     match format {
-        OutputFormat::Json => print_json(
+        CheckFormat::Html => out.push_str(&map::to_html(&map::build(&policy, &report), &report)),
+        CheckFormat::Json => print_json(
             &mut out,
             &serde_json::json!({
                 "file": file,
@@ -183,7 +219,7 @@ fn check(file: &Path, format: OutputFormat) -> anyhow::Result<u8> {
                 })),
             }),
         )?,
-        OutputFormat::Text => {
+        CheckFormat::Text => {
             outln!(
                 out,
                 "{}: {} rules, {} regions; {} inputs examined{}",
@@ -262,6 +298,18 @@ fn check(file: &Path, format: OutputFormat) -> anyhow::Result<u8> {
     }
     emit(&out)?;
     Ok(u8::from(report.has_errors() || unapproved))
+}
+
+fn map_cmd(file: &Path, format: MapFormat) -> anyhow::Result<u8> {
+    let policy = load(file)?;
+    let report = analysis::check(&policy);
+    let drawn = map::build(&policy, &report);
+    emit(&match format {
+        MapFormat::Svg => map::to_svg(&drawn),
+        MapFormat::Dot => map::to_dot(&drawn),
+        MapFormat::Html => map::to_html(&drawn, &report),
+    })?;
+    Ok(0)
 }
 
 /// `k='v', other absent` — absent attributes are named so the example is complete.

@@ -36,20 +36,23 @@ pub(crate) struct Member {
     pub(crate) index: usize,
     /// Its advertised load.
     pub(crate) load: Option<Load>,
+    /// Its share of a draw (set by [`order`]).
+    pub(crate) weight: f64,
 }
 
-/// The eligible members in the order they are to be tried (the chosen one
-/// first), as positions in the rule's `primaries`, and the note that
-/// explains it.
+/// Puts the eligible members (given in `primaries` order) in the order
+/// they are to be tried, the chosen one first, and returns the note that
+/// explains it. Sorts in place with the tie order resolved at load
+/// ([`Rule::primary_ranks`]): no allocation besides the note.
 pub(crate) fn order(
     rule: &Rule,
     attrs: &Attributes,
-    members: &[Member],
+    members: &mut [Member],
     draw: u64,
-) -> (Vec<usize>, BalanceNote) {
+) -> BalanceNote {
     let name = |i: usize| rule.primaries[i].as_str();
-    // (priority, name): the tie order.
-    let key = |i: usize| (rule.primary_priorities[i], name(i));
+    // The tie order: (priority, name), as a rank.
+    let rank = |m: &Member| rule.primary_ranks[m.index];
     let mut note = BalanceNote {
         mode: rule.balance.as_str(),
         affinity: None,
@@ -70,74 +73,66 @@ pub(crate) fn order(
     };
     if members.is_empty() {
         note.why = "no member of the set is available".into();
-        return (Vec::new(), note);
+        return note;
     }
 
     if let Some(attr) = &rule.affinity {
         note.affinity = Some(attr.clone());
         if let Some(value) = attrs.get(attr) {
             let digest = affinity_digest(attr, value);
-            let mut scored: Vec<(u64, usize)> = members
-                .iter()
-                .map(|m| (rendezvous(&digest, name(m.index)), m.index))
-                .collect();
             // Highest score first; equal scores (never in practice) by name.
-            scored.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(name(a.1).cmp(name(b.1))));
-            let out: Vec<usize> = scored.into_iter().map(|(_, i)| i).collect();
+            members.sort_by_cached_key(|m| {
+                (
+                    std::cmp::Reverse(rendezvous(&digest, name(m.index))),
+                    name(m.index),
+                )
+            });
             let short = hex::encode(&digest[..16]);
             note.mode = "affinity";
             note.why = format!(
                 "affinity on `{attr}` (digest {}): {} ranks first among the available members by rendezvous hashing",
                 &short[..16],
-                name(out[0])
+                name(members[0].index)
             );
             note.affinity_digest = Some(short);
-            return (out, note);
+            return note;
         }
         note.why = format!("affinity attribute `{attr}` absent; ");
     }
 
     if rule.balance == Balance::Priority {
-        let mut out: Vec<usize> = members.iter().map(|m| m.index).collect();
-        out.sort_unstable_by(|a, b| key(*a).cmp(&key(*b)));
+        members.sort_unstable_by_key(rank);
         note.why.push_str("priority: ");
-        note.why.push_str(name(out[0]));
+        note.why.push_str(name(members[0].index));
         note.why
             .push_str(" has the lowest priority among the available members");
-        return (out, note);
+        return note;
     }
-    // (weight, member position in `members`, primaries index)
-    let mut ranked: Vec<(f64, usize, usize)> = members
-        .iter()
-        .enumerate()
-        .map(|(pos, m)| {
-            let w = match rule.balance {
-                Balance::Weighted => {
-                    f64::from(rule.weights.get(name(m.index)).copied().unwrap_or(0))
-                }
-                _ => m.load.map_or(0.0, |l| l.weight()),
-            };
-            (w, pos, m.index)
-        })
-        .collect();
-    let total: f64 = ranked.iter().map(|r| r.0).sum();
+    for m in members.iter_mut() {
+        m.weight = match rule.balance {
+            Balance::Weighted => f64::from(rule.primary_weights[m.index]),
+            _ => m.load.map_or(0.0, |l| l.weight()),
+        };
+    }
+    let weight = |m: &Member| m.weight;
+    let total: f64 = members.iter().map(weight).sum();
     if total <= 0.0 || !total.is_finite() {
-        let mut out: Vec<usize> = ranked.into_iter().map(|r| r.2).collect();
-        out.sort_unstable_by(|a, b| key(*a).cmp(&key(*b)));
+        members.sort_unstable_by_key(rank);
         note.why.push_str(rule.balance.as_str());
         note.why.push_str(if rule.balance == Balance::Weighted {
             ": no available member has a weight, so by priority: "
         } else {
             ": no available member advertises free capacity, so by priority: "
         });
-        note.why.push_str(name(out[0]));
-        return (out, note);
+        note.why.push_str(name(members[0].index));
+        return note;
     }
-    for (w, pos, _) in &ranked {
-        note.loads[*pos].share_ppm = ((w / total) * 1e6).round() as u32;
+    // `members` and `note.loads` are both in `primaries` order here.
+    for (m, seen) in members.iter().zip(note.loads.iter_mut()) {
+        seen.share_ppm = ((weight(m) / total) * 1e6).round() as u32;
     }
     // Tie order: weight (descending), then priority, then name.
-    ranked.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(key(a.2).cmp(&key(b.2))));
+    members.sort_unstable_by(|a, b| weight(b).total_cmp(&weight(a)).then(rank(a).cmp(&rank(b))));
     // A point in [0, total): the member whose interval holds it is chosen.
     let fraction = (draw >> 11) as f64 / (1u64 << 53) as f64;
     let draw_ppm = (fraction * 1e6) as u32;
@@ -145,8 +140,9 @@ pub(crate) fn order(
     let point = fraction * total;
     let mut acc = 0.0;
     let mut chosen = 0;
-    for (i, (w, _, _)) in ranked.iter().enumerate() {
-        if *w <= 0.0 {
+    for (i, m) in members.iter().enumerate() {
+        let w = weight(m);
+        if w <= 0.0 {
             break;
         }
         chosen = i;
@@ -155,19 +151,21 @@ pub(crate) fn order(
             break;
         }
     }
-    let share_permille = (ranked[chosen].0 / total * 1000.0).round() as u32;
-    let mut out: Vec<usize> = ranked.into_iter().map(|r| r.2).collect();
-    let winner = out.remove(chosen);
-    out.insert(0, winner);
-    note.why.push_str(&format!(
+    let share_permille = (weight(&members[chosen]) / total * 1000.0).round() as u32;
+    // The winner first, the others in the tie order.
+    members[..=chosen].rotate_right(1);
+    use std::fmt::Write as _;
+    // Writing to a String cannot fail.
+    let _ = write!(
+        note.why,
         "{}: draw {draw_ppm} ppm fell in {}'s share ({}.{}% of {} available members)",
         rule.balance.as_str(),
-        name(winner),
+        name(members[0].index),
         share_permille / 10,
         share_permille % 10,
-        out.len()
-    ));
-    (out, note)
+        members.len()
+    );
+    note
 }
 
 /// SHA-256 of the affinity attribute's name and value: what the decision

@@ -80,6 +80,25 @@ pub trait FederationView {
     /// The region's current view; `None` for a region this controller does
     /// not know (it is refused, never guessed).
     fn region(&self, name: &str) -> Option<RegionView>;
+
+    /// Calls `f` with the view of each region at `ids` (positions in
+    /// `policy.regions`, as [`Rule::candidate_ids`](super::Rule::candidate_ids)
+    /// holds them), in order: what [`decide`] reads, in one call, so a view
+    /// can look its regions up by index, take a lock once and lend views
+    /// it holds rather than build them. The default asks
+    /// [`FederationView::region`] by name; an override must give the same
+    /// answers.
+    fn visit_regions(
+        &self,
+        policy: &Policy,
+        ids: &[usize],
+        f: &mut dyn FnMut(Option<&RegionView>),
+    ) {
+        for &id in ids {
+            let v = policy.regions.get(id).and_then(|r| self.region(&r.name));
+            f(v.as_ref());
+        }
+    }
 }
 
 /// A view where every configured region is alive with its configured tags:
@@ -100,31 +119,59 @@ pub struct StaticView {
 #[derive(Debug)]
 pub struct BoundStaticView<'a> {
     policy: &'a Policy,
-    view: &'a StaticView,
+    /// The view of each region of `policy`, by position.
+    views: Vec<RegionView>,
 }
 
 impl StaticView {
-    /// Binds the what-if sets to a policy's configured regions and tags.
+    /// Binds the what-if sets to a policy's configured regions and tags
+    /// (each region's view built here once; decisions borrow them).
     pub fn bind<'a>(&'a self, policy: &'a Policy) -> BoundStaticView<'a> {
-        BoundStaticView { policy, view: self }
+        let views = policy
+            .regions
+            .iter()
+            .map(|r| {
+                let name = r.name.as_str();
+                RegionView {
+                    health: if self.down.contains(name) {
+                        Health::Dead
+                    } else {
+                        Health::Alive
+                    },
+                    draining: self.draining.contains(name),
+                    full: self.full.contains(name),
+                    held_down: false,
+                    tags: r.shared_tags.clone(),
+                    load: self.loads.get(name).copied(),
+                }
+            })
+            .collect();
+        BoundStaticView { policy, views }
     }
 }
 
 impl FederationView for BoundStaticView<'_> {
     fn region(&self, name: &str) -> Option<RegionView> {
-        let region = self.policy.region(name)?;
-        Some(RegionView {
-            health: if self.view.down.contains(name) {
-                Health::Dead
+        let id = self.policy.regions.iter().position(|r| r.name == name)?;
+        self.views.get(id).cloned()
+    }
+
+    fn visit_regions(
+        &self,
+        policy: &Policy,
+        ids: &[usize],
+        f: &mut dyn FnMut(Option<&RegionView>),
+    ) {
+        let same = std::ptr::eq(policy, self.policy);
+        for &id in ids {
+            if same {
+                f(self.views.get(id));
             } else {
-                Health::Alive
-            },
-            draining: self.view.draining.contains(name),
-            full: self.view.full.contains(name),
-            held_down: false,
-            tags: region.shared_tags.clone(),
-            load: self.view.loads.get(name).copied(),
-        })
+                // Bound to another policy: its positions mean nothing here.
+                let v = policy.regions.get(id).and_then(|r| self.region(&r.name));
+                f(v.as_ref());
+            }
+        }
     }
 }
 
@@ -185,8 +232,9 @@ impl Refusal {
 /// One candidate's verdict.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Candidate {
-    /// The region.
-    pub region: String,
+    /// The region (shared with the rule's candidate table: no allocation
+    /// per candidate).
+    pub region: std::sync::Arc<str>,
     /// Primary or backup.
     pub role: Role,
     /// `None` when acceptable, else why not.
@@ -344,7 +392,7 @@ impl Decision {
     /// hold-down is accepted as the last resort (see [`Decision::settle`]);
     /// if that one fails too, its detail still says it was.
     pub fn refuse(&mut self, region: &str, refusal: Refusal, detail: impl Into<String>) {
-        if let Some(c) = self.candidates.iter_mut().find(|c| c.region == region) {
+        if let Some(c) = self.candidates.iter_mut().find(|c| &*c.region == region) {
             let detail = detail.into();
             c.detail = if c.last_resort() {
                 format!("{detail} (tried as the last resort while in failback hold-down)")
@@ -448,7 +496,7 @@ impl Decision {
         match self.candidates.iter().find(|c| c.accepted()) {
             Some(c) if c.role == Role::Primary && c.last_resort() => {
                 self.outcome = Outcome::Routed {
-                    region: c.region.clone(),
+                    region: c.region.to_string(),
                 };
                 self.reason = format!(
                     "{rule} matched; routed to primary {} as the last resort, in failback hold-down [{}]",
@@ -458,7 +506,7 @@ impl Decision {
             }
             Some(c) if c.role == Role::Primary && self.balance.is_some() => {
                 self.outcome = Outcome::Routed {
-                    region: c.region.clone(),
+                    region: c.region.to_string(),
                 };
                 let why = self.balance.as_ref().map_or("", |b| b.why.as_str());
                 let first = self
@@ -480,13 +528,13 @@ impl Decision {
             }
             Some(c) if c.role == Role::Primary => {
                 self.outcome = Outcome::Routed {
-                    region: c.region.clone(),
+                    region: c.region.to_string(),
                 };
                 self.reason = format!("{rule} matched; routed to primary {}", c.region);
             }
             Some(c) => {
                 self.outcome = Outcome::Failover {
-                    region: c.region.clone(),
+                    region: c.region.to_string(),
                 };
                 let how = if c.last_resort() {
                     " as the last resort, in failback hold-down"
@@ -575,58 +623,76 @@ pub fn decide_with(
     let mut required = rule.requires.clone();
     required.extend(policy.data_class_requirements(attrs));
 
-    let mut candidates = Vec::with_capacity(rule.primaries.len() + rule.backups.len());
-    let mut note = None;
-    if rule.is_set() {
-        let mut refused = Vec::new();
-        let mut members = Vec::with_capacity(rule.primaries.len());
-        let mut details: Vec<String> = vec![String::new(); rule.primaries.len()];
-        for (index, region) in rule.primaries.iter().enumerate() {
-            let (refusal, detail, load) = verdict(region, &required, rule.allow_overflow, view);
+    // Every candidate's verdict from one visit of the view, by the
+    // positions resolved at load; names shared from the same table. A
+    // set's primaries wait (verdicts in `primary_verdicts`, the accepted
+    // ones in `members`) until balancing has ordered them.
+    let primaries = rule.primaries.len();
+    let set = rule.is_set();
+    let mut candidates = Vec::with_capacity(rule.candidate_ids.len());
+    let mut primary_verdicts = Vec::with_capacity(if set { primaries } else { 0 });
+    let mut members = Vec::with_capacity(if set { primaries } else { 0 });
+    let mut visited = 0;
+    view.visit_regions(policy, &rule.candidate_ids, &mut |v| {
+        let i = visited;
+        visited += 1;
+        let (region, role) = match rule.shared_primaries.get(i) {
+            Some(p) => (p, Role::Primary),
+            None => match rule.shared_backups.get(i - primaries) {
+                Some(b) => (b, Role::Backup),
+                // A view calling back more often than asked: ignored.
+                None => return,
+            },
+        };
+        let (refusal, detail) = verdict(region, v, &required, rule.allow_overflow);
+        if set && role == Role::Primary {
             if refusal.is_none() {
-                members.push(balance::Member { index, load });
-                details[index] = detail;
-            } else {
-                refused.push(Candidate {
-                    region: region.clone(),
-                    role: Role::Primary,
-                    refusal,
-                    detail,
+                members.push(balance::Member {
+                    index: i,
+                    load: v.and_then(|v| v.load),
+                    weight: 0.0,
                 });
             }
+            primary_verdicts.push((refusal, detail));
+            return;
         }
-        // The loads seen are in the balance note (and on the wire per
-        // candidate), not repeated in each detail.
-        let (ordered, balanced) = balance::order(rule, attrs, &members, draw);
-        for index in ordered {
-            candidates.push(Candidate {
-                region: rule.primaries[index].clone(),
-                role: Role::Primary,
-                refusal: None,
-                detail: std::mem::take(&mut details[index]),
-            });
-        }
-        candidates.extend(refused);
-        note = Some(balanced);
-    } else {
-        for region in &rule.primaries {
-            let (refusal, detail, _) = verdict(region, &required, rule.allow_overflow, view);
-            candidates.push(Candidate {
-                region: region.clone(),
-                role: Role::Primary,
-                refusal,
-                detail,
-            });
-        }
-    }
-    for region in &rule.backups {
-        let (refusal, detail, _) = verdict(region, &required, rule.allow_overflow, view);
         candidates.push(Candidate {
             region: region.clone(),
-            role: Role::Backup,
+            role,
             refusal,
             detail,
         });
+    });
+    let mut note = None;
+    if set {
+        // The loads seen are in the balance note (and on the wire per
+        // candidate), not repeated in each detail.
+        let balanced = balance::order(rule, attrs, &mut members, draw);
+        // The set's members first, in balance order, then the refused
+        // ones (in file order), before the backups already there.
+        let mut at = 0;
+        let mut put = |candidates: &mut Vec<Candidate>, index: usize, refusal, detail| {
+            candidates.insert(
+                at,
+                Candidate {
+                    region: rule.shared_primaries[index].clone(),
+                    role: Role::Primary,
+                    refusal,
+                    detail,
+                },
+            );
+            at += 1;
+        };
+        for m in &members {
+            let detail = std::mem::take(&mut primary_verdicts[m.index].1);
+            put(&mut candidates, m.index, None, detail);
+        }
+        for (index, (refusal, detail)) in primary_verdicts.into_iter().enumerate() {
+            if refusal.is_some() {
+                put(&mut candidates, index, refusal, detail);
+            }
+        }
+        note = Some(balanced);
     }
 
     let mut decision = Decision {
@@ -653,19 +719,17 @@ const FAILOVER_WARNING: &str = "failover to ";
 
 fn verdict(
     region: &str,
+    view: Option<&RegionView>,
     required: &BTreeSet<String>,
     allow_overflow: bool,
-    view: &dyn FederationView,
-) -> (Option<Refusal>, String, Option<Load>) {
-    let Some(v) = view.region(region) else {
-        return (
+) -> (Option<Refusal>, String) {
+    match view {
+        Some(v) => verdict_of(v, required, allow_overflow),
+        None => (
             Some(Refusal::UnknownRegion),
             format!("{region} is not a known region"),
-            None,
-        );
-    };
-    let (refusal, detail) = verdict_of(&v, required, allow_overflow);
-    (refusal, detail, v.load)
+        ),
+    }
 }
 
 fn verdict_of(

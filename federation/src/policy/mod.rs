@@ -12,6 +12,7 @@ mod balance;
 pub mod condition;
 mod decision;
 pub mod diff;
+pub mod map;
 pub mod record_values;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -116,6 +117,18 @@ pub struct Rule {
     /// The primaries' `priority` (unset: `i64::MAX`), aligned with
     /// `primaries`.
     pub primary_priorities: Vec<i64>,
+    /// Each primary's rank in the tie order (`priority`, lower first, then
+    /// name), aligned with `primaries`: 0 for the first.
+    pub primary_ranks: Vec<u32>,
+    /// The primaries' `weights` (absent: 0), aligned with `primaries`.
+    pub primary_weights: Vec<u32>,
+    /// The backups' names, shared, aligned with `backups`.
+    pub shared_backups: Vec<std::sync::Arc<str>>,
+    /// Every candidate's position in [`Policy::regions`], primaries then
+    /// backups (aligned with [`Rule::candidates`]): resolved once at load,
+    /// so a decision looks its candidates up by index
+    /// ([`FederationView::regions_at`]), not by name.
+    pub candidate_ids: Vec<usize>,
     /// How a member of the set is chosen (meaningful for a set).
     pub balance: Balance,
     /// Static shares for [`Balance::Weighted`]; members without one take no
@@ -148,6 +161,18 @@ impl Rule {
         self.primaries.iter().chain(self.backups.iter())
     }
 
+    /// The name of candidate `i` (primaries then backups, as
+    /// [`Rule::candidate_ids`]); empty past the end.
+    pub fn candidate_name(&self, i: usize) -> &str {
+        match self.primaries.get(i) {
+            Some(p) => p,
+            None => self
+                .backups
+                .get(i - self.primaries.len())
+                .map_or("", String::as_str),
+        }
+    }
+
     /// True when the rule names a set of more than one primary.
     pub fn is_set(&self) -> bool {
         self.primaries.len() > 1
@@ -177,6 +202,18 @@ impl Rule {
             .chain(self.backups.iter())
             .filter(move |r| r.as_str() != source)
     }
+}
+
+/// Each name's rank in the order (priority, name), aligned with `names`.
+fn tie_ranks(names: &[String], priority: impl Fn(&str) -> i64) -> Vec<u32> {
+    let mut by_tie: Vec<usize> = (0..names.len()).collect();
+    by_tie
+        .sort_by(|&a, &b| (priority(&names[a]), &names[a]).cmp(&(priority(&names[b]), &names[b])));
+    let mut ranks = vec![0; names.len()];
+    for (rank, i) in by_tie.into_iter().enumerate() {
+        ranks[i] = u32::try_from(rank).unwrap_or(u32::MAX);
+    }
+    ranks
 }
 
 /// A compiled data-class requirement.
@@ -570,6 +607,19 @@ impl Policy {
                 primary_priorities: primaries
                     .iter()
                     .map(|p| known(p).and_then(|r| r.priority).unwrap_or(i64::MAX))
+                    .collect(),
+                primary_ranks: tie_ranks(&primaries, |p| {
+                    known(p).and_then(|r| r.priority).unwrap_or(i64::MAX)
+                }),
+                primary_weights: primaries
+                    .iter()
+                    .map(|p| weights.get(p).copied().unwrap_or(0))
+                    .collect(),
+                shared_backups: backups.iter().map(|b| b.as_str().into()).collect(),
+                candidate_ids: primaries
+                    .iter()
+                    .chain(backups.iter())
+                    .filter_map(|c| regions.iter().position(|r| &r.name == c))
                     .collect(),
                 primaries,
                 balance,

@@ -537,3 +537,247 @@ fn with_three_members_a_dying_member_moves_only_its_own_keys() {
     let back: Vec<String> = keys.iter().map(|k| place(&all, k)).collect();
     assert_eq!(back, before);
 }
+
+/// The balancing as it was first written (a sorted copy of the members,
+/// weights looked up by name, ties compared by (priority, name)), kept as
+/// the reference the in-place version must match exactly.
+fn reference_order(
+    rule: &Rule,
+    attrs: &Attributes,
+    members: &[(usize, Option<Load>)],
+    draw: u64,
+) -> (Vec<usize>, BalanceNote) {
+    struct Member {
+        index: usize,
+        load: Option<Load>,
+    }
+    let members: Vec<Member> = members
+        .iter()
+        .map(|&(index, load)| Member { index, load })
+        .collect();
+    let name = |i: usize| rule.primaries[i].as_str();
+    // (priority, name): the tie order.
+    let key = |i: usize| (rule.primary_priorities[i], name(i));
+    let mut note = BalanceNote {
+        mode: rule.balance.as_str(),
+        affinity: None,
+        affinity_digest: None,
+        draw_ppm: None,
+        loads: members
+            .iter()
+            .map(|m| LoadSeen {
+                region: rule.shared_primaries[m.index].clone(),
+                advertised: m.load.is_some(),
+                total_slots: m.load.map_or(0, |l| l.total_slots),
+                free_slots: m.load.map_or(0, |l| l.free_slots),
+                queue_depth: m.load.map_or(0, |l| l.queue_depth),
+                share_ppm: 0,
+            })
+            .collect(),
+        why: String::new(),
+    };
+    if members.is_empty() {
+        note.why = "no member of the set is available".into();
+        return (Vec::new(), note);
+    }
+
+    if let Some(attr) = &rule.affinity {
+        note.affinity = Some(attr.clone());
+        if let Some(value) = attrs.get(attr) {
+            let digest = super::affinity_digest(attr, value);
+            let mut scored: Vec<(u64, usize)> = members
+                .iter()
+                .map(|m| (super::rendezvous(&digest, name(m.index)), m.index))
+                .collect();
+            // Highest score first; equal scores (never in practice) by name.
+            scored.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(name(a.1).cmp(name(b.1))));
+            let out: Vec<usize> = scored.into_iter().map(|(_, i)| i).collect();
+            let short = hex::encode(&digest[..16]);
+            note.mode = "affinity";
+            note.why = format!(
+                "affinity on `{attr}` (digest {}): {} ranks first among the available members by rendezvous hashing",
+                &short[..16],
+                name(out[0])
+            );
+            note.affinity_digest = Some(short);
+            return (out, note);
+        }
+        note.why = format!("affinity attribute `{attr}` absent; ");
+    }
+
+    if rule.balance == Balance::Priority {
+        let mut out: Vec<usize> = members.iter().map(|m| m.index).collect();
+        out.sort_unstable_by(|a, b| key(*a).cmp(&key(*b)));
+        note.why.push_str("priority: ");
+        note.why.push_str(name(out[0]));
+        note.why
+            .push_str(" has the lowest priority among the available members");
+        return (out, note);
+    }
+    // (weight, member position in `members`, primaries index)
+    let mut ranked: Vec<(f64, usize, usize)> = members
+        .iter()
+        .enumerate()
+        .map(|(pos, m)| {
+            let w = match rule.balance {
+                Balance::Weighted => {
+                    f64::from(rule.weights.get(name(m.index)).copied().unwrap_or(0))
+                }
+                _ => m.load.map_or(0.0, |l| l.weight()),
+            };
+            (w, pos, m.index)
+        })
+        .collect();
+    let total: f64 = ranked.iter().map(|r| r.0).sum();
+    if total <= 0.0 || !total.is_finite() {
+        let mut out: Vec<usize> = ranked.into_iter().map(|r| r.2).collect();
+        out.sort_unstable_by(|a, b| key(*a).cmp(&key(*b)));
+        note.why.push_str(rule.balance.as_str());
+        note.why.push_str(if rule.balance == Balance::Weighted {
+            ": no available member has a weight, so by priority: "
+        } else {
+            ": no available member advertises free capacity, so by priority: "
+        });
+        note.why.push_str(name(out[0]));
+        return (out, note);
+    }
+    for (w, pos, _) in &ranked {
+        note.loads[*pos].share_ppm = ((w / total) * 1e6).round() as u32;
+    }
+    // Tie order: weight (descending), then priority, then name.
+    ranked.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(key(a.2).cmp(&key(b.2))));
+    // A point in [0, total): the member whose interval holds it is chosen.
+    let fraction = (draw >> 11) as f64 / (1u64 << 53) as f64;
+    let draw_ppm = (fraction * 1e6) as u32;
+    note.draw_ppm = Some(draw_ppm);
+    let point = fraction * total;
+    let mut acc = 0.0;
+    let mut chosen = 0;
+    for (i, (w, _, _)) in ranked.iter().enumerate() {
+        if *w <= 0.0 {
+            break;
+        }
+        chosen = i;
+        acc += w;
+        if point < acc {
+            break;
+        }
+    }
+    let share_permille = (ranked[chosen].0 / total * 1000.0).round() as u32;
+    let mut out: Vec<usize> = ranked.into_iter().map(|r| r.2).collect();
+    let winner = out.remove(chosen);
+    out.insert(0, winner);
+    note.why.push_str(&format!(
+        "{}: draw {draw_ppm} ppm fell in {}'s share ({}.{}% of {} available members)",
+        rule.balance.as_str(),
+        name(winner),
+        share_permille / 10,
+        share_permille % 10,
+        out.len()
+    ));
+    (out, note)
+}
+
+/// `decide_with` over random sets (dead, full, silent, slotless members,
+/// equal loads and priorities, every balance mode, affinity present or
+/// absent) orders the set and explains it exactly as the reference does.
+#[test]
+fn in_place_balancing_matches_the_reference() {
+    let regions = ["m_d", "m_a", "m_f", "m_b", "m_e", "m_c"];
+    // Priorities with a tie (1, 1) and two unset.
+    let priorities = [Some(2), Some(1), None, Some(1), None, Some(5)];
+    let mut text = String::from("federation:\n  name: ref\n  regions:\n");
+    for (r, p) in regions.iter().zip(priorities) {
+        text.push_str(&format!("    - name: {r}\n      endpoint: e-{r}\n"));
+        if let Some(p) = p {
+            text.push_str(&format!("      priority: {p}\n"));
+        }
+        text.push_str("      compliance: [GDPR]\n");
+    }
+    text.push_str("  routing_rules:\n");
+    let set = regions.join(", ");
+    for (i, extra) in [
+        "balance: least_loaded",
+        "balance: priority",
+        "balance: weighted\n      weights: {m_d: 3, m_a: 1, m_f: 3, m_e: 0}",
+        "balance: least_loaded\n      affinity: conversation_id",
+        "balance: priority\n      affinity: conversation_id",
+    ]
+    .iter()
+    .enumerate()
+    {
+        text.push_str(&format!(
+            "    - condition: \"mode == {i}\"\n      primary_regions: [{set}]\n      {extra}\n      requires: [GDPR]\n"
+        ));
+    }
+    let p = load(&text).expect("loads");
+    let mut rng = 0x1234_5678_9abc_def0u64;
+    let mut next = move || {
+        rng = rng.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = rng;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    let mut decided = 0;
+    for round in 0..3000u64 {
+        let mode = (round % 5) as i64;
+        let mut view = StaticView::default();
+        for r in regions {
+            match next() % 10 {
+                0 => {
+                    view.down.insert(r.to_string());
+                }
+                1 => {
+                    view.full.insert(r.to_string());
+                }
+                2 | 3 => {}
+                4 => {
+                    view.loads.insert(r.to_string(), Load::default());
+                }
+                // Few distinct values: equal loads are common.
+                _ => {
+                    let total = 1 + (next() % 3) as u32 * 4;
+                    let l = Load {
+                        total_slots: total,
+                        free_slots: (next() % u64::from(total + 1)) as u32,
+                        queue_depth: (next() % 3) as u32,
+                    };
+                    view.loads.insert(r.to_string(), l);
+                }
+            }
+        }
+        let mut a = Attributes::new();
+        a.insert("mode".into(), AttrValue::Int(mode));
+        if next() % 4 != 0 {
+            a.insert(
+                "conversation_id".into(),
+                AttrValue::Str(format!("c{}", next() % 50)),
+            );
+        }
+        let draw = next();
+        let d = decide_with(&p, &a, &view.bind(&p), draw);
+        let rule = &p.rules[mode as usize];
+        let members: Vec<(usize, Option<Load>)> = rule
+            .primaries
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| !view.down.contains(*r) && !view.full.contains(*r))
+            .map(|(i, r)| (i, view.loads.get(r).copied()))
+            .collect();
+        let (order, note) = reference_order(rule, &a, &members, draw);
+        let expected: Vec<&str> = order.iter().map(|&i| rule.primaries[i].as_str()).collect();
+        let got: Vec<&str> = d
+            .candidates
+            .iter()
+            .filter(|c| c.accepted())
+            .map(|c| &*c.region)
+            .collect();
+        assert_eq!(got, expected, "round {round}: {view:?} {a:?}");
+        assert_eq!(d.balance.as_ref(), Some(&note), "round {round}");
+        if !expected.is_empty() {
+            decided += 1;
+        }
+    }
+    assert!(decided > 2500, "{decided}");
+}
