@@ -192,6 +192,23 @@ async fn a_region_on_postgres_serves_every_entry_and_keeps_every_acknowledged_ta
     let (code, out, err) = audit(&["show", &url, "--task", &routed[0], "--format", "json"]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains(&routed[0]), "{out}");
+    // Tampering is evident: a superuser who switches the append-only
+    // trigger off and edits a record breaks the chain `audit verify` checks.
+    let db = url.rsplit('/').next().expect("db name");
+    server()
+        .execute(
+            db,
+            "ALTER TABLE decisions DISABLE TRIGGER decisions_no_update_or_delete; \
+             UPDATE decisions SET line = replace(line, '\"kind\":\"', '\"kind\":\"x') WHERE seq = 1; \
+             ALTER TABLE decisions ENABLE TRIGGER decisions_no_update_or_delete",
+        )
+        .expect("tamper as superuser");
+    let (code, out, err) = audit(&["verify", &url, "--region", "europe"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        out.contains("broken at line 1 (seq 1)") && out.contains("hash mismatch"),
+        "{out}{err}"
+    );
     // europe's one replica leads its region (lease expiry runs there).
     assert!(
         sandbox

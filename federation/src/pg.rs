@@ -277,6 +277,14 @@ impl Pg {
                 PgError::Url(format!("not a PostgreSQL URL: {}", chain(&e)))
             })?;
         config.connect_timeout(CONNECT_TIMEOUT);
+        // Acknowledged means committed on the server's disk, whatever the
+        // server's default is (set for every session, so no transaction
+        // pays a round trip for it).
+        let options = match config.get_options() {
+            Some(o) if !o.is_empty() => format!("{o} -c synchronous_commit=on"),
+            _ => "-c synchronous_commit=on".to_string(),
+        };
+        config.options(&options);
         if config.get_application_name().is_none() {
             config.application_name(application);
         }
@@ -661,6 +669,31 @@ mod tests {
         // Not a URL.
         let err = Pg::connect("postgres://u@127.0.0.1:notaport/x", 2, "test").expect_err("bad url");
         assert!(matches!(err, PgError::Url(_)), "{err}");
+    }
+
+    #[test]
+    fn every_connection_commits_synchronously_whatever_the_database_default() {
+        let url = server().create_database("sync").expect("database");
+        let db = url.rsplit('/').next().expect("db name");
+        server()
+            .execute(
+                "postgres",
+                &format!("ALTER DATABASE \"{db}\" SET synchronous_commit = off"),
+            )
+            .expect("a lax default");
+        let pg = Pg::connect(&url, 2, "test").expect("connect");
+        let pg2 = pg.clone();
+        let setting: String = pg
+            .block(async move {
+                let c = pg2.client().await?;
+                let row = c
+                    .query_one("SHOW synchronous_commit", &[])
+                    .await
+                    .map_err(|e| pg2.db(&e))?;
+                Ok(row.get(0))
+            })
+            .expect("show");
+        assert_eq!(setting, "on");
     }
 
     #[test]

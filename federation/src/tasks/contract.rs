@@ -999,3 +999,114 @@ mod replicas {
         assert_eq!(report.records, 80);
     }
 }
+
+/// Prints the PostgreSQL store's insert rate and latency at 1 and 64 in
+/// flight against raw single-row `INSERT`s (autocommit, synchronous commit)
+/// of the same row with tokio-postgres into the same database, in one run.
+/// A report, not a check:
+/// `cargo test -p federation --lib tasks::contract::postgres_insert_throughput -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn postgres_insert_throughput() {
+    fn quantile(sorted: &[Duration], q: f64) -> Duration {
+        let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+        sorted.get(i).copied().unwrap_or_default()
+    }
+    let fx = Fixture::new(Kind::Postgres);
+    let store = fx.open();
+    let raw_pg = crate::pg::Pg::connect(fx.url.as_deref().expect("url"), 64, "raw").expect("pg");
+    {
+        let pg = raw_pg.clone();
+        raw_pg
+            .block(async move {
+                let c = pg.client().await?;
+                c.batch_execute("CREATE TABLE raw_tasks (LIKE tasks INCLUDING ALL)")
+                    .await
+                    .map_err(|e| pg.db(&e))?;
+                // Connect all 64 before timing (authentication is slow in
+                // a debug build); the pool keeps them.
+                let mut held = vec![c];
+                for _ in 1..64 {
+                    held.push(pg.client().await?);
+                }
+                Ok(())
+            })
+            .expect("raw table and connections");
+    }
+    let body = {
+        let mut t = task("w00-00000");
+        t.payload = vec![1; 256];
+        t.idempotency_key = "k-w00-00000".into();
+        prost::Message::encode_to_vec(&t)
+    };
+    for in_flight in [1usize, 64] {
+        let n = if in_flight == 1 { 1_000 } else { 8_000 };
+        let per_worker = n / in_flight;
+        // The store.
+        let started = std::time::Instant::now();
+        let mut handles = Vec::new();
+        for w in 0..in_flight {
+            let store = store.clone();
+            handles.push(tokio::spawn(async move {
+                let mut lat = Vec::with_capacity(per_worker);
+                for i in 0..per_worker {
+                    let mut t = task(&format!("s{in_flight}-w{w:02}-{i:05}"));
+                    t.payload = vec![1; 256];
+                    t.idempotency_key = format!("k-s{in_flight}-w{w:02}-{i:05}");
+                    let at = std::time::Instant::now();
+                    store.insert(t).await.expect("insert");
+                    lat.push(at.elapsed());
+                }
+                lat
+            }));
+        }
+        let mut lat = Vec::new();
+        for h in handles {
+            lat.extend(h.await.expect("join"));
+        }
+        let store_rate = n as f64 / started.elapsed().as_secs_f64();
+        lat.sort();
+        let (s50, s99) = (quantile(&lat, 0.5), quantile(&lat, 0.99));
+        // Raw INSERTs of the same row.
+        let started = std::time::Instant::now();
+        let mut handles = Vec::new();
+        for w in 0..in_flight {
+            let pg = raw_pg.clone();
+            let body = body.clone();
+            handles.push(raw_pg.handle().spawn(async move {
+                let c = pg.client().await.unwrap_or_else(|e| panic!("{e}"));
+                let stmt = c
+                    .prepare(
+                        "INSERT INTO raw_tasks (region, task_id, state, priority, created_ms, \
+                         lease_deadline_ms, agent_id, idempotency_key, body) \
+                         VALUES ('europe', $1, 1, 0, $2, 0, '', $3, $4)",
+                    )
+                    .await
+                    .expect("prepare");
+                let mut lat = Vec::with_capacity(per_worker);
+                for i in 0..per_worker {
+                    let id = format!("r{in_flight}-w{w:02}-{i:05}");
+                    let key = format!("k-{id}");
+                    let at = std::time::Instant::now();
+                    c.execute(&stmt, &[&id, &now_unix_ms(), &key, &body])
+                        .await
+                        .expect("insert");
+                    lat.push(at.elapsed());
+                }
+                lat
+            }));
+        }
+        let mut raw = Vec::new();
+        for h in handles {
+            raw.extend(h.await.expect("join"));
+        }
+        let raw_rate = n as f64 / started.elapsed().as_secs_f64();
+        raw.sort();
+        let (r50, r99) = (quantile(&raw, 0.5), quantile(&raw, 0.99));
+        println!(
+            "in flight {in_flight:>2}: store {store_rate:>6.0}/s p50 {s50:>8.2?} p99 {s99:>8.2?} | \
+             raw INSERT {raw_rate:>6.0}/s p50 {r50:>8.2?} p99 {r99:>8.2?} | ratio {:.2}x",
+            store_rate / raw_rate
+        );
+    }
+}

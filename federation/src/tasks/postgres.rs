@@ -882,31 +882,73 @@ async fn run_batch(pg: &Pg, region: &str, shared: &Shared, batch: Vec<Request>) 
             return;
         }
     };
-    // Acknowledged means committed on the server's disk, whatever the
-    // database's default is.
-    if let Err(e) = txn.batch_execute("SET LOCAL synchronous_commit = on").await {
-        let rest = batch.into_iter().map(|r| r.reply).collect();
-        fail_all(&mut replies, rest, StoreError::from(pg.db(&e)));
-        return;
-    }
     let t = Tx {
         txn: &txn,
         pg,
         region,
         shared,
     };
-    let mut requests = batch.into_iter();
-    while let Some(req) = requests.next() {
-        let result = t.apply(req.op, now, &mut changes).await;
-        if let Err(e @ (StoreError::Db(_) | StoreError::Unavailable(_))) = &result {
-            // The transaction is unusable: every caller of the batch hears
-            // the error, nothing of it is committed.
-            let mut rest = vec![req.reply];
-            rest.extend(requests.map(|r| r.reply));
-            fail_all(&mut replies, rest, e.clone());
-            return;
+    // Inserts are staged and created together (one multi-row INSERT) before
+    // any other request runs and at the end: a batch of submits costs a
+    // fixed number of round trips, not two per task.
+    let mut results: Vec<Option<Result<Reply, StoreError>>> = Vec::with_capacity(batch.len());
+    let mut records = Vec::with_capacity(batch.len());
+    let mut senders = Vec::with_capacity(batch.len());
+    let mut ops = Vec::with_capacity(batch.len());
+    for req in batch {
+        results.push(None);
+        records.push(req.record);
+        senders.push(req.reply);
+        ops.push(req.op);
+    }
+    let applied = async {
+        let known = t.prefetch(&ops).await?;
+        let mut staged: Vec<(usize, Task)> = Vec::new();
+        for (i, op) in ops.into_iter().enumerate() {
+            match op {
+                Op::Insert(task) => match t.stage(*task, now, &known, &mut staged, i).await? {
+                    Staging::Answered(done) => {
+                        results[i] = Some((*done).map(|o| Reply::Insert(Box::new(o))));
+                    }
+                    Staging::Staged => {}
+                    Staging::Clash(task) => {
+                        t.create_staged(&mut staged, &mut results, &mut changes)
+                            .await?;
+                        let done = t.insert(*task, now, &mut changes).await;
+                        if let Err(e @ (StoreError::Db(_) | StoreError::Unavailable(_))) = &done {
+                            return Err(e.clone());
+                        }
+                        results[i] = Some(done.map(|o| Reply::Insert(Box::new(o))));
+                    }
+                },
+                op => {
+                    t.create_staged(&mut staged, &mut results, &mut changes)
+                        .await?;
+                    let result = t.apply(op, now, &mut changes).await;
+                    if let Err(e @ (StoreError::Db(_) | StoreError::Unavailable(_))) = &result {
+                        return Err(e.clone());
+                    }
+                    results[i] = Some(result);
+                }
+            }
         }
-        if let (Some((log, mut record)), Ok(Reply::Insert(o))) = (req.record, &result) {
+        t.create_staged(&mut staged, &mut results, &mut changes)
+            .await
+    }
+    .await;
+    if let Err(e) = applied {
+        // The transaction is unusable: every caller of the batch hears the
+        // error, nothing of it is committed.
+        fail_all(&mut replies, senders, e);
+        return;
+    }
+    for ((reply, result), record) in senders.into_iter().zip(results).zip(records) {
+        let result = result.unwrap_or_else(|| {
+            Err(StoreError::Db(
+                "internal: a request of the batch was not answered".into(),
+            ))
+        });
+        if let (Some((log, mut record)), Ok(Reply::Insert(o))) = (record, &result) {
             record.set_task_id(&o.task().task_id);
             let at = match logs.iter().position(|b| b.log.same_log(&log)) {
                 Some(i) => i,
@@ -922,7 +964,7 @@ async fn run_batch(pg: &Pg, region: &str, shared: &Shared, batch: Vec<Request>) 
             logs[at].records.push(record);
             logs[at].owners.push(replies.len());
         }
-        replies.push((req.reply, result));
+        replies.push((reply, result));
     }
     // The records go into the chain in the transaction of their tasks.
     let mut heads = Vec::with_capacity(logs.len());
@@ -1126,7 +1168,176 @@ async fn publish(
     Ok(())
 }
 
+/// What became of an insert offered to [`Tx::stage`].
+enum Staging {
+    /// Answered from what is stored.
+    Answered(Box<Result<InsertOutcome, StoreError>>),
+    /// Staged: answered when the staged tasks are created.
+    Staged,
+    /// Its id or key is staged already: it takes the one-by-one path after
+    /// the staged ones are created.
+    Clash(Box<Task>),
+}
+
+/// Tasks already stored that a batch's inserts name, by id and by key.
+#[derive(Default)]
+struct Known {
+    by_id: std::collections::HashMap<String, Task>,
+    by_key: std::collections::HashMap<String, Task>,
+}
+
 impl Tx<'_, '_> {
+    /// Creates the staged tasks in one statement and answers them: created,
+    /// or (a row another transaction committed meanwhile) answered one by
+    /// one as an insert that found its id or key stored.
+    async fn create_staged(
+        &self,
+        staged: &mut Vec<(usize, Task)>,
+        results: &mut [Option<Result<Reply, StoreError>>],
+        changes: &mut Vec<Change>,
+    ) -> Result<(), StoreError> {
+        if staged.is_empty() {
+            return Ok(());
+        }
+        let tasks = std::mem::take(staged);
+        let ids: Vec<&str> = tasks.iter().map(|(_, t)| t.task_id.as_str()).collect();
+        let states: Vec<i16> = tasks.iter().map(|(_, t)| state_code(t)).collect();
+        let priorities: Vec<i32> = tasks.iter().map(|(_, t)| t.priority).collect();
+        let created: Vec<i64> = tasks.iter().map(|(_, t)| t.created_unix_ms).collect();
+        let keys: Vec<Option<&str>> = tasks.iter().map(|(_, t)| key_of(t)).collect();
+        let bodies: Vec<Vec<u8>> = tasks.iter().map(|(_, t)| t.encode_to_vec()).collect();
+        let rows = self
+            .txn
+            .query(
+                "INSERT INTO tasks (region, task_id, state, priority, created_ms, \
+                 lease_deadline_ms, agent_id, idempotency_key, body) \
+                 SELECT $1, i, s, p, c, 0, '', k, b \
+                 FROM unnest($2::text[], $3::smallint[], $4::integer[], $5::bigint[], \
+                             $6::text[], $7::bytea[]) AS u(i, s, p, c, k, b) \
+                 ON CONFLICT DO NOTHING RETURNING task_id",
+                &[
+                    &self.region,
+                    &ids,
+                    &states,
+                    &priorities,
+                    &created,
+                    &keys,
+                    &bodies,
+                ],
+            )
+            .await
+            .map_err(|e| self.db(&e))?;
+        let inserted: HashSet<String> = rows.iter().map(|r| r.get::<_, String>(0)).collect();
+        for (at, task) in tasks {
+            let outcome = if inserted.contains(&task.task_id) {
+                changes.push(Change {
+                    before: None,
+                    after: TaskState::Queued,
+                    task: task.clone(),
+                });
+                Ok(InsertOutcome::Created(task))
+            } else {
+                let done = self.insert(task, 0, changes).await;
+                if let Err(e @ (StoreError::Db(_) | StoreError::Unavailable(_))) = &done {
+                    return Err(e.clone());
+                }
+                done
+            };
+            results[at] = Some(outcome.map(|o| Reply::Insert(Box::new(o))));
+        }
+        Ok(())
+    }
+
+    /// Reads, in one query, the stored tasks whose id or idempotency key an
+    /// insert of the batch names.
+    async fn prefetch(&self, ops: &[Op]) -> Result<Known, StoreError> {
+        let mut ids = Vec::new();
+        let mut keys = Vec::new();
+        for op in ops {
+            if let Op::Insert(t) = op {
+                ids.push(t.task_id.clone());
+                if !t.idempotency_key.is_empty() {
+                    keys.push(t.idempotency_key.clone());
+                }
+            }
+        }
+        let mut known = Known::default();
+        if ids.is_empty() {
+            return Ok(known);
+        }
+        let rows = self
+            .txn
+            .query(
+                "SELECT task_id, body FROM tasks WHERE region = $1 \
+                 AND (task_id = ANY($2) OR idempotency_key = ANY($3))",
+                &[&self.region, &ids, &keys],
+            )
+            .await
+            .map_err(|e| self.db(&e))?;
+        for r in rows {
+            let id: &str = r.get(0);
+            // An undecodable one is left to the one-by-one path, which
+            // reports it.
+            if let Ok(t) = decode(id, r.get::<_, &[u8]>(1)) {
+                if !t.idempotency_key.is_empty() {
+                    known.by_key.insert(t.idempotency_key.clone(), t.clone());
+                }
+                known.by_id.insert(t.task_id.clone(), t);
+            }
+        }
+        Ok(known)
+    }
+
+    /// Answers an insert from what is known, or stages it (`None`: the
+    /// answer comes when the staged tasks are created). An id or key
+    /// already staged in this batch creates the staged ones first, then
+    /// takes the one-by-one path.
+    async fn stage(
+        &self,
+        mut task: Task,
+        now: i64,
+        known: &Known,
+        staged: &mut Vec<(usize, Task)>,
+        at: usize,
+    ) -> Result<Staging, StoreError> {
+        if task.task_id.is_empty() {
+            return Ok(Staging::Answered(Box::new(Err(StoreError::Invalid(
+                "task id is empty".into(),
+            )))));
+        }
+        if !task.idempotency_key.is_empty() {
+            if let Some(stored) = known.by_key.get(&task.idempotency_key) {
+                return Ok(Staging::Answered(Box::new(Self::known_key(
+                    &task,
+                    stored.clone(),
+                ))));
+            }
+        }
+        if let Some(stored) = known.by_id.get(&task.task_id) {
+            return Ok(Staging::Answered(Box::new(Ok(
+                InsertOutcome::Deduplicated(stored.clone()),
+            ))));
+        }
+        let clash = staged.iter().any(|(_, s)| {
+            s.task_id == task.task_id
+                || (!task.idempotency_key.is_empty() && s.idempotency_key == task.idempotency_key)
+        });
+        if clash {
+            return Ok(Staging::Clash(Box::new(task)));
+        }
+        task.set_state(TaskState::Queued);
+        task.version = 1;
+        clear_lease(&mut task);
+        if task.created_unix_ms == 0 {
+            task.created_unix_ms = now;
+        }
+        if task.updated_unix_ms == 0 {
+            task.updated_unix_ms = now;
+        }
+        staged.push((at, task));
+        Ok(Staging::Staged)
+    }
+
     fn db(&self, e: &tokio_postgres::Error) -> StoreError {
         StoreError::from(self.pg.db(e))
     }
