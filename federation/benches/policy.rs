@@ -141,24 +141,32 @@ fn sets(members: usize) -> (Policy, StaticView) {
 
 /// Per-call ns of each of `fs`, measured interleaved: round after round,
 /// a batch of each in turn, so that load from other processes on a shared
-/// machine falls on all of them alike. Returns (median, minimum) of the
-/// per-batch figures of each.
+/// machine falls on all of them alike. Each batch is sized to take about
+/// the same time (~100 µs, well under a scheduler slice), so a batch of
+/// one is no likelier to be preempted than a batch of another. Returns
+/// (median, minimum) of the per-batch figures of each.
 fn interleaved(budget: Duration, fs: &mut [&mut dyn FnMut()]) -> Vec<(f64, f64)> {
-    const BATCH: u32 = 2_000;
-    for f in fs.iter_mut() {
-        for _ in 0..BATCH {
-            f();
-        }
-    }
+    const TARGET_NS: f64 = 100_000.0;
+    let batches: Vec<u32> = fs
+        .iter_mut()
+        .map(|f| {
+            let t = Instant::now();
+            for _ in 0..2_000 {
+                f();
+            }
+            let per_call = t.elapsed().as_nanos() as f64 / 2_000.0;
+            (TARGET_NS / per_call.max(1.0)).clamp(10.0, 100_000.0) as u32
+        })
+        .collect();
     let mut samples: Vec<Vec<f64>> = vec![Vec::new(); fs.len()];
     let start = Instant::now();
     while start.elapsed() < budget || samples[0].len() < 5 {
-        for (f, out) in fs.iter_mut().zip(samples.iter_mut()) {
+        for ((f, out), &batch) in fs.iter_mut().zip(samples.iter_mut()).zip(&batches) {
             let t = Instant::now();
-            for _ in 0..BATCH {
+            for _ in 0..batch {
                 f();
             }
-            out.push(t.elapsed().as_nanos() as f64 / f64::from(BATCH));
+            out.push(t.elapsed().as_nanos() as f64 / f64::from(batch));
         }
     }
     samples

@@ -129,7 +129,7 @@ pub(crate) fn order(
     }
     // `members` and `note.loads` are both in `primaries` order here.
     for (m, seen) in members.iter().zip(note.loads.iter_mut()) {
-        seen.share_ppm = ((weight(m) / total) * 1e6).round() as u32;
+        seen.share_ppm = round_share((weight(m) / total) * 1e6);
     }
     // Tie order: weight (descending), then priority, then name.
     members.sort_unstable_by(|a, b| weight(b).total_cmp(&weight(a)).then(rank(a).cmp(&rank(b))));
@@ -151,21 +151,57 @@ pub(crate) fn order(
             break;
         }
     }
-    let share_permille = (weight(&members[chosen]) / total * 1000.0).round() as u32;
+    let share_permille = round_share(weight(&members[chosen]) / total * 1000.0);
     // The winner first, the others in the tie order.
     members[..=chosen].rotate_right(1);
-    use std::fmt::Write as _;
-    // Writing to a String cannot fail.
-    let _ = write!(
-        note.why,
-        "{}: draw {draw_ppm} ppm fell in {}'s share ({}.{}% of {} available members)",
-        rule.balance.as_str(),
-        name(members[0].index),
-        share_permille / 10,
-        share_permille % 10,
-        members.len()
-    );
+    // "{mode}: draw {ppm} ppm fell in {winner}'s share ({p}.{p}% of {n}
+    // available members)", pieced together (the formatter costs more than
+    // the rest of the draw).
+    let why = &mut note.why;
+    let winner = name(members[0].index);
+    why.reserve(72 + winner.len());
+    why.push_str(rule.balance.as_str());
+    why.push_str(": draw ");
+    push_decimal(why, u64::from(draw_ppm));
+    why.push_str(" ppm fell in ");
+    why.push_str(winner);
+    why.push_str("'s share (");
+    push_decimal(why, u64::from(share_permille / 10));
+    why.push('.');
+    push_decimal(why, u64::from(share_permille % 10));
+    why.push_str("% of ");
+    push_decimal(why, members.len() as u64);
+    why.push_str(" available members)");
     note
+}
+
+/// `x.round() as u32` for a share (finite, at least 0): the integer part,
+/// plus one from a fraction of one half up (the fraction `x - trunc(x)` is
+/// exact in binary floating point), without a call to `round`.
+fn round_share(x: f64) -> u32 {
+    let whole = x as u32;
+    if x - f64::from(whole) >= 0.5 {
+        whole.saturating_add(1)
+    } else {
+        whole
+    }
+}
+
+/// Appends `n` in decimal.
+fn push_decimal(out: &mut String, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for &d in &digits[at..] {
+        out.push(char::from(d));
+    }
 }
 
 /// SHA-256 of the affinity attribute's name and value: what the decision

@@ -781,3 +781,32 @@ fn in_place_balancing_matches_the_reference() {
     }
     assert!(decided > 2500, "{decided}");
 }
+
+#[test]
+fn shares_round_and_print_as_the_formatter_does() {
+    for x in [
+        0.0,
+        0.49,
+        0.5,
+        0.5000001,
+        1.4999999,
+        2.5,
+        999_999.5,
+        1e6,
+        123_456.789,
+    ] {
+        assert_eq!(super::round_share(x), x.round() as u32, "{x}");
+    }
+    let mut rng = 7u64;
+    for _ in 0..10_000 {
+        rng = rng.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+        let x = (rng >> 11) as f64 / (1u64 << 53) as f64 * 1e6;
+        assert_eq!(super::round_share(x), x.round() as u32, "{x}");
+        let mut s = String::new();
+        super::push_decimal(&mut s, rng);
+        assert_eq!(s, rng.to_string());
+    }
+    let mut s = String::new();
+    super::push_decimal(&mut s, 0);
+    assert_eq!(s, "0");
+}
