@@ -256,6 +256,23 @@ async fn metrics_and_status_page() {
             "rendered page lacks `{needle}`:\n{dom}"
         );
     }
+    // The policy's residency map (issue 15 point 5) is drawn on the page
+    // too: the seed's two failovers that drop a tag are its warning edges.
+    let residency = browser.eval_string(
+        "(document.querySelector('#residency-map svg.residency-map') || {textContent: ''}).textContent",
+    );
+    for needle in [
+        "north_america",
+        "europe",
+        "asia_pacific",
+        "drops GDPR",
+        "drops HIPAA",
+    ] {
+        assert!(
+            residency.contains(needle),
+            "the residency map lacks `{needle}`:\n{residency}"
+        );
+    }
     // Decisions across the federation: europe's own record of the task
     // north_america forwarded, fetched over the peer channel.
     let from_europe = browser.eval_string(

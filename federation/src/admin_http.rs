@@ -123,8 +123,8 @@ async fn metrics(State(app): State<Arc<App>>, headers: HeaderMap) -> impl IntoRe
 async fn view(app: &App, headers: &HeaderMap) -> View {
     let viewer = Viewer::from_headers(&app.node.auth, headers);
     app.remote.refresh(&app.node).await;
-    let warnings = app.audit.findings(app.node.policy()).await;
-    status_view::build(&app.node, &viewer, warnings, &app.remote).await
+    let audit = app.audit.findings(app.node.policy()).await;
+    status_view::build(&app.node, &viewer, audit, &app.remote).await
 }
 
 fn html(app: &App, rendered: Result<String, askama::Error>) -> Response {

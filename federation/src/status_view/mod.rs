@@ -300,6 +300,10 @@ pub struct View {
     pub map: map::Map,
     /// The policy audit's findings, errors first.
     pub warnings: Vec<Warning>,
+    /// The policy's residency map, inline SVG (`policy::map`, escaped
+    /// there); not in `/view.json`, which has the findings.
+    #[serde(skip)]
+    pub residency_map: String,
     /// Recent decisions of every region, newest first.
     pub decisions: Vec<DecisionRow>,
     /// Where each region's decisions came from.
@@ -310,16 +314,27 @@ pub struct View {
     pub store_undecodable: Vec<String>,
 }
 
-/// The policy audit's findings, computed once per policy.
+/// What the page shows of the policy itself: the audit's findings and the
+/// residency map (`policy::map`), computed once per policy.
+#[derive(Debug, Default)]
+pub struct PolicyAudit {
+    /// The audit's errors and warnings, errors first.
+    pub warnings: Vec<Warning>,
+    /// The residency map as inline SVG (every policy text escaped by
+    /// `policy::map::to_svg`).
+    pub residency_svg: String,
+}
+
+/// The policy audit's findings and map, computed once per policy.
 #[derive(Debug, Default)]
 pub struct AuditCache {
-    cached: Mutex<Option<(String, Arc<Vec<Warning>>)>>,
+    cached: Mutex<Option<(String, Arc<PolicyAudit>)>>,
 }
 
 impl AuditCache {
-    /// The findings of `policy` (computed off the async workers the first
-    /// time a policy is seen).
-    pub async fn findings(&self, policy: Arc<Policy>) -> Arc<Vec<Warning>> {
+    /// The findings and map of `policy` (computed off the async workers the
+    /// first time a policy is seen).
+    pub async fn findings(&self, policy: Arc<Policy>) -> Arc<PolicyAudit> {
         if let Some((hash, w)) = self
             .cached
             .lock()
@@ -331,15 +346,16 @@ impl AuditCache {
             }
         }
         let hash = policy.hash.clone();
-        let computed = tokio::task::spawn_blocking(move || audit_warnings(&policy))
+        let computed = tokio::task::spawn_blocking(move || policy_audit(&policy))
             .await
-            .unwrap_or_else(|e| {
-                vec![Warning {
+            .unwrap_or_else(|e| PolicyAudit {
+                warnings: vec![Warning {
                     severity: "error".into(),
                     kind: "audit-failed".into(),
                     rule: String::new(),
                     message: format!("the policy audit did not finish: {e}"),
-                }]
+                }],
+                residency_svg: String::new(),
             });
         let w = Arc::new(computed);
         *self
@@ -350,9 +366,11 @@ impl AuditCache {
     }
 }
 
-/// The audit's errors and warnings (not its `info` notes), errors first.
-pub fn audit_warnings(policy: &Policy) -> Vec<Warning> {
-    crate::policy::analysis::check(policy)
+/// The audit of `policy` (one `analysis::check`): its errors and warnings
+/// (not its `info` notes), errors first, and the residency map drawn from it.
+pub fn policy_audit(policy: &Policy) -> PolicyAudit {
+    let report = crate::policy::analysis::check(policy);
+    let warnings = report
         .findings
         .iter()
         .filter(|f| f.severity != crate::policy::analysis::Severity::Info)
@@ -362,7 +380,12 @@ pub fn audit_warnings(policy: &Policy) -> Vec<Warning> {
             rule: f.rule.clone().unwrap_or_default(),
             message: f.message.clone(),
         })
-        .collect()
+        .collect();
+    let residency_svg = crate::policy::map::to_svg(&crate::policy::map::build(policy, &report));
+    PolicyAudit {
+        warnings,
+        residency_svg,
+    }
 }
 
 /// Builds the view of `node` for `viewer`, with the audit's `warnings` and
@@ -370,7 +393,7 @@ pub fn audit_warnings(policy: &Policy) -> Vec<Warning> {
 pub async fn build(
     node: &Arc<Node>,
     viewer: &Viewer,
-    warnings: Arc<Vec<Warning>>,
+    audit: Arc<PolicyAudit>,
     remote: &remote::RemoteDecisions,
 ) -> View {
     let policy = node.policy();
@@ -428,7 +451,8 @@ pub async fn build(
         generated: crate::cli::output::unix_ms_utc(crate::tasks::now_unix_ms()),
         regions,
         map,
-        warnings: warnings.as_ref().clone(),
+        warnings: audit.warnings.clone(),
+        residency_map: audit.residency_svg.clone(),
         decisions,
         sources,
         rules: rule_counters(&policy, &node.metrics.decision_counts()),
