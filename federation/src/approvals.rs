@@ -34,7 +34,6 @@
 //! Pure apart from [`load_file`], [`load_signing_key`] and [`write_file`]:
 //! no network, no clock except the `signed_at` text.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
@@ -49,8 +48,7 @@ pub use ring::signature::Ed25519KeyPair as SigningKey;
 pub const DOMAIN: &[u8] = b"federation-policy-approval/v1\n";
 /// The `format` of an approvals file.
 pub const FORMAT: &str = "federation-policy-approvals/v1";
-/// How a public key is written: `ed25519:<base64>`.
-pub const KEY_PREFIX: &str = "ed25519:";
+pub use crate::policy::approvers::KEY_PREFIX;
 /// The largest approvals file read (it is small: one line per approver).
 const MAX_FILE_BYTES: usize = 1 << 20;
 
@@ -97,48 +95,7 @@ pub fn message(content: &[u8]) -> Vec<u8> {
     m
 }
 
-/// An Ed25519 public key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct PublicKey(pub [u8; 32]);
-
-impl PublicKey {
-    /// Parses `ed25519:<base64 of 32 bytes>`.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let b64 = text.trim().strip_prefix(KEY_PREFIX).ok_or_else(|| {
-            format!(
-                "expected `{KEY_PREFIX}<base64 of 32 bytes>` (federation policy keygen prints it)"
-            )
-        })?;
-        let bytes = base64::engine::general_purpose::STANDARD
-            .decode(b64)
-            .map_err(|e| format!("not base64: {e}"))?;
-        let key: [u8; 32] = bytes
-            .try_into()
-            .map_err(|b: Vec<u8>| format!("{} bytes, an Ed25519 key has 32", b.len()))?;
-        Ok(Self(key))
-    }
-}
-
-impl std::fmt::Display for PublicKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{KEY_PREFIX}{}",
-            base64::engine::general_purpose::STANDARD.encode(self.0)
-        )
-    }
-}
-
-/// Who approves a policy: from `federation.policy`, validated.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Approvers {
-    /// Approver name → key, sorted by name.
-    pub keys: BTreeMap<String, PublicKey>,
-    /// Distinct approvers needed.
-    pub quorum: usize,
-    /// `serve` and reloads refuse a policy without the quorum.
-    pub required: bool,
-}
+pub use crate::policy::approvers::{Approvers, PublicKey};
 
 /// One approval in an approvals file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

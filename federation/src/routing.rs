@@ -64,7 +64,7 @@ pub async fn submit(
     let (mut decision, view) = {
         let live = node.view(&policy);
         let decision = policy.decide_with(&attrs, &live, rand::random());
-        (decision, view_states(&policy, &live))
+        (decision, policy.view_states(&live))
     };
 
     let mut placed: Option<Placed> = None;
@@ -652,19 +652,6 @@ pub fn scrubbed_error(
     Scrubber::new(&node.policy(), false, &attrs, None)
         .scrub(&error.to_string())
         .into_owned()
-}
-
-/// Every region of `policy` as `view` shows it now: what the record keeps
-/// of the federation the decision saw (`policy replay` re-decides with it).
-pub fn view_states(
-    policy: &crate::policy::Policy,
-    view: &dyn crate::policy::FederationView,
-) -> Vec<(String, crate::policy::RegionView)> {
-    policy
-        .regions
-        .iter()
-        .filter_map(|r| view.region(&r.name).map(|v| (r.name.clone(), v)))
-        .collect()
 }
 
 /// What a record written here keeps of the task: everything when this

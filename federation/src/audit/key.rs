@@ -45,7 +45,7 @@ use base64::Engine as _;
 use ring::hmac;
 
 use crate::policy::{AttrValue, Attributes};
-use crate::replication::KeyRing;
+use crate::replication::keyring::KeyRing;
 
 /// What the derivation of an audit key from a snapshot key signs.
 const DERIVATION: &[u8] = b"federation audit key v1";

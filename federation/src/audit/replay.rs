@@ -569,7 +569,7 @@ mod tests {
         };
         let view = sv.bind(p);
         let d = decide(p, a, &view);
-        let states = crate::routing::view_states(p, &view);
+        let states = p.view_states(&view);
         let kept = Kept::new(p, None, held, a, &d, None);
         log.append_pending(PendingRecord::kept(
             kind::ROUTE,

@@ -8,6 +8,7 @@
 //! live membership: callers pass a [`FederationView`].
 
 pub mod analysis;
+pub mod approvers;
 mod balance;
 pub mod condition;
 mod decision;
@@ -259,7 +260,7 @@ pub struct Policy {
     /// policies have equal hashes whatever their formatting.
     pub hash: String,
     /// Who approves this policy (`federation.policy`); empty when unset.
-    pub approvers: crate::approvals::Approvers,
+    pub approvers: approvers::Approvers,
 }
 
 /// A policy error with its position.
@@ -761,6 +762,16 @@ impl Policy {
             .collect()
     }
 
+    /// Every region of this policy as `view` shows it now: what a route
+    /// record keeps of the federation its decision saw (`policy replay`
+    /// re-decides with it).
+    pub fn view_states(&self, view: &dyn FederationView) -> Vec<(String, RegionView)> {
+        self.regions
+            .iter()
+            .filter_map(|r| view.region(&r.name).map(|v| (r.name.clone(), v)))
+            .collect()
+    }
+
     /// The routing decision against `view`.
     pub fn decide(&self, attrs: &Attributes, view: &dyn FederationView) -> Decision {
         decide(self, attrs, view)
@@ -785,14 +796,14 @@ fn priority_key(r: &Region) -> (i64, &str) {
 fn approvers_of(
     spec: &FederationSpec,
     mut err: impl FnMut(String, String),
-) -> crate::approvals::Approvers {
+) -> approvers::Approvers {
     let Some(p) = &spec.policy else {
         return Default::default();
     };
     let mut keys = BTreeMap::new();
     for (name, text) in &p.approvers {
         let path = format!("federation.policy.approvers.{name}");
-        match crate::approvals::PublicKey::parse(text) {
+        match approvers::PublicKey::parse(text) {
             Ok(key) => {
                 if let Some((other, _)) = keys.iter().find(|(_, k)| **k == key) {
                     err(path, format!("the same key as approver `{other}`"));
@@ -818,7 +829,7 @@ fn approvers_of(
             ),
         );
     }
-    crate::approvals::Approvers {
+    approvers::Approvers {
         keys,
         quorum,
         required: p.require_approvals,
