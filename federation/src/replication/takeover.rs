@@ -1,5 +1,5 @@
-//! Takeover of a dead region's pending tasks, the notices that tell it, the
-//! start-up lease fence, and where a taken-over task lives now.
+//! Takeover of a dead region's pending tasks, the notices that tell it, and
+//! the start-up lease fence.
 //!
 //! * **Takeover** ([`check`]): when a region we hold a snapshot of has been
 //!   dead (or never heard since our start) for `timers.takeover_grace`, we
@@ -23,7 +23,7 @@
 //!
 //! Owns `takeovers.json` and the fence; uses the task store's public API.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -34,10 +34,9 @@ use serde::{Deserialize, Serialize};
 use super::snapshot;
 use crate::audit::{DecisionEntry, kind};
 use crate::controller::{Node, now_ms};
-use crate::error::{Error, Result};
 use crate::policy::{Health, Policy};
 use crate::tasks::{InsertOutcome, TaskStore};
-use crate::{transport, wire};
+use crate::wire;
 
 /// How long a takeover notice is advertised.
 pub const NOTICE_TTL_MS: i64 = 24 * 3600 * 1000;
@@ -70,7 +69,8 @@ pub struct TakeoverState {
     notices: Mutex<Vec<Notice>>,
     dead_since: Mutex<BTreeMap<String, Instant>>,
     started: Instant,
-    applied: Mutex<HashSet<String>>,
+    /// Task ids of ours a backup took over (from its notices), and by whom.
+    applied: Mutex<HashMap<String, String>>,
     fence: Mutex<Option<Fence>>,
 }
 
@@ -136,7 +136,7 @@ impl TakeoverState {
             notices: Mutex::new(notices),
             dead_since: Mutex::new(BTreeMap::new()),
             started: Instant::now(),
-            applied: Mutex::new(HashSet::new()),
+            applied: Mutex::new(HashMap::new()),
             fence: Mutex::new(fence),
         }
     }
@@ -161,6 +161,11 @@ impl TakeoverState {
         if let Some(f) = lock(&self.fence).as_mut() {
             f.unsynced.remove(backup);
         }
+    }
+
+    /// The region whose notice said it took over our task `task_id`.
+    pub fn taken_over_by(&self, task_id: &str) -> Option<String> {
+        lock(&self.applied).get(task_id).cloned()
     }
 
     /// The notices to advertise.
@@ -210,7 +215,7 @@ pub async fn on_advertisement(node: &Node, ad: &api::RegionAdvertisement) {
             notice
                 .task_ids
                 .iter()
-                .filter(|id| !applied.contains(*id))
+                .filter(|id| !applied.contains_key(*id))
                 .take(MAX_NOTICE_IDS)
                 .cloned()
                 .collect()
@@ -233,7 +238,7 @@ pub async fn on_advertisement(node: &Node, ad: &api::RegionAdvertisement) {
                         .fetch_add(changed.len() as u64, std::sync::atomic::Ordering::Relaxed);
                     tracing::warn!(by = %ad.region, tasks = changed.len(), "tasks taken over by a backup while we were dead; they will not run here");
                 }
-                lock(&state.applied).extend(fresh);
+                lock(&state.applied).extend(fresh.into_iter().map(|id| (id, ad.region.clone())));
             }
             Err(e) => {
                 tracing::error!(error = %e, "applying takeover notices failed");
@@ -350,67 +355,4 @@ async fn take_over(node: &Arc<Node>, source: &str, epoch: u64, tasks: Vec<api::T
         at_unix_ms: at,
         task_ids: ids,
     });
-}
-
-/// Where the live copy of a task is: `None` for here, else the region.
-///
-/// Here when our store holds it (unless we cancelled it because a backup
-/// took it over: then that backup). Otherwise we ask its owner, and when the
-/// owner is dead or does not answer, the owner's backups; an answer that says
-/// "taken over by B" leads to B.
-pub async fn locate(node: &Node, task_id: &str) -> Result<Option<String>> {
-    wire::check_task_id(task_id)?;
-    if let Some(t) = node.store.get(task_id).map_err(Error::from)? {
-        return Ok(moved_to(node, &t));
-    }
-    let owner = wire::owner_of(task_id).unwrap_or_default().to_string();
-    if owner == node.region {
-        return Ok(None);
-    }
-    let policy = node.policy();
-    if policy.region(&owner).is_none() {
-        return Err(Error::task_not_found(task_id));
-    }
-    let owner_dead = node
-        .membership
-        .status(Instant::now())
-        .iter()
-        .any(|s| s.region == owner && s.health == Health::Dead);
-    let mut order: Vec<String> = snapshot::recipients(&policy, &owner)
-        .into_iter()
-        .filter(|r| *r != node.region)
-        .collect();
-    if owner_dead {
-        order.push(owner.clone());
-    } else {
-        order.insert(0, owner.clone());
-    }
-    let deadline = node.timers.forward_timeout;
-    for region in order.into_iter().take(8) {
-        let Ok(mut client) = node.peer(&region) else {
-            continue;
-        };
-        let req = api::GetTaskRequest {
-            task_id: task_id.to_string(),
-        };
-        let call = client.relay_get_task(transport::with_deadline(req, deadline));
-        if let Ok(Ok(resp)) = tokio::time::timeout(deadline, call).await {
-            if let Some(t) = resp.into_inner().task {
-                return Ok(match t.taken_over.as_ref() {
-                    Some(to) if !to.to_region.is_empty() && to.to_region != region => {
-                        (to.to_region != node.region).then(|| to.to_region.clone())
-                    }
-                    _ => Some(region),
-                });
-            }
-        }
-    }
-    Ok(Some(owner))
-}
-
-fn moved_to(node: &Node, t: &api::Task) -> Option<String> {
-    t.taken_over
-        .as_ref()
-        .filter(|to| !to.to_region.is_empty() && to.to_region != node.region)
-        .map(|to| to.to_region.clone())
 }
