@@ -7,9 +7,10 @@
 //!   change batches since, [`super::copy`]) that we may hold (rule lists us
 //!   as backup or as another member of its set of primaries, we hold the
 //!   required tags) under their original ids,
-//!   `attempts` kept, `taken_over` = {from, epoch, to us, now}; one
-//!   `takeover` record per task goes to the decision log. Once per (region,
-//!   epoch).
+//!   `attempts` kept, `taken_over` = {from, epoch, to us, now}, with one
+//!   `takeover` record per task created, all in one store batch
+//!   ([`TaskStore::insert_batch`]: one transaction, the records appended
+//!   with it). Once per (region, epoch).
 //! * **Notices**: every advertisement we send carries the ids we took over
 //!   (persisted in `<data_dir>/takeovers.json`, kept for [`NOTICE_TTL_MS`]).
 //!   A region that sees notices about itself cancels those tasks
@@ -32,10 +33,10 @@ use federation_api as api;
 use serde::{Deserialize, Serialize};
 
 use super::snapshot;
-use crate::audit::{DecisionEntry, kind};
+use crate::audit::{DecisionEntry, PendingRecord, kind};
 use crate::controller::{Node, now_ms};
 use crate::policy::{Health, Policy};
-use crate::tasks::{InsertOutcome, TaskStore};
+use crate::tasks::{InsertOutcome, RecordState, TaskStore};
 use crate::wire;
 
 /// How long a takeover notice is advertised.
@@ -299,8 +300,9 @@ async fn take_over(node: &Arc<Node>, source: &str, epoch: u64, tasks: Vec<api::T
         .map(|r| r.tags.clone())
         .unwrap_or_default();
     let at = now_ms();
-    let mut ids = Vec::new();
     let mut refused = 0usize;
+    let mut batch = Vec::with_capacity(tasks.len());
+    let mut records = Vec::with_capacity(tasks.len());
     for mut task in tasks {
         if let Err(why) = snapshot::may_hold(&policy, source, &node.region, &tags, &task) {
             refused += 1;
@@ -314,33 +316,46 @@ async fn take_over(node: &Arc<Node>, source: &str, epoch: u64, tasks: Vec<api::T
             at_unix_ms: at,
         });
         task.owner_region = source.to_string();
-        let id = task.task_id.clone();
-        match node.store.insert(task).await {
-            Ok(InsertOutcome::Created(t)) => {
-                let entry = DecisionEntry::new(kind::TAKEOVER)
-                    .task(&t.task_id)
-                    .note(format!(
-                        "taken over from {source} (epoch {epoch}) by {}: {source} dead for more than {:?}; rule {}",
-                        node.region,
-                        node.timers.takeover_grace,
-                        t.rule_index + 1
-                    ));
-                let entry = DecisionEntry {
-                    rule_index: Some(t.rule_index),
-                    policy_hash: Some(policy.hash.clone()),
-                    chosen_region: Some(node.region.clone()),
-                    outcome: Some("takeover".into()),
-                    ..entry
-                };
-                if let Err(e) = node.log.append(entry).await {
-                    tracing::error!(error = %e, "appending a takeover record failed");
+        let entry = DecisionEntry::new(kind::TAKEOVER)
+            .task(&task.task_id)
+            .note(format!(
+                "taken over from {source} (epoch {epoch}) by {}: {source} dead for more than {:?}; rule {}",
+                node.region,
+                node.timers.takeover_grace,
+                task.rule_index + 1
+            ));
+        records.push(PendingRecord::entry(&DecisionEntry {
+            rule_index: Some(task.rule_index),
+            policy_hash: Some(policy.hash.clone()),
+            chosen_region: Some(node.region.clone()),
+            outcome: Some("takeover".into()),
+            ..entry
+        }));
+        batch.push(task);
+    }
+    let offered: Vec<String> = batch.iter().map(|t| t.task_id.clone()).collect();
+    // One transaction for them all, their records in the same batch.
+    let stored = node
+        .store
+        .insert_batch(batch, Some((&node.log, records)))
+        .await;
+    if let RecordState::Failed(e) = &stored.record {
+        tracing::error!(error = %e, "appending takeover records failed");
+    }
+    let mut ids = Vec::with_capacity(offered.len());
+    match stored.outcomes {
+        Ok(outcomes) => {
+            for (id, outcome) in offered.into_iter().zip(outcomes) {
+                match outcome {
+                    Ok(InsertOutcome::Created(_) | InsertOutcome::Deduplicated(_)) => ids.push(id),
+                    Err(e) => {
+                        tracing::error!(task_id = %id, error = %e, "storing a taken-over task failed")
+                    }
                 }
-                ids.push(id);
             }
-            Ok(InsertOutcome::Deduplicated(_)) => ids.push(id),
-            Err(e) => {
-                tracing::error!(task_id = %id, error = %e, "storing a taken-over task failed")
-            }
+        }
+        Err(e) => {
+            tracing::error!(from = %source, epoch, tasks = offered.len(), error = %e, "storing the taken-over tasks failed");
         }
     }
     let stats = node.replication.counters();
