@@ -348,6 +348,12 @@ impl PendingRecord {
         self.0.task_id.as_deref()
     }
 
+    /// Renders `entry` (the same bytes [`DecisionLog::append`] would write),
+    /// for an insert that carries it ([`crate::tasks::TaskStore::insert_batch`]).
+    pub fn entry(entry: &DecisionEntry) -> Self {
+        Self(Box::new(Prepared::from_entry(entry)))
+    }
+
     /// Names another task (the `task_id` field is rendered when the record
     /// is sealed, so this costs nothing).
     pub fn set_task_id(&mut self, task_id: &str) {

@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
-use super::condition::{Const, Node};
+use super::condition::{CondExpr, Const};
 use super::{AttrValue, Attributes, Policy, Rule};
 
 /// Most inputs enumerated before the analysis gives up ("not analysed").
@@ -96,27 +96,27 @@ impl Report {
 // The fragment and its constants.
 
 /// True when `node` is in the exactly analysable fragment.
-pub fn in_fragment(node: &Node) -> bool {
-    fn operand(n: &Node) -> bool {
-        matches!(n, Node::Attr(_) | Node::Const(Const::Str(_)))
+pub fn in_fragment(node: &CondExpr) -> bool {
+    fn operand(n: &CondExpr) -> bool {
+        matches!(n, CondExpr::Attr(_) | CondExpr::Const(Const::Str(_)))
     }
-    fn str_list(n: &Node) -> bool {
+    fn str_list(n: &CondExpr) -> bool {
         match n {
-            Node::Const(Const::List(items)) => items.iter().all(|c| matches!(c, Const::Str(_))),
+            CondExpr::Const(Const::List(items)) => items.iter().all(|c| matches!(c, Const::Str(_))),
             _ => false,
         }
     }
     match node {
-        Node::Const(Const::Bool(_)) => true,
-        Node::AttrEqStr(..) | Node::AttrNeStr(..) | Node::AttrInStrs(..) => true,
-        Node::And(a, b) | Node::Or(a, b) => in_fragment(a) && in_fragment(b),
-        Node::Not(a) => in_fragment(a),
-        Node::Eq(a, b) | Node::Ne(a, b) => {
+        CondExpr::Const(Const::Bool(_)) => true,
+        CondExpr::AttrEqStr(..) | CondExpr::AttrNeStr(..) | CondExpr::AttrInStrs(..) => true,
+        CondExpr::And(a, b) | CondExpr::Or(a, b) => in_fragment(a) && in_fragment(b),
+        CondExpr::Not(a) => in_fragment(a),
+        CondExpr::Eq(a, b) | CondExpr::Ne(a, b) => {
             operand(a)
                 && operand(b)
-                && !(matches!(**a, Node::Attr(_)) && matches!(**b, Node::Attr(_)))
+                && !(matches!(**a, CondExpr::Attr(_)) && matches!(**b, CondExpr::Attr(_)))
         }
-        Node::In(a, b) => operand(a) && str_list(b),
+        CondExpr::In(a, b) => operand(a) && str_list(b),
         _ => false,
     }
 }
@@ -134,11 +134,11 @@ fn not_analysable(c: &super::Condition) -> Option<String> {
 }
 
 /// Collects, per attribute, the string constants it is compared with.
-fn collect(node: &Node, out: &mut BTreeMap<String, BTreeSet<String>>) {
-    let consts = |n: &Node| -> Vec<String> {
+fn collect(node: &CondExpr, out: &mut BTreeMap<String, BTreeSet<String>>) {
+    let consts = |n: &CondExpr| -> Vec<String> {
         match n {
-            Node::Const(Const::Str(s)) => vec![s.clone()],
-            Node::Const(Const::List(items)) => items
+            CondExpr::Const(Const::Str(s)) => vec![s.clone()],
+            CondExpr::Const(Const::List(items)) => items
                 .iter()
                 .filter_map(|c| match c {
                     Const::Str(s) => Some(s.clone()),
@@ -149,42 +149,42 @@ fn collect(node: &Node, out: &mut BTreeMap<String, BTreeSet<String>>) {
         }
     };
     match node {
-        Node::Attr(name) => {
+        CondExpr::Attr(name) => {
             out.entry(name.clone()).or_default();
         }
-        Node::AttrEqStr(name, c) | Node::AttrNeStr(name, c) => {
+        CondExpr::AttrEqStr(name, c) | CondExpr::AttrNeStr(name, c) => {
             out.entry(name.clone()).or_default().insert(c.clone());
         }
-        Node::AttrInStrs(name, list) => {
+        CondExpr::AttrInStrs(name, list) => {
             out.entry(name.clone())
                 .or_default()
                 .extend(list.iter().cloned());
         }
-        Node::Eq(a, b)
-        | Node::Ne(a, b)
-        | Node::In(a, b)
-        | Node::Cmp(_, a, b)
-        | Node::Str(_, a, b) => {
+        CondExpr::Eq(a, b)
+        | CondExpr::Ne(a, b)
+        | CondExpr::In(a, b)
+        | CondExpr::Cmp(_, a, b)
+        | CondExpr::Str(_, a, b) => {
             for (x, y) in [(a, b), (b, a)] {
-                if let Node::Attr(name) = &**x {
+                if let CondExpr::Attr(name) = &**x {
                     out.entry(name.clone()).or_default().extend(consts(y));
                 }
             }
             collect(a, out);
             collect(b, out);
         }
-        Node::And(a, b) | Node::Or(a, b) => {
+        CondExpr::And(a, b) | CondExpr::Or(a, b) => {
             collect(a, out);
             collect(b, out);
         }
-        Node::Not(a) | Node::Size(a) => collect(a, out),
-        Node::Cond(c, a, b) => {
+        CondExpr::Not(a) | CondExpr::Size(a) => collect(a, out),
+        CondExpr::Cond(c, a, b) => {
             collect(c, out);
             collect(a, out);
             collect(b, out);
         }
-        Node::List(items) => items.iter().for_each(|n| collect(n, out)),
-        Node::Const(_) => {}
+        CondExpr::List(items) => items.iter().for_each(|n| collect(n, out)),
+        CondExpr::Const(_) => {}
     }
 }
 

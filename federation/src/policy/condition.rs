@@ -1,5 +1,5 @@
 //! CEL conditions: parsed once with the `cel` crate, statically checked, and
-//! compiled into a small IR ([`Node`]) that is evaluated directly against a
+//! compiled into a small IR ([`CondExpr`]) that is evaluated directly against a
 //! task's [`Attributes`] without building a `cel::Context` per decision.
 //!
 //! The IR covers identifiers, string/int/double/bool/null and list literals,
@@ -70,33 +70,33 @@ pub enum StrFn {
 
 /// The compiled form of a condition (a tree, mirroring the CEL AST).
 #[derive(Debug, Clone, PartialEq)]
-pub enum Node {
+pub enum CondExpr {
     /// A literal.
     Const(Const),
     /// An attribute (a CEL identifier).
     Attr(String),
     /// A list literal with non-constant elements.
-    List(Vec<Node>),
+    List(Vec<CondExpr>),
     /// `a && b`.
-    And(Box<Node>, Box<Node>),
+    And(Box<CondExpr>, Box<CondExpr>),
     /// `a || b`.
-    Or(Box<Node>, Box<Node>),
+    Or(Box<CondExpr>, Box<CondExpr>),
     /// `!a`.
-    Not(Box<Node>),
+    Not(Box<CondExpr>),
     /// `c ? a : b`.
-    Cond(Box<Node>, Box<Node>, Box<Node>),
+    Cond(Box<CondExpr>, Box<CondExpr>, Box<CondExpr>),
     /// `a == b`.
-    Eq(Box<Node>, Box<Node>),
+    Eq(Box<CondExpr>, Box<CondExpr>),
     /// `a != b`.
-    Ne(Box<Node>, Box<Node>),
+    Ne(Box<CondExpr>, Box<CondExpr>),
     /// `a < b` and friends.
-    Cmp(CmpOp, Box<Node>, Box<Node>),
+    Cmp(CmpOp, Box<CondExpr>, Box<CondExpr>),
     /// `a in b`.
-    In(Box<Node>, Box<Node>),
+    In(Box<CondExpr>, Box<CondExpr>),
     /// `size(a)` or `a.size()`.
-    Size(Box<Node>),
+    Size(Box<CondExpr>),
     /// `a.startsWith(b)` and friends.
-    Str(StrFn, Box<Node>, Box<Node>),
+    Str(StrFn, Box<CondExpr>, Box<CondExpr>),
     /// `attr == 'c'` or `'c' == attr` (the fast path of the common case).
     AttrEqStr(String, String),
     /// `attr != 'c'` or `'c' != attr`.
@@ -110,7 +110,7 @@ pub enum Node {
 pub struct Condition {
     source: String,
     program: Arc<cel::Program>,
-    compiled: Option<Arc<Node>>,
+    compiled: Option<Arc<CondExpr>>,
 }
 
 impl Condition {
@@ -161,7 +161,7 @@ impl Condition {
     }
 
     /// The compiled IR, or `None` when the condition runs on the interpreter.
-    pub fn ir(&self) -> Option<&Node> {
+    pub fn ir(&self) -> Option<&CondExpr> {
         self.compiled.as_deref()
     }
 
@@ -419,7 +419,7 @@ fn incompatible(a: Ty, b: Ty) -> bool {
 
 /// Type-checks the IR node `node`, lowered from `expr` (walked in step for offsets).
 fn type_of(
-    node: &Node,
+    node: &CondExpr,
     expr: &Expression,
     offset_of: &dyn Fn(u64) -> usize,
 ) -> Result<Ty, CompileError> {
@@ -449,17 +449,17 @@ fn type_of(
         }
     };
     Ok(match node {
-        Node::Const(c) => Ty::of_const(c),
-        Node::Attr(_) => Ty::Dyn,
-        Node::AttrEqStr(..) | Node::AttrNeStr(..) | Node::AttrInStrs(..) => Ty::Bool,
-        Node::List(items) => {
+        CondExpr::Const(c) => Ty::of_const(c),
+        CondExpr::Attr(_) => Ty::Dyn,
+        CondExpr::AttrEqStr(..) | CondExpr::AttrNeStr(..) | CondExpr::AttrInStrs(..) => Ty::Bool,
+        CondExpr::List(items) => {
             for (i, n) in items.iter().enumerate() {
                 type_of(n, arg(i), offset_of)?;
             }
             Ty::List
         }
-        Node::And(a, b) | Node::Or(a, b) => {
-            let op = if matches!(node, Node::And(..)) {
+        CondExpr::And(a, b) | CondExpr::Or(a, b) => {
+            let op = if matches!(node, CondExpr::And(..)) {
                 "&&"
             } else {
                 "||"
@@ -468,17 +468,17 @@ fn type_of(
             want_bool(type_of(b, arg(1), offset_of)?, arg(1), op)?;
             Ty::Bool
         }
-        Node::Not(a) => {
+        CondExpr::Not(a) => {
             want_bool(type_of(a, arg(0), offset_of)?, arg(0), "!")?;
             Ty::Bool
         }
-        Node::Cond(c, a, b) => {
+        CondExpr::Cond(c, a, b) => {
             want_bool(type_of(c, arg(0), offset_of)?, arg(0), "?:")?;
             let ta = type_of(a, arg(1), offset_of)?;
             let tb = type_of(b, arg(2), offset_of)?;
             if ta == tb { ta } else { Ty::Dyn }
         }
-        Node::Eq(a, b) | Node::Ne(a, b) => {
+        CondExpr::Eq(a, b) | CondExpr::Ne(a, b) => {
             let ta = type_of(a, arg(0), offset_of)?;
             let tb = type_of(b, arg(1), offset_of)?;
             if incompatible(ta, tb) {
@@ -493,7 +493,7 @@ fn type_of(
             }
             Ty::Bool
         }
-        Node::Cmp(_, a, b) => {
+        CondExpr::Cmp(_, a, b) => {
             let ta = type_of(a, arg(0), offset_of)?;
             let tb = type_of(b, arg(1), offset_of)?;
             let unorderable = |t: Ty| matches!(t, Ty::List | Ty::Null);
@@ -505,7 +505,7 @@ fn type_of(
             }
             Ty::Bool
         }
-        Node::In(a, b) => {
+        CondExpr::In(a, b) => {
             type_of(a, arg(0), offset_of)?;
             let tb = type_of(b, arg(1), offset_of)?;
             if !matches!(tb, Ty::List | Ty::Dyn) {
@@ -516,14 +516,14 @@ fn type_of(
             }
             Ty::Bool
         }
-        Node::Size(a) => {
+        CondExpr::Size(a) => {
             let ta = type_of(a, arg(0), offset_of)?;
             if !matches!(ta, Ty::Str | Ty::List | Ty::Dyn) {
                 return Err(at(arg(0), format!("size() of {}", ta.name())));
             }
             Ty::Int
         }
-        Node::Str(f, a, b) => {
+        CondExpr::Str(f, a, b) => {
             for (i, n) in [a, b].into_iter().enumerate() {
                 let t = type_of(n, arg(i), offset_of)?;
                 if !matches!(t, Ty::Str | Ty::Dyn) {
@@ -541,9 +541,9 @@ fn type_of(
 /// Marks a construct the IR does not cover (the interpreter takes the rule).
 struct Unsupported;
 
-fn lower(expr: &Expression) -> Result<Node, Unsupported> {
+fn lower(expr: &Expression) -> Result<CondExpr, Unsupported> {
     match &expr.expr {
-        Expr::Literal(lit) => Ok(Node::Const(match lit {
+        Expr::Literal(lit) => Ok(CondExpr::Const(match lit {
             LiteralValue::Boolean(b) => Const::Bool(*b.inner()),
             LiteralValue::Int(i) => Const::Int(*i.inner()),
             LiteralValue::Double(d) => Const::Double(*d.inner()),
@@ -555,7 +555,7 @@ fn lower(expr: &Expression) -> Result<Node, Unsupported> {
             if TYPE_NAMES.contains(&name.as_str()) || name.starts_with('.') {
                 Err(Unsupported)
             } else {
-                Ok(Node::Attr(name.clone()))
+                Ok(CondExpr::Attr(name.clone()))
             }
         }
         Expr::List(list) => {
@@ -570,13 +570,13 @@ fn lower(expr: &Expression) -> Result<Node, Unsupported> {
             let consts: Option<Vec<Const>> = items
                 .iter()
                 .map(|n| match n {
-                    Node::Const(c) => Some(c.clone()),
+                    CondExpr::Const(c) => Some(c.clone()),
                     _ => None,
                 })
                 .collect();
             Ok(match consts {
-                Some(c) => Node::Const(Const::List(c)),
-                None => Node::List(items),
+                Some(c) => CondExpr::Const(Const::List(c)),
+                None => CondExpr::List(items),
             })
         }
         Expr::Call(call) => {
@@ -590,22 +590,26 @@ fn lower(expr: &Expression) -> Result<Node, Unsupported> {
                         return Ok(fast);
                     }
                     Ok(match name {
-                        op::LOGICAL_AND => Node::And(a, x),
-                        op::LOGICAL_OR => Node::Or(a, x),
-                        op::EQUALS => Node::Eq(a, x),
-                        op::NOT_EQUALS => Node::Ne(a, x),
-                        op::LESS => Node::Cmp(CmpOp::Lt, a, x),
-                        op::LESS_EQUALS => Node::Cmp(CmpOp::Le, a, x),
-                        op::GREATER => Node::Cmp(CmpOp::Gt, a, x),
-                        op::GREATER_EQUALS => Node::Cmp(CmpOp::Ge, a, x),
-                        op::IN => Node::In(a, x),
+                        op::LOGICAL_AND => CondExpr::And(a, x),
+                        op::LOGICAL_OR => CondExpr::Or(a, x),
+                        op::EQUALS => CondExpr::Eq(a, x),
+                        op::NOT_EQUALS => CondExpr::Ne(a, x),
+                        op::LESS => CondExpr::Cmp(CmpOp::Lt, a, x),
+                        op::LESS_EQUALS => CondExpr::Cmp(CmpOp::Le, a, x),
+                        op::GREATER => CondExpr::Cmp(CmpOp::Gt, a, x),
+                        op::GREATER_EQUALS => CondExpr::Cmp(CmpOp::Ge, a, x),
+                        op::IN => CondExpr::In(a, x),
                         _ => return Err(Unsupported),
                     })
                 }
-                (None, [c, a, x]) if name == op::CONDITIONAL => Ok(Node::Cond(b(c)?, b(a)?, b(x)?)),
-                (None, [a]) if name == op::LOGICAL_NOT => Ok(Node::Not(b(a)?)),
-                (None, [a]) if name == "size" => Ok(Node::Size(b(a)?)),
-                (Some(t), []) if name == "size" && !is_qualified_ident(t) => Ok(Node::Size(b(t)?)),
+                (None, [c, a, x]) if name == op::CONDITIONAL => {
+                    Ok(CondExpr::Cond(b(c)?, b(a)?, b(x)?))
+                }
+                (None, [a]) if name == op::LOGICAL_NOT => Ok(CondExpr::Not(b(a)?)),
+                (None, [a]) if name == "size" => Ok(CondExpr::Size(b(a)?)),
+                (Some(t), []) if name == "size" && !is_qualified_ident(t) => {
+                    Ok(CondExpr::Size(b(t)?))
+                }
                 (Some(t), [a]) if !is_qualified_ident(t) => {
                     let f = match name {
                         "startsWith" => StrFn::StartsWith,
@@ -613,7 +617,7 @@ fn lower(expr: &Expression) -> Result<Node, Unsupported> {
                         "contains" => StrFn::Contains,
                         _ => return Err(Unsupported),
                     };
-                    Ok(Node::Str(f, b(t)?, b(a)?))
+                    Ok(CondExpr::Str(f, b(t)?, b(a)?))
                 }
                 _ => Err(Unsupported),
             }
@@ -623,25 +627,25 @@ fn lower(expr: &Expression) -> Result<Node, Unsupported> {
 }
 
 /// The fast forms of comparisons between an attribute and string constants.
-fn specialize(name: &str, a: &Node, x: &Node) -> Option<Node> {
+fn specialize(name: &str, a: &CondExpr, x: &CondExpr) -> Option<CondExpr> {
     use cel::common::ast::operators as op;
     let attr_str = || match (a, x) {
-        (Node::Attr(n), Node::Const(Const::Str(c)))
-        | (Node::Const(Const::Str(c)), Node::Attr(n)) => Some((n.clone(), c.clone())),
+        (CondExpr::Attr(n), CondExpr::Const(Const::Str(c)))
+        | (CondExpr::Const(Const::Str(c)), CondExpr::Attr(n)) => Some((n.clone(), c.clone())),
         _ => None,
     };
     match name {
-        op::EQUALS => attr_str().map(|(n, c)| Node::AttrEqStr(n, c)),
-        op::NOT_EQUALS => attr_str().map(|(n, c)| Node::AttrNeStr(n, c)),
+        op::EQUALS => attr_str().map(|(n, c)| CondExpr::AttrEqStr(n, c)),
+        op::NOT_EQUALS => attr_str().map(|(n, c)| CondExpr::AttrNeStr(n, c)),
         op::IN => match (a, x) {
-            (Node::Attr(n), Node::Const(Const::List(items))) => items
+            (CondExpr::Attr(n), CondExpr::Const(Const::List(items))) => items
                 .iter()
                 .map(|c| match c {
                     Const::Str(s) => Some(s.clone()),
                     _ => None,
                 })
                 .collect::<Option<Vec<_>>>()
-                .map(|strs| Node::AttrInStrs(n.clone(), strs)),
+                .map(|strs| CondExpr::AttrInStrs(n.clone(), strs)),
             _ => None,
         },
         _ => None,
@@ -784,33 +788,33 @@ fn as_bool<'a>(r: Result<V<'a>, Fault<'a>>) -> Result<bool, Fault<'a>> {
     }
 }
 
-fn eval<'a>(node: &'a Node, attrs: &'a Attributes) -> Result<V<'a>, Fault<'a>> {
+fn eval<'a>(node: &'a CondExpr, attrs: &'a Attributes) -> Result<V<'a>, Fault<'a>> {
     Ok(match node {
-        Node::Const(c) => V::of_const(c),
-        Node::Attr(name) => match attrs.get(name.as_str()) {
+        CondExpr::Const(c) => V::of_const(c),
+        CondExpr::Attr(name) => match attrs.get(name.as_str()) {
             Some(v) => V::of_attr(v),
             None => return Err(Fault::Undeclared(name)),
         },
-        Node::AttrEqStr(name, c) | Node::AttrNeStr(name, c) => {
+        CondExpr::AttrEqStr(name, c) | CondExpr::AttrNeStr(name, c) => {
             let eq = match attrs.get(name.as_str()) {
                 Some(AttrValue::Str(s)) => s == c,
                 Some(_) => false,
                 None => return Err(Fault::Undeclared(name)),
             };
-            V::Bool(eq == matches!(node, Node::AttrEqStr(..)))
+            V::Bool(eq == matches!(node, CondExpr::AttrEqStr(..)))
         }
-        Node::AttrInStrs(name, list) => match attrs.get(name.as_str()) {
+        CondExpr::AttrInStrs(name, list) => match attrs.get(name.as_str()) {
             Some(AttrValue::Str(s)) => V::Bool(list.iter().any(|c| c == s)),
             Some(_) => V::Bool(false),
             None => return Err(Fault::Undeclared(name)),
         },
-        Node::List(items) => V::DList(
+        CondExpr::List(items) => V::DList(
             items
                 .iter()
                 .map(|n| eval(n, attrs))
                 .collect::<Result<_, _>>()?,
         ),
-        Node::Or(a, b) => {
+        CondExpr::Or(a, b) => {
             let left = as_bool(eval(a, attrs));
             if let Ok(true) = left {
                 return Ok(V::Bool(true));
@@ -823,7 +827,7 @@ fn eval<'a>(node: &'a Node, attrs: &'a Attributes) -> Result<V<'a>, Fault<'a>> {
                 (Ok(_), r) => return Err(Fault::NoOverload("_||_", "bool", r.ty())),
             }
         }
-        Node::And(a, b) => {
+        CondExpr::And(a, b) => {
             let left = as_bool(eval(a, attrs));
             if let Ok(false) = left {
                 return Ok(V::Bool(false));
@@ -836,28 +840,28 @@ fn eval<'a>(node: &'a Node, attrs: &'a Attributes) -> Result<V<'a>, Fault<'a>> {
                 (Ok(_), r) => return Err(Fault::NoOverload("_&&_", "bool", r.ty())),
             }
         }
-        Node::Not(a) => match eval(a, attrs)? {
+        CondExpr::Not(a) => match eval(a, attrs)? {
             V::Bool(b) => V::Bool(!b),
             other => return Err(Fault::NoOverload("!_", other.ty(), "")),
         },
-        Node::Cond(c, a, b) => {
+        CondExpr::Cond(c, a, b) => {
             if as_bool(eval(c, attrs))? {
                 eval(a, attrs)?
             } else {
                 eval(b, attrs)?
             }
         }
-        Node::Eq(a, b) => {
+        CondExpr::Eq(a, b) => {
             let x = eval(a, attrs)?;
             let y = eval(b, attrs)?;
             V::Bool(equals(&x, &y))
         }
-        Node::Ne(a, b) => {
+        CondExpr::Ne(a, b) => {
             let x = eval(a, attrs)?;
             let y = eval(b, attrs)?;
             V::Bool(!equals(&x, &y))
         }
-        Node::Cmp(op, a, b) => {
+        CondExpr::Cmp(op, a, b) => {
             let x = eval(a, attrs)?;
             let y = eval(b, attrs)?;
             let ord = match num_cmp(&x, &y) {
@@ -885,7 +889,7 @@ fn eval<'a>(node: &'a Node, attrs: &'a Attributes) -> Result<V<'a>, Fault<'a>> {
                 CmpOp::Ge => ord != Ordering::Less,
             })
         }
-        Node::In(a, b) => {
+        CondExpr::In(a, b) => {
             let x = eval(a, attrs)?;
             let list = eval(b, attrs)?;
             let Some(n) = list.list_len() else {
@@ -893,7 +897,7 @@ fn eval<'a>(node: &'a Node, attrs: &'a Attributes) -> Result<V<'a>, Fault<'a>> {
             };
             V::Bool((0..n).any(|i| list.list_get(i).is_some_and(|item| equals(&x, &item))))
         }
-        Node::Size(a) => {
+        CondExpr::Size(a) => {
             let x = eval(a, attrs)?;
             match &x {
                 V::Str(s) => V::Int(s.chars().count() as i64),
@@ -903,7 +907,7 @@ fn eval<'a>(node: &'a Node, attrs: &'a Attributes) -> Result<V<'a>, Fault<'a>> {
                 },
             }
         }
-        Node::Str(f, t, a) => {
+        CondExpr::Str(f, t, a) => {
             // The interpreter evaluates the argument before the target.
             let arg = eval(a, attrs)?;
             let target = eval(t, attrs)?;

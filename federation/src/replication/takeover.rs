@@ -1,5 +1,5 @@
-//! Takeover of a dead region's pending tasks, the notices that tell it, the
-//! start-up lease fence, and where a taken-over task lives now.
+//! Takeover of a dead region's pending tasks, the notices that tell it, and
+//! the start-up lease fence.
 //!
 //! * **Takeover** ([`check`]): when a region we hold a snapshot of has been
 //!   dead (or never heard since our start) for `timers.takeover_grace`, we
@@ -7,9 +7,10 @@
 //!   change batches since, [`super::copy`]) that we may hold (rule lists us
 //!   as backup or as another member of its set of primaries, we hold the
 //!   required tags) under their original ids,
-//!   `attempts` kept, `taken_over` = {from, epoch, to us, now}; one
-//!   `takeover` record per task goes to the decision log. Once per (region,
-//!   epoch).
+//!   `attempts` kept, `taken_over` = {from, epoch, to us, now}, with one
+//!   `takeover` record per task created, all in one store batch
+//!   ([`TaskStore::insert_batch`]: one transaction, the records appended
+//!   with it). Once per (region, epoch).
 //! * **Notices**: every advertisement we send carries the ids we took over
 //!   (persisted in `<data_dir>/takeovers.json`, kept for [`NOTICE_TTL_MS`]).
 //!   A region that sees notices about itself cancels those tasks
@@ -23,7 +24,7 @@
 //!
 //! Owns `takeovers.json` and the fence; uses the task store's public API.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -32,12 +33,11 @@ use federation_api as api;
 use serde::{Deserialize, Serialize};
 
 use super::snapshot;
-use crate::audit::{DecisionEntry, kind};
+use crate::audit::{DecisionEntry, PendingRecord, kind};
 use crate::controller::{Node, now_ms};
-use crate::error::{Error, Result};
 use crate::policy::{Health, Policy};
-use crate::tasks::{InsertOutcome, TaskStore};
-use crate::{transport, wire};
+use crate::tasks::{InsertOutcome, RecordState, TaskStore};
+use crate::wire;
 
 /// How long a takeover notice is advertised.
 pub const NOTICE_TTL_MS: i64 = 24 * 3600 * 1000;
@@ -70,7 +70,8 @@ pub struct TakeoverState {
     notices: Mutex<Vec<Notice>>,
     dead_since: Mutex<BTreeMap<String, Instant>>,
     started: Instant,
-    applied: Mutex<HashSet<String>>,
+    /// Task ids of ours a backup took over (from its notices), and by whom.
+    applied: Mutex<HashMap<String, String>>,
     fence: Mutex<Option<Fence>>,
 }
 
@@ -136,7 +137,7 @@ impl TakeoverState {
             notices: Mutex::new(notices),
             dead_since: Mutex::new(BTreeMap::new()),
             started: Instant::now(),
-            applied: Mutex::new(HashSet::new()),
+            applied: Mutex::new(HashMap::new()),
             fence: Mutex::new(fence),
         }
     }
@@ -161,6 +162,11 @@ impl TakeoverState {
         if let Some(f) = lock(&self.fence).as_mut() {
             f.unsynced.remove(backup);
         }
+    }
+
+    /// The region whose notice said it took over our task `task_id`.
+    pub fn taken_over_by(&self, task_id: &str) -> Option<String> {
+        lock(&self.applied).get(task_id).cloned()
     }
 
     /// The notices to advertise.
@@ -210,7 +216,7 @@ pub async fn on_advertisement(node: &Node, ad: &api::RegionAdvertisement) {
             notice
                 .task_ids
                 .iter()
-                .filter(|id| !applied.contains(*id))
+                .filter(|id| !applied.contains_key(*id))
                 .take(MAX_NOTICE_IDS)
                 .cloned()
                 .collect()
@@ -233,7 +239,7 @@ pub async fn on_advertisement(node: &Node, ad: &api::RegionAdvertisement) {
                         .fetch_add(changed.len() as u64, std::sync::atomic::Ordering::Relaxed);
                     tracing::warn!(by = %ad.region, tasks = changed.len(), "tasks taken over by a backup while we were dead; they will not run here");
                 }
-                lock(&state.applied).extend(fresh);
+                lock(&state.applied).extend(fresh.into_iter().map(|id| (id, ad.region.clone())));
             }
             Err(e) => {
                 tracing::error!(error = %e, "applying takeover notices failed");
@@ -294,8 +300,9 @@ async fn take_over(node: &Arc<Node>, source: &str, epoch: u64, tasks: Vec<api::T
         .map(|r| r.tags.clone())
         .unwrap_or_default();
     let at = now_ms();
-    let mut ids = Vec::new();
     let mut refused = 0usize;
+    let mut batch = Vec::with_capacity(tasks.len());
+    let mut records = Vec::with_capacity(tasks.len());
     for mut task in tasks {
         if let Err(why) = snapshot::may_hold(&policy, source, &node.region, &tags, &task) {
             refused += 1;
@@ -309,33 +316,46 @@ async fn take_over(node: &Arc<Node>, source: &str, epoch: u64, tasks: Vec<api::T
             at_unix_ms: at,
         });
         task.owner_region = source.to_string();
-        let id = task.task_id.clone();
-        match node.store.insert(task).await {
-            Ok(InsertOutcome::Created(t)) => {
-                let entry = DecisionEntry::new(kind::TAKEOVER)
-                    .task(&t.task_id)
-                    .note(format!(
-                        "taken over from {source} (epoch {epoch}) by {}: {source} dead for more than {:?}; rule {}",
-                        node.region,
-                        node.timers.takeover_grace,
-                        t.rule_index + 1
-                    ));
-                let entry = DecisionEntry {
-                    rule_index: Some(t.rule_index),
-                    policy_hash: Some(policy.hash.clone()),
-                    chosen_region: Some(node.region.clone()),
-                    outcome: Some("takeover".into()),
-                    ..entry
-                };
-                if let Err(e) = node.log.append(entry).await {
-                    tracing::error!(error = %e, "appending a takeover record failed");
+        let entry = DecisionEntry::new(kind::TAKEOVER)
+            .task(&task.task_id)
+            .note(format!(
+                "taken over from {source} (epoch {epoch}) by {}: {source} dead for more than {:?}; rule {}",
+                node.region,
+                node.timers.takeover_grace,
+                task.rule_index + 1
+            ));
+        records.push(PendingRecord::entry(&DecisionEntry {
+            rule_index: Some(task.rule_index),
+            policy_hash: Some(policy.hash.clone()),
+            chosen_region: Some(node.region.clone()),
+            outcome: Some("takeover".into()),
+            ..entry
+        }));
+        batch.push(task);
+    }
+    let offered: Vec<String> = batch.iter().map(|t| t.task_id.clone()).collect();
+    // One transaction for them all, their records in the same batch.
+    let stored = node
+        .store
+        .insert_batch(batch, Some((&node.log, records)))
+        .await;
+    if let RecordState::Failed(e) = &stored.record {
+        tracing::error!(error = %e, "appending takeover records failed");
+    }
+    let mut ids = Vec::with_capacity(offered.len());
+    match stored.outcomes {
+        Ok(outcomes) => {
+            for (id, outcome) in offered.into_iter().zip(outcomes) {
+                match outcome {
+                    Ok(InsertOutcome::Created(_) | InsertOutcome::Deduplicated(_)) => ids.push(id),
+                    Err(e) => {
+                        tracing::error!(task_id = %id, error = %e, "storing a taken-over task failed")
+                    }
                 }
-                ids.push(id);
             }
-            Ok(InsertOutcome::Deduplicated(_)) => ids.push(id),
-            Err(e) => {
-                tracing::error!(task_id = %id, error = %e, "storing a taken-over task failed")
-            }
+        }
+        Err(e) => {
+            tracing::error!(from = %source, epoch, tasks = offered.len(), error = %e, "storing the taken-over tasks failed");
         }
     }
     let stats = node.replication.counters();
@@ -350,67 +370,4 @@ async fn take_over(node: &Arc<Node>, source: &str, epoch: u64, tasks: Vec<api::T
         at_unix_ms: at,
         task_ids: ids,
     });
-}
-
-/// Where the live copy of a task is: `None` for here, else the region.
-///
-/// Here when our store holds it (unless we cancelled it because a backup
-/// took it over: then that backup). Otherwise we ask its owner, and when the
-/// owner is dead or does not answer, the owner's backups; an answer that says
-/// "taken over by B" leads to B.
-pub async fn locate(node: &Node, task_id: &str) -> Result<Option<String>> {
-    wire::check_task_id(task_id)?;
-    if let Some(t) = node.store.get(task_id).map_err(Error::from)? {
-        return Ok(moved_to(node, &t));
-    }
-    let owner = wire::owner_of(task_id).unwrap_or_default().to_string();
-    if owner == node.region {
-        return Ok(None);
-    }
-    let policy = node.policy();
-    if policy.region(&owner).is_none() {
-        return Err(Error::task_not_found(task_id));
-    }
-    let owner_dead = node
-        .membership
-        .status(Instant::now())
-        .iter()
-        .any(|s| s.region == owner && s.health == Health::Dead);
-    let mut order: Vec<String> = snapshot::recipients(&policy, &owner)
-        .into_iter()
-        .filter(|r| *r != node.region)
-        .collect();
-    if owner_dead {
-        order.push(owner.clone());
-    } else {
-        order.insert(0, owner.clone());
-    }
-    let deadline = node.timers.forward_timeout;
-    for region in order.into_iter().take(8) {
-        let Ok(mut client) = node.peer(&region) else {
-            continue;
-        };
-        let req = api::GetTaskRequest {
-            task_id: task_id.to_string(),
-        };
-        let call = client.relay_get_task(transport::with_deadline(req, deadline));
-        if let Ok(Ok(resp)) = tokio::time::timeout(deadline, call).await {
-            if let Some(t) = resp.into_inner().task {
-                return Ok(match t.taken_over.as_ref() {
-                    Some(to) if !to.to_region.is_empty() && to.to_region != region => {
-                        (to.to_region != node.region).then(|| to.to_region.clone())
-                    }
-                    _ => Some(region),
-                });
-            }
-        }
-    }
-    Ok(Some(owner))
-}
-
-fn moved_to(node: &Node, t: &api::Task) -> Option<String> {
-    t.taken_over
-        .as_ref()
-        .filter(|to| !to.to_region.is_empty() && to.to_region != node.region)
-        .map(|to| to.to_region.clone())
 }

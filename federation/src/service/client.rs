@@ -5,12 +5,13 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use federation_api as api;
-use futures::Stream;
+use futures::{Stream, StreamExt as _};
 use tonic::{Request, Response, Status};
 
+use super::relay;
 use crate::controller::Node;
 use crate::error::{Error, Result};
-use crate::{routing, transport, wire};
+use crate::{routing, transport};
 
 /// A stream of task events.
 pub type EventStream = Pin<Box<dyn Stream<Item = Result<api::TaskEvent, Status>> + Send>>;
@@ -170,28 +171,6 @@ pub async fn local_cancel(
     })
 }
 
-/// The region holding the live copy of the task: its owner, or the backup
-/// that took it over (see `replication::takeover::locate`).
-async fn owner(node: &Node, task_id: &str) -> Result<String> {
-    wire::check_task_id(task_id)?;
-    let owner = wire::owner_of(task_id).unwrap_or_default().to_string();
-    if owner != node.region && node.policy().region(&owner).is_none() {
-        return Err(Error::task_not_found(task_id));
-    }
-    Ok(crate::replication::takeover::locate(node, task_id)
-        .await?
-        .unwrap_or_else(|| node.region.clone()))
-}
-
-fn relay_error(region: &str, status: Status) -> Status {
-    match status.code() {
-        tonic::Code::NotFound | tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition => {
-            status
-        }
-        code => Status::new(code, format!("relayed to {region}: {}", status.message())),
-    }
-}
-
 #[tonic::async_trait]
 impl api::federation_client_server::FederationClient for ClientService {
     #[tracing::instrument(level = "debug", skip_all, fields(region = %self.node.region))]
@@ -228,27 +207,25 @@ impl api::federation_client_server::FederationClient for ClientService {
         request: Request<api::GetTaskRequest>,
     ) -> Result<Response<api::GetTaskResponse>, Status> {
         let req = request.into_inner();
-        let owner = owner(&self.node, &req.task_id).await?;
-        if owner == self.node.region {
+        let Some(first) = relay::first_hop(&self.node, &req.task_id)? else {
             return Ok(Response::new(
                 local_get_with_decision(&self.node, &req.task_id).await?,
             ));
-        }
-        let mut client = self.node.peer(&owner)?;
+        };
         let deadline = self.node.timers.forward_timeout;
-        match tokio::time::timeout(
-            deadline,
-            client.relay_get_task(transport::with_deadline(req, deadline)),
-        )
-        .await
-        {
-            Ok(r) => r.map_err(|s| relay_error(&owner, s)),
-            Err(_) => Err(Error::Peer {
-                region: owner,
-                why: "relay timed out".into(),
+        let answer = relay::relay(&self.node, &req.task_id, first, |mut c, _| {
+            let req = req.clone();
+            async move {
+                let resp = c
+                    .relay_get_task(transport::with_deadline(req, deadline))
+                    .await?
+                    .into_inner();
+                let task = resp.task.clone();
+                Ok((resp, task))
             }
-            .into()),
-        }
+        })
+        .await?;
+        Ok(Response::new(answer))
     }
 
     type WatchTaskStream = EventStream;
@@ -258,23 +235,24 @@ impl api::federation_client_server::FederationClient for ClientService {
         request: Request<api::WatchTaskRequest>,
     ) -> Result<Response<Self::WatchTaskStream>, Status> {
         let req = request.into_inner();
-        let owner = owner(&self.node, &req.task_id).await?;
-        if owner == self.node.region {
+        let Some(first) = relay::first_hop(&self.node, &req.task_id)? else {
             return Ok(Response::new(local_watch(&self.node, &req.task_id)?));
-        }
-        let mut client = self.node.peer(&owner)?;
-        let deadline = self.node.timers.forward_timeout;
-        let upstream = match tokio::time::timeout(deadline, client.relay_watch_task(req)).await {
-            Ok(r) => r.map_err(|s| relay_error(&owner, s))?.into_inner(),
-            Err(_) => {
-                return Err(Error::Peer {
-                    region: owner,
-                    why: "relay timed out".into(),
-                }
-                .into());
-            }
         };
-        Ok(Response::new(Box::pin(upstream)))
+        let stream = relay::relay(&self.node, &req.task_id, first, |mut c, _| {
+            let req = req.clone();
+            async move {
+                let mut upstream = c.relay_watch_task(req).await?.into_inner();
+                // The first event is the task as it is there: it says whether
+                // the copy moved.
+                let first = upstream.message().await?;
+                let task = first.as_ref().and_then(|e| e.task.clone());
+                let stream: EventStream =
+                    Box::pin(futures::stream::iter(first.map(Ok)).chain(upstream));
+                Ok((stream, task))
+            }
+        })
+        .await?;
+        Ok(Response::new(stream))
     }
 
     async fn cancel_task(
@@ -282,30 +260,29 @@ impl api::federation_client_server::FederationClient for ClientService {
         request: Request<api::CancelTaskRequest>,
     ) -> Result<Response<api::CancelTaskResponse>, Status> {
         let req = request.into_inner();
-        let owner = owner(&self.node, &req.task_id).await?;
+        let first = relay::first_hop(&self.node, &req.task_id)?;
         if req.reason.len() > 1024 {
             return Err(Error::limit("reason", "longer than 1024 bytes").into());
         }
-        if owner == self.node.region {
+        let Some(first) = first else {
             return Ok(Response::new(
                 local_cancel(&self.node, &req.task_id, &req.reason).await?,
             ));
-        }
-        let mut client = self.node.peer(&owner)?;
+        };
         let deadline = self.node.timers.forward_timeout;
-        match tokio::time::timeout(
-            deadline,
-            client.relay_cancel_task(transport::with_deadline(req, deadline)),
-        )
-        .await
-        {
-            Ok(r) => r.map_err(|s| relay_error(&owner, s)),
-            Err(_) => Err(Error::Peer {
-                region: owner,
-                why: "relay timed out".into(),
+        let answer = relay::relay(&self.node, &req.task_id, first, |mut c, _| {
+            let req = req.clone();
+            async move {
+                let resp = c
+                    .relay_cancel_task(transport::with_deadline(req, deadline))
+                    .await?
+                    .into_inner();
+                let task = resp.task.clone();
+                Ok((resp, task))
             }
-            .into()),
-        }
+        })
+        .await?;
+        Ok(Response::new(answer))
     }
 
     async fn list_tasks(

@@ -7,6 +7,7 @@ pub(crate) mod admin;
 mod agent;
 mod client;
 mod peer;
+mod relay;
 
 pub use admin::{reload, status};
 

@@ -71,6 +71,16 @@ impl PeerService {
         if !held && wire::owner_of(task_id) != Some(self.node.region.as_str()) {
             return Err(Error::task_not_found(task_id).into());
         }
+        if !held {
+            // Ours, not here: a backup's notice may say who holds it now.
+            if let Some(by) = self.node.replication.takeover.taken_over_by(task_id) {
+                let mut status = Status::from(Error::task_not_found(task_id));
+                if let Ok(v) = by.parse() {
+                    status.metadata_mut().insert(super::relay::TAKEN_OVER_BY, v);
+                }
+                return Err(status);
+            }
+        }
         Ok(())
     }
 }

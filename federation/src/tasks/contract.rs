@@ -133,6 +133,7 @@ contract!(
     a_key_reused_for_other_content_is_refused_naming_what_differs,
     idempotency_keys_survive_a_reopen,
     a_record_goes_in_the_same_batch_and_names_the_stored_task,
+    a_batch_insert_is_one_transaction_with_its_records,
     idempotency_within_one_batch,
     lease_order_is_priority_then_age,
     only_the_holder_renews_and_completes,
@@ -305,6 +306,60 @@ async fn a_record_goes_in_the_same_batch_and_names_the_stored_task(fx: Fixture) 
         .filter_map(|r| r.entry.task_id)
         .collect();
     assert_eq!(&named[..2], ["a", "a"]);
+}
+
+async fn a_batch_insert_is_one_transaction_with_its_records(fx: Fixture) {
+    use crate::audit::{DecisionEntry, PendingRecord, kind};
+    let store = fx.open();
+    let log = fx.log("europe");
+    let mut a = task("a");
+    a.idempotency_key = "k1".into();
+    a.payload = b"p".to_vec();
+    store.insert(a).await.expect("insert");
+    let before = store.mark();
+    let mut reused = task("c");
+    reused.idempotency_key = "k1".into();
+    reused.payload = b"other".to_vec();
+    let tasks = vec![task("b"), task("a"), reused, task(""), task("d")];
+    let records = tasks
+        .iter()
+        .map(|t| PendingRecord::entry(&DecisionEntry::new(kind::TAKEOVER).task(&t.task_id)))
+        .collect();
+    let out = store.insert_batch(tasks, Some((&log, records))).await;
+    let outcomes = out.outcomes.expect("the batch commits");
+    assert_eq!(outcomes.len(), 5);
+    assert!(matches!(&outcomes[0], Ok(InsertOutcome::Created(t)) if t.task_id == "b"));
+    assert!(matches!(&outcomes[1], Ok(InsertOutcome::Deduplicated(t)) if t.task_id == "a"));
+    assert!(
+        matches!(&outcomes[2], Err(StoreError::KeyReused { task_id, .. }) if task_id == "a"),
+        "{:?}",
+        outcomes[2]
+    );
+    assert!(matches!(&outcomes[3], Err(StoreError::Invalid(_))));
+    assert!(matches!(&outcomes[4], Ok(InsertOutcome::Created(t)) if t.task_id == "d"));
+    // One transaction: the marks moved once, by the two tasks created.
+    let after = store.mark();
+    assert_eq!(after.commit, before.commit + 1, "{before:?} -> {after:?}");
+    assert_eq!(after.created, before.created + 2, "{before:?} -> {after:?}");
+    // A refused task stored nothing; the others are there.
+    assert_eq!(store.get("c").expect("get"), None);
+    assert!(store.get("b").expect("get").is_some());
+    assert!(store.get("d").expect("get").is_some());
+    assert_eq!(store.counts().queued, 3);
+    // Records only for the tasks created, in the same batch.
+    assert_eq!(out.record, RecordState::Written);
+    let bytes = fx.log_bytes(&log, "europe");
+    let report = crate::audit::verify_bytes(&bytes);
+    assert!(report.is_intact(), "{report:?}");
+    let named: Vec<_> = crate::audit::show_bytes(log.path(), &bytes, &Default::default())
+        .expect("show")
+        .into_iter()
+        .filter_map(|r| r.entry.task_id)
+        .collect();
+    assert_eq!(named, ["b", "d"]);
+    // An empty batch is a no-op that still answers.
+    let empty = store.insert_batch(Vec::new(), None).await;
+    assert!(empty.outcomes.expect("empty batch").is_empty());
 }
 
 async fn idempotency_within_one_batch(fx: Fixture) {
@@ -1108,5 +1163,55 @@ async fn postgres_insert_throughput() {
              raw INSERT {raw_rate:>6.0}/s p50 {r50:>8.2?} p99 {r99:>8.2?} | ratio {:.2}x",
             store_rate / raw_rate
         );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// What a takeover of 5,000 tasks costs in the store and the log: one insert
+// and one append awaited per task (before), or one batch (now). A timing,
+// printed, not asserted: `cargo test -p federation --lib takeover_sized --
+// --ignored --nocapture`.
+// ---------------------------------------------------------------------------
+
+mod timing {
+    use super::*;
+    use crate::audit::{DecisionEntry, PendingRecord, kind};
+
+    const TASKS: usize = 5_000;
+
+    fn entry(id: &str) -> DecisionEntry {
+        DecisionEntry::new(kind::TAKEOVER)
+            .task(id)
+            .note("taken over from europe (epoch 1) by north_america")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "a timing to read, not a check"]
+    async fn takeover_sized_insert_one_by_one_vs_batch() {
+        for kind in [Kind::Redb, Kind::Postgres] {
+            let label = format!("{kind:?}");
+            let fx = Fixture::new(kind);
+            let store = fx.open();
+            let log = fx.log("north_america");
+            let started = std::time::Instant::now();
+            for i in 0..TASKS {
+                let id = format!("one-{i}");
+                store.insert(task(&id)).await.expect("insert");
+                log.append(entry(&id)).await.expect("append");
+            }
+            let one_by_one = started.elapsed();
+            let tasks: Vec<Task> = (0..TASKS).map(|i| task(&format!("batch-{i}"))).collect();
+            let records = tasks
+                .iter()
+                .map(|t| PendingRecord::entry(&entry(&t.task_id)))
+                .collect();
+            let started = std::time::Instant::now();
+            let out = store.insert_batch(tasks, Some((&log, records))).await;
+            let batch = started.elapsed();
+            assert_eq!(out.outcomes.expect("batch").len(), TASKS);
+            println!(
+                "{label}: {TASKS} taken-over tasks with their records: one by one {one_by_one:?}, one batch {batch:?}"
+            );
+        }
     }
 }

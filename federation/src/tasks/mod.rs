@@ -179,6 +179,22 @@ impl TaskStore {
         each!(self, s => s.insert_recorded(task, log, record).await)
     }
 
+    /// Inserts `tasks` in one transaction (one commit, one fsync, the
+    /// store's marks advanced once), each as [`TaskStore::insert`] would:
+    /// deduplicated or refused on its own (`outcomes[i]` for `tasks[i]`). A
+    /// storage error fails the whole batch and stores none of it. With
+    /// `records` (`records[i]` for `tasks[i]`), the record of every task the
+    /// batch created, named after it, is appended to the log with the
+    /// batch, as [`TaskStore::insert_recorded`] does; none for a task
+    /// deduplicated or refused.
+    pub async fn insert_batch(
+        &self,
+        tasks: Vec<Task>,
+        records: Option<(&crate::audit::DecisionLog, Vec<crate::audit::PendingRecord>)>,
+    ) -> BatchInsert {
+        each!(self, s => s.insert_batch(tasks, records).await)
+    }
+
     /// Records the decision log's head in the store (its anchor). Blocking.
     pub fn record_log_head(&self, seq: u64, hash: &str) -> Result<(), StoreError> {
         each!(self, s => s.record_log_head(seq, hash))
@@ -462,6 +478,16 @@ pub struct RecordedInsert {
     /// What the insert did; durable when `Ok`.
     pub outcome: Result<InsertOutcome, StoreError>,
     /// What became of the record.
+    pub record: RecordState,
+}
+
+/// The answer of [`TaskStore::insert_batch`].
+#[derive(Debug)]
+pub struct BatchInsert {
+    /// Each task's outcome, in order; `Err` when the batch failed as a
+    /// whole (nothing of it stored).
+    pub outcomes: Result<Vec<Result<InsertOutcome, StoreError>>, StoreError>,
+    /// What became of the batch's records.
     pub record: RecordState,
 }
 

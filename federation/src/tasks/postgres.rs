@@ -45,8 +45,8 @@ use super::store::{
 };
 use super::witness::Mark;
 use super::{
-    AgentRecord, Clock, Counts, InsertOutcome, MAX_BATCH, MAX_LEASE_BATCH, RecordState,
-    RecordedInsert, StoreError, is_terminal, state_name,
+    AgentRecord, BatchInsert, Clock, Counts, InsertOutcome, MAX_BATCH, MAX_LEASE_BATCH,
+    RecordState, RecordedInsert, StoreError, is_terminal, state_name,
 };
 use crate::audit::{DecisionLog, PendingRecord};
 use crate::pg::{Pg, PgError};
@@ -261,6 +261,28 @@ impl PgStore {
         RecordedInsert {
             outcome: match answer.result {
                 Ok(Reply::Insert(o)) => Ok(*o),
+                Ok(other) => Err(unexpected(other)),
+                Err(e) => Err(e),
+            },
+            record: answer.record,
+        }
+    }
+
+    /// See [`super::TaskStore::insert_batch`]: one transaction, the records
+    /// committed in it.
+    pub async fn insert_batch(
+        &self,
+        tasks: Vec<Task>,
+        records: Option<(&DecisionLog, Vec<PendingRecord>)>,
+    ) -> BatchInsert {
+        let op = Op::InsertBatch {
+            tasks,
+            records: records.map(|(log, r)| (log.clone(), r)),
+        };
+        let answer = self.call_recorded(op, None).await;
+        BatchInsert {
+            outcomes: match answer.result {
+                Ok(Reply::Inserts(o)) => Ok(o),
                 Ok(other) => Err(unexpected(other)),
                 Err(e) => Err(e),
             },
@@ -640,7 +662,7 @@ impl PgStore {
         task_ids: Vec<String>,
         takeover: Takeover,
     ) -> Result<Vec<Task>, StoreError> {
-        self.many(Op::Fence {
+        self.many(Op::MarkTakenOver {
             ids: task_ids,
             takeover,
         })
@@ -895,11 +917,14 @@ async fn run_batch(pg: &Pg, region: &str, shared: &Shared, batch: Vec<Request>) 
     let mut records = Vec::with_capacity(batch.len());
     let mut senders = Vec::with_capacity(batch.len());
     let mut ops = Vec::with_capacity(batch.len());
+    // A batch insert's records (a takeover's), created with its tasks.
+    let mut batch_records: Vec<Option<_>> = Vec::with_capacity(batch.len());
     for req in batch {
         results.push(None);
         records.push(req.record);
         senders.push(req.reply);
         ops.push(req.op);
+        batch_records.push(None);
     }
     let applied = async {
         let known = t.prefetch(&ops).await?;
@@ -921,9 +946,10 @@ async fn run_batch(pg: &Pg, region: &str, shared: &Shared, batch: Vec<Request>) 
                         results[i] = Some(done.map(|o| Reply::Insert(Box::new(o))));
                     }
                 },
-                op => {
+                mut op => {
                     t.create_staged(&mut staged, &mut results, &mut changes)
                         .await?;
+                    batch_records[i] = super::store::take_batch_records(&mut op);
                     let result = t.apply(op, now, &mut changes).await;
                     if let Err(e @ (StoreError::Db(_) | StoreError::Unavailable(_))) = &result {
                         return Err(e.clone());
@@ -942,7 +968,12 @@ async fn run_batch(pg: &Pg, region: &str, shared: &Shared, batch: Vec<Request>) 
         fail_all(&mut replies, senders, e);
         return;
     }
-    for ((reply, result), record) in senders.into_iter().zip(results).zip(records) {
+    for (((reply, result), record), batch_records) in senders
+        .into_iter()
+        .zip(results)
+        .zip(records)
+        .zip(batch_records)
+    {
         let result = result.unwrap_or_else(|| {
             Err(StoreError::Db(
                 "internal: a request of the batch was not answered".into(),
@@ -963,6 +994,16 @@ async fn run_batch(pg: &Pg, region: &str, shared: &Shared, batch: Vec<Request>) 
             };
             logs[at].records.push(record);
             logs[at].owners.push(replies.len());
+        }
+        if let (Some((log, records)), Ok(Reply::Inserts(o))) = (batch_records, &result) {
+            let records = super::store::created_records(records, o);
+            if !records.is_empty() {
+                logs.push(LogBatch {
+                    log,
+                    records,
+                    owners: vec![replies.len()],
+                });
+            }
         }
         replies.push((reply, result));
     }
@@ -1486,6 +1527,19 @@ impl Tx<'_, '_> {
         changes: &mut Vec<Change>,
     ) -> Result<Reply, StoreError> {
         match op {
+            Op::InsertBatch { tasks, .. } => {
+                let mut out = Vec::with_capacity(tasks.len());
+                for task in tasks {
+                    match self.insert(task, now, changes).await {
+                        // The transaction is unusable: all or nothing.
+                        Err(e @ (StoreError::Db(_) | StoreError::Unavailable(_))) => {
+                            return Err(e);
+                        }
+                        o => out.push(o),
+                    }
+                }
+                Ok(Reply::Inserts(out))
+            }
             Op::Insert(task) => self
                 .insert(*task, now, changes)
                 .await
@@ -1632,7 +1686,7 @@ impl Tx<'_, '_> {
                 }
                 Ok(Reply::Many(out))
             }
-            Op::Fence { ids, takeover } => {
+            Op::MarkTakenOver { ids, takeover } => {
                 let mut out = Vec::new();
                 for id in &ids {
                     let mut task = match self.read(id).await {

@@ -15,8 +15,8 @@ use tokio::sync::{Notify, broadcast, mpsc, oneshot};
 
 use super::witness::{self, Mark};
 use super::{
-    AgentRecord, Clock, Counts, InsertOutcome, RecordState, RecordedInsert, StoreError,
-    SystemClock, is_terminal, state_name,
+    AgentRecord, BatchInsert, Clock, Counts, InsertOutcome, RecordState, RecordedInsert,
+    StoreError, SystemClock, is_terminal, state_name,
 };
 use crate::audit::{DecisionLog, PendingRecord};
 
@@ -145,6 +145,12 @@ impl Drop for Inner {
 
 pub(super) enum Op {
     Insert(Box<Task>),
+    /// Inserts in one transaction; the records (one per task, for those
+    /// created) go to the log in the same batch.
+    InsertBatch {
+        tasks: Vec<Task>,
+        records: Option<(DecisionLog, Vec<PendingRecord>)>,
+    },
     Lease {
         agent: String,
         max: usize,
@@ -182,7 +188,7 @@ pub(super) enum Op {
     ExtendLeases {
         ttl_ms: i64,
     },
-    Fence {
+    MarkTakenOver {
         ids: Vec<String>,
         takeover: Takeover,
     },
@@ -192,6 +198,7 @@ pub(super) enum Op {
 
 pub(super) enum Reply {
     Insert(Box<InsertOutcome>),
+    Inserts(Vec<Result<InsertOutcome, StoreError>>),
     One(Box<Task>),
     Cancel(Box<Task>, bool),
     Many(Vec<Task>),
@@ -220,6 +227,33 @@ impl<T, E: std::fmt::Display> DbResult<T> for Result<T, E> {
     }
 }
 
+/// Takes the records out of an [`Op::InsertBatch`] (the writer appends them
+/// for the tasks the batch created).
+pub(super) fn take_batch_records(op: &mut Op) -> Option<(DecisionLog, Vec<PendingRecord>)> {
+    match op {
+        Op::InsertBatch { records, .. } => records.take(),
+        _ => None,
+    }
+}
+
+/// The records of the tasks an [`Op::InsertBatch`] created, named after them.
+pub(super) fn created_records(
+    records: Vec<PendingRecord>,
+    outcomes: &[Result<InsertOutcome, StoreError>],
+) -> Vec<PendingRecord> {
+    records
+        .into_iter()
+        .zip(outcomes)
+        .filter_map(|(mut r, o)| match o {
+            Ok(InsertOutcome::Created(t)) => {
+                r.set_task_id(&t.task_id);
+                Some(r)
+            }
+            _ => None,
+        })
+        .collect()
+}
+
 pub(super) fn ttl_ms(ttl: Duration) -> i64 {
     i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX / 4)
 }
@@ -227,6 +261,7 @@ pub(super) fn ttl_ms(ttl: Duration) -> i64 {
 pub(super) fn unexpected(reply: Reply) -> StoreError {
     let what = match reply {
         Reply::Insert(_) => "insert",
+        Reply::Inserts(_) => "inserts",
         Reply::One(_) => "task",
         Reply::Cancel(..) => "cancel",
         Reply::Many(_) => "tasks",
@@ -375,6 +410,28 @@ impl RedbStore {
         RecordedInsert {
             outcome: match answer.result {
                 Ok(Reply::Insert(o)) => Ok(*o),
+                Ok(other) => Err(unexpected(other)),
+                Err(e) => Err(e),
+            },
+            record: answer.record,
+        }
+    }
+
+    /// See [`super::TaskStore::insert_batch`]: one write transaction, one
+    /// fsync, the records appended while it commits.
+    pub async fn insert_batch(
+        &self,
+        tasks: Vec<Task>,
+        records: Option<(&DecisionLog, Vec<PendingRecord>)>,
+    ) -> BatchInsert {
+        let op = Op::InsertBatch {
+            tasks,
+            records: records.map(|(log, r)| (log.clone(), r)),
+        };
+        let answer = self.call_recorded(op, None).await;
+        BatchInsert {
+            outcomes: match answer.result {
+                Ok(Reply::Inserts(o)) => Ok(o),
                 Ok(other) => Err(unexpected(other)),
                 Err(e) => Err(e),
             },
@@ -650,7 +707,7 @@ impl RedbStore {
         takeover: Takeover,
     ) -> Result<Vec<Task>, StoreError> {
         match self
-            .call(Op::Fence {
+            .call(Op::MarkTakenOver {
                 ids: task_ids,
                 takeover,
             })
@@ -1168,7 +1225,8 @@ fn run_batch(db: &Database, shared: &Shared, idem: &mut IdemIndex, batch: Vec<Re
                 leases: txn.open_table(LEASES).db()?,
                 watched,
             };
-            for req in batch {
+            for mut req in batch {
+                let batch_records = take_batch_records(&mut req.op);
                 let result = t.apply(req.op, now, &mut changes);
                 if let Err(StoreError::Db(e)) = &result {
                     // The transaction may hold part of this request: abort it
@@ -1202,6 +1260,16 @@ fn run_batch(db: &Database, shared: &Shared, idem: &mut IdemIndex, batch: Vec<Re
                     };
                     logs[at].records.push(record);
                     logs[at].owners.push(replies.len());
+                }
+                if let (Some((log, records)), Ok(Reply::Inserts(o))) = (batch_records, &result) {
+                    let records = created_records(records, o);
+                    if !records.is_empty() {
+                        logs.push(LogBatch {
+                            log,
+                            records,
+                            owners: vec![replies.len()],
+                        });
+                    }
                 }
                 replies.push((req.reply, result));
             }
@@ -1362,6 +1430,17 @@ impl Tables<'_> {
             Op::Insert(task) => self
                 .insert(*task, now, changes)
                 .map(|o| Reply::Insert(Box::new(o))),
+            Op::InsertBatch { tasks, .. } => {
+                let mut out = Vec::with_capacity(tasks.len());
+                for task in tasks {
+                    match self.insert(task, now, changes) {
+                        // The transaction may hold part of it: all or nothing.
+                        Err(e @ StoreError::Db(_)) => return Err(e),
+                        o => out.push(o),
+                    }
+                }
+                Ok(Reply::Inserts(out))
+            }
             Op::Lease {
                 agent,
                 max,
@@ -1409,9 +1488,9 @@ impl Tables<'_> {
             Op::ExtendLeases { ttl_ms } => self
                 .extend_leases(now.saturating_add(ttl_ms), now, changes)
                 .map(Reply::Many),
-            Op::Fence { ids, takeover } => {
-                self.fence(&ids, &takeover, now, changes).map(Reply::Many)
-            }
+            Op::MarkTakenOver { ids, takeover } => self
+                .mark_taken_over(&ids, &takeover, now, changes)
+                .map(Reply::Many),
             Op::Restore(task) => self
                 .restore(*task, now, changes)
                 .map(|(t, stored)| Reply::Cancel(Box::new(t), stored)),
@@ -1812,7 +1891,7 @@ impl Tables<'_> {
         Ok(out)
     }
 
-    fn fence(
+    fn mark_taken_over(
         &mut self,
         ids: &[String],
         takeover: &Takeover,

@@ -1,0 +1,217 @@
+//! Relaying a client's get/watch/cancel of a task held by another region:
+//! one call to the region that should hold it, and a redirect only when that
+//! answer says the task moved (taken over) or the owner cannot answer.
+//!
+//! * The first call goes to the task's owner (the id's `.region`), or, when
+//!   our own store holds the task marked taken over by B, straight to B.
+//! * The owner's answer is final, with two exceptions: the task it returns is
+//!   marked taken over by B (its copy was cancelled there): one call to B; or
+//!   it answers NOT_FOUND with [`TAKEN_OVER_BY`] metadata (it lost the task
+//!   but heard B's takeover notice): one call to B.
+//! * A dead or unreachable owner: the regions that may hold a takeover copy
+//!   (the backups, and other members of a set, of every rule naming the
+//!   owner, in rule order) are asked in turn, each within
+//!   `timers.forward_timeout`; the first that holds it answers.
+//! * A well-formed id that the owner does not know is NOT_FOUND at once: no
+//!   other region is asked.
+
+use std::future::Future;
+use std::time::Instant;
+
+use federation_api as api;
+use tonic::Status;
+use tonic::transport::Channel;
+
+use crate::controller::Node;
+use crate::error::{Error, Result};
+use crate::policy::Health;
+use crate::wire;
+
+/// Metadata key of a NOT_FOUND answer naming the region that took the task
+/// over (the owner no longer holds it but applied that region's notice).
+pub const TAKEN_OVER_BY: &str = "x-federation-taken-over-by";
+
+/// A peer client.
+pub type PeerClient = api::federation_peer_client::FederationPeerClient<Channel>;
+
+/// Where a call about `task_id` goes: `None` for here, else the region to
+/// relay to first.
+pub fn first_hop(node: &Node, task_id: &str) -> Result<Option<String>> {
+    wire::check_task_id(task_id)?;
+    if let Some(t) = node.store.get(task_id).map_err(Error::from)? {
+        return Ok(moved_to(&node.region, &t));
+    }
+    let owner = wire::owner_of(task_id).unwrap_or_default().to_string();
+    if owner == node.region {
+        return Ok(None);
+    }
+    if node.policy().region(&owner).is_none() {
+        return Err(Error::task_not_found(task_id));
+    }
+    Ok(Some(owner))
+}
+
+/// The region a copy of a task says the live copy moved to, if not `here`.
+fn moved_to(here: &str, t: &api::Task) -> Option<String> {
+    t.taken_over
+        .as_ref()
+        .filter(|to| !to.to_region.is_empty() && to.to_region != here)
+        .map(|to| to.to_region.clone())
+}
+
+/// The regions that may hold a takeover copy of `owner`'s tasks, in rule
+/// order, without `owner` and `here`.
+fn takeover_candidates(node: &Node, owner: &str) -> Vec<String> {
+    let policy = node.policy();
+    let mut out: Vec<String> = Vec::new();
+    for rule in policy.rules.iter() {
+        if !rule.candidates().any(|c| c == owner) {
+            continue;
+        }
+        for r in rule.peers_of(owner) {
+            if r != &node.region && !out.contains(r) {
+                out.push(r.clone());
+            }
+        }
+    }
+    out
+}
+
+/// What one relayed call came to.
+enum Hop<T> {
+    /// An answer to return (the task in it, if any, is live there).
+    Answer(T),
+    /// The region answered about a copy that moved to another region.
+    Moved(String, T),
+    /// The region does not hold the task (and may name who took it over).
+    NotFound(Status, Option<String>),
+    /// The region could not answer (unreachable, timed out, unavailable).
+    Unreachable(Status),
+    /// The region refused the call: final.
+    Failed(Status),
+}
+
+/// Relays one call about `task_id` to `first` (see the module doc).
+/// `call(client, region)` makes the call and returns the answer with the
+/// task it carries (for the taken-over check).
+pub async fn relay<T, F, Fut>(
+    node: &Node,
+    task_id: &str,
+    first: String,
+    call: F,
+) -> Result<T, Status>
+where
+    F: Fn(PeerClient, String) -> Fut,
+    Fut: Future<Output = Result<(T, Option<api::Task>), Status>>,
+{
+    let owner = wire::owner_of(task_id).unwrap_or_default().to_string();
+    let owner_dead = first == owner
+        && node
+            .membership
+            .status(Instant::now())
+            .iter()
+            .any(|s| s.region == owner && s.health == Health::Dead);
+    let mut unreachable: Option<Status> = None;
+    if !owner_dead {
+        match hop(node, &first, &call).await {
+            Hop::Answer(t) => return Ok(t),
+            Hop::Moved(to, _) => return redirect(node, &to, &call).await,
+            Hop::NotFound(s, None) | Hop::Failed(s) => return Err(s),
+            Hop::NotFound(s, Some(to)) => {
+                return match hop(node, &to, &call).await {
+                    Hop::Answer(t) | Hop::Moved(_, t) => Ok(t),
+                    Hop::NotFound(..) => Err(s),
+                    Hop::Unreachable(e) | Hop::Failed(e) => Err(e),
+                };
+            }
+            Hop::Unreachable(s) => unreachable = Some(s),
+        }
+    }
+    // The owner cannot answer: the regions that may have taken it over.
+    let mut tried = vec![first.clone()];
+    for region in takeover_candidates(node, &owner) {
+        if tried.contains(&region) {
+            continue;
+        }
+        tried.push(region.clone());
+        match hop(node, &region, &call).await {
+            Hop::Answer(t) | Hop::Moved(_, t) => return Ok(t),
+            Hop::NotFound(..) => {}
+            Hop::Failed(s) => return Err(s),
+            Hop::Unreachable(s) => {
+                tracing::debug!(region = %region, error = %s.message(), "takeover candidate unreachable");
+            }
+        }
+    }
+    if owner_dead {
+        // Nobody took it over: the owner itself, in case it is back.
+        return match hop(node, &first, &call).await {
+            Hop::Answer(t) | Hop::Moved(_, t) => Ok(t),
+            Hop::NotFound(s, _) | Hop::Unreachable(s) | Hop::Failed(s) => Err(s),
+        };
+    }
+    Err(unreachable.unwrap_or_else(|| Error::task_not_found(task_id).into()))
+}
+
+/// One call to the region a copy said the task moved to.
+async fn redirect<T, F, Fut>(node: &Node, to: &str, call: &F) -> Result<T, Status>
+where
+    F: Fn(PeerClient, String) -> Fut,
+    Fut: Future<Output = Result<(T, Option<api::Task>), Status>>,
+{
+    match hop(node, to, call).await {
+        Hop::Answer(t) | Hop::Moved(_, t) => Ok(t),
+        Hop::NotFound(s, _) | Hop::Unreachable(s) | Hop::Failed(s) => Err(s),
+    }
+}
+
+async fn hop<T, F, Fut>(node: &Node, region: &str, call: &F) -> Hop<T>
+where
+    F: Fn(PeerClient, String) -> Fut,
+    Fut: Future<Output = Result<(T, Option<api::Task>), Status>>,
+{
+    let client = match node.peer(region) {
+        Ok(c) => c,
+        Err(e) => return Hop::Unreachable(e.into()),
+    };
+    let deadline = node.timers.forward_timeout;
+    match tokio::time::timeout(deadline, call(client, region.to_string())).await {
+        Err(_) => Hop::Unreachable(
+            Error::Peer {
+                region: region.to_string(),
+                why: "relay timed out".into(),
+            }
+            .into(),
+        ),
+        Ok(Ok((answer, task))) => match task.as_ref().and_then(|t| moved_to(region, t)) {
+            Some(to) if to != node.region => Hop::Moved(to, answer),
+            _ => Hop::Answer(answer),
+        },
+        Ok(Err(s)) => match s.code() {
+            tonic::Code::NotFound => {
+                let to = s
+                    .metadata()
+                    .get(TAKEN_OVER_BY)
+                    .and_then(|v| v.to_str().ok())
+                    .filter(|r| !r.is_empty() && *r != region && *r != node.region)
+                    .map(str::to_string);
+                Hop::NotFound(s, to)
+            }
+            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown => {
+                Hop::Unreachable(relay_error(region, s))
+            }
+            _ => Hop::Failed(relay_error(region, s)),
+        },
+    }
+}
+
+/// A relayed error as the client sees it (the region named unless the code
+/// speaks for itself).
+pub fn relay_error(region: &str, status: Status) -> Status {
+    match status.code() {
+        tonic::Code::NotFound | tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition => {
+            status
+        }
+        code => Status::new(code, format!("relayed to {region}: {}", status.message())),
+    }
+}
