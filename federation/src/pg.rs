@@ -555,7 +555,7 @@ async fn migrate(client: &deadpool_postgres::Client, target: &str) -> Result<i32
             txn_client
                 .execute(
                     "INSERT INTO federation_schema (version, applied_unix_ms) VALUES ($1, $2)",
-                    &[version, &crate::tasks::now_unix_ms()],
+                    &[version, &crate::clock::now_unix_ms()],
                 )
                 .await
                 .map_err(db)?;

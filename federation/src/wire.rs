@@ -297,17 +297,7 @@ pub fn check_idempotency_key(key: &str) -> Result<(), Error> {
     Ok(())
 }
 
-/// Cuts a string for messages.
-pub fn truncate(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_string();
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &s[..end])
-}
+pub use crate::text::truncate;
 
 /// True when the outcome placed the task.
 pub fn placed(outcome: &Outcome) -> bool {

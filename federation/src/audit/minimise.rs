@@ -137,7 +137,7 @@ impl<'a> Kept<'a> {
         let mut d = decision.clone();
         // A rejection without a rule lists the attributes (truncated, which
         // could cut a value in two): written again from what is kept.
-        let shown = crate::wire::truncate(&crate::policy::format_attributes(attrs), 200);
+        let shown = crate::text::truncate(&crate::policy::format_attributes(attrs), 200);
         if d.rule_index.is_none() && d.reason.contains(shown.as_str()) {
             let mut listed: Vec<String> = this
                 .attributes

@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use federation_api as api;
-use serde::Serialize;
 
 use super::connect::{self, Connect};
 use crate::policy::analysis::InputSpace;
@@ -70,119 +69,7 @@ pub enum Disruption<'a> {
     Kill(&'a mut dyn FnMut(bool) -> anyhow::Result<()>),
 }
 
-/// A placement: the region, or none (rejected).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Placement {
-    /// `routed`, `failover` or `rejected`.
-    pub outcome: String,
-    /// The region, when placed.
-    pub region: Option<String>,
-}
-
-impl Placement {
-    fn of(decision: &Decision) -> Self {
-        Self {
-            outcome: decision.outcome.kind().to_string(),
-            region: decision.outcome.region().map(str::to_string),
-        }
-    }
-
-    /// `europe (routed)` or `rejected`.
-    pub fn label(&self) -> String {
-        match &self.region {
-            Some(r) => format!("{r} ({})", self.outcome),
-            None => self.outcome.clone(),
-        }
-    }
-}
-
-/// One probe's result.
-#[derive(Debug, Clone, Serialize)]
-pub struct ProbeResult {
-    /// `before`, `during` or `after`.
-    pub phase: String,
-    /// Which rule and data class the probe stands for.
-    pub name: String,
-    /// Its attributes, `k='v'`.
-    pub attributes: String,
-    /// What the policy says (R unavailable during the drill).
-    pub expected: Placement,
-    /// Why, per the policy.
-    pub expected_reason: String,
-    /// Where the federation put it.
-    pub observed: Placement,
-    /// Why, per the federation's answer (its decision, or the refusal).
-    pub observed_reason: String,
-    /// True when the two agree (for a set of primaries: any member the
-    /// expected decision accepted).
-    pub agree: bool,
-    /// The probe's id, when placed (never stored).
-    pub task_id: String,
-    /// Its record's seq in the entry controller's decision log.
-    pub log_seq: Option<u64>,
-}
-
-/// One timeline entry.
-#[derive(Debug, Clone, Serialize)]
-pub struct Event {
-    /// RFC 3339 UTC, milliseconds.
-    pub at: String,
-    /// Milliseconds since the drill began.
-    pub t_ms: u64,
-    /// What happened.
-    pub what: String,
-}
-
-/// The entry controller's decision-log range covering the drill.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct LogRange {
-    /// The region of the log.
-    pub region: String,
-    /// First seq written during the drill.
-    pub first_seq: u64,
-    /// Last seq written during the drill.
-    pub last_seq: u64,
-    /// True when the whole log's hash chain verifies.
-    pub chain_intact: bool,
-    /// The first broken record, when not.
-    pub chain_error: String,
-    /// The last record's hash.
-    pub last_hash: String,
-}
-
-/// The drill's evidence.
-#[derive(Debug, Clone, Serialize)]
-pub struct Report {
-    /// The federation's name.
-    pub federation: String,
-    /// The controller probes went to.
-    pub entry_region: String,
-    /// The region made unavailable.
-    pub region: String,
-    /// `drain` or `kill`.
-    pub disruption: String,
-    /// The policy hash in force at the entry.
-    pub policy_hash: String,
-    /// Where the expected placements come from.
-    pub expected_from: String,
-    /// Start, RFC 3339.
-    pub started: String,
-    /// End, RFC 3339.
-    pub finished: String,
-    /// What happened, in order.
-    pub timeline: Vec<Event>,
-    /// Every probe, by phase.
-    pub probes: Vec<ProbeResult>,
-    /// One line per disagreement or failed check.
-    pub differences: Vec<String>,
-    /// True when every probe the policy sends to R in normal operation went
-    /// back to R after the drill.
-    pub traffic_returned: bool,
-    /// The decision-log range of the drill and its verification.
-    pub log: LogRange,
-    /// No difference, traffic returned, log intact.
-    pub passed: bool,
-}
+pub use super::drill_report::{Event, LogRange, Placement, ProbeResult, Report};
 
 /// A probe: a name and the attributes.
 #[derive(Debug, Clone)]

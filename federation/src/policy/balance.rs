@@ -27,8 +27,80 @@
 
 use sha2::{Digest, Sha256};
 
-use super::decision::{BalanceNote, Load, LoadSeen};
+use serde::Serialize;
+
 use super::{AttrValue, Attributes, Balance, Rule};
+
+/// A region's advertised capacity, as balancing reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct Load {
+    /// Task slots of its live agents.
+    pub total_slots: u32,
+    /// Slots not running a task.
+    pub free_slots: u32,
+    /// Tasks queued, waiting for a slot.
+    pub queue_depth: u32,
+}
+
+impl Load {
+    /// Busy slots plus queued tasks per slot: 0 idle, 1 every slot busy,
+    /// above 1 a queue; infinite without slots.
+    pub fn utilisation(&self) -> f64 {
+        if self.total_slots == 0 {
+            return f64::INFINITY;
+        }
+        let busy = self.total_slots.saturating_sub(self.free_slots) as f64;
+        (busy + self.queue_depth as f64) / self.total_slots as f64
+    }
+
+    /// The share `least_loaded` gives the region: its slots discounted by
+    /// how loaded they are, `total / (1 + utilisation)`. An idle region of 8
+    /// slots weighs 8, the same region with every slot busy 4, with a queue
+    /// of 8 more 2.67; a region without slots 0.
+    pub fn weight(&self) -> f64 {
+        if self.total_slots == 0 {
+            return 0.0;
+        }
+        self.total_slots as f64 / (1.0 + self.utilisation())
+    }
+}
+
+/// How a member of a set of primaries was chosen.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BalanceNote {
+    /// `least_loaded`, `priority`, `weighted`, or `affinity` when the
+    /// affinity attribute decided.
+    pub mode: &'static str,
+    /// The affinity attribute's name, when the rule has one.
+    pub affinity: Option<String>,
+    /// Hex of the first 16 bytes of the SHA-256 of the affinity attribute's
+    /// name and value, when present: records can be correlated by key
+    /// without holding the value.
+    pub affinity_digest: Option<String>,
+    /// The draw, in millionths of the total share, when one was made.
+    pub draw_ppm: Option<u32>,
+    /// The available members' loads as seen, with their shares.
+    pub loads: Vec<LoadSeen>,
+    /// One sentence: why the first member won.
+    pub why: String,
+}
+
+/// One available member's advertised load at decision time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LoadSeen {
+    /// The region.
+    pub region: std::sync::Arc<str>,
+    /// False when it advertised no capacity (the counts are then 0).
+    pub advertised: bool,
+    /// Its slots.
+    pub total_slots: u32,
+    /// Its free slots.
+    pub free_slots: u32,
+    /// Its queue.
+    pub queue_depth: u32,
+    /// Its share of the draw, in millionths (0 when no draw was made).
+    pub share_ppm: u32,
+}
 
 /// One eligible member (alive, compliant, not full, not held down).
 pub(crate) struct Member {

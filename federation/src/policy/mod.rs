@@ -25,10 +25,11 @@ use sha2::{Digest, Sha256};
 
 pub use crate::config::Balance;
 use crate::config::{self, FederationSpec, Position, SourceMap, SyncSpec};
+pub use balance::{BalanceNote, Load, LoadSeen};
 pub use condition::Condition;
 pub use decision::{
-    BalanceNote, BoundStaticView, Candidate, Decision, FederationView, Health, Load, LoadSeen,
-    Outcome, Refusal, RegionView, Rejection, Role, StaticView, decide, decide_with,
+    BoundStaticView, Candidate, Decision, FederationView, Health, Outcome, Refusal, RegionView,
+    Rejection, Role, StaticView, decide, decide_with,
 };
 
 /// One attribute value of a task, as CEL sees it.

@@ -95,7 +95,6 @@ pub mod witness;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use check::{CheckReport, check, refuse_in_use};
 pub use postgres::PgStore;
@@ -669,14 +668,7 @@ impl Clock for ManualClock {
     }
 }
 
-/// Wall-clock now in milliseconds since the Unix epoch (0 if the clock is
-/// before 1970).
-pub fn now_unix_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
+pub use crate::clock::now_unix_ms;
 
 /// What differs between a stored task and a request reusing its
 /// idempotency key, given whether the attributes and the payload are the
