@@ -20,7 +20,7 @@
 
 use federation_api as api;
 use prost::Message as _;
-use prost::encoding::{WireType, decode_key, decode_varint};
+use prost::encoding::WireType;
 
 use super::snapshot::SnapshotBody;
 
@@ -56,13 +56,60 @@ impl<'a> Reader<'a> {
         self.buf.is_empty()
     }
 
+    /// A field key, as `prost::encoding::decode_key` reads it.
+    #[inline]
     fn key(&mut self) -> Result<(u32, WireType), ViewError> {
-        Ok(decode_key(&mut self.buf)?)
+        let key = self.raw_varint()?;
+        if key > u64::from(u32::MAX) {
+            return fail("invalid key value");
+        }
+        let wire = match key & 7 {
+            0 => WireType::Varint,
+            1 => WireType::SixtyFourBit,
+            2 => WireType::LengthDelimited,
+            3 => WireType::StartGroup,
+            4 => WireType::EndGroup,
+            5 => WireType::ThirtyTwoBit,
+            _ => return fail("invalid wire type value"),
+        };
+        let tag = key as u32 >> 3;
+        if tag == 0 {
+            return fail("invalid tag value: 0");
+        }
+        Ok((tag, wire))
     }
 
+    /// A varint, as `prost::encoding::decode_varint` reads it: at most ten
+    /// bytes, the tenth at most 1.
+    #[inline]
+    fn raw_varint(&mut self) -> Result<u64, ViewError> {
+        if let Some(&b) = self.buf.first() {
+            if b < 0x80 {
+                self.buf = &self.buf[1..];
+                return Ok(u64::from(b));
+            }
+        }
+        let mut value = 0u64;
+        for i in 0..10 {
+            let Some(&b) = self.buf.get(i) else {
+                return fail("invalid varint");
+            };
+            if i == 9 && b > 1 {
+                return fail("invalid varint");
+            }
+            value |= u64::from(b & 0x7f) << (7 * i);
+            if b < 0x80 {
+                self.buf = &self.buf[i + 1..];
+                return Ok(value);
+            }
+        }
+        fail("invalid varint")
+    }
+
+    #[inline]
     fn varint(&mut self, wire: WireType) -> Result<u64, ViewError> {
         expect(wire, WireType::Varint)?;
-        Ok(decode_varint(&mut self.buf)?)
+        self.raw_varint()
     }
 
     fn fixed64(&mut self, wire: WireType) -> Result<u64, ViewError> {
@@ -74,9 +121,10 @@ impl<'a> Reader<'a> {
         Ok(u64::from_le_bytes(*head))
     }
 
+    #[inline]
     fn bytes(&mut self, wire: WireType) -> Result<&'a [u8], ViewError> {
         expect(wire, WireType::LengthDelimited)?;
-        let len = decode_varint(&mut self.buf)?;
+        let len = self.raw_varint()?;
         if len > self.buf.len() as u64 {
             return fail("buffer underflow");
         }
@@ -85,6 +133,7 @@ impl<'a> Reader<'a> {
         Ok(head)
     }
 
+    #[inline]
     fn str(&mut self, wire: WireType) -> Result<&'a str, ViewError> {
         std::str::from_utf8(self.bytes(wire)?)
             .map_err(|_| ViewError("invalid string value: data is not UTF-8 encoded".into()))
@@ -92,6 +141,7 @@ impl<'a> Reader<'a> {
 
     /// A nested message's bytes, entered at `depth` (the nesting budget
     /// left where the field is read).
+    #[inline]
     fn message(&mut self, wire: WireType, depth: u32) -> Result<&'a [u8], ViewError> {
         expect(wire, WireType::LengthDelimited)?;
         if depth == 0 {
@@ -107,7 +157,7 @@ impl<'a> Reader<'a> {
         }
         match wire {
             WireType::Varint => {
-                decode_varint(&mut self.buf)?;
+                self.raw_varint()?;
             }
             WireType::ThirtyTwoBit => self.advance(4)?,
             WireType::SixtyFourBit => self.advance(8)?,
@@ -138,6 +188,7 @@ impl<'a> Reader<'a> {
     }
 }
 
+#[inline]
 fn expect(got: WireType, want: WireType) -> Result<(), ViewError> {
     if got == want {
         Ok(())
@@ -185,6 +236,14 @@ impl<'a> BodyView<'a> {
                 5 => body.taken_unix_ms = r.varint(wire)? as i64,
                 6 | 7 => {
                     let task = TaskView::parse(r.message(wire, depth)?, depth - 1)?;
+                    if body.tasks.capacity() == 0 {
+                        // Tasks are alike in size: room for as many as the
+                        // rest of the body could hold of this one.
+                        // Bounded: a body of empty tasks must not reserve
+                        // more than a body of real ones would.
+                        let room = r.buf.len() / (task.raw.len() + 2) + 1;
+                        body.tasks.reserve(room.min(1 << 16));
+                    }
                     if tag == 6 {
                         body.tasks.push(task);
                     } else {
@@ -601,6 +660,41 @@ mod tests {
         }
         assert_eq!(v.to_body().expect("owned"), b);
         assert_eq!(v.tasks[0].state(), api::TaskState::Leased);
+    }
+
+    #[test]
+    fn varints_and_keys_at_their_limits_are_read_as_prost_reads_them() {
+        let ten = |last: u8| {
+            let mut v = vec![0x10];
+            v.extend([0xff; 9]);
+            v.push(last);
+            v
+        };
+        let cases: Vec<Vec<u8>> = vec![
+            ten(1),
+            ten(0),
+            ten(2),
+            vec![0x10, 0x80],
+            vec![
+                0x10, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x00,
+            ],
+            vec![0x00],
+            vec![0x80, 0x80, 0x80, 0x80, 0x10, 0x00],
+            vec![0xf8, 0xff, 0xff, 0xff, 0x0f, 0x00],
+            vec![0x0e],
+            vec![0x12, 0x01, 0x00],
+            vec![0x32, 0x02, 0x40, 0x01],
+        ];
+        for c in &cases {
+            let prost = SnapshotBody::decode(c.as_slice());
+            let view = BodyView::parse(c);
+            assert_eq!(view.is_ok(), prost.is_ok(), "{c:02x?}: {view:?}");
+            if let (Ok(v), Ok(p)) = (view, prost) {
+                assert_eq!(v.to_body().expect("owned"), p);
+                assert_eq!(v.epoch, p.epoch);
+            }
+        }
+        assert_eq!(BodyView::parse(&ten(1)).expect("ok").epoch, u64::MAX);
     }
 
     #[test]
