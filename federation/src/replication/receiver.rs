@@ -33,7 +33,6 @@ use super::copy::HeldCopy;
 use super::envelope::{self, Domain, EnvelopeError, Limits};
 use super::keyring::KeyRing;
 use super::snapshot::{self, SnapshotBody};
-use super::view::BodyView;
 use crate::policy::Policy;
 use crate::wire;
 
@@ -420,9 +419,8 @@ pub fn open_file(
     let chunks = read_file(path)?;
     let (header, plain) = envelope::open(&chunks, ring, &Limits::default())
         .map_err(|e| format!("{}: {e}", path.display()))?;
-    let body = BodyView::parse(&plain)
-        .and_then(|v| v.to_body())
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let body = SnapshotBody::decode(plain.as_slice())
+        .map_err(|e| format!("{}: body: {e}", path.display()))?;
     Ok((header, body))
 }
 
@@ -919,18 +917,16 @@ impl Receiver {
         let (header, plain) = envelope::open(chunks, ring, &self.limits)?;
         Self::check_newer(&self.held(), &source, &header)?;
         self.check_manifest(&source, &header)?;
-        // Decoded in place first: a body that does not match its header is
-        // refused before any task is copied out of the plaintext.
-        let view = BodyView::parse(&plain).map_err(|e| Rejection::Body(e.to_string()))?;
-        if view.source_region != header.source_region
-            || view.epoch != header.epoch
-            || view.sequence != header.sequence
+        let body =
+            SnapshotBody::decode(plain.as_slice()).map_err(|e| Rejection::Body(e.to_string()))?;
+        if body.source_region != header.source_region
+            || body.epoch != header.epoch
+            || body.sequence != header.sequence
         {
             return Err(Rejection::Body(
                 "body's source, epoch or sequence differs from the header".into(),
             ));
         }
-        let body = view.to_body().map_err(|e| Rejection::Body(e.to_string()))?;
         self.check_scope(policy, &source, body.tasks.iter().chain(&body.results))?;
         let path = self.dir.join(format!("{source}.snap"));
         // Serialise writers of the same source through the map's lock.
