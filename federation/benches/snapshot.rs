@@ -9,6 +9,12 @@
 //! baseline is one). The same write on one thread, and the CPU time of the
 //! pipelined write against the baseline's, are printed next to it.
 //!
+//! Restore is measured three ways: the bytes back (verify, decrypt,
+//! unzstd); that plus decoding every task in place
+//! (`replication::view::BodyView`, no allocation per task); and that plus
+//! the owned prost messages, both by `SnapshotBody::decode` on one thread
+//! and by `BodyView::to_body` (several threads for a large body).
+//!
 //! Run: `cargo bench -p federation --bench snapshot`
 //! (release build; prints one line per figure; baseline and measured calls
 //! alternate round by round, and ratios are the median of per-round ratios).
@@ -17,6 +23,7 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use federation::replication::envelope::{self, Limits, NonceSource, Pipeline, SealParams};
+use federation::replication::view::BodyView;
 use federation::replication::{Key, KeyRing, SnapshotBody, seal_snapshot};
 use federation_api as api;
 use prost::Message as _;
@@ -179,6 +186,18 @@ fn main() {
                 &mut || {
                     black_box(black_box(&body).encode_to_vec());
                 },
+                &mut || {
+                    let (_, bytes) = envelope::open(black_box(&sealed), &ring, &Limits::default())
+                        .expect("open");
+                    let view = BodyView::parse(&bytes).expect("decode");
+                    black_box(view.tasks.len() + view.results.len());
+                },
+                &mut || {
+                    let (_, bytes) = envelope::open(black_box(&sealed), &ring, &Limits::default())
+                        .expect("open");
+                    let view = BodyView::parse(&bytes).expect("decode");
+                    black_box(view.to_body().expect("owned"));
+                },
             ],
         );
         let cpu_base = cpu_per_call(1.0, base_write);
@@ -190,11 +209,12 @@ fn main() {
             median(w[1].clone()),
             median(w[2].clone()),
         );
-        let (br, rs, rd, enc) = (
+        let (br, rs, rd, enc, rv) = (
             median(r[0].clone()),
             median(r[1].clone()),
             median(r[2].clone()),
             median(r[3].clone()),
+            median(r[4].clone()),
         );
         let (w_med, w_min, w_max) = ratio(&w[0], &w[1]);
         let (r_med, r_min, r_max) = ratio(&r[0], &r[1]);
@@ -215,10 +235,18 @@ fn main() {
             ratio(&w[0], &w[2]).0,
         );
         println!(
-            "{n} tasks: serialize alone {:.0} MB/s; restore including protobuf decode {:.0} MB/s, ratio {:.2}x vs raw unzstd",
+            "{n} tasks: serialize alone {:.0} MB/s; restore including protobuf decode into owned messages {:.0} MB/s, ratio {:.2}x vs raw unzstd",
             mb / enc,
             mb / rd,
-            br / rd,
+            ratio(&r[0], &r[2]).0,
+        );
+        let (v_med, v_min, v_max) = ratio(&r[0], &r[4]);
+        println!(
+            "{n} tasks: restore including decoding the tasks in place (BodyView) {:.0} MB/s, ratio {v_med:.2}x vs raw unzstd (rounds {v_min:.2}-{v_max:.2}); then owned (`to_body`, up to {} threads) {:.0} MB/s, ratio {:.2}x",
+            mb / rv,
+            federation::replication::view::MAX_THREADS,
+            mb / median(r[5].clone()),
+            ratio(&r[0], &r[5]).0,
         );
         println!(
             "{n} tasks: snapshot {} bytes ({} bytes per 1,000 tasks; raw zstd {} bytes, plaintext {} bytes)",

@@ -1,6 +1,7 @@
 //! Snapshot envelope decoding, as a receiver meets it: bytes → a stream of
 //! `SnapshotChunk` messages → `Collector` (limits, order) → `open` (AEAD,
-//! decompression bounds) → `SnapshotBody` decode. Two modes, by first byte:
+//! decompression bounds) → `SnapshotBody` decode, and the in-place
+//! `BodyView` decode, which must agree with it. Two modes, by first byte:
 //!
 //! - raw: the rest is length-delimited protobuf chunks, decoded and opened
 //!   with a fixed key ring (wrong keys, garbage, bad headers);
@@ -11,6 +12,7 @@
 #![no_main]
 
 use federation::replication::envelope::{self, Limits, NonceSource, SealParams};
+use federation::replication::view::BodyView;
 use federation::replication::{Key, KeyRing, SnapshotBody};
 use federation_api as api;
 use libfuzzer_sys::fuzz_target;
@@ -35,7 +37,16 @@ fn receive(chunks: Vec<api::SnapshotChunk>) -> Option<Vec<u8>> {
         collector.push(c).ok()?;
     }
     let (_, plain) = envelope::open(&collector.into_chunks(), &ring(), &limits()).ok()?;
-    let _ = SnapshotBody::decode(plain.as_slice());
+    // The in-place decoder accepts exactly what prost accepts, and its
+    // owned form is prost's.
+    let owned = SnapshotBody::decode(plain.as_slice());
+    match BodyView::parse(&plain) {
+        Ok(view) => {
+            let owned = owned.expect("the view accepted a body prost refuses");
+            assert_eq!(view.to_body().ok(), Some(owned), "the view's body differs");
+        }
+        Err(_) => assert!(owned.is_err(), "the view refused a body prost accepts"),
+    }
     Some(plain)
 }
 

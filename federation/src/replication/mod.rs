@@ -34,6 +34,7 @@ pub mod keyring;
 pub mod receiver;
 pub mod snapshot;
 pub mod takeover;
+pub mod view;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;
