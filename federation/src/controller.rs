@@ -639,6 +639,8 @@ async fn advertise_loop(node: Arc<Node>, mut stop: tokio::sync::watch::Receiver<
                 let Ok(mut client) = node.peer(&region) else {
                     return;
                 };
+                node.metrics
+                    .gossip_sent(prost::Message::encoded_len(&request));
                 let call = client.advertise(transport::with_deadline(request, deadline));
                 match tokio::time::timeout(deadline, call).await {
                     Ok(Ok(resp)) => {

@@ -112,10 +112,14 @@ impl api::federation_peer_server::FederationPeer for PeerService {
             .into());
         }
         crate::controller::merge_gossip(&self.node, &origin, &req.known, now).await;
-        Ok(Response::new(api::AdvertiseResponse {
+        let response = api::AdvertiseResponse {
             origin: Some(self.node.current_advertisement()),
             known: self.node.membership.known(),
-        }))
+        };
+        self.node
+            .metrics
+            .gossip_sent(prost::Message::encoded_len(&response));
+        Ok(Response::new(response))
     }
 
     async fn forward_task(
