@@ -7,7 +7,8 @@
 //! every other alive:
 //! - bytes of Advertise messages sent per controller per second (encoded
 //!   protobuf, counted at the sender by `federation_gossip_sent_bytes`);
-//! - CPU per controller (mean and max over controllers, % of one core);
+//! - CPU per controller (mean and max over controllers, % of one core;
+//!   and the whole process's, bench threads included);
 //! - false suspicions: (observer, region) pairs that went from alive to
 //!   suspect or dead while nothing failed;
 //!
@@ -220,6 +221,7 @@ fn run(n: usize, secs: f64) {
 
     // Steady window.
     let cpu0 = cpu_by_thread();
+    let process0 = cpu_by_thread().values().sum::<f64>();
     let bytes0 = bytes(&nodes);
     let t0 = Instant::now();
     let mut last = healths(&nodes, None);
@@ -237,6 +239,7 @@ fn run(n: usize, secs: f64) {
     let window = t0.elapsed().as_secs_f64();
     let bytes1 = bytes(&nodes);
     let cpu1 = cpu_by_thread();
+    let process = (cpu1.values().sum::<f64>() - process0) / window * 100.0;
     let per_node: Vec<f64> = (0..n)
         .map(|i| {
             let k = format!("c{i}");
@@ -289,7 +292,7 @@ fn run(n: usize, secs: f64) {
         )
     };
     println!(
-        "n={n:2}: gossip {:8.0} B/s per controller ({:.0} B/s per region); CPU per controller {cpu_mean:.1}% mean, {cpu_max:.1}% max; false suspicions {false_steady} in {window:.0} s",
+        "n={n:2}: gossip {:8.0} B/s per controller ({:.0} B/s per region); CPU per controller {cpu_mean:.1}% mean, {cpu_max:.1}% max (whole process {process:.0}%); false suspicions {false_steady} in {window:.0} s",
         rate,
         rate / n as f64,
     );
