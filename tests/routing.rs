@@ -226,6 +226,7 @@ async fn idempotent_resubmission_and_bad_requests() {
         .advertise(api::AdvertiseRequest {
             origin: None,
             known: vec![],
+            digest: None,
         })
         .await
         .expect_err("no origin");

@@ -160,6 +160,7 @@ async fn certificates_are_checked_both_ways() {
         .advertise(api::AdvertiseRequest {
             origin: Some(forged),
             known: vec![],
+            digest: None,
         })
         .await
         .expect_err("forged origin refused");
@@ -198,6 +199,7 @@ async fn certificates_are_checked_both_ways() {
                 ..Default::default()
             }),
             known: vec![],
+            digest: None,
         })
         .await
         .expect_err("expired peer refused");
@@ -519,6 +521,7 @@ async fn limits_over_the_wire() {
                 ad("north_america"),
                 ad("north_america"),
             ],
+            digest: None,
         })
         .await
         .expect_err("too many ads");

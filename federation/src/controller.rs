@@ -628,17 +628,23 @@ async fn advertise_loop(node: Arc<Node>, mut stop: tokio::sync::watch::Receiver<
         }
         node.membership.tick(Instant::now());
         persist_anchors(&node, &mut recorded).await;
-        let request = api::AdvertiseRequest {
-            origin: Some(node.next_advertisement()),
-            known: node.membership.known(),
-        };
+        let origin = node.next_advertisement();
+        let digest = node.membership.digest(Instant::now());
         for region in node.peer_regions() {
             let node = node.clone();
-            let request = request.clone();
+            // Relayed: what the peer's last digest said it lacks (all we
+            // hold when it sent none).
+            let request = api::AdvertiseRequest {
+                origin: Some(origin.clone()),
+                known: node.membership.relays_to(&region),
+                digest: Some(digest.clone()),
+            };
             tokio::spawn(async move {
                 let Ok(mut client) = node.peer(&region) else {
                     return;
                 };
+                node.metrics
+                    .gossip_sent(prost::Message::encoded_len(&request));
                 let call = client.advertise(transport::with_deadline(request, deadline));
                 match tokio::time::timeout(deadline, call).await {
                     Ok(Ok(resp)) => {
@@ -648,6 +654,12 @@ async fn advertise_loop(node: Arc<Node>, mut stop: tokio::sync::watch::Receiver<
                             tracing::warn!(%region, claimed = %origin.region, "peer answered as another region; ignored");
                             return;
                         }
+                        let max_known = node.limits.max_known_advertisements;
+                        let digest = resp.digest.as_ref().filter(|d| d.stale.len() <= max_known);
+                        if digest.is_none() && resp.digest.is_some() {
+                            tracing::warn!(%region, max_known, "peer's gossip digest too long; sending it everything");
+                        }
+                        node.membership.note_digest(&region, digest);
                         merge_gossip(&node, origin, &resp.known, Instant::now()).await;
                     }
                     Ok(Err(status)) => {
@@ -672,6 +684,7 @@ pub async fn merge_gossip(
     now: Instant,
 ) {
     node.membership.observe(origin, now);
+    node.membership.heard_directly(&origin.region, now);
     if let Some(head) = &origin.log_head {
         let head = crate::audit::anchor::LogHead {
             seq: head.seq,

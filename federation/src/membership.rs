@@ -29,13 +29,25 @@
 //! cut down, as each advertisement arrives, to those its certificate attests
 //! ([`Attestations`], fed by the TLS handshakes in both directions); dropped
 //! tags are logged, and routing, status and gossip see only attested ones.
+//!
+//! **Gossip sends what the receiver lacks.** Each Advertise message carries
+//! a digest ([`Membership::digest`]) of the regions its sender has not heard
+//! from *directly* (as the origin of an Advertise exchange) for a heartbeat
+//! and a half, with the (epoch, sequence) it holds of each. A peer relays
+//! only advertisements it holds fresher than a listed entry
+//! ([`Membership::relays_for`]); in a healthy full mesh the digest is empty
+//! and so are the relays, so traffic per controller grows linearly with the
+//! number of regions. A region heard only through others stays listed, so
+//! its advertisements arrive every heartbeat, as before. A message without a
+//! digest (an older peer, or none received yet) gets every advertisement
+//! held.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use federation_api::{Capacity, RegionAdvertisement};
+use federation_api::{Capacity, DigestEntry, GossipDigest, RegionAdvertisement};
 
 use crate::config::Timers;
 use crate::policy::{FederationView, Health, Policy, RegionView};
@@ -50,6 +62,14 @@ struct Peer {
     ad: Option<RegionAdvertisement>,
     /// When fresh information last arrived.
     last_fresh: Option<Instant>,
+    /// When the region itself last talked to us (the origin of an
+    /// Advertise exchange, either way): a region not heard directly for
+    /// [`Membership::stale_after`] is listed in our gossip digest.
+    last_direct: Option<Instant>,
+    /// The region's last gossip digest (what it lacks), from its request or
+    /// its response, whichever came last; None: never received, or an
+    /// older peer that sends none (it gets every advertisement we hold).
+    digest: Option<Vec<DigestEntry>>,
     /// Intervals between fresh arrivals, seconds.
     intervals: VecDeque<f64>,
     /// When the region last went from not-alive to alive.
@@ -114,6 +134,8 @@ impl Peer {
         Self {
             ad: None,
             last_fresh: None,
+            last_direct: None,
+            digest: None,
             intervals: VecDeque::with_capacity(WINDOW),
             alive_since: None,
             last_health: Health::Unknown,
@@ -262,6 +284,9 @@ impl Membership {
             if let Some(t) = peer.last_fresh.as_mut() {
                 *t += credit;
             }
+            if let Some(t) = peer.last_direct.as_mut() {
+                *t += credit;
+            }
         }
         self.stalls.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(
@@ -389,6 +414,90 @@ impl Membership {
             .peers
             .values()
             .filter_map(|p| p.as_sent.clone())
+            .collect()
+    }
+
+    /// How long a region may go unheard directly before our digest lists
+    /// it: a heartbeat and a half (its own advertisement is due every
+    /// heartbeat; half of one is jitter).
+    pub fn stale_after(&self) -> Duration {
+        self.heartbeat() * 3 / 2
+    }
+
+    /// Records that `region` itself talked to us at `now` (the verified
+    /// origin of an Advertise request or response).
+    pub fn heard_directly(&self, region: &str, now: Instant) {
+        if let Some(peer) = self.lock().peers.get_mut(region) {
+            peer.last_direct = Some(now);
+        }
+    }
+
+    /// Our gossip digest at `now`: every region not heard directly within
+    /// [`Membership::stale_after`] (or never), with the (epoch, sequence)
+    /// we hold of it ((0, 0): nothing). Empty in a healthy full mesh.
+    pub fn digest(&self, now: Instant) -> GossipDigest {
+        let stale_after = self.stale_after();
+        let table = self.lock();
+        let stale = table
+            .peers
+            .iter()
+            .filter(|(_, p)| {
+                p.last_direct
+                    .is_none_or(|t| now.saturating_duration_since(t) > stale_after)
+            })
+            .map(|(region, p)| {
+                let (epoch, sequence) =
+                    p.as_sent.as_ref().map_or((0, 0), |a| (a.epoch, a.sequence));
+                DigestEntry {
+                    region: region.clone(),
+                    epoch,
+                    sequence,
+                }
+            })
+            .collect();
+        GossipDigest { stale }
+    }
+
+    /// Records `region`'s latest digest (None: it sent none).
+    pub fn note_digest(&self, region: &str, digest: Option<&GossipDigest>) {
+        if let Some(peer) = self.lock().peers.get_mut(region) {
+            peer.digest = digest.map(|d| d.stale.clone());
+        }
+    }
+
+    /// What to relay to `to` in our next request: by its last digest
+    /// ([`Membership::relays_for`]).
+    pub fn relays_to(&self, to: &str) -> Vec<RegionAdvertisement> {
+        let table = self.lock();
+        let digest = table.peers.get(to).and_then(|p| p.digest.as_deref());
+        Self::relays(&table, to, digest)
+    }
+
+    /// What to relay to `to`, whose digest is `digest`: the advertisements
+    /// (as their regions sent them) we hold fresher than its entries, never
+    /// `to`'s own (its origin is in every exchange); without a digest (an
+    /// older peer) every advertisement we hold, as [`Membership::known`].
+    pub fn relays_for(&self, to: &str, digest: Option<&GossipDigest>) -> Vec<RegionAdvertisement> {
+        let table = self.lock();
+        Self::relays(&table, to, digest.map(|d| &d.stale[..]))
+    }
+
+    fn relays(table: &Table, to: &str, digest: Option<&[DigestEntry]>) -> Vec<RegionAdvertisement> {
+        let Some(stale) = digest else {
+            return table
+                .peers
+                .values()
+                .filter_map(|p| p.as_sent.clone())
+                .collect();
+        };
+        let mut seen = BTreeSet::new();
+        stale
+            .iter()
+            .filter(|e| e.region != to && seen.insert(e.region.as_str()))
+            .filter_map(|e| {
+                let ad = table.peers.get(&e.region)?.as_sent.as_ref()?;
+                ((ad.epoch, ad.sequence) > (e.epoch, e.sequence)).then(|| ad.clone())
+            })
             .collect()
     }
 
@@ -809,6 +918,110 @@ mod tests {
         let tags = &again[0].as_ref().expect("europe").tags;
         assert!(Arc::ptr_eq(tags, &p.regions[eu].shared_tags));
         assert_eq!(again[0], live.region("europe"));
+    }
+
+    fn direct(m: &Membership, a: &RegionAdvertisement, now: Instant) {
+        m.observe(a, now);
+        m.heard_directly(&a.region, now);
+    }
+
+    #[test]
+    fn a_peer_that_already_knows_everything_gets_no_relayed_copies() {
+        // A healthy full mesh of three, each hearing the others directly
+        // every heartbeat: every digest stays empty, and so do the relays.
+        let p = policy();
+        let names = ["north_america", "europe", "asia_pacific"];
+        let ms: Vec<Membership> = names
+            .iter()
+            .map(|n| Membership::new(n, &p, Timers::default()))
+            .collect();
+        let t0 = Instant::now();
+        for s in 1..=20u64 {
+            let now = t0 + Duration::from_secs(s);
+            for (i, m) in ms.iter().enumerate() {
+                m.tick(now);
+                for (j, from) in names.iter().enumerate() {
+                    if i != j {
+                        direct(m, &ad(from, 1, s), now + Duration::from_millis(10));
+                    }
+                }
+            }
+            let at = now + Duration::from_millis(20);
+            for (i, m) in ms.iter().enumerate() {
+                let digest = m.digest(at);
+                assert!(digest.stale.is_empty(), "{}: {digest:?}", names[i]);
+                for (j, other) in ms.iter().enumerate() {
+                    if i != j {
+                        other.note_digest(names[i], Some(&digest));
+                        assert!(other.relays_to(names[i]).is_empty());
+                        assert!(other.relays_for(names[i], Some(&digest)).is_empty());
+                    }
+                }
+            }
+        }
+        // An older peer sends no digest: it gets everything held, as before.
+        ms[0].note_digest("europe", None);
+        assert_eq!(ms[0].relays_to("europe").len(), 2);
+        assert_eq!(ms[0].relays_for("europe", None).len(), ms[0].known().len());
+    }
+
+    #[test]
+    fn a_region_heard_only_through_gossip_is_listed_relayed_and_stays_alive() {
+        // north_america – europe – asia_pacific in a line: the two ends
+        // never talk, europe relays what each digest says is missing.
+        let p = policy();
+        let na = Membership::new("north_america", &p, Timers::default());
+        let eu = Membership::new("europe", &p, Timers::default());
+        let ap = Membership::new("asia_pacific", &p, Timers::default());
+        let t0 = Instant::now();
+        let mut relayed = 0;
+        let mut changes = Vec::new();
+        for s in 1..=40u64 {
+            let now = t0 + Duration::from_secs(s);
+            for m in [&na, &eu, &ap] {
+                changes.extend(m.tick(now));
+            }
+            let at = now + Duration::from_millis(10);
+            // Each end calls europe: its request carries its digest and
+            // europe answers with what the digest lists as missing.
+            for (end, name) in [(&na, "north_america"), (&ap, "asia_pacific")] {
+                direct(&eu, &ad(name, 1, s), at);
+                let digest = end.digest(at);
+                assert!(
+                    s == 1 || digest.stale.iter().all(|e| e.region != "europe"),
+                    "europe is heard directly: {digest:?}"
+                );
+                eu.note_digest(name, Some(&digest));
+                let relays = eu.relays_for(name, Some(&digest));
+                assert!(relays.len() <= 1, "{relays:?}");
+                direct(end, &ad("europe", 1, s), at);
+                for r in &relays {
+                    relayed += usize::from(end.observe(r, at));
+                }
+            }
+            // europe calls each end: its relays follow the end's digest.
+            for (end, name) in [(&na, "north_america"), (&ap, "asia_pacific")] {
+                for r in eu.relays_to(name) {
+                    relayed += usize::from(end.observe(&r, at + Duration::from_millis(5)));
+                }
+            }
+            for (end, other) in [(&na, "asia_pacific"), (&ap, "north_america")] {
+                let v = end.peer_view(other, at).expect("row");
+                if s > 2 {
+                    assert_eq!(v.health, Health::Alive, "{other} at {s}: {v:?}");
+                }
+            }
+        }
+        assert!(
+            relayed >= 78,
+            "fresh relayed copies (either way of the exchange): each end learns the other's new advertisement every heartbeat: {relayed}"
+        );
+        assert!(
+            changes.iter().all(|(_, _, h)| *h == Health::Alive),
+            "nobody suspected: {changes:?}"
+        );
+        // europe itself never needs anything relayed.
+        assert!(eu.digest(t0 + Duration::from_secs(40)).stale.is_empty());
     }
 
     /// A controller on an injected clock: ticks every heartbeat (1 s, the

@@ -197,6 +197,7 @@ pub struct Metrics {
     snapshot_compression_ratio: Family<RegionLabels, Gauge<f64, AtomicU64>>,
     snapshot_age_seconds: Family<RegionLabels, Gauge<f64, AtomicU64>>,
     log_head_anomalies: Family<RegionLabels, Counter>,
+    gossip_sent_bytes: Counter,
     registered_agents: Gauge,
     certificate_expiry: Gauge,
     grpc: Arc<grpc::GrpcMetrics>,
@@ -245,6 +246,7 @@ impl Metrics {
             snapshot_compression_ratio: Family::default(),
             snapshot_age_seconds: Family::default(),
             log_head_anomalies: Family::default(),
+            gossip_sent_bytes: Counter::default(),
             registered_agents: Gauge::default(),
             certificate_expiry: Gauge::default(),
             grpc: Arc::new(grpc::GrpcMetrics::default()),
@@ -317,6 +319,11 @@ impl Metrics {
                 "log_head_anomalies",
                 "Advertisements whose decision-log head went back or changed from what this controller witnessed, by region",
                 m.log_head_anomalies.clone(),
+            );
+            r.register(
+                "gossip_sent_bytes",
+                "Encoded bytes of the Advertise requests and responses this controller sent",
+                m.gossip_sent_bytes.clone(),
             );
             r.register(
                 "registered_agents",
@@ -439,6 +446,17 @@ impl Metrics {
                 region: region.to_string(),
             })
             .observe(seconds);
+    }
+
+    /// Counts `bytes` of an encoded Advertise request or response sent.
+    pub fn gossip_sent(&self, bytes: usize) {
+        self.gossip_sent_bytes
+            .inc_by(u64::try_from(bytes).unwrap_or(u64::MAX));
+    }
+
+    /// Encoded bytes of Advertise messages sent so far.
+    pub fn gossip_sent_total(&self) -> u64 {
+        self.gossip_sent_bytes.get()
     }
 
     /// Counts an advertised log head of `region` that contradicts the

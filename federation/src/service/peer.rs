@@ -121,11 +121,31 @@ impl api::federation_peer_server::FederationPeer for PeerService {
             )
             .into());
         }
+        if req
+            .digest
+            .as_ref()
+            .is_some_and(|d| d.stale.len() > max_known)
+        {
+            return Err(Error::limit(
+                "digest.stale",
+                format!("more than max_known_advertisements ({max_known}) entries"),
+            )
+            .into());
+        }
         crate::controller::merge_gossip(&self.node, &origin, &req.known, now).await;
-        Ok(Response::new(api::AdvertiseResponse {
+        let membership = &self.node.membership;
+        membership.note_digest(&origin.region, req.digest.as_ref());
+        // Relayed: what the caller's digest says it lacks; everything to an
+        // older peer that sent no digest.
+        let response = api::AdvertiseResponse {
             origin: Some(self.node.current_advertisement()),
-            known: self.node.membership.known(),
-        }))
+            known: membership.relays_for(&origin.region, req.digest.as_ref()),
+            digest: Some(membership.digest(Instant::now())),
+        };
+        self.node
+            .metrics
+            .gossip_sent(prost::Message::encoded_len(&response));
+        Ok(Response::new(response))
     }
 
     async fn forward_task(
