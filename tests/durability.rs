@@ -4,8 +4,6 @@
 
 mod support;
 
-use std::time::Duration;
-
 use federation::sandbox::string_attrs;
 use federation_api as api;
 use support::*;
@@ -68,50 +66,10 @@ async fn agent_killed_mid_task_is_released_and_completes_elsewhere() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn controller_killed_and_restarted_keeps_every_acknowledged_task() {
     let mut sandbox = formed(seed_sandbox().agents(0, 1)).await;
-    let mut client = sandbox.client("europe").await.expect("client");
     // Submit concurrently, remember every acknowledged id, kill mid-stream.
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let mut workers = Vec::new();
-    for w in 0..8 {
-        let mut c = client.clone();
-        let tx = tx.clone();
-        workers.push(tokio::spawn(async move {
-            for i in 0..10_000 {
-                let req = api::SubmitTaskRequest {
-                    attributes: string_attrs(&[("customer_region", "DE")]),
-                    idempotency_key: format!("w{w}-{i}"),
-                    ..Default::default()
-                };
-                match c.submit_task(req).await {
-                    Ok(r) => {
-                        if tx.send(r.into_inner().task_id).is_err() {
-                            return;
-                        }
-                    }
-                    Err(_) => return,
-                }
-            }
-        }));
-    }
-    drop(tx);
-    // Let some acknowledgements through, then SIGKILL.
-    let mut acked = Vec::new();
-    while acked.len() < 200 {
-        match tokio::time::timeout(PATIENCE, rx.recv()).await {
-            Ok(Some(id)) => acked.push(id),
-            _ => panic!("submissions stalled after {} acks", acked.len()),
-        }
-    }
-    sandbox.kill_controller("europe").expect("kill");
-    while let Ok(Some(id)) = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
-        acked.push(id);
-    }
-    for w in workers {
-        let _ = w.await;
-    }
-    eprintln!("{} tasks acknowledged before SIGKILL", acked.len());
+    let acked = acked_across_a_kill(&mut sandbox, "europe", 200, Vec::new()).await;
     sandbox.start_controller("europe").expect("restart");
-    client = eventually("europe restarts", PATIENCE, || {
+    let mut client = eventually("europe restarts", PATIENCE, || {
         let s = &sandbox;
         async move { s.client("europe").await.ok() }
     })

@@ -11,7 +11,6 @@
 mod support;
 
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
 use federation::pg_sandbox;
 use federation::sandbox::string_attrs;
@@ -76,50 +75,7 @@ async fn a_region_on_postgres_serves_every_entry_and_keeps_every_acknowledged_ta
         routed.push(r.task_id);
     }
     // Concurrent submits (with idempotency keys), SIGKILL in mid-stream.
-    let client = sandbox.client("europe").await.expect("client");
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let mut workers = Vec::new();
-    for w in 0..8 {
-        let mut c = client.clone();
-        let tx = tx.clone();
-        workers.push(tokio::spawn(async move {
-            for i in 0..10_000 {
-                let req = api::SubmitTaskRequest {
-                    attributes: string_attrs(&[("customer_region", "DE")]),
-                    idempotency_key: format!("w{w}-{i}"),
-                    ..Default::default()
-                };
-                match c.submit_task(req).await {
-                    Ok(r) => {
-                        if tx.send(r.into_inner().task_id).is_err() {
-                            return;
-                        }
-                    }
-                    Err(_) => return,
-                }
-            }
-        }));
-    }
-    drop(tx);
-    let mut acked = routed.clone();
-    while acked.len() < 200 {
-        match tokio::time::timeout(PATIENCE, rx.recv()).await {
-            Ok(Some(id)) => acked.push(id),
-            _ => panic!(
-                "submissions stalled after {} acks: {}",
-                acked.len(),
-                sandbox.controller_log_text("europe")
-            ),
-        }
-    }
-    sandbox.kill_controller("europe").expect("kill");
-    while let Ok(Some(id)) = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
-        acked.push(id);
-    }
-    for w in workers {
-        let _ = w.await;
-    }
-    eprintln!("{} tasks acknowledged before SIGKILL", acked.len());
+    let acked = acked_across_a_kill(&mut sandbox, "europe", 200, routed.clone()).await;
     sandbox.start_controller("europe").expect("restart");
     let mut client = eventually("europe restarts", PATIENCE, || {
         let s = &sandbox;

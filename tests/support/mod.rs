@@ -106,3 +106,62 @@ pub fn http_get_with(
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     (head.to_string(), body.to_string())
 }
+
+/// Submits DE tasks through `region`'s controller from 8 concurrent workers
+/// (idempotency keys `w{w}-{i}`), SIGKILLs that controller once `acked`
+/// holds at least `before_kill` acknowledged ids, and returns `acked` with
+/// every id acknowledged until the stream went quiet (5 s) after the kill.
+/// The controller is left stopped.
+pub async fn acked_across_a_kill(
+    sandbox: &mut federation::sandbox::Sandbox,
+    region: &str,
+    before_kill: usize,
+    mut acked: Vec<String>,
+) -> Vec<String> {
+    use federation::sandbox::string_attrs;
+    use federation_api as api;
+    let client = sandbox.client(region).await.expect("client");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut workers = Vec::new();
+    for w in 0..8 {
+        let mut c = client.clone();
+        let tx = tx.clone();
+        workers.push(tokio::spawn(async move {
+            for i in 0..10_000 {
+                let req = api::SubmitTaskRequest {
+                    attributes: string_attrs(&[("customer_region", "DE")]),
+                    idempotency_key: format!("w{w}-{i}"),
+                    ..Default::default()
+                };
+                match c.submit_task(req).await {
+                    Ok(r) => {
+                        if tx.send(r.into_inner().task_id).is_err() {
+                            return;
+                        }
+                    }
+                    Err(_) => return,
+                }
+            }
+        }));
+    }
+    drop(tx);
+    while acked.len() < before_kill {
+        match tokio::time::timeout(PATIENCE, rx.recv()).await {
+            Ok(Some(id)) => acked.push(id),
+            _ => panic!(
+                "submissions stalled after {} acks: {}",
+                acked.len(),
+                sandbox.controller_log_text(region)
+            ),
+        }
+    }
+    sandbox.kill_controller(region).expect("kill");
+    while let Ok(Some(id)) = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
+        acked.push(id);
+    }
+    for w in workers {
+        let _ = w.await;
+    }
+    eprintln!("{} tasks acknowledged before SIGKILL", acked.len());
+    acked
+}
