@@ -148,6 +148,44 @@ async fn a_region_on_postgres_serves_every_entry_and_keeps_every_acknowledged_ta
     let (code, out, err) = audit(&["show", &url, "--task", &routed[0], "--format", "json"]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains(&routed[0]), "{out}");
+    // The running controller reads the same log from the database:
+    // ListDecisions, and the status view's own decisions (before, both read
+    // a file a database-backed region does not have).
+    let mut admin = sandbox.admin("europe").await.expect("admin");
+    let listed = admin
+        .list_decisions(api::ListDecisionsRequest {
+            task_id: routed[0].clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("list decisions")
+        .into_inner();
+    assert!(listed.chain_intact, "{listed:?}");
+    assert!(
+        listed.records.iter().any(|r| r.contains(&routed[0])),
+        "{listed:?}"
+    );
+    let admin_http = sandbox.admin_http_addr("europe").expect("admin http");
+    let json = tokio::task::spawn_blocking(move || http_get(admin_http, "/view.json"))
+        .await
+        .expect("join");
+    let view: serde_json::Value = serde_json::from_str(&json).expect("view json");
+    let here = view["sources"]
+        .as_array()
+        .expect("sources")
+        .iter()
+        .find(|s| s["region"] == "europe")
+        .cloned()
+        .expect("europe's own source");
+    assert_eq!(here["note"], "here", "{here}");
+    assert!(
+        view["decisions"]
+            .as_array()
+            .expect("decisions")
+            .iter()
+            .any(|d| d["logged_by"] == "europe"),
+        "{json}"
+    );
     // Tampering is evident: a superuser who switches the append-only
     // trigger off and edits a record breaks the chain `audit verify` checks.
     let db = url.rsplit('/').next().expect("db name");

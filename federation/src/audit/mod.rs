@@ -99,6 +99,10 @@ pub mod minimise;
 pub mod postgres;
 pub mod replay;
 pub mod tail;
+
+/// How many of the newest rows [`DecisionLog::recent`] reads of a log in
+/// the database (the file's counterpart is its byte bound).
+const RECENT_ROWS: i64 = 10_000;
 #[cfg(test)]
 mod tests;
 
@@ -1265,6 +1269,8 @@ struct LogInner {
     region: String,
     /// Kept in the region's database (`audit::postgres`), not in a file.
     in_database: bool,
+    /// The database, when the log is kept there (reads go to it).
+    pg: Option<crate::pg::Pg>,
     tip: Arc<Mutex<Tip>>,
     tx: Option<mpsc::UnboundedSender<Append>>,
     writer: Mutex<Option<JoinHandle<()>>>,
@@ -1371,6 +1377,7 @@ impl DecisionLog {
                 path,
                 region: region.to_string(),
                 in_database: false,
+                pg: None,
                 tip,
                 tx: Some(tx),
                 writer: Mutex::new(Some(writer)),
@@ -1442,6 +1449,7 @@ impl DecisionLog {
                 path,
                 region: region.to_string(),
                 in_database: true,
+                pg: Some(pg.clone()),
                 tip,
                 tx: Some(tx),
                 writer: Mutex::new(Some(writer)),
@@ -1453,6 +1461,53 @@ impl DecisionLog {
     /// True when the log is kept in the region's database, not in a file.
     pub fn in_database(&self) -> bool {
         self.inner.in_database
+    }
+
+    /// The whole log as the JSON-lines file holds it: the file's bytes, or
+    /// for a log in the database its export (`audit::postgres::export`).
+    /// Blocking: call it off the async workers.
+    pub fn read_all(&self) -> Result<Vec<u8>, AuditError> {
+        match &self.inner.pg {
+            None => read_all(&self.inner.path),
+            Some(pg) => {
+                let (db, region) = (pg.clone(), self.inner.region.clone());
+                pg.block(async move { postgres::export(&db, &region).await })
+                    .map_err(|e| self.unreadable(&e))
+            }
+        }
+    }
+
+    /// The newest `limit` records `filter` accepts, oldest first, reading at
+    /// most the last `max_bytes` of a file (or the newest `RECENT_ROWS` rows
+    /// of the database). Blocking: call it off the async workers.
+    pub fn recent(
+        &self,
+        filter: &Filter,
+        limit: usize,
+        max_bytes: u64,
+    ) -> Result<Vec<Record>, AuditError> {
+        let Some(pg) = &self.inner.pg else {
+            return tail::recent(&self.inner.path, filter, limit, max_bytes);
+        };
+        let (db, region) = (pg.clone(), self.inner.region.clone());
+        let lines = pg
+            .block(async move { postgres::newest(&db, &region, RECENT_ROWS).await })
+            .map_err(|e| self.unreadable(&e))?;
+        let mut out: Vec<Record> = lines
+            .iter()
+            .filter_map(|line| serde_json::from_str::<Record>(line).ok())
+            .filter(|r| filter.matches(r))
+            .take(limit)
+            .collect();
+        out.reverse();
+        Ok(out)
+    }
+
+    fn unreadable(&self, e: &crate::pg::PgError) -> AuditError {
+        AuditError::Io {
+            path: self.inner.path.clone(),
+            source: std::io::Error::other(e.to_string()),
+        }
     }
 
     /// The region whose records this log appends.

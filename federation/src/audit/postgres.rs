@@ -137,6 +137,19 @@ pub async fn export(pg: &Pg, region: &str) -> Result<Vec<u8>, PgError> {
     Ok(out)
 }
 
+/// The newest `rows` records of `region`'s chain, newest first, as lines.
+pub async fn newest(pg: &Pg, region: &str, rows: i64) -> Result<Vec<String>, PgError> {
+    let client = pg.client().await?;
+    let found = client
+        .query(
+            "SELECT line FROM decisions WHERE region = $1 ORDER BY seq DESC LIMIT $2",
+            &[&region, &rows],
+        )
+        .await
+        .map_err(|e| pg.db(&e))?;
+    Ok(found.iter().map(|r| r.get::<_, String>(0)).collect())
+}
+
 /// The regions that have a chain in the database.
 pub async fn regions(pg: &Pg) -> Result<Vec<String>, PgError> {
     let client = pg.client().await?;

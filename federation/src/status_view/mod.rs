@@ -398,14 +398,9 @@ pub async fn build(
 ) -> View {
     let policy = node.policy();
     let status = crate::service::status(node);
-    let log_path = node.log.path().to_path_buf();
+    let log = node.log.clone();
     let local = tokio::task::spawn_blocking(move || {
-        crate::audit::tail::recent(
-            &log_path,
-            &crate::audit::Filter::default(),
-            RECENT,
-            LOG_TAIL_BYTES,
-        )
+        log.recent(&crate::audit::Filter::default(), RECENT, LOG_TAIL_BYTES)
     })
     .await;
     let (local, local_note) = match local {

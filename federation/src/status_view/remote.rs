@@ -235,13 +235,11 @@ pub async fn answer(
         }
         n => n,
     } as usize;
-    let path = node.log.path().to_path_buf();
-    let records = tokio::task::spawn_blocking(move || {
-        crate::audit::tail::recent(&path, &filter, limit, TAIL_BYTES)
-    })
-    .await
-    .map_err(|e| Error::Storage(format!("reading the decision log: {e}")))?
-    .map_err(|e| Error::Storage(format!("reading the decision log: {e}")))?;
+    let log = node.log.clone();
+    let records = tokio::task::spawn_blocking(move || log.recent(&filter, limit, TAIL_BYTES))
+        .await
+        .map_err(|e| Error::Storage(format!("reading the decision log: {e}")))?
+        .map_err(|e| Error::Storage(format!("reading the decision log: {e}")))?;
     let records = records
         .into_iter()
         .map(without_values)
