@@ -40,7 +40,7 @@ use tokio::sync::{Notify, broadcast, mpsc, oneshot};
 use tokio_postgres::Transaction;
 
 use super::store::{
-    Answer, EVENT_CAPACITY, MAX_EXPIRE_BATCH, MAX_LISTED_UNDECODABLE, Op, Reply, Request,
+    Answer, EVENT_CAPACITY, MAX_EXPIRE_BATCH, MAX_LISTED_UNDECODABLE, Op, Reply, Request, Requests,
     clear_lease, decode, touch, ttl_ms, unexpected,
 };
 use super::witness::Mark;
@@ -82,7 +82,7 @@ struct Inner {
     pg: Pg,
     region: String,
     path: PathBuf,
-    tx: Option<mpsc::UnboundedSender<Request>>,
+    tx: Requests,
     writer: Mutex<Option<JoinHandle<()>>>,
     shared: Arc<Shared>,
     /// Dropped with the store: the listener stops.
@@ -91,7 +91,7 @@ struct Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        self.tx.take();
+        self.tx.close();
         let handle = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(h) = handle {
             if h.join().is_err() {
@@ -207,7 +207,7 @@ impl PgStore {
                 pg: pg.clone(),
                 region: region.to_string(),
                 path: PathBuf::from(format!("postgres://{}#tasks", pg.target())),
-                tx: Some(tx),
+                tx: Requests::new(tx),
                 writer: Mutex::new(Some(writer)),
                 shared,
                 _listener: stop,
@@ -220,28 +220,9 @@ impl PgStore {
         &self.inner.path
     }
 
-    async fn call(&self, op: Op) -> Result<Reply, StoreError> {
-        self.call_recorded(op, None).await.result
-    }
-
-    async fn call_recorded(&self, op: Op, record: Option<(DecisionLog, PendingRecord)>) -> Answer {
-        let closed = || Answer {
-            result: Err(StoreError::Closed),
-            record: RecordState::NotWritten,
-        };
-        let (reply, rx) = oneshot::channel();
-        let Some(tx) = self.inner.tx.as_ref() else {
-            return closed();
-        };
-        if tx.send(Request { op, record, reply }).is_err() {
-            return closed();
-        }
-        rx.await.unwrap_or_else(|_| closed())
-    }
-
     /// See [`super::TaskStore::insert`].
     pub async fn insert(&self, task: Task) -> Result<InsertOutcome, StoreError> {
-        match self.call(Op::Insert(Box::new(task))).await? {
+        match self.inner.tx.call(Op::Insert(Box::new(task))).await? {
             Reply::Insert(o) => Ok(*o),
             other => Err(unexpected(other)),
         }
@@ -256,6 +237,8 @@ impl PgStore {
         record: PendingRecord,
     ) -> RecordedInsert {
         let answer = self
+            .inner
+            .tx
             .call_recorded(Op::Insert(Box::new(task)), Some((log.clone(), record)))
             .await;
         RecordedInsert {
@@ -279,7 +262,7 @@ impl PgStore {
             tasks,
             records: records.map(|(log, r)| (log.clone(), r)),
         };
-        let answer = self.call_recorded(op, None).await;
+        let answer = self.inner.tx.call_recorded(op, None).await;
         BatchInsert {
             outcomes: match answer.result {
                 Ok(Reply::Inserts(o)) => Ok(o),
@@ -381,7 +364,7 @@ impl PgStore {
 
     /// See [`super::TaskStore::restore`].
     pub async fn restore(&self, task: Task) -> Result<bool, StoreError> {
-        match self.call(Op::Restore(Box::new(task))).await? {
+        match self.inner.tx.call(Op::Restore(Box::new(task))).await? {
             Reply::Cancel(_, stored) => Ok(stored),
             other => Err(unexpected(other)),
         }
@@ -407,7 +390,7 @@ impl PgStore {
             ttl_ms: ttl_ms(ttl),
             skip,
         };
-        match self.call(op).await? {
+        match self.inner.tx.call(op).await? {
             Reply::Many(t) => Ok(t),
             other => Err(unexpected(other)),
         }
@@ -415,7 +398,7 @@ impl PgStore {
 
     /// Sends `op` and expects one task back.
     async fn one(&self, op: Op) -> Result<Task, StoreError> {
-        match self.call(op).await? {
+        match self.inner.tx.call(op).await? {
             Reply::One(t) => Ok(*t),
             other => Err(unexpected(other)),
         }
@@ -423,7 +406,7 @@ impl PgStore {
 
     /// Sends `op` and expects tasks back.
     async fn many(&self, op: Op) -> Result<Vec<Task>, StoreError> {
-        match self.call(op).await? {
+        match self.inner.tx.call(op).await? {
             Reply::Many(t) => Ok(t),
             other => Err(unexpected(other)),
         }
@@ -469,7 +452,7 @@ impl PgStore {
             id: task_id.to_string(),
             reason: reason.to_string(),
         };
-        match self.call(op).await? {
+        match self.inner.tx.call(op).await? {
             Reply::Cancel(t, c) => Ok((*t, c)),
             other => Err(unexpected(other)),
         }
@@ -599,7 +582,7 @@ impl PgStore {
         if record.id.is_empty() {
             return Err(StoreError::Invalid("agent id is empty".into()));
         }
-        match self.call(Op::PutAgent(Box::new(record))).await? {
+        match self.inner.tx.call(Op::PutAgent(Box::new(record))).await? {
             Reply::Unit => Ok(()),
             other => Err(unexpected(other)),
         }
@@ -811,7 +794,7 @@ impl PgStore {
 
     /// Returns when every request sent before it is committed.
     pub async fn flush(&self) -> Result<(), StoreError> {
-        match self.call(Op::Flush).await? {
+        match self.inner.tx.call(Op::Flush).await? {
             Reply::Unit => Ok(()),
             other => Err(unexpected(other)),
         }

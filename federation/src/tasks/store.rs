@@ -88,7 +88,7 @@ impl std::fmt::Debug for RedbStore {
 struct Inner {
     path: PathBuf,
     db: Arc<Database>,
-    tx: Option<mpsc::UnboundedSender<Request>>,
+    tx: Requests,
     writer: Mutex<Option<JoinHandle<()>>>,
     shared: Arc<Shared>,
 }
@@ -133,7 +133,7 @@ impl Drop for Inner {
     fn drop(&mut self) {
         // Closing the channel lets the writer finish what it holds and exit;
         // joining it releases the database file before we return.
-        self.tx.take();
+        self.tx.close();
         let handle = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(h) = handle {
             if h.join().is_err() {
@@ -210,6 +210,47 @@ pub(super) struct Request {
     /// A decision-log record to append in the same batch (inserts only).
     pub(super) record: Option<(DecisionLog, PendingRecord)>,
     pub(super) reply: oneshot::Sender<Answer>,
+}
+
+/// The sending half of a store's writer channel: how the async facade of
+/// either backend hands an operation to its writer thread and waits for the
+/// answer. Closing it lets the writer finish what it holds and exit.
+pub(super) struct Requests(Option<mpsc::UnboundedSender<Request>>);
+
+impl Requests {
+    pub(super) fn new(tx: mpsc::UnboundedSender<Request>) -> Self {
+        Self(Some(tx))
+    }
+
+    /// Closes the channel (the writer drains and exits).
+    pub(super) fn close(&mut self) {
+        self.0.take();
+    }
+
+    /// Sends `op` and waits for its reply.
+    pub(super) async fn call(&self, op: Op) -> Result<Reply, StoreError> {
+        self.call_recorded(op, None).await.result
+    }
+
+    /// Sends `op` with a decision-log record to append in its batch.
+    pub(super) async fn call_recorded(
+        &self,
+        op: Op,
+        record: Option<(DecisionLog, PendingRecord)>,
+    ) -> Answer {
+        let closed = || Answer {
+            result: Err(StoreError::Closed),
+            record: RecordState::NotWritten,
+        };
+        let (reply, rx) = oneshot::channel();
+        let Some(tx) = self.0.as_ref() else {
+            return closed();
+        };
+        if tx.send(Request { op, record, reply }).is_err() {
+            return closed();
+        }
+        rx.await.unwrap_or_else(|_| closed())
+    }
 }
 
 pub(super) struct Answer {
@@ -346,7 +387,7 @@ impl RedbStore {
             inner: Arc::new(Inner {
                 path,
                 db,
-                tx: Some(tx),
+                tx: Requests::new(tx),
                 writer: Mutex::new(Some(writer)),
                 shared,
             }),
@@ -358,25 +399,6 @@ impl RedbStore {
         &self.inner.path
     }
 
-    async fn call(&self, op: Op) -> Result<Reply, StoreError> {
-        self.call_recorded(op, None).await.result
-    }
-
-    async fn call_recorded(&self, op: Op, record: Option<(DecisionLog, PendingRecord)>) -> Answer {
-        let closed = || Answer {
-            result: Err(StoreError::Closed),
-            record: RecordState::NotWritten,
-        };
-        let (reply, rx) = oneshot::channel();
-        let Some(tx) = self.inner.tx.as_ref() else {
-            return closed();
-        };
-        if tx.send(Request { op, record, reply }).is_err() {
-            return closed();
-        }
-        rx.await.unwrap_or_else(|_| closed())
-    }
-
     /// Stores a new task, durably (committed with fsync) before it returns.
     /// If `task.idempotency_key` is non-empty and a task with that key exists,
     /// or a task with the same `task_id` exists, returns
@@ -385,7 +407,7 @@ impl RedbStore {
     /// `updated_unix_ms` when zero. `attempts`, `taken_over` and the rest are
     /// kept as given (a takeover restores tasks through this call).
     pub async fn insert(&self, task: Task) -> Result<InsertOutcome, StoreError> {
-        match self.call(Op::Insert(Box::new(task))).await? {
+        match self.inner.tx.call(Op::Insert(Box::new(task))).await? {
             Reply::Insert(o) => Ok(*o),
             other => Err(unexpected(other)),
         }
@@ -405,6 +427,8 @@ impl RedbStore {
         record: PendingRecord,
     ) -> RecordedInsert {
         let answer = self
+            .inner
+            .tx
             .call_recorded(Op::Insert(Box::new(task)), Some((log.clone(), record)))
             .await;
         RecordedInsert {
@@ -428,7 +452,7 @@ impl RedbStore {
             tasks,
             records: records.map(|(log, r)| (log.clone(), r)),
         };
-        let answer = self.call_recorded(op, None).await;
+        let answer = self.inner.tx.call_recorded(op, None).await;
         BatchInsert {
             outcomes: match answer.result {
                 Ok(Reply::Inserts(o)) => Ok(o),
@@ -503,7 +527,7 @@ impl RedbStore {
     /// is QUEUED with its lease cleared. An id already stored is left alone
     /// (returns false).
     pub async fn restore(&self, task: Task) -> Result<bool, StoreError> {
-        match self.call(Op::Restore(Box::new(task))).await? {
+        match self.inner.tx.call(Op::Restore(Box::new(task))).await? {
             Reply::Cancel(_, stored) => Ok(stored),
             other => Err(unexpected(other)),
         }
@@ -549,7 +573,7 @@ impl RedbStore {
             ttl_ms: ttl_ms(ttl),
             skip,
         };
-        match self.call(op).await? {
+        match self.inner.tx.call(op).await? {
             Reply::Many(t) => Ok(t),
             other => Err(unexpected(other)),
         }
@@ -567,7 +591,7 @@ impl RedbStore {
             id: task_id.to_string(),
             ttl_ms: ttl_ms(ttl),
         };
-        match self.call(op).await? {
+        match self.inner.tx.call(op).await? {
             Reply::One(t) => Ok(*t),
             other => Err(unexpected(other)),
         }
@@ -590,7 +614,7 @@ impl RedbStore {
             result,
             error,
         };
-        match self.call(op).await? {
+        match self.inner.tx.call(op).await? {
             Reply::One(t) => Ok(*t),
             other => Err(unexpected(other)),
         }
@@ -604,7 +628,7 @@ impl RedbStore {
             id: task_id.to_string(),
             reason: reason.to_string(),
         };
-        match self.call(op).await? {
+        match self.inner.tx.call(op).await? {
             Reply::Cancel(t, c) => Ok((*t, c)),
             other => Err(unexpected(other)),
         }
@@ -615,6 +639,8 @@ impl RedbStore {
     /// "lease expired N times (agent lost)". Returns the changed tasks.
     pub async fn expire_leases(&self, max_attempts: u32) -> Result<Vec<Task>, StoreError> {
         match self
+            .inner
+            .tx
             .call(Op::Expire {
                 max_attempts,
                 fence: None,
@@ -632,7 +658,7 @@ impl RedbStore {
         let op = Op::RequeueAgent {
             agent: agent_id.to_string(),
         };
-        match self.call(op).await? {
+        match self.inner.tx.call(op).await? {
             Reply::Many(t) => Ok(t),
             other => Err(unexpected(other)),
         }
@@ -643,7 +669,7 @@ impl RedbStore {
         if record.id.is_empty() {
             return Err(StoreError::Invalid("agent id is empty".into()));
         }
-        match self.call(Op::PutAgent(Box::new(record))).await? {
+        match self.inner.tx.call(Op::PutAgent(Box::new(record))).await? {
             Reply::Unit => Ok(()),
             other => Err(unexpected(other)),
         }
@@ -655,7 +681,7 @@ impl RedbStore {
         let op = Op::ForgetAgent {
             agent: agent_id.to_string(),
         };
-        match self.call(op).await? {
+        match self.inner.tx.call(op).await? {
             Reply::Many(t) => Ok(t),
             other => Err(unexpected(other)),
         }
@@ -687,6 +713,8 @@ impl RedbStore {
     /// leases are expired. Returns how many leases were extended.
     pub async fn extend_leases(&self, ttl: Duration) -> Result<usize, StoreError> {
         match self
+            .inner
+            .tx
             .call(Op::ExtendLeases {
                 ttl_ms: ttl_ms(ttl),
             })
@@ -707,6 +735,8 @@ impl RedbStore {
         takeover: Takeover,
     ) -> Result<Vec<Task>, StoreError> {
         match self
+            .inner
+            .tx
             .call(Op::MarkTakenOver {
                 ids: task_ids,
                 takeover,
@@ -824,7 +854,7 @@ impl RedbStore {
     /// Returns when every request sent before it is committed. Every
     /// acknowledged mutation already is; this is the shutdown barrier.
     pub async fn flush(&self) -> Result<(), StoreError> {
-        match self.call(Op::Flush).await? {
+        match self.inner.tx.call(Op::Flush).await? {
             Reply::Unit => Ok(()),
             other => Err(unexpected(other)),
         }
