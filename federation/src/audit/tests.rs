@@ -1,9 +1,13 @@
 //! Tests of the decision log: chain, tamper detection, recovery, filters.
 
 use std::collections::BTreeSet;
+use std::path::Path;
+
+use serde_json::Value;
 
 use crate::policy::{AttrValue, Attributes, Candidate, Decision, Outcome, Refusal, Role};
 
+use super::canonical::push_json_string;
 use super::*;
 
 fn decision(rule_index: usize, outcome: Outcome) -> Decision {
@@ -572,11 +576,11 @@ fn verify_of_a_missing_file_is_an_io_error() {
     ));
 }
 
-/// The Python recipe in the module doc verifies a real log (skipped when
+/// The Python recipe in docs/decision-log.md verifies a real log (skipped when
 /// `python3` is not installed).
 #[tokio::test]
 async fn documented_python_recipe_verifies_the_log() {
-    let source = include_str!("mod.rs");
+    let source = include_str!("../../../docs/decision-log.md");
     let script: String = source
         .lines()
         .skip_while(|l| !l.contains("```python"))
@@ -618,9 +622,9 @@ async fn documented_python_recipe_verifies_the_log() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("line 5: hash mismatch"));
 }
 
-/// The documented recipe (the first Python block of `mod.rs`) as a script.
+/// The documented recipe (the first Python block of `docs/decision-log.md`) as a script.
 fn recipe() -> String {
-    include_str!("mod.rs")
+    include_str!("../../../docs/decision-log.md")
         .lines()
         .skip_while(|l| !l.contains("```python"))
         .skip(1)

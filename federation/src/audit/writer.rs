@@ -1,0 +1,513 @@
+//! The writer: [`DecisionLog`], one controller's handle to its log (a file or
+//! the region's database), and the thread that chains, writes and
+//! fdatasyncs every waiting record at once.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::{
+    AuditError, DecisionEntry, DecisionRef, FILE_NAME, Filter, MAX_BATCH, PendingRecord, Prepared,
+    RECENT_ROWS, Record, Tip, check_line, postgres, read_all, scan, tail,
+};
+
+/// A batch handed to the writer by [`DecisionLog::append_batch`]; wait for
+/// it (from a thread outside the async runtime) with [`BatchReceipt::wait`].
+#[derive(Debug)]
+pub struct BatchReceipt(Result<oneshot::Receiver<Result<u64, AuditError>>, AuditError>);
+
+impl BatchReceipt {
+    /// Blocks until every record of the batch is written and fdatasync'd;
+    /// returns the last one's seq. Must not be called on an async runtime
+    /// thread (the task store's writer thread calls it).
+    pub fn wait(self) -> Result<u64, AuditError> {
+        self.0?.blocking_recv().map_err(|_| AuditError::Closed)?
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The writer
+// ---------------------------------------------------------------------------
+
+/// Appends to the decision log of one controller. Cheap to clone; the file
+/// closes when the last clone is dropped.
+#[derive(Clone)]
+pub struct DecisionLog {
+    inner: Arc<LogInner>,
+}
+
+impl std::fmt::Debug for DecisionLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DecisionLog")
+            .field("path", &self.inner.path)
+            .field("region", &self.inner.region)
+            .finish()
+    }
+}
+
+struct LogInner {
+    path: PathBuf,
+    region: String,
+    /// Kept in the region's database (`audit::postgres`), not in a file.
+    in_database: bool,
+    /// The database, when the log is kept there (reads go to it).
+    pg: Option<crate::pg::Pg>,
+    tip: Arc<Mutex<Tip>>,
+    tx: Option<mpsc::UnboundedSender<Append>>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    /// Seconds per batch write + fdatasync, for metrics.
+    append_seconds: prometheus_client::metrics::histogram::Histogram,
+}
+
+impl Drop for LogInner {
+    fn drop(&mut self) {
+        self.tx.take();
+        let handle = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(h) = handle {
+            if h.join().is_err() {
+                tracing::error!(path = %self.path.display(), "decision log writer panicked");
+            }
+        }
+    }
+}
+
+pub(super) enum Append {
+    Entry(Box<Prepared>, oneshot::Sender<Result<u64, AuditError>>),
+    Batch(Vec<Prepared>, oneshot::Sender<Result<u64, AuditError>>),
+    Flush(oneshot::Sender<Result<u64, AuditError>>),
+}
+
+pub(super) fn lock(tip: &Mutex<Tip>) -> MutexGuard<'_, Tip> {
+    tip.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl DecisionLog {
+    /// Opens (creating if needed) `<dir>/decisions.jsonl` for `region`,
+    /// verifying the whole chain and continuing it. A torn last line (a
+    /// partial write from a crash) is truncated with a warning; any other
+    /// damage refuses to open with [`AuditError::Broken`] naming the line.
+    pub fn open(dir: &Path, region: &str) -> Result<Self, AuditError> {
+        std::fs::create_dir_all(dir).map_err(|source| AuditError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let path = dir.join(FILE_NAME);
+        let io = |source| AuditError::Io {
+            path: path.clone(),
+            source,
+        };
+        let mut file = OpenOptions::new()
+            .create(true)
+            .read(true)
+            .append(true)
+            .open(&path)
+            .map_err(io)?;
+        let bytes = read_all(&path)?;
+        let scan = scan(&bytes);
+        if let Some(b) = scan.report.first_broken {
+            return Err(AuditError::Broken {
+                path,
+                line: b.line,
+                seq: b.seq,
+                reason: b.reason,
+            });
+        }
+        let mut tip = scan.tip;
+        if let Some(line) = scan.report.torn_tail_line {
+            if scan.tail_record_ok {
+                // The record is whole; only its newline is missing.
+                file.write_all(b"\n").map_err(io)?;
+                let rest = &bytes[usize::try_from(scan.good_len).unwrap_or(bytes.len())..];
+                if let Ok(r) = check_line(rest) {
+                    tip = Tip {
+                        seq: r.seq,
+                        hash: r.hash,
+                    };
+                }
+                tracing::warn!(path = %path.display(), line, "decision log: completed a record whose newline was lost in a crash");
+            } else {
+                file.set_len(scan.good_len).map_err(io)?;
+                tracing::warn!(
+                    path = %path.display(),
+                    line,
+                    bytes = bytes.len() as u64 - scan.good_len,
+                    "decision log: truncated a torn last line (a write interrupted by a crash, never acknowledged)"
+                );
+            }
+            file.sync_all().map_err(io)?;
+        }
+        let tip = Arc::new(Mutex::new(tip));
+        let (tx, rx) = mpsc::unbounded_channel();
+        // 100 µs to ~13 s; the metrics module exposes it (this module does
+        // not know metrics).
+        let append_seconds = prometheus_client::metrics::histogram::Histogram::new(
+            prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 18),
+        );
+        let writer = {
+            let tip = Arc::clone(&tip);
+            let path = path.clone();
+            let region = region.to_string();
+            let seconds = append_seconds.clone();
+            std::thread::Builder::new()
+                .name("decision-log-writer".into())
+                .spawn(move || writer_loop(file, &path, &region, &tip, rx, &seconds))
+                .map_err(io)?
+        };
+        Ok(Self {
+            inner: Arc::new(LogInner {
+                path,
+                region: region.to_string(),
+                in_database: false,
+                pg: None,
+                tip,
+                tx: Some(tx),
+                writer: Mutex::new(Some(writer)),
+                append_seconds,
+            }),
+        })
+    }
+
+    /// Opens `region`'s decision log in the database (`node.store.backend:
+    /// postgres`): continues the chain from the head the database holds,
+    /// after checking that the last record is that head.
+    pub fn open_postgres(pg: &crate::pg::Pg, region: &str) -> Result<Self, AuditError> {
+        let pg2 = pg.clone();
+        let region2 = region.to_string();
+        let tip = pg
+            .block(async move {
+                let client = pg2.client().await?;
+                postgres::ensure_head(&client, &region2)
+                    .await
+                    .map_err(|e| pg2.db(&e))?;
+                let row = client
+                    .query_one(
+                        "SELECT h.seq, h.hash, (SELECT d.hash FROM decisions d \
+                         WHERE d.region = h.region AND d.seq = h.seq) \
+                         FROM decision_heads h WHERE h.region = $1",
+                        &[&region2],
+                    )
+                    .await
+                    .map_err(|e| pg2.db(&e))?;
+                Ok((
+                    row.get::<_, i64>(0),
+                    row.get::<_, String>(1),
+                    row.get::<_, Option<String>>(2),
+                ))
+            })
+            .map_err(|e| AuditError::Write(e.to_string()))?;
+        let (seq, hash, last) = tip;
+        if seq > 0 && last.as_deref() != Some(hash.as_str()) {
+            return Err(AuditError::Write(format!(
+                "{}: the decision log's head (seq {seq}) names a record the table does not hold; \
+                 refusing to continue the chain (check it with `federation audit verify`)",
+                pg.target()
+            )));
+        }
+        let tip = Arc::new(Mutex::new(Tip {
+            seq: u64::try_from(seq).unwrap_or(0),
+            hash,
+        }));
+        let (tx, rx) = mpsc::unbounded_channel();
+        let append_seconds = prometheus_client::metrics::histogram::Histogram::new(
+            prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 18),
+        );
+        let path = PathBuf::from(format!("postgres://{}#decisions", pg.target()));
+        let writer = {
+            let tip = Arc::clone(&tip);
+            let pg = pg.clone();
+            let region = region.to_string();
+            let seconds = append_seconds.clone();
+            std::thread::Builder::new()
+                .name("decision-log-writer".into())
+                .spawn(move || postgres::writer_loop(&pg, &region, &tip, rx, &seconds))
+                .map_err(|source| AuditError::Io {
+                    path: path.clone(),
+                    source,
+                })?
+        };
+        Ok(Self {
+            inner: Arc::new(LogInner {
+                path,
+                region: region.to_string(),
+                in_database: true,
+                pg: Some(pg.clone()),
+                tip,
+                tx: Some(tx),
+                writer: Mutex::new(Some(writer)),
+                append_seconds,
+            }),
+        })
+    }
+
+    /// True when the log is kept in the region's database, not in a file.
+    pub fn in_database(&self) -> bool {
+        self.inner.in_database
+    }
+
+    /// The whole log as the JSON-lines file holds it: the file's bytes, or
+    /// for a log in the database its export (`audit::postgres::export`).
+    /// Blocking: call it off the async workers.
+    pub fn read_all(&self) -> Result<Vec<u8>, AuditError> {
+        match &self.inner.pg {
+            None => read_all(&self.inner.path),
+            Some(pg) => {
+                let (db, region) = (pg.clone(), self.inner.region.clone());
+                pg.block(async move { postgres::export(&db, &region).await })
+                    .map_err(|e| self.unreadable(&e))
+            }
+        }
+    }
+
+    /// The newest `limit` records `filter` accepts, oldest first, reading at
+    /// most the last `max_bytes` of a file (or the newest `RECENT_ROWS` rows
+    /// of the database). Blocking: call it off the async workers.
+    pub fn recent(
+        &self,
+        filter: &Filter,
+        limit: usize,
+        max_bytes: u64,
+    ) -> Result<Vec<Record>, AuditError> {
+        let Some(pg) = &self.inner.pg else {
+            return tail::recent(&self.inner.path, filter, limit, max_bytes);
+        };
+        let (db, region) = (pg.clone(), self.inner.region.clone());
+        let lines = pg
+            .block(async move { postgres::newest(&db, &region, RECENT_ROWS).await })
+            .map_err(|e| self.unreadable(&e))?;
+        let mut out: Vec<Record> = lines
+            .iter()
+            .filter_map(|line| serde_json::from_str::<Record>(line).ok())
+            .filter(|r| filter.matches(r))
+            .take(limit)
+            .collect();
+        out.reverse();
+        Ok(out)
+    }
+
+    fn unreadable(&self, e: &crate::pg::PgError) -> AuditError {
+        AuditError::Io {
+            path: self.inner.path.clone(),
+            source: std::io::Error::other(e.to_string()),
+        }
+    }
+
+    /// The region whose records this log appends.
+    pub fn region(&self) -> &str {
+        &self.inner.region
+    }
+
+    /// Moves the tip on to a head written by someone else in the database
+    /// (the task store's transaction); never backwards.
+    pub(crate) fn advance(&self, seq: u64, hash: &str) {
+        let mut tip = lock(&self.inner.tip);
+        if seq > tip.seq {
+            *tip = Tip {
+                seq,
+                hash: hash.to_string(),
+            };
+        }
+    }
+
+    /// Seconds per batch write + fdatasync, for metrics.
+    pub fn append_seconds(&self) -> prometheus_client::metrics::histogram::Histogram {
+        self.inner.append_seconds.clone()
+    }
+
+    /// The log file (for a log in the database, `postgres://host:port/db#decisions`,
+    /// for messages).
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Seq and hash of the last record written (0 and 64 zeros when empty).
+    pub fn last(&self) -> (u64, String) {
+        let tip = lock(&self.inner.tip);
+        (tip.seq, tip.hash.clone())
+    }
+
+    /// Queues `msg` at once; the returned future waits for its answer on
+    /// `rx`.
+    fn queue(
+        &self,
+        msg: Append,
+        rx: oneshot::Receiver<Result<u64, AuditError>>,
+    ) -> impl std::future::Future<Output = Result<u64, AuditError>> + Send + use<> {
+        let sent = match self.inner.tx.as_ref() {
+            Some(sender) => sender.send(msg).map_err(|_| AuditError::Closed),
+            None => Err(AuditError::Closed),
+        };
+        async move {
+            sent?;
+            rx.await.map_err(|_| AuditError::Closed)?
+        }
+    }
+
+    /// Appends one record; returns its seq once it is written and
+    /// fdatasync'd. Entries appended concurrently share one write and sync.
+    /// The record is rendered and queued when this is called (its place in
+    /// the chain is fixed then); the future waits for the sync.
+    pub fn append(
+        &self,
+        entry: DecisionEntry,
+    ) -> impl std::future::Future<Output = Result<u64, AuditError>> + Send + use<> {
+        self.append_prepared(Box::new(Prepared::from_entry(&entry)))
+    }
+
+    /// [`DecisionLog::append`] for a routing decision, rendered straight from
+    /// the typed decision (the routing path's fast way to the same line).
+    pub fn append_decision(
+        &self,
+        record: DecisionRef<'_>,
+    ) -> impl std::future::Future<Output = Result<u64, AuditError>> + Send + use<> {
+        self.append_prepared(Box::new(Prepared::from_decision(&record)))
+    }
+
+    /// [`DecisionLog::append`] for a record rendered earlier.
+    pub fn append_pending(
+        &self,
+        record: PendingRecord,
+    ) -> impl std::future::Future<Output = Result<u64, AuditError>> + Send + use<> {
+        self.append_prepared(record.0)
+    }
+
+    fn append_prepared(
+        &self,
+        prepared: Box<Prepared>,
+    ) -> impl std::future::Future<Output = Result<u64, AuditError>> + Send + use<> {
+        let (tx, rx) = oneshot::channel();
+        self.queue(Append::Entry(prepared, tx), rx)
+    }
+
+    /// Queues `records` as consecutive lines of one write (and one sync);
+    /// the receipt tells when they are durable. For the task store's writer
+    /// thread, which appends the records of a batch while it commits it.
+    pub fn append_batch(&self, records: Vec<PendingRecord>) -> BatchReceipt {
+        let (tx, rx) = oneshot::channel();
+        let batch = records.into_iter().map(|r| *r.0).collect();
+        let sent = match self.inner.tx.as_ref() {
+            Some(sender) => sender
+                .send(Append::Batch(batch, tx))
+                .map(|()| rx)
+                .map_err(|_| AuditError::Closed),
+            None => Err(AuditError::Closed),
+        };
+        BatchReceipt(sent)
+    }
+
+    /// True when `self` and `other` are handles to the same log.
+    pub fn same_log(&self, other: &DecisionLog) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
+    /// Returns when everything appended before it is on disk (every
+    /// acknowledged append already is: this is the shutdown barrier).
+    pub async fn flush(&self) -> Result<(), AuditError> {
+        let (tx, rx) = oneshot::channel();
+        self.queue(Append::Flush(tx), rx).await.map(|_| ())
+    }
+}
+
+pub(super) fn now_rfc3339() -> (String, i64) {
+    let now = SystemTime::now();
+    let ms = now
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0);
+    // Millisecond precision, so `time` and `unix_ms` agree.
+    let at = UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+    (humantime::format_rfc3339_millis(at).to_string(), ms)
+}
+
+fn writer_loop(
+    mut file: File,
+    path: &Path,
+    region: &str,
+    tip: &Mutex<Tip>,
+    rx: mpsc::UnboundedReceiver<Append>,
+    append_seconds: &prometheus_client::metrics::histogram::Histogram,
+) {
+    // After a failed write that could not be undone the file may hold a
+    // partial line; appending after it would break the chain, so stop.
+    let mut poisoned: Option<String> = None;
+    // One buffer for every batch's lines.
+    let mut buf: Vec<u8> = Vec::new();
+    let mut appends = crate::group_commit::Gatherer::new(rx, MAX_BATCH);
+    while let Some(batch) = appends.next_batch() {
+        if let Some(why) = &poisoned {
+            for m in batch {
+                let reply = match m {
+                    Append::Entry(_, r) | Append::Batch(_, r) | Append::Flush(r) => r,
+                };
+                let _ = reply.send(Err(AuditError::Write(why.clone())));
+            }
+            continue;
+        }
+        let mut next = lock(tip).clone();
+        buf.clear();
+        let mut pending = Vec::with_capacity(batch.len());
+        let (time, unix_ms) = now_rfc3339();
+        for m in batch {
+            match m {
+                Append::Flush(r) => pending.push((r, None)),
+                Append::Entry(entry, r) => {
+                    let seq = next.seq + 1;
+                    let hash = entry.seal_into(&mut buf, seq, &time, unix_ms, region, &next.hash);
+                    next = Tip { seq, hash };
+                    pending.push((r, Some(seq)));
+                }
+                Append::Batch(entries, r) => {
+                    let mut last = None;
+                    for entry in entries {
+                        let seq = next.seq + 1;
+                        let hash =
+                            entry.seal_into(&mut buf, seq, &time, unix_ms, region, &next.hash);
+                        next = Tip { seq, hash };
+                        last = Some(seq);
+                    }
+                    pending.push((r, last));
+                }
+            }
+        }
+        let written = if buf.is_empty() {
+            Ok(())
+        } else {
+            let len_before = file.metadata().map(|m| m.len());
+            let started = std::time::Instant::now();
+            let res = file.write_all(&buf).and_then(|()| file.sync_data());
+            append_seconds.observe(started.elapsed().as_secs_f64());
+            if let Err(e) = &res {
+                // Undo a partial write so the chain stays intact.
+                let undone =
+                    len_before.and_then(|len| file.set_len(len).and_then(|()| file.sync_data()));
+                if let Err(u) = undone {
+                    let why = format!(
+                        "{}: write failed ({e}) and could not be undone ({u}); reopen the log",
+                        path.display()
+                    );
+                    tracing::error!("{why}");
+                    poisoned = Some(why);
+                }
+            }
+            res
+        };
+        match written {
+            Ok(()) => {
+                *lock(tip) = next.clone();
+                for (r, seq) in pending {
+                    let _ = r.send(Ok(seq.unwrap_or(next.seq)));
+                }
+            }
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "decision log append failed");
+                for (r, _) in pending {
+                    let _ = r.send(Err(AuditError::Write(e.to_string())));
+                }
+            }
+        }
+    }
+}
