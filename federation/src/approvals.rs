@@ -329,12 +329,11 @@ impl Verdict {
 
 /// The decision-log record of a policy put in force with `verdict`
 /// (`how`: `at start`, `by reload`).
-pub fn record(policy_hash: &str, verdict: &Verdict, how: &str) -> crate::audit::DecisionEntry {
-    let mut entry =
-        crate::audit::DecisionEntry::new(crate::audit::kind::POLICY_APPROVED).note(format!(
-            "policy {policy_hash} in force {how}; approvals: {}",
-            verdict.summary()
-        ));
+pub fn record(policy_hash: &str, verdict: &Verdict, how: &str) -> crate::audit::Entry {
+    let mut entry = crate::audit::Entry::new(crate::audit::kind::POLICY_APPROVED).note(format!(
+        "policy {policy_hash} in force {how}; approvals: {}",
+        verdict.summary()
+    ));
     entry.policy_hash = Some(policy_hash.to_string());
     entry
 }

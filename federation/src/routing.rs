@@ -18,7 +18,7 @@ use federation_api as api;
 use federation_trace::TraceParent;
 use tracing::Instrument as _;
 
-use crate::audit::PendingRecord;
+use crate::audit::Prepared;
 use crate::audit::minimise::{Kept, Scrubber};
 use crate::controller::{Node, now_ms};
 use crate::error::{Error, Result};
@@ -106,15 +106,12 @@ pub async fn submit(
                 req.probe.then_some(PROBE_NOTE),
                 Some(&view),
             );
-            let logged = node
-                .log
-                .append_pending(pending)
-                .instrument(tracing::info_span!(
-                    target: federation_trace::TARGET,
-                    "decision_log.append",
-                    kind = crate::audit::kind::ROUTE,
-                    task_id = %task_id,
-                ));
+            let logged = node.log.append(pending).instrument(tracing::info_span!(
+                target: federation_trace::TARGET,
+                "decision_log.append",
+                kind = crate::audit::kind::ROUTE,
+                task_id = %task_id,
+            ));
             let span = tracing::info_span!(
                 target: federation_trace::TARGET,
                 "forward",
@@ -325,7 +322,7 @@ async fn store_local(
     task_id: &str,
     req: &api::SubmitTaskRequest,
     decision: &Decision,
-    render: impl FnOnce(Option<&str>) -> PendingRecord,
+    render: impl FnOnce(Option<&str>) -> Prepared,
     received: Option<&TraceParent>,
 ) -> (Result<Placed>, RecordState) {
     if node.draining() {
@@ -337,7 +334,7 @@ async fn store_local(
     if req.probe {
         // A drill's probe: the placement is decided and recorded, nothing
         // is stored (so nothing can be leased, run or replicated).
-        let logged = node.log.append_pending(render(Some(PROBE_NOTE))).await;
+        let logged = node.log.append(render(Some(PROBE_NOTE))).await;
         return (
             Ok(Placed {
                 task_id: task_id.to_string(),
@@ -692,9 +689,9 @@ fn decision_record(
     decision: &Decision,
     note: Option<&str>,
     view: Option<&[(String, crate::policy::RegionView)]>,
-) -> PendingRecord {
+) -> Prepared {
     let kept = kept(node, held_here(node, kind, decision), attrs, decision, note);
-    PendingRecord::kept(
+    Prepared::kept(
         kind,
         Some(task_id),
         (kind == crate::audit::kind::ROUTE).then_some(node.region.as_str()),
@@ -727,7 +724,7 @@ pub fn record(
 ) -> impl std::future::Future<Output = ()> + Send + use<> {
     let Seen { held_here, view } = seen;
     let kept = kept(node, held_here, attrs, decision, note);
-    let appended = node.log.append_pending(PendingRecord::kept(
+    let appended = node.log.append(Prepared::kept(
         kind,
         task_id,
         (kind == crate::audit::kind::ROUTE).then_some(node.region.as_str()),

@@ -174,7 +174,7 @@ mod tests {
         };
         let decision = policy.decide(&attrs, &what_if.bind(&policy));
         assert_eq!(decision.outcome.kind(), "failover");
-        let entry = crate::audit::DecisionEntry::from_decision(kind::ROUTE, &attrs, &decision);
+        let entry = crate::audit::Entry::from_decision(kind::ROUTE, &attrs, &decision);
         let wire = from_record(entry.decision.as_ref().expect("decision"));
         assert_eq!(wire, crate::wire::decision_to_wire(&decision));
     }

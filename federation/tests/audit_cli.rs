@@ -3,16 +3,16 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use federation::audit::{DecisionEntry, DecisionLog, FILE_NAME, kind};
+use federation::audit::{DecisionLog, Entry, FILE_NAME, kind};
 use serde_json::json;
 
-fn entry(i: usize) -> DecisionEntry {
+fn entry(i: usize) -> Entry {
     let (rule_index, outcome, region) = match i % 3 {
         0 => (0, "routed", Some("north_america")),
         1 => (1, "failover", Some("europe_west")),
         _ => (1, "rejected", None),
     };
-    DecisionEntry {
+    Entry {
         kind: kind::ROUTE.into(),
         task_id: Some(format!("task-{i}")),
         entry_region: Some("europe".into()),
@@ -27,7 +27,7 @@ fn entry(i: usize) -> DecisionEntry {
             "reason": format!("rule {} matched; {outcome}", rule_index + 1),
         })),
         note: None,
-        ..DecisionEntry::default()
+        ..Entry::default()
     }
 }
 

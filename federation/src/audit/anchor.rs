@@ -394,7 +394,7 @@ mod tests {
         let log = super::super::DecisionLog::open(dir.path(), "europe").expect("open");
         let mut hashes = Vec::new();
         for i in 0..n {
-            rt.block_on(log.append(super::super::DecisionEntry::new("route").note(format!("{i}"))))
+            rt.block_on(log.append(super::super::Entry::new("route").note(format!("{i}"))))
                 .expect("append");
             hashes.push(log.last().1);
         }

@@ -6,7 +6,7 @@ use std::io::Write;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use super::{DecisionEntry, DecisionRef, HASH_SEP, minimise};
+use super::{Entry, HASH_SEP, minimise};
 use crate::policy::{
     AttrValue, Attributes, Decision, Health, Outcome, Refusal, RegionView, Rejection, Role,
 };
@@ -282,15 +282,36 @@ pub(super) fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
-/// An entry ready for the writer: the canonical JSON of every field that
-/// sorts before `prev_hash` (rendered on the caller's thread), the SHA-256
-/// state over those bytes, and the two entry fields that sort after it.
-/// The writer only adds the chained fields and finishes the hash.
-pub(super) struct Prepared {
+/// A record encoded and ready to chain: the canonical JSON of every field
+/// that sorts before `prev_hash` (rendered on the caller's thread), the
+/// SHA-256 state over those bytes, and the two fields that sort after it.
+/// The writer only adds the chained fields and finishes the hash. Handed to
+/// [`super::DecisionLog::append`], or carried in the task store's batch,
+/// which names the task the insert really produced ([`Prepared::set_task_id`]).
+pub struct Prepared {
     head: Vec<u8>,
     hasher: Sha256,
     rule_index: Option<u32>,
-    pub(super) task_id: Option<String>,
+    task_id: Option<String>,
+}
+
+/// A routing decision to encode, borrowed: the same bytes as
+/// [`Entry::from_decision`] plus these fields, without `serde_json::Value`s.
+struct Routed<'a> {
+    kind: &'a str,
+    task_id: Option<&'a str>,
+    entry_region: Option<&'a str>,
+    attributes: &'a Attributes,
+    decision: &'a Decision,
+    note: Option<&'a str>,
+}
+
+impl std::fmt::Debug for Prepared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prepared")
+            .field("task_id", &self.task_id)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The body's fields that sort before `prev_hash`, borrowed from either an
@@ -380,7 +401,7 @@ fn push_view(regions: &[(String, RegionView)], out: &mut Vec<u8>) {
 }
 
 impl Prepared {
-    fn new(head: &Head<'_>, rule_index: Option<u32>, task_id: Option<String>) -> Self {
+    fn from_head(head: &Head<'_>, rule_index: Option<u32>, task_id: Option<String>) -> Self {
         let mut out = Vec::with_capacity(1280);
         let mut obj = Obj::open(&mut out);
         if let Some(a) = &head.attributes {
@@ -424,7 +445,8 @@ impl Prepared {
         }
     }
 
-    pub(super) fn from_entry(e: &DecisionEntry) -> Self {
+    /// Encodes `entry` (an entry built by hand: reloads, takeovers, …).
+    pub fn entry(e: &Entry) -> Self {
         let head = Head {
             attributes: e.attributes.as_ref().map(Fragment::Value),
             attributes_digest: e.attributes_digest.as_ref().map(Fragment::Value),
@@ -438,15 +460,67 @@ impl Prepared {
             outcome: e.outcome.as_deref(),
             policy_hash: e.policy_hash.as_deref(),
         };
-        Self::new(&head, e.rule_index, e.task_id.clone())
+        Self::from_head(&head, e.rule_index, e.task_id.clone())
     }
 
-    pub(super) fn from_decision(r: &DecisionRef<'_>) -> Self {
-        Self::from_parts(r, None, None, None)
+    /// Encodes the record of `decision` for `attributes` straight from the
+    /// typed decision: the bytes [`Prepared::entry`] gives for
+    /// [`Entry::from_decision`] with the same task, entry region and note.
+    pub fn decision(
+        kind: &str,
+        task_id: Option<&str>,
+        entry_region: Option<&str>,
+        attributes: &Attributes,
+        decision: &Decision,
+        note: Option<&str>,
+    ) -> Self {
+        let r = Routed {
+            kind,
+            task_id,
+            entry_region,
+            attributes,
+            decision,
+            note,
+        };
+        Self::from_parts(&r, None, None, None)
     }
 
-    pub(super) fn from_parts(
-        r: &DecisionRef<'_>,
+    /// Encodes the record of a decision as [`minimise::Kept`] has it (the
+    /// values, digests and scrubbed text this region may keep), with the
+    /// federation as the decision saw it.
+    pub fn kept(
+        kind: &str,
+        task_id: Option<&str>,
+        entry_region: Option<&str>,
+        kept: &minimise::Kept<'_>,
+        view: Option<&[(String, RegionView)]>,
+    ) -> Self {
+        let r = Routed {
+            kind,
+            task_id,
+            entry_region,
+            attributes: &kept.attributes,
+            decision: &kept.decision,
+            note: kept.note.as_deref(),
+        };
+        Self::from_parts(&r, kept.digest.as_ref(), Some(&kept.withheld), view)
+    }
+
+    /// The task the record names.
+    pub fn task_id(&self) -> Option<&str> {
+        self.task_id.as_deref()
+    }
+
+    /// Names another task (the `task_id` field is rendered when the record
+    /// is sealed, so this costs nothing).
+    pub fn set_task_id(&mut self, task_id: &str) {
+        if self.task_id.as_deref() != Some(task_id) {
+            self.task_id = Some(task_id.to_string());
+        }
+    }
+
+    fn from_parts(
+        r: &Routed<'_>,
         digest: Option<&minimise::InputDigest>,
         withheld: Option<&std::collections::BTreeMap<String, Option<String>>>,
         view: Option<&[(String, RegionView)]>,
@@ -466,7 +540,7 @@ impl Prepared {
             policy_hash: Some(&d.policy_hash),
         };
         let rule_index = d.rule_index.and_then(|i| u32::try_from(i).ok());
-        Self::new(&head, rule_index, r.task_id.map(str::to_string))
+        Self::from_head(&head, rule_index, r.task_id.map(str::to_string))
     }
 
     /// Appends the finished line (with `\n`) to `buf` and returns its hash:

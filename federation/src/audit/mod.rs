@@ -23,6 +23,7 @@
 pub mod anchor;
 mod canonical;
 mod chain;
+mod compat;
 pub mod key;
 pub mod minimise;
 pub mod postgres;
@@ -43,17 +44,19 @@ use std::path::PathBuf;
 #[cfg(doc)]
 use crate::policy::Decision;
 
+pub use canonical::Prepared;
 #[cfg(test)]
 use canonical::canonical;
 pub use canonical::health_name;
-use canonical::{Prepared, push_attr_value, push_attributes, sha256_hex};
+use canonical::{push_attr_value, push_attributes, sha256_hex};
 pub use chain::{Broken, VerifyReport, verify, verify_bytes};
 use chain::{Tip, check_line, scan};
+pub use compat::{DecisionEntry, DecisionRef, PendingRecord};
 use read::read_all;
 pub use read::{Filter, log_path, show, show_bytes};
-pub use record::{DecisionEntry, DecisionRef, PendingRecord, Record};
+pub use record::{Entry, Record};
 use writer::{Append, lock, now_rfc3339};
-pub use writer::{BatchReceipt, DecisionLog};
+pub use writer::{Batch, DecisionLog, Receipt};
 
 /// The log's file name inside a data directory.
 pub const FILE_NAME: &str = "decisions.jsonl";

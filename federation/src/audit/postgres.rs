@@ -14,7 +14,7 @@
 
 use std::sync::Mutex;
 
-use super::{AuditError, GENESIS_HASH, PendingRecord, Prepared, Tip, lock};
+use super::{AuditError, GENESIS_HASH, Prepared, Tip, lock};
 use crate::pg::{Pg, PgError};
 
 /// Makes sure `region` has a head row (seq 0, the genesis hash).
@@ -69,7 +69,7 @@ async fn append_in(
     let mut buf = Vec::with_capacity(1536);
     for record in records {
         seq += 1;
-        task_ids.push(record.task_id.clone());
+        task_ids.push(record.task_id().map(str::to_string));
         buf.clear();
         hash = record.seal_into(
             &mut buf,
@@ -178,10 +178,6 @@ pub(super) fn writer_loop(
         for m in batch {
             match m {
                 Append::Flush(r) => replies.push((r, None)),
-                Append::Entry(e, r) => {
-                    records.push(*e);
-                    replies.push((r, Some(records.len())));
-                }
                 Append::Batch(es, r) => {
                     records.extend(es);
                     replies.push((r, Some(records.len())));
@@ -237,7 +233,7 @@ pub(super) fn writer_loop(
 pub(crate) async fn append_records(
     txn: &tokio_postgres::Transaction<'_>,
     region: &str,
-    records: Vec<PendingRecord>,
+    records: Vec<Prepared>,
 ) -> Result<Option<(u64, String)>, tokio_postgres::Error> {
-    append_in(txn, region, records.into_iter().map(|r| *r.0).collect()).await
+    append_in(txn, region, records).await
 }

@@ -1,18 +1,18 @@
-//! The record model: what a caller hands the log ([`DecisionEntry`],
-//! [`DecisionRef`]), a record rendered and waiting to be chained
-//! ([`PendingRecord`]), and a line read back ([`Record`]).
+//! The record model: what a caller records ([`Entry`]) and a line read back
+//! ([`Record`]); in between, [`Prepared`] (`canonical`) is a record encoded
+//! and ready to chain.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 #[cfg(doc)]
-use super::{DecisionLog, kind};
-use super::{Prepared, minimise};
-use crate::policy::{Attributes, Decision, RegionView};
+use super::{Prepared, key, kind, minimise};
+use crate::policy::{Attributes, Decision};
 
-/// A record without the fields the log fills in (seq, time, region, hashes).
+/// What a caller records: a record without the fields the log fills in
+/// (seq, time, region, hashes). [`Prepared::entry`] encodes it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct DecisionEntry {
+pub struct Entry {
     /// What happened: one of [`kind`]'s constants.
     pub kind: String,
     /// The task concerned.
@@ -57,7 +57,7 @@ pub struct DecisionEntry {
     pub note: Option<String>,
 }
 
-impl DecisionEntry {
+impl Entry {
     /// An entry of `kind` with nothing else set.
     pub fn new(kind: &str) -> Self {
         Self {
@@ -100,93 +100,6 @@ impl DecisionEntry {
     }
 }
 
-/// A routing decision to append, borrowed: [`DecisionLog::append_decision`]
-/// renders it to its canonical line on the caller's thread, with the same
-/// bytes as [`DecisionEntry::from_decision`] plus the given fields, without
-/// building `serde_json::Value`s.
-#[derive(Debug, Clone, Copy)]
-pub struct DecisionRef<'a> {
-    /// One of [`kind`]'s constants.
-    pub kind: &'a str,
-    /// The task concerned.
-    pub task_id: Option<&'a str>,
-    /// The region the client called.
-    pub entry_region: Option<&'a str>,
-    /// The attributes the decision read.
-    pub attributes: &'a Attributes,
-    /// The decision.
-    pub decision: &'a Decision,
-    /// Free text.
-    pub note: Option<&'a str>,
-}
-
-/// A record rendered on the caller's thread and not yet appended: handed to
-/// [`DecisionLog::append_pending`], or carried into the task store's batch
-/// ([`crate::tasks::TaskStore::insert_recorded`]), which names the task the
-/// insert really produced before appending it with [`DecisionLog::append_batch`].
-pub struct PendingRecord(pub(super) Box<Prepared>);
-
-impl std::fmt::Debug for PendingRecord {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PendingRecord")
-            .field("task_id", &self.0.task_id)
-            .finish_non_exhaustive()
-    }
-}
-
-impl PendingRecord {
-    /// Renders `record` (the same bytes [`DecisionLog::append_decision`]
-    /// would write).
-    pub fn new(record: DecisionRef<'_>) -> Self {
-        Self(Box::new(Prepared::from_decision(&record)))
-    }
-
-    /// Renders the record of a decision as [`minimise::Kept`] has it (the
-    /// values, digests and scrubbed text this region may keep), with the
-    /// federation as the decision saw it.
-    pub fn kept(
-        kind: &str,
-        task_id: Option<&str>,
-        entry_region: Option<&str>,
-        kept: &minimise::Kept<'_>,
-        view: Option<&[(String, RegionView)]>,
-    ) -> Self {
-        let record = DecisionRef {
-            kind,
-            task_id,
-            entry_region,
-            attributes: &kept.attributes,
-            decision: &kept.decision,
-            note: kept.note.as_deref(),
-        };
-        Self(Box::new(Prepared::from_parts(
-            &record,
-            kept.digest.as_ref(),
-            Some(&kept.withheld),
-            view,
-        )))
-    }
-
-    /// The task the record names.
-    pub fn task_id(&self) -> Option<&str> {
-        self.0.task_id.as_deref()
-    }
-
-    /// Renders `entry` (the same bytes [`DecisionLog::append`] would write),
-    /// for an insert that carries it ([`crate::tasks::TaskStore::insert_batch`]).
-    pub fn entry(entry: &DecisionEntry) -> Self {
-        Self(Box::new(Prepared::from_entry(entry)))
-    }
-
-    /// Names another task (the `task_id` field is rendered when the record
-    /// is sealed, so this costs nothing).
-    pub fn set_task_id(&mut self, task_id: &str) {
-        if self.0.task_id.as_deref() != Some(task_id) {
-            self.0.task_id = Some(task_id.to_string());
-        }
-    }
-}
-
 /// One line of the log, as read back.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Record {
@@ -200,7 +113,7 @@ pub struct Record {
     pub region: String,
     /// The entry.
     #[serde(flatten)]
-    pub entry: DecisionEntry,
+    pub entry: Entry,
     /// The previous record's hash.
     pub prev_hash: String,
     /// This record's hash.

@@ -533,7 +533,7 @@ pub fn replay(records: &[Sourced], policy: &Policy, since_ms: Option<i64>) -> Re
 mod tests {
     use super::*;
     use crate::audit::minimise::Kept;
-    use crate::audit::{DecisionLog, PendingRecord, show};
+    use crate::audit::{DecisionLog, Prepared, show};
     use crate::policy::StaticView;
 
     const SEED: &str = include_str!("../../../policies/seed-federation.yaml");
@@ -571,7 +571,7 @@ mod tests {
         let d = decide(p, a, &view);
         let states = p.view_states(&view);
         let kept = Kept::new(p, None, held, a, &d, None);
-        log.append_pending(PendingRecord::kept(
+        log.append(Prepared::kept(
             kind::ROUTE,
             Some(task),
             Some("north_america"),
@@ -720,7 +720,7 @@ mod tests {
             ..StaticView::default()
         };
         let d = decide(&seed, &a, &sv.bind(&seed));
-        log.append(crate::audit::DecisionEntry::from_decision(kind::ROUTE, &a, &d).task("old"))
+        log.append(crate::audit::Entry::from_decision(kind::ROUTE, &a, &d).task("old"))
             .await
             .expect("append");
         let records = read(dir.path());

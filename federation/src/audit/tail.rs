@@ -188,7 +188,7 @@ fn unix_ms_of(line: &str) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::{DecisionEntry, DecisionLog, kind};
+    use crate::audit::{DecisionLog, Entry, kind};
 
     #[tokio::test]
     async fn newest_records_and_a_tasks_record_from_the_end() {
@@ -196,7 +196,7 @@ mod tests {
         let log = DecisionLog::open(dir.path(), "europe").expect("open");
         for i in 0..300 {
             // Long notes, so that records cross block boundaries.
-            let entry = DecisionEntry::new(kind::ROUTE)
+            let entry = Entry::new(kind::ROUTE)
                 .task(format!("t{i}"))
                 .note("x".repeat(700 + i));
             log.append(entry).await.expect("append");
@@ -259,7 +259,7 @@ mod tests {
                 time: String::new(),
                 unix_ms: 1_000_000 + i * 1000,
                 region: "europe".into(),
-                entry: DecisionEntry::new(kind::ROUTE)
+                entry: Entry::new(kind::ROUTE)
                     .task(format!("t{i}"))
                     .note("y".repeat(1500)),
                 prev_hash: String::new(),

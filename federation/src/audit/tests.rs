@@ -71,10 +71,9 @@ async fn write_log(n: usize) -> tempfile::TempDir {
                 },
             ),
         };
-        let entry =
-            DecisionEntry::from_decision(kind::ROUTE, &attrs("DE"), &decision(rule, outcome))
-                .task(format!("task-{i}"))
-                .entry_region("europe");
+        let entry = Entry::from_decision(kind::ROUTE, &attrs("DE"), &decision(rule, outcome))
+            .task(format!("task-{i}"))
+            .entry_region("europe");
         let seq = log.append(entry).await.expect("append");
         assert_eq!(seq, i as u64 + 1);
     }
@@ -134,7 +133,7 @@ async fn chain_verifies_and_hash_is_over_the_line_bytes() {
 }
 
 /// The old way to a line: through `serde_json::Value`, keys sorted.
-fn via_value(entry: &DecisionEntry, seq: u64, prev: &str) -> String {
+fn via_value(entry: &Entry, seq: u64, prev: &str) -> String {
     let mut v = serde_json::to_value(entry).expect("entry");
     let obj = v.as_object_mut().expect("object");
     obj.insert("seq".into(), seq.into());
@@ -249,36 +248,23 @@ fn direct_rendering_matches_canonical_json_of_the_value() {
                     Some("a \"note\""),
                 ),
             ] {
-                let mut entry = DecisionEntry::from_decision(kind::ROUTE, &a, d);
+                let mut entry = Entry::from_decision(kind::ROUTE, &a, d);
                 entry.task_id = task.map(str::to_string);
                 entry.entry_region = entry_region.map(str::to_string);
                 entry.note = note.map(str::to_string);
                 let seq = i as u64 + 7;
                 let expected = via_value(&entry, seq, GENESIS_HASH);
-                assert_eq!(
-                    sealed(Prepared::from_entry(&entry), seq, GENESIS_HASH),
-                    expected
-                );
-                let direct = DecisionRef {
-                    kind: kind::ROUTE,
-                    task_id: task,
-                    entry_region,
-                    attributes: &a,
-                    decision: d,
-                    note,
-                };
-                assert_eq!(
-                    sealed(Prepared::from_decision(&direct), seq, GENESIS_HASH),
-                    expected
-                );
+                assert_eq!(sealed(Prepared::entry(&entry), seq, GENESIS_HASH), expected);
+                let direct = Prepared::decision(kind::ROUTE, task, entry_region, &a, d, note);
+                assert_eq!(sealed(direct, seq, GENESIS_HASH), expected);
                 assert!(check_line(expected.trim_end().as_bytes()).is_ok());
             }
         }
     }
     // Entries without a decision (reloads, takeovers) too.
-    let bare = DecisionEntry::new(kind::POLICY_RELOAD).note("reloaded");
+    let bare = Entry::new(kind::POLICY_RELOAD).note("reloaded");
     assert_eq!(
-        sealed(Prepared::from_entry(&bare), 1, GENESIS_HASH),
+        sealed(Prepared::entry(&bare), 1, GENESIS_HASH),
         via_value(&bare, 1, GENESIS_HASH)
     );
 }
@@ -415,7 +401,7 @@ async fn torn_tail_is_truncated_and_the_chain_continues() {
     assert_eq!(std::fs::read(&path).expect("read"), intact);
     assert_eq!(log.last().0, 3);
     let seq = log
-        .append(DecisionEntry::new(kind::POLICY_RELOAD).note("reloaded"))
+        .append(Entry::new(kind::POLICY_RELOAD).note("reloaded"))
         .await
         .expect("append");
     assert_eq!(seq, 4);
@@ -434,7 +420,7 @@ async fn whole_record_missing_only_its_newline_is_kept() {
     std::fs::write(&path, &bytes).expect("write");
     let log = DecisionLog::open(dir.path(), "europe").expect("open");
     assert_eq!(log.last().0, 3);
-    log.append(DecisionEntry::new(kind::TAKEOVER))
+    log.append(Entry::new(kind::TAKEOVER))
         .await
         .expect("append");
     drop(log);
@@ -448,7 +434,7 @@ async fn reopen_continues_the_chain() {
     let log = DecisionLog::open(dir.path(), "europe").expect("reopen");
     assert_eq!(log.last(), (3, before.clone()));
     let seq = log
-        .append(DecisionEntry::new(kind::POLICY_RELOAD).note("new policy"))
+        .append(Entry::new(kind::POLICY_RELOAD).note("new policy"))
         .await
         .expect("append");
     assert_eq!(seq, 4);
@@ -467,7 +453,7 @@ async fn concurrent_appends_get_distinct_seqs_and_a_valid_chain() {
     for i in 0..100 {
         let log = log.clone();
         handles.push(tokio::spawn(async move {
-            log.append(DecisionEntry::new(kind::ROUTE).task(format!("t{i}")))
+            log.append(Entry::new(kind::ROUTE).task(format!("t{i}")))
                 .await
                 .expect("append")
         }));
@@ -545,10 +531,10 @@ fn filter_reads_the_decision_when_summary_fields_are_absent() {
         time: String::new(),
         unix_ms: 0,
         region: "europe".into(),
-        entry: DecisionEntry {
+        entry: Entry {
             kind: kind::FORWARDED_IN.into(),
             decision: serde_json::to_value(&d).ok(),
-            ..DecisionEntry::default()
+            ..Entry::default()
         },
         prev_hash: GENESIS_HASH.into(),
         hash: GENESIS_HASH.into(),
@@ -654,7 +640,7 @@ async fn minimised_records_verify_with_the_code_and_the_recipe() {
     let policy = crate::policy::Policy::load_file(&path).expect("policy");
     let log = DecisionLog::open(dir.path(), "north_america").expect("open");
     // An older record first.
-    log.append(DecisionEntry::from_decision(
+    log.append(Entry::from_decision(
         kind::ROUTE,
         &attrs("DE"),
         &decision(
@@ -689,7 +675,7 @@ async fn minimised_records_verify_with_the_code_and_the_recipe() {
             load: None,
         },
     )];
-    log.append_pending(PendingRecord::kept(
+    log.append(Prepared::kept(
         kind::ROUTE,
         Some("t1.europe"),
         Some("north_america"),

@@ -12,21 +12,74 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    AuditError, DecisionEntry, DecisionRef, FILE_NAME, Filter, MAX_BATCH, PendingRecord, Prepared,
-    RECENT_ROWS, Record, Tip, check_line, postgres, read_all, scan, tail,
+    AuditError, Entry, FILE_NAME, Filter, MAX_BATCH, Prepared, RECENT_ROWS, Record, Tip,
+    check_line, postgres, read_all, scan, tail,
 };
 
-/// A batch handed to the writer by [`DecisionLog::append_batch`]; wait for
-/// it (from a thread outside the async runtime) with [`BatchReceipt::wait`].
-#[derive(Debug)]
-pub struct BatchReceipt(Result<oneshot::Receiver<Result<u64, AuditError>>, AuditError>);
+/// What [`DecisionLog::append`] takes: records to write as consecutive
+/// lines of one write and one sync. A single [`Prepared`] or [`Entry`] is a
+/// batch of one.
+#[derive(Debug, Default)]
+pub struct Batch(Vec<Prepared>);
 
-impl BatchReceipt {
-    /// Blocks until every record of the batch is written and fdatasync'd;
-    /// returns the last one's seq. Must not be called on an async runtime
-    /// thread (the task store's writer thread calls it).
+impl From<Vec<Prepared>> for Batch {
+    fn from(records: Vec<Prepared>) -> Self {
+        Self(records)
+    }
+}
+
+impl From<Prepared> for Batch {
+    fn from(record: Prepared) -> Self {
+        Self(vec![record])
+    }
+}
+
+impl From<Entry> for Batch {
+    fn from(entry: Entry) -> Self {
+        Self(vec![Prepared::entry(&entry)])
+    }
+}
+
+impl From<&Entry> for Batch {
+    fn from(entry: &Entry) -> Self {
+        Self(vec![Prepared::entry(entry)])
+    }
+}
+
+/// The answer to one [`DecisionLog::append`]: the seq of the batch's last
+/// record once every record of it is written and fdatasync'd. Await it on
+/// the async runtime, or [`Receipt::wait`] for it from a plain thread.
+#[derive(Debug)]
+#[must_use = "the records are durable only when the receipt answers"]
+pub struct Receipt(Result<oneshot::Receiver<Result<u64, AuditError>>, Option<AuditError>>);
+
+impl Receipt {
+    /// Blocks until the batch is durable. Must not be called on an async
+    /// runtime thread (the task store's writer thread calls it).
     pub fn wait(self) -> Result<u64, AuditError> {
-        self.0?.blocking_recv().map_err(|_| AuditError::Closed)?
+        match self.0 {
+            Ok(rx) => rx.blocking_recv().map_err(|_| AuditError::Closed)?,
+            Err(e) => Err(e.unwrap_or(AuditError::Closed)),
+        }
+    }
+}
+
+impl std::future::Future for Receipt {
+    type Output = Result<u64, AuditError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        use std::task::Poll;
+        match &mut self.0 {
+            Ok(rx) => match std::pin::Pin::new(rx).poll(cx) {
+                Poll::Ready(Ok(answer)) => Poll::Ready(answer),
+                Poll::Ready(Err(_)) => Poll::Ready(Err(AuditError::Closed)),
+                Poll::Pending => Poll::Pending,
+            },
+            Err(e) => Poll::Ready(Err(e.take().unwrap_or(AuditError::Closed))),
+        }
     }
 }
 
@@ -77,7 +130,6 @@ impl Drop for LogInner {
 }
 
 pub(super) enum Append {
-    Entry(Box<Prepared>, oneshot::Sender<Result<u64, AuditError>>),
     Batch(Vec<Prepared>, oneshot::Sender<Result<u64, AuditError>>),
     Flush(oneshot::Sender<Result<u64, AuditError>>),
 }
@@ -330,73 +382,22 @@ impl DecisionLog {
         (tip.seq, tip.hash.clone())
     }
 
-    /// Queues `msg` at once; the returned future waits for its answer on
-    /// `rx`.
-    fn queue(
-        &self,
-        msg: Append,
-        rx: oneshot::Receiver<Result<u64, AuditError>>,
-    ) -> impl std::future::Future<Output = Result<u64, AuditError>> + Send + use<> {
-        let sent = match self.inner.tx.as_ref() {
-            Some(sender) => sender.send(msg).map_err(|_| AuditError::Closed),
-            None => Err(AuditError::Closed),
-        };
-        async move {
-            sent?;
-            rx.await.map_err(|_| AuditError::Closed)?
-        }
-    }
-
-    /// Appends one record; returns its seq once it is written and
-    /// fdatasync'd. Entries appended concurrently share one write and sync.
-    /// The record is rendered and queued when this is called (its place in
-    /// the chain is fixed then); the future waits for the sync.
-    pub fn append(
-        &self,
-        entry: DecisionEntry,
-    ) -> impl std::future::Future<Output = Result<u64, AuditError>> + Send + use<> {
-        self.append_prepared(Box::new(Prepared::from_entry(&entry)))
-    }
-
-    /// [`DecisionLog::append`] for a routing decision, rendered straight from
-    /// the typed decision (the routing path's fast way to the same line).
-    pub fn append_decision(
-        &self,
-        record: DecisionRef<'_>,
-    ) -> impl std::future::Future<Output = Result<u64, AuditError>> + Send + use<> {
-        self.append_prepared(Box::new(Prepared::from_decision(&record)))
-    }
-
-    /// [`DecisionLog::append`] for a record rendered earlier.
-    pub fn append_pending(
-        &self,
-        record: PendingRecord,
-    ) -> impl std::future::Future<Output = Result<u64, AuditError>> + Send + use<> {
-        self.append_prepared(record.0)
-    }
-
-    fn append_prepared(
-        &self,
-        prepared: Box<Prepared>,
-    ) -> impl std::future::Future<Output = Result<u64, AuditError>> + Send + use<> {
+    /// Appends `records` (a [`Batch`]: several [`Prepared`] records, or
+    /// one, or an [`Entry`]) as consecutive lines of one write and one sync;
+    /// the receipt answers with the last one's seq once they are durable.
+    /// Batches appended concurrently share the write and the sync. The
+    /// records are queued when this is called (their place in the chain is
+    /// fixed then); the receipt only waits.
+    pub fn append(&self, records: impl Into<Batch>) -> Receipt {
         let (tx, rx) = oneshot::channel();
-        self.queue(Append::Entry(prepared, tx), rx)
-    }
-
-    /// Queues `records` as consecutive lines of one write (and one sync);
-    /// the receipt tells when they are durable. For the task store's writer
-    /// thread, which appends the records of a batch while it commits it.
-    pub fn append_batch(&self, records: Vec<PendingRecord>) -> BatchReceipt {
-        let (tx, rx) = oneshot::channel();
-        let batch = records.into_iter().map(|r| *r.0).collect();
         let sent = match self.inner.tx.as_ref() {
             Some(sender) => sender
-                .send(Append::Batch(batch, tx))
+                .send(Append::Batch(records.into().0, tx))
                 .map(|()| rx)
-                .map_err(|_| AuditError::Closed),
-            None => Err(AuditError::Closed),
+                .map_err(|_| Some(AuditError::Closed)),
+            None => Err(Some(AuditError::Closed)),
         };
-        BatchReceipt(sent)
+        Receipt(sent)
     }
 
     /// True when `self` and `other` are handles to the same log.
@@ -408,7 +409,14 @@ impl DecisionLog {
     /// acknowledged append already is: this is the shutdown barrier).
     pub async fn flush(&self) -> Result<(), AuditError> {
         let (tx, rx) = oneshot::channel();
-        self.queue(Append::Flush(tx), rx).await.map(|_| ())
+        let sent = match self.inner.tx.as_ref() {
+            Some(sender) => sender
+                .send(Append::Flush(tx))
+                .map_err(|_| AuditError::Closed),
+            None => Err(AuditError::Closed),
+        };
+        sent?;
+        rx.await.map_err(|_| AuditError::Closed)?.map(|_| ())
     }
 }
 
@@ -441,7 +449,7 @@ fn writer_loop(
         if let Some(why) = &poisoned {
             for m in batch {
                 let reply = match m {
-                    Append::Entry(_, r) | Append::Batch(_, r) | Append::Flush(r) => r,
+                    Append::Batch(_, r) | Append::Flush(r) => r,
                 };
                 let _ = reply.send(Err(AuditError::Write(why.clone())));
             }
@@ -454,12 +462,6 @@ fn writer_loop(
         for m in batch {
             match m {
                 Append::Flush(r) => pending.push((r, None)),
-                Append::Entry(entry, r) => {
-                    let seq = next.seq + 1;
-                    let hash = entry.seal_into(&mut buf, seq, &time, unix_ms, region, &next.hash);
-                    next = Tip { seq, hash };
-                    pending.push((r, Some(seq)));
-                }
                 Append::Batch(entries, r) => {
                     let mut last = None;
                     for entry in entries {

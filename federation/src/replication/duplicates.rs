@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 
 use super::Stats;
 use super::copy::KnownKey;
-use crate::audit::{DecisionEntry, kind};
+use crate::audit::{Entry, kind};
 use crate::controller::{Node, now_ms};
 use crate::policy::Policy;
 use crate::{transport, wire};
@@ -270,9 +270,9 @@ pub async fn on_copy_updated(node: Arc<Node>, source: String, wait: bool) {
 }
 
 async fn append(node: &Node, task_id: &str, outcome: &str, note: String) {
-    let entry = DecisionEntry {
+    let entry = Entry {
         outcome: Some(outcome.to_string()),
-        ..DecisionEntry::new(kind::DUPLICATE).task(task_id).note(note)
+        ..Entry::new(kind::DUPLICATE).task(task_id).note(note)
     };
     if let Err(e) = node.log.append(entry).await {
         tracing::error!(error = %e, "appending a duplicate record failed");

@@ -44,7 +44,7 @@ use std::time::{Duration, Instant};
 
 use federation_api as api;
 
-use crate::audit::{DecisionEntry, kind};
+use crate::audit::{Entry, kind};
 use crate::config::SyncSpec;
 use crate::controller::{Node, now_ms};
 use crate::policy::{FederationView as _, Health, Policy};
@@ -519,7 +519,7 @@ async fn audit_summary(node: &Node, recipient: &str, rules: &[u32], count: usize
         last.insert(recipient.to_string(), summary.clone()) != Some(summary)
     };
     if changed {
-        let entry = DecisionEntry::new(kind::SNAPSHOT)
+        let entry = Entry::new(kind::SNAPSHOT)
             .note(format!(
                 "snapshot scope for {recipient}: {count} tasks of rules {rules:?}; {withheld} tasks withheld by residency"
             ));

@@ -33,7 +33,7 @@ use federation_api as api;
 use serde::{Deserialize, Serialize};
 
 use super::snapshot;
-use crate::audit::{DecisionEntry, PendingRecord, kind};
+use crate::audit::{Entry, Prepared, kind};
 use crate::controller::{Node, now_ms};
 use crate::policy::{Health, Policy};
 use crate::tasks::{InsertOutcome, RecordState, TaskStore};
@@ -316,7 +316,7 @@ async fn take_over(node: &Arc<Node>, source: &str, epoch: u64, tasks: Vec<api::T
             at_unix_ms: at,
         });
         task.owner_region = source.to_string();
-        let entry = DecisionEntry::new(kind::TAKEOVER)
+        let entry = Entry::new(kind::TAKEOVER)
             .task(&task.task_id)
             .note(format!(
                 "taken over from {source} (epoch {epoch}) by {}: {source} dead for more than {:?}; rule {}",
@@ -324,7 +324,7 @@ async fn take_over(node: &Arc<Node>, source: &str, epoch: u64, tasks: Vec<api::T
                 node.timers.takeover_grace,
                 task.rule_index + 1
             ));
-        records.push(PendingRecord::entry(&DecisionEntry {
+        records.push(Prepared::entry(&Entry {
             rule_index: Some(task.rule_index),
             policy_hash: Some(policy.hash.clone()),
             chosen_region: Some(node.region.clone()),

@@ -146,11 +146,10 @@ pub async fn reload_with(
 ) -> api::ReloadPolicyResponse {
     let response = try_reload(node, source, format, name, approvals).await;
     if !response.applied {
-        let mut entry =
-            crate::audit::DecisionEntry::new(crate::audit::kind::POLICY_RELOAD).note(format!(
-                "refused, policy {} stays in force: {}",
-                response.policy_hash, response.error
-            ));
+        let mut entry = crate::audit::Entry::new(crate::audit::kind::POLICY_RELOAD).note(format!(
+            "refused, policy {} stays in force: {}",
+            response.policy_hash, response.error
+        ));
         entry.policy_hash = Some(response.policy_hash.clone());
         if let Err(e) = node.log.append(entry).await {
             tracing::error!(error = %e, "appending to the decision log failed");
@@ -232,17 +231,16 @@ async fn try_reload(
     let hash = policy.hash.clone();
     node.set_policy(policy);
     tracing::info!(old = %old.hash, new = %hash, findings = findings.len(), "policy reloaded");
-    let mut entry =
-        crate::audit::DecisionEntry::new(crate::audit::kind::POLICY_RELOAD).note(format!(
-            "applied: policy {} replaced {}; audit: {}",
-            hash,
-            old.hash,
-            if findings.is_empty() {
-                "no findings".to_string()
-            } else {
-                findings.join(" | ")
-            }
-        ));
+    let mut entry = crate::audit::Entry::new(crate::audit::kind::POLICY_RELOAD).note(format!(
+        "applied: policy {} replaced {}; audit: {}",
+        hash,
+        old.hash,
+        if findings.is_empty() {
+            "no findings".to_string()
+        } else {
+            findings.join(" | ")
+        }
+    ));
     entry.policy_hash = Some(hash.clone());
     if let Err(e) = node.log.append(entry).await {
         tracing::error!(error = %e, "appending to the decision log failed");

@@ -584,7 +584,7 @@ fn rule_counters(policy: &Policy, counts: &BTreeMap<(String, String), u64>) -> V
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::DecisionEntry;
+    use crate::audit::Entry;
 
     fn record(region: &str, value: &str) -> Record {
         Record {
@@ -592,13 +592,13 @@ mod tests {
             time: "t".into(),
             unix_ms: 1,
             region: region.into(),
-            entry: DecisionEntry {
+            entry: Entry {
                 kind: "route".into(),
                 attributes: Some(serde_json::json!({"customer_region": value, "n": 3})),
                 note: Some(format!(
                     "no routing rule matches these attributes (customer_region='{value}', n=3): rejected"
                 )),
-                ..DecisionEntry::default()
+                ..Entry::default()
             },
             prev_hash: String::new(),
             hash: String::new(),

@@ -256,7 +256,7 @@ pub async fn answer(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::DecisionEntry;
+    use crate::audit::Entry;
 
     #[test]
     fn records_leave_without_their_values() {
@@ -265,7 +265,7 @@ mod tests {
             time: "t".into(),
             unix_ms: 1,
             region: "europe".into(),
-            entry: DecisionEntry {
+            entry: Entry {
                 kind: "route".into(),
                 attributes: Some(serde_json::json!({"customer_region": "DE", "tier": 2})),
                 decision: Some(serde_json::json!({
@@ -274,7 +274,7 @@ mod tests {
                     "outcome": {"kind": "rejected"},
                 })),
                 note: Some("customer_region='DE'".into()),
-                ..DecisionEntry::default()
+                ..Entry::default()
             },
             prev_hash: String::new(),
             hash: String::new(),
