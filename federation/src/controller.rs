@@ -759,6 +759,7 @@ fn open_store(settings: &Settings) -> anyhow::Result<(TaskStore, DecisionLog)> {
                 DecisionLog::open(&settings.data_dir, &settings.region).with_context(|| {
                     format!("opening decision log in {}", settings.data_dir.display())
                 })?;
+            store.bind_journal(std::sync::Arc::new(log.clone()))?;
             check_own_log(&store, &log)?;
             Ok((store, log))
         }
@@ -775,6 +776,7 @@ fn open_store(settings: &Settings) -> anyhow::Result<(TaskStore, DecisionLog)> {
                 .with_context(|| format!("opening the task store in {}", pg.target()))?;
             let log = DecisionLog::open_postgres(&pg, &settings.region)
                 .with_context(|| format!("opening the decision log in {}", pg.target()))?;
+            store.bind_journal(std::sync::Arc::new(log.clone()))?;
             Ok((store, log))
         }
     }

@@ -404,7 +404,7 @@ async fn store_local(
     );
     let stored = node
         .store
-        .insert_recorded(task, &node.log, record)
+        .insert_recorded(task, record)
         .instrument(append)
         .instrument(commit)
         .await;

@@ -322,14 +322,13 @@ async fn resolve(node: &Node, source: &str, ours: &Unverified, theirs: &KnownKey
             theirs.task_id
         );
         match node.store.cancel(&local.task_id, &reason).await {
-            Ok((_, true)) => Resolution::OneRuns {
-                cancelled: local.task_id,
-                kept: theirs.task_id.clone(),
-            },
-            Ok((t, false)) if t.state() == api::TaskState::Cancelled => Resolution::OneRuns {
-                cancelled: local.task_id,
-                kept: theirs.task_id.clone(),
-            },
+            // Cancelled now, or already (by an earlier resolution).
+            Ok(c) if c.cancelled || c.task.state() == api::TaskState::Cancelled => {
+                Resolution::OneRuns {
+                    cancelled: local.task_id,
+                    kept: theirs.task_id.clone(),
+                }
+            }
             Ok(_) => {
                 if theirs_started {
                     Resolution::BothRan

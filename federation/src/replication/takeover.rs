@@ -335,10 +335,7 @@ async fn take_over(node: &Arc<Node>, source: &str, epoch: u64, tasks: Vec<api::T
     }
     let offered: Vec<String> = batch.iter().map(|t| t.task_id.clone()).collect();
     // One transaction for them all, their records in the same batch.
-    let stored = node
-        .store
-        .insert_batch(batch, Some((&node.log, records)))
-        .await;
+    let stored = node.store.insert_batch(batch, Some(records)).await;
     if let RecordState::Failed(e) = &stored.record {
         tracing::error!(error = %e, "appending takeover records failed");
     }

@@ -160,14 +160,14 @@ pub async fn local_cancel(
     } else {
         reason
     };
-    let (task, cancelled) = node
+    let done = node
         .store
         .cancel(task_id, reason)
         .await
         .map_err(Error::from)?;
     Ok(api::CancelTaskResponse {
-        task: Some(task),
-        cancelled,
+        task: Some(done.task),
+        cancelled: done.cancelled,
     })
 }
 

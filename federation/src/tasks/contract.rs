@@ -81,6 +81,13 @@ impl Fixture {
         })
     }
 
+    /// The decision log beside `store`, bound to it as its journal.
+    pub(crate) fn bound_log(&self, store: &TaskStore, region: &str) -> DecisionLog {
+        let log = self.log(region);
+        store.bind_journal(Arc::new(log.clone())).expect("bind");
+        log
+    }
+
     /// The decision log beside the store.
     pub(crate) fn log(&self, region: &str) -> DecisionLog {
         match self.kind {
@@ -134,6 +141,7 @@ contract!(
     idempotency_keys_survive_a_reopen,
     a_record_goes_in_the_same_batch_and_names_the_stored_task,
     a_batch_insert_is_one_transaction_with_its_records,
+    a_store_is_bound_to_one_journal,
     idempotency_within_one_batch,
     lease_order_is_priority_then_age,
     only_the_holder_renews_and_completes,
@@ -241,7 +249,7 @@ async fn a_record_goes_in_the_same_batch_and_names_the_stored_task(fx: Fixture) 
     use crate::audit::{DecisionRef, PendingRecord, kind};
     use crate::policy::{AttrValue, Attributes, Decision, Outcome};
     let store = fx.open();
-    let log = fx.log("europe");
+    let log = fx.bound_log(&store, "europe");
     let attrs: Attributes = [("customer_region".to_string(), AttrValue::Str("DE".into()))].into();
     let decision = Decision {
         outcome: Outcome::Routed {
@@ -269,26 +277,26 @@ async fn a_record_goes_in_the_same_batch_and_names_the_stored_task(fx: Fixture) 
     };
     let mut a = task("a");
     a.idempotency_key = "k1".into();
-    let first = store.insert_recorded(a, &log, record("a")).await;
+    let first = store.insert_recorded(a, record("a")).await;
     assert!(!first.outcome.expect("insert").is_deduplicated());
     assert_eq!(first.record, RecordState::Written);
     // Known key: the record names the stored task, not the id offered.
     let mut b = task("b");
     b.idempotency_key = "k1".into();
-    let second = store.insert_recorded(b, &log, record("b")).await;
+    let second = store.insert_recorded(b, record("b")).await;
     assert_eq!(second.outcome.expect("insert").task().task_id, "a");
     assert_eq!(second.record, RecordState::Written);
     // A refused insert appends nothing.
-    let refused = store.insert_recorded(task(""), &log, record("")).await;
+    let refused = store.insert_recorded(task(""), record("")).await;
     assert!(matches!(refused.outcome, Err(StoreError::Invalid(_))));
     assert_eq!(refused.record, RecordState::NotWritten);
     // Concurrent recorded inserts share batches; the chain stays intact.
     let mut handles = Vec::new();
     for i in 0..50 {
-        let (store, log, r) = (store.clone(), log.clone(), record(&format!("c{i}")));
+        let (store, r) = (store.clone(), record(&format!("c{i}")));
         handles.push(tokio::spawn(async move {
             store
-                .insert_recorded(task(&format!("c{i}")), &log, r)
+                .insert_recorded(task(&format!("c{i}")), r)
                 .await
                 .record
         }));
@@ -311,7 +319,7 @@ async fn a_record_goes_in_the_same_batch_and_names_the_stored_task(fx: Fixture) 
 async fn a_batch_insert_is_one_transaction_with_its_records(fx: Fixture) {
     use crate::audit::{DecisionEntry, PendingRecord, kind};
     let store = fx.open();
-    let log = fx.log("europe");
+    let log = fx.bound_log(&store, "europe");
     let mut a = task("a");
     a.idempotency_key = "k1".into();
     a.payload = b"p".to_vec();
@@ -325,7 +333,7 @@ async fn a_batch_insert_is_one_transaction_with_its_records(fx: Fixture) {
         .iter()
         .map(|t| PendingRecord::entry(&DecisionEntry::new(kind::TAKEOVER).task(&t.task_id)))
         .collect();
-    let out = store.insert_batch(tasks, Some((&log, records))).await;
+    let out = store.insert_batch(tasks, Some(records)).await;
     let outcomes = out.outcomes.expect("the batch commits");
     assert_eq!(outcomes.len(), 5);
     assert!(matches!(&outcomes[0], Ok(InsertOutcome::Created(t)) if t.task_id == "b"));
@@ -360,6 +368,37 @@ async fn a_batch_insert_is_one_transaction_with_its_records(fx: Fixture) {
     // An empty batch is a no-op that still answers.
     let empty = store.insert_batch(Vec::new(), None).await;
     assert!(empty.outcomes.expect("empty batch").is_empty());
+}
+
+/// The journal is bound once; a record offered to a store with none is
+/// answered as failed (the insert itself is made), never silently dropped.
+async fn a_store_is_bound_to_one_journal(fx: Fixture) {
+    use crate::audit::{DecisionEntry, PendingRecord, kind};
+    let store = fx.open();
+    let record = |id: &str| PendingRecord::entry(&DecisionEntry::new(kind::ROUTE).task(id));
+    let unbound = store.insert_recorded(task("a"), record("a")).await;
+    assert!(!unbound.outcome.expect("insert").is_deduplicated());
+    assert!(
+        matches!(&unbound.record, RecordState::Failed(why) if why.contains("no decision log")),
+        "{:?}",
+        unbound.record
+    );
+    let batch = store
+        .insert_batch(vec![task("b")], Some(vec![record("b")]))
+        .await;
+    assert_eq!(batch.outcomes.expect("batch").len(), 1);
+    assert!(matches!(batch.record, RecordState::Failed(_)));
+    let log = fx.bound_log(&store, "europe");
+    assert!(matches!(
+        store.bind_journal(Arc::new(log.clone())),
+        Err(StoreError::Invalid(_))
+    ));
+    let bound = store.insert_recorded(task("c"), record("c")).await;
+    assert_eq!(bound.record, RecordState::Written);
+    let bytes = fx.log_bytes(&log, "europe");
+    let report = crate::audit::verify_bytes(&bytes);
+    assert!(report.is_intact(), "{report:?}");
+    assert_eq!(report.records, 1);
 }
 
 async fn idempotency_within_one_batch(fx: Fixture) {
@@ -612,18 +651,18 @@ async fn cancel_queued_leased_and_terminal(fx: Fixture) {
     store.requeue_agent("ag").await.expect("requeue");
     store.lease("ag", 1, TTL).await.expect("lease");
 
-    let (t, cancelled) = store.cancel("done", "no").await.expect("cancel");
-    assert!(!cancelled);
-    assert_eq!(t.state(), TaskState::Succeeded);
+    let done = store.cancel("done", "no").await.expect("cancel");
+    assert!(!done.cancelled);
+    assert_eq!(done.task.state(), TaskState::Succeeded);
 
     for id in ["q", "l"] {
-        let (t, cancelled) = store.cancel(id, "").await.expect("cancel");
-        assert!(cancelled);
-        assert_eq!(t.state(), TaskState::Cancelled);
-        assert_eq!(t.error, "cancelled");
+        let done = store.cancel(id, "").await.expect("cancel");
+        assert!(done.cancelled);
+        assert_eq!(done.task.state(), TaskState::Cancelled);
+        assert_eq!(done.task.error, "cancelled");
     }
-    let (_, again) = store.cancel("q", "x").await.expect("cancel");
-    assert!(!again);
+    let again = store.cancel("q", "x").await.expect("cancel");
+    assert!(!again.cancelled);
     assert_eq!(
         store.cancel("zzz", "").await,
         Err(StoreError::NotFound("zzz".into()))
@@ -1007,7 +1046,7 @@ mod replicas {
         use crate::audit::{DecisionEntry, kind};
         let fx = Fixture::new(Kind::Postgres);
         let (a, b) = (fx.open(), fx.open());
-        let (log_a, log_b) = (fx.log("europe"), fx.log("europe"));
+        let (log_a, log_b) = (fx.bound_log(&a, "europe"), fx.bound_log(&b, "europe"));
         let mut handles = Vec::new();
         for i in 0..40 {
             let (store, log) = if i % 2 == 0 {
@@ -1038,7 +1077,7 @@ mod replicas {
                     },
                     note: None,
                 });
-                let r = store.insert_recorded(task(&id), &log, record).await;
+                let r = store.insert_recorded(task(&id), record).await;
                 assert_eq!(r.record, RecordState::Written);
                 log.append(DecisionEntry::new(kind::POLICY_RELOAD).note(format!("n{i}")))
                     .await
@@ -1192,7 +1231,7 @@ mod timing {
             let label = format!("{kind:?}");
             let fx = Fixture::new(kind);
             let store = fx.open();
-            let log = fx.log("north_america");
+            let log = fx.bound_log(&store, "north_america");
             let started = std::time::Instant::now();
             for i in 0..TASKS {
                 let id = format!("one-{i}");
@@ -1206,7 +1245,7 @@ mod timing {
                 .map(|t| PendingRecord::entry(&entry(&t.task_id)))
                 .collect();
             let started = std::time::Instant::now();
-            let out = store.insert_batch(tasks, Some((&log, records))).await;
+            let out = store.insert_batch(tasks, Some(records)).await;
             let batch = started.elapsed();
             assert_eq!(out.outcomes.expect("batch").len(), TASKS);
             println!(

@@ -24,10 +24,12 @@
 //! * **Decision records in the same batch.** [`TaskStore::insert_recorded`]
 //!   carries the routing decision's log record with the insert: the writer
 //!   renames it to the task the insert produced (the stored one when the key
-//!   was known), hands the batch's records to the decision log in one append
-//!   while the transaction commits, and answers once both are durable. One
-//!   wait, one wake-up per caller. The store never builds records; it only
-//!   names the task in them.
+//!   was known), hands the batch's records to the store's journal in one
+//!   append while the transaction commits, and answers once both are
+//!   durable. One wait, one wake-up per caller. The journal (the decision
+//!   log, behind the small trait [`Journal`]) is bound to the store once,
+//!   right after open ([`TaskStore::bind_journal`]); the store never builds
+//!   records, it only names the task in them.
 //! * **Idempotency.** A non-empty `idempotency_key` that is already known, or a
 //!   `task_id` that is already stored (a retried `ForwardTask`), returns
 //!   [`InsertOutcome::Deduplicated`] with the stored task and stores nothing;
@@ -87,7 +89,9 @@
 mod check;
 #[cfg(test)]
 mod contract;
+pub mod journal;
 pub mod postgres;
+mod requests;
 mod store;
 #[cfg(test)]
 mod tests;
@@ -97,6 +101,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 
 pub use check::{CheckReport, check, refuse_in_use};
+pub use journal::Journal;
 pub use postgres::PgStore;
 pub use store::{FILE, MAX_BATCH, MAX_LEASE_BATCH, RedbStore, StoreOptions, read_log_head};
 
@@ -154,28 +159,43 @@ impl TaskStore {
         matches!(self, TaskStore::Postgres(_))
     }
 
+    /// Binds the store to its journal (the region's decision log), once,
+    /// right after open: [`TaskStore::insert_recorded`] and
+    /// [`TaskStore::insert_batch`] append the records they carry there. A
+    /// second binding is refused; a store never bound answers a carried
+    /// record as failed ([`RecordState::Failed`]).
+    pub fn bind_journal(&self, journal: Arc<dyn Journal>) -> Result<(), StoreError> {
+        each!(self, s => s.bind_journal(journal))
+    }
+
+    /// The writer channel of whichever backend this is: every mutation.
+    fn requests(&self) -> &requests::Requests {
+        each!(self, s => s.requests())
+    }
+
     /// Stores a new task, durably before it returns. If
     /// `task.idempotency_key` is non-empty and a task with that key exists,
     /// or a task with the same `task_id` exists, returns
     /// [`InsertOutcome::Deduplicated`] with it and stores nothing (a known
     /// key with other attributes or payload is [`StoreError::KeyReused`]).
     /// Sets state QUEUED, version 1, clears any lease, and sets
-    /// `created_unix_ms` / `updated_unix_ms` when zero.
+    /// `created_unix_ms` / `updated_unix_ms` when zero. `attempts`,
+    /// `taken_over` and the rest are kept as given.
     pub async fn insert(&self, task: Task) -> Result<InsertOutcome, StoreError> {
-        each!(self, s => s.insert(task).await)
+        self.requests().insert(task).await
     }
 
-    /// [`TaskStore::insert`] that also appends `record` to `log`, durable
-    /// when the call returns: in the same batch as the insert (redb; the
-    /// log's file is synced while the transaction commits) or in the same
-    /// transaction (PostgreSQL).
-    pub async fn insert_recorded(
-        &self,
-        task: Task,
-        log: &crate::audit::DecisionLog,
-        record: crate::audit::PendingRecord,
-    ) -> RecordedInsert {
-        each!(self, s => s.insert_recorded(task, log, record).await)
+    /// [`TaskStore::insert`] that also appends `record` to the store's
+    /// journal ([`TaskStore::bind_journal`]), durable when the call returns:
+    /// in the same batch as the insert (redb; the log's file is synced
+    /// while the transaction commits) or in the same transaction
+    /// (PostgreSQL). The record is renamed to the task the insert produced
+    /// (the stored one when deduplicated); nothing is appended when the
+    /// insert is refused; when the commit fails after the record was
+    /// appended, [`RecordedInsert::record`] says so (the caller then appends
+    /// a correcting record).
+    pub async fn insert_recorded(&self, task: Task, record: journal::Record) -> RecordedInsert {
+        self.requests().insert_recorded(task, Some(record)).await
     }
 
     /// Inserts `tasks` in one transaction (one commit, one fsync, the
@@ -183,15 +203,15 @@ impl TaskStore {
     /// deduplicated or refused on its own (`outcomes[i]` for `tasks[i]`). A
     /// storage error fails the whole batch and stores none of it. With
     /// `records` (`records[i]` for `tasks[i]`), the record of every task the
-    /// batch created, named after it, is appended to the log with the
+    /// batch created, named after it, is appended to the journal with the
     /// batch, as [`TaskStore::insert_recorded`] does; none for a task
     /// deduplicated or refused.
     pub async fn insert_batch(
         &self,
         tasks: Vec<Task>,
-        records: Option<(&crate::audit::DecisionLog, Vec<crate::audit::PendingRecord>)>,
+        records: Option<Vec<journal::Record>>,
     ) -> BatchInsert {
-        each!(self, s => s.insert_batch(tasks, records).await)
+        self.requests().insert_batch(tasks, records).await
     }
 
     /// Records the decision log's head in the store (its anchor). Blocking.
@@ -222,7 +242,7 @@ impl TaskStore {
     /// Stores a task as it was elsewhere (rebuilding from a snapshot); an
     /// id already stored is left alone (false).
     pub async fn restore(&self, task: Task) -> Result<bool, StoreError> {
-        each!(self, s => s.restore(task).await)
+        self.requests().restore(task).await
     }
 
     /// Leases up to `max` (at most [`MAX_LEASE_BATCH`]) QUEUED tasks, highest
@@ -244,7 +264,7 @@ impl TaskStore {
         ttl: std::time::Duration,
         skip: Option<Arc<std::collections::HashSet<String>>>,
     ) -> Result<Vec<Task>, StoreError> {
-        each!(self, s => s.lease_except(agent_id, max, ttl, skip).await)
+        self.requests().lease(agent_id, max, ttl, skip).await
     }
 
     /// Extends the lease of `task_id` to now + `ttl`. Only the holder may.
@@ -254,7 +274,7 @@ impl TaskStore {
         task_id: &str,
         ttl: std::time::Duration,
     ) -> Result<Task, StoreError> {
-        each!(self, s => s.renew(agent_id, task_id, ttl).await)
+        self.requests().renew(agent_id, task_id, ttl).await
     }
 
     /// Finishes a leased task: SUCCEEDED or FAILED. Only the holder may.
@@ -266,18 +286,22 @@ impl TaskStore {
         result: Vec<u8>,
         error: String,
     ) -> Result<Task, StoreError> {
-        each!(self, s => s.complete(agent_id, task_id, success, result, error).await)
+        self.requests()
+            .complete(agent_id, task_id, success, result, error)
+            .await
     }
 
-    /// Cancels a task that has not finished; false when already terminal.
-    pub async fn cancel(&self, task_id: &str, reason: &str) -> Result<(Task, bool), StoreError> {
-        each!(self, s => s.cancel(task_id, reason).await)
+    /// Cancels a task that has not finished (the reason, or "cancelled",
+    /// goes to its `error`); an already terminal task is answered as it is,
+    /// not an error.
+    pub async fn cancel(&self, task_id: &str, reason: &str) -> Result<CancelOutcome, StoreError> {
+        self.requests().cancel(task_id, reason).await
     }
 
     /// Takes back leases past their deadline (queued again, or FAILED at
     /// `max_attempts`). Returns the changed tasks.
     pub async fn expire_leases(&self, max_attempts: u32) -> Result<Vec<Task>, StoreError> {
-        each!(self, s => s.expire_leases(max_attempts).await)
+        self.requests().expire(max_attempts, None).await
     }
 
     /// [`TaskStore::expire_leases`] as the region's leader holding
@@ -290,10 +314,8 @@ impl TaskStore {
         max_attempts: u32,
         token: i64,
     ) -> Result<Vec<Task>, StoreError> {
-        match self {
-            TaskStore::Redb(s) => s.expire_leases(max_attempts).await,
-            TaskStore::Postgres(s) => s.expire_leases_as_leader(max_attempts, token).await,
-        }
+        let fence = self.is_postgres().then_some(token);
+        self.requests().expire(max_attempts, fence).await
     }
 
     /// Takes or keeps the region's leadership for `ttl` (renewing it when
@@ -313,17 +335,17 @@ impl TaskStore {
 
     /// Queues again every task LEASED by `agent_id`.
     pub async fn requeue_agent(&self, agent_id: &str) -> Result<Vec<Task>, StoreError> {
-        each!(self, s => s.requeue_agent(agent_id).await)
+        self.requests().requeue_agent(agent_id).await
     }
 
     /// Records (or updates) a registered agent, durably.
     pub async fn put_agent(&self, record: AgentRecord) -> Result<(), StoreError> {
-        each!(self, s => s.put_agent(record).await)
+        self.requests().put_agent(record).await
     }
 
     /// Forgets an agent and queues again every task it holds.
     pub async fn forget_agent(&self, agent_id: &str) -> Result<Vec<Task>, StoreError> {
-        each!(self, s => s.forget_agent(agent_id).await)
+        self.requests().forget_agent(agent_id).await
     }
 
     /// Every registered agent, by id.
@@ -333,7 +355,7 @@ impl TaskStore {
 
     /// Gives every lease at least `ttl` from now (after a restart).
     pub async fn extend_leases(&self, ttl: std::time::Duration) -> Result<usize, StoreError> {
-        each!(self, s => s.extend_leases(ttl).await)
+        self.requests().extend_leases(ttl).await
     }
 
     /// Fencing for a returning primary: cancels the listed pending tasks as
@@ -343,7 +365,7 @@ impl TaskStore {
         task_ids: Vec<String>,
         takeover: federation_api::Takeover,
     ) -> Result<Vec<Task>, StoreError> {
-        each!(self, s => s.mark_taken_over(task_ids, takeover).await)
+        self.requests().mark_taken_over(task_ids, takeover).await
     }
 
     /// Task counts by state (in memory).
@@ -391,7 +413,7 @@ impl TaskStore {
 
     /// Returns when every request sent before it is committed.
     pub async fn flush(&self) -> Result<(), StoreError> {
-        each!(self, s => s.flush().await)
+        self.requests().flush().await
     }
 
     /// Checks that the store can be reached: always for the embedded file;
@@ -480,6 +502,27 @@ pub struct RecordedInsert {
     pub record: RecordState,
 }
 
+impl RecordedInsert {
+    /// The answer of an insert that failed before its record was handed
+    /// to the journal.
+    pub(crate) fn failed(err: StoreError) -> Self {
+        Self {
+            outcome: Err(err),
+            record: RecordState::NotWritten,
+        }
+    }
+}
+
+/// What [`TaskStore::cancel`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CancelOutcome {
+    /// The task as stored now.
+    pub task: Task,
+    /// True when this call cancelled it; false when it was already
+    /// terminal (then it is unchanged).
+    pub cancelled: bool,
+}
+
 /// The answer of [`TaskStore::insert_batch`].
 #[derive(Debug)]
 pub struct BatchInsert {
@@ -488,6 +531,17 @@ pub struct BatchInsert {
     pub outcomes: Result<Vec<Result<InsertOutcome, StoreError>>, StoreError>,
     /// What became of the batch's records.
     pub record: RecordState,
+}
+
+impl BatchInsert {
+    /// The answer of a batch that failed before its records were handed
+    /// to the journal.
+    pub(crate) fn failed(err: StoreError) -> Self {
+        Self {
+            outcomes: Err(err),
+            record: RecordState::NotWritten,
+        }
+    }
 }
 
 /// Errors of the task store.

@@ -30,25 +30,26 @@
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use federation_api::{Takeover, Task, TaskState};
 use prost::Message;
 use tokio::sync::{Notify, broadcast, mpsc, oneshot};
+
 use tokio_postgres::Transaction;
 
+use super::journal::Journal;
+use super::requests::{self, Applied, Op, Outcomes, Reply, Requests, Settled, ttl_ms};
 use super::store::{
-    Answer, EVENT_CAPACITY, MAX_EXPIRE_BATCH, MAX_LISTED_UNDECODABLE, Op, Reply, Request, Requests,
-    clear_lease, decode, touch, ttl_ms, unexpected,
+    EVENT_CAPACITY, MAX_EXPIRE_BATCH, MAX_LISTED_UNDECODABLE, clear_lease, decode, touch,
 };
 use super::witness::Mark;
 use super::{
-    AgentRecord, BatchInsert, Clock, Counts, InsertOutcome, MAX_BATCH, MAX_LEASE_BATCH,
-    RecordState, RecordedInsert, StoreError, is_terminal, state_name,
+    AgentRecord, CancelOutcome, Clock, Counts, InsertOutcome, MAX_BATCH, RecordState, StoreError,
+    is_terminal, state_name,
 };
-use crate::audit::{DecisionLog, PendingRecord};
 use crate::pg::{Pg, PgError};
 
 /// [`store_meta`](crate::pg) key of the decision log's head.
@@ -112,6 +113,8 @@ struct Shared {
     undecodable: Mutex<BTreeMap<String, String>>,
     /// This store's name in notifications (its own are not read back).
     instance: String,
+    /// Where inserts append the records they carry, bound once.
+    journal: OnceLock<Arc<dyn Journal>>,
 }
 
 /// The channel of change notifications.
@@ -182,6 +185,7 @@ impl PgStore {
             ),
             undecodable: Mutex::new(BTreeMap::new()),
             instance: uuid::Uuid::new_v4().simple().to_string(),
+            journal: OnceLock::new(),
         });
         let (stop, stopped) = oneshot::channel();
         pg.handle().spawn(listen(
@@ -220,57 +224,18 @@ impl PgStore {
         &self.inner.path
     }
 
-    /// See [`super::TaskStore::insert`].
-    pub async fn insert(&self, task: Task) -> Result<InsertOutcome, StoreError> {
-        match self.inner.tx.call(Op::Insert(Box::new(task))).await? {
-            Reply::Insert(o) => Ok(*o),
-            other => Err(unexpected(other)),
-        }
+    /// The writer channel: every mutation ([`super::TaskStore`]'s).
+    pub(super) fn requests(&self) -> &Requests {
+        &self.inner.tx
     }
 
-    /// See [`super::TaskStore::insert_recorded`]: here the record is
-    /// committed in the task's own transaction.
-    pub async fn insert_recorded(
-        &self,
-        task: Task,
-        log: &DecisionLog,
-        record: PendingRecord,
-    ) -> RecordedInsert {
-        let answer = self
-            .inner
-            .tx
-            .call_recorded(Op::Insert(Box::new(task)), Some((log.clone(), record)))
-            .await;
-        RecordedInsert {
-            outcome: match answer.result {
-                Ok(Reply::Insert(o)) => Ok(*o),
-                Ok(other) => Err(unexpected(other)),
-                Err(e) => Err(e),
-            },
-            record: answer.record,
-        }
-    }
-
-    /// See [`super::TaskStore::insert_batch`]: one transaction, the records
-    /// committed in it.
-    pub async fn insert_batch(
-        &self,
-        tasks: Vec<Task>,
-        records: Option<(&DecisionLog, Vec<PendingRecord>)>,
-    ) -> BatchInsert {
-        let op = Op::InsertBatch {
-            tasks,
-            records: records.map(|(log, r)| (log.clone(), r)),
-        };
-        let answer = self.inner.tx.call_recorded(op, None).await;
-        BatchInsert {
-            outcomes: match answer.result {
-                Ok(Reply::Inserts(o)) => Ok(o),
-                Ok(other) => Err(unexpected(other)),
-                Err(e) => Err(e),
-            },
-            record: answer.record,
-        }
+    /// See [`super::TaskStore::bind_journal`].
+    pub fn bind_journal(&self, journal: Arc<dyn Journal>) -> Result<(), StoreError> {
+        self.inner
+            .shared
+            .journal
+            .set(journal)
+            .map_err(|_| super::store::bound_twice())
     }
 
     /// Records the decision log's head in `store_meta`.
@@ -362,125 +327,7 @@ impl PgStore {
         }
     }
 
-    /// See [`super::TaskStore::restore`].
-    pub async fn restore(&self, task: Task) -> Result<bool, StoreError> {
-        match self.inner.tx.call(Op::Restore(Box::new(task))).await? {
-            Reply::Cancel(_, stored) => Ok(stored),
-            other => Err(unexpected(other)),
-        }
-    }
-
-    /// See [`super::TaskStore::lease_except`].
-    pub async fn lease_except(
-        &self,
-        agent_id: &str,
-        max: usize,
-        ttl: Duration,
-        skip: Option<Arc<HashSet<String>>>,
-    ) -> Result<Vec<Task>, StoreError> {
-        if agent_id.is_empty() {
-            return Err(StoreError::Invalid("agent id is empty".into()));
-        }
-        if max == 0 {
-            return Ok(Vec::new());
-        }
-        let op = Op::Lease {
-            agent: agent_id.to_string(),
-            max: max.min(MAX_LEASE_BATCH),
-            ttl_ms: ttl_ms(ttl),
-            skip,
-        };
-        match self.inner.tx.call(op).await? {
-            Reply::Many(t) => Ok(t),
-            other => Err(unexpected(other)),
-        }
-    }
-
-    /// Sends `op` and expects one task back.
-    async fn one(&self, op: Op) -> Result<Task, StoreError> {
-        match self.inner.tx.call(op).await? {
-            Reply::One(t) => Ok(*t),
-            other => Err(unexpected(other)),
-        }
-    }
-
-    /// Sends `op` and expects tasks back.
-    async fn many(&self, op: Op) -> Result<Vec<Task>, StoreError> {
-        match self.inner.tx.call(op).await? {
-            Reply::Many(t) => Ok(t),
-            other => Err(unexpected(other)),
-        }
-    }
-
-    /// See [`super::TaskStore::renew`].
-    pub async fn renew(
-        &self,
-        agent_id: &str,
-        task_id: &str,
-        ttl: Duration,
-    ) -> Result<Task, StoreError> {
-        self.one(Op::Renew {
-            agent: agent_id.to_string(),
-            id: task_id.to_string(),
-            ttl_ms: ttl_ms(ttl),
-        })
-        .await
-    }
-
-    /// See [`super::TaskStore::complete`].
-    pub async fn complete(
-        &self,
-        agent_id: &str,
-        task_id: &str,
-        success: bool,
-        result: Vec<u8>,
-        error: String,
-    ) -> Result<Task, StoreError> {
-        self.one(Op::Complete {
-            agent: agent_id.to_string(),
-            id: task_id.to_string(),
-            success,
-            result,
-            error,
-        })
-        .await
-    }
-
-    /// See [`super::TaskStore::cancel`].
-    pub async fn cancel(&self, task_id: &str, reason: &str) -> Result<(Task, bool), StoreError> {
-        let op = Op::Cancel {
-            id: task_id.to_string(),
-            reason: reason.to_string(),
-        };
-        match self.inner.tx.call(op).await? {
-            Reply::Cancel(t, c) => Ok((*t, c)),
-            other => Err(unexpected(other)),
-        }
-    }
-
-    /// See [`super::TaskStore::expire_leases`].
-    pub async fn expire_leases(&self, max_attempts: u32) -> Result<Vec<Task>, StoreError> {
-        self.many(Op::Expire {
-            max_attempts,
-            fence: None,
-        })
-        .await
-    }
-
-    /// See [`super::TaskStore::expire_leases_as_leader`].
-    pub async fn expire_leases_as_leader(
-        &self,
-        max_attempts: u32,
-        token: i64,
-    ) -> Result<Vec<Task>, StoreError> {
-        self.many(Op::Expire {
-            max_attempts,
-            fence: Some(token),
-        })
-        .await
-    }
-
-    /// See [`super::TaskStore::lead`]: one statement on the database's
+    /// See [`super::TaskStore::lead`]: one statement    /// See [`super::TaskStore::lead`]: one statement on the database's
     /// clock; a new leader's token is the previous one plus one.
     pub async fn lead(&self, replica: &str, ttl: Duration) -> Result<Option<i64>, StoreError> {
         let pg = self.inner.pg.clone();
@@ -569,33 +416,6 @@ impl PgStore {
             .await?)
     }
 
-    /// See [`super::TaskStore::requeue_agent`].
-    pub async fn requeue_agent(&self, agent_id: &str) -> Result<Vec<Task>, StoreError> {
-        self.many(Op::RequeueAgent {
-            agent: agent_id.to_string(),
-        })
-        .await
-    }
-
-    /// See [`super::TaskStore::put_agent`].
-    pub async fn put_agent(&self, record: AgentRecord) -> Result<(), StoreError> {
-        if record.id.is_empty() {
-            return Err(StoreError::Invalid("agent id is empty".into()));
-        }
-        match self.inner.tx.call(Op::PutAgent(Box::new(record))).await? {
-            Reply::Unit => Ok(()),
-            other => Err(unexpected(other)),
-        }
-    }
-
-    /// See [`super::TaskStore::forget_agent`].
-    pub async fn forget_agent(&self, agent_id: &str) -> Result<Vec<Task>, StoreError> {
-        self.many(Op::ForgetAgent {
-            agent: agent_id.to_string(),
-        })
-        .await
-    }
-
     /// Every registered agent of the region, by id.
     pub fn agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
         let pg = self.inner.pg.clone();
@@ -627,29 +447,6 @@ impl PgStore {
             }
         }
         Ok(out)
-    }
-
-    /// See [`super::TaskStore::extend_leases`].
-    pub async fn extend_leases(&self, ttl: Duration) -> Result<usize, StoreError> {
-        Ok(self
-            .many(Op::ExtendLeases {
-                ttl_ms: ttl_ms(ttl),
-            })
-            .await?
-            .len())
-    }
-
-    /// See [`super::TaskStore::mark_taken_over`].
-    pub async fn mark_taken_over(
-        &self,
-        task_ids: Vec<String>,
-        takeover: Takeover,
-    ) -> Result<Vec<Task>, StoreError> {
-        self.many(Op::MarkTakenOver {
-            ids: task_ids,
-            takeover,
-        })
-        .await
     }
 
     /// Task counts by state: counted at open, then moved by this
@@ -791,28 +588,25 @@ impl PgStore {
             ))),
         }
     }
-
-    /// Returns when every request sent before it is committed.
-    pub async fn flush(&self) -> Result<(), StoreError> {
-        match self.inner.tx.call(Op::Flush).await? {
-            Reply::Unit => Ok(()),
-            other => Err(unexpected(other)),
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------
 // The writer thread
 // ---------------------------------------------------------------------------
 
-fn writer_loop(pg: &Pg, region: &str, shared: &Arc<Shared>, rx: mpsc::UnboundedReceiver<Request>) {
+fn writer_loop(pg: &Pg, region: &str, shared: &Arc<Shared>, rx: mpsc::UnboundedReceiver<Op>) {
     let mut requests = crate::group_commit::Gatherer::new(rx, MAX_BATCH);
     while let Some(batch) = requests.next_batch() {
+        let Some(batch) = requests::only_flushes(batch) else {
+            continue;
+        };
         let pg2 = pg.clone();
         let region = region.to_string();
         let shared = Arc::clone(shared);
-        pg.handle()
-            .block_on(async move { run_batch(&pg2, &region, &shared, batch).await });
+        pg.handle().block_on(async move {
+            let journal = shared.journal.get().map(|j| &**j);
+            run_batch(&pg2, &region, &shared, journal, batch).await
+        });
     }
 }
 
@@ -824,14 +618,6 @@ struct Change {
     task: Task,
 }
 
-/// The records a batch appends to one decision log and the replies they
-/// belong to.
-struct LogBatch {
-    log: DecisionLog,
-    records: Vec<PendingRecord>,
-    owners: Vec<usize>,
-}
-
 /// Mutations of one batch, inside its transaction.
 struct Tx<'a, 't> {
     txn: &'a Transaction<'t>,
@@ -840,52 +626,34 @@ struct Tx<'a, 't> {
     shared: &'a Shared,
 }
 
-async fn run_batch(pg: &Pg, region: &str, shared: &Shared, batch: Vec<Request>) {
-    if batch.iter().all(|r| matches!(r.op, Op::Flush)) {
-        for r in batch {
-            let _ = r.reply.send(Answer {
-                result: Ok(Reply::Unit),
-                record: RecordState::NotWritten,
-            });
-        }
-        return;
-    }
+/// A request of a batch on its way through [`run_batch`].
+enum Slot {
+    /// An insert, staged or answered in [`Slot::Done`] later.
+    Insert {
+        record: Option<super::journal::Record>,
+        reply: oneshot::Sender<super::RecordedInsert>,
+    },
+    Done(Applied),
+}
+
+/// Applies a batch in one transaction with its records appended in it,
+/// commits, and answers every request (or fails them all).
+async fn run_batch(
+    pg: &Pg,
+    region: &str,
+    shared: &Shared,
+    journal: Option<&dyn Journal>,
+    batch: Vec<Op>,
+) {
     let now = shared.clock.now_ms();
     let mut changes = Vec::new();
-    let mut replies: Vec<(oneshot::Sender<Answer>, Result<Reply, StoreError>)> =
-        Vec::with_capacity(batch.len());
-    let mut logs: Vec<LogBatch> = Vec::new();
-    let fail_all = |replies: &mut Vec<(oneshot::Sender<Answer>, Result<Reply, StoreError>)>,
-                    rest: Vec<oneshot::Sender<Answer>>,
-                    err: StoreError| {
-        for (reply, _) in replies.drain(..) {
-            let _ = reply.send(Answer {
-                result: Err(err.clone()),
-                record: RecordState::NotWritten,
-            });
-        }
-        for reply in rest {
-            let _ = reply.send(Answer {
-                result: Err(err.clone()),
-                record: RecordState::NotWritten,
-            });
-        }
-    };
     let mut client = match pg.client().await {
         Ok(c) => c,
-        Err(e) => {
-            let rest = batch.into_iter().map(|r| r.reply).collect();
-            fail_all(&mut replies, rest, StoreError::from(e));
-            return;
-        }
+        Err(e) => return requests::fail(Vec::new(), batch, StoreError::from(e)),
     };
     let txn = match client.transaction().await {
         Ok(t) => t,
-        Err(e) => {
-            let rest = batch.into_iter().map(|r| r.reply).collect();
-            fail_all(&mut replies, rest, StoreError::from(pg.db(&e)));
-            return;
-        }
+        Err(e) => return requests::fail(Vec::new(), batch, StoreError::from(pg.db(&e))),
     };
     let t = Tx {
         txn: &txn,
@@ -896,116 +664,91 @@ async fn run_batch(pg: &Pg, region: &str, shared: &Shared, batch: Vec<Request>) 
     // Inserts are staged and created together (one multi-row INSERT) before
     // any other request runs and at the end: a batch of submits costs a
     // fixed number of round trips, not two per task.
-    let mut results: Vec<Option<Result<Reply, StoreError>>> = Vec::with_capacity(batch.len());
-    let mut records = Vec::with_capacity(batch.len());
-    let mut senders = Vec::with_capacity(batch.len());
-    let mut ops = Vec::with_capacity(batch.len());
-    // A batch insert's records (a takeover's), created with its tasks.
-    let mut batch_records: Vec<Option<_>> = Vec::with_capacity(batch.len());
-    for req in batch {
-        results.push(None);
-        records.push(req.record);
-        senders.push(req.reply);
-        ops.push(req.op);
-        batch_records.push(None);
-    }
-    let applied = async {
-        let known = t.prefetch(&ops).await?;
+    let known = match t.prefetch(&batch).await {
+        Ok(k) => k,
+        Err(e) => return requests::fail(Vec::new(), batch, e),
+    };
+    let mut inserts: Vec<Option<Result<InsertOutcome, StoreError>>> =
+        Vec::with_capacity(batch.len());
+    let mut slots = Vec::with_capacity(batch.len());
+    let mut ops = batch.into_iter().enumerate();
+    let outcome = async {
         let mut staged: Vec<(usize, Task)> = Vec::new();
-        for (i, op) in ops.into_iter().enumerate() {
+        for (i, op) in ops.by_ref() {
+            inserts.push(None);
             match op {
-                Op::Insert(task) => match t.stage(*task, now, &known, &mut staged, i).await? {
-                    Staging::Answered(done) => {
-                        results[i] = Some((*done).map(|o| Reply::Insert(Box::new(o))));
-                    }
-                    Staging::Staged => {}
-                    Staging::Clash(task) => {
-                        t.create_staged(&mut staged, &mut results, &mut changes)
-                            .await?;
-                        let done = t.insert(*task, now, &mut changes).await;
-                        if let Err(e @ (StoreError::Db(_) | StoreError::Unavailable(_))) = &done {
-                            return Err(e.clone());
+                Op::Insert {
+                    task,
+                    record,
+                    reply,
+                } => {
+                    slots.push(Slot::Insert { record, reply });
+                    match t.stage(*task, now, &known, &mut staged, i).await? {
+                        Staging::Answered(done) => inserts[i] = Some(*done),
+                        Staging::Staged => {}
+                        Staging::Clash(task) => {
+                            t.create_staged(&mut staged, &mut inserts, &mut changes)
+                                .await?;
+                            let done = t.insert(*task, now, &mut changes).await;
+                            if let Some(e) = requests::fatal(&done) {
+                                return Err(e.clone());
+                            }
+                            inserts[i] = Some(done);
                         }
-                        results[i] = Some(done.map(|o| Reply::Insert(Box::new(o))));
                     }
-                },
-                mut op => {
-                    t.create_staged(&mut staged, &mut results, &mut changes)
-                        .await?;
-                    batch_records[i] = super::store::take_batch_records(&mut op);
-                    let result = t.apply(op, now, &mut changes).await;
-                    if let Err(e @ (StoreError::Db(_) | StoreError::Unavailable(_))) = &result {
-                        return Err(e.clone());
+                }
+                op => {
+                    let created = t.create_staged(&mut staged, &mut inserts, &mut changes);
+                    if let Err(e) = created.await {
+                        op.refuse(&e);
+                        return Err(e);
                     }
-                    results[i] = Some(result);
+                    let done = t.apply(op, now, &mut changes).await;
+                    let fatal = done.fatal().cloned();
+                    slots.push(Slot::Done(done));
+                    if let Some(e) = fatal {
+                        return Err(e);
+                    }
                 }
             }
         }
-        t.create_staged(&mut staged, &mut results, &mut changes)
+        t.create_staged(&mut staged, &mut inserts, &mut changes)
             .await
     }
     .await;
-    if let Err(e) = applied {
+    let applied: Vec<Applied> = slots
+        .into_iter()
+        .zip(inserts)
+        .map(|(slot, result)| match slot {
+            Slot::Insert { record, reply } => Applied::Insert {
+                result: Box::new(result.unwrap_or_else(|| {
+                    Err(StoreError::Db(
+                        "internal: a request of the batch was not answered".into(),
+                    ))
+                })),
+                record,
+                reply,
+            },
+            Slot::Done(done) => done,
+        })
+        .collect();
+    let (answers, records) = requests::answers(applied, journal.is_some());
+    if let Err(e) = outcome {
         // The transaction is unusable: every caller of the batch hears the
         // error, nothing of it is committed.
-        fail_all(&mut replies, senders, e);
-        return;
-    }
-    for (((reply, result), record), batch_records) in senders
-        .into_iter()
-        .zip(results)
-        .zip(records)
-        .zip(batch_records)
-    {
-        let result = result.unwrap_or_else(|| {
-            Err(StoreError::Db(
-                "internal: a request of the batch was not answered".into(),
-            ))
-        });
-        if let (Some((log, mut record)), Ok(Reply::Insert(o))) = (record, &result) {
-            record.set_task_id(&o.task().task_id);
-            let at = match logs.iter().position(|b| b.log.same_log(&log)) {
-                Some(i) => i,
-                None => {
-                    logs.push(LogBatch {
-                        log,
-                        records: Vec::new(),
-                        owners: Vec::new(),
-                    });
-                    logs.len() - 1
-                }
-            };
-            logs[at].records.push(record);
-            logs[at].owners.push(replies.len());
-        }
-        if let (Some((log, records)), Ok(Reply::Inserts(o))) = (batch_records, &result) {
-            let records = super::store::created_records(records, o);
-            if !records.is_empty() {
-                logs.push(LogBatch {
-                    log,
-                    records,
-                    owners: vec![replies.len()],
-                });
-            }
-        }
-        replies.push((reply, result));
+        return requests::fail(answers, ops.map(|(_, op)| op), e);
     }
     // The records go into the chain in the transaction of their tasks.
-    let mut heads = Vec::with_capacity(logs.len());
-    for b in &mut logs {
-        let records = std::mem::take(&mut b.records);
-        match crate::audit::postgres::append_records(&txn, b.log.region(), records).await {
-            Ok(h) => heads.push(h),
-            Err(e) => {
-                fail_all(&mut replies, Vec::new(), StoreError::from(pg.db(&e)));
-                return;
-            }
-        }
-    }
+    let head = match journal {
+        Some(j) if !records.is_empty() => match j.append_in(&txn, records).await {
+            Ok(h) => h,
+            Err(e) => return requests::fail(answers, Vec::new(), StoreError::from(pg.db(&e))),
+        },
+        _ => None,
+    };
     // Other replicas hear of the changes when this commits.
     if let Err(e) = notify(&txn, region, &shared.instance, &changes).await {
-        fail_all(&mut replies, Vec::new(), StoreError::from(pg.db(&e)));
-        return;
+        return requests::fail(answers, Vec::new(), StoreError::from(pg.db(&e)));
     }
     let started = std::time::Instant::now();
     let committed = txn.commit().await;
@@ -1015,21 +758,18 @@ async fn run_batch(pg: &Pg, region: &str, shared: &Shared, batch: Vec<Request>) 
     if let Err(e) = committed {
         let err = StoreError::from(pg.db(&e));
         tracing::error!(error = %err, "task store commit failed");
-        fail_all(&mut replies, Vec::new(), err);
-        return;
+        return requests::fail(answers, Vec::new(), err);
     }
     shared.commits.fetch_add(1, Ordering::Relaxed);
     let created = changes.iter().filter(|c| c.before.is_none()).count() as u64;
     shared.created.fetch_add(created, Ordering::Relaxed);
-    let mut states = vec![RecordState::NotWritten; replies.len()];
-    for (b, head) in logs.iter().zip(heads) {
-        if let Some((seq, hash)) = head {
-            b.log.advance(seq, &hash);
+    let records = match (journal, head) {
+        (Some(j), Some(head)) => {
+            j.committed(head);
+            RecordState::Written
         }
-        for &i in &b.owners {
-            states[i] = RecordState::Written;
-        }
-    }
+        _ => RecordState::NotWritten,
+    };
     let mut any_queued = false;
     {
         let mut counts = shared.counts.lock().unwrap_or_else(|e| e.into_inner());
@@ -1044,8 +784,12 @@ async fn run_batch(pg: &Pg, region: &str, shared: &Shared, batch: Vec<Request>) 
     for c in changes {
         let _ = shared.events.send(c.task);
     }
-    for ((reply, result), record) in replies.into_iter().zip(states) {
-        let _ = reply.send(Answer { result, record });
+    let settled = Settled {
+        committed: Ok(()),
+        records,
+    };
+    for a in answers {
+        a.settle(&settled);
     }
     if any_queued {
         shared.queued.notify_waiters();
@@ -1217,7 +961,7 @@ impl Tx<'_, '_> {
     async fn create_staged(
         &self,
         staged: &mut Vec<(usize, Task)>,
-        results: &mut [Option<Result<Reply, StoreError>>],
+        results: &mut [Option<Result<InsertOutcome, StoreError>>],
         changes: &mut Vec<Change>,
     ) -> Result<(), StoreError> {
         if staged.is_empty() {
@@ -1267,7 +1011,7 @@ impl Tx<'_, '_> {
                 }
                 done
             };
-            results[at] = Some(outcome.map(|o| Reply::Insert(Box::new(o))));
+            results[at] = Some(outcome);
         }
         Ok(())
     }
@@ -1278,7 +1022,7 @@ impl Tx<'_, '_> {
         let mut ids = Vec::new();
         let mut keys = Vec::new();
         for op in ops {
-            if let Op::Insert(t) = op {
+            if let Op::Insert { task: t, .. } = op {
                 ids.push(t.task_id.clone());
                 if !t.idempotency_key.is_empty() {
                     keys.push(t.idempotency_key.clone());
@@ -1503,53 +1247,45 @@ impl Tx<'_, '_> {
         }
     }
 
-    async fn apply(
-        &self,
-        op: Op,
-        now: i64,
-        changes: &mut Vec<Change>,
-    ) -> Result<Reply, StoreError> {
+    async fn apply(&self, op: Op, now: i64, changes: &mut Vec<Change>) -> Applied {
         match op {
-            Op::InsertBatch { tasks, .. } => {
-                let mut out = Vec::with_capacity(tasks.len());
-                for task in tasks {
-                    match self.insert(task, now, changes).await {
-                        // The transaction is unusable: all or nothing.
-                        Err(e @ (StoreError::Db(_) | StoreError::Unavailable(_))) => {
-                            return Err(e);
-                        }
-                        o => out.push(o),
-                    }
-                }
-                Ok(Reply::Inserts(out))
-            }
-            Op::Insert(task) => self
-                .insert(*task, now, changes)
-                .await
-                .map(|o| Reply::Insert(Box::new(o))),
+            Op::InsertBatch {
+                tasks,
+                records,
+                reply,
+            } => Applied::Batch {
+                result: self.insert_all(tasks, now, changes).await,
+                records,
+                reply,
+            },
+            Op::Insert {
+                task,
+                record,
+                reply,
+            } => Applied::Insert {
+                result: Box::new(self.insert(*task, now, changes).await),
+                record,
+                reply,
+            },
             Op::Lease {
                 agent,
                 max,
                 ttl_ms,
                 skip,
-            } => self
-                .lease(
-                    &agent,
-                    max,
-                    skip.as_deref(),
-                    now.saturating_add(ttl_ms),
-                    now,
-                    changes,
-                )
-                .await
-                .map(Reply::Many),
-            Op::Renew { agent, id, ttl_ms } => {
-                let mut task = self.held(&agent, &id).await?;
-                task.lease_deadline_unix_ms = now.saturating_add(ttl_ms);
-                touch(&mut task, now);
-                self.write(&task).await?;
-                changes.push(Change::of(Some(TaskState::Leased), &task));
-                Ok(Reply::One(Box::new(task)))
+                reply,
+            } => {
+                let deadline = now.saturating_add(ttl_ms);
+                let leased = self.lease(&agent, max, skip.as_deref(), deadline, now, changes);
+                answer(reply, leased).await
+            }
+            Op::Renew {
+                agent,
+                id,
+                ttl_ms,
+                reply,
+            } => {
+                let deadline = now.saturating_add(ttl_ms);
+                answer(reply, self.renew(&agent, &id, deadline, now, changes)).await
             }
             Op::Complete {
                 agent,
@@ -1557,153 +1293,257 @@ impl Tx<'_, '_> {
                 success,
                 result,
                 error,
+                reply,
             } => {
-                let mut task = self.held(&agent, &id).await?;
-                task.set_state(if success {
-                    TaskState::Succeeded
-                } else {
-                    TaskState::Failed
-                });
-                clear_lease(&mut task);
-                task.result = result;
-                task.error = error;
-                touch(&mut task, now);
-                self.write(&task).await?;
-                changes.push(Change::of(Some(TaskState::Leased), &task));
-                Ok(Reply::One(Box::new(task)))
+                let done = self.complete(&agent, &id, success, result, error, now, changes);
+                answer(reply, done).await
             }
-            Op::Cancel { id, reason } => {
-                let mut task = self.must_read(&id).await?;
-                if is_terminal(task.state()) {
-                    return Ok(Reply::Cancel(Box::new(task), false));
-                }
-                let before = task.state();
-                task.set_state(TaskState::Cancelled);
-                clear_lease(&mut task);
-                task.error = if reason.is_empty() {
-                    "cancelled".to_string()
-                } else {
-                    reason
-                };
-                touch(&mut task, now);
-                self.write(&task).await?;
-                changes.push(Change::of(Some(before), &task));
-                Ok(Reply::Cancel(Box::new(task), true))
+            Op::Cancel { id, reason, reply } => {
+                answer(reply, self.cancel(&id, reason, now, changes)).await
             }
             Op::Expire {
                 max_attempts,
                 fence,
-            } => {
-                if let Some(token) = fence {
-                    self.fenced(token).await?;
-                }
-                let limit = i64::try_from(MAX_EXPIRE_BATCH).unwrap_or(i64::MAX);
-                let due = self
-                    .tasks(
-                        "SELECT task_id, body FROM tasks WHERE region = $1 AND state = 2 \
-                         AND lease_deadline_ms < $2 ORDER BY lease_deadline_ms, task_id \
-                         LIMIT $3 FOR UPDATE SKIP LOCKED",
-                        &[&self.region, &now, &limit],
-                    )
-                    .await?;
-                let mut out = Vec::with_capacity(due.len());
-                for mut task in due {
-                    if task.attempts >= max_attempts {
-                        task.set_state(TaskState::Failed);
-                        clear_lease(&mut task);
-                        task.error = format!("lease expired {} times (agent lost)", task.attempts);
-                        touch(&mut task, now);
-                        self.write(&task).await?;
-                        changes.push(Change::of(Some(TaskState::Leased), &task));
-                        out.push(task);
-                    } else {
-                        out.push(self.requeue(task, now, changes).await?);
-                    }
-                }
-                Ok(Reply::Many(out))
+                reply,
+            } => answer(reply, self.expire(max_attempts, fence, now, changes)).await,
+            Op::RequeueAgent { agent, reply } => {
+                answer(reply, self.requeue_agent(&agent, now, changes)).await
             }
-            Op::RequeueAgent { agent } => self
-                .requeue_agent(&agent, now, changes)
-                .await
-                .map(Reply::Many),
-            Op::PutAgent(record) => {
-                let bytes = serde_json::to_vec(&*record)
-                    .map_err(|e| StoreError::Invalid(format!("agent record: {e}")))?;
-                self.txn
-                    .execute(
-                        "INSERT INTO agents (region, agent_id, record) VALUES ($1, $2, $3) \
-                         ON CONFLICT (region, agent_id) DO UPDATE SET record = EXCLUDED.record",
-                        &[&self.region, &record.id, &bytes],
-                    )
-                    .await
-                    .map_err(|e| self.db(&e))?;
-                Ok(Reply::Unit)
+            Op::PutAgent { record, reply } => answer(reply, self.put_agent(&record)).await,
+            Op::ForgetAgent { agent, reply } => {
+                answer(reply, self.forget_agent(&agent, now, changes)).await
             }
-            Op::ForgetAgent { agent } => {
-                let requeued = self.requeue_agent(&agent, now, changes).await?;
-                self.txn
-                    .execute(
-                        "DELETE FROM agents WHERE region = $1 AND agent_id = $2",
-                        &[&self.region, &agent],
-                    )
-                    .await
-                    .map_err(|e| self.db(&e))?;
-                Ok(Reply::Many(requeued))
-            }
-            Op::ExtendLeases { ttl_ms } => {
+            Op::ExtendLeases { ttl_ms, reply } => {
                 let deadline = now.saturating_add(ttl_ms);
-                let due = self
-                    .tasks(
-                        "SELECT task_id, body FROM tasks WHERE region = $1 AND state = 2 \
-                         AND lease_deadline_ms < $2 ORDER BY lease_deadline_ms, task_id FOR UPDATE",
-                        &[&self.region, &deadline],
-                    )
-                    .await?;
-                let mut out = Vec::with_capacity(due.len());
-                for mut task in due {
-                    task.lease_deadline_unix_ms = deadline;
-                    touch(&mut task, now);
-                    self.write(&task).await?;
-                    changes.push(Change::of(Some(TaskState::Leased), &task));
-                    out.push(task);
-                }
-                Ok(Reply::Many(out))
+                answer(reply, self.extend_leases(deadline, now, changes)).await
             }
-            Op::MarkTakenOver { ids, takeover } => {
-                let mut out = Vec::new();
-                for id in &ids {
-                    let mut task = match self.read(id).await {
-                        Ok(Some(t)) if !is_terminal(t.state()) => t,
-                        Ok(_) => continue,
-                        Err(e @ (StoreError::Db(_) | StoreError::Unavailable(_))) => {
-                            return Err(e);
-                        }
-                        Err(e) => {
-                            self.shared.undecodable(&e);
-                            continue;
-                        }
-                    };
-                    let before = task.state();
-                    task.set_state(TaskState::Cancelled);
-                    clear_lease(&mut task);
-                    task.error = format!(
-                        "taken over by region {} (epoch {} of {})",
-                        takeover.to_region, takeover.from_epoch, takeover.from_region
-                    );
-                    task.taken_over = Some(takeover.clone());
-                    touch(&mut task, now);
-                    self.write(&task).await?;
-                    changes.push(Change::of(Some(before), &task));
-                    out.push(task);
-                }
-                Ok(Reply::Many(out))
-            }
-            Op::Restore(task) => self
-                .restore(*task, now, changes)
-                .await
-                .map(|(t, stored)| Reply::Cancel(Box::new(t), stored)),
-            Op::Flush => Ok(Reply::Unit),
+            Op::MarkTakenOver {
+                ids,
+                takeover,
+                reply,
+            } => answer(reply, self.mark_taken_over(&ids, &takeover, now, changes)).await,
+            Op::Restore { task, reply } => answer(reply, self.restore(*task, now, changes)).await,
+            Op::Flush { reply } => Applied::answer(reply, Ok(())),
         }
+    }
+
+    /// Inserts each task on its own; a storage error fails them all.
+    async fn insert_all(
+        &self,
+        tasks: Vec<Task>,
+        now: i64,
+        changes: &mut Vec<Change>,
+    ) -> Result<Outcomes, StoreError> {
+        let mut out = Vec::with_capacity(tasks.len());
+        for task in tasks {
+            let done = self.insert(task, now, changes).await;
+            if let Some(e) = requests::fatal(&done) {
+                // The transaction is unusable: all or nothing.
+                return Err(e.clone());
+            }
+            out.push(done);
+        }
+        Ok(out)
+    }
+
+    async fn renew(
+        &self,
+        agent: &str,
+        id: &str,
+        deadline: i64,
+        now: i64,
+        changes: &mut Vec<Change>,
+    ) -> Result<Task, StoreError> {
+        let mut task = self.held(agent, id).await?;
+        task.lease_deadline_unix_ms = deadline;
+        touch(&mut task, now);
+        self.write(&task).await?;
+        changes.push(Change::of(Some(TaskState::Leased), &task));
+        Ok(task)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn complete(
+        &self,
+        agent: &str,
+        id: &str,
+        success: bool,
+        result: Vec<u8>,
+        error: String,
+        now: i64,
+        changes: &mut Vec<Change>,
+    ) -> Result<Task, StoreError> {
+        let mut task = self.held(agent, id).await?;
+        task.set_state(if success {
+            TaskState::Succeeded
+        } else {
+            TaskState::Failed
+        });
+        clear_lease(&mut task);
+        task.result = result;
+        task.error = error;
+        touch(&mut task, now);
+        self.write(&task).await?;
+        changes.push(Change::of(Some(TaskState::Leased), &task));
+        Ok(task)
+    }
+
+    async fn cancel(
+        &self,
+        id: &str,
+        reason: String,
+        now: i64,
+        changes: &mut Vec<Change>,
+    ) -> Result<CancelOutcome, StoreError> {
+        let mut task = self.must_read(id).await?;
+        if is_terminal(task.state()) {
+            return Ok(CancelOutcome {
+                task,
+                cancelled: false,
+            });
+        }
+        let before = task.state();
+        task.set_state(TaskState::Cancelled);
+        clear_lease(&mut task);
+        task.error = if reason.is_empty() {
+            "cancelled".to_string()
+        } else {
+            reason
+        };
+        touch(&mut task, now);
+        self.write(&task).await?;
+        changes.push(Change::of(Some(before), &task));
+        Ok(CancelOutcome {
+            task,
+            cancelled: true,
+        })
+    }
+
+    async fn expire(
+        &self,
+        max_attempts: u32,
+        fence: Option<i64>,
+        now: i64,
+        changes: &mut Vec<Change>,
+    ) -> Result<Vec<Task>, StoreError> {
+        if let Some(token) = fence {
+            self.fenced(token).await?;
+        }
+        let limit = i64::try_from(MAX_EXPIRE_BATCH).unwrap_or(i64::MAX);
+        let due = self
+            .tasks(
+                "SELECT task_id, body FROM tasks WHERE region = $1 AND state = 2 \
+                 AND lease_deadline_ms < $2 ORDER BY lease_deadline_ms, task_id \
+                 LIMIT $3 FOR UPDATE SKIP LOCKED",
+                &[&self.region, &now, &limit],
+            )
+            .await?;
+        let mut out = Vec::with_capacity(due.len());
+        for mut task in due {
+            if task.attempts >= max_attempts {
+                task.set_state(TaskState::Failed);
+                clear_lease(&mut task);
+                task.error = format!("lease expired {} times (agent lost)", task.attempts);
+                touch(&mut task, now);
+                self.write(&task).await?;
+                changes.push(Change::of(Some(TaskState::Leased), &task));
+                out.push(task);
+            } else {
+                out.push(self.requeue(task, now, changes).await?);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn put_agent(&self, record: &AgentRecord) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(record)
+            .map_err(|e| StoreError::Invalid(format!("agent record: {e}")))?;
+        self.txn
+            .execute(
+                "INSERT INTO agents (region, agent_id, record) VALUES ($1, $2, $3) \
+                 ON CONFLICT (region, agent_id) DO UPDATE SET record = EXCLUDED.record",
+                &[&self.region, &record.id, &bytes],
+            )
+            .await
+            .map_err(|e| self.db(&e))?;
+        Ok(())
+    }
+
+    async fn forget_agent(
+        &self,
+        agent: &str,
+        now: i64,
+        changes: &mut Vec<Change>,
+    ) -> Result<Vec<Task>, StoreError> {
+        let requeued = self.requeue_agent(agent, now, changes).await?;
+        self.txn
+            .execute(
+                "DELETE FROM agents WHERE region = $1 AND agent_id = $2",
+                &[&self.region, &agent],
+            )
+            .await
+            .map_err(|e| self.db(&e))?;
+        Ok(requeued)
+    }
+
+    async fn extend_leases(
+        &self,
+        deadline: i64,
+        now: i64,
+        changes: &mut Vec<Change>,
+    ) -> Result<Vec<Task>, StoreError> {
+        let due = self
+            .tasks(
+                "SELECT task_id, body FROM tasks WHERE region = $1 AND state = 2 \
+                 AND lease_deadline_ms < $2 ORDER BY lease_deadline_ms, task_id FOR UPDATE",
+                &[&self.region, &deadline],
+            )
+            .await?;
+        let mut out = Vec::with_capacity(due.len());
+        for mut task in due {
+            task.lease_deadline_unix_ms = deadline;
+            touch(&mut task, now);
+            self.write(&task).await?;
+            changes.push(Change::of(Some(TaskState::Leased), &task));
+            out.push(task);
+        }
+        Ok(out)
+    }
+
+    async fn mark_taken_over(
+        &self,
+        ids: &[String],
+        takeover: &Takeover,
+        now: i64,
+        changes: &mut Vec<Change>,
+    ) -> Result<Vec<Task>, StoreError> {
+        let mut out = Vec::new();
+        for id in ids {
+            let mut task = match self.read(id).await {
+                Ok(Some(t)) if !is_terminal(t.state()) => t,
+                Ok(_) => continue,
+                Err(e @ (StoreError::Db(_) | StoreError::Unavailable(_))) => {
+                    return Err(e);
+                }
+                Err(e) => {
+                    self.shared.undecodable(&e);
+                    continue;
+                }
+            };
+            let before = task.state();
+            task.set_state(TaskState::Cancelled);
+            clear_lease(&mut task);
+            task.error = format!(
+                "taken over by region {} (epoch {} of {})",
+                takeover.to_region, takeover.from_epoch, takeover.from_region
+            );
+            task.taken_over = Some(takeover.clone());
+            touch(&mut task, now);
+            self.write(&task).await?;
+            changes.push(Change::of(Some(before), &task));
+            out.push(task);
+        }
+        Ok(out)
     }
 
     async fn insert(
@@ -1852,7 +1692,7 @@ impl Tx<'_, '_> {
         mut task: Task,
         now: i64,
         changes: &mut Vec<Change>,
-    ) -> Result<(Task, bool), StoreError> {
+    ) -> Result<bool, StoreError> {
         if task.task_id.is_empty() {
             return Err(StoreError::Invalid("task id is empty".into()));
         }
@@ -1904,15 +1744,23 @@ impl Tx<'_, '_> {
             self.create(&task).await?
         };
         if !created {
-            return Ok((task, false));
+            return Ok(false);
         }
         changes.push(Change {
             before: None,
             after: task.state(),
-            task: task.clone(),
+            task,
         });
-        Ok((task, true))
+        Ok(true)
     }
+}
+
+/// The answer to a request other than an insert, once `result` is done.
+async fn answer<R: Send + 'static>(
+    reply: Reply<R>,
+    result: impl std::future::Future<Output = Result<R, StoreError>>,
+) -> Applied {
+    Applied::answer(reply, result.await)
 }
 
 impl Change {

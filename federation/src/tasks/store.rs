@@ -4,21 +4,22 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use federation_api::{Takeover, Task, TaskState};
 use prost::Message;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
-use tokio::sync::{Notify, broadcast, mpsc, oneshot};
+use tokio::sync::{Notify, broadcast, mpsc};
 
+use super::journal::Journal;
+use super::requests::{self, Applied, Op, Outcomes, Requests, Settled};
 use super::witness::{self, Mark};
 use super::{
-    AgentRecord, BatchInsert, Clock, Counts, InsertOutcome, RecordState, RecordedInsert,
-    StoreError, SystemClock, is_terminal, state_name,
+    AgentRecord, CancelOutcome, Clock, Counts, InsertOutcome, RecordState, StoreError, SystemClock,
+    is_terminal, state_name,
 };
-use crate::audit::{DecisionLog, PendingRecord};
 
 /// The most requests one write transaction applies (one fsync).
 pub const MAX_BATCH: usize = 1024;
@@ -108,6 +109,8 @@ struct Shared {
     witness: witness::Writer,
     /// Task records found undecodable by any scan: id → why.
     undecodable: Mutex<std::collections::BTreeMap<String, String>>,
+    /// Where inserts append the records they carry, bound once.
+    journal: OnceLock<Arc<dyn Journal>>,
 }
 
 impl Shared {
@@ -143,121 +146,6 @@ impl Drop for Inner {
     }
 }
 
-pub(super) enum Op {
-    Insert(Box<Task>),
-    /// Inserts in one transaction; the records (one per task, for those
-    /// created) go to the log in the same batch.
-    InsertBatch {
-        tasks: Vec<Task>,
-        records: Option<(DecisionLog, Vec<PendingRecord>)>,
-    },
-    Lease {
-        agent: String,
-        max: usize,
-        ttl_ms: i64,
-        skip: Option<Arc<std::collections::HashSet<String>>>,
-    },
-    Renew {
-        agent: String,
-        id: String,
-        ttl_ms: i64,
-    },
-    Complete {
-        agent: String,
-        id: String,
-        success: bool,
-        result: Vec<u8>,
-        error: String,
-    },
-    Cancel {
-        id: String,
-        reason: String,
-    },
-    Expire {
-        max_attempts: u32,
-        /// The leader's fencing token (database backend; none: unfenced).
-        fence: Option<i64>,
-    },
-    RequeueAgent {
-        agent: String,
-    },
-    PutAgent(Box<AgentRecord>),
-    ForgetAgent {
-        agent: String,
-    },
-    ExtendLeases {
-        ttl_ms: i64,
-    },
-    MarkTakenOver {
-        ids: Vec<String>,
-        takeover: Takeover,
-    },
-    Restore(Box<Task>),
-    Flush,
-}
-
-pub(super) enum Reply {
-    Insert(Box<InsertOutcome>),
-    Inserts(Vec<Result<InsertOutcome, StoreError>>),
-    One(Box<Task>),
-    Cancel(Box<Task>, bool),
-    Many(Vec<Task>),
-    Unit,
-}
-
-pub(super) struct Request {
-    pub(super) op: Op,
-    /// A decision-log record to append in the same batch (inserts only).
-    pub(super) record: Option<(DecisionLog, PendingRecord)>,
-    pub(super) reply: oneshot::Sender<Answer>,
-}
-
-/// The sending half of a store's writer channel: how the async facade of
-/// either backend hands an operation to its writer thread and waits for the
-/// answer. Closing it lets the writer finish what it holds and exit.
-pub(super) struct Requests(Option<mpsc::UnboundedSender<Request>>);
-
-impl Requests {
-    pub(super) fn new(tx: mpsc::UnboundedSender<Request>) -> Self {
-        Self(Some(tx))
-    }
-
-    /// Closes the channel (the writer drains and exits).
-    pub(super) fn close(&mut self) {
-        self.0.take();
-    }
-
-    /// Sends `op` and waits for its reply.
-    pub(super) async fn call(&self, op: Op) -> Result<Reply, StoreError> {
-        self.call_recorded(op, None).await.result
-    }
-
-    /// Sends `op` with a decision-log record to append in its batch.
-    pub(super) async fn call_recorded(
-        &self,
-        op: Op,
-        record: Option<(DecisionLog, PendingRecord)>,
-    ) -> Answer {
-        let closed = || Answer {
-            result: Err(StoreError::Closed),
-            record: RecordState::NotWritten,
-        };
-        let (reply, rx) = oneshot::channel();
-        let Some(tx) = self.0.as_ref() else {
-            return closed();
-        };
-        if tx.send(Request { op, record, reply }).is_err() {
-            return closed();
-        }
-        rx.await.unwrap_or_else(|_| closed())
-    }
-}
-
-pub(super) struct Answer {
-    pub(super) result: Result<Reply, StoreError>,
-    pub(super) record: RecordState,
-}
-
 trait DbResult<T> {
     fn db(self) -> Result<T, StoreError>;
 }
@@ -266,49 +154,6 @@ impl<T, E: std::fmt::Display> DbResult<T> for Result<T, E> {
     fn db(self) -> Result<T, StoreError> {
         self.map_err(|e| StoreError::Db(e.to_string()))
     }
-}
-
-/// Takes the records out of an [`Op::InsertBatch`] (the writer appends them
-/// for the tasks the batch created).
-pub(super) fn take_batch_records(op: &mut Op) -> Option<(DecisionLog, Vec<PendingRecord>)> {
-    match op {
-        Op::InsertBatch { records, .. } => records.take(),
-        _ => None,
-    }
-}
-
-/// The records of the tasks an [`Op::InsertBatch`] created, named after them.
-pub(super) fn created_records(
-    records: Vec<PendingRecord>,
-    outcomes: &[Result<InsertOutcome, StoreError>],
-) -> Vec<PendingRecord> {
-    records
-        .into_iter()
-        .zip(outcomes)
-        .filter_map(|(mut r, o)| match o {
-            Ok(InsertOutcome::Created(t)) => {
-                r.set_task_id(&t.task_id);
-                Some(r)
-            }
-            _ => None,
-        })
-        .collect()
-}
-
-pub(super) fn ttl_ms(ttl: Duration) -> i64 {
-    i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX / 4)
-}
-
-pub(super) fn unexpected(reply: Reply) -> StoreError {
-    let what = match reply {
-        Reply::Insert(_) => "insert",
-        Reply::Inserts(_) => "inserts",
-        Reply::One(_) => "task",
-        Reply::Cancel(..) => "cancel",
-        Reply::Many(_) => "tasks",
-        Reply::Unit => "unit",
-    };
-    StoreError::Db(format!("internal: unexpected {what} reply from the writer"))
 }
 
 impl RedbStore {
@@ -369,6 +214,7 @@ impl RedbStore {
             mark: Mutex::new(mark),
             witness,
             undecodable: Mutex::new(Default::default()),
+            journal: OnceLock::new(),
         });
         for e in &undecodable {
             shared.undecodable(e);
@@ -399,68 +245,18 @@ impl RedbStore {
         &self.inner.path
     }
 
-    /// Stores a new task, durably (committed with fsync) before it returns.
-    /// If `task.idempotency_key` is non-empty and a task with that key exists,
-    /// or a task with the same `task_id` exists, returns
-    /// [`InsertOutcome::Deduplicated`] with it and stores nothing. Sets state
-    /// QUEUED, version 1, clears any lease, and sets `created_unix_ms` /
-    /// `updated_unix_ms` when zero. `attempts`, `taken_over` and the rest are
-    /// kept as given (a takeover restores tasks through this call).
-    pub async fn insert(&self, task: Task) -> Result<InsertOutcome, StoreError> {
-        match self.inner.tx.call(Op::Insert(Box::new(task))).await? {
-            Reply::Insert(o) => Ok(*o),
-            other => Err(unexpected(other)),
-        }
+    /// The writer channel: every mutation ([`super::TaskStore`]'s).
+    pub(super) fn requests(&self) -> &Requests {
+        &self.inner.tx
     }
 
-    /// [`TaskStore::insert`] that also appends `record` to `log` in the same
-    /// batch: the record is renamed to the task the insert produced (the
-    /// stored one when deduplicated) and appended while the batch commits,
-    /// and the call returns once both are durable. Nothing is appended when
-    /// the insert itself is refused; when the commit fails after the record
-    /// was appended, [`RecordedInsert::record`] says so (the caller then
-    /// appends a correcting record).
-    pub async fn insert_recorded(
-        &self,
-        task: Task,
-        log: &DecisionLog,
-        record: PendingRecord,
-    ) -> RecordedInsert {
-        let answer = self
-            .inner
-            .tx
-            .call_recorded(Op::Insert(Box::new(task)), Some((log.clone(), record)))
-            .await;
-        RecordedInsert {
-            outcome: match answer.result {
-                Ok(Reply::Insert(o)) => Ok(*o),
-                Ok(other) => Err(unexpected(other)),
-                Err(e) => Err(e),
-            },
-            record: answer.record,
-        }
-    }
-
-    /// See [`super::TaskStore::insert_batch`]: one write transaction, one
-    /// fsync, the records appended while it commits.
-    pub async fn insert_batch(
-        &self,
-        tasks: Vec<Task>,
-        records: Option<(&DecisionLog, Vec<PendingRecord>)>,
-    ) -> BatchInsert {
-        let op = Op::InsertBatch {
-            tasks,
-            records: records.map(|(log, r)| (log.clone(), r)),
-        };
-        let answer = self.inner.tx.call_recorded(op, None).await;
-        BatchInsert {
-            outcomes: match answer.result {
-                Ok(Reply::Inserts(o)) => Ok(o),
-                Ok(other) => Err(unexpected(other)),
-                Err(e) => Err(e),
-            },
-            record: answer.record,
-        }
+    /// See [`super::TaskStore::bind_journal`].
+    pub fn bind_journal(&self, journal: Arc<dyn Journal>) -> Result<(), StoreError> {
+        self.inner
+            .shared
+            .journal
+            .set(journal)
+            .map_err(|_| bound_twice())
     }
 
     /// Records the decision log's head (its last durable record) in the
@@ -522,171 +318,6 @@ impl RedbStore {
             .unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Stores a task as it was elsewhere (rebuilding a store from a
-    /// snapshot): a terminal task keeps its state and result, a pending one
-    /// is QUEUED with its lease cleared. An id already stored is left alone
-    /// (returns false).
-    pub async fn restore(&self, task: Task) -> Result<bool, StoreError> {
-        match self.inner.tx.call(Op::Restore(Box::new(task))).await? {
-            Reply::Cancel(_, stored) => Ok(stored),
-            other => Err(unexpected(other)),
-        }
-    }
-
-    /// Leases up to `max` (at most [`MAX_LEASE_BATCH`]) QUEUED tasks, highest
-    /// priority first, then oldest, to `agent_id` with deadline now + `ttl`;
-    /// each one's `attempts` is incremented and its state becomes LEASED.
-    pub async fn lease(
-        &self,
-        agent_id: &str,
-        max: usize,
-        ttl: Duration,
-    ) -> Result<Vec<Task>, StoreError> {
-        if agent_id.is_empty() {
-            return Err(StoreError::Invalid("agent id is empty".into()));
-        }
-        if max == 0 {
-            return Ok(Vec::new());
-        }
-        self.lease_except(agent_id, max, ttl, None).await
-    }
-
-    /// [`TaskStore::lease`], leaving the QUEUED tasks whose ids are in `skip`
-    /// in the queue (the start-up fence of replication: tasks that a backup
-    /// may have taken over are not leased until the backups were heard).
-    pub async fn lease_except(
-        &self,
-        agent_id: &str,
-        max: usize,
-        ttl: Duration,
-        skip: Option<Arc<std::collections::HashSet<String>>>,
-    ) -> Result<Vec<Task>, StoreError> {
-        if agent_id.is_empty() {
-            return Err(StoreError::Invalid("agent id is empty".into()));
-        }
-        if max == 0 {
-            return Ok(Vec::new());
-        }
-        let op = Op::Lease {
-            agent: agent_id.to_string(),
-            max: max.min(MAX_LEASE_BATCH),
-            ttl_ms: ttl_ms(ttl),
-            skip,
-        };
-        match self.inner.tx.call(op).await? {
-            Reply::Many(t) => Ok(t),
-            other => Err(unexpected(other)),
-        }
-    }
-
-    /// Extends the lease of `task_id` to now + `ttl`. Only the holder may.
-    pub async fn renew(
-        &self,
-        agent_id: &str,
-        task_id: &str,
-        ttl: Duration,
-    ) -> Result<Task, StoreError> {
-        let op = Op::Renew {
-            agent: agent_id.to_string(),
-            id: task_id.to_string(),
-            ttl_ms: ttl_ms(ttl),
-        };
-        match self.inner.tx.call(op).await? {
-            Reply::One(t) => Ok(*t),
-            other => Err(unexpected(other)),
-        }
-    }
-
-    /// Finishes a leased task: SUCCEEDED or FAILED with its result and error.
-    /// Only the holder may; a terminal task gives [`StoreError::Terminal`].
-    pub async fn complete(
-        &self,
-        agent_id: &str,
-        task_id: &str,
-        success: bool,
-        result: Vec<u8>,
-        error: String,
-    ) -> Result<Task, StoreError> {
-        let op = Op::Complete {
-            agent: agent_id.to_string(),
-            id: task_id.to_string(),
-            success,
-            result,
-            error,
-        };
-        match self.inner.tx.call(op).await? {
-            Reply::One(t) => Ok(*t),
-            other => Err(unexpected(other)),
-        }
-    }
-
-    /// Cancels a task that has not finished. Returns the task and whether it
-    /// was cancelled now (false when it was already terminal, not an error).
-    /// The reason (or "cancelled") goes to the task's `error`.
-    pub async fn cancel(&self, task_id: &str, reason: &str) -> Result<(Task, bool), StoreError> {
-        let op = Op::Cancel {
-            id: task_id.to_string(),
-            reason: reason.to_string(),
-        };
-        match self.inner.tx.call(op).await? {
-            Reply::Cancel(t, c) => Ok((*t, c)),
-            other => Err(unexpected(other)),
-        }
-    }
-
-    /// Takes back leases past their deadline: the task is QUEUED again
-    /// (attempts kept) or, when `attempts >= max_attempts`, FAILED with error
-    /// "lease expired N times (agent lost)". Returns the changed tasks.
-    pub async fn expire_leases(&self, max_attempts: u32) -> Result<Vec<Task>, StoreError> {
-        match self
-            .inner
-            .tx
-            .call(Op::Expire {
-                max_attempts,
-                fence: None,
-            })
-            .await?
-        {
-            Reply::Many(t) => Ok(t),
-            other => Err(unexpected(other)),
-        }
-    }
-
-    /// Queues again every task currently LEASED by `agent_id` (the agent was
-    /// declared dead). Attempts are kept. Returns the requeued tasks.
-    pub async fn requeue_agent(&self, agent_id: &str) -> Result<Vec<Task>, StoreError> {
-        let op = Op::RequeueAgent {
-            agent: agent_id.to_string(),
-        };
-        match self.inner.tx.call(op).await? {
-            Reply::Many(t) => Ok(t),
-            other => Err(unexpected(other)),
-        }
-    }
-
-    /// Records (or updates) a registered agent, durably.
-    pub async fn put_agent(&self, record: AgentRecord) -> Result<(), StoreError> {
-        if record.id.is_empty() {
-            return Err(StoreError::Invalid("agent id is empty".into()));
-        }
-        match self.inner.tx.call(Op::PutAgent(Box::new(record))).await? {
-            Reply::Unit => Ok(()),
-            other => Err(unexpected(other)),
-        }
-    }
-
-    /// Forgets an agent (declared dead): removes its record and queues again
-    /// every task it holds, in one transaction. Returns the requeued tasks.
-    pub async fn forget_agent(&self, agent_id: &str) -> Result<Vec<Task>, StoreError> {
-        let op = Op::ForgetAgent {
-            agent: agent_id.to_string(),
-        };
-        match self.inner.tx.call(op).await? {
-            Reply::Many(t) => Ok(t),
-            other => Err(unexpected(other)),
-        }
-    }
-
     /// Every registered agent, by id. A record that does not decode is
     /// skipped and logged (its leases expire as usual).
     pub fn agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
@@ -706,46 +337,6 @@ impl RedbStore {
             }
         }
         Ok(out)
-    }
-
-    /// Gives every lease at least `ttl` from now (the controller was down,
-    /// so its agents could not renew). Called once at start-up, before
-    /// leases are expired. Returns how many leases were extended.
-    pub async fn extend_leases(&self, ttl: Duration) -> Result<usize, StoreError> {
-        match self
-            .inner
-            .tx
-            .call(Op::ExtendLeases {
-                ttl_ms: ttl_ms(ttl),
-            })
-            .await?
-        {
-            Reply::Many(t) => Ok(t.len()),
-            other => Err(unexpected(other)),
-        }
-    }
-
-    /// Fencing for a returning primary: marks each listed task that is not
-    /// terminal as CANCELLED with `taken_over` set and error "taken over by
-    /// region R (epoch E)", so this region never runs it again. Unknown ids
-    /// are skipped. Returns the changed tasks.
-    pub async fn mark_taken_over(
-        &self,
-        task_ids: Vec<String>,
-        takeover: Takeover,
-    ) -> Result<Vec<Task>, StoreError> {
-        match self
-            .inner
-            .tx
-            .call(Op::MarkTakenOver {
-                ids: task_ids,
-                takeover,
-            })
-            .await?
-        {
-            Reply::Many(t) => Ok(t),
-            other => Err(unexpected(other)),
-        }
     }
 
     /// Task counts by state (in memory; rebuilt at open).
@@ -850,15 +441,11 @@ impl RedbStore {
         }
         tokio::time::timeout(timeout, notified).await.is_ok()
     }
+}
 
-    /// Returns when every request sent before it is committed. Every
-    /// acknowledged mutation already is; this is the shutdown barrier.
-    pub async fn flush(&self) -> Result<(), StoreError> {
-        match self.inner.tx.call(Op::Flush).await? {
-            Reply::Unit => Ok(()),
-            other => Err(unexpected(other)),
-        }
-    }
+/// The refusal of a second journal.
+pub(super) fn bound_twice() -> StoreError {
+    StoreError::Invalid("the task store is bound to a journal already".into())
 }
 
 pub(super) fn decode(id: &str, bytes: &[u8]) -> Result<Task, StoreError> {
@@ -1190,12 +777,13 @@ fn writer_loop(
     db: &Database,
     shared: &Shared,
     mut idem: IdemIndex,
-    rx: mpsc::UnboundedReceiver<Request>,
+    rx: mpsc::UnboundedReceiver<Op>,
 ) {
     let mut requests = crate::group_commit::Gatherer::new(rx, MAX_BATCH);
     // Ends when every sender is gone (the last TaskStore clone dropped).
     while let Some(batch) = requests.next_batch() {
-        run_batch(db, shared, &mut idem, batch);
+        let journal = shared.journal.get().map(|j| &**j);
+        run_batch(db, shared, &mut idem, journal, batch);
     }
 }
 
@@ -1218,176 +806,151 @@ impl Change {
     }
 }
 
-/// The records a batch appends to one decision log, and the replies they
-/// belong to.
-struct LogBatch {
-    log: DecisionLog,
-    records: Vec<PendingRecord>,
-    owners: Vec<usize>,
-}
-
-fn run_batch(db: &Database, shared: &Shared, idem: &mut IdemIndex, batch: Vec<Request>) {
-    let now = shared.clock.now_ms();
-    let mutating = batch.iter().any(|r| !matches!(r.op, Op::Flush));
-    if !mutating {
-        for r in batch {
-            let _ = r.reply.send(Answer {
-                result: Ok(Reply::Unit),
-                record: RecordState::NotWritten,
-            });
-        }
+fn run_batch(
+    db: &Database,
+    shared: &Shared,
+    idem: &mut IdemIndex,
+    journal: Option<&dyn Journal>,
+    batch: Vec<Op>,
+) {
+    let Some(batch) = requests::only_flushes(batch) else {
         return;
-    }
-    let watched = shared.events.receiver_count() > 0;
-    let mut changes = Vec::new();
-    let mut replies: Vec<(oneshot::Sender<Answer>, Result<Reply, StoreError>)> =
-        Vec::with_capacity(batch.len());
-    let mut logs: Vec<LogBatch> = Vec::new();
-    let outcome = (|| -> Result<(), StoreError> {
-        let txn = db.begin_write().db()?;
-        {
-            let mut t = Tables {
-                shared,
-                txn: &txn,
-                tasks: txn.open_table(TASKS).db()?,
-                idem: &mut *idem,
-                queue: txn.open_table(QUEUE).db()?,
-                leases: txn.open_table(LEASES).db()?,
-                watched,
-            };
-            for mut req in batch {
-                let batch_records = take_batch_records(&mut req.op);
-                let result = t.apply(req.op, now, &mut changes);
-                if let Err(StoreError::Db(e)) = &result {
-                    // The transaction may hold part of this request: abort it
-                    // all; every caller of the batch gets the error, and no
-                    // record of the batch has been appended.
-                    let err = StoreError::Db(e.clone());
-                    for (reply, _) in replies.drain(..) {
-                        let _ = reply.send(Answer {
-                            result: Err(err.clone()),
-                            record: RecordState::NotWritten,
-                        });
-                    }
-                    let _ = req.reply.send(Answer {
-                        result: Err(err.clone()),
-                        record: RecordState::NotWritten,
-                    });
-                    return Err(err);
-                }
-                if let (Some((log, mut record)), Ok(Reply::Insert(o))) = (req.record, &result) {
-                    record.set_task_id(&o.task().task_id);
-                    let at = match logs.iter().position(|b| b.log.same_log(&log)) {
-                        Some(i) => i,
-                        None => {
-                            logs.push(LogBatch {
-                                log,
-                                records: Vec::new(),
-                                owners: Vec::new(),
-                            });
-                            logs.len() - 1
-                        }
-                    };
-                    logs[at].records.push(record);
-                    logs[at].owners.push(replies.len());
-                }
-                if let (Some((log, records)), Ok(Reply::Inserts(o))) = (batch_records, &result) {
-                    let records = created_records(records, o);
-                    if !records.is_empty() {
-                        logs.push(LogBatch {
-                            log,
-                            records,
-                            owners: vec![replies.len()],
-                        });
-                    }
-                }
-                replies.push((req.reply, result));
-            }
-        }
-        // The marks move in the same transaction as the work they count.
-        let created = changes.iter().filter(|c| c.before.is_none()).count() as u64;
-        let before = *shared.mark.lock().unwrap_or_else(|e| e.into_inner());
-        let mark = Mark {
-            commit: before.commit.saturating_add(1),
-            created: before.created.saturating_add(created),
-        };
-        if let Err(e) = write_mark(&txn, mark) {
-            for (reply, _) in replies.drain(..) {
-                let _ = reply.send(Answer {
-                    result: Err(e.clone()),
-                    record: RecordState::NotWritten,
-                });
-            }
-            return Err(e);
-        }
-        // The decision records are written and synced by the log's writer
-        // while this transaction commits; both are durable before anyone
-        // hears back.
-        let receipts: Vec<_> = logs
-            .iter_mut()
-            .map(|b| b.log.append_batch(std::mem::take(&mut b.records)))
-            .collect();
-        let commit_started = std::time::Instant::now();
-        let committed = txn.commit().db();
-        shared
-            .commit_seconds
-            .observe(commit_started.elapsed().as_secs_f64());
-        let mut states = vec![RecordState::NotWritten; replies.len()];
-        for (b, receipt) in logs.iter().zip(receipts) {
-            let state = match receipt.wait() {
-                Ok(_) => RecordState::Written,
-                Err(e) => {
-                    tracing::error!(error = %e, "appending decision records failed");
-                    RecordState::Failed(e.to_string())
-                }
-            };
-            for &i in &b.owners {
-                states[i] = state.clone();
-            }
-        }
-        match committed {
-            Ok(()) => {
-                shared.commits.fetch_add(1, Ordering::Relaxed);
-                *shared.mark.lock().unwrap_or_else(|e| e.into_inner()) = mark;
-                shared.witness.advance(mark);
-                idem.commit();
-                let mut any_queued = false;
-                {
-                    let mut counts = shared.counts();
-                    for c in &changes {
-                        if let Some(b) = c.before {
-                            counts.add(b, -1);
-                        }
-                        counts.add(c.after, 1);
-                        any_queued |= c.after == TaskState::Queued;
-                    }
-                }
-                for task in changes.into_iter().filter_map(|c| c.task) {
-                    let _ = shared.events.send(task);
-                }
-                for ((reply, result), record) in replies.drain(..).zip(states) {
-                    let _ = reply.send(Answer { result, record });
-                }
-                if any_queued {
-                    shared.queued.notify_waiters();
-                }
-                Ok(())
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "task store commit failed");
-                for ((reply, _), record) in replies.drain(..).zip(states) {
-                    let _ = reply.send(Answer {
-                        result: Err(e.clone()),
-                        record,
-                    });
-                }
-                Err(e)
-            }
-        }
-    })();
-    if outcome.is_err() {
+    };
+    if apply_batch(db, shared, idem, journal, batch).is_err() {
         idem.abort();
     }
+}
+
+/// Applies a batch in one write transaction, hands its records to the
+/// journal while the transaction commits, and answers every request once
+/// both are durable (or with the error that failed the batch).
+fn apply_batch(
+    db: &Database,
+    shared: &Shared,
+    idem: &mut IdemIndex,
+    journal: Option<&dyn Journal>,
+    batch: Vec<Op>,
+) -> Result<(), StoreError> {
+    let now = shared.clock.now_ms();
+    let watched = shared.events.receiver_count() > 0;
+    let mut changes = Vec::new();
+    let txn = match db.begin_write().db() {
+        Ok(txn) => txn,
+        Err(e) => {
+            requests::fail(Vec::new(), batch, e.clone());
+            return Err(e);
+        }
+    };
+    let mut applied = Vec::with_capacity(batch.len());
+    {
+        let opened = (|| -> Result<_, StoreError> {
+            Ok((
+                txn.open_table(TASKS).db()?,
+                txn.open_table(QUEUE).db()?,
+                txn.open_table(LEASES).db()?,
+            ))
+        })();
+        let (tasks, queue, leases) = match opened {
+            Ok(tables) => tables,
+            Err(e) => {
+                requests::fail(Vec::new(), batch, e.clone());
+                return Err(e);
+            }
+        };
+        let mut t = Tables {
+            shared,
+            txn: &txn,
+            tasks,
+            idem: &mut *idem,
+            queue,
+            leases,
+            watched,
+        };
+        let mut ops = batch.into_iter();
+        while let Some(op) = ops.next() {
+            let done = t.apply(op, now, &mut changes);
+            if let Some(e) = done.fatal().cloned() {
+                // The transaction may hold part of this request: abort it
+                // all; every caller of the batch gets the error, and no
+                // record of the batch has been appended.
+                applied.push(done);
+                let (answers, _) = requests::answers(applied, journal.is_some());
+                requests::fail(answers, ops, e.clone());
+                return Err(e);
+            }
+            applied.push(done);
+        }
+    }
+    let (answers, records) = requests::answers(applied, journal.is_some());
+    // The marks move in the same transaction as the work they count.
+    let created = changes.iter().filter(|c| c.before.is_none()).count() as u64;
+    let before = *shared.mark.lock().unwrap_or_else(|e| e.into_inner());
+    let mark = Mark {
+        commit: before.commit.saturating_add(1),
+        created: before.created.saturating_add(created),
+    };
+    if let Err(e) = write_mark(&txn, mark) {
+        requests::fail(answers, Vec::new(), e.clone());
+        return Err(e);
+    }
+    // The decision records are written and synced by the journal while
+    // this transaction commits; both are durable before anyone hears back.
+    let receipt = match journal {
+        Some(j) if !records.is_empty() => Some(j.append_batch(records)),
+        _ => None,
+    };
+    let commit_started = std::time::Instant::now();
+    let committed = txn.commit().db();
+    shared
+        .commit_seconds
+        .observe(commit_started.elapsed().as_secs_f64());
+    let records = match receipt.map(|r| r.wait()) {
+        None => RecordState::NotWritten,
+        Some(Ok(())) => RecordState::Written,
+        Some(Err(e)) => {
+            tracing::error!(error = %e, "appending decision records failed");
+            RecordState::Failed(e)
+        }
+    };
+    if let Err(e) = &committed {
+        tracing::error!(error = %e, "task store commit failed");
+    } else {
+        shared.commits.fetch_add(1, Ordering::Relaxed);
+        *shared.mark.lock().unwrap_or_else(|e| e.into_inner()) = mark;
+        shared.witness.advance(mark);
+        idem.commit();
+    }
+    let settled = Settled {
+        committed: committed.clone(),
+        records,
+    };
+    if committed.is_err() {
+        for a in answers {
+            a.settle(&settled);
+        }
+        return committed;
+    }
+    let mut any_queued = false;
+    {
+        let mut counts = shared.counts();
+        for c in &changes {
+            if let Some(b) = c.before {
+                counts.add(b, -1);
+            }
+            counts.add(c.after, 1);
+            any_queued |= c.after == TaskState::Queued;
+        }
+    }
+    for task in changes.into_iter().filter_map(|c| c.task) {
+        let _ = shared.events.send(task);
+    }
+    for a in answers {
+        a.settle(&settled);
+    }
+    if any_queued {
+        shared.queued.notify_waiters();
+    }
+    Ok(())
 }
 
 struct Tables<'t> {
@@ -1455,77 +1018,115 @@ impl Tables<'_> {
         Ok(())
     }
 
-    fn apply(&mut self, op: Op, now: i64, changes: &mut Vec<Change>) -> Result<Reply, StoreError> {
+    fn apply(&mut self, op: Op, now: i64, changes: &mut Vec<Change>) -> Applied {
         match op {
-            Op::Insert(task) => self
-                .insert(*task, now, changes)
-                .map(|o| Reply::Insert(Box::new(o))),
-            Op::InsertBatch { tasks, .. } => {
-                let mut out = Vec::with_capacity(tasks.len());
-                for task in tasks {
-                    match self.insert(task, now, changes) {
-                        // The transaction may hold part of it: all or nothing.
-                        Err(e @ StoreError::Db(_)) => return Err(e),
-                        o => out.push(o),
-                    }
-                }
-                Ok(Reply::Inserts(out))
-            }
+            Op::Insert {
+                task,
+                record,
+                reply,
+            } => Applied::Insert {
+                result: Box::new(self.insert(*task, now, changes)),
+                record,
+                reply,
+            },
+            Op::InsertBatch {
+                tasks,
+                records,
+                reply,
+            } => Applied::Batch {
+                result: self.insert_all(tasks, now, changes),
+                records,
+                reply,
+            },
             Op::Lease {
                 agent,
                 max,
                 ttl_ms,
                 skip,
-            } => self
-                .lease(
-                    &agent,
-                    max,
-                    skip.as_deref(),
-                    now.saturating_add(ttl_ms),
-                    now,
-                    changes,
-                )
-                .map(Reply::Many),
-            Op::Renew { agent, id, ttl_ms } => self
-                .renew(&agent, &id, now.saturating_add(ttl_ms), now, changes)
-                .map(|t| Reply::One(Box::new(t))),
+                reply,
+            } => {
+                let deadline = now.saturating_add(ttl_ms);
+                let leased = self.lease(&agent, max, skip.as_deref(), deadline, now, changes);
+                Applied::answer(reply, leased)
+            }
+            Op::Renew {
+                agent,
+                id,
+                ttl_ms,
+                reply,
+            } => {
+                let renewed = self.renew(&agent, &id, now.saturating_add(ttl_ms), now, changes);
+                Applied::answer(reply, renewed)
+            }
             Op::Complete {
                 agent,
                 id,
                 success,
                 result,
                 error,
-            } => self
-                .complete(&agent, &id, success, result, error, now, changes)
-                .map(|t| Reply::One(Box::new(t))),
-            Op::Cancel { id, reason } => self
-                .cancel(&id, &reason, now, changes)
-                .map(|(t, c)| Reply::Cancel(Box::new(t), c)),
-            Op::Expire { max_attempts, .. } => {
-                self.expire(max_attempts, now, changes).map(Reply::Many)
+                reply,
+            } => {
+                let done = self.complete(&agent, &id, success, result, error, now, changes);
+                Applied::answer(reply, done)
             }
-            Op::RequeueAgent { agent } => self.requeue_agent(&agent, now, changes).map(Reply::Many),
-            Op::PutAgent(record) => self.put_agent(&record).map(|()| Reply::Unit),
-            Op::ForgetAgent { agent } => {
-                let requeued = self.requeue_agent(&agent, now, changes)?;
-                self.txn
-                    .open_table(AGENTS)
-                    .db()?
-                    .remove(agent.as_str())
-                    .db()?;
-                Ok(Reply::Many(requeued))
+            Op::Cancel { id, reason, reply } => {
+                Applied::answer(reply, self.cancel(&id, &reason, now, changes))
             }
-            Op::ExtendLeases { ttl_ms } => self
-                .extend_leases(now.saturating_add(ttl_ms), now, changes)
-                .map(Reply::Many),
-            Op::MarkTakenOver { ids, takeover } => self
-                .mark_taken_over(&ids, &takeover, now, changes)
-                .map(Reply::Many),
-            Op::Restore(task) => self
-                .restore(*task, now, changes)
-                .map(|(t, stored)| Reply::Cancel(Box::new(t), stored)),
-            Op::Flush => Ok(Reply::Unit),
+            Op::Expire {
+                max_attempts,
+                reply,
+                ..
+            } => Applied::answer(reply, self.expire(max_attempts, now, changes)),
+            Op::RequeueAgent { agent, reply } => {
+                Applied::answer(reply, self.requeue_agent(&agent, now, changes))
+            }
+            Op::PutAgent { record, reply } => Applied::answer(reply, self.put_agent(&record)),
+            Op::ForgetAgent { agent, reply } => {
+                Applied::answer(reply, self.forget_agent(&agent, now, changes))
+            }
+            Op::ExtendLeases { ttl_ms, reply } => {
+                let deadline = now.saturating_add(ttl_ms);
+                Applied::answer(reply, self.extend_leases(deadline, now, changes))
+            }
+            Op::MarkTakenOver {
+                ids,
+                takeover,
+                reply,
+            } => Applied::answer(reply, self.mark_taken_over(&ids, &takeover, now, changes)),
+            Op::Restore { task, reply } => {
+                Applied::answer(reply, self.restore(*task, now, changes))
+            }
+            Op::Flush { reply } => Applied::answer(reply, Ok(())),
         }
+    }
+
+    /// Inserts each task on its own; a storage error fails them all.
+    fn insert_all(
+        &mut self,
+        tasks: Vec<Task>,
+        now: i64,
+        changes: &mut Vec<Change>,
+    ) -> Result<Outcomes, StoreError> {
+        let mut out = Vec::with_capacity(tasks.len());
+        for task in tasks {
+            match self.insert(task, now, changes) {
+                // The transaction may hold part of it: all or nothing.
+                Err(e @ StoreError::Db(_)) => return Err(e),
+                o => out.push(o),
+            }
+        }
+        Ok(out)
+    }
+
+    fn forget_agent(
+        &mut self,
+        agent: &str,
+        now: i64,
+        changes: &mut Vec<Change>,
+    ) -> Result<Vec<Task>, StoreError> {
+        let requeued = self.requeue_agent(agent, now, changes)?;
+        self.txn.open_table(AGENTS).db()?.remove(agent).db()?;
+        Ok(requeued)
     }
 
     fn insert(
@@ -1718,10 +1319,13 @@ impl Tables<'_> {
         reason: &str,
         now: i64,
         changes: &mut Vec<Change>,
-    ) -> Result<(Task, bool), StoreError> {
+    ) -> Result<CancelOutcome, StoreError> {
         let mut task = self.must_read(id)?;
         if is_terminal(task.state()) {
-            return Ok((task, false));
+            return Ok(CancelOutcome {
+                task,
+                cancelled: false,
+            });
         }
         let before = task.state();
         self.unindex(&task)?;
@@ -1735,7 +1339,10 @@ impl Tables<'_> {
         touch(&mut task, now);
         self.write(&task)?;
         changes.push(Change::of(Some(before), &task));
-        Ok((task, true))
+        Ok(CancelOutcome {
+            task,
+            cancelled: true,
+        })
     }
 
     /// Moves a LEASED task back to QUEUED (attempts kept).
@@ -1841,12 +1448,12 @@ impl Tables<'_> {
         mut task: Task,
         now: i64,
         changes: &mut Vec<Change>,
-    ) -> Result<(Task, bool), StoreError> {
+    ) -> Result<bool, StoreError> {
         if task.task_id.is_empty() {
             return Err(StoreError::Invalid("task id is empty".into()));
         }
         if self.tasks.get(task.task_id.as_str()).db()?.is_some() {
-            return Ok((task, false));
+            return Ok(false);
         }
         if TaskState::try_from(task.state).is_err() {
             return Err(StoreError::Invalid(format!(
@@ -1874,9 +1481,9 @@ impl Tables<'_> {
         changes.push(Change {
             before: None,
             after: task.state(),
-            task: self.watched.then(|| task.clone()),
+            task: self.watched.then_some(task),
         });
-        Ok((task, true))
+        Ok(true)
     }
 
     fn put_agent(&mut self, record: &AgentRecord) -> Result<(), StoreError> {
