@@ -414,8 +414,7 @@ async fn client_commands_against_one_federation() {
         .args(["--exec", "echo from-env-agent"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
-    let _agent =
-        federation::sandbox::ChildGuard::spawn("env agent", &mut agent_cmd).expect("agent");
+    let _agent = federation_sandbox::ChildGuard::spawn("env agent", &mut agent_cmd).expect("agent");
     let mut rest = String::new();
     tokio::time::timeout(
         PATIENCE,
@@ -474,7 +473,7 @@ async fn client_commands_against_one_federation() {
         err.contains("speaks TLS") && err.contains("drop --insecure"),
         "{err}"
     );
-    let free = federation::sandbox::free_port().expect("port").to_string();
+    let free = federation_sandbox::free_port().expect("port").to_string();
     let (code, _, err) = run(env, &["status", "--controller", &free, "--timeout", "5s"]).await;
     assert_eq!(code, 2, "unreachable controller exits 2: {err}");
     assert!(
@@ -599,7 +598,7 @@ async fn drain_sends_new_work_elsewhere_and_reload_refuses_a_bad_policy() {
         .expect("agent");
     let mut client = sandbox.client("north_america").await.expect("client");
     let req = || federation_api::SubmitTaskRequest {
-        attributes: federation::sandbox::string_attrs(&[("customer_region", "DE")]),
+        attributes: federation_sandbox::string_attrs(&[("customer_region", "DE")]),
         ..Default::default()
     };
     let first = client

@@ -9,8 +9,8 @@ mod support;
 use std::time::Duration;
 
 use federation::policy::Policy;
-use federation::sandbox::{SandboxBuilder, string_attrs};
 use federation_api as api;
+use federation_sandbox::{SandboxBuilder, string_attrs};
 use support::*;
 use tonic::Code;
 

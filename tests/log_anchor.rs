@@ -10,8 +10,8 @@ use std::path::Path;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use federation::sandbox::string_attrs;
 use federation_api as api;
+use federation_sandbox::string_attrs;
 use support::*;
 
 fn audit_verify(args: &[&str], env: &[(String, String)]) -> Output {
@@ -33,7 +33,7 @@ fn text(o: &Output) -> String {
     )
 }
 
-async fn submit_de(sandbox: &federation::sandbox::Sandbox, n: usize) {
+async fn submit_de(sandbox: &federation_sandbox::Sandbox, n: usize) {
     let mut client = sandbox.client("europe").await.expect("client");
     for _ in 0..n {
         client
@@ -50,7 +50,7 @@ async fn submit_de(sandbox: &federation::sandbox::Sandbox, n: usize) {
 /// Waits until europe recorded its head in its store, at least as far as
 /// its log file reaches now, and north_america witnessed that same head;
 /// returns it.
-async fn witnessed(sandbox: &federation::sandbox::Sandbox) -> api::LogHead {
+async fn witnessed(sandbox: &federation_sandbox::Sandbox) -> api::LogHead {
     let log = sandbox
         .data_dir("europe")
         .expect("dir")

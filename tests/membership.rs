@@ -3,8 +3,8 @@
 
 mod support;
 
-use federation::sandbox::string_attrs;
 use federation_api as api;
+use federation_sandbox::string_attrs;
 use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,8 +9,8 @@ mod support;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use federation::sandbox::string_attrs;
 use federation_api as api;
+use federation_sandbox::string_attrs;
 use support::*;
 
 /// Tokens of the sandbox's token file: an operator and a client.

@@ -12,8 +12,8 @@ use std::path::Path;
 
 use federation::replication::envelope::{NonceSource, Pipeline, SealParams};
 use federation::replication::{Key, KeyRing, SnapshotBody, receiver, seal_snapshot};
-use federation::sandbox::{Sandbox, SandboxBuilder, string_attrs};
 use federation_api as api;
+use federation_sandbox::{Sandbox, SandboxBuilder, string_attrs};
 use support::*;
 
 const SYNC: &str = "300ms";

@@ -6,8 +6,8 @@ mod support;
 
 use std::time::Duration;
 
-use federation::sandbox::{Sandbox, string_attrs};
 use federation_api as api;
+use federation_sandbox::{Sandbox, string_attrs};
 use federation_tls::dev::{DevCa, Validity, write_pair};
 use federation_tls::{ClientTls, Expect, Role};
 use support::{PATIENCE, formed, seed_requires_gdpr, seed_sandbox};
@@ -58,7 +58,7 @@ async fn certificates_are_checked_both_ways() {
     let ca = &sandbox.tls().expect("tls").ca;
 
     // A plaintext client is refused by a TLS controller.
-    let plain = federation::sandbox::connect(sandbox.addr("europe").expect("addr")).await;
+    let plain = federation_sandbox::connect(sandbox.addr("europe").expect("addr")).await;
     if let Ok(ch) = plain {
         let mut c = api::federation_client_client::FederationClientClient::new(ch);
         c.submit_task(submit(&[("customer_region", "DE")]))
@@ -396,7 +396,7 @@ async fn unattested_tag_is_dropped_and_routing_refuses() {
     // europe's certificate does not attest GDPR although the policy grants
     // it and europe advertises it: peers must not trust it.
     let sandbox =
-        federation::sandbox::SandboxBuilder::new(support::federation_exe(), seed_requires_gdpr())
+        federation_sandbox::SandboxBuilder::new(support::federation_exe(), seed_requires_gdpr())
             .attested_tags("europe", &[])
             .agents(0, 1)
             .start()

@@ -25,8 +25,8 @@ use std::time::{Duration, Instant};
 use federation::config::{Limits, Timers};
 use federation::controller::{self, Settings};
 use federation::policy::Policy;
-use federation::sandbox::{SandboxBuilder, string_attrs};
 use federation_api as api;
+use federation_sandbox::{SandboxBuilder, string_attrs};
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 
