@@ -84,12 +84,8 @@ fn assert_aligned(table: &str, header: &str, columns: &[&str]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_commands_against_one_federation() {
-    let mut sandbox = seed_sandbox().agents(1, 1).start().expect("sandbox starts");
+    let mut sandbox = formed(seed_sandbox().agents(1, 1)).await;
     let env: &[(String, String)] = &sandbox.cli_env("operator").expect("credentials");
-    sandbox
-        .wait_all_alive(PATIENCE)
-        .await
-        .expect("federation forms");
     let na = sandbox.addr("north_america").expect("addr").to_string();
     let eu = sandbox.addr("europe").expect("addr").to_string();
     let dir = tempfile::tempdir().expect("tempdir");
@@ -584,12 +580,8 @@ async fn client_commands_against_one_federation() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_sends_new_work_elsewhere_and_reload_refuses_a_bad_policy() {
-    let mut sandbox = seed_sandbox().agents(0, 1).start().expect("sandbox starts");
+    let mut sandbox = formed(seed_sandbox().agents(0, 1)).await;
     let env: &[(String, String)] = &sandbox.cli_env("operator").expect("credentials");
-    sandbox
-        .wait_all_alive(PATIENCE)
-        .await
-        .expect("federation forms");
     let eu = sandbox.addr("europe").expect("addr").to_string();
     let na = sandbox.addr("north_america").expect("addr").to_string();
     // A task that runs for a while holds a lease in europe.

@@ -115,7 +115,7 @@ async fn a_log_cut_short_emptied_or_rolled_back_is_detected() {
     sandbox.kill_controller("europe").expect("kill");
     copy_dir(&eu_dir, &backup);
     sandbox.start_controller("europe").expect("restart");
-    sandbox.wait_all_alive(PATIENCE).await.expect("europe back");
+    sandbox.wait_formed(PATIENCE).await.expect("europe back");
     submit_de(&sandbox, 3).await;
     let head = witnessed(&sandbox).await;
 

@@ -72,6 +72,14 @@ impl ChildGuard {
         None
     }
 
+    /// Whether the process has exited, without waiting: its status once it
+    /// has (the guard then holds no process).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        let status = self.child.as_mut()?.try_wait().ok()??;
+        self.child = None;
+        Some(status)
+    }
+
     /// Takes the child's piped stdout (when spawned with `Stdio::piped()`).
     pub fn stdout(&mut self) -> Option<std::process::ChildStdout> {
         self.child.as_mut().and_then(|c| c.stdout.take())

@@ -714,7 +714,7 @@ impl Sandbox {
     }
 
     /// The last lines each named controller logged, for a timeout's message.
-    fn log_tails<'a>(&self, names: impl Iterator<Item = &'a str>) -> String {
+    pub(crate) fn log_tails<'a>(&self, names: impl Iterator<Item = &'a str>) -> String {
         let mut out = String::new();
         let mut seen = std::collections::BTreeSet::new();
         for name in names.filter(|n| seen.insert(*n)) {
@@ -785,20 +785,6 @@ impl Sandbox {
         bail!(
             "timed out after {patience:?} waiting for {viewer} to see {region} {what}; last row {last:?}"
         )
-    }
-
-    /// Waits until every controller sees every other region alive.
-    pub async fn wait_all_alive(&self, patience: Duration) -> anyhow::Result<()> {
-        let names = self.region_names();
-        for viewer in &names {
-            let expect: Vec<(&str, &str)> = names
-                .iter()
-                .filter(|n| *n != viewer)
-                .map(|n| (n.as_str(), "alive"))
-                .collect();
-            self.wait_for_states(viewer, &expect, patience).await?;
-        }
-        Ok(())
     }
 
     /// Waits (bounded) until the task is terminal; returns it as last read.

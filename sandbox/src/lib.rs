@@ -1,5 +1,6 @@
 //! The federation's test harness: local federations of real controller and
-//! agent processes on loopback (`federation`, with scenario helpers), child
+//! agent processes on loopback (`federation`; `scenario`: start until formed,
+//! kill until seen dead, restart until seen alive), child
 //! process guards, free ports, a throwaway PostgreSQL server (`pg`) and the
 //! fixtures every test shares. Used by `federation demo`, the integration
 //! tests, the benches and the library's unit tests; never linked into a
@@ -13,6 +14,7 @@ pub mod federation;
 pub mod fixtures;
 pub mod pg;
 pub mod ports;
+pub mod scenario;
 pub mod topology;
 
 pub use child::ChildGuard;

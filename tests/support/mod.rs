@@ -42,12 +42,10 @@ pub fn seed_sandbox() -> SandboxBuilder {
 /// Starts the sandbox `builder` describes and waits (bounded) until every
 /// controller sees every other region alive.
 pub async fn formed(builder: SandboxBuilder) -> federation_sandbox::Sandbox {
-    let sandbox = builder.start().expect("sandbox starts");
-    sandbox
-        .wait_all_alive(PATIENCE)
+    builder
+        .start_formed(PATIENCE)
         .await
-        .expect("federation forms");
-    sandbox
+        .expect("federation forms")
 }
 
 /// The seed with the EU rule requiring GDPR.

@@ -280,7 +280,7 @@ async fn scenario(demo: &mut Sandbox) -> anyhow::Result<()> {
     let eu = demo.addr("europe")?;
     let ap = demo.addr("asia_pacific")?;
     let patience = Duration::from_secs(20);
-    demo.wait_all_alive(patience).await?;
+    demo.wait_formed(patience).await?;
 
     // 1. Everything up. Entries vary, to show forwarding.
     let rows = round(
