@@ -11,8 +11,8 @@ use std::path::Path;
 use std::process::Command;
 
 use federation::approvals::{self, Approval, ApprovalsFile, SigningKey as Ed25519KeyPair};
-use federation::sandbox::{ChildGuard, Sandbox, SandboxBuilder};
 use federation_api as api;
+use federation_sandbox::{ChildGuard, Sandbox, SandboxBuilder};
 use support::{PATIENCE, SEED, eventually, federation_exe, formed};
 
 struct Keys {

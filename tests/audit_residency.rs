@@ -13,8 +13,8 @@ mod support;
 use std::path::Path;
 use std::process::Command;
 
-use federation::sandbox::{Sandbox, SandboxBuilder, string_attrs};
 use federation_api as api;
+use federation_sandbox::{Sandbox, SandboxBuilder, string_attrs};
 use support::*;
 
 /// A value no log line, path or id could contain by chance.

@@ -7,8 +7,8 @@ mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use federation::sandbox::{SandboxBuilder, string_attrs};
 use federation_api as api;
+use federation_sandbox::{SandboxBuilder, string_attrs};
 use support::*;
 
 const EU_SET: &str = include_str!("../policies/eu-set.yaml");
@@ -23,7 +23,7 @@ fn submit(attrs: &[(&str, &str)]) -> api::SubmitTaskRequest {
 }
 
 /// Waits until every controller sees `region` advertise `slots` slots.
-async fn wait_for_slots(sandbox: &federation::sandbox::Sandbox, region: &str, slots: u32) {
+async fn wait_for_slots(sandbox: &federation_sandbox::Sandbox, region: &str, slots: u32) {
     for viewer in REGIONS {
         if viewer == region {
             continue;

@@ -84,12 +84,8 @@ fn assert_aligned(table: &str, header: &str, columns: &[&str]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_commands_against_one_federation() {
-    let mut sandbox = seed_sandbox().agents(1, 1).start().expect("sandbox starts");
+    let mut sandbox = formed(seed_sandbox().agents(1, 1)).await;
     let env: &[(String, String)] = &sandbox.cli_env("operator").expect("credentials");
-    sandbox
-        .wait_all_alive(PATIENCE)
-        .await
-        .expect("federation forms");
     let na = sandbox.addr("north_america").expect("addr").to_string();
     let eu = sandbox.addr("europe").expect("addr").to_string();
     let dir = tempfile::tempdir().expect("tempdir");
@@ -414,8 +410,7 @@ async fn client_commands_against_one_federation() {
         .args(["--exec", "echo from-env-agent"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
-    let _agent =
-        federation::sandbox::ChildGuard::spawn("env agent", &mut agent_cmd).expect("agent");
+    let _agent = federation_sandbox::ChildGuard::spawn("env agent", &mut agent_cmd).expect("agent");
     let mut rest = String::new();
     tokio::time::timeout(
         PATIENCE,
@@ -474,7 +469,7 @@ async fn client_commands_against_one_federation() {
         err.contains("speaks TLS") && err.contains("drop --insecure"),
         "{err}"
     );
-    let free = federation::sandbox::free_port().expect("port").to_string();
+    let free = federation_sandbox::free_port().expect("port").to_string();
     let (code, _, err) = run(env, &["status", "--controller", &free, "--timeout", "5s"]).await;
     assert_eq!(code, 2, "unreachable controller exits 2: {err}");
     assert!(
@@ -585,12 +580,8 @@ async fn client_commands_against_one_federation() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_sends_new_work_elsewhere_and_reload_refuses_a_bad_policy() {
-    let mut sandbox = seed_sandbox().agents(0, 1).start().expect("sandbox starts");
+    let mut sandbox = formed(seed_sandbox().agents(0, 1)).await;
     let env: &[(String, String)] = &sandbox.cli_env("operator").expect("credentials");
-    sandbox
-        .wait_all_alive(PATIENCE)
-        .await
-        .expect("federation forms");
     let eu = sandbox.addr("europe").expect("addr").to_string();
     let na = sandbox.addr("north_america").expect("addr").to_string();
     // A task that runs for a while holds a lease in europe.
@@ -599,7 +590,7 @@ async fn drain_sends_new_work_elsewhere_and_reload_refuses_a_bad_policy() {
         .expect("agent");
     let mut client = sandbox.client("north_america").await.expect("client");
     let req = || federation_api::SubmitTaskRequest {
-        attributes: federation::sandbox::string_attrs(&[("customer_region", "DE")]),
+        attributes: federation_sandbox::string_attrs(&[("customer_region", "DE")]),
         ..Default::default()
     };
     let first = client

@@ -9,8 +9,8 @@ use std::io::{BufRead as _, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use federation::sandbox::ChildGuard;
 use federation_api as api;
+use federation_sandbox::ChildGuard;
 use support::*;
 
 /// Every process whose command line mentions `needle` (from /proc).
@@ -95,7 +95,7 @@ async fn demo_runs_on_mutual_tls_and_cleans_up() {
     .into_inner();
     assert_eq!(status.self_region, "asia_pacific");
     // ...and a plaintext client of the same live controller is refused.
-    if let Ok(ch) = federation::sandbox::connect(addr).await {
+    if let Ok(ch) = federation_sandbox::connect(addr).await {
         let mut c = api::federation_admin_client::FederationAdminClient::new(ch);
         c.federation_status(api::FederationStatusRequest {})
             .await

@@ -6,7 +6,7 @@ mod support;
 
 use std::process::{Command, Stdio};
 
-use federation::sandbox::ChildGuard;
+use federation_sandbox::ChildGuard;
 use support::*;
 
 #[test]

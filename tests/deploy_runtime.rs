@@ -9,8 +9,8 @@ use std::os::unix::fs::PermissionsExt as _;
 use std::os::unix::net::UnixDatagram;
 use std::path::Path;
 
-use federation::sandbox::{SandboxBuilder, string_attrs};
 use federation_api as api;
+use federation_sandbox::{SandboxBuilder, string_attrs};
 use support::*;
 
 /// One region, no replication: the smallest federation `serve` accepts.
@@ -84,7 +84,7 @@ async fn serve_tells_systemd_when_it_is_ready_and_when_it_stops() {
     let out = health(sandbox.health_addr("solo").expect("addr"));
     assert!(out.status.success(), "{out:?}");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "SERVING");
-    let out = health(federation::sandbox::free_port().expect("port"));
+    let out = health(federation_sandbox::free_port().expect("port"));
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("connecting to"),

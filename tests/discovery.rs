@@ -6,8 +6,8 @@ mod support;
 
 use std::process::{Command, Stdio};
 
-use federation::sandbox::{ChildGuard, free_port, string_attrs};
 use federation_api as api;
+use federation_sandbox::{ChildGuard, free_port, string_attrs};
 use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

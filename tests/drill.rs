@@ -8,8 +8,8 @@ mod support;
 
 use std::process::Command;
 
-use federation::sandbox::{Sandbox, SandboxBuilder};
 use federation_api as api;
+use federation_sandbox::{Sandbox, SandboxBuilder};
 use serde_json::Value;
 use support::{SEED, federation_exe, formed, seed_requires_gdpr};
 
@@ -205,7 +205,7 @@ async fn an_interrupted_drill_undrains_the_region() {
     for (k, v) in sandbox.cli_env("operator").expect("env") {
         cmd.env(k, v);
     }
-    let mut child = federation::sandbox::ChildGuard::spawn("drill", &mut cmd).expect("drill");
+    let mut child = federation_sandbox::ChildGuard::spawn("drill", &mut cmd).expect("drill");
     sandbox
         .wait_for_row(
             "north_america",

@@ -4,8 +4,8 @@
 
 mod support;
 
-use federation::sandbox::string_attrs;
 use federation_api as api;
+use federation_sandbox::string_attrs;
 use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -164,7 +164,7 @@ async fn tasks_running_across_a_controller_restart_run_exactly_once() {
 }
 
 /// Submits `n` DE tasks to europe; returns their ids.
-async fn submit_de(sandbox: &federation::sandbox::Sandbox, n: usize) -> Vec<String> {
+async fn submit_de(sandbox: &federation_sandbox::Sandbox, n: usize) -> Vec<String> {
     let mut client = sandbox.client("europe").await.expect("client");
     let mut ids = Vec::new();
     for i in 0..n {
@@ -397,7 +397,7 @@ async fn an_undecodable_record_is_reported_and_replication_and_leasing_go_on() {
 }
 
 /// Stops europe's controller with SIGTERM (a clean stop) and waits for it.
-fn stop_europe(sandbox: &mut federation::sandbox::Sandbox) {
+fn stop_europe(sandbox: &mut federation_sandbox::Sandbox) {
     let c = sandbox.controller("europe").expect("running");
     c.signal("TERM").expect("SIGTERM");
     let status = c.wait_timeout(PATIENCE).expect("stops");

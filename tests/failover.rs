@@ -9,8 +9,8 @@ mod support;
 use std::time::Duration;
 
 use federation::policy::Policy;
-use federation::sandbox::{SandboxBuilder, string_attrs};
 use federation_api as api;
+use federation_sandbox::{SandboxBuilder, string_attrs};
 use support::*;
 use tonic::Code;
 
@@ -24,9 +24,8 @@ fn submit(customer: &str) -> api::SubmitTaskRequest {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn primary_killed_fails_over_to_backup_and_flags_the_dropped_tag() {
     let mut sandbox = formed(seed_sandbox().agents(0, 1)).await;
-    sandbox.kill_controller("europe").expect("kill");
     sandbox
-        .wait_for_states("north_america", &[("europe", "dead")], PATIENCE)
+        .kill_and_wait_dead("europe", "north_america", PATIENCE)
         .await
         .expect("europe declared dead");
     let mut client = sandbox.client("north_america").await.expect("client");
@@ -62,9 +61,8 @@ async fn primary_killed_fails_over_to_backup_and_flags_the_dropped_tag() {
 async fn requires_gdpr_refuses_instead_of_failing_over() {
     let mut sandbox =
         formed(SandboxBuilder::new(federation_exe(), seed_requires_gdpr()).agents(0, 1)).await;
-    sandbox.kill_controller("europe").expect("kill");
     sandbox
-        .wait_for_states("asia_pacific", &[("europe", "dead")], PATIENCE)
+        .kill_and_wait_dead("europe", "asia_pacific", PATIENCE)
         .await
         .expect("europe declared dead");
     let mut client = sandbox.client("asia_pacific").await.expect("client");

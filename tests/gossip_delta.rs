@@ -102,15 +102,13 @@ async fn advertise_answers_with_what_the_callers_digest_lacks() {
 async fn a_region_heard_only_through_gossip_keeps_arriving() {
     // north_america and europe cannot reach each other; only asia_pacific's
     // relays, asked for by north_america's digest, carry europe to it.
-    let sandbox = seed_sandbox()
-        .agents(0, 1)
-        .block_link("north_america", "europe")
-        .start()
-        .expect("sandbox starts");
-    sandbox
-        .wait_all_alive(PATIENCE)
-        .await
-        .expect("every region sees every other alive through gossip");
+    // Every region sees every other alive through gossip.
+    let sandbox = formed(
+        seed_sandbox()
+            .agents(0, 1)
+            .block_link("north_america", "europe"),
+    )
+    .await;
     let first = sandbox
         .status_row("north_america", "europe")
         .await

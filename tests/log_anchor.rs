@@ -10,8 +10,8 @@ use std::path::Path;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use federation::sandbox::string_attrs;
 use federation_api as api;
+use federation_sandbox::string_attrs;
 use support::*;
 
 fn audit_verify(args: &[&str], env: &[(String, String)]) -> Output {
@@ -33,7 +33,7 @@ fn text(o: &Output) -> String {
     )
 }
 
-async fn submit_de(sandbox: &federation::sandbox::Sandbox, n: usize) {
+async fn submit_de(sandbox: &federation_sandbox::Sandbox, n: usize) {
     let mut client = sandbox.client("europe").await.expect("client");
     for _ in 0..n {
         client
@@ -50,7 +50,7 @@ async fn submit_de(sandbox: &federation::sandbox::Sandbox, n: usize) {
 /// Waits until europe recorded its head in its store, at least as far as
 /// its log file reaches now, and north_america witnessed that same head;
 /// returns it.
-async fn witnessed(sandbox: &federation::sandbox::Sandbox) -> api::LogHead {
+async fn witnessed(sandbox: &federation_sandbox::Sandbox) -> api::LogHead {
     let log = sandbox
         .data_dir("europe")
         .expect("dir")
@@ -115,7 +115,7 @@ async fn a_log_cut_short_emptied_or_rolled_back_is_detected() {
     sandbox.kill_controller("europe").expect("kill");
     copy_dir(&eu_dir, &backup);
     sandbox.start_controller("europe").expect("restart");
-    sandbox.wait_all_alive(PATIENCE).await.expect("europe back");
+    sandbox.wait_formed(PATIENCE).await.expect("europe back");
     submit_de(&sandbox, 3).await;
     let head = witnessed(&sandbox).await;
 

@@ -7,8 +7,8 @@ mod support;
 
 use std::process::Command;
 
-use federation::sandbox::{ChildGuard, free_port, string_attrs};
 use federation_api as api;
+use federation_sandbox::{ChildGuard, free_port, string_attrs};
 use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -37,7 +37,7 @@ async fn json_logs_carry_routing_fields() {
         .stderr(std::fs::File::create(&log).expect("log file"));
     let mut controller = ChildGuard::spawn("europe", &mut cmd).expect("starts");
     let mut client = eventually("europe listens", PATIENCE, || async move {
-        federation::sandbox::connect(addr)
+        federation_sandbox::connect(addr)
             .await
             .ok()
             .map(api::federation_client_client::FederationClientClient::new)

@@ -3,22 +3,20 @@
 
 mod support;
 
-use federation::sandbox::string_attrs;
 use federation_api as api;
+use federation_sandbox::string_attrs;
 use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gossip_keeps_a_region_alive_across_a_broken_link_and_flags_policy_mismatch() {
     // north_america and europe cannot reach each other; asia_pacific relays.
-    let sandbox = seed_sandbox()
-        .agents(0, 1)
-        .block_link("north_america", "europe")
-        .start()
-        .expect("sandbox starts");
-    sandbox
-        .wait_all_alive(PATIENCE)
-        .await
-        .expect("every region sees every other alive through gossip");
+    // Every region sees every other alive through gossip.
+    let sandbox = formed(
+        seed_sandbox()
+            .agents(0, 1)
+            .block_link("north_america", "europe"),
+    )
+    .await;
     let eu = sandbox
         .status_row("north_america", "europe")
         .await

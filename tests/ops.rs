@@ -9,8 +9,8 @@ mod support;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use federation::sandbox::string_attrs;
 use federation_api as api;
+use federation_sandbox::string_attrs;
 use support::*;
 
 /// Tokens of the sandbox's token file: an operator and a client.
@@ -64,9 +64,8 @@ async fn metrics_and_status_page() {
     // A mark on the window: a reload would drop it.
     browser.eval("window.__marker = 'still the same page'; true");
 
-    sandbox.kill_controller("asia_pacific").expect("kill");
     sandbox
-        .wait_for_states("north_america", &[("asia_pacific", "dead")], PATIENCE)
+        .kill_and_wait_dead("asia_pacific", "north_america", PATIENCE)
         .await
         .expect("dead");
     // The page notices by itself: poll its DOM (bounded), no reload.

@@ -11,8 +11,8 @@ mod support;
 
 use std::process::Command;
 
-use federation::sandbox::string_attrs;
 use federation_api as api;
+use federation_sandbox::string_attrs;
 use serde_json::Value;
 use support::*;
 

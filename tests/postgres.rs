@@ -5,16 +5,16 @@
 //! verifies and exports as today's JSON lines, and a bad store
 //! configuration stops `serve` with exit 64 naming what is wrong.
 //!
-//! One PostgreSQL server per test binary (`federation::pg_sandbox::shared`),
+//! One PostgreSQL server per test binary (`federation_sandbox::pg::shared`),
 //! a database per test.
 
 mod support;
 
 use std::process::{Command, Stdio};
 
-use federation::pg_sandbox;
-use federation::sandbox::string_attrs;
 use federation_api as api;
+use federation_sandbox::pg as pg_sandbox;
+use federation_sandbox::string_attrs;
 use support::*;
 
 fn server() -> &'static pg_sandbox::PgServer {
@@ -22,7 +22,7 @@ fn server() -> &'static pg_sandbox::PgServer {
 }
 
 /// The user's federation with europe's store in the database at `url`.
-fn europe_on_postgres(url: &str) -> federation::sandbox::SandboxBuilder {
+fn europe_on_postgres(url: &str) -> federation_sandbox::SandboxBuilder {
     seed_sandbox()
         .region_env("europe", "FEDERATION__NODE__STORE__BACKEND", "postgres")
         .region_env("europe", "FEDERATION__NODE__STORE__URL", url)
@@ -245,7 +245,7 @@ async fn a_region_on_postgres_serves_every_entry_and_keeps_every_acknowledged_ta
 fn serve_with(dir: &std::path::Path, env: &[(&str, &str)]) -> (Option<i32>, String) {
     let config = dir.join("federation.yaml");
     std::fs::write(&config, SEED).expect("policy");
-    let listen = federation::sandbox::free_port().expect("port");
+    let listen = federation_sandbox::free_port().expect("port");
     let mut cmd = Command::new(federation_exe());
     cmd.arg("serve")
         .arg("--config")
@@ -264,7 +264,7 @@ fn serve_with(dir: &std::path::Path, env: &[(&str, &str)]) -> (Option<i32>, Stri
         cmd.env(k, v);
     }
     let mut child =
-        federation::sandbox::ChildGuard::spawn("europe controller", &mut cmd).expect("spawn");
+        federation_sandbox::ChildGuard::spawn("europe controller", &mut cmd).expect("spawn");
     let mut stderr = child.stderr().expect("stderr");
     let status = child.wait_timeout(PATIENCE);
     let mut text = String::new();

@@ -11,9 +11,9 @@ mod support;
 
 use std::process::{Command, Stdio};
 
-use federation::pg_sandbox::PgServer;
-use federation::sandbox::{SandboxBuilder, string_attrs};
 use federation_api as api;
+use federation_sandbox::pg::PgServer;
+use federation_sandbox::{SandboxBuilder, string_attrs};
 use support::*;
 
 /// `federation health --addr ADDR`: the status it prints.

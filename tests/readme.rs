@@ -8,7 +8,7 @@ mod support;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use federation::sandbox::{ChildGuard, free_port};
+use federation_sandbox::{ChildGuard, free_port};
 use support::*;
 
 const README: &str = include_str!("../README.md");

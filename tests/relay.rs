@@ -5,8 +5,8 @@
 mod support;
 
 use federation::replication::{KeyRing, receiver};
-use federation::sandbox::{Sandbox, SandboxBuilder, string_attrs};
 use federation_api as api;
+use federation_sandbox::{Sandbox, SandboxBuilder, string_attrs};
 use support::*;
 use tonic::Code;
 
@@ -26,7 +26,7 @@ fn policy() -> String {
 }
 
 /// Calls of `method` of the peer service that `region` has handled, any code.
-async fn peer_calls(sandbox: &federation::sandbox::Sandbox, region: &str, method: &str) -> u64 {
+async fn peer_calls(sandbox: &federation_sandbox::Sandbox, region: &str, method: &str) -> u64 {
     let admin = sandbox.admin_http_addr(region).expect("admin address");
     let metrics = tokio::task::spawn_blocking(move || http_get(admin, "/metrics"))
         .await

@@ -12,8 +12,8 @@ use std::path::Path;
 
 use federation::replication::envelope::{NonceSource, Pipeline, SealParams};
 use federation::replication::{Key, KeyRing, SnapshotBody, receiver, seal_snapshot};
-use federation::sandbox::{Sandbox, SandboxBuilder, string_attrs};
 use federation_api as api;
+use federation_sandbox::{Sandbox, SandboxBuilder, string_attrs};
 use support::*;
 
 const SYNC: &str = "300ms";
@@ -621,8 +621,7 @@ async fn one_idempotency_key_one_task_across_failover() {
     .await;
 
     // The primary dies; the retry through the backup is the original task.
-    sb.kill_controller("north_america").expect("kill");
-    sb.wait_for_states("europe", &[("north_america", "dead")], PATIENCE)
+    sb.kill_and_wait_dead("north_america", "europe", PATIENCE)
         .await
         .expect("dead");
     let mut eu = sb.client("europe").await.expect("client");
@@ -661,8 +660,7 @@ async fn one_idempotency_key_one_task_across_failover() {
 
     // K2 accepted by the primary while europe could not hear of it, then the
     // primary dies: europe creates a second task, and its record says why.
-    sb.start_controller("north_america").expect("restart");
-    sb.wait_for_states("europe", &[("north_america", "alive")], PATIENCE)
+    sb.restart_and_wait_alive("north_america", "europe", PATIENCE)
         .await
         .expect("back");
     let first = primary_accepts_unheard_then_dies(&mut sb, "K2").await;

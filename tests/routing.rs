@@ -4,8 +4,8 @@
 
 mod support;
 
-use federation::sandbox::string_attrs;
 use federation_api as api;
+use federation_sandbox::string_attrs;
 use support::*;
 use tonic::Code;
 

@@ -81,3 +81,54 @@ async fn sigterm_stops_a_controller_gracefully() {
         .expect("exits within the grace period");
     assert!(status.success(), "{status:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_and_restart_helpers_wait_for_what_the_peers_see() {
+    let mut sandbox = formed(seed_sandbox().agents(0, 1)).await;
+    let err = sandbox
+        .kill_and_wait_dead("mars", "europe", PATIENCE)
+        .await
+        .expect_err("no such region");
+    assert!(format!("{err:#}").contains("no region `mars`"), "{err:#}");
+
+    sandbox
+        .kill_and_wait_dead("europe", "north_america", PATIENCE)
+        .await
+        .expect("europe seen dead");
+    assert!(sandbox.controller("europe").is_err(), "europe was killed");
+    let row = sandbox
+        .status_row("north_america", "europe")
+        .await
+        .expect("row");
+    assert_eq!(row.state, "dead");
+
+    sandbox
+        .restart_and_wait_alive("europe", "north_america", PATIENCE)
+        .await
+        .expect("europe seen alive");
+    let row = sandbox
+        .status_row("north_america", "europe")
+        .await
+        .expect("row");
+    assert_eq!(row.state, "alive");
+    sandbox
+        .wait_formed(PATIENCE)
+        .await
+        .expect("formed again, europe seeing the others too");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_formed_names_a_controller_that_exits_instead_of_waiting() {
+    // No snapshot key ring at that path: every controller exits at start-up.
+    let err = seed_sandbox()
+        .agents(0, 1)
+        .env("FEDERATION__NODE__KEYS__FILE", "/nonexistent/snapshot.keys")
+        .start_formed(PATIENCE)
+        .await
+        .expect_err("cannot form");
+    let text = format!("{err:#}");
+    assert!(
+        text.contains("controller exited") && text.contains("before the federation formed"),
+        "{text}"
+    );
+}

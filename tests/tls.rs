@@ -6,11 +6,11 @@ mod support;
 
 use std::time::Duration;
 
-use federation::sandbox::{Sandbox, string_attrs};
 use federation_api as api;
+use federation_sandbox::{Sandbox, string_attrs};
 use federation_tls::dev::{DevCa, Validity, write_pair};
 use federation_tls::{ClientTls, Expect, Role};
-use support::{PATIENCE, formed, seed_requires_gdpr, seed_sandbox};
+use support::{formed, seed_requires_gdpr, seed_sandbox};
 use tonic::Code;
 
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -50,15 +50,11 @@ async fn client_of(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificates_are_checked_both_ways() {
-    let sandbox = seed_sandbox().agents(0, 1).start().expect("sandbox starts");
-    sandbox
-        .wait_all_alive(PATIENCE)
-        .await
-        .expect("federation forms over tls");
+    let sandbox = formed(seed_sandbox().agents(0, 1)).await;
     let ca = &sandbox.tls().expect("tls").ca;
 
     // A plaintext client is refused by a TLS controller.
-    let plain = federation::sandbox::connect(sandbox.addr("europe").expect("addr")).await;
+    let plain = federation_sandbox::connect(sandbox.addr("europe").expect("addr")).await;
     if let Ok(ch) = plain {
         let mut c = api::federation_client_client::FederationClientClient::new(ch);
         c.submit_task(submit(&[("customer_region", "DE")]))
@@ -395,16 +391,12 @@ async fn roles_and_credentials() {
 async fn unattested_tag_is_dropped_and_routing_refuses() {
     // europe's certificate does not attest GDPR although the policy grants
     // it and europe advertises it: peers must not trust it.
-    let sandbox =
-        federation::sandbox::SandboxBuilder::new(support::federation_exe(), seed_requires_gdpr())
+    let sandbox = formed(
+        federation_sandbox::SandboxBuilder::new(support::federation_exe(), seed_requires_gdpr())
             .attested_tags("europe", &[])
-            .agents(0, 1)
-            .start()
-            .expect("sandbox starts");
-    sandbox
-        .wait_all_alive(PATIENCE)
-        .await
-        .expect("federation forms");
+            .agents(0, 1),
+    )
+    .await;
     let eu = sandbox
         .status_row("north_america", "europe")
         .await

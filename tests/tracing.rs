@@ -9,8 +9,8 @@ mod support;
 
 use std::sync::{Arc, Mutex};
 
-use federation::sandbox::string_attrs;
 use federation_api as api;
+use federation_sandbox::string_attrs;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -153,7 +153,7 @@ async fn one_trace_follows_a_forwarded_task_to_the_agent_and_its_command() {
         out.path().display()
     );
     let sandbox = formed(
-        federation::sandbox::SandboxBuilder::new(federation_exe(), two_regions())
+        federation_sandbox::SandboxBuilder::new(federation_exe(), two_regions())
             .env("FEDERATION__NODE__TRACING__OTLP_ENDPOINT", &endpoint)
             .env("OTEL_BSP_SCHEDULE_DELAY", "100")
             .agent_env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
@@ -292,7 +292,7 @@ async fn one_trace_follows_a_forwarded_task_to_the_agent_and_its_command() {
 async fn without_a_client_trace_the_entry_starts_one_that_crosses_to_the_owner() {
     let (receiver, endpoint) = start_receiver().await;
     let sandbox = formed(
-        federation::sandbox::SandboxBuilder::new(federation_exe(), two_regions())
+        federation_sandbox::SandboxBuilder::new(federation_exe(), two_regions())
             .env("FEDERATION__NODE__TRACING__OTLP_ENDPOINT", &endpoint)
             .env("OTEL_BSP_SCHEDULE_DELAY", "100")
             .agents(0, 1),
@@ -410,7 +410,7 @@ async fn sigterm_flushes_the_spans_still_buffered() {
     let (receiver, endpoint) = start_receiver().await;
     // Batches are due only after ten minutes: what arrives, the shutdown sent.
     let mut sandbox = formed(
-        federation::sandbox::SandboxBuilder::new(federation_exe(), two_regions())
+        federation_sandbox::SandboxBuilder::new(federation_exe(), two_regions())
             .env("FEDERATION__NODE__TRACING__OTLP_ENDPOINT", &endpoint)
             .env("OTEL_BSP_SCHEDULE_DELAY", "600000")
             .agents(0, 1),

@@ -25,8 +25,8 @@ use std::time::{Duration, Instant};
 use federation::config::{Limits, Timers};
 use federation::controller::{self, Settings};
 use federation::policy::Policy;
-use federation::sandbox::{SandboxBuilder, string_attrs};
 use federation_api as api;
+use federation_sandbox::{SandboxBuilder, string_attrs};
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 
@@ -359,12 +359,9 @@ async fn failure_detection() {
             &format!("{}ms", defaults.dead_after.as_millis()),
         )
         .agents(0, 1)
-        .start()
-        .expect("sandbox");
-    sandbox
-        .wait_all_alive(Duration::from_secs(30))
+        .start_formed(Duration::from_secs(30))
         .await
-        .expect("forms");
+        .expect("sandbox forms");
 
     // False suspicion while both cores are busy: 10 s of two spinning threads.
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -414,7 +411,7 @@ async fn failure_detection() {
             "asia_pacific"
         };
         sandbox
-            .wait_all_alive(Duration::from_secs(30))
+            .wait_formed(Duration::from_secs(30))
             .await
             .expect("all alive");
         // Kill at a random point of the heartbeat cycle.

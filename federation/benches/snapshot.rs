@@ -47,7 +47,7 @@ fn tasks(n: usize) -> Vec<api::Task> {
             );
             api::Task {
                 task_id: format!("{id}.north_america"),
-                attributes: federation::sandbox::string_attrs(&[
+                attributes: federation_sandbox::string_attrs(&[
                     ("customer_region", c),
                     ("data_class", "pii"),
                 ]),

@@ -579,7 +579,7 @@ async fn migrate(client: &deadpool_postgres::Client, target: &str) -> Result<i32
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pg_sandbox;
+    use federation_sandbox::pg as pg_sandbox;
 
     fn server() -> &'static pg_sandbox::PgServer {
         pg_sandbox::shared().expect("the test PostgreSQL server (is PostgreSQL installed?)")

@@ -699,6 +699,12 @@ fn dockerfile_opens_and_checks_the_health_port_the_manifests_probe() {
         "federation",
     );
     assert!(out.status.success(), "`federation health` exists");
+    // The image is the production build: no `demo` feature, so no test
+    // harness (federation-sandbox) in the controller's binary.
+    assert!(
+        dockerfile.contains("cargo build --release --locked --no-default-features -p federation"),
+        "the image builds federation with --no-default-features"
+    );
     // The build context leaves build output and history out.
     let ignore =
         std::fs::read_to_string(repo().join(".dockerignore")).expect(".dockerignore present");
@@ -787,7 +793,7 @@ federation:
         .expect("timeout");
     let summary = dir.path().join("strace.txt");
     // The controller's stdout stays empty (logs go to stderr): give it a port.
-    let addr = federation::sandbox::free_port()
+    let addr = federation_sandbox::free_port()
         .expect("a free port")
         .to_string();
     let mut cmd = Command::new("strace");
@@ -807,7 +813,7 @@ federation:
         .env("NOTIFY_SOCKET", &notify)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
-    let mut strace = federation::sandbox::ChildGuard::spawn_group("strace federation", &mut cmd)
+    let mut strace = federation_sandbox::ChildGuard::spawn_group("strace federation", &mut cmd)
         .unwrap_or_else(|e| panic!("strace (Debian package strace) could not be run: {e:#}"));
     let mut buf = [0u8; 256];
     let mut ready = false;
@@ -961,8 +967,8 @@ fn agent_autoscaling_is_wired_to_metrics_the_controller_exports() {
         "federation:\n  name: Solo\n  regions:\n    - name: europe\n      endpoint: http://127.0.0.1:7000\n  routing_rules:\n    - default: true\n      primary_region: europe\n  data_synchronization:\n    enabled: false\n",
     )
     .expect("policy");
-    let admin = federation::sandbox::free_port().expect("port");
-    let grpc = federation::sandbox::free_port().expect("port");
+    let admin = federation_sandbox::free_port().expect("port");
+    let grpc = federation_sandbox::free_port().expect("port");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_federation"));
     cmd.args(["serve", "--insecure", "--region", "europe", "--config"])
         .arg(&policy)
@@ -975,7 +981,7 @@ fn agent_autoscaling_is_wired_to_metrics_the_controller_exports() {
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
     let _controller =
-        federation::sandbox::ChildGuard::spawn("europe", &mut cmd).expect("controller starts");
+        federation_sandbox::ChildGuard::spawn("europe", &mut cmd).expect("controller starts");
     let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
     let scrape = loop {
         let got = (|| {

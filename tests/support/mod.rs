@@ -6,10 +6,10 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use federation::sandbox::SandboxBuilder;
+use federation_sandbox::SandboxBuilder;
 
-/// The user's example, unchanged.
-pub const SEED: &str = include_str!("../../policies/seed-federation.yaml");
+/// The user's example, unchanged (the sandbox's fixture).
+pub const SEED: &str = federation_sandbox::SEED_POLICY;
 
 /// A snapshot key ring for controllers started by hand (one 32-byte key).
 pub const TEST_KEYS: &str = "test-key-1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
@@ -41,18 +41,16 @@ pub fn seed_sandbox() -> SandboxBuilder {
 
 /// Starts the sandbox `builder` describes and waits (bounded) until every
 /// controller sees every other region alive.
-pub async fn formed(builder: SandboxBuilder) -> federation::sandbox::Sandbox {
-    let sandbox = builder.start().expect("sandbox starts");
-    sandbox
-        .wait_all_alive(PATIENCE)
+pub async fn formed(builder: SandboxBuilder) -> federation_sandbox::Sandbox {
+    builder
+        .start_formed(PATIENCE)
         .await
-        .expect("federation forms");
-    sandbox
+        .expect("federation forms")
 }
 
 /// The seed with the EU rule requiring GDPR.
 pub fn seed_requires_gdpr() -> String {
-    federation::cli::demo::requires_gdpr_variant(SEED)
+    federation_sandbox::SEED_REQUIRES_GDPR.to_string()
 }
 
 /// Polls `check` until it returns `Some`, at most `patience`.
@@ -113,13 +111,13 @@ pub fn http_get_with(
 /// every id acknowledged until the stream went quiet (5 s) after the kill.
 /// The controller is left stopped.
 pub async fn acked_across_a_kill(
-    sandbox: &mut federation::sandbox::Sandbox,
+    sandbox: &mut federation_sandbox::Sandbox,
     region: &str,
     before_kill: usize,
     mut acked: Vec<String>,
 ) -> Vec<String> {
-    use federation::sandbox::string_attrs;
     use federation_api as api;
+    use federation_sandbox::string_attrs;
     let client = sandbox.client(region).await.expect("client");
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let mut workers = Vec::new();

@@ -22,7 +22,7 @@ use federation_api as api;
 
 use super::LogFormat;
 use crate::policy::AttrValue;
-use crate::sandbox::{Sandbox, SandboxBuilder};
+use federation_sandbox::{SEED_POLICY, SEED_REQUIRES_GDPR, Sandbox, SandboxBuilder};
 
 /// The operator's client TLS of the demo's sandbox (set once per run): the
 /// demo's federation runs on mutual TLS like a real one.
@@ -37,12 +37,9 @@ async fn connect(addr: SocketAddr) -> anyhow::Result<tonic::transport::Channel> 
                 Duration::from_secs(10),
             )
             .await?),
-        None => crate::sandbox::connect(addr).await,
+        None => federation_sandbox::connect(addr).await,
     }
 }
-
-/// The user's example, embedded so the demo runs from any directory.
-pub const SEED_POLICY: &str = include_str!("../../../policies/seed-federation.yaml");
 
 /// Arguments of `demo`.
 #[derive(Debug, clap::Args)]
@@ -58,14 +55,6 @@ pub struct DemoArgs {
     /// (about 15 s more).
     #[arg(long)]
     pub drill: bool,
-}
-
-/// The variant of the seed whose EU rule requires GDPR.
-pub fn requires_gdpr_variant(seed: &str) -> String {
-    seed.replace(
-        "      backup_region: \"north_america\"\n",
-        "      backup_region: \"north_america\"\n      requires: [\"GDPR\"]\n",
-    )
 }
 
 struct Row {
@@ -291,7 +280,7 @@ async fn scenario(demo: &mut Sandbox) -> anyhow::Result<()> {
     let eu = demo.addr("europe")?;
     let ap = demo.addr("asia_pacific")?;
     let patience = Duration::from_secs(20);
-    demo.wait_all_alive(patience).await?;
+    demo.wait_formed(patience).await?;
 
     // 1. Everything up. Entries vary, to show forwarding.
     let rows = round(
@@ -347,8 +336,7 @@ async fn scenario(demo: &mut Sandbox) -> anyhow::Result<()> {
     );
 
     // 3. The variant: the EU rule requires GDPR.
-    let variant = requires_gdpr_variant(SEED_POLICY);
-    let hash = reload_all(demo, &["north_america", "asia_pacific"], &variant).await?;
+    let hash = reload_all(demo, &["north_america", "asia_pacific"], SEED_REQUIRES_GDPR).await?;
     super::output::say!(
         "\n-- reloaded north_america and asia_pacific with the variant whose EU rule says `requires: [\"GDPR\"]` (policy {})",
         &hash[..8.min(hash.len())]

@@ -567,9 +567,10 @@ pub async fn drill(
 
 /// A drill of `region` in a sandbox, through `entry`'s controller with the
 /// sandbox's operator credentials: drains it, or with `kill` stops and
-/// restarts its controller.
+/// restarts its controller. Only with the `demo` feature (the sandbox).
+#[cfg(feature = "demo")]
 pub async fn sandbox_drill(
-    sandbox: &mut crate::sandbox::Sandbox,
+    sandbox: &mut federation_sandbox::Sandbox,
     entry: &str,
     region: &str,
     duration: Duration,

@@ -8,6 +8,7 @@ pub mod certs;
 pub mod client;
 pub mod completions;
 pub mod connect;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod drill;
 pub mod drill_report;
@@ -62,6 +63,7 @@ pub enum Command {
     /// Run one region's controller.
     Serve(serve::ServeArgs),
     /// Start a local multi-region federation, submit tasks, show where they went and why.
+    #[cfg(feature = "demo")]
     Demo(demo::DemoArgs),
     /// Audit, explain and compare routing policies (no controller needed).
     #[command(subcommand)]
@@ -115,6 +117,7 @@ pub fn main() -> ExitCode {
         Command::Policy(cmd) => policy::run(cmd),
         Command::Audit(cmd) => audit::run(cmd),
         Command::Serve(args) => serve::run(args, cli.log_format),
+        #[cfg(feature = "demo")]
         Command::Demo(args) => demo::run(args, cli.log_format),
         Command::Submit(args) => client::submit(args),
         Command::Get(args) => client::get(args),

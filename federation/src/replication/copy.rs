@@ -261,7 +261,7 @@ mod tests {
             task_id: id.into(),
             idempotency_key: key.into(),
             payload: b"p".to_vec(),
-            attributes: crate::sandbox::string_attrs(&[("customer_region", "US")]),
+            attributes: federation_sandbox::string_attrs(&[("customer_region", "US")]),
             version,
             ..Default::default()
         };

@@ -194,18 +194,14 @@ mod tests {
     }
 
     fn seed() -> String {
-        std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../policies/seed-federation.yaml"
-        ))
-        .expect("seed")
+        federation_sandbox::SEED_POLICY.to_string()
     }
 
     fn task(rule: u32, customer: &str) -> api::Task {
         api::Task {
             task_id: format!("{}.x", uuid::Uuid::now_v7()),
             rule_index: rule,
-            attributes: crate::sandbox::string_attrs(&[
+            attributes: federation_sandbox::string_attrs(&[
                 ("customer_region", customer),
                 ("data_class", "pii"),
             ]),
@@ -234,7 +230,7 @@ mod tests {
         assert!(may_hold(&p, "europe", "north_america", &na_tags, &de).is_ok());
         assert!(may_hold(&p, "europe", "asia_pacific", &BTreeSet::new(), &de).is_err());
 
-        let strict = policy(&crate::cli::demo::requires_gdpr_variant(&seed()));
+        let strict = policy(federation_sandbox::SEED_REQUIRES_GDPR);
         let why = may_hold(&strict, "europe", "north_america", &na_tags, &de).expect_err("gdpr");
         assert!(why.contains("GDPR"), "{why}");
         let (sent, withheld) = scope_for(

@@ -11,11 +11,7 @@ use super::{EnvelopeError, Key, KeyRing};
 use crate::policy::Policy;
 
 fn seed() -> String {
-    std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../policies/seed-federation.yaml"
-    ))
-    .expect("seed")
+    federation_sandbox::SEED_POLICY.to_string()
 }
 
 fn policy(text: &str) -> Policy {
@@ -31,7 +27,7 @@ fn task(source: &str, rule: u32, customer: &str) -> api::Task {
         rule_index: rule,
         owner_region: source.into(),
         payload: b"payload".to_vec(),
-        attributes: crate::sandbox::string_attrs(&[("customer_region", customer)]),
+        attributes: federation_sandbox::string_attrs(&[("customer_region", customer)]),
         ..Default::default()
     }
 }
@@ -152,7 +148,7 @@ fn every_rejection_is_counted_and_keeps_the_previous_snapshot() {
     ));
     // A task europe may not hold under the GDPR variant (europe's own rule
     // lists north_america as backup: north_america receiving DE data).
-    let strict = policy(&crate::cli::demo::requires_gdpr_variant(&seed()));
+    let strict = policy(federation_sandbox::SEED_REQUIRES_GDPR);
     let na_dir = tempfile::tempdir().expect("tempdir");
     let na = Receiver::open(
         "north_america",
@@ -475,7 +471,7 @@ fn change_batches_fold_in_and_bad_ones_change_nothing() {
 
     // Residency: under the GDPR variant north_america may not hold europe's
     // DE task; a batch carrying one is refused and nothing is stored.
-    let strict = policy(&crate::cli::demo::requires_gdpr_variant(&seed()));
+    let strict = policy(federation_sandbox::SEED_REQUIRES_GDPR);
     let na_dir = tempfile::tempdir().expect("tempdir");
     let na = Receiver::open(
         "north_america",

@@ -563,7 +563,7 @@ mod tests {
     fn task(i: u64) -> api::Task {
         api::Task {
             task_id: format!("{i}.north_america"),
-            attributes: crate::sandbox::string_attrs(&[
+            attributes: federation_sandbox::string_attrs(&[
                 ("customer_region", "DE"),
                 ("data_class", "pii"),
             ]),

@@ -233,7 +233,7 @@ mod tests {
             link("failover", "europe", "north_america").as_deref(),
             Some("drops-tag")
         );
-        let strict = policy(&crate::cli::demo::requires_gdpr_variant(seed));
+        let strict = policy(federation_sandbox::SEED_REQUIRES_GDPR);
         let map = layout(&strict, "europe", &mut rows);
         let refused = map
             .links

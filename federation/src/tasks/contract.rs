@@ -1,7 +1,7 @@
 //! The task store's behaviour contract: every test body here runs against
 //! both backends (`redb::…` on a temporary data directory, `postgres::…` on
 //! a fresh database of this binary's one PostgreSQL server,
-//! [`crate::pg_sandbox::shared`]).
+//! [`federation_sandbox::pg::shared`]).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -42,7 +42,7 @@ impl Fixture {
         let url = match kind {
             Kind::Redb => None,
             Kind::Postgres => Some(
-                crate::pg_sandbox::shared()
+                federation_sandbox::pg::shared()
                     .and_then(|pg| pg.create_database("contract"))
                     .expect("a database of the test server (is PostgreSQL installed?)"),
             ),
@@ -196,7 +196,7 @@ async fn a_key_reused_for_other_content_is_refused_naming_what_differs(fx: Fixtu
     let with = |id: &str, customer: &str, payload: &[u8]| {
         let mut t = task(id);
         t.idempotency_key = "k1".into();
-        t.attributes = crate::sandbox::string_attrs(&[("customer_region", customer)]);
+        t.attributes = federation_sandbox::string_attrs(&[("customer_region", customer)]);
         t.payload = payload.to_vec();
         t
     };

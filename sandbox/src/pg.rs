@@ -123,7 +123,7 @@ impl PgServer {
         let version = std::fs::read_to_string(data.join("PG_VERSION"))
             .map(|v| v.trim().to_string())
             .unwrap_or_default();
-        let port = crate::sandbox::free_port()?.port();
+        let port = crate::ports::free_port()?.port();
         let log = std::fs::File::create(dir.path().join("server.log")).context("server log")?;
         let mut server = as_server_user(&bin.join("postgres"));
         server

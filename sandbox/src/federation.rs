@@ -21,143 +21,13 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+use base64::Engine as _;
 use federation_api as api;
 use tonic::transport::Channel;
 
-/// A child process killed (SIGKILL) and reaped when dropped; with
-/// [`ChildGuard::spawn_group`], its whole process group.
-#[derive(Debug)]
-pub struct ChildGuard {
-    child: Option<std::process::Child>,
-    group: bool,
-    /// What it is, for messages.
-    pub name: String,
-}
-
-impl ChildGuard {
-    /// Spawns `cmd`.
-    pub fn spawn(name: &str, cmd: &mut Command) -> anyhow::Result<Self> {
-        let child = cmd.spawn().with_context(|| format!("starting {name}"))?;
-        Ok(Self {
-            child: Some(child),
-            group: false,
-            name: name.to_string(),
-        })
-    }
-
-    /// Spawns `cmd` as the leader of a new process group; dropping the guard
-    /// kills the whole group, so the processes it started die with it even
-    /// when it cannot clean up itself (SIGKILL).
-    pub fn spawn_group(name: &str, cmd: &mut Command) -> anyhow::Result<Self> {
-        use std::os::unix::process::CommandExt as _;
-        cmd.process_group(0);
-        let mut guard = Self::spawn(name, cmd)?;
-        guard.group = true;
-        Ok(guard)
-    }
-
-    /// The process id, while running.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(std::process::Child::id)
-    }
-
-    /// Sends a signal by name (`STOP`, `CONT`, `TERM`) with `kill(1)`.
-    pub fn signal(&self, sig: &str) -> anyhow::Result<()> {
-        let pid = self.pid().context("process not running")?;
-        let status = Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(pid.to_string())
-            .status()
-            .context("running kill")?;
-        if !status.success() {
-            bail!("kill -{sig} {pid} failed");
-        }
-        Ok(())
-    }
-
-    /// Waits (bounded) for the process to exit by itself; returns its status.
-    pub fn wait_timeout(&mut self, patience: Duration) -> Option<std::process::ExitStatus> {
-        let until = Instant::now() + patience;
-        while Instant::now() < until {
-            if let Some(c) = self.child.as_mut() {
-                if let Ok(Some(status)) = c.try_wait() {
-                    self.child = None;
-                    return Some(status);
-                }
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
-    }
-
-    /// Takes the child's piped stdout (when spawned with `Stdio::piped()`).
-    pub fn stdout(&mut self) -> Option<std::process::ChildStdout> {
-        self.child.as_mut().and_then(|c| c.stdout.take())
-    }
-
-    /// Takes the child's piped stderr (when spawned with `Stdio::piped()`).
-    pub fn stderr(&mut self) -> Option<std::process::ChildStderr> {
-        self.child.as_mut().and_then(|c| c.stderr.take())
-    }
-
-    /// Kills and reaps the child now (and its process group, if it leads one).
-    pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            if self.group {
-                let _ = Command::new("kill")
-                    .arg("-KILL")
-                    .arg(format!("-{}", c.id()))
-                    .stderr(Stdio::null())
-                    .status();
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// A free loopback port for a child process to bind.
-///
-/// The port is probed (bound, then released) and the child binds it later,
-/// so it must not be taken in between. Ports the kernel hands out by itself
-/// (`bind(0)`, and the source port of every outgoing connection, which tests
-/// running side by side make by the thousand) come from
-/// `ip_local_port_range`; this picks ports *below* that range, where the
-/// kernel never allocates, and never hands the same port out twice in one
-/// process. Where the range leaves no room below it, it falls back to
-/// `bind(0)`.
-pub fn free_port() -> anyhow::Result<SocketAddr> {
-    use std::sync::Mutex;
-    static GIVEN: Mutex<std::collections::BTreeSet<u16>> =
-        Mutex::new(std::collections::BTreeSet::new());
-    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
-        .unwrap_or(32768);
-    const SPAN: u16 = 12_000;
-    if low > SPAN + 1024 {
-        let first = low - SPAN;
-        let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
-        for _ in 0..200 {
-            let port = first + rand::random_range(0..SPAN);
-            if given.contains(&port) {
-                continue;
-            }
-            if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
-                given.insert(port);
-                return Ok(l.local_addr()?);
-            }
-        }
-    }
-    let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free loopback port")?;
-    Ok(l.local_addr()?)
-}
+use crate::child::ChildGuard;
+use crate::ports::free_port;
+use crate::topology::Topology;
 
 /// How to build a sandbox.
 #[derive(Debug, Clone)]
@@ -344,20 +214,23 @@ impl SandboxBuilder {
         let key: [u8; 32] = rand::random();
         federation_tls::dev::write_file(
             &keys,
-            &format!("{}\n", crate::replication::KeyRing::line("sandbox-1", &key)),
+            &format!(
+                "sandbox-1:{}\n",
+                base64::engine::general_purpose::STANDARD.encode(key)
+            ),
             true,
         )
         .context("writing the sandbox key ring")?;
-        let policy = crate::policy::Policy::load_file(&config).context("the sandbox policy")?;
+        let policy = Topology::parse(&self.policy)?;
         let mut regions = BTreeMap::new();
-        for r in &policy.regions {
+        for (name, _) in &policy.regions {
             regions.insert(
-                r.name.clone(),
+                name.clone(),
                 SandboxRegion {
                     addr: free_port()?,
                     admin_addr: free_port()?,
                     health_addr: free_port()?,
-                    data_dir: dir.join(&r.name),
+                    data_dir: dir.join(name),
                     controller: None,
                     agents: Vec::new(),
                 },
@@ -377,22 +250,22 @@ impl SandboxBuilder {
         let tls = if builder.insecure {
             None
         } else {
-            let ca = federation_tls::dev::DevCa::new(&policy.federation)
-                .context("making the sandbox CA")?;
+            let ca =
+                federation_tls::dev::DevCa::new(&policy.name).context("making the sandbox CA")?;
             let certs = dir.join("certs");
             std::fs::create_dir_all(&certs)
                 .with_context(|| format!("creating {}", certs.display()))?;
             federation_tls::dev::write_file(&certs.join("ca.pem"), &ca.ca_pem(), false)?;
-            for r in &policy.regions {
+            for (name, granted) in &policy.regions {
                 let tags: Vec<String> = builder
                     .attested
-                    .get(&r.name)
+                    .get(name)
                     .cloned()
-                    .unwrap_or_else(|| r.tags.iter().cloned().collect());
-                let issued = ca.region(&r.name, &tags, federation_tls::dev::Validity::Normal)?;
-                federation_tls::dev::write_pair(&certs, &format!("region-{}", r.name), &issued)?;
-                let agent = ca.agent(&r.name, &format!("{}-agent", r.name))?;
-                federation_tls::dev::write_pair(&certs, &format!("agent-{}", r.name), &agent)?;
+                    .unwrap_or_else(|| granted.clone());
+                let issued = ca.region(name, &tags, federation_tls::dev::Validity::Normal)?;
+                federation_tls::dev::write_pair(&certs, &format!("region-{name}"), &issued)?;
+                let agent = ca.agent(name, &format!("{name}-agent"))?;
+                federation_tls::dev::write_pair(&certs, &format!("agent-{name}"), &agent)?;
             }
             for role in [
                 federation_tls::Role::Client,
@@ -841,7 +714,7 @@ impl Sandbox {
     }
 
     /// The last lines each named controller logged, for a timeout's message.
-    fn log_tails<'a>(&self, names: impl Iterator<Item = &'a str>) -> String {
+    pub(crate) fn log_tails<'a>(&self, names: impl Iterator<Item = &'a str>) -> String {
         let mut out = String::new();
         let mut seen = std::collections::BTreeSet::new();
         for name in names.filter(|n| seen.insert(*n)) {
@@ -914,20 +787,6 @@ impl Sandbox {
         )
     }
 
-    /// Waits until every controller sees every other region alive.
-    pub async fn wait_all_alive(&self, patience: Duration) -> anyhow::Result<()> {
-        let names = self.region_names();
-        for viewer in &names {
-            let expect: Vec<(&str, &str)> = names
-                .iter()
-                .filter(|n| *n != viewer)
-                .map(|n| (n.as_str(), "alive"))
-                .collect();
-            self.wait_for_states(viewer, &expect, patience).await?;
-        }
-        Ok(())
-    }
-
     /// Waits (bounded) until the task is terminal; returns it as last read.
     pub async fn wait_terminal(
         &self,
@@ -982,23 +841,6 @@ pub async fn connect(addr: SocketAddr) -> anyhow::Result<Channel> {
             .connect()
             .await?,
     )
-}
-
-/// Submit attributes helper: `[("customer_region", "DE")]` as string attributes.
-pub fn string_attrs(
-    pairs: &[(&str, &str)],
-) -> std::collections::HashMap<String, api::AttributeValue> {
-    pairs
-        .iter()
-        .map(|(k, v)| {
-            (
-                k.to_string(),
-                api::AttributeValue {
-                    kind: Some(api::attribute_value::Kind::StringValue(v.to_string())),
-                },
-            )
-        })
-        .collect()
 }
 
 #[cfg(test)]
