@@ -95,6 +95,7 @@ mod requests;
 mod store;
 #[cfg(test)]
 mod tests;
+mod transitions;
 pub mod witness;
 
 use std::sync::Arc;
@@ -103,6 +104,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 pub use check::{CheckReport, check, refuse_in_use};
 pub use journal::Journal;
 pub use postgres::PgStore;
+use store::decode;
 pub use store::{FILE, MAX_BATCH, MAX_LEASE_BATCH, RedbStore, StoreOptions, read_log_head};
 
 /// The task store seam: the embedded redb file ([`RedbStore`], the default)

@@ -1,0 +1,199 @@
+//! The embedded store's single writer thread: group commit (every request
+//! waiting, one write transaction, one fsync), the batch's decision records
+//! handed to the journal while it commits, then every caller answered.
+
+use std::sync::atomic::Ordering;
+
+use federation_api::{Task, TaskState};
+use redb::Database;
+use tokio::sync::mpsc;
+
+use super::idempotency::IdemIndex;
+use super::open::write_mark;
+use super::tables::Tables;
+use super::{DbResult, LEASES, MAX_BATCH, QUEUE, Shared, TASKS};
+use crate::tasks::RecordState;
+use crate::tasks::StoreError;
+use crate::tasks::journal::Journal;
+use crate::tasks::requests::{self, Op, Settled};
+use crate::tasks::witness::Mark;
+
+pub(super) fn writer_loop(
+    db: &Database,
+    shared: &Shared,
+    mut idem: IdemIndex,
+    rx: mpsc::UnboundedReceiver<Op>,
+) {
+    let mut requests = crate::group_commit::Gatherer::new(rx, MAX_BATCH);
+    // Ends when every sender is gone (the last TaskStore clone dropped).
+    while let Some(batch) = requests.next_batch() {
+        let journal = shared.journal.get().map(|j| &**j);
+        run_batch(db, shared, &mut idem, journal, batch);
+    }
+}
+
+/// A task's change within a batch: its state before (None when new) and
+/// after, and the task for subscribers (left out of inserts when nobody is
+/// subscribed: no watch can follow a task that did not exist yet).
+pub(super) struct Change {
+    pub(super) before: Option<TaskState>,
+    pub(super) after: TaskState,
+    pub(super) task: Option<Task>,
+}
+
+impl Change {
+    pub(super) fn of(before: Option<TaskState>, task: &Task) -> Self {
+        Self {
+            before,
+            after: task.state(),
+            task: Some(task.clone()),
+        }
+    }
+}
+
+pub(super) fn run_batch(
+    db: &Database,
+    shared: &Shared,
+    idem: &mut IdemIndex,
+    journal: Option<&dyn Journal>,
+    batch: Vec<Op>,
+) {
+    let Some(batch) = requests::only_flushes(batch) else {
+        return;
+    };
+    if apply_batch(db, shared, idem, journal, batch).is_err() {
+        idem.abort();
+    }
+}
+
+/// Applies a batch in one write transaction, hands its records to the
+/// journal while the transaction commits, and answers every request once
+/// both are durable (or with the error that failed the batch).
+pub(super) fn apply_batch(
+    db: &Database,
+    shared: &Shared,
+    idem: &mut IdemIndex,
+    journal: Option<&dyn Journal>,
+    batch: Vec<Op>,
+) -> Result<(), StoreError> {
+    let now = shared.clock.now_ms();
+    let watched = shared.events.receiver_count() > 0;
+    let mut changes = Vec::new();
+    let txn = match db.begin_write().db() {
+        Ok(txn) => txn,
+        Err(e) => {
+            requests::fail(Vec::new(), batch, e.clone());
+            return Err(e);
+        }
+    };
+    let mut applied = Vec::with_capacity(batch.len());
+    {
+        let opened = (|| -> Result<_, StoreError> {
+            Ok((
+                txn.open_table(TASKS).db()?,
+                txn.open_table(QUEUE).db()?,
+                txn.open_table(LEASES).db()?,
+            ))
+        })();
+        let (tasks, queue, leases) = match opened {
+            Ok(tables) => tables,
+            Err(e) => {
+                requests::fail(Vec::new(), batch, e.clone());
+                return Err(e);
+            }
+        };
+        let mut t = Tables {
+            shared,
+            txn: &txn,
+            tasks,
+            idem: &mut *idem,
+            queue,
+            leases,
+            watched,
+        };
+        let mut ops = batch.into_iter();
+        while let Some(op) = ops.next() {
+            let done = t.apply(op, now, &mut changes);
+            if let Some(e) = done.fatal().cloned() {
+                // The transaction may hold part of this request: abort it
+                // all; every caller of the batch gets the error, and no
+                // record of the batch has been appended.
+                applied.push(done);
+                let (answers, _) = requests::answers(applied, journal.is_some());
+                requests::fail(answers, ops, e.clone());
+                return Err(e);
+            }
+            applied.push(done);
+        }
+    }
+    let (answers, records) = requests::answers(applied, journal.is_some());
+    // The marks move in the same transaction as the work they count.
+    let created = changes.iter().filter(|c| c.before.is_none()).count() as u64;
+    let before = *shared.mark.lock().unwrap_or_else(|e| e.into_inner());
+    let mark = Mark {
+        commit: before.commit.saturating_add(1),
+        created: before.created.saturating_add(created),
+    };
+    if let Err(e) = write_mark(&txn, mark) {
+        requests::fail(answers, Vec::new(), e.clone());
+        return Err(e);
+    }
+    // The decision records are written and synced by the journal while
+    // this transaction commits; both are durable before anyone hears back.
+    let receipt = match journal {
+        Some(j) if !records.is_empty() => Some(j.append_batch(records)),
+        _ => None,
+    };
+    let commit_started = std::time::Instant::now();
+    let committed = txn.commit().db();
+    shared
+        .commit_seconds
+        .observe(commit_started.elapsed().as_secs_f64());
+    let records = match receipt.map(|r| r.wait()) {
+        None => RecordState::NotWritten,
+        Some(Ok(())) => RecordState::Written,
+        Some(Err(e)) => {
+            tracing::error!(error = %e, "appending decision records failed");
+            RecordState::Failed(e)
+        }
+    };
+    if let Err(e) = &committed {
+        tracing::error!(error = %e, "task store commit failed");
+    } else {
+        shared.commits.fetch_add(1, Ordering::Relaxed);
+        *shared.mark.lock().unwrap_or_else(|e| e.into_inner()) = mark;
+        shared.witness.advance(mark);
+        idem.commit();
+    }
+    let settled = Settled {
+        committed: committed.clone(),
+        records,
+    };
+    if committed.is_err() {
+        for a in answers {
+            a.settle(&settled);
+        }
+        return committed;
+    }
+    let mut any_queued = false;
+    {
+        let mut counts = shared.counts();
+        for c in &changes {
+            if let Some(b) = c.before {
+                counts.add(b, -1);
+            }
+            counts.add(c.after, 1);
+            any_queued |= c.after == TaskState::Queued;
+        }
+    }
+    for task in changes.into_iter().filter_map(|c| c.task) {
+        let _ = shared.events.send(task);
+    }
+    for a in answers {
+        a.settle(&settled);
+    }
+    if any_queued {
+        shared.queued.notify_waiters();
+    }
+    Ok(())
+}
