@@ -118,7 +118,7 @@ fn start(
                     let _ = gone_tx.send(());
                 });
                 tokio::select! {
-                    r = controller::serve(node, listener, std::future::pending()) => {
+                    r = federation::runtime::serve(node, listener, std::future::pending()) => {
                         r.expect("controller serves");
                     }
                     _ = gone_rx => {}
@@ -160,7 +160,8 @@ fn cpu_by_thread() -> BTreeMap<String, f64> {
 fn alive_all(nodes: &[Running], now: Instant) -> bool {
     nodes.iter().all(|r| {
         r.node
-            .membership
+            .cluster()
+            .membership()
             .status(now)
             .iter()
             .all(|p| p.health == Health::Alive)
@@ -175,7 +176,7 @@ fn healths(nodes: &[Running], skip: Option<usize>) -> BTreeMap<(usize, String), 
         if Some(i) == skip {
             continue;
         }
-        for p in r.node.membership.status(now) {
+        for p in r.node.cluster().membership().status(now) {
             out.insert((i, p.region), p.health);
         }
     }
@@ -185,7 +186,7 @@ fn healths(nodes: &[Running], skip: Option<usize>) -> BTreeMap<(usize, String), 
 fn bytes(nodes: &[Running]) -> u64 {
     nodes
         .iter()
-        .map(|r| r.node.metrics.gossip_sent_total())
+        .map(|r| r.node.metrics().gossip_sent_total())
         .sum()
 }
 

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use federation::config::{Limits, Timers};
-use federation::controller::{self, Settings};
+use federation::controller::Settings;
 use federation::policy::Policy;
 use federation_api as api;
 use federation_sandbox::{SandboxBuilder, string_attrs};
@@ -208,7 +208,7 @@ async fn controller(
         replica: region.into(),
     };
     tokio::spawn(async move {
-        controller::run(settings, listener, std::future::pending())
+        federation::runtime::run(settings, listener, std::future::pending())
             .await
             .expect("controller runs");
     });

@@ -64,7 +64,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let refresh = node
-        .timers
+        .timers()
         .heartbeat_interval
         .clamp(Duration::from_millis(500), Duration::from_secs(5));
     let app = Arc::new(App {
@@ -105,7 +105,13 @@ async fn metrics(State(app): State<Arc<App>>, headers: HeaderMap) -> impl IntoRe
     use crate::metrics::exposition;
     let node = &app.node;
     let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
-    let openmetrics = node.metrics.render(node);
+    let status = node.status().report();
+    let openmetrics = node.metrics().render(crate::metrics::Scrape {
+        agents: node.cluster().agents().len(),
+        status: &status,
+        snapshots_taken: node.replication().receiver.newest_taken(),
+        store: node.store(),
+    });
     if exposition::wants_openmetrics(accept) {
         (
             [(header::CONTENT_TYPE, exposition::OPENMETRICS)],
@@ -121,8 +127,14 @@ async fn metrics(State(app): State<Arc<App>>, headers: HeaderMap) -> impl IntoRe
 
 /// The view for the viewer of `headers`, with peers' decisions refreshed.
 async fn view(app: &App, headers: &HeaderMap) -> View {
-    let viewer = Viewer::from_headers(&app.node.auth, headers);
-    app.remote.refresh(&app.node).await;
+    let viewer = Viewer::from_headers(app.node.auth(), headers);
+    app.remote
+        .refresh(
+            app.node.cluster(),
+            app.node.peers(),
+            app.node.timers().forward_timeout,
+        )
+        .await;
     let audit = app.audit.findings(app.node.policy()).await;
     status_view::build(&app.node, &viewer, audit, &app.remote).await
 }
@@ -192,7 +204,7 @@ async fn json(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
 /// `/login`: asks a browser for credentials (HTTP Basic, the token as the
 /// password) until it presents a known token, then sends it back to `/`.
 async fn login(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
-    let viewer = Viewer::from_headers(&app.node.auth, &headers);
+    let viewer = Viewer::from_headers(app.node.auth(), &headers);
     if viewer.role.is_some() {
         return (StatusCode::SEE_OTHER, [(header::LOCATION, "./")]).into_response();
     }

@@ -67,7 +67,25 @@ pub enum Error {
     /// Shutting down: `UNAVAILABLE`.
     #[error("controller is shutting down")]
     ShuttingDown,
+    /// A task of ours this region no longer holds because `by` took it over
+    /// (its notice was applied here): `NOT_FOUND`, with `by` in the
+    /// [`TAKEN_OVER_BY`] metadata so a relaying controller asks `by`.
+    #[error("task not found: {id}")]
+    TakenOver {
+        /// The task id.
+        id: String,
+        /// The region that took it over.
+        by: String,
+    },
+    /// Something of ours failed that is neither storage nor input:
+    /// `INTERNAL`.
+    #[error("{0}")]
+    Internal(String),
 }
+
+/// Metadata key of a NOT_FOUND answer naming the region that took the task
+/// over (the owner no longer holds it but applied that region's notice).
+pub const TAKEN_OVER_BY: &str = "x-federation-taken-over-by";
 
 impl Error {
     /// `INVALID_ARGUMENT` naming `field`.
@@ -104,7 +122,8 @@ impl Error {
             Error::Denied(_) => Code::PermissionDenied,
             Error::Unauthenticated(_) => Code::Unauthenticated,
             Error::Unavailable(_) | Error::Peer { .. } | Error::ShuttingDown => Code::Unavailable,
-            Error::Storage(_) => Code::Internal,
+            Error::Storage(_) | Error::Internal(_) => Code::Internal,
+            Error::TakenOver { .. } => Code::NotFound,
             Error::AlreadyExists(_) => Code::AlreadyExists,
         }
     }
@@ -112,7 +131,13 @@ impl Error {
 
 impl From<Error> for Status {
     fn from(e: Error) -> Self {
-        Status::new(e.code(), e.to_string())
+        let mut status = Status::new(e.code(), e.to_string());
+        if let Error::TakenOver { by, .. } = &e {
+            if let Ok(v) = by.parse() {
+                status.metadata_mut().insert(TAKEN_OVER_BY, v);
+            }
+        }
+        status
     }
 }
 

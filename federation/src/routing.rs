@@ -18,51 +18,119 @@ use federation_api as api;
 use federation_trace::TraceParent;
 use tracing::Instrument as _;
 
+use crate::audit::DecisionLog;
 use crate::audit::Prepared;
+use crate::audit::key::AuditKey;
 use crate::audit::minimise::{Kept, Scrubber};
-use crate::controller::{Node, now_ms};
+use crate::clock::now_unix_ms as now_ms;
+use crate::cluster::Cluster;
+use crate::config::Limits;
 use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+use crate::peers::Peers;
 use crate::policy::{Attributes, Decision, Outcome, Refusal, Rejection};
+use crate::replication::Replication;
 use crate::replication::duplicates::{self, KeyCheck};
-use crate::tasks::{InsertOutcome, RecordState};
+use crate::tasks::{InsertOutcome, RecordState, TaskStore};
 use crate::transport;
 use crate::wire;
 
 /// The note of a drill probe's decision records (`SubmitTaskRequest.probe`).
 pub const PROBE_NOTE: &str = "drill probe: routed and recorded, never stored or run";
 
+/// What routing uses: the policy and the live view (`cluster`), the
+/// store, the log, the peers to forward to, the copies a backup checks keys
+/// in (`replication`), metrics.
+#[derive(Debug)]
+pub struct Router {
+    cluster: Arc<Cluster>,
+    peers: Arc<Peers>,
+    store: TaskStore,
+    log: DecisionLog,
+    audit_key: Option<AuditKey>,
+    metrics: Arc<Metrics>,
+    replication: Arc<Replication>,
+    limits: Limits,
+    forward_timeout: std::time::Duration,
+}
+
+/// What [`Router::new`] is built from.
+#[derive(Debug)]
+pub struct RouterParts {
+    /// The policy in force, this region and the live view.
+    pub cluster: Arc<Cluster>,
+    /// Forwarding to peers.
+    pub peers: Arc<Peers>,
+    /// Where tasks placed here are stored.
+    pub store: TaskStore,
+    /// Where every decision is recorded.
+    pub log: DecisionLog,
+    /// The key of the digests records keep instead of withheld values.
+    pub audit_key: Option<AuditKey>,
+    /// Decision and forward metrics.
+    pub metrics: Arc<Metrics>,
+    /// The copies a backup looks idempotency keys up in.
+    pub replication: Arc<Replication>,
+    /// Input limits.
+    pub limits: Limits,
+    /// Deadline of one forward.
+    pub forward_timeout: std::time::Duration,
+}
+
+impl Router {
+    /// A router over its parts.
+    pub fn new(p: RouterParts) -> Self {
+        Self {
+            cluster: p.cluster,
+            peers: p.peers,
+            store: p.store,
+            log: p.log,
+            audit_key: p.audit_key,
+            metrics: p.metrics,
+            replication: p.replication,
+            limits: p.limits,
+            forward_timeout: p.forward_timeout,
+        }
+    }
+
+    /// This controller's region.
+    pub fn region(&self) -> &str {
+        self.cluster.region()
+    }
+}
+
 /// Checks the parts of a submit request that do not need the policy.
-pub fn validate_submit(node: &Node, req: &api::SubmitTaskRequest) -> Result<Attributes> {
-    if req.payload.len() > node.limits.max_payload_bytes {
+pub fn validate_submit(router: &Router, req: &api::SubmitTaskRequest) -> Result<Attributes> {
+    if req.payload.len() > router.limits.max_payload_bytes {
         return Err(Error::limit(
             "payload",
             format!(
                 "{} bytes exceeds the limit of {} bytes",
                 req.payload.len(),
-                node.limits.max_payload_bytes
+                router.limits.max_payload_bytes
             ),
         ));
     }
     if !req.idempotency_key.is_empty() {
         wire::check_idempotency_key(&req.idempotency_key)?;
     }
-    wire::attributes_from_wire(&req.attributes, &node.limits)
+    wire::attributes_from_wire(&req.attributes, &router.limits)
 }
 
 /// Routes and stores a client's task. `received` is the trace context the
 /// client sent, passed on unchanged when this controller does not export
 /// spans (when it does, the current span's context goes on instead).
 pub async fn submit(
-    node: &Arc<Node>,
+    router: &Router,
     req: api::SubmitTaskRequest,
     received: Option<&TraceParent>,
 ) -> Result<api::SubmitTaskResponse> {
-    let attrs = validate_submit(node, &req)?;
-    let policy = node.policy();
+    let attrs = validate_submit(router, &req)?;
+    let policy = router.cluster.policy();
     // A fresh draw per task balances a set of primaries (see
     // `policy::balance`); the decision records it.
     let (mut decision, view) = {
-        let live = node.view(&policy);
+        let live = router.cluster.view(&policy);
         let decision = policy.decide_with(&attrs, &live, rand::random());
         (decision, policy.view_states(&live))
     };
@@ -82,11 +150,11 @@ pub async fn submit(
         // When the attempt fails, or the owner answers with another task (its
         // idempotency key was known there), the final record names the
         // superseded one.
-        let local = region == node.region;
+        let local = region == router.cluster.region();
         let (attempt, record) = if local {
             let render = |note: Option<&str>| {
                 decision_record(
-                    node,
+                    router,
                     crate::audit::kind::ROUTE,
                     &task_id,
                     &attrs,
@@ -95,10 +163,10 @@ pub async fn submit(
                     Some(&view),
                 )
             };
-            store_local(node, &task_id, &req, &decision, render, received).await
+            store_local(router, &task_id, &req, &decision, render, received).await
         } else {
             let pending = decision_record(
-                node,
+                router,
                 crate::audit::kind::ROUTE,
                 &task_id,
                 &attrs,
@@ -106,12 +174,15 @@ pub async fn submit(
                 req.probe.then_some(PROBE_NOTE),
                 Some(&view),
             );
-            let logged = node.log.append(pending).instrument(tracing::info_span!(
-                target: federation_trace::TARGET,
-                "decision_log.append",
-                kind = crate::audit::kind::ROUTE,
-                task_id = %task_id,
-            ));
+            let logged = router
+                .log
+                .append(pending)
+                .instrument(tracing::info_span!(
+                    target: federation_trace::TARGET,
+                    "decision_log.append",
+                    kind = crate::audit::kind::ROUTE,
+                    task_id = %task_id,
+                ));
             let span = tracing::info_span!(
                 target: federation_trace::TARGET,
                 "forward",
@@ -120,7 +191,7 @@ pub async fn submit(
                 peer.region = %region,
                 task_id = %task_id,
             );
-            let call = forward(node, &region, &task_id, &req, &decision, received);
+            let call = forward(router, &region, &task_id, &req, &decision, received);
             let policy_now = policy.clone();
             let rule_index = decision.rule_index;
             let attrs_ref = &attrs;
@@ -207,7 +278,7 @@ pub async fn submit(
         }
         let note = (!note.is_empty()).then(|| note.join("; "));
         record(
-            node,
+            router,
             crate::audit::kind::ROUTE,
             task_id.as_deref(),
             &attrs,
@@ -215,7 +286,7 @@ pub async fn submit(
             note.as_deref(),
             Seen {
                 held_here: placed.is_some()
-                    && decision.outcome.region() == Some(node.region.as_str()),
+                    && decision.outcome.region() == Some(router.cluster.region()),
                 view: Some(&view),
             },
         )
@@ -223,14 +294,14 @@ pub async fn submit(
     }
     if log_wanted(&decision) {
         // The log line keeps what the record keeps.
-        let held = placed.is_some() && decision.outcome.region() == Some(node.region.as_str());
+        let held = placed.is_some() && decision.outcome.region() == Some(router.cluster.region());
         log_decision(
-            &kept(node, held, &attrs, &decision, None).decision,
+            &kept(router, held, &attrs, &decision, None).decision,
             task_id.as_deref(),
         );
     }
     if !req.probe {
-        node.metrics.decision(
+        router.metrics.decision(
             crate::metrics::rule_label(&policy, decision.rule_index),
             decision.outcome.kind(),
             decision.outcome.region(),
@@ -318,23 +389,26 @@ fn log_decision(decision: &Decision, task_id: Option<&str>) {
 /// The task carries the trace context of the span accepting it (or
 /// `received`, when this controller does not export).
 async fn store_local(
-    node: &Node,
+    router: &Router,
     task_id: &str,
     req: &api::SubmitTaskRequest,
     decision: &Decision,
     render: impl FnOnce(Option<&str>) -> Prepared,
     received: Option<&TraceParent>,
 ) -> (Result<Placed>, RecordState) {
-    if node.draining() {
+    if router.cluster.draining() {
         return (
-            Err(Error::Unavailable(format!("{} is draining", node.region))),
+            Err(Error::Unavailable(format!(
+                "{} is draining",
+                router.cluster.region()
+            ))),
             RecordState::NotWritten,
         );
     }
     if req.probe {
         // A drill's probe: the placement is decided and recorded, nothing
         // is stored (so nothing can be leased, run or replicated).
-        let logged = node.log.append(render(Some(PROBE_NOTE))).await;
+        let logged = router.log.append(render(Some(PROBE_NOTE))).await;
         return (
             Ok(Placed {
                 task_id: task_id.to_string(),
@@ -344,10 +418,15 @@ async fn store_local(
             record_state(logged),
         );
     }
-    let policy = node.policy();
+    let policy = router.cluster.policy();
     let mut unverified = None;
-    let note = match duplicates::check_key(node, &policy, decision.rule_index, &req.idempotency_key)
-    {
+    let note = match duplicates::check_key(
+        &router.replication,
+        router.cluster.region(),
+        &policy,
+        decision.rule_index,
+        &req.idempotency_key,
+    ) {
         KeyCheck::Known { region, known } => {
             let answer = match known.differs(&req.attributes, &req.payload) {
                 Some(differs) => Err(duplicates::refusal(
@@ -379,7 +458,7 @@ async fn store_local(
         idempotency_key: req.idempotency_key.clone(),
         priority: req.priority,
         state: api::TaskState::Queued as i32,
-        owner_region: node.region.clone(),
+        owner_region: router.cluster.region().to_string(),
         rule_index: decision.rule_index.unwrap_or_default() as u32,
         created_unix_ms: now,
         updated_unix_ms: now,
@@ -402,7 +481,7 @@ async fn store_local(
         "decision_log.append",
         task_id = %task_id,
     );
-    let stored = node
+    let stored = router
         .store
         .insert_recorded(task, record)
         .instrument(append)
@@ -414,7 +493,8 @@ async fn store_local(
     let outcome = match stored.outcome {
         Ok(InsertOutcome::Created(t)) => {
             if let Some(regions) = unverified {
-                node.replication
+                router
+                    .replication
                     .duplicates
                     .remember(&t.idempotency_key, &t.task_id, regions);
             }
@@ -445,21 +525,21 @@ fn record_state(logged: std::result::Result<u64, crate::audit::AuditError>) -> R
 }
 
 async fn forward(
-    node: &Node,
+    router: &Router,
     region: &str,
     task_id: &str,
     req: &api::SubmitTaskRequest,
     decision: &Decision,
     received: Option<&TraceParent>,
 ) -> Result<Placed> {
-    let mut client = node.peer(region)?;
+    let mut client = router.peers.client(region)?;
     let message = api::ForwardTaskRequest {
         task_id: task_id.to_string(),
         submit: Some(req.clone()),
-        entry_region: node.region.clone(),
+        entry_region: router.cluster.region().to_string(),
         decision: Some(wire::decision_to_wire(decision)),
     };
-    let deadline = node.timers.forward_timeout;
+    let deadline = router.forward_timeout;
     let started = std::time::Instant::now();
     let mut request = transport::with_deadline(message, deadline);
     // The owner's spans are children of this forward's.
@@ -468,7 +548,8 @@ async fn forward(
     }
     let call = client.forward_task(request);
     let result = tokio::time::timeout(deadline, call).await;
-    node.metrics
+    router
+        .metrics
         .forward(region, started.elapsed().as_secs_f64());
     match result {
         Ok(Ok(resp)) => {
@@ -496,44 +577,48 @@ async fn forward(
 /// Stores a task another controller routed here, after re-checking that this
 /// region may hold it under our own policy and tags.
 pub async fn accept_forward(
-    node: &Arc<Node>,
+    router: &Router,
     req: api::ForwardTaskRequest,
     received: Option<&TraceParent>,
 ) -> Result<api::ForwardTaskResponse> {
     wire::check_task_id(&req.task_id)?;
-    if wire::owner_of(&req.task_id) != Some(node.region.as_str()) {
+    if wire::owner_of(&req.task_id) != Some(router.cluster.region()) {
         return Err(Error::invalid(
             "task_id",
-            format!("`{}` is not owned by region {}", req.task_id, node.region),
+            format!(
+                "`{}` is not owned by region {}",
+                req.task_id,
+                router.cluster.region()
+            ),
         ));
     }
     let submit = req
         .submit
         .ok_or_else(|| Error::invalid("submit", "missing"))?;
-    let attrs = validate_submit(node, &submit)?;
-    let policy = node.policy();
+    let attrs = validate_submit(router, &submit)?;
+    let policy = router.cluster.policy();
     // Our own decision, for the checks and our log: the entry region's view
     // may differ. One evaluation of the rules serves both.
-    let mut decision = policy.decide(&attrs, &node.view(&policy));
+    let mut decision = policy.decide(&attrs, &router.cluster.view(&policy));
     let Some(index) = decision.rule_index else {
         return Err(Error::NotRoutable(format!(
             "{} refuses the task: no rule of its policy matches {}",
-            node.region,
+            router.cluster.region(),
             crate::policy::format_attributes(&attrs)
         )));
     };
     let rule = &policy.rules[index];
     // Any member of a set of primaries, or any backup: the entry's view of
     // the loads may differ from ours, residency does not.
-    if !rule.candidates().any(|r| *r == node.region) {
+    if !rule.candidates().any(|r| *r == router.cluster.region()) {
         return Err(Error::Precondition(format!(
             "residency: {} is not a candidate of {} here",
-            node.region,
+            router.cluster.region(),
             rule.label()
         )));
     }
     // `decide` requires the rule's tags plus the data-class requirements.
-    let own = policy.region(&node.region).map(|r| &r.tags);
+    let own = policy.region(router.cluster.region()).map(|r| &r.tags);
     let missing: Vec<_> = decision
         .required_tags
         .iter()
@@ -543,7 +628,7 @@ pub async fn accept_forward(
     if !missing.is_empty() {
         return Err(Error::Precondition(format!(
             "residency: {} lacks required tag(s) {} for {}",
-            node.region,
+            router.cluster.region(),
             missing.join(", "),
             rule.label()
         )));
@@ -560,7 +645,7 @@ pub async fn accept_forward(
             None => note.clone(),
         };
         decision_record(
-            node,
+            router,
             crate::audit::kind::FORWARDED_IN,
             &req.task_id,
             &attrs,
@@ -570,10 +655,10 @@ pub async fn accept_forward(
         )
     };
     let (stored, appended) =
-        store_local(node, &req.task_id, &submit, &decision, render, received).await;
+        store_local(router, &req.task_id, &submit, &decision, render, received).await;
     if let (Err(e), RecordState::Written | RecordState::Failed(_)) = (&stored, appended) {
         record(
-            node,
+            router,
             crate::audit::kind::FORWARDED_IN,
             Some(&req.task_id),
             &attrs,
@@ -595,9 +680,12 @@ pub async fn accept_forward(
 }
 
 /// The decision for `attrs` now, with optional what-if regions, not submitted.
-pub fn explain(node: &Node, req: &api::ExplainRouteRequest) -> Result<api::ExplainRouteResponse> {
-    let attrs = wire::attributes_from_wire(&req.attributes, &node.limits)?;
-    let policy = node.policy();
+pub fn explain(
+    router: &Router,
+    req: &api::ExplainRouteRequest,
+) -> Result<api::ExplainRouteResponse> {
+    let attrs = wire::attributes_from_wire(&req.attributes, &router.limits)?;
+    let policy = router.cluster.policy();
     for r in req.assume_down.iter().chain(req.assume_full.iter()) {
         if policy.region(r).is_none() {
             return Err(Error::invalid(
@@ -606,7 +694,7 @@ pub fn explain(node: &Node, req: &api::ExplainRouteRequest) -> Result<api::Expla
             ));
         }
     }
-    let live = node.view(&policy);
+    let live = router.cluster.view(&policy);
     let view = WhatIf {
         live,
         down: &req.assume_down,
@@ -641,12 +729,12 @@ impl crate::policy::FederationView for WhatIf<'_> {
 /// `attributes` that this region does not hold: with the values its
 /// records would withhold replaced (see [`crate::audit::minimise`]).
 pub fn scrubbed_error(
-    node: &Node,
+    router: &Router,
     attributes: &std::collections::HashMap<String, api::AttributeValue>,
     error: &Error,
 ) -> String {
     let attrs = wire::attributes_lossy(attributes);
-    Scrubber::new(&node.policy(), false, &attrs, None)
+    Scrubber::new(&router.cluster.policy(), false, &attrs, None)
         .scrub(&error.to_string())
         .into_owned()
 }
@@ -655,15 +743,15 @@ pub fn scrubbed_error(
 /// region holds it, else names, the values the policy lets every region
 /// keep and keyed digests ([`crate::audit::minimise`]).
 fn kept<'a>(
-    node: &Node,
+    router: &Router,
     held_here: bool,
     attrs: &'a Attributes,
     decision: &'a Decision,
     note: Option<&'a str>,
 ) -> Kept<'a> {
     Kept::new(
-        &node.policy(),
-        node.audit_key.as_ref(),
+        &router.cluster.policy(),
+        router.audit_key.as_ref(),
         held_here,
         attrs,
         decision,
@@ -674,15 +762,15 @@ fn kept<'a>(
 /// True when the record of `decision` (of `kind`) is written where the
 /// task is held: the region it was placed in, or the owner accepting a
 /// forward.
-fn held_here(node: &Node, kind: &str, decision: &Decision) -> bool {
+fn held_here(router: &Router, kind: &str, decision: &Decision) -> bool {
     kind == crate::audit::kind::FORWARDED_IN
-        || decision.outcome.region() == Some(node.region.as_str())
+        || decision.outcome.region() == Some(router.cluster.region())
 }
 
 /// Renders the record of `decision` for `task_id` (a route record names
 /// this controller as the entry region).
 fn decision_record(
-    node: &Node,
+    router: &Router,
     kind: &str,
     task_id: &str,
     attrs: &Attributes,
@@ -690,11 +778,17 @@ fn decision_record(
     note: Option<&str>,
     view: Option<&[(String, crate::policy::RegionView)]>,
 ) -> Prepared {
-    let kept = kept(node, held_here(node, kind, decision), attrs, decision, note);
+    let kept = kept(
+        router,
+        held_here(router, kind, decision),
+        attrs,
+        decision,
+        note,
+    );
     Prepared::kept(
         kind,
         Some(task_id),
-        (kind == crate::audit::kind::ROUTE).then_some(node.region.as_str()),
+        (kind == crate::audit::kind::ROUTE).then_some(router.cluster.region()),
         &kept,
         view,
     )
@@ -714,7 +808,7 @@ pub struct Seen<'v> {
 /// The record is rendered and queued when this is called; the future waits
 /// for its sync.
 pub fn record(
-    node: &Node,
+    router: &Router,
     kind: &str,
     task_id: Option<&str>,
     attrs: &Attributes,
@@ -723,11 +817,11 @@ pub fn record(
     seen: Seen<'_>,
 ) -> impl std::future::Future<Output = ()> + Send + use<> {
     let Seen { held_here, view } = seen;
-    let kept = kept(node, held_here, attrs, decision, note);
-    let appended = node.log.append(Prepared::kept(
+    let kept = kept(router, held_here, attrs, decision, note);
+    let appended = router.log.append(Prepared::kept(
         kind,
         task_id,
-        (kind == crate::audit::kind::ROUTE).then_some(node.region.as_str()),
+        (kind == crate::audit::kind::ROUTE).then_some(router.cluster.region()),
         &kept,
         view,
     ));

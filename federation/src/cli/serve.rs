@@ -384,7 +384,7 @@ async fn serve(resolved: Resolved) -> anyhow::Result<()> {
     if let Some(v) = &approval {
         let hash = node.policy().hash.clone();
         tracing::info!(policy_hash = %hash, signed = %v.signed.join(","), missing = %v.missing.join(","), "policy approvals verified");
-        node.log
+        node.log()
             .append(crate::approvals::record(&hash, v, "at start"))
             .await
             .context("recording the policy's approvals in the decision log")?;
@@ -403,7 +403,7 @@ async fn serve(resolved: Resolved) -> anyhow::Result<()> {
     };
     if let Some(health) = health {
         tracing::info!(addr = %crate::logfields::list(health.local_addr().ok()), "plaintext gRPC health (probes only) serving");
-        tokio::spawn(controller::serve_health_only(
+        tokio::spawn(crate::runtime::serve_health_only(
             node.clone(),
             health,
             stopped(),
@@ -413,7 +413,7 @@ async fn serve(resolved: Resolved) -> anyhow::Result<()> {
         let name = spec.dns_srv.clone();
         let discoverer = crate::discovery::Discoverer::new(spec)
             .with_context(|| format!("dns srv discovery of {name}"))?;
-        tokio::spawn(controller::discovery_loop(node.clone(), discoverer));
+        tokio::spawn(crate::runtime::discovery_loop(node.clone(), discoverer));
     }
     if let Some(admin) = admin {
         tracing::info!(addr = %crate::logfields::list(admin.local_addr().ok()), "admin HTTP serving /metrics and the status page");
@@ -435,7 +435,7 @@ async fn serve(resolved: Resolved) -> anyhow::Result<()> {
             return;
         };
         while hup.recv().await.is_some() {
-            let r = crate::service::reload(&reload_node, "", "", "").await;
+            let r = reload_node.reloader().reload("", "", "").await;
             if r.applied {
                 tracing::info!(policy_hash = %r.policy_hash, "SIGHUP: policy reloaded");
             } else {
@@ -444,7 +444,7 @@ async fn serve(resolved: Resolved) -> anyhow::Result<()> {
         }
     });
     tokio::spawn(notify_when_serving(node.clone()));
-    let poll = node.timers.policy_poll;
+    let poll = node.timers().policy_poll;
     if !poll.is_zero() {
         tokio::spawn(poll_policy(node.clone(), poll));
     }
@@ -453,7 +453,7 @@ async fn serve(resolved: Resolved) -> anyhow::Result<()> {
         stop.await;
         super::sd_notify::notify_logged("STOPPING=1");
     };
-    controller::serve(node, listener, shutdown).await
+    crate::runtime::serve(node, listener, shutdown).await
 }
 
 /// Sends systemd READY=1 the first time the health status (`grpc.health.v1`,
@@ -461,7 +461,7 @@ async fn serve(resolved: Resolved) -> anyhow::Result<()> {
 async fn notify_when_serving(node: Arc<Node>) {
     use tokio_stream::StreamExt as _;
     use tonic_health::pb::health_server::Health as _;
-    let service = tonic_health::server::HealthService::from_health_reporter(node.health.clone());
+    let service = tonic_health::server::HealthService::from_health_reporter(node.health().clone());
     let request = tonic::Request::new(tonic_health::pb::HealthCheckRequest {
         service: String::new(),
     });
@@ -483,7 +483,7 @@ async fn notify_when_serving(node: Arc<Node>) {
 /// sees the old or the new file whole). A refused policy is logged once per
 /// content; the old one keeps routing.
 async fn poll_policy(node: Arc<Node>, every: std::time::Duration) {
-    let path = node.config_path.clone();
+    let path = node.reloader().config_path().to_path_buf();
     // The approvals file too: approvals added after the file changed (the
     // usual order) must trigger the reload the file change could not.
     let approvals = crate::approvals::approvals_path(&path);
@@ -528,7 +528,7 @@ async fn poll_policy(node: Arc<Node>, every: std::time::Duration) {
 }
 
 async fn reload_changed(node: &Node, path: &std::path::Path) {
-    let r = crate::service::reload(node, "", "", "").await;
+    let r = node.reloader().reload("", "", "").await;
     if r.applied {
         tracing::info!(path = %path.display(), policy_hash = %r.policy_hash, "federation file changed: policy reloaded");
     } else {

@@ -24,7 +24,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::replication::Stats;
+use crate::replication::receiver::Stats;
 
 pub mod exposition;
 pub mod grpc;
@@ -496,12 +496,18 @@ impl Metrics {
             .set(seconds);
     }
 
-    /// Refreshes the state gauges from `node` and renders OpenMetrics text
-    /// (see [`exposition::to_prometheus_text`] for the other format).
-    pub fn render(&self, node: &crate::controller::Node) -> String {
+    /// Refreshes the state gauges from what the controller holds now and
+    /// renders OpenMetrics text (see [`exposition::to_prometheus_text`] for
+    /// the other format).
+    pub fn render(&self, now: Scrape<'_>) -> String {
+        let Scrape {
+            agents,
+            status,
+            snapshots_taken,
+            store,
+        } = now;
         self.registered_agents
-            .set(i64::try_from(node.agents.len()).unwrap_or(i64::MAX));
-        let status = crate::service::status(node);
+            .set(i64::try_from(agents).unwrap_or(i64::MAX));
         self.peer_state.clear();
         for row in &status.regions {
             if row.state == "self" {
@@ -521,23 +527,36 @@ impl Metrics {
                     .set(row.last_advertisement_age_ms as f64 / 1000.0);
             }
         }
-        let now = crate::controller::now_ms();
-        for (source, taken) in node.replication.receiver.newest_taken() {
+        let now = crate::clock::now_unix_ms();
+        for (source, taken) in snapshots_taken {
             // Clamped: the source's clock may run ahead of ours.
             let age = now.saturating_sub(taken).max(0) as f64 / 1000.0;
             self.snapshot_age(&source, age);
         }
-        let counts = node.store.counts();
+        let counts = store.counts();
         self.queue_depth.set(i64::from(counts.queued));
         self.leased.set(i64::from(counts.leased));
         self.store_undecodable
-            .set(i64::try_from(node.store.undecodable().0).unwrap_or(i64::MAX));
+            .set(i64::try_from(store.undecodable().0).unwrap_or(i64::MAX));
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.lock()) {
             tracing::error!(error = %e, "encoding metrics failed");
         }
         out
     }
+}
+
+/// What a scrape reads of the controller's state.
+#[derive(Debug)]
+pub struct Scrape<'a> {
+    /// Registered agents.
+    pub agents: usize,
+    /// The federation status (peer states, advertisement ages).
+    pub status: &'a federation_api::FederationStatusResponse,
+    /// When the newest snapshot held of each source was taken (Unix ms).
+    pub snapshots_taken: Vec<(String, i64)>,
+    /// The task store (queue depth, leases, undecodable records).
+    pub store: &'a crate::tasks::TaskStore,
 }
 
 #[cfg(test)]

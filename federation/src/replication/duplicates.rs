@@ -25,10 +25,11 @@ use std::sync::{Arc, Mutex};
 use federation_api as api;
 use serde::{Deserialize, Serialize};
 
+use super::Replicator;
 use super::Stats;
 use super::copy::KnownKey;
 use crate::audit::{Entry, kind};
-use crate::controller::{Node, now_ms};
+use crate::clock::now_unix_ms as now_ms;
 use crate::policy::Policy;
 use crate::{transport, wire};
 
@@ -58,9 +59,15 @@ pub enum KeyCheck {
     },
 }
 
-/// Looks `key` up in our copies of the regions before us among the
-/// candidates of rule `rule_index`.
-pub fn check_key(node: &Node, policy: &Policy, rule_index: Option<usize>, key: &str) -> KeyCheck {
+/// Looks `key` up in our copies (`replication`'s) of the regions before us
+/// (`here`) among the candidates of rule `rule_index`.
+pub fn check_key(
+    replication: &super::Replication,
+    here: &str,
+    policy: &Policy,
+    rule_index: Option<usize>,
+    key: &str,
+) -> KeyCheck {
     if key.is_empty() {
         return KeyCheck::NotApplicable;
     }
@@ -69,15 +76,15 @@ pub fn check_key(node: &Node, policy: &Policy, rule_index: Option<usize>, key: &
     };
     let before: Vec<String> = rule
         .candidates()
-        .take_while(|c| **c != node.region)
+        .take_while(|c| **c != here)
         .cloned()
         .collect();
-    if before.is_empty() || !rule.candidates().any(|c| *c == node.region) {
+    if before.is_empty() || !rule.candidates().any(|c| *c == here) {
         return KeyCheck::NotApplicable;
     }
     let mut checked = Vec::new();
     for region in &before {
-        let found = node.replication.receiver.with_copy(region, |copy| {
+        let found = replication.receiver.with_copy(region, |copy| {
             (copy.key(key), copy.sequence, copy.as_of_unix_ms)
         });
         match found {
@@ -89,9 +96,9 @@ pub fn check_key(node: &Node, policy: &Policy, rule_index: Option<usize>, key: &
             }
             Some((None, sequence, as_of)) => checked.push(format!(
                 "not in {}'s copy of {region} (as of {as_of} ms since the Unix epoch, sequence {sequence})",
-                node.region
+                here
             )),
-            None => checked.push(format!("{} holds no copy of {region}", node.region)),
+            None => checked.push(format!("{} holds no copy of {region}", here)),
         }
     }
     KeyCheck::Unknown {
@@ -211,8 +218,8 @@ fn started(state: api::TaskState, attempts: u32) -> bool {
 /// `source` up again and resolves the duplicate pairs found.
 /// With `wait`, waits for a pass already running; else skips (the next
 /// update starts another).
-pub async fn on_copy_updated(node: Arc<Node>, source: String, wait: bool) {
-    let dups = &node.replication.duplicates;
+pub async fn on_copy_updated(rep: Arc<Replicator>, source: String, wait: bool) {
+    let dups = &rep.replication.duplicates;
     let _one = if wait {
         dups.resolving.lock().await
     } else {
@@ -227,7 +234,7 @@ pub async fn on_copy_updated(node: Arc<Node>, source: String, wait: bool) {
         .cloned()
         .collect();
     for entry in pending {
-        let known = node
+        let known = rep
             .replication
             .receiver
             .with_copy(&source, |c| c.key(&entry.key))
@@ -237,53 +244,58 @@ pub async fn on_copy_updated(node: Arc<Node>, source: String, wait: bool) {
             dups.forget(&entry.task_id);
             continue;
         }
-        match resolve(&node, &source, &entry, &known).await {
+        match resolve(&rep, &source, &entry, &known).await {
             Resolution::Later => {}
             Resolution::OneRuns { cancelled, kept } => {
-                Stats::bump(&node.replication.counters().duplicates_cancelled);
+                Stats::bump(&rep.replication.counters().duplicates_cancelled);
                 let note = format!(
                     "duplicate tasks under idempotency key `{}`: {} (created by {} when {source} could not be asked) and {} (accepted by {source}); {cancelled} cancelled, {kept} runs",
                     wire::truncate(&entry.key, 128),
                     entry.task_id,
-                    node.region,
+                    rep.region,
                     known.task_id
                 );
                 tracing::warn!(key = %wire::truncate(&entry.key, 128), %cancelled, %kept, "duplicate task cancelled");
-                append(&node, &kept, "duplicate_cancelled", note).await;
+                append(&rep, &kept, "duplicate_cancelled", note).await;
                 dups.forget(&entry.task_id);
             }
             Resolution::BothRan => {
-                Stats::bump(&node.replication.counters().duplicate_tasks);
+                Stats::bump(&rep.replication.counters().duplicate_tasks);
                 let note = format!(
                     "duplicate tasks under idempotency key `{}` both ran: {} (created by {} when {source} could not be asked) and {} (accepted by {source})",
                     wire::truncate(&entry.key, 128),
                     entry.task_id,
-                    node.region,
+                    rep.region,
                     known.task_id
                 );
                 tracing::error!(key = %wire::truncate(&entry.key, 128), ours = %entry.task_id, theirs = %known.task_id, "duplicate tasks both ran");
-                append(&node, &entry.task_id, "duplicate_ran", note).await;
+                append(&rep, &entry.task_id, "duplicate_ran", note).await;
                 dups.forget(&entry.task_id);
             }
         }
     }
 }
 
-async fn append(node: &Node, task_id: &str, outcome: &str, note: String) {
+async fn append(rep: &Replicator, task_id: &str, outcome: &str, note: String) {
     let entry = Entry {
         outcome: Some(outcome.to_string()),
         ..Entry::new(kind::DUPLICATE).task(task_id).note(note)
     };
-    if let Err(e) = node.log.append(entry).await {
+    if let Err(e) = rep.log.append(entry).await {
         tracing::error!(error = %e, "appending a duplicate record failed");
     }
 }
 
-async fn resolve(node: &Node, source: &str, ours: &Unverified, theirs: &KnownKey) -> Resolution {
-    let local = match node.store.get(&ours.task_id) {
+async fn resolve(
+    rep: &Replicator,
+    source: &str,
+    ours: &Unverified,
+    theirs: &KnownKey,
+) -> Resolution {
+    let local = match rep.store.get(&ours.task_id) {
         Ok(Some(t)) => t,
         Ok(None) => {
-            node.replication.duplicates.forget(&ours.task_id);
+            rep.replication.duplicates.forget(&ours.task_id);
             return Resolution::Later;
         }
         Err(e) => {
@@ -321,7 +333,7 @@ async fn resolve(node: &Node, source: &str, ours: &Unverified, theirs: &KnownKey
             "duplicate of task {} under idempotency key `{key}` (accepted by {source}); cancelled so that one runs",
             theirs.task_id
         );
-        match node.store.cancel(&local.task_id, &reason).await {
+        match rep.store.cancel(&local.task_id, &reason).await {
             // Cancelled now, or already (by an earlier resolution).
             Ok(c) if c.cancelled || c.task.state() == api::TaskState::Cancelled => {
                 Resolution::OneRuns {
@@ -334,7 +346,7 @@ async fn resolve(node: &Node, source: &str, ours: &Unverified, theirs: &KnownKey
                     Resolution::BothRan
                 } else {
                     // Ours finished meanwhile: theirs goes instead.
-                    cancel_theirs(node, source, &local.task_id, theirs, &key).await
+                    cancel_theirs(rep, source, &local.task_id, theirs, &key).await
                 }
             }
             Err(e) => {
@@ -343,28 +355,28 @@ async fn resolve(node: &Node, source: &str, ours: &Unverified, theirs: &KnownKey
             }
         }
     } else {
-        cancel_theirs(node, source, &local.task_id, theirs, &key).await
+        cancel_theirs(rep, source, &local.task_id, theirs, &key).await
     }
 }
 
 async fn cancel_theirs(
-    node: &Node,
+    rep: &Replicator,
     source: &str,
     ours: &str,
     theirs: &KnownKey,
     key: &str,
 ) -> Resolution {
-    let Ok(mut client) = node.peer(source) else {
+    let Ok(mut client) = rep.peers.client(source) else {
         return Resolution::Later;
     };
     let req = api::CancelTaskRequest {
         task_id: theirs.task_id.clone(),
         reason: format!(
             "duplicate of task {ours} under idempotency key `{key}` (created by {} while {source} could not be asked); cancelled so that one runs",
-            node.region
+            rep.region
         ),
     };
-    let deadline = node.timers.forward_timeout;
+    let deadline = rep.timers.forward_timeout;
     let call = client.relay_cancel_task(transport::with_deadline(req, deadline));
     match tokio::time::timeout(deadline, call).await {
         Ok(Ok(resp)) => {

@@ -45,8 +45,10 @@ use std::time::{Duration, Instant};
 use federation_api as api;
 
 use crate::audit::{Entry, kind};
+use crate::clock::now_unix_ms as now_ms;
+use crate::cluster::Cluster;
 use crate::config::SyncSpec;
-use crate::controller::{Node, now_ms};
+use crate::peers::Peers;
 use crate::policy::{FederationView as _, Health, Policy};
 use crate::tasks::TaskStore;
 use crate::transport;
@@ -274,46 +276,65 @@ pub fn seal_snapshot(
     envelope::seal_streamed(params, key, nonces, pipeline, |sink| body.encode_into(sink))
 }
 
-/// Health of every region as membership sees it now.
-fn health_now(node: &Node) -> BTreeMap<String, Health> {
-    node.membership
-        .status(Instant::now())
-        .into_iter()
-        .map(|s| (s.region, s.health))
-        .collect()
+/// What replication's loops, takeover and the duplicate resolution use of
+/// the controller: the replication state and the components around it.
+#[derive(Debug)]
+pub struct Replicator {
+    /// The replication state (keys, copies, outbox, takeover, duplicates).
+    pub replication: Arc<Replication>,
+    /// This controller's region.
+    pub region: String,
+    /// This run's epoch.
+    pub epoch: u64,
+    /// The region's place in the federation (policy, peer table, view).
+    pub cluster: Arc<Cluster>,
+    /// Calling peers.
+    pub peers: Arc<Peers>,
+    /// The task store.
+    pub store: TaskStore,
+    /// The decision log.
+    pub log: crate::audit::DecisionLog,
+    /// Metrics.
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// Timers.
+    pub timers: crate::config::Timers,
+}
+
+fn health_now(rep: &Replicator) -> BTreeMap<String, Health> {
+    rep.cluster.health_now()
 }
 
 /// One round: snapshot and push to every permitted peer that is not dead.
 /// Also pushes an empty snapshot to a peer whose scope is empty, so it
 /// drops stale tasks.
-pub async fn sync_once(node: &Arc<Node>) {
-    if !node.replication.enabled {
+pub async fn sync_once(rep: &Arc<Replicator>) {
+    if !rep.replication.enabled {
         return;
     }
-    let policy = node.policy();
-    let health = health_now(node);
-    for recipient in snapshot::recipients(&policy, &node.region) {
+    let policy = rep.cluster.policy();
+    let health = health_now(rep);
+    for recipient in snapshot::recipients(&policy, &rep.region) {
         if health.get(&recipient) == Some(&Health::Dead) {
             continue;
         }
         // Not waited for: a slow peer must not hold up the heartbeat's
         // batches to the others (its own link lock orders its pushes).
-        let node = node.clone();
-        tokio::spawn(async move { snapshot_to(&node, &recipient).await });
+        let rep = rep.clone();
+        tokio::spawn(async move { snapshot_to(&rep, &recipient).await });
     }
 }
 
 /// Reads, seals and pushes one snapshot to `recipient`, under its link
 /// lock (see the module notes).
-async fn snapshot_to(node: &Arc<Node>, recipient: &str) {
-    let repl = &node.replication;
+async fn snapshot_to(rep: &Arc<Replicator>, recipient: &str) {
+    let repl = &rep.replication;
     let link = repl.link(recipient);
     let _link = link.lock().await;
-    let policy = node.policy();
-    let tasks: Vec<api::Task> = match node.store.pending() {
+    let policy = rep.cluster.policy();
+    let tasks: Vec<api::Task> = match rep.store.pending() {
         Ok(t) => t
             .into_iter()
-            .filter(|t| crate::wire::owner_of(&t.task_id) == Some(node.region.as_str()))
+            .filter(|t| crate::wire::owner_of(&t.task_id) == Some(rep.region.as_str()))
             .collect(),
         Err(e) => {
             tracing::error!(error = %e, "reading pending tasks for a snapshot failed");
@@ -321,19 +342,19 @@ async fn snapshot_to(node: &Arc<Node>, recipient: &str) {
         }
     };
     let results = repl.recent();
-    let tags = node
+    let tags = rep
+        .cluster
         .view(&policy)
         .region(recipient)
         .map(|v| v.tags)
         .unwrap_or_default();
-    let (scoped, withheld) = snapshot::scope_for(&policy, &node.region, recipient, &tags, &tasks);
-    let (scoped_results, _) =
-        snapshot::scope_for(&policy, &node.region, recipient, &tags, &results);
+    let (scoped, withheld) = snapshot::scope_for(&policy, &rep.region, recipient, &tags, &tasks);
+    let (scoped_results, _) = snapshot::scope_for(&policy, &rep.region, recipient, &tags, &results);
     let rules = snapshot::rule_indexes(&scoped);
     let sequence = repl.next_sequence();
     let body = SnapshotBody {
-        source_region: node.region.clone(),
-        epoch: node.epoch,
+        source_region: rep.region.clone(),
+        epoch: rep.epoch,
         sequence,
         policy_hash: policy.hash.clone(),
         taken_unix_ms: now_ms(),
@@ -344,9 +365,9 @@ async fn snapshot_to(node: &Arc<Node>, recipient: &str) {
     // Serializing, compressing and encrypting take milliseconds for
     // thousands of tasks: off the async workers.
     let sealing = {
-        let node = node.clone();
+        let rep = rep.clone();
         let rules = rules.clone();
-        tokio::task::spawn_blocking(move || node.replication.seal_body(&body, rules))
+        tokio::task::spawn_blocking(move || rep.replication.seal_body(&body, rules))
     };
     let chunks = match sealing.await {
         Ok(Ok(c)) => c,
@@ -362,8 +383,8 @@ async fn snapshot_to(node: &Arc<Node>, recipient: &str) {
     repl.stats
         .withheld_tasks
         .fetch_add(withheld as u64, Ordering::Relaxed);
-    audit_summary(node, recipient, &rules, count, withheld).await;
-    if !push(node, recipient, chunks, sequence, count).await {
+    audit_summary(rep, recipient, &rules, count, withheld).await;
+    if !push(rep, recipient, chunks, sequence, count).await {
         repl.outbox().want_snapshot(recipient);
     }
 }
@@ -372,14 +393,14 @@ async fn snapshot_to(node: &Arc<Node>, recipient: &str) {
 /// with changes waiting (none while its previous batch is in flight), and a
 /// snapshot to each peer that wants one (at most one per peer every ten
 /// heartbeats).
-pub async fn flush_changes(node: &Arc<Node>) {
-    let repl = &node.replication;
+pub async fn flush_changes(rep: &Arc<Replicator>) {
+    let repl = &rep.replication;
     if !repl.enabled {
         return;
     }
-    let policy = node.policy();
-    let recipients = snapshot::recipients(&policy, &node.region);
-    let health = health_now(node);
+    let policy = rep.cluster.policy();
+    let recipients = snapshot::recipients(&policy, &rep.region);
+    let health = health_now(rep);
     let ready: std::collections::BTreeSet<String> = recipients
         .iter()
         .filter(|r| health.get(*r) != Some(&Health::Dead))
@@ -391,10 +412,10 @@ pub async fn flush_changes(node: &Arc<Node>) {
         (batches, outbox.take_snapshot_wanted())
     };
     for (recipient, tasks) in batches {
-        let node = node.clone();
-        tokio::spawn(async move { push_changes(&node, &recipient, tasks).await });
+        let rep = rep.clone();
+        tokio::spawn(async move { push_changes(&rep, &recipient, tasks).await });
     }
-    let spacing = node.timers.heartbeat_interval * 10;
+    let spacing = rep.timers.heartbeat_interval * 10;
     for recipient in wanted {
         let due = {
             let mut at = repl
@@ -412,23 +433,24 @@ pub async fn flush_changes(node: &Arc<Node>) {
             continue;
         }
         tracing::debug!(%recipient, "snapshot wanted between rounds");
-        let node = node.clone();
-        tokio::spawn(async move { snapshot_to(&node, &recipient).await });
+        let rep = rep.clone();
+        tokio::spawn(async move { snapshot_to(&rep, &recipient).await });
     }
 }
 
 /// Scopes, seals and pushes one batch to `recipient` under its link lock.
-async fn push_changes(node: &Arc<Node>, recipient: &str, tasks: Vec<api::Task>) {
-    let repl = &node.replication;
+async fn push_changes(rep: &Arc<Replicator>, recipient: &str, tasks: Vec<api::Task>) {
+    let repl = &rep.replication;
     let link = repl.link(recipient);
     let _link = link.lock().await;
-    let policy = node.policy();
-    let tags = node
+    let policy = rep.cluster.policy();
+    let tags = rep
+        .cluster
         .view(&policy)
         .region(recipient)
         .map(|v| v.tags)
         .unwrap_or_default();
-    let (scoped, withheld) = snapshot::scope_for(&policy, &node.region, recipient, &tags, &tasks);
+    let (scoped, withheld) = snapshot::scope_for(&policy, &rep.region, recipient, &tags, &tasks);
     repl.stats
         .withheld_tasks
         .fetch_add(withheld as u64, Ordering::Relaxed);
@@ -440,8 +462,8 @@ async fn push_changes(node: &Arc<Node>, recipient: &str, tasks: Vec<api::Task>) 
     let sequence = repl.next_sequence();
     let count = scoped.len();
     let body = changes::ChangeBody {
-        source_region: node.region.clone(),
-        epoch: node.epoch,
+        source_region: rep.region.clone(),
+        epoch: rep.epoch,
         sequence,
         policy_hash: policy.hash.clone(),
         sent_unix_ms: now_ms(),
@@ -452,9 +474,9 @@ async fn push_changes(node: &Arc<Node>, recipient: &str, tasks: Vec<api::Task>) 
     let sealed = if count <= 64 {
         repl.seal_changes(&body, rules).map(|c| (c, body))
     } else {
-        let node = node.clone();
+        let rep = rep.clone();
         match tokio::task::spawn_blocking(move || {
-            node.replication
+            rep.replication
                 .seal_changes(&body, rules)
                 .map(|c| (c, body))
         })
@@ -473,8 +495,8 @@ async fn push_changes(node: &Arc<Node>, recipient: &str, tasks: Vec<api::Task>) 
             return;
         }
     };
-    let deadline = node.timers.forward_timeout.max(Duration::from_secs(2));
-    let outcome = match node.peer(recipient) {
+    let deadline = rep.timers.forward_timeout.max(Duration::from_secs(2));
+    let outcome = match rep.peers.client(recipient) {
         Ok(mut client) => {
             let request = transport::with_deadline(tokio_stream::iter(chunks), deadline);
             tokio::time::timeout(deadline, client.push_changes(request))
@@ -508,10 +530,16 @@ async fn push_changes(node: &Arc<Node>, recipient: &str, tasks: Vec<api::Task>) 
 
 /// Appends a decision-log record when what a peer receives changes (its
 /// rules, or whether residency withholds tasks from it).
-async fn audit_summary(node: &Node, recipient: &str, rules: &[u32], count: usize, withheld: usize) {
+async fn audit_summary(
+    rep: &Replicator,
+    recipient: &str,
+    rules: &[u32],
+    count: usize,
+    withheld: usize,
+) {
     let summary = format!("rules {rules:?}, withheld {}", withheld > 0);
     let changed = {
-        let mut last = node
+        let mut last = rep
             .replication
             .last_summary
             .lock()
@@ -523,7 +551,7 @@ async fn audit_summary(node: &Node, recipient: &str, rules: &[u32], count: usize
             .note(format!(
                 "snapshot scope for {recipient}: {count} tasks of rules {rules:?}; {withheld} tasks withheld by residency"
             ));
-        if let Err(e) = node.log.append(entry).await {
+        if let Err(e) = rep.log.append(entry).await {
             tracing::error!(error = %e, "appending a snapshot record failed");
         }
     }
@@ -531,16 +559,16 @@ async fn audit_summary(node: &Node, recipient: &str, rules: &[u32], count: usize
 
 /// Pushes a sealed snapshot; true when the peer accepted it.
 async fn push(
-    node: &Node,
+    rep: &Replicator,
     recipient: &str,
     chunks: Vec<api::SnapshotChunk>,
     sequence: u64,
     count: usize,
 ) -> bool {
-    let repl = &node.replication;
+    let repl = &rep.replication;
     let (bytes, ratio) = size_and_ratio(&chunks);
-    let deadline = node.timers.forward_timeout.max(Duration::from_secs(5));
-    let Ok(mut client) = node.peer(recipient) else {
+    let deadline = rep.timers.forward_timeout.max(Duration::from_secs(5));
+    let Ok(mut client) = rep.peers.client(recipient) else {
         Stats::bump(&repl.stats.send_failed);
         return false;
     };
@@ -548,7 +576,7 @@ async fn push(
     let outcome = tokio::time::timeout(deadline, client.push_snapshot(request)).await;
     if let Ok(Ok(_)) = &outcome {
         // The peer received all of it (whatever it answered).
-        node.metrics.snapshot_sent(recipient, bytes, ratio);
+        rep.metrics.snapshot_sent(recipient, bytes, ratio);
         repl.takeover.snapshot_answered(recipient);
     }
     match outcome {
@@ -595,39 +623,36 @@ fn size_and_ratio(chunks: &[api::SnapshotChunk]) -> (u64, f64) {
 /// The sync loop: every `sync_interval` a snapshot round; every heartbeat a
 /// takeover check and a batch of changes to each peer; records the store's
 /// changes (and keeps the recent results).
-pub async fn run(node: Arc<Node>, mut stop: tokio::sync::watch::Receiver<bool>) {
-    if !node.replication.enabled {
+pub async fn run(rep: Arc<Replicator>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    if !rep.replication.enabled {
         return;
     }
-    let interval = node
+    let interval = rep
         .replication
         .sync
         .sync_interval
         .max(Duration::from_millis(50));
-    let check = node
-        .timers
-        .heartbeat_interval
-        .max(Duration::from_millis(50));
+    let check = rep.timers.heartbeat_interval.max(Duration::from_millis(50));
     let mut sync_tick = tokio::time::interval(interval);
     sync_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut check_tick = tokio::time::interval(check);
     check_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut changes = node.store.subscribe();
+    let mut changes = rep.store.subscribe();
     loop {
         tokio::select! {
-            _ = sync_tick.tick() => sync_once(&node).await,
+            _ = sync_tick.tick() => sync_once(&rep).await,
             _ = check_tick.tick() => {
-                let n = node.clone();
+                let n = rep.clone();
                 // A stat per stored file; a changed file is decrypted again.
                 let _ = tokio::task::spawn_blocking(move || n.replication.receiver.check_stored()).await;
-                takeover::take_over_dead_regions(&node).await;
-                flush_changes(&node).await;
+                takeover::take_over_dead_regions(&rep).await;
+                flush_changes(&rep).await;
             }
             change = changes.recv() => match change {
-                Ok(task) => node.replication.on_change(&node.region, task),
+                Ok(task) => rep.replication.on_change(&rep.region, task),
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                     tracing::warn!(missed = n, "replication fell behind the store's changes; peers get full snapshots");
-                    node.replication.outbox().lost();
+                    rep.replication.outbox().lost();
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
             },

@@ -32,9 +32,9 @@ use std::time::{Duration, Instant};
 use federation_api as api;
 use serde::{Deserialize, Serialize};
 
-use super::snapshot;
+use super::{Replicator, snapshot};
 use crate::audit::{Entry, Prepared, kind};
-use crate::controller::{Node, now_ms};
+use crate::clock::now_unix_ms as now_ms;
 use crate::policy::{Health, Policy};
 use crate::tasks::{InsertOutcome, RecordState, TaskStore};
 use crate::wire;
@@ -205,10 +205,10 @@ impl TakeoverState {
 /// gossiped): our tasks a backup took over are cancelled here (marked
 /// `taken_over`). Then, if the advertisement is the backup's own, the fence
 /// stops waiting for it.
-pub async fn on_advertisement(node: &Node, ad: &api::RegionAdvertisement) {
-    let state = &node.replication.takeover;
+pub async fn on_advertisement(rep: &Replicator, ad: &api::RegionAdvertisement) {
+    let state = &rep.replication.takeover;
     for notice in &ad.takeovers {
-        if notice.from_region != node.region {
+        if notice.from_region != rep.region {
             continue;
         }
         let fresh: Vec<String> = {
@@ -225,15 +225,15 @@ pub async fn on_advertisement(node: &Node, ad: &api::RegionAdvertisement) {
             continue;
         }
         let takeover = api::Takeover {
-            from_region: node.region.clone(),
+            from_region: rep.region.clone(),
             from_epoch: notice.from_epoch,
             to_region: ad.region.clone(),
             at_unix_ms: now_ms(),
         };
-        match node.store.mark_taken_over(fresh.clone(), takeover).await {
+        match rep.store.mark_taken_over(fresh.clone(), takeover).await {
             Ok(changed) => {
                 if !changed.is_empty() {
-                    node.replication
+                    rep.replication
                         .counters()
                         .fenced_tasks
                         .fetch_add(changed.len() as u64, std::sync::atomic::Ordering::Relaxed);
@@ -254,12 +254,13 @@ pub async fn on_advertisement(node: &Node, ad: &api::RegionAdvertisement) {
 
 /// Takes over the pending tasks of every region we hold a copy of that has
 /// been dead for `takeover_grace` (run once per heartbeat).
-pub async fn take_over_dead_regions(node: &Arc<Node>) {
-    let repl = &node.replication;
+pub async fn take_over_dead_regions(rep: &Arc<Replicator>) {
+    let repl = &rep.replication;
     let state = &repl.takeover;
     let now = Instant::now();
-    let health: BTreeMap<String, Health> = node
-        .membership
+    let health: BTreeMap<String, Health> = rep
+        .cluster
+        .membership()
         .status(now)
         .into_iter()
         .map(|s| (s.region, s.health))
@@ -277,7 +278,7 @@ pub async fn take_over_dead_regions(node: &Arc<Node>) {
                 }
             }
         };
-        if now.saturating_duration_since(since) < node.timers.takeover_grace {
+        if now.saturating_duration_since(since) < rep.timers.takeover_grace {
             continue;
         }
         let Some((epoch, tasks)) = repl.receiver.pending_of(&source) else {
@@ -289,14 +290,14 @@ pub async fn take_over_dead_regions(node: &Arc<Node>) {
         if done {
             continue;
         }
-        take_over(node, &source, epoch, tasks).await;
+        take_over(rep, &source, epoch, tasks).await;
     }
 }
 
-async fn take_over(node: &Arc<Node>, source: &str, epoch: u64, tasks: Vec<api::Task>) {
-    let policy = node.policy();
+async fn take_over(rep: &Arc<Replicator>, source: &str, epoch: u64, tasks: Vec<api::Task>) {
+    let policy = rep.cluster.policy();
     let tags = policy
-        .region(&node.region)
+        .region(&rep.region)
         .map(|r| r.tags.clone())
         .unwrap_or_default();
     let at = now_ms();
@@ -304,7 +305,7 @@ async fn take_over(node: &Arc<Node>, source: &str, epoch: u64, tasks: Vec<api::T
     let mut batch = Vec::with_capacity(tasks.len());
     let mut records = Vec::with_capacity(tasks.len());
     for mut task in tasks {
-        if let Err(why) = snapshot::may_hold(&policy, source, &node.region, &tags, &task) {
+        if let Err(why) = snapshot::may_hold(&policy, source, &rep.region, &tags, &task) {
             refused += 1;
             tracing::warn!(task_id = %task.task_id, %why, "not taking over a task we may not hold");
             continue;
@@ -312,7 +313,7 @@ async fn take_over(node: &Arc<Node>, source: &str, epoch: u64, tasks: Vec<api::T
         task.taken_over = Some(api::Takeover {
             from_region: source.to_string(),
             from_epoch: epoch,
-            to_region: node.region.clone(),
+            to_region: rep.region.clone(),
             at_unix_ms: at,
         });
         task.owner_region = source.to_string();
@@ -320,14 +321,14 @@ async fn take_over(node: &Arc<Node>, source: &str, epoch: u64, tasks: Vec<api::T
             .task(&task.task_id)
             .note(format!(
                 "taken over from {source} (epoch {epoch}) by {}: {source} dead for more than {:?}; rule {}",
-                node.region,
-                node.timers.takeover_grace,
+                rep.region,
+                rep.timers.takeover_grace,
                 task.rule_index + 1
             ));
         records.push(Prepared::entry(&Entry {
             rule_index: Some(task.rule_index),
             policy_hash: Some(policy.hash.clone()),
-            chosen_region: Some(node.region.clone()),
+            chosen_region: Some(rep.region.clone()),
             outcome: Some("takeover".into()),
             ..entry
         }));
@@ -335,7 +336,7 @@ async fn take_over(node: &Arc<Node>, source: &str, epoch: u64, tasks: Vec<api::T
     }
     let offered: Vec<String> = batch.iter().map(|t| t.task_id.clone()).collect();
     // One transaction for them all, their records in the same batch.
-    let stored = node.store.insert_batch(batch, Some(records)).await;
+    let stored = rep.store.insert_batch(batch, Some(records)).await;
     if let RecordState::Failed(e) = &stored.record {
         tracing::error!(error = %e, "appending takeover records failed");
     }
@@ -355,13 +356,13 @@ async fn take_over(node: &Arc<Node>, source: &str, epoch: u64, tasks: Vec<api::T
             tracing::error!(from = %source, epoch, tasks = offered.len(), error = %e, "storing the taken-over tasks failed");
         }
     }
-    let stats = node.replication.counters();
+    let stats = rep.replication.counters();
     super::Stats::bump(&stats.takeovers);
     stats
         .tasks_taken_over
         .fetch_add(ids.len() as u64, std::sync::atomic::Ordering::Relaxed);
     tracing::warn!(from = %source, epoch, tasks = ids.len(), refused, "took over a dead region's pending tasks");
-    node.replication.takeover.record(Notice {
+    rep.replication.takeover.record(Notice {
         from_region: source.to_string(),
         from_epoch: epoch,
         at_unix_ms: at,

@@ -7,31 +7,51 @@ use std::time::{Duration, Instant};
 use federation_api as api;
 use tonic::{Request, Response, Status};
 
-use crate::controller::Node;
+use crate::cluster::Cluster;
+use crate::config::{Limits, Timers};
 use crate::error::Error;
+use crate::replication::Replication;
+use crate::tasks::TaskStore;
 
 /// Longest long-poll an agent may ask for.
 const MAX_LEASE_WAIT: Duration = Duration::from_secs(30);
 /// Most slots one agent may claim.
 const MAX_SLOTS: u32 = 10_000;
 
-/// The agent service.
+/// The agent service: the registry and drain state (`cluster`), the
+/// store's leases, the start-up fence (`replication`).
 #[derive(Debug)]
 pub struct AgentService {
-    node: Arc<Node>,
+    cluster: Arc<Cluster>,
+    store: TaskStore,
+    replication: Arc<Replication>,
+    timers: Timers,
+    limits: Limits,
 }
 
 impl AgentService {
-    /// A service over `node`.
-    pub fn new(node: Arc<Node>) -> Self {
-        Self { node }
+    /// A service over these components.
+    pub fn new(
+        cluster: Arc<Cluster>,
+        store: TaskStore,
+        replication: Arc<Replication>,
+        timers: Timers,
+        limits: Limits,
+    ) -> Self {
+        Self {
+            cluster,
+            store,
+            replication,
+            timers,
+            limits,
+        }
     }
 
     /// The agent is registered, to the identity calling. An id registered
     /// to another identity is answered like an unknown one: the caller
     /// registers again and gets an id of its own.
     fn known(&self, agent_id: &str, owner: &str) -> Result<(), Status> {
-        if self.node.agents.is_owned_by(agent_id, owner) {
+        if self.cluster.agents().is_owned_by(agent_id, owner) {
             Ok(())
         } else {
             Err(Error::NotFound {
@@ -65,11 +85,11 @@ impl api::region_agent_api_server::RegionAgentApi for AgentService {
     ) -> Result<Response<api::RegisterResponse>, Status> {
         let owner = owner(&request);
         let req = request.into_inner();
-        if !req.region.is_empty() && req.region != self.node.region {
+        if !req.region.is_empty() && req.region != self.cluster.region() {
             return Err(Error::Precondition(format!(
                 "agent is for region `{}` but this controller serves `{}`",
                 crate::wire::truncate(&req.region, 64),
-                self.node.region
+                self.cluster.region()
             ))
             .into());
         }
@@ -77,7 +97,7 @@ impl api::region_agent_api_server::RegionAgentApi for AgentService {
             return Err(Error::invalid("slots", format!("must be 1 to {MAX_SLOTS}")).into());
         }
         let name = crate::wire::truncate(&req.name, 128);
-        let assigned = self.node.agents.assign(&req.agent_id, &owner);
+        let assigned = self.cluster.agents().assign(&req.agent_id, &owner);
         if !req.agent_id.is_empty() && !assigned.resumed {
             tracing::warn!(previous = %crate::wire::truncate(&req.agent_id, 64), agent_id = %assigned.id, %owner, "agent asked to keep an id it cannot have, giving a new one");
         }
@@ -90,19 +110,18 @@ impl api::region_agent_api_server::RegionAgentApi for AgentService {
         };
         // Durable before the agent can lease under the id: after a restart
         // the controller still knows whose leases these are.
-        self.node
-            .store
+        self.store
             .put_agent(record.clone())
             .await
             .map_err(Error::from)?;
-        self.node.agents.insert(&record, Instant::now());
+        self.cluster.agents().insert(&record, Instant::now());
         let agent_id = assigned.id;
         tracing::info!(%agent_id, name = %record.name, owner = %record.owner, slots = req.slots, resumed = assigned.resumed, "agent registered");
-        let interval = (self.node.timers.agent_timeout / 3).max(Duration::from_millis(100));
+        let interval = (self.timers.agent_timeout / 3).max(Duration::from_millis(100));
         Ok(Response::new(api::RegisterResponse {
             agent_id,
             heartbeat_interval_ms: ms(interval),
-            lease_ttl_ms: ms(self.node.timers.lease_ttl),
+            lease_ttl_ms: ms(self.timers.lease_ttl),
         }))
     }
 
@@ -115,8 +134,8 @@ impl api::region_agent_api_server::RegionAgentApi for AgentService {
         self.known(&req.agent_id, &owner)?;
         let free = req.capacity.map(|c| c.free_slots);
         if !self
-            .node
-            .agents
+            .cluster
+            .agents()
             .heartbeat(&req.agent_id, free, Instant::now())
         {
             return Err(Error::NotFound {
@@ -126,7 +145,7 @@ impl api::region_agent_api_server::RegionAgentApi for AgentService {
             .into());
         }
         Ok(Response::new(api::HeartbeatResponse {
-            draining: self.node.draining(),
+            draining: self.cluster.draining(),
             revoked_task_ids: Vec::new(),
         }))
     }
@@ -138,13 +157,13 @@ impl api::region_agent_api_server::RegionAgentApi for AgentService {
         let owner = owner(&request);
         let req = request.into_inner();
         self.known(&req.agent_id, &owner)?;
-        self.node
-            .agents
+        self.cluster
+            .agents()
             .heartbeat(&req.agent_id, None, Instant::now());
-        if self.node.draining() {
+        if self.cluster.draining() {
             return Ok(Response::new(api::LeaseTasksResponse { tasks: Vec::new() }));
         }
-        let slots = self.node.agents.slots(&req.agent_id).unwrap_or(1);
+        let slots = self.cluster.agents().slots(&req.agent_id).unwrap_or(1);
         let max = req.max_tasks.clamp(1, slots) as usize;
         let wait = Duration::from_millis(u64::from(req.wait_ms)).min(MAX_LEASE_WAIT);
         let until = Instant::now() + wait;
@@ -153,12 +172,11 @@ impl api::region_agent_api_server::RegionAgentApi for AgentService {
         for _ in 0..1000 {
             // The start-up fence: tasks from before a restart wait until the
             // backups could tell us which of them they took over.
-            let skip = self.node.replication.takeover.lease_skip();
+            let skip = self.replication.takeover.lease_skip();
             let fenced = skip.is_some();
             let tasks = self
-                .node
                 .store
-                .lease_except(&req.agent_id, max, self.node.timers.lease_ttl, skip)
+                .lease_except(&req.agent_id, max, self.timers.lease_ttl, skip)
                 .await
                 .map_err(Error::from)?;
             if !tasks.is_empty() {
@@ -169,7 +187,7 @@ impl api::region_agent_api_server::RegionAgentApi for AgentService {
                         let span = tracing::info_span!(
                             target: federation_trace::TARGET,
                             "lease_task",
-                            region = %self.node.region,
+                            region = %self.cluster.region(),
                             task_id = %t.task_id,
                             agent_id = %req.agent_id,
                             attempt = t.attempts,
@@ -181,14 +199,14 @@ impl api::region_agent_api_server::RegionAgentApi for AgentService {
                 return Ok(Response::new(api::LeaseTasksResponse { tasks }));
             }
             let now = Instant::now();
-            if now >= until || self.node.draining() {
+            if now >= until || self.cluster.draining() {
                 break;
             }
             if fenced {
                 // Queued tasks may all be fenced: poll instead of spinning.
                 tokio::time::sleep((until - now).min(Duration::from_millis(100))).await;
             } else {
-                self.node.store.wait_for_queued(until - now).await;
+                self.store.wait_for_queued(until - now).await;
             }
         }
         Ok(Response::new(api::LeaseTasksResponse { tasks: Vec::new() }))
@@ -203,9 +221,8 @@ impl api::region_agent_api_server::RegionAgentApi for AgentService {
         self.known(&req.agent_id, &owner)?;
         crate::wire::check_task_id(&req.task_id)?;
         let task = self
-            .node
             .store
-            .renew(&req.agent_id, &req.task_id, self.node.timers.lease_ttl)
+            .renew(&req.agent_id, &req.task_id, self.timers.lease_ttl)
             .await
             .map_err(Error::from)?;
         Ok(Response::new(api::RenewLeaseResponse {
@@ -225,7 +242,7 @@ impl api::region_agent_api_server::RegionAgentApi for AgentService {
                 "complete_task",
                 otel.kind = "server",
                 otel.status_description = tracing::field::Empty,
-                region = %self.node.region,
+                region = %self.cluster.region(),
                 task_id = %request.get_ref().task_id,
             );
             let parent = federation_trace::from_metadata(request.metadata());
@@ -255,20 +272,19 @@ impl AgentService {
         use tracing::Instrument as _;
         self.known(&req.agent_id, owner)?;
         crate::wire::check_task_id(&req.task_id)?;
-        if req.result.len() > self.node.limits.max_result_bytes {
+        if req.result.len() > self.limits.max_result_bytes {
             return Err(Error::limit(
                 "result",
                 format!(
                     "{} bytes exceeds the limit of {}",
                     req.result.len(),
-                    self.node.limits.max_result_bytes
+                    self.limits.max_result_bytes
                 ),
             )
             .into());
         }
         let error = crate::wire::truncate(&req.error, 4096);
         let task = self
-            .node
             .store
             .complete(&req.agent_id, &req.task_id, req.success, req.result, error)
             .instrument(tracing::info_span!(

@@ -1,17 +1,16 @@
-//! The gRPC services: thin handlers that validate input, call into
-//! [`crate::routing`], [`crate::tasks`] and [`crate::membership`], and turn
-//! [`crate::error::Error`] into a status. No business logic lives here.
-//! Each service is wrapped in [`crate::auth::Authed`] (who may call what).
+//! The gRPC services: thin adapters that turn a request into a call on the
+//! component that owns it ([`crate::routing::Router`],
+//! [`crate::local_tasks::LocalTasks`], [`crate::gossip::Gossip`],
+//! [`crate::federation_status::FederationStatus`],
+//! [`crate::reload::Reloader`], ...) and its [`crate::error::Error`] into a
+//! status. No business logic lives here. Each service is wrapped in
+//! [`crate::auth::Authed`] (who may call what).
 
-pub(crate) mod admin;
+mod admin;
 mod agent;
 mod client;
 mod peer;
-mod relay;
-
-pub use admin::{reload, status};
-
-use std::sync::Arc;
+pub mod relay;
 
 use federation_api as api;
 use tonic::transport::server::Router;
@@ -36,12 +35,12 @@ pub type Services = Router<
 /// off-the-shelf tools (grpcurl, grpc_health_probe, Kubernetes gRPC probes)
 /// work against a controller.
 pub fn router(
-    node: Arc<Node>,
+    node: &Node,
     health: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
     >,
 ) -> Services {
-    let max = node.limits.max_message_bytes;
+    let max = node.limits().max_message_bytes;
     // Both reflection versions: grpcurl speaks v1, many clients (grpcio's
     // Python helpers among them) still speak v1alpha.
     let reflection = || {
@@ -57,21 +56,23 @@ pub fn router(
         .build_v1alpha()
         .map_err(|e| tracing::error!(error = %e, "gRPC reflection v1alpha unavailable"))
         .ok();
-    let auth = node.auth.clone();
-    let streams = node.limits.max_concurrent_streams.max(1);
+    let auth = node.auth().clone();
+    let streams = node.limits().max_concurrent_streams.max(1);
     // Health and reflection carry no data and need no role: probes and
     // off-the-shelf tools call them without credentials.
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .max_concurrent_streams(Some(streams))
         .concurrency_limit_per_connection(streams as usize)
-        .layer(node.metrics.grpc_layer())
+        .layer(node.metrics().grpc_layer())
         .add_service(health)
         .add_optional_service(reflection_v1)
         .add_optional_service(reflection_v1alpha)
         .add_service(crate::auth::Authed::new(
             api::federation_client_server::FederationClientServer::new(client::ClientService::new(
-                node.clone(),
+                node.router().clone(),
+                node.tasks().clone(),
+                node.relay().clone(),
             ))
             .max_decoding_message_size(max)
             .max_encoding_message_size(max),
@@ -80,7 +81,11 @@ pub fn router(
         ))
         .add_service(crate::auth::Authed::new(
             api::federation_peer_server::FederationPeerServer::new(peer::PeerService::new(
-                node.clone(),
+                node.cluster().clone(),
+                node.gossip().clone(),
+                node.router().clone(),
+                node.tasks().clone(),
+                node.replicator().clone(),
             ))
             .max_decoding_message_size(max)
             .max_encoding_message_size(max),
@@ -89,7 +94,11 @@ pub fn router(
         ))
         .add_service(crate::auth::Authed::new(
             api::region_agent_api_server::RegionAgentApiServer::new(agent::AgentService::new(
-                node.clone(),
+                node.cluster().clone(),
+                node.store().clone(),
+                node.replication().clone(),
+                node.timers().clone(),
+                node.limits().clone(),
             ))
             .max_decoding_message_size(max)
             .max_encoding_message_size(max),
@@ -98,7 +107,12 @@ pub fn router(
         ))
         .add_service(crate::auth::Authed::new(
             api::federation_admin_server::FederationAdminServer::new(admin::AdminService::new(
-                node,
+                node.status().clone(),
+                node.reloader().clone(),
+                node.cluster().clone(),
+                node.store().clone(),
+                node.log().clone(),
+                max,
             ))
             .max_decoding_message_size(max)
             .max_encoding_message_size(max),

@@ -8,27 +8,47 @@
 //! source); the auth layer has already checked it is a peer.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use federation_api as api;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::client::{EventStream, local_cancel, local_get_with_decision, local_watch};
+use super::client::{EventStream, events};
 use crate::auth::Caller;
-use crate::controller::Node;
+use crate::cluster::Cluster;
 use crate::error::Error;
-use crate::{routing, wire};
+use crate::gossip::Gossip;
+use crate::local_tasks::LocalTasks;
+use crate::replication::Replicator;
+use crate::routing::{self, Router};
+use crate::wire;
 
-/// The peer service.
+/// The peer service: gossip, forwarded tasks (routing), relayed calls
+/// (this region's tasks), pushes (replication), recent decisions (the log).
 #[derive(Debug)]
 pub struct PeerService {
-    node: Arc<Node>,
+    cluster: Arc<Cluster>,
+    gossip: Arc<Gossip>,
+    router: Arc<Router>,
+    tasks: Arc<LocalTasks>,
+    replicator: Arc<Replicator>,
 }
 
 impl PeerService {
-    /// A service over `node`.
-    pub fn new(node: Arc<Node>) -> Self {
-        Self { node }
+    /// A service over these components.
+    pub fn new(
+        cluster: Arc<Cluster>,
+        gossip: Arc<Gossip>,
+        router: Arc<Router>,
+        tasks: Arc<LocalTasks>,
+        replicator: Arc<Replicator>,
+    ) -> Self {
+        Self {
+            cluster,
+            gossip,
+            router,
+            tasks,
+            replicator,
+        }
     }
 
     /// Checks that the calling peer's certificate names `claimed`
@@ -61,24 +81,25 @@ impl PeerService {
             ))
             .into());
         }
-        self.node.membership.attest(region, &id.tags);
+        self.cluster.membership().attest(region, &id.tags);
         Ok(())
     }
 
     fn owned(&self, task_id: &str) -> Result<(), Status> {
         wire::check_task_id(task_id)?;
-        let held = matches!(self.node.store.get(task_id), Ok(Some(_)));
-        if !held && wire::owner_of(task_id) != Some(self.node.region.as_str()) {
+        let held = matches!(self.replicator.store.get(task_id), Ok(Some(_)));
+        if !held && wire::owner_of(task_id) != Some(self.cluster.region()) {
             return Err(Error::task_not_found(task_id).into());
         }
         if !held {
             // Ours, not here: a backup's notice may say who holds it now.
-            if let Some(by) = self.node.replication.takeover.taken_over_by(task_id) {
-                let mut status = Status::from(Error::task_not_found(task_id));
-                if let Ok(v) = by.parse() {
-                    status.metadata_mut().insert(super::relay::TAKEN_OVER_BY, v);
+            let takeover = &self.replicator.replication.takeover;
+            if let Some(by) = takeover.taken_over_by(task_id) {
+                return Err(Error::TakenOver {
+                    id: task_id.to_string(),
+                    by,
                 }
-                return Err(status);
+                .into());
             }
         }
         Ok(())
@@ -98,54 +119,9 @@ impl api::federation_peer_server::FederationPeer for PeerService {
             .map(|o| o.region.clone())
             .ok_or_else(|| Status::from(Error::invalid("origin", "missing")))?;
         self.check_caller(&request, "origin.region", &claimed)?;
-        let req = request.into_inner();
-        let now = Instant::now();
-        let origin = req
-            .origin
-            .ok_or_else(|| Status::from(Error::invalid("origin", "missing")))?;
-        if self.node.policy().region(&origin.region).is_none() {
-            return Err(Error::invalid(
-                "origin.region",
-                format!(
-                    "`{}` is not a region of this federation",
-                    wire::truncate(&origin.region, 64)
-                ),
-            )
-            .into());
-        }
-        let max_known = self.node.limits.max_known_advertisements;
-        if req.known.len() > max_known {
-            return Err(Error::limit(
-                "known",
-                format!("more than max_known_advertisements ({max_known}) advertisements"),
-            )
-            .into());
-        }
-        if req
-            .digest
-            .as_ref()
-            .is_some_and(|d| d.stale.len() > max_known)
-        {
-            return Err(Error::limit(
-                "digest.stale",
-                format!("more than max_known_advertisements ({max_known}) entries"),
-            )
-            .into());
-        }
-        crate::controller::merge_gossip(&self.node, &origin, &req.known, now).await;
-        let membership = &self.node.membership;
-        membership.note_digest(&origin.region, req.digest.as_ref());
-        // Relayed: what the caller's digest says it lacks; everything to an
-        // older peer that sent no digest.
-        let response = api::AdvertiseResponse {
-            origin: Some(self.node.current_advertisement()),
-            known: membership.relays_for(&origin.region, req.digest.as_ref()),
-            digest: Some(membership.digest(Instant::now())),
-        };
-        self.node
-            .metrics
-            .gossip_sent(prost::Message::encoded_len(&response));
-        Ok(Response::new(response))
+        Ok(Response::new(
+            self.gossip.answer(request.into_inner()).await?,
+        ))
     }
 
     async fn forward_task(
@@ -165,7 +141,7 @@ impl api::federation_peer_server::FederationPeer for PeerService {
             "forward_task",
             otel.kind = "server",
             otel.status_description = tracing::field::Empty,
-            region = %self.node.region,
+            region = %self.router.region(),
             entry_region = %entry,
         );
         federation_trace::set_parent(&span, parent.as_ref());
@@ -180,11 +156,11 @@ impl api::federation_peer_server::FederationPeer for PeerService {
                     .map(|s| s.attributes.clone())
             })
             .flatten();
-        let accepted = routing::accept_forward(&self.node, request.into_inner(), parent.as_ref())
+        let accepted = routing::accept_forward(&self.router, request.into_inner(), parent.as_ref())
             .instrument(span.clone())
             .await;
         if let (Err(e), Some(attributes)) = (&accepted, &attributes) {
-            federation_trace::fail(&span, &routing::scrubbed_error(&self.node, attributes, e));
+            federation_trace::fail(&span, &routing::scrubbed_error(&self.router, attributes, e));
         }
         Ok(Response::new(accepted?))
     }
@@ -196,7 +172,7 @@ impl api::federation_peer_server::FederationPeer for PeerService {
         let req = request.into_inner();
         self.owned(&req.task_id)?;
         Ok(Response::new(
-            local_get_with_decision(&self.node, &req.task_id).await?,
+            self.tasks.get_with_decision(&req.task_id).await?,
         ))
     }
 
@@ -208,7 +184,7 @@ impl api::federation_peer_server::FederationPeer for PeerService {
     ) -> Result<Response<Self::RelayWatchTaskStream>, Status> {
         let req = request.into_inner();
         self.owned(&req.task_id)?;
-        Ok(Response::new(local_watch(&self.node, &req.task_id)?))
+        Ok(Response::new(events(self.tasks.watch(&req.task_id)?)))
     }
 
     async fn relay_cancel_task(
@@ -218,7 +194,7 @@ impl api::federation_peer_server::FederationPeer for PeerService {
         let req = request.into_inner();
         self.owned(&req.task_id)?;
         Ok(Response::new(
-            local_cancel(&self.node, &req.task_id, &req.reason).await?,
+            self.tasks.cancel(&req.task_id, &req.reason).await?,
         ))
     }
 
@@ -264,7 +240,7 @@ impl api::federation_peer_server::FederationPeer for PeerService {
     ) -> Result<Response<api::ListDecisionsResponse>, Status> {
         let req = request.into_inner();
         Ok(Response::new(
-            crate::status_view::remote::answer(&self.node, &req).await?,
+            crate::status_view::remote::answer(&self.replicator.log, &req).await?,
         ))
     }
 }
@@ -286,11 +262,11 @@ impl PeerService {
         what: Pushed,
     ) -> Result<Result<crate::replication::receiver::Accepted, crate::replication::Rejection>, Status>
     {
-        let repl = &self.node.replication;
+        let repl = &self.replicator.replication;
         if !repl.enabled() {
             return Err(Error::Precondition(format!(
                 "snapshot replication is off in {} (disabled or no key ring)",
-                self.node.region
+                self.cluster.region()
             ))
             .into());
         }
@@ -313,10 +289,10 @@ impl PeerService {
             crate::replication::receiver::Stats::bump(&repl.counters().rejected_not_permitted);
             return Err(status);
         }
-        let node = self.node.clone();
+        let rep = self.replicator.clone();
         let outcome = tokio::task::spawn_blocking(move || {
-            let repl = &node.replication;
-            let policy = node.policy();
+            let repl = &rep.replication;
+            let policy = rep.cluster.policy();
             match what {
                 Pushed::Snapshot => repl.receiver.receive(&policy, &chunks, repl.counters()),
                 Pushed::Changes => repl
@@ -332,7 +308,7 @@ impl PeerService {
             // source's start-up fence waits for that answer); batches do not
             // wait for it.
             let check = crate::replication::duplicates::on_copy_updated(
-                self.node.clone(),
+                self.replicator.clone(),
                 source,
                 matches!(what, Pushed::Snapshot),
             );

@@ -16,36 +16,66 @@
 //!   other region is asked.
 
 use std::future::Future;
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use federation_api as api;
 use tonic::Status;
 use tonic::transport::Channel;
 
-use crate::controller::Node;
-use crate::error::{Error, Result};
+use crate::cluster::Cluster;
+use crate::error::{Error, Result, TAKEN_OVER_BY};
+use crate::peers::Peers;
 use crate::policy::Health;
+use crate::tasks::TaskStore;
 use crate::wire;
-
-/// Metadata key of a NOT_FOUND answer naming the region that took the task
-/// over (the owner no longer holds it but applied that region's notice).
-pub const TAKEN_OVER_BY: &str = "x-federation-taken-over-by";
 
 /// A peer client.
 pub type PeerClient = api::federation_peer_client::FederationPeerClient<Channel>;
 
+/// What relaying uses: the policy and peer table, the peers, our store.
+#[derive(Debug)]
+pub struct Relay {
+    cluster: Arc<Cluster>,
+    peers: Arc<Peers>,
+    store: TaskStore,
+    forward_timeout: Duration,
+}
+
+impl Relay {
+    /// Relaying over these components; each call within `forward_timeout`.
+    pub fn new(
+        cluster: Arc<Cluster>,
+        peers: Arc<Peers>,
+        store: TaskStore,
+        forward_timeout: Duration,
+    ) -> Self {
+        Self {
+            cluster,
+            peers,
+            store,
+            forward_timeout,
+        }
+    }
+
+    /// The deadline of one relayed call.
+    pub fn forward_timeout(&self) -> Duration {
+        self.forward_timeout
+    }
+}
+
 /// Where a call about `task_id` goes: `None` for here, else the region to
 /// relay to first.
-pub fn first_hop(node: &Node, task_id: &str) -> Result<Option<String>> {
+pub fn first_hop(relay: &Relay, task_id: &str) -> Result<Option<String>> {
     wire::check_task_id(task_id)?;
-    if let Some(t) = node.store.get(task_id).map_err(Error::from)? {
-        return Ok(moved_to(&node.region, &t));
+    if let Some(t) = relay.store.get(task_id).map_err(Error::from)? {
+        return Ok(moved_to(relay.cluster.region(), &t));
     }
     let owner = wire::owner_of(task_id).unwrap_or_default().to_string();
-    if owner == node.region {
+    if owner == relay.cluster.region() {
         return Ok(None);
     }
-    if node.policy().region(&owner).is_none() {
+    if relay.cluster.policy().region(&owner).is_none() {
         return Err(Error::task_not_found(task_id));
     }
     Ok(Some(owner))
@@ -61,15 +91,15 @@ fn moved_to(here: &str, t: &api::Task) -> Option<String> {
 
 /// The regions that may hold a takeover copy of `owner`'s tasks, in rule
 /// order, without `owner` and `here`.
-fn takeover_candidates(node: &Node, owner: &str) -> Vec<String> {
-    let policy = node.policy();
+fn takeover_candidates(relay: &Relay, owner: &str) -> Vec<String> {
+    let policy = relay.cluster.policy();
     let mut out: Vec<String> = Vec::new();
     for rule in policy.rules.iter() {
         if !rule.candidates().any(|c| c == owner) {
             continue;
         }
         for r in rule.peers_of(owner) {
-            if r != &node.region && !out.contains(r) {
+            if r != relay.cluster.region() && !out.contains(r) {
                 out.push(r.clone());
             }
         }
@@ -95,7 +125,7 @@ enum Hop<T> {
 /// `call(client, region)` makes the call and returns the answer with the
 /// task it carries (for the taken-over check).
 pub async fn relay<T, F, Fut>(
-    node: &Node,
+    relay: &Relay,
     task_id: &str,
     first: String,
     call: F,
@@ -106,19 +136,20 @@ where
 {
     let owner = wire::owner_of(task_id).unwrap_or_default().to_string();
     let owner_dead = first == owner
-        && node
-            .membership
+        && relay
+            .cluster
+            .membership()
             .status(Instant::now())
             .iter()
             .any(|s| s.region == owner && s.health == Health::Dead);
     let mut unreachable: Option<Status> = None;
     if !owner_dead {
-        match hop(node, &first, &call).await {
+        match hop(relay, &first, &call).await {
             Hop::Answer(t) => return Ok(t),
-            Hop::Moved(to, _) => return redirect(node, &to, &call).await,
+            Hop::Moved(to, _) => return redirect(relay, &to, &call).await,
             Hop::NotFound(s, None) | Hop::Failed(s) => return Err(s),
             Hop::NotFound(s, Some(to)) => {
-                return match hop(node, &to, &call).await {
+                return match hop(relay, &to, &call).await {
                     Hop::Answer(t) | Hop::Moved(_, t) => Ok(t),
                     Hop::NotFound(..) => Err(s),
                     Hop::Unreachable(e) | Hop::Failed(e) => Err(e),
@@ -129,12 +160,12 @@ where
     }
     // The owner cannot answer: the regions that may have taken it over.
     let mut tried = vec![first.clone()];
-    for region in takeover_candidates(node, &owner) {
+    for region in takeover_candidates(relay, &owner) {
         if tried.contains(&region) {
             continue;
         }
         tried.push(region.clone());
-        match hop(node, &region, &call).await {
+        match hop(relay, &region, &call).await {
             Hop::Answer(t) | Hop::Moved(_, t) => return Ok(t),
             Hop::NotFound(..) => {}
             Hop::Failed(s) => return Err(s),
@@ -145,7 +176,7 @@ where
     }
     if owner_dead {
         // Nobody took it over: the owner itself, in case it is back.
-        return match hop(node, &first, &call).await {
+        return match hop(relay, &first, &call).await {
             Hop::Answer(t) | Hop::Moved(_, t) => Ok(t),
             Hop::NotFound(s, _) | Hop::Unreachable(s) | Hop::Failed(s) => Err(s),
         };
@@ -154,27 +185,27 @@ where
 }
 
 /// One call to the region a copy said the task moved to.
-async fn redirect<T, F, Fut>(node: &Node, to: &str, call: &F) -> Result<T, Status>
+async fn redirect<T, F, Fut>(relay: &Relay, to: &str, call: &F) -> Result<T, Status>
 where
     F: Fn(PeerClient, String) -> Fut,
     Fut: Future<Output = Result<(T, Option<api::Task>), Status>>,
 {
-    match hop(node, to, call).await {
+    match hop(relay, to, call).await {
         Hop::Answer(t) | Hop::Moved(_, t) => Ok(t),
         Hop::NotFound(s, _) | Hop::Unreachable(s) | Hop::Failed(s) => Err(s),
     }
 }
 
-async fn hop<T, F, Fut>(node: &Node, region: &str, call: &F) -> Hop<T>
+async fn hop<T, F, Fut>(relay: &Relay, region: &str, call: &F) -> Hop<T>
 where
     F: Fn(PeerClient, String) -> Fut,
     Fut: Future<Output = Result<(T, Option<api::Task>), Status>>,
 {
-    let client = match node.peer(region) {
+    let client = match relay.peers.client(region) {
         Ok(c) => c,
         Err(e) => return Hop::Unreachable(e.into()),
     };
-    let deadline = node.timers.forward_timeout;
+    let deadline = relay.forward_timeout;
     match tokio::time::timeout(deadline, call(client, region.to_string())).await {
         Err(_) => Hop::Unreachable(
             Error::Peer {
@@ -184,7 +215,7 @@ where
             .into(),
         ),
         Ok(Ok((answer, task))) => match task.as_ref().and_then(|t| moved_to(region, t)) {
-            Some(to) if to != node.region => Hop::Moved(to, answer),
+            Some(to) if to != relay.cluster.region() => Hop::Moved(to, answer),
             _ => Hop::Answer(answer),
         },
         Ok(Err(s)) => match s.code() {
@@ -193,7 +224,7 @@ where
                     .metadata()
                     .get(TAKEN_OVER_BY)
                     .and_then(|v| v.to_str().ok())
-                    .filter(|r| !r.is_empty() && *r != region && *r != node.region)
+                    .filter(|r| !r.is_empty() && *r != region && *r != relay.cluster.region())
                     .map(str::to_string);
                 Hop::NotFound(s, to)
             }

@@ -397,8 +397,8 @@ pub async fn build(
     remote: &remote::RemoteDecisions,
 ) -> View {
     let policy = node.policy();
-    let status = crate::service::status(node);
-    let log = node.log.clone();
+    let status = node.status().report();
+    let log = node.log().clone();
     let local = tokio::task::spawn_blocking(move || {
         log.recent(&crate::audit::Filter::default(), RECENT, LOG_TAIL_BYTES)
     })
@@ -409,12 +409,12 @@ pub async fn build(
         Err(e) => (Vec::new(), format!("this log could not be read: {e}")),
     };
     let mut sources = vec![SourceNote {
-        region: node.region.clone(),
+        region: node.region().to_string(),
         stale: local_note != "here",
         note: local_note,
     }];
     let mut records: Vec<Record> = local;
-    for (region, fetched) in remote.fetched(&policy, &node.region) {
+    for (region, fetched) in remote.fetched(&policy, node.region()) {
         sources.push(SourceNote {
             region,
             note: fetched.note,
@@ -426,11 +426,11 @@ pub async fn build(
     records.truncate(RECENT);
     let decisions = records
         .iter()
-        .map(|r| decision_row(viewer, r, &node.region))
+        .map(|r| decision_row(viewer, r, node.region()))
         .collect();
 
     let mut regions: Vec<RegionRow> = status.regions.iter().map(region_row).collect();
-    let map = map::layout(&policy, &node.region, &mut regions);
+    let map = map::layout(&policy, node.region(), &mut regions);
     let store_undecodable = status
         .regions
         .iter()
@@ -450,7 +450,7 @@ pub async fn build(
         residency_map: audit.residency_svg.clone(),
         decisions,
         sources,
-        rules: rule_counters(&policy, &node.metrics.decision_counts()),
+        rules: rule_counters(&policy, &node.metrics().decision_counts()),
         store_undecodable,
     }
 }

@@ -19,9 +19,11 @@ use federation_api as api;
 use serde_json::Value;
 use tonic::Status;
 
+use crate::audit::DecisionLog;
 use crate::audit::Record;
-use crate::controller::Node;
+use crate::cluster::Cluster;
 use crate::error::Error;
+use crate::peers::Peers;
 use crate::policy::{Health, Policy};
 
 /// Most records a peer returns per call.
@@ -82,14 +84,14 @@ impl RemoteDecisions {
     /// Asks every peer not known dead whose answer is older than `every`,
     /// all at once, each within the forward deadline. One refresh at a time:
     /// a page asking meanwhile uses what is there.
-    pub async fn refresh(&self, node: &Node) {
+    pub async fn refresh(&self, cluster: &Cluster, peers: &Peers, deadline: Duration) {
         let Ok(_guard) = self.refreshing.try_lock() else {
             return;
         };
-        let policy = node.policy();
+        let policy = cluster.policy();
         let now = Instant::now();
-        let dead: Vec<String> = node
-            .membership
+        let dead: Vec<String> = cluster
+            .membership()
             .status(now)
             .into_iter()
             .filter(|p| p.health == Health::Dead)
@@ -101,7 +103,7 @@ impl RemoteDecisions {
                 .regions
                 .iter()
                 .map(|r| r.name.clone())
-                .filter(|r| *r != node.region && !dead.contains(r))
+                .filter(|r| *r != cluster.region() && !dead.contains(r))
                 .filter(|r| {
                     entries
                         .get(r)
@@ -110,9 +112,8 @@ impl RemoteDecisions {
                 })
                 .collect()
         };
-        let deadline = node.timers.forward_timeout;
         let calls = due.into_iter().map(|region| async move {
-            let result = match node.peer(&region) {
+            let result = match peers.client(&region) {
                 Ok(mut client) => {
                     let req = api::ListDecisionsRequest {
                         limit: ASK,
@@ -224,10 +225,10 @@ pub fn without_values(mut r: Record) -> Record {
 /// The `RecentDecisions` answer: the newest matching records of this log,
 /// without attribute values.
 pub async fn answer(
-    node: &Node,
+    log: &DecisionLog,
     req: &api::ListDecisionsRequest,
 ) -> Result<api::ListDecisionsResponse, Status> {
-    let filter = crate::service::admin::decisions_filter(req)?;
+    let filter = crate::decision_query::filter(req)?;
     let limit = match req.limit {
         0 => ASK,
         n if n > MAX => {
@@ -235,7 +236,7 @@ pub async fn answer(
         }
         n => n,
     } as usize;
-    let log = node.log.clone();
+    let log = log.clone();
     let records = tokio::task::spawn_blocking(move || log.recent(&filter, limit, TAIL_BYTES))
         .await
         .map_err(|e| Error::Storage(format!("reading the decision log: {e}")))?

@@ -1,0 +1,236 @@
+//! This region's place in the federation: the peer table, the registered
+//! agents, what this controller advertises of itself (epoch, sequence,
+//! capacity, draining, its log head) and the live routing view built from
+//! them; within the region, whether this replica leads.
+//!
+//! Sends nothing (gossip is [`crate::gossip`]); the takeover notices an
+//! advertisement carries are passed in by its caller.
+
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::time::Instant;
+
+use federation_api as api;
+
+use crate::agents::AgentRegistry;
+use crate::audit::DecisionLog;
+use crate::live_policy::LivePolicy;
+use crate::membership::{LiveView, Membership};
+use crate::policy::{Health, Policy, RegionView};
+use crate::tasks::TaskStore;
+
+/// Which sequence number an advertisement carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sequence {
+    /// The next one: new information (the advertiser, each heartbeat).
+    Next,
+    /// The one last sent: answers to peers and the status carry no news.
+    Current,
+}
+
+/// This region's own state and its view of the others.
+#[derive(Debug)]
+pub struct Cluster {
+    region: String,
+    epoch: u64,
+    policy: LivePolicy,
+    membership: Membership,
+    agents: AgentRegistry,
+    store: TaskStore,
+    log: DecisionLog,
+    queue_limit: u32,
+    advertise_endpoint: String,
+    sequence: AtomicU64,
+    draining: AtomicBool,
+    /// The fencing token while this controller leads its region (the
+    /// database backend elects one; the embedded store's controller always
+    /// leads), -1 while another replica does.
+    leader: AtomicI64,
+}
+
+/// What [`Cluster::new`] is built from.
+#[derive(Debug)]
+pub struct ClusterParts {
+    /// This controller's region.
+    pub region: String,
+    /// This run's epoch.
+    pub epoch: u64,
+    /// The policy in force.
+    pub policy: LivePolicy,
+    /// The peer table.
+    pub membership: Membership,
+    /// Registered agents.
+    pub agents: AgentRegistry,
+    /// The task store (its counts are the advertised queue).
+    pub store: TaskStore,
+    /// The decision log (its head is advertised).
+    pub log: DecisionLog,
+    /// `limits.max_queue_depth`.
+    pub queue_limit: u32,
+    /// The endpoint peers should use to reach us.
+    pub advertise_endpoint: String,
+}
+
+impl Cluster {
+    /// A cluster view from its parts; this replica leads from the start
+    /// unless its store is the region's database (then `leader_loop` elects).
+    pub fn new(parts: ClusterParts) -> Self {
+        let leads = !parts.store.is_postgres();
+        Self {
+            region: parts.region,
+            epoch: parts.epoch,
+            policy: parts.policy,
+            membership: parts.membership,
+            agents: parts.agents,
+            store: parts.store,
+            log: parts.log,
+            queue_limit: parts.queue_limit,
+            advertise_endpoint: parts.advertise_endpoint,
+            sequence: AtomicU64::new(0),
+            draining: AtomicBool::new(false),
+            leader: AtomicI64::new(if leads { 0 } else { -1 }),
+        }
+    }
+
+    /// This controller's region.
+    pub fn region(&self) -> &str {
+        &self.region
+    }
+
+    /// Chosen anew at each start, strictly increasing across restarts.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The peer table.
+    pub fn membership(&self) -> &Membership {
+        &self.membership
+    }
+
+    /// Registered agents.
+    pub fn agents(&self) -> &AgentRegistry {
+        &self.agents
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> std::sync::Arc<Policy> {
+        self.policy.get()
+    }
+
+    /// Replaces the policy (already validated): the peer table follows its
+    /// regions first.
+    pub fn set_policy(&self, policy: Policy) {
+        self.membership.sync_regions(&policy);
+        self.policy.replace(policy);
+    }
+
+    /// The fencing token while this controller leads its region.
+    pub fn leader_token(&self) -> Option<i64> {
+        let t = self.leader.load(Ordering::SeqCst);
+        (t >= 0).then_some(t)
+    }
+
+    /// Records the outcome of a leadership renewal.
+    pub fn set_leader_token(&self, token: Option<i64>) {
+        self.leader.store(token.unwrap_or(-1), Ordering::SeqCst);
+    }
+
+    /// True while draining.
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Starts or stops draining.
+    pub fn set_draining(&self, on: bool) {
+        self.draining.store(on, Ordering::SeqCst);
+    }
+
+    /// The capacity this region advertises.
+    pub fn capacity(&self) -> api::Capacity {
+        let (total, free) = self.agents.capacity();
+        let counts = self.store.counts();
+        api::Capacity {
+            total_slots: total,
+            free_slots: free,
+            queue_depth: counts.queued,
+            queue_limit: self.queue_limit,
+        }
+    }
+
+    /// How this region sees itself for routing.
+    pub fn self_view(&self, policy: &Policy) -> RegionView {
+        let capacity = self.capacity();
+        RegionView {
+            health: Health::Alive,
+            draining: self.draining(),
+            full: crate::membership::is_full(&capacity),
+            load: Some(crate::membership::load_of(&capacity)),
+            held_down: false,
+            tags: policy
+                .region(&self.region)
+                .map(|r| r.shared_tags.clone())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// The live routing view.
+    pub fn view<'a>(&'a self, policy: &'a Policy) -> LiveView<'a> {
+        LiveView {
+            membership: &self.membership,
+            policy,
+            self_region: &self.region,
+            self_view: self.self_view(policy),
+            now: Instant::now(),
+        }
+    }
+
+    /// Our advertisement, carrying `takeovers` (see [`Sequence`]).
+    pub fn advertisement(
+        &self,
+        sequence: Sequence,
+        takeovers: Vec<api::TakeoverNotice>,
+    ) -> api::RegionAdvertisement {
+        let sequence = match sequence {
+            Sequence::Next => self.sequence.fetch_add(1, Ordering::SeqCst) + 1,
+            Sequence::Current => self.sequence.load(Ordering::SeqCst),
+        };
+        let policy = self.policy();
+        api::RegionAdvertisement {
+            region: self.region.clone(),
+            compliance_tags: policy
+                .region(&self.region)
+                .map(|r| r.tags.iter().cloned().collect())
+                .unwrap_or_default(),
+            capacity: Some(self.capacity()),
+            policy_hash: policy.hash.clone(),
+            epoch: self.epoch,
+            sequence,
+            endpoint: self.advertise_endpoint.clone(),
+            draining: self.draining(),
+            sent_unix_ms: crate::clock::now_unix_ms(),
+            takeovers,
+            log_head: Some({
+                let (seq, hash) = self.log.last();
+                api::LogHead { seq, hash }
+            }),
+        }
+    }
+
+    /// Peers to advertise to: every configured region but ourselves.
+    pub fn peer_regions(&self) -> Vec<String> {
+        self.policy()
+            .regions
+            .iter()
+            .map(|r| r.name.clone())
+            .filter(|r| *r != self.region)
+            .collect()
+    }
+
+    /// Health of every region as membership sees it now.
+    pub fn health_now(&self) -> std::collections::BTreeMap<String, Health> {
+        self.membership
+            .status(Instant::now())
+            .into_iter()
+            .map(|s| (s.region, s.health))
+            .collect()
+    }
+}
