@@ -667,7 +667,7 @@ mod tests {
 
     #[test]
     fn a_bad_approvers_section_names_its_position() {
-        let seed = include_str!("../../policies/seed-federation.yaml");
+        let seed = federation_sandbox::SEED_POLICY;
         let text = seed.replace(
             "  data_synchronization:",
             "  policy:\n    approvers:\n      alice: \"ed25519:AAAA\"\n    quorum: 3\n    require_approvals: true\n  data_synchronization:",
@@ -701,7 +701,7 @@ mod tests {
     #[test]
     fn an_override_of_the_signed_federation_section_is_refused() {
         let (a, b) = (signer("alice"), signer("bob"));
-        let seed = include_str!("../../policies/seed-federation.yaml");
+        let seed = federation_sandbox::SEED_POLICY;
         let text = seed.replace(
             "  data_synchronization:",
             &format!(

@@ -158,11 +158,9 @@ mod tests {
 
     #[test]
     fn a_logged_decision_round_trips_to_the_wire() {
-        let loaded = crate::config::load_from_text(
-            Path::new("seed.yaml"),
-            include_str!("../../policies/seed-federation.yaml"),
-        )
-        .expect("seed parses");
+        let loaded =
+            crate::config::load_from_text(Path::new("seed.yaml"), federation_sandbox::SEED_POLICY)
+                .expect("seed parses");
         let policy = Policy::from_loaded(&loaded).expect("seed loads");
         let attrs: Attributes = [("customer_region".to_string(), AttrValue::Str("DE".into()))]
             .into_iter()

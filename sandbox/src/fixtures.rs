@@ -27,3 +27,14 @@ pub fn string_attrs(
         })
         .collect()
 }
+
+/// A task as a store holds it on arrival: id `id`, owned by europe,
+/// payload `echo`, nothing else set (the task-store tests' fixture).
+pub fn queued_task(id: &str) -> api::Task {
+    api::Task {
+        task_id: id.to_string(),
+        payload: b"echo".to_vec(),
+        owner_region: "europe".into(),
+        ..api::Task::default()
+    }
+}

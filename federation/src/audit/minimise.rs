@@ -208,7 +208,7 @@ mod tests {
         Policy::load_file(&path).expect("loads")
     }
 
-    const SEED: &str = include_str!("../../../policies/seed-federation.yaml");
+    const SEED: &str = federation_sandbox::SEED_POLICY;
 
     fn attrs(pairs: &[(&str, &str)]) -> Attributes {
         pairs

@@ -536,8 +536,8 @@ mod tests {
     use crate::audit::{DecisionLog, Prepared, show};
     use crate::policy::StaticView;
 
-    const SEED: &str = include_str!("../../../policies/seed-federation.yaml");
-    const REQUIRES: &str = include_str!("../../../policies/seed-requires-gdpr.yaml");
+    const SEED: &str = federation_sandbox::SEED_POLICY;
+    const REQUIRES: &str = federation_sandbox::SEED_REQUIRES_GDPR;
 
     fn policy(text: &str) -> Policy {
         let dir = tempfile::tempdir().expect("tmp");

@@ -632,11 +632,7 @@ async fn minimised_records_verify_with_the_code_and_the_recipe() {
     use crate::policy::{Health, RegionView, StaticView};
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("f.yaml");
-    std::fs::write(
-        &path,
-        include_str!("../../../policies/seed-federation.yaml"),
-    )
-    .expect("write");
+    std::fs::write(&path, federation_sandbox::SEED_POLICY).expect("write");
     let policy = crate::policy::Policy::load_file(&path).expect("policy");
     let log = DecisionLog::open(dir.path(), "north_america").expect("open");
     // An older record first.

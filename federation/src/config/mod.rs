@@ -791,11 +791,7 @@ mod tests {
     }
 
     fn seed() -> String {
-        std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../policies/seed-federation.yaml"
-        ))
-        .expect("seed example present")
+        federation_sandbox::SEED_POLICY.to_string()
     }
 
     #[test]

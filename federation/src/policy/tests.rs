@@ -5,11 +5,7 @@ use std::path::Path;
 use super::*;
 
 fn seed() -> String {
-    std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../policies/seed-federation.yaml"
-    ))
-    .expect("seed present")
+    federation_sandbox::SEED_POLICY.to_string()
 }
 
 fn load(text: &str) -> Result<Policy, LoadError> {

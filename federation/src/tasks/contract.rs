@@ -14,14 +14,7 @@ use crate::audit::DecisionLog;
 
 const TTL: Duration = Duration::from_secs(30);
 
-fn task(id: &str) -> Task {
-    Task {
-        task_id: id.to_string(),
-        payload: b"echo".to_vec(),
-        owner_region: "europe".into(),
-        ..Task::default()
-    }
-}
+use federation_sandbox::fixtures::queued_task as task;
 
 /// Which backend a contract test runs on.
 #[derive(Debug, Clone, Copy)]

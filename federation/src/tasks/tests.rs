@@ -6,20 +6,13 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use federation_api::{Task, TaskState};
+use federation_api::TaskState;
 
 use super::*;
 
 const TTL: Duration = Duration::from_secs(30);
 
-fn task(id: &str) -> Task {
-    Task {
-        task_id: id.to_string(),
-        payload: b"echo".to_vec(),
-        owner_region: "europe".into(),
-        ..Task::default()
-    }
-}
+use federation_sandbox::fixtures::queued_task as task;
 
 fn open_manual(dir: &std::path::Path, clock: &ManualClock) -> TaskStore {
     TaskStore::open_with(
