@@ -174,15 +174,12 @@ pub async fn submit(
                 req.probe.then_some(PROBE_NOTE),
                 Some(&view),
             );
-            let logged = router
-                .log
-                .append(pending)
-                .instrument(tracing::info_span!(
-                    target: federation_trace::TARGET,
-                    "decision_log.append",
-                    kind = crate::audit::kind::ROUTE,
-                    task_id = %task_id,
-                ));
+            let logged = router.log.append(pending).instrument(tracing::info_span!(
+                target: federation_trace::TARGET,
+                "decision_log.append",
+                kind = crate::audit::kind::ROUTE,
+                task_id = %task_id,
+            ));
             let span = tracing::info_span!(
                 target: federation_trace::TARGET,
                 "forward",

@@ -43,7 +43,6 @@ impl AdminService {
             log,
             max_message_bytes,
         }
-
     }
 }
 

@@ -40,7 +40,6 @@ impl ClientService {
             relay,
         }
     }
-
 }
 
 #[tonic::async_trait]

@@ -1,5 +1,5 @@
 //! An in-process federation: one controller per region of a policy, each
-//! started with `controller::run` on its own thread and current-thread
+//! started with `runtime::run` on its own thread and current-thread
 //! runtime and its own loopback socket, plaintext, with fast timers.
 #![allow(dead_code)]
 
@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use federation::config::{Limits, Timers};
-use federation::controller::{self, Settings};
+use federation::controller::Settings;
 use federation::policy::Policy;
 use federation::replication::KeyRing;
 use federation_api as api;
@@ -250,9 +250,12 @@ impl Federation {
                                     continue;
                                 }
                             };
-                            let r =
-                                controller::run(settings.clone(), listener, std::future::pending())
-                                    .await;
+                            let r = federation::runtime::run(
+                                settings.clone(),
+                                listener,
+                                std::future::pending(),
+                            )
+                            .await;
                             if let Err(e) = r {
                                 *error.lock().unwrap_or_else(|p| p.into_inner()) = format!("{e:#}");
                             }

@@ -1,4 +1,4 @@
-//! The in-process tier: real controllers (`controller::run`: the same
+//! The in-process tier: real controllers (`runtime::run`: the same
 //! store, decision log, membership, routing, replication and gRPC services
 //! as `federation serve`) each on its own thread and tokio runtime, serving
 //! plaintext gRPC on its own 127.0.0.1 socket, in the test's process. Faster
