@@ -11,18 +11,11 @@ use tokio_postgres::Transaction;
 use super::{Shared, key_of, state_code};
 use crate::pg::Pg;
 use crate::tasks::requests::{self, Applied, Op, Outcomes, Reply};
+use crate::tasks::shared::Change;
 use crate::tasks::store::MAX_EXPIRE_BATCH;
 use crate::tasks::{
     AgentRecord, CancelOutcome, InsertOutcome, StoreError, decode, is_terminal, transitions,
 };
-
-/// A task's change within a batch: its state before (None when new), after,
-/// and the task for subscribers.
-pub(super) struct Change {
-    pub(super) before: Option<TaskState>,
-    pub(super) after: TaskState,
-    pub(super) task: Task,
-}
 
 /// Mutations of one batch, inside its transaction.
 pub(super) struct Tx<'a, 't> {
@@ -445,7 +438,7 @@ impl Tx<'_, '_> {
             changes.push(Change {
                 before: None,
                 after: TaskState::Queued,
-                task: task.clone(),
+                task: Some(task.clone()),
             });
             return Ok(InsertOutcome::Created(task));
         }
@@ -581,7 +574,7 @@ impl Tx<'_, '_> {
         changes.push(Change {
             before: None,
             after: task.state(),
-            task,
+            task: Some(task),
         });
         Ok(true)
     }
@@ -593,14 +586,4 @@ pub(super) async fn answer<R: Send + 'static>(
     result: impl std::future::Future<Output = Result<R, StoreError>>,
 ) -> Applied {
     Applied::answer(reply, result.await)
-}
-
-impl Change {
-    pub(super) fn of(before: Option<TaskState>, task: &Task) -> Self {
-        Self {
-            before,
-            after: task.state(),
-            task: task.clone(),
-        }
-    }
 }

@@ -7,9 +7,9 @@ use prost::Message;
 use redb::ReadableTable;
 
 use super::idempotency::IdemIndex;
-use super::writer::Change;
 use super::{AGENTS, DbResult, MAX_EXPIRE_BATCH, Shared, decode};
 use crate::tasks::requests::{Applied, Op, Outcomes};
+use crate::tasks::shared::Change;
 use crate::tasks::{
     AgentRecord, CancelOutcome, InsertOutcome, StoreError, is_terminal, transitions,
 };
