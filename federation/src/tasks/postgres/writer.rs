@@ -116,7 +116,7 @@ pub(super) async fn run_batch(
                         op.refuse(&e);
                         return Err(e);
                     }
-                    let done = t.apply(op, now, &mut changes).await;
+                    let done = requests::apply(&mut &t, op, now, &mut changes).await;
                     let fatal = done.fatal().cloned();
                     slots.push(Slot::Done(done));
                     if let Some(e) = fatal {

@@ -90,7 +90,8 @@ pub(super) fn apply_batch(
         };
         let mut ops = batch.into_iter();
         while let Some(op) = ops.next() {
-            let done = t.apply(op, now, &mut changes);
+            // Nothing here waits: the operations are the file's, in memory.
+            let done = futures::executor::block_on(requests::apply(&mut t, op, now, &mut changes));
             if let Some(e) = done.fatal().cloned() {
                 // The transaction may hold part of this request: abort it
                 // all; every caller of the batch gets the error, and no
