@@ -92,6 +92,7 @@ mod contract;
 pub mod journal;
 pub mod postgres;
 mod requests;
+mod shared;
 mod store;
 #[cfg(test)]
 mod tests;
@@ -167,7 +168,12 @@ impl TaskStore {
     /// second binding is refused; a store never bound answers a carried
     /// record as failed ([`RecordState::Failed`]).
     pub fn bind_journal(&self, journal: Arc<dyn Journal>) -> Result<(), StoreError> {
-        each!(self, s => s.bind_journal(journal))
+        self.shared().bind_journal(journal)
+    }
+
+    /// What the callers and the writer of whichever backend this is share.
+    fn shared(&self) -> &shared::Shared {
+        each!(self, s => s.shared())
     }
 
     /// The writer channel of whichever backend this is: every mutation.
@@ -233,7 +239,7 @@ impl TaskStore {
 
     /// Undecodable task records found so far: how many, and the first ids.
     pub fn undecodable(&self) -> (usize, Vec<(String, String)>) {
-        each!(self, s => s.undecodable())
+        self.shared().undecodable_listed()
     }
 
     /// The store's marks (commits, tasks created).
@@ -372,17 +378,17 @@ impl TaskStore {
 
     /// Task counts by state (in memory).
     pub fn counts(&self) -> Counts {
-        each!(self, s => s.counts())
+        self.shared().counts()
     }
 
     /// Write transactions committed since open.
     pub fn commits(&self) -> u64 {
-        each!(self, s => s.commits())
+        self.shared().commits()
     }
 
     /// Seconds per commit, for metrics.
     pub fn commit_seconds(&self) -> prometheus_client::metrics::histogram::Histogram {
-        each!(self, s => s.commit_seconds())
+        self.shared().commit_seconds()
     }
 
     /// Every QUEUED task in lease order, then every LEASED task by deadline.
@@ -405,12 +411,12 @@ impl TaskStore {
 
     /// Every state change, after its commit.
     pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Task> {
-        each!(self, s => s.subscribe())
+        self.shared().subscribe()
     }
 
     /// Long-poll helper: true at once when a task is QUEUED, else waits.
     pub async fn wait_for_queued(&self, timeout: std::time::Duration) -> bool {
-        each!(self, s => s.wait_for_queued(timeout).await)
+        self.shared().wait_for_queued(timeout).await
     }
 
     /// Returns when every request sent before it is committed.

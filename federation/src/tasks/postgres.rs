@@ -34,19 +34,17 @@ mod staging;
 mod tx;
 mod writer;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use federation_api::{Task, TaskState};
-use tokio::sync::{Notify, broadcast, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 
-use super::journal::Journal;
 use super::requests::{Requests, ttl_ms};
-use super::store::{EVENT_CAPACITY, MAX_LISTED_UNDECODABLE, decode};
+use super::store::decode;
 use super::witness::Mark;
 use super::{AgentRecord, Clock, Counts, StoreError};
 use crate::pg::{Pg, PgError};
@@ -102,18 +100,19 @@ impl Drop for Inner {
 }
 
 struct Shared {
-    counts: Mutex<Counts>,
-    events: broadcast::Sender<Task>,
-    queued: Notify,
-    clock: Arc<dyn Clock>,
-    commits: AtomicU64,
+    core: super::shared::Shared,
+    /// Tasks created: counted in the database at open, then by this store.
     created: AtomicU64,
-    commit_seconds: prometheus_client::metrics::histogram::Histogram,
-    undecodable: Mutex<BTreeMap<String, String>>,
     /// This store's name in notifications (its own are not read back).
     instance: String,
-    /// Where inserts append the records they carry, bound once.
-    journal: OnceLock<Arc<dyn Journal>>,
+}
+
+impl std::ops::Deref for Shared {
+    type Target = super::shared::Shared;
+
+    fn deref(&self) -> &Self::Target {
+        &self.core
+    }
 }
 
 /// The channel of change notifications.
@@ -121,19 +120,6 @@ const CHANNEL: &str = "federation_tasks";
 /// The most bytes of task ids one notification carries (the server's
 /// limit is 8000).
 const NOTIFY_BYTES: usize = 7000;
-
-impl Shared {
-    fn undecodable(&self, err: &StoreError) {
-        let StoreError::Corrupt { task_id, reason } = err else {
-            return;
-        };
-        let mut known = self.undecodable.lock().unwrap_or_else(|e| e.into_inner());
-        if !known.contains_key(task_id) {
-            tracing::error!(task_id = %task_id, reason = %reason, "skipping an undecodable task record");
-            known.insert(task_id.clone(), reason.clone());
-        }
-    }
-}
 
 /// A task's row values besides its body.
 fn state_code(t: &Task) -> i16 {
@@ -171,20 +157,10 @@ impl PgStore {
             }
             Ok((counts, created))
         })?;
-        let (events, _) = broadcast::channel(EVENT_CAPACITY);
         let shared = Arc::new(Shared {
-            counts: Mutex::new(counts),
-            events,
-            queued: Notify::new(),
-            clock,
-            commits: AtomicU64::new(0),
+            core: super::shared::Shared::new(counts, clock),
             created: AtomicU64::new(created),
-            commit_seconds: prometheus_client::metrics::histogram::Histogram::new(
-                prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 18),
-            ),
-            undecodable: Mutex::new(BTreeMap::new()),
             instance: uuid::Uuid::new_v4().simple().to_string(),
-            journal: OnceLock::new(),
         });
         let (stop, stopped) = oneshot::channel();
         pg.handle().spawn(listen::listen(
@@ -228,13 +204,10 @@ impl PgStore {
         &self.inner.tx
     }
 
-    /// See [`super::TaskStore::bind_journal`].
-    pub fn bind_journal(&self, journal: Arc<dyn Journal>) -> Result<(), StoreError> {
-        self.inner
-            .shared
-            .journal
-            .set(journal)
-            .map_err(|_| super::store::bound_twice())
+    /// What the callers and the writer share ([`super::TaskStore`]'s
+    /// counts, change feed, commits, undecodable records and journal).
+    pub(super) fn shared(&self) -> &super::shared::Shared {
+        &self.inner.shared
     }
 
     /// Records the decision log's head in `store_meta`.
@@ -301,27 +274,11 @@ impl PgStore {
         task
     }
 
-    /// Undecodable records found by scans so far.
-    pub fn undecodable(&self) -> (usize, Vec<(String, String)>) {
-        let known = self
-            .inner
-            .shared
-            .undecodable
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        let listed = known
-            .iter()
-            .take(MAX_LISTED_UNDECODABLE)
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        (known.len(), listed)
-    }
-
     /// Commits since open, and tasks created (counted from the database at
     /// open, then by this controller).
     pub fn mark(&self) -> Mark {
         Mark {
-            commit: self.inner.shared.commits.load(Ordering::Relaxed),
+            commit: self.inner.shared.commits(),
             created: self.inner.shared.created.load(Ordering::Relaxed),
         }
     }
@@ -448,27 +405,6 @@ impl PgStore {
         Ok(out)
     }
 
-    /// Task counts by state: counted at open, then moved by this
-    /// controller's changes.
-    pub fn counts(&self) -> Counts {
-        *self
-            .inner
-            .shared
-            .counts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Transactions committed since open.
-    pub fn commits(&self) -> u64 {
-        self.inner.shared.commits.load(Ordering::Relaxed)
-    }
-
-    /// Seconds per commit, for metrics.
-    pub fn commit_seconds(&self) -> prometheus_client::metrics::histogram::Histogram {
-        self.inner.shared.commit_seconds.clone()
-    }
-
     /// Every QUEUED task in lease order, then every LEASED task by deadline.
     pub fn pending(&self) -> Result<Vec<Task>, StoreError> {
         let pg = self.inner.pg.clone();
@@ -550,22 +486,6 @@ impl PgStore {
             last = Some(id);
         }
         Ok((kept, None))
-    }
-
-    /// Every state change made through this controller, after its commit.
-    pub fn subscribe(&self) -> broadcast::Receiver<Task> {
-        self.inner.shared.events.subscribe()
-    }
-
-    /// See [`super::TaskStore::wait_for_queued`].
-    pub async fn wait_for_queued(&self, timeout: Duration) -> bool {
-        let notified = self.inner.shared.queued.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        if self.counts().queued > 0 {
-            return true;
-        }
-        tokio::time::timeout(timeout, notified).await.is_ok()
     }
 
     /// Checks that the database answers (a `SELECT 1` within `patience`).

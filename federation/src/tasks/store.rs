@@ -12,23 +12,20 @@ mod writer;
 pub use open::{FILE, read_log_head};
 pub(crate) use open::{damaged, guarded, open_checked};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
 
 use federation_api::{Task, TaskState};
 use prost::Message;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
-use tokio::sync::{Notify, broadcast, mpsc};
+use tokio::sync::mpsc;
 
 use open::{Rebuilt, check_witness, log_head_in, rebuild, write_mark};
 use writer::writer_loop;
 
-use super::journal::Journal;
 use super::requests::Requests;
 use super::witness::{self, Mark};
-use super::{AgentRecord, Clock, Counts, StoreError, SystemClock};
+use super::{AgentRecord, Clock, StoreError, SystemClock};
 
 /// The most requests one write transaction applies (one fsync).
 pub const MAX_BATCH: usize = 1024;
@@ -36,9 +33,6 @@ pub const MAX_BATCH: usize = 1024;
 pub const MAX_LEASE_BATCH: usize = 1000;
 /// The most expired leases one `expire_leases` call handles.
 pub(super) const MAX_EXPIRE_BATCH: usize = 10_000;
-/// Capacity of the change feed; a slow subscriber sees `Lagged`.
-pub(super) const EVENT_CAPACITY: usize = 4096;
-
 const TASKS: TableDefinition<&str, &[u8]> = TableDefinition::new("tasks");
 /// Idempotency keys of earlier versions, which kept them on disk; read once
 /// at open into the in-memory index, then dropped.
@@ -55,8 +49,6 @@ const META_LOG_HEAD: &str = "log_head";
 const AGENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("agents");
 /// The store's own marks (`commit`, `created`), compared with the witness.
 const MARKS: TableDefinition<&str, u64> = TableDefinition::new("marks");
-/// How many undecodable task ids the status lists.
-pub(super) const MAX_LISTED_UNDECODABLE: usize = 100;
 
 /// How a store is opened.
 #[derive(Debug, Clone)]
@@ -90,7 +82,7 @@ impl std::fmt::Debug for RedbStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedbStore")
             .field("path", &self.inner.path)
-            .field("counts", &self.counts())
+            .field("counts", &self.inner.shared.counts())
             .finish()
     }
 }
@@ -103,41 +95,21 @@ struct Inner {
     shared: Arc<Shared>,
 }
 
-/// State shared by the callers and the writer thread.
+/// State shared by the callers and the writer thread: what both backends
+/// share, and the embedded store's marks.
 struct Shared {
-    counts: Mutex<Counts>,
-    events: broadcast::Sender<Task>,
-    queued: Notify,
-    clock: Arc<dyn Clock>,
-    commits: AtomicU64,
-    /// Seconds per write-transaction commit (with its fsync), for metrics.
-    commit_seconds: prometheus_client::metrics::histogram::Histogram,
+    core: super::shared::Shared,
     /// The store's marks as of the last commit (written in `marks` too).
     mark: Mutex<Mark>,
     /// Keeps `tasks.hwm` up to date; dropped (final write) with the store.
     witness: witness::Writer,
-    /// Task records found undecodable by any scan: id → why.
-    undecodable: Mutex<std::collections::BTreeMap<String, String>>,
-    /// Where inserts append the records they carry, bound once.
-    journal: OnceLock<Arc<dyn Journal>>,
 }
 
-impl Shared {
-    fn counts(&self) -> MutexGuard<'_, Counts> {
-        self.counts.lock().unwrap_or_else(|e| e.into_inner())
-    }
+impl std::ops::Deref for Shared {
+    type Target = super::shared::Shared;
 
-    /// Reports an undecodable record (once per id): it is skipped by every
-    /// scan, listed in the status and counted in the metrics.
-    fn undecodable(&self, err: &StoreError) {
-        let StoreError::Corrupt { task_id, reason } = err else {
-            return;
-        };
-        let mut known = self.undecodable.lock().unwrap_or_else(|e| e.into_inner());
-        if !known.contains_key(task_id) {
-            tracing::error!(task_id = %task_id, reason = %reason, "skipping an undecodable task record");
-            known.insert(task_id.clone(), reason.clone());
-        }
+    fn deref(&self) -> &Self::Target {
+        &self.core
     }
 }
 
@@ -209,21 +181,10 @@ impl RedbStore {
         }
         let witness = witness::Writer::start(dir, mark)
             .map_err(|e| StoreError::Db(format!("starting the witness thread: {e}")))?;
-        let (events, _) = broadcast::channel(EVENT_CAPACITY);
         let shared = Arc::new(Shared {
-            counts: Mutex::new(counts),
-            events,
-            queued: Notify::new(),
-            clock: options.clock,
-            commits: AtomicU64::new(0),
-            // 100 µs to ~13 s; exposed by the metrics module.
-            commit_seconds: prometheus_client::metrics::histogram::Histogram::new(
-                prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 18),
-            ),
+            core: super::shared::Shared::new(counts, options.clock),
             mark: Mutex::new(mark),
             witness,
-            undecodable: Mutex::new(Default::default()),
-            journal: OnceLock::new(),
         });
         for e in &undecodable {
             shared.undecodable(e);
@@ -259,13 +220,10 @@ impl RedbStore {
         &self.inner.tx
     }
 
-    /// See [`super::TaskStore::bind_journal`].
-    pub fn bind_journal(&self, journal: Arc<dyn Journal>) -> Result<(), StoreError> {
-        self.inner
-            .shared
-            .journal
-            .set(journal)
-            .map_err(|_| bound_twice())
+    /// What the callers and the writer share ([`super::TaskStore`]'s
+    /// counts, change feed, commits, undecodable records and journal).
+    pub(super) fn shared(&self) -> &super::shared::Shared {
+        &self.inner.shared
     }
 
     /// Records the decision log's head (its last durable record) in the
@@ -299,24 +257,6 @@ impl RedbStore {
         task
     }
 
-    /// Task records found undecodable so far (at open or by any scan since):
-    /// how many, and the first ids with the decoder's complaint. They are
-    /// skipped by leasing, snapshots and status; nothing else stops on them.
-    pub fn undecodable(&self) -> (usize, Vec<(String, String)>) {
-        let known = self
-            .inner
-            .shared
-            .undecodable
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        let listed = known
-            .iter()
-            .take(MAX_LISTED_UNDECODABLE)
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        (known.len(), listed)
-    }
-
     /// The store's marks (commits, tasks created) as of the last commit.
     pub fn mark(&self) -> Mark {
         *self
@@ -346,22 +286,6 @@ impl RedbStore {
             }
         }
         Ok(out)
-    }
-
-    /// Task counts by state (in memory; rebuilt at open).
-    pub fn counts(&self) -> Counts {
-        *self.inner.shared.counts()
-    }
-
-    /// Write transactions committed since open (each one fsync). With group
-    /// commit this grows slower than the number of mutations under load.
-    pub fn commits(&self) -> u64 {
-        self.inner.shared.commits.load(Ordering::Relaxed)
-    }
-
-    /// Seconds per write-transaction commit (fsync included), for metrics.
-    pub fn commit_seconds(&self) -> prometheus_client::metrics::histogram::Histogram {
-        self.inner.shared.commit_seconds.clone()
     }
 
     /// Every QUEUED task in lease order, then every LEASED task by deadline.
@@ -431,30 +355,6 @@ impl RedbStore {
         }
         Ok((kept, None))
     }
-
-    /// Every state change, after its commit. A subscriber that falls more
-    /// than a few thousand changes behind receives `Lagged`.
-    pub fn subscribe(&self) -> broadcast::Receiver<Task> {
-        self.inner.shared.events.subscribe()
-    }
-
-    /// Long-poll helper: returns true at once when a task is QUEUED, else
-    /// waits until a task becomes QUEUED (true) or `timeout` passes (false).
-    /// A true result is a hint: another agent may lease the task first.
-    pub async fn wait_for_queued(&self, timeout: Duration) -> bool {
-        let notified = self.inner.shared.queued.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        if self.counts().queued > 0 {
-            return true;
-        }
-        tokio::time::timeout(timeout, notified).await.is_ok()
-    }
-}
-
-/// The refusal of a second journal.
-pub(super) fn bound_twice() -> StoreError {
-    StoreError::Invalid("the task store is bound to a journal already".into())
 }
 
 pub(super) fn decode(id: &str, bytes: &[u8]) -> Result<Task, StoreError> {

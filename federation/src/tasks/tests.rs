@@ -552,47 +552,95 @@ async fn write_fuzz_corpus() {
     .expect("copy");
 }
 
-/// Prints how long opening a store of 20,000 tasks takes with redb's
-/// integrity check (what `TaskStore::open` does) and without it. A report,
-/// not a test (no thresholds):
-/// `cargo test -p federation --release tasks::tests::open_time -- --ignored --nocapture`
+/// Prints where opening a store of queued tasks goes: redb's open without
+/// and with its integrity check, one scan decoding every record (what the
+/// rebuild of counts and the idempotency index does), and the whole
+/// `TaskStore::open`, with the process's resident memory before and after
+/// each step. A report, not a test (no thresholds); the size is
+/// `FEDERATION_OPEN_TASKS` (default 20,000), built in batches of 10,000:
+/// `FEDERATION_OPEN_TASKS=1000000 cargo test -p federation --release tasks::tests::open_time -- --ignored --nocapture`
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "prints a measurement"]
 async fn open_time() {
+    use redb::{ReadableDatabase, ReadableTable};
+    fn rss_mb() -> f64 {
+        let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+        let pages: f64 = statm
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0.0);
+        pages * 4096.0 / 1e6
+    }
+    let n: usize = std::env::var("FEDERATION_OPEN_TASKS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000);
     let dir = tempfile::tempdir().expect("tempdir");
+    let started = std::time::Instant::now();
     {
         let store = TaskStore::open(dir.path()).expect("open");
-        let mut handles = Vec::new();
-        for w in 0..64 {
-            let store = store.clone();
-            handles.push(tokio::spawn(async move {
-                for i in 0..(20_000 / 64) {
-                    let mut t = task(&format!("w{w}-{i}"));
+        for b in 0..n.div_ceil(10_000) {
+            let batch = (b * 10_000..((b + 1) * 10_000).min(n))
+                .map(|i| {
+                    let mut t = task(&format!("{i:08}"));
+                    t.idempotency_key = format!("key-{i}");
                     t.payload = vec![1; 256];
-                    store.insert(t).await.expect("insert");
-                }
-            }));
+                    t
+                })
+                .collect();
+            store
+                .insert_batch(batch, None)
+                .await
+                .outcomes
+                .expect("batch");
         }
-        for h in handles {
-            h.await.expect("join");
-        }
+        eprintln!(
+            "{n} queued tasks stored in {:?}; resident {:.0} MB with the store open",
+            started.elapsed(),
+            rss_mb()
+        );
     }
     let size = std::fs::metadata(dir.path().join(FILE))
         .expect("size")
         .len();
-    for check in [false, true] {
+    eprintln!("file {size} bytes; resident {:.0} MB after close", rss_mb());
+    for check in [false, false, true] {
         let start = std::time::Instant::now();
         let mut builder = redb::Builder::new();
         builder.set_check_integrity_on_open(check);
         drop(builder.create(dir.path().join(FILE)).expect("open"));
-        let raw = start.elapsed();
-        eprintln!("redb open, integrity check {check}: {raw:?} ({size} bytes)");
+        eprintln!("redb open, integrity check {check}: {:?}", start.elapsed());
     }
+    {
+        let start = std::time::Instant::now();
+        let db = store::open_checked(&dir.path().join(FILE)).expect("open");
+        eprintln!(
+            "open_checked (what TaskStore::open calls): {:?}",
+            start.elapsed()
+        );
+        let start = std::time::Instant::now();
+        let txn = db.begin_read().expect("read");
+        let table = txn
+            .open_table(redb::TableDefinition::<&str, &[u8]>::new("tasks"))
+            .expect("tasks");
+        let mut decoded = 0usize;
+        for entry in table.iter().expect("iter") {
+            let (k, v) = entry.expect("entry");
+            decoded += usize::from(store::decode(k.value(), v.value()).is_ok());
+        }
+        eprintln!("one scan decoding {decoded} records: {:?}", start.elapsed());
+    }
+    let before = rss_mb();
     let start = std::time::Instant::now();
     let store = TaskStore::open(dir.path()).expect("open");
     eprintln!(
-        "TaskStore::open (check, rebuild, witness) of {} tasks: {:?}",
+        "TaskStore::open (check, rebuild, witness) of {} queued tasks: {:?}; resident {before:.0} -> {:.0} MB",
         store.counts().queued,
-        start.elapsed()
+        start.elapsed(),
+        rss_mb()
     );
+    let start = std::time::Instant::now();
+    store.insert(task("first")).await.expect("first insert");
+    eprintln!("first insert after open: {:?}", start.elapsed());
 }

@@ -103,20 +103,13 @@ pub(super) async fn publish(
             counts.add(s, r.get::<_, i64>(1));
         }
     }
-    *shared.counts.lock().unwrap_or_else(|e| e.into_inner()) = counts;
-    let mut any_queued = false;
+    shared.set_counts(counts);
     for r in rows {
         let id: &str = r.get(0);
         match decode(id, r.get::<_, &[u8]>(1)) {
-            Ok(t) => {
-                any_queued |= t.state() == TaskState::Queued;
-                let _ = shared.events.send(t);
-            }
+            Ok(t) => shared.publish(t),
             Err(e) => shared.undecodable(&e),
         }
-    }
-    if any_queued {
-        shared.queued.notify_waiters();
     }
     Ok(())
 }

@@ -7,9 +7,10 @@ use std::collections::{HashMap, HashSet};
 use federation_api::{Task, TaskState};
 use prost::Message;
 
-use super::tx::{Change, Tx};
+use super::tx::Tx;
 use super::{key_of, state_code};
 use crate::tasks::requests::Op;
+use crate::tasks::shared::Change;
 use crate::tasks::{InsertOutcome, StoreError, decode, transitions};
 
 /// What became of an insert offered to [`Tx::stage`].
@@ -77,7 +78,7 @@ impl Tx<'_, '_> {
                 changes.push(Change {
                     before: None,
                     after: TaskState::Queued,
-                    task: task.clone(),
+                    task: Some(task.clone()),
                 });
                 Ok(InsertOutcome::Created(task))
             } else {

@@ -10,19 +10,12 @@ use tokio_postgres::Transaction;
 
 use super::{Shared, key_of, state_code};
 use crate::pg::Pg;
-use crate::tasks::requests::{self, Applied, Op, Outcomes, Reply};
+use crate::tasks::requests::{self, Operations, Outcomes};
+use crate::tasks::shared::Change;
 use crate::tasks::store::MAX_EXPIRE_BATCH;
 use crate::tasks::{
     AgentRecord, CancelOutcome, InsertOutcome, StoreError, decode, is_terminal, transitions,
 };
-
-/// A task's change within a batch: its state before (None when new), after,
-/// and the task for subscribers.
-pub(super) struct Change {
-    pub(super) before: Option<TaskState>,
-    pub(super) after: TaskState,
-    pub(super) task: Task,
-}
 
 /// Mutations of one batch, inside its transaction.
 pub(super) struct Tx<'a, 't> {
@@ -158,274 +151,6 @@ impl Tx<'_, '_> {
             .transpose()
     }
 
-    pub(super) async fn apply(&self, op: Op, now: i64, changes: &mut Vec<Change>) -> Applied {
-        match op {
-            Op::InsertBatch {
-                tasks,
-                records,
-                reply,
-            } => Applied::Batch {
-                result: self.insert_all(tasks, now, changes).await,
-                records,
-                reply,
-            },
-            Op::Insert {
-                task,
-                record,
-                reply,
-            } => Applied::Insert {
-                result: Box::new(self.insert(*task, now, changes).await),
-                record,
-                reply,
-            },
-            Op::Lease {
-                agent,
-                max,
-                ttl_ms,
-                skip,
-                reply,
-            } => {
-                let deadline = now.saturating_add(ttl_ms);
-                let leased = self.lease(&agent, max, skip.as_deref(), deadline, now, changes);
-                answer(reply, leased).await
-            }
-            Op::Renew {
-                agent,
-                id,
-                ttl_ms,
-                reply,
-            } => {
-                let deadline = now.saturating_add(ttl_ms);
-                answer(reply, self.renew(&agent, &id, deadline, now, changes)).await
-            }
-            Op::Complete {
-                agent,
-                id,
-                success,
-                result,
-                error,
-                reply,
-            } => {
-                let done = self.complete(&agent, &id, success, result, error, now, changes);
-                answer(reply, done).await
-            }
-            Op::Cancel { id, reason, reply } => {
-                answer(reply, self.cancel(&id, reason, now, changes)).await
-            }
-            Op::Expire {
-                max_attempts,
-                fence,
-                reply,
-            } => answer(reply, self.expire(max_attempts, fence, now, changes)).await,
-            Op::RequeueAgent { agent, reply } => {
-                answer(reply, self.requeue_agent(&agent, now, changes)).await
-            }
-            Op::PutAgent { record, reply } => answer(reply, self.put_agent(&record)).await,
-            Op::ForgetAgent { agent, reply } => {
-                answer(reply, self.forget_agent(&agent, now, changes)).await
-            }
-            Op::ExtendLeases { ttl_ms, reply } => {
-                let deadline = now.saturating_add(ttl_ms);
-                answer(reply, self.extend_leases(deadline, now, changes)).await
-            }
-            Op::MarkTakenOver {
-                ids,
-                takeover,
-                reply,
-            } => answer(reply, self.mark_taken_over(&ids, &takeover, now, changes)).await,
-            Op::Restore { task, reply } => answer(reply, self.restore(*task, now, changes)).await,
-            Op::Flush { reply } => Applied::answer(reply, Ok(())),
-        }
-    }
-
-    /// Inserts each task on its own; a storage error fails them all.
-    pub(super) async fn insert_all(
-        &self,
-        tasks: Vec<Task>,
-        now: i64,
-        changes: &mut Vec<Change>,
-    ) -> Result<Outcomes, StoreError> {
-        let mut out = Vec::with_capacity(tasks.len());
-        for task in tasks {
-            let done = self.insert(task, now, changes).await;
-            if let Some(e) = requests::fatal(&done) {
-                // The transaction is unusable: all or nothing.
-                return Err(e.clone());
-            }
-            out.push(done);
-        }
-        Ok(out)
-    }
-
-    pub(super) async fn renew(
-        &self,
-        agent: &str,
-        id: &str,
-        deadline: i64,
-        now: i64,
-        changes: &mut Vec<Change>,
-    ) -> Result<Task, StoreError> {
-        let mut task = self.held(agent, id).await?;
-        transitions::renew(&mut task, deadline, now);
-        self.write(&task).await?;
-        changes.push(Change::of(Some(TaskState::Leased), &task));
-        Ok(task)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    pub(super) async fn complete(
-        &self,
-        agent: &str,
-        id: &str,
-        success: bool,
-        result: Vec<u8>,
-        error: String,
-        now: i64,
-        changes: &mut Vec<Change>,
-    ) -> Result<Task, StoreError> {
-        let mut task = self.held(agent, id).await?;
-        transitions::complete(&mut task, success, result, error, now);
-        self.write(&task).await?;
-        changes.push(Change::of(Some(TaskState::Leased), &task));
-        Ok(task)
-    }
-
-    pub(super) async fn cancel(
-        &self,
-        id: &str,
-        reason: String,
-        now: i64,
-        changes: &mut Vec<Change>,
-    ) -> Result<CancelOutcome, StoreError> {
-        let mut task = self.must_read(id).await?;
-        if is_terminal(task.state()) {
-            return Ok(CancelOutcome {
-                task,
-                cancelled: false,
-            });
-        }
-        let before = task.state();
-        transitions::cancel(&mut task, reason, now);
-        self.write(&task).await?;
-        changes.push(Change::of(Some(before), &task));
-        Ok(CancelOutcome {
-            task,
-            cancelled: true,
-        })
-    }
-
-    pub(super) async fn expire(
-        &self,
-        max_attempts: u32,
-        fence: Option<i64>,
-        now: i64,
-        changes: &mut Vec<Change>,
-    ) -> Result<Vec<Task>, StoreError> {
-        if let Some(token) = fence {
-            self.fenced(token).await?;
-        }
-        let limit = i64::try_from(MAX_EXPIRE_BATCH).unwrap_or(i64::MAX);
-        let due = self
-            .tasks(
-                "SELECT task_id, body FROM tasks WHERE region = $1 AND state = 2 \
-                 AND lease_deadline_ms < $2 ORDER BY lease_deadline_ms, task_id \
-                 LIMIT $3 FOR UPDATE SKIP LOCKED",
-                &[&self.region, &now, &limit],
-            )
-            .await?;
-        let mut out = Vec::with_capacity(due.len());
-        for mut task in due {
-            transitions::expire(&mut task, max_attempts, now);
-            self.write(&task).await?;
-            changes.push(Change::of(Some(TaskState::Leased), &task));
-            out.push(task);
-        }
-        Ok(out)
-    }
-
-    pub(super) async fn put_agent(&self, record: &AgentRecord) -> Result<(), StoreError> {
-        let bytes = serde_json::to_vec(record)
-            .map_err(|e| StoreError::Invalid(format!("agent record: {e}")))?;
-        self.txn
-            .execute(
-                "INSERT INTO agents (region, agent_id, record) VALUES ($1, $2, $3) \
-                 ON CONFLICT (region, agent_id) DO UPDATE SET record = EXCLUDED.record",
-                &[&self.region, &record.id, &bytes],
-            )
-            .await
-            .map_err(|e| self.db(&e))?;
-        Ok(())
-    }
-
-    pub(super) async fn forget_agent(
-        &self,
-        agent: &str,
-        now: i64,
-        changes: &mut Vec<Change>,
-    ) -> Result<Vec<Task>, StoreError> {
-        let requeued = self.requeue_agent(agent, now, changes).await?;
-        self.txn
-            .execute(
-                "DELETE FROM agents WHERE region = $1 AND agent_id = $2",
-                &[&self.region, &agent],
-            )
-            .await
-            .map_err(|e| self.db(&e))?;
-        Ok(requeued)
-    }
-
-    pub(super) async fn extend_leases(
-        &self,
-        deadline: i64,
-        now: i64,
-        changes: &mut Vec<Change>,
-    ) -> Result<Vec<Task>, StoreError> {
-        let due = self
-            .tasks(
-                "SELECT task_id, body FROM tasks WHERE region = $1 AND state = 2 \
-                 AND lease_deadline_ms < $2 ORDER BY lease_deadline_ms, task_id FOR UPDATE",
-                &[&self.region, &deadline],
-            )
-            .await?;
-        let mut out = Vec::with_capacity(due.len());
-        for mut task in due {
-            transitions::renew(&mut task, deadline, now);
-            self.write(&task).await?;
-            changes.push(Change::of(Some(TaskState::Leased), &task));
-            out.push(task);
-        }
-        Ok(out)
-    }
-
-    pub(super) async fn mark_taken_over(
-        &self,
-        ids: &[String],
-        takeover: &Takeover,
-        now: i64,
-        changes: &mut Vec<Change>,
-    ) -> Result<Vec<Task>, StoreError> {
-        let mut out = Vec::new();
-        for id in ids {
-            let mut task = match self.read(id).await {
-                Ok(Some(t)) if !is_terminal(t.state()) => t,
-                Ok(_) => continue,
-                Err(e @ (StoreError::Db(_) | StoreError::Unavailable(_))) => {
-                    return Err(e);
-                }
-                Err(e) => {
-                    self.shared.undecodable(&e);
-                    continue;
-                }
-            };
-            let before = task.state();
-            transitions::take_over(&mut task, takeover, now);
-            self.write(&task).await?;
-            changes.push(Change::of(Some(before), &task));
-            out.push(task);
-        }
-        Ok(out)
-    }
-
     pub(super) async fn insert(
         &self,
         mut task: Task,
@@ -445,7 +170,7 @@ impl Tx<'_, '_> {
             changes.push(Change {
                 before: None,
                 after: TaskState::Queued,
-                task: task.clone(),
+                task: Some(task.clone()),
             });
             return Ok(InsertOutcome::Created(task));
         }
@@ -463,8 +188,58 @@ impl Tx<'_, '_> {
         }
     }
 
-    pub(super) async fn lease(
+    /// The task, if `agent` holds its lease; else the right refusal.
+    pub(super) async fn held(&self, agent: &str, id: &str) -> Result<Task, StoreError> {
+        let task = self.must_read(id).await?;
+        transitions::check_holder(&task, agent)?;
+        Ok(task)
+    }
+
+    pub(super) async fn requeue(
         &self,
+        mut task: Task,
+        now: i64,
+        changes: &mut Vec<Change>,
+    ) -> Result<Task, StoreError> {
+        transitions::requeue(&mut task, now);
+        self.write(&task).await?;
+        changes.push(Change::of(Some(TaskState::Leased), &task));
+        Ok(task)
+    }
+}
+
+/// Through a shared reference: a batch's staged inserts use the transaction
+/// too.
+impl Operations for &Tx<'_, '_> {
+    async fn insert(
+        &mut self,
+        task: Task,
+        now: i64,
+        changes: &mut Vec<Change>,
+    ) -> Result<InsertOutcome, StoreError> {
+        Tx::insert(self, task, now, changes).await
+    }
+
+    async fn insert_all(
+        &mut self,
+        tasks: Vec<Task>,
+        now: i64,
+        changes: &mut Vec<Change>,
+    ) -> Result<Outcomes, StoreError> {
+        let mut out = Vec::with_capacity(tasks.len());
+        for task in tasks {
+            let done = self.insert(task, now, changes).await;
+            if let Some(e) = requests::fatal(&done) {
+                // The transaction is unusable: all or nothing.
+                return Err(e.clone());
+            }
+            out.push(done);
+        }
+        Ok(out)
+    }
+
+    async fn lease(
+        &mut self,
         agent: &str,
         max: usize,
         skip: Option<&HashSet<String>>,
@@ -498,27 +273,94 @@ impl Tx<'_, '_> {
         Ok(out)
     }
 
-    /// The task, if `agent` holds its lease; else the right refusal.
-    pub(super) async fn held(&self, agent: &str, id: &str) -> Result<Task, StoreError> {
-        let task = self.must_read(id).await?;
-        transitions::check_holder(&task, agent)?;
-        Ok(task)
-    }
-
-    pub(super) async fn requeue(
-        &self,
-        mut task: Task,
+    async fn renew(
+        &mut self,
+        agent: &str,
+        id: &str,
+        deadline: i64,
         now: i64,
         changes: &mut Vec<Change>,
     ) -> Result<Task, StoreError> {
-        transitions::requeue(&mut task, now);
+        let mut task = self.held(agent, id).await?;
+        transitions::renew(&mut task, deadline, now);
         self.write(&task).await?;
         changes.push(Change::of(Some(TaskState::Leased), &task));
         Ok(task)
     }
 
-    pub(super) async fn requeue_agent(
-        &self,
+    #[allow(clippy::too_many_arguments)]
+    async fn complete(
+        &mut self,
+        agent: &str,
+        id: &str,
+        success: bool,
+        result: Vec<u8>,
+        error: String,
+        now: i64,
+        changes: &mut Vec<Change>,
+    ) -> Result<Task, StoreError> {
+        let mut task = self.held(agent, id).await?;
+        transitions::complete(&mut task, success, result, error, now);
+        self.write(&task).await?;
+        changes.push(Change::of(Some(TaskState::Leased), &task));
+        Ok(task)
+    }
+
+    async fn cancel(
+        &mut self,
+        id: &str,
+        reason: String,
+        now: i64,
+        changes: &mut Vec<Change>,
+    ) -> Result<CancelOutcome, StoreError> {
+        let mut task = self.must_read(id).await?;
+        if is_terminal(task.state()) {
+            return Ok(CancelOutcome {
+                task,
+                cancelled: false,
+            });
+        }
+        let before = task.state();
+        transitions::cancel(&mut task, reason, now);
+        self.write(&task).await?;
+        changes.push(Change::of(Some(before), &task));
+        Ok(CancelOutcome {
+            task,
+            cancelled: true,
+        })
+    }
+
+    async fn expire(
+        &mut self,
+        max_attempts: u32,
+        fence: Option<i64>,
+        now: i64,
+        changes: &mut Vec<Change>,
+    ) -> Result<Vec<Task>, StoreError> {
+        if let Some(token) = fence {
+            self.fenced(token).await?;
+        }
+        let limit = i64::try_from(MAX_EXPIRE_BATCH).unwrap_or(i64::MAX);
+        let due = self
+            .tasks(
+                "SELECT task_id, body FROM tasks WHERE region = $1 AND state = 2 \
+                 AND lease_deadline_ms < $2 ORDER BY lease_deadline_ms, task_id \
+                 LIMIT $3 FOR UPDATE SKIP LOCKED",
+                &[&self.region, &now, &limit],
+            )
+            .await?;
+        let mut out = Vec::with_capacity(due.len());
+        for mut task in due {
+            transitions::expire(&mut task, max_attempts, now);
+            self.write(&task).await?;
+            changes.push(Change::of(Some(TaskState::Leased), &task));
+            out.push(task);
+        }
+        Ok(out)
+    }
+
+    async fn requeue_agent(
+        &mut self,
         agent: &str,
         now: i64,
         changes: &mut Vec<Change>,
@@ -537,8 +379,91 @@ impl Tx<'_, '_> {
         Ok(out)
     }
 
-    pub(super) async fn restore(
-        &self,
+    async fn put_agent(&mut self, record: &AgentRecord) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(record)
+            .map_err(|e| StoreError::Invalid(format!("agent record: {e}")))?;
+        self.txn
+            .execute(
+                "INSERT INTO agents (region, agent_id, record) VALUES ($1, $2, $3) \
+                 ON CONFLICT (region, agent_id) DO UPDATE SET record = EXCLUDED.record",
+                &[&self.region, &record.id, &bytes],
+            )
+            .await
+            .map_err(|e| self.db(&e))?;
+        Ok(())
+    }
+
+    async fn forget_agent(
+        &mut self,
+        agent: &str,
+        now: i64,
+        changes: &mut Vec<Change>,
+    ) -> Result<Vec<Task>, StoreError> {
+        let requeued = self.requeue_agent(agent, now, changes).await?;
+        self.txn
+            .execute(
+                "DELETE FROM agents WHERE region = $1 AND agent_id = $2",
+                &[&self.region, &agent],
+            )
+            .await
+            .map_err(|e| self.db(&e))?;
+        Ok(requeued)
+    }
+
+    async fn extend_leases(
+        &mut self,
+        deadline: i64,
+        now: i64,
+        changes: &mut Vec<Change>,
+    ) -> Result<Vec<Task>, StoreError> {
+        let due = self
+            .tasks(
+                "SELECT task_id, body FROM tasks WHERE region = $1 AND state = 2 \
+                 AND lease_deadline_ms < $2 ORDER BY lease_deadline_ms, task_id FOR UPDATE",
+                &[&self.region, &deadline],
+            )
+            .await?;
+        let mut out = Vec::with_capacity(due.len());
+        for mut task in due {
+            transitions::renew(&mut task, deadline, now);
+            self.write(&task).await?;
+            changes.push(Change::of(Some(TaskState::Leased), &task));
+            out.push(task);
+        }
+        Ok(out)
+    }
+
+    async fn mark_taken_over(
+        &mut self,
+        ids: &[String],
+        takeover: &Takeover,
+        now: i64,
+        changes: &mut Vec<Change>,
+    ) -> Result<Vec<Task>, StoreError> {
+        let mut out = Vec::new();
+        for id in ids {
+            let mut task = match self.read(id).await {
+                Ok(Some(t)) if !is_terminal(t.state()) => t,
+                Ok(_) => continue,
+                Err(e @ (StoreError::Db(_) | StoreError::Unavailable(_))) => {
+                    return Err(e);
+                }
+                Err(e) => {
+                    self.shared.undecodable(&e);
+                    continue;
+                }
+            };
+            let before = task.state();
+            transitions::take_over(&mut task, takeover, now);
+            self.write(&task).await?;
+            changes.push(Change::of(Some(before), &task));
+            out.push(task);
+        }
+        Ok(out)
+    }
+
+    async fn restore(
+        &mut self,
         mut task: Task,
         now: i64,
         changes: &mut Vec<Change>,
@@ -581,26 +506,8 @@ impl Tx<'_, '_> {
         changes.push(Change {
             before: None,
             after: task.state(),
-            task,
+            task: Some(task),
         });
         Ok(true)
-    }
-}
-
-/// The answer to a request other than an insert, once `result` is done.
-pub(super) async fn answer<R: Send + 'static>(
-    reply: Reply<R>,
-    result: impl std::future::Future<Output = Result<R, StoreError>>,
-) -> Applied {
-    Applied::answer(reply, result.await)
-}
-
-impl Change {
-    pub(super) fn of(before: Option<TaskState>, task: &Task) -> Self {
-        Self {
-            before,
-            after: task.state(),
-            task: task.clone(),
-        }
     }
 }

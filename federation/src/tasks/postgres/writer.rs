@@ -6,16 +6,17 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use federation_api::{Task, TaskState};
+use federation_api::Task;
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::Transaction;
 
 use super::staging::Staging;
-use super::tx::{Change, Tx};
+use super::tx::Tx;
 use super::{CHANNEL, NOTIFY_BYTES, Shared};
 use crate::pg::Pg;
 use crate::tasks::journal::{Journal, Record};
 use crate::tasks::requests::{self, Applied, Op, Settled};
+use crate::tasks::shared::Change;
 use crate::tasks::{InsertOutcome, MAX_BATCH, RecordState, RecordedInsert, StoreError};
 
 pub(super) fn writer_loop(
@@ -33,8 +34,7 @@ pub(super) fn writer_loop(
         let region = region.to_string();
         let shared = Arc::clone(shared);
         pg.handle().block_on(async move {
-            let journal = shared.journal.get().map(|j| &**j);
-            run_batch(&pg2, &region, &shared, journal, batch).await
+            run_batch(&pg2, &region, &shared, shared.journal(), batch).await
         });
     }
 }
@@ -116,7 +116,7 @@ pub(super) async fn run_batch(
                         op.refuse(&e);
                         return Err(e);
                     }
-                    let done = t.apply(op, now, &mut changes).await;
+                    let done = requests::apply(&mut &t, op, now, &mut changes).await;
                     let fatal = done.fatal().cloned();
                     slots.push(Slot::Done(done));
                     if let Some(e) = fatal {
@@ -165,15 +165,12 @@ pub(super) async fn run_batch(
     }
     let started = std::time::Instant::now();
     let committed = txn.commit().await;
-    shared
-        .commit_seconds
-        .observe(started.elapsed().as_secs_f64());
+    shared.observe_commit(started.elapsed());
     if let Err(e) = committed {
         let err = StoreError::from(pg.db(&e));
         tracing::error!(error = %err, "task store commit failed");
         return requests::fail(answers, Vec::new(), err);
     }
-    shared.commits.fetch_add(1, Ordering::Relaxed);
     let created = changes.iter().filter(|c| c.before.is_none()).count() as u64;
     shared.created.fetch_add(created, Ordering::Relaxed);
     let records = match (journal, head) {
@@ -183,29 +180,13 @@ pub(super) async fn run_batch(
         }
         _ => RecordState::NotWritten,
     };
-    let mut any_queued = false;
-    {
-        let mut counts = shared.counts.lock().unwrap_or_else(|e| e.into_inner());
-        for c in &changes {
-            if let Some(b) = c.before {
-                counts.add(b, -1);
-            }
-            counts.add(c.after, 1);
-            any_queued |= c.after == TaskState::Queued;
-        }
-    }
-    for c in changes {
-        let _ = shared.events.send(c.task);
-    }
+    shared.committed(changes);
     let settled = Settled {
         committed: Ok(()),
         records,
     };
     for a in answers {
         a.settle(&settled);
-    }
-    if any_queued {
-        shared.queued.notify_waiters();
     }
 }
 
@@ -223,12 +204,12 @@ pub(super) async fn notify(
     let mut payloads = Vec::new();
     let head = format!("{instance} {region}");
     let mut current = head.clone();
-    for c in changes {
-        if current.len() + c.task.task_id.len() + 1 > NOTIFY_BYTES && current.len() > head.len() {
+    for task in changes.iter().filter_map(|c| c.task.as_ref()) {
+        if current.len() + task.task_id.len() + 1 > NOTIFY_BYTES && current.len() > head.len() {
             payloads.push(std::mem::replace(&mut current, head.clone()));
         }
         current.push(' ');
-        current.push_str(&c.task.task_id);
+        current.push_str(&task.task_id);
     }
     payloads.push(current);
     txn.execute(

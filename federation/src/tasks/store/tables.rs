@@ -7,9 +7,9 @@ use prost::Message;
 use redb::ReadableTable;
 
 use super::idempotency::IdemIndex;
-use super::writer::Change;
 use super::{AGENTS, DbResult, MAX_EXPIRE_BATCH, Shared, decode};
-use crate::tasks::requests::{Applied, Op, Outcomes};
+use crate::tasks::requests::{Operations, Outcomes};
+use crate::tasks::shared::Change;
 use crate::tasks::{
     AgentRecord, CancelOutcome, InsertOutcome, StoreError, is_terminal, transitions,
 };
@@ -69,118 +69,56 @@ impl Tables<'_> {
         Ok(())
     }
 
-    pub(super) fn apply(&mut self, op: Op, now: i64, changes: &mut Vec<Change>) -> Applied {
-        match op {
-            Op::Insert {
-                task,
-                record,
-                reply,
-            } => Applied::Insert {
-                result: Box::new(self.insert(*task, now, changes)),
-                record,
-                reply,
-            },
-            Op::InsertBatch {
-                tasks,
-                records,
-                reply,
-            } => Applied::Batch {
-                result: self.insert_all(tasks, now, changes),
-                records,
-                reply,
-            },
-            Op::Lease {
-                agent,
-                max,
-                ttl_ms,
-                skip,
-                reply,
-            } => {
-                let deadline = now.saturating_add(ttl_ms);
-                let leased = self.lease(&agent, max, skip.as_deref(), deadline, now, changes);
-                Applied::answer(reply, leased)
-            }
-            Op::Renew {
-                agent,
-                id,
-                ttl_ms,
-                reply,
-            } => {
-                let renewed = self.renew(&agent, &id, now.saturating_add(ttl_ms), now, changes);
-                Applied::answer(reply, renewed)
-            }
-            Op::Complete {
-                agent,
-                id,
-                success,
-                result,
-                error,
-                reply,
-            } => {
-                let done = self.complete(&agent, &id, success, result, error, now, changes);
-                Applied::answer(reply, done)
-            }
-            Op::Cancel { id, reason, reply } => {
-                Applied::answer(reply, self.cancel(&id, &reason, now, changes))
-            }
-            Op::Expire {
-                max_attempts,
-                reply,
-                ..
-            } => Applied::answer(reply, self.expire(max_attempts, now, changes)),
-            Op::RequeueAgent { agent, reply } => {
-                Applied::answer(reply, self.requeue_agent(&agent, now, changes))
-            }
-            Op::PutAgent { record, reply } => Applied::answer(reply, self.put_agent(&record)),
-            Op::ForgetAgent { agent, reply } => {
-                Applied::answer(reply, self.forget_agent(&agent, now, changes))
-            }
-            Op::ExtendLeases { ttl_ms, reply } => {
-                let deadline = now.saturating_add(ttl_ms);
-                Applied::answer(reply, self.extend_leases(deadline, now, changes))
-            }
-            Op::MarkTakenOver {
-                ids,
-                takeover,
-                reply,
-            } => Applied::answer(reply, self.mark_taken_over(&ids, &takeover, now, changes)),
-            Op::Restore { task, reply } => {
-                Applied::answer(reply, self.restore(*task, now, changes))
-            }
-            Op::Flush { reply } => Applied::answer(reply, Ok(())),
-        }
+    /// The task, if `agent` holds its lease; else the right refusal.
+    fn held(&self, agent: &str, id: &str) -> Result<Task, StoreError> {
+        let task = self.must_read(id)?;
+        transitions::check_holder(&task, agent)?;
+        Ok(task)
     }
 
-    /// Inserts each task on its own; a storage error fails them all.
-    fn insert_all(
+    /// Moves a LEASED task back to QUEUED (attempts kept).
+    fn requeue(
         &mut self,
-        tasks: Vec<Task>,
+        mut task: Task,
         now: i64,
         changes: &mut Vec<Change>,
-    ) -> Result<Outcomes, StoreError> {
-        let mut out = Vec::with_capacity(tasks.len());
-        for task in tasks {
-            match self.insert(task, now, changes) {
-                // The transaction may hold part of it: all or nothing.
-                Err(e @ StoreError::Db(_)) => return Err(e),
-                o => out.push(o),
+    ) -> Result<Task, StoreError> {
+        self.unindex(&task)?;
+        transitions::requeue(&mut task, now);
+        self.write(&task)?;
+        self.queue.insert(queue_key(&task), ()).db()?;
+        changes.push(Change::of(Some(TaskState::Leased), &task));
+        Ok(task)
+    }
+
+    /// Removes the lease index entries and returns the tasks behind them that
+    /// are really LEASED with that deadline (stale entries are dropped).
+    fn take_leased(&mut self, keys: Vec<(i64, String)>) -> Result<Vec<Task>, StoreError> {
+        let mut out = Vec::with_capacity(keys.len());
+        for (deadline, id) in keys {
+            match self.read(&id) {
+                Ok(Some(t))
+                    if t.state() == TaskState::Leased && t.lease_deadline_unix_ms == deadline =>
+                {
+                    out.push(t);
+                }
+                Ok(_) => {
+                    tracing::warn!(task_id = %id, "dropping a stale lease entry");
+                    self.leases.remove((deadline, id.as_str())).db()?;
+                }
+                Err(StoreError::Db(e)) => return Err(StoreError::Db(e)),
+                Err(e) => {
+                    self.shared.undecodable(&e);
+                    self.leases.remove((deadline, id.as_str())).db()?;
+                }
             }
         }
         Ok(out)
     }
+}
 
-    fn forget_agent(
-        &mut self,
-        agent: &str,
-        now: i64,
-        changes: &mut Vec<Change>,
-    ) -> Result<Vec<Task>, StoreError> {
-        let requeued = self.requeue_agent(agent, now, changes)?;
-        self.txn.open_table(AGENTS).db()?.remove(agent).db()?;
-        Ok(requeued)
-    }
-
-    fn insert(
+impl Operations for Tables<'_> {
+    async fn insert(
         &mut self,
         mut task: Task,
         now: i64,
@@ -225,7 +163,24 @@ impl Tables<'_> {
         Ok(InsertOutcome::Created(task))
     }
 
-    fn lease(
+    async fn insert_all(
+        &mut self,
+        tasks: Vec<Task>,
+        now: i64,
+        changes: &mut Vec<Change>,
+    ) -> Result<Outcomes, StoreError> {
+        let mut out = Vec::with_capacity(tasks.len());
+        for task in tasks {
+            match self.insert(task, now, changes).await {
+                // The transaction may hold part of it: all or nothing.
+                Err(e @ StoreError::Db(_)) => return Err(e),
+                o => out.push(o),
+            }
+        }
+        Ok(out)
+    }
+
+    async fn lease(
         &mut self,
         agent: &str,
         max: usize,
@@ -273,14 +228,7 @@ impl Tables<'_> {
         Ok(out)
     }
 
-    /// The task, if `agent` holds its lease; else the right refusal.
-    fn held(&self, agent: &str, id: &str) -> Result<Task, StoreError> {
-        let task = self.must_read(id)?;
-        transitions::check_holder(&task, agent)?;
-        Ok(task)
-    }
-
-    fn renew(
+    async fn renew(
         &mut self,
         agent: &str,
         id: &str,
@@ -298,7 +246,7 @@ impl Tables<'_> {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn complete(
+    async fn complete(
         &mut self,
         agent: &str,
         id: &str,
@@ -316,10 +264,10 @@ impl Tables<'_> {
         Ok(task)
     }
 
-    fn cancel(
+    async fn cancel(
         &mut self,
         id: &str,
-        reason: &str,
+        reason: String,
         now: i64,
         changes: &mut Vec<Change>,
     ) -> Result<CancelOutcome, StoreError> {
@@ -332,7 +280,7 @@ impl Tables<'_> {
         }
         let before = task.state();
         self.unindex(&task)?;
-        transitions::cancel(&mut task, reason.to_string(), now);
+        transitions::cancel(&mut task, reason, now);
         self.write(&task)?;
         changes.push(Change::of(Some(before), &task));
         Ok(CancelOutcome {
@@ -341,49 +289,10 @@ impl Tables<'_> {
         })
     }
 
-    /// Moves a LEASED task back to QUEUED (attempts kept).
-    fn requeue(
-        &mut self,
-        mut task: Task,
-        now: i64,
-        changes: &mut Vec<Change>,
-    ) -> Result<Task, StoreError> {
-        self.unindex(&task)?;
-        transitions::requeue(&mut task, now);
-        self.write(&task)?;
-        self.queue.insert(queue_key(&task), ()).db()?;
-        changes.push(Change::of(Some(TaskState::Leased), &task));
-        Ok(task)
-    }
-
-    /// Removes the lease index entries and returns the tasks behind them that
-    /// are really LEASED with that deadline (stale entries are dropped).
-    fn take_leased(&mut self, keys: Vec<(i64, String)>) -> Result<Vec<Task>, StoreError> {
-        let mut out = Vec::with_capacity(keys.len());
-        for (deadline, id) in keys {
-            match self.read(&id) {
-                Ok(Some(t))
-                    if t.state() == TaskState::Leased && t.lease_deadline_unix_ms == deadline =>
-                {
-                    out.push(t);
-                }
-                Ok(_) => {
-                    tracing::warn!(task_id = %id, "dropping a stale lease entry");
-                    self.leases.remove((deadline, id.as_str())).db()?;
-                }
-                Err(StoreError::Db(e)) => return Err(StoreError::Db(e)),
-                Err(e) => {
-                    self.shared.undecodable(&e);
-                    self.leases.remove((deadline, id.as_str())).db()?;
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    fn expire(
+    async fn expire(
         &mut self,
         max_attempts: u32,
+        _fence: Option<i64>,
         now: i64,
         changes: &mut Vec<Change>,
     ) -> Result<Vec<Task>, StoreError> {
@@ -410,7 +319,7 @@ impl Tables<'_> {
         Ok(out)
     }
 
-    fn requeue_agent(
+    async fn requeue_agent(
         &mut self,
         agent: &str,
         now: i64,
@@ -433,35 +342,7 @@ impl Tables<'_> {
         Ok(out)
     }
 
-    fn restore(
-        &mut self,
-        mut task: Task,
-        now: i64,
-        changes: &mut Vec<Change>,
-    ) -> Result<bool, StoreError> {
-        if task.task_id.is_empty() {
-            return Err(StoreError::Invalid("task id is empty".into()));
-        }
-        if self.tasks.get(task.task_id.as_str()).db()?.is_some() {
-            return Ok(false);
-        }
-        transitions::restore(&mut task, now)?;
-        self.write(&task)?;
-        if task.state() == TaskState::Queued {
-            self.queue.insert(queue_key(&task), ()).db()?;
-        }
-        if !task.idempotency_key.is_empty() && self.idem.get(&task.idempotency_key).is_none() {
-            self.idem.stage(&task.idempotency_key, &task.task_id);
-        }
-        changes.push(Change {
-            before: None,
-            after: task.state(),
-            task: self.watched.then_some(task),
-        });
-        Ok(true)
-    }
-
-    fn put_agent(&mut self, record: &AgentRecord) -> Result<(), StoreError> {
+    async fn put_agent(&mut self, record: &AgentRecord) -> Result<(), StoreError> {
         let bytes = serde_json::to_vec(record)
             .map_err(|e| StoreError::Invalid(format!("agent record: {e}")))?;
         self.txn
@@ -472,8 +353,18 @@ impl Tables<'_> {
         Ok(())
     }
 
-    /// Moves every lease due before `deadline` to `deadline`.
-    fn extend_leases(
+    async fn forget_agent(
+        &mut self,
+        agent: &str,
+        now: i64,
+        changes: &mut Vec<Change>,
+    ) -> Result<Vec<Task>, StoreError> {
+        let requeued = self.requeue_agent(agent, now, changes).await?;
+        self.txn.open_table(AGENTS).db()?.remove(agent).db()?;
+        Ok(requeued)
+    }
+
+    async fn extend_leases(
         &mut self,
         deadline: i64,
         now: i64,
@@ -502,7 +393,7 @@ impl Tables<'_> {
         Ok(out)
     }
 
-    fn mark_taken_over(
+    async fn mark_taken_over(
         &mut self,
         ids: &[String],
         takeover: &Takeover,
@@ -528,5 +419,33 @@ impl Tables<'_> {
             out.push(task);
         }
         Ok(out)
+    }
+
+    async fn restore(
+        &mut self,
+        mut task: Task,
+        now: i64,
+        changes: &mut Vec<Change>,
+    ) -> Result<bool, StoreError> {
+        if task.task_id.is_empty() {
+            return Err(StoreError::Invalid("task id is empty".into()));
+        }
+        if self.tasks.get(task.task_id.as_str()).db()?.is_some() {
+            return Ok(false);
+        }
+        transitions::restore(&mut task, now)?;
+        self.write(&task)?;
+        if task.state() == TaskState::Queued {
+            self.queue.insert(queue_key(&task), ()).db()?;
+        }
+        if !task.idempotency_key.is_empty() && self.idem.get(&task.idempotency_key).is_none() {
+            self.idem.stage(&task.idempotency_key, &task.task_id);
+        }
+        changes.push(Change {
+            before: None,
+            after: task.state(),
+            task: self.watched.then_some(task),
+        });
+        Ok(true)
     }
 }

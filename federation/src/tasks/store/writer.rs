@@ -2,9 +2,6 @@
 //! waiting, one write transaction, one fsync), the batch's decision records
 //! handed to the journal while it commits, then every caller answered.
 
-use std::sync::atomic::Ordering;
-
-use federation_api::{Task, TaskState};
 use redb::Database;
 use tokio::sync::mpsc;
 
@@ -27,27 +24,7 @@ pub(super) fn writer_loop(
     let mut requests = crate::group_commit::Gatherer::new(rx, MAX_BATCH);
     // Ends when every sender is gone (the last TaskStore clone dropped).
     while let Some(batch) = requests.next_batch() {
-        let journal = shared.journal.get().map(|j| &**j);
-        run_batch(db, shared, &mut idem, journal, batch);
-    }
-}
-
-/// A task's change within a batch: its state before (None when new) and
-/// after, and the task for subscribers (left out of inserts when nobody is
-/// subscribed: no watch can follow a task that did not exist yet).
-pub(super) struct Change {
-    pub(super) before: Option<TaskState>,
-    pub(super) after: TaskState,
-    pub(super) task: Option<Task>,
-}
-
-impl Change {
-    pub(super) fn of(before: Option<TaskState>, task: &Task) -> Self {
-        Self {
-            before,
-            after: task.state(),
-            task: Some(task.clone()),
-        }
+        run_batch(db, shared, &mut idem, shared.journal(), batch);
     }
 }
 
@@ -77,7 +54,7 @@ pub(super) fn apply_batch(
     batch: Vec<Op>,
 ) -> Result<(), StoreError> {
     let now = shared.clock.now_ms();
-    let watched = shared.events.receiver_count() > 0;
+    let watched = shared.watched();
     let mut changes = Vec::new();
     let txn = match db.begin_write().db() {
         Ok(txn) => txn,
@@ -113,7 +90,8 @@ pub(super) fn apply_batch(
         };
         let mut ops = batch.into_iter();
         while let Some(op) = ops.next() {
-            let done = t.apply(op, now, &mut changes);
+            // Nothing here waits: the operations are the file's, in memory.
+            let done = futures::executor::block_on(requests::apply(&mut t, op, now, &mut changes));
             if let Some(e) = done.fatal().cloned() {
                 // The transaction may hold part of this request: abort it
                 // all; every caller of the batch gets the error, and no
@@ -146,9 +124,7 @@ pub(super) fn apply_batch(
     };
     let commit_started = std::time::Instant::now();
     let committed = txn.commit().db();
-    shared
-        .commit_seconds
-        .observe(commit_started.elapsed().as_secs_f64());
+    shared.observe_commit(commit_started.elapsed());
     let records = match receipt.map(|r| r.wait()) {
         None => RecordState::NotWritten,
         Some(Ok(())) => RecordState::Written,
@@ -160,40 +136,17 @@ pub(super) fn apply_batch(
     if let Err(e) = &committed {
         tracing::error!(error = %e, "task store commit failed");
     } else {
-        shared.commits.fetch_add(1, Ordering::Relaxed);
         *shared.mark.lock().unwrap_or_else(|e| e.into_inner()) = mark;
         shared.witness.advance(mark);
         idem.commit();
+        shared.committed(changes);
     }
     let settled = Settled {
         committed: committed.clone(),
         records,
     };
-    if committed.is_err() {
-        for a in answers {
-            a.settle(&settled);
-        }
-        return committed;
-    }
-    let mut any_queued = false;
-    {
-        let mut counts = shared.counts();
-        for c in &changes {
-            if let Some(b) = c.before {
-                counts.add(b, -1);
-            }
-            counts.add(c.after, 1);
-            any_queued |= c.after == TaskState::Queued;
-        }
-    }
-    for task in changes.into_iter().filter_map(|c| c.task) {
-        let _ = shared.events.send(task);
-    }
     for a in answers {
         a.settle(&settled);
     }
-    if any_queued {
-        shared.queued.notify_waiters();
-    }
-    Ok(())
+    committed
 }

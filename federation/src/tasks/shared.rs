@@ -1,0 +1,185 @@
+//! What the callers and the writer of either backend share, the same in
+//! both: the counts by state, the change feed and the wake-up of long polls
+//! for a queued task, the clock, the commits and their timings, the
+//! undecodable records found, and the journal bound to the store.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use federation_api::{Task, TaskState};
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use tokio::sync::{Notify, broadcast};
+
+use super::journal::Journal;
+use super::{Clock, Counts, StoreError};
+
+/// Capacity of the change feed; a slow subscriber sees `Lagged`.
+const EVENT_CAPACITY: usize = 4096;
+/// How many undecodable task ids the status lists.
+const MAX_LISTED_UNDECODABLE: usize = 100;
+
+/// A task's change within a batch: its state before (None when new) and
+/// after, and the task for subscribers (the embedded store leaves it out of
+/// inserts when nobody is subscribed: no watch can follow a task that did
+/// not exist yet).
+pub(super) struct Change {
+    pub(super) before: Option<TaskState>,
+    pub(super) after: TaskState,
+    pub(super) task: Option<Task>,
+}
+
+impl Change {
+    pub(super) fn of(before: Option<TaskState>, task: &Task) -> Self {
+        Self {
+            before,
+            after: task.state(),
+            task: Some(task.clone()),
+        }
+    }
+}
+
+pub(super) struct Shared {
+    counts: Mutex<Counts>,
+    events: broadcast::Sender<Task>,
+    queued: Notify,
+    pub(super) clock: Arc<dyn Clock>,
+    commits: AtomicU64,
+    /// Seconds per commit (with its fsync), for metrics.
+    commit_seconds: Histogram,
+    /// Task records found undecodable by any scan: id → why.
+    undecodable: Mutex<BTreeMap<String, String>>,
+    /// Where inserts append the records they carry, bound once.
+    journal: OnceLock<Arc<dyn Journal>>,
+}
+
+impl Shared {
+    pub(super) fn new(counts: Counts, clock: Arc<dyn Clock>) -> Self {
+        let (events, _) = broadcast::channel(EVENT_CAPACITY);
+        Self {
+            counts: Mutex::new(counts),
+            events,
+            queued: Notify::new(),
+            clock,
+            commits: AtomicU64::new(0),
+            // 100 µs to ~13 s; exposed by the metrics module.
+            commit_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
+            undecodable: Mutex::new(BTreeMap::new()),
+            journal: OnceLock::new(),
+        }
+    }
+
+    /// Task counts by state.
+    pub(super) fn counts(&self) -> Counts {
+        *self.counts.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Replaces the counts (recounted from the database).
+    pub(super) fn set_counts(&self, counts: Counts) {
+        *self.counts.lock().unwrap_or_else(|e| e.into_inner()) = counts;
+    }
+
+    /// Reports an undecodable record (once per id): it is skipped by every
+    /// scan, listed in the status and counted in the metrics.
+    pub(super) fn undecodable(&self, err: &StoreError) {
+        let StoreError::Corrupt { task_id, reason } = err else {
+            return;
+        };
+        let mut known = self.undecodable.lock().unwrap_or_else(|e| e.into_inner());
+        if !known.contains_key(task_id) {
+            tracing::error!(task_id = %task_id, reason = %reason, "skipping an undecodable task record");
+            known.insert(task_id.clone(), reason.clone());
+        }
+    }
+
+    /// Undecodable records found so far: how many, and the first ids with
+    /// the decoder's complaint.
+    pub(super) fn undecodable_listed(&self) -> (usize, Vec<(String, String)>) {
+        let known = self.undecodable.lock().unwrap_or_else(|e| e.into_inner());
+        let listed = known
+            .iter()
+            .take(MAX_LISTED_UNDECODABLE)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        (known.len(), listed)
+    }
+
+    /// Someone is subscribed to the change feed.
+    pub(super) fn watched(&self) -> bool {
+        self.events.receiver_count() > 0
+    }
+
+    pub(super) fn subscribe(&self) -> broadcast::Receiver<Task> {
+        self.events.subscribe()
+    }
+
+    /// Publishes a task changed elsewhere (another replica), waking long
+    /// polls when it is queued.
+    pub(super) fn publish(&self, task: Task) {
+        let queued = task.state() == TaskState::Queued;
+        let _ = self.events.send(task);
+        if queued {
+            self.queued.notify_waiters();
+        }
+    }
+
+    /// True at once when a task is QUEUED, else waits until one becomes
+    /// QUEUED (true) or `timeout` passes (false).
+    pub(super) async fn wait_for_queued(&self, timeout: Duration) -> bool {
+        let notified = self.queued.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if self.counts().queued > 0 {
+            return true;
+        }
+        tokio::time::timeout(timeout, notified).await.is_ok()
+    }
+
+    pub(super) fn commits(&self) -> u64 {
+        self.commits.load(Ordering::Relaxed)
+    }
+
+    pub(super) fn commit_seconds(&self) -> Histogram {
+        self.commit_seconds.clone()
+    }
+
+    /// Times one commit.
+    pub(super) fn observe_commit(&self, took: Duration) {
+        self.commit_seconds.observe(took.as_secs_f64());
+    }
+
+    /// After a commit: one commit more, the counts moved by `changes`, each
+    /// changed task published, and long polls woken when one is queued.
+    pub(super) fn committed(&self, changes: Vec<Change>) {
+        self.commits.fetch_add(1, Ordering::Relaxed);
+        let mut any_queued = false;
+        {
+            let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+            for c in &changes {
+                if let Some(b) = c.before {
+                    counts.add(b, -1);
+                }
+                counts.add(c.after, 1);
+                any_queued |= c.after == TaskState::Queued;
+            }
+        }
+        for task in changes.into_iter().filter_map(|c| c.task) {
+            let _ = self.events.send(task);
+        }
+        if any_queued {
+            self.queued.notify_waiters();
+        }
+    }
+
+    /// Binds the journal, once.
+    pub(super) fn bind_journal(&self, journal: Arc<dyn Journal>) -> Result<(), StoreError> {
+        self.journal
+            .set(journal)
+            .map_err(|_| StoreError::Invalid("the task store is bound to a journal already".into()))
+    }
+
+    pub(super) fn journal(&self) -> Option<&dyn Journal> {
+        self.journal.get().map(|j| &**j)
+    }
+}
