@@ -119,8 +119,8 @@ pub fn check_bytes(bytes: &[u8], head: &LogHead) -> HeadCheck {
 
 /// [`check_bytes`] on the log file at `path`.
 pub fn check_file(path: &Path, head: &LogHead) -> Result<HeadCheck, AuditError> {
-    let bytes = super::read_all(path)?;
-    Ok(check_bytes(&bytes, head))
+    let log = super::read_log(path)?;
+    Ok(check_bytes(&log.bytes, head))
 }
 
 /// A head of another region's log as this controller heard it from that
