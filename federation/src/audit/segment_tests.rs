@@ -100,6 +100,21 @@ async fn rotates_into_compressed_segments_and_verifies_across_them() {
         anchor::check_file(log.path(), &head).expect("check"),
         anchor::HeadCheck::Holds
     );
+    let shown = show(dir.path(), &Filter::default()).expect("show");
+    let at = |seq: u64, i: usize| anchor::LogHead {
+        seq,
+        hash: shown[i].hash.clone(),
+    };
+    let check = |head: &anchor::LogHead| anchor::check_file(log.path(), head).expect("check");
+    assert_eq!(check(&at(4, 3)), anchor::HeadCheck::Holds);
+    assert_eq!(
+        check(&at(27, 3)),
+        anchor::HeadCheck::Shorter { log_seq: 25 }
+    );
+    assert!(matches!(
+        check(&at(25, 3)),
+        anchor::HeadCheck::Different { .. }
+    ));
     let recent = log
         .recent(&Filter::default(), 12, u64::MAX)
         .expect("recent");
