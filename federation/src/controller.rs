@@ -466,10 +466,14 @@ fn open_store(settings: &Settings) -> anyhow::Result<(TaskStore, DecisionLog)> {
             let store = TaskStore::open(&settings.data_dir).with_context(|| {
                 format!("opening task store in {}", settings.data_dir.display())
             })?;
-            let log =
-                DecisionLog::open(&settings.data_dir, &settings.region).with_context(|| {
-                    format!("opening decision log in {}", settings.data_dir.display())
-                })?;
+            let log = DecisionLog::open_with(
+                &settings.data_dir,
+                &settings.region,
+                crate::audit::LogOptions {
+                    segment_bytes: settings.store.log_segment_bytes,
+                },
+            )
+            .with_context(|| format!("opening decision log in {}", settings.data_dir.display()))?;
             store.bind_journal(std::sync::Arc::new(log.clone()))?;
             check_own_log(&store, &log)?;
             Ok((store, log))

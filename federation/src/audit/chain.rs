@@ -6,7 +6,7 @@ use std::path::Path;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::{AuditError, GENESIS_HASH, HASH_SEP, Record, log_path, read_all, sha256_hex};
+use super::{AuditError, GENESIS_HASH, HASH_SEP, Record, read_log, sha256_hex};
 
 /// Checks one line on its own: JSON, layout, hash. Returns the record.
 pub(super) fn check_line(line: &[u8]) -> Result<Record, (Option<u64>, String)> {
@@ -101,7 +101,11 @@ pub(super) fn check_link(tip: &Tip, record: &Record) -> Result<(), String> {
 /// Where the chain breaks.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Broken {
-    /// 1-based line number.
+    /// The file holding the record, when the log was read from files
+    /// (a closed segment or the active file).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+    /// 1-based line number (in `file`, when named).
     pub line: u64,
     /// The record's seq, when it could be read.
     pub seq: Option<u64>,
@@ -141,13 +145,19 @@ pub(super) struct Scan {
 }
 
 pub(super) fn scan(bytes: &[u8]) -> Scan {
-    let mut tip = Tip::genesis();
+    scan_from(bytes, Tip::genesis())
+}
+
+/// [`scan`] of bytes that continue the chain after `tip` (the active file
+/// after the closed segments).
+pub(super) fn scan_from(bytes: &[u8], start: Tip) -> Scan {
+    let mut tip = start;
     let mut offset = 0usize;
     let mut line_no = 0u64;
     let mut report = VerifyReport {
         records: 0,
         first_broken: None,
-        last_hash: GENESIS_HASH.to_string(),
+        last_hash: tip.hash.clone(),
         torn_tail_line: None,
     };
     let mut tail_record_ok = false;
@@ -182,6 +192,7 @@ pub(super) fn scan(bytes: &[u8]) -> Scan {
             }
             Err((seq, reason)) => {
                 report.first_broken = Some(Broken {
+                    file: None,
                     line: line_no,
                     seq,
                     reason,
@@ -202,8 +213,7 @@ pub(super) fn scan(bytes: &[u8]) -> Scan {
 /// Errors only when the file cannot be read; a broken chain is reported in
 /// [`VerifyReport::first_broken`].
 pub fn verify(path: &Path) -> Result<VerifyReport, AuditError> {
-    let path = log_path(path);
-    Ok(scan(&read_all(&path)?).report)
+    Ok(read_log(path)?.verify())
 }
 
 /// Verifies the chain of a log held in memory (what [`verify`] does after

@@ -11,7 +11,9 @@
 //! [`docs/decision-log.md`](../../../docs/decision-log.md) (the recipe there
 //! is executed by this module's tests). The parts: the record model
 //! ([`record`]), its canonical encoding ([`canonical`]), chain verification
-//! ([`chain`]), reading records back ([`read`]) and the writer ([`writer`]).
+//! ([`chain`]), the log's files — the active one and the closed, compressed
+//! segments the chain runs on through ([`segments`]) — reading records back
+//! ([`read`], [`tail`]) and the writer ([`writer`]).
 //!
 //! Durability: records are rendered on the caller's thread; one writer
 //! thread adds the chained fields, writes every waiting record in one
@@ -30,12 +32,15 @@ pub mod postgres;
 mod read;
 mod record;
 pub mod replay;
+mod segments;
 pub mod tail;
 mod writer;
 
 /// How many of the newest rows [`DecisionLog::recent`] reads of a log in
 /// the database (the file's counterpart is its byte bound).
 const RECENT_ROWS: i64 = 10_000;
+#[cfg(test)]
+mod segment_tests;
 #[cfg(test)]
 mod tests;
 
@@ -50,13 +55,14 @@ use canonical::canonical;
 pub use canonical::health_name;
 use canonical::{push_attr_value, push_attributes, sha256_hex};
 pub use chain::{Broken, VerifyReport, verify, verify_bytes};
-use chain::{Tip, check_line, scan};
+use chain::{Tip, check_line, scan, scan_from};
 pub use compat::{DecisionEntry, DecisionRef, PendingRecord};
-use read::read_all;
+use read::read_file;
 pub use read::{Filter, log_path, show, show_bytes};
 pub use record::{Entry, Record};
+pub use segments::{LogBytes, read_log};
 use writer::{Append, lock, now_rfc3339};
-pub use writer::{Batch, DecisionLog, Receipt};
+pub use writer::{Batch, DecisionLog, LogOptions, Receipt};
 
 /// The log's file name inside a data directory.
 pub const FILE_NAME: &str = "decisions.jsonl";

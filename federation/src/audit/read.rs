@@ -1,5 +1,5 @@
-//! Reading records back: where a data directory keeps its log, the whole
-//! file, and the records a [`Filter`] selects.
+//! Reading records back: where a data directory keeps its log, and the
+//! records a [`Filter`] selects (across its segments, [`super::segments`]).
 
 use std::path::{Path, PathBuf};
 
@@ -17,7 +17,8 @@ pub fn log_path(path: &Path) -> PathBuf {
     }
 }
 
-pub(super) fn read_all(path: &Path) -> Result<Vec<u8>, AuditError> {
+/// One file's bytes (the active file; [`super::read_log`] reads them all).
+pub(super) fn read_file(path: &Path) -> Result<Vec<u8>, AuditError> {
     std::fs::read(path).map_err(|source| AuditError::Io {
         path: path.to_path_buf(),
         source,
@@ -62,8 +63,8 @@ impl Filter {
 /// that is not a record is an error naming it. A torn last line is skipped.
 pub fn show(path: &Path, filter: &Filter) -> Result<Vec<Record>, AuditError> {
     let path = log_path(path);
-    let bytes = read_all(&path)?;
-    show_bytes(&path, &bytes, filter)
+    let log = super::read_log(&path)?;
+    show_bytes(&path, &log.bytes, filter)
 }
 
 /// [`show`] of a log held in memory (`path` names it in errors): what

@@ -1,9 +1,11 @@
 //! Reading part of the decision log without reading (or parsing) the whole
-//! file: the newest records that match ([`recent`], read backwards from the
-//! end in blocks of [`BLOCK`] bytes), and the record of one task near a time
-//! ([`first_of_task`], found by bisecting the file on `unix_ms`). For the
-//! status page (every few seconds) and `GetTask`, whose cost must not grow
-//! with the log.
+//! log: the newest records that match ([`recent`], read backwards from the
+//! end of the active file in blocks of [`BLOCK`] bytes, then into the closed
+//! segments), the same with the lines read checked (`list_visit`, for
+//! `ListDecisions`), and the record of one task near a time
+//! ([`first_of_task`], found by bisecting the segments, then the active
+//! file, on `unix_ms`). For the status page (every few seconds),
+//! `ListDecisions` and `GetTask`, whose cost must not grow with the log.
 //!
 //! A torn last line (no newline) is skipped as [`super::show`] skips it; a
 //! line that does not parse is skipped here (display only: `audit verify`
@@ -13,7 +15,7 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
-use super::{AuditError, Filter, Record, log_path};
+use super::{AuditError, Filter, Record, log_path, segments};
 
 /// Bytes read per step backwards.
 const BLOCK: u64 = 64 * 1024;
@@ -21,19 +23,64 @@ const BLOCK: u64 = 64 * 1024;
 /// Newest first: calls `visit` with each complete line from the end of the
 /// log at `path` until it returns `false`, the file's start, or `max_bytes`
 /// read. A missing file has no lines.
-fn each_line_backwards(
+pub(super) fn each_line_backwards(
     path: &Path,
     max_bytes: u64,
     mut visit: impl FnMut(&[u8]) -> bool,
 ) -> Result<(), AuditError> {
     let path = log_path(path);
+    let Some(read) = file_lines_backwards(&path, max_bytes, &mut visit)? else {
+        return Ok(());
+    };
+    // The active file is read whole: go on into the closed segments,
+    // newest first, within what is left of `max_bytes`.
+    let mut budget = max_bytes.saturating_sub(read);
+    for c in segments::closed(&path)?.iter().rev() {
+        if budget == 0 {
+            break;
+        }
+        let bytes = segments::read_closed(c)?;
+        let whole = bytes.strip_suffix(b"\n").unwrap_or(&bytes);
+        let take = usize::try_from(budget)
+            .unwrap_or(usize::MAX)
+            .min(bytes.len());
+        let start = bytes.len() - take;
+        budget -= take as u64;
+        let mut rest = &whole[start.min(whole.len())..];
+        loop {
+            let (line, before) = match rest.iter().rposition(|&b| b == b'\n') {
+                Some(nl) => (&rest[nl + 1..], Some(&rest[..nl])),
+                // The segment's first line, when read from its start.
+                None if start == 0 => (rest, None),
+                None => break,
+            };
+            if !line.is_empty() && !visit(line) {
+                return Ok(());
+            }
+            match before {
+                Some(b) => rest = b,
+                None => break,
+            }
+        }
+    }
+    Ok(())
+}
+
+/// [`each_line_backwards`] in one file; `None` when `visit` had enough (or
+/// `max_bytes` ran out first), else how many bytes it read (the whole file).
+fn file_lines_backwards(
+    path: &Path,
+    max_bytes: u64,
+    visit: &mut impl FnMut(&[u8]) -> bool,
+) -> Result<Option<u64>, AuditError> {
+    let path = path.to_path_buf();
     let io = |source| AuditError::Io {
         path: path.clone(),
         source,
     };
     let mut file = match File::open(&path) {
         Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Some(0)),
         Err(e) => return Err(io(e)),
     };
     let len = file.seek(SeekFrom::End(0)).map_err(io)?;
@@ -56,7 +103,7 @@ fn each_line_backwards(
             if torn {
                 torn = false;
             } else if !line.is_empty() && !visit(line) {
-                return Ok(());
+                return Ok(None);
             }
             rest = &rest[..nl];
         }
@@ -64,10 +111,10 @@ fn each_line_backwards(
         end = start;
     }
     // The file's first line (no newline before it), when fully read.
-    if floor == 0 && !torn && !carry.is_empty() {
-        visit(&carry);
+    if floor == 0 && !torn && !carry.is_empty() && !visit(&carry) {
+        return Ok(None);
     }
-    Ok(())
+    Ok((floor == 0).then_some(len))
 }
 
 /// The newest `limit` records of the log at `path` that match `filter`,
@@ -94,6 +141,57 @@ pub fn recent(
     Ok(out)
 }
 
+/// What [`super::DecisionLog::list`] found at the end of the log.
+#[derive(Debug, Clone, Default)]
+pub struct Listed {
+    /// The newest records that matched (at most the limit), oldest first.
+    pub records: Vec<Record>,
+    /// Records read from the end (newest first) until the limit was met.
+    pub read: u64,
+    /// Seq and hash of the newest record (0 and 64 zeros when empty).
+    pub head: (u64, String),
+    /// The first record (newest first) whose hash or link to the record
+    /// after it does not verify, as `seq N: why`.
+    pub broken: Option<String>,
+}
+
+/// Checks lines given newest first, as [`each_line_backwards`] gives them:
+/// each line's hash and its link to the line after it; collects what
+/// `filter` accepts up to `limit`. Returns `false` when done.
+pub(super) fn list_visit(
+    out: &mut Listed,
+    newer: &mut Option<(u64, String)>,
+    filter: &Filter,
+    limit: usize,
+    line: &[u8],
+) -> bool {
+    out.read += 1;
+    let record = match super::check_line(line) {
+        Ok(r) => r,
+        Err((seq, reason)) => {
+            let seq = seq.map_or_else(|| "?".to_string(), |s| s.to_string());
+            out.broken = Some(format!("seq {seq}: {reason}"));
+            return false;
+        }
+    };
+    match newer.as_ref() {
+        None => out.head = (record.seq, record.hash.clone()),
+        Some((seq, prev)) if *seq == record.seq + 1 && *prev == record.hash => {}
+        Some((seq, _)) => {
+            out.broken = Some(format!(
+                "seq {seq}: does not follow seq {} (a record was inserted, deleted or replaced)",
+                record.seq
+            ));
+            return false;
+        }
+    }
+    *newer = Some((record.seq, record.prev_hash.clone()));
+    if filter.matches(&record) {
+        out.records.push(record);
+    }
+    out.records.len() < limit
+}
+
 /// The first record of `task_id` that `keep` accepts among the records
 /// appended from `from_unix_ms` to `to_unix_ms` (for a task's decision: from
 /// a little before its creation, since the record is appended when the task
@@ -110,6 +208,78 @@ pub fn first_of_task(
     mut keep: impl FnMut(&Record) -> bool,
 ) -> Result<Option<Record>, AuditError> {
     let path = log_path(path);
+    let closed = segments::closed(&path)?;
+    // The active file holds the window when its first record is not after
+    // the window's start (or there are no closed segments).
+    let active_first = first_time_of_file(&path)?;
+    if closed.is_empty() || active_first.is_some_and(|ms| ms <= from_unix_ms) {
+        return first_in_file(&path, task_id, from_unix_ms, to_unix_ms, &mut keep);
+    }
+    // Bisect the closed segments on their first record's time: start in the
+    // last one that begins before the window, then read forwards.
+    let (mut lo, mut hi) = (0usize, closed.len());
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        let bytes = segments::read_closed(&closed[mid])?;
+        let first = bytes.split(|&b| b == b'\n').next().unwrap_or_default();
+        match unix_ms_of(&String::from_utf8_lossy(first)) {
+            Some(ms) if ms < from_unix_ms => lo = mid,
+            _ => hi = mid,
+        }
+    }
+    let needle = format!("\"task_id\":\"{task_id}\"");
+    for c in &closed[lo..] {
+        let bytes = segments::read_closed(c)?;
+        for line in bytes.split(|&b| b == b'\n') {
+            let text = String::from_utf8_lossy(line);
+            match unix_ms_of(&text) {
+                Some(ms) if ms > to_unix_ms => return Ok(None),
+                Some(ms) if ms < from_unix_ms => continue,
+                _ => {}
+            }
+            if text.contains(&needle) {
+                if let Ok(r) = serde_json::from_str::<Record>(&text) {
+                    if r.entry.task_id.as_deref() == Some(task_id) && keep(&r) {
+                        return Ok(Some(r));
+                    }
+                }
+            }
+        }
+    }
+    first_in_file(&path, task_id, from_unix_ms, to_unix_ms, &mut keep)
+}
+
+/// The `unix_ms` of a file's first line (`None` when it is empty or absent).
+fn first_time_of_file(path: &Path) -> Result<Option<i64>, AuditError> {
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(AuditError::Io {
+                path: path.to_path_buf(),
+                source,
+            });
+        }
+    };
+    let mut line = Vec::new();
+    std::io::BufRead::read_until(&mut std::io::BufReader::new(file), b'\n', &mut line).map_err(
+        |source| AuditError::Io {
+            path: path.to_path_buf(),
+            source,
+        },
+    )?;
+    Ok(unix_ms_of(&String::from_utf8_lossy(&line)))
+}
+
+/// [`first_of_task`] in the active file, bisecting it on time.
+fn first_in_file(
+    path: &Path,
+    task_id: &str,
+    from_unix_ms: i64,
+    to_unix_ms: i64,
+    keep: &mut impl FnMut(&Record) -> bool,
+) -> Result<Option<Record>, AuditError> {
+    let path = path.to_path_buf();
     let io = |source| AuditError::Io {
         path: path.clone(),
         source,

@@ -13,8 +13,29 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     AuditError, Entry, FILE_NAME, Filter, MAX_BATCH, Prepared, RECENT_ROWS, Record, Tip,
-    check_line, postgres, read_all, scan, tail,
+    check_line, postgres, read_file, scan_from, segments, tail,
 };
+
+/// How a file-backed log is kept (`node.store.log_segment_bytes`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogOptions {
+    /// The active file is closed as a segment (then compressed) once a
+    /// write takes it to this many bytes.
+    pub segment_bytes: u64,
+}
+
+impl LogOptions {
+    /// 16 MiB: about 9,000 route records per segment.
+    pub const DEFAULT_SEGMENT_BYTES: u64 = 16 * 1024 * 1024;
+}
+
+impl Default for LogOptions {
+    fn default() -> Self {
+        Self {
+            segment_bytes: Self::DEFAULT_SEGMENT_BYTES,
+        }
+    }
+}
 
 /// What [`DecisionLog::append`] takes: records to write as consecutive
 /// lines of one write and one sync. A single [`Prepared`] or [`Entry`] is a
@@ -139,11 +160,20 @@ pub(super) fn lock(tip: &Mutex<Tip>) -> MutexGuard<'_, Tip> {
 }
 
 impl DecisionLog {
-    /// Opens (creating if needed) `<dir>/decisions.jsonl` for `region`,
-    /// verifying the whole chain and continuing it. A torn last line (a
-    /// partial write from a crash) is truncated with a warning; any other
-    /// damage refuses to open with [`AuditError::Broken`] naming the line.
+    /// Opens (creating if needed) `<dir>/decisions.jsonl` for `region`
+    /// with [`LogOptions::default`].
     pub fn open(dir: &Path, region: &str) -> Result<Self, AuditError> {
+        Self::open_with(dir, region, LogOptions::default())
+    }
+
+    /// Opens (creating if needed) `<dir>/decisions.jsonl` for `region`,
+    /// verifying the active file and continuing the chain from the last
+    /// closed segment's last record (`audit verify` checks the closed
+    /// segments; they are never written again). A torn last line (a partial
+    /// write from a crash) is truncated with a warning; any other damage
+    /// refuses to open with [`AuditError::Broken`] naming the file and line.
+    /// What a crash during a rotation left is finished first.
+    pub fn open_with(dir: &Path, region: &str, options: LogOptions) -> Result<Self, AuditError> {
         std::fs::create_dir_all(dir).map_err(|source| AuditError::Io {
             path: dir.to_path_buf(),
             source,
@@ -153,14 +183,18 @@ impl DecisionLog {
             path: path.clone(),
             source,
         };
+        let to_compress = segments::recover(&path)?;
+        let closed = segments::closed(&path)?;
+        let start = segments::closed_tip(&closed)?;
+        let next_segment = closed.last().map_or(1, |c| c.number + 1);
         let mut file = OpenOptions::new()
             .create(true)
             .read(true)
             .append(true)
             .open(&path)
             .map_err(io)?;
-        let bytes = read_all(&path)?;
-        let scan = scan(&bytes);
+        let bytes = read_file(&path)?;
+        let scan = scan_from(&bytes, start);
         if let Some(b) = scan.report.first_broken {
             return Err(AuditError::Broken {
                 path,
@@ -193,6 +227,11 @@ impl DecisionLog {
             }
             file.sync_all().map_err(io)?;
         }
+        let segmenting = Segmenting {
+            limit: options.segment_bytes.max(1),
+            next: next_segment,
+            to_compress,
+        };
         let tip = Arc::new(Mutex::new(tip));
         let (tx, rx) = mpsc::unbounded_channel();
         // 100 µs to ~13 s; the metrics module exposes it (this module does
@@ -207,7 +246,7 @@ impl DecisionLog {
             let seconds = append_seconds.clone();
             std::thread::Builder::new()
                 .name("decision-log-writer".into())
-                .spawn(move || writer_loop(file, &path, &region, &tip, rx, &seconds))
+                .spawn(move || writer_loop(file, &path, &region, &tip, rx, &seconds, segmenting))
                 .map_err(io)?
         };
         Ok(Self {
@@ -306,7 +345,7 @@ impl DecisionLog {
     /// Blocking: call it off the async workers.
     pub fn read_all(&self) -> Result<Vec<u8>, AuditError> {
         match &self.inner.pg {
-            None => read_all(&self.inner.path),
+            None => segments::read_log(&self.inner.path).map(|l| l.bytes),
             Some(pg) => {
                 let (db, region) = (pg.clone(), self.inner.region.clone());
                 pg.block(async move { postgres::export(&db, &region).await })
@@ -338,6 +377,57 @@ impl DecisionLog {
             .take(limit)
             .collect();
         out.reverse();
+        Ok(out)
+    }
+
+    /// The newest `limit` records `filter` accepts, oldest first, read
+    /// backwards from the end (at most `max_bytes` of the files, or the
+    /// newest `RECENT_ROWS` rows of the database) until `limit` is met; the
+    /// lines read are checked (hash and link), not the whole log (the file's
+    /// is checked at open and by `audit verify`). For `ListDecisions`.
+    /// Blocking: call it off the async workers.
+    pub fn list(
+        &self,
+        filter: &Filter,
+        limit: usize,
+        max_bytes: u64,
+    ) -> Result<tail::Listed, AuditError> {
+        let mut out = tail::Listed {
+            head: (0, super::GENESIS_HASH.to_string()),
+            ..tail::Listed::default()
+        };
+        let mut newer = None;
+        let tip = self.last();
+        match &self.inner.pg {
+            None => tail::each_line_backwards(&self.inner.path, max_bytes, |line| {
+                tail::list_visit(&mut out, &mut newer, filter, limit.max(1), line)
+            })?,
+            Some(pg) => {
+                let (db, region) = (pg.clone(), self.inner.region.clone());
+                let lines = pg
+                    .block(async move { postgres::newest(&db, &region, RECENT_ROWS).await })
+                    .map_err(|e| self.unreadable(&e))?;
+                for line in &lines {
+                    if !tail::list_visit(
+                        &mut out,
+                        &mut newer,
+                        filter,
+                        limit.max(1),
+                        line.as_bytes(),
+                    ) {
+                        break;
+                    }
+                }
+            }
+        }
+        out.records.truncate(limit);
+        out.records.reverse();
+        if out.broken.is_none() && out.head.0 < tip.0 {
+            out.broken = Some(format!(
+                "the log ends at seq {} but this controller appended up to seq {}: records were removed from its end",
+                out.head.0, tip.0
+            ));
+        }
         Ok(out)
     }
 
@@ -431,6 +521,30 @@ pub(super) fn now_rfc3339() -> (String, i64) {
     (humantime::format_rfc3339_millis(at).to_string(), ms)
 }
 
+/// How the writer closes segments: past `limit` bytes the active file
+/// becomes segment `next`; `to_compress` are closed segments not yet
+/// compressed (left by a crash).
+struct Segmenting {
+    limit: u64,
+    next: u64,
+    to_compress: Vec<segments::Closed>,
+}
+
+/// The thread that compresses closed segments, one at a time, off the
+/// append path. Ends when `rx` closes.
+fn compressor(rx: std::sync::mpsc::Receiver<segments::Closed>) {
+    while let Ok(c) = rx.recv() {
+        match segments::compress(&c) {
+            Ok(zst) => tracing::debug!(path = %zst.display(), "decision log: segment compressed"),
+            // Left uncompressed: still read as it is, and compressed at the
+            // next start.
+            Err(e) => {
+                tracing::error!(path = %c.path.display(), error = %e, "decision log: compressing a closed segment failed")
+            }
+        }
+    }
+}
+
 fn writer_loop(
     mut file: File,
     path: &Path,
@@ -438,7 +552,18 @@ fn writer_loop(
     tip: &Mutex<Tip>,
     rx: mpsc::UnboundedReceiver<Append>,
     append_seconds: &prometheus_client::metrics::histogram::Histogram,
+    mut segmenting: Segmenting,
 ) {
+    let (compress_tx, compress_rx) = std::sync::mpsc::channel::<segments::Closed>();
+    let compressing = std::thread::Builder::new()
+        .name("decision-log-compress".into())
+        .spawn(move || compressor(compress_rx));
+    if let Err(e) = &compressing {
+        tracing::error!(path = %path.display(), error = %e, "decision log: no thread to compress closed segments; they stay uncompressed");
+    }
+    for c in std::mem::take(&mut segmenting.to_compress) {
+        let _ = compress_tx.send(c);
+    }
     // After a failed write that could not be undone the file may hold a
     // partial line; appending after it would break the chain, so stop.
     let mut poisoned: Option<String> = None;
@@ -503,6 +628,32 @@ fn writer_loop(
                 for (r, seq) in pending {
                     let _ = r.send(Ok(seq.unwrap_or(next.seq)));
                 }
+                // Rotate after answering: the records are durable in the
+                // active file whatever happens next.
+                let full = file.metadata().is_ok_and(|m| m.len() >= segmenting.limit);
+                if full && poisoned.is_none() {
+                    match segments::rotate(path, segmenting.next) {
+                        Ok((active, closed)) => {
+                            file = active;
+                            segmenting.next += 1;
+                            tracing::info!(segment = %closed.path.display(), seq = next.seq, "decision log: segment closed");
+                            let _ = compress_tx.send(closed);
+                        }
+                        Err(e) if path.exists() => {
+                            // The rename did not happen: keep appending to
+                            // the active file, and try again after the next write.
+                            tracing::error!(path = %path.display(), error = %e, "decision log: closing a segment failed");
+                        }
+                        Err(e) => {
+                            let why = format!(
+                                "{}: closing a segment renamed the active file but could not start a new one ({e}); reopen the log",
+                                path.display()
+                            );
+                            tracing::error!("{why}");
+                            poisoned = Some(why);
+                        }
+                    }
+                }
             }
             Err(e) => {
                 tracing::error!(path = %path.display(), error = %e, "decision log append failed");
@@ -510,6 +661,12 @@ fn writer_loop(
                     let _ = r.send(Err(AuditError::Write(e.to_string())));
                 }
             }
+        }
+    }
+    drop(compress_tx);
+    if let Ok(h) = compressing {
+        if h.join().is_err() {
+            tracing::error!(path = %path.display(), "decision log compressor panicked");
         }
     }
 }

@@ -607,19 +607,20 @@ fn verify(
             )),
             None => anchors.push(AnchorResult::unchecked(source, "no head row".into())),
         }
-        (db.bytes, Some(db.region))
+        (audit::LogBytes::from(db.bytes), Some(db.region))
     } else {
         let path = audit::log_path(dir);
-        let bytes = match std::fs::read(&path)
+        let log = match audit::read_log(&path)
             .with_context(|| format!("cannot read the decision log {}", path.display()))
         {
-            Ok(b) => b,
+            Ok(l) => l,
             Err(e) => return super::fail(&e, 2),
         };
-        let region = region.or_else(|| region_of(&bytes));
-        (bytes, region)
+        let region = region.or_else(|| region_of(&log.bytes));
+        (log, region)
     };
-    let report = audit::verify_bytes(&bytes);
+    let report = bytes.verify();
+    let bytes = bytes.bytes;
     if dir.is_dir() {
         let store = dir.join("tasks.redb");
         match crate::tasks::read_log_head(dir) {
@@ -681,7 +682,14 @@ fn verify(
         ),
         Some(b) => {
             let seq = b.seq.map_or_else(|| "?".to_string(), |s| s.to_string());
-            super::output::say!("broken at line {} (seq {seq}): {}", b.line, b.reason);
+            match &b.file {
+                Some(file) => super::output::say!(
+                    "broken at line {} of {file} (seq {seq}): {}",
+                    b.line,
+                    b.reason
+                ),
+                None => super::output::say!("broken at line {} (seq {seq}): {}", b.line, b.reason),
+            }
         }
     }
     for a in &anchors {

@@ -301,6 +301,10 @@ pub struct StoreSpec {
     pub url: Option<String>,
     /// Connections to the database this controller keeps at most.
     pub pool_size: usize,
+    /// Backend `redb`: the decision log's active file is closed as a
+    /// segment (then zstd-compressed) once it reaches this many bytes
+    /// (`audit::LogOptions`; default 16 MiB).
+    pub log_segment_bytes: u64,
 }
 
 impl Default for StoreSpec {
@@ -309,6 +313,7 @@ impl Default for StoreSpec {
             backend: StoreBackend::Redb,
             url: None,
             pool_size: 8,
+            log_segment_bytes: 16 * 1024 * 1024,
         }
     }
 }
