@@ -36,6 +36,7 @@ pub mod routing;
 pub mod runtime;
 pub mod sandbox;
 pub mod service;
+pub mod settings;
 pub mod status_view;
 pub mod task_decision;
 pub mod tasks;
