@@ -17,16 +17,17 @@ use crate::cluster::{Cluster, ClusterParts};
 use crate::config::{Limits, Timers};
 use crate::federation_status::FederationStatus;
 use crate::gossip::{Gossip, GossipParts};
+use crate::leasing::Leasing;
 use crate::live_policy::LivePolicy;
 use crate::local_tasks::LocalTasks;
 use crate::membership::Membership;
 use crate::metrics::Metrics;
 use crate::peers::Peers;
 use crate::policy::Policy;
+use crate::relay::Relay;
 use crate::reload::Reloader;
 use crate::replication::{Replication, Replicator};
 use crate::routing::{Router, RouterParts};
-use crate::service::relay::Relay;
 use crate::tasks::TaskStore;
 use crate::transport::Channels;
 
@@ -53,6 +54,7 @@ pub struct Node {
     tasks: Arc<LocalTasks>,
     status: Arc<FederationStatus>,
     reloader: Arc<Reloader>,
+    leasing: Arc<Leasing>,
     health: tonic_health::server::HealthReporter,
     server_tls: Option<federation_tls::ServerTls>,
     auth: Arc<crate::auth::Auth>,
@@ -154,6 +156,11 @@ impl Node {
     /// Policy reloads.
     pub fn reloader(&self) -> &Arc<Reloader> {
         &self.reloader
+    }
+
+    /// Agents' registrations and leases.
+    pub fn leasing(&self) -> &Arc<Leasing> {
+        &self.leasing
     }
 
     /// The `grpc.health.v1` statuses (NOT_SERVING until ready, see
@@ -405,6 +412,13 @@ pub async fn open(settings: Settings) -> anyhow::Result<Arc<Node>> {
         log.clone(),
         settings.config_path,
     ));
+    let leasing = Arc::new(Leasing::new(
+        cluster.clone(),
+        store.clone(),
+        replication.clone(),
+        settings.timers.clone(),
+        settings.limits.clone(),
+    ));
     Ok(Arc::new(Node {
         timers: settings.timers,
         limits: settings.limits,
@@ -423,6 +437,7 @@ pub async fn open(settings: Settings) -> anyhow::Result<Arc<Node>> {
         tasks,
         status,
         reloader,
+        leasing,
         health,
         server_tls,
         auth,
