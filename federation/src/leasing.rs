@@ -98,7 +98,7 @@ impl Leasing {
             owner,
             name,
             slots: req.slots,
-            registered_unix_ms: crate::tasks::now_unix_ms(),
+            registered_unix_ms: crate::clock::now_unix_ms(),
         };
         // Durable before the agent can lease under the id: after a restart
         // the controller still knows whose leases these are.
@@ -165,7 +165,7 @@ impl Leasing {
             // The start-up fence: tasks from before a restart wait until the
             // backups could tell us which of them they took over.
             let skip = self.replication.takeover.lease_skip();
-            let fenced = skip.is_some();
+            let held_back = skip.is_some();
             let tasks = self
                 .store
                 .lease_except(&req.agent_id, max, self.timers.lease_ttl, skip)
@@ -194,8 +194,8 @@ impl Leasing {
             if now >= until || self.cluster.draining() {
                 break;
             }
-            if fenced {
-                // Queued tasks may all be fenced: poll instead of spinning.
+            if held_back {
+                // Queued tasks may all be held back: poll instead of spinning.
                 tokio::time::sleep((until - now).min(Duration::from_millis(100))).await;
             } else {
                 self.store.wait_for_queued(until - now).await;

@@ -436,7 +436,7 @@ async fn discovery_loop(node: Arc<Node>, mut stop: tokio::sync::watch::Receiver<
 /// name claimed and takes or renews the region's leadership for
 /// `dead_after` (so a new leader is elected within about `dead_after` of
 /// the leader's death); the region's singleton work (lease expiry) runs
-/// only while it leads, fenced by its token in the database.
+/// only while it leads, its leadership token checked in the database.
 async fn leader_loop(node: Arc<Node>, mut stop: tokio::sync::watch::Receiver<bool>) {
     let mut ticker = tokio::time::interval(
         node.timers()
@@ -499,7 +499,7 @@ async fn reap_loop(node: Arc<Node>, mut stop: tokio::sync::watch::Receiver<bool>
             return;
         }
         let expired = if node.store().is_postgres() {
-            // Lease expiry is the leader's, fenced by its token.
+            // Lease expiry is the leader's, its leadership token checked.
             match node.cluster().leader_token() {
                 Some(token) => {
                     node.store()
