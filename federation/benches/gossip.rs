@@ -25,9 +25,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use federation::config::{Limits, Timers};
+use federation::config::Timers;
 use federation::controller::{self, Node, Settings};
-use federation::policy::{Health, Policy};
+use federation::policy::Health;
 
 fn policy_yaml(n: usize) -> String {
     let mut s = String::from("federation:\n  name: \"Gossip bench\"\n  regions:\n");
@@ -80,23 +80,10 @@ fn start(
     config: &std::path::Path,
     dir: &std::path::Path,
 ) -> Running {
-    let policy = Policy::load_file(config).expect("policy");
     let addr = listener.local_addr().expect("addr");
-    let settings = Settings {
-        region: name(i),
-        policy,
-        data_dir: dir.join(name(i)),
-        peers,
-        advertise_endpoint: format!("http://{addr}"),
-        timers: Timers::default(),
-        limits: Limits::default(),
-        config_path: config.to_path_buf(),
-        keys: None,
-        tls: None,
-        tokens: Default::default(),
-        store: Default::default(),
-        replica: name(i),
-    };
+    let mut settings =
+        Settings::for_test(&name(i), config, &dir.join(name(i)), addr).expect("settings");
+    settings.peers = peers;
     let (node_tx, node_rx) = std::sync::mpsc::channel();
     let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
     let thread = std::thread::Builder::new()

@@ -22,9 +22,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use federation::config::{Limits, Timers};
+use federation::config::Timers;
 use federation::controller::Settings;
-use federation::policy::Policy;
 use federation_api as api;
 use federation_sandbox::{SandboxBuilder, string_attrs};
 use tokio::net::TcpListener;
@@ -187,26 +186,13 @@ async fn controller(
 ) {
     let config = dir.join("federation.yaml");
     std::fs::write(&config, SEED).expect("policy file");
-    let policy = Policy::load_file(&config).expect("policy");
     let addr = listener.local_addr().expect("addr");
-    let settings = Settings {
-        region: region.into(),
-        policy,
-        data_dir: dir.join(region),
-        peers: peers
-            .iter()
-            .map(|(r, a)| (r.to_string(), format!("http://{a}")))
-            .collect(),
-        advertise_endpoint: format!("http://{addr}"),
-        timers: Timers::default(),
-        limits: Limits::default(),
-        config_path: config,
-        keys: None,
-        tls: None,
-        tokens: Default::default(),
-        store: Default::default(),
-        replica: region.into(),
-    };
+    let mut settings =
+        Settings::for_test(region, &config, &dir.join(region), addr).expect("settings");
+    settings.peers = peers
+        .iter()
+        .map(|(r, a)| (r.to_string(), format!("http://{a}")))
+        .collect();
     tokio::spawn(async move {
         federation::runtime::run(settings, listener, std::future::pending())
             .await

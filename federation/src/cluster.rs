@@ -41,9 +41,11 @@ pub struct Cluster {
     advertise_endpoint: String,
     sequence: AtomicU64,
     draining: AtomicBool,
-    /// The fencing token while this controller leads its region (the
-    /// database backend elects one; the embedded store's controller always
-    /// leads), -1 while another replica does.
+    /// The leadership token while this controller leads its region (the
+    /// database backend elects one and checks the token in every leader's
+    /// transaction; the embedded store's controller always leads), -1
+    /// while another replica does. Not the start-up lease fence
+    /// (`replication::takeover`), which holds back tasks after a restart.
     leader: AtomicI64,
 }
 
@@ -123,7 +125,7 @@ impl Cluster {
         self.policy.replace(policy);
     }
 
-    /// The fencing token while this controller leads its region.
+    /// The leadership token while this controller leads its region.
     pub fn leader_token(&self) -> Option<i64> {
         let t = self.leader.load(Ordering::SeqCst);
         (t >= 0).then_some(t)

@@ -4,8 +4,7 @@
 //! them from [`Settings`], each given just the components it uses. Running
 //! it (services, loops, shutdown) is [`crate::runtime`].
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,61 +17,21 @@ use crate::cluster::{Cluster, ClusterParts};
 use crate::config::{Limits, Timers};
 use crate::federation_status::FederationStatus;
 use crate::gossip::{Gossip, GossipParts};
+use crate::leasing::Leasing;
 use crate::live_policy::LivePolicy;
 use crate::local_tasks::LocalTasks;
 use crate::membership::Membership;
 use crate::metrics::Metrics;
 use crate::peers::Peers;
 use crate::policy::Policy;
+use crate::relay::Relay;
 use crate::reload::Reloader;
 use crate::replication::{Replication, Replicator};
 use crate::routing::{Router, RouterParts};
-use crate::service::relay::Relay;
 use crate::tasks::TaskStore;
 use crate::transport::Channels;
 
-/// Everything needed to start a controller.
-#[derive(Debug, Clone)]
-pub struct Settings {
-    /// The region this controller serves.
-    pub region: String,
-    /// The validated policy.
-    pub policy: Policy,
-    /// Where the store and the decision log live.
-    pub data_dir: PathBuf,
-    /// Peer endpoint overrides by region.
-    pub peers: BTreeMap<String, String>,
-    /// The endpoint peers should use to reach us (advertised).
-    pub advertise_endpoint: String,
-    /// Timers.
-    pub timers: Timers,
-    /// Input limits.
-    pub limits: Limits,
-    /// The federation file, re-read by a reload without content.
-    pub config_path: PathBuf,
-    /// The snapshot key ring; without one, replication is off.
-    pub keys: Option<crate::replication::KeyRing>,
-    /// Mutual TLS; `None` only with `--insecure` (plaintext).
-    pub tls: Option<TlsSettings>,
-    /// Bearer tokens (file `node.tls.tokens_file`).
-    pub tokens: crate::auth::Tokens,
-    /// Where the task store and the decision log live (`node.store`): the
-    /// data directory's files, or the region's PostgreSQL database.
-    pub store: crate::config::StoreSpec,
-    /// This controller's name within its region (`node.replica`).
-    pub replica: String,
-}
-
-/// TLS of one controller (from `node.tls`).
-#[derive(Debug, Clone)]
-pub struct TlsSettings {
-    /// CA, certificate and key files.
-    pub files: federation_tls::TlsFiles,
-    /// The federation's trust domain ([`federation_tls::identity::slug`] of its name).
-    pub federation: String,
-    /// Keep only advertised tags the peer's certificate attests.
-    pub attest_tags: bool,
-}
+pub use crate::settings::{Settings, TlsSettings};
 
 /// One region's controller: its components, each shared by the services
 /// and loops that use it. No behaviour of its own.
@@ -95,9 +54,11 @@ pub struct Node {
     tasks: Arc<LocalTasks>,
     status: Arc<FederationStatus>,
     reloader: Arc<Reloader>,
+    leasing: Arc<Leasing>,
     health: tonic_health::server::HealthReporter,
     server_tls: Option<federation_tls::ServerTls>,
     auth: Arc<crate::auth::Auth>,
+    discoverer: Option<crate::discovery::Discoverer>,
 }
 
 impl Node {
@@ -197,6 +158,11 @@ impl Node {
         &self.reloader
     }
 
+    /// Agents' registrations and leases.
+    pub fn leasing(&self) -> &Arc<Leasing> {
+        &self.leasing
+    }
+
     /// The `grpc.health.v1` statuses (NOT_SERVING until ready, see
     /// `runtime`), served on the main port and the optional plaintext
     /// health port.
@@ -212,6 +178,11 @@ impl Node {
     /// Who may call what.
     pub fn auth(&self) -> &Arc<crate::auth::Auth> {
         &self.auth
+    }
+
+    /// DNS SRV peer discovery (`node.discovery`), when configured.
+    pub fn discoverer(&self) -> Option<&crate::discovery::Discoverer> {
+        self.discoverer.as_ref()
     }
 }
 
@@ -257,6 +228,16 @@ pub async fn open(settings: Settings) -> anyhow::Result<Arc<Node>> {
                 .join(", ")
         );
     }
+    let discoverer = match settings.discovery.clone() {
+        Some(spec) => {
+            let name = spec.dns_srv.clone();
+            Some(
+                crate::discovery::Discoverer::new(spec)
+                    .with_context(|| format!("dns srv discovery of {name}"))?,
+            )
+        }
+        None => None,
+    };
     let epoch = next_epoch(&settings.data_dir)?;
     let (store, log) = open_store(&settings)?;
     if let TaskStore::Postgres(s) = &store {
@@ -431,6 +412,13 @@ pub async fn open(settings: Settings) -> anyhow::Result<Arc<Node>> {
         log.clone(),
         settings.config_path,
     ));
+    let leasing = Arc::new(Leasing::new(
+        cluster.clone(),
+        store.clone(),
+        replication.clone(),
+        settings.timers.clone(),
+        settings.limits.clone(),
+    ));
     Ok(Arc::new(Node {
         timers: settings.timers,
         limits: settings.limits,
@@ -449,9 +437,11 @@ pub async fn open(settings: Settings) -> anyhow::Result<Arc<Node>> {
         tasks,
         status,
         reloader,
+        leasing,
         health,
         server_tls,
         auth,
+        discoverer,
     }))
 }
 

@@ -177,6 +177,71 @@ impl Reloader {
             error: String::new(),
         }
     }
+
+    /// Re-reads the federation file (and its approvals file) every `every` and
+    /// reloads the policy when their bytes changed (a mounted ConfigMap is replaced atomically, so a read
+    /// sees the old or the new file whole). A refused policy is logged once per
+    /// content; the old one keeps routing. Ends at shutdown.
+    pub async fn poll_loop(
+        self: Arc<Self>,
+        every: std::time::Duration,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let path = self.config_path.clone();
+        // The approvals file too: approvals added after the file changed (the
+        // usual order) must trigger the reload the file change could not.
+        let approvals = crate::approvals::approvals_path(&path);
+        let mut seen_approvals = tokio::fs::read(&approvals).await.ok();
+        let mut seen = tokio::fs::read(&path).await.ok();
+        // The file may have changed between the start-up load and that read:
+        // compare what it holds now with the policy in force, once.
+        let on_disk = crate::config::load(&crate::config::Sources {
+            federation_file: path.clone(),
+            node_file: None,
+            env: None,
+        })
+        .map_err(crate::policy::LoadError::from)
+        .and_then(|l| Policy::from_loaded(&l));
+        let mut changed = match on_disk {
+            Ok(p) => p.hash != self.cluster.policy().hash,
+            Err(_) => false,
+        };
+        let mut ticker = tokio::time::interval(every);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticker.tick().await;
+        loop {
+            if std::mem::take(&mut changed) {
+                self.reload_changed(&path).await;
+            }
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            let now = match tokio::fs::read(&path).await {
+                Ok(bytes) => bytes,
+                Err(e) => {
+                    tracing::debug!(path = %path.display(), error = %e, "policy poll: file unreadable; keeping the policy");
+                    continue;
+                }
+            };
+            let now_approvals = tokio::fs::read(&approvals).await.ok();
+            if seen.as_deref() == Some(now.as_slice()) && seen_approvals == now_approvals {
+                continue;
+            }
+            seen = Some(now);
+            seen_approvals = now_approvals;
+            changed = true;
+        }
+    }
+
+    async fn reload_changed(&self, path: &std::path::Path) {
+        let r = self.reload("", "", "").await;
+        if r.applied {
+            tracing::info!(path = %path.display(), policy_hash = %r.policy_hash, "federation file changed: policy reloaded");
+        } else {
+            tracing::warn!(path = %path.display(), error = %r.error, "federation file changed: reload refused; old policy kept");
+        }
+    }
 }
 
 /// The name reload errors are reported against: the client's file name

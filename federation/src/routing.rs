@@ -22,7 +22,7 @@ use crate::audit::DecisionLog;
 use crate::audit::Prepared;
 use crate::audit::key::AuditKey;
 use crate::audit::minimise::{Kept, Scrubber};
-use crate::clock::now_unix_ms as now_ms;
+use crate::clock::now_unix_ms;
 use crate::cluster::Cluster;
 use crate::config::Limits;
 use crate::error::{Error, Result};
@@ -447,7 +447,7 @@ async fn store_local(
         KeyCheck::NotApplicable => None,
     };
     let record = render(note.as_deref());
-    let now = now_ms();
+    let now = now_unix_ms();
     let task = api::Task {
         task_id: task_id.to_string(),
         attributes: req.attributes.clone(),

@@ -21,37 +21,168 @@ use crate::transport;
 /// Longest a TLS handshake may take before the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Runs a controller on `listener` until `shutdown` resolves, then stops
-/// accepting, finishes in-flight calls (up to the shutdown grace), flushes the
-/// store and the log, and returns.
-pub async fn run(
-    settings: Settings,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
-    let node = crate::controller::open(settings).await?;
-    serve(node, listener, shutdown).await
+/// The bound listeners a controller serves on.
+#[derive(Debug)]
+pub struct Listeners {
+    /// gRPC (TLS unless insecure).
+    pub grpc: TcpListener,
+    /// Admin HTTP (`/metrics`, the status page), when wanted.
+    pub admin: Option<TcpListener>,
+    /// Plaintext `grpc.health.v1` only, for probes, when wanted.
+    pub health: Option<TcpListener>,
 }
 
-/// Serves an opened node (see [`run`]).
+impl From<TcpListener> for Listeners {
+    fn from(grpc: TcpListener) -> Self {
+        Self {
+            grpc,
+            admin: None,
+            health: None,
+        }
+    }
+}
+
+/// What the embedding process hands the runtime besides the shutdown
+/// future (`federation serve`: SIGHUP, systemd's READY=1).
+#[derive(Default)]
+pub struct Hooks {
+    /// Each message reloads the policy from the federation file.
+    pub reloads: Option<tokio::sync::mpsc::Receiver<()>>,
+    /// Called once, when the health status first turns SERVING.
+    pub on_serving: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl std::fmt::Debug for Hooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hooks")
+            .field("reloads", &self.reloads.is_some())
+            .field("on_serving", &self.on_serving.is_some())
+            .finish()
+    }
+}
+
+/// Runs a controller on `listeners` until `shutdown` resolves (see
+/// [`run_with`]).
+pub async fn run(
+    settings: Settings,
+    listeners: impl Into<Listeners>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    run_with(settings, listeners.into(), shutdown, Hooks::default()).await
+}
+
+/// Opens a controller from `settings` (recording the policy's approvals
+/// at start), then serves it ([`serve_with`]).
+pub async fn run_with(
+    settings: Settings,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    hooks: Hooks,
+) -> anyhow::Result<()> {
+    let approval = settings.approval.clone();
+    let node = crate::controller::open(settings).await?;
+    if let Some(v) = &approval {
+        let hash = node.policy().hash.clone();
+        tracing::info!(policy_hash = %hash, signed = %v.signed.join(","), missing = %v.missing.join(","), "policy approvals verified");
+        node.log()
+            .append(crate::approvals::record(&hash, v, "at start"))
+            .await
+            .context("recording the policy's approvals in the decision log")?;
+    }
+    serve_with(node, listeners, shutdown, hooks).await
+}
+
+/// Serves an opened node on `listener` (see [`serve_with`]).
 pub async fn serve(
     node: Arc<Node>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    serve_with(node, listener.into(), shutdown, Hooks::default()).await
+}
+
+/// Serves an opened node until `shutdown` resolves: spawns every loop
+/// (gossip, replication, lease reaper, leadership, readiness, DNS SRV
+/// discovery, the policy poll, the reload hook) and the optional admin HTTP
+/// and health-only ports, then shuts down in order: every port stops
+/// accepting and reports NOT_SERVING, in-flight calls get
+/// `shutdown_grace`, the loops end, the store and the log are flushed and
+/// the log's anchors persisted.
+pub async fn serve_with(
+    node: Arc<Node>,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    hooks: Hooks,
+) -> anyhow::Result<()> {
+    let Listeners {
+        grpc: listener,
+        admin,
+        health: health_listener,
+    } = listeners;
     let addr = listener.local_addr().ok();
     tracing::info!(region = %node.region(), epoch = node.cluster().epoch(), addr = %crate::logfields::list(addr), "controller serving");
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let advertiser = tokio::spawn(node.gossip().clone().advertise_loop(stop_rx.clone()));
-    let reaper = tokio::spawn(reap_loop(node.clone(), stop_rx.clone()));
+    let stopped = {
+        let stop_rx = stop_rx.clone();
+        move || {
+            let mut rx = stop_rx.clone();
+            async move {
+                let _ = rx.wait_for(|s| *s).await;
+            }
+        }
+    };
+    let mut loops = vec![
+        tokio::spawn(node.gossip().clone().advertise_loop(stop_rx.clone())),
+        tokio::spawn(reap_loop(node.clone(), stop_rx.clone())),
+        tokio::spawn(crate::replication::run(
+            node.replicator().clone(),
+            stop_rx.clone(),
+        )),
+    ];
     if node.store().is_postgres() {
-        tokio::spawn(leader_loop(node.clone(), stop_rx.clone()));
+        loops.push(tokio::spawn(leader_loop(node.clone(), stop_rx.clone())));
     }
-    let replicator = tokio::spawn(crate::replication::run(
-        node.replicator().clone(),
-        stop_rx.clone(),
-    ));
+    if node.discoverer().is_some() {
+        loops.push(tokio::spawn(discovery_loop(node.clone(), stop_rx.clone())));
+    }
+    let poll = node.timers().policy_poll;
+    if !poll.is_zero() {
+        loops.push(tokio::spawn(
+            node.reloader().clone().poll_loop(poll, stop_rx.clone()),
+        ));
+    }
+    if let Some(reloads) = hooks.reloads {
+        loops.push(tokio::spawn(reload_hook(
+            node.clone(),
+            reloads,
+            stop_rx.clone(),
+        )));
+    }
+    // Read-only ports: stopped with the rest, not waited for (a probe's
+    // health watch may stay open).
+    let mut ports = Vec::new();
+    if let Some(health) = health_listener {
+        tracing::info!(addr = %crate::logfields::list(health.local_addr().ok()), "plaintext gRPC health (probes only) serving");
+        ports.push(tokio::spawn(serve_health_only(
+            node.clone(),
+            health,
+            stopped(),
+        )));
+    }
+    if let Some(admin) = admin {
+        tracing::info!(addr = %crate::logfields::list(admin.local_addr().ok()), "admin HTTP serving /metrics and the status page");
+        let admin_node = node.clone();
+        let admin_stop = stopped();
+        ports.push(tokio::spawn(async move {
+            if let Err(e) = crate::admin_http::serve(admin_node, admin, admin_stop).await {
+                tracing::error!(error = %e, "admin HTTP server failed");
+            }
+        }));
+    }
+    if let Some(on_serving) = hooks.on_serving {
+        ports.push(tokio::spawn(when_serving(node.clone(), on_serving)));
+    }
 
     let grace = node.timers().shutdown_grace;
     let (signal_tx, signal_rx) = tokio::sync::oneshot::channel::<()>();
@@ -101,15 +232,62 @@ pub async fn serve(
     };
     let _ = stop_tx.send(true);
     let _ = readiness.await;
-    let _ = advertiser.await;
-    let _ = reaper.await;
-    let _ = replicator.await;
+    for handle in loops {
+        let _ = handle.await;
+    }
+    for port in ports {
+        port.abort();
+    }
     node.store().flush().await.context("flushing task store")?;
     node.log().flush().await.context("flushing decision log")?;
     let mut recorded = None;
     node.gossip().persist_anchors(&mut recorded).await;
     tracing::info!(region = %node.region(), "controller stopped");
     served.context("gRPC server failed")
+}
+
+/// Reloads the policy from the federation file at each message of
+/// `reloads` (SIGHUP in `federation serve`).
+async fn reload_hook(
+    node: Arc<Node>,
+    mut reloads: tokio::sync::mpsc::Receiver<()>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            got = reloads.recv() => if got.is_none() { return },
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let r = node.reloader().reload("", "", "").await;
+        if r.applied {
+            tracing::info!(policy_hash = %r.policy_hash, "SIGHUP: policy reloaded");
+        } else {
+            tracing::warn!(error = %r.error, "SIGHUP: policy reload refused; old policy kept");
+        }
+    }
+}
+
+/// Calls `then` the first time the health status (`grpc.health.v1`,
+/// overall service) turns SERVING: what probes and systemd's `Type=notify`
+/// wait for.
+async fn when_serving(node: Arc<Node>, then: Box<dyn FnOnce() + Send>) {
+    use tokio_stream::StreamExt as _;
+    use tonic_health::pb::health_server::Health as _;
+    let service = tonic_health::server::HealthService::from_health_reporter(node.health().clone());
+    let request = tonic::Request::new(tonic_health::pb::HealthCheckRequest {
+        service: String::new(),
+    });
+    let Ok(response) = service.watch(request).await else {
+        return;
+    };
+    let mut statuses = response.into_inner();
+    let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+    while let Some(Ok(update)) = statuses.next().await {
+        if update.status == serving {
+            then();
+            return;
+        }
+    }
 }
 
 /// The `grpc.health.v1` service over this node's statuses.
@@ -215,12 +393,18 @@ async fn set_health(
 }
 
 /// Re-resolves DNS SRV peers every interval and merges them (static peers
-/// keep precedence, see [`crate::peers::Peers::endpoint_of`]). Runs until the process ends.
-pub async fn discovery_loop(node: Arc<Node>, discoverer: crate::discovery::Discoverer) {
+/// keep precedence, see [`crate::peers::Peers::endpoint_of`]) until shutdown.
+async fn discovery_loop(node: Arc<Node>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let Some(discoverer) = node.discoverer() else {
+        return;
+    };
     let mut ticker = tokio::time::interval(discoverer.interval().max(Duration::from_millis(100)));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        ticker.tick().await;
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
         let policy = node.policy();
         let own = node.region().to_string();
         match discoverer
@@ -252,7 +436,7 @@ pub async fn discovery_loop(node: Arc<Node>, discoverer: crate::discovery::Disco
 /// name claimed and takes or renews the region's leadership for
 /// `dead_after` (so a new leader is elected within about `dead_after` of
 /// the leader's death); the region's singleton work (lease expiry) runs
-/// only while it leads, fenced by its token in the database.
+/// only while it leads, its leadership token checked in the database.
 async fn leader_loop(node: Arc<Node>, mut stop: tokio::sync::watch::Receiver<bool>) {
     let mut ticker = tokio::time::interval(
         node.timers()
@@ -315,7 +499,7 @@ async fn reap_loop(node: Arc<Node>, mut stop: tokio::sync::watch::Receiver<bool>
             return;
         }
         let expired = if node.store().is_postgres() {
-            // Lease expiry is the leader's, fenced by its token.
+            // Lease expiry is the leader's, its leadership token checked.
             match node.cluster().leader_token() {
                 Some(token) => {
                     node.store()
@@ -346,5 +530,147 @@ async fn reap_loop(node: Arc<Node>, mut stop: tokio::sync::watch::Receiver<bool>
                 tracing::error!(error = %e, agent_id = %agent.id, "requeueing agent's tasks failed");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use federation_api as api;
+
+    use super::*;
+
+    const SEED: &str = include_str!("../../policies/seed-federation.yaml");
+
+    fn attrs(pairs: &[(&str, &str)]) -> std::collections::HashMap<String, api::AttributeValue> {
+        pairs
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    api::AttributeValue {
+                        kind: Some(api::attribute_value::Kind::StringValue(v.to_string())),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// Starts an in-process controller of `region` on loopback; the sender
+    /// stops it, the handle returns what `run` returned.
+    async fn start(
+        region: &str,
+        dir: &std::path::Path,
+    ) -> (
+        std::net::SocketAddr,
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<anyhow::Result<()>>,
+    ) {
+        let config = dir.join("federation.yaml");
+        std::fs::write(&config, SEED).expect("policy file");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let settings =
+            Settings::for_test(region, &config, &dir.join(region), addr).expect("settings");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let running = tokio::spawn(run(settings, listener, async move {
+            let _ = stopped.await;
+        }));
+        (addr, stop, running)
+    }
+
+    async fn client(
+        addr: std::net::SocketAddr,
+    ) -> api::federation_client_client::FederationClientClient<tonic::transport::Channel> {
+        api::federation_client_client::FederationClientClient::connect(format!("http://{addr}"))
+            .await
+            .expect("connects to the bound listener")
+    }
+
+    #[tokio::test]
+    async fn an_in_process_controller_stores_routes_and_stops_in_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (addr, stop, running) = start("north_america", dir.path()).await;
+        let mut c = client(addr).await;
+        let placed = c
+            .submit_task(api::SubmitTaskRequest {
+                attributes: attrs(&[("customer_region", "US")]),
+                payload: b"echo hi".to_vec(),
+                ..Default::default()
+            })
+            .await
+            .expect("a US task is placed here")
+            .into_inner();
+        assert_eq!(placed.region, "north_america");
+        assert!(
+            placed.task_id.ends_with(".north_america"),
+            "{}",
+            placed.task_id
+        );
+        let listed = c
+            .list_tasks(api::ListTasksRequest::default())
+            .await
+            .expect("list")
+            .into_inner();
+        assert_eq!(
+            listed
+                .tasks
+                .iter()
+                .map(|t| t.task_id.as_str())
+                .collect::<Vec<_>>(),
+            [placed.task_id.as_str()]
+        );
+        let mut watch = c
+            .watch_task(api::WatchTaskRequest {
+                task_id: placed.task_id.clone(),
+            })
+            .await
+            .expect("watch")
+            .into_inner();
+        let first = watch.message().await.expect("an event").expect("first");
+        assert_eq!(
+            first.task.map(|t| t.task_id),
+            Some(placed.task_id.clone()),
+            "a watch starts with the task as it is"
+        );
+        drop(watch);
+        let got = c
+            .get_task(api::GetTaskRequest {
+                task_id: placed.task_id.clone(),
+            })
+            .await
+            .expect("get")
+            .into_inner();
+        let task = got.task.expect("task");
+        assert_eq!(task.state(), api::TaskState::Queued);
+        assert!(
+            got.decision.is_some(),
+            "the decision that placed it is found"
+        );
+
+        stop.send(()).expect("still running");
+        tokio::time::timeout(Duration::from_secs(60), running)
+            .await
+            .expect("stops within its grace")
+            .expect("joins")
+            .expect("stops cleanly");
+
+        // Flushed before `run` returned: a new run of the same directory
+        // holds the task.
+        let (addr, stop, running) = start("north_america", dir.path()).await;
+        let mut c = client(addr).await;
+        let again = c
+            .get_task(api::GetTaskRequest {
+                task_id: placed.task_id.clone(),
+            })
+            .await
+            .expect("the task survives the restart")
+            .into_inner();
+        assert_eq!(again.task.expect("task").task_id, placed.task_id);
+        stop.send(()).expect("still running");
+        tokio::time::timeout(Duration::from_secs(60), running)
+            .await
+            .expect("stops within its grace")
+            .expect("joins")
+            .expect("stops cleanly");
     }
 }

@@ -285,15 +285,12 @@ pub fn decision_json(d: &api::RouteDecision) -> Value {
     })
 }
 
-/// Human name of a task state.
-pub fn state_name(state: i32) -> &'static str {
+/// Human name of a task state: [`crate::tasks::state_name`] in lower case,
+/// `unknown` for a value this build does not know.
+pub fn state_name(state: i32) -> String {
     match api::TaskState::try_from(state) {
-        Ok(api::TaskState::Queued) => "queued",
-        Ok(api::TaskState::Leased) => "leased",
-        Ok(api::TaskState::Succeeded) => "succeeded",
-        Ok(api::TaskState::Failed) => "failed",
-        Ok(api::TaskState::Cancelled) => "cancelled",
-        _ => "unknown",
+        Ok(api::TaskState::Unspecified) | Err(_) => "unknown".to_string(),
+        Ok(s) => crate::tasks::state_name(s).to_lowercase(),
     }
 }
 
@@ -470,9 +467,9 @@ async fn wait(client: &mut Client, task_id: &str) -> Result<api::Task, tonic::St
             },
             _ = tick.tick() => {}
         }
-        let (state, attempts) = last
-            .as_ref()
-            .map_or(("submitted", 0), |t| (state_name(t.state), t.attempts));
+        let (state, attempts) = last.as_ref().map_or(("submitted".to_string(), 0), |t| {
+            (state_name(t.state), t.attempts)
+        });
         if last
             .as_ref()
             .is_some_and(|t| crate::tasks::is_terminal(t.state()))
@@ -695,7 +692,7 @@ pub fn tasks_table(tasks: &[api::Task]) -> String {
     for task in tasks {
         t.add_row(vec![
             task.task_id.clone(),
-            state_name(task.state).to_string(),
+            state_name(task.state),
             (task.rule_index + 1).to_string(),
             task.attempts.to_string(),
             output::unix_ms_utc(task.created_unix_ms),

@@ -158,7 +158,7 @@ pub fn ago_unix_ms(ms: i64) -> String {
     if ms <= 0 {
         return "-".to_string();
     }
-    human_ms(crate::tasks::now_unix_ms().saturating_sub(ms).max(0))
+    human_ms(crate::clock::now_unix_ms().saturating_sub(ms).max(0))
 }
 
 #[cfg(test)]

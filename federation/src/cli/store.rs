@@ -183,7 +183,7 @@ fn recover(
         if let Err(e) = tasks::refuse_in_use(&db) {
             return super::fail(&anyhow::Error::new(e), 2);
         }
-        let stamp = tasks::now_unix_ms();
+        let stamp = crate::clock::now_unix_ms();
         for name in [tasks::FILE, tasks::witness::FILE] {
             let from = dir.join(name);
             if from.exists() {

@@ -29,7 +29,7 @@ use super::Replicator;
 use super::Stats;
 use super::copy::KnownKey;
 use crate::audit::{Entry, kind};
-use crate::clock::now_unix_ms as now_ms;
+use crate::clock::now_unix_ms;
 use crate::policy::Policy;
 use crate::{transport, wire};
 
@@ -169,13 +169,13 @@ impl Duplicates {
             key: key.to_string(),
             task_id: task_id.to_string(),
             regions,
-            at_unix_ms: now_ms(),
+            at_unix_ms: now_unix_ms(),
         });
         self.persist(&mut keys);
     }
 
     fn persist(&self, keys: &mut Vec<Unverified>) {
-        let cutoff = now_ms() - TTL_MS;
+        let cutoff = now_unix_ms() - TTL_MS;
         keys.retain(|k| k.at_unix_ms >= cutoff);
         if keys.len() > MAX_UNVERIFIED {
             let excess = keys.len() - MAX_UNVERIFIED;

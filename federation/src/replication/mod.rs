@@ -45,7 +45,7 @@ use std::time::{Duration, Instant};
 use federation_api as api;
 
 use crate::audit::{Entry, kind};
-use crate::clock::now_unix_ms as now_ms;
+use crate::clock::now_unix_ms;
 use crate::cluster::Cluster;
 use crate::config::SyncSpec;
 use crate::peers::Peers;
@@ -357,7 +357,7 @@ async fn snapshot_to(rep: &Arc<Replicator>, recipient: &str) {
         epoch: rep.epoch,
         sequence,
         policy_hash: policy.hash.clone(),
-        taken_unix_ms: now_ms(),
+        taken_unix_ms: now_unix_ms(),
         tasks: scoped,
         results: scoped_results,
     };
@@ -466,7 +466,7 @@ async fn push_changes(rep: &Arc<Replicator>, recipient: &str, tasks: Vec<api::Ta
         epoch: rep.epoch,
         sequence,
         policy_hash: policy.hash.clone(),
-        sent_unix_ms: now_ms(),
+        sent_unix_ms: now_unix_ms(),
         tasks: scoped,
     };
     // A heartbeat's changes are usually a few tasks: sealed here; a large

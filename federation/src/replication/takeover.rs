@@ -1,7 +1,7 @@
 //! Takeover of a dead region's pending tasks, the notices that tell it, and
 //! the start-up lease fence.
 //!
-//! * **Takeover** ([`check`]): when a region we hold a snapshot of has been
+//! * **Takeover** ([`take_over_dead_regions`]): when a region we hold a snapshot of has been
 //!   dead (or never heard since our start) for `timers.takeover_grace`, we
 //!   queue the pending tasks of our copy of it (newest snapshot plus the
 //!   change batches since, [`super::copy`]) that we may hold (rule lists us
@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Replicator, snapshot};
 use crate::audit::{Entry, Prepared, kind};
-use crate::clock::now_unix_ms as now_ms;
+use crate::clock::now_unix_ms;
 use crate::policy::{Health, Policy};
 use crate::tasks::{InsertOutcome, RecordState, TaskStore};
 use crate::wire;
@@ -171,7 +171,7 @@ impl TakeoverState {
 
     /// The notices to advertise.
     pub fn notices(&self) -> Vec<api::TakeoverNotice> {
-        let cutoff = now_ms() - NOTICE_TTL_MS;
+        let cutoff = now_unix_ms() - NOTICE_TTL_MS;
         lock(&self.notices)
             .iter()
             .filter(|n| n.at_unix_ms >= cutoff)
@@ -185,7 +185,7 @@ impl TakeoverState {
 
     fn record(&self, notice: Notice) {
         let mut notices = lock(&self.notices);
-        let cutoff = now_ms() - NOTICE_TTL_MS;
+        let cutoff = now_unix_ms() - NOTICE_TTL_MS;
         notices.retain(|n| n.at_unix_ms >= cutoff);
         notices.push(notice);
         let mut total: usize = notices.iter().map(|n| n.task_ids.len()).sum();
@@ -228,7 +228,7 @@ pub async fn on_advertisement(rep: &Replicator, ad: &api::RegionAdvertisement) {
             from_region: rep.region.clone(),
             from_epoch: notice.from_epoch,
             to_region: ad.region.clone(),
-            at_unix_ms: now_ms(),
+            at_unix_ms: now_unix_ms(),
         };
         match rep.store.mark_taken_over(fresh.clone(), takeover).await {
             Ok(changed) => {
@@ -300,7 +300,7 @@ async fn take_over(rep: &Arc<Replicator>, source: &str, epoch: u64, tasks: Vec<a
         .region(&rep.region)
         .map(|r| r.tags.clone())
         .unwrap_or_default();
-    let at = now_ms();
+    let at = now_unix_ms();
     let mut refused = 0usize;
     let mut batch = Vec::with_capacity(tasks.len());
     let mut records = Vec::with_capacity(tasks.len());

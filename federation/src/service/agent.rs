@@ -1,65 +1,24 @@
 //! `RegionAgentApi`: agents of this region register, heartbeat, lease tasks,
-//! renew leases and report results.
+//! renew leases and report results; an adapter over [`Leasing`], adding
+//! the caller's identity and the trace spans.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use federation_api as api;
 use tonic::{Request, Response, Status};
 
-use crate::cluster::Cluster;
-use crate::config::{Limits, Timers};
-use crate::error::Error;
-use crate::replication::Replication;
-use crate::tasks::TaskStore;
+use crate::leasing::Leasing;
 
-/// Longest long-poll an agent may ask for.
-const MAX_LEASE_WAIT: Duration = Duration::from_secs(30);
-/// Most slots one agent may claim.
-const MAX_SLOTS: u32 = 10_000;
-
-/// The agent service: the registry and drain state (`cluster`), the
-/// store's leases, the start-up fence (`replication`).
+/// The agent service.
 #[derive(Debug)]
 pub struct AgentService {
-    cluster: Arc<Cluster>,
-    store: TaskStore,
-    replication: Arc<Replication>,
-    timers: Timers,
-    limits: Limits,
+    leasing: Arc<Leasing>,
 }
 
 impl AgentService {
-    /// A service over these components.
-    pub fn new(
-        cluster: Arc<Cluster>,
-        store: TaskStore,
-        replication: Arc<Replication>,
-        timers: Timers,
-        limits: Limits,
-    ) -> Self {
-        Self {
-            cluster,
-            store,
-            replication,
-            timers,
-            limits,
-        }
-    }
-
-    /// The agent is registered, to the identity calling. An id registered
-    /// to another identity is answered like an unknown one: the caller
-    /// registers again and gets an id of its own.
-    fn known(&self, agent_id: &str, owner: &str) -> Result<(), Status> {
-        if self.cluster.agents().is_owned_by(agent_id, owner) {
-            Ok(())
-        } else {
-            Err(Error::NotFound {
-                what: "agent",
-                id: agent_id.to_string(),
-            }
-            .into())
-        }
+    /// A service over `leasing`.
+    pub fn new(leasing: Arc<Leasing>) -> Self {
+        Self { leasing }
     }
 }
 
@@ -73,10 +32,6 @@ fn owner<T>(request: &Request<T>) -> String {
         .unwrap_or_default()
 }
 
-fn ms(d: Duration) -> u32 {
-    u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
-}
-
 #[tonic::async_trait]
 impl api::region_agent_api_server::RegionAgentApi for AgentService {
     async fn register(
@@ -84,45 +39,9 @@ impl api::region_agent_api_server::RegionAgentApi for AgentService {
         request: Request<api::RegisterRequest>,
     ) -> Result<Response<api::RegisterResponse>, Status> {
         let owner = owner(&request);
-        let req = request.into_inner();
-        if !req.region.is_empty() && req.region != self.cluster.region() {
-            return Err(Error::Precondition(format!(
-                "agent is for region `{}` but this controller serves `{}`",
-                crate::wire::truncate(&req.region, 64),
-                self.cluster.region()
-            ))
-            .into());
-        }
-        if req.slots == 0 || req.slots > MAX_SLOTS {
-            return Err(Error::invalid("slots", format!("must be 1 to {MAX_SLOTS}")).into());
-        }
-        let name = crate::wire::truncate(&req.name, 128);
-        let assigned = self.cluster.agents().assign(&req.agent_id, &owner);
-        if !req.agent_id.is_empty() && !assigned.resumed {
-            tracing::warn!(previous = %crate::wire::truncate(&req.agent_id, 64), agent_id = %assigned.id, %owner, "agent asked to keep an id it cannot have, giving a new one");
-        }
-        let record = crate::tasks::AgentRecord {
-            id: assigned.id.clone(),
-            owner,
-            name,
-            slots: req.slots,
-            registered_unix_ms: crate::tasks::now_unix_ms(),
-        };
-        // Durable before the agent can lease under the id: after a restart
-        // the controller still knows whose leases these are.
-        self.store
-            .put_agent(record.clone())
-            .await
-            .map_err(Error::from)?;
-        self.cluster.agents().insert(&record, Instant::now());
-        let agent_id = assigned.id;
-        tracing::info!(%agent_id, name = %record.name, owner = %record.owner, slots = req.slots, resumed = assigned.resumed, "agent registered");
-        let interval = (self.timers.agent_timeout / 3).max(Duration::from_millis(100));
-        Ok(Response::new(api::RegisterResponse {
-            agent_id,
-            heartbeat_interval_ms: ms(interval),
-            lease_ttl_ms: ms(self.timers.lease_ttl),
-        }))
+        Ok(Response::new(
+            self.leasing.register(owner, request.into_inner()).await?,
+        ))
     }
 
     async fn heartbeat(
@@ -130,24 +49,9 @@ impl api::region_agent_api_server::RegionAgentApi for AgentService {
         request: Request<api::HeartbeatRequest>,
     ) -> Result<Response<api::HeartbeatResponse>, Status> {
         let owner = owner(&request);
-        let req = request.into_inner();
-        self.known(&req.agent_id, &owner)?;
-        let free = req.capacity.map(|c| c.free_slots);
-        if !self
-            .cluster
-            .agents()
-            .heartbeat(&req.agent_id, free, Instant::now())
-        {
-            return Err(Error::NotFound {
-                what: "agent",
-                id: req.agent_id,
-            }
-            .into());
-        }
-        Ok(Response::new(api::HeartbeatResponse {
-            draining: self.cluster.draining(),
-            revoked_task_ids: Vec::new(),
-        }))
+        Ok(Response::new(
+            self.leasing.heartbeat(&owner, request.into_inner())?,
+        ))
     }
 
     async fn lease_tasks(
@@ -155,61 +59,9 @@ impl api::region_agent_api_server::RegionAgentApi for AgentService {
         request: Request<api::LeaseTasksRequest>,
     ) -> Result<Response<api::LeaseTasksResponse>, Status> {
         let owner = owner(&request);
-        let req = request.into_inner();
-        self.known(&req.agent_id, &owner)?;
-        self.cluster
-            .agents()
-            .heartbeat(&req.agent_id, None, Instant::now());
-        if self.cluster.draining() {
-            return Ok(Response::new(api::LeaseTasksResponse { tasks: Vec::new() }));
-        }
-        let slots = self.cluster.agents().slots(&req.agent_id).unwrap_or(1);
-        let max = req.max_tasks.clamp(1, slots) as usize;
-        let wait = Duration::from_millis(u64::from(req.wait_ms)).min(MAX_LEASE_WAIT);
-        let until = Instant::now() + wait;
-        // Bounded: each round either leases, or waits for a queue change or
-        // the deadline.
-        for _ in 0..1000 {
-            // The start-up fence: tasks from before a restart wait until the
-            // backups could tell us which of them they took over.
-            let skip = self.replication.takeover.lease_skip();
-            let fenced = skip.is_some();
-            let tasks = self
-                .store
-                .lease_except(&req.agent_id, max, self.timers.lease_ttl, skip)
-                .await
-                .map_err(Error::from)?;
-            if !tasks.is_empty() {
-                for t in &tasks {
-                    tracing::info!(task_id = %t.task_id, agent_id = %req.agent_id, attempt = t.attempts, "task leased");
-                    if federation_trace::exporting() {
-                        // A mark in the task's trace: leased, to whom.
-                        let span = tracing::info_span!(
-                            target: federation_trace::TARGET,
-                            "lease_task",
-                            region = %self.cluster.region(),
-                            task_id = %t.task_id,
-                            agent_id = %req.agent_id,
-                            attempt = t.attempts,
-                        );
-                        let parent = federation_trace::TraceParent::parse(&t.traceparent);
-                        federation_trace::set_parent(&span, parent.as_ref());
-                    }
-                }
-                return Ok(Response::new(api::LeaseTasksResponse { tasks }));
-            }
-            let now = Instant::now();
-            if now >= until || self.cluster.draining() {
-                break;
-            }
-            if fenced {
-                // Queued tasks may all be fenced: poll instead of spinning.
-                tokio::time::sleep((until - now).min(Duration::from_millis(100))).await;
-            } else {
-                self.store.wait_for_queued(until - now).await;
-            }
-        }
-        Ok(Response::new(api::LeaseTasksResponse { tasks: Vec::new() }))
+        Ok(Response::new(
+            self.leasing.lease(&owner, request.into_inner()).await?,
+        ))
     }
 
     async fn renew_lease(
@@ -217,17 +69,9 @@ impl api::region_agent_api_server::RegionAgentApi for AgentService {
         request: Request<api::RenewLeaseRequest>,
     ) -> Result<Response<api::RenewLeaseResponse>, Status> {
         let owner = owner(&request);
-        let req = request.into_inner();
-        self.known(&req.agent_id, &owner)?;
-        crate::wire::check_task_id(&req.task_id)?;
-        let task = self
-            .store
-            .renew(&req.agent_id, &req.task_id, self.timers.lease_ttl)
-            .await
-            .map_err(Error::from)?;
-        Ok(Response::new(api::RenewLeaseResponse {
-            lease_deadline_unix_ms: task.lease_deadline_unix_ms,
-        }))
+        Ok(Response::new(
+            self.leasing.renew(&owner, request.into_inner()).await?,
+        ))
     }
 
     async fn complete_task(
@@ -242,7 +86,7 @@ impl api::region_agent_api_server::RegionAgentApi for AgentService {
                 "complete_task",
                 otel.kind = "server",
                 otel.status_description = tracing::field::Empty,
-                region = %self.cluster.region(),
+                region = %self.leasing.region(),
                 task_id = %request.get_ref().task_id,
             );
             let parent = federation_trace::from_metadata(request.metadata());
@@ -253,50 +97,13 @@ impl api::region_agent_api_server::RegionAgentApi for AgentService {
         };
         let owner = owner(&request);
         let completed = self
-            .complete(request.into_inner(), &owner)
+            .leasing
+            .complete(&owner, request.into_inner())
             .instrument(span.clone())
             .await;
-        if let Err(status) = &completed {
-            federation_trace::fail(&span, &status.message());
+        if let Err(e) = &completed {
+            federation_trace::fail(&span, &e.to_string());
         }
-        completed
-    }
-}
-
-impl AgentService {
-    async fn complete(
-        &self,
-        req: api::CompleteTaskRequest,
-        owner: &str,
-    ) -> Result<Response<api::CompleteTaskResponse>, Status> {
-        use tracing::Instrument as _;
-        self.known(&req.agent_id, owner)?;
-        crate::wire::check_task_id(&req.task_id)?;
-        if req.result.len() > self.limits.max_result_bytes {
-            return Err(Error::limit(
-                "result",
-                format!(
-                    "{} bytes exceeds the limit of {}",
-                    req.result.len(),
-                    self.limits.max_result_bytes
-                ),
-            )
-            .into());
-        }
-        let error = crate::wire::truncate(&req.error, 4096);
-        let task = self
-            .store
-            .complete(&req.agent_id, &req.task_id, req.success, req.result, error)
-            .instrument(tracing::info_span!(
-                target: federation_trace::TARGET,
-                "store.commit",
-                op = "complete"
-            ))
-            .await
-            .map_err(Error::from)?;
-        tracing::info!(task_id = %task.task_id, success = req.success, "task completed");
-        Ok(Response::new(api::CompleteTaskResponse {
-            task: Some(task),
-        }))
+        Ok(Response::new(completed?))
     }
 }

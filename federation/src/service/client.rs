@@ -8,9 +8,9 @@ use federation_api as api;
 use futures::{Stream, StreamExt as _};
 use tonic::{Request, Response, Status};
 
-use super::relay::{self, Relay};
 use crate::error::{Error, Result};
 use crate::local_tasks::LocalTasks;
+use crate::relay::{self, Relay};
 use crate::routing::{self, Router};
 use crate::transport;
 

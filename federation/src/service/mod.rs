@@ -2,7 +2,8 @@
 //! component that owns it ([`crate::routing::Router`],
 //! [`crate::local_tasks::LocalTasks`], [`crate::gossip::Gossip`],
 //! [`crate::federation_status::FederationStatus`],
-//! [`crate::reload::Reloader`], ...) and its [`crate::error::Error`] into a
+//! [`crate::reload::Reloader`], [`crate::leasing::Leasing`],
+//! [`crate::relay::Relay`]) and its [`crate::error::Error`] into a
 //! status. No business logic lives here. Each service is wrapped in
 //! [`crate::auth::Authed`] (who may call what).
 
@@ -10,7 +11,6 @@ mod admin;
 mod agent;
 mod client;
 mod peer;
-pub mod relay;
 
 use federation_api as api;
 use tonic::transport::server::Router;
@@ -94,11 +94,7 @@ pub fn router(
         ))
         .add_service(crate::auth::Authed::new(
             api::region_agent_api_server::RegionAgentApiServer::new(agent::AgentService::new(
-                node.cluster().clone(),
-                node.store().clone(),
-                node.replication().clone(),
-                node.timers().clone(),
-                node.limits().clone(),
+                node.leasing().clone(),
             ))
             .max_decoding_message_size(max)
             .max_encoding_message_size(max),

@@ -443,7 +443,7 @@ pub async fn build(
         policy_hash: status.policy_hash.chars().take(12).collect(),
         viewer: viewer.name().to_string(),
         values_visible: viewer.may_see_values(),
-        generated: crate::cli::output::unix_ms_utc(crate::tasks::now_unix_ms()),
+        generated: crate::cli::output::unix_ms_utc(crate::clock::now_unix_ms()),
         regions,
         map,
         warnings: audit.warnings.clone(),

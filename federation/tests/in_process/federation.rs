@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use federation::config::{Limits, Timers};
+use federation::config::Timers;
 use federation::controller::Settings;
 use federation::policy::Policy;
 use federation::replication::KeyRing;
@@ -195,27 +195,18 @@ impl Federation {
 
     fn settings(&self, region: &str) -> Settings {
         let r = self.region(region);
-        let policy = Policy::load_file(&r.config_path).expect("the region's policy loads");
-        Settings {
-            region: region.to_string(),
-            policy,
-            data_dir: self.data_dir(region),
-            peers: self
-                .regions
-                .iter()
-                .filter(|(n, _)| n.as_str() != region)
-                .map(|(n, p)| (n.clone(), format!("http://{}", p.addr)))
-                .collect(),
-            advertise_endpoint: format!("http://{}", r.addr),
-            timers: self.timers.clone(),
-            limits: Limits::default(),
-            config_path: r.config_path.clone(),
-            keys: self.keys.clone(),
-            tls: None,
-            tokens: Default::default(),
-            store: Default::default(),
-            replica: region.to_string(),
-        }
+        let mut settings =
+            Settings::for_test(region, &r.config_path, &self.data_dir(region), r.addr)
+                .expect("the region's test settings");
+        settings.peers = self
+            .regions
+            .iter()
+            .filter(|(n, _)| n.as_str() != region)
+            .map(|(n, p)| (n.clone(), format!("http://{}", p.addr)))
+            .collect();
+        settings.timers = self.timers.clone();
+        settings.keys = self.keys.clone();
+        settings
     }
 
     /// Starts (or restarts, same address and data) `region`'s controller.
