@@ -13,6 +13,8 @@
 //! batch appended, encrypted as received, to
 //! `<data_dir>/snapshots/<source>.changes` (fsync), and folded into the
 //! in-memory copy ([`HeldCopy`]) that takeover and idempotency lookups read.
+//! A snapshot's tasks are decoded in place ([`restore`]): the copy keeps
+//! the plaintext and where each task is in it.
 //! At start the copy is rebuilt from both files (a torn last append is cut
 //! off). Any failure leaves the copy as it was, logs one line naming the
 //! source and the reason, and counts it.
