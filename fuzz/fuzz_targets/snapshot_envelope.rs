@@ -1,7 +1,9 @@
 //! Snapshot envelope decoding, as a receiver meets it: bytes → a stream of
 //! `SnapshotChunk` messages → `Collector` (limits, order) → `open` (AEAD,
 //! decompression bounds) → `SnapshotBody` decode, and the in-place
-//! `BodyView` decode, which must agree with it. Two modes, by first byte:
+//! `BodyView` decode, which must agree with it, and `restore::decode` into
+//! the copy a receiver keeps, whose tasks must be prost's. Two modes, by
+//! first byte:
 //!
 //! - raw: the rest is length-delimited protobuf chunks, decoded and opened
 //!   with a fixed key ring (wrong keys, garbage, bad headers);
@@ -12,6 +14,8 @@
 #![no_main]
 
 use federation::replication::envelope::{self, Limits, NonceSource, SealParams};
+use federation::replication::copy::HeldCopy;
+use federation::replication::restore;
 use federation::replication::view::BodyView;
 use federation::replication::{Key, KeyRing, SnapshotBody};
 use federation_api as api;
@@ -46,6 +50,24 @@ fn receive(chunks: Vec<api::SnapshotChunk>) -> Option<Vec<u8>> {
             assert_eq!(view.to_body().ok(), Some(owned), "the view's body differs");
         }
         Err(_) => assert!(owned.is_err(), "the view refused a body prost accepts"),
+    }
+    // What the receiver keeps: the same verdict, and the copy's tasks are
+    // prost's.
+    match restore::decode(plain.clone(), None, None) {
+        Ok(restored) => {
+            let body = SnapshotBody::decode(plain.as_slice()).expect("restore accepted a body prost refuses");
+            let mut copy = HeldCopy::default();
+            copy.fold_snapshot(restored);
+            let mut reference = HeldCopy::default();
+            for t in body.results.into_iter().chain(body.tasks) {
+                reference.apply(t);
+            }
+            assert_eq!(copy.pending_tasks(), reference.pending_tasks(), "the copy's tasks differ");
+        }
+        Err(_) => assert!(
+            SnapshotBody::decode(plain.as_slice()).is_err(),
+            "restore refused a body prost accepts"
+        ),
     }
     Some(plain)
 }

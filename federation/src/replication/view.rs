@@ -219,41 +219,92 @@ pub struct BodyView<'a> {
     pub results: Vec<TaskView<'a>>,
 }
 
+/// Which list of the body a task is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum List {
+    /// `tasks`: queued and leased.
+    Tasks,
+    /// `results`: recently finished.
+    Results,
+}
+
+/// The body's fields other than its tasks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Head<'a> {
+    /// The region whose state this is.
+    pub source_region: &'a str,
+    /// Its epoch.
+    pub epoch: u64,
+    /// Sequence within the epoch.
+    pub sequence: u64,
+    /// The source's policy hash.
+    pub policy_hash: &'a str,
+    /// When it was taken, ms since the Unix epoch.
+    pub taken_unix_ms: i64,
+}
+
+/// Walks a whole body once, validating every field of every task as
+/// [`BodyView::parse`] does, and hands each task to `f` (in wire order,
+/// with the number of bytes of the body after it, see [`room`]) as soon as
+/// it is validated; the first error (of the body or of `f`) ends the walk.
+pub fn walk<'a, E: From<ViewError>>(
+    plain: &'a [u8],
+    mut f: impl FnMut(List, TaskView<'a>, usize) -> Result<(), E>,
+) -> Result<Head<'a>, E> {
+    let mut head = Head::default();
+    let depth = RECURSION_LIMIT;
+    let mut r = Reader::new(plain);
+    while !r.done() {
+        let (tag, wire) = r.key()?;
+        match tag {
+            1 => head.source_region = r.str(wire)?,
+            2 => head.epoch = r.varint(wire)?,
+            3 => head.sequence = r.varint(wire)?,
+            4 => head.policy_hash = r.str(wire)?,
+            5 => head.taken_unix_ms = r.varint(wire)? as i64,
+            6 | 7 => {
+                let task = TaskView::parse(r.message(wire, depth)?, depth - 1)?;
+                let list = if tag == 6 { List::Tasks } else { List::Results };
+                f(list, task, r.buf.len())?;
+            }
+            _ => r.skip(wire, tag, depth)?,
+        }
+    }
+    Ok(head)
+}
+
+/// Room to reserve for the tasks of a body, judging by its first (`task`,
+/// `rest` bytes after it): as many as the rest could hold of ones alike in
+/// size. Bounded: a body of empty tasks must not reserve more than a body
+/// of real ones would.
+pub fn room(task: &TaskView<'_>, rest: usize) -> usize {
+    (rest / (task.raw.len() + 2) + 1).min(1 << 16)
+}
+
 impl<'a> BodyView<'a> {
     /// Decodes and validates the whole body (every field of every task);
     /// an error for anything `SnapshotBody::decode` refuses.
     pub fn parse(plain: &'a [u8]) -> Result<Self, ViewError> {
-        let mut body = BodyView::default();
-        let depth = RECURSION_LIMIT;
-        let mut r = Reader::new(plain);
-        while !r.done() {
-            let (tag, wire) = r.key()?;
-            match tag {
-                1 => body.source_region = r.str(wire)?,
-                2 => body.epoch = r.varint(wire)?,
-                3 => body.sequence = r.varint(wire)?,
-                4 => body.policy_hash = r.str(wire)?,
-                5 => body.taken_unix_ms = r.varint(wire)? as i64,
-                6 | 7 => {
-                    let task = TaskView::parse(r.message(wire, depth)?, depth - 1)?;
-                    if body.tasks.capacity() == 0 {
-                        // Tasks are alike in size: room for as many as the
-                        // rest of the body could hold of this one.
-                        // Bounded: a body of empty tasks must not reserve
-                        // more than a body of real ones would.
-                        let room = r.buf.len() / (task.raw.len() + 2) + 1;
-                        body.tasks.reserve(room.min(1 << 16));
-                    }
-                    if tag == 6 {
-                        body.tasks.push(task);
-                    } else {
-                        body.results.push(task);
-                    }
-                }
-                _ => r.skip(wire, tag, depth)?,
+        let (mut tasks, mut results) = (Vec::new(), Vec::new());
+        let head = walk::<ViewError>(plain, |list, task, rest| {
+            if tasks.capacity() == 0 {
+                tasks.reserve(room(&task, rest));
             }
-        }
-        Ok(body)
+            match list {
+                List::Tasks => tasks.push(task),
+                List::Results => results.push(task),
+            }
+            Ok(())
+        })?;
+        Ok(BodyView {
+            source_region: head.source_region,
+            epoch: head.epoch,
+            sequence: head.sequence,
+            policy_hash: head.policy_hash,
+            taken_unix_ms: head.taken_unix_ms,
+            tasks,
+            results,
+        })
     }
 
     /// The owned body, each task decoded by prost from its own bytes. A
@@ -354,6 +405,10 @@ pub struct TaskView<'a> {
     pub traceparent: &'a str,
     /// How many attribute entries the wire carries.
     pub attribute_entries: u32,
+    /// The part of [`TaskView::raw`] from the first attribute entry to the
+    /// end of the last (other fields between them included, when the
+    /// sender interleaved them); empty when there is none.
+    pub attribute_span: &'a [u8],
 }
 
 impl<'a> TaskView<'a> {
@@ -364,13 +419,20 @@ impl<'a> TaskView<'a> {
             ..Default::default()
         };
         let mut r = Reader::new(raw);
+        // Offsets in `raw` of the first entry and the end of the last.
+        let (mut first, mut end) = (0, 0);
         while !r.done() {
+            let at = raw.len() - r.buf.len();
             let (tag, wire) = r.key()?;
             match tag {
                 1 => t.task_id = r.str(wire)?,
                 2 => {
                     entry(r.message(wire, depth)?, depth - 1)?;
+                    if t.attribute_entries == 0 {
+                        first = at;
+                    }
                     t.attribute_entries += 1;
+                    end = raw.len() - r.buf.len();
                 }
                 3 => t.payload = r.bytes(wire)?,
                 4 => t.idempotency_key = r.str(wire)?,
@@ -395,6 +457,7 @@ impl<'a> TaskView<'a> {
                 _ => r.skip(wire, tag, depth)?,
             }
         }
+        t.attribute_span = &raw[first..end];
         Ok(t)
     }
 
@@ -407,7 +470,7 @@ impl<'a> TaskView<'a> {
     /// `AttributeValue` (a later entry for the same key replaces an earlier
     /// one in the owned map).
     pub fn attributes(&self) -> impl Iterator<Item = (&'a str, AttributeView<'a>)> + 'a {
-        let mut r = Reader::new(self.raw);
+        let mut r = Reader::new(self.attribute_span);
         std::iter::from_fn(move || {
             // Validated by `parse`: an error here cannot happen, and ends
             // the iteration if it did.
@@ -415,6 +478,24 @@ impl<'a> TaskView<'a> {
                 let (tag, wire) = r.key().ok()?;
                 if tag == 2 {
                     return entry_parts(r.bytes(wire).ok()?).ok();
+                }
+                r.skip(wire, tag, RECURSION_LIMIT).ok()?;
+            }
+            None
+        })
+    }
+
+    /// The attribute entries in wire order, each its key and its whole
+    /// encoded entry (what prost decodes it from).
+    pub fn attribute_entries_raw(&self) -> impl Iterator<Item = (&'a str, &'a [u8])> + 'a {
+        let mut r = Reader::new(self.attribute_span);
+        std::iter::from_fn(move || {
+            // Validated by `parse`, as in `attributes`.
+            while !r.done() {
+                let (tag, wire) = r.key().ok()?;
+                if tag == 2 {
+                    let raw = r.bytes(wire).ok()?;
+                    return entry_parts(raw).ok().map(|(key, _)| (key, raw));
                 }
                 r.skip(wire, tag, RECURSION_LIMIT).ok()?;
             }

@@ -19,6 +19,8 @@ use crate::error::Error;
 use crate::gossip::Gossip;
 use crate::local_tasks::LocalTasks;
 use crate::replication::Replicator;
+use crate::replication::inbound::{self, Pushed};
+use crate::replication::{Rejection, receiver::Accepted};
 use crate::routing::{self, Router};
 use crate::wire;
 
@@ -202,36 +204,16 @@ impl api::federation_peer_server::FederationPeer for PeerService {
         &self,
         request: Request<Streaming<api::SnapshotChunk>>,
     ) -> Result<Response<api::PushSnapshotResponse>, Status> {
-        let outcome = self.received(request, Pushed::Snapshot).await?;
-        Ok(Response::new(match outcome {
-            Ok(_) => api::PushSnapshotResponse {
-                accepted: true,
-                reason: String::new(),
-            },
-            Err(r) => api::PushSnapshotResponse {
-                accepted: false,
-                reason: r.to_string(),
-            },
-        }))
+        let outcome = self.pushed(request, Pushed::Snapshot).await?;
+        Ok(Response::new(inbound::snapshot_response(outcome)))
     }
 
     async fn push_changes(
         &self,
         request: Request<Streaming<api::SnapshotChunk>>,
     ) -> Result<Response<api::PushChangesResponse>, Status> {
-        let outcome = self.received(request, Pushed::Changes).await?;
-        Ok(Response::new(match outcome {
-            Ok(a) => api::PushChangesResponse {
-                accepted: true,
-                reason: String::new(),
-                snapshot_wanted: a.snapshot_wanted,
-            },
-            Err(r) => api::PushChangesResponse {
-                accepted: false,
-                reason: r.to_string(),
-                snapshot_wanted: true,
-            },
-        }))
+        let outcome = self.pushed(request, Pushed::Changes).await?;
+        Ok(Response::new(inbound::changes_response(outcome)))
     }
 
     async fn recent_decisions(
@@ -245,80 +227,18 @@ impl api::federation_peer_server::FederationPeer for PeerService {
     }
 }
 
-/// What a push carries.
-#[derive(Debug, Clone, Copy)]
-enum Pushed {
-    Snapshot,
-    Changes,
-}
-
 impl PeerService {
-    /// Collects a pushed stream within the limits, checks the caller is its
-    /// source, then verifies, stores and folds it in (off the async workers:
-    /// it syncs files).
-    async fn received(
+    /// A push, received by `replication::inbound`; with TLS the caller must
+    /// be the region whose state it pushes.
+    async fn pushed(
         &self,
         request: Request<Streaming<api::SnapshotChunk>>,
         what: Pushed,
-    ) -> Result<Result<crate::replication::receiver::Accepted, crate::replication::Rejection>, Status>
-    {
-        let repl = &self.replicator.replication;
-        if !repl.enabled() {
-            return Err(Error::Precondition(format!(
-                "snapshot replication is off in {} (disabled or no key ring)",
-                self.cluster.region()
-            ))
-            .into());
-        }
+    ) -> Result<Result<Accepted, Rejection>, Status> {
         let caller = request.extensions().get::<Caller>().cloned();
-        let chunks = crate::replication::receiver::collect(
-            request.into_inner(),
-            repl.receiver.limits(),
-            repl.counters(),
-        )
-        .await?;
-        // With TLS the sender must be the region whose state it pushes.
-        let source = chunks
-            .first()
-            .and_then(|c| c.header.as_ref())
-            .map(|h| h.source_region.clone())
-            .unwrap_or_default();
-        if let Err(status) =
-            self.check_caller_identity(caller.as_ref(), "snapshot source_region", &source)
-        {
-            crate::replication::receiver::Stats::bump(&repl.counters().rejected_not_permitted);
-            return Err(status);
-        }
-        let rep = self.replicator.clone();
-        let outcome = tokio::task::spawn_blocking(move || {
-            let repl = &rep.replication;
-            let policy = rep.cluster.policy();
-            match what {
-                Pushed::Snapshot => repl.receiver.receive(&policy, &chunks, repl.counters()),
-                Pushed::Changes => repl
-                    .receiver
-                    .receive_changes(&policy, &chunks, repl.counters()),
-            }
+        inbound::receive(&self.replicator, request.into_inner(), what, |source| {
+            self.check_caller_identity(caller.as_ref(), "snapshot source_region", source)
         })
         .await
-        .map_err(|e| Status::from(Error::Storage(format!("receiving: {e}"))))?;
-        if outcome.is_ok() {
-            // Keys we used without being able to know them may now be known.
-            // A snapshot is answered only after the check (a restarted
-            // source's start-up fence waits for that answer); batches do not
-            // wait for it.
-            let check = crate::replication::duplicates::on_copy_updated(
-                self.replicator.clone(),
-                source,
-                matches!(what, Pushed::Snapshot),
-            );
-            match what {
-                Pushed::Snapshot => check.await,
-                Pushed::Changes => {
-                    tokio::spawn(check);
-                }
-            }
-        }
-        Ok(outcome)
     }
 }
