@@ -8,6 +8,18 @@ use serde_json::Value;
 
 use super::{AuditError, GENESIS_HASH, HASH_SEP, Record, read_log, sha256_hex};
 
+/// The `seq` of a line, read without parsing the rest of it (the last
+/// `"seq":` key: a record's own fields sort after anything nested).
+pub(super) fn seq_of(line: &[u8]) -> Option<u64> {
+    let key = b"\"seq\":";
+    let at = line.windows(key.len()).rposition(|w| w == key)? + key.len();
+    let digits = line[at..].iter().take_while(|b| b.is_ascii_digit()).count();
+    std::str::from_utf8(&line[at..at + digits])
+        .ok()?
+        .parse()
+        .ok()
+}
+
 /// Checks one line on its own: JSON, layout, hash. Returns the record.
 pub(super) fn check_line(line: &[u8]) -> Result<Record, (Option<u64>, String)> {
     let record: Record = match serde_json::from_slice(line) {
@@ -101,8 +113,8 @@ pub(super) fn check_link(tip: &Tip, record: &Record) -> Result<(), String> {
 /// Where the chain breaks.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Broken {
-    /// The file holding the record, when the log was read from files
-    /// (a closed segment or the active file).
+    /// The file holding the record (a closed segment or the active file),
+    /// when the log has closed segments; absent for a log of one file.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub file: Option<String>,
     /// 1-based line number (in `file`, when named).

@@ -433,3 +433,32 @@ async fn bytes_per_routed_decision() {
     assert_whole(dir.path(), RECORDS as u64);
     assert!(per <= 400, "{per} B per routed decision");
 }
+
+/// A rotation between reading the active file and listing the segments
+/// shows the renamed file's lines twice: the tail read takes them once and
+/// reports no break.
+#[tokio::test]
+async fn lines_seen_twice_across_a_rotation_are_taken_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    append(dir.path(), 0, 6, 1 << 20).await;
+    let text = std::fs::read_to_string(dir.path().join(FILE_NAME)).expect("read");
+    let lines: Vec<&str> = text.lines().rev().collect();
+    // Newest first: 6, 5, 4, then the same again, then the older ones.
+    let seen: Vec<&str> = lines[..3].iter().chain(lines.iter()).copied().collect();
+    let mut out = tail::Listed::default();
+    let mut newer = None;
+    for line in seen {
+        assert!(tail::list_visit(
+            &mut out,
+            &mut newer,
+            &Filter::default(),
+            100,
+            line.as_bytes()
+        ));
+    }
+    assert_eq!(out.broken, None);
+    assert_eq!(
+        out.records.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        vec![6, 5, 4, 3, 2, 1]
+    );
+}

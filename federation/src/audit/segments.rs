@@ -293,11 +293,15 @@ impl LogBytes {
             .map(|(p, before)| (p.as_path(), line - before))
     }
 
-    /// Verifies the chain across every file; a broken record and a torn
-    /// last line are numbered within their file, which [`Broken::file`]
-    /// names.
+    /// Verifies the chain across every file; when there are closed
+    /// segments, a broken record and a torn last line are numbered within
+    /// their file, which [`Broken::file`] names.
     pub fn verify(&self) -> VerifyReport {
         let mut report = scan(&self.bytes).report;
+        if self.files.len() < 2 {
+            // One file: line numbers are already its own.
+            return report;
+        }
         if let Some(b) = &mut report.first_broken {
             if let Some((path, line)) = self.locate(b.line) {
                 b.file = Some(path.display().to_string());

@@ -129,8 +129,14 @@ pub fn recent(
     if limit == 0 {
         return Ok(out);
     }
+    let mut oldest: Option<u64> = None;
     each_line_backwards(path, max_bytes, |line| {
         if let Ok(r) = serde_json::from_slice::<Record>(line) {
+            // Seen twice across a rotation (see `list_visit`): once is enough.
+            if oldest.is_some_and(|o| r.seq >= o) {
+                return true;
+            }
+            oldest = Some(r.seq);
             if filter.matches(&r) {
                 out.push(r);
             }
@@ -165,6 +171,13 @@ pub(super) fn list_visit(
     limit: usize,
     line: &[u8],
 ) -> bool {
+    if let Some((seq, _)) = newer.as_ref() {
+        // A line at or after one already read: a rotation between reading
+        // the active file and listing the segments showed it twice.
+        if super::seq_of(line).is_some_and(|s| s >= *seq) {
+            return true;
+        }
+    }
     out.read += 1;
     let record = match super::check_line(line) {
         Ok(r) => r,

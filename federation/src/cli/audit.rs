@@ -684,7 +684,7 @@ fn verify(
             let seq = b.seq.map_or_else(|| "?".to_string(), |s| s.to_string());
             match &b.file {
                 Some(file) => super::output::say!(
-                    "broken at line {} of {file} (seq {seq}): {}",
+                    "broken at line {} (seq {seq}) of {file}: {}",
                     b.line,
                     b.reason
                 ),
