@@ -1,5 +1,5 @@
 //! The journal an insert's decision record goes to: a trait the store is
-//! bound to once at open ([`super::StoreOptions::journal`]), and its one
+//! bound to once, right after open ([`super::TaskStore::bind_journal`]), and its one
 //! implementation, the region's decision log ([`crate::audit::DecisionLog`]).
 //! The store names the task in each record; it never builds one.
 
