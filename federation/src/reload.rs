@@ -58,8 +58,8 @@ impl Reloader {
     ) -> api::ReloadPolicyResponse {
         let response = self.try_reload(source, format, name, approvals).await;
         if !response.applied {
-            let mut entry = crate::audit::DecisionEntry::new(crate::audit::kind::POLICY_RELOAD)
-                .note(format!(
+            let mut entry =
+                crate::audit::Entry::new(crate::audit::kind::POLICY_RELOAD).note(format!(
                     "refused, policy {} stays in force: {}",
                     response.policy_hash, response.error
                 ));
@@ -145,17 +145,16 @@ impl Reloader {
         let hash = policy.hash.clone();
         self.cluster.set_policy(policy);
         tracing::info!(old = %old.hash, new = %hash, findings = findings.len(), "policy reloaded");
-        let mut entry =
-            crate::audit::DecisionEntry::new(crate::audit::kind::POLICY_RELOAD).note(format!(
-                "applied: policy {} replaced {}; audit: {}",
-                hash,
-                old.hash,
-                if findings.is_empty() {
-                    "no findings".to_string()
-                } else {
-                    findings.join(" | ")
-                }
-            ));
+        let mut entry = crate::audit::Entry::new(crate::audit::kind::POLICY_RELOAD).note(format!(
+            "applied: policy {} replaced {}; audit: {}",
+            hash,
+            old.hash,
+            if findings.is_empty() {
+                "no findings".to_string()
+            } else {
+                findings.join(" | ")
+            }
+        ));
         entry.policy_hash = Some(hash.clone());
         if let Err(e) = self.log.append(entry).await {
             tracing::error!(error = %e, "appending to the decision log failed");

@@ -25,7 +25,6 @@
 pub mod anchor;
 mod canonical;
 mod chain;
-mod compat;
 pub mod key;
 pub mod minimise;
 pub mod postgres;
@@ -56,7 +55,6 @@ pub use canonical::health_name;
 use canonical::{push_attr_value, push_attributes, sha256_hex};
 pub use chain::{Broken, VerifyReport, verify, verify_bytes};
 use chain::{Tip, check_line, scan, scan_from, seq_of};
-pub use compat::{DecisionEntry, DecisionRef, PendingRecord};
 use read::read_file;
 pub use read::{Filter, log_path, show, show_bytes};
 pub use record::{Entry, Record};

@@ -490,11 +490,6 @@ impl DecisionLog {
         Receipt(sent)
     }
 
-    /// True when `self` and `other` are handles to the same log.
-    pub fn same_log(&self, other: &DecisionLog) -> bool {
-        Arc::ptr_eq(&self.inner, &other.inner)
-    }
-
     /// Returns when everything appended before it is on disk (every
     /// acknowledged append already is: this is the shutdown barrier).
     pub async fn flush(&self) -> Result<(), AuditError> {

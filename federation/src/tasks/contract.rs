@@ -239,7 +239,7 @@ async fn idempotency_keys_survive_a_reopen(fx: Fixture) {
 }
 
 async fn a_record_goes_in_the_same_batch_and_names_the_stored_task(fx: Fixture) {
-    use crate::audit::{DecisionRef, PendingRecord, kind};
+    use crate::audit::{Prepared, kind};
     use crate::policy::{AttrValue, Attributes, Decision, Outcome};
     let store = fx.open();
     let log = fx.bound_log(&store, "europe");
@@ -259,14 +259,14 @@ async fn a_record_goes_in_the_same_batch_and_names_the_stored_task(fx: Fixture) 
         balance: None,
     };
     let record = |id: &str| {
-        PendingRecord::new(DecisionRef {
-            kind: kind::ROUTE,
-            task_id: Some(id),
-            entry_region: Some("europe"),
-            attributes: &attrs,
-            decision: &decision,
-            note: None,
-        })
+        Prepared::decision(
+            kind::ROUTE,
+            Some(id),
+            Some("europe"),
+            &attrs,
+            &decision,
+            None,
+        )
     };
     let mut a = task("a");
     a.idempotency_key = "k1".into();
@@ -310,7 +310,7 @@ async fn a_record_goes_in_the_same_batch_and_names_the_stored_task(fx: Fixture) 
 }
 
 async fn a_batch_insert_is_one_transaction_with_its_records(fx: Fixture) {
-    use crate::audit::{DecisionEntry, PendingRecord, kind};
+    use crate::audit::{Entry, Prepared, kind};
     let store = fx.open();
     let log = fx.bound_log(&store, "europe");
     let mut a = task("a");
@@ -324,7 +324,7 @@ async fn a_batch_insert_is_one_transaction_with_its_records(fx: Fixture) {
     let tasks = vec![task("b"), task("a"), reused, task(""), task("d")];
     let records = tasks
         .iter()
-        .map(|t| PendingRecord::entry(&DecisionEntry::new(kind::TAKEOVER).task(&t.task_id)))
+        .map(|t| Prepared::entry(&Entry::new(kind::TAKEOVER).task(&t.task_id)))
         .collect();
     let out = store.insert_batch(tasks, Some(records)).await;
     let outcomes = out.outcomes.expect("the batch commits");
@@ -366,9 +366,9 @@ async fn a_batch_insert_is_one_transaction_with_its_records(fx: Fixture) {
 /// The journal is bound once; a record offered to a store with none is
 /// answered as failed (the insert itself is made), never silently dropped.
 async fn a_store_is_bound_to_one_journal(fx: Fixture) {
-    use crate::audit::{DecisionEntry, PendingRecord, kind};
+    use crate::audit::{Entry, Prepared, kind};
     let store = fx.open();
-    let record = |id: &str| PendingRecord::entry(&DecisionEntry::new(kind::ROUTE).task(id));
+    let record = |id: &str| Prepared::entry(&Entry::new(kind::ROUTE).task(id));
     let unbound = store.insert_recorded(task("a"), record("a")).await;
     assert!(!unbound.outcome.expect("insert").is_deduplicated());
     assert!(
@@ -1036,7 +1036,7 @@ mod replicas {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_decision_chain_stays_one_across_replicas() {
-        use crate::audit::{DecisionEntry, kind};
+        use crate::audit::{Entry, kind};
         let fx = Fixture::new(Kind::Postgres);
         let (a, b) = (fx.open(), fx.open());
         let (log_a, log_b) = (fx.bound_log(&a, "europe"), fx.bound_log(&b, "europe"));
@@ -1049,12 +1049,12 @@ mod replicas {
             };
             handles.push(tokio::spawn(async move {
                 let id = format!("t{i}");
-                let record = crate::audit::PendingRecord::new(crate::audit::DecisionRef {
-                    kind: kind::ROUTE,
-                    task_id: Some(&id),
-                    entry_region: Some("europe"),
-                    attributes: &Default::default(),
-                    decision: &crate::policy::Decision {
+                let record = crate::audit::Prepared::decision(
+                    kind::ROUTE,
+                    Some(&id),
+                    Some("europe"),
+                    &Default::default(),
+                    &crate::policy::Decision {
                         outcome: crate::policy::Outcome::Routed {
                             region: "europe".into(),
                         },
@@ -1068,11 +1068,11 @@ mod replicas {
                         evaluation_errors: vec![],
                         balance: None,
                     },
-                    note: None,
-                });
+                    None,
+                );
                 let r = store.insert_recorded(task(&id), record).await;
                 assert_eq!(r.record, RecordState::Written);
-                log.append(DecisionEntry::new(kind::POLICY_RELOAD).note(format!("n{i}")))
+                log.append(Entry::new(kind::POLICY_RELOAD).note(format!("n{i}")))
                     .await
                     .expect("append");
             }));
@@ -1207,12 +1207,12 @@ async fn postgres_insert_throughput() {
 
 mod timing {
     use super::*;
-    use crate::audit::{DecisionEntry, PendingRecord, kind};
+    use crate::audit::{Entry, Prepared, kind};
 
     const TASKS: usize = 5_000;
 
-    fn entry(id: &str) -> DecisionEntry {
-        DecisionEntry::new(kind::TAKEOVER)
+    fn entry(id: &str) -> Entry {
+        Entry::new(kind::TAKEOVER)
             .task(id)
             .note("taken over from europe (epoch 1) by north_america")
     }
@@ -1235,7 +1235,7 @@ mod timing {
             let tasks: Vec<Task> = (0..TASKS).map(|i| task(&format!("batch-{i}"))).collect();
             let records = tasks
                 .iter()
-                .map(|t| PendingRecord::entry(&entry(&t.task_id)))
+                .map(|t| Prepared::entry(&entry(&t.task_id)))
                 .collect();
             let started = std::time::Instant::now();
             let out = store.insert_batch(tasks, Some(records)).await;

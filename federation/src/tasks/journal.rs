@@ -7,7 +7,7 @@ use futures::future::BoxFuture;
 
 /// A decision record as the store carries it: rendered by the caller, named
 /// after the task the insert produced, appended by the journal.
-pub type Record = crate::audit::PendingRecord;
+pub type Record = crate::audit::Prepared;
 
 /// A journal's head after an append in the database: seq and hash.
 pub type Head = (u64, String);
@@ -52,7 +52,7 @@ impl Receipt {
 
 impl Journal for crate::audit::DecisionLog {
     fn append_batch(&self, records: Vec<Record>) -> Receipt {
-        let receipt = crate::audit::DecisionLog::append_batch(self, records);
+        let receipt = self.append(crate::audit::Batch::from(records));
         Receipt::new(move || receipt.wait().map(|_| ()).map_err(|e| e.to_string()))
     }
 
