@@ -121,6 +121,10 @@ pub async fn serve_with(
         health: health_listener,
     } = listeners;
     let addr = listener.local_addr().ok();
+    // The bound address for scripts and harnesses (port 0 resolves here), as
+    // a log line once the state is open: stdout stays empty, so log
+    // collectors see only logs.
+    tracing::info!(addr = %crate::logfields::list(addr), "listening");
     tracing::info!(region = %node.region(), epoch = node.cluster().epoch(), addr = %crate::logfields::list(addr), "controller serving");
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
