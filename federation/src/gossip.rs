@@ -180,22 +180,14 @@ impl Gossip {
     /// Every heartbeat: advertise to every peer (each call bounded by a
     /// deadline, so a hung peer delays nobody) and recompute peer health;
     /// keeps the log's anchors on disk.
-    pub async fn advertise_loop(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    pub async fn advertise_loop(self: Arc<Self>, stop: tokio::sync::watch::Receiver<bool>) {
         let interval = self.heartbeat.max(Duration::from_millis(10));
         let deadline = interval
             .min(self.forward_timeout)
             .max(Duration::from_millis(50));
-        let mut ticker = tokio::time::interval(interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut ticker = crate::ticker::Ticker::new(interval, stop);
         let mut recorded = self.store.log_head().ok().flatten();
-        loop {
-            tokio::select! {
-                _ = ticker.tick() => {}
-                _ = stop.changed() => return,
-            }
-            if *stop.borrow() {
-                return;
-            }
+        while ticker.tick().await {
             let membership = self.cluster.membership();
             membership.tick(Instant::now());
             self.persist_anchors(&mut recorded).await;

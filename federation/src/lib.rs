@@ -41,5 +41,6 @@ pub mod status_view;
 pub mod task_decision;
 pub mod tasks;
 pub mod text;
+pub mod ticker;
 pub mod transport;
 pub mod wire;

@@ -16,6 +16,7 @@ use tokio::net::TcpListener;
 
 use crate::controller::{Node, Settings, replica_stale};
 use crate::tasks::TaskStore;
+use crate::ticker::Ticker;
 use crate::transport;
 
 /// Longest a TLS handshake may take before the connection is dropped.
@@ -120,6 +121,10 @@ pub async fn serve_with(
         health: health_listener,
     } = listeners;
     let addr = listener.local_addr().ok();
+    // The bound address for scripts and harnesses (port 0 resolves here), as
+    // a log line once the state is open: stdout stays empty, so log
+    // collectors see only logs.
+    tracing::info!(addr = %crate::logfields::list(addr), "listening");
     tracing::info!(region = %node.region(), epoch = node.cluster().epoch(), addr = %crate::logfields::list(addr), "controller serving");
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -437,25 +442,18 @@ async fn discovery_loop(node: Arc<Node>, mut stop: tokio::sync::watch::Receiver<
 /// `dead_after` (so a new leader is elected within about `dead_after` of
 /// the leader's death); the region's singleton work (lease expiry) runs
 /// only while it leads, its leadership token checked in the database.
-async fn leader_loop(node: Arc<Node>, mut stop: tokio::sync::watch::Receiver<bool>) {
-    let mut ticker = tokio::time::interval(
+async fn leader_loop(node: Arc<Node>, stop: tokio::sync::watch::Receiver<bool>) {
+    let mut ticker = Ticker::new(
         node.timers()
             .heartbeat_interval
             .max(Duration::from_millis(10)),
+        stop,
     );
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let stale = replica_stale(node.timers());
     let TaskStore::Postgres(store) = node.store() else {
         return;
     };
-    loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            _ = stop.changed() => return,
-        }
-        if *stop.borrow() {
-            return;
-        }
+    while ticker.tick().await {
         match store.refresh_replica(node.replica(), stale).await {
             Ok(true) => {}
             Ok(false) => {
@@ -485,19 +483,11 @@ async fn leader_loop(node: Arc<Node>, mut stop: tokio::sync::watch::Receiver<boo
 }
 
 /// Returns expired leases to the queue and forgets silent agents.
-async fn reap_loop(node: Arc<Node>, mut stop: tokio::sync::watch::Receiver<bool>) {
+async fn reap_loop(node: Arc<Node>, stop: tokio::sync::watch::Receiver<bool>) {
     let period =
         (node.timers().lease_ttl / 4).clamp(Duration::from_millis(100), Duration::from_secs(2));
-    let mut ticker = tokio::time::interval(period);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            _ = stop.changed() => return,
-        }
-        if *stop.borrow() {
-            return;
-        }
+    let mut ticker = Ticker::new(period, stop);
+    while ticker.tick().await {
         let expired = if node.store().is_postgres() {
             // Lease expiry is the leader's, its leadership token checked.
             match node.cluster().leader_token() {

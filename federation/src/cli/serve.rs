@@ -223,9 +223,6 @@ async fn serve(settings: Settings, addresses: Addresses) -> anyhow::Result<()> {
         .with_context(|| format!("binding {listen}"))?;
     let admin = bind_optional(addresses.admin, "admin").await?;
     let health = bind_optional(addresses.health, "health").await?;
-    // The bound address for scripts and harnesses (port 0 resolves here), as
-    // a log line: stdout stays empty, so log collectors see only logs.
-    tracing::info!(addr = %listener.local_addr()?, "listening");
     let (reload_tx, reloads) = tokio::sync::mpsc::channel(16);
     tokio::spawn(async move {
         let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
