@@ -102,20 +102,31 @@ pub struct LoadSeen {
     pub share_ppm: u32,
 }
 
+/// Members of a set a decision holds on the stack (a larger set takes
+/// one allocation for them).
+pub(crate) const INLINE: usize = 16;
+
 /// One eligible member (alive, compliant, not full, not held down).
+/// `Copy`: a decision keeps a set's members in a plain array.
+#[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct Member {
     /// Its position in the rule's `primaries`.
     pub(crate) index: usize,
+    /// Its rank in the tie order ([`Rule::primary_ranks`]).
+    pub(crate) rank: u32,
     /// Its advertised load.
     pub(crate) load: Option<Load>,
     /// Its share of a draw (set by [`order`]).
     pub(crate) weight: f64,
+    /// Its verdict's detail (usually empty), for its candidate.
+    pub(crate) detail: &'static str,
 }
 
 /// Puts the eligible members (given in `primaries` order) in the order
 /// they are to be tried, the chosen one first, and returns the note that
-/// explains it. Sorts in place with the tie order resolved at load
-/// ([`Rule::primary_ranks`]): no allocation besides the note.
+/// explains it. Sorts in place by integer keys (the tie order resolved at
+/// load, [`Rule::primary_ranks`]): no allocation besides the note's loads
+/// and its sentence, written at its length.
 pub(crate) fn order(
     rule: &Rule,
     attrs: &Attributes,
@@ -123,8 +134,6 @@ pub(crate) fn order(
     draw: u64,
 ) -> BalanceNote {
     let name = |i: usize| rule.primaries[i].as_str();
-    // The tie order: (priority, name), as a rank.
-    let rank = |m: &Member| rule.primary_ranks[m.index];
     let mut note = BalanceNote {
         mode: rule.balance.as_str(),
         affinity: None,
@@ -173,7 +182,7 @@ pub(crate) fn order(
     }
 
     if rule.balance == Balance::Priority {
-        members.sort_unstable_by_key(rank);
+        members.sort_unstable_by_key(|m| m.rank);
         note.why.push_str("priority: ");
         note.why.push_str(name(members[0].index));
         note.why
@@ -189,7 +198,7 @@ pub(crate) fn order(
     let weight = |m: &Member| m.weight;
     let total: f64 = members.iter().map(weight).sum();
     if total <= 0.0 || !total.is_finite() {
-        members.sort_unstable_by_key(rank);
+        members.sort_unstable_by_key(|m| m.rank);
         note.why.push_str(rule.balance.as_str());
         note.why.push_str(if rule.balance == Balance::Weighted {
             ": no available member has a weight, so by priority: "
@@ -203,8 +212,10 @@ pub(crate) fn order(
     for (m, seen) in members.iter().zip(note.loads.iter_mut()) {
         seen.share_ppm = round_share((weight(m) / total) * 1e6);
     }
-    // Tie order: weight (descending), then priority, then name.
-    members.sort_unstable_by(|a, b| weight(b).total_cmp(&weight(a)).then(rank(a).cmp(&rank(b))));
+    // Tie order: weight (descending), then priority, then name. Every
+    // weight is finite and at least +0 here (the total is finite), so the
+    // order of their bits is their order (`f64::total_cmp`'s).
+    members.sort_unstable_by_key(|m| (std::cmp::Reverse(m.weight.to_bits()), m.rank));
     // A point in [0, total): the member whose interval holds it is chosen.
     let fraction = (draw >> 11) as f64 / (1u64 << 53) as f64;
     let draw_ppm = (fraction * 1e6) as u32;
@@ -227,24 +238,81 @@ pub(crate) fn order(
     // The winner first, the others in the tie order.
     members[..=chosen].rotate_right(1);
     // "{mode}: draw {ppm} ppm fell in {winner}'s share ({p}.{p}% of {n}
-    // available members)", pieced together (the formatter costs more than
-    // the rest of the draw).
-    let why = &mut note.why;
+    // available members)", pieced together at its length (the formatter
+    // costs more than the rest of the draw).
+    let mode = rule.balance.as_str();
     let winner = name(members[0].index);
-    why.reserve(72 + winner.len());
-    why.push_str(rule.balance.as_str());
-    why.push_str(": draw ");
-    push_decimal(why, u64::from(draw_ppm));
-    why.push_str(" ppm fell in ");
+    const DRAW: &str = ": draw ";
+    const FELL: &str = " ppm fell in ";
+    const SHARE: &str = "'s share (";
+    const OF: &str = "% of ";
+    const AVAILABLE: &str = " available members)";
+    let (ppm, whole, tenth, n) = (
+        Decimal::of(u64::from(draw_ppm)),
+        Decimal::of(u64::from(share_permille / 10)),
+        Decimal::of(u64::from(share_permille % 10)),
+        Decimal::of(members.len() as u64),
+    );
+    // After the note of an absent affinity attribute, if any.
+    let why = &mut note.why;
+    why.reserve(
+        mode.len()
+            + DRAW.len()
+            + ppm.len()
+            + FELL.len()
+            + winner.len()
+            + SHARE.len()
+            + whole.len()
+            + 1
+            + tenth.len()
+            + OF.len()
+            + n.len()
+            + AVAILABLE.len(),
+    );
+    why.push_str(mode);
+    why.push_str(DRAW);
+    why.push_str(ppm.as_str());
+    why.push_str(FELL);
     why.push_str(winner);
-    why.push_str("'s share (");
-    push_decimal(why, u64::from(share_permille / 10));
+    why.push_str(SHARE);
+    why.push_str(whole.as_str());
     why.push('.');
-    push_decimal(why, u64::from(share_permille % 10));
-    why.push_str("% of ");
-    push_decimal(why, members.len() as u64);
-    why.push_str(" available members)");
+    why.push_str(tenth.as_str());
+    why.push_str(OF);
+    why.push_str(n.as_str());
+    why.push_str(AVAILABLE);
     note
+}
+
+/// A number's decimal digits, written on the stack.
+struct Decimal {
+    digits: [u8; 20],
+    at: usize,
+}
+
+impl Decimal {
+    fn of(mut n: u64) -> Self {
+        let mut digits = [0u8; 20];
+        let mut at = digits.len();
+        loop {
+            at -= 1;
+            digits[at] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        Decimal { digits, at }
+    }
+
+    fn len(&self) -> usize {
+        self.digits.len() - self.at
+    }
+
+    fn as_str(&self) -> &str {
+        // Only ASCII digits were written.
+        std::str::from_utf8(&self.digits[self.at..]).unwrap_or("")
+    }
 }
 
 /// `x.round() as u32` for a share (finite, at least 0): the integer part,
@@ -260,20 +328,9 @@ fn round_share(x: f64) -> u32 {
 }
 
 /// Appends `n` in decimal.
-fn push_decimal(out: &mut String, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    for &d in &digits[at..] {
-        out.push(char::from(d));
-    }
+#[cfg(test)]
+fn push_decimal(out: &mut String, n: u64) {
+    out.push_str(Decimal::of(n).as_str());
 }
 
 /// SHA-256 of the affinity attribute's name and value: what the decision

@@ -444,10 +444,21 @@ impl Decision {
                     .first()
                     .is_some_and(|f| f.region == c.region);
                 self.reason = if first {
-                    format!(
-                        "{rule} matched; routed to primary {} of the set ({why})",
-                        c.region
-                    )
+                    // "{rule} matched; routed to primary {region} of the
+                    // set ({why})", pieced together at its exact length
+                    // (the formatter would grow it twice).
+                    const ROUTED: &str = " matched; routed to primary ";
+                    const OF_SET: &str = " of the set (";
+                    let mut reason = String::with_capacity(
+                        rule.len() + ROUTED.len() + c.region.len() + OF_SET.len() + why.len() + 1,
+                    );
+                    reason.push_str(&rule);
+                    reason.push_str(ROUTED);
+                    reason.push_str(&c.region);
+                    reason.push_str(OF_SET);
+                    reason.push_str(why);
+                    reason.push(')');
+                    reason
                 } else {
                     format!(
                         "{rule} matched; routed to primary {} of the set ({why}) [{}]",
@@ -555,13 +566,29 @@ pub fn decide_with(
 
     // Every candidate's verdict from one visit of the view, by the
     // positions resolved at load; names shared from the same table. A
-    // set's primaries wait (verdicts in `primary_verdicts`, the accepted
-    // ones in `members`) until balancing has ordered them.
+    // set's available members wait (in `members`, on the stack for a set
+    // of up to `balance::INLINE`) until balancing has ordered them; its
+    // refused members and the backups go straight to `candidates`, in
+    // file order, and the members are put in front of them afterwards.
     let primaries = rule.primaries.len();
     let set = rule.is_set();
+    // `required` is the rule's tags plus any a data class adds: the same
+    // set exactly when no tag was added, and then the tag check of a
+    // region whose view shares its configured tags was done at load.
+    let rule_tags_only = required.len() == rule.requires.len();
     let mut candidates = Vec::with_capacity(rule.candidate_ids.len());
-    let mut primary_verdicts = Vec::with_capacity(if set { primaries } else { 0 });
-    let mut members = Vec::with_capacity(if set { primaries } else { 0 });
+    let mut inline: [balance::Member; balance::INLINE];
+    let mut spilled = Vec::new();
+    let members: &mut [balance::Member] = if !set {
+        &mut []
+    } else if primaries > balance::INLINE {
+        spilled.resize(primaries, balance::Member::default());
+        &mut spilled
+    } else {
+        inline = [balance::Member::default(); balance::INLINE];
+        &mut inline
+    };
+    let mut available = 0;
     let mut visited = 0;
     view.visit_regions(policy, &rule.candidate_ids, &mut |v| {
         let i = visited;
@@ -574,18 +601,36 @@ pub fn decide_with(
                 None => return,
             },
         };
-        let (refusal, detail) = verdict(region, v, &required, rule.allow_overflow);
-        if set && role == Role::Primary {
-            if refusal.is_none() {
-                members.push(balance::Member {
-                    index: i,
-                    load: v.and_then(|v| v.load),
-                    weight: 0.0,
-                });
-            }
-            primary_verdicts.push((refusal, detail));
-            return;
-        }
+        let tags_checked = rule_tags_only
+            && v.is_some_and(|v| {
+                rule.candidate_holds_requires.get(i).copied() == Some(true)
+                    && rule.candidate_ids.get(i).is_some_and(|&id| {
+                        policy
+                            .regions
+                            .get(id)
+                            .is_some_and(|r| std::sync::Arc::ptr_eq(&r.shared_tags, &v.tags))
+                    })
+            });
+        let (refusal, detail) =
+            match verdict(region, v, &required, tags_checked, rule.allow_overflow) {
+                Ok(detail) => {
+                    if set && role == Role::Primary {
+                        if let Some(m) = members.get_mut(available) {
+                            *m = balance::Member {
+                                index: i,
+                                rank: rule.primary_ranks.get(i).copied().unwrap_or(u32::MAX),
+                                load: v.and_then(|v| v.load),
+                                weight: 0.0,
+                                detail,
+                            };
+                            available += 1;
+                        }
+                        return;
+                    }
+                    (None, detail.to_string())
+                }
+                Err((refusal, detail)) => (Some(refusal), detail),
+            };
         candidates.push(Candidate {
             region: region.clone(),
             role,
@@ -597,31 +642,17 @@ pub fn decide_with(
     if set {
         // The loads seen are in the balance note (and on the wire per
         // candidate), not repeated in each detail.
-        let balanced = balance::order(rule, attrs, &mut members, draw);
+        let members = &mut members[..available];
+        let balanced = balance::order(rule, attrs, members, draw);
         // The set's members first, in balance order, then the refused
-        // ones (in file order), before the backups already there.
-        let mut at = 0;
-        let mut put = |candidates: &mut Vec<Candidate>, index: usize, refusal, detail| {
-            candidates.insert(
-                at,
-                Candidate {
-                    region: rule.shared_primaries[index].clone(),
-                    role: Role::Primary,
-                    refusal,
-                    detail,
-                },
-            );
-            at += 1;
-        };
-        for m in &members {
-            let detail = std::mem::take(&mut primary_verdicts[m.index].1);
-            put(&mut candidates, m.index, None, detail);
-        }
-        for (index, (refusal, detail)) in primary_verdicts.into_iter().enumerate() {
-            if refusal.is_some() {
-                put(&mut candidates, index, refusal, detail);
-            }
-        }
+        // ones (in file order) and the backups already there.
+        candidates.extend(members.iter_mut().map(|m| Candidate {
+            region: rule.shared_primaries[m.index].clone(),
+            role: Role::Primary,
+            refusal: None,
+            detail: m.detail.to_string(),
+        }));
+        candidates.rotate_right(available);
         note = Some(balanced);
     }
 
@@ -647,57 +678,62 @@ pub fn decide_with(
 /// How failover warnings start (followed by the region).
 const FAILOVER_WARNING: &str = "failover to ";
 
+/// A candidate's verdict: accepted with its detail (a fixed text, usually
+/// empty), or refused with why. `tags_checked`: the region's view holds
+/// its configured tags and those hold `required` (known at load): no set
+/// lookups.
 fn verdict(
     region: &str,
     view: Option<&RegionView>,
     required: &BTreeSet<String>,
+    tags_checked: bool,
     allow_overflow: bool,
-) -> (Option<Refusal>, String) {
+) -> Result<&'static str, (Refusal, String)> {
     match view {
-        Some(v) => verdict_of(v, required, allow_overflow),
-        None => (
-            Some(Refusal::UnknownRegion),
+        Some(v) => verdict_of(v, required, tags_checked, allow_overflow),
+        None => Err((
+            Refusal::UnknownRegion,
             format!("{region} is not a known region"),
-        ),
+        )),
     }
 }
 
 fn verdict_of(
     v: &RegionView,
     required: &BTreeSet<String>,
+    tags_checked: bool,
     allow_overflow: bool,
-) -> (Option<Refusal>, String) {
+) -> Result<&'static str, (Refusal, String)> {
     // The usual case (every tag held) without building the missing list.
-    if !required.iter().all(|t| v.tags.contains(t)) {
+    if !tags_checked && !required.iter().all(|t| v.tags.contains(t)) {
         let missing: Vec<_> = required.difference(&v.tags).cloned().collect();
-        return (
-            Some(Refusal::MissingTags),
+        return Err((
+            Refusal::MissingTags,
             format!("lacks {}", missing.join(", ")),
-        );
+        ));
     }
     match v.health {
-        Health::Dead => return (Some(Refusal::Dead), "missed advertisements: dead".into()),
-        Health::Unknown => return (Some(Refusal::Unknown), "never heard from".into()),
+        Health::Dead => return Err((Refusal::Dead, "missed advertisements: dead".into())),
+        Health::Unknown => return Err((Refusal::Unknown, "never heard from".into())),
         Health::Alive | Health::Suspect => {}
     }
     if v.draining {
-        return (Some(Refusal::Draining), "draining".into());
+        return Err((Refusal::Draining, "draining".into()));
     }
     if v.full && !allow_overflow {
-        return (Some(Refusal::Full), "queue at its limit".into());
+        return Err((Refusal::Full, "queue at its limit".into()));
     }
     if v.held_down {
-        return (
-            Some(Refusal::HoldDown),
+        return Err((
+            Refusal::HoldDown,
             "recently returned: failback hold-down".into(),
-        );
+        ));
     }
-    let detail = if v.health == Health::Suspect {
-        "suspect (late advertisements), tried".to_string()
+    Ok(if v.health == Health::Suspect {
+        "suspect (late advertisements), tried"
     } else {
-        String::new()
-    };
-    (None, detail)
+        ""
+    })
 }
 
 /// Helper for [`Policy::match_rule`] results.

@@ -131,6 +131,11 @@ pub struct Rule {
     /// so a decision looks its candidates up by index
     /// ([`FederationView::regions_at`]), not by name.
     pub candidate_ids: Vec<usize>,
+    /// Whether each candidate's configured tags hold [`Rule::requires`],
+    /// aligned with [`Rule::candidate_ids`]: a decision whose view of the
+    /// region shares those tags (and no data class adds one) skips the
+    /// set lookups.
+    pub candidate_holds_requires: Vec<bool>,
     /// How a member of the set is chosen (meaningful for a set).
     pub balance: Balance,
     /// Static shares for [`Balance::Weighted`]; members without one take no
@@ -622,6 +627,12 @@ impl Policy {
                     .iter()
                     .chain(backups.iter())
                     .filter_map(|c| regions.iter().position(|r| &r.name == c))
+                    .collect(),
+                candidate_holds_requires: primaries
+                    .iter()
+                    .chain(backups.iter())
+                    .filter_map(|c| regions.iter().find(|r| &r.name == c))
+                    .map(|r| requires.is_subset(&r.shared_tags))
                     .collect(),
                 primaries,
                 balance,
