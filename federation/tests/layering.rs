@@ -144,6 +144,10 @@ fn paths_after(text: &str, prefix: &str) -> Vec<Vec<String>> {
         {
             continue;
         }
+        // `pub(in crate::x)` names who may see an item, not an import.
+        if text[..start].ends_with("(in ") {
+            continue;
+        }
         expand(&text[from..], Vec::new(), &mut out);
     }
     out
@@ -211,12 +215,22 @@ fn children(text: &str) -> Vec<String> {
 fn reexports(modules: &BTreeMap<PathBuf, Module>) -> BTreeMap<(Vec<String>, String), Vec<String>> {
     let mut out = BTreeMap::new();
     for m in modules.values() {
-        for line in m.text.lines() {
-            let Some(rest) = line.trim().strip_prefix("pub use ") else {
+        // A statement may span lines (rustfmt breaks long lists).
+        for (at, _) in m.text.match_indices("pub use ") {
+            let starts_line = m.text[..at]
+                .chars()
+                .next_back()
+                .is_none_or(|c| c == '\n' || c == ' ');
+            if !starts_line {
+                continue;
+            }
+            let rest = &m.text[at + "pub use ".len()..];
+            let Some(end) = rest.find(';') else {
                 continue;
             };
+            let statement = rest[..end].replace('\n', " ");
             let mut paths = Vec::new();
-            expand(rest.trim_end_matches(';'), Vec::new(), &mut paths);
+            expand(&statement, Vec::new(), &mut paths);
             for p in paths {
                 if p.len() < 2 || p[0] == "crate" || p[0] == "super" || p[0] == "self" {
                     continue;
@@ -389,7 +403,24 @@ fn the_controllers_modules_form_no_import_cycle() {
         .iter()
         .map(|c| {
             let names: Vec<String> = c.iter().map(|m| m.join("::")).collect();
-            format!("{} modules: {}", names.len(), names.join(", "))
+            // What ties them: each arrow between two of its members.
+            let arrows: Vec<String> = c
+                .iter()
+                .flat_map(|from| {
+                    edges
+                        .get(from)
+                        .into_iter()
+                        .flatten()
+                        .filter(|to| c.contains(to))
+                        .map(move |to| format!("  {} -> {}", from.join("::"), to.join("::")))
+                })
+                .collect();
+            format!(
+                "{} modules: {}\n{}",
+                names.len(),
+                names.join(", "),
+                arrows.join("\n")
+            )
         })
         .collect();
     assert!(

@@ -1,12 +1,10 @@
 //! Chain verification: one line's layout and hash, the link to the record
 //! before it, and a scan of a whole log that names the first broken record.
 
-use std::path::Path;
-
 use serde::Serialize;
 use serde_json::Value;
 
-use super::{AuditError, GENESIS_HASH, HASH_SEP, Record, read_log, sha256_hex};
+use super::{GENESIS_HASH, HASH_SEP, Record, sha256_hex};
 
 /// The `seq` of a line, read without parsing the rest of it (the last
 /// `"seq":` key: a record's own fields sort after anything nested).
@@ -220,12 +218,6 @@ pub(super) fn scan_from(bytes: &[u8], start: Tip) -> Scan {
         good_len: offset as u64,
         tail_record_ok,
     }
-}
-
-/// Errors only when the file cannot be read; a broken chain is reported in
-/// [`VerifyReport::first_broken`].
-pub fn verify(path: &Path) -> Result<VerifyReport, AuditError> {
-    Ok(read_log(path)?.verify())
 }
 
 /// Verifies the chain of a log held in memory (what [`verify`] does after

@@ -53,12 +53,12 @@ pub use canonical::Prepared;
 use canonical::canonical;
 pub use canonical::health_name;
 use canonical::{push_attr_value, push_attributes, sha256_hex};
-pub use chain::{Broken, VerifyReport, verify, verify_bytes};
+pub use chain::{Broken, VerifyReport, verify_bytes};
 use chain::{Tip, check_line, scan, scan_from, seq_of};
 use read::read_file;
-pub use read::{Filter, log_path, show, show_bytes};
+pub use read::{Filter, show, show_bytes};
 pub use record::{Entry, Record};
-pub use segments::{LogBytes, read_log};
+pub use segments::{LogBytes, log_path, read_log, verify};
 use writer::{Append, lock, now_rfc3339};
 pub use writer::{Batch, DecisionLog, LogOptions, Receipt};
 

@@ -1,21 +1,9 @@
 //! Reading records back: where a data directory keeps its log, and the
 //! records a [`Filter`] selects (across its segments, [`super::segments`]).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-#[cfg(doc)]
-use super::verify;
-use super::{AuditError, FILE_NAME, Record};
-
-/// The log file for `path`: the path itself, or `path/decisions.jsonl` when
-/// it is a directory.
-pub fn log_path(path: &Path) -> PathBuf {
-    if path.is_dir() {
-        path.join(FILE_NAME)
-    } else {
-        path.to_path_buf()
-    }
-}
+use super::{AuditError, Record, log_path};
 
 /// One file's bytes (the active file; [`super::read_log`] reads them all).
 pub(super) fn read_file(path: &Path) -> Result<Vec<u8>, AuditError> {

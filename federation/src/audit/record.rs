@@ -1,16 +1,16 @@
 //! The record model: what a caller records ([`Entry`]) and a line read back
-//! ([`Record`]); in between, [`Prepared`] (`canonical`) is a record encoded
+//! ([`Record`]); in between, [`Prepared`](super::Prepared) (`canonical`) is a record encoded
 //! and ready to chain.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 #[cfg(doc)]
-use super::{Prepared, key, kind, minimise};
+use super::{key, kind, minimise};
 use crate::policy::{Attributes, Decision};
 
 /// What a caller records: a record without the fields the log fills in
-/// (seq, time, region, hashes). [`Prepared::entry`] encodes it.
+/// (seq, time, region, hashes). [`Prepared::entry`](super::Prepared::entry) encodes it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Entry {
     /// What happened: one of [`kind`]'s constants.

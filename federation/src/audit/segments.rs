@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 
 #[cfg(doc)]
 use super::Broken;
-use super::{AuditError, FILE_NAME, Tip, VerifyReport, check_line, log_path, scan};
+use super::{AuditError, FILE_NAME, Tip, VerifyReport, check_line, scan};
 
 /// zstd level of closed segments (the helper thread compresses them off the
 /// append path).
@@ -313,6 +313,23 @@ impl LogBytes {
         }
         report
     }
+}
+
+/// The log file for `path`: the path itself, or `path/decisions.jsonl` when
+/// it is a directory.
+pub fn log_path(path: &Path) -> PathBuf {
+    if path.is_dir() {
+        path.join(FILE_NAME)
+    } else {
+        path.to_path_buf()
+    }
+}
+
+/// Verifies the chain of the log at `path` across its segments. Errors only
+/// when a file cannot be read; a broken chain is reported in
+/// [`VerifyReport::first_broken`].
+pub fn verify(path: &Path) -> Result<VerifyReport, AuditError> {
+    Ok(read_log(path)?.verify())
 }
 
 /// Reads the log at `path` (a data directory or its active file): every

@@ -33,6 +33,7 @@ pub mod envelope;
 pub mod inbound;
 pub mod keyring;
 pub mod receiver;
+mod rejection;
 pub mod restore;
 pub mod snapshot;
 pub mod takeover;

@@ -16,7 +16,7 @@ use std::sync::LazyLock;
 use federation_api as api;
 use hashbrown::HashTable;
 
-use super::receiver::Rejection;
+use super::rejection::Rejection;
 use super::snapshot;
 use super::view::{self, List, TaskView, ViewError};
 use crate::policy::Policy;

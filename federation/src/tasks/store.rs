@@ -29,8 +29,6 @@ use super::{AgentRecord, Clock, StoreError, SystemClock};
 
 /// The most requests one write transaction applies (one fsync).
 pub const MAX_BATCH: usize = 1024;
-/// The most tasks one `lease` call hands out.
-pub const MAX_LEASE_BATCH: usize = 1000;
 /// The most expired leases one `expire_leases` call handles.
 pub(super) const MAX_EXPIRE_BATCH: usize = 10_000;
 const TASKS: TableDefinition<&str, &[u8]> = TableDefinition::new("tasks");

@@ -9,7 +9,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::CHANNEL;
 use super::Shared;
-use crate::tasks::{Counts, decode};
+use crate::tasks::Counts;
+use crate::tasks::store::decode;
 
 /// Listens for other replicas' changes of `region` until `stop` fires:
 /// reads each notified task and publishes it, and recounts the tasks.

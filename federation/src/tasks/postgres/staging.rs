@@ -11,7 +11,8 @@ use super::tx::Tx;
 use super::{key_of, state_code};
 use crate::tasks::requests::Op;
 use crate::tasks::shared::Change;
-use crate::tasks::{InsertOutcome, StoreError, decode, transitions};
+use crate::tasks::store::decode;
+use crate::tasks::{InsertOutcome, StoreError, transitions};
 
 /// What became of an insert offered to [`Tx::stage`].
 pub(super) enum Staging {

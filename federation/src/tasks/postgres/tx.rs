@@ -13,9 +13,9 @@ use crate::pg::Pg;
 use crate::tasks::requests::{self, Operations, Outcomes};
 use crate::tasks::shared::Change;
 use crate::tasks::store::MAX_EXPIRE_BATCH;
-use crate::tasks::{
-    AgentRecord, CancelOutcome, InsertOutcome, StoreError, decode, is_terminal, transitions,
-};
+use crate::tasks::store::decode;
+use crate::tasks::transitions;
+use crate::tasks::{AgentRecord, CancelOutcome, InsertOutcome, StoreError, is_terminal};
 
 /// Mutations of one batch, inside its transaction.
 pub(super) struct Tx<'a, 't> {

@@ -10,9 +10,8 @@ use super::idempotency::IdemIndex;
 use super::{AGENTS, DbResult, MAX_EXPIRE_BATCH, Shared, decode};
 use crate::tasks::requests::{Operations, Outcomes};
 use crate::tasks::shared::Change;
-use crate::tasks::{
-    AgentRecord, CancelOutcome, InsertOutcome, StoreError, is_terminal, transitions,
-};
+use crate::tasks::transitions;
+use crate::tasks::{AgentRecord, CancelOutcome, InsertOutcome, StoreError, is_terminal};
 
 pub(super) struct Tables<'t> {
     /// For reporting undecodable records.
