@@ -73,6 +73,31 @@ pub struct ClusterParts {
 }
 
 impl Cluster {
+    /// Checks that a calling peer's certificate names `claimed`, the region
+    /// a message says it comes from (`field`), and records the tags the
+    /// certificate attests in the peer table. Plaintext (no caller) checks
+    /// nothing.
+    pub fn check_peer_claim(
+        &self,
+        caller: Option<&crate::auth::Caller>,
+        field: &str,
+        claimed: &str,
+    ) -> Result<(), crate::error::Error> {
+        let Some(crate::auth::Caller(id)) = caller else {
+            return Ok(());
+        };
+        let region = id.region.as_deref().unwrap_or("");
+        if region != claimed {
+            tracing::warn!(certificate = %id, claimed = %crate::wire::truncate(claimed, 64), %field, "peer claims another region than its certificate; refused");
+            return Err(crate::error::Error::Denied(format!(
+                "{field} `{}` does not match the caller's certificate ({id})",
+                crate::wire::truncate(claimed, 64)
+            )));
+        }
+        self.membership().attest(region, &id.tags);
+        Ok(())
+    }
+
     /// A cluster view from its parts; this replica leads from the start
     /// unless its store is the region's database (then `leader_loop` elects).
     pub fn new(parts: ClusterParts) -> Self {

@@ -163,7 +163,9 @@ pub async fn submit(
                     Some(&view),
                 )
             };
-            store_local(router, &task_id, &req, &decision, render, received).await
+            let Attempt { placed, record } =
+                store_local(router, &task_id, &req, &decision, render, received).await;
+            (placed, record)
         } else {
             let pending = decision_record(
                 router,
@@ -332,6 +334,13 @@ struct Placed {
     state: api::TaskState,
 }
 
+/// A placement tried in this region, and what became of its decision record
+/// (written, failed, or not written because nothing was decided here).
+struct Attempt {
+    placed: Result<Placed>,
+    record: RecordState,
+}
+
 /// The error a rejected decision maps to.
 pub fn rejection_error(decision: &Decision) -> Error {
     match &decision.outcome {
@@ -392,28 +401,28 @@ async fn store_local(
     decision: &Decision,
     render: impl FnOnce(Option<&str>) -> Prepared,
     received: Option<&TraceParent>,
-) -> (Result<Placed>, RecordState) {
+) -> Attempt {
     if router.cluster.draining() {
-        return (
-            Err(Error::Unavailable(format!(
+        return Attempt {
+            placed: Err(Error::Unavailable(format!(
                 "{} is draining",
                 router.cluster.region()
             ))),
-            RecordState::NotWritten,
-        );
+            record: RecordState::NotWritten,
+        };
     }
     if req.probe {
         // A drill's probe: the placement is decided and recorded, nothing
         // is stored (so nothing can be leased, run or replicated).
         let logged = router.log.append(render(Some(PROBE_NOTE))).await;
-        return (
-            Ok(Placed {
+        return Attempt {
+            placed: Ok(Placed {
                 task_id: task_id.to_string(),
                 deduplicated: false,
                 state: api::TaskState::Cancelled,
             }),
-            record_state(logged),
-        );
+            record: record_state(logged),
+        };
     }
     let policy = router.cluster.policy();
     let mut unverified = None;
@@ -438,7 +447,10 @@ async fn store_local(
                     state: known.state,
                 }),
             };
-            return (answer, RecordState::NotWritten);
+            return Attempt {
+                placed: answer,
+                record: RecordState::NotWritten,
+            };
         }
         KeyCheck::Unknown { regions, note } => {
             unverified = Some(regions);
@@ -508,7 +520,10 @@ async fn store_local(
         }),
         Err(e) => Err(Error::from(e)),
     };
-    (outcome, stored.record)
+    Attempt {
+        placed: outcome,
+        record: stored.record,
+    }
 }
 
 fn record_state(logged: std::result::Result<u64, crate::audit::AuditError>) -> RecordState {
@@ -651,8 +666,10 @@ pub async fn accept_forward(
             None,
         )
     };
-    let (stored, appended) =
-        store_local(router, &req.task_id, &submit, &decision, render, received).await;
+    let Attempt {
+        placed: stored,
+        record: appended,
+    } = store_local(router, &req.task_id, &submit, &decision, render, received).await;
     if let (Err(e), RecordState::Written | RecordState::Failed(_)) = (&stored, appended) {
         record(
             router,
@@ -720,6 +737,35 @@ impl crate::policy::FederationView for WhatIf<'_> {
         }
         Some(v)
     }
+}
+
+/// [`accept_forward`] inside the `forward_task` server span, a child of
+/// the entry's forward span (`parent`); a refusal is exported with what the
+/// records keep of the attributes (the task is not held here).
+pub async fn accept_forward_in_span(
+    router: &Router,
+    req: api::ForwardTaskRequest,
+    parent: Option<TraceParent>,
+) -> Result<api::ForwardTaskResponse> {
+    let span = tracing::info_span!(
+        target: federation_trace::TARGET,
+        "forward_task",
+        otel.kind = "server",
+        otel.status_description = tracing::field::Empty,
+        region = %router.region(),
+        entry_region = %req.entry_region,
+    );
+    federation_trace::set_parent(&span, parent.as_ref());
+    let attributes = federation_trace::exporting()
+        .then(|| req.submit.as_ref().map(|s| s.attributes.clone()))
+        .flatten();
+    let accepted = accept_forward(router, req, parent.as_ref())
+        .instrument(span.clone())
+        .await;
+    if let (Err(e), Some(attributes)) = (&accepted, &attributes) {
+        federation_trace::fail(&span, &scrubbed_error(router, attributes, e));
+    }
+    accepted
 }
 
 /// `error` as an exported span's status may show it for a task with

@@ -303,6 +303,30 @@ pub struct Replicator {
     pub timers: crate::config::Timers,
 }
 
+impl Replicator {
+    /// Whether this region answers a relayed call about `task_id`: it holds
+    /// the task, or owns it and no backup's notice says it was taken over
+    /// (then NOT_FOUND names who holds it now).
+    pub fn check_answerable(&self, task_id: &str) -> Result<(), crate::error::Error> {
+        crate::wire::check_task_id(task_id)?;
+        let held = matches!(self.store.get(task_id), Ok(Some(_)));
+        if held {
+            return Ok(());
+        }
+        if crate::wire::owner_of(task_id) != Some(self.cluster.region()) {
+            return Err(crate::error::Error::task_not_found(task_id));
+        }
+        // Ours, not here: a backup's notice may say who holds it now.
+        if let Some(by) = self.replication.takeover.taken_over_by(task_id) {
+            return Err(crate::error::Error::TakenOver {
+                id: task_id.to_string(),
+                by,
+            });
+        }
+        Ok(())
+    }
+}
+
 fn health_now(rep: &Replicator) -> BTreeMap<String, Health> {
     rep.cluster.health_now()
 }

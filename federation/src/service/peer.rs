@@ -1,11 +1,13 @@
 //! `FederationPeer`: what controllers call on one another — advertisements
 //! (gossip both ways), forwarded tasks, relayed get/watch/cancel (of tasks we
-//! own or hold after a takeover), and snapshot pushes (verified and stored by
-//! `replication::receiver`).
+//! own or hold after a takeover: `Replicator::check_answerable`), and
+//! snapshot pushes (`replication::inbound`). An adapter: each call goes to
+//! one component.
 //!
 //! With TLS, the caller's certificate must name the region a message claims
 //! to come from (Advertise `origin`, ForwardTask `entry_region`, a snapshot's
-//! source); the auth layer has already checked it is a peer.
+//! source; checked by `Cluster::check_peer_claim`); the auth layer has
+//! already checked it is a peer.
 
 use std::sync::Arc;
 
@@ -22,7 +24,6 @@ use crate::replication::Replicator;
 use crate::replication::inbound::{self, Pushed};
 use crate::replication::{Rejection, receiver::Accepted};
 use crate::routing::{self, Router};
-use crate::wire;
 
 /// The peer service: gossip, forwarded tasks (routing), relayed calls
 /// (this region's tasks), pushes (replication), recent decisions (the log).
@@ -62,49 +63,9 @@ impl PeerService {
         field: &str,
         claimed: &str,
     ) -> Result<(), Status> {
-        self.check_caller_identity(request.extensions().get::<Caller>(), field, claimed)
-    }
-
-    fn check_caller_identity(
-        &self,
-        caller: Option<&Caller>,
-        field: &str,
-        claimed: &str,
-    ) -> Result<(), Status> {
-        let Some(Caller(id)) = caller else {
-            return Ok(());
-        };
-        let region = id.region.as_deref().unwrap_or("");
-        if region != claimed {
-            tracing::warn!(certificate = %id, claimed = %wire::truncate(claimed, 64), %field, "peer claims another region than its certificate; refused");
-            return Err(Error::Denied(format!(
-                "{field} `{}` does not match the caller's certificate ({id})",
-                wire::truncate(claimed, 64)
-            ))
-            .into());
-        }
-        self.cluster.membership().attest(region, &id.tags);
-        Ok(())
-    }
-
-    fn owned(&self, task_id: &str) -> Result<(), Status> {
-        wire::check_task_id(task_id)?;
-        let held = matches!(self.replicator.store.get(task_id), Ok(Some(_)));
-        if !held && wire::owner_of(task_id) != Some(self.cluster.region()) {
-            return Err(Error::task_not_found(task_id).into());
-        }
-        if !held {
-            // Ours, not here: a backup's notice may say who holds it now.
-            let takeover = &self.replicator.replication.takeover;
-            if let Some(by) = takeover.taken_over_by(task_id) {
-                return Err(Error::TakenOver {
-                    id: task_id.to_string(),
-                    by,
-                }
-                .into());
-            }
-        }
-        Ok(())
+        Ok(self
+            .cluster
+            .check_peer_claim(request.extensions().get::<Caller>(), field, claimed)?)
     }
 }
 
@@ -135,35 +96,9 @@ impl api::federation_peer_server::FederationPeer for PeerService {
             return Err(Error::invalid("entry_region", "missing").into());
         }
         self.check_caller(&request, "entry_region", &entry)?;
-        use tracing::Instrument as _;
-        // A child of the entry's forward span.
         let parent = federation_trace::from_metadata(request.metadata());
-        let span = tracing::info_span!(
-            target: federation_trace::TARGET,
-            "forward_task",
-            otel.kind = "server",
-            otel.status_description = tracing::field::Empty,
-            region = %self.router.region(),
-            entry_region = %entry,
-        );
-        federation_trace::set_parent(&span, parent.as_ref());
-        // Refused, the task is not held here: the exported span keeps what
-        // the records keep.
-        let attributes = federation_trace::exporting()
-            .then(|| {
-                request
-                    .get_ref()
-                    .submit
-                    .as_ref()
-                    .map(|s| s.attributes.clone())
-            })
-            .flatten();
-        let accepted = routing::accept_forward(&self.router, request.into_inner(), parent.as_ref())
-            .instrument(span.clone())
-            .await;
-        if let (Err(e), Some(attributes)) = (&accepted, &attributes) {
-            federation_trace::fail(&span, &routing::scrubbed_error(&self.router, attributes, e));
-        }
+        let accepted =
+            routing::accept_forward_in_span(&self.router, request.into_inner(), parent).await;
         Ok(Response::new(accepted?))
     }
 
@@ -172,7 +107,7 @@ impl api::federation_peer_server::FederationPeer for PeerService {
         request: Request<api::GetTaskRequest>,
     ) -> Result<Response<api::GetTaskResponse>, Status> {
         let req = request.into_inner();
-        self.owned(&req.task_id)?;
+        self.replicator.check_answerable(&req.task_id)?;
         Ok(Response::new(
             self.tasks.get_with_decision(&req.task_id).await?,
         ))
@@ -185,7 +120,7 @@ impl api::federation_peer_server::FederationPeer for PeerService {
         request: Request<api::WatchTaskRequest>,
     ) -> Result<Response<Self::RelayWatchTaskStream>, Status> {
         let req = request.into_inner();
-        self.owned(&req.task_id)?;
+        self.replicator.check_answerable(&req.task_id)?;
         Ok(Response::new(events(self.tasks.watch(&req.task_id)?)))
     }
 
@@ -194,7 +129,7 @@ impl api::federation_peer_server::FederationPeer for PeerService {
         request: Request<api::CancelTaskRequest>,
     ) -> Result<Response<api::CancelTaskResponse>, Status> {
         let req = request.into_inner();
-        self.owned(&req.task_id)?;
+        self.replicator.check_answerable(&req.task_id)?;
         Ok(Response::new(
             self.tasks.cancel(&req.task_id, &req.reason).await?,
         ))
@@ -236,9 +171,12 @@ impl PeerService {
         what: Pushed,
     ) -> Result<Result<Accepted, Rejection>, Status> {
         let caller = request.extensions().get::<Caller>().cloned();
-        inbound::receive(&self.replicator, request.into_inner(), what, |source| {
-            self.check_caller_identity(caller.as_ref(), "snapshot source_region", source)
-        })
-        .await
+        Ok(
+            inbound::receive(&self.replicator, request.into_inner(), what, |source| {
+                self.cluster
+                    .check_peer_claim(caller.as_ref(), "snapshot source_region", source)
+            })
+            .await?,
+        )
     }
 }
