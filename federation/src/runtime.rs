@@ -529,21 +529,7 @@ mod tests {
 
     use super::*;
 
-    const SEED: &str = include_str!("../../policies/seed-federation.yaml");
-
-    fn attrs(pairs: &[(&str, &str)]) -> std::collections::HashMap<String, api::AttributeValue> {
-        pairs
-            .iter()
-            .map(|(k, v)| {
-                (
-                    k.to_string(),
-                    api::AttributeValue {
-                        kind: Some(api::attribute_value::Kind::StringValue(v.to_string())),
-                    },
-                )
-            })
-            .collect()
-    }
+    use federation_sandbox::{SEED_POLICY as SEED, string_attrs as attrs};
 
     /// Starts an in-process controller of `region` on loopback; the sender
     /// stops it, the handle returns what `run` returned.
