@@ -161,3 +161,14 @@ impl From<crate::tasks::StoreError> for Error {
         }
     }
 }
+
+/// A relayed error as the client sees it (the region named unless the code
+/// speaks for itself).
+pub fn relayed(region: &str, status: Status) -> Status {
+    match status.code() {
+        tonic::Code::NotFound | tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition => {
+            status
+        }
+        code => Status::new(code, format!("relayed to {region}: {}", status.message())),
+    }
+}

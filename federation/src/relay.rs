@@ -229,20 +229,9 @@ where
                 Hop::NotFound(s, to)
             }
             tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown => {
-                Hop::Unreachable(relay_error(region, s))
+                Hop::Unreachable(crate::error::relayed(region, s))
             }
-            _ => Hop::Failed(relay_error(region, s)),
+            _ => Hop::Failed(crate::error::relayed(region, s)),
         },
-    }
-}
-
-/// A relayed error as the client sees it (the region named unless the code
-/// speaks for itself).
-pub fn relay_error(region: &str, status: Status) -> Status {
-    match status.code() {
-        tonic::Code::NotFound | tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition => {
-            status
-        }
-        code => Status::new(code, format!("relayed to {region}: {}", status.message())),
     }
 }
