@@ -600,20 +600,7 @@ async fn drain_sends_new_work_elsewhere_and_reload_refuses_a_bad_policy() {
         .into_inner();
     assert_eq!(first.region, "europe");
     let id = first.task_id.clone();
-    eventually("the task is leased", PATIENCE, || {
-        let mut c = client.clone();
-        let id = id.clone();
-        async move {
-            let t = c
-                .get_task(federation_api::GetTaskRequest { task_id: id })
-                .await
-                .ok()?
-                .into_inner()
-                .task?;
-            (t.state() == federation_api::TaskState::Leased).then_some(())
-        }
-    })
-    .await;
+    wait_leased(&client, "the task is leased", &id).await;
 
     // drain --wait returns once the leased task has finished.
     let (code, out, err) = run(

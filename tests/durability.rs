@@ -19,42 +19,7 @@ async fn agent_killed_mid_task_is_released_and_completes_elsewhere() {
             .env("FEDERATION__NODE__TIMERS__LEASE_TTL", "1500ms"),
     )
     .await;
-    let slow = sandbox
-        .start_agent_with("europe", "sleep 600", 1)
-        .expect("slow agent");
-    let mut client = sandbox.client("europe").await.expect("client");
-    let resp = client
-        .submit_task(api::SubmitTaskRequest {
-            attributes: string_attrs(&[("customer_region", "DE")]),
-            payload: b"work".to_vec(),
-            ..Default::default()
-        })
-        .await
-        .expect("accepted")
-        .into_inner();
-    let id = resp.task_id.clone();
-    eventually("the slow agent leases the task", PATIENCE, || {
-        let mut c = client.clone();
-        let id = id.clone();
-        async move {
-            let t = c
-                .get_task(api::GetTaskRequest { task_id: id })
-                .await
-                .ok()?
-                .into_inner()
-                .task?;
-            (t.state() == api::TaskState::Leased).then_some(())
-        }
-    })
-    .await;
-    sandbox.kill_agent("europe", slow).expect("kill agent");
-    sandbox
-        .start_agent_with("europe", "cat", 1)
-        .expect("fast agent");
-    let t = sandbox
-        .wait_terminal("europe", &id, PATIENCE)
-        .await
-        .expect("completes");
+    let (_, t) = killed_agents_task_runs_again(&mut sandbox, "europe").await;
     assert_eq!(t.state(), api::TaskState::Succeeded, "{t:?}");
     assert_eq!(
         t.attempts, 2,

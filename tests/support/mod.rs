@@ -72,6 +72,65 @@ where
     }
 }
 
+/// Waits (bounded) until `client` reads task `id` as leased.
+pub async fn wait_leased(
+    client: &federation_api::federation_client_client::FederationClientClient<
+        tonic::transport::Channel,
+    >,
+    what: &str,
+    id: &str,
+) {
+    eventually(what, PATIENCE, || {
+        let mut c = client.clone();
+        let id = id.to_string();
+        async move {
+            let t = c
+                .get_task(federation_api::GetTaskRequest { task_id: id })
+                .await
+                .ok()?
+                .into_inner()
+                .task?;
+            (t.state() == federation_api::TaskState::Leased).then_some(())
+        }
+    })
+    .await;
+}
+
+/// The killed-agent scenario: an agent that never finishes (`sleep 600`)
+/// leases a DE task in `region`, is SIGKILLed, and a fast agent (`cat`)
+/// starts. Returns the task's id and its terminal state once the lease has
+/// expired and the task was leased again (the controller's log on failure).
+pub async fn killed_agents_task_runs_again(
+    sandbox: &mut federation_sandbox::Sandbox,
+    region: &str,
+) -> (String, federation_api::Task) {
+    let slow = sandbox
+        .start_agent_with(region, "sleep 600", 1)
+        .expect("slow agent");
+    let client = sandbox.client(region).await.expect("client");
+    let id = client
+        .clone()
+        .submit_task(federation_api::SubmitTaskRequest {
+            attributes: federation_sandbox::string_attrs(&[("customer_region", "DE")]),
+            payload: b"work".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .expect("accepted")
+        .into_inner()
+        .task_id;
+    wait_leased(&client, "the slow agent leases the task", &id).await;
+    sandbox.kill_agent(region, slow).expect("kill agent");
+    sandbox
+        .start_agent_with(region, "cat", 1)
+        .expect("fast agent");
+    let t = sandbox
+        .wait_terminal(region, &id, PATIENCE)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", sandbox.controller_log_text(region)));
+    (id, t)
+}
+
 /// A plain HTTP/1.1 GET on loopback (bounded by timeouts); returns the body.
 pub fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     http_get_with(addr, path, &[]).1
