@@ -38,7 +38,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+
 use std::time::Duration;
+use tokio_postgres::types::ToSql;
 
 use federation_api::{Task, TaskState};
 use tokio::sync::{mpsc, oneshot};
@@ -229,21 +231,33 @@ impl PgStore {
         })?)
     }
 
-    /// The head last recorded by [`PgStore::record_log_head`].
-    pub fn log_head(&self) -> Result<Option<(u64, String)>, StoreError> {
+    /// Runs the read `sql` with this region as `$1` and `more` as `$2`…,
+    /// waiting from a plain thread (the synchronous reads: get, scans,
+    /// agents, the log head).
+    fn query_blocking(
+        &self,
+        sql: &'static str,
+        more: Vec<Box<dyn ToSql + Sync + Send>>,
+    ) -> Result<Vec<tokio_postgres::Row>, StoreError> {
         let pg = self.inner.pg.clone();
         let region = self.inner.region.clone();
-        let text = self.inner.pg.block(async move {
+        Ok(self.inner.pg.block(async move {
             let client = pg.client().await?;
-            let row = client
-                .query_opt(
-                    "SELECT value FROM store_meta WHERE region = $1 AND key = $2",
-                    &[&region, &META_LOG_HEAD],
-                )
-                .await
-                .map_err(|e| pg.db(&e))?;
-            Ok(row.map(|r| r.get::<_, String>(0)))
-        })?;
+            let mut params: Vec<&(dyn ToSql + Sync)> = vec![&region];
+            params.extend(more.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)));
+            client.query(sql, &params).await.map_err(|e| pg.db(&e))
+        })?)
+    }
+
+    /// The head last recorded by [`PgStore::record_log_head`].
+    pub fn log_head(&self) -> Result<Option<(u64, String)>, StoreError> {
+        let text = self
+            .query_blocking(
+                "SELECT value FROM store_meta WHERE region = $1 AND key = $2",
+                vec![Box::new(META_LOG_HEAD)],
+            )?
+            .first()
+            .map(|r| r.get::<_, String>(0));
         let Some(text) = text else { return Ok(None) };
         text.split_once(' ')
             .and_then(|(seq, hash)| Some((seq.parse::<u64>().ok()?, hash.to_string())))
@@ -253,20 +267,13 @@ impl PgStore {
 
     /// Reads a task.
     pub fn get(&self, task_id: &str) -> Result<Option<Task>, StoreError> {
-        let pg = self.inner.pg.clone();
-        let region = self.inner.region.clone();
-        let id = task_id.to_string();
-        let bytes = self.inner.pg.block(async move {
-            let client = pg.client().await?;
-            let row = client
-                .query_opt(
-                    "SELECT body FROM tasks WHERE region = $1 AND task_id = $2",
-                    &[&region, &id],
-                )
-                .await
-                .map_err(|e| pg.db(&e))?;
-            Ok(row.map(|r| r.get::<_, Vec<u8>>(0)))
-        })?;
+        let bytes = self
+            .query_blocking(
+                "SELECT body FROM tasks WHERE region = $1 AND task_id = $2",
+                vec![Box::new(task_id.to_string())],
+            )?
+            .first()
+            .map(|r| r.get::<_, Vec<u8>>(0));
         let task = bytes.map(|b| decode(task_id, &b)).transpose();
         if let Err(e) = &task {
             self.inner.shared.undecodable(e);
@@ -374,22 +381,10 @@ impl PgStore {
 
     /// Every registered agent of the region, by id.
     pub fn agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
-        let pg = self.inner.pg.clone();
-        let region = self.inner.region.clone();
-        let rows = self.inner.pg.block(async move {
-            let client = pg.client().await?;
-            let rows = client
-                .query(
-                    "SELECT agent_id, record FROM agents WHERE region = $1 ORDER BY agent_id",
-                    &[&region],
-                )
-                .await
-                .map_err(|e| pg.db(&e))?;
-            Ok(rows
-                .iter()
-                .map(|r| (r.get::<_, String>(0), r.get::<_, Vec<u8>>(1)))
-                .collect::<Vec<_>>())
-        })?;
+        let rows = id_and_bytes(self.query_blocking(
+            "SELECT agent_id, record FROM agents WHERE region = $1 ORDER BY agent_id",
+            vec![],
+        )?);
         let mut out = Vec::new();
         for (id, bytes) in rows {
             match serde_json::from_slice::<AgentRecord>(&bytes) {
@@ -407,33 +402,16 @@ impl PgStore {
 
     /// Every QUEUED task in lease order, then every LEASED task by deadline.
     pub fn pending(&self) -> Result<Vec<Task>, StoreError> {
-        let pg = self.inner.pg.clone();
-        let region = self.inner.region.clone();
-        let rows = self.inner.pg.block(async move {
-            let client = pg.client().await?;
-            let mut rows = client
-                .query(
-                    "SELECT task_id, body FROM tasks WHERE region = $1 AND state = 1 \
-                     ORDER BY priority DESC, created_ms, task_id",
-                    &[&region],
-                )
-                .await
-                .map_err(|e| pg.db(&e))?;
-            rows.extend(
-                client
-                    .query(
-                        "SELECT task_id, body FROM tasks WHERE region = $1 AND state = 2 \
-                         ORDER BY lease_deadline_ms, task_id",
-                        &[&region],
-                    )
-                    .await
-                    .map_err(|e| pg.db(&e))?,
-            );
-            Ok(rows
-                .iter()
-                .map(|r| (r.get::<_, String>(0), r.get::<_, Vec<u8>>(1)))
-                .collect::<Vec<_>>())
-        })?;
+        let mut rows = id_and_bytes(self.query_blocking(
+            "SELECT task_id, body FROM tasks WHERE region = $1 AND state = 1 \
+             ORDER BY priority DESC, created_ms, task_id",
+            vec![],
+        )?);
+        rows.extend(id_and_bytes(self.query_blocking(
+            "SELECT task_id, body FROM tasks WHERE region = $1 AND state = 2 \
+             ORDER BY lease_deadline_ms, task_id",
+            vec![],
+        )?));
         let mut out = Vec::with_capacity(rows.len());
         for (id, body) in rows {
             match decode(&id, &body) {
@@ -452,26 +430,14 @@ impl PgStore {
         max_scan: usize,
         mut keep: impl FnMut(&Task) -> bool,
     ) -> Result<(Vec<Task>, Option<String>), StoreError> {
-        let pg = self.inner.pg.clone();
-        let region = self.inner.region.clone();
         let after = after.unwrap_or("").to_string();
         // One row past the budget tells whether records remain.
         let fetch = i64::try_from(max_scan.saturating_add(1)).unwrap_or(i64::MAX);
-        let rows = self.inner.pg.block(async move {
-            let client = pg.client().await?;
-            let rows = client
-                .query(
-                    "SELECT task_id, body FROM tasks WHERE region = $1 AND task_id > $2 \
-                     ORDER BY task_id LIMIT $3",
-                    &[&region, &after, &fetch],
-                )
-                .await
-                .map_err(|e| pg.db(&e))?;
-            Ok(rows
-                .iter()
-                .map(|r| (r.get::<_, String>(0), r.get::<_, Vec<u8>>(1)))
-                .collect::<Vec<_>>())
-        })?;
+        let rows = id_and_bytes(self.query_blocking(
+            "SELECT task_id, body FROM tasks WHERE region = $1 AND task_id > $2 \
+             ORDER BY task_id LIMIT $3",
+            vec![Box::new(after), Box::new(fetch)],
+        )?);
         let mut kept = Vec::new();
         let mut last = None;
         for (scanned, (id, body)) in rows.into_iter().enumerate() {
@@ -507,4 +473,11 @@ impl PgStore {
             ))),
         }
     }
+}
+
+/// Rows of (id, bytes): a task's id and body, or an agent's id and record.
+fn id_and_bytes(rows: Vec<tokio_postgres::Row>) -> Vec<(String, Vec<u8>)> {
+    rows.iter()
+        .map(|r| (r.get::<_, String>(0), r.get::<_, Vec<u8>>(1)))
+        .collect()
 }
