@@ -1,0 +1,338 @@
+//! The PostgreSQL backend end to end: `SubmitTask` through controllers whose
+//! region's store is a PostgreSQL database, against what a platform team
+//! would build instead — a raw `INSERT` of a row of the same size into a
+//! task table, with `tokio-postgres`, into the same server — measured in the
+//! same run, interleaved round after round:
+//!
+//! 1. one controller (one replica) on its own database;
+//! 2. three replicas of one region on one database, the client's calls
+//!    spread over the three (each replica commits through its own writer);
+//! 3. the raw INSERT (`synchronous_commit = on`, one statement per
+//!    transaction, one connection per call in flight).
+//!
+//! Each at 1 and at 64 calls in flight: calls/s, p50 and p99. The issue's
+//! target: at 64 in flight at least 0.7x the raw INSERT rate.
+//!
+//! Run: `cargo bench -p federation --bench postgres` (release build).
+//! `PG_BENCH_SECS` sets the seconds per measurement (default 3),
+//! `PG_BENCH_ROUNDS` the rounds (default 3). Needs PostgreSQL from Debian's
+//! packages (`/usr/lib/postgresql/*/bin`, or `FEDERATION_PG_BIN`); without
+//! it the bench says so and exits 0.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use federation::config::StoreBackend;
+use federation::controller::Settings;
+use federation_api as api;
+use federation_sandbox::pg::PgServer;
+use federation_sandbox::string_attrs;
+use tokio::net::TcpListener;
+
+const SEED: &str = include_str!("../../policies/seed-federation.yaml");
+const PAYLOAD: usize = 256;
+
+#[derive(Clone, Copy, Default)]
+struct Figures {
+    calls_per_sec: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+fn figures(mut lat: Vec<Duration>, elapsed: f64) -> Figures {
+    if lat.is_empty() {
+        return Figures::default();
+    }
+    lat.sort();
+    let pct =
+        |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)].as_secs_f64() * 1e6;
+    Figures {
+        calls_per_sec: lat.len() as f64 / elapsed,
+        p50_us: pct(0.50),
+        p99_us: pct(0.99),
+    }
+}
+
+/// Starts one controller of europe on `url` as replica `replica`.
+async fn replica(url: &str, replica: &str, dir: &std::path::Path) -> SocketAddr {
+    std::fs::create_dir_all(dir).expect("bench directory");
+    let config = dir.join("federation.yaml");
+    std::fs::write(&config, SEED).expect("policy file");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let mut settings =
+        Settings::for_test("europe", &config, &dir.join(replica), addr).expect("settings");
+    settings.store.backend = StoreBackend::Postgres;
+    settings.store.url = Some(url.to_string());
+    settings.replica = replica.to_string();
+    tokio::spawn(async move {
+        if let Err(e) = federation::runtime::run(settings, listener, std::future::pending()).await
+        {
+            eprintln!("controller failed: {e:#}");
+            std::process::exit(1);
+        }
+    });
+    addr
+}
+
+type Client = api::federation_client_client::FederationClientClient<tonic::transport::Channel>;
+
+async fn client(addr: SocketAddr) -> Client {
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let connected = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .expect("endpoint")
+            .tcp_nodelay(true)
+            .connect()
+            .await;
+        match connected {
+            Ok(channel) => return Client::new(channel),
+            Err(e) if Instant::now() > until => panic!("controller at {addr}: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+fn submit(key: String) -> api::SubmitTaskRequest {
+    api::SubmitTaskRequest {
+        attributes: string_attrs(&[("customer_region", "DE")]),
+        payload: vec![7u8; PAYLOAD],
+        idempotency_key: key,
+        ..Default::default()
+    }
+}
+
+/// Submits until the controllers answer (they elect, migrate, warm up).
+async fn warm(clients: &[Client], tag: &str) {
+    for (i, c) in clients.iter().enumerate() {
+        let until = Instant::now() + Duration::from_secs(30);
+        let mut n = 0;
+        while n < 100 {
+            match c.clone().submit_task(submit(format!("warm-{tag}-{i}-{n}"))).await {
+                Ok(_) => n += 1,
+                Err(e) if Instant::now() > until => panic!("warm-up of {tag}: {e}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+}
+
+static KEY: AtomicU64 = AtomicU64::new(0);
+
+/// `in_flight` workers submitting for `secs`, worker `w` through
+/// `clients[w % len]`.
+async fn federation(clients: &[Client], in_flight: usize, secs: f64) -> Figures {
+    let deadline = Instant::now() + Duration::from_secs_f64(secs);
+    let started = Instant::now();
+    let workers: Vec<_> = (0..in_flight)
+        .map(|w| {
+            let mut c = clients[w % clients.len()].clone();
+            tokio::spawn(async move {
+                let mut lat = Vec::new();
+                while Instant::now() < deadline {
+                    let key = format!("b-{}", KEY.fetch_add(1, Ordering::Relaxed));
+                    let t = Instant::now();
+                    c.submit_task(submit(key)).await.expect("submit");
+                    lat.push(t.elapsed());
+                }
+                lat
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for w in workers {
+        all.extend(w.await.expect("worker"));
+    }
+    figures(all, started.elapsed().as_secs_f64())
+}
+
+/// The baseline table: the task table's shape and indexes, one row per task.
+const RAW_SCHEMA: &str = "CREATE TABLE raw_tasks (
+    region text NOT NULL,
+    task_id text NOT NULL,
+    state smallint NOT NULL,
+    priority integer NOT NULL,
+    created_ms bigint NOT NULL,
+    lease_deadline_ms bigint NOT NULL,
+    agent_id text NOT NULL,
+    idempotency_key text,
+    body bytea NOT NULL,
+    PRIMARY KEY (region, task_id)
+);
+CREATE UNIQUE INDEX raw_idempotency ON raw_tasks (region, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+CREATE INDEX raw_queue ON raw_tasks (region, priority DESC, created_ms, task_id);";
+
+struct Raw {
+    conns: Vec<Arc<tokio_postgres::Client>>,
+    body: Vec<u8>,
+}
+
+impl Raw {
+    async fn connect(url: &str, n: usize, body_len: usize) -> Self {
+        let mut conns = Vec::new();
+        for _ in 0..n {
+            let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+                .await
+                .expect("raw connection");
+            tokio::spawn(conn);
+            c.batch_execute("SET synchronous_commit = on")
+                .await
+                .expect("synchronous_commit");
+            conns.push(Arc::new(c));
+        }
+        Self {
+            conns,
+            body: vec![7u8; body_len],
+        }
+    }
+
+    async fn run(&self, in_flight: usize, secs: f64) -> Figures {
+        let deadline = Instant::now() + Duration::from_secs_f64(secs);
+        let started = Instant::now();
+        let workers: Vec<_> = (0..in_flight)
+            .map(|w| {
+                let c = self.conns[w].clone();
+                let body = self.body.clone();
+                tokio::spawn(async move {
+                    let stmt = c
+                        .prepare(
+                            "INSERT INTO raw_tasks (region, task_id, state, priority, created_ms, \
+                             lease_deadline_ms, agent_id, idempotency_key, body) \
+                             VALUES ('europe', $1, 0, 0, $2, 0, '', $3, $4)",
+                        )
+                        .await
+                        .expect("prepare");
+                    let mut lat = Vec::new();
+                    while Instant::now() < deadline {
+                        let n = KEY.fetch_add(1, Ordering::Relaxed);
+                        let id = format!("raw-{n}");
+                        let key = format!("rk-{n}");
+                        let t = Instant::now();
+                        c.execute(&stmt, &[&id, &(n as i64), &key, &body])
+                            .await
+                            .expect("insert");
+                        lat.push(t.elapsed());
+                    }
+                    lat
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for w in workers {
+            all.extend(w.await.expect("worker"));
+        }
+        figures(all, started.elapsed().as_secs_f64())
+    }
+}
+
+/// The average stored size of a task's row on `url` (what the raw rows match).
+async fn task_body_len(url: &str) -> usize {
+    let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    let row = c
+        .query_one(
+            "SELECT coalesce(avg(octet_length(body)), 0)::float8 FROM tasks",
+            &[],
+        )
+        .await
+        .expect("row size");
+    row.get::<_, f64>(0).round() as usize
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(|a, b| a.total_cmp(b));
+    xs.get(xs.len() / 2).copied().unwrap_or(0.0)
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() {
+    let secs: f64 = std::env::var("PG_BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3.0);
+    let rounds: usize = std::env::var("PG_BENCH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    if federation_sandbox::pg::bin_dir().is_none() {
+        println!(
+            "postgres bench: skipped (PostgreSQL is not installed: apt-get install postgresql)"
+        );
+        return;
+    }
+    let pg = PgServer::start().expect("postgres starts");
+    println!("PostgreSQL {} on 127.0.0.1:{}", pg.version(), pg.port());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let one_url = pg.create_database("one").expect("database");
+    let three_url = pg.create_database("three").expect("database");
+    let raw_url = pg.create_database("raw").expect("database");
+
+    let one = vec![client(replica(&one_url, "eu-1", &dir.path().join("one")).await).await];
+    let mut three = Vec::new();
+    for r in ["eu-1", "eu-2", "eu-3"] {
+        three.push(client(replica(&three_url, r, &dir.path().join("three")).await).await);
+    }
+    warm(&one, "one").await;
+    warm(&three, "three").await;
+    let body_len = task_body_len(&one_url).await;
+    let raw_db = raw_url.rsplit('/').next().unwrap_or("raw").to_string();
+    pg.execute(&raw_db, RAW_SCHEMA).expect("raw schema");
+    let raw = Raw::connect(&raw_url, 64, body_len).await;
+    println!(
+        "task row body {body_len} B (the raw rows carry the same); {rounds} rounds of {secs} s per measurement, interleaved"
+    );
+
+    for in_flight in [1usize, 64] {
+        let mut rows: [Vec<Figures>; 3] = Default::default();
+        for _ in 0..rounds {
+            rows[0].push(raw.run(in_flight, secs).await);
+            rows[1].push(federation(&one, in_flight, secs).await);
+            rows[2].push(federation(&three, in_flight, secs).await);
+        }
+        let med = |f: &[Figures]| Figures {
+            calls_per_sec: median(f.iter().map(|x| x.calls_per_sec).collect()),
+            p50_us: median(f.iter().map(|x| x.p50_us).collect()),
+            p99_us: median(f.iter().map(|x| x.p99_us).collect()),
+        };
+        let base = med(&rows[0]);
+        println!("{in_flight} in flight (median of {rounds} rounds):");
+        for (name, f) in [
+            ("raw INSERT (tokio-postgres)", &rows[0]),
+            ("SubmitTask, 1 replica", &rows[1]),
+            ("SubmitTask, 3 replicas, 1 db", &rows[2]),
+        ] {
+            let m = med(f);
+            let range = |g: fn(&Figures) -> f64| {
+                let v: Vec<f64> = f.iter().map(g).collect();
+                let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+                let hi = v.iter().copied().fold(0.0, f64::max);
+                format!("{lo:.0}–{hi:.0}")
+            };
+            println!(
+                "  {name:<30} {:>7.0} calls/s ({:.2}x raw; rounds {})  p50 {:>6.0} µs ({:.2}x)  p99 {:>6.0} µs ({:.2}x)",
+                m.calls_per_sec,
+                m.calls_per_sec / base.calls_per_sec,
+                range(|x| x.calls_per_sec),
+                m.p50_us,
+                m.p50_us / base.p50_us,
+                m.p99_us,
+                m.p99_us / base.p99_us,
+            );
+        }
+        if in_flight == 64 {
+            let best = med(&rows[1])
+                .calls_per_sec
+                .min(med(&rows[2]).calls_per_sec);
+            let ratio = best / base.calls_per_sec;
+            println!(
+                "SubmitTask at 64 in flight / raw INSERT = {ratio:.2}x (the lower of 1 and 3 replicas; target >= 0.7x: {})",
+                if ratio >= 0.7 { "met" } else { "NOT met" }
+            );
+        }
+    }
+}
