@@ -153,6 +153,17 @@ pub enum PgError {
         /// The database.
         database: String,
     },
+    /// TLS to the database failed: the server offers none, or its
+    /// certificate is not trusted or does not name the host.
+    #[error("PostgreSQL at {target}: TLS (sslmode={mode}): {detail}")]
+    Tls {
+        /// Host, port and database.
+        target: String,
+        /// The URL's `sslmode`.
+        mode: &'static str,
+        /// What was wrong.
+        detail: String,
+    },
     /// The database's schema is newer than this build.
     #[error(
         "PostgreSQL at {target}: the schema is at version {found}, newer than this build knows ({known}); \
@@ -197,6 +208,7 @@ struct PgInner {
     pool: deadpool_postgres::Pool,
     target: String,
     config: tokio_postgres::Config,
+    tls: crate::pg_tls::DbTls,
 }
 
 impl Drop for PgInner {
@@ -217,17 +229,22 @@ impl std::fmt::Debug for Pg {
     }
 }
 
-/// `host:port/database` of a configuration, for messages (never the
-/// password).
-fn target_of(config: &tokio_postgres::Config) -> String {
-    let host = config
+/// The first host of a configuration (the name TLS checks).
+fn host_of(config: &tokio_postgres::Config) -> String {
+    config
         .get_hosts()
         .first()
         .map(|h| match h {
             tokio_postgres::config::Host::Tcp(name) => name.clone(),
             tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
         })
-        .unwrap_or_else(|| "localhost".into());
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// `host:port/database` of a configuration, for messages (never the
+/// password).
+fn target_of(config: &tokio_postgres::Config) -> String {
+    let host = host_of(config);
     let port = config.get_ports().first().copied().unwrap_or(5432);
     let db = config
         .get_dbname()
@@ -272,10 +289,14 @@ impl Pg {
         application: &str,
         migrating: bool,
     ) -> Result<Self, PgError> {
+        // sslmode and sslrootcert are read as libpq reads them (the
+        // client knows neither verify-ca, verify-full nor sslrootcert).
+        let (url, tls) = crate::pg_tls::split_url(url).map_err(|e| PgError::Url(e.to_string()))?;
         let mut config: tokio_postgres::Config =
             url.parse().map_err(|e: tokio_postgres::Error| {
                 PgError::Url(format!("not a PostgreSQL URL: {}", chain(&e)))
             })?;
+        config.ssl_mode(tls.client_mode());
         config.connect_timeout(CONNECT_TIMEOUT);
         // Acknowledged means committed on the server's disk, whatever the
         // server's default is (set for every session, so no transaction
@@ -301,7 +322,7 @@ impl Pg {
         let handle = runtime.handle().clone();
         let manager = deadpool_postgres::Manager::from_config(
             config.clone(),
-            tokio_postgres::NoTls,
+            tls.connector.clone(),
             deadpool_postgres::ManagerConfig {
                 recycling_method: deadpool_postgres::RecyclingMethod::Fast,
             },
@@ -320,6 +341,7 @@ impl Pg {
                 pool,
                 target,
                 config: config.clone(),
+                tls,
             }),
         };
         let user = config.get_user().unwrap_or("").to_string();
@@ -351,6 +373,11 @@ impl Pg {
         &self.inner.config
     }
 
+    /// The TLS connector of every connection (a dedicated one too).
+    pub fn tls(&self) -> crate::pg_tls::Connector {
+        self.inner.tls.connector.clone()
+    }
+
     /// The pool itself, for work that must not keep the runtime alive (a
     /// task of this runtime holding a [`Pg`] would own its own runtime).
     pub fn pool(&self) -> deadpool_postgres::Pool {
@@ -370,6 +397,13 @@ impl Pg {
         match self.inner.pool.get().await {
             Ok(c) => Ok(c),
             Err(deadpool_postgres::PoolError::Backend(e)) => {
+                if let Some(detail) = self.inner.tls.explain(&e, &host_of(&self.inner.config)) {
+                    return Err(PgError::Tls {
+                        target: self.inner.target.clone(),
+                        mode: self.inner.tls.mode.as_str(),
+                        detail,
+                    });
+                }
                 Err(classify_connect(&e, &self.inner.target, user, database))
             }
             Err(deadpool_postgres::PoolError::Timeout(_)) => Err(PgError::Unreachable {
@@ -669,6 +703,136 @@ mod tests {
         // Not a URL.
         let err = Pg::connect("postgres://u@127.0.0.1:notaport/x", 2, "test").expect_err("bad url");
         assert!(matches!(err, PgError::Url(_)), "{err}");
+    }
+
+    /// A server offering TLS with a certificate of a development CA for
+    /// `localhost` and 127.0.0.1; the CA and a foreign CA in PEM files.
+    struct TlsDb {
+        server: pg_sandbox::PgServer,
+        ca: std::path::PathBuf,
+        foreign_ca: std::path::PathBuf,
+        _dir: tempfile::TempDir,
+    }
+
+    fn tls_server() -> &'static TlsDb {
+        static SERVER: std::sync::OnceLock<TlsDb> = std::sync::OnceLock::new();
+        SERVER.get_or_init(|| {
+            use federation_tls::dev::{DevCa, Validity};
+            let ca = DevCa::new("database").expect("ca");
+            let leaf = ca
+                .issue("db", &[], true, Validity::Normal)
+                .expect("server certificate");
+            let server =
+                pg_sandbox::PgServer::start_tls(&leaf.cert_pem, &leaf.key_pem).expect("tls server");
+            let dir = tempfile::tempdir().expect("dir");
+            let ca_file = dir.path().join("ca.pem");
+            std::fs::write(&ca_file, ca.ca_pem()).expect("ca file");
+            let foreign_file = dir.path().join("foreign-ca.pem");
+            let foreign = DevCa::new("elsewhere").expect("foreign ca");
+            std::fs::write(&foreign_file, foreign.ca_pem()).expect("foreign ca file");
+            TlsDb {
+                server,
+                ca: ca_file,
+                foreign_ca: foreign_file,
+                _dir: dir,
+            }
+        })
+    }
+
+    /// The URL of a fresh database on the TLS server, host `localhost`,
+    /// with `query`, and the database's name.
+    fn tls_url(stem: &str, query: &str) -> (String, String) {
+        let url = tls_server().server.create_database(stem).expect("database");
+        let db = url.rsplit('/').next().expect("db name").to_string();
+        let url = format!(
+            "postgres://{}:{}@localhost:{}/{db}?{query}",
+            pg_sandbox::USER,
+            pg_sandbox::PASSWORD,
+            tls_server().server.port()
+        );
+        (url, db)
+    }
+
+    /// Whether this pool's connection is encrypted (the server's view).
+    fn encrypted(pg: &Pg) -> bool {
+        let pg2 = pg.clone();
+        pg.block(async move {
+            let c = pg2.client().await?;
+            let row = c
+                .query_one(
+                    "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                    &[],
+                )
+                .await
+                .map_err(|e| pg2.db(&e))?;
+            Ok(row.get::<_, bool>(0))
+        })
+        .expect("pg_stat_ssl")
+    }
+
+    #[test]
+    fn verify_full_connects_encrypted_and_checks_the_host_name_verify_ca_only_the_chain() {
+        let ca = tls_server().ca.display().to_string();
+        let (url, db) = tls_url(
+            "verify_full",
+            &format!("sslmode=verify-full&sslrootcert={ca}"),
+        );
+        let pg = Pg::connect(&url, 2, "test").expect("verify-full to localhost");
+        assert!(encrypted(&pg), "the session is encrypted");
+        // The same server under a name its certificate does not carry.
+        let misnamed = |mode: &str| {
+            format!(
+                "host=wrong.example hostaddr=127.0.0.1 port={} user={} password={} dbname={db} sslmode={mode} sslrootcert={ca}",
+                tls_server().server.port(),
+                pg_sandbox::USER,
+                pg_sandbox::PASSWORD
+            )
+        };
+        let err = Pg::connect(&misnamed("verify-full"), 2, "test").expect_err("name checked");
+        assert!(matches!(err, PgError::Tls { .. }), "{err}");
+        assert!(err.is_config(), "{err}");
+        assert!(
+            err.to_string()
+                .contains("does not name the host `wrong.example`"),
+            "{err}"
+        );
+        let pg = Pg::connect(&misnamed("verify-ca"), 2, "test").expect("verify-ca: chain only");
+        assert!(encrypted(&pg));
+    }
+
+    #[test]
+    fn a_certificate_of_another_ca_is_a_configuration_error_naming_the_database_and_tls() {
+        let foreign = tls_server().foreign_ca.display().to_string();
+        for mode in ["verify-full", "verify-ca", "require"] {
+            let (url, db) = tls_url("wrong_ca", &format!("sslmode={mode}&sslrootcert={foreign}"));
+            let err = Pg::connect(&url, 2, "test").expect_err(mode);
+            assert!(matches!(err, PgError::Tls { .. }), "{mode}: {err}");
+            assert!(err.is_config());
+            let msg = err.to_string();
+            assert!(
+                msg.contains(&db)
+                    && msg.contains("TLS")
+                    && msg.contains("not signed by a trusted CA")
+                    && msg.contains("foreign-ca.pem"),
+                "{mode}: {msg}"
+            );
+        }
+    }
+
+    #[test]
+    fn require_and_prefer_encrypt_without_verifying_and_disable_does_not() {
+        for (mode, want) in [("require", true), ("prefer", true), ("disable", false)] {
+            let (url, _) = tls_url("modes", &format!("sslmode={mode}"));
+            let pg = Pg::connect(&url, 2, "test").expect(mode);
+            assert_eq!(encrypted(&pg), want, "sslmode={mode}");
+        }
+        // A server without TLS: prefer falls back, require refuses.
+        let plain = server().create_database("plain").expect("database");
+        let pg = Pg::connect(&format!("{plain}?sslmode=prefer"), 2, "test").expect("prefer");
+        assert!(!encrypted(&pg));
+        let err = Pg::connect(&format!("{plain}?sslmode=require"), 2, "test").expect_err("require");
+        assert!(matches!(err, PgError::Tls { .. }), "{err}");
+        assert!(err.to_string().contains("does not offer TLS"), "{err}");
     }
 
     #[test]

@@ -57,7 +57,9 @@ const META_LOG_HEAD: &str = "log_head";
 impl From<PgError> for StoreError {
     fn from(e: PgError) -> Self {
         match e {
-            PgError::Unreachable { .. } => StoreError::Unavailable(e.to_string()),
+            PgError::Unreachable { .. } | PgError::Tls { .. } => {
+                StoreError::Unavailable(e.to_string())
+            }
             other => StoreError::Db(other.to_string()),
         }
     }
@@ -167,6 +169,7 @@ impl PgStore {
         let (stop, stopped) = oneshot::channel();
         pg.handle().spawn(listen::listen(
             pg.config().clone(),
+            pg.tls(),
             pg.pool(),
             pg.target().to_string(),
             region.to_string(),
