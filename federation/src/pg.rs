@@ -17,9 +17,19 @@
 //! single-threaded runtime's. The pool's connections are driven by two
 //! threads of this runtime; callers hand work over and wait for the answer
 //! ([`Pg::run`], [`Pg::block`]).
+//!
+//! **Every call is bounded** by `node.store.timeout` ([`Pg::bounded`]):
+//! a server that accepts connections but stops answering (a stopped
+//! process, a stalled volume) would otherwise hold a caller for as long
+//! as it is stopped, and `statement_timeout` cannot help when the server
+//! runs nothing. Past the deadline the call fails as
+//! [`PgError::Unreachable`] (the store is unavailable) and every
+//! connection it held is discarded, not returned to the pool ([`PgClient`]):
+//! its answer may still arrive, and a later call must not read it.
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::runtime::{Handle, Runtime};
@@ -41,6 +51,54 @@ const MIGRATION_LOCK: i64 = 0x6665_6473_746f_7265;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a caller waits for a connection of the pool.
 const WAIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one call may take by default (`node.store.timeout`).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one call of the auditors' commands may take (they read the
+/// whole chain in one query).
+const READ_ONLY_TIMEOUT: Duration = Duration::from_secs(600);
+
+tokio::task_local! {
+    /// Set by [`Pg::bounded`] for the call it runs: true once the call ran
+    /// out of time, so the connections it holds are discarded when it is
+    /// dropped.
+    static ABANDONED: Arc<AtomicBool>;
+}
+
+/// A connection of the pool, given back to the pool when dropped, unless
+/// the call that took it was abandoned at its deadline: then it is
+/// detached and closed (a request may still be waiting on it).
+pub struct PgClient {
+    object: Option<deadpool_postgres::Client>,
+    abandoned: Option<Arc<AtomicBool>>,
+}
+
+impl std::ops::Deref for PgClient {
+    type Target = deadpool_postgres::Client;
+
+    fn deref(&self) -> &Self::Target {
+        // Only `Drop` takes it out.
+        self.object.as_ref().expect("a connection until dropped")
+    }
+}
+
+impl std::ops::DerefMut for PgClient {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        self.object.as_mut().expect("a connection until dropped")
+    }
+}
+
+impl Drop for PgClient {
+    fn drop(&mut self) {
+        let abandoned = self
+            .abandoned
+            .as_ref()
+            .is_some_and(|a| a.load(Ordering::SeqCst));
+        if let (true, Some(object)) = (abandoned, self.object.take()) {
+            // Out of the pool; dropping the client closes the connection.
+            drop(deadpool_postgres::Client::take(object));
+        }
+    }
+}
 
 /// Version 1: tasks (with their queue and lease indexes), agents, small
 /// named values, and the decision log (append-only by trigger, one hash
@@ -209,6 +267,8 @@ struct PgInner {
     target: String,
     config: tokio_postgres::Config,
     tls: crate::pg_tls::DbTls,
+    /// The bound of every call (`node.store.timeout`).
+    timeout: Duration,
 }
 
 impl Drop for PgInner {
@@ -273,14 +333,25 @@ impl Pg {
     /// the schema. Errors name what is wrong; [`PgError::is_config`] tells
     /// the configuration's from the database's.
     pub fn connect(url: &str, pool_size: usize, application: &str) -> Result<Self, PgError> {
-        Self::connect_with(url, pool_size, application, true)
+        Self::connect_with(url, pool_size, application, true, DEFAULT_TIMEOUT)
+    }
+
+    /// [`Pg::connect`] with every call bounded by `timeout`
+    /// (`node.store.timeout`).
+    pub fn connect_with_timeout(
+        url: &str,
+        pool_size: usize,
+        application: &str,
+        timeout: Duration,
+    ) -> Result<Self, PgError> {
+        Self::connect_with(url, pool_size, application, true, timeout)
     }
 
     /// Connects to a database a controller migrated, without changing it
     /// (the auditors' commands: an auditor's role may only read). Refuses a
     /// database without the schema, or with a newer one.
     pub fn connect_read_only(url: &str, application: &str) -> Result<Self, PgError> {
-        Self::connect_with(url, 2, application, false)
+        Self::connect_with(url, 2, application, false, READ_ONLY_TIMEOUT)
     }
 
     fn connect_with(
@@ -288,6 +359,7 @@ impl Pg {
         pool_size: usize,
         application: &str,
         migrating: bool,
+        timeout: Duration,
     ) -> Result<Self, PgError> {
         // sslmode and sslrootcert are read as libpq reads them (the
         // client knows neither verify-ca, verify-full nor sslrootcert).
@@ -342,6 +414,7 @@ impl Pg {
                 target,
                 config: config.clone(),
                 tls,
+                timeout: timeout.max(Duration::from_millis(1)),
             }),
         };
         let user = config.get_user().unwrap_or("").to_string();
@@ -384,18 +457,62 @@ impl Pg {
         self.inner.pool.clone()
     }
 
-    /// A connection of the pool.
-    pub async fn client(&self) -> Result<deadpool_postgres::Client, PgError> {
-        self.inner.pool.get().await.map_err(|e| self.pool_error(e))
+    /// A connection of the pool (discarded instead of given back when the
+    /// [`Pg::bounded`] call that took it runs out of time).
+    pub async fn client(&self) -> Result<PgClient, PgError> {
+        let object = self
+            .inner
+            .pool
+            .get()
+            .await
+            .map_err(|e| self.pool_error(e))?;
+        Ok(PgClient {
+            object: Some(object),
+            abandoned: ABANDONED.try_with(Arc::clone).ok(),
+        })
     }
 
-    async fn client_classified(
+    /// The bound of every call (`node.store.timeout`).
+    pub fn timeout(&self) -> Duration {
+        self.inner.timeout
+    }
+
+    /// Runs `fut` within `node.store.timeout`: past it, `fut` is dropped,
+    /// the connections it took are discarded, and the call fails as
+    /// [`PgError::Unreachable`] naming the bound.
+    pub async fn bounded<T>(
         &self,
-        user: &str,
-        database: &str,
-    ) -> Result<deadpool_postgres::Client, PgError> {
+        fut: impl Future<Output = Result<T, PgError>>,
+    ) -> Result<T, PgError> {
+        let abandoned = Arc::new(AtomicBool::new(false));
+        let limit = self.inner.timeout;
+        let mut call = Box::pin(tokio::time::timeout(
+            limit,
+            ABANDONED.scope(Arc::clone(&abandoned), fut),
+        ));
+        match call.as_mut().await {
+            Ok(answer) => answer,
+            Err(_) => {
+                abandoned.store(true, Ordering::SeqCst);
+                drop(call);
+                tracing::warn!(target = %self.inner.target, timeout = ?limit, "database call abandoned: no answer in time, its connection discarded");
+                Err(PgError::Unreachable {
+                    target: self.inner.target.clone(),
+                    detail: format!(
+                        "no answer within {} (node.store.timeout)",
+                        humantime::format_duration(limit)
+                    ),
+                })
+            }
+        }
+    }
+
+    async fn client_classified(&self, user: &str, database: &str) -> Result<PgClient, PgError> {
         match self.inner.pool.get().await {
-            Ok(c) => Ok(c),
+            Ok(c) => Ok(PgClient {
+                object: Some(c),
+                abandoned: ABANDONED.try_with(Arc::clone).ok(),
+            }),
             Err(deadpool_postgres::PoolError::Backend(e)) => {
                 if let Some(detail) = self.inner.tls.explain(&e, &host_of(&self.inner.config)) {
                     return Err(PgError::Tls {
@@ -437,13 +554,15 @@ impl Pg {
         }
     }
 
-    /// Runs `fut` on the database runtime and awaits its answer (from any
-    /// runtime).
+    /// Runs `fut` on the database runtime, [`Pg::bounded`], and awaits its
+    /// answer (from any runtime).
     pub async fn run<T: Send + 'static>(
         &self,
         fut: impl Future<Output = Result<T, PgError>> + Send + 'static,
     ) -> Result<T, PgError> {
-        match self.inner.handle.spawn(fut).await {
+        let this = self.clone();
+        let bounded = async move { this.bounded(fut).await };
+        match self.inner.handle.spawn(bounded).await {
             Ok(r) => r,
             Err(e) => Err(PgError::Db {
                 target: self.inner.target.clone(),
@@ -460,8 +579,9 @@ impl Pg {
         fut: impl Future<Output = Result<T, PgError>> + Send + 'static,
     ) -> Result<T, PgError> {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let this = self.clone();
         self.inner.handle.spawn(async move {
-            let _ = tx.send(fut.await);
+            let _ = tx.send(this.bounded(fut).await);
         });
         rx.recv().unwrap_or_else(|_| {
             Err(PgError::Db {
@@ -542,7 +662,7 @@ async fn schema_version(client: &tokio_postgres::Client, target: &str) -> Result
 /// migration lock, reads the version, refuses a newer one, applies each
 /// missing migration and records it. Replicas starting at once wait for
 /// the lock; the second finds the schema current.
-async fn migrate(client: &deadpool_postgres::Client, target: &str) -> Result<i32, PgError> {
+async fn migrate(client: &PgClient, target: &str) -> Result<i32, PgError> {
     let db = |e: tokio_postgres::Error| PgError::Db {
         target: target.to_string(),
         detail: format!("migrating the schema: {}", chain(&e)),

@@ -29,6 +29,7 @@
 //! lease deadline, agent and idempotency key as columns for the indexes),
 //! `agents`, `store_meta`.
 
+mod deadline;
 mod listen;
 mod staging;
 mod tx;
