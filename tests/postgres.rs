@@ -298,7 +298,7 @@ fn a_bad_store_configuration_exits_64_naming_what_is_wrong() {
     );
     let missing = pg.url("no_such_database");
     let unreachable = "postgres://federation:x@127.0.0.1:1/federation".to_string();
-    // TLS to the database is not built: asking for it is refused at start.
+    // The test server offers no TLS: a URL requiring it is refused at start.
     let tls = format!("{}?sslmode=require", pg.url("postgres"));
     let cases: Vec<Case<'_>> = vec![
         ("no url", vec![], "node.store.url"),
@@ -320,7 +320,7 @@ fn a_bad_store_configuration_exits_64_naming_what_is_wrong() {
         (
             "tls required",
             vec![("FEDERATION__NODE__STORE__URL", tls.as_str())],
-            "cannot connect",
+            "TLS (sslmode=require): the server does not offer TLS",
         ),
         (
             "newer schema",

@@ -475,7 +475,12 @@ fn open_store(settings: &Settings) -> anyhow::Result<(TaskStore, DecisionLog)> {
                 )
             })?;
             let name = format!("federation/{}/{}", settings.region, settings.replica);
-            let pg = crate::pg::Pg::connect(url, settings.store.pool_size, &name)?;
+            let pg = crate::pg::Pg::connect_with_timeout(
+                url,
+                settings.store.pool_size,
+                &name,
+                settings.store.timeout,
+            )?;
             tracing::info!(target = %pg.target(), region = %settings.region, replica = %settings.replica, schema = crate::pg::known_version(), "task store in postgresql");
             let store = TaskStore::open_postgres(&pg, &settings.region, Default::default())
                 .with_context(|| format!("opening the task store in {}", pg.target()))?;

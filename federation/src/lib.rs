@@ -28,6 +28,7 @@ pub mod membership;
 pub mod metrics;
 pub mod peers;
 pub mod pg;
+pub mod pg_tls;
 pub mod policy;
 pub mod private_files;
 pub mod relay;

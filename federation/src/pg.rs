@@ -17,9 +17,19 @@
 //! single-threaded runtime's. The pool's connections are driven by two
 //! threads of this runtime; callers hand work over and wait for the answer
 //! ([`Pg::run`], [`Pg::block`]).
+//!
+//! **Every call is bounded** by `node.store.timeout` ([`Pg::bounded`]):
+//! a server that accepts connections but stops answering (a stopped
+//! process, a stalled volume) would otherwise hold a caller for as long
+//! as it is stopped, and `statement_timeout` cannot help when the server
+//! runs nothing. Past the deadline the call fails as
+//! [`PgError::Unreachable`] (the store is unavailable) and every
+//! connection it held is discarded, not returned to the pool ([`PgClient`]):
+//! its answer may still arrive, and a later call must not read it.
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::runtime::{Handle, Runtime};
@@ -41,6 +51,54 @@ const MIGRATION_LOCK: i64 = 0x6665_6473_746f_7265;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a caller waits for a connection of the pool.
 const WAIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one call may take by default (`node.store.timeout`).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one call of the auditors' commands may take (they read the
+/// whole chain in one query).
+const READ_ONLY_TIMEOUT: Duration = Duration::from_secs(600);
+
+tokio::task_local! {
+    /// Set by [`Pg::bounded`] for the call it runs: true once the call ran
+    /// out of time, so the connections it holds are discarded when it is
+    /// dropped.
+    static ABANDONED: Arc<AtomicBool>;
+}
+
+/// A connection of the pool, given back to the pool when dropped, unless
+/// the call that took it was abandoned at its deadline: then it is
+/// detached and closed (a request may still be waiting on it).
+pub struct PgClient {
+    object: Option<deadpool_postgres::Client>,
+    abandoned: Option<Arc<AtomicBool>>,
+}
+
+impl std::ops::Deref for PgClient {
+    type Target = deadpool_postgres::Client;
+
+    fn deref(&self) -> &Self::Target {
+        // Only `Drop` takes it out.
+        self.object.as_ref().expect("a connection until dropped")
+    }
+}
+
+impl std::ops::DerefMut for PgClient {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        self.object.as_mut().expect("a connection until dropped")
+    }
+}
+
+impl Drop for PgClient {
+    fn drop(&mut self) {
+        let abandoned = self
+            .abandoned
+            .as_ref()
+            .is_some_and(|a| a.load(Ordering::SeqCst));
+        if let (true, Some(object)) = (abandoned, self.object.take()) {
+            // Out of the pool; dropping the client closes the connection.
+            drop(deadpool_postgres::Client::take(object));
+        }
+    }
+}
 
 /// Version 1: tasks (with their queue and lease indexes), agents, small
 /// named values, and the decision log (append-only by trigger, one hash
@@ -153,6 +211,17 @@ pub enum PgError {
         /// The database.
         database: String,
     },
+    /// TLS to the database failed: the server offers none, or its
+    /// certificate is not trusted or does not name the host.
+    #[error("PostgreSQL at {target}: TLS (sslmode={mode}): {detail}")]
+    Tls {
+        /// Host, port and database.
+        target: String,
+        /// The URL's `sslmode`.
+        mode: &'static str,
+        /// What was wrong.
+        detail: String,
+    },
     /// The database's schema is newer than this build.
     #[error(
         "PostgreSQL at {target}: the schema is at version {found}, newer than this build knows ({known}); \
@@ -197,6 +266,9 @@ struct PgInner {
     pool: deadpool_postgres::Pool,
     target: String,
     config: tokio_postgres::Config,
+    tls: crate::pg_tls::DbTls,
+    /// The bound of every call (`node.store.timeout`).
+    timeout: Duration,
 }
 
 impl Drop for PgInner {
@@ -217,17 +289,22 @@ impl std::fmt::Debug for Pg {
     }
 }
 
-/// `host:port/database` of a configuration, for messages (never the
-/// password).
-fn target_of(config: &tokio_postgres::Config) -> String {
-    let host = config
+/// The first host of a configuration (the name TLS checks).
+fn host_of(config: &tokio_postgres::Config) -> String {
+    config
         .get_hosts()
         .first()
         .map(|h| match h {
             tokio_postgres::config::Host::Tcp(name) => name.clone(),
             tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
         })
-        .unwrap_or_else(|| "localhost".into());
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// `host:port/database` of a configuration, for messages (never the
+/// password).
+fn target_of(config: &tokio_postgres::Config) -> String {
+    let host = host_of(config);
     let port = config.get_ports().first().copied().unwrap_or(5432);
     let db = config
         .get_dbname()
@@ -256,14 +333,25 @@ impl Pg {
     /// the schema. Errors name what is wrong; [`PgError::is_config`] tells
     /// the configuration's from the database's.
     pub fn connect(url: &str, pool_size: usize, application: &str) -> Result<Self, PgError> {
-        Self::connect_with(url, pool_size, application, true)
+        Self::connect_with(url, pool_size, application, true, DEFAULT_TIMEOUT)
+    }
+
+    /// [`Pg::connect`] with every call bounded by `timeout`
+    /// (`node.store.timeout`).
+    pub fn connect_with_timeout(
+        url: &str,
+        pool_size: usize,
+        application: &str,
+        timeout: Duration,
+    ) -> Result<Self, PgError> {
+        Self::connect_with(url, pool_size, application, true, timeout)
     }
 
     /// Connects to a database a controller migrated, without changing it
     /// (the auditors' commands: an auditor's role may only read). Refuses a
     /// database without the schema, or with a newer one.
     pub fn connect_read_only(url: &str, application: &str) -> Result<Self, PgError> {
-        Self::connect_with(url, 2, application, false)
+        Self::connect_with(url, 2, application, false, READ_ONLY_TIMEOUT)
     }
 
     fn connect_with(
@@ -271,11 +359,16 @@ impl Pg {
         pool_size: usize,
         application: &str,
         migrating: bool,
+        timeout: Duration,
     ) -> Result<Self, PgError> {
+        // sslmode and sslrootcert are read as libpq reads them (the
+        // client knows neither verify-ca, verify-full nor sslrootcert).
+        let (url, tls) = crate::pg_tls::split_url(url).map_err(|e| PgError::Url(e.to_string()))?;
         let mut config: tokio_postgres::Config =
             url.parse().map_err(|e: tokio_postgres::Error| {
                 PgError::Url(format!("not a PostgreSQL URL: {}", chain(&e)))
             })?;
+        config.ssl_mode(tls.client_mode());
         config.connect_timeout(CONNECT_TIMEOUT);
         // Acknowledged means committed on the server's disk, whatever the
         // server's default is (set for every session, so no transaction
@@ -301,7 +394,7 @@ impl Pg {
         let handle = runtime.handle().clone();
         let manager = deadpool_postgres::Manager::from_config(
             config.clone(),
-            tokio_postgres::NoTls,
+            tls.connector.clone(),
             deadpool_postgres::ManagerConfig {
                 recycling_method: deadpool_postgres::RecyclingMethod::Fast,
             },
@@ -320,6 +413,8 @@ impl Pg {
                 pool,
                 target,
                 config: config.clone(),
+                tls,
+                timeout: timeout.max(Duration::from_millis(1)),
             }),
         };
         let user = config.get_user().unwrap_or("").to_string();
@@ -351,25 +446,81 @@ impl Pg {
         &self.inner.config
     }
 
+    /// The TLS connector of every connection (a dedicated one too).
+    pub fn tls(&self) -> crate::pg_tls::Connector {
+        self.inner.tls.connector.clone()
+    }
+
     /// The pool itself, for work that must not keep the runtime alive (a
     /// task of this runtime holding a [`Pg`] would own its own runtime).
     pub fn pool(&self) -> deadpool_postgres::Pool {
         self.inner.pool.clone()
     }
 
-    /// A connection of the pool.
-    pub async fn client(&self) -> Result<deadpool_postgres::Client, PgError> {
-        self.inner.pool.get().await.map_err(|e| self.pool_error(e))
+    /// A connection of the pool (discarded instead of given back when the
+    /// [`Pg::bounded`] call that took it runs out of time).
+    pub async fn client(&self) -> Result<PgClient, PgError> {
+        let object = self
+            .inner
+            .pool
+            .get()
+            .await
+            .map_err(|e| self.pool_error(e))?;
+        Ok(PgClient {
+            object: Some(object),
+            abandoned: ABANDONED.try_with(Arc::clone).ok(),
+        })
     }
 
-    async fn client_classified(
+    /// The bound of every call (`node.store.timeout`).
+    pub fn timeout(&self) -> Duration {
+        self.inner.timeout
+    }
+
+    /// Runs `fut` within `node.store.timeout`: past it, `fut` is dropped,
+    /// the connections it took are discarded, and the call fails as
+    /// [`PgError::Unreachable`] naming the bound.
+    pub async fn bounded<T>(
         &self,
-        user: &str,
-        database: &str,
-    ) -> Result<deadpool_postgres::Client, PgError> {
+        fut: impl Future<Output = Result<T, PgError>>,
+    ) -> Result<T, PgError> {
+        let abandoned = Arc::new(AtomicBool::new(false));
+        let limit = self.inner.timeout;
+        let mut call = Box::pin(tokio::time::timeout(
+            limit,
+            ABANDONED.scope(Arc::clone(&abandoned), fut),
+        ));
+        match call.as_mut().await {
+            Ok(answer) => answer,
+            Err(_) => {
+                abandoned.store(true, Ordering::SeqCst);
+                drop(call);
+                tracing::warn!(target = %self.inner.target, timeout = ?limit, "database call abandoned: no answer in time, its connection discarded");
+                Err(PgError::Unreachable {
+                    target: self.inner.target.clone(),
+                    detail: format!(
+                        "no answer within {} (node.store.timeout)",
+                        humantime::format_duration(limit)
+                    ),
+                })
+            }
+        }
+    }
+
+    async fn client_classified(&self, user: &str, database: &str) -> Result<PgClient, PgError> {
         match self.inner.pool.get().await {
-            Ok(c) => Ok(c),
+            Ok(c) => Ok(PgClient {
+                object: Some(c),
+                abandoned: ABANDONED.try_with(Arc::clone).ok(),
+            }),
             Err(deadpool_postgres::PoolError::Backend(e)) => {
+                if let Some(detail) = self.inner.tls.explain(&e, &host_of(&self.inner.config)) {
+                    return Err(PgError::Tls {
+                        target: self.inner.target.clone(),
+                        mode: self.inner.tls.mode.as_str(),
+                        detail,
+                    });
+                }
                 Err(classify_connect(&e, &self.inner.target, user, database))
             }
             Err(deadpool_postgres::PoolError::Timeout(_)) => Err(PgError::Unreachable {
@@ -403,13 +554,15 @@ impl Pg {
         }
     }
 
-    /// Runs `fut` on the database runtime and awaits its answer (from any
-    /// runtime).
+    /// Runs `fut` on the database runtime, [`Pg::bounded`], and awaits its
+    /// answer (from any runtime).
     pub async fn run<T: Send + 'static>(
         &self,
         fut: impl Future<Output = Result<T, PgError>> + Send + 'static,
     ) -> Result<T, PgError> {
-        match self.inner.handle.spawn(fut).await {
+        let this = self.clone();
+        let bounded = async move { this.bounded(fut).await };
+        match self.inner.handle.spawn(bounded).await {
             Ok(r) => r,
             Err(e) => Err(PgError::Db {
                 target: self.inner.target.clone(),
@@ -426,8 +579,9 @@ impl Pg {
         fut: impl Future<Output = Result<T, PgError>> + Send + 'static,
     ) -> Result<T, PgError> {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let this = self.clone();
         self.inner.handle.spawn(async move {
-            let _ = tx.send(fut.await);
+            let _ = tx.send(this.bounded(fut).await);
         });
         rx.recv().unwrap_or_else(|_| {
             Err(PgError::Db {
@@ -508,7 +662,7 @@ async fn schema_version(client: &tokio_postgres::Client, target: &str) -> Result
 /// migration lock, reads the version, refuses a newer one, applies each
 /// missing migration and records it. Replicas starting at once wait for
 /// the lock; the second finds the schema current.
-async fn migrate(client: &deadpool_postgres::Client, target: &str) -> Result<i32, PgError> {
+async fn migrate(client: &PgClient, target: &str) -> Result<i32, PgError> {
     let db = |e: tokio_postgres::Error| PgError::Db {
         target: target.to_string(),
         detail: format!("migrating the schema: {}", chain(&e)),
@@ -669,6 +823,136 @@ mod tests {
         // Not a URL.
         let err = Pg::connect("postgres://u@127.0.0.1:notaport/x", 2, "test").expect_err("bad url");
         assert!(matches!(err, PgError::Url(_)), "{err}");
+    }
+
+    /// A server offering TLS with a certificate of a development CA for
+    /// `localhost` and 127.0.0.1; the CA and a foreign CA in PEM files.
+    struct TlsDb {
+        server: pg_sandbox::PgServer,
+        ca: std::path::PathBuf,
+        foreign_ca: std::path::PathBuf,
+        _dir: tempfile::TempDir,
+    }
+
+    fn tls_server() -> &'static TlsDb {
+        static SERVER: std::sync::OnceLock<TlsDb> = std::sync::OnceLock::new();
+        SERVER.get_or_init(|| {
+            use federation_tls::dev::{DevCa, Validity};
+            let ca = DevCa::new("database").expect("ca");
+            let leaf = ca
+                .issue("db", &[], true, Validity::Normal)
+                .expect("server certificate");
+            let server =
+                pg_sandbox::PgServer::start_tls(&leaf.cert_pem, &leaf.key_pem).expect("tls server");
+            let dir = tempfile::tempdir().expect("dir");
+            let ca_file = dir.path().join("ca.pem");
+            std::fs::write(&ca_file, ca.ca_pem()).expect("ca file");
+            let foreign_file = dir.path().join("foreign-ca.pem");
+            let foreign = DevCa::new("elsewhere").expect("foreign ca");
+            std::fs::write(&foreign_file, foreign.ca_pem()).expect("foreign ca file");
+            TlsDb {
+                server,
+                ca: ca_file,
+                foreign_ca: foreign_file,
+                _dir: dir,
+            }
+        })
+    }
+
+    /// The URL of a fresh database on the TLS server, host `localhost`,
+    /// with `query`, and the database's name.
+    fn tls_url(stem: &str, query: &str) -> (String, String) {
+        let url = tls_server().server.create_database(stem).expect("database");
+        let db = url.rsplit('/').next().expect("db name").to_string();
+        let url = format!(
+            "postgres://{}:{}@localhost:{}/{db}?{query}",
+            pg_sandbox::USER,
+            pg_sandbox::PASSWORD,
+            tls_server().server.port()
+        );
+        (url, db)
+    }
+
+    /// Whether this pool's connection is encrypted (the server's view).
+    fn encrypted(pg: &Pg) -> bool {
+        let pg2 = pg.clone();
+        pg.block(async move {
+            let c = pg2.client().await?;
+            let row = c
+                .query_one(
+                    "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                    &[],
+                )
+                .await
+                .map_err(|e| pg2.db(&e))?;
+            Ok(row.get::<_, bool>(0))
+        })
+        .expect("pg_stat_ssl")
+    }
+
+    #[test]
+    fn verify_full_connects_encrypted_and_checks_the_host_name_verify_ca_only_the_chain() {
+        let ca = tls_server().ca.display().to_string();
+        let (url, db) = tls_url(
+            "verify_full",
+            &format!("sslmode=verify-full&sslrootcert={ca}"),
+        );
+        let pg = Pg::connect(&url, 2, "test").expect("verify-full to localhost");
+        assert!(encrypted(&pg), "the session is encrypted");
+        // The same server under a name its certificate does not carry.
+        let misnamed = |mode: &str| {
+            format!(
+                "host=wrong.example hostaddr=127.0.0.1 port={} user={} password={} dbname={db} sslmode={mode} sslrootcert={ca}",
+                tls_server().server.port(),
+                pg_sandbox::USER,
+                pg_sandbox::PASSWORD
+            )
+        };
+        let err = Pg::connect(&misnamed("verify-full"), 2, "test").expect_err("name checked");
+        assert!(matches!(err, PgError::Tls { .. }), "{err}");
+        assert!(err.is_config(), "{err}");
+        assert!(
+            err.to_string()
+                .contains("does not name the host `wrong.example`"),
+            "{err}"
+        );
+        let pg = Pg::connect(&misnamed("verify-ca"), 2, "test").expect("verify-ca: chain only");
+        assert!(encrypted(&pg));
+    }
+
+    #[test]
+    fn a_certificate_of_another_ca_is_a_configuration_error_naming_the_database_and_tls() {
+        let foreign = tls_server().foreign_ca.display().to_string();
+        for mode in ["verify-full", "verify-ca", "require"] {
+            let (url, db) = tls_url("wrong_ca", &format!("sslmode={mode}&sslrootcert={foreign}"));
+            let err = Pg::connect(&url, 2, "test").expect_err(mode);
+            assert!(matches!(err, PgError::Tls { .. }), "{mode}: {err}");
+            assert!(err.is_config());
+            let msg = err.to_string();
+            assert!(
+                msg.contains(&db)
+                    && msg.contains("TLS")
+                    && msg.contains("not signed by a trusted CA")
+                    && msg.contains("foreign-ca.pem"),
+                "{mode}: {msg}"
+            );
+        }
+    }
+
+    #[test]
+    fn require_and_prefer_encrypt_without_verifying_and_disable_does_not() {
+        for (mode, want) in [("require", true), ("prefer", true), ("disable", false)] {
+            let (url, _) = tls_url("modes", &format!("sslmode={mode}"));
+            let pg = Pg::connect(&url, 2, "test").expect(mode);
+            assert_eq!(encrypted(&pg), want, "sslmode={mode}");
+        }
+        // A server without TLS: prefer falls back, require refuses.
+        let plain = server().create_database("plain").expect("database");
+        let pg = Pg::connect(&format!("{plain}?sslmode=prefer"), 2, "test").expect("prefer");
+        assert!(!encrypted(&pg));
+        let err = Pg::connect(&format!("{plain}?sslmode=require"), 2, "test").expect_err("require");
+        assert!(matches!(err, PgError::Tls { .. }), "{err}");
+        assert!(err.to_string().contains("does not offer TLS"), "{err}");
     }
 
     #[test]

@@ -19,6 +19,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 
+/// Signal names for `kill`.
+mod libc_signal {
+    pub const STOP: &str = "STOP";
+    pub const CONT: &str = "CONT";
+}
+
 /// The superuser's password.
 pub const PASSWORD: &str = "federation-test";
 /// The superuser.
@@ -79,6 +85,17 @@ fn as_server_user(program: &Path) -> Command {
 impl PgServer {
     /// Starts a server (bounded: 60 s for initdb and start-up).
     pub fn start() -> anyhow::Result<Self> {
+        Self::start_with(None)
+    }
+
+    /// Starts a server that also offers TLS (`ssl=on`) with this
+    /// certificate (PEM, its chain) and key; plain connections are still
+    /// accepted.
+    pub fn start_tls(cert_pem: &str, key_pem: &str) -> anyhow::Result<Self> {
+        Self::start_with(Some((cert_pem, key_pem)))
+    }
+
+    fn start_with(tls: Option<(&str, &str)>) -> anyhow::Result<Self> {
         let bin = bin_dir().context(
             "PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb; apt-get install postgresql, or set FEDERATION_PG_BIN)",
         )?;
@@ -88,6 +105,22 @@ impl PgServer {
             .context("temporary directory")?;
         let pwfile = dir.path().join("pwfile");
         std::fs::write(&pwfile, PASSWORD).context("writing the password file")?;
+        let mut settings = Vec::new();
+        if let Some((cert, key)) = tls {
+            use std::os::unix::fs::PermissionsExt as _;
+            let cert_file = dir.path().join("server.crt");
+            let key_file = dir.path().join("server.key");
+            std::fs::write(&cert_file, cert).context("writing the server certificate")?;
+            std::fs::write(&key_file, key).context("writing the server key")?;
+            // The server refuses a key others may read.
+            std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600))
+                .context("chmod of the server key")?;
+            settings.extend([
+                "ssl=on".to_string(),
+                format!("ssl_cert_file={}", cert_file.display()),
+                format!("ssl_key_file={}", key_file.display()),
+            ]);
+        }
         if is_root() {
             let status = Command::new("chown")
                 .arg("-R")
@@ -138,6 +171,9 @@ impl PgServer {
                 "-c",
                 "max_connections=200",
             ]);
+        for setting in &settings {
+            server.args(["-c", setting]);
+        }
         // The watchdog: runs the server; on a line `stop` on its stdin it
         // stops it (immediate shutdown: a crash, recovered at the next
         // start), on `start` it starts it again; when stdin closes (this
@@ -221,6 +257,63 @@ rm -rf "$FEDERATION_PG_DIR"
         let stdin = self.stdin.as_mut().context("the server was stopped")?;
         writeln!(stdin, "{word}").context("telling the watchdog")?;
         stdin.flush().context("telling the watchdog")
+    }
+
+    /// Pauses the server as a hung machine would: SIGSTOP to the
+    /// postmaster and every process of it. Connections stay open and
+    /// nothing answers until [`PgServer::resume`].
+    pub fn pause(&self) -> anyhow::Result<()> {
+        self.signal_all(libc_signal::STOP)
+    }
+
+    /// Resumes a server [`PgServer::pause`]d (SIGCONT to every process).
+    pub fn resume(&self) -> anyhow::Result<()> {
+        self.signal_all(libc_signal::CONT)
+    }
+
+    /// The postmaster's pid, from its `postmaster.pid`.
+    pub fn postmaster_pid(&self) -> anyhow::Result<u32> {
+        let text = std::fs::read_to_string(self.dir.path().join("data").join("postmaster.pid"))
+            .context("reading postmaster.pid")?;
+        text.lines()
+            .next()
+            .and_then(|l| l.trim().parse().ok())
+            .context("postmaster.pid holds no pid")
+    }
+
+    fn signal_all(&self, signal: &str) -> anyhow::Result<()> {
+        let main = self.postmaster_pid()?;
+        // The postmaster first (no new backend forks), then its children.
+        let mut pids = vec![main];
+        for entry in std::fs::read_dir("/proc").context("/proc")?.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            // `pid (comm) state ppid …`: the fields after the last `)`.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            if ppid == Some(main) {
+                pids.push(pid);
+            }
+        }
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .args(pids.iter().map(u32::to_string))
+            .status()
+            .context("running kill")?;
+        if !status.success() {
+            bail!("kill -{signal} {pids:?} failed");
+        }
+        Ok(())
     }
 
     /// The server's log so far.

@@ -301,6 +301,11 @@ pub struct StoreSpec {
     pub url: Option<String>,
     /// Connections to the database this controller keeps at most.
     pub pool_size: usize,
+    /// How long one call to the database may take (backend `postgres`):
+    /// past it the call answers UNAVAILABLE and its connection is
+    /// discarded, so a database that stops answering is not waited for.
+    #[serde(with = "duration::serde_secs")]
+    pub timeout: Duration,
     /// Backend `redb`: the decision log's active file is closed as a
     /// segment (then zstd-compressed) once it reaches this many bytes
     /// (`audit::LogOptions`; default 16 MiB).
@@ -313,6 +318,7 @@ impl Default for StoreSpec {
             backend: StoreBackend::Redb,
             url: None,
             pool_size: 8,
+            timeout: Duration::from_secs(5),
             log_segment_bytes: 16 * 1024 * 1024,
         }
     }

@@ -29,6 +29,7 @@
 //! lease deadline, agent and idempotency key as columns for the indexes),
 //! `agents`, `store_meta`.
 
+mod deadline;
 mod listen;
 mod staging;
 mod tx;
@@ -57,7 +58,9 @@ const META_LOG_HEAD: &str = "log_head";
 impl From<PgError> for StoreError {
     fn from(e: PgError) -> Self {
         match e {
-            PgError::Unreachable { .. } => StoreError::Unavailable(e.to_string()),
+            PgError::Unreachable { .. } | PgError::Tls { .. } => {
+                StoreError::Unavailable(e.to_string())
+            }
             other => StoreError::Db(other.to_string()),
         }
     }
@@ -167,6 +170,7 @@ impl PgStore {
         let (stop, stopped) = oneshot::channel();
         pg.handle().spawn(listen::listen(
             pg.config().clone(),
+            pg.tls(),
             pg.pool(),
             pg.target().to_string(),
             region.to_string(),

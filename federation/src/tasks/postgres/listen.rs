@@ -17,6 +17,7 @@ use crate::tasks::store::decode;
 /// Reconnects every second while the database cannot be reached.
 pub(super) async fn listen(
     config: tokio_postgres::Config,
+    tls: crate::pg_tls::Connector,
     pool: deadpool_postgres::Pool,
     target: String,
     region: String,
@@ -27,7 +28,7 @@ pub(super) async fn listen(
     loop {
         let session = async {
             let (client, mut connection) = config
-                .connect(tokio_postgres::NoTls)
+                .connect(tls.clone())
                 .await
                 .map_err(|e| e.to_string())?;
             let (tx, mut rx) = mpsc::unbounded_channel();

@@ -1,7 +1,8 @@
 //! The PostgreSQL store's writer thread: each batch one transaction (the
 //! inserts staged and created together, the other requests in order), its
 //! decision records appended in it by the journal, the other replicas
-//! notified at its commit, then every caller answered.
+//! notified at its commit, then every caller answered; a batch is bounded
+//! by `node.store.timeout` (`deadline`).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -10,6 +11,7 @@ use federation_api::Task;
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::Transaction;
 
+use super::deadline::{Relay, relayed};
 use super::staging::Staging;
 use super::tx::Tx;
 use super::{CHANNEL, NOTIFY_BYTES, Shared};
@@ -30,12 +32,24 @@ pub(super) fn writer_loop(
         let Some(batch) = requests::only_flushes(batch) else {
             continue;
         };
+        let (batch, relays): (Vec<Op>, Vec<Relay>) = batch.into_iter().map(relayed).unzip();
         let pg2 = pg.clone();
         let region = region.to_string();
         let shared = Arc::clone(shared);
-        pg.handle().block_on(async move {
-            run_batch(&pg2, &region, &shared, shared.journal(), batch).await
-        });
+        // Bounded by node.store.timeout: past it the transaction and its
+        // connection are dropped, and every caller hears that the store is
+        // unavailable (nothing of the batch was acknowledged).
+        let done = pg.handle().block_on(pg.bounded(async move {
+            run_batch(&pg2, &region, &shared, shared.journal(), batch).await;
+            Ok(())
+        }));
+        let err = match done {
+            Ok(()) => StoreError::Db("internal: a request of the batch was not answered".into()),
+            Err(e) => StoreError::from(e),
+        };
+        for r in relays {
+            r.finish(&err);
+        }
     }
 }
 
