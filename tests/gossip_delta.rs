@@ -65,11 +65,13 @@ async fn advertise_answers_with_what_the_callers_digest_lacks() {
                 region: "north_america".into(),
                 epoch: 0,
                 sequence: 0,
+                ..Default::default()
             },
             api::DigestEntry {
                 region: "asia_pacific".into(),
                 epoch: 0,
                 sequence: 0,
+                ..Default::default()
             },
         ],
     };
@@ -88,6 +90,7 @@ async fn advertise_answers_with_what_the_callers_digest_lacks() {
             region: "north_america".into(),
             epoch: na.epoch,
             sequence: u64::MAX,
+            ..Default::default()
         }],
     };
     let none = peer

@@ -39,6 +39,7 @@ pub struct Cluster {
     log: DecisionLog,
     queue_limit: u32,
     advertise_endpoint: String,
+    replica: String,
     sequence: AtomicU64,
     draining: AtomicBool,
     /// The leadership token while this controller leads its region (the
@@ -70,6 +71,10 @@ pub struct ClusterParts {
     pub queue_limit: u32,
     /// The endpoint peers should use to reach us.
     pub advertise_endpoint: String,
+    /// This controller's name within its region, as advertised: `node.replica`
+    /// with the store in the region's database, `""` with the embedded store
+    /// (its region's one controller).
+    pub replica: String,
 }
 
 impl Cluster {
@@ -112,6 +117,7 @@ impl Cluster {
             log: parts.log,
             queue_limit: parts.queue_limit,
             advertise_endpoint: parts.advertise_endpoint,
+            replica: parts.replica,
             sequence: AtomicU64::new(0),
             draining: AtomicBool::new(false),
             leader: AtomicI64::new(if leads { 0 } else { -1 }),
@@ -148,6 +154,12 @@ impl Cluster {
     pub fn set_policy(&self, policy: Policy) {
         self.membership.sync_regions(&policy);
         self.policy.replace(policy);
+    }
+
+    /// This controller's name within its region as advertised (`""`: the
+    /// embedded store's one controller).
+    pub fn replica(&self) -> &str {
+        &self.replica
     }
 
     /// The leadership token while this controller leads its region.
@@ -239,6 +251,7 @@ impl Cluster {
                 let (seq, hash) = self.log.last();
                 api::LogHead { seq, hash }
             }),
+            replica: self.replica.clone(),
         }
     }
 

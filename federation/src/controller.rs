@@ -351,6 +351,11 @@ pub async fn open(settings: Settings) -> anyhow::Result<Arc<Node>> {
         log: log.clone(),
         queue_limit: settings.limits.max_queue_depth,
         advertise_endpoint: settings.advertise_endpoint,
+        replica: if store.is_postgres() {
+            settings.replica.clone()
+        } else {
+            String::new()
+        },
     }));
     let peers = Arc::new(Peers::new(
         cluster.clone(),

@@ -75,11 +75,13 @@ impl Discoverer {
         self.spec.interval
     }
 
-    /// Resolves the SRV name: region → endpoint, for regions `known` accepts.
+    /// Resolves the SRV name: region → its endpoints (every target of the
+    /// region and every address of each: a region's replicas), lowest SRV
+    /// priority first, for regions `known` accepts.
     pub async fn resolve(
         &self,
         known: impl Fn(&str) -> bool,
-    ) -> Result<BTreeMap<String, String>, DiscoveryError> {
+    ) -> Result<BTreeMap<String, Vec<String>>, DiscoveryError> {
         let name = self.spec.dns_srv.clone();
         let lookup =
             self.resolver
@@ -97,22 +99,24 @@ impl Discoverer {
                 _ => None,
             })
             .collect();
-        // Lowest priority first; the first record per region wins.
+        // Lowest priority first; every record of a region is kept (its
+        // replicas), in that order.
         srvs.sort();
-        let mut found = BTreeMap::new();
+        let mut found: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for (_, port, target) in srvs {
             let region = target.split('.').next().unwrap_or_default().to_string();
             if !known(&region) {
                 tracing::warn!(%target, "SRV target does not name a region of the policy; ignored");
                 continue;
             }
-            if found.contains_key(&region) {
-                continue;
-            }
             match self.resolver.lookup_ip(target.as_str()).await {
                 Ok(ips) => {
-                    if let Some(ip) = ips.iter().next() {
-                        found.insert(region, format!("http://{}", SocketAddr::new(ip, port)));
+                    let endpoints = found.entry(region).or_default();
+                    for ip in ips.iter() {
+                        let e = format!("http://{}", SocketAddr::new(ip, port));
+                        if !endpoints.contains(&e) {
+                            endpoints.push(e);
+                        }
                     }
                 }
                 Err(e) => tracing::warn!(%target, error = %e, "SRV target does not resolve"),

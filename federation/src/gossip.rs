@@ -37,6 +37,11 @@ pub struct Gossip {
     max_known: usize,
     heartbeat: Duration,
     forward_timeout: Duration,
+    /// The last log head seq each named replica of a region advertised
+    /// itself: a replica behind another one of its region (one chain in
+    /// their database) is lagging, not truncated, unless it goes back
+    /// from what it advertised itself.
+    replica_heads: std::sync::Mutex<std::collections::BTreeMap<(String, String), u64>>,
 }
 
 /// What [`Gossip::new`] is built from.
@@ -78,7 +83,29 @@ impl Gossip {
             max_known: p.max_known,
             heartbeat: p.heartbeat,
             forward_timeout: p.forward_timeout,
+            replica_heads: std::sync::Mutex::new(std::collections::BTreeMap::new()),
         }
+    }
+
+    /// True when `origin`, a named replica, advertises a head before the
+    /// one witnessed of its region but not before its own last one: it
+    /// lags behind another replica on the region's one chain (a prefix of
+    /// it), which is neither witnessed nor an anomaly. Records its head.
+    fn lagging_replica(&self, origin: &api::RegionAdvertisement, seq: u64) -> bool {
+        if origin.replica.is_empty() {
+            return false;
+        }
+        let mut heads = self
+            .replica_heads
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let key = (origin.region.clone(), origin.replica.clone());
+        let own = heads.get(&key).copied();
+        if own.is_none_or(|o| seq >= o) {
+            heads.insert(key, seq);
+        }
+        let witnessed = self.witnesses.of(&origin.region).map(|w| w.seq);
+        witnessed.is_some_and(|w| seq < w) && own.is_none_or(|o| seq >= o)
     }
 
     fn own(&self, sequence: Sequence) -> api::RegionAdvertisement {
@@ -99,8 +126,12 @@ impl Gossip {
     ) {
         let membership = self.cluster.membership();
         membership.observe(origin, now);
-        membership.heard_directly(&origin.region, now);
-        if let Some(head) = &origin.log_head {
+        membership.heard_directly_from(&origin.region, &origin.replica, now);
+        if let Some(head) = origin
+            .log_head
+            .as_ref()
+            .filter(|h| !self.lagging_replica(origin, h.seq))
+        {
             let head = crate::audit::anchor::LogHead {
                 seq: head.seq,
                 hash: head.hash.clone(),
@@ -213,32 +244,65 @@ impl Gossip {
         request: api::AdvertiseRequest,
         deadline: Duration,
     ) {
-        let Ok(mut client) = self.peers.client(&region) else {
+        // One replica of the region is enough (each replica advertises to
+        // us itself): the first that answers.
+        let Ok(clients) = self.peers.clients(&region) else {
             return;
         };
+        for (endpoint, client) in clients {
+            if self
+                .advertise_at(&region, client, request.clone(), deadline)
+                .await
+            {
+                self.peers.reached(&endpoint);
+                return;
+            }
+            self.peers.unreachable(&endpoint);
+        }
+    }
+
+    /// One Advertise exchange with one replica of `region`; false when it
+    /// got no answer.
+    async fn advertise_at(
+        &self,
+        region: &str,
+        mut client: crate::peers::PeerClient,
+        request: api::AdvertiseRequest,
+        deadline: Duration,
+    ) -> bool {
         self.metrics
             .gossip_sent(prost::Message::encoded_len(&request));
         let call = client.advertise(transport::with_deadline(request, deadline));
         match tokio::time::timeout(deadline, call).await {
             Ok(Ok(resp)) => {
                 let resp = resp.into_inner();
-                let Some(origin) = &resp.origin else { return };
+                let Some(origin) = &resp.origin else {
+                    return true;
+                };
                 if origin.region != region {
                     tracing::warn!(%region, claimed = %origin.region, "peer answered as another region; ignored");
-                    return;
+                    return true;
                 }
                 let max_known = self.max_known;
                 let digest = resp.digest.as_ref().filter(|d| d.stale.len() <= max_known);
                 if digest.is_none() && resp.digest.is_some() {
                     tracing::warn!(%region, max_known, "peer's gossip digest too long; sending it everything");
                 }
-                self.cluster.membership().note_digest(&region, digest);
+                self.cluster.membership().note_digest(region, digest);
                 self.merge(origin, &resp.known, Instant::now()).await;
+                true
             }
             Ok(Err(status)) => {
                 tracing::debug!(%region, code = ?status.code(), "advertise failed");
+                !matches!(
+                    status.code(),
+                    tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown
+                )
             }
-            Err(_) => tracing::debug!(%region, "advertise timed out"),
+            Err(_) => {
+                tracing::debug!(%region, "advertise timed out");
+                false
+            }
         }
     }
 

@@ -55,32 +55,23 @@ use crate::policy::{FederationView, Health, Policy, RegionView};
 /// Arrival intervals kept per region for phi.
 const WINDOW: usize = 100;
 
-/// One region as known to this controller.
+/// One replica of a region as known to this controller: each replica of a
+/// region (controllers sharing its database) advertises itself with its own
+/// epoch and sequence. An older controller, which names no replica, is the
+/// region's one replica `""`.
 #[derive(Debug, Clone)]
-struct Peer {
-    /// Freshest advertisement known.
+struct Replica {
+    /// Freshest advertisement known of this replica, tags attested.
     ad: Option<RegionAdvertisement>,
-    /// When fresh information last arrived.
+    /// When fresh information about this replica last arrived.
     last_fresh: Option<Instant>,
-    /// When the region itself last talked to us (the origin of an
-    /// Advertise exchange, either way): a region not heard directly for
+    /// When this replica itself last talked to us (the origin of an
+    /// Advertise exchange, either way): a replica not heard directly for
     /// [`Membership::stale_after`] is listed in our gossip digest.
     last_direct: Option<Instant>,
-    /// The region's last gossip digest (what it lacks), from its request or
-    /// its response, whichever came last; None: never received, or an
-    /// older peer that sends none (it gets every advertisement we hold).
-    digest: Option<Vec<DigestEntry>>,
     /// Intervals between fresh arrivals, seconds.
     intervals: VecDeque<f64>,
-    /// When the region last went from not-alive to alive.
-    alive_since: Option<Instant>,
-    /// The last health we computed (for transition logs and hold-down).
-    last_health: Health,
-    /// When `last_health` last changed (None: not since our start).
-    health_since: Option<Instant>,
-    /// Tags last dropped as unattested (logged when this changes).
-    dropped: Vec<String>,
-    /// The freshest advertisement as the region sent it, before our tag
+    /// The freshest advertisement as the replica sent it, before our tag
     /// attestation: what we pass on in gossip, so that every receiver
     /// judges the region's claims against its own view of the certificate
     /// (and logs what it drops) rather than against ours.
@@ -90,6 +81,44 @@ struct Peer {
     /// its advertisement was gossiped to us), `ad` is cut again from
     /// `as_sent`.
     attested_with: Option<BTreeSet<String>>,
+}
+
+impl Replica {
+    fn new() -> Self {
+        Self {
+            ad: None,
+            last_fresh: None,
+            last_direct: None,
+            intervals: VecDeque::with_capacity(WINDOW),
+            as_sent: None,
+            attested_with: None,
+        }
+    }
+}
+
+/// One region as known to this controller: its replicas, and what holds of
+/// the region as a whole (alive while any replica is).
+#[derive(Debug, Clone)]
+struct Peer {
+    /// Every replica heard of, by name (`""`: an older controller).
+    replicas: BTreeMap<String, Replica>,
+    /// The region's last gossip digest (what it lacks), from its request or
+    /// its response, whichever came last; None: never received, or an
+    /// older peer that sends none (it gets every advertisement we hold).
+    digest: Option<Vec<DigestEntry>>,
+    /// When the region last went from not-alive to alive.
+    alive_since: Option<Instant>,
+    /// The last health we computed (for transition logs and hold-down).
+    last_health: Health,
+    /// When `last_health` last changed (None: not since our start).
+    health_since: Option<Instant>,
+    /// Tags last dropped as unattested (logged when this changes).
+    dropped: Vec<String>,
+    /// The region's advertisement as routing and status see it: the
+    /// freshest live replica's, with the capacity summed over the live
+    /// replicas and draining only when all of them drain. Recomputed on
+    /// every change of a replica and at every tick.
+    merged: Option<RegionAdvertisement>,
 }
 
 /// Compliance tags attested by regions' certificates, learned from verified
@@ -132,18 +161,19 @@ impl Attestations {
 impl Peer {
     fn new() -> Self {
         Self {
-            ad: None,
-            last_fresh: None,
-            last_direct: None,
+            replicas: BTreeMap::new(),
             digest: None,
-            intervals: VecDeque::with_capacity(WINDOW),
             alive_since: None,
             last_health: Health::Unknown,
             health_since: None,
             dropped: Vec::new(),
-            as_sent: None,
-            attested_with: None,
+            merged: None,
         }
+    }
+
+    /// When fresh information about any replica last arrived.
+    fn last_fresh(&self) -> Option<Instant> {
+        self.replicas.values().filter_map(|r| r.last_fresh).max()
     }
 }
 
@@ -165,6 +195,21 @@ pub struct PeerStatus {
     /// How much longer the region is held down after coming back from dead
     /// (`failback_hold_down`); None when it is not held down.
     pub hold_down_left: Option<Duration>,
+}
+
+/// One replica of a region, for status and for choosing where to call.
+#[derive(Debug, Clone)]
+pub struct ReplicaStatus {
+    /// Its name within the region (`""`: an older controller).
+    pub replica: String,
+    /// The endpoint it advertises.
+    pub endpoint: String,
+    /// Its own liveness (the region is alive while any replica is).
+    pub health: Health,
+    /// Its epoch.
+    pub epoch: u64,
+    /// Time since fresh information about it arrived.
+    pub age: Option<Duration>,
 }
 
 /// The peer table.
@@ -280,11 +325,15 @@ impl Membership {
             return None;
         }
         let credit = gap - self.heartbeat();
-        for peer in table.peers.values_mut() {
-            if let Some(t) = peer.last_fresh.as_mut() {
+        for replica in table
+            .peers
+            .values_mut()
+            .flat_map(|p| p.replicas.values_mut())
+        {
+            if let Some(t) = replica.last_fresh.as_mut() {
                 *t += credit;
             }
-            if let Some(t) = peer.last_direct.as_mut() {
+            if let Some(t) = replica.last_direct.as_mut() {
                 *t += credit;
             }
         }
@@ -308,8 +357,10 @@ impl Membership {
     }
 
     /// Merges an advertisement, direct or gossiped. Returns true when it was
-    /// fresher than what we knew. Advertisements about ourselves, about
-    /// unknown regions, or older than known are ignored.
+    /// fresher than what we knew of its replica. Advertisements about
+    /// ourselves, about unknown regions, or older than known are ignored.
+    /// A replica back with a new epoch restarted; the region restarted only
+    /// when no other replica of it was alive meanwhile.
     pub fn observe(&self, ad: &RegionAdvertisement, now: Instant) -> bool {
         if ad.region == self.self_region {
             return false;
@@ -319,7 +370,15 @@ impl Membership {
         let Some(peer) = table.peers.get_mut(&ad.region) else {
             return false;
         };
-        let fresher = match &peer.ad {
+        let others_alive = peer
+            .replicas
+            .iter()
+            .any(|(name, r)| *name != ad.replica && self.replica_health(r, now).0 == Health::Alive);
+        let replica = peer
+            .replicas
+            .entry(ad.replica.clone())
+            .or_insert_with(Replica::new);
+        let fresher = match &replica.ad {
             None => true,
             Some(known) => (ad.epoch, ad.sequence) > (known.epoch, known.sequence),
         };
@@ -329,37 +388,46 @@ impl Membership {
             self.reattest(peer);
             return false;
         }
-        if let Some(last) = peer.last_fresh {
+        if let Some(last) = replica.last_fresh {
             let interval = now.saturating_duration_since(last).as_secs_f64();
-            if peer.intervals.len() == WINDOW {
-                peer.intervals.pop_front();
+            if replica.intervals.len() == WINDOW {
+                replica.intervals.pop_front();
             }
-            peer.intervals.push_back(interval);
+            replica.intervals.push_back(interval);
         }
-        let restarted = peer.ad.as_ref().is_some_and(|k| k.epoch != ad.epoch);
+        let restarted = replica.ad.as_ref().is_some_and(|k| k.epoch != ad.epoch);
         if restarted {
-            // A new epoch is a new process: its history says nothing of it,
-            // and it was unavailable while it restarted, however briefly:
-            // its failback hold-down starts now.
-            peer.intervals.clear();
-            peer.alive_since = Some(now);
-            tracing::info!(region = %ad.region, epoch = ad.epoch, "peer restarted with a new epoch");
+            // A new epoch is a new process: its history says nothing of it.
+            replica.intervals.clear();
         }
-        peer.as_sent = Some(ad.clone());
-        self.cut_to_attested(peer);
-        peer.last_fresh = Some(now);
+        replica.as_sent = Some(ad.clone());
+        replica.last_fresh = Some(now);
+        if restarted && others_alive {
+            tracing::info!(region = %ad.region, replica = %ad.replica, epoch = ad.epoch, "peer replica restarted with a new epoch; its region stayed alive");
+        } else if restarted {
+            // The region was unavailable while it restarted, however
+            // briefly: its failback hold-down starts now.
+            peer.alive_since = Some(now);
+            tracing::info!(region = %ad.region, replica = %ad.replica, epoch = ad.epoch, "peer restarted with a new epoch");
+        }
+        self.cut_to_attested(peer, &ad.replica);
+        self.merge_replicas(peer, now);
         true
     }
 
-    /// Sets `peer.ad` from `peer.as_sent`, cut down to the tags the region's
-    /// certificate attests when attestation is on; logs newly dropped tags.
-    fn cut_to_attested(&self, peer: &mut Peer) {
-        let Some(mut ad) = peer.as_sent.clone() else {
+    /// Sets replica `name`'s `ad` from its `as_sent`, cut down to the tags
+    /// the region's certificate attests when attestation is on; logs newly
+    /// dropped tags.
+    fn cut_to_attested(&self, peer: &mut Peer, name: &str) {
+        let Some(replica) = peer.replicas.get_mut(name) else {
+            return;
+        };
+        let Some(mut ad) = replica.as_sent.clone() else {
             return;
         };
         if !self.attestations.enabled() {
-            peer.attested_with = None;
-            peer.ad = Some(ad);
+            replica.attested_with = None;
+            replica.ad = Some(ad);
             return;
         }
         let attested = self.attestations.of(&ad.region);
@@ -373,21 +441,72 @@ impl Membership {
             peer.dropped = dropped;
         }
         ad.compliance_tags = kept;
-        peer.attested_with = Some(attested);
-        peer.ad = Some(ad);
+        replica.attested_with = Some(attested);
+        replica.ad = Some(ad);
     }
 
-    /// Cuts the stored advertisement again when the region's attestation
-    /// changed since it was cut.
+    /// Cuts the stored advertisements again when the region's attestation
+    /// changed since they were cut.
     fn reattest(&self, peer: &mut Peer) {
-        let Some(region) = peer.as_sent.as_ref().map(|a| a.region.clone()) else {
+        if !self.attestations.enabled() {
+            return;
+        }
+        let names: Vec<String> = peer
+            .replicas
+            .iter()
+            .filter_map(|(name, r)| {
+                let region = &r.as_sent.as_ref()?.region;
+                (r.attested_with.as_ref() != Some(&self.attestations.of(region)))
+                    .then(|| name.clone())
+            })
+            .collect();
+        if names.is_empty() {
+            return;
+        }
+        for name in &names {
+            self.cut_to_attested(peer, name);
+        }
+        let now = peer.last_fresh().unwrap_or_else(Instant::now);
+        self.merge_replicas(peer, now);
+    }
+
+    /// Recomputes the region's merged advertisement from its replicas at
+    /// `now`: the freshest live replica's (the freshest of any when none
+    /// is live), with the slots summed over the live replicas (agents
+    /// connect to one replica each), the queue the deepest any live
+    /// replica reports (the queue is the region's one queue in its
+    /// database), and draining only when every live replica drains.
+    fn merge_replicas(&self, peer: &mut Peer, now: Instant) {
+        let live: Vec<&Replica> = peer
+            .replicas
+            .values()
+            .filter(|r| r.ad.is_some() && self.replica_health(r, now).0 != Health::Dead)
+            .collect();
+        let newest = |rs: &mut dyn Iterator<Item = &Replica>| {
+            rs.max_by_key(|r| r.last_fresh).and_then(|r| r.ad.clone())
+        };
+        let Some(mut merged) =
+            newest(&mut live.iter().copied()).or_else(|| newest(&mut peer.replicas.values()))
+        else {
+            peer.merged = None;
             return;
         };
-        if self.attestations.enabled()
-            && peer.attested_with.as_ref() != Some(&self.attestations.of(&region))
-        {
-            self.cut_to_attested(peer);
+        if live.len() > 1 {
+            let mut capacity = Capacity::default();
+            for c in live.iter().filter_map(|r| r.ad.as_ref()?.capacity.as_ref()) {
+                capacity.total_slots = capacity.total_slots.saturating_add(c.total_slots);
+                capacity.free_slots = capacity
+                    .free_slots
+                    .saturating_add(c.free_slots.min(c.total_slots));
+                capacity.queue_depth = capacity.queue_depth.max(c.queue_depth);
+                capacity.queue_limit = capacity.queue_limit.max(c.queue_limit);
+            }
+            merged.capacity = Some(capacity);
+            merged.draining = live
+                .iter()
+                .all(|r| r.ad.as_ref().is_some_and(|a| a.draining));
         }
+        peer.merged = Some(merged);
     }
 
     /// The attested-tags table (shared with TLS verifiers).
@@ -408,12 +527,14 @@ impl Membership {
         }
     }
 
-    /// Every advertisement we hold as its region sent it, for gossip.
+    /// Every advertisement we hold (one per replica) as its region sent
+    /// it, for gossip.
     pub fn known(&self) -> Vec<RegionAdvertisement> {
         self.lock()
             .peers
             .values()
-            .filter_map(|p| p.as_sent.clone())
+            .flat_map(|p| p.replicas.values())
+            .filter_map(|r| r.as_sent.clone())
             .collect()
     }
 
@@ -427,8 +548,16 @@ impl Membership {
     /// Records that `region` itself talked to us at `now` (the verified
     /// origin of an Advertise request or response).
     pub fn heard_directly(&self, region: &str, now: Instant) {
+        self.heard_directly_from(region, "", now);
+    }
+
+    /// Records that `replica` of `region` itself talked to us at `now`.
+    pub fn heard_directly_from(&self, region: &str, replica: &str, now: Instant) {
         if let Some(peer) = self.lock().peers.get_mut(region) {
-            peer.last_direct = Some(now);
+            peer.replicas
+                .entry(replica.to_string())
+                .or_insert_with(Replica::new)
+                .last_direct = Some(now);
         }
     }
 
@@ -438,23 +567,31 @@ impl Membership {
     pub fn digest(&self, now: Instant) -> GossipDigest {
         let stale_after = self.stale_after();
         let table = self.lock();
-        let stale = table
-            .peers
-            .iter()
-            .filter(|(_, p)| {
-                p.last_direct
-                    .is_none_or(|t| now.saturating_duration_since(t) > stale_after)
-            })
-            .map(|(region, p)| {
+        let mut stale = Vec::new();
+        for (region, p) in &table.peers {
+            if p.replicas.is_empty() {
+                // Nothing known of the region: every replica of it.
+                stale.push(DigestEntry {
+                    region: region.clone(),
+                    ..Default::default()
+                });
+            }
+            for (name, r) in &p.replicas {
+                if r.last_direct
+                    .is_some_and(|t| now.saturating_duration_since(t) <= stale_after)
+                {
+                    continue;
+                }
                 let (epoch, sequence) =
-                    p.as_sent.as_ref().map_or((0, 0), |a| (a.epoch, a.sequence));
-                DigestEntry {
+                    r.as_sent.as_ref().map_or((0, 0), |a| (a.epoch, a.sequence));
+                stale.push(DigestEntry {
                     region: region.clone(),
                     epoch,
                     sequence,
-                }
-            })
-            .collect();
+                    replica: name.clone(),
+                });
+            }
+        }
         GossipDigest { stale }
     }
 
@@ -487,29 +624,93 @@ impl Membership {
             return table
                 .peers
                 .values()
-                .filter_map(|p| p.as_sent.clone())
+                .flat_map(|p| p.replicas.values())
+                .filter_map(|r| r.as_sent.clone())
                 .collect();
         };
+        // An entry names one replica; an older controller's (no replica)
+        // is about every replica of its region.
         let mut seen = BTreeSet::new();
-        stale
-            .iter()
-            .filter(|e| e.region != to && seen.insert(e.region.as_str()))
-            .filter_map(|e| {
-                let ad = table.peers.get(&e.region)?.as_sent.as_ref()?;
-                ((ad.epoch, ad.sequence) > (e.epoch, e.sequence)).then(|| ad.clone())
-            })
-            .collect()
+        let mut out = Vec::new();
+        for e in stale.iter().filter(|e| e.region != to) {
+            let Some(peer) = table.peers.get(&e.region) else {
+                continue;
+            };
+            for (name, r) in &peer.replicas {
+                if !e.replica.is_empty() && *name != e.replica {
+                    continue;
+                }
+                let Some(ad) = r.as_sent.as_ref() else {
+                    continue;
+                };
+                if (ad.epoch, ad.sequence) > (e.epoch, e.sequence)
+                    && seen.insert((e.region.as_str(), name.as_str()))
+                {
+                    out.push(ad.clone());
+                }
+            }
+        }
+        out
     }
 
-    /// The freshest advertisement of `region`.
+    /// The advertisement of `region` as routing sees it: its freshest live
+    /// replica's, capacity summed over its live replicas.
     pub fn advertisement(&self, region: &str) -> Option<RegionAdvertisement> {
-        self.lock().peers.get(region).and_then(|p| p.ad.clone())
+        self.lock().peers.get(region).and_then(|p| p.merged.clone())
     }
 
+    /// The replicas of `region` heard of: each one's endpoint (as it
+    /// advertises it), health and when fresh information about it last
+    /// arrived, freshest first.
+    pub fn replicas(&self, region: &str, now: Instant) -> Vec<ReplicaStatus> {
+        let table = self.lock();
+        let Some(peer) = table.peers.get(region) else {
+            return Vec::new();
+        };
+        let mut out: Vec<ReplicaStatus> = peer
+            .replicas
+            .iter()
+            .filter_map(|(name, r)| {
+                let ad = r.as_sent.as_ref()?;
+                Some(ReplicaStatus {
+                    replica: name.clone(),
+                    endpoint: ad.endpoint.clone(),
+                    health: self.replica_health(r, now).0,
+                    epoch: ad.epoch,
+                    age: r.last_fresh.map(|t| now.saturating_duration_since(t)),
+                })
+            })
+            .collect();
+        out.sort_by_key(|r| r.age.unwrap_or(Duration::MAX));
+        out
+    }
+
+    /// The region's health: the best of its replicas' (alive while any
+    /// replica is), and the lowest phi among them.
     fn health_of(&self, peer: &Peer, now: Instant) -> (Health, f64) {
-        let Some(last) = peer.last_fresh else {
+        let rank = |h: Health| match h {
+            Health::Alive => 3,
+            Health::Suspect => 2,
+            Health::Dead => 1,
+            Health::Unknown => 0,
+        };
+        peer.replicas
+            .values()
+            .map(|r| self.replica_health(r, now))
+            .fold((Health::Unknown, f64::INFINITY), |best, h| {
+                if rank(h.0) > rank(best.0) || (h.0 == best.0 && h.1 < best.1) {
+                    h
+                } else {
+                    best
+                }
+            })
+    }
+
+    fn replica_health(&self, replica: &Replica, now: Instant) -> (Health, f64) {
+        let Some(last) = replica.last_fresh else {
             return (Health::Unknown, f64::INFINITY);
         };
+        let peer = replica;
         let elapsed = now.saturating_duration_since(last);
         let hb = self.timers.heartbeat_interval.as_secs_f64().max(0.001);
         let phi = phi(&peer.intervals, elapsed.as_secs_f64(), hb);
@@ -533,6 +734,10 @@ impl Membership {
         let peers = &mut table.peers;
         let regions: Vec<String> = peers.keys().cloned().collect();
         for region in regions {
+            if let Some(peer) = peers.get_mut(&region) {
+                // A replica's silence changes what the region offers.
+                self.merge_replicas(peer, now);
+            }
             let Some(peer) = peers.get(&region) else {
                 continue;
             };
@@ -578,8 +783,8 @@ impl Membership {
                     region: region.clone(),
                     health,
                     phi,
-                    ad: peer.ad.clone(),
-                    age: peer.last_fresh.map(|t| now.saturating_duration_since(t)),
+                    ad: peer.merged.clone(),
+                    age: peer.last_fresh().map(|t| now.saturating_duration_since(t)),
                     health_age: peer.health_since.map(|t| now.saturating_duration_since(t)),
                     hold_down_left: self.hold_down_left(peer, health, now),
                 }
@@ -620,7 +825,7 @@ impl Membership {
     ) -> Option<RegionView> {
         let peer = table.peers.get(region)?;
         let (health, _) = self.health_of(peer, now);
-        let ad = peer.ad.as_ref();
+        let ad = peer.merged.as_ref();
         // Held down from the moment it is alive again after being dead (also
         // before the next tick records when), for `failback_hold_down`.
         let held_down = !self.timers.failback_hold_down.is_zero()
@@ -1298,5 +1503,157 @@ mod tests {
         // did not advertise: it is trusted with nothing.
         assert!(view.region("asia_pacific").expect("ap").tags.is_empty());
         assert!(view.region("mars").is_none());
+    }
+
+    /// Replica `replica` of `region` at (epoch, sequence), with `slots`.
+    fn replica_ad(
+        region: &str,
+        replica: &str,
+        epoch: u64,
+        sequence: u64,
+        slots: u32,
+    ) -> RegionAdvertisement {
+        RegionAdvertisement {
+            replica: replica.into(),
+            endpoint: format!("http://{replica}:1"),
+            capacity: Some(Capacity {
+                total_slots: slots,
+                free_slots: slots,
+                queue_depth: 3,
+                queue_limit: 100,
+            }),
+            ..ad(region, epoch, sequence)
+        }
+    }
+
+    /// Runs `m` for `secs` heartbeats from `*now`, hearing each of
+    /// `replicas` of europe (name, epoch) just after each tick; returns the
+    /// health transitions.
+    fn run_replicas(
+        m: &Membership,
+        now: &mut Instant,
+        seq: &mut u64,
+        secs: u64,
+        replicas: &[(&str, u64)],
+    ) -> Vec<(String, Health, Health)> {
+        let mut changes = Vec::new();
+        for _ in 0..secs {
+            *now += Duration::from_secs(1);
+            changes.extend(m.tick(*now));
+            *now += Duration::from_millis(10);
+            *seq += 1;
+            for (name, epoch) in replicas {
+                m.observe(&replica_ad("europe", name, *epoch, *seq, 2), *now);
+            }
+        }
+        changes
+    }
+
+    #[test]
+    fn a_region_is_alive_while_any_replica_advertises_and_dead_when_all_are_silent() {
+        let m = Membership::new("north_america", &policy(), Timers::default());
+        let (mut now, mut seq) = (Instant::now(), 0);
+        let all = [("eu-1", 10), ("eu-2", 20), ("eu-3", 5)];
+        run_replicas(&m, &mut now, &mut seq, 10, &all);
+        let v = m.peer_view("europe", now).expect("row");
+        assert_eq!(v.health, Health::Alive);
+        // Capacity: every live replica's slots (agents connect to one
+        // replica each); the queue is the region's one queue.
+        let load = v.load.expect("load");
+        assert_eq!(
+            (load.total_slots, load.free_slots, load.queue_depth),
+            (6, 6, 3)
+        );
+        assert_eq!(m.replicas("europe", now).len(), 3);
+        // Two replicas die, one after the other: the region stays alive,
+        // never suspect, never held down; its capacity is the survivor's.
+        let changes = run_replicas(&m, &mut now, &mut seq, 20, &[("eu-2", 20)]);
+        assert!(changes.iter().all(|(r, ..)| r != "europe"), "{changes:?}");
+        let v = m.peer_view("europe", now).expect("row");
+        assert!(v.health == Health::Alive && !v.held_down, "{v:?}");
+        assert_eq!(v.load.expect("load").total_slots, 2);
+        let dead: Vec<_> = m
+            .replicas("europe", now)
+            .into_iter()
+            .filter(|r| r.health == Health::Dead)
+            .map(|r| r.replica)
+            .collect();
+        assert_eq!(dead, ["eu-1", "eu-3"]);
+        // The freshest live replica's endpoint is listed first.
+        assert_eq!(m.replicas("europe", now)[0].endpoint, "http://eu-2:1");
+        // The last one goes silent: now the region dies.
+        let changes = run_replicas(&m, &mut now, &mut seq, 20, &[]);
+        assert!(
+            changes
+                .iter()
+                .any(|(r, _, h)| r == "europe" && *h == Health::Dead),
+            "{changes:?}"
+        );
+        // A replica back after the region was dead: held down.
+        run_replicas(&m, &mut now, &mut seq, 1, &[("eu-1", 11)]);
+        let v = m.peer_view("europe", now).expect("row");
+        assert!(v.health == Health::Alive && v.held_down, "{v:?}");
+    }
+
+    #[test]
+    fn a_replica_restart_is_not_a_region_restart_unless_it_was_the_only_one_alive() {
+        let m = Membership::new("north_america", &policy(), Timers::default());
+        let (mut now, mut seq) = (Instant::now(), 0);
+        run_replicas(&m, &mut now, &mut seq, 10, &[("eu-1", 10), ("eu-2", 20)]);
+        // eu-1 restarts (new epoch) while eu-2 serves: no hold-down.
+        run_replicas(&m, &mut now, &mut seq, 2, &[("eu-1", 11), ("eu-2", 20)]);
+        let v = m.peer_view("europe", now).expect("row");
+        assert!(v.health == Health::Alive && !v.held_down, "{v:?}");
+        // eu-2 alone, then it restarts: the region was down meanwhile.
+        run_replicas(&m, &mut now, &mut seq, 20, &[("eu-2", 20)]);
+        run_replicas(&m, &mut now, &mut seq, 1, &[("eu-2", 21)]);
+        let v = m.peer_view("europe", now).expect("row");
+        assert!(v.health == Health::Alive && v.held_down, "{v:?}");
+    }
+
+    #[test]
+    fn gossip_digests_and_relays_are_per_replica_and_an_old_entry_covers_the_region() {
+        let m = Membership::new("north_america", &policy(), Timers::default());
+        let now = Instant::now();
+        for (name, epoch) in [("eu-1", 10), ("eu-2", 20)] {
+            m.observe(&replica_ad("europe", name, epoch, 5, 1), now);
+        }
+        m.heard_directly_from("europe", "eu-1", now);
+        // Only eu-2 was not heard directly: listed by its own name.
+        let digest = m.digest(now);
+        let eu: Vec<_> = digest
+            .stale
+            .iter()
+            .filter(|e| e.region == "europe")
+            .map(|e| (e.replica.as_str(), e.epoch, e.sequence))
+            .collect();
+        assert_eq!(eu, [("eu-2", 20, 5)]);
+        // A peer lacking eu-1 gets eu-1 only; an older peer's entry (no
+        // replica) gets every replica fresher than it; known() has both.
+        let lacks = |replica: &str| GossipDigest {
+            stale: vec![DigestEntry {
+                region: "europe".into(),
+                replica: replica.into(),
+                ..Default::default()
+            }],
+        };
+        let got = |d: GossipDigest| {
+            let mut r: Vec<String> = m
+                .relays_for("asia_pacific", Some(&d))
+                .into_iter()
+                .map(|a| a.replica)
+                .collect();
+            r.sort();
+            r
+        };
+        assert_eq!(got(lacks("eu-1")), ["eu-1"]);
+        assert_eq!(got(lacks("")), ["eu-1", "eu-2"]);
+        assert_eq!(m.known().len(), 2);
+        // An older controller (no replica) is one replica named "".
+        let m = Membership::new("north_america", &policy(), Timers::default());
+        assert!(m.observe(&ad("europe", 1, 1), now));
+        assert!(!m.observe(&ad("europe", 1, 1), now));
+        assert_eq!(m.replicas("europe", now).len(), 1);
+        assert_eq!(m.replicas("europe", now)[0].replica, "");
     }
 }

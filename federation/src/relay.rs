@@ -196,15 +196,46 @@ where
     }
 }
 
+/// One call to `region`: to each of its replicas in turn while a call
+/// cannot reach one (a relayed get, watch or cancel is safe to repeat).
 async fn hop<T, F, Fut>(relay: &Relay, region: &str, call: &F) -> Hop<T>
 where
     F: Fn(PeerClient, String) -> Fut,
     Fut: Future<Output = Result<(T, Option<api::Task>), Status>>,
 {
-    let client = match relay.peers.client(region) {
+    let clients = match relay.peers.clients(region) {
         Ok(c) => c,
         Err(e) => return Hop::Unreachable(e.into()),
     };
+    let mut last = None;
+    for (endpoint, client) in clients {
+        match hop_at(relay, region, client, call).await {
+            Hop::Unreachable(s) => {
+                relay.peers.unreachable(&endpoint);
+                last = Some(Hop::Unreachable(s));
+            }
+            answered => {
+                relay.peers.reached(&endpoint);
+                return answered;
+            }
+        }
+    }
+    last.unwrap_or_else(|| {
+        Hop::Unreachable(
+            Error::Peer {
+                region: region.to_string(),
+                why: "no endpoint known".into(),
+            }
+            .into(),
+        )
+    })
+}
+
+async fn hop_at<T, F, Fut>(relay: &Relay, region: &str, client: PeerClient, call: &F) -> Hop<T>
+where
+    F: Fn(PeerClient, String) -> Fut,
+    Fut: Future<Output = Result<(T, Option<api::Task>), Status>>,
+{
     let deadline = relay.forward_timeout;
     match tokio::time::timeout(deadline, call(client, region.to_string())).await {
         Err(_) => Hop::Unreachable(

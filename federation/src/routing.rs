@@ -536,6 +536,12 @@ fn record_state(logged: std::result::Result<u64, crate::audit::AuditError>) -> R
     }
 }
 
+/// Forwards to `region`, trying each of its replicas in turn
+/// ([`Peers::endpoints_of`](crate::peers::Peers::endpoints_of)) while a
+/// call cannot reach one (refused, reset, timed out): the task id is the
+/// entry's, so a replica that stored it before its answer was lost gives
+/// the same task back (the store deduplicates a retried forward by id).
+/// Any other answer is the region's.
 async fn forward(
     router: &Router,
     region: &str,
@@ -544,7 +550,51 @@ async fn forward(
     decision: &Decision,
     received: Option<&TraceParent>,
 ) -> Result<Placed> {
-    let mut client = router.peers.client(region)?;
+    let clients = router.peers.clients(region)?;
+    let several = clients.len() > 1;
+    let mut last = None;
+    for (endpoint, client) in clients {
+        match forward_at(router, region, client, task_id, req, decision, received).await {
+            Ok(placed) => {
+                router.peers.reached(&endpoint);
+                return Ok(placed);
+            }
+            Err(Forwarded::Unreached(e)) => {
+                router.peers.unreachable(&endpoint);
+                if several {
+                    tracing::warn!(%region, %endpoint, error = %e, "forward did not reach this replica; trying another of the region");
+                }
+                last = Some(e);
+            }
+            Err(Forwarded::Answered(e)) => {
+                router.peers.reached(&endpoint);
+                return Err(e);
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| Error::Peer {
+        region: region.to_string(),
+        why: "no endpoint known".into(),
+    }))
+}
+
+/// Why one replica's forward failed.
+enum Forwarded {
+    /// The call did not reach a replica that could answer: try another.
+    Unreached(Error),
+    /// The replica answered with this error: the region's answer.
+    Answered(Error),
+}
+
+async fn forward_at(
+    router: &Router,
+    region: &str,
+    mut client: crate::peers::PeerClient,
+    task_id: &str,
+    req: &api::SubmitTaskRequest,
+    decision: &Decision,
+    received: Option<&TraceParent>,
+) -> std::result::Result<Placed, Forwarded> {
     let message = api::ForwardTaskRequest {
         task_id: task_id.to_string(),
         submit: Some(req.clone()),
@@ -572,17 +622,26 @@ async fn forward(
                 deduplicated: resp.deduplicated,
             })
         }
-        Ok(Err(status)) if status.code() == tonic::Code::AlreadyExists => Err(
+        Ok(Err(status)) if status.code() == tonic::Code::AlreadyExists => Err(Forwarded::Answered(
             Error::AlreadyExists(format!("{region}: {}", status.message())),
-        ),
-        Ok(Err(status)) => Err(Error::Peer {
-            region: region.to_string(),
-            why: format!("{:?}: {}", status.code(), status.message()),
-        }),
-        Err(_) => Err(Error::Peer {
+        )),
+        Ok(Err(status)) => {
+            let e = Error::Peer {
+                region: region.to_string(),
+                why: format!("{:?}: {}", status.code(), status.message()),
+            };
+            Err(match status.code() {
+                tonic::Code::Unavailable
+                | tonic::Code::DeadlineExceeded
+                | tonic::Code::Unknown
+                | tonic::Code::Cancelled => Forwarded::Unreached(e),
+                _ => Forwarded::Answered(e),
+            })
+        }
+        Err(_) => Err(Forwarded::Unreached(Error::Peer {
             region: region.to_string(),
             why: format!("forward timed out after {deadline:?}"),
-        }),
+        })),
     }
 }
 

@@ -419,13 +419,17 @@ async fn discovery_loop(node: Arc<Node>, mut stop: tokio::sync::watch::Receiver<
             Ok(mut found) => {
                 if node.peers().tls() {
                     // The peer channel is TLS whatever the scheme says; show it.
-                    for endpoint in found.values_mut() {
+                    for endpoint in found.values_mut().flatten() {
                         if let Some(rest) = endpoint.strip_prefix("http://") {
                             *endpoint = format!("https://{rest}");
                         }
                     }
                 }
-                let peers = crate::logfields::list(found.iter().map(|(r, e)| format!("{r}={e}")));
+                let peers = crate::logfields::list(
+                    found
+                        .iter()
+                        .flat_map(|(r, es)| es.iter().map(move |e| format!("{r}={e}"))),
+                );
                 if node.peers().set_discovered(found) {
                     tracing::info!(%peers, "dns srv discovery updated peers");
                 }
@@ -472,7 +476,10 @@ async fn leader_loop(node: Arc<Node>, stop: tokio::sync::watch::Receiver<bool>) 
         node.cluster().set_leader_token(now);
         match (was, now) {
             (None, Some(token)) => {
-                tracing::info!(region = %node.region(), replica = %node.replica(), token, "this replica leads its region")
+                tracing::info!(region = %node.region(), replica = %node.replica(), token, "this replica leads its region");
+                // Its singleton work resumes here: a new push epoch and a
+                // full snapshot to every peer at once.
+                node.replicator().on_lead_gained().await;
             }
             (Some(token), None) => {
                 tracing::warn!(region = %node.region(), replica = %node.replica(), token, "this replica no longer leads its region")

@@ -22,7 +22,8 @@ pub struct Settings {
     pub policy: Policy,
     /// Where the store and the decision log live.
     pub data_dir: PathBuf,
-    /// Peer endpoint overrides by region.
+    /// Peer endpoint overrides by region: each region's replicas,
+    /// comma-separated (`node.peers`, `--peer`).
     pub peers: BTreeMap<String, String>,
     /// The endpoint peers should use to reach us (advertised).
     pub advertise_endpoint: String,
@@ -159,13 +160,25 @@ impl Settings {
         };
         let admin_listen = flags.admin_listen.or(node.admin_listen);
         let health_listen = flags.health_listen.or(node.health_listen);
-        let mut peers = node.peers.clone();
+        // A region's `--peer` flags (each may list several endpoints,
+        // comma-separated) replace its `node.peers` entry; together they
+        // are the region's replicas.
+        let mut endpoints = node.peers.clone();
+        let mut flagged = std::collections::BTreeSet::new();
         for (r, url) in &flags.peers {
             if policy.region(r).is_none() {
                 anyhow::bail!("--peer {r}=…: `{r}` is not a region of the federation");
             }
-            peers.insert(r.clone(), url.clone());
+            if flagged.insert(r.clone()) {
+                endpoints.insert(r.clone(), crate::config::Endpoints::default());
+            }
+            endpoints.entry(r.clone()).or_default().extend_from(url);
         }
+        let peers = endpoints
+            .iter()
+            .filter(|(_, e)| !e.0.is_empty())
+            .map(|(r, e)| (r.clone(), e.joined()))
+            .collect();
         let keys = crate::replication::KeyRing::load(node.keys.file.as_deref())?;
         if policy.sync.enabled && keys.is_none() {
             anyhow::bail!(

@@ -102,6 +102,11 @@ pub struct RegionSpec {
     pub name: String,
     /// The region controller's gRPC endpoint.
     pub endpoint: String,
+    /// More endpoints of the region (its other replicas): the region is
+    /// reached at `endpoint` and each of these (their union, `endpoint`
+    /// first).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<String>,
     /// Preference among equals, lower first: breaks ties between members of
     /// a rule's set of primaries, and orders regions in `policy check` and
     /// on the status page.
@@ -110,6 +115,63 @@ pub struct RegionSpec {
     /// Compliance tags the region holds (GDPR, SOX, …).
     #[serde(default)]
     pub compliance: Vec<String>,
+}
+
+/// A region's endpoints in `node.peers` (its replicas, in order of
+/// preference): a string, in which commas separate several
+/// (`FEDERATION__NODE__PEERS__EUROPE="http://a:1,http://b:2"`), or a list
+/// of strings. Blanks around each are dropped, and empty entries.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct Endpoints(pub Vec<String>);
+
+impl Endpoints {
+    /// The endpoints of `text`, split at commas.
+    pub fn parse(text: &str) -> Self {
+        let mut out = Self::default();
+        out.extend_from(text);
+        out
+    }
+
+    /// Appends the endpoints of `text` not already listed.
+    pub fn extend_from(&mut self, text: &str) {
+        for e in text.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+            if !self.0.iter().any(|k| k == e) {
+                self.0.push(e.to_string());
+            }
+        }
+    }
+
+    /// The endpoints as one string, comma-separated.
+    pub fn joined(&self) -> String {
+        self.0.join(",")
+    }
+}
+
+impl<'de> Deserialize<'de> for Endpoints {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Endpoints;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an endpoint, endpoints separated by commas, or a list of endpoints")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Endpoints, E> {
+                Ok(Endpoints::parse(v))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Endpoints, A::Error> {
+                let mut out = Endpoints::default();
+                while let Some(e) = seq.next_element::<String>()? {
+                    out.extend_from(&e);
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// One routing rule.
@@ -262,9 +324,10 @@ pub struct NodeSpec {
     /// Peer discovery by DNS SRV, merged with `peers`.
     #[serde(default)]
     pub discovery: Option<DiscoverySpec>,
-    /// Peer endpoint overrides by region name, for local runs.
+    /// Peer endpoint overrides by region name: a region's replicas, as a
+    /// string (commas separate several) or a list of strings.
     #[serde(default)]
-    pub peers: BTreeMap<String, String>,
+    pub peers: BTreeMap<String, Endpoints>,
     /// Timers.
     #[serde(default)]
     pub timers: Timers,
@@ -865,7 +928,47 @@ mod tests {
         s.node_file = Some(node);
         let loaded = load(&s).expect("loads");
         assert_eq!(loaded.file.node.region.as_deref(), Some("asia_pacific"));
-        assert_eq!(loaded.file.node.peers["europe"], "http://127.0.0.1:9");
+        assert_eq!(
+            loaded.file.node.peers["europe"],
+            Endpoints(vec!["http://127.0.0.1:9".into()])
+        );
+    }
+
+    #[test]
+    fn a_regions_peers_are_a_string_a_comma_separated_string_or_a_list() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = write(&dir, "seed.yaml", &seed());
+        let node = write(
+            &dir,
+            "node.yaml",
+            "node:\n  peers:\n    europe: [\"http://127.0.0.1:1\", \"http://127.0.0.1:2\"]\n    asia_pacific: \"http://127.0.0.1:3, http://127.0.0.1:4\"\n",
+        );
+        let mut s = sources(path, &[]);
+        s.node_file = Some(node);
+        let loaded = load(&s).expect("loads");
+        let peers = &loaded.file.node.peers;
+        assert_eq!(
+            peers["europe"].0,
+            ["http://127.0.0.1:1", "http://127.0.0.1:2"]
+        );
+        assert_eq!(
+            peers["asia_pacific"].0,
+            ["http://127.0.0.1:3", "http://127.0.0.1:4"]
+        );
+        // The environment's string, commas separating the replicas.
+        let path = write(&dir, "seed2.yaml", &seed());
+        let loaded = load(&sources(
+            path,
+            &[(
+                "FEDERATION__NODE__PEERS__NORTH_AMERICA",
+                "http://127.0.0.1:5,http://127.0.0.1:6",
+            )],
+        ))
+        .expect("loads");
+        assert_eq!(
+            loaded.file.node.peers["north_america"].0,
+            ["http://127.0.0.1:5", "http://127.0.0.1:6"]
+        );
     }
 
     #[test]

@@ -88,6 +88,9 @@ pub struct Region {
     pub name: String,
     /// gRPC endpoint from the federation file.
     pub endpoint: String,
+    /// Every endpoint of the region from the federation file (its
+    /// replicas): `endpoint`, then `endpoints`, each once.
+    pub endpoints: Vec<String>,
     /// Preference among equals, lower first (unset sorts last): the
     /// tie-breaker between members of a set of primaries, and the order of
     /// regions in `policy check` and on the status page.
@@ -351,6 +354,13 @@ impl Policy {
             regions.push(Region {
                 name: r.name.clone(),
                 endpoint: r.endpoint.clone(),
+                endpoints: {
+                    let mut all = crate::config::Endpoints::parse(&r.endpoint);
+                    for e in &r.endpoints {
+                        all.extend_from(e);
+                    }
+                    all.0
+                },
                 priority: r.priority,
                 tags: r.compliance.iter().cloned().collect(),
                 shared_tags: std::sync::Arc::new(r.compliance.iter().cloned().collect()),

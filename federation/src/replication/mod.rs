@@ -90,6 +90,10 @@ pub struct Replication {
     links: Mutex<BTreeMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Per peer: when a snapshot was last pushed because it was wanted.
     wanted_at: Mutex<BTreeMap<String, Instant>>,
+    /// The epoch snapshots and batches carry from when this replica last
+    /// became its region's leader (0: this run's epoch): above every
+    /// earlier leader's, so peers accept the new leader's pushes.
+    lead_epoch: AtomicU64,
 }
 
 impl Replication {
@@ -127,6 +131,7 @@ impl Replication {
             outbox: Mutex::new(changes::Outbox::default()),
             links: Mutex::new(BTreeMap::new()),
             wanted_at: Mutex::new(BTreeMap::new()),
+            lead_epoch: AtomicU64::new(0),
         }
     }
 
@@ -304,6 +309,36 @@ pub struct Replicator {
 }
 
 impl Replicator {
+    /// The epoch this replica's snapshots and change batches carry: this
+    /// run's, or (once it became its region's leader) the wall clock then.
+    pub fn push_epoch(&self) -> u64 {
+        self.epoch
+            .max(self.replication.lead_epoch.load(Ordering::SeqCst))
+    }
+
+    /// True while this controller does its region's singleton work: always
+    /// with the embedded store, only as the region's leader with the
+    /// database (`Cluster::leader_token`).
+    pub fn leads(&self) -> bool {
+        self.cluster.leader_token().is_some()
+    }
+
+    /// This replica just became its region's leader: its pushes take a new
+    /// epoch (the wall clock now, above every earlier leader's, whose epoch
+    /// is when it started or took the lead), every peer gets a full
+    /// snapshot, and the first round starts at once.
+    pub async fn on_lead_gained(self: &Arc<Self>) {
+        let now = u64::try_from(now_unix_ms()).unwrap_or(0);
+        self.replication
+            .lead_epoch
+            .fetch_max(now.max(self.epoch), Ordering::SeqCst);
+        if !self.replication.enabled {
+            return;
+        }
+        self.replication.outbox().lost();
+        sync_once(self).await;
+    }
+
     /// Whether this region answers a relayed call about `task_id`: it holds
     /// the task, or owns it and no backup's notice says it was taken over
     /// (then NOT_FOUND names who holds it now).
@@ -381,7 +416,7 @@ async fn snapshot_to(rep: &Arc<Replicator>, recipient: &str) {
     let sequence = repl.next_sequence();
     let body = SnapshotBody {
         source_region: rep.region.clone(),
-        epoch: rep.epoch,
+        epoch: rep.push_epoch(),
         sequence,
         policy_hash: policy.hash.clone(),
         taken_unix_ms: now_unix_ms(),
@@ -490,7 +525,7 @@ async fn push_changes(rep: &Arc<Replicator>, recipient: &str, tasks: Vec<api::Ta
     let count = scoped.len();
     let body = changes::ChangeBody {
         source_region: rep.region.clone(),
-        epoch: rep.epoch,
+        epoch: rep.push_epoch(),
         sequence,
         policy_hash: policy.hash.clone(),
         sent_unix_ms: now_unix_ms(),
@@ -609,7 +644,7 @@ async fn push(
     match outcome {
         Ok(Ok(resp)) if resp.get_ref().accepted => {
             Stats::bump(&repl.stats.sent);
-            tracing::debug!(%recipient, sequence, tasks = count, "snapshot pushed");
+            tracing::info!(%recipient, sequence, tasks = count, "snapshot pushed");
             true
         }
         Ok(Ok(resp)) => {
@@ -667,13 +702,17 @@ pub async fn run(rep: Arc<Replicator>, mut stop: tokio::sync::watch::Receiver<bo
     let mut changes = rep.store.subscribe();
     loop {
         tokio::select! {
-            _ = sync_tick.tick() => sync_once(&rep).await,
+            // Snapshots, change batches and takeovers are the region's
+            // singleton work: only its leader does them.
+            _ = sync_tick.tick() => if rep.leads() { sync_once(&rep).await },
             _ = check_tick.tick() => {
                 let n = rep.clone();
                 // A stat per stored file; a changed file is decrypted again.
                 let _ = tokio::task::spawn_blocking(move || n.replication.receiver.check_stored()).await;
-                takeover::take_over_dead_regions(&rep).await;
-                flush_changes(&rep).await;
+                if rep.leads() {
+                    takeover::take_over_dead_regions(&rep).await;
+                    flush_changes(&rep).await;
+                }
             }
             change = changes.recv() => match change {
                 Ok(task) => rep.replication.on_change(&rep.region, task),
