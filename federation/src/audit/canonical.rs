@@ -543,6 +543,27 @@ impl Prepared {
         Self::from_head(&head, rule_index, r.task_id.map(str::to_string))
     }
 
+    /// What a staged row keeps to seal the record again (`super::staged`):
+    /// the head's bytes, the rule index and the task named.
+    pub(super) fn parts(&self) -> (&[u8], Option<u32>, Option<&str>) {
+        (&self.head, self.rule_index, self.task_id.as_deref())
+    }
+
+    /// The record [`Prepared::parts`] gave (the hash state recomputed).
+    pub(super) fn from_raw(
+        head: Vec<u8>,
+        rule_index: Option<u32>,
+        task_id: Option<String>,
+    ) -> Self {
+        let hasher = Sha256::new_with_prefix(&head);
+        Self {
+            head,
+            hasher,
+            rule_index,
+            task_id,
+        }
+    }
+
     /// Appends the finished line (with `\n`) to `buf` and returns its hash:
     /// the body is the head plus the chained fields, in sorted key order.
     pub(super) fn seal_into(

@@ -32,6 +32,7 @@ mod read;
 mod record;
 pub mod replay;
 mod segments;
+mod staged;
 pub mod tail;
 mod writer;
 
@@ -40,6 +41,8 @@ mod writer;
 const RECENT_ROWS: i64 = 10_000;
 #[cfg(test)]
 mod segment_tests;
+#[cfg(test)]
+mod staged_tests;
 #[cfg(test)]
 mod tests;
 
@@ -59,6 +62,7 @@ use read::read_file;
 pub use read::{Filter, show, show_bytes};
 pub use record::{Entry, Record};
 pub use segments::{LogBytes, log_path, read_log, verify};
+pub use staged::{Replayed, Rewrite, Staged};
 use writer::{Append, lock, now_rfc3339};
 pub use writer::{Batch, DecisionLog, LogOptions, Receipt};
 

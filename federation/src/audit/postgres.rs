@@ -182,6 +182,14 @@ pub(super) fn writer_loop(
                     records.extend(es);
                     replies.push((r, Some(records.len())));
                 }
+                // Sealed lines are a file log's; never sent here.
+                Append::Lines { reply, .. } => {
+                    if let Some(r) = reply {
+                        let _ = r.send(Err(AuditError::Write(
+                            "sealed lines sent to a log in the database".into(),
+                        )));
+                    }
+                }
             }
         }
         let started = std::time::Instant::now();

@@ -131,7 +131,11 @@ struct LogInner {
     in_database: bool,
     /// The database, when the log is kept there (reads go to it).
     pg: Option<crate::pg::Pg>,
+    /// The last record known durable in the file (or the database).
     tip: Arc<Mutex<Tip>>,
+    /// A file log's chain as assigned: the last record sealed and queued
+    /// (its lines reach the writer in seq order, sent under this lock).
+    assigned: Mutex<Tip>,
     tx: Option<mpsc::UnboundedSender<Append>>,
     writer: Mutex<Option<JoinHandle<()>>>,
     /// Seconds per batch write + fdatasync, for metrics.
@@ -151,7 +155,15 @@ impl Drop for LogInner {
 }
 
 pub(super) enum Append {
+    /// Records to seal and write (the log in the database).
     Batch(Vec<Prepared>, oneshot::Sender<Result<u64, AuditError>>),
+    /// Lines sealed already (a file log), `last` the chain after them; no
+    /// reply for the lines staged in the task store's transaction.
+    Lines {
+        bytes: Vec<u8>,
+        last: Tip,
+        reply: Option<oneshot::Sender<Result<u64, AuditError>>>,
+    },
     Flush(oneshot::Sender<Result<u64, AuditError>>),
 }
 
@@ -232,6 +244,7 @@ impl DecisionLog {
             next: next_segment,
             to_compress,
         };
+        let assigned = Mutex::new(tip.clone());
         let tip = Arc::new(Mutex::new(tip));
         let (tx, rx) = mpsc::unbounded_channel();
         // 100 µs to ~13 s; the metrics module exposes it (this module does
@@ -242,11 +255,10 @@ impl DecisionLog {
         let writer = {
             let tip = Arc::clone(&tip);
             let path = path.clone();
-            let region = region.to_string();
             let seconds = append_seconds.clone();
             std::thread::Builder::new()
                 .name("decision-log-writer".into())
-                .spawn(move || writer_loop(file, &path, &region, &tip, rx, &seconds, segmenting))
+                .spawn(move || writer_loop(file, &path, &tip, rx, &seconds, segmenting))
                 .map_err(io)?
         };
         Ok(Self {
@@ -256,6 +268,7 @@ impl DecisionLog {
                 in_database: false,
                 pg: None,
                 tip,
+                assigned,
                 tx: Some(tx),
                 writer: Mutex::new(Some(writer)),
                 append_seconds,
@@ -299,10 +312,12 @@ impl DecisionLog {
                 pg.target()
             )));
         }
-        let tip = Arc::new(Mutex::new(Tip {
+        let head = Tip {
             seq: u64::try_from(seq).unwrap_or(0),
             hash,
-        }));
+        };
+        let assigned = Mutex::new(head.clone());
+        let tip = Arc::new(Mutex::new(head));
         let (tx, rx) = mpsc::unbounded_channel();
         let append_seconds = prometheus_client::metrics::histogram::Histogram::new(
             prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 18),
@@ -328,6 +343,7 @@ impl DecisionLog {
                 in_database: true,
                 pg: Some(pg.clone()),
                 tip,
+                assigned,
                 tx: Some(tx),
                 writer: Mutex::new(Some(writer)),
                 append_seconds,
@@ -480,14 +496,85 @@ impl DecisionLog {
     /// fixed then); the receipt only waits.
     pub fn append(&self, records: impl Into<Batch>) -> Receipt {
         let (tx, rx) = oneshot::channel();
-        let sent = match self.inner.tx.as_ref() {
-            Some(sender) => sender
-                .send(Append::Batch(records.into().0, tx))
-                .map(|()| rx)
-                .map_err(|_| Some(AuditError::Closed)),
-            None => Err(Some(AuditError::Closed)),
+        let Some(sender) = self.inner.tx.as_ref() else {
+            return Receipt(Err(Some(AuditError::Closed)));
         };
-        Receipt(sent)
+        let records = records.into().0;
+        let sent = if self.inner.in_database {
+            sender.send(Append::Batch(records, tx))
+        } else {
+            // Sealed here, under the lock that orders the queue by seq.
+            let mut assigned = lock(&self.inner.assigned);
+            let (time, unix_ms) = now_rfc3339();
+            let mut bytes = Vec::with_capacity(records.len() * 1024);
+            for record in records {
+                let seq = assigned.seq + 1;
+                let hash = record.seal_into(
+                    &mut bytes,
+                    seq,
+                    &time,
+                    unix_ms,
+                    &self.inner.region,
+                    &assigned.hash,
+                );
+                *assigned = Tip { seq, hash };
+            }
+            sender.send(Append::Lines {
+                bytes,
+                last: assigned.clone(),
+                reply: Some(tx),
+            })
+        };
+        Receipt(sent.map(|()| rx).map_err(|_| Some(AuditError::Closed)))
+    }
+
+    /// Seals `records` into the chain and queues their lines for the file
+    /// without waiting: the embedded task store keeps the returned rows in
+    /// its own transaction, so one fdatasync makes a task and its record
+    /// durable together. The lines are written and synced by the writer
+    /// (group-wise, off the submit's path); the store drops a row once
+    /// [`DecisionLog::last`] is at or past its seq, and replays the rows a
+    /// crash left at open ([`DecisionLog::replay_staged`]). Not for a log
+    /// in the database (its records go in the task's transaction).
+    pub fn stage(&self, records: Vec<Prepared>) -> Result<Vec<super::Staged>, AuditError> {
+        if self.inner.in_database {
+            return Err(AuditError::Write(
+                "a log in the database takes records in the task's own transaction".into(),
+            ));
+        }
+        let sender = self.inner.tx.as_ref().ok_or(AuditError::Closed)?;
+        let mut assigned = lock(&self.inner.assigned);
+        let (time, unix_ms) = now_rfc3339();
+        let mut bytes = Vec::with_capacity(records.len() * 1024);
+        let mut staged = Vec::with_capacity(records.len());
+        for record in records {
+            let seq = assigned.seq + 1;
+            let mut row = super::staged::row_of(&record, seq, &time, unix_ms, &assigned.hash);
+            let hash = record.seal_into(
+                &mut bytes,
+                seq,
+                &time,
+                unix_ms,
+                &self.inner.region,
+                &assigned.hash,
+            );
+            super::staged::set_hash(&mut row, &hash);
+            staged.push(super::Staged { seq, row });
+            *assigned = Tip { seq, hash };
+        }
+        sender
+            .send(Append::Lines {
+                bytes,
+                last: assigned.clone(),
+                reply: None,
+            })
+            .map_err(|_| AuditError::Closed)?;
+        Ok(staged)
+    }
+
+    /// The chain as assigned (see [`DecisionLog::stage`]).
+    pub(super) fn assigned(&self) -> &Mutex<Tip> {
+        &self.inner.assigned
     }
 
     /// Returns when everything appended before it is on disk (every
@@ -543,7 +630,6 @@ fn compressor(rx: std::sync::mpsc::Receiver<segments::Closed>) {
 fn writer_loop(
     mut file: File,
     path: &Path,
-    region: &str,
     tip: &Mutex<Tip>,
     rx: mpsc::UnboundedReceiver<Append>,
     append_seconds: &prometheus_client::metrics::histogram::Histogram,
@@ -569,29 +655,33 @@ fn writer_loop(
         if let Some(why) = &poisoned {
             for m in batch {
                 let reply = match m {
-                    Append::Batch(_, r) | Append::Flush(r) => r,
+                    Append::Batch(_, r) | Append::Flush(r) => Some(r),
+                    Append::Lines { reply, .. } => reply,
                 };
-                let _ = reply.send(Err(AuditError::Write(why.clone())));
+                if let Some(r) = reply {
+                    let _ = r.send(Err(AuditError::Write(why.clone())));
+                }
             }
             continue;
         }
         let mut next = lock(tip).clone();
         buf.clear();
         let mut pending = Vec::with_capacity(batch.len());
-        let (time, unix_ms) = now_rfc3339();
         for m in batch {
             match m {
                 Append::Flush(r) => pending.push((r, None)),
-                Append::Batch(entries, r) => {
-                    let mut last = None;
-                    for entry in entries {
-                        let seq = next.seq + 1;
-                        let hash =
-                            entry.seal_into(&mut buf, seq, &time, unix_ms, region, &next.hash);
-                        next = Tip { seq, hash };
-                        last = Some(seq);
+                Append::Lines { bytes, last, reply } => {
+                    buf.extend_from_slice(&bytes);
+                    if let Some(r) = reply {
+                        pending.push((r, Some(last.seq)));
                     }
-                    pending.push((r, last));
+                    next = last;
+                }
+                // Sealed by the caller for a file log: never sent here.
+                Append::Batch(_, r) => {
+                    let _ = r.send(Err(AuditError::Write(
+                        "unsealed records sent to a file log's writer".into(),
+                    )));
                 }
             }
         }
@@ -603,17 +693,22 @@ fn writer_loop(
             let res = file.write_all(&buf).and_then(|()| file.sync_data());
             append_seconds.observe(started.elapsed().as_secs_f64());
             if let Err(e) = &res {
-                // Undo a partial write so the chain stays intact.
+                // Undo a partial write so the file ends with a whole line.
+                // The records queued after these were sealed on top of
+                // them, so the log stops until it is reopened (the task
+                // store's staged rows keep its records; they are replayed
+                // at open).
                 let undone =
                     len_before.and_then(|len| file.set_len(len).and_then(|()| file.sync_data()));
-                if let Err(u) = undone {
-                    let why = format!(
+                let why = match undone {
+                    Ok(()) => format!("{}: write failed ({e}); reopen the log", path.display()),
+                    Err(u) => format!(
                         "{}: write failed ({e}) and could not be undone ({u}); reopen the log",
                         path.display()
-                    );
-                    tracing::error!("{why}");
-                    poisoned = Some(why);
-                }
+                    ),
+                };
+                tracing::error!("{why}");
+                poisoned = Some(why);
             }
             res
         };

@@ -12,14 +12,34 @@ pub type Record = crate::audit::Prepared;
 /// A journal's head after an append in the database: seq and hash.
 pub type Head = (u64, String);
 
-/// Where the store's inserts append their records, in the same batch (the
-/// embedded store: written and synced while the batch commits) or in the
-/// same transaction (the PostgreSQL store).
+/// A record sealed into the journal's chain, kept in the embedded store's
+/// transaction until the journal's file holds it.
+pub type Staged = crate::audit::Staged;
+
+/// Where the store's inserts append their records: staged in the same
+/// transaction (the embedded store: sealed into the chain, the rows
+/// committed with the tasks, the log's file written and synced after,
+/// off the submit's path) or appended in the same transaction (the
+/// PostgreSQL store).
 pub trait Journal: Send + Sync + std::fmt::Debug {
-    /// Hands `records` over as one append (one write, one sync); the
-    /// receipt tells when they are durable. The embedded store's writer
-    /// calls it before its commit and waits after it.
-    fn append_batch(&self, records: Vec<Record>) -> Receipt;
+    /// Seals `records` into the chain and queues them for the journal's
+    /// file without waiting; the embedded store's writer keeps the rows in
+    /// its transaction, so one commit makes the tasks and their records
+    /// durable together.
+    fn stage(&self, records: Vec<Record>) -> Result<Vec<Staged>, String>;
+
+    /// The seq of the last record durable in the journal's own file: rows
+    /// at or below it may be dropped.
+    fn durable_seq(&self) -> u64;
+
+    /// At open, before anything is appended: puts into the journal's file
+    /// the staged records a crash left only in the rows (`rewrite(old seqs,
+    /// new rows)` is called first when records had to be sealed again).
+    fn replay(
+        &self,
+        rows: Vec<Staged>,
+        rewrite: &mut crate::audit::Rewrite<'_>,
+    ) -> Result<(), String>;
 
     /// Appends `records` inside `txn` (durable when it commits): the
     /// PostgreSQL store's writer, for the records of its batch. Returns the
@@ -34,26 +54,23 @@ pub trait Journal: Send + Sync + std::fmt::Debug {
     fn committed(&self, head: Head);
 }
 
-/// An append handed to a journal: [`Receipt::wait`] blocks until it is
-/// durable (from the store's writer thread, never an async worker).
-pub struct Receipt(Box<dyn FnOnce() -> Result<(), String> + Send>);
-
-impl Receipt {
-    /// A receipt whose wait is `wait`.
-    pub fn new(wait: impl FnOnce() -> Result<(), String> + Send + 'static) -> Self {
-        Self(Box::new(wait))
-    }
-
-    /// Blocks until the append is durable; the journal's error otherwise.
-    pub fn wait(self) -> Result<(), String> {
-        (self.0)()
-    }
-}
-
 impl Journal for crate::audit::DecisionLog {
-    fn append_batch(&self, records: Vec<Record>) -> Receipt {
-        let receipt = self.append(crate::audit::Batch::from(records));
-        Receipt::new(move || receipt.wait().map(|_| ()).map_err(|e| e.to_string()))
+    fn stage(&self, records: Vec<Record>) -> Result<Vec<Staged>, String> {
+        crate::audit::DecisionLog::stage(self, records).map_err(|e| e.to_string())
+    }
+
+    fn durable_seq(&self) -> u64 {
+        self.last().0
+    }
+
+    fn replay(
+        &self,
+        rows: Vec<Staged>,
+        rewrite: &mut crate::audit::Rewrite<'_>,
+    ) -> Result<(), String> {
+        self.replay_staged(rows, rewrite)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     }
 
     fn append_in<'a>(

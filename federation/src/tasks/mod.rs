@@ -173,6 +173,11 @@ impl TaskStore {
     /// second binding is refused; a store never bound answers a carried
     /// record as failed ([`RecordState::Failed`]).
     pub fn bind_journal(&self, journal: Arc<dyn Journal>) -> Result<(), StoreError> {
+        // The embedded store first puts back into the log what a crash left
+        // only in its staged rows (blocking; before any append).
+        if let TaskStore::Redb(s) = self {
+            s.replay_pending(&*journal)?;
+        }
         self.shared().bind_journal(journal)
     }
 

@@ -6,6 +6,7 @@
 
 mod idempotency;
 mod open;
+mod pending;
 mod tables;
 mod writer;
 
@@ -234,6 +235,8 @@ impl RedbStore {
             meta.insert(META_LOG_HEAD, format!("{seq} {hash}").as_bytes())
                 .db()?;
         }
+        // The log's file holds every staged record up to its head.
+        pending::drop_durable(&txn, seq)?;
         txn.commit().db()
     }
 

@@ -1,12 +1,14 @@
 //! The embedded store's single writer thread: group commit (every request
 //! waiting, one write transaction, one fsync), the batch's decision records
-//! handed to the journal while it commits, then every caller answered.
+//! sealed by the journal and staged in the same transaction (`pending`),
+//! then every caller answered.
 
 use redb::Database;
 use tokio::sync::mpsc;
 
 use super::idempotency::IdemIndex;
 use super::open::write_mark;
+use super::pending;
 use super::tables::Tables;
 use super::{DbResult, LEASES, MAX_BATCH, QUEUE, Shared, TASKS};
 use crate::tasks::RecordState;
@@ -43,9 +45,11 @@ pub(super) fn run_batch(
     }
 }
 
-/// Applies a batch in one write transaction, hands its records to the
-/// journal while the transaction commits, and answers every request once
-/// both are durable (or with the error that failed the batch).
+/// Applies a batch in one write transaction with its records staged in it
+/// (sealed into the journal's chain, their rows in `pending_records`), and
+/// answers every request once it is committed: the tasks and their records
+/// durable with one fsync (or the error that failed the batch). The
+/// journal writes its file afterwards; rows it holds are dropped here.
 pub(super) fn apply_batch(
     db: &Database,
     shared: &Shared,
@@ -116,23 +120,41 @@ pub(super) fn apply_batch(
         requests::fail(answers, Vec::new(), e.clone());
         return Err(e);
     }
-    // The decision records are written and synced by the journal while
-    // this transaction commits; both are durable before anyone hears back.
-    let receipt = match journal {
-        Some(j) if !records.is_empty() => Some(j.append_batch(records)),
-        _ => None,
+    // The decision records are sealed into the chain and kept in this
+    // transaction: its commit makes the tasks and their records durable
+    // together. Rows the log's file holds by now are dropped.
+    let mut staged = Ok(());
+    let records = match journal {
+        Some(j) => {
+            let state = if records.is_empty() {
+                RecordState::NotWritten
+            } else {
+                match pending::stage(&txn, j, records) {
+                    Ok(()) => RecordState::Written,
+                    Err(Ok(why)) => {
+                        tracing::error!(error = %why, "staging decision records failed");
+                        RecordState::Failed(why)
+                    }
+                    // Sealed and queued, but not kept: the batch fails.
+                    Err(Err(e)) => {
+                        staged = Err(e);
+                        RecordState::Written
+                    }
+                }
+            };
+            if staged.is_ok() {
+                staged = pending::drop_durable(&txn, j.durable_seq());
+            }
+            state
+        }
+        None => RecordState::NotWritten,
     };
     let commit_started = std::time::Instant::now();
-    let committed = txn.commit().db();
-    shared.observe_commit(commit_started.elapsed());
-    let records = match receipt.map(|r| r.wait()) {
-        None => RecordState::NotWritten,
-        Some(Ok(())) => RecordState::Written,
-        Some(Err(e)) => {
-            tracing::error!(error = %e, "appending decision records failed");
-            RecordState::Failed(e)
-        }
+    let committed = match staged {
+        Ok(()) => txn.commit().db(),
+        Err(e) => Err(e),
     };
+    shared.observe_commit(commit_started.elapsed());
     if let Err(e) = &committed {
         tracing::error!(error = %e, "task store commit failed");
     } else {
