@@ -48,6 +48,9 @@ pub struct SandboxBuilder {
     files: Vec<(String, String)>,
     /// Variables for one region's controller only: (region, key, value).
     region_env: Vec<(String, String, String)>,
+    /// Regions served by more than one controller (replicas sharing the
+    /// region's database): region → how many.
+    replicas: BTreeMap<String, usize>,
 }
 
 impl SandboxBuilder {
@@ -96,7 +99,18 @@ impl SandboxBuilder {
             tokens: None,
             files: Vec::new(),
             region_env: Vec::new(),
+            replicas: BTreeMap::new(),
         }
+    }
+
+    /// Serves `region` with `n` controllers (its replicas; they need the
+    /// region's store in a database, see `region_env`): replica 0 is the
+    /// region's controller as usual, replicas 1.. have their own ports,
+    /// data directories, logs and `node.replica` (`<region>-<i+1>`). Every
+    /// peer is given all of them (`--peer region=a,b,c`).
+    pub fn replicas(mut self, region: &str, n: usize) -> Self {
+        self.replicas.insert(region.to_string(), n);
+        self
     }
 
     /// Writes a file into the sandbox directory before anything starts
@@ -224,6 +238,17 @@ impl SandboxBuilder {
         let policy = Topology::parse(&self.policy)?;
         let mut regions = BTreeMap::new();
         for (name, _) in &policy.regions {
+            let extra = self.replicas.get(name).map_or(0, |n| n.saturating_sub(1));
+            let mut replicas = Vec::new();
+            for i in 1..=extra {
+                replicas.push(SandboxReplica {
+                    addr: free_port()?,
+                    admin_addr: free_port()?,
+                    health_addr: free_port()?,
+                    data_dir: dir.join(format!("{name}-{i}")),
+                    controller: None,
+                });
+            }
             regions.insert(
                 name.clone(),
                 SandboxRegion {
@@ -233,6 +258,7 @@ impl SandboxBuilder {
                     data_dir: dir.join(name),
                     controller: None,
                     agents: Vec::new(),
+                    replicas,
                 },
             );
         }
@@ -298,6 +324,11 @@ impl SandboxBuilder {
             sandbox.start_controller(name)?;
         }
         for name in &names {
+            for i in 1..sandbox.replica_count(name) {
+                sandbox.start_replica(name, i)?;
+            }
+        }
+        for name in &names {
             for _ in 0..sandbox.builder.agents {
                 sandbox.start_agent(name)?;
             }
@@ -319,6 +350,18 @@ pub struct SandboxRegion {
     pub data_dir: PathBuf,
     controller: Option<ChildGuard>,
     agents: Vec<ChildGuard>,
+    /// The region's other controllers (replicas 1..).
+    replicas: Vec<SandboxReplica>,
+}
+
+/// One more controller of a region (see [`SandboxBuilder::replicas`]).
+#[derive(Debug)]
+struct SandboxReplica {
+    addr: SocketAddr,
+    admin_addr: SocketAddr,
+    health_addr: SocketAddr,
+    data_dir: PathBuf,
+    controller: Option<ChildGuard>,
 }
 
 /// The sandbox's CA (in memory, to issue more certificates in tests) and
@@ -486,11 +529,11 @@ impl Sandbox {
         std::fs::read_to_string(self.controller_log(name)).unwrap_or_default()
     }
 
-    fn log_stdio(&self, name: &str) -> anyhow::Result<Stdio> {
+    fn replica_log_stdio(&self, name: &str, index: usize) -> anyhow::Result<Stdio> {
         if self.builder.verbose {
             return Ok(Stdio::inherit());
         }
-        let path = self.controller_log(name);
+        let path = self.replica_log(name, index);
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -501,6 +544,108 @@ impl Sandbox {
 
     /// Starts (or restarts, same port and data) the controller of `name`.
     pub fn start_controller(&mut self, name: &str) -> anyhow::Result<()> {
+        self.start_replica(name, 0)
+    }
+
+    /// How many controllers serve `name` (see [`SandboxBuilder::replicas`]).
+    pub fn replica_count(&self, name: &str) -> usize {
+        self.region(name).map_or(0, |r| 1 + r.replicas.len())
+    }
+
+    /// Replica `index` of `name`: (gRPC, admin HTTP, health, data dir);
+    /// replica 0 is the region's controller.
+    fn replica_slot(
+        &self,
+        name: &str,
+        index: usize,
+    ) -> anyhow::Result<(SocketAddr, SocketAddr, SocketAddr, PathBuf)> {
+        let r = self.region(name)?;
+        if index == 0 {
+            return Ok((r.addr, r.admin_addr, r.health_addr, r.data_dir.clone()));
+        }
+        let x = r
+            .replicas
+            .get(index - 1)
+            .with_context(|| format!("no replica {index} of {name}"))?;
+        Ok((x.addr, x.admin_addr, x.health_addr, x.data_dir.clone()))
+    }
+
+    /// The gRPC address of replica `index` of `name` (0: its controller).
+    pub fn replica_addr(&self, name: &str, index: usize) -> anyhow::Result<SocketAddr> {
+        Ok(self.replica_slot(name, index)?.0)
+    }
+
+    /// Where replica `index` of `name` logs (0: [`Sandbox::controller_log`]).
+    pub fn replica_log(&self, name: &str, index: usize) -> PathBuf {
+        if index == 0 {
+            return self.controller_log(name);
+        }
+        self.dir.join(format!("{name}-{index}.controller.log"))
+    }
+
+    /// The text replica `index` of `name` has logged so far.
+    pub fn replica_log_text(&self, name: &str, index: usize) -> String {
+        std::fs::read_to_string(self.replica_log(name, index)).unwrap_or_default()
+    }
+
+    /// SIGKILLs replica `index` of `name` (0: its controller).
+    pub fn kill_replica(&mut self, name: &str, index: usize) -> anyhow::Result<()> {
+        if let Some(mut c) = self.replica_guard(name, index)?.take() {
+            c.kill();
+        }
+        Ok(())
+    }
+
+    /// The process of replica `index` of `name`, for signals.
+    pub fn replica(&mut self, name: &str, index: usize) -> anyhow::Result<&mut ChildGuard> {
+        self.replica_guard(name, index)?
+            .as_mut()
+            .with_context(|| format!("replica {index} of {name} is not running"))
+    }
+
+    fn replica_guard(
+        &mut self,
+        name: &str,
+        index: usize,
+    ) -> anyhow::Result<&mut Option<ChildGuard>> {
+        let r = self.region_mut(name)?;
+        if index == 0 {
+            return Ok(&mut r.controller);
+        }
+        Ok(&mut r
+            .replicas
+            .get_mut(index - 1)
+            .with_context(|| format!("no replica {index} of {name}"))?
+            .controller)
+    }
+
+    /// A client-service stub for replica `index` of `name`, as the operator.
+    pub async fn replica_client(
+        &self,
+        name: &str,
+        index: usize,
+    ) -> anyhow::Result<api::federation_client_client::FederationClientClient<Channel>> {
+        let addr = self.replica_addr(name, index)?;
+        let channel = match &self.tls {
+            None => connect(addr).await?,
+            Some(_) => {
+                self.client_tls(Some("operator"))?
+                    .connect(
+                        &format!("https://{addr}"),
+                        federation_tls::Expect::Region(name.to_string()),
+                        Duration::from_secs(10),
+                    )
+                    .await?
+            }
+        };
+        Ok(api::federation_client_client::FederationClientClient::new(
+            channel,
+        ))
+    }
+
+    /// Starts (or restarts, same port and data) replica `index` of `name`
+    /// (0: its controller).
+    pub fn start_replica(&mut self, name: &str, index: usize) -> anyhow::Result<()> {
         let peers: Vec<String> = self
             .regions
             .iter()
@@ -516,11 +661,16 @@ impl Sandbox {
                     // Port 1 on loopback: nothing listens, connections are refused.
                     format!("{n}={scheme}://127.0.0.1:1")
                 } else {
-                    format!("{n}={scheme}://{}", r.addr)
+                    // Every replica of the region, comma-separated.
+                    let all: Vec<String> = std::iter::once(r.addr)
+                        .chain(r.replicas.iter().map(|x| x.addr))
+                        .map(|a| format!("{scheme}://{a}"))
+                        .collect();
+                    format!("{n}={}", all.join(","))
                 }
             })
             .collect();
-        let region = self.region(name)?;
+        let (addr, admin_addr, health_addr, data_dir) = self.replica_slot(name, index)?;
         let mut cmd = Command::new(&self.builder.exe);
         cmd.arg("serve")
             .arg("--config")
@@ -528,20 +678,23 @@ impl Sandbox {
             .arg("--region")
             .arg(name)
             .arg("--listen")
-            .arg(region.addr.to_string())
+            .arg(addr.to_string())
             .arg("--data-dir")
-            .arg(&region.data_dir)
+            .arg(&data_dir)
             .arg("--admin-listen")
-            .arg(region.admin_addr.to_string())
+            .arg(admin_addr.to_string())
             .arg("--health-listen")
-            .arg(region.health_addr.to_string())
+            .arg(health_addr.to_string())
             .stdout(Stdio::null())
-            .stderr(self.log_stdio(name)?);
+            .stderr(self.replica_log_stdio(name, index)?);
         for (k, v) in &self.builder.env {
             cmd.env(k, v);
         }
         for (_, k, v) in self.builder.region_env.iter().filter(|(r, ..)| r == name) {
             cmd.env(k, v);
+        }
+        if index > 0 {
+            cmd.env("FEDERATION__NODE__REPLICA", format!("{name}-{}", index + 1));
         }
         for p in peers {
             cmd.arg("--peer").arg(p);
@@ -563,8 +716,8 @@ impl Sandbox {
                 }
             }
         }
-        let guard = ChildGuard::spawn(&format!("{name} controller"), &mut cmd)?;
-        self.region_mut(name)?.controller = Some(guard);
+        let guard = ChildGuard::spawn(&format!("{name} controller {index}"), &mut cmd)?;
+        *self.replica_guard(name, index)? = Some(guard);
         Ok(())
     }
 
