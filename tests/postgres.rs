@@ -165,6 +165,25 @@ async fn a_region_on_postgres_serves_every_entry_and_keeps_every_acknowledged_ta
         listed.records.iter().any(|r| r.contains(&routed[0])),
         "{listed:?}"
     );
+    // `federation get` shows the decision that placed each task, read from
+    // the database (by the index on decisions' task ids): the submit's own
+    // (`route`) and the one a peer forwarded (`forwarded_in`).
+    for id in &routed {
+        let got = client
+            .get_task(api::GetTaskRequest {
+                task_id: id.clone(),
+            })
+            .await
+            .unwrap_or_else(|s| panic!("{id}: {s:?}"))
+            .into_inner();
+        let d = got
+            .decision
+            .unwrap_or_else(|| panic!("{id}: no decision shown"));
+        assert!(
+            d.matched && d.region == "europe" && !d.rule.is_empty() && !d.policy_hash.is_empty(),
+            "{id}: {d:?}"
+        );
+    }
     let admin_http = sandbox.admin_http_addr("europe").expect("admin http");
     let json = tokio::task::spawn_blocking(move || http_get(admin_http, "/view.json"))
         .await

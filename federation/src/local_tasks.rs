@@ -42,7 +42,7 @@ impl LocalTasks {
     /// log, see [`crate::task_decision`]).
     pub async fn get_with_decision(&self, task_id: &str) -> Result<api::GetTaskResponse> {
         let task = self.get(task_id)?;
-        let decision = crate::task_decision::of_local_task(self.log.path(), &task).await;
+        let decision = crate::task_decision::of_local_task(&self.log, &task).await;
         Ok(api::GetTaskResponse {
             task: Some(task),
             decision,

@@ -36,7 +36,7 @@ use tokio::runtime::{Handle, Runtime};
 
 /// The schema versions this build knows, in order: version, SQL. Each runs
 /// in the one transaction that holds the migration lock and records it.
-pub const MIGRATIONS: &[(i32, &str)] = &[(1, SCHEMA_V1), (2, SCHEMA_V2)];
+pub const MIGRATIONS: &[(i32, &str)] = &[(1, SCHEMA_V1), (2, SCHEMA_V2), (3, SCHEMA_V3)];
 
 /// The newest schema version this build knows.
 pub fn known_version() -> i32 {
@@ -175,6 +175,14 @@ CREATE TABLE replicas (
     seen_at timestamptz NOT NULL,
     PRIMARY KEY (region, replica)
 );
+"#;
+
+/// Version 3: a task's decision records found by its id (`GetTask`'s
+/// decision; before, the lookup read the whole chain). Built in the
+/// migration's transaction: it locks `decisions` against appends while it
+/// builds, which a region's chain (one row per decision) takes seconds for.
+const SCHEMA_V3: &str = r#"
+CREATE INDEX decisions_task ON decisions (region, task_id, seq) WHERE task_id IS NOT NULL;
 "#;
 
 /// Errors of the database connection.

@@ -1,19 +1,19 @@
 //! The routing decision of one task, for `GetTask`: the owner's decision-log
 //! record that placed it (its first) (`route` when the client called the owner,
-//! `forwarded_in` when another region forwarded it), read from the end of
-//! the log ([`crate::audit::tail`]) and turned back into the wire's
+//! `forwarded_in` when another region forwarded it), found by bisecting the
+//! log's files on time ([`crate::audit::tail`]) or, for a log in the
+//! region's database, by the task's id (index `decisions_task`), and turned
+//! back into the wire's
 //! `RouteDecision` (the record's `decision` is a serialized
 //! [`crate::policy::Decision`]).
 //!
 //! Reads records through [`crate::audit::Record`] only, so whatever a record
 //! keeps (or no longer keeps) is what is shown.
 
-use std::path::Path;
-
 use federation_api as api;
 use serde_json::Value;
 
-use crate::audit::{Record, kind, tail};
+use crate::audit::{DecisionLog, Record, kind};
 
 /// How long before a task's creation time its decision record may have been
 /// appended (the record is appended when the task is stored, after its
@@ -34,16 +34,16 @@ fn placed(r: &Record) -> bool {
             .is_some_and(|n| n.starts_with("not stored"))
 }
 
-/// The decision that placed `task_id` (created at `created_unix_ms`) as the
-/// log at `log` holds it: the task's first placing record (a retry under the
-/// same idempotency key logs another, later); `None` when it holds none.
+/// The decision that placed `task_id` (created at `created_unix_ms`) as
+/// `log` holds it: the task's first placing record (a retry under the same
+/// idempotency key logs another, later); `None` when it holds none.
+/// Blocking.
 pub fn find(
-    log: &Path,
+    log: &DecisionLog,
     task_id: &str,
     created_unix_ms: i64,
 ) -> Result<Option<api::RouteDecision>, crate::audit::AuditError> {
-    let found = tail::first_of_task(
-        log,
+    let found = log.first_of_task(
         task_id,
         created_unix_ms.saturating_sub(BEFORE_MS),
         created_unix_ms.saturating_add(AFTER_MS),
@@ -132,9 +132,9 @@ pub fn from_record(d: &Value) -> api::RouteDecision {
 }
 
 /// The decision of a task this controller owns, off the async workers (the
-/// log is a file); `None` when the log holds none or cannot be read (logged).
-pub async fn of_local_task(log: &Path, task: &api::Task) -> Option<api::RouteDecision> {
-    let log = log.to_path_buf();
+/// log is a file, or rows read with a blocking call); `None` when the log holds none or cannot be read (logged).
+pub async fn of_local_task(log: &DecisionLog, task: &api::Task) -> Option<api::RouteDecision> {
+    let log = log.clone();
     let task_id = task.task_id.clone();
     let created = task.created_unix_ms;
     let read = tokio::task::spawn_blocking(move || find(&log, &task_id, created)).await;
@@ -158,9 +158,11 @@ mod tests {
 
     #[test]
     fn a_logged_decision_round_trips_to_the_wire() {
-        let loaded =
-            crate::config::load_from_text(Path::new("seed.yaml"), federation_sandbox::SEED_POLICY)
-                .expect("seed parses");
+        let loaded = crate::config::load_from_text(
+            std::path::Path::new("seed.yaml"),
+            federation_sandbox::SEED_POLICY,
+        )
+        .expect("seed parses");
         let policy = Policy::from_loaded(&loaded).expect("seed loads");
         let attrs: Attributes = [("customer_region".to_string(), AttrValue::Str("DE".into()))]
             .into_iter()

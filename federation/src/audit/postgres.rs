@@ -150,6 +150,25 @@ pub async fn newest(pg: &Pg, region: &str, rows: i64) -> Result<Vec<String>, PgE
     Ok(found.iter().map(|r| r.get::<_, String>(0)).collect())
 }
 
+/// The records naming `task_id` in `region`'s chain, oldest first, at
+/// most `rows` (by the index `decisions_task`).
+pub async fn of_task(
+    pg: &Pg,
+    region: &str,
+    task_id: &str,
+    rows: i64,
+) -> Result<Vec<String>, PgError> {
+    let client = pg.client().await?;
+    let found = client
+        .query(
+            "SELECT line FROM decisions WHERE region = $1 AND task_id = $2 ORDER BY seq LIMIT $3",
+            &[&region, &task_id, &rows],
+        )
+        .await
+        .map_err(|e| pg.db(&e))?;
+    Ok(found.iter().map(|r| r.get::<_, String>(0)).collect())
+}
+
 /// The regions that have a chain in the database.
 pub async fn regions(pg: &Pg) -> Result<Vec<String>, PgError> {
     let client = pg.client().await?;
@@ -195,7 +214,9 @@ pub(super) fn writer_loop(
         let started = std::time::Instant::now();
         let pg2 = pg.clone();
         let region2 = region.to_string();
-        let done = pg.handle().block_on(async move {
+        // Bounded by node.store.timeout, like every call to the database:
+        // a server that stops answering fails the batch's appends.
+        let bounded = pg.bounded(async move {
             let mut client = pg2.client().await?;
             let txn = client.transaction().await.map_err(|e| pg2.db(&e))?;
             let head = append_in(&txn, &region2, records)
@@ -204,6 +225,7 @@ pub(super) fn writer_loop(
             txn.commit().await.map_err(|e| pg2.db(&e))?;
             Ok::<_, PgError>(head)
         });
+        let done = pg.handle().block_on(bounded);
         append_seconds.observe(started.elapsed().as_secs_f64());
         match done {
             Ok(head) => {

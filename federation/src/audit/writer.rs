@@ -108,6 +108,10 @@ impl std::future::Future for Receipt {
 // The writer
 // ---------------------------------------------------------------------------
 
+/// How many of a task's records [`DecisionLog::first_of_task`] reads from
+/// the database (a task has a handful: placed, forwarded, leased…).
+const TASK_ROWS: i64 = 64;
+
 /// Appends to the decision log of one controller. Cheap to clone; the file
 /// closes when the last clone is dropped.
 #[derive(Clone)]
@@ -445,6 +449,32 @@ impl DecisionLog {
             ));
         }
         Ok(out)
+    }
+
+    /// The first record naming `task_id` that `keep` accepts, appended
+    /// between `from_unix_ms` and `to_unix_ms`: a file is bisected on time
+    /// ([`tail::first_of_task`]); the database is asked by the task's id
+    /// (its first [`TASK_ROWS`] records). Blocking: call it off the async
+    /// workers.
+    pub fn first_of_task(
+        &self,
+        task_id: &str,
+        from_unix_ms: i64,
+        to_unix_ms: i64,
+        mut keep: impl FnMut(&Record) -> bool,
+    ) -> Result<Option<Record>, AuditError> {
+        let Some(pg) = &self.inner.pg else {
+            return tail::first_of_task(&self.inner.path, task_id, from_unix_ms, to_unix_ms, keep);
+        };
+        let (db, region, id) = (pg.clone(), self.inner.region.clone(), task_id.to_string());
+        let lines = pg
+            .block(async move { postgres::of_task(&db, &region, &id, TASK_ROWS).await })
+            .map_err(|e| self.unreadable(&e))?;
+        Ok(lines
+            .iter()
+            .filter_map(|line| serde_json::from_str::<Record>(line).ok())
+            .filter(|r| (from_unix_ms..=to_unix_ms).contains(&r.unix_ms))
+            .find(|r| keep(r)))
     }
 
     fn unreadable(&self, e: &crate::pg::PgError) -> AuditError {
