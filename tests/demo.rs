@@ -142,3 +142,55 @@ async fn demo_runs_on_mutual_tls_and_cleans_up() {
         "sandbox folder {sandbox_dir} left behind"
     );
 }
+
+/// `federation demo --ha` (PostgreSQL installed, as in CI): europe's leader
+/// and then a second replica SIGKILLed under EU traffic, every EU task still
+/// placed in europe, a new leader, one intact chain; exit 0, nothing left.
+#[test]
+fn demo_ha_keeps_eu_traffic_in_europe_through_the_loss_of_two_replicas() {
+    let mut cmd = Command::new(federation_exe());
+    cmd.args(["demo", "--ha"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut demo = ChildGuard::spawn_group("demo --ha", &mut cmd).expect("demo --ha starts");
+    let stdout = demo.stdout().expect("piped stdout");
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            text.push_str(&line);
+            text.push('\n');
+        }
+        text
+    });
+    let status = demo
+        .wait_timeout(Duration::from_secs(180))
+        .expect("demo --ha exits");
+    let text = reader.join().unwrap_or_default();
+    assert!(status.success(), "demo --ha failed:\n{text}");
+    let kills = text.matches("SIGKILL of").count();
+    assert_eq!(kills, 2, "two replicas killed:\n{text}");
+    let placed: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("EU tasks placed in europe"))
+        .collect();
+    assert_eq!(placed.len(), 3, "three phases of traffic:\n{text}");
+    for l in placed {
+        assert!(
+            l.contains(", 0 elsewhere,"),
+            "EU tasks left europe: {l}\n{text}"
+        );
+    }
+    for needle in [
+        "took the region's leadership",
+        "chain intact",
+        "every process it started has been stopped",
+    ] {
+        assert!(
+            text.contains(needle),
+            "demo --ha output lacks `{needle}`:\n{text}"
+        );
+    }
+    let left = processes_mentioning("federation-pg-");
+    assert!(left.is_empty(), "PostgreSQL left behind: {left:?}");
+}

@@ -127,8 +127,8 @@ fn is_database(source: &Path) -> bool {
 
 /// A region's log read from its database: the JSON-lines bytes, the region
 /// and the chain head the database holds.
-struct FromDatabase {
-    bytes: Vec<u8>,
+pub(super) struct FromDatabase {
+    pub(super) bytes: Vec<u8>,
     region: String,
     head: Option<(u64, String)>,
     target: String,
@@ -136,7 +136,7 @@ struct FromDatabase {
 
 /// Reads `region`'s log (the only one, when `None`) from the database at
 /// `url`, without changing anything there.
-fn read_database(url: &str, region: Option<&str>) -> anyhow::Result<FromDatabase> {
+pub(super) fn read_database(url: &str, region: Option<&str>) -> anyhow::Result<FromDatabase> {
     let pg = crate::pg::Pg::connect_read_only(url, "federation-audit")?;
     let target = pg.target().to_string();
     let pg2 = pg.clone();

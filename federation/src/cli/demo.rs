@@ -55,6 +55,11 @@ pub struct DemoArgs {
     /// (about 15 s more).
     #[arg(long)]
     pub drill: bool,
+    /// Instead of the walkthrough: europe served by three replicas on one
+    /// PostgreSQL database (needs PostgreSQL installed); SIGKILLs its leader,
+    /// then a second replica, while EU traffic keeps flowing in europe.
+    #[arg(long, conflicts_with = "drill")]
+    pub ha: bool,
 }
 
 struct Row {
@@ -455,6 +460,9 @@ async fn wait_failback(
 
 /// Runs the demo.
 pub fn run(args: DemoArgs, log: LogFormat) -> ExitCode {
+    if args.ha {
+        return super::demo_ha::run(args.verbose, args.keep, log);
+    }
     if args.verbose {
         super::serve::init_tracing(log);
     }

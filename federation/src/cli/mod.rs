@@ -10,6 +10,8 @@ pub mod completions;
 pub mod connect;
 #[cfg(feature = "demo")]
 pub mod demo;
+#[cfg(feature = "demo")]
+pub mod demo_ha;
 pub mod drill;
 pub mod drill_report;
 pub mod health;
