@@ -122,6 +122,7 @@ async fn a_region_of_three_replicas_keeps_serving_in_region_through_the_loss_of_
         seed_sandbox()
             .default_timers()
             .env("FEDERATION__NODE__TIMERS__LEASE_TTL", "3s")
+            .env("FEDERATION__NODE__TIMERS__AGENT_TIMEOUT", "3s")
             .agents(0, 1)
             .replicas("europe", 3)
             .region_env("europe", "FEDERATION__NODE__STORE__BACKEND", "postgres")
@@ -350,6 +351,63 @@ async fn a_region_of_three_replicas_keeps_serving_in_region_through_the_loss_of_
         alive.push(victim);
     }
     load.wait(20).await;
+
+    // The agent, now at one replica, holds a lease there for longer than
+    // `agent_timeout` while a replica that loaded its registration at its
+    // start (restarted meanwhile) never hears it: that replica does not
+    // forget it (and requeue its lease), renewals keep working.
+    let at = alive[0];
+    let mut here = agent_at(&sandbox, at).await;
+    here.register(api::RegisterRequest {
+        name: "ha-agent".into(),
+        region: "europe".into(),
+        slots: 2,
+        agent_id: agent_id.clone(),
+    })
+    .await
+    .expect("register again under the same id");
+    let held = here
+        .lease_tasks(api::LeaseTasksRequest {
+            agent_id: agent_id.clone(),
+            max_tasks: 1,
+            wait_ms: 5_000,
+        })
+        .await
+        .expect("lease")
+        .into_inner()
+        .tasks;
+    assert_eq!(held.len(), 1, "{held:?}");
+    // Another replica restarts: it loads the agent's registration.
+    let y = alive[1];
+    sandbox.kill_replica("europe", y).expect("kill");
+    restart(&mut sandbox, y).await;
+    for round in 0..16 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        here.heartbeat(api::HeartbeatRequest {
+            agent_id: agent_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("heartbeat");
+        here.renew_lease(api::RenewLeaseRequest {
+            agent_id: agent_id.clone(),
+            task_id: held[0].task_id.clone(),
+        })
+        .await
+        .unwrap_or_else(|s| {
+            panic!(
+                "round {round}: the lease was taken from a live agent: {s:?}\n{}",
+                (0..3)
+                    .map(|i| sandbox.replica_log_text("europe", i))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+                    .lines()
+                    .filter(|l| l.contains("agent"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            )
+        });
+    }
     stop.store(true, Ordering::SeqCst);
     for w in workers {
         let _ = tokio::time::timeout(PATIENCE, w).await;

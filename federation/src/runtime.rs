@@ -522,6 +522,14 @@ async fn reap_loop(node: Arc<Node>, stop: tokio::sync::watch::Receiver<bool>) {
             .agents()
             .reap(node.timers().agent_timeout, Instant::now())
         {
+            if node.store().is_postgres() {
+                // Silent here is not silent in the region: the agent may
+                // heartbeat another replica now (this one was down or
+                // paused, or it only loaded the agent at start). Its
+                // leases, if it died, expire on the leader by their TTL.
+                tracing::info!(agent_id = %agent.id, name = %agent.name, "agent silent at this replica past timeout; no longer counted here");
+                continue;
+            }
             tracing::warn!(agent_id = %agent.id, name = %agent.name, "agent silent past timeout; its leases return to the queue");
             if let Err(e) = node.store().forget_agent(&agent.id).await {
                 tracing::error!(error = %e, agent_id = %agent.id, "requeueing agent's tasks failed");

@@ -335,8 +335,16 @@ async fn take_over(rep: &Arc<Replicator>, source: &str, epoch: u64, tasks: Vec<a
         batch.push(task);
     }
     let offered: Vec<String> = batch.iter().map(|t| t.task_id.clone()).collect();
-    // One transaction for them all, their records in the same batch.
-    let stored = rep.store.insert_batch(batch, Some(records)).await;
+    // One transaction for them all, their records in the same batch; the
+    // leader's token checked in it (a deposed leader takes nothing over).
+    let Some(token) = rep.cluster.leader_token() else {
+        tracing::warn!(%source, "no longer the region's leader; takeover left to the new one");
+        return;
+    };
+    let stored = rep
+        .store
+        .insert_batch_as_leader(batch, Some(records), token)
+        .await;
     if let RecordState::Failed(e) = &stored.record {
         tracing::error!(error = %e, "appending takeover records failed");
     }

@@ -996,6 +996,25 @@ mod replicas {
         b.expire_leases_as_leader(3, taken)
             .await
             .expect("the new leader expires");
+        // A takeover's batch is fenced the same way, in its transaction:
+        // the deposed leader's stores nothing, the new leader's stores.
+        let deposed = a
+            .insert_batch_as_leader(vec![task("t-fenced.europe")], None, token)
+            .await;
+        assert!(
+            matches!(deposed.outcomes, Err(StoreError::NotLeader(_))),
+            "{:?}",
+            deposed.outcomes
+        );
+        assert!(b.get("t-fenced.europe").expect("read").is_none());
+        let led = b
+            .insert_batch_as_leader(vec![task("t-fenced.europe")], None, taken)
+            .await;
+        assert!(
+            matches!(led.outcomes.as_deref(), Ok([Ok(InsertOutcome::Created(_))])),
+            "{:?}",
+            led.outcomes
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -229,7 +229,22 @@ impl TaskStore {
         tasks: Vec<Task>,
         records: Option<Vec<journal::Record>>,
     ) -> BatchInsert {
-        self.requests().insert_batch(tasks, records).await
+        self.requests().insert_batch(tasks, records, None).await
+    }
+
+    /// [`TaskStore::insert_batch`] as the region's leader holding `token`
+    /// ([`TaskStore::lead`]): the database refuses the whole batch
+    /// ([`StoreError::NotLeader`]) in its own transaction when another
+    /// replica has taken the leadership since (takeover is the leader's).
+    /// The embedded store has one controller, always the leader.
+    pub async fn insert_batch_as_leader(
+        &self,
+        tasks: Vec<Task>,
+        records: Option<Vec<journal::Record>>,
+        token: i64,
+    ) -> BatchInsert {
+        let fence = self.is_postgres().then_some(token);
+        self.requests().insert_batch(tasks, records, fence).await
     }
 
     /// Records the decision log's head in the store (its anchor). Blocking.

@@ -44,6 +44,8 @@ pub(super) enum Op {
     InsertBatch {
         tasks: Vec<Task>,
         records: Option<Vec<Record>>,
+        /// The leader's fencing token (database backend; none: unfenced).
+        fence: Option<i64>,
         reply: oneshot::Sender<BatchInsert>,
     },
     Lease {
@@ -210,10 +212,12 @@ impl Requests {
         &self,
         tasks: Vec<Task>,
         records: Option<Vec<Record>>,
+        fence: Option<i64>,
     ) -> BatchInsert {
         let sent = self.send(|reply| Op::InsertBatch {
             tasks,
             records,
+            fence,
             reply,
         });
         sent.await

@@ -330,6 +330,10 @@ impl Operations for &Tx<'_, '_> {
         })
     }
 
+    async fn fence(&mut self, token: i64) -> Result<(), StoreError> {
+        self.fenced(token).await
+    }
+
     async fn expire(
         &mut self,
         max_attempts: u32,

@@ -21,6 +21,14 @@ pub(in crate::tasks) trait Operations {
         changes: &mut Vec<Change>,
     ) -> Result<InsertOutcome, StoreError>;
 
+    /// Checks in this transaction that `token` is the region leader's
+    /// fencing token (the backends with leaders; the others have one
+    /// controller, always the leader).
+    async fn fence(&mut self, token: i64) -> Result<(), StoreError> {
+        let _ = token;
+        Ok(())
+    }
+
     /// Inserts each task on its own; a storage error fails them all.
     async fn insert_all(
         &mut self,
@@ -140,9 +148,16 @@ pub(in crate::tasks) async fn apply(
         Op::InsertBatch {
             tasks,
             records,
+            fence,
             reply,
         } => Applied::Batch {
-            result: ops.insert_all(tasks, now, changes).await,
+            result: match fence {
+                Some(token) => match ops.fence(token).await {
+                    Ok(()) => ops.insert_all(tasks, now, changes).await,
+                    Err(e) => Err(e),
+                },
+                None => ops.insert_all(tasks, now, changes).await,
+            },
             records,
             reply,
         },
