@@ -6,7 +6,11 @@
 //!   the checks below: Pod Security "restricted", NetworkPolicy, PDB,
 //!   headless Service, probes on the health port, a policy mount that
 //!   updates and is reloaded, a released image tag, a ServiceMonitor, and the
-//!   ConfigMap's policy loading with this build's schema.
+//!   ConfigMap's policy loading with this build's schema. The highly
+//!   available variant (`deploy/kubernetes/ha`: europe as three replicas on
+//!   a CloudNativePG database) passes the schemas and is wired: selectors,
+//!   anti-affinity, the probed port, the Secret key of the store URL, the
+//!   replica's name from the pod, the PDB, the database's CA and Services.
 //! - systemd: `systemd-analyze verify` passes, `systemd-analyze security`
 //!   rates the unit at most 3, and the controller traced with `strace` from
 //!   start to SIGTERM makes only system calls the unit's filter allows.
@@ -37,15 +41,20 @@ fn output(cmd: &mut Command, tool: &str) -> std::process::Output {
 
 /// The rendered manifests (every region), as text and parsed.
 fn render() -> (String, Vec<Yaml>) {
+    render_dir("deploy/kubernetes")
+}
+
+/// The manifests of the kustomization in `dir`, as text and parsed.
+fn render_dir(dir: &str) -> (String, Vec<Yaml>) {
     let out = output(
         Command::new("kubectl")
             .arg("kustomize")
-            .arg(repo().join("deploy/kubernetes")),
+            .arg(repo().join(dir)),
         "kubectl (with its built-in kustomize)",
     );
     assert!(
         out.status.success(),
-        "kubectl kustomize deploy/kubernetes failed: {}",
+        "kubectl kustomize {dir} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     let text = String::from_utf8(out.stdout).expect("utf-8");
@@ -139,9 +148,13 @@ fn install_kubernetes_validate() -> PathBuf {
 #[test]
 fn kubernetes_manifests_pass_the_schemas() {
     let (text, docs) = render();
+    passes_the_schemas(&text, &docs);
+}
+
+fn passes_the_schemas(text: &str, docs: &[Yaml]) {
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("rendered.yaml");
-    std::fs::write(&file, &text).expect("write");
+    std::fs::write(&file, text).expect("write");
     let exe = kubernetes_validate();
     // The newest schemas bundled, and the oldest Kubernetes we support.
     for version in [None, Some("1.29.0")] {
@@ -161,9 +174,10 @@ fn kubernetes_manifests_pass_the_schemas() {
             "schema check ({version:?}) failed:\n{report}"
         );
         // Every built-in object was checked against a schema; only the
-        // ServiceMonitor (a CRD, checked by hand below) has none.
+        // custom resources (ServiceMonitor, CloudNativePG's Cluster, checked
+        // by hand below) have none.
         let passed = report.matches(" passed for resource ").count();
-        let custom = kind(&docs, "ServiceMonitor").len();
+        let custom = kind(docs, "ServiceMonitor").len() + kind(docs, "Cluster").len();
         assert_eq!(passed + custom, docs.len(), "{report}");
     }
 }
@@ -571,6 +585,235 @@ fn kubernetes_manifests_run_every_region_safely() {
             .unwrap_or_else(|| panic!("{} has no port `{port_name}`", name(s)));
         assert_eq!(p["port"].as_i64(), Some(admin), "{}", name(s));
     }
+}
+
+// ------------------------------------------- Kubernetes: a region highly available
+
+#[test]
+fn kubernetes_ha_manifests_pass_the_schemas() {
+    let (text, docs) = render_dir("deploy/kubernetes/ha");
+    passes_the_schemas(&text, &docs);
+}
+
+/// The value of env var `var` of container `c`, or its `valueFrom`.
+fn env_of<'a>(c: &'a Yaml, var: &str) -> &'a Yaml {
+    c["env"]
+        .as_vec()
+        .expect("env")
+        .iter()
+        .find(|e| e["name"].as_str() == Some(var))
+        .unwrap_or_else(|| panic!("no env {var}"))
+}
+
+#[test]
+fn kubernetes_ha_region_is_three_replicas_on_its_database_wired_together() {
+    let (_, docs) = render_dir("deploy/kubernetes/ha");
+    let deployments = kind(&docs, "Deployment");
+    assert_eq!(deployments.len(), 1, "europe's replicas");
+    let d = deployments[0];
+    let what = name(d);
+    let spec = &d["spec"];
+    assert_eq!(spec["replicas"].as_i64(), Some(3), "{what}");
+    let pod_labels = labels(&spec["template"]["metadata"]["labels"]);
+    assert!(
+        selects(&spec["selector"]["matchLabels"], &pod_labels),
+        "{what}: selector"
+    );
+    // No other workload's pods carry these labels (the selectors below would
+    // take them in).
+    for sts in kind(&docs, "StatefulSet") {
+        let other = labels(&sts["spec"]["template"]["metadata"]["labels"]);
+        assert!(
+            !selects(&spec["selector"]["matchLabels"], &other),
+            "{what} selects {}'s pods",
+            name(sts)
+        );
+    }
+    let pod = &spec["template"]["spec"];
+    let c = &pod["containers"][0];
+
+    // One replica per node.
+    let anti = pod["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        .as_vec()
+        .expect("required pod anti-affinity");
+    assert!(
+        anti.iter().any(
+            |t| t["topologyKey"].as_str() == Some("kubernetes.io/hostname")
+                && selects(&t["labelSelector"]["matchLabels"], &pod_labels)
+        ),
+        "{what}: anti-affinity on the host name over its own pods: {anti:?}"
+    );
+
+    // Readiness on the health port, which the container declares.
+    let args = strings(&c["args"]);
+    let health = port_of(flag(&args, "--health-listen").expect("--health-listen"));
+    let declared: Vec<i64> = c["ports"]
+        .as_vec()
+        .expect("ports")
+        .iter()
+        .filter_map(|p| p["containerPort"].as_i64())
+        .collect();
+    assert!(declared.contains(&health), "{what}: health port declared");
+    assert_eq!(
+        c["readinessProbe"]["grpc"]["port"].as_i64(),
+        Some(health),
+        "{what}: readiness on the health port"
+    );
+    let live = &c["livenessProbe"];
+    assert!(
+        live["grpc"]["port"].as_i64() == Some(health)
+            || live["tcpSocket"]["port"].as_i64() == Some(health),
+        "{what}: liveness on the health port"
+    );
+
+    // The database store, its URL from a Secret that exists with that key,
+    // the replica's name from its pod.
+    assert_eq!(
+        env_of(c, "FEDERATION__NODE__STORE__BACKEND")["value"].as_str(),
+        Some("postgres")
+    );
+    assert_eq!(
+        env_of(c, "FEDERATION__NODE__REPLICA")["valueFrom"]["fieldRef"]["fieldPath"].as_str(),
+        Some("metadata.name"),
+        "{what}: node.replica from the pod name"
+    );
+    let secret_ref = &env_of(c, "FEDERATION__NODE__STORE__URL")["valueFrom"]["secretKeyRef"];
+    let secret_name = secret_ref["name"].as_str().expect("secretKeyRef.name");
+    let secret_key = secret_ref["key"].as_str().expect("secretKeyRef.key");
+    let secret = kind(&docs, "Secret")
+        .into_iter()
+        .find(|s| name(s) == secret_name)
+        .unwrap_or_else(|| panic!("{what}: no example Secret {secret_name}"));
+    let url = secret["stringData"][secret_key]
+        .as_str()
+        .unwrap_or_else(|| panic!("Secret {secret_name} has no key {secret_key}"));
+    federation::config::parse_duration(
+        env_of(c, "FEDERATION__NODE__STORE__TIMEOUT")["value"]
+            .as_str()
+            .expect("node.store.timeout"),
+    )
+    .expect("a duration");
+
+    // The URL names the CloudNativePG cluster's primary, verify-full, with
+    // the cluster's CA mounted where sslrootcert says.
+    let clusters = kind(&docs, "Cluster");
+    assert_eq!(clusters.len(), 1, "europe's database");
+    let db = clusters[0];
+    assert_eq!(db["apiVersion"].as_str(), Some("postgresql.cnpg.io/v1"));
+    assert_eq!(db["spec"]["instances"].as_i64(), Some(3), "three instances");
+    assert!(
+        db["spec"]["postgresql"]["synchronous"]["number"]
+            .as_i64()
+            .is_some_and(|n| n >= 1)
+            || db["spec"]["minSyncReplicas"]
+                .as_i64()
+                .is_some_and(|n| n >= 1),
+        "synchronous replication"
+    );
+    let host = url
+        .split_once('@')
+        .and_then(|(_, rest)| rest.split([':', '/']).next())
+        .expect("a host in the URL");
+    assert_eq!(host, format!("{}-rw", name(db)), "the primary's Service");
+    let query = url.split_once('?').map(|(_, q)| q).unwrap_or("");
+    let param = |k: &str| {
+        query
+            .split('&')
+            .find_map(|p| p.strip_prefix(&format!("{k}=")))
+    };
+    assert_eq!(param("sslmode"), Some("verify-full"), "{url}");
+    let rootcert = param("sslrootcert").expect("sslrootcert");
+    let mounts = c["volumeMounts"].as_vec().expect("volumeMounts");
+    let mount = mounts
+        .iter()
+        .find(|m| Path::new(rootcert).starts_with(m["mountPath"].as_str().unwrap_or("/nowhere")))
+        .unwrap_or_else(|| panic!("{what}: nothing mounted at {rootcert}"));
+    let volume = pod["volumes"]
+        .as_vec()
+        .expect("volumes")
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .expect("the CA's volume");
+    assert_eq!(
+        volume["secret"]["secretName"].as_str(),
+        Some(format!("{}-ca", name(db)).as_str()),
+        "{what}: the cluster's CA"
+    );
+
+    // The PDB selects the Deployment's pods and keeps two of three.
+    let pdbs: Vec<_> = kind(&docs, "PodDisruptionBudget")
+        .into_iter()
+        .filter(|p| selects(&p["spec"]["selector"]["matchLabels"], &pod_labels))
+        .collect();
+    assert_eq!(pdbs.len(), 1, "{what}: one PDB");
+    let pdb = &pdbs[0]["spec"];
+    assert!(
+        pdb["minAvailable"].as_i64() == Some(2) || pdb["maxUnavailable"].as_i64() == Some(1),
+        "{what}: {pdb:?}"
+    );
+
+    // The policy's endpoint of europe is a Service over exactly these pods,
+    // and a headless Service resolves to every replica.
+    let maps = kind(&docs, "ConfigMap");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("federation.yaml");
+    std::fs::write(
+        &file,
+        maps[0]["data"]["federation.yaml"].as_str().expect("policy"),
+    )
+    .expect("write");
+    let policy = federation::policy::Policy::load_file(&file).expect("policy loads");
+    let europe = policy.region("europe").expect("europe in the policy");
+    let endpoint_host = europe
+        .endpoint
+        .split_once("://")
+        .and_then(|(_, r)| r.rsplit_once(':'))
+        .map(|(h, _)| h)
+        .expect("endpoint host");
+    let services = kind(&docs, "Service");
+    let endpoint = services
+        .iter()
+        .find(|s| name(s) == endpoint_host)
+        .unwrap_or_else(|| panic!("no Service {endpoint_host}"));
+    assert!(selects(&endpoint["spec"]["selector"], &pod_labels));
+    let headless: Vec<_> = services
+        .iter()
+        .filter(|s| {
+            s["spec"]["clusterIP"].as_str() == Some("None")
+                && selects(&s["spec"]["selector"], &pod_labels)
+        })
+        .collect();
+    assert_eq!(headless.len(), 1, "one Service resolving to every replica");
+    assert!(
+        headless[0]["spec"]["ports"]
+            .as_vec()
+            .expect("ports")
+            .iter()
+            .any(|p| p["name"].as_str() == Some("grpc")),
+        "its gRPC port"
+    );
+    // Every other Service of the render selects nobody of europe's.
+    for s in &services {
+        if name(s) != endpoint_host && name(s) != name(headless[0]) {
+            assert!(
+                !selects(&s["spec"]["selector"], &pod_labels),
+                "{} selects europe's replicas",
+                name(s)
+            );
+        }
+    }
+
+    // Pod Security "restricted", as the namespace enforces.
+    let csc = &c["securityContext"];
+    assert_eq!(csc["runAsNonRoot"].as_bool(), Some(true));
+    assert_eq!(csc["allowPrivilegeEscalation"].as_bool(), Some(false));
+    assert_eq!(strings(&csc["capabilities"]["drop"]), ["ALL"]);
+    assert_eq!(csc["readOnlyRootFilesystem"].as_bool(), Some(true));
+    assert_eq!(
+        csc["seccompProfile"]["type"].as_str(),
+        Some("RuntimeDefault")
+    );
+    assert!(!args.contains(&"--insecure"));
 }
 
 // ------------------------------------------------------------------- systemd
