@@ -375,15 +375,21 @@ async fn measure(target: &Target, in_flight: usize, secs: f64) -> Figures {
                 lat.push(t.elapsed());
                 i += 1;
             }
-            lat
+            // The caller lives on until the CPU is read: a PostgreSQL
+            // backend that exits takes its CPU time with it.
+            (lat, c)
         }));
     }
     let mut all = Vec::new();
+    let mut callers = Vec::new();
     for w in workers {
-        all.extend(w.await.expect("worker"));
+        let (lat, c) = w.await.expect("worker");
+        all.extend(lat);
+        callers.push(c);
     }
     let elapsed = started.elapsed().as_secs_f64();
     let cpu = target.server_cpu() - cpu0;
+    drop(callers);
     all.sort();
     let pct =
         |p: f64| all[((all.len() as f64 * p) as usize).min(all.len() - 1)].as_secs_f64() * 1e6;
