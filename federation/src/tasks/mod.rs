@@ -53,33 +53,46 @@
 //!   against a lease.
 //! * **Every mutation** bumps `version` and sets `updated_unix_ms`, and is
 //!   published on [`TaskStore::subscribe`] after its commit.
-//! * **A damaged store never panics and never loses silently.** The file is
-//!   opened with redb's integrity check (every page checksum) inside a panic
-//!   guard: damage is [`StoreError::Damaged`] naming the file. The store's
-//!   marks ([`witness::Mark`]: commits, tasks created) are kept in `marks` in
-//!   the same transaction as the work, and copied after each commit to the
-//!   witness file `tasks.hwm` ([`witness`]); a store below its witness lost
-//!   acknowledged work and is refused with [`StoreError::Lost`] (unless
-//!   [`StoreOptions::accept_loss`]). A record that does not decode is
-//!   [`StoreError::Corrupt`] when asked for by id, and skipped and reported
-//!   ([`TaskStore::undecodable`]) by every scan: open, leasing, expiry,
-//!   snapshots. [`check`] verifies a stopped store offline, on a copy.
+//! * **A damaged store never panics and never loses silently.** The open
+//!   reads no record: redb's open (which verifies every checksum and repairs
+//!   the file after a crash) and a few persisted values, inside a panic
+//!   guard; a table that does not read back is [`StoreError::Damaged`]
+//!   naming the file. The rest of the file is checked in the background
+//!   right after open, without holding up start or writes: redb's integrity
+//!   check (every page checksum of the committed trees) and a decode of every
+//!   record, on a private view of the file as of the commit it opened at
+//!   ([`RedbStore::verification`]: damage is logged at error level with what
+//!   to do; undecodable records are listed). Every read and every batch runs
+//!   inside a panic guard too, and every record is decoded and checked when
+//!   it is read. The store's marks ([`witness::Mark`]: commits, tasks
+//!   created) are kept in `marks` in the same transaction as the work, and
+//!   copied after each commit to the witness file `tasks.hwm` ([`witness`]);
+//!   a store below its witness lost acknowledged work and is refused with
+//!   [`StoreError::Lost`] (unless [`StoreOptions::accept_loss`]). A record
+//!   that does not decode is [`StoreError::Corrupt`] when asked for by id,
+//!   and skipped and reported ([`TaskStore::undecodable`]) by every scan:
+//!   the background check, leasing, expiry, snapshots. [`check`] verifies a
+//!   stopped store offline, on a copy.
 //!
 //! # Layout
 //!
-//! | table        | key                                   | value                  |
-//! |--------------|---------------------------------------|------------------------|
-//! | `tasks`      | task id                               | prost-encoded `Task`   |
-//! | `queue`      | (−priority, created ms, task id)      | `()` — QUEUED tasks    |
-//! | `leases`     | (lease deadline ms, task id)          | agent id — LEASED tasks|
-//! | `agents`     | agent id                              | JSON [`AgentRecord`]   |
-//! | `marks`      | `commit`, `created`                   | u64 — the store's marks|
+//! | table              | key                              | value                  |
+//! |--------------------|----------------------------------|------------------------|
+//! | `tasks`            | task id                          | prost-encoded `Task`   |
+//! | `queue`            | (−priority, created ms, task id) | `()` — QUEUED tasks    |
+//! | `leases`           | (lease deadline ms, task id)     | agent id — LEASED tasks|
+//! | `idempotency_keys` | idempotency key                  | task id                |
+//! | `counts`           | state name, `commit`             | u64 — tasks by state, and the commit they were moved in |
+//! | `agents`           | agent id                         | JSON [`AgentRecord`]   |
+//! | `marks`            | `commit`, `created`              | u64 — the store's marks|
 //!
-//! Idempotency keys are indexed in memory (key → task id), rebuilt at open
-//! from the task records, which carry their key: it is derived data, so it is
-//! never written, and an insert costs one B-tree insert fewer (random keys
-//! touch a different page each). A store written by an earlier version has
-//! an `idempotency` table; it is read once at open, then dropped.
+//! Every index and the counts move in the same transaction as the records,
+//! so an open reads them instead of the records (start-up and memory do not
+//! grow with the number of tasks). A store written by an earlier version
+//! (no `counts`, or counts naming an older commit than `marks`, or the
+//! `idempotency` table of older versions still there) has its counts and
+//! keys rebuilt from the records once, at its first open, which the log
+//! says.
 //!
 //! Leasing walks `queue` from its start (highest priority, then oldest), so it
 //! costs O(k log n) for k tasks; expiring walks `leases` up to now.
@@ -111,7 +124,7 @@ pub use model::{
     state_name, what_differs,
 };
 pub use postgres::PgStore;
-pub use store::{FILE, MAX_BATCH, RedbStore, StoreOptions, read_log_head};
+pub use store::{FILE, MAX_BATCH, RedbStore, StoreOptions, Verification, read_log_head};
 
 /// The task store seam: the embedded redb file ([`RedbStore`], the default)
 /// or the region's PostgreSQL database ([`PgStore`], `node.store.backend:
@@ -265,6 +278,16 @@ impl TaskStore {
     /// Undecodable task records found so far: how many, and the first ids.
     pub fn undecodable(&self) -> (usize, Vec<(String, String)>) {
         self.shared().undecodable_listed()
+    }
+
+    /// What the embedded store's background check of its whole file has
+    /// found so far ([`RedbStore::verification`]); `None` for PostgreSQL,
+    /// which checks its own pages.
+    pub fn verification(&self) -> Option<Verification> {
+        match self {
+            TaskStore::Redb(s) => Some(s.verification()),
+            TaskStore::Postgres(_) => None,
+        }
     }
 
     /// The store's marks (commits, tasks created).

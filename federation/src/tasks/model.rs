@@ -215,7 +215,8 @@ pub enum StoreError {
     },
 }
 
-/// Task counts by state. Kept in memory, rebuilt at open.
+/// Task counts by state. Kept in memory; the embedded store also keeps them
+/// in its `counts` table, read at open.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counts {
     /// Waiting for an agent.

@@ -1,13 +1,16 @@
 //! [`RedbStore`]: the embedded store's facade (open, the read paths) over
 //! the redb file; its writer's requests go through [`Requests`]. See the
 //! parent module for the guarantees. Opening soundly is in `open`, the
-//! idempotency index in `idempotency`, the writer thread in `writer`, and
-//! the operations inside a write transaction in `tables`.
+//! persisted counts in `counters`, the idempotency index in `idempotency`,
+//! the background check of the whole file in `verify`, the writer thread in
+//! `writer`, and the operations inside a write transaction in `tables`.
 
+mod counters;
 mod idempotency;
 mod open;
 mod pending;
 mod tables;
+mod verify;
 mod writer;
 
 pub use open::{FILE, read_log_head};
@@ -21,7 +24,9 @@ use prost::Message;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::mpsc;
 
-use open::{Rebuilt, check_witness, log_head_in, rebuild, write_mark};
+pub use verify::Verification;
+
+use open::{Loaded, check_witness, load, log_head_in, open_lazy, write_mark};
 use writer::writer_loop;
 
 use super::requests::Requests;
@@ -33,8 +38,8 @@ pub const MAX_BATCH: usize = 1024;
 /// The most expired leases one `expire_leases` call handles.
 pub(super) const MAX_EXPIRE_BATCH: usize = 10_000;
 const TASKS: TableDefinition<&str, &[u8]> = TableDefinition::new("tasks");
-/// Idempotency keys of earlier versions, which kept them on disk; read once
-/// at open into the in-memory index, then dropped.
+/// Idempotency keys of earlier versions, which kept them in this table;
+/// taken over once at open into [`idempotency::IDEM_KEYS`], then dropped.
 const LEGACY_IDEMPOTENCY: TableDefinition<&str, &str> = TableDefinition::new("idempotency");
 /// QUEUED tasks by (−priority, created ms, id): iteration order is lease order.
 const QUEUE: TableDefinition<(i64, i64, &str), ()> = TableDefinition::new("queue");
@@ -92,6 +97,8 @@ struct Inner {
     tx: Requests,
     writer: Mutex<Option<JoinHandle<()>>>,
     shared: Arc<Shared>,
+    /// The background check of the whole file, stopped with the store.
+    verifier: verify::Verifier,
 }
 
 /// State shared by the callers and the writer thread: what both backends
@@ -102,6 +109,8 @@ struct Shared {
     mark: Mutex<Mark>,
     /// Keeps `tasks.hwm` up to date; dropped (final write) with the store.
     witness: witness::Writer,
+    /// What the background check of the file found so far.
+    verification: Mutex<Verification>,
 }
 
 impl std::ops::Deref for Shared {
@@ -123,6 +132,7 @@ impl Drop for Inner {
                 tracing::error!(path = %self.path.display(), "task store writer thread panicked");
             }
         }
+        self.verifier.stop();
     }
 }
 
@@ -138,7 +148,9 @@ impl<T, E: std::fmt::Display> DbResult<T> for Result<T, E> {
 
 impl RedbStore {
     /// Opens (creating if needed) `<dir>/tasks.redb`, recovering it after a
-    /// crash, and rebuilds the counters. Fails if another process holds it.
+    /// crash, and reads the persisted counters (no record is read: the whole
+    /// file is checked in the background, see [`RedbStore::verification`]).
+    /// Fails if another process holds it.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         Self::open_with(dir, StoreOptions::default())
     }
@@ -149,34 +161,30 @@ impl RedbStore {
             .map_err(|e| StoreError::Db(format!("creating {}: {e}", dir.display())))?;
         let path = dir.join(FILE);
         let opened = guarded(&path, || -> Result<_, StoreError> {
-            let db = open_checked(&path)?;
-            // Create the tables so that readers always find them.
-            let txn = db.begin_write().db()?;
-            {
-                txn.open_table(TASKS).db()?;
-                txn.open_table(QUEUE).db()?;
-                txn.open_table(LEASES).db()?;
-                txn.open_table(AGENTS).db()?;
-                txn.open_table(MARKS).db()?;
-            }
-            txn.commit().db()?;
-            let rebuilt = rebuild(&db)?;
-            Ok((db, rebuilt))
+            let (db, slot) = open_lazy(&path)?;
+            // Create the tables so that readers always find them (a table
+            // whose definition does not read back is damage).
+            create_tables(&db).map_err(|e| open::classify(&path, e))?;
+            let loaded = load(&db, &path)?;
+            Ok((db, slot, loaded))
         })?;
-        let (db, rebuilt) = opened;
-        let Rebuilt {
+        let (db, slot, loaded) = opened;
+        let Loaded {
             counts,
-            idem,
             records,
             stored,
             undecodable,
-        } = rebuilt;
+        } = loaded;
         let mark = check_witness(dir, &path, stored, records, options.accept_loss)?;
         if stored != Some(mark) {
-            // A store from before the marks were kept: they start here.
-            let txn = db.begin_write().db()?;
-            write_mark(&txn, mark)?;
-            txn.commit().db()?;
+            // A store from before the marks were kept: they start here (and
+            // the counts with them).
+            guarded(&path, || {
+                let txn = db.begin_write().db()?;
+                write_mark(&txn, mark)?;
+                counters::write(&txn, counts, mark.commit)?;
+                txn.commit().db()
+            })?;
         }
         let witness = witness::Writer::start(dir, mark)
             .map_err(|e| StoreError::Db(format!("starting the witness thread: {e}")))?;
@@ -184,6 +192,7 @@ impl RedbStore {
             core: super::shared::Shared::new(counts, options.clock),
             mark: Mutex::new(mark),
             witness,
+            verification: Mutex::new(Verification::Running),
         });
         for e in &undecodable {
             shared.undecodable(e);
@@ -195,9 +204,10 @@ impl RedbStore {
             let shared = Arc::clone(&shared);
             std::thread::Builder::new()
                 .name("task-store-writer".into())
-                .spawn(move || writer_loop(&db, &shared, idem, rx))
+                .spawn(move || writer_loop(&db, &shared, rx))
                 .map_err(|e| StoreError::Db(format!("starting the writer thread: {e}")))?
         };
+        let verifier = verify::Verifier::start(&db, &slot, &path, &shared)?;
         Ok(Self {
             inner: Arc::new(Inner {
                 path,
@@ -205,6 +215,7 @@ impl RedbStore {
                 tx: Requests::new(tx),
                 writer: Mutex::new(Some(writer)),
                 shared,
+                verifier,
             }),
         })
     }
@@ -229,29 +240,45 @@ impl RedbStore {
     /// store, committed with fsync, as the log's anchor outside its own file
     /// (see [`crate::audit::anchor`]). Blocking: call off the async workers.
     pub fn record_log_head(&self, seq: u64, hash: &str) -> Result<(), StoreError> {
-        let txn = self.inner.db.begin_write().db()?;
-        {
-            let mut meta = txn.open_table(META).db()?;
-            meta.insert(META_LOG_HEAD, format!("{seq} {hash}").as_bytes())
-                .db()?;
-        }
-        // The log's file holds every staged record up to its head.
-        pending::drop_durable(&txn, seq)?;
-        txn.commit().db()
+        guarded(&self.inner.path, || {
+            let txn = self.inner.db.begin_write().db()?;
+            {
+                let mut meta = txn.open_table(META).db()?;
+                meta.insert(META_LOG_HEAD, format!("{seq} {hash}").as_bytes())
+                    .db()?;
+            }
+            // The log's file holds every staged record up to its head.
+            pending::drop_durable(&txn, seq)?;
+            txn.commit().db()
+        })
     }
 
     /// The decision log's head last recorded by [`TaskStore::record_log_head`].
     pub fn log_head(&self) -> Result<Option<(u64, String)>, StoreError> {
-        log_head_in(&*self.inner.db)
+        guarded(&self.inner.path, || log_head_in(&*self.inner.db))
+    }
+
+    /// What the background check of the whole file (every page checksum,
+    /// every record decoded, as of the commit the store opened at) has found
+    /// so far.
+    pub fn verification(&self) -> Verification {
+        self.inner
+            .shared
+            .verification
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Reads a task. An undecodable record is [`StoreError::Corrupt`] (and
     /// reported, see [`TaskStore::undecodable`]).
     pub fn get(&self, task_id: &str) -> Result<Option<Task>, StoreError> {
-        let txn = self.inner.db.begin_read().db()?;
-        let table = txn.open_table(TASKS).db()?;
-        let bytes = table.get(task_id).db()?;
-        let task = bytes.map(|b| decode(task_id, b.value())).transpose();
+        let task = guarded(&self.inner.path, || {
+            let txn = self.inner.db.begin_read().db()?;
+            let table = txn.open_table(TASKS).db()?;
+            let bytes = table.get(task_id).db()?;
+            bytes.map(|b| decode(task_id, b.value())).transpose()
+        });
         if let Err(e) = &task {
             self.inner.shared.undecodable(e);
         }
@@ -271,6 +298,10 @@ impl RedbStore {
     /// Every registered agent, by id. A record that does not decode is
     /// skipped and logged (its leases expire as usual).
     pub fn agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
+        guarded(&self.inner.path, || self.agents_unguarded())
+    }
+
+    fn agents_unguarded(&self) -> Result<Vec<AgentRecord>, StoreError> {
         let txn = self.inner.db.begin_read().db()?;
         let table = txn.open_table(AGENTS).db()?;
         let mut out = Vec::new();
@@ -291,6 +322,10 @@ impl RedbStore {
 
     /// Every QUEUED task in lease order, then every LEASED task by deadline.
     pub fn pending(&self) -> Result<Vec<Task>, StoreError> {
+        guarded(&self.inner.path, || self.pending_unguarded())
+    }
+
+    fn pending_unguarded(&self) -> Result<Vec<Task>, StoreError> {
         let txn = self.inner.db.begin_read().db()?;
         let tasks = txn.open_table(TASKS).db()?;
         let queue = txn.open_table(QUEUE).db()?;
@@ -328,6 +363,18 @@ impl RedbStore {
         after: Option<&str>,
         limit: usize,
         max_scan: usize,
+        keep: impl FnMut(&Task) -> bool,
+    ) -> Result<(Vec<Task>, Option<String>), StoreError> {
+        guarded(&self.inner.path, || {
+            self.scan_unguarded(after, limit, max_scan, keep)
+        })
+    }
+
+    fn scan_unguarded(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        max_scan: usize,
         mut keep: impl FnMut(&Task) -> bool,
     ) -> Result<(Vec<Task>, Option<String>), StoreError> {
         use std::ops::Bound;
@@ -356,6 +403,22 @@ impl RedbStore {
         }
         Ok((kept, None))
     }
+}
+
+fn create_tables(db: &Database) -> Result<(), redb::Error> {
+    let txn = db.begin_write()?;
+    {
+        txn.open_table(TASKS)?;
+        txn.open_table(QUEUE)?;
+        txn.open_table(LEASES)?;
+        txn.open_table(AGENTS)?;
+        txn.open_table(MARKS)?;
+        txn.open_table(META)?;
+        txn.open_table(idempotency::IDEM_KEYS)?;
+        txn.open_table(counters::COUNTS)?;
+    }
+    txn.commit()?;
+    Ok(())
 }
 
 pub(super) fn decode(id: &str, bytes: &[u8]) -> Result<Task, StoreError> {

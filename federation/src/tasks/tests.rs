@@ -52,6 +52,164 @@ async fn keys_of_the_former_on_disk_index_are_kept() {
     assert_eq!(out.task().task_id, "a");
 }
 
+/// Writes `task` straight into the `tasks` table, bypassing the store (its
+/// counts, keys and marks do not move).
+fn plant_record(dir: &std::path::Path, task: &federation_api::Task) {
+    use prost::Message;
+    let db = redb::Database::create(dir.join(FILE)).expect("db");
+    let txn = db.begin_write().expect("txn");
+    {
+        let def: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("tasks");
+        let mut t = txn.open_table(def).expect("table");
+        t.insert(task.task_id.as_str(), task.encode_to_vec().as_slice())
+            .expect("insert");
+    }
+    txn.commit().expect("commit");
+}
+
+#[tokio::test]
+async fn open_reads_the_persisted_counts_instead_of_every_record() {
+    // The counts and the keys are kept in the store, moved in each batch's
+    // transaction: an open reads them, it does not decode the records. A
+    // record planted behind the store's back is therefore not counted
+    // (before, every open decoded every record and counted it).
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let store = TaskStore::open(dir.path()).expect("open");
+        for i in 0..3 {
+            let mut t = task(&format!("t{i}"));
+            t.idempotency_key = format!("k{i}");
+            store.insert(t).await.expect("insert");
+        }
+        store.cancel("t0", "no").await.expect("cancel");
+    }
+    let mut planted = task("planted");
+    planted.state = TaskState::Succeeded as i32;
+    plant_record(dir.path(), &planted);
+    let store = TaskStore::open(dir.path()).expect("reopen");
+    let c = store.counts();
+    assert_eq!((c.queued, c.cancelled, c.succeeded), (2, 1, 0), "{c:?}");
+    // The keys came back from disk: a retry is answered with the stored task.
+    let mut again = task("t9");
+    again.idempotency_key = "k1".into();
+    let out = store.insert(again).await.expect("retry");
+    assert!(out.is_deduplicated());
+    assert_eq!(out.task().task_id, "t1");
+    // The background check still reads every record.
+    assert!(matches!(
+        verified(&store),
+        Verification::Sound { records: 4, .. }
+    ));
+}
+
+#[tokio::test]
+async fn a_store_written_by_the_previous_version_is_indexed_once_at_open() {
+    // The previous version kept counts and keys in memory only: its store
+    // has no `counts` and no `idempotency_keys` table. The first open
+    // rebuilds both from the records; later opens read them.
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let store = TaskStore::open(dir.path()).expect("open");
+        for i in 0..4 {
+            let mut t = task(&format!("t{i}"));
+            t.idempotency_key = format!("k{i}");
+            store.insert(t).await.expect("insert");
+        }
+        store.cancel("t3", "no").await.expect("cancel");
+    }
+    {
+        let db = redb::Database::create(dir.path().join(FILE)).expect("db");
+        let txn = db.begin_write().expect("txn");
+        let counts: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("counts");
+        let keys: redb::TableDefinition<&str, &str> =
+            redb::TableDefinition::new("idempotency_keys");
+        assert!(txn.delete_table(counts).expect("drop counts"));
+        assert!(txn.delete_table(keys).expect("drop keys"));
+        txn.commit().expect("commit");
+    }
+    for round in 0..2 {
+        let store = TaskStore::open(dir.path()).expect("open");
+        let c = store.counts();
+        assert_eq!((c.queued, c.cancelled), (3, 1), "round {round}: {c:?}");
+        let mut again = task(&format!("retry{round}"));
+        again.idempotency_key = "k2".into();
+        let out = store.insert(again).await.expect("retry");
+        assert!(out.is_deduplicated(), "round {round}");
+        assert_eq!(out.task().task_id, "t2");
+    }
+}
+
+#[tokio::test]
+async fn counts_left_behind_by_an_older_writer_are_rebuilt() {
+    // A version that keeps the marks but not the counts moved `commit`
+    // without them: counts naming an older commit are rebuilt.
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let store = TaskStore::open(dir.path()).expect("open");
+        store.insert(task("a")).await.expect("insert");
+    }
+    let mut planted = task("b");
+    planted.state = TaskState::Failed as i32;
+    plant_record(dir.path(), &planted);
+    {
+        let db = redb::Database::create(dir.path().join(FILE)).expect("db");
+        let txn = db.begin_write().expect("txn");
+        {
+            let marks: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("marks");
+            let mut t = txn.open_table(marks).expect("marks");
+            let commit = redb::ReadableTable::get(&t, "commit")
+                .expect("get")
+                .expect("commit")
+                .value();
+            t.insert("commit", commit + 1).expect("bump");
+        }
+        txn.commit().expect("commit");
+    }
+    let store = TaskStore::open(dir.path()).expect("open");
+    let c = store.counts();
+    assert_eq!((c.queued, c.failed), (1, 1), "{c:?}");
+}
+
+#[tokio::test]
+async fn a_flipped_payload_byte_is_reported_by_the_background_check() {
+    // The open no longer reads the records; a byte changed inside a task's
+    // payload (still a valid record) is found by the background check's
+    // page checksums, and reported.
+    let base = tempfile::tempdir().expect("tempdir");
+    let bytes = thirty_tasks(base.path()).await;
+    // Payloads in free pages (older copies) change nothing: each run of
+    // 200 `p` is tried, and those that change a stored task must be found.
+    let mut live = 0;
+    let mut at = 0;
+    while let Some(found) = bytes[at..]
+        .windows(200)
+        .position(|w| w.iter().all(|b| *b == b'p'))
+    {
+        let off = at + found + 100;
+        at += found + 200;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut damaged = bytes.clone();
+        damaged[off] = b'q';
+        std::fs::copy(
+            base.path().join(witness::FILE),
+            dir.path().join(witness::FILE),
+        )
+        .expect("witness");
+        std::fs::write(dir.path().join(FILE), &damaged).expect("write");
+        let store = TaskStore::open(dir.path()).expect("opens: the record is not read at open");
+        let v = verified(&store);
+        if all_thirty_intact(&store) {
+            continue;
+        }
+        live += 1;
+        match v {
+            Verification::Damaged(what) => assert!(!what.is_empty()),
+            v => panic!("byte {off}: the damage was not reported: {v:?}"),
+        }
+    }
+    assert!(live > 0, "no stored payload was changed");
+}
+
 #[tokio::test]
 async fn corrupted_record_is_an_error_not_a_panic() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -239,6 +397,31 @@ async fn thirty_tasks(dir: &std::path::Path) -> Vec<u8> {
     std::fs::read(dir.join(FILE)).expect("read store")
 }
 
+/// Waits (bounded) for the background check of the file to finish.
+fn verified(store: &TaskStore) -> Verification {
+    for _ in 0..3000 {
+        match store.verification() {
+            Some(Verification::Running) => std::thread::sleep(Duration::from_millis(10)),
+            Some(v) => return v,
+            None => panic!("not an embedded store"),
+        }
+    }
+    panic!("the background check did not finish in 30 s");
+}
+
+/// The damage was reported after open: by the background check, or as an
+/// undecodable record.
+fn damage_reported(store: &TaskStore) -> bool {
+    match verified(store) {
+        Verification::Damaged(what) => {
+            assert!(!what.is_empty());
+            true
+        }
+        Verification::Sound { undecodable, .. } => undecodable > 0 || store.undecodable().0 > 0,
+        v => panic!("unexpected {v:?}"),
+    }
+}
+
 fn all_thirty_intact(store: &TaskStore) -> bool {
     (0..30).all(|i| {
         matches!(store.get(&format!("task-{i:02}")),
@@ -252,7 +435,8 @@ async fn flipped_bytes_never_panic_and_never_lose_tasks_silently() {
     // in, and the middle of every page: several of these made redb panic on
     // open (and others read stale data) before the store opened with redb's
     // integrity check. Every outcome must be either a `Damaged` error naming
-    // the file, or a store that still holds all 30 tasks intact.
+    // the file, damage reported by the background check after open, or a
+    // store that still holds all 30 tasks intact.
     let base = tempfile::tempdir().expect("tempdir");
     let bytes = thirty_tasks(base.path()).await;
     let mut offsets: Vec<usize> = vec![0, 8, 16, 64, 100, 200, 1000];
@@ -285,9 +469,10 @@ async fn flipped_bytes_never_panic_and_never_lose_tasks_silently() {
                 assert!(detail.contains("lost"), "byte {off}: {detail}");
             }
             Ok(Err(e)) => panic!("byte {off}: unexpected error {e}"),
+            Ok(Ok(store)) if damage_reported(&store) => refused += 1,
             Ok(Ok(store)) => assert!(
                 all_thirty_intact(&store),
-                "byte {off} flipped: the store opened without error but lost tasks"
+                "byte {off} flipped: the store opened, nothing was reported, but tasks were lost"
             ),
         }
     }
@@ -325,9 +510,10 @@ async fn random_damage_never_panics_and_never_loses_tasks_silently() {
             Err(_) => panic!("case {case}: open panicked, bytes {changed:?} changed"),
             Ok(Err(StoreError::Damaged { .. } | StoreError::Lost { .. })) => refused += 1,
             Ok(Err(e)) => panic!("case {case}: unexpected error {e}"),
+            Ok(Ok(store)) if damage_reported(&store) => refused += 1,
             Ok(Ok(store)) => assert!(
                 all_thirty_intact(&store),
-                "case {case}: bytes {changed:?} changed, the store opened but lost tasks"
+                "case {case}: bytes {changed:?} changed, the store opened, nothing was reported, but tasks were lost"
             ),
         }
     }
@@ -473,8 +659,15 @@ async fn an_undecodable_record_is_skipped_and_reported_by_every_scan() {
     }
     plant_undecodable(dir.path());
     let store = TaskStore::open(dir.path()).expect("opens with undecodable records");
+    assert_eq!(
+        verified(&store),
+        Verification::Sound {
+            records: 4,
+            undecodable: 2
+        }
+    );
     let (n, listed) = store.undecodable();
-    assert_eq!(n, 2, "found at open: {listed:?}");
+    assert_eq!(n, 2, "found by the background check: {listed:?}");
     assert_eq!(listed[0].0, "bad");
     // Snapshots: the rest is still there.
     let pending: Vec<String> = store
@@ -643,4 +836,40 @@ async fn open_time() {
     let start = std::time::Instant::now();
     store.insert(task("first")).await.expect("first insert");
     eprintln!("first insert after open: {:?}", start.elapsed());
+}
+
+#[tokio::test]
+async fn the_background_check_of_a_sound_store_finds_it_sound() {
+    // A fresh store, and a store written to while its check runs: the check
+    // reads the commit it pinned at open, never a later one.
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let store = TaskStore::open(dir.path()).expect("open");
+        assert_eq!(
+            verified(&store),
+            Verification::Sound {
+                records: 0,
+                undecodable: 0
+            }
+        );
+        for i in 0..2000 {
+            store
+                .insert(task(&format!("t{i:05}")))
+                .await
+                .expect("insert");
+        }
+    }
+    let store = TaskStore::open(dir.path()).expect("reopen");
+    for i in 0..300 {
+        let mut t = task(&format!("u{i:05}"));
+        t.payload = vec![7; 300];
+        store.insert(t).await.expect("insert while checking");
+    }
+    assert_eq!(
+        verified(&store),
+        Verification::Sound {
+            records: 2000,
+            undecodable: 0
+        }
+    );
 }

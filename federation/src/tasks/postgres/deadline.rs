@@ -53,6 +53,7 @@ pub(super) fn relayed(op: Op) -> (Op, Relay) {
         Op::InsertBatch {
             tasks,
             records,
+            fence,
             reply,
         } => {
             let (reply, r) = relay(reply, BatchInsert::failed);
@@ -60,6 +61,7 @@ pub(super) fn relayed(op: Op) -> (Op, Relay) {
                 Op::InsertBatch {
                     tasks,
                     records,
+                    fence,
                     reply,
                 },
                 r,

@@ -1,35 +1,30 @@
-//! The embedded store's idempotency index: key → task id, in memory,
-//! staged per batch and visible once the batch has committed.
+//! The embedded store's idempotency index: the `idempotency_keys` table
+//! (key → task id), written in the insert's own transaction, so it is on
+//! disk, never loaded whole, and as durable as the task it names.
 
-use std::collections::HashMap;
+use redb::{ReadableTable, TableDefinition};
 
-/// Idempotency key → task id, in memory. Derived data: every task record
-/// carries its key, so the index is rebuilt at open and never written. The
-/// changes of a batch are staged and become visible to later batches only
-/// once its transaction has committed.
-#[derive(Default)]
-pub(super) struct IdemIndex {
-    pub(super) committed: HashMap<Box<str>, Box<str>>,
-    staged: HashMap<Box<str>, Box<str>>,
+use super::DbResult;
+use crate::tasks::StoreError;
+
+/// Idempotency key → task id. Built once from the task records for a store
+/// written by an earlier version (see `open::rebuild_indexes`).
+pub(super) const IDEM_KEYS: TableDefinition<&str, &str> = TableDefinition::new("idempotency_keys");
+
+/// The index inside one write transaction: a key staged by an insert is
+/// seen by the later requests of its batch, and vanishes with the batch
+/// when its transaction aborts.
+pub(super) struct IdemIndex<'t> {
+    pub(super) table: redb::Table<'t, &'static str, &'static str>,
 }
 
-impl IdemIndex {
-    pub(super) fn get(&self, key: &str) -> Option<&str> {
-        self.staged
-            .get(key)
-            .or_else(|| self.committed.get(key))
-            .map(|id| &**id)
+impl IdemIndex<'_> {
+    pub(super) fn get(&self, key: &str) -> Result<Option<String>, StoreError> {
+        Ok(self.table.get(key).db()?.map(|v| v.value().to_string()))
     }
 
-    pub(super) fn stage(&mut self, key: &str, id: &str) {
-        self.staged.insert(key.into(), id.into());
-    }
-
-    pub(super) fn commit(&mut self) {
-        self.committed.extend(self.staged.drain());
-    }
-
-    pub(super) fn abort(&mut self) {
-        self.staged.clear();
+    pub(super) fn stage(&mut self, key: &str, id: &str) -> Result<(), StoreError> {
+        self.table.insert(key, id).db()?;
+        Ok(())
     }
 }

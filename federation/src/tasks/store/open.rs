@@ -1,14 +1,17 @@
-//! Opening the embedded store soundly: redb's integrity check inside a
-//! panic guard, the store's marks against its witness, and the in-memory
-//! state rebuilt from the records (counts, the idempotency index); the
+//! Opening the embedded store soundly and in O(1): redb's open (its repair
+//! after a crash) inside a panic guard, the store's marks against its
+//! witness, the persisted counts read (and, once, for a store written by an
+//! earlier version, the persisted indexes rebuilt from the records); the
 //! decision log's head it records, read also without opening it.
 
 use std::collections::HashMap;
 use std::path::Path;
 
-use redb::{Database, ReadableDatabase, ReadableTable};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 
-use super::idempotency::IdemIndex;
+use super::counters;
+use super::idempotency::IDEM_KEYS;
+use super::verify::{Preserving, SnapshotSlot};
 use super::{DbResult, LEGACY_IDEMPOTENCY, MARKS, META, META_LOG_HEAD, TASKS, decode};
 use crate::tasks::witness::{self, Mark};
 use crate::tasks::{Counts, StoreError};
@@ -51,7 +54,8 @@ pub(crate) fn damaged(path: &Path, what: impl Into<String>) -> StoreError {
 
 /// Opens the database with redb's integrity check (every page checksum of
 /// the committed trees verified), so a file altered outside redb is an
-/// error rather than trusted; maps redb's errors to ours.
+/// error rather than trusted; maps redb's errors to ours. The offline
+/// check's open (a controller's open is [`open_lazy`]).
 pub(crate) fn open_checked(path: &Path) -> Result<Database, StoreError> {
     let mut builder = redb::Builder::new();
     builder.set_check_integrity_on_open(true);
@@ -74,6 +78,20 @@ pub(super) fn open_error(path: &Path, e: redb::DatabaseError) -> StoreError {
             format!("written in storage format {v}, which this version cannot read"),
         ),
         other => StoreError::Db(format!("opening {}: {other}", path.display())),
+    }
+}
+
+/// A redb error met opening the tables: one that says the file does not
+/// hold what this store wrote is damage, anything else a database error.
+pub(super) fn classify(path: &Path, e: redb::Error) -> StoreError {
+    use redb::Error as E;
+    match e {
+        E::Corrupted(_)
+        | E::TableTypeMismatch { .. }
+        | E::TypeDefinitionChanged { .. }
+        | E::TableIsMultimap(_)
+        | E::TableIsNotMultimap(_) => damaged(path, format!("its tables do not read back ({e})")),
+        other => StoreError::Db(other.to_string()),
     }
 }
 
@@ -149,58 +167,118 @@ pub(super) fn write_mark(txn: &redb::WriteTransaction, mark: Mark) -> Result<(),
     Ok(())
 }
 
-/// What [`rebuild`] finds.
-pub(super) struct Rebuilt {
+/// Opens the database for a controller, through the backend that lets the
+/// background check (`verify`) see the file as of its snapshot. No integrity
+/// check here: redb still verifies every checksum and repairs the file when
+/// it was not closed cleanly (a crash); a clean open reads only the header
+/// and the allocator state. The check of the whole file runs after open.
+pub(super) fn open_lazy(path: &Path) -> Result<(Database, SnapshotSlot), StoreError> {
+    let (backend, slot) = Preserving::open(path)
+        .map_err(|e| StoreError::Db(format!("opening {}: {e}", path.display())))?;
+    let db = redb::Builder::new()
+        .create_with_backend(backend)
+        .map_err(|e| open_error(path, e))?;
+    Ok((db, slot))
+}
+
+/// What an open finds: O(1) reads of the persisted counts and marks.
+pub(super) struct Loaded {
     pub(super) counts: Counts,
-    pub(super) idem: IdemIndex,
-    /// Task records, decodable or not.
+    /// Task records, decodable or not (the table's length).
     pub(super) records: u64,
     /// The marks kept in `marks`, if any.
     pub(super) stored: Option<Mark>,
-    /// The records that do not decode.
+    /// Records found undecodable by a one-time rebuild of the indexes.
     pub(super) undecodable: Vec<StoreError>,
 }
 
-/// Rebuilds the counters and the idempotency index from the `tasks` table
-/// (every task carries its key), after taking over the index an earlier
-/// version kept on disk, if any; counts the records and reads the marks.
-pub(super) fn rebuild(db: &Database) -> Result<Rebuilt, StoreError> {
-    let mut idem = IdemIndex::default();
-    let legacy = {
+/// Reads the counts and marks; when the counts are missing or behind the
+/// `commit` mark (a store written by an earlier version), or an earlier
+/// version's on-disk key table is there, rebuilds the persisted indexes
+/// once from the records, and says so in the log.
+pub(super) fn load(db: &Database, path: &Path) -> Result<Loaded, StoreError> {
+    let stored = read_mark(db)?;
+    let records = {
         let txn = db.begin_read().db()?;
-        match txn.open_table(LEGACY_IDEMPOTENCY) {
-            Ok(table) => {
-                for entry in table.iter().db()? {
-                    let (k, v) = entry.db()?;
-                    idem.committed.insert(k.value().into(), v.value().into());
-                }
-                true
-            }
-            Err(redb::TableError::TableDoesNotExist(_)) => false,
-            Err(e) => return Err(StoreError::Db(e.to_string())),
-        }
+        txn.open_table(TASKS).db()?.len().db()?
     };
+    let legacy = has_legacy_keys(db)?;
+    let kept = counters::read(db)?;
+    let current = match (kept, stored) {
+        (Some((counts, commit)), Some(mark)) if commit == mark.commit => Some(counts),
+        (Some((counts, _)), None) if records == 0 => Some(counts),
+        _ => None,
+    };
+    if let (Some(counts), false) = (current, legacy) {
+        return Ok(Loaded {
+            counts,
+            records,
+            stored,
+            undecodable: Vec::new(),
+        });
+    }
+    let started = std::time::Instant::now();
+    let commit = stored.map_or(0, |m| m.commit);
+    let (counts, keys, undecodable) = rebuild_indexes(db, commit)?;
+    if records > 0 {
+        tracing::info!(path = %path.display(), records, keys, undecodable = undecodable.len(), took_ms = started.elapsed().as_millis() as u64, "task store indexes rebuilt once from the records (a store written by an earlier version)");
+    }
+    Ok(Loaded {
+        counts,
+        records,
+        stored,
+        undecodable,
+    })
+}
+
+fn has_legacy_keys(db: &Database) -> Result<bool, StoreError> {
     let txn = db.begin_read().db()?;
-    let table = txn.open_table(TASKS).db()?;
+    match txn.open_table(LEGACY_IDEMPOTENCY) {
+        Ok(_) => Ok(true),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(false),
+        Err(e) => Err(StoreError::Db(e.to_string())),
+    }
+}
+
+/// Rebuilds the counts and the idempotency keys from the `tasks` table
+/// (every task carries its key), after taking over the keys an earlier
+/// version kept in its `idempotency` table, in one write transaction that
+/// also drops that table. Returns the counts, how many keys are indexed and
+/// the records that do not decode.
+fn rebuild_indexes(
+    db: &Database,
+    commit: u64,
+) -> Result<(Counts, u64, Vec<StoreError>), StoreError> {
+    let txn = db.begin_write().db()?;
     let mut counts = Counts::default();
-    // Keys are unique by construction (an insert with a known key stores
-    // nothing); should two tasks ever share one, the oldest keeps it.
-    let mut first: HashMap<Box<str>, (i64, Box<str>)> = HashMap::new();
-    let mut records = 0u64;
     let mut undecodable = Vec::new();
-    for entry in table.iter().db()? {
-        let (k, v) = entry.db()?;
-        records += 1;
-        match decode(k.value(), v.value()) {
-            Ok(t) => {
-                counts.add(t.state(), 1);
-                if !t.idempotency_key.is_empty()
-                    && !idem.committed.contains_key(t.idempotency_key.as_str())
-                {
-                    let id: Box<str> = t.task_id.into();
-                    let candidate = (t.created_unix_ms, id);
+    let keys = {
+        let tasks = txn.open_table(TASKS).db()?;
+        let mut index = txn.open_table(IDEM_KEYS).db()?;
+        index.retain(|_, _| false).db()?;
+        if has_legacy_keys(db)? {
+            let legacy = txn.open_table(LEGACY_IDEMPOTENCY).db()?;
+            for entry in legacy.iter().db()? {
+                let (k, v) = entry.db()?;
+                index.insert(k.value(), v.value()).db()?;
+            }
+        }
+        // Keys are unique by construction (an insert with a known key stores
+        // nothing); should two tasks ever share one, the oldest keeps it.
+        let mut first: HashMap<String, (i64, String)> = HashMap::new();
+        for entry in tasks.iter().db()? {
+            let (k, v) = entry.db()?;
+            match decode(k.value(), v.value()) {
+                Ok(t) => {
+                    counts.add(t.state(), 1);
+                    if t.idempotency_key.is_empty()
+                        || index.get(t.idempotency_key.as_str()).db()?.is_some()
+                    {
+                        continue;
+                    }
+                    let candidate = (t.created_unix_ms, t.task_id);
                     first
-                        .entry(t.idempotency_key.into())
+                        .entry(t.idempotency_key)
                         .and_modify(|held| {
                             if candidate < *held {
                                 *held = candidate.clone();
@@ -208,26 +286,21 @@ pub(super) fn rebuild(db: &Database) -> Result<Rebuilt, StoreError> {
                         })
                         .or_insert_with(|| candidate.clone());
                 }
+                Err(e) => undecodable.push(e),
             }
-            Err(e) => undecodable.push(e),
         }
+        for (key, (_, id)) in &first {
+            index.insert(key.as_str(), id.as_str()).db()?;
+        }
+        index.len().db()?
+    };
+    match txn.delete_table(LEGACY_IDEMPOTENCY) {
+        Ok(_) => {}
+        Err(e) => return Err(StoreError::Db(e.to_string())),
     }
-    drop(table);
-    drop(txn);
-    idem.committed
-        .extend(first.into_iter().map(|(k, (_, id))| (k, id)));
-    if legacy {
-        let txn = db.begin_write().db()?;
-        txn.delete_table(LEGACY_IDEMPOTENCY).db()?;
-        txn.commit().db()?;
-    }
-    Ok(Rebuilt {
-        counts,
-        idem,
-        records,
-        stored: read_mark(db)?,
-        undecodable,
-    })
+    counters::write(&txn, counts, commit)?;
+    txn.commit().db()?;
+    Ok((counts, keys, undecodable))
 }
 
 /// The decision log's head recorded in `db` (see [`TaskStore::log_head`]).

@@ -1,6 +1,6 @@
 //! The embedded store's operations inside one write transaction: each
-//! request applied to the `tasks` records and the `queue` and `leases`
-//! indexes, with the task's state change from [`super::super::transitions`].
+//! request applied to the `tasks` records and the `queue`, `leases` and
+//! `idempotency_keys` indexes, with the task's state change from [`super::super::transitions`].
 
 use federation_api::{Takeover, Task, TaskState};
 use prost::Message;
@@ -19,7 +19,7 @@ pub(super) struct Tables<'t> {
     /// For the tables only some requests touch (opened on demand).
     pub(super) txn: &'t redb::WriteTransaction,
     pub(super) tasks: redb::Table<'t, &'static str, &'static [u8]>,
-    pub(super) idem: &'t mut IdemIndex,
+    pub(super) idem: IdemIndex<'t>,
     pub(super) queue: redb::Table<'t, (i64, i64, &'static str), ()>,
     pub(super) leases: redb::Table<'t, (i64, &'static str), &'static str>,
     /// Someone is subscribed to the change feed.
@@ -127,8 +127,7 @@ impl Operations for Tables<'_> {
             return Err(StoreError::Invalid("task id is empty".into()));
         }
         if !task.idempotency_key.is_empty() {
-            let existing = self.idem.get(&task.idempotency_key).map(str::to_string);
-            if let Some(id) = existing {
+            if let Some(id) = self.idem.get(&task.idempotency_key)? {
                 if let Some(t) = self.read(&id)? {
                     // A key reused for other content is refused, not
                     // answered with the other task.
@@ -151,7 +150,7 @@ impl Operations for Tables<'_> {
             return Ok(InsertOutcome::Deduplicated(decode(&task.task_id, &old)?));
         }
         if !task.idempotency_key.is_empty() {
-            self.idem.stage(&task.idempotency_key, &task.task_id);
+            self.idem.stage(&task.idempotency_key, &task.task_id)?;
         }
         self.queue.insert(queue_key(&task), ()).db()?;
         changes.push(Change {
@@ -437,8 +436,8 @@ impl Operations for Tables<'_> {
         if task.state() == TaskState::Queued {
             self.queue.insert(queue_key(&task), ()).db()?;
         }
-        if !task.idempotency_key.is_empty() && self.idem.get(&task.idempotency_key).is_none() {
-            self.idem.stage(&task.idempotency_key, &task.task_id);
+        if !task.idempotency_key.is_empty() && self.idem.get(&task.idempotency_key)?.is_none() {
+            self.idem.stage(&task.idempotency_key, &task.task_id)?;
         }
         changes.push(Change {
             before: None,

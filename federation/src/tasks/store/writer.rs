@@ -6,7 +6,7 @@
 use redb::Database;
 use tokio::sync::mpsc;
 
-use super::idempotency::IdemIndex;
+use super::idempotency::{IDEM_KEYS, IdemIndex};
 use super::open::write_mark;
 use super::pending;
 use super::tables::Tables;
@@ -17,32 +17,35 @@ use crate::tasks::journal::Journal;
 use crate::tasks::requests::{self, Op, Settled};
 use crate::tasks::witness::Mark;
 
-pub(super) fn writer_loop(
-    db: &Database,
-    shared: &Shared,
-    mut idem: IdemIndex,
-    rx: mpsc::UnboundedReceiver<Op>,
-) {
+pub(super) fn writer_loop(db: &Database, shared: &Shared, rx: mpsc::UnboundedReceiver<Op>) {
     let mut requests = crate::group_commit::Gatherer::new(rx, MAX_BATCH);
     // Ends when every sender is gone (the last TaskStore clone dropped).
     while let Some(batch) = requests.next_batch() {
-        run_batch(db, shared, &mut idem, shared.journal(), batch);
+        // A damaged file may make the engine panic: the batch's callers
+        // hear `Closed` (their replies are dropped), the writer goes on.
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            run_batch(db, shared, shared.journal(), batch)
+        }));
+        if ran.is_err() {
+            tracing::error!(
+                hint = super::open::DAMAGED_HINT,
+                "the storage engine panicked applying a batch (a damaged task store?); its requests failed"
+            );
+        }
     }
 }
 
 pub(super) fn run_batch(
     db: &Database,
     shared: &Shared,
-    idem: &mut IdemIndex,
     journal: Option<&dyn Journal>,
     batch: Vec<Op>,
 ) {
     let Some(batch) = requests::only_flushes(batch) else {
         return;
     };
-    if apply_batch(db, shared, idem, journal, batch).is_err() {
-        idem.abort();
-    }
+    // A failed batch aborts its transaction, the keys it staged with it.
+    let _ = apply_batch(db, shared, journal, batch);
 }
 
 /// Applies a batch in one write transaction with its records staged in it
@@ -53,7 +56,6 @@ pub(super) fn run_batch(
 pub(super) fn apply_batch(
     db: &Database,
     shared: &Shared,
-    idem: &mut IdemIndex,
     journal: Option<&dyn Journal>,
     batch: Vec<Op>,
 ) -> Result<(), StoreError> {
@@ -74,9 +76,10 @@ pub(super) fn apply_batch(
                 txn.open_table(TASKS).db()?,
                 txn.open_table(QUEUE).db()?,
                 txn.open_table(LEASES).db()?,
+                txn.open_table(IDEM_KEYS).db()?,
             ))
         })();
-        let (tasks, queue, leases) = match opened {
+        let (tasks, queue, leases, keys) = match opened {
             Ok(tables) => tables,
             Err(e) => {
                 requests::fail(Vec::new(), batch, e.clone());
@@ -87,7 +90,7 @@ pub(super) fn apply_batch(
             shared,
             txn: &txn,
             tasks,
-            idem: &mut *idem,
+            idem: IdemIndex { table: keys },
             queue,
             leases,
             watched,
@@ -116,7 +119,11 @@ pub(super) fn apply_batch(
         commit: before.commit.saturating_add(1),
         created: before.created.saturating_add(created),
     };
-    if let Err(e) = write_mark(&txn, mark) {
+    // So do the counts (read at open instead of recounted).
+    let counts = super::counters::after(shared.counts(), &changes);
+    if let Err(e) =
+        write_mark(&txn, mark).and_then(|()| super::counters::write(&txn, counts, mark.commit))
+    {
         requests::fail(answers, Vec::new(), e.clone());
         return Err(e);
     }
@@ -160,7 +167,6 @@ pub(super) fn apply_batch(
     } else {
         *shared.mark.lock().unwrap_or_else(|e| e.into_inner()) = mark;
         shared.witness.advance(mark);
-        idem.commit();
         shared.committed(changes);
     }
     let settled = Settled {
