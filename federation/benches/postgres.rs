@@ -68,8 +68,7 @@ async fn replica(url: &str, replica: &str, dir: &std::path::Path) -> SocketAddr 
     settings.store.url = Some(url.to_string());
     settings.replica = replica.to_string();
     tokio::spawn(async move {
-        if let Err(e) = federation::runtime::run(settings, listener, std::future::pending()).await
-        {
+        if let Err(e) = federation::runtime::run(settings, listener, std::future::pending()).await {
             eprintln!("controller failed: {e:#}");
             std::process::exit(1);
         }
@@ -110,7 +109,11 @@ async fn warm(clients: &[Client], tag: &str) {
         let until = Instant::now() + Duration::from_secs(30);
         let mut n = 0;
         while n < 100 {
-            match c.clone().submit_task(submit(format!("warm-{tag}-{i}-{n}"))).await {
+            match c
+                .clone()
+                .submit_task(submit(format!("warm-{tag}-{i}-{n}")))
+                .await
+            {
                 Ok(_) => n += 1,
                 Err(e) if Instant::now() > until => panic!("warm-up of {tag}: {e}"),
                 Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
@@ -325,9 +328,7 @@ async fn main() {
             );
         }
         if in_flight == 64 {
-            let best = med(&rows[1])
-                .calls_per_sec
-                .min(med(&rows[2]).calls_per_sec);
+            let best = med(&rows[1]).calls_per_sec.min(med(&rows[2]).calls_per_sec);
             let ratio = best / base.calls_per_sec;
             println!(
                 "SubmitTask at 64 in flight / raw INSERT = {ratio:.2}x (the lower of 1 and 3 replicas; target >= 0.7x: {})",
