@@ -1,6 +1,8 @@
 //! Peer discovery by DNS SRV against a real DNS server on loopback (dnsmasq,
 //! installed by `.ci/run`): north_america is given no endpoint for europe but
-//! an SRV name; it finds europe through DNS and forwards to it.
+//! an SRV name; it finds europe through DNS and forwards to it. The name
+//! lists two targets for europe (its replicas), the preferred one down:
+//! both are kept, and north_america moves on to the one that answers.
 
 mod support;
 
@@ -17,7 +19,8 @@ async fn peers_found_by_dns_srv() {
         .find(|p| std::path::Path::new(p).exists())
         .expect("dnsmasq is installed (`.ci/run` installs Debian's dnsmasq-base)");
     let dir = tempfile::tempdir().expect("tempdir");
-    let (na, eu, dns) = (
+    let (na, eu, dns, down) = (
+        free_port().expect("port"),
         free_port().expect("port"),
         free_port().expect("port"),
         free_port().expect("port"),
@@ -33,8 +36,13 @@ async fn peers_found_by_dns_srv() {
         ])
         .arg(format!("--port={}", dns.port()))
         .arg(format!(
-            "--srv-host=_federation._tcp.example.internal,europe.example.internal,{}",
+            "--srv-host=_federation._tcp.example.internal,europe.example.internal,{},1",
             eu.port()
+        ))
+        // A second replica of europe, preferred (lower priority) but down.
+        .arg(format!(
+            "--srv-host=_federation._tcp.example.internal,europe.example.internal,{},0",
+            down.port()
         ))
         .arg("--host-record=europe.example.internal,127.0.0.1")
         .arg(format!(

@@ -377,18 +377,43 @@ async fn a_region_of_three_replicas_keeps_serving_in_region_through_the_loss_of_
         .into_inner()
         .tasks;
     assert_eq!(held.len(), 1, "{held:?}");
-    // Another replica restarts: it loads the agent's registration.
+    // The agent heartbeats its replica throughout, registering again under
+    // its id when that replica says it forgot it (as the agent does).
+    let beating = Arc::new(AtomicBool::new(true));
+    let heartbeats = {
+        let (mut here, agent_id, beating) = (here.clone(), agent_id.clone(), beating.clone());
+        tokio::spawn(async move {
+            for _ in 0..600 {
+                if !beating.load(Ordering::SeqCst) {
+                    return;
+                }
+                let beat = here
+                    .heartbeat(api::HeartbeatRequest {
+                        agent_id: agent_id.clone(),
+                        ..Default::default()
+                    })
+                    .await;
+                if matches!(&beat, Err(s) if s.code() == tonic::Code::NotFound) {
+                    let _ = here
+                        .register(api::RegisterRequest {
+                            name: "ha-agent".into(),
+                            region: "europe".into(),
+                            slots: 2,
+                            agent_id: agent_id.clone(),
+                        })
+                        .await;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+    };
+    // Another replica restarts: it loads the agent's registration, and
+    // never hears the agent.
     let y = alive[1];
     sandbox.kill_replica("europe", y).expect("kill");
     restart(&mut sandbox, y).await;
     for round in 0..16 {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        here.heartbeat(api::HeartbeatRequest {
-            agent_id: agent_id.clone(),
-            ..Default::default()
-        })
-        .await
-        .expect("heartbeat");
         here.renew_lease(api::RenewLeaseRequest {
             agent_id: agent_id.clone(),
             task_id: held[0].task_id.clone(),
@@ -408,6 +433,8 @@ async fn a_region_of_three_replicas_keeps_serving_in_region_through_the_loss_of_
             )
         });
     }
+    beating.store(false, Ordering::SeqCst);
+    let _ = tokio::time::timeout(PATIENCE, heartbeats).await;
     stop.store(true, Ordering::SeqCst);
     for w in workers {
         let _ = tokio::time::timeout(PATIENCE, w).await;

@@ -470,6 +470,30 @@ impl Membership {
         self.merge_replicas(peer, now);
     }
 
+    /// How long a replica may be silent before it is forgotten (replicas
+    /// come and go with their names, pods of a Deployment for one): ten
+    /// times `dead_after`, at least a minute.
+    pub fn forget_replica_after(&self) -> Duration {
+        (self.timers.dead_after * 10).max(Duration::from_secs(60))
+    }
+
+    /// Drops the replicas of `peer` silent for longer than
+    /// [`Membership::forget_replica_after`], except the one heard last (a
+    /// region all of whose replicas are silent stays dead, not unknown).
+    fn forget_gone_replicas(&self, region: &str, peer: &mut Peer, now: Instant) {
+        let horizon = self.forget_replica_after();
+        let newest = peer.last_fresh();
+        peer.replicas.retain(|name, r| {
+            let gone = r
+                .last_fresh
+                .is_some_and(|t| Some(t) != newest && now.saturating_duration_since(t) > horizon);
+            if gone {
+                tracing::info!(%region, replica = %name, "peer replica silent for long; forgotten");
+            }
+            !gone
+        });
+    }
+
     /// Recomputes the region's merged advertisement from its replicas at
     /// `now`: the freshest live replica's (the freshest of any when none
     /// is live), with the slots summed over the live replicas (agents
@@ -735,6 +759,7 @@ impl Membership {
         let regions: Vec<String> = peers.keys().cloned().collect();
         for region in regions {
             if let Some(peer) = peers.get_mut(&region) {
+                self.forget_gone_replicas(&region, peer, now);
                 // A replica's silence changes what the region offers.
                 self.merge_replicas(peer, now);
             }
@@ -1593,6 +1618,23 @@ mod tests {
         run_replicas(&m, &mut now, &mut seq, 1, &[("eu-1", 11)]);
         let v = m.peer_view("europe", now).expect("row");
         assert!(v.health == Health::Alive && v.held_down, "{v:?}");
+        // Replicas silent for long are forgotten (names come and go), so
+        // digests do not grow with them; the one serving stays.
+        let long = m.forget_replica_after().as_secs() + 2;
+        run_replicas(&m, &mut now, &mut seq, long, &[("eu-1", 11)]);
+        let names: Vec<_> = m
+            .replicas("europe", now)
+            .into_iter()
+            .map(|r| r.replica)
+            .collect();
+        assert_eq!(names, ["eu-1"]);
+        // The last one silent for long too: kept, the region dead.
+        run_replicas(&m, &mut now, &mut seq, long, &[]);
+        assert_eq!(m.replicas("europe", now).len(), 1);
+        assert_eq!(
+            m.peer_view("europe", now).expect("row").health,
+            Health::Dead
+        );
     }
 
     #[test]

@@ -45,6 +45,30 @@ fn seed_loads() {
 }
 
 #[test]
+fn a_regions_endpoints_are_endpoint_and_endpoints_each_once() {
+    let text = edit(
+        "      endpoint: \"https://openclaw-eu.company.com\"\n",
+        "      endpoint: \"https://openclaw-eu.company.com\"\n      endpoints: [\"https://eu-2.company.com\", \"https://openclaw-eu.company.com\", \"https://eu-3.company.com\"]\n",
+    );
+    let p = load(&text).expect("loads");
+    let eu = p.region("europe").expect("europe");
+    assert_eq!(
+        eu.endpoints,
+        [
+            "https://openclaw-eu.company.com",
+            "https://eu-2.company.com",
+            "https://eu-3.company.com"
+        ]
+    );
+    // Without `endpoints`: the one endpoint.
+    let p = load(&seed()).expect("loads");
+    assert_eq!(
+        p.region("asia_pacific").expect("ap").endpoints,
+        ["https://openclaw-ap.company.com"]
+    );
+}
+
+#[test]
 fn unknown_primary_region() {
     let e = one(&edit(
         "primary_region: \"europe\"",
