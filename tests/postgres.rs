@@ -387,3 +387,39 @@ async fn the_leader_expires_the_lease_of_a_killed_agent() {
         "expired by the leader's reaper: {log}"
     );
 }
+
+#[test]
+fn store_migrate_creates_the_schema_with_the_owners_url_and_exits_64_on_a_bad_one() {
+    let url = server().create_database("migrate_cli").expect("database");
+    let run = |url: &str| {
+        let out = Command::new(federation_exe())
+            .args(["store", "migrate", url])
+            .stdin(Stdio::null())
+            .output()
+            .expect("federation store migrate runs");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, err) = run(&url);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let want = format!(
+        "the schema is at version {}",
+        federation::pg::known_version()
+    );
+    assert!(out.contains(&want), "{out}");
+    // Again: already current, nothing to do.
+    let (code, out, _) = run(&url);
+    assert_eq!(code, Some(0));
+    assert!(out.contains(&want), "{out}");
+    let wrong = format!(
+        "postgres://{}:wrong@127.0.0.1:{}/postgres",
+        pg_sandbox::USER,
+        server().port()
+    );
+    let (code, _, err) = run(&wrong);
+    assert_eq!(code, Some(64), "{err}");
+    assert!(err.contains("authentication failed"), "{err}");
+}

@@ -243,6 +243,22 @@ pub enum PgError {
         /// The newest version this build knows.
         known: i32,
     },
+    /// The schema needs migrating and this role may not (a controller's
+    /// role without DDL rights: migrations run with the owner's).
+    #[error(
+        "PostgreSQL at {target}: the schema is at version {found}, this build needs {known}, and this role may not migrate it ({detail}): \
+         run `federation store migrate URL` with the URL of the schema's owner first"
+    )]
+    MigrationRefused {
+        /// Host, port and database.
+        target: String,
+        /// The version found (0: no schema).
+        found: i32,
+        /// The newest version this build knows.
+        known: i32,
+        /// What the server said.
+        detail: String,
+    },
     /// Any other failure of the database (a query, a lost connection).
     #[error("PostgreSQL at {target}: {detail}")]
     Db {
@@ -631,6 +647,30 @@ fn classify_connect(e: &tokio_postgres::Error, target: &str, user: &str, db: &st
     }
 }
 
+/// The schema's version as recorded, 0 without a schema (read only).
+async fn current_version(client: &tokio_postgres::Client, target: &str) -> Result<i32, PgError> {
+    let db = |e: tokio_postgres::Error| PgError::Db {
+        target: target.to_string(),
+        detail: format!("reading the schema version: {}", chain(&e)),
+    };
+    let exists: bool = client
+        .query_one("SELECT to_regclass('federation_schema') IS NOT NULL", &[])
+        .await
+        .map_err(db)?
+        .get(0);
+    if !exists {
+        return Ok(0);
+    }
+    Ok(client
+        .query_one(
+            "SELECT coalesce(max(version), 0) FROM federation_schema",
+            &[],
+        )
+        .await
+        .map_err(db)?
+        .get(0))
+}
+
 /// The schema's version, refusing a database without one or with a newer
 /// one than this build knows.
 async fn schema_version(client: &tokio_postgres::Client, target: &str) -> Result<i32, PgError> {
@@ -669,11 +709,37 @@ async fn schema_version(client: &tokio_postgres::Client, target: &str) -> Result
 /// Creates or migrates the schema: in one transaction holding the
 /// migration lock, reads the version, refuses a newer one, applies each
 /// missing migration and records it. Replicas starting at once wait for
-/// the lock; the second finds the schema current.
+/// the lock; the second finds the schema current. A schema already current
+/// is only read (no DDL, no lock): a controller's role that may not change
+/// the schema starts on a database its owner migrated.
 async fn migrate(client: &PgClient, target: &str) -> Result<i32, PgError> {
-    let db = |e: tokio_postgres::Error| PgError::Db {
-        target: target.to_string(),
-        detail: format!("migrating the schema: {}", chain(&e)),
+    let found = current_version(client, target).await?;
+    let known = known_version();
+    if found == known {
+        return Ok(known);
+    }
+    if found > known {
+        return Err(PgError::NewerSchema {
+            target: target.to_string(),
+            found,
+            known,
+        });
+    }
+    let db = |e: tokio_postgres::Error| {
+        if e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) {
+            return PgError::MigrationRefused {
+                target: target.to_string(),
+                found,
+                known,
+                detail: e
+                    .as_db_error()
+                    .map_or_else(|| chain(&e), |d| d.message().to_string()),
+            };
+        }
+        PgError::Db {
+            target: target.to_string(),
+            detail: format!("migrating the schema: {}", chain(&e)),
+        }
     };
     let txn_client: &tokio_postgres::Client = client;
     txn_client.batch_execute("BEGIN").await.map_err(db)?;
@@ -961,6 +1027,110 @@ mod tests {
         let err = Pg::connect(&format!("{plain}?sslmode=require"), 2, "test").expect_err("require");
         assert!(matches!(err, PgError::Tls { .. }), "{err}");
         assert!(err.to_string().contains("does not offer TLS"), "{err}");
+    }
+
+    /// The grants of README "Running a region highly available", for
+    /// roles `{app}` (the controllers) and `{auditor}`.
+    const GRANTS: &str = "\
+        GRANT USAGE ON SCHEMA public TO {app}, {auditor};
+        GRANT SELECT, INSERT, UPDATE, DELETE ON tasks, agents, store_meta, region_leaders, replicas TO {app};
+        GRANT SELECT, INSERT, UPDATE ON decision_heads TO {app};
+        GRANT SELECT, INSERT ON decisions TO {app};
+        GRANT SELECT ON federation_schema TO {app};
+        GRANT SELECT ON decisions, decision_heads, federation_schema TO {auditor};";
+
+    #[test]
+    fn the_owner_migrates_the_controllers_role_appends_only_and_the_auditor_only_reads() {
+        use crate::tasks::TaskStore;
+        let pg = server();
+        let url = pg.create_database("roles").expect("database");
+        let db = url.rsplit('/').next().expect("db name").to_string();
+        let role = |what: &str| format!("{what}_{db}");
+        let (owner, app, auditor) = (role("owner"), role("app"), role("auditor"));
+        for r in [&owner, &app, &auditor] {
+            pg.execute(
+                "postgres",
+                &format!("CREATE ROLE \"{r}\" LOGIN PASSWORD 'pw'"),
+            )
+            .expect("role");
+        }
+        pg.execute(
+            "postgres",
+            &format!("ALTER DATABASE \"{db}\" OWNER TO \"{owner}\""),
+        )
+        .expect("owner");
+        let url_of = |r: &str| format!("postgres://{r}:pw@127.0.0.1:{}/{db}", pg.port());
+        // The controllers' role may not create the schema: a clear
+        // configuration error naming the way out.
+        let err = Pg::connect(&url_of(&app), 2, "test").expect_err("no rights");
+        assert!(
+            matches!(err, PgError::MigrationRefused { found: 0, .. }),
+            "{err}"
+        );
+        assert!(
+            err.is_config() && err.to_string().contains("federation store migrate"),
+            "{err}"
+        );
+        // The owner migrates; the grants; the controllers' role starts on it.
+        Pg::connect(&url_of(&owner), 2, "test").expect("the owner migrates");
+        pg.execute(
+            &db,
+            &GRANTS
+                .replace("{app}", &format!("\"{app}\""))
+                .replace("{auditor}", &format!("\"{auditor}\"")),
+        )
+        .expect("grants");
+        let as_app = Pg::connect(&url_of(&app), 2, "test").expect("the controllers' role starts");
+        let store = TaskStore::open_postgres(&as_app, "europe", Default::default()).expect("store");
+        let log = crate::audit::DecisionLog::open_postgres(&as_app, "europe").expect("log");
+        store
+            .bind_journal(std::sync::Arc::new(log.clone()))
+            .expect("journal");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(store.insert(federation_sandbox::fixtures::queued_task("t-1")))
+            .expect("the controllers' role inserts");
+        let entry = crate::audit::Entry {
+            kind: "takeover".into(),
+            task_id: Some("t-1".into()),
+            ..Default::default()
+        };
+        log.append(entry).wait().expect("and appends a decision");
+        // No UPDATE or DELETE of decisions for it (the grant, before the
+        // trigger is reached).
+        let run = |pg: &Pg, sql: &'static str| {
+            let pg2 = pg.clone();
+            pg.block(async move {
+                let c = pg2.client().await?;
+                c.batch_execute(sql).await.map_err(|e| pg2.db(&e))
+            })
+        };
+        for sql in ["UPDATE decisions SET line = 'x'", "DELETE FROM decisions"] {
+            let err = run(&as_app, sql).expect_err(sql);
+            assert!(
+                err.to_string().contains("permission denied"),
+                "{sql}: {err}"
+            );
+        }
+        // The auditor reads the chain and writes nothing.
+        let as_auditor = Pg::connect_read_only(&url_of(&auditor), "test").expect("auditor");
+        let db2 = as_auditor.clone();
+        let lines = as_auditor
+            .block(async move { crate::audit::postgres::export(&db2, "europe").await })
+            .expect("export");
+        assert!(!lines.is_empty());
+        for sql in [
+            "INSERT INTO decisions (region, seq, hash, line) VALUES ('europe', 99, 'h', '{}')",
+            "SELECT count(*) FROM tasks",
+        ] {
+            let err = run(&as_auditor, sql).expect_err(sql);
+            assert!(
+                err.to_string().contains("permission denied"),
+                "{sql}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -1,11 +1,13 @@
 //! `federation store check|accept|recover`: the task store of a stopped
-//! controller, offline.
+//! controller, offline; `federation store migrate URL`: a region's database
+//! schema created or migrated with the owner's role.
 //!
 //! | command | exit 0 | exit 1 | exit 2 |
 //! |---|---|---|---|
 //! | `check DATA_DIR` | the store is sound | it is damaged or lost work (report on stdout) | it cannot be checked (no store, in use, I/O) |
 //! | `accept DATA_DIR` | the witness now matches the store | the store is damaged | I/O, in use |
 //! | `recover DATA_DIR --snapshot F…` | the store was rebuilt | a snapshot does not decrypt, decode or belong to the region | refused (a store is there), I/O |
+//! | `migrate URL` | the schema is current | — | the database failed (exit 64: the URL, credentials, a newer schema, no rights) |
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -49,6 +51,13 @@ pub enum StoreCommand {
         #[arg(long)]
         replace: bool,
     },
+    /// Create or migrate a region's database schema (node.store.backend:
+    /// postgres) with the role that owns it, so that the controllers' role
+    /// needs no right to change the schema.
+    Migrate {
+        /// The database as the schema's owner (a libpq URL).
+        url: String,
+    },
 }
 
 /// Runs a store subcommand.
@@ -63,6 +72,24 @@ pub fn run(cmd: StoreCommand) -> ExitCode {
             region,
             replace,
         } => recover(&data_dir, &snapshots, &keys, &region, replace),
+        StoreCommand::Migrate { url } => migrate(&url),
+    }
+}
+
+fn migrate(url: &str) -> ExitCode {
+    match crate::pg::Pg::connect(url, 2, "federation/store-migrate") {
+        Ok(pg) => {
+            super::output::say!(
+                "PostgreSQL at {}: the schema is at version {}",
+                pg.target(),
+                crate::pg::known_version()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            let code = if e.is_config() { 64 } else { 2 };
+            super::fail(&anyhow::Error::new(e), code)
+        }
     }
 }
 

@@ -1088,6 +1088,7 @@ mod tests {
                     "postgres://federation@127.0.0.1:5432/federation",
                 ),
                 ("FEDERATION__NODE__STORE__POOL_SIZE", "3"),
+                ("FEDERATION__NODE__STORE__TIMEOUT", "750ms"),
                 ("FEDERATION__NODE__REPLICA", "eu-1"),
             ],
         ))
@@ -1099,6 +1100,7 @@ mod tests {
             Some("postgres://federation@127.0.0.1:5432/federation")
         );
         assert_eq!(node.store.pool_size, 3);
+        assert_eq!(node.store.timeout, Duration::from_millis(750));
         assert_eq!(node.replica.as_deref(), Some("eu-1"));
         let text = format!("{}node:\n  store:\n    backend: sqlite\n", seed());
         let bad = write(&dir, "bad.yaml", &text);
