@@ -506,4 +506,23 @@ async fn a_region_of_three_replicas_keeps_serving_in_region_through_the_loss_of_
         .expect("task");
     assert_eq!(done.state(), api::TaskState::Succeeded, "{done:?}");
     assert_eq!(done.result, b"done elsewhere");
+
+    // north_america's replication reaches every replica of europe (its
+    // backup for US tasks), so whichever replica leads when a takeover is
+    // due holds a copy of its own.
+    for i in 0..3 {
+        let dir = sandbox
+            .replica_data_dir("europe", i)
+            .expect("data dir")
+            .join("snapshots");
+        let copies = ["north_america.snap", "north_america.changes"]
+            .iter()
+            .filter(|f| dir.join(f).exists())
+            .count();
+        assert!(
+            copies > 0,
+            "europe replica {i} holds no copy of north_america in {}",
+            dir.display()
+        );
+    }
 }

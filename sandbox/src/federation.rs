@@ -575,6 +575,11 @@ impl Sandbox {
         Ok(self.replica_slot(name, index)?.0)
     }
 
+    /// The data directory of replica `index` of `name` (0: [`Sandbox::data_dir`]).
+    pub fn replica_data_dir(&self, name: &str, index: usize) -> anyhow::Result<PathBuf> {
+        Ok(self.replica_slot(name, index)?.3)
+    }
+
     /// Where replica `index` of `name` logs (0: [`Sandbox::controller_log`]).
     pub fn replica_log(&self, name: &str, index: usize) -> PathBuf {
         if index == 0 {

@@ -558,16 +558,33 @@ async fn push_changes(rep: &Arc<Replicator>, recipient: &str, tasks: Vec<api::Ta
         }
     };
     let deadline = rep.timers.forward_timeout.max(Duration::from_secs(2));
-    let outcome = match rep.peers.client(recipient) {
-        Ok(mut client) => {
-            let request = transport::with_deadline(tokio_stream::iter(chunks), deadline);
+    let outcome = to_every_replica(rep, recipient, |mut client| {
+        let request = transport::with_deadline(tokio_stream::iter(chunks.clone()), deadline);
+        async move {
             tokio::time::timeout(deadline, client.push_changes(request))
                 .await
                 .map_err(|_| "timed out".to_string())
                 .and_then(|r| r.map_err(|s| format!("{:?}: {}", s.code(), s.message())))
+                .map(tonic::Response::into_inner)
         }
-        Err(e) => Err(e.to_string()),
-    };
+    })
+    .await
+    .map(|answers| {
+        // Accepted when a replica accepted it; a snapshot follows when one
+        // asks (or refused it).
+        let accepted = answers.iter().any(|a| a.accepted);
+        let wanted = answers.iter().any(|a| a.snapshot_wanted || !a.accepted);
+        let reason = answers
+            .iter()
+            .find(|a| !a.accepted)
+            .map(|a| a.reason.clone())
+            .unwrap_or_default();
+        tonic::Response::new(api::PushChangesResponse {
+            accepted,
+            snapshot_wanted: wanted,
+            reason,
+        })
+    });
     match outcome {
         Ok(resp) if resp.get_ref().accepted => {
             Stats::bump(&repl.stats.changes_sent);
@@ -630,14 +647,37 @@ async fn push(
     let repl = &rep.replication;
     let (bytes, ratio) = size_and_ratio(&chunks);
     let deadline = rep.timers.forward_timeout.max(Duration::from_secs(5));
-    let Ok(mut client) = rep.peers.client(recipient) else {
+    if rep.peers.endpoints_of(recipient).is_empty() {
         Stats::bump(&repl.stats.send_failed);
         return false;
+    }
+    // Every replica of the recipient keeps its own copy (the one that leads
+    // when a takeover is due uses its own): the snapshot goes to each, at
+    // once; the first answer that accepted it (else the first answer) counts.
+    let answers = to_every_replica(rep, recipient, |mut client| {
+        let request = transport::with_deadline(tokio_stream::iter(chunks.clone()), deadline);
+        async move {
+            match tokio::time::timeout(deadline, client.push_snapshot(request)).await {
+                Ok(Ok(r)) => Ok(Ok(r.into_inner())),
+                Ok(Err(status)) => Ok(Err(status)),
+                Err(_) => Err("timed out".to_string()),
+            }
+        }
+    })
+    .await;
+    let outcome = match answers {
+        Ok(mut all) => {
+            let first = all
+                .iter()
+                .position(|a| a.as_ref().is_ok_and(|r| r.accepted))
+                .or_else(|| all.iter().position(Result::is_ok))
+                .unwrap_or(0);
+            Ok(all.swap_remove(first).map(tonic::Response::new))
+        }
+        Err(_) => Err(()),
     };
-    let request = transport::with_deadline(tokio_stream::iter(chunks), deadline);
-    let outcome = tokio::time::timeout(deadline, client.push_snapshot(request)).await;
     if let Ok(Ok(_)) = &outcome {
-        // The peer received all of it (whatever it answered).
+        // A replica received all of it (whatever it answered).
         rep.metrics.snapshot_sent(recipient, bytes, ratio);
         repl.takeover.snapshot_answered(recipient);
     }
@@ -663,6 +703,37 @@ async fn push(
             false
         }
     }
+}
+
+/// Makes `call` at every replica of `recipient` at once (one endpoint for a
+/// region of one controller); the answers of those that answered, or the
+/// first failure when none did.
+async fn to_every_replica<T, F, Fut>(
+    rep: &Replicator,
+    recipient: &str,
+    call: F,
+) -> Result<Vec<T>, String>
+where
+    F: Fn(crate::peers::PeerClient) -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let clients = rep.peers.clients(recipient).map_err(|e| e.to_string())?;
+    let outcomes =
+        futures::future::join_all(clients.into_iter().map(|(_, client)| call(client))).await;
+    let mut answers = Vec::new();
+    let mut first_error = None;
+    for o in outcomes {
+        match o {
+            Ok(a) => answers.push(a),
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    if answers.is_empty() {
+        return Err(first_error.unwrap_or_else(|| "no endpoint known".into()));
+    }
+    Ok(answers)
 }
 
 /// Bytes on the wire of `chunks`, and plaintext bytes over sealed
