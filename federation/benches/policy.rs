@@ -15,7 +15,9 @@
 //! target is within 2x), measured interleaved (median and minimum batch),
 //! and ends with the line `set of 10 / single primary = R.RRx`.
 //! `cargo bench -p federation --bench policy -- --set-only` prints only
-//! those lines (for profiling: `perf record` that command's binary).
+//! those lines (for profiling: `perf record` that command's binary), and
+//! `-- --profile set|single|ten` runs only one of the three decisions, in
+//! a loop for a few seconds, so that a profile shows that one alone.
 
 use std::hint::black_box;
 use std::path::Path;
@@ -177,6 +179,26 @@ fn interleaved(budget: Duration, fs: &mut [&mut dyn FnMut()]) -> Vec<(f64, f64)>
             (s[s.len() / 2], s[0])
         })
         .collect()
+}
+
+/// `--profile set|single|ten`: one of [`set_ratio`]'s decisions alone, in
+/// a loop for `budget`, for `perf record`.
+fn profile_one(which: &str, budget: Duration) {
+    let (p, view) = sets(10);
+    let bound = view.bind(&p);
+    let region = match which {
+        "set" => "FR",
+        "single" => "IE",
+        "ten" => "ES",
+        other => panic!("--profile takes set, single or ten, not {other:?}"),
+    };
+    let a = attrs(&[("customer_region", region)]);
+    let mut draw = 1u64;
+    let per_call = ns_per_call(budget, || {
+        draw = draw.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+        black_box(decide_with(&p, black_box(&a), &bound, draw));
+    });
+    println!("{which}: {per_call:.0} ns/decision");
 }
 
 fn set_ratio(budget: Duration) {
@@ -355,6 +377,12 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     // `cargo test --benches` passes no `--bench`: keep that run short.
     let benchmarking = args.iter().any(|a| a == "--bench");
+    // `-- --profile set|single|ten`: one decision alone (for profiling).
+    if let Some(at) = args.iter().position(|a| a == "--profile") {
+        let which = args.get(at + 1).map_or("set", String::as_str);
+        profile_one(which, Duration::from_secs(4));
+        return;
+    }
     // `-- --set-only`: only the set-of-10 ratio (for profiling).
     if benchmarking && args.iter().any(|a| a == "--set-only") {
         set_ratio(Duration::from_secs(3));

@@ -143,6 +143,7 @@ pub fn attributes_lossy(
 
 /// Converts a decision to the wire.
 pub fn decision_to_wire(d: &Decision) -> api::RouteDecision {
+    let balance = d.balance.as_ref().map(crate::policy::BalanceNote::explain);
     api::RouteDecision {
         matched: d.rule_index.is_some(),
         rule_index: d.rule_index.map(|i| i as u32).unwrap_or_default(),
@@ -151,35 +152,29 @@ pub fn decision_to_wire(d: &Decision) -> api::RouteDecision {
         candidates: d
             .candidates
             .iter()
-            .map(|c| candidate_to_wire(c, d.balance.as_ref()))
+            .map(|c| candidate_to_wire(c, balance.as_ref()))
             .collect(),
         region: d.outcome.region().unwrap_or_default().to_string(),
         outcome: d.outcome.kind().to_string(),
         reason: d.reason.clone(),
         policy_hash: d.policy_hash.clone(),
         warnings: d.warnings.clone(),
-        balance_mode: d
-            .balance
+        balance_mode: balance
             .as_ref()
             .map(|b| b.mode.to_string())
             .unwrap_or_default(),
-        balance: d
-            .balance
-            .as_ref()
-            .map(|b| b.why.clone())
-            .unwrap_or_default(),
-        affinity_digest: d
-            .balance
+        affinity_digest: balance
             .as_ref()
             .and_then(|b| b.affinity_digest.clone())
             .unwrap_or_default(),
+        balance: balance.map(|b| b.why).unwrap_or_default(),
     }
 }
 
 /// The load a set member was seen with, and its share of the draw.
 fn load_to_wire(
     region: &str,
-    balance: Option<&crate::policy::BalanceNote>,
+    balance: Option<&crate::policy::BalanceExplanation>,
 ) -> (Option<api::Capacity>, u32) {
     let Some(seen) = balance.and_then(|b| b.loads.iter().find(|l| &*l.region == region)) else {
         return (None, 0);
@@ -196,7 +191,7 @@ fn load_to_wire(
 /// [`decision_to_wire`] that moves the strings instead of copying them.
 pub fn decision_into_wire(d: Decision) -> api::RouteDecision {
     let region = d.outcome.region().unwrap_or_default().to_string();
-    let balance = d.balance;
+    let balance = d.balance.as_ref().map(crate::policy::BalanceNote::explain);
     api::RouteDecision {
         matched: d.rule_index.is_some(),
         rule_index: d.rule_index.map(|i| i as u32).unwrap_or_default(),
@@ -244,7 +239,7 @@ fn role_name(role: Role) -> &'static str {
 
 fn candidate_to_wire(
     c: &Candidate,
-    balance: Option<&crate::policy::BalanceNote>,
+    balance: Option<&crate::policy::BalanceExplanation>,
 ) -> api::CandidateVerdict {
     let (load, share_ppm) = load_to_wire(&c.region, balance);
     api::CandidateVerdict {
@@ -374,21 +369,24 @@ mod tests {
         };
         assert_eq!(decision_into_wire(d.clone()), decision_to_wire(&d));
         let mut set = d.clone();
-        set.balance = Some(crate::policy::BalanceNote {
-            mode: "least_loaded",
-            affinity: None,
-            affinity_digest: Some("ab".into()),
-            draw_ppm: Some(5),
-            loads: vec![crate::policy::LoadSeen {
-                region: "a".into(),
-                advertised: true,
-                total_slots: 4,
-                free_slots: 1,
-                queue_depth: 2,
-                share_ppm: 10,
-            }],
-            why: "drew".into(),
-        });
+        set.balance = Some(
+            crate::policy::BalanceExplanation {
+                mode: "least_loaded",
+                affinity: None,
+                affinity_digest: Some("ab".into()),
+                draw_ppm: Some(5),
+                loads: vec![crate::policy::LoadSeen {
+                    region: "a".into(),
+                    advertised: true,
+                    total_slots: 4,
+                    free_slots: 1,
+                    queue_depth: 2,
+                    share_ppm: 10,
+                }],
+                why: "drew".into(),
+            }
+            .into(),
+        );
         let wire = decision_to_wire(&set);
         assert_eq!(decision_into_wire(set), wire);
         assert_eq!(wire.candidates[0].load.map(|l| l.free_slots), Some(1));

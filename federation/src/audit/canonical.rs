@@ -244,9 +244,10 @@ fn push_decision(d: &Decision, out: &mut Vec<u8>) {
     obj.close();
 }
 
-/// A [`crate::policy::BalanceNote`] as its `Serialize` derive writes it,
-/// in canonical form (keys sorted).
+/// A [`crate::policy::BalanceNote`] as its `Serialize` writes it (its
+/// [`crate::policy::BalanceExplanation`]), in canonical form (keys sorted).
 fn push_balance(b: &crate::policy::BalanceNote, out: &mut Vec<u8>) {
+    let b = b.explain();
     let mut obj = Obj::open(out);
     push_opt_str(b.affinity.as_deref(), obj.key("affinity"));
     push_opt_str(b.affinity_digest.as_deref(), obj.key("affinity_digest"));

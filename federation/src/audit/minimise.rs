@@ -154,7 +154,8 @@ impl<'a> Kept<'a> {
         for w in d.warnings.iter_mut().chain(d.evaluation_errors.iter_mut()) {
             *w = this.scrub(w).into_owned();
         }
-        if let Some(b) = &mut d.balance {
+        if let Some(note) = &mut d.balance {
+            let mut b = note.explain();
             if b.affinity
                 .as_ref()
                 .is_some_and(|a| this.withheld.contains_key(a))
@@ -162,6 +163,7 @@ impl<'a> Kept<'a> {
                 b.affinity_digest = None;
             }
             b.why = this.scrub(&b.why).into_owned();
+            *note = b.into();
         }
         this.decision = Cow::Owned(d);
         this.note = note.map(|n| Cow::Owned(this.scrub(n).into_owned()));

@@ -198,7 +198,7 @@ fn direct_rendering_matches_canonical_json_of_the_value() {
             region: "europe_west".into(),
         },
     );
-    balanced.balance = Some(crate::policy::BalanceNote {
+    let note = crate::policy::BalanceExplanation {
         mode: "affinity",
         affinity: Some("conversation_id".into()),
         affinity_digest: Some("00ff".into()),
@@ -212,14 +212,15 @@ fn direct_rendering_matches_canonical_json_of_the_value() {
             share_ppm: 750_000,
         }],
         why: "affinity on \"conversation_id\"".into(),
-    });
+    };
     let mut drawn = balanced.clone();
-    if let Some(b) = drawn.balance.as_mut() {
-        b.affinity = None;
-        b.affinity_digest = None;
-        b.draw_ppm = None;
-        b.loads[0].advertised = false;
-    }
+    let mut undrawn = note.clone();
+    undrawn.affinity = None;
+    undrawn.affinity_digest = None;
+    undrawn.draw_ppm = None;
+    undrawn.loads[0].advertised = false;
+    balanced.balance = Some(note.into());
+    drawn.balance = Some(undrawn.into());
     let decisions = [
         balanced,
         drawn,

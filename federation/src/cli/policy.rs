@@ -518,7 +518,7 @@ fn print_decision(out: &mut String, attrs: &Attributes, d: &Decision) {
                 .unwrap_or_default()
         ),
     }
-    if let Some(b) = &d.balance {
+    if let Some(b) = d.balance.as_ref().map(crate::policy::BalanceNote::explain) {
         outln!(out, "balance: {}", b.why);
         for l in &b.loads {
             let seen = if l.advertised {

@@ -25,9 +25,11 @@
 //! the order members are tried after the chosen one fails go by the
 //! regions' `priority`, lower first, then by name.
 
-use sha2::{Digest, Sha256};
+use std::borrow::Cow;
+use std::sync::Arc;
 
 use serde::Serialize;
+use sha2::{Digest, Sha256};
 
 use super::{AttrValue, Attributes, Balance, Rule};
 
@@ -65,9 +67,328 @@ impl Load {
     }
 }
 
-/// How a member of a set of primaries was chosen.
+/// How a member of a set of primaries was chosen, as the decision keeps
+/// it: the inputs as plain numbers (each available member's position in
+/// the rule's primaries, its advertised load and its share, the draw, the
+/// winner) and one shared handle on the rule's names. The sentence and the
+/// per-member list are written only where the note is shown or recorded
+/// ([`BalanceNote::explain`], [`BalanceNote::write_why`], and its
+/// `Serialize`, which writes the [`BalanceExplanation`]): a decision builds
+/// no text and takes no reference count per member.
+#[derive(Debug, Clone)]
+pub struct BalanceNote(Repr);
+
+#[derive(Debug, Clone)]
+enum Repr {
+    /// As decided.
+    Decided(Decided),
+    /// Written out (a minimised copy, a test's), shown as it is.
+    Explained(Box<BalanceExplanation>),
+}
+
+#[derive(Debug, Clone)]
+struct Decided {
+    /// `least_loaded`, `priority`, `weighted`, or `affinity`.
+    mode: &'static str,
+    /// The rule's primaries' names ([`Rule::shared_primaries`]).
+    names: Arc<[Arc<str>]>,
+    /// The rule's affinity attribute, once a member was available.
+    affinity: Option<Arc<str>>,
+    /// The first 16 bytes of the affinity digest, when the value decided.
+    digest: Option<[u8; 16]>,
+    /// The draw, in millionths of the total share, when one was made.
+    draw_ppm: Option<u32>,
+    /// The available members, in `primaries` order: plain numbers (one
+    /// allocation, no reference counts). A vector rather than an inline
+    /// array: the decision is moved a few times on its way out, and an
+    /// inline array of [`INLINE`] members cost more in copies than the
+    /// allocation does.
+    seen: Vec<SeenMember>,
+    /// Why the first member won.
+    why: Why,
+}
+
+/// One available member as seen.
+#[derive(Debug, Clone, Copy, Default)]
+struct SeenMember {
+    load: Option<Load>,
+    /// Its position in the rule's primaries.
+    index: u32,
+    /// Its share of the draw, in millionths (0 when no draw was made).
+    share_ppm: u32,
+}
+
+/// Why the first member won; `absent`: the rule's affinity attribute was
+/// not among the attributes (the sentence says so first).
+#[derive(Debug, Clone, Copy)]
+enum Why {
+    /// No member was available.
+    NoneAvailable,
+    /// The highest rendezvous score for the affinity value.
+    Affinity { winner: u32 },
+    /// `balance: priority`: the lowest priority.
+    Priority { absent: bool, winner: u32 },
+    /// No member had a share (weight or advertised capacity): by priority.
+    NoShare { absent: bool, winner: u32 },
+    /// The draw fell in the winner's share.
+    Draw {
+        absent: bool,
+        winner: u32,
+        /// The winner's share, in thousandths.
+        share_permille: u32,
+        /// How many members were available.
+        available: u32,
+    },
+}
+
+const NONE_AVAILABLE: &str = "no member of the set is available";
+const AFFINITY_ON: &str = "affinity on `";
+const DIGEST: &str = "` (digest ";
+const RANKS_FIRST: &str = " ranks first among the available members by rendezvous hashing";
+const ABSENT_1: &str = "affinity attribute `";
+const ABSENT_2: &str = "` absent; ";
+const PRIORITY: &str = "priority: ";
+const LOWEST: &str = " has the lowest priority among the available members";
+const NO_WEIGHT: &str = ": no available member has a weight, so by priority: ";
+const NO_CAPACITY: &str = ": no available member advertises free capacity, so by priority: ";
+const DRAW: &str = ": draw ";
+const FELL: &str = " ppm fell in ";
+const SHARE: &str = "'s share (";
+const OF: &str = "% of ";
+const AVAILABLE: &str = " available members)";
+
+impl Decided {
+    fn name(&self, i: u32) -> &str {
+        self.names.get(i as usize).map_or("", |n| n)
+    }
+
+    fn absent(&self, absent: bool) -> Option<&str> {
+        if absent {
+            self.affinity.as_deref()
+        } else {
+            None
+        }
+    }
+
+    /// Calls `f` with each piece of the sentence, in order.
+    fn why_pieces(&self, f: &mut dyn FnMut(&str)) {
+        let absent = |absent: bool, f: &mut dyn FnMut(&str)| {
+            if let Some(attr) = self.absent(absent) {
+                f(ABSENT_1);
+                f(attr);
+                f(ABSENT_2);
+            }
+        };
+        match self.why {
+            Why::NoneAvailable => f(NONE_AVAILABLE),
+            Why::Affinity { winner } => {
+                // "affinity on `{attr}` (digest {hex of 8 bytes}): {winner}
+                // ranks first among the available members by rendezvous
+                // hashing"
+                let mut hex = [0u8; 16];
+                let digest = self.digest.unwrap_or_default();
+                let short = hex_into(&digest[..8], &mut hex);
+                f(AFFINITY_ON);
+                f(self.affinity.as_deref().unwrap_or(""));
+                f(DIGEST);
+                f(short);
+                f("): ");
+                f(self.name(winner));
+                f(RANKS_FIRST);
+            }
+            Why::Priority { absent: a, winner } => {
+                absent(a, f);
+                f(PRIORITY);
+                f(self.name(winner));
+                f(LOWEST);
+            }
+            Why::NoShare { absent: a, winner } => {
+                absent(a, f);
+                f(self.mode);
+                f(if self.mode == Balance::Weighted.as_str() {
+                    NO_WEIGHT
+                } else {
+                    NO_CAPACITY
+                });
+                f(self.name(winner));
+            }
+            Why::Draw {
+                absent: a,
+                winner,
+                share_permille,
+                available,
+            } => {
+                // "{mode}: draw {ppm} ppm fell in {winner}'s share
+                // ({p}.{p}% of {n} available members)"
+                absent(a, f);
+                f(self.mode);
+                f(DRAW);
+                f(Decimal::of(u64::from(self.draw_ppm.unwrap_or(0))).as_str());
+                f(FELL);
+                f(self.name(winner));
+                f(SHARE);
+                f(Decimal::of(u64::from(share_permille / 10)).as_str());
+                f(".");
+                f(Decimal::of(u64::from(share_permille % 10)).as_str());
+                f(OF);
+                f(Decimal::of(u64::from(available)).as_str());
+                f(AVAILABLE);
+            }
+        }
+    }
+}
+
+/// Writes `bytes` in lowercase hex into `out` (twice their length).
+fn hex_into<'o>(bytes: &[u8], out: &'o mut [u8]) -> &'o str {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut n = 0;
+    for (b, pair) in bytes.iter().zip(out.chunks_exact_mut(2)) {
+        pair[0] = DIGITS[usize::from(b >> 4)];
+        pair[1] = DIGITS[usize::from(b & 0xf)];
+        n += 2;
+    }
+    // Only ASCII hex digits were written.
+    std::str::from_utf8(&out[..n]).unwrap_or("")
+}
+
+impl BalanceNote {
+    /// `least_loaded`, `priority`, `weighted`, or `affinity` when the
+    /// affinity attribute decided.
+    pub fn mode(&self) -> &'static str {
+        match &self.0 {
+            Repr::Decided(d) => d.mode,
+            Repr::Explained(e) => e.mode,
+        }
+    }
+
+    /// At least the length of [`BalanceNote::why`] (at most a few dozen
+    /// bytes more), without writing it: what to reserve for it.
+    pub fn why_capacity(&self) -> usize {
+        let d = match &self.0 {
+            Repr::Decided(d) => d,
+            Repr::Explained(e) => return e.why.len(),
+        };
+        let absent = |a: bool| {
+            d.absent(a)
+                .map_or(0, |attr| ABSENT_1.len() + attr.len() + ABSENT_2.len())
+        };
+        match d.why {
+            Why::NoneAvailable => NONE_AVAILABLE.len(),
+            Why::Affinity { winner } => {
+                AFFINITY_ON.len()
+                    + d.affinity.as_deref().map_or(0, str::len)
+                    + DIGEST.len()
+                    + 16
+                    + 3
+                    + d.name(winner).len()
+                    + RANKS_FIRST.len()
+            }
+            Why::Priority { absent: a, winner } => {
+                absent(a) + PRIORITY.len() + d.name(winner).len() + LOWEST.len()
+            }
+            Why::NoShare { absent: a, winner } => {
+                absent(a) + d.mode.len() + NO_CAPACITY.len() + d.name(winner).len()
+            }
+            // Four numbers of at most 10 digits each.
+            Why::Draw {
+                absent: a, winner, ..
+            } => {
+                absent(a)
+                    + d.mode.len()
+                    + DRAW.len()
+                    + FELL.len()
+                    + d.name(winner).len()
+                    + SHARE.len()
+                    + 1
+                    + OF.len()
+                    + AVAILABLE.len()
+                    + 40
+            }
+        }
+    }
+
+    /// Appends the sentence saying why the first member won.
+    pub fn write_why(&self, out: &mut String) {
+        match &self.0 {
+            Repr::Decided(d) => d.why_pieces(&mut |piece| out.push_str(piece)),
+            Repr::Explained(e) => out.push_str(&e.why),
+        }
+    }
+
+    /// The sentence saying why the first member won.
+    pub fn why(&self) -> Cow<'_, str> {
+        match &self.0 {
+            Repr::Decided(_) => {
+                let mut why = String::with_capacity(self.why_capacity());
+                self.write_why(&mut why);
+                Cow::Owned(why)
+            }
+            Repr::Explained(e) => Cow::Borrowed(&e.why),
+        }
+    }
+
+    /// The note written out: what the decision log records, `policy
+    /// explain` prints and `ExplainRoute` returns.
+    pub fn explain(&self) -> BalanceExplanation {
+        let d = match &self.0 {
+            Repr::Decided(d) => d,
+            Repr::Explained(e) => return (**e).clone(),
+        };
+        BalanceExplanation {
+            mode: d.mode,
+            affinity: d.affinity.as_deref().map(str::to_string),
+            affinity_digest: d.digest.map(hex::encode),
+            draw_ppm: d.draw_ppm,
+            loads: d
+                .seen
+                .iter()
+                .map(|s| LoadSeen {
+                    region: d
+                        .names
+                        .get(s.index as usize)
+                        .cloned()
+                        .unwrap_or_else(|| Arc::from("")),
+                    advertised: s.load.is_some(),
+                    total_slots: s.load.map_or(0, |l| l.total_slots),
+                    free_slots: s.load.map_or(0, |l| l.free_slots),
+                    queue_depth: s.load.map_or(0, |l| l.queue_depth),
+                    share_ppm: s.share_ppm,
+                })
+                .collect(),
+            why: self.why().into_owned(),
+        }
+    }
+}
+
+impl From<BalanceExplanation> for BalanceNote {
+    fn from(e: BalanceExplanation) -> Self {
+        BalanceNote(Repr::Explained(Box::new(e)))
+    }
+}
+
+impl From<Decided> for BalanceNote {
+    fn from(d: Decided) -> Self {
+        BalanceNote(Repr::Decided(d))
+    }
+}
+
+/// Two notes are equal when they explain the same.
+impl PartialEq for BalanceNote {
+    fn eq(&self, other: &Self) -> bool {
+        self.explain() == other.explain()
+    }
+}
+
+/// Written as its [`BalanceExplanation`].
+impl Serialize for BalanceNote {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.explain().serialize(s)
+    }
+}
+
+/// A [`BalanceNote`] written out.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct BalanceNote {
+pub struct BalanceExplanation {
     /// `least_loaded`, `priority`, `weighted`, or `affinity` when the
     /// affinity attribute decided.
     pub mode: &'static str,
@@ -89,7 +410,7 @@ pub struct BalanceNote {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct LoadSeen {
     /// The region.
-    pub region: std::sync::Arc<str>,
+    pub region: Arc<str>,
     /// False when it advertised no capacity (the counts are then 0).
     pub advertised: bool,
     /// Its slots.
@@ -125,41 +446,40 @@ pub(crate) struct Member {
 /// Puts the eligible members (given in `primaries` order) in the order
 /// they are to be tried, the chosen one first, and returns the note that
 /// explains it. Sorts in place by integer keys (the tie order resolved at
-/// load, [`Rule::primary_ranks`]): no allocation besides the note's loads
-/// and its sentence, written at its length.
+/// load, [`Rule::primary_ranks`]); the note keeps numbers, not text: no
+/// allocation for a set of up to [`INLINE`] members without affinity.
 pub(crate) fn order(
     rule: &Rule,
     attrs: &Attributes,
     members: &mut [Member],
     draw: u64,
 ) -> BalanceNote {
-    let name = |i: usize| rule.primaries[i].as_str();
-    let mut note = BalanceNote {
+    let mut note = Decided {
         mode: rule.balance.as_str(),
+        names: rule.shared_primaries.clone(),
         affinity: None,
-        affinity_digest: None,
+        digest: None,
         draw_ppm: None,
-        loads: members
+        seen: members
             .iter()
-            .map(|m| LoadSeen {
-                region: rule.shared_primaries[m.index].clone(),
-                advertised: m.load.is_some(),
-                total_slots: m.load.map_or(0, |l| l.total_slots),
-                free_slots: m.load.map_or(0, |l| l.free_slots),
-                queue_depth: m.load.map_or(0, |l| l.queue_depth),
+            .map(|m| SeenMember {
+                load: m.load,
+                index: u32::try_from(m.index).unwrap_or(u32::MAX),
                 share_ppm: 0,
             })
             .collect(),
-        why: String::new(),
+        why: Why::NoneAvailable,
     };
     if members.is_empty() {
-        note.why = "no member of the set is available".into();
-        return note;
+        return note.into();
     }
+    let name = |i: usize| rule.primaries[i].as_str();
+    let winner = |members: &[Member]| u32::try_from(members[0].index).unwrap_or(u32::MAX);
 
-    if let Some(attr) = &rule.affinity {
+    let mut absent = false;
+    if let Some(attr) = &rule.shared_affinity {
         note.affinity = Some(attr.clone());
-        if let Some(value) = attrs.get(attr) {
+        if let Some(value) = attrs.get(&**attr) {
             let digest = affinity_digest(attr, value);
             // Highest score first; equal scores (never in practice) by name.
             members.sort_by_cached_key(|m| {
@@ -168,26 +488,23 @@ pub(crate) fn order(
                     name(m.index),
                 )
             });
-            let short = hex::encode(&digest[..16]);
             note.mode = "affinity";
-            note.why = format!(
-                "affinity on `{attr}` (digest {}): {} ranks first among the available members by rendezvous hashing",
-                &short[..16],
-                name(members[0].index)
-            );
-            note.affinity_digest = Some(short);
-            return note;
+            note.digest = digest[..16].try_into().ok();
+            note.why = Why::Affinity {
+                winner: winner(members),
+            };
+            return note.into();
         }
-        note.why = format!("affinity attribute `{attr}` absent; ");
+        absent = true;
     }
 
     if rule.balance == Balance::Priority {
         members.sort_unstable_by_key(|m| m.rank);
-        note.why.push_str("priority: ");
-        note.why.push_str(name(members[0].index));
-        note.why
-            .push_str(" has the lowest priority among the available members");
-        return note;
+        note.why = Why::Priority {
+            absent,
+            winner: winner(members),
+        };
+        return note.into();
     }
     for m in members.iter_mut() {
         m.weight = match rule.balance {
@@ -199,17 +516,14 @@ pub(crate) fn order(
     let total: f64 = members.iter().map(weight).sum();
     if total <= 0.0 || !total.is_finite() {
         members.sort_unstable_by_key(|m| m.rank);
-        note.why.push_str(rule.balance.as_str());
-        note.why.push_str(if rule.balance == Balance::Weighted {
-            ": no available member has a weight, so by priority: "
-        } else {
-            ": no available member advertises free capacity, so by priority: "
-        });
-        note.why.push_str(name(members[0].index));
-        return note;
+        note.why = Why::NoShare {
+            absent,
+            winner: winner(members),
+        };
+        return note.into();
     }
-    // `members` and `note.loads` are both in `primaries` order here.
-    for (m, seen) in members.iter().zip(note.loads.iter_mut()) {
+    // `members` and `note.seen` are both in `primaries` order here.
+    for (m, seen) in members.iter().zip(note.seen.iter_mut()) {
         seen.share_ppm = round_share((weight(m) / total) * 1e6);
     }
     // Tie order: weight (descending), then priority, then name. Every
@@ -218,8 +532,7 @@ pub(crate) fn order(
     members.sort_unstable_by_key(|m| (std::cmp::Reverse(m.weight.to_bits()), m.rank));
     // A point in [0, total): the member whose interval holds it is chosen.
     let fraction = (draw >> 11) as f64 / (1u64 << 53) as f64;
-    let draw_ppm = (fraction * 1e6) as u32;
-    note.draw_ppm = Some(draw_ppm);
+    note.draw_ppm = Some((fraction * 1e6) as u32);
     let point = fraction * total;
     let mut acc = 0.0;
     let mut chosen = 0;
@@ -237,51 +550,13 @@ pub(crate) fn order(
     let share_permille = round_share(weight(&members[chosen]) / total * 1000.0);
     // The winner first, the others in the tie order.
     members[..=chosen].rotate_right(1);
-    // "{mode}: draw {ppm} ppm fell in {winner}'s share ({p}.{p}% of {n}
-    // available members)", pieced together at its length (the formatter
-    // costs more than the rest of the draw).
-    let mode = rule.balance.as_str();
-    let winner = name(members[0].index);
-    const DRAW: &str = ": draw ";
-    const FELL: &str = " ppm fell in ";
-    const SHARE: &str = "'s share (";
-    const OF: &str = "% of ";
-    const AVAILABLE: &str = " available members)";
-    let (ppm, whole, tenth, n) = (
-        Decimal::of(u64::from(draw_ppm)),
-        Decimal::of(u64::from(share_permille / 10)),
-        Decimal::of(u64::from(share_permille % 10)),
-        Decimal::of(members.len() as u64),
-    );
-    // After the note of an absent affinity attribute, if any.
-    let why = &mut note.why;
-    why.reserve(
-        mode.len()
-            + DRAW.len()
-            + ppm.len()
-            + FELL.len()
-            + winner.len()
-            + SHARE.len()
-            + whole.len()
-            + 1
-            + tenth.len()
-            + OF.len()
-            + n.len()
-            + AVAILABLE.len(),
-    );
-    why.push_str(mode);
-    why.push_str(DRAW);
-    why.push_str(ppm.as_str());
-    why.push_str(FELL);
-    why.push_str(winner);
-    why.push_str(SHARE);
-    why.push_str(whole.as_str());
-    why.push('.');
-    why.push_str(tenth.as_str());
-    why.push_str(OF);
-    why.push_str(n.as_str());
-    why.push_str(AVAILABLE);
-    note
+    note.why = Why::Draw {
+        absent,
+        winner: winner(members),
+        share_permille,
+        available: u32::try_from(members.len()).unwrap_or(u32::MAX),
+    };
+    note.into()
 }
 
 /// A number's decimal digits, written on the stack.
@@ -303,10 +578,6 @@ impl Decimal {
             }
         }
         Decimal { digits, at }
-    }
-
-    fn len(&self) -> usize {
-        self.digits.len() - self.at
     }
 
     fn as_str(&self) -> &str {

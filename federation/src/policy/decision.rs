@@ -438,28 +438,36 @@ impl Decision {
                 self.outcome = Outcome::Routed {
                     region: c.region.to_string(),
                 };
-                let why = self.balance.as_ref().map_or("", |b| b.why.as_str());
+                let note = self.balance.as_ref();
                 let first = self
                     .candidates
                     .first()
                     .is_some_and(|f| f.region == c.region);
                 self.reason = if first {
                     // "{rule} matched; routed to primary {region} of the
-                    // set ({why})", pieced together at its exact length
-                    // (the formatter would grow it twice).
+                    // set ({why})", pieced together in one allocation, the
+                    // note's sentence written straight into it.
                     const ROUTED: &str = " matched; routed to primary ";
                     const OF_SET: &str = " of the set (";
                     let mut reason = String::with_capacity(
-                        rule.len() + ROUTED.len() + c.region.len() + OF_SET.len() + why.len() + 1,
+                        rule.len()
+                            + ROUTED.len()
+                            + c.region.len()
+                            + OF_SET.len()
+                            + note.map_or(0, BalanceNote::why_capacity)
+                            + 1,
                     );
                     reason.push_str(&rule);
                     reason.push_str(ROUTED);
                     reason.push_str(&c.region);
                     reason.push_str(OF_SET);
-                    reason.push_str(why);
+                    if let Some(b) = note {
+                        b.write_why(&mut reason);
+                    }
                     reason.push(')');
                     reason
                 } else {
+                    let why = note.map(BalanceNote::why).unwrap_or_default();
                     format!(
                         "{rule} matched; routed to primary {} of the set ({why}) [{}]",
                         c.region,

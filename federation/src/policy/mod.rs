@@ -25,7 +25,7 @@ use sha2::{Digest, Sha256};
 
 pub use crate::config::Balance;
 use crate::config::{self, FederationSpec, Position, SourceMap, SyncSpec};
-pub use balance::{BalanceNote, Load, LoadSeen};
+pub use balance::{BalanceExplanation, BalanceNote, Load, LoadSeen};
 pub use condition::Condition;
 pub use decision::{
     BoundStaticView, Candidate, Decision, FederationView, Health, Outcome, Refusal, RegionView,
@@ -117,8 +117,9 @@ pub struct Rule {
     /// The primary region, or the set of equally preferred primaries
     /// (`primary_regions`), in file order; never empty.
     pub primaries: Vec<String>,
-    /// The primaries' names, shared (the decision's load notes hold them).
-    pub shared_primaries: Vec<std::sync::Arc<str>>,
+    /// The primaries' names, shared (a decision's candidates hold them, and
+    /// its balance note holds the table).
+    pub shared_primaries: std::sync::Arc<[std::sync::Arc<str>]>,
     /// The primaries' `priority` (unset: `i64::MAX`), aligned with
     /// `primaries`.
     pub primary_priorities: Vec<i64>,
@@ -146,6 +147,8 @@ pub struct Rule {
     pub weights: BTreeMap<String, u32>,
     /// The attribute whose value keeps tasks in one member of the set.
     pub affinity: Option<String>,
+    /// The same name, shared (a decision's balance note holds it).
+    pub shared_affinity: Option<std::sync::Arc<str>>,
     /// Ordered backups.
     pub backups: Vec<String>,
     /// Tags every chosen region must hold.
@@ -648,6 +651,7 @@ impl Policy {
                 balance,
                 weights,
                 affinity: r.affinity.clone(),
+                shared_affinity: r.affinity.as_deref().map(std::sync::Arc::from),
                 backups,
                 requires,
                 allow_overflow: r.allow_overflow,

@@ -214,7 +214,8 @@ fn least_loaded_splits_by_free_capacity_and_never_leaves_the_set() {
     let b = d
         .balance
         .as_ref()
-        .expect("a set decision has a balance note");
+        .expect("a set decision has a balance note")
+        .explain();
     assert_eq!(b.mode, "least_loaded");
     assert_eq!(b.loads.len(), 2);
     assert!(b.why.contains("draw"), "{}", b.why);
@@ -350,14 +351,14 @@ fn affinity_keeps_a_key_in_one_member_and_moves_only_the_dead_members_keys() {
         ("conversation_id", "alice@example.com"),
     ]);
     let d = decide_with(&p, &a, &idle.bind(&p), 0);
-    let b = d.balance.as_ref().expect("note");
+    let b = d.balance.as_ref().expect("note").explain();
     assert_eq!(b.mode, "affinity");
     assert_eq!(b.affinity_digest.as_ref().map(String::len), Some(32));
     let text = serde_json::to_string(&d).expect("json");
     assert!(!text.contains("alice"), "{text}");
     // Without the attribute, the balance decides.
     let d = decide_with(&p, &attrs(&[("customer_region", "DE")]), &idle.bind(&p), 0);
-    assert_eq!(d.balance.expect("note").mode, "least_loaded");
+    assert_eq!(d.balance.expect("note").mode(), "least_loaded");
 }
 
 /// The herding the draw avoids, measured. Each heartbeat 4 entry regions
@@ -546,7 +547,7 @@ fn reference_order(
     attrs: &Attributes,
     members: &[(usize, Option<Load>)],
     draw: u64,
-) -> (Vec<usize>, BalanceNote) {
+) -> (Vec<usize>, BalanceExplanation) {
     struct Member {
         index: usize,
         load: Option<Load>,
@@ -558,7 +559,7 @@ fn reference_order(
     let name = |i: usize| rule.primaries[i].as_str();
     // (priority, name): the tie order.
     let key = |i: usize| (rule.primary_priorities[i], name(i));
-    let mut note = BalanceNote {
+    let mut note = BalanceExplanation {
         mode: rule.balance.as_str(),
         affinity: None,
         affinity_digest: None,
@@ -774,7 +775,9 @@ fn in_place_balancing_matches_the_reference() {
             .map(|c| &*c.region)
             .collect();
         assert_eq!(got, expected, "round {round}: {view:?} {a:?}");
-        assert_eq!(d.balance.as_ref(), Some(&note), "round {round}");
+        let b = d.balance.as_ref().expect("a set decision has a note");
+        assert!(b.why_capacity() >= b.why().len(), "round {round}: {b:?}");
+        assert_eq!(b.explain(), note, "round {round}");
         if !expected.is_empty() {
             decided += 1;
         }
