@@ -6,8 +6,10 @@
 //! SIGSTOPped: every acknowledged task is there afterwards, every EU task is
 //! in europe (none on north_america while a europe replica was alive), the
 //! region's singleton work (a snapshot push, a lease expiry) resumes on a
-//! new leader, and an agent's lease taken through one replica is renewed and
-//! completed through another. Prints the leader failover time.
+//! new leader, an agent's lease taken through one replica is renewed and
+//! completed through another while a watch through a third sees it, and
+//! PostgreSQL itself is crashed and restarted under the load. Prints the
+//! leader failover time.
 
 mod support;
 
@@ -87,7 +89,42 @@ struct Load {
     failed: Vec<String>,
 }
 
+/// Workers submitting concurrently (each has one call in flight at most).
+const WORKERS: usize = 4;
+
 impl Load {
+    /// Takes in what has arrived so far.
+    fn drain(&mut self) {
+        while let Ok(m) = self.rx.try_recv() {
+            match m {
+                Ok(t) => self.acked.push(t),
+                Err(e) => self.failed.push(e),
+            }
+        }
+    }
+
+    /// Waits (bounded) for the next acknowledged task placed in `region`;
+    /// its index in `acked`.
+    async fn wait_for_region(&mut self, region: &str) -> usize {
+        let from = self.acked.len();
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(i) = self.acked[from..].iter().position(|(_, r)| r == region) {
+                return from + i;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no task placed in {region} again: {:?}",
+                &self.failed[self.failed.len().saturating_sub(5)..]
+            );
+            match tokio::time::timeout(PATIENCE, self.rx.recv()).await {
+                Ok(Some(Ok(t))) => self.acked.push(t),
+                Ok(Some(Err(e))) => self.failed.push(e),
+                _ => panic!("submits stalled after {} acks", self.acked.len()),
+            }
+        }
+    }
+
     /// Waits (bounded) for `more` acknowledged submits.
     async fn wait(&mut self, more: usize) {
         let until = self.acked.len() + more;
@@ -113,8 +150,9 @@ impl Load {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_region_of_three_replicas_keeps_serving_in_region_through_the_loss_of_each() {
-    let server =
-        pg_sandbox::shared().expect("the test PostgreSQL server (is PostgreSQL installed?)");
+    // A server of its own: the test restarts it.
+    let mut server =
+        pg_sandbox::PgServer::start().expect("a PostgreSQL server (is PostgreSQL installed?)");
     let url = server.create_database("ha").expect("database");
     let mut sandbox = formed(
         // The product's timers (the failover time is theirs), leases short
@@ -170,7 +208,7 @@ async fn a_region_of_three_replicas_keeps_serving_in_region_through_the_loss_of_
     let stop = Arc::new(AtomicBool::new(false));
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Result<(String, String), String>>();
     let mut workers = Vec::new();
-    for w in 0..4 {
+    for w in 0..WORKERS {
         let entry = if w % 2 == 0 {
             "north_america"
         } else {
@@ -282,6 +320,19 @@ async fn a_region_of_three_replicas_keeps_serving_in_region_through_the_loss_of_
             .await
             .expect("the lease is renewed through another replica");
     }
+    // A watch through the third replica, opened before the completion made
+    // through `other`, sees it (LISTEN/NOTIFY across replicas).
+    let mut watcher = sandbox
+        .replica_client("europe", others[1])
+        .await
+        .expect("client");
+    let mut watch = watcher
+        .watch_task(api::WatchTaskRequest {
+            task_id: kept.clone(),
+        })
+        .await
+        .expect("watch through another replica")
+        .into_inner();
     other
         .complete_task(api::CompleteTaskRequest {
             agent_id: agent_id.clone(),
@@ -292,6 +343,24 @@ async fn a_region_of_three_replicas_keeps_serving_in_region_through_the_loss_of_
         })
         .await
         .expect("completed through another replica");
+    let seen = tokio::time::timeout(PATIENCE, async {
+        while let Ok(Some(event)) = watch.message().await {
+            if let Some(t) = event.task {
+                if t.state() == api::TaskState::Succeeded {
+                    return true;
+                }
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(
+        seen,
+        Ok(true),
+        "a watch through replica {} saw the completion made through replica {}",
+        others[1],
+        others[0]
+    );
 
     // A new leader: its first singleton action (a snapshot push to
     // north_america, its backup) is the failover time; the dropped lease
@@ -350,6 +419,22 @@ async fn a_region_of_three_replicas_keeps_serving_in_region_through_the_loss_of_
         restart(&mut sandbox, victim).await;
         alive.push(victim);
     }
+    load.wait(20).await;
+
+    // PostgreSQL itself crashes and comes back (immediate shutdown, then
+    // recovery): submits fail UNAVAILABLE meanwhile, every replica
+    // reconnects by itself, and submits land in europe again.
+    // While europe cannot store, the seed's EU rule allows its backup
+    // (north_america), so EU tasks may go there in that window only: from
+    // the crash until europe stores again (plus each worker's one call in
+    // flight then).
+    load.drain();
+    let outage_from = load.acked.len();
+    server.crash().expect("crash PostgreSQL");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    server.start_again().expect("PostgreSQL starts again");
+    load.drain();
+    let outage_to = load.wait_for_region("europe").await + WORKERS;
     load.wait(20).await;
 
     // The agent, now at one replica, holds a lease there for longer than
@@ -468,11 +553,22 @@ async fn a_region_of_three_replicas_keeps_serving_in_region_through_the_loss_of_
     );
     let eu_on_na = acked
         .iter()
-        .filter(|(_, region)| region == "north_america")
+        .enumerate()
+        .filter(|(i, (_, region))| {
+            region == "north_america" && !(outage_from..outage_to).contains(i)
+        })
         .count();
+    let on_na: Vec<usize> = acked
+        .iter()
+        .enumerate()
+        .filter(|(_, (_, region))| region == "north_america")
+        .map(|(i, _)| i)
+        .collect();
     assert_eq!(
-        eu_on_na, 0,
-        "EU tasks on north_america while europe was alive"
+        eu_on_na,
+        0,
+        "EU tasks on north_america while europe was alive (outside the database's outage, acks {outage_from}..{outage_to}): at {:?}",
+        &on_na[..on_na.len().min(40)]
     );
     let mut c = sandbox
         .replica_client("europe", alive[0])
