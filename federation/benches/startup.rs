@@ -208,7 +208,9 @@ async fn serve(n: usize) {
         store_alone(dir.path(), n).await;
         return;
     }
+    // The default queue limit (100,000) would refuse every submit as full.
     let mut sandbox = SandboxBuilder::new(&exe, ONE_REGION)
+        .env("FEDERATION__NODE__LIMITS__MAX_QUEUE_DEPTH", "100000000")
         .agents(0, 1)
         .start()
         .expect("sandbox");
