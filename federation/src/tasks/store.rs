@@ -2,13 +2,16 @@
 //! the redb file; its writer's requests go through [`Requests`]. See the
 //! parent module for the guarantees. Opening soundly is in `open`, the
 //! persisted counts in `counters`, the idempotency index in `idempotency`,
-//! the background check of the whole file in `verify`, the writer thread in
-//! `writer`, and the operations inside a write transaction in `tables`.
+//! the background check of the whole file in `verify` (through the file
+//! backend in `preserving`), the decision records staged in the task's own
+//! transaction in `pending`, the writer thread in `writer`, and the
+//! operations inside a write transaction in `tables`.
 
 mod counters;
 mod idempotency;
 mod open;
 mod pending;
+mod preserving;
 mod tables;
 mod verify;
 mod writer;

@@ -11,7 +11,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 
 use super::counters;
 use super::idempotency::IDEM_KEYS;
-use super::verify::{Preserving, SnapshotSlot};
+use super::preserving::{Preserving, SnapshotSlot};
 use super::{DbResult, LEGACY_IDEMPOTENCY, MARKS, META, META_LOG_HEAD, TASKS, decode};
 use crate::tasks::witness::{self, Mark};
 use crate::tasks::{Counts, StoreError};
