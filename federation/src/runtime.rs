@@ -581,7 +581,37 @@ mod tests {
     async fn an_in_process_controller_stores_routes_and_stops_in_order() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (addr, stop, running) = start("north_america", dir.path()).await;
-        let mut c = client(addr).await;
+        // Bounded retries: on a loaded machine (CI) a connect to the bound
+        // listener was once reset; if `run` gave up (its listener dropped),
+        // every retry fails and the panic says what `run` returned.
+        let mut last = None;
+        let mut connected = None;
+        for _ in 0..20 {
+            match api::federation_client_client::FederationClientClient::connect(format!(
+                "http://{addr}"
+            ))
+            .await
+            {
+                Ok(c) => {
+                    connected = Some(c);
+                    break;
+                }
+                Err(e) if running.is_finished() => {
+                    last = Some(e);
+                    break;
+                }
+                Err(e) => {
+                    last = Some(e);
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            }
+        }
+        let Some(mut c) = connected else {
+            panic!(
+                "connecting to the bound listener: {last:?}; run returned {:?}",
+                tokio::time::timeout(std::time::Duration::from_secs(10), running).await
+            );
+        };
         let placed = c
             .submit_task(api::SubmitTaskRequest {
                 attributes: attrs(&[("customer_region", "US")]),
