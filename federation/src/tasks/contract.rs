@@ -297,6 +297,9 @@ async fn a_record_goes_in_the_same_batch_and_names_the_stored_task(fx: Fixture) 
     for h in handles {
         assert_eq!(h.await.expect("join"), RecordState::Written);
     }
+    // The file is appended after the commit (records staged in the
+    // store's transaction): wait for it before reading the file.
+    log.flush().await.expect("flush the log");
     let bytes = fx.log_bytes(&log, "europe");
     let report = crate::audit::verify_bytes(&bytes);
     assert!(report.is_intact(), "{report:?}");
@@ -349,6 +352,9 @@ async fn a_batch_insert_is_one_transaction_with_its_records(fx: Fixture) {
     assert_eq!(store.counts().queued, 3);
     // Records only for the tasks created, in the same batch.
     assert_eq!(out.record, RecordState::Written);
+    // The file is appended after the commit (records staged in the
+    // store's transaction): wait for it before reading the file.
+    log.flush().await.expect("flush the log");
     let bytes = fx.log_bytes(&log, "europe");
     let report = crate::audit::verify_bytes(&bytes);
     assert!(report.is_intact(), "{report:?}");
@@ -388,6 +394,9 @@ async fn a_store_is_bound_to_one_journal(fx: Fixture) {
     ));
     let bound = store.insert_recorded(task("c"), record("c")).await;
     assert_eq!(bound.record, RecordState::Written);
+    // The file is appended after the commit (records staged in the
+    // store's transaction): wait for it before reading the file.
+    log.flush().await.expect("flush the log");
     let bytes = fx.log_bytes(&log, "europe");
     let report = crate::audit::verify_bytes(&bytes);
     assert!(report.is_intact(), "{report:?}");
@@ -1099,6 +1108,9 @@ mod replicas {
         for h in handles {
             h.await.expect("join");
         }
+        // The file is appended after the commit (records staged in the
+        // store's transaction): wait for it before reading the file.
+        log_a.flush().await.expect("flush the log");
         let bytes = fx.log_bytes(&log_a, "europe");
         let report = crate::audit::verify_bytes(&bytes);
         assert!(report.is_intact(), "{report:?}");

@@ -96,7 +96,7 @@ impl std::fmt::Debug for RedbStore {
 
 struct Inner {
     path: PathBuf,
-    db: Arc<Database>,
+    db: GuardedDb,
     tx: Requests,
     writer: Mutex<Option<JoinHandle<()>>>,
     shared: Arc<Shared>,
@@ -121,6 +121,35 @@ impl std::ops::Deref for Shared {
 
     fn deref(&self) -> &Self::Target {
         &self.core
+    }
+}
+
+/// The database handle, whose drop (redb closes the file with a commit of
+/// its allocator state) runs in a panic guard: a file damaged under an open
+/// store (the integrity check runs in the background) must not make
+/// dropping the store a panic.
+struct GuardedDb(Option<Arc<Database>>);
+
+impl std::ops::Deref for GuardedDb {
+    type Target = Arc<Database>;
+
+    fn deref(&self) -> &Arc<Database> {
+        // `None` only inside `drop`.
+        self.0
+            .as_ref()
+            .expect("the database until the store is dropped")
+    }
+}
+
+impl Drop for GuardedDb {
+    fn drop(&mut self) {
+        if let Some(db) = self.0.take() {
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(db))).is_err() {
+                tracing::error!(
+                    "closing the task store's file failed (the file is damaged); run `federation store check`"
+                );
+            }
+        }
     }
 }
 
@@ -214,7 +243,7 @@ impl RedbStore {
         Ok(Self {
             inner: Arc::new(Inner {
                 path,
-                db,
+                db: GuardedDb(Some(db)),
                 tx: Requests::new(tx),
                 writer: Mutex::new(Some(writer)),
                 shared,
@@ -258,7 +287,7 @@ impl RedbStore {
 
     /// The decision log's head last recorded by [`TaskStore::record_log_head`].
     pub fn log_head(&self) -> Result<Option<(u64, String)>, StoreError> {
-        guarded(&self.inner.path, || log_head_in(&*self.inner.db))
+        guarded(&self.inner.path, || log_head_in(&**self.inner.db))
     }
 
     /// What the background check of the whole file (every page checksum,
