@@ -72,6 +72,24 @@ impl Tx<'_, '_> {
     }
 
     /// Rewrites a stored task's row.
+    /// Applies `change` to each of `due` (tasks read leased, locked),
+    /// writes it back and records the change.
+    async fn change_leased(
+        &self,
+        due: Vec<Task>,
+        changes: &mut Vec<Change>,
+        change: impl Fn(&mut Task),
+    ) -> Result<Vec<Task>, StoreError> {
+        let mut out = Vec::with_capacity(due.len());
+        for mut task in due {
+            change(&mut task);
+            self.write(&task).await?;
+            changes.push(Change::of(Some(TaskState::Leased), &task));
+            out.push(task);
+        }
+        Ok(out)
+    }
+
     pub(super) async fn write(&self, t: &Task) -> Result<(), StoreError> {
         self.txn
             .execute(
@@ -353,14 +371,10 @@ impl Operations for &Tx<'_, '_> {
                 &[&self.region, &now, &limit],
             )
             .await?;
-        let mut out = Vec::with_capacity(due.len());
-        for mut task in due {
-            transitions::expire(&mut task, max_attempts, now);
-            self.write(&task).await?;
-            changes.push(Change::of(Some(TaskState::Leased), &task));
-            out.push(task);
-        }
-        Ok(out)
+        self.change_leased(due, changes, |t| {
+            transitions::expire(t, max_attempts, now);
+        })
+        .await
     }
 
     async fn requeue_agent(
@@ -427,14 +441,8 @@ impl Operations for &Tx<'_, '_> {
                 &[&self.region, &deadline],
             )
             .await?;
-        let mut out = Vec::with_capacity(due.len());
-        for mut task in due {
-            transitions::renew(&mut task, deadline, now);
-            self.write(&task).await?;
-            changes.push(Change::of(Some(TaskState::Leased), &task));
-            out.push(task);
-        }
-        Ok(out)
+        self.change_leased(due, changes, |t| transitions::renew(t, deadline, now))
+            .await
     }
 
     async fn mark_taken_over(
