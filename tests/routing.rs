@@ -263,6 +263,7 @@ async fn forwarded_task_is_refused_by_a_region_the_rule_does_not_allow() {
             submit: Some(submit(&[("customer_region", "DE")])),
             entry_region: "north_america".into(),
             decision: None,
+            relayed_by: String::new(),
         })
         .await
         .expect_err("residency violation refused");

@@ -168,6 +168,7 @@ async fn certificates_are_checked_both_ways() {
             submit: Some(submit(&[("customer_region", "DE")])),
             entry_region: "north_america".into(),
             decision: None,
+            relayed_by: String::new(),
         })
         .await
         .expect_err("forged entry region refused");

@@ -151,6 +151,16 @@ impl AgentRegistry {
         })
     }
 
+    /// How many agents heartbeated (or leased) within `window` of `now`.
+    pub fn heard_within(&self, window: Duration, now: Instant) -> u32 {
+        let n = self
+            .lock()
+            .values()
+            .filter(|a| now.saturating_duration_since(a.last_seen) <= window)
+            .count();
+        u32::try_from(n).unwrap_or(u32::MAX)
+    }
+
     /// Number of registered agents.
     pub fn len(&self) -> usize {
         self.lock().len()

@@ -210,7 +210,14 @@ impl Auth {
                     self.region
                 )));
             }
-            Role::Peer if id.region.as_deref() == Some(self.region.as_str()) => {
+            // A replica of this region passes a draining replica's task on
+            // to its sibling (`ForwardTask` with `relayed_by`, checked by
+            // the handler); every other peer call from our own region is
+            // refused.
+            Role::Peer
+                if id.region.as_deref() == Some(self.region.as_str())
+                    && method != "ForwardTask" =>
+            {
                 return Err(Error::Denied(format!(
                     "{method}: {id} claims this controller's own region"
                 )));

@@ -1,7 +1,10 @@
 //! This region's place in the federation: the peer table, the registered
 //! agents, what this controller advertises of itself (epoch, sequence,
 //! capacity, draining, its log head) and the live routing view built from
-//! them; within the region, whether this replica leads.
+//! them; within the region, whether this replica leads and what it knows of
+//! its sibling replicas (read from the region's database), and whether this
+//! replica drains (with several replicas a drain is this replica's only: the
+//! region drains when every live replica does).
 //!
 //! Sends nothing (gossip is [`crate::gossip`]); the takeover notices an
 //! advertisement carries are passed in by its caller.
@@ -48,6 +51,11 @@ pub struct Cluster {
     /// while another replica does. Not the start-up lease fence
     /// (`replication::takeover`), which holds back tasks after a restart.
     leader: AtomicI64,
+    /// The region's other replicas alive in the database, as last read
+    /// (empty with the embedded store).
+    siblings: std::sync::RwLock<Vec<crate::tasks::Sibling>>,
+    /// Woken when the drain starts or stops (long polls end early).
+    drain_changed: tokio::sync::Notify,
 }
 
 /// What [`Cluster::new`] is built from.
@@ -121,6 +129,8 @@ impl Cluster {
             sequence: AtomicU64::new(0),
             draining: AtomicBool::new(false),
             leader: AtomicI64::new(if leads { 0 } else { -1 }),
+            siblings: std::sync::RwLock::new(Vec::new()),
+            drain_changed: tokio::sync::Notify::new(),
         }
     }
 
@@ -173,14 +183,74 @@ impl Cluster {
         self.leader.store(token.unwrap_or(-1), Ordering::SeqCst);
     }
 
-    /// True while draining.
+    /// True while this controller drains (this replica only when the store
+    /// is the region's database; see [`Cluster::region_draining`]).
     pub fn draining(&self) -> bool {
         self.draining.load(Ordering::SeqCst)
     }
 
-    /// Starts or stops draining.
+    /// True when the drain is this replica's only: the store is the
+    /// region's database, whose other replicas keep serving the region.
+    pub fn drains_per_replica(&self) -> bool {
+        self.store.is_postgres()
+    }
+
+    /// True when this region takes no new work in this controller's own
+    /// view: it drains, and no other replica of it serves (with the
+    /// embedded store, the one controller's drain is the region's).
+    pub fn region_draining(&self) -> bool {
+        self.draining() && self.serving_sibling().is_none()
+    }
+
+    /// Records the region's other replicas as the database lists them now.
+    pub fn set_siblings(&self, siblings: Vec<crate::tasks::Sibling>) {
+        *self
+            .siblings
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = siblings;
+    }
+
+    /// The region's other replicas alive in the database, as last read.
+    pub fn siblings(&self) -> Vec<crate::tasks::Sibling> {
+        self.siblings
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// A replica of this region, other than this one, alive and not
+    /// draining, that advertises an endpoint: where a draining replica
+    /// passes new work. None with the embedded store.
+    pub fn serving_sibling(&self) -> Option<crate::tasks::Sibling> {
+        if !self.drains_per_replica() {
+            return None;
+        }
+        self.siblings
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .find(|s| !s.draining && !s.endpoint.is_empty())
+            .cloned()
+    }
+
+    /// What this replica tells its siblings of itself.
+    pub fn as_sibling(&self) -> crate::tasks::Sibling {
+        crate::tasks::Sibling {
+            replica: self.replica.clone(),
+            endpoint: self.advertise_endpoint.clone(),
+            draining: self.draining(),
+        }
+    }
+
+    /// Starts or stops draining; wakes [`Cluster::drain_changed`]'s waiters.
     pub fn set_draining(&self, on: bool) {
         self.draining.store(on, Ordering::SeqCst);
+        self.drain_changed.notify_waiters();
+    }
+
+    /// Resolves at the next start or stop of a drain.
+    pub async fn drain_changed(&self) {
+        self.drain_changed.notified().await;
     }
 
     /// The capacity this region advertises.
@@ -200,7 +270,8 @@ impl Cluster {
         let capacity = self.capacity();
         RegionView {
             health: Health::Alive,
-            draining: self.draining(),
+            // With several replicas the region serves while one does.
+            draining: self.region_draining(),
             full: crate::membership::is_full(&capacity),
             load: Some(crate::membership::load_of(&capacity)),
             held_down: false,

@@ -17,6 +17,7 @@ use crate::cluster::{Cluster, ClusterParts};
 use crate::config::{Limits, Timers};
 use crate::federation_status::FederationStatus;
 use crate::gossip::{Gossip, GossipParts};
+use crate::drain::Drainer;
 use crate::leasing::Leasing;
 use crate::live_policy::LivePolicy;
 use crate::local_tasks::LocalTasks;
@@ -55,6 +56,7 @@ pub struct Node {
     status: Arc<FederationStatus>,
     reloader: Arc<Reloader>,
     leasing: Arc<Leasing>,
+    drainer: Arc<Drainer>,
     health: tonic_health::server::HealthReporter,
     server_tls: Option<federation_tls::ServerTls>,
     auth: Arc<crate::auth::Auth>,
@@ -161,6 +163,11 @@ impl Node {
     /// Agents' registrations and leases.
     pub fn leasing(&self) -> &Arc<Leasing> {
         &self.leasing
+    }
+
+    /// This controller's drain.
+    pub fn drainer(&self) -> &Arc<Drainer> {
+        &self.drainer
     }
 
     /// The `grpc.health.v1` statuses (NOT_SERVING until ready, see
@@ -424,6 +431,13 @@ pub async fn open(settings: Settings) -> anyhow::Result<Arc<Node>> {
         settings.timers.clone(),
         settings.limits.clone(),
     ));
+    let drainer = Arc::new(Drainer::new(
+        cluster.clone(),
+        store.clone(),
+        metrics.clone(),
+        settings.timers.agent_timeout,
+        replica_stale(&settings.timers),
+    ));
     Ok(Arc::new(Node {
         timers: settings.timers,
         limits: settings.limits,
@@ -443,6 +457,7 @@ pub async fn open(settings: Settings) -> anyhow::Result<Arc<Node>> {
         status,
         reloader,
         leasing,
+        drainer,
         health,
         server_tls,
         auth,

@@ -198,7 +198,11 @@ impl Leasing {
                 // Queued tasks may all be held back: poll instead of spinning.
                 tokio::time::sleep((until - now).min(Duration::from_millis(100))).await;
             } else {
-                self.store.wait_for_queued(until - now).await;
+                // A drain ends the wait: the agent hears of it at once.
+                tokio::select! {
+                    _ = self.store.wait_for_queued(until - now) => {}
+                    () = self.cluster.drain_changed() => {}
+                }
             }
         }
         Ok(api::LeaseTasksResponse { tasks: Vec::new() })

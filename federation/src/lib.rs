@@ -16,6 +16,7 @@ pub mod config;
 pub mod controller;
 pub mod decision_query;
 pub mod discovery;
+pub mod drain;
 pub mod error;
 pub mod federation_status;
 pub mod gossip;

@@ -210,6 +210,8 @@ pub struct ReplicaStatus {
     pub epoch: u64,
     /// Time since fresh information about it arrived.
     pub age: Option<Duration>,
+    /// True while it drains (it passes new work to its siblings).
+    pub draining: bool,
 }
 
 /// The peer table.
@@ -702,6 +704,7 @@ impl Membership {
                     health: self.replica_health(r, now).0,
                     epoch: ad.epoch,
                     age: r.last_fresh.map(|t| now.saturating_duration_since(t)),
+                    draining: ad.draining,
                 })
             })
             .collect();

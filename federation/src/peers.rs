@@ -85,8 +85,9 @@ impl Peers {
     /// what the region's replicas advertise (each its own endpoint); else
     /// the federation file's `endpoint` and `endpoints`. Ordered: the
     /// endpoints of replicas alive now, the one heard from most recently
-    /// first, then the others as configured; an endpoint whose call failed
-    /// in the last ten seconds comes after every other.
+    /// first, then the others as configured; a replica that advertises it
+    /// drains after those, and an endpoint whose call failed in the last
+    /// ten seconds after every other.
     pub fn endpoints_of(&self, region: &str) -> Vec<String> {
         let now = Instant::now();
         let replicas = self.cluster.membership().replicas(region, now);
@@ -137,7 +138,8 @@ impl Peers {
                 .get(e)
                 .is_some_and(|t| now.saturating_duration_since(*t) < DEMOTED_FOR)
         };
-        list.sort_by_key(|e| (demoted(e), live(e)));
+        let draining = |e: &String| replicas.iter().any(|r| r.endpoint == *e && r.draining);
+        list.sort_by_key(|e| (demoted(e), draining(e), live(e)));
         list
     }
 

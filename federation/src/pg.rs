@@ -36,7 +36,12 @@ use tokio::runtime::{Handle, Runtime};
 
 /// The schema versions this build knows, in order: version, SQL. Each runs
 /// in the one transaction that holds the migration lock and records it.
-pub const MIGRATIONS: &[(i32, &str)] = &[(1, SCHEMA_V1), (2, SCHEMA_V2), (3, SCHEMA_V3)];
+pub const MIGRATIONS: &[(i32, &str)] = &[
+    (1, SCHEMA_V1),
+    (2, SCHEMA_V2),
+    (3, SCHEMA_V3),
+    (4, SCHEMA_V4),
+];
 
 /// The newest schema version this build knows.
 pub fn known_version() -> i32 {
@@ -183,6 +188,15 @@ CREATE TABLE replicas (
 /// builds, which a region's chain (one row per decision) takes seconds for.
 const SCHEMA_V3: &str = r#"
 CREATE INDEX decisions_task ON decisions (region, task_id, seq) WHERE task_id IS NOT NULL;
+"#;
+
+/// Version 4: what each replica tells its siblings (where it is reached and
+/// whether it drains), refreshed with its name every heartbeat: a draining
+/// replica passes new work to a sibling that serves. Columns with defaults,
+/// so replicas of version 3 keep running on it.
+const SCHEMA_V4: &str = r#"
+ALTER TABLE replicas ADD COLUMN endpoint text NOT NULL DEFAULT '';
+ALTER TABLE replicas ADD COLUMN draining boolean NOT NULL DEFAULT false;
 "#;
 
 /// Errors of the database connection.

@@ -164,7 +164,7 @@ pub async fn submit(
                 )
             };
             let Attempt { placed, record } =
-                store_local(router, &task_id, &req, &decision, render, received).await;
+                store_local(router, &task_id, &req, &decision, render, received, false).await;
             (placed, record)
         } else {
             let pending = decision_record(
@@ -394,6 +394,14 @@ fn log_decision(decision: &Decision, task_id: Option<&str>) {
 ///
 /// The task carries the trace context of the span accepting it (or
 /// `received`, when this controller does not export).
+///
+/// While this controller drains: with the embedded store the region takes
+/// nothing (`UNAVAILABLE`, the walk moves on). With the store in the
+/// region's database the drain is this replica's: the task is passed to a
+/// sibling replica that serves ([`relay_to_sibling`]), and stored here when
+/// that fails or when a sibling passed it here (`relayed`: the region's
+/// database is one, so it stays in its region either way); only when no
+/// other replica serves does the region refuse as a whole.
 async fn store_local(
     router: &Router,
     task_id: &str,
@@ -401,15 +409,58 @@ async fn store_local(
     decision: &Decision,
     render: impl FnOnce(Option<&str>) -> Prepared,
     received: Option<&TraceParent>,
+    relayed: bool,
 ) -> Attempt {
-    if router.cluster.draining() {
-        return Attempt {
-            placed: Err(Error::Unavailable(format!(
-                "{} is draining",
-                router.cluster.region()
-            ))),
-            record: RecordState::NotWritten,
+    if router.cluster.draining() && !relayed {
+        let sibling = router.cluster.serving_sibling();
+        let Some(sibling) = sibling else {
+            return Attempt {
+                placed: Err(Error::Unavailable(format!(
+                    "{} is draining",
+                    router.cluster.region()
+                ))),
+                record: RecordState::NotWritten,
+            };
         };
+        // A drill's probe is recorded here and stored nowhere (below).
+        let relayed = if req.probe {
+            None
+        } else {
+            Some(relay_to_sibling(router, &sibling, task_id, req, decision, received).await)
+        };
+        match relayed {
+            None => {}
+            Some(Ok(placed)) if placed.task_id == task_id => {
+                let note = format!(
+                    "replica {} drains: stored through replica {} of this region",
+                    router.cluster.replica(),
+                    sibling.replica
+                );
+                let logged = router.log.append(render(Some(&note))).await;
+                return Attempt {
+                    placed: Ok(placed),
+                    record: record_state(logged),
+                };
+            }
+            // Deduplicated there: the caller's record names the task.
+            Some(Ok(placed)) => {
+                return Attempt {
+                    placed: Ok(placed),
+                    record: RecordState::NotWritten,
+                };
+            }
+            Some(Err(Forwarded::Answered(e @ Error::AlreadyExists(_)))) => {
+                return Attempt {
+                    placed: Err(e),
+                    record: RecordState::NotWritten,
+                };
+            }
+            Some(Err(Forwarded::Answered(e) | Forwarded::Unreached(e))) => {
+                // The region's database is one: storing it here keeps it in
+                // its region, where a walk to the next candidate would not.
+                tracing::warn!(replica = %sibling.replica, endpoint = %sibling.endpoint, error = %e, "passing a task to a sibling replica failed; storing it here although this replica drains");
+            }
+        }
     }
     if req.probe {
         // A drill's probe: the placement is decided and recorded, nothing
@@ -554,7 +605,7 @@ async fn forward(
     let several = clients.len() > 1;
     let mut last = None;
     for (endpoint, client) in clients {
-        match forward_at(router, region, client, task_id, req, decision, received).await {
+        match forward_at(router, region, client, task_id, req, decision, received, None).await {
             Ok(placed) => {
                 router.peers.reached(&endpoint);
                 return Ok(placed);
@@ -586,6 +637,37 @@ enum Forwarded {
     Answered(Error),
 }
 
+/// Passes a task this draining replica would store to `sibling`, a replica
+/// of its own region that serves, as a forward it stores and never passes
+/// on (`relayed_by`).
+async fn relay_to_sibling(
+    router: &Router,
+    sibling: &crate::tasks::Sibling,
+    task_id: &str,
+    req: &api::SubmitTaskRequest,
+    decision: &Decision,
+    received: Option<&TraceParent>,
+) -> std::result::Result<Placed, Forwarded> {
+    let region = router.cluster.region();
+    let client = router
+        .peers
+        .client_at(region, &sibling.endpoint)
+        .map_err(Forwarded::Unreached)?;
+    let replica = router.cluster.replica();
+    forward_at(
+        router,
+        region,
+        client,
+        task_id,
+        req,
+        decision,
+        received,
+        Some(replica),
+    )
+    .await
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn forward_at(
     router: &Router,
     region: &str,
@@ -594,12 +676,14 @@ async fn forward_at(
     req: &api::SubmitTaskRequest,
     decision: &Decision,
     received: Option<&TraceParent>,
+    relayed_by: Option<&str>,
 ) -> std::result::Result<Placed, Forwarded> {
     let message = api::ForwardTaskRequest {
         task_id: task_id.to_string(),
         submit: Some(req.clone()),
         entry_region: router.cluster.region().to_string(),
         decision: Some(wire::decision_to_wire(decision)),
+        relayed_by: relayed_by.unwrap_or_default().to_string(),
     };
     let deadline = router.forward_timeout;
     let started = std::time::Instant::now();
@@ -706,7 +790,14 @@ pub async fn accept_forward(
     }
     let entry = &req.entry_region;
     decision.reason = format!("accepted forward from {entry}: {}", decision.reason);
-    let note = format!("entry region {entry}");
+    let note = if req.relayed_by.is_empty() {
+        format!("entry region {entry}")
+    } else {
+        format!(
+            "entry region {entry}, passed on by its draining replica {}",
+            wire::truncate(&req.relayed_by, 128)
+        )
+    };
     // As in `submit`: the record is appended in the store's batch, naming
     // the task the store produced (the stored one when deduplicated); a
     // commit that fails after it was appended gets a correcting record.
@@ -728,7 +819,16 @@ pub async fn accept_forward(
     let Attempt {
         placed: stored,
         record: appended,
-    } = store_local(router, &req.task_id, &submit, &decision, render, received).await;
+    } = store_local(
+        router,
+        &req.task_id,
+        &submit,
+        &decision,
+        render,
+        received,
+        !req.relayed_by.is_empty(),
+    )
+    .await;
     if let (Err(e), RecordState::Written | RecordState::Failed(_)) = (&stored, appended) {
         record(
             router,

@@ -328,7 +328,8 @@ pub async fn serve_health_only(
 /// store and the decision log are open and the policy loaded (all true once
 /// `serve` runs), and it has heard from a peer or waited out start-up (one
 /// `dead_after`, the time after which silence means a peer is dead anyway).
-/// Reports NOT_SERVING again when shutdown begins.
+/// Reports NOT_SERVING again when shutdown begins, and while a replica of
+/// a database-backed region drains.
 async fn readiness_loop(
     node: Arc<Node>,
     health: tonic_health::server::HealthReporter,
@@ -342,6 +343,7 @@ async fn readiness_loop(
     // balancer or Kubernetes stops sending it traffic).
     let probe_store = node.store().is_postgres();
     let mut store_down = false;
+    let mut drained = false;
     let mut ticks = 0u64;
     loop {
         tokio::select! {
@@ -354,6 +356,20 @@ async fn readiness_loop(
         }
         ticks += 1;
         if serving {
+            // A replica of a database-backed region that drains reports
+            // NOT_SERVING, so Kubernetes stops sending it new connections
+            // (its siblings serve); the embedded store's drain does not.
+            let now_drained = probe_store && node.cluster().draining();
+            if now_drained != drained {
+                drained = now_drained;
+                if drained {
+                    tracing::info!("health: not serving, this replica drains");
+                    set_health(&health, tonic_health::ServingStatus::NotServing).await;
+                } else if !store_down {
+                    tracing::info!("health: serving, the drain ended");
+                    set_health(&health, tonic_health::ServingStatus::Serving).await;
+                }
+            }
             if !probe_store || ticks % 10 != 0 {
                 continue;
             }
@@ -364,9 +380,11 @@ async fn readiness_loop(
                     store_down = true;
                 }
                 Ok(()) if store_down => {
-                    tracing::info!("health: serving, the task store answers again");
-                    set_health(&health, tonic_health::ServingStatus::Serving).await;
                     store_down = false;
+                    if !drained {
+                        tracing::info!("health: serving, the task store answers again");
+                        set_health(&health, tonic_health::ServingStatus::Serving).await;
+                    }
                 }
                 _ => {}
             }
@@ -458,14 +476,26 @@ async fn leader_loop(node: Arc<Node>, stop: tokio::sync::watch::Receiver<bool>) 
         return;
     };
     while ticker.tick().await {
-        match store.refresh_replica(node.replica(), stale).await {
+        let me = node.cluster().as_sibling();
+        match store.refresh_replica_as(node.replica(), stale, Some(&me)).await {
             Ok(true) => {}
             Ok(false) => {
                 tracing::error!(replica = %node.replica(), "another controller took this replica's name")
             }
             Err(e) => tracing::warn!(error = %e, "refreshing the replica's name failed"),
         }
+        match store.siblings(node.timers().dead_after).await {
+            Ok(siblings) => node.cluster().set_siblings(siblings),
+            Err(e) => tracing::warn!(error = %e, "reading the region's other replicas failed"),
+        }
         let was = node.cluster().leader_token();
+        if node.cluster().draining() {
+            // A draining replica does not lead (`drain` gave it up).
+            if was.is_some() {
+                crate::drain::resign(node.cluster(), store).await;
+            }
+            continue;
+        }
         let now = match store.lead(node.replica(), node.timers().dead_after).await {
             Ok(t) => t,
             Err(e) => {
@@ -473,6 +503,11 @@ async fn leader_loop(node: Arc<Node>, stop: tokio::sync::watch::Receiver<bool>) 
                 None
             }
         };
+        if now.is_some() && node.cluster().draining() {
+            // The drain began while the renewal ran: give it up again.
+            crate::drain::resign(node.cluster(), store).await;
+            continue;
+        }
         node.cluster().set_leader_token(now);
         match (was, now) {
             (None, Some(token)) => {

@@ -150,7 +150,11 @@ pub struct StatusArgs {
 pub struct DrainArgs {
     #[command(flatten)]
     connect: Connect,
-    /// Wait until the region holds no queued or leased task.
+    /// Wait until the drain is empty: with the embedded store, until the
+    /// region holds no leased task; on a replica of a region whose store is
+    /// its PostgreSQL database, until that replica has no call in flight, no
+    /// agent leasing through it and does not lead (the region's tasks stay
+    /// with its other replicas).
     #[arg(long)]
     wait: bool,
     /// Give up waiting after this long.
@@ -736,10 +740,37 @@ pub fn status(args: StatusArgs) -> ExitCode {
 }
 
 fn drain_json(r: &api::DrainResponse) -> Value {
-    json!({"draining": r.draining, "queued": r.queued, "leased": r.leased, "empty": r.empty})
+    let mut v = json!({"draining": r.draining, "queued": r.queued, "leased": r.leased, "empty": r.empty});
+    if r.per_replica {
+        v["replica"] = json!(r.replica);
+        v["per_replica"] = json!(true);
+        v["in_flight"] = json!(r.in_flight);
+        v["agents"] = json!(r.agents);
+        v["leader"] = json!(r.leader);
+    }
+    v
 }
 
 fn drain_line(r: &api::DrainResponse) -> String {
+    if r.per_replica {
+        // One replica of a region whose store is its database: the counts
+        // are the region's, `empty` is this replica's.
+        return format!(
+            "replica {}: {}: {} in flight, {} agent(s), {}; region: {} queued, {} leased{}",
+            r.replica,
+            if r.draining {
+                "draining"
+            } else {
+                "taking new tasks"
+            },
+            r.in_flight,
+            r.agents,
+            if r.leader { "leads" } else { "does not lead" },
+            r.queued,
+            r.leased,
+            if r.empty { "; empty" } else { "" }
+        );
+    }
     format!(
         "{}: {} queued, {} leased{}",
         if r.draining {
@@ -753,7 +784,8 @@ fn drain_line(r: &api::DrainResponse) -> String {
     )
 }
 
-/// `drain`: stop taking new tasks in the controller's region; with `--wait`,
+/// `drain`: stop taking new tasks in the controller's region (with several
+/// replicas on the region's database: this replica only); with `--wait`,
 /// one line (rewritten in place on a terminal) until it is empty.
 pub fn drain(args: DrainArgs) -> ExitCode {
     run_command(async move {

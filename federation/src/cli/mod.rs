@@ -86,8 +86,16 @@ pub enum Command {
     /// Read a running controller's decision log (auditor or operator).
     Decisions(audit::DecisionsArgs),
     /// Stop a region taking new tasks (rolling upgrades); `--wait` until empty.
+    ///
+    /// With the embedded store the drain is the region's: its new work goes
+    /// to the rule's next region and `--wait` lasts until none of its tasks
+    /// is leased. On a replica of a region whose store is its PostgreSQL
+    /// database, it is that replica's only: its submits and forwards pass to
+    /// another replica of the region, it reports NOT_SERVING, its agents
+    /// move to another replica, it gives up the region's leadership, and
+    /// `--wait` lasts until it has nothing in flight.
     Drain(client::DrainArgs),
-    /// Resume taking new tasks after a drain.
+    /// Resume taking new tasks after a drain (a replica may lead again).
     Undrain(client::UndrainArgs),
     /// Validate and apply a policy on a running controller (the old one stays on error).
     Reload(client::ReloadArgs),

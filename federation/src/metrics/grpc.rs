@@ -10,11 +10,18 @@
 //! outside [`KNOWN_SERVICES`] and methods the server answered `Unimplemented`
 //! are labelled `unknown`.
 //!
-//! Owns the two families; knows nothing of what the services do.
+//! It also counts the calls in flight that are the region's work
+//! ([`is_work`]: submits, forwards, gets, cancels and agents' leasing; not
+//! watches, gossip, snapshots, probes or the admin's calls), which a
+//! drain reports ([`GrpcMetrics::work_in_flight`]).
+//!
+//! Owns the two families and that count; knows nothing else of what the
+//! services do.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -61,11 +68,52 @@ pub struct GrpcMetrics {
     pub handled: Family<HandledLabels, Counter>,
     /// Handling time.
     pub seconds: Family<MethodLabels, Histogram>,
+    /// Calls of the region's work in flight ([`is_work`]).
+    work: Arc<AtomicU64>,
+}
+
+impl GrpcMetrics {
+    /// Calls of the region's work in flight now ([`is_work`]).
+    pub fn work_in_flight(&self) -> u64 {
+        self.work.load(Ordering::SeqCst)
+    }
+}
+
+/// True for the calls a drained replica must see finish before it stops:
+/// every client call but a watch, a peer's forward and relayed get or
+/// cancel, and an agent's calls but its heartbeat (the agents are counted
+/// by their heartbeats).
+pub fn is_work(service: &str, method: &str) -> bool {
+    match service {
+        "federation.v1.FederationClient" => method != "WatchTask",
+        "federation.v1.FederationPeer" => {
+            matches!(method, "ForwardTask" | "RelayGetTask" | "RelayCancelTask")
+        }
+        "federation.v1.RegionAgentApi" => method != "Heartbeat",
+        _ => false,
+    }
+}
+
+/// Counts one call of work in flight until dropped.
+struct InFlight(Arc<AtomicU64>);
+
+impl InFlight {
+    fn new(count: &Arc<AtomicU64>) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Self(count.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Default for GrpcMetrics {
     fn default() -> Self {
         Self {
+            work: Arc::new(AtomicU64::new(0)),
             handled: Family::default(),
             seconds: Family::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(0.0001, 2.0, 18))
@@ -106,6 +154,8 @@ struct Pending {
     service: String,
     method: String,
     start: Instant,
+    /// Held while the call is the region's work in flight.
+    _work: Option<InFlight>,
 }
 
 impl Pending {
@@ -170,11 +220,13 @@ where
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let (service, method) = split_path(req.uri().path());
+        let work = is_work(&service, &method).then(|| InFlight::new(&self.metrics.work));
         let pending = Pending {
             metrics: self.metrics.clone(),
             service,
             method,
             start: Instant::now(),
+            _work: work,
         };
         let call = self.inner.call(req);
         Box::pin(async move {

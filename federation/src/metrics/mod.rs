@@ -393,6 +393,12 @@ impl Metrics {
         grpc::GrpcMetricsLayer(self.grpc.clone())
     }
 
+    /// Calls of the region's work in flight on this controller now
+    /// ([`grpc::is_work`]).
+    pub fn work_in_flight(&self) -> u64 {
+        self.grpc.work_in_flight()
+    }
+
     /// Exposes membership's count of this controller's own stalls.
     pub fn register_self_stalls(&self, stalls: Arc<AtomicU64>) {
         self.lock()

@@ -1,6 +1,6 @@
 //! `FederationAdmin`: federation status, policy reload, drain, the
 //! decision log; each an adapter over its owner ([`FederationStatus`],
-//! [`Reloader`], the cluster's drain flag, [`crate::decision_query`]).
+//! [`Reloader`], [`Drainer`], [`crate::decision_query`]).
 
 use std::sync::Arc;
 
@@ -8,19 +8,17 @@ use federation_api as api;
 use tonic::{Request, Response, Status};
 
 use crate::audit::DecisionLog;
-use crate::cluster::Cluster;
+use crate::drain::Drainer;
 use crate::error::Error;
 use crate::federation_status::FederationStatus;
 use crate::reload::Reloader;
-use crate::tasks::TaskStore;
 
 /// The admin service.
 #[derive(Debug)]
 pub struct AdminService {
     status: Arc<FederationStatus>,
     reloader: Arc<Reloader>,
-    cluster: Arc<Cluster>,
-    store: TaskStore,
+    drainer: Arc<Drainer>,
     log: DecisionLog,
     max_message_bytes: usize,
 }
@@ -30,16 +28,14 @@ impl AdminService {
     pub fn new(
         status: Arc<FederationStatus>,
         reloader: Arc<Reloader>,
-        cluster: Arc<Cluster>,
-        store: TaskStore,
+        drainer: Arc<Drainer>,
         log: DecisionLog,
         max_message_bytes: usize,
     ) -> Self {
         Self {
             status,
             reloader,
-            cluster,
-            store,
+            drainer,
             log,
             max_message_bytes,
         }
@@ -80,15 +76,7 @@ impl api::federation_admin_server::FederationAdmin for AdminService {
         request: Request<api::DrainRequest>,
     ) -> Result<Response<api::DrainResponse>, Status> {
         let req = request.into_inner();
-        self.cluster.set_draining(req.drain);
-        tracing::info!(draining = req.drain, "drain state changed");
-        let counts = self.store.counts();
-        Ok(Response::new(api::DrainResponse {
-            draining: req.drain,
-            queued: counts.queued,
-            leased: counts.leased,
-            empty: req.drain && counts.leased == 0,
-        }))
+        Ok(Response::new(self.drainer.set(req.drain).await))
     }
 
     async fn list_decisions(

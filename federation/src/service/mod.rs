@@ -105,8 +105,7 @@ pub fn router(
             api::federation_admin_server::FederationAdminServer::new(admin::AdminService::new(
                 node.status().clone(),
                 node.reloader().clone(),
-                node.cluster().clone(),
-                node.store().clone(),
+                node.drainer().clone(),
                 node.log().clone(),
                 max,
             ))

@@ -96,6 +96,19 @@ impl api::federation_peer_server::FederationPeer for PeerService {
             return Err(Error::invalid("entry_region", "missing").into());
         }
         self.check_caller(&request, "entry_region", &entry)?;
+        // From this region's own certificate only a sibling replica's relay
+        // (a draining replica passing a task on) is a forward.
+        let own = request
+            .extensions()
+            .get::<Caller>()
+            .is_some_and(|c| c.0.region.as_deref() == Some(self.cluster.region()));
+        if own && request.get_ref().relayed_by.is_empty() {
+            return Err(Error::Denied(format!(
+                "ForwardTask from this region's own certificate ({}) must be a sibling replica's relay (relayed_by)",
+                self.cluster.region()
+            ))
+            .into());
+        }
         let parent = federation_trace::from_metadata(request.metadata());
         let accepted =
             routing::accept_forward_in_span(&self.router, request.into_inner(), parent).await;

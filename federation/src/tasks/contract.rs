@@ -1027,6 +1027,69 @@ mod replicas {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_draining_leader_resigns_at_once_and_its_siblings_see_it_drain() {
+        let (_fx, a, b) = two();
+        let (TaskStore::Postgres(a), TaskStore::Postgres(b)) = (a, b) else {
+            panic!("postgres stores");
+        };
+        // A lease far longer than the test: only a resignation passes it.
+        let long = Duration::from_secs(600);
+        let stale = Duration::from_secs(60);
+        let told = |replica: &str, draining| crate::tasks::Sibling {
+            replica: replica.into(),
+            endpoint: format!("http://{replica}.test:7000"),
+            draining,
+        };
+        assert!(
+            a.refresh_replica_as("eu-1", stale, Some(&told("eu-1", false)))
+                .await
+                .expect("refresh")
+        );
+        assert!(
+            b.refresh_replica_as("eu-2", stale, Some(&told("eu-2", false)))
+                .await
+                .expect("refresh")
+        );
+        assert_eq!(b.siblings(stale).await.expect("read"), vec![told("eu-1", false)]);
+        assert_eq!(a.siblings(stale).await.expect("read"), vec![told("eu-2", false)]);
+        let token = a.lead("eu-1", long).await.expect("lead").expect("a leads");
+        assert_eq!(b.lead("eu-2", long).await.expect("lead"), None);
+        // a drains: it tells its sibling and resigns; b leads at its next
+        // renewal with the next token, and a's fenced writes are refused.
+        assert!(
+            a.refresh_replica_as("eu-1", stale, Some(&told("eu-1", true)))
+                .await
+                .expect("refresh")
+        );
+        assert_eq!(b.siblings(stale).await.expect("read"), vec![told("eu-1", true)]);
+        assert!(a.resign().await.expect("resign"), "a held the lead");
+        assert!(!a.resign().await.expect("resign"), "nothing left to give up");
+        assert_eq!(
+            b.lead("eu-2", long).await.expect("lead"),
+            Some(token + 1),
+            "the sibling leads at once"
+        );
+        assert!(matches!(
+            TaskStore::Postgres(a.clone())
+                .expire_leases_as_leader(3, token)
+                .await,
+            Err(StoreError::NotLeader(_))
+        ));
+        // A plain refresh keeps what was told.
+        assert!(a.refresh_replica("eu-1", stale).await.expect("refresh"));
+        assert_eq!(b.siblings(stale).await.expect("read"), vec![told("eu-1", true)]);
+        // Undrained, a may lead again once b gives it up.
+        assert!(
+            a.refresh_replica_as("eu-1", stale, Some(&told("eu-1", false)))
+                .await
+                .expect("refresh")
+        );
+        assert_eq!(a.lead("eu-1", long).await.expect("lead"), None);
+        assert!(b.resign().await.expect("resign"));
+        assert_eq!(a.lead("eu-1", long).await.expect("lead"), Some(token + 2));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_replica_name_in_use_is_refused_and_a_stale_one_taken_over() {
         let (_fx, a, b) = two();
         let (TaskStore::Postgres(a), TaskStore::Postgres(b)) = (a, b) else {

@@ -123,7 +123,7 @@ pub use model::{
     ManualClock, RecordState, RecordedInsert, StoreError, SystemClock, is_terminal, now_unix_ms,
     state_name, what_differs,
 };
-pub use postgres::PgStore;
+pub use postgres::{PgStore, Sibling};
 pub use store::{FILE, MAX_BATCH, RedbStore, StoreOptions, Verification, read_log_head};
 
 /// The task store seam: the embedded redb file ([`RedbStore`], the default)

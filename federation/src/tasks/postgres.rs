@@ -52,6 +52,18 @@ use super::witness::Mark;
 use super::{AgentRecord, Clock, Counts, StoreError};
 use crate::pg::{Pg, PgError};
 
+/// Another replica of the region as it last told the database
+/// ([`PgStore::siblings`]), or what this one tells.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Sibling {
+    /// Its `node.replica`.
+    pub replica: String,
+    /// The endpoint it advertises to peers.
+    pub endpoint: String,
+    /// True while it drains.
+    pub draining: bool,
+}
+
 /// [`store_meta`](crate::pg) key of the decision log's head.
 const META_LOG_HEAD: &str = "log_head";
 
@@ -355,30 +367,116 @@ impl PgStore {
         replica: &str,
         stale: Duration,
     ) -> Result<bool, StoreError> {
+        self.refresh_replica_as(replica, stale, None).await
+    }
+
+    /// [`PgStore::refresh_replica`], also telling the region's other
+    /// replicas what `seen` says of this one (its endpoint, whether it
+    /// drains; see [`PgStore::siblings`]). `None` keeps what was told.
+    pub async fn refresh_replica_as(
+        &self,
+        replica: &str,
+        stale: Duration,
+        seen: Option<&Sibling>,
+    ) -> Result<bool, StoreError> {
         let pg = self.inner.pg.clone();
         let region = self.inner.region.clone();
         let replica = replica.to_string();
         let instance = self.inner.shared.instance.clone();
         let ms = ttl_ms(stale) as f64;
+        let told = seen.map(|s| (s.endpoint.clone(), s.draining));
         Ok(self
             .inner
             .pg
             .run(async move {
                 let client = pg.client().await?;
-                let row = client
-                    .query_opt(
-                        "INSERT INTO replicas AS r (region, replica, instance, seen_at) \
-                         VALUES ($1, $2, $3, now()) \
-                         ON CONFLICT (region, replica) DO UPDATE SET instance = EXCLUDED.instance, \
-                           seen_at = now() \
-                         WHERE r.instance = EXCLUDED.instance \
-                            OR r.seen_at < now() - $4 * interval '1 millisecond' \
-                         RETURNING 1",
-                        &[&region, &replica, &instance, &ms],
+                let row = match told {
+                    None => client
+                        .query_opt(
+                            "INSERT INTO replicas AS r (region, replica, instance, seen_at) \
+                             VALUES ($1, $2, $3, now()) \
+                             ON CONFLICT (region, replica) DO UPDATE SET instance = EXCLUDED.instance, \
+                               seen_at = now() \
+                             WHERE r.instance = EXCLUDED.instance \
+                                OR r.seen_at < now() - $4 * interval '1 millisecond' \
+                             RETURNING 1",
+                            &[&region, &replica, &instance, &ms],
+                        )
+                        .await,
+                    Some((endpoint, draining)) => client
+                        .query_opt(
+                            "INSERT INTO replicas AS r (region, replica, instance, seen_at, endpoint, draining) \
+                             VALUES ($1, $2, $3, now(), $5, $6) \
+                             ON CONFLICT (region, replica) DO UPDATE SET instance = EXCLUDED.instance, \
+                               seen_at = now(), endpoint = EXCLUDED.endpoint, draining = EXCLUDED.draining \
+                             WHERE r.instance = EXCLUDED.instance \
+                                OR r.seen_at < now() - $4 * interval '1 millisecond' \
+                             RETURNING 1",
+                            &[&region, &replica, &instance, &ms, &endpoint, &draining],
+                        )
+                        .await,
+                }
+                .map_err(|e| pg.db(&e))?;
+                Ok(row.is_some())
+            })
+            .await?)
+    }
+
+    /// The region's other replicas that refreshed their names within
+    /// `fresh` (alive, as far as the database knows), by name.
+    pub async fn siblings(&self, fresh: Duration) -> Result<Vec<Sibling>, StoreError> {
+        let pg = self.inner.pg.clone();
+        let region = self.inner.region.clone();
+        let instance = self.inner.shared.instance.clone();
+        let ms = ttl_ms(fresh) as f64;
+        Ok(self
+            .inner
+            .pg
+            .run(async move {
+                let client = pg.client().await?;
+                let rows = client
+                    .query(
+                        "SELECT replica, endpoint, draining FROM replicas \
+                         WHERE region = $1 AND instance <> $2 \
+                           AND seen_at >= now() - $3 * interval '1 millisecond' \
+                         ORDER BY replica",
+                        &[&region, &instance, &ms],
                     )
                     .await
                     .map_err(|e| pg.db(&e))?;
-                Ok(row.is_some())
+                Ok(rows
+                    .iter()
+                    .map(|r| Sibling {
+                        replica: r.get(0),
+                        endpoint: r.get(1),
+                        draining: r.get(2),
+                    })
+                    .collect())
+            })
+            .await?)
+    }
+
+    /// Gives up the region's leadership when this store holds it: its row
+    /// expires now, so another replica takes it (with the next token) at its
+    /// next renewal instead of after the lease's TTL. True when it held it.
+    pub async fn resign(&self) -> Result<bool, StoreError> {
+        let pg = self.inner.pg.clone();
+        let region = self.inner.region.clone();
+        let instance = self.inner.shared.instance.clone();
+        Ok(self
+            .inner
+            .pg
+            .run(async move {
+                let client = pg.client().await?;
+                let n = client
+                    .execute(
+                        "UPDATE region_leaders SET expires_at = '-infinity' \
+                         WHERE region = $1 AND instance = $2 AND expires_at >= now()",
+                        &[&region, &instance],
+                    )
+                    .await
+                    .map_err(|e| pg.db(&e))?;
+                Ok(n > 0)
             })
             .await?)
     }

@@ -144,6 +144,7 @@ async fn the_owner_rechecks_a_forward_with_its_own_policy() {
             submit: Some(submit("DE")),
             entry_region: "north_america".into(),
             decision: None,
+            relayed_by: String::new(),
         })
         .await
         .expect_err("residency violation refused");
