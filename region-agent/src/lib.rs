@@ -75,8 +75,11 @@ pub use exec::{CancelReason, ExecLimits, ExecStatus, Execution};
 #[derive(Debug, Clone, clap::Args)]
 pub struct AgentArgs {
     /// The controller's gRPC address: host:port (a http:// or https://
-    /// scheme is allowed; TLS follows --ca / --insecure).
-    #[arg(long, env = "FEDERATION_ADDR", value_name = "ADDR")]
+    /// scheme is allowed; TLS follows --ca / --insecure). Several addresses,
+    /// comma-separated, are the replicas of one region: the agent uses one
+    /// at a time and moves to the next when its replica drains or stops
+    /// answering (its id and leases go with it).
+    #[arg(long, env = "FEDERATION_ADDR", value_name = "ADDR[,ADDR…]")]
     pub controller: String,
     /// The region this agent serves; the controller refuses a mismatch.
     #[arg(long)]
@@ -154,7 +157,8 @@ pub struct AgentTls {
 /// [`AgentConfig::new`] and adjust the public fields.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
-    /// The controller's gRPC address (http://host:port).
+    /// The controller's gRPC address (http://host:port), or the addresses
+    /// of a region's replicas, comma-separated ([`AgentConfig::controllers`]).
     pub controller: String,
     /// The region sent in Register (empty: let the controller decide).
     pub region: Option<String>,
@@ -205,6 +209,16 @@ impl AgentConfig {
         }
     }
 
+    /// The controller addresses: the region's replicas, in the order tried.
+    pub fn controllers(&self) -> Vec<String> {
+        self.controller
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+
     /// Checks the values that the command line does not already bound.
     pub fn validate(&self) -> Result<(), AgentError> {
         let bad = |what: &str| Err(AgentError::Config(what.to_owned()));
@@ -220,13 +234,18 @@ impl AgentConfig {
         if self.rpc_timeout.is_zero() || self.max_backoff.is_zero() {
             return bad("rpc_timeout and max_backoff must be positive");
         }
-        let address = federation_tls::Address::parse(&self.controller)
-            .map_err(|e| AgentError::Config(format!("--controller {e}")))?;
-        if self.tls.ca.is_none() && address.scheme() == Some("https") {
-            return Err(AgentError::Config(format!(
-                "--controller {}: https:// asks for TLS, but no --ca was given (plaintext)",
-                self.controller
-            )));
+        let controllers = self.controllers();
+        if controllers.is_empty() {
+            return bad("--controller must name an address");
+        }
+        for controller in &controllers {
+            let address = federation_tls::Address::parse(controller)
+                .map_err(|e| AgentError::Config(format!("--controller {e}")))?;
+            if self.tls.ca.is_none() && address.scheme() == Some("https") {
+                return Err(AgentError::Config(format!(
+                    "--controller {controller}: https:// asks for TLS, but no --ca was given (plaintext)"
+                )));
+            }
         }
         Ok(())
     }

@@ -40,7 +40,7 @@ impl Agent {
         tasks: &mut JoinSet<()>,
         mut reregister: watch::Receiver<bool>,
     ) -> SessionEnd {
-        let controller = &self.config.controller;
+        let controller = &self.controller();
         let mut stopping = self.stopping.subscribe();
         let mut draining = self.draining.subscribe();
         let mut backoff = Backoff::new(self.config.max_backoff);
@@ -90,7 +90,7 @@ impl Agent {
                 wait_ms: millis_u32(self.config.lease_wait),
             });
             request.set_timeout(call_timeout);
-            let mut client = self.client.clone();
+            let mut client = self.client();
             let started = Instant::now();
             // Not cut short by shutdown: see `run`.
             let answer = tokio::time::timeout(call_timeout, client.lease_tasks(request)).await;
@@ -193,7 +193,7 @@ impl Agent {
             let cancel_tx: CancelSender = Arc::new(cancel_tx);
             let token = self.track(&task.task_id, cancel_tx.clone());
             info!(
-                controller = %self.config.controller,
+                controller = %self.controller(),
                 payload_bytes = task.payload.len(),
                 "task started"
             );
@@ -274,7 +274,7 @@ impl Agent {
                 agent_id: session.agent_id.clone(),
                 task_id: task_id.to_owned(),
             };
-            let mut client = self.client.clone();
+            let mut client = self.client();
             match tokio::time::timeout(call_timeout, client.renew_lease(request)).await {
                 Ok(Ok(_)) => {
                     failures = 0;
@@ -282,7 +282,7 @@ impl Agent {
                 }
                 Ok(Err(status)) if lease_gone(&status) => {
                     warn!(
-                        controller = %self.config.controller,
+                        controller = %self.controller(),
                         error = %status_text(&status),
                         "lease lost, killing the task"
                     );
@@ -292,13 +292,13 @@ impl Agent {
                 Ok(Err(status)) => {
                     failures += 1;
                     if loud(failures) {
-                        warn!(controller = %self.config.controller, failures, error = %status_text(&status), "lease renewal failed, will retry");
+                        warn!(controller = %self.controller(), failures, error = %status_text(&status), "lease renewal failed, will retry");
                     }
                 }
                 Err(_) => {
                     failures += 1;
                     if loud(failures) {
-                        warn!(controller = %self.config.controller, failures, "lease renewal timed out, will retry");
+                        warn!(controller = %self.controller(), failures, "lease renewal timed out, will retry");
                     }
                 }
             }

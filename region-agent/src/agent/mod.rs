@@ -14,14 +14,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use federation_api::region_agent_api_client::RegionAgentApiClient;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tracing::{Instrument, info, warn};
 
 use crate::exec::CancelReason;
 use crate::{AgentConfig, AgentError, AgentReport};
-use session::{SessionEnd, channel};
+use session::{SessionEnd, client_to};
 use state::{Agent, Counters};
 
 /// After the grace period, how long killed tasks get to wind down.
@@ -32,12 +31,17 @@ pub(crate) async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<AgentReport, AgentError> {
     config.validate()?;
-    let channel = channel(&config)?;
-    let bearer = federation_tls::Bearer::new(config.tls.token.as_deref())
-        .map_err(|e| AgentError::Config(format!("--token: {e}")))?;
+    let controllers = config.controllers();
+    let first = controllers
+        .first()
+        .cloned()
+        .unwrap_or_else(|| config.controller.clone());
+    let client = client_to(&config, &first)?;
     let slots = usize::try_from(config.slots).unwrap_or(usize::MAX);
     let agent = Arc::new(Agent {
-        client: RegionAgentApiClient::with_interceptor(channel, bearer),
+        client: Mutex::new((client, 0)),
+        controllers,
+        drain_moves: AtomicU64::new(0),
         slots: Arc::new(Semaphore::new(slots)),
         running: Mutex::new(HashMap::new()),
         next_token: AtomicU64::new(0),

@@ -26,7 +26,7 @@ impl Agent {
         received: Option<&federation_trace::TraceParent>,
     ) {
         let traceparent = federation_trace::outgoing(&tracing::Span::current(), received);
-        let controller = &self.config.controller;
+        let controller = &self.controller();
         let request = CompleteTaskRequest {
             agent_id: session.agent_id.clone(),
             task_id: task_id.to_owned(),
@@ -40,7 +40,7 @@ impl Agent {
         let mut attempt = 0u64;
         loop {
             attempt += 1;
-            let mut client = self.client.clone();
+            let mut client = self.client();
             let mut call = tonic::Request::new(request.clone());
             if let Some(tp) = &traceparent {
                 federation_trace::to_metadata(call.metadata_mut(), tp);

@@ -4,13 +4,14 @@
 use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
+use federation_api::region_agent_api_client::RegionAgentApiClient;
 use federation_api::{Capacity, HeartbeatRequest, RegisterRequest, RegisterResponse};
 use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, info, warn};
 
 use super::backoff::{Backoff, loud};
-use super::state::{Agent, bump};
+use super::state::{Agent, Client, bump};
 use super::status::{status_text, transient, unknown_agent};
 use crate::exec::CancelReason;
 use crate::{AgentConfig, AgentError};
@@ -19,6 +20,9 @@ use crate::{AgentConfig, AgentError};
 const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(1);
 const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(30);
 pub(super) const MIN_TIMER: Duration = Duration::from_millis(50);
+/// Heartbeats failed in a row before the agent moves to another of the
+/// region's replicas (when it was given several).
+const MOVE_AFTER_FAILURES: u64 = 3;
 
 /// One registration: the id and timers the controller gave.
 #[derive(Debug)]
@@ -35,16 +39,25 @@ pub(super) enum SessionEnd {
     Stopped,
 }
 
-/// The channel to the controller: mutual TLS when a CA is configured (the
-/// controller's certificate must name our region), plaintext otherwise.
-pub(super) fn channel(config: &AgentConfig) -> Result<Channel, AgentError> {
+/// A client of the controller at `address`, with the agent's credentials.
+pub(super) fn client_to(config: &AgentConfig, address: &str) -> Result<Client, AgentError> {
+    let channel = channel(config, address)?;
+    let bearer = federation_tls::Bearer::new(config.tls.token.as_deref())
+        .map_err(|e| AgentError::Config(format!("--token: {e}")))?;
+    Ok(RegionAgentApiClient::with_interceptor(channel, bearer))
+}
+
+/// The channel to the controller at `address`: mutual TLS when a CA is
+/// configured (the controller's certificate must name our region),
+/// plaintext otherwise.
+fn channel(config: &AgentConfig, address: &str) -> Result<Channel, AgentError> {
     let connect_timeout = config.rpc_timeout.min(Duration::from_secs(5));
     let Some(ca) = &config.tls.ca else {
-        let uri = federation_tls::Address::parse(&config.controller)
+        let uri = federation_tls::Address::parse(address)
             .map(|a| a.uri())
-            .unwrap_or_else(|_| config.controller.clone());
+            .unwrap_or_else(|_| address.to_owned());
         let endpoint = Endpoint::from_shared(uri).map_err(|source| AgentError::Address {
-            address: config.controller.clone(),
+            address: address.to_owned(),
             source,
         })?;
         return Ok(endpoint
@@ -66,7 +79,7 @@ pub(super) fn channel(config: &AgentConfig) -> Result<Channel, AgentError> {
         Some(r) => federation_tls::Expect::Region(r.clone()),
         None => federation_tls::Expect::AnyController,
     };
-    tls.channel(&config.controller, expect, None, |ep| {
+    tls.channel(address, expect, None, |ep| {
         ep.connect_timeout(connect_timeout).tcp_nodelay(true)
     })
     .map_err(|e| AgentError::Config(e.to_string()))
@@ -76,19 +89,19 @@ impl Agent {
     /// Registers, retrying transient failures with capped backoff until it
     /// works, the controller refuses, or `register_timeout` passes.
     pub(super) async fn register(&self) -> Result<Session, AgentError> {
-        let controller = &self.config.controller;
         let started = Instant::now();
         let mut backoff = Backoff::new(self.config.max_backoff);
         let mut attempt = 0u64;
         loop {
             attempt += 1;
+            let controller = &self.controller();
             let request = RegisterRequest {
                 name: self.config.name.clone(),
                 region: self.config.region.clone().unwrap_or_default(),
                 slots: self.config.slots,
                 agent_id: self.last_agent_id(),
             };
-            let mut client = self.client.clone();
+            let mut client = self.client();
             let last_error =
                 match tokio::time::timeout(self.config.rpc_timeout, client.register(request)).await
                 {
@@ -127,6 +140,8 @@ impl Agent {
             } else {
                 debug!(controller = %controller, attempt, error = %last_error, "registration failed");
             }
+            // Another replica of the region may answer.
+            self.move_on();
             tokio::time::sleep(delay).await;
         }
     }
@@ -138,7 +153,7 @@ impl Agent {
     ) -> Result<Session, AgentError> {
         if response.agent_id.is_empty() {
             return Err(AgentError::Protocol {
-                controller: self.config.controller.clone(),
+                controller: self.controller(),
                 message: "Register answered with an empty agent_id".to_owned(),
             });
         }
@@ -166,7 +181,7 @@ impl Agent {
         );
         if !previous.is_empty() && previous != session.agent_id {
             warn!(
-                controller = %self.config.controller,
+                controller = %self.controller(),
                 previous = %previous,
                 agent_id = %session.agent_id,
                 running = self.running_count(),
@@ -174,7 +189,7 @@ impl Agent {
             );
         }
         info!(
-            controller = %self.config.controller,
+            controller = %self.controller(),
             agent_id = %session.agent_id,
             attempts = attempt,
             heartbeat_ms = session.heartbeat_interval.as_millis() as u64,
@@ -191,7 +206,7 @@ impl Agent {
         session: Arc<Session>,
         reregister: watch::Sender<bool>,
     ) {
-        let controller = &self.config.controller;
+        let controller = &self.controller();
         let mut ticker = tokio::time::interval(session.heartbeat_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let call_timeout = self.config.rpc_timeout.min(
@@ -218,7 +233,7 @@ impl Agent {
                     queue_limit: 0,
                 }),
             };
-            let mut client = self.client.clone();
+            let mut client = self.client();
             match tokio::time::timeout(call_timeout, client.heartbeat(request)).await {
                 Ok(Ok(response)) => {
                     if failures > 0 {
@@ -226,6 +241,28 @@ impl Agent {
                     }
                     failures = 0;
                     let response = response.into_inner();
+                    if !response.draining {
+                        self.drain_moves.store(0, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    let tried = self.drain_moves.load(std::sync::atomic::Ordering::Relaxed);
+                    if response.draining
+                        && !*self.stopping.borrow()
+                        && tried + 1 < self.controllers.len() as u64
+                        && self.move_on()
+                    {
+                        bump(&self.drain_moves);
+                        // Its replica drains: move to another replica of the
+                        // region and register there under the same id (its
+                        // leases are the region's, renewed there).
+                        info!(
+                            controller = %controller,
+                            next = %self.controller(),
+                            running = self.running_count(),
+                            "controller drains, moving to another replica of the region"
+                        );
+                        reregister.send_replace(true);
+                        return;
+                    }
                     let was = self.draining.send_replace(response.draining);
                     if was != response.draining {
                         info!(
@@ -261,6 +298,16 @@ impl Agent {
                         warn!(controller = %controller, failures, "heartbeat timed out");
                     }
                 }
+            }
+            if failures >= MOVE_AFTER_FAILURES && !*self.stopping.borrow() && self.move_on() {
+                warn!(
+                    controller = %controller,
+                    failures,
+                    next = %self.controller(),
+                    "controller does not answer, moving to another replica of the region"
+                );
+                reregister.send_replace(true);
+                return;
             }
         }
     }

@@ -37,7 +37,15 @@ pub(super) struct RunningTask {
 
 pub(super) struct Agent {
     pub(super) config: AgentConfig,
-    pub(super) client: Client,
+    /// The client of the controller in use, and its index in
+    /// [`AgentConfig::controllers`].
+    pub(super) client: Mutex<(Client, usize)>,
+    /// Every controller address (the region's replicas).
+    pub(super) controllers: Vec<String>,
+    /// Moves made because the replica drained, since a replica last said it
+    /// does not: once every address was tried, the agent stays (and waits
+    /// out the drain as with one address).
+    pub(super) drain_moves: AtomicU64,
     /// One permit per slot; a running task holds one.
     pub(super) slots: Arc<Semaphore>,
     pub(super) running: Mutex<HashMap<String, RunningTask>>,
@@ -62,6 +70,48 @@ impl Agent {
             failed: get(&c.failed),
             lost: get(&c.lost),
             unreported: get(&c.unreported),
+        }
+    }
+
+    /// The client of the controller in use.
+    pub(super) fn client(&self) -> Client {
+        self.client
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .0
+            .clone()
+    }
+
+    /// The address of the controller in use.
+    pub(super) fn controller(&self) -> String {
+        let index = self.client.lock().unwrap_or_else(PoisonError::into_inner).1;
+        self.controllers
+            .get(index)
+            .cloned()
+            .unwrap_or_else(|| self.config.controller.clone())
+    }
+
+    /// Moves to the next controller address (another replica of the
+    /// region); false when there is only one. Calls made after it (renewals
+    /// and completions of running tasks too) go there.
+    pub(super) fn move_on(&self) -> bool {
+        if self.controllers.len() < 2 {
+            return false;
+        }
+        let mut current = self.client.lock().unwrap_or_else(PoisonError::into_inner);
+        let next = (current.1 + 1) % self.controllers.len();
+        let Some(address) = self.controllers.get(next) else {
+            return false;
+        };
+        match super::session::client_to(&self.config, address) {
+            Ok(client) => {
+                *current = (client, next);
+                true
+            }
+            Err(err) => {
+                warn!(controller = %address, error = %err, "cannot use this controller address");
+                false
+            }
         }
     }
 
