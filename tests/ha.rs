@@ -622,3 +622,241 @@ async fn a_region_of_three_replicas_keeps_serving_in_region_through_the_loss_of_
         );
     }
 }
+
+/// `federation health --addr ADDR`: the status it prints.
+fn health(addr: std::net::SocketAddr) -> String {
+    let out = std::process::Command::new(federation_exe())
+        .args(["health", "--addr", &addr.to_string()])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("federation health runs");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Submits EU tasks through `client` until `stop`, sending each outcome.
+fn submit_eu(
+    mut client: api::federation_client_client::FederationClientClient<tonic::transport::Channel>,
+    entry: &'static str,
+    worker: usize,
+    stop: Arc<AtomicBool>,
+    tx: tokio::sync::mpsc::UnboundedSender<(&'static str, Result<(String, String), String>)>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        for i in 0..100_000 {
+            if stop.load(Ordering::SeqCst) {
+                return;
+            }
+            let req = api::SubmitTaskRequest {
+                attributes: string_attrs(&[("customer_region", ["DE", "UK", "FR"][i % 3])]),
+                idempotency_key: format!("{}-{worker}-{i}", entry.replace(' ', "_")),
+                ..Default::default()
+            };
+            let sent = match client.submit_task(req).await {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    Ok((r.task_id, r.region))
+                }
+                Err(s) => Err(format!("{entry}: {:?} {}", s.code(), s.message())),
+            };
+            if tx.send((entry, sent)).is_err() {
+                return;
+            }
+            // Paced: the point is the drain, not throughput.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+}
+
+/// `federation drain` on one replica of a region whose store is its
+/// database drains that replica only: submits through it and through a peer
+/// keep landing in europe (none on north_america, none refused) while its
+/// sibling stores them, it reports NOT_SERVING while the sibling serves, it
+/// gives up the region's leadership at once (europe's `dead_after` is a
+/// minute, so a leadership that merely expired would not move within the
+/// test's patience), the agent connected to it moves to the sibling and
+/// keeps running tasks there, and the drain is empty for the replica while
+/// the region still holds tasks; `undrain` resumes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_works_per_replica() {
+    let url = pg_sandbox::shared()
+        .expect("a PostgreSQL server (is PostgreSQL installed?)")
+        .create_database("drain")
+        .expect("database");
+    let mut sandbox = formed(
+        seed_sandbox()
+            .agents(0, 1)
+            .replicas("europe", 2)
+            .region_env("europe", "FEDERATION__NODE__STORE__BACKEND", "postgres")
+            .region_env("europe", "FEDERATION__NODE__STORE__URL", &url)
+            .region_env("europe", "FEDERATION__NODE__STORE__POOL_SIZE", "4")
+            .region_env("europe", "FEDERATION__NODE__REPLICA", "europe-1")
+            .region_env("europe", "FEDERATION__NODE__TIMERS__DEAD_AFTER", "60s"),
+    )
+    .await;
+    let drained = eventually("one europe replica leads", PATIENCE, || {
+        let l = leaders(&sandbox, &[0, 1]);
+        async move { (l.len() == 1).then(|| l[0]) }
+    })
+    .await;
+    let sibling = 1 - drained;
+    // An agent given both replicas, the leader first: it runs its tasks
+    // through the leader until the drain. One slot, a second a task: the
+    // region's queue outgrows it.
+    sandbox
+        .start_agent_at("europe", "sleep 1", 1, &[drained, sibling])
+        .expect("agent");
+
+    // EU submits through north_america (forwarded to a europe replica) and
+    // through the replica to be drained itself.
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop_direct = Arc::new(AtomicBool::new(false));
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut workers = Vec::new();
+    for w in 0..2 {
+        let c = sandbox.client("north_america").await.expect("client");
+        workers.push(submit_eu(c, "north_america", w, stop.clone(), tx.clone()));
+        let c = sandbox
+            .replica_client("europe", drained)
+            .await
+            .expect("client");
+        workers.push(submit_eu(c, "the drained replica", w, stop_direct.clone(), tx.clone()));
+    }
+    drop(tx);
+    let mut acked: Vec<(&str, String, String)> = Vec::new();
+    let mut failed: Vec<String> = Vec::new();
+    let mut take = |rx: &mut tokio::sync::mpsc::UnboundedReceiver<_>,
+                    acked: &mut Vec<(&str, String, String)>| {
+        while let Ok((entry, m)) = rx.try_recv() {
+            match m {
+                Ok((id, region)) => acked.push((entry, id, region)),
+                Err(e) => failed.push(e),
+            }
+        }
+    };
+    eventually("submits flow", PATIENCE, || {
+        take(&mut rx, &mut acked);
+        let n = acked.len();
+        async move { (n >= 20).then_some(()) }
+    })
+    .await;
+    eventually("the agent runs a task through the leader", PATIENCE, || {
+        let log = sandbox.replica_log_text("europe", drained);
+        async move { log.contains("task completed").then_some(()) }
+    })
+    .await;
+
+    // Drain the leader replica.
+    let mark = sandbox.replica_log_text("europe", sibling).len();
+    let mut admin = sandbox
+        .replica_admin("europe", drained)
+        .await
+        .expect("admin");
+    let first = admin
+        .drain(api::DrainRequest { drain: true })
+        .await
+        .expect("drain")
+        .into_inner();
+    assert!(first.draining && first.per_replica, "{first:?}");
+    assert_eq!(first.replica, format!("europe-{}", drained + 1), "{first:?}");
+    assert!(!first.leader, "a drained replica gives the lead up: {first:?}");
+    take(&mut rx, &mut acked);
+    let from = acked.len();
+
+    // The sibling leads at once (not after europe's dead_after of 60 s).
+    eventually("the sibling takes the region's lead", PATIENCE, || {
+        let log = sandbox.replica_log_text("europe", sibling);
+        let after = log.get(mark..).unwrap_or_default().to_string();
+        async move { after.contains("this replica leads its region").then_some(()) }
+    })
+    .await;
+    // Readiness: the drained replica NOT_SERVING, its sibling SERVING.
+    let (drained_health, sibling_health) = (
+        sandbox.replica_health_addr("europe", drained).expect("addr"),
+        sandbox.replica_health_addr("europe", sibling).expect("addr"),
+    );
+    eventually("the drained replica reports NOT_SERVING", PATIENCE, || {
+        let s = health(drained_health);
+        async move { s.contains("NOT_SERVING").then_some(()) }
+    })
+    .await;
+    let s = health(sibling_health);
+    assert!(s.contains("SERVING") && !s.contains("NOT_SERVING"), "{s}");
+    // The agent moves to the sibling (its id kept) and runs tasks there.
+    eventually("the agent runs tasks through the sibling", PATIENCE, || {
+        let log = sandbox.replica_log_text("europe", sibling);
+        let after = log.get(mark..).unwrap_or_default().to_string();
+        async move {
+            (after.contains("agent registered")
+                && after.contains("resumed=true")
+                && after.contains("task completed"))
+            .then_some(())
+        }
+    })
+    .await;
+    // Submits through the drained replica and through the peer keep being
+    // acknowledged, in europe.
+    let until = Instant::now() + PATIENCE;
+    loop {
+        take(&mut rx, &mut acked);
+        let count = |entry: &str| acked[from..].iter().filter(|(e, ..)| *e == entry).count();
+        let (direct, peer) = (count("the drained replica"), count("north_america"));
+        if direct >= 20 && peer >= 20 {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "submits while draining: {direct} through the drained replica, {peer} through north_america; failed: {:?}",
+            &failed[failed.len().saturating_sub(5)..]
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The clients of the drained replica go (as Kubernetes' readiness makes
+    // them): its drain becomes empty while the region still holds tasks.
+    stop_direct.store(true, Ordering::SeqCst);
+    let empty = eventually("the drained replica is empty", PATIENCE, || {
+        let mut admin = admin.clone();
+        async move {
+            let r = admin
+                .drain(api::DrainRequest { drain: true })
+                .await
+                .expect("drain")
+                .into_inner();
+            r.empty.then_some(r)
+        }
+    })
+    .await;
+    assert_eq!(
+        (empty.in_flight, empty.agents, empty.leader),
+        (0, 0, false),
+        "{empty:?}"
+    );
+    assert!(
+        empty.queued + empty.leased > 0,
+        "the region still holds tasks, served by the sibling: {empty:?}"
+    );
+
+    // Undrain: serving again.
+    let resumed = admin
+        .drain(api::DrainRequest { drain: false })
+        .await
+        .expect("undrain")
+        .into_inner();
+    assert!(!resumed.draining && !resumed.empty, "{resumed:?}");
+    eventually("the replica serves again", PATIENCE, || {
+        let s = health(drained_health);
+        async move { (s.contains("SERVING") && !s.contains("NOT_SERVING")).then_some(()) }
+    })
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    for w in workers {
+        w.await.expect("worker");
+    }
+    take(&mut rx, &mut acked);
+    assert!(failed.is_empty(), "refused submits: {failed:?}");
+    let outside: Vec<_> = acked.iter().filter(|(_, _, r)| r != "europe").collect();
+    assert!(
+        outside.is_empty(),
+        "EU tasks placed outside europe while a europe replica served: {outside:?}"
+    );
+}

@@ -624,12 +624,41 @@ impl Sandbox {
             .controller)
     }
 
+    /// The plaintext health port of replica `index` of `name`.
+    pub fn replica_health_addr(&self, name: &str, index: usize) -> anyhow::Result<SocketAddr> {
+        Ok(self.replica_slot(name, index)?.2)
+    }
+
+    /// The controller URL of replica `index` of `name` (`https://` with TLS).
+    pub fn replica_url(&self, name: &str, index: usize) -> anyhow::Result<String> {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        Ok(format!("{scheme}://{}", self.replica_addr(name, index)?))
+    }
+
     /// A client-service stub for replica `index` of `name`, as the operator.
     pub async fn replica_client(
         &self,
         name: &str,
         index: usize,
     ) -> anyhow::Result<api::federation_client_client::FederationClientClient<Channel>> {
+        Ok(api::federation_client_client::FederationClientClient::new(
+            self.replica_channel(name, index).await?,
+        ))
+    }
+
+    /// An admin-service stub for replica `index` of `name`, as the operator.
+    pub async fn replica_admin(
+        &self,
+        name: &str,
+        index: usize,
+    ) -> anyhow::Result<api::federation_admin_client::FederationAdminClient<Channel>> {
+        Ok(api::federation_admin_client::FederationAdminClient::new(
+            self.replica_channel(name, index).await?,
+        ))
+    }
+
+    /// A channel to replica `index` of `name`, as the operator.
+    async fn replica_channel(&self, name: &str, index: usize) -> anyhow::Result<Channel> {
         let addr = self.replica_addr(name, index)?;
         let channel = match &self.tls {
             None => connect(addr).await?,
@@ -643,9 +672,7 @@ impl Sandbox {
                     .await?
             }
         };
-        Ok(api::federation_client_client::FederationClientClient::new(
-            channel,
-        ))
+        Ok(channel)
     }
 
     /// Starts (or restarts, same port and data) replica `index` of `name`
@@ -738,13 +765,39 @@ impl Sandbox {
         exec: &str,
         slots: u32,
     ) -> anyhow::Result<usize> {
-        let addr = self.region(name)?.addr;
+        let url = self.url(name)?;
+        self.start_agent_on(name, exec, slots, &url)
+    }
+
+    /// Starts an agent for `name` running `exec` with `slots`, given the
+    /// replicas `replicas` of `name` in that order (`--controller A,B,…`:
+    /// it uses the first and moves on when one drains or stops answering).
+    pub fn start_agent_at(
+        &mut self,
+        name: &str,
+        exec: &str,
+        slots: u32,
+        replicas: &[usize],
+    ) -> anyhow::Result<usize> {
+        let urls = replicas
+            .iter()
+            .map(|&i| self.replica_url(name, i))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        self.start_agent_on(name, exec, slots, &urls.join(","))
+    }
+
+    fn start_agent_on(
+        &mut self,
+        name: &str,
+        exec: &str,
+        slots: u32,
+        controllers: &str,
+    ) -> anyhow::Result<usize> {
         let index = self.region(name)?.agents.len();
         let mut cmd = Command::new(&self.builder.exe);
-        let _ = addr;
         cmd.arg("agent")
             .arg("--controller")
-            .arg(self.url(name)?)
+            .arg(controllers)
             .arg("--region")
             .arg(name)
             .arg("--name")
