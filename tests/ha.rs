@@ -633,13 +633,16 @@ fn health(addr: std::net::SocketAddr) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// A submit's outcome through an entry: (task id, region) or the error.
+type Outcome = (&'static str, Result<(String, String), String>);
+
 /// Submits EU tasks through `client` until `stop`, sending each outcome.
 fn submit_eu(
     mut client: api::federation_client_client::FederationClientClient<tonic::transport::Channel>,
     entry: &'static str,
     worker: usize,
     stop: Arc<AtomicBool>,
-    tx: tokio::sync::mpsc::UnboundedSender<(&'static str, Result<(String, String), String>)>,
+    tx: tokio::sync::mpsc::UnboundedSender<Outcome>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         for i in 0..100_000 {
@@ -719,7 +722,13 @@ async fn drain_works_per_replica() {
             .replica_client("europe", drained)
             .await
             .expect("client");
-        workers.push(submit_eu(c, "the drained replica", w, stop_direct.clone(), tx.clone()));
+        workers.push(submit_eu(
+            c,
+            "the drained replica",
+            w,
+            stop_direct.clone(),
+            tx.clone(),
+        ));
     }
     drop(tx);
     let mut acked: Vec<(&str, String, String)> = Vec::new();
@@ -757,8 +766,15 @@ async fn drain_works_per_replica() {
         .expect("drain")
         .into_inner();
     assert!(first.draining && first.per_replica, "{first:?}");
-    assert_eq!(first.replica, format!("europe-{}", drained + 1), "{first:?}");
-    assert!(!first.leader, "a drained replica gives the lead up: {first:?}");
+    assert_eq!(
+        first.replica,
+        format!("europe-{}", drained + 1),
+        "{first:?}"
+    );
+    assert!(
+        !first.leader,
+        "a drained replica gives the lead up: {first:?}"
+    );
     take(&mut rx, &mut acked);
     let from = acked.len();
 
@@ -766,13 +782,21 @@ async fn drain_works_per_replica() {
     eventually("the sibling takes the region's lead", PATIENCE, || {
         let log = sandbox.replica_log_text("europe", sibling);
         let after = log.get(mark..).unwrap_or_default().to_string();
-        async move { after.contains("this replica leads its region").then_some(()) }
+        async move {
+            after
+                .contains("this replica leads its region")
+                .then_some(())
+        }
     })
     .await;
     // Readiness: the drained replica NOT_SERVING, its sibling SERVING.
     let (drained_health, sibling_health) = (
-        sandbox.replica_health_addr("europe", drained).expect("addr"),
-        sandbox.replica_health_addr("europe", sibling).expect("addr"),
+        sandbox
+            .replica_health_addr("europe", drained)
+            .expect("addr"),
+        sandbox
+            .replica_health_addr("europe", sibling)
+            .expect("addr"),
     );
     eventually("the drained replica reports NOT_SERVING", PATIENCE, || {
         let s = health(drained_health);

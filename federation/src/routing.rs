@@ -605,7 +605,11 @@ async fn forward(
     let several = clients.len() > 1;
     let mut last = None;
     for (endpoint, client) in clients {
-        match forward_at(router, region, client, task_id, req, decision, received, None).await {
+        match forward_at(
+            router, region, client, task_id, req, decision, received, None,
+        )
+        .await
+        {
             Ok(placed) => {
                 router.peers.reached(&endpoint);
                 return Ok(placed);

@@ -477,7 +477,10 @@ async fn leader_loop(node: Arc<Node>, stop: tokio::sync::watch::Receiver<bool>) 
     };
     while ticker.tick().await {
         let me = node.cluster().as_sibling();
-        match store.refresh_replica_as(node.replica(), stale, Some(&me)).await {
+        match store
+            .refresh_replica_as(node.replica(), stale, Some(&me))
+            .await
+        {
             Ok(true) => {}
             Ok(false) => {
                 tracing::error!(replica = %node.replica(), "another controller took this replica's name")

@@ -740,7 +740,8 @@ pub fn status(args: StatusArgs) -> ExitCode {
 }
 
 fn drain_json(r: &api::DrainResponse) -> Value {
-    let mut v = json!({"draining": r.draining, "queued": r.queued, "leased": r.leased, "empty": r.empty});
+    let mut v =
+        json!({"draining": r.draining, "queued": r.queued, "leased": r.leased, "empty": r.empty});
     if r.per_replica {
         v["replica"] = json!(r.replica);
         v["per_replica"] = json!(true);

@@ -1050,8 +1050,14 @@ mod replicas {
                 .await
                 .expect("refresh")
         );
-        assert_eq!(b.siblings(stale).await.expect("read"), vec![told("eu-1", false)]);
-        assert_eq!(a.siblings(stale).await.expect("read"), vec![told("eu-2", false)]);
+        assert_eq!(
+            b.siblings(stale).await.expect("read"),
+            vec![told("eu-1", false)]
+        );
+        assert_eq!(
+            a.siblings(stale).await.expect("read"),
+            vec![told("eu-2", false)]
+        );
         let token = a.lead("eu-1", long).await.expect("lead").expect("a leads");
         assert_eq!(b.lead("eu-2", long).await.expect("lead"), None);
         // a drains: it tells its sibling and resigns; b leads at its next
@@ -1061,9 +1067,15 @@ mod replicas {
                 .await
                 .expect("refresh")
         );
-        assert_eq!(b.siblings(stale).await.expect("read"), vec![told("eu-1", true)]);
+        assert_eq!(
+            b.siblings(stale).await.expect("read"),
+            vec![told("eu-1", true)]
+        );
         assert!(a.resign().await.expect("resign"), "a held the lead");
-        assert!(!a.resign().await.expect("resign"), "nothing left to give up");
+        assert!(
+            !a.resign().await.expect("resign"),
+            "nothing left to give up"
+        );
         assert_eq!(
             b.lead("eu-2", long).await.expect("lead"),
             Some(token + 1),
@@ -1077,7 +1089,10 @@ mod replicas {
         ));
         // A plain refresh keeps what was told.
         assert!(a.refresh_replica("eu-1", stale).await.expect("refresh"));
-        assert_eq!(b.siblings(stale).await.expect("read"), vec![told("eu-1", true)]);
+        assert_eq!(
+            b.siblings(stale).await.expect("read"),
+            vec![told("eu-1", true)]
+        );
         // Undrained, a may lead again once b gives it up.
         assert!(
             a.refresh_replica_as("eu-1", stale, Some(&told("eu-1", false)))

@@ -242,7 +242,8 @@ impl Agent {
                     failures = 0;
                     let response = response.into_inner();
                     if !response.draining {
-                        self.drain_moves.store(0, std::sync::atomic::Ordering::Relaxed);
+                        self.drain_moves
+                            .store(0, std::sync::atomic::Ordering::Relaxed);
                     }
                     let tried = self.drain_moves.load(std::sync::atomic::Ordering::Relaxed);
                     if response.draining
