@@ -207,6 +207,19 @@ mod tests {
     }
 
     #[test]
+    fn agents_heard_lately_are_counted() {
+        let r = AgentRegistry::default();
+        let t0 = Instant::now();
+        let a = record(&r, "", 1, t0);
+        let _b = record(&r, "", 1, t0);
+        assert!(r.heartbeat(&a, None, t0 + Duration::from_secs(3)));
+        let window = Duration::from_secs(2);
+        assert_eq!(r.heard_within(window, t0 + Duration::from_secs(1)), 2);
+        assert_eq!(r.heard_within(window, t0 + Duration::from_secs(4)), 1);
+        assert_eq!(r.heard_within(window, t0 + Duration::from_secs(6)), 0);
+    }
+
+    #[test]
     fn an_agent_keeps_its_id_unless_another_identity_holds_it() {
         let r = AgentRegistry::default();
         let t0 = Instant::now();

@@ -1578,6 +1578,41 @@ mod tests {
     }
 
     #[test]
+    fn one_draining_replica_leaves_its_region_serving_and_says_it_drains() {
+        let m = Membership::new("north_america", &policy(), Timers::default());
+        let (mut now, mut seq) = (Instant::now(), 0);
+        run_replicas(&m, &mut now, &mut seq, 5, &[("eu-1", 10), ("eu-2", 20)]);
+        seq += 1;
+        m.observe(
+            &RegionAdvertisement {
+                draining: true,
+                ..replica_ad("europe", "eu-1", 10, seq, 2)
+            },
+            now,
+        );
+        // The region serves while one replica does; the draining one says
+        // so (peers try it after its sibling).
+        assert!(!m.peer_view("europe", now).expect("row").draining);
+        let draining: Vec<(String, bool)> = m
+            .replicas("europe", now)
+            .into_iter()
+            .map(|r| (r.replica, r.draining))
+            .collect();
+        assert!(draining.contains(&("eu-1".into(), true)), "{draining:?}");
+        assert!(draining.contains(&("eu-2".into(), false)), "{draining:?}");
+        // Both drain: the region does.
+        seq += 1;
+        m.observe(
+            &RegionAdvertisement {
+                draining: true,
+                ..replica_ad("europe", "eu-2", 20, seq, 2)
+            },
+            now,
+        );
+        assert!(m.peer_view("europe", now).expect("row").draining);
+    }
+
+    #[test]
     fn a_region_is_alive_while_any_replica_advertises_and_dead_when_all_are_silent() {
         let m = Membership::new("north_america", &policy(), Timers::default());
         let (mut now, mut seq) = (Instant::now(), 0);

@@ -24,6 +24,20 @@ async fn invalid_configuration_is_refused() {
         let config = AgentConfig::new(good, "true");
         assert!(config.validate().is_ok(), "{good}: {:?}", config.validate());
     }
+    // A region's replicas, comma-separated: each address is checked.
+    let config = AgentConfig::new("127.0.0.1:7000, http://127.0.0.1:7001", "true");
+    config.validate().expect("several replicas");
+    assert_eq!(
+        config.controllers(),
+        vec!["127.0.0.1:7000", "http://127.0.0.1:7001"]
+    );
+    let config = AgentConfig::new("127.0.0.1:7000,https://127.0.0.1:7001", "true");
+    assert!(
+        matches!(config.validate(), Err(AgentError::Config(m)) if m.contains("https://127.0.0.1:7001")),
+        "each address is checked"
+    );
+    let config = AgentConfig::new(" , ", "true");
+    assert!(matches!(config.validate(), Err(AgentError::Config(_))));
     let config = AgentConfig::new("https://127.0.0.1:7000", "true");
     assert!(
         matches!(config.validate(), Err(AgentError::Config(m)) if m.contains("https://")),
@@ -45,6 +59,23 @@ async fn invalid_configuration_is_refused() {
 #[tokio::test]
 async fn an_unreachable_controller_is_retried_then_reported() {
     let mut config = AgentConfig::new(closed_address(), "true");
+    config.register_timeout = Some(Duration::from_millis(600));
+    config.max_backoff = Duration::from_millis(100);
+    let result = tokio::time::timeout(
+        TEST_BOUND,
+        region_agent::run(config, std::future::pending()),
+    )
+    .await
+    .expect("bounded");
+    match result {
+        Err(AgentError::Unreachable { attempts, .. }) => assert!(attempts > 1),
+        other => panic!("expected Unreachable, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn unreachable_replicas_are_each_tried_then_reported() {
+    let mut config = AgentConfig::new(format!("{},{}", closed_address(), closed_address()), "true");
     config.register_timeout = Some(Duration::from_millis(600));
     config.max_backoff = Duration::from_millis(100);
     let result = tokio::time::timeout(

@@ -321,6 +321,30 @@ mod tests {
     use super::*;
 
     #[test]
+    fn work_is_what_a_drained_replica_must_see_finish() {
+        for (service, method) in [
+            ("federation.v1.FederationClient", "SubmitTask"),
+            ("federation.v1.FederationClient", "GetTask"),
+            ("federation.v1.FederationPeer", "ForwardTask"),
+            ("federation.v1.RegionAgentApi", "LeaseTasks"),
+            ("federation.v1.RegionAgentApi", "CompleteTask"),
+        ] {
+            assert!(is_work(service, method), "{service}/{method}");
+        }
+        for (service, method) in [
+            ("federation.v1.FederationClient", "WatchTask"),
+            ("federation.v1.FederationPeer", "Advertise"),
+            ("federation.v1.FederationPeer", "PushSnapshot"),
+            ("federation.v1.RegionAgentApi", "Heartbeat"),
+            ("federation.v1.FederationAdmin", "Drain"),
+            ("grpc.health.v1.Health", "Check"),
+            ("unknown", "unknown"),
+        ] {
+            assert!(!is_work(service, method), "{service}/{method}");
+        }
+    }
+
+    #[test]
     fn labels_stay_bounded() {
         assert_eq!(
             split_path("/federation.v1.FederationClient/SubmitTask"),
