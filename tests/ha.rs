@@ -883,4 +883,61 @@ async fn drain_works_per_replica() {
         outside.is_empty(),
         "EU tasks placed outside europe while a europe replica served: {outside:?}"
     );
+
+    // A drill takes the whole region out: given one replica, it drains the
+    // siblings that replica names too (draining one alone leaves europe
+    // serving, and the drill would never see it unavailable).
+    let dir = tempfile::tempdir().expect("tempdir");
+    let report = dir.path().join("drill.json");
+    let mut cmd = std::process::Command::new(federation_exe());
+    cmd.arg("drill")
+        .arg("--controller")
+        .arg(sandbox.addr("north_america").expect("addr").to_string())
+        .args([
+            "--region",
+            "europe",
+            "--duration",
+            "1s",
+            "--patience",
+            "30s",
+        ])
+        .arg("--region-controller")
+        .arg(
+            sandbox
+                .replica_addr("europe", drained)
+                .expect("addr")
+                .to_string(),
+        )
+        .arg("--policy")
+        .arg(sandbox.config_path())
+        .arg("--report")
+        .arg(&report);
+    for (k, v) in sandbox.cli_env("operator").expect("env") {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("drill runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    let json = std::fs::read_to_string(&report).expect("report");
+    let sibling_port = sandbox
+        .replica_addr("europe", sibling)
+        .expect("addr")
+        .port()
+        .to_string();
+    assert!(
+        json.contains("drained europe (Drain at") && json.contains(&sibling_port),
+        "the drill drains both replicas: {json}"
+    );
+    for i in [drained, sibling] {
+        let addr = sandbox.replica_health_addr("europe", i).expect("addr");
+        eventually("every replica serves after the drill", PATIENCE, || {
+            let s = health(addr);
+            async move { (s.contains("SERVING") && !s.contains("NOT_SERVING")).then_some(()) }
+        })
+        .await;
+    }
 }

@@ -112,6 +112,16 @@ impl Drainer {
             agents,
             leader,
             per_replica,
+            siblings: if per_replica {
+                self.cluster
+                    .siblings()
+                    .into_iter()
+                    .map(|s| s.endpoint)
+                    .filter(|e| !e.is_empty())
+                    .collect()
+            } else {
+                Vec::new()
+            },
         }
     }
 }

@@ -52,7 +52,8 @@ pub struct DrillArgs {
     #[arg(long)]
     pub policy: PathBuf,
     /// R's controller for the drain, when not the endpoint the entry
-    /// controller uses for it.
+    /// controller uses for it. A replica of a region whose store is its
+    /// database names its siblings, which are drained too.
     #[arg(long, value_name = "ADDR")]
     pub region_controller: Option<String>,
     /// How long to wait for each change to be seen (drain, return, hold-down).
@@ -387,7 +388,7 @@ pub async fn drill(
     clock.note("probes sent in normal operation");
 
     // Make R unavailable.
-    let mut target_admin = None;
+    let mut target: Option<String> = None;
     let mut restore: Option<&mut dyn FnMut(bool) -> anyhow::Result<()>> = None;
     match disruption {
         Disruption::Drain => {
@@ -403,17 +404,12 @@ pub async fn drill(
                         format!("{entry} knows no endpoint of {region}: pass --region-controller")
                     })?,
             };
-            let mut rc = c.clone();
-            rc.controller = Some(
-                connect::parse_address(&addr)
-                    .map_err(|e| anyhow::anyhow!("{region}'s controller `{addr}`: {e}"))?,
-            );
-            let mut a = Admin::new(connect::channel(&rc)?);
-            a.drain(api::DrainRequest { drain: true })
-                .await
-                .with_context(|| format!("draining {region} at {addr}"))?;
-            clock.note(format!("drained {region} (Drain at {addr})"));
-            target_admin = Some(a);
+            let drained = set_drain(c, region, &addr, true).await?;
+            clock.note(format!(
+                "drained {region} (Drain at {})",
+                drained.join(", ")
+            ));
+            target = Some(addr);
         }
         Disruption::Kill(f) => {
             f(true).with_context(|| format!("stopping {region}"))?;
@@ -451,12 +447,10 @@ pub async fn drill(
     }
 
     // Restore R and wait out the hold-down.
-    match (target_admin.as_mut(), restore) {
-        (Some(a), _) => {
-            a.drain(api::DrainRequest { drain: false })
-                .await
-                .with_context(|| format!("undraining {region}"))?;
-            clock.note(format!("undrained {region}"));
+    match (target.as_deref(), restore) {
+        (Some(addr), _) => {
+            let undrained = set_drain(c, region, addr, false).await?;
+            clock.note(format!("undrained {region} ({})", undrained.join(", ")));
         }
         (None, Some(f)) => {
             f(false).with_context(|| format!("restarting {region}"))?;
@@ -676,6 +670,43 @@ pub fn summary(report: &Report) -> String {
     out
 }
 
+/// The most replicas of one region a drill drains.
+const MAX_REPLICAS: usize = 32;
+
+/// Drains (`on`) or undrains `region` through its controller at `addr`
+/// with `c`'s credentials. A replica of a database-backed region drains
+/// alone (`DrainResponse.per_replica`) and names its live siblings: each
+/// is drained too, and theirs, so the whole region is taken out (or back).
+/// Returns the addresses it drained, `addr` first.
+async fn set_drain(c: &Connect, region: &str, addr: &str, on: bool) -> anyhow::Result<Vec<String>> {
+    let verb = if on { "draining" } else { "undraining" };
+    let mut done: Vec<String> = Vec::new();
+    let mut todo = vec![addr.to_string()];
+    while let Some(next) = todo.pop() {
+        if done.contains(&next) {
+            continue;
+        }
+        if done.len() >= MAX_REPLICAS {
+            bail!("{region} names more than {MAX_REPLICAS} replicas: {verb} stopped");
+        }
+        let mut rc = c.clone();
+        rc.controller = Some(
+            connect::parse_address(&next)
+                .map_err(|e| anyhow::anyhow!("{region}'s controller `{next}`: {e}"))?,
+        );
+        let r = Admin::new(connect::channel(&rc)?)
+            .drain(api::DrainRequest { drain: on })
+            .await
+            .with_context(|| format!("{verb} {region} at {next}"))?
+            .into_inner();
+        done.push(next);
+        if r.per_replica {
+            todo.extend(r.siblings.into_iter().rev());
+        }
+    }
+    Ok(done)
+}
+
 /// Undrains `region` after an interrupted drill (best effort, logged).
 async fn undrain(c: &Connect, region: &str, region_controller: Option<&str>) {
     let addr = match region_controller {
@@ -690,14 +721,9 @@ async fn undrain(c: &Connect, region: &str, region_controller: Option<&str>) {
             Err(_) => None,
         },
     };
-    let mut rc = c.clone();
-    rc.controller = addr.as_deref().and_then(|a| connect::parse_address(a).ok());
-    let undrained = match connect::channel(&rc) {
-        Ok(ch) => Admin::new(ch)
-            .drain(api::DrainRequest { drain: false })
-            .await
-            .is_ok(),
-        Err(_) => false,
+    let undrained = match addr {
+        Some(a) => set_drain(c, region, &a, false).await.is_ok(),
+        None => false,
     };
     if undrained {
         eprintln!("interrupted: undrained {region}");
