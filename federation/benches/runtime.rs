@@ -20,6 +20,11 @@
 //! about a minute). `RUNTIME_BENCH_SECS` sets the seconds per measurement.
 
 use std::sync::Arc;
+
+/// The controller binary's allocator (`src/main.rs`), so the in-process
+/// controllers run as `federation serve` does.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::time::{Duration, Instant};
 
 use federation::config::Timers;
