@@ -481,6 +481,7 @@ fn open_store(settings: &Settings) -> anyhow::Result<(TaskStore, DecisionLog)> {
                 &settings.region,
                 crate::audit::LogOptions {
                     segment_bytes: settings.store.log_segment_bytes,
+                    ..crate::audit::LogOptions::default()
                 },
             )
             .with_context(|| format!("opening decision log in {}", settings.data_dir.display()))?;

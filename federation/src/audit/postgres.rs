@@ -197,6 +197,8 @@ pub(super) fn writer_loop(
         for m in batch {
             match m {
                 Append::Flush(r) => replies.push((r, None)),
+                // A file log's reminder to sync; nothing here is unsynced.
+                Append::Sync => {}
                 Append::Batch(es, r) => {
                     records.extend(es);
                     replies.push((r, Some(records.len())));

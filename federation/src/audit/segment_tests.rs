@@ -9,7 +9,10 @@ use super::*;
 use crate::policy::{AttrValue, Attributes, Health, RegionView, StaticView};
 
 fn opts(segment_bytes: u64) -> LogOptions {
-    LogOptions { segment_bytes }
+    LogOptions {
+        segment_bytes,
+        ..LogOptions::default()
+    }
 }
 
 fn entry(i: usize) -> Entry {

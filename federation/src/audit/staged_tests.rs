@@ -165,3 +165,76 @@ async fn a_row_that_is_not_the_files_record_at_its_seq_is_refused() {
         .expect_err("refused");
     assert!(err.to_string().contains("unreadable"), "{err}");
 }
+
+/// Waits (bounded: 10 s) until the active file holds `seq`'s line.
+fn wait_for_line(dir: &Path, seq: u64) {
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let bytes = std::fs::read(dir.join(FILE_NAME)).unwrap_or_default();
+        if bytes
+            .split_inclusive(|b| *b == b'\n')
+            .any(|l| l.ends_with(b"\n") && seq_of(l) == Some(seq))
+        {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "seq {seq} never written to the file"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+#[tokio::test]
+async fn staged_lines_are_written_at_once_and_share_one_sync() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // No reminder during the test: only a caller that waits syncs.
+    let options = LogOptions {
+        sync_interval: std::time::Duration::from_secs(3600),
+        ..LogOptions::default()
+    };
+    let log = DecisionLog::open_with(dir.path(), "europe", options).expect("open");
+    log.append(entry(0)).await.expect("append");
+    let synced = log.syncs();
+    assert_eq!(synced, 1, "a caller that waits syncs at once");
+    // Twenty staged batches, each written before the next is staged.
+    for i in 1..=20u64 {
+        let rows = log.stage(vec![entry(i as usize)]).expect("stage");
+        assert_eq!(rows[0].seq, i + 1);
+        wait_for_line(dir.path(), i + 1);
+    }
+    // Readable in the file, not synced: the store keeps their rows.
+    assert_eq!(log.syncs(), synced, "staged lines wait for a shared sync");
+    assert_eq!(log.last().0, 1, "durable only up to the last sync");
+    // A caller that waits syncs them all with its own.
+    let seq = log.append(entry(21)).await.expect("append");
+    assert_eq!(seq, 22);
+    assert_eq!(log.syncs(), synced + 1);
+    assert_eq!(log.last().0, 22);
+    drop(log);
+    let report = verify(dir.path()).expect("verify");
+    assert!(report.is_intact(), "{report:?}");
+    assert_eq!(task_ids(dir.path()).len(), 22);
+}
+
+#[tokio::test]
+async fn staged_lines_become_durable_without_a_caller() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = DecisionLog::open(dir.path(), "europe").expect("open");
+    log.stage(vec![entry(0), entry(1)]).expect("stage");
+    // The reminder syncs them (bounded wait: 10 s).
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while log.last().0 < 2 {
+        assert!(
+            std::time::Instant::now() < until,
+            "staged lines never synced"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    assert!(log.syncs() >= 1);
+    // Closing the log syncs what it wrote last.
+    log.stage(vec![entry(2)]).expect("stage");
+    drop(log);
+    let log = DecisionLog::open(dir.path(), "europe").expect("reopen");
+    assert_eq!(log.last().0, 3);
+}

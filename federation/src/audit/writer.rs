@@ -5,6 +5,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -22,6 +23,10 @@ pub struct LogOptions {
     /// The active file is closed as a segment (then compressed) once a
     /// write takes it to this many bytes.
     pub segment_bytes: u64,
+    /// The longest lines staged in the task store's transaction (durable
+    /// there already) wait in the file before its fdatasync: a caller that
+    /// waits for its append syncs at once. Default [`SYNC_INTERVAL`].
+    pub sync_interval: Duration,
 }
 
 impl LogOptions {
@@ -33,6 +38,7 @@ impl Default for LogOptions {
     fn default() -> Self {
         Self {
             segment_bytes: Self::DEFAULT_SEGMENT_BYTES,
+            sync_interval: SYNC_INTERVAL,
         }
     }
 }
@@ -144,6 +150,8 @@ struct LogInner {
     writer: Mutex<Option<JoinHandle<()>>>,
     /// Seconds per batch write + fdatasync, for metrics.
     append_seconds: prometheus_client::metrics::histogram::Histogram,
+    /// The file's fdatasyncs so far (0 for a log in the database).
+    syncs: Arc<AtomicU64>,
 }
 
 impl Drop for LogInner {
@@ -169,7 +177,20 @@ pub(super) enum Append {
         reply: Option<oneshot::Sender<Result<u64, AuditError>>>,
     },
     Flush(oneshot::Sender<Result<u64, AuditError>>),
+    /// The sync ticker's reminder: lines written without a sync are
+    /// [`SYNC_INTERVAL`] old (a file log).
+    Sync,
 }
+
+/// The longest a file log leaves lines written but not fdatasync'd when no
+/// caller waits for them (the lines staged in the task store's transaction:
+/// durable there already). Their rows stay in the store until the file's
+/// sync covers them, so this delays only when the rows are dropped, never
+/// what is durable; a caller that waits (an append, a flush) syncs at once.
+pub const SYNC_INTERVAL: Duration = Duration::from_millis(10);
+/// Past this many bytes written since the last sync, a file log syncs
+/// without waiting for [`SYNC_INTERVAL`].
+const SYNC_BYTES: usize = 1 << 20;
 
 pub(super) fn lock(tip: &Mutex<Tip>) -> MutexGuard<'_, Tip> {
     tip.lock().unwrap_or_else(|e| e.into_inner())
@@ -256,15 +277,29 @@ impl DecisionLog {
         let append_seconds = prometheus_client::metrics::histogram::Histogram::new(
             prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 18),
         );
+        // Set while the file holds lines written but not synced.
+        let dirty = Arc::new(AtomicBool::new(false));
+        let syncs = Arc::new(AtomicU64::new(0));
         let writer = {
             let tip = Arc::clone(&tip);
             let path = path.clone();
             let seconds = append_seconds.clone();
+            let sync = SyncState {
+                dirty: Arc::clone(&dirty),
+                count: Arc::clone(&syncs),
+            };
             std::thread::Builder::new()
                 .name("decision-log-writer".into())
-                .spawn(move || writer_loop(file, &path, &tip, rx, &seconds, segmenting))
+                .spawn(move || writer_loop(file, &path, &tip, rx, &seconds, segmenting, &sync))
                 .map_err(io)?
         };
+        // The sync ticker holds only a weak sender: it ends with the log.
+        let weak = tx.downgrade();
+        let interval = options.sync_interval;
+        std::thread::Builder::new()
+            .name("decision-log-sync".into())
+            .spawn(move || sync_ticker(&weak, &dirty, interval))
+            .map_err(io)?;
         Ok(Self {
             inner: Arc::new(LogInner {
                 path,
@@ -276,6 +311,7 @@ impl DecisionLog {
                 tx: Some(tx),
                 writer: Mutex::new(Some(writer)),
                 append_seconds,
+                syncs,
             }),
         })
     }
@@ -351,6 +387,7 @@ impl DecisionLog {
                 tx: Some(tx),
                 writer: Mutex::new(Some(writer)),
                 append_seconds,
+                syncs: Arc::default(),
             }),
         })
     }
@@ -499,6 +536,13 @@ impl DecisionLog {
                 hash: hash.to_string(),
             };
         }
+    }
+
+    /// How many times the file was fdatasync'd so far (0 for a log in the
+    /// database): lines staged in the task store's transaction share one
+    /// sync per [`LogOptions::sync_interval`].
+    pub fn syncs(&self) -> u64 {
+        self.inner.syncs.load(Ordering::Relaxed)
     }
 
     /// Seconds per batch write + fdatasync, for metrics.
@@ -657,6 +701,25 @@ fn compressor(rx: std::sync::mpsc::Receiver<segments::Closed>) {
     }
 }
 
+/// Reminds a file log's writer every `interval` to sync what it
+/// wrote without a sync; ends when the log's last sender is gone.
+fn sync_ticker(tx: &mpsc::WeakUnboundedSender<Append>, dirty: &AtomicBool, interval: Duration) {
+    loop {
+        std::thread::sleep(interval);
+        let Some(tx) = tx.upgrade() else { return };
+        if dirty.load(Ordering::Relaxed) && tx.send(Append::Sync).is_err() {
+            return;
+        }
+    }
+}
+
+/// What a file log's writer shares about its syncs: whether lines wait
+/// for one (read by the ticker) and how many it made.
+struct SyncState {
+    dirty: Arc<AtomicBool>,
+    count: Arc<AtomicU64>,
+}
+
 fn writer_loop(
     mut file: File,
     path: &Path,
@@ -664,7 +727,9 @@ fn writer_loop(
     rx: mpsc::UnboundedReceiver<Append>,
     append_seconds: &prometheus_client::metrics::histogram::Histogram,
     mut segmenting: Segmenting,
+    sync: &SyncState,
 ) {
+    let dirty = &*sync.dirty;
     let (compress_tx, compress_rx) = std::sync::mpsc::channel::<segments::Closed>();
     let compressing = std::thread::Builder::new()
         .name("decision-log-compress".into())
@@ -680,13 +745,32 @@ fn writer_loop(
     let mut poisoned: Option<String> = None;
     // One buffer for every batch's lines.
     let mut buf: Vec<u8> = Vec::new();
+    // Lines written since the last sync (staged ones: no caller waits):
+    // the chain after them, and how many bytes.
+    let mut unsynced: Option<Tip> = None;
+    let mut unsynced_bytes = 0usize;
+    // The file's length as written (kept here: no stat per batch), and as
+    // of the last sync.
+    let mut len = file.metadata().map(|m| m.len()).ok();
+    let mut synced_len = len;
     let mut appends = crate::group_commit::Gatherer::new(rx, MAX_BATCH);
-    while let Some(batch) = appends.next_batch() {
+    let mut closing = false;
+    loop {
+        let batch = match appends.next_batch() {
+            Some(batch) => batch,
+            // Every sender is gone: sync what is left, then stop.
+            None if unsynced.is_some() && poisoned.is_none() && !closing => {
+                closing = true;
+                vec![Append::Sync]
+            }
+            None => break,
+        };
         if let Some(why) = &poisoned {
             for m in batch {
                 let reply = match m {
                     Append::Batch(_, r) | Append::Flush(r) => Some(r),
                     Append::Lines { reply, .. } => reply,
+                    Append::Sync => None,
                 };
                 if let Some(r) = reply {
                     let _ = r.send(Err(AuditError::Write(why.clone())));
@@ -694,12 +778,17 @@ fn writer_loop(
             }
             continue;
         }
-        let mut next = lock(tip).clone();
+        let mut next = match &unsynced {
+            Some(t) => t.clone(),
+            None => lock(tip).clone(),
+        };
         buf.clear();
         let mut pending = Vec::with_capacity(batch.len());
+        let mut reminded = false;
         for m in batch {
             match m {
                 Append::Flush(r) => pending.push((r, None)),
+                Append::Sync => reminded = true,
                 Append::Lines { bytes, last, reply } => {
                     buf.extend_from_slice(&bytes);
                     if let Some(r) = reply {
@@ -715,46 +804,78 @@ fn writer_loop(
                 }
             }
         }
-        let written = if buf.is_empty() {
+        let started = std::time::Instant::now();
+        let wrote = if buf.is_empty() {
             Ok(())
         } else {
-            let len_before = file.metadata().map(|m| m.len());
-            let started = std::time::Instant::now();
-            let res = file.write_all(&buf).and_then(|()| file.sync_data());
-            append_seconds.observe(started.elapsed().as_secs_f64());
-            if let Err(e) = &res {
-                // Undo a partial write so the file ends with a whole line.
-                // The records queued after these were sealed on top of
-                // them, so the log stops until it is reopened (the task
-                // store's staged rows keep its records; they are replayed
-                // at open).
-                let undone =
-                    len_before.and_then(|len| file.set_len(len).and_then(|()| file.sync_data()));
-                let why = match undone {
-                    Ok(()) => format!("{}: write failed ({e}); reopen the log", path.display()),
-                    Err(u) => format!(
-                        "{}: write failed ({e}) and could not be undone ({u}); reopen the log",
-                        path.display()
-                    ),
-                };
-                tracing::error!("{why}");
-                poisoned = Some(why);
-            }
-            res
+            file.write_all(&buf)
         };
-        match written {
+        len = match (&wrote, len) {
+            (Ok(()), Some(l)) => Some(l + buf.len() as u64),
+            _ => None,
+        };
+        if wrote.is_ok() && !buf.is_empty() {
+            unsynced_bytes += buf.len();
+            unsynced = Some(next.clone());
+        }
+        let full = len.is_none_or(|l| l >= segmenting.limit)
+            && file.metadata().is_ok_and(|m| m.len() >= segmenting.limit);
+        // Sync when someone waits, when the staged lines are old or many
+        // enough, or before the file is closed as a segment.
+        let due =
+            unsynced.is_some() && { reminded || closing || unsynced_bytes >= SYNC_BYTES || full };
+        let must_sync = wrote.is_err() || !pending.is_empty() || due;
+        if !must_sync {
+            dirty.store(unsynced.is_some(), Ordering::Relaxed);
+            continue;
+        }
+        let res = wrote.and_then(|()| {
+            if unsynced.is_some() {
+                sync.count.fetch_add(1, Ordering::Relaxed);
+                file.sync_data()
+            } else {
+                Ok(())
+            }
+        });
+        append_seconds.observe(started.elapsed().as_secs_f64());
+        if let Err(e) = &res {
+            // Undo what is not known durable, so the file ends with a whole
+            // line the last sync covered. The records queued after these
+            // were sealed on top of them, so the log stops until it is
+            // reopened (the task store's staged rows keep its records;
+            // they are replayed at open).
+            let undone = match synced_len {
+                Some(l) => file.set_len(l).and_then(|()| file.sync_data()),
+                None => Err(std::io::Error::other("the file's length is unknown")),
+            };
+            let why = match undone {
+                Ok(()) => format!("{}: write failed ({e}); reopen the log", path.display()),
+                Err(u) => format!(
+                    "{}: write failed ({e}) and could not be undone ({u}); reopen the log",
+                    path.display()
+                ),
+            };
+            tracing::error!("{why}");
+            poisoned = Some(why);
+        }
+        unsynced = None;
+        unsynced_bytes = 0;
+        dirty.store(false, Ordering::Relaxed);
+        match res {
             Ok(()) => {
+                synced_len = len;
                 *lock(tip) = next.clone();
                 for (r, seq) in pending {
                     let _ = r.send(Ok(seq.unwrap_or(next.seq)));
                 }
                 // Rotate after answering: the records are durable in the
                 // active file whatever happens next.
-                let full = file.metadata().is_ok_and(|m| m.len() >= segmenting.limit);
                 if full && poisoned.is_none() {
                     match segments::rotate(path, segmenting.next) {
                         Ok((active, closed)) => {
                             file = active;
+                            len = file.metadata().map(|m| m.len()).ok();
+                            synced_len = len;
                             segmenting.next += 1;
                             tracing::info!(segment = %closed.path.display(), seq = next.seq, "decision log: segment closed");
                             let _ = compress_tx.send(closed);
