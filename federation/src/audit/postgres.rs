@@ -313,5 +313,3 @@ pub(super) fn writer_loop(
         }
     }
 }
-
-
