@@ -8,7 +8,12 @@
 //! region's head row (`SELECT … FOR UPDATE`) inside the transaction that
 //! carries the records (and, for a task insert, the task), continues the
 //! chain from it and moves it, so concurrent appends are ordered by the
-//! database and the chain holds exactly the committed records. The line's
+//! database and the chain holds exactly the committed records. The lock
+//! ([`lock_head`]) and the append ([`append_after`]: the rows and the moved
+//! head in one statement) each send their statement at the first poll, so
+//! a writer pipelines them: the lock behind its last INSERT, its COMMIT
+//! behind the append, and the head is held for about one round trip and
+//! the commit's flush. The line's
 //! bytes are the file format's ([`super`]), so `audit export` writes the
 //! JSONL an auditor's tooling already checks.
 
