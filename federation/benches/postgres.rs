@@ -15,7 +15,11 @@
 //!
 //! Run: `cargo bench -p federation --bench postgres` (release build).
 //! `PG_BENCH_SECS` sets the seconds per measurement (default 3),
-//! `PG_BENCH_ROUNDS` the rounds (default 3). Needs PostgreSQL from Debian's
+//! `PG_BENCH_ROUNDS` the rounds (default 3). `PG_BENCH_PROBE=N` instead
+//! makes N serial submits through each federation with the server logging
+//! every statement, and prints what one submit costs the server (commits,
+//! WAL flushes, statement steps; `PG_BENCH_PROBE_LOG=path` keeps the log
+//! lines). Needs PostgreSQL from Debian's
 //! packages (`/usr/lib/postgresql/*/bin`, or `FEDERATION_PG_BIN`); without
 //! it the bench says so and exits 0.
 
@@ -247,6 +251,80 @@ async fn task_body_len(url: &str) -> usize {
     row.get::<_, f64>(0).round() as usize
 }
 
+/// `PG_BENCH_PROBE=N`: what N serial submits through `client` cost the
+/// server (transactions, WAL flushes, statements as its log shows them).
+async fn stats(c: &tokio_postgres::Client, db: String) -> (f64, f64) {
+    let x = c
+        .query_one(
+            "SELECT xact_commit::float8, (SELECT wal_sync::float8 FROM pg_stat_wal) FROM pg_stat_database WHERE datname = $1",
+            &[&db],
+        )
+        .await
+        .expect("stats");
+    (x.get::<_, f64>(0), x.get::<_, f64>(1))
+}
+
+async fn probe(pg: &PgServer, url: &str, client: &Client, n: usize) {
+    let db = url.rsplit('/').next().unwrap_or("").to_string();
+    let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    c.batch_execute("SELECT pg_stat_clear_snapshot()")
+        .await
+        .ok();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let before = stats(&c, db.clone()).await;
+    let log_from = pg.log_text().len();
+    for sql in [
+        "ALTER SYSTEM SET log_min_duration_statement = 0",
+        "ALTER SYSTEM SET log_line_prefix = '%m %d [%p] '",
+        "SELECT pg_reload_conf()",
+    ] {
+        c.batch_execute(sql).await.expect("log on");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t = Instant::now();
+    for i in 0..n {
+        client
+            .clone()
+            .submit_task(submit(format!(
+                "probe-{}",
+                KEY.fetch_add(1, Ordering::Relaxed) + i as u64
+            )))
+            .await
+            .expect("submit");
+    }
+    let took = t.elapsed();
+    for sql in [
+        "ALTER SYSTEM RESET log_min_duration_statement",
+        "ALTER SYSTEM RESET log_line_prefix",
+        "SELECT pg_reload_conf()",
+    ] {
+        c.batch_execute(sql).await.expect("log off");
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    c.batch_execute("SELECT pg_stat_clear_snapshot()")
+        .await
+        .ok();
+    let after = stats(&c, db.clone()).await;
+    let log = pg.log_text();
+    let lines: Vec<&str> = log[log_from.min(log.len())..]
+        .lines()
+        .filter(|l| l.contains(&format!(" {db} ")))
+        .collect();
+    println!(
+        "probe: {n} serial submits in {took:?} ({:?} each): {:.1} commits and {:.1} WAL flushes of the server per submit, {:.1} logged statement steps of {db} per submit",
+        took / n as u32,
+        (after.0 - before.0) / n as f64,
+        (after.1 - before.1) / n as f64,
+        lines.len() as f64 / n as f64
+    );
+    if let Ok(path) = std::env::var("PG_BENCH_PROBE_LOG") {
+        std::fs::write(format!("{path}.{db}"), lines.join("\n")).expect("probe log");
+    }
+}
+
 fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(|a, b| a.total_cmp(b));
     xs.get(xs.len() / 2).copied().unwrap_or(0.0)
@@ -282,6 +360,14 @@ async fn main() {
     }
     warm(&one, "one").await;
     warm(&three, "three").await;
+    if let Some(n) = std::env::var("PG_BENCH_PROBE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
+        probe(&pg, &one_url, &one[0], n).await;
+        probe(&pg, &three_url, &three[0], n).await;
+        return;
+    }
     let body_len = task_body_len(&one_url).await;
     let raw_db = raw_url.rsplit('/').next().unwrap_or("raw").to_string();
     pg.execute(&raw_db, RAW_SCHEMA).expect("raw schema");

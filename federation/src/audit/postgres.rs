@@ -8,7 +8,12 @@
 //! region's head row (`SELECT … FOR UPDATE`) inside the transaction that
 //! carries the records (and, for a task insert, the task), continues the
 //! chain from it and moves it, so concurrent appends are ordered by the
-//! database and the chain holds exactly the committed records. The line's
+//! database and the chain holds exactly the committed records. The lock
+//! ([`lock_head`]) and the append ([`append_after`]: the rows and the moved
+//! head in one statement) each send their statement at the first poll, so
+//! a writer pipelines them: the lock behind its last INSERT, its COMMIT
+//! behind the append, and the head is held for about one round trip and
+//! the commit's flush. The line's
 //! bytes are the file format's ([`super`]), so `audit export` writes the
 //! JSONL an auditor's tooling already checks.
 
@@ -32,35 +37,55 @@ pub(crate) async fn ensure_head(
         .map(|_| ())
 }
 
-/// Appends `records` (in order) to `region`'s chain inside `txn`: locks the
-/// head, seals each record after it, inserts the rows and moves the head.
-/// Returns the new head (`None` when `records` is empty). Durable only when
-/// the caller's transaction commits.
-async fn append_in(
-    txn: &tokio_postgres::Transaction<'_>,
+/// Locks `region`'s chain head inside the caller's transaction (open on
+/// `txn`) and returns it, creating the genesis head when there is none. The
+/// statement is sent at the first poll, so a caller may pipeline it behind
+/// its own statements: the lock is then taken without a round trip of its
+/// own, and held until the caller's transaction ends.
+pub(crate) async fn lock_head(
+    txn: &tokio_postgres::Client,
     region: &str,
+) -> Result<(u64, String), tokio_postgres::Error> {
+    use tokio_postgres::types::Type;
+    let row = txn
+        .query_typed_opt(
+            "SELECT seq, hash FROM decision_heads WHERE region = $1 FOR UPDATE",
+            &[(&region, Type::TEXT)],
+        )
+        .await?;
+    match row {
+        Some(r) => Ok((
+            u64::try_from(r.get::<_, i64>(0)).unwrap_or(0),
+            r.get::<_, String>(1),
+        )),
+        None => {
+            txn.execute_typed(
+                "INSERT INTO decision_heads (region, seq, hash) VALUES ($1, 0, $2)",
+                &[(&region, Type::TEXT), (&GENESIS_HASH, Type::TEXT)],
+            )
+            .await?;
+            Ok((0, GENESIS_HASH.to_string()))
+        }
+    }
+}
+
+/// Seals `records` (in order) after `head` — the head [`lock_head`] locked
+/// in this transaction — and writes them and the moved head in one
+/// statement, sent at the first poll (so a caller may pipeline its COMMIT
+/// behind it). Returns the new head (`None`, and nothing sent, when
+/// `records` is empty). Durable only when the caller's transaction commits.
+pub(crate) async fn append_after(
+    txn: &tokio_postgres::Client,
+    region: &str,
+    head: (u64, String),
     records: Vec<Prepared>,
 ) -> Result<Option<(u64, String)>, tokio_postgres::Error> {
+    use tokio_postgres::types::Type;
     if records.is_empty() {
         return Ok(None);
     }
-    let row = txn
-        .query_opt(
-            "SELECT seq, hash FROM decision_heads WHERE region = $1 FOR UPDATE",
-            &[&region],
-        )
-        .await?;
-    let (mut seq, mut hash) = match row {
-        Some(r) => (r.get::<_, i64>(0), r.get::<_, String>(1)),
-        None => {
-            txn.execute(
-                "INSERT INTO decision_heads (region, seq, hash) VALUES ($1, 0, $2)",
-                &[&region, &GENESIS_HASH],
-            )
-            .await?;
-            (0, GENESIS_HASH.to_string())
-        }
-    };
+    let (seq0, mut hash) = head;
+    let mut seq = i64::try_from(seq0).unwrap_or(i64::MAX);
     let (time, unix_ms) = super::now_rfc3339();
     let mut seqs = Vec::with_capacity(records.len());
     let mut hashes = Vec::with_capacity(records.len());
@@ -85,15 +110,19 @@ async fn append_in(
         seqs.push(seq);
         hashes.push(hash.clone());
     }
-    txn.execute(
-        "INSERT INTO decisions (region, seq, hash, task_id, line) \
-         SELECT $1, s, h, t, l FROM unnest($2::bigint[], $3::text[], $4::text[], $5::text[]) AS u(s, h, t, l)",
-        &[&region, &seqs, &hashes, &task_ids, &lines],
-    )
-    .await?;
-    txn.execute(
-        "UPDATE decision_heads SET seq = $2, hash = $3 WHERE region = $1",
-        &[&region, &seq, &hash],
+    txn.execute_typed(
+        "WITH appended AS (INSERT INTO decisions (region, seq, hash, task_id, line) \
+           SELECT $1, s, h, t, l FROM unnest($2::bigint[], $3::text[], $4::text[], $5::text[]) AS u(s, h, t, l)) \
+         UPDATE decision_heads SET seq = $6, hash = $7 WHERE region = $1",
+        &[
+            (&region, Type::TEXT),
+            (&seqs, Type::INT8_ARRAY),
+            (&hashes, Type::TEXT_ARRAY),
+            (&task_ids, Type::TEXT_ARRAY),
+            (&lines, Type::TEXT_ARRAY),
+            (&seq, Type::INT8),
+            (&hash, Type::TEXT),
+        ],
     )
     .await?;
     Ok(Some((u64::try_from(seq).unwrap_or(0), hash)))
@@ -219,13 +248,45 @@ pub(super) fn writer_loop(
         // Bounded by node.store.timeout, like every call to the database:
         // a server that stops answering fails the batch's appends.
         let bounded = pg.bounded(async move {
-            let mut client = pg2.client().await?;
-            let txn = client.transaction().await.map_err(|e| pg2.db(&e))?;
-            let head = append_in(&txn, &region2, records)
-                .await
-                .map_err(|e| pg2.db(&e))?;
-            txn.commit().await.map_err(|e| pg2.db(&e))?;
-            Ok::<_, PgError>(head)
+            let client = pg2.client().await?;
+            let db = |e: tokio_postgres::Error| pg2.db(&e);
+            // BEGIN and the head's lock in one round trip; the records, the
+            // head and COMMIT in the next.
+            let any = !records.is_empty();
+            let (begun, head) = futures::join!(client.batch_execute("BEGIN"), async {
+                if any {
+                    lock_head(&client, &region2).await.map(Some)
+                } else {
+                    Ok(None)
+                }
+            });
+            let appended = async {
+                begun.map_err(db)?;
+                let head = head.map_err(db)?.unwrap_or((0, GENESIS_HASH.to_string()));
+                let mut append = std::pin::pin!(append_after(&client, &region2, head, records));
+                let first = futures::poll!(append.as_mut());
+                if let std::task::Poll::Ready(Err(e)) = first {
+                    return Err(db(e));
+                }
+                let (appended, committed) = futures::join!(
+                    async {
+                        match first {
+                            std::task::Poll::Ready(r) => r,
+                            std::task::Poll::Pending => append.await,
+                        }
+                    },
+                    client.batch_execute("COMMIT")
+                );
+                let head = appended.map_err(db)?;
+                committed.map_err(db)?;
+                Ok::<_, PgError>(head)
+            }
+            .await;
+            if appended.is_err() {
+                // Whatever state the transaction is in, it ends here.
+                let _ = client.batch_execute("ROLLBACK").await;
+            }
+            appended
         });
         let done = pg.handle().block_on(bounded);
         append_seconds.observe(started.elapsed().as_secs_f64());
@@ -258,14 +319,4 @@ pub(super) fn writer_loop(
             }
         }
     }
-}
-
-/// [`append_in`] for the records the task store's inserts carry: appended
-/// in the transaction of their tasks.
-pub(crate) async fn append_records(
-    txn: &tokio_postgres::Transaction<'_>,
-    region: &str,
-    records: Vec<Prepared>,
-) -> Result<Option<(u64, String)>, tokio_postgres::Error> {
-    append_in(txn, region, records).await
 }

@@ -829,6 +829,73 @@ mod replicas {
         (fx, a, b)
     }
 
+    /// The writer sends COMMIT behind the append without waiting for it: an
+    /// append the database refuses must still leave nothing committed (the
+    /// aborted transaction turns that COMMIT into a rollback).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refused_append_commits_neither_the_task_nor_its_record() {
+        use crate::audit::{Prepared, kind};
+        use crate::policy::{Decision, Outcome};
+        let fx = Fixture::new(Kind::Postgres);
+        let store = fx.open();
+        let log = fx.bound_log(&store, "europe");
+        let decision = Decision {
+            outcome: Outcome::Routed {
+                region: "europe".into(),
+            },
+            rule_index: Some(0),
+            rule: Some("rule 1".into()),
+            required_tags: Default::default(),
+            candidates: vec![],
+            reason: "rule 1 matched".into(),
+            policy_hash: "h".into(),
+            warnings: vec![],
+            evaluation_errors: vec![],
+            balance: None,
+        };
+        let record = |id: &str| {
+            Prepared::decision(
+                kind::ROUTE,
+                Some(id),
+                Some("europe"),
+                &Default::default(),
+                &decision,
+                None,
+            )
+        };
+        let first = store.insert_recorded(task("a"), record("a")).await;
+        assert_eq!(first.record, RecordState::Written);
+        // A row already at the chain's next seq: the next append collides.
+        let db = fx
+            .url
+            .as_deref()
+            .and_then(|u| u.rsplit('/').next())
+            .expect("database name")
+            .to_string();
+        federation_sandbox::pg::shared()
+            .expect("server")
+            .execute(
+                &db,
+                "INSERT INTO decisions (region, seq, hash, task_id, line) \
+                 SELECT region, seq + 1, 'x', NULL, '{}' FROM decision_heads WHERE region = 'europe'",
+            )
+            .expect("a row in the way");
+        let refused = store.insert_recorded(task("b"), record("b")).await;
+        assert!(refused.outcome.is_err(), "{:?}", refused.outcome);
+        assert_ne!(refused.record, RecordState::Written);
+        assert_eq!(store.get("b").expect("get"), None, "the task was committed");
+        assert_eq!(
+            store.get("a").expect("get").map(|t| t.task_id),
+            Some("a".into())
+        );
+        let bytes = fx.log_bytes(&log, "europe");
+        let text = String::from_utf8_lossy(&bytes);
+        assert!(!text.contains("\"task_id\":\"b\""), "{text}");
+        // The store goes on: its connection is back outside any transaction.
+        let again = store.insert(task("c")).await.expect("insert after");
+        assert!(!again.is_deduplicated());
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_idempotency_key_names_one_task_across_replicas() {
         let (_fx, a, b) = two();

@@ -41,12 +41,22 @@ pub trait Journal: Send + Sync + std::fmt::Debug {
         rewrite: &mut crate::audit::Rewrite<'_>,
     ) -> Result<(), String>;
 
-    /// Appends `records` inside `txn` (durable when it commits): the
-    /// PostgreSQL store's writer, for the records of its batch. Returns the
-    /// new head (`None` for no records).
-    fn append_in<'a>(
+    /// Locks the chain's head inside the transaction open on `txn` and
+    /// returns it: the PostgreSQL store's writer, pipelined behind its
+    /// batch's last insert (the statement is sent at the first poll).
+    fn lock_head<'a>(
         &'a self,
-        txn: &'a tokio_postgres::Transaction<'a>,
+        txn: &'a tokio_postgres::Client,
+    ) -> BoxFuture<'a, Result<Head, tokio_postgres::Error>>;
+
+    /// Appends `records` after `head` (locked by [`Journal::lock_head`] in
+    /// the same transaction; durable when it commits) in one statement,
+    /// sent at the first poll so the writer pipelines its COMMIT behind it.
+    /// Returns the new head (`None`, nothing sent, for no records).
+    fn append_after<'a>(
+        &'a self,
+        txn: &'a tokio_postgres::Client,
+        head: Head,
         records: Vec<Record>,
     ) -> BoxFuture<'a, Result<Option<Head>, tokio_postgres::Error>>;
 
@@ -73,14 +83,23 @@ impl Journal for crate::audit::DecisionLog {
             .map_err(|e| e.to_string())
     }
 
-    fn append_in<'a>(
+    fn lock_head<'a>(
         &'a self,
-        txn: &'a tokio_postgres::Transaction<'a>,
+        txn: &'a tokio_postgres::Client,
+    ) -> BoxFuture<'a, Result<Head, tokio_postgres::Error>> {
+        Box::pin(crate::audit::postgres::lock_head(txn, self.region()))
+    }
+
+    fn append_after<'a>(
+        &'a self,
+        txn: &'a tokio_postgres::Client,
+        head: Head,
         records: Vec<Record>,
     ) -> BoxFuture<'a, Result<Option<Head>, tokio_postgres::Error>> {
-        Box::pin(crate::audit::postgres::append_records(
+        Box::pin(crate::audit::postgres::append_after(
             txn,
             self.region(),
+            head,
             records,
         ))
     }

@@ -7,8 +7,12 @@
 //! transaction in arrival order and commits once (synchronous commit), then
 //! answers each caller. The decision records that inserts carry are
 //! appended to the region's chain in that same transaction by the store's
-//! journal ([`super::Journal::append_in`]): a task and the record naming it
-//! are committed together or not at all. The writer is in `writer`, a
+//! journal ([`super::Journal::lock_head`], [`super::Journal::append_after`]):
+//! a task and the record naming it are committed together or not at all. A
+//! batch of submits costs three round trips: BEGIN with the look-up of its
+//! ids and keys; the multi-row INSERT with the chain head's lock behind it;
+//! the records, the notification and COMMIT. Each statement is one message
+//! (`query_typed`: no separate parse round trip). The writer is in `writer`, a
 //! batch's inserts in `staging`, the operations inside the transaction in
 //! `tx`, and the watches across replicas in `listen`. Rows a mutation changes are locked
 //! (`FOR UPDATE`; leasing and expiry skip rows another transaction holds),
@@ -19,8 +23,12 @@
 //! federation_tasks` with the ids it changed (delivered by the server at
 //! commit); every store keeps one connection that LISTENs, reads the tasks
 //! another replica changed and publishes them on [`PgStore::subscribe`] (and
-//! wakes [`PgStore::wait_for_queued`]). The delay is one notification plus
-//! one read, after the other replica's commit; a listener whose connection
+//! wakes [`PgStore::wait_for_queued`]). Notifications queued together are
+//! read with one query; the counts move by the `d=` word each commit sends
+//! (counted afresh after a reconnection, every 10 s while others change
+//! tasks, and for a notification without it, from an older replica). The
+//! delay is one notification plus one read, after the other replica's
+//! commit; a listener whose connection
 //! breaks reconnects every second, and changes notified meanwhile are not
 //! replayed (a watch then sees the task's next change).
 //!

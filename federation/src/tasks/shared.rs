@@ -80,6 +80,16 @@ impl Shared {
         *self.counts.lock().unwrap_or_else(|e| e.into_inner()) = counts;
     }
 
+    /// Moves the counts by what another replica's commit changed.
+    pub(super) fn move_counts(&self, by: impl IntoIterator<Item = (TaskState, i64)>) {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        for (state, d) in by {
+            if d != 0 {
+                counts.add(state, d);
+            }
+        }
+    }
+
     /// Reports an undecodable record (once per id): it is skipped by every
     /// scan, listed in the status and counted in the metrics.
     pub(super) fn undecodable(&self, err: &StoreError) {

@@ -10,6 +10,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::CHANNEL;
 use super::Shared;
 use crate::tasks::Counts;
+use crate::tasks::shared::Change;
 use crate::tasks::store::decode;
 
 /// Listens for other replicas' changes of `region` until `stop` fires:
@@ -47,17 +48,66 @@ pub(super) async fn listen(
                 .await
                 .map_err(|e| e.to_string())?;
             tracing::debug!(target = %target, region = %region, "listening for other replicas' changes");
-            while let Some(payload) = rx.recv().await {
-                let mut words = payload.split(' ');
-                let (Some(from), Some(of)) = (words.next(), words.next()) else {
-                    continue;
-                };
-                if from == shared.instance || of != region {
+            // Counted afresh at every (re)connection: what was notified
+            // while no connection listened is not replayed.
+            let mut recount = true;
+            let mut counted = std::time::Instant::now();
+            while let Some(first) = rx.recv().await {
+                // Every notification already queued is read with this one:
+                // one read of the changed tasks, however many commits.
+                let mut payloads = vec![first];
+                while payloads.len() < MAX_COALESCED {
+                    match rx.try_recv() {
+                        Ok(p) => payloads.push(p),
+                        Err(_) => break,
+                    }
+                }
+                let mut ids: Vec<String> = Vec::new();
+                let mut delta = [0i64; 5];
+                let mut others = false;
+                for payload in &payloads {
+                    let mut words = payload.split(' ');
+                    let (Some(from), Some(of)) = (words.next(), words.next()) else {
+                        continue;
+                    };
+                    if from == shared.instance || of != region {
+                        continue;
+                    }
+                    others = true;
+                    let mut moved = false;
+                    let named = ids.len();
+                    for w in words {
+                        match parse_delta(w) {
+                            Some(d) => {
+                                moved = true;
+                                delta.iter_mut().zip(d).for_each(|(a, b)| *a += b);
+                            }
+                            None => ids.push(w.to_string()),
+                        }
+                    }
+                    // An older replica's notification says what changed, not
+                    // how the counts moved: they are counted again.
+                    recount |= !moved && ids.len() > named;
+                }
+                // Now and then the counts are read from the database anyway,
+                // so a notification missed while reconnecting does not leave
+                // them off for good.
+                recount |= counted.elapsed() >= RECOUNT_EVERY && delta != [0; 5];
+                // Only another replica's change is read (this store's own are
+                // counted and published by its writer).
+                if !others {
                     continue;
                 }
-                let ids: Vec<String> = words.map(str::to_string).collect();
-                if let Err(e) = publish(&pool, &region, &shared, &ids).await {
-                    tracing::warn!(target = %target, error = %e, "reading tasks another replica changed failed");
+                match publish(&pool, &region, &shared, &ids, delta, recount).await {
+                    Ok(()) => {
+                        if recount {
+                            counted = std::time::Instant::now();
+                        }
+                        recount = false;
+                    }
+                    Err(e) => {
+                        tracing::warn!(target = %target, error = %e, "reading tasks another replica changed failed")
+                    }
                 }
             }
             Err::<(), String>("the listening connection closed".into())
@@ -77,35 +127,86 @@ pub(super) async fn listen(
     }
 }
 
-/// Reads the tasks `ids` and publishes them; recounts the region's tasks.
+/// The most notifications read together.
+const MAX_COALESCED: usize = 1024;
+/// How often the counts are read again while other replicas change tasks.
+const RECOUNT_EVERY: Duration = Duration::from_secs(10);
+/// The order of the states in a notification's `d=` word.
+const DELTA_STATES: [TaskState; 5] = [
+    TaskState::Queued,
+    TaskState::Leased,
+    TaskState::Succeeded,
+    TaskState::Failed,
+    TaskState::Cancelled,
+];
+
+/// The `d=q,l,s,f,c` word of a notification: how a commit moved the
+/// region's counts by state.
+pub(super) fn delta_word(changes: &[Change]) -> String {
+    let mut d = [0i64; 5];
+    let at = |s: TaskState| DELTA_STATES.iter().position(|x| *x == s);
+    for c in changes {
+        if let Some(i) = c.before.and_then(at) {
+            d[i] -= 1;
+        }
+        if let Some(i) = at(c.after) {
+            d[i] += 1;
+        }
+    }
+    format!("d={},{},{},{},{}", d[0], d[1], d[2], d[3], d[4])
+}
+
+/// The counts' change a `d=` word carries (`None`: the word is a task id).
+fn parse_delta(word: &str) -> Option<[i64; 5]> {
+    let mut out = [0i64; 5];
+    let mut parts = word.strip_prefix("d=")?.split(',');
+    for slot in &mut out {
+        *slot = parts.next()?.parse().ok()?;
+    }
+    parts.next().is_none().then_some(out)
+}
+
+/// Reads the tasks `ids` and publishes them, after moving the counts by
+/// `delta` — or, with `recount`, counting the region's tasks again.
 pub(super) async fn publish(
     pool: &deadpool_postgres::Pool,
     region: &str,
     shared: &Shared,
     ids: &[String],
+    delta: [i64; 5],
+    recount: bool,
 ) -> Result<(), String> {
+    use tokio_postgres::types::Type;
     let client = pool.get().await.map_err(|e| e.to_string())?;
-    let rows = client
-        .query(
-            "SELECT task_id, body FROM tasks WHERE region = $1 AND task_id = ANY($2)",
-            &[&region, &ids],
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-    let counted = client
-        .query(
-            "SELECT state, count(*) FROM tasks WHERE region = $1 GROUP BY state",
-            &[&region],
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut counts = Counts::default();
-    for r in counted {
-        if let Ok(s) = TaskState::try_from(i32::from(r.get::<_, i16>(0))) {
-            counts.add(s, r.get::<_, i64>(1));
+    let rows = if ids.is_empty() {
+        Vec::new()
+    } else {
+        client
+            .query_typed(
+                "SELECT task_id, body FROM tasks WHERE region = $1 AND task_id = ANY($2)",
+                &[(&region, Type::TEXT), (&ids, Type::TEXT_ARRAY)],
+            )
+            .await
+            .map_err(|e| e.to_string())?
+    };
+    if recount {
+        let counted = client
+            .query_typed(
+                "SELECT state, count(*) FROM tasks WHERE region = $1 GROUP BY state",
+                &[(&region, Type::TEXT)],
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut counts = Counts::default();
+        for r in counted {
+            if let Ok(s) = TaskState::try_from(i32::from(r.get::<_, i16>(0))) {
+                counts.add(s, r.get::<_, i64>(1));
+            }
         }
+        shared.set_counts(counts);
+    } else {
+        shared.move_counts(DELTA_STATES.iter().copied().zip(delta));
     }
-    shared.set_counts(counts);
     for r in rows {
         let id: &str = r.get(0);
         match decode(id, r.get::<_, &[u8]>(1)) {
@@ -114,4 +215,31 @@ pub(super) async fn publish(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_commits_count_changes_travel_in_its_notification() {
+        let change = |before, after| Change {
+            before,
+            after,
+            task: None,
+        };
+        let word = delta_word(&[
+            change(None, TaskState::Queued),
+            change(None, TaskState::Queued),
+            change(Some(TaskState::Queued), TaskState::Leased),
+            change(Some(TaskState::Leased), TaskState::Succeeded),
+        ]);
+        assert_eq!(word, "d=1,0,1,0,0");
+        assert_eq!(parse_delta(&word), Some([1, 0, 1, 0, 0]));
+        assert_eq!(parse_delta("d=-1,2,0,0,3"), Some([-1, 2, 0, 0, 3]));
+        // A task id, or a malformed word, is not a count change.
+        assert_eq!(parse_delta("0193-abc.europe"), None);
+        assert_eq!(parse_delta("d=1,2"), None);
+        assert_eq!(parse_delta("d=1,2,3,4,5,6"), None);
+    }
 }

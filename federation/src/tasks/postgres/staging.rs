@@ -6,6 +6,7 @@ use std::collections::{HashMap, HashSet};
 
 use federation_api::{Task, TaskState};
 use prost::Message;
+use tokio_postgres::types::Type;
 
 use super::tx::Tx;
 use super::{key_of, state_code};
@@ -32,7 +33,7 @@ pub(super) struct Known {
     pub(super) by_key: HashMap<String, Task>,
 }
 
-impl Tx<'_, '_> {
+impl Tx<'_> {
     /// Creates the staged tasks in one statement and answers them: created,
     /// or (a row another transaction committed meanwhile) answered one by
     /// one as an insert that found its id or key stored.
@@ -52,9 +53,11 @@ impl Tx<'_, '_> {
         let created: Vec<i64> = tasks.iter().map(|(_, t)| t.created_unix_ms).collect();
         let keys: Vec<Option<&str>> = tasks.iter().map(|(_, t)| key_of(t)).collect();
         let bodies: Vec<Vec<u8>> = tasks.iter().map(|(_, t)| t.encode_to_vec()).collect();
+        // One message (no separate parse): sent at the first poll, so the
+        // writer may pipeline the chain head's lock behind it.
         let rows = self
             .txn
-            .query(
+            .query_typed(
                 "INSERT INTO tasks (region, task_id, state, priority, created_ms, \
                  lease_deadline_ms, agent_id, idempotency_key, body) \
                  SELECT $1, i, s, p, c, 0, '', k, b \
@@ -62,13 +65,13 @@ impl Tx<'_, '_> {
                              $6::text[], $7::bytea[]) AS u(i, s, p, c, k, b) \
                  ON CONFLICT DO NOTHING RETURNING task_id",
                 &[
-                    &self.region,
-                    &ids,
-                    &states,
-                    &priorities,
-                    &created,
-                    &keys,
-                    &bodies,
+                    (&self.region, Type::TEXT),
+                    (&ids, Type::TEXT_ARRAY),
+                    (&states, Type::INT2_ARRAY),
+                    (&priorities, Type::INT4_ARRAY),
+                    (&created, Type::INT8_ARRAY),
+                    (&keys, Type::TEXT_ARRAY),
+                    (&bodies, Type::BYTEA_ARRAY),
                 ],
             )
             .await
@@ -111,12 +114,17 @@ impl Tx<'_, '_> {
         if ids.is_empty() {
             return Ok(known);
         }
+        // Sent at the first poll: the writer pipelines it behind BEGIN.
         let rows = self
             .txn
-            .query(
+            .query_typed(
                 "SELECT task_id, body FROM tasks WHERE region = $1 \
                  AND (task_id = ANY($2) OR idempotency_key = ANY($3))",
-                &[&self.region, &ids, &keys],
+                &[
+                    (&self.region, Type::TEXT),
+                    (&ids, Type::TEXT_ARRAY),
+                    (&keys, Type::TEXT_ARRAY),
+                ],
             )
             .await
             .map_err(|e| self.db(&e))?;

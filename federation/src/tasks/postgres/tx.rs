@@ -6,7 +6,6 @@ use std::collections::HashSet;
 
 use federation_api::{Takeover, Task, TaskState};
 use prost::Message;
-use tokio_postgres::Transaction;
 
 use super::{Shared, key_of, state_code};
 use crate::pg::Pg;
@@ -18,14 +17,16 @@ use crate::tasks::transitions;
 use crate::tasks::{AgentRecord, CancelOutcome, InsertOutcome, StoreError, is_terminal};
 
 /// Mutations of one batch, inside its transaction.
-pub(super) struct Tx<'a, 't> {
-    pub(super) txn: &'a Transaction<'t>,
+pub(super) struct Tx<'a> {
+    /// The connection, inside the batch's transaction (opened and ended
+    /// by the writer).
+    pub(super) txn: &'a tokio_postgres::Client,
     pub(super) pg: &'a Pg,
     pub(super) region: &'a str,
     pub(super) shared: &'a Shared,
 }
 
-impl Tx<'_, '_> {
+impl Tx<'_> {
     pub(super) fn db(&self, e: &tokio_postgres::Error) -> StoreError {
         StoreError::from(self.pg.db(e))
     }
@@ -228,7 +229,7 @@ impl Tx<'_, '_> {
 
 /// Through a shared reference: a batch's staged inserts use the transaction
 /// too.
-impl Operations for &Tx<'_, '_> {
+impl Operations for &Tx<'_> {
     async fn insert(
         &mut self,
         task: Task,

@@ -9,14 +9,14 @@ use std::sync::atomic::Ordering;
 
 use federation_api::Task;
 use tokio::sync::{mpsc, oneshot};
-use tokio_postgres::Transaction;
+use tokio_postgres::types::Type;
 
 use super::deadline::{Relay, relayed};
 use super::staging::Staging;
 use super::tx::Tx;
-use super::{CHANNEL, NOTIFY_BYTES, Shared};
+use super::{CHANNEL, NOTIFY_BYTES, Shared, listen};
 use crate::pg::Pg;
-use crate::tasks::journal::{Journal, Record};
+use crate::tasks::journal::{Head, Journal, Record};
 use crate::tasks::requests::{self, Applied, Op, Settled};
 use crate::tasks::shared::Change;
 use crate::tasks::{InsertOutcome, MAX_BATCH, RecordState, RecordedInsert, StoreError};
@@ -65,6 +65,12 @@ pub(super) enum Slot {
 
 /// Applies a batch in one transaction with its records appended in it,
 /// commits, and answers every request (or fails them all).
+///
+/// Round trips of a batch of new submits: BEGIN with the look-up of the
+/// batch's ids and keys; the multi-row INSERT with the chain head's lock
+/// behind it; the records and the head, the notification and COMMIT. Each
+/// statement is one message (`query_typed`: no separate parse), and the
+/// pipelined ones are sent before the first of them is answered.
 pub(super) async fn run_batch(
     pg: &Pg,
     region: &str,
@@ -72,26 +78,49 @@ pub(super) async fn run_batch(
     journal: Option<&dyn Journal>,
     batch: Vec<Op>,
 ) {
-    let now = shared.clock.now_ms();
-    let mut changes = Vec::new();
-    let mut client = match pg.client().await {
+    let client = match pg.client().await {
         Ok(c) => c,
         Err(e) => return requests::fail(Vec::new(), batch, StoreError::from(e)),
     };
-    let txn = match client.transaction().await {
-        Ok(t) => t,
-        Err(e) => return requests::fail(Vec::new(), batch, StoreError::from(pg.db(&e))),
-    };
+    let mut committed = false;
+    run_in_transaction(pg, &client, region, shared, journal, batch, &mut committed).await;
+    if !committed {
+        // Whatever state the transaction is in, it ends here (the
+        // connection goes back to the pool outside any transaction).
+        let _ = client.batch_execute("ROLLBACK").await;
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_in_transaction(
+    pg: &Pg,
+    client: &tokio_postgres::Client,
+    region: &str,
+    shared: &Shared,
+    journal: Option<&dyn Journal>,
+    batch: Vec<Op>,
+    ended: &mut bool,
+) {
+    let now = shared.clock.now_ms();
+    let mut changes = Vec::new();
     let t = Tx {
-        txn: &txn,
+        txn: client,
         pg,
         region,
         shared,
     };
+    // The chain's head is locked only by a batch that carries records.
+    let chained = journal.filter(|_| batch.iter().any(carries_record));
+    // BEGIN and the look-up in one round trip (the look-up only reads; BEGIN
+    // is checked before anything is written).
+    let (begun, known) = futures::join!(client.batch_execute("BEGIN"), t.prefetch(&batch));
+    if let Err(e) = begun {
+        return requests::fail(Vec::new(), batch, StoreError::from(pg.db(&e)));
+    }
     // Inserts are staged and created together (one multi-row INSERT) before
     // any other request runs and at the end: a batch of submits costs a
     // fixed number of round trips, not two per task.
-    let known = match t.prefetch(&batch).await {
+    let known = match known {
         Ok(k) => k,
         Err(e) => return requests::fail(Vec::new(), batch, e),
     };
@@ -99,6 +128,7 @@ pub(super) async fn run_batch(
         Vec::with_capacity(batch.len());
     let mut slots = Vec::with_capacity(batch.len());
     let mut ops = batch.into_iter().enumerate();
+    let mut head = None;
     let outcome = async {
         let mut staged: Vec<(usize, Task)> = Vec::new();
         for (i, op) in ops.by_ref() {
@@ -139,8 +169,21 @@ pub(super) async fn run_batch(
                 }
             }
         }
-        t.create_staged(&mut staged, &mut inserts, &mut changes)
-            .await
+        // The last INSERT with the chain head's lock pipelined behind it:
+        // the lock costs no round trip of its own, and is held from here
+        // to the commit.
+        let (created, locked) = futures::join!(
+            t.create_staged(&mut staged, &mut inserts, &mut changes),
+            async {
+                match chained {
+                    Some(j) => j.lock_head(client).await.map(Some),
+                    None => Ok(None),
+                }
+            }
+        );
+        created?;
+        head = locked.map_err(|e| t.db(&e))?;
+        Ok(())
     }
     .await;
     let applied: Vec<Applied> = slots
@@ -166,25 +209,35 @@ pub(super) async fn run_batch(
         return requests::fail(answers, ops.map(|(_, op)| op), e);
     }
     // The records go into the chain in the transaction of their tasks.
-    let head = match journal {
-        Some(j) if !records.is_empty() => match j.append_in(&txn, records).await {
-            Ok(h) => h,
-            Err(e) => return requests::fail(answers, Vec::new(), StoreError::from(pg.db(&e))),
-        },
+    let append = match journal {
+        Some(j) if !records.is_empty() => {
+            let head = match head {
+                Some(h) => h,
+                // Not expected (a batch with records locked the head above).
+                None => match j.lock_head(client).await {
+                    Ok(h) => h,
+                    Err(e) => {
+                        return requests::fail(answers, Vec::new(), StoreError::from(pg.db(&e)));
+                    }
+                },
+            };
+            Some(j.append_after(client, head, records))
+        }
         _ => None,
     };
     // Other replicas hear of the changes when this commits.
-    if let Err(e) = notify(&txn, region, &shared.instance, &changes).await {
-        return requests::fail(answers, Vec::new(), StoreError::from(pg.db(&e)));
-    }
+    let notified = notify(client, region, &shared.instance, &changes);
     let started = std::time::Instant::now();
-    let committed = txn.commit().await;
+    let appended = commit_behind(client, append, notified, ended).await;
     shared.observe_commit(started.elapsed());
-    if let Err(e) = committed {
-        let err = StoreError::from(pg.db(&e));
-        tracing::error!(error = %err, "task store commit failed");
-        return requests::fail(answers, Vec::new(), err);
-    }
+    let head = match appended {
+        Ok(head) => head,
+        Err(e) => {
+            let err = StoreError::from(pg.db(&e));
+            tracing::error!(error = %err, "task store commit failed");
+            return requests::fail(answers, Vec::new(), err);
+        }
+    };
     let created = changes.iter().filter(|c| c.before.is_none()).count() as u64;
     shared.created.fetch_add(created, Ordering::Relaxed);
     let records = match (journal, head) {
@@ -204,10 +257,74 @@ pub(super) async fn run_batch(
     }
 }
 
+/// Whether `op` carries decision records for the journal.
+fn carries_record(op: &Op) -> bool {
+    match op {
+        Op::Insert { record, .. } => record.is_some(),
+        Op::InsertBatch { records, .. } => records.as_ref().is_some_and(|r| !r.is_empty()),
+        _ => false,
+    }
+}
+
+/// Sends the append (if any) and the notification, then COMMIT behind
+/// them without waiting for their answers, and awaits all three: one
+/// round trip. COMMIT is sent only once both statements have left (each
+/// is sent at its first poll; one refused before leaving fails the batch
+/// with nothing committed). A statement the server refuses aborts the
+/// transaction, so the COMMIT behind it rolls back; either way `ended` is
+/// set once COMMIT was sent. Returns the journal's new head.
+async fn commit_behind<'a>(
+    client: &tokio_postgres::Client,
+    append: Option<futures::future::BoxFuture<'a, Result<Option<Head>, tokio_postgres::Error>>>,
+    notified: impl std::future::Future<Output = Result<(), tokio_postgres::Error>>,
+    ended: &mut bool,
+) -> Result<Option<Head>, tokio_postgres::Error> {
+    use std::task::Poll;
+    let mut append = append;
+    let mut notified = std::pin::pin!(notified);
+    let appended = match append.as_mut() {
+        Some(a) => match futures::poll!(a.as_mut()) {
+            Poll::Ready(Err(e)) => return Err(e),
+            Poll::Ready(Ok(h)) => Some(Ok(h)),
+            Poll::Pending => None,
+        },
+        None => Some(Ok(None)),
+    };
+    let notice = match futures::poll!(notified.as_mut()) {
+        Poll::Ready(Err(e)) => return Err(e),
+        Poll::Ready(Ok(())) => Some(Ok(())),
+        Poll::Pending => None,
+    };
+    *ended = true;
+    let (appended, notice, committed) = futures::join!(
+        async {
+            match (appended, append) {
+                (Some(r), _) => r,
+                (None, Some(a)) => a.await,
+                (None, None) => Ok(None),
+            }
+        },
+        async {
+            match notice {
+                Some(r) => r,
+                None => notified.await,
+            }
+        },
+        client.batch_execute("COMMIT")
+    );
+    let head = appended?;
+    notice?;
+    committed?;
+    Ok(head)
+}
+
 /// Queues the notifications of a batch's changes (sent at commit):
-/// `<instance> <region> <id> <id> …`, split to stay under the limit.
+/// `<instance> <region> d=<queued>,<leased>,<succeeded>,<failed>,<cancelled> <id> <id> …`,
+/// split to stay under the limit; the counts' change (`d=`) rides in the
+/// first payload only. The statement is sent at the first poll (none for no
+/// changes).
 pub(super) async fn notify(
-    txn: &Transaction<'_>,
+    txn: &tokio_postgres::Client,
     region: &str,
     instance: &str,
     changes: &[Change],
@@ -217,7 +334,7 @@ pub(super) async fn notify(
     }
     let mut payloads = Vec::new();
     let head = format!("{instance} {region}");
-    let mut current = head.clone();
+    let mut current = format!("{head} {}", listen::delta_word(changes));
     for task in changes.iter().filter_map(|c| c.task.as_ref()) {
         if current.len() + task.task_id.len() + 1 > NOTIFY_BYTES && current.len() > head.len() {
             payloads.push(std::mem::replace(&mut current, head.clone()));
@@ -226,9 +343,9 @@ pub(super) async fn notify(
         current.push_str(&task.task_id);
     }
     payloads.push(current);
-    txn.execute(
+    txn.execute_typed(
         "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p",
-        &[&CHANNEL, &payloads],
+        &[(&CHANNEL, Type::TEXT), (&payloads, Type::TEXT_ARRAY)],
     )
     .await
     .map(|_| ())
