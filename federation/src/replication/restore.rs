@@ -129,9 +129,8 @@ pub struct Scope<'p> {
     source: &'p str,
     region: &'p str,
     tags: BTreeSet<String>,
-    /// The attributes any data-class condition reads, as bytes (compared
-    /// with the keys on the wire as they are).
-    reads: Vec<Box<[u8]>>,
+    /// The attributes any data-class condition reads.
+    reads: BTreeSet<String>,
     allowed: HashTable<Allowed>,
 }
 
@@ -157,22 +156,7 @@ impl<'p> Scope<'p> {
                 .requirements
                 .iter()
                 .flat_map(|q| q.condition.reads())
-                .collect::<BTreeSet<String>>()
-                .into_iter()
-                .map(|k| k.into_bytes().into_boxed_slice())
                 .collect(),
-            allowed: HashTable::new(),
-        }
-    }
-
-    /// The same check with nothing remembered yet (for another thread).
-    fn fork(&self) -> Self {
-        Self {
-            policy: self.policy,
-            source: self.source,
-            region: self.region,
-            tags: self.tags.clone(),
-            reads: self.reads.clone(),
             allowed: HashTable::new(),
         }
     }
@@ -181,7 +165,7 @@ impl<'p> Scope<'p> {
     /// `snapshot::may_hold`.
     fn check(&mut self, task: &TaskView<'_>) -> Result<(), Rejection> {
         let source = self.source;
-        if !owned_by(task.task_id, source) {
+        if wire::owner_of(task.task_id) != Some(source) {
             return Err(Rejection::Residency(format!(
                 "task {} is not owned by {source}",
                 wire::truncate(task.task_id, 80)
@@ -189,16 +173,11 @@ impl<'p> Scope<'p> {
         }
         // The entries the verdict depends on, in key order; `None` when
         // they cannot be remembered (too many, or a key twice).
-        let mut entries: [(&[u8], &[u8]); MAX_ENTRIES] = [(&[], &[]); MAX_ENTRIES];
+        let mut entries: [(&str, &[u8]); MAX_ENTRIES] = [("", &[]); MAX_ENTRIES];
         let mut n = 0;
         let mut rememberable = true;
-        let entries_read = if self.reads.is_empty() {
-            None
-        } else {
-            Some(task.attribute_entries_bytes())
-        };
-        for (key, entry) in entries_read.into_iter().flatten() {
-            if !self.reads.iter().any(|r| **r == *key) {
+        for (key, entry) in task.attribute_entries_raw() {
+            if !self.reads.contains(key) {
                 continue;
             }
             if n == MAX_ENTRIES {
@@ -254,113 +233,14 @@ impl<'p> Scope<'p> {
     }
 }
 
-/// `task_id` is `<uuid>.<region>` with `region` the source: what
-/// `wire::owner_of(task_id) == Some(region)` says, by bytes.
-fn owned_by(task_id: &str, region: &str) -> bool {
-    let id = task_id.as_bytes();
-    id.len() == 37 + region.len()
-        && id[36] == b'.'
-        && !id[..36].contains(&b'.')
-        && id[37..] == *region.as_bytes()
-        && !region.is_empty()
-}
-
-/// Bodies of at least this many bytes have their tasks validated on two
-/// threads (when the machine has two cores): below it a thread's start
-/// costs more than it saves.
-pub const PARALLEL_BYTES: usize = 64 << 10;
-
-/// What a run of a body's tasks decoded to (the whole body, or one of the
-/// halves validated on their own threads).
-#[derive(Debug, Default)]
-struct Part {
-    tasks: Vec<Placed>,
-    results: Vec<Placed>,
-    /// The first task (of `tasks`, of `results`) we may not hold: reported
-    /// only once the whole body decoded.
-    refused_task: Option<Rejection>,
-    refused_result: Option<Rejection>,
-    /// The first malformed task of the run (parallel runs only; the
-    /// sequential walk stops at it).
-    malformed: Option<ViewError>,
-}
-
-impl Part {
-    /// Adds a validated task of `plain` in `list`, checked by `scope`.
-    fn add(
-        &mut self,
-        plain: &[u8],
-        list: List,
-        task: &TaskView<'_>,
-        scope: Option<&mut Scope<'_>>,
-        room: impl FnOnce() -> usize,
-    ) {
-        if let Some(scope) = scope {
-            let refused = match list {
-                List::Tasks => &mut self.refused_task,
-                List::Results => &mut self.refused_result,
-            };
-            if refused.is_none() {
-                if let Err(e) = scope.check(task) {
-                    *refused = Some(e);
-                }
-            }
-        }
-        let placed = Placed {
-            hash: hash(task.task_id.as_bytes()),
-            task: Span::of(plain, task.raw),
-            id: Span::of(plain, task.task_id.as_bytes()),
-            key: Span::of(plain, task.idempotency_key.as_bytes()),
-            version: task.version,
-            state: task.state,
-        };
-        let out = match list {
-            List::Tasks => &mut self.tasks,
-            List::Results => &mut self.results,
-        };
-        if out.capacity() == 0 {
-            out.reserve(room());
-        }
-        out.push(placed);
-    }
-
-    /// Validates and adds `frames` in order, up to the first malformed one,
-    /// with room for `room` (tasks, results).
-    fn of_frames(
-        plain: &[u8],
-        frames: &[view::Frame<'_>],
-        room: (usize, usize),
-        mut scope: Option<&mut Scope<'_>>,
-    ) -> Self {
-        let mut part = Part::default();
-        for f in frames {
-            match f.view() {
-                Ok(task) => {
-                    let room = match f.list {
-                        List::Tasks => room.0,
-                        List::Results => room.1,
-                    };
-                    part.add(plain, f.list, &task, scope.as_deref_mut(), || room);
-                }
-                Err(e) => {
-                    part.malformed = Some(e);
-                    break;
-                }
-            }
-        }
-        part
-    }
-}
-
 /// Decodes a snapshot's plaintext for the copy: every task validated as
 /// `SnapshotBody::decode` validates it; with `header`, the body's source,
 /// epoch and sequence must be the header's; with `scope`, every task is
-/// checked against residency. A body of [`PARALLEL_BYTES`] or more is
-/// validated on two threads, with the same verdicts in the same order.
+/// checked against residency.
 pub fn decode(
     plain: Vec<u8>,
     header: Option<&api::SnapshotHeader>,
-    scope: Option<&mut Scope<'_>>,
+    mut scope: Option<&mut Scope<'_>>,
 ) -> Result<Restored, Rejection> {
     if u32::try_from(plain.len()).is_err() {
         return Err(Rejection::Body(format!(
@@ -369,13 +249,41 @@ pub fn decode(
             u32::MAX
         )));
     }
-    let two = plain.len() >= PARALLEL_BYTES
-        && std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2);
-    let (head, part) = if two {
-        on_two_threads(&plain, scope)?
-    } else {
-        on_this_thread(&plain, scope)?
-    };
+    let (mut tasks, mut results) = (Vec::new(), Vec::new());
+    // The first task (of `tasks`, of `results`) we may not hold: reported
+    // only once the whole body decoded.
+    let (mut refused_task, mut refused_result) = (None, None);
+    let head = view::walk::<ViewError>(&plain, |list, task, rest| {
+        if let Some(scope) = scope.as_deref_mut() {
+            let refused = match list {
+                List::Tasks => &mut refused_task,
+                List::Results => &mut refused_result,
+            };
+            if refused.is_none() {
+                if let Err(e) = scope.check(&task) {
+                    *refused = Some(e);
+                }
+            }
+        }
+        let placed = Placed {
+            hash: hash(task.task_id.as_bytes()),
+            task: Span::of(&plain, task.raw),
+            id: Span::of(&plain, task.task_id.as_bytes()),
+            key: Span::of(&plain, task.idempotency_key.as_bytes()),
+            version: task.version,
+            state: task.state,
+        };
+        let out = match list {
+            List::Tasks => &mut tasks,
+            List::Results => &mut results,
+        };
+        if out.capacity() == 0 {
+            out.reserve(view::room(&task, rest));
+        }
+        out.push(placed);
+        Ok(())
+    })
+    .map_err(|e| Rejection::Body(e.to_string()))?;
     let (source_region, epoch, sequence, taken_unix_ms) = (
         head.source_region.to_string(),
         head.epoch,
@@ -389,7 +297,7 @@ pub fn decode(
             "body's source, epoch or sequence differs from the header".into(),
         ));
     }
-    if let Some(e) = part.refused_task.or(part.refused_result) {
+    if let Some(e) = refused_task.or(refused_result) {
         return Err(e);
     }
     Ok(Restored {
@@ -398,72 +306,9 @@ pub fn decode(
         epoch,
         sequence,
         taken_unix_ms,
-        tasks: part.tasks,
-        results: part.results,
+        tasks,
+        results,
     })
-}
-
-/// The whole body in one walk.
-fn on_this_thread<'a>(
-    plain: &'a [u8],
-    mut scope: Option<&mut Scope<'_>>,
-) -> Result<(view::Head<'a>, Part), Rejection> {
-    let mut part = Part::default();
-    let head = view::walk::<ViewError>(plain, |list, task, rest| {
-        part.add(plain, list, &task, scope.as_deref_mut(), || {
-            view::room(&task, rest)
-        });
-        Ok(())
-    })
-    .map_err(|e| Rejection::Body(e.to_string()))?;
-    Ok((head, part))
-}
-
-/// The body's top level read once ([`view::frame`]), then its tasks in two
-/// halves, the second on a helper thread with a residency check of its own
-/// (nothing remembered is shared). The first malformed task in wire order
-/// is reported, else the top level's error, as one walk reports them; the
-/// halves' lists are joined in order, so the first refused task is the
-/// first in wire order too.
-fn on_two_threads<'a>(
-    plain: &'a [u8],
-    scope: Option<&mut Scope<'_>>,
-) -> Result<(view::Head<'a>, Part), Rejection> {
-    let (head, frames, top) = view::frame(plain);
-    let (first, second) = frames.split_at(frames.len() / 2);
-    let count = |frames: &[view::Frame<'_>]| {
-        let tasks = frames.iter().filter(|f| f.list == List::Tasks).count();
-        (tasks, frames.len() - tasks)
-    };
-    // The first half's lists get room for all: the second's join them.
-    let (all, theirs) = (count(&frames), count(second));
-    let mut helper_scope = scope.as_deref().map(Scope::fork);
-    let (mut a, b) = std::thread::scope(|s| {
-        let helper = std::thread::Builder::new()
-            .name("snapshot-decode".into())
-            .spawn_scoped(s, || {
-                Part::of_frames(plain, second, theirs, helper_scope.as_mut())
-            });
-        let mut scope = scope;
-        let a = Part::of_frames(plain, first, all, scope.as_deref_mut());
-        let b = match helper {
-            Ok(h) => h.join().unwrap_or_else(|_| Part {
-                malformed: Some(ViewError::from(view::Fault::Panicked)),
-                ..Part::default()
-            }),
-            // No thread to be had: this one does the rest.
-            Err(_) => Part::of_frames(plain, second, theirs, scope.as_deref_mut()),
-        };
-        (a, b)
-    });
-    if let Some(e) = a.malformed.take().or(b.malformed).or(top) {
-        return Err(Rejection::Body(e.to_string()));
-    }
-    a.tasks.extend(b.tasks);
-    a.results.extend(b.results);
-    a.refused_task = a.refused_task.or(b.refused_task);
-    a.refused_result = a.refused_result.or(b.refused_result);
-    Ok((head, a))
 }
 
 #[cfg(test)]
@@ -599,60 +444,6 @@ mod tests {
             matches!(r, Err(Rejection::Body(ref m)) if m.contains("differs from the header")),
             "{r:?}"
         );
-    }
-
-    /// What a decode found, comparable across the two ways of decoding.
-    fn outcome(r: Result<(view::Head<'_>, Part), Rejection>) -> Result<String, String> {
-        r.map(|(head, part)| {
-            format!(
-                "{head:?} {:?} {:?} {:?} {:?}",
-                part.tasks, part.results, part.refused_task, part.refused_result
-            )
-        })
-        .map_err(|e| format!("{e:?}"))
-    }
-
-    proptest! {
-        #![proptest_config(ProptestConfig::with_cases(24))]
-        #[test]
-        fn two_threads_find_what_one_walk_finds(
-            refused in proptest::option::of(0usize..700),
-            flip in proptest::option::of((0usize..200_000, 1u8..=255)),
-            cut in proptest::option::of(0usize..200_000),
-        ) {
-            let p = policy();
-            let mut body = SnapshotBody {
-                source_region: "north_america".into(),
-                epoch: 1,
-                sequence: 2,
-                tasks: (0..600)
-                    .map(|i| {
-                        let mut t = task(i, "north_america", 0, "US", "pii");
-                        t.payload = vec![b'x'; 150];
-                        t
-                    })
-                    .collect(),
-                results: (600..700).map(|i| task(i, "north_america", 0, "CA", "")).collect(),
-                ..Default::default()
-            };
-            if let Some(i) = refused {
-                let t = if i < 600 { &mut body.tasks[i] } else { &mut body.results[i - 600] };
-                t.task_id = format!("{i:036}.asia_pacific");
-            }
-            let mut plain = body.encode_to_vec();
-            prop_assert!(plain.len() >= PARALLEL_BYTES);
-            if let Some((at, x)) = flip {
-                let n = plain.len();
-                plain[at % n] ^= x;
-            }
-            if let Some(cut) = cut {
-                plain.truncate(cut.min(plain.len()));
-            }
-            let one = outcome(on_this_thread(&plain, Some(&mut Scope::new(&p, "north_america", "europe"))));
-            let two = outcome(on_two_threads(&plain, Some(&mut Scope::new(&p, "north_america", "europe"))));
-            prop_assert_eq!(&one, &two);
-            prop_assert_eq!(one.is_ok(), SnapshotBody::decode(plain.as_slice()).is_ok());
-        }
     }
 
     proptest! {

@@ -38,44 +38,8 @@ impl From<prost::DecodeError> for ViewError {
     }
 }
 
-/// Why a field did not decode, as the reader returns it: a small `Copy`
-/// value, so every read's `Result` comes back in registers (the message is
-/// written only when a body is refused, [`ViewError`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Fault {
-    InvalidKey,
-    InvalidWireTypeValue,
-    TagZero,
-    InvalidVarint,
-    Underflow,
-    WireType {
-        got: WireType,
-        want: WireType,
-    },
-    Recursion,
-    EndGroup,
-    Utf8,
-    /// A thread validating part of a body panicked.
-    Panicked,
-}
-
-impl From<Fault> for ViewError {
-    fn from(f: Fault) -> Self {
-        Self(match f {
-            Fault::InvalidKey => "invalid key value".into(),
-            Fault::InvalidWireTypeValue => "invalid wire type value".into(),
-            Fault::TagZero => "invalid tag value: 0".into(),
-            Fault::InvalidVarint => "invalid varint".into(),
-            Fault::Underflow => "buffer underflow".into(),
-            Fault::WireType { got, want } => {
-                format!("invalid wire type: {got:?} (expected {want:?})")
-            }
-            Fault::Recursion => "recursion limit reached".into(),
-            Fault::EndGroup => "unexpected end group tag".into(),
-            Fault::Utf8 => "invalid string value: data is not UTF-8 encoded".into(),
-            Fault::Panicked => "a decoding thread panicked".into(),
-        })
-    }
+fn fail<T>(why: &str) -> Result<T, ViewError> {
+    Err(ViewError(why.to_string()))
 }
 
 /// A cursor over a message's bytes.
@@ -94,17 +58,10 @@ impl<'a> Reader<'a> {
 
     /// A field key, as `prost::encoding::decode_key` reads it.
     #[inline]
-    fn key(&mut self) -> Result<(u32, WireType), Fault> {
-        let key = match self.buf.first() {
-            // One byte: tags 1 to 15, the common case.
-            Some(&b) if b < 0x80 => {
-                self.buf = &self.buf[1..];
-                u64::from(b)
-            }
-            _ => self.raw_varint()?,
-        };
+    fn key(&mut self) -> Result<(u32, WireType), ViewError> {
+        let key = self.raw_varint()?;
         if key > u64::from(u32::MAX) {
-            return Err(Fault::InvalidKey);
+            return fail("invalid key value");
         }
         let wire = match key & 7 {
             0 => WireType::Varint,
@@ -113,11 +70,11 @@ impl<'a> Reader<'a> {
             3 => WireType::StartGroup,
             4 => WireType::EndGroup,
             5 => WireType::ThirtyTwoBit,
-            _ => return Err(Fault::InvalidWireTypeValue),
+            _ => return fail("invalid wire type value"),
         };
         let tag = key as u32 >> 3;
         if tag == 0 {
-            return Err(Fault::TagZero);
+            return fail("invalid tag value: 0");
         }
         Ok((tag, wire))
     }
@@ -125,25 +82,20 @@ impl<'a> Reader<'a> {
     /// A varint, as `prost::encoding::decode_varint` reads it: at most ten
     /// bytes, the tenth at most 1.
     #[inline]
-    fn raw_varint(&mut self) -> Result<u64, Fault> {
-        match *self.buf {
-            [b, ..] if b < 0x80 => {
+    fn raw_varint(&mut self) -> Result<u64, ViewError> {
+        if let Some(&b) = self.buf.first() {
+            if b < 0x80 {
                 self.buf = &self.buf[1..];
                 return Ok(u64::from(b));
             }
-            [b0, b1, ..] if b1 < 0x80 => {
-                self.buf = &self.buf[2..];
-                return Ok(u64::from(b0 & 0x7f) | (u64::from(b1) << 7));
-            }
-            _ => {}
         }
         let mut value = 0u64;
         for i in 0..10 {
             let Some(&b) = self.buf.get(i) else {
-                return Err(Fault::InvalidVarint);
+                return fail("invalid varint");
             };
             if i == 9 && b > 1 {
-                return Err(Fault::InvalidVarint);
+                return fail("invalid varint");
             }
             value |= u64::from(b & 0x7f) << (7 * i);
             if b < 0x80 {
@@ -151,30 +103,30 @@ impl<'a> Reader<'a> {
                 return Ok(value);
             }
         }
-        Err(Fault::InvalidVarint)
+        fail("invalid varint")
     }
 
     #[inline]
-    fn varint(&mut self, wire: WireType) -> Result<u64, Fault> {
+    fn varint(&mut self, wire: WireType) -> Result<u64, ViewError> {
         expect(wire, WireType::Varint)?;
         self.raw_varint()
     }
 
-    fn fixed64(&mut self, wire: WireType) -> Result<u64, Fault> {
+    fn fixed64(&mut self, wire: WireType) -> Result<u64, ViewError> {
         expect(wire, WireType::SixtyFourBit)?;
         let Some((head, rest)) = self.buf.split_first_chunk::<8>() else {
-            return Err(Fault::Underflow);
+            return fail("buffer underflow");
         };
         self.buf = rest;
         Ok(u64::from_le_bytes(*head))
     }
 
     #[inline]
-    fn bytes(&mut self, wire: WireType) -> Result<&'a [u8], Fault> {
+    fn bytes(&mut self, wire: WireType) -> Result<&'a [u8], ViewError> {
         expect(wire, WireType::LengthDelimited)?;
         let len = self.raw_varint()?;
         if len > self.buf.len() as u64 {
-            return Err(Fault::Underflow);
+            return fail("buffer underflow");
         }
         let (head, rest) = self.buf.split_at(len as usize);
         self.buf = rest;
@@ -182,25 +134,26 @@ impl<'a> Reader<'a> {
     }
 
     #[inline]
-    fn str(&mut self, wire: WireType) -> Result<&'a str, Fault> {
-        std::str::from_utf8(self.bytes(wire)?).map_err(|_| Fault::Utf8)
+    fn str(&mut self, wire: WireType) -> Result<&'a str, ViewError> {
+        std::str::from_utf8(self.bytes(wire)?)
+            .map_err(|_| ViewError("invalid string value: data is not UTF-8 encoded".into()))
     }
 
     /// A nested message's bytes, entered at `depth` (the nesting budget
     /// left where the field is read).
     #[inline]
-    fn message(&mut self, wire: WireType, depth: u32) -> Result<&'a [u8], Fault> {
+    fn message(&mut self, wire: WireType, depth: u32) -> Result<&'a [u8], ViewError> {
         expect(wire, WireType::LengthDelimited)?;
         if depth == 0 {
-            return Err(Fault::Recursion);
+            return fail("recursion limit reached");
         }
         self.bytes(wire)
     }
 
     /// Skips an unknown field as `prost::encoding::skip_field` does.
-    fn skip(&mut self, wire: WireType, tag: u32, depth: u32) -> Result<(), Fault> {
+    fn skip(&mut self, wire: WireType, tag: u32, depth: u32) -> Result<(), ViewError> {
         if depth == 0 {
-            return Err(Fault::Recursion);
+            return fail("recursion limit reached");
         }
         match wire {
             WireType::Varint => {
@@ -215,20 +168,20 @@ impl<'a> Reader<'a> {
                 let (inner, inner_wire) = self.key()?;
                 if inner_wire == WireType::EndGroup {
                     if inner != tag {
-                        return Err(Fault::EndGroup);
+                        return fail("unexpected end group tag");
                     }
                     break;
                 }
                 self.skip(inner_wire, inner, depth - 1)?;
             },
-            WireType::EndGroup => return Err(Fault::EndGroup),
+            WireType::EndGroup => return fail("unexpected end group tag"),
         }
         Ok(())
     }
 
-    fn advance(&mut self, n: usize) -> Result<(), Fault> {
+    fn advance(&mut self, n: usize) -> Result<(), ViewError> {
         if n > self.buf.len() {
-            return Err(Fault::Underflow);
+            return fail("buffer underflow");
         }
         self.buf = &self.buf[n..];
         Ok(())
@@ -236,11 +189,13 @@ impl<'a> Reader<'a> {
 }
 
 #[inline]
-fn expect(got: WireType, want: WireType) -> Result<(), Fault> {
+fn expect(got: WireType, want: WireType) -> Result<(), ViewError> {
     if got == want {
         Ok(())
     } else {
-        Err(Fault::WireType { got, want })
+        Err(ViewError(format!(
+            "invalid wire type: {got:?} (expected {want:?})"
+        )))
     }
 }
 
@@ -288,11 +243,6 @@ pub struct Head<'a> {
     pub taken_unix_ms: i64,
 }
 
-/// A reader's fault as the caller's error.
-fn fault<E: From<ViewError>>(f: Fault) -> E {
-    E::from(ViewError::from(f))
-}
-
 /// Walks a whole body once, validating every field of every task as
 /// [`BodyView::parse`] does, and hands each task to `f` (in wire order,
 /// with the number of bytes of the body after it, see [`room`]) as soon as
@@ -305,78 +255,22 @@ pub fn walk<'a, E: From<ViewError>>(
     let depth = RECURSION_LIMIT;
     let mut r = Reader::new(plain);
     while !r.done() {
-        let (tag, wire) = r.key().map_err(fault)?;
-        if let Some(list) = head_field(&mut head, &mut r, tag, wire).map_err(fault)? {
-            let raw = r.message(wire, depth).map_err(fault)?;
-            let task = TaskView::parse(raw, depth - 1).map_err(fault)?;
-            f(list, task, r.buf.len())?;
+        let (tag, wire) = r.key()?;
+        match tag {
+            1 => head.source_region = r.str(wire)?,
+            2 => head.epoch = r.varint(wire)?,
+            3 => head.sequence = r.varint(wire)?,
+            4 => head.policy_hash = r.str(wire)?,
+            5 => head.taken_unix_ms = r.varint(wire)? as i64,
+            6 | 7 => {
+                let task = TaskView::parse(r.message(wire, depth)?, depth - 1)?;
+                let list = if tag == 6 { List::Tasks } else { List::Results };
+                f(list, task, r.buf.len())?;
+            }
+            _ => r.skip(wire, tag, depth)?,
         }
     }
     Ok(head)
-}
-
-/// Reads field `tag` of a body's top level into `head`; for a task (field
-/// 6 or 7) reads nothing and says which list it is in.
-#[inline]
-fn head_field<'a>(
-    head: &mut Head<'a>,
-    r: &mut Reader<'a>,
-    tag: u32,
-    wire: WireType,
-) -> Result<Option<List>, Fault> {
-    match tag {
-        1 => head.source_region = r.str(wire)?,
-        2 => head.epoch = r.varint(wire)?,
-        3 => head.sequence = r.varint(wire)?,
-        4 => head.policy_hash = r.str(wire)?,
-        5 => head.taken_unix_ms = r.varint(wire)? as i64,
-        6 => return Ok(Some(List::Tasks)),
-        7 => return Ok(Some(List::Results)),
-        _ => r.skip(wire, tag, RECURSION_LIMIT)?,
-    }
-    Ok(None)
-}
-
-/// One task's bytes in a body, found by [`frame`], not yet validated.
-#[derive(Debug, Clone, Copy)]
-pub struct Frame<'a> {
-    /// Which list it is in.
-    pub list: List,
-    /// Its encoded bytes.
-    pub raw: &'a [u8],
-}
-
-impl<'a> Frame<'a> {
-    /// The task validated as [`walk`] validates it.
-    pub fn view(&self) -> Result<TaskView<'a>, ViewError> {
-        TaskView::parse(self.raw, RECURSION_LIMIT - 1).map_err(ViewError::from)
-    }
-}
-
-/// A body's top level, read without looking inside its tasks: the head,
-/// every task's bytes in wire order, and the error that ended the read if
-/// the top level is malformed (the tasks before it are kept, so a caller
-/// that validates them can report the first error in wire order, as
-/// [`walk`] does). Each task costs a key and a length here, so the tasks
-/// can then be validated on several threads.
-pub fn frame(plain: &[u8]) -> (Head<'_>, Vec<Frame<'_>>, Option<ViewError>) {
-    let mut head = Head::default();
-    let mut frames = Vec::new();
-    let mut r = Reader::new(plain);
-    let read = (|| -> Result<(), Fault> {
-        while !r.done() {
-            let (tag, wire) = r.key()?;
-            if let Some(list) = head_field(&mut head, &mut r, tag, wire)? {
-                let raw = r.message(wire, RECURSION_LIMIT)?;
-                if frames.capacity() == 0 {
-                    frames.reserve((r.buf.len() / (raw.len() + 2) + 1).min(1 << 16));
-                }
-                frames.push(Frame { list, raw });
-            }
-        }
-        Ok(())
-    })();
-    (head, frames, read.err().map(ViewError::from))
 }
 
 /// Room to reserve for the tasks of a body, judging by its first (`task`,
@@ -460,7 +354,7 @@ fn owned(list: &[TaskView<'_>]) -> Result<Vec<api::Task>, ViewError> {
         for h in spawned {
             match h.join() {
                 Ok(part) => out.extend(part?),
-                Err(_) => return Err(ViewError("a decoding thread panicked".into())),
+                Err(_) => return fail("a decoding thread panicked"),
             }
         }
         Ok(out)
@@ -519,7 +413,7 @@ pub struct TaskView<'a> {
 
 impl<'a> TaskView<'a> {
     /// Decodes one task's bytes with `depth` nesting left (99 inside a body).
-    fn parse(raw: &'a [u8], depth: u32) -> Result<Self, Fault> {
+    fn parse(raw: &'a [u8], depth: u32) -> Result<Self, ViewError> {
         let mut t = TaskView {
             raw,
             ..Default::default()
@@ -609,24 +503,6 @@ impl<'a> TaskView<'a> {
         })
     }
 
-    /// [`TaskView::attribute_entries_raw`] with each key as bytes (UTF-8,
-    /// validated by `parse`, not checked again).
-    pub fn attribute_entries_bytes(&self) -> impl Iterator<Item = (&'a [u8], &'a [u8])> + 'a {
-        let mut r = Reader::new(self.attribute_span);
-        std::iter::from_fn(move || {
-            // Validated by `parse`, as in `attributes`.
-            while !r.done() {
-                let (tag, wire) = r.key().ok()?;
-                if tag == 2 {
-                    let raw = r.bytes(wire).ok()?;
-                    return Some((entry_key(raw), raw));
-                }
-                r.skip(wire, tag, RECURSION_LIMIT).ok()?;
-            }
-            None
-        })
-    }
-
     /// The owned task, decoded by prost from [`TaskView::raw`].
     pub fn to_task(&self) -> Result<api::Task, ViewError> {
         Ok(api::Task::decode(self.raw)?)
@@ -675,7 +551,7 @@ impl<'a> AttributeView<'a> {
 }
 
 /// Validates one map entry (`depth` left inside it).
-fn entry(raw: &[u8], depth: u32) -> Result<(), Fault> {
+fn entry(raw: &[u8], depth: u32) -> Result<(), ViewError> {
     let mut r = Reader::new(raw);
     while !r.done() {
         let (tag, wire) = r.key()?;
@@ -691,7 +567,7 @@ fn entry(raw: &[u8], depth: u32) -> Result<(), Fault> {
 }
 
 /// An entry's key and value (already validated).
-fn entry_parts(raw: &[u8]) -> Result<(&str, AttributeView<'_>), Fault> {
+fn entry_parts(raw: &[u8]) -> Result<(&str, AttributeView<'_>), ViewError> {
     let mut r = Reader::new(raw);
     let (mut key, mut value) = ("", AttributeView::default());
     while !r.done() {
@@ -709,25 +585,8 @@ fn entry_parts(raw: &[u8]) -> Result<(&str, AttributeView<'_>), Fault> {
     Ok((key, value))
 }
 
-/// A validated entry's key (the last on the wire, as prost keeps it).
-fn entry_key(raw: &[u8]) -> &[u8] {
-    let mut r = Reader::new(raw);
-    let mut key: &[u8] = &[];
-    while !r.done() {
-        let Ok((tag, wire)) = r.key() else { break };
-        let read = match tag {
-            1 => r.bytes(wire).map(|k| key = k),
-            _ => r.skip(wire, tag, RECURSION_LIMIT),
-        };
-        if read.is_err() {
-            break;
-        }
-    }
-    key
-}
-
 /// Validates an `AttributeValue` (`depth` left inside it).
-fn attribute_value(raw: &[u8], depth: u32) -> Result<(), Fault> {
+fn attribute_value(raw: &[u8], depth: u32) -> Result<(), ViewError> {
     let mut r = Reader::new(raw);
     while !r.done() {
         let (tag, wire) = r.key()?;
@@ -760,7 +619,7 @@ fn attribute_value(raw: &[u8], depth: u32) -> Result<(), Fault> {
 }
 
 /// Validates a `Takeover` (`depth` left inside it).
-fn takeover(raw: &[u8], depth: u32) -> Result<(), Fault> {
+fn takeover(raw: &[u8], depth: u32) -> Result<(), ViewError> {
     let mut r = Reader::new(raw);
     while !r.done() {
         let (tag, wire) = r.key()?;
