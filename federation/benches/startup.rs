@@ -176,6 +176,20 @@ async fn start_and_submit(sandbox: &mut federation_sandbox::Sandbox, round: usiz
     }
 }
 
+/// The message and `*_ms` fields of a log line (text or JSON).
+fn phases(line: &str) -> String {
+    let fields: Vec<String> = line
+        .split(|c: char| c.is_whitespace() || c == ',' || c == '{' || c == '}')
+        .filter(|w| w.contains("_ms"))
+        .map(|w| w.replace('"', ""))
+        .collect();
+    let message = ["task store and decision log opened", "controller opened"]
+        .into_iter()
+        .find(|m| line.contains(m))
+        .unwrap_or("");
+    format!("{message}: {}", fields.join(" "))
+}
+
 fn wait_log(sandbox: &federation_sandbox::Sandbox, needle: &str, count: usize) {
     let deadline = Instant::now() + Duration::from_secs(600);
     while sandbox
@@ -233,6 +247,14 @@ async fn serve(n: usize) {
             .expect("pid")
             .to_string();
         let at_first = rss_mb(&pid);
+        // The controller's own timing of its start-up phases (this start's:
+        // the last such lines of the log).
+        let text = sandbox.controller_log_text("europe");
+        for needle in ["task store and decision log opened", "controller opened"] {
+            if let Some(line) = text.lines().rev().find(|l| l.contains(needle)) {
+                println!("  start {}: {}", round + 1, phases(line));
+            }
+        }
         wait_log(&sandbox, "task store checked", round + 1);
         // Let the start-up work settle (the replication and status loops).
         tokio::time::sleep(Duration::from_secs(5)).await;

@@ -245,8 +245,18 @@ pub async fn open(settings: Settings) -> anyhow::Result<Arc<Node>> {
         }
         None => None,
     };
+    // Each start-up phase timed, for the log line at the end.
+    let started = Instant::now();
+    let mut at = started;
+    let mut lap = move || {
+        let now = Instant::now();
+        let ms = now.duration_since(at).as_millis() as u64;
+        at = now;
+        ms
+    };
     let epoch = next_epoch(&settings.data_dir)?;
     let (store, log) = open_store(&settings)?;
+    let store_ms = lap();
     if let TaskStore::Postgres(s) = &store {
         // Two running controllers of a region may not share a name.
         s.claim_replica(&settings.replica, replica_stale(&settings.timers))
@@ -273,6 +283,7 @@ pub async fn open(settings: Settings) -> anyhow::Result<Arc<Node>> {
             "agents and leases restored"
         );
     }
+    let agents_ms = lap();
     let witnesses = Witnesses::open(&settings.data_dir);
     let audit_key = settings
         .keys
@@ -298,6 +309,7 @@ pub async fn open(settings: Settings) -> anyhow::Result<Arc<Node>> {
             ..Default::default()
         },
     );
+    let replication_ms = lap();
     let tls = match &settings.tls {
         None => {
             tracing::warn!(region = %settings.region, "tls is off (--insecure): peers, agents and clients are not authenticated");
@@ -322,6 +334,7 @@ pub async fn open(settings: Settings) -> anyhow::Result<Arc<Node>> {
             Some((server, client))
         }
     };
+    let tls_ms = lap();
     let health = tonic_health::server::HealthReporter::new();
     health
         .set_service_status("", tonic_health::ServingStatus::NotServing)
@@ -438,6 +451,16 @@ pub async fn open(settings: Settings) -> anyhow::Result<Arc<Node>> {
         settings.timers.agent_timeout,
         replica_stale(&settings.timers),
     ));
+    let rest_ms = lap();
+    tracing::info!(
+        total_ms = started.elapsed().as_millis() as u64,
+        store_ms,
+        agents_ms,
+        replication_ms,
+        tls_ms,
+        rest_ms,
+        "controller opened"
+    );
     Ok(Arc::new(Node {
         timers: settings.timers,
         limits: settings.limits,
@@ -473,9 +496,11 @@ pub async fn open(settings: Settings) -> anyhow::Result<Arc<Node>> {
 fn open_store(settings: &Settings) -> anyhow::Result<(TaskStore, DecisionLog)> {
     match settings.store.backend {
         crate::config::StoreBackend::Redb => {
+            let started = Instant::now();
             let store = TaskStore::open(&settings.data_dir).with_context(|| {
                 format!("opening task store in {}", settings.data_dir.display())
             })?;
+            let store_ms = started.elapsed().as_millis() as u64;
             let log = DecisionLog::open_with(
                 &settings.data_dir,
                 &settings.region,
@@ -485,8 +510,16 @@ fn open_store(settings: &Settings) -> anyhow::Result<(TaskStore, DecisionLog)> {
                 },
             )
             .with_context(|| format!("opening decision log in {}", settings.data_dir.display()))?;
+            let log_ms = (started.elapsed().as_millis() as u64).saturating_sub(store_ms);
             store.bind_journal(std::sync::Arc::new(log.clone()))?;
             check_own_log(&store, &log)?;
+            tracing::info!(
+                store_ms,
+                log_ms,
+                journal_ms =
+                    (started.elapsed().as_millis() as u64).saturating_sub(store_ms + log_ms),
+                "task store and decision log opened"
+            );
             Ok((store, log))
         }
         crate::config::StoreBackend::Postgres => {

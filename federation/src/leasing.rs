@@ -164,11 +164,11 @@ impl Leasing {
         for _ in 0..1000 {
             // The start-up fence: tasks from before a restart wait until the
             // backups could tell us which of them they took over.
-            let skip = self.replication.takeover.lease_skip();
-            let held_back = skip.is_some();
+            let fence = self.replication.takeover.lease_fence();
+            let held_back = fence.is_some();
             let tasks = self
                 .store
-                .lease_except(&req.agent_id, max, self.timers.lease_ttl, skip)
+                .lease_except(&req.agent_id, max, self.timers.lease_ttl, fence)
                 .await
                 .map_err(Error::from)?;
             if !tasks.is_empty() {

@@ -129,8 +129,9 @@ pub struct Scope<'p> {
     source: &'p str,
     region: &'p str,
     tags: BTreeSet<String>,
-    /// The attributes any data-class condition reads.
-    reads: BTreeSet<String>,
+    /// The attributes any data-class condition reads, as bytes (compared
+    /// with the keys on the wire as they are: validated once, by the walk).
+    reads: Vec<Box<[u8]>>,
     allowed: HashTable<Allowed>,
 }
 
@@ -156,6 +157,9 @@ impl<'p> Scope<'p> {
                 .requirements
                 .iter()
                 .flat_map(|q| q.condition.reads())
+                .collect::<BTreeSet<String>>()
+                .into_iter()
+                .map(|k| k.into_bytes().into_boxed_slice())
                 .collect(),
             allowed: HashTable::new(),
         }
@@ -165,7 +169,7 @@ impl<'p> Scope<'p> {
     /// `snapshot::may_hold`.
     fn check(&mut self, task: &TaskView<'_>) -> Result<(), Rejection> {
         let source = self.source;
-        if wire::owner_of(task.task_id) != Some(source) {
+        if !owned_by(task.task_id, source) {
             return Err(Rejection::Residency(format!(
                 "task {} is not owned by {source}",
                 wire::truncate(task.task_id, 80)
@@ -173,11 +177,12 @@ impl<'p> Scope<'p> {
         }
         // The entries the verdict depends on, in key order; `None` when
         // they cannot be remembered (too many, or a key twice).
-        let mut entries: [(&str, &[u8]); MAX_ENTRIES] = [("", &[]); MAX_ENTRIES];
+        let mut entries: [(&[u8], &[u8]); MAX_ENTRIES] = [(&[], &[]); MAX_ENTRIES];
         let mut n = 0;
         let mut rememberable = true;
-        for (key, entry) in task.attribute_entries_raw() {
-            if !self.reads.contains(key) {
+        let read = (!self.reads.is_empty()).then(|| task.attribute_entries_bytes());
+        for (key, entry) in read.into_iter().flatten() {
+            if !self.reads.iter().any(|r| **r == *key) {
                 continue;
             }
             if n == MAX_ENTRIES {
@@ -231,6 +236,17 @@ impl<'p> Scope<'p> {
         }
         Ok(())
     }
+}
+
+/// What `wire::owner_of(task_id) == Some(region)` says (`<uuid>.<region>`,
+/// the uuid 36 bytes without a dot), by bytes.
+fn owned_by(task_id: &str, region: &str) -> bool {
+    let id = task_id.as_bytes();
+    !region.is_empty()
+        && id.len() == 37 + region.len()
+        && id[36] == b'.'
+        && !id[..36].contains(&b'.')
+        && id[37..] == *region.as_bytes()
 }
 
 /// Decodes a snapshot's plaintext for the copy: every task validated as
@@ -444,6 +460,20 @@ mod tests {
             matches!(r, Err(Rejection::Body(ref m)) if m.contains("differs from the header")),
             "{r:?}"
         );
+    }
+
+    proptest! {
+        #[test]
+        fn the_owner_by_bytes_is_what_owner_of_says(
+            uuid in "[0-9a-f.-]{30,40}",
+            region in "[a-z_.]{0,12}",
+            source in prop_oneof![Just("north_america".to_string()), "[a-z_.]{0,12}"],
+        ) {
+            let id = format!("{uuid}.{region}");
+            prop_assert_eq!(owned_by(&id, &source), wire::owner_of(&id) == Some(source.as_str()));
+            let real = format!("{:036}.{source}", 7);
+            prop_assert_eq!(owned_by(&real, &source), wire::owner_of(&real) == Some(source.as_str()));
+        }
     }
 
     proptest! {

@@ -15,16 +15,22 @@
 //!   (persisted in `<data_dir>/takeovers.json`, kept for [`NOTICE_TTL_MS`]).
 //!   A region that sees notices about itself cancels those tasks
 //!   (`mark_taken_over`) and does not run them again.
-//! * **Fence**: at start, pending tasks owned by us whose rule has backups are
-//!   not leased until we have received an advertisement (carrying its
-//!   notices) from every such backup since we started and, with replication
-//!   on, every such backup has answered our first snapshot (it resolves
-//!   duplicate idempotency keys before answering, [`super::duplicates`]), or
-//!   `timers.startup_fence` has passed.
+//! * **Fence**: at start, when the store holds pending tasks and our rules
+//!   name regions that may hold copies of them ([`snapshot::recipients`]),
+//!   the queued tasks owned by us created before this start are not leased
+//!   until we have received an advertisement (carrying its notices) from
+//!   every such region since we started and, with replication on, every one
+//!   has answered our first snapshot (it resolves duplicate idempotency keys
+//!   before answering, [`super::duplicates`]), or `timers.startup_fence` has
+//!   passed. "Before this start" is a boundary, not a list: created before
+//!   the later of this start's clock and the newest creation time the store
+//!   recorded ([`TaskStore::newest_created_ms`], persisted: a clock set back
+//!   across the restart does not let an old task through), so setting the
+//!   fence up reads no task ([`LeaseFence`]).
 //!
 //! Owns `takeovers.json` and the fence; uses the task store's public API.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -36,8 +42,7 @@ use super::{Replicator, snapshot};
 use crate::audit::{Entry, Prepared, kind};
 use crate::clock::now_unix_ms;
 use crate::policy::{Health, Policy};
-use crate::tasks::{InsertOutcome, RecordState, TaskStore};
-use crate::wire;
+use crate::tasks::{InsertOutcome, LeaseFence, RecordState, TaskStore};
 
 /// How long a takeover notice is advertised.
 pub const NOTICE_TTL_MS: i64 = 24 * 3600 * 1000;
@@ -54,7 +59,8 @@ struct Notice {
 
 #[derive(Debug)]
 struct Fence {
-    ids: Arc<HashSet<String>>,
+    /// Which queued tasks a lease passes over meanwhile.
+    held_back: Arc<LeaseFence>,
     /// Backups not yet heard (their advertisement carries the notices).
     waiting_for: BTreeSet<String>,
     /// Backups that have not yet answered our first snapshot (their
@@ -81,7 +87,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl TakeoverState {
     /// Loads notices and sets up the start-up fence over the store's pending
-    /// tasks.
+    /// tasks (their count and the store's newest creation time: O(1)).
     pub fn open(
         region: &str,
         data_dir: &Path,
@@ -98,31 +104,10 @@ impl TakeoverState {
             }),
             Err(_) => Vec::new(),
         };
-        let mut ids = HashSet::new();
-        let mut waiting_for = BTreeSet::new();
-        match store.pending() {
-            Ok(tasks) => {
-                for t in tasks {
-                    if wire::owner_of(&t.task_id) != Some(region) {
-                        continue;
-                    }
-                    let Some(rule) = policy.rules.get(t.rule_index as usize) else {
-                        continue;
-                    };
-                    let backups: Vec<&String> = rule.peers_of(region).collect();
-                    if backups.is_empty() {
-                        continue;
-                    }
-                    waiting_for.extend(backups.into_iter().cloned());
-                    ids.insert(t.task_id);
-                }
-            }
-            Err(e) => tracing::error!(error = %e, "reading pending tasks for the fence failed"),
-        }
-        let fence = (!ids.is_empty()).then(|| {
-            tracing::info!(tasks = ids.len(), backups = %crate::logfields::list(&waiting_for), "start-up fence: tasks from before the restart wait for the backups' notices");
+        let fence = fence_at_start(region, policy, store, now_unix_ms()).map(|(held_back, waiting_for)| {
+            tracing::info!(pending = held_back.held(), created_before_unix_ms = held_back.before_ms(), backups = %crate::logfields::list(&waiting_for), "start-up fence: tasks from before the restart wait for the backups' notices");
             Fence {
-                ids: Arc::new(ids),
+                held_back: Arc::new(held_back),
                 unsynced: if replicating {
                     waiting_for.clone()
                 } else {
@@ -142,8 +127,8 @@ impl TakeoverState {
         }
     }
 
-    /// Task ids not to lease yet (the fence), or `None` once lifted.
-    pub fn lease_skip(&self) -> Option<Arc<HashSet<String>>> {
+    /// The queued tasks not to lease yet (the fence), or `None` once lifted.
+    pub fn lease_fence(&self) -> Option<Arc<LeaseFence>> {
         let mut fence = lock(&self.fence);
         let lift = fence.as_ref().is_some_and(|f| {
             (f.waiting_for.is_empty() && f.unsynced.is_empty()) || Instant::now() >= f.until
@@ -153,7 +138,7 @@ impl TakeoverState {
                 tracing::info!(not_heard = %crate::logfields::list(&f.waiting_for), not_synced = %crate::logfields::list(&f.unsynced), "start-up fence lifted");
             }
         }
-        fence.as_ref().map(|f| f.ids.clone())
+        fence.as_ref().map(|f| f.held_back.clone())
     }
 
     /// `backup` answered our first snapshot since start: its duplicate check
@@ -199,6 +184,33 @@ impl TakeoverState {
             tracing::error!(path = %self.path.display(), error = %e, "persisting takeover notices failed");
         }
     }
+}
+
+/// The start-up fence `region` sets up at `now_ms`, if any: over its tasks
+/// created before the later of `now_ms` and the newest creation time its
+/// store recorded, waiting for every region our rules let hold copies of
+/// them. None when the store holds no pending task or no region may hold a
+/// copy (nothing could have been taken over).
+fn fence_at_start(
+    region: &str,
+    policy: &Policy,
+    store: &TaskStore,
+    now_ms: i64,
+) -> Option<(LeaseFence, BTreeSet<String>)> {
+    let counts = store.counts();
+    let pending = counts.queued as usize + counts.leased as usize;
+    let waiting_for = snapshot::recipients(policy, region);
+    if pending == 0 || waiting_for.is_empty() {
+        return None;
+    }
+    let newest = store.newest_created_ms().unwrap_or_else(|e| {
+        // Unknown: the fence lasts as long, but holds back every task of
+        // ours, rather than trust the clock alone.
+        tracing::error!(error = %e, "reading the store's newest creation time failed; the fence holds back every task until it lifts");
+        i64::MAX
+    });
+    let before = now_ms.max(newest.saturating_add(1));
+    Some((LeaseFence::new(region, before, pending), waiting_for))
 }
 
 /// Applies the notices in an advertisement from `ad.region` (direct or
@@ -376,4 +388,58 @@ async fn take_over(rep: &Arc<Replicator>, source: &str, epoch: u64, tasks: Vec<a
         at_unix_ms: at,
         task_ids: ids,
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> Policy {
+        Policy::load_file(Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../policies/seed-federation.yaml"
+        )))
+        .expect("policy")
+    }
+
+    fn ours(n: u32, created: i64) -> api::Task {
+        api::Task {
+            task_id: format!("0190b0a0-0000-7000-8000-{n:012}.europe"),
+            owner_region: "europe".into(),
+            created_unix_ms: created,
+            ..api::Task::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn the_fence_needs_pending_tasks_and_a_region_that_may_hold_copies() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = TaskStore::open(dir.path()).expect("store");
+        let policy = policy();
+        assert!(
+            fence_at_start("europe", &policy, &store, 1_000).is_none(),
+            "no task"
+        );
+        store.insert(ours(1, 500)).await.expect("insert");
+        let (fence, waiting) = fence_at_start("europe", &policy, &store, 1_000).expect("a fence");
+        assert_eq!(waiting, BTreeSet::from(["north_america".to_string()]));
+        assert_eq!((fence.before_ms(), fence.held()), (1_000, 1));
+        // No rule lets another region hold asia_pacific's tasks.
+        assert!(fence_at_start("asia_pacific", &policy, &store, 1_000).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_clock_set_back_across_the_restart_does_not_let_an_old_task_through() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = TaskStore::open(dir.path()).expect("store");
+            store.insert(ours(1, 5_000)).await.expect("insert");
+            store.insert(ours(2, 7_000)).await.expect("insert");
+        }
+        // Restarted with the clock at 1_000, behind the tasks' times.
+        let store = TaskStore::open(dir.path()).expect("reopen");
+        let (fence, _) = fence_at_start("europe", &policy(), &store, 1_000).expect("a fence");
+        assert_eq!(fence.before_ms(), 7_001);
+        assert!(fence.holds_back(&ours(2, 7_000).task_id, 7_000));
+    }
 }

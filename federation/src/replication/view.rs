@@ -503,6 +503,24 @@ impl<'a> TaskView<'a> {
         })
     }
 
+    /// [`TaskView::attribute_entries_raw`] with each key as bytes (UTF-8,
+    /// validated by `parse`, not checked again).
+    pub fn attribute_entries_bytes(&self) -> impl Iterator<Item = (&'a [u8], &'a [u8])> + 'a {
+        let mut r = Reader::new(self.attribute_span);
+        std::iter::from_fn(move || {
+            // Validated by `parse`, as in `attributes`.
+            while !r.done() {
+                let (tag, wire) = r.key().ok()?;
+                if tag == 2 {
+                    let raw = r.bytes(wire).ok()?;
+                    return Some((entry_key(raw), raw));
+                }
+                r.skip(wire, tag, RECURSION_LIMIT).ok()?;
+            }
+            None
+        })
+    }
+
     /// The owned task, decoded by prost from [`TaskView::raw`].
     pub fn to_task(&self) -> Result<api::Task, ViewError> {
         Ok(api::Task::decode(self.raw)?)
@@ -583,6 +601,23 @@ fn entry_parts(raw: &[u8]) -> Result<(&str, AttributeView<'_>), ViewError> {
         }
     }
     Ok((key, value))
+}
+
+/// A validated entry's key (the last on the wire, as prost keeps it).
+fn entry_key(raw: &[u8]) -> &[u8] {
+    let mut r = Reader::new(raw);
+    let mut key: &[u8] = &[];
+    while !r.done() {
+        let Ok((tag, wire)) = r.key() else { break };
+        let read = match tag {
+            1 => r.bytes(wire).map(|k| key = k),
+            _ => r.skip(wire, tag, RECURSION_LIMIT),
+        };
+        if read.is_err() {
+            break;
+        }
+    }
+    key
 }
 
 /// Validates an `AttributeValue` (`depth` left inside it).

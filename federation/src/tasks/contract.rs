@@ -137,6 +137,7 @@ contract!(
     a_store_is_bound_to_one_journal,
     idempotency_within_one_batch,
     lease_order_is_priority_then_age,
+    a_lease_fence_holds_back_the_owners_tasks_created_before_it,
     only_the_holder_renews_and_completes,
     expired_leases_requeue_then_fail,
     requeue_agent_returns_only_its_tasks,
@@ -459,6 +460,58 @@ async fn lease_order_is_priority_then_age(fx: Fixture) {
     );
     let c = store.counts();
     assert_eq!((c.queued, c.leased), (0, 4));
+}
+
+async fn a_lease_fence_holds_back_the_owners_tasks_created_before_it(fx: Fixture) {
+    let id = |n: u32, owner: &str| format!("0190b0a0-0000-7000-8000-{n:012}.{owner}");
+    let clock = ManualClock::new(10_000);
+    {
+        let store = fx.open_manual(&clock);
+        assert_eq!(store.newest_created_ms().expect("newest"), 0);
+        for n in 1..=2 {
+            store.insert(task(&id(n, "europe"))).await.expect("insert");
+            clock.advance(1);
+        }
+        // Taken over from north_america: created by its clock, far ahead.
+        let mut theirs = task(&id(3, "north_america"));
+        theirs.created_unix_ms = 99_000;
+        theirs.taken_over = Some(Takeover {
+            from_region: "north_america".into(),
+            from_epoch: 1,
+            to_region: "europe".into(),
+            at_unix_ms: 10_002,
+        });
+        store.insert(theirs).await.expect("insert");
+        // The newest of ours (the taken-over one's clock is not ours).
+        assert_eq!(store.newest_created_ms().expect("newest"), 10_001);
+        store.flush().await.expect("flush");
+    }
+    // Reopened (a restart): the newest creation time is still known.
+    let store = fx.open_manual(&clock);
+    assert_eq!(store.newest_created_ms().expect("newest"), 10_001);
+    clock.advance(10);
+    let fence = Arc::new(LeaseFence::new("europe", clock.now_ms(), 3));
+    store.insert(task(&id(4, "europe"))).await.expect("insert");
+    let got = store
+        .lease_except("ag", 10, TTL, Some(fence.clone()))
+        .await
+        .expect("lease");
+    let mut ids: Vec<String> = got.into_iter().map(|t| t.task_id).collect();
+    ids.sort();
+    assert_eq!(ids, [id(3, "north_america"), id(4, "europe")]);
+    assert!(
+        store
+            .lease_except("ag", 10, TTL, Some(fence))
+            .await
+            .expect("lease")
+            .is_empty(),
+        "the tasks from before the fence stay queued"
+    );
+    assert_eq!(store.counts().queued, 2);
+    // Once the fence lifts, they are leased in order.
+    let rest = store.lease("ag", 10, TTL).await.expect("lease");
+    let ids: Vec<String> = rest.into_iter().map(|t| t.task_id).collect();
+    assert_eq!(ids, [id(1, "europe"), id(2, "europe")]);
 }
 
 async fn only_the_holder_renews_and_completes(fx: Fixture) {

@@ -82,7 +82,7 @@
 //! | `queue`            | (−priority, created ms, task id) | `()` — QUEUED tasks    |
 //! | `leases`           | (lease deadline ms, task id)     | agent id — LEASED tasks|
 //! | `idempotency_keys` | idempotency key                  | task id                |
-//! | `counts`           | state name, `commit`             | u64 — tasks by state, and the commit they were moved in |
+//! | `counts`           | state name, `commit`, `newest_created_ms` | u64 — tasks by state, the commit they were moved in, the newest creation time of a task created here |
 //! | `agents`           | agent id                         | JSON [`AgentRecord`]   |
 //! | `marks`            | `commit`, `created`              | u64 — the store's marks|
 //!
@@ -102,6 +102,7 @@
 mod check;
 #[cfg(test)]
 mod contract;
+mod fence;
 pub mod journal;
 mod model;
 pub mod postgres;
@@ -117,6 +118,7 @@ use federation_api::Task;
 use std::sync::Arc;
 
 pub use check::{CheckReport, check, refuse_in_use};
+pub use fence::LeaseFence;
 pub use journal::Journal;
 pub use model::{
     AgentRecord, BatchInsert, CancelOutcome, Clock, Counts, InsertOutcome, MAX_LEASE_BATCH,
@@ -312,15 +314,29 @@ impl TaskStore {
         self.lease_except(agent_id, max, ttl, None).await
     }
 
-    /// [`TaskStore::lease`], leaving the QUEUED tasks whose ids are in `skip`.
+    /// [`TaskStore::lease`], passing over the QUEUED tasks `held_back`
+    /// holds back (the start-up fence), decided from the queue's own order
+    /// and keys: no record is read for it.
     pub async fn lease_except(
         &self,
         agent_id: &str,
         max: usize,
         ttl: std::time::Duration,
-        skip: Option<Arc<std::collections::HashSet<String>>>,
+        held_back: Option<Arc<LeaseFence>>,
     ) -> Result<Vec<Task>, StoreError> {
-        self.requests().lease(agent_id, max, ttl, skip).await
+        self.requests().lease(agent_id, max, ttl, held_back).await
+    }
+
+    /// The newest `created_unix_ms` of a pending task created in this store
+    /// (0 when none): persisted, so O(1), in the embedded store (where it
+    /// covers every task it created, taken over ones aside); one indexed
+    /// query in the database. The start-up fence's boundary when this
+    /// clock is behind it.
+    pub fn newest_created_ms(&self) -> Result<i64, StoreError> {
+        match self {
+            TaskStore::Redb(s) => Ok(s.newest_created_ms()),
+            TaskStore::Postgres(s) => s.newest_created_ms(),
+        }
     }
 
     /// Extends the lease of `task_id` to now + `ttl`. Only the holder may.

@@ -510,6 +510,17 @@ impl PgStore {
         Ok(out)
     }
 
+    /// See [`super::TaskStore::newest_created_ms`]: over the region's
+    /// pending tasks not taken over (ids that end in the region's name).
+    pub fn newest_created_ms(&self) -> Result<i64, StoreError> {
+        let rows = self.query_blocking(
+            "SELECT coalesce(max(created_ms), 0) FROM tasks WHERE region = $1 \
+             AND state IN (1, 2) AND right(task_id, length($1) + 1) = '.' || $1",
+            vec![],
+        )?;
+        Ok(rows.first().map_or(0, |r| r.get::<_, i64>(0)))
+    }
+
     /// Every QUEUED task in lease order, then every LEASED task by deadline.
     pub fn pending(&self) -> Result<Vec<Task>, StoreError> {
         let mut rows = id_and_bytes(self.query_blocking(

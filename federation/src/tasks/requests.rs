@@ -12,13 +12,13 @@ mod dispatch;
 pub(super) use answers::{Applied, Settled, answers, fail, fatal};
 pub(super) use dispatch::{Operations, apply};
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use federation_api::{Takeover, Task};
 use tokio::sync::{mpsc, oneshot};
 
+use super::fence::LeaseFence;
 use super::journal::Record;
 use super::{
     AgentRecord, BatchInsert, CancelOutcome, InsertOutcome, MAX_LEASE_BATCH, RecordedInsert,
@@ -52,7 +52,8 @@ pub(super) enum Op {
         agent: String,
         max: usize,
         ttl_ms: i64,
-        skip: Option<Arc<HashSet<String>>>,
+        /// The start-up fence: queued tasks it holds back are passed over.
+        held_back: Option<Arc<LeaseFence>>,
         reply: Reply<Vec<Task>>,
     },
     Renew {
@@ -234,7 +235,7 @@ impl Requests {
         agent_id: &str,
         max: usize,
         ttl: Duration,
-        skip: Option<Arc<HashSet<String>>>,
+        held_back: Option<Arc<LeaseFence>>,
     ) -> Result<Vec<Task>, StoreError> {
         if agent_id.is_empty() {
             return Err(StoreError::Invalid("agent id is empty".into()));
@@ -247,7 +248,7 @@ impl Requests {
             agent,
             max,
             ttl_ms,
-            skip,
+            held_back,
             reply,
         })
         .await

@@ -114,6 +114,9 @@ struct Shared {
     witness: witness::Writer,
     /// What the background check of the file found so far.
     verification: Mutex<Verification>,
+    /// The newest `created_unix_ms` of a task created in the store (not
+    /// taken over), as of the last commit (written in `counts` too).
+    newest_created: std::sync::atomic::AtomicI64,
 }
 
 impl std::ops::Deref for Shared {
@@ -206,6 +209,7 @@ impl RedbStore {
             records,
             stored,
             undecodable,
+            newest_created,
         } = loaded;
         let mark = check_witness(dir, &path, stored, records, options.accept_loss)?;
         if stored != Some(mark) {
@@ -214,7 +218,7 @@ impl RedbStore {
             guarded(&path, || {
                 let txn = db.begin_write().db()?;
                 write_mark(&txn, mark)?;
-                counters::write(&txn, counts, mark.commit)?;
+                counters::write(&txn, counts, mark.commit, newest_created)?;
                 txn.commit().db()
             })?;
         }
@@ -225,6 +229,7 @@ impl RedbStore {
             mark: Mutex::new(mark),
             witness,
             verification: Mutex::new(Verification::Running),
+            newest_created: std::sync::atomic::AtomicI64::new(newest_created),
         });
         for e in &undecodable {
             shared.undecodable(e);
@@ -315,6 +320,16 @@ impl RedbStore {
             self.inner.shared.undecodable(e);
         }
         task
+    }
+
+    /// The newest `created_unix_ms` of a task created in this store (taken
+    /// over ones aside), as of the last commit; 0 when none. Persisted with
+    /// the counts, so O(1).
+    pub fn newest_created_ms(&self) -> i64 {
+        self.inner
+            .shared
+            .newest_created
+            .load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The store's marks (commits, tasks created) as of the last commit.

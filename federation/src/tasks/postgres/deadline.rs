@@ -71,7 +71,7 @@ pub(super) fn relayed(op: Op) -> (Op, Relay) {
             agent,
             max,
             ttl_ms,
-            skip,
+            held_back,
             reply,
         } => {
             let (reply, r) = relay(reply, Err);
@@ -80,7 +80,7 @@ pub(super) fn relayed(op: Op) -> (Op, Relay) {
                     agent,
                     max,
                     ttl_ms,
-                    skip,
+                    held_back,
                     reply,
                 },
                 r,

@@ -2,13 +2,12 @@
 //! applied to its locked rows, with the task's state change from
 //! [`super::super::transitions`].
 
-use std::collections::HashSet;
-
 use federation_api::{Takeover, Task, TaskState};
 use prost::Message;
 
 use super::{Shared, key_of, state_code};
 use crate::pg::Pg;
+use crate::tasks::fence::LeaseFence;
 use crate::tasks::requests::{self, Operations, Outcomes};
 use crate::tasks::shared::Change;
 use crate::tasks::store::MAX_EXPIRE_BATCH;
@@ -261,21 +260,25 @@ impl Operations for &Tx<'_> {
         &mut self,
         agent: &str,
         max: usize,
-        skip: Option<&HashSet<String>>,
+        held_back: Option<&LeaseFence>,
         deadline: i64,
         now: i64,
         changes: &mut Vec<Change>,
     ) -> Result<Vec<Task>, StoreError> {
-        let skipped: Vec<String> = skip
-            .map(|s| s.iter().cloned().collect())
-            .unwrap_or_default();
+        // The fence's test in SQL: owned by its region (the id's suffix) and
+        // created before its boundary; none without a fence.
+        let (suffix, before) = match held_back {
+            Some(f) => (format!(".{}", f.owner()), f.before_ms()),
+            None => (String::new(), i64::MIN),
+        };
         let limit = i64::try_from(max).unwrap_or(i64::MAX);
         let queued = self
             .tasks(
                 "SELECT task_id, body FROM tasks WHERE region = $1 AND state = 1 \
-                 AND task_id <> ALL($2::text[]) \
-                 ORDER BY priority DESC, created_ms, task_id LIMIT $3 FOR UPDATE SKIP LOCKED",
-                &[&self.region, &skipped, &limit],
+                 AND NOT (created_ms < $2 AND right(task_id, length($3)) = $3 \
+                          AND length(task_id) = 36 + length($3)) \
+                 ORDER BY priority DESC, created_ms, task_id LIMIT $4 FOR UPDATE SKIP LOCKED",
+                &[&self.region, &before, &suffix, &limit],
             )
             .await?;
         let mut out = Vec::with_capacity(queued.len());

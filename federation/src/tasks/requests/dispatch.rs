@@ -1,12 +1,11 @@
 //! The one dispatch of a request: [`apply`] calls the backend's
 //! [`Operations`] (its transaction's) for each kind of [`Op`].
 
-use std::collections::HashSet;
-
 use federation_api::{Takeover, Task};
 
 use super::answers::Applied;
 use super::{Op, Outcomes};
+use crate::tasks::fence::LeaseFence;
 use crate::tasks::shared::Change;
 use crate::tasks::{AgentRecord, CancelOutcome, InsertOutcome, StoreError};
 
@@ -41,7 +40,7 @@ pub(in crate::tasks) trait Operations {
         &mut self,
         agent: &str,
         max: usize,
-        skip: Option<&HashSet<String>>,
+        held_back: Option<&LeaseFence>,
         deadline: i64,
         now: i64,
         changes: &mut Vec<Change>,
@@ -165,10 +164,17 @@ pub(in crate::tasks) async fn apply(
             agent,
             max,
             ttl_ms,
-            skip,
+            held_back,
             reply,
         } => {
-            let leased = ops.lease(&agent, max, skip.as_deref(), after(ttl_ms), now, changes);
+            let leased = ops.lease(
+                &agent,
+                max,
+                held_back.as_deref(),
+                after(ttl_ms),
+                now,
+                changes,
+            );
             Applied::answer(reply, leased.await)
         }
         Op::Renew {

@@ -2,7 +2,9 @@
 //! moved in each batch's own transaction, so an open reads five numbers
 //! instead of decoding every record. The table also names the commit it was
 //! last moved in: counts behind the store's `commit` mark were left behind
-//! by a version that did not keep them, and are rebuilt.
+//! by a version that did not keep them, and are rebuilt. Beside them, the
+//! newest creation time of a task created in the store (`newest_created_ms`,
+//! the start-up fence's boundary when the clock is behind it).
 
 use redb::{ReadableDatabase, TableDefinition};
 
@@ -13,9 +15,20 @@ use crate::tasks::{Counts, StoreError};
 /// State name (and `commit`) → count.
 pub(super) const COUNTS: TableDefinition<&str, u64> = TableDefinition::new("counts");
 const COMMIT: &str = "commit";
+const NEWEST_CREATED: &str = "newest_created_ms";
+
+/// What the table holds.
+pub(super) struct Kept {
+    pub(super) counts: Counts,
+    /// The commit they were last moved in.
+    pub(super) commit: u64,
+    /// The newest `created_unix_ms` of a task created in the store (none:
+    /// written by a version that did not keep it).
+    pub(super) newest_created: Option<i64>,
+}
 
 /// The counts and the commit they were moved in, when the table has them.
-pub(super) fn read(db: &redb::Database) -> Result<Option<(Counts, u64)>, StoreError> {
+pub(super) fn read(db: &redb::Database) -> Result<Option<Kept>, StoreError> {
     let txn = db.begin_read().db()?;
     let table = match txn.open_table(COUNTS) {
         Ok(t) => t,
@@ -35,14 +48,20 @@ pub(super) fn read(db: &redb::Database) -> Result<Option<(Counts, u64)>, StoreEr
         failed: get("failed")?.unwrap_or(0),
         cancelled: get("cancelled")?.unwrap_or(0),
     };
-    Ok(Some((counts, commit)))
+    let newest_created = get(NEWEST_CREATED)?.map(|v| i64::try_from(v).unwrap_or(i64::MAX));
+    Ok(Some(Kept {
+        counts,
+        commit,
+        newest_created,
+    }))
 }
 
-/// Writes `counts` as of `commit` in `txn`.
+/// Writes `counts` as of `commit`, and `newest_created`, in `txn`.
 pub(super) fn write(
     txn: &redb::WriteTransaction,
     counts: Counts,
     commit: u64,
+    newest_created: i64,
 ) -> Result<(), StoreError> {
     let mut table = txn.open_table(COUNTS).db()?;
     for (k, v) in [
@@ -52,6 +71,7 @@ pub(super) fn write(
         ("failed", counts.failed),
         ("cancelled", counts.cancelled),
         (COMMIT, commit),
+        (NEWEST_CREATED, u64::try_from(newest_created).unwrap_or(0)),
     ] {
         table.insert(k, v).db()?;
     }

@@ -1,7 +1,8 @@
 //! Opening the embedded store soundly and in O(1): redb's open (its repair
 //! after a crash) inside a panic guard, the store's marks against its
 //! witness, the persisted counts read (and, once, for a store written by an
-//! earlier version, the persisted indexes rebuilt from the records); the
+//! earlier version, the persisted indexes rebuilt from the records, and the
+//! newest creation time computed); the
 //! decision log's head it records, read also without opening it.
 
 use std::collections::HashMap;
@@ -190,6 +191,8 @@ pub(super) struct Loaded {
     pub(super) stored: Option<Mark>,
     /// Records found undecodable by a one-time rebuild of the indexes.
     pub(super) undecodable: Vec<StoreError>,
+    /// The newest creation time of a task created in the store (0: none).
+    pub(super) newest_created: i64,
 }
 
 /// Reads the counts and marks; when the counts are missing or behind the
@@ -204,31 +207,44 @@ pub(super) fn load(db: &Database, path: &Path) -> Result<Loaded, StoreError> {
     };
     let legacy = has_legacy_keys(db)?;
     let kept = counters::read(db)?;
+    // Counts of the commit the marks name, and the newest creation time
+    // beside them (a version before it did not keep that).
     let current = match (kept, stored) {
-        (Some((counts, commit)), Some(mark)) if commit == mark.commit => Some(counts),
-        (Some((counts, _)), None) if records == 0 => Some(counts),
+        (Some(k), Some(mark)) if k.commit == mark.commit => k.newest_created.map(|n| (k.counts, n)),
+        (Some(k), None) if records == 0 => Some((k.counts, k.newest_created.unwrap_or(0))),
         _ => None,
     };
-    if let (Some(counts), false) = (current, legacy) {
+    if let (Some((counts, newest_created)), false) = (current, legacy) {
         return Ok(Loaded {
             counts,
             records,
             stored,
             undecodable: Vec::new(),
+            newest_created,
         });
     }
     let started = std::time::Instant::now();
     let commit = stored.map_or(0, |m| m.commit);
-    let (counts, keys, undecodable) = rebuild_indexes(db, commit)?;
+    let rebuilt = rebuild_indexes(db, commit)?;
     if records > 0 {
-        tracing::info!(path = %path.display(), records, keys, undecodable = undecodable.len(), took_ms = started.elapsed().as_millis() as u64, "task store indexes rebuilt once from the records (a store written by an earlier version)");
+        tracing::info!(path = %path.display(), records, keys = rebuilt.keys, undecodable = rebuilt.undecodable.len(), took_ms = started.elapsed().as_millis() as u64, "task store indexes rebuilt once from the records (a store written by an earlier version)");
     }
     Ok(Loaded {
-        counts,
+        counts: rebuilt.counts,
         records,
         stored,
-        undecodable,
+        undecodable: rebuilt.undecodable,
+        newest_created: rebuilt.newest_created,
     })
+}
+
+/// What [`rebuild_indexes`] found.
+struct Rebuilt {
+    counts: Counts,
+    /// Idempotency keys indexed.
+    keys: u64,
+    undecodable: Vec<StoreError>,
+    newest_created: i64,
 }
 
 fn has_legacy_keys(db: &Database) -> Result<bool, StoreError> {
@@ -243,15 +259,14 @@ fn has_legacy_keys(db: &Database) -> Result<bool, StoreError> {
 /// Rebuilds the counts and the idempotency keys from the `tasks` table
 /// (every task carries its key), after taking over the keys an earlier
 /// version kept in its `idempotency` table, in one write transaction that
-/// also drops that table. Returns the counts, how many keys are indexed and
-/// the records that do not decode.
-fn rebuild_indexes(
-    db: &Database,
-    commit: u64,
-) -> Result<(Counts, u64, Vec<StoreError>), StoreError> {
+/// also drops that table. Returns the counts, how many keys are indexed,
+/// the records that do not decode and the newest creation time of a task
+/// created here (not taken over).
+fn rebuild_indexes(db: &Database, commit: u64) -> Result<Rebuilt, StoreError> {
     let txn = db.begin_write().db()?;
     let mut counts = Counts::default();
     let mut undecodable = Vec::new();
+    let mut newest_created = 0i64;
     let keys = {
         let tasks = txn.open_table(TASKS).db()?;
         let mut index = txn.open_table(IDEM_KEYS).db()?;
@@ -271,6 +286,9 @@ fn rebuild_indexes(
             match decode(k.value(), v.value()) {
                 Ok(t) => {
                     counts.add(t.state(), 1);
+                    if t.taken_over.is_none() {
+                        newest_created = newest_created.max(t.created_unix_ms);
+                    }
                     if t.idempotency_key.is_empty()
                         || index.get(t.idempotency_key.as_str()).db()?.is_some()
                     {
@@ -298,9 +316,14 @@ fn rebuild_indexes(
         Ok(_) => {}
         Err(e) => return Err(StoreError::Db(e.to_string())),
     }
-    counters::write(&txn, counts, commit)?;
+    counters::write(&txn, counts, commit, newest_created)?;
     txn.commit().db()?;
-    Ok((counts, keys, undecodable))
+    Ok(Rebuilt {
+        counts,
+        keys,
+        undecodable,
+        newest_created,
+    })
 }
 
 /// The decision log's head recorded in `db` (see [`TaskStore::log_head`]).

@@ -8,6 +8,7 @@ use redb::ReadableTable;
 
 use super::idempotency::IdemIndex;
 use super::{AGENTS, DbResult, MAX_EXPIRE_BATCH, Shared, decode};
+use crate::tasks::fence::LeaseFence;
 use crate::tasks::requests::{Operations, Outcomes};
 use crate::tasks::shared::Change;
 use crate::tasks::transitions;
@@ -24,6 +25,9 @@ pub(super) struct Tables<'t> {
     pub(super) leases: redb::Table<'t, (i64, &'static str), &'static str>,
     /// Someone is subscribed to the change feed.
     pub(super) watched: bool,
+    /// The newest `created_unix_ms` of a task created in this store (not
+    /// taken over: another region's clock), moved by the batch's inserts.
+    pub(super) newest_created: i64,
 }
 
 pub(super) fn queue_key(t: &Task) -> (i64, i64, &str) {
@@ -66,6 +70,13 @@ impl Tables<'_> {
             _ => {}
         }
         Ok(())
+    }
+
+    /// Moves [`Tables::newest_created`] for a task this batch created.
+    fn created(&mut self, t: &Task) {
+        if t.taken_over.is_none() {
+            self.newest_created = self.newest_created.max(t.created_unix_ms);
+        }
     }
 
     /// The task, if `agent` holds its lease; else the right refusal.
@@ -153,6 +164,7 @@ impl Operations for Tables<'_> {
             self.idem.stage(&task.idempotency_key, &task.task_id)?;
         }
         self.queue.insert(queue_key(&task), ()).db()?;
+        self.created(&task);
         changes.push(Change {
             before: None,
             after: TaskState::Queued,
@@ -182,18 +194,19 @@ impl Operations for Tables<'_> {
         &mut self,
         agent: &str,
         max: usize,
-        skip: Option<&std::collections::HashSet<String>>,
+        held_back: Option<&LeaseFence>,
         deadline: i64,
         now: i64,
         changes: &mut Vec<Change>,
     ) -> Result<Vec<Task>, StoreError> {
         let mut keys = Vec::with_capacity(max);
-        // Bounded: at most `max` taken plus every skipped id passed over.
-        let budget = max.saturating_add(skip.map_or(0, |s| s.len()));
+        // Bounded: at most `max` taken plus every task the fence holds back
+        // passed over (decided from the entry's key: no record read).
+        let budget = max.saturating_add(held_back.map_or(0, LeaseFence::held));
         for entry in self.queue.iter().db()?.take(budget) {
             let (k, _) = entry.db()?;
             let (p, c, id) = k.value();
-            if skip.is_some_and(|s| s.contains(id)) {
+            if held_back.is_some_and(|f| f.holds_back(id, c)) {
                 continue;
             }
             keys.push((p, c, id.to_string()));
@@ -436,6 +449,7 @@ impl Operations for Tables<'_> {
         if task.state() == TaskState::Queued {
             self.queue.insert(queue_key(&task), ()).db()?;
         }
+        self.created(&task);
         if !task.idempotency_key.is_empty() && self.idem.get(&task.idempotency_key)?.is_none() {
             self.idem.stage(&task.idempotency_key, &task.task_id)?;
         }

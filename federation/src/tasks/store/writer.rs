@@ -70,6 +70,7 @@ pub(super) fn apply_batch(
         }
     };
     let mut applied = Vec::with_capacity(batch.len());
+    let newest_created;
     {
         let opened = (|| -> Result<_, StoreError> {
             Ok((
@@ -94,6 +95,9 @@ pub(super) fn apply_batch(
             queue,
             leases,
             watched,
+            newest_created: shared
+                .newest_created
+                .load(std::sync::atomic::Ordering::Acquire),
         };
         let mut ops = batch.into_iter();
         while let Some(op) = ops.next() {
@@ -110,6 +114,7 @@ pub(super) fn apply_batch(
             }
             applied.push(done);
         }
+        newest_created = t.newest_created;
     }
     let (answers, records) = requests::answers(applied, journal.is_some());
     // The marks move in the same transaction as the work they count.
@@ -121,8 +126,8 @@ pub(super) fn apply_batch(
     };
     // So do the counts (read at open instead of recounted).
     let counts = super::counters::after(shared.counts(), &changes);
-    if let Err(e) =
-        write_mark(&txn, mark).and_then(|()| super::counters::write(&txn, counts, mark.commit))
+    if let Err(e) = write_mark(&txn, mark)
+        .and_then(|()| super::counters::write(&txn, counts, mark.commit, newest_created))
     {
         requests::fail(answers, Vec::new(), e.clone());
         return Err(e);
@@ -166,6 +171,9 @@ pub(super) fn apply_batch(
         tracing::error!(error = %e, "task store commit failed");
     } else {
         *shared.mark.lock().unwrap_or_else(|e| e.into_inner()) = mark;
+        shared
+            .newest_created
+            .store(newest_created, std::sync::atomic::Ordering::Release);
         shared.witness.advance(mark);
         shared.committed(changes);
     }
