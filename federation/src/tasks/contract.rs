@@ -239,13 +239,10 @@ async fn idempotency_keys_survive_a_reopen(fx: Fixture) {
     assert_eq!(store.get("b").expect("get"), None);
 }
 
-async fn a_record_goes_in_the_same_batch_and_names_the_stored_task(fx: Fixture) {
-    use crate::audit::{Prepared, kind};
-    use crate::policy::{AttrValue, Attributes, Decision, Outcome};
-    let store = fx.open();
-    let log = fx.bound_log(&store, "europe");
-    let attrs: Attributes = [("customer_region".to_string(), AttrValue::Str("DE".into()))].into();
-    let decision = Decision {
+/// A decision of rule 1 routing to europe, for tests that record one.
+fn routed_to_europe() -> crate::policy::Decision {
+    use crate::policy::{Decision, Outcome};
+    Decision {
         outcome: Outcome::Routed {
             region: "europe".into(),
         },
@@ -258,7 +255,16 @@ async fn a_record_goes_in_the_same_batch_and_names_the_stored_task(fx: Fixture) 
         warnings: vec![],
         evaluation_errors: vec![],
         balance: None,
-    };
+    }
+}
+
+async fn a_record_goes_in_the_same_batch_and_names_the_stored_task(fx: Fixture) {
+    use crate::audit::{Prepared, kind};
+    use crate::policy::{AttrValue, Attributes};
+    let store = fx.open();
+    let log = fx.bound_log(&store, "europe");
+    let attrs: Attributes = [("customer_region".to_string(), AttrValue::Str("DE".into()))].into();
+    let decision = routed_to_europe();
     let record = |id: &str| {
         Prepared::decision(
             kind::ROUTE,
@@ -888,24 +894,10 @@ mod replicas {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_refused_append_commits_neither_the_task_nor_its_record() {
         use crate::audit::{Prepared, kind};
-        use crate::policy::{Decision, Outcome};
         let fx = Fixture::new(Kind::Postgres);
         let store = fx.open();
         let log = fx.bound_log(&store, "europe");
-        let decision = Decision {
-            outcome: Outcome::Routed {
-                region: "europe".into(),
-            },
-            rule_index: Some(0),
-            rule: Some("rule 1".into()),
-            required_tags: Default::default(),
-            candidates: vec![],
-            reason: "rule 1 matched".into(),
-            policy_hash: "h".into(),
-            warnings: vec![],
-            evaluation_errors: vec![],
-            balance: None,
-        };
+        let decision = super::routed_to_europe();
         let record = |id: &str| {
             Prepared::decision(
                 kind::ROUTE,
