@@ -234,7 +234,7 @@ pub struct Counts {
 impl Counts {
     pub(super) fn add(&mut self, state: TaskState, delta: i64) {
         fn apply32(v: &mut u32, d: i64) {
-            *v = u32::try_from((i64::from(*v) + d).max(0)).unwrap_or(u32::MAX);
+            *v = u32::try_from(i64::from(*v).saturating_add(d).max(0)).unwrap_or(u32::MAX);
         }
         fn apply64(v: &mut u64, d: i64) {
             *v = if d >= 0 {

@@ -242,4 +242,27 @@ mod tests {
         assert_eq!(parse_delta("d=1,2"), None);
         assert_eq!(parse_delta("d=1,2,3,4,5,6"), None);
     }
+
+    /// A word from the database is not trusted: extreme deltas saturate
+    /// the counts instead of overflowing.
+    #[test]
+    fn extreme_deltas_saturate_the_counts() {
+        let max = i64::MAX.to_string();
+        let min = i64::MIN.to_string();
+        let up = parse_delta(&format!("d={max},{max},{max},{max},{max}")).expect("parses");
+        let down = parse_delta(&format!("d={min},{min},{min},{min},{min}")).expect("parses");
+        let mut counts = crate::tasks::Counts::default();
+        for _ in 0..3 {
+            for (state, d) in DELTA_STATES.iter().zip(up) {
+                counts.add(*state, d);
+            }
+        }
+        assert_eq!((counts.queued, counts.succeeded), (u32::MAX, u64::MAX));
+        for _ in 0..3 {
+            for (state, d) in DELTA_STATES.iter().zip(down) {
+                counts.add(*state, d);
+            }
+        }
+        assert_eq!((counts.queued, counts.leased, counts.cancelled), (0, 0, 0));
+    }
 }
