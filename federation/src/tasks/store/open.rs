@@ -71,7 +71,14 @@ pub(super) fn open_error(path: &Path, e: redb::DatabaseError) -> StoreError {
             path.display()
         )),
         D::Storage(S::Corrupted(why)) => damaged(path, format!("corrupted ({why})")),
-        D::Storage(S::Io(io)) if io.kind() == std::io::ErrorKind::InvalidData => {
+        // InvalidData: bytes that do not decode; UnexpectedEof: the file's
+        // own structure points past its end (damaged or cut short).
+        D::Storage(S::Io(io))
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof
+            ) =>
+        {
             damaged(path, format!("not a readable task store ({io})"))
         }
         D::UpgradeRequired(v) => damaged(
