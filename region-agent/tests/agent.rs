@@ -58,24 +58,18 @@ async fn invalid_configuration_is_refused() {
 
 #[tokio::test]
 async fn an_unreachable_controller_is_retried_then_reported() {
-    let mut config = AgentConfig::new(closed_address(), "true");
-    config.register_timeout = Some(Duration::from_millis(600));
-    config.max_backoff = Duration::from_millis(100);
-    let result = tokio::time::timeout(
-        TEST_BOUND,
-        region_agent::run(config, std::future::pending()),
-    )
-    .await
-    .expect("bounded");
-    match result {
-        Err(AgentError::Unreachable { attempts, .. }) => assert!(attempts > 1),
-        other => panic!("expected Unreachable, got {other:?}"),
-    }
+    assert_retried_then_unreachable(closed_address()).await;
 }
 
 #[tokio::test]
 async fn unreachable_replicas_are_each_tried_then_reported() {
-    let mut config = AgentConfig::new(format!("{},{}", closed_address(), closed_address()), "true");
+    assert_retried_then_unreachable(format!("{},{}", closed_address(), closed_address())).await;
+}
+
+/// An agent whose controller addresses all refuse retries, then reports
+/// them unreachable.
+async fn assert_retried_then_unreachable(addresses: String) {
+    let mut config = AgentConfig::new(addresses, "true");
     config.register_timeout = Some(Duration::from_millis(600));
     config.max_backoff = Duration::from_millis(100);
     let result = tokio::time::timeout(
