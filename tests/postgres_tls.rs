@@ -2,7 +2,9 @@
 //! for `sslmode=verify-full` with the database's CA serves over an
 //! encrypted session (the server's `pg_stat_ssl` says so); a CA that did
 //! not sign the server's certificate stops `serve` at start with exit 64,
-//! naming the database and the TLS problem.
+//! naming the database and the TLS problem; a controller that presents a
+//! client certificate (`sslcert=`/`sslkey=`) logs in as a role the server
+//! admits by certificate only, and without one it is refused with exit 64.
 //!
 //! Its own test binary: it starts a PostgreSQL server with `ssl=on` and a
 //! certificate made here.
@@ -138,4 +140,122 @@ fn a_certificate_of_another_ca_stops_serve_with_exit_64_naming_the_database_and_
         !text.contains(pg_sandbox::PASSWORD),
         "the password is never printed: {text}"
     );
+}
+
+/// The server admits role `fedcert` only by a client certificate of the
+/// clients' CA: the controller presents it (`pg_stat_ssl.client_dn` of
+/// every session it opened), and the same URL without it stops `serve`
+/// with exit 64 naming the database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_logs_in_with_a_client_certificate() {
+    const ROLE: &str = "fedcert";
+    let ca = DevCa::new("database").expect("ca");
+    let leaf = ca
+        .issue("db", &[], true, Validity::Normal)
+        .expect("server certificate");
+    let clients = DevCa::new("database clients").expect("clients' ca");
+    let client = clients
+        .issue(ROLE, &[], false, Validity::Normal)
+        .expect("client certificate");
+    let server = PgServer::start_tls_with_client_certs(
+        &leaf.cert_pem,
+        &leaf.key_pem,
+        &clients.ca_pem(),
+        ROLE,
+    )
+    .expect("the test PostgreSQL server (is PostgreSQL installed?)");
+    let dir = tempfile::tempdir().expect("dir");
+    std::fs::write(dir.path().join("ca.pem"), ca.ca_pem()).expect("ca");
+    federation_tls::dev::write_pair(dir.path(), "client", &client).expect("client pair");
+    let plain = server.create_database("certs").expect("database");
+    let db = plain.rsplit('/').next().expect("name").to_string();
+    server
+        .execute(
+            "postgres",
+            &format!("CREATE ROLE {ROLE} LOGIN; ALTER DATABASE \"{db}\" OWNER TO {ROLE}"),
+        )
+        .expect("role");
+    server
+        .execute(&db, &format!("ALTER SCHEMA public OWNER TO {ROLE}"))
+        .expect("schema");
+    let d = dir.path().display();
+    let base = format!(
+        "postgres://{ROLE}@localhost:{}/{db}?sslmode=verify-full&sslrootcert={d}/ca.pem",
+        server.port()
+    );
+    let url = format!("{base}&sslcert={d}/client.pem&sslkey={d}/client.key");
+
+    let sandbox = formed(
+        seed_sandbox()
+            .region_env("europe", "FEDERATION__NODE__STORE__BACKEND", "postgres")
+            .region_env("europe", "FEDERATION__NODE__STORE__URL", &url)
+            .region_env("europe", "FEDERATION__NODE__REPLICA", "europe-1"),
+    )
+    .await;
+    let mut c = sandbox.client("europe").await.expect("client");
+    let r = c
+        .submit_task(api::SubmitTaskRequest {
+            attributes: string_attrs(&[("customer_region", "DE")]),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|s| panic!("{s:?}\n{}", sandbox.controller_log_text("europe")))
+        .into_inner();
+    assert_eq!(r.region, "europe");
+    let pg = federation::pg::Pg::connect(&url, 2, "test").expect("the test's own session");
+    let pg2 = pg.clone();
+    let name = db.clone();
+    let (by_cert, other): (i64, i64) = pg
+        .block(async move {
+            let c = pg2.client().await?;
+            let row = c
+                .query_one(
+                    "SELECT count(*) FILTER (WHERE s.client_dn = '/CN=fedcert'), \
+                            count(*) FILTER (WHERE s.client_dn IS DISTINCT FROM '/CN=fedcert') \
+                     FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
+                     WHERE a.datname = $1 AND a.application_name LIKE 'federation/europe/%'",
+                    &[&name],
+                )
+                .await
+                .map_err(|e| pg2.db(&e))?;
+            Ok((row.get(0), row.get(1)))
+        })
+        .expect("pg_stat_ssl");
+    assert!(
+        by_cert > 0 && other == 0,
+        "by certificate {by_cert}, other {other}"
+    );
+    drop(sandbox);
+
+    // Without the certificate the same role is refused: a configuration
+    // error at start.
+    let config = dir.path().join("federation.yaml");
+    std::fs::write(&config, SEED).expect("policy");
+    let listen = federation_sandbox::free_port().expect("port");
+    let mut cmd = Command::new(federation_exe());
+    cmd.arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .args(["--region", "europe", "--insecure"])
+        .arg("--listen")
+        .arg(listen.to_string())
+        .arg("--data-dir")
+        .arg(dir.path().join("europe"))
+        .env("FEDERATION__NODE__STORE__BACKEND", "postgres")
+        .env("FEDERATION__NODE__STORE__URL", &base)
+        .env("FEDERATION_KEYS", TEST_KEYS)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child =
+        federation_sandbox::ChildGuard::spawn("europe controller", &mut cmd).expect("spawn");
+    let mut stderr = child.stderr().expect("stderr");
+    let status = child
+        .wait_timeout(PATIENCE)
+        .expect("serve exits by itself without its certificate");
+    let mut text = String::new();
+    use std::io::Read as _;
+    let _ = stderr.read_to_string(&mut text);
+    assert_eq!(status.code(), Some(64), "{text}");
+    assert!(text.contains(&db) && text.contains("certificate"), "{text}");
 }

@@ -1,6 +1,6 @@
-//! TLS to a region's database: what a `node.store.url`'s `sslmode=` and
-//! `sslrootcert=` ask for (read as libpq reads them) and the rustls
-//! connector that does it.
+//! TLS to a region's database: what a `node.store.url`'s `sslmode=`,
+//! `sslrootcert=`, `sslcert=` and `sslkey=` ask for (read as libpq reads
+//! them) and the rustls connector that does it.
 //!
 //! The modes, as libpq: `disable` never encrypts; `prefer` (the default)
 //! encrypts when the server offers TLS, without checking its certificate,
@@ -13,6 +13,12 @@
 //! system's CA store (`sslrootcert=system`, or no `sslrootcert=`). `allow`
 //! (plain first, then TLS) is refused: use `prefer` or `disable`.
 //!
+//! A client certificate (`sslcert=<PEM chain>` with `sslkey=<PEM key>`,
+//! both or neither) is presented to a server that asks for one (pg_hba's
+//! `cert` method, or `clientcert=verify-full`). Unlike libpq, nothing is
+//! read from `~/.postgresql/` when they are not given, and an encrypted
+//! key (`sslpassword=`) is refused: the key file is protected by its mode.
+//!
 //! What it must not know: pools, queries, the schema, the errors of the
 //! database (`crate::pg`, which imports this module, not the reverse).
 
@@ -21,7 +27,7 @@ use std::sync::Arc;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::{ClientConfig, WebPkiServerVerifier};
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use rustls_pki_types::pem::PemObject as _;
 
@@ -93,6 +99,8 @@ pub struct DbTls {
     /// The trusted CAs, for messages: `sslrootcert=<path>` or `the
     /// system's CA store`.
     pub roots: String,
+    /// The client certificate presented, `sslcert=<path>` (messages).
+    pub client_cert: Option<String>,
     /// The connector.
     pub connector: Connector,
 }
@@ -102,6 +110,7 @@ impl std::fmt::Debug for DbTls {
         f.debug_struct("DbTls")
             .field("mode", &self.mode)
             .field("roots", &self.roots)
+            .field("client_cert", &self.client_cert)
             .finish()
     }
 }
@@ -171,6 +180,7 @@ impl DbTls {
 pub fn split_url(url: &str) -> Result<(String, DbTls), TlsSettingError> {
     let mut mode = None;
     let mut rootcert = None;
+    let mut client = ClientFiles::default();
     let rest = if let Some((base, query)) = url
         .split_once('?')
         .filter(|_| url.starts_with("postgres://") || url.starts_with("postgresql://"))
@@ -181,6 +191,9 @@ pub fn split_url(url: &str) -> Result<(String, DbTls), TlsSettingError> {
             match key {
                 "sslmode" => mode = Some(percent_decode(value)?),
                 "sslrootcert" => rootcert = Some(percent_decode(value)?),
+                "sslcert" => client.cert = Some(percent_decode(value)?),
+                "sslkey" => client.key = Some(percent_decode(value)?),
+                "sslpassword" => client.password = true,
                 _ => kept.push(pair),
             }
         }
@@ -197,6 +210,9 @@ pub fn split_url(url: &str) -> Result<(String, DbTls), TlsSettingError> {
             match word.split_once('=') {
                 Some(("sslmode", v)) => mode = Some(v.trim_matches('\'').to_string()),
                 Some(("sslrootcert", v)) => rootcert = Some(v.trim_matches('\'').to_string()),
+                Some(("sslcert", v)) => client.cert = Some(v.trim_matches('\'').to_string()),
+                Some(("sslkey", v)) => client.key = Some(v.trim_matches('\'').to_string()),
+                Some(("sslpassword", _)) => client.password = true,
                 _ => kept.push(word),
             }
         }
@@ -214,15 +230,67 @@ pub fn split_url(url: &str) -> Result<(String, DbTls), TlsSettingError> {
         Some(path) => format!("sslrootcert={path}"),
         None => "the system's CA store".to_string(),
     };
-    let connector = connector(mode, file.as_deref())?;
+    let identity = client.load()?;
+    let client_cert = client.cert.map(|c| format!("sslcert={c}"));
+    let connector = connector(mode, file.as_deref(), identity)?;
     Ok((
         rest,
         DbTls {
             mode,
             roots,
+            client_cert,
             connector,
         },
     ))
+}
+
+/// `sslcert=`, `sslkey=` and whether `sslpassword=` was given.
+#[derive(Default)]
+struct ClientFiles {
+    cert: Option<String>,
+    key: Option<String>,
+    password: bool,
+}
+
+/// A client certificate's chain and key, read from their files.
+type Identity = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
+
+impl ClientFiles {
+    /// Reads the chain and key, or says which setting is wrong and why.
+    fn load(&self) -> Result<Option<Identity>, TlsSettingError> {
+        if self.password {
+            return Err(TlsSettingError(
+                "sslpassword= (an encrypted client key) is not supported: give sslkey= an \
+                 unencrypted PEM key readable only by the controller"
+                    .into(),
+            ));
+        }
+        let (cert, key) = match (&self.cert, &self.key) {
+            (None, None) => return Ok(None),
+            (Some(c), Some(k)) => (c, k),
+            (Some(c), None) => {
+                return Err(TlsSettingError(format!(
+                    "sslcert={c} is given without sslkey=: name the certificate's private key"
+                )));
+            }
+            (None, Some(k)) => {
+                return Err(TlsSettingError(format!(
+                    "sslkey={k} is given without sslcert=: name the client certificate"
+                )));
+            }
+        };
+        let bad_cert = |detail: String| TlsSettingError(format!("sslcert={cert}: {detail}"));
+        let chain = CertificateDer::pem_file_iter(cert)
+            .map_err(|e| bad_cert(e.to_string()))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad_cert(e.to_string()))?;
+        if chain.is_empty() {
+            return Err(bad_cert("no PEM certificate in the file".into()));
+        }
+        let private = PrivateKeyDer::from_pem_file(key)
+            .map_err(|e| TlsSettingError(format!("sslkey={key}: {e}")))?;
+        Ok(Some((chain, private)))
+    }
 }
 
 fn percent_decode(text: &str) -> Result<String, TlsSettingError> {
@@ -247,7 +315,11 @@ fn percent_decode(text: &str) -> Result<String, TlsSettingError> {
 
 /// The rustls configuration of `mode`, trusting `rootcert` (a PEM file) or
 /// the system's CA store.
-fn connector(mode: SslMode, rootcert: Option<&str>) -> Result<Connector, TlsSettingError> {
+fn connector(
+    mode: SslMode,
+    rootcert: Option<&str>,
+    identity: Option<Identity>,
+) -> Result<Connector, TlsSettingError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier: Arc<dyn ServerCertVerifier> = match mode {
         SslMode::Disable | SslMode::Prefer | SslMode::Require => {
@@ -265,12 +337,19 @@ fn connector(mode: SslMode, rootcert: Option<&str>) -> Result<Connector, TlsSett
             }
         }
     };
-    let config = ClientConfig::builder_with_provider(provider)
+    let builder = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsSettingError(format!("TLS: {e}")))?
         .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_no_client_auth();
+        .with_custom_certificate_verifier(verifier);
+    let config = match identity {
+        None => builder.with_no_client_auth(),
+        Some((chain, key)) => builder.with_client_auth_cert(chain, key).map_err(|e| {
+            TlsSettingError(format!(
+                "sslcert=/sslkey=: the key does not fit the certificate ({e})"
+            ))
+        })?,
+    };
     Ok(Connector::new(config))
 }
 
@@ -426,6 +505,68 @@ mod tests {
         let (rest, tls) = split_url("host=db user=u sslmode=require dbname=f").expect("kv");
         assert_eq!(rest, "host=db user=u dbname=f");
         assert_eq!(tls.mode, SslMode::Require);
+    }
+
+    #[test]
+    fn a_client_certificate_needs_its_key_and_a_wrong_one_is_named() {
+        let dir = tempfile::tempdir().expect("dir");
+        let ca = federation_tls::dev::DevCa::new("test").expect("ca");
+        let one = ca
+            .issue(
+                "federation",
+                &[],
+                false,
+                federation_tls::dev::Validity::Normal,
+            )
+            .expect("one");
+        let other = ca
+            .issue(
+                "federation",
+                &[],
+                false,
+                federation_tls::dev::Validity::Normal,
+            )
+            .expect("other");
+        let write = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).expect("write");
+            path.display().to_string()
+        };
+        let (cert, key) = (write("c.pem", &one.cert_pem), write("c.key", &one.key_pem));
+        let other_key = write("o.key", &other.key_pem);
+        let url = |q: &str| format!("postgres://u@db/f?sslmode=require&{q}");
+        let (rest, tls) = split_url(&url(&format!("sslcert={cert}&sslkey={key}"))).expect("pair");
+        assert_eq!(rest, "postgres://u@db/f", "libpq's keys are not passed on");
+        assert_eq!(tls.client_cert, Some(format!("sslcert={cert}")));
+        let (_, tls) = split_url(&format!(
+            "host=db user=u sslmode=require sslcert={cert} sslkey={key}"
+        ))
+        .expect("key=value form");
+        assert!(tls.client_cert.is_some());
+        let err = |q: String| split_url(&url(&q)).expect_err(&q).0;
+        let e = err(format!("sslcert={cert}"));
+        assert!(e.contains("without sslkey=") && e.contains("c.pem"), "{e}");
+        let e = err(format!("sslkey={key}"));
+        assert!(e.contains("without sslcert="), "{e}");
+        let e = err(format!("sslcert={cert}&sslkey={other_key}"));
+        assert!(e.contains("does not fit"), "{e}");
+        let e = err(format!("sslcert={key}&sslkey={key}"));
+        assert!(
+            e.contains("sslcert=") && e.contains("no PEM certificate"),
+            "{e}"
+        );
+        let e = err(format!("sslcert={cert}&sslkey={cert}"));
+        assert!(e.contains("sslkey=") && e.contains("c.pem"), "{e}");
+        let e = err(format!("sslcert={cert}&sslkey={key}&sslpassword=x"));
+        assert!(
+            e.contains("sslpassword= (an encrypted client key) is not supported"),
+            "{e}"
+        );
+        let e = err(format!(
+            "sslcert={}/missing.pem&sslkey={key}",
+            dir.path().display()
+        ));
+        assert!(e.contains("missing.pem"), "{e}");
     }
 
     #[test]

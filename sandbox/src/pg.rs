@@ -85,17 +85,33 @@ fn as_server_user(program: &Path) -> Command {
 impl PgServer {
     /// Starts a server (bounded: 60 s for initdb and start-up).
     pub fn start() -> anyhow::Result<Self> {
-        Self::start_with(None)
+        Self::start_with(None, None)
     }
 
     /// Starts a server that also offers TLS (`ssl=on`) with this
     /// certificate (PEM, its chain) and key; plain connections are still
     /// accepted.
     pub fn start_tls(cert_pem: &str, key_pem: &str) -> anyhow::Result<Self> {
-        Self::start_with(Some((cert_pem, key_pem)))
+        Self::start_with(Some((cert_pem, key_pem)), None)
     }
 
-    fn start_with(tls: Option<(&str, &str)>) -> anyhow::Result<Self> {
+    /// As [`start_tls`](Self::start_tls), and role `cert_user` logs in
+    /// only over TLS with a client certificate signed by `client_ca_pem`
+    /// whose common name is `cert_user` (pg_hba's `cert` method); every
+    /// other role as before. The role itself is the test's to create.
+    pub fn start_tls_with_client_certs(
+        cert_pem: &str,
+        key_pem: &str,
+        client_ca_pem: &str,
+        cert_user: &str,
+    ) -> anyhow::Result<Self> {
+        Self::start_with(Some((cert_pem, key_pem)), Some((client_ca_pem, cert_user)))
+    }
+
+    fn start_with(
+        tls: Option<(&str, &str)>,
+        client_certs: Option<(&str, &str)>,
+    ) -> anyhow::Result<Self> {
         let bin = bin_dir().context(
             "PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb; apt-get install postgresql, or set FEDERATION_PG_BIN)",
         )?;
@@ -120,6 +136,11 @@ impl PgServer {
                 format!("ssl_cert_file={}", cert_file.display()),
                 format!("ssl_key_file={}", key_file.display()),
             ]);
+        }
+        if let Some((ca, _)) = client_certs {
+            let ca_file = dir.path().join("client-ca.crt");
+            std::fs::write(&ca_file, ca).context("writing the client CA")?;
+            settings.push(format!("ssl_ca_file={}", ca_file.display()));
         }
         if is_root() {
             let status = Command::new("chown")
@@ -152,6 +173,18 @@ impl PgServer {
                 String::from_utf8_lossy(&out.stdout),
                 String::from_utf8_lossy(&out.stderr)
             );
+        }
+        if let Some((_, user)) = client_certs {
+            // First match wins: this role by certificate only.
+            let hba = data.join("pg_hba.conf");
+            let rest = std::fs::read_to_string(&hba).context("reading pg_hba.conf")?;
+            std::fs::write(
+                &hba,
+                format!(
+                    "hostssl all {user} 127.0.0.1/32 cert\nhost all {user} 0.0.0.0/0 reject\n{rest}"
+                ),
+            )
+            .context("writing pg_hba.conf")?;
         }
         let version = std::fs::read_to_string(data.join("PG_VERSION"))
             .map(|v| v.trim().to_string())
