@@ -678,7 +678,8 @@ fn submit_eu(
 /// minute, so a leadership that merely expired would not move within the
 /// test's patience), the agent connected to it moves to the sibling and
 /// keeps running tasks there, and the drain is empty for the replica while
-/// the region still holds tasks; `undrain` resumes it.
+/// the region still holds tasks; `undrain` resumes it. Last, the leader's
+/// SIGTERM passes the lead on at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_works_per_replica() {
     let url = pg_sandbox::shared()
@@ -940,4 +941,34 @@ async fn drain_works_per_replica() {
         })
         .await;
     }
+
+    // A rolling upgrade's SIGTERM of the leader: it gives the lead up as it
+    // stops, so the other replica leads at its next heartbeat (not after
+    // europe's dead_after of 60 s, longer than the test waits).
+    let leader = eventually("one europe replica leads", PATIENCE, || {
+        let l = leaders(&sandbox, &[0, 1]);
+        async move { (l.len() == 1).then(|| l[0]) }
+    })
+    .await;
+    let other = 1 - leader;
+    let mark = sandbox.replica_log_text("europe", other).len();
+    sandbox
+        .replica("europe", leader)
+        .expect("leader")
+        .signal("TERM")
+        .expect("SIGTERM");
+    eventually(
+        "the other replica leads after the SIGTERM",
+        PATIENCE,
+        || {
+            let log = sandbox.replica_log_text("europe", other);
+            let after = log.get(mark..).unwrap_or_default().to_string();
+            async move {
+                after
+                    .contains("this replica leads its region")
+                    .then_some(())
+            }
+        },
+    )
+    .await;
 }

@@ -9,7 +9,7 @@
 //! Sends nothing (gossip is [`crate::gossip`]); the takeover notices an
 //! advertisement carries are passed in by its caller.
 
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use federation_api as api;
@@ -54,6 +54,8 @@ pub struct Cluster {
     /// The region's other replicas alive in the database, as last read
     /// (empty with the embedded store).
     siblings: std::sync::RwLock<Vec<crate::tasks::Sibling>>,
+    /// Whose turn among the serving siblings the next passed task is.
+    sibling_turn: AtomicUsize,
     /// Woken when the drain starts or stops (long polls end early).
     drain_changed: tokio::sync::Notify,
 }
@@ -130,6 +132,7 @@ impl Cluster {
             draining: AtomicBool::new(false),
             leader: AtomicI64::new(if leads { 0 } else { -1 }),
             siblings: std::sync::RwLock::new(Vec::new()),
+            sibling_turn: AtomicUsize::new(0),
             drain_changed: tokio::sync::Notify::new(),
         }
     }
@@ -199,7 +202,18 @@ impl Cluster {
     /// view: it drains, and no other replica of it serves (with the
     /// embedded store, the one controller's drain is the region's).
     pub fn region_draining(&self) -> bool {
-        self.draining() && self.serving_sibling().is_none()
+        if !self.draining() {
+            return false;
+        }
+        if !self.drains_per_replica() {
+            return true;
+        }
+        !self
+            .siblings
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .any(serves)
     }
 
     /// Records the region's other replicas as the database lists them now.
@@ -220,17 +234,21 @@ impl Cluster {
 
     /// A replica of this region, other than this one, alive and not
     /// draining, that advertises an endpoint: where a draining replica
-    /// passes new work. None with the embedded store.
+    /// passes new work, each call the next of them in turn (so a drained
+    /// replica's traffic spreads over its siblings). None with the embedded
+    /// store.
     pub fn serving_sibling(&self) -> Option<crate::tasks::Sibling> {
         if !self.drains_per_replica() {
             return None;
         }
-        self.siblings
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .iter()
-            .find(|s| !s.draining && !s.endpoint.is_empty())
-            .cloned()
+        let turn = self.sibling_turn.fetch_add(1, Ordering::Relaxed);
+        in_turn(
+            &self
+                .siblings
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+            turn,
+        )
     }
 
     /// What this replica tells its siblings of itself.
@@ -323,6 +341,7 @@ impl Cluster {
                 api::LogHead { seq, hash }
             }),
             replica: self.replica.clone(),
+            siblings_serve: self.draining() && !self.region_draining(),
         }
     }
 
@@ -343,5 +362,50 @@ impl Cluster {
             .into_iter()
             .map(|s| (s.region, s.health))
             .collect()
+    }
+}
+
+/// Whether a sibling takes passed work: alive (listed), not draining, and
+/// reachable at an endpoint it advertises.
+fn serves(s: &crate::tasks::Sibling) -> bool {
+    !s.draining && !s.endpoint.is_empty()
+}
+
+/// The `turn`-th serving sibling, round the list.
+fn in_turn(siblings: &[crate::tasks::Sibling], turn: usize) -> Option<crate::tasks::Sibling> {
+    let serving: Vec<&crate::tasks::Sibling> = siblings.iter().filter(|s| serves(s)).collect();
+    if serving.is_empty() {
+        return None;
+    }
+    Some(serving[turn % serving.len()].clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tasks::Sibling;
+
+    fn sibling(name: &str, endpoint: &str, draining: bool) -> Sibling {
+        Sibling {
+            replica: name.into(),
+            endpoint: endpoint.into(),
+            draining,
+        }
+    }
+
+    #[test]
+    fn passed_work_takes_the_serving_siblings_in_turn() {
+        let list = [
+            sibling("europe-1", "a:1", false),
+            sibling("europe-2", "b:1", true),
+            sibling("europe-3", "", false),
+            sibling("europe-4", "d:1", false),
+        ];
+        let picked: Vec<String> = (0..4)
+            .map(|t| in_turn(&list, t).expect("one serves").replica)
+            .collect();
+        assert_eq!(picked, ["europe-1", "europe-4", "europe-1", "europe-4"]);
+        assert_eq!(in_turn(&list[1..3], 0), None, "draining or unreachable");
+        assert_eq!(in_turn(&[], 7), None);
     }
 }

@@ -501,7 +501,8 @@ impl Membership {
     /// is live), with the slots summed over the live replicas (agents
     /// connect to one replica each), the queue the deepest any live
     /// replica reports (the queue is the region's one queue in its
-    /// database), and draining only when every live replica drains.
+    /// database), and draining only when every live replica drains and
+    /// none of them says a sibling serves (`siblings_serve`).
     fn merge_replicas(&self, peer: &mut Peer, now: Instant) {
         let live: Vec<&Replica> = peer
             .replicas
@@ -528,9 +529,15 @@ impl Membership {
                 capacity.queue_limit = capacity.queue_limit.max(c.queue_limit);
             }
             merged.capacity = Some(capacity);
-            merged.draining = live
-                .iter()
-                .all(|r| r.ad.as_ref().is_some_and(|a| a.draining));
+        }
+        if !live.is_empty() {
+            // A draining replica whose siblings serve (in the region's
+            // database) keeps the region serving, also while those
+            // siblings' own advertisements are late: it passes work on.
+            merged.draining = live.iter().all(|r| {
+                r.ad.as_ref()
+                    .is_some_and(|a| a.draining && !a.siblings_serve)
+            });
         }
         peer.merged = Some(merged);
     }
@@ -1610,6 +1617,45 @@ mod tests {
             now,
         );
         assert!(m.peer_view("europe", now).expect("row").draining);
+    }
+
+    /// Seen in `tests/ha.rs` on a loaded machine: the serving sibling
+    /// stalled, its advertisements stopped, and the peer took the region
+    /// for drained and failed EU work over to its backup region. A
+    /// draining replica that says its siblings serve keeps it serving.
+    #[test]
+    fn a_draining_replica_whose_siblings_serve_keeps_its_region_serving_while_they_are_unheard() {
+        for siblings_serve in [true, false] {
+            let m = Membership::new("north_america", &policy(), Timers::default());
+            let (mut now, mut seq) = (Instant::now(), 0);
+            run_replicas(&m, &mut now, &mut seq, 5, &[("eu-1", 10), ("eu-2", 20)]);
+            // Only the draining replica is heard from now on.
+            for _ in 0..30 {
+                now += Duration::from_secs(1);
+                m.tick(now);
+                seq += 1;
+                m.observe(
+                    &RegionAdvertisement {
+                        draining: true,
+                        siblings_serve,
+                        ..replica_ad("europe", "eu-1", 10, seq, 2)
+                    },
+                    now,
+                );
+            }
+            let live: Vec<String> = m
+                .replicas("europe", now)
+                .into_iter()
+                .filter(|r| r.health != Health::Dead)
+                .map(|r| r.replica)
+                .collect();
+            assert_eq!(live, ["eu-1"], "the silent sibling is dead by now");
+            assert_eq!(
+                m.peer_view("europe", now).expect("row").draining,
+                !siblings_serve,
+                "siblings_serve={siblings_serve}"
+            );
+        }
     }
 
     #[test]

@@ -105,8 +105,9 @@ pub async fn serve(
 /// Serves an opened node until `shutdown` resolves: spawns every loop
 /// (gossip, replication, lease reaper, leadership, readiness, DNS SRV
 /// discovery, the policy poll, the reload hook) and the optional admin HTTP
-/// and health-only ports, then shuts down in order: every port stops
-/// accepting and reports NOT_SERVING, in-flight calls get
+/// and health-only ports, then shuts down in order: a leading replica of a
+/// database-backed region gives the lead up, every port stops accepting
+/// and reports NOT_SERVING, in-flight calls get
 /// `shutdown_grace`, the loops end, the store and the log are flushed and
 /// the log's anchors persisted.
 pub async fn serve_with(
@@ -192,8 +193,10 @@ pub async fn serve_with(
     let grace = node.timers().shutdown_grace;
     let (signal_tx, signal_rx) = tokio::sync::oneshot::channel::<()>();
     let stop_for_server = stop_tx.clone();
+    let leaving = node.clone();
     tokio::spawn(async move {
         shutdown.await;
+        leave_the_lead(&leaving).await;
         let _ = stop_for_server.send(true);
         let _ = signal_tx.send(());
     });
@@ -249,6 +252,29 @@ pub async fn serve_with(
     node.gossip().persist_anchors(&mut recorded).await;
     tracing::info!(region = %node.region(), "controller stopped");
     served.context("gRPC server failed")
+}
+
+/// The longest a stopping replica waits to drain (give the lead up and
+/// tell its siblings).
+const RESIGN_BOUND: Duration = Duration::from_secs(2);
+
+/// A stopping replica of a database-backed region drains first (bounded by
+/// [`RESIGN_BOUND`]): it gives the region's leadership up, so a sibling
+/// leads at its next heartbeat instead of after `dead_after`, and its
+/// siblings see it draining at once. If the database does not answer in
+/// time, the lead passes when its lease expires.
+async fn leave_the_lead(node: &Node) {
+    if !node.store().is_postgres() {
+        return;
+    }
+    if tokio::time::timeout(RESIGN_BOUND, node.drainer().set(true))
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "draining at shutdown took too long; the region's lead passes when its lease expires"
+        );
+    }
 }
 
 /// Reloads the policy from the federation file at each message of
