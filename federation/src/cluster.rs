@@ -323,6 +323,7 @@ impl Cluster {
                 api::LogHead { seq, hash }
             }),
             replica: self.replica.clone(),
+            snapshot_formats: crate::replication::BodyFormat::READ.to_vec(),
         }
     }
 

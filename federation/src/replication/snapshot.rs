@@ -12,9 +12,14 @@
 //!
 //! Pure functions: no I/O, no keys.
 //!
-//! The body is encoded with prost; the fields are tagged so that
-//! [`SnapshotBody::encode_into`] can stream it (tasks one at a time) into the
-//! envelope with the same bytes `encode` gives.
+//! A body is written in one of two formats ([`BodyFormat`]): 1, the prost
+//! encoding of [`SnapshotBody`] (fields tagged so that
+//! [`SnapshotBody::encode_into`] can stream it, tasks one at a time, into
+//! the envelope with the same bytes `encode` gives); 2, columns
+//! (`columnar.rs`). A receiver tells them apart by the first byte (0 only
+//! in format 2) and reads both; a sender writes format 2 only to a peer
+//! whose advertisement lists it ([`BodyFormat::for_peer`]), since a
+//! controller that reads only format 1 refuses a format-2 body.
 
 use std::collections::BTreeSet;
 
@@ -74,6 +79,70 @@ impl SnapshotBody {
             }
         }
         Ok(())
+    }
+}
+
+/// How a snapshot body is laid out.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum BodyFormat {
+    /// Format 1: the prost message [`SnapshotBody`]; every controller reads it.
+    #[default]
+    Prost,
+    /// Format 2: columns (`columnar.rs`).
+    Columnar,
+}
+
+impl BodyFormat {
+    /// The formats this controller reads, as it advertises them
+    /// (`RegionAdvertisement.snapshot_formats`).
+    pub const READ: [u32; 2] = [1, 2];
+
+    /// Its number (the fourth byte of a format-2 body).
+    pub fn number(self) -> u32 {
+        match self {
+            BodyFormat::Prost => 1,
+            BodyFormat::Columnar => 2,
+        }
+    }
+
+    /// The format to send a peer that advertised `formats`: format 2 when
+    /// it lists 2, else format 1 (an empty list is an older controller's,
+    /// which reads format 1 only).
+    pub fn for_peer(formats: &[u32]) -> Self {
+        if formats.contains(&2) {
+            BodyFormat::Columnar
+        } else {
+            BodyFormat::Prost
+        }
+    }
+
+    /// The format of a plaintext body.
+    pub fn of(plain: &[u8]) -> Self {
+        if super::columnar::is_columnar(plain) {
+            BodyFormat::Columnar
+        } else {
+            BodyFormat::Prost
+        }
+    }
+}
+
+impl SnapshotBody {
+    /// Serializes into `sink` in `format`.
+    pub fn encode_as(&self, format: BodyFormat, sink: &mut Sink) -> Result<(), EnvelopeError> {
+        match format {
+            BodyFormat::Prost => self.encode_into(sink),
+            BodyFormat::Columnar => super::columnar::encode_into(self, sink),
+        }
+    }
+
+    /// Decodes a plaintext body of either format, fully validated.
+    pub fn decode_any(plain: &[u8]) -> Result<Self, String> {
+        match BodyFormat::of(plain) {
+            BodyFormat::Prost => Self::decode(plain).map_err(|e| e.to_string()),
+            BodyFormat::Columnar => super::columnar::Body::parse(plain)
+                .map(|b| b.to_body())
+                .map_err(|e| e.to_string()),
+        }
     }
 }
 
