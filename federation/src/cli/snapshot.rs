@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use super::OutputFormat;
 use crate::replication::envelope::{self, Limits};
-use crate::replication::{BodyFormat, KeyRing, SnapshotBody, receiver};
+use crate::replication::{BodyFormat, KeyRing, SnapshotBody, columnar, receiver};
 
 /// Snapshot subcommands.
 #[derive(Debug, clap::Subcommand)]
@@ -119,9 +119,9 @@ fn open_file_as(
             anyhow::anyhow!("{}: cannot decrypt: {e}", file.display()),
         )
     })?;
-    let body = SnapshotBody::decode_any(&plain)
+    let body = columnar::decode_any(&plain)
         .map_err(|e| (1, anyhow::anyhow!("{}: body: {e}", file.display())))?;
-    Ok((header, body, BodyFormat::of(&plain)))
+    Ok((header, body, columnar::format_of(&plain)))
 }
 
 /// Runs a snapshot subcommand.

@@ -292,7 +292,7 @@ pub fn seal_snapshot(
     pipeline: envelope::Pipeline,
 ) -> Result<Vec<api::SnapshotChunk>, EnvelopeError> {
     envelope::seal_streamed(params, key, nonces, pipeline, |sink| {
-        body.encode_as(format, sink)
+        columnar::encode_as(body, format, sink)
     })
 }
 

@@ -389,8 +389,8 @@ pub fn open_file(
     let chunks = read_file(path)?;
     let (header, plain) = envelope::open(&chunks, ring, &Limits::default())
         .map_err(|e| format!("{}: {e}", path.display()))?;
-    let body =
-        SnapshotBody::decode_any(&plain).map_err(|e| format!("{}: body: {e}", path.display()))?;
+    let body = super::columnar::decode_any(&plain)
+        .map_err(|e| format!("{}: body: {e}", path.display()))?;
     Ok((header, body))
 }
 

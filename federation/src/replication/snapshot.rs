@@ -16,8 +16,9 @@
 //! encoding of [`SnapshotBody`] (fields tagged so that
 //! [`SnapshotBody::encode_into`] can stream it, tasks one at a time, into
 //! the envelope with the same bytes `encode` gives); 2, columns
-//! (`columnar.rs`). A receiver tells them apart by the first byte (0 only
-//! in format 2) and reads both; a sender writes format 2 only to a peer
+//! (`columnar.rs`, which also holds the dispatch on a body's format:
+//! `columnar::format_of`, `encode_as`, `decode_any`). A receiver tells them
+//! apart by the first byte (0 only in format 2) and reads both; a sender writes format 2 only to a peer
 //! whose advertisement lists it ([`BodyFormat::for_peer`]), since a
 //! controller that reads only format 1 refuses a format-2 body.
 
@@ -113,35 +114,6 @@ impl BodyFormat {
             BodyFormat::Columnar
         } else {
             BodyFormat::Prost
-        }
-    }
-
-    /// The format of a plaintext body.
-    pub fn of(plain: &[u8]) -> Self {
-        if super::columnar::is_columnar(plain) {
-            BodyFormat::Columnar
-        } else {
-            BodyFormat::Prost
-        }
-    }
-}
-
-impl SnapshotBody {
-    /// Serializes into `sink` in `format`.
-    pub fn encode_as(&self, format: BodyFormat, sink: &mut Sink) -> Result<(), EnvelopeError> {
-        match format {
-            BodyFormat::Prost => self.encode_into(sink),
-            BodyFormat::Columnar => super::columnar::encode_into(self, sink),
-        }
-    }
-
-    /// Decodes a plaintext body of either format, fully validated.
-    pub fn decode_any(plain: &[u8]) -> Result<Self, String> {
-        match BodyFormat::of(plain) {
-            BodyFormat::Prost => Self::decode(plain).map_err(|e| e.to_string()),
-            BodyFormat::Columnar => super::columnar::Body::parse(plain)
-                .map(|b| b.to_body())
-                .map_err(|e| e.to_string()),
         }
     }
 }
