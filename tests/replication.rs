@@ -11,7 +11,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 use federation::replication::envelope::{NonceSource, Pipeline, SealParams};
-use federation::replication::{Key, KeyRing, SnapshotBody, receiver, seal_snapshot};
+use federation::replication::{BodyFormat, Key, KeyRing, SnapshotBody, receiver, seal_snapshot};
 use federation_api as api;
 use federation_sandbox::{Sandbox, SandboxBuilder, string_attrs};
 use support::*;
@@ -332,7 +332,15 @@ async fn snapshot_metrics_show_pushes_ages_and_rejections_by_reason() {
         chunk_size: 16,
     };
     let seal = |key: &Key| {
-        seal_snapshot(&body, &params, key, &NonceSource::new(), Pipeline::Off).expect("seal")
+        seal_snapshot(
+            &body,
+            BodyFormat::Prost,
+            &params,
+            key,
+            &NonceSource::new(),
+            Pipeline::Off,
+        )
+        .expect("seal")
     };
     let wrong_key = seal(&wrong);
     let mut truncated = seal(key);

@@ -29,10 +29,11 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use federation::policy::Policy;
+use federation::replication::columnar;
 use federation::replication::copy::HeldCopy;
 use federation::replication::envelope::{self, Limits, NonceSource, Pipeline, SealParams};
 use federation::replication::view::BodyView;
-use federation::replication::{Key, KeyRing, Receiver, SnapshotBody, seal_snapshot};
+use federation::replication::{BodyFormat, Key, KeyRing, Receiver, SnapshotBody, seal_snapshot};
 use federation_api as api;
 use prost::Message as _;
 
@@ -155,50 +156,53 @@ fn main() {
             compression: Some(LEVEL),
             chunk_size: federation::replication::CHUNK_SIZE,
         };
-        // The baseline compresses exactly these bytes, already serialized.
+        // Each baseline compresses exactly the bytes of its format, already
+        // serialized.
         let plain = body.encode_to_vec();
+        let plain2 = columnar::encode(&body).expect("encode");
         let iters = (20_000 / n).max(2);
         let n_rounds = 15;
         // What the controller does (`Replication::seal_body`): serialize,
         // compress, encrypt.
-        let write = |p: Pipeline| {
-            black_box(seal_snapshot(black_box(&body), &params, &key, &nonces, p).expect("seal"));
+        let write = |f: BodyFormat, p: Pipeline| {
+            black_box(seal_snapshot(black_box(&body), f, &params, &key, &nonces, p).expect("seal"));
         };
-        let base_write = || {
-            black_box(zstd::bulk::compress(black_box(&plain), LEVEL).expect("zstd"));
+        let base_write = |bytes: &[u8]| {
+            black_box(zstd::bulk::compress(black_box(bytes), LEVEL).expect("zstd"));
         };
         let w = rounds(
             n_rounds,
             iters,
             &mut [
-                &mut { base_write },
-                &mut || write(Pipeline::On),
-                &mut || write(Pipeline::Off),
+                &mut || base_write(&plain),
+                &mut || write(BodyFormat::Prost, Pipeline::On),
+                &mut || write(BodyFormat::Prost, Pipeline::Off),
+                &mut || base_write(&plain2),
+                &mut || write(BodyFormat::Columnar, Pipeline::On),
             ],
         );
         let compressed = zstd::bulk::compress(&plain, LEVEL).expect("zstd");
-        let sealed = seal_snapshot(&body, &params, &key, &nonces, Pipeline::On).expect("seal");
+        let compressed2 = zstd::bulk::compress(&plain2, LEVEL).expect("zstd");
+        let seal = |f| seal_snapshot(&body, f, &params, &key, &nonces, Pipeline::On).expect("seal");
+        let (sealed, sealed2) = (seal(BodyFormat::Prost), seal(BodyFormat::Columnar));
         // What the receiver keeps: the copy of north_america, holding the
         // previous snapshot when the next one is folded in.
-        let mut copy = HeldCopy::default();
-        let mut restore = || {
-            let (_, _, restored) = rx
-                .verify_snapshot(&policy, black_box(&sealed))
-                .expect("restore");
+        let (mut copy, mut copy2) = (HeldCopy::default(), HeldCopy::default());
+        let restore = |copy: &mut HeldCopy, s: &[api::SnapshotChunk]| {
+            let (_, _, restored) = rx.verify_snapshot(&policy, black_box(s)).expect("restore");
             copy.fold_snapshot(restored);
             copy.pending_len()
         };
-        assert_eq!(restore(), n, "every task held");
+        assert_eq!(restore(&mut copy, &sealed), n, "every task held");
+        assert_eq!(restore(&mut copy2, &sealed2), n, "every task held");
+        let unzstd = |c: &[u8], len: usize| {
+            black_box(zstd::bulk::decompress(black_box(c), len).expect("unzstd"));
+        };
         let r = rounds(
             n_rounds,
             iters,
             &mut [
-                &mut || {
-                    black_box(
-                        zstd::bulk::decompress(black_box(&compressed), plain.len())
-                            .expect("unzstd"),
-                    );
-                },
+                &mut || unzstd(&compressed, plain.len()),
                 &mut || {
                     black_box(
                         envelope::open(black_box(&sealed), &ring, &Limits::default())
@@ -220,14 +224,32 @@ fn main() {
                     black_box(view.tasks.len() + view.results.len());
                 },
                 &mut || {
-                    black_box(restore());
+                    black_box(restore(&mut copy, &sealed));
+                },
+                &mut || unzstd(&compressed2, plain2.len()),
+                &mut || {
+                    black_box(restore(&mut copy2, &sealed2));
+                },
+                &mut || {
+                    black_box(
+                        envelope::open(black_box(&sealed2), &ring, &Limits::default())
+                            .expect("open"),
+                    );
+                },
+                &mut || {
+                    let (_, bytes) = envelope::open(black_box(&sealed2), &ring, &Limits::default())
+                        .expect("open");
+                    let b = columnar::Body::parse(&bytes).expect("decode");
+                    black_box(b.tasks.len());
                 },
             ],
         );
-        let cpu_base = cpu_per_call(1.0, base_write);
-        let cpu_write = cpu_per_call(1.0, || write(Pipeline::On));
-        let sealed_bytes: usize = sealed.iter().map(|c| c.encoded_len()).sum();
+        let cpu_base = cpu_per_call(1.0, || base_write(&plain));
+        let cpu_write = cpu_per_call(1.0, || write(BodyFormat::Prost, Pipeline::On));
+        let size = |s: &[api::SnapshotChunk]| -> usize { s.iter().map(|c| c.encoded_len()).sum() };
+        let (sealed_bytes, sealed_bytes2) = (size(&sealed), size(&sealed2));
         let mb = plain.len() as f64 / 1e6;
+        let mb2 = plain2.len() as f64 / 1e6;
         let (bw, wr, wr1) = (
             median(w[0].clone()),
             median(w[1].clone()),
@@ -243,7 +265,7 @@ fn main() {
         let (w_med, w_min, w_max) = ratio(&w[0], &w[1]);
         let (r_med, r_min, r_max) = ratio(&r[0], &r[1]);
         println!(
-            "{n} tasks ({mb:.2} MB plaintext): write {:.0} MB/s vs raw zstd-{LEVEL} {:.0} MB/s, ratio {w_med:.2}x (rounds {w_min:.2}-{w_max:.2}); restore {:.0} MB/s vs raw unzstd {:.0} MB/s, ratio {r_med:.2}x (rounds {r_min:.2}-{r_max:.2})",
+            "{n} tasks, format 1 ({mb:.2} MB plaintext): write {:.0} MB/s vs raw zstd-{LEVEL} {:.0} MB/s, ratio {w_med:.2}x (rounds {w_min:.2}-{w_max:.2}); bytes back (verify, decrypt, unzstd) {:.0} MB/s vs raw unzstd {:.0} MB/s, ratio {r_med:.2}x (rounds {r_min:.2}-{r_max:.2})",
             mb / wr,
             mb / bw,
             mb / rs,
@@ -254,32 +276,56 @@ fn main() {
             _ => "n/a".into(),
         };
         println!(
-            "{n} tasks: write on one thread {:.0} MB/s, ratio {:.2}x; CPU time of the (pipelined) write vs raw zstd {cpu}",
+            "{n} tasks, format 1: write on one thread {:.0} MB/s, ratio {:.2}x; CPU time of the (pipelined) write vs raw zstd {cpu}",
             mb / wr1,
             ratio(&w[0], &w[2]).0,
         );
         println!(
-            "{n} tasks: serialize alone {:.0} MB/s; restore including protobuf decode into owned messages {:.0} MB/s, ratio {:.2}x vs raw unzstd",
+            "{n} tasks, format 1: serialize alone {:.0} MB/s; restore including protobuf decode into owned messages {:.0} MB/s, ratio {:.2}x vs raw unzstd",
             mb / enc,
             mb / rd,
             ratio(&r[0], &r[2]).0,
         );
         let (v_med, v_min, v_max) = ratio(&r[0], &r[4]);
         println!(
-            "{n} tasks: restore including decoding the tasks in place (BodyView) {:.0} MB/s, ratio {v_med:.2}x vs raw unzstd (rounds {v_min:.2}-{v_max:.2})",
+            "{n} tasks, format 1: restore including decoding the tasks in place (BodyView) {:.0} MB/s, ratio {v_med:.2}x vs raw unzstd (rounds {v_min:.2}-{v_max:.2})",
             mb / rv,
         );
         let (c_med, c_min, c_max) = ratio(&r[0], &r[5]);
         println!(
-            "{n} tasks: restore as the receiver does it (verify_snapshot + fold_snapshot: verify, decrypt, unzstd, decode every task, residency, into the copy) {:.0} MB/s, ratio {c_med:.2}x vs raw unzstd (rounds {c_min:.2}-{c_max:.2})",
+            "{n} tasks, format 1: restore as the receiver does it (verify_snapshot + fold_snapshot: verify, decrypt, unzstd, decode every task, residency, into the copy) {:.0} MB/s, ratio {c_med:.2}x vs raw unzstd of the same bytes (rounds {c_min:.2}-{c_max:.2})",
             mb / median(r[5].clone()),
         );
+        let (w2_med, w2_min, w2_max) = ratio(&w[3], &w[4]);
         println!(
-            "{n} tasks: snapshot {} bytes ({} bytes per 1,000 tasks; raw zstd {} bytes, plaintext {} bytes)",
+            "{n} tasks, format 2 ({mb2:.2} MB plaintext): write {:.0} MB/s vs raw zstd-{LEVEL} of its bytes {:.0} MB/s, ratio {w2_med:.2}x (rounds {w2_min:.2}-{w2_max:.2}); write time vs format 1 {:.2}x",
+            mb2 / median(w[4].clone()),
+            mb2 / median(w[3].clone()),
+            median(w[4].clone()) / wr,
+        );
+        let (o_med, _, _) = ratio(&r[6], &r[8]);
+        let (p_med, _, _) = ratio(&r[6], &r[9]);
+        println!(
+            "{n} tasks, format 2: bytes back (verify, decrypt, unzstd) ratio {o_med:.2}x, plus validating every column (columnar::Body::parse) ratio {p_med:.2}x vs raw unzstd {:.0} MB/s",
+            mb2 / median(r[6].clone()),
+        );
+        let (c2_med, c2_min, c2_max) = ratio(&r[6], &r[7]);
+        println!(
+            "{n} tasks, format 2: restore as the receiver does it (verify_snapshot + fold_snapshot) {:.0} MB/s of its plaintext, ratio {c2_med:.2}x vs raw unzstd of the same bytes (rounds {c2_min:.2}-{c2_max:.2}); {:.2}x the time of format 1's restore, {:.2}x the time of raw unzstd of format 1's bytes",
+            mb2 / median(r[7].clone()),
+            median(r[7].clone()) / median(r[5].clone()),
+            median(r[7].clone()) / br,
+        );
+        println!(
+            "{n} tasks: snapshot {} bytes in format 1, {} in format 2 ({} / {} bytes per 1,000 tasks; raw zstd {} / {} bytes, plaintext {} / {} bytes)",
             sealed_bytes,
+            sealed_bytes2,
             sealed_bytes * 1000 / n,
+            sealed_bytes2 * 1000 / n,
             compressed.len(),
-            plain.len()
+            compressed2.len(),
+            plain.len(),
+            plain2.len(),
         );
     }
 }

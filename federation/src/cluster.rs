@@ -342,6 +342,7 @@ impl Cluster {
             }),
             replica: self.replica.clone(),
             siblings_serve: self.draining() && !self.region_draining(),
+            snapshot_formats: crate::replication::BodyFormat::READ.to_vec(),
         }
     }
 

@@ -692,6 +692,25 @@ impl Membership {
         self.lock().peers.get(region).and_then(|p| p.merged.clone())
     }
 
+    /// The snapshot body formats every replica of `region` heard of reads
+    /// (the intersection of their advertised `snapshot_formats`; empty when
+    /// none was heard of, or when one of them advertised none).
+    pub fn snapshot_formats(&self, region: &str) -> Vec<u32> {
+        let table = self.lock();
+        let Some(peer) = table.peers.get(region) else {
+            return Vec::new();
+        };
+        let mut ads = peer.replicas.values().filter_map(|r| r.as_sent.as_ref());
+        let Some(first) = ads.next() else {
+            return Vec::new();
+        };
+        let mut formats = first.snapshot_formats.clone();
+        for ad in ads {
+            formats.retain(|f| ad.snapshot_formats.contains(f));
+        }
+        formats
+    }
+
     /// The replicas of `region` heard of: each one's endpoint (as it
     /// advertises it), health and when fresh information about it last
     /// arrived, freshest first.
@@ -1017,6 +1036,33 @@ mod tests {
         assert!(low < 1.0, "{low}");
         assert!(mid > low && high > mid, "{low} {mid} {high}");
         assert!(high > 8.0, "{high}");
+    }
+
+    #[test]
+    fn snapshot_formats_are_those_every_replica_reads() {
+        use crate::replication::BodyFormat;
+        let p = policy();
+        let m = Membership::new("north_america", &p, Timers::default());
+        assert!(m.snapshot_formats("europe").is_empty(), "never heard of");
+        let replica = |name: &str, epoch: u64, formats: &[u32]| RegionAdvertisement {
+            replica: name.into(),
+            snapshot_formats: formats.to_vec(),
+            ..ad("europe", epoch, 1)
+        };
+        assert!(m.observe(&replica("a", 1, &[1, 2]), Instant::now()));
+        assert_eq!(m.snapshot_formats("europe"), vec![1, 2]);
+        assert_eq!(
+            BodyFormat::for_peer(&m.snapshot_formats("europe")),
+            BodyFormat::Columnar
+        );
+        // A replica not yet upgraded (it advertises no formats): format 1
+        // for the whole region, whichever replica a push reaches.
+        assert!(m.observe(&replica("b", 2, &[]), Instant::now()));
+        assert!(m.snapshot_formats("europe").is_empty());
+        assert_eq!(
+            BodyFormat::for_peer(&m.snapshot_formats("europe")),
+            BodyFormat::Prost
+        );
     }
 
     #[test]

@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use super::OutputFormat;
 use crate::replication::envelope::{self, Limits};
-use crate::replication::{KeyRing, SnapshotBody, receiver};
+use crate::replication::{BodyFormat, KeyRing, SnapshotBody, columnar, receiver};
 
 /// Snapshot subcommands.
 #[derive(Debug, clap::Subcommand)]
@@ -44,6 +44,8 @@ pub struct Summary {
     pub key_id: String,
     /// `zstd` or `none`.
     pub compression: String,
+    /// The body's format (1: prost, 2: columnar).
+    pub body_format: u32,
     /// Chunks.
     pub chunks: u32,
     /// Plaintext bytes.
@@ -63,7 +65,11 @@ pub struct Summary {
 }
 
 /// Summarises a decrypted snapshot.
-pub fn summarize(header: &api::SnapshotHeader, body: &SnapshotBody) -> Summary {
+pub fn summarize(
+    header: &api::SnapshotHeader,
+    body: &SnapshotBody,
+    body_format: BodyFormat,
+) -> Summary {
     let mut by_rule: BTreeMap<String, BTreeMap<String, usize>> = BTreeMap::new();
     for t in &body.tasks {
         *by_rule
@@ -78,6 +84,7 @@ pub fn summarize(header: &api::SnapshotHeader, body: &SnapshotBody) -> Summary {
         sequence: header.sequence,
         key_id: header.key_id.clone(),
         compression: header.compression.clone(),
+        body_format: body_format.number(),
         chunks: header.chunk_count,
         plaintext_bytes: header.plaintext_bytes,
         rule_indexes: header.rule_indexes.clone(),
@@ -96,6 +103,14 @@ pub fn open_file(
     file: &Path,
     keys: &Path,
 ) -> Result<(api::SnapshotHeader, SnapshotBody), (u8, anyhow::Error)> {
+    open_file_as(file, keys).map(|(h, b, _)| (h, b))
+}
+
+/// [`open_file`], and the body's format.
+fn open_file_as(
+    file: &Path,
+    keys: &Path,
+) -> Result<(api::SnapshotHeader, SnapshotBody, BodyFormat), (u8, anyhow::Error)> {
     let ring = KeyRing::load_file(keys).map_err(|e| (2, anyhow::Error::new(e)))?;
     let chunks = receiver::read_file(file).map_err(|e| (2, anyhow::anyhow!(e)))?;
     let (header, plain) = envelope::open(&chunks, &ring, &Limits::default()).map_err(|e| {
@@ -104,19 +119,19 @@ pub fn open_file(
             anyhow::anyhow!("{}: cannot decrypt: {e}", file.display()),
         )
     })?;
-    let body = <SnapshotBody as prost::Message>::decode(plain.as_slice())
+    let body = columnar::decode_any(&plain)
         .map_err(|e| (1, anyhow::anyhow!("{}: body: {e}", file.display())))?;
-    Ok((header, body))
+    Ok((header, body, columnar::format_of(&plain)))
 }
 
 /// Runs a snapshot subcommand.
 pub fn run(cmd: SnapshotCommand) -> ExitCode {
     let SnapshotCommand::Inspect { file, keys, format } = cmd;
-    let (header, body) = match open_file(&file, &keys) {
+    let (header, body, body_format) = match open_file_as(&file, &keys) {
         Ok(v) => v,
         Err((code, e)) => return super::fail(&e, code),
     };
-    let s = summarize(&header, &body);
+    let s = summarize(&header, &body, body_format);
     match format {
         OutputFormat::Json => match serde_json::to_string_pretty(&s) {
             Ok(text) => super::output::say!("{text}"),
@@ -129,10 +144,11 @@ pub fn run(cmd: SnapshotCommand) -> ExitCode {
             super::output::say!("  sequence     {}", s.sequence);
             super::output::say!("  key id       {}", s.key_id);
             super::output::say!(
-                "  compression  {} ({} chunks, {} plaintext bytes)",
+                "  compression  {} ({} chunks, {} plaintext bytes, body format {})",
                 s.compression,
                 s.chunks,
-                s.plaintext_bytes
+                s.plaintext_bytes,
+                s.body_format
             );
             super::output::say!(
                 "  scope        rules {:?}",

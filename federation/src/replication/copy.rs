@@ -161,7 +161,7 @@ impl Pending {
     /// validated with prost's rules when the snapshot arrived).
     fn task(&self, plain: &[u8]) -> Option<api::Task> {
         match self {
-            Pending::InPlace(p) => match prost::Message::decode(p.task.get(plain)) {
+            Pending::InPlace(p) => match restore::task_at(plain, p.task) {
                 Ok(t) => Some(t),
                 Err(e) => {
                     tracing::error!(error = %e, "a task of the copy held does not decode; skipped");
@@ -375,7 +375,7 @@ impl HeldCopy {
         let finished = is_terminal(api::TaskState::try_from(p.state).unwrap_or_default());
         if finished {
             // Rare (a snapshot's results): folded as owned.
-            return match prost::Message::decode(p.task.get(&self.plain)) {
+            return match restore::task_at(&self.plain, p.task) {
                 Ok(task) => self.apply(task),
                 Err(e) => {
                     tracing::error!(error = %e, "a task of a snapshot does not decode; skipped");

@@ -184,7 +184,15 @@ mod tests {
             compression: Some(3),
             chunk_size: super::super::CHUNK_SIZE,
         };
-        seal_snapshot(&body, &params, &key(), &NonceSource::new(), Pipeline::Off).expect("seal")
+        seal_snapshot(
+            &body,
+            crate::replication::BodyFormat::Columnar,
+            &params,
+            &key(),
+            &NonceSource::new(),
+            Pipeline::Off,
+        )
+        .expect("seal")
     }
 
     fn stream(

@@ -27,6 +27,7 @@
 //! decisions or agents; it uses the task store only through its public API.
 
 pub mod changes;
+pub mod columnar;
 pub mod copy;
 pub mod duplicates;
 pub mod envelope;
@@ -59,7 +60,7 @@ use crate::transport;
 pub use envelope::{EnvelopeError, Limits, NonceSource};
 pub use keyring::{Key, KeyError, KeyRing};
 pub use receiver::{Receiver, Rejection, Stats, StatsSnapshot};
-pub use snapshot::SnapshotBody;
+pub use snapshot::{BodyFormat, SnapshotBody};
 
 /// Recent results kept for snapshots.
 const MAX_RECENT_RESULTS: usize = 1000;
@@ -229,6 +230,7 @@ impl Replication {
         &self,
         body: &SnapshotBody,
         rule_indexes: Vec<u32>,
+        format: BodyFormat,
     ) -> Result<Vec<api::SnapshotChunk>, EnvelopeError> {
         let (key, params) = self.seal_params(
             &body.source_region,
@@ -237,7 +239,14 @@ impl Replication {
             rule_indexes,
             &body.policy_hash,
         )?;
-        seal_snapshot(body, &params, key, &self.nonces, envelope::Pipeline::On)
+        seal_snapshot(
+            body,
+            format,
+            &params,
+            key,
+            &self.nonces,
+            envelope::Pipeline::On,
+        )
     }
 
     /// The current key and the sealing parameters of a snapshot or change
@@ -276,12 +285,15 @@ impl Replication {
 /// whole-plaintext buffer is made. Blocks; call it off the async runtime.
 pub fn seal_snapshot(
     body: &SnapshotBody,
+    format: BodyFormat,
     params: &envelope::SealParams,
     key: &Key,
     nonces: &NonceSource,
     pipeline: envelope::Pipeline,
 ) -> Result<Vec<api::SnapshotChunk>, EnvelopeError> {
-    envelope::seal_streamed(params, key, nonces, pipeline, |sink| body.encode_into(sink))
+    envelope::seal_streamed(params, key, nonces, pipeline, |sink| {
+        columnar::encode_as(body, format, sink)
+    })
 }
 
 /// What replication's loops, takeover and the duplicate resolution use of
@@ -424,12 +436,15 @@ async fn snapshot_to(rep: &Arc<Replicator>, recipient: &str) {
         results: scoped_results,
     };
     let count = body.tasks.len();
+    // Format 2 only to a region every replica of which reads it: an older
+    // controller refuses it (see `snapshot::BodyFormat`).
+    let format = BodyFormat::for_peer(&rep.cluster.membership().snapshot_formats(recipient));
     // Serializing, compressing and encrypting take milliseconds for
     // thousands of tasks: off the async workers.
     let sealing = {
         let rep = rep.clone();
         let rules = rules.clone();
-        tokio::task::spawn_blocking(move || rep.replication.seal_body(&body, rules))
+        tokio::task::spawn_blocking(move || rep.replication.seal_body(&body, rules, format))
     };
     let chunks = match sealing.await {
         Ok(Ok(c)) => c,

@@ -389,7 +389,7 @@ pub fn open_file(
     let chunks = read_file(path)?;
     let (header, plain) = envelope::open(&chunks, ring, &Limits::default())
         .map_err(|e| format!("{}: {e}", path.display()))?;
-    let body = SnapshotBody::decode(plain.as_slice())
+    let body = super::columnar::decode_any(&plain)
         .map_err(|e| format!("{}: body: {e}", path.display()))?;
     Ok((header, body))
 }

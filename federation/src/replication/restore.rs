@@ -1,7 +1,9 @@
 //! A snapshot's body decoded into the form the copy of its source keeps:
-//! every task validated in place ([`view::walk`], prost's rules), checked
-//! against residency ([`Scope`], remembered per rule and attribute values),
-//! and kept as its place in the plaintext, which the copy then owns
+//! every task validated in place (format 1: [`view::walk`], prost's rules;
+//! format 2: [`columnar::Body::parse`]), checked against residency
+//! ([`Scope`], remembered per rule and attribute values; in format 2 per
+//! rule and entry of the body's attribute-set dictionary), and kept as its
+//! place in the plaintext, which the copy then owns
 //! ([`super::copy::HeldCopy`]). Nothing is allocated per task.
 //!
 //! A body is refused as prost refuses it, and for the same reasons in the
@@ -16,6 +18,7 @@ use std::sync::LazyLock;
 use federation_api as api;
 use hashbrown::HashTable;
 
+use super::columnar;
 use super::rejection::Rejection;
 use super::snapshot;
 use super::view::{self, List, TaskView, ViewError};
@@ -67,14 +70,38 @@ impl Span {
     }
 }
 
+/// Where a task of a decoded body is in its plaintext.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum At {
+    /// Format 1: the task's prost encoding.
+    Bytes(Span),
+    /// Format 2: a row of the tasks (or, `results`, the results) table.
+    Row { results: bool, row: u32 },
+}
+
+/// The task at `at` in `plain` (a plaintext [`decode`] accepted).
+pub(super) fn task_at(plain: &[u8], at: At) -> Result<api::Task, String> {
+    match at {
+        At::Bytes(span) => prost::Message::decode(span.get(plain)).map_err(|e| e.to_string()),
+        At::Row { results, row } => {
+            let body = columnar::Body::locate(plain).map_err(|e| e.to_string())?;
+            let table = if results { body.results } else { body.tasks };
+            if row as usize >= table.len() {
+                return Err(format!("row {row} of a table of {}", table.len()));
+            }
+            Ok(body.task(&table, row as usize))
+        }
+    }
+}
+
 /// One task of a decoded body: where it is, and what the copy's lookups
 /// read without decoding it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Placed {
     /// [`hash`] of the task id.
     pub hash: u64,
-    /// The task's encoded bytes.
-    pub task: Span,
+    /// The task.
+    pub task: At,
     /// Its id.
     pub id: Span,
     /// Its idempotency key (empty when none).
@@ -238,10 +265,146 @@ impl<'p> Scope<'p> {
     }
 }
 
+impl Scope<'_> {
+    /// `snapshot::may_hold` of a task with `id`, `rule` and `attributes`
+    /// (all the verdict reads).
+    fn verdict(
+        &self,
+        id: &[u8],
+        rule: u32,
+        attributes: std::collections::HashMap<String, api::AttributeValue>,
+    ) -> Result<(), Rejection> {
+        let task = api::Task {
+            task_id: String::from_utf8_lossy(id).into_owned(),
+            rule_index: rule,
+            attributes,
+            ..Default::default()
+        };
+        snapshot::may_hold(self.policy, self.source, self.region, &self.tags, &task)
+            .map_err(Rejection::Residency)
+    }
+
+    fn not_owned(&self, id: &[u8]) -> Rejection {
+        Rejection::Residency(format!(
+            "task {} is not owned by {}",
+            wire::truncate(&String::from_utf8_lossy(id), 80),
+            self.source
+        ))
+    }
+}
+
+/// Residency verdicts of one format-2 body, per (rule, attribute set):
+/// `rule_of[set]` is the rule the set was allowed under first (the common
+/// case: one rule per set), `more` any other pair allowed.
+struct Allowed2 {
+    rule_of: Vec<u32>,
+    more: hashbrown::HashSet<(u32, u32)>,
+}
+
+impl Allowed2 {
+    const NONE: u32 = u32::MAX;
+
+    fn new(sets: usize) -> Self {
+        Self {
+            rule_of: vec![Self::NONE; sets],
+            more: hashbrown::HashSet::new(),
+        }
+    }
+
+    #[inline]
+    fn known(&self, rule: u32, set: u32) -> bool {
+        match self.rule_of.get(set as usize) {
+            Some(&r) if r == rule => true,
+            Some(&r) if r == Self::NONE => false,
+            _ => self.more.contains(&(rule, set)),
+        }
+    }
+
+    fn remember(&mut self, rule: u32, set: u32) {
+        match self.rule_of.get_mut(set as usize) {
+            Some(r) if *r == Self::NONE => *r = rule,
+            _ => {
+                self.more.insert((rule, set));
+            }
+        }
+    }
+}
+
+/// [`decode`] of a format-2 body: the whole body validated first
+/// ([`columnar::Body::parse`]), then the header, then residency row by row
+/// (the owner of every task; the policy once per distinct rule and
+/// attribute set), in the order format 1 reports them.
+fn decode_columnar(
+    plain: Vec<u8>,
+    header: Option<&api::SnapshotHeader>,
+    scope: Option<&mut Scope<'_>>,
+) -> Result<Restored, Rejection> {
+    let body = columnar::Body::parse(&plain).map_err(|e| Rejection::Body(e.to_string()))?;
+    if header.is_some_and(|h| {
+        h.source_region != body.source_region
+            || h.epoch != body.epoch
+            || h.sequence != body.sequence
+    }) {
+        return Err(Rejection::Body(
+            "body's source, epoch or sequence differs from the header".into(),
+        ));
+    }
+    let mut allowed = scope.as_ref().map(|_| Allowed2::new(body.attrsets()));
+    let mut place = |table: &columnar::Table<'_>, results: bool| {
+        let mut out = Vec::with_capacity(table.len());
+        for row in 0..table.len() {
+            let id = table.id(row);
+            if let (Some(scope), Some(allowed)) = (scope.as_deref(), allowed.as_mut()) {
+                if !owned_by_bytes(id, scope.source) {
+                    return Err(scope.not_owned(id));
+                }
+                let (rule, set) = (table.rule(row), table.attrset(row));
+                if !allowed.known(rule, set) {
+                    scope.verdict(id, rule, body.attributes(set))?;
+                    allowed.remember(rule, set);
+                }
+            }
+            out.push(Placed {
+                hash: hash(id),
+                task: At::Row {
+                    results,
+                    row: row as u32,
+                },
+                id: Span::of(&plain, id),
+                key: Span::of(&plain, table.key(row)),
+                version: table.version(row),
+                state: table.state(row),
+            });
+        }
+        Ok(out)
+    };
+    let tasks = place(&body.tasks, false)?;
+    let results = place(&body.results, true)?;
+    let (source_region, epoch, sequence, taken_unix_ms) = (
+        body.source_region.to_string(),
+        body.epoch,
+        body.sequence,
+        body.taken_unix_ms,
+    );
+    Ok(Restored {
+        plain,
+        source_region,
+        epoch,
+        sequence,
+        taken_unix_ms,
+        tasks,
+        results,
+    })
+}
+
 /// What `wire::owner_of(task_id) == Some(region)` says (`<uuid>.<region>`,
 /// the uuid 36 bytes without a dot), by bytes.
 fn owned_by(task_id: &str, region: &str) -> bool {
-    let id = task_id.as_bytes();
+    owned_by_bytes(task_id.as_bytes(), region)
+}
+
+/// [`owned_by`] of an id's bytes.
+fn owned_by_bytes(id: &[u8], region: &str) -> bool {
     !region.is_empty()
         && id.len() == 37 + region.len()
         && id[36] == b'.'
@@ -265,6 +428,9 @@ pub fn decode(
             u32::MAX
         )));
     }
+    if columnar::is_columnar(&plain) {
+        return decode_columnar(plain, header, scope);
+    }
     let (mut tasks, mut results) = (Vec::new(), Vec::new());
     // The first task (of `tasks`, of `results`) we may not hold: reported
     // only once the whole body decoded.
@@ -283,7 +449,7 @@ pub fn decode(
         }
         let placed = Placed {
             hash: hash(task.task_id.as_bytes()),
-            task: Span::of(&plain, task.raw),
+            task: At::Bytes(Span::of(&plain, task.raw)),
             id: Span::of(&plain, task.task_id.as_bytes()),
             key: Span::of(&plain, task.idempotency_key.as_bytes()),
             version: task.version,
@@ -388,6 +554,83 @@ mod tests {
         decode(body.encode_to_vec(), None, Some(&mut scope))
     }
 
+    fn decoded_columnar(policy: &Policy, body: &SnapshotBody) -> Result<Restored, Rejection> {
+        let mut scope = Scope::new(policy, "north_america", "europe");
+        decode(
+            columnar::encode(body).expect("encode"),
+            None,
+            Some(&mut scope),
+        )
+    }
+
+    #[test]
+    fn a_format_1_and_a_format_2_snapshot_restore_identically() {
+        use crate::replication::copy::HeldCopy;
+        let mut tasks: Vec<api::Task> = (0..60)
+            .map(|i| task(i, "north_america", 0, ["US", "CA"][i % 2], "pii"))
+            .collect();
+        tasks[3].state = api::TaskState::Leased as i32;
+        tasks[3].agent_id = "agent-7".into();
+        tasks[4].taken_over = Some(api::Takeover {
+            from_region: "europe".into(),
+            from_epoch: 2,
+            to_region: "north_america".into(),
+            at_unix_ms: 5,
+        });
+        let mut done = task(70, "north_america", 0, "US", "");
+        done.state = api::TaskState::Succeeded as i32;
+        let body = SnapshotBody {
+            source_region: "north_america".into(),
+            epoch: 4,
+            sequence: 8,
+            policy_hash: "h".into(),
+            taken_unix_ms: 12,
+            tasks,
+            results: vec![done.clone()],
+        };
+        let p = policy();
+        let (old, new) = (
+            decoded(&p, &body).expect("format 1"),
+            decoded_columnar(&p, &body).expect("format 2"),
+        );
+        assert_eq!(
+            (
+                old.source_region.as_str(),
+                old.epoch,
+                old.sequence,
+                old.taken_unix_ms
+            ),
+            (
+                new.source_region.as_str(),
+                new.epoch,
+                new.sequence,
+                new.taken_unix_ms
+            )
+        );
+        for (a, b) in [(&old.tasks, &new.tasks), (&old.results, &new.results)] {
+            assert_eq!(a.len(), b.len());
+            for (x, y) in a.iter().zip(b.iter()) {
+                assert_eq!(task_at(&old.plain, x.task), task_at(&new.plain, y.task));
+                assert_eq!(x.id.get(&old.plain), y.id.get(&new.plain));
+                assert_eq!(x.key.get(&old.plain), y.key.get(&new.plain));
+                assert_eq!((x.hash, x.version, x.state), (y.hash, y.version, y.state));
+            }
+        }
+        let (mut a, mut b) = (HeldCopy::default(), HeldCopy::default());
+        a.fold_snapshot(old);
+        b.fold_snapshot(new);
+        let sorted = |c: &HeldCopy| {
+            let mut t = c.pending_tasks();
+            t.sort_by(|x, y| x.task_id.cmp(&y.task_id));
+            t
+        };
+        assert_eq!(sorted(&a).len(), 60);
+        assert_eq!(sorted(&a), sorted(&b));
+        assert_eq!(a.key("k2"), b.key("k2"));
+        assert!(a.key("k2").is_some());
+        assert_eq!(a.state_of(&done.task_id), b.state_of(&done.task_id));
+    }
+
     #[test]
     fn each_task_is_placed_where_its_bytes_are() {
         let body = SnapshotBody {
@@ -418,7 +661,7 @@ mod tests {
             .chain(&r.results)
             .zip(body.tasks.iter().chain(&body.results))
         {
-            assert_eq!(api::Task::decode(p.task.get(&r.plain)).expect("task"), *t);
+            assert_eq!(task_at(&r.plain, p.task).expect("task"), *t);
             assert_eq!(p.id.get(&r.plain), t.task_id.as_bytes());
             assert_eq!(p.key.get(&r.plain), t.idempotency_key.as_bytes());
             assert_eq!((p.version, p.state), (t.version, t.state));
@@ -501,7 +744,9 @@ mod tests {
             let p = policy();
             let got = decoded(&p, &body).map(|r| (r.tasks(), r.results()));
             let want = reference(&p, &body).map(|()| (body.tasks.len(), body.results.len()));
-            prop_assert_eq!(got, want);
+            prop_assert_eq!(&got, &want);
+            let columns = decoded_columnar(&p, &body).map(|r| (r.tasks(), r.results()));
+            prop_assert_eq!(columns, want);
         }
 
         #[test]
@@ -525,7 +770,7 @@ mod tests {
             if let (Ok(r), Ok(b)) = (ours, prost) {
                 prop_assert_eq!(r.tasks(), b.tasks.len());
                 for (p, t) in r.tasks.iter().zip(&b.tasks) {
-                    prop_assert_eq!(&api::Task::decode(p.task.get(&r.plain)).expect("task"), t);
+                    prop_assert_eq!(&task_at(&r.plain, p.task).expect("task"), t);
                 }
             }
         }

@@ -12,9 +12,15 @@
 //!
 //! Pure functions: no I/O, no keys.
 //!
-//! The body is encoded with prost; the fields are tagged so that
-//! [`SnapshotBody::encode_into`] can stream it (tasks one at a time) into the
-//! envelope with the same bytes `encode` gives.
+//! A body is written in one of two formats ([`BodyFormat`]): 1, the prost
+//! encoding of [`SnapshotBody`] (fields tagged so that
+//! [`SnapshotBody::encode_into`] can stream it, tasks one at a time, into
+//! the envelope with the same bytes `encode` gives); 2, columns
+//! (`columnar.rs`, which also holds the dispatch on a body's format:
+//! `columnar::format_of`, `encode_as`, `decode_any`). A receiver tells them
+//! apart by the first byte (0 only in format 2) and reads both; a sender writes format 2 only to a peer
+//! whose advertisement lists it ([`BodyFormat::for_peer`]), since a
+//! controller that reads only format 1 refuses a format-2 body.
 
 use std::collections::BTreeSet;
 
@@ -74,6 +80,41 @@ impl SnapshotBody {
             }
         }
         Ok(())
+    }
+}
+
+/// How a snapshot body is laid out.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum BodyFormat {
+    /// Format 1: the prost message [`SnapshotBody`]; every controller reads it.
+    #[default]
+    Prost,
+    /// Format 2: columns (`columnar.rs`).
+    Columnar,
+}
+
+impl BodyFormat {
+    /// The formats this controller reads, as it advertises them
+    /// (`RegionAdvertisement.snapshot_formats`).
+    pub const READ: [u32; 2] = [1, 2];
+
+    /// Its number (the fourth byte of a format-2 body).
+    pub fn number(self) -> u32 {
+        match self {
+            BodyFormat::Prost => 1,
+            BodyFormat::Columnar => 2,
+        }
+    }
+
+    /// The format to send a peer that advertised `formats`: format 2 when
+    /// it lists 2, else format 1 (an empty list is an older controller's,
+    /// which reads format 1 only).
+    pub fn for_peer(formats: &[u32]) -> Self {
+        if formats.contains(&2) {
+            BodyFormat::Columnar
+        } else {
+            BodyFormat::Prost
+        }
     }
 }
 

@@ -6,7 +6,7 @@ use prost::Message as _;
 
 use super::envelope::{self, Limits, NonceSource, Pipeline, SealParams};
 use super::receiver::{Receiver, Rejection, Stats, collect, snapshot_path};
-use super::snapshot::SnapshotBody;
+use super::snapshot::{BodyFormat, SnapshotBody};
 use super::{EnvelopeError, Key, KeyRing};
 use crate::policy::Policy;
 
@@ -68,7 +68,15 @@ impl Sender {
             compression: Some(3),
             chunk_size: 64,
         };
-        super::seal_snapshot(&body, &params, &self.key, &self.nonces, Pipeline::Off).expect("seal")
+        super::seal_snapshot(
+            &body,
+            BodyFormat::Columnar,
+            &params,
+            &self.key,
+            &self.nonces,
+            Pipeline::Off,
+        )
+        .expect("seal")
     }
 }
 
@@ -229,8 +237,14 @@ fn streamed_body_is_the_prost_encoding() {
             ..Default::default()
         },
     ];
-    for body in &bodies {
-        let expected = body.encode_to_vec();
+    for (body, format) in bodies
+        .iter()
+        .flat_map(|b| [(b, BodyFormat::Prost), (b, BodyFormat::Columnar)])
+    {
+        let expected = match format {
+            BodyFormat::Prost => body.encode_to_vec(),
+            BodyFormat::Columnar => super::columnar::encode(body).expect("encode"),
+        };
         for (compression, pipeline) in [
             (None, Pipeline::Off),
             (Some(3), Pipeline::Off),
@@ -245,13 +259,14 @@ fn streamed_body_is_the_prost_encoding() {
                 compression,
                 chunk_size: super::CHUNK_SIZE,
             };
-            let chunks = super::seal_snapshot(body, &params, &key, &NonceSource::new(), pipeline)
-                .expect("seal");
+            let chunks =
+                super::seal_snapshot(body, format, &params, &key, &NonceSource::new(), pipeline)
+                    .expect("seal");
             let (header, plain) = envelope::open(&chunks, &ring, &Limits::default()).expect("open");
             assert_eq!(header.plaintext_bytes, expected.len() as u64);
             assert!(
                 plain == expected,
-                "{} tasks, {compression:?}, {pipeline:?}",
+                "{} tasks, {format:?}, {compression:?}, {pipeline:?}",
                 body.tasks.len()
             );
         }

@@ -838,8 +838,15 @@ mod tests {
             compression: Some(3),
             chunk_size: 4096,
         };
-        let sealed =
-            seal_snapshot(&b, &params, &key, &NonceSource::new(), Pipeline::On).expect("seal");
+        let sealed = seal_snapshot(
+            &b,
+            crate::replication::BodyFormat::Prost,
+            &params,
+            &key,
+            &NonceSource::new(),
+            Pipeline::On,
+        )
+        .expect("seal");
         let ring = KeyRing::from_keys(vec![key], None);
         let (_, plain) = envelope::open(&sealed, &ring, &Limits::default()).expect("open");
         let v = BodyView::parse(&plain).expect("parse");
