@@ -20,8 +20,8 @@
 //! Run: `cargo bench -p federation --bench postgres` (release build).
 //! `PG_BENCH_SECS` sets the seconds per measurement (default 3),
 //! `PG_BENCH_ROUNDS` the rounds (default 3), `PG_BENCH_WRITER_TRANSACTIONS`
-//! the controllers' `node.store.writer_transactions` (default 4; 1 is the
-//! writer of one transaction at a time). `PG_BENCH_PROBE=N` instead
+//! the controllers' `node.store.writer_transactions` (default 1, one
+//! transaction at a time; 4 overlaps batches of submits). `PG_BENCH_PROBE=N` instead
 //! makes N serial submits through each federation with the server logging
 //! every statement, and prints what one submit costs the server (commits,
 //! WAL flushes, statement steps; `PG_BENCH_PROBE_LOG=path` keeps the log

@@ -55,9 +55,17 @@ impl Fixture {
     fn open_with(&self, options: StoreOptions) -> TaskStore {
         match self.kind {
             Kind::Redb => TaskStore::open_with(self.dir.path(), options).expect("open store"),
-            Kind::Postgres => {
-                TaskStore::open_postgres(&self.pg(), "europe", options).expect("open store")
-            }
+            // Three writer transactions in flight (the pool's four less
+            // one): every contract test runs against overlapping batches.
+            Kind::Postgres => TaskStore::open_postgres(
+                &self.pg(),
+                "europe",
+                StoreOptions {
+                    writer_transactions: 3,
+                    ..options
+                },
+            )
+            .expect("open store"),
         }
     }
 

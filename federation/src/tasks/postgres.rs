@@ -5,10 +5,10 @@
 //! Every mutation goes through one writer per controller, as in the
 //! embedded store: it takes the waiting requests, applies them in one
 //! transaction in arrival order and commits once (synchronous commit), then
-//! answers each caller. Batches of new submits overlap (up to
-//! `node.store.writer_transactions` transactions in flight, none two with
-//! one task id or idempotency key); any other batch runs alone, after
-//! every batch before it. The decision records that inserts carry are
+//! answers each caller. With `node.store.writer_transactions` above 1
+//! (default 1), batches of new submits overlap (none two with one task id
+//! or idempotency key); any other batch runs alone, after every batch
+//! before it. The decision records that inserts carry are
 //! appended to the region's chain in that same transaction by the store's
 //! journal ([`super::Journal::lock_head`], [`super::Journal::append_after`]):
 //! a task and the record naming it are committed together or not at all. A

@@ -78,7 +78,7 @@ impl Default for StoreOptions {
             clock: Arc::new(SystemClock),
             accept_loss: false,
             // As `node.store.writer_transactions`'s default.
-            writer_transactions: 4,
+            writer_transactions: 1,
         }
     }
 }

@@ -1,9 +1,10 @@
 //! The PostgreSQL store's writer: each batch one transaction (the inserts
 //! staged and created together, the other requests in order), its decision
 //! records appended in it by the journal, the other replicas notified at
-//! its commit, then every caller answered; batches of new submits overlap
-//! (a few transactions in flight, [`Lanes`]), anything else runs alone; a
-//! batch is bounded by `node.store.timeout` (`deadline`).
+//! its commit, then every caller answered; with
+//! `node.store.writer_transactions` above 1, batches of new submits overlap
+//! ([`Lanes`]) and anything else runs alone; a batch is bounded by
+//! `node.store.timeout` (`deadline`).
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
