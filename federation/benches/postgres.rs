@@ -10,12 +10,18 @@
 //! 3. the raw INSERT (`synchronous_commit = on`, one statement per
 //!    transaction, one connection per call in flight).
 //!
-//! Each at 1 and at 64 calls in flight: calls/s, p50 and p99. The issue's
-//! target: at 64 in flight at least 0.7x the raw INSERT rate.
+//! Each at 1 and at 64 calls in flight: calls/s, p50 and p99, and what a
+//! call costs: CPU of this process (client and controllers) and of the
+//! server's processes per call, and calls per write transaction of the
+//! server (the server's transaction ids used: how many submits a writer
+//! batch carries). The target: at 64 in flight at least 0.7x the
+//! raw INSERT rate.
 //!
 //! Run: `cargo bench -p federation --bench postgres` (release build).
 //! `PG_BENCH_SECS` sets the seconds per measurement (default 3),
-//! `PG_BENCH_ROUNDS` the rounds (default 3). `PG_BENCH_PROBE=N` instead
+//! `PG_BENCH_ROUNDS` the rounds (default 3), `PG_BENCH_WRITER_TRANSACTIONS`
+//! the controllers' `node.store.writer_transactions` (default 1, one
+//! transaction at a time; 4 overlaps batches of submits). `PG_BENCH_PROBE=N` instead
 //! makes N serial submits through each federation with the server logging
 //! every statement, and prints what one submit costs the server (commits,
 //! WAL flushes, statement steps; `PG_BENCH_PROBE_LOG=path` keeps the log
@@ -43,6 +49,125 @@ struct Figures {
     calls_per_sec: f64,
     p50_us: f64,
     p99_us: f64,
+    /// CPU of this process (client, controllers) per call, µs.
+    bench_cpu_us: f64,
+    /// CPU of the PostgreSQL server's processes per call, µs.
+    server_cpu_us: f64,
+    /// Calls per write transaction of the server (any database): how many
+    /// submits a writer batch carries.
+    calls_per_xact: f64,
+}
+
+/// CPU time of this process, and of the server's processes, and the
+/// server's next transaction id: read before and after a measurement.
+#[derive(Clone, Copy)]
+struct Cost {
+    bench: Duration,
+    server: Duration,
+    next_xid: i64,
+}
+
+/// The kernel's clock ticks per second (`getconf CLK_TCK`; 100 when it
+/// cannot say).
+fn clock_ticks() -> u64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .filter(|&hz| hz > 0)
+        .unwrap_or(100)
+}
+
+/// Fields of `/proc/<pid>/stat` from ppid on (the fields after the last
+/// `)`, state skipped): ppid at 0, then utime at 10, stime 11, cutime 12,
+/// cstime 13.
+fn stat_fields(path: &std::path::Path) -> Option<Vec<u64>> {
+    let stat = std::fs::read_to_string(path).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    (f.len() >= 14).then_some(f)
+}
+
+/// This process's CPU time (user + system, all threads).
+fn self_cpu(hz: u64) -> Duration {
+    let ticks = stat_fields(std::path::Path::new("/proc/self/stat")).map_or(0, |f| f[10] + f[11]);
+    Duration::from_micros(ticks * 1_000_000 / hz)
+}
+
+/// CPU time of the postmaster `main` and its children (live ones, plus
+/// those it reaped), from `/proc`.
+fn server_cpu(main: u32, hz: u64) -> Duration {
+    let mut ticks = 0u64;
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Duration::ZERO;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Some(f) = stat_fields(&entry.path().join("stat")) else {
+            continue;
+        };
+        if pid == main {
+            ticks += f[10] + f[11] + f[12] + f[13];
+        } else if f[0] == u64::from(main) {
+            ticks += f[10] + f[11];
+        }
+    }
+    Duration::from_micros(ticks * 1_000_000 / hz)
+}
+
+/// What measuring costs are read from: the server's pid and a connection.
+struct Meter {
+    postmaster: u32,
+    hz: u64,
+    conn: tokio_postgres::Client,
+}
+
+impl Meter {
+    async fn read(&self) -> Cost {
+        let next_xid = self
+            .conn
+            .query_one(
+                "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint",
+                &[],
+            )
+            .await
+            .map(|r| r.get::<_, i64>(0))
+            .unwrap_or(0);
+        Cost {
+            bench: self_cpu(self.hz),
+            server: server_cpu(self.postmaster, self.hz),
+            next_xid,
+        }
+    }
+
+    /// Runs `measure` and adds its costs per call to its figures.
+    async fn measured(&self, measure: impl std::future::Future<Output = Figures>) -> Figures {
+        let before = self.read().await;
+        let started = Instant::now();
+        let mut f = measure.await;
+        let elapsed = started.elapsed().as_secs_f64();
+        let after = self.read().await;
+        let calls = f.calls_per_sec * elapsed;
+        if calls > 0.0 {
+            f.bench_cpu_us = (after.bench - before.bench).as_secs_f64() * 1e6 / calls;
+            f.server_cpu_us = (after.server - before.server).as_secs_f64() * 1e6 / calls;
+            let xacts = (after.next_xid - before.next_xid).max(1) as f64;
+            f.calls_per_xact = calls / xacts;
+        }
+        f
+    }
 }
 
 fn figures(mut lat: Vec<Duration>, elapsed: f64) -> Figures {
@@ -56,6 +181,7 @@ fn figures(mut lat: Vec<Duration>, elapsed: f64) -> Figures {
         calls_per_sec: lat.len() as f64 / elapsed,
         p50_us: pct(0.50),
         p99_us: pct(0.99),
+        ..Figures::default()
     }
 }
 
@@ -71,6 +197,12 @@ async fn replica(url: &str, replica: &str, dir: &std::path::Path) -> SocketAddr 
     settings.store.backend = StoreBackend::Postgres;
     settings.store.url = Some(url.to_string());
     settings.replica = replica.to_string();
+    if let Some(n) = std::env::var("PG_BENCH_WRITER_TRANSACTIONS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
+        settings.store.writer_transactions = n;
+    }
     tokio::spawn(async move {
         if let Err(e) = federation::runtime::run(settings, listener, std::future::pending()).await {
             eprintln!("controller failed: {e:#}");
@@ -372,6 +504,17 @@ async fn main() {
     let raw_db = raw_url.rsplit('/').next().unwrap_or("raw").to_string();
     pg.execute(&raw_db, RAW_SCHEMA).expect("raw schema");
     let raw = Raw::connect(&raw_url, 64, body_len).await;
+    let meter = {
+        let (conn, io) = tokio_postgres::connect(&raw_url, tokio_postgres::NoTls)
+            .await
+            .expect("meter connection");
+        tokio::spawn(io);
+        Meter {
+            postmaster: pg.postmaster_pid().expect("postmaster pid"),
+            hz: clock_ticks(),
+            conn,
+        }
+    };
     println!(
         "task row body {body_len} B (the raw rows carry the same); {rounds} rounds of {secs} s per measurement, interleaved"
     );
@@ -379,14 +522,17 @@ async fn main() {
     for in_flight in [1usize, 64] {
         let mut rows: [Vec<Figures>; 3] = Default::default();
         for _ in 0..rounds {
-            rows[0].push(raw.run(in_flight, secs).await);
-            rows[1].push(federation(&one, in_flight, secs).await);
-            rows[2].push(federation(&three, in_flight, secs).await);
+            rows[0].push(meter.measured(raw.run(in_flight, secs)).await);
+            rows[1].push(meter.measured(federation(&one, in_flight, secs)).await);
+            rows[2].push(meter.measured(federation(&three, in_flight, secs)).await);
         }
         let med = |f: &[Figures]| Figures {
             calls_per_sec: median(f.iter().map(|x| x.calls_per_sec).collect()),
             p50_us: median(f.iter().map(|x| x.p50_us).collect()),
             p99_us: median(f.iter().map(|x| x.p99_us).collect()),
+            bench_cpu_us: median(f.iter().map(|x| x.bench_cpu_us).collect()),
+            server_cpu_us: median(f.iter().map(|x| x.server_cpu_us).collect()),
+            calls_per_xact: median(f.iter().map(|x| x.calls_per_xact).collect()),
         };
         let base = med(&rows[0]);
         println!("{in_flight} in flight (median of {rounds} rounds):");
@@ -411,6 +557,10 @@ async fn main() {
                 m.p50_us / base.p50_us,
                 m.p99_us,
                 m.p99_us / base.p99_us,
+            );
+            println!(
+                "  {:<30} CPU per call: {:>5.0} µs this process, {:>5.0} µs server; {:.1} calls per write transaction",
+                "", m.bench_cpu_us, m.server_cpu_us, m.calls_per_xact,
             );
         }
         if in_flight == 64 {

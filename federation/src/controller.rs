@@ -536,7 +536,11 @@ fn open_store(settings: &Settings) -> anyhow::Result<(TaskStore, DecisionLog)> {
                 settings.store.timeout,
             )?;
             tracing::info!(target = %pg.target(), region = %settings.region, replica = %settings.replica, schema = crate::pg::known_version(), "task store in postgresql");
-            let store = TaskStore::open_postgres(&pg, &settings.region, Default::default())
+            let options = crate::tasks::StoreOptions {
+                writer_transactions: settings.store.writer_transactions,
+                ..Default::default()
+            };
+            let store = TaskStore::open_postgres(&pg, &settings.region, options)
                 .with_context(|| format!("opening the task store in {}", pg.target()))?;
             let log = DecisionLog::open_postgres(&pg, &settings.region)
                 .with_context(|| format!("opening the decision log in {}", pg.target()))?;

@@ -364,6 +364,11 @@ pub struct StoreSpec {
     pub url: Option<String>,
     /// Connections to the database this controller keeps at most.
     pub pool_size: usize,
+    /// Backend `postgres`: transactions the store's writer keeps in flight
+    /// at most (batches of new submits overlap; default 1: one at a time,
+    /// the fastest where the controllers and the server share few cores,
+    /// see README). Never more than `pool_size` less one.
+    pub writer_transactions: usize,
     /// How long one call to the database may take (backend `postgres`):
     /// past it the call answers UNAVAILABLE and its connection is
     /// discarded, so a database that stops answering is not waited for.
@@ -381,6 +386,7 @@ impl Default for StoreSpec {
             backend: StoreBackend::Redb,
             url: None,
             pool_size: 8,
+            writer_transactions: 1,
             timeout: Duration::from_secs(5),
             log_segment_bytes: 16 * 1024 * 1024,
         }

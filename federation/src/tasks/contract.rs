@@ -55,9 +55,17 @@ impl Fixture {
     fn open_with(&self, options: StoreOptions) -> TaskStore {
         match self.kind {
             Kind::Redb => TaskStore::open_with(self.dir.path(), options).expect("open store"),
-            Kind::Postgres => {
-                TaskStore::open_postgres(&self.pg(), "europe", options).expect("open store")
-            }
+            // Three writer transactions in flight (the pool's four less
+            // one): every contract test runs against overlapping batches.
+            Kind::Postgres => TaskStore::open_postgres(
+                &self.pg(),
+                "europe",
+                StoreOptions {
+                    writer_transactions: 3,
+                    ..options
+                },
+            )
+            .expect("open store"),
         }
     }
 
@@ -145,6 +153,8 @@ contract!(
     cancel_queued_leased_and_terminal,
     mark_taken_over_fences_pending_tasks,
     concurrent_inserts_are_durable_and_distinct,
+    a_cancel_sent_right_after_its_insert_finds_the_task,
+    one_task_per_key_when_concurrent_batches_carry_the_same_keys,
     reopen_keeps_everything_and_counts,
     subscribe_and_wait_for_queued,
 );
@@ -799,6 +809,105 @@ async fn concurrent_inserts_are_durable_and_distinct(fx: Fixture) {
     }
     assert_eq!(store.counts().queued, 200);
     assert_eq!(store.pending().expect("pending").len(), 200);
+}
+
+/// Inserts of distinct tasks, sent from `n` spawned callers at once: they
+/// keep the writer busy with batches in flight (several at once on the
+/// database backend) while a test's own requests arrive.
+fn background_inserts(
+    store: &TaskStore,
+    round: usize,
+    n: usize,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..n)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut t = task(&format!("bg-{round}-{i}"));
+                t.idempotency_key = format!("bg-key-{round}-{i}");
+                let out = store.insert(t).await.expect("background insert");
+                assert!(!out.is_deduplicated());
+            })
+        })
+        .collect()
+}
+
+/// A cancel sent right behind its task's insert (the insert not answered
+/// yet, other batches in flight) is applied after the insert: it finds the
+/// task and cancels it, round after round.
+async fn a_cancel_sent_right_after_its_insert_finds_the_task(fx: Fixture) {
+    let store = fx.open();
+    for round in 0..40 {
+        let background = background_inserts(&store, round, 24);
+        let id = format!("victim-{round}");
+        // join! polls the insert first: its request is sent before the
+        // cancel's.
+        let (inserted, cancelled) = futures::join!(
+            store.insert(task(&id)),
+            store.cancel(&id, "changed my mind")
+        );
+        let inserted = inserted.expect("insert");
+        assert!(!inserted.is_deduplicated());
+        let cancelled = cancelled.unwrap_or_else(|e| panic!("round {round}: cancel of {id}: {e}"));
+        assert!(cancelled.cancelled, "round {round}: {id} was not cancelled");
+        assert_eq!(cancelled.task.state(), TaskState::Cancelled);
+        for h in background {
+            h.await.expect("join");
+        }
+        let stored = store.get(&id).expect("get").expect("stored");
+        assert_eq!(stored.state(), TaskState::Cancelled);
+    }
+    assert_eq!(store.counts().cancelled, 40);
+    assert_eq!(store.counts().queued, 40 * 24);
+}
+
+/// Two keys submitted concurrently in both orders, many times each, while
+/// other inserts keep batches in flight: every call is answered (no
+/// transaction of the store waits on another of its own), each key names
+/// one task, and the counts hold exactly the created ones.
+async fn one_task_per_key_when_concurrent_batches_carry_the_same_keys(fx: Fixture) {
+    let store = fx.open();
+    for round in 0..20 {
+        let background = background_inserts(&store, round, 16);
+        let mut calls = Vec::new();
+        for i in 0..16 {
+            let store = store.clone();
+            calls.push(tokio::spawn(async move {
+                let keys = if i % 2 == 0 {
+                    ["k1", "k2"]
+                } else {
+                    ["k2", "k1"]
+                };
+                let mut ids = Vec::new();
+                for key in keys {
+                    let mut t = task(&format!("{key}-{round}-{i}"));
+                    t.idempotency_key = format!("{key}-{round}");
+                    let out = store
+                        .insert(t)
+                        .await
+                        .unwrap_or_else(|e| panic!("round {round}: insert of {key}: {e}"));
+                    ids.push((key, out.is_deduplicated(), out.into_task().task_id));
+                }
+                ids
+            }));
+        }
+        let mut created = 0;
+        let mut named: std::collections::HashMap<&str, HashSet<String>> = Default::default();
+        for c in calls {
+            for (key, dedup, id) in c.await.expect("join") {
+                created += usize::from(!dedup);
+                named.entry(key).or_default().insert(id);
+            }
+        }
+        assert_eq!(created, 2, "round {round}: one task per key");
+        for (key, ids) in &named {
+            assert_eq!(ids.len(), 1, "round {round}: key {key} names {ids:?}");
+        }
+        for h in background {
+            h.await.expect("join");
+        }
+    }
+    assert_eq!(store.counts().queued, 20 * (2 + 16));
 }
 
 async fn reopen_keeps_everything_and_counts(fx: Fixture) {

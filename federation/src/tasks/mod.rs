@@ -168,7 +168,8 @@ impl TaskStore {
         region: &str,
         options: StoreOptions,
     ) -> Result<Self, StoreError> {
-        PgStore::open(pg, region, options.clock).map(TaskStore::Postgres)
+        PgStore::open(pg, region, options.clock, options.writer_transactions)
+            .map(TaskStore::Postgres)
     }
 
     /// The database file (for the PostgreSQL backend, a

@@ -2,10 +2,13 @@
 //! (`node.store.backend: postgres`), with the same behaviour contract as the
 //! embedded store (the store's contract tests run against both).
 //!
-//! Every mutation goes through one writer thread per controller, as in the
+//! Every mutation goes through one writer per controller, as in the
 //! embedded store: it takes the waiting requests, applies them in one
 //! transaction in arrival order and commits once (synchronous commit), then
-//! answers each caller. The decision records that inserts carry are
+//! answers each caller. With `node.store.writer_transactions` above 1
+//! (default 1), batches of new submits overlap (none two with one task id
+//! or idempotency key); any other batch runs alone, after every batch
+//! before it. The decision records that inserts carry are
 //! appended to the region's chain in that same transaction by the store's
 //! journal ([`super::Journal::lock_head`], [`super::Journal::append_after`]):
 //! a task and the record naming it are committed together or not at all. A
@@ -158,7 +161,14 @@ fn key_of(t: &Task) -> Option<&str> {
 impl PgStore {
     /// Opens `region`'s task store in `pg` (schema already migrated by
     /// [`Pg::connect`]) and counts its tasks.
-    pub fn open(pg: &Pg, region: &str, clock: Arc<dyn Clock>) -> Result<Self, StoreError> {
+    /// Its writer keeps at most `writer_transactions` transactions in
+    /// flight (`node.store.writer_transactions`).
+    pub fn open(
+        pg: &Pg,
+        region: &str,
+        clock: Arc<dyn Clock>,
+        writer_transactions: usize,
+    ) -> Result<Self, StoreError> {
         let pg2 = pg.clone();
         let region2 = region.to_string();
         let (counts, created) = pg.block(async move {
@@ -204,7 +214,7 @@ impl PgStore {
             let region = region.to_string();
             std::thread::Builder::new()
                 .name("task-store-writer".into())
-                .spawn(move || writer::writer_loop(&pg, &region, &shared, rx))
+                .spawn(move || writer::writer_loop(&pg, &region, &shared, rx, writer_transactions))
                 .map_err(|e| StoreError::Db(format!("starting the writer thread: {e}")))?
         };
         Ok(Self {

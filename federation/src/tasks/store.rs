@@ -67,6 +67,9 @@ pub struct StoreOptions {
     /// [`StoreError::Lost`]: the loss is logged and the witness reset to
     /// what the store holds (`federation store accept`).
     pub accept_loss: bool,
+    /// The PostgreSQL store's writer: transactions in flight at most
+    /// (`node.store.writer_transactions`; the embedded store has one).
+    pub writer_transactions: usize,
 }
 
 impl Default for StoreOptions {
@@ -74,6 +77,8 @@ impl Default for StoreOptions {
         Self {
             clock: Arc::new(SystemClock),
             accept_loss: false,
+            // As `node.store.writer_transactions`'s default.
+            writer_transactions: 1,
         }
     }
 }

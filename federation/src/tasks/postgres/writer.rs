@@ -1,11 +1,14 @@
-//! The PostgreSQL store's writer thread: each batch one transaction (the
-//! inserts staged and created together, the other requests in order), its
-//! decision records appended in it by the journal, the other replicas
-//! notified at its commit, then every caller answered; a batch is bounded
-//! by `node.store.timeout` (`deadline`).
+//! The PostgreSQL store's writer: each batch one transaction (the inserts
+//! staged and created together, the other requests in order), its decision
+//! records appended in it by the journal, the other replicas notified at
+//! its commit, then every caller answered; with
+//! `node.store.writer_transactions` above 1, batches of new submits overlap
+//! ([`Lanes`]) and anything else runs alone; a batch is bounded by
+//! `node.store.timeout` (`deadline`).
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 
 use federation_api::Task;
 use tokio::sync::{mpsc, oneshot};
@@ -21,36 +24,150 @@ use crate::tasks::requests::{self, Applied, Op, Settled};
 use crate::tasks::shared::Change;
 use crate::tasks::{InsertOutcome, MAX_BATCH, RecordState, RecordedInsert, StoreError};
 
+/// Gathers batches and runs them, each bounded by `node.store.timeout`,
+/// at most `transactions` at once (`node.store.writer_transactions`, never
+/// more than the pool's size less one: reads keep a connection). Batches
+/// of new submits overlap, each on its own pooled connection, so one
+/// batch's round trips and commit flush no longer hold up the next; they
+/// queue only on the chain head's lock (from behind the INSERT to the
+/// COMMIT).
+///
+/// A batch of inserts only runs beside the batches in flight when none of
+/// them carries one of its task ids or idempotency keys ([`Lanes`]); any
+/// other batch (a lease, a cancel, a flush, …) waits until every batch
+/// before it has ended and runs alone. So requests keep their arrival
+/// order wherever it can matter: an operation on a task starts after the
+/// task's insert ended, and two inserts of one key never race each other
+/// from this controller (the second finds the first's task).
 pub(super) fn writer_loop(
     pg: &Pg,
     region: &str,
     shared: &Arc<Shared>,
     rx: mpsc::UnboundedReceiver<Op>,
+    transactions: usize,
 ) {
     let mut requests = crate::group_commit::Gatherer::new(rx, MAX_BATCH);
+    let lanes = Lanes::new(transactions.min(pg.pool().status().max_size.saturating_sub(1)));
     while let Some(batch) = requests.next_batch() {
+        let names = inserted_names(&batch);
+        let lane = pg.handle().block_on(lanes.take(names));
         let Some(batch) = requests::only_flushes(batch) else {
+            // Answered once every batch before them ended (they waited for
+            // every lane above).
             continue;
         };
         let (batch, relays): (Vec<Op>, Vec<Relay>) = batch.into_iter().map(relayed).unzip();
         let pg2 = pg.clone();
         let region = region.to_string();
         let shared = Arc::clone(shared);
-        // Bounded by node.store.timeout: past it the transaction and its
-        // connection are dropped, and every caller hears that the store is
-        // unavailable (nothing of the batch was acknowledged).
-        let done = pg.handle().block_on(pg.bounded(async move {
-            run_batch(&pg2, &region, &shared, shared.journal(), batch).await;
-            Ok(())
-        }));
-        let err = match done {
-            Ok(()) => StoreError::Db("internal: a request of the batch was not answered".into()),
-            Err(e) => StoreError::from(e),
-        };
-        for r in relays {
-            r.finish(&err);
+        pg.handle().spawn(async move {
+            // Bounded by node.store.timeout: past it the transaction and
+            // its connection are dropped, and every caller hears that the
+            // store is unavailable (nothing of the batch was acknowledged).
+            let done = pg2
+                .bounded(async {
+                    run_batch(&pg2, &region, &shared, shared.journal(), batch).await;
+                    Ok(())
+                })
+                .await;
+            let err = match done {
+                Ok(()) => {
+                    StoreError::Db("internal: a request of the batch was not answered".into())
+                }
+                Err(e) => StoreError::from(e),
+            };
+            for r in relays {
+                r.finish(&err);
+            }
+            drop(lane);
+        });
+    }
+    // Every batch in flight ends before the writer does.
+    pg.handle().block_on(lanes.take(None));
+}
+
+/// The writer's transactions in flight: a permit each (all of them for a
+/// batch that runs alone), and the task ids and idempotency keys of the
+/// inserts they carry.
+struct Lanes {
+    free: Arc<tokio::sync::Semaphore>,
+    count: u32,
+    busy: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+/// A batch's hold on [`Lanes`] while it runs: its permits and names are
+/// given back when it is dropped.
+struct Lane {
+    _permits: Option<tokio::sync::OwnedSemaphorePermit>,
+    names: Vec<String>,
+    busy: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+impl Drop for Lane {
+    fn drop(&mut self) {
+        let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        for n in &self.names {
+            if let Some(c) = busy.get_mut(n) {
+                *c -= 1;
+                if *c == 0 {
+                    busy.remove(n);
+                }
+            }
         }
     }
+}
+
+impl Lanes {
+    fn new(count: usize) -> Self {
+        let count = count.max(1);
+        Self {
+            free: Arc::new(tokio::sync::Semaphore::new(count)),
+            count: u32::try_from(count).unwrap_or(1),
+            busy: Arc::default(),
+        }
+    }
+
+    /// Waits until a batch may start: with `names` (a batch of inserts
+    /// only, their ids and keys) beside the batches in flight unless one
+    /// of them carries one of the names; otherwise (`None`, or a name in
+    /// flight) alone, once every batch in flight has ended.
+    async fn take(&self, names: Option<Vec<String>>) -> Lane {
+        let beside = names.as_ref().is_some_and(|names| {
+            let busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+            !names.iter().any(|n| busy.contains_key(n))
+        });
+        let wanted = if beside { 1 } else { self.count };
+        // The semaphore is never closed; a closed one only means no wait.
+        let permits = Arc::clone(&self.free).acquire_many_owned(wanted).await.ok();
+        let names = names.unwrap_or_default();
+        {
+            let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+            for n in &names {
+                *busy.entry(n.clone()).or_insert(0) += 1;
+            }
+        }
+        Lane {
+            _permits: permits,
+            names,
+            busy: Arc::clone(&self.busy),
+        }
+    }
+}
+
+/// The task ids and idempotency keys of a batch of inserts only (`None`
+/// for a batch with any other request).
+fn inserted_names(batch: &[Op]) -> Option<Vec<String>> {
+    let mut names = Vec::with_capacity(batch.len() * 2);
+    for op in batch {
+        let Op::Insert { task, .. } = op else {
+            return None;
+        };
+        names.push(format!("i {}", task.task_id));
+        if !task.idempotency_key.is_empty() {
+            names.push(format!("k {}", task.idempotency_key));
+        }
+    }
+    Some(names)
 }
 
 /// A request of a batch on its way through [`run_batch`].
@@ -349,4 +466,78 @@ pub(super) async fn notify(
     )
     .await
     .map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Lanes;
+    use std::task::Poll;
+
+    fn names(of: &[&str]) -> Option<Vec<String>> {
+        Some(of.iter().map(|s| s.to_string()).collect())
+    }
+
+    #[tokio::test]
+    async fn inserts_of_other_tasks_run_beside_each_other_up_to_the_lanes() {
+        let lanes = Lanes::new(2);
+        let a = lanes.take(names(&["i a", "k 1"])).await;
+        let b = lanes.take(names(&["i b", "k 2"])).await;
+        // Both lanes taken: a third batch waits for one of them.
+        let mut c = std::pin::pin!(lanes.take(names(&["i c"])));
+        assert!(futures::poll!(c.as_mut()).is_pending());
+        drop(a);
+        assert!(matches!(futures::poll!(c.as_mut()), Poll::Ready(_)));
+        drop(b);
+    }
+
+    #[tokio::test]
+    async fn an_insert_naming_a_task_or_key_in_flight_waits_for_every_batch() {
+        let lanes = Lanes::new(3);
+        let a = lanes.take(names(&["i a", "k same"])).await;
+        let b = lanes.take(names(&["i b"])).await;
+        // The key is in flight in `a`: this batch runs alone, after both.
+        let mut c = std::pin::pin!(lanes.take(names(&["i c", "k same"])));
+        assert!(futures::poll!(c.as_mut()).is_pending());
+        drop(a);
+        assert!(futures::poll!(c.as_mut()).is_pending());
+        drop(b);
+        let c = match futures::poll!(c.as_mut()) {
+            Poll::Ready(lane) => lane,
+            Poll::Pending => panic!("the batch still waits with nothing in flight"),
+        };
+        // It holds every lane: nothing starts beside it.
+        let mut d = std::pin::pin!(lanes.take(names(&["i d"])));
+        assert!(futures::poll!(d.as_mut()).is_pending());
+        drop(c);
+        assert!(matches!(futures::poll!(d.as_mut()), Poll::Ready(_)));
+    }
+
+    #[tokio::test]
+    async fn any_other_batch_runs_alone_after_every_batch_before_it() {
+        let lanes = Lanes::new(3);
+        let a = lanes.take(names(&["i a"])).await;
+        // A cancel, a lease, a flush: `None`.
+        let mut other = std::pin::pin!(lanes.take(None));
+        assert!(futures::poll!(other.as_mut()).is_pending());
+        drop(a);
+        let other = match futures::poll!(other.as_mut()) {
+            Poll::Ready(lane) => lane,
+            Poll::Pending => panic!("the batch still waits with nothing in flight"),
+        };
+        let mut next = std::pin::pin!(lanes.take(names(&["i b"])));
+        assert!(futures::poll!(next.as_mut()).is_pending());
+        drop(other);
+        assert!(matches!(futures::poll!(next.as_mut()), Poll::Ready(_)));
+    }
+
+    #[tokio::test]
+    async fn a_name_is_free_again_once_its_batch_ended() {
+        let lanes = Lanes::new(2);
+        let a = lanes.take(names(&["k same"])).await;
+        drop(a);
+        let _b = lanes.take(names(&["k same"])).await;
+        // Taken beside `_b`'s other lane, not alone: a free name again.
+        let c = std::pin::pin!(lanes.take(names(&["i other"])));
+        assert!(matches!(futures::poll!(c), Poll::Ready(_)));
+    }
 }
