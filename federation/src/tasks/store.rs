@@ -9,6 +9,7 @@
 
 mod counters;
 mod idempotency;
+mod logged;
 mod open;
 mod pending;
 mod preserving;
@@ -231,7 +232,7 @@ impl RedbStore {
             // A store from before the marks were kept: they start here (and
             // the counts with them).
             guarded(&path, || {
-                let txn = wal::Txn::new(db.begin_write().db()?);
+                let txn = logged::Txn::new(db.begin_write().db()?);
                 write_mark(&txn, mark)?;
                 counters::write(&txn, counts, mark.commit, newest_created)?;
                 txn.commit_durable()

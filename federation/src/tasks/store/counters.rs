@@ -58,7 +58,7 @@ pub(super) fn read(db: &redb::Database) -> Result<Option<Kept>, StoreError> {
 
 /// Writes `counts` as of `commit`, and `newest_created`, in `txn`.
 pub(super) fn write(
-    txn: &super::wal::Txn,
+    txn: &super::logged::Txn,
     counts: Counts,
     commit: u64,
     newest_created: i64,

@@ -5,7 +5,7 @@
 use redb::{ReadableTable, TableDefinition};
 
 use super::DbResult;
-use super::wal::Logged;
+use super::logged::Logged;
 use crate::tasks::StoreError;
 
 /// Idempotency key → task id. Built once from the task records for a store

@@ -168,7 +168,7 @@ pub(super) fn read_mark(db: &Database) -> Result<Option<Mark>, StoreError> {
     })
 }
 
-pub(super) fn write_mark(txn: &super::wal::Txn, mark: Mark) -> Result<(), StoreError> {
+pub(super) fn write_mark(txn: &super::logged::Txn, mark: Mark) -> Result<(), StoreError> {
     let mut table = txn.open(MARKS)?;
     table.insert("commit", mark.commit).db()?;
     table.insert("created", mark.created).db()?;
@@ -270,7 +270,7 @@ fn has_legacy_keys(db: &Database) -> Result<bool, StoreError> {
 /// the records that do not decode and the newest creation time of a task
 /// created here (not taken over).
 fn rebuild_indexes(db: &Database, commit: u64) -> Result<Rebuilt, StoreError> {
-    let logged = super::wal::Txn::new(db.begin_write().db()?);
+    let logged = super::logged::Txn::new(db.begin_write().db()?);
     let txn = &logged.txn;
     let mut counts = Counts::default();
     let mut undecodable = Vec::new();

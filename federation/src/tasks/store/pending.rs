@@ -5,7 +5,7 @@
 
 use redb::{ReadableDatabase, ReadableTable, TableDefinition, TableError};
 
-use super::wal::Txn;
+use super::logged::Txn;
 use super::{DbResult, RedbStore, guarded};
 use crate::tasks::StoreError;
 use crate::tasks::journal::{Journal, Record, Staged};

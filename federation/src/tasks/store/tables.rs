@@ -7,7 +7,7 @@ use prost::Message;
 use redb::ReadableTable;
 
 use super::idempotency::IdemIndex;
-use super::wal::{Logged, Txn};
+use super::logged::{Logged, Txn};
 use super::{AGENTS, DbResult, MAX_EXPIRE_BATCH, Shared, decode};
 use crate::tasks::fence::LeaseFence;
 use crate::tasks::requests::{Operations, Outcomes};

@@ -21,23 +21,23 @@
 //! that does not check out followed by a valid one that continues the log
 //! is damage, refused.
 
-use std::cell::RefCell;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use redb::{Database, Durability, Key, StorageError, TableDefinition, Value, WriteTransaction};
+use redb::{Database, Durability, Key, TableDefinition, Value, WriteTransaction};
 use sha2::{Digest, Sha256};
 
 use super::counters::COUNTS;
 use super::idempotency::IDEM_KEYS;
+use super::logged::Txn;
 use super::pending::PENDING;
 use super::{AGENTS, DbResult, LEASES, MARKS, META, QUEUE, TASKS};
 use crate::tasks::StoreError;
 
-/// The log's file in the data directory, beside [`super::FILE`].
+/// The log's file in the data directory, beside `tasks.redb`.
 pub const WAL_FILE: &str = "tasks.wal";
 const MAGIC: u32 = 0x4C41_5754;
 const HEAD: usize = 24;
@@ -78,94 +78,6 @@ fn wal_damaged(path: &Path, what: String) -> StoreError {
         path: path.display().to_string(),
         what,
         hint: WAL_HINT.into(),
-    }
-}
-
-/// A write transaction whose row changes are recorded for the log.
-pub(super) struct Txn {
-    pub(super) txn: WriteTransaction,
-    log: RefCell<Vec<u8>>,
-}
-
-impl Txn {
-    /// A transaction whose changes are recorded (committed through
-    /// [`State::commit`]), or, for the durable writes of open, discarded.
-    pub(super) fn new(txn: WriteTransaction) -> Self {
-        Self {
-            txn,
-            log: RefCell::new(Vec::new()),
-        }
-    }
-
-    /// Opens `def` in this transaction; its writes are recorded.
-    pub(super) fn open<K: Key + 'static, V: Value + 'static>(
-        &self,
-        def: TableDefinition<'static, K, V>,
-    ) -> Result<Logged<'_, K, V>, StoreError> {
-        use redb::TableHandle;
-        Ok(Logged {
-            table: self.txn.open_table(def).db()?,
-            name: def.name().to_string(),
-            log: &self.log,
-        })
-    }
-
-    /// Commits with fsync (open's own writes; nothing goes to the log).
-    pub(super) fn commit_durable(self) -> Result<(), StoreError> {
-        self.txn.commit().db()
-    }
-}
-
-/// A table opened in a [`Txn`]: reads through `Deref`, writes recorded.
-pub(super) struct Logged<'t, K: Key + 'static, V: Value + 'static> {
-    table: redb::Table<'t, K, V>,
-    name: String,
-    log: &'t RefCell<Vec<u8>>,
-}
-
-impl<'t, K: Key + 'static, V: Value + 'static> std::ops::Deref for Logged<'t, K, V> {
-    type Target = redb::Table<'t, K, V>;
-
-    fn deref(&self) -> &Self::Target {
-        &self.table
-    }
-}
-
-impl<K: Key + 'static, V: Value + 'static> Logged<'_, K, V> {
-    fn record(&self, kind: u8, key: &[u8], value: Option<&[u8]>) {
-        let mut log = self.log.borrow_mut();
-        log.push(self.name.len() as u8);
-        log.extend_from_slice(self.name.as_bytes());
-        log.push(kind);
-        log.extend_from_slice(&(key.len() as u32).to_le_bytes());
-        log.extend_from_slice(key);
-        if let Some(v) = value {
-            log.extend_from_slice(&(v.len() as u32).to_le_bytes());
-            log.extend_from_slice(v);
-        }
-    }
-
-    /// [`redb::Table::insert`], recorded.
-    pub(super) fn insert<'k, 'v>(
-        &mut self,
-        key: impl std::borrow::Borrow<K::SelfType<'k>>,
-        value: impl std::borrow::Borrow<V::SelfType<'v>>,
-    ) -> Result<Option<redb::AccessGuard<'_, V>>, StorageError> {
-        self.record(
-            0,
-            K::as_bytes(key.borrow()).as_ref(),
-            Some(V::as_bytes(value.borrow()).as_ref()),
-        );
-        self.table.insert(key, value)
-    }
-
-    /// [`redb::Table::remove`], recorded.
-    pub(super) fn remove<'k>(
-        &mut self,
-        key: impl std::borrow::Borrow<K::SelfType<'k>>,
-    ) -> Result<Option<redb::AccessGuard<'_, V>>, StorageError> {
-        self.record(1, K::as_bytes(key.borrow()).as_ref(), None);
-        self.table.remove(key)
     }
 }
 
@@ -354,7 +266,7 @@ fn replay(
                     path,
                     format!(
                         "its first frame (byte {at}) has seq {seq} but {} holds the log only up to seq {checkpointed}: the two files are not of one store, or frames are missing",
-                        super::FILE
+                        "tasks.redb"
                     ),
                 ));
             }
@@ -515,8 +427,7 @@ impl State {
     /// `fdatasync`), then commits it without fsync. On an error nothing is
     /// committed (a failed sync or commit also poisons the log).
     pub(super) fn commit(&mut self, txn: Txn) -> Result<(), StoreError> {
-        let Txn { mut txn, log } = txn;
-        let payload = log.into_inner();
+        let (mut txn, payload) = txn.into_parts();
         if payload.is_empty() {
             txn.set_durability(Durability::None).db()?;
             return txn.commit().db();
@@ -662,6 +573,8 @@ pub(crate) fn frame_spans(bytes: &[u8]) -> Vec<(usize, usize)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tasks::store::logged::Logged;
+    use std::cell::RefCell;
 
     #[test]
     fn entries_round_trip_and_refuse_what_is_cut() {
@@ -670,11 +583,7 @@ mod tests {
         let db = Database::create(dir.path().join("x.redb")).expect("db");
         let txn = db.begin_write().expect("txn");
         {
-            let mut t = Logged {
-                table: txn.open_table(QUEUE).expect("queue"),
-                name: "queue".into(),
-                log: &log,
-            };
+            let mut t = Logged::new(txn.open_table(QUEUE).expect("queue"), "queue", &log);
             t.insert((-1i64, 2i64, "a"), ()).expect("insert");
             t.remove((-1i64, 2i64, "a")).expect("remove");
         }
