@@ -497,7 +497,14 @@ fn open_store(settings: &Settings) -> anyhow::Result<(TaskStore, DecisionLog)> {
     match settings.store.backend {
         crate::config::StoreBackend::Redb => {
             let started = Instant::now();
-            let store = TaskStore::open(&settings.data_dir).with_context(|| {
+            let options = crate::tasks::StoreOptions {
+                checkpoints: crate::tasks::Checkpoints {
+                    bytes: settings.store.checkpoint_bytes,
+                    ..crate::tasks::Checkpoints::default()
+                },
+                ..crate::tasks::StoreOptions::default()
+            };
+            let store = TaskStore::open_with(&settings.data_dir, options).with_context(|| {
                 format!("opening task store in {}", settings.data_dir.display())
             })?;
             let store_ms = started.elapsed().as_millis() as u64;

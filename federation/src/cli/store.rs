@@ -211,7 +211,7 @@ fn recover(
             return super::fail(&anyhow::Error::new(e), 2);
         }
         let stamp = crate::clock::now_unix_ms();
-        for name in [tasks::FILE, tasks::witness::FILE] {
+        for name in [tasks::FILE, tasks::WAL_FILE, tasks::witness::FILE] {
             let from = dir.join(name);
             if from.exists() {
                 let to = dir.join(format!("{name}.damaged-{stamp}"));

@@ -378,6 +378,11 @@ pub struct StoreSpec {
     /// segment (then zstd-compressed) once it reaches this many bytes
     /// (`audit::LogOptions`; default 16 MiB).
     pub log_segment_bytes: u64,
+    /// Backend `redb`: the task store's write-ahead log (`tasks.wal`) is
+    /// checkpointed into `tasks.redb` (one durable commit, between
+    /// batches) once its frames since the last checkpoint reach this many
+    /// bytes, or a second after the first of them (default 16 MiB).
+    pub checkpoint_bytes: u64,
 }
 
 impl Default for StoreSpec {
@@ -389,6 +394,7 @@ impl Default for StoreSpec {
             writer_transactions: 1,
             timeout: Duration::from_secs(5),
             log_segment_bytes: 16 * 1024 * 1024,
+            checkpoint_bytes: 16 * 1024 * 1024,
         }
     }
 }

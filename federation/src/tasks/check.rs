@@ -13,7 +13,7 @@ use federation_api::Task;
 use prost::Message;
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 
-use super::store::{FILE, damaged, guarded, open_checked};
+use super::store::{FILE, damaged, guarded, open_checked, replay_into};
 use super::witness::{self, Mark};
 use super::{AgentRecord, StoreError, state_name};
 
@@ -112,7 +112,7 @@ pub fn check(dir: &Path) -> Result<CheckReport, StoreError> {
         ..Default::default()
     };
     let mut ids = HashSet::new();
-    let scanned = guarded(&path, || scan(&copy, &mut report, &mut ids));
+    let scanned = guarded(&path, || scan(dir, &copy, &mut report, &mut ids));
     match scanned {
         Ok(()) => cross_check(dir, &ids, &mut report),
         Err(StoreError::Damaged { what, .. }) => {
@@ -213,6 +213,7 @@ fn cross_check(dir: &Path, held: &HashSet<String>, report: &mut CheckReport) {
 }
 
 fn scan(
+    dir: &Path,
     copy: &Path,
     report: &mut CheckReport,
     ids: &mut HashSet<String>,
@@ -221,6 +222,14 @@ fn scan(
         StoreError::Damaged { what, .. } => damaged(Path::new(&report.file), what),
         other => other,
     })?;
+    // The copy as the store holds it: with the write-ahead log's frames
+    // (the log itself is only read).
+    if let Err(e) = replay_into(dir, &db) {
+        report.problems.push(match e {
+            StoreError::Damaged { path, what, .. } => format!("{path}: {what}"),
+            other => format!("the write-ahead log cannot be applied: {other}"),
+        });
+    }
     let db_err = |e: &dyn std::fmt::Display| StoreError::Db(e.to_string());
     let txn = db.begin_read().map_err(|e| db_err(&e))?;
     match txn.open_table(TASKS) {

@@ -2,7 +2,7 @@
 //! lifecycle (queued → leased → succeeded / failed / cancelled) and its leases.
 //!
 //! What it owns: the file `<data_dir>/tasks.redb` (an embedded transactional
-//! [redb] database), the task records in it (`federation_api::Task`, encoded
+//! [redb] database) and its write-ahead log `tasks.wal`, the task records in it (`federation_api::Task`, encoded
 //! with prost), the indexes over them, and the in-memory counters and change
 //! feed derived from them. What it must not touch: routing, residency, peers,
 //! the network, snapshots. The controller decides *where* a task goes; this
@@ -11,9 +11,17 @@
 //! # Guarantees
 //!
 //! * **Durable before acknowledged.** Every mutating call returns only after
-//!   the write transaction holding it has been committed with redb's default
-//!   durability (`Immediate`: the commit is fsync'd). A task whose `insert`
-//!   returned survives `SIGKILL` and power loss (see the crash test).
+//!   the write transaction holding it is durable: its row changes are one
+//!   frame of the write-ahead log `<data_dir>/tasks.wal` (one write, one
+//!   `fdatasync`), and only then is the transaction committed to redb,
+//!   without fsync (visible to readers at once). A checkpoint (a durable
+//!   redb commit naming the last frame it holds) runs between batches, by
+//!   size and age of the frames since the last one; open applies the frames
+//!   after it. A torn frame at the log's end (a crash mid-write) ends the
+//!   log; a damaged frame followed by valid ones is refused
+//!   ([`StoreError::Damaged`] naming the file and the byte). A task whose
+//!   `insert` returned survives `SIGKILL` and power loss (see the crash
+//!   tests, also with a checkpoint after every batch).
 //! * **Group commit.** All mutations go through one writer thread. It takes
 //!   every request waiting in its queue (up to [`MAX_BATCH`]), applies them in
 //!   one write transaction in arrival order, commits once, then answers each
@@ -112,6 +120,8 @@ mod store;
 #[cfg(test)]
 mod tests;
 mod transitions;
+#[cfg(test)]
+mod wal_tests;
 pub mod witness;
 
 use federation_api::Task;
@@ -126,7 +136,10 @@ pub use model::{
     state_name, what_differs,
 };
 pub use postgres::{PgStore, Sibling};
-pub use store::{FILE, MAX_BATCH, RedbStore, StoreOptions, Verification, read_log_head};
+pub use store::{
+    Checkpoints, FILE, MAX_BATCH, RedbStore, StoreOptions, Verification, WAL_FILE, read_log_head,
+    replay_wal,
+};
 
 /// The task store seam: the embedded redb file ([`RedbStore`], the default)
 /// or the region's PostgreSQL database ([`PgStore`], `node.store.backend:

@@ -9,11 +9,13 @@
 
 mod counters;
 mod idempotency;
+mod logged;
 mod open;
 mod pending;
 mod preserving;
 mod tables;
 mod verify;
+mod wal;
 mod writer;
 
 pub use open::{FILE, read_log_head};
@@ -28,6 +30,11 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::mpsc;
 
 pub use verify::Verification;
+#[cfg(test)]
+pub(crate) use wal::frame_spans;
+pub(crate) use wal::replay_into;
+pub use wal::replay_into as replay_wal;
+pub use wal::{Checkpoints, WAL_FILE};
 
 use open::{Loaded, check_witness, load, log_head_in, open_lazy, write_mark};
 use writer::writer_loop;
@@ -70,6 +77,8 @@ pub struct StoreOptions {
     /// The PostgreSQL store's writer: transactions in flight at most
     /// (`node.store.writer_transactions`; the embedded store has one).
     pub writer_transactions: usize,
+    /// When the write-ahead log is checkpointed into the database file.
+    pub checkpoints: Checkpoints,
 }
 
 impl Default for StoreOptions {
@@ -79,6 +88,7 @@ impl Default for StoreOptions {
             accept_loss: false,
             // As `node.store.writer_transactions`'s default.
             writer_transactions: 1,
+            checkpoints: Checkpoints::default(),
         }
     }
 }
@@ -102,6 +112,8 @@ impl std::fmt::Debug for RedbStore {
 struct Inner {
     path: PathBuf,
     db: GuardedDb,
+    /// The write-ahead log: every write to `db` holds its lock.
+    wal: Arc<wal::Wal>,
     tx: Requests,
     writer: Mutex<Option<JoinHandle<()>>>,
     shared: Arc<Shared>,
@@ -202,13 +214,17 @@ impl RedbStore {
         let path = dir.join(FILE);
         let opened = guarded(&path, || -> Result<_, StoreError> {
             let (db, slot) = open_lazy(&path)?;
+            // The frames the file lacks first: everything after reads the
+            // store as acknowledged.
+            let wal = wal::Wal::open(dir, &db, options.checkpoints)?;
             // Create the tables so that readers always find them (a table
             // whose definition does not read back is damage).
             create_tables(&db).map_err(|e| open::classify(&path, e))?;
             let loaded = load(&db, &path)?;
-            Ok((db, slot, loaded))
+            Ok((db, slot, wal, loaded))
         })?;
-        let (db, slot, loaded) = opened;
+        let (db, slot, wal, loaded) = opened;
+        let wal = Arc::new(wal);
         let Loaded {
             counts,
             records,
@@ -221,10 +237,10 @@ impl RedbStore {
             // A store from before the marks were kept: they start here (and
             // the counts with them).
             guarded(&path, || {
-                let txn = db.begin_write().db()?;
+                let txn = logged::Txn::new(db.begin_write().db()?);
                 write_mark(&txn, mark)?;
                 counters::write(&txn, counts, mark.commit, newest_created)?;
-                txn.commit().db()
+                txn.commit_durable()
             })?;
         }
         let witness = witness::Writer::start(dir, mark)
@@ -241,19 +257,27 @@ impl RedbStore {
         }
         let db = Arc::new(db);
         let (tx, rx) = mpsc::unbounded_channel();
+        // The check pins the commit the store opened at before the writer
+        // starts: a commit of the writer's is in redb's memory (its frame
+        // in the log) until a checkpoint, not in the file the check reads.
+        let verifier = verify::Verifier::start(&db, &slot, &path, &shared)?;
         let writer = {
             let db = Arc::clone(&db);
             let shared = Arc::clone(&shared);
+            let wal = Arc::clone(&wal);
             std::thread::Builder::new()
                 .name("task-store-writer".into())
-                .spawn(move || writer_loop(&db, &shared, rx))
-                .map_err(|e| StoreError::Db(format!("starting the writer thread: {e}")))?
+                .spawn(move || writer_loop(&db, &wal, &shared, rx))
+                .map_err(|e| {
+                    verifier.stop();
+                    StoreError::Db(format!("starting the writer thread: {e}"))
+                })?
         };
-        let verifier = verify::Verifier::start(&db, &slot, &path, &shared)?;
         Ok(Self {
             inner: Arc::new(Inner {
                 path,
                 db: GuardedDb(Some(db)),
+                wal,
                 tx: Requests::new(tx),
                 writer: Mutex::new(Some(writer)),
                 shared,
@@ -279,19 +303,21 @@ impl RedbStore {
     }
 
     /// Records the decision log's head (its last durable record) in the
-    /// store, committed with fsync, as the log's anchor outside its own file
-    /// (see [`crate::audit::anchor`]). Blocking: call off the async workers.
+    /// store, durable (a frame of the write-ahead log) before it returns,
+    /// as the log's anchor outside its own file (see
+    /// [`crate::audit::anchor`]). Blocking: call off the async workers.
     pub fn record_log_head(&self, seq: u64, hash: &str) -> Result<(), StoreError> {
         guarded(&self.inner.path, || {
-            let txn = self.inner.db.begin_write().db()?;
+            let mut wal = self.inner.wal.lock();
+            let txn = wal.begin(&self.inner.db)?;
             {
-                let mut meta = txn.open_table(META).db()?;
+                let mut meta = txn.open(META)?;
                 meta.insert(META_LOG_HEAD, format!("{seq} {hash}").as_bytes())
                     .db()?;
             }
             // The log's file holds every staged record up to its head.
             pending::drop_durable(&txn, seq)?;
-            txn.commit().db()
+            wal.commit(txn)
         })
     }
 

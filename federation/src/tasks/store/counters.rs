@@ -58,12 +58,12 @@ pub(super) fn read(db: &redb::Database) -> Result<Option<Kept>, StoreError> {
 
 /// Writes `counts` as of `commit`, and `newest_created`, in `txn`.
 pub(super) fn write(
-    txn: &redb::WriteTransaction,
+    txn: &super::logged::Txn,
     counts: Counts,
     commit: u64,
     newest_created: i64,
 ) -> Result<(), StoreError> {
-    let mut table = txn.open_table(COUNTS).db()?;
+    let mut table = txn.open(COUNTS)?;
     for (k, v) in [
         ("queued", u64::from(counts.queued)),
         ("leased", u64::from(counts.leased)),

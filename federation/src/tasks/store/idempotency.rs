@@ -5,6 +5,7 @@
 use redb::{ReadableTable, TableDefinition};
 
 use super::DbResult;
+use super::logged::Logged;
 use crate::tasks::StoreError;
 
 /// Idempotency key → task id. Built once from the task records for a store
@@ -15,7 +16,7 @@ pub(super) const IDEM_KEYS: TableDefinition<&str, &str> = TableDefinition::new("
 /// seen by the later requests of its batch, and vanishes with the batch
 /// when its transaction aborts.
 pub(super) struct IdemIndex<'t> {
-    pub(super) table: redb::Table<'t, &'static str, &'static str>,
+    pub(super) table: Logged<'t, &'static str, &'static str>,
 }
 
 impl IdemIndex<'_> {

@@ -168,8 +168,8 @@ pub(super) fn read_mark(db: &Database) -> Result<Option<Mark>, StoreError> {
     })
 }
 
-pub(super) fn write_mark(txn: &redb::WriteTransaction, mark: Mark) -> Result<(), StoreError> {
-    let mut table = txn.open_table(MARKS).db()?;
+pub(super) fn write_mark(txn: &super::logged::Txn, mark: Mark) -> Result<(), StoreError> {
+    let mut table = txn.open(MARKS)?;
     table.insert("commit", mark.commit).db()?;
     table.insert("created", mark.created).db()?;
     Ok(())
@@ -270,7 +270,8 @@ fn has_legacy_keys(db: &Database) -> Result<bool, StoreError> {
 /// the records that do not decode and the newest creation time of a task
 /// created here (not taken over).
 fn rebuild_indexes(db: &Database, commit: u64) -> Result<Rebuilt, StoreError> {
-    let txn = db.begin_write().db()?;
+    let logged = super::logged::Txn::new(db.begin_write().db()?);
+    let txn = &logged.txn;
     let mut counts = Counts::default();
     let mut undecodable = Vec::new();
     let mut newest_created = 0i64;
@@ -323,8 +324,8 @@ fn rebuild_indexes(db: &Database, commit: u64) -> Result<Rebuilt, StoreError> {
         Ok(_) => {}
         Err(e) => return Err(StoreError::Db(e.to_string())),
     }
-    counters::write(&txn, counts, commit, newest_created)?;
-    txn.commit().db()?;
+    counters::write(&logged, counts, commit, newest_created)?;
+    logged.commit_durable()?;
     Ok(Rebuilt {
         counts,
         keys,
@@ -362,8 +363,16 @@ pub fn read_log_head(dir: &Path) -> Result<Option<(u64, String)>, StoreError> {
     if !path.exists() {
         return Ok(None);
     }
+    // Frames of the write-ahead log the file may lack: read a copy with
+    // them applied.
+    let logged = std::fs::metadata(dir.join(super::WAL_FILE)).is_ok_and(|m| m.len() > 0);
     let read = std::panic::catch_unwind(|| {
-        match redb::ReadOnlyDatabase::open(&path) {
+        let opened = if logged {
+            Err(redb::DatabaseError::RepairAborted)
+        } else {
+            redb::ReadOnlyDatabase::open(&path)
+        };
+        match opened {
             Ok(db) => log_head_in(&db),
             // Not closed cleanly (a crash, or a controller running): redb
             // must repair it before reading, which a read-only open cannot.
@@ -380,6 +389,7 @@ pub fn read_log_head(dir: &Path) -> Result<Option<(u64, String)>, StoreError> {
                         path.display()
                     ))
                 })?;
+                super::replay_into(dir, &db)?;
                 log_head_in(&db)
             }
         }

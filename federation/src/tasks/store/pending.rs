@@ -3,9 +3,10 @@
 //! them, so one commit (one fsync) makes a task and its record durable;
 //! dropped once the log's file holds them; replayed into it at open.
 
-use redb::{ReadableDatabase, ReadableTable, TableDefinition, TableError, WriteTransaction};
+use redb::{ReadableDatabase, ReadableTable, TableDefinition, TableError};
 
-use super::{DbResult, RedbStore};
+use super::logged::Txn;
+use super::{DbResult, RedbStore, guarded};
 use crate::tasks::StoreError;
 use crate::tasks::journal::{Journal, Record, Staged};
 
@@ -16,12 +17,12 @@ pub(super) const PENDING: TableDefinition<u64, &[u8]> = TableDefinition::new("pe
 /// keeps their rows in `txn`. `Err(Ok(why))`: the journal refused (nothing
 /// staged); `Err(Err(e))`: the rows could not be written (the batch fails).
 pub(super) fn stage(
-    txn: &WriteTransaction,
+    txn: &Txn,
     journal: &dyn Journal,
     records: Vec<Record>,
 ) -> Result<(), Result<String, StoreError>> {
     let staged = journal.stage(records).map_err(Ok)?;
-    let mut table = txn.open_table(PENDING).db().map_err(Err)?;
+    let mut table = txn.open(PENDING).map_err(Err)?;
     for s in &staged {
         table.insert(s.seq, s.row.as_slice()).db().map_err(Err)?;
     }
@@ -29,8 +30,8 @@ pub(super) fn stage(
 }
 
 /// Drops the rows at or below `durable` (the log's file holds them).
-pub(super) fn drop_durable(txn: &WriteTransaction, durable: u64) -> Result<(), StoreError> {
-    let mut table = txn.open_table(PENDING).db()?;
+pub(super) fn drop_durable(txn: &Txn, durable: u64) -> Result<(), StoreError> {
+    let mut table = txn.open(PENDING)?;
     loop {
         let first = table.first().db()?.map(|(k, _)| k.value());
         match first {
@@ -72,9 +73,10 @@ impl RedbStore {
         let count = rows.len();
         let mut rewrite = |old: &[u64], new: &[Staged]| -> Result<(), String> {
             let write = || -> Result<(), StoreError> {
-                let txn = db.begin_write().db()?;
+                let mut wal = self.inner.wal.lock();
+                let txn = wal.begin(db)?;
                 {
-                    let mut table = txn.open_table(PENDING).db()?;
+                    let mut table = txn.open(PENDING)?;
                     for seq in old {
                         table.remove(*seq).db()?;
                     }
@@ -82,9 +84,9 @@ impl RedbStore {
                         table.insert(s.seq, s.row.as_slice()).db()?;
                     }
                 }
-                txn.commit().db()
+                wal.commit(txn)
             };
-            write().map_err(|e| e.to_string())
+            guarded(&self.inner.path, write).map_err(|e| e.to_string())
         };
         journal.replay(rows, &mut rewrite).map_err(|why| {
             StoreError::Db(format!(
@@ -92,8 +94,11 @@ impl RedbStore {
                 self.inner.path.display()
             ))
         })?;
-        let txn = db.begin_write().db()?;
-        drop_durable(&txn, journal.durable_seq())?;
-        txn.commit().db()
+        guarded(&self.inner.path, || {
+            let mut wal = self.inner.wal.lock();
+            let txn = wal.begin(db)?;
+            drop_durable(&txn, journal.durable_seq())?;
+            wal.commit(txn)
+        })
     }
 }

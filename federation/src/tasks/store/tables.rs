@@ -7,6 +7,7 @@ use prost::Message;
 use redb::ReadableTable;
 
 use super::idempotency::IdemIndex;
+use super::logged::{Logged, Txn};
 use super::{AGENTS, DbResult, MAX_EXPIRE_BATCH, Shared, decode};
 use crate::tasks::fence::LeaseFence;
 use crate::tasks::requests::{Operations, Outcomes};
@@ -18,11 +19,11 @@ pub(super) struct Tables<'t> {
     /// For reporting undecodable records.
     pub(super) shared: &'t Shared,
     /// For the tables only some requests touch (opened on demand).
-    pub(super) txn: &'t redb::WriteTransaction,
-    pub(super) tasks: redb::Table<'t, &'static str, &'static [u8]>,
+    pub(super) txn: &'t Txn,
+    pub(super) tasks: Logged<'t, &'static str, &'static [u8]>,
     pub(super) idem: IdemIndex<'t>,
-    pub(super) queue: redb::Table<'t, (i64, i64, &'static str), ()>,
-    pub(super) leases: redb::Table<'t, (i64, &'static str), &'static str>,
+    pub(super) queue: Logged<'t, (i64, i64, &'static str), ()>,
+    pub(super) leases: Logged<'t, (i64, &'static str), &'static str>,
     /// Someone is subscribed to the change feed.
     pub(super) watched: bool,
     /// The newest `created_unix_ms` of a task created in this store (not
@@ -357,8 +358,7 @@ impl Operations for Tables<'_> {
         let bytes = serde_json::to_vec(record)
             .map_err(|e| StoreError::Invalid(format!("agent record: {e}")))?;
         self.txn
-            .open_table(AGENTS)
-            .db()?
+            .open(AGENTS)?
             .insert(record.id.as_str(), bytes.as_slice())
             .db()?;
         Ok(())
@@ -371,7 +371,7 @@ impl Operations for Tables<'_> {
         changes: &mut Vec<Change>,
     ) -> Result<Vec<Task>, StoreError> {
         let requeued = self.requeue_agent(agent, now, changes).await?;
-        self.txn.open_table(AGENTS).db()?.remove(agent).db()?;
+        self.txn.open(AGENTS)?.remove(agent).db()?;
         Ok(requeued)
     }
 

@@ -1,7 +1,8 @@
 //! The embedded store's single writer thread: group commit (every request
-//! waiting, one write transaction, one fsync), the batch's decision records
-//! sealed by the journal and staged in the same transaction (`pending`),
-//! then every caller answered.
+//! waiting, one write transaction made durable as one frame of the
+//! write-ahead log: one write, one `fdatasync`), the batch's decision
+//! records sealed by the journal and staged in the same transaction
+//! (`pending`), then every caller answered; checkpoints between batches.
 
 use redb::Database;
 use tokio::sync::mpsc;
@@ -10,21 +11,34 @@ use super::idempotency::{IDEM_KEYS, IdemIndex};
 use super::open::write_mark;
 use super::pending;
 use super::tables::Tables;
-use super::{DbResult, LEASES, MAX_BATCH, QUEUE, Shared, TASKS};
+use super::wal::Wal;
+use super::{LEASES, MAX_BATCH, QUEUE, Shared, TASKS};
 use crate::tasks::RecordState;
 use crate::tasks::StoreError;
 use crate::tasks::journal::Journal;
 use crate::tasks::requests::{self, Op, Settled};
 use crate::tasks::witness::Mark;
 
-pub(super) fn writer_loop(db: &Database, shared: &Shared, rx: mpsc::UnboundedReceiver<Op>) {
+pub(super) fn writer_loop(
+    db: &Database,
+    wal: &Wal,
+    shared: &Shared,
+    rx: mpsc::UnboundedReceiver<Op>,
+) {
     let mut requests = crate::group_commit::Gatherer::new(rx, MAX_BATCH);
     // Ends when every sender is gone (the last TaskStore clone dropped).
     while let Some(batch) = requests.next_batch() {
         // A damaged file may make the engine panic: the batch's callers
         // hear `Closed` (their replies are dropped), the writer goes on.
         let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            run_batch(db, shared, shared.journal(), batch)
+            run_batch(db, wal, shared, shared.journal(), batch);
+            // After the batch's answers: its callers do not wait for it.
+            let mut log = wal.lock();
+            if log.due() {
+                if let Err(e) = log.checkpoint(db) {
+                    tracing::error!(error = %e, "task store checkpoint failed (the write-ahead log keeps the work)");
+                }
+            }
         }));
         if ran.is_err() {
             tracing::error!(
@@ -33,10 +47,22 @@ pub(super) fn writer_loop(db: &Database, shared: &Shared, rx: mpsc::UnboundedRec
             );
         }
     }
+    let closed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| wal.lock().close(db)));
+    match closed {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "the task store's last checkpoint failed (the write-ahead log keeps the work)")
+        }
+        Err(_) => tracing::error!(
+            hint = super::open::DAMAGED_HINT,
+            "the storage engine panicked in the task store's last checkpoint"
+        ),
+    }
 }
 
 pub(super) fn run_batch(
     db: &Database,
+    wal: &Wal,
     shared: &Shared,
     journal: Option<&dyn Journal>,
     batch: Vec<Op>,
@@ -45,16 +71,18 @@ pub(super) fn run_batch(
         return;
     };
     // A failed batch aborts its transaction, the keys it staged with it.
-    let _ = apply_batch(db, shared, journal, batch);
+    let _ = apply_batch(db, wal, shared, journal, batch);
 }
 
 /// Applies a batch in one write transaction with its records staged in it
 /// (sealed into the journal's chain, their rows in `pending_records`), and
 /// answers every request once it is committed: the tasks and their records
-/// durable with one fsync (or the error that failed the batch). The
-/// journal writes its file afterwards; rows it holds are dropped here.
+/// durable with one frame of the write-ahead log, one `fdatasync` (or the
+/// error that failed the batch). The journal writes its file afterwards;
+/// rows it holds are dropped here.
 pub(super) fn apply_batch(
     db: &Database,
+    wal: &Wal,
     shared: &Shared,
     journal: Option<&dyn Journal>,
     batch: Vec<Op>,
@@ -62,7 +90,8 @@ pub(super) fn apply_batch(
     let now = shared.clock.now_ms();
     let watched = shared.watched();
     let mut changes = Vec::new();
-    let txn = match db.begin_write().db() {
+    let mut log = wal.lock();
+    let txn = match log.begin(db) {
         Ok(txn) => txn,
         Err(e) => {
             requests::fail(Vec::new(), batch, e.clone());
@@ -74,10 +103,10 @@ pub(super) fn apply_batch(
     {
         let opened = (|| -> Result<_, StoreError> {
             Ok((
-                txn.open_table(TASKS).db()?,
-                txn.open_table(QUEUE).db()?,
-                txn.open_table(LEASES).db()?,
-                txn.open_table(IDEM_KEYS).db()?,
+                txn.open(TASKS)?,
+                txn.open(QUEUE)?,
+                txn.open(LEASES)?,
+                txn.open(IDEM_KEYS)?,
             ))
         })();
         let (tasks, queue, leases, keys) = match opened {
@@ -163,9 +192,10 @@ pub(super) fn apply_batch(
     };
     let commit_started = std::time::Instant::now();
     let committed = match staged {
-        Ok(()) => txn.commit().db(),
+        Ok(()) => log.commit(txn),
         Err(e) => Err(e),
     };
+    drop(log);
     shared.observe_commit(commit_started.elapsed());
     if let Err(e) = &committed {
         tracing::error!(error = %e, "task store commit failed");
