@@ -55,14 +55,13 @@ impl Fixture {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_controller_connects_with_verify_full_and_its_sessions_are_encrypted() {
-    let fx = Fixture::start();
-    let (url, db) = fx.url("ca.pem");
+/// A federation whose europe controller's store is `url`, after one EU
+/// submit through it was acknowledged in europe.
+async fn serving_on(url: &str) -> federation_sandbox::Sandbox {
     let sandbox = formed(
         seed_sandbox()
             .region_env("europe", "FEDERATION__NODE__STORE__BACKEND", "postgres")
-            .region_env("europe", "FEDERATION__NODE__STORE__URL", &url)
+            .region_env("europe", "FEDERATION__NODE__STORE__URL", url)
             .region_env("europe", "FEDERATION__NODE__REPLICA", "europe-1"),
     )
     .await;
@@ -76,32 +75,33 @@ async fn a_controller_connects_with_verify_full_and_its_sessions_are_encrypted()
         .unwrap_or_else(|s| panic!("{s:?}\n{}", sandbox.controller_log_text("europe")))
         .into_inner();
     assert_eq!(r.region, "europe");
-    // The server's view of the controller's sessions: every one encrypted.
-    let pg = federation::pg::Pg::connect(&url, 2, "test").expect("the test's own session");
-    let pg2 = pg.clone();
-    let (tls, plain): (i64, i64) = pg
-        .block(async move {
-            let c = pg2.client().await?;
-            let row = c
-                .query_one(
-                    "SELECT count(*) FILTER (WHERE s.ssl), count(*) FILTER (WHERE NOT s.ssl) \
-                     FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
-                     WHERE a.datname = $1 AND a.application_name LIKE 'federation/europe/%'",
-                    &[&db],
-                )
-                .await
-                .map_err(|e| pg2.db(&e))?;
-            Ok((row.get(0), row.get(1)))
-        })
-        .expect("pg_stat_ssl");
-    assert!(tls > 0 && plain == 0, "encrypted {tls}, plain {plain}");
+    sandbox
 }
 
-#[test]
-fn a_certificate_of_another_ca_stops_serve_with_exit_64_naming_the_database_and_tls() {
-    let fx = Fixture::start();
-    let (url, db) = fx.url("other-ca.pem");
-    let config = fx.dir.path().join("federation.yaml");
+/// The server's count of europe's controller sessions in `db` for which
+/// `condition` (over `pg_stat_ssl s`) holds, and of those for which it does
+/// not, asked through `url`.
+fn sessions(url: &str, db: &str, condition: &str) -> (i64, i64) {
+    let pg = federation::pg::Pg::connect(url, 2, "test").expect("the test's own session");
+    let pg2 = pg.clone();
+    let sql = format!(
+        "SELECT count(*) FILTER (WHERE {condition}), count(*) FILTER (WHERE NOT ({condition})) \
+         FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
+         WHERE a.datname = $1 AND a.application_name LIKE 'federation/europe/%'"
+    );
+    let db = db.to_string();
+    pg.block(async move {
+        let c = pg2.client().await?;
+        let row = c.query_one(&sql, &[&db]).await.map_err(|e| pg2.db(&e))?;
+        Ok((row.get(0), row.get(1)))
+    })
+    .expect("pg_stat_ssl")
+}
+
+/// Runs `serve` for europe on `url` in `dir` and expects it to stop by
+/// itself with exit 64; returns what it printed.
+fn serve_exits_64(dir: &std::path::Path, url: &str) -> String {
+    let config = dir.join("federation.yaml");
     std::fs::write(&config, SEED).expect("policy");
     let listen = federation_sandbox::free_port().expect("port");
     let mut cmd = Command::new(federation_exe());
@@ -112,9 +112,9 @@ fn a_certificate_of_another_ca_stops_serve_with_exit_64_naming_the_database_and_
         .arg("--listen")
         .arg(listen.to_string())
         .arg("--data-dir")
-        .arg(fx.dir.path().join("europe"))
+        .arg(dir.join("europe"))
         .env("FEDERATION__NODE__STORE__BACKEND", "postgres")
-        .env("FEDERATION__NODE__STORE__URL", &url)
+        .env("FEDERATION__NODE__STORE__URL", url)
         .env("FEDERATION_KEYS", TEST_KEYS)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -124,11 +124,29 @@ fn a_certificate_of_another_ca_stops_serve_with_exit_64_naming_the_database_and_
     let mut stderr = child.stderr().expect("stderr");
     let status = child
         .wait_timeout(PATIENCE)
-        .expect("serve exits by itself on a bad CA");
+        .expect("serve exits by itself on a configuration error");
     let mut text = String::new();
     use std::io::Read as _;
     let _ = stderr.read_to_string(&mut text);
     assert_eq!(status.code(), Some(64), "{text}");
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_connects_with_verify_full_and_its_sessions_are_encrypted() {
+    let fx = Fixture::start();
+    let (url, db) = fx.url("ca.pem");
+    let _sandbox = serving_on(&url).await;
+    // The server's view of the controller's sessions: every one encrypted.
+    let (tls, plain) = sessions(&url, &db, "s.ssl");
+    assert!(tls > 0 && plain == 0, "encrypted {tls}, plain {plain}");
+}
+
+#[test]
+fn a_certificate_of_another_ca_stops_serve_with_exit_64_naming_the_database_and_tls() {
+    let fx = Fixture::start();
+    let (url, db) = fx.url("other-ca.pem");
+    let text = serve_exits_64(fx.dir.path(), &url);
     assert!(
         text.contains(&db)
             && text.contains("TLS (sslmode=verify-full)")
@@ -185,42 +203,8 @@ async fn a_controller_logs_in_with_a_client_certificate() {
     );
     let url = format!("{base}&sslcert={d}/client.pem&sslkey={d}/client.key");
 
-    let sandbox = formed(
-        seed_sandbox()
-            .region_env("europe", "FEDERATION__NODE__STORE__BACKEND", "postgres")
-            .region_env("europe", "FEDERATION__NODE__STORE__URL", &url)
-            .region_env("europe", "FEDERATION__NODE__REPLICA", "europe-1"),
-    )
-    .await;
-    let mut c = sandbox.client("europe").await.expect("client");
-    let r = c
-        .submit_task(api::SubmitTaskRequest {
-            attributes: string_attrs(&[("customer_region", "DE")]),
-            ..Default::default()
-        })
-        .await
-        .unwrap_or_else(|s| panic!("{s:?}\n{}", sandbox.controller_log_text("europe")))
-        .into_inner();
-    assert_eq!(r.region, "europe");
-    let pg = federation::pg::Pg::connect(&url, 2, "test").expect("the test's own session");
-    let pg2 = pg.clone();
-    let name = db.clone();
-    let (by_cert, other): (i64, i64) = pg
-        .block(async move {
-            let c = pg2.client().await?;
-            let row = c
-                .query_one(
-                    "SELECT count(*) FILTER (WHERE s.client_dn = '/CN=fedcert'), \
-                            count(*) FILTER (WHERE s.client_dn IS DISTINCT FROM '/CN=fedcert') \
-                     FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
-                     WHERE a.datname = $1 AND a.application_name LIKE 'federation/europe/%'",
-                    &[&name],
-                )
-                .await
-                .map_err(|e| pg2.db(&e))?;
-            Ok((row.get(0), row.get(1)))
-        })
-        .expect("pg_stat_ssl");
+    let sandbox = serving_on(&url).await;
+    let (by_cert, other) = sessions(&url, &db, "s.client_dn IS NOT DISTINCT FROM '/CN=fedcert'");
     assert!(
         by_cert > 0 && other == 0,
         "by certificate {by_cert}, other {other}"
@@ -229,33 +213,6 @@ async fn a_controller_logs_in_with_a_client_certificate() {
 
     // Without the certificate the same role is refused: a configuration
     // error at start.
-    let config = dir.path().join("federation.yaml");
-    std::fs::write(&config, SEED).expect("policy");
-    let listen = federation_sandbox::free_port().expect("port");
-    let mut cmd = Command::new(federation_exe());
-    cmd.arg("serve")
-        .arg("--config")
-        .arg(&config)
-        .args(["--region", "europe", "--insecure"])
-        .arg("--listen")
-        .arg(listen.to_string())
-        .arg("--data-dir")
-        .arg(dir.path().join("europe"))
-        .env("FEDERATION__NODE__STORE__BACKEND", "postgres")
-        .env("FEDERATION__NODE__STORE__URL", &base)
-        .env("FEDERATION_KEYS", TEST_KEYS)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let mut child =
-        federation_sandbox::ChildGuard::spawn("europe controller", &mut cmd).expect("spawn");
-    let mut stderr = child.stderr().expect("stderr");
-    let status = child
-        .wait_timeout(PATIENCE)
-        .expect("serve exits by itself without its certificate");
-    let mut text = String::new();
-    use std::io::Read as _;
-    let _ = stderr.read_to_string(&mut text);
-    assert_eq!(status.code(), Some(64), "{text}");
+    let text = serve_exits_64(dir.path(), &base);
     assert!(text.contains(&db) && text.contains("certificate"), "{text}");
 }
