@@ -33,30 +33,7 @@ async fn controller_killed_and_restarted_keeps_every_acknowledged_task() {
     let mut sandbox = formed(seed_sandbox().agents(0, 1)).await;
     // Submit concurrently, remember every acknowledged id, kill mid-stream.
     let acked = acked_across_a_kill(&mut sandbox, "europe", 200, Vec::new()).await;
-    sandbox.start_controller("europe").expect("restart");
-    let mut client = eventually("europe restarts", PATIENCE, || {
-        let s = &sandbox;
-        async move { s.client("europe").await.ok() }
-    })
-    .await;
-    let mut missing = Vec::new();
-    for id in &acked {
-        match client
-            .get_task(api::GetTaskRequest {
-                task_id: id.clone(),
-            })
-            .await
-        {
-            Ok(_) => {}
-            Err(s) => missing.push(format!("{id}: {:?}", s.code())),
-        }
-    }
-    assert!(
-        missing.is_empty(),
-        "{} acknowledged tasks lost: {:?}",
-        missing.len(),
-        &missing[..missing.len().min(5)]
-    );
+    restarted_with_every_acknowledged_task(&mut sandbox, &acked).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -73,29 +50,7 @@ async fn a_controller_killed_while_checkpoints_run_keeps_every_acknowledged_task
     )
     .await;
     let acked = acked_across_a_kill(&mut sandbox, "europe", 300, Vec::new()).await;
-    sandbox.start_controller("europe").expect("restart");
-    let mut client = eventually("europe restarts", PATIENCE, || {
-        let s = &sandbox;
-        async move { s.client("europe").await.ok() }
-    })
-    .await;
-    let mut missing = Vec::new();
-    for id in &acked {
-        if let Err(s) = client
-            .get_task(api::GetTaskRequest {
-                task_id: id.clone(),
-            })
-            .await
-        {
-            missing.push(format!("{id}: {:?}", s.code()));
-        }
-    }
-    assert!(
-        missing.is_empty(),
-        "{} acknowledged tasks lost: {:?}",
-        missing.len(),
-        &missing[..missing.len().min(5)]
-    );
+    restarted_with_every_acknowledged_task(&mut sandbox, &acked).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -615,5 +570,36 @@ async fn records_the_log_lost_in_a_crash_come_back_from_the_store() {
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Restarts europe's controller on its data and asserts that every task in
+/// `acked` is there.
+async fn restarted_with_every_acknowledged_task(
+    sandbox: &mut federation_sandbox::Sandbox,
+    acked: &[String],
+) {
+    sandbox.start_controller("europe").expect("restart");
+    let mut client = eventually("europe restarts", PATIENCE, || {
+        let s = &*sandbox;
+        async move { s.client("europe").await.ok() }
+    })
+    .await;
+    let mut missing = Vec::new();
+    for id in acked {
+        if let Err(s) = client
+            .get_task(api::GetTaskRequest {
+                task_id: id.clone(),
+            })
+            .await
+        {
+            missing.push(format!("{id}: {:?}", s.code()));
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "{} acknowledged tasks lost: {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
     );
 }
