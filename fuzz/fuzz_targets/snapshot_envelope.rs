@@ -72,8 +72,8 @@ fn check_body(plain: &[u8]) {
     }
     // The in-place decoder accepts exactly what prost accepts, and its
     // owned form is prost's.
-    let owned = SnapshotBody::decode(plain.as_slice());
-    match BodyView::parse(&plain) {
+    let owned = SnapshotBody::decode(plain);
+    match BodyView::parse(plain) {
         Ok(view) => {
             let owned = owned.expect("the view accepted a body prost refuses");
             assert_eq!(view.to_body().ok(), Some(owned), "the view's body differs");
@@ -82,9 +82,9 @@ fn check_body(plain: &[u8]) {
     }
     // What the receiver keeps: the same verdict, and the copy's tasks are
     // prost's.
-    match restore::decode(plain.clone(), None, None) {
+    match restore::decode(plain.to_vec(), None, None) {
         Ok(restored) => {
-            let body = SnapshotBody::decode(plain.as_slice()).expect("restore accepted a body prost refuses");
+            let body = SnapshotBody::decode(plain).expect("restore accepted a body prost refuses");
             let mut copy = HeldCopy::default();
             copy.fold_snapshot(restored);
             let mut reference = HeldCopy::default();
@@ -94,7 +94,7 @@ fn check_body(plain: &[u8]) {
             assert_eq!(copy.pending_tasks(), reference.pending_tasks(), "the copy's tasks differ");
         }
         Err(_) => assert!(
-            SnapshotBody::decode(plain.as_slice()).is_err(),
+            SnapshotBody::decode(plain).is_err(),
             "restore refused a body prost accepts"
         ),
     }
