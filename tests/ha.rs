@@ -780,15 +780,12 @@ async fn drain_works_per_replica() {
     let from = acked.len();
 
     // The sibling leads at once (not after europe's dead_after of 60 s).
-    eventually("the sibling takes the region's lead", PATIENCE, || {
-        let log = sandbox.replica_log_text("europe", sibling);
-        let after = log.get(mark..).unwrap_or_default().to_string();
-        async move {
-            after
-                .contains("this replica leads its region")
-                .then_some(())
-        }
-    })
+    leads_after(
+        &sandbox,
+        sibling,
+        mark,
+        "the sibling takes the region's lead",
+    )
     .await;
     // Readiness: the drained replica NOT_SERVING, its sibling SERVING.
     let (drained_health, sibling_health) = (
@@ -957,18 +954,26 @@ async fn drain_works_per_replica() {
         .expect("leader")
         .signal("TERM")
         .expect("SIGTERM");
-    eventually(
+    leads_after(
+        &sandbox,
+        other,
+        mark,
         "the other replica leads after the SIGTERM",
-        PATIENCE,
-        || {
-            let log = sandbox.replica_log_text("europe", other);
-            let after = log.get(mark..).unwrap_or_default().to_string();
-            async move {
-                after
-                    .contains("this replica leads its region")
-                    .then_some(())
-            }
-        },
     )
+    .await;
+}
+
+/// Waits until europe's replica `index` logs that it leads, past byte
+/// `mark` of its log.
+async fn leads_after(sandbox: &Sandbox, index: usize, mark: usize, what: &str) {
+    eventually(what, PATIENCE, || {
+        let log = sandbox.replica_log_text("europe", index);
+        let after = log.get(mark..).unwrap_or_default().to_string();
+        async move {
+            after
+                .contains("this replica leads its region")
+                .then_some(())
+        }
+    })
     .await;
 }
