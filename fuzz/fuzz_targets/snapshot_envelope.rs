@@ -49,6 +49,18 @@ fn receive(chunks: Vec<api::SnapshotChunk>) -> Option<Vec<u8>> {
     Some(plain)
 }
 
+/// The copy folded from `restored` holds the tasks of `body`, the reference
+/// decoder's reading of the same plaintext.
+fn assert_copy_holds(restored: restore::Restored, body: SnapshotBody) {
+    let mut copy = HeldCopy::default();
+    copy.fold_snapshot(restored);
+    let mut reference = HeldCopy::default();
+    for t in body.results.into_iter().chain(body.tasks) {
+        reference.apply(t);
+    }
+    assert_eq!(copy.pending_tasks(), reference.pending_tasks(), "the copy's tasks differ");
+}
+
 /// What a receiver does with a plaintext, checked against the reference
 /// decoder of its format.
 fn check_body(plain: &[u8]) {
@@ -58,13 +70,7 @@ fn check_body(plain: &[u8]) {
         match restore::decode(plain.to_vec(), None, None) {
             Ok(restored) => {
                 let body = parsed.expect("restore accepted a body parse refuses").to_body();
-                let mut copy = HeldCopy::default();
-                copy.fold_snapshot(restored);
-                let mut reference = HeldCopy::default();
-                for t in body.results.into_iter().chain(body.tasks) {
-                    reference.apply(t);
-                }
-                assert_eq!(copy.pending_tasks(), reference.pending_tasks(), "the copy's tasks differ");
+                assert_copy_holds(restored, body);
             }
             Err(_) => assert!(parsed.is_err(), "restore refused a body parse accepts"),
         }
@@ -85,13 +91,7 @@ fn check_body(plain: &[u8]) {
     match restore::decode(plain.to_vec(), None, None) {
         Ok(restored) => {
             let body = SnapshotBody::decode(plain).expect("restore accepted a body prost refuses");
-            let mut copy = HeldCopy::default();
-            copy.fold_snapshot(restored);
-            let mut reference = HeldCopy::default();
-            for t in body.results.into_iter().chain(body.tasks) {
-                reference.apply(t);
-            }
-            assert_eq!(copy.pending_tasks(), reference.pending_tasks(), "the copy's tasks differ");
+            assert_copy_holds(restored, body);
         }
         Err(_) => assert!(
             SnapshotBody::decode(plain).is_err(),
