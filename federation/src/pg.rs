@@ -411,9 +411,13 @@ impl Pg {
         // Acknowledged means committed on the server's disk, whatever the
         // server's default is (set for every session, so no transaction
         // pays a round trip for it).
+        // The writer's statements are prepared once per connection and
+        // planned per execution (`force_custom_plan`): a generic plan cannot
+        // see how many ids an `= ANY($2)` carries and may scan the table.
+        let ours = "-c synchronous_commit=on -c plan_cache_mode=force_custom_plan";
         let options = match config.get_options() {
-            Some(o) if !o.is_empty() => format!("{o} -c synchronous_commit=on"),
-            _ => "-c synchronous_commit=on".to_string(),
+            Some(o) if !o.is_empty() => format!("{o} {ours}"),
+            _ => ours.to_string(),
         };
         config.options(&options);
         if config.get_application_name().is_none() {

@@ -21,10 +21,45 @@ use std::sync::Mutex;
 
 use super::{AuditError, GENESIS_HASH, Prepared, Tip, lock};
 use crate::pg::{Pg, PgError};
+use tokio_postgres::types::Type;
+
+/// The head's lock.
+const LOCK_SQL: &str = "SELECT seq, hash FROM decision_heads WHERE region = $1 FOR UPDATE";
+const LOCK_TYPES: &[Type] = &[Type::TEXT];
+
+/// The records and the moved head, in one statement.
+const APPEND_SQL: &str = "WITH appended AS (INSERT INTO decisions (region, seq, hash, task_id, line) \
+       SELECT $1, s, h, t, l FROM unnest($2::bigint[], $3::text[], $4::text[], $5::text[]) AS u(s, h, t, l)) \
+     UPDATE decision_heads SET seq = $6, hash = $7 WHERE region = $1";
+const APPEND_TYPES: &[Type] = &[
+    Type::TEXT,
+    Type::INT8_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::INT8,
+    Type::TEXT,
+];
+
+/// Prepares [`lock_head`]'s and [`append_after`]'s statements on `txn`'s
+/// connection (deadpool's cache: a round trip the first time, nothing
+/// after), so each is parsed and planned once per connection and sent at
+/// its first poll. A caller pipelining them calls this before BEGIN: a
+/// statement prepared on the way would wait for its own round trip while
+/// the COMMIT behind it went ahead.
+pub(crate) async fn prepare(
+    txn: &deadpool_postgres::ClientWrapper,
+) -> Result<(), tokio_postgres::Error> {
+    futures::try_join!(
+        txn.prepare_typed_cached(LOCK_SQL, LOCK_TYPES),
+        txn.prepare_typed_cached(APPEND_SQL, APPEND_TYPES),
+    )
+    .map(|_| ())
+}
 
 /// Makes sure `region` has a head row (seq 0, the genesis hash).
 pub(crate) async fn ensure_head(
-    client: &tokio_postgres::Client,
+    client: &deadpool_postgres::ClientWrapper,
     region: &str,
 ) -> Result<(), tokio_postgres::Error> {
     client
@@ -43,16 +78,13 @@ pub(crate) async fn ensure_head(
 /// its own statements: the lock is then taken without a round trip of its
 /// own, and held until the caller's transaction ends.
 pub(crate) async fn lock_head(
-    txn: &tokio_postgres::Client,
+    txn: &deadpool_postgres::ClientWrapper,
     region: &str,
 ) -> Result<(u64, String), tokio_postgres::Error> {
-    use tokio_postgres::types::Type;
-    let row = txn
-        .query_typed_opt(
-            "SELECT seq, hash FROM decision_heads WHERE region = $1 FOR UPDATE",
-            &[(&region, Type::TEXT)],
-        )
-        .await?;
+    // Prepared by the caller before its transaction ([`prepare`]): taken
+    // from the cache without waiting, so it is sent at the first poll.
+    let locking = txn.prepare_typed_cached(LOCK_SQL, LOCK_TYPES).await?;
+    let row = txn.query_opt(&locking, &[&region]).await?;
     match row {
         Some(r) => Ok((
             u64::try_from(r.get::<_, i64>(0)).unwrap_or(0),
@@ -75,12 +107,11 @@ pub(crate) async fn lock_head(
 /// behind it). Returns the new head (`None`, and nothing sent, when
 /// `records` is empty). Durable only when the caller's transaction commits.
 pub(crate) async fn append_after(
-    txn: &tokio_postgres::Client,
+    txn: &deadpool_postgres::ClientWrapper,
     region: &str,
     head: (u64, String),
     records: Vec<Prepared>,
 ) -> Result<Option<(u64, String)>, tokio_postgres::Error> {
-    use tokio_postgres::types::Type;
     if records.is_empty() {
         return Ok(None);
     }
@@ -110,19 +141,12 @@ pub(crate) async fn append_after(
         seqs.push(seq);
         hashes.push(hash.clone());
     }
-    txn.execute_typed(
-        "WITH appended AS (INSERT INTO decisions (region, seq, hash, task_id, line) \
-           SELECT $1, s, h, t, l FROM unnest($2::bigint[], $3::text[], $4::text[], $5::text[]) AS u(s, h, t, l)) \
-         UPDATE decision_heads SET seq = $6, hash = $7 WHERE region = $1",
-        &[
-            (&region, Type::TEXT),
-            (&seqs, Type::INT8_ARRAY),
-            (&hashes, Type::TEXT_ARRAY),
-            (&task_ids, Type::TEXT_ARRAY),
-            (&lines, Type::TEXT_ARRAY),
-            (&seq, Type::INT8),
-            (&hash, Type::TEXT),
-        ],
+    // Prepared before the transaction ([`prepare`]): sent at the first
+    // poll, ahead of the COMMIT the caller pipelines behind it.
+    let appending = txn.prepare_typed_cached(APPEND_SQL, APPEND_TYPES).await?;
+    txn.execute(
+        &appending,
+        &[&region, &seqs, &hashes, &task_ids, &lines, &seq, &hash],
     )
     .await?;
     Ok(Some((u64::try_from(seq).unwrap_or(0), hash)))
@@ -250,6 +274,9 @@ pub(super) fn writer_loop(
         let bounded = pg.bounded(async move {
             let client = pg2.client().await?;
             let db = |e: tokio_postgres::Error| pg2.db(&e);
+            // The statements first (cached after the connection's first
+            // batch), so the append goes ahead of the COMMIT behind it.
+            prepare(&client).await.map_err(db)?;
             // BEGIN and the head's lock in one round trip; the records, the
             // head and COMMIT in the next.
             let any = !records.is_empty();

@@ -14,8 +14,8 @@
 //! a task and the record naming it are committed together or not at all. A
 //! batch of submits costs three round trips: BEGIN with the look-up of its
 //! ids and keys; the multi-row INSERT with the chain head's lock behind it;
-//! the records, the notification and COMMIT. Each statement is one message
-//! (`query_typed`: no separate parse round trip). The writer is in `writer`, a
+//! the records, the notification and COMMIT. Each statement is prepared once
+//! per connection (before the batch's BEGIN), then one message. The writer is in `writer`, a
 //! batch's inserts in `staging`, the operations inside the transaction in
 //! `tx`, and the watches across replicas in `listen`. Rows a mutation changes are locked
 //! (`FOR UPDATE`; leasing and expiry skip rows another transaction holds),

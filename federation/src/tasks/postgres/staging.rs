@@ -15,6 +15,44 @@ use crate::tasks::shared::Change;
 use crate::tasks::store::decode;
 use crate::tasks::{InsertOutcome, StoreError, transitions};
 
+/// The batch's multi-row INSERT (the ids created come back).
+const INSERT_SQL: &str = "INSERT INTO tasks (region, task_id, state, priority, created_ms, \
+     lease_deadline_ms, agent_id, idempotency_key, body) \
+     SELECT $1, i, s, p, c, 0, '', k, b \
+     FROM unnest($2::text[], $3::smallint[], $4::integer[], $5::bigint[], \
+                 $6::text[], $7::bytea[]) AS u(i, s, p, c, k, b) \
+     ON CONFLICT DO NOTHING RETURNING task_id";
+const INSERT_TYPES: &[Type] = &[
+    Type::TEXT,
+    Type::TEXT_ARRAY,
+    Type::INT2_ARRAY,
+    Type::INT4_ARRAY,
+    Type::INT8_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::BYTEA_ARRAY,
+];
+
+/// The look-up of the stored tasks a batch's ids and keys name.
+const PREFETCH_SQL: &str = "SELECT task_id, body FROM tasks WHERE region = $1 \
+     AND (task_id = ANY($2) OR idempotency_key = ANY($3))";
+const PREFETCH_TYPES: &[Type] = &[Type::TEXT, Type::TEXT_ARRAY, Type::TEXT_ARRAY];
+
+/// Prepares the statements of a batch's inserts on `txn`'s connection
+/// (deadpool's cache: a round trip on the connection's first batch,
+/// nothing after), so PostgreSQL parses and plans them once per connection
+/// and each is sent at its first poll: a statement prepared on the way
+/// would wait for its own round trip while the ones pipelined behind it
+/// (the head's lock, COMMIT) went ahead. Called before BEGIN.
+pub(super) async fn prepare(
+    txn: &deadpool_postgres::ClientWrapper,
+) -> Result<(), tokio_postgres::Error> {
+    futures::try_join!(
+        txn.prepare_typed_cached(INSERT_SQL, INSERT_TYPES),
+        txn.prepare_typed_cached(PREFETCH_SQL, PREFETCH_TYPES),
+    )
+    .map(|_| ())
+}
+
 /// What became of an insert offered to [`Tx::stage`].
 pub(super) enum Staging {
     /// Answered from what is stored.
@@ -55,23 +93,26 @@ impl Tx<'_> {
         let bodies: Vec<Vec<u8>> = tasks.iter().map(|(_, t)| t.encode_to_vec()).collect();
         // One message (no separate parse): sent at the first poll, so the
         // writer may pipeline the chain head's lock behind it.
+        // Prepared before the batch began ([`prepare`]): taken from the
+        // connection's cache without waiting, so the INSERT is sent at the
+        // first poll and the writer may pipeline the head's lock behind it.
+        let inserting = self
+            .txn
+            .prepare_typed_cached(INSERT_SQL, INSERT_TYPES)
+            .await
+            .map_err(|e| self.db(&e))?;
         let rows = self
             .txn
-            .query_typed(
-                "INSERT INTO tasks (region, task_id, state, priority, created_ms, \
-                 lease_deadline_ms, agent_id, idempotency_key, body) \
-                 SELECT $1, i, s, p, c, 0, '', k, b \
-                 FROM unnest($2::text[], $3::smallint[], $4::integer[], $5::bigint[], \
-                             $6::text[], $7::bytea[]) AS u(i, s, p, c, k, b) \
-                 ON CONFLICT DO NOTHING RETURNING task_id",
+            .query(
+                &inserting,
                 &[
-                    (&self.region, Type::TEXT),
-                    (&ids, Type::TEXT_ARRAY),
-                    (&states, Type::INT2_ARRAY),
-                    (&priorities, Type::INT4_ARRAY),
-                    (&created, Type::INT8_ARRAY),
-                    (&keys, Type::TEXT_ARRAY),
-                    (&bodies, Type::BYTEA_ARRAY),
+                    &self.region,
+                    &ids,
+                    &states,
+                    &priorities,
+                    &created,
+                    &keys,
+                    &bodies,
                 ],
             )
             .await
@@ -114,18 +155,16 @@ impl Tx<'_> {
         if ids.is_empty() {
             return Ok(known);
         }
-        // Sent at the first poll: the writer pipelines it behind BEGIN.
+        // Prepared before the batch began ([`prepare`]): sent at the first
+        // poll, so the writer pipelines it behind BEGIN.
+        let looking = self
+            .txn
+            .prepare_typed_cached(PREFETCH_SQL, PREFETCH_TYPES)
+            .await
+            .map_err(|e| self.db(&e))?;
         let rows = self
             .txn
-            .query_typed(
-                "SELECT task_id, body FROM tasks WHERE region = $1 \
-                 AND (task_id = ANY($2) OR idempotency_key = ANY($3))",
-                &[
-                    (&self.region, Type::TEXT),
-                    (&ids, Type::TEXT_ARRAY),
-                    (&keys, Type::TEXT_ARRAY),
-                ],
-            )
+            .query(&looking, &[&self.region, &ids, &keys])
             .await
             .map_err(|e| self.db(&e))?;
         for r in rows {

@@ -4,6 +4,8 @@
 
 use federation_api::{Takeover, Task, TaskState};
 use prost::Message;
+use tokio_postgres::Row;
+use tokio_postgres::types::ToSql;
 
 use super::{Shared, key_of, state_code};
 use crate::pg::Pg;
@@ -19,7 +21,7 @@ use crate::tasks::{AgentRecord, CancelOutcome, InsertOutcome, StoreError, is_ter
 pub(super) struct Tx<'a> {
     /// The connection, inside the batch's transaction (opened and ended
     /// by the writer).
-    pub(super) txn: &'a tokio_postgres::Client,
+    pub(super) txn: &'a deadpool_postgres::ClientWrapper,
     pub(super) pg: &'a Pg,
     pub(super) region: &'a str,
     pub(super) shared: &'a Shared,
@@ -30,19 +32,55 @@ impl Tx<'_> {
         StoreError::from(self.pg.db(e))
     }
 
+    /// `sql` prepared on this connection once (deadpool's cache): later
+    /// uses neither wait for a parse round trip nor make PostgreSQL parse
+    /// it again. For statements awaited in turn: one prepared on the way
+    /// holds back what is sent after it (the writer's pipelined ones are
+    /// prepared before BEGIN, `writer::prepare`).
+    async fn statement(&self, sql: &str) -> Result<tokio_postgres::Statement, StoreError> {
+        self.txn.prepare_cached(sql).await.map_err(|e| self.db(&e))
+    }
+
+    /// [`tokio_postgres::Client::query`] on the prepared `sql`.
+    async fn query(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, StoreError> {
+        let st = self.statement(sql).await?;
+        self.txn.query(&st, params).await.map_err(|e| self.db(&e))
+    }
+
+    /// [`tokio_postgres::Client::query_opt`] on the prepared `sql`.
+    async fn query_opt(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, StoreError> {
+        let st = self.statement(sql).await?;
+        self.txn
+            .query_opt(&st, params)
+            .await
+            .map_err(|e| self.db(&e))
+    }
+
+    /// [`tokio_postgres::Client::execute`] on the prepared `sql`.
+    async fn execute(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64, StoreError> {
+        let st = self.statement(sql).await?;
+        self.txn.execute(&st, params).await.map_err(|e| self.db(&e))
+    }
+
     /// Refuses the transaction unless this store holds the region's
     /// leadership with `token` now; the row stays locked (shared) until the
     /// commit, so no other replica takes the leadership meanwhile.
     pub(super) async fn fenced(&self, token: i64) -> Result<(), StoreError> {
         let row = self
-            .txn
             .query_opt(
                 "SELECT 1 FROM region_leaders WHERE region = $1 AND instance = $2 \
                  AND token = $3 AND expires_at > now() FOR SHARE",
                 &[&self.region, &self.shared.instance, &token],
             )
-            .await
-            .map_err(|e| self.db(&e))?;
+            .await?;
         match row {
             Some(_) => Ok(()),
             None => Err(StoreError::NotLeader(format!(
@@ -55,13 +93,11 @@ impl Tx<'_> {
     /// Reads a task and locks its row for this transaction.
     pub(super) async fn read(&self, id: &str) -> Result<Option<Task>, StoreError> {
         let row = self
-            .txn
             .query_opt(
                 "SELECT body FROM tasks WHERE region = $1 AND task_id = $2 FOR UPDATE",
                 &[&self.region, &id],
             )
-            .await
-            .map_err(|e| self.db(&e))?;
+            .await?;
         row.map(|r| decode(id, r.get::<_, &[u8]>(0))).transpose()
     }
 
@@ -91,31 +127,28 @@ impl Tx<'_> {
     }
 
     pub(super) async fn write(&self, t: &Task) -> Result<(), StoreError> {
-        self.txn
-            .execute(
-                "UPDATE tasks SET state = $3, priority = $4, created_ms = $5, \
+        self.execute(
+            "UPDATE tasks SET state = $3, priority = $4, created_ms = $5, \
                  lease_deadline_ms = $6, agent_id = $7, body = $8 \
                  WHERE region = $1 AND task_id = $2",
-                &[
-                    &self.region,
-                    &t.task_id,
-                    &state_code(t),
-                    &t.priority,
-                    &t.created_unix_ms,
-                    &t.lease_deadline_unix_ms,
-                    &t.agent_id,
-                    &t.encode_to_vec(),
-                ],
-            )
-            .await
-            .map_err(|e| self.db(&e))?;
+            &[
+                &self.region,
+                &t.task_id,
+                &state_code(t),
+                &t.priority,
+                &t.created_unix_ms,
+                &t.lease_deadline_unix_ms,
+                &t.agent_id,
+                &t.encode_to_vec(),
+            ],
+        )
+        .await?;
         Ok(())
     }
 
     /// Inserts a new row; false when the id or the key is taken.
     pub(super) async fn create(&self, t: &Task) -> Result<bool, StoreError> {
         let n = self
-            .txn
             .execute(
                 "INSERT INTO tasks (region, task_id, state, priority, created_ms, \
                  lease_deadline_ms, agent_id, idempotency_key, body) \
@@ -132,8 +165,7 @@ impl Tx<'_> {
                     &t.encode_to_vec(),
                 ],
             )
-            .await
-            .map_err(|e| self.db(&e))?;
+            .await?;
         Ok(n == 1)
     }
 
@@ -144,7 +176,7 @@ impl Tx<'_> {
         sql: &str,
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> Result<Vec<Task>, StoreError> {
-        let rows = self.txn.query(sql, params).await.map_err(|e| self.db(&e))?;
+        let rows = self.query(sql, params).await?;
         let mut out = Vec::with_capacity(rows.len());
         for r in rows {
             let id: &str = r.get(0);
@@ -158,13 +190,11 @@ impl Tx<'_> {
 
     pub(super) async fn by_key(&self, key: &str) -> Result<Option<Task>, StoreError> {
         let row = self
-            .txn
             .query_opt(
                 "SELECT task_id, body FROM tasks WHERE region = $1 AND idempotency_key = $2",
                 &[&self.region, &key],
             )
-            .await
-            .map_err(|e| self.db(&e))?;
+            .await?;
         row.map(|r| decode(r.get::<_, &str>(0), r.get::<_, &[u8]>(1)))
             .transpose()
     }
@@ -404,14 +434,12 @@ impl Operations for &Tx<'_> {
     async fn put_agent(&mut self, record: &AgentRecord) -> Result<(), StoreError> {
         let bytes = serde_json::to_vec(record)
             .map_err(|e| StoreError::Invalid(format!("agent record: {e}")))?;
-        self.txn
-            .execute(
-                "INSERT INTO agents (region, agent_id, record) VALUES ($1, $2, $3) \
+        self.execute(
+            "INSERT INTO agents (region, agent_id, record) VALUES ($1, $2, $3) \
                  ON CONFLICT (region, agent_id) DO UPDATE SET record = EXCLUDED.record",
-                &[&self.region, &record.id, &bytes],
-            )
-            .await
-            .map_err(|e| self.db(&e))?;
+            &[&self.region, &record.id, &bytes],
+        )
+        .await?;
         Ok(())
     }
 
@@ -422,13 +450,11 @@ impl Operations for &Tx<'_> {
         changes: &mut Vec<Change>,
     ) -> Result<Vec<Task>, StoreError> {
         let requeued = self.requeue_agent(agent, now, changes).await?;
-        self.txn
-            .execute(
-                "DELETE FROM agents WHERE region = $1 AND agent_id = $2",
-                &[&self.region, &agent],
-            )
-            .await
-            .map_err(|e| self.db(&e))?;
+        self.execute(
+            "DELETE FROM agents WHERE region = $1 AND agent_id = $2",
+            &[&self.region, &agent],
+        )
+        .await?;
         Ok(requeued)
     }
 
@@ -494,7 +520,6 @@ impl Operations for &Tx<'_> {
         };
         let created = if key_taken {
             let n = self
-                .txn
                 .execute(
                     "INSERT INTO tasks (region, task_id, state, priority, created_ms, \
                      lease_deadline_ms, agent_id, idempotency_key, body) \
@@ -510,8 +535,7 @@ impl Operations for &Tx<'_> {
                         &task.encode_to_vec(),
                     ],
                 )
-                .await
-                .map_err(|e| self.db(&e))?;
+                .await?;
             n == 1
         } else {
             self.create(&task).await?

@@ -186,8 +186,9 @@ pub(super) enum Slot {
 /// Round trips of a batch of new submits: BEGIN with the look-up of the
 /// batch's ids and keys; the multi-row INSERT with the chain head's lock
 /// behind it; the records and the head, the notification and COMMIT. Each
-/// statement is one message (`query_typed`: no separate parse), and the
-/// pipelined ones are sent before the first of them is answered.
+/// statement is prepared once per connection ([`prepare`], before BEGIN)
+/// and then one message, and the pipelined ones are sent before the first
+/// of them is answered.
 pub(super) async fn run_batch(
     pg: &Pg,
     region: &str,
@@ -211,7 +212,7 @@ pub(super) async fn run_batch(
 #[allow(clippy::too_many_arguments)]
 async fn run_in_transaction(
     pg: &Pg,
-    client: &tokio_postgres::Client,
+    client: &deadpool_postgres::ClientWrapper,
     region: &str,
     shared: &Shared,
     journal: Option<&dyn Journal>,
@@ -228,6 +229,9 @@ async fn run_in_transaction(
     };
     // The chain's head is locked only by a batch that carries records.
     let chained = journal.filter(|_| batch.iter().any(carries_record));
+    if let Err(e) = prepare(client, chained).await {
+        return requests::fail(Vec::new(), batch, StoreError::from(pg.db(&e)));
+    }
     // BEGIN and the look-up in one round trip (the look-up only reads; BEGIN
     // is checked before anything is written).
     let (begun, known) = futures::join!(client.batch_execute("BEGIN"), t.prefetch(&batch));
@@ -391,7 +395,7 @@ fn carries_record(op: &Op) -> bool {
 /// transaction, so the COMMIT behind it rolls back; either way `ended` is
 /// set once COMMIT was sent. Returns the journal's new head.
 async fn commit_behind<'a>(
-    client: &tokio_postgres::Client,
+    client: &deadpool_postgres::ClientWrapper,
     append: Option<futures::future::BoxFuture<'a, Result<Option<Head>, tokio_postgres::Error>>>,
     notified: impl std::future::Future<Output = Result<(), tokio_postgres::Error>>,
     ended: &mut bool,
@@ -435,13 +439,41 @@ async fn commit_behind<'a>(
     Ok(head)
 }
 
+/// The notifications of a batch, one per payload.
+const NOTIFY_SQL: &str = "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p";
+const NOTIFY_TYPES: &[Type] = &[Type::TEXT, Type::TEXT_ARRAY];
+
+/// Prepares every statement a batch pipelines (its inserts', the
+/// notification's, the journal's), once per connection: PostgreSQL parses
+/// and plans each once, and each is then sent at its first poll, in the
+/// order the writer polls them. Were one prepared on the way, its round
+/// trip would let the statements pipelined behind it go first: a COMMIT
+/// ahead of the records it must carry.
+async fn prepare(
+    client: &deadpool_postgres::ClientWrapper,
+    journal: Option<&dyn Journal>,
+) -> Result<(), tokio_postgres::Error> {
+    let journal = async {
+        match journal {
+            Some(j) => j.prepare(client).await,
+            None => Ok(()),
+        }
+    };
+    futures::try_join!(
+        super::staging::prepare(client),
+        client.prepare_typed_cached(NOTIFY_SQL, NOTIFY_TYPES),
+        journal,
+    )
+    .map(|_| ())
+}
+
 /// Queues the notifications of a batch's changes (sent at commit):
 /// `<instance> <region> d=<queued>,<leased>,<succeeded>,<failed>,<cancelled> <id> <id> …`,
 /// split to stay under the limit; the counts' change (`d=`) rides in the
 /// first payload only. The statement is sent at the first poll (none for no
 /// changes).
 pub(super) async fn notify(
-    txn: &tokio_postgres::Client,
+    txn: &deadpool_postgres::ClientWrapper,
     region: &str,
     instance: &str,
     changes: &[Change],
@@ -460,12 +492,12 @@ pub(super) async fn notify(
         current.push_str(&task.task_id);
     }
     payloads.push(current);
-    txn.execute_typed(
-        "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p",
-        &[(&CHANNEL, Type::TEXT), (&payloads, Type::TEXT_ARRAY)],
-    )
-    .await
-    .map(|_| ())
+    // Prepared before the batch began ([`prepare`]): sent at the first
+    // poll, ahead of the COMMIT pipelined behind it.
+    let notifying = txn.prepare_typed_cached(NOTIFY_SQL, NOTIFY_TYPES).await?;
+    txn.execute(&notifying, &[&CHANNEL, &payloads])
+        .await
+        .map(|_| ())
 }
 
 #[cfg(test)]
