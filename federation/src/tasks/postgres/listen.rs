@@ -181,20 +181,29 @@ pub(super) async fn publish(
     let rows = if ids.is_empty() {
         Vec::new()
     } else {
-        client
-            .query_typed(
+        // Prepared once per connection (deadpool's cache).
+        let reading = client
+            .prepare_typed_cached(
                 "SELECT task_id, body FROM tasks WHERE region = $1 AND task_id = ANY($2)",
-                &[(&region, Type::TEXT), (&ids, Type::TEXT_ARRAY)],
+                &[Type::TEXT, Type::TEXT_ARRAY],
             )
+            .await
+            .map_err(|e| e.to_string())?;
+        client
+            .query(&reading, &[&region, &ids])
             .await
             .map_err(|e| e.to_string())?
     };
     if recount {
-        let counted = client
-            .query_typed(
+        let counting = client
+            .prepare_typed_cached(
                 "SELECT state, count(*) FROM tasks WHERE region = $1 GROUP BY state",
-                &[(&region, Type::TEXT)],
+                &[Type::TEXT],
             )
+            .await
+            .map_err(|e| e.to_string())?;
+        let counted = client
+            .query(&counting, &[&region])
             .await
             .map_err(|e| e.to_string())?;
         let mut counts = Counts::default();
