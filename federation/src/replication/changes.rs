@@ -94,11 +94,19 @@ impl Outbox {
         ready: &BTreeSet<String>,
     ) -> Vec<(String, Vec<api::Task>)> {
         self.peers.retain(|r, _| recipients.contains(r));
-        let fresh = std::mem::take(&mut self.fresh);
-        for r in recipients {
+        let mut fresh = Some(std::mem::take(&mut self.fresh));
+        for (i, r) in recipients.iter().enumerate() {
             let peer = self.peers.entry(r.clone()).or_default();
-            for t in fresh.values() {
-                merge(&mut peer.unsent, t.clone());
+            // The last recipient takes the changes themselves, the others
+            // copies (usually there is one backup).
+            if i + 1 == recipients.len() {
+                for t in fresh.take().into_iter().flat_map(BTreeMap::into_values) {
+                    merge(&mut peer.unsent, t);
+                }
+            } else {
+                for t in fresh.iter().flat_map(BTreeMap::values) {
+                    merge(&mut peer.unsent, t.clone());
+                }
             }
             if peer.unsent.len() > MAX_UNSENT {
                 tracing::warn!(region = %r, tasks = peer.unsent.len(), "change backlog too long; a full snapshot replaces it");

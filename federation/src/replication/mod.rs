@@ -527,7 +527,7 @@ async fn push_changes(rep: &Arc<Replicator>, recipient: &str, tasks: Vec<api::Ta
         .region(recipient)
         .map(|v| v.tags)
         .unwrap_or_default();
-    let (scoped, withheld) = snapshot::scope_for(&policy, &rep.region, recipient, &tags, &tasks);
+    let (scoped, withheld) = snapshot::scope_owned(&policy, &rep.region, recipient, &tags, tasks);
     repl.stats
         .withheld_tasks
         .fetch_add(withheld as u64, Ordering::Relaxed);

@@ -201,7 +201,7 @@ pub fn scope_for(
     tags: &BTreeSet<String>,
     tasks: &[api::Task],
 ) -> (Vec<api::Task>, usize) {
-    let mut allowed = Vec::new();
+    let mut allowed = Vec::with_capacity(tasks.len());
     let mut withheld = 0;
     for t in tasks {
         if may_hold(policy, source, recipient, tags, t).is_ok() {
@@ -211,6 +211,21 @@ pub fn scope_for(
         }
     }
     (allowed, withheld)
+}
+
+/// [`scope_for`] of tasks the caller gives up: the ones `recipient` may
+/// hold are kept (not copied), the others dropped and counted.
+pub fn scope_owned(
+    policy: &Policy,
+    source: &str,
+    recipient: &str,
+    tags: &BTreeSet<String>,
+    mut tasks: Vec<api::Task>,
+) -> (Vec<api::Task>, usize) {
+    let before = tasks.len();
+    tasks.retain(|t| may_hold(policy, source, recipient, tags, t).is_ok());
+    let withheld = before - tasks.len();
+    (tasks, withheld)
 }
 
 /// The sorted rule indexes of `tasks`.
@@ -283,6 +298,17 @@ mod tests {
         );
         assert!(sent.is_empty());
         assert_eq!(withheld, 2);
+        // The owned form keeps exactly what the borrowed one copies.
+        let mixed = [task(0, "US"), de.clone(), task(0, "US")];
+        for (p, from, to, tags, expect) in [
+            (&p, "north_america", "europe", &eu_tags, (2, 1)),
+            (&strict, "europe", "north_america", &na_tags, (0, 3)),
+        ] {
+            let copied = scope_for(p, from, to, tags, &mixed);
+            let kept = scope_owned(p, from, to, tags, mixed.to_vec());
+            assert_eq!(copied, kept);
+            assert_eq!((kept.0.len(), kept.1), expect, "{from} -> {to}");
+        }
     }
 
     #[test]
