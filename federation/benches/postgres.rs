@@ -518,6 +518,22 @@ async fn main() {
     println!(
         "task row body {body_len} B (the raw rows carry the same); {rounds} rounds of {secs} s per measurement, interleaved"
     );
+    // Both federations run (idle but for their timers: replica refresh,
+    // leadership, listeners, the store's health probe) through every
+    // measurement, and the CPU figures per call include that: what it
+    // costs per second, to weigh the figures at 1 in flight (few calls).
+    {
+        let before = meter.read().await;
+        let idle = Duration::from_secs(2);
+        tokio::time::sleep(idle).await;
+        let after = meter.read().await;
+        let per_sec = |d: Duration| d.as_secs_f64() * 1e3 / idle.as_secs_f64();
+        println!(
+            "idle (no calls, both federations running): {:.1} ms CPU per second in this process, {:.1} ms per second in the server",
+            per_sec(after.bench.saturating_sub(before.bench)),
+            per_sec(after.server.saturating_sub(before.server))
+        );
+    }
 
     for in_flight in [1usize, 64] {
         let mut rows: [Vec<Figures>; 3] = Default::default();
