@@ -632,3 +632,17 @@ fn every_stored_snapshot_anomaly_is_reported_once_counted_and_shown() {
     assert_eq!(reopened.problem("north_america"), None);
     assert!(reopened.stored("north_america").is_some());
 }
+
+#[test]
+fn change_batches_go_to_peers_heard_from_and_not_dead() {
+    use crate::policy::Health;
+    assert!(super::takes_changes(Some(&Health::Alive)));
+    assert!(super::takes_changes(Some(&Health::Suspect)));
+    // A peer never heard from (a backup down when this controller started)
+    // and a dead one: their changes wait in the outbox, not sealed anew
+    // each heartbeat.
+    assert!(!super::takes_changes(Some(&Health::Unknown)));
+    assert!(!super::takes_changes(Some(&Health::Dead)));
+    // Not in the membership table at all: as before, tried.
+    assert!(super::takes_changes(None));
+}
