@@ -229,7 +229,9 @@ async fn run_in_transaction(
     };
     // The chain's head is locked only by a batch that carries records.
     let chained = journal.filter(|_| batch.iter().any(carries_record));
-    if let Err(e) = prepare(client, chained).await {
+    // The journal's statements whether or not this batch locks the head
+    // (free once cached): the fallback below appends with them too.
+    if let Err(e) = prepare(client, journal).await {
         return requests::fail(Vec::new(), batch, StoreError::from(pg.db(&e)));
     }
     // BEGIN and the look-up in one round trip (the look-up only reads; BEGIN
