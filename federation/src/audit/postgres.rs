@@ -257,12 +257,10 @@ pub(super) fn writer_loop(
                     replies.push((r, Some(records.len())));
                 }
                 // Sealed lines are a file log's; never sent here.
-                Append::Lines { reply, .. } => {
-                    if let Some(r) = reply {
-                        let _ = r.send(Err(AuditError::Write(
-                            "sealed lines sent to a log in the database".into(),
-                        )));
-                    }
+                Append::Wait(_, r) => {
+                    let _ = r.send(Err(AuditError::Write(
+                        "sealed lines sent to a log in the database".into(),
+                    )));
                 }
             }
         }

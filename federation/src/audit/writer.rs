@@ -5,7 +5,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -143,9 +143,9 @@ struct LogInner {
     pg: Option<crate::pg::Pg>,
     /// The last record known durable in the file (or the database).
     tip: Arc<Mutex<Tip>>,
-    /// A file log's chain as assigned: the last record sealed and queued
-    /// (its lines reach the writer in seq order, sent under this lock).
-    assigned: Mutex<Tip>,
+    /// A file log's active file and chain as assigned (shared with the
+    /// sync thread and the ticker); `None` for a log in the database.
+    active: Option<Arc<Mutex<Active>>>,
     tx: Option<mpsc::UnboundedSender<Append>>,
     writer: Mutex<Option<JoinHandle<()>>>,
     /// Seconds per batch write + fdatasync, for metrics.
@@ -169,17 +169,101 @@ impl Drop for LogInner {
 pub(super) enum Append {
     /// Records to seal and write (the log in the database).
     Batch(Vec<Prepared>, oneshot::Sender<Result<u64, AuditError>>),
-    /// Lines sealed already (a file log), `last` the chain after them; no
-    /// reply for the lines staged in the task store's transaction.
-    Lines {
-        bytes: Vec<u8>,
-        last: Tip,
-        reply: Option<oneshot::Sender<Result<u64, AuditError>>>,
-    },
+    /// A file log's caller waits for the record `seq` (its line written
+    /// before this was sent) to be durable.
+    Wait(u64, oneshot::Sender<Result<u64, AuditError>>),
     Flush(oneshot::Sender<Result<u64, AuditError>>),
-    /// The sync ticker's reminder: lines written without a sync are
-    /// [`SYNC_INTERVAL`] old (a file log).
+    /// A file log's reminder: lines written without a sync are
+    /// [`SYNC_INTERVAL`] old (the ticker), or [`SYNC_BYTES`] many.
     Sync,
+}
+
+/// A file log's active file and its chain as assigned, under one lock.
+///
+/// Whoever seals records (the task store's writer staging them, a caller
+/// appending) writes their lines to the file in the same hold, so lines
+/// reach the file in seq order at once (a reader of the file, or of what a
+/// killed controller left, sees them) and no thread is woken per record.
+/// The sync thread only fdatasyncs, when a caller waits or the ticker
+/// finds lines unsynced, and closes segments.
+pub(super) struct Active {
+    /// The last record sealed.
+    pub(super) tip: Tip,
+    file: Arc<File>,
+    /// The file's length as written, and as of the last sync (kept here:
+    /// no stat per write); `None` when unknown.
+    len: Option<u64>,
+    synced_len: Option<u64>,
+    /// The chain after the lines written since the last sync, and their bytes.
+    unsynced: Option<Tip>,
+    unsynced_bytes: usize,
+    /// Set when a write failed: the file may end in a partial line, and
+    /// appending after it would break the chain, so nothing more is
+    /// written until the log is reopened (the task store's staged rows
+    /// keep its records; they are replayed at open).
+    poisoned: Option<String>,
+    /// The lines being sealed (reused).
+    buf: Vec<u8>,
+}
+
+impl Active {
+    /// Writes the lines sealed into `buf` (up to `tip`); true when the
+    /// sync thread should be reminded now (the lines unsynced passed
+    /// [`SYNC_BYTES`], or the write failed and waiters must hear it).
+    fn write_sealed(&mut self, path: &Path) -> bool {
+        if self.poisoned.is_some() || self.buf.is_empty() {
+            self.buf.clear();
+            return false;
+        }
+        let n = self.buf.len();
+        let wrote = (&*self.file).write_all(&self.buf);
+        self.buf.clear();
+        match wrote {
+            Ok(()) => {
+                self.len = self.len.map(|l| l + n as u64);
+                let before = self.unsynced_bytes;
+                self.unsynced_bytes += n;
+                self.unsynced = Some(self.tip.clone());
+                before < SYNC_BYTES && self.unsynced_bytes >= SYNC_BYTES
+            }
+            Err(e) => {
+                self.fail(path, &e);
+                true
+            }
+        }
+    }
+
+    /// Writes `lines` (the records up to `tip`) and syncs them, with
+    /// nothing unsynced before them (the replay at open).
+    pub(super) fn append_synced(&mut self, lines: &[u8], tip: Tip) -> std::io::Result<()> {
+        (&*self.file).write_all(lines)?;
+        self.file.sync_data()?;
+        self.len = self.file.metadata().map(|m| m.len()).ok();
+        self.synced_len = self.len;
+        self.tip = tip;
+        Ok(())
+    }
+
+    /// A write or sync failed: undoes what is not known durable, so the
+    /// file ends with a whole line a sync covered, and stops the log.
+    fn fail(&mut self, path: &Path, e: &std::io::Error) {
+        let undone = match self.synced_len {
+            Some(l) => self.file.set_len(l).and_then(|()| self.file.sync_data()),
+            None => Err(std::io::Error::other("the file's length is unknown")),
+        };
+        let why = match undone {
+            Ok(()) => format!("{}: write failed ({e}); reopen the log", path.display()),
+            Err(u) => format!(
+                "{}: write failed ({e}) and could not be undone ({u}); reopen the log",
+                path.display()
+            ),
+        };
+        tracing::error!("{why}");
+        self.poisoned = Some(why);
+        self.len = self.synced_len;
+        self.unsynced = None;
+        self.unsynced_bytes = 0;
+    }
 }
 
 /// The longest a file log leaves lines written but not fdatasync'd when no
@@ -192,8 +276,8 @@ pub const SYNC_INTERVAL: Duration = Duration::from_millis(10);
 /// without waiting for [`SYNC_INTERVAL`].
 const SYNC_BYTES: usize = 1 << 20;
 
-pub(super) fn lock(tip: &Mutex<Tip>) -> MutexGuard<'_, Tip> {
-    tip.lock().unwrap_or_else(|e| e.into_inner())
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl DecisionLog {
@@ -269,7 +353,17 @@ impl DecisionLog {
             next: next_segment,
             to_compress,
         };
-        let assigned = Mutex::new(tip.clone());
+        let len = file.metadata().map(|m| m.len()).ok();
+        let active = Arc::new(Mutex::new(Active {
+            tip: tip.clone(),
+            file: Arc::new(file),
+            len,
+            synced_len: len,
+            unsynced: None,
+            unsynced_bytes: 0,
+            poisoned: None,
+            buf: Vec::new(),
+        }));
         let tip = Arc::new(Mutex::new(tip));
         let (tx, rx) = mpsc::unbounded_channel();
         // 100 µs to ~13 s; the metrics module exposes it (this module does
@@ -277,28 +371,27 @@ impl DecisionLog {
         let append_seconds = prometheus_client::metrics::histogram::Histogram::new(
             prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 18),
         );
-        // Set while the file holds lines written but not synced.
-        let dirty = Arc::new(AtomicBool::new(false));
         let syncs = Arc::new(AtomicU64::new(0));
         let writer = {
-            let tip = Arc::clone(&tip);
-            let path = path.clone();
-            let seconds = append_seconds.clone();
-            let sync = SyncState {
-                dirty: Arc::clone(&dirty),
+            let sync = Syncing {
+                path: path.clone(),
+                active: Arc::clone(&active),
+                tip: Arc::clone(&tip),
+                seconds: append_seconds.clone(),
                 count: Arc::clone(&syncs),
             };
             std::thread::Builder::new()
                 .name("decision-log-writer".into())
-                .spawn(move || writer_loop(file, &path, &tip, rx, &seconds, segmenting, &sync))
+                .spawn(move || sync_loop(&sync, rx, segmenting))
                 .map_err(io)?
         };
         // The sync ticker holds only a weak sender: it ends with the log.
         let weak = tx.downgrade();
         let interval = options.sync_interval;
+        let waiting = Arc::clone(&active);
         std::thread::Builder::new()
             .name("decision-log-sync".into())
-            .spawn(move || sync_ticker(&weak, &dirty, interval))
+            .spawn(move || sync_ticker(&weak, &waiting, interval))
             .map_err(io)?;
         Ok(Self {
             inner: Arc::new(LogInner {
@@ -307,7 +400,7 @@ impl DecisionLog {
                 in_database: false,
                 pg: None,
                 tip,
-                assigned,
+                active: Some(active),
                 tx: Some(tx),
                 writer: Mutex::new(Some(writer)),
                 append_seconds,
@@ -356,7 +449,6 @@ impl DecisionLog {
             seq: u64::try_from(seq).unwrap_or(0),
             hash,
         };
-        let assigned = Mutex::new(head.clone());
         let tip = Arc::new(Mutex::new(head));
         let (tx, rx) = mpsc::unbounded_channel();
         let append_seconds = prometheus_client::metrics::histogram::Histogram::new(
@@ -383,7 +475,7 @@ impl DecisionLog {
                 in_database: true,
                 pg: Some(pg.clone()),
                 tip,
-                assigned,
+                active: None,
                 tx: Some(tx),
                 writer: Mutex::new(Some(writer)),
                 append_seconds,
@@ -574,81 +666,84 @@ impl DecisionLog {
             return Receipt(Err(Some(AuditError::Closed)));
         };
         let records = records.into().0;
-        let sent = if self.inner.in_database {
-            sender.send(Append::Batch(records, tx))
-        } else {
-            // Sealed here, under the lock that orders the queue by seq.
-            let mut assigned = lock(&self.inner.assigned);
-            let (time, unix_ms) = now_rfc3339();
-            let mut bytes = Vec::with_capacity(records.len() * 1024);
-            for record in records {
-                let seq = assigned.seq + 1;
-                let hash = record.seal_into(
-                    &mut bytes,
-                    seq,
-                    &time,
-                    unix_ms,
-                    &self.inner.region,
-                    &assigned.hash,
-                );
-                *assigned = Tip { seq, hash };
+        let sent = match self.active() {
+            None => sender.send(Append::Batch(records, tx)),
+            Some(mut active) => {
+                // Sealed and written here, under the lock that orders the
+                // lines by seq; the sync thread syncs them.
+                let (time, unix_ms) = now_rfc3339();
+                let seq = self.seal_into(&mut active, records, &time, unix_ms, None);
+                active.write_sealed(&self.inner.path);
+                drop(active);
+                sender.send(Append::Wait(seq, tx))
             }
-            sender.send(Append::Lines {
-                bytes,
-                last: assigned.clone(),
-                reply: Some(tx),
-            })
         };
         Receipt(sent.map(|()| rx).map_err(|_| Some(AuditError::Closed)))
     }
 
-    /// Seals `records` into the chain and queues their lines for the file
-    /// without waiting: the embedded task store keeps the returned rows in
-    /// its own transaction, so one fdatasync makes a task and its record
-    /// durable together. The lines are written and synced by the writer
-    /// (group-wise, off the submit's path); the store drops a row once
+    /// Seals `records` into the chain and writes their lines to the file
+    /// without a sync and without waking anyone: the embedded task store
+    /// keeps the returned rows in its own transaction, so one fdatasync
+    /// makes a task and its record durable together. The sync thread
+    /// syncs the lines with every other written since, every
+    /// [`LogOptions::sync_interval`] (or sooner when a caller waits or
+    /// [`SYNC_BYTES`] wait), off the submit's path; the store drops a row once
     /// [`DecisionLog::last`] is at or past its seq, and replays the rows a
     /// crash left at open ([`DecisionLog::replay_staged`]). Not for a log
     /// in the database (its records go in the task's transaction).
     pub fn stage(&self, records: Vec<Prepared>) -> Result<Vec<super::Staged>, AuditError> {
-        if self.inner.in_database {
+        let Some(mut active) = self.active() else {
             return Err(AuditError::Write(
                 "a log in the database takes records in the task's own transaction".into(),
             ));
-        }
+        };
         let sender = self.inner.tx.as_ref().ok_or(AuditError::Closed)?;
-        let mut assigned = lock(&self.inner.assigned);
-        let (time, unix_ms) = now_rfc3339();
-        let mut bytes = Vec::with_capacity(records.len() * 1024);
-        let mut staged = Vec::with_capacity(records.len());
-        for record in records {
-            let seq = assigned.seq + 1;
-            let mut row = super::staged::row_of(&record, seq, &time, unix_ms, &assigned.hash);
-            let hash = record.seal_into(
-                &mut bytes,
-                seq,
-                &time,
-                unix_ms,
-                &self.inner.region,
-                &assigned.hash,
-            );
-            super::staged::set_hash(&mut row, &hash);
-            staged.push(super::Staged { seq, row });
-            *assigned = Tip { seq, hash };
+        if sender.is_closed() {
+            return Err(AuditError::Closed);
         }
-        sender
-            .send(Append::Lines {
-                bytes,
-                last: assigned.clone(),
-                reply: None,
-            })
-            .map_err(|_| AuditError::Closed)?;
+        let mut staged = Vec::with_capacity(records.len());
+        let (time, unix_ms) = now_rfc3339();
+        self.seal_into(&mut active, records, &time, unix_ms, Some(&mut staged));
+        // A failed write stops the log (the rows keep the records).
+        let remind = active.write_sealed(&self.inner.path);
+        drop(active);
+        if remind && sender.send(Append::Sync).is_err() {
+            return Err(AuditError::Closed);
+        }
         Ok(staged)
     }
 
-    /// The chain as assigned (see [`DecisionLog::stage`]).
-    pub(super) fn assigned(&self) -> &Mutex<Tip> {
-        &self.inner.assigned
+    /// Seals `records` at `time` onto `active`'s chain, in order, their
+    /// lines into its buffer (for [`Active::write_sealed`]), and each one's
+    /// row pushed to `rows` when given (staged records). The last one's seq.
+    fn seal_into(
+        &self,
+        active: &mut Active,
+        records: Vec<Prepared>,
+        time: &str,
+        unix_ms: i64,
+        mut rows: Option<&mut Vec<super::Staged>>,
+    ) -> u64 {
+        let Active { tip, buf, .. } = active;
+        for record in records {
+            let seq = tip.seq + 1;
+            let row = rows
+                .is_some()
+                .then(|| super::staged::row_of(&record, seq, time, unix_ms, &tip.hash));
+            let hash = record.seal_into(buf, seq, time, unix_ms, &self.inner.region, &tip.hash);
+            if let (Some(rows), Some(mut row)) = (rows.as_deref_mut(), row) {
+                super::staged::set_hash(&mut row, &hash);
+                rows.push(super::Staged { seq, row });
+            }
+            *tip = Tip { seq, hash };
+        }
+        tip.seq
+    }
+
+    /// A file log's active file and chain as assigned, locked; `None` for
+    /// a log in the database.
+    pub(super) fn active(&self) -> Option<MutexGuard<'_, Active>> {
+        self.inner.active.as_deref().map(lock)
     }
 
     /// Returns when everything appended before it is on disk (every
@@ -701,35 +796,36 @@ fn compressor(rx: std::sync::mpsc::Receiver<segments::Closed>) {
     }
 }
 
-/// Reminds a file log's writer every `interval` to sync what it
-/// wrote without a sync; ends when the log's last sender is gone.
-fn sync_ticker(tx: &mpsc::WeakUnboundedSender<Append>, dirty: &AtomicBool, interval: Duration) {
+/// Reminds a file log's sync thread every `interval` to sync the lines
+/// written since its last sync; ends when the log's last sender is gone.
+fn sync_ticker(tx: &mpsc::WeakUnboundedSender<Append>, active: &Mutex<Active>, interval: Duration) {
     loop {
         std::thread::sleep(interval);
         let Some(tx) = tx.upgrade() else { return };
-        if dirty.load(Ordering::Relaxed) && tx.send(Append::Sync).is_err() {
+        let waiting = lock(active).unsynced.is_some();
+        if waiting && tx.send(Append::Sync).is_err() {
             return;
         }
     }
 }
 
-/// What a file log's writer shares about its syncs: whether lines wait
-/// for one (read by the ticker) and how many it made.
-struct SyncState {
-    dirty: Arc<AtomicBool>,
+/// What a file log's sync thread works on: the active file, the durable
+/// tip it moves, the metrics of its syncs.
+struct Syncing {
+    path: PathBuf,
+    active: Arc<Mutex<Active>>,
+    tip: Arc<Mutex<Tip>>,
+    seconds: prometheus_client::metrics::histogram::Histogram,
     count: Arc<AtomicU64>,
 }
 
-fn writer_loop(
-    mut file: File,
-    path: &Path,
-    tip: &Mutex<Tip>,
-    rx: mpsc::UnboundedReceiver<Append>,
-    append_seconds: &prometheus_client::metrics::histogram::Histogram,
-    mut segmenting: Segmenting,
-    sync: &SyncState,
-) {
-    let dirty = &*sync.dirty;
+/// A file log's sync thread: every message asks for a sync of the lines
+/// written so far (a caller waiting for its record, a flush, the ticker);
+/// the sync runs without the lock, so records are sealed and written
+/// meanwhile. Closes the active file as a segment once it is full, and
+/// ends (after a last sync) when every sender is gone.
+fn sync_loop(sync: &Syncing, rx: mpsc::UnboundedReceiver<Append>, mut segmenting: Segmenting) {
+    let path = sync.path.as_path();
     let (compress_tx, compress_rx) = std::sync::mpsc::channel::<segments::Closed>();
     let compressing = std::thread::Builder::new()
         .name("decision-log-compress".into())
@@ -740,62 +836,24 @@ fn writer_loop(
     for c in std::mem::take(&mut segmenting.to_compress) {
         let _ = compress_tx.send(c);
     }
-    // After a failed write that could not be undone the file may hold a
-    // partial line; appending after it would break the chain, so stop.
-    let mut poisoned: Option<String> = None;
-    // One buffer for every batch's lines.
-    let mut buf: Vec<u8> = Vec::new();
-    // Lines written since the last sync (staged ones: no caller waits):
-    // the chain after them, and how many bytes.
-    let mut unsynced: Option<Tip> = None;
-    let mut unsynced_bytes = 0usize;
-    // The file's length as written (kept here: no stat per batch), and as
-    // of the last sync.
-    let mut len = file.metadata().map(|m| m.len()).ok();
-    let mut synced_len = len;
     let mut appends = crate::group_commit::Gatherer::new(rx, MAX_BATCH);
     let mut closing = false;
     loop {
         let batch = match appends.next_batch() {
             Some(batch) => batch,
             // Every sender is gone: sync what is left, then stop.
-            None if unsynced.is_some() && poisoned.is_none() && !closing => {
+            None if !closing && lock(&sync.active).unsynced.is_some() => {
                 closing = true;
                 vec![Append::Sync]
             }
             None => break,
         };
-        if let Some(why) = &poisoned {
-            for m in batch {
-                let reply = match m {
-                    Append::Batch(_, r) | Append::Flush(r) => Some(r),
-                    Append::Lines { reply, .. } => reply,
-                    Append::Sync => None,
-                };
-                if let Some(r) = reply {
-                    let _ = r.send(Err(AuditError::Write(why.clone())));
-                }
-            }
-            continue;
-        }
-        let mut next = match &unsynced {
-            Some(t) => t.clone(),
-            None => lock(tip).clone(),
-        };
-        buf.clear();
         let mut pending = Vec::with_capacity(batch.len());
-        let mut reminded = false;
         for m in batch {
             match m {
                 Append::Flush(r) => pending.push((r, None)),
-                Append::Sync => reminded = true,
-                Append::Lines { bytes, last, reply } => {
-                    buf.extend_from_slice(&bytes);
-                    if let Some(r) = reply {
-                        pending.push((r, Some(last.seq)));
-                    }
-                    next = last;
-                }
+                Append::Wait(seq, r) => pending.push((r, Some(seq))),
+                Append::Sync => {}
                 // Sealed by the caller for a file log: never sent here.
                 Append::Batch(_, r) => {
                     let _ = r.send(Err(AuditError::Write(
@@ -805,109 +863,114 @@ fn writer_loop(
             }
         }
         let started = std::time::Instant::now();
-        let wrote = if buf.is_empty() {
-            Ok(())
-        } else {
-            file.write_all(&buf)
+        let (target, file, len, bytes) = {
+            let a = lock(&sync.active);
+            if let Some(why) = &a.poisoned {
+                for (r, _) in pending {
+                    let _ = r.send(Err(AuditError::Write(why.clone())));
+                }
+                continue;
+            }
+            (
+                a.unsynced.clone(),
+                Arc::clone(&a.file),
+                a.len,
+                a.unsynced_bytes,
+            )
         };
-        len = match (&wrote, len) {
-            (Ok(()), Some(l)) => Some(l + buf.len() as u64),
-            _ => None,
-        };
-        if wrote.is_ok() && !buf.is_empty() {
-            unsynced_bytes += buf.len();
-            unsynced = Some(next.clone());
-        }
-        let full = len.is_none_or(|l| l >= segmenting.limit)
-            && file.metadata().is_ok_and(|m| m.len() >= segmenting.limit);
-        // Sync when someone waits, when the staged lines are old or many
-        // enough, or before the file is closed as a segment.
-        let due =
-            unsynced.is_some() && { reminded || closing || unsynced_bytes >= SYNC_BYTES || full };
-        let must_sync = wrote.is_err() || !pending.is_empty() || due;
-        if !must_sync {
-            dirty.store(unsynced.is_some(), Ordering::Relaxed);
-            continue;
-        }
-        let res = wrote.and_then(|()| {
-            if unsynced.is_some() {
+        let synced = match &target {
+            Some(_) => {
                 sync.count.fetch_add(1, Ordering::Relaxed);
                 file.sync_data()
-            } else {
-                Ok(())
             }
-        });
-        append_seconds.observe(started.elapsed().as_secs_f64());
-        if let Err(e) = &res {
-            // Undo what is not known durable, so the file ends with a whole
-            // line the last sync covered. The records queued after these
-            // were sealed on top of them, so the log stops until it is
-            // reopened (the task store's staged rows keep its records;
-            // they are replayed at open).
-            let undone = match synced_len {
-                Some(l) => file.set_len(l).and_then(|()| file.sync_data()),
-                None => Err(std::io::Error::other("the file's length is unknown")),
-            };
-            let why = match undone {
-                Ok(()) => format!("{}: write failed ({e}); reopen the log", path.display()),
-                Err(u) => format!(
-                    "{}: write failed ({e}) and could not be undone ({u}); reopen the log",
-                    path.display()
-                ),
-            };
-            tracing::error!("{why}");
-            poisoned = Some(why);
+            None => Ok(()),
+        };
+        sync.seconds.observe(started.elapsed().as_secs_f64());
+        let mut a = lock(&sync.active);
+        if let Err(e) = &synced {
+            if a.poisoned.is_none() {
+                a.fail(path, e);
+            }
         }
-        unsynced = None;
-        unsynced_bytes = 0;
-        dirty.store(false, Ordering::Relaxed);
-        match res {
-            Ok(()) => {
-                synced_len = len;
-                *lock(tip) = next.clone();
-                for (r, seq) in pending {
-                    let _ = r.send(Ok(seq.unwrap_or(next.seq)));
-                }
-                // Rotate after answering: the records are durable in the
-                // active file whatever happens next.
-                if full && poisoned.is_none() {
-                    match segments::rotate(path, segmenting.next) {
-                        Ok((active, closed)) => {
-                            file = active;
-                            len = file.metadata().map(|m| m.len()).ok();
-                            synced_len = len;
-                            segmenting.next += 1;
-                            tracing::info!(segment = %closed.path.display(), seq = next.seq, "decision log: segment closed");
-                            let _ = compress_tx.send(closed);
-                        }
-                        Err(e) if path.exists() => {
-                            // The rename did not happen: keep appending to
-                            // the active file, and try again after the next write.
-                            tracing::error!(path = %path.display(), error = %e, "decision log: closing a segment failed");
-                        }
-                        Err(e) => {
-                            let why = format!(
-                                "{}: closing a segment renamed the active file but could not start a new one ({e}); reopen the log",
-                                path.display()
-                            );
-                            tracing::error!("{why}");
-                            poisoned = Some(why);
-                        }
-                    }
-                }
+        if let Some(why) = &a.poisoned {
+            // A write failed meanwhile (or this sync): what it covered may be
+            // undone, so the tip stays and the waiters hear it.
+            tracing::error!(path = %path.display(), error = %why, "decision log append failed");
+            for (r, _) in pending {
+                let _ = r.send(Err(AuditError::Write(why.clone())));
             }
-            Err(e) => {
-                tracing::error!(path = %path.display(), error = %e, "decision log append failed");
-                for (r, _) in pending {
-                    let _ = r.send(Err(AuditError::Write(e.to_string())));
-                }
+            continue;
+        }
+        if let Some(t) = target {
+            a.synced_len = len;
+            a.unsynced_bytes = a.unsynced_bytes.saturating_sub(bytes);
+            if a.unsynced.as_ref().is_some_and(|u| u.seq == t.seq) {
+                a.unsynced = None;
             }
+            *lock(&sync.tip) = t;
+        }
+        let durable = lock(&sync.tip).seq;
+        for (r, seq) in pending {
+            let _ = r.send(Ok(seq.unwrap_or(durable)));
+        }
+        // Rotate after answering: the records are durable in the active
+        // file whatever happens next.
+        let full = a.len.is_none_or(|l| l >= segmenting.limit)
+            && a.file.metadata().is_ok_and(|m| m.len() >= segmenting.limit);
+        if full {
+            rotate(&mut a, sync, &mut segmenting, &compress_tx);
         }
     }
     drop(compress_tx);
     if let Ok(h) = compressing {
         if h.join().is_err() {
             tracing::error!(path = %path.display(), "decision log compressor panicked");
+        }
+    }
+}
+
+/// Closes the full active file as a segment (after syncing what was
+/// written since the last sync), holding the lock so nothing is written
+/// meanwhile, and goes on in a new active file.
+fn rotate(
+    a: &mut Active,
+    sync: &Syncing,
+    segmenting: &mut Segmenting,
+    compress_tx: &std::sync::mpsc::Sender<segments::Closed>,
+) {
+    let path = sync.path.as_path();
+    if let Some(t) = a.unsynced.clone() {
+        sync.count.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = a.file.sync_data() {
+            a.fail(path, &e);
+            return;
+        }
+        a.synced_len = a.len;
+        a.unsynced = None;
+        a.unsynced_bytes = 0;
+        *lock(&sync.tip) = t;
+    }
+    match segments::rotate(path, segmenting.next) {
+        Ok((active, closed)) => {
+            a.len = active.metadata().map(|m| m.len()).ok();
+            a.synced_len = a.len;
+            a.file = Arc::new(active);
+            segmenting.next += 1;
+            tracing::info!(segment = %closed.path.display(), seq = a.tip.seq, "decision log: segment closed");
+            let _ = compress_tx.send(closed);
+        }
+        Err(e) if path.exists() => {
+            // The rename did not happen: keep appending to the active
+            // file, and try again after the next sync.
+            tracing::error!(path = %path.display(), error = %e, "decision log: closing a segment failed");
+        }
+        Err(e) => {
+            let why = format!(
+                "{}: closing a segment renamed the active file but could not start a new one ({e}); reopen the log",
+                path.display()
+            );
+            tracing::error!("{why}");
+            a.poisoned = Some(why);
         }
     }
 }

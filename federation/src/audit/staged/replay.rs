@@ -1,10 +1,7 @@
 //! Putting back into the log's file, at open, the staged records a crash
 //! left only in the task store's rows.
 
-use std::io::Write;
-
 use super::{Replayed, Rewrite, Row, Staged, decode, row_of, set_hash};
-use crate::audit::writer::lock;
 use crate::audit::{AuditError, DecisionLog, Prepared, Tip, check_line, tail};
 
 /// How far back the file is read to check that the rows it should hold
@@ -49,9 +46,11 @@ impl DecisionLog {
             decoded.push(row);
         }
         decoded.sort_by_key(|r| r.seq);
-        let mut assigned = lock(self.assigned());
+        let mut assigned = self.active().ok_or_else(|| {
+            AuditError::Write("a log in the database has no staged records to replay".into())
+        })?;
         let durable = self.last();
-        if assigned.seq != durable.0 {
+        if assigned.tip.seq != durable.0 {
             return Err(AuditError::Write(
                 "staged records must be replayed before anything is appended".into(),
             ));
@@ -122,16 +121,10 @@ impl DecisionLog {
             path: path.clone(),
             source,
         };
-        // The writer's handle appends too (O_APPEND): nothing is queued
-        // while `assigned` is held and equals the durable tip.
-        let mut file = std::fs::OpenOptions::new()
-            .append(true)
-            .open(&path)
-            .map_err(io)?;
-        file.write_all(&buf).map_err(io)?;
-        file.sync_data().map_err(io)?;
+        // Nothing is written while `assigned` is held (it equals the
+        // durable tip: nothing was appended since open).
+        assigned.append_synced(&buf, tip.clone()).map_err(io)?;
         self.advance(tip.seq, &tip.hash);
-        *assigned = tip;
         tracing::warn!(
             path = %path.display(),
             appended = done.appended,
