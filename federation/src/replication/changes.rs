@@ -46,6 +46,41 @@ pub struct ChangeBody {
     pub tasks: Vec<api::Task>,
 }
 
+/// The changes heard from the store since the last distribution to the
+/// peers: pushed by the store's committing thread (the change sink: a
+/// short lock, no merge, nothing woken), taken whole at the next heartbeat
+/// by the region's leader. Past [`MAX_UNSENT`] tasks (a replica that does
+/// not lead never takes them) they are dropped and marked lost: every peer
+/// then gets a full snapshot instead.
+#[derive(Debug, Default)]
+pub struct Fresh {
+    tasks: Vec<api::Task>,
+    lost: bool,
+}
+
+impl Fresh {
+    /// Keeps a change (or marks the changes lost past [`MAX_UNSENT`]).
+    pub fn record(&mut self, task: api::Task) {
+        if self.lost {
+            return;
+        }
+        if self.tasks.len() >= MAX_UNSENT {
+            self.tasks = Vec::new();
+            self.lost = true;
+            return;
+        }
+        self.tasks.push(task);
+    }
+
+    /// The changes kept, and whether some were lost, since the last take.
+    pub fn take(&mut self) -> (Vec<api::Task>, bool) {
+        (
+            std::mem::take(&mut self.tasks),
+            std::mem::take(&mut self.lost),
+        )
+    }
+}
+
 #[derive(Debug, Default)]
 struct Peer {
     unsent: BTreeMap<String, api::Task>,
@@ -173,6 +208,24 @@ mod tests {
             version,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn fresh_changes_past_the_bound_are_dropped_as_lost() {
+        let mut f = Fresh::default();
+        for i in 0..MAX_UNSENT {
+            f.record(t(&i.to_string(), 1));
+        }
+        let (tasks, lost) = f.take();
+        assert_eq!((tasks.len(), lost), (MAX_UNSENT, false));
+        for i in 0..=MAX_UNSENT {
+            f.record(t(&i.to_string(), 1));
+        }
+        f.record(t("after", 1));
+        let (tasks, lost) = f.take();
+        assert!(tasks.is_empty() && lost, "one past the bound: all lost");
+        f.record(t("next", 1));
+        assert_eq!(f.take(), (vec![t("next", 1)], false));
     }
 
     #[test]

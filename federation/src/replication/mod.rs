@@ -84,6 +84,8 @@ pub struct Replication {
     pub duplicates: duplicates::Duplicates,
     recent: Mutex<VecDeque<api::Task>>,
     last_summary: Mutex<BTreeMap<String, String>>,
+    /// Changes heard from the store, not yet handed to the outbox.
+    fresh: Mutex<changes::Fresh>,
     /// Changes not yet acknowledged by each peer.
     outbox: Mutex<changes::Outbox>,
     /// Per peer: held while a snapshot or batch is sequenced, sealed and
@@ -129,6 +131,7 @@ impl Replication {
             duplicates: duplicates::Duplicates::open(data_dir),
             recent: Mutex::new(VecDeque::new()),
             last_summary: Mutex::new(BTreeMap::new()),
+            fresh: Mutex::new(changes::Fresh::default()),
             outbox: Mutex::new(changes::Outbox::default()),
             links: Mutex::new(BTreeMap::new()),
             wanted_at: Mutex::new(BTreeMap::new()),
@@ -140,6 +143,28 @@ impl Replication {
         self.outbox
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn fresh(&self) -> std::sync::MutexGuard<'_, changes::Fresh> {
+        self.fresh
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The outbox with every change heard since the last call recorded in it.
+    fn outbox_now(&self) -> std::sync::MutexGuard<'_, changes::Outbox> {
+        let (tasks, lost) = self.fresh().take();
+        let mut outbox = self.outbox();
+        if lost {
+            tracing::warn!(
+                "more changes than a heartbeat's outbox holds; peers get full snapshots"
+            );
+            outbox.lost();
+        }
+        for task in tasks {
+            outbox.record(task);
+        }
+        outbox
     }
 
     /// The link lock of `peer`.
@@ -347,6 +372,7 @@ impl Replicator {
         if !self.replication.enabled {
             return;
         }
+        let _ = self.replication.fresh().take();
         self.replication.outbox().lost();
         sync_once(self).await;
     }
@@ -495,7 +521,7 @@ pub async fn flush_changes(rep: &Arc<Replicator>) {
         .cloned()
         .collect();
     let (batches, wanted) = {
-        let mut outbox = repl.outbox();
+        let mut outbox = repl.outbox_now();
         let batches = outbox.take_batches(&recipients, &ready);
         (batches, outbox.take_snapshot_wanted())
     };
@@ -780,8 +806,8 @@ fn size_and_ratio(chunks: &[api::SnapshotChunk]) -> (u64, f64) {
 }
 
 /// The sync loop: every `sync_interval` a snapshot round; every heartbeat a
-/// takeover check and a batch of changes to each peer; records the store's
-/// changes (and keeps the recent results).
+/// takeover check and a batch of changes to each peer (the store's changes
+/// reach the outbox through [`ChangeRecorder`], bound to the store).
 pub async fn run(rep: Arc<Replicator>, mut stop: tokio::sync::watch::Receiver<bool>) {
     if !rep.replication.enabled {
         return;
@@ -796,7 +822,6 @@ pub async fn run(rep: Arc<Replicator>, mut stop: tokio::sync::watch::Receiver<bo
     sync_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut check_tick = tokio::time::interval(check);
     check_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut changes = rep.store.subscribe();
     loop {
         tokio::select! {
             // Snapshots, change batches and takeovers are the region's
@@ -811,14 +836,6 @@ pub async fn run(rep: Arc<Replicator>, mut stop: tokio::sync::watch::Receiver<bo
                     flush_changes(&rep).await;
                 }
             }
-            change = changes.recv() => match change {
-                Ok(task) => rep.replication.on_change(&rep.region, task),
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                    tracing::warn!(missed = n, "replication fell behind the store's changes; peers get full snapshots");
-                    rep.replication.outbox().lost();
-                }
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-            },
             _ = stop.changed() => return,
         }
         if *stop.borrow() {
@@ -827,17 +844,27 @@ pub async fn run(rep: Arc<Replicator>, mut stop: tokio::sync::watch::Receiver<bo
     }
 }
 
-impl Replication {
-    /// Records one change of the store: our own tasks go to the outbox; a
-    /// finished one is kept for snapshots' results.
-    fn on_change(&self, region: &str, task: api::Task) {
-        if crate::wire::owner_of(&task.task_id) != Some(region) {
+/// The store's change sink for replication: each change of a task this
+/// region owns is kept for the next change batch, and a finished one for
+/// snapshots' results. Bound to the store when replication is on
+/// ([`crate::tasks::TaskStore::bind_changes`]); runs on the store's
+/// committing thread, so it only locks and pushes.
+pub struct ChangeRecorder {
+    /// The replication state the changes go to.
+    pub replication: Arc<Replication>,
+    /// This region: only its own tasks are replicated.
+    pub region: String,
+}
+
+impl crate::tasks::ChangeSink for ChangeRecorder {
+    fn changed(&self, task: &api::Task) {
+        if crate::wire::owner_of(&task.task_id) != Some(self.region.as_str()) {
             return;
         }
         if crate::tasks::is_terminal(task.state()) && task.taken_over.is_none() {
-            self.remember_result(task.clone());
+            self.replication.remember_result(task.clone());
         }
-        self.outbox().record(task);
+        self.replication.fresh().record(task.clone());
     }
 }
 

@@ -136,6 +136,7 @@ pub use model::{
     state_name, what_differs,
 };
 pub use postgres::{PgStore, Sibling};
+pub use shared::ChangeSink;
 pub use store::{
     Checkpoints, FILE, MAX_BATCH, RedbStore, StoreOptions, Verification, WAL_FILE, read_log_head,
     replay_wal,
@@ -208,6 +209,13 @@ impl TaskStore {
             s.replay_pending(&*journal)?;
         }
         self.shared().bind_journal(journal)
+    }
+
+    /// Binds the store's change sink, once: it hears every change
+    /// synchronously after its commit ([`ChangeSink`]), as subscribers to
+    /// [`TaskStore::subscribe`] do later. A second binding is refused.
+    pub fn bind_changes(&self, sink: Arc<dyn ChangeSink>) -> Result<(), StoreError> {
+        self.shared().bind_sink(sink)
     }
 
     /// What the callers and the writer of whichever backend this is share.

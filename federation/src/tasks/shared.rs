@@ -1,7 +1,8 @@
 //! What the callers and the writer of either backend share, the same in
 //! both: the counts by state, the change feed and the wake-up of long polls
 //! for a queued task, the clock, the commits and their timings, the
-//! undecodable records found, and the journal bound to the store.
+//! undecodable records found, and the journal and change sink bound to the
+//! store.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,6 +20,16 @@ use super::{Clock, Counts, StoreError};
 const EVENT_CAPACITY: usize = 4096;
 /// How many undecodable task ids the status lists.
 const MAX_LISTED_UNDECODABLE: usize = 100;
+
+/// Hears every committed change (and every change another replica made,
+/// as the store learns it) synchronously, on the thread that commits,
+/// before the commit's callers are answered: for work that must see every
+/// change without a task woken per change (the replication outbox). Keep
+/// it short: a lock and a push. Bound once ([`super::TaskStore::bind_changes`]).
+pub trait ChangeSink: Send + Sync {
+    /// `task` as it is after the change.
+    fn changed(&self, task: &Task);
+}
 
 /// A task's change within a batch: its state before (None when new) and
 /// after, and the task for subscribers (the embedded store leaves it out of
@@ -52,6 +63,8 @@ pub(super) struct Shared {
     undecodable: Mutex<BTreeMap<String, String>>,
     /// Where inserts append the records they carry, bound once.
     journal: OnceLock<Arc<dyn Journal>>,
+    /// Who hears every change synchronously, bound once.
+    sink: OnceLock<Arc<dyn ChangeSink>>,
 }
 
 impl Shared {
@@ -67,6 +80,7 @@ impl Shared {
             commit_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
             undecodable: Mutex::new(BTreeMap::new()),
             journal: OnceLock::new(),
+            sink: OnceLock::new(),
         }
     }
 
@@ -115,9 +129,26 @@ impl Shared {
         (known.len(), listed)
     }
 
-    /// Someone is subscribed to the change feed.
+    /// Someone is subscribed to the change feed, or a sink is bound.
     pub(super) fn watched(&self) -> bool {
-        self.events.receiver_count() > 0
+        self.events.receiver_count() > 0 || self.sink.get().is_some()
+    }
+
+    /// Hands `task` to the sink and the subscribers.
+    fn send(&self, task: Task) {
+        if let Some(sink) = self.sink.get() {
+            sink.changed(&task);
+        }
+        if self.events.receiver_count() > 0 {
+            let _ = self.events.send(task);
+        }
+    }
+
+    /// Binds the change sink, once.
+    pub(super) fn bind_sink(&self, sink: Arc<dyn ChangeSink>) -> Result<(), StoreError> {
+        self.sink.set(sink).map_err(|_| {
+            StoreError::Invalid("the task store is bound to a change sink already".into())
+        })
     }
 
     pub(super) fn subscribe(&self) -> broadcast::Receiver<Task> {
@@ -128,7 +159,7 @@ impl Shared {
     /// polls when it is queued.
     pub(super) fn publish(&self, task: Task) {
         let queued = task.state() == TaskState::Queued;
-        let _ = self.events.send(task);
+        self.send(task);
         if queued {
             self.queued.notify_waiters();
         }
@@ -175,7 +206,7 @@ impl Shared {
             }
         }
         for task in changes.into_iter().filter_map(|c| c.task) {
-            let _ = self.events.send(task);
+            self.send(task);
         }
         if any_queued {
             self.queued.notify_waiters();
