@@ -657,9 +657,11 @@ impl DecisionLog {
     /// Appends `records` (a [`Batch`]: several [`Prepared`] records, or
     /// one, or an [`Entry`]) as consecutive lines of one write and one sync;
     /// the receipt answers with the last one's seq once they are durable.
-    /// Batches appended concurrently share the write and the sync. The
-    /// records are queued when this is called (their place in the chain is
-    /// fixed then); the receipt only waits.
+    /// Batches appended concurrently share the sync. A file log's records
+    /// are sealed and written to the file when this is called (their place
+    /// in the chain is fixed then: one short write under the chain's lock,
+    /// on the caller's thread); the receipt only waits for the sync. A log
+    /// in the database queues them for its writer.
     pub fn append(&self, records: impl Into<Batch>) -> Receipt {
         let (tx, rx) = oneshot::channel();
         let Some(sender) = self.inner.tx.as_ref() else {
