@@ -633,33 +633,22 @@ mod tests {
         (addr, stop, running)
     }
 
+    /// Connects to the controller `running` serves on `addr`. Bounded
+    /// retries: on a loaded machine (CI) a connect to the bound listener was
+    /// reset now and then; if `run` gave up (its listener dropped), every
+    /// retry fails and the panic says what `run` returned.
     async fn client(
         addr: std::net::SocketAddr,
+        running: &mut tokio::task::JoinHandle<anyhow::Result<()>>,
     ) -> api::federation_client_client::FederationClientClient<tonic::transport::Channel> {
-        api::federation_client_client::FederationClientClient::connect(format!("http://{addr}"))
-            .await
-            .expect("connects to the bound listener")
-    }
-
-    #[tokio::test]
-    async fn an_in_process_controller_stores_routes_and_stops_in_order() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (addr, stop, running) = start("north_america", dir.path()).await;
-        // Bounded retries: on a loaded machine (CI) a connect to the bound
-        // listener was once reset; if `run` gave up (its listener dropped),
-        // every retry fails and the panic says what `run` returned.
         let mut last = None;
-        let mut connected = None;
         for _ in 0..20 {
             match api::federation_client_client::FederationClientClient::connect(format!(
                 "http://{addr}"
             ))
             .await
             {
-                Ok(c) => {
-                    connected = Some(c);
-                    break;
-                }
+                Ok(c) => return c,
                 Err(e) if running.is_finished() => {
                     last = Some(e);
                     break;
@@ -670,12 +659,17 @@ mod tests {
                 }
             }
         }
-        let Some(mut c) = connected else {
-            panic!(
-                "connecting to the bound listener: {last:?}; run returned {:?}",
-                tokio::time::timeout(std::time::Duration::from_secs(10), running).await
-            );
-        };
+        panic!(
+            "connecting to the bound listener: {last:?}; run returned {:?}",
+            tokio::time::timeout(std::time::Duration::from_secs(10), running).await
+        );
+    }
+
+    #[tokio::test]
+    async fn an_in_process_controller_stores_routes_and_stops_in_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (addr, stop, mut running) = start("north_america", dir.path()).await;
+        let mut c = client(addr, &mut running).await;
         let placed = c
             .submit_task(api::SubmitTaskRequest {
                 attributes: attrs(&[("customer_region", "US")]),
@@ -741,8 +735,8 @@ mod tests {
 
         // Flushed before `run` returned: a new run of the same directory
         // holds the task.
-        let (addr, stop, running) = start("north_america", dir.path()).await;
-        let mut c = client(addr).await;
+        let (addr, stop, mut running) = start("north_america", dir.path()).await;
+        let mut c = client(addr, &mut running).await;
         let again = c
             .get_task(api::GetTaskRequest {
                 task_id: placed.task_id.clone(),
