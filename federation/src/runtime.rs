@@ -726,6 +726,10 @@ mod tests {
             "the decision that placed it is found"
         );
 
+        // The client's connection holds the old run's services (and its
+        // store) until it closes: closed before the restart opens the
+        // same directory.
+        drop(c);
         stop.send(()).expect("still running");
         tokio::time::timeout(Duration::from_secs(60), running)
             .await
