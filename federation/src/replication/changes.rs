@@ -51,11 +51,13 @@ pub struct ChangeBody {
 /// short lock, no merge, nothing woken), taken whole at the next heartbeat
 /// by the region's leader. Past [`MAX_UNSENT`] tasks (a replica that does
 /// not lead never takes them) they are dropped and marked lost: every peer
-/// then gets a full snapshot instead.
+/// then gets a full snapshot instead. Finished tasks are also kept (the
+/// newest few) for snapshots' results, folded in when a snapshot is built.
 #[derive(Debug, Default)]
 pub struct Fresh {
     tasks: Vec<api::Task>,
     lost: bool,
+    finished: std::collections::VecDeque<api::Task>,
 }
 
 impl Fresh {
@@ -70,6 +72,19 @@ impl Fresh {
             return;
         }
         self.tasks.push(task);
+    }
+
+    /// Keeps a finished task for snapshots' results (the newest `most`).
+    pub fn finish(&mut self, task: api::Task, most: usize) {
+        self.finished.push_back(task);
+        while self.finished.len() > most {
+            self.finished.pop_front();
+        }
+    }
+
+    /// The finished tasks kept since the last take, oldest first.
+    pub fn take_finished(&mut self) -> std::collections::VecDeque<api::Task> {
+        std::mem::take(&mut self.finished)
     }
 
     /// The changes kept, and whether some were lost, since the last take.

@@ -229,25 +229,23 @@ impl Replication {
         self.ring.as_ref()
     }
 
-    fn remember_result(&self, task: api::Task) {
+    /// The recent results kept for snapshots, with the tasks finished
+    /// since the last call folded in (the newest result of a task wins,
+    /// at most [`MAX_RECENT_RESULTS`]).
+    fn recent(&self) -> Vec<api::Task> {
+        let finished = self.fresh().take_finished();
         let mut recent = self
             .recent
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        recent.retain(|t| t.task_id != task.task_id);
-        recent.push_back(task);
+        for task in finished {
+            recent.retain(|t| t.task_id != task.task_id);
+            recent.push_back(task);
+        }
         while recent.len() > MAX_RECENT_RESULTS {
             recent.pop_front();
         }
-    }
-
-    fn recent(&self) -> Vec<api::Task> {
-        self.recent
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .iter()
-            .cloned()
-            .collect()
+        recent.iter().cloned().collect()
     }
 
     /// Seals a snapshot of `tasks`/`results` for one recipient.
@@ -861,10 +859,12 @@ impl crate::tasks::ChangeSink for ChangeRecorder {
         if crate::wire::owner_of(&task.task_id) != Some(self.region.as_str()) {
             return;
         }
-        if crate::tasks::is_terminal(task.state()) && task.taken_over.is_none() {
-            self.replication.remember_result(task.clone());
+        let finished = crate::tasks::is_terminal(task.state()) && task.taken_over.is_none();
+        let mut fresh = self.replication.fresh();
+        if finished {
+            fresh.finish(task.clone(), MAX_RECENT_RESULTS);
         }
-        self.replication.fresh().record(task.clone());
+        fresh.record(task.clone());
     }
 }
 
