@@ -633,6 +633,36 @@ mod tests {
         (addr, stop, running)
     }
 
+    /// Starts `region` again on `dir` once the previous run's store is
+    /// released: `run` returns after its ordered shutdown, but a connection
+    /// task of the old server (detached, holding its services and so the
+    /// store) can outlive it for a moment, and a run that finds
+    /// `tasks.redb` in use stops at once (CI saw it). Bounded: 50 tries,
+    /// 100 ms apart; any other end of the run fails the test.
+    async fn start_when_released(
+        region: &str,
+        dir: &std::path::Path,
+    ) -> (
+        std::net::SocketAddr,
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<anyhow::Result<()>>,
+    ) {
+        for _ in 0..50 {
+            let (addr, stop, running) = start(region, dir).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if !running.is_finished() {
+                return (addr, stop, running);
+            }
+            match running.await {
+                Ok(Err(e)) if format!("{e:#}").contains("in use") => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                other => panic!("the restarted run ended at once: {other:?}"),
+            }
+        }
+        panic!("the previous run's task store stayed in use for 7.5 s");
+    }
+
     /// Connects to the controller `running` serves on `addr`. Bounded
     /// retries: on a loaded machine (CI) a connect to the bound listener was
     /// reset now and then; if `run` gave up (its listener dropped), every
@@ -739,7 +769,7 @@ mod tests {
 
         // Flushed before `run` returned: a new run of the same directory
         // holds the task.
-        let (addr, stop, mut running) = start("north_america", dir.path()).await;
+        let (addr, stop, mut running) = start_when_released("north_america", dir.path()).await;
         let mut c = client(addr, &mut running).await;
         let again = c
             .get_task(api::GetTaskRequest {
