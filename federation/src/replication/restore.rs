@@ -705,6 +705,49 @@ mod tests {
         );
     }
 
+    /// What `accepts_exactly_what_prost_accepts` once found: a task's
+    /// attribute entry keyed with wire type start-group instead of
+    /// length-delimited. prost's map merge reads an entry as
+    /// length-delimited whatever the key says, so the body decodes; ours
+    /// refused it, and read the attributes back without that entry.
+    #[test]
+    fn a_map_entry_under_any_wire_type_is_read_as_prost_reads_it() {
+        let plain = SnapshotBody {
+            tasks: (0..8)
+                .map(|i| task(i, "north_america", 0, "US", "pii"))
+                .collect(),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        // The first task's first attribute entry: its key (field 2,
+        // length-delimited) follows the task id.
+        let id = format!("{:036}.north_america", 0);
+        let at = plain
+            .windows(id.len())
+            .position(|w| w == id.as_bytes())
+            .expect("the first task id")
+            + id.len();
+        assert_eq!(plain[at], 0x12, "field 2, length-delimited");
+        for wire in [0u8, 1, 3, 4, 5] {
+            let mut flipped = plain.clone();
+            flipped[at] = 0x10 | wire;
+            let prost = SnapshotBody::decode(flipped.as_slice()).expect("prost accepts it");
+            let mut entries = Vec::new();
+            view::walk::<ViewError>(&flipped, |_, t, _| {
+                entries.push(t.attributes().count());
+                Ok(())
+            })
+            .expect("the walk accepts it");
+            let want: Vec<usize> = prost.tasks.iter().map(|t| t.attributes.len()).collect();
+            assert_eq!(entries, want, "wire type {wire}: every entry read back");
+            let ours = decode(flipped, None, None).expect("so do we");
+            assert_eq!(ours.tasks(), prost.tasks.len());
+            for (p, t) in ours.tasks.iter().zip(&prost.tasks) {
+                assert_eq!(&task_at(&ours.plain, p.task).expect("task"), t);
+            }
+        }
+    }
+
     proptest! {
         #[test]
         fn the_owner_by_bytes_is_what_owner_of_says(

@@ -150,6 +150,17 @@ impl<'a> Reader<'a> {
         self.bytes(wire)
     }
 
+    /// A map field's entry, entered at `depth`, read as prost reads one:
+    /// length-delimited whatever the key's wire type says (prost's map
+    /// merge does not check it).
+    #[inline]
+    fn map_entry(&mut self, depth: u32) -> Result<&'a [u8], ViewError> {
+        if depth == 0 {
+            return fail("recursion limit reached");
+        }
+        self.bytes(WireType::LengthDelimited)
+    }
+
     /// Skips an unknown field as `prost::encoding::skip_field` does.
     fn skip(&mut self, wire: WireType, tag: u32, depth: u32) -> Result<(), ViewError> {
         if depth == 0 {
@@ -427,7 +438,7 @@ impl<'a> TaskView<'a> {
             match tag {
                 1 => t.task_id = r.str(wire)?,
                 2 => {
-                    entry(r.message(wire, depth)?, depth - 1)?;
+                    entry(r.map_entry(depth)?, depth - 1)?;
                     if t.attribute_entries == 0 {
                         first = at;
                     }
@@ -477,7 +488,7 @@ impl<'a> TaskView<'a> {
             while !r.done() {
                 let (tag, wire) = r.key().ok()?;
                 if tag == 2 {
-                    return entry_parts(r.bytes(wire).ok()?).ok();
+                    return entry_parts(r.map_entry(RECURSION_LIMIT).ok()?).ok();
                 }
                 r.skip(wire, tag, RECURSION_LIMIT).ok()?;
             }
@@ -494,7 +505,7 @@ impl<'a> TaskView<'a> {
             while !r.done() {
                 let (tag, wire) = r.key().ok()?;
                 if tag == 2 {
-                    let raw = r.bytes(wire).ok()?;
+                    let raw = r.map_entry(RECURSION_LIMIT).ok()?;
                     return entry_parts(raw).ok().map(|(key, _)| (key, raw));
                 }
                 r.skip(wire, tag, RECURSION_LIMIT).ok()?;
@@ -512,7 +523,7 @@ impl<'a> TaskView<'a> {
             while !r.done() {
                 let (tag, wire) = r.key().ok()?;
                 if tag == 2 {
-                    let raw = r.bytes(wire).ok()?;
+                    let raw = r.map_entry(RECURSION_LIMIT).ok()?;
                     return Some((entry_key(raw), raw));
                 }
                 r.skip(wire, tag, RECURSION_LIMIT).ok()?;
