@@ -402,6 +402,7 @@ pub async fn open(settings: Settings) -> anyhow::Result<Arc<Node>> {
         log: log.clone(),
         metrics: metrics.clone(),
         timers: settings.timers.clone(),
+        detached: crate::detached::Detached::new(),
     });
     let gossip = Arc::new(Gossip::new(GossipParts {
         cluster: cluster.clone(),

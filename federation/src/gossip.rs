@@ -42,6 +42,8 @@ pub struct Gossip {
     /// their database) is lagging, not truncated, unless it goes back
     /// from what it advertised itself.
     replica_heads: std::sync::Mutex<std::collections::BTreeMap<(String, String), u64>>,
+    /// The advertisements in flight, ended with the loop.
+    detached: crate::detached::Detached,
 }
 
 /// What [`Gossip::new`] is built from.
@@ -84,6 +86,7 @@ impl Gossip {
             heartbeat: p.heartbeat,
             forward_timeout: p.forward_timeout,
             replica_heads: std::sync::Mutex::new(std::collections::BTreeMap::new()),
+            detached: crate::detached::Detached::new(),
         }
     }
 
@@ -210,7 +213,8 @@ impl Gossip {
 
     /// Every heartbeat: advertise to every peer (each call bounded by a
     /// deadline, so a hung peer delays nobody) and recompute peer health;
-    /// keeps the log's anchors on disk.
+    /// keeps the log's anchors on disk. At stop, waits for the calls in
+    /// flight (each within its deadline).
     pub async fn advertise_loop(self: Arc<Self>, stop: tokio::sync::watch::Receiver<bool>) {
         let interval = self.heartbeat.max(Duration::from_millis(10));
         let deadline = interval
@@ -233,9 +237,13 @@ impl Gossip {
                     known: membership.relays_to(&region),
                     digest: Some(digest.clone()),
                 };
-                tokio::spawn(async move { gossip.advertise_to(region, request, deadline).await });
+                self.detached
+                    .spawn(async move { gossip.advertise_to(region, request, deadline).await });
             }
         }
+        // Each call is bounded by `deadline`: waited for, so none outlives
+        // the run holding the store.
+        self.detached.end(deadline).await;
     }
 
     async fn advertise_to(

@@ -15,6 +15,7 @@ pub mod cluster;
 pub mod config;
 pub mod controller;
 pub mod decision_query;
+pub mod detached;
 pub mod discovery;
 pub mod drain;
 pub mod error;

@@ -90,8 +90,24 @@ pub async fn run_with(
             .await
             .context("recording the policy's approvals in the decision log")?;
     }
-    serve_with(node, listeners, shutdown, hooks).await
+    let released = node.store().released();
+    let served = serve_with(node, listeners, shutdown, hooks).await;
+    // The store this run opened is closed when it returns (a new run of
+    // the same data directory opens it at once), unless a holder outlives
+    // the bound, which is said.
+    if !released.wait(RELEASE_BOUND).await {
+        tracing::warn!(
+            holders = released.holders(),
+            bound = %humantime::format_duration(RELEASE_BOUND),
+            "the task store is still held after the run ended; it closes when its last holder ends"
+        );
+    }
+    served
 }
+
+/// How long [`run_with`] waits, after serving ended, for the last holder of
+/// the store it opened (a detached task finishing) to let go.
+const RELEASE_BOUND: Duration = Duration::from_secs(5);
 
 /// Serves an opened node on `listener` (see [`serve_with`]).
 pub async fn serve(
@@ -620,12 +636,28 @@ mod tests {
         tokio::sync::oneshot::Sender<()>,
         tokio::task::JoinHandle<anyhow::Result<()>>,
     ) {
+        start_with_peers(region, dir, &[]).await
+    }
+
+    /// [`start`] with peer endpoints set (region, URL).
+    async fn start_with_peers(
+        region: &str,
+        dir: &std::path::Path,
+        peers: &[(&str, String)],
+    ) -> (
+        std::net::SocketAddr,
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<anyhow::Result<()>>,
+    ) {
         let config = dir.join("federation.yaml");
         std::fs::write(&config, SEED).expect("policy file");
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let settings =
+        let mut settings =
             Settings::for_test(region, &config, &dir.join(region), addr).expect("settings");
+        for (peer, url) in peers {
+            settings.peers.insert(peer.to_string(), url.clone());
+        }
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let running = tokio::spawn(run(settings, listener, async move {
             let _ = stopped.await;
@@ -633,34 +665,17 @@ mod tests {
         (addr, stop, running)
     }
 
-    /// Starts `region` again on `dir` once the previous run's store is
-    /// released: `run` returns after its ordered shutdown, but a connection
-    /// task of the old server (detached, holding its services and so the
-    /// store) can outlive it for a moment, and a run that finds
-    /// `tasks.redb` in use stops at once (CI saw it). Bounded: 50 tries,
-    /// 100 ms apart; any other end of the run fails the test.
-    async fn start_when_released(
-        region: &str,
-        dir: &std::path::Path,
-    ) -> (
-        std::net::SocketAddr,
-        tokio::sync::oneshot::Sender<()>,
-        tokio::task::JoinHandle<anyhow::Result<()>>,
+    /// Stops a controller started by [`start`] and waits for `run` (bounded).
+    async fn stop_and_join(
+        stop: tokio::sync::oneshot::Sender<()>,
+        running: tokio::task::JoinHandle<anyhow::Result<()>>,
     ) {
-        for _ in 0..50 {
-            let (addr, stop, running) = start(region, dir).await;
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            if !running.is_finished() {
-                return (addr, stop, running);
-            }
-            match running.await {
-                Ok(Err(e)) if format!("{e:#}").contains("in use") => {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                other => panic!("the restarted run ended at once: {other:?}"),
-            }
-        }
-        panic!("the previous run's task store stayed in use for 7.5 s");
+        stop.send(()).expect("still running");
+        tokio::time::timeout(Duration::from_secs(60), running)
+            .await
+            .expect("stops within its grace")
+            .expect("joins")
+            .expect("stops cleanly");
     }
 
     /// Connects to the controller `running` serves on `addr`. Bounded
@@ -760,16 +775,11 @@ mod tests {
         // store) until it closes: closed before the restart opens the
         // same directory.
         drop(c);
-        stop.send(()).expect("still running");
-        tokio::time::timeout(Duration::from_secs(60), running)
-            .await
-            .expect("stops within its grace")
-            .expect("joins")
-            .expect("stops cleanly");
+        stop_and_join(stop, running).await;
 
-        // Flushed before `run` returned: a new run of the same directory
-        // holds the task.
-        let (addr, stop, mut running) = start_when_released("north_america", dir.path()).await;
+        // Flushed and closed before `run` returned: a new run of the same
+        // directory opens it at once and holds the task.
+        let (addr, stop, mut running) = start("north_america", dir.path()).await;
         let mut c = client(addr, &mut running).await;
         let again = c
             .get_task(api::GetTaskRequest {
@@ -779,11 +789,28 @@ mod tests {
             .expect("the task survives the restart")
             .into_inner();
         assert_eq!(again.task.expect("task").task_id, placed.task_id);
-        stop.send(()).expect("still running");
-        tokio::time::timeout(Duration::from_secs(60), running)
-            .await
-            .expect("stops within its grace")
-            .expect("joins")
-            .expect("stops cleanly");
+        stop_and_join(stop, running).await;
+    }
+
+    /// `run` returned while a snapshot push to a peer that never answers
+    /// was still in flight (detached, holding the store until its 5 s
+    /// deadline), so a new run of the same directory found `tasks.redb` in
+    /// use (CI saw it with the seed policy's unresolvable endpoints). The
+    /// pushes in flight are ended with the run, and `run` returns once the
+    /// store is closed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn when_run_returns_its_store_is_closed_even_with_pushes_in_flight() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Accepts connections (the kernel does) and never answers.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let url = format!("http://{}", silent.local_addr().expect("addr"));
+        let peers = [("europe", url.clone()), ("asia_pacific", url)];
+        let (addr, stop, mut running) = start_with_peers("north_america", dir.path(), &peers).await;
+        // Serving: the first sync round (at start) has pushed to both.
+        drop(client(addr, &mut running).await);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        stop_and_join(stop, running).await;
+        let reopened = crate::tasks::RedbStore::open(&dir.path().join("north_america"));
+        assert!(reopened.is_ok(), "{:?}", reopened.err());
     }
 }

@@ -82,9 +82,7 @@ where
             super::duplicates::on_copy_updated(rep.clone(), source, what == Pushed::Snapshot);
         match what {
             Pushed::Snapshot => check.await,
-            Pushed::Changes => {
-                tokio::spawn(check);
-            }
+            Pushed::Changes => rep.detached.spawn(check),
         }
     }
     Ok(outcome)

@@ -341,6 +341,9 @@ pub struct Replicator {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Timers.
     pub timers: crate::config::Timers,
+    /// Pushes to peers and checks after a batch, in flight; ended by
+    /// [`run`] at stop.
+    pub detached: crate::detached::Detached,
 }
 
 impl Replicator {
@@ -417,8 +420,9 @@ pub async fn sync_once(rep: &Arc<Replicator>) {
         }
         // Not waited for: a slow peer must not hold up the heartbeat's
         // batches to the others (its own link lock orders its pushes).
-        let rep = rep.clone();
-        tokio::spawn(async move { snapshot_to(&rep, &recipient).await });
+        let held = rep.clone();
+        rep.detached
+            .spawn(async move { snapshot_to(&held, &recipient).await });
     }
 }
 
@@ -524,8 +528,9 @@ pub async fn flush_changes(rep: &Arc<Replicator>) {
         (batches, outbox.take_snapshot_wanted())
     };
     for (recipient, tasks) in batches {
-        let rep = rep.clone();
-        tokio::spawn(async move { push_changes(&rep, &recipient, tasks).await });
+        let held = rep.clone();
+        rep.detached
+            .spawn(async move { push_changes(&held, &recipient, tasks).await });
     }
     let spacing = rep.timers.heartbeat_interval * 10;
     for recipient in wanted {
@@ -545,8 +550,9 @@ pub async fn flush_changes(rep: &Arc<Replicator>) {
             continue;
         }
         tracing::debug!(%recipient, "snapshot wanted between rounds");
-        let rep = rep.clone();
-        tokio::spawn(async move { snapshot_to(&rep, &recipient).await });
+        let held = rep.clone();
+        rep.detached
+            .spawn(async move { snapshot_to(&held, &recipient).await });
     }
 }
 
@@ -807,7 +813,26 @@ fn size_and_ratio(chunks: &[api::SnapshotChunk]) -> (u64, f64) {
 /// takeover check and a batch of changes to each peer (the store's changes
 /// reach the outbox through [`ChangeRecorder`], bound to the store).
 pub async fn run(rep: Arc<Replicator>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    rounds(&rep, &mut stop).await;
+    // What the rounds left in flight (a push waits at most its deadline,
+    // sealing a snapshot a moment): finished or aborted, so nothing holds
+    // the store once the run is over.
+    let aborted = rep.detached.end(DETACHED_PATIENCE).await;
+    if aborted > 0 {
+        tracing::warn!(
+            aborted,
+            "replication pushes still in flight at stop were aborted"
+        );
+    }
+}
+
+/// How long [`run`] waits at stop for the pushes in flight.
+const DETACHED_PATIENCE: Duration = Duration::from_secs(2);
+
+/// [`run`]'s rounds, until `stop`.
+async fn rounds(rep: &Arc<Replicator>, stop: &mut tokio::sync::watch::Receiver<bool>) {
     if !rep.replication.enabled {
+        let _ = stop.wait_for(|s| *s).await;
         return;
     }
     let interval = rep
@@ -824,14 +849,14 @@ pub async fn run(rep: Arc<Replicator>, mut stop: tokio::sync::watch::Receiver<bo
         tokio::select! {
             // Snapshots, change batches and takeovers are the region's
             // singleton work: only its leader does them.
-            _ = sync_tick.tick() => if rep.leads() { sync_once(&rep).await },
+            _ = sync_tick.tick() => if rep.leads() { sync_once(rep).await },
             _ = check_tick.tick() => {
                 let n = rep.clone();
                 // A stat per stored file; a changed file is decrypted again.
                 let _ = tokio::task::spawn_blocking(move || n.replication.receiver.check_stored()).await;
                 if rep.leads() {
-                    takeover::take_over_dead_regions(&rep).await;
-                    flush_changes(&rep).await;
+                    takeover::take_over_dead_regions(rep).await;
+                    flush_changes(rep).await;
                 }
             }
             _ = stop.changed() => return,

@@ -142,6 +142,37 @@ pub use store::{
     replay_wal,
 };
 
+/// Whether every clone of a store is gone ([`TaskStore::released`]).
+pub struct Released(std::sync::Weak<dyn std::any::Any + Send + Sync>);
+
+impl std::fmt::Debug for Released {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Released")
+            .field("holders", &self.0.strong_count())
+            .finish()
+    }
+}
+
+impl Released {
+    /// How many clones of the store are left.
+    pub fn holders(&self) -> usize {
+        self.0.strong_count()
+    }
+
+    /// Waits until no clone is left, at most `bound` (checked every 10 ms);
+    /// whether none is.
+    pub async fn wait(&self, bound: std::time::Duration) -> bool {
+        let until = std::time::Instant::now() + bound;
+        while self.holders() > 0 {
+            if std::time::Instant::now() >= until {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        true
+    }
+}
+
 /// The task store seam: the embedded redb file ([`RedbStore`], the default)
 /// or the region's PostgreSQL database ([`PgStore`], `node.store.backend:
 /// postgres`), with one behaviour contract (the guarantees above; the
@@ -190,6 +221,16 @@ impl TaskStore {
     /// `postgres://host:port/db#tasks` name for messages).
     pub fn path(&self) -> &std::path::Path {
         each!(self, s => s.path())
+    }
+
+    /// A handle that tells when every clone of this store is gone, and so
+    /// its resources with them (the embedded store's file, which another
+    /// open needs; the database's pool).
+    pub fn released(&self) -> Released {
+        Released(match self {
+            TaskStore::Redb(s) => s.weak(),
+            TaskStore::Postgres(s) => s.weak(),
+        })
     }
 
     /// True for the PostgreSQL backend.

@@ -159,6 +159,12 @@ fn key_of(t: &Task) -> Option<&str> {
 }
 
 impl PgStore {
+    /// A weak handle on the store's state (see [`super::TaskStore::released`]).
+    pub(super) fn weak(&self) -> std::sync::Weak<dyn std::any::Any + Send + Sync> {
+        let inner: Arc<dyn std::any::Any + Send + Sync> = self.inner.clone();
+        Arc::downgrade(&inner)
+    }
+
     /// Opens `region`'s task store in `pg` (schema already migrated by
     /// [`Pg::connect`]) and counts its tasks.
     /// Its writer keeps at most `writer_transactions` transactions in

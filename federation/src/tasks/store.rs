@@ -199,6 +199,12 @@ impl<T, E: std::fmt::Display> DbResult<T> for Result<T, E> {
 }
 
 impl RedbStore {
+    /// A weak handle on the store's state (see [`super::TaskStore::released`]).
+    pub(super) fn weak(&self) -> std::sync::Weak<dyn std::any::Any + Send + Sync> {
+        let inner: Arc<dyn std::any::Any + Send + Sync> = self.inner.clone();
+        Arc::downgrade(&inner)
+    }
+
     /// Opens (creating if needed) `<dir>/tasks.redb`, recovering it after a
     /// crash, and reads the persisted counters (no record is read: the whole
     /// file is checked in the background, see [`RedbStore::verification`]).
