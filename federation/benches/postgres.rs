@@ -25,7 +25,8 @@
 //! makes N serial submits through each federation with the server logging
 //! every statement, and prints what one submit costs the server (commits,
 //! WAL flushes, statement steps; `PG_BENCH_PROBE_LOG=path` keeps the log
-//! lines). Needs PostgreSQL from Debian's
+//! lines). `PG_BENCH_ONLY=N` runs only the one-replica federation at N in
+//! flight for `PG_BENCH_SECS` (for a profiler). Needs PostgreSQL from Debian's
 //! packages (`/usr/lib/postgresql/*/bin`, or `FEDERATION_PG_BIN`); without
 //! it the bench says so and exits 0.
 
@@ -498,6 +499,40 @@ async fn main() {
     {
         probe(&pg, &one_url, &one[0], n).await;
         probe(&pg, &three_url, &three[0], n).await;
+        return;
+    }
+    if let Some(n) = std::env::var("PG_BENCH_ONLY")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
+        // For a profiler: only the one-replica federation at `n` in flight.
+        let f = federation(&one, n, secs).await;
+        if std::env::var("FEDERATION_PG_SETTINGS").is_ok_and(|s| s.contains("pg_stat_statements")) {
+            let db = one_url.rsplit('/').next().unwrap_or("one").to_string();
+            let _ = pg.execute(&db, "CREATE EXTENSION IF NOT EXISTS pg_stat_statements");
+            let (c, io) = tokio_postgres::connect(&one_url, tokio_postgres::NoTls)
+                .await
+                .expect("statements connection");
+            tokio::spawn(io);
+            let rows = c
+                .query(
+                    "SELECT calls, total_exec_time, total_plan_time, rows, left(regexp_replace(query, '\\s+', ' ', 'g'), 110) \
+                     FROM pg_stat_statements ORDER BY total_exec_time + total_plan_time DESC LIMIT 15",
+                    &[],
+                )
+                .await
+                .expect("pg_stat_statements");
+            println!("calls  exec ms  plan ms  rows  statement");
+            for r in rows {
+                let (calls, exec, plan, n, q): (i64, f64, f64, i64, String) =
+                    (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
+                println!("{calls:>6} {exec:>8.0} {plan:>8.0} {n:>6}  {q}");
+            }
+        }
+        println!(
+            "SubmitTask, 1 replica, {n} in flight: {:.0} calls/s, p50 {:.0} µs, p99 {:.0} µs",
+            f.calls_per_sec, f.p50_us, f.p99_us
+        );
         return;
     }
     let body_len = task_body_len(&one_url).await;

@@ -204,6 +204,17 @@ impl PgServer {
                 "-c",
                 "max_connections=200",
             ]);
+        // Extra server settings for profiling runs, `;`-separated
+        // (`FEDERATION_PG_SETTINGS="shared_preload_libraries=pg_stat_statements"`).
+        if let Ok(extra) = std::env::var("FEDERATION_PG_SETTINGS") {
+            settings.extend(
+                extra
+                    .split(';')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string),
+            );
+        }
         for setting in &settings {
             server.args(["-c", setting]);
         }
