@@ -26,11 +26,19 @@
 //! every statement, and prints what one submit costs the server (commits,
 //! WAL flushes, statement steps; `PG_BENCH_PROBE_LOG=path` keeps the log
 //! lines). `PG_BENCH_ONLY=N` runs only the one-replica federation at N in
-//! flight for `PG_BENCH_SECS` (for a profiler). Needs PostgreSQL from Debian's
+//! flight for `PG_BENCH_SECS` (for a profiler; `PG_BENCH_ONLY_REPLICAS=3`
+//! the three replicas'). `PG_BENCH_URL_OPTIONS` puts session settings in
+//! the controllers' URL (`options`, e.g. `-c plan_cache_mode=auto`). Needs PostgreSQL from Debian's
 //! packages (`/usr/lib/postgresql/*/bin`, or `FEDERATION_PG_BIN`); without
 //! it the bench says so and exits 0.
 
 use std::net::SocketAddr;
+
+/// The controller binary's allocator (`src/main.rs`), so the in-process
+/// controllers run as `federation serve` does (with glibc's malloc, malloc
+/// and free were a quarter of the controller's CPU at 64 in flight).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -196,7 +204,15 @@ async fn replica(url: &str, replica: &str, dir: &std::path::Path) -> SocketAddr 
     let mut settings =
         Settings::for_test("europe", &config, &dir.join(replica), addr).expect("settings");
     settings.store.backend = StoreBackend::Postgres;
-    settings.store.url = Some(url.to_string());
+    // PG_BENCH_URL_OPTIONS: session settings in the URL's `options` (e.g.
+    // `-c plan_cache_mode=auto`), to compare plans without a rebuild.
+    settings.store.url = Some(match std::env::var("PG_BENCH_URL_OPTIONS") {
+        Ok(o) => format!(
+            "{url}?options={}",
+            o.replace(' ', "%20").replace('=', "%3D")
+        ),
+        Err(_) => url.to_string(),
+    });
     settings.replica = replica.to_string();
     if let Some(n) = std::env::var("PG_BENCH_WRITER_TRANSACTIONS")
         .ok()
@@ -505,12 +521,20 @@ async fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
     {
-        // For a profiler: only the one-replica federation at `n` in flight.
-        let f = federation(&one, n, secs).await;
+        // For a profiler: only the one-replica federation at `n` in flight
+        // (the three replicas' with PG_BENCH_ONLY_REPLICAS=3).
+        let replicas =
+            std::env::var("PG_BENCH_ONLY_REPLICAS").map_or(1, |s| s.parse().unwrap_or(1));
+        let (clients, url) = if replicas == 3 {
+            (&three, &three_url)
+        } else {
+            (&one, &one_url)
+        };
+        let f = federation(clients, n, secs).await;
         if std::env::var("FEDERATION_PG_SETTINGS").is_ok_and(|s| s.contains("pg_stat_statements")) {
-            let db = one_url.rsplit('/').next().unwrap_or("one").to_string();
+            let db = url.rsplit('/').next().unwrap_or("one").to_string();
             let _ = pg.execute(&db, "CREATE EXTENSION IF NOT EXISTS pg_stat_statements");
-            let (c, io) = tokio_postgres::connect(&one_url, tokio_postgres::NoTls)
+            let (c, io) = tokio_postgres::connect(url, tokio_postgres::NoTls)
                 .await
                 .expect("statements connection");
             tokio::spawn(io);
@@ -530,7 +554,7 @@ async fn main() {
             }
         }
         println!(
-            "SubmitTask, 1 replica, {n} in flight: {:.0} calls/s, p50 {:.0} µs, p99 {:.0} µs",
+            "SubmitTask, {replicas} replica(s), {n} in flight: {:.0} calls/s, p50 {:.0} µs, p99 {:.0} µs",
             f.calls_per_sec, f.p50_us, f.p99_us
         );
         return;

@@ -359,14 +359,6 @@ pub async fn open(settings: Settings) -> anyhow::Result<Arc<Node>> {
     );
     metrics.register_self_stalls(membership.self_stalls());
     let replication = Arc::new(replication);
-    if replication.enabled() {
-        // Every change of the store reaches the outbox as it commits (no
-        // task woken per change).
-        store.bind_changes(Arc::new(crate::replication::ChangeRecorder {
-            replication: replication.clone(),
-            region: settings.region.clone(),
-        }))?;
-    }
     let witnesses = Arc::new(witnesses);
     let policy = LivePolicy::new(settings.policy);
     let cluster = Arc::new(Cluster::new(ClusterParts {
@@ -385,6 +377,15 @@ pub async fn open(settings: Settings) -> anyhow::Result<Arc<Node>> {
             String::new()
         },
     }));
+    if replication.enabled() {
+        // Every change of the store reaches the outbox as it commits (no
+        // task woken per change).
+        store.bind_changes(Arc::new(crate::replication::ChangeRecorder {
+            replication: replication.clone(),
+            region: settings.region.clone(),
+            cluster: cluster.clone(),
+        }))?;
+    }
     let peers = Arc::new(Peers::new(
         cluster.clone(),
         Channels::new(settings.timers.forward_timeout),

@@ -366,6 +366,22 @@ fn chain(e: &dyn std::error::Error) -> String {
     out
 }
 
+/// The startup `options` of the controller's sessions. Statements are
+/// prepared once per connection and planned per execution
+/// (`force_custom_plan`): a generic plan cannot see how many ids an
+/// `= ANY($2)` carries, and the look-ups' generic plans scanned the table
+/// (6 ms per batch in the PostgreSQL bench with `auto`). The URL's own
+/// `options` come after that (an operator may plan otherwise), and
+/// `synchronous_commit=on` after them: no URL makes an acknowledgement less
+/// durable.
+fn session_options(url_options: Option<&str>) -> String {
+    let url_options = url_options.map(str::trim).filter(|o| !o.is_empty());
+    match url_options {
+        Some(o) => format!("-c plan_cache_mode=force_custom_plan {o} -c synchronous_commit=on"),
+        None => "-c plan_cache_mode=force_custom_plan -c synchronous_commit=on".to_string(),
+    }
+}
+
 impl Pg {
     /// Connects to `url` with at most `pool_size` connections and migrates
     /// the schema. Errors name what is wrong; [`PgError::is_config`] tells
@@ -411,15 +427,7 @@ impl Pg {
         // Acknowledged means committed on the server's disk, whatever the
         // server's default is (set for every session, so no transaction
         // pays a round trip for it).
-        // The writer's statements are prepared once per connection and
-        // planned per execution (`force_custom_plan`): a generic plan cannot
-        // see how many ids an `= ANY($2)` carries and may scan the table.
-        let ours = "-c synchronous_commit=on -c plan_cache_mode=force_custom_plan";
-        let options = match config.get_options() {
-            Some(o) if !o.is_empty() => format!("{o} {ours}"),
-            _ => ours.to_string(),
-        };
-        config.options(&options);
+        config.options(session_options(config.get_options()));
         if config.get_application_name().is_none() {
             config.application_name(application);
         }
@@ -825,6 +833,21 @@ async fn migrate(client: &PgClient, target: &str) -> Result<i32, PgError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_urls_options_may_plan_otherwise_but_never_weaken_commits() {
+        assert_eq!(
+            session_options(None),
+            "-c plan_cache_mode=force_custom_plan -c synchronous_commit=on"
+        );
+        assert_eq!(session_options(Some("  ")), session_options(None));
+        // Later settings win in PostgreSQL's startup options.
+        assert_eq!(
+            session_options(Some("-c plan_cache_mode=auto -c synchronous_commit=off")),
+            "-c plan_cache_mode=force_custom_plan -c plan_cache_mode=auto \
+             -c synchronous_commit=off -c synchronous_commit=on"
+        );
+    }
     use federation_sandbox::pg as pg_sandbox;
 
     fn server() -> &'static pg_sandbox::PgServer {
@@ -1174,6 +1197,25 @@ mod tests {
             })
             .expect("show");
         assert_eq!(setting, "on");
+        // Nor whatever the URL's options say; they may plan otherwise.
+        let lax =
+            format!("{url}?options=-c%20synchronous_commit%3Doff%20-c%20plan_cache_mode%3Dauto");
+        let pg = Pg::connect(&lax, 2, "test").expect("connect");
+        let pg2 = pg.clone();
+        let settings: (String, String) = pg
+            .block(async move {
+                let c = pg2.client().await?;
+                let row = c
+                    .query_one(
+                        "SELECT current_setting('synchronous_commit'), current_setting('plan_cache_mode')",
+                        &[],
+                    )
+                    .await
+                    .map_err(|e| pg2.db(&e))?;
+                Ok((row.get(0), row.get(1)))
+            })
+            .expect("settings");
+        assert_eq!(settings, ("on".to_string(), "auto".to_string()));
     }
 
     #[test]

@@ -877,6 +877,9 @@ pub struct ChangeRecorder {
     pub replication: Arc<Replication>,
     /// This region: only its own tasks are replicated.
     pub region: String,
+    /// Whether this replica leads its region (only the leader sends change
+    /// batches).
+    pub cluster: Arc<Cluster>,
 }
 
 impl crate::tasks::ChangeSink for ChangeRecorder {
@@ -890,6 +893,15 @@ impl crate::tasks::ChangeSink for ChangeRecorder {
             fresh.finish(task.clone(), MAX_RECENT_RESULTS);
         }
         fresh.record(task.clone());
+    }
+
+    /// Only the leader hands changes on; a replica that does not lead keeps
+    /// them only up to [`changes::MAX_UNSENT`] and drops them when it takes
+    /// the lead (full snapshots then), so the tasks other replicas create
+    /// are not read for it. Their later changes are (a finished task joins
+    /// the recent results).
+    fn wants_new_tasks(&self) -> bool {
+        self.cluster.leader_token().is_some()
     }
 }
 

@@ -1183,6 +1183,73 @@ mod replicas {
         assert_eq!(b.counts().succeeded, 1);
     }
 
+    /// A sink that does not want other replicas' new tasks (replication on
+    /// a replica that does not lead), and what it heard.
+    struct NotLeading(std::sync::Mutex<Vec<(String, TaskState)>>);
+
+    impl ChangeSink for NotLeading {
+        fn changed(&self, task: &Task) {
+            let mut heard = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            heard.push((task.task_id.clone(), task.state()));
+        }
+
+        fn wants_new_tasks(&self) -> bool {
+            false
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_replica_that_does_not_lead_reads_no_new_task_but_wakes_and_hears_the_rest() {
+        let (_fx, a, b) = two();
+        let sink = Arc::new(NotLeading(std::sync::Mutex::default()));
+        b.bind_changes(sink.clone()).expect("bind");
+        let patience = Duration::from_secs(30);
+        let waiter = {
+            let b = b.clone();
+            tokio::spawn(async move { b.wait_for_queued(patience).await })
+        };
+        // The listener may still be connecting: insert until b's long poll
+        // wakes (it wakes on a's new task without reading it).
+        let mut woke = false;
+        for i in 0..300 {
+            a.insert(task(&format!("n{i}"))).await.expect("insert");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if waiter.is_finished() {
+                woke = waiter.await.expect("join");
+                break;
+            }
+        }
+        assert!(woke, "b's long poll woke on a task created through a");
+        // A lease and a completion through a reach b's sink; no insert did.
+        let leased = a.lease("agent", 1, TTL).await.expect("lease");
+        let id = leased[0].task_id.clone();
+        a.complete("agent", &id, true, vec![], String::new())
+            .await
+            .expect("complete");
+        let until = std::time::Instant::now() + patience;
+        loop {
+            let heard = sink.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            assert!(
+                heard.iter().all(|(_, s)| *s != TaskState::Queued),
+                "a new task was read for a sink that does not want them: {heard:?}"
+            );
+            if heard.contains(&(id.clone(), TaskState::Succeeded)) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < until,
+                "b's sink heard {heard:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // b's counts follow a's changes all the same.
+        let until = std::time::Instant::now() + patience;
+        while b.counts().succeeded != 1 {
+            assert!(std::time::Instant::now() < until, "counts {:?}", b.counts());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn one_replica_leads_and_a_deposed_leaders_fenced_write_is_refused() {
         let (_fx, a, b) = two();

@@ -29,6 +29,15 @@ const MAX_LISTED_UNDECODABLE: usize = 100;
 pub trait ChangeSink: Send + Sync {
     /// `task` as it is after the change.
     fn changed(&self, task: &Task);
+
+    /// Whether the tasks other replicas of the region create are read from
+    /// the database to be handed to [`ChangeSink::changed`] (their other
+    /// changes always are). No for a sink that would drop them anyway:
+    /// replication on a replica that does not lead (taking the lead, it
+    /// sends full snapshots read from the store).
+    fn wants_new_tasks(&self) -> bool {
+        true
+    }
 }
 
 /// A task's change within a batch: its state before (None when new) and
@@ -153,6 +162,20 @@ impl Shared {
 
     pub(super) fn subscribe(&self) -> broadcast::Receiver<Task> {
         self.events.subscribe()
+    }
+
+    /// Whether tasks another replica created are to be read and published:
+    /// while someone is subscribed to the change feed, or the sink wants
+    /// them (a long poll is woken by [`Shared::created_elsewhere`] either
+    /// way).
+    pub(super) fn wants_new_tasks(&self) -> bool {
+        self.events.receiver_count() > 0 || self.sink.get().is_some_and(|s| s.wants_new_tasks())
+    }
+
+    /// Another replica created tasks this store does not read: long polls
+    /// wake (a new task is QUEUED).
+    pub(super) fn created_elsewhere(&self) {
+        self.queued.notify_waiters();
     }
 
     /// Publishes a task changed elsewhere (another replica), waking long

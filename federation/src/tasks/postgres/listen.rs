@@ -65,29 +65,19 @@ pub(super) async fn listen(
                 let mut ids: Vec<String> = Vec::new();
                 let mut delta = [0i64; 5];
                 let mut others = false;
+                let wanted = shared.wants_new_tasks();
+                let mut created = false;
                 for payload in &payloads {
-                    let mut words = payload.split(' ');
-                    let (Some(from), Some(of)) = (words.next(), words.next()) else {
+                    let Some(heard) = Heard::of(payload, &shared.instance, &region, wanted) else {
                         continue;
                     };
-                    if from == shared.instance || of != region {
-                        continue;
-                    }
                     others = true;
-                    let mut moved = false;
-                    let named = ids.len();
-                    for w in words {
-                        match parse_delta(w) {
-                            Some(d) => {
-                                moved = true;
-                                delta.iter_mut().zip(d).for_each(|(a, b)| *a += b);
-                            }
-                            None => ids.push(w.to_string()),
-                        }
-                    }
+                    created |= heard.created;
+                    delta.iter_mut().zip(heard.delta).for_each(|(a, b)| *a += b);
                     // An older replica's notification says what changed, not
                     // how the counts moved: they are counted again.
-                    recount |= !moved && ids.len() > named;
+                    recount |= !heard.moved && !heard.ids.is_empty();
+                    ids.extend(heard.ids);
                 }
                 // Now and then the counts are read from the database anyway,
                 // so a notification missed while reconnecting does not leave
@@ -97,6 +87,9 @@ pub(super) async fn listen(
                 // counted and published by its writer).
                 if !others {
                     continue;
+                }
+                if created {
+                    shared.created_elsewhere();
                 }
                 match publish(&pool, &region, &shared, &ids, delta, recount).await {
                     Ok(()) => {
@@ -127,6 +120,54 @@ pub(super) async fn listen(
     }
 }
 
+/// What one notification payload of another replica says:
+/// `<instance> <region> d=<delta> n=<new> <id> …` (older replicas send no
+/// `n=`, and `d=` only in a commit's first payload).
+#[derive(Debug, Default, PartialEq)]
+pub(super) struct Heard {
+    /// The tasks to read and publish.
+    pub(super) ids: Vec<String>,
+    /// How the commit moved the counts by state.
+    pub(super) delta: [i64; 5],
+    /// The payload carried a `d=` word.
+    pub(super) moved: bool,
+    /// It named tasks the commit created that are not read (`wanted`
+    /// false): long polls are to be woken.
+    pub(super) created: bool,
+}
+
+impl Heard {
+    /// Reads `payload` (`None`: this replica's own, or another region's).
+    /// The first `n=` ids are tasks the commit created: listed only when
+    /// `wanted` (the sink hands them on).
+    pub(super) fn of(payload: &str, instance: &str, region: &str, wanted: bool) -> Option<Self> {
+        let mut words = payload.split(' ');
+        let (Some(from), Some(of)) = (words.next(), words.next()) else {
+            return None;
+        };
+        if from == instance || of != region {
+            return None;
+        }
+        let mut heard = Heard::default();
+        let mut new = 0usize;
+        for w in words {
+            if let Some(d) = parse_delta(w) {
+                heard.moved = true;
+                heard.delta.iter_mut().zip(d).for_each(|(a, b)| *a += b);
+            } else if let Some(n) = w.strip_prefix("n=").and_then(|n| n.parse().ok()) {
+                new = n;
+            } else if new > 0 && !wanted {
+                new -= 1;
+                heard.created = true;
+            } else {
+                new = new.saturating_sub(1);
+                heard.ids.push(w.to_string());
+            }
+        }
+        Some(heard)
+    }
+}
+
 /// The most notifications read together.
 const MAX_COALESCED: usize = 1024;
 /// How often the counts are read again while other replicas change tasks.
@@ -139,6 +180,9 @@ const DELTA_STATES: [TaskState; 5] = [
     TaskState::Failed,
     TaskState::Cancelled,
 ];
+
+/// The `d=` word of a payload that moves no count.
+pub(super) const NO_DELTA: &str = "d=0,0,0,0,0";
 
 /// The `d=q,l,s,f,c` word of a notification: how a commit moved the
 /// region's counts by state.

@@ -1,6 +1,8 @@
-//! A batch's inserts at a fixed number of round trips: the stored tasks
-//! their ids and keys name read in one query, the new ones created in one
-//! multi-row `INSERT`, an id or key met twice in the batch one by one.
+//! A batch's inserts at a fixed number of round trips: the new tasks
+//! created in one multi-row `INSERT … ON CONFLICT DO NOTHING`, the stored
+//! tasks the ones it did not create collide with read in one query after
+//! it (only when there are such), an id or key met twice in the batch one
+//! by one.
 
 use std::collections::{HashMap, HashSet};
 
@@ -10,7 +12,6 @@ use tokio_postgres::types::Type;
 
 use super::tx::Tx;
 use super::{key_of, state_code};
-use crate::tasks::requests::Op;
 use crate::tasks::shared::Change;
 use crate::tasks::store::decode;
 use crate::tasks::{InsertOutcome, StoreError, transitions};
@@ -32,17 +33,17 @@ const INSERT_TYPES: &[Type] = &[
     Type::BYTEA_ARRAY,
 ];
 
-/// The look-up of the stored tasks a batch's ids and keys name: one index
-/// scan on each unique index (a task named by both comes twice). Not one
-/// `WHERE … OR …`: on a table not yet analyzed (a new region's, or one
-/// that grew since autovacuum last analyzed it) the planner guessed each
-/// `= ANY` to match a tenth of the table and scanned all of it, 1.2 ms per
-/// batch at 40,000 tasks (`pg_stat_statements` in the PostgreSQL bench); a
-/// unique index's `= ANY` is planned as one row per element whatever the
-/// statistics say.
-const PREFETCH_SQL: &str = "SELECT task_id, body FROM tasks WHERE region = $1 AND task_id = ANY($2) \
+/// The look-up of the stored tasks an INSERT did not create collided
+/// with: one index scan on each unique index (a task named by both comes
+/// twice). Not one `WHERE … OR …`: on a table not yet analyzed (a new
+/// region's, or one that grew since autovacuum last analyzed it) the
+/// planner guessed each `= ANY` to match a tenth of the table and scanned
+/// all of it, 1.2 ms per batch at 40,000 tasks (`pg_stat_statements` in
+/// the PostgreSQL bench); a unique index's `= ANY` is planned as one row
+/// per element whatever the statistics say.
+const LOOK_UP_SQL: &str = "SELECT task_id, body FROM tasks WHERE region = $1 AND task_id = ANY($2) \
      UNION ALL SELECT task_id, body FROM tasks WHERE region = $1 AND idempotency_key = ANY($3)";
-const PREFETCH_TYPES: &[Type] = &[Type::TEXT, Type::TEXT_ARRAY, Type::TEXT_ARRAY];
+const LOOK_UP_TYPES: &[Type] = &[Type::TEXT, Type::TEXT_ARRAY, Type::TEXT_ARRAY];
 
 /// Prepares the statements of a batch's inserts on `txn`'s connection
 /// (deadpool's cache: a round trip on the connection's first batch,
@@ -55,14 +56,14 @@ pub(super) async fn prepare(
 ) -> Result<(), tokio_postgres::Error> {
     futures::try_join!(
         txn.prepare_typed_cached(INSERT_SQL, INSERT_TYPES),
-        txn.prepare_typed_cached(PREFETCH_SQL, PREFETCH_TYPES),
+        txn.prepare_typed_cached(LOOK_UP_SQL, LOOK_UP_TYPES),
     )
     .map(|_| ())
 }
 
 /// What became of an insert offered to [`Tx::stage`].
 pub(super) enum Staging {
-    /// Answered from what is stored.
+    /// Answered at once (a refused request).
     Answered(Box<Result<InsertOutcome, StoreError>>),
     /// Staged: answered when the staged tasks are created.
     Staged,
@@ -71,17 +72,20 @@ pub(super) enum Staging {
     Clash(Box<Task>),
 }
 
-/// Tasks already stored that a batch's inserts name, by id and by key.
+/// Tasks already stored that a batch's inserts collided with, by id and by
+/// key.
 #[derive(Default)]
-pub(super) struct Known {
-    pub(super) by_id: HashMap<String, Task>,
-    pub(super) by_key: HashMap<String, Task>,
+struct Known {
+    by_id: HashMap<String, Task>,
+    by_key: HashMap<String, Task>,
 }
 
 impl Tx<'_> {
     /// Creates the staged tasks in one statement and answers them: created,
-    /// or (a row another transaction committed meanwhile) answered one by
-    /// one as an insert that found its id or key stored.
+    /// or (its id or key stored already: a retried submit, or a row another
+    /// transaction committed meanwhile) answered from the stored task, read
+    /// for all of them in one more query. What is stored is not read before
+    /// the INSERT: a batch of new submits (the common case) pays no look-up.
     pub(super) async fn create_staged(
         &self,
         staged: &mut Vec<(usize, Task)>,
@@ -98,8 +102,6 @@ impl Tx<'_> {
         let created: Vec<i64> = tasks.iter().map(|(_, t)| t.created_unix_ms).collect();
         let keys: Vec<Option<&str>> = tasks.iter().map(|(_, t)| key_of(t)).collect();
         let bodies: Vec<Vec<u8>> = tasks.iter().map(|(_, t)| t.encode_to_vec()).collect();
-        // One message (no separate parse): sent at the first poll, so the
-        // writer may pipeline the chain head's lock behind it.
         // Prepared before the batch began ([`prepare`]): taken from the
         // connection's cache without waiting, so the INSERT is sent at the
         // first poll and the writer may pipeline the head's lock behind it.
@@ -125,15 +127,34 @@ impl Tx<'_> {
             .await
             .map_err(|e| self.db(&e))?;
         let inserted: HashSet<String> = rows.iter().map(|r| r.get::<_, String>(0)).collect();
-        for (at, task) in tasks {
-            let outcome = if inserted.contains(&task.task_id) {
-                changes.push(Change {
-                    before: None,
-                    after: TaskState::Queued,
-                    task: Some(task.clone()),
-                });
-                Ok(InsertOutcome::Created(task))
+        let (new, collided): (Vec<_>, Vec<_>) = tasks
+            .into_iter()
+            .partition(|(_, t)| inserted.contains(&t.task_id));
+        for (at, task) in new {
+            changes.push(Change {
+                before: None,
+                after: TaskState::Queued,
+                task: Some(task.clone()),
+            });
+            results[at] = Some(Ok(InsertOutcome::Created(task)));
+        }
+        if collided.is_empty() {
+            return Ok(());
+        }
+        let known = self.look_up(collided.iter().map(|(_, t)| t)).await?;
+        for (at, task) in collided {
+            // As one insert on its own answers: a stored key first (the same
+            // request, or a conflict), then a stored id (a retried forward).
+            let stored_key = (!task.idempotency_key.is_empty())
+                .then(|| known.by_key.get(&task.idempotency_key))
+                .flatten();
+            let outcome = if let Some(stored) = stored_key {
+                transitions::known_key(&task, stored.clone())
+            } else if let Some(stored) = known.by_id.get(&task.task_id) {
+                Ok(InsertOutcome::Deduplicated(stored.clone()))
             } else {
+                // Neither read back (undecodable, or gone meanwhile): the
+                // one-by-one path says which.
                 let done = self.insert(task, 0, changes).await;
                 if let Err(e @ (StoreError::Db(_) | StoreError::Unavailable(_))) = &done {
                     return Err(e.clone());
@@ -145,28 +166,21 @@ impl Tx<'_> {
         Ok(())
     }
 
-    /// Reads, in one query, the stored tasks whose id or idempotency key an
-    /// insert of the batch names.
-    pub(super) async fn prefetch(&self, ops: &[Op]) -> Result<Known, StoreError> {
+    /// Reads, in one query, the stored tasks whose id or idempotency key one
+    /// of `tasks` names.
+    async fn look_up(&self, tasks: impl Iterator<Item = &Task>) -> Result<Known, StoreError> {
         let mut ids = Vec::new();
         let mut keys = Vec::new();
-        for op in ops {
-            if let Op::Insert { task: t, .. } = op {
-                ids.push(t.task_id.clone());
-                if !t.idempotency_key.is_empty() {
-                    keys.push(t.idempotency_key.clone());
-                }
+        for t in tasks {
+            ids.push(t.task_id.as_str());
+            if !t.idempotency_key.is_empty() {
+                keys.push(t.idempotency_key.as_str());
             }
         }
-        let mut known = Known::default();
-        if ids.is_empty() {
-            return Ok(known);
-        }
-        // Prepared before the batch began ([`prepare`]): sent at the first
-        // poll, so the writer pipelines it behind BEGIN.
+        // Prepared before the batch began ([`prepare`]).
         let looking = self
             .txn
-            .prepare_typed_cached(PREFETCH_SQL, PREFETCH_TYPES)
+            .prepare_typed_cached(LOOK_UP_SQL, LOOK_UP_TYPES)
             .await
             .map_err(|e| self.db(&e))?;
         let rows = self
@@ -174,6 +188,7 @@ impl Tx<'_> {
             .query(&looking, &[&self.region, &ids, &keys])
             .await
             .map_err(|e| self.db(&e))?;
+        let mut known = Known::default();
         for r in rows {
             let id: &str = r.get(0);
             // An undecodable one is left to the one-by-one path, which
@@ -188,34 +203,19 @@ impl Tx<'_> {
         Ok(known)
     }
 
-    /// Answers an insert from what is known, or stages it (`None`: the
-    /// answer comes when the staged tasks are created). An id or key
-    /// already staged in this batch creates the staged ones first, then
-    /// takes the one-by-one path.
-    pub(super) async fn stage(
+    /// Stages an insert (answered when the staged tasks are created), or
+    /// refuses it at once. An id or key already staged in this batch creates
+    /// the staged ones first, then takes the one-by-one path.
+    pub(super) fn stage(
         &self,
         mut task: Task,
         now: i64,
-        known: &Known,
         staged: &mut Vec<(usize, Task)>,
         at: usize,
-    ) -> Result<Staging, StoreError> {
+    ) -> Staging {
         if task.task_id.is_empty() {
-            return Ok(Staging::Answered(Box::new(Err(StoreError::Invalid(
+            return Staging::Answered(Box::new(Err(StoreError::Invalid(
                 "task id is empty".into(),
-            )))));
-        }
-        if !task.idempotency_key.is_empty() {
-            if let Some(stored) = known.by_key.get(&task.idempotency_key) {
-                return Ok(Staging::Answered(Box::new(transitions::known_key(
-                    &task,
-                    stored.clone(),
-                ))));
-            }
-        }
-        if let Some(stored) = known.by_id.get(&task.task_id) {
-            return Ok(Staging::Answered(Box::new(Ok(
-                InsertOutcome::Deduplicated(stored.clone()),
             ))));
         }
         let clash = staged.iter().any(|(_, s)| {
@@ -223,10 +223,10 @@ impl Tx<'_> {
                 || (!task.idempotency_key.is_empty() && s.idempotency_key == task.idempotency_key)
         });
         if clash {
-            return Ok(Staging::Clash(Box::new(task)));
+            return Staging::Clash(Box::new(task));
         }
         transitions::admit(&mut task, now);
         staged.push((at, task));
-        Ok(Staging::Staged)
+        Staging::Staged
     }
 }

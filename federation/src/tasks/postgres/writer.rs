@@ -48,9 +48,17 @@ pub(super) fn writer_loop(
 ) {
     let mut requests = crate::group_commit::Gatherer::new(rx, MAX_BATCH);
     let lanes = Lanes::new(transactions.min(pg.pool().status().max_size.saturating_sub(1)));
-    while let Some(batch) = requests.next_batch() {
+    loop {
+        // A batch is gathered once a lane is free, not before: one gathered
+        // while every lane was busy would wait with what it took, leaving
+        // whatever came meanwhile for the batch after it (at 64 submits in
+        // flight on one lane, each submit waited for two commits).
+        let reserved = pg.handle().block_on(lanes.reserve());
+        let Some(batch) = requests.next_batch() else {
+            break;
+        };
         let names = inserted_names(&batch);
-        let lane = pg.handle().block_on(lanes.take(names));
+        let lane = pg.handle().block_on(lanes.take(reserved, names));
         let Some(batch) = requests::only_flushes(batch) else {
             // Answered once every batch before them ended (they waited for
             // every lane above).
@@ -83,7 +91,8 @@ pub(super) fn writer_loop(
         });
     }
     // Every batch in flight ends before the writer does.
-    pg.handle().block_on(lanes.take(None));
+    let reserved = pg.handle().block_on(lanes.reserve());
+    pg.handle().block_on(lanes.take(reserved, None));
 }
 
 /// The writer's transactions in flight: a permit each (all of them for a
@@ -127,18 +136,42 @@ impl Lanes {
         }
     }
 
-    /// Waits until a batch may start: with `names` (a batch of inserts
-    /// only, their ids and keys) beside the batches in flight unless one
-    /// of them carries one of the names; otherwise (`None`, or a name in
-    /// flight) alone, once every batch in flight has ended.
-    async fn take(&self, names: Option<Vec<String>>) -> Lane {
+    /// Waits until a lane is free and holds it for the next batch
+    /// ([`Lanes::take`]). `None` only if the semaphore were closed (it
+    /// never is; a closed one only means no wait).
+    async fn reserve(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        Arc::clone(&self.free).acquire_owned().await.ok()
+    }
+
+    /// Waits until a batch may start, holding the lane `reserved`: with
+    /// `names` (a batch of inserts only, their ids and keys) beside the
+    /// batches in flight unless one of them carries one of the names;
+    /// otherwise (`None`, or a name in flight) alone, once every batch in
+    /// flight has ended.
+    async fn take(
+        &self,
+        reserved: Option<tokio::sync::OwnedSemaphorePermit>,
+        names: Option<Vec<String>>,
+    ) -> Lane {
         let beside = names.as_ref().is_some_and(|names| {
             let busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
             !names.iter().any(|n| busy.contains_key(n))
         });
+        let held = u32::from(reserved.is_some());
         let wanted = if beside { 1 } else { self.count };
-        // The semaphore is never closed; a closed one only means no wait.
-        let permits = Arc::clone(&self.free).acquire_many_owned(wanted).await.ok();
+        let permits = match wanted.checked_sub(held).filter(|&more| more > 0) {
+            None => reserved,
+            Some(more) => {
+                let more = Arc::clone(&self.free).acquire_many_owned(more).await.ok();
+                match (reserved, more) {
+                    (Some(mut r), Some(m)) => {
+                        r.merge(m);
+                        Some(r)
+                    }
+                    (r, m) => r.or(m),
+                }
+            }
+        };
         let names = names.unwrap_or_default();
         {
             let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
@@ -183,9 +216,11 @@ pub(super) enum Slot {
 /// Applies a batch in one transaction with its records appended in it,
 /// commits, and answers every request (or fails them all).
 ///
-/// Round trips of a batch of new submits: BEGIN with the look-up of the
-/// batch's ids and keys; the multi-row INSERT with the chain head's lock
-/// behind it; the records and the head, the notification and COMMIT. Each
+/// Round trips of a batch of new submits: BEGIN (alone: a statement
+/// pipelined behind a BEGIN that failed would run, and commit, outside any
+/// transaction); the multi-row INSERT with the chain head's lock behind it
+/// (and, only when it collided with stored ids or keys, their look-up); the
+/// records and the head, the notification and COMMIT. Each
 /// statement is prepared once per connection ([`prepare`], before BEGIN)
 /// and then one message, and the pipelined ones are sent before the first
 /// of them is answered.
@@ -234,19 +269,12 @@ async fn run_in_transaction(
     if let Err(e) = prepare(client, journal).await {
         return requests::fail(Vec::new(), batch, StoreError::from(pg.db(&e)));
     }
-    // BEGIN and the look-up in one round trip (the look-up only reads; BEGIN
-    // is checked before anything is written).
-    let (begun, known) = futures::join!(client.batch_execute("BEGIN"), t.prefetch(&batch));
-    if let Err(e) = begun {
+    if let Err(e) = client.batch_execute("BEGIN").await {
         return requests::fail(Vec::new(), batch, StoreError::from(pg.db(&e)));
     }
     // Inserts are staged and created together (one multi-row INSERT) before
     // any other request runs and at the end: a batch of submits costs a
     // fixed number of round trips, not two per task.
-    let known = match known {
-        Ok(k) => k,
-        Err(e) => return requests::fail(Vec::new(), batch, e),
-    };
     let mut inserts: Vec<Option<Result<InsertOutcome, StoreError>>> =
         Vec::with_capacity(batch.len());
     let mut slots = Vec::with_capacity(batch.len());
@@ -263,7 +291,7 @@ async fn run_in_transaction(
                     reply,
                 } => {
                     slots.push(Slot::Insert { record, reply });
-                    match t.stage(*task, now, &known, &mut staged, i).await? {
+                    match t.stage(*task, now, &mut staged, i) {
                         Staging::Answered(done) => inserts[i] = Some(*done),
                         Staging::Staged => {}
                         Staging::Clash(task) => {
@@ -470,9 +498,11 @@ async fn prepare(
 }
 
 /// Queues the notifications of a batch's changes (sent at commit):
-/// `<instance> <region> d=<queued>,<leased>,<succeeded>,<failed>,<cancelled> <id> <id> …`,
+/// `<instance> <region> d=<queued>,<leased>,<succeeded>,<failed>,<cancelled> n=<new> <id> <id> …`,
 /// split to stay under the limit; the counts' change (`d=`) rides in the
-/// first payload only. The statement is sent at the first poll (none for no
+/// first payload only, and each payload's `n=` says how many of its ids
+/// (the first ones) are tasks the batch created, which a replica that does
+/// not lead skips. The statement is sent at the first poll (none for no
 /// changes).
 pub(super) async fn notify(
     txn: &deadpool_postgres::ClientWrapper,
@@ -483,17 +513,7 @@ pub(super) async fn notify(
     if changes.is_empty() {
         return Ok(());
     }
-    let mut payloads = Vec::new();
-    let head = format!("{instance} {region}");
-    let mut current = format!("{head} {}", listen::delta_word(changes));
-    for task in changes.iter().filter_map(|c| c.task.as_ref()) {
-        if current.len() + task.task_id.len() + 1 > NOTIFY_BYTES && current.len() > head.len() {
-            payloads.push(std::mem::replace(&mut current, head.clone()));
-        }
-        current.push(' ');
-        current.push_str(&task.task_id);
-    }
-    payloads.push(current);
+    let payloads = payloads(instance, region, changes);
     // Prepared before the batch began ([`prepare`]): sent at the first
     // poll, ahead of the COMMIT pipelined behind it.
     let notifying = txn.prepare_typed_cached(NOTIFY_SQL, NOTIFY_TYPES).await?;
@@ -502,22 +522,195 @@ pub(super) async fn notify(
         .map(|_| ())
 }
 
+/// The payloads of [`notify`] for `changes` (at least one), each under
+/// [`NOTIFY_BYTES`] unless one id alone is longer.
+fn payloads(instance: &str, region: &str, changes: &[Change]) -> Vec<String> {
+    let head = format!("{instance} {region}");
+    // Created tasks first: a payload's `n=` counts them from its first id.
+    let ids: Vec<(bool, &str)> = changes
+        .iter()
+        .filter(|c| c.before.is_none())
+        .chain(changes.iter().filter(|c| c.before.is_some()))
+        .filter_map(|c| {
+            c.task
+                .as_ref()
+                .map(|t| (c.before.is_none(), t.task_id.as_str()))
+        })
+        .collect();
+    // The batch's count change in the first payload, none in the others
+    // (a payload without `d=` would make the listener count again).
+    let mut delta = listen::delta_word(changes);
+    let mut payloads = Vec::new();
+    let mut start = 0;
+    while start < ids.len() || payloads.is_empty() {
+        // ` n=<count>` is at most 22 bytes.
+        let mut len = head.len() + delta.len() + 24;
+        let mut end = start;
+        while end < ids.len() && (end == start || len + ids[end].1.len() < NOTIFY_BYTES) {
+            len += ids[end].1.len() + 1;
+            end += 1;
+        }
+        let new = ids[start..end].iter().filter(|(n, _)| *n).count();
+        let mut payload = format!("{head} {delta} n={new}");
+        for (_, id) in &ids[start..end] {
+            payload.push(' ');
+            payload.push_str(id);
+        }
+        payloads.push(payload);
+        delta = listen::NO_DELTA.to_string();
+        start = end;
+    }
+    payloads
+}
+
 #[cfg(test)]
 mod tests {
     use super::Lanes;
     use std::task::Poll;
 
+    mod notifications {
+        use super::super::listen::Heard;
+        use super::super::{NOTIFY_BYTES, payloads};
+        use crate::tasks::shared::Change;
+        use federation_api::{Task, TaskState};
+
+        fn change(id: &str, before: Option<TaskState>, after: TaskState) -> Change {
+            Change {
+                before,
+                after,
+                task: Some(Task {
+                    task_id: id.to_string(),
+                    ..Default::default()
+                }),
+            }
+        }
+
+        fn heard(payloads: &[String], wanted: bool) -> Vec<Heard> {
+            payloads
+                .iter()
+                .map(|p| Heard::of(p, "other", "europe", wanted).expect("another replica's"))
+                .collect()
+        }
+
+        #[test]
+        fn a_replica_that_does_not_lead_skips_the_tasks_a_commit_created() {
+            let changes = [
+                change("0001.europe", Some(TaskState::Queued), TaskState::Leased),
+                change("0002.europe", None, TaskState::Queued),
+                change("0003.europe", None, TaskState::Queued),
+                change("0004.europe", Some(TaskState::Leased), TaskState::Succeeded),
+            ];
+            let sent = payloads("inst-a", "europe", &changes);
+            assert_eq!(
+                sent,
+                ["inst-a europe d=1,0,1,0,0 n=2 0002.europe 0003.europe 0001.europe 0004.europe"]
+            );
+            let sent: Vec<String> = sent
+                .iter()
+                .map(|p| p.replacen("inst-a", "other-a", 1))
+                .collect();
+            let all = heard(&sent, true);
+            assert_eq!(
+                all[0].ids,
+                ["0002.europe", "0003.europe", "0001.europe", "0004.europe"]
+            );
+            assert!(!all[0].created);
+            let changed = heard(&sent, false);
+            assert_eq!(changed[0].ids, ["0001.europe", "0004.europe"]);
+            assert!(changed[0].created, "long polls are to be woken");
+            assert_eq!(
+                (changed[0].delta, changed[0].moved),
+                ([1, 0, 1, 0, 0], true)
+            );
+            // Its own notification, and another region's, are not read.
+            assert_eq!(Heard::of(&sent[0], "other-a", "europe", true), None);
+            assert_eq!(Heard::of(&sent[0], "x", "asia_pacific", true), None);
+        }
+
+        #[test]
+        fn a_large_commit_is_split_and_every_payload_counts_its_own_new_tasks() {
+            let mut changes: Vec<Change> = (0..900)
+                .map(|i| change(&format!("{i:024}.europe"), None, TaskState::Queued))
+                .collect();
+            changes.extend((0..300).map(|i| {
+                change(
+                    &format!("u{i:023}.europe"),
+                    Some(TaskState::Leased),
+                    TaskState::Failed,
+                )
+            }));
+            let sent = payloads("inst-a", "europe", &changes);
+            assert!(sent.len() > 2, "{} payloads", sent.len());
+            assert!(sent.iter().all(|p| p.len() <= NOTIFY_BYTES));
+            let sent: Vec<String> = sent
+                .iter()
+                .map(|p| p.replacen("inst-a", "other-a", 1))
+                .collect();
+            // Every payload moves the counts (the first by the commit's
+            // change, the others by nothing): none makes the listener count
+            // again.
+            let all = heard(&sent, true);
+            assert!(all.iter().all(|h| h.moved));
+            assert_eq!(all[0].delta, [900, -300, 0, 300, 0]);
+            assert!(all[1..].iter().all(|h| h.delta == [0; 5]));
+            let ids: Vec<String> = all.into_iter().flat_map(|h| h.ids).collect();
+            assert_eq!(ids.len(), 1200);
+            let changed: Vec<String> = heard(&sent, false)
+                .into_iter()
+                .flat_map(|h| h.ids)
+                .collect();
+            assert_eq!(changed.len(), 300);
+            assert!(changed.iter().all(|id| id.starts_with('u')));
+        }
+
+        #[test]
+        fn an_older_replicas_notification_is_read_whole() {
+            // No `n=`: every id is read, also by a replica that does not lead.
+            let old = "old-a europe d=1,0,0,0,0 0002.europe";
+            let h = Heard::of(old, "me", "europe", false).expect("read");
+            assert_eq!(h.ids, ["0002.europe"]);
+            assert!(!h.created);
+            let old_rest = "old-a europe 0003.europe";
+            let h = Heard::of(old_rest, "me", "europe", false).expect("read");
+            assert_eq!((h.ids.len(), h.moved), (1, false));
+        }
+    }
+
     fn names(of: &[&str]) -> Option<Vec<String>> {
         Some(of.iter().map(|s| s.to_string()).collect())
+    }
+
+    /// As the writer takes a lane: reserved first, then taken for `names`.
+    async fn take(lanes: &Lanes, names: Option<Vec<String>>) -> super::Lane {
+        let reserved = lanes.reserve().await;
+        lanes.take(reserved, names).await
+    }
+
+    #[tokio::test]
+    async fn the_next_batch_is_gathered_only_once_a_lane_is_free() {
+        let lanes = Lanes::new(1);
+        let a = take(&lanes, names(&["i a"])).await;
+        // The one lane is busy: the writer does not gather yet (what comes
+        // meanwhile joins the batch gathered when `a` ends).
+        let mut reserving = std::pin::pin!(lanes.reserve());
+        assert!(futures::poll!(reserving.as_mut()).is_pending());
+        drop(a);
+        let reserved = match futures::poll!(reserving.as_mut()) {
+            Poll::Ready(r) => r,
+            Poll::Pending => panic!("no lane reserved with none in flight"),
+        };
+        // The reserved lane is the batch's: it starts at once.
+        let b = std::pin::pin!(lanes.take(reserved, names(&["i b"])));
+        assert!(matches!(futures::poll!(b), Poll::Ready(_)));
     }
 
     #[tokio::test]
     async fn inserts_of_other_tasks_run_beside_each_other_up_to_the_lanes() {
         let lanes = Lanes::new(2);
-        let a = lanes.take(names(&["i a", "k 1"])).await;
-        let b = lanes.take(names(&["i b", "k 2"])).await;
+        let a = take(&lanes, names(&["i a", "k 1"])).await;
+        let b = take(&lanes, names(&["i b", "k 2"])).await;
         // Both lanes taken: a third batch waits for one of them.
-        let mut c = std::pin::pin!(lanes.take(names(&["i c"])));
+        let mut c = std::pin::pin!(take(&lanes, names(&["i c"])));
         assert!(futures::poll!(c.as_mut()).is_pending());
         drop(a);
         assert!(matches!(futures::poll!(c.as_mut()), Poll::Ready(_)));
@@ -527,10 +720,10 @@ mod tests {
     #[tokio::test]
     async fn an_insert_naming_a_task_or_key_in_flight_waits_for_every_batch() {
         let lanes = Lanes::new(3);
-        let a = lanes.take(names(&["i a", "k same"])).await;
-        let b = lanes.take(names(&["i b"])).await;
+        let a = take(&lanes, names(&["i a", "k same"])).await;
+        let b = take(&lanes, names(&["i b"])).await;
         // The key is in flight in `a`: this batch runs alone, after both.
-        let mut c = std::pin::pin!(lanes.take(names(&["i c", "k same"])));
+        let mut c = std::pin::pin!(take(&lanes, names(&["i c", "k same"])));
         assert!(futures::poll!(c.as_mut()).is_pending());
         drop(a);
         assert!(futures::poll!(c.as_mut()).is_pending());
@@ -540,7 +733,7 @@ mod tests {
             Poll::Pending => panic!("the batch still waits with nothing in flight"),
         };
         // It holds every lane: nothing starts beside it.
-        let mut d = std::pin::pin!(lanes.take(names(&["i d"])));
+        let mut d = std::pin::pin!(take(&lanes, names(&["i d"])));
         assert!(futures::poll!(d.as_mut()).is_pending());
         drop(c);
         assert!(matches!(futures::poll!(d.as_mut()), Poll::Ready(_)));
@@ -549,16 +742,16 @@ mod tests {
     #[tokio::test]
     async fn any_other_batch_runs_alone_after_every_batch_before_it() {
         let lanes = Lanes::new(3);
-        let a = lanes.take(names(&["i a"])).await;
+        let a = take(&lanes, names(&["i a"])).await;
         // A cancel, a lease, a flush: `None`.
-        let mut other = std::pin::pin!(lanes.take(None));
+        let mut other = std::pin::pin!(take(&lanes, None));
         assert!(futures::poll!(other.as_mut()).is_pending());
         drop(a);
         let other = match futures::poll!(other.as_mut()) {
             Poll::Ready(lane) => lane,
             Poll::Pending => panic!("the batch still waits with nothing in flight"),
         };
-        let mut next = std::pin::pin!(lanes.take(names(&["i b"])));
+        let mut next = std::pin::pin!(take(&lanes, names(&["i b"])));
         assert!(futures::poll!(next.as_mut()).is_pending());
         drop(other);
         assert!(matches!(futures::poll!(next.as_mut()), Poll::Ready(_)));
@@ -567,11 +760,11 @@ mod tests {
     #[tokio::test]
     async fn a_name_is_free_again_once_its_batch_ended() {
         let lanes = Lanes::new(2);
-        let a = lanes.take(names(&["k same"])).await;
+        let a = take(&lanes, names(&["k same"])).await;
         drop(a);
-        let _b = lanes.take(names(&["k same"])).await;
+        let _b = take(&lanes, names(&["k same"])).await;
         // Taken beside `_b`'s other lane, not alone: a free name again.
-        let c = std::pin::pin!(lanes.take(names(&["i other"])));
+        let c = std::pin::pin!(take(&lanes, names(&["i other"])));
         assert!(matches!(futures::poll!(c), Poll::Ready(_)));
     }
 }
