@@ -383,7 +383,7 @@ pub async fn open(settings: Settings) -> anyhow::Result<Arc<Node>> {
         store.bind_changes(Arc::new(crate::replication::ChangeRecorder {
             replication: replication.clone(),
             region: settings.region.clone(),
-            cluster: cluster.clone(),
+            cluster: Arc::downgrade(&cluster),
         }))?;
     }
     let peers = Arc::new(Peers::new(

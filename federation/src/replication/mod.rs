@@ -878,8 +878,9 @@ pub struct ChangeRecorder {
     /// This region: only its own tasks are replicated.
     pub region: String,
     /// Whether this replica leads its region (only the leader sends change
-    /// batches).
-    pub cluster: Arc<Cluster>,
+    /// batches). Weak: the cluster holds the store, which holds this sink,
+    /// and a strong handle would keep the store open after its run.
+    pub cluster: std::sync::Weak<Cluster>,
 }
 
 impl crate::tasks::ChangeSink for ChangeRecorder {
@@ -901,7 +902,9 @@ impl crate::tasks::ChangeSink for ChangeRecorder {
     /// are not read for it. Their later changes are (a finished task joins
     /// the recent results).
     fn wants_new_tasks(&self) -> bool {
-        self.cluster.leader_token().is_some()
+        self.cluster
+            .upgrade()
+            .is_some_and(|c| c.leader_token().is_some())
     }
 }
 
