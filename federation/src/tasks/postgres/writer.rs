@@ -157,21 +157,19 @@ impl Lanes {
             let busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
             !names.iter().any(|n| busy.contains_key(n))
         });
-        let held = u32::from(reserved.is_some());
-        let wanted = if beside { 1 } else { self.count };
-        let permits = match wanted.checked_sub(held).filter(|&more| more > 0) {
-            None => reserved,
-            Some(more) => {
-                let more = Arc::clone(&self.free).acquire_many_owned(more).await.ok();
-                match (reserved, more) {
-                    (Some(mut r), Some(m)) => {
-                        r.merge(m);
-                        Some(r)
-                    }
-                    (r, m) => r.or(m),
+        let mut permits = reserved;
+        if !beside && self.count > 1 {
+            // Alone: every other lane too (the semaphore is never closed).
+            if let Ok(rest) = Arc::clone(&self.free)
+                .acquire_many_owned(self.count - 1)
+                .await
+            {
+                match permits.as_mut() {
+                    Some(p) => p.merge(rest),
+                    None => permits = Some(rest),
                 }
             }
-        };
+        }
         let names = names.unwrap_or_default();
         {
             let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
@@ -500,7 +498,7 @@ async fn prepare(
 /// Queues the notifications of a batch's changes (sent at commit):
 /// `<instance> <region> d=<queued>,<leased>,<succeeded>,<failed>,<cancelled> n=<new> <id> <id> …`,
 /// split to stay under the limit; the counts' change (`d=`) rides in the
-/// first payload only, and each payload's `n=` says how many of its ids
+/// first payload (the others carry `d=0,0,0,0,0`), and each payload's `n=` says how many of its ids
 /// (the first ones) are tasks the batch created, which a replica that does
 /// not lead skips. The statement is sent at the first poll (none for no
 /// changes).
