@@ -41,6 +41,7 @@ pub const MIGRATIONS: &[(i32, &str)] = &[
     (2, SCHEMA_V2),
     (3, SCHEMA_V3),
     (4, SCHEMA_V4),
+    (5, SCHEMA_V5),
 ];
 
 /// The newest schema version this build knows.
@@ -197,6 +198,54 @@ CREATE INDEX decisions_task ON decisions (region, task_id, seq) WHERE task_id IS
 const SCHEMA_V4: &str = r#"
 ALTER TABLE replicas ADD COLUMN endpoint text NOT NULL DEFAULT '';
 ALTER TABLE replicas ADD COLUMN draining boolean NOT NULL DEFAULT false;
+"#;
+
+/// Version 5: the database seals decision records into the chain itself
+/// (`crate::audit::postgres::append`), so an append locks the region's
+/// head only from its statement to the commit. `decisions_append` locks
+/// the head row, and for each record (in order) joins its parts around the
+/// previous hash and the seq — `head ‖ previous hash ‖ mid ‖ seq ‖ tail`,
+/// the line's body as `crate::audit::Prepared::seal_into` writes it —
+/// hashes the body (SHA-256 of its UTF-8), puts `p_sep` and the hash before
+/// its closing brace to make the line, then inserts the rows and moves the
+/// head. Replicas of version 4 keep running on it (they lock the same row).
+const SCHEMA_V5: &str = r#"
+CREATE FUNCTION decisions_append(
+    p_region text, p_genesis text, p_sep text,
+    p_heads text[], p_mids text[], p_tails text[], p_task_ids text[],
+    OUT head_seq bigint, OUT head_hash text)
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $fn$
+DECLARE
+    n integer := coalesce(array_length(p_heads, 1), 0);
+    seqs bigint[] := '{}';
+    hashes text[] := '{}';
+    lines text[] := '{}';
+    body text;
+BEGIN
+    SELECT h.seq, h.hash INTO head_seq, head_hash
+        FROM decision_heads h WHERE h.region = p_region FOR UPDATE;
+    IF NOT FOUND THEN
+        INSERT INTO decision_heads (region, seq, hash) VALUES (p_region, 0, p_genesis)
+            ON CONFLICT (region) DO NOTHING;
+        SELECT h.seq, h.hash INTO head_seq, head_hash
+            FROM decision_heads h WHERE h.region = p_region FOR UPDATE;
+    END IF;
+    IF n = 0 THEN
+        RETURN;
+    END IF;
+    FOR i IN 1 .. n LOOP
+        head_seq := head_seq + 1;
+        body := p_heads[i] || head_hash || p_mids[i] || head_seq::text || p_tails[i];
+        head_hash := encode(sha256(convert_to(body, 'UTF8')), 'hex');
+        seqs[i] := head_seq;
+        hashes[i] := head_hash;
+        lines[i] := left(body, -1) || p_sep || head_hash || '"}';
+    END LOOP;
+    INSERT INTO decisions (region, seq, hash, task_id, line)
+        SELECT p_region, u.s, u.h, u.t, u.l FROM unnest(seqs, hashes, p_task_ids, lines) AS u(s, h, t, l);
+    UPDATE decision_heads SET seq = head_seq, hash = head_hash WHERE region = p_region;
+END
+$fn$;
 "#;
 
 /// Errors of the database connection.

@@ -584,24 +584,14 @@ impl Prepared {
         } = self;
         buf.extend_from_slice(&head);
         let tail_start = buf.len();
-        {
-            // Continues the object `head` left open (it holds `kind`).
-            let mut obj = Obj {
-                out: &mut *buf,
-                first: false,
-            };
-            obj.str("prev_hash", prev_hash);
-            obj.str("region", region);
-            if let Some(i) = rule_index {
-                push_display(i, obj.key("rule_index"));
-            }
-            push_display(seq, obj.key("seq"));
-            if let Some(t) = &task_id {
-                obj.str("task_id", t);
-            }
-            obj.str("time", time);
-            push_display(unix_ms, obj.key("unix_ms"));
-        }
+        let chained = Chained {
+            region,
+            rule_index,
+            task_id: task_id.as_deref(),
+            time,
+            unix_ms,
+        };
+        chained.push(buf, prev_hash, &seq.to_string());
         hasher.update(&buf[tail_start..]);
         hasher.update(b"}");
         let hash = hex::encode(hasher.finalize());
@@ -610,5 +600,103 @@ impl Prepared {
         buf.extend_from_slice(hash.as_bytes());
         buf.extend_from_slice(b"\"}\n");
         hash
+    }
+
+    /// The line [`Prepared::seal_into`] makes (with its newline): for the
+    /// store's tests, which compare the database's sealing with it.
+    #[cfg(test)]
+    pub(crate) fn sealed_line(
+        self,
+        seq: u64,
+        time: &str,
+        unix_ms: i64,
+        region: &str,
+        prev_hash: &str,
+    ) -> Vec<u8> {
+        let mut buf = Vec::new();
+        self.seal_into(&mut buf, seq, time, unix_ms, region, prev_hash);
+        buf
+    }
+
+    /// The record cut where the chain goes, for a database that seals it
+    /// itself (`super::postgres`): the line's body is `head`, the previous
+    /// record's hash, `mid`, the seq in decimal and `tail` (which ends with
+    /// the body's `}`), the bytes [`Prepared::seal_into`] hashes.
+    pub(super) fn sql_parts(self, time: &str, unix_ms: i64, region: &str) -> SqlParts {
+        let Prepared {
+            mut head,
+            rule_index,
+            task_id,
+            ..
+        } = self;
+        let start = head.len();
+        let chained = Chained {
+            region,
+            rule_index,
+            task_id: task_id.as_deref(),
+            time,
+            unix_ms,
+        };
+        let (prev_at, seq_at) = chained.push(&mut head, "", "");
+        head.push(b'}');
+        let tail = head.split_off(seq_at);
+        let mid = head.split_off(prev_at);
+        debug_assert!(prev_at > start);
+        // Each cut is at an ASCII byte of valid UTF-8 (a quote, a colon).
+        SqlParts {
+            head: String::from_utf8_lossy(&head).into_owned(),
+            mid: String::from_utf8_lossy(&mid).into_owned(),
+            tail: String::from_utf8_lossy(&tail).into_owned(),
+            task_id,
+        }
+    }
+}
+
+/// A record as [`Prepared::sql_parts`] cuts it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct SqlParts {
+    /// The body up to the previous hash's first digit.
+    pub(super) head: String,
+    /// From after the previous hash to the seq's first digit.
+    pub(super) mid: String,
+    /// From after the seq to the body's end (its `}`).
+    pub(super) tail: String,
+    /// The task the record names.
+    pub(super) task_id: Option<String>,
+}
+
+/// The fields a record gets when it is chained, but its place in the chain.
+struct Chained<'a> {
+    region: &'a str,
+    rule_index: Option<u32>,
+    task_id: Option<&'a str>,
+    time: &'a str,
+    unix_ms: i64,
+}
+
+impl Chained<'_> {
+    /// Continues the object a head left open (it holds `kind`) with the
+    /// chained fields in sorted key order, `prev_hash` (hex, written as
+    /// is) and `seq` (decimal) included, without the closing `}`. Returns
+    /// where `prev_hash`'s and `seq`'s text begin in `out`.
+    fn push(&self, out: &mut Vec<u8>, prev_hash: &str, seq: &str) -> (usize, usize) {
+        let mut obj = Obj { out, first: false };
+        obj.key("prev_hash").push(b'"');
+        let prev_at = obj.out.len();
+        obj.out.extend_from_slice(prev_hash.as_bytes());
+        obj.out.push(b'"');
+        obj.str("region", self.region);
+        if let Some(i) = self.rule_index {
+            push_display(i, obj.key("rule_index"));
+        }
+        obj.key("seq");
+        let seq_at = obj.out.len();
+        obj.out.extend_from_slice(seq.as_bytes());
+        if let Some(t) = self.task_id {
+            obj.str("task_id", t);
+        }
+        obj.str("time", self.time);
+        push_display(self.unix_ms, obj.key("unix_ms"));
+        (prev_at, seq_at)
     }
 }

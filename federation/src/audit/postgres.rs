@@ -4,57 +4,51 @@
 //! per region). Append-only: a trigger refuses UPDATE, DELETE and TRUNCATE
 //! on `decisions`, also for the table's owner.
 //!
-//! One chain per region, whichever replica appends: an append locks the
-//! region's head row (`SELECT … FOR UPDATE`) inside the transaction that
-//! carries the records (and, for a task insert, the task), continues the
-//! chain from it and moves it, so concurrent appends are ordered by the
-//! database and the chain holds exactly the committed records. The lock
-//! ([`lock_head`]) and the append ([`append_after`]: the rows and the moved
-//! head in one statement) each send their statement at the first poll, so
-//! a writer pipelines them: the lock behind its last INSERT, its COMMIT
-//! behind the append, and the head is held for about one round trip and
-//! the commit's flush. The line's
-//! bytes are the file format's ([`super`]), so `audit export` writes the
-//! JSONL an auditor's tooling already checks.
+//! One chain per region, whichever replica appends: the database seals
+//! the records itself (the function `decisions_append` of
+//! [`crate::pg::MIGRATIONS`]' version 5, called by [`append`]): in one
+//! statement it locks the region's head row (`SELECT … FOR UPDATE`), hashes
+//! each record after the one before it, writes them and moves the head,
+//! inside the transaction that carries the records (and, for a task
+//! insert, the task). Concurrent appends are ordered by the database and
+//! the chain holds exactly the committed records; the head is locked only
+//! from that statement to the commit's flush (sealing in the client held it
+//! for a round trip more, which bounded several replicas' throughput). The
+//! client cuts each record where the chain goes ([`Prepared::sql_parts`])
+//! and the function joins the parts around the previous hash and the seq:
+//! the line's bytes are the file format's ([`super`]), so `audit export`
+//! writes the JSONL an auditor's tooling already checks.
 
 use std::sync::Mutex;
 
-use super::{AuditError, GENESIS_HASH, Prepared, Tip, lock};
+use super::{AuditError, GENESIS_HASH, HASH_SEP, Prepared, Tip, lock};
 use crate::pg::{Pg, PgError};
 use tokio_postgres::types::Type;
 
-/// The head's lock.
-const LOCK_SQL: &str = "SELECT seq, hash FROM decision_heads WHERE region = $1 FOR UPDATE";
-const LOCK_TYPES: &[Type] = &[Type::TEXT];
-
-/// The records and the moved head, in one statement.
-const APPEND_SQL: &str = "WITH appended AS (INSERT INTO decisions (region, seq, hash, task_id, line) \
-       SELECT $1, s, h, t, l FROM unnest($2::bigint[], $3::text[], $4::text[], $5::text[]) AS u(s, h, t, l)) \
-     UPDATE decision_heads SET seq = $6, hash = $7 WHERE region = $1";
+/// Seals and appends a batch after the head, the head locked until commit.
+const APPEND_SQL: &str =
+    "SELECT head_seq, head_hash FROM decisions_append($1, $2, $3, $4, $5, $6, $7)";
 const APPEND_TYPES: &[Type] = &[
     Type::TEXT,
-    Type::INT8_ARRAY,
-    Type::TEXT_ARRAY,
-    Type::TEXT_ARRAY,
-    Type::TEXT_ARRAY,
-    Type::INT8,
     Type::TEXT,
+    Type::TEXT,
+    Type::TEXT_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::TEXT_ARRAY,
 ];
 
-/// Prepares [`lock_head`]'s and [`append_after`]'s statements on `txn`'s
-/// connection (deadpool's cache: a round trip the first time, nothing
-/// after), so each is parsed and planned once per connection and sent at
-/// its first poll. A caller pipelining them calls this before BEGIN: a
-/// statement prepared on the way would wait for its own round trip while
-/// the COMMIT behind it went ahead.
+/// Prepares [`append`]'s statement on `txn`'s connection (deadpool's
+/// cache: a round trip the first time, nothing after), so it is parsed
+/// once per connection and sent at its first poll. A caller pipelining it
+/// calls this before BEGIN: a statement prepared on the way would wait for
+/// its own round trip while the COMMIT behind it went ahead.
 pub(crate) async fn prepare(
     txn: &deadpool_postgres::ClientWrapper,
 ) -> Result<(), tokio_postgres::Error> {
-    futures::try_join!(
-        txn.prepare_typed_cached(LOCK_SQL, LOCK_TYPES),
-        txn.prepare_typed_cached(APPEND_SQL, APPEND_TYPES),
-    )
-    .map(|_| ())
+    txn.prepare_typed_cached(APPEND_SQL, APPEND_TYPES)
+        .await
+        .map(|_| ())
 }
 
 /// Makes sure `region` has a head row (seq 0, the genesis hash).
@@ -72,83 +66,54 @@ pub(crate) async fn ensure_head(
         .map(|_| ())
 }
 
-/// Locks `region`'s chain head inside the caller's transaction (open on
-/// `txn`) and returns it, creating the genesis head when there is none. The
-/// statement is sent at the first poll, so a caller may pipeline it behind
-/// its own statements: the lock is then taken without a round trip of its
-/// own, and held until the caller's transaction ends.
-pub(crate) async fn lock_head(
+/// Appends `records` (in order) to `region`'s chain in one statement, sent
+/// at the first poll (a caller may pipeline its COMMIT behind it): the
+/// database locks the head (held until the caller's transaction ends; a
+/// statement on its own is its own transaction), seals each record after
+/// it and moves it. Returns the new head (`None`, and nothing sent, when
+/// `records` is empty). Durable when the transaction commits.
+pub(crate) async fn append(
     txn: &deadpool_postgres::ClientWrapper,
     region: &str,
-) -> Result<(u64, String), tokio_postgres::Error> {
-    // Prepared by the caller before its transaction ([`prepare`]): taken
-    // from the cache without waiting, so it is sent at the first poll.
-    let locking = txn.prepare_typed_cached(LOCK_SQL, LOCK_TYPES).await?;
-    let row = txn.query_opt(&locking, &[&region]).await?;
-    match row {
-        Some(r) => Ok((
-            u64::try_from(r.get::<_, i64>(0)).unwrap_or(0),
-            r.get::<_, String>(1),
-        )),
-        None => {
-            txn.execute_typed(
-                "INSERT INTO decision_heads (region, seq, hash) VALUES ($1, 0, $2)",
-                &[(&region, Type::TEXT), (&GENESIS_HASH, Type::TEXT)],
-            )
-            .await?;
-            Ok((0, GENESIS_HASH.to_string()))
-        }
-    }
-}
-
-/// Seals `records` (in order) after `head` — the head [`lock_head`] locked
-/// in this transaction — and writes them and the moved head in one
-/// statement, sent at the first poll (so a caller may pipeline its COMMIT
-/// behind it). Returns the new head (`None`, and nothing sent, when
-/// `records` is empty). Durable only when the caller's transaction commits.
-pub(crate) async fn append_after(
-    txn: &deadpool_postgres::ClientWrapper,
-    region: &str,
-    head: (u64, String),
     records: Vec<Prepared>,
 ) -> Result<Option<(u64, String)>, tokio_postgres::Error> {
     if records.is_empty() {
         return Ok(None);
     }
-    let (seq0, mut hash) = head;
-    let mut seq = i64::try_from(seq0).unwrap_or(i64::MAX);
     let (time, unix_ms) = super::now_rfc3339();
-    let mut seqs = Vec::with_capacity(records.len());
-    let mut hashes = Vec::with_capacity(records.len());
-    let mut task_ids: Vec<Option<String>> = Vec::with_capacity(records.len());
-    let mut lines = Vec::with_capacity(records.len());
-    let mut buf = Vec::with_capacity(1536);
+    let n = records.len();
+    let (mut heads, mut mids, mut tails) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let mut task_ids: Vec<Option<String>> = Vec::with_capacity(n);
     for record in records {
-        seq += 1;
-        task_ids.push(record.task_id().map(str::to_string));
-        buf.clear();
-        hash = record.seal_into(
-            &mut buf,
-            u64::try_from(seq).unwrap_or(0),
-            &time,
-            unix_ms,
-            region,
-            &hash,
-        );
-        // The sealed line ends with its newline; the row holds the line.
-        buf.pop();
-        lines.push(String::from_utf8_lossy(&buf).into_owned());
-        seqs.push(seq);
-        hashes.push(hash.clone());
+        let parts = record.sql_parts(&time, unix_ms, region);
+        heads.push(parts.head);
+        mids.push(parts.mid);
+        tails.push(parts.tail);
+        task_ids.push(parts.task_id);
     }
     // Prepared before the transaction ([`prepare`]): sent at the first
     // poll, ahead of the COMMIT the caller pipelines behind it.
     let appending = txn.prepare_typed_cached(APPEND_SQL, APPEND_TYPES).await?;
-    txn.execute(
-        &appending,
-        &[&region, &seqs, &hashes, &task_ids, &lines, &seq, &hash],
-    )
-    .await?;
+    let row = txn
+        .query_one(
+            &appending,
+            &[
+                &region,
+                &GENESIS_HASH,
+                &HASH_SEP,
+                &heads,
+                &mids,
+                &tails,
+                &task_ids,
+            ],
+        )
+        .await?;
+    let seq: i64 = row.try_get(0)?;
+    let hash: String = row.try_get(1)?;
     Ok(Some((u64::try_from(seq).unwrap_or(0), hash)))
 }
 
@@ -272,46 +237,11 @@ pub(super) fn writer_loop(
         let bounded = pg.bounded(async move {
             let client = pg2.client().await?;
             let db = |e: tokio_postgres::Error| pg2.db(&e);
-            // The statements first (cached after the connection's first
-            // batch), so the append goes ahead of the COMMIT behind it.
+            // The statement first (cached after the connection's first
+            // batch), then the records and the moved head: one statement,
+            // its own transaction, one round trip.
             prepare(&client).await.map_err(db)?;
-            // BEGIN and the head's lock in one round trip; the records, the
-            // head and COMMIT in the next.
-            let any = !records.is_empty();
-            let (begun, head) = futures::join!(client.batch_execute("BEGIN"), async {
-                if any {
-                    lock_head(&client, &region2).await.map(Some)
-                } else {
-                    Ok(None)
-                }
-            });
-            let appended = async {
-                begun.map_err(db)?;
-                let head = head.map_err(db)?.unwrap_or((0, GENESIS_HASH.to_string()));
-                let mut append = std::pin::pin!(append_after(&client, &region2, head, records));
-                let first = futures::poll!(append.as_mut());
-                if let std::task::Poll::Ready(Err(e)) = first {
-                    return Err(db(e));
-                }
-                let (appended, committed) = futures::join!(
-                    async {
-                        match first {
-                            std::task::Poll::Ready(r) => r,
-                            std::task::Poll::Pending => append.await,
-                        }
-                    },
-                    client.batch_execute("COMMIT")
-                );
-                let head = appended.map_err(db)?;
-                committed.map_err(db)?;
-                Ok::<_, PgError>(head)
-            }
-            .await;
-            if appended.is_err() {
-                // Whatever state the transaction is in, it ends here.
-                let _ = client.batch_execute("ROLLBACK").await;
-            }
-            appended
+            append(&client, &region2, records).await.map_err(db)
         });
         let done = pg.handle().block_on(bounded);
         append_seconds.observe(started.elapsed().as_secs_f64());

@@ -161,6 +161,15 @@ fn sealed(p: Prepared, seq: u64, prev: &str) -> String {
     String::from_utf8(buf).expect("utf-8")
 }
 
+/// The line the database's `decisions_append` (schema version 5) makes of
+/// `p`'s parts: the same join, hash and layout, done here.
+fn joined(p: Prepared, seq: u64, prev: &str) -> String {
+    let parts = p.sql_parts("2025-01-01T00:00:00.000Z", 1_735_689_600_000, "europe");
+    let body = format!("{}{prev}{}{seq}{}", parts.head, parts.mid, parts.tail);
+    let hash = sha256_hex(body.as_bytes());
+    format!("{}{HASH_SEP}{hash}\"}}\n", &body[..body.len() - 1])
+}
+
 #[test]
 fn direct_rendering_matches_canonical_json_of_the_value() {
     let mut odd = attrs("D\"E\\\u{1}\u{7f}\t\u{8}\u{c}\r\nü€😀");
@@ -258,6 +267,9 @@ fn direct_rendering_matches_canonical_json_of_the_value() {
                 assert_eq!(sealed(Prepared::entry(&entry), seq, GENESIS_HASH), expected);
                 let direct = Prepared::decision(kind::ROUTE, task, entry_region, &a, d, note);
                 assert_eq!(sealed(direct, seq, GENESIS_HASH), expected);
+                let cut = Prepared::decision(kind::ROUTE, task, entry_region, &a, d, note);
+                assert_eq!(cut.task_id(), task);
+                assert_eq!(joined(cut, seq, GENESIS_HASH), expected);
                 assert!(check_line(expected.trim_end().as_bytes()).is_ok());
             }
         }
@@ -267,6 +279,11 @@ fn direct_rendering_matches_canonical_json_of_the_value() {
     assert_eq!(
         sealed(Prepared::entry(&bare), 1, GENESIS_HASH),
         via_value(&bare, 1, GENESIS_HASH)
+    );
+    let prev = sha256_hex(b"before");
+    assert_eq!(
+        joined(Prepared::entry(&bare), 12, &prev),
+        via_value(&bare, 12, &prev)
     );
 }
 

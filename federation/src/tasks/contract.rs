@@ -1482,6 +1482,72 @@ mod replicas {
         assert!(report.is_intact(), "{report:?}");
         assert_eq!(report.records, 80);
     }
+
+    /// The database seals records itself (`decisions_append`): every line
+    /// it writes is byte for byte the line the file's sealing makes of the
+    /// same record at the same place in the chain, also for strings JSON
+    /// escapes and characters beyond ASCII, and the chain verifies.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_database_seals_a_record_as_the_file_does() {
+        use crate::audit::{Entry, Prepared, Record, kind};
+        use crate::policy::{AttrValue, Attributes};
+        let fx = Fixture::new(Kind::Postgres);
+        let store = fx.open();
+        let log = fx.bound_log(&store, "europe");
+        let odd = "D\"E\\\u{1}\u{7f}\t\r\nü€😀";
+        let mut attributes = Attributes::new();
+        attributes.insert("country".into(), AttrValue::Str(odd.into()));
+        attributes.insert("n".into(), AttrValue::Int(-7));
+        let decision = crate::policy::Decision {
+            outcome: crate::policy::Outcome::Routed {
+                region: "europe".into(),
+            },
+            rule_index: Some(3),
+            rule: None,
+            required_tags: Default::default(),
+            candidates: vec![],
+            reason: odd.into(),
+            policy_hash: "h".into(),
+            warnings: vec![odd.into()],
+            evaluation_errors: vec![],
+            balance: None,
+        };
+        let id = "t-ü😀\"1";
+        let record = || {
+            Prepared::decision(
+                kind::ROUTE,
+                Some(id),
+                Some("europe"),
+                &attributes,
+                &decision,
+                Some(odd),
+            )
+        };
+        let inserted = store.insert_recorded(task(id), record()).await;
+        assert_eq!(inserted.record, RecordState::Written);
+        let bare = Entry::new(kind::POLICY_RELOAD).note(odd);
+        log.append(bare.clone()).await.expect("append");
+        let bytes = fx.log_bytes(&log, "europe");
+        let report = crate::audit::verify_bytes(&bytes);
+        assert!(report.is_intact(), "{report:?}");
+        assert_eq!(report.records, 2);
+        let lines: Vec<&[u8]> = bytes.split_inclusive(|b| *b == b'\n').collect();
+        assert_eq!(lines.len(), 2);
+        for (line, prepared) in lines.iter().zip([record(), Prepared::entry(&bare)]) {
+            let stored: Record = serde_json::from_slice(line).expect("a record");
+            let sealed = prepared.sealed_line(
+                stored.seq,
+                &stored.time,
+                stored.unix_ms,
+                "europe",
+                &stored.prev_hash,
+            );
+            assert_eq!(
+                String::from_utf8_lossy(line),
+                String::from_utf8_lossy(&sealed)
+            );
+        }
+    }
 }
 
 /// Prints the PostgreSQL store's insert rate and latency at 1 and 64 in

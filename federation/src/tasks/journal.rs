@@ -41,31 +41,23 @@ pub trait Journal: Send + Sync + std::fmt::Debug {
         rewrite: &mut crate::audit::Rewrite<'_>,
     ) -> Result<(), String>;
 
-    /// Prepares the statements of [`Journal::lock_head`] and
-    /// [`Journal::append_after`] on `txn`'s connection (cached: a round
-    /// trip the first time only), so that both are sent at their first
-    /// poll. The PostgreSQL store's writer calls it before BEGIN.
+    /// Prepares the statement of [`Journal::append`] on `txn`'s
+    /// connection (cached: a round trip the first time only), so that it
+    /// is sent at its first poll. The PostgreSQL store's writer calls it
+    /// before BEGIN.
     fn prepare<'a>(
         &'a self,
         txn: &'a deadpool_postgres::ClientWrapper,
     ) -> BoxFuture<'a, Result<(), tokio_postgres::Error>>;
 
-    /// Locks the chain's head inside the transaction open on `txn` and
-    /// returns it: the PostgreSQL store's writer, pipelined behind its
-    /// batch's last insert (the statement is sent at the first poll).
-    fn lock_head<'a>(
+    /// Appends `records` to the chain inside the transaction open on `txn`
+    /// (the database locks the head until the transaction ends and seals
+    /// them after it; durable when it commits) in one statement, sent at
+    /// the first poll so the writer pipelines its COMMIT behind it. Returns
+    /// the new head (`None`, nothing sent, for no records).
+    fn append<'a>(
         &'a self,
         txn: &'a deadpool_postgres::ClientWrapper,
-    ) -> BoxFuture<'a, Result<Head, tokio_postgres::Error>>;
-
-    /// Appends `records` after `head` (locked by [`Journal::lock_head`] in
-    /// the same transaction; durable when it commits) in one statement,
-    /// sent at the first poll so the writer pipelines its COMMIT behind it.
-    /// Returns the new head (`None`, nothing sent, for no records).
-    fn append_after<'a>(
-        &'a self,
-        txn: &'a deadpool_postgres::ClientWrapper,
-        head: Head,
         records: Vec<Record>,
     ) -> BoxFuture<'a, Result<Option<Head>, tokio_postgres::Error>>;
 
@@ -99,25 +91,12 @@ impl Journal for crate::audit::DecisionLog {
         Box::pin(crate::audit::postgres::prepare(txn))
     }
 
-    fn lock_head<'a>(
+    fn append<'a>(
         &'a self,
         txn: &'a deadpool_postgres::ClientWrapper,
-    ) -> BoxFuture<'a, Result<Head, tokio_postgres::Error>> {
-        Box::pin(crate::audit::postgres::lock_head(txn, self.region()))
-    }
-
-    fn append_after<'a>(
-        &'a self,
-        txn: &'a deadpool_postgres::ClientWrapper,
-        head: Head,
         records: Vec<Record>,
     ) -> BoxFuture<'a, Result<Option<Head>, tokio_postgres::Error>> {
-        Box::pin(crate::audit::postgres::append_after(
-            txn,
-            self.region(),
-            head,
-            records,
-        ))
+        Box::pin(crate::audit::postgres::append(txn, self.region(), records))
     }
 
     fn committed(&self, head: Head) {

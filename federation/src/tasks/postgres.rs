@@ -10,11 +10,11 @@
 //! or idempotency key); any other batch runs alone, after every batch
 //! before it. The decision records that inserts carry are
 //! appended to the region's chain in that same transaction by the store's
-//! journal ([`super::Journal::lock_head`], [`super::Journal::append_after`]):
-//! a task and the record naming it are committed together or not at all. A
-//! batch of submits costs three round trips: BEGIN with the look-up of its
-//! ids and keys; the multi-row INSERT with the chain head's lock behind it;
-//! the records, the notification and COMMIT. Each statement is prepared once
+//! journal ([`super::Journal::append`]): a task and the record naming it
+//! are committed together or not at all. A batch of submits costs three
+//! round trips: BEGIN; the multi-row INSERT (and the look-up of the ids and
+//! keys it collided with, if any); the records (sealed by the database
+//! after the chain head it locks), the notification and COMMIT. Each statement is prepared once
 //! per connection (before the batch's BEGIN), then one message. The writer is in `writer`, a
 //! batch's inserts in `staging`, the operations inside the transaction in
 //! `tx`, and the watches across replicas in `listen`. Rows a mutation changes are locked

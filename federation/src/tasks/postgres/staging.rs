@@ -50,7 +50,7 @@ const LOOK_UP_TYPES: &[Type] = &[Type::TEXT, Type::TEXT_ARRAY, Type::TEXT_ARRAY]
 /// nothing after), so PostgreSQL parses and plans them once per connection
 /// and each is sent at its first poll: a statement prepared on the way
 /// would wait for its own round trip while the ones pipelined behind it
-/// (the head's lock, COMMIT) went ahead. Called before BEGIN.
+/// went ahead. Called before BEGIN.
 pub(super) async fn prepare(
     txn: &deadpool_postgres::ClientWrapper,
 ) -> Result<(), tokio_postgres::Error> {
@@ -104,7 +104,7 @@ impl Tx<'_> {
         let bodies: Vec<Vec<u8>> = tasks.iter().map(|(_, t)| t.encode_to_vec()).collect();
         // Prepared before the batch began ([`prepare`]): taken from the
         // connection's cache without waiting, so the INSERT is sent at the
-        // first poll and the writer may pipeline the head's lock behind it.
+        // first poll.
         let inserting = self
             .txn
             .prepare_typed_cached(INSERT_SQL, INSERT_TYPES)

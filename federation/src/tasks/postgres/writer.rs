@@ -29,8 +29,8 @@ use crate::tasks::{InsertOutcome, MAX_BATCH, RecordState, RecordedInsert, StoreE
 /// more than the pool's size less one: reads keep a connection). Batches
 /// of new submits overlap, each on its own pooled connection, so one
 /// batch's round trips and commit flush no longer hold up the next; they
-/// queue only on the chain head's lock (from behind the INSERT to the
-/// COMMIT).
+/// queue only on the chain head's lock (from the append to the commit's
+/// flush).
 ///
 /// A batch of inserts only runs beside the batches in flight when none of
 /// them carries one of its task ids or idempotency keys ([`Lanes`]); any
@@ -216,9 +216,9 @@ pub(super) enum Slot {
 ///
 /// Round trips of a batch of new submits: BEGIN (alone: a statement
 /// pipelined behind a BEGIN that failed would run, and commit, outside any
-/// transaction); the multi-row INSERT with the chain head's lock behind it
-/// (and, only when it collided with stored ids or keys, their look-up); the
-/// records and the head, the notification and COMMIT. Each
+/// transaction); the multi-row INSERT (and, only when it collided with
+/// stored ids or keys, their look-up); the records (sealed by the database
+/// after the head it locks), the notification and COMMIT. Each
 /// statement is prepared once per connection ([`prepare`], before BEGIN)
 /// and then one message, and the pipelined ones are sent before the first
 /// of them is answered.
@@ -260,10 +260,8 @@ async fn run_in_transaction(
         region,
         shared,
     };
-    // The chain's head is locked only by a batch that carries records.
-    let chained = journal.filter(|_| batch.iter().any(carries_record));
-    // The journal's statements whether or not this batch locks the head
-    // (free once cached): the fallback below appends with them too.
+    // The journal's statement whether or not this batch carries records
+    // (free once cached).
     if let Err(e) = prepare(client, journal).await {
         return requests::fail(Vec::new(), batch, StoreError::from(pg.db(&e)));
     }
@@ -277,7 +275,6 @@ async fn run_in_transaction(
         Vec::with_capacity(batch.len());
     let mut slots = Vec::with_capacity(batch.len());
     let mut ops = batch.into_iter().enumerate();
-    let mut head = None;
     let outcome = async {
         let mut staged: Vec<(usize, Task)> = Vec::new();
         for (i, op) in ops.by_ref() {
@@ -318,20 +315,8 @@ async fn run_in_transaction(
                 }
             }
         }
-        // The last INSERT with the chain head's lock pipelined behind it:
-        // the lock costs no round trip of its own, and is held from here
-        // to the commit.
-        let (created, locked) = futures::join!(
-            t.create_staged(&mut staged, &mut inserts, &mut changes),
-            async {
-                match chained {
-                    Some(j) => j.lock_head(client).await.map(Some),
-                    None => Ok(None),
-                }
-            }
-        );
-        created?;
-        head = locked.map_err(|e| t.db(&e))?;
+        t.create_staged(&mut staged, &mut inserts, &mut changes)
+            .await?;
         Ok(())
     }
     .await;
@@ -358,20 +343,10 @@ async fn run_in_transaction(
         return requests::fail(answers, ops.map(|(_, op)| op), e);
     }
     // The records go into the chain in the transaction of their tasks.
+    // The chain's head is locked only here, by a batch that carries
+    // records, and held just to the commit's flush.
     let append = match journal {
-        Some(j) if !records.is_empty() => {
-            let head = match head {
-                Some(h) => h,
-                // Not expected (a batch with records locked the head above).
-                None => match j.lock_head(client).await {
-                    Ok(h) => h,
-                    Err(e) => {
-                        return requests::fail(answers, Vec::new(), StoreError::from(pg.db(&e)));
-                    }
-                },
-            };
-            Some(j.append_after(client, head, records))
-        }
+        Some(j) if !records.is_empty() => Some(j.append(client, records)),
         _ => None,
     };
     // Other replicas hear of the changes when this commits.
@@ -403,15 +378,6 @@ async fn run_in_transaction(
     };
     for a in answers {
         a.settle(&settled);
-    }
-}
-
-/// Whether `op` carries decision records for the journal.
-fn carries_record(op: &Op) -> bool {
-    match op {
-        Op::Insert { record, .. } => record.is_some(),
-        Op::InsertBatch { records, .. } => records.as_ref().is_some_and(|r| !r.is_empty()),
-        _ => false,
     }
 }
 
