@@ -220,7 +220,7 @@ DECLARE
     seqs bigint[] := '{}';
     hashes text[] := '{}';
     lines text[] := '{}';
-    body text;
+    unsealed text;
 BEGIN
     SELECT h.seq, h.hash INTO head_seq, head_hash
         FROM decision_heads h WHERE h.region = p_region FOR UPDATE;
@@ -235,11 +235,11 @@ BEGIN
     END IF;
     FOR i IN 1 .. n LOOP
         head_seq := head_seq + 1;
-        body := p_heads[i] || head_hash || p_mids[i] || head_seq::text || p_tails[i];
-        head_hash := encode(sha256(convert_to(body, 'UTF8')), 'hex');
+        unsealed := p_heads[i] || head_hash || p_mids[i] || head_seq::text || p_tails[i];
+        head_hash := encode(sha256(convert_to(unsealed || '}', 'UTF8')), 'hex');
         seqs[i] := head_seq;
         hashes[i] := head_hash;
-        lines[i] := left(body, -1) || p_sep || head_hash || '"}';
+        lines[i] := unsealed || p_sep || head_hash || '"}';
     END LOOP;
     INSERT INTO decisions (region, seq, hash, task_id, line)
         SELECT p_region, u.s, u.h, u.t, u.l FROM unnest(seqs, hashes, p_task_ids, lines) AS u(s, h, t, l);

@@ -620,8 +620,8 @@ impl Prepared {
 
     /// The record cut where the chain goes, for a database that seals it
     /// itself (`super::postgres`): the line's body is `head`, the previous
-    /// record's hash, `mid`, the seq in decimal and `tail` (which ends with
-    /// the body's `}`), the bytes [`Prepared::seal_into`] hashes.
+    /// record's hash, `mid`, the seq in decimal, `tail` and `}`, the bytes
+    /// [`Prepared::seal_into`] hashes.
     pub(super) fn sql_parts(self, time: &str, unix_ms: i64, region: &str) -> SqlParts {
         let Prepared {
             mut head,
@@ -638,7 +638,6 @@ impl Prepared {
             unix_ms,
         };
         let (prev_at, seq_at) = chained.push(&mut head, "", "");
-        head.push(b'}');
         let tail = head.split_off(seq_at);
         let mid = head.split_off(prev_at);
         debug_assert!(prev_at > start);
@@ -659,7 +658,7 @@ pub(super) struct SqlParts {
     pub(super) head: String,
     /// From after the previous hash to the seq's first digit.
     pub(super) mid: String,
-    /// From after the seq to the body's end (its `}`).
+    /// From after the seq to the body's end, without its closing `}`.
     pub(super) tail: String,
     /// The task the record names.
     pub(super) task_id: Option<String>,

@@ -165,9 +165,9 @@ fn sealed(p: Prepared, seq: u64, prev: &str) -> String {
 /// `p`'s parts: the same join, hash and layout, done here.
 fn joined(p: Prepared, seq: u64, prev: &str) -> String {
     let parts = p.sql_parts("2025-01-01T00:00:00.000Z", 1_735_689_600_000, "europe");
-    let body = format!("{}{prev}{}{seq}{}", parts.head, parts.mid, parts.tail);
-    let hash = sha256_hex(body.as_bytes());
-    format!("{}{HASH_SEP}{hash}\"}}\n", &body[..body.len() - 1])
+    let open = format!("{}{prev}{}{seq}{}", parts.head, parts.mid, parts.tail);
+    let hash = sha256_hex(format!("{open}}}").as_bytes());
+    format!("{open}{HASH_SEP}{hash}\"}}\n")
 }
 
 #[test]
