@@ -47,7 +47,7 @@ impl Fixture {
         }
     }
 
-    fn pg(&self) -> crate::pg::Pg {
+    pub(crate) fn pg(&self) -> crate::pg::Pg {
         let url = self.url.as_deref().expect("a postgres fixture");
         crate::pg::Pg::connect(url, 4, "contract-test").expect("connect")
     }

@@ -2,7 +2,9 @@
 //! created in one multi-row `INSERT … ON CONFLICT DO NOTHING`, the stored
 //! tasks the ones it did not create collide with read in one query after
 //! it (only when there are such), an id or key met twice in the batch one
-//! by one.
+//! by one. The INSERT may go out right behind the batch's `BEGIN`, before
+//! its answer ([`Begun`]): it creates rows only inside the transaction that
+//! `BEGIN` opened, so a `BEGIN` that failed leaves nothing committed.
 
 use std::collections::{HashMap, HashSet};
 
@@ -16,12 +18,19 @@ use crate::tasks::shared::Change;
 use crate::tasks::store::decode;
 use crate::tasks::{InsertOutcome, StoreError, transitions};
 
-/// The batch's multi-row INSERT (the ids created come back).
+/// A writer batch's `BEGIN`: it also marks the transaction (a setting that
+/// ends with it), which the batch's INSERT requires.
+pub(super) const BEGIN_SQL: &str = "BEGIN; SET LOCAL federation.batch = 'on'";
+
+/// The batch's multi-row INSERT (the ids created come back). It creates
+/// nothing outside a transaction [`BEGIN_SQL`] began: pipelined behind a
+/// `BEGIN` that failed it would otherwise run, and commit, on its own.
 const INSERT_SQL: &str = "INSERT INTO tasks (region, task_id, state, priority, created_ms, \
      lease_deadline_ms, agent_id, idempotency_key, body) \
      SELECT $1, i, s, p, c, 0, '', k, b \
      FROM unnest($2::text[], $3::smallint[], $4::integer[], $5::bigint[], \
                  $6::text[], $7::bytea[]) AS u(i, s, p, c, k, b) \
+     WHERE current_setting('federation.batch', true) = 'on' \
      ON CONFLICT DO NOTHING RETURNING task_id";
 const INSERT_TYPES: &[Type] = &[
     Type::TEXT,
@@ -61,6 +70,37 @@ pub(super) async fn prepare(
     .map(|_| ())
 }
 
+/// A batch's `BEGIN` ([`BEGIN_SQL`]), sent at once and answered when first
+/// needed: the batch's INSERT goes out behind it without waiting (one round
+/// trip for both), and every other statement waits for its answer
+/// ([`Begun::wait`]) before it is sent.
+pub(super) struct Begun<'a> {
+    pending: Option<futures::future::BoxFuture<'a, Result<(), tokio_postgres::Error>>>,
+    answer: Option<Result<(), StoreError>>,
+}
+
+impl<'a> Begun<'a> {
+    /// Sends `BEGIN` on `txn` (at this first poll) without waiting for it.
+    pub(super) async fn send(tx: &Tx<'a>) -> Begun<'a> {
+        let mut pending: futures::future::BoxFuture<'a, _> =
+            Box::pin(tx.txn.batch_execute(BEGIN_SQL));
+        let answer = match futures::poll!(pending.as_mut()) {
+            std::task::Poll::Ready(r) => Some(r.map_err(|e| tx.db(&e))),
+            std::task::Poll::Pending => None,
+        };
+        let pending = answer.is_none().then_some(pending);
+        Begun { pending, answer }
+    }
+
+    /// `BEGIN`'s answer: `Ok` once the transaction is open.
+    pub(super) async fn wait(&mut self, tx: &Tx<'_>) -> Result<(), StoreError> {
+        if let Some(pending) = self.pending.take() {
+            self.answer = Some(pending.await.map_err(|e| tx.db(&e)));
+        }
+        self.answer.clone().unwrap_or(Ok(()))
+    }
+}
+
 /// What became of an insert offered to [`Tx::stage`].
 pub(super) enum Staging {
     /// Answered at once (a refused request).
@@ -86,8 +126,11 @@ impl Tx<'_> {
     /// transaction committed meanwhile) answered from the stored task, read
     /// for all of them in one more query. What is stored is not read before
     /// the INSERT: a batch of new submits (the common case) pays no look-up.
+    /// The INSERT may be the first statement after `begun`, sent before its
+    /// answer; nothing else is sent before `begun` is answered.
     pub(super) async fn create_staged(
         &self,
+        begun: &mut Begun<'_>,
         staged: &mut Vec<(usize, Task)>,
         results: &mut [Option<Result<InsertOutcome, StoreError>>],
         changes: &mut Vec<Change>,
@@ -126,6 +169,9 @@ impl Tx<'_> {
             )
             .await
             .map_err(|e| self.db(&e))?;
+        // Answered before the INSERT: a failed BEGIN left it creating
+        // nothing, and the batch fails here.
+        begun.wait(self).await?;
         let inserted: HashSet<String> = rows.iter().map(|r| r.get::<_, String>(0)).collect();
         let (new, collided): (Vec<_>, Vec<_>) = tasks
             .into_iter()
@@ -228,5 +274,72 @@ impl Tx<'_> {
         transitions::admit(&mut task, now);
         staged.push((at, task));
         Staging::Staged
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tasks::contract::{Fixture, Kind};
+
+    /// The batch's INSERT goes out behind its `BEGIN` before the answer; a
+    /// `BEGIN` that failed must not leave it committing rows on its own:
+    /// outside the writer's transaction it creates nothing.
+    #[test]
+    fn the_batch_insert_creates_rows_only_inside_the_writers_transaction() {
+        let fx = Fixture::new(Kind::Postgres);
+        drop(fx.open()); // the schema
+        let pg = fx.pg();
+        let pg2 = pg.clone();
+        let counts = pg
+            .block(async move {
+                let db = |e: tokio_postgres::Error| pg2.db(&e);
+                let c = pg2.client().await?;
+                let inserting = c
+                    .prepare_typed_cached(INSERT_SQL, INSERT_TYPES)
+                    .await
+                    .map_err(db)?;
+                let insert = |id: &'static str| {
+                    let c = &c;
+                    let inserting = inserting.clone();
+                    async move {
+                        let key: Option<&str> = None;
+                        c.query(
+                            &inserting,
+                            &[
+                                &"europe",
+                                &vec![id],
+                                &vec![1i16],
+                                &vec![0i32],
+                                &vec![1i64],
+                                &vec![key],
+                                &vec![Vec::<u8>::new()],
+                            ],
+                        )
+                        .await
+                        .map(|rows| rows.len())
+                    }
+                };
+                // On its own (as after a failed BEGIN): its own transaction.
+                let alone = insert("alone").await.map_err(db)?;
+                // Inside a transaction that is not the writer's.
+                c.batch_execute("BEGIN").await.map_err(db)?;
+                let other = insert("other").await.map_err(db)?;
+                c.batch_execute("COMMIT").await.map_err(db)?;
+                // Inside the writer's.
+                c.batch_execute(BEGIN_SQL).await.map_err(db)?;
+                let inside = insert("inside").await.map_err(db)?;
+                c.batch_execute("COMMIT").await.map_err(db)?;
+                // The mark ended with that transaction.
+                let after = insert("after").await.map_err(db)?;
+                let stored: i64 = c
+                    .query_one("SELECT count(*) FROM tasks", &[])
+                    .await
+                    .map_err(db)?
+                    .get(0);
+                Ok((alone, other, inside, after, stored))
+            })
+            .expect("the statements run");
+        assert_eq!(counts, (0, 0, 1, 0, 1));
     }
 }

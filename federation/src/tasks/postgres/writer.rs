@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::types::Type;
 
 use super::deadline::{Relay, relayed};
-use super::staging::Staging;
+use super::staging::{Begun, Staging};
 use super::tx::Tx;
 use super::{CHANNEL, NOTIFY_BYTES, Shared, listen};
 use crate::pg::Pg;
@@ -214,11 +214,12 @@ pub(super) enum Slot {
 /// Applies a batch in one transaction with its records appended in it,
 /// commits, and answers every request (or fails them all).
 ///
-/// Round trips of a batch of new submits: BEGIN (alone: a statement
-/// pipelined behind a BEGIN that failed would run, and commit, outside any
-/// transaction); the multi-row INSERT (and, only when it collided with
-/// stored ids or keys, their look-up); the records (sealed by the database
-/// after the head it locks), the notification and COMMIT. Each
+/// Round trips of a batch of new submits: BEGIN with the multi-row INSERT
+/// behind it (which creates rows only inside that transaction, so a BEGIN
+/// that failed commits nothing; any other statement waits for BEGIN's
+/// answer), and, only when it collided with stored ids or keys, their
+/// look-up; then the records (sealed by the database after the head it
+/// locks), the notification and COMMIT. Each
 /// statement is prepared once per connection ([`prepare`], before BEGIN)
 /// and then one message, and the pipelined ones are sent before the first
 /// of them is answered.
@@ -265,9 +266,9 @@ async fn run_in_transaction(
     if let Err(e) = prepare(client, journal).await {
         return requests::fail(Vec::new(), batch, StoreError::from(pg.db(&e)));
     }
-    if let Err(e) = client.batch_execute("BEGIN").await {
-        return requests::fail(Vec::new(), batch, StoreError::from(pg.db(&e)));
-    }
+    // Sent now, answered later: a batch of new submits sends its INSERT
+    // right behind it.
+    let mut begun = Begun::send(&t).await;
     // Inserts are staged and created together (one multi-row INSERT) before
     // any other request runs and at the end: a batch of submits costs a
     // fixed number of round trips, not two per task.
@@ -290,7 +291,8 @@ async fn run_in_transaction(
                         Staging::Answered(done) => inserts[i] = Some(*done),
                         Staging::Staged => {}
                         Staging::Clash(task) => {
-                            t.create_staged(&mut staged, &mut inserts, &mut changes)
+                            begun.wait(&t).await?;
+                            t.create_staged(&mut begun, &mut staged, &mut inserts, &mut changes)
                                 .await?;
                             let done = t.insert(*task, now, &mut changes).await;
                             if let Some(e) = requests::fatal(&done) {
@@ -301,7 +303,11 @@ async fn run_in_transaction(
                     }
                 }
                 op => {
-                    let created = t.create_staged(&mut staged, &mut inserts, &mut changes);
+                    let created = async {
+                        begun.wait(&t).await?;
+                        t.create_staged(&mut begun, &mut staged, &mut inserts, &mut changes)
+                            .await
+                    };
                     if let Err(e) = created.await {
                         op.refuse(&e);
                         return Err(e);
@@ -315,9 +321,10 @@ async fn run_in_transaction(
                 }
             }
         }
-        t.create_staged(&mut staged, &mut inserts, &mut changes)
+        // Pipelined behind BEGIN when it is the batch's first statement.
+        t.create_staged(&mut begun, &mut staged, &mut inserts, &mut changes)
             .await?;
-        Ok(())
+        begun.wait(&t).await
     }
     .await;
     let applied: Vec<Applied> = slots
