@@ -641,11 +641,16 @@ impl Prepared {
         let tail = head.split_off(seq_at);
         let mid = head.split_off(prev_at);
         debug_assert!(prev_at > start);
-        // Each cut is at an ASCII byte of valid UTF-8 (a quote, a colon).
+        // Each cut is at an ASCII byte of valid UTF-8 (a quote, a colon):
+        // each part is taken as it is, not copied.
+        let text = |bytes: Vec<u8>| {
+            String::from_utf8(bytes)
+                .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+        };
         SqlParts {
-            head: String::from_utf8_lossy(&head).into_owned(),
-            mid: String::from_utf8_lossy(&mid).into_owned(),
-            tail: String::from_utf8_lossy(&tail).into_owned(),
+            head: text(head),
+            mid: text(mid),
+            tail: text(tail),
             task_id,
         }
     }
