@@ -892,10 +892,28 @@ impl Sandbox {
         expect: &[(&str, &str)],
         patience: Duration,
     ) -> anyhow::Result<()> {
+        self.wait_for_replica_states(viewer, 0, expect, patience)
+            .await
+    }
+
+    /// [`Sandbox::wait_for_states`] as replica `index` of `viewer` sees
+    /// them (0: its controller): each replica hears its peers on its own.
+    pub async fn wait_for_replica_states(
+        &self,
+        viewer: &str,
+        index: usize,
+        expect: &[(&str, &str)],
+        patience: Duration,
+    ) -> anyhow::Result<()> {
         let until = Instant::now() + patience;
         let mut last = String::from("no answer");
         while Instant::now() < until {
-            if let Ok(ch) = self.channel(viewer).await {
+            let channel = if index == 0 {
+                self.channel(viewer).await
+            } else {
+                self.replica_channel(viewer, index).await
+            };
+            if let Ok(ch) = channel {
                 let mut admin = api::federation_admin_client::FederationAdminClient::new(ch);
                 if let Ok(s) = admin
                     .federation_status(api::FederationStatusRequest {})
@@ -919,7 +937,7 @@ impl Sandbox {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         bail!(
-            "timed out after {patience:?} waiting for {expect:?} as seen from {viewer}; last seen {last}{}",
+            "timed out after {patience:?} waiting for {expect:?} as seen from {viewer} (replica {index}); last seen {last}{}",
             self.log_tails(expect.iter().map(|(r, _)| *r).chain([viewer]))
         )
     }

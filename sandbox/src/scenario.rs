@@ -24,8 +24,9 @@ impl SandboxBuilder {
 }
 
 impl Sandbox {
-    /// Waits (at most `patience`) until every running controller sees every
-    /// other region alive; fails at once if a controller has exited.
+    /// Waits (at most `patience`) until every running controller, each
+    /// replica of a region included, sees every other region alive; fails
+    /// at once if a controller has exited.
     pub async fn wait_formed(&mut self, patience: Duration) -> anyhow::Result<()> {
         let until = Instant::now() + patience;
         let names = self.region_names();
@@ -35,18 +36,23 @@ impl Sandbox {
                 .filter(|n| *n != viewer)
                 .map(|n| (n.as_str(), "alive"))
                 .collect();
-            loop {
-                self.check_running(&names)?;
-                let left = until.saturating_duration_since(Instant::now());
-                let step = left.min(Duration::from_millis(500));
-                match self.wait_for_states(viewer, &expect, step).await {
-                    Ok(()) => break,
-                    Err(e) if Instant::now() >= until => {
-                        return Err(
-                            e.context(format!("the federation did not form within {patience:?}"))
-                        );
+            for index in 0..self.replica_count(viewer) {
+                loop {
+                    self.check_running(&names)?;
+                    let left = until.saturating_duration_since(Instant::now());
+                    let step = left.min(Duration::from_millis(500));
+                    match self
+                        .wait_for_replica_states(viewer, index, &expect, step)
+                        .await
+                    {
+                        Ok(()) => break,
+                        Err(e) if Instant::now() >= until => {
+                            return Err(e.context(format!(
+                                "the federation did not form within {patience:?}"
+                            )));
+                        }
+                        Err(_) => {}
                     }
-                    Err(_) => {}
                 }
             }
         }
