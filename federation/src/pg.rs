@@ -205,14 +205,20 @@ ALTER TABLE replicas ADD COLUMN draining boolean NOT NULL DEFAULT false;
 /// head only from its statement to the commit. `decisions_append` locks
 /// the head row, and for each record (in order) joins its parts around the
 /// previous hash and the seq — `head ‖ previous hash ‖ mid ‖ seq ‖ tail`,
-/// the line's body as `crate::audit::Prepared::seal_into` writes it —
-/// hashes the body (SHA-256 of its UTF-8), puts `p_sep` and the hash before
-/// its closing brace to make the line, then inserts the rows and moves the
-/// head. Replicas of version 4 keep running on it (they lock the same row).
+/// the line's body without its closing brace, as
+/// `crate::audit::Prepared::seal_into` writes it — hashes the body (that
+/// and `}`, SHA-256 of its UTF-8), makes the line of it, `p_sep`, the hash
+/// and `"}`, then inserts the rows and moves the head. Every step is a
+/// copy, none counts characters: the head stays locked while it runs.
+/// Given `p_created` and `p_expected` (how many tasks the statement's own
+/// INSERT created, and should have), it appends only when they agree and
+/// otherwise fails with SQLSTATE `FDB01`, which aborts the transaction.
+/// Replicas of version 4 keep running on it (they lock the same row).
 const SCHEMA_V5: &str = r#"
 CREATE FUNCTION decisions_append(
     p_region text, p_genesis text, p_sep text,
     p_heads text[], p_mids text[], p_tails text[], p_task_ids text[],
+    p_created bigint DEFAULT NULL, p_expected bigint DEFAULT NULL,
     OUT head_seq bigint, OUT head_hash text)
 LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $fn$
 DECLARE
@@ -222,6 +228,10 @@ DECLARE
     lines text[] := '{}';
     unsealed text;
 BEGIN
+    IF p_created IS DISTINCT FROM p_expected THEN
+        RAISE EXCEPTION 'the batch created % of its % tasks', p_created, p_expected
+            USING ERRCODE = 'FDB01';
+    END IF;
     SELECT h.seq, h.hash INTO head_seq, head_hash
         FROM decision_heads h WHERE h.region = p_region FOR UPDATE;
     IF NOT FOUND THEN

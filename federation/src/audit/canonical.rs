@@ -622,18 +622,14 @@ impl Prepared {
     /// itself (`super::postgres`): the line's body is `head`, the previous
     /// record's hash, `mid`, the seq in decimal, `tail` and `}`, the bytes
     /// [`Prepared::seal_into`] hashes.
-    pub(super) fn sql_parts(self, time: &str, unix_ms: i64, region: &str) -> SqlParts {
-        let Prepared {
-            mut head,
-            rule_index,
-            task_id,
-            ..
-        } = self;
+    pub(super) fn sql_parts(&self, time: &str, unix_ms: i64, region: &str) -> SqlParts {
+        let mut head = Vec::with_capacity(self.head.len() + 160);
+        head.extend_from_slice(&self.head);
         let start = head.len();
         let chained = Chained {
             region,
-            rule_index,
-            task_id: task_id.as_deref(),
+            rule_index: self.rule_index,
+            task_id: self.task_id.as_deref(),
             time,
             unix_ms,
         };
@@ -642,7 +638,7 @@ impl Prepared {
         let mid = head.split_off(prev_at);
         debug_assert!(prev_at > start);
         // Each cut is at an ASCII byte of valid UTF-8 (a quote, a colon):
-        // each part is taken as it is, not copied.
+        // each part is taken as it is, not copied again.
         let text = |bytes: Vec<u8>| {
             String::from_utf8(bytes)
                 .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
@@ -651,7 +647,7 @@ impl Prepared {
             head: text(head),
             mid: text(mid),
             tail: text(tail),
-            task_id,
+            task_id: self.task_id.clone(),
         }
     }
 }

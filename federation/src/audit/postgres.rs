@@ -23,7 +23,7 @@ use std::sync::Mutex;
 
 use super::{AuditError, GENESIS_HASH, HASH_SEP, Prepared, Tip, lock};
 use crate::pg::{Pg, PgError};
-use tokio_postgres::types::Type;
+use tokio_postgres::types::{ToSql, Type};
 
 /// Seals and appends a batch after the head, the head locked until commit.
 const APPEND_SQL: &str =
@@ -80,41 +80,121 @@ pub(crate) async fn append(
     if records.is_empty() {
         return Ok(None);
     }
-    let (time, unix_ms) = super::now_rfc3339();
-    let n = records.len();
-    let (mut heads, mut mids, mut tails) = (
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-    );
-    let mut task_ids: Vec<Option<String>> = Vec::with_capacity(n);
-    for record in records {
-        let parts = record.sql_parts(&time, unix_ms, region);
-        heads.push(parts.head);
-        mids.push(parts.mid);
-        tails.push(parts.tail);
-        task_ids.push(parts.task_id);
-    }
+    let parts = Parts::of(region, &records);
     // Prepared before the transaction ([`prepare`]): sent at the first
     // poll, ahead of the COMMIT the caller pipelines behind it.
     let appending = txn.prepare_typed_cached(APPEND_SQL, APPEND_TYPES).await?;
-    let row = txn
-        .query_one(
-            &appending,
-            &[
-                &region,
-                &GENESIS_HASH,
-                &HASH_SEP,
-                &heads,
-                &mids,
-                &tails,
-                &task_ids,
-            ],
-        )
-        .await?;
+    let mut params: Vec<&(dyn ToSql + Sync)> = vec![&region];
+    params.extend(parts.params());
+    let row = txn.query_one(&appending, &params).await?;
+    head_of(&row).map(Some)
+}
+
+/// SQLSTATE of [`append_checked`] refusing: its INSERT created fewer tasks
+/// than it carried (one was stored already), so nothing may be appended.
+pub(crate) const NOT_ALL_CREATED: &str = "FDB01";
+
+/// [`append`] in one statement with the INSERT of the tasks the records
+/// name: `insert` (an `INSERT … RETURNING`, its parameters of
+/// `insert_types`, `$1` the region) runs first, and the records are
+/// appended only if it created `expected` rows; otherwise the statement
+/// fails with [`NOT_ALL_CREATED`] and the transaction is aborted, nothing
+/// of it kept. Sent at the first poll once [`prepare_checked`] prepared it.
+pub(crate) async fn append_checked(
+    txn: &deadpool_postgres::ClientWrapper,
+    region: &str,
+    records: &[Prepared],
+    insert: &str,
+    insert_types: &[Type],
+    insert_params: &[&(dyn ToSql + Sync)],
+    expected: i64,
+) -> Result<Option<(u64, String)>, tokio_postgres::Error> {
+    let parts = Parts::of(region, records);
+    let (sql, types) = checked_statement(insert, insert_types);
+    let appending = txn.prepare_typed_cached(&sql, &types).await?;
+    let mut params: Vec<&(dyn ToSql + Sync)> = insert_params.to_vec();
+    params.extend(parts.params());
+    params.push(&expected);
+    let row = txn.query_one(&appending, &params).await?;
+    if records.is_empty() {
+        return Ok(None);
+    }
+    head_of(&row).map(Some)
+}
+
+/// Prepares [`append_checked`]'s statement for `insert` (cached per
+/// connection), so that it is sent at its first poll.
+pub(crate) async fn prepare_checked(
+    txn: &deadpool_postgres::ClientWrapper,
+    insert: &str,
+    insert_types: &[Type],
+) -> Result<(), tokio_postgres::Error> {
+    let (sql, types) = checked_statement(insert, insert_types);
+    txn.prepare_typed_cached(&sql, &types).await.map(|_| ())
+}
+
+/// The statement of [`append_checked`]: `insert` as a CTE, then the
+/// append given how many rows it created.
+fn checked_statement(insert: &str, insert_types: &[Type]) -> (String, Vec<Type>) {
+    let n = insert_types.len();
+    let at: Vec<String> = (1..=7).map(|i| format!("${}", n + i)).collect();
+    let sql = format!(
+        "WITH created AS ({insert}) SELECT head_seq, head_hash FROM decisions_append($1, {}, (SELECT count(*) FROM created), {})",
+        at[..6].join(", "),
+        at[6]
+    );
+    let mut types = insert_types.to_vec();
+    types.extend_from_slice(&APPEND_TYPES[1..]);
+    types.push(Type::INT8);
+    (sql, types)
+}
+
+/// A batch of records cut for `decisions_append`.
+struct Parts {
+    heads: Vec<String>,
+    mids: Vec<String>,
+    tails: Vec<String>,
+    task_ids: Vec<Option<String>>,
+}
+
+impl Parts {
+    fn of(region: &str, records: &[Prepared]) -> Self {
+        let (time, unix_ms) = super::now_rfc3339();
+        let n = records.len();
+        let mut parts = Parts {
+            heads: Vec::with_capacity(n),
+            mids: Vec::with_capacity(n),
+            tails: Vec::with_capacity(n),
+            task_ids: Vec::with_capacity(n),
+        };
+        for record in records {
+            let cut = record.sql_parts(&time, unix_ms, region);
+            parts.heads.push(cut.head);
+            parts.mids.push(cut.mid);
+            parts.tails.push(cut.tail);
+            parts.task_ids.push(cut.task_id);
+        }
+        parts
+    }
+
+    /// `decisions_append`'s parameters after the region (2 to 7).
+    fn params(&self) -> [&(dyn ToSql + Sync); 6] {
+        [
+            &GENESIS_HASH,
+            &HASH_SEP,
+            &self.heads,
+            &self.mids,
+            &self.tails,
+            &self.task_ids,
+        ]
+    }
+}
+
+/// The head a `decisions_append` row reports.
+fn head_of(row: &tokio_postgres::Row) -> Result<(u64, String), tokio_postgres::Error> {
     let seq: i64 = row.try_get(0)?;
     let hash: String = row.try_get(1)?;
-    Ok(Some((u64::try_from(seq).unwrap_or(0), hash)))
+    Ok((u64::try_from(seq).unwrap_or(0), hash))
 }
 
 /// The chain's head of `region` as the database holds it.

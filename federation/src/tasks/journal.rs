@@ -4,6 +4,7 @@
 //! The store names the task in each record; it never builds one.
 
 use futures::future::BoxFuture;
+use tokio_postgres::types::{ToSql, Type};
 
 /// A decision record as the store carries it: rendered by the caller, named
 /// after the task the insert produced, appended by the journal.
@@ -61,6 +62,31 @@ pub trait Journal: Send + Sync + std::fmt::Debug {
         records: Vec<Record>,
     ) -> BoxFuture<'a, Result<Option<Head>, tokio_postgres::Error>>;
 
+    /// Prepares [`Journal::append_checked`]'s statement for `insert` on
+    /// `txn`'s connection (cached: a round trip the first time only).
+    fn prepare_checked<'a>(
+        &'a self,
+        txn: &'a deadpool_postgres::ClientWrapper,
+        insert: &'static str,
+        insert_types: &'static [Type],
+    ) -> BoxFuture<'a, Result<(), tokio_postgres::Error>>;
+
+    /// [`Journal::append`] in one statement with `insert` (an `INSERT …
+    /// RETURNING` of the tasks the records name, `$1` the region, its
+    /// parameters `insert_params`): the records are appended only if it
+    /// created `expected` rows, else the statement fails (SQLSTATE
+    /// [`crate::audit::postgres::NOT_ALL_CREATED`]) and aborts the
+    /// transaction. Sent at the first poll.
+    fn append_checked<'a>(
+        &'a self,
+        txn: &'a deadpool_postgres::ClientWrapper,
+        records: &'a [Record],
+        insert: &'static str,
+        insert_types: &'static [Type],
+        insert_params: &'a [&'a (dyn ToSql + Sync)],
+        expected: i64,
+    ) -> BoxFuture<'a, Result<Option<Head>, tokio_postgres::Error>>;
+
     /// The transaction that appended up to `head` committed.
     fn committed(&self, head: Head);
 }
@@ -97,6 +123,39 @@ impl Journal for crate::audit::DecisionLog {
         records: Vec<Record>,
     ) -> BoxFuture<'a, Result<Option<Head>, tokio_postgres::Error>> {
         Box::pin(crate::audit::postgres::append(txn, self.region(), records))
+    }
+
+    fn prepare_checked<'a>(
+        &'a self,
+        txn: &'a deadpool_postgres::ClientWrapper,
+        insert: &'static str,
+        insert_types: &'static [Type],
+    ) -> BoxFuture<'a, Result<(), tokio_postgres::Error>> {
+        Box::pin(crate::audit::postgres::prepare_checked(
+            txn,
+            insert,
+            insert_types,
+        ))
+    }
+
+    fn append_checked<'a>(
+        &'a self,
+        txn: &'a deadpool_postgres::ClientWrapper,
+        records: &'a [Record],
+        insert: &'static str,
+        insert_types: &'static [Type],
+        insert_params: &'a [&'a (dyn ToSql + Sync)],
+        expected: i64,
+    ) -> BoxFuture<'a, Result<Option<Head>, tokio_postgres::Error>> {
+        Box::pin(crate::audit::postgres::append_checked(
+            txn,
+            self.region(),
+            records,
+            insert,
+            insert_types,
+            insert_params,
+            expected,
+        ))
     }
 
     fn committed(&self, head: Head) {

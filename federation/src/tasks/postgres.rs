@@ -11,10 +11,13 @@
 //! before it. The decision records that inserts carry are
 //! appended to the region's chain in that same transaction by the store's
 //! journal ([`super::Journal::append`]): a task and the record naming it
-//! are committed together or not at all. A batch of submits costs two
-//! round trips: BEGIN with the multi-row INSERT pipelined behind it (and
-//! the look-up of the ids and keys it collided with, if any); the records
-//! (sealed by the database after the chain head it locks), the
+//! are committed together or not at all. A batch of new submits costs one
+//! round trip: BEGIN, one statement that creates the tasks and appends
+//! their records only if it created them all, the notification and COMMIT,
+//! sent together. Any other batch (or one that met a stored task, run
+//! again) costs two: BEGIN with the multi-row INSERT pipelined behind it
+//! (and the look-up of the ids and keys it collided with, if any); the
+//! records (sealed by the database after the chain head it locks), the
 //! notification and COMMIT. Each statement is prepared once
 //! per connection (before the batch's BEGIN), then one message. The writer is in `writer`, a
 //! batch's inserts in `staging`, the operations inside the transaction in

@@ -10,10 +10,11 @@ use std::collections::{HashMap, HashSet};
 
 use federation_api::{Task, TaskState};
 use prost::Message;
-use tokio_postgres::types::Type;
+use tokio_postgres::types::{ToSql, Type};
 
 use super::tx::Tx;
 use super::{key_of, state_code};
+use crate::tasks::journal::{Head, Journal, Record};
 use crate::tasks::shared::Change;
 use crate::tasks::store::decode;
 use crate::tasks::{InsertOutcome, StoreError, transitions};
@@ -101,6 +102,51 @@ impl<'a> Begun<'a> {
     }
 }
 
+/// The staged tasks as the INSERT's columns.
+struct Columns<'t> {
+    ids: Vec<&'t str>,
+    states: Vec<i16>,
+    priorities: Vec<i32>,
+    created: Vec<i64>,
+    keys: Vec<Option<&'t str>>,
+    bodies: Vec<Vec<u8>>,
+}
+
+impl<'t> Columns<'t> {
+    fn of(tasks: &'t [(usize, Task)]) -> Self {
+        Columns {
+            ids: tasks.iter().map(|(_, t)| t.task_id.as_str()).collect(),
+            states: tasks.iter().map(|(_, t)| state_code(t)).collect(),
+            priorities: tasks.iter().map(|(_, t)| t.priority).collect(),
+            created: tasks.iter().map(|(_, t)| t.created_unix_ms).collect(),
+            keys: tasks.iter().map(|(_, t)| key_of(t)).collect(),
+            bodies: tasks.iter().map(|(_, t)| t.encode_to_vec()).collect(),
+        }
+    }
+
+    /// [`INSERT_SQL`]'s parameters.
+    fn params<'a>(&'a self, region: &'a &'a str) -> [&'a (dyn ToSql + Sync); 7] {
+        [
+            region,
+            &self.ids,
+            &self.states,
+            &self.priorities,
+            &self.created,
+            &self.keys,
+            &self.bodies,
+        ]
+    }
+}
+
+/// Prepares the statement of [`Tx::create_with_records`] (the batch's
+/// INSERT and its records' append in one), once per connection.
+pub(super) async fn prepare_with_records(
+    txn: &deadpool_postgres::ClientWrapper,
+    journal: &dyn Journal,
+) -> Result<(), tokio_postgres::Error> {
+    journal.prepare_checked(txn, INSERT_SQL, INSERT_TYPES).await
+}
+
 /// What became of an insert offered to [`Tx::stage`].
 pub(super) enum Staging {
     /// Answered at once (a refused request).
@@ -139,12 +185,7 @@ impl Tx<'_> {
             return Ok(());
         }
         let tasks = std::mem::take(staged);
-        let ids: Vec<&str> = tasks.iter().map(|(_, t)| t.task_id.as_str()).collect();
-        let states: Vec<i16> = tasks.iter().map(|(_, t)| state_code(t)).collect();
-        let priorities: Vec<i32> = tasks.iter().map(|(_, t)| t.priority).collect();
-        let created: Vec<i64> = tasks.iter().map(|(_, t)| t.created_unix_ms).collect();
-        let keys: Vec<Option<&str>> = tasks.iter().map(|(_, t)| key_of(t)).collect();
-        let bodies: Vec<Vec<u8>> = tasks.iter().map(|(_, t)| t.encode_to_vec()).collect();
+        let columns = Columns::of(&tasks);
         // Prepared before the batch began ([`prepare`]): taken from the
         // connection's cache without waiting, so the INSERT is sent at the
         // first poll.
@@ -155,20 +196,10 @@ impl Tx<'_> {
             .map_err(|e| self.db(&e))?;
         let rows = self
             .txn
-            .query(
-                &inserting,
-                &[
-                    &self.region,
-                    &ids,
-                    &states,
-                    &priorities,
-                    &created,
-                    &keys,
-                    &bodies,
-                ],
-            )
+            .query(&inserting, &columns.params(&self.region))
             .await
             .map_err(|e| self.db(&e))?;
+        drop(columns);
         // Answered before the INSERT: a failed BEGIN left it creating
         // nothing, and the batch fails here.
         begun.wait(self).await?;
@@ -210,6 +241,33 @@ impl Tx<'_> {
             results[at] = Some(outcome);
         }
         Ok(())
+    }
+
+    /// Creates every one of `tasks` and appends `records` (theirs, named
+    /// after them) in one statement, sent at the first poll: when the
+    /// INSERT did not create them all (one is stored already), the
+    /// statement fails with [`crate::audit::postgres::NOT_ALL_CREATED`] and
+    /// the transaction is aborted with nothing of it kept. Returns the
+    /// chain's new head.
+    pub(super) async fn create_with_records(
+        &self,
+        journal: &dyn Journal,
+        tasks: &[(usize, Task)],
+        records: &[Record],
+    ) -> Result<Option<Head>, tokio_postgres::Error> {
+        let columns = Columns::of(tasks);
+        let params = columns.params(&self.region);
+        let expected = i64::try_from(tasks.len()).unwrap_or(i64::MAX);
+        journal
+            .append_checked(
+                self.txn,
+                records,
+                INSERT_SQL,
+                INSERT_TYPES,
+                &params,
+                expected,
+            )
+            .await
     }
 
     /// Reads, in one query, the stored tasks whose id or idempotency key one
@@ -341,5 +399,80 @@ mod tests {
             })
             .expect("the statements run");
         assert_eq!(counts, (0, 0, 1, 0, 1));
+    }
+
+    /// The batch's INSERT and its records' append in one statement: the
+    /// records go in only when every task was created; a stored one (or
+    /// no writer's transaction) refuses the whole statement with
+    /// `NOT_ALL_CREATED`, and nothing of it is kept.
+    #[test]
+    fn the_insert_with_its_records_appends_only_when_it_created_every_task() {
+        use crate::audit::{Entry, Prepared, kind};
+        let fx = Fixture::new(Kind::Postgres);
+        drop(fx.open()); // the schema
+        let pg = fx.pg();
+        let pg2 = pg.clone();
+        let seen = pg
+            .block(async move {
+                let db = |e: tokio_postgres::Error| pg2.db(&e);
+                let c = pg2.client().await?;
+                let attempt = |ids: &'static [&'static str]| {
+                    let c = &c;
+                    async move {
+                        let tasks: Vec<(usize, Task)> = ids
+                            .iter()
+                            .enumerate()
+                            .map(|(i, id)| (i, federation_sandbox::fixtures::queued_task(id)))
+                            .collect();
+                        let records: Vec<Prepared> = ids
+                            .iter()
+                            .map(|id| Prepared::entry(&Entry::new(kind::ROUTE).task(*id)))
+                            .collect();
+                        let columns = Columns::of(&tasks);
+                        let region = "europe";
+                        let params = columns.params(&region);
+                        crate::audit::postgres::append_checked(
+                            c,
+                            region,
+                            &records,
+                            INSERT_SQL,
+                            INSERT_TYPES,
+                            &params,
+                            ids.len() as i64,
+                        )
+                        .await
+                        .map_err(|e| e.code().map(|c| c.code().to_string()))
+                    }
+                };
+                c.batch_execute(BEGIN_SQL).await.map_err(db)?;
+                let first = attempt(&["a"]).await;
+                c.batch_execute("COMMIT").await.map_err(db)?;
+                c.batch_execute(BEGIN_SQL).await.map_err(db)?;
+                let stored = attempt(&["b", "a"]).await;
+                c.batch_execute("ROLLBACK").await.map_err(db)?;
+                // Outside the writer's transaction it creates nothing, so
+                // it appends nothing either.
+                let alone = attempt(&["c"]).await;
+                let count = |table: &'static str| {
+                    let c = &c;
+                    async move {
+                        c.query_one(&format!("SELECT count(*) FROM {table}"), &[])
+                            .await
+                            .map(|r| r.get::<_, i64>(0))
+                    }
+                };
+                let tasks = count("tasks").await.map_err(db)?;
+                let decisions = count("decisions").await.map_err(db)?;
+                Ok((
+                    first.map(|h| h.map(|h| h.0)),
+                    stored,
+                    alone,
+                    tasks,
+                    decisions,
+                ))
+            })
+            .expect("the statements run");
+        let refused = Err(Some(crate::audit::postgres::NOT_ALL_CREATED.to_string()));
+        assert_eq!(seen, (Ok(Some(1)), refused.clone(), refused, 1, 1));
     }
 }

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-use federation_api::Task;
+use federation_api::{Task, TaskState};
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::types::Type;
 
@@ -214,12 +214,16 @@ pub(super) enum Slot {
 /// Applies a batch in one transaction with its records appended in it,
 /// commits, and answers every request (or fails them all).
 ///
-/// Round trips of a batch of new submits: BEGIN with the multi-row INSERT
-/// behind it (which creates rows only inside that transaction, so a BEGIN
-/// that failed commits nothing; any other statement waits for BEGIN's
-/// answer), and, only when it collided with stored ids or keys, their
-/// look-up; then the records (sealed by the database after the head it
-/// locks), the notification and COMMIT. Each
+/// Round trips: a batch of new submits, each with its record, is one
+/// ([`in_one_round_trip`]: BEGIN, the INSERT with the records' append in
+/// one statement that appends only if it created every task, the
+/// notification and COMMIT, all sent before the first answer). Any other
+/// batch, and one whose INSERT met a stored task: BEGIN with the multi-row
+/// INSERT behind it (which creates rows only inside that transaction, so a
+/// BEGIN that failed commits nothing; any other statement waits for
+/// BEGIN's answer), and, only when it collided with stored ids or keys,
+/// their look-up; then the records (sealed by the database after the head
+/// it locks), the notification and COMMIT. Each
 /// statement is prepared once per connection ([`prepare`], before BEGIN)
 /// and then one message, and the pipelined ones are sent before the first
 /// of them is answered.
@@ -234,6 +238,9 @@ pub(super) async fn run_batch(
         Ok(c) => c,
         Err(e) => return requests::fail(Vec::new(), batch, StoreError::from(e)),
     };
+    let Some(batch) = in_one_round_trip(pg, &client, region, shared, journal, batch).await else {
+        return;
+    };
     let mut committed = false;
     run_in_transaction(pg, &client, region, shared, journal, batch, &mut committed).await;
     if !committed {
@@ -241,6 +248,150 @@ pub(super) async fn run_batch(
         // connection goes back to the pool outside any transaction).
         let _ = client.batch_execute("ROLLBACK").await;
     }
+}
+
+/// A batch of new submits, each with its record, in one round trip: BEGIN,
+/// then one statement that creates every task and appends their records
+/// only if it created them all (`Tx::create_with_records`), the
+/// notification and COMMIT, all sent before the first answer. Returns the
+/// batch untouched when it is not such a batch, or when one of its tasks
+/// was stored already (the statement refused, nothing kept): the general
+/// path then answers it (a retried submit, a known key).
+async fn in_one_round_trip(
+    pg: &Pg,
+    client: &deadpool_postgres::ClientWrapper,
+    region: &str,
+    shared: &Shared,
+    journal: Option<&dyn Journal>,
+    mut batch: Vec<Op>,
+) -> Option<Vec<Op>> {
+    let Some(journal) = journal else {
+        return Some(batch);
+    };
+    let eligible = batch.iter().all(|op| {
+        matches!(
+            op,
+            Op::Insert {
+                record: Some(_),
+                ..
+            }
+        )
+    });
+    if !eligible || batch.is_empty() {
+        return Some(batch);
+    }
+    let t = Tx {
+        txn: client,
+        pg,
+        region,
+        shared,
+    };
+    let now = shared.clock.now_ms();
+    let mut staged: Vec<(usize, Task)> = Vec::with_capacity(batch.len());
+    for (i, op) in batch.iter().enumerate() {
+        if let Op::Insert { task, .. } = op {
+            if !matches!(
+                t.stage((**task).clone(), now, &mut staged, i),
+                Staging::Staged
+            ) {
+                return Some(batch);
+            }
+        }
+    }
+    let prepared = async {
+        prepare(client, Some(journal)).await?;
+        super::staging::prepare_with_records(client, journal).await
+    };
+    if let Err(e) = prepared.await {
+        requests::fail(Vec::new(), batch, StoreError::from(pg.db(&e)));
+        return None;
+    }
+    // The records, taken out of the requests (put back if the general path
+    // runs the batch) and named after the tasks as created.
+    let mut records: Vec<Record> = Vec::with_capacity(batch.len());
+    for (op, (_, task)) in batch.iter_mut().zip(&staged) {
+        if let Op::Insert { record, .. } = op {
+            if let Some(r) = record.as_mut() {
+                r.set_task_id(&task.task_id);
+            }
+            records.extend(record.take());
+        }
+    }
+    let changes: Vec<Change> = staged
+        .iter()
+        .map(|(_, task)| Change {
+            before: None,
+            after: TaskState::Queued,
+            task: Some(task.clone()),
+        })
+        .collect();
+    let mut begun = Begun::send(&t).await;
+    let appended = t.create_with_records(journal, &staged, &records);
+    let notified = notify(client, region, &shared.instance, &changes);
+    let started = std::time::Instant::now();
+    let mut ended = false;
+    let committed = commit_behind(client, Some(Box::pin(appended)), notified, &mut ended).await;
+    let begun = begun.wait(&t).await;
+    shared.observe_commit(started.elapsed());
+    let head = match (committed, begun) {
+        (Ok(head), Ok(())) => head,
+        (committed, begun) => {
+            // Whatever state the transaction is in, it ends here.
+            let _ = client.batch_execute("ROLLBACK").await;
+            let refused = committed
+                .as_ref()
+                .err()
+                .and_then(|e| e.code())
+                .map(|c| c.code())
+                == Some(crate::audit::postgres::NOT_ALL_CREATED);
+            let mut records = records.into_iter();
+            for op in batch.iter_mut() {
+                if let Op::Insert { record, .. } = op {
+                    *record = records.next();
+                }
+            }
+            if refused {
+                return Some(batch);
+            }
+            let err = match (committed, begun) {
+                (Err(e), _) => StoreError::from(pg.db(&e)),
+                (_, Err(e)) => e,
+                (Ok(_), Ok(())) => StoreError::Db("internal: the batch failed".into()),
+            };
+            tracing::error!(error = %err, "task store commit failed");
+            requests::fail(Vec::new(), batch, err);
+            return None;
+        }
+    };
+    shared
+        .created
+        .fetch_add(staged.len() as u64, Ordering::Relaxed);
+    if let Some(head) = head {
+        journal.committed(head);
+    }
+    shared.committed(changes);
+    let mut records = records.into_iter();
+    let applied: Vec<Applied> = batch
+        .into_iter()
+        .zip(staged)
+        .filter_map(|(op, (_, task))| match op {
+            Op::Insert { reply, .. } => Some(Applied::Insert {
+                result: Box::new(Ok(InsertOutcome::Created(task))),
+                record: records.next(),
+                reply,
+            }),
+            _ => None,
+        })
+        .collect();
+    let (answers, _) = requests::answers(applied, true);
+    let settled = Settled {
+        committed: Ok(()),
+        records: RecordState::Written,
+    };
+    for a in answers {
+        a.settle(&settled);
+    }
+    None
 }
 
 #[allow(clippy::too_many_arguments)]
