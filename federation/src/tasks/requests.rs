@@ -9,7 +9,7 @@
 mod answers;
 mod dispatch;
 
-pub(super) use answers::{Applied, Settled, answers, fail, fatal};
+pub(super) use answers::{Answer, Applied, Settled, answers, fail, fatal};
 pub(super) use dispatch::{Operations, apply};
 
 use std::sync::Arc;

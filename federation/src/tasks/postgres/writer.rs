@@ -298,11 +298,7 @@ async fn in_one_round_trip(
             }
         }
     }
-    let prepared = async {
-        prepare(client, Some(journal)).await?;
-        super::staging::prepare_with_records(client, journal).await
-    };
-    if let Err(e) = prepared.await {
+    if let Err(e) = prepare(client, Some(journal)).await {
         requests::fail(Vec::new(), batch, StoreError::from(pg.db(&e)));
         return None;
     }
@@ -363,13 +359,6 @@ async fn in_one_round_trip(
             return None;
         }
     };
-    shared
-        .created
-        .fetch_add(staged.len() as u64, Ordering::Relaxed);
-    if let Some(head) = head {
-        journal.committed(head);
-    }
-    shared.committed(changes);
     let mut records = records.into_iter();
     let applied: Vec<Applied> = batch
         .into_iter()
@@ -384,13 +373,7 @@ async fn in_one_round_trip(
         })
         .collect();
     let (answers, _) = requests::answers(applied, true);
-    let settled = Settled {
-        committed: Ok(()),
-        records: RecordState::Written,
-    };
-    for a in answers {
-        a.settle(&settled);
-    }
+    settle_committed(shared, Some(journal), head, changes, answers);
     None
 }
 
@@ -520,6 +503,18 @@ async fn run_in_transaction(
             return requests::fail(answers, Vec::new(), err);
         }
     };
+    settle_committed(shared, journal, head, changes, answers);
+}
+
+/// After a batch committed: the counts and the journal's head move, the
+/// changes are heard, and every request is answered.
+fn settle_committed(
+    shared: &Shared,
+    journal: Option<&dyn Journal>,
+    head: Option<Head>,
+    changes: Vec<Change>,
+    answers: Vec<requests::Answer>,
+) {
     let created = changes.iter().filter(|c| c.before.is_none()).count() as u64;
     shared.created.fetch_add(created, Ordering::Relaxed);
     let records = match (journal, head) {
@@ -607,7 +602,10 @@ async fn prepare(
 ) -> Result<(), tokio_postgres::Error> {
     let journal = async {
         match journal {
-            Some(j) => j.prepare(client).await,
+            Some(j) => {
+                j.prepare(client).await?;
+                super::staging::prepare_with_records(client, j).await
+            }
             None => Ok(()),
         }
     };
